@@ -1,0 +1,240 @@
+"""ModelConfig: every Hugging Face config field the math needs, read once, typed and validated.
+
+Layers never read `config.json` themselves; they take a `ModelConfig`. A checkpoint problem (unknown
+architecture, missing field, sizes that do not fit together) raises `ConfigError` with one sentence that
+names the field and the fix.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+SUPPORTED_ARCHITECTURES = {
+    # architecture name -> (is_moe, fields nested under "text_config")
+    "Qwen3_5ForConditionalGeneration": (False, True),
+    "Qwen3_5MoeForConditionalGeneration": (True, True),
+    "Qwen3_5ForCausalLM": (False, False),
+    "Qwen3_5MoeForCausalLM": (True, False),
+}
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+class ConfigError(ValueError):
+    """A checkpoint's config.json (or generation_config.json) cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    is_moe: bool
+    nested: bool  # weights live under model.language_model.* (ConditionalGeneration) rather than model.*
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    layer_types: tuple[str, ...]  # "linear_attention" (GDN) or "full_attention", one per layer
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    # gated full attention
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rotary_dim: int  # head_dim * partial_rotary_factor, even
+    rope_theta: float
+    attention_bias: bool
+    # Gated DeltaNet
+    linear_num_key_heads: int  # Hk
+    linear_num_value_heads: int  # HV, a multiple of Hk
+    linear_key_head_dim: int  # K
+    linear_value_head_dim: int  # V
+    linear_conv_kernel_dim: int
+    # MLP / MoE (intermediate_size is 0 for MoE; the MoE sizes are 0 for dense)
+    intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    # generation
+    eos_token_ids: tuple[int, ...]
+    state_dtype: str  # recurrent-state dtype, from mamba_ssm_dtype (float32 by default)
+    torch_dtype: str  # the checkpoint's dtype ("bfloat16", "float32", ...), used by dtype="auto"
+
+    @property
+    def full_attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
+
+    @property
+    def linear_attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "linear_attention"]
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the GDN depthwise conv: [q | k | v]."""
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + (
+            self.linear_num_value_heads * self.linear_value_head_dim
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str) -> "ModelConfig":
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isdir(path):
+            raise ConfigError(f"Model directory {path!r} does not exist.")
+        if not os.path.isfile(cfg_path):
+            raise ConfigError(f"{cfg_path} not found: a Hugging Face model directory must contain config.json.")
+        try:
+            with open(cfg_path) as f:
+                raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+        gen = _read_generation_config(path)
+        return cls.from_dict(raw, gen, source=cfg_path)
+
+    @classmethod
+    def from_dict(cls, raw: dict, generation_config: dict | None = None, source: str = "config") -> "ModelConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source} must hold a JSON object.")
+        arch = _architecture(raw, source)
+        is_moe, nested = SUPPORTED_ARCHITECTURES[arch]
+        text = raw.get("text_config") if nested else raw
+        if not isinstance(text, dict):
+            raise ConfigError(f"{source}: {arch} needs a 'text_config' object holding the language-model fields.")
+        f = _Fields(text, source)
+        n_layers = f.int("num_hidden_layers")
+        head_dim = f.int("head_dim", f.int("hidden_size") // f.int("num_attention_heads"))
+        rope = text.get("rope_parameters") or {}
+        partial = float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)))
+        theta = rope.get("rope_theta", text.get("rope_theta"))
+        if theta is None:
+            raise ConfigError(f"{source}: 'rope_parameters.rope_theta' is missing.")
+        # The top-level flag decides for ConditionalGeneration checkpoints (that is what HF ties on).
+        tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False)) if nested else text.get(
+            "tie_word_embeddings", False
+        )
+        cfg = cls(
+            architecture=arch,
+            is_moe=is_moe,
+            nested=nested,
+            vocab_size=f.int("vocab_size"),
+            hidden_size=f.int("hidden_size"),
+            num_hidden_layers=n_layers,
+            layer_types=_layer_types(text, n_layers, source),
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(tie),
+            max_position_embeddings=f.int("max_position_embeddings", 32768),
+            num_attention_heads=f.int("num_attention_heads"),
+            num_key_value_heads=f.int("num_key_value_heads"),
+            head_dim=head_dim,
+            rotary_dim=int(head_dim * partial),
+            rope_theta=float(theta),
+            attention_bias=bool(text.get("attention_bias", False)),
+            linear_num_key_heads=f.int("linear_num_key_heads"),
+            linear_num_value_heads=f.int("linear_num_value_heads"),
+            linear_key_head_dim=f.int("linear_key_head_dim"),
+            linear_value_head_dim=f.int("linear_value_head_dim"),
+            linear_conv_kernel_dim=f.int("linear_conv_kernel_dim", 4),
+            intermediate_size=0 if is_moe else f.int("intermediate_size"),
+            num_experts=f.int("num_experts") if is_moe else 0,
+            num_experts_per_tok=f.int("num_experts_per_tok") if is_moe else 0,
+            moe_intermediate_size=f.int("moe_intermediate_size") if is_moe else 0,
+            shared_expert_intermediate_size=f.int("shared_expert_intermediate_size") if is_moe else 0,
+            eos_token_ids=_eos_ids(text, raw, generation_config or {}),
+            state_dtype=str(text.get("mamba_ssm_dtype", raw.get("mamba_ssm_dtype", "float32"))),
+            torch_dtype=str(text.get("dtype") or raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+        )
+        cfg._validate(source)
+        return cfg
+
+    def _validate(self, source: str) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"{source}: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads",
+                     "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim"):
+            need(getattr(self, name) > 0, f"'{name}' must be a positive integer, got {getattr(self, name)}.")
+        need(self.num_attention_heads % self.num_key_value_heads == 0,
+             f"'num_attention_heads' ({self.num_attention_heads}) must be a multiple of "
+             f"'num_key_value_heads' ({self.num_key_value_heads}).")
+        need(self.linear_num_value_heads % self.linear_num_key_heads == 0,
+             f"'linear_num_value_heads' ({self.linear_num_value_heads}) must be a multiple of "
+             f"'linear_num_key_heads' ({self.linear_num_key_heads}).")
+        need(self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim,
+             f"head_dim * partial_rotary_factor must be an even number of dims in (0, head_dim], got {self.rotary_dim}.")
+        if self.is_moe:
+            need(0 < self.num_experts_per_tok <= self.num_experts,
+                 f"'num_experts_per_tok' ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts}).")
+            need(self.moe_intermediate_size > 0, "'moe_intermediate_size' must be a positive integer.")
+        else:
+            need(self.intermediate_size > 0, "'intermediate_size' must be a positive integer.")
+        need(self.state_dtype in ("float32", "bfloat16", "float16"),
+             f"'mamba_ssm_dtype' must be float32, bfloat16 or float16, got {self.state_dtype!r}.")
+
+
+class _Fields:
+    """Typed reads of one config dict, each failure naming the field."""
+
+    def __init__(self, d: dict, source: str):
+        self.d, self.source = d, source
+
+    def int(self, name: str, default: int | None = None) -> int:
+        v = self.d.get(name, default)
+        if v is None:
+            raise ConfigError(f"{self.source}: required field '{name}' is missing.")
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{self.source}: '{name}' must be an integer, got {v!r}.")
+        return v
+
+    def float(self, name: str, default: float) -> float:
+        v = self.d.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{self.source}: '{name}' must be a number, got {v!r}.")
+        return float(v)
+
+
+def _architecture(raw: dict, source: str) -> str:
+    archs = raw.get("architectures") or []
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    for a in archs:
+        if a in SUPPORTED_ARCHITECTURES:
+            return a
+    if not archs:
+        raise ConfigError(f"{source} has no 'architectures' field; deltaserve supports: {supported}.")
+    raise ConfigError(f"{source}: architecture {archs[0]!r} is not supported; deltaserve supports: {supported}.")
+
+
+def _layer_types(text: dict, n_layers: int, source: str) -> tuple[str, ...]:
+    types = text.get("layer_types")
+    if types is None:
+        interval = text.get("full_attention_interval", 4)
+        if not isinstance(interval, int) or interval < 1:
+            raise ConfigError(f"{source}: 'full_attention_interval' must be a positive integer, got {interval!r}.")
+        types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n_layers)]
+    if not isinstance(types, list) or len(types) != n_layers:
+        raise ConfigError(f"{source}: 'layer_types' must list one entry per layer ({n_layers}).")
+    for i, t in enumerate(types):
+        if t not in LAYER_TYPES:
+            raise ConfigError(f"{source}: layer_types[{i}] is {t!r}; expected 'linear_attention' or 'full_attention'.")
+    return tuple(types)
+
+
+def _eos_ids(text: dict, raw: dict, gen: dict) -> tuple[int, ...]:
+    """EOS ids from generation_config.json first (what HF generate stops on), then config.json."""
+    ids: list[int] = []
+    for v in (gen.get("eos_token_id"), text.get("eos_token_id"), raw.get("eos_token_id")):
+        for i in v if isinstance(v, list) else [v]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return tuple(ids)
+
+
+def _read_generation_config(path: str) -> dict:
+    gpath = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(gpath):
+        return {}
+    try:
+        with open(gpath) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{gpath} is not valid JSON ({e.msg} at line {e.lineno}).") from None

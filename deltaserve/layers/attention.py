@@ -1,0 +1,38 @@
+"""Gated full attention of Qwen3.5: per-head [query | gate] split, zero-centred q/k norm, partial RoPE, GQA over the
+paged KV cache, sigmoid output gate."""
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..kernels.paged_attention import paged_attention_varlen, store_kv
+from ..worker.forward_batch import ForwardBatch
+from .norm import RMSNorm
+from .rotary import apply_rotary
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, d, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * d * 2, bias=bias)  # per head: [query(d) | gate(d)]
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.scale = d ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [T, hidden]; cos, sin: [T, rotary_dim]; kv_cache: (k, v) each [NB, BS, Hkv, D] -> [T, hidden]."""
+        t = x.shape[0]
+        q, gate = self.q_proj(x).view(t, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = apply_rotary(self.q_norm(q), cos, sin)
+        k = apply_rotary(self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)), cos, sin)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        store_kv(k, v, kv_cache[0], kv_cache[1], batch.slot_mapping)
+        o = paged_attention_varlen(q, kv_cache[0], kv_cache[1], batch.block_tables, batch.query_lens_cpu,
+                                   batch.context_lens_cpu, self.scale)
+        o = o.reshape(t, -1) * torch.sigmoid(gate.reshape(t, -1))
+        return self.o_proj(o)

@@ -1,0 +1,52 @@
+"""Gated DeltaNet token mixer (Qwen3.5 `linear_attn`): projections, causal conv + SiLU over [q|k|v], the gated
+delta rule with per-sequence recurrent state in the state pool, gated RMSNorm, out_proj."""
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..kernels.causal_conv1d import causal_conv1d_varlen
+from ..kernels.gated_delta_rule import gated_delta_rule_varlen
+from ..worker.forward_batch import ForwardBatch
+from .norm import GatedRMSNorm
+
+
+class DepthwiseConv(nn.Module):
+    """Holds the conv weight as [C, W] (HF stores [C, 1, W]; the loader squeezes it)."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, width))
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hk, self.hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        h = cfg.hidden_size
+        self.in_proj_qkv = nn.Linear(h, cfg.conv_dim, bias=False)  # [q (Hk·K) | k (Hk·K) | v (HV·V)]
+        self.in_proj_z = nn.Linear(h, self.hv * self.dv, bias=False)
+        self.in_proj_b = nn.Linear(h, self.hv, bias=False)
+        self.in_proj_a = nn.Linear(h, self.hv, bias=False)
+        self.conv1d = DepthwiseConv(cfg.conv_dim, cfg.linear_conv_kernel_dim)
+        # Kept in fp32 whatever the model dtype: g = -exp(A_log)·softplus(a + dt_bias) is computed in fp32.
+        self.A_log = nn.Parameter(torch.empty(self.hv, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(self.hv, dtype=torch.float32))
+        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.hv * self.dv, h, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, conv_state: torch.Tensor,
+                recurrent_state: torch.Tensor) -> torch.Tensor:
+        """x: [T, hidden]; conv_state: [S, conv_dim, W-1]; recurrent_state: [S, HV, K, V] fp32 (both updated in
+        place at batch.state_slots) -> [T, hidden]."""
+        t = x.shape[0]
+        qkv = causal_conv1d_varlen(self.in_proj_qkv(x), self.conv1d.weight, conv_state, batch.cu_seqlens,
+                                   batch.state_slots)
+        q, k, v = qkv.split([self.hk * self.dk, self.hk * self.dk, self.hv * self.dv], dim=-1)
+        o = gated_delta_rule_varlen(
+            q.reshape(t, self.hk, self.dk), k.reshape(t, self.hk, self.dk), v.reshape(t, self.hv, self.dv),
+            self.in_proj_a(x), self.in_proj_b(x), self.A_log, self.dt_bias, recurrent_state,
+            batch.cu_seqlens, batch.state_slots,
+        )
+        z = self.in_proj_z(x).view(t, self.hv, self.dv)
+        return self.out_proj(self.norm(o, z).reshape(t, -1))

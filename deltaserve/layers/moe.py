@@ -1,0 +1,33 @@
+"""Sparse MoE block of Qwen3.5-MoE: softmax top-k router, SiLU-gated experts, sigmoid-gated shared expert."""
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..kernels.fused_moe import fused_moe, route_topk_softmax
+from .mlp import GatedMLP
+
+
+class Experts(nn.Module):
+    """All experts of one layer, packed like HF's `experts.gate_up_proj` / `experts.down_proj`."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_expert = GatedMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]."""
+        weights, ids = route_topk_softmax(self.gate(x), self.top_k)
+        routed = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return routed + shared

@@ -1,0 +1,173 @@
+"""Offline API (vLLM conventions): `LLM(model=DIR).generate(prompts, sampling_params)` and `LLM.chat(messages)`."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+from .config import ModelConfig
+from .models.weights import build_model, load_weights
+from .outputs import RequestOutput
+from .runtime.block_pool import BlockPool
+from .runtime.engine_core import EngineCore
+from .runtime.scheduler import Scheduler
+from .runtime.state_pool import StatePool
+from .sampling_params import SamplingParams
+from .tokenizer import Tokenizer
+from .worker.model_runner import ModelRunner, kv_bytes_per_block, state_bytes_per_slot
+
+logger = logging.getLogger("deltaserve")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_KV_BUDGET_BYTES = 2 << 30  # KV pool cap on CPU when num_kv_blocks is not given
+
+
+class LLM:
+    """Load a Qwen3.5 checkpoint directory and generate from it.
+
+    device: "cuda", "cpu" or "auto" (cuda when available). dtype: "auto" (the checkpoint's dtype on CUDA, with
+    float32 checkpoints run in bfloat16; float32 on CPU), "float32", "bfloat16" or "float16"."""
+
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
+                 seed: int = 0):
+        self.config = ModelConfig.from_hf_dir(model)
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.config, self.device)
+        torch.manual_seed(seed)
+        _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        block_size=block_size)
+        self.max_model_len = max_model_len or self.config.max_position_embeddings
+        self.tokenizer = Tokenizer.from_dir(tokenizer or model) if _has_tokenizer(tokenizer or model) else None
+        self.model = build_model(self.config, self.device, self.dtype)
+        load_weights(self.model, self.config, model, progress=True)
+        state_dtype = DTYPES[self.config.state_dtype]
+        num_blocks = num_kv_blocks or self._auto_kv_blocks(block_size, max_num_seqs, gpu_memory_utilization,
+                                                           state_dtype)
+        if num_blocks * block_size < min(self.max_model_len, max_num_batched_tokens):
+            raise ValueError(f"num_kv_blocks={num_blocks} x block_size={block_size} holds fewer tokens than one "
+                             f"step may need; raise num_kv_blocks or lower max_model_len/max_num_batched_tokens")
+        self.runner = ModelRunner(self.config, self.model, self.device, self.dtype, num_blocks, block_size,
+                                  max_num_seqs, state_dtype)
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens; %d state slots (max concurrency %d)",
+                    num_blocks, block_size, num_blocks * block_size, max_num_seqs, max_num_seqs)
+        scheduler = Scheduler(BlockPool(num_blocks, block_size), StatePool(max_num_seqs), max_num_seqs,
+                              max_num_batched_tokens)
+        eos = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.engine = EngineCore(scheduler, self.runner, self.tokenizer, eos, self.max_model_len,
+                                 self.config.vocab_size)
+
+    def _auto_kv_blocks(self, block_size: int, max_num_seqs: int, util: float, state_dtype: torch.dtype) -> int:
+        per_block = max(1, kv_bytes_per_block(self.config, block_size, self.dtype))
+        full = max_num_seqs * math.ceil(self.max_model_len / block_size)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            states = max_num_seqs * state_bytes_per_slot(self.config, self.dtype, state_dtype)
+            # keep (1 - util) of the card plus a margin for activations free
+            budget = free - (1 - util) * total - states - (1 << 30)
+        else:
+            budget = CPU_KV_BUDGET_BYTES
+        return max(1, min(full, int(budget // per_block)))
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, or a list of {"prompt_token_ids": [...]} -> outputs in input order."""
+        items = _normalise_prompts(prompts)
+        params = _normalise_params(sampling_params, len(items))
+        encoded = [(self._encode(p), p if isinstance(p, str) else None) for p in items]
+        ids = [self.engine.add_request(tok, sp, prompt=text) for (tok, text), sp in zip(encoded, params)]
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template_kwargs: dict | None = None, tools: list | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """messages: one conversation (a list of {"role", "content"} dicts) or a list of conversations."""
+        if self.tokenizer is None:
+            raise ValueError("LLM.chat needs a tokenizer with a chat template; none was found in the model directory")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tools=tools,
+                                                      **(chat_template_kwargs or {})) for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer.json: pass {'prompt_token_ids': [...]}")
+            return self.tokenizer.encode(prompt)
+        return list(prompt["prompt_token_ids"])
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="Generating", unit="req")
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[rid] for rid in ids]
+
+
+def _normalise_prompts(prompts) -> list:
+    items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+    for p in items:
+        if not isinstance(p, str) and not (isinstance(p, dict) and isinstance(p.get("prompt_token_ids"), list)):
+            raise ValueError("each prompt must be a string or a dict with a 'prompt_token_ids' list")
+    return items
+
+
+def _normalise_params(sp, n: int) -> list[SamplingParams]:
+    if sp is None:
+        return [SamplingParams()] * n
+    if isinstance(sp, SamplingParams):
+        return [sp] * n
+    sp = list(sp)
+    if len(sp) != n:
+        raise ValueError(f"got {len(sp)} SamplingParams for {n} prompts; pass one, or one per prompt")
+    return sp
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no CUDA device is available; use device='cpu'")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if cfg.torch_dtype == "float32" else DTYPES.get(cfg.torch_dtype, torch.bfloat16)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _check_positive(**kwargs) -> None:
+    for name, v in kwargs.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _has_tokenizer(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "tokenizer.json"))

@@ -1,0 +1,77 @@
+"""Qwen3.5 (dense and MoE) causal LM over a flat varlen batch.
+
+`config.layer_types[i]` picks each layer's token mixer (Gated DeltaNet or gated full attention); `config.is_moe`
+picks the MLP. Caches are owned by the model runner and handed in: one (k, v) pair per full-attention layer and one
+(conv, recurrent) state pair per GDN layer, indexed by the layer's position among layers of its kind.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..layers.attention import GatedAttention
+from ..layers.gated_deltanet import GatedDeltaNet
+from ..layers.mlp import GatedMLP
+from ..layers.moe import SparseMoE
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding
+from ..worker.forward_batch import ForwardBatch
+
+
+@dataclass
+class ModelCaches:
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per full-attention layer: k, v [num_blocks, block_size, Hkv, D]
+    conv: list[torch.Tensor]  # per GDN layer: [num_slots, conv_dim, W-1] in the model dtype
+    recurrent: list[torch.Tensor]  # per GDN layer: [num_slots, HV, K, V] in the state dtype (fp32 by default)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str):
+        super().__init__()
+        self.is_linear = layer_type == "linear_attention"
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = GatedAttention(cfg)
+        self.mlp = SparseMoE(cfg) if cfg.is_moe else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen3_5ForCausalLM(nn.Module):
+    """Parameter names follow the HF checkpoint with the `model.` / `model.language_model.` prefix dropped."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, t) for t in cfg.layer_types])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # layer index -> index into ModelCaches.kv or .conv/.recurrent
+        self.cache_index = [
+            (cfg.linear_attention_layers if t == "linear_attention" else cfg.full_attention_layers).index(i)
+            for i, t in enumerate(cfg.layer_types)
+        ]
+
+    def forward(self, batch: ForwardBatch, caches: ModelCaches) -> torch.Tensor:
+        """-> final-norm hidden states [T, hidden] in the model dtype."""
+        x = self.embed_tokens(batch.input_ids)
+        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        for layer, ci in zip(self.layers, self.cache_index):
+            h = layer.input_layernorm(x)
+            if layer.is_linear:
+                h = layer.linear_attn(h, batch, caches.conv[ci], caches.recurrent[ci])
+            else:
+                h = layer.self_attn(h, cos, sin, batch, caches.kv[ci])
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [M, hidden] -> logits [M, vocab] fp32."""
+        weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return nn.functional.linear(hidden, weight).float()

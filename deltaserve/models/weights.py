@@ -1,0 +1,160 @@
+"""Load a Hugging Face Qwen3.5 checkpoint into our model, one tensor at a time.
+
+Table-driven: `RULES` maps a checkpoint name (prefix already stripped) to a target parameter slice and a small pure
+transform. Tensors stream from safetensors (memory-mapped) straight into the preallocated parameters on the target
+device and dtype, so peak host memory stays about one tensor, never a second copy of the model. Every problem is a
+`WeightsError` naming the tensor or file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..config import ModelConfig
+from ..layers.gated_deltanet import GatedDeltaNet
+from .registry import model_class
+
+PREFIXES = ("model.language_model.", "model.")  # ConditionalGeneration, CausalLM
+SKIP = re.compile(r"^(model\.visual\.|visual\.|mtp\.|model\.mtp\.)|rotary_emb\.inv_freq$")
+
+
+class WeightsError(ValueError):
+    """The checkpoint's tensors do not match the model; the message names the tensor or file."""
+
+
+@dataclass(frozen=True)
+class Target:
+    param: str  # our parameter name
+    index: tuple  # slice of the parameter this tensor fills (() = all of it)
+    parts: tuple[str, ...]  # coverage keys this tensor provides (for the missing-tensor report)
+    transform: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+
+
+def _experts_slice(m: re.Match, cfg: ModelConfig) -> Target:
+    layer, e, proj = m["layer"], int(m["e"]), m["proj"]
+    inter = cfg.moe_intermediate_size
+    if proj == "down_proj":
+        p = f"layers.{layer}.mlp.experts.down_proj"
+        return Target(p, (e,), (f"{p}[{e}]",))
+    p = f"layers.{layer}.mlp.experts.gate_up_proj"
+    rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+    return Target(p, (e, rows), (f"{p}[{e}].{proj}",))
+
+
+def _experts_packed(m: re.Match, cfg: ModelConfig) -> Target:
+    p = f"layers.{m['layer']}.mlp.experts.{m['proj']}"
+    return Target(p, (), expected_parts(p, cfg))
+
+
+RULES: list[tuple[re.Pattern, Callable[[re.Match, ModelConfig], Target]]] = [
+    (re.compile(r"^layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"),
+     _experts_slice),
+    (re.compile(r"^layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<proj>gate_up_proj|down_proj)$"), _experts_packed),
+    (re.compile(r"^(?P<p>layers\.\d+\.linear_attn\.conv1d\.weight)$"),  # [C, 1, W] -> [C, W]
+     lambda m, cfg: Target(m["p"], (), (m["p"],), lambda t: t.reshape(t.shape[0], t.shape[-1]))),
+    (re.compile(r"^(?P<p>.+)$"), lambda m, cfg: Target(m["p"], (), (m["p"],))),
+]
+
+
+def expected_parts(param: str, cfg: ModelConfig) -> tuple[str, ...]:
+    """Coverage keys a parameter needs: packed experts can arrive whole or one expert (and half) at a time."""
+    if param.endswith("experts.gate_up_proj"):
+        return tuple(f"{param}[{e}].{h}" for e in range(cfg.num_experts) for h in ("gate_proj", "up_proj"))
+    if param.endswith("experts.down_proj"):
+        return tuple(f"{param}[{e}]" for e in range(cfg.num_experts))
+    return (param,)
+
+
+def resolve(name: str, cfg: ModelConfig) -> Target | None:
+    """Checkpoint tensor name -> Target, or None for tensors we deliberately skip."""
+    if SKIP.search(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+        return None
+    for prefix in PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    for pattern, make in RULES:
+        m = pattern.match(name)
+        if m:
+            return make(m, cfg)
+    raise AssertionError("the last rule matches every name")
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint directory, checked to exist."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise WeightsError(f"{index} is not a valid safetensors index (needs a 'weight_map' object).") from None
+        files = [os.path.join(path, s) for s in shards]
+        for f in files:
+            if not os.path.isfile(f):
+                raise WeightsError(f"Shard {os.path.basename(f)} listed in {index} is missing from {path}.")
+        return files
+    if os.path.isfile(single):
+        return [single]
+    raise WeightsError(f"No model.safetensors or model.safetensors.index.json in {path}.")
+
+
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Allocate the model on `device` in `dtype` without initialising it (the loader fills every parameter)."""
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg).to(dtype)
+        for m in model.modules():
+            if isinstance(m, GatedDeltaNet):  # decay parameters stay fp32 (see GatedDeltaNet)
+                m.A_log.data, m.dt_bias.data = m.A_log.data.float(), m.dt_bias.data.float()
+    return model.to_empty(device=device).eval()
+
+
+def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool = False) -> None:
+    """Fill every parameter of `model` from the checkpoint at `path`; raises WeightsError on any mismatch."""
+    params = dict(model.named_parameters())
+    needed = {part for name in params for part in expected_parts(name, cfg)}
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    files = checkpoint_files(path)
+    for file in _progress(files, progress):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                target = resolve(name, cfg)
+                if target is None:
+                    continue
+                if target.param not in params:
+                    unexpected.append(name)
+                    continue
+                _copy_into(params[target.param], target, f.get_tensor(name), name)
+                loaded.update(target.parts)
+    if unexpected:
+        raise WeightsError(f"Checkpoint has {len(unexpected)} tensor(s) this {cfg.architecture} model does not "
+                           f"use, e.g. {', '.join(unexpected[:3])}; is config.json from the same checkpoint?")
+    missing = sorted(needed - loaded)
+    if missing:
+        raise WeightsError(f"Checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}.")
+
+
+def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: str) -> None:
+    dst = param.data[target.index] if target.index else param.data
+    src = target.transform(tensor)
+    if tuple(src.shape) != tuple(dst.shape):
+        raise WeightsError(f"Tensor {name} has shape {list(tensor.shape)}, but the model expects "
+                           f"{list(dst.shape)} for it (from config.json).")
+    dst.copy_(src)
+
+
+def _progress(files: list[str], enabled: bool):
+    if not enabled or len(files) < 2:
+        return files
+    from tqdm import tqdm
+
+    return tqdm(files, desc="Loading safetensors shards", unit="shard")

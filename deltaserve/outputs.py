@@ -1,0 +1,29 @@
+"""What `LLM.generate` and the streaming API return (vLLM's field names).
+
+Logprobs are log-softmax of the raw model logits (before penalties, temperature, top-k/p/min-p): each position
+is a dict token id -> logprob holding the chosen token and the top k.
+"""
+from dataclasses import dataclass, field
+
+Logprobs = dict[int, float]
+
+
+@dataclass
+class CompletionOutput:
+    index: int  # which of the request's n samples
+    text: str
+    token_ids: list[int]
+    logprobs: list[Logprobs] | None  # one dict per generated token when SamplingParams.logprobs is set
+    finish_reason: str | None  # "stop" (EOS, stop token or stop string), "length", "abort"; None while running
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it, if any
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[Logprobs | None] | None  # first position None, then one dict per prompt token
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False

@@ -1,0 +1,164 @@
+"""EngineCore: one `step()` = schedule -> model runner forward + sample -> append tokens, detokenize, check stops.
+
+Requests with n > 1 become n sibling requests ("<id>" holds sample 0, "<id>#1".. the others) that are reported
+together under the parent id.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams
+from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from .request import Request, RequestStatus
+from .scheduler import Scheduler
+
+
+@dataclass
+class _Group:
+    """A user request: its prompt and its n samples."""
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[Request]
+    detoks: list[IncrementalDetokenizer]
+    texts: list[str]
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, runner, tokenizer: Tokenizer | None, eos_token_ids: set[int],
+                 max_model_len: int, vocab_size: int):
+        self.scheduler, self.runner, self.tokenizer = scheduler, runner, tokenizer
+        self.eos_token_ids, self.max_model_len, self.vocab_size = eos_token_ids, max_model_len, vocab_size
+        self.groups: dict[str, _Group] = {}
+        self._by_id: dict[str, tuple[_Group, int]] = {}
+        self._ids = itertools.count()
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue a request; raises ValueError (one sentence) for a prompt that cannot run."""
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if rid in self.groups:
+            raise ValueError(f"request id {rid!r} is already in use")
+        n_prompt = len(prompt_token_ids)
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if n_prompt >= self.max_model_len:
+            raise ValueError(f"the prompt has {n_prompt} tokens but max_model_len is {self.max_model_len}: "
+                             f"shorten the prompt or raise max_model_len")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        room = self.max_model_len - n_prompt
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        samples, detoks = [], []
+        for i in range(params.n):
+            req = Request(rid if i == 0 else f"{rid}#{i}", list(prompt_token_ids), params, max_tokens, sample_index=i)
+            if params.prompt_logprobs is not None:
+                req.prompt_logprobs = [None]
+            if params.seed is not None:
+                req.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            samples.append(req)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+                          if self.tokenizer is not None else None)
+        group = _Group(prompt, list(prompt_token_ids), params, samples, detoks, [""] * params.n)
+        self.groups[rid] = group
+        for i, req in enumerate(samples):
+            self._by_id[req.request_id] = (group, i)
+            self.scheduler.add(req)
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now (any state), freeing its KV blocks and state slot."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return None
+        for req in group.samples:
+            if req.status != RequestStatus.FINISHED:
+                req.finish_reason = "abort"
+                self.scheduler.finish(req)
+            self._by_id.pop(req.request_id, None)
+        return self._output(request_id, group)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one forward; -> an output for every user request that made progress (finished ones last time)."""
+        sched = self.scheduler.schedule()
+        if not sched.seqs:
+            return []
+        result = self.runner.execute(sched)
+        self.scheduler.update_after_step(sched)
+        touched: dict[str, _Group] = {}
+        for s in sched.seqs:
+            req = s.request
+            group, i = self._by_id[req.request_id]
+            touched[group.samples[0].request_id] = group
+            if req.request_id in result.prompt_logprobs:
+                req.prompt_logprobs += result.prompt_logprobs[req.request_id]
+            if req.request_id in result.sampled:
+                self._append_token(req, group, i, result)
+        outputs = []
+        for rid, group in touched.items():
+            outputs.append(self._output(rid, group))
+            if outputs[-1].finished:
+                del self.groups[rid]
+                for req in group.samples:
+                    self._by_id.pop(req.request_id, None)
+        return outputs
+
+    def _append_token(self, req: Request, group: _Group, i: int, result) -> None:
+        tok = result.sampled[req.request_id]
+        req.output_token_ids.append(tok)
+        if req.request_id in result.logprobs:
+            req.logprobs.append(result.logprobs[req.request_id])
+        if req.request_id in result.sampled_logprob:
+            req.cumulative_logprob += result.sampled_logprob[req.request_id]
+        prev_len = len(group.texts[i])
+        if group.detoks[i] is not None:
+            group.texts[i] += group.detoks[i].add([tok])
+        reason, stop = self._stop_reason(req, group, i, tok, prev_len)
+        if reason is not None:
+            req.finish_reason, req.stop_reason = reason, stop
+            self.scheduler.finish(req)
+
+    def _stop_reason(self, req: Request, group: _Group, i: int, tok: int,
+                     prev_len: int) -> tuple[str | None, int | str | None]:
+        p = req.params
+        if not p.ignore_eos and tok in self.eos_token_ids:
+            return "stop", None
+        if tok in p.stop_token_ids:
+            return "stop", tok
+        if p.stop:
+            text = group.texts[i]
+            # a stop string may straddle the previous text and this token's text
+            base = max(0, prev_len - max(len(s) for s in p.stop) + 1)
+            hits = [(text.find(s, base), s) for s in p.stop if text.find(s, base) >= 0]
+            if hits:
+                at, s = min(hits)
+                group.texts[i] = text[: at + len(s)] if p.include_stop_str_in_output else text[:at]
+                return "stop", s
+        if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length", None
+        return None, None
+
+    def _output(self, rid: str, group: _Group) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=i, text=group.texts[i], token_ids=list(r.output_token_ids),
+                logprobs=list(r.logprobs) if group.params.logprobs is not None else None,
+                finish_reason=r.finish_reason, stop_reason=r.stop_reason,
+                cumulative_logprob=r.cumulative_logprob if group.params.logprobs is not None else None,
+            )
+            for i, r in enumerate(group.samples)
+        ]
+        first = group.samples[0]
+        return RequestOutput(
+            request_id=rid, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
+            prompt_logprobs=list(first.prompt_logprobs) if group.params.prompt_logprobs is not None else None,
+            outputs=outs, finished=all(r.status == RequestStatus.FINISHED for r in group.samples),
+        )

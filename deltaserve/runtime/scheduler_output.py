@@ -1,0 +1,23 @@
+"""What the scheduler hands the model runner for one step."""
+from dataclasses import dataclass, field
+
+from .request import Request
+
+
+@dataclass
+class ScheduledSeq:
+    request: Request
+    start: int  # request.num_computed_tokens before this step: position of the first token fed
+    num_new_tokens: int  # tokens fed this step (a prefill chunk, or 1 for decode)
+    sample: bool  # this step reaches the end of the known tokens, so a new token is sampled
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)  # batch order
+    slots_to_zero: list[int] = field(default_factory=list)  # state slots newly handed out: zero before the forward
+    preempted: list[str] = field(default_factory=list)  # request ids sent back to the queue this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)

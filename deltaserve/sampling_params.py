@@ -1,0 +1,97 @@
+"""Per-request sampling parameters, with vLLM's names, defaults and semantics.
+
+Logprobs contract: every logprob deltaserve returns (``logprobs`` for generated tokens and ``prompt_logprobs``
+for prompt tokens) is the log-softmax of the RAW model logits, taken before repetition/presence/frequency
+penalties, temperature, top-k, top-p and min-p are applied. They therefore describe the model, not the sampling
+distribution, and are the same for a token whatever sampling parameters the request used.
+
+Validation happens once, here: a bad value raises ``ValueError`` with one sentence naming the field and the
+allowed range, so an API user never sees a stack trace from inside the sampler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_GREEDY_EPS = 1e-5  # temperatures below this are treated as 0 (greedy), as in vLLM
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # number of output sequences per prompt
+    temperature: float = 1.0  # 0 = greedy (argmax of the penalised logits)
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability mass reaches top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 = off
+    min_p: float = 0.0  # drop tokens whose probability is below min_p * (max probability)
+    max_tokens: int | None = 16  # None = generate until max_model_len
+    stop: str | list[str] | None = None  # stop strings; normalised to a (possibly empty) list
+    stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end generation
+    ignore_eos: bool = False  # keep generating past the EOS token
+    seed: int | None = None  # per-request RNG seed: same seed, same tokens, whatever else is batched
+    logprobs: int | None = None  # number of top logprobs per generated token (sampled token always included)
+    prompt_logprobs: int | None = None  # number of top logprobs per prompt token
+    repetition_penalty: float = 1.0  # >1 discourages tokens seen in prompt or output
+    presence_penalty: float = 0.0  # subtracted once from every token present in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a token in the output
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        self.stop_token_ids = list(self.stop_token_ids)
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(msg: str) -> None:
+            raise ValueError(msg)
+
+        if not _is_int(self.n) or self.n < 1:
+            fail(f"n must be an integer >= 1, got {self.n!r}.")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            fail(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}.")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            fail(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            fail(f"top_k must be -1 or an integer >= 0 (0 or -1 disables it), got {self.top_k!r}.")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            fail(f"min_p must be in [0, 1], got {self.min_p!r}.")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            fail(f"max_tokens must be an integer >= 1 or None (until max_model_len), got {self.max_tokens!r}.")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            fail(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}.")
+        for name, value in (("presence_penalty", self.presence_penalty),
+                            ("frequency_penalty", self.frequency_penalty)):
+            if not _is_number(value) or not -2 <= value <= 2:
+                fail(f"{name} must be in [-2, 2], got {value!r}.")
+        for name, value in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
+            if value is not None and (not _is_int(value) or value < 0):
+                fail(f"{name} must be None or an integer >= 0, got {value!r}.")
+        if self.seed is not None and not _is_int(self.seed):
+            fail(f"seed must be None or an integer, got {self.seed!r}.")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            fail(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}.")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            fail(f"stop_token_ids must be a list of integers >= 0, got {self.stop_token_ids!r}.")
+
+    @property
+    def greedy(self) -> bool:
+        """True when this request takes the argmax (temperature ~ 0)."""
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k > 0

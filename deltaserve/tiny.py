@@ -1,0 +1,128 @@
+"""`deltaserve make-tiny`: a tiny random Qwen3.5 checkpoint in exactly the Hugging Face layout.
+
+config.json (real architecture names, `text_config` nested, a tiny `vision_config` so HF can instantiate it),
+generation_config.json, model.safetensors (names `model.language_model.*`, per-expert MoE tensors, conv weights
+[C, 1, W]: what transformers' save_pretrained writes), and a byte-level BPE tokenizer trained here with a
+Qwen-style chat template. Weights are scaled so logits are far from uniform: greedy text is random but stable.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .models.weights import build_model
+from .tokenizer import train_tiny_tokenizer
+
+
+def tiny_config(vocab_size: int, moe: bool, num_layers: int) -> dict:
+    text = {
+        "model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text",
+        "vocab_size": vocab_size, "hidden_size": 128, "num_hidden_layers": num_layers,
+        "layer_types": ["linear_attention" if (i + 1) % 4 else "full_attention" for i in range(num_layers)],
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
+        "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4, "hidden_act": "silu",
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                            "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+        "attention_bias": False, "dtype": "float32", "eos_token_id": None,
+    }
+    if moe:
+        text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64)
+    else:
+        text["intermediate_size"] = 256
+    return {
+        "architectures": ["Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"],
+        "model_type": "qwen3_5_moe" if moe else "qwen3_5",
+        "text_config": text,
+        "vision_config": {"model_type": "qwen3_5_moe_vision" if moe else "qwen3_5_vision", "depth": 1,
+                          "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 128,
+                          "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+    }
+
+
+def random_init_(model: torch.nn.Module, seed: int) -> None:
+    """Deterministic random weights with O(1) activations and logits (see module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        shape = p.shape
+        if name.endswith("A_log"):
+            val = torch.empty(shape).uniform_(1.0, 16.0, generator=g).log()
+        elif name.endswith("dt_bias"):
+            val = 1.0 + 0.5 * torch.randn(shape, generator=g)
+        elif name.endswith("linear_attn.norm.weight"):
+            val = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif "norm" in name:  # zero-centred RMSNorms: y = x̂ (1 + w)
+            val = 0.1 * torch.randn(shape, generator=g)
+        elif name == "embed_tokens.weight":
+            val = torch.randn(shape, generator=g)
+        elif name == "lm_head.weight":
+            val = torch.randn(shape, generator=g) * (3.0 / math.sqrt(shape[-1]))
+        else:  # linear / expert / conv weights: fan-in scaled
+            val = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
+        p.data.copy_(val)
+
+
+def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our parameters under the names and shapes transformers' save_pretrained uses."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.detach().contiguous()
+        if name == "lm_head.weight":
+            out[name] = t
+        elif name.endswith("conv1d.weight"):
+            out[f"model.language_model.{name}"] = t.unsqueeze(1).contiguous()
+        elif name.endswith("experts.gate_up_proj"):
+            base, inter = name[: -len("gate_up_proj")], cfg.moe_intermediate_size
+            for e in range(cfg.num_experts):
+                out[f"model.language_model.{base}{e}.gate_proj.weight"] = t[e, :inter].contiguous()
+                out[f"model.language_model.{base}{e}.up_proj.weight"] = t[e, inter:].contiguous()
+        elif name.endswith("experts.down_proj"):
+            base = name[: -len("down_proj")]
+            for e in range(cfg.num_experts):
+                out[f"model.language_model.{base}{e}.down_proj.weight"] = t[e].contiguous()
+        else:
+            out[f"model.language_model.{name}"] = t
+    return out
+
+
+def make_tiny(out_dir: str, moe: bool = False, num_layers: int = 4, seed: int = 0) -> str:
+    """Write the tiny checkpoint into out_dir (created if needed); returns out_dir."""
+    if num_layers < 1:
+        raise ValueError(f"--layers must be at least 1, got {num_layers}")
+    os.makedirs(out_dir, exist_ok=True)
+    n_tokens = train_tiny_tokenizer(out_dir)
+    vocab = -(-n_tokens // 64) * 64  # padded like real checkpoints; spare rows are never produced by the tokenizer
+    raw = tiny_config(vocab, moe, num_layers)
+    eos = _token_id(out_dir, "<|im_end|>")
+    pad = _token_id(out_dir, "<|endoftext|>")
+    raw["text_config"]["eos_token_id"] = eos
+    cfg = ModelConfig.from_dict(raw)
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+    random_init_(model, seed)
+    save_file(hf_state_dict(model, cfg), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    _write_json(os.path.join(out_dir, "config.json"), raw)
+    _write_json(os.path.join(out_dir, "generation_config.json"),
+                {"eos_token_id": [eos, pad], "pad_token_id": pad, "do_sample": False})
+    return out_dir
+
+
+def _token_id(out_dir: str, token: str) -> int:
+    with open(os.path.join(out_dir, "tokenizer.json")) as f:
+        for t in json.load(f)["added_tokens"]:
+            if t["content"] == token:
+                return t["id"]
+    raise RuntimeError(f"tiny tokenizer lacks {token}")
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")

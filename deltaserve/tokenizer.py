@@ -1,0 +1,370 @@
+"""Tokenizer, chat template and streaming detokenizer, on `tokenizers` + `jinja2` (no transformers at runtime).
+
+`Tokenizer.from_dir` reads a Hugging Face tokenizer directory and renders chat templates the way transformers'
+`apply_chat_template` does, so prompts match the reference byte for byte. `IncrementalDetokenizer` turns sampled
+ids into text deltas. `train_tiny_tokenizer` writes a small Qwen-style tokenizer for tests and tiny checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from functools import lru_cache
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as _Backend
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory, chat template or conversation cannot be used; the message says why."""
+
+
+# transformers passes a message's reasoning under all of these names; templates read `reasoning_content`
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _token_content(value) -> str | None:
+    # tokenizer_config.json stores a special token as a plain string or as a serialized AddedToken dict
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # jinja's own tojson HTML-escapes `<`, `>` and `&`, which would change what the model sees
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=8)
+def _compile_chat_template(source: str) -> jinja2.Template:
+    # chat templates come from the Hub and are untrusted code, hence the sandbox
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TokenizerError(f"The chat template is not valid Jinja (line {e.lineno}: {e.message}).") from e
+
+
+def _normalize_message(message) -> dict:
+    # Like transformers: drop None values (OpenAI sends content=None with tool_calls) and alias reasoning fields
+    if not isinstance(message, dict):
+        raise TokenizerError(f"Each chat message must be a dict with 'role' and 'content', got {message!r}.")
+    message = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer (`tokenizers` backend) plus the special tokens and chat template of its model."""
+
+    def __init__(self, backend: _Backend, config: dict, chat_template: str | dict[str, str] | None):
+        self._backend = backend
+        self.chat_template = chat_template  # one template, or {name: template} (old multi-template configs)
+        # the template variables transformers passes from `special_tokens_map` (only tokens that are set)
+        self.special_tokens = {
+            name: _token_content(config[name])
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if _token_content(config.get(name)) is not None
+        }
+
+    @classmethod
+    def from_dir(cls, path: str) -> Tokenizer:
+        """Load `tokenizer.json`, `tokenizer_config.json` and (if present) `chat_template.jinja` from `path`."""
+        tokenizer_file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tokenizer_file):
+            raise TokenizerError(f"No tokenizer.json in {path!r}; point at a Hugging Face model or tokenizer folder.")
+        backend = _Backend.from_file(tokenizer_file)
+        config = {}
+        config_file = os.path.join(path, "tokenizer_config.json")
+        if os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+        _check_added_tokens(backend, config.get("added_tokens_decoder", {}), path)
+        chat_template = config.get("chat_template")
+        if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            chat_template = {t["name"]: t["template"] for t in chat_template}
+        jinja_file = os.path.join(path, "chat_template.jinja")
+        if os.path.isfile(jinja_file):  # transformers >= 4.50 saves the template here; it wins over the config
+            with open(jinja_file, encoding="utf-8") as f:
+                chat_template = f.read()
+        return cls(backend, config, chat_template)
+
+    # ---- ids <-> text ----
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """text -> ids; special tokens written in `text` (e.g. `<|im_start|>`) map to their single ids."""
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """ids -> text; a character whose bytes are cut off at either end decodes to U+FFFD."""
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (`len(hf_tokenizer)`; may be below the model's embedding rows)."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.special_tokens.get("eos_token")
+        return None if eos is None else self.token_to_id(eos)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._backend.id_to_token(token_id)
+
+    # ---- chat ----
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None, **template_kwargs
+    ) -> str:
+        """Render a conversation to prompt text, as `hf_tokenizer.apply_chat_template(..., tokenize=False)` does.
+
+        messages: [{"role": ..., "content": ..., optional "tool_calls"/"reasoning_content"}]; tools: JSON schemas.
+        template_kwargs become template variables, e.g. `enable_thinking=False`.
+        """
+        if not messages:
+            raise TokenizerError("Cannot apply the chat template to an empty conversation; pass at least one message.")
+        if tools is not None and not all(isinstance(t, dict) for t in tools):
+            raise TokenizerError("Each tool must be a JSON-schema dict like {'type': 'function', 'function': {...}}.")
+        template = _compile_chat_template(self._pick_template(bool(tools)))
+        chat = [_normalize_message(m) for m in messages]
+        variables = {"documents": None, **self.special_tokens, **template_kwargs}  # as transformers passes them
+        try:
+            return template.render(messages=chat, tools=tools, add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"The chat template rejected this conversation: {e}") from e
+
+    def _pick_template(self, has_tools: bool) -> str:
+        template = self.chat_template
+        if isinstance(template, dict):  # transformers' rule: "tool_use" when tools are given, else "default"
+            template = template.get("tool_use") if has_tools and "tool_use" in template else template.get("default")
+        if not template:
+            raise TokenizerError(
+                "This tokenizer has no chat template (no chat_template.jinja and no 'chat_template' in "
+                "tokenizer_config.json); add one or send a plain-text prompt instead."
+            )
+        return template
+
+
+def _check_added_tokens(backend: _Backend, added_tokens_decoder: dict, path: str) -> None:
+    # tokenizer.json normally lists these already; add any it lacks, at the id tokenizer_config.json promises
+    for token_id, spec in sorted(added_tokens_decoder.items(), key=lambda kv: int(kv[0])):
+        content = spec["content"]
+        if backend.token_to_id(content) is None:
+            backend.add_tokens([AddedToken(content, special=spec.get("special", False), normalized=False)])
+        if backend.token_to_id(content) != int(token_id):
+            raise TokenizerError(
+                f"tokenizer_config.json in {path!r} gives {content!r} id {token_id} but tokenizer.json gives "
+                f"{backend.token_to_id(content)}; the two files are from different tokenizers."
+            )
+
+
+class IncrementalDetokenizer:
+    """Streams text for generated ids, holding back a character whose UTF-8 bytes are split across tokens.
+
+    Keeps a short window of ids: `_ids[:_read]` was already turned into text (left context), `_ids[_read:]` is
+    pending. Each `add` decodes the window with and without the pending ids and emits the difference, unless it
+    ends in U+FFFD (an incomplete character: wait for more bytes). Cost per step is O(window), not O(sequence).
+    """
+
+    PROMPT_CONTEXT = 5  # prompt ids kept as left context, as vLLM does
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        context = list(prompt_token_ids[-self.PROMPT_CONTEXT :])
+        if self._decode(context).endswith("\ufffd"):
+            # a prompt cut mid-character would let output bytes complete it and shift the text offsets below
+            context = []
+        self._ids = context
+        self._read = len(context)
+        self._text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+    def add(self, token_ids: list[int]) -> str:
+        """Append generated ids; return only the text that became final with them (possibly "")."""
+        self._ids.extend(token_ids)
+        prefix = self._decode(self._ids[: self._read])
+        full = self._decode(self._ids)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(prefix) :]
+        # the ids just emitted become the next step's context; their start and end are character boundaries
+        del self._ids[: self._read]
+        self._read = len(self._ids)
+        self._text += delta
+        return delta
+
+    @property
+    def text(self) -> str:
+        """All output text emitted so far (held-back bytes excluded)."""
+        return self._text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny Qwen-style tokenizer for tests and tiny checkpoints.
+
+# Qwen2/3's pre-tokenizer split (as in transformers' Qwen2Tokenizer): digits one by one, letters with one leading
+# non-letter, punctuation runs, newline runs. With NFC in front, this is the pipeline transformers rebuilds for
+# `tokenizer_class: Qwen2Tokenizer`, so our files load to the same ids in both libraries.
+_QWEN_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_CHAT_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A small engine reads a prompt, splits it into tokens, and writes one
+new token at a time. Each step looks at what came before and picks the next word.
+
+Language models are trained on a great deal of text: books, news, forum posts and source code. The model does not
+see letters or words but numbers, and a tokenizer is the thing that turns text into those numbers and back. Byte
+pair encoding starts from single bytes and merges the pairs that appear most often, so common words end up as one
+token while rare words, names and other languages are spelled out in pieces. "Is it always this wet?" she asked.
+"Only in spring and autumn," he said, "and sometimes in summer." They walked to the station in the rain.
+
+The meeting is on Monday, 12 March 2024 at 09:30. Please bring 3 copies of the report (pages 1-45) and $19.99 for
+lunch. Call +1 (555) 010-2368 or write to team@example.com; the budget rose 7.5% to 1,250,000 in Q3.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 256 1024 65536 3.14159 2.71828 -1 1e-6 0x1F.
+
+def fibonacci(n: int) -> list[int]:
+    values = [0, 1]
+    for i in range(2, n):
+        values.append(values[i - 1] + values[i - 2])
+    return values[:n]
+
+print({"name": "fibonacci", "arguments": {"n": 10}})  # -> [0, 1, 1, 2, 3, 5, 8, 13, 21, 34]
+for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; } // SELECT name FROM users WHERE age >= 18;
+"""
+
+# Qwen3's ChatML template (system + tools, JSON tool calls, tool responses, <think> reasoning), lightly reformatted.
+QWEN3_CHAT_TEMPLATE = r"""
+{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' }}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\n' + tool | tojson }}
+    {%- endfor %}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within '
+        '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+        '<args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- elif messages[0].role == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+{%- endif %}
+{#- The last real user query: reasoning is kept only for the assistant turns after it. #}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == 'user' and message.content is string
+          and not (message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- set content = message.content if message.content is string else '' %}
+    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}
+    {%- elif message.role == 'assistant' %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- elif '</think>' in content %}
+            {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
+            {{- '<|im_start|>assistant\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n'
+                + content.lstrip('\n') }}
+        {%- else %}
+            {{- '<|im_start|>assistant\n' + content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls or [] %}
+            {%- if not loop.first or content %}
+                {{- '\n' }}
+            {%- endif %}
+            {%- set call = tool_call.function if tool_call.function else tool_call %}
+            {{- '<tool_call>\n{"name": "' + call.name + '", "arguments": ' }}
+            {{- call.arguments if call.arguments is string else call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + content + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}
+"""
+
+
+def train_tiny_tokenizer(out_dir: str, vocab_size: int = 512) -> int:
+    """Train a byte-level BPE tokenizer on a small built-in corpus and write a Qwen-style tokenizer to `out_dir`.
+
+    Writes tokenizer.json and tokenizer_config.json (ChatML chat template, Qwen's special tokens after the
+    `vocab_size` base ids). Every byte sequence stays encodable. Deterministic. Returns base + added vocab size.
+    """
+    if vocab_size < 256:
+        raise TokenizerError(f"vocab_size={vocab_size} is too small; byte-level BPE needs at least the 256 bytes.")
+    backend = _Backend(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(_CORPUS.split("\n\n"), trainer=trainer)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _SPECIAL_TOKENS])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in _CHAT_TOKENS])
+
+    os.makedirs(out_dir, exist_ok=True)
+    backend.save(os.path.join(out_dir, "tokenizer.json"))
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    added_tokens_decoder = {
+        str(backend.token_to_id(t)): {"content": t, **flags, "special": t in _SPECIAL_TOKENS}
+        for t in _SPECIAL_TOKENS + _CHAT_TOKENS
+    }
+    config = {  # the keys and values of a real Qwen3 tokenizer_config.json
+        "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added_tokens_decoder,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": None,
+        "chat_template": QWEN3_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>",
+        "errors": "replace", "model_max_length": 32768, "pad_token": "<|endoftext|>",
+        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    return backend.get_vocab_size(with_added_tokens=True)

@@ -1,0 +1,287 @@
+"""Batched token sampler: one row per sequence sampling this step, every parameter per row.
+
+What belongs here: turning final-position logits ``[N, V]`` into sampled token ids and logprobs. The model runner
+builds one ``SamplingBatch`` per step (host-side, once) and calls ``Sampler()(logits, batch)``; the sampler never
+syncs with the device per request and never loops over rows in Python except to draw noise for seeded rows.
+
+Order of operations (vLLM's):
+  1. logprobs = log_softmax(raw logits) in fp32 (the documented contract: raw, before anything below)
+  2. repetition penalty on tokens seen in prompt OR output (divide positive logits, multiply negative ones)
+  3. frequency / presence penalties on output tokens only (counts via scatter_add)
+  4. greedy rows take the argmax of the penalised logits
+  5. temperature -> top-k -> top-p (keep at least one token) -> min-p (relative to the max probability)
+  6. exponential race: argmax(probs / q), q ~ Exponential(1); seeded rows draw q from their own generator, so a
+     seeded request samples the same tokens whatever else is in the batch and whichever row it sits in.
+
+Which work runs is decided on the host from the request parameters (``all_greedy``, ``no_penalties``,
+``no_top_k``, ...), never by inspecting device tensors.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deltaserve.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingBatch:
+    """Per-step sampling parameters of N rows, as device tensors.
+
+    Token-history representation: ``prompt_ids`` / ``output_ids`` are right-padded ``[N, L]`` int64 tensors whose
+    pad value is ``vocab_size``; penalties scatter them into ``[N, V + 1]`` buffers and drop the last (throwaway)
+    column, so padding needs no mask. Each is ``None`` when no row needs it.
+    """
+
+    temperature: Tensor  # [N] fp32; 1.0 on greedy rows so that dividing by it is always safe
+    greedy: Tensor  # [N] bool; row takes the argmax of the penalised logits
+    top_p: Tensor  # [N] fp32 in (0, 1]; 1.0 = off
+    top_k: Tensor  # [N] int64 in [1, vocab_size]; vocab_size = off
+    min_p: Tensor  # [N] fp32 in [0, 1]; 0.0 = off
+    repetition_penalty: Tensor  # [N] fp32 > 0; 1.0 = off
+    presence_penalty: Tensor  # [N] fp32 in [-2, 2]
+    frequency_penalty: Tensor  # [N] fp32 in [-2, 2]
+    prompt_ids: Tensor | None  # [N, Lp] int64, pad = vocab_size; None when no row has a repetition penalty
+    output_ids: Tensor | None  # [N, Lo] int64, pad = vocab_size; None when no_penalties
+    generators: dict[int, torch.Generator]  # row -> the request's own generator (seeded, non-greedy rows only)
+    vocab_size: int  # V, the width of the logits
+    need_logprobs: bool  # some row asked for logprobs (logprobs=0 still returns the sampled token's logprob)
+    max_num_logprobs: int  # max top-k logprobs any row asked for (0 = none beyond the sampled token)
+    max_top_k: int  # max top_k over sampling rows (vocab_size when some row has top-k off)
+    all_greedy: bool  # every row is greedy: skip temperature, filtering and noise
+    any_greedy: bool  # some row is greedy: compute the argmax and select it per row
+    no_penalties: bool  # no row has repetition/presence/frequency penalties: skip step 2-3
+    no_top_k: bool  # no sampling row uses top-k
+    no_top_p: bool  # no sampling row uses top-p
+    no_min_p: bool  # no sampling row uses min-p
+
+    @property
+    def num_rows(self) -> int:
+        return self.temperature.shape[0]
+
+    @classmethod
+    def from_requests(
+        cls,
+        params: list[SamplingParams],
+        prompt_ids: list[list[int]],
+        output_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> SamplingBatch:
+        """Build the batch for N rows. prompt_ids / output_ids: per-row token ids so far (only copied to the
+        device when some row uses penalties). generators: per-row generator for seeded requests (owned by the
+        runner so it advances across steps), None for the others. One host-to-device copy per dtype."""
+        device = torch.device(device)
+        n = len(params)
+        if not len(prompt_ids) == len(output_ids) == len(generators) == n:
+            raise ValueError(
+                f"from_requests needs one entry per row, got {n} params, {len(prompt_ids)} prompt_ids, "
+                f"{len(output_ids)} output_ids and {len(generators)} generators."
+            )
+        _check_requests(params, generators, vocab_size, device)
+        pin = device.type == "cuda"
+        greedy = [p.greedy for p in params]
+        top_k = [vocab_size if g or p.top_k <= 0 else min(p.top_k, vocab_size) for p, g in zip(params, greedy)]
+        floats = torch.tensor(
+            [
+                [1.0 if g else float(p.temperature) for p, g in zip(params, greedy)],
+                [1.0 if g else float(p.top_p) for p, g in zip(params, greedy)],
+                [0.0 if g else float(p.min_p) for p, g in zip(params, greedy)],
+                [float(p.repetition_penalty) for p in params],
+                [float(p.presence_penalty) for p in params],
+                [float(p.frequency_penalty) for p in params],
+            ],
+            dtype=torch.float32,
+        ).reshape(6, n)
+        floats = floats.pin_memory() if pin else floats
+        ints = torch.tensor([top_k, greedy], dtype=torch.int64).reshape(2, n)
+        ints = ints.pin_memory() if pin else ints
+        temperature, top_p, min_p, rep, presence, frequency = floats.to(device, non_blocking=True).unbind(0)
+        top_k_t, greedy_t = ints.to(device, non_blocking=True).unbind(0)
+
+        sampling = [p for p, g in zip(params, greedy) if not g]
+        sampling_top_k = [k for k, g in zip(top_k, greedy) if not g]
+        no_rep = all(p.repetition_penalty == 1.0 for p in params)
+        no_penalties = no_rep and all(p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 for p in params)
+        return cls(
+            temperature=temperature,
+            greedy=greedy_t.bool(),
+            top_p=top_p,
+            top_k=top_k_t,
+            min_p=min_p,
+            repetition_penalty=rep,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
+            prompt_ids=None if no_rep else _pad_ids(prompt_ids, vocab_size, pin).to(device, non_blocking=True),
+            output_ids=None if no_penalties else _pad_ids(output_ids, vocab_size, pin).to(device, non_blocking=True),
+            generators={i: g for i, g in enumerate(generators) if g is not None and not greedy[i]},
+            vocab_size=vocab_size,
+            need_logprobs=any(p.logprobs is not None for p in params),
+            max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
+            max_top_k=max(sampling_top_k, default=vocab_size),
+            all_greedy=all(greedy),
+            any_greedy=any(greedy),
+            no_penalties=no_penalties,
+            no_top_k=all(k == vocab_size for k in sampling_top_k),
+            no_top_p=all(p.top_p == 1.0 for p in sampling),
+            no_min_p=all(p.min_p == 0.0 for p in sampling),
+        )
+
+
+def _check_requests(
+    params: list[SamplingParams], generators: list[torch.Generator | None], vocab_size: int, device: torch.device
+) -> None:
+    for p in params:
+        if p.logprobs is not None and p.logprobs > vocab_size:
+            raise ValueError(f"logprobs={p.logprobs} exceeds the vocabulary size; ask for at most {vocab_size}.")
+    for g in generators:
+        if g is not None and g.device.type != device.type:
+            raise ValueError(f"A per-request generator lives on {g.device} but the batch is on {device}.")
+
+
+def _pad_ids(seqs: list[list[int]], pad: int, pin: bool) -> Tensor:
+    """seqs: N lists of token ids -> [N, max_len] int64 right-padded with `pad` (built on the host).
+    numpy.fromiter over the flattened ids is ~5x faster than torch.tensor(list) for long histories."""
+    lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    width = int(lens.max()) if len(seqs) else 0
+    out = np.full((len(seqs), width), pad, dtype=np.int64)
+    if width:
+        flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lens.sum()))
+        out[np.arange(width) < lens[:, None]] = flat  # boolean-mask assignment fills row-major = chain order
+    ids = torch.from_numpy(out)
+    return ids.pin_memory() if pin else ids
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: Tensor  # [N] int64 sampled ids
+    logprobs: Tensor | None  # [N, 1 + max_num_logprobs] fp32: raw logprob of the sampled token, then the top-k
+    logprob_token_ids: Tensor | None  # [N, 1 + max_num_logprobs] int64 ids matching `logprobs`
+    # Rows that asked for fewer than max_num_logprobs keep only their first 1 + k columns; None when no row
+    # asked for logprobs.
+
+
+def compute_topk_logprobs(logprobs: Tensor, k: int, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """logprobs: [N, V] fp32 log-softmax; k: host int in [0, V]; token_ids: [N] int64.
+    Returns (values [N, 1 + k] fp32, ids [N, 1 + k] int64): the given token's logprob first, then the k largest
+    in descending order. Used for generated tokens and, with the next prompt tokens, for prompt logprobs."""
+    if not 0 <= k <= logprobs.shape[-1]:
+        raise ValueError(f"k={k} top logprobs requested, but k must be in [0, {logprobs.shape[-1]}].")
+    ids = token_ids.to(torch.int64).unsqueeze(1)
+    chosen = logprobs.gather(1, ids)
+    if k == 0:
+        return chosen, ids
+    top_values, top_ids = logprobs.topk(k, dim=-1)
+    return torch.cat([chosen, top_values], dim=1), torch.cat([ids, top_ids], dim=1)
+
+
+def apply_penalties(
+    logits: Tensor,
+    prompt_ids: Tensor | None,
+    output_ids: Tensor,
+    repetition_penalty: Tensor,
+    presence_penalty: Tensor,
+    frequency_penalty: Tensor,
+) -> Tensor:
+    """logits: [N, V] fp32 (not modified); prompt_ids: [N, Lp] int64 or None; output_ids: [N, Lo] int64 (both
+    padded with V); penalties: [N] fp32. Returns new penalised logits [N, V] fp32.
+    Repetition: tokens seen in prompt or output get logit / r if positive, logit * r otherwise.
+    Then logit -= frequency * count_in_output + presence * (count_in_output > 0)."""
+    n, v = logits.shape
+    counts = torch.zeros(n, v + 1, dtype=logits.dtype, device=logits.device)  # +1: pad ids land in a dead column
+    counts.scatter_add_(1, output_ids, torch.ones(output_ids.shape, dtype=logits.dtype, device=logits.device))
+    counts = counts[:, :v]
+    in_output = counts > 0
+    seen = in_output
+    if prompt_ids is not None:
+        in_prompt = torch.zeros(n, v + 1, dtype=torch.bool, device=logits.device)
+        seen = seen | in_prompt.scatter_(1, prompt_ids, True)[:, :v]
+    rep = repetition_penalty.unsqueeze(1)
+    out = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    out -= frequency_penalty.unsqueeze(1) * counts
+    out -= presence_penalty.unsqueeze(1) * in_output
+    return out
+
+
+def apply_top_k_top_p(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None, max_top_k: int) -> Tensor:
+    """logits: [N, V] fp32, masked IN PLACE with -inf and returned; top_k: [N] int64 in [1, V] or None;
+    top_p: [N] fp32 in (0, 1] or None; max_top_k: host int >= every row's top_k.
+    Ties at the k-th value are all kept. Top-p keeps the smallest set whose mass reaches p (at least one)."""
+    v = logits.shape[1]
+    if top_p is None and top_k is not None and max_top_k < v:
+        # Only top-k and every row's k is small: a partial top-k is much cheaper than a full sort.
+        kth = logits.topk(max_top_k, dim=-1).values.gather(1, (top_k.clamp(max=max_top_k) - 1).unsqueeze(1))
+        return logits.masked_fill_(logits < kth, float("-inf"))
+    sorted_logits, order = logits.sort(dim=-1)  # ascending
+    if top_k is not None:
+        kth = sorted_logits.gather(1, (v - top_k).unsqueeze(1))
+        sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
+    if top_p is not None:
+        cum = sorted_logits.softmax(dim=-1).cumsum_(dim=-1)
+        drop = cum <= (1 - top_p).unsqueeze(1)
+        drop[:, -1] = False  # the most likely token always survives
+        sorted_logits.masked_fill_(drop, float("-inf"))
+    return logits.scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(probs: Tensor, min_p: Tensor) -> Tensor:
+    """probs: [N, V] fp32 (zeroed IN PLACE and returned); min_p: [N] fp32. Drops p < min_p * max(p).
+    No renormalisation: the exponential race is invariant to scaling a row."""
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return probs.masked_fill_(probs < threshold, 0.0)
+
+
+def exponential_race(probs: Tensor, generators: dict[int, torch.Generator]) -> Tensor:
+    """probs: [N, V] fp32 (overwritten); generators: row -> generator. Returns [N] int64 ids, each drawn from its
+    row's distribution: argmax(p / q) with q ~ Exponential(1) is a sample of p (Gumbel-max in disguise)."""
+    q = torch.empty_like(probs).exponential_()
+    for row, gen in generators.items():  # only seeded rows: their noise depends on nothing else in the batch
+        q[row].exponential_(generator=gen)
+    q.clamp_(min=torch.finfo(q.dtype).tiny)  # q == 0 would turn masked (p == 0) tokens into NaN winners
+    return probs.div_(q).argmax(dim=-1)
+
+
+class Sampler:
+    """Stateless; one instance per model runner."""
+
+    def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits: [N, V] fp32 (bf16 is upcast; never modified); batch: N rows. Returns sampled ids and logprobs."""
+        if logits.dim() != 2 or logits.shape != (batch.num_rows, batch.vocab_size):
+            raise ValueError(
+                f"logits of shape {tuple(logits.shape)} do not match the sampling batch "
+                f"[{batch.num_rows}, {batch.vocab_size}]."
+            )
+        logits = logits.float()
+        raw_logprobs = logits.log_softmax(dim=-1) if batch.need_logprobs else None
+        if not batch.no_penalties:
+            logits = apply_penalties(
+                logits, batch.prompt_ids, batch.output_ids, batch.repetition_penalty,
+                batch.presence_penalty, batch.frequency_penalty,
+            )
+        token_ids = self._sample(logits, batch)
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids=token_ids, logprobs=None, logprob_token_ids=None)
+        values, ids = compute_topk_logprobs(raw_logprobs, batch.max_num_logprobs, token_ids)
+        return SamplerOutput(token_ids=token_ids, logprobs=values, logprob_token_ids=ids)
+
+    @staticmethod
+    def _sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
+        """logits: [N, V] fp32 penalised (not modified) -> [N] int64."""
+        if batch.all_greedy:
+            return logits.argmax(dim=-1)
+        greedy_ids = logits.argmax(dim=-1) if batch.any_greedy else None
+        x = logits / batch.temperature.unsqueeze(1)  # out of place: the caller's logits stay untouched
+        if not (batch.no_top_k and batch.no_top_p):
+            x = apply_top_k_top_p(
+                x, None if batch.no_top_k else batch.top_k, None if batch.no_top_p else batch.top_p, batch.max_top_k
+            )
+        probs = x.softmax(dim=-1)
+        if not batch.no_min_p:
+            probs = apply_min_p(probs, batch.min_p)
+        sampled = exponential_race(probs, batch.generators)
+        return sampled if greedy_ids is None else torch.where(batch.greedy, greedy_ids, sampled)

@@ -1,0 +1,257 @@
+"""Sampler and SamplingParams: validation, greedy, top-k/p, min-p, penalties, seeding, logprobs, temperature."""
+import pytest
+import torch
+
+from deltaserve.sampling_params import SamplingParams
+from deltaserve.worker.sampler import (
+    Sampler,
+    SamplingBatch,
+    apply_penalties,
+    compute_topk_logprobs,
+)
+
+PROBS = [0.06, 0.3, 0.04, 0.5, 0.1]  # known distribution, deliberately unsorted
+BY_RANK = [3, 1, 4, 0, 2]  # token ids from most to least likely
+
+
+def make_batch(params, vocab_size, prompt=None, output=None, gens=None):
+    n = len(params)
+    return SamplingBatch.from_requests(
+        params,
+        prompt if prompt is not None else [[] for _ in range(n)],
+        output if output is not None else [[] for _ in range(n)],
+        gens if gens is not None else [None] * n,
+        vocab_size,
+        "cpu",
+    )
+
+
+def sample(logits, params, **kw):
+    return Sampler()(logits, make_batch(params, logits.shape[1], **kw))
+
+
+def rows_of(probs, n):
+    return torch.tensor(probs).log().expand(n, -1).contiguous()
+
+
+# ---------------------------------------------------------------- SamplingParams
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"n": 0}, "n"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.1}, "min_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3.0}, "frequency_penalty"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"seed": 1.5}, "seed"),
+    ],
+    ids=["n", "temperature", "top_p_zero", "top_p_big", "top_k", "min_p", "max_tokens", "repetition",
+         "presence", "frequency", "logprobs", "prompt_logprobs", "seed_float"],
+)
+def test_params_validation_names_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field} must be"):
+        SamplingParams(**kwargs)
+
+
+def test_params_defaults_and_normalisation():
+    p = SamplingParams()
+    assert (p.n, p.temperature, p.top_p, p.top_k, p.min_p, p.max_tokens) == (1, 1.0, 1.0, 0, 0.0, 16)
+    assert p.stop == [] and p.stop_token_ids == [] and not p.greedy
+    assert SamplingParams(stop="\n\n").stop == ["\n\n"]
+    assert SamplingParams(temperature=0).greedy
+    assert SamplingParams(top_k=-1, max_tokens=None).max_tokens is None
+
+
+# ---------------------------------------------------------------- greedy / top-k
+
+def test_greedy_is_argmax_in_mixed_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 50)
+    params = [SamplingParams(temperature=0.0 if i % 2 == 0 else 1.0) for i in range(8)]
+    out = sample(logits, params)
+    assert torch.equal(out.token_ids[0::2], logits.argmax(-1)[0::2])
+    assert out.logprobs is None
+
+
+def test_top_k_1_equals_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 100)
+    out = sample(logits, [SamplingParams(temperature=1.0, top_k=1)] * 64)
+    assert torch.equal(out.token_ids, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("k", [2, 3], ids=["k2", "k3"])
+@pytest.mark.parametrize("path", ["partial_topk", "full_sort"], ids=["partial_topk", "full_sort"])
+def test_top_k_keeps_k_most_likely(k, path):
+    torch.manual_seed(0)
+    # A top-p row in the batch forces the full-sort path; otherwise top-k alone uses a partial topk.
+    last = SamplingParams(top_p=0.99) if path == "full_sort" else SamplingParams(top_k=k)
+    out = sample(rows_of(PROBS, 4001), [SamplingParams(top_k=k)] * 4000 + [last])
+    assert set(out.token_ids[:4000].tolist()) == set(BY_RANK[:k])
+
+
+# ---------------------------------------------------------------- top-p / min-p
+
+@pytest.mark.parametrize(
+    "top_p, nucleus",
+    [(0.75, {3, 1}), (0.85, {3, 1, 4}), (0.3, {3}), (1e-9, {3})],  # 1 - 1e-9 == 1 in fp32: keep-one guard
+    ids=["p0.75", "p0.85", "p0.3", "p_tiny"],
+)
+def test_top_p_keeps_only_nucleus(top_p, nucleus):
+    torch.manual_seed(0)
+    out = sample(rows_of(PROBS, 4000), [SamplingParams(top_p=top_p)] * 4000)
+    assert set(out.token_ids.tolist()) == nucleus
+
+
+def test_top_p_with_per_row_generator():
+    gen = torch.Generator().manual_seed(123)
+    batch = make_batch([SamplingParams(top_p=0.75)], 5, gens=[gen])
+    seen = {Sampler()(rows_of(PROBS, 1), batch).token_ids.item() for _ in range(400)}
+    assert seen == {3, 1}
+
+
+@pytest.mark.parametrize(
+    "min_p, kept", [(0.25, {3, 1}), (0.15, {3, 1, 4}), (0.9, {3})], ids=["m0.25", "m0.15", "m0.9"]
+)
+def test_min_p_drops_relatively_unlikely(min_p, kept):
+    torch.manual_seed(0)
+    out = sample(rows_of(PROBS, 4000), [SamplingParams(min_p=min_p)] * 4000)
+    assert set(out.token_ids.tolist()) == kept
+
+
+# ---------------------------------------------------------------- penalties
+
+@pytest.mark.parametrize(
+    "logits, seen_where, expected",
+    [
+        ([1.0, 1.5, 0.2, 2.0], "prompt", 1),  # 2.0 / 2 = 1.0 < 1.5
+        ([1.0, 1.5, 0.2, 2.0], "output", 1),
+        ([-1.0, -0.8, -3.0, -2.0], "prompt", 0),  # -0.8 * 2 = -1.6 < -1.0
+    ],
+    ids=["positive_prompt", "positive_output", "negative_prompt"],
+)
+def test_repetition_penalty_moves_argmax(logits, seen_where, expected):
+    logits = torch.tensor([logits])
+    top = int(logits.argmax())
+    params = [SamplingParams(temperature=0.0, repetition_penalty=2.0)]
+    kw = {seen_where: [[top]]}
+    assert sample(logits, params, **kw).token_ids.item() == expected
+    assert sample(logits, [SamplingParams(temperature=0.0)], **kw).token_ids.item() == top
+
+
+def test_presence_frequency_subtract_expected_amounts():
+    logits = torch.tensor([[0.5, 1.0, 2.0, -1.0, 0.0, 3.0]])
+    v = 6
+    prompt = torch.tensor([[4, 4, v]])  # prompt-only token 4 must not get presence/frequency penalties
+    output = torch.tensor([[2, 2, 5, v]])  # token 2 twice, token 5 once, one pad
+    out = apply_penalties(
+        logits, prompt, output, torch.tensor([1.0]), torch.tensor([0.25]), torch.tensor([0.5])
+    )
+    expected = logits.clone()
+    expected[0, 2] -= 2 * 0.5 + 0.25
+    expected[0, 5] -= 1 * 0.5 + 0.25
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_batch_penalty_tensors_are_padded_with_vocab_size():
+    params = [SamplingParams(repetition_penalty=1.2), SamplingParams()]
+    batch = make_batch(params, 10, prompt=[[1, 2, 3], [4]], output=[[5], []])
+    assert batch.prompt_ids.tolist() == [[1, 2, 3], [4, 10, 10]]
+    assert batch.output_ids.tolist() == [[5], [10]]
+    assert make_batch([SamplingParams()], 10, prompt=[[1]]).prompt_ids is None
+
+
+# ---------------------------------------------------------------- seeding
+
+def _seeded_tokens(position, others, steps=6, seed=1234, v=1000):
+    torch.manual_seed(position + 7 * len(others))  # unseeded rows differ between the two runs
+    logits_row = torch.randn(1, v, generator=torch.Generator().manual_seed(0))
+    params = list(others)
+    params.insert(position, SamplingParams(temperature=1.0, seed=seed))
+    gens = [None] * len(params)
+    gens[position] = torch.Generator().manual_seed(seed)
+    logits = torch.randn(len(params), v)
+    logits[position] = logits_row
+    batch = make_batch(params, v, gens=gens)
+    return [Sampler()(logits, batch).token_ids[position].item() for _ in range(steps)]
+
+
+def test_seeded_row_independent_of_batch_and_position():
+    a = _seeded_tokens(0, [SamplingParams(temperature=0.5), SamplingParams(top_k=3), SamplingParams()])
+    b = _seeded_tokens(2, [SamplingParams(temperature=2.0)] * 4 + [SamplingParams(temperature=0.0)])
+    c = _seeded_tokens(1, [SamplingParams(top_p=0.5)])
+    assert a == b == c
+    assert len(set(a)) > 1  # successive steps advance the generator
+    assert _seeded_tokens(0, [SamplingParams()], seed=99) != a  # the seed matters
+
+
+# ---------------------------------------------------------------- logprobs
+
+def test_logprobs_are_raw_and_sampled_first():
+    torch.manual_seed(0)
+    v = 40
+    logits = torch.randn(3, v)
+    params = [
+        SamplingParams(temperature=0.7, top_k=5, repetition_penalty=1.5, presence_penalty=1.0, logprobs=3),
+        SamplingParams(temperature=0.0, frequency_penalty=2.0, logprobs=0),
+        SamplingParams(top_p=0.5, min_p=0.1),
+    ]
+    output = [[int(logits[0].argmax())], [int(logits[1].argmax())] * 3, []]
+    before = logits.clone()
+    out = sample(logits, params, output=output)
+    assert torch.equal(logits, before)  # the sampler never writes into the caller's logits
+    raw = torch.log_softmax(logits, dim=-1)
+    assert out.logprobs.shape == (3, 4) and out.logprob_token_ids.shape == (3, 4)
+    assert torch.equal(out.logprob_token_ids[:, 0], out.token_ids)
+    torch.testing.assert_close(out.logprobs[:, 0], raw.gather(1, out.token_ids[:, None])[:, 0], rtol=0, atol=1e-6)
+    top_values, top_ids = raw.topk(3, dim=-1)
+    torch.testing.assert_close(out.logprobs[:, 1:], top_values, rtol=0, atol=1e-6)
+    assert torch.equal(out.logprob_token_ids[:, 1:], top_ids)
+    assert out.token_ids[1].item() != logits[1].argmax().item()  # the penalty acted on sampling, not on logprobs
+
+
+def test_compute_topk_logprobs_for_prompt_tokens():
+    lp = torch.log_softmax(torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]]), dim=-1)
+    values, ids = compute_topk_logprobs(lp, 2, torch.tensor([2, 1]))
+    assert ids.tolist() == [[2, 1, 2], [1, 0, 2]]
+    torch.testing.assert_close(values, lp.gather(1, ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="k=4"):
+        compute_topk_logprobs(lp, 4, torch.tensor([0, 0]))
+
+
+# ---------------------------------------------------------------- temperature
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0], ids=["T0.5", "T1", "T2"])
+def test_temperature_frequencies_match_softmax(temperature):
+    torch.manual_seed(0)
+    n = 20000
+    base = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0])
+    out = sample(base.expand(n, -1).contiguous(), [SamplingParams(temperature=temperature)] * n)
+    counts = torch.bincount(out.token_ids, minlength=5).double()
+
+    def chi2(p):
+        expected = p.double() * n
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    assert chi2(torch.softmax(base / temperature, -1)) < 30.0  # df=4: P(chi2 > 30) ~ 5e-6
+    other = 1.0 if temperature != 1.0 else 2.0
+    assert chi2(torch.softmax(base / other, -1)) > 100.0  # the temperature really changed the distribution
+
+
+# ---------------------------------------------------------------- user errors
+
+def test_batch_errors_are_one_sentence():
+    with pytest.raises(ValueError, match="logprobs=20 exceeds the vocabulary size"):
+        make_batch([SamplingParams(logprobs=20)], 10)
+    batch = make_batch([SamplingParams()], 10)
+    with pytest.raises(ValueError, match="do not match the sampling batch"):
+        Sampler()(torch.zeros(2, 10), batch)
+    assert 0 <= Sampler()(torch.zeros(1, 10), batch).token_ids.item() < 10

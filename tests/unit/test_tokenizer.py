@@ -1,0 +1,251 @@
+"""deltaserve.tokenizer: round trips, HF transformers parity (encode + chat template), streaming detokenization."""
+import json
+import os
+
+import pytest
+
+from deltaserve.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError, train_tiny_tokenizer
+
+TEXTS = {
+    "ascii": "Hello, world! The meeting is at 09:30 on 12 March.",
+    "code": 'def f(x):\n    return {"a": x ** 2}  # square\n\n\tprint(f(3))',
+    "cjk": "你好，世界。今日は良い天気ですね。안녕하세요",
+    "emoji": "Great job 🎉🚀 👩‍👩‍👧 ✅",
+    "mixed": "naïve café — 東京 🗼 costs ¥2,000 (≈ $13.50)\r\n",
+    "rare_bytes": "\x00\x07 tab\t zwj\u200d bom\ufeff nbsp\u00a0",
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather for a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "City name, e.g. Zürich"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+CONVERSATIONS = {
+    "system_user": ([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}], {}),
+    "multi_turn": (
+        [
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4", "reasoning_content": "Simple arithmetic."},
+            {"role": "user", "content": "And 3+3? 日本語で"},
+        ],
+        {},
+    ),
+    "last_assistant_reasoning": (
+        [
+            {"role": "user", "content": "Say hi"},
+            {"role": "assistant", "content": "Hi!", "reasoning_content": "Greet them."},
+        ],
+        {"add_generation_prompt": False},
+    ),
+    "tools": (
+        [
+            {"role": "system", "content": "Use tools when useful."},
+            {"role": "user", "content": "Weather in Zürich?"},
+            {
+                "role": "assistant",
+                "content": None,  # OpenAI style: must render like a missing key
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}
+                ],
+            },
+            {"role": "tool", "content": '{"temp_c": 21}'},
+            {"role": "tool", "content": '{"wind": "calm"}'},
+        ],
+        {"tools": TOOLS},
+    ),
+    "no_thinking": ([{"role": "user", "content": "Quick answer please"}], {"enable_thinking": False}),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    train_tiny_tokenizer(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dir):
+    return Tokenizer.from_dir(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tiny_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def test_train_is_deterministic_and_sized(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    n = train_tiny_tokenizer(str(a), vocab_size=400)
+    assert n == train_tiny_tokenizer(str(b), vocab_size=400) == 400 + 9  # base + 3 special + 6 chat tokens
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    config = json.loads((a / "tokenizer_config.json").read_text())
+    assert config["eos_token"] == "<|im_end|>" and config["bos_token"] is None
+    assert config["added_tokens_decoder"]["400"]["content"] == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("text", TEXTS.values(), ids=TEXTS.keys())
+def test_round_trip(tok, text):
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_merges_were_learned(tok):
+    # far fewer ids than bytes for English, so BPE really merged
+    text = "Language models are trained on a great deal of text"
+    assert len(tok.encode(text)) < len(text.encode()) // 2
+
+
+SINGLE_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>")
+
+
+@pytest.mark.parametrize("token", SINGLE_TOKENS, ids=SINGLE_TOKENS)
+def test_added_tokens_are_single_ids(tok, token):
+    token_id = tok.token_to_id(token)
+    assert token_id is not None and tok.id_to_token(token_id) == token
+    assert tok.encode(f"a{token}b")[1:-1] == [token_id]
+
+
+def test_special_tokens_skipped_on_decode(tok):
+    ids = tok.encode("<|im_start|>user\n<think>x</think><|im_end|>")
+    assert tok.decode(ids) == "user\n<think>x</think>"  # <think> is an added but not a special token
+    assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\n<think>x</think><|im_end|>"
+    assert tok.eos_token_id == tok.token_to_id("<|im_end|>")
+
+
+def test_vocab_size_matches_hf(tok, hf_tok):
+    assert tok.vocab_size == len(hf_tok)
+    assert tok.eos_token_id == hf_tok.eos_token_id
+
+
+ENCODE_CASES = {**TEXTS, "chatml": "<|im_start|>user\nhi <tool_call>{}</tool_call><|im_end|>\n"}
+
+
+@pytest.mark.parametrize("text", ENCODE_CASES.values(), ids=ENCODE_CASES.keys())
+def test_encode_matches_hf(tok, hf_tok, text):
+    assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False)
+    assert tok.encode(text, add_special_tokens=True) == hf_tok.encode(text)  # Qwen adds no BOS
+    ids = tok.encode(text)
+    assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("messages,kwargs", CONVERSATIONS.values(), ids=CONVERSATIONS.keys())
+def test_chat_template_matches_hf(tok, hf_tok, messages, kwargs):
+    kwargs = {"add_generation_prompt": True, **kwargs}
+    ours = tok.apply_chat_template(messages, **kwargs)
+    ref = hf_tok.apply_chat_template(messages, tokenize=False, **kwargs)
+    assert ours == ref
+    assert tok.encode(ours) == hf_tok.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
+
+
+def test_chat_template_features(tok):
+    text = tok.apply_chat_template(*CONVERSATIONS["tools"][:1], tools=TOOLS)
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert "Zürich" in text  # tojson keeps non-ASCII as is, like HF's
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call><|im_end|>' in text
+    assert "<|im_start|>user\n<tool_response>\n{\"temp_c\": 21}\n</tool_response>\n<tool_response>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    no_think = tok.apply_chat_template(*CONVERSATIONS["no_thinking"][:1], enable_thinking=False)
+    assert no_think.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    last = tok.apply_chat_template(CONVERSATIONS["last_assistant_reasoning"][0], add_generation_prompt=False)
+    assert last.endswith("<|im_start|>assistant\n<think>\nGreet them.\n</think>\n\nHi!<|im_end|>\n")
+
+
+def test_chat_template_jinja_file_wins(tiny_dir, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes(open(os.path.join(tiny_dir, name), "rb").read())
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m.role }}]{{ m.content | tojson }}{% endfor %}{{ eos_token }}"
+        "{{ strftime_now('%Y') | length }}"
+    )
+    text = Tokenizer.from_dir(str(tmp_path)).apply_chat_template([{"role": "user", "content": "<b>é</b>"}])
+    assert text == '[user]"<b>é</b>"<|im_end|>4'  # tojson neither HTML-escapes nor ASCII-escapes
+
+
+def test_raise_exception_becomes_tokenizer_error(tiny_dir, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes(open(os.path.join(tiny_dir, name), "rb").read())
+    (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('Roles must alternate.') }}")
+    with pytest.raises(TokenizerError, match="Roles must alternate"):
+        Tokenizer.from_dir(str(tmp_path)).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_missing_dir_error(tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(TokenizerError, match="No tokenizer.json in .*nope"):
+        Tokenizer.from_dir(missing)
+
+
+def test_missing_chat_template_error(tiny_dir, tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes(open(os.path.join(tiny_dir, "tokenizer.json"), "rb").read())
+    tok = Tokenizer.from_dir(str(tmp_path))  # no tokenizer_config.json at all
+    assert tok.encode("hi") and tok.eos_token_id is None
+    with pytest.raises(TokenizerError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_empty_conversation_error(tok):
+    with pytest.raises(TokenizerError, match="empty conversation"):
+        tok.apply_chat_template([])
+
+
+STREAM_TEXTS = {
+    "emoji": "Party time 🎉🎉 and rockets 🚀! Family: 👩‍👩‍👧.",
+    "cjk": "东京タワー는 높다. 你好世界",
+    "mixed": "naïve 😀 東京 ok\n<think>思考</think>done",
+}
+
+
+def _stream(tok, prompt_ids, ids, chunk):
+    detok = IncrementalDetokenizer(tok, prompt_ids)
+    pieces = [detok.add(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
+    return detok, pieces
+
+
+@pytest.mark.parametrize("chunk", [1, 3], ids=["one_id", "three_ids"])
+@pytest.mark.parametrize("text", STREAM_TEXTS.values(), ids=STREAM_TEXTS.keys())
+def test_incremental_detokenizer(tok, text, chunk):
+    prompt_ids = tok.encode("<|im_start|>user\nHi 👋<|im_end|>\n<|im_start|>assistant\n")
+    ids = tok.encode(text)
+    detok, pieces = _stream(tok, prompt_ids, ids, chunk)
+    assert "".join(pieces) == detok.text == tok.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+    if chunk == 1:
+        # multi-byte characters span several ids, so some steps must have held their bytes back
+        assert pieces.count("") > 0
+        assert any(len(tok.decode([i])) and tok.decode([i]).endswith("\ufffd") for i in ids)
+
+
+def test_incremental_detokenizer_holds_back_split_char(tok):
+    ids = tok.encode("🎉")
+    assert len(ids) > 1, "the emoji should need several byte-level ids"
+    detok = IncrementalDetokenizer(tok, [])
+    assert [detok.add([i]) for i in ids] == [""] * (len(ids) - 1) + ["🎉"]
+
+
+def test_incremental_detokenizer_prompt_cut_mid_character(tok):
+    ids = tok.encode("x🚀y")
+    cut = 2  # "x" + first byte(s) of the rocket end the prompt
+    assert tok.decode(ids[:cut]).endswith("\ufffd")
+    detok = IncrementalDetokenizer(tok, ids[:cut])
+    text = "".join(detok.add([i]) for i in ids[cut:])
+    assert text == tok.decode(ids[cut:])
+
+
+def test_incremental_detokenizer_skips_special_tokens(tok):
+    ids = tok.encode("Hi 😀<|im_end|>")
+    detok = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+    assert "".join(detok.add([i]) for i in ids) == "Hi 😀"
+    detok = IncrementalDetokenizer(tok, [], skip_special_tokens=False)
+    assert "".join(detok.add([i]) for i in ids) == "Hi 😀<|im_end|>"
