@@ -5,6 +5,8 @@ import logging
 import math
 import os
 
+from typing import Iterator
+
 import torch
 
 from .config import ModelConfig
@@ -16,7 +18,7 @@ from .runtime.scheduler import Scheduler
 from .runtime.state_pool import StatePool
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
-from .worker.model_runner import ModelRunner, kv_bytes_per_block, state_bytes_per_slot
+from .worker.model_runner import ModelRunner, kv_bytes_per_block, profile_activation_bytes, state_bytes_per_slot
 
 logger = logging.getLogger("deltaserve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,21 +40,28 @@ class LLM:
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
         torch.manual_seed(seed)
         _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                        block_size=block_size)
+                        block_size=block_size, max_model_len=max_model_len or 1, num_kv_blocks=num_kv_blocks or 1)
         self.max_model_len = max_model_len or self.config.max_position_embeddings
         self.tokenizer = Tokenizer.from_dir(tokenizer or model) if _has_tokenizer(tokenizer or model) else None
         self.model = build_model(self.config, self.device, self.dtype)
         load_weights(self.model, self.config, model, progress=True)
         state_dtype = DTYPES[self.config.state_dtype]
-        num_blocks = num_kv_blocks or self._auto_kv_blocks(block_size, max_num_seqs, gpu_memory_utilization,
-                                                           state_dtype)
-        if num_blocks * block_size < min(self.max_model_len, max_num_batched_tokens):
-            raise ValueError(f"num_kv_blocks={num_blocks} x block_size={block_size} holds fewer tokens than one "
-                             f"step may need; raise num_kv_blocks or lower max_model_len/max_num_batched_tokens")
+        num_blocks = num_kv_blocks or self._auto_kv_blocks(block_size, max_num_seqs, max_num_batched_tokens,
+                                                           gpu_memory_utilization, state_dtype)
+        capacity = num_blocks * block_size
+        if capacity < self.max_model_len:
+            if max_model_len is not None:  # an explicit length the pool cannot hold: say so rather than stall
+                raise ValueError(f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {block_size}) but "
+                                 f"max_model_len is {max_model_len}; lower max_model_len or raise num_kv_blocks")
+            logger.info("max_model_len lowered from %d to %d to fit the KV cache", self.max_model_len, capacity)
+            self.max_model_len = capacity
         self.runner = ModelRunner(self.config, self.model, self.device, self.dtype, num_blocks, block_size,
-                                  max_num_seqs, state_dtype)
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens; %d state slots (max concurrency %d)",
-                    num_blocks, block_size, num_blocks * block_size, max_num_seqs, max_num_seqs)
+                                  max_num_seqs, state_dtype, max_num_batched_tokens, self.max_model_len)
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); %d GDN state slots (%.2f GiB); "
+                    "max concurrency %d requests of %d tokens", num_blocks, block_size, num_blocks * block_size,
+                    num_blocks * kv_bytes_per_block(self.config, block_size, self.dtype) / 2**30, max_num_seqs,
+                    max_num_seqs * state_bytes_per_slot(self.config, self.dtype, state_dtype) / 2**30,
+                    min(max_num_seqs, num_blocks * block_size // self.max_model_len or 1), self.max_model_len)
         scheduler = Scheduler(BlockPool(num_blocks, block_size), StatePool(max_num_seqs), max_num_seqs,
                               max_num_batched_tokens)
         eos = set(self.config.eos_token_ids)
@@ -61,17 +70,27 @@ class LLM:
         self.engine = EngineCore(scheduler, self.runner, self.tokenizer, eos, self.max_model_len,
                                  self.config.vocab_size)
 
-    def _auto_kv_blocks(self, block_size: int, max_num_seqs: int, util: float, state_dtype: torch.dtype) -> int:
+    def _auto_kv_blocks(self, block_size: int, max_num_seqs: int, max_num_batched_tokens: int, util: float,
+                        state_dtype: torch.dtype) -> int:
+        """KV blocks that fit: on CUDA, util x card memory minus weights, the profiled peak of a full step and one
+        state slot per sequence; on CPU, a fixed budget. Never more than max_num_seqs full-length sequences need."""
         per_block = max(1, kv_bytes_per_block(self.config, block_size, self.dtype))
         full = max_num_seqs * math.ceil(self.max_model_len / block_size)
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            states = max_num_seqs * state_bytes_per_slot(self.config, self.dtype, state_dtype)
-            # keep (1 - util) of the card plus a margin for activations free
-            budget = free - (1 - util) * total - states - (1 << 30)
-        else:
-            budget = CPU_KV_BUDGET_BYTES
-        return max(1, min(full, int(budget // per_block)))
+        if self.device.type != "cuda":
+            return max(1, min(full, CPU_KV_BUDGET_BYTES // per_block))
+        if not 0 < util <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util}")
+        activations = profile_activation_bytes(self.model, self.config, self.device, self.dtype, state_dtype,
+                                               max_num_batched_tokens, block_size)
+        _, total = torch.cuda.mem_get_info(self.device)
+        states = max_num_seqs * state_bytes_per_slot(self.config, self.dtype, state_dtype)
+        budget = util * total - torch.cuda.memory_allocated(self.device) - activations - states
+        blocks = min(full, int(budget // per_block))
+        if blocks < 1:
+            raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization={util} (weights "
+                             f"{torch.cuda.memory_allocated(self.device) / 2**30:.1f} GiB, step peak "
+                             f"{activations / 2**30:.1f} GiB); raise it or lower max_num_batched_tokens/max_num_seqs")
+        return blocks
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -81,6 +100,30 @@ class LLM:
         encoded = [(self._encode(p), p if isinstance(p, str) else None) for p in items]
         ids = [self.engine.add_request(tok, sp, prompt=text) for (tok, text), sp in zip(encoded, params)]
         return self._run(ids, use_tqdm)
+
+    def generate_stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+                        ) -> Iterator[RequestOutput]:
+        """Like generate, but yields a RequestOutput every step a request makes progress; each completion carries
+        `delta_text` / `delta_token_ids` (new since its previous yield). Closing the iterator early aborts the
+        requests still running, freeing their KV blocks and state slots."""
+        items = _normalise_prompts(prompts)
+        params = _normalise_params(sampling_params, len(items))
+        ids = [self.engine.add_request(self._encode(p), sp, prompt=p if isinstance(p, str) else None)
+               for p, sp in zip(items, params)]
+        pending = set(ids)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield out
+        finally:
+            for rid in pending:
+                self.engine.abort(rid)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Abort a request (queued or running) now; its KV blocks and state slot are freed immediately."""
+        return self.engine.abort(request_id)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template_kwargs: dict | None = None, tools: list | None = None,

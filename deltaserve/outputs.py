@@ -17,6 +17,10 @@ class CompletionOutput:
     finish_reason: str | None  # "stop" (EOS, stop token or stop string), "length", "abort"; None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it, if any
     cumulative_logprob: float | None = None
+    # What is new since the previous output of this request (streaming). While running, the text that could still
+    # turn out to be the start of a stop string is held back.
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -26,6 +26,8 @@ class _Group:
     samples: list[Request]
     detoks: list[IncrementalDetokenizer]
     texts: list[str]
+    sent_tokens: list[int]  # per sample: tokens already reported in a delta
+    sent_chars: list[int]  # per sample: characters of text already reported in a delta
 
 
 class EngineCore:
@@ -64,11 +66,13 @@ class EngineCore:
             samples.append(req)
             detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
                           if self.tokenizer is not None else None)
-        group = _Group(prompt, list(prompt_token_ids), params, samples, detoks, [""] * params.n)
+        n = params.n
+        group = _Group(prompt, list(prompt_token_ids), params, samples, detoks, [""] * n, [0] * n, [0] * n)
         self.groups[rid] = group
         for i, req in enumerate(samples):
             self._by_id[req.request_id] = (group, i)
-            self.scheduler.add(req)
+        samples[0].fork_children = samples[1:]  # forked off sample 0 once its prompt is prefilled
+        self.scheduler.add(samples[0])
         return rid
 
     def has_unfinished(self) -> bool:
@@ -94,8 +98,7 @@ class EngineCore:
         result = self.runner.execute(sched)
         self.scheduler.update_after_step(sched)
         touched: dict[str, _Group] = {}
-        for s in sched.seqs:
-            req = s.request
+        for req in [s.request for s in sched.seqs] + [f.child for f in sched.forks]:
             group, i = self._by_id[req.request_id]
             touched[group.samples[0].request_id] = group
             if req.request_id in result.prompt_logprobs:
@@ -147,15 +150,21 @@ class EngineCore:
         return None, None
 
     def _output(self, rid: str, group: _Group) -> RequestOutput:
-        outs = [
-            CompletionOutput(
-                index=i, text=group.texts[i], token_ids=list(r.output_token_ids),
+        outs = []
+        hold = max((len(s) for s in group.params.stop), default=1) - 1
+        for i, r in enumerate(group.samples):
+            text = group.texts[i]
+            done = r.status == RequestStatus.FINISHED
+            upto = len(text) if done else max(group.sent_chars[i], len(text) - hold)
+            delta_text, delta_ids = text[group.sent_chars[i]: upto], r.output_token_ids[group.sent_tokens[i]:]
+            group.sent_chars[i], group.sent_tokens[i] = upto, len(r.output_token_ids)
+            outs.append(CompletionOutput(
+                index=i, text=text, token_ids=list(r.output_token_ids),
                 logprobs=list(r.logprobs) if group.params.logprobs is not None else None,
                 finish_reason=r.finish_reason, stop_reason=r.stop_reason,
                 cumulative_logprob=r.cumulative_logprob if group.params.logprobs is not None else None,
-            )
-            for i, r in enumerate(group.samples)
-        ]
+                delta_text=delta_text, delta_token_ids=list(delta_ids),
+            ))
         first = group.samples[0]
         return RequestOutput(
             request_id=rid, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,

@@ -4,12 +4,14 @@ Each step hands out up to `max_num_batched_tokens` tokens: running requests firs
 chunk of a long prompt), then waiting requests in arrival order while a state slot, KV blocks and budget remain.
 When KV blocks run out, the most recently admitted running request is preempted: its blocks and slot are freed and it
 goes back to the front of the queue, to be re-prefilled from prompt + generated tokens (recompute).
+Siblings of an n > 1 request wait on the first sample (`fork_children`) and are forked from it, state and KV
+copied, in the step that finishes its prompt; without room to fork they queue and prefill on their own.
 """
 from collections import deque
 
 from .block_pool import BlockPool
 from .request import Request, RequestStatus
-from .scheduler_output import ScheduledSeq, SchedulerOutput
+from .scheduler_output import Fork, ScheduledSeq, SchedulerOutput
 from .state_pool import StatePool
 
 
@@ -38,7 +40,9 @@ class Scheduler:
             out.seqs.append(self._seq(req, n))
             budget -= n
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            self._fork(req, out)
+        while (self.waiting and budget > 0 and len(self.running) + len(out.forks) < self.max_num_seqs
+               and not out.preempted):
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             need = self.blocks.blocks_needed(req.num_computed_tokens + n, len(req.block_ids))
@@ -52,7 +56,25 @@ class Scheduler:
             self.running.append(req)
             out.seqs.append(self._seq(req, n))
             budget -= n
+            self._fork(req, out)
+        self.running += [f.child for f in out.forks]  # they join after this step's forward
         return out
+
+    def _fork(self, req: Request, out: SchedulerOutput) -> None:
+        """If this step completes req's prompt, fork its waiting siblings off it (or queue them on their own)."""
+        if not req.fork_children or out.seqs[-1].request is not req or not out.seqs[-1].sample:
+            return
+        children, req.fork_children = req.fork_children, []
+        for k, child in enumerate(children):
+            blocks = None
+            if len(self.running) + len(out.forks) < self.max_num_seqs and self.states.num_free:
+                blocks = self.blocks.allocate(len(req.block_ids))
+            if blocks is None:
+                self.waiting.extendleft(reversed(children[k:]))
+                return
+            child.block_ids, child.state_slot = blocks, self.states.allocate()
+            child.status = RequestStatus.RUNNING
+            out.forks.append(Fork(req, child))
 
     def _seq(self, req: Request, n: int) -> ScheduledSeq:
         return ScheduledSeq(req, req.num_computed_tokens, n, req.num_computed_tokens + n == req.num_tokens)
@@ -87,6 +109,8 @@ class Scheduler:
     def update_after_step(self, sched: SchedulerOutput) -> None:
         for s in sched.seqs:
             s.request.num_computed_tokens += s.num_new_tokens
+        for f in sched.forks:
+            f.child.num_computed_tokens = f.parent.num_computed_tokens
 
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request wherever it is and free its blocks and slot."""
@@ -94,5 +118,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        for child in req.fork_children:  # not yet forked: they never started, nothing to free
+            child.status = RequestStatus.FINISHED
+        req.fork_children = []
         self._release(req)
         req.status = RequestStatus.FINISHED

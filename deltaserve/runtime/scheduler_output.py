@@ -13,10 +13,19 @@ class ScheduledSeq:
 
 
 @dataclass
+class Fork:
+    """After this step's forward, `child` takes a copy of `parent`'s state slot and KV blocks (n > 1 samples share
+    one prompt prefill) and samples its first token from the parent's logits row."""
+    parent: Request
+    child: Request
+
+
+@dataclass
 class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)  # batch order
     slots_to_zero: list[int] = field(default_factory=list)  # state slots newly handed out: zero before the forward
     preempted: list[str] = field(default_factory=list)  # request ids sent back to the queue this step
+    forks: list[Fork] = field(default_factory=list)  # copies to make after the forward, in order
 
     @property
     def num_tokens(self) -> int:

@@ -38,20 +38,88 @@ def state_bytes_per_slot(cfg: ModelConfig, dtype: torch.dtype, state_dtype: torc
     return len(cfg.linear_attention_layers) * (conv + rec)
 
 
+@torch.inference_mode()
+def profile_activation_bytes(model: torch.nn.Module, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                             state_dtype: torch.dtype, num_tokens: int, block_size: int) -> int:
+    """Peak CUDA memory of one full step (num_tokens in one sequence, logits for every row, as a prompt-logprobs
+    step may need) beyond what is allocated now."""
+    n_blocks = -(-num_tokens // block_size)
+    caches = _allocate_caches(cfg, device, dtype, state_dtype, n_blocks, block_size, 1)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    ar = torch.arange(num_tokens, device=device)
+    batch = ForwardBatch(
+        input_ids=ar % cfg.vocab_size, positions=ar, cu_seqlens=torch.tensor([0, num_tokens], device=device),
+        context_lens=torch.tensor([num_tokens], device=device), state_slots=torch.zeros(1, dtype=torch.int64,
+                                                                                        device=device),
+        block_tables=torch.arange(n_blocks, dtype=torch.int32, device=device)[None], slot_mapping=ar,
+        logits_indices=ar, query_lens_cpu=[num_tokens], context_lens_cpu=[num_tokens])
+    model.compute_logits(model(batch, caches)[batch.logits_indices])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del caches, batch
+    torch.cuda.empty_cache()
+    return peak
+
+
+def _allocate_caches(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype,
+                     num_kv_blocks: int, block_size: int, num_slots: int) -> ModelCaches:
+    kv_shape = (num_kv_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    conv_shape = (num_slots, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1)
+    rec_shape = (num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+    return ModelCaches(
+        kv=[(torch.zeros(kv_shape, dtype=dtype, device=device), torch.zeros(kv_shape, dtype=dtype, device=device))
+            for _ in cfg.full_attention_layers],
+        conv=[torch.zeros(conv_shape, dtype=dtype, device=device) for _ in cfg.linear_attention_layers],
+        recurrent=[torch.zeros(rec_shape, dtype=state_dtype, device=device) for _ in cfg.linear_attention_layers],
+    )
+
+
+class StagingBuffers:
+    """Persistent host (pinned on CUDA) and device buffers for the step's index tensors, sized for the largest step,
+    so building a batch allocates nothing: values are written into a host slice and copied to the device slice.
+    The returned tensors are views that the next step overwrites."""
+
+    def __init__(self, device: torch.device, max_tokens: int, max_seqs: int, max_blocks: int):
+        self.device = device
+        pin = device.type == "cuda"
+        sizes = {"input_ids": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
+                 "logits_indices": max_tokens + max_seqs, "cu_seqlens": max_seqs + 1, "context_lens": max_seqs,
+                 "state_slots": max_seqs}
+        self.host = {k: torch.zeros(n, dtype=torch.int64, pin_memory=pin) for k, n in sizes.items()}
+        self.host_tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, pin_memory=pin)
+        on_host = device.type == "cpu"
+        self.dev = self.host if on_host else {k: torch.zeros_like(v, device=device) for k, v in self.host.items()}
+        self.dev_tables = self.host_tables if on_host else torch.zeros_like(self.host_tables, device=device)
+
+    def put(self, name: str, values: list[int]) -> torch.Tensor:
+        n = len(values)
+        self.host[name].numpy()[:n] = values
+        dst = self.dev[name][:n]
+        if dst.data_ptr() != self.host[name].data_ptr():
+            dst.copy_(self.host[name][:n], non_blocking=True)
+        return dst
+
+    def put_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(t) for t in tables)
+        host = self.host_tables.numpy()
+        for i, t in enumerate(tables):
+            host[i, : len(t)] = t
+        dst = self.dev_tables[: len(tables), :width]
+        if self.dev_tables.data_ptr() != self.host_tables.data_ptr():
+            dst.copy_(self.host_tables[: len(tables), :width], non_blocking=True)
+        return dst
+
+
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                 num_kv_blocks: int, block_size: int, num_slots: int, state_dtype: torch.dtype):
+                 num_kv_blocks: int, block_size: int, num_slots: int, state_dtype: torch.dtype,
+                 max_num_batched_tokens: int, max_model_len: int):
         self.cfg, self.model, self.device, self.dtype = cfg, model, device, dtype
         self.block_size = block_size
-        kv_shape = (num_kv_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        conv_shape = (num_slots, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1)
-        rec_shape = (num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
-        self.caches = ModelCaches(
-            kv=[(torch.zeros(kv_shape, dtype=dtype, device=device), torch.zeros(kv_shape, dtype=dtype, device=device))
-                for _ in cfg.full_attention_layers],
-            conv=[torch.zeros(conv_shape, dtype=dtype, device=device) for _ in cfg.linear_attention_layers],
-            recurrent=[torch.zeros(rec_shape, dtype=state_dtype, device=device) for _ in cfg.linear_attention_layers],
-        )
+        self.staging = StagingBuffers(device, max_num_batched_tokens, num_slots, -(-max_model_len // block_size))
+        self.caches = _allocate_caches(cfg, device, dtype, state_dtype, num_kv_blocks, block_size, num_slots)
         self.sampler = Sampler()
 
     def zero_slots(self, slots: list[int]) -> None:
@@ -65,28 +133,22 @@ class ModelRunner:
         """-> the ForwardBatch and, per sequence, the row of its first logits row (-1: needs none)."""
         ids, pos, slot_map, cu, ctx, logit_rows, first_row = [], [], [], [0], [], [], []
         bs = self.block_size
-        max_blocks = max(len(s.request.block_ids) for s in sched.seqs)
-        tables = torch.zeros((len(sched.seqs), max_blocks), dtype=torch.int32)
-        for i, s in enumerate(sched.seqs):
+        for s in sched.seqs:
             req, start, n = s.request, s.start, s.num_new_tokens
             ids += req.token_ids(start, start + n)
             pos += range(start, start + n)
             slot_map += [req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n)]
-            tables[i, : len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.int32)
             rows = self._logit_positions(s)
             first_row.append(len(logit_rows) if rows else -1)
             logit_rows += [cu[-1] + p - start for p in rows]
             cu.append(cu[-1] + n)
             ctx.append(start + n)
-        dev = self.device
-
-        def t(x):
-            return torch.tensor(x, dtype=torch.int64, device=dev)
-
+        put = self.staging.put
         batch = ForwardBatch(
-            input_ids=t(ids), positions=t(pos), cu_seqlens=t(cu), context_lens=t(ctx),
-            state_slots=t([s.request.state_slot for s in sched.seqs]), block_tables=tables.to(dev),
-            slot_mapping=t(slot_map), logits_indices=t(logit_rows),
+            input_ids=put("input_ids", ids), positions=put("positions", pos), cu_seqlens=put("cu_seqlens", cu),
+            context_lens=put("context_lens", ctx), state_slots=put("state_slots", [s.request.state_slot for s in sched.seqs]),
+            block_tables=self.staging.put_tables([s.request.block_ids for s in sched.seqs]),
+            slot_mapping=put("slot_mapping", slot_map), logits_indices=put("logits_indices", logit_rows),
             query_lens_cpu=[s.num_new_tokens for s in sched.seqs], context_lens_cpu=ctx,
         )
         return batch, first_row
@@ -113,11 +175,26 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [M, V] fp32
         out = RunnerOutput()
         self._prompt_logprobs(sched, logits, first_row, out)
-        samplers = [(s, first_row[i] + len(self._logit_positions(s)) - 1)
-                    for i, s in enumerate(sched.seqs) if s.sample]
+        rows = {s.request.request_id: first_row[i] + len(self._logit_positions(s)) - 1
+                for i, s in enumerate(sched.seqs) if s.sample}
+        samplers = [(s.request, rows[s.request.request_id]) for s in sched.seqs if s.sample]
+        for f in sched.forks:
+            self.copy_sequence(f.parent, f.child)
+            samplers.append((f.child, rows[f.parent.request_id]))
         if samplers:
             self._sample(samplers, logits, out)
         return out
+
+    def copy_sequence(self, src, dst) -> None:
+        """Give request dst a copy of src's GDN state slot and KV blocks (dst has as many blocks as src)."""
+        for t in self.caches.conv + self.caches.recurrent:
+            t[dst.state_slot].copy_(t[src.state_slot])
+        if src.block_ids:
+            s_idx = torch.tensor(src.block_ids, device=self.device)
+            d_idx = torch.tensor(dst.block_ids, device=self.device)
+            for k, v in self.caches.kv:
+                k.index_copy_(0, d_idx, k.index_select(0, s_idx))
+                v.index_copy_(0, d_idx, v.index_select(0, s_idx))
 
     def _prompt_logprobs(self, sched: SchedulerOutput, logits: torch.Tensor, first_row: list[int],
                          out: RunnerOutput) -> None:
@@ -134,9 +211,10 @@ class ModelRunner:
             vals, toks = compute_topk_logprobs(lp, req.params.prompt_logprobs, targets)
             out.prompt_logprobs[req.request_id] = _to_dicts(vals, toks)
 
-    def _sample(self, samplers, logits: torch.Tensor, out: RunnerOutput) -> None:
-        reqs = [s.request for s, _ in samplers]
-        rows = logits[torch.tensor([r for _, r in samplers], device=logits.device)]
+    def _sample(self, samplers: list, logits: torch.Tensor, out: RunnerOutput) -> None:
+        """samplers: (request, its logits row) pairs."""
+        reqs = [r for r, _ in samplers]
+        rows = logits[torch.tensor([row for _, row in samplers], device=logits.device)]
         sbatch = SamplingBatch.from_requests(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
             [r.generator for r in reqs], self.cfg.vocab_size, self.device,

@@ -95,7 +95,8 @@ def test_fresh_sequence_matches_hf_prefill():
     assert_close("state = last W-1 inputs", x[-(W - 1):].t(), pool[1], 0.0)
 
 
-@pytest.mark.parametrize("split", [[1, 2], [1, 1, 1, 1], [2, 5], [1, 2, 3, 1]], ids=["1-2", "1-1-1-1", "2-5", "1-2-3-1"])
+@pytest.mark.parametrize("split", [[1, 2], [1, 1, 1, 1], [2, 5], [1, 2, 3, 1]],
+                         ids=["1-2", "1-1-1-1", "2-5", "1-2-3-1"])
 def test_short_calls_shift_state_like_one_shot(split):
     """Calls with fewer than W-1 tokens must shift older stored inputs into the state, not drop them."""
     C, W, slot = 6, 4, 3

@@ -57,7 +57,8 @@ def hf_sequence(q, k, v, a, b, A_log, dt_bias, init):
     init: [HV, K, V] or None. Returns (o [L, HV, V], final state [HV, K, V])."""
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias)
     beta = b.sigmoid()
-    fn = hf.torch_recurrent_gated_delta_rule if q.shape[0] == 1 and init is not None else hf.torch_chunk_gated_delta_rule
+    decode = q.shape[0] == 1 and init is not None  # the layer's own choice of path
+    fn = hf.torch_recurrent_gated_delta_rule if decode else hf.torch_chunk_gated_delta_rule
     o, state = fn(q[None], k[None], v[None], g=g[None], beta=beta[None],
                   initial_state=None if init is None else init[None],
                   output_final_state=True, use_qk_l2norm_in_kernel=True)
@@ -132,6 +133,24 @@ def test_padding_rows_read_zeros_and_write_nothing():
     for i in (1, 3):  # padding rows: same output as a fresh sequence
         ref_o, _ = hf_sequence(*(x[cu[i]:cu[i + 1]] for x in inputs[:5]), *inputs[5:], None)
         assert_close(f"o[padding row {i}]", ref_o, out[cu[i]:cu[i + 1]], ATOL)
+
+
+def test_decode_split_into_several_steps_equals_one(monkeypatch):
+    """Big states make the driver cut the decode batch into several steps (to stay in CPU cache); force that on
+    small states: 1-token sequences, padding rows among them, must give the same outputs and states."""
+    from deltaserve.kernels.gated_delta_rule import reference
+
+    heads = dict(Hk=2, HV=4, K=16, V=16)
+    lengths = [1, 1, 5, 1, 1, 1]
+    slots = torch.tensor([6, -1, 1, 3, -1, 0])
+    inputs = make_inputs(sum(lengths), **heads)
+    pool_one = make_pool(8, heads["HV"], heads["K"], heads["V"], [6, 1, 3, 0])
+    pool_split = pool_one.clone()
+    out_one = gated_delta_rule_varlen(*inputs, pool_one, cu_of(lengths), slots)
+    monkeypatch.setattr(reference, "_DECODE_STEP_BYTES", 2 * pool_one[0].numel() * 4)  # 2 sequences per step
+    out_split = gated_delta_rule_varlen(*inputs, pool_split, cu_of(lengths), slots)
+    assert_close("o (split vs one step)", out_one, out_split, 0.0)
+    assert torch.equal(pool_one.view(torch.int32), pool_split.view(torch.int32)), "states differ"
 
 
 @pytest.mark.parametrize("split", [[70, 1, 60], [1, 1, 129], [64, 64, 3]], ids=["70-1-60", "1-1-129", "64-64-3"])

@@ -5,6 +5,8 @@ import torch
 
 from . import reference
 
+__all__ = ["causal_conv1d_varlen"]
+
 
 def causal_conv1d_varlen(
     x: torch.Tensor,
@@ -31,6 +33,7 @@ def causal_conv1d_varlen(
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor; got {x.dtype}")
     _check_varlen(T, conv_state.shape[0], cu_seqlens, slots, x.device, (weight, conv_state))
+    # dispatch will pick the Triton kernel here on CUDA; the reference serves CPU (and is its test oracle)
     return reference.causal_conv1d_varlen(x, weight, conv_state, cu_seqlens, slots)
 
 

@@ -56,6 +56,7 @@ def gated_delta_rule_varlen(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
     _check_varlen(T, state.shape[0], cu_seqlens, slots, v.device, (q, k, a, b, A_log, dt_bias, state))
+    # dispatch will pick the Triton kernel here on CUDA; the reference serves CPU (and is its test oracle)
     return reference.gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens, slots, chunk_size)
 
 
