@@ -101,16 +101,23 @@ class ModelConfig:
             raise ConfigError(f"{source}: {arch} needs a 'text_config' object holding the language-model fields.")
         f = _Fields(text, source)
         n_layers = f.int("num_hidden_layers")
-        head_dim = f.int("head_dim", f.int("hidden_size") // f.int("num_attention_heads"))
+        head_dim = f.int("head_dim") if "head_dim" in text else f.int("hidden_size") // max(
+            1, f.int("num_attention_heads"))
         rope = text.get("rope_parameters") or {}
-        partial = float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)))
-        theta = rope.get("rope_theta", text.get("rope_theta"))
-        if theta is None:
-            raise ConfigError(f"{source}: 'rope_parameters.rope_theta' is missing.")
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: 'rope_parameters' must be an object, got {rope!r}.")
+        rope_f = _Fields({**text, **rope}, source)
+        partial = rope_f.float("partial_rotary_factor", 0.25)
+        theta = rope_f.float("rope_theta", None)
         # The top-level flag decides for ConditionalGeneration checkpoints (that is what HF ties on).
         tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False)) if nested else text.get(
             "tie_word_embeddings", False
         )
+        if not isinstance(tie, bool):
+            raise ConfigError(f"{source}: 'tie_word_embeddings' must be true or false, got {tie!r}.")
+        if head_dim * partial != int(head_dim * partial):
+            raise ConfigError(f"{source}: head_dim ({head_dim}) x partial_rotary_factor ({partial}) must be a "
+                              f"whole number of rotary dims.")
         cfg = cls(
             architecture=arch,
             is_moe=is_moe,
@@ -120,13 +127,13 @@ class ModelConfig:
             num_hidden_layers=n_layers,
             layer_types=_layer_types(text, n_layers, source),
             rms_norm_eps=f.float("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(tie),
+            tie_word_embeddings=tie,
             max_position_embeddings=f.int("max_position_embeddings", 32768),
             num_attention_heads=f.int("num_attention_heads"),
             num_key_value_heads=f.int("num_key_value_heads"),
             head_dim=head_dim,
             rotary_dim=int(head_dim * partial),
-            rope_theta=float(theta),
+            rope_theta=theta,
             attention_bias=bool(text.get("attention_bias", False)),
             linear_num_key_heads=f.int("linear_num_key_heads"),
             linear_num_value_heads=f.int("linear_num_value_heads"),
@@ -186,8 +193,10 @@ class _Fields:
             raise ConfigError(f"{self.source}: '{name}' must be an integer, got {v!r}.")
         return v
 
-    def float(self, name: str, default: float) -> float:
+    def float(self, name: str, default: float | None) -> float:
         v = self.d.get(name, default)
+        if v is None:
+            raise ConfigError(f"{self.source}: required field '{name}' is missing.")
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{self.source}: '{name}' must be a number, got {v!r}.")
         return float(v)
@@ -195,6 +204,10 @@ class _Fields:
 
 def _architecture(raw: dict, source: str) -> str:
     archs = raw.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    if not isinstance(archs, list):
+        raise ConfigError(f"{source}: 'architectures' must be a list of names, got {archs!r}.")
     supported = ", ".join(SUPPORTED_ARCHITECTURES)
     for a in archs:
         if a in SUPPORTED_ARCHITECTURES:

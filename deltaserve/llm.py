@@ -17,6 +17,7 @@ from .runtime.engine_core import EngineCore
 from .runtime.scheduler import Scheduler
 from .runtime.state_pool import StatePool
 from .sampling_params import SamplingParams
+from .tiny import random_init_
 from .tokenizer import Tokenizer
 from .worker.model_runner import ModelRunner, kv_bytes_per_block, profile_activation_bytes, state_bytes_per_slot
 
@@ -35,16 +36,37 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  seed: int = 0):
-        self.config = ModelConfig.from_hf_dir(model)
+        tok_dir = tokenizer or model
+        self._setup(ModelConfig.from_hf_dir(model), model, Tokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir)
+                    else None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
+                    num_kv_blocks, gpu_memory_utilization, seed)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
+                    max_num_batched_tokens: int = 2048, max_model_len: int | None = None, block_size: int = 16,
+                    num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9, seed: int = 0) -> "LLM":
+        """An engine over random weights of `config`'s shapes, made directly on the device (benchmarks: no
+        checkpoint, no tokenizer; prompts are token ids)."""
+        llm = cls.__new__(cls)
+        llm._setup(config, None, None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
+                   block_size, num_kv_blocks, gpu_memory_utilization, seed)
+        return llm
+
+    def _setup(self, config: ModelConfig, weights_dir: str | None, tokenizer: Tokenizer | None, device: str,
+               dtype: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int | None,
+               block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float, seed: int) -> None:
+        self.config, self.tokenizer = config, tokenizer
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
         torch.manual_seed(seed)
         _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         block_size=block_size, max_model_len=max_model_len or 1, num_kv_blocks=num_kv_blocks or 1)
         self.max_model_len = max_model_len or self.config.max_position_embeddings
-        self.tokenizer = Tokenizer.from_dir(tokenizer or model) if _has_tokenizer(tokenizer or model) else None
         self.model = build_model(self.config, self.device, self.dtype)
-        load_weights(self.model, self.config, model, progress=True)
+        if weights_dir is None:
+            random_init_(self.model, seed)
+        else:
+            load_weights(self.model, self.config, weights_dir, progress=True)
         state_dtype = DTYPES[self.config.state_dtype]
         num_blocks = num_kv_blocks or self._auto_kv_blocks(block_size, max_num_seqs, max_num_batched_tokens,
                                                            gpu_memory_utilization, state_dtype)

@@ -49,25 +49,32 @@ def tiny_config(vocab_size: int, moe: bool, num_layers: int) -> dict:
 
 
 def random_init_(model: torch.nn.Module, seed: int) -> None:
-    """Deterministic random weights with O(1) activations and logits (see module docstring)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(model.named_parameters()):
-        shape = p.shape
-        if name.endswith("A_log"):
-            val = torch.empty(shape).uniform_(1.0, 16.0, generator=g).log()
-        elif name.endswith("dt_bias"):
-            val = 1.0 + 0.5 * torch.randn(shape, generator=g)
-        elif name.endswith("linear_attn.norm.weight"):
-            val = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        elif "norm" in name:  # zero-centred RMSNorms: y = x̂ (1 + w)
-            val = 0.1 * torch.randn(shape, generator=g)
-        elif name == "embed_tokens.weight":
-            val = torch.randn(shape, generator=g)
-        elif name == "lm_head.weight":
-            val = torch.randn(shape, generator=g) * (3.0 / math.sqrt(shape[-1]))
-        else:  # linear / expert / conv weights: fan-in scaled
-            val = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
-        p.data.copy_(val)
+    """Deterministic random weights with O(1) activations and logits (see module docstring), drawn on the
+    parameters' own device (so benchmarks of large shapes never stage weights on the host)."""
+    gens: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            g = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+            p.copy_(_init_value(name, p.shape, g, p.device))
+
+
+def _init_value(name: str, shape: torch.Size, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    def randn():
+        return torch.randn(shape, generator=g, device=device)
+
+    if name.endswith("A_log"):
+        return torch.empty(shape, device=device).uniform_(1.0, 16.0, generator=g).log()
+    if name.endswith("dt_bias"):
+        return 1.0 + 0.5 * randn()
+    if name.endswith("linear_attn.norm.weight"):
+        return 1.0 + 0.1 * randn()
+    if "norm" in name:  # zero-centred RMSNorms: y = x̂ (1 + w)
+        return 0.1 * randn()
+    if name == "embed_tokens.weight":
+        return randn()
+    if name == "lm_head.weight":
+        return randn() * (3.0 / math.sqrt(shape[-1]))
+    return randn() / math.sqrt(shape[-1])  # linear / expert / conv weights: fan-in scaled
 
 
 def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -58,7 +58,7 @@ RULES: list[tuple[re.Pattern, Callable[[re.Match, ModelConfig], Target]]] = [
      _experts_slice),
     (re.compile(r"^layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<proj>gate_up_proj|down_proj)$"), _experts_packed),
     (re.compile(r"^(?P<p>layers\.\d+\.linear_attn\.conv1d\.weight)$"),  # [C, 1, W] -> [C, W]
-     lambda m, cfg: Target(m["p"], (), (m["p"],), lambda t: t.reshape(t.shape[0], t.shape[-1]))),
+     lambda m, cfg: Target(m["p"], (), (m["p"],), lambda t: t[:, 0] if t.dim() == 3 and t.shape[1] == 1 else t)),
     (re.compile(r"^(?P<p>.+)$"), lambda m, cfg: Target(m["p"], (), (m["p"],))),
 ]
 
@@ -130,7 +130,7 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
                 target = resolve(name, cfg)
                 if target is None:
                     continue
-                if target.param not in params:
+                if target.param not in params or not _index_fits(params[target.param], target.index):
                     unexpected.append(name)
                     continue
                 _copy_into(params[target.param], target, f.get_tensor(name), name)
@@ -141,6 +141,11 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
     missing = sorted(needed - loaded)
     if missing:
         raise WeightsError(f"Checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}.")
+
+
+def _index_fits(param: torch.Tensor, index: tuple) -> bool:
+    """An expert index past num_experts is a tensor this config has no place for."""
+    return not index or not isinstance(index[0], int) or index[0] < param.shape[0]
 
 
 def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: str) -> None:

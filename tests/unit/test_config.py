@@ -273,7 +273,7 @@ def test_architectures_given_as_string():
     """A bare string is a common hand-edit mistake; the message must name the string, not its first letter."""
     with pytest.raises(ConfigError) as e:
         parse(raw_config("Qwen3_5ForCausalLM", architectures="LlamaForCausalLM"))
-    assert_one_sentence(str(e.value), "architectures", "LlamaForCausalLM")
+    assert_one_sentence(str(e.value), "'LlamaForCausalLM'")
 
 
 def test_missing_directory(tmp_path):

@@ -19,11 +19,13 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
-                           scale: float) -> torch.Tensor:
+                           scale: float, gate: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, H, D]; caches: [NB, BS, Hkv, D]; block_tables: [N, max_blocks]; query_lens, context_lens: N host ints
-    (the last query_lens[i] of context_lens[i] cached tokens are this step's queries) -> [T, H, D] in q's dtype.
+    (the last query_lens[i] of context_lens[i] cached tokens are this step's queries); gate: [T, H, D] or None
+    -> [T, H, D] in q's dtype.
 
-    Causal: query at position p sees cached tokens 0..p. Softmax in fp32."""
+    Causal: query at position p sees cached tokens 0..p. Softmax in fp32. With `gate`, the result is
+    attn * sigmoid(gate), the product taken in fp32 on the attention output as rounded to q's dtype."""
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     group = q.shape[1] // hkv
     out = torch.empty_like(q)
@@ -42,4 +44,6 @@ def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out[start : start + ql] = torch.einsum("hqk,khd->qhd", probs, v.to(q.dtype))
         start += ql
+    if gate is not None:
+        out = (out.float() * torch.sigmoid(gate.float())).to(q.dtype)
     return out

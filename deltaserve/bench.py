@@ -1,0 +1,181 @@
+"""`deltaserve bench`: prefill and decode speed of the whole engine, each figure next to its bound.
+
+Bounds are measured in the same process: device copy bandwidth (bytes read + written per second) for decode,
+whose floor is the bytes a step must touch (weights it uses + KV read + GDN state read and written); bf16 GEMM
+rate for prefill, whose floor is its FLOPs. `--preset` builds random weights of a published shape directly on the
+device; `--model DIR` loads a checkpoint.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+
+V = 248320
+_GDN = dict(linear_num_key_heads=16, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4)
+_ROPE = {"rope_theta": 10000000.0, "partial_rotary_factor": 0.25}
+PRESETS = {
+    "qwen3.5-9b": ("Qwen3_5ForCausalLM", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=16,
+                                              num_key_value_heads=4, linear_num_value_heads=32,
+                                              intermediate_size=12288)),
+    "qwen3.5-27b": ("Qwen3_5ForCausalLM", dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=24,
+                                               num_key_value_heads=4, linear_num_value_heads=48,
+                                               intermediate_size=17408)),
+    "qwen3.5-35b-a3b": ("Qwen3_5MoeForCausalLM", dict(hidden_size=2048, num_hidden_layers=40,
+                                                      num_attention_heads=16, num_key_value_heads=2,
+                                                      linear_num_value_heads=32, num_experts=256,
+                                                      num_experts_per_tok=8, moe_intermediate_size=512,
+                                                      shared_expert_intermediate_size=512)),
+}
+
+
+def preset_config(name: str, num_layers: int | None = None) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    arch, fields = PRESETS[name]
+    raw = dict(_GDN, **fields, architectures=[arch], vocab_size=V, head_dim=256, rms_norm_eps=1e-6,
+               max_position_embeddings=262144, rope_parameters=_ROPE, eos_token_id=248044, dtype="bfloat16")
+    if num_layers is not None:
+        raw["num_hidden_layers"] = num_layers
+    return ModelConfig.from_dict(raw, source=f"preset {name}")
+
+
+@dataclass
+class Bounds:
+    copy_bytes_per_s: float  # device copy: bytes read + written per second
+    gemm_flops_per_s: float  # bf16 matmul
+
+
+def measure_bounds(device: torch.device) -> Bounds:
+    if device.type != "cuda":
+        return Bounds(float("nan"), float("nan"))
+    n = 1 << 28  # 512 MiB of bf16 each way
+    src, dst = torch.empty(n, dtype=torch.bfloat16, device=device), torch.empty(n, dtype=torch.bfloat16, device=device)
+    t = _time_cuda(lambda: dst.copy_(src), iters=20)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    tg = _time_cuda(lambda: a @ a, iters=20)
+    return Bounds(2 * n * 2 / t, 2 * 8192**3 / tg)
+
+
+def _time_cuda(fn, iters: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def weight_bytes_per_token_step(llm, batch: int) -> float:
+    """Weight bytes a decode step reads: everything except unused experts and the embedding table (a gather)."""
+    cfg = llm.config
+    total = sum(p.numel() * p.element_size() for n, p in llm.model.named_parameters()
+                if "experts." not in n and n != "embed_tokens.weight")
+    if cfg.tie_word_embeddings:
+        total += llm.model.embed_tokens.weight.numel() * llm.model.embed_tokens.weight.element_size()
+    if cfg.is_moe:
+        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * llm.model.embed_tokens.weight.element_size()
+        active = min(cfg.num_experts, batch * cfg.num_experts_per_tok)  # at most, experts touched this step
+        total += len(cfg.layer_types) * active * per_expert
+    return float(total)
+
+
+def decode_step_bytes(llm, batch: int, context: int) -> float:
+    from .worker.model_runner import kv_bytes_per_block, state_bytes_per_slot
+
+    kv_per_token = kv_bytes_per_block(llm.config, 1, llm.dtype)
+    state = state_bytes_per_slot(llm.config, llm.dtype, llm.runner.caches.recurrent[0].dtype
+                                 if llm.runner.caches.recurrent else torch.float32)
+    return weight_bytes_per_token_step(llm, batch) + batch * (context * kv_per_token + 2 * state)
+
+
+def bench_decode(llm, batch: int, context: int, steps: int) -> float:
+    """Seconds per decode step with `batch` sequences at about `context` tokens each."""
+    from .sampling_params import SamplingParams
+
+    eng = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    g = torch.Generator().manual_seed(batch)
+    ids = [eng.add_request(torch.randint(0, llm.config.vocab_size, (context,), generator=g).tolist(), params)
+           for _ in range(batch)]
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running) or eng.scheduler.waiting:
+        eng.step()
+    for _ in range(3):  # warm-up decode steps
+        eng.step()
+    _sync(llm.device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    _sync(llm.device)
+    dt = (time.perf_counter() - t) / steps
+    for rid in ids:
+        eng.abort(rid)
+    return dt
+
+
+def bench_prefill(llm, length: int, repeats: int = 3) -> float:
+    """Seconds to prefill one prompt of `length` tokens (time to first token, best of repeats)."""
+    from .sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(length)
+    prompt = {"prompt_token_ids": torch.randint(0, llm.config.vocab_size, (length,), generator=g).tolist()}
+    llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(llm.device)
+        t = time.perf_counter()
+        llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
+        _sync(llm.device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def prefill_flops(cfg: ModelConfig, llm, length: int) -> float:
+    """2 x (weights a token multiplies) x tokens, plus causal attention QK^T and PV in full-attention layers."""
+    active = weight_bytes_per_token_step(llm, 1) / llm.model.embed_tokens.weight.element_size()
+    attn = len(cfg.full_attention_layers) * 2 * 2 * cfg.num_attention_heads * cfg.head_dim * length * length / 2
+    return 2 * active * length + attn
+
+
+def run_bench(llm, prompt_lens: list[int], batch_sizes: list[int], context: int, steps: int,
+              progress: bool = True) -> list[dict]:
+    bounds = measure_bounds(llm.device)
+    rows = []
+    jobs = [("prefill", n) for n in prompt_lens] + [("decode", b) for b in batch_sizes]
+    from tqdm import tqdm
+
+    for kind, n in tqdm(jobs, desc="bench", disable=not progress):
+        if kind == "prefill":
+            t = bench_prefill(llm, n)
+            bound = prefill_flops(llm.config, llm, n) / bounds.gemm_flops_per_s
+            rows.append(dict(kind=kind, size=n, ms=t * 1e3, tok_per_s=n / t, bound_ms=bound * 1e3,
+                             fraction_of_bound=bound / t))
+        else:
+            t = bench_decode(llm, n, context, steps)
+            bound = decode_step_bytes(llm, n, context) / bounds.copy_bytes_per_s
+            rows.append(dict(kind=kind, size=n, ms=t * 1e3, tok_per_s=n / t, bound_ms=bound * 1e3,
+                             fraction_of_bound=bound / t))
+    return rows
+
+
+def format_table(rows: list[dict], header: str) -> str:
+    lines = [header, f"{'phase':<8}{'size':>7}{'ms':>11}{'tok/s':>12}{'bound ms':>11}{'of bound':>10}"]
+    for r in rows:
+        lines.append(f"{r['kind']:<8}{r['size']:>7}{r['ms']:>11.3f}{r['tok_per_s']:>12.1f}{r['bound_ms']:>11.3f}"
+                     f"{r['fraction_of_bound']:>10.2f}")
+    lines.append("size: prompt tokens (prefill) or batch size (decode); bound: FLOPs / measured GEMM rate for "
+                 "prefill, bytes touched / measured copy bandwidth for decode")
+    return "\n".join(lines)

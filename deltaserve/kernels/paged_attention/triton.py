@@ -1,0 +1,429 @@
+"""Triton paged attention for the gated full-attention layers: KV store, varlen causal prefill, split-K decode.
+
+What belongs here: the kernels and their validating wrappers, nothing model-specific. Layout (whole engine):
+k_cache, v_cache [NB, BS, Hkv, D]; token j of sequence i lives in block block_tables[i, j // BS] at offset j % BS.
+Queries are a flat varlen batch q [T, H, D]; sequence i owns rows cu_seqlens[i]:cu_seqlens[i+1], and they are the
+LAST query_len tokens of its context_len cached tokens (the KV of this step is stored before attention runs).
+
+Numerics: scores, softmax statistics and the output accumulator are fp32; the two matmuls take the cache dtype
+(bf16 on the GPU: tensor cores). Scores are pre-multiplied by scale * log2(e) so the kernels use exp2.
+The optional output gate (Qwen3.5) is applied in the epilogue: o = attn * sigmoid(gate), in fp32.
+
+GQA: one program serves all G = H / Hkv query heads of one kv head, so each K/V tile is read once per group.
+Prefill packs rows as (query token, head in group): row r of a tile is token r // G, head r % G.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _store_kv_kernel(k, v, k_cache, v_cache, slot_mapping,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_kcs, stride_kch, stride_vcs, stride_vch,
+                     HKV: tl.constexpr, D: tl.constexpr, BLOCK_HKV: tl.constexpr):
+    """One program per token: copy its [Hkv, D] key and value rows into the cache slot (slot -1: skip)."""
+    i_t = tl.program_id(0)
+    slot = tl.load(slot_mapping + i_t).to(tl.int64)
+    if slot >= 0:
+        o_h = tl.arange(0, BLOCK_HKV)
+        o_d = tl.arange(0, D)
+        m_h = (o_h < HKV)[:, None]
+        b_k = tl.load(k + i_t.to(tl.int64) * stride_kt + o_h[:, None] * stride_kh + o_d[None, :], mask=m_h)
+        b_v = tl.load(v + i_t.to(tl.int64) * stride_vt + o_h[:, None] * stride_vh + o_d[None, :], mask=m_h)
+        p_kc = k_cache + slot * stride_kcs + o_h[:, None] * stride_kch + o_d[None, :]
+        p_vc = v_cache + slot * stride_vcs + o_h[:, None] * stride_vch + o_d[None, :]
+        tl.store(p_kc, b_k.to(p_kc.dtype.element_ty), mask=m_h)
+        tl.store(p_vc, b_v.to(p_vc.dtype.element_ty), mask=m_h)
+
+
+@triton.jit
+def _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n, m_s, i_kvh, scale_log2,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                 BS: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over keys o_n [BLOCK_N] (m_n: key exists; m_s [ROWS, BLOCK_N]: row may see key).
+
+    b_q [ROWS, D] cache dtype; b_m, b_l [ROWS] fp32 (running max in log2 units, running sum); b_acc [ROWS, D] fp32."""
+    o_d = tl.arange(0, D)
+    b_blk = tl.load(p_block_table + o_n // BS, mask=m_n, other=0).to(tl.int64)
+    o_k = b_blk * stride_kb + (o_n % BS) * stride_ks + i_kvh * stride_kh
+    o_v = b_blk * stride_vb + (o_n % BS) * stride_vs + i_kvh * stride_vh
+    b_kt = tl.load(k_cache + o_k[None, :] + o_d[:, None], mask=m_n[None, :], other=0.0)  # [D, BLOCK_N]
+    b_v = tl.load(v_cache + o_v[:, None] + o_d[None, :], mask=m_n[:, None], other=0.0)  # [BLOCK_N, D]
+    b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * scale_log2
+    b_s = tl.where(m_s, b_s, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    # every row sees key 0 in its first tile, so b_m_new is finite and no -inf - -inf arises
+    b_p = tl.exp2(b_s - b_m_new[:, None])
+    b_alpha = tl.exp2(b_m - b_m_new)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit
+def _prefill_kernel(q, k_cache, v_cache, gate, o, block_tables, cu_seqlens, context_lens, tile_table, scale_log2,
+                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                    stride_gt, stride_gh, stride_ot, stride_oh, stride_bt,
+                    HKV: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Grid (num q tiles * Hkv,), the kv heads of a tile adjacent (tiles come heaviest first). A program takes
+    BLOCK_Q query tokens of one sequence x the G heads of kv head i_kvh: BLOCK_M >= BLOCK_Q * G rows."""
+    i_tile, i_kvh = tl.program_id(0) // HKV, tl.program_id(0) % HKV
+    i_seq = tl.load(tile_table + 2 * i_tile)
+    i_qtile = tl.load(tile_table + 2 * i_tile + 1)
+    bos = tl.load(cu_seqlens + i_seq).to(tl.int64)
+    q_len = (tl.load(cu_seqlens + i_seq + 1) - bos).to(tl.int32)
+    ctx = tl.load(context_lens + i_seq).to(tl.int32)
+
+    o_m = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, D)
+    o_tok = i_qtile * BLOCK_Q + o_m // G  # query index within the sequence
+    o_head = i_kvh * G + o_m % G
+    m_row = (o_m < BLOCK_Q * G) & (o_tok < q_len)
+    o_row_t = bos + o_tok.to(tl.int64)
+    b_q = tl.load(q + o_row_t[:, None] * stride_qt + o_head[:, None] * stride_qh + o_d[None, :],
+                  mask=m_row[:, None], other=0.0).to(k_cache.dtype.element_ty)
+    pos = ctx - q_len + o_tok  # absolute position of each row's query token
+    kv_end = ctx - q_len + tl.minimum(i_qtile * BLOCK_Q + BLOCK_Q, q_len)  # keys past the tile's last query unseen
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    p_block_table = block_tables + i_seq.to(tl.int64) * stride_bt
+    for start in range(0, kv_end, BLOCK_N):
+        o_n = start + tl.arange(0, BLOCK_N)
+        m_n = o_n < kv_end
+        m_s = (o_n[None, :] <= pos[:, None]) & m_n[None, :]
+        b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n, m_s, i_kvh,
+                                       scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                       BS, D, DOT_PRECISION)
+    b_o = b_acc / b_l[:, None]
+    if HAS_GATE:
+        b_g = tl.load(gate + o_row_t[:, None] * stride_gt + o_head[:, None] * stride_gh + o_d[None, :],
+                      mask=m_row[:, None], other=0.0).to(tl.float32)
+        b_o = b_o * tl.sigmoid(b_g)
+    p_o = o + o_row_t[:, None] * stride_ot + o_head[:, None] * stride_oh + o_d[None, :]
+    tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_row[:, None])
+
+
+@triton.jit
+def _decode_partial_kernel(q, k_cache, v_cache, gate, o, part_m, part_l, part_acc, block_tables, context_lens,
+                           scale_log2, partition_size, num_partitions, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh,
+                           stride_vb, stride_vs, stride_vh, stride_gn, stride_gh, stride_on, stride_oh, stride_bt,
+                           H: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr,
+                           D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_GATE: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+    """Grid (N, Hkv, P = num_partitions). Program (i, h, p) attends the G query heads of kv head h of sequence i over
+    keys [p * partition_size, (p + 1) * partition_size) of its context. Not SPLIT (P == 1): writes o directly, gate
+    applied. SPLIT: writes the unnormalised part_acc [N, H, P, D] and part_m (log2 units), part_l [N, H, P], fp32."""
+    i_seq, i_kvh, i_part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx = tl.load(context_lens + i_seq).to(tl.int32)
+    start = i_part * partition_size
+    if start < ctx:
+        end = tl.minimum(start + partition_size, ctx)
+        o_h = tl.arange(0, BLOCK_H)
+        o_d = tl.arange(0, D)
+        o_head = i_kvh * G + o_h
+        m_h = o_h < G
+        i_seq64 = i_seq.to(tl.int64)
+        b_q = tl.load(q + i_seq64 * stride_qn + o_head[:, None] * stride_qh + o_d[None, :], mask=m_h[:, None],
+                      other=0.0).to(k_cache.dtype.element_ty)
+        b_m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BLOCK_H], dtype=tl.float32)
+        b_acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
+        p_block_table = block_tables + i_seq64 * stride_bt
+        for n in range(start, end, BLOCK_N):
+            o_n = n + tl.arange(0, BLOCK_N)
+            m_n = o_n < end
+            b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n,
+                                           m_n[None, :], i_kvh, scale_log2, stride_kb, stride_ks, stride_kh,
+                                           stride_vb, stride_vs, stride_vh, BS, D, DOT_PRECISION)
+        if not SPLIT:
+            b_o = b_acc / b_l[:, None]
+            if HAS_GATE:
+                b_g = tl.load(gate + i_seq64 * stride_gn + o_head[:, None] * stride_gh + o_d[None, :],
+                              mask=m_h[:, None], other=0.0).to(tl.float32)
+                b_o = b_o * tl.sigmoid(b_g)
+            p_o = o + i_seq64 * stride_on + o_head[:, None] * stride_oh + o_d[None, :]
+            tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_h[:, None])
+        else:
+            o_ml = (i_seq64 * H + o_head) * num_partitions + i_part
+            tl.store(part_m + o_ml, b_m, mask=m_h)
+            tl.store(part_l + o_ml, b_l, mask=m_h)
+            tl.store(part_acc + o_ml[:, None] * D + o_d[None, :], b_acc, mask=m_h[:, None])
+    elif not SPLIT:
+        # empty context (a padded row): the output is zeros, never left unwritten (SPLIT: the reduce writes them)
+        o_h = tl.arange(0, BLOCK_H)
+        o_d = tl.arange(0, D)
+        p_o = o + i_seq.to(tl.int64) * stride_on + (i_kvh * G + o_h)[:, None] * stride_oh + o_d[None, :]
+        tl.store(p_o, tl.zeros([BLOCK_H, D], dtype=tl.float32).to(p_o.dtype.element_ty), mask=(o_h < G)[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(o, gate, part_m, part_l, part_acc, context_lens, partition_size, num_partitions,
+                          stride_on, stride_oh, stride_gn, stride_gh,
+                          H: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, HAS_GATE: tl.constexpr):
+    """Grid (N, H): merge the partitions of one (sequence, head): o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p."""
+    i_seq, i_h = tl.program_id(0), tl.program_id(1)
+    ctx = tl.load(context_lens + i_seq).to(tl.int32)
+    num_parts = tl.cdiv(ctx, partition_size)
+    o_ml = (i_seq.to(tl.int64) * H + i_h) * num_partitions
+    o_p = tl.arange(0, BLOCK_P)
+    m_p = o_p < num_parts
+    b_mp = tl.load(part_m + o_ml + o_p, mask=m_p, other=float("-inf"))
+    b_max = tl.maximum(tl.max(b_mp, 0), -1e30)  # finite even for an empty context: no -inf - -inf
+    b_lsum = tl.sum(tl.exp2(b_mp - b_max) * tl.load(part_l + o_ml + o_p, mask=m_p, other=0.0), 0)
+    o_d = tl.arange(0, D)
+    b_acc = tl.zeros([D], dtype=tl.float32)
+    for i_p in range(0, num_parts):
+        b_wp = tl.exp2(tl.load(part_m + o_ml + i_p) - b_max)
+        b_acc += b_wp * tl.load(part_acc + (o_ml + i_p) * D + o_d)
+    b_o = b_acc / tl.where(b_lsum > 0, b_lsum, 1.0)  # empty context: zeros
+    if HAS_GATE:
+        b_g = tl.load(gate + i_seq.to(tl.int64) * stride_gn + i_h * stride_gh + o_d).to(tl.float32)
+        b_o = b_o * tl.sigmoid(b_g)
+    p_o = o + i_seq.to(tl.int64) * stride_on + i_h * stride_oh + o_d
+    tl.store(p_o, b_o.to(p_o.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------------------------------------- wrappers
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """-> (NB, BS, Hkv, D) after checking the two caches agree and D is contiguous."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be "
+                         "[num_blocks, block_size, Hkv, D]")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache need a contiguous last (head_dim) axis")
+    nb, bs, hkv, d = k_cache.shape
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head_dim {d} must be a power of two >= 16")
+    return nb, bs, hkv, d
+
+
+def _check_q(name: str, q: torch.Tensor, hkv: int, d: int) -> tuple[int, int]:
+    """-> (rows, H) after checking q [rows, H, D] with H a multiple of Hkv."""
+    if q.dim() != 3 or q.shape[2] != d or q.stride(-1) != 1:
+        raise ValueError(f"{name} {tuple(q.shape)} must be [rows, H, {d}] with a contiguous last axis")
+    if q.shape[1] % hkv:
+        raise ValueError(f"H={q.shape[1]} query heads not divisible by Hkv={hkv} kv heads")
+    return q.shape[0], q.shape[1]
+
+
+def _check_gate(gate: torch.Tensor | None, q: torch.Tensor) -> None:
+    if gate is not None and (gate.shape != q.shape or gate.stride(-1) != 1 or gate.device != q.device):
+        raise ValueError(f"gate {tuple(gate.shape)} must match q {tuple(q.shape)} with a contiguous last axis")
+
+
+def _check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1 or out.device != q.device:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} must match q {tuple(q.shape)} {q.dtype}, last axis "
+                         "contiguous")
+    return out
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 caches: exact products (tests), not TF32
+
+
+def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, Hkv, D] any float dtype; caches: [NB, BS, Hkv, D]; slot_mapping: [T] int32/int64 flat position
+    (block * BS + offset), -1: skip -> in place, cast to the cache dtype. One launch for K and V, no host sync."""
+    _, bs, hkv, d = _check_cache(k_cache, v_cache)
+    t = k.shape[0]
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != (t, hkv, d) or x.stride(-1) != 1:
+            raise ValueError(f"{name} {tuple(x.shape)} must be [T={t}, Hkv={hkv}, D={d}] with a contiguous last axis")
+    if slot_mapping.shape != (t,):
+        raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} must be [T={t}]")
+    for c in (k_cache, v_cache):
+        if c.stride(0) != bs * c.stride(1):
+            raise ValueError("caches must be contiguous over (block, offset): a slot indexes [NB * BS] rows")
+    if t == 0:
+        return
+    _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                           k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+                           HKV=hkv, D=d, BLOCK_HKV=triton.next_power_of_2(hkv), num_warps=4)
+
+
+def _prefill_tiles(query_lens: list[int], context_lens_cpu: list[int], block_q: int) -> torch.Tensor:
+    """-> [num_tiles, 2] int32 (sequence, q-tile index) on the host, the tiles with the most keys first (causal:
+    a sequence's last tiles are its longest), so stragglers do not trail the grid."""
+    q_lens = torch.tensor(query_lens, dtype=torch.int64)
+    n_tiles = (q_lens + block_q - 1) // block_q
+    seq = torch.repeat_interleave(torch.arange(len(query_lens)), n_tiles)
+    first = torch.repeat_interleave(n_tiles.cumsum(0) - n_tiles, n_tiles)
+    tile = torch.arange(seq.numel()) - first
+    kv_end = torch.tensor(context_lens_cpu, dtype=torch.int64)[seq] - q_lens[seq] \
+        + torch.minimum((tile + 1) * block_q, q_lens[seq])
+    order = torch.argsort(kv_end, descending=True, stable=True)
+    return torch.stack([seq[order], tile[order]], dim=1).to(torch.int32)
+
+
+def _prefill_config(d: int, g: int) -> tuple[int, int, int, int]:
+    """-> (BLOCK_M, BLOCK_N, num_warps, num_stages). D=256: a [64, 256] fp32 accumulator over 8 warps (64 regs a
+    thread), Q 32 KiB + 2 stages of K and V 64-key tiles 128 KiB of shared memory: fits an H100 SM (228 KiB)."""
+    block_m = max(64, triton.next_power_of_2(g))
+    if d >= 256:
+        return block_m, 64, 8, 2
+    return block_m, 64, 4, 2
+
+
+def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens: torch.Tensor, context_lens: torch.Tensor,
+                            scale: float, gate: torch.Tensor | None, query_lens: list[int],
+                            context_lens_cpu: list[int], *, block_m: int | None = None, block_n: int | None = None,
+                            num_warps: int | None = None, num_stages: int | None = None,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Varlen causal attention over the paged KV cache (chunked prefill, mixed with decode rows).
+
+    q: [T, H, D] (cast to the cache dtype for the matmuls); k_cache, v_cache: [NB, BS, Hkv, D];
+    block_tables: [N, max_blocks] int32/int64; cu_seqlens: [N+1] int32/int64 (device); context_lens: [N] (device);
+    gate: [T, H, D] or None; query_lens, context_lens_cpu: the same N lengths as host ints (tile count, checks)
+    -> o: [T, H, D] in q's dtype (written into `out` when given), attn * sigmoid(gate) when gate is given.
+    No host sync; one H2D copy (the tile table). block_m/block_n/num_warps/num_stages override the tile config."""
+    _, bs, hkv, d = _check_cache(k_cache, v_cache)
+    t, h = _check_q("q", q, hkv, d)
+    _check_gate(gate, q)
+    n = len(query_lens)
+    if len(context_lens_cpu) != n or cu_seqlens.shape != (n + 1,) or context_lens.shape != (n,) \
+            or block_tables.dim() != 2 or block_tables.shape[0] < n:
+        raise ValueError(f"{n} query_lens need {n} context_lens_cpu, cu_seqlens [{n + 1}], context_lens [{n}] and "
+                         f"block_tables [>={n}, max_blocks]; got {len(context_lens_cpu)}, "
+                         f"{tuple(cu_seqlens.shape)}, {tuple(context_lens.shape)}, {tuple(block_tables.shape)}")
+    if sum(query_lens) != t:
+        raise ValueError(f"query_lens sum to {sum(query_lens)} but q has {t} rows")
+    bad = [i for i, (ql, cl) in enumerate(zip(query_lens, context_lens_cpu)) if not 0 <= ql <= cl]
+    if bad:
+        raise ValueError(f"sequence {bad[0]}: query_len {query_lens[bad[0]]} must be in [0, context_len "
+                         f"{context_lens_cpu[bad[0]]}] (store this step's KV before attention)")
+    if n and max(context_lens_cpu) > block_tables.shape[1] * bs:
+        raise ValueError(f"context {max(context_lens_cpu)} exceeds block_tables capacity {block_tables.shape[1] * bs}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables needs a contiguous last axis")
+    o = _check_out(out, q)
+    g = h // hkv
+    cfg_m, cfg_n, cfg_w, cfg_s = _prefill_config(d, g)
+    block_m, block_n = block_m or cfg_m, block_n or cfg_n
+    if block_m < g or block_m & (block_m - 1):
+        raise ValueError(f"block_m {block_m} must be a power of two >= the GQA group {g}")
+    block_q = block_m // g
+    tiles = _prefill_tiles(query_lens, context_lens_cpu, block_q)
+    if tiles.shape[0] == 0:
+        return o
+    tiles = tiles.to(q.device, non_blocking=True)
+    gate_arg = gate if gate is not None else q
+    _prefill_kernel[(tiles.shape[0] * hkv,)](
+        q, k_cache, v_cache, gate_arg, o, block_tables, cu_seqlens, context_lens, tiles, scale * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), gate_arg.stride(0), gate_arg.stride(1),
+        o.stride(0), o.stride(1), block_tables.stride(0),
+        HKV=hkv, G=g, BS=bs, D=d, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, HAS_GATE=gate is not None,
+        DOT_PRECISION=_dot_precision(k_cache.dtype), num_warps=num_warps or cfg_w, num_stages=num_stages or cfg_s)
+    return o
+
+
+_NUM_SMS: dict[torch.device, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: behave as on an H100
+    if device not in _NUM_SMS:
+        _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _NUM_SMS[device]
+
+
+def _decode_partition_size(n: int, hkv: int, max_context_len: int, device: torch.device) -> int:
+    """512 keys a partition; halved (down to 128) while the grid would not cover the SMs twice, so a small batch
+    with a long context still spreads over the whole GPU. The partials cost ~G/partition_size of the KV bytes."""
+    size = 512
+    while size > 128 and n * hkv * triton.cdiv(max_context_len, size) < 2 * _num_sms(device):
+        size //= 2
+    return size
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           gate: torch.Tensor | None, max_context_len: int, *, partition_size: int | None = None,
+                           block_n: int | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Flash-decoding (split-K) attention of one query token per sequence over the paged KV cache.
+
+    q: [N, H, D] (row i is the last token of sequence i); k_cache, v_cache: [NB, BS, Hkv, D];
+    block_tables: [N, max_blocks] int32/int64; context_lens: [N] int32/int64 (device; 0: padded row, output zeros);
+    gate: [N, H, D] or None; max_context_len: host int >= every context_lens[i] (sets the partition grid; for CUDA
+    graphs pass the capture bound) -> o: [N, H, D] in q's dtype (into `out` when given). One launch when a single partition covers
+    max_context_len, else a partial kernel + a reduce (gate in the last one). No host sync."""
+    _, bs, hkv, d = _check_cache(k_cache, v_cache)
+    n, h = _check_q("q", q, hkv, d)
+    _check_gate(gate, q)
+    if context_lens.shape != (n,) or block_tables.dim() != 2 or block_tables.shape[0] < n \
+            or block_tables.stride(1) != 1:
+        raise ValueError(f"q has {n} rows: context_lens must be [{n}] and block_tables [>={n}, max_blocks] with a "
+                         f"contiguous last axis; got {tuple(context_lens.shape)}, {tuple(block_tables.shape)}")
+    if max_context_len > block_tables.shape[1] * bs:
+        raise ValueError(f"max_context_len {max_context_len} exceeds block_tables capacity "
+                         f"{block_tables.shape[1] * bs}")
+    o = _check_out(out, q)
+    if n == 0:
+        return o
+    g = h // hkv
+    size = partition_size or _decode_partition_size(n, hkv, max_context_len, q.device)
+    parts = max(1, triton.cdiv(max_context_len, size))
+    block_n = block_n or (32 if d >= 256 else 64)
+    split = parts > 1
+    gate_arg = gate if gate is not None else q
+    if split:
+        part_m = torch.empty((n, h, parts), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((n, h, parts, d), dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = o  # unused
+    _decode_partial_kernel[(n, hkv, parts)](
+        q, k_cache, v_cache, gate_arg, o, part_m, part_l, part_acc, block_tables, context_lens, scale * LOG2E,
+        size, parts, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), gate_arg.stride(0), gate_arg.stride(1),
+        o.stride(0), o.stride(1), block_tables.stride(0),
+        H=h, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BS=bs, D=d, BLOCK_N=block_n, SPLIT=split,
+        HAS_GATE=gate is not None, DOT_PRECISION=_dot_precision(k_cache.dtype),
+        num_warps=num_warps or 4, num_stages=num_stages or 3)
+    if split:
+        _decode_reduce_kernel[(n, h)](
+            o, gate_arg, part_m, part_l, part_acc, context_lens, size, parts, o.stride(0), o.stride(1),
+            gate_arg.stride(0), gate_arg.stride(1), H=h, D=d, BLOCK_P=triton.next_power_of_2(parts),
+            HAS_GATE=gate is not None, num_warps=4 if d >= 256 else 2)
+    return o
+
+
+def paged_attention_varlen_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
+                                  scale: float, gate: torch.Tensor | None = None, *,
+                                  cu_seqlens: torch.Tensor | None = None,
+                                  context_lens_t: torch.Tensor | None = None) -> torch.Tensor:
+    """Drop-in for reference.paged_attention_varlen: decode kernel when every query_len is 1, else prefill.
+
+    cu_seqlens [N+1], context_lens_t [N]: device copies of the lengths (e.g. ForwardBatch's); built with one
+    non-blocking H2D copy each when omitted. Shapes and result as paged_attention_prefill."""
+    if context_lens_t is None:
+        context_lens_t = torch.tensor(context_lens, dtype=torch.int32).to(q.device, non_blocking=True)
+    if query_lens and all(ql == 1 for ql in query_lens):
+        return paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens_t, scale, gate,
+                                      max(context_lens))
+    if cu_seqlens is None:
+        cu = [0]
+        for ql in query_lens:
+            cu.append(cu[-1] + ql)
+        cu_seqlens = torch.tensor(cu, dtype=torch.int32).to(q.device, non_blocking=True)
+    return paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens_t, scale, gate,
+                                   query_lens, context_lens)

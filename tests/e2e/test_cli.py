@@ -1,0 +1,119 @@
+"""`deltaserve` CLI end to end, in subprocesses: --help, make-tiny + generate, the default tiny model, user errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args, env):
+    return subprocess.run([sys.executable, "-m", "deltaserve.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """XDG_CACHE_HOME (and HOME, so nothing can fall back to ~/.cache) point into a temp dir.
+
+    One OpenMP thread: the tiny model gains nothing from more, and spin-waiting threads on a busy CPU slow it ~20x."""
+    home = tmp_path_factory.mktemp("home")
+    return {**os.environ, "XDG_CACHE_HOME": str(home / "cache"), "HOME": str(home), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, env):
+    """(result of `deltaserve make-tiny DIR`, DIR)."""
+    path = str(tmp_path_factory.mktemp("cli") / "tiny")
+    return cli("make-tiny", path, env=env), path
+
+
+def assert_user_error(res, *needles):
+    """Exit 2, stderr one line `error: ...` naming `needles`, no traceback."""
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in: {lines[0]}"
+
+
+@pytest.mark.parametrize(
+    "args, flags",
+    [
+        ([], ["make-tiny", "generate"]),
+        (["make-tiny"], ["--moe", "--layers", "--seed", "dir"]),
+        (["generate"], ["--model", "--prompt", "--max-tokens", "--temperature", "--top-p", "--chat", "--device",
+                        "--dtype", "--ignore-eos", "--num-kv-blocks"]),
+    ],
+    ids=["top", "make_tiny", "generate"],
+)
+def test_help(env, args, flags):
+    res = cli(*args, "--help", env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: deltaserve")
+    for flag in flags:
+        assert flag in res.stdout, flag
+
+
+def test_make_tiny_writes_checkpoint(made):
+    res, path = made
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == path
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        assert os.path.isfile(os.path.join(path, name)), name
+    with open(os.path.join(path, "config.json")) as f:
+        assert json.load(f)["architectures"] == ["Qwen3_5ForConditionalGeneration"]
+
+
+def test_generate_from_made_tiny(made, env):
+    _, path = made
+    # --ignore-eos: random weights may emit EOS early; the count must be exactly max-tokens
+    res = cli("generate", "--model", path, "--prompt", "hello", "--max-tokens", "5", "--ignore-eos",
+              "--device", "cpu", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "--- prompt: 'hello' | 5 tokens, finish: length" in res.stdout, res.stdout
+
+
+def test_generate_default_model_built_under_xdg_cache(env):
+    default = os.path.join(env["XDG_CACHE_HOME"], "deltaserve", "tiny-qwen3.5")
+    assert not os.path.exists(default)
+    res = cli("generate", "--prompt", "hi", "--max-tokens", "3", "--ignore-eos", "--device", "cpu", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "--- prompt: 'hi' | 3 tokens, finish: length" in res.stdout, res.stdout
+    assert os.path.isfile(os.path.join(default, "model.safetensors"))
+    assert os.path.isfile(os.path.join(default, "tokenizer.json"))
+
+
+def test_error_nonexistent_model_dir(env, tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    res = cli("generate", "--model", missing, "--prompt", "hi", "--device", "cpu", env=env)
+    assert_user_error(res, missing, "does not exist")
+
+
+def test_error_broken_config(env, tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["Qwen3_5ForCausalLM"],')
+    res = cli("generate", "--model", str(tmp_path), "--prompt", "hi", "--device", "cpu", env=env)
+    assert_user_error(res, "config.json", "not valid JSON")
+
+
+def test_error_checkpoint_without_weights(made, env, tmp_path):
+    _, path = made
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(path, name)) as src, open(tmp_path / name, "w") as dst:
+            dst.write(src.read())
+    res = cli("generate", "--model", str(tmp_path), "--prompt", "hi", "--device", "cpu", env=env)
+    assert_user_error(res, "model.safetensors")
+
+
+def test_error_negative_temperature(made, env):
+    _, path = made
+    res = cli("generate", "--model", path, "--prompt", "hi", "--temperature", "-1", "--device", "cpu", env=env)
+    assert_user_error(res, "temperature")
+
+
+def test_error_make_tiny_zero_layers(env, tmp_path):
+    res = cli("make-tiny", str(tmp_path / "t"), "--layers", "0", env=env)
+    assert_user_error(res, "--layers")

@@ -1,0 +1,247 @@
+"""Paged attention: the torch reference against dense causal SDPA (the oracle checked), the Triton prefill / decode /
+KV-store kernels against the reference.
+
+On CPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set below before triton is imported) on small
+shapes; the `gpu` tests run the real shapes (D=256, H=16, Hkv=4, block_size 16, bf16) against the reference in fp32.
+Every kernel output starts as NaN and every cache slot past a context holds NaN: a skipped write or a read past the
+context shows up as NaN in the comparison."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from deltaserve.kernels.paged_attention import (paged_attention_decode, paged_attention_prefill,  # noqa: E402
+                                                paged_attention_varlen, paged_attention_varlen_triton, store_kv,
+                                                store_kv_triton)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL_FP32 = 1e-4  # fp32 everywhere (interpreter matmuls are exact fp32); observed errors ~1e-6
+# bf16 kernel vs fp32 reference on the same bf16-rounded inputs: P is rounded to bf16 before P@V and the output to
+# bf16 (half an ulp: 2^-9 relative); both are covered by 1e-2 absolute + 1e-2 relative.
+ATOL_BF16, RTOL_BF16 = 1e-2, 1e-2
+
+
+def assert_close(name, ref, out, atol, rtol=0.0):
+    """max |out - ref| - rtol * |ref| <= atol; NaN anywhere fails."""
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    ref, out = ref.float(), out.float()
+    assert not out.isnan().any(), f"{name}: {int(out.isnan().sum())} NaN outputs (unwritten or read past context)"
+    err = ((out - ref).abs() - rtol * ref.abs()).max().item() if ref.numel() else 0.0
+    assert err <= atol, f"{name}: error {err:.2e} beyond atol {atol:.0e} + rtol {rtol:.0e} * |ref|"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_one_thread():
+    """Deterministic inputs; one intra-op thread: the tensors are tiny and OpenMP barriers only cost."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_paged_kv(context_lens, block_size, hkv, d, dtype=torch.float32, spare_blocks=3, seed=1):
+    """-> (k_cache, v_cache [NB, BS, Hkv, D], block_tables [N, max_blocks] int32, k, v: per sequence [L, Hkv, D]).
+
+    Blocks are handed out in a shuffled order (tables are not contiguous); slots past each context, spare blocks and
+    unused table entries (pointing at a spare block) hold NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    need = [(c + block_size - 1) // block_size for c in context_lens]
+    nb = sum(need) + spare_blocks
+    k_cache = torch.full((nb, block_size, hkv, d), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    perm = torch.randperm(nb, generator=gen)
+    tables = torch.full((len(context_lens), max(need + [1]) + 1), int(perm[-1]), dtype=torch.int32)
+    ks, vs, used = [], [], 0
+    for i, c in enumerate(context_lens):
+        blocks = perm[used: used + need[i]]
+        used += need[i]
+        tables[i, : need[i]] = blocks.to(torch.int32)
+        k, v = torch.randn(c, hkv, d, generator=gen).to(dtype), torch.randn(c, hkv, d, generator=gen).to(dtype)
+        pos = torch.arange(c)
+        k_cache[blocks[pos // block_size], pos % block_size] = k
+        v_cache[blocks[pos // block_size], pos % block_size] = v
+        ks.append(k)
+        vs.append(v)
+    return k_cache.to(DEVICE), v_cache.to(DEVICE), tables.to(DEVICE), ks, vs
+
+
+def cu_of(lengths):
+    return torch.tensor([0] + list(lengths), dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+
+
+def nan_like(x):
+    return torch.full_like(x, float("nan"))
+
+
+# ------------------------------------------------------------------------------------------ the reference itself
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_reference_matches_dense_sdpa(gated):
+    """Contiguous KV through the paged layout: the reference equals SDPA with an explicit bottom-right causal mask."""
+    h, hkv, d, bs = 4, 2, 32, 4
+    q_lens, ctx_lens = [6, 1, 9], [6, 11, 20]
+    k_cache, v_cache, tables, ks, vs = make_paged_kv(ctx_lens, bs, hkv, d)
+    q = torch.randn(sum(q_lens), h, d, device=DEVICE)
+    gate = torch.randn_like(q) if gated else None
+    out = paged_attention_varlen(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5, gate=gate)
+    start = 0
+    for ql, cl, k, v in zip(q_lens, ctx_lens, ks, vs):
+        qi = q[start: start + ql].transpose(0, 1)  # [H, ql, D]
+        k, v = k.to(DEVICE).repeat_interleave(h // hkv, 1).transpose(0, 1), v.to(DEVICE).repeat_interleave(
+            h // hkv, 1).transpose(0, 1)
+        mask = torch.arange(cl, device=DEVICE)[None, :] <= torch.arange(cl - ql, cl, device=DEVICE)[:, None]
+        ref = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=d ** -0.5).transpose(0, 1)
+        if gated:
+            ref = ref * torch.sigmoid(gate[start: start + ql])
+        assert_close(f"sequence ql={ql} cl={cl}", ref, out[start: start + ql], ATOL_FP32)
+        start += ql
+
+
+# ------------------------------------------------------------------------------------------------------ prefill
+PREFILL_CASES = {
+    # name: (H, Hkv, D, block_size, query_lens, context_lens, block_m, block_n)
+    "fresh_prompts": (4, 2, 32, 4, [7, 1, 13], [7, 1, 13], 16, 8),
+    "continued_chunks": (4, 2, 32, 8, [5, 8, 3], [21, 8, 11], 16, 8),
+    "decode_rows_in_prefill": (4, 2, 64, 8, [1, 12, 1, 6], [9, 12, 1, 30], 16, 16),
+    "empty_sequence": (4, 2, 32, 4, [3, 0, 4], [10, 5, 4], 16, 8),
+    "group_3": (6, 2, 32, 4, [7, 2], [15, 2], 16, 8),
+    "mha_group_1": (2, 2, 32, 8, [9], [17], 16, 8),
+    "default_tiles": (4, 2, 32, 4, [40, 3], [70, 3], None, None),
+}
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("case", list(PREFILL_CASES), ids=list(PREFILL_CASES))
+def test_prefill_matches_reference(case, gated):
+    h, hkv, d, bs, q_lens, ctx_lens, block_m, block_n = PREFILL_CASES[case]
+    k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, bs, hkv, d)
+    q = torch.randn(sum(q_lens), h, d, device=DEVICE)
+    gate = torch.randn_like(q) if gated else None
+    ref = paged_attention_varlen(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5, gate=gate)
+    out = nan_like(q)
+    paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
+                            d ** -0.5, gate, q_lens, ctx_lens, block_m=block_m, block_n=block_n, out=out)
+    assert_close(case, ref, out, ATOL_FP32)
+
+
+# ------------------------------------------------------------------------------------------------------- decode
+DECODE_CASES = {
+    # name: (H, Hkv, D, block_size, context_lens, partition_size, block_n)
+    "several_partitions": (4, 2, 32, 4, [1, 15, 16, 17, 70], 16, 8),
+    "single_partition": (4, 2, 64, 8, [1, 9, 30], 64, 16),
+    "auto_partition": (4, 2, 32, 8, [300, 5], None, None),
+    "group_3": (6, 2, 32, 4, [33, 7], 16, 8),
+    "padded_row_split": (4, 2, 32, 4, [0, 40], 16, 8),
+    "padded_row_single": (4, 2, 32, 4, [0, 12], 64, 8),
+}
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("case", list(DECODE_CASES), ids=list(DECODE_CASES))
+def test_decode_matches_reference(case, gated):
+    h, hkv, d, bs, ctx_lens, partition_size, block_n = DECODE_CASES[case]
+    k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, bs, hkv, d)
+    n = len(ctx_lens)
+    q = torch.randn(n, h, d, device=DEVICE)
+    gate = torch.randn_like(q) if gated else None
+    live = [i for i, c in enumerate(ctx_lens) if c > 0]
+    ref = torch.zeros_like(q)  # a padded row (context 0) is defined as zeros
+    ref[live] = paged_attention_varlen(q[live], k_cache, v_cache, tables[live], [1] * len(live),
+                                       [ctx_lens[i] for i in live], d ** -0.5,
+                                       gate=None if gate is None else gate[live])
+    out = nan_like(q)
+    paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(ctx_lens, device=DEVICE), d ** -0.5, gate,
+                           max(ctx_lens), partition_size=partition_size, block_n=block_n, out=out)
+    assert_close(case, ref, out, ATOL_FP32)
+
+
+def test_varlen_triton_dispatch_matches_reference():
+    """The drop-in wrapper: all-decode batches take the decode kernel, anything else the prefill kernel."""
+    h, hkv, d, bs = 4, 2, 32, 4
+    for q_lens, ctx_lens in (([1, 1, 1], [5, 19, 2]), ([4, 1], [9, 3])):
+        k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, bs, hkv, d)
+        q = torch.randn(sum(q_lens), h, d, device=DEVICE)
+        gate = torch.randn_like(q)
+        ref = paged_attention_varlen(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5, gate=gate)
+        out = paged_attention_varlen_triton(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5, gate=gate)
+        assert_close(f"query_lens={q_lens}", ref, out, ATOL_FP32)
+
+
+# ------------------------------------------------------------------------------------------------------ KV store
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
+def test_store_kv_matches_reference(slot_dtype):
+    """Slots -1 are skipped, every other slot is written, nothing else in the cache changes."""
+    nb, bs, hkv, d, t = 6, 4, 2, 32, 9
+    k_cache, v_cache = torch.randn(nb, bs, hkv, d, device=DEVICE), torch.randn(nb, bs, hkv, d, device=DEVICE)
+    k, v = torch.randn(t, hkv, d, device=DEVICE), torch.randn(t, hkv, d, device=DEVICE)
+    slots = torch.tensor([5, -1, 0, 23, 7, -1, 12, 13, 1], dtype=slot_dtype, device=DEVICE)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    store_kv(k, v, ref_k, ref_v, slots.long())
+    store_kv_triton(k, v, k_cache, v_cache, slots)
+    assert torch.equal(ref_k, k_cache) and torch.equal(ref_v, v_cache), "cache differs from the reference store"
+    assert not torch.equal(ref_k, torch.zeros_like(ref_k)), "sanity: the store wrote something"
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+def test_wrappers_reject_bad_inputs():
+    k_cache, v_cache, tables, _, _ = make_paged_kv([5], 4, 2, 32)
+    q = torch.randn(5, 3, 32, device=DEVICE)  # 3 heads over 2 kv heads
+    ctx = torch.tensor([5], device=DEVICE)
+    with pytest.raises(ValueError, match="not divisible"):
+        paged_attention_prefill(q, k_cache, v_cache, tables, cu_of([5]), ctx, 1.0, None, [5], [5])
+    q = torch.randn(6, 4, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="query_len 6"):
+        paged_attention_prefill(q, k_cache, v_cache, tables, cu_of([6]), ctx, 1.0, None, [6], [5])
+    with pytest.raises(ValueError, match="power of two"):
+        paged_attention_decode(q[:1, :, :24], k_cache[..., :24], v_cache[..., :24], tables, ctx, 1.0, None, 5)
+    with pytest.raises(ValueError, match="capacity"):
+        paged_attention_decode(q[:1], k_cache, v_cache, tables, ctx, 1.0, None, 10 ** 6)
+
+
+# ---------------------------------------------------------------------------------------------- GPU, real shapes
+def _reference_fp32(q, k_cache, v_cache, tables, q_lens, ctx_lens, gate):
+    return paged_attention_varlen(q.float(), k_cache.float(), v_cache.float(), tables, q_lens, ctx_lens, 256 ** -0.5,
+                                  gate=gate.float())
+
+
+GPU_PREFILL = {
+    # name: (query_lens, context_lens)
+    "fresh_8k": ([8192], [8192]),
+    "chunk_of_32k": ([2048], [32768]),
+    "mixed": ([1, 1000, 1, 513, 64], [32768, 3000, 17, 513, 8000]),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_PREFILL), ids=list(GPU_PREFILL))
+def test_prefill_full_shape_gpu(case):
+    q_lens, ctx_lens = GPU_PREFILL[case]
+    k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, 16, 4, 256, dtype=torch.bfloat16)
+    q = torch.randn(sum(q_lens), 16, 256, device=DEVICE, dtype=torch.bfloat16)
+    gate = torch.randn_like(q)
+    out = nan_like(q)
+    paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
+                            256 ** -0.5, gate, q_lens, ctx_lens, out=out)
+    ref = _reference_fp32(q, k_cache, v_cache, tables, q_lens, ctx_lens, gate)
+    assert_close(case, ref, out, ATOL_BF16, RTOL_BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ctx_lens", [[1, 100, 1024], [8192] * 4, [32768, 5, 20000, 0]], ids=["short", "8k", "32k"])
+def test_decode_full_shape_gpu(ctx_lens):
+    k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, 16, 4, 256, dtype=torch.bfloat16)
+    q = torch.randn(len(ctx_lens), 16, 256, device=DEVICE, dtype=torch.bfloat16)
+    gate = torch.randn_like(q)
+    out = nan_like(q)
+    paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(ctx_lens, device=DEVICE), 256 ** -0.5, gate,
+                           max(ctx_lens), out=out)
+    live = [i for i, c in enumerate(ctx_lens) if c > 0]
+    ref = torch.zeros_like(q, dtype=torch.float32)
+    ref[live] = _reference_fp32(q[live], k_cache, v_cache, tables[live], [1] * len(live),
+                                [ctx_lens[i] for i in live], gate[live])
+    assert_close(f"contexts {ctx_lens}", ref, out, ATOL_BF16, RTOL_BF16)

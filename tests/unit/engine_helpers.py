@@ -1,0 +1,167 @@
+"""Helpers for the engine-invariant tests: build LLMs, make prompts, record steps, compare outputs, poison caches."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from deltaserve import LLM, SamplingParams
+
+# fp32 on CPU: batching, chunking and preemption may only change rounding. Different batch shapes change the matmul
+# reduction order, which moves logprobs by up to ~2e-5 (logits are O(10)); a leaked or stale state moves them by >1e-2.
+LOGPROB_ATOL = 5e-5
+
+
+def make_llm(path: str, **kw) -> LLM:
+    """A CPU fp32 LLM; kw overrides the engine limits."""
+    kw.setdefault("max_model_len", 512)
+    return LLM(model=path, device="cpu", dtype="float32", **kw)
+
+
+def random_prompt(rng: random.Random, n: int, vocab: int) -> dict:
+    return {"prompt_token_ids": [rng.randrange(vocab) for _ in range(n)]}
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True, **kw)
+
+
+def solo(llm: LLM, prompt: dict, params: SamplingParams):
+    """Run one request alone in `llm` (which must be idle) -> its RequestOutput."""
+    assert not llm.engine.has_unfinished(), "the solo LLM must be idle"
+    return llm.generate([prompt], params, use_tqdm=False)[0]
+
+
+def assert_close_logprobs(name: str, ref: list | None, out: list | None, atol: float = LOGPROB_ATOL) -> None:
+    """ref/out: lists of {token id: logprob} dicts (None entries allowed, e.g. prompt position 0)."""
+    assert (ref is None) == (out is None), f"{name}: one side has no logprobs"
+    if ref is None:
+        return
+    assert len(ref) == len(out), f"{name}: {len(out)} positions, expected {len(ref)}"
+    for pos, (r, o) in enumerate(zip(ref, out)):
+        if r is None or o is None:
+            assert r is None and o is None, f"{name}[{pos}]: {o} vs {r}"
+            continue
+        assert r.keys() == o.keys(), f"{name}[{pos}]: token ids {sorted(o)} vs {sorted(r)}"
+        for tok, lp in r.items():
+            assert math.isfinite(o[tok]), f"{name}[{pos}][{tok}] = {o[tok]}"
+            assert abs(o[tok] - lp) <= atol, f"{name}[{pos}][{tok}]: {o[tok]} vs {lp} (atol {atol})"
+
+
+def assert_same_completion(name: str, ref, out, atol: float = LOGPROB_ATOL) -> None:
+    """ref/out: CompletionOutput. Same tokens, same finish reason, logprobs within atol."""
+    assert out.token_ids == ref.token_ids, f"{name}: tokens {out.token_ids} != {ref.token_ids}"
+    assert out.finish_reason == ref.finish_reason, f"{name}: finish {out.finish_reason} != {ref.finish_reason}"
+    assert_close_logprobs(f"{name}.logprobs", ref.logprobs, out.logprobs, atol)
+
+
+def assert_engine_idle(llm: LLM) -> None:
+    """Nothing queued or running, every KV block and state slot back in its pool."""
+    s = llm.engine.scheduler
+    assert not s.has_unfinished(), f"{len(s.waiting)} waiting, {len(s.running)} running"
+    assert s.blocks.num_free == s.blocks.num_blocks, f"{s.blocks.num_free}/{s.blocks.num_blocks} blocks free"
+    assert s.states.num_free == s.states.num_slots, f"{s.states.num_free}/{s.states.num_slots} slots free"
+    assert not llm.engine.groups, f"engine still tracks {list(llm.engine.groups)}"
+
+
+@dataclass
+class SeqRecord:
+    request_id: str
+    start: int  # tokens already in the caches before this step
+    num_new_tokens: int
+    num_prompt_tokens: int
+    sample: bool
+
+    @property
+    def is_decode(self) -> bool:
+        return self.start >= self.num_prompt_tokens
+
+    @property
+    def is_partial_prefill(self) -> bool:
+        return self.start + self.num_new_tokens < self.num_prompt_tokens
+
+
+@dataclass
+class StepRecord:
+    seqs: list[SeqRecord]
+    preempted: list[str]
+    num_forks: int
+    num_waiting: int  # requests still queued after this step was scheduled
+
+
+@dataclass
+class StepLog:
+    """Wraps `llm.engine.scheduler.schedule` to record every step it hands out (values copied at schedule time)."""
+    steps: list[StepRecord] = field(default_factory=list)
+    requests: dict = field(default_factory=dict)  # request id -> Request object, every one ever scheduled
+
+    @classmethod
+    def attach(cls, llm: LLM) -> "StepLog":
+        log = cls()
+        sched = llm.engine.scheduler
+        inner = sched.schedule
+
+        def schedule():
+            out = inner()
+            for s in out.seqs:
+                log.requests[s.request.request_id] = s.request
+            log.steps.append(StepRecord(
+                [SeqRecord(s.request.request_id, s.start, s.num_new_tokens, s.request.num_prompt_tokens, s.sample)
+                 for s in out.seqs],
+                list(out.preempted), len(out.forks), len(sched.waiting)))
+            return out
+
+        sched.schedule = schedule
+        return log
+
+    def mixed_steps(self) -> int:
+        """Steps holding a partial prompt chunk together with another request's decode token."""
+        return sum(any(s.is_partial_prefill for s in st.seqs) and any(s.is_decode for s in st.seqs)
+                   for st in self.steps)
+
+    def preempted_ids(self) -> list[str]:
+        return [rid for st in self.steps for rid in st.preempted]
+
+
+def free_slots_and_blocks(llm: LLM) -> tuple[list[int], list[int]]:
+    """State slots and KV blocks that no live request owns (derived from the requests, not the pools' free lists)."""
+    s = llm.engine.scheduler
+    live = list(s.running) + list(s.waiting)
+    used_slots = {r.state_slot for r in live if r.state_slot >= 0}
+    used_blocks = {b for r in live for b in r.block_ids}
+    return ([i for i in range(s.states.num_slots) if i not in used_slots],
+            [b for b in range(s.blocks.num_blocks) if b not in used_blocks])
+
+
+def poison_free_memory(llm: LLM) -> tuple[int, int]:
+    """Fill every free state slot (conv + recurrent) and every free KV block with NaN -> (slots, blocks) poisoned."""
+    slots, blocks = free_slots_and_blocks(llm)
+    caches = llm.runner.caches
+    if slots:
+        idx = torch.tensor(slots)
+        for t in caches.conv + caches.recurrent:
+            t.index_fill_(0, idx, float("nan"))
+    if blocks:
+        idx = torch.tensor(blocks)
+        for k, v in caches.kv:
+            k.index_fill_(0, idx, float("nan"))
+            v.index_fill_(0, idx, float("nan"))
+    return len(slots), len(blocks)
+
+
+def run_until_done(llm: LLM, ids: list[str], before_step=None, max_steps: int = 10_000) -> dict:
+    """Step the engine until no request is left -> {request id: final RequestOutput} for `ids`."""
+    done = {}
+    for _ in range(max_steps):
+        if not llm.engine.has_unfinished():
+            break
+        if before_step is not None:
+            before_step()
+        for out in llm.engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    else:
+        raise AssertionError(f"engine did not finish within {max_steps} steps")
+    return {rid: done[rid] for rid in ids}

@@ -1,0 +1,312 @@
+"""Weight loading: clean loads, sharded / packed-expert / CausalLM layouts, skipped towers, one-sentence errors.
+
+Every checkpoint here is a `make_tiny` one (dense and MoE), copied and rewritten per test with safetensors.
+"""
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deltaserve import LLM, SamplingParams
+from deltaserve.config import ModelConfig
+from deltaserve.models.weights import WeightsError, build_model, checkpoint_files, load_weights
+from deltaserve.tiny import hf_state_dict, make_tiny
+
+LM = "model.language_model."
+ST = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+PROMPTS = ["hello world, this is a test", "def f(x): return x"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and OpenMP spin-waits make them ~20x slower on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(tmp_path_factory):
+    return make_tiny(str(tmp_path_factory.mktemp("dense")), moe=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    return make_tiny(str(tmp_path_factory.mktemp("moe")), moe=True)
+
+
+@pytest.fixture
+def tiny(request, tiny_dense, tiny_moe):
+    """Indirectly parametrized with "dense" / "moe"."""
+    return {"dense": tiny_dense, "moe": tiny_moe}[request.param]
+
+
+# ---------------------------------------------------------------- helpers
+
+def load(path: str) -> tuple[ModelConfig, torch.nn.Module]:
+    cfg = ModelConfig.from_hf_dir(path)
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+    load_weights(model, cfg, path)
+    return cfg, model
+
+
+def make_llm(path: str) -> LLM:
+    return LLM(model=path, device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=8)
+
+
+def variant(src: str, dst, edit=None, config_edit=None) -> str:
+    """Copy checkpoint `src` to `dst`, then edit its tensors dict and/or its config.json dict in place."""
+    dst = str(dst)
+    shutil.copytree(src, dst)
+    if edit is not None:
+        sd = load_file(os.path.join(dst, ST))
+        edit(sd)
+        save_file(sd, os.path.join(dst, ST), metadata={"format": "pt"})
+    if config_edit is not None:
+        with open(os.path.join(dst, "config.json")) as f:
+            raw = json.load(f)
+        raw = config_edit(raw) or raw
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(raw, f)
+    return dst
+
+
+def shard(path: str) -> None:
+    """Split model.safetensors of `path` into two shards + an index, as save_pretrained does for big models."""
+    sd = load_file(os.path.join(path, ST))
+    names = sorted(sd)
+    half = len(names) // 2
+    weight_map = {}
+    for fname, part in zip(SHARDS, (names[:half], names[half:])):
+        save_file({n: sd[n] for n in part}, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    with open(os.path.join(path, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    os.remove(os.path.join(path, ST))
+
+
+def pack_experts(sd: dict) -> None:
+    """Per-expert gate/up/down tensors -> packed gate_up_proj [E, 2I, H] (gate first) and down_proj [E, H, I]."""
+    bases = sorted({m[1] for n in sd if (m := re.match(r"^(.*\.mlp\.experts\.)\d+\.gate_proj\.weight$", n))})
+    for base in bases:
+        n_exp = len([n for n in sd if n.startswith(base) and n.endswith(".gate_proj.weight")])
+        gate_up = [torch.cat([sd.pop(f"{base}{e}.gate_proj.weight"), sd.pop(f"{base}{e}.up_proj.weight")])
+                   for e in range(n_exp)]
+        down = [sd.pop(f"{base}{e}.down_proj.weight") for e in range(n_exp)]
+        sd[f"{base}gate_up_proj"] = torch.stack(gate_up).contiguous()
+        sd[f"{base}down_proj"] = torch.stack(down).contiguous()
+
+
+def to_causal_lm(raw: dict) -> dict:
+    arch = raw["architectures"][0].replace("ConditionalGeneration", "CausalLM")
+    return {**raw["text_config"], "architectures": [arch], "tie_word_embeddings": raw["tie_word_embeddings"]}
+
+
+def rename_to_causal_lm(sd: dict) -> None:
+    for n in [n for n in sd if n.startswith(LM)]:
+        sd["model." + n[len(LM):]] = sd.pop(n)
+
+
+def assert_same_params(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
+
+
+def assert_same_outputs(path_a: str, path_b: str) -> None:
+    """Greedy tokens and prompt logprobs of LLM on both checkpoints agree (same weights: bit-identical)."""
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=3)
+    outs = [make_llm(p).generate(PROMPTS, sp, use_tqdm=False) for p in (path_a, path_b)]
+    for a, b in zip(*outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert len(a.outputs[0].token_ids) == 6
+        assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
+        for la, lb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert la.keys() == lb.keys()
+            torch.testing.assert_close(torch.tensor(list(la.values())), torch.tensor([lb[k] for k in la]),
+                                       rtol=0, atol=1e-6)
+
+
+def assert_one_sentence(msg: str, *needles: str) -> None:
+    assert "\n" not in msg, msg
+    assert not re.search(r"[.!?]\s+[A-Z]", msg), f"more than one sentence: {msg}"
+    for n in needles:
+        assert n in msg, f"{n!r} not named in: {msg}"
+
+
+# ---------------------------------------------------------------- clean loads
+
+@pytest.mark.parametrize("tiny", ["dense", "moe"], indirect=True)
+def test_loads_cleanly_and_round_trips(tiny):
+    """Every parameter is filled from the file: mapping the model back to HF names reproduces the file exactly."""
+    cfg, model = load(tiny)
+    on_disk = load_file(os.path.join(tiny, ST))
+    back = hf_state_dict(model, cfg)
+    assert back.keys() == on_disk.keys()
+    for name, t in on_disk.items():
+        assert torch.equal(back[name], t), name
+    assert checkpoint_files(tiny) == [os.path.join(tiny, ST)]
+
+
+@pytest.mark.parametrize("tiny", ["dense", "moe"], indirect=True)
+def test_sharded_checkpoint_loads_same_weights(tiny, tmp_path):
+    path = variant(tiny, tmp_path / "sharded")
+    shard(path)
+    assert checkpoint_files(path) == [os.path.join(path, s) for s in SHARDS]
+    assert_same_params(load(tiny)[1], load(path)[1])
+
+
+@pytest.mark.parametrize("tiny", ["dense", "moe"], indirect=True)
+def test_visual_and_mtp_tensors_skipped(tiny, tmp_path):
+    def add_towers(sd):
+        sd["model.visual.blocks.0.attn.qkv.weight"] = torch.randn(96, 32)
+        sd["model.visual.patch_embed.proj.weight"] = torch.randn(32, 3, 2, 16, 16)
+        sd["mtp.fc.weight"] = torch.randn(128, 256)
+        sd["mtp.layers.0.mlp.gate_proj.weight"] = torch.randn(7, 5)
+        sd["mtp.norm.weight"] = torch.randn(128)
+
+    path = variant(tiny, tmp_path / "towers", add_towers)
+    assert_same_params(load(tiny)[1], load(path)[1])
+
+
+def test_packed_experts_give_identical_model(tiny_moe, tmp_path):
+    path = variant(tiny_moe, tmp_path / "packed", pack_experts)
+    names = load_file(os.path.join(path, ST)).keys()
+    assert not any(re.search(r"experts\.\d+\.", n) for n in names)
+    assert f"{LM}layers.0.mlp.experts.gate_up_proj" in names
+    assert_same_params(load(tiny_moe)[1], load(path)[1])
+    assert_same_outputs(tiny_moe, path)
+
+
+@pytest.mark.parametrize("tiny", ["dense", "moe"], indirect=True)
+def test_causal_lm_naming_loads(tiny, tmp_path):
+    path = variant(tiny, tmp_path / "causal", rename_to_causal_lm, to_causal_lm)
+    cfg, model = load(path)
+    assert cfg.architecture in ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM") and not cfg.nested
+    assert not any(n.startswith(LM) for n in load_file(os.path.join(path, ST)))
+    assert_same_params(load(tiny)[1], model)
+
+
+def test_causal_lm_naming_generates_identically(tiny_dense, tmp_path):
+    path = variant(tiny_dense, tmp_path / "causal", rename_to_causal_lm, to_causal_lm)
+    assert_same_outputs(tiny_dense, path)
+
+
+@pytest.mark.parametrize("keep_lm_head", [False, True], ids=["no_lm_head", "lm_head_ignored"])
+def test_tied_embeddings_need_no_lm_head(tiny_dense, tmp_path, keep_lm_head):
+    def edit(sd):
+        if keep_lm_head:
+            sd["lm_head.weight"] = torch.zeros_like(sd["lm_head.weight"])  # would zero the logits if used
+        else:
+            del sd["lm_head.weight"]
+
+    path = variant(tiny_dense, tmp_path / "tied", edit, lambda raw: raw.update(tie_word_embeddings=True))
+    cfg, model = load(path)
+    assert cfg.tie_word_embeddings
+    hidden = torch.randn(3, cfg.hidden_size)
+    torch.testing.assert_close(model.compute_logits(hidden), hidden @ model.embed_tokens.weight.T)
+
+
+# ---------------------------------------------------------------- broken checkpoints
+
+def _missing_shard(path):
+    shard(path)
+    os.remove(os.path.join(path, SHARDS[1]))
+
+
+def _bad_index(path):
+    shard(path)
+    with open(os.path.join(path, INDEX), "w") as f:
+        json.dump({"metadata": {}}, f)
+
+
+def _no_safetensors(path):
+    os.remove(os.path.join(path, ST))
+
+
+def _set(name, shape):
+    return lambda sd: sd.__setitem__(name, torch.zeros(shape))
+
+
+def _drop(name):
+    return lambda sd: sd.pop(name)
+
+
+# (checkpoint, file edit, tensor edit, substrings the one-sentence message must contain)
+BROKEN = {
+    "missing_shard": ("dense", _missing_shard, None, [SHARDS[1], "missing"]),
+    "bad_index": ("dense", _bad_index, None, [INDEX, "weight_map"]),
+    "no_safetensors": ("dense", _no_safetensors, None, [ST, INDEX]),
+    "wrong_shape": ("dense", None, _set(f"{LM}layers.0.linear_attn.in_proj_qkv.weight", (255, 128)),
+                    [f"{LM}layers.0.linear_attn.in_proj_qkv.weight", "[255, 128]", "[256, 128]"]),
+    "wrong_shape_transposed": ("dense", None, _set(f"{LM}layers.3.mlp.down_proj.weight", (256, 128)),
+                               [f"{LM}layers.3.mlp.down_proj.weight", "[256, 128]", "[128, 256]"]),
+    "wrong_shape_conv": ("dense", None, _set(f"{LM}layers.1.linear_attn.conv1d.weight", (256, 1, 3)),
+                         [f"{LM}layers.1.linear_attn.conv1d.weight", "[256, 1, 3]", "[256, 4]"]),
+    "wrong_shape_conv_channels": ("dense", None, _set(f"{LM}layers.1.linear_attn.conv1d.weight", (128, 2, 4)),
+                                  [f"{LM}layers.1.linear_attn.conv1d.weight", "[128, 2, 4]", "[256, 4]"]),
+    "wrong_shape_expert": ("moe", None, _set(f"{LM}layers.2.mlp.experts.5.up_proj.weight", (64, 64)),
+                           [f"{LM}layers.2.mlp.experts.5.up_proj.weight", "[64, 64]", "[64, 128]"]),
+    "wrong_shape_embed": ("moe", None, _set(f"{LM}embed_tokens.weight", (100, 128)),
+                          [f"{LM}embed_tokens.weight", "[100, 128]"]),
+    "missing_tensor": ("dense", None, _drop(f"{LM}layers.1.post_attention_layernorm.weight"),
+                       ["layers.1.post_attention_layernorm.weight", "missing"]),
+    "missing_lm_head": ("dense", None, _drop("lm_head.weight"), ["lm_head.weight", "missing"]),
+    "missing_attn_tensor": ("moe", None, _drop(f"{LM}layers.3.self_attn.q_norm.weight"),
+                            ["layers.3.self_attn.q_norm.weight", "missing"]),
+    "missing_expert": ("moe", None, _drop(f"{LM}layers.2.mlp.experts.3.up_proj.weight"),
+                       ["layers.2.mlp.experts", "[3]", "up_proj", "missing"]),
+    "extra_tensor": ("dense", None, _set(f"{LM}layers.0.mlp.extra_proj.weight", (4, 4)),
+                     [f"{LM}layers.0.mlp.extra_proj.weight"]),
+    "extra_layer": ("dense", None, _set(f"{LM}layers.4.input_layernorm.weight", (128,)),
+                    [f"{LM}layers.4.input_layernorm.weight"]),
+    "experts_in_dense": ("dense", None, _set(f"{LM}layers.0.mlp.experts.0.gate_proj.weight", (256, 128)),
+                         [f"{LM}layers.0.mlp.experts.0.gate_proj.weight"]),
+    "expert_out_of_range": ("moe", None, _set(f"{LM}layers.0.mlp.experts.8.gate_proj.weight", (64, 128)),
+                            [f"{LM}layers.0.mlp.experts.8.gate_proj.weight"]),
+}
+
+
+@pytest.fixture(params=list(BROKEN), ids=list(BROKEN))
+def broken(request, tiny_dense, tiny_moe, tmp_path):
+    """(checkpoint dir with one defect, substrings its WeightsError must contain)."""
+    which, file_edit, tensor_edit, needles = BROKEN[request.param]
+    path = variant(tiny_dense if which == "dense" else tiny_moe, tmp_path / request.param, tensor_edit)
+    if file_edit is not None:
+        file_edit(path)
+    return path, needles
+
+
+def test_load_weights_rejects_broken_checkpoint(broken):
+    path, needles = broken
+    cfg = ModelConfig.from_hf_dir(path)
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+    with pytest.raises(WeightsError) as e:
+        load_weights(model, cfg, path)
+    assert_one_sentence(str(e.value), *needles)
+
+
+def test_llm_surfaces_weights_error(broken):
+    """Users of LLM(...) get the same WeightsError (one sentence), not a torch traceback."""
+    path, needles = broken
+    with pytest.raises(WeightsError) as e:
+        make_llm(path)
+    assert_one_sentence(str(e.value), *needles)
+
+
+def test_llm_surfaces_config_error(tiny_dense, tmp_path):
+    from deltaserve.config import ConfigError
+
+    path = variant(tiny_dense, tmp_path / "badcfg", config_edit=lambda raw: raw.update(architectures=["GPT2"]))
+    with pytest.raises(ConfigError) as e:
+        make_llm(path)
+    assert_one_sentence(str(e.value), "'GPT2'", "Qwen3_5ForCausalLM")
