@@ -35,26 +35,28 @@ class LLM:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
-                 seed: int = 0):
+                 seed: int = 0, enforce_eager: bool = False):
         tok_dir = tokenizer or model
         self._setup(ModelConfig.from_hf_dir(model), model, Tokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir)
                     else None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
-                    num_kv_blocks, gpu_memory_utilization, seed)
+                    num_kv_blocks, gpu_memory_utilization, seed, enforce_eager)
 
     @classmethod
     def from_config(cls, config: ModelConfig, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
                     max_num_batched_tokens: int = 2048, max_model_len: int | None = None, block_size: int = 16,
-                    num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9, seed: int = 0) -> "LLM":
+                    num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9, seed: int = 0,
+                    enforce_eager: bool = False) -> "LLM":
         """An engine over random weights of `config`'s shapes, made directly on the device (benchmarks: no
         checkpoint, no tokenizer; prompts are token ids)."""
         llm = cls.__new__(cls)
         llm._setup(config, None, None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
-                   block_size, num_kv_blocks, gpu_memory_utilization, seed)
+                   block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager)
         return llm
 
     def _setup(self, config: ModelConfig, weights_dir: str | None, tokenizer: Tokenizer | None, device: str,
                dtype: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int | None,
-               block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float, seed: int) -> None:
+               block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float, seed: int,
+               enforce_eager: bool) -> None:
         self.config, self.tokenizer = config, tokenizer
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
@@ -79,6 +81,8 @@ class LLM:
             self.max_model_len = capacity
         self.runner = ModelRunner(self.config, self.model, self.device, self.dtype, num_blocks, block_size,
                                   max_num_seqs, state_dtype, max_num_batched_tokens, self.max_model_len)
+        if self.device.type == "cuda" and not enforce_eager:
+            self.runner.capture_cuda_graphs(max_num_seqs, self.max_model_len)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); %d GDN state slots (%.2f GiB); "
                     "max concurrency %d requests of %d tokens", num_blocks, block_size, num_blocks * block_size,
                     num_blocks * kv_bytes_per_block(self.config, block_size, self.dtype) / 2**30, max_num_seqs,

@@ -20,6 +20,8 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [M] int64 rows of the hidden states that need logits
     query_lens_cpu: list[int]  # N host ints: tokens of each sequence in this step
     context_lens_cpu: list[int]  # N host ints: same as context_lens
+    is_decode: bool = False  # every sequence feeds exactly one token (the fused decode kernels apply)
+    max_context_len: int = 0  # host int: max of context_lens (sizes the split-K attention grid)
 
     @property
     def num_seqs(self) -> int:

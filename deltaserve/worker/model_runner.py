@@ -12,6 +12,7 @@ import torch
 from ..config import ModelConfig
 from ..models.qwen3_5 import ModelCaches
 from ..runtime.scheduler_output import SchedulerOutput
+from .cuda_graph import CudaGraphRunner
 from .forward_batch import ForwardBatch
 from .sampler import Sampler, SamplingBatch, compute_topk_logprobs
 
@@ -120,7 +121,14 @@ class ModelRunner:
         self.block_size = block_size
         self.staging = StagingBuffers(device, max_num_batched_tokens, num_slots, -(-max_model_len // block_size))
         self.caches = _allocate_caches(cfg, device, dtype, state_dtype, num_kv_blocks, block_size, num_slots)
+        self.graphs: CudaGraphRunner | None = None
         self.sampler = Sampler()
+
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Capture decode forwards for batch-size buckets up to max_num_seqs (CUDA only)."""
+        self.graphs = CudaGraphRunner(self.model, self.caches, self.device, max_num_seqs,
+                                      -(-max_model_len // self.block_size), max_model_len)
+        self.graphs.capture()
 
     def zero_slots(self, slots: list[int]) -> None:
         if not slots:
@@ -150,6 +158,7 @@ class ModelRunner:
             block_tables=self.staging.put_tables([s.request.block_ids for s in sched.seqs]),
             slot_mapping=put("slot_mapping", slot_map), logits_indices=put("logits_indices", logit_rows),
             query_lens_cpu=[s.num_new_tokens for s in sched.seqs], context_lens_cpu=ctx,
+            is_decode=len(ids) == len(sched.seqs), max_context_len=max(ctx),
         )
         return batch, first_row
 
@@ -171,7 +180,10 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         self.zero_slots(sched.slots_to_zero)
         batch, first_row = self.build_batch(sched)
-        hidden = self.model(batch, self.caches)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            hidden = self.graphs.run(batch)
+        else:
+            hidden = self.model(batch, self.caches)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [M, V] fp32
         out = RunnerOutput()
         self._prompt_logprobs(sched, logits, first_row, out)
