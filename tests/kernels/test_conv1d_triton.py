@@ -63,7 +63,7 @@ def assert_pool_equal(name, ref_pool, pool):
         f"{name}: conv_state differs from the reference (or a slot outside the batch was written)"
 
 
-CASES = {  # lengths: 40 spans two 32-token tiles (the table path); all <= 16 take the one-tile-per-sequence path
+CASES = {  # lengths: 40 spans three 16-token tiles (the table path); all <= 16 take the one-tile-per-sequence path
     "mixed-1-2-5-40": [1, 2, 5, 40],
     "with-empty-seq": [3, 0, 33, 1],
     "decode-1x6": [1] * 6,
@@ -84,6 +84,10 @@ def test_varlen_matches_reference(lengths, dtype, atol, rtol):
     assert out.dtype == dtype and torch.isfinite(out).all(), "NaN from a poisoned slot leaked into the output"
     assert_close("out", ref, out, atol, rtol)
     assert_pool_equal("state", ref_pool, pool)
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        # the interpreter reproduces each rounding of the reference (observed bit-exact): a skipped or extra cast
+        # to bf16 flips the last bit of many outputs, which the 1-ulp bound above cannot see
+        assert (out != ref).float().mean().item() <= 1e-3, "bf16 roundings differ from the reference's"
 
 
 @pytest.mark.parametrize("W", [2, 3], ids=["w2", "w3"])

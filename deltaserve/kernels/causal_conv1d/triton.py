@@ -1,9 +1,10 @@
 """Triton depthwise causal conv1d + SiLU over a flat varlen batch with a pooled conv state (GDN's qkv conv).
 
 Two launches, because the state is read and written in place:
-1. `_conv1d_fwd_kernel`, grid (token tile, channel tile): tap i_w of output t reads input t - (W-1) + i_w, which for
-   a negative position comes from the sequence's stored state (zeros for slot -1). Tiles map to sequences through a
-   host-built table (one pinned H2D copy, no sync), or directly when each sequence fits one tile (decode).
+1. `_conv1d_fwd_kernel`, grid (token tile, channel tile): tap i_w of output t reads input t - (W-1) + i_w; the
+   first tile of a sequence also adds the taps that reach negative positions, from the stored state (none for
+   slot -1). Tiles map to sequences through a host-built table (one pinned H2D copy, no sync), or directly when
+   every sequence fits one tile (decode, short chunks: no table, nothing copied, CUDA-graph safe).
 2. `_conv1d_state_kernel`, grid (sequence, channel tile), after every read of the old state: writes the last W-1
    inputs (shifting older state in for sequences shorter than W-1).
 Numerics follow `reference.py`: inputs cast to the weight dtype, fp32 sum rounded once to the weight dtype, SiLU in
@@ -13,8 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_BLOCK_T = 32  # tokens per tile of a long sequence
-MAX_ONE_TILE_T = 16  # batches whose sequences are all this short get one tile per sequence and no table
+from ..rmsnorm.triton import round_to
+
+# Tiles of 16 x 128 keep ~16 elements per thread at 4 warps: ~127 registers for the 4 taps, no spills on sm_90
+# (32 x 128 needs 255 registers and halves the occupancy).
+TILE_T = 16  # tokens per tile when a sequence spans several tiles (through the host-built tile table)
+ELEMS_PER_TILE = 2048  # channels per tile = ELEMS_PER_TILE / tokens per tile, within [128, 1024]
 
 
 @triton.jit
@@ -40,23 +45,30 @@ def _conv1d_fwd_kernel(
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_t = o_t < L
     m_c = o_c < C
-    b_acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    p_x = x + (bos + o_t)[:, None] * stride_xt + o_c[None, :]
+    b_acc = tl.full([BLOCK_T, BLOCK_C], 0.0, tl.float32)
     for i_w in tl.static_range(W):
+        # tap i_w of output t reads input t - (W-1) + i_w; negative positions are the state's, added below
         o_src = o_t - (W - 1) + i_w
         m_x = m_t & (o_src >= 0)
-        m_s = m_t & (o_src < 0) & (i_s >= 0)  # slot -1 (padding) reads zeros
-        p_x = x + (bos + o_src)[:, None] * stride_xt + o_c[None, :]
-        p_s = conv_state + i_s * stride_sn + o_c[None, :] * stride_sc + (W - 1 + o_src)[:, None] * stride_sw
-        b_x = tl.load(p_x, mask=m_x[:, None] & m_c[None, :], other=0.0).to(weight.dtype.element_ty)
-        b_s = tl.load(p_s, mask=m_s[:, None] & m_c[None, :], other=0.0)
-        b_in = tl.where(m_s[:, None], b_s, b_x).to(tl.float32)
+        b_x = tl.load(p_x + (i_w - (W - 1)) * stride_xt, mask=m_x[:, None] & m_c[None, :], other=0.0)
         b_w = tl.load(weight + o_c * stride_wc + i_w * stride_ww, mask=m_c, other=0.0).to(tl.float32)
-        b_acc += b_in * b_w[None, :]
+        b_acc += round_to(b_x, weight.dtype.element_ty).to(tl.float32) * b_w[None, :]
+    if t0 < W - 1:
+        if i_s >= 0:  # slot -1 (padding) has a zero state
+            # the first W-1 outputs also read the stored state: input position o_src < 0 is column W-1+o_src
+            p_s = conv_state + i_s * stride_sn + o_c[None, :] * stride_sc
+            for i_w in tl.static_range(W - 1):
+                o_src = o_t - (W - 1) + i_w
+                m_s = m_t & (o_src < 0)
+                b_s = tl.load(p_s + (W - 1 + o_src)[:, None] * stride_sw, mask=m_s[:, None] & m_c[None, :], other=0.0)
+                b_w = tl.load(weight + o_c * stride_wc + i_w * stride_ww, mask=m_c, other=0.0).to(tl.float32)
+                b_acc += b_s.to(tl.float32) * b_w[None, :]
     # F.conv1d rounds the sum to the weight dtype, F.silu rounds again
-    b_acc = b_acc.to(weight.dtype.element_ty).to(tl.float32)
-    b_y = (b_acc / (1.0 + tl.exp(-b_acc))).to(weight.dtype.element_ty)
+    b_acc = round_to(b_acc, weight.dtype.element_ty).to(tl.float32)
+    b_y = round_to(b_acc / (1.0 + tl.exp(-b_acc)), weight.dtype.element_ty)
     p_y = y + (bos + o_t)[:, None] * stride_yt + o_c[None, :]
-    tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+    tl.store(p_y, round_to(b_y, y.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
 
 
 @triton.jit
@@ -82,7 +94,8 @@ def _conv1d_state_kernel(
         m_s = m_p & (o_src < 0)
         p_base = conv_state + i_s * stride_sn + o_c[:, None] * stride_sc
         b_x = tl.load(x + (bos + o_src)[None, :] * stride_xt + o_c[:, None],
-                      mask=m_c[:, None] & m_x[None, :], other=0.0).to(conv_state.dtype.element_ty)
+                      mask=m_c[:, None] & m_x[None, :], other=0.0)
+        b_x = round_to(b_x, conv_state.dtype.element_ty)
         b_s = tl.load(p_base + (W - 1 + o_src)[None, :] * stride_sw, mask=m_c[:, None] & m_s[None, :], other=0.0)
         b_new = tl.where(m_s[None, :], b_s, b_x)
         # another thread of this program may own the column we just read: every read lands before any write
@@ -128,9 +141,9 @@ def causal_conv1d_varlen_triton(
     if T == 0:
         return y
     max_len = max(query_lens)
-    one_tile = max_len <= MAX_ONE_TILE_T
-    block_t = triton.next_power_of_2(max_len) if one_tile else MAX_BLOCK_T
-    block_c = min(triton.next_power_of_2(C), max(128, 4096 // block_t), 1024)
+    one_tile = max_len <= TILE_T  # decode and short chunks: tile i is sequence i, no table, no copy
+    block_t = triton.next_power_of_2(max_len) if one_tile else TILE_T
+    block_c = min(triton.next_power_of_2(C), max(128, ELEMS_PER_TILE // block_t), 1024)
     tiles = cu_seqlens if one_tile else _tile_table(query_lens, block_t, x.device)  # unused when one_tile
     num_tiles = N if one_tile else tiles.shape[0]
     _conv1d_fwd_kernel[(num_tiles, triton.cdiv(C, block_c))](

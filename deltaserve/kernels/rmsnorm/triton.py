@@ -4,11 +4,40 @@ Both are bandwidth-bound row reductions: each program holds ROWS whole rows in r
 Numerics match `reference.py` (fp32 statistics, the same casts to the model dtype at the same points).
 Shapes are validated by the package's `__init__.py`; these wrappers only check what the kernels themselves need.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 MAX_BLOCK = 65536  # one row must fit in the registers of one program
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    @triton.jit
+    def round_to(x, DTYPE: tl.constexpr):
+        """x -> DTYPE rounded to nearest even. The interpreter's own fp32 -> bf16 cast truncates (GPUs round),
+        which would put every CPU bf16 test one ulp off, so round by hand there."""
+        x = x.to(tl.float32)
+        if DTYPE == tl.bfloat16:
+            b_bits = x.to(tl.uint32, bitcast=True)
+            b_bits = b_bits + 0x7FFF + ((b_bits >> 16) & 1)
+            return (b_bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(DTYPE)
+else:
+    @triton.jit
+    def round_to(x, DTYPE: tl.constexpr):
+        """x -> DTYPE rounded to nearest even (the hardware cast)."""
+        return x.to(DTYPE)
+
+
+# The kernels here (and in rotary/, causal_conv1d/) use only builtins of triton.language, none of its @jit
+# standard library (tl.sum, tl.zeros, tl.cdiv): those are decorated once, when triton is first imported, and a CPU
+# test process that imported triton before setting TRITON_INTERPRET=1 (transformers does) could not call them from
+# an interpreted kernel. Hence tl.reduce with this combine function for row sums.
+@triton.jit
+def add_combine(a, b):
+    return a + b
 
 
 @triton.jit
@@ -33,13 +62,13 @@ def _rmsnorm_kernel(
     if HAS_RESIDUAL:
         b_res = tl.load(residual + o_t[:, None] * stride_res + o_h[None, :], mask=m, other=0.0)
         # the model adds in its own dtype: round the sum before normalising it
-        b_x = (b_x.to(tl.float32) + b_res.to(tl.float32)).to(r_out.dtype.element_ty)
+        b_x = round_to(b_x.to(tl.float32) + b_res.to(tl.float32), r_out.dtype.element_ty)
         tl.store(r_out + o_t[:, None] * stride_r + o_h[None, :], b_x, mask=m)
     b_x = b_x.to(tl.float32)
-    b_rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=1) / H + eps)
+    b_rstd = tl.rsqrt(tl.reduce(b_x * b_x, 1, add_combine) / H + eps)
     b_w = tl.load(weight + o_h, mask=m_h, other=0.0).to(tl.float32)
     b_y = b_x * b_rstd[:, None] * (1.0 + b_w[None, :])
-    tl.store(y + o_t[:, None] * stride_y + o_h[None, :], b_y.to(y.dtype.element_ty), mask=m)
+    tl.store(y + o_t[:, None] * stride_y + o_h[None, :], round_to(b_y, y.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -65,15 +94,15 @@ def _gated_rmsnorm_kernel(
     b_z = tl.load(z + (o_t * stride_zt + o_hv * stride_zh)[:, None] + o_v[None, :], mask=m, other=0.0)
     b_x = b_x.to(tl.float32)
     b_z = b_z.to(tl.float32)
-    b_rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=1) / V + eps)
+    b_rstd = tl.rsqrt(tl.reduce(b_x * b_x, 1, add_combine) / V + eps)
     # HF rounds x̂ to the model dtype, then multiplies by the weight in the promoted dtype of the two
-    b_xn = (b_x * b_rstd[:, None]).to(y.dtype.element_ty).to(tl.float32)
+    b_xn = round_to(b_x * b_rstd[:, None], y.dtype.element_ty).to(tl.float32)
     b_w = tl.load(weight + o_v, mask=m_v, other=0.0).to(tl.float32)
     b_g = b_xn * b_w[None, :]
     if ROUND_PRODUCT:
-        b_g = b_g.to(y.dtype.element_ty).to(tl.float32)
+        b_g = round_to(b_g, y.dtype.element_ty).to(tl.float32)
     b_y = b_g * (b_z / (1.0 + tl.exp(-b_z)))
-    tl.store(y + o_r[:, None] * V + o_v[None, :], b_y.to(y.dtype.element_ty), mask=m)
+    tl.store(y + o_r[:, None] * V + o_v[None, :], round_to(b_y, y.dtype.element_ty), mask=m)
 
 
 def _rows_and_warps(width: int) -> tuple[int, int, int]:

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rmsnorm.triton import add_combine, round_to
 from .reference import inv_freq
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -25,8 +26,8 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 else:
     from triton.language.extra import libdevice
 
-    # tl.cos/tl.sin lower to the approximate PTX instructions, far off for angles of 1e5 rad; libdevice
-    # (__nv_cosf/__nv_sinf) range-reduces exactly like the torch kernels do
+    # angles reach 1e5 rad: the approximate PTX sin/cos (what early Triton emitted for tl.sin/tl.cos) would be far
+    # off there; naming libdevice pins the accurate __nv_cosf/__nv_sinf (full range reduction) on every release
     @triton.jit
     def _cos(x):
         return libdevice.cos(x)
@@ -43,6 +44,7 @@ def _norm_rope_heads(
 ):
     """Normalise + rotate heads [i_hb*BH, (i_hb+1)*BH) of token i_t of x [T, NH, D] into y [T, NH, D] contiguous."""
     HALF: tl.constexpr = ROTARY_DIM // 2
+    DTYPE: tl.constexpr = y.dtype.element_ty
     o_h = i_hb * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
     o_d = tl.arange(0, BLOCK_D)
     m_h = o_h < NH
@@ -51,26 +53,26 @@ def _norm_rope_heads(
     p_row = x + i_t * stride_xt + o_h[:, None] * stride_xh
 
     b_x = tl.load(p_row + o_d[None, :], mask=m_h[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-    b_rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
+    b_rstd = tl.rsqrt(tl.reduce(b_x * b_x, 1, add_combine) / D + eps)
     b_w = tl.load(weight + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_xn = (b_x * b_rstd[:, None] * (1.0 + b_w[None, :])).to(y.dtype.element_ty).to(tl.float32)
+    b_xn = round_to(b_x * b_rstd[:, None] * (1.0 + b_w[None, :]), DTYPE).to(tl.float32)
 
     # rotate_half: dim d < HALF pairs with -x[d + HALF], dim HALF <= d < ROTARY_DIM with +x[d - HALF]
     o_p = tl.where(o_d < HALF, o_d + HALF, o_d - HALF)
     b_xp = tl.load(p_row + o_p[None, :], mask=m_h[:, None] & m_rot[None, :], other=0.0).to(tl.float32)
     b_wp = tl.load(weight + o_p, mask=m_rot, other=0.0).to(tl.float32)
-    b_xp = (b_xp * b_rstd[:, None] * (1.0 + b_wp[None, :])).to(y.dtype.element_ty).to(tl.float32)
+    b_xp = round_to(b_xp * b_rstd[:, None] * (1.0 + b_wp[None, :]), DTYPE).to(tl.float32)
     b_xp = tl.where(o_d[None, :] < HALF, -b_xp, b_xp)
 
     b_ang = b_pos * tl.load(freqs + o_d % HALF, mask=m_rot, other=0.0)
-    b_cos = _cos(b_ang).to(y.dtype.element_ty).to(tl.float32)
-    b_sin = _sin(b_ang).to(y.dtype.element_ty).to(tl.float32)
+    b_cos = round_to(_cos(b_ang), DTYPE).to(tl.float32)
+    b_sin = round_to(_sin(b_ang), DTYPE).to(tl.float32)
     # torch rounds each product and the sum to the model dtype: so do we
-    b_rot = ((b_xn * b_cos[None, :]).to(y.dtype.element_ty).to(tl.float32)
-             + (b_xp * b_sin[None, :]).to(y.dtype.element_ty).to(tl.float32))
+    b_rot = (round_to(b_xn * b_cos[None, :], DTYPE).to(tl.float32)
+             + round_to(b_xp * b_sin[None, :], DTYPE).to(tl.float32))
     b_y = tl.where(m_rot[None, :], b_rot, b_xn)
     p_y = y + (i_t * NH + o_h[:, None]) * D + o_d[None, :]
-    tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_h[:, None] & m_d[None, :])
+    tl.store(p_y, round_to(b_y, DTYPE), mask=m_h[:, None] & m_d[None, :])
 
 
 @triton.jit
@@ -85,7 +87,7 @@ def _qk_norm_rope_kernel(
     BLOCK_D: tl.constexpr,
 ):
     i_t, i_hb = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    NQB = tl.cdiv(H, BLOCK_HEADS)
+    NQB = (H + BLOCK_HEADS - 1) // BLOCK_HEADS  # q head blocks come first
     b_pos = tl.load(positions + i_t * stride_pos).to(tl.float32)
     if i_hb < NQB:
         _norm_rope_heads(q, q_weight, q_out, freqs, b_pos, i_t, i_hb, H, stride_qt, stride_qh, eps,
