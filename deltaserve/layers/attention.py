@@ -4,10 +4,10 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.paged_attention import paged_attention_varlen, store_kv
+from ..kernels.paged_attention import attend, write_kv
+from ..kernels.rotary import qk_norm_rope
 from ..worker.forward_batch import ForwardBatch
 from .norm import RMSNorm
-from .rotary import apply_rotary
 
 
 class GatedAttention(nn.Module):
@@ -22,17 +22,18 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.scale = d ** -0.5
+        self.rotary_dim, self.rope_theta, self.eps = cfg.rotary_dim, cfg.rope_theta, cfg.rms_norm_eps
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [T, hidden]; cos, sin: [T, rotary_dim]; kv_cache: (k, v) each [NB, BS, Hkv, D] -> [T, hidden]."""
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]
+                ) -> torch.Tensor:
+        """x: [T, hidden]; kv_cache: (k, v) each [NB, BS, Hkv, D] -> [T, hidden]."""
         t = x.shape[0]
         q, gate = self.q_proj(x).view(t, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
-        q = apply_rotary(self.q_norm(q), cos, sin)
-        k = apply_rotary(self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)), cos, sin)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        store_kv(k, v, kv_cache[0], kv_cache[1], batch.slot_mapping)
-        o = paged_attention_varlen(q, kv_cache[0], kv_cache[1], batch.block_tables, batch.query_lens_cpu,
-                                   batch.context_lens_cpu, self.scale)
-        o = o.reshape(t, -1) * torch.sigmoid(gate.reshape(t, -1))
-        return self.o_proj(o)
+        q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, batch.positions, self.rope_theta,
+                            self.rotary_dim, self.eps)
+        write_kv(k, v, kv_cache[0], kv_cache[1], batch.slot_mapping)
+        o = attend(q, kv_cache[0], kv_cache[1], batch.block_tables, batch.cu_seqlens, batch.context_lens, self.scale,
+                   gate, batch.query_lens_cpu, batch.context_lens_cpu, batch.max_context_len, batch.is_decode)
+        return self.o_proj(o.reshape(t, -1))

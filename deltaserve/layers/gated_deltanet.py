@@ -41,7 +41,7 @@ class GatedDeltaNet(nn.Module):
         place at batch.state_slots) -> [T, hidden]."""
         t = x.shape[0]
         qkv = causal_conv1d_varlen(self.in_proj_qkv(x), self.conv1d.weight, conv_state, batch.cu_seqlens,
-                                   batch.state_slots)
+                                   batch.state_slots, batch.query_lens_cpu)
         q, k, v = qkv.split([self.hk * self.dk, self.hk * self.dk, self.hv * self.dv], dim=-1)
         o = gated_delta_rule_varlen(
             q.reshape(t, self.hk, self.dk), k.reshape(t, self.hk, self.dk), v.reshape(t, self.hv, self.dv),

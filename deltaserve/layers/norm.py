@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from ..kernels.rmsnorm import gated_rmsnorm, rmsnorm
+
 
 class RMSNorm(nn.Module):
     """Zero-centred RMSNorm: y = x̂ · (1 + w), in fp32, cast back to x's dtype.
@@ -13,11 +15,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., dim] -> same shape and dtype."""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, dim]; residual: [T, dim] or None -> (norm(x + residual), x + residual), fused on CUDA."""
+        return rmsnorm(x, self.weight, self.eps, residual)
 
 
 class GatedRMSNorm(nn.Module):
@@ -29,9 +29,5 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """x, z: [..., dim] -> [..., dim] in x's dtype."""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        # HF rounds the normalised x to the model dtype before the weight; keep that for bf16 parity.
-        y = self.weight * xf.to(x.dtype)
-        return (y.float() * nn.functional.silu(z.float())).to(x.dtype)
+        """x, z: [T, HV, dim] -> [T, HV, dim] in x's dtype."""
+        return gated_rmsnorm(x, z, self.weight, self.eps)

@@ -15,7 +15,6 @@ from ..layers.gated_deltanet import GatedDeltaNet
 from ..layers.mlp import GatedMLP
 from ..layers.moe import SparseMoE
 from ..layers.norm import RMSNorm
-from ..layers.rotary import RotaryEmbedding
 from ..worker.forward_batch import ForwardBatch
 
 
@@ -48,7 +47,6 @@ class Qwen3_5ForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, t) for t in cfg.layer_types])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # layer index -> index into ModelCaches.kv or .conv/.recurrent
@@ -59,17 +57,18 @@ class Qwen3_5ForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, caches: ModelCaches) -> torch.Tensor:
         """-> final-norm hidden states [T, hidden] in the model dtype."""
-        x = self.embed_tokens(batch.input_ids)
-        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
-        for layer, ci in zip(self.layers, self.cache_index):
-            h = layer.input_layernorm(x)
+        residual = self.embed_tokens(batch.input_ids)
+        h, residual = self.layers[0].input_layernorm(residual)
+        for i, (layer, ci) in enumerate(zip(self.layers, self.cache_index)):
+            if i > 0:  # the add of the previous layer's MLP output, fused into this norm
+                h, residual = layer.input_layernorm(h, residual)
             if layer.is_linear:
                 h = layer.linear_attn(h, batch, caches.conv[ci], caches.recurrent[ci])
             else:
-                h = layer.self_attn(h, cos, sin, batch, caches.kv[ci])
-            x = x + h
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x)
+                h = layer.self_attn(h, batch, caches.kv[ci])
+            h, residual = layer.post_attention_layernorm(h, residual)
+            h = layer.mlp(h)
+        return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [M, hidden] -> logits [M, vocab] fp32."""

@@ -17,8 +17,6 @@ from deltaserve.kernels.rmsnorm import reference as norm_ref  # noqa: E402
 from deltaserve.kernels.rmsnorm.triton import gated_rmsnorm_triton, rmsnorm_triton  # noqa: E402
 from deltaserve.kernels.rotary import reference as rope_ref  # noqa: E402
 from deltaserve.kernels.rotary.triton import qk_norm_rope_triton  # noqa: E402
-from deltaserve.layers.norm import GatedRMSNorm, RMSNorm  # noqa: E402
-from deltaserve.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
@@ -65,47 +63,6 @@ def _seed():
 
 def randn(*shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
-
-
-# ---------------------------------------------------------------- references are the layers, bit for bit
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_rmsnorm_reference_is_the_layer(dtype):
-    layer = RMSNorm(96, EPS).to(device=DEVICE, dtype=dtype)
-    with torch.no_grad():
-        layer.weight.normal_(0, 0.2)
-    x, h = randn(5, 96, dtype=dtype, scale=3), randn(5, 96, dtype=dtype)
-    y, r = norm_ref.rmsnorm(h, layer.weight, EPS, residual=x)
-    assert torch.equal(r, x + h), "residual_out is not the model's x + h"
-    assert torch.equal(y, layer(x + h)), "fused add + norm differs from the layer"
-    y, r = norm_ref.rmsnorm(x, layer.weight, EPS)
-    assert torch.equal(y, layer(x)) and r is x
-
-
-@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32], ids=["w-bf16", "w-fp32"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_gated_rmsnorm_reference_is_the_layer(dtype, w_dtype):
-    layer = GatedRMSNorm(32, EPS).to(device=DEVICE, dtype=w_dtype)
-    with torch.no_grad():
-        layer.weight.normal_(1, 0.2)
-    x, z = randn(3, 4, 32, dtype=dtype), randn(3, 4, 32, dtype=dtype, scale=2)
-    assert torch.equal(norm_ref.gated_rmsnorm(x, z, layer.weight, EPS), layer(x, z))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_qk_norm_rope_reference_is_the_layers(dtype):
-    T, H, HKV, D, RD, theta = 6, 3, 2, 32, 8, 1e7
-    q_norm, k_norm = RMSNorm(D, EPS).to(DEVICE, dtype), RMSNorm(D, EPS).to(DEVICE, dtype)
-    with torch.no_grad():
-        q_norm.weight.normal_(0, 0.3)
-        k_norm.weight.normal_(0, 0.3)
-    q = randn(T, H, 2 * D, dtype=dtype).chunk(2, dim=-1)[0]
-    k = randn(T, HKV, D, dtype=dtype)
-    positions = torch.randint(0, 100_000, (T,), device=DEVICE)
-    cos, sin = RotaryEmbedding(RD, theta).cos_sin(positions, dtype)
-    q_out, k_out = rope_ref.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, positions, theta, RD, EPS)
-    assert torch.equal(q_out, apply_rotary(q_norm(q), cos, sin))
-    assert torch.equal(k_out, apply_rotary(k_norm(k), cos, sin))
 
 
 # ---------------------------------------------------------------- Triton against the references

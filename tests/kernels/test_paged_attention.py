@@ -10,9 +10,11 @@ import os
 import torch
 
 if not torch.cuda.is_available():
+    # triton decides interpreter vs compiler once, when it (and each @triton.jit) is imported: set the flag first
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import triton.language as tl  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from deltaserve.kernels.paged_attention import (paged_attention_decode, paged_attention_prefill,  # noqa: E402
@@ -21,6 +23,7 @@ from deltaserve.kernels.paged_attention import (paged_attention_decode, paged_at
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL_FP32 = 1e-4  # fp32 everywhere (interpreter matmuls are exact fp32); observed errors ~1e-6
+ATOL_FP16 = 3e-3  # fp16 kernel vs fp32 reference: P and the output rounded to fp16 (eps 2^-11); observed 5e-4
 # bf16 kernel vs fp32 reference on the same bf16-rounded inputs: P is rounded to bf16 before P@V and the output to
 # bf16 (half an ulp: 2^-9 relative); both are covered by 1e-2 absolute + 1e-2 relative.
 ATOL_BF16, RTOL_BF16 = 1e-2, 1e-2
@@ -33,6 +36,15 @@ def assert_close(name, ref, out, atol, rtol=0.0):
     assert not out.isnan().any(), f"{name}: {int(out.isnan().sum())} NaN outputs (unwritten or read past context)"
     err = ((out - ref).abs() - rtol * ref.abs()).max().item() if ref.numel() else 0.0
     assert err <= atol, f"{name}: error {err:.2e} beyond atol {atol:.0e} + rtol {rtol:.0e} * |ref|"
+
+
+@pytest.fixture
+def triton_ready():
+    """Fail with the fix rather than with 'Cannot call @triton.jit'd outside of the scope of a kernel'."""
+    if not torch.cuda.is_available() and type(tl.max).__name__ != "InterpretedFunction":
+        pytest.fail("triton was imported (by an earlier test module) before TRITON_INTERPRET=1 was set, so its "
+                    "kernels cannot run on CPU: set it in tests/conftest.py when CUDA is absent, "
+                    "or run this file alone")
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +81,12 @@ def make_paged_kv(context_lens, block_size, hkv, d, dtype=torch.float32, spare_b
         ks.append(k)
         vs.append(v)
     return k_cache.to(DEVICE), v_cache.to(DEVICE), tables.to(DEVICE), ks, vs
+
+
+def tile(n):
+    """Test tile sizes: tiny in the interpreter (several key tiles even on short contexts); tl.dot on a GPU needs
+    16-wide bf16 operands, so at least 16 there."""
+    return n if n is None or DEVICE == "cpu" else max(n, 16)
 
 
 def cu_of(lengths):
@@ -117,7 +135,7 @@ PREFILL_CASES = {
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("case", list(PREFILL_CASES), ids=list(PREFILL_CASES))
-def test_prefill_matches_reference(case, gated):
+def test_prefill_matches_reference(case, gated, triton_ready):
     h, hkv, d, bs, q_lens, ctx_lens, block_m, block_n = PREFILL_CASES[case]
     k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, bs, hkv, d)
     q = torch.randn(sum(q_lens), h, d, device=DEVICE)
@@ -125,8 +143,40 @@ def test_prefill_matches_reference(case, gated):
     ref = paged_attention_varlen(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5, gate=gate)
     out = nan_like(q)
     paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
-                            d ** -0.5, gate, q_lens, ctx_lens, block_m=block_m, block_n=block_n, out=out)
+                            d ** -0.5, gate, q_lens, ctx_lens, block_m=block_m, block_n=tile(block_n), out=out)
     assert_close(case, ref, out, ATOL_FP32)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+def test_prefill_index_dtypes(index_dtype, triton_ready):
+    """ForwardBatch carries int64 cu_seqlens / context_lens and int32 block tables; either width works for each."""
+    q_lens, ctx_lens = [3, 6], [9, 6]
+    k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, 4, 2, 32)
+    q = torch.randn(sum(q_lens), 4, 32, device=DEVICE)
+    ref = paged_attention_varlen(q, k_cache, v_cache, tables, q_lens, ctx_lens, 32 ** -0.5)
+    out = paged_attention_prefill(q, k_cache, v_cache, tables.to(index_dtype), cu_of(q_lens).to(index_dtype),
+                                  torch.tensor(ctx_lens, dtype=index_dtype, device=DEVICE), 32 ** -0.5, None,
+                                  q_lens, ctx_lens, block_m=16, block_n=tile(8))
+    assert_close(f"{index_dtype}", ref, out, ATOL_FP32)
+
+
+def test_half_precision_matches_fp32_reference(triton_ready):
+    """The 16-bit path (q, gate and caches fp16, P rounded to fp16 before P@V, output rounded): fp16 because the
+    Triton 3.9 interpreter's tl.dot mis-reads bf16 operands; bf16 itself is covered by the gpu tests."""
+    q_lens, ctx_lens = [5, 1, 20], [9, 40, 20]
+    k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, 4, 2, 32, dtype=torch.float16)
+    q = torch.randn(sum(q_lens), 4, 32, device=DEVICE).half()
+    gate = torch.randn_like(q)
+    ref = paged_attention_varlen(q.float(), k_cache.float(), v_cache.float(), tables, q_lens, ctx_lens, 32 ** -0.5,
+                                 gate=gate.float())
+    out = paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
+                                  32 ** -0.5, gate, q_lens, ctx_lens, block_m=16, block_n=16)
+    assert out.dtype == torch.float16
+    assert_close("prefill fp16", ref, out, ATOL_FP16)
+    q1, g1 = q[[4, 5, 25]], gate[[4, 5, 25]]  # each sequence's last token: a decode step over the same cache
+    out = paged_attention_decode(q1, k_cache, v_cache, tables, torch.tensor(ctx_lens, device=DEVICE), 32 ** -0.5, g1,
+                                 max(ctx_lens), partition_size=16, block_n=16)
+    assert_close("decode fp16", ref[[4, 5, 25]], out, ATOL_FP16)
 
 
 # ------------------------------------------------------------------------------------------------------- decode
@@ -143,7 +193,7 @@ DECODE_CASES = {
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("case", list(DECODE_CASES), ids=list(DECODE_CASES))
-def test_decode_matches_reference(case, gated):
+def test_decode_matches_reference(case, gated, triton_ready):
     h, hkv, d, bs, ctx_lens, partition_size, block_n = DECODE_CASES[case]
     k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, bs, hkv, d)
     n = len(ctx_lens)
@@ -156,11 +206,11 @@ def test_decode_matches_reference(case, gated):
                                        gate=None if gate is None else gate[live])
     out = nan_like(q)
     paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(ctx_lens, device=DEVICE), d ** -0.5, gate,
-                           max(ctx_lens), partition_size=partition_size, block_n=block_n, out=out)
+                           max(ctx_lens), partition_size=partition_size, block_n=tile(block_n), out=out)
     assert_close(case, ref, out, ATOL_FP32)
 
 
-def test_varlen_triton_dispatch_matches_reference():
+def test_varlen_triton_dispatch_matches_reference(triton_ready):
     """The drop-in wrapper: all-decode batches take the decode kernel, anything else the prefill kernel."""
     h, hkv, d, bs = 4, 2, 32, 4
     for q_lens, ctx_lens in (([1, 1, 1], [5, 19, 2]), ([4, 1], [9, 3])):
@@ -174,7 +224,7 @@ def test_varlen_triton_dispatch_matches_reference():
 
 # ------------------------------------------------------------------------------------------------------ KV store
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
-def test_store_kv_matches_reference(slot_dtype):
+def test_store_kv_matches_reference(slot_dtype, triton_ready):
     """Slots -1 are skipped, every other slot is written, nothing else in the cache changes."""
     nb, bs, hkv, d, t = 6, 4, 2, 32, 9
     k_cache, v_cache = torch.randn(nb, bs, hkv, d, device=DEVICE), torch.randn(nb, bs, hkv, d, device=DEVICE)
@@ -188,7 +238,7 @@ def test_store_kv_matches_reference(slot_dtype):
 
 
 # ---------------------------------------------------------------------------------------------------- validation
-def test_wrappers_reject_bad_inputs():
+def test_wrappers_reject_bad_inputs(triton_ready):
     k_cache, v_cache, tables, _, _ = make_paged_kv([5], 4, 2, 32)
     q = torch.randn(5, 3, 32, device=DEVICE)  # 3 heads over 2 kv heads
     ctx = torch.tensor([5], device=DEVICE)

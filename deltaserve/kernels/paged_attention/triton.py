@@ -12,8 +12,6 @@ The optional output gate (Qwen3.5) is applied in the epilogue: o = attn * sigmoi
 GQA: one program serves all G = H / Hkv query heads of one kv head, so each K/V tile is read once per group.
 Prefill packs rows as (query token, head in group): row r of a tile is token r // G, head r % G.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -57,7 +55,7 @@ def _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n
     b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * scale_log2
     b_s = tl.where(m_s, b_s, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-    # every row sees key 0 in its first tile, so b_m_new is finite and no -inf - -inf arises
+    # every row sees a key of its first tile (prefill: key 0, decode: the partition start): b_m_new is finite
     b_p = tl.exp2(b_s - b_m_new[:, None])
     b_alpha = tl.exp2(b_m - b_m_new)
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
@@ -114,7 +112,8 @@ def _prefill_kernel(q, k_cache, v_cache, gate, o, block_tables, cu_seqlens, cont
 
 @triton.jit
 def _decode_partial_kernel(q, k_cache, v_cache, gate, o, part_m, part_l, part_acc, block_tables, context_lens,
-                           scale_log2, partition_size, num_partitions, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh,
+                           scale_log2, partition_size, num_partitions, stride_qn, stride_qh,
+                           stride_kb, stride_ks, stride_kh,
                            stride_vb, stride_vs, stride_vh, stride_gn, stride_gh, stride_on, stride_oh, stride_bt,
                            H: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr,
                            D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_GATE: tl.constexpr,
@@ -169,7 +168,8 @@ def _decode_partial_kernel(q, k_cache, v_cache, gate, o, part_m, part_l, part_ac
 def _decode_reduce_kernel(o, gate, part_m, part_l, part_acc, context_lens, partition_size, num_partitions,
                           stride_on, stride_oh, stride_gn, stride_gh,
                           H: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, HAS_GATE: tl.constexpr):
-    """Grid (N, H): merge the partitions of one (sequence, head): o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p."""
+    """Grid (N, H): merge the partitions of one (sequence, head):
+    o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, then the gate."""
     i_seq, i_h = tl.program_id(0), tl.program_id(1)
     ctx = tl.load(context_lens + i_seq).to(tl.int32)
     num_parts = tl.cdiv(ctx, partition_size)
@@ -220,6 +220,12 @@ def _check_q(name: str, q: torch.Tensor, hkv: int, d: int) -> tuple[int, int]:
 def _check_gate(gate: torch.Tensor | None, q: torch.Tensor) -> None:
     if gate is not None and (gate.shape != q.shape or gate.stride(-1) != 1 or gate.device != q.device):
         raise ValueError(f"gate {tuple(gate.shape)} must match q {tuple(q.shape)} with a contiguous last axis")
+
+
+def _check_block_n(block_n: int, device: torch.device) -> int:
+    if block_n & (block_n - 1) or (device.type == "cuda" and block_n < 16):
+        raise ValueError(f"block_n {block_n} must be a power of two, >= 16 on a GPU (tl.dot operand width)")
+    return block_n
 
 
 def _check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
@@ -314,7 +320,7 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     o = _check_out(out, q)
     g = h // hkv
     cfg_m, cfg_n, cfg_w, cfg_s = _prefill_config(d, g)
-    block_m, block_n = block_m or cfg_m, block_n or cfg_n
+    block_m, block_n = block_m or cfg_m, _check_block_n(block_n or cfg_n, q.device)
     if block_m < g or block_m & (block_m - 1):
         raise ValueError(f"block_m {block_m} must be a power of two >= the GQA group {g}")
     block_q = block_m // g
@@ -363,8 +369,9 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q: [N, H, D] (row i is the last token of sequence i); k_cache, v_cache: [NB, BS, Hkv, D];
     block_tables: [N, max_blocks] int32/int64; context_lens: [N] int32/int64 (device; 0: padded row, output zeros);
     gate: [N, H, D] or None; max_context_len: host int >= every context_lens[i] (sets the partition grid; for CUDA
-    graphs pass the capture bound) -> o: [N, H, D] in q's dtype (into `out` when given). One launch when a single partition covers
-    max_context_len, else a partial kernel + a reduce (gate in the last one). No host sync."""
+    graphs pass the capture bound) -> o: [N, H, D] in q's dtype (into `out` when given).
+    One launch when a single partition covers max_context_len, else a partial kernel + a reduce (gate in the last
+    one). No host sync. partition_size (default: _decode_partition_size) / block_n / num_warps / num_stages tune."""
     _, bs, hkv, d = _check_cache(k_cache, v_cache)
     n, h = _check_q("q", q, hkv, d)
     _check_gate(gate, q)
@@ -381,7 +388,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     g = h // hkv
     size = partition_size or _decode_partition_size(n, hkv, max_context_len, q.device)
     parts = max(1, triton.cdiv(max_context_len, size))
-    block_n = block_n or (32 if d >= 256 else 64)
+    block_n = _check_block_n(block_n or (32 if d >= 256 else 64), q.device)
     split = parts > 1
     gate_arg = gate if gate is not None else q
     if split:
