@@ -1,4 +1,5 @@
-"""`deltaserve` command line: make-tiny and generate (serve, chat, bench and quantize come with their issues).
+"""`deltaserve` command line: make-tiny, generate, serve (OpenAI-compatible server) and chat (terminal chat);
+bench and quantize come with their issues.
 
 Any error a user can cause (bad path, bad checkpoint, bad flag value) prints one line `error: ...` and exits 2.
 """
@@ -61,7 +62,49 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     add_engine_args(gen)
     add_sampling_args(gen)
+    _add_serve_parser(sub)
+    _add_chat_parser(sub)
     return parser
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
+                   help="checkpoint directory (same as --model; default: the embedded tiny checkpoint)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                   help="tensor-parallel GPUs (only 1 is supported for now)")
+
+
+def _add_serve_parser(sub) -> None:
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                         description="Serve a model over an OpenAI-compatible HTTP API: /v1/chat/completions, "
+                                     "/v1/completions, /v1/models, /health, /version, /metrics.")
+    _add_model_arg(srv)
+    g = srv.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    g.add_argument("--served-model-name", default=None,
+                   help="model name clients send (default: MODEL as given, or 'tiny-qwen3.5')")
+    g.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="seconds running requests get to finish after SIGTERM before they are aborted")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_args(srv)
+
+
+def _add_chat_parser(sub) -> None:
+    chat = sub.add_parser("chat", help="interactive chat in the terminal",
+                          description="Chat with a model in the terminal: streamed answers, multi-turn history, "
+                                      "/reset, /exit. Reasoning is shown dimmed unless --hide-thinking.")
+    _add_model_arg(chat)
+    g = chat.add_argument_group("chat")
+    g.add_argument("--system", default=None, help="system prompt")
+    g.add_argument("--hide-thinking", action="store_true", help="do not show the model's reasoning")
+    g.add_argument("--no-thinking", action="store_true",
+                   help="ask the model not to reason (chat template enable_thinking=False)")
+    add_engine_args(chat)
+    add_sampling_args(chat)
+    chat.set_defaults(max_tokens=1024)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             print(make_tiny(args.dir, moe=args.moe, num_layers=args.layers, seed=args.seed))
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "serve":
+            _serve(args)
+        elif args.command == "chat":
+            return _chat(args)
         return 0
     except (ConfigError, WeightsError, TokenizerError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -99,6 +146,61 @@ def engine_kwargs(args) -> dict:
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                 num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization)
+
+
+def _merge_model_arg(args) -> None:
+    """MODEL (positional) and --model name the same thing; reject flags the engine does not support yet."""
+    if args.model_pos is not None:
+        if args.model is not None and args.model != args.model_pos:
+            raise ValueError(f"MODEL ({args.model_pos}) and --model ({args.model}) differ; give one of them")
+        args.model = args.model_pos
+    if args.tp != 1:
+        raise ValueError(f"tensor parallelism is not supported yet (--tp {args.tp}); run with --tp 1")
+
+
+def _sampling_params(args):
+    from . import SamplingParams
+
+    return SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          min_p=args.min_p, max_tokens=args.max_tokens, stop=args.stop, seed=args.seed,
+                          ignore_eos=args.ignore_eos, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+
+
+def _build_llm(args):
+    from . import LLM
+    from .serve.testing import install_from_env
+
+    llm = LLM(**engine_kwargs(args), tokenizer=args.tokenizer)
+    install_from_env(llm)  # TEST-ONLY hook, inert unless DELTASERVE_TEST_FORCED_OUTPUTS is set
+    return llm
+
+
+def _serve(args) -> None:
+    _merge_model_arg(args)
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
+    try:
+        from .serve.api_server import run_server
+    except ImportError as e:
+        raise ValueError(f"deltaserve serve needs fastapi, uvicorn and prometheus-client ({e}); "
+                         f"pip install deltaserve with its server dependencies") from None
+    name = args.served_model_name or args.model or "tiny-qwen3.5"
+    run_server(_build_llm(args), name, host=args.host, port=args.port, api_key=args.api_key,
+               shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+
+
+def _chat(args) -> int:
+    from .serve.chat_cli import ChatSession, run
+
+    _merge_model_arg(args)
+    params = _sampling_params(args)  # bad values fail before the model loads
+    llm = _build_llm(args)
+    session = ChatSession(llm, params, system=args.system, enable_thinking=not args.no_thinking,
+                          hide_thinking=args.hide_thinking)
+    return run(session, f"deltaserve chat: {args.model or 'the embedded tiny checkpoint'}")
 
 
 def _generate(args) -> None:

@@ -1,5 +1,5 @@
-"""RMSNorm (+ fused residual add), GDN gated RMSNorm and fused q/k norm + partial RoPE: references against the layers
-(bit-equal), Triton against the references.
+"""RMSNorm (+ fused residual add), GDN gated RMSNorm and fused q/k norm + partial RoPE: Triton against the torch
+references (which the HF parity tests in tests/reference pin to transformers).
 
 Triton runs under TRITON_INTERPRET=1 on CPU at small shapes; the `gpu` cases use the Qwen3.5-9B sizes
 (hidden 4096, HV=32, V=128, 16 q / 4 kv heads, head_dim 256, rotary_dim 64) in bf16 on CUDA."""

@@ -11,7 +11,7 @@ from deltaserve import LLM, SamplingParams
 
 # fp32 on CPU: batching, chunking and preemption may only change rounding. Different batch shapes change the matmul
 # reduction order, which moves logprobs by up to ~2e-5 (logits are O(10)); a leaked or stale state moves them by >1e-2.
-LOGPROB_ATOL = 5e-5
+LOGPROB_ATOL = 1e-4
 
 
 def make_llm(path: str, **kw) -> LLM:

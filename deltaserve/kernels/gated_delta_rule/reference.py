@@ -12,6 +12,8 @@ State layout, everywhere in the engine: [HV, K, V] fp32 (as HF). Per token, with
 import torch
 import torch.nn.functional as F
 
+from ..causal_conv1d.reference import causal_conv1d_varlen
+
 # Most state bytes one batched decode step touches. Measured on a 2-core EPYC VM (32 MiB L3): 32 full-size states
 # (2 MiB each) in one step ran ~3x slower than 4 steps of 8, as the working set spilled out of cache; small models
 # still take every decoding sequence in a single step.
@@ -187,3 +189,34 @@ def _run_single_tokens(q, k, v, g, beta, state, tokens: list[int], slots: list[i
     if len(live) < len(slots):
         new_state = new_state[live]
     state.index_copy_(0, torch.tensor([slots[j] for j in live], device=device), new_state)
+
+
+def fused_recurrent_decode_reference(
+    mixed_qkv: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state: torch.Tensor,
+    slots: torch.Tensor,
+    num_k_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+) -> torch.Tensor:
+    """One decode step (one token per row): conv-state shift + depthwise conv + SiLU, then the gated delta rule.
+    The oracle of the fused Triton decode kernel, built from `causal_conv1d_varlen` and `gated_delta_rule_varlen`.
+
+    mixed_qkv: [B, C] pre-conv in_proj_qkv output laid out [q | k | v], C = 2*Hk*K + HV*V; conv_weight: [C, W];
+    conv_state: [S, C, W-1] pool (weight dtype), updated IN PLACE at slots; a, b: [B, HV]; A_log, dt_bias: [HV];
+    state: [S, HV, K, V] fp32 pool, updated IN PLACE at slots; slots: [B] int, -1 = padding (writes nothing).
+    Returns o: [B, HV, V] in mixed_qkv.dtype."""
+    B = mixed_qkv.shape[0]
+    Hk, K, V = num_k_heads, head_k_dim, head_v_dim
+    cu_seqlens = torch.arange(B + 1, device=mixed_qkv.device)
+    y = causal_conv1d_varlen(mixed_qkv, conv_weight, conv_state, cu_seqlens, slots)
+    q = y[:, : Hk * K].reshape(B, Hk, K)
+    k = y[:, Hk * K : 2 * Hk * K].reshape(B, Hk, K)
+    v = y[:, 2 * Hk * K :].reshape(B, -1, V)
+    return gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens, slots)
