@@ -123,9 +123,7 @@ class LLM:
         """prompts: a string, a list of strings, or a list of {"prompt_token_ids": [...]} -> outputs in input order."""
         items = _normalise_prompts(prompts)
         params = _normalise_params(sampling_params, len(items))
-        encoded = [(self._encode(p), p if isinstance(p, str) else None) for p in items]
-        ids = [self.engine.add_request(tok, sp, prompt=text) for (tok, text), sp in zip(encoded, params)]
-        return self._run(ids, use_tqdm)
+        return self._run(self._add_all(items, params), use_tqdm)
 
     def generate_stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                         ) -> Iterator[RequestOutput]:
@@ -134,9 +132,7 @@ class LLM:
         requests still running, freeing their KV blocks and state slots."""
         items = _normalise_prompts(prompts)
         params = _normalise_params(sampling_params, len(items))
-        ids = [self.engine.add_request(self._encode(p), sp, prompt=p if isinstance(p, str) else None)
-               for p, sp in zip(items, params)]
-        pending = set(ids)
+        pending = set(self._add_all(items, params))
         try:
             while pending:
                 for out in self.engine.step():
@@ -161,6 +157,18 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tools=tools,
                                                       **(chat_template_kwargs or {})) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _add_all(self, items: list, params: list[SamplingParams]) -> list[str]:
+        """Queue every prompt, or none: if one is rejected, the ones already queued are aborted."""
+        ids: list[str] = []
+        try:
+            for p, sp in zip(items, params):
+                ids.append(self.engine.add_request(self._encode(p), sp, prompt=p if isinstance(p, str) else None))
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return ids
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -85,8 +85,9 @@ class EngineCore:
             return None
         for req in group.samples:
             if req.status != RequestStatus.FINISHED:
+                self.scheduler.finish(req)  # also retires sample 0's not-yet-forked siblings
+            if req.finish_reason is None:
                 req.finish_reason = "abort"
-                self.scheduler.finish(req)
             self._by_id.pop(req.request_id, None)
         return self._output(request_id, group)
 

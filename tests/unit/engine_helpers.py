@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deltaserve import LLM, SamplingParams
+from deltaserve.tiny import make_tiny
 
 # fp32 on CPU: batching, chunking and preemption may only change rounding. Different batch shapes change the matmul
 # reduction order, which moves logprobs by up to ~2e-5 (logits are O(10)); a leaked or stale state moves them by >1e-2.
@@ -165,3 +166,50 @@ def run_until_done(llm: LLM, ids: list[str], before_step=None, max_steps: int = 
     else:
         raise AssertionError(f"engine did not finish within {max_steps} steps")
     return {rid: done[rid] for rid in ids}
+
+
+class Models:
+    """Tiny checkpoints (written once per module) and one idle 'solo' LLM per checkpoint for references."""
+
+    def __init__(self, tmp_path_factory):
+        self._factory = tmp_path_factory
+        self._paths: dict[str, str] = {}
+        self._solo: dict = {}
+        self._refs: dict = {}
+
+    def path(self, kind: str) -> str:
+        if kind not in self._paths:
+            self._paths[kind] = make_tiny(str(self._factory.mktemp(kind)), moe=kind == "moe")
+        return self._paths[kind]
+
+    def solo(self, kind: str):
+        if kind not in self._solo:
+            self._solo[kind] = make_llm(self.path(kind), max_num_seqs=4, max_num_batched_tokens=512)
+        return self._solo[kind]
+
+    def vocab(self, kind: str = "dense") -> int:
+        return self.solo(kind).config.vocab_size
+
+    def ref(self, kind: str, prompt: dict, params: SamplingParams):
+        """RequestOutput of the request run alone with a budget that prefills any prompt here in one step."""
+        key = (kind, tuple(prompt["prompt_token_ids"]), repr(params))
+        if key not in self._refs:
+            self._refs[key] = solo(self.solo(kind), prompt, params)
+        return self._refs[key]
+
+
+def boundary_stop(tok, token_ids: list[int], text: str, before: int, after: int):
+    """A stop string text[b-before : b+after] around a token boundary b, first occurring there -> (string, start,
+    number of tokens needed to complete it), or None."""
+    cum = [len(tok.decode(token_ids[:k])) for k in range(len(token_ids) + 1)]
+    for k in range(1, len(token_ids)):
+        b = cum[k]
+        lo, hi = b - before, b + after
+        if lo < 1 or hi > len(text) or cum[k - 1] >= b or cum[k + 1] <= b:
+            continue
+        s = text[lo:hi]
+        if "\ufffd" in s or text.find(s) != lo or "\ufffd" in text[:hi]:
+            continue
+        need = next(j for j in range(len(cum)) if cum[j] >= hi)
+        return s, lo, need
+    return None

@@ -14,10 +14,12 @@ import pytest
 import torch
 from engine_helpers import (
     LOGPROB_ATOL,
+    Models,
     StepLog,
     assert_close_logprobs,
     assert_engine_idle,
     assert_same_completion,
+    boundary_stop,
     free_slots_and_blocks,
     greedy,
     make_llm,
@@ -28,37 +30,6 @@ from engine_helpers import (
 )
 
 from deltaserve import SamplingParams
-from deltaserve.tiny import make_tiny
-
-
-class Models:
-    """Tiny checkpoints (written once per module) and one idle 'solo' LLM per checkpoint for references."""
-
-    def __init__(self, tmp_path_factory):
-        self._factory = tmp_path_factory
-        self._paths: dict[str, str] = {}
-        self._solo: dict = {}
-        self._refs: dict = {}
-
-    def path(self, kind: str) -> str:
-        if kind not in self._paths:
-            self._paths[kind] = make_tiny(str(self._factory.mktemp(kind)), moe=kind == "moe")
-        return self._paths[kind]
-
-    def solo(self, kind: str):
-        if kind not in self._solo:
-            self._solo[kind] = make_llm(self.path(kind), max_num_seqs=4, max_num_batched_tokens=512)
-        return self._solo[kind]
-
-    def vocab(self, kind: str = "dense") -> int:
-        return self.solo(kind).config.vocab_size
-
-    def ref(self, kind: str, prompt: dict, params: SamplingParams):
-        """RequestOutput of the request run alone with a budget that prefills any prompt here in one step."""
-        key = (kind, tuple(prompt["prompt_token_ids"]), repr(params))
-        if key not in self._refs:
-            self._refs[key] = solo(self.solo(kind), prompt, params)
-        return self._refs[key]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -277,12 +248,7 @@ def test_abort_frees_everything(models, where):
     assert_same_completion("after", models.ref("dense", prompts[0], greedy(8)).outputs[0], again.outputs[0])
 
 
-@pytest.mark.parametrize("forked", [
-    True,
-    pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: EngineCore.abort before the n>1 siblings are forked leaves their finish_reason None: "
-        "Scheduler.finish(sample 0) marks the unforked children FINISHED, so abort's loop skips them"))),
-], ids=["after-fork", "before-fork"])
+@pytest.mark.parametrize("forked", [True, False], ids=["after-fork", "before-fork"])
 def test_abort_n_gt_1(models, forked):
     prompt = random_prompt(random.Random(9), 60, models.vocab())
     llm = _abort_llm(models, max_num_batched_tokens=16)
@@ -325,23 +291,6 @@ def test_unseeded_samples_differ(models):
 
 # ----------------------------------------------------------------------------------------- 7. stop strings
 
-def _boundary_stop(tok, token_ids: list[int], text: str, before: int, after: int):
-    """A stop string text[b-before : b+after] around a token boundary b, first occurring there -> (string, start,
-    number of tokens needed to complete it), or None."""
-    cum = [len(tok.decode(token_ids[:k])) for k in range(len(token_ids) + 1)]
-    for k in range(1, len(token_ids)):
-        b = cum[k]
-        lo, hi = b - before, b + after
-        if lo < 1 or hi > len(text) or cum[k - 1] >= b or cum[k + 1] <= b:
-            continue
-        s = text[lo:hi]
-        if "\ufffd" in s or text.find(s) != lo or "\ufffd" in text[:hi]:
-            continue
-        need = next(j for j in range(len(cum)) if cum[j] >= hi)
-        return s, lo, need
-    return None
-
-
 @pytest.mark.parametrize("before, after, include", [(2, 2, False), (2, 2, True), (1, 6, False)],
                          ids=["2+2", "2+2-include", "1+6"])
 def test_stop_string_across_tokens(models, before, after, include):
@@ -353,7 +302,7 @@ def test_stop_string_across_tokens(models, before, after, include):
         ref = llm.generate([text_prompt], base, use_tqdm=False)[0].outputs[0]
         if tok.decode(ref.token_ids) != ref.text:
             continue
-        found = _boundary_stop(tok, ref.token_ids, ref.text, before, after)
+        found = boundary_stop(tok, ref.token_ids, ref.text, before, after)
         if found:
             break
     assert found, "no greedy output had a usable token boundary"
@@ -430,9 +379,6 @@ def test_prompt_too_long_is_rejected(models, short_llm, length):
     assert_engine_idle(short_llm)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: LLM.generate adds prompts one by one; when a later prompt fails validation the earlier ones stay "
-    "queued in the engine (vLLM aborts the already-added requests)"))
 def test_rejected_batch_leaves_no_request_behind(models, short_llm):
     rng = random.Random(16)
     good, bad = random_prompt(rng, 10, models.vocab()), random_prompt(rng, MAX_LEN, models.vocab())
