@@ -28,6 +28,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, help="tokens per paged-KV block")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV pool size (overrides auto sizing)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     _add_serve_parser(sub)
     _add_chat_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 
@@ -90,6 +92,27 @@ def _add_serve_parser(sub) -> None:
                    help="seconds running requests get to finish after SIGTERM before they are aborted")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(srv)
+
+
+def _add_bench_parser(sub) -> None:
+    from .bench import PRESETS
+
+    b = sub.add_parser("bench", help="prefill and decode speed, each next to its measured bound",
+                       description="Time prefill (per prompt length) and decode (per batch size) of the whole engine "
+                                   "and print each figure as a fraction of its bound: FLOPs over the measured bf16 "
+                                   "GEMM rate for prefill, bytes touched (weights + KV + GDN state) over the "
+                                   "measured copy bandwidth for decode.")
+    b.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="random weights of a published shape, made on the device (no checkpoint needed)")
+    b.add_argument("--layers", type=int, default=None, help="cut the preset to N layers")
+    b.add_argument("--prompt-lens", type=lambda v: [int(x) for x in v.split(",")], default=[512, 2048, 8192],
+                   help="comma-separated prefill lengths (default 512,2048,8192)")
+    b.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 16, 64],
+                   help="comma-separated decode batch sizes (default 1,16,64)")
+    b.add_argument("--context", type=int, default=1024, help="tokens of context per decoding sequence")
+    b.add_argument("--steps", type=int, default=32, help="decode steps timed per batch size")
+    add_engine_args(b)
+    b.set_defaults(max_num_batched_tokens=8192)
 
 
 def _add_chat_parser(sub) -> None:
@@ -125,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             _serve(args)
         elif args.command == "chat":
             return _chat(args)
+        elif args.command == "bench":
+            _bench(args)
         return 0
     except (ConfigError, WeightsError, TokenizerError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -145,7 +170,8 @@ def engine_kwargs(args) -> dict:
     return dict(model=resolve_model(args.model), device=args.device, dtype=args.dtype,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization)
+                num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+                enforce_eager=args.enforce_eager)
 
 
 def _merge_model_arg(args) -> None:
@@ -174,6 +200,32 @@ def _build_llm(args):
     llm = LLM(**engine_kwargs(args), tokenizer=args.tokenizer)
     install_from_env(llm)  # TEST-ONLY hook, inert unless DELTASERVE_TEST_FORCED_OUTPUTS is set
     return llm
+
+
+def _bench(args) -> None:
+    from . import LLM
+    from .bench import format_table, preset_config, run_bench
+
+    max_len = max(max(args.prompt_lens), args.context + args.steps + 16) + 8
+    kw = dict(device=args.device, dtype=args.dtype, max_num_seqs=max(args.batch_sizes),
+              max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.prompt_lens)),
+              max_model_len=args.max_model_len or max_len, block_size=args.block_size,
+              num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+              enforce_eager=args.enforce_eager)
+    if args.preset:
+        llm, name = LLM.from_config(preset_config(args.preset, args.layers), **kw), args.preset
+    else:
+        llm, name = LLM(model=resolve_model(args.model), **kw), args.model or "tiny"
+    rows = run_bench(llm, args.prompt_lens, args.batch_sizes, args.context, args.steps)
+    dev = torch_device_name(llm.device)
+    print(format_table(rows, f"{name} | {dev} | {str(llm.dtype).replace('torch.', '')} | decode context "
+                             f"{args.context} | CUDA graphs {'on' if llm.runner.graphs else 'off'}"))
+
+
+def torch_device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _serve(args) -> None:

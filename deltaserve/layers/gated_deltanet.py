@@ -5,7 +5,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels.causal_conv1d import causal_conv1d_varlen
-from ..kernels.gated_delta_rule import gated_delta_rule_varlen
+from ..kernels.gated_delta_rule import gated_delta_rule_varlen, gdn_decode_step
 from ..worker.forward_batch import ForwardBatch
 from .norm import GatedRMSNorm
 
@@ -40,13 +40,18 @@ class GatedDeltaNet(nn.Module):
         """x: [T, hidden]; conv_state: [S, conv_dim, W-1]; recurrent_state: [S, HV, K, V] fp32 (both updated in
         place at batch.state_slots) -> [T, hidden]."""
         t = x.shape[0]
-        qkv = causal_conv1d_varlen(self.in_proj_qkv(x), self.conv1d.weight, conv_state, batch.cu_seqlens,
-                                   batch.state_slots, batch.query_lens_cpu)
-        q, k, v = qkv.split([self.hk * self.dk, self.hk * self.dk, self.hv * self.dv], dim=-1)
-        o = gated_delta_rule_varlen(
-            q.reshape(t, self.hk, self.dk), k.reshape(t, self.hk, self.dk), v.reshape(t, self.hv, self.dv),
-            self.in_proj_a(x), self.in_proj_b(x), self.A_log, self.dt_bias, recurrent_state,
-            batch.cu_seqlens, batch.state_slots,
-        )
+        mixed_qkv, a, b = self.in_proj_qkv(x), self.in_proj_a(x), self.in_proj_b(x)
+        if batch.is_decode:  # one fused kernel: conv-state shift + conv + SiLU + gating + norm + recurrence
+            o = gdn_decode_step(mixed_qkv, self.conv1d.weight, conv_state, a, b, self.A_log, self.dt_bias,
+                                recurrent_state, batch.state_slots, self.hk, self.dk, self.dv)
+        else:
+            qkv = causal_conv1d_varlen(mixed_qkv, self.conv1d.weight, conv_state, batch.cu_seqlens,
+                                       batch.state_slots, batch.query_lens_cpu)
+            q, k, v = qkv.split([self.hk * self.dk, self.hk * self.dk, self.hv * self.dv], dim=-1)
+            o = gated_delta_rule_varlen(
+                q.reshape(t, self.hk, self.dk), k.reshape(t, self.hk, self.dk), v.reshape(t, self.hv, self.dv),
+                a, b, self.A_log, self.dt_bias, recurrent_state, batch.cu_seqlens, batch.state_slots,
+                query_lens=batch.query_lens_cpu, tables=batch.gdn_tables,
+            )
         z = self.in_proj_z(x).view(t, self.hv, self.dv)
         return self.out_proj(self.norm(o, z).reshape(t, -1))

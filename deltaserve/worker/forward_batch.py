@@ -22,6 +22,7 @@ class ForwardBatch:
     context_lens_cpu: list[int]  # N host ints: same as context_lens
     is_decode: bool = False  # every sequence feeds exactly one token (the fused decode kernels apply)
     max_context_len: int = 0  # host int: max of context_lens (sizes the split-K attention grid)
+    gdn_tables: object = None  # Triton GDN prefill's (sequence, chunk) tables, built once per step (CUDA only)
 
     @property
     def num_seqs(self) -> int:

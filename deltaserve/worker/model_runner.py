@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ModelConfig
+from ..kernels.gated_delta_rule import build_step_tables
 from ..models.qwen3_5 import ModelCaches
 from ..runtime.scheduler_output import SchedulerOutput
 from .cuda_graph import CudaGraphRunner
@@ -160,6 +161,8 @@ class ModelRunner:
             query_lens_cpu=[s.num_new_tokens for s in sched.seqs], context_lens_cpu=ctx,
             is_decode=len(ids) == len(sched.seqs), max_context_len=max(ctx),
         )
+        if not batch.is_decode and self.cfg.linear_attention_layers:
+            batch.gdn_tables = build_step_tables(batch.query_lens_cpu, self.device)
         return batch, first_row
 
     @staticmethod

@@ -1,13 +1,16 @@
-"""Gated delta rule dispatch: validates the flat varlen batch, then runs the torch reference.
-
-Dispatch will pick the Triton kernels on CUDA once they exist; the reference stays the CPU path and their oracle."""
+"""Gated delta rule dispatch: validates the flat varlen batch, then runs the Triton kernels on CUDA (chunked WY
+prefill; one fused kernel per decode step) and the torch reference elsewhere (also the kernels' test oracle).
+Triton modules are imported only on the CUDA branch, so a CPU process never imports triton from here."""
 import torch
 
+from ..varlen import check_varlen, require_query_lens
 from . import reference
 from .reference import chunk_gated_delta_rule, gdn_gating, l2norm, recurrent_gated_delta_rule_step
 
 __all__ = [
     "gated_delta_rule_varlen",
+    "gdn_decode_step",
+    "build_step_tables",
     "chunk_gated_delta_rule",
     "recurrent_gated_delta_rule_step",
     "gdn_gating",
@@ -27,12 +30,15 @@ def gated_delta_rule_varlen(
     cu_seqlens: torch.Tensor,
     slots: torch.Tensor,
     chunk_size: int = 64,
+    query_lens: list[int] | None = None,
+    tables=None,
 ) -> torch.Tensor:
     """Gated delta rule over a flat varlen batch, continuing from and updating each sequence's pooled state.
 
     q, k: [T, Hk, K] model dtype (not yet l2-normalised); v: [T, HV, V]; a, b: [T, HV]; A_log, dt_bias: [HV];
     state: [S, HV, K, V] fp32 pool, updated IN PLACE at slots; cu_seqlens: [N+1] int32/int64;
-    slots: [N] int64, distinct except -1 (padding row: reads a zero state, writes nothing).
+    slots: [N] int64, distinct except -1 (padding row: reads a zero state, writes nothing); query_lens: N host
+    ints (required on CUDA); tables: `build_step_tables(query_lens, device)` built once per step (CUDA, optional).
     Returns o: [T, HV, V] in v.dtype."""
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3:
         raise ValueError(f"q and k must both be [T, Hk, K] and v [T, HV, V]; got q {tuple(q.shape)}, "
@@ -55,30 +61,40 @@ def gated_delta_rule_varlen(
         raise ValueError(f"state must be float32 (the recurrence accumulates in it); got {state.dtype}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
-    _check_varlen(T, state.shape[0], cu_seqlens, slots, v.device, (q, k, a, b, A_log, dt_bias, state))
-    # dispatch will pick the Triton kernel here on CUDA; the reference serves CPU (and is its test oracle)
+    check_varlen(T, state.shape[0], cu_seqlens, slots, v.device, (q, k, a, b, A_log, dt_bias, state),
+                 check_values=not v.is_cuda)
+    if v.is_cuda:
+        from .triton import chunk_gated_delta_rule_varlen
+
+        return chunk_gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens, slots,
+                                             require_query_lens(query_lens, slots.numel()), chunk_size,
+                                             tables=tables)
     return reference.gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens, slots, chunk_size)
 
 
-def _check_varlen(T: int, num_slots: int, cu_seqlens: torch.Tensor, slots: torch.Tensor, device, others) -> None:
-    """cu_seqlens: [N+1] int, 0 first, T last, non-decreasing; slots: [N] int in [-1, num_slots);
-    everything on v's device."""
-    if any(t.device != device for t in (*others, cu_seqlens, slots)):
-        raise ValueError(f"all inputs (q, k, v, a, b, A_log, dt_bias, state, cu_seqlens, slots) must be on {device}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor [N+1]; got {cu_seqlens.dtype} "
-                         f"{tuple(cu_seqlens.shape)}")
-    if slots.dim() != 1 or slots.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slots must be a 1-D int32/int64 tensor [N]; got {slots.dtype} {tuple(slots.shape)}")
-    if cu_seqlens.numel() != slots.numel() + 1:
-        raise ValueError(f"cu_seqlens has {cu_seqlens.numel()} entries but slots has {slots.numel()}: "
-                         "cu_seqlens must be [N+1] for N slots")
-    # one host read for all the value checks
-    bad_slot = (slots < -1) | (slots >= num_slots)
-    first, last, decreasing, bad = torch.stack([
-        cu_seqlens[0].long(), cu_seqlens[-1].long(), (cu_seqlens.diff() < 0).sum(), bad_slot.sum()]).tolist()
-    if first != 0 or last != T or decreasing:
-        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at T={T}; got first={first}, "
-                         f"last={last}, {decreasing} decreasing step(s)")
-    if bad:
-        raise ValueError(f"{bad} slot(s) outside [-1, {num_slots}): slots index the state pool, -1 marks padding")
+def build_step_tables(query_lens: list[int], device: torch.device):
+    """The (sequence, chunk) index tables of the Triton prefill for one step, shared by every GDN layer
+    (None off CUDA, where the reference needs none)."""
+    if device.type != "cuda":
+        return None
+    from .triton import build_chunk_tables
+
+    return build_chunk_tables(query_lens, device)
+
+
+def gdn_decode_step(mixed_qkv: torch.Tensor, conv_weight: torch.Tensor, conv_state: torch.Tensor, a: torch.Tensor,
+                    b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor,
+                    slots: torch.Tensor, num_k_heads: int, head_k_dim: int, head_v_dim: int) -> torch.Tensor:
+    """One decode step of the GDN mixer after in_proj, one token per row: conv-state shift + conv + SiLU, gating,
+    q/k L2 norm, recurrence, output. One Triton kernel on CUDA (graph-capturable, no host sync); on CPU the
+    reference built from the conv and delta-rule references. mixed_qkv: [B, C] pre-conv [q | k | v];
+    conv_weight: [C, W]; conv_state: [S, C, W-1]; a, b: [B, HV]; state: [S, HV, K, V] fp32; slots: [B] (-1 writes
+    nothing) -> o: [B, HV, V]."""
+    if mixed_qkv.is_cuda:
+        from .triton import fused_recurrent_decode
+
+        return fused_recurrent_decode(mixed_qkv, conv_weight, conv_state, a, b, A_log, dt_bias, state, slots,
+                                      num_k_heads, head_k_dim, head_v_dim)
+    return reference.fused_recurrent_decode_reference(mixed_qkv, conv_weight, conv_state, a, b, A_log, dt_bias,
+                                                      state, slots, num_k_heads, head_k_dim, head_v_dim)
+

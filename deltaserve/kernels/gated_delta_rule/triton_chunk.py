@@ -1,0 +1,413 @@
+"""Triton chunked (WY) gated delta rule over a flat varlen batch with a state pool: the prefill / mixed-batch path.
+
+Three kernels, one launch each, no host sync (the (sequence, chunk) tables come from the host list `query_lens`):
+  1. `_chunk_prep_kernel`   grid (chunks, HV): gating g/beta from raw a/b, in-chunk cumsum G, l2norm of k,
+     A = strictly_lower(beta k k^T exp(G_i - G_j)) as 16x16 blocks, T = (I + A)^-1 (forward substitution per
+     diagonal block, merged 16 -> 64), w = T (beta exp(G) k), u = T (beta v).
+  2. `_chunk_state_kernel`  grid (V-tiles, HV, sequences): serial over a sequence's chunks with the state h in fp32
+     registers; gathers the initial state from the pool at its slot and scatters the final one back (slot -1: zero
+     initial state, no write); saves each chunk-start h and v_new = u - w h.
+  3. `_chunk_output_kernel` grid (V-tiles, chunks, HV): o = scale (q h) exp(G) + causal(q k^T exp(G_i - G_j)) v_new.
+Intermediates (w, u, v_new, h) are stored in the input dtype and feed bf16 tensor-core dots, as fla does; every
+accumulation, the state and the triangular solve ("ieee" fp32 dots) are fp32. Against the fp32 reference that costs
+~4e-3 relative RMS on o and ~3e-3 on states at K=V=128 (tf32 operands for the state update and output would give
+~3e-3 / ~2.4e-3: not worth the slower dots). The chunk is fixed at 64 tokens (four 16-token sub-blocks unrolled in
+kernel 1). Exponentials use natural base throughout. Offsets are int32 except pool slots and chunk states:
+T * HV * max(K, V) must stay below 2**31 (the wrapper checks).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+BT = 64  # tokens per chunk
+BC = 16  # sub-block of the triangular solve
+
+
+@dataclass(frozen=True)
+class ChunkLaunchConfig:
+    """Launch parameters of the three prefill kernels (the benchmark sweeps them; defaults are H100 guesses)."""
+    prep_warps: int = 4
+    state_block_v: int = 32   # V-tile of the serial state pass: smaller -> more programs on few long sequences
+    state_warps: int = 4
+    state_stages: int = 2
+    out_block_v: int = 64
+    out_warps: int = 4
+
+
+@triton.jit
+def _gate(a, b, A_log, dt_bias, o_t, m_t, s_a, s_b, i_h):
+    """g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b) for tokens o_t of value head i_h: both [BC] fp32,
+    zero on masked tokens (zero g decays nothing, zero beta writes nothing)."""
+    b_x = tl.load(a + o_t * s_a + i_h, mask=m_t, other=0).to(tl.float32) + tl.load(dt_bias + i_h).to(tl.float32)
+    # torch's softplus threshold: linear above 20 (and exp() of a large x never reaches the result)
+    b_sp = tl.where(b_x > 20.0, b_x, tl.log(1.0 + tl.exp(tl.minimum(b_x, 20.0))))
+    b_g = tl.where(m_t, -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * b_sp, 0.0)
+    b_b = tl.load(b + o_t * s_b + i_h, mask=m_t, other=0).to(tl.float32)
+    b_beta = tl.where(m_t, 1.0 / (1.0 + tl.exp(-b_b)), 0.0)
+    return b_g, b_beta
+
+
+@triton.jit
+def _load_rows_l2norm(p, o_t, m_t, s_t, o_d, m_d):
+    """Rows o_t of a [T, D] view (token stride s_t, dense D) -> fp32 [rows, BD], each row x * rsqrt(sum x^2 + 1e-6)."""
+    b_x = tl.load(p + o_t[:, None] * s_t + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0).to(tl.float32)
+    return b_x * (1.0 / tl.sqrt(tl.sum(b_x * b_x, 1) + 1e-6))[:, None]
+
+
+@triton.jit
+def _kkt_block(b_kb_i, b_k_j, b_G_i, b_G_j, BC: tl.constexpr, DIAG: tl.constexpr):
+    """A_ij = (beta k)_i k_j^T exp(G_i - G_j) for one [BC, BC] block; DIAG keeps only the strictly lower part."""
+    b_A = tl.dot(b_kb_i, tl.trans(b_k_j))
+    b_d = b_G_i[:, None] - b_G_j[None, :]
+    if DIAG:
+        o_i = tl.arange(0, BC)
+        m_low = o_i[:, None] > o_i[None, :]
+        # mask the exponent first: above the diagonal G_i - G_j > 0 and exp() could overflow
+        b_A = tl.where(m_low, b_A * tl.exp(tl.where(m_low, b_d, 0.0)), 0.0)
+    else:
+        b_A = b_A * tl.exp(b_d)
+    return b_A
+
+
+@triton.jit
+def _invert_unit_lower(b_A, BC: tl.constexpr):
+    """b_A: [BC, BC] fp32 strictly lower -> (I + b_A)^-1 by forward substitution, one row per step. With X the
+    strictly lower part of the inverse, X_i = -A_i + sum_{j<i} (-A_ij) X_j: row i of X still holds -A_i when its
+    turn comes, so X += (row i of X) @ X updates it from the finished rows above (a dot, not two reductions: fewer
+    cross-thread steps on the GPU, far fewer interpreter calls on the CPU). fp32 at full ("ieee") precision."""
+    o_i = tl.arange(0, BC)
+    b_X = -b_A
+    for i in range(1, BC):
+        b_X += tl.dot(tl.where(o_i[:, None] == i, b_X, 0.0), b_X, input_precision="ieee")
+    return b_X + tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _apply_tril_store(b_T00, b_T10, b_T11, b_T20, b_T21, b_T22, b_T30, b_T31, b_T32, b_T33,
+                      b_x0, b_x1, b_x2, b_x3, p_out, o_t0, o_t1, o_t2, o_t3, m_t0, m_t1, m_t2, m_t3, m_d, s_out):
+    """out = T x for the block lower-triangular T [4x4 blocks of BC] and x in four [BC, D] row blocks; stores row
+    block i at tokens o_t<i> (token stride s_out, columns masked by m_d [1, BD])."""
+    DT = p_out.dtype.element_ty
+    b_y = tl.dot(b_T00, b_x0)
+    tl.store(p_out + o_t0[:, None] * s_out, b_y.to(DT), mask=m_t0[:, None] & m_d)
+    b_y = tl.dot(b_T10, b_x0) + tl.dot(b_T11, b_x1)
+    tl.store(p_out + o_t1[:, None] * s_out, b_y.to(DT), mask=m_t1[:, None] & m_d)
+    b_y = tl.dot(b_T20, b_x0) + tl.dot(b_T21, b_x1) + tl.dot(b_T22, b_x2)
+    tl.store(p_out + o_t2[:, None] * s_out, b_y.to(DT), mask=m_t2[:, None] & m_d)
+    b_y = tl.dot(b_T30, b_x0) + tl.dot(b_T31, b_x1) + tl.dot(b_T32, b_x2) + tl.dot(b_T33, b_x3)
+    tl.store(p_out + o_t3[:, None] * s_out, b_y.to(DT), mask=m_t3[:, None] & m_d)
+
+
+@triton.jit
+def _chunk_prep_kernel(
+    k, v, a, b, A_log, dt_bias, chunk_table, g_cum, w, u,
+    s_k, s_v, s_a, s_b,
+    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """k: [T, HK, K]; v: [T, HV, V] (token strides s_k, s_v); a, b: [T, HV]; chunk_table: [chunks, 2] int32 token
+    range [t0, t1) of each chunk. Writes g_cum: [T, HV] fp32 in-chunk cumsum of g; w: [T, HV, K]; u: [T, HV, V]."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_kh = i_h // (HV // HK)
+    t0 = tl.load(chunk_table + 2 * i_c)
+    t1 = tl.load(chunk_table + 2 * i_c + 1)
+    o_c = tl.arange(0, BC)
+    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    DT = w.dtype.element_ty
+
+    o_t0, o_t1, o_t2, o_t3 = t0 + o_c, t0 + BC + o_c, t0 + 2 * BC + o_c, t0 + 3 * BC + o_c
+    m_t0, m_t1, m_t2, m_t3 = o_t0 < t1, o_t1 < t1, o_t2 < t1, o_t3 < t1
+    b_g0, b_beta0 = _gate(a, b, A_log, dt_bias, o_t0, m_t0, s_a, s_b, i_h)
+    b_g1, b_beta1 = _gate(a, b, A_log, dt_bias, o_t1, m_t1, s_a, s_b, i_h)
+    b_g2, b_beta2 = _gate(a, b, A_log, dt_bias, o_t2, m_t2, s_a, s_b, i_h)
+    b_g3, b_beta3 = _gate(a, b, A_log, dt_bias, o_t3, m_t3, s_a, s_b, i_h)
+    # cumsum over the whole chunk: each sub-block carries the sum of those before it
+    b_s0 = tl.sum(b_g0, 0)
+    b_s1 = b_s0 + tl.sum(b_g1, 0)
+    b_s2 = b_s1 + tl.sum(b_g2, 0)
+    b_G0 = tl.cumsum(b_g0, 0)
+    b_G1 = tl.cumsum(b_g1, 0) + b_s0
+    b_G2 = tl.cumsum(b_g2, 0) + b_s1
+    b_G3 = tl.cumsum(b_g3, 0) + b_s2
+    tl.store(g_cum + o_t0 * HV + i_h, b_G0, mask=m_t0)
+    tl.store(g_cum + o_t1 * HV + i_h, b_G1, mask=m_t1)
+    tl.store(g_cum + o_t2 * HV + i_h, b_G2, mask=m_t2)
+    tl.store(g_cum + o_t3 * HV + i_h, b_G3, mask=m_t3)
+
+    p_k = k + i_kh * K
+    b_k0 = _load_rows_l2norm(p_k, o_t0, m_t0, s_k, o_k, m_k)
+    b_k1 = _load_rows_l2norm(p_k, o_t1, m_t1, s_k, o_k, m_k)
+    b_k2 = _load_rows_l2norm(p_k, o_t2, m_t2, s_k, o_k, m_k)
+    b_k3 = _load_rows_l2norm(p_k, o_t3, m_t3, s_k, o_k, m_k)
+    b_kd0, b_kd1, b_kd2, b_kd3 = b_k0.to(DT), b_k1.to(DT), b_k2.to(DT), b_k3.to(DT)
+    b_kb0 = (b_k0 * b_beta0[:, None]).to(DT)
+    b_kb1 = (b_k1 * b_beta1[:, None]).to(DT)
+    b_kb2 = (b_k2 * b_beta2[:, None]).to(DT)
+    b_kb3 = (b_k3 * b_beta3[:, None]).to(DT)
+
+    # T's diagonal blocks, then the off-diagonal ones: T_ij = -T_ii sum_{j<=m<i} A_im T_mj
+    b_T00 = _invert_unit_lower(_kkt_block(b_kb0, b_kd0, b_G0, b_G0, BC, True), BC)
+    b_T11 = _invert_unit_lower(_kkt_block(b_kb1, b_kd1, b_G1, b_G1, BC, True), BC)
+    b_T22 = _invert_unit_lower(_kkt_block(b_kb2, b_kd2, b_G2, b_G2, BC, True), BC)
+    b_T33 = _invert_unit_lower(_kkt_block(b_kb3, b_kd3, b_G3, b_G3, BC, True), BC)
+    b_A10 = _kkt_block(b_kb1, b_kd0, b_G1, b_G0, BC, False)
+    b_A20 = _kkt_block(b_kb2, b_kd0, b_G2, b_G0, BC, False)
+    b_A21 = _kkt_block(b_kb2, b_kd1, b_G2, b_G1, BC, False)
+    b_A30 = _kkt_block(b_kb3, b_kd0, b_G3, b_G0, BC, False)
+    b_A31 = _kkt_block(b_kb3, b_kd1, b_G3, b_G1, BC, False)
+    b_A32 = _kkt_block(b_kb3, b_kd2, b_G3, b_G2, BC, False)
+    # fp32 products at full precision ("ieee", not tf32): the solve amplifies rounding
+    b_T10 = -tl.dot(b_T11, tl.dot(b_A10, b_T00, input_precision="ieee"), input_precision="ieee")
+    b_T21 = -tl.dot(b_T22, tl.dot(b_A21, b_T11, input_precision="ieee"), input_precision="ieee")
+    b_T32 = -tl.dot(b_T33, tl.dot(b_A32, b_T22, input_precision="ieee"), input_precision="ieee")
+    b_S = tl.dot(b_A20, b_T00, input_precision="ieee")
+    b_T20 = -tl.dot(b_T22, tl.dot(b_A21, b_T10, b_S, input_precision="ieee"), input_precision="ieee")
+    b_S = tl.dot(b_A31, b_T11, input_precision="ieee")
+    b_T31 = -tl.dot(b_T33, tl.dot(b_A32, b_T21, b_S, input_precision="ieee"), input_precision="ieee")
+    b_S = tl.dot(b_A31, b_T10, tl.dot(b_A30, b_T00, input_precision="ieee"), input_precision="ieee")
+    b_T30 = -tl.dot(b_T33, tl.dot(b_A32, b_T20, b_S, input_precision="ieee"), input_precision="ieee")
+    b_T00, b_T11, b_T22, b_T33 = b_T00.to(DT), b_T11.to(DT), b_T22.to(DT), b_T33.to(DT)
+    b_T10, b_T20, b_T30 = b_T10.to(DT), b_T20.to(DT), b_T30.to(DT)
+    b_T21, b_T31, b_T32 = b_T21.to(DT), b_T31.to(DT), b_T32.to(DT)
+
+    # w = T (beta exp(G) k)
+    # from the model-dtype k blocks (as fla does), so the fp32 ones are dead after the A blocks: fewer registers
+    b_kg0 = (b_kd0.to(tl.float32) * (b_beta0 * tl.exp(b_G0))[:, None]).to(DT)
+    b_kg1 = (b_kd1.to(tl.float32) * (b_beta1 * tl.exp(b_G1))[:, None]).to(DT)
+    b_kg2 = (b_kd2.to(tl.float32) * (b_beta2 * tl.exp(b_G2))[:, None]).to(DT)
+    b_kg3 = (b_kd3.to(tl.float32) * (b_beta3 * tl.exp(b_G3))[:, None]).to(DT)
+    _apply_tril_store(b_T00, b_T10, b_T11, b_T20, b_T21, b_T22, b_T30, b_T31, b_T32, b_T33,
+                      b_kg0, b_kg1, b_kg2, b_kg3, w + i_h * K + o_k[None, :],
+                      o_t0, o_t1, o_t2, o_t3, m_t0, m_t1, m_t2, m_t3, m_k[None, :], HV * K)
+
+    # u = T (beta v)
+    p_v = v + i_h * V + o_v[None, :]
+    b_vb0 = (tl.load(p_v + o_t0[:, None] * s_v, mask=m_t0[:, None] & m_v[None, :], other=0).to(tl.float32)
+             * b_beta0[:, None]).to(DT)
+    b_vb1 = (tl.load(p_v + o_t1[:, None] * s_v, mask=m_t1[:, None] & m_v[None, :], other=0).to(tl.float32)
+             * b_beta1[:, None]).to(DT)
+    b_vb2 = (tl.load(p_v + o_t2[:, None] * s_v, mask=m_t2[:, None] & m_v[None, :], other=0).to(tl.float32)
+             * b_beta2[:, None]).to(DT)
+    b_vb3 = (tl.load(p_v + o_t3[:, None] * s_v, mask=m_t3[:, None] & m_v[None, :], other=0).to(tl.float32)
+             * b_beta3[:, None]).to(DT)
+    _apply_tril_store(b_T00, b_T10, b_T11, b_T20, b_T21, b_T22, b_T30, b_T31, b_T32, b_T33,
+                      b_vb0, b_vb1, b_vb2, b_vb3, u + i_h * V + o_v[None, :],
+                      o_t0, o_t1, o_t2, o_t3, m_t0, m_t1, m_t2, m_t3, m_v[None, :], HV * V)
+
+
+@triton.jit
+def _chunk_state_kernel(
+    k, w, u, g_cum, state, slots, seq_table, h, v_new,
+    s_k, s_state,
+    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """Serial pass over one sequence's chunks for one value head and V-tile. seq_table: [N, 3] int32
+    (first token, end token, first global chunk); state: [S, HV, K, V] fp32 pool (slot stride s_state), read and
+    written at slots[i_n] unless -1. Writes h: [chunks, HV, K, V] chunk-start states; v_new: [T, HV, V]."""
+    i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_kh = i_h // (HV // HK)
+    bos = tl.load(seq_table + 3 * i_n)
+    eos = tl.load(seq_table + 3 * i_n + 1)
+    c0 = tl.load(seq_table + 3 * i_n + 2)
+    slot = tl.load(slots + i_n).to(tl.int64)
+    o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    # slot -1 as a vector mask (a scalar bool in a mask trips the interpreter)
+    m_live = m_kv & ((tl.zeros([BV], dtype=tl.int64) + slot) >= 0)[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    DT = w.dtype.element_ty
+
+    # masked load, never a multiply by 0: a padding row's slot -1 (clamped to 0) may hold NaN
+    p_state = state + tl.maximum(slot, 0) * s_state + i_h * (K * V) + o_kv
+    b_h = tl.load(p_state, mask=m_live, other=0.0)
+    o_i = tl.arange(0, BT)
+    for i_t in range(0, tl.cdiv(eos - bos, BT)):
+        t0 = bos + i_t * BT
+        o_t = t0 + o_i
+        m_t = o_t < eos
+        tl.store(h + ((c0 + i_t).to(tl.int64) * HV + i_h) * (K * V) + o_kv, b_h.to(DT), mask=m_kv)
+        b_w = tl.load(w + (o_t[:, None] * HV + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+        b_u = tl.load(u + (o_t[:, None] * HV + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
+        b_v = b_u.to(tl.float32) - tl.dot(b_w, b_h.to(DT))
+        tl.store(v_new + (o_t[:, None] * HV + i_h) * V + o_v[None, :], b_v.to(DT), mask=m_t[:, None] & m_v[None, :])
+        b_G = tl.load(g_cum + o_t * HV + i_h, mask=m_t, other=0)
+        b_G_last = tl.load(g_cum + (tl.minimum(t0 + BT, eos) - 1) * HV + i_h)
+        b_k = _load_rows_l2norm(k + i_kh * K, o_t, m_t, s_k, o_k, m_k)
+        # masked tokens: b_v is 0 there (w = u = 0), so exp(G_last - 0) scales nothing
+        b_v = b_v * tl.exp(b_G_last - b_G)[:, None]
+        b_h = b_h * tl.exp(b_G_last) + tl.dot(tl.trans(b_k.to(DT)), b_v.to(DT))
+    tl.store(p_state, b_h, mask=m_live)
+
+
+@triton.jit
+def _chunk_output_kernel(
+    q, k, v_new, g_cum, h, chunk_table, o,
+    s_q, s_k, scale,
+    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """o[t] = scale (q_t h_c) exp(G_t) + sum_{s<=t in chunk} scale (q_t k_s) exp(G_t - G_s) v_new[s], for the
+    chunk i_c, value head i_h and V-tile i_v. q, k: [T, HK, K] raw (normalised here); o: [T, HV, V]."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_kh = i_h // (HV // HK)
+    t0 = tl.load(chunk_table + 2 * i_c)
+    t1 = tl.load(chunk_table + 2 * i_c + 1)
+    o_i = tl.arange(0, BT)
+    o_t = t0 + o_i
+    m_t = o_t < t1
+    o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    DT = v_new.dtype.element_ty
+
+    b_q = (_load_rows_l2norm(q + i_kh * K, o_t, m_t, s_q, o_k, m_k) * scale).to(DT)
+    b_k = _load_rows_l2norm(k + i_kh * K, o_t, m_t, s_k, o_k, m_k).to(DT)
+    b_h = tl.load(h + (i_c.to(tl.int64) * HV + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0)
+    b_G = tl.load(g_cum + o_t * HV + i_h, mask=m_t, other=0)
+    b_o = tl.dot(b_q, b_h) * tl.exp(b_G)[:, None]
+    m_causal = o_i[:, None] >= o_i[None, :]
+    b_A = tl.dot(b_q, tl.trans(b_k))
+    b_A = tl.where(m_causal, b_A * tl.exp(tl.where(m_causal, b_G[:, None] - b_G[None, :], 0.0)), 0.0)
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_vn = tl.load(v_new + (o_t[:, None] * HV + i_h) * V + o_v[None, :], mask=m_tv, other=0)
+    b_o += tl.dot(b_A.to(DT), b_vn)
+    tl.store(o + (o_t[:, None] * HV + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+
+
+@dataclass(frozen=True)
+class ChunkTables:
+    """Where each sequence and each 64-token chunk of a flat varlen batch lies; the same for every GDN layer of a
+    forward step, so build it once per step (`build_chunk_tables`) and pass it to every layer."""
+    seq_table: torch.Tensor    # [N, 3] int32 on the device: first token, end token, first global chunk
+    chunk_table: torch.Tensor  # [chunks, 2] int32 on the device: token range [t0, t1) of each chunk
+    num_chunks: int            # host int: the grid size of the per-chunk kernels
+    query_lens: tuple          # host copy of the lengths it was built from (checked against each call)
+
+
+def build_chunk_tables(query_lens: list[int], device) -> ChunkTables:
+    """Host-side (sequence, chunk) index tables from the host list of lengths: numpy, then one pinned async H2D copy;
+    no device sync. ~30-50 us of CPU for tens to hundreds of sequences."""
+    lens = np.asarray(query_lens, dtype=np.int64).reshape(-1)
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    n_chunks = (lens + BT - 1) // BT
+    first_chunk = np.cumsum(n_chunks) - n_chunks
+    num_chunks = int(n_chunks.sum())
+    seq_of_chunk = np.repeat(np.arange(lens.size), n_chunks)
+    t0 = starts[seq_of_chunk] + (np.arange(num_chunks) - first_chunk[seq_of_chunk]) * BT
+    t1 = np.minimum(t0 + BT, ends[seq_of_chunk])
+    packed = np.concatenate([np.stack([starts, ends, first_chunk], 1).ravel(), np.stack([t0, t1], 1).ravel()])
+    host = torch.from_numpy(packed.astype(np.int32))
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()  # pageable memory would make the "async" copy wait for the host staging
+    packed = host.to(device, non_blocking=True)
+    return ChunkTables(packed[: 3 * lens.size].view(-1, 3), packed[3 * lens.size:].view(-1, 2), num_chunks,
+                       tuple(int(n) for n in lens))
+
+
+def _pow2_block(n: int, cap: int | None = None) -> int:
+    """Power-of-two block >= 16 (tl.dot's minimum) covering n, or cap if smaller."""
+    block = max(16, triton.next_power_of_2(n))
+    return block if cap is None else max(16, min(block, triton.next_power_of_2(cap)))
+
+
+def _check_rows(name: str, t: torch.Tensor, dims: int) -> None:
+    """t: [T, H, D] (dims=3) or [T, H] (dims=2) whose rows may be strided but each row must be dense."""
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dims; got {tuple(t.shape)}")
+    dense = t.stride(-1) == 1 and (dims == 2 or t.stride(1) == t.shape[2])
+    if not dense:
+        raise ValueError(f"{name} {tuple(t.shape)} with strides {t.stride()}: each token's row must be dense "
+                         "(heads x dim contiguous); call .contiguous() first")
+
+
+def chunk_gated_delta_rule_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    slots: torch.Tensor,
+    query_lens: list[int],
+    chunk_size: int = 64,
+    config: ChunkLaunchConfig | None = None,
+    tables: ChunkTables | None = None,
+) -> torch.Tensor:
+    """Chunked gated delta rule over a flat varlen batch, continuing from and updating each sequence's pooled state.
+
+    Same semantics as `reference.gated_delta_rule_varlen`. q, k: [T, Hk, K] model dtype, NOT l2-normalised;
+    v: [T, HV, V] same dtype (the token stride of q/k/v may be anything, e.g. views into the conv output, but each
+    token's [H, D] row must be dense); a, b: [T, HV] raw projections (rows dense); A_log, dt_bias: [HV];
+    state: [S, HV, K, V] fp32 pool, read at slots and written back IN PLACE; cu_seqlens: [N+1] (accepted for
+    signature parity: query_lens is what the kernels use, and must agree with it); slots: [N] int32/int64,
+    distinct except -1 (padding row: zero initial state, writes nothing); query_lens: host list of the N lengths;
+    tables: `build_chunk_tables(query_lens, device)` made once per forward step (built here when None).
+    Returns o: [T, HV, V] in v.dtype."""
+    if chunk_size != BT:
+        raise ValueError(f"chunk_size={chunk_size}: the Triton kernels are written for chunks of {BT} tokens")
+    for name, t, dims in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("a", a, 2), ("b", b, 2)):
+        _check_rows(name, t, dims)
+    T, HK, K = q.shape
+    HV, V = v.shape[1:]
+    if k.shape != q.shape or v.shape[0] != T or HV % HK:
+        raise ValueError(f"need q, k [T, Hk, K] and v [T, HV, V] with HV a multiple of Hk; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if a.shape != (T, HV) or b.shape != (T, HV) or A_log.shape != (HV,) or dt_bias.shape != (HV,):
+        raise ValueError(f"a, b must be [T={T}, HV={HV}] and A_log, dt_bias [HV]; got a {tuple(a.shape)}, "
+                         f"b {tuple(b.shape)}, A_log {tuple(A_log.shape)}, dt_bias {tuple(dt_bias.shape)}")
+    if state.dtype != torch.float32 or state.dim() != 4 or state.shape[1:] != (HV, K, V) or \
+            state.stride()[1:] != (K * V, V, 1):
+        raise ValueError(f"state must be an fp32 pool [S, HV={HV}, K={K}, V={V}] with dense [HV, K, V] slots; "
+                         f"got {state.dtype} {tuple(state.shape)} strides {state.stride()}")
+    if max(K, V) > 256:
+        raise ValueError(f"head dims K={K}, V={V}: the kernels hold a whole K row in registers, at most 256")
+    if len(query_lens) != slots.numel() or sum(query_lens) != T:
+        raise ValueError(f"query_lens has {len(query_lens)} entries summing to {sum(query_lens)}; need one per slot "
+                         f"({slots.numel()}) summing to T={T}")
+    if T * HV * max(K, V) >= 2**31:
+        raise ValueError(f"T={T} tokens x HV={HV} x {max(K, V)} overflows the kernels' int32 offsets; split the batch")
+    config = config or ChunkLaunchConfig()
+    o = torch.empty(T, HV, V, dtype=v.dtype, device=v.device)
+    if T == 0:
+        return o
+    if tables is None:
+        tables = build_chunk_tables(query_lens, v.device)
+    elif tables.query_lens != tuple(query_lens) or tables.seq_table.device != v.device:
+        raise ValueError("tables were built for other query_lens or another device than this call's")
+    seq_table, chunk_table, num_chunks = tables.seq_table, tables.chunk_table, tables.num_chunks
+    BK, BV = _pow2_block(K), _pow2_block(V)
+    A_log, dt_bias, slots = A_log.contiguous(), dt_bias.contiguous(), slots.contiguous()
+
+    g_cum = torch.empty(T, HV, dtype=torch.float32, device=v.device)
+    w = torch.empty(T, HV, K, dtype=q.dtype, device=v.device)
+    u = torch.empty(T, HV, V, dtype=q.dtype, device=v.device)  # overwritten in place by v_new in the state pass
+    h = torch.empty(num_chunks, HV, K, V, dtype=q.dtype, device=v.device)
+    _chunk_prep_kernel[(num_chunks, HV)](
+        k, v, a, b, A_log, dt_bias, chunk_table, g_cum, w, u,
+        k.stride(0), v.stride(0), a.stride(0), b.stride(0),
+        HK=HK, HV=HV, K=K, V=V, BC=BC, BK=BK, BV=BV, num_warps=config.prep_warps)
+    BV_state = _pow2_block(V, config.state_block_v)
+    # each program reads u and writes v_new on exactly the same [tokens, V-tile] elements: in place is safe
+    _chunk_state_kernel[(triton.cdiv(V, BV_state), HV, len(query_lens))](
+        k, w, u, g_cum, state, slots, seq_table, h, u,
+        k.stride(0), state.stride(0),
+        HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV_state,
+        num_warps=config.state_warps, num_stages=config.state_stages)
+    BV_out = _pow2_block(V, config.out_block_v)
+    _chunk_output_kernel[(triton.cdiv(V, BV_out), num_chunks, HV)](
+        q, k, u, g_cum, h, chunk_table, o,
+        q.stride(0), k.stride(0), K ** -0.5,
+        HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV_out, num_warps=config.out_warps)
+    return o

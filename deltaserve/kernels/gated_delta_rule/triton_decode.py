@@ -1,0 +1,187 @@
+"""Triton fused GDN decode: one kernel per step for every decoding row (one token each).
+
+Per row: shift the conv state left appending the new pre-conv input, depthwise conv + SiLU for the channels a program
+needs, gating from raw a/b, l2norm of q and k, the recurrence on the fp32 state read and written IN PLACE at the row's
+slot, the output. Grid (V-tiles, HV, B); each program owns one [K, BV] tile of one value head's state, so the state
+(the bandwidth that matters: 2 MiB per sequence per layer at 9B shapes) is read once and written once, coalesced
+along V.
+
+Conv-state ownership: a program's v channels are its own. The q/k channels of a key head are read by all
+(HV/Hk) * V-tiles programs of that head, so none of them may shift the state before the others have read it: each
+reader bumps a per-(slot, key head) arrival counter after its read (acq_rel atomic), and the last to arrive writes
+the shifted q/k state and resets the counter to 0 for the next step (so it stays valid under CUDA-graph replay).
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class DecodeLaunchConfig:
+    """Launch parameters of the decode kernel (the benchmark sweeps them; defaults are H100 guesses)."""
+    block_v: int = 32  # V-tile: [K, 32] fp32 = 16 KiB of state per program, 128-byte rows
+    num_warps: int = 4
+
+
+@triton.jit
+def _conv_silu(x_row, conv_w, p_cs, o_c, m_c, m_live, W: tl.constexpr, BW: tl.constexpr):
+    """Depthwise causal conv over [conv state | x] + SiLU for channels o_c of one row.
+
+    x_row: the row's [C] pre-conv input; conv_w: [C, W]; p_cs: the row's [C, W-1] conv state (weight dtype);
+    m_live: [BC] mask, False for a padding row (reads a zero state). Returns (y [BC] fp32, rounded as HF rounds:
+    conv and SiLU in the weight dtype, then the input dtype; new state [BC, BW] in weight dtype, columns < W-1)."""
+    WT = conv_w.dtype.element_ty
+    o_w = tl.arange(0, BW)
+    b_x = tl.load(x_row + o_c, mask=m_c, other=0)
+    b_xw = b_x.to(WT)
+    m_s = (m_c & m_live)[:, None]
+    p_s = p_cs + o_c[:, None] * (W - 1) + o_w[None, :]
+    b_win = tl.load(p_s, mask=m_s & (o_w[None, :] < W - 1), other=0)
+    b_win = tl.where(o_w[None, :] == W - 1, b_xw[:, None], b_win)
+    b_wt = tl.load(conv_w + o_c[:, None] * W + o_w[None, :], mask=m_c[:, None] & (o_w[None, :] < W), other=0)
+    b_y = tl.sum(b_win.to(tl.float32) * b_wt.to(tl.float32), 1).to(WT).to(tl.float32)
+    b_y = (b_y / (1.0 + tl.exp(-b_y))).to(WT).to(b_x.dtype).to(tl.float32)
+    # the shifted state: column j takes window column j + 1 (a second, cached load: registers cannot shift)
+    b_new = tl.load(p_s + 1, mask=m_s & (o_w[None, :] < W - 2), other=0)
+    b_new = tl.where(o_w[None, :] == W - 2, b_xw[:, None], b_new)
+    return b_y, b_new
+
+
+@triton.jit
+def _fused_recurrent_decode_kernel(
+    x, conv_w, conv_state, a, b, A_log, dt_bias, state, slots, o, counters,
+    s_x, s_cs, s_a, s_b, s_state, scale,
+    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, NV: tl.constexpr,
+):
+    """x: [B, C] pre-conv q|k|v (row stride s_x); conv_w: [C, W]; conv_state: [S, C, W-1] (slot stride s_cs);
+    a, b: [B, HV]; state: [S, HV, K, V] fp32 (slot stride s_state); slots: [B]; o: [B, HV, V];
+    counters: [S, HK] int32, all 0 between launches."""
+    i_v, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_kh = i_h // (HV // HK)
+    slot = tl.load(slots + i_b).to(tl.int64)
+    slot_c = tl.maximum(slot, 0)  # padding rows (-1) point at slot 0 with every access masked off
+    o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    # slot -1 as vector masks (a scalar bool in a mask trips the interpreter)
+    m_live_k = (tl.zeros([BK], dtype=tl.int64) + slot) >= 0
+    m_live_v = (tl.zeros([BV], dtype=tl.int64) + slot) >= 0
+
+    # the state tile first: the one large load, its latency overlaps the conv below
+    m_h = m_k[:, None] & (m_v & m_live_v)[None, :]
+    p_h = state + slot_c * s_state + i_h * (K * V) + o_k[:, None] * V + o_v[None, :]
+    b_h = tl.load(p_h, mask=m_h, other=0.0)
+
+    x_row = x + i_b * s_x
+    p_cs = conv_state + slot_c * s_cs
+    b_q, b_qs = _conv_silu(x_row, conv_w, p_cs, i_kh * K + o_k, m_k, m_live_k, W, BW)
+    b_k, b_ks = _conv_silu(x_row, conv_w, p_cs, HK * K + i_kh * K + o_k, m_k, m_live_k, W, BW)
+    o_cv = 2 * HK * K + i_h * V + o_v
+    b_v, b_vs = _conv_silu(x_row, conv_w, p_cs, o_cv, m_v, m_live_v, W, BW)
+    o_w = tl.arange(0, BW)
+    m_w = o_w[None, :] < W - 1
+    tl.store(p_cs + o_cv[:, None] * (W - 1) + o_w[None, :], b_vs, mask=(m_v & m_live_v)[:, None] & m_w)
+    if slot >= 0:
+        # acq_rel: this program's conv-state reads happen before its arrival is counted
+        n_before = tl.atomic_add(counters + slot_c * HK + i_kh, 1, sem="acq_rel")
+        if n_before == (HV // HK) * NV - 1:
+            o_cq = i_kh * K + o_k
+            tl.store(p_cs + o_cq[:, None] * (W - 1) + o_w[None, :], b_qs, mask=m_k[:, None] & m_w)
+            tl.store(p_cs + (HK * K + o_cq)[:, None] * (W - 1) + o_w[None, :], b_ks, mask=m_k[:, None] & m_w)
+            tl.store(counters + slot_c * HK + i_kh, 0)
+
+    b_a = tl.load(a + i_b * s_a + i_h).to(tl.float32) + tl.load(dt_bias + i_h).to(tl.float32)
+    b_g = -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * tl.where(
+        b_a > 20.0, b_a, tl.log(1.0 + tl.exp(tl.minimum(b_a, 20.0))))
+    b_beta = 1.0 / (1.0 + tl.exp(-tl.load(b + i_b * s_b + i_h).to(tl.float32)))
+    b_q = b_q * (scale / tl.sqrt(tl.sum(b_q * b_q, 0) + 1e-6))
+    b_k = b_k / tl.sqrt(tl.sum(b_k * b_k, 0) + 1e-6)
+
+    b_h = b_h * tl.exp(b_g)
+    b_d = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))
+    b_h += b_k[:, None] * b_d[None, :]
+    b_o = tl.sum(b_h * b_q[:, None], 0)
+    tl.store(p_h, b_h, mask=m_h)
+    tl.store(o + (i_b * HV + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, num_slots: int, num_k_heads: int) -> torch.Tensor:
+    """[S, Hk] int32 zeros, one buffer per (device, pool shape) for the process lifetime: the kernel leaves it
+    zeroed, and a CUDA graph that captured its address keeps finding it. Allocate before graph capture."""
+    key = (device, num_slots, num_k_heads)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(num_slots, num_k_heads, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+def fused_recurrent_decode(
+    mixed_qkv: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state: torch.Tensor,
+    slots: torch.Tensor,
+    num_k_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+    config: DecodeLaunchConfig | None = None,
+) -> torch.Tensor:
+    """One decode step (one token per row) of the GDN token mixer after in_proj, fused into a single kernel.
+
+    mixed_qkv: [B, C] pre-conv in_proj_qkv output laid out [q | k | v], C = 2*Hk*K + HV*V (row stride free,
+    channels dense); conv_weight: [C, W] (HF's [C, 1, W] squeezed); conv_state: [S, C, W-1] pool in the weight dtype,
+    shifted IN PLACE at slots; a, b: [B, HV] raw projections; A_log, dt_bias: [HV]; state: [S, HV, K, V] fp32 pool,
+    updated IN PLACE at slots; slots: [B] int32/int64, distinct except -1 (padding row: writes nothing, its output is
+    finite garbage). Returns o: [B, HV, V] in mixed_qkv.dtype."""
+    HK, K, V = num_k_heads, head_k_dim, head_v_dim
+    if mixed_qkv.dim() != 2 or mixed_qkv.stride(-1) != 1:
+        raise ValueError(f"mixed_qkv must be [B, C] with dense channels; got {tuple(mixed_qkv.shape)} "
+                         f"strides {mixed_qkv.stride()}")
+    B, C = mixed_qkv.shape
+    HV = (C - 2 * HK * K) // V if V > 0 else 0
+    if HK < 1 or HV < 1 or C != 2 * HK * K + HV * V or HV % HK:
+        raise ValueError(f"mixed_qkv has C={C} channels, not 2*Hk*K + HV*V with Hk={HK}, K={K}, V={V} "
+                         "and HV a multiple of Hk")
+    if conv_weight.dim() != 2 or conv_weight.shape[0] != C or conv_weight.shape[1] < 2 or \
+            not conv_weight.is_contiguous():
+        raise ValueError(f"conv_weight must be a contiguous [C={C}, W>=2]; got {tuple(conv_weight.shape)}")
+    W = conv_weight.shape[1]
+    if conv_state.dim() != 3 or conv_state.shape[1:] != (C, W - 1) or conv_state.stride()[1:] != (W - 1, 1) or \
+            conv_state.dtype != conv_weight.dtype:
+        raise ValueError(f"conv_state must be a [S, C={C}, W-1={W - 1}] pool with dense slots in the weight dtype "
+                         f"{conv_weight.dtype}; got {conv_state.dtype} {tuple(conv_state.shape)}")
+    if state.dtype != torch.float32 or state.dim() != 4 or state.shape[1:] != (HV, K, V) or \
+            state.stride()[1:] != (K * V, V, 1) or state.shape[0] != conv_state.shape[0]:
+        raise ValueError(f"state must be an fp32 pool [S={conv_state.shape[0]}, HV={HV}, K={K}, V={V}] with dense "
+                         f"slots; got {state.dtype} {tuple(state.shape)} strides {state.stride()}")
+    for name, t in (("a", a), ("b", b)):
+        if t.shape != (B, HV) or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be [B={B}, HV={HV}] with dense rows; got {tuple(t.shape)}")
+    if A_log.shape != (HV,) or dt_bias.shape != (HV,) or slots.shape != (B,):
+        raise ValueError(f"A_log, dt_bias must be [HV={HV}] and slots [B={B}]; got {tuple(A_log.shape)}, "
+                         f"{tuple(dt_bias.shape)}, {tuple(slots.shape)}")
+    if max(K, V) > 256:
+        raise ValueError(f"head dims K={K}, V={V}: a program holds a [K, V-tile] state tile, K at most 256")
+    config = config or DecodeLaunchConfig()
+    o = torch.empty(B, HV, V, dtype=mixed_qkv.dtype, device=mixed_qkv.device)
+    if B == 0:
+        return o
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(triton.next_power_of_2(V), triton.next_power_of_2(config.block_v)))
+    NV = triton.cdiv(V, BV)
+    counters = _arrival_counters(mixed_qkv.device, state.shape[0], HK)
+    _fused_recurrent_decode_kernel[(NV, HV, B)](
+        mixed_qkv, conv_weight, conv_state, a, b, A_log.contiguous(), dt_bias.contiguous(), state,
+        slots.contiguous(), o, counters,
+        mixed_qkv.stride(0), conv_state.stride(0), a.stride(0), b.stride(0), state.stride(0), K ** -0.5,
+        HK=HK, HV=HV, K=K, V=V, W=W, BK=BK, BV=BV, BW=triton.next_power_of_2(W), NV=NV,
+        num_warps=config.num_warps)
+    return o

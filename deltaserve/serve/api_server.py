@@ -1,0 +1,131 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn): routes only; the work is in serving_chat.py,
+serving_completion.py and async_engine.py.
+
+    POST /v1/chat/completions   POST /v1/completions   GET /v1/models      (need the API key when one is set)
+    GET /health   GET /version   GET /metrics (Prometheus)
+
+Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}` with status 400 (bad request), 401 (API
+key), 404 (unknown model or route), 500 (engine failure), 503 (shutting down).
+SIGTERM / SIGINT: new requests are refused, running ones get `shutdown_timeout` seconds to finish, then are
+aborted (their streams end with finish_reason "abort"), and the process exits.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from .. import __version__
+from .async_engine import AsyncEngine
+from .metrics import ServerMetrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, now, parse_request
+from .serving import ServingContext
+from .serving_chat import create_chat_completion
+from .serving_completion import create_completion
+
+logger = logging.getLogger("deltaserve.serve")
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _api_key_check(api_key: str | None):
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "Missing or wrong API key: send it as 'Authorization: Bearer <key>'.", None,
+                           "invalid_api_key")
+    return check
+
+
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+              metrics: ServerMetrics | None = None) -> FastAPI:
+    """The ASGI app; its lifespan starts and stops the engine thread."""
+    ctx = ServingContext(engine, model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="deltaserve", version=__version__, lifespan=lifespan)
+    app.add_exception_handler(APIError, lambda request, e: _error_response(e))
+    app.add_exception_handler(StarletteHTTPException, lambda request, e: _error_response(
+        APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}.")))
+    app.add_exception_handler(RequestValidationError, lambda request, e: _error_response(
+        APIError(400, f"Invalid request: {e.errors()[0].get('msg', 'bad input')}.")))
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))])
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_request(ChatCompletionRequest, await request.body())
+        return await create_chat_completion(ctx, req, request)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_request(CompletionRequest, await request.body())
+        return await create_completion(ctx, req, request)
+
+    @v1.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": now(),
+                                            "owned_by": "deltaserve", "max_model_len": ctx.max_model_len}]}
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.alive and engine.accepting else 503)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        if metrics is None:
+            return Response(b"", media_type=ServerMetrics.content_type)
+        return Response(metrics.render(), media_type=ServerMetrics.content_type)
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server that, on SIGTERM/SIGINT, tells the engine to finish within `grace_s` and then abort."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, grace_s: float):
+        super().__init__(config)
+        self.engine, self.grace_s = engine, grace_s
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit:
+            logger.info("shutting down: requests still running in %.1f s will be aborted", self.grace_s)
+        loop = self.engine.loop
+        if loop is not None:  # not directly: the handler may interrupt the loop thread inside an Event lock
+            loop.call_soon_threadsafe(self.engine.begin_shutdown, self.grace_s)
+        super().handle_exit(sig, frame)
+
+
+def run_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               shutdown_timeout: float = 5.0, log_level: str = "info") -> None:
+    """Serve a built `LLM` until SIGTERM/SIGINT."""
+    metrics = ServerMetrics(model_name)
+    engine = AsyncEngine(llm, metrics)
+    metrics.attach(engine)
+    app = build_app(engine, model_name, api_key, metrics)
+    # the backstop: uvicorn cancels whatever still runs a little after the engine has aborted it
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=shutdown_timeout + 2)
+    logger.info("serving %r on http://%s:%d (OpenAI API under /v1)", model_name, host, port)
+    _Server(config, engine, shutdown_timeout).run()

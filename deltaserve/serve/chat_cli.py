@@ -1,0 +1,139 @@
+"""`deltaserve chat`: an interactive terminal chat on an in-process engine.
+
+Streams the answer as it is generated, keeps the conversation (multi-turn) until `/reset`, quits on `/exit` or
+Ctrl-D; Ctrl-C stops the current answer (the request is aborted) and returns to the prompt. Reasoning
+(`<think>…</think>`) is shown dimmed, or not at all with `hide_thinking`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import TextIO
+
+from ..sampling_params import SamplingParams
+from .reasoning import ReasoningParser, Split, prompt_opens_thinking
+
+HELP = "Commands: /reset clears the conversation, /exit quits (or Ctrl-D); Ctrl-C stops an answer."
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+class _Printer:
+    """Writes reasoning (dimmed on a terminal, bracketed otherwise, or hidden) and content as they stream."""
+
+    def __init__(self, out: TextIO, hide_thinking: bool, color: bool):
+        self.out, self.hide, self.color = out, hide_thinking, color
+        self.in_thinking = False
+
+    def write(self, split: Split) -> None:
+        if split.reasoning and not self.hide:
+            if not self.in_thinking:
+                self.out.write(DIM if self.color else "[thinking] ")
+                self.in_thinking = True
+            self.out.write(split.reasoning)
+        if split.content:
+            self._end_thinking()
+            self.out.write(split.content)
+        self.out.flush()
+
+    def _end_thinking(self) -> None:
+        if self.in_thinking:
+            self.out.write(RESET + "\n\n" if self.color else "\n[/thinking]\n\n")
+            self.in_thinking = False
+
+    def close(self) -> None:
+        self._end_thinking()
+        self.out.write("\n")
+        self.out.flush()
+
+
+class ChatSession:
+    """llm: a built LLM with a chat template; params: sampling for every answer (n must be 1)."""
+
+    def __init__(self, llm, params: SamplingParams, system: str | None = None, enable_thinking: bool = True,
+                 hide_thinking: bool = False, out: TextIO = sys.stdout):
+        if llm.tokenizer is None:
+            raise ValueError("deltaserve chat needs a model with tokenizer.json and a chat template")
+        if params.n != 1:
+            raise ValueError(f"deltaserve chat shows one answer per turn; use --n 1 (got {params.n})")
+        self.llm, self.params, self.system, self.enable_thinking = llm, params, system, enable_thinking
+        self.out = out
+        color = out.isatty() and not os.environ.get("NO_COLOR")
+        self.printer_args = (hide_thinking, color)
+        self.history: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.history = [{"role": "system", "content": self.system}] if self.system else []
+
+    def ask(self, text: str) -> str | None:
+        """Stream one answer to `text`; -> the answer's content (kept in the history), None if interrupted."""
+        self.history.append({"role": "user", "content": text})
+        printer = _Printer(self.out, *self.printer_args)
+        content: list[str] = []
+        try:
+            self._stream(printer, content)
+        except KeyboardInterrupt:
+            printer.close()
+            self.out.write("(stopped)\n")
+            self.history.pop()
+            return None
+        except ValueError as e:  # e.g. the conversation outgrew max_model_len
+            printer.close()
+            self.history.pop()
+            self.out.write(f"error: {e} (/reset starts over)\n")
+            return None
+        printer.close()
+        answer = "".join(content)
+        self.history.append({"role": "assistant", "content": answer})
+        return answer
+
+    def _stream(self, printer: _Printer, content: list[str]) -> None:
+        kwargs = {} if self.enable_thinking else {"enable_thinking": False}
+        prompt = self.llm.tokenizer.apply_chat_template(self.history, add_generation_prompt=True, **kwargs)
+        parser = ReasoningParser(prompt_opens_thinking(prompt), enabled=self.enable_thinking)
+        stream = self.llm.generate_stream(prompt, self.params)
+        try:
+            for out in stream:
+                c = out.outputs[0]
+                split = parser.feed(c.delta_text)
+                if c.finish_reason is not None:
+                    tail = parser.finish()
+                    split = Split(split.reasoning + tail.reasoning, split.content + tail.content)
+                printer.write(split)
+                content.append(split.content)
+        finally:
+            stream.close()  # on Ctrl-C: aborts the request, freeing its KV blocks and state slot
+
+
+def run(session: ChatSession, banner: str, stdin: TextIO = sys.stdin) -> int:
+    """The read-eval loop; returns the exit status."""
+    out = session.out
+    if stdin.isatty():
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+    out.write(f"{banner}\n{HELP}\n")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            out.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            out.write("\n(/exit quits)\n")
+            continue
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            session.reset()
+            out.write("(conversation cleared)\n")
+        elif cmd in ("/help", "/?"):
+            out.write(HELP + "\n")
+        elif cmd.startswith("/"):
+            out.write(f"unknown command {cmd}. {HELP}\n")
+        else:
+            session.ask(line)

@@ -1,0 +1,193 @@
+"""OpenAI request schemas (pydantic), their mapping to SamplingParams, and the OpenAI error shape.
+
+Requests are validated strictly ("5" is not an integer); fields OpenAI clients commonly send but deltaserve does not
+use are accepted and ignored, and options it cannot honour are rejected with one sentence rather than ignored.
+Responses are plain dicts built by serving_chat.py / serving_completion.py (cheaper than models per SSE chunk).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from ..sampling_params import SamplingParams
+
+logger = logging.getLogger("deltaserve.serve")
+MAX_LOGPROBS = 20  # top logprobs per token a request may ask for (OpenAI's limit)
+Number = Union[StrictInt, StrictFloat]
+
+
+class APIError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(_Model):
+    include_usage: StrictBool = False
+
+
+class ContentPart(_Model):
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: StrictStr | None = None
+    reasoning_content: StrictStr | None = None
+
+
+class FunctionSpec(_Model):
+    name: StrictStr = Field(min_length=1)
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolSpec(_Model):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class _SamplingRequest(_Model):
+    """Fields shared by /v1/chat/completions and /v1/completions (OpenAI's plus vLLM's common extras)."""
+    model: StrictStr
+    n: StrictInt = 1
+    max_tokens: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    repetition_penalty: Number | None = None
+    ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
+    logit_bias: dict[str, Number] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: StrictBool = True
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = None
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
+
+
+def parse_request(cls: type[_Model], body: bytes) -> Any:
+    """Raw body -> a validated request; APIError(400) naming the field for malformed JSON or bad types."""
+    try:
+        req = cls.model_validate_json(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    if req.model_extra:
+        logger.debug("ignoring request fields %s", sorted(req.model_extra))
+    return req
+
+
+def validation_error(e: ValidationError) -> APIError:
+    err = e.errors(include_url=False)[0]
+    if err["type"] == "json_invalid":
+        return APIError(400, f"The request body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])}).")
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "list[", "union[", "str", "int"))]
+    if not loc:
+        return APIError(400, "The request body must be a JSON object with the request's fields.")
+    param = ".".join(loc)
+    if err["type"] == "missing":
+        return APIError(400, f"The request is missing the required field '{param}'.", param)
+    shown = json.dumps(err.get("input"))[:80] if err["type"] != "missing" else ""
+    return APIError(400, f"Invalid value for '{param}' ({shown}): {err['msg'][0].lower() + err['msg'][1:]}.", param)
+
+
+def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The request's sampling options -> SamplingParams; APIError(400) naming the field for a bad value."""
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server; remove it from the request.", "logit_bias")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}.", "logprobs")
+    if not 1 <= req.n <= 128:
+        raise APIError(400, f"n must be between 1 and 128, got {req.n}.", "n")
+    kw = dict(n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids or [],
+              ignore_eos=req.ignore_eos, seed=req.seed, logprobs=logprobs,
+              skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
+    optional = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                    repetition_penalty=req.repetition_penalty)
+    kw.update({k: v for k, v in optional.items() if v is not None})
+    try:
+        return SamplingParams(**kw)
+    except ValueError as e:
+        msg = str(e)
+        field = msg.split(" ", 1)[0]
+        raise APIError(400, msg, field if field in kw else None) from None
+
+
+def check_max_tokens(max_tokens: int | None, num_prompt: int, max_model_len: int, field: str = "max_tokens") -> None:
+    """A negative, zero or oversized max_tokens is the client's error: say how many tokens fit."""
+    if max_tokens is None:
+        return
+    if max_tokens < 1:
+        raise APIError(400, f"{field} must be at least 1, got {max_tokens}.", field)
+    room = max_model_len - num_prompt
+    if room <= 0:
+        return  # the prompt alone is too long: the engine rejects it with its own sentence
+    if max_tokens > room:
+        raise APIError(400, f"{field} is {max_tokens} but the prompt has {num_prompt} tokens and max_model_len is "
+                            f"{max_model_len}: ask for at most {room} tokens or shorten the prompt.", field)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

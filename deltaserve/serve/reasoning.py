@@ -1,0 +1,110 @@
+"""Qwen3 / Qwen3.5 reasoning parser: moves `<think>…</think>` out of the answer into `reasoning_content`.
+
+Works on streamed text: `feed(delta)` returns what can be released now, holding back a suffix that may still turn out
+to be (part of) a tag; `finish()` releases the rest. Feeding the whole text at once and calling `finish()` gives the
+same split as any sequence of deltas, which is how the non-streaming path uses it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+THINK_START, THINK_END = "<think>", "</think>"
+
+
+def prompt_opens_thinking(prompt: str) -> bool:
+    """True when the rendered prompt ends inside a `<think>` block (Qwen3.5 templates open it for the model)."""
+    return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
+
+
+def partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag` (text that may become the tag)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-k:]):
+            return k
+    return 0
+
+
+@dataclass
+class Split:
+    reasoning: str = ""
+    content: str = ""
+
+
+class ReasoningParser:
+    """States: "start" (output may open with `<think>`), "reasoning" (inside the block), "content" (after it).
+
+    in_reasoning: the prompt already opened `<think>` (output starts inside thinking).
+    enabled: False (e.g. `enable_thinking=False`, whose template closes an empty block) -> everything is content.
+    """
+
+    def __init__(self, in_reasoning: bool = False, enabled: bool = True):
+        self.state = "content" if not enabled else "reasoning" if in_reasoning else "start"
+        self._buf = ""  # text not released yet
+        self._seen_reasoning = False  # reasoning text released so far (leading whitespace is dropped)
+        self._content_started = False  # content released so far (whitespace right after </think> is dropped)
+        self._after_end = False
+
+    def feed(self, delta: str) -> Split:
+        self._buf += delta
+        out = Split()
+        while self._step(out):
+            pass
+        return out
+
+    def finish(self) -> Split:
+        out = self.feed("")
+        rest, self._buf = self._buf, ""
+        if self.state == "reasoning":
+            self._emit_reasoning(out, rest.rstrip())
+        else:
+            self._emit_content(out, rest)
+        return out
+
+    def _step(self, out: Split) -> bool:
+        """Consume what can be decided from the buffer; True if the state changed and another pass may help."""
+        buf = self._buf
+        if self.state == "start":
+            stripped = buf.lstrip()
+            if stripped.startswith(THINK_START):
+                self.state, self._buf = "reasoning", stripped[len(THINK_START):]
+                return True
+            if stripped and not THINK_START.startswith(stripped):
+                self.state = "content"
+                return True
+            return False  # only whitespace or a partial "<think>" so far
+        if self.state == "reasoning":
+            if not self._seen_reasoning:  # the model may repeat the opening tag the prompt already gave
+                head = buf.lstrip()
+                if head.startswith(THINK_START):
+                    buf = self._buf = head[len(THINK_START):]
+                elif head and THINK_START.startswith(head):
+                    return False
+            end = buf.find(THINK_END)
+            if end >= 0:
+                self._emit_reasoning(out, buf[:end].rstrip())
+                self.state, self._buf, self._after_end = "content", buf[end + len(THINK_END):], True
+                return True
+            # hold a partial closing tag and trailing whitespace (it may be the whitespace before </think>)
+            keep = partial_suffix(buf, THINK_END)
+            body = buf[: len(buf) - keep]
+            release = body.rstrip()
+            self._emit_reasoning(out, release)
+            self._buf = buf[len(release):]
+            return False
+        self._emit_content(out, buf)
+        self._buf = ""
+        return False
+
+    def _emit_reasoning(self, out: Split, text: str) -> None:
+        if not self._seen_reasoning:
+            text = text.lstrip()
+        if text:
+            self._seen_reasoning = True
+            out.reasoning += text
+
+    def _emit_content(self, out: Split, text: str) -> None:
+        if self._after_end and not self._content_started:
+            text = text.lstrip()
+        if text:
+            self._content_started = True
+            out.content += text

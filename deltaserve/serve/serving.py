@@ -1,0 +1,210 @@
+"""What the chat and completions handlers share: the serving context, SSE framing, waiting for a result while
+watching for a client that goes away, merging several request streams, and OpenAI's logprob shapes."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator
+
+from starlette.responses import StreamingResponse
+
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .async_engine import AsyncEngine, EngineError, EngineStopped, RequestStream
+from .protocol import APIError
+
+_LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+
+
+class ServingContext:
+    """The engine and what every handler needs to know about the model it serves."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        self.engine, self.model_name = engine, model_name
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.tokens = TokenTexts(engine.tokenizer) if engine.tokenizer is not None else None
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
+                           "model", "model_not_found")
+
+    def require_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise APIError(400, "This model has no tokenizer.json, so it can only take token-id prompts on "
+                                "/v1/completions.")
+
+    async def add(self, ids: list[int], params: SamplingParams, request_id: str,
+                  prompt: str | None) -> RequestStream:
+        try:
+            return await self.engine.add_request(ids, params, request_id, prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), "prompt" if "prompt" in str(e) else None) from None
+        except EngineStopped as e:
+            raise APIError(503, str(e)) from None
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """SSE response that aborts its requests however it ends: finished, client gone, or cancelled before the
+    body iterator even started (then the generator's own cleanup never runs)."""
+
+    def __init__(self, content, streams: list[RequestStream]):
+        super().__init__(content, media_type="text/event-stream")
+        self.streams = streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for s in self.streams:
+                s.abort()
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(e: BaseException) -> str:
+    err = e if isinstance(e, APIError) else APIError(500, str(e) or type(e).__name__)
+    return sse(err.body())
+
+
+def engine_api_error(e: BaseException) -> APIError:
+    if isinstance(e, EngineStopped):
+        return APIError(503, str(e))
+    if isinstance(e, EngineError):
+        return APIError(500, str(e))
+    return APIError(500, f"internal error: {type(e).__name__}: {e}")
+
+
+async def _wait_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(streams: list[RequestStream], receive) -> list[RequestOutput]:
+    """Wait for every stream's final output; if the client disconnects first, abort them (frees their blocks and
+    slots) and raise APIError(499), a status nobody reads. receive: the request's ASGI receive (body already read)."""
+
+    async def last(stream: RequestStream) -> RequestOutput:
+        out = None
+        async for out in stream:
+            pass
+        return out
+
+    work = asyncio.ensure_future(asyncio.gather(*(last(s) for s in streams)))
+    watch = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            raise APIError(499, "the client disconnected before the response was ready")
+        return work.result()
+    finally:
+        watch.cancel()
+        work.cancel()
+        for s in streams:
+            s.abort()
+
+
+async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) pairs as they arrive; closing the iterator aborts the streams still running."""
+    try:
+        if len(streams) == 1:
+            async for out in streams[0]:
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait((i, out))
+                queue.put_nowait((i, None))
+            except Exception as e:  # noqa: BLE001 - re-raised by the consumer
+                queue.put_nowait((i, e))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(streams)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+    finally:
+        for s in streams:
+            s.abort()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class TokenTexts:
+    """token id -> (text, UTF-8 bytes) for logprobs; a byte-level token that is part of a character decodes
+    to U+FFFD in `text` but keeps its real bytes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            piece = self.tokenizer.id_to_token(token_id) or ""
+            if piece and all(c in _UNICODE_TO_BYTE for c in piece):
+                raw = bytes(_UNICODE_TO_BYTE[c] for c in piece)
+            else:  # added tokens (<think>, <|im_end|>) are stored as their text
+                raw = piece.encode()
+            hit = self._cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return hit
+
+
+def _top(d: dict[int, float], k: int) -> list[tuple[int, float]]:
+    return sorted(d.items(), key=lambda kv: -kv[1])[:k]
+
+
+def chat_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list[dict[int, float]], k: int) -> dict:
+    """OpenAI chat `logprobs`: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}."""
+    content = []
+    for tok, lp in zip(token_ids, logprobs):
+        text, raw = tokens(tok)
+        top = [{"token": tokens(t)[0], "logprob": max(v, _LOGPROB_FLOOR), "bytes": tokens(t)[1]}
+               for t, v in _top(lp, k)]
+        content.append({"token": text, "logprob": max(lp[tok], _LOGPROB_FLOOR), "bytes": raw, "top_logprobs": top})
+    return {"content": content}
+
+
+def completion_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list[dict[int, float]], k: int,
+                        offset: int) -> dict:
+    """OpenAI completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset (from `offset`)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for tok, lp in zip(token_ids, logprobs):
+        text = tokens(tok)[0]
+        out["tokens"].append(text)
+        out["token_logprobs"].append(max(lp[tok], _LOGPROB_FLOOR))
+        out["top_logprobs"].append({tokens(t)[0]: max(v, _LOGPROB_FLOOR) for t, v in _top(lp, k)})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out

@@ -1,0 +1,187 @@
+"""/v1/chat/completions: render the conversation with the checkpoint's chat template, generate, and split the output
+into `reasoning_content`, `content` and `tool_calls` (streamed as OpenAI chat.completion.chunk deltas)."""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..tokenizer import TokenizerError
+from .protocol import APIError, ChatCompletionRequest, check_max_tokens, new_id, now, sampling_params, usage
+from .reasoning import ReasoningParser, Split, prompt_opens_thinking
+from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, chat_logprobs, collect, engine_api_error,
+                      merge, sse, sse_error)
+from .tool_parser import ParsedDelta, ToolCallParser
+
+_RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "documents"}
+
+
+class ChoiceParser:
+    """One choice's streamed text -> reasoning, content and tool-call deltas."""
+
+    def __init__(self, in_reasoning: bool, thinking: bool, tools: list[dict] | None):
+        self.reasoning = ReasoningParser(in_reasoning=in_reasoning, enabled=thinking)
+        self.tools = ToolCallParser(tools) if tools else None
+        self.logprobs_sent = 0
+        self.done = False
+
+    def feed(self, text: str, final: bool) -> tuple[str, ParsedDelta]:
+        split = self.reasoning.feed(text)
+        if final:
+            tail = self.reasoning.finish()
+            split = Split(split.reasoning + tail.reasoning, split.content + tail.content)
+        if self.tools is None:
+            return split.reasoning, ParsedDelta(content=split.content)
+        parsed = self.tools.feed(split.content)
+        if final:
+            tail = self.tools.finish()
+            parsed.content += tail.content
+            for d in tail.tool_calls:
+                parsed.add_call(d)
+        return split.reasoning, parsed
+
+    @property
+    def called_tools(self) -> bool:
+        return self.tools is not None and bool(self.tools.calls)
+
+
+def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
+    out = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            bad = [p.type for p in content if p.type != "text"]
+            if bad:
+                raise APIError(400, f"messages[{i}] has a '{bad[0]}' content part; this server serves a text-only "
+                                    f"model, so send text parts only.", f"messages.{i}.content")
+            content = "".join(p.text or "" for p in content)
+        d = {**(m.model_extra or {}), "role": "system" if m.role == "developer" else m.role, "content": content}
+        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+            if getattr(m, key) is not None:
+                d[key] = getattr(m, key)
+        out.append(d)
+    return out
+
+
+def _tools(req: ChatCompletionRequest) -> list[dict] | None:
+    """The tools to render and parse, after checking tool_choice and response_format."""
+    choice = req.tool_choice
+    if isinstance(choice, dict) or choice == "required":
+        raise APIError(400, "tool_choice 'required' or a named function needs guided decoding, which this server "
+                            "does not support; use 'auto' or 'none'.", "tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise APIError(400, f"tool_choice must be 'auto' or 'none', got {choice!r}.", "tool_choice")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise APIError(400, "response_format other than 'text' needs guided decoding, which this server does not "
+                            "support; remove it.", "response_format")
+    if not req.tools or choice == "none":
+        return None
+    return [t.model_dump(exclude_none=True) for t in req.tools]
+
+
+def _render(ctx: ServingContext, req: ChatCompletionRequest, tools: list[dict] | None) -> str:
+    kwargs = dict(req.chat_template_kwargs or {})
+    reserved = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set '{reserved[0]}'; use the request field instead.",
+                       "chat_template_kwargs")
+    try:
+        return ctx.tokenizer.apply_chat_template(_message_dicts(req), add_generation_prompt=req.add_generation_prompt,
+                                                 tools=tools, **kwargs)
+    except TokenizerError as e:
+        raise APIError(400, str(e), "messages") from None
+
+
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request) -> Response:
+    ctx.check_model(req.model)
+    ctx.require_tokenizer()
+    tools = _tools(req)
+    prompt = _render(ctx, req, tools)
+    ids = ctx.tokenizer.encode(prompt)
+    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    check_max_tokens(max_tokens, len(ids), ctx.max_model_len, field)
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, max_tokens, k)
+    thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+    parsers = [ChoiceParser(prompt_opens_thinking(prompt), thinking, tools) for _ in range(req.n)]
+    rid = new_id("chatcmpl")
+    stream = await ctx.add(ids, params, rid, prompt)
+    head = {"id": rid, "created": now(), "model": ctx.model_name}
+    if req.stream:
+        return EngineStreamingResponse(_stream(ctx, req, stream, parsers, head, k), [stream])
+    try:
+        (final,) = await collect([stream], raw.receive)
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - engine failures become 500/503 with one sentence
+        raise engine_api_error(e) from None
+    return JSONResponse(_full_response(ctx, final, parsers, head, k))
+
+
+def _full_response(ctx: ServingContext, final, parsers: list[ChoiceParser], head: dict, k: int | None) -> dict:
+    choices = []
+    for c in final.outputs:
+        p = parsers[c.index]
+        reasoning, parsed = p.feed(c.text, final=True)
+        calls = p.tools.calls if p.tools is not None else []
+        message = {"role": "assistant", "content": parsed.content if parsed.content or not calls else None,
+                   "reasoning_content": reasoning or None}
+        if calls:
+            message["tool_calls"] = [{"id": t.id, "type": "function",
+                                      "function": {"name": t.name, "arguments": t.arguments}} for t in calls]
+        choices.append({
+            "index": c.index, "message": message,
+            "logprobs": chat_logprobs(ctx.tokens, c.token_ids, c.logprobs, k) if k is not None else None,
+            "finish_reason": _finish_reason(c.finish_reason, p), "stop_reason": c.stop_reason})
+    n_out = sum(len(c.token_ids) for c in final.outputs)
+    return {**head, "object": "chat.completion", "choices": choices,
+            "usage": usage(len(final.prompt_token_ids), n_out)}
+
+
+def _finish_reason(reason: str | None, parser: ChoiceParser) -> str | None:
+    return "tool_calls" if reason == "stop" and parser.called_tools else reason
+
+
+async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parsers: list[ChoiceParser],
+                  head: dict, k: int | None) -> AsyncIterator[str]:
+    head = {**head, "object": "chat.completion.chunk"}
+    extra = {"usage": None} if req.include_usage else {}
+
+    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
+        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish_reason}], **extra})
+
+    n_prompt, n_out = stream.num_prompt_tokens, 0
+    try:
+        for i in range(req.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for _, out in merge([stream]):
+            for c in out.outputs:
+                p = parsers[c.index]
+                if p.done:
+                    continue
+                final = c.finish_reason is not None
+                reasoning, parsed = p.feed(c.delta_text, final)
+                delta = {}
+                if reasoning:
+                    delta["reasoning_content"] = reasoning
+                if parsed.content:
+                    delta["content"] = parsed.content
+                if parsed.tool_calls:
+                    delta["tool_calls"] = [t.to_openai() for t in parsed.tool_calls]
+                lp = None
+                if k is not None and len(c.token_ids) > p.logprobs_sent:
+                    lp = chat_logprobs(ctx.tokens, c.token_ids[p.logprobs_sent:], c.logprobs[p.logprobs_sent:], k)
+                    p.logprobs_sent = len(c.token_ids)
+                if final:
+                    p.done = True
+                    n_out += len(c.token_ids)
+                if delta or lp or final:
+                    yield chunk(c.index, delta, lp, _finish_reason(c.finish_reason, p) if final else None)
+        if req.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out)})
+    except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, then end it
+        yield sse_error(engine_api_error(e))
+    yield SSE_DONE

@@ -1,0 +1,127 @@
+"""/v1/completions: one or several prompts (text or token ids), `n` samples each, streamed or not.
+
+Choice `index` is prompt_index * n + sample_index, as in OpenAI's API.
+"""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .protocol import APIError, CompletionRequest, check_max_tokens, new_id, now, sampling_params, usage
+from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, collect, completion_logprobs,
+                      engine_api_error, merge, sse, sse_error)
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+    """-> (text or None, token ids) per prompt."""
+    p = req.prompt
+    if isinstance(p, str) or (p and isinstance(p[0], str)):
+        texts = [p] if isinstance(p, str) else p
+        ctx.require_tokenizer()
+        return [(t, ctx.tokenizer.encode(t)) for t in texts]
+    if not p:
+        raise APIError(400, "prompt is an empty list; give a string, a list of strings or token ids.", "prompt")
+    batches = [p] if isinstance(p[0], int) else p
+    return [(None, list(ids)) for ids in batches]
+
+
+def _check(req: CompletionRequest) -> None:
+    if req.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported; remove it from the request.", "suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, f"best_of={req.best_of} is not supported; only best_of == n ({req.n}).", "best_of")
+
+
+async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request) -> Response:
+    ctx.check_model(req.model)
+    _check(req)
+    prompts = _prompts(ctx, req)
+    max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    for _, ids in prompts:
+        check_max_tokens(max_tokens, len(ids), ctx.max_model_len)
+    params = sampling_params(req, max_tokens, req.logprobs)
+    rid = new_id("cmpl")
+    streams = []
+    try:
+        for i, (text, ids) in enumerate(prompts):
+            streams.append(await ctx.add(ids, params, rid if len(prompts) == 1 else f"{rid}-{i}", text))
+    except BaseException:
+        for s in streams:
+            s.abort()
+        raise
+    echoes = [_echo_text(ctx, text, ids) if req.echo else "" for text, ids in prompts]
+    head = {"id": rid, "created": now(), "model": ctx.model_name}
+    if req.stream:
+        return EngineStreamingResponse(_stream(ctx, req, streams, echoes, head), streams)
+    try:
+        finals = await collect(streams, raw.receive)
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - engine failures become 500/503 with one sentence
+        raise engine_api_error(e) from None
+    return JSONResponse(_full_response(ctx, req, finals, echoes, head))
+
+
+def _echo_text(ctx: ServingContext, text: str | None, ids: list[int]) -> str:
+    if text is not None:
+        return text
+    ctx.require_tokenizer()
+    return ctx.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _full_response(ctx: ServingContext, req: CompletionRequest, finals, echoes: list[str], head: dict) -> dict:
+    choices, n_prompt, n_out = [], 0, 0
+    for i, final in enumerate(finals):
+        n_prompt += len(final.prompt_token_ids)
+        for c in final.outputs:
+            n_out += len(c.token_ids)
+            lp = None
+            if req.logprobs is not None:
+                lp = completion_logprobs(ctx.tokens, c.token_ids, c.logprobs, req.logprobs, len(echoes[i]))
+            choices.append({"index": i * req.n + c.index, "text": echoes[i] + c.text, "logprobs": lp,
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    choices.sort(key=lambda c: c["index"])
+    return {**head, "object": "text_completion", "choices": choices, "usage": usage(n_prompt, n_out)}
+
+
+async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: list[str],
+                  head: dict) -> AsyncIterator[str]:
+    head = {**head, "object": "text_completion"}
+    extra = {"usage": None} if req.include_usage else {}
+    sent_tokens: dict[int, int] = {}  # choice index -> tokens whose logprobs were sent
+    offsets: dict[int, int] = {}  # choice index -> text_offset of its next token (echo included)
+    done: set[int] = set()
+    n_prompt, n_out = sum(s.num_prompt_tokens for s in streams), 0
+    try:
+        async for i, out in merge(streams):
+            for c in out.outputs:
+                index = i * req.n + c.index
+                if index in done:
+                    continue
+                text = c.delta_text
+                if index not in offsets:  # first delta of this choice: echo the prompt in front
+                    text, offsets[index], sent_tokens[index] = echoes[i] + text, len(echoes[i]), 0
+                lp = None
+                if req.logprobs is not None and len(c.token_ids) > sent_tokens[index]:
+                    s = sent_tokens[index]
+                    lp = completion_logprobs(ctx.tokens, c.token_ids[s:], c.logprobs[s:], req.logprobs,
+                                             offsets[index])
+                    sent_tokens[index] = len(c.token_ids)
+                    offsets[index] += sum(len(t) for t in lp["tokens"])
+                final = c.finish_reason is not None
+                if final:
+                    done.add(index)
+                    n_out += len(c.token_ids)
+                if text or lp or final:
+                    yield sse({**head, "choices": [{"index": index, "text": text, "logprobs": lp,
+                                                    "finish_reason": c.finish_reason if final else None,
+                                                    "stop_reason": c.stop_reason if final else None}], **extra})
+        if req.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out)})
+    except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, then end it
+        yield sse_error(engine_api_error(e))
+    yield SSE_DONE

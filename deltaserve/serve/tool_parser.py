@@ -1,0 +1,272 @@
+"""Qwen tool-call parser: `<tool_call>…</tool_call>` blocks in model output -> OpenAI `tool_calls`, streamed.
+
+Two formats, told apart by the first character of the block:
+  XML (Qwen3-Coder, Qwen3.5):
+      <tool_call> <function=NAME> <parameter=P> VALUE </parameter> ... </function> </tool_call>
+  JSON (Qwen2.5, Qwen3):
+      <tool_call> {"name": NAME, "arguments": {...}} </tool_call>
+(newlines between the parts, one around each VALUE, which is stripped).
+Streaming follows OpenAI's delta format: a call's first delta carries its index, id, type and name, later deltas
+append to `function.arguments`. XML arguments are released one parameter at a time (values converted with the
+tool's JSON schema: a string stays a string, `integer`/`number`/`boolean`/`object`/`array` are parsed); JSON
+arguments are released as the model writes them, minus a suffix that could still be the end of the block.
+Text outside the blocks is content; whitespace around blocks is dropped.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .reasoning import partial_suffix
+
+TOOL_START, TOOL_END = "<tool_call>", "</tool_call>"
+_XML_FUNC = re.compile(r"\s*<function=([^>\n]+)>")
+_XML_PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
+_XML_FUNC_END = "</function>"
+_JSON_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\S)')
+_DECODER = json.JSONDecoder()
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str = ""  # JSON text; grows while streaming
+
+
+@dataclass
+class ToolCallDelta:
+    index: int
+    id: str | None = None  # set (with name) on a call's first delta only
+    name: str | None = None
+    arguments: str = ""
+
+    def to_openai(self) -> dict:
+        if self.id is None:
+            return {"index": self.index, "function": {"arguments": self.arguments}}
+        return {"index": self.index, "id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass
+class ParsedDelta:
+    content: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+    def add_call(self, delta: ToolCallDelta) -> None:
+        last = self.tool_calls[-1] if self.tool_calls else None
+        if last is not None and last.index == delta.index and delta.id is None:
+            last.arguments += delta.arguments  # one delta per call per step
+        else:
+            self.tool_calls.append(delta)
+
+
+@dataclass
+class _OpenCall:
+    """Parsing progress of the block being read."""
+    call: ToolCall | None = None  # set once the name is known
+    args_done: bool = False  # arguments closed (XML </function> seen / JSON value complete)
+    cursor: int = 0  # XML: where the next <parameter= is searched; JSON: where the arguments start
+    num_params: int = 0
+    args_sent: int = 0  # JSON: characters of the raw arguments released
+    lead: str = ""  # whitespace dropped before the block (given back if it turns out not to be a call)
+
+
+def param_types(tools: list[dict] | None) -> dict[str, dict[str, Any]]:
+    """tools (OpenAI schema) -> {function name: {parameter: JSON-schema type}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for tool in tools or []:
+        fn = tool.get("function") or {}
+        props = (fn.get("parameters") or {}).get("properties") or {}
+        out[fn.get("name", "")] = {p: (s or {}).get("type") for p, s in props.items() if isinstance(s, dict)}
+    return out
+
+
+def convert_value(value: str, schema_type: Any) -> Any:
+    """An XML parameter's text -> its JSON value, by the declared type (unknown or string: the text itself)."""
+    if isinstance(schema_type, list):
+        schema_type = next((t for t in schema_type if t != "null"), None)
+    if schema_type in (None, "string"):
+        return value
+    text = value.strip()
+    if text.lower() in ("null", "none"):
+        return None
+    try:
+        if schema_type == "integer":
+            return int(text)
+        if schema_type == "number":
+            number = float(text)
+            return int(number) if number.is_integer() and not any(c in text for c in ".eE") else number
+        if schema_type == "boolean":
+            if text.lower() in ("true", "false"):
+                return text.lower() == "true"
+            return value
+        return json.loads(text)
+    except ValueError:
+        return value
+
+
+class ToolCallParser:
+    def __init__(self, tools: list[dict] | None):
+        self.types = param_types(tools)
+        self.calls: list[ToolCall] = []
+        self._in_call = False
+        self._buf = ""  # content: held-back tail; in a call: the block's text so far
+        self._open = _OpenCall()
+        self._after_call = False  # no content released since the last block ended
+
+    def feed(self, delta: str) -> ParsedDelta:
+        self._buf += delta
+        out = ParsedDelta()
+        while self._step(out):
+            pass
+        return out
+
+    def finish(self) -> ParsedDelta:
+        out = self.feed("")
+        if self._in_call:  # cut off inside a block (e.g. by max_tokens): close what can be closed
+            self._end_call(out, self._buf, closed=False)
+            self._buf = ""
+        rest, self._buf = self._buf, ""
+        self._emit_content(out, rest.rstrip() if self.calls else rest)
+        return out
+
+    def _step(self, out: ParsedDelta) -> bool:
+        """Consume what can be decided now; True when another pass may consume more."""
+        buf = self._buf
+        if not self._in_call:
+            start = buf.find(TOOL_START)
+            if start >= 0:
+                before = buf[:start].rstrip()
+                self._emit_content(out, before)
+                self._buf, self._in_call = buf[start + len(TOOL_START):], True
+                self._open = _OpenCall(lead=buf[len(before):start])
+                return True
+            # hold a partial "<tool_call>" and trailing whitespace (which may precede a block)
+            release = buf[: len(buf) - partial_suffix(buf, TOOL_START)].rstrip()
+            self._emit_content(out, release)
+            self._buf = buf[len(release):]
+            return False
+        end = buf.find(TOOL_END)
+        if end < 0:
+            self._progress(out, buf[: len(buf) - partial_suffix(buf, TOOL_END)], complete=False)
+            return False
+        self._buf = buf[end + len(TOOL_END):]
+        self._end_call(out, buf[:end], closed=True)
+        return True
+
+    def _emit_content(self, out: ParsedDelta, text: str) -> None:
+        if self._after_call:  # whitespace between or after blocks is not content
+            text = text.lstrip()
+        if text:
+            self._after_call = False
+            out.content += text
+
+    def _end_call(self, out: ParsedDelta, body: str, closed: bool) -> None:
+        self._progress(out, body, complete=True)
+        if self._open.call is None:
+            if not self._fallback_json(out, body):  # not a tool call after all: give the text back as content
+                self._in_call = False
+                self._emit_content(out, self._open.lead + TOOL_START + body + (TOOL_END if closed else ""))
+                return
+        elif not self._open.args_done:
+            self._send(out, self._close_args(body))
+        self._in_call, self._after_call = False, True
+
+    def _progress(self, out: ParsedDelta, body: str, complete: bool) -> None:
+        head = body.lstrip()
+        if head.startswith("<"):
+            self._progress_xml(out, body, complete)
+        elif head.startswith("{"):
+            self._progress_json(out, body, complete)
+
+    # ---- XML ----
+    def _progress_xml(self, out: ParsedDelta, body: str, complete: bool) -> None:
+        op = self._open
+        if op.call is None:
+            m = _XML_FUNC.match(body)
+            if m is None:
+                return
+            self._start_call(out, m.group(1).strip())
+            op.cursor = m.end()
+        if op.args_done:
+            return
+        types = self.types.get(op.call.name, {})
+        for m in _XML_PARAM.finditer(body, op.cursor):
+            name, value = m.group(1).strip(), m.group(2)
+            value = value[1:] if value.startswith("\n") else value
+            value = value[:-1] if value.endswith("\n") else value
+            piece = json.dumps(name, ensure_ascii=False) + ": " + json.dumps(convert_value(value, types.get(name)),
+                                                                              ensure_ascii=False)
+            self._send(out, ("{" if op.num_params == 0 else ", ") + piece)
+            op.num_params += 1
+            op.cursor = m.end()
+        if _XML_FUNC_END in body[op.cursor:] or complete:
+            self._send(out, self._close_args(body))
+
+    # ---- JSON ----
+    def _progress_json(self, out: ParsedDelta, body: str, complete: bool) -> None:
+        op = self._open
+        if op.call is None:
+            m = _JSON_HEAD.match(body)
+            if m is None:
+                return
+            self._start_call(out, json.loads(m.group(1)))
+            op.cursor = m.end()
+        raw = body[op.cursor:]
+        if op.args_done or not raw.startswith("{"):
+            return  # a string-encoded or odd "arguments": released whole when the block ends
+        try:
+            _, end = _DECODER.raw_decode(raw)
+            stable, op.args_done = end, True
+        except ValueError:
+            stable = len(raw.rstrip(" \t\r\n}"))  # a trailing "}" may close the outer object instead
+        if stable > op.args_sent:
+            self._emit_args(out, raw[op.args_sent:stable])
+            op.args_sent = stable
+
+    def _fallback_json(self, out: ParsedDelta, body: str) -> bool:
+        """A complete JSON block the streaming path could not follow (other key order, string arguments)."""
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return False
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return False
+        args = obj.get("arguments", obj.get("parameters", {}))
+        self._start_call(out, obj["name"])
+        self._send(out, args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+        return True
+
+    def _close_args(self, body: str) -> str:
+        """The text that closes the open call's arguments ("}" after XML parameters, the rest of JSON ones)."""
+        op = self._open
+        op.args_done = True
+        if not body.lstrip().startswith("{"):
+            return "}" if op.num_params else "{}"
+        raw = body[op.cursor:].rstrip()
+        if raw.startswith("{"):
+            return raw[op.args_sent:].removesuffix("}") if op.args_sent else raw.removesuffix("}")
+        try:  # "arguments": "<json text>"
+            value = _DECODER.raw_decode(raw)[0]
+        except ValueError:
+            return ""
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+    # ---- emitting ----
+    def _start_call(self, out: ParsedDelta, name: str) -> None:
+        call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=name)
+        self._open.call = call
+        self.calls.append(call)
+        out.add_call(ToolCallDelta(index=len(self.calls) - 1, id=call.id, name=name))
+
+    def _send(self, out: ParsedDelta, text: str) -> None:
+        if text:
+            self._emit_args(out, text)
+
+    def _emit_args(self, out: ParsedDelta, text: str) -> None:
+        self._open.call.arguments += text
+        out.add_call(ToolCallDelta(index=len(self.calls) - 1, arguments=text))

@@ -1,0 +1,130 @@
+"""`deltaserve chat` driven through a pseudo-terminal: streaming output, multi-turn history, /reset, Ctrl-C, /exit,
+and reasoning shown dimmed or hidden. The random tiny model is steered with the TEST-ONLY forced-output hook."""
+import json
+import os
+import pty
+import select
+import sys
+import time
+
+import pytest
+
+from deltaserve.serve.chat_cli import DIM, RESET
+from deltaserve.tiny import make_tiny
+
+ANSWER = "Hello there, nice to see you today, what would you like to talk about?"
+RULES = [  # first match wins; the whole prompt (history included) is matched
+    {"contains": ["LONG"], "output": "word " * 500},
+    {"contains": ["Hello there", "again"], "output": "I remember you."},
+    {"contains": ["again"], "output": "Nice to meet you."},
+    {"contains": ["FIRST"], "output": f"<think>\nhmm, a greeting\n</think>\n\n{ANSWER}"},
+]
+
+
+class Pty:
+    """A child process on a pseudo-terminal (so it has a controlling tty: Ctrl-C is SIGINT)."""
+
+    def __init__(self, argv, env):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # child
+            os.execvpe(argv[0], argv, env)
+        self.buf = b""
+
+    def read_until(self, needle: str, timeout: float = 60) -> tuple[str, list[bytes]]:
+        """Read until `needle` appears in the output -> (text up to and including it, the raw reads)."""
+        deadline, reads, want = time.time() + timeout, [], needle.encode()
+        while want not in self.buf:
+            left = deadline - time.time()
+            assert left > 0, f"timed out waiting for {needle!r}; got:\n{self.buf.decode(errors='replace')}"
+            if select.select([self.fd], [], [], left)[0]:
+                try:
+                    data = os.read(self.fd, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    data = b""
+                assert data, f"child exited before {needle!r}; got:\n{self.buf.decode(errors='replace')}"
+                reads.append(data)
+                self.buf += data
+        end = self.buf.index(want) + len(want)
+        text, self.buf = self.buf[:end].decode(errors="replace"), self.buf[end:]
+        return text, reads
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def wait(self, timeout: float = 20) -> int:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                os.read(self.fd, 4096)  # drain, so the child never blocks on a full terminal
+            except OSError:
+                pass
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(self.pid, 9)
+        raise TimeoutError("chat did not exit")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def start_chat(model_dir, *flags) -> Pty:
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    # one torch thread: the tiny model gains nothing from more, and 2 cores shared with the test runner thrash
+    env.update(TERM="dumb", OMP_NUM_THREADS="1", DELTASERVE_TEST_FORCED_OUTPUTS=json.dumps(RULES))
+    return Pty([sys.executable, "-m", "deltaserve.cli", "chat", str(model_dir), "--device", "cpu",
+                "--max-model-len", "1024", "--max-tokens", "600", *flags], env)
+
+
+def test_chat_multiturn_reset_interrupt_exit(model_dir):
+    chat = start_chat(model_dir)
+    try:
+        banner, _ = chat.read_until(">>> ", timeout=120)
+        assert "/reset" in banner and "/exit" in banner
+        chat.send("hi FIRST\r")
+        out, reads = chat.read_until(">>> ")
+        assert f"{DIM}hmm, a greeting{RESET}" in out  # reasoning shown dimmed, then the answer
+        assert ANSWER in out and "<think>" not in out
+        assert sum(1 for r in reads if b"you" in r or b"talk" in r or b"Hello" in r) >= 2 or len(reads) >= 4, \
+            f"answer came in one piece, not streamed: {reads}"
+        chat.send("again\r")
+        out, _ = chat.read_until(">>> ")
+        assert "I remember you." in out  # the first answer is in the history
+        chat.send("/reset\r")
+        out, _ = chat.read_until(">>> ")
+        assert "(conversation cleared)" in out
+        chat.send("again\r")
+        out, _ = chat.read_until(">>> ")
+        assert "Nice to meet you." in out and "I remember" not in out  # history is gone
+        chat.send("LONG story\r")
+        chat.read_until("word word word")
+        chat.send("\x03")  # Ctrl-C stops the answer, not the program
+        out, _ = chat.read_until(">>> ")
+        assert "(stopped)" in out and out.count("word") < 500
+        chat.send("/exit\r")
+        assert chat.wait() == 0
+    finally:
+        if chat.pid:
+            try:
+                os.kill(chat.pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def test_chat_hide_thinking(model_dir):
+    chat = start_chat(model_dir, "--hide-thinking")
+    try:
+        chat.read_until(">>> ", timeout=120)
+        chat.send("hi FIRST\r")
+        out, _ = chat.read_until(">>> ")
+        assert ANSWER in out and "hmm, a greeting" not in out and DIM not in out
+        chat.send("\x04")  # Ctrl-D quits too
+        assert chat.wait() == 0
+    finally:
+        try:
+            os.kill(chat.pid, 9)
+        except ProcessLookupError:
+            pass

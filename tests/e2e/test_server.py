@@ -1,0 +1,450 @@
+"""`deltaserve serve` end to end: a real server subprocess on a free loopback port, driven by the real `openai` client.
+
+The tiny checkpoint's weights are random, so the model is steered with the TEST-ONLY forced-output hook
+(deltaserve/serve/testing.py): prompts containing a marker make it "say" a reasoning block or a tool call.
+"""
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from deltaserve.tiny import make_tiny
+from deltaserve.tokenizer import Tokenizer
+
+API_KEY = "test-key"
+MODEL = "tiny"
+MAX_MODEL_LEN = 1024
+THINK = ("<think>\nLet me think about it.\n</think>\n\nThe answer is 4.", "Let me think about it.", "The answer is 4.")
+XML_CALL = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
+            "</parameter>\n</function>\n</tool_call>")
+JSON_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+RULES = [  # first match wins: the tool-response rule must precede the tool-call ones its prompt also matches
+    {"contains": ["<tool_response>", "sunny"], "output": "It is sunny in Paris."},
+    {"contains": ["FORCE_XML_TOOL"], "output": XML_CALL},
+    {"contains": ["FORCE_JSON_TOOL"], "output": JSON_CALL},
+    {"contains": ["FORCE_THINK"], "output": THINK[0]},
+    {"contains": ["FORCE_BOOM"], "raise": "injected test failure"},
+]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather forecast for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city"]}}}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `deltaserve serve` subprocess; its output goes to a log file (a full pipe would block it)."""
+
+    def __init__(self, model_dir, tmp, *extra):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"server-{self.port}.log"
+        # one torch thread: the tiny model gains nothing from more, and 2 cores shared with the clients thrash
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DELTASERVE_TEST_FORCED_OUTPUTS": json.dumps(RULES)}
+        cmd = [sys.executable, "-m", "deltaserve.cli", "serve", str(model_dir), "--device", "cpu", "--port",
+               str(self.port), "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN), *extra]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"server exited early:\n{self.log_path.read_text()}"
+            try:
+                if urllib.request.urlopen(self.url + "/health", timeout=1).status == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"server did not become healthy:\n{self.log_path.read_text()}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def http(url, body=None, headers=None, method=None):
+    """-> (status, parsed JSON body or text)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, raw = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read().decode()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw
+
+
+def metrics(server) -> dict[str, float]:
+    _, text = http(server.url + "/metrics")
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r'^(deltaserve_\w+?)(?:\{(.*)\})? ([-+0-9.eE]+|NaN)$', line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            key = m.group(1) + (f"[{labels['finished_reason']}]" if "finished_reason" in labels else "")
+            out[key] = float(m.group(3))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    s = Server(model_dir, tmp_path_factory.mktemp("log"), "--api-key", API_KEY, "--max-num-seqs", "256")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return Tokenizer.from_dir(model_dir)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+def stream_chat(client, **kw):
+    """-> (content, reasoning, {index: [name, arguments, n_argument_deltas]}, finish_reason, usage, chunks)."""
+    content, reasoning, calls, finish, usage, chunks = "", "", {}, None, None, 0
+    for chunk in client.chat.completions.create(model=MODEL, stream=True, **kw):
+        chunks += 1
+        usage = chunk.usage or usage
+        for ch in chunk.choices:
+            d = ch.delta
+            content += d.content or ""
+            reasoning += getattr(d, "reasoning_content", None) or ""
+            for tc in d.tool_calls or []:
+                if tc.id is not None:
+                    assert tc.index not in calls and tc.type == "function"
+                    calls[tc.index] = [tc.function.name, "", 0]
+                if tc.function.arguments:
+                    calls[tc.index][1] += tc.function.arguments
+                    calls[tc.index][2] += 1
+            finish = ch.finish_reason or finish
+    return content, reasoning, calls, finish, usage, chunks
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "deltaserve.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("cmd, flags", [
+    ("serve", ["MODEL", "--host", "--port", "--api-key", "--served-model-name", "--shutdown-timeout", "--device",
+               "--dtype", "--max-model-len", "--max-num-seqs", "--tp", "--num-kv-blocks"]),
+    ("chat", ["MODEL", "--hide-thinking", "--no-thinking", "--system", "--max-tokens", "--temperature", "--device"]),
+], ids=["serve", "chat"])
+def test_cli_help(cmd, flags):
+    res = cli(cmd, "--help")
+    assert res.returncode == 0, res.stderr
+    for flag in flags:
+        assert flag in res.stdout, flag
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["serve", "--tp", "2"], "tensor parallelism is not supported yet (--tp 2)"),
+    (["serve", "--port", "0"], "--port"),
+    (["chat", "--temperature", "-1"], "temperature"),
+], ids=["tp", "port", "chat_temperature"])
+def test_cli_rejects_unsupported_flags(args, needle):
+    res = cli(*args, "--device", "cpu")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().startswith("error: ") and needle in res.stderr, res.stderr
+
+
+def test_models_health_version(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert http(server.url + "/health")[0] == 200
+    status, body = http(server.url + "/version")
+    assert status == 200 and body["version"]
+
+
+def test_chat_and_completions_same_greedy_text(client, tokenizer):
+    msgs = user("Tell me about the quick brown fox.")
+    prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False)
+    n_prompt = len(tokenizer.encode(prompt))
+    kw = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(model=MODEL, messages=msgs, **{**kw, "extra_body": {**kw["extra_body"],
+                                                                                              **NO_THINK}})
+    text = chat.choices[0].message.content
+    assert chat.choices[0].finish_reason == "length"
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (n_prompt, 12)
+    content, _, _, finish, usage, _ = stream_chat(client, messages=msgs, stream_options={"include_usage": True},
+                                                  **{**kw, "extra_body": {**kw["extra_body"], **NO_THINK}})
+    assert (content, finish) == (text, "length")
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
+    comp = client.completions.create(model=MODEL, prompt=prompt, **kw)
+    assert comp.choices[0].text == text
+    assert (comp.usage.prompt_tokens, comp.usage.completion_tokens) == (n_prompt, 12)
+    streamed, usage = "", None
+    for chunk in client.completions.create(model=MODEL, prompt=prompt, stream=True,
+                                           stream_options={"include_usage": True}, **kw):
+        streamed += "".join(c.text for c in chunk.choices)
+        usage = chunk.usage or usage
+    assert streamed == text
+    assert (usage.prompt_tokens, usage.completion_tokens) == (n_prompt, 12)
+
+
+def test_completions_batch_n_and_logprobs(client, tokenizer):
+    prompts = ["The quick brown", "Numbers: 0 1 2"]
+    res = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5, temperature=0, logprobs=3,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in res.choices] == [0, 1, 2, 3]
+    assert res.choices[0].text == res.choices[1].text  # greedy samples agree
+    assert res.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+    assert res.usage.completion_tokens == 4 * 5
+    lp = res.choices[2].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        # keyed by token text: byte pieces that all print as U+FFFD collide, so up to 3 entries
+        assert 1 <= len(top) <= 3 and chosen == pytest.approx(max(top.values()))  # greedy picks the top token
+
+
+def test_chat_logprobs_stop_and_seed(client):
+    msgs = user("Count with me")
+    res = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                         top_logprobs=2, extra_body={"ignore_eos": True, **NO_THINK})
+    entries = res.choices[0].logprobs.content
+    assert len(entries) == 6
+    assert all(len(e.top_logprobs) == 2 and e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in entries)
+    text = res.choices[0].message.content
+    stop = text[len(text) // 2:][:2]
+    if stop.strip():
+        cut = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, stop=[stop],
+                                             extra_body={"ignore_eos": True, **NO_THINK})
+        assert cut.choices[0].finish_reason == "stop"
+        assert cut.choices[0].message.content == text[:text.index(stop)]
+    extras = client.chat.completions.create(
+        model=MODEL, messages=msgs, max_completion_tokens=3, temperature=0.7, top_p=0.9, presence_penalty=0.5,
+        frequency_penalty=0.5, extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2, "ignore_eos": True})
+    assert (extras.usage.completion_tokens, extras.choices[0].finish_reason) == (3, "length")
+    seeded = [client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=1.0, seed=s,
+                                             extra_body={"ignore_eos": True}).choices[0].message
+              for s in (7, 7, 8)]
+    assert (seeded[0].content, seeded[0].reasoning_content) == (seeded[1].content, seeded[1].reasoning_content)
+
+
+def test_reasoning_split(client):
+    _, reasoning, content = THINK
+    res = client.chat.completions.create(model=MODEL, messages=user("FORCE_THINK what is 2+2?"), max_tokens=40)
+    msg = res.choices[0].message
+    assert (msg.reasoning_content, msg.content, res.choices[0].finish_reason) == (reasoning, content, "stop")
+    s_content, s_reasoning, _, finish, _, chunks = stream_chat(client, messages=user("FORCE_THINK what is 2+2?"),
+                                                               max_tokens=40)
+    assert (s_reasoning, s_content, finish) == (reasoning, content, "stop")
+    assert chunks > 4  # streamed token by token, not in one piece
+    # a long stop string makes the engine hold text back, so deltas no longer end at tag boundaries
+    s_content, s_reasoning, _, finish, _, _ = stream_chat(client, messages=user("FORCE_THINK what is 2+2?"),
+                                                          max_tokens=40, stop=["@@@@@@@@@"])
+    assert (s_reasoning, s_content, finish) == (reasoning, content, "stop")
+    off = client.chat.completions.create(model=MODEL, messages=user("FORCE_THINK what is 2+2?"), max_tokens=40,
+                                         extra_body=NO_THINK).choices[0].message
+    assert off.reasoning_content is None and off.content == THINK[0]  # enable_thinking=False: no reasoning split
+
+
+@pytest.mark.parametrize("marker", ["FORCE_XML_TOOL", "FORCE_JSON_TOOL"], ids=["xml", "json"])
+def test_tool_call_round_trip(client, marker):
+    msgs = user(f"{marker} What is the weather in Paris?")
+    res = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=80)
+    choice = res.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": 3}
+    content, _, calls, finish, _, _ = stream_chat(client, messages=msgs, tools=TOOLS, max_tokens=80)
+    assert (content, finish) == ("", "tool_calls")
+    assert [(name, json.loads(args)) for name, args, _ in calls.values()] == [("get_weather",
+                                                                                {"city": "Paris", "days": 3})]
+    if marker == "FORCE_XML_TOOL":
+        assert calls[0][2] >= 2  # arguments streamed incrementally (one delta per parameter, then "}")
+    follow = msgs + [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "sunny, 22 C"}]
+    res2 = client.chat.completions.create(model=MODEL, messages=follow, tools=TOOLS, max_tokens=40)
+    assert (res2.choices[0].message.content, res2.choices[0].finish_reason) == ("It is sunny in Paris.", "stop")
+
+
+def test_tool_choice_none_leaves_text(client):
+    res = client.chat.completions.create(model=MODEL, messages=user("FORCE_XML_TOOL weather?"), tools=TOOLS,
+                                         tool_choice="none", max_tokens=80)
+    assert res.choices[0].message.tool_calls is None and "<function=get_weather>" in res.choices[0].message.content
+
+
+def chat_body(**kw):
+    return {"model": MODEL, "messages": user("hi"), "max_tokens": 2, **kw}
+
+
+BAD_REQUESTS = {  # name: (path, body, headers, status, param)
+    "malformed_json": ("/v1/chat/completions", b'{"model": "tiny", "messages": [', None, 400, None),
+    "body_not_object": ("/v1/chat/completions", b"[1, 2]", None, 400, None),
+    "missing_messages": ("/v1/chat/completions", {"model": MODEL}, None, 400, "messages"),
+    "wrong_type_max_tokens": ("/v1/chat/completions", chat_body(max_tokens="5"), None, 400, "max_tokens"),
+    "wrong_type_messages": ("/v1/chat/completions", chat_body(messages="hi"), None, 400, "messages"),
+    "negative_max_tokens": ("/v1/chat/completions", chat_body(max_tokens=-3), None, 400, "max_tokens"),
+    "oversized_max_tokens": ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, None, 400,
+                             "max_tokens"),
+    "prompt_too_long": ("/v1/completions", {"model": MODEL, "prompt": [5] * (MAX_MODEL_LEN + 10)}, None, 400,
+                        "prompt"),
+    "bad_temperature": ("/v1/chat/completions", chat_body(temperature=-1), None, 400, "temperature"),
+    "bad_top_p": ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, None, 400, "top_p"),
+    "bad_n": ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, None, 400, "n"),
+    "too_many_logprobs": ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=50), None, 400, "logprobs"),
+    "token_out_of_vocab": ("/v1/completions", {"model": MODEL, "prompt": [10 ** 6]}, None, 400, "prompt"),
+    "image_content": ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]), None, 400, "messages.0.content"),
+    "tool_choice_required": ("/v1/chat/completions", chat_body(tools=TOOLS, tool_choice="required"), None, 400,
+                             "tool_choice"),
+    "unknown_model": ("/v1/chat/completions", chat_body(model="gpt-4"), None, 404, "model"),
+    "missing_api_key": ("/v1/chat/completions", chat_body(), {"Authorization": ""}, 401, None),
+    "wrong_api_key": ("/v1/models", None, {"Authorization": "Bearer nope"}, 401, None),
+    "unknown_route": ("/v1/nothing", chat_body(), None, 404, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))
+def test_bad_request_then_server_still_answers(server, client, case):
+    path, body, headers, status, param = BAD_REQUESTS[case]
+    got, err = http(server.url + path, body, {"Authorization": f"Bearer {API_KEY}", **(headers or {})})
+    assert got == status, err
+    assert set(err["error"]) == {"message", "type", "param", "code"}, err
+    msg = err["error"]["message"]
+    assert msg and "Traceback" not in msg and "\n" not in msg, msg
+    if param is not None:
+        assert err["error"]["param"] == param, err
+    ok = client.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+    assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_engine_failure_is_500_and_server_recovers(server, client):
+    with pytest.raises(openai.InternalServerError, match="injected test failure"):
+        client.chat.completions.create(model=MODEL, messages=user("FORCE_BOOM"), max_tokens=4)
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    m = metrics(server)
+    assert m["deltaserve_kv_blocks_used"] == 0 and m["deltaserve_state_slots_used"] == 0
+
+
+async def _concurrent(server, n_total, n_disconnect):
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+    async def one(i):
+        quit_early = i % (n_total // n_disconnect) == 0
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=user(f"request {i}"), stream=True, stream_options={"include_usage": True},
+            max_tokens=200 if quit_early else 5, temperature=0, extra_body={"ignore_eos": True})
+        finish, usage, seen = None, None, 0
+        async for chunk in stream:
+            seen += bool(chunk.choices and chunk.choices[0].delta.content)
+            if quit_early and seen == 2:
+                await stream.close()  # the client goes away mid-stream, after two pieces of generated text
+                return "disconnected", None
+            usage = chunk.usage or usage
+            finish = next((c.finish_reason for c in chunk.choices if c.finish_reason), finish)
+        return finish, usage.completion_tokens
+
+    try:
+        return await asyncio.gather(*(one(i) for i in range(n_total)))
+    finally:
+        await client.close()
+
+
+def test_200_concurrent_streams_with_20_disconnects(server):
+    aborted_before = metrics(server).get("deltaserve_request_success_total[abort]", 0)
+    results = asyncio.run(_concurrent(server, 200, 20))
+    assert results.count(("disconnected", None)) == 20
+    assert results.count(("length", 5)) == 180, [r for r in results if r != ("length", 5)][:5]
+    deadline, m = time.time() + 30, {}
+    while time.time() < deadline:  # the aborts reach the engine thread asynchronously
+        m = metrics(server)
+        idle = [m[k] for k in ("deltaserve_num_requests_running", "deltaserve_num_requests_waiting",
+                               "deltaserve_kv_blocks_used", "deltaserve_state_slots_used")]
+        if idle == [0, 0, 0, 0] and m.get("deltaserve_request_success_total[abort]", 0) - aborted_before >= 20:
+            break
+        time.sleep(0.2)
+    assert m["deltaserve_num_requests_running"] == 0 and m["deltaserve_num_requests_waiting"] == 0, m
+    assert m["deltaserve_kv_blocks_used"] == 0 and m["deltaserve_state_slots_used"] == 0, m
+    assert m["deltaserve_request_success_total[abort]"] - aborted_before == 20, m  # aborted, not run to the end
+    assert m["deltaserve_time_to_first_token_seconds_count"] >= 200 and m["deltaserve_generation_tokens_total"] > 0
+
+
+def test_non_streaming_disconnect_aborts(server):
+    before = metrics(server).get("deltaserve_request_success_total[abort]", 0)
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 900, "ignore_eos": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer " + API_KEY.encode()
+                 + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    deadline = time.time() + 30
+    while metrics(server)["deltaserve_num_requests_running"] < 1:  # the request is generating
+        assert time.time() < deadline
+        time.sleep(0.05)
+    sock.close()  # the client goes away without reading the answer
+    while time.time() < deadline:
+        m = metrics(server)
+        if m["deltaserve_num_requests_running"] == 0:
+            break
+        time.sleep(0.05)
+    assert m.get("deltaserve_request_success_total[abort]", 0) == before + 1, m  # aborted, not run to the end
+    assert m["deltaserve_kv_blocks_used"] == 0 and m["deltaserve_state_slots_used"] == 0, m
+
+
+def test_sigterm_aborts_streams_and_exits(model_dir, tmp_path):
+    srv = Server(model_dir, tmp_path, "--shutdown-timeout", "0.5")
+    results, started = [], [threading.Event() for _ in range(8)]
+
+    def stream(i):
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        finish = None
+        for chunk in client.completions.create(model=MODEL, prompt=f"story {i}", max_tokens=900, stream=True,
+                                               extra_body={"ignore_eos": True}):
+            started[i].set()
+            finish = chunk.choices[0].finish_reason or finish if chunk.choices else finish
+        results.append(finish)
+
+    try:
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        assert all(e.wait(timeout=60) for e in started)  # every stream is generating
+        t0 = time.time()
+        srv.proc.send_signal(signal.SIGTERM)
+        code = srv.proc.wait(timeout=15)
+        elapsed = time.time() - t0
+        for t in threads:
+            t.join(timeout=10)
+        log = srv.log_path.read_text()
+        assert elapsed < 5, f"took {elapsed:.1f}s to exit"
+        assert code in (0, -signal.SIGTERM), log
+        assert "Traceback" not in log, log
+        assert results == ["abort"] * 8  # every stream ended cleanly (finish_reason + [DONE]), none hung
+    finally:
+        srv.stop()

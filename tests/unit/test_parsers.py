@@ -1,0 +1,132 @@
+"""Reasoning and tool-call parsers (deltaserve/serve): the same split whatever way the text is cut into deltas."""
+import json
+import random
+
+import pytest
+
+from deltaserve.serve.reasoning import ReasoningParser, prompt_opens_thinking
+from deltaserve.serve.tool_parser import ToolCallParser, convert_value
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
+    "hours": {"type": "array"}, "zip": {"type": "string"}}}}}]
+
+
+def cuts(text: str, seed: int) -> list[str]:
+    """text cut into pieces: whole, char by char, and random lengths."""
+    if seed == 0:
+        return [text]
+    if seed == 1:
+        return list(text)
+    rng, out, i = random.Random(seed), [], 0
+    while i < len(text):
+        n = rng.randint(1, 6)
+        out.append(text[i:i + n])
+        i += n
+    return out
+
+
+def run_reasoning(pieces, **kw):
+    p, reasoning, content = ReasoningParser(**kw), "", ""
+    for piece in pieces:
+        s = p.feed(piece)
+        reasoning, content = reasoning + s.reasoning, content + s.content
+    s = p.finish()
+    return reasoning + s.reasoning, content + s.content
+
+
+def run_tools(pieces, tools=TOOLS):
+    """-> (content, [(name, arguments)] from the deltas, same from parser.calls, number of deltas per call)."""
+    p, content, calls, deltas = ToolCallParser(tools), "", {}, {}
+    for piece in pieces + [None]:
+        d = p.finish() if piece is None else p.feed(piece)
+        content += d.content
+        for tc in d.tool_calls:
+            if tc.id is not None:
+                calls[tc.index] = [tc.name, ""]
+                assert tc.to_openai()["type"] == "function"
+            calls[tc.index][1] += tc.arguments
+            deltas[tc.index] = deltas.get(tc.index, 0) + 1
+    streamed = [tuple(calls[i]) for i in sorted(calls)]
+    return content, streamed, [(c.name, c.arguments) for c in p.calls], deltas
+
+
+REASONING_CASES = {
+    "tags_in_output": ("<think>\nLet me think.\n</think>\n\nThe answer is 4.", {},
+                       ("Let me think.", "The answer is 4.")),
+    "prompt_opened": ("Let me think.\n</think>\n\nFour.", {"in_reasoning": True}, ("Let me think.", "Four.")),
+    "prompt_opened_repeats_tag": ("<think>\nhmm</think>Four.", {"in_reasoning": True}, ("hmm", "Four.")),
+    "no_tags": ("An answer with </think> inside? no: <b>", {}, ("", "An answer with </think> inside? no: <b>")),
+    "disabled": ("<think>\nx\n</think>\n\ny", {"enabled": False}, ("", "<think>\nx\n</think>\n\ny")),
+    "truncated_in_thinking": ("<think>\nstill going \n\n", {}, ("still going", "")),
+    "leading_whitespace_answer": ("\n\nHi <", {}, ("", "\n\nHi <")),
+    "partial_tag_is_content": ("<thin", {}, ("", "<thin")),
+    "end_tag_lookalike": ("<think>a </thin b</think>c", {}, ("a </thin b", "c")),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3], ids=["whole", "chars", "rand2", "rand3"])
+@pytest.mark.parametrize("case", list(REASONING_CASES), ids=list(REASONING_CASES))
+def test_reasoning_split(case, seed):
+    text, kw, expected = REASONING_CASES[case]
+    assert run_reasoning(cuts(text, seed), **kw) == expected
+
+
+def test_prompt_opens_thinking():
+    assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
+    assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not prompt_opens_thinking("<|im_start|>assistant\n")
+
+
+XML_CALL = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
+            "</parameter>\n<parameter=metric>\ntrue\n</parameter>\n<parameter=hours>\n[1, 2]\n</parameter>\n"
+            "<parameter=zip>\n007\n</parameter>\n</function>\n</tool_call>")
+XML_ARGS = {"city": "Paris", "days": 3, "metric": True, "hours": [1, 2], "zip": "007"}
+JSON_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "nested": {"a": "}"}}}\n</tool_call>'
+JSON_ARGS = {"city": "Paris", "nested": {"a": "}"}}
+
+TOOL_CASES = {
+    "xml": (XML_CALL, "", [("get_weather", XML_ARGS)]),
+    "json": (JSON_CALL, "", [("get_weather", JSON_ARGS)]),
+    "content_then_two_calls": ("Let me check.\n\n" + XML_CALL + "\n" + JSON_CALL + "\n", "Let me check.",
+                               [("get_weather", XML_ARGS), ("get_weather", JSON_ARGS)]),
+    "xml_no_params": ("<tool_call>\n<function=now>\n</function>\n</tool_call>", "", [("now", {})]),
+    "json_string_arguments": ('<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>', "",
+                              [("f", {"x": 1})]),
+    "json_other_key_order": ('<tool_call>{"arguments": {"x": 1}, "name": "f"}</tool_call>', "", [("f", {"x": 1})]),
+    "not_a_call": ("a <tool_call>oops</tool_call> b", "a <tool_call>oops</tool_call> b", []),
+    "plain_text": ("Hello <tool world \n", "Hello <tool world \n", []),
+    "truncated_xml": ("<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n<parameter=da",
+                      "", [("get_weather", {"city": "Rome"})]),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3], ids=["whole", "chars", "rand2", "rand3"])
+@pytest.mark.parametrize("case", list(TOOL_CASES), ids=list(TOOL_CASES))
+def test_tool_calls(case, seed):
+    text, content, expected = TOOL_CASES[case]
+    got_content, streamed, final, _ = run_tools(cuts(text, seed))
+    assert got_content == content
+    assert streamed == final  # the deltas add up to the final calls
+    assert [(name, json.loads(args)) for name, args in final] == expected
+
+
+def test_xml_arguments_stream_per_parameter():
+    _, _, _, deltas = run_tools(list(XML_CALL))
+    assert deltas[0] >= 1 + len(XML_ARGS)  # the name, then at least one delta per parameter
+
+
+def test_json_arguments_stream_before_block_ends():
+    p = ToolCallParser(TOOLS)
+    d = p.feed('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par')
+    assert [tc.name for tc in d.tool_calls if tc.id] == ["get_weather"]
+    assert "".join(tc.arguments for tc in d.tool_calls) == '{"city": "Par'
+
+
+@pytest.mark.parametrize("value, type_, expected", [
+    ("42", "integer", 42), ("4.5", "number", 4.5), ("4", "number", 4), ("False", "boolean", False),
+    ('{"a": 1}', "object", {"a": 1}), ("null", ["integer", "null"], None), ("x1", "integer", "x1"),
+    ("42", "string", "42"), ("42", None, "42")],
+    ids=["int", "float", "number_int", "bool", "object", "nullable", "bad_int", "string", "untyped"])
+def test_convert_value(value, type_, expected):
+    assert convert_value(value, type_) == expected
