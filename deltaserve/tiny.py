@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .models.weights import build_model
+from .models.weights import build_model, unfuse
 from .tokenizer import train_tiny_tokenizer
 
 
@@ -73,7 +73,7 @@ def _init_value(name: str, shape: torch.Size, g: torch.Generator, device: torch.
     if name == "embed_tokens.weight":
         return randn()
     if name == "lm_head.weight":
-        return randn() * (3.0 / math.sqrt(shape[-1]))
+        return randn() * (1.5 / math.sqrt(shape[-1]))
     return randn() / math.sqrt(shape[-1])  # linear / expert / conv weights: fan-in scaled
 
 
@@ -81,23 +81,25 @@ def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.T
     """Our parameters under the names and shapes transformers' save_pretrained uses."""
     out = {}
     for name, p in model.named_parameters():
-        t = p.detach().contiguous()
-        if name == "lm_head.weight":
-            out[name] = t
-        elif name.endswith("conv1d.weight"):
-            out[f"model.language_model.{name}"] = t.unsqueeze(1).contiguous()
-        elif name.endswith("experts.gate_up_proj"):
-            base, inter = name[: -len("gate_up_proj")], cfg.moe_intermediate_size
-            for e in range(cfg.num_experts):
-                out[f"model.language_model.{base}{e}.gate_proj.weight"] = t[e, :inter].contiguous()
-                out[f"model.language_model.{base}{e}.up_proj.weight"] = t[e, inter:].contiguous()
-        elif name.endswith("experts.down_proj"):
-            base = name[: -len("down_proj")]
-            for e in range(cfg.num_experts):
-                out[f"model.language_model.{base}{e}.down_proj.weight"] = t[e].contiguous()
-        else:
-            out[f"model.language_model.{name}"] = t
+        for hf_name, t in unfuse(name, p.detach(), cfg):
+            out.update(_hf_tensors(hf_name, t.contiguous(), cfg))
     return out
+
+
+def _hf_tensors(name: str, t: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    if name == "lm_head.weight":
+        return {name: t}
+    if name.endswith("conv1d.weight"):
+        return {f"model.language_model.{name}": t.unsqueeze(1).contiguous()}
+    if name.endswith("experts.gate_up_proj"):
+        base, inter = name[: -len("gate_up_proj")], cfg.moe_intermediate_size
+        return {f"model.language_model.{base}{e}.{proj}.weight": t[e, rows].contiguous()
+                for e in range(cfg.num_experts)
+                for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter)))}
+    if name.endswith("experts.down_proj"):
+        base = name[: -len("down_proj")]
+        return {f"model.language_model.{base}{e}.down_proj.weight": t[e].contiguous() for e in range(cfg.num_experts)}
+    return {f"model.language_model.{name}": t}
 
 
 def make_tiny(out_dir: str, moe: bool = False, num_layers: int = 4, seed: int = 0) -> str:

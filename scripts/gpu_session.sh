@@ -7,7 +7,7 @@ parts=${*:-tests kernels engine}
 for part in $parts; do
   case $part in
     tests)
-      timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/e2e/test_gpu_parity.py -s \
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/kernels tests/e2e/test_gpu_parity.py} -s \
         2>&1 | grep -vE "^\s*$" | tail -60 > "$OUT/gpu_tests.log"; tail -25 "$OUT/gpu_tests.log" ;;
     kernels)
       timeout 150 python3 benchmarks/kernels/bench_gdn.py 2>&1 | tail -30 > "$OUT/bench_gdn.log"; cat "$OUT/bench_gdn.log" ;;

@@ -15,9 +15,8 @@ class GatedAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, d, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.q_proj = nn.Linear(h, self.num_heads * d * 2, bias=bias)  # per head: [query(d) | gate(d)]
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        # q_proj (per head [query(d) | gate(d)]), k_proj and v_proj of the checkpoint, stacked: one GEMM
+        self.qkv_proj = nn.Linear(h, (2 * self.num_heads + 2 * self.num_kv_heads) * d, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -28,9 +27,10 @@ class GatedAttention(nn.Module):
                 ) -> torch.Tensor:
         """x: [T, hidden]; kv_cache: (k, v) each [NB, BS, Hkv, D] -> [T, hidden]."""
         t = x.shape[0]
-        q, gate = self.q_proj(x).view(t, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        hd, kvd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qg, k, v = self.qkv_proj(x).split([2 * hd, kvd, kvd], dim=-1)
+        q, gate = qg.view(t, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        k, v = k.view(t, self.num_kv_heads, self.head_dim), v.view(t, self.num_kv_heads, self.head_dim)
         q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, batch.positions, self.rope_theta,
                             self.rotary_dim, self.eps)
         write_kv(k, v, kv_cache[0], kv_cache[1], batch.slot_mapping)

@@ -24,10 +24,10 @@ class GatedDeltaNet(nn.Module):
         self.hk, self.hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         h = cfg.hidden_size
-        self.in_proj_qkv = nn.Linear(h, cfg.conv_dim, bias=False)  # [q (Hk·K) | k (Hk·K) | v (HV·V)]
-        self.in_proj_z = nn.Linear(h, self.hv * self.dv, bias=False)
-        self.in_proj_b = nn.Linear(h, self.hv, bias=False)
-        self.in_proj_a = nn.Linear(h, self.hv, bias=False)
+        # in_proj_qkv ([q (Hk·K) | k (Hk·K) | v (HV·V)]), in_proj_z, in_proj_b, in_proj_a of the checkpoint,
+        # stacked: one GEMM instead of four (b and a have only HV rows each: poor GEMVs on their own)
+        self.splits = [cfg.conv_dim, self.hv * self.dv, self.hv, self.hv]
+        self.in_proj = nn.Linear(h, sum(self.splits), bias=False)
         self.conv1d = DepthwiseConv(cfg.conv_dim, cfg.linear_conv_kernel_dim)
         # Kept in fp32 whatever the model dtype: g = -exp(A_log)·softplus(a + dt_bias) is computed in fp32.
         self.A_log = nn.Parameter(torch.empty(self.hv, dtype=torch.float32))
@@ -40,7 +40,8 @@ class GatedDeltaNet(nn.Module):
         """x: [T, hidden]; conv_state: [S, conv_dim, W-1]; recurrent_state: [S, HV, K, V] fp32 (both updated in
         place at batch.state_slots) -> [T, hidden]."""
         t = x.shape[0]
-        mixed_qkv, a, b = self.in_proj_qkv(x), self.in_proj_a(x), self.in_proj_b(x)
+        mixed_qkv, z, b, a = self.in_proj(x).split(self.splits, dim=-1)
+        a, b = a.contiguous(), b.contiguous()
         if batch.is_decode:  # one fused kernel: conv-state shift + conv + SiLU + gating + norm + recurrence
             o = gdn_decode_step(mixed_qkv, self.conv1d.weight, conv_state, a, b, self.A_log, self.dt_bias,
                                 recurrent_state, batch.state_slots, self.hk, self.dk, self.dv)
@@ -53,5 +54,5 @@ class GatedDeltaNet(nn.Module):
                 a, b, self.A_log, self.dt_bias, recurrent_state, batch.cu_seqlens, batch.state_slots,
                 query_lens=batch.query_lens_cpu, tables=batch.gdn_tables,
             )
-        z = self.in_proj_z(x).view(t, self.hv, self.dv)
+        z = z.view(t, self.hv, self.dv)
         return self.out_proj(self.norm(o, z).reshape(t, -1))

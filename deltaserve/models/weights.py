@@ -53,10 +53,40 @@ def _experts_packed(m: re.Match, cfg: ModelConfig) -> Target:
     return Target(p, (), expected_parts(p, cfg))
 
 
+def fused_layout(cfg: ModelConfig) -> dict[str, list[tuple[str, int]]]:
+    """Our fused projections (one GEMM each) -> the checkpoint's pieces, in row order, with their row counts."""
+    d, hkv = cfg.head_dim, cfg.num_key_value_heads
+    hv_v = cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    return {
+        "self_attn.qkv_proj": [("q_proj", 2 * cfg.num_attention_heads * d), ("k_proj", hkv * d),
+                               ("v_proj", hkv * d)],
+        "linear_attn.in_proj": [("in_proj_qkv", cfg.conv_dim), ("in_proj_z", hv_v),
+                                ("in_proj_b", cfg.linear_num_value_heads),
+                                ("in_proj_a", cfg.linear_num_value_heads)],
+        "mlp.gate_up_proj": [("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size)],
+        "mlp.shared_expert.gate_up_proj": [("gate_proj", cfg.shared_expert_intermediate_size),
+                                           ("up_proj", cfg.shared_expert_intermediate_size)],
+    }
+
+
+def _fused_piece(m: re.Match, cfg: ModelConfig) -> Target:
+    module, piece = m["module"], m["piece"]
+    for fused, pieces in fused_layout(cfg).items():
+        if fused.rsplit(".", 1)[0] == module and piece in (n for n, _ in pieces):
+            start = sum(rows for _, rows in pieces[: [n for n, _ in pieces].index(piece)])
+            rows = dict(pieces)[piece]
+            p = f"layers.{m['layer']}.{fused}.{m['kind']}"
+            return Target(p, (slice(start, start + rows),), (f"{p}.{piece}",))
+    return Target(m[0], (), (m[0],))  # not one we fuse: reported as unexpected by name
+
+
 RULES: list[tuple[re.Pattern, Callable[[re.Match, ModelConfig], Target]]] = [
     (re.compile(r"^layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"),
      _experts_slice),
     (re.compile(r"^layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<proj>gate_up_proj|down_proj)$"), _experts_packed),
+    (re.compile(r"^layers\.(?P<layer>\d+)\.(?P<module>self_attn|linear_attn|mlp|mlp\.shared_expert)\."
+                r"(?P<piece>q_proj|k_proj|v_proj|in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|gate_proj|up_proj)\."
+                r"(?P<kind>weight|bias)$"), _fused_piece),
     (re.compile(r"^(?P<p>layers\.\d+\.linear_attn\.conv1d\.weight)$"),  # [C, 1, W] -> [C, W]
      lambda m, cfg: Target(m["p"], (), (m["p"],), lambda t: t[:, 0] if t.dim() == 3 and t.shape[1] == 1 else t)),
     (re.compile(r"^(?P<p>.+)$"), lambda m, cfg: Target(m["p"], (), (m["p"],))),
@@ -64,7 +94,11 @@ RULES: list[tuple[re.Pattern, Callable[[re.Match, ModelConfig], Target]]] = [
 
 
 def expected_parts(param: str, cfg: ModelConfig) -> tuple[str, ...]:
-    """Coverage keys a parameter needs: packed experts can arrive whole or one expert (and half) at a time."""
+    """Coverage keys a parameter needs: a fused projection one key per checkpoint piece; packed experts can arrive
+    whole or one expert (and half) at a time."""
+    m = re.match(r"^layers\.\d+\.(?P<fused>.+)\.(weight|bias)$", param)
+    if m and m["fused"] in fused_layout(cfg):
+        return tuple(f"{param}.{piece}" for piece, _ in fused_layout(cfg)[m["fused"]])
     if param.endswith("experts.gate_up_proj"):
         return tuple(f"{param}[{e}].{h}" for e in range(cfg.num_experts) for h in ("gate_proj", "up_proj"))
     if param.endswith("experts.down_proj"):
@@ -85,6 +119,19 @@ def resolve(name: str, cfg: ModelConfig) -> Target | None:
         if m:
             return make(m, cfg)
     raise AssertionError("the last rule matches every name")
+
+
+def unfuse(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """One of our parameters -> the checkpoint-named pieces it was loaded from (for writing HF checkpoints)."""
+    m = re.match(r"^(?P<prefix>layers\.\d+\.)(?P<fused>.+)\.(?P<kind>weight|bias)$", name)
+    if not m or m["fused"] not in fused_layout(cfg):
+        return [(name, tensor)]
+    module = m["fused"].rsplit(".", 1)[0]
+    out, start = [], 0
+    for piece, rows in fused_layout(cfg)[m["fused"]]:
+        out.append((f"{m['prefix']}{module}.{piece}.{m['kind']}", tensor[start: start + rows]))
+        start += rows
+    return out
 
 
 def checkpoint_files(path: str) -> list[str]:

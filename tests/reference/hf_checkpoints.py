@@ -1,7 +1,9 @@
 """Tiny random Qwen3.5 checkpoints written by transformers' own save_pretrained, plus HF-side reference numbers.
 
 HF initialises with std 0.02 and zero norms, which makes every logit nearly equal (all near-ties); `spice_`
-rescales the weights so activations and logits are O(1) and greedy decoding has clear winners.
+rescales the weights so activations and logits are O(1) and greedy decoding has clear winners. Not more than that:
+with logits ~2x larger these random models amplify fp32 rounding until HF fp32 itself drifts >1e-4 from HF fp64,
+and a 1e-4 parity check would measure GEMM blocking, not correctness.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def spice_(model: torch.nn.Module, seed: int) -> None:
             elif name.endswith("embed_tokens.weight") and not tied:
                 p.copy_(torch.randn(p.shape, generator=g))
             elif name.endswith(("lm_head.weight", "embed_tokens.weight")):  # tied: the embedding is the head
-                p.copy_(torch.randn(p.shape, generator=g) * 3.0 / math.sqrt(p.shape[-1]))
+                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(p.shape[-1]))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
 

@@ -298,7 +298,9 @@ def test_stop_string_across_tokens(models, before, after, include):
     tok = llm.tokenizer
     base = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     found = None
-    for text_prompt in ("The numbers are", "Hello world, this is", "def f(x):", "1 2 3 4"):
+    candidates = ("The numbers are", "Hello world, this is", "def f(x):", "1 2 3 4", "Once upon a time",
+                  "The quick brown fox", "import os\n", "In the beginning", "Dear friend,", "x = [")
+    for text_prompt in candidates:
         ref = llm.generate([text_prompt], base, use_tqdm=False)[0].outputs[0]
         if tok.decode(ref.token_ids) != ref.text:
             continue
