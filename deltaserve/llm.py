@@ -58,6 +58,9 @@ class LLM:
                block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float, seed: int,
                enforce_eager: bool) -> None:
         self.config, self.tokenizer = config, tokenizer
+        if config.state_dtype != "float32":
+            raise ValueError(f"this checkpoint asks for a {config.state_dtype} recurrent state (mamba_ssm_dtype); "
+                             f"deltaserve keeps the GDN state in float32 only for now")
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
         torch.manual_seed(seed)
