@@ -4,7 +4,8 @@ Reports requests/s, input / output / total tokens/s, and TTFT / TPOT percentiles
 after the first, per request). Runs on CPU with the embedded tiny checkpoint and on GPU with any checkpoint:
 
     python benchmarks/offline_throughput.py --num-prompts 64 --input-len 128 --output-len 32
-    python benchmarks/offline_throughput.py --model DIR --device cuda --num-prompts 1000 --input-len 1024 --output-len 128
+    python benchmarks/offline_throughput.py --preset qwen3.5-9b --num-prompts 1000 --input-len 1024 \
+        --output-len 128 --max-num-seqs 512 --max-num-batched-tokens 8192
 """
 from __future__ import annotations
 
@@ -24,9 +25,15 @@ def run(args) -> dict:
     from deltaserve import LLM, SamplingParams
     from deltaserve.cli import resolve_model
 
-    llm = LLM(model=resolve_model(args.model), device=args.device, dtype=args.dtype,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.input_len * 2 + args.output_len * 2 + 8)
+    kw = dict(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=int((args.input_len + args.output_len) * (1 + args.range_ratio)) + 8)
+    if args.preset:
+        from deltaserve.bench import preset_config
+
+        llm = LLM.from_config(preset_config(args.preset), **kw)
+    else:
+        llm = LLM(model=resolve_model(args.model), **kw)
     rng = np.random.default_rng(args.seed)
     vocab = llm.tokenizer.vocab_size if llm.tokenizer else llm.config.vocab_size
     in_lens = sample_lengths(rng, args.num_prompts, args.input_len, args.range_ratio)
@@ -64,6 +71,7 @@ def run(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded tiny checkpoint)")
+    p.add_argument("--preset", default=None, help="random weights of a published shape (see deltaserve bench)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--num-prompts", type=int, default=64)

@@ -126,18 +126,20 @@ def bench_decode(llm, batch: int, context: int, steps: int) -> float:
     return dt
 
 
-def bench_prefill(llm, length: int, repeats: int = 3) -> float:
-    """Seconds to prefill one prompt of `length` tokens (time to first token, best of repeats)."""
+def bench_prefill(llm, length: int, count: int = 1, repeats: int = 3) -> float:
+    """Seconds to prefill `count` prompts of `length` tokens each, submitted together (until every first token;
+    best of repeats)."""
     from .sampling_params import SamplingParams
 
     g = torch.Generator().manual_seed(length)
-    prompt = {"prompt_token_ids": torch.randint(0, llm.config.vocab_size, (length,), generator=g).tolist()}
-    llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
+    prompts = [{"prompt_token_ids": torch.randint(0, llm.config.vocab_size, (length,), generator=g).tolist()}
+               for _ in range(count)]
+    llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
     best = float("inf")
     for _ in range(repeats):
         _sync(llm.device)
         t = time.perf_counter()
-        llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
+        llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
         _sync(llm.device)
         best = min(best, time.perf_counter() - t)
     return best
@@ -151,7 +153,7 @@ def prefill_flops(cfg: ModelConfig, llm, length: int) -> float:
 
 
 def run_bench(llm, prompt_lens: list[int], batch_sizes: list[int], context: int, steps: int,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, prefill_count: int = 1) -> list[dict]:
     bounds = measure_bounds(llm.device)
     rows = []
     jobs = [("prefill", n) for n in prompt_lens] + [("decode", b) for b in batch_sizes]
@@ -159,10 +161,10 @@ def run_bench(llm, prompt_lens: list[int], batch_sizes: list[int], context: int,
 
     for kind, n in tqdm(jobs, desc="bench", disable=not progress):
         if kind == "prefill":
-            t = bench_prefill(llm, n)
-            bound = prefill_flops(llm.config, llm, n) / bounds.gemm_flops_per_s
-            rows.append(dict(kind=kind, size=n, ms=t * 1e3, tok_per_s=n / t, bound_ms=bound * 1e3,
-                             fraction_of_bound=bound / t))
+            t = bench_prefill(llm, n, prefill_count)
+            bound = prefill_count * prefill_flops(llm.config, llm, n) / bounds.gemm_flops_per_s
+            rows.append(dict(kind=kind, size=f"{prefill_count}x{n}" if prefill_count > 1 else n, ms=t * 1e3,
+                             tok_per_s=prefill_count * n / t, bound_ms=bound * 1e3, fraction_of_bound=bound / t))
         else:
             t = bench_decode(llm, n, context, steps)
             bound = decode_step_bytes(llm, n, context) / bounds.copy_bytes_per_s
@@ -176,6 +178,6 @@ def format_table(rows: list[dict], header: str) -> str:
     for r in rows:
         lines.append(f"{r['kind']:<8}{r['size']:>7}{r['ms']:>11.3f}{r['tok_per_s']:>12.1f}{r['bound_ms']:>11.3f}"
                      f"{r['fraction_of_bound']:>10.2f}")
-    lines.append("size: prompt tokens (prefill) or batch size (decode); bound: FLOPs / measured GEMM rate for "
+    lines.append("size: prompt tokens [x prompts] (prefill) or batch size (decode); bound: FLOPs / measured GEMM rate for "
                  "prefill, bytes touched / measured copy bandwidth for decode")
     return "\n".join(lines)

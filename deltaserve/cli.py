@@ -109,6 +109,7 @@ def _add_bench_parser(sub) -> None:
                    help="comma-separated prefill lengths (default 512,2048,8192)")
     b.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 16, 64],
                    help="comma-separated decode batch sizes (default 1,16,64)")
+    b.add_argument("--prefill-count", type=int, default=1, help="prompts per prefill measurement (e.g. 16)")
     b.add_argument("--context", type=int, default=1024, help="tokens of context per decoding sequence")
     b.add_argument("--steps", type=int, default=32, help="decode steps timed per batch size")
     add_engine_args(b)
@@ -207,8 +208,8 @@ def _bench(args) -> None:
     from .bench import format_table, preset_config, run_bench
 
     max_len = max(max(args.prompt_lens), args.context + args.steps + 16) + 8
-    kw = dict(device=args.device, dtype=args.dtype, max_num_seqs=max(args.batch_sizes),
-              max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.prompt_lens)),
+    kw = dict(device=args.device, dtype=args.dtype, max_num_seqs=max(*args.batch_sizes, args.prefill_count),
+              max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.prompt_lens) * args.prefill_count),
               max_model_len=args.max_model_len or max_len, block_size=args.block_size,
               num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager)
@@ -216,7 +217,8 @@ def _bench(args) -> None:
         llm, name = LLM.from_config(preset_config(args.preset, args.layers), **kw), args.preset
     else:
         llm, name = LLM(model=resolve_model(args.model), **kw), args.model or "tiny"
-    rows = run_bench(llm, args.prompt_lens, args.batch_sizes, args.context, args.steps)
+    rows = run_bench(llm, args.prompt_lens, args.batch_sizes, args.context, args.steps,
+                     prefill_count=args.prefill_count)
     dev = torch_device_name(llm.device)
     print(format_table(rows, f"{name} | {dev} | {str(llm.dtype).replace('torch.', '')} | decode context "
                              f"{args.context} | CUDA graphs {'on' if llm.runner.graphs else 'off'}"))
