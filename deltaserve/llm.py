@@ -85,7 +85,11 @@ class LLM:
         self.runner = ModelRunner(self.config, self.model, self.device, self.dtype, num_blocks, block_size,
                                   max_num_seqs, state_dtype, max_num_batched_tokens, self.max_model_len)
         if self.device.type == "cuda" and not enforce_eager:
-            self.runner.capture_cuda_graphs(max_num_seqs, self.max_model_len)
+            if self.config.is_moe and self.dtype != torch.bfloat16:
+                # the sync-free grouped-GEMM MoE is bf16-only; the reference MoE syncs, which a graph cannot hold
+                logger.info("CUDA graphs off: MoE in %s runs the per-expert reference path", self.dtype)
+            else:
+                self.runner.capture_cuda_graphs(max_num_seqs, self.max_model_len)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); %d GDN state slots (%.2f GiB); "
                     "max concurrency %d requests of %d tokens", num_blocks, block_size, num_blocks * block_size,
                     num_blocks * kv_bytes_per_block(self.config, block_size, self.dtype) / 2**30, max_num_seqs,
