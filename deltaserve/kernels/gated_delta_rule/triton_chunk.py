@@ -28,12 +28,15 @@ BC = 16  # sub-block of the triangular solve
 
 @dataclass(frozen=True)
 class ChunkLaunchConfig:
-    """Launch parameters of the three prefill kernels (the benchmark sweeps them; defaults are H100 guesses)."""
-    prep_warps: int = 4
-    state_block_v: int = 32   # V-tile of the serial state pass: smaller -> more programs on few long sequences
+    """Launch parameters of the three prefill kernels. Defaults: the best value of each kernel's own parameter in
+    `bench_gdn.py --sweep` on an H100 (2026-11-28, one parameter at a time; the three kernels run one after the
+    other, so their choices do not interact). 1x16k / 16x1k ms: prep_warps 4->2 2.11/1.90 -> 1.98/1.79;
+    state_block_v 32->64 2.10/1.91 -> 2.06/1.78; out_block_v 64->128 2.10/1.91 -> 2.01/1.82."""
+    prep_warps: int = 2
+    state_block_v: int = 64   # V-tile of the serial state pass: smaller -> more programs on few long sequences
     state_warps: int = 4
     state_stages: int = 2
-    out_block_v: int = 64
+    out_block_v: int = 128
     out_warps: int = 4
 
 
