@@ -13,8 +13,8 @@ What belongs here:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import multiprocessing as mp
+import os
 import socket
 from datetime import timedelta
 
@@ -23,7 +23,6 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 
-logger = logging.getLogger("deltaserve")
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a peer that died mid-step turns a hang into an error
 
 
@@ -199,9 +198,10 @@ def _free_port() -> int:
 
 def _worker_main(rank: int, world: int, port: int, spec, conn) -> None:
     """A rank > 0: build the same engine shard as rank 0, then run every StepPlan rank 0 sends until None/EOF."""
-    runner = None
     try:
         device = rank_device(torch.device(spec.device), rank)
+        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # N ranks share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         tp = init_group(rank, world, port, device)
         runner = spec.build_runner(tp, device, on_loaded=lambda: conn.send(("loaded", None)))
         conn.send(("ready", None))
