@@ -29,6 +29,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV pool size (overrides auto sizing)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                   help="tensor-parallel ranks on this node: one process per rank (gloo on CPU, nccl on CUDA GPUs "
+                        "0..N-1); default 1")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -73,8 +76,6 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
                    help="checkpoint directory (same as --model; default: the embedded tiny checkpoint)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
-                   help="tensor-parallel GPUs (only 1 is supported for now)")
 
 
 def _add_serve_parser(sub) -> None:
@@ -172,17 +173,15 @@ def engine_kwargs(args) -> dict:
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                 num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-                enforce_eager=args.enforce_eager)
+                enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp)
 
 
 def _merge_model_arg(args) -> None:
-    """MODEL (positional) and --model name the same thing; reject flags the engine does not support yet."""
+    """MODEL (positional) and --model name the same thing."""
     if args.model_pos is not None:
         if args.model is not None and args.model != args.model_pos:
             raise ValueError(f"MODEL ({args.model_pos}) and --model ({args.model}) differ; give one of them")
         args.model = args.model_pos
-    if args.tp != 1:
-        raise ValueError(f"tensor parallelism is not supported yet (--tp {args.tp}); run with --tp 1")
 
 
 def _sampling_params(args):
@@ -214,9 +213,12 @@ def _bench(args) -> None:
               num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager)
     if args.preset:
+        if args.tp != 1:
+            raise ValueError(f"bench --preset runs at --tp 1 only (random weights are made per process); "
+                             f"give a checkpoint with --model to bench --tp {args.tp}")
         llm, name = LLM.from_config(preset_config(args.preset, args.layers), **kw), args.preset
     else:
-        llm, name = LLM(model=resolve_model(args.model), **kw), args.model or "tiny"
+        llm, name = LLM(model=resolve_model(args.model), tensor_parallel_size=args.tp, **kw), args.model or "tiny"
     rows = run_bench(llm, args.prompt_lens, args.batch_sizes, args.context, args.steps,
                      prefill_count=args.prefill_count)
     dev = torch_device_name(llm.device)

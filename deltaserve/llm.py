@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-
+import weakref
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from .config import ModelConfig
-from .models.weights import build_model, load_weights
+from .models.weights import build_model, checkpoint_files, load_weights
 from .outputs import RequestOutput
 from .runtime.block_pool import BlockPool
 from .runtime.engine_core import EngineCore
@@ -19,6 +20,7 @@ from .runtime.state_pool import StatePool
 from .sampling_params import SamplingParams
 from .tiny import random_init_
 from .tokenizer import Tokenizer
+from .worker.distributed import SINGLE, TPGroup, TPWorkers, check_tp_size, init_group, rank_device, shard_config
 from .worker.model_runner import ModelRunner, kv_bytes_per_block, profile_activation_bytes, state_bytes_per_slot
 
 logger = logging.getLogger("deltaserve")
@@ -26,20 +28,81 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CPU_KV_BUDGET_BYTES = 2 << 30  # KV pool cap on CPU when num_kv_blocks is not given
 
 
+@dataclass(frozen=True)
+class RankSpec:
+    """Everything one rank needs to build its model shard, caches and runner (picklable: sent to TP workers)."""
+    config: ModelConfig  # the full model config
+    weights_dir: str | None  # None: random weights (benchmarks)
+    device: torch.device
+    dtype: torch.dtype
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int | None  # None: the model's max_position_embeddings, lowered to what the KV cache holds
+    block_size: int
+    num_kv_blocks: int | None  # None: sized automatically (the smallest over ranks)
+    gpu_memory_utilization: float
+    seed: int
+    enforce_eager: bool
+
+    def build_runner(self, tp: TPGroup, device: torch.device, on_loaded=lambda: None) -> ModelRunner:
+        """Build rank tp.rank's model shard (loading only its rows of the checkpoint) and its runner. Every rank
+        runs this at once: KV sizing, profiling and CUDA-graph capture are collective under TP."""
+        torch.manual_seed(self.seed)
+        cfg, local = self.config, shard_config(self.config, tp.world)
+        model = build_model(cfg, device, self.dtype, tp)
+        if self.weights_dir is None:
+            random_init_(model, self.seed)
+        else:
+            load_weights(model, cfg, self.weights_dir, progress=tp.rank == 0, rank=tp.rank, world=tp.world)
+        on_loaded()
+        state_dtype = DTYPES[cfg.state_dtype]
+        max_len = self.max_model_len or cfg.max_position_embeddings
+        num_blocks = self.num_kv_blocks or tp.min_int(_auto_kv_blocks(
+            model, local, device, self.dtype, self.block_size, self.max_num_seqs, self.max_num_batched_tokens,
+            self.gpu_memory_utilization, state_dtype, max_len))
+        capacity = num_blocks * self.block_size
+        if capacity < max_len:
+            if self.max_model_len is not None:  # an explicit length the pool cannot hold: say so rather than stall
+                raise ValueError(f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {self.block_size}) "
+                                 f"but max_model_len is {self.max_model_len}; lower max_model_len or raise num_kv_blocks")
+            if tp.rank == 0:
+                logger.info("max_model_len lowered from %d to %d to fit the KV cache", max_len, capacity)
+            max_len = capacity
+        runner = ModelRunner(local, model, device, self.dtype, num_blocks, self.block_size, self.max_num_seqs,
+                             state_dtype, self.max_num_batched_tokens, max_len)
+        if device.type == "cuda" and not self.enforce_eager:
+            if local.is_moe and self.dtype != torch.bfloat16:
+                # the sync-free grouped-GEMM MoE is bf16-only; the reference MoE syncs, which a graph cannot hold
+                logger.info("CUDA graphs off: MoE in %s runs the per-expert reference path", self.dtype)
+            else:
+                runner.capture_cuda_graphs(self.max_num_seqs, max_len)
+        if tp.rank == 0:
+            logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB%s); %d GDN state slots (%.2f GiB); "
+                        "max concurrency %d requests of %d tokens", num_blocks, self.block_size,
+                        capacity, num_blocks * kv_bytes_per_block(local, self.block_size, self.dtype) / 2**30,
+                        f" per rank of {tp.world}" if tp.world > 1 else "", self.max_num_seqs,
+                        self.max_num_seqs * state_bytes_per_slot(local, self.dtype, state_dtype) / 2**30,
+                        min(self.max_num_seqs, capacity // max_len or 1), max_len)
+        return runner
+
+
 class LLM:
     """Load a Qwen3.5 checkpoint directory and generate from it.
 
     device: "cuda", "cpu" or "auto" (cuda when available). dtype: "auto" (the checkpoint's dtype on CUDA, with
-    float32 checkpoints run in bfloat16; float32 on CPU), "float32", "bfloat16" or "float16"."""
+    float32 checkpoints run in bfloat16; float32 on CPU), "float32", "bfloat16" or "float16".
+    tensor_parallel_size: N > 1 shards the model over N ranks of this node: this process is rank 0 (scheduling,
+    sampling) and N - 1 worker processes are spawned (gloo on CPU; nccl on CUDA with device = rank). They stop on
+    `shutdown()`, when the LLM is garbage-collected, or at interpreter exit."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
-                 seed: int = 0, enforce_eager: bool = False):
+                 seed: int = 0, enforce_eager: bool = False, tensor_parallel_size: int = 1):
         tok_dir = tokenizer or model
         self._setup(ModelConfig.from_hf_dir(model), model, Tokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir)
                     else None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
-                    num_kv_blocks, gpu_memory_utilization, seed, enforce_eager)
+                    num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size)
 
     @classmethod
     def from_config(cls, config: ModelConfig, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
@@ -50,14 +113,14 @@ class LLM:
         checkpoint, no tokenizer; prompts are token ids)."""
         llm = cls.__new__(cls)
         llm._setup(config, None, None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
-                   block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager)
+                   block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, 1)
         return llm
 
     def _setup(self, config: ModelConfig, weights_dir: str | None, tokenizer: Tokenizer | None, device: str,
                dtype: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int | None,
                block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float, seed: int,
-               enforce_eager: bool) -> None:
-        self.config, self.tokenizer = config, tokenizer
+               enforce_eager: bool, tensor_parallel_size: int) -> None:
+        self.config, self.tokenizer, self._workers = config, tokenizer, None
         if config.state_dtype != "float32":
             raise ValueError(f"this checkpoint asks for a {config.state_dtype} recurrent state (mamba_ssm_dtype); "
                              f"deltaserve keeps the GDN state in float32 only for now")
@@ -66,64 +129,51 @@ class LLM:
         torch.manual_seed(seed)
         _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         block_size=block_size, max_model_len=max_model_len or 1, num_kv_blocks=num_kv_blocks or 1)
-        self.max_model_len = max_model_len or self.config.max_position_embeddings
-        self.model = build_model(self.config, self.device, self.dtype)
-        if weights_dir is None:
-            random_init_(self.model, seed)
+        check_tp_size(config, tensor_parallel_size, self.device)  # before any process starts
+        if self.device.type == "cuda" and not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        spec = RankSpec(config, weights_dir, self.device, self.dtype, max_num_seqs, max_num_batched_tokens,
+                        max_model_len, block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager)
+        if tensor_parallel_size == 1:
+            self.runner = spec.build_runner(SINGLE, self.device)
         else:
-            load_weights(self.model, self.config, weights_dir, progress=True)
-        state_dtype = DTYPES[self.config.state_dtype]
-        num_blocks = num_kv_blocks or self._auto_kv_blocks(block_size, max_num_seqs, max_num_batched_tokens,
-                                                           gpu_memory_utilization, state_dtype)
-        capacity = num_blocks * block_size
-        if capacity < self.max_model_len:
-            if max_model_len is not None:  # an explicit length the pool cannot hold: say so rather than stall
-                raise ValueError(f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {block_size}) but "
-                                 f"max_model_len is {max_model_len}; lower max_model_len or raise num_kv_blocks")
-            logger.info("max_model_len lowered from %d to %d to fit the KV cache", self.max_model_len, capacity)
-            self.max_model_len = capacity
-        self.runner = ModelRunner(self.config, self.model, self.device, self.dtype, num_blocks, block_size,
-                                  max_num_seqs, state_dtype, max_num_batched_tokens, self.max_model_len)
-        if self.device.type == "cuda" and not enforce_eager:
-            if self.config.is_moe and self.dtype != torch.bfloat16:
-                # the sync-free grouped-GEMM MoE is bf16-only; the reference MoE syncs, which a graph cannot hold
-                logger.info("CUDA graphs off: MoE in %s runs the per-expert reference path", self.dtype)
-            else:
-                self.runner.capture_cuda_graphs(max_num_seqs, self.max_model_len)
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); %d GDN state slots (%.2f GiB); "
-                    "max concurrency %d requests of %d tokens", num_blocks, block_size, num_blocks * block_size,
-                    num_blocks * kv_bytes_per_block(self.config, block_size, self.dtype) / 2**30, max_num_seqs,
-                    max_num_seqs * state_bytes_per_slot(self.config, self.dtype, state_dtype) / 2**30,
-                    min(max_num_seqs, num_blocks * block_size // self.max_model_len or 1), self.max_model_len)
-        scheduler = Scheduler(BlockPool(num_blocks, block_size), StatePool(max_num_seqs), max_num_seqs,
-                              max_num_batched_tokens)
+            if weights_dir is not None:
+                checkpoint_files(weights_dir)  # a missing checkpoint fails here, not in N processes
+            self.runner = self._start_tp(spec, tensor_parallel_size)
+        self.model, self.max_model_len = self.runner.model, self.runner.max_model_len
+        scheduler = Scheduler(BlockPool(self.runner.num_kv_blocks, block_size), StatePool(max_num_seqs),
+                              max_num_seqs, max_num_batched_tokens)
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.engine = EngineCore(scheduler, self.runner, self.tokenizer, eos, self.max_model_len,
                                  self.config.vocab_size)
 
-    def _auto_kv_blocks(self, block_size: int, max_num_seqs: int, max_num_batched_tokens: int, util: float,
-                        state_dtype: torch.dtype) -> int:
-        """KV blocks that fit: on CUDA, util x card memory minus weights, the profiled peak of a full step and one
-        state slot per sequence; on CPU, a fixed budget. Never more than max_num_seqs full-length sequences need."""
-        per_block = max(1, kv_bytes_per_block(self.config, block_size, self.dtype))
-        full = max_num_seqs * math.ceil(self.max_model_len / block_size)
-        if self.device.type != "cuda":
-            return max(1, min(full, CPU_KV_BUDGET_BYTES // per_block))
-        if not 0 < util <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util}")
-        activations = profile_activation_bytes(self.model, self.config, self.device, self.dtype, state_dtype,
-                                               max_num_batched_tokens, block_size)
-        _, total = torch.cuda.mem_get_info(self.device)
-        states = max_num_seqs * state_bytes_per_slot(self.config, self.dtype, state_dtype)
-        budget = util * total - torch.cuda.memory_allocated(self.device) - activations - states
-        blocks = min(full, int(budget // per_block))
-        if blocks < 1:
-            raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization={util} (weights "
-                             f"{torch.cuda.memory_allocated(self.device) / 2**30:.1f} GiB, step peak "
-                             f"{activations / 2**30:.1f} GiB); raise it or lower max_num_batched_tokens/max_num_seqs")
-        return blocks
+    def _start_tp(self, spec: RankSpec, world: int) -> ModelRunner:
+        """Spawn ranks 1..world-1, join the group as rank 0 and build rank 0's shard alongside them."""
+        workers = TPWorkers(world, spec)
+        self._workers = workers
+        self._finalizer = weakref.finalize(self, workers.close)
+        try:
+            tp = init_group(0, world, workers.port, spec.device)
+            self.device = rank_device(spec.device, 0)
+            runner = spec.build_runner(tp, self.device, on_loaded=lambda: workers.wait_for("loaded"))
+            workers.wait_for("ready")
+        except BaseException:
+            workers.close(timeout=2.0)
+            raise
+        runner.peers = workers
+        return runner
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes now (idempotent; a no-op without TP). The LLM is unusable after."""
+        if self._workers is not None:
+            self._finalizer()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the tensor-parallel workers (ranks 1..N-1); empty without TP."""
+        return self._workers.pids if self._workers is not None else []
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -206,6 +256,28 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [done[rid] for rid in ids]
+
+
+def _auto_kv_blocks(model: torch.nn.Module, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                    block_size: int, max_num_seqs: int, max_num_batched_tokens: int, util: float,
+                    state_dtype: torch.dtype, max_model_len: int) -> int:
+    """KV blocks that fit this rank (cfg: its shard_config): on CUDA, util x card memory minus weights, the profiled
+    peak of a full step and one state slot per sequence; on CPU, a fixed budget. Never more than max_num_seqs
+    full-length sequences need."""
+    per_block = max(1, kv_bytes_per_block(cfg, block_size, dtype))
+    full = max_num_seqs * math.ceil(max_model_len / block_size)
+    if device.type != "cuda":
+        return max(1, min(full, CPU_KV_BUDGET_BYTES // per_block))
+    activations = profile_activation_bytes(model, cfg, device, dtype, state_dtype, max_num_batched_tokens, block_size)
+    _, total = torch.cuda.mem_get_info(device)
+    states = max_num_seqs * state_bytes_per_slot(cfg, dtype, state_dtype)
+    budget = util * total - torch.cuda.memory_allocated(device) - activations - states
+    blocks = min(full, int(budget // per_block))
+    if blocks < 1:
+        raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization={util} (weights "
+                         f"{torch.cuda.memory_allocated(device) / 2**30:.1f} GiB, step peak "
+                         f"{activations / 2**30:.1f} GiB); raise it or lower max_num_batched_tokens/max_num_seqs")
+    return blocks
 
 
 def _normalise_prompts(prompts) -> list:

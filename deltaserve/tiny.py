@@ -102,14 +102,17 @@ def _hf_tensors(name: str, t: torch.Tensor, cfg: ModelConfig) -> dict[str, torch
     return {f"model.language_model.{name}": t}
 
 
-def make_tiny(out_dir: str, moe: bool = False, num_layers: int = 4, seed: int = 0) -> str:
-    """Write the tiny checkpoint into out_dir (created if needed); returns out_dir."""
+def make_tiny(out_dir: str, moe: bool = False, num_layers: int = 4, seed: int = 0,
+              text_overrides: dict | None = None) -> str:
+    """Write the tiny checkpoint into out_dir (created if needed); returns out_dir. text_overrides: text_config
+    fields to change (e.g. {"num_key_value_heads": 1}), applied before the weights are made."""
     if num_layers < 1:
         raise ValueError(f"--layers must be at least 1, got {num_layers}")
     os.makedirs(out_dir, exist_ok=True)
     n_tokens = train_tiny_tokenizer(out_dir)
     vocab = -(-n_tokens // 64) * 64  # padded like real checkpoints; spare rows are never produced by the tokenizer
     raw = tiny_config(vocab, moe, num_layers)
+    raw["text_config"].update(text_overrides or {})
     eos = _token_id(out_dir, "<|im_end|>")
     pad = _token_id(out_dir, "<|endoftext|>")
     raw["text_config"]["eos_token_id"] = eos

@@ -15,6 +15,7 @@ from ..layers.gated_deltanet import GatedDeltaNet
 from ..layers.mlp import GatedMLP
 from ..layers.moe import SparseMoE
 from ..layers.norm import RMSNorm
+from ..worker.distributed import SINGLE, TPGroup, shard_config, vocab_range
 from ..worker.forward_batch import ForwardBatch
 
 
@@ -39,16 +40,22 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3_5ForCausalLM(nn.Module):
-    """Parameter names follow the HF checkpoint with the `model.` / `model.language_model.` prefix dropped."""
+    """Parameter names follow the HF checkpoint with the `model.` / `model.language_model.` prefix dropped.
 
-    def __init__(self, cfg: ModelConfig):
+    Under tensor parallelism (tp.world > 1) this is rank tp.rank's shard: layers are built from shard_config (its
+    heads, its MLP / expert columns), each mixer and each MLP returns a partial sum that one all-reduce completes,
+    the embedding is replicated and the lm_head is vocab-parallel (logits all-gathered)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE):
         super().__init__()
-        self.config = cfg
+        self.config, self.tp = cfg, tp
+        local = shard_config(cfg, tp.world)
+        self.vocab_rows = vocab_range(cfg.vocab_size, tp.rank, tp.world)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, t) for t in cfg.layer_types])
+        self.layers = nn.ModuleList([DecoderLayer(local, t) for t in cfg.layer_types])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.hidden_size, self.vocab_rows[1] - self.vocab_rows[0], bias=False)
         # layer index -> index into ModelCaches.kv or .conv/.recurrent
         self.cache_index = [
             (cfg.linear_attention_layers if t == "linear_attention" else cfg.full_attention_layers).index(i)
@@ -66,8 +73,8 @@ class Qwen3_5ForCausalLM(nn.Module):
                 h = layer.linear_attn(h, batch, caches.conv[ci], caches.recurrent[ci])
             else:
                 h = layer.self_attn(h, batch, caches.kv[ci])
-            h, residual = layer.post_attention_layernorm(h, residual)
-            h = layer.mlp(h)
+            h, residual = layer.post_attention_layernorm(self.tp.all_reduce(h), residual)
+            h = self.tp.all_reduce(layer.mlp(h))
         return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -75,7 +82,12 @@ class Qwen3_5ForCausalLM(nn.Module):
 
         On CUDA a bf16/fp16 GEMM writes its fp32 accumulators directly: rounding 248k logits to bf16 first would
         cost up to ~0.1 nats in logprobs (one bf16 ulp of a logit of 8 is 0.03)."""
-        weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        if self.config.tie_word_embeddings:
+            weight = self.embed_tokens.weight[self.vocab_rows[0]: self.vocab_rows[1]]
+        else:
+            weight = self.lm_head.weight
         if hidden.is_cuda and hidden.dtype != torch.float32:
-            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-        return nn.functional.linear(hidden, weight).float()
+            logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        else:
+            logits = nn.functional.linear(hidden, weight).float()
+        return self.tp.gather_vocab(logits, self.config.vocab_size)

@@ -7,6 +7,7 @@ device and dtype, so peak host memory stays about one tensor, never a second cop
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers.gated_deltanet import GatedDeltaNet
+from ..worker.distributed import SINGLE, TPGroup, kv_head_range, read_ranges, segments, shard_config, vocab_range
 from .registry import model_class
 
 PREFIXES = ("model.language_model.", "model.")  # ConditionalGeneration, CausalLM
@@ -35,6 +37,7 @@ class Target:
     index: tuple  # slice of the parameter this tensor fills (() = all of it)
     parts: tuple[str, ...]  # coverage keys this tensor provides (for the missing-tensor report)
     transform: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    source: tuple | None = None  # (dim, [(start, stop), ...]): the rows of the checkpoint tensor this rank reads
 
 
 def _experts_slice(m: re.Match, cfg: ModelConfig) -> Target:
@@ -93,6 +96,47 @@ RULES: list[tuple[re.Pattern, Callable[[re.Match, ModelConfig], Target]]] = [
 ]
 
 
+# ---------------------------------------------------------------- tensor parallelism: what each rank reads
+# Column-parallel tensors (and per-head vectors) are cut along their output rows, per segment where one tensor
+# stacks several (GDN [q | k | v] channels, packed experts' [gate | up]); row-parallel ones along their input
+# columns. Anything not listed (norms, router, shared_expert_gate, embedding) is replicated.
+
+def _even(dim: int):
+    return lambda cfg, shape, r, w: (dim, segments([shape[dim]], r, w))
+
+
+def _gdn_channels(cfg: ModelConfig, shape, r: int, w: int):
+    hk_k = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    return 0, segments([hk_k, hk_k, cfg.linear_num_value_heads * cfg.linear_value_head_dim], r, w)
+
+
+def _kv_rows(cfg: ModelConfig, shape, r: int, w: int):
+    a, b = kv_head_range(cfg.num_key_value_heads, r, w)
+    return 0, [(a * cfg.head_dim, b * cfg.head_dim)]
+
+
+SHARD_RULES: list[tuple[re.Pattern, Callable]] = [
+    (re.compile(r"self_attn\.q_proj\.(weight|bias)$"), _even(0)),  # whole heads: [query | gate] per head
+    (re.compile(r"self_attn\.[kv]_proj\.(weight|bias)$"), _kv_rows),
+    (re.compile(r"linear_attn\.(in_proj_qkv|conv1d)\.weight$"), _gdn_channels),
+    (re.compile(r"linear_attn\.(in_proj_[zab]\.weight|A_log|dt_bias)$"), _even(0)),
+    (re.compile(r"mlp\.(shared_expert\.|experts\.\d+\.)?(gate|up)_proj\.weight$"), _even(0)),
+    (re.compile(r"mlp\.experts\.gate_up_proj$"),  # packed [E, 2I, H]: the rank's rows of gate and of up
+     lambda cfg, shape, r, w: (1, segments([shape[1] // 2, shape[1] // 2], r, w))),
+    (re.compile(r"mlp\.experts\.down_proj$"), _even(2)),  # packed [E, H, I]
+    (re.compile(r"(o_proj|out_proj|down_proj)\.weight$"), _even(1)),
+    (re.compile(r"^lm_head\.weight$"), lambda cfg, shape, r, w: (0, [vocab_range(shape[0], r, w)])),
+]
+ROW_PARALLEL_BIAS = re.compile(r"(o_proj|out_proj|down_proj)\.bias$")  # added once: rank 0 holds it, others zeros
+
+
+def _source(name: str, cfg: ModelConfig, shape, rank: int, world: int) -> tuple | None:
+    for pattern, rows in SHARD_RULES:
+        if pattern.search(name):
+            return rows(cfg, shape, rank, world)
+    return None
+
+
 def expected_parts(param: str, cfg: ModelConfig) -> tuple[str, ...]:
     """Coverage keys a parameter needs: a fused projection one key per checkpoint piece; packed experts can arrive
     whole or one expert (and half) at a time."""
@@ -106,19 +150,26 @@ def expected_parts(param: str, cfg: ModelConfig) -> tuple[str, ...]:
     return (param,)
 
 
-def resolve(name: str, cfg: ModelConfig) -> Target | None:
-    """Checkpoint tensor name -> Target, or None for tensors we deliberately skip."""
+def resolve(name: str, cfg: ModelConfig, shape=None, rank: int = 0, world: int = 1) -> Target | None:
+    """Checkpoint tensor name -> Target (for rank `rank` of `world`: its parameter slice and the checkpoint rows
+    it reads, given the tensor's full `shape`), or None for tensors we deliberately skip."""
     if SKIP.search(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
         return None
     for prefix in PREFIXES:
         if name.startswith(prefix):
             name = name[len(prefix):]
             break
+    local = shard_config(cfg, world)
     for pattern, make in RULES:
         m = pattern.match(name)
         if m:
-            return make(m, cfg)
-    raise AssertionError("the last rule matches every name")
+            target = make(m, local)
+            break
+    if world == 1:
+        return target
+    if ROW_PARALLEL_BIAS.search(name) and rank > 0:
+        return dataclasses.replace(target, transform=torch.zeros_like)
+    return dataclasses.replace(target, source=_source(name, cfg, shape, rank, world))
 
 
 def unfuse(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
@@ -154,33 +205,39 @@ def checkpoint_files(path: str) -> list[str]:
     raise WeightsError(f"No model.safetensors or model.safetensors.index.json in {path}.")
 
 
-def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Allocate the model on `device` in `dtype` without initialising it (the loader fills every parameter)."""
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tp: TPGroup = SINGLE) -> nn.Module:
+    """Allocate the model (the shard of rank tp.rank: cfg is the full config) on `device` in `dtype` without
+    initialising it (the loader fills every parameter)."""
     with torch.device("meta"):
-        model = model_class(cfg)(cfg).to(dtype)
+        model = model_class(cfg)(cfg, tp).to(dtype)
         for m in model.modules():
             if isinstance(m, GatedDeltaNet):  # decay parameters stay fp32 (see GatedDeltaNet)
                 m.A_log.data, m.dt_bias.data = m.A_log.data.float(), m.dt_bias.data.float()
     return model.to_empty(device=device).eval()
 
 
-def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool = False) -> None:
-    """Fill every parameter of `model` from the checkpoint at `path`; raises WeightsError on any mismatch."""
+def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool = False, rank: int = 0,
+                 world: int = 1) -> None:
+    """Fill every parameter of `model` (rank `rank`'s shard of the full config `cfg`) from the checkpoint at
+    `path`, reading only that rank's rows of each tensor; raises WeightsError on any mismatch."""
     params = dict(model.named_parameters())
-    needed = {part for name in params for part in expected_parts(name, cfg)}
+    local = shard_config(cfg, world)
+    needed = {part for name in params for part in expected_parts(name, local)}
     loaded: set[str] = set()
     unexpected: list[str] = []
     files = checkpoint_files(path)
     for file in _progress(files, progress):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                target = resolve(name, cfg)
+                sl = f.get_slice(name)
+                target = resolve(name, cfg, sl.get_shape(), rank, world)
                 if target is None:
                     continue
                 if target.param not in params or not _index_fits(params[target.param], target.index):
                     unexpected.append(name)
                     continue
-                _copy_into(params[target.param], target, f.get_tensor(name), name)
+                tensor = f.get_tensor(name) if target.source is None else read_ranges(sl, *target.source)
+                _copy_into(params[target.param], target, tensor, name)
                 loaded.update(target.parts)
     if unexpected:
         raise WeightsError(f"Checkpoint has {len(unexpected)} tensor(s) this {cfg.architecture} model does not "

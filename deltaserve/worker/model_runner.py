@@ -1,7 +1,12 @@
-"""ModelRunner: owns the model and its caches; turns a SchedulerOutput into a ForwardBatch, runs the forward, samples.
+"""ModelRunner: owns the model and its caches; turns a SchedulerOutput into a StepPlan (host lists), the plan into a
+ForwardBatch, runs the forward, samples.
 
 Caches: per full-attention layer a (k, v) pair [num_blocks, block_size, Hkv, D] in the model dtype; per GDN layer a
-conv state [num_slots, conv_dim, W-1] (model dtype) and a recurrent state [num_slots, HV, K, V] (state dtype).
+conv state [num_slots, conv_dim, W-1] (model dtype) and a recurrent state [num_slots, HV, K, V] (state dtype). Under
+tensor parallelism `cfg` is the rank's shard_config, so each rank's caches hold only its own heads.
+
+Tensor parallelism: rank 0's runner plans each step and hands the plan to `peers` (the other ranks' processes, which
+call `run_plan` with it) before running it itself; only rank 0 samples.
 """
 from __future__ import annotations
 
@@ -18,6 +23,23 @@ from .forward_batch import ForwardBatch
 from .sampler import Sampler, SamplingBatch, compute_topk_logprobs
 
 Logprobs = dict[int, float]
+
+
+@dataclass
+class StepPlan:
+    """One step's forward as plain host lists: all a rank needs to run it (what rank 0 sends the other ranks)."""
+    input_ids: list[int]  # T token ids
+    positions: list[int]  # T positions
+    slot_mapping: list[int]  # T flat KV-cache positions
+    cu_seqlens: list[int]  # N+1 token offsets
+    context_lens: list[int]  # N tokens in the KV cache after this step
+    state_slots: list[int]  # N GDN state slots
+    block_tables: list[list[int]]  # N lists of KV block ids
+    logits_rows: list[int]  # M rows of the hidden states that need logits
+    query_lens: list[int]  # N tokens fed per sequence
+    slots_to_zero: list[int] = field(default_factory=list)  # state slots to zero before the forward
+    copies: list[tuple[int, int, list[int], list[int]]] = field(default_factory=list)  # after the forward, in
+    # order: (src slot, dst slot, src blocks, dst blocks) of each n > 1 fork
 
 
 @dataclass
@@ -119,11 +141,12 @@ class ModelRunner:
                  num_kv_blocks: int, block_size: int, num_slots: int, state_dtype: torch.dtype,
                  max_num_batched_tokens: int, max_model_len: int):
         self.cfg, self.model, self.device, self.dtype = cfg, model, device, dtype
-        self.block_size = block_size
+        self.block_size, self.num_kv_blocks, self.max_model_len = block_size, num_kv_blocks, max_model_len
         self.staging = StagingBuffers(device, max_num_batched_tokens, num_slots, -(-max_model_len // block_size))
         self.caches = _allocate_caches(cfg, device, dtype, state_dtype, num_kv_blocks, block_size, num_slots)
         self.graphs: CudaGraphRunner | None = None
         self.sampler = Sampler()
+        self.peers = None  # rank 0 under tensor parallelism: TPWorkers, sent every StepPlan
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Capture decode forwards for batch-size buckets up to max_num_seqs (CUDA only)."""
@@ -138,8 +161,8 @@ class ModelRunner:
         for t in self.caches.conv + self.caches.recurrent:
             t.index_fill_(0, idx, 0)
 
-    def build_batch(self, sched: SchedulerOutput) -> tuple[ForwardBatch, list[int]]:
-        """-> the ForwardBatch and, per sequence, the row of its first logits row (-1: needs none)."""
+    def plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list[int]]:
+        """-> the step's StepPlan and, per sequence, the row of its first logits row (-1: needs none)."""
         ids, pos, slot_map, cu, ctx, logit_rows, first_row = [], [], [], [0], [], [], []
         bs = self.block_size
         for s in sched.seqs:
@@ -152,18 +175,28 @@ class ModelRunner:
             logit_rows += [cu[-1] + p - start for p in rows]
             cu.append(cu[-1] + n)
             ctx.append(start + n)
+        plan = StepPlan(
+            input_ids=ids, positions=pos, slot_mapping=slot_map, cu_seqlens=cu, context_lens=ctx,
+            state_slots=[s.request.state_slot for s in sched.seqs],
+            block_tables=[list(s.request.block_ids) for s in sched.seqs], logits_rows=logit_rows,
+            query_lens=[s.num_new_tokens for s in sched.seqs], slots_to_zero=list(sched.slots_to_zero),
+            copies=[(f.parent.state_slot, f.child.state_slot, list(f.parent.block_ids), list(f.child.block_ids))
+                    for f in sched.forks])
+        return plan, first_row
+
+    def build_batch(self, plan: StepPlan) -> ForwardBatch:
         put = self.staging.put
         batch = ForwardBatch(
-            input_ids=put("input_ids", ids), positions=put("positions", pos), cu_seqlens=put("cu_seqlens", cu),
-            context_lens=put("context_lens", ctx), state_slots=put("state_slots", [s.request.state_slot for s in sched.seqs]),
-            block_tables=self.staging.put_tables([s.request.block_ids for s in sched.seqs]),
-            slot_mapping=put("slot_mapping", slot_map), logits_indices=put("logits_indices", logit_rows),
-            query_lens_cpu=[s.num_new_tokens for s in sched.seqs], context_lens_cpu=ctx,
-            is_decode=len(ids) == len(sched.seqs), max_context_len=max(ctx),
+            input_ids=put("input_ids", plan.input_ids), positions=put("positions", plan.positions),
+            cu_seqlens=put("cu_seqlens", plan.cu_seqlens), context_lens=put("context_lens", plan.context_lens),
+            state_slots=put("state_slots", plan.state_slots), block_tables=self.staging.put_tables(plan.block_tables),
+            slot_mapping=put("slot_mapping", plan.slot_mapping), logits_indices=put("logits_indices", plan.logits_rows),
+            query_lens_cpu=plan.query_lens, context_lens_cpu=plan.context_lens,
+            is_decode=len(plan.input_ids) == len(plan.query_lens), max_context_len=max(plan.context_lens),
         )
         if not batch.is_decode and self.cfg.linear_attention_layers:
             batch.gdn_tables = build_step_tables(batch.query_lens_cpu, self.device)
-        return batch, first_row
+        return batch
 
     @staticmethod
     def _logit_positions(s) -> list[int]:
@@ -180,33 +213,42 @@ class ModelRunner:
         return rows
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        self.zero_slots(sched.slots_to_zero)
-        batch, first_row = self.build_batch(sched)
+    def run_plan(self, plan: StepPlan) -> torch.Tensor:
+        """Zero new slots, run the forward, make the fork copies -> logits [M, V] fp32 (every rank)."""
+        self.zero_slots(plan.slots_to_zero)
+        batch = self.build_batch(plan)
         if self.graphs is not None and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch)
         else:
             hidden = self.model(batch, self.caches)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [M, V] fp32
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        for src_slot, dst_slot, src_blocks, dst_blocks in plan.copies:
+            self.copy_sequence(src_slot, dst_slot, src_blocks, dst_blocks)
+        return logits
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        plan, first_row = self.plan(sched)
+        if self.peers is not None:
+            self.peers.send(plan)
+        logits = self.run_plan(plan)  # [M, V] fp32
         out = RunnerOutput()
         self._prompt_logprobs(sched, logits, first_row, out)
         rows = {s.request.request_id: first_row[i] + len(self._logit_positions(s)) - 1
                 for i, s in enumerate(sched.seqs) if s.sample}
         samplers = [(s.request, rows[s.request.request_id]) for s in sched.seqs if s.sample]
-        for f in sched.forks:
-            self.copy_sequence(f.parent, f.child)
-            samplers.append((f.child, rows[f.parent.request_id]))
+        samplers += [(f.child, rows[f.parent.request_id]) for f in sched.forks]
         if samplers:
             self._sample(samplers, logits, out)
         return out
 
-    def copy_sequence(self, src, dst) -> None:
-        """Give request dst a copy of src's GDN state slot and KV blocks (dst has as many blocks as src)."""
+    def copy_sequence(self, src_slot: int, dst_slot: int, src_blocks: list[int], dst_blocks: list[int]) -> None:
+        """Copy a GDN state slot and KV blocks (a fork of n > 1 samples; dst has as many blocks as src)."""
         for t in self.caches.conv + self.caches.recurrent:
-            t[dst.state_slot].copy_(t[src.state_slot])
-        if src.block_ids:
-            s_idx = torch.tensor(src.block_ids, device=self.device)
-            d_idx = torch.tensor(dst.block_ids, device=self.device)
+            t[dst_slot].copy_(t[src_slot])
+        if src_blocks:
+            s_idx = torch.tensor(src_blocks, device=self.device)
+            d_idx = torch.tensor(dst_blocks, device=self.device)
             for k, v in self.caches.kv:
                 k.index_copy_(0, d_idx, k.index_select(0, s_idx))
                 v.index_copy_(0, d_idx, v.index_select(0, s_idx))

@@ -45,7 +45,7 @@ def assert_user_error(res, *needles):
         ([], ["make-tiny", "generate"]),
         (["make-tiny"], ["--moe", "--layers", "--seed", "dir"]),
         (["generate"], ["--model", "--prompt", "--max-tokens", "--temperature", "--top-p", "--chat", "--device",
-                        "--dtype", "--ignore-eos", "--num-kv-blocks"]),
+                        "--dtype", "--ignore-eos", "--num-kv-blocks", "--tp"]),
     ],
     ids=["top", "make_tiny", "generate"],
 )
@@ -75,6 +75,22 @@ def test_generate_from_made_tiny(made, env):
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     assert "--- prompt: 'hello' | 5 tokens, finish: length" in res.stdout, res.stdout
+
+
+def test_generate_tp2_prints_what_tp1_prints(made, env):
+    _, path = made
+    args = ("generate", "--model", path, "--prompt", "hello world", "--max-tokens", "6", "--ignore-eos",
+            "--device", "cpu")
+    one, two = cli(*args, env=env), cli(*args, "--tp", "2", env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert "per rank of 2" in two.stderr  # the KV-cache line of a 2-rank engine
+    assert two.stdout == one.stdout
+
+
+def test_error_tp_does_not_divide_heads(made, env):
+    _, path = made
+    res = cli("generate", "--model", path, "--prompt", "x", "--device", "cpu", "--tp", "4", env=env)
+    assert_user_error(res, "tensor_parallel_size=4 does not divide linear_num_key_heads=2; valid sizes: 1, 2")
 
 
 def test_generate_default_model_built_under_xdg_cache(env):

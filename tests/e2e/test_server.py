@@ -174,7 +174,7 @@ def test_cli_help(cmd, flags):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["serve", "--tp", "2"], "tensor parallelism is not supported yet (--tp 2)"),
+    (["serve", "--tp", "4"], "tensor_parallel_size=4 does not divide linear_num_key_heads=2; valid sizes: 1, 2"),
     (["serve", "--port", "0"], "--port"),
     (["chat", "--temperature", "-1"], "temperature"),
 ], ids=["tp", "port", "chat_temperature"])

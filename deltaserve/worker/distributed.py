@@ -1,0 +1,297 @@
+"""Tensor parallelism on one node: the rank's group, how tensors are cut per rank, and the worker processes.
+
+What belongs here:
+- `TPGroup`: this process's rank and world size and the two collectives the model needs (one all-reduce per mixer
+  and per MLP; the vocab-parallel logits gather). World 1 is the single-process engine: no collectives at all.
+- Pure sharding arithmetic (`split_range`, `segments`, `kv_head_range`, `vocab_range`, `shard`) and
+  `shard_config` (the shapes one rank holds), used by the model and the weight loader alike.
+- `check_tp_size`: the up-front divisibility check, run before any process starts.
+- `TPWorkers`: ranks 1..N-1 as spawned processes. Rank 0 is the calling process: it schedules, sends each step's
+  `StepPlan` (host lists only) to every worker over a pipe, runs its own shard and samples. gloo on CPU; on CUDA
+  the same code with the nccl backend and device = rank (not yet run on GPUs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..config import ModelConfig
+
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a peer that died mid-step turns a hang into an error
+
+
+class TPGroup:
+    """One rank of a tensor-parallel group (rank 0 of world 1: the single-process engine)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, group=None):
+        self.rank, self.world, self.group = rank, world, group
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """x: a rank's partial sum (row-parallel output) -> the full sum, in place, on every rank."""
+        if self.world > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def gather_vocab(self, local: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """local: [M, rows of this rank's vocab_range] -> [M, vocab_size] on every rank (shards padded to one width
+        for the all-gather when vocab_size does not divide)."""
+        if self.world == 1:
+            return local
+        width = -(-vocab_size // self.world)
+        padded = torch.nn.functional.pad(local, (0, width - local.shape[1])).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat(parts, dim=1)[:, :vocab_size]
+
+    def min_int(self, value: int) -> int:
+        """The smallest of every rank's value (e.g. KV blocks that fit on every device)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=_collective_device(self.group))
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
+
+SINGLE = TPGroup()
+
+
+# ---------------------------------------------------------------- sharding arithmetic (pure)
+
+def split_range(size: int, rank: int, world: int) -> tuple[int, int]:
+    """The rank's [start, stop) of `size` items split evenly (check_tp_size guarantees world divides size)."""
+    if size % world:
+        raise ValueError(f"{size} items do not split evenly over {world} ranks")
+    n = size // world
+    return rank * n, (rank + 1) * n
+
+
+def segments(sizes: list[int], rank: int, world: int) -> list[tuple[int, int]]:
+    """A dim made of consecutive segments (e.g. GDN's [q | k | v] channels) -> the rank's range in each segment."""
+    out, start = [], 0
+    for size in sizes:
+        a, b = split_range(size, rank, world)
+        out.append((start + a, start + b))
+        start += size
+    return out
+
+
+def kv_head_range(num_kv_heads: int, rank: int, world: int) -> tuple[int, int]:
+    """KV heads a rank holds: its share when world divides them, else (world a multiple of them) the one KV head
+    its query heads attend with (replicated over world / num_kv_heads ranks)."""
+    if num_kv_heads >= world:
+        return split_range(num_kv_heads, rank, world)
+    h = rank * num_kv_heads // world
+    return h, h + 1
+
+
+def vocab_range(vocab_size: int, rank: int, world: int) -> tuple[int, int]:
+    """The rank's rows of the vocab-parallel lm_head: ceil-sized shards, the last one shorter when uneven."""
+    width = -(-vocab_size // world)
+    return min(rank * width, vocab_size), min((rank + 1) * width, vocab_size)
+
+
+def shard(tensor, dim: int, rank: int, world: int):
+    """The rank's even share of `tensor` along `dim` (a torch tensor or a safetensors slice)."""
+    a, b = split_range(_shape(tensor)[dim], rank, world)
+    return tensor[(slice(None),) * dim + (slice(a, b),)]
+
+
+def read_ranges(tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """Rows `ranges` of `tensor` along `dim`, concatenated (reads only those bytes from a safetensors slice)."""
+    parts = [tensor[(slice(None),) * dim + (slice(a, b),)] for a, b in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _shape(tensor) -> list[int]:
+    return list(tensor.shape) if isinstance(tensor, torch.Tensor) else list(tensor.get_shape())
+
+
+def shard_config(cfg: ModelConfig, world: int) -> ModelConfig:
+    """The shapes one of `world` ranks holds: its attention, GDN and KV heads and its MLP / expert columns
+    (vocab_size stays whole: the embedding is replicated; the lm_head shard is vocab_range)."""
+    if world == 1:
+        return cfg
+    return dataclasses.replace(
+        cfg, num_attention_heads=cfg.num_attention_heads // world,
+        num_key_value_heads=max(1, cfg.num_key_value_heads // world),
+        linear_num_key_heads=cfg.linear_num_key_heads // world,
+        linear_num_value_heads=cfg.linear_num_value_heads // world,
+        intermediate_size=cfg.intermediate_size // world, moe_intermediate_size=cfg.moe_intermediate_size // world,
+        shared_expert_intermediate_size=cfg.shared_expert_intermediate_size // world)
+
+
+# ---------------------------------------------------------------- up-front checks
+
+def _divides(field: str, value: int, world: int) -> str | None:
+    if value % world:
+        return f"tensor_parallel_size={world} does not divide {field}={value}"
+    return None
+
+
+def _tp_problems(cfg: ModelConfig, world: int) -> list[str]:
+    fields = [("num_attention_heads", cfg.num_attention_heads), ("linear_num_key_heads", cfg.linear_num_key_heads),
+              ("linear_num_value_heads", cfg.linear_num_value_heads)]
+    fields += ([("moe_intermediate_size", cfg.moe_intermediate_size),
+                ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size)] if cfg.is_moe
+               else [("intermediate_size", cfg.intermediate_size)])
+    problems = [p for f, v in fields if (p := _divides(f, v, world))]
+    hkv = cfg.num_key_value_heads
+    if hkv % world and world % hkv:
+        problems.append(f"tensor_parallel_size={world} neither divides nor is a multiple of num_key_value_heads={hkv}")
+    return problems
+
+
+def valid_tp_sizes(cfg: ModelConfig) -> list[int]:
+    return [n for n in range(1, cfg.num_attention_heads + 1) if not _tp_problems(cfg, n)]
+
+
+def check_tp_size(cfg: ModelConfig, world: int, device: torch.device) -> None:
+    """Raise ValueError (one sentence naming the field and the valid sizes) unless `world` ranks can shard cfg."""
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {world!r}")
+    problems = _tp_problems(cfg, world)
+    if problems:
+        sizes = ", ".join(map(str, valid_tp_sizes(cfg)))
+        raise ValueError(f"{problems[0]}; valid sizes: {sizes}")
+    if device.type == "cuda" and world > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size={world} needs {world} CUDA devices but {torch.cuda.device_count()} "
+                         f"are visible; lower --tp")
+    if world > 1 and dist.is_initialized():
+        raise ValueError("tensor_parallel_size > 1 starts its own process group, but torch.distributed is already "
+                         "initialised in this process; run deltaserve outside torchrun")
+
+
+# ---------------------------------------------------------------- processes
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def _collective_device(group) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
+        torch.device("cpu")
+
+
+def init_group(rank: int, world: int, port: int, device: torch.device) -> TPGroup:
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    return TPGroup(rank, world, dist.group.WORLD)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_main(rank: int, world: int, port: int, spec, conn) -> None:
+    """A rank > 0: build the same engine shard as rank 0, then run every StepPlan rank 0 sends until None/EOF."""
+    try:
+        device = rank_device(torch.device(spec.device), rank)
+        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # N ranks share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        tp = init_group(rank, world, port, device)
+        runner = spec.build_runner(tp, device, on_loaded=lambda: conn.send(("loaded", None)))
+        conn.send(("ready", None))
+    except BaseException as e:  # reported to rank 0, which raises it there
+        conn.send(("error", f"{e}" if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
+        return
+    try:
+        while True:
+            try:
+                plan = conn.recv()
+            except EOFError:  # rank 0 is gone
+                break
+            if plan is None:
+                break
+            runner.run_plan(plan)
+    finally:
+        dist.destroy_process_group()
+
+
+class TPWorkers:
+    """Ranks 1..world-1 as spawned processes, each with a pipe from rank 0 (steps in, start-up status out)."""
+
+    def __init__(self, world: int, spec):
+        ctx = mp.get_context("spawn")
+        self.port = _free_port()
+        self.conns, self.procs = [], []
+        for rank in range(1, world):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(rank, world, self.port, spec, child), daemon=True,
+                            name=f"deltaserve-tp{rank}")
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+        self.closed = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def wait_for(self, status: str) -> None:
+        """Block until every worker reports `status`; a worker's error is raised here as ValueError."""
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                kind, msg = conn.recv()
+            except EOFError:
+                raise RuntimeError(f"tensor-parallel worker {rank} exited during start-up") from None
+            if kind == "error":
+                raise ValueError(f"tensor-parallel rank {rank}: {msg}")
+            if kind != status:
+                raise RuntimeError(f"tensor-parallel worker {rank} sent {kind!r} while starting, expected {status!r}")
+
+    def send(self, plan) -> None:
+        for conn in self.conns:
+            conn.send(plan)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop every worker (idempotent): ask, wait, then terminate; and leave the process group."""
+        if self.closed:
+            return
+        self.closed = True
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for p in self.procs:
+            p.join(timeout)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout)
+        for conn in self.conns:
+            conn.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def worker_pids_alive(pids: list[int]) -> list[int]:
+    """Of `pids`, those still running (zombies count as gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split()[2] != "Z":
+                    alive.append(pid)
+        except FileNotFoundError:
+            pass
+    return alive
+
+
+__all__ = ["TPGroup", "SINGLE", "TPWorkers", "check_tp_size", "shard_config", "shard", "split_range", "segments",
+           "kv_head_range", "vocab_range", "read_ranges", "init_group", "rank_device", "valid_tp_sizes",
+           "worker_pids_alive"]

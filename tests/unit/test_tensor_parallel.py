@@ -1,0 +1,247 @@
+"""Tensor parallelism on CPU (gloo, float32): sharding arithmetic, per-rank loading, TP=2 == TP=1 on dense, MoE and
+kv-heads-fewer-than-ranks checkpoints, the up-front divisibility error, and worker shutdown (no orphans).
+
+TP changes only the order of fp32 sums (partial sums + all-reduce), so prompt logprobs agree to LOGPROB_ATOL (1e-4)
+and greedy tokens are identical; a wrongly sliced head, conv channel or expert column moves them by >1e-2.
+"""
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from engine_helpers import assert_close_logprobs, assert_same_completion
+from test_weights import pack_experts, shard as split_into_two_files, variant
+
+from deltaserve import LLM, SamplingParams
+from deltaserve.config import ModelConfig
+from deltaserve.models.weights import build_model, load_weights
+from deltaserve.tiny import make_tiny
+from deltaserve.worker.distributed import (
+    TPGroup, check_tp_size, kv_head_range, segments, shard, shard_config, split_range, valid_tp_sizes, vocab_range,
+    worker_pids_alive,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads (workers inherit OMP_NUM_THREADS from the environment)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """dense / moe: the tiny checkpoints (Hk=2, HV=4, 4 q heads, 2 kv heads); kv1: one KV head, so at TP=2 both
+    ranks hold a copy of it; wide: 8 q heads, 2 kv heads, Hk=4, HV=8, so at TP=4 ranks 0-1 hold kv head 0 and
+    ranks 2-3 kv head 1."""
+    root = tmp_path_factory.mktemp("tp")
+    dense = make_tiny(str(root / "dense"))
+    return {"dense": dense, "moe": make_tiny(str(root / "moe"), moe=True), "tied-odd-vocab": variant(
+                dense, root / "tied", _tie_and_drop_last_token, lambda raw: _tie_config(raw)),
+            "kv1": make_tiny(str(root / "kv1"), text_overrides={"num_key_value_heads": 1}),
+            "wide": make_tiny(str(root / "wide"), text_overrides={"num_attention_heads": 8, "linear_num_key_heads": 4,
+                                                                  "linear_num_value_heads": 8})}
+
+
+def _tie_and_drop_last_token(sd: dict) -> None:
+    """Tied embeddings and an odd vocab (uneven vocab-parallel shards); the tiny tokenizer never emits the last
+    (padding) row."""
+    del sd["lm_head.weight"]
+    name = "model.language_model.embed_tokens.weight"
+    sd[name] = sd[name][:-1].contiguous()
+
+
+def _tie_config(raw: dict) -> None:
+    raw["tie_word_embeddings"] = raw["text_config"]["tie_word_embeddings"] = True
+    raw["text_config"]["vocab_size"] -= 1
+
+
+# ---------------------------------------------------------------- pure arithmetic
+
+def test_sharding_arithmetic():
+    assert [split_range(8, r, 4) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert segments([4, 4, 8], 1, 2) == [(2, 4), (6, 8), (12, 16)]  # GDN [q | k | v]: rank 1's part of each
+    assert [kv_head_range(4, r, 2) for r in range(2)] == [(0, 2), (2, 4)]
+    assert [kv_head_range(2, r, 4) for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]  # replicated
+    assert [vocab_range(10, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    t = torch.arange(12).view(3, 4)
+    assert torch.equal(shard(t, 1, 1, 2), t[:, 2:])
+
+
+def test_shard_config_holds_each_ranks_heads(ckpts):
+    local = shard_config(ModelConfig.from_hf_dir(ckpts["moe"]), 2)
+    assert (local.num_attention_heads, local.num_key_value_heads, local.linear_num_key_heads,
+            local.linear_num_value_heads, local.moe_intermediate_size, local.shared_expert_intermediate_size,
+            local.num_experts) == (2, 1, 1, 2, 32, 32, 8)
+    assert shard_config(ModelConfig.from_hf_dir(ckpts["kv1"]), 2).num_key_value_heads == 1
+
+
+@pytest.mark.parametrize("name, world, message", [
+    ("dense", 4, "tensor_parallel_size=4 does not divide linear_num_key_heads=2; valid sizes: 1, 2"),
+    ("dense", 3, "tensor_parallel_size=3 does not divide num_attention_heads=4; valid sizes: 1, 2"),
+    ("kv1", 4, "tensor_parallel_size=4 does not divide linear_num_key_heads=2; valid sizes: 1, 2"),
+    ("dense", 0, "tensor_parallel_size must be a positive integer, got 0"),
+], ids=["tp4-gdn-heads", "tp3-attention-heads", "tp4-kv1", "tp0"])
+def test_divisibility_error_names_field_and_valid_sizes(ckpts, name, world, message):
+    with pytest.raises(ValueError) as e:
+        check_tp_size(ModelConfig.from_hf_dir(ckpts[name]), world, CPU)
+    assert str(e.value) == message
+
+
+def test_tp4_fails_before_any_process_starts(ckpts):
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"^tensor_parallel_size=4 does not divide linear_num_key_heads=2; "
+                                         r"valid sizes: 1, 2$"):
+        LLM(ckpts["dense"], device="cpu", dtype="float32", tensor_parallel_size=4)
+    assert multiprocessing.active_children() == [] and time.monotonic() - t0 < 2
+
+
+def test_valid_sizes_include_kv_replication(ckpts):
+    cfg = ModelConfig.from_hf_dir(ckpts["kv1"])
+    assert valid_tp_sizes(cfg) == [1, 2]  # 2 > num_key_value_heads=1: the KV head is replicated
+
+
+# ---------------------------------------------------------------- per-rank loading (no processes)
+
+@pytest.mark.parametrize("name", ["dense", "moe", "kv1"])
+def test_each_rank_loads_exactly_its_slices(ckpts, name):
+    """Rank r of 2, loaded alone from the checkpoint, equals the full model's parameters cut by hand."""
+    cfg = ModelConfig.from_hf_dir(ckpts[name])
+    full = dict(_load(cfg, ckpts[name], 0, 1).named_parameters())
+    hk_k, hv_v, hv = 2 * 32, 4 * 32, 4  # tiny: Hk=2, HV=4, K=V=32
+    for rank in range(2):
+        part = dict(_load(cfg, ckpts[name], rank, 2).named_parameters())
+        q, k, v = (slice(rank * 32, rank * 32 + 32), slice(hk_k + rank * 32, hk_k + rank * 32 + 32),
+                   slice(2 * hk_k + rank * 64, 2 * hk_k + rank * 64 + 64))
+        conv = torch.cat([full["layers.0.linear_attn.conv1d.weight"][s] for s in (q, k, v)])
+        assert torch.equal(part["layers.0.linear_attn.conv1d.weight"], conv)
+        in_proj = full["layers.0.linear_attn.in_proj.weight"]
+        z0, b0 = 2 * hk_k + hv_v, 2 * hk_k + 2 * hv_v
+        want = torch.cat([in_proj[q], in_proj[k], in_proj[v], in_proj[z0 + rank * 64: z0 + rank * 64 + 64],
+                          in_proj[b0 + rank * 2: b0 + rank * 2 + 2], in_proj[b0 + hv + rank * 2: b0 + hv + rank * 2 + 2]])
+        assert torch.equal(part["layers.0.linear_attn.in_proj.weight"], want)
+        assert torch.equal(part["layers.0.linear_attn.A_log"], full["layers.0.linear_attn.A_log"][rank * 2: rank * 2 + 2])
+        assert torch.equal(part["layers.0.linear_attn.out_proj.weight"],
+                           full["layers.0.linear_attn.out_proj.weight"][:, rank * 64: rank * 64 + 64])
+        assert torch.equal(part["layers.3.self_attn.o_proj.weight"],
+                           full["layers.3.self_attn.o_proj.weight"][:, rank * 128: rank * 128 + 128])
+        vocab = cfg.vocab_size // 2
+        assert torch.equal(part["lm_head.weight"], full["lm_head.weight"][rank * vocab: (rank + 1) * vocab])
+        assert torch.equal(part["embed_tokens.weight"], full["embed_tokens.weight"])  # replicated
+        if name == "moe":
+            gu = full["layers.0.mlp.experts.gate_up_proj"]
+            want = torch.cat([gu[:, rank * 32: rank * 32 + 32], gu[:, 64 + rank * 32: 64 + rank * 32 + 32]], 1)
+            assert torch.equal(part["layers.0.mlp.experts.gate_up_proj"], want)
+            assert torch.equal(part["layers.0.mlp.gate.weight"], full["layers.0.mlp.gate.weight"])  # router
+
+
+def test_packed_and_split_checkpoints_give_the_same_shards(ckpts, tmp_path):
+    """Packed experts ([E, 2I, H] / [E, H, I]) in a two-file checkpoint: each rank reads the same rows as from
+    per-expert tensors in one file."""
+    packed = variant(ckpts["moe"], tmp_path / "packed", pack_experts)
+    split_into_two_files(packed)
+    cfg = ModelConfig.from_hf_dir(packed)
+    for rank in range(2):
+        a = dict(_load(cfg, ckpts["moe"], rank, 2).named_parameters())
+        b = dict(_load(cfg, packed, rank, 2).named_parameters())
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_replicated_kv_heads_follow_their_query_heads(ckpts):
+    """TP=4 over 2 KV heads: rank r's k/v rows are those of KV head r // 2 (its query heads 2r, 2r+1 use it)."""
+    cfg = ModelConfig.from_hf_dir(ckpts["wide"])
+    full = dict(_load(cfg, ckpts["wide"], 0, 1).named_parameters())["layers.3.self_attn.qkv_proj.weight"]
+    q_rows, d = 2 * 8 * 64, 64
+    for rank in range(4):
+        part = dict(_load(cfg, ckpts["wide"], rank, 4).named_parameters())["layers.3.self_attn.qkv_proj.weight"]
+        h = rank // 2
+        assert torch.equal(part[:2 * 2 * d], full[rank * 2 * 2 * d: (rank + 1) * 2 * 2 * d])  # q heads 2r, 2r+1
+        assert torch.equal(part[2 * 2 * d: 2 * 2 * d + d], full[q_rows + h * d: q_rows + (h + 1) * d])  # k
+        assert torch.equal(part[2 * 2 * d + d:], full[q_rows + 2 * d + h * d: q_rows + 2 * d + (h + 1) * d])  # v
+
+
+def _load(cfg: ModelConfig, path: str, rank: int, world: int) -> torch.nn.Module:
+    model = build_model(cfg, CPU, torch.float32, TPGroup(rank, world))
+    load_weights(model, cfg, path, rank=rank, world=world)
+    return model
+
+
+# ---------------------------------------------------------------- TP=2 == TP=1 (spawned gloo workers)
+
+PROMPTS = [{"prompt_token_ids": [5, 17, 42, 99, 3, 7, 11, 250, 31, 8, 64, 2, 90, 77, 13, 6, 40, 21]},
+           {"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [300, 12, 45, 18, 19, 22, 500]}]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=2, logprobs=1, ignore_eos=True)
+SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, n=2, seed=7, max_tokens=6, logprobs=0, ignore_eos=True)
+
+
+def _run(path: str, tp: int) -> list:
+    """Greedy with prompt logprobs, and seeded n=2 sampling (a fork copies state on every rank); a small token
+    budget mixes prefill chunks with decodes."""
+    llm = LLM(path, device="cpu", dtype="float32", max_model_len=128, max_num_batched_tokens=16,
+              tensor_parallel_size=tp)
+    try:
+        return llm.generate(PROMPTS, [GREEDY, GREEDY, SAMPLED], use_tqdm=False)
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("name, tp", [("dense", 2), ("moe", 2), ("kv1", 2), ("wide", 4), ("tied-odd-vocab", 2)],
+                         ids=["dense-tp2", "moe-tp2", "kv1-tp2-kv-replicated", "wide-tp4-kv-replicated",
+                              "tied-odd-vocab-tp2"])
+def test_tp_equals_tp1(ckpts, name, tp):
+    ref, out = _run(ckpts[name], 1), _run(ckpts[name], tp)
+    for i, (r, o) in enumerate(zip(ref, out)):
+        assert_close_logprobs(f"{name}[{i}].prompt_logprobs", r.prompt_logprobs, o.prompt_logprobs)
+        assert len(o.outputs) == len(r.outputs)
+        for j, (rc, oc) in enumerate(zip(r.outputs, o.outputs)):
+            assert_same_completion(f"{name}[{i}].{j}", rc, oc)
+
+
+# ---------------------------------------------------------------- shutdown
+
+def test_workers_stop_on_del(ckpts):
+    llm = LLM(ckpts["dense"], device="cpu", dtype="float32", max_model_len=64, tensor_parallel_size=2)
+    pids = llm.worker_pids
+    assert len(pids) == 1 and worker_pids_alive(pids) == pids
+    llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)
+    del llm
+    gc.collect()
+    assert worker_pids_alive(pids) == []
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("ending", ["exit", "sigkill"])
+def test_workers_stop_when_the_parent_ends(ckpts, ending):
+    """A script that never calls shutdown: its workers are gone after a normal exit, and after the parent is
+    SIGKILLed (the pipe from rank 0 closes, so a worker waiting for a step exits)."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from deltaserve import LLM, SamplingParams
+        if __name__ == "__main__":
+            llm = LLM({ckpts['dense']!r}, device="cpu", dtype="float32", max_model_len=64, tensor_parallel_size=2)
+            llm.generate([{{"prompt_token_ids": [1, 2, 3]}}], SamplingParams(max_tokens=2), use_tqdm=False)
+            print(" ".join(map(str, llm.worker_pids)), flush=True)
+            if {ending!r} == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    pids = [int(p) for p in res.stdout.split()]
+    assert pids, res.stderr
+    deadline = time.monotonic() + 15
+    while worker_pids_alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker_pids_alive(pids) == []
