@@ -1,5 +1,8 @@
 # Source on the GPU machine (device tool): puts fla (the peer we measure against) and, when the image's
-# transformers lacks Qwen3.5, transformers 5.x on PYTHONPATH from the wheels carried in .whl/.
+# transformers lacks Qwen3.5, transformers 5.x on PYTHONPATH from the wheels carried in .whl/ (gitignored). Fetch
+# them once on the CPU machine and pass carry=[".whl"]:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+#       fla-core==0.6.0 flash-linear-attention==0.6.0 transformers==5.24.0 huggingface_hub==2.4.0
 set -u
 mkdir -p /tmp/fla /tmp/tf
 pip install -q --no-index --no-deps --target /tmp/fla .whl/fla_core-*.whl .whl/flash_linear_attention-*.whl 2>/dev/null
