@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 
 from .config import ModelConfig
-from .models.weights import build_model, load_weights
+from .models.weights import build_model, load_weights, read_formats
 from .outputs import RequestOutput
 from .runtime.block_pool import BlockPool
 from .runtime.engine_core import EngineCore
@@ -67,7 +67,8 @@ class LLM:
         _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         block_size=block_size, max_model_len=max_model_len or 1, num_kv_blocks=num_kv_blocks or 1)
         self.max_model_len = max_model_len or self.config.max_position_embeddings
-        self.model = build_model(self.config, self.device, self.dtype)
+        formats = read_formats(self.config, weights_dir) if weights_dir is not None else None
+        self.model = build_model(self.config, self.device, self.dtype, formats)
         if weights_dir is None:
             random_init_(self.model, seed)
         else:
