@@ -49,6 +49,7 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
         raise ValueError(f"{src} is already quantized ({cfg.quantization.method}); quantize a 16-bit checkpoint")
     skip = not_convert_list(cfg, not_convert or [])
     files = checkpoint_files(src)
+    _check_shapes_first(files, skip, group_size)  # fail before writing anything
     _copy_side_files(src, dst)
     weight_map = {}
     for file in files:
@@ -58,8 +59,7 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
             for name in _layer_progress(names, cfg, progress):
                 module = name[: -len(".weight")] if name.endswith(".weight") else None
                 t = f.get_tensor(name)
-                if module and _should_quantize(module, t, skip):
-                    _check_divides(module, t, group_size)
+                if module and _should_quantize(module, t.shape, skip):
                     out.update({f"{module}.{k}": v for k, v in to_awq(t, group_size).items()})
                 else:
                     out[name] = t
@@ -72,16 +72,23 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
     return dst
 
 
-def _should_quantize(module: str, t: torch.Tensor, skip: list[str]) -> bool:
-    return (t.dim() == 2 and LAYER.search(module) is not None and module.rsplit(".", 1)[-1] in QUANTIZABLE
+def _should_quantize(module: str, shape, skip: list[str]) -> bool:
+    return (len(shape) == 2 and LAYER.search(module) is not None and module.rsplit(".", 1)[-1] in QUANTIZABLE
             and not any(s in module for s in skip))
 
 
-def _check_divides(module: str, t: torch.Tensor, group: int) -> None:
-    reason = check_shapes("awq", t.shape[1], t.shape[0], group, module)
-    if reason:
-        raise ValueError(f"cannot quantize {module}.weight: {reason}; pick a --group-size that divides it "
-                         f"(e.g. 32 or 64) or keep it 16-bit with --not-convert")
+def _check_shapes_first(files: list[str], skip: list[str], group: int) -> None:
+    """Every Linear to quantize fits AWQ at this group size (headers only, no tensor data)."""
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                module = name[: -len(".weight")]
+                if name.endswith(".weight") and _should_quantize(module, shape, skip):
+                    reason = check_shapes("awq", shape[1], shape[0], group, module)
+                    if reason:
+                        raise ValueError(f"cannot quantize {name}: {reason}; pick a --group-size that divides it "
+                                         f"(e.g. 32 or 64) or keep it 16-bit with --not-convert")
 
 
 def _layer_key(name: str) -> tuple[int, str]:
