@@ -84,6 +84,9 @@ def _add_quantize_parser(sub) -> None:
     q.add_argument("--not-convert", action="append", default=None, metavar="SUBSTR",
                    help="also keep modules whose name contains SUBSTR in 16-bit (repeatable), e.g. "
                         "'layers.0.' or 'self_attn.q_proj'")
+    q.add_argument("--calib", default=None, metavar="FILE",
+                   help="calibration text: search activation-aware per-channel scales on its activations (AWQ) "
+                        "instead of plain round-to-nearest; loads the model on the CPU in float32")
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             from .quantize import quantize_checkpoint
 
             print(quantize_checkpoint(args.src, args.dst, method=args.method, group_size=args.group_size,
-                                      not_convert=args.not_convert))
+                                      not_convert=args.not_convert, calib=args.calib))
         return 0
     except (ConfigError, WeightsError, TokenizerError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """`deltaserve quantize SRC DST --method awq`: write an AutoAWQ-layout (version "gemm") int4 checkpoint.
 
-Round-to-nearest, asymmetric, one scale and zero point per `group_size` input channels. The decoder layers'
-projections (q/k/v/o, in_proj_qkv/z, out_proj, gate/up/down of MLPs, experts and the shared expert) become int4;
+Round-to-nearest, asymmetric, one scale and zero point per `group_size` input channels; with a calibration text,
+activation-aware per-input-channel scales are searched first and folded into the norms (calibrate.py). The decoder
+layers' projections (q/k/v/o, in_proj_qkv/z, out_proj, gate/up/down of MLPs, experts and the shared expert) become int4;
 everything else stays 16-bit in the source dtype and is listed in `modules_to_not_convert` (AutoAWQ's substring
 match): in_proj_a/b (HV outputs, too few for int4 kernels), the MoE router `mlp.gate`, `shared_expert_gate`,
 norms, embeddings, lm_head, conv1d, A_log, dt_bias. Streams one source shard at a time.
@@ -12,6 +13,7 @@ to (the reference the int4 engine is tested against).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,9 +22,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .calibrate import CONSUMERS, NormScale, collect_inputs, fold, search_scales
 from .config import ModelConfig
 from .layers.quant import QUANT_SUFFIXES, check_shapes, dequantize, to_awq
-from .models.weights import checkpoint_files, read_formats
+from .models.weights import checkpoint_files, read_formats, strip_name
+
+logger = logging.getLogger("deltaserve")
 
 QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj",
                "up_proj", "down_proj")
@@ -38,8 +43,9 @@ def not_convert_list(cfg: ModelConfig, extra: list[str]) -> list[str]:
 
 
 def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int = 128,
-                        not_convert: list[str] | None = None, progress: bool = True) -> str:
-    """Write the int4 checkpoint of `src` into `dst` (created); returns dst. Raises ValueError on a bad request."""
+                        not_convert: list[str] | None = None, progress: bool = True, calib: str | None = None) -> str:
+    """Write the int4 checkpoint of `src` into `dst` (created); returns dst. calib: a text file for activation-aware
+    scales (calibrate.py; None: plain RTN). Raises ValueError on a bad request."""
     if method != "awq":
         raise ValueError(f"--method {method!r} is not supported; deltaserve quantize writes 'awq'")
     if group_size < 8 or group_size % 8:
@@ -50,6 +56,7 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
     skip = not_convert_list(cfg, not_convert or [])
     files = checkpoint_files(src)
     _check_shapes_first(files, skip, group_size)  # fail before writing anything
+    scales = calibrate(src, cfg, files, calib, skip, group_size) if calib else {}
     _copy_side_files(src, dst)
     weight_map = {}
     for file in files:
@@ -58,7 +65,7 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
             names = sorted(f.keys(), key=_layer_key)
             for name in _layer_progress(names, cfg, progress):
                 module = name[: -len(".weight")] if name.endswith(".weight") else None
-                t = f.get_tensor(name)
+                t = fold(strip_name(name, cfg) or name, f.get_tensor(name), scales)
                 if module and _should_quantize(module, t.shape, skip):
                     out.update({f"{module}.{k}": v for k, v in to_awq(t, group_size).items()})
                 else:
@@ -70,6 +77,32 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
             "modules_to_not_convert": skip}
     _update_config(dst, qcfg)
     return dst
+
+
+def calibrate(src: str, cfg: ModelConfig, files: list[str], calib: str, skip: list[str], group: int
+              ) -> dict[str, NormScale]:
+    """Activation-aware scales for every norm with a quantized consumer (see calibrate.py)."""
+    if not os.path.isfile(calib):
+        raise ValueError(f"--calib file {calib} does not exist")
+    inputs = collect_inputs(src, calib)
+    weights, quantized = {}, set()
+    consumer = re.compile(rf"^layers\.\d+\.({'|'.join(CONSUMERS.values())})$")
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                stripped = strip_name(name, cfg)
+                if not stripped or not stripped.endswith(".weight") or not consumer.match(stripped[:-7]):
+                    continue
+                t = f.get_tensor(name)
+                weights[stripped[:-7]] = t
+                if _should_quantize(name[:-7], t.shape, skip):
+                    quantized.add(stripped[:-7])
+    scales = search_scales(inputs, weights, quantized, group)
+    if scales:
+        gain = sum(s.loss for s in scales.values()) / max(1e-30, sum(s.loss_rtn for s in scales.values()))
+        logger.info("activation-aware scales for %d norms: mean alpha %.2f, calibration error %.3f x RTN's",
+                    len(scales), sum(s.alpha for s in scales.values()) / len(scales), gain)
+    return scales
 
 
 def _should_quantize(module: str, shape, skip: list[str]) -> bool:

@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an int32 holds logical column 8c + AWQ_ORDER[i]
-_AWQ_NIBBLE_OF_COLUMN = tuple(AWQ_ORDER.index(j) for j in range(8))
 
 
 @dataclass(frozen=True)
@@ -66,10 +65,16 @@ def pack_int4(q: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torc
 
 
 def unpack_int4(packed: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
-    """packed: [..., m] int32 -> [..., 8m] int32 values 0..15 (inverse of pack_int4 with the same order)."""
-    nibble_of = [order.index(j) for j in range(8)]
-    shifts = torch.tensor([4 * n for n in nibble_of], dtype=torch.int32, device=packed.device)
-    return ((packed[..., None] >> shifts) & 0xF).reshape(*packed.shape[:-1], -1)
+    """packed: [..., m] int32 -> [..., 8m] int32 values 0..15 (inverse of pack_int4 with the same order).
+
+    Only device-side ops (no index lists copied from the host), so it can run inside a CUDA graph."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed[..., None] >> shifts) & 0xF  # [..., m, 8] in nibble order
+    if order == AWQ_ORDER:  # nibbles hold columns [0,2,4,6,1,3,5,7]: interleave the two halves
+        nibbles = nibbles.view(*nibbles.shape[:-1], 2, 4).transpose(-1, -2)
+    elif order != tuple(range(8)):
+        nibbles = nibbles[..., [order.index(j) for j in range(8)]]
+    return nibbles.reshape(*packed.shape[:-1], -1)
 
 
 def dequant_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int,

@@ -43,7 +43,7 @@ def assert_user_error(res, *needles):
     "args, flags",
     [
         ([], ["make-tiny", "generate", "quantize"]),
-        (["quantize"], ["--method", "--group-size", "--not-convert"]),
+        (["quantize"], ["--method", "--group-size", "--not-convert", "--calib"]),
         (["make-tiny"], ["--moe", "--layers", "--seed", "dir"]),
         (["generate"], ["--model", "--prompt", "--max-tokens", "--temperature", "--top-p", "--chat", "--device",
                         "--dtype", "--ignore-eos", "--num-kv-blocks"]),
@@ -123,10 +123,14 @@ def test_error_make_tiny_zero_layers(env, tmp_path):
 def test_quantize_then_generate(made, env, tmp_path):
     _, path = made
     out = str(tmp_path / "awq")
-    res = cli("quantize", path, out, "--method", "awq", "--group-size", "64", "--not-convert", "layers.0.", env=env)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("A few sentences of calibration text for the activation-aware scales. " * 8)
+    res = cli("quantize", path, out, "--method", "awq", "--group-size", "64", "--not-convert", "layers.0.",
+              "--calib", str(calib), env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == out
     assert "Quantizing layers" in res.stderr  # the per-layer progress bar
+    assert "activation-aware scales for 6 norms" in res.stderr, res.stderr  # layer 0 left 16-bit
     with open(os.path.join(out, "config.json")) as f:
         qcfg = json.load(f)["quantization_config"]
     assert qcfg["quant_method"] == "awq" and qcfg["group_size"] == 64 and "layers.0." in qcfg["modules_to_not_convert"]

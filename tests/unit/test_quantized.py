@@ -212,3 +212,52 @@ def test_quantize_rejects_group_size_that_does_not_divide(sources, tmp_path):
     with pytest.raises(ValueError, match="does not divide its in_features 128"):
         quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=48, progress=False)
     assert not os.path.exists(tmp_path / "q")  # checked before anything is written
+
+
+# ---- activation-aware scales (quantize --calib) ----
+
+def test_folded_scales_leave_the_16bit_model_unchanged(sources, tmp_path):
+    """The fold ((1 + w) / s - 1 on the norm, W · diag(s) on its readers) is exact: with no quantization at all
+    the folded checkpoint computes what the source does, dense and MoE readers alike."""
+    from deltaserve.calibrate import NormScale, fold
+    from deltaserve.config import ModelConfig
+    from deltaserve.models.weights import strip_name
+
+    src = sources[True]
+    cfg = ModelConfig.from_hf_dir(src)
+    g = torch.Generator().manual_seed(3)
+    scales = {f"layers.{i}.{n}": NormScale(torch.rand(cfg.hidden_size, generator=g) * 3 + 0.2, 0.5, 0.0, 0.0)
+              for i in range(cfg.num_hidden_layers) for n in ("input_layernorm", "post_attention_layernorm")}
+    dst = tmp_path / "folded"
+    dst.mkdir()
+    with safe_open(os.path.join(src, "model.safetensors"), framework="pt") as f:
+        tensors = {n: fold(strip_name(n, cfg) or n, f.get_tensor(n), scales) for n in f.keys()}
+    assert not torch.equal(tensors["model.language_model.layers.1.mlp.gate.weight"],
+                           safe_open(os.path.join(src, "model.safetensors"), "pt").get_tensor(
+                               "model.language_model.layers.1.mlp.gate.weight"))
+    save_file(tensors, str(dst / "model.safetensors"))
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors"):
+            (dst / name).write_bytes(open(os.path.join(src, name), "rb").read())
+    _, lp, toks = _run(str(dst))
+    _, lp_ref, toks_ref = _run(src)
+    assert max(abs(a - b) for a, b in zip(lp, lp_ref)) < 1e-4
+    assert toks == toks_ref
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_calibrated_scales_beat_rtn_and_load(moe, sources, tmp_path):
+    from deltaserve.config import ModelConfig
+    from deltaserve.models.weights import checkpoint_files
+    from deltaserve.quantize import calibrate, not_convert_list
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Calibration text: the quick brown fox jumps over the lazy dog, twice or thrice. " * 12)
+    src = sources[moe]
+    cfg = ModelConfig.from_hf_dir(src)
+    scales = calibrate(src, cfg, checkpoint_files(src), str(calib), not_convert_list(cfg, []), GROUP)
+    assert len(scales) == 2 * cfg.num_hidden_layers
+    assert all(s.loss <= s.loss_rtn for s in scales.values())  # alpha = 0 (RTN) is in the grid
+    assert sum(s.loss for s in scales.values()) < sum(s.loss_rtn for s in scales.values())
+    q = quantize_checkpoint(src, str(tmp_path / "q"), group_size=GROUP, calib=str(calib), progress=False)
+    assert_matches_twin(q, tmp_path)
