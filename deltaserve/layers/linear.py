@@ -30,9 +30,16 @@ class QuantLinear(nn.Module):
         lead = () if num_experts is None else (num_experts,)
         self.kinds = tuple(FORMATS[fmt])
         for kind, spec in FORMATS[fmt].items():
-            dtype = torch.int32 if spec.packed else torch.get_default_dtype()
+            dtype = torch.int32 if spec.packed else torch.float32
             shape = lead + spec.shape(in_features, out_features, group_size)
             self.register_parameter(kind, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
+
+    def keep_scales_fp32(self) -> None:
+        """Undo a model-wide .to(dtype) on the scales: fp32 holds the fp16 (AWQ) or bf16 (compressed-tensors) scales
+        checkpoints store exactly; bf16 would round them."""
+        for kind, spec in FORMATS[self.fmt].items():
+            if not spec.packed:
+                getattr(self, kind).data = getattr(self, kind).data.float()
 
     def dequant(self, dtype: torch.dtype) -> torch.Tensor:
         """-> W [(E,) out, in] in dtype."""

@@ -19,7 +19,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an int32 holds logical colum
 @dataclass(frozen=True)
 class TensorSpec:
     shape: Callable[[int, int, int], tuple[int, int]]  # (in_features, out_features, group) -> shape
-    packed: bool  # int32 holding 8 nibbles (else a scale in the model dtype)
+    packed: bool  # int32 holding 8 nibbles (else a scale, held in fp32: exact for fp16 and bf16)
     out_dim: int  # the dim indexing output channels: fused pieces and experts stack along it
     per_out: int  # output channels per element along out_dim (8 where packed along out)
 
@@ -83,8 +83,8 @@ def dequant_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     (the F.linear layout)."""
     q = unpack_int4(qweight, AWQ_ORDER)
     z = unpack_int4(qzeros, AWQ_ORDER).repeat_interleave(group, dim=-2)
-    w = (q - z).to(dtype) * scales.to(dtype).repeat_interleave(group, dim=-2)
-    return w.transpose(-2, -1)
+    w = (q - z).float() * scales.float().repeat_interleave(group, dim=-2)  # one rounding, to dtype at the end
+    return w.to(dtype).transpose(-2, -1)
 
 
 def dequant_ct(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None,
@@ -95,7 +95,7 @@ def dequant_ct(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_z
     if weight_zero_point is not None:
         zp = unpack_int4(weight_zero_point.transpose(-2, -1)).transpose(-2, -1) - 8  # packed along out
         q = q - zp.repeat_interleave(group, dim=-1)
-    return q.to(dtype) * weight_scale.to(dtype).repeat_interleave(group, dim=-1)
+    return (q.float() * weight_scale.float().repeat_interleave(group, dim=-1)).to(dtype)
 
 
 def dequantize(fmt: str, tensors: dict[str, torch.Tensor], group: int, dtype: torch.dtype) -> torch.Tensor:

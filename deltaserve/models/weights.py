@@ -3,7 +3,8 @@
 Table-driven: `RULES` maps a checkpoint name (prefix already stripped) to a target parameter slice and a small pure
 transform. Tensors stream from safetensors (memory-mapped) straight into the preallocated parameters on the target
 device and dtype, so peak host memory stays about one tensor, never a second copy of the model. Every problem is a
-`WeightsError` naming the tensor or file.
+`WeightsError` naming the tensor or file. int4 checkpoints: `read_formats` (names only) tells `build_model` which
+Linears are quantized (models/formats.py); their tensors (`qweight`, `weight_packed`, ...) load by the same rules.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers.gated_deltanet import GatedDeltaNet
-from ..layers.linear import ProjectionGroup
+from ..layers.linear import ProjectionGroup, QuantLinear
 from ..layers.quant import FORMATS, QUANT_SUFFIXES
 from .formats import FormatError, apply_formats, plan_formats
 from .registry import model_class
@@ -200,6 +201,8 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
         for m in model.modules():
             if isinstance(m, GatedDeltaNet):  # decay parameters stay fp32 (see GatedDeltaNet)
                 m.A_log.data, m.dt_bias.data = m.A_log.data.float(), m.dt_bias.data.float()
+            if isinstance(m, QuantLinear):
+                m.keep_scales_fp32()
     return model.to_empty(device=device).eval()
 
 

@@ -35,6 +35,34 @@ def test_pack_unpack_round_trip(order):
     assert int((packed[2, 1] >> (4 * 3)) & 0xF) == int(q[2, 8 + order[3]])
 
 
+def _pack_by_spec(q, order):
+    """The spec, one element at a time: element 8c + order[i] of a row sits at bits 4i of int32 c."""
+    rows, cols = q.shape
+    out = torch.zeros(rows, cols // 8, dtype=torch.int64)
+    for r in range(rows):
+        for c in range(cols // 8):
+            for i in range(8):
+                out[r, c] |= int(q[r, 8 * c + order[i]]) << (4 * i)
+    return (out - (out >= 2**31).long() * 2**32).to(torch.int32)  # as the int32 bit pattern
+
+
+def test_dequant_matches_the_spec_formulas():
+    """Independent of pack_int4: tensors packed element by element from the KERNELS.md layouts decode to
+    W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n] (AWQ) and W[n, k] = (q - 8) * scale[n, k // G] (CT)."""
+    g = torch.Generator().manual_seed(4)
+    k, n, grp = 64, 16, 16
+    q = torch.randint(0, 16, (k, n), generator=g)
+    z = torch.randint(0, 16, (k // grp, n), generator=g)
+    s = torch.rand(k // grp, n, generator=g).half()
+    w = dequant_awq(_pack_by_spec(q, AWQ_ORDER), _pack_by_spec(z, AWQ_ORDER), s, grp, torch.float32)
+    ref = (q - z.repeat_interleave(grp, 0)).float() * s.float().repeat_interleave(grp, 0)  # [in, out]
+    assert torch.equal(w, ref.t())
+    qc = torch.randint(0, 16, (n, k), generator=g)  # stored +8
+    sc = torch.rand(n, k // grp, generator=g).bfloat16()  # compressed-tensors keeps the model dtype
+    wc = dequant_ct(_pack_by_spec(qc, tuple(range(8))), sc, None, grp, torch.float32)
+    assert torch.equal(wc, (qc - 8).float() * sc.float().repeat_interleave(grp, 1))
+
+
 def test_awq_dequant_within_rtn_bound():
     w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1))
     t = to_awq(w, GROUP)
