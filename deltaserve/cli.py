@@ -1,5 +1,5 @@
-"""`deltaserve` command line: make-tiny, generate, serve (OpenAI-compatible server) and chat (terminal chat);
-bench and quantize come with their issues.
+"""`deltaserve` command line: make-tiny, generate, serve (OpenAI-compatible server), chat (terminal chat), bench
+and quantize (write an AWQ int4 checkpoint).
 
 Any error a user can cause (bad path, bad checkpoint, bad flag value) prints one line `error: ...` and exits 2.
 """
@@ -69,7 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(sub)
     _add_chat_parser(sub)
     _add_bench_parser(sub)
+    _add_quantize_parser(sub)
     return parser
+
+
+def _add_quantize_parser(sub) -> None:
+    q = sub.add_parser("quantize", help="write an AWQ int4 checkpoint (AutoAWQ gemm layout)",
+                       description="Quantize a 16-bit Qwen3.5 checkpoint to AWQ int4 (AutoAWQ 'gemm' layout, "
+                                   "round-to-nearest with zero points). The decoder layers' projections and experts "
+                                   "become int4; in_proj_a/b, the MoE router, shared_expert_gate, norms, embeddings, "
+                                   "lm_head, conv1d, A_log and dt_bias stay 16-bit (listed in "
+                                   "modules_to_not_convert).")
+    q.add_argument("src", help="16-bit checkpoint directory")
+    q.add_argument("dst", help="output directory")
+    q.add_argument("--method", default="awq", choices=["awq"], help="quantization format (default awq)")
+    q.add_argument("--group-size", type=int, default=128, help="input channels per scale (default 128)")
+    q.add_argument("--not-convert", action="append", default=None, metavar="SUBSTR",
+                   help="also keep modules whose name contains SUBSTR in 16-bit (repeatable), e.g. "
+                        "'layers.0.' or 'self_attn.q_proj'")
+    q.add_argument("--calib", default=None, metavar="FILE",
+                   help="calibration text: search activation-aware per-channel scales on its activations (AWQ) "
+                        "instead of plain round-to-nearest; loads the model on the CPU in float32")
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -152,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             return _chat(args)
         elif args.command == "bench":
             _bench(args)
+        elif args.command == "quantize":
+            from .quantize import quantize_checkpoint
+
+            print(quantize_checkpoint(args.src, args.dst, method=args.method, group_size=args.group_size,
+                                      not_convert=args.not_convert, calib=args.calib))
         return 0
     except (ConfigError, WeightsError, TokenizerError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

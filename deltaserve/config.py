@@ -25,6 +25,66 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    """config.json `quantization_config`, for the int4 weight-only formats we read.
+
+    Which Linears are quantized is decided per Linear from the tensors the checkpoint holds (see
+    models/weights.plan_formats); this says how to read them."""
+    method: str  # "awq" (AutoAWQ gemm layout) or "compressed-tensors" (pack-quantized)
+    bits: int  # 4
+    group_size: int  # input channels sharing one scale (and zero point)
+    zero_point: bool  # AWQ: qzeros present (asymmetric); compressed-tensors: weight_zero_point present
+    modules_to_not_convert: tuple[str, ...] = ()  # AWQ substrings / compressed-tensors `ignore` entries
+
+    @classmethod
+    def from_dict(cls, q: dict, source: str) -> "QuantConfig":
+        if not isinstance(q, dict):
+            raise ConfigError(f"{source}: 'quantization_config' must be an object, got {q!r}.")
+        method = q.get("quant_method")
+        if method == "awq":
+            return cls._awq(q, source)
+        if method == "compressed-tensors":
+            return cls._compressed_tensors(q, source)
+        raise ConfigError(f"{source}: quantization_config.quant_method {method!r} is not supported; deltaserve reads "
+                          f"'awq' and 'compressed-tensors' int4 checkpoints.")
+
+    @classmethod
+    def _awq(cls, q: dict, source: str) -> "QuantConfig":
+        f = _Fields(q, f"{source} quantization_config")
+        bits, group = f.int("bits", 4), f.int("group_size", 128)
+        version = str(q.get("version", "gemm")).lower()
+        if bits != 4:
+            raise ConfigError(f"{source}: quantization_config.bits is {bits}; deltaserve reads 4-bit AWQ only.")
+        if version != "gemm":
+            raise ConfigError(f"{source}: quantization_config.version is {version!r}; deltaserve reads the AutoAWQ "
+                              f"'gemm' layout only (re-export the checkpoint with version='gemm').")
+        if group < 1:
+            raise ConfigError(f"{source}: quantization_config.group_size must be positive, got {group} "
+                              f"(-1, one group per row, is not supported).")
+        if q.get("zero_point", True) is not True:
+            raise ConfigError(f"{source}: quantization_config.zero_point is false; deltaserve reads AWQ with zero "
+                              f"points (qzeros) only.")
+        skip = q.get("modules_to_not_convert") or []
+        return cls("awq", bits, group, True, tuple(str(m) for m in skip))
+
+    @classmethod
+    def _compressed_tensors(cls, q: dict, source: str) -> "QuantConfig":
+        fmt = q.get("format")
+        groups = q.get("config_groups") or {}
+        if fmt != "pack-quantized" or not isinstance(groups, dict) or len(groups) != 1:
+            raise ConfigError(f"{source}: compressed-tensors checkpoints are read in the 'pack-quantized' format with "
+                              f"one config group only (got format {fmt!r}, {len(groups)} group(s)).")
+        w = next(iter(groups.values())).get("weights") or {}
+        f = _Fields(w, f"{source} quantization_config weights")
+        bits, group = f.int("num_bits"), f.int("group_size", 128)
+        if bits != 4 or w.get("type", "int") != "int" or w.get("strategy", "group") != "group" or group < 1:
+            raise ConfigError(f"{source}: compressed-tensors weights must be int 4-bit with the 'group' strategy "
+                              f"(got {bits} bits, type {w.get('type')!r}, strategy {w.get('strategy')!r}).")
+        return cls("compressed-tensors", bits, group, not w.get("symmetric", True),
+                   tuple(str(m) for m in q.get("ignore") or []))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     is_moe: bool
@@ -59,6 +119,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     state_dtype: str  # recurrent-state dtype, from mamba_ssm_dtype (float32 by default)
     torch_dtype: str  # the checkpoint's dtype ("bfloat16", "float32", ...), used by dtype="auto"
+    quantization: QuantConfig | None = None  # config.json quantization_config (None: a 16-bit checkpoint)
 
     @property
     def full_attention_layers(self) -> list[int]:
@@ -148,6 +209,8 @@ class ModelConfig:
             eos_token_ids=_eos_ids(text, raw, generation_config or {}),
             state_dtype=str(text.get("mamba_ssm_dtype", raw.get("mamba_ssm_dtype", "float32"))),
             torch_dtype=str(text.get("dtype") or raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+            quantization=(QuantConfig.from_dict(raw["quantization_config"], source)
+                          if raw.get("quantization_config") is not None else None),
         )
         cfg._validate(source)
         return cfg

@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from .config import ModelConfig
-from .models.weights import build_model, checkpoint_files, load_weights
+from .models.weights import WeightsError, build_model, checkpoint_files, load_weights, read_formats
 from .outputs import RequestOutput
 from .runtime.block_pool import BlockPool
 from .runtime.engine_core import EngineCore
@@ -33,6 +33,7 @@ class RankSpec:
     """Everything one rank needs to build its model shard, caches and runner (picklable: sent to TP workers)."""
     config: ModelConfig  # the full model config
     weights_dir: str | None  # None: random weights (benchmarks)
+    formats: dict[str, str] | None  # checkpoint module -> int4 format (models/formats.py); None: all 16-bit
     device: torch.device
     dtype: torch.dtype
     max_num_seqs: int
@@ -49,7 +50,7 @@ class RankSpec:
         runs this at once: KV sizing, profiling and CUDA-graph capture are collective under TP."""
         torch.manual_seed(self.seed)
         cfg, local = self.config, shard_config(self.config, tp.world)
-        model = build_model(cfg, device, self.dtype, tp)
+        model = build_model(cfg, device, self.dtype, tp, self.formats)
         if self.weights_dir is None:
             random_init_(model, self.seed)
         else:
@@ -132,7 +133,11 @@ class LLM:
         check_tp_size(config, tensor_parallel_size, self.device)  # before any process starts
         if self.device.type == "cuda" and not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        spec = RankSpec(config, weights_dir, self.device, self.dtype, max_num_seqs, max_num_batched_tokens,
+        formats = read_formats(config, weights_dir) if weights_dir is not None else None
+        if formats and tensor_parallel_size > 1:
+            raise WeightsError("quantized (int4) checkpoints run with tensor_parallel_size=1 for now; "
+                               "drop --tp or use a 16-bit checkpoint")
+        spec = RankSpec(config, weights_dir, formats, self.device, self.dtype, max_num_seqs, max_num_batched_tokens,
                         max_model_len, block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager)
         if tensor_parallel_size == 1:
             self.runner = spec.build_runner(SINGLE, self.device)

@@ -15,6 +15,10 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
+    def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (gate_up [E, 2I, H], down [E, H, I]); the same interface as layers.linear.QuantExperts."""
+        return self.gate_up_proj, self.down_proj
+
 
 class SparseMoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -28,6 +32,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]."""
         weights, ids = route_topk_softmax(self.gate(x), self.top_k)
-        routed = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        gate_up, down = self.experts.dense(x.dtype)
+        routed = fused_moe(x, gate_up, down, weights, ids)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return routed + shared

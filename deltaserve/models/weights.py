@@ -3,7 +3,8 @@
 Table-driven: `RULES` maps a checkpoint name (prefix already stripped) to a target parameter slice and a small pure
 transform. Tensors stream from safetensors (memory-mapped) straight into the preallocated parameters on the target
 device and dtype, so peak host memory stays about one tensor, never a second copy of the model. Every problem is a
-`WeightsError` naming the tensor or file.
+`WeightsError` naming the tensor or file. int4 checkpoints: `read_formats` (names only) tells `build_model` which
+Linears are quantized (models/formats.py); their tensors (`qweight`, `weight_packed`, ...) load by the same rules.
 """
 from __future__ import annotations
 
@@ -20,11 +21,15 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers.gated_deltanet import GatedDeltaNet
+from ..layers.linear import ProjectionGroup, QuantLinear
+from ..layers.quant import FORMATS, QUANT_SUFFIXES
 from ..worker.distributed import SINGLE, TPGroup, kv_head_range, read_ranges, segments, shard_config, vocab_range
+from .formats import FormatError, apply_formats, plan_formats
 from .registry import model_class
 
 PREFIXES = ("model.language_model.", "model.")  # ConditionalGeneration, CausalLM
-SKIP = re.compile(r"^(model\.visual\.|visual\.|mtp\.|model\.mtp\.)|rotary_emb\.inv_freq$")
+SKIP = re.compile(r"^(model\.visual\.|visual\.|mtp\.|model\.mtp\.)|rotary_emb\.inv_freq$|\.weight_shape$")
+QUANT_KINDS = "|".join(QUANT_SUFFIXES)  # int4 tensors of a quantized Linear (layers/quant.py FORMATS)
 
 
 class WeightsError(ValueError):
@@ -40,18 +45,23 @@ class Target:
     source: tuple | None = None  # (dim, [(start, stop), ...]): the rows of the checkpoint tensor this rank reads
 
 
-def _experts_slice(m: re.Match, cfg: ModelConfig) -> Target:
-    layer, e, proj = m["layer"], int(m["e"]), m["proj"]
+def _experts_slice(m: re.Match, cfg: ModelConfig, split: frozenset) -> Target:
+    """One expert's gate/up/down tensor (16-bit `weight` or an int4 tensor) -> its slice of the layer's stack."""
+    layer, e, proj, kind = m["layer"], int(m["e"]), m["proj"], m["kind"]
+    suffix = "" if kind == "weight" else f".{kind}"
     inter = cfg.moe_intermediate_size
     if proj == "down_proj":
-        p = f"layers.{layer}.mlp.experts.down_proj"
+        p = f"layers.{layer}.mlp.experts.down_proj{suffix}"
         return Target(p, (e,), (f"{p}[{e}]",))
-    p = f"layers.{layer}.mlp.experts.gate_up_proj"
-    rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
-    return Target(p, (e, rows), (f"{p}[{e}].{proj}",))
+    p = f"layers.{layer}.mlp.experts.gate_up_proj{suffix}"
+    spec = next((s[kind] for s in FORMATS.values() if kind in s), None)
+    dim, per = (0, 1) if spec is None else (spec.out_dim, spec.per_out)  # where the output channels run
+    start = 0 if proj == "gate_proj" else inter // per
+    rows = slice(start, start + inter // per)
+    return Target(p, (e,) + (slice(None),) * dim + (rows,), (f"{p}[{e}].{proj}",))
 
 
-def _experts_packed(m: re.Match, cfg: ModelConfig) -> Target:
+def _experts_packed(m: re.Match, cfg: ModelConfig, split: frozenset) -> Target:
     p = f"layers.{m['layer']}.mlp.experts.{m['proj']}"
     return Target(p, (), expected_parts(p, cfg))
 
@@ -72,10 +82,15 @@ def fused_layout(cfg: ModelConfig) -> dict[str, list[tuple[str, int]]]:
     }
 
 
-def _fused_piece(m: re.Match, cfg: ModelConfig) -> Target:
+def _fused_piece(m: re.Match, cfg: ModelConfig, split: frozenset) -> Target:
+    """A piece of a fused projection -> its row slice of the fused weight, or, where the group is split (a
+    ProjectionGroup: pieces in different formats), the piece's own Linear."""
     module, piece = m["module"], m["piece"]
     for fused, pieces in fused_layout(cfg).items():
         if fused.rsplit(".", 1)[0] == module and piece in (n for n, _ in pieces):
+            if f"layers.{m['layer']}.{fused}" in split:
+                p = f"layers.{m['layer']}.{fused}.{piece}.{m['kind']}"
+                return Target(p, (), (p,))
             start = sum(rows for _, rows in pieces[: [n for n, _ in pieces].index(piece)])
             rows = dict(pieces)[piece]
             p = f"layers.{m['layer']}.{fused}.{m['kind']}"
@@ -83,16 +98,17 @@ def _fused_piece(m: re.Match, cfg: ModelConfig) -> Target:
     return Target(m[0], (), (m[0],))  # not one we fuse: reported as unexpected by name
 
 
-RULES: list[tuple[re.Pattern, Callable[[re.Match, ModelConfig], Target]]] = [
-    (re.compile(r"^layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"),
-     _experts_slice),
+RULES: list[tuple[re.Pattern, Callable[[re.Match, ModelConfig, frozenset], Target]]] = [
+    (re.compile(r"^layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\."
+                rf"(?P<kind>weight|{QUANT_KINDS})$"), _experts_slice),
     (re.compile(r"^layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<proj>gate_up_proj|down_proj)$"), _experts_packed),
     (re.compile(r"^layers\.(?P<layer>\d+)\.(?P<module>self_attn|linear_attn|mlp|mlp\.shared_expert)\."
                 r"(?P<piece>q_proj|k_proj|v_proj|in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|gate_proj|up_proj)\."
-                r"(?P<kind>weight|bias)$"), _fused_piece),
+                rf"(?P<kind>weight|bias|{QUANT_KINDS})$"), _fused_piece),
     (re.compile(r"^(?P<p>layers\.\d+\.linear_attn\.conv1d\.weight)$"),  # [C, 1, W] -> [C, W]
-     lambda m, cfg: Target(m["p"], (), (m["p"],), lambda t: t[:, 0] if t.dim() == 3 and t.shape[1] == 1 else t)),
-    (re.compile(r"^(?P<p>.+)$"), lambda m, cfg: Target(m["p"], (), (m["p"],))),
+     lambda m, cfg, split: Target(m["p"], (), (m["p"],),
+                                  lambda t: t[:, 0] if t.dim() == 3 and t.shape[1] == 1 else t)),
+    (re.compile(r"^(?P<p>.+)$"), lambda m, cfg, split: Target(m["p"], (), (m["p"],))),
 ]
 
 
@@ -143,27 +159,36 @@ def expected_parts(param: str, cfg: ModelConfig) -> tuple[str, ...]:
     m = re.match(r"^layers\.\d+\.(?P<fused>.+)\.(weight|bias)$", param)
     if m and m["fused"] in fused_layout(cfg):
         return tuple(f"{param}.{piece}" for piece, _ in fused_layout(cfg)[m["fused"]])
-    if param.endswith("experts.gate_up_proj"):
+    if re.search(rf"experts\.gate_up_proj(\.({QUANT_KINDS}))?$", param):
         return tuple(f"{param}[{e}].{h}" for e in range(cfg.num_experts) for h in ("gate_proj", "up_proj"))
-    if param.endswith("experts.down_proj"):
+    if re.search(rf"experts\.down_proj(\.({QUANT_KINDS}))?$", param):
         return tuple(f"{param}[{e}]" for e in range(cfg.num_experts))
     return (param,)
 
 
-def resolve(name: str, cfg: ModelConfig, shape=None, rank: int = 0, world: int = 1) -> Target | None:
-    """Checkpoint tensor name -> Target (for rank `rank` of `world`: its parameter slice and the checkpoint rows
-    it reads, given the tensor's full `shape`), or None for tensors we deliberately skip."""
+def strip_name(name: str, cfg: ModelConfig) -> str | None:
+    """Checkpoint tensor name -> our naming (prefix dropped), or None for tensors we deliberately skip."""
     if SKIP.search(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
         return None
     for prefix in PREFIXES:
         if name.startswith(prefix):
-            name = name[len(prefix):]
-            break
+            return name[len(prefix):]
+    return name
+
+
+def resolve(name: str, cfg: ModelConfig, shape=None, rank: int = 0, world: int = 1,
+            split: frozenset = frozenset()) -> Target | None:
+    """Checkpoint tensor name -> Target (for rank `rank` of `world`: its parameter slice and the checkpoint rows
+    it reads, given the tensor's full `shape`), or None for tensors we deliberately skip. split: our fused
+    projections built as ProjectionGroups (their pieces load whole into their own Linears)."""
+    name = strip_name(name, cfg)
+    if name is None:
+        return None
     local = shard_config(cfg, world)
     for pattern, make in RULES:
         m = pattern.match(name)
         if m:
-            target = make(m, local)
+            target = make(m, local, split)
             break
     if world == 1:
         return target
@@ -205,14 +230,34 @@ def checkpoint_files(path: str) -> list[str]:
     raise WeightsError(f"No model.safetensors or model.safetensors.index.json in {path}.")
 
 
-def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tp: TPGroup = SINGLE) -> nn.Module:
+def read_formats(cfg: ModelConfig, path: str) -> dict[str, str]:
+    """Checkpoint module -> int4 format for every quantized Linear of the checkpoint at `path` (names only, no
+    tensor data is read); see models/formats.py."""
+    try:
+        return plan_formats(cfg, checkpoint_files(path), lambda n: strip_name(n, cfg))
+    except FormatError as e:
+        raise WeightsError(str(e)) from None
+
+
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tp: TPGroup = SINGLE,
+                formats: dict[str, str] | None = None) -> nn.Module:
     """Allocate the model (the shard of rank tp.rank: cfg is the full config) on `device` in `dtype` without
-    initialising it (the loader fills every parameter)."""
+    initialising it (the loader fills every parameter). formats: from read_formats (None: every Linear 16-bit)."""
+    if formats and tp.world > 1:
+        raise WeightsError("quantized (int4) checkpoints run with tensor_parallel_size=1 for now; "
+                           "drop --tp or use a 16-bit checkpoint")
     with torch.device("meta"):
-        model = model_class(cfg)(cfg, tp).to(dtype)
+        model = model_class(cfg)(cfg, tp)
+        try:
+            apply_formats(model, cfg, formats or {})
+        except FormatError as e:
+            raise WeightsError(str(e)) from None
+        model = model.to(dtype)
         for m in model.modules():
             if isinstance(m, GatedDeltaNet):  # decay parameters stay fp32 (see GatedDeltaNet)
                 m.A_log.data, m.dt_bias.data = m.A_log.data.float(), m.dt_bias.data.float()
+            if isinstance(m, QuantLinear):
+                m.keep_scales_fp32()
     return model.to_empty(device=device).eval()
 
 
@@ -222,6 +267,7 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
     `path`, reading only that rank's rows of each tensor; raises WeightsError on any mismatch."""
     params = dict(model.named_parameters())
     local = shard_config(cfg, world)
+    split = frozenset(n for n, m in model.named_modules() if isinstance(m, ProjectionGroup))
     needed = {part for name in params for part in expected_parts(name, local)}
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -230,7 +276,7 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 sl = f.get_slice(name)
-                target = resolve(name, cfg, sl.get_shape(), rank, world)
+                target = resolve(name, cfg, sl.get_shape(), rank, world, split)
                 if target is None:
                     continue
                 if target.param not in params or not _index_fits(params[target.param], target.index):

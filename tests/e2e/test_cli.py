@@ -42,12 +42,13 @@ def assert_user_error(res, *needles):
 @pytest.mark.parametrize(
     "args, flags",
     [
-        ([], ["make-tiny", "generate"]),
+        ([], ["make-tiny", "generate", "quantize"]),
+        (["quantize"], ["--method", "--group-size", "--not-convert", "--calib"]),
         (["make-tiny"], ["--moe", "--layers", "--seed", "dir"]),
         (["generate"], ["--model", "--prompt", "--max-tokens", "--temperature", "--top-p", "--chat", "--device",
                         "--dtype", "--ignore-eos", "--num-kv-blocks", "--tp"]),
     ],
-    ids=["top", "make_tiny", "generate"],
+    ids=["top", "quantize", "make_tiny", "generate"],
 )
 def test_help(env, args, flags):
     res = cli(*args, "--help", env=env)
@@ -133,3 +134,29 @@ def test_error_negative_temperature(made, env):
 def test_error_make_tiny_zero_layers(env, tmp_path):
     res = cli("make-tiny", str(tmp_path / "t"), "--layers", "0", env=env)
     assert_user_error(res, "--layers")
+
+
+def test_quantize_then_generate(made, env, tmp_path):
+    _, path = made
+    out = str(tmp_path / "awq")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("A few sentences of calibration text for the activation-aware scales. " * 8)
+    res = cli("quantize", path, out, "--method", "awq", "--group-size", "64", "--not-convert", "layers.0.",
+              "--calib", str(calib), env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == out
+    assert "Quantizing layers" in res.stderr  # the per-layer progress bar
+    assert "activation-aware scales for 6 norms" in res.stderr, res.stderr  # layer 0 left 16-bit
+    with open(os.path.join(out, "config.json")) as f:
+        qcfg = json.load(f)["quantization_config"]
+    assert qcfg["quant_method"] == "awq" and qcfg["group_size"] == 64 and "layers.0." in qcfg["modules_to_not_convert"]
+    res = cli("generate", "--model", out, "--prompt", "hello", "--max-tokens", "5", "--ignore-eos", "--device", "cpu",
+              env=env)
+    assert res.returncode == 0, res.stderr
+    assert "--- prompt: 'hello' | 5 tokens, finish: length" in res.stdout, res.stdout
+
+
+def test_error_quantize_group_size(made, env, tmp_path):
+    _, path = made
+    res = cli("quantize", path, str(tmp_path / "awq"), "--group-size", "48", env=env)
+    assert_user_error(res, "--group-size", "in_proj_qkv.weight", "does not divide")

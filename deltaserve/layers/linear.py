@@ -1,0 +1,83 @@
+"""Linear layers in the formats a checkpoint can hold, behind one interface (`forward(x)`), and the fused groups.
+
+Every Linear decides its own format from the checkpoint (models/weights.plan_formats): `nn.Linear` for 16-bit,
+`QuantLinear` for int4 (AWQ or compressed-tensors). Our fused projections (q|k|v, the four GDN in-projections,
+gate|up) stay one `nn.Linear` GEMM when all their pieces are 16-bit; when any piece is quantized they become a
+`ProjectionGroup`, one Linear per checkpoint piece, outputs concatenated in the same order.
+
+The int4 path here is the reference: dequantize the whole weight to x's dtype, then one GEMM. Correct on CPU and
+GPU, no memory saved at run time over 16-bit activations of the weight; a Triton int4 GEMM is later work.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant import FORMATS, dequantize
+
+
+class QuantLinear(nn.Module):
+    """y = x Wᵀ with W int4 in `fmt` ("awq", "ct" or "ct_zp"); parameters named like the checkpoint's tensors.
+
+    num_experts: when given, every tensor gets a leading [E] dim and `dequant` returns [E, out, in]."""
+
+    def __init__(self, fmt: str, in_features: int, out_features: int, group_size: int,
+                 num_experts: int | None = None):
+        super().__init__()
+        self.fmt, self.group_size = fmt, group_size
+        self.in_features, self.out_features = in_features, out_features
+        lead = () if num_experts is None else (num_experts,)
+        self.kinds = tuple(FORMATS[fmt])
+        for kind, spec in FORMATS[fmt].items():
+            dtype = torch.int32 if spec.packed else torch.float32
+            shape = lead + spec.shape(in_features, out_features, group_size)
+            self.register_parameter(kind, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
+
+    def keep_scales_fp32(self) -> None:
+        """Undo a model-wide .to(dtype) on the scales: fp32 holds the fp16 (AWQ) or bf16 (compressed-tensors) scales
+        checkpoints store exactly; bf16 would round them."""
+        for kind, spec in FORMATS[self.fmt].items():
+            if not spec.packed:
+                getattr(self, kind).data = getattr(self, kind).data.float()
+
+    def dequant(self, dtype: torch.dtype) -> torch.Tensor:
+        """-> W [(E,) out, in] in dtype."""
+        return dequantize(self.fmt, {k: getattr(self, k) for k in self.kinds}, self.group_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] -> [T, out] in x's dtype."""
+        return F.linear(x, self.dequant(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt}, in={self.in_features}, out={self.out_features}, group={self.group_size}"
+
+
+class ProjectionGroup(nn.Module):
+    """A fused projection whose checkpoint pieces differ in format: one Linear per piece (submodules named like
+    the pieces, e.g. `q_proj`), outputs concatenated in piece order along the last dim."""
+
+    def __init__(self, pieces: list[tuple[str, nn.Module]]):
+        super().__init__()
+        for name, linear in pieces:
+            self.add_module(name, linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] -> [T, sum of piece outputs]."""
+        return torch.cat([linear(x) for linear in self.children()], dim=-1)
+
+
+class QuantExperts(nn.Module):
+    """All experts of one MoE layer in int4: `gate_up_proj` ([E] x [gate | up]) and `down_proj` QuantLinears.
+
+    Reference path: `dense(dtype)` dequantizes every expert for the reference / grouped MoE; an int4 fused MoE
+    kernel that dequantizes in its main loop is later work."""
+
+    def __init__(self, fmt: str, num_experts: int, hidden_size: int, intermediate_size: int, group_size: int):
+        super().__init__()
+        self.gate_up_proj = QuantLinear(fmt, hidden_size, 2 * intermediate_size, group_size, num_experts)
+        self.down_proj = QuantLinear(fmt, intermediate_size, hidden_size, group_size, num_experts)
+
+    def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (gate_up [E, 2I, H], down [E, H, I]) in dtype."""
+        return self.gate_up_proj.dequant(dtype), self.down_proj.dequant(dtype)

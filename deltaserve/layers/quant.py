@@ -1,0 +1,140 @@
+"""int4 weight-only formats: tensor layouts, pack/unpack, dequantize (the torch reference) and RTN quantize.
+
+AWQ (AutoAWQ "gemm"): qweight int32 [in, out/8], qzeros int32 [in/G, out/8], scales [in/G, out]; inside an int32,
+logical column 8c + AWQ_ORDER[i] sits at bits 4i; W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n], y = x W.
+compressed-tensors pack-quantized: weight_packed int32 [out, in/8] (element 8j + i at bits 4i, stored +8),
+weight_scale [out, in/G], optional weight_zero_point int32 [out/8, in/G] (packed along out, stored +8);
+W[n, k] = (q - zp) * scale with q and zp signed. Leading dims (experts) pass through every function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an int32 holds logical column 8c + AWQ_ORDER[i]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: Callable[[int, int, int], tuple[int, int]]  # (in_features, out_features, group) -> shape
+    packed: bool  # int32 holding 8 nibbles (else a scale, held in fp32: exact for fp16 and bf16)
+    out_dim: int  # the dim indexing output channels: fused pieces and experts stack along it
+    per_out: int  # output channels per element along out_dim (8 where packed along out)
+
+
+# format -> the tensors one quantized Linear holds, by checkpoint suffix
+FORMATS: dict[str, dict[str, TensorSpec]] = {
+    "awq": {
+        "qweight": TensorSpec(lambda i, o, g: (i, o // 8), True, 1, 8),
+        "qzeros": TensorSpec(lambda i, o, g: (i // g, o // 8), True, 1, 8),
+        "scales": TensorSpec(lambda i, o, g: (i // g, o), False, 1, 1),
+    },
+    "ct": {
+        "weight_packed": TensorSpec(lambda i, o, g: (o, i // 8), True, 0, 1),
+        "weight_scale": TensorSpec(lambda i, o, g: (o, i // g), False, 0, 1),
+    },
+    "ct_zp": {
+        "weight_packed": TensorSpec(lambda i, o, g: (o, i // 8), True, 0, 1),
+        "weight_scale": TensorSpec(lambda i, o, g: (o, i // g), False, 0, 1),
+        "weight_zero_point": TensorSpec(lambda i, o, g: (o // 8, i // g), True, 0, 8),
+    },
+}
+QUANT_SUFFIXES = {s: ("awq" if fmt == "awq" else "ct") for fmt, specs in FORMATS.items() for s in specs}
+
+
+def check_shapes(fmt: str, in_features: int, out_features: int, group: int, name: str) -> str | None:
+    """The reason `name` cannot hold this format at these sizes, or None."""
+    if in_features % group:
+        return f"group_size {group} does not divide its in_features {in_features}"
+    if fmt == "awq" and out_features % 8:
+        return f"AWQ packs 8 output channels per int32 but it has {out_features} outputs"
+    if fmt.startswith("ct") and (in_features % 8 or (fmt == "ct_zp" and out_features % 8)):
+        return f"compressed-tensors packs 8 channels per int32 but it is {in_features} x {out_features}"
+    return None
+
+
+def pack_int4(q: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
+    """q: [..., 8m] integers 0..15 -> [..., m] int32 with element 8c + order[i] at bits 4i."""
+    q = q.to(torch.int32).reshape(*q.shape[:-1], -1, 8)[..., list(order)]
+    out = torch.zeros(q.shape[:-1], dtype=torch.int32, device=q.device)
+    for i in range(8):
+        out |= q[..., i] << (4 * i)
+    return out
+
+
+def unpack_int4(packed: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
+    """packed: [..., m] int32 -> [..., 8m] int32 values 0..15 (inverse of pack_int4 with the same order).
+
+    Only device-side ops (no index lists copied from the host), so it can run inside a CUDA graph."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed[..., None] >> shifts) & 0xF  # [..., m, 8] in nibble order
+    if order == AWQ_ORDER:  # nibbles hold columns [0,2,4,6,1,3,5,7]: interleave the two halves
+        nibbles = nibbles.view(*nibbles.shape[:-1], 2, 4).transpose(-1, -2)
+    elif order != tuple(range(8)):
+        nibbles = nibbles[..., [order.index(j) for j in range(8)]]
+    return nibbles.reshape(*packed.shape[:-1], -1)
+
+
+def dequant_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """qweight [..., in, out/8]; qzeros [..., in/G, out/8]; scales [..., in/G, out] -> W^T [..., out, in] in dtype
+    (the F.linear layout)."""
+    q = unpack_int4(qweight, AWQ_ORDER)
+    z = unpack_int4(qzeros, AWQ_ORDER).repeat_interleave(group, dim=-2)
+    w = (q - z).float() * scales.float().repeat_interleave(group, dim=-2)  # one rounding, to dtype at the end
+    return w.to(dtype).transpose(-2, -1)
+
+
+def dequant_ct(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None,
+               group: int, dtype: torch.dtype) -> torch.Tensor:
+    """weight_packed [..., out, in/8]; weight_scale [..., out, in/G]; weight_zero_point [..., out/8, in/G] or None
+    -> W [..., out, in] in dtype."""
+    q = unpack_int4(weight_packed) - 8
+    if weight_zero_point is not None:
+        zp = unpack_int4(weight_zero_point.transpose(-2, -1)).transpose(-2, -1) - 8  # packed along out
+        q = q - zp.repeat_interleave(group, dim=-1)
+    return (q.float() * weight_scale.float().repeat_interleave(group, dim=-1)).to(dtype)
+
+
+def dequantize(fmt: str, tensors: dict[str, torch.Tensor], group: int, dtype: torch.dtype) -> torch.Tensor:
+    """One format's tensors (by checkpoint suffix) -> W [..., out, in] in dtype."""
+    if fmt == "awq":
+        return dequant_awq(tensors["qweight"], tensors["qzeros"], tensors["scales"], group, dtype)
+    return dequant_ct(tensors["weight_packed"], tensors["weight_scale"], tensors.get("weight_zero_point"), group,
+                      dtype)
+
+
+def quantize_rtn(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest int4. w: [out, in] float -> (q [out, in] 0..15 int32, zeros [out, in/G] int32,
+    scales [out, in/G] fp16), with W ≈ (q - z) * s per group of `group` input channels; |W - Ŵ| <= s/2 (+ the
+    fp16 rounding of s)."""
+    out_f, in_f = w.shape
+    g = w.float().reshape(out_f, in_f // group, group)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)  # keep 0 representable, like AutoAWQ
+    scales = ((hi - lo) / 15).clamp(min=1e-5).half()
+    s = scales.float()
+    zeros = torch.round(-lo / s).clamp(0, 15)
+    q = torch.clamp(torch.round(g / s[..., None]) + zeros[..., None], 0, 15)
+    return q.reshape(out_f, in_f).to(torch.int32), zeros.to(torch.int32), scales
+
+
+def to_awq(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    """w: [out, in] -> AutoAWQ gemm tensors {qweight, qzeros, scales} (RTN)."""
+    q, z, s = quantize_rtn(w, group)
+    return {"qweight": pack_int4(q.t().contiguous(), AWQ_ORDER), "qzeros": pack_int4(z.t().contiguous(), AWQ_ORDER),
+            "scales": s.t().contiguous()}
+
+
+def to_ct(w: torch.Tensor, group: int, zero_point: bool = False) -> dict[str, torch.Tensor]:
+    """w: [out, in] -> compressed-tensors pack-quantized tensors (symmetric unless zero_point) (RTN)."""
+    out_f, in_f = w.shape
+    g = w.float().reshape(out_f, in_f // group, group)
+    if not zero_point:
+        s = (g.abs().amax(-1) / 7.5).clamp(min=1e-5).half()  # symmetric: q in -8..7
+        q = torch.clamp(torch.round(g / s.float()[..., None]), -8, 7).reshape(out_f, in_f)
+        return {"weight_packed": pack_int4(q + 8), "weight_scale": s}
+    q, z, s = quantize_rtn(w, group)  # unsigned 0..15 with zero z  ==  signed (q-8) with zero (z-8)
+    zp = pack_int4(z.t().contiguous()).t().contiguous()  # packed along out: [out/8, in/G]
+    return {"weight_packed": pack_int4(q), "weight_scale": s, "weight_zero_point": zp}

@@ -1,0 +1,131 @@
+"""Which format each Linear of a checkpoint is in, decided before the model is built, and the model built to match.
+
+`plan_formats` reads only the safetensors headers (tensor names, no data) and config.json's quantization_config:
+a module holding `qweight`/`qzeros`/`scales` is AWQ int4, one holding `weight_packed`/`weight_scale` is
+compressed-tensors int4, anything else stays 16-bit. (modules_to_not_convert is how the writer chose; the tensors
+are what the reader trusts.) `apply_formats` then swaps the matching modules of a freshly built (meta) model.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from safetensors import safe_open
+from torch import nn
+
+from ..config import ModelConfig
+from ..layers.linear import ProjectionGroup, QuantExperts, QuantLinear
+from ..layers.quant import FORMATS, QUANT_SUFFIXES, check_shapes
+
+EXPERT = re.compile(r"^(?P<moe>layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+
+
+class FormatError(ValueError):
+    """Raised as WeightsError by the loader (kept separate to avoid an import cycle)."""
+
+
+def plan_formats(cfg: ModelConfig, files: list[str], strip) -> dict[str, str]:
+    """Checkpoint module name (prefix stripped, e.g. `layers.3.self_attn.o_proj`) -> "awq" | "ct" | "ct_zp" for
+    every quantized module; modules not listed are 16-bit. strip(name) -> stripped name or None (skipped)."""
+    kinds: dict[str, dict[str, str]] = defaultdict(dict)  # module -> suffix -> full tensor name
+    names: set[str] = set()
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for full in f.keys():
+                name = strip(full)
+                if name is None:
+                    continue
+                names.add(name)
+                module, _, suffix = name.rpartition(".")
+                if suffix in QUANT_SUFFIXES:
+                    kinds[module][suffix] = full
+    if not kinds:
+        return {}
+    q = cfg.quantization
+    first = next(iter(next(iter(kinds.values())).values()))
+    if q is None:
+        raise FormatError(f"Checkpoint holds quantized tensor {first} but config.json has no quantization_config; "
+                          f"use the config.json that came with the checkpoint.")
+    fmt = "awq" if q.method == "awq" else ("ct_zp" if q.zero_point else "ct")
+    return {module: _check_module(module, found, fmt, q.method, names) for module, found in kinds.items()}
+
+
+def _check_module(module: str, found: dict[str, str], fmt: str, method: str, names: set[str]) -> str:
+    full = next(iter(found.values()))
+    prefix = full[: len(full) - len(module) - len(full.rpartition(".")[2]) - 1]
+    for suffix in found:
+        if suffix not in FORMATS[fmt]:
+            raise FormatError(f"Tensor {found[suffix]} is not part of the {method} format config.json names "
+                              f"(quantization_config.quant_method).")
+    for suffix in FORMATS[fmt]:
+        if suffix not in found:
+            raise FormatError(f"Checkpoint is missing tensor {prefix}{module}.{suffix}: every {method} int4 Linear "
+                              f"needs {', '.join(FORMATS[fmt])}.")
+    if f"{module}.weight" in names:
+        raise FormatError(f"Checkpoint holds both {prefix}{module}.weight and {full}; a Linear is either 16-bit or "
+                          f"quantized, not both.")
+    return fmt
+
+
+def apply_formats(model: nn.Module, cfg: ModelConfig, formats: dict[str, str]) -> None:
+    """Swap the modules of `model` (built on the meta device, all 16-bit) for the formats of `formats`."""
+    if not formats:
+        return
+    from .weights import fused_layout
+
+    group = cfg.quantization.group_size
+    left = dict(formats)
+    for i in range(cfg.num_hidden_layers):
+        for fused, pieces in fused_layout(cfg).items():
+            path = f"layers.{i}.{fused}"
+            module = fused.rsplit(".", 1)[0]
+            fmts = [left.pop(f"layers.{i}.{module}.{piece}", None) for piece, _ in pieces]
+            if any(fmts):
+                old = model.get_submodule(path)
+                pieces_ = [(piece, _linear(fmt, old.in_features, rows, group, f"layers.{i}.{module}.{piece}"))
+                           for (piece, rows), fmt in zip(pieces, fmts)]
+                model.set_submodule(path, ProjectionGroup(pieces_))
+        _apply_experts(model, cfg, i, left, group)
+    for name in sorted(left):
+        old = _get(model, name)
+        if not isinstance(old, nn.Linear) or name == "lm_head":
+            raise FormatError(f"Checkpoint module {name} is quantized ({left[name]}), but deltaserve reads int4 "
+                              f"only for the decoder layers' Linear projections and experts; keep it 16-bit.")
+        model.set_submodule(name, _linear(left[name], old.in_features, old.out_features, group, name))
+
+
+def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[str, str], group: int) -> None:
+    moe = f"layers.{layer}.mlp.experts"
+    found = {k: left.pop(k) for k in [k for k in left if k.startswith(moe + ".") and EXPERT.match(k)]}
+    if not found:
+        return
+    want = {f"{moe}.{e}.{p}" for e in range(cfg.num_experts) for p in ("gate_proj", "up_proj", "down_proj")}
+    fmts = set(found.values())
+    if set(found) != want or len(fmts) != 1:
+        missing = sorted(want - set(found))
+        raise FormatError(f"Experts of layer {layer} mix formats ({'16-bit ' + missing[0] if missing else fmts}); "
+                          f"deltaserve reads a layer's experts all int4 or all 16-bit.")
+    fmt = fmts.pop()
+    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    for name, i, o in ((f"{moe}.0.gate_proj", h, 2 * inter), (f"{moe}.0.down_proj", inter, h)):
+        reason = check_shapes(fmt, i, o, group, name)
+        if reason:
+            raise FormatError(f"Quantized tensor {name}.{next(iter(FORMATS[fmt]))} cannot be read: {reason}.")
+    model.set_submodule(moe, QuantExperts(fmt, cfg.num_experts, h, inter, group))
+
+
+def _linear(fmt: str | None, in_features: int, out_features: int, group: int, name: str) -> nn.Module:
+    if fmt is None:
+        return nn.Linear(in_features, out_features, bias=False)
+    reason = check_shapes(fmt, in_features, out_features, group, name)
+    if reason:
+        raise FormatError(f"Quantized tensor {name}.{next(iter(FORMATS[fmt]))} cannot be read: {reason} "
+                          f"(quantization_config.group_size; keep such a Linear 16-bit).")
+    return QuantLinear(fmt, in_features, out_features, group)
+
+
+def _get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

@@ -1,0 +1,203 @@
+"""`deltaserve quantize SRC DST --method awq`: write an AutoAWQ-layout (version "gemm") int4 checkpoint.
+
+Round-to-nearest, asymmetric, one scale and zero point per `group_size` input channels; with a calibration text,
+activation-aware per-input-channel scales are searched first and folded into the norms (calibrate.py). The decoder
+layers' projections (q/k/v/o, in_proj_qkv/z, out_proj, gate/up/down of MLPs, experts and the shared expert) become int4;
+everything else stays 16-bit in the source dtype and is listed in `modules_to_not_convert` (AutoAWQ's substring
+match): in_proj_a/b (HV outputs, too few for int4 kernels), the MoE router `mlp.gate`, `shared_expert_gate`,
+norms, embeddings, lm_head, conv1d, A_log, dt_bias. Streams one source shard at a time.
+
+`write_dequantized` is the inverse view: a 16-bit checkpoint holding exactly the weights an int4 checkpoint decodes
+to (the reference the int4 engine is tested against).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .calibrate import CONSUMERS, NormScale, collect_inputs, fold, search_scales
+from .config import ModelConfig
+from .layers.quant import QUANT_SUFFIXES, check_shapes, dequantize, to_awq
+from .models.weights import checkpoint_files, read_formats, strip_name
+
+logger = logging.getLogger("deltaserve")
+
+QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj",
+               "up_proj", "down_proj")
+ALWAYS_16BIT = ["in_proj_a", "in_proj_b", "shared_expert_gate", "conv1d", "norm", "embed_tokens", "lm_head",
+                "A_log", "dt_bias", "visual", "mtp"]
+LAYER = re.compile(r"\.layers\.(\d+)\.|^layers\.(\d+)\.")
+
+
+def not_convert_list(cfg: ModelConfig, extra: list[str]) -> list[str]:
+    """modules_to_not_convert: the always-16-bit parts, the MoE router, and the user's own substrings."""
+    router = ["mlp.gate"] if cfg.is_moe else []  # "mlp.gate" would also match a dense model's mlp.gate_proj
+    return ALWAYS_16BIT + router + [e for e in extra if e not in ALWAYS_16BIT]
+
+
+def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int = 128,
+                        not_convert: list[str] | None = None, progress: bool = True, calib: str | None = None) -> str:
+    """Write the int4 checkpoint of `src` into `dst` (created); returns dst. calib: a text file for activation-aware
+    scales (calibrate.py; None: plain RTN). Raises ValueError on a bad request."""
+    if method != "awq":
+        raise ValueError(f"--method {method!r} is not supported; deltaserve quantize writes 'awq'")
+    if group_size < 8 or group_size % 8:
+        raise ValueError(f"--group-size must be a positive multiple of 8, got {group_size}")
+    cfg = ModelConfig.from_hf_dir(src)
+    if cfg.quantization is not None:
+        raise ValueError(f"{src} is already quantized ({cfg.quantization.method}); quantize a 16-bit checkpoint")
+    skip = not_convert_list(cfg, not_convert or [])
+    files = checkpoint_files(src)
+    _check_shapes_first(files, skip, group_size)  # fail before writing anything
+    scales = calibrate(src, cfg, files, calib, skip, group_size) if calib else {}
+    _copy_side_files(src, dst)
+    weight_map = {}
+    for file in files:
+        out = {}
+        with safe_open(file, framework="pt", device="cpu") as f:
+            names = sorted(f.keys(), key=_layer_key)
+            for name in _layer_progress(names, cfg, progress):
+                module = name[: -len(".weight")] if name.endswith(".weight") else None
+                t = fold(strip_name(name, cfg) or name, f.get_tensor(name), scales)
+                if module and _should_quantize(module, t.shape, skip):
+                    out.update({f"{module}.{k}": v for k, v in to_awq(t, group_size).items()})
+                else:
+                    out[name] = t
+        save_file(out, os.path.join(dst, os.path.basename(file)), metadata={"format": "pt"})
+        weight_map.update({n: os.path.basename(file) for n in out})
+    _write_index(dst, files, weight_map)
+    qcfg = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
+            "modules_to_not_convert": skip}
+    _update_config(dst, qcfg)
+    return dst
+
+
+def calibrate(src: str, cfg: ModelConfig, files: list[str], calib: str, skip: list[str], group: int
+              ) -> dict[str, NormScale]:
+    """Activation-aware scales for every norm with a quantized consumer (see calibrate.py)."""
+    if not os.path.isfile(calib):
+        raise ValueError(f"--calib file {calib} does not exist")
+    inputs = collect_inputs(src, calib)
+    weights, quantized = {}, set()
+    consumer = re.compile(rf"^layers\.\d+\.({'|'.join(CONSUMERS.values())})$")
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                stripped = strip_name(name, cfg)
+                if not stripped or not stripped.endswith(".weight") or not consumer.match(stripped[:-7]):
+                    continue
+                t = f.get_tensor(name)
+                weights[stripped[:-7]] = t
+                if _should_quantize(name[:-7], t.shape, skip):
+                    quantized.add(stripped[:-7])
+    scales = search_scales(inputs, weights, quantized, group)
+    if scales:
+        gain = sum(s.loss for s in scales.values()) / max(1e-30, sum(s.loss_rtn for s in scales.values()))
+        logger.info("activation-aware scales for %d norms: mean alpha %.2f, calibration error %.3f x RTN's",
+                    len(scales), sum(s.alpha for s in scales.values()) / len(scales), gain)
+    return scales
+
+
+def _should_quantize(module: str, shape, skip: list[str]) -> bool:
+    return (len(shape) == 2 and LAYER.search(module) is not None and module.rsplit(".", 1)[-1] in QUANTIZABLE
+            and not any(s in module for s in skip))
+
+
+def _check_shapes_first(files: list[str], skip: list[str], group: int) -> None:
+    """Every Linear to quantize fits AWQ at this group size (headers only, no tensor data)."""
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                module = name[: -len(".weight")]
+                if name.endswith(".weight") and _should_quantize(module, shape, skip):
+                    reason = check_shapes("awq", shape[1], shape[0], group, module)
+                    if reason:
+                        raise ValueError(f"cannot quantize {name}: {reason}; pick a --group-size that divides it "
+                                         f"(e.g. 32 or 64) or keep it 16-bit with --not-convert")
+
+
+def _layer_key(name: str) -> tuple[int, str]:
+    m = LAYER.search(name)
+    return (int(m.group(1) or m.group(2)) if m else -1, name)
+
+
+def _layer_progress(names: list[str], cfg: ModelConfig, enabled: bool):
+    """Yield names (sorted by layer), ticking a tqdm bar once per decoder layer finished."""
+    if not enabled:
+        yield from names
+        return
+    from tqdm import tqdm
+
+    bar, current = tqdm(total=cfg.num_hidden_layers, desc="Quantizing layers", unit="layer"), None
+    for name in names:
+        layer = _layer_key(name)[0]
+        if layer != current and current is not None and current >= 0:
+            bar.update(1)
+        current = layer
+        yield name
+    bar.update(bar.total - bar.n)
+    bar.close()
+
+
+def write_dequantized(src: str, dst: str, dtype: torch.dtype = torch.float32) -> str:
+    """Write `src` (an int4 checkpoint we read) as a 16-bit checkpoint holding the dequantized weights."""
+    cfg = ModelConfig.from_hf_dir(src)
+    read_formats(cfg, src)  # validates the checkpoint (every quantized Linear complete)
+    group = cfg.quantization.group_size if cfg.quantization else 0
+    _copy_side_files(src, dst)
+    files, weight_map = checkpoint_files(src), {}
+    for file in files:
+        out, pending = {}, {}
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                module, _, suffix = name.rpartition(".")
+                if suffix in QUANT_SUFFIXES:
+                    pending.setdefault(module, {})[suffix] = f.get_tensor(name)
+                elif suffix != "weight_shape":
+                    out[name] = f.get_tensor(name)
+        for module, tensors in pending.items():
+            fmt = "awq" if "qweight" in tensors else ("ct_zp" if "weight_zero_point" in tensors else "ct")
+            out[f"{module}.weight"] = dequantize(fmt, tensors, group, dtype).contiguous()
+        save_file(out, os.path.join(dst, os.path.basename(file)), metadata={"format": "pt"})
+        weight_map.update({n: os.path.basename(file) for n in out})
+    _write_index(dst, files, weight_map)
+    _update_config(dst, None)
+    return dst
+
+
+def _write_index(dst: str, files: list[str], weight_map: dict[str, str]) -> None:
+    if len(files) > 1:  # tensor names changed: the copied source index would be stale
+        _write_json(os.path.join(dst, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
+
+
+def _copy_side_files(src: str, dst: str) -> None:
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        path = os.path.join(src, name)
+        if os.path.isfile(path) and not name.endswith(".safetensors"):
+            shutil.copy(path, os.path.join(dst, name))
+
+
+def _update_config(dst: str, qcfg: dict | None) -> None:
+    path = os.path.join(dst, "config.json")
+    with open(path) as f:
+        raw = json.load(f)
+    raw.pop("quantization_config", None)
+    if qcfg is not None:
+        raw["quantization_config"] = qcfg
+    _write_json(path, raw)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+

@@ -1,0 +1,298 @@
+"""int4 checkpoints (AWQ gemm, compressed-tensors pack-quantized) on the CPU reference path.
+
+The oracle for a quantized checkpoint is its dequantized twin: the same checkpoint with every int4 Linear written
+back as the fp32 weight it decodes to, loaded by the ordinary 16-bit path. Equal outputs prove the int4 layouts,
+the per-Linear format decisions and the mixed fused groups are read right; the quantization error itself is
+bounded separately (|W - Ŵ| <= s/2 per group)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from deltaserve import LLM, SamplingParams
+from deltaserve.config import ConfigError
+from deltaserve.layers.linear import ProjectionGroup, QuantExperts, QuantLinear
+from deltaserve.layers.quant import AWQ_ORDER, dequant_awq, dequant_ct, pack_int4, to_awq, to_ct, unpack_int4
+from deltaserve.models.weights import WeightsError
+from deltaserve.quantize import QUANTIZABLE, quantize_checkpoint, write_dequantized
+from deltaserve.tiny import make_tiny
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 3
+GROUP = 32
+
+
+@pytest.mark.parametrize("order", [AWQ_ORDER, tuple(range(8))], ids=["awq_order", "ct_order"])
+def test_pack_unpack_round_trip(order):
+    q = torch.randint(0, 16, (6, 40), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = pack_int4(q, order)
+    assert packed.shape == (6, 5) and packed.dtype == torch.int32
+    assert torch.equal(unpack_int4(packed, order), q)
+    # the documented bit layout: element 8c + order[i] at bits 4i
+    assert int((packed[2, 1] >> (4 * 3)) & 0xF) == int(q[2, 8 + order[3]])
+
+
+def _pack_by_spec(q, order):
+    """The spec, one element at a time: element 8c + order[i] of a row sits at bits 4i of int32 c."""
+    rows, cols = q.shape
+    out = torch.zeros(rows, cols // 8, dtype=torch.int64)
+    for r in range(rows):
+        for c in range(cols // 8):
+            for i in range(8):
+                out[r, c] |= int(q[r, 8 * c + order[i]]) << (4 * i)
+    return (out - (out >= 2**31).long() * 2**32).to(torch.int32)  # as the int32 bit pattern
+
+
+def test_dequant_matches_the_spec_formulas():
+    """Independent of pack_int4: tensors packed element by element from the KERNELS.md layouts decode to
+    W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n] (AWQ) and W[n, k] = (q - 8) * scale[n, k // G] (CT)."""
+    g = torch.Generator().manual_seed(4)
+    k, n, grp = 64, 16, 16
+    q = torch.randint(0, 16, (k, n), generator=g)
+    z = torch.randint(0, 16, (k // grp, n), generator=g)
+    s = torch.rand(k // grp, n, generator=g).half()
+    w = dequant_awq(_pack_by_spec(q, AWQ_ORDER), _pack_by_spec(z, AWQ_ORDER), s, grp, torch.float32)
+    ref = (q - z.repeat_interleave(grp, 0)).float() * s.float().repeat_interleave(grp, 0)  # [in, out]
+    assert torch.equal(w, ref.t())
+    qc = torch.randint(0, 16, (n, k), generator=g)  # stored +8
+    sc = torch.rand(n, k // grp, generator=g).bfloat16()  # compressed-tensors keeps the model dtype
+    wc = dequant_ct(_pack_by_spec(qc, tuple(range(8))), sc, None, grp, torch.float32)
+    assert torch.equal(wc, (qc - 8).float() * sc.float().repeat_interleave(grp, 1))
+
+
+def test_awq_dequant_within_rtn_bound():
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1))
+    t = to_awq(w, GROUP)
+    assert t["qweight"].shape == (128, 12) and t["qzeros"].shape == (4, 12) and t["scales"].shape == (4, 96)
+    assert t["scales"].dtype == torch.float16
+    w_hat = dequant_awq(t["qweight"], t["qzeros"], t["scales"], GROUP, torch.float32)
+    s = t["scales"].float().t().repeat_interleave(GROUP, dim=1)  # [out, in]
+    err = (w - w_hat).abs()
+    assert (err <= s / 2 * 1.01 + 1e-6).all(), float((err / s).max())
+    assert err.max() > 0  # it did quantize
+
+
+@pytest.mark.parametrize("zero_point", [False, True], ids=["symmetric", "zero_point"])
+def test_ct_dequant_within_rtn_bound(zero_point):
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
+    t = to_ct(w, GROUP, zero_point)
+    assert t["weight_packed"].shape == (64, 16) and t["weight_scale"].shape == (64, 4)
+    # stored +8: a weight of exactly 0 sits at nibble 8 in the symmetric layout
+    w_hat = dequant_ct(t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"), GROUP, torch.float32)
+    s = t["weight_scale"].float().repeat_interleave(GROUP, dim=1)
+    assert ((w - w_hat).abs() <= s / 2 * 1.01 + 1e-6).all()
+
+
+# ---- engine output on quantized tiny checkpoints == the dequantized twin ----
+
+AWQ_CASES = {  # id -> (moe, extra modules_to_not_convert)
+    "dense": (False, []),
+    "dense_mixed": (False, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "layers.0.", "mlp.up_proj"]),
+    "moe": (True, []),
+    "moe_mixed": (True, ["layers.0.", "shared_expert.up_proj"]),
+}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    return {moe: make_tiny(str(root / f"src_{moe}"), moe=moe) for moe in (False, True)}
+
+
+def _run(path: str):
+    llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=32, max_num_seqs=2)
+    out = llm.generate(TEXT, SamplingParams(max_tokens=8, temperature=0, prompt_logprobs=0, ignore_eos=True),
+                       use_tqdm=False)[0]
+    ids = llm.tokenizer.encode(TEXT)
+    return llm, [out.prompt_logprobs[i][ids[i]] for i in range(1, len(ids))], out.outputs[0].token_ids
+
+
+def assert_matches_twin(path: str, tmp_path) -> LLM:
+    twin = write_dequantized(path, str(tmp_path / "twin"))
+    llm, lp, toks = _run(path)
+    _, lp_ref, toks_ref = _run(twin)
+    diff = max(abs(a - b) for a, b in zip(lp, lp_ref))
+    assert diff < 1e-4, diff
+    assert toks == toks_ref
+    return llm
+
+
+@pytest.mark.parametrize("case", list(AWQ_CASES), ids=list(AWQ_CASES))
+def test_awq_checkpoint_matches_dequantized_twin(case, sources, tmp_path):
+    moe, not_convert = AWQ_CASES[case]
+    q = quantize_checkpoint(sources[moe], str(tmp_path / "q"), group_size=GROUP, not_convert=not_convert,
+                            progress=False)
+    llm = assert_matches_twin(q, tmp_path)
+    mods = dict(llm.model.named_modules())
+    # every Linear decided its own format: in_proj_a/b 16-bit beside int4 in_proj_qkv/z
+    assert isinstance(mods["layers.1.linear_attn.in_proj"], ProjectionGroup)
+    assert isinstance(mods["layers.1.linear_attn.in_proj.in_proj_qkv"], QuantLinear)
+    assert type(mods["layers.1.linear_attn.in_proj.in_proj_a"]) is nn.Linear
+    assert isinstance(mods["layers.3.self_attn.o_proj"], QuantLinear)
+    if "layers.0." in not_convert:  # a whole layer left 16-bit keeps its one fused GEMM
+        assert type(mods["layers.0.linear_attn.in_proj"]) is nn.Linear
+        assert type(mods["layers.0.linear_attn.out_proj"]) is nn.Linear
+    if "self_attn.q_proj" in not_convert:  # 16-bit q/k/v, int4 o_proj: q|k|v still one fused GEMM
+        assert type(mods["layers.3.self_attn.qkv_proj"]) is nn.Linear
+    if moe:  # int4 experts, 16-bit router and shared_expert_gate
+        assert isinstance(mods["layers.1.mlp.experts"], QuantExperts)
+        assert type(mods["layers.1.mlp.gate"]) is nn.Linear
+        assert type(mods["layers.1.mlp.shared_expert_gate"]) is nn.Linear
+    with open(os.path.join(q, "config.json")) as f:
+        qcfg = json.load(f)["quantization_config"]
+    assert qcfg["version"] == "gemm" and qcfg["group_size"] == GROUP and "in_proj_a" in qcfg["modules_to_not_convert"]
+
+
+def write_ct(src: str, dst: str, zero_point: bool) -> str:
+    """A compressed-tensors pack-quantized checkpoint of `src` (what llm-compressor writes, W4A16)."""
+    os.makedirs(dst, exist_ok=True)
+    out = {}
+    with safe_open(os.path.join(src, "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            t, module = f.get_tensor(name), name.rpartition(".")[0]
+            if name.endswith(".weight") and t.dim() == 2 and ".layers." in name and \
+                    module.rsplit(".", 1)[1] in QUANTIZABLE:
+                out.update({f"{module}.{k}": v for k, v in to_ct(t, GROUP, zero_point).items()})
+                out[f"{module}.weight_shape"] = torch.tensor(list(t.shape))
+            else:
+                out[name] = t
+    save_file(out, os.path.join(dst, "model.safetensors"))
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors"):
+            with open(os.path.join(src, name), "rb") as a, open(os.path.join(dst, name), "wb") as b:
+                b.write(a.read())
+    with open(os.path.join(dst, "config.json")) as f:
+        raw = json.load(f)
+    raw["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 4, "type": "int", "symmetric": not zero_point, "strategy": "group", "group_size": GROUP}}}}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(raw, f)
+    return dst
+
+
+@pytest.mark.parametrize("moe, zero_point", [(False, False), (True, True)], ids=["dense_symmetric", "moe_zero_point"])
+def test_compressed_tensors_checkpoint_matches_dequantized_twin(moe, zero_point, sources, tmp_path):
+    q = write_ct(sources[moe], str(tmp_path / "ct"), zero_point)
+    llm = assert_matches_twin(q, tmp_path)
+    assert llm.model.layers[1].linear_attn.out_proj.fmt == ("ct_zp" if zero_point else "ct")
+
+
+# ---- user errors: one sentence naming the tensor or field ----
+
+def _edit_config(path: str, **changes) -> None:
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    raw["quantization_config"].update(changes)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(raw, f)
+
+
+def _drop_tensor(path: str, suffix: str) -> str:
+    file = os.path.join(path, "model.safetensors")
+    with safe_open(file, framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    dropped = next(n for n in sorted(tensors) if n.endswith(suffix))
+    del tensors[dropped]
+    save_file(tensors, file)
+    return dropped
+
+
+def _error(path: str) -> str:
+    with pytest.raises((ConfigError, WeightsError)) as e:
+        LLM(model=path, device="cpu", dtype="float32", num_kv_blocks=8, max_model_len=64)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("break_it, needle", [
+    (lambda p: _edit_config(p, bits=8), "quantization_config.bits is 8"),
+    (lambda p: _edit_config(p, version="gemv"), "'gemv'"),
+    (lambda p: _edit_config(p, group_size=48), "layers.0.linear_attn.in_proj_qkv.qweight"),
+    (lambda p: _drop_tensor(p, "self_attn.o_proj.scales"), "model.language_model.layers.3.self_attn.o_proj.scales"),
+    (lambda p: _drop_tensor(p, "mlp.down_proj.qzeros"), "model.language_model.layers.0.mlp.down_proj.qzeros"),
+], ids=["bits8", "version_gemv", "group_not_dividing", "missing_scales", "missing_qzeros"])
+def test_user_errors_name_the_tensor(break_it, needle, sources, tmp_path):
+    q = quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=GROUP, progress=False)
+    break_it(q)
+    msg = _error(q)
+    assert needle in msg, msg
+    if "group" in needle or "in_proj_qkv" in needle:
+        assert "does not divide" in msg
+
+
+def test_quantized_tensors_without_quantization_config(sources, tmp_path):
+    q = quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=GROUP, progress=False)
+    with open(os.path.join(q, "config.json")) as f:
+        raw = json.load(f)
+    del raw["quantization_config"]
+    with open(os.path.join(q, "config.json"), "w") as f:
+        json.dump(raw, f)
+    assert "no quantization_config" in _error(q)
+
+
+def test_quantize_rejects_group_size_that_does_not_divide(sources, tmp_path):
+    with pytest.raises(ValueError, match="does not divide its in_features 128"):
+        quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=48, progress=False)
+    assert not os.path.exists(tmp_path / "q")  # checked before anything is written
+
+
+# ---- activation-aware scales (quantize --calib) ----
+
+def test_folded_scales_leave_the_16bit_model_unchanged(sources, tmp_path):
+    """The fold ((1 + w) / s - 1 on the norm, W · diag(s) on its readers) is exact: with no quantization at all
+    the folded checkpoint computes what the source does, dense and MoE readers alike."""
+    from deltaserve.calibrate import NormScale, fold
+    from deltaserve.config import ModelConfig
+    from deltaserve.models.weights import strip_name
+
+    src = sources[True]
+    cfg = ModelConfig.from_hf_dir(src)
+    g = torch.Generator().manual_seed(3)
+    scales = {f"layers.{i}.{n}": NormScale(torch.rand(cfg.hidden_size, generator=g) * 3 + 0.2, 0.5, 0.0, 0.0)
+              for i in range(cfg.num_hidden_layers) for n in ("input_layernorm", "post_attention_layernorm")}
+    dst = tmp_path / "folded"
+    dst.mkdir()
+    with safe_open(os.path.join(src, "model.safetensors"), framework="pt") as f:
+        tensors = {n: fold(strip_name(n, cfg) or n, f.get_tensor(n), scales) for n in f.keys()}
+    assert not torch.equal(tensors["model.language_model.layers.1.mlp.gate.weight"],
+                           safe_open(os.path.join(src, "model.safetensors"), "pt").get_tensor(
+                               "model.language_model.layers.1.mlp.gate.weight"))
+    save_file(tensors, str(dst / "model.safetensors"))
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors"):
+            (dst / name).write_bytes(open(os.path.join(src, name), "rb").read())
+    _, lp, toks = _run(str(dst))
+    _, lp_ref, toks_ref = _run(src)
+    assert max(abs(a - b) for a, b in zip(lp, lp_ref)) < 1e-4
+    assert toks == toks_ref
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_calibrated_scales_beat_rtn_and_load(moe, sources, tmp_path):
+    from deltaserve.config import ModelConfig
+    from deltaserve.models.weights import checkpoint_files
+    from deltaserve.quantize import calibrate, not_convert_list
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Calibration text: the quick brown fox jumps over the lazy dog, twice or thrice. " * 12)
+    src = sources[moe]
+    cfg = ModelConfig.from_hf_dir(src)
+    scales = calibrate(src, cfg, checkpoint_files(src), str(calib), not_convert_list(cfg, []), GROUP)
+    assert len(scales) == 2 * cfg.num_hidden_layers
+    assert all(s.loss <= s.loss_rtn for s in scales.values())  # alpha = 0 (RTN) is in the grid
+    assert sum(s.loss for s in scales.values()) < sum(s.loss_rtn for s in scales.values())
+    q = quantize_checkpoint(src, str(tmp_path / "q"), group_size=GROUP, calib=str(calib), progress=False)
+    assert_matches_twin(q, tmp_path)
+
+
+def test_quantized_checkpoint_with_tensor_parallelism_is_refused_up_front(sources, tmp_path):
+    q = quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=GROUP, progress=False)
+    with pytest.raises(WeightsError, match="tensor_parallel_size=1") as e:
+        LLM(model=q, device="cpu", dtype="float32", num_kv_blocks=8, max_model_len=64, tensor_parallel_size=2)
+    assert "\n" not in str(e.value)
