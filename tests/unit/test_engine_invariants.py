@@ -26,7 +26,6 @@ from engine_helpers import (
     poison_free_memory,
     random_prompt,
     run_until_done,
-    solo,
 )
 
 from deltaserve import SamplingParams
