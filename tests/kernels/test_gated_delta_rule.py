@@ -66,14 +66,9 @@ def hf_sequence(q, k, v, a, b, A_log, dt_bias, init):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Deterministic inputs; one intra-op thread because these tensors are tiny, and with a second busy process
-    on the box OpenMP barriers between two threads made these tests ~100x slower (20 s instead of 0.2 s)."""
+def _seed():
+    """Deterministic inputs (one intra-op thread for the whole suite: tests/conftest.py)."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cu_of(lengths):

@@ -57,13 +57,9 @@ def assert_untouched(before, after, used):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Deterministic inputs; one intra-op thread: the tensors are tiny and a busy box makes OpenMP barriers slow."""
+def _seed():
+    """Deterministic inputs (one intra-op thread for the whole suite: tests/conftest.py)."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_inputs(T, Hk, HV, K, V, dtype=torch.float32, device="cpu", seed=0):

@@ -48,13 +48,9 @@ def triton_ready():
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Deterministic inputs; one intra-op thread: the tensors are tiny and OpenMP barriers only cost."""
+def _seed():
+    """Deterministic inputs (one intra-op thread for the whole suite: tests/conftest.py)."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_paged_kv(context_lens, block_size, hkv, d, dtype=torch.float32, spare_blocks=3, seed=1):

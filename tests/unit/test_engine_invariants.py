@@ -11,7 +11,6 @@ import math
 import random
 
 import pytest
-import torch
 from engine_helpers import (
     LOGPROB_ATOL,
     Models,
@@ -29,16 +28,6 @@ from engine_helpers import (
 )
 
 from deltaserve import SamplingParams
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning OpenMP workers make the run several times slower
-    on a busy 2-core CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -31,15 +31,6 @@ from deltaserve.worker.distributed import (
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads (workers inherit OMP_NUM_THREADS from the environment)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """dense / moe: the tiny checkpoints (Hk=2, HV=4, 4 q heads, 2 kv heads); kv1: one KV head, so at TP=2 both

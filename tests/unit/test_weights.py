@@ -23,15 +23,6 @@ SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 PROMPTS = ["hello world, this is a test", "def f(x): return x"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP spin-waits make them ~20x slower on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_dense(tmp_path_factory):
     return make_tiny(str(tmp_path_factory.mktemp("dense")), moe=False)
