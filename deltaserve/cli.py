@@ -238,10 +238,8 @@ def _bench(args) -> None:
               num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager)
     if args.preset:
-        if args.tp != 1:
-            raise ValueError(f"bench --preset runs at --tp 1 only (random weights are made per process); "
-                             f"give a checkpoint with --model to bench --tp {args.tp}")
-        llm, name = LLM.from_config(preset_config(args.preset, args.layers), **kw), args.preset
+        llm = LLM.from_config(preset_config(args.preset, args.layers), tensor_parallel_size=args.tp, **kw)
+        name = args.preset if args.tp == 1 else f"{args.preset} TP={args.tp}"
     else:
         llm, name = LLM(model=resolve_model(args.model), tensor_parallel_size=args.tp, **kw), args.model or "tiny"
     rows = run_bench(llm, args.prompt_lens, args.batch_sizes, args.context, args.steps,

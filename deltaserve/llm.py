@@ -109,12 +109,13 @@ class LLM:
     def from_config(cls, config: ModelConfig, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
                     max_num_batched_tokens: int = 2048, max_model_len: int | None = None, block_size: int = 16,
                     num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9, seed: int = 0,
-                    enforce_eager: bool = False) -> "LLM":
+                    enforce_eager: bool = False, tensor_parallel_size: int = 1) -> "LLM":
         """An engine over random weights of `config`'s shapes, made directly on the device (benchmarks: no
-        checkpoint, no tokenizer; prompts are token ids)."""
+        checkpoint, no tokenizer; prompts are token ids). Under TP each rank draws its own shard: the same shapes
+        and speed as a real checkpoint, not the same numbers as the TP=1 model of this seed."""
         llm = cls.__new__(cls)
         llm._setup(config, None, None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
-                   block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, 1)
+                   block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size)
         return llm
 
     def _setup(self, config: ModelConfig, weights_dir: str | None, tokenizer: Tokenizer | None, device: str,

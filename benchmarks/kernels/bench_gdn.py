@@ -166,21 +166,31 @@ def print_table(rows: list[dict], bound_gbs: float) -> None:
         print(f"{r['kernel']:<14} {r['shape']:<16} {r['ours']:9.4f} {fla} {ratio} {gbs} {bound}  {r.get('check', '')}")
 
 
-def sweep(bound_gbs: float) -> None:
+def sweep(bound_gbs: float, which: str) -> None:
     """One parameter at a time around the defaults; pick the best and set it as the dataclass default."""
+    if which != "decode":
+        sweep_prefill()
+    if which != "prefill":
+        sweep_decode(bound_gbs)
+
+
+def sweep_prefill() -> None:
     print("\nprefill sweep (1x16k, 16x1k ms)")
     base = ChunkLaunchConfig()
-    choices = dict(prep_warps=[2, 4, 8], state_block_v=[16, 32, 64], state_warps=[2, 4, 8],
-                   state_stages=[1, 2, 3, 4], out_block_v=[32, 64, 128], out_warps=[4, 8])
+    choices = dict(prep_warps=[2, 4], fuse_output=[False, True], fused_block_v=[16, 32, 64, 128],
+                   fused_warps=[4, 8], fused_stages=[1, 2, 3])
     for field, values in choices.items():
         for value in values:
             cfg = dataclasses.replace(base, **{field: value})
             try:
                 t1 = bench_prefill("1x16k", [16384], cfg)["ours"]
                 t2 = bench_prefill("16x1k", [1024] * 16, cfg)["ours"]
-                print(f"  {field}={value:<4} {t1:8.4f} {t2:8.4f}")
+                print(f"  {field}={value!s:<5} {t1:8.4f} {t2:8.4f}")
             except Exception as exc:  # e.g. out of shared memory for a config
-                print(f"  {field}={value:<4} failed: {type(exc).__name__}: {str(exc)[:80]}")
+                print(f"  {field}={value!s:<5} failed: {type(exc).__name__}: {str(exc)[:80]}")
+
+
+def sweep_decode(bound_gbs: float) -> None:
     print("\ndecode sweep (B=1, 64, 256: ms and fraction of bound)")
     for block_v in (16, 32, 64, 128):
         for warps in (1, 2, 4, 8):
@@ -194,7 +204,8 @@ def sweep(bound_gbs: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="also sweep the launch configs")
+    parser.add_argument("--sweep", nargs="?", const="all", choices=["prefill", "decode", "all"],
+                        help="also sweep the launch configs (prefill, decode or all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gdn needs a CUDA device")
@@ -210,7 +221,7 @@ def main() -> None:
     rows += [bench_decode(B, bound) for B in (1, 64, 256)]
     print_table(rows, bound)
     if args.sweep:
-        sweep(bound)
+        sweep(bound, args.sweep)
 
 
 if __name__ == "__main__":
