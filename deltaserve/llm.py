@@ -322,6 +322,10 @@ def _resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.
         return torch.bfloat16 if cfg.torch_dtype == "float32" else DTYPES.get(cfg.torch_dtype, torch.bfloat16)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    if device.type == "cuda" and dtype == "float32":
+        # the head_dim-256 attention and GDN tiles are sized for 16-bit operands: fp32 ones overflow shared memory
+        raise ValueError("dtype='float32' is not supported on CUDA (the Triton kernels run bfloat16 or float16); "
+                         "use dtype='bfloat16', or device='cpu' for a float32 reference")
     return DTYPES[dtype]
 
 

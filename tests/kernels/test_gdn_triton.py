@@ -103,12 +103,8 @@ def run_chunk_case(heads, lengths, slots, S, dtype=torch.float32, device="cpu", 
 CPU_CHUNK_CASES = [
     pytest.param(dict(Hk=2, HV=4, K=32, V=16), None, id="gqa2-k32-v16"),
     # V-tiles of 16 over V=24: two tiles per head in the state and output kernels, the second one masked
-    pytest.param(dict(Hk=2, HV=6, K=16, V=24), triton_chunk.ChunkLaunchConfig(fused_block_v=16),
+    pytest.param(dict(Hk=2, HV=6, K=16, V=24), triton_chunk.ChunkLaunchConfig(state_block_v=16, out_block_v=16),
                  id="gqa3-k16-v24-2tiles"),
-    # the two-pass form (state kernel, then output kernel over the saved chunk states)
-    pytest.param(dict(Hk=2, HV=6, K=16, V=24),
-                 triton_chunk.ChunkLaunchConfig(fuse_output=False, state_block_v=16, out_block_v=16),
-                 id="gqa3-k16-v24-2tiles-twopass"),
 ]
 
 

@@ -429,3 +429,21 @@ def test_from_dict_does_not_mutate_input():
     before = copy.deepcopy(raw)
     parse(raw, {"eos_token_id": [1, 2]})
     assert raw == before
+
+
+@pytest.mark.parametrize("device,dtype,expected", [
+    ("cpu", "auto", "float32"), ("cpu", "bfloat16", "bfloat16"), ("cuda", "auto", "bfloat16"),
+    ("cuda", "float16", "float16"), ("cuda", "float32", None), ("cpu", "fp8", None)],
+    ids=["cpu-auto", "cpu-bf16", "cuda-auto", "cuda-fp16", "cuda-fp32-refused", "bad-name"])
+def test_engine_dtype(tiny_dir, device, dtype, expected):
+    """fp32 on CUDA is refused in one sentence (the Triton tiles are sized for 16-bit operands)."""
+    import torch
+
+    from deltaserve.llm import _resolve_dtype
+
+    cfg = ModelConfig.from_hf_dir(tiny_dir)
+    if expected is None:
+        with pytest.raises(ValueError, match="dtype"):
+            _resolve_dtype(dtype, cfg, torch.device(device))
+    else:
+        assert _resolve_dtype(dtype, cfg, torch.device(device)) == getattr(torch, expected)

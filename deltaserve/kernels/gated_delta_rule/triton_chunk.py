@@ -38,10 +38,6 @@ class ChunkLaunchConfig:
     state_stages: int = 2
     out_block_v: int = 128
     out_warps: int = 4
-    fuse_output: bool = True  # one serial pass computes o too: no chunk states or v_new round trip through HBM
-    fused_block_v: int = 64
-    fused_warps: int = 4
-    fused_stages: int = 2
 
 
 @triton.jit
@@ -287,56 +283,6 @@ def _chunk_output_kernel(
     tl.store(o + (o_t[:, None] * HV + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
-@triton.jit
-def _chunk_state_output_kernel(
-    q, k, w, u, g_cum, state, slots, seq_table, o,
-    s_q, s_k, s_state, scale,
-    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-):
-    """Kernels 2 and 3 in one serial pass over a sequence's chunks (value head i_h, V-tile i_v): per chunk
-    v_new = u - w h, o = scale (q h) exp(G) + causal(q k^T exp(G_i - G_j)) v_new, h <- h exp(G_last) + k^T v_new'.
-    The chunk-start state and v_new never leave registers: the two-pass form writes and re-reads both (for 9B
-    shapes ~0.8 GB per 16k tokens), this one reads q, k, w, u once and writes o. Same roundings as the two-pass
-    form (h and v_new enter the dots in the model dtype). Arguments as in the two kernels it replaces."""
-    i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_kh = i_h // (HV // HK)
-    bos = tl.load(seq_table + 3 * i_n)
-    eos = tl.load(seq_table + 3 * i_n + 1)
-    slot = tl.load(slots + i_n).to(tl.int64)
-    o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    m_live = m_kv & ((tl.zeros([BV], dtype=tl.int64) + slot) >= 0)[None, :]
-    DT = w.dtype.element_ty
-
-    p_state = state + tl.maximum(slot, 0) * s_state + i_h * (K * V) + o_k[:, None] * V + o_v[None, :]
-    b_h = tl.load(p_state, mask=m_live, other=0.0)
-    o_i = tl.arange(0, BT)
-    m_causal = o_i[:, None] >= o_i[None, :]
-    for i_t in range(0, tl.cdiv(eos - bos, BT)):
-        t0 = bos + i_t * BT
-        o_t = t0 + o_i
-        m_t = o_t < eos
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_hd = b_h.to(DT)
-        b_w = tl.load(w + (o_t[:, None] * HV + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
-        b_u = tl.load(u + (o_t[:, None] * HV + i_h) * V + o_v[None, :], mask=m_tv, other=0)
-        b_v = b_u.to(tl.float32) - tl.dot(b_w, b_hd)
-        b_G = tl.load(g_cum + o_t * HV + i_h, mask=m_t, other=0)
-        b_G_last = tl.load(g_cum + (tl.minimum(t0 + BT, eos) - 1) * HV + i_h)
-        b_k = _load_rows_l2norm(k + i_kh * K, o_t, m_t, s_k, o_k, m_k).to(DT)
-        b_q = (_load_rows_l2norm(q + i_kh * K, o_t, m_t, s_q, o_k, m_k) * scale).to(DT)
-        b_A = tl.dot(b_q, tl.trans(b_k))
-        b_A = tl.where(m_causal, b_A * tl.exp(tl.where(m_causal, b_G[:, None] - b_G[None, :], 0.0)), 0.0)
-        b_o = tl.dot(b_q, b_hd) * tl.exp(b_G)[:, None] + tl.dot(b_A.to(DT), b_v.to(DT))
-        tl.store(o + (o_t[:, None] * HV + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
-        # masked tokens: b_v is 0 there (w = u = 0), so exp(G_last - 0) scales nothing
-        b_v = b_v * tl.exp(b_G_last - b_G)[:, None]
-        b_h = b_h * tl.exp(b_G_last) + tl.dot(tl.trans(b_k), b_v.to(DT))
-    tl.store(p_state, b_h, mask=m_live)
-
-
 @dataclass(frozen=True)
 class ChunkTables:
     """Where each sequence and each 64-token chunk of a flat varlen batch lies; the same for every GDN layer of a
@@ -450,19 +396,11 @@ def chunk_gated_delta_rule_varlen(
     g_cum = torch.empty(T, HV, dtype=torch.float32, device=v.device)
     w = torch.empty(T, HV, K, dtype=q.dtype, device=v.device)
     u = torch.empty(T, HV, V, dtype=q.dtype, device=v.device)  # overwritten in place by v_new in the state pass
+    h = torch.empty(num_chunks, HV, K, V, dtype=q.dtype, device=v.device)
     _chunk_prep_kernel[(num_chunks, HV)](
         k, v, a, b, A_log, dt_bias, chunk_table, g_cum, w, u,
         k.stride(0), v.stride(0), a.stride(0), b.stride(0),
         HK=HK, HV=HV, K=K, V=V, BC=BC, BK=BK, BV=BV, num_warps=config.prep_warps)
-    if config.fuse_output:
-        BV_f = _pow2_block(V, config.fused_block_v)
-        _chunk_state_output_kernel[(triton.cdiv(V, BV_f), HV, len(query_lens))](
-            q, k, w, u, g_cum, state, slots, seq_table, o,
-            q.stride(0), k.stride(0), state.stride(0), K ** -0.5,
-            HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV_f,
-            num_warps=config.fused_warps, num_stages=config.fused_stages)
-        return o
-    h = torch.empty(num_chunks, HV, K, V, dtype=q.dtype, device=v.device)
     BV_state = _pow2_block(V, config.state_block_v)
     # each program reads u and writes v_new on exactly the same [tokens, V-tile] elements: in place is safe
     _chunk_state_kernel[(triton.cdiv(V, BV_state), HV, len(query_lens))](
