@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.fused_moe import ExpertWeights, fused_moe_int4, fused_moe_reference
 from ..kernels.int4_gemm import int4_gemm, kernel_supports
 from .quant import FORMATS, ct_to_awq, dequantize, narrowest_exact
 
@@ -107,8 +108,8 @@ class ProjectionGroup(nn.Module):
 class QuantExperts(nn.Module):
     """All experts of one MoE layer in int4: `gate_up_proj` ([E] x [gate | up]) and `down_proj` QuantLinears.
 
-    Reference path: `dense(dtype)` dequantizes every expert for the reference / grouped MoE; an int4 fused MoE
-    kernel that dequantizes in its main loop is later work."""
+    forward: the int4 fused MoE (kernels/fused_moe.fused_moe_int4: Triton on CUDA once the experts are in the AWQ
+    layout, see use_int4_kernels; else every expert dequantized, then the reference)."""
 
     def __init__(self, fmt: str, num_experts: int, hidden_size: int, intermediate_size: int, group_size: int):
         super().__init__()
@@ -118,3 +119,12 @@ class QuantExperts(nn.Module):
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (gate_up [E, 2I, H], down [E, H, I]) in dtype."""
         return self.gate_up_proj.dequant(dtype), self.down_proj.dequant(dtype)
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; topk_weights [T, k] fp32; topk_ids [T, k] -> [T, H]: the routed experts' weighted sum."""
+        if self.gate_up_proj.fmt != "awq" or self.down_proj.fmt != "awq":  # compressed-tensors as loaded (CPU)
+            gate_up, down = self.dense(x.dtype)
+            return fused_moe_reference(x, gate_up, down, topk_weights, topk_ids)
+        gu, dn = self.gate_up_proj, self.down_proj
+        return fused_moe_int4(x, ExpertWeights(gu.qweight, gu.qzeros, gu.scales, gu.group_size),
+                              ExpertWeights(dn.qweight, dn.qzeros, dn.scales, dn.group_size), topk_weights, topk_ids)

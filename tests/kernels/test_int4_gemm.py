@@ -12,7 +12,14 @@ import triton.language as tl
 from deltaserve.kernels.int4_gemm import int4_gemm_reference
 from deltaserve.kernels.int4_gemm.triton import GemmPlan, int4_gemm_triton, plan
 from deltaserve.layers.linear import QuantLinear
-from deltaserve.layers.quant import ct_to_awq, dequant_awq, dequant_ct, narrowest_exact, to_awq, to_ct
+from deltaserve.layers.quant import (
+    ct_to_awq,
+    dequant_awq,
+    dequant_ct,
+    narrowest_exact,
+    to_awq,
+    to_ct,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL_FP32 = 1e-4  # fp32 in the interpreter: exact products, only the summation order differs; observed ~2e-5
@@ -183,7 +190,7 @@ def test_int4_gemm_captures_in_a_cuda_graph():
 
 @pytest.mark.gpu
 def test_quant_linear_uses_the_kernel_on_cuda(monkeypatch):
-    import deltaserve.layers.linear as linear
+    from deltaserve.layers import linear
 
     lin = QuantLinear("awq", 256, 64, 64).cuda()
     for name, t in awq_weight(64, 256, 64, device="cuda").items():

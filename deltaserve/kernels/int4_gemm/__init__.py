@@ -8,7 +8,7 @@ import torch
 
 from .reference import int4_gemm as int4_gemm_reference
 
-__all__ = ["int4_gemm", "int4_gemm_reference", "kernel_supports", "int4_gemm_triton"]
+__all__ = ["int4_gemm", "int4_gemm_reference", "int4_gemm_triton", "kernel_supports"]
 
 
 def __getattr__(name: str):

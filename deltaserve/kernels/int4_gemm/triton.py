@@ -29,16 +29,16 @@ def awq_unpack(b_packed, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def dequant_awq_tile(p_q, p_z, p_s, o_k, i_n, N, stride_qk, BK: tl.constexpr, BN: tl.constexpr,
+def dequant_awq_tile(p_q, p_z, p_s, o_k, n0, n_end, stride_qk, BK: tl.constexpr, BN: tl.constexpr,
                      DTYPE: tl.constexpr):
-    """The [BK, BN] weight tile W[o_k, i_n·BN : (i_n+1)·BN] in DTYPE. p_q: qweight at column-int32 0 (row 0);
-    p_z, p_s: qzeros / scales at the row of this tile's group. Columns past N read as 0 (masked loads)."""
-    o_c = i_n * (BN // 8) + tl.arange(0, BN // 8)  # int32 columns
-    m_c = o_c < N // 8
+    """The [BK, BN] weight tile W[o_k, n0 : n0 + BN] in DTYPE (n0 a multiple of 8). p_q: qweight at row 0, column 0;
+    p_z, p_s: qzeros / scales at the row of this tile's group. Columns at or past n_end (a multiple of 8) read 0."""
+    o_c = n0 // 8 + tl.arange(0, BN // 8)  # int32 columns
+    m_c = o_c < n_end // 8
     b_q = tl.load(p_q + o_k[:, None] * stride_qk + o_c[None, :], mask=m_c[None, :], other=0)
     b_z = tl.load(p_z + o_c, mask=m_c, other=0)
-    o_n = i_n * BN + tl.arange(0, BN)
-    b_s = tl.load(p_s + o_n, mask=o_n < N, other=0.0).to(tl.float32)
+    o_n = n0 + tl.arange(0, BN)
+    b_s = tl.load(p_s + o_n, mask=o_n < n_end, other=0.0).to(tl.float32)
     b_q = awq_unpack(b_q, BK, BN)
     b_z = tl.reshape(awq_unpack(b_z[None, :], 1, BN), (BN,))
     return ((b_q - b_z[None, :]).to(tl.float32) * b_s[None, :]).to(DTYPE)
@@ -62,8 +62,8 @@ def _int4_gemm_kernel(x, qweight, qzeros, scales, out,
         o_k = k0 + tl.arange(0, BK)
         b_x = tl.load(x + o_m[:, None].to(tl.int64) * stride_xt + o_k[None, :], mask=m_m[:, None], other=0.0)
         i_g = k0 // GROUP
-        b_w = dequant_awq_tile(qweight, qzeros + i_g * stride_zk, scales + i_g * stride_sk, o_k, i_n, N, stride_qk,
-                               BK, BN, b_x.dtype)
+        b_w = dequant_awq_tile(qweight, qzeros + i_g * stride_zk, scales + i_g * stride_sk, o_k, i_n * BN, N,
+                               stride_qk, BK, BN, b_x.dtype)
         b_acc += tl.dot(b_x, b_w, input_precision=DOT_PRECISION)
     p_o = out + i_s * stride_os + o_m[:, None].to(tl.int64) * stride_ot + o_n[None, :]
     tl.store(p_o, b_acc.to(p_o.dtype.element_ty), mask=m_m[:, None] & (o_n < N)[None, :])
