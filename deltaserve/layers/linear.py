@@ -76,7 +76,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, out] in x's dtype."""
         if self.fmt == "awq" and kernel_supports(x, self.group_size):
-            return int4_gemm(x, self.qweight, self.qzeros, self.scales, self.group_size)
+            y = int4_gemm(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales, self.group_size)
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequant(x.dtype))
 
     def extra_repr(self) -> str:
