@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from .config import ModelConfig
+from .layers.linear import use_int4_kernels
 from .models.weights import WeightsError, build_model, checkpoint_files, load_weights, read_formats
 from .outputs import RequestOutput
 from .runtime.block_pool import BlockPool
@@ -55,6 +56,8 @@ class RankSpec:
             random_init_(model, self.seed)
         else:
             load_weights(model, cfg, self.weights_dir, progress=tp.rank == 0, rank=tp.rank, world=tp.world)
+        if device.type == "cuda":
+            use_int4_kernels(model)  # compressed-tensors int4 -> the kernels' AWQ layout, once
         on_loaded()
         state_dtype = DTYPES[cfg.state_dtype]
         max_len = self.max_model_len or cfg.max_position_embeddings

@@ -5,8 +5,9 @@ Every Linear decides its own format from the checkpoint (models/weights.plan_for
 gate|up) stay one `nn.Linear` GEMM when all their pieces are 16-bit; when any piece is quantized they become a
 `ProjectionGroup`, one Linear per checkpoint piece, outputs concatenated in the same order.
 
-The int4 path here is the reference: dequantize the whole weight to x's dtype, then one GEMM. Correct on CPU and
-GPU, no memory saved at run time over 16-bit activations of the weight; a Triton int4 GEMM is later work.
+int4 on CUDA: the Triton W4A16 kernels (kernels/int4_gemm, kernels/fused_moe/triton_int4.py) read the AWQ layout;
+`use_int4_kernels(model)` runs once after loading and rewrites compressed-tensors weights into it. Elsewhere (CPU,
+fp32, odd group sizes) the reference: dequantize the whole weight to x's dtype, then one GEMM.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import FORMATS, dequantize
+from ..kernels.fused_moe import ExpertWeights, fused_moe_int4, fused_moe_reference
+from ..kernels.int4_gemm import int4_gemm, kernel_supports
+from .quant import FORMATS, ct_to_awq, dequantize, narrowest_exact
 
 
 class QuantLinear(nn.Module):
@@ -45,12 +48,48 @@ class QuantLinear(nn.Module):
         """-> W [(E,) out, in] in dtype."""
         return dequantize(self.fmt, {k: getattr(self, k) for k in self.kinds}, self.group_size, dtype)
 
+    def to_kernel_layout(self) -> None:
+        """Once, after loading, for the CUDA kernels: compressed-tensors tensors are rewritten in the AWQ layout
+        (bit-exact, one expert at a time to bound the temporaries) and the scales narrowed to fp16/bf16 where that
+        holds them exactly (fewer bytes streamed). A compressed-tensors Linear whose outputs are not a multiple of 8
+        cannot be packed along out: it keeps its format and the reference path."""
+        if self.fmt != "awq":
+            if self.out_features % 8:
+                return
+            old = {k: getattr(self, k).data for k in self.kinds}
+            lead = tuple(old["weight_packed"].shape[:-2])
+            new = {kind: torch.empty(lead + spec.shape(self.in_features, self.out_features, self.group_size),
+                                     dtype=torch.int32 if spec.packed else old["weight_scale"].dtype,
+                                     device=old["weight_packed"].device) for kind, spec in FORMATS["awq"].items()}
+            for idx in ([()] if not lead else [(e,) for e in range(lead[0])]):
+                converted = ct_to_awq(old["weight_packed"][idx], old["weight_scale"][idx],
+                                      old["weight_zero_point"][idx] if "weight_zero_point" in old else None)
+                for kind, tensor in converted.items():
+                    new[kind][idx].copy_(tensor)
+            for kind in self.kinds:
+                delattr(self, kind)
+            self.fmt, self.kinds = "awq", tuple(FORMATS["awq"])
+            for kind, tensor in new.items():
+                self.register_parameter(kind, nn.Parameter(tensor, requires_grad=False))
+        self.scales.data = narrowest_exact(self.scales.data)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, out] in x's dtype."""
+        if self.fmt == "awq" and kernel_supports(x, self.group_size):
+            y = int4_gemm(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales, self.group_size)
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequant(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.fmt}, in={self.in_features}, out={self.out_features}, group={self.group_size}"
+
+
+def use_int4_kernels(model: nn.Module) -> None:
+    """Put every int4 Linear of a loaded model in the kernels' layout (QuantLinear.to_kernel_layout); CUDA only:
+    the CPU reference reads every format as loaded."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.to_kernel_layout()
 
 
 class ProjectionGroup(nn.Module):
@@ -70,8 +109,8 @@ class ProjectionGroup(nn.Module):
 class QuantExperts(nn.Module):
     """All experts of one MoE layer in int4: `gate_up_proj` ([E] x [gate | up]) and `down_proj` QuantLinears.
 
-    Reference path: `dense(dtype)` dequantizes every expert for the reference / grouped MoE; an int4 fused MoE
-    kernel that dequantizes in its main loop is later work."""
+    forward: the int4 fused MoE (kernels/fused_moe.fused_moe_int4: Triton on CUDA once the experts are in the AWQ
+    layout, see use_int4_kernels; else every expert dequantized, then the reference)."""
 
     def __init__(self, fmt: str, num_experts: int, hidden_size: int, intermediate_size: int, group_size: int):
         super().__init__()
@@ -81,3 +120,12 @@ class QuantExperts(nn.Module):
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (gate_up [E, 2I, H], down [E, H, I]) in dtype."""
         return self.gate_up_proj.dequant(dtype), self.down_proj.dequant(dtype)
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; topk_weights [T, k] fp32; topk_ids [T, k] -> [T, H]: the routed experts' weighted sum."""
+        if self.gate_up_proj.fmt != "awq" or self.down_proj.fmt != "awq":  # compressed-tensors as loaded (CPU)
+            gate_up, down = self.dense(x.dtype)
+            return fused_moe_reference(x, gate_up, down, topk_weights, topk_ids)
+        gu, dn = self.gate_up_proj, self.down_proj
+        return fused_moe_int4(x, ExpertWeights(gu.qweight, gu.qzeros, gu.scales, gu.group_size),
+                              ExpertWeights(dn.qweight, dn.qzeros, dn.scales, dn.group_size), topk_weights, topk_ids)

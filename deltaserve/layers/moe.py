@@ -19,6 +19,10 @@ class Experts(nn.Module):
         """-> (gate_up [E, 2I, H], down [E, H, I]); the same interface as layers.linear.QuantExperts."""
         return self.gate_up_proj, self.down_proj
 
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; topk_weights [T, k] fp32; topk_ids [T, k] -> [T, H] (as layers.linear.QuantExperts)."""
+        return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+
 
 class SparseMoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -32,7 +36,6 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]."""
         weights, ids = route_topk_softmax(self.gate(x), self.top_k)
-        gate_up, down = self.experts.dense(x.dtype)
-        routed = fused_moe(x, gate_up, down, weights, ids)
+        routed = self.experts(x, weights, ids)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return routed + shared

@@ -106,6 +106,37 @@ def dequantize(fmt: str, tensors: dict[str, torch.Tensor], group: int, dtype: to
                       dtype)
 
 
+def ct_to_awq(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None
+              ) -> dict[str, torch.Tensor]:
+    """compressed-tensors pack-quantized tensors of one Linear -> the same weight in the AWQ layout {qweight,
+    qzeros, scales} the int4 kernels read (bit-exact: dequant_awq of the result == dequant_ct of the input).
+
+    weight_packed [out, in/8]; weight_scale [out, in/G]; weight_zero_point [out/8, in/G] or None (symmetric).
+    (q - 8) - (zp - 8) == q - zp with both stored +8, so the stored nibbles carry over and a symmetric weight gets
+    the zero point 8. Needs out % 8 == 0 (AWQ packs along out)."""
+    out_f = weight_packed.shape[-2]
+    if out_f % 8:
+        raise ValueError(f"the AWQ layout packs 8 output channels per int32, but this weight has {out_f} outputs")
+    q = unpack_int4(weight_packed)  # [out, in], stored +8
+    if weight_zero_point is None:
+        zp = torch.full_like(weight_scale, 8, dtype=torch.int32)
+    else:
+        zp = unpack_int4(weight_zero_point.transpose(-2, -1)).transpose(-2, -1)  # [out, in/G], stored +8
+    return {"qweight": pack_int4(q.transpose(-2, -1).contiguous(), AWQ_ORDER),
+            "qzeros": pack_int4(zp.transpose(-2, -1).contiguous(), AWQ_ORDER),
+            "scales": weight_scale.transpose(-2, -1).contiguous()}
+
+
+def narrowest_exact(scales: torch.Tensor) -> torch.Tensor:
+    """scales (fp32 holding fp16 or bf16 values) -> the same values in fp16 or bf16 if either holds them all
+    exactly (half the bytes the kernels stream), else unchanged."""
+    for dtype in (torch.float16, torch.bfloat16):
+        narrow = scales.to(dtype)
+        if torch.equal(narrow.float(), scales.float()):
+            return narrow
+    return scales
+
+
 def quantize_rtn(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric round-to-nearest int4. w: [out, in] float -> (q [out, in] 0..15 int32, zeros [out, in/G] int32,
     scales [out, in/G] fp16), with W ≈ (q - z) * s per group of `group` input channels; |W - Ŵ| <= s/2 (+ the

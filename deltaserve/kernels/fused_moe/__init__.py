@@ -1,13 +1,46 @@
-"""MoE dispatch. CPU: the torch reference (a loop over the experts that received tokens). CUDA: sort the (token,
-expert) pairs by expert and run both expert GEMMs as torch grouped GEMMs over the sorted rows: no host sync, so the
-MoE layers can be captured in CUDA graphs. (A Triton fused MoE with quantized experts is issue 5's.)"""
+"""MoE dispatch. CPU: the torch reference (a loop over the experts that received tokens).
+
+CUDA, 16-bit experts (`fused_moe`): sort the (token, expert) pairs by expert and run both expert GEMMs as torch
+grouped GEMMs over the sorted rows. The Triton fused MoE (triton.py, INT4=False) runs the same math; grouped_mm stays
+the bf16 path until benchmarks/kernels/bench_int4.py shows the Triton one faster on the card (not measured yet).
+CUDA, int4 experts (`fused_moe_int4`): the Triton fused MoE with the dequant in its main loop.
+Both CUDA paths are free of host syncs, so MoE layers are captured in CUDA graphs. triton.py is imported lazily
+(importing deltaserve must not import triton, see kernels/paged_attention)."""
 import torch
 import torch.nn.functional as F
 
+from .reference import ExpertWeights, fused_moe_experts, route_topk_softmax
 from .reference import fused_moe as fused_moe_reference
-from .reference import route_topk_softmax
 
-__all__ = ["fused_moe", "route_topk_softmax"]
+__all__ = [
+    "ExpertWeights",
+    "fused_moe",
+    "fused_moe_int4",
+    "fused_moe_reference",
+    "fused_moe_triton",
+    "route_topk_softmax",
+]
+
+
+def __getattr__(name: str):
+    """PEP 562 lazy export of the Triton fused MoE."""
+    if name == "fused_moe_triton":
+        from .triton import fused_moe_triton
+        return fused_moe_triton
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def fused_moe_int4(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor) -> torch.Tensor:
+    """x: [T, H]; gate_up / down: int4 ExpertWeights (AWQ layout, [E] leading); topk_weights [T, k] fp32;
+    topk_ids [T, k] -> [T, H] in x's dtype. CUDA fp16/bf16 with power-of-two groups >= 16: the Triton fused MoE;
+    elsewhere every expert dequantized, then the reference loop."""
+    groups_ok = all(g >= 16 and g & (g - 1) == 0 for g in (gate_up.group_size, down.group_size))
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and groups_ok and down.dims()[1] % 8 == 0:
+        from .triton import fused_moe_triton
+
+        return fused_moe_triton(x, gate_up, down, topk_weights, topk_ids)
+    return fused_moe_experts(x, gate_up, down, topk_weights, topk_ids)
 
 
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,

@@ -1,6 +1,10 @@
 """Torch reference for the MoE block's routing and expert computation (the CPU path and the kernels' oracle)."""
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from ...layers.quant import dequant_awq
 
 
 def route_topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,3 +37,36 @@ def fused_moe(
         y = F.linear(F.silu(gate) * up, down[e]) * weights[tok, slot, None]
         out.index_add_(0, tok, y)
     return out
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One expert projection of all E experts: int4 AWQ (qweight [E, K, N/8] int32, qzeros [E, K/G, N/8] int32,
+    scales [E, K/G, N]) or 16-bit (weight [E, N, K], the HF / F.linear layout)."""
+    qweight: torch.Tensor | None = None
+    qzeros: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    group_size: int = 0
+    weight: torch.Tensor | None = None
+
+    @property
+    def int4(self) -> bool:
+        return self.weight is None
+
+    def dims(self) -> tuple[int, int, int]:
+        """-> (E, K, N) with N all output columns."""
+        if self.int4:
+            return self.scales.shape[0], self.qweight.shape[1], self.scales.shape[2]
+        return self.weight.shape[0], self.weight.shape[2], self.weight.shape[1]
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """-> [E, N, K] in dtype (int4: dequantized, one rounding)."""
+        if self.int4:
+            return dequant_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype)
+        return self.weight.to(dtype)
+
+
+def fused_moe_experts(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor) -> torch.Tensor:
+    """fused_moe over ExpertWeights (the int4 MoE's oracle): dequantize every expert, then the loop above."""
+    return fused_moe(x, gate_up.dense(x.dtype), down.dense(x.dtype), topk_weights, topk_ids)

@@ -1,0 +1,140 @@
+"""Triton fused MoE (int4 AWQ experts and 16-bit experts) against the per-expert reference loop run on the same
+weights dequantized; the device-side sort/align it walks. Interpreter on CPU (8-16 experts, small dims), full size
+under `gpu` (256 experts top-8, H=2048, I=512)."""
+import pytest
+import torch
+import triton.language as tl
+
+from deltaserve.kernels.fused_moe import (
+    ExpertWeights,
+    fused_moe_experts,
+    fused_moe_int4,
+    route_topk_softmax,
+)
+from deltaserve.kernels.fused_moe.align import max_padded_rows, moe_align
+from deltaserve.kernels.fused_moe.triton import fused_moe_triton
+from deltaserve.layers.linear import QuantExperts
+from deltaserve.layers.quant import ct_to_awq, to_awq, to_ct
+
+ATOL_FP32 = 1e-4  # fp32 in the interpreter: only the summation order differs from the reference; observed ~1e-6
+
+
+@pytest.fixture(autouse=True)
+def _triton_ready():
+    if not torch.cuda.is_available() and type(tl.max).__name__ != "InterpretedFunction":
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)")
+
+
+def int4_experts(w: torch.Tensor, group: int, symmetric: bool = False) -> ExpertWeights:
+    """w: [E, N, K] -> AWQ ExpertWeights (RTN with zero points, or symmetric compressed-tensors converted)."""
+    def one(m):
+        if not symmetric:
+            return to_awq(m, group)
+        ct = to_ct(m, group)
+        return ct_to_awq(ct["weight_packed"], ct["weight_scale"], None)
+    ds = [one(w[e]) for e in range(w.shape[0])]
+    return ExpertWeights(*(torch.stack([d[n] for d in ds]) for n in ("qweight", "qzeros", "scales")),
+                         group_size=group)
+
+
+def moe_inputs(t, e, k, h, inter, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(t, h, generator=g, device=device)
+    gate_up = torch.randn(e, 2 * inter, h, generator=g, device=device) / h**0.5
+    down = torch.randn(e, h, inter, generator=g, device=device) / inter**0.5
+    weights, ids = route_topk_softmax(torch.randn(t, e, generator=g, device=device), k)
+    return x, gate_up, down, weights, ids
+
+
+ALIGN = {"t37-e8-k2": (37, 8, 2, 16), "t1-e16-k4": (1, 16, 4, 16), "t64-e6-k6-bm64": (64, 6, 6, 64)}
+
+
+@pytest.mark.parametrize("t, e, k, bm", ALIGN.values(), ids=ALIGN.keys())
+def test_moe_align_sorts_every_pair_into_its_experts_tiles(t, e, k, bm):
+    ids = route_topk_softmax(torch.randn(t, e, generator=torch.Generator().manual_seed(t)), k)[1]
+    al = moe_align(ids, e, bm)
+    flat, m = ids.reshape(-1), t * k
+    assert al.sorted_ids.numel() == max_padded_rows(m, e, bm) and al.sorted_ids.numel() % bm == 0
+    used = int(al.num_tokens_post_pad)
+    counts = torch.bincount(flat, minlength=e)
+    assert used == int(((counts + bm - 1) // bm * bm).sum())
+    rows = al.sorted_ids[:used].long()
+    assert sorted(rows[rows < m].tolist()) == list(range(m))  # every pair exactly once
+    assert (al.sorted_ids[used:] == m).all()  # rows past the used tiles are padding
+    tile_expert = al.expert_ids.long().repeat_interleave(bm)[:used]
+    assert torch.equal(flat[rows[rows < m]], tile_expert[rows < m])  # each row sits in a tile of its expert
+
+
+CASES = {"t5-e8-k2-g32": (5, 8, 2, 32, None), "t1-e16-k4-g64": (1, 16, 4, 64, None),
+         "t40-e8-k2-g32-bm16": (40, 8, 2, 32, 16), "t40-e8-k2-g64-bm64": (40, 8, 2, 64, 64)}
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["zero_points", "symmetric"])
+@pytest.mark.parametrize("t, e, k, group, bm", CASES.values(), ids=CASES.keys())
+def test_int4_fused_moe_matches_reference(t, e, k, group, bm, symmetric):
+    h, inter = 64, 48  # I=48: the gate/up column tile (64) is partly masked
+    x, gate_up, down, weights, ids = moe_inputs(t, e, k, h, inter, seed=t + group)
+    gu, dn = int4_experts(gate_up, group, symmetric), int4_experts(down, 16, symmetric)
+    ref = fused_moe_experts(x, gu, dn, weights, ids)
+    out = fused_moe_triton(x, gu, dn, weights, ids, block_m=bm)
+    err = (out - ref).abs().max().item()
+    assert err <= ATOL_FP32, f"error {err:.2e}"
+
+
+def test_16bit_fused_moe_matches_reference():
+    x, gate_up, down, weights, ids = moe_inputs(23, 8, 3, 64, 48, seed=3)
+    ref = fused_moe_experts(x, ExpertWeights(weight=gate_up), ExpertWeights(weight=down), weights, ids)
+    out = fused_moe_triton(x, ExpertWeights(weight=gate_up), ExpertWeights(weight=down), weights, ids)
+    assert (out - ref).abs().max().item() <= ATOL_FP32
+
+
+def test_fused_moe_refuses_mismatched_experts():
+    x, gate_up, down, weights, ids = moe_inputs(2, 4, 2, 64, 32)
+    with pytest.raises(ValueError, match="expert shapes"):
+        fused_moe_triton(x, int4_experts(gate_up, 32), int4_experts(down[:, :32], 32), weights, ids)
+
+
+def test_quant_experts_forward_on_cpu_is_the_reference():
+    """QuantExperts (the layer) routes to the dequantized reference on CPU: same result as the oracle."""
+    t, e, k, h, inter, group = 6, 4, 2, 64, 32, 32
+    x, gate_up, down, weights, ids = moe_inputs(t, e, k, h, inter, seed=9)
+    layer = QuantExperts("awq", e, h, inter, group)
+    gu, dn = int4_experts(gate_up, group), int4_experts(down, group)
+    for proj, w in ((layer.gate_up_proj, gu), (layer.down_proj, dn)):
+        proj.qweight.data, proj.qzeros.data, proj.scales.data = w.qweight, w.qzeros, w.scales.float()
+    torch.testing.assert_close(layer(x, weights, ids), fused_moe_experts(x, gu, dn, weights, ids))
+
+
+# ---- full size on the GPU: Qwen3.5-35B-A3B experts ----
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 2048], ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("int4", [True, False], ids=["int4", "bf16"])
+def test_fused_moe_full_size(t, int4):
+    e, k, h, inter = 256, 8, 2048, 512
+    x, gate_up, down, weights, ids = moe_inputs(t, e, k, h, inter, device="cuda")
+    if int4:
+        gu, dn = int4_experts(gate_up, 128), int4_experts(down, 128)
+    else:
+        gu, dn = ExpertWeights(weight=gate_up.bfloat16()), ExpertWeights(weight=down.bfloat16())
+    ref = fused_moe_experts(x, gu, dn, weights, ids)  # fp32, the same (de)quantized weights
+    out = fused_moe_triton(x.bfloat16(), gu, dn, weights, ids).float()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 2e-2, f"relative error {rel:.2e}"  # bf16 x, W, activation and per-expert rows: ~5e-3
+
+
+@pytest.mark.gpu
+def test_int4_fused_moe_captures_in_a_cuda_graph():
+    e, k, h, inter = 256, 8, 2048, 512
+    x, gate_up, down, weights, ids = moe_inputs(4, e, k, h, inter, device="cuda")
+    gu, dn = int4_experts(gate_up, 128), int4_experts(down, 128)
+    x = x.bfloat16()
+    fused_moe_int4(x, gu, dn, weights, ids)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fused_moe_int4(x, gu, dn, weights, ids)
+    w2, ids2 = route_topk_softmax(torch.randn(4, e, device="cuda"), k)
+    weights.copy_(w2)
+    ids.copy_(ids2)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(y, fused_moe_int4(x, gu, dn, weights, ids))
