@@ -5,7 +5,10 @@ after the first, per request). Runs on CPU with the embedded tiny checkpoint and
 
     python benchmarks/offline_throughput.py --num-prompts 64 --input-len 128 --output-len 32
     python benchmarks/offline_throughput.py --preset qwen3.5-9b --num-prompts 1000 --input-len 1024 \
-        --output-len 128 --max-num-seqs 512 --max-num-batched-tokens 8192
+        --output-len 128 --max-num-seqs 512 --max-num-batched-tokens 8192 --step-stats
+
+--step-stats also splits the wall time by step kind (decode-only, prefill-only, mixed): steps, time, and the
+prefill tokens and decode rows they carried, to show where a run's time goes.
 """
 from __future__ import annotations
 
@@ -19,6 +22,38 @@ import numpy as np
 def sample_lengths(rng: np.random.Generator, n: int, mean: int, ratio: float) -> list[int]:
     lo, hi = max(1, int(mean * (1 - ratio))), max(1, int(mean * (1 + ratio)))
     return rng.integers(lo, hi + 1, size=n).tolist()
+
+
+class StepStats:
+    """Wraps the model runner's `execute` (one call per engine step, which ends in a host sync for the sampled
+    tokens) and accumulates wall time, prefill tokens and decode rows per step kind."""
+
+    def __init__(self, runner):
+        self.rows: dict[str, list[float]] = {}  # kind -> [steps, seconds, prefill tokens, decode rows]
+        inner = runner.execute
+
+        def execute(sched):
+            t = time.perf_counter()
+            out = inner(sched)
+            dt = time.perf_counter() - t
+            decode = sum(1 for s in sched.seqs if s.num_new_tokens == 1 and s.start >= s.request.num_prompt_tokens)
+            prefill = sched.num_tokens - decode
+            kind = "mixed" if prefill and decode else ("prefill" if prefill else "decode")
+            row = self.rows.setdefault(kind, [0, 0.0, 0, 0])
+            row[0] += 1
+            row[1] += dt
+            row[2] += prefill
+            row[3] += decode
+            return out
+        runner.execute = execute
+
+    def table(self) -> str:
+        lines = [f"{'step kind':>10} {'steps':>6} {'seconds':>8} {'ms/step':>8} {'prefill tok':>12} "
+                 f"{'decode rows':>12} {'prefill tok/s':>14}"]
+        for kind, (n, sec, pre, dec) in sorted(self.rows.items()):
+            lines.append(f"{kind:>10} {n:6d} {sec:8.2f} {sec / n * 1e3:8.1f} {pre:12d} {dec:12d} "
+                         f"{pre / sec if sec else 0:14.0f}")
+        return "\n".join(lines)
 
 
 def run(args) -> dict:
@@ -44,6 +79,7 @@ def run(args) -> dict:
     # warm-up: one short request so first-call overheads stay out of the numbers
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)
 
+    stats = StepStats(llm.engine.runner) if args.step_stats else None
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     ntok: dict[str, int] = {}
@@ -58,6 +94,8 @@ def run(args) -> dict:
     ttft = np.array([first[r] - start for r in first]) * 1e3
     tpot = np.array([(last[r] - first[r]) / (ntok[r] - 1) for r in first if ntok[r] > 1]) * 1e3
     n_in, n_out = sum(in_lens), sum(ntok.values())
+    if stats is not None:
+        print(stats.table())
     return {
         "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""), "num_prompts": args.num_prompts,
         "elapsed_s": elapsed, "requests_per_s": args.num_prompts / elapsed, "input_tok_per_s": n_in / elapsed,
@@ -81,6 +119,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-stats", action="store_true", help="also print wall time per step kind")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args()
     r = run(args)
