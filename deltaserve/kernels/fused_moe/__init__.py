@@ -55,7 +55,10 @@ def _grouped_moe(x, gate_up, down, topk_weights, topk_ids) -> torch.Tensor:
     t, k = topk_ids.shape
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    offs = torch.cumsum(torch.bincount(flat, minlength=gate_up.shape[0]), 0).to(torch.int32)
+    # counts by scatter_add, not bincount: CUDA bincount reads its max back to the host, which a graph cannot hold
+    counts = torch.zeros(gate_up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0).to(torch.int32)
     token = order // k
     h = torch._grouped_mm(x[token], gate_up.transpose(-2, -1), offs=offs)  # [T*k, 2I]
     gate, up = h.chunk(2, dim=-1)

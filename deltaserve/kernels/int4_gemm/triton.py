@@ -11,6 +11,7 @@ is dequantized in registers inside the K loop (fp32 math, rounded once to x's dt
 fed to tl.dot; accumulation is fp32. A K tile never straddles two groups (BK divides G), so zeros and scales are one
 [BN] row per tile. No host syncs: the plan depends on shapes only, so CUDA graphs capture it.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -154,4 +155,9 @@ def int4_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a small number keeps split-K exercised on small CPU shapes
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count  # ~10 us a call: once per device
