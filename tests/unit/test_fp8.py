@@ -191,10 +191,10 @@ def _reshape(suffix):
     return edit
 
 
-def _upcast_weight(suffix):
+def _cast_weight(suffix, dtype):
     def edit(t):
         name = next(n for n in sorted(t) if n.endswith(suffix))
-        t[name] = t[name].float()
+        t[name] = t[name].float().to(dtype)
     return edit
 
 
@@ -203,14 +203,16 @@ def _upcast_weight(suffix):
      f"missing tensor {PREFIX}layers.3.self_attn.o_proj.weight_scale_inv"),
     (lambda p: _edit_tensors(p, _reshape("layers.3.self_attn.o_proj.weight_scale_inv")),
      f"Tensor {PREFIX}layers.3.self_attn.o_proj.weight_scale_inv has shape [3, 3], but the model expects [1, 2]"),
-    (lambda p: _edit_tensors(p, _upcast_weight("layers.3.self_attn.o_proj.weight")),
+    (lambda p: _edit_tensors(p, _cast_weight("layers.3.self_attn.o_proj.weight", torch.float32)),
      f"{PREFIX}layers.3.self_attn.o_proj.weight is not float8_e4m3fn"),
+    (lambda p: _edit_tensors(p, _cast_weight("layers.3.self_attn.o_proj.weight", torch.float8_e5m2)),
+     f"Tensor {PREFIX}layers.3.self_attn.o_proj.weight is F8_E5M2"),
     (lambda p: _edit_config(p, weight_block_size=[64, 64]), "weight_block_size is [64, 64]"),
     (lambda p: _edit_config(p, weight_block_size=None), "per-tensor FP8 is not supported"),
     (lambda p: _edit_config(p, fmt="e5m2"), "quantization_config.fmt is 'e5m2'"),
     (lambda p: _edit_config(p, activation_scheme="static"), "activation_scheme is 'static'"),
     (lambda p: _edit_config(p, quant_method="awq", bits=4, group_size=32), "quant_method is 'awq'"),
-], ids=["missing_scale_inv", "wrong_scale_shape", "scale_without_fp8_weight", "block_64", "per_tensor", "fmt_e5m2",
+], ids=["missing_scale_inv", "wrong_scale_shape", "scale_without_fp8_weight", "e5m2_weight", "block_64", "per_tensor", "fmt_e5m2",
         "static_activations", "config_says_awq"])
 def test_user_errors_name_the_tensor(break_it, needle, sources, tmp_path):
     q = quantize_checkpoint(sources[False], str(tmp_path / "q"), method="fp8", progress=False)
