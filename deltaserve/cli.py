@@ -1,5 +1,5 @@
 """`deltaserve` command line: make-tiny, generate, serve (OpenAI-compatible server), chat (terminal chat), bench
-and quantize (write an AWQ int4 checkpoint).
+and quantize (write an AWQ int4 or block-FP8 checkpoint).
 
 Any error a user can cause (bad path, bad checkpoint, bad flag value) prints one line `error: ...` and exits 2.
 """
@@ -74,16 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_quantize_parser(sub) -> None:
-    q = sub.add_parser("quantize", help="write an AWQ int4 checkpoint (AutoAWQ gemm layout)",
+    q = sub.add_parser("quantize", help="write an AWQ int4 (AutoAWQ gemm layout) or block-FP8 checkpoint",
                        description="Quantize a 16-bit Qwen3.5 checkpoint to AWQ int4 (AutoAWQ 'gemm' layout, "
-                                   "round-to-nearest with zero points). The decoder layers' projections and experts "
-                                   "become int4; in_proj_a/b, the MoE router, shared_expert_gate, norms, embeddings, "
+                                   "round-to-nearest with zero points) or, with --method fp8, to block-wise FP8 "
+                                   "(e4m3 weights with a weight_scale_inv per 128 x 128 block, the layout of the "
+                                   "official Qwen FP8 releases). The decoder layers' projections and experts are "
+                                   "quantized; in_proj_a/b, the MoE router, shared_expert_gate, norms, embeddings, "
                                    "lm_head, conv1d, A_log and dt_bias stay 16-bit (listed in "
                                    "modules_to_not_convert).")
     q.add_argument("src", help="16-bit checkpoint directory")
     q.add_argument("dst", help="output directory")
-    q.add_argument("--method", default="awq", choices=["awq"], help="quantization format (default awq)")
-    q.add_argument("--group-size", type=int, default=128, help="input channels per scale (default 128)")
+    q.add_argument("--method", default="awq", choices=["awq", "fp8"], help="quantization format (default awq)")
+    q.add_argument("--group-size", type=int, default=128, help="AWQ: input channels per scale (default 128)")
     q.add_argument("--not-convert", action="append", default=None, metavar="SUBSTR",
                    help="also keep modules whose name contains SUBSTR in 16-bit (repeatable), e.g. "
                         "'layers.0.' or 'self_attn.q_proj'")

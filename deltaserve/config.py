@@ -26,15 +26,16 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """config.json `quantization_config`, for the int4 weight-only formats we read.
+    """config.json `quantization_config`, for the int4 weight-only formats and block-wise FP8 we read.
 
     Which Linears are quantized is decided per Linear from the tensors the checkpoint holds (see
     models/weights.plan_formats); this says how to read them."""
-    method: str  # "awq" (AutoAWQ gemm layout) or "compressed-tensors" (pack-quantized)
-    bits: int  # 4
-    group_size: int  # input channels sharing one scale (and zero point)
+    method: str  # "awq" (AutoAWQ gemm layout), "compressed-tensors" (pack-quantized) or "fp8" (block e4m3)
+    bits: int  # 4 (int4) or 8 (fp8)
+    group_size: int  # input channels sharing one scale (and zero point); fp8: the block's BK
     zero_point: bool  # AWQ: qzeros present (asymmetric); compressed-tensors: weight_zero_point present
     modules_to_not_convert: tuple[str, ...] = ()  # AWQ substrings / compressed-tensors `ignore` entries
+    weight_block_size: tuple[int, int] = ()  # fp8: (BN, BK) output x input channels per weight_scale_inv entry
 
     @classmethod
     def from_dict(cls, q: dict, source: str) -> "QuantConfig":
@@ -45,8 +46,26 @@ class QuantConfig:
             return cls._awq(q, source)
         if method == "compressed-tensors":
             return cls._compressed_tensors(q, source)
+        if method == "fp8":
+            return cls._fp8(q, source)
         raise ConfigError(f"{source}: quantization_config.quant_method {method!r} is not supported; deltaserve reads "
-                          f"'awq' and 'compressed-tensors' int4 checkpoints.")
+                          f"'awq' and 'compressed-tensors' int4 and block-wise 'fp8' checkpoints.")
+
+    @classmethod
+    def _fp8(cls, q: dict, source: str) -> "QuantConfig":
+        """The official Qwen FP8 layout: e4m3 weights, 128 x 128 blocks, activations quantized at run time."""
+        fmt, scheme, block = q.get("fmt", "e4m3"), q.get("activation_scheme", "dynamic"), q.get("weight_block_size")
+        if fmt != "e4m3":
+            raise ConfigError(f"{source}: quantization_config.fmt is {fmt!r}; deltaserve reads FP8 weights in 'e4m3' "
+                              f"only.")
+        if scheme != "dynamic":
+            raise ConfigError(f"{source}: quantization_config.activation_scheme is {scheme!r}; deltaserve reads FP8 "
+                              f"checkpoints with 'dynamic' activation scales only (no stored input scales).")
+        if block != [128, 128]:
+            raise ConfigError(f"{source}: quantization_config.weight_block_size is {block!r}; deltaserve reads "
+                              f"block-wise FP8 with [128, 128] blocks only (per-tensor FP8 is not supported).")
+        skip = q.get("modules_to_not_convert") or []
+        return cls("fp8", 8, block[1], False, tuple(str(m) for m in skip), (block[0], block[1]))
 
     @classmethod
     def _awq(cls, q: dict, source: str) -> "QuantConfig":

@@ -139,7 +139,7 @@ class LLM:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         formats = read_formats(config, weights_dir) if weights_dir is not None else None
         if formats and tensor_parallel_size > 1:
-            raise WeightsError("quantized (int4) checkpoints run with tensor_parallel_size=1 for now; "
+            raise WeightsError("quantized (int4 / FP8) checkpoints run with tensor_parallel_size=1 for now; "
                                "drop --tp or use a 16-bit checkpoint")
         spec = RankSpec(config, weights_dir, formats, self.device, self.dtype, max_num_seqs, max_num_batched_tokens,
                         max_model_len, block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager)

@@ -1,4 +1,6 @@
-"""`deltaserve quantize SRC DST --method awq`: write an AutoAWQ-layout (version "gemm") int4 checkpoint.
+"""`deltaserve quantize SRC DST --method awq|fp8`: write an AutoAWQ-layout (version "gemm") int4 checkpoint, or a
+block-wise FP8 one in the layout of the official Qwen FP8 releases (e4m3 `weight` + fp32 `weight_scale_inv` per
+128 x 128 block, `quant_method: "fp8"`, dynamic activation scales).
 
 Round-to-nearest, asymmetric, one scale and zero point per `group_size` input channels; with a calibration text,
 activation-aware per-input-channel scales are searched first and folded into the norms (calibrate.py). The decoder
@@ -7,8 +9,10 @@ everything else stays 16-bit in the source dtype and is listed in `modules_to_no
 match): in_proj_a/b (HV outputs, too few for int4 kernels), the MoE router `mlp.gate`, `shared_expert_gate`,
 norms, embeddings, lm_head, conv1d, A_log, dt_bias. Streams one source shard at a time.
 
-`write_dequantized` is the inverse view: a 16-bit checkpoint holding exactly the weights an int4 checkpoint decodes
-to (the reference the int4 engine is tested against).
+FP8 quantizes the same projections (amax / 448 per block, round-to-nearest) and keeps the same modules 16-bit.
+
+`write_dequantized` is the inverse view: a 16-bit checkpoint holding exactly the weights a quantized checkpoint
+decodes to (the reference the quantized engine is tested against).
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from safetensors.torch import save_file
 
 from .calibrate import CONSUMERS, NormScale, collect_inputs, fold, search_scales
 from .config import ModelConfig
+from .kernels.fp8_gemm import dequant_blocks
+from .layers.fp8 import quantize_blocks
 from .layers.quant import QUANT_SUFFIXES, check_shapes, dequantize, to_awq
 from .models.weights import checkpoint_files, read_formats, strip_name
 
@@ -34,6 +40,7 @@ QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z
 ALWAYS_16BIT = ["in_proj_a", "in_proj_b", "shared_expert_gate", "conv1d", "norm", "embed_tokens", "lm_head",
                 "A_log", "dt_bias", "visual", "mtp"]
 LAYER = re.compile(r"\.layers\.(\d+)\.|^layers\.(\d+)\.")
+FP8_BLOCK = (128, 128)  # the official releases' weight_block_size, the one deltaserve reads
 
 
 def not_convert_list(cfg: ModelConfig, extra: list[str]) -> list[str]:
@@ -44,10 +51,13 @@ def not_convert_list(cfg: ModelConfig, extra: list[str]) -> list[str]:
 
 def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int = 128,
                         not_convert: list[str] | None = None, progress: bool = True, calib: str | None = None) -> str:
-    """Write the int4 checkpoint of `src` into `dst` (created); returns dst. calib: a text file for activation-aware
-    scales (calibrate.py; None: plain RTN). Raises ValueError on a bad request."""
-    if method != "awq":
-        raise ValueError(f"--method {method!r} is not supported; deltaserve quantize writes 'awq'")
+    """Write the int4 (method "awq") or block-FP8 ("fp8") checkpoint of `src` into `dst` (created); returns dst.
+    calib: a text file for activation-aware scales (calibrate.py; AWQ only; None: plain RTN). Raises ValueError
+    on a bad request."""
+    if method not in ("awq", "fp8"):
+        raise ValueError(f"--method {method!r} is not supported; deltaserve quantize writes 'awq' or 'fp8'")
+    if method == "fp8" and (calib or group_size != FP8_BLOCK[1]):
+        raise ValueError("--method fp8 uses fixed 128 x 128 blocks and no calibration; drop --group-size and --calib")
     if group_size < 8 or group_size % 8:
         raise ValueError(f"--group-size must be a positive multiple of 8, got {group_size}")
     cfg = ModelConfig.from_hf_dir(src)
@@ -55,7 +65,8 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
         raise ValueError(f"{src} is already quantized ({cfg.quantization.method}); quantize a 16-bit checkpoint")
     skip = not_convert_list(cfg, not_convert or [])
     files = checkpoint_files(src)
-    _check_shapes_first(files, skip, group_size)  # fail before writing anything
+    if method == "awq":
+        _check_shapes_first(files, skip, group_size)  # fail before writing anything
     scales = calibrate(src, cfg, files, calib, skip, group_size) if calib else {}
     _copy_side_files(src, dst)
     weight_map = {}
@@ -67,7 +78,7 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
                 module = name[: -len(".weight")] if name.endswith(".weight") else None
                 t = fold(strip_name(name, cfg) or name, f.get_tensor(name), scales)
                 if module and _should_quantize(module, t.shape, skip):
-                    out.update({f"{module}.{k}": v for k, v in to_awq(t, group_size).items()})
+                    out.update(_quantize_tensor(method, module, t, group_size))
                 else:
                     out[name] = t
         save_file(out, os.path.join(dst, os.path.basename(file)), metadata={"format": "pt"})
@@ -75,8 +86,19 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
     _write_index(dst, files, weight_map)
     qcfg = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
             "modules_to_not_convert": skip}
+    if method == "fp8":
+        qcfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": list(FP8_BLOCK), "modules_to_not_convert": skip}
     _update_config(dst, qcfg)
     return dst
+
+
+def _quantize_tensor(method: str, module: str, w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """One Linear's 16-bit weight [out, in] -> its checkpoint tensors, named in full."""
+    if method == "fp8":
+        q, scale_inv = quantize_blocks(w, FP8_BLOCK)
+        return {f"{module}.weight": q, f"{module}.weight_scale_inv": scale_inv}
+    return {f"{module}.{k}": v for k, v in to_awq(w, group_size).items()}
 
 
 def calibrate(src: str, cfg: ModelConfig, files: list[str], calib: str, skip: list[str], group: int
@@ -148,7 +170,7 @@ def _layer_progress(names: list[str], cfg: ModelConfig, enabled: bool):
 
 
 def write_dequantized(src: str, dst: str, dtype: torch.dtype = torch.float32) -> str:
-    """Write `src` (an int4 checkpoint we read) as a 16-bit checkpoint holding the dequantized weights."""
+    """Write `src` (an int4 or FP8 checkpoint we read) as a 16-bit checkpoint holding the dequantized weights."""
     cfg = ModelConfig.from_hf_dir(src)
     read_formats(cfg, src)  # validates the checkpoint (every quantized Linear complete)
     group = cfg.quantization.group_size if cfg.quantization else 0
@@ -159,11 +181,17 @@ def write_dequantized(src: str, dst: str, dtype: torch.dtype = torch.float32) ->
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 module, _, suffix = name.rpartition(".")
-                if suffix in QUANT_SUFFIXES:
+                if suffix in QUANT_SUFFIXES or suffix == "weight_scale_inv" or (
+                        suffix == "weight" and f.get_slice(name).get_dtype().startswith("F8")):
                     pending.setdefault(module, {})[suffix] = f.get_tensor(name)
                 elif suffix != "weight_shape":
                     out[name] = f.get_tensor(name)
         for module, tensors in pending.items():
+            if "weight_scale_inv" in tensors:
+                block = cfg.quantization.weight_block_size
+                out[f"{module}.weight"] = dequant_blocks(tensors["weight"], tensors["weight_scale_inv"], block,
+                                                         dtype).contiguous()
+                continue
             fmt = "awq" if "qweight" in tensors else ("ct_zp" if "weight_zero_point" in tensors else "ct")
             out[f"{module}.weight"] = dequantize(fmt, tensors, group, dtype).contiguous()
         save_file(out, os.path.join(dst, os.path.basename(file)), metadata={"format": "pt"})

@@ -1,8 +1,9 @@
 """Which format each Linear of a checkpoint is in, decided before the model is built, and the model built to match.
 
-`plan_formats` reads only the safetensors headers (tensor names, no data) and config.json's quantization_config:
-a module holding `qweight`/`qzeros`/`scales` is AWQ int4, one holding `weight_packed`/`weight_scale` is
-compressed-tensors int4, anything else stays 16-bit. (modules_to_not_convert is how the writer chose; the tensors
+`plan_formats` reads only the safetensors headers (tensor names and dtypes, no data) and config.json's
+quantization_config: a module holding `qweight`/`qzeros`/`scales` is AWQ int4, one holding
+`weight_packed`/`weight_scale` is compressed-tensors int4, one whose `weight` is F8_E4M3 (with `weight_scale_inv`)
+is block FP8, anything else stays 16-bit. (modules_to_not_convert is how the writer chose; the tensors
 are what the reader trusts.) `apply_formats` then swaps the matching modules of a freshly built (meta) model.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections import defaultdict
 from safetensors import safe_open
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, QuantConfig
+from ..layers.fp8 import FP8_DTYPES, Fp8Experts, Fp8Linear
 from ..layers.linear import ProjectionGroup, QuantExperts, QuantLinear
 from ..layers.quant import FORMATS, QUANT_SUFFIXES, check_shapes
 
@@ -25,9 +27,10 @@ class FormatError(ValueError):
 
 
 def plan_formats(cfg: ModelConfig, files: list[str], strip) -> dict[str, str]:
-    """Checkpoint module name (prefix stripped, e.g. `layers.3.self_attn.o_proj`) -> "awq" | "ct" | "ct_zp" for
-    every quantized module; modules not listed are 16-bit. strip(name) -> stripped name or None (skipped)."""
+    """Checkpoint module name (prefix stripped, e.g. `layers.3.self_attn.o_proj`) -> "awq" | "ct" | "ct_zp" | "fp8"
+    for every quantized module; modules not listed are 16-bit. strip(name) -> stripped name or None (skipped)."""
     kinds: dict[str, dict[str, str]] = defaultdict(dict)  # module -> suffix -> full tensor name
+    fp8: dict[str, str] = {}  # module -> full name of its float8 `weight`
     names: set[str] = set()
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
@@ -37,17 +40,47 @@ def plan_formats(cfg: ModelConfig, files: list[str], strip) -> dict[str, str]:
                     continue
                 names.add(name)
                 module, _, suffix = name.rpartition(".")
-                if suffix in QUANT_SUFFIXES:
+                if suffix in QUANT_SUFFIXES or suffix == "weight_scale_inv":
                     kinds[module][suffix] = full
-    if not kinds:
+                elif suffix == "weight" and f.get_slice(full).get_dtype().startswith("F8"):
+                    _check_fp8_dtype(full, f.get_slice(full).get_dtype())
+                    fp8[module] = full
+    if not kinds and not fp8:
         return {}
     q = cfg.quantization
-    first = next(iter(next(iter(kinds.values())).values()))
+    first = next(iter(fp8.values())) if fp8 else next(iter(next(iter(kinds.values())).values()))
     if q is None:
         raise FormatError(f"Checkpoint holds quantized tensor {first} but config.json has no quantization_config; "
                           f"use the config.json that came with the checkpoint.")
+    if fp8 or q.method == "fp8":
+        return _plan_fp8(kinds, fp8, q.method, first)
     fmt = "awq" if q.method == "awq" else ("ct_zp" if q.zero_point else "ct")
     return {module: _check_module(module, found, fmt, q.method, names) for module, found in kinds.items()}
+
+
+def _check_fp8_dtype(full: str, dtype: str) -> None:
+    if dtype not in FP8_DTYPES:
+        raise FormatError(f"Tensor {full} is {dtype}; deltaserve reads FP8 weights as e4m3 (F8_E4M3) only.")
+
+
+def _plan_fp8(kinds: dict[str, dict[str, str]], fp8: dict[str, str], method: str, first: str) -> dict[str, str]:
+    """Every module with an F8_E4M3 weight is "fp8" and must hold weight_scale_inv, and nothing else quantized."""
+    if method != "fp8":
+        raise FormatError(f"Checkpoint holds FP8 tensor {first} but config.json's quantization_config.quant_method "
+                          f"is {method!r}; use the config.json that came with the checkpoint.")
+    for module, found in kinds.items():
+        for suffix, full in found.items():
+            if suffix != "weight_scale_inv":
+                raise FormatError(f"Tensor {full} is not part of the fp8 format config.json names "
+                                  f"(quantization_config.quant_method).")
+            if module not in fp8:
+                raise FormatError(f"Checkpoint holds {full} but {full[: -len('_scale_inv')]} is not "
+                                  f"float8_e4m3fn; an FP8 Linear stores its weight in e4m3.")
+    for module, full in fp8.items():
+        if module not in kinds:
+            raise FormatError(f"Checkpoint is missing tensor {full}_scale_inv: every FP8 Linear needs weight "
+                              f"(float8_e4m3fn) and weight_scale_inv.")
+    return {module: "fp8" for module in fp8}
 
 
 def _check_module(module: str, found: dict[str, str], fmt: str, method: str, names: set[str]) -> str:
@@ -73,7 +106,7 @@ def apply_formats(model: nn.Module, cfg: ModelConfig, formats: dict[str, str]) -
         return
     from .weights import fused_layout
 
-    group = cfg.quantization.group_size
+    q = cfg.quantization
     left = dict(formats)
     for i in range(cfg.num_hidden_layers):
         for fused, pieces in fused_layout(cfg).items():
@@ -82,19 +115,19 @@ def apply_formats(model: nn.Module, cfg: ModelConfig, formats: dict[str, str]) -
             fmts = [left.pop(f"layers.{i}.{module}.{piece}", None) for piece, _ in pieces]
             if any(fmts):
                 old = model.get_submodule(path)
-                pieces_ = [(piece, _linear(fmt, old.in_features, rows, group, f"layers.{i}.{module}.{piece}"))
+                pieces_ = [(piece, _linear(fmt, old.in_features, rows, q, f"layers.{i}.{module}.{piece}"))
                            for (piece, rows), fmt in zip(pieces, fmts)]
                 model.set_submodule(path, ProjectionGroup(pieces_))
-        _apply_experts(model, cfg, i, left, group)
+        _apply_experts(model, cfg, i, left, q)
     for name in sorted(left):
         old = _get(model, name)
         if not isinstance(old, nn.Linear) or name == "lm_head":
-            raise FormatError(f"Checkpoint module {name} is quantized ({left[name]}), but deltaserve reads int4 "
-                              f"only for the decoder layers' Linear projections and experts; keep it 16-bit.")
-        model.set_submodule(name, _linear(left[name], old.in_features, old.out_features, group, name))
+            raise FormatError(f"Checkpoint module {name} is quantized ({left[name]}), but deltaserve reads quantized "
+                              f"weights only for the decoder layers' Linear projections and experts; keep it 16-bit.")
+        model.set_submodule(name, _linear(left[name], old.in_features, old.out_features, q, name))
 
 
-def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[str, str], group: int) -> None:
+def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[str, str], q: QuantConfig) -> None:
     moe = f"layers.{layer}.mlp.experts"
     found = {k: left.pop(k) for k in [k for k in left if k.startswith(moe + ".") and EXPERT.match(k)]}
     if not found:
@@ -104,8 +137,12 @@ def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[st
     if set(found) != want or len(fmts) != 1:
         missing = sorted(want - set(found))
         raise FormatError(f"Experts of layer {layer} mix formats ({'16-bit ' + missing[0] if missing else fmts}); "
-                          f"deltaserve reads a layer's experts all int4 or all 16-bit.")
-    fmt = fmts.pop()
+                          f"deltaserve reads a layer's experts all quantized or all 16-bit.")
+    fmt, group = fmts.pop(), q.group_size
+    if fmt == "fp8":  # any shape: partial blocks at the edges have their own scales
+        model.set_submodule(moe, Fp8Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
+                                            q.weight_block_size))
+        return
     h, inter = cfg.hidden_size, cfg.moe_intermediate_size
     for name, i, o in ((f"{moe}.0.gate_proj", h, 2 * inter), (f"{moe}.0.down_proj", inter, h)):
         reason = check_shapes(fmt, i, o, group, name)
@@ -114,9 +151,12 @@ def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[st
     model.set_submodule(moe, QuantExperts(fmt, cfg.num_experts, h, inter, group))
 
 
-def _linear(fmt: str | None, in_features: int, out_features: int, group: int, name: str) -> nn.Module:
+def _linear(fmt: str | None, in_features: int, out_features: int, q: QuantConfig | None, name: str) -> nn.Module:
     if fmt is None:
         return nn.Linear(in_features, out_features, bias=False)
+    if fmt == "fp8":
+        return Fp8Linear(in_features, out_features, q.weight_block_size)
+    group = q.group_size
     reason = check_shapes(fmt, in_features, out_features, group, name)
     if reason:
         raise FormatError(f"Quantized tensor {name}.{next(iter(FORMATS[fmt]))} cannot be read: {reason} "

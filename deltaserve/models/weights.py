@@ -3,8 +3,10 @@
 Table-driven: `RULES` maps a checkpoint name (prefix already stripped) to a target parameter slice and a small pure
 transform. Tensors stream from safetensors (memory-mapped) straight into the preallocated parameters on the target
 device and dtype, so peak host memory stays about one tensor, never a second copy of the model. Every problem is a
-`WeightsError` naming the tensor or file. int4 checkpoints: `read_formats` (names only) tells `build_model` which
-Linears are quantized (models/formats.py); their tensors (`qweight`, `weight_packed`, ...) load by the same rules.
+`WeightsError` naming the tensor or file. Quantized checkpoints: `read_formats` (headers only) tells `build_model`
+which Linears are int4 or FP8 (models/formats.py); their tensors (`qweight`, `weight_packed`, `weight_scale_inv`,
+...) load by the same rules, each into a parameter of its own dtype (an FP8 `weight` is copied as e4m3, never cast
+to the model dtype).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..config import ModelConfig
+from ..layers.fp8 import Fp8Experts, Fp8Linear
 from ..layers.gated_deltanet import GatedDeltaNet
 from ..layers.linear import ProjectionGroup, QuantLinear
 from ..layers.quant import FORMATS, QUANT_SUFFIXES
@@ -29,7 +32,7 @@ from .registry import model_class
 
 PREFIXES = ("model.language_model.", "model.")  # ConditionalGeneration, CausalLM
 SKIP = re.compile(r"^(model\.visual\.|visual\.|mtp\.|model\.mtp\.)|rotary_emb\.inv_freq$|\.weight_shape$")
-QUANT_KINDS = "|".join(QUANT_SUFFIXES)  # int4 tensors of a quantized Linear (layers/quant.py FORMATS)
+QUANT_KINDS = "|".join([*QUANT_SUFFIXES, "weight_scale_inv"])  # int4 (layers/quant.py FORMATS) and FP8 scales
 
 
 class WeightsError(ValueError):
@@ -46,8 +49,12 @@ class Target:
 
 
 def _experts_slice(m: re.Match, cfg: ModelConfig, split: frozenset) -> Target:
-    """One expert's gate/up/down tensor (16-bit `weight` or an int4 tensor) -> its slice of the layer's stack."""
+    """One expert's gate/up/down tensor (16-bit `weight` or an int4 tensor) -> its slice of the layer's stack; FP8
+    experts (in `split`: an Fp8Experts) keep gate, up and down apart, as the checkpoint does."""
     layer, e, proj, kind = m["layer"], int(m["e"]), m["proj"], m["kind"]
+    if f"layers.{layer}.mlp.experts" in split:
+        p = f"layers.{layer}.mlp.experts.{proj}.{kind}"
+        return Target(p, (e,), (f"{p}[{e}]",))
     suffix = "" if kind == "weight" else f".{kind}"
     inter = cfg.moe_intermediate_size
     if proj == "down_proj":
@@ -161,7 +168,8 @@ def expected_parts(param: str, cfg: ModelConfig) -> tuple[str, ...]:
         return tuple(f"{param}.{piece}" for piece, _ in fused_layout(cfg)[m["fused"]])
     if re.search(rf"experts\.gate_up_proj(\.({QUANT_KINDS}))?$", param):
         return tuple(f"{param}[{e}].{h}" for e in range(cfg.num_experts) for h in ("gate_proj", "up_proj"))
-    if re.search(rf"experts\.down_proj(\.({QUANT_KINDS}))?$", param):
+    if re.search(rf"experts\.down_proj(\.({QUANT_KINDS}))?$|experts\.(gate|up|down)_proj\.weight(_scale_inv)?$",
+                 param):
         return tuple(f"{param}[{e}]" for e in range(cfg.num_experts))
     return (param,)
 
@@ -179,8 +187,9 @@ def strip_name(name: str, cfg: ModelConfig) -> str | None:
 def resolve(name: str, cfg: ModelConfig, shape=None, rank: int = 0, world: int = 1,
             split: frozenset = frozenset()) -> Target | None:
     """Checkpoint tensor name -> Target (for rank `rank` of `world`: its parameter slice and the checkpoint rows
-    it reads, given the tensor's full `shape`), or None for tensors we deliberately skip. split: our fused
-    projections built as ProjectionGroups (their pieces load whole into their own Linears)."""
+    it reads, given the tensor's full `shape`), or None for tensors we deliberately skip. split: modules whose
+    checkpoint pieces load whole into their own Linears: our fused projections built as ProjectionGroups, and
+    Fp8Experts."""
     name = strip_name(name, cfg)
     if name is None:
         return None
@@ -231,7 +240,7 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def read_formats(cfg: ModelConfig, path: str) -> dict[str, str]:
-    """Checkpoint module -> int4 format for every quantized Linear of the checkpoint at `path` (names only, no
+    """Checkpoint module -> int4 / FP8 format for every quantized Linear of the checkpoint at `path` (names only, no
     tensor data is read); see models/formats.py."""
     try:
         return plan_formats(cfg, checkpoint_files(path), lambda n: strip_name(n, cfg))
@@ -244,7 +253,7 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tp: 
     """Allocate the model (the shard of rank tp.rank: cfg is the full config) on `device` in `dtype` without
     initialising it (the loader fills every parameter). formats: from read_formats (None: every Linear 16-bit)."""
     if formats and tp.world > 1:
-        raise WeightsError("quantized (int4) checkpoints run with tensor_parallel_size=1 for now; "
+        raise WeightsError("quantized (int4 / FP8) checkpoints run with tensor_parallel_size=1 for now; "
                            "drop --tp or use a 16-bit checkpoint")
     with torch.device("meta"):
         model = model_class(cfg)(cfg, tp)
@@ -256,7 +265,7 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tp: 
         for m in model.modules():
             if isinstance(m, GatedDeltaNet):  # decay parameters stay fp32 (see GatedDeltaNet)
                 m.A_log.data, m.dt_bias.data = m.A_log.data.float(), m.dt_bias.data.float()
-            if isinstance(m, QuantLinear):
+            if isinstance(m, (QuantLinear, Fp8Linear)):
                 m.keep_scales_fp32()
     return model.to_empty(device=device).eval()
 
@@ -267,7 +276,7 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
     `path`, reading only that rank's rows of each tensor; raises WeightsError on any mismatch."""
     params = dict(model.named_parameters())
     local = shard_config(cfg, world)
-    split = frozenset(n for n, m in model.named_modules() if isinstance(m, ProjectionGroup))
+    split = frozenset(n for n, m in model.named_modules() if isinstance(m, (ProjectionGroup, Fp8Experts)))
     needed = {part for name in params for part in expected_parts(name, local)}
     loaded: set[str] = set()
     unexpected: list[str] = []

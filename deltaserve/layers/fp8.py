@@ -1,0 +1,90 @@
+"""Block-wise FP8 (e4m3) weights as the official Qwen FP8 releases store them, and the layers that hold them.
+
+Format: a quantized Linear keeps `weight` float8_e4m3fn [out, in] and `weight_scale_inv` fp32
+[ceil(out/BN), ceil(in/BK)] (config.json `weight_block_size` [BN, BK] = [128, 128]); W = weight * scale_inv per
+block. Experts store the same per expert. A module is FP8 when its checkpoint `weight` is F8_E4M3 (see
+models/formats.py); routers, gates, norms, embeddings and lm_head stay 16-bit.
+
+`Fp8Linear.forward` runs kernels/fp8_gemm (Triton W8A8 / weight-only GEMM on CUDA, dequantize + F.linear
+elsewhere). `Fp8Experts.dense` dequantizes every expert for the MoE dispatch (an FP8 fused MoE is later work).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.fp8_gemm import FP8_MAX, dequant_blocks, fp8_linear
+
+FP8_SUFFIXES = ("weight", "weight_scale_inv")  # the tensors one FP8 Linear holds, by checkpoint suffix
+FP8_DTYPES = ("F8_E4M3",)  # safetensors header dtypes read as FP8 weights
+
+
+def scale_shape(out_features: int, in_features: int, block: tuple[int, int]) -> tuple[int, int]:
+    """weight_scale_inv's shape for a [out, in] weight in (BN, BK) blocks."""
+    return -(-out_features // block[0]), -(-in_features // block[1])
+
+
+def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [out, in] float -> (weight float8_e4m3fn [out, in], weight_scale_inv fp32 [ceil(out/BN), ceil(in/BK)])
+    with scale_inv = amax(|block|) / 448, so |W - Ŵ| <= 2^-4 |W| + scale_inv · 2^-10 per element (e4m3 keeps 3
+    mantissa bits; below 2^-6 · scale_inv it rounds in steps of 2^-9 · scale_inv)."""
+    n, k = w.shape
+    nb, kb = scale_shape(n, k, block)
+    wp = torch.nn.functional.pad(w.float(), (0, kb * block[1] - k, 0, nb * block[0] - n))
+    wp = wp.view(nb, block[0], kb, block[1])
+    s = wp.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
+    q = (wp / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(nb * block[0], kb * block[1])[:n, :k].contiguous(), s
+
+
+class Fp8Linear(nn.Module):
+    """y = x Wᵀ with W block-FP8; parameters named like the checkpoint's (`weight`, `weight_scale_inv`).
+
+    num_experts: when given, both tensors get a leading [E] dim and only `dequant` is used (by Fp8Experts)."""
+
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int],
+                 num_experts: int | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, tuple(block)
+        lead = () if num_experts is None else (num_experts,)
+        self.weight = nn.Parameter(torch.empty(lead + (out_features, in_features), dtype=torch.float8_e4m3fn),
+                                   requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(
+            torch.empty(lead + scale_shape(out_features, in_features, self.block), dtype=torch.float32),
+            requires_grad=False)
+
+    def keep_scales_fp32(self) -> None:
+        """Undo a model-wide .to(dtype) (fp8 counts as floating point): the weight stays e4m3 and the scales fp32
+        (checkpoints store them fp32; bf16 would round them)."""
+        self.weight.data = self.weight.data.to(torch.float8_e4m3fn)
+        self.weight_scale_inv.data = self.weight_scale_inv.data.float()
+
+    def dequant(self, dtype: torch.dtype) -> torch.Tensor:
+        """-> W [(E,) out, in] in dtype."""
+        return dequant_blocks(self.weight, self.weight_scale_inv, self.block, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] -> [T, out] in x's dtype."""
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
+
+    def extra_repr(self) -> str:
+        return f"fp8 e4m3, in={self.in_features}, out={self.out_features}, block={list(self.block)}"
+
+
+class Fp8Experts(nn.Module):
+    """All experts of one MoE layer in block FP8, one Fp8Linear [E, ...] per checkpoint projection.
+
+    gate and up stay separate (not one [gate | up] stack as for 16-bit / int4): a 128-row scale block would
+    straddle the two when moe_intermediate_size is not a multiple of 128. `dense(dtype)` has the interface of
+    layers.moe.Experts / layers.linear.QuantExperts."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, block: tuple[int, int]):
+        super().__init__()
+        self.gate_proj = Fp8Linear(hidden_size, intermediate_size, block, num_experts)
+        self.up_proj = Fp8Linear(hidden_size, intermediate_size, block, num_experts)
+        self.down_proj = Fp8Linear(intermediate_size, hidden_size, block, num_experts)
+
+    def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (gate_up [E, 2I, H], down [E, H, I]) in dtype."""
+        gate_up = torch.cat([self.gate_proj.dequant(dtype), self.up_proj.dequant(dtype)], dim=1)
+        return gate_up, self.down_proj.dequant(dtype)
