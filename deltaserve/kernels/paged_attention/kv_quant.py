@@ -56,8 +56,10 @@ class QuantizedKV:
         return nb, bs, hkv, self.head_dim
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor of this cache (block-indexed on axis 0): what a block copy must copy."""
-        return [self.codes, self.scale] + ([self.zero] if self.zero is not None else [])
+        """Every tensor of this cache (block-indexed on axis 0): what a block copy must copy. fp8 codes come as their
+        bytes (a uint8 view): CPU index_copy_ has no float8 kernel."""
+        codes = self.codes.view(torch.uint8) if self.codes.dtype == torch.float8_e4m3fn else self.codes
+        return [codes, self.scale] + ([self.zero] if self.zero is not None else [])
 
 
 def block_tensors(cache: torch.Tensor | QuantizedKV) -> list[torch.Tensor]:
