@@ -96,7 +96,7 @@ def weight_bytes_per_token_step(llm, batch: int) -> float:
 def decode_step_bytes(llm, batch: int, context: int) -> float:
     from .worker.model_runner import kv_bytes_per_block, state_bytes_per_slot
 
-    kv_per_token = kv_bytes_per_block(llm.config, 1, llm.dtype)
+    kv_per_token = kv_bytes_per_block(llm.config, 1, llm.dtype, llm.kv_cache_dtype)  # quantized: codes + scales
     state = state_bytes_per_slot(llm.config, llm.dtype, llm.runner.caches.recurrent[0].dtype
                                  if llm.runner.caches.recurrent else torch.float32)
     return weight_bytes_per_token_step(llm, batch) + batch * (context * kv_per_token + 2 * state)

@@ -27,6 +27,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
     g.add_argument("--block-size", type=int, default=16, help="tokens per paged-KV block")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV pool size (overrides auto sizing)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4", "fp8"],
+                   help="KV cache storage: auto = the model dtype; int8 / int4 / fp8 quantize keys and values per "
+                        "token and kv head (about 2x / 4x / 2x the tokens in the same memory)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
@@ -200,7 +203,7 @@ def engine_kwargs(args) -> dict:
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                 num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-                enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp)
+                enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _merge_model_arg(args) -> None:
@@ -238,7 +241,7 @@ def _bench(args) -> None:
               max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.prompt_lens) * args.prefill_count),
               max_model_len=args.max_model_len or max_len, block_size=args.block_size,
               num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
     if args.preset:
         llm = LLM.from_config(preset_config(args.preset, args.layers), tensor_parallel_size=args.tp, **kw)
         name = args.preset if args.tp == 1 else f"{args.preset} TP={args.tp}"
@@ -247,7 +250,8 @@ def _bench(args) -> None:
     rows = run_bench(llm, args.prompt_lens, args.batch_sizes, args.context, args.steps,
                      prefill_count=args.prefill_count)
     dev = torch_device_name(llm.device)
-    print(format_table(rows, f"{name} | {dev} | {str(llm.dtype).replace('torch.', '')} | decode context "
+    print(format_table(rows, f"{name} | {dev} | {str(llm.dtype).replace('torch.', '')} | KV "
+                             f"{llm.kv_cache_dtype} | decode context "
                              f"{args.context} | CUDA graphs {'on' if llm.runner.graphs else 'off'}"))
 
 

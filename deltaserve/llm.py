@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from .config import ModelConfig
+from .kernels.paged_attention import check_kv_cache_dtype
 from .layers.linear import use_int4_kernels
 from .models.weights import WeightsError, build_model, checkpoint_files, load_weights, read_formats
 from .outputs import RequestOutput
@@ -45,6 +46,7 @@ class RankSpec:
     gpu_memory_utilization: float
     seed: int
     enforce_eager: bool
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "int8" | "int4" | "fp8"
 
     def build_runner(self, tp: TPGroup, device: torch.device, on_loaded=lambda: None) -> ModelRunner:
         """Build rank tp.rank's model shard (loading only its rows of the checkpoint) and its runner. Every rank
@@ -63,7 +65,7 @@ class RankSpec:
         max_len = self.max_model_len or cfg.max_position_embeddings
         num_blocks = self.num_kv_blocks or tp.min_int(_auto_kv_blocks(
             model, local, device, self.dtype, self.block_size, self.max_num_seqs, self.max_num_batched_tokens,
-            self.gpu_memory_utilization, state_dtype, max_len))
+            self.gpu_memory_utilization, state_dtype, max_len, self.kv_cache_dtype))
         capacity = num_blocks * self.block_size
         if capacity < max_len:
             if self.max_model_len is not None:  # an explicit length the pool cannot hold: say so rather than stall
@@ -73,7 +75,7 @@ class RankSpec:
                 logger.info("max_model_len lowered from %d to %d to fit the KV cache", max_len, capacity)
             max_len = capacity
         runner = ModelRunner(local, model, device, self.dtype, num_blocks, self.block_size, self.max_num_seqs,
-                             state_dtype, self.max_num_batched_tokens, max_len)
+                             state_dtype, self.max_num_batched_tokens, max_len, self.kv_cache_dtype)
         if device.type == "cuda" and not self.enforce_eager:
             if local.is_moe and self.dtype != torch.bfloat16:
                 # the sync-free grouped-GEMM MoE is bf16-only; the reference MoE syncs, which a graph cannot hold
@@ -81,9 +83,10 @@ class RankSpec:
             else:
                 runner.capture_cuda_graphs(self.max_num_seqs, max_len)
         if tp.rank == 0:
-            logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB%s); %d GDN state slots (%.2f GiB); "
-                        "max concurrency %d requests of %d tokens", num_blocks, self.block_size,
-                        capacity, num_blocks * kv_bytes_per_block(local, self.block_size, self.dtype) / 2**30,
+            logger.info("KV cache (%s): %d blocks x %d tokens = %d tokens (%.2f GiB%s); %d GDN state slots (%.2f GiB); "
+                        "max concurrency %d requests of %d tokens", self.kv_cache_dtype, num_blocks, self.block_size,
+                        capacity, num_blocks * kv_bytes_per_block(local, self.block_size, self.dtype,
+                                                                  self.kv_cache_dtype) / 2**30,
                         f" per rank of {tp.world}" if tp.world > 1 else "", self.max_num_seqs,
                         self.max_num_seqs * state_bytes_per_slot(local, self.dtype, state_dtype) / 2**30,
                         min(self.max_num_seqs, capacity // max_len or 1), max_len)
@@ -97,35 +100,42 @@ class LLM:
     float32 checkpoints run in bfloat16; float32 on CPU), "float32", "bfloat16" or "float16".
     tensor_parallel_size: N > 1 shards the model over N ranks of this node: this process is rank 0 (scheduling,
     sampling) and N - 1 worker processes are spawned (gloo on CPU; nccl on CUDA with device = rank). They stop on
-    `shutdown()`, when the LLM is garbage-collected, or at interpreter exit."""
+    `shutdown()`, when the LLM is garbage-collected, or at interpreter exit.
+    kv_cache_dtype: "auto" (the KV cache in the model dtype), "int8", "int4" or "fp8" (e4m3): keys and values
+    quantized per token and kv head on write, with fp32 scales (and zeros for int8 / int4) beside the blocks; the
+    cache takes ~1/2 (int8, fp8) or ~1/4 (int4) of the bf16 bytes, so auto-sizing fits ~2x / ~4x the tokens."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
-                 seed: int = 0, enforce_eager: bool = False, tensor_parallel_size: int = 1):
+                 seed: int = 0, enforce_eager: bool = False, tensor_parallel_size: int = 1,
+                 kv_cache_dtype: str = "auto"):
         tok_dir = tokenizer or model
         self._setup(ModelConfig.from_hf_dir(model), model, Tokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir)
                     else None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
-                    num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size)
+                    num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size, kv_cache_dtype)
 
     @classmethod
     def from_config(cls, config: ModelConfig, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
                     max_num_batched_tokens: int = 2048, max_model_len: int | None = None, block_size: int = 16,
                     num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9, seed: int = 0,
-                    enforce_eager: bool = False, tensor_parallel_size: int = 1) -> "LLM":
+                    enforce_eager: bool = False, tensor_parallel_size: int = 1,
+                    kv_cache_dtype: str = "auto") -> "LLM":
         """An engine over random weights of `config`'s shapes, made directly on the device (benchmarks: no
         checkpoint, no tokenizer; prompts are token ids). Under TP each rank draws its own shard: the same shapes
         and speed as a real checkpoint, not the same numbers as the TP=1 model of this seed."""
         llm = cls.__new__(cls)
         llm._setup(config, None, None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
-                   block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size)
+                   block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size,
+                   kv_cache_dtype)
         return llm
 
     def _setup(self, config: ModelConfig, weights_dir: str | None, tokenizer: Tokenizer | None, device: str,
                dtype: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int | None,
                block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float, seed: int,
-               enforce_eager: bool, tensor_parallel_size: int) -> None:
+               enforce_eager: bool, tensor_parallel_size: int, kv_cache_dtype: str = "auto") -> None:
         self.config, self.tokenizer, self._workers = config, tokenizer, None
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         if config.state_dtype != "float32":
             raise ValueError(f"this checkpoint asks for a {config.state_dtype} recurrent state (mamba_ssm_dtype); "
                              f"deltaserve keeps the GDN state in float32 only for now")
@@ -142,7 +152,8 @@ class LLM:
             raise WeightsError("quantized (int4 / FP8) checkpoints run with tensor_parallel_size=1 for now; "
                                "drop --tp or use a 16-bit checkpoint")
         spec = RankSpec(config, weights_dir, formats, self.device, self.dtype, max_num_seqs, max_num_batched_tokens,
-                        max_model_len, block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager)
+                        max_model_len, block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager,
+                        kv_cache_dtype)
         if tensor_parallel_size == 1:
             self.runner = spec.build_runner(SINGLE, self.device)
         else:
@@ -269,15 +280,16 @@ class LLM:
 
 def _auto_kv_blocks(model: torch.nn.Module, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                     block_size: int, max_num_seqs: int, max_num_batched_tokens: int, util: float,
-                    state_dtype: torch.dtype, max_model_len: int) -> int:
+                    state_dtype: torch.dtype, max_model_len: int, kv_cache_dtype: str = "auto") -> int:
     """KV blocks that fit this rank (cfg: its shard_config): on CUDA, util x card memory minus weights, the profiled
     peak of a full step and one state slot per sequence; on CPU, a fixed budget. Never more than max_num_seqs
     full-length sequences need."""
-    per_block = max(1, kv_bytes_per_block(cfg, block_size, dtype))
+    per_block = max(1, kv_bytes_per_block(cfg, block_size, dtype, kv_cache_dtype))
     full = max_num_seqs * math.ceil(max_model_len / block_size)
     if device.type != "cuda":
         return max(1, min(full, CPU_KV_BUDGET_BYTES // per_block))
-    activations = profile_activation_bytes(model, cfg, device, dtype, state_dtype, max_num_batched_tokens, block_size)
+    activations = profile_activation_bytes(model, cfg, device, dtype, state_dtype, max_num_batched_tokens, block_size,
+                                           kv_cache_dtype)
     _, total = torch.cuda.mem_get_info(device)
     states = max_num_seqs * state_bytes_per_slot(cfg, dtype, state_dtype)
     budget = util * total - torch.cuda.memory_allocated(device) - activations - states

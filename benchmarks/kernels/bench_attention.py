@@ -5,7 +5,12 @@ contiguous KV (K/V expanded to H heads), same run, same card. Decode (B = 1/64/2
 against the bandwidth bound = KV bytes read / measured device copy bandwidth. Also store_kv_triton vs the torch
 store. Prints one table; `--sweep` also tries tile configs so the defaults can be chosen from data.
 
-    python benchmarks/kernels/bench_attention.py [--sweep] [--heads 16 --kv-heads 4]
+`--kv-cache-dtype int8[,int4,fp8]` prints only the quantized-KV comparison instead: decode at context 32k, batch
+1/16/64, each kind against the bf16 cache it was quantized from (time per call, KV bytes read with scales and zeros,
+bandwidth, speed-up over bf16, max |difference| from the bf16 output), plus a 2048-token prefill chunk at 32k and
+the quantizing store.
+
+    python benchmarks/kernels/bench_attention.py [--sweep] [--heads 16 --kv-heads 4] [--kv-cache-dtype int8,int4,fp8]
 """
 import argparse
 
@@ -14,8 +19,9 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from deltaserve.kernels.paged_attention import (paged_attention_decode, paged_attention_prefill, store_kv,
-                                                store_kv_triton)
+from deltaserve.kernels.paged_attention import (allocate_kv, paged_attention_decode, paged_attention_prefill,
+                                                store_kv, store_kv_triton)
+from deltaserve.kernels.paged_attention.kv_quant import kv_bytes_per_token_head
 
 D, BS, DTYPE = 256, 16, torch.bfloat16
 DEVICE = "cuda"
@@ -122,6 +128,83 @@ def bench_store(t: int, hkv: int, gen: torch.Generator) -> list[str]:
     return [f"store_kv T={t:<6} triton {ms_t * 1e3:8.1f} us   torch (index_copy_ + mask sync) {ms_r * 1e3:8.1f} us"]
 
 
+def quantized_copy(k_cache: torch.Tensor, v_cache: torch.Tensor, kind: str):
+    """-> (k, v) QuantizedKV of the same blocks, quantized by the Triton store (no fp32 copy of a 32k x 64 cache)."""
+    nb, bs, hkv, d = k_cache.shape
+    qk, qv = (allocate_kv(kind, nb, bs, hkv, d, DTYPE, k_cache.device) for _ in range(2))
+    slots = torch.arange(nb * bs, device=k_cache.device)
+    store_kv_triton(k_cache.view(nb * bs, hkv, d), v_cache.view(nb * bs, hkv, d), qk, qv, slots)
+    return qk, qv
+
+
+def bench_kv_quant_decode(b: int, ctx_len: int, h: int, hkv: int, kinds: list[str], gen: torch.Generator,
+                          bandwidth: float) -> list[str]:
+    """Decode over a bf16 cache and over each quantized copy of it: same queries, same block tables."""
+    k_cache, v_cache, tables = paged_cache([ctx_len] * b, hkv, gen)
+    q = torch.randn(b, h, D, dtype=DTYPE, device=DEVICE, generator=gen)
+    gate = torch.randn(q.shape, dtype=DTYPE, device=DEVICE, generator=gen)
+    ctx = torch.full((b,), ctx_len, dtype=torch.int32, device=DEVICE)
+    rows, base_ms, base_out = [], None, None
+    for kind in ["auto"] + kinds:
+        kc, vc = (k_cache, v_cache) if kind == "auto" else quantized_copy(k_cache, v_cache, kind)
+        kv_bytes = 2 * b * ctx_len * hkv * kv_bytes_per_token_head(kind, D, DTYPE)
+
+        def run():
+            return paged_attention_decode(q, kc, vc, tables, ctx, D ** -0.5, gate, ctx_len)
+
+        out = run().float()
+        ms = do_bench(run)
+        if kind == "auto":
+            base_ms, base_out = ms, out
+        bound_us = kv_bytes / bandwidth * 1e6
+        rows.append(f"decode  B={b:<3} ctx={ctx_len:<6} {'bf16' if kind == 'auto' else kind:<5} {ms * 1e3:9.1f} us "
+                    f"{kv_bytes / 2**20:9.1f} MiB {kv_bytes / ms * 1e-9:6.0f} GB/s  {bound_us / (ms * 1e3):5.2f} of "
+                    f"bound  x{base_ms / ms:5.2f} vs bf16  max|d| vs bf16 {(out - base_out).abs().max().item():.1e}")
+    del k_cache, v_cache
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_kv_quant_prefill(q_len: int, ctx_len: int, h: int, hkv: int, kinds: list[str], gen: torch.Generator
+                           ) -> list[str]:
+    k_cache, v_cache, tables = paged_cache([ctx_len], hkv, gen)
+    q = torch.randn(q_len, h, D, dtype=DTYPE, device=DEVICE, generator=gen)
+    gate = torch.randn(q.shape, dtype=DTYPE, device=DEVICE, generator=gen)
+    cu = torch.tensor([0, q_len], dtype=torch.int32, device=DEVICE)
+    ctx = torch.tensor([ctx_len], dtype=torch.int32, device=DEVICE)
+    flops = 2 * 2 * h * D * q_len * (ctx_len - q_len / 2)
+    rows, base_ms = [], None
+    for kind in ["auto"] + kinds:
+        kc, vc = (k_cache, v_cache) if kind == "auto" else quantized_copy(k_cache, v_cache, kind)
+        ms = do_bench(lambda: paged_attention_prefill(q, kc, vc, tables, cu, ctx, D ** -0.5, gate, [q_len],
+                                                      [ctx_len]))
+        base_ms = base_ms or ms
+        rows.append(f"prefill {q_len} of ctx={ctx_len:<6} {'bf16' if kind == 'auto' else kind:<5} {ms * 1e3:9.1f} us "
+                    f"{flops / ms * 1e-9:7.1f} TFLOP/s  x{base_ms / ms:5.2f} vs bf16")
+    return rows
+
+
+def bench_kv_quant_store(t: int, hkv: int, kinds: list[str], gen: torch.Generator) -> list[str]:
+    k, v = (torch.randn(t, hkv, D, dtype=DTYPE, device=DEVICE, generator=gen) for _ in range(2))
+    slots = torch.randperm(t, device=DEVICE, generator=gen)
+    rows = []
+    for kind in ["auto"] + kinds:
+        kc, vc = (allocate_kv(kind, triton.cdiv(t, BS), BS, hkv, D, DTYPE, torch.device(DEVICE)) for _ in range(2))
+        ms = do_bench(lambda: store_kv_triton(k, v, kc, vc, slots))
+        rows.append(f"store_kv T={t:<6} {'bf16' if kind == 'auto' else kind:<5} {ms * 1e3:8.1f} us")
+    return rows
+
+
+def main_kv_quant(kinds: list[str], h: int, hkv: int, gen: torch.Generator, bandwidth: float) -> None:
+    for b in (1, 16, 64):
+        for row in bench_kv_quant_decode(b, 32768, h, hkv, kinds, gen, bandwidth):
+            print(row)
+    for row in bench_kv_quant_prefill(2048, 32768, h, hkv, kinds, gen):
+        print(row)
+    for row in bench_kv_quant_store(8192, hkv, kinds, gen):
+        print(row)
+
+
 def _cfg(cfg: dict) -> str:
     return ",".join(f"{k.replace('num_', '').replace('block_', 'b')}={v}" for k, v in cfg.items()) or "default"
 
@@ -131,7 +214,12 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
+    ap.add_argument("--kv-cache-dtype", default=None, type=lambda v: v.split(","), metavar="KINDS",
+                    help="comma-separated int8,int4,fp8: print only the quantized-KV comparison against bf16")
     args = ap.parse_args()
+    bad = [k for k in args.kv_cache_dtype or [] if k not in ("int8", "int4", "fp8")]
+    if bad:
+        raise SystemExit(f"--kv-cache-dtype takes int8, int4 and fp8 (comma-separated), got {bad[0]!r}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA device")
     h, hkv = args.heads, args.kv_heads
@@ -139,6 +227,9 @@ def main():
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"H={h} Hkv={hkv} D={D} block_size={BS} {DTYPE}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (r+w)")
+    if args.kv_cache_dtype:
+        main_kv_quant(args.kv_cache_dtype, h, hkv, gen, bandwidth)
+        return
     prefill_cfgs = [{}]
     decode_cfgs = [{}]
     if args.sweep:

@@ -21,7 +21,7 @@ from ..worker.forward_batch import ForwardBatch
 
 @dataclass
 class ModelCaches:
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per full-attention layer: k, v [num_blocks, block_size, Hkv, D]
+    kv: list[tuple]  # per full-attention layer: k, v [num_blocks, block_size, Hkv, D] tensors or QuantizedKV
     conv: list[torch.Tensor]  # per GDN layer: [num_slots, conv_dim, W-1] in the model dtype
     recurrent: list[torch.Tensor]  # per GDN layer: [num_slots, HV, K, V] in the state dtype (fp32 by default)
 

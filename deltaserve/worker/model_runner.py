@@ -1,7 +1,9 @@
 """ModelRunner: owns the model and its caches; turns a SchedulerOutput into a StepPlan (host lists), the plan into a
 ForwardBatch, runs the forward, samples.
 
-Caches: per full-attention layer a (k, v) pair [num_blocks, block_size, Hkv, D] in the model dtype; per GDN layer a
+Caches: per full-attention layer a (k, v) pair [num_blocks, block_size, Hkv, D] in the model dtype, or (kv_cache_dtype
+int8 / int4 / fp8) a pair of QuantizedKV (codes + per-token-per-head scales and zeros, kernels/paged_attention/
+kv_quant.py); per GDN layer a
 conv state [num_slots, conv_dim, W-1] (model dtype) and a recurrent state [num_slots, HV, K, V] (state dtype). Under
 tensor parallelism `cfg` is the rank's shard_config, so each rank's caches hold only its own heads.
 
@@ -16,6 +18,8 @@ import torch
 
 from ..config import ModelConfig
 from ..kernels.gated_delta_rule import build_step_tables
+from ..kernels.paged_attention import allocate_kv, block_tensors
+from ..kernels.paged_attention.kv_quant import kv_bytes_per_token_head
 from ..models.qwen3_5 import ModelCaches
 from ..runtime.scheduler_output import SchedulerOutput
 from .cuda_graph import CudaGraphRunner
@@ -50,9 +54,10 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)  # request id -> next prompt positions
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * len(cfg.full_attention_layers) * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Bytes one KV block takes over all full-attention layers, K and V, scales and zeros included."""
+    per_token_head = kv_bytes_per_token_head(kv_cache_dtype, cfg.head_dim, dtype)
+    return 2 * len(cfg.full_attention_layers) * block_size * cfg.num_key_value_heads * per_token_head
 
 
 def state_bytes_per_slot(cfg: ModelConfig, dtype: torch.dtype, state_dtype: torch.dtype) -> int:
@@ -64,11 +69,12 @@ def state_bytes_per_slot(cfg: ModelConfig, dtype: torch.dtype, state_dtype: torc
 
 @torch.inference_mode()
 def profile_activation_bytes(model: torch.nn.Module, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-                             state_dtype: torch.dtype, num_tokens: int, block_size: int) -> int:
+                             state_dtype: torch.dtype, num_tokens: int, block_size: int,
+                             kv_cache_dtype: str = "auto") -> int:
     """Peak CUDA memory of one full step (num_tokens in one sequence, logits for every row, as a prompt-logprobs
     step may need) beyond what is allocated now."""
     n_blocks = -(-num_tokens // block_size)
-    caches = _allocate_caches(cfg, device, dtype, state_dtype, n_blocks, block_size, 1)
+    caches = _allocate_caches(cfg, device, dtype, state_dtype, n_blocks, block_size, 1, kv_cache_dtype)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -88,13 +94,15 @@ def profile_activation_bytes(model: torch.nn.Module, cfg: ModelConfig, device: t
 
 
 def _allocate_caches(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype,
-                     num_kv_blocks: int, block_size: int, num_slots: int) -> ModelCaches:
-    kv_shape = (num_kv_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+                     num_kv_blocks: int, block_size: int, num_slots: int, kv_cache_dtype: str = "auto") -> ModelCaches:
+    def kv_side():
+        return allocate_kv(kv_cache_dtype, num_kv_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype,
+                           device)
+
     conv_shape = (num_slots, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1)
     rec_shape = (num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
     return ModelCaches(
-        kv=[(torch.zeros(kv_shape, dtype=dtype, device=device), torch.zeros(kv_shape, dtype=dtype, device=device))
-            for _ in cfg.full_attention_layers],
+        kv=[(kv_side(), kv_side()) for _ in cfg.full_attention_layers],
         conv=[torch.zeros(conv_shape, dtype=dtype, device=device) for _ in cfg.linear_attention_layers],
         recurrent=[torch.zeros(rec_shape, dtype=state_dtype, device=device) for _ in cfg.linear_attention_layers],
     )
@@ -139,11 +147,13 @@ class StagingBuffers:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
                  num_kv_blocks: int, block_size: int, num_slots: int, state_dtype: torch.dtype,
-                 max_num_batched_tokens: int, max_model_len: int):
+                 max_num_batched_tokens: int, max_model_len: int, kv_cache_dtype: str = "auto"):
         self.cfg, self.model, self.device, self.dtype = cfg, model, device, dtype
+        self.kv_cache_dtype = kv_cache_dtype
         self.block_size, self.num_kv_blocks, self.max_model_len = block_size, num_kv_blocks, max_model_len
         self.staging = StagingBuffers(device, max_num_batched_tokens, num_slots, -(-max_model_len // block_size))
-        self.caches = _allocate_caches(cfg, device, dtype, state_dtype, num_kv_blocks, block_size, num_slots)
+        self.caches = _allocate_caches(cfg, device, dtype, state_dtype, num_kv_blocks, block_size, num_slots,
+                                       kv_cache_dtype)
         self.graphs: CudaGraphRunner | None = None
         self.sampler = Sampler()
         self.peers = None  # rank 0 under tensor parallelism: TPWorkers, sent every StepPlan
@@ -250,8 +260,8 @@ class ModelRunner:
             s_idx = torch.tensor(src_blocks, device=self.device)
             d_idx = torch.tensor(dst_blocks, device=self.device)
             for k, v in self.caches.kv:
-                k.index_copy_(0, d_idx, k.index_select(0, s_idx))
-                v.index_copy_(0, d_idx, v.index_select(0, s_idx))
+                for t in block_tensors(k) + block_tensors(v):  # a quantized side: codes, scales, zeros
+                    t.index_copy_(0, d_idx, t.index_select(0, s_idx))
 
     def _prompt_logprobs(self, sched: SchedulerOutput, logits: torch.Tensor, first_row: list[int],
                          out: RunnerOutput) -> None:

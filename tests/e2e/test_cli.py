@@ -46,7 +46,7 @@ def assert_user_error(res, *needles):
         (["quantize"], ["--method", "--group-size", "--not-convert", "--calib"]),
         (["make-tiny"], ["--moe", "--layers", "--seed", "dir"]),
         (["generate"], ["--model", "--prompt", "--max-tokens", "--temperature", "--top-p", "--chat", "--device",
-                        "--dtype", "--ignore-eos", "--num-kv-blocks", "--tp"]),
+                        "--dtype", "--ignore-eos", "--num-kv-blocks", "--tp", "--kv-cache-dtype"]),
     ],
     ids=["top", "quantize", "make_tiny", "generate"],
 )
@@ -76,6 +76,17 @@ def test_generate_from_made_tiny(made, env):
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     assert "--- prompt: 'hello' | 5 tokens, finish: length" in res.stdout, res.stdout
+
+
+def test_generate_with_int8_kv_cache(made, env):
+    _, path = made
+    res = cli("generate", "--model", path, "--prompt", "hello", "--max-tokens", "5", "--ignore-eos",
+              "--device", "cpu", "--kv-cache-dtype", "int8", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "KV cache (int8)" in res.stderr  # the engine's KV-cache log line names the storage
+    assert "--- prompt: 'hello' | 5 tokens, finish: length" in res.stdout, res.stdout
+    bad = cli("generate", "--model", path, "--prompt", "hello", "--kv-cache-dtype", "int3", env=env)
+    assert bad.returncode == 2 and "invalid choice: 'int3'" in bad.stderr, bad.stderr
 
 
 def test_generate_tp2_prints_what_tp1_prints(made, env):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deltaserve import LLM, SamplingParams
+from deltaserve.kernels.paged_attention import block_tensors
 from deltaserve.tiny import make_tiny
 
 # fp32 on CPU: batching, chunking and preemption may only change rounding. Different batch shapes change the matmul
@@ -147,8 +148,9 @@ def poison_free_memory(llm: LLM) -> tuple[int, int]:
     if blocks:
         idx = torch.tensor(blocks)
         for k, v in caches.kv:
-            k.index_fill_(0, idx, float("nan"))
-            v.index_fill_(0, idx, float("nan"))
+            for t in block_tensors(k) + block_tensors(v):  # quantized: NaN scales poison the integer codes
+                if t.is_floating_point():
+                    t.index_fill_(0, idx, float("nan"))
     return len(slots), len(blocks)
 
 

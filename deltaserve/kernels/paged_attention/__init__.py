@@ -3,12 +3,17 @@
 The Triton entry points (`paged_attention_prefill`, `paged_attention_decode`, `paged_attention_varlen_triton`,
 `store_kv_triton`, see triton.py) are exported lazily: importing deltaserve must not import triton, because
 @triton.jit (and triton's own standard library) choose interpreter or compiler once, at import, from
-TRITON_INTERPRET — a CPU test that sets it after an eager import would get uncallable GPU kernels."""
+TRITON_INTERPRET — a CPU test that sets it after an eager import would get uncallable GPU kernels.
+
+A cache side is a [NB, BS, Hkv, D] tensor in the model dtype or a QuantizedKV (kv_quant.py); every entry point takes
+either."""
+from .kv_quant import KV_CACHE_DTYPES, QuantizedKV, allocate_kv, block_tensors, check_kv_cache_dtype
 from .reference import paged_attention_varlen, store_kv
 
-__all__ = ["paged_attention_varlen", "store_kv", "write_kv", "attend", "paged_attention_prefill", "paged_attention_decode",
-           "paged_attention_varlen_triton", "store_kv_triton"]
-_TRITON_EXPORTS = frozenset(__all__[4:])
+__all__ = ["paged_attention_varlen", "store_kv", "write_kv", "attend", "KV_CACHE_DTYPES", "QuantizedKV",
+           "allocate_kv", "block_tensors", "check_kv_cache_dtype", "paged_attention_prefill",
+           "paged_attention_decode", "paged_attention_varlen_triton", "store_kv_triton"]
+_TRITON_EXPORTS = frozenset(__all__[9:])
 
 
 def __getattr__(name: str):
@@ -20,8 +25,9 @@ def __getattr__(name: str):
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Store this step's keys and values at their flat cache slots (-1: skip): Triton on CUDA (no host sync, so
-    graph-capturable), the reference elsewhere. k, v: [T, Hkv, D]; caches: [NB, BS, Hkv, D]; slot_mapping: [T]."""
+    """Store this step's keys and values at their flat cache slots (-1: skip), quantizing for a QuantizedKV cache:
+    Triton on CUDA (no host sync, so graph-capturable), the reference elsewhere. k, v: [T, Hkv, D];
+    caches: [NB, BS, Hkv, D]; slot_mapping: [T]."""
     if k.is_cuda:
         from .triton import store_kv_triton
 

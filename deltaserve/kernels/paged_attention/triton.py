@@ -11,12 +11,21 @@ The optional output gate (Qwen3.5) is applied in the epilogue: o = attn * sigmoi
 
 GQA: one program serves all G = H / Hkv query heads of one kv head, so each K/V tile is read once per group.
 Prefill packs rows as (query token, head in group): row r of a tile is token r // G, head r % G.
+
+Quantized caches (QuantizedKV: int8 / int4 / fp8 codes + per-token-per-head scales and zeros, kv_quant.py): the
+constexpr KV_KIND picks triton_quant.py's tile step, which multiplies in q's dtype and folds scale and zero into the
+scores and probabilities; KV_KIND = 0 compiles exactly the 16-bit kernels.
 """
 import torch
 import triton
 import triton.language as tl
 
+from .kv_quant import QuantizedKV
+from .triton_quant import (KV_KIND, attend_tile_quant, check_quant_cache, code_args, quant_pointer_args,
+                           store_kv_quant)
+
 LOG2E = 1.4426950408889634
+Cache = torch.Tensor | QuantizedKV  # one side (K or V) of a layer's paged cache
 
 
 @triton.jit
@@ -64,12 +73,13 @@ def _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n
 
 
 @triton.jit
-def _prefill_kernel(q, k_cache, v_cache, gate, o, block_tables, cu_seqlens, context_lens, tile_table, scale_log2,
+def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate, o, block_tables, cu_seqlens,
+                    context_lens, tile_table, scale_log2,
                     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_gt, stride_gh, stride_ot, stride_oh, stride_bt,
                     HKV: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (num q tiles * Hkv,), the kv heads of a tile adjacent (tiles come heaviest first). A program takes
     BLOCK_Q query tokens of one sequence x the G heads of kv head i_kvh: BLOCK_M >= BLOCK_Q * G rows."""
     i_tile, i_kvh = tl.program_id(0) // HKV, tl.program_id(0) % HKV
@@ -86,7 +96,10 @@ def _prefill_kernel(q, k_cache, v_cache, gate, o, block_tables, cu_seqlens, cont
     m_row = (o_m < BLOCK_Q * G) & (o_tok < q_len)
     o_row_t = bos + o_tok.to(tl.int64)
     b_q = tl.load(q + o_row_t[:, None] * stride_qt + o_head[:, None] * stride_qh + o_d[None, :],
-                  mask=m_row[:, None], other=0.0).to(k_cache.dtype.element_ty)
+                  mask=m_row[:, None], other=0.0)
+    if KV_KIND == 0:
+        b_q = b_q.to(k_cache.dtype.element_ty)
+    b_qsum = tl.sum(b_q.to(tl.float32), 1)  # quantized caches: folds the zeros (unused, so dropped, for 16-bit)
     pos = ctx - q_len + o_tok  # absolute position of each row's query token
     kv_end = ctx - q_len + tl.minimum(i_qtile * BLOCK_Q + BLOCK_Q, q_len)  # keys past the tile's last query unseen
 
@@ -98,9 +111,15 @@ def _prefill_kernel(q, k_cache, v_cache, gate, o, block_tables, cu_seqlens, cont
         o_n = start + tl.arange(0, BLOCK_N)
         m_n = o_n < kv_end
         m_s = (o_n[None, :] <= pos[:, None]) & m_n[None, :]
-        b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n, m_s, i_kvh,
-                                       scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                       BS, D, DOT_PRECISION)
+        if KV_KIND == 0:
+            b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n, m_s,
+                                           i_kvh, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                           stride_vh, BS, D, DOT_PRECISION)
+        else:
+            b_m, b_l, b_acc = attend_tile_quant(b_q, b_qsum, b_m, b_l, b_acc, k_cache, v_cache, k_scale, v_scale,
+                                                k_zero, v_zero, p_block_table, o_n, m_n, m_s, i_kvh, scale_log2,
+                                                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                                BS, HKV, D, KV_KIND, DOT_PRECISION)
     b_o = b_acc / b_l[:, None]
     if HAS_GATE:
         b_g = tl.load(gate + o_row_t[:, None] * stride_gt + o_head[:, None] * stride_gh + o_d[None, :],
@@ -111,13 +130,13 @@ def _prefill_kernel(q, k_cache, v_cache, gate, o, block_tables, cu_seqlens, cont
 
 
 @triton.jit
-def _decode_partial_kernel(q, k_cache, v_cache, gate, o, part_m, part_l, part_acc, block_tables, context_lens,
-                           scale_log2, partition_size, num_partitions, stride_qn, stride_qh,
+def _decode_partial_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate, o, part_m, part_l, part_acc,
+                           block_tables, context_lens, scale_log2, partition_size, num_partitions, stride_qn, stride_qh,
                            stride_kb, stride_ks, stride_kh,
                            stride_vb, stride_vs, stride_vh, stride_gn, stride_gh, stride_on, stride_oh, stride_bt,
                            H: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr,
                            D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_GATE: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr):
+                           KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (N, Hkv, P = num_partitions). Program (i, h, p) attends the G query heads of kv head h of sequence i over
     keys [p * partition_size, (p + 1) * partition_size) of its context. Not SPLIT (P == 1): writes o directly, gate
     applied. SPLIT: writes the unnormalised part_acc [N, H, P, D] and part_m (log2 units), part_l [N, H, P], fp32."""
@@ -132,7 +151,10 @@ def _decode_partial_kernel(q, k_cache, v_cache, gate, o, part_m, part_l, part_ac
         m_h = o_h < G
         i_seq64 = i_seq.to(tl.int64)
         b_q = tl.load(q + i_seq64 * stride_qn + o_head[:, None] * stride_qh + o_d[None, :], mask=m_h[:, None],
-                      other=0.0).to(k_cache.dtype.element_ty)
+                      other=0.0)
+        if KV_KIND == 0:
+            b_q = b_q.to(k_cache.dtype.element_ty)
+        b_qsum = tl.sum(b_q.to(tl.float32), 1)
         b_m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([BLOCK_H], dtype=tl.float32)
         b_acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
@@ -140,9 +162,15 @@ def _decode_partial_kernel(q, k_cache, v_cache, gate, o, part_m, part_l, part_ac
         for n in range(start, end, BLOCK_N):
             o_n = n + tl.arange(0, BLOCK_N)
             m_n = o_n < end
-            b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n,
-                                           m_n[None, :], i_kvh, scale_log2, stride_kb, stride_ks, stride_kh,
-                                           stride_vb, stride_vs, stride_vh, BS, D, DOT_PRECISION)
+            if KV_KIND == 0:
+                b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n,
+                                               m_n[None, :], i_kvh, scale_log2, stride_kb, stride_ks, stride_kh,
+                                               stride_vb, stride_vs, stride_vh, BS, D, DOT_PRECISION)
+            else:
+                b_m, b_l, b_acc = attend_tile_quant(b_q, b_qsum, b_m, b_l, b_acc, k_cache, v_cache, k_scale, v_scale,
+                                                    k_zero, v_zero, p_block_table, o_n, m_n, m_n[None, :], i_kvh,
+                                                    scale_log2, stride_kb, stride_ks, stride_kh, stride_vb,
+                                                    stride_vs, stride_vh, BS, H // G, D, KV_KIND, DOT_PRECISION)
         if not SPLIT:
             b_o = b_acc / b_l[:, None]
             if HAS_GATE:
@@ -193,16 +221,21 @@ def _decode_reduce_kernel(o, gate, part_m, part_l, part_acc, context_lens, parti
 
 
 # ----------------------------------------------------------------------------------------------------------- wrappers
-def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
+def _check_cache(k_cache: Cache, v_cache: Cache) -> tuple[int, int, int, int]:
     """-> (NB, BS, Hkv, D) after checking the two caches agree and D is contiguous."""
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be "
-                         "[num_blocks, block_size, Hkv, D]")
-    if k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache need a contiguous last (head_dim) axis")
-    nb, bs, hkv, d = k_cache.shape
+    if isinstance(k_cache, QuantizedKV):
+        nb, bs, hkv, d = check_quant_cache(k_cache, v_cache)
+    else:
+        if isinstance(v_cache, QuantizedKV):
+            raise ValueError("k_cache and v_cache must both be tensors or both QuantizedKV")
+        if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+            raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be "
+                             "[num_blocks, block_size, Hkv, D]")
+        if k_cache.dtype != v_cache.dtype:
+            raise ValueError(f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
+        if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+            raise ValueError("k_cache and v_cache need a contiguous last (head_dim) axis")
+        nb, bs, hkv, d = k_cache.shape
     if d < 16 or d & (d - 1):
         raise ValueError(f"head_dim {d} must be a power of two >= 16")
     return nb, bs, hkv, d
@@ -241,10 +274,21 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 caches: exact products (tests), not TF32
 
 
-def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _cache_args(k_cache: Cache, v_cache: Cache, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], dict]:
+    """-> (k data, v data, [k_scale, v_scale, k_zero, v_zero], constexprs KV_KIND and DOT_PRECISION) for the
+    attention kernels. The matmuls run in the cache dtype for a 16-bit cache, in q's dtype for a quantized one;
+    a 16-bit cache stands in for the four unused scale / zero pointers."""
+    if isinstance(k_cache, QuantizedKV):
+        return (*code_args(k_cache, v_cache), quant_pointer_args(k_cache, v_cache),
+                dict(KV_KIND=KV_KIND[k_cache.kind], DOT_PRECISION=_dot_precision(q.dtype)))
+    return k_cache, v_cache, [k_cache] * 4, dict(KV_KIND=0, DOT_PRECISION=_dot_precision(k_cache.dtype))
+
+
+def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: Cache, v_cache: Cache,
                     slot_mapping: torch.Tensor) -> None:
     """k, v: [T, Hkv, D] any float dtype; caches: [NB, BS, Hkv, D]; slot_mapping: [T] int32/int64 flat position
-    (block * BS + offset), -1: skip -> in place, cast to the cache dtype. One launch for K and V, no host sync."""
+    (block * BS + offset), -1: skip -> in place, cast to the cache dtype (a QuantizedKV: quantized per token and
+    kv head, as kv_quant.quantize_kv). One launch for K and V, no host sync."""
     _, bs, hkv, d = _check_cache(k_cache, v_cache)
     t = k.shape[0]
     for name, x in (("k", k), ("v", v)):
@@ -252,11 +296,14 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
             raise ValueError(f"{name} {tuple(x.shape)} must be [T={t}, Hkv={hkv}, D={d}] with a contiguous last axis")
     if slot_mapping.shape != (t,):
         raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} must be [T={t}]")
+    if t == 0:
+        return
+    if isinstance(k_cache, QuantizedKV):  # contiguous: checked by _check_cache
+        store_kv_quant(k, v, k_cache, v_cache, slot_mapping)
+        return
     for c in (k_cache, v_cache):
         if c.stride(0) != bs * c.stride(1):
             raise ValueError("caches must be contiguous over (block, offset): a slot indexes [NB * BS] rows")
-    if t == 0:
-        return
     _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                            k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
                            HKV=hkv, D=d, BLOCK_HKV=triton.next_power_of_2(hkv), num_warps=4)
@@ -285,7 +332,7 @@ def _prefill_config(d: int, g: int) -> tuple[int, int, int, int]:
     return block_m, 64, 4, 2
 
 
-def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
                             block_tables: torch.Tensor, cu_seqlens: torch.Tensor, context_lens: torch.Tensor,
                             scale: float, gate: torch.Tensor | None, query_lens: list[int],
                             context_lens_cpu: list[int], *, block_m: int | None = None, block_n: int | None = None,
@@ -293,7 +340,7 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             out: torch.Tensor | None = None) -> torch.Tensor:
     """Varlen causal attention over the paged KV cache (chunked prefill, mixed with decode rows).
 
-    q: [T, H, D] (cast to the cache dtype for the matmuls); k_cache, v_cache: [NB, BS, Hkv, D];
+    q: [T, H, D] (cast to the cache dtype for the matmuls); k_cache, v_cache: [NB, BS, Hkv, D] (or QuantizedKV);
     block_tables: [N, max_blocks] int32/int64; cu_seqlens: [N+1] int32/int64 (device); context_lens: [N] (device);
     gate: [T, H, D] or None; query_lens, context_lens_cpu: the same N lengths as host ints (tile count, checks)
     -> o: [T, H, D] in q's dtype (written into `out` when given), attn * sigmoid(gate) when gate is given.
@@ -329,13 +376,14 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return o
     tiles = tiles.to(q.device, non_blocking=True)
     gate_arg = gate if gate is not None else q
+    kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
     _prefill_kernel[(tiles.shape[0] * hkv,)](
-        q, k_cache, v_cache, gate_arg, o, block_tables, cu_seqlens, context_lens, tiles, scale * LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), gate_arg.stride(0), gate_arg.stride(1),
+        q, kc, vc, *quant_args, gate_arg, o, block_tables, cu_seqlens, context_lens, tiles, scale * LOG2E,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), gate_arg.stride(0), gate_arg.stride(1),
         o.stride(0), o.stride(1), block_tables.stride(0),
         HKV=hkv, G=g, BS=bs, D=d, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, HAS_GATE=gate is not None,
-        DOT_PRECISION=_dot_precision(k_cache.dtype), num_warps=num_warps or cfg_w, num_stages=num_stages or cfg_s)
+        **kinds, num_warps=num_warps or cfg_w, num_stages=num_stages or cfg_s)
     return o
 
 
@@ -359,14 +407,14 @@ def _decode_partition_size(n: int, hkv: int, max_context_len: int, device: torch
     return size
 
 
-def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            gate: torch.Tensor | None, max_context_len: int, *, partition_size: int | None = None,
                            block_n: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Flash-decoding (split-K) attention of one query token per sequence over the paged KV cache.
 
-    q: [N, H, D] (row i is the last token of sequence i); k_cache, v_cache: [NB, BS, Hkv, D];
+    q: [N, H, D] (row i is the last token of sequence i); k_cache, v_cache: [NB, BS, Hkv, D] (or QuantizedKV);
     block_tables: [N, max_blocks] int32/int64; context_lens: [N] int32/int64 (device; 0: padded row, output zeros);
     gate: [N, H, D] or None; max_context_len: host int >= every context_lens[i] (sets the partition grid; for CUDA
     graphs pass the capture bound) -> o: [N, H, D] in q's dtype (into `out` when given).
@@ -397,14 +445,14 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_acc = torch.empty((n, h, parts, d), dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = o  # unused
+    kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
     _decode_partial_kernel[(n, hkv, parts)](
-        q, k_cache, v_cache, gate_arg, o, part_m, part_l, part_acc, block_tables, context_lens, scale * LOG2E,
-        size, parts, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), gate_arg.stride(0), gate_arg.stride(1),
+        q, kc, vc, *quant_args, gate_arg, o, part_m, part_l, part_acc, block_tables, context_lens, scale * LOG2E,
+        size, parts, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), gate_arg.stride(0), gate_arg.stride(1),
         o.stride(0), o.stride(1), block_tables.stride(0),
         H=h, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BS=bs, D=d, BLOCK_N=block_n, SPLIT=split,
-        HAS_GATE=gate is not None, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        num_warps=num_warps or 4, num_stages=num_stages or 3)
+        HAS_GATE=gate is not None, **kinds, num_warps=num_warps or 4, num_stages=num_stages or 3)
     if split:
         _decode_reduce_kernel[(n, h)](
             o, gate_arg, part_m, part_l, part_acc, context_lens, size, parts, o.stride(0), o.stride(1),
@@ -413,7 +461,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return o
 
 
-def paged_attention_varlen_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_attention_varlen_triton(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
                                   block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
                                   scale: float, gate: torch.Tensor | None = None, *,
                                   cu_seqlens: torch.Tensor | None = None,

@@ -1,0 +1,173 @@
+"""Triton pieces of the quantized KV cache (layout and formulas: kv_quant.py), used by triton.py's kernels.
+
+- `store_kv_quant_kernel`: quantize each stored token's K and V rows (one scale, and zero, per kv head) on write.
+- `attend_tile_quant`: triton.py's online-softmax step over a tile of quantized keys. The codes enter the two
+  matmuls cast to q's dtype (int8, int4 and e4m3 values are exact in bf16 / fp16), and the per-key scale s_n and
+  offset z_n are folded into the [ROWS, BLOCK_N] scores and probabilities instead of dequantizing [BLOCK_N, D]:
+      q . k_n = s_n (q . c_n) + z_n sum_d(q)          sum_n p_n v_n = sum_n (p_n s_n) c_n + sum_n p_n z_n
+  (int8 codes are stored minus 128, so z_n = zero_n + 128 s_n; fp8 has no zero).
+KV_KIND (constexpr): 0 = 16-bit cache (triton.py's own path), 1 = int8, 2 = int4, 3 = fp8.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .kv_quant import FP8_MAX, QuantizedKV
+
+KV_KIND = {"int8": 1, "int4": 2, "fp8": 3}
+_FP8_MAX = tl.constexpr(FP8_MAX)  # a jit function reads only constexpr globals
+
+
+@triton.jit
+def _quantize_rows(x, codes, scale, zero, o_x, o_c, o_s, m_h, D: tl.constexpr, KV_KIND: tl.constexpr):
+    """Quantize the rows x[o_x + 0..D) (o_x [BLOCK_HKV] row starts; m_h: live rows): codes at codes[o_c + j],
+    scale and zero at o_s. Same operation sequence as kv_quant.quantize_kv (floor(y + 0.5) rounding)."""
+    if KV_KIND == 2:  # int4: the even and odd elements as two tiles, packed low / high nibble
+        o_j = tl.arange(0, D // 2)
+        b_lo = tl.load(x + o_x[:, None] + 2 * o_j[None, :], mask=m_h[:, None], other=0.0).to(tl.float32)
+        b_hi = tl.load(x + o_x[:, None] + 2 * o_j[None, :] + 1, mask=m_h[:, None], other=0.0).to(tl.float32)
+        b_min = tl.minimum(tl.min(b_lo, 1), tl.min(b_hi, 1))
+        b_s = (tl.maximum(tl.max(b_lo, 1), tl.max(b_hi, 1)) - b_min) / 15.0
+        b_inv = tl.where(b_s > 0, 1.0 / tl.where(b_s > 0, b_s, 1.0), 0.0)
+        b_lo = tl.minimum(tl.maximum(tl.floor((b_lo - b_min[:, None]) * b_inv[:, None] + 0.5), 0.0), 15.0)
+        b_hi = tl.minimum(tl.maximum(tl.floor((b_hi - b_min[:, None]) * b_inv[:, None] + 0.5), 0.0), 15.0)
+        b_code = b_lo.to(tl.uint8) | (b_hi.to(tl.uint8) << 4)
+        tl.store(codes + o_c[:, None] + o_j[None, :], b_code, mask=m_h[:, None])
+        tl.store(zero + o_s, b_min, mask=m_h)
+    else:
+        o_d = tl.arange(0, D)
+        b_x = tl.load(x + o_x[:, None] + o_d[None, :], mask=m_h[:, None], other=0.0).to(tl.float32)
+        if KV_KIND == 1:
+            b_min = tl.min(b_x, 1)
+            b_s = (tl.max(b_x, 1) - b_min) / 255.0
+            b_inv = tl.where(b_s > 0, 1.0 / tl.where(b_s > 0, b_s, 1.0), 0.0)
+            b_q = tl.minimum(tl.maximum(tl.floor((b_x - b_min[:, None]) * b_inv[:, None] + 0.5), 0.0), 255.0)
+            tl.store(codes + o_c[:, None] + o_d[None, :], (b_q - 128.0).to(tl.int8), mask=m_h[:, None])
+            tl.store(zero + o_s, b_min, mask=m_h)
+        else:
+            b_s = tl.max(tl.abs(b_x), 1) / _FP8_MAX
+            b_inv = tl.where(b_s > 0, 1.0 / tl.where(b_s > 0, b_s, 1.0), 0.0)
+            b_q = tl.minimum(tl.maximum(b_x * b_inv[:, None], -_FP8_MAX), _FP8_MAX)
+            tl.store(codes + o_c[:, None] + o_d[None, :], b_q.to(tl.float8e4nv), mask=m_h[:, None])
+    tl.store(scale + o_s, b_s, mask=m_h)
+
+
+@triton.jit
+def store_kv_quant_kernel(k, v, k_codes, v_codes, k_scale, v_scale, k_zero, v_zero, slot_mapping,
+                          stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
+                          HKV: tl.constexpr, D: tl.constexpr, BLOCK_HKV: tl.constexpr, KV_KIND: tl.constexpr):
+    """One program per token: quantize its [Hkv, D] key and value rows into the cache slot (slot -1: skip).
+    Codes [NB * BS slots, Hkv, Dc] at slot * stride_cs + head * stride_ch; scales / zeros [NB * BS, Hkv]."""
+    i_t = tl.program_id(0)
+    slot = tl.load(slot_mapping + i_t).to(tl.int64)
+    if slot >= 0:
+        o_h = tl.arange(0, BLOCK_HKV)
+        m_h = o_h < HKV
+        o_s = slot * HKV + o_h
+        o_c = slot * stride_cs + o_h * stride_ch
+        i_t64 = i_t.to(tl.int64)
+        _quantize_rows(k, k_codes, k_scale, k_zero, i_t64 * stride_kt + o_h * stride_kh, o_c, o_s, m_h, D, KV_KIND)
+        _quantize_rows(v, v_codes, v_scale, v_zero, i_t64 * stride_vt + o_h * stride_vh, o_c, o_s, m_h, D, KV_KIND)
+
+
+@triton.jit
+def _load_codes(codes, o_row, m_n, D: tl.constexpr, KV_KIND: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Codes of keys at row offsets o_row [BLOCK_N] -> [BLOCK_N, D] ([D, BLOCK_N] when TRANSPOSE), still integer /
+    fp8 (masked keys: 0). int4 bytes are split into nibbles and interleaved back to element order."""
+    if KV_KIND == 2:
+        o_j = tl.arange(0, D // 2)
+        b_c = tl.load(codes + o_row[:, None] + o_j[None, :], mask=m_n[:, None], other=0)
+        b_c = tl.interleave(b_c & 15, b_c >> 4)
+        if TRANSPOSE:
+            b_c = tl.trans(b_c)
+    else:
+        o_d = tl.arange(0, D)
+        if TRANSPOSE:
+            b_c = tl.load(codes + o_row[None, :] + o_d[:, None], mask=m_n[None, :], other=0)
+        else:
+            b_c = tl.load(codes + o_row[:, None] + o_d[None, :], mask=m_n[:, None], other=0)
+        if KV_KIND == 3:  # fp8 codes arrive as their bytes: a masked key reads 0x00 (+0.0), never a NaN pattern
+            b_c = b_c.to(tl.float8e4nv, bitcast=True)
+    return b_c
+
+
+@triton.jit
+def _load_offset(zero, scale_n, o_sz, m_n, KV_KIND: tl.constexpr):
+    """Per-key additive term z_n of x = c * s_n + z_n (int8 codes are stored minus 128)."""
+    b_z = tl.load(zero + o_sz, mask=m_n, other=0.0)
+    if KV_KIND == 1:
+        b_z = b_z + 128.0 * scale_n
+    return b_z
+
+
+@triton.jit
+def attend_tile_quant(b_q, b_qsum, b_m, b_l, b_acc, k_codes, v_codes, k_scale, v_scale, k_zero, v_zero,
+                      p_block_table, o_n, m_n, m_s, i_kvh, scale_log2, stride_kb, stride_ks, stride_kh,
+                      stride_vb, stride_vs, stride_vh, BS: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                      KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """triton.py's _attend_tile over a quantized cache (scale and zero folded in, see the module docstring).
+
+    b_q [ROWS, D] in q's dtype; b_qsum [ROWS] fp32 (sum over D of b_q); b_m, b_l [ROWS], b_acc [ROWS, D] fp32."""
+    b_blk = tl.load(p_block_table + o_n // BS, mask=m_n, other=0).to(tl.int64)
+    o_sz = (b_blk * BS + o_n % BS) * HKV + i_kvh  # scales / zeros: [NB * BS, Hkv] contiguous
+    b_ks = tl.load(k_scale + o_sz, mask=m_n, other=0.0)
+    b_vs = tl.load(v_scale + o_sz, mask=m_n, other=0.0)
+    o_k = b_blk * stride_kb + (o_n % BS) * stride_ks + i_kvh * stride_kh
+    o_v = b_blk * stride_vb + (o_n % BS) * stride_vs + i_kvh * stride_vh
+    b_kt = _load_codes(k_codes, o_k, m_n, D, KV_KIND, True).to(b_q.dtype)  # [D, BLOCK_N]
+    b_v = _load_codes(v_codes, o_v, m_n, D, KV_KIND, False).to(b_q.dtype)  # [BLOCK_N, D]
+    b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * b_ks[None, :]
+    if KV_KIND != 3:
+        b_s = b_s + b_qsum[:, None] * _load_offset(k_zero, b_ks, o_sz, m_n, KV_KIND)[None, :]
+    b_s = tl.where(m_s, b_s * scale_log2, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    b_p = tl.exp2(b_s - b_m_new[:, None])
+    b_alpha = tl.exp2(b_m - b_m_new)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot((b_p * b_vs[None, :]).to(b_q.dtype), b_v,
+                                              input_precision=DOT_PRECISION)
+    if KV_KIND != 3:
+        b_acc = b_acc + tl.sum(b_p * _load_offset(v_zero, b_vs, o_sz, m_n, KV_KIND)[None, :], 1)[:, None]
+    return b_m_new, b_l, b_acc
+
+
+# ----------------------------------------------------------------------------------------------------------- wrappers
+def check_quant_cache(k_cache: QuantizedKV, v_cache: QuantizedKV) -> tuple[int, int, int, int]:
+    """-> (NB, BS, Hkv, D) after checking the two sides agree in kind and shape and every tensor is contiguous."""
+    if not isinstance(v_cache, QuantizedKV) or k_cache.kind != v_cache.kind:
+        raise ValueError("k_cache and v_cache must both be QuantizedKV of the same kind")
+    if k_cache.codes.shape != v_cache.codes.shape:
+        raise ValueError(f"k_cache codes {tuple(k_cache.codes.shape)} != v_cache codes {tuple(v_cache.codes.shape)}")
+    nb, bs, hkv, d = k_cache.shape
+    for side in (k_cache, v_cache):
+        if side.scale.shape != (nb, bs, hkv) or side.scale.dtype != torch.float32 \
+                or (side.zero is None) != (side.kind == "fp8"):
+            raise ValueError(f"a {side.kind} cache needs fp32 scales [{nb}, {bs}, {hkv}]"
+                             + ("" if side.kind == "fp8" else " and zeros of the same shape"))
+        if not all(t.is_contiguous() for t in side.tensors()):
+            raise ValueError("a quantized cache's codes, scales and zeros must be contiguous")
+    return nb, bs, hkv, d
+
+
+def code_args(k_cache: QuantizedKV, v_cache: QuantizedKV) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> the K and V codes as the attention kernels read them: fp8 as uint8 bytes (see _load_codes)."""
+    if k_cache.kind == "fp8":
+        return k_cache.codes.view(torch.uint8), v_cache.codes.view(torch.uint8)
+    return k_cache.codes, v_cache.codes
+
+
+def quant_pointer_args(k_cache: QuantizedKV, v_cache: QuantizedKV) -> list[torch.Tensor]:
+    """-> [k_scale, v_scale, k_zero, v_zero] kernel arguments (fp8: the scales stand in for the unused zeros)."""
+    return [k_cache.scale, v_cache.scale,
+            k_cache.zero if k_cache.zero is not None else k_cache.scale,
+            v_cache.zero if v_cache.zero is not None else v_cache.scale]
+
+
+def store_kv_quant(k: torch.Tensor, v: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV,
+                   slot_mapping: torch.Tensor) -> None:
+    """store_kv_triton for a quantized cache (inputs already checked): one launch, no host sync."""
+    hkv, d = k.shape[1], k.shape[2]
+    store_kv_quant_kernel[(k.shape[0],)](
+        k, v, k_cache.codes, v_cache.codes, *quant_pointer_args(k_cache, v_cache), slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.codes.stride(1), k_cache.codes.stride(2),
+        HKV=hkv, D=d, BLOCK_HKV=triton.next_power_of_2(hkv), KV_KIND=KV_KIND[k_cache.kind], num_warps=4)
