@@ -88,3 +88,11 @@ class Fp8Experts(nn.Module):
         """-> (gate_up [E, 2I, H], down [E, H, I]) in dtype."""
         gate_up = torch.cat([self.gate_proj.dequant(dtype), self.up_proj.dequant(dtype)], dim=1)
         return gate_up, self.down_proj.dequant(dtype)
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; topk_weights [T, k] fp32; topk_ids [T, k] -> [T, H]. Every expert dequantized to x's dtype,
+        then the 16-bit MoE (an FP8 fused MoE that dequantizes in its main loop is later work)."""
+        from ..kernels.fused_moe import fused_moe
+
+        gate_up, down = self.dense(x.dtype)
+        return fused_moe(x, gate_up, down, topk_weights, topk_ids)
