@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
+from .layers.quant import QUANT_SUFFIXES
 
 V = 248320
 _GDN = dict(linear_num_key_heads=16, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4)
 _ROPE = {"rope_theta": 10000000.0, "partial_rotary_factor": 0.25}
+_PACKED_WEIGHTS = ("qweight", "weight_packed")  # int4 tensors holding the weights themselves, 8 per int32
 PRESETS = {
     "qwen3.5-9b": ("Qwen3_5ForCausalLM", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=16,
                                               num_key_value_heads=4, linear_num_value_heads=32,
@@ -80,17 +82,29 @@ def _sync(device: torch.device) -> None:
 
 
 def weight_bytes_per_token_step(llm, batch: int) -> float:
-    """Weight bytes a decode step reads: everything except unused experts and the embedding table (a gather)."""
-    cfg = llm.config
-    total = sum(p.numel() * p.element_size() for n, p in llm.model.named_parameters()
-                if "experts." not in n and n != "embed_tokens.weight")
-    if cfg.tie_word_embeddings:
-        total += llm.model.embed_tokens.weight.numel() * llm.model.embed_tokens.weight.element_size()
-    if cfg.is_moe:
-        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * llm.model.embed_tokens.weight.element_size()
-        active = min(cfg.num_experts, batch * cfg.num_experts_per_tok)  # at most, experts touched this step
-        total += len(cfg.layer_types) * active * per_expert
-    return float(total)
+    """Weight bytes a decode step of `batch` tokens reads: every parameter as held (int4 Linears: packed int32 +
+    scales + zeros) except the embedding table (a gather) and, of each MoE layer's experts, only the ones routed to
+    (at most batch x top-k of E)."""
+    return active_weights(llm.model, llm.config, batch)[0]
+
+
+def active_weights(model, cfg: ModelConfig, batch: int) -> tuple[float, float]:
+    """(bytes read, weights multiplied per token) by a step of `batch` tokens; see weight_bytes_per_token_step.
+    An int4 qweight int32 holds 8 weights; its scales and zeros multiply none."""
+    dense, experts = [0.0, 0.0], [0.0, 0.0]
+    for name, p in model.named_parameters():
+        if name == "embed_tokens.weight" and not cfg.tie_word_embeddings:
+            continue  # (tied: the same table is the lm_head, read whole)
+        kind = name.rpartition(".")[2]
+        count = 8 * p.numel() if kind in _PACKED_WEIGHTS else (0 if kind in QUANT_SUFFIXES else p.numel())
+        into = experts if ".experts." in name else dense
+        into[0] += p.numel() * p.element_size()
+        into[1] += count
+    if not cfg.is_moe:
+        return dense[0], dense[1]
+    touched = min(cfg.num_experts, batch * cfg.num_experts_per_tok) / cfg.num_experts  # at most, this step
+    per_token = cfg.num_experts_per_tok / cfg.num_experts
+    return dense[0] + touched * experts[0], dense[1] + per_token * experts[1]
 
 
 def decode_step_bytes(llm, batch: int, context: int) -> float:
@@ -147,7 +161,7 @@ def bench_prefill(llm, length: int, count: int = 1, repeats: int = 3) -> float:
 
 def prefill_flops(cfg: ModelConfig, llm, length: int) -> float:
     """2 x (weights a token multiplies) x tokens, plus causal attention QK^T and PV in full-attention layers."""
-    active = weight_bytes_per_token_step(llm, 1) / llm.model.embed_tokens.weight.element_size()
+    active = active_weights(llm.model, cfg, 1)[1]
     attn = len(cfg.full_attention_layers) * 2 * 2 * cfg.num_attention_heads * cfg.head_dim * length * length / 2
     return 2 * active * length + attn
 

@@ -131,6 +131,11 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="random weights of a published shape, made on the device (no checkpoint needed)")
     b.add_argument("--layers", type=int, default=None, help="cut the preset to N layers")
+    b.add_argument("--quantization", default=None,
+                   help="'awq': the preset in int4 AWQ, mixed like Qwen3.5 AWQ checkpoints (o_proj, "
+                        "out_proj, MLPs and experts int4; q/k/v, GDN in-projections, router, shared_expert_gate "
+                        "16-bit); default: all 16-bit")
+    b.add_argument("--group-size", type=int, default=128, help="AWQ input channels per scale (default 128)")
     b.add_argument("--prompt-lens", type=lambda v: [int(x) for x in v.split(",")], default=[512, 2048, 8192],
                    help="comma-separated prefill lengths (default 512,2048,8192)")
     b.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 16, 64],
@@ -243,8 +248,14 @@ def _bench(args) -> None:
               num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
     if args.preset:
-        llm = LLM.from_config(preset_config(args.preset, args.layers), tensor_parallel_size=args.tp, **kw)
+        llm = LLM.from_config(preset_config(args.preset, args.layers), tensor_parallel_size=args.tp,
+                              quantization=args.quantization, group_size=args.group_size, **kw)
         name = args.preset if args.tp == 1 else f"{args.preset} TP={args.tp}"
+        if args.quantization:
+            name += f" | {args.quantization} int4 g{args.group_size} (mixed)"
+    elif args.quantization:
+        raise ValueError("--quantization applies to --preset (random weights); a checkpoint's own tensors decide "
+                         "its format, so drop --quantization with --model")
     else:
         llm, name = LLM(model=resolve_model(args.model), tensor_parallel_size=args.tp, **kw), args.model or "tiny"
     rows = run_bench(llm, args.prompt_lens, args.batch_sizes, args.context, args.steps,

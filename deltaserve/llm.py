@@ -1,6 +1,7 @@
 """Offline API (vLLM conventions): `LLM(model=DIR).generate(prompts, sampling_params)` and `LLM.chat(messages)`."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -10,9 +11,10 @@ from typing import Iterator
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, QuantConfig
 from .kernels.paged_attention import check_kv_cache_dtype
 from .layers.linear import use_int4_kernels
+from .models.formats import AWQ_MIXED_16BIT, awq_formats
 from .models.weights import WeightsError, build_model, checkpoint_files, load_weights, read_formats
 from .outputs import RequestOutput
 from .runtime.block_pool import BlockPool
@@ -119,21 +121,28 @@ class LLM:
     def from_config(cls, config: ModelConfig, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
                     max_num_batched_tokens: int = 2048, max_model_len: int | None = None, block_size: int = 16,
                     num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9, seed: int = 0,
-                    enforce_eager: bool = False, tensor_parallel_size: int = 1,
-                    kv_cache_dtype: str = "auto") -> "LLM":
+                    enforce_eager: bool = False, tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto",
+                    quantization: str | None = None, group_size: int = 128) -> "LLM":
         """An engine over random weights of `config`'s shapes, made directly on the device (benchmarks: no
         checkpoint, no tokenizer; prompts are token ids). Under TP each rank draws its own shard: the same shapes
-        and speed as a real checkpoint, not the same numbers as the TP=1 model of this seed."""
+        and speed as a real checkpoint, not the same numbers as the TP=1 model of this seed.
+        quantization: None (16-bit) or "awq": int4 AWQ (group_size input channels per scale) in the mixed pattern
+        of Qwen3.5 AWQ checkpoints (models/formats.AWQ_MIXED_16BIT), the rest 16-bit."""
+        formats = None
+        if quantization is not None:
+            config = _random_quant_config(config, quantization, group_size)
+            formats = awq_formats(config)
         llm = cls.__new__(cls)
         llm._setup(config, None, None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
                    block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size,
-                   kv_cache_dtype)
+                   kv_cache_dtype, formats)
         return llm
 
     def _setup(self, config: ModelConfig, weights_dir: str | None, tokenizer: Tokenizer | None, device: str,
                dtype: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int | None,
                block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float, seed: int,
-               enforce_eager: bool, tensor_parallel_size: int, kv_cache_dtype: str = "auto") -> None:
+               enforce_eager: bool, tensor_parallel_size: int, kv_cache_dtype: str = "auto",
+               formats: dict[str, str] | None = None) -> None:
         self.config, self.tokenizer, self._workers = config, tokenizer, None
         self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         if config.state_dtype != "float32":
@@ -147,7 +156,8 @@ class LLM:
         check_tp_size(config, tensor_parallel_size, self.device)  # before any process starts
         if self.device.type == "cuda" and not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        formats = read_formats(config, weights_dir) if weights_dir is not None else None
+        if weights_dir is not None:
+            formats = read_formats(config, weights_dir)
         if formats and tensor_parallel_size > 1:
             raise WeightsError("quantized (int4 / FP8) checkpoints run with tensor_parallel_size=1 for now; "
                                "drop --tp or use a 16-bit checkpoint")
@@ -328,6 +338,16 @@ def _resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but no CUDA device is available; use device='cpu'")
     return torch.device(device)
+
+
+def _random_quant_config(config: ModelConfig, quantization: str, group_size: int) -> ModelConfig:
+    """config with the quantization_config of a random-weight int4 model (from_config)."""
+    if quantization != "awq":
+        raise ValueError(f"quantization={quantization!r} is not supported for random weights; use 'awq' (int4) "
+                         f"or None (16-bit)")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive number of input channels (e.g. 128), got {group_size!r}")
+    return dataclasses.replace(config, quantization=QuantConfig("awq", 4, group_size, True, AWQ_MIXED_16BIT))
 
 
 def _resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:

@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .layers.linear import QuantLinear
+from .layers.quant import FORMATS
 from .models.weights import build_model, unfuse
 from .tokenizer import train_tiny_tokenizer
 
@@ -50,12 +52,32 @@ def tiny_config(vocab_size: int, moe: bool, num_layers: int) -> dict:
 
 def random_init_(model: torch.nn.Module, seed: int) -> None:
     """Deterministic random weights with O(1) activations and logits (see module docstring), drawn on the
-    parameters' own device (so benchmarks of large shapes never stage weights on the host)."""
+    parameters' own device (so benchmarks of large shapes never stage weights on the host). int4 Linears
+    (QuantLinear) get random nibbles and scales giving the same O(1) outputs (see _int4_value)."""
     gens: dict[torch.device, torch.Generator] = {}
+    quant = {f"{n}.{kind}": m for n, m in model.named_modules() if isinstance(m, QuantLinear) for kind in m.kinds}
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             g = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
-            p.copy_(_init_value(name, p.shape, g, p.device))
+            if name in quant:
+                p.copy_(_int4_value(quant[name], name.rpartition(".")[2], p.shape, g, p.device))
+            else:
+                p.copy_(_init_value(name, p.shape, g, p.device))
+
+
+# var(q - z) for independent uniform nibbles q, z in 0..15: 2 * (16**2 - 1) / 12
+_NIBBLE_DIFF_VAR = 2 * 255 / 12
+
+
+def _int4_value(m: QuantLinear, kind: str, shape: torch.Size, g: torch.Generator, device: torch.device
+                ) -> torch.Tensor:
+    """One tensor of an int4 Linear: packed tensors are uniform random int32 (8 uniform nibbles each); scales are
+    positive, about 1 / sqrt(in_features * var(q - z)) so W = (q - z) * s has the fan-in scaled variance of a
+    16-bit weight, and rounded to fp16 as AWQ checkpoints store them (the kernels then stream fp16 scales)."""
+    if FORMATS[m.fmt][kind].packed:
+        return torch.randint(-2**31, 2**31, shape, generator=g, device=device, dtype=torch.int64).to(torch.int32)
+    spread = torch.empty(shape, device=device).uniform_(0.5, 1.5, generator=g)
+    return (spread / math.sqrt(m.in_features * _NIBBLE_DIFF_VAR)).half().float()
 
 
 def _init_value(name: str, shape: torch.Size, g: torch.Generator, device: torch.device) -> torch.Tensor:

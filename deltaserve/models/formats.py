@@ -5,6 +5,8 @@ quantization_config: a module holding `qweight`/`qzeros`/`scales` is AWQ int4, o
 `weight_packed`/`weight_scale` is compressed-tensors int4, one whose `weight` is F8_E4M3 (with `weight_scale_inv`)
 is block FP8, anything else stays 16-bit. (modules_to_not_convert is how the writer chose; the tensors
 are what the reader trusts.) `apply_formats` then swaps the matching modules of a freshly built (meta) model.
+`awq_formats` plans the same dict without a checkpoint (random-weight benchmarks): the mixed pattern of
+Qwen3.5 AWQ checkpoints.
 """
 from __future__ import annotations
 
@@ -19,6 +21,12 @@ from ..layers.fp8 import FP8_DTYPES, Fp8Experts, Fp8Linear
 from ..layers.linear import ProjectionGroup, QuantExperts, QuantLinear
 from ..layers.quant import FORMATS, QUANT_SUFFIXES, check_shapes
 
+# Linears Qwen3.5 AWQ checkpoints typically keep 16-bit (issue 5; module-name suffixes, matched at a dot): attention q/k/v,
+# the GDN in-projections, the MoE router and the shared expert's gate. o_proj, out_proj, MLPs, the shared expert's
+# MLP and the experts are int4; embeddings, lm_head, norms and conv1d are never quantized.
+AWQ_MIXED_16BIT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "linear_attn.in_proj_qkv",
+                   "linear_attn.in_proj_z", "linear_attn.in_proj_b", "linear_attn.in_proj_a", "mlp.gate",
+                   "mlp.shared_expert_gate")
 EXPERT = re.compile(r"^(?P<moe>layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 
 
@@ -169,3 +177,53 @@ def _get(model: nn.Module, name: str) -> nn.Module | None:
         return model.get_submodule(name)
     except AttributeError:
         return None
+
+
+def linear_modules(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Checkpoint name of every decoder-layer Linear (e.g. `layers.3.self_attn.o_proj`, experts one per expert and
+    projection) -> (in_features, out_features), in layer order."""
+    from .weights import fused_layout
+
+    h, pieces = cfg.hidden_size, fused_layout(cfg)
+    out: dict[str, tuple[int, int]] = {}
+    for i, kind in enumerate(cfg.layer_types):
+        if kind == "full_attention":
+            fused, last = "self_attn.qkv_proj", ("self_attn.o_proj", cfg.num_attention_heads * cfg.head_dim)
+        else:
+            fused = "linear_attn.in_proj"
+            last = ("linear_attn.out_proj", cfg.linear_num_value_heads * cfg.linear_value_head_dim)
+        mlps = ["mlp.shared_expert.gate_up_proj"] if cfg.is_moe else ["mlp.gate_up_proj"]
+        for f in [fused] + mlps:
+            module = f.rsplit(".", 1)[0]
+            out.update({f"layers.{i}.{module}.{piece}": (h, rows) for piece, rows in pieces[f]})
+            if f != fused:
+                out[f"layers.{i}.{module}.down_proj"] = (pieces[f][0][1], h)
+        out[f"layers.{i}.{last[0]}"] = (last[1], h)
+        if cfg.is_moe:
+            out[f"layers.{i}.mlp.gate"] = (h, cfg.num_experts)
+            out[f"layers.{i}.mlp.shared_expert_gate"] = (h, 1)
+            inter = cfg.moe_intermediate_size
+            for e in range(cfg.num_experts):
+                out.update({f"layers.{i}.mlp.experts.{e}.gate_proj": (h, inter),
+                            f"layers.{i}.mlp.experts.{e}.up_proj": (h, inter),
+                            f"layers.{i}.mlp.experts.{e}.down_proj": (inter, h)})
+    return out
+
+
+def awq_formats(cfg: ModelConfig, keep_16bit: tuple[str, ...] = AWQ_MIXED_16BIT) -> dict[str, str]:
+    """Module -> "awq" for every decoder-layer Linear not named by a suffix in `keep_16bit` (the dict plan_formats
+    would read from such a checkpoint). cfg.quantization gives the group size; one that does not divide a quantized
+    Linear's in-features raises ValueError."""
+    if cfg.quantization is None or cfg.quantization.method != "awq":
+        raise ValueError("awq_formats needs a config whose quantization is AWQ (it holds the group size)")
+    group = cfg.quantization.group_size
+    formats = {}
+    for name, (in_f, out_f) in linear_modules(cfg).items():
+        if any(name == s or name.endswith("." + s) for s in keep_16bit):
+            continue
+        reason = check_shapes("awq", in_f, out_f, group, name)
+        if reason:
+            raise ValueError(f"{name} cannot be AWQ int4: {reason}; pick a group size that divides it (e.g. 32 or "
+                             f"64) or keep it 16-bit")
+        formats[name] = "awq"
+    return formats
