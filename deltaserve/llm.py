@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Iterator
@@ -178,6 +179,10 @@ class LLM:
             eos.add(self.tokenizer.eos_token_id)
         self.engine = EngineCore(scheduler, self.runner, self.tokenizer, eos, self.max_model_len,
                                  self.config.vocab_size)
+        if self.device.type == "cuda":
+            t = time.perf_counter()
+            self.engine.warm_up()
+            logger.info("warm-up steps (kernel compilation for mixed batches) took %.1f s", time.perf_counter() - t)
 
     def _start_tp(self, spec: RankSpec, world: int) -> ModelRunner:
         """Spawn ranks 1..world-1, join the group as rank 0 and build rank 0's shard alongside them."""

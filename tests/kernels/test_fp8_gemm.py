@@ -139,7 +139,9 @@ def test_gemm_9b_shapes(shape, t, weight_only):
         assert_close("weight_only", exact, out, 2.0**-8, 1e-4)
         return
     expect = ref.w8a8_block_gemm(*fp8_triton.quant_act_triton(x, 128), q, s, BLOCK, torch.float32)
-    assert_close("w8a8", expect, out, 2.0**-8, 1e-4)
+    # one bf16 ulp: the bf16 store alone rounds by up to 2^-8 relative, and Hopper's fp8 tensor cores accumulate
+    # each 128-deep block with fewer than fp32's bits (a 2^-8 bound failed at T=512 and 4096 on an H100)
+    assert_close("w8a8", expect, out, 2.0**-7, 1e-4)
     assert rel_rms(out, exact) < ACT_QUANT_REL
 
 

@@ -388,3 +388,23 @@ def test_output_clipped_to_max_model_len(models, short_llm, length, max_tokens):
     ref = models.ref("dense", prompt, greedy(MAX_LEN - length))
     assert_same_completion("clipped", ref.outputs[0], out, atol=LOGPROB_ATOL)
     assert_engine_idle(short_llm)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_warm_up_leaves_no_trace(models, kind):
+    """The start-up warm-up (run on CUDA before the first request) takes its mixed/chunked/decode steps, then leaves
+    every slot and block free, and what follows equals a fresh engine's answers: no state leaks out of it."""
+    llm = make_llm(models.path(kind), max_num_seqs=3, max_num_batched_tokens=64)
+    log = StepLog.attach(llm)
+    llm.engine.warm_up()
+    kinds = {("mixed" if any(s.is_decode for s in st.seqs) and not all(s.is_decode for s in st.seqs) else
+              "decode" if all(s.is_decode for s in st.seqs) else "prefill") for st in log.steps}
+    assert kinds == {"prefill", "decode", "mixed"}, kinds
+    assert any(sum(not s.is_decode for s in st.seqs) > 1 for st in log.steps), "no multi-sequence prefill"
+    assert any(s.is_partial_prefill for st in log.steps for s in st.seqs), "no chunked prefill"
+    assert_engine_idle(llm)
+    rng = random.Random(11)
+    prompts = [random_prompt(rng, n, models.vocab(kind)) for n in (90, 7)]
+    outs = run_until_done(llm, [llm.engine.add_request(p["prompt_token_ids"], greedy(6)) for p in prompts])
+    for p, out in zip(prompts, outs.values()):
+        assert_same_completion("after warm-up", models.ref(kind, p, greedy(6)).outputs[0], out.outputs[0])

@@ -305,12 +305,17 @@ def build_chunk_tables(query_lens: list[int], device) -> ChunkTables:
     seq_of_chunk = np.repeat(np.arange(lens.size), n_chunks)
     t0 = starts[seq_of_chunk] + (np.arange(num_chunks) - first_chunk[seq_of_chunk]) * BT
     t1 = np.minimum(t0 + BT, ends[seq_of_chunk])
-    packed = np.concatenate([np.stack([starts, ends, first_chunk], 1).ravel(), np.stack([t0, t1], 1).ravel()])
-    host = torch.from_numpy(packed.astype(np.int32))
+    # the chunk table starts on a 16-byte boundary whatever N is: Triton specialises kernels on pointer alignment,
+    # and an N-dependent one recompiled the prefill kernels (seconds) on a server's first multi-request step
+    seq_part = 4 * -(-3 * lens.size // 4)
+    packed = np.zeros(seq_part + 2 * num_chunks, dtype=np.int32)
+    packed[: 3 * lens.size] = np.stack([starts, ends, first_chunk], 1).ravel()
+    packed[seq_part:] = np.stack([t0, t1], 1).ravel()
+    host = torch.from_numpy(packed)
     if torch.device(device).type == "cuda":
         host = host.pin_memory()  # pageable memory would make the "async" copy wait for the host staging
     packed = host.to(device, non_blocking=True)
-    return ChunkTables(packed[: 3 * lens.size].view(-1, 3), packed[3 * lens.size:].view(-1, 2), num_chunks,
+    return ChunkTables(packed[: 3 * lens.size].view(-1, 3), packed[seq_part:].view(-1, 2), num_chunks,
                        tuple(int(n) for n in lens))
 
 
