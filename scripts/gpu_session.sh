@@ -1,19 +1,40 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, kernel benchmarks against fla, whole-engine bench. Logs go to $OUT.
-# Usage on the GPU machine: bash scripts/gpu_session.sh [tests|kernels|engine]...   (default: all three)
-source scripts/gpu_env.sh
+# GPU runs in named parts; logs go to $OUT (the device tool brings them back). Source scripts/gpu_env.sh first.
+# Usage on the GPU machine: bash scripts/gpu_session.sh PART...   PART: tests kernels engine tp quant offline
+#   tests    every `gpu`-marked test that needs one GPU            kernels  int4 / attention(KV) / GDN kernel benches
+#   engine   deltaserve bench, Qwen3.5-9B shapes                   tp       two-GPU TP test, all-reduce cost, 27B TP1/TP2
+#   quant    AWQ int4 presets (27B, 35B-A3B 8 layers) + bf16 twin  offline  the 1000 x (1024 -> 128) throughput profile
+# Two single-GPU part lists can run side by side: CUDA_VISIBLE_DEVICES=0 ... & CUDA_VISIBLE_DEVICES=1 ...
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-parts=${*:-tests kernels engine}
-for part in $parts; do
+export PYTHONUNBUFFERED=1
+bench() { timeout "$1" python3 -m deltaserve.cli bench "${@:2}" 2>&1 | grep -v "it/s\|^INFO" | tail -12; }
+for part in "$@"; do
   case $part in
     tests)
-      timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/kernels tests/e2e/test_gpu_parity.py} -s \
-        2>&1 | grep -vE "^\s*$" | tail -60 > "$OUT/gpu_tests.log"; tail -25 "$OUT/gpu_tests.log" ;;
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/kernels tests/unit \
+        tests/e2e/test_gpu_parity.py} -s 2>&1 | grep -vE "^\s*$" | tail -80 > "$OUT/gpu_tests.log" ;;
     kernels)
-      timeout 150 python3 benchmarks/kernels/bench_gdn.py 2>&1 | tail -30 > "$OUT/bench_gdn.log"; cat "$OUT/bench_gdn.log" ;;
+      { timeout 90 python3 benchmarks/kernels/bench_int4.py; timeout 90 python3 benchmarks/kernels/bench_attention.py \
+        --kv-cache-dtype int8,int4,fp8 ${KV_SWEEP:+--sweep}; } > "$OUT/bench_kernels.log" 2>&1 ;;
     engine)
-      timeout 240 python3 -m deltaserve.cli bench --preset qwen3.5-9b --prompt-lens 512,2048,8192 \
-        --batch-sizes 1,16,64 --context 1024 --steps 32 2>&1 | grep -v "^INFO\|it/s" | tail -15 > "$OUT/bench_9b.log"
-      cat "$OUT/bench_9b.log" ;;
+      bench 240 --preset qwen3.5-9b --prompt-lens 512,2048,8192 --batch-sizes 1,16,64 --context 1024 --steps 32 \
+        > "$OUT/bench_9b.log" ;;
+    tp)
+      { timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/e2e/test_gpu_tp.py -s 2>&1 \
+          | grep -E "prompt logprob|greedy:|passed|failed|Error|error" | tail -20
+        timeout 60 python3 benchmarks/tp_allreduce.py --preset qwen3.5-27b --tp 2 --batch-sizes 1,16,64; } \
+        > "$OUT/tp.log" 2>&1 ;;
+    quant)
+      { bench 150 --preset qwen3.5-27b --quantization awq --prompt-lens 2048 --batch-sizes 1,16,64 --context 1024 \
+          --steps 32
+        bench 100 --preset qwen3.5-35b-a3b --layers 8 --quantization awq --prompt-lens 2048 --batch-sizes 1,64 \
+          --context 512 --steps 32
+        bench 100 --preset qwen3.5-35b-a3b --layers 8 --prompt-lens 2048 --batch-sizes 1,64 --context 512 \
+          --steps 32; } > "$OUT/bench_quant.log" ;;
+    offline)
+      timeout 200 python3 benchmarks/offline_throughput.py --preset qwen3.5-9b --num-prompts 1000 --input-len 1024 \
+        --output-len 128 --max-num-seqs 512 --max-num-batched-tokens 8192 --step-stats 2>&1 | grep -v "it/s" \
+        | tail -22 > "$OUT/offline.log" ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done
