@@ -28,9 +28,12 @@ for part in "$@"; do
       { bench 150 --preset qwen3.5-27b --quantization awq --prompt-lens 2048 --batch-sizes 1,16,64 --context 1024 \
           --steps 32
         bench 100 --preset qwen3.5-35b-a3b --layers 8 --quantization awq --prompt-lens 2048 --batch-sizes 1,64 \
-          --context 512 --steps 32
-        bench 100 --preset qwen3.5-35b-a3b --layers 8 --prompt-lens 2048 --batch-sizes 1,64 --context 512 \
-          --steps 32; } > "$OUT/bench_quant.log" ;;
+          --context 256 --steps 32
+        bench 100 --preset qwen3.5-35b-a3b --layers 8 --prompt-lens 2048 --batch-sizes 1,64 --context 256 \
+          --steps 32
+        # the peer on the same 8-layer shapes (peer-baselines/hf_moe.py, carried in the ignored .peer/ folder)
+        [ -f .peer/hf_moe.py ] && LAYERS=8 timeout 120 python3 .peer/hf_moe.py grouped_mm 2>&1 | tail -5
+      } > "$OUT/bench_quant.log" ;;
     offline)
       timeout 200 python3 benchmarks/offline_throughput.py --preset qwen3.5-9b --num-prompts 1000 --input-len 1024 \
         --output-len 128 --max-num-seqs 512 --max-num-batched-tokens 8192 --step-stats 2>&1 | grep -v "it/s" \
