@@ -106,24 +106,29 @@ class LLM:
     `shutdown()`, when the LLM is garbage-collected, or at interpreter exit.
     kv_cache_dtype: "auto" (the KV cache in the model dtype), "int8", "int4" or "fp8" (e4m3): keys and values
     quantized per token and kv head on write, with fp32 scales (and zeros for int8 / int4) beside the blocks; the
-    cache takes ~1/2 (int8, fp8) or ~1/4 (int4) of the bf16 bytes, so auto-sizing fits ~2x / ~4x the tokens."""
+    cache takes ~1/2 (int8, fp8) or ~1/4 (int4) of the bf16 bytes, so auto-sizing fits ~2x / ~4x the tokens.
+    state_dtype: "auto" (the checkpoint's mamba_ssm_dtype: float32 in the released configs), "float32" or
+    "bfloat16": the dtype the GDN recurrent states are held in between steps (every update runs in fp32 and rounds
+    once on store). bfloat16 halves the state traffic of a decode step (2 MiB -> 1 MiB per layer per sequence at
+    9B shapes) at a measured accuracy cost (README, "GDN state in bfloat16")."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  seed: int = 0, enforce_eager: bool = False, tensor_parallel_size: int = 1,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", state_dtype: str = "auto"):
         tok_dir = tokenizer or model
         self._setup(ModelConfig.from_hf_dir(model), model, Tokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir)
                     else None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
-                    num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size, kv_cache_dtype)
+                    num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size, kv_cache_dtype,
+                    state_dtype=state_dtype)
 
     @classmethod
     def from_config(cls, config: ModelConfig, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
                     max_num_batched_tokens: int = 2048, max_model_len: int | None = None, block_size: int = 16,
                     num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9, seed: int = 0,
                     enforce_eager: bool = False, tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto",
-                    quantization: str | None = None, group_size: int = 128) -> "LLM":
+                    quantization: str | None = None, group_size: int = 128, state_dtype: str = "auto") -> "LLM":
         """An engine over random weights of `config`'s shapes, made directly on the device (benchmarks: no
         checkpoint, no tokenizer; prompts are token ids). Under TP each rank draws its own shard: the same shapes
         and speed as a real checkpoint, not the same numbers as the TP=1 model of this seed.
@@ -136,19 +141,17 @@ class LLM:
         llm = cls.__new__(cls)
         llm._setup(config, None, None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
                    block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size,
-                   kv_cache_dtype, formats)
+                   kv_cache_dtype, formats, state_dtype=state_dtype)
         return llm
 
     def _setup(self, config: ModelConfig, weights_dir: str | None, tokenizer: Tokenizer | None, device: str,
                dtype: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int | None,
                block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float, seed: int,
                enforce_eager: bool, tensor_parallel_size: int, kv_cache_dtype: str = "auto",
-               formats: dict[str, str] | None = None) -> None:
+               formats: dict[str, str] | None = None, state_dtype: str = "auto") -> None:
+        config = dataclasses.replace(config, state_dtype=_resolve_state_dtype(state_dtype, config))
         self.config, self.tokenizer, self._workers = config, tokenizer, None
         self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
-        if config.state_dtype != "float32":
-            raise ValueError(f"this checkpoint asks for a {config.state_dtype} recurrent state (mamba_ssm_dtype); "
-                             f"deltaserve keeps the GDN state in float32 only for now")
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
         torch.manual_seed(seed)
@@ -367,6 +370,16 @@ def _resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.
         raise ValueError("dtype='float32' is not supported on CUDA (the Triton kernels run bfloat16 or float16); "
                          "use dtype='bfloat16', or device='cpu' for a float32 reference")
     return DTYPES[dtype]
+
+
+def _resolve_state_dtype(state_dtype: str, cfg: ModelConfig) -> str:
+    """"auto" -> the checkpoint's mamba_ssm_dtype; float16 is refused (its range is too small for a decaying sum)."""
+    name = cfg.state_dtype if state_dtype == "auto" else state_dtype
+    if name not in ("float32", "bfloat16"):
+        source = "the checkpoint's mamba_ssm_dtype" if state_dtype == "auto" else "state_dtype"
+        raise ValueError(f"{source} is {name!r}, but the GDN recurrent state runs in 'float32' or 'bfloat16'; "
+                         f"pass state_dtype='float32' (--state-dtype float32)")
+    return name
 
 
 def _check_positive(**kwargs) -> None:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU runs in named parts; logs go to $OUT (the device tool brings them back). Source scripts/gpu_env.sh first.
-# Usage on the GPU machine: bash scripts/gpu_session.sh PART...   PART: tests kernels engine tp quant offline
-#   tests    every `gpu`-marked test that needs one GPU            kernels  int4 / attention(KV) / GDN kernel benches
-#   engine   deltaserve bench, Qwen3.5-9B shapes                   tp       two-GPU TP test, all-reduce cost, 27B TP1/TP2
+# Usage on the GPU machine: bash scripts/gpu_session.sh PART...   PART: tests kernels engine state tp quant offline
+#   tests    every `gpu`-marked test that needs one GPU            kernels  int4 GEMM/MoE and attention (KV dtypes) benches
+#   engine   deltaserve bench, Qwen3.5-9B shapes                   tp       two-GPU TP test and the all-reduce cost
 #   quant    AWQ int4 presets (27B, 35B-A3B 8 layers) + bf16 twin  offline  the 1000 x (1024 -> 128) throughput profile
+#   state    9B (8 layers) decode with the GDN state in float32, then bfloat16
 # Two single-GPU part lists can run side by side: CUDA_VISIBLE_DEVICES=0 ... & CUDA_VISIBLE_DEVICES=1 ...
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -19,6 +20,9 @@ for part in "$@"; do
     engine)
       bench 240 --preset qwen3.5-9b --prompt-lens 512,2048,8192 --batch-sizes 1,16,64 --context 1024 --steps 32 \
         > "$OUT/bench_9b.log" ;;
+    state)
+      for st in float32 bfloat16; do bench 90 --preset qwen3.5-9b --layers 8 --prompt-lens 512 --batch-sizes 1,64,256 \
+        --context 1024 --steps 16 --state-dtype $st; done > "$OUT/bench_state.log" ;;
     tp)
       { timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/e2e/test_gpu_tp.py -s 2>&1 \
           | grep -E "prompt logprob|greedy:|passed|failed|Error|error" | tail -20

@@ -232,14 +232,14 @@ def _bad(**changes):
 @pytest.mark.parametrize("args, message", [
     (_bad(v=torch.randn(4, 3, 8), a=torch.randn(4, 3), b=torch.randn(4, 3), A_log=torch.randn(3),
           dt_bias=torch.randn(3), state=torch.zeros(3, 3, 8, 8)), "not divisible"),
-    (_bad(state=torch.zeros(3, 4, 8, 8, dtype=torch.bfloat16)), "float32"),
+    (_bad(state=torch.zeros(3, 4, 8, 8, dtype=torch.float16)), "float32 or bfloat16"),
     (_bad(state=torch.zeros(3, 4, 8, 9)), "state must be"),
     (_bad(cu_seqlens=torch.tensor([0, 1, 5])), "end at T=4"),
     (_bad(cu_seqlens=torch.tensor([0, 3, 1, 4]), slots=torch.tensor([0, 1, 2])), "never decrease"),
     (_bad(slots=torch.tensor([0])), "cu_seqlens has 3 entries but slots has 1"),
     (_bad(slots=torch.tensor([0, 3])), "outside"),
     (_bad(a=torch.randn(4, 2)), "a must be"),
-], ids=["hv-not-multiple", "state-bf16", "state-shape", "t-mismatch", "decreasing", "slots-length", "slot-range",
+], ids=["hv-not-multiple", "state-fp16", "state-shape", "t-mismatch", "decreasing", "slots-length", "slot-range",
         "a-shape"])
 def test_validation_errors(args, message):
     with pytest.raises(ValueError, match=message):

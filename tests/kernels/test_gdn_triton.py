@@ -89,10 +89,11 @@ def cu_of(lengths, device="cpu"):
     return torch.tensor([0] + lengths, device=device).cumsum(0)
 
 
-def run_chunk_case(heads, lengths, slots, S, dtype=torch.float32, device="cpu", config=None):
+def run_chunk_case(heads, lengths, slots, S, dtype=torch.float32, device="cpu", config=None,
+                   state_dtype=torch.float32):
     """Triton and reference on the same inputs and pools. Returns (o_ref, o, pool_ref, pool, pool_before)."""
     inputs = make_inputs(sum(lengths), **heads, dtype=dtype, device=device)
-    pool = make_pool((S, heads["HV"], heads["K"], heads["V"]), slots.tolist(), device=device)
+    pool = make_pool((S, heads["HV"], heads["K"], heads["V"]), slots.tolist(), device=device, dtype=state_dtype)
     pool_ref, before = pool.clone(), pool.clone()
     cu = cu_of(lengths, device)
     o_ref = ref.gated_delta_rule_varlen(*inputs, pool_ref, cu, slots)
@@ -122,6 +123,19 @@ def test_chunk_varlen_matches_reference(heads, config):
     assert_untouched(before, pool, live)
     # guard on the test: initial states must visibly matter, or the slot gather is untested
     assert (pool[4] - before[4]).abs().max() > 1e-2 and (o_ref[:8] - o[:8]).abs().max() < ATOL
+
+
+def test_chunk_bf16_state_pool():
+    """A bf16 pool (state_dtype="bfloat16"): both sides read the same bf16 states, run in fp32 and round once on
+    store, so outputs agree as in fp32 and stored states within one bf16 ulp (2^-7 relative: a rounding may flip)."""
+    lengths, slots = [70, 1, 130], torch.tensor([4, -1, 2], device=DEVICE)
+    o_ref, o, pool_ref, pool, before = run_chunk_case(dict(Hk=2, HV=4, K=32, V=16), lengths, slots, S=6,
+                                                      device=DEVICE, state_dtype=torch.bfloat16)
+    assert pool.dtype == torch.bfloat16
+    assert_close("o", o_ref, o, ATOL)
+    live = [4, 2]
+    assert_close("states", pool_ref[live], pool[live], 2.0**-7 * pool_ref[live].float().abs().max().item())
+    assert_untouched(before, pool, live)
 
 
 def test_chunk_continuation_equals_one_shot():
@@ -157,7 +171,7 @@ def test_chunk_rejects_bad_arguments():
     with pytest.raises(ValueError, match="tables were built"):
         triton_chunk.chunk_gated_delta_rule_varlen(*inputs, pool, cu_of([10]), torch.tensor([0]), [10],
                                                    tables=triton_chunk.build_chunk_tables([9], "cpu"))
-    with pytest.raises(ValueError, match="fp32 pool"):
+    with pytest.raises(ValueError, match="fp32/bf16 pool"):
         triton_chunk.chunk_gated_delta_rule_varlen(*inputs, pool.double(), cu_of([10]), torch.tensor([0]), [10])
 
 
@@ -183,13 +197,17 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["fp32-state", "bf16-state"])
 @pytest.mark.parametrize("heads,block_v", DECODE_CASES)
-def test_decode_matches_reference(heads, block_v):
-    """Two consecutive steps (the second reads the conv state the first shifted), padding row -1 in the batch."""
+def test_decode_matches_reference(heads, block_v, state_dtype):
+    """Two consecutive steps (the second reads the conv state the first shifted), padding row -1 in the batch.
+    bf16 state pool: a stored state may differ by one bf16 ulp (2^-7 relative), and step 1 reads it back."""
     slots = torch.tensor([3, 0, -1, 6, 2], device=DEVICE)
     S, W = 8, 4
     x, weight, conv_state, a, b, A_log, dt_bias, state = make_decode_inputs(5, S, **heads, W=W,
                                                                          slots=slots.tolist(), device=DEVICE)
+    state = state.to(state_dtype)
+    tol = ATOL if state_dtype == torch.float32 else 2.0**-7 * 4  # |states|, |o| stay below ~4 here
     conv_ref, state_ref = conv_state.clone(), state.clone()
     conv_before, state_before = conv_state.clone(), state.clone()
     live = slots >= 0
@@ -203,8 +221,8 @@ def test_decode_matches_reference(heads, block_v):
         o = triton_decode.fused_recurrent_decode(xs, weight, conv_state, a, b, A_log, dt_bias, state, slots, *dims,
                                                  config=config)
         assert torch.isfinite(o).all(), "a padding row read a NaN slot"
-        assert_close(f"o (step {step})", o_ref[live], o[live], ATOL)
-        assert_close(f"state (step {step})", state_ref[L], state[L], ATOL)
+        assert_close(f"o (step {step})", o_ref[live], o[live], tol)
+        assert_close(f"state (step {step})", state_ref[L], state[L], tol)
         assert_close(f"conv_state (step {step})", conv_ref[L], conv_state[L], 0.0)
     assert_untouched(state_before, state, L)
     assert_untouched(conv_before, conv_state, L)

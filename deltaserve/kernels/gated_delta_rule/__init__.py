@@ -5,7 +5,7 @@ import torch
 
 from ..varlen import check_varlen, require_query_lens
 from . import reference
-from .reference import chunk_gated_delta_rule, gdn_gating, l2norm, recurrent_gated_delta_rule_step
+from .reference import STATE_DTYPES, chunk_gated_delta_rule, gdn_gating, l2norm, recurrent_gated_delta_rule_step
 
 __all__ = [
     "gated_delta_rule_varlen",
@@ -57,8 +57,9 @@ def gated_delta_rule_varlen(
             raise ValueError(f"{name} must be [HV={HV}]; got {tuple(t.shape)}")
     if state.dim() != 4 or tuple(state.shape[1:]) != (HV, K, V):
         raise ValueError(f"state must be [S, HV={HV}, K={K}, V={V}]; got {tuple(state.shape)}")
-    if state.dtype != torch.float32:
-        raise ValueError(f"state must be float32 (the recurrence accumulates in it); got {state.dtype}")
+    if state.dtype not in STATE_DTYPES:
+        raise ValueError(f"state must be float32 or bfloat16 (held in that dtype between steps, updated in fp32); "
+                         f"got {state.dtype}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
     check_varlen(T, state.shape[0], cu_seqlens, slots, v.device, (q, k, a, b, A_log, dt_bias, state),

@@ -17,6 +17,9 @@ from ..causal_conv1d.reference import causal_conv1d_varlen
 # Most state bytes one batched decode step touches. Measured on a 2-core EPYC VM (32 MiB L3): 32 full-size states
 # (2 MiB each) in one step ran ~3x slower than 4 steps of 8, as the working set spilled out of cache; small models
 # still take every decoding sequence in a single step.
+# Dtypes of the recurrent-state pool: fp32 (the released checkpoints' mamba_ssm_dtype) or bf16 (opt-in, half the
+# state traffic of a decode step). Every kernel loads the state into fp32, updates it there, and rounds once on store.
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 _DECODE_STEP_BYTES = 16 << 20
 
 
@@ -188,7 +191,9 @@ def _run_single_tokens(q, k, v, g, beta, state, tokens: list[int], slots: list[i
     o[tok], new_state = recurrent_gated_delta_rule_step(q[tok], k[tok], v[tok], g[tok], beta[tok], init)
     if len(live) < len(slots):
         new_state = new_state[live]
-    state.index_copy_(0, torch.tensor([slots[j] for j in live], device=device), new_state)
+    # dtype given: a batch of only padding rows makes an empty list, which torch.tensor would type as float
+    state.index_copy_(0, torch.tensor([slots[j] for j in live], dtype=torch.long, device=device),
+                      new_state.to(state.dtype))
 
 
 def fused_recurrent_decode_reference(

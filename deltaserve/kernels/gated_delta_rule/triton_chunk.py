@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import STATE_DTYPES
+
 BT = 64  # tokens per chunk
 BC = 16  # sub-block of the triangular solve
 
@@ -228,7 +230,7 @@ def _chunk_state_kernel(
 
     # masked load, never a multiply by 0: a padding row's slot -1 (clamped to 0) may hold NaN
     p_state = state + tl.maximum(slot, 0) * s_state + i_h * (K * V) + o_kv
-    b_h = tl.load(p_state, mask=m_live, other=0.0)
+    b_h = tl.load(p_state, mask=m_live, other=0.0).to(tl.float32)  # fp32 or bf16 pool; fp32 in registers
     o_i = tl.arange(0, BT)
     for i_t in range(0, tl.cdiv(eos - bos, BT)):
         t0 = bos + i_t * BT
@@ -245,7 +247,7 @@ def _chunk_state_kernel(
         # masked tokens: b_v is 0 there (w = u = 0), so exp(G_last - 0) scales nothing
         b_v = b_v * tl.exp(b_G_last - b_G)[:, None]
         b_h = b_h * tl.exp(b_G_last) + tl.dot(tl.trans(b_k.to(DT)), b_v.to(DT))
-    tl.store(p_state, b_h, mask=m_live)
+    tl.store(p_state, b_h.to(p_state.dtype.element_ty), mask=m_live)
 
 
 @triton.jit
@@ -375,9 +377,9 @@ def chunk_gated_delta_rule_varlen(
     if a.shape != (T, HV) or b.shape != (T, HV) or A_log.shape != (HV,) or dt_bias.shape != (HV,):
         raise ValueError(f"a, b must be [T={T}, HV={HV}] and A_log, dt_bias [HV]; got a {tuple(a.shape)}, "
                          f"b {tuple(b.shape)}, A_log {tuple(A_log.shape)}, dt_bias {tuple(dt_bias.shape)}")
-    if state.dtype != torch.float32 or state.dim() != 4 or state.shape[1:] != (HV, K, V) or \
+    if state.dtype not in STATE_DTYPES or state.dim() != 4 or state.shape[1:] != (HV, K, V) or \
             state.stride()[1:] != (K * V, V, 1):
-        raise ValueError(f"state must be an fp32 pool [S, HV={HV}, K={K}, V={V}] with dense [HV, K, V] slots; "
+        raise ValueError(f"state must be an fp32/bf16 pool [S, HV={HV}, K={K}, V={V}] with dense [HV, K, V] slots; "
                          f"got {state.dtype} {tuple(state.shape)} strides {state.stride()}")
     if max(K, V) > 256:
         raise ValueError(f"head dims K={K}, V={V}: the kernels hold a whole K row in registers, at most 256")

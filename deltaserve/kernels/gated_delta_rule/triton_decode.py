@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import STATE_DTYPES
+
 
 @dataclass(frozen=True)
 class DecodeLaunchConfig:
@@ -78,7 +80,7 @@ def _fused_recurrent_decode_kernel(
     # the state tile first: the one large load, its latency overlaps the conv below
     m_h = m_k[:, None] & (m_v & m_live_v)[None, :]
     p_h = state + slot_c * s_state + i_h * (K * V) + o_k[:, None] * V + o_v[None, :]
-    b_h = tl.load(p_h, mask=m_h, other=0.0)
+    b_h = tl.load(p_h, mask=m_h, other=0.0).to(tl.float32)  # fp32 or bf16 pool; the update runs in fp32
 
     x_row = x + i_b * s_x
     p_cs = conv_state + slot_c * s_cs
@@ -109,7 +111,7 @@ def _fused_recurrent_decode_kernel(
     b_d = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))
     b_h += b_k[:, None] * b_d[None, :]
     b_o = tl.sum(b_h * b_q[:, None], 0)
-    tl.store(p_h, b_h, mask=m_h)
+    tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
     tl.store(o + (i_b * HV + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
@@ -164,9 +166,9 @@ def fused_recurrent_decode(
             conv_state.dtype != conv_weight.dtype:
         raise ValueError(f"conv_state must be a [S, C={C}, W-1={W - 1}] pool with dense slots in the weight dtype "
                          f"{conv_weight.dtype}; got {conv_state.dtype} {tuple(conv_state.shape)}")
-    if state.dtype != torch.float32 or state.dim() != 4 or state.shape[1:] != (HV, K, V) or \
+    if state.dtype not in STATE_DTYPES or state.dim() != 4 or state.shape[1:] != (HV, K, V) or \
             state.stride()[1:] != (K * V, V, 1) or state.shape[0] != conv_state.shape[0]:
-        raise ValueError(f"state must be an fp32 pool [S={conv_state.shape[0]}, HV={HV}, K={K}, V={V}] with dense "
+        raise ValueError(f"state must be an fp32/bf16 pool [S={conv_state.shape[0]}, HV={HV}, K={K}, V={V}] with dense "
                          f"slots; got {state.dtype} {tuple(state.shape)} strides {state.stride()}")
     for name, t in (("a", a), ("b", b)):
         if t.shape != (B, HV) or t.stride(-1) != 1:
