@@ -1,7 +1,8 @@
-"""Offline throughput: N random-token prompts, all submitted at t=0, through LLM.generate_stream.
+"""Offline throughput: N random-token prompts, all submitted at t=0, through LLM.generate.
 
-Reports requests/s, input / output / total tokens/s, and TTFT / TPOT percentiles (TPOT: time per output token
-after the first, per request). Runs on CPU with the embedded tiny checkpoint and on GPU with any checkpoint:
+Reports requests/s, input / output / total tokens/s, and TTFT / TPOT percentiles from each RequestOutput's
+metrics (TTFT: arrival to the end of the step that sampled the first token; TPOT: time per output token after
+the first, per request). Runs on CPU with the embedded tiny checkpoint and on GPU with any checkpoint:
 
     python benchmarks/offline_throughput.py --num-prompts 64 --input-len 128 --output-len 32
     python benchmarks/offline_throughput.py --preset qwen3.5-9b --num-prompts 1000 --input-len 1024 \
@@ -80,20 +81,14 @@ def run(args) -> dict:
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)
 
     stats = StepStats(llm.engine.runner) if args.step_stats else None
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    ntok: dict[str, int] = {}
     start = time.perf_counter()
-    for out in llm.generate_stream(prompts, params):
-        now = time.perf_counter()
-        if out.outputs[0].token_ids:
-            first.setdefault(out.request_id, now)
-            last[out.request_id] = now
-            ntok[out.request_id] = len(out.outputs[0].token_ids)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    ttft = np.array([first[r] - start for r in first]) * 1e3
-    tpot = np.array([(last[r] - first[r]) / (ntok[r] - 1) for r in first if ntok[r] > 1]) * 1e3
-    n_in, n_out = sum(in_lens), sum(ntok.values())
+    ms = [o.metrics for o in outs]
+    ntok = [len(o.outputs[0].token_ids) for o in outs]
+    ttft = np.array([m.first_token_time - m.arrival_time for m in ms]) * 1e3
+    tpot = np.array([(m.finished_time - m.first_token_time) / (n - 1) for m, n in zip(ms, ntok) if n > 1]) * 1e3
+    n_in, n_out = sum(in_lens), sum(ntok)
     if stats is not None:
         print(stats.table())
     return {

@@ -24,6 +24,15 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When a request reached the engine, got its first token and finished: seconds on the `time.perf_counter`
+    clock of the engine's process (differences are what mean something: TTFT = first_token_time - arrival_time)."""
+    arrival_time: float
+    first_token_time: float | None = None  # end of the step that sampled the first token (of sample 0)
+    finished_time: float | None = None  # end of the step after which every sample was finished
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -31,3 +40,4 @@ class RequestOutput:
     prompt_logprobs: list[Logprobs | None] | None  # first position None, then one dict per prompt token
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    metrics: RequestMetrics | None = None

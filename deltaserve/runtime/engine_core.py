@@ -6,11 +6,12 @@ together under the parent id.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import torch
 
-from ..outputs import CompletionOutput, RequestOutput
+from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .request import Request, RequestStatus
@@ -28,6 +29,7 @@ class _Group:
     texts: list[str]
     sent_tokens: list[int]  # per sample: tokens already reported in a delta
     sent_chars: list[int]  # per sample: characters of text already reported in a delta
+    metrics: RequestMetrics
 
 
 class EngineCore:
@@ -67,7 +69,8 @@ class EngineCore:
             detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
                           if self.tokenizer is not None else None)
         n = params.n
-        group = _Group(prompt, list(prompt_token_ids), params, samples, detoks, [""] * n, [0] * n, [0] * n)
+        group = _Group(prompt, list(prompt_token_ids), params, samples, detoks, [""] * n, [0] * n, [0] * n,
+                       RequestMetrics(time.perf_counter()))
         self.groups[rid] = group
         for i, req in enumerate(samples):
             self._by_id[req.request_id] = (group, i)
@@ -108,6 +111,8 @@ class EngineCore:
             if req.finish_reason is None:
                 req.finish_reason = "abort"
             self._by_id.pop(req.request_id, None)
+        if group.metrics.finished_time is None:
+            group.metrics.finished_time = time.perf_counter()
         return self._output(request_id, group)
 
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
@@ -127,8 +132,14 @@ class EngineCore:
                 req.prompt_logprobs += result.prompt_logprobs[req.request_id]
             if req.request_id in result.sampled:
                 self._append_token(req, group, i, result)
+        now = time.perf_counter()
         outputs = []
         for rid, group in touched.items():
+            m = group.metrics
+            if m.first_token_time is None and group.samples[0].output_token_ids:
+                m.first_token_time = now
+            if m.finished_time is None and all(r.status == RequestStatus.FINISHED for r in group.samples):
+                m.finished_time = now
             if finished_only and any(r.status != RequestStatus.FINISHED for r in group.samples):
                 continue
             outputs.append(self._output(rid, group))
@@ -194,4 +205,5 @@ class EngineCore:
             request_id=rid, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
             prompt_logprobs=list(first.prompt_logprobs) if group.params.prompt_logprobs is not None else None,
             outputs=outs, finished=all(r.status == RequestStatus.FINISHED for r in group.samples),
+            metrics=group.metrics,
         )

@@ -408,3 +408,22 @@ def test_warm_up_leaves_no_trace(models, kind):
     outs = run_until_done(llm, [llm.engine.add_request(p["prompt_token_ids"], greedy(6)) for p in prompts])
     for p, out in zip(prompts, outs.values()):
         assert_same_completion("after warm-up", models.ref(kind, p, greedy(6)).outputs[0], out.outputs[0])
+
+
+def test_request_metrics(models):
+    """RequestOutput.metrics: arrival <= first token <= finished, the first token lands on the step that sampled it
+    (one step for max_tokens=1), an abort stamps finished_time, and LLM.generate reports it."""
+    llm = make_llm(models.path("dense"), max_num_seqs=4, max_num_batched_tokens=32)
+    rng = random.Random(12)
+    prompts = [random_prompt(rng, n, models.vocab()) for n in (5, 70)]
+    outs = llm.generate(prompts, [greedy(1), greedy(6)], use_tqdm=False)
+    for out in outs:
+        m = out.metrics
+        assert m.arrival_time <= m.first_token_time <= m.finished_time
+    assert outs[0].metrics.first_token_time == outs[0].metrics.finished_time
+    # the 70-token prompt needs 3 steps of a 32-token budget before its first token; the 5-token one, 1 step
+    assert outs[1].metrics.first_token_time > outs[0].metrics.first_token_time
+    rid = llm.engine.add_request(prompts[1]["prompt_token_ids"], greedy(6))
+    llm.engine.step()
+    aborted = llm.engine.abort(rid)
+    assert aborted.metrics.first_token_time is None and aborted.metrics.finished_time >= aborted.metrics.arrival_time
