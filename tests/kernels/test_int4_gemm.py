@@ -9,8 +9,8 @@ import pytest
 import torch
 import triton.language as tl
 
-from deltaserve.kernels.int4_gemm import int4_gemm_reference
 from deltaserve.kernels import int4_gemm as int4_dispatch
+from deltaserve.kernels.int4_gemm import int4_gemm_reference
 from deltaserve.kernels.int4_gemm.triton import (
     GEMV_MAX_T,
     GemmPlan,

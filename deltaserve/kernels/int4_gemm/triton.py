@@ -131,7 +131,7 @@ def int4_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
     t, n, k = _check(x, qweight, qzeros, scales, group_size)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = config or plan(t, n, k, group_size, _num_sms(x.device))
+    cfg = config or plan(t, n, k, group_size, device_sms(x.device))
     if group_size % cfg.block_k or cfg.block_k < 16 and x.is_cuda:
         raise ValueError(f"block_k {cfg.block_k} must divide group_size {group_size} (and be >= 16 on a GPU)")
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
@@ -152,13 +152,13 @@ def int4_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
     return out
 
 
-def _num_sms(device: torch.device) -> int:
+def device_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a small number keeps split-K exercised on small CPU shapes
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count  # ~10 us a call: once per device
 
@@ -213,12 +213,24 @@ def _gemv_store(out, b_acc, o_m, m_m, o_c, m_c, P: tl.constexpr, stride_ot, USE_
 
 
 @triton.jit
-def _int4_gemv_kernel(x, qweight, qzeros, scales, out, T, NP, K, K_PER_SPLIT,
+def _int4_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, T, NP, K, K_PER_SPLIT,
                       stride_xt, stride_qk, stride_zk, stride_sk, stride_os, stride_ot,
+                      stride_qe, stride_ze, stride_se,
                       GROUP: tl.constexpr, BM: tl.constexpr, BNP: tl.constexpr, BK: tl.constexpr,
-                      USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Program (i_c, i_s): packed columns i_c·BNP.. (NP = N/8 in all), K range i_s·K_PER_SPLIT.. -> out[i_s]."""
+                      USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, X_ROW_DIV: tl.constexpr,
+                      INDEXED: tl.constexpr):
+    """Program (i_c, i_s[, i_r]): packed columns i_c·BNP.. (NP = N/8 in all), K range i_s·K_PER_SPLIT.. -> out[i_s].
+    INDEXED (the MoE decode, T = 1 per row): program axis 2 is output row i_r, which multiplies x row
+    i_r // X_ROW_DIV by the weight of expert expert_of_row[i_r] ([E] leading, strides stride_qe / _ze / _se)."""
     i_c, i_s = tl.program_id(0), tl.program_id(1)
+    if INDEXED:
+        i_r = tl.program_id(2)
+        i_e = tl.load(expert_of_row + i_r).to(tl.int64)
+        qweight += i_e * stride_qe
+        qzeros += i_e * stride_ze
+        scales += i_e * stride_se
+        x += (i_r // X_ROW_DIV).to(tl.int64) * stride_xt
+        out += i_r.to(tl.int64) * stride_ot
     o_c = i_c * BNP + tl.arange(0, BNP)
     m_c = o_c < NP
     o_m = tl.arange(0, BM)
@@ -279,15 +291,15 @@ class GemvPlan:
     num_stages: int = 3
 
 
-def gemv_plan(t: int, n: int, k: int, group: int, num_sms: int = 132) -> GemvPlan:
+def gemv_plan(t: int, n: int, k: int, group: int, num_sms: int = 132, rows: int = 1) -> GemvPlan:
     """The decode plan for x [t <= 16, k] times an int4 [k, n] weight (shapes only: no host sync). Tiles of about
     16 KB of int32 (BK x BNP = 4096); split K until about 4 programs per SM, keeping the fp32 partials under
-    1/8 of the int4 bytes."""
+    1/8 of the int4 bytes. rows: independent GEMVs launched together (the MoE decode's pairs)."""
     use_dot = t > 1
     bnp = max(16 if use_dot else 1, min(32, triton.next_power_of_2(n // 8)))
     bk = min(group, max(16, 4096 // bnp))
     steps = k // bk
-    split = triton.cdiv(4 * num_sms, triton.cdiv(n // 8, bnp))
+    split = triton.cdiv(4 * num_sms, triton.cdiv(n // 8, bnp) * rows)
     split = max(1, min(split, steps, k // (64 * t)))
     return GemvPlan(bnp, bk, split, use_dot)
 
@@ -300,7 +312,7 @@ def int4_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
     if t > GEMV_MAX_T:
         raise ValueError(f"the int4 GEMV takes at most {GEMV_MAX_T} rows, got T={t}; use int4_gemm_triton")
     x = x.contiguous()
-    cfg = config or gemv_plan(t, n, k, group_size, _num_sms(x.device))
+    cfg = config or gemv_plan(t, n, k, group_size, device_sms(x.device))
     if group_size % cfg.block_k or (t > 1 and not cfg.use_dot) or (cfg.use_dot and min(cfg.block_k,
                                                                                          cfg.block_np) < 16):
         raise ValueError(f"GEMV plan {cfg} does not fit T={t}, group {group_size}: block_k must divide the group, "
@@ -313,12 +325,44 @@ def int4_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
     dst = out if split == 1 else torch.empty(split, t, n, dtype=torch.float32, device=x.device)
     stride_os = 0 if split == 1 else dst.stride(0)
     grid = (triton.cdiv(n // 8, cfg.block_np), split)
-    _int4_gemv_kernel[grid](x, qweight, qzeros, scales, dst, t, n // 8, k, k_per_split,
+    _int4_gemv_kernel[grid](x, qweight, qzeros, scales, dst, x, t, n // 8, k, k_per_split,
                             x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), stride_os,
-                            dst.stride(-2), GROUP=group_size, BM=16 if cfg.use_dot else 1, BNP=cfg.block_np,
-                            BK=cfg.block_k, USE_DOT=cfg.use_dot, DOT_PRECISION=dot_precision(x.dtype),
+                            dst.stride(-2), 0, 0, 0, GROUP=group_size, BM=16 if cfg.use_dot else 1,
+                            BNP=cfg.block_np, BK=cfg.block_k, USE_DOT=cfg.use_dot,
+                            DOT_PRECISION=dot_precision(x.dtype), X_ROW_DIV=1, INDEXED=False,
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(t * n, block),)](dst, out, split, t * n, BLOCK=block)
     return out
+
+
+def int4_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                   group_size: int, expert_of_row: torch.Tensor, x_row_div: int = 1,
+                   config: GemvPlan | None = None) -> torch.Tensor:
+    """Independent GEMVs on per-row experts (the MoE decode): row r = x[r // x_row_div] times expert
+    expert_of_row[r]'s weight. x: [X, K]; qweight [E, K, N/8] int32; qzeros [E, K/G, N/8]; scales [E, K/G, N];
+    expert_of_row: [R] int -> fp32 split-K partials [S, R, N] (the caller sums S in its epilogue)."""
+    if qweight.dim() != 3 or qzeros.dim() != 3 or scales.dim() != 3 or expert_of_row.dim() != 1:
+        raise ValueError(f"expert weights must be [E, ...] stacks and expert_of_row [R], got qweight "
+                         f"{tuple(qweight.shape)}, expert_of_row {tuple(expert_of_row.shape)}")
+    _, n, k = _check(x[:1], qweight[0], qzeros[0], scales[0], group_size)
+    rows = expert_of_row.numel()
+    x = x.contiguous()
+    cfg = config or gemv_plan(1, n, k, group_size, device_sms(x.device), rows)
+    if group_size % cfg.block_k or cfg.use_dot:
+        raise ValueError(f"GEMV plan {cfg} does not fit per-row experts: block_k must divide group {group_size} "
+                         f"and use_dot must be off (one x row per output row)")
+    k_per_split = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k
+    split = triton.cdiv(k, k_per_split)
+    part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return part
+    grid = (triton.cdiv(n // 8, cfg.block_np), split, rows)
+    _int4_gemv_kernel[grid](x, qweight, qzeros, scales, part, expert_of_row, 1, n // 8, k, k_per_split,
+                            x.stride(0), qweight.stride(1), qzeros.stride(1), scales.stride(1), part.stride(0),
+                            part.stride(1), qweight.stride(0), qzeros.stride(0), scales.stride(0),
+                            GROUP=group_size, BM=1, BNP=cfg.block_np, BK=cfg.block_k, USE_DOT=False,
+                            DOT_PRECISION=dot_precision(x.dtype), X_ROW_DIV=x_row_div, INDEXED=True,
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return part
