@@ -94,9 +94,10 @@ def test_int4_fused_moe_matches_reference(t, e, k, group, bm, symmetric):
     assert err <= ATOL_FP32, f"error {err:.2e}"
 
 
-PATHS = {"decode-gemv": dict(decode_gemv=True), "gemm-triton-align": dict(decode_gemv=False, triton_align=True),
-         "gemm-torch-align": dict(decode_gemv=False, triton_align=False),
-         "gemm-bn32": dict(decode_gemv=False, gemm1_block_n=32)}
+PATHS = {"decode-gemv": {"decode_gemv": True},
+         "gemm-triton-align": {"decode_gemv": False, "triton_align": True},
+         "gemm-torch-align": {"decode_gemv": False, "triton_align": False},
+         "gemm-bn32": {"decode_gemv": False, "gemm1_block_n": 32}}
 PATH_CASES = {"t1-e16-k4-g64": (1, 16, 4, 64), "t16-e8-k2-g32": (16, 8, 2, 32), "t7-e32-k8-g32": (7, 32, 8, 32)}
 
 
