@@ -12,6 +12,7 @@ from deltaserve.kernels.fused_moe import (
     route_topk_softmax,
 )
 from deltaserve.kernels.fused_moe.align import max_padded_rows, moe_align
+from deltaserve.kernels.fused_moe.align_triton import moe_align_triton
 from deltaserve.kernels.fused_moe.triton import fused_moe_triton
 from deltaserve.layers.linear import QuantExperts
 from deltaserve.layers.quant import ct_to_awq, to_awq, to_ct
@@ -46,13 +47,16 @@ def moe_inputs(t, e, k, h, inter, device="cpu", seed=0):
     return x, gate_up, down, weights, ids
 
 
-ALIGN = {"t37-e8-k2": (37, 8, 2, 16), "t1-e16-k4": (1, 16, 4, 16), "t64-e6-k6-bm64": (64, 6, 6, 64)}
+ALIGN = {"t37-e8-k2": (37, 8, 2, 16), "t1-e16-k4": (1, 16, 4, 16), "t64-e6-k6-bm64": (64, 6, 6, 64),
+         "t1-e256-k8": (1, 256, 8, 16), "t9-e256-k8": (9, 256, 8, 16), "t3-e20-k3-bm32": (3, 20, 3, 32)}
+ALIGNERS = {"torch": moe_align, "triton": moe_align_triton}
 
 
+@pytest.mark.parametrize("align", ALIGNERS.values(), ids=ALIGNERS.keys())
 @pytest.mark.parametrize("t, e, k, bm", ALIGN.values(), ids=ALIGN.keys())
-def test_moe_align_sorts_every_pair_into_its_experts_tiles(t, e, k, bm):
+def test_moe_align_sorts_every_pair_into_its_experts_tiles(t, e, k, bm, align):
     ids = route_topk_softmax(torch.randn(t, e, generator=torch.Generator().manual_seed(t)), k)[1]
-    al = moe_align(ids, e, bm)
+    al = align(ids, e, bm)
     flat, m = ids.reshape(-1), t * k
     assert al.sorted_ids.numel() == max_padded_rows(m, e, bm) and al.sorted_ids.numel() % bm == 0
     used = int(al.num_tokens_post_pad)
@@ -63,6 +67,15 @@ def test_moe_align_sorts_every_pair_into_its_experts_tiles(t, e, k, bm):
     assert (al.sorted_ids[used:] == m).all()  # rows past the used tiles are padding
     tile_expert = al.expert_ids.long().repeat_interleave(bm)[:used]
     assert torch.equal(flat[rows[rows < m]], tile_expert[rows < m])  # each row sits in a tile of its expert
+
+
+@pytest.mark.parametrize("t, e, k, bm", ALIGN.values(), ids=ALIGN.keys())
+def test_triton_align_equals_the_torch_align(t, e, k, bm):
+    """Same tensors, not only the same invariants: within an expert both keep pair order."""
+    ids = route_topk_softmax(torch.randn(t, e, generator=torch.Generator().manual_seed(t + 1)), k)[1]
+    ref, out = moe_align(ids, e, bm), moe_align_triton(ids, e, bm)
+    for name in ("sorted_ids", "expert_ids", "num_tokens_post_pad"):
+        assert torch.equal(getattr(ref, name), getattr(out, name)), name
 
 
 CASES = {"t5-e8-k2-g32": (5, 8, 2, 32, None), "t1-e16-k4-g64": (1, 16, 4, 64, None),
@@ -79,6 +92,44 @@ def test_int4_fused_moe_matches_reference(t, e, k, group, bm, symmetric):
     out = fused_moe_triton(x, gu, dn, weights, ids, block_m=bm)
     err = (out - ref).abs().max().item()
     assert err <= ATOL_FP32, f"error {err:.2e}"
+
+
+PATHS = {"decode-gemv": {"decode_gemv": True},
+         "gemm-triton-align": {"decode_gemv": False, "triton_align": True},
+         "gemm-torch-align": {"decode_gemv": False, "triton_align": False},
+         "gemm-bn32": {"decode_gemv": False, "gemm1_block_n": 32}}
+PATH_CASES = {"t1-e16-k4-g64": (1, 16, 4, 64), "t16-e8-k2-g32": (16, 8, 2, 32), "t7-e32-k8-g32": (7, 32, 8, 32)}
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("t, e, k, group", PATH_CASES.values(), ids=PATH_CASES.keys())
+def test_int4_fused_moe_paths_match_reference(t, e, k, group, path):
+    """Every path the dispatch (or the benchmark) can pick, on the same inputs. I=48: 12 packed gate|up columns
+    (tiles partly masked), down's K=48 in three groups of 16."""
+    h, inter = 64, 48
+    x, gate_up, down, weights, ids = moe_inputs(t, e, k, h, inter, seed=t + e)
+    gu, dn = int4_experts(gate_up, group, symmetric=t % 2 == 0), int4_experts(down, 16)
+    ref = fused_moe_experts(x, gu, dn, weights, ids)
+    err = (fused_moe_triton(x, gu, dn, weights, ids, **path) - ref).abs().max().item()
+    assert err <= ATOL_FP32, f"error {err:.2e}"
+
+
+def test_int4_decode_gemv_is_deterministic():
+    x, gate_up, down, weights, ids = moe_inputs(3, 8, 4, 64, 48, seed=5)
+    gu, dn = int4_experts(gate_up, 32), int4_experts(down, 16)
+    outs = [fused_moe_triton(x, gu, dn, weights, ids, decode_gemv=True) for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_int4_gemv_rows_refuses_bad_expert_tensors():
+    from deltaserve.kernels.int4_gemm.triton import int4_gemv_rows
+
+    _, gate_up, _, _, ids = moe_inputs(2, 4, 2, 64, 32)
+    gu = int4_experts(gate_up, 32)
+    with pytest.raises(ValueError, match="expert weights must be"):
+        int4_gemv_rows(torch.randn(2, 64), gu.qweight[0], gu.qzeros[0], gu.scales[0], 32, ids.reshape(-1))
+    with pytest.raises(ValueError, match="qweight"):
+        int4_gemv_rows(torch.randn(2, 32), gu.qweight, gu.qzeros, gu.scales, 32, ids.reshape(-1))
 
 
 def test_16bit_fused_moe_matches_reference():
@@ -107,7 +158,7 @@ def test_quant_experts_forward_on_cpu_is_the_reference():
 
 # ---- full size on the GPU: Qwen3.5-35B-A3B experts ----
 @pytest.mark.gpu
-@pytest.mark.parametrize("t", [1, 64, 2048], ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("t", [1, 16, 64, 2048], ids=lambda t: f"t{t}")
 @pytest.mark.parametrize("int4", [True, False], ids=["int4", "bf16"])
 def test_fused_moe_full_size(t, int4):
     e, k, h, inter = 256, 8, 2048, 512
@@ -120,19 +171,24 @@ def test_fused_moe_full_size(t, int4):
     out = fused_moe_triton(x.bfloat16(), gu, dn, weights, ids).float()
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < 2e-2, f"relative error {rel:.2e}"  # bf16 x, W, activation and per-expert rows: ~5e-3
+    if int4 and t <= 16:  # the other decode paths too (the default took the per-pair GEMVs)
+        for path in ({"decode_gemv": False, "triton_align": True}, {"decode_gemv": False, "triton_align": False}):
+            out = fused_moe_triton(x.bfloat16(), gu, dn, weights, ids, **path).float()
+            assert ((out - ref).norm() / ref.norm()).item() < 2e-2, path
 
 
 @pytest.mark.gpu
-def test_int4_fused_moe_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("t", [4, 64], ids=lambda t: f"t{t}")  # per-pair GEMVs; Triton align + grouped GEMM
+def test_int4_fused_moe_captures_in_a_cuda_graph(t):
     e, k, h, inter = 256, 8, 2048, 512
-    x, gate_up, down, weights, ids = moe_inputs(4, e, k, h, inter, device="cuda")
+    x, gate_up, down, weights, ids = moe_inputs(t, e, k, h, inter, device="cuda")
     gu, dn = int4_experts(gate_up, 128), int4_experts(down, 128)
     x = x.bfloat16()
     fused_moe_int4(x, gu, dn, weights, ids)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = fused_moe_int4(x, gu, dn, weights, ids)
-    w2, ids2 = route_topk_softmax(torch.randn(4, e, device="cuda"), k)
+    w2, ids2 = route_topk_softmax(torch.randn(t, e, device="cuda"), k)
     weights.copy_(w2)
     ids.copy_(ids2)
     x.copy_(torch.randn_like(x))

@@ -6,6 +6,7 @@ write silu(gate) · up for the pair ([T·k, I], x's dtype). GEMM2: rows gather t
 projection, scale by the routing weight and write [T·k, H]; torch sums the k rows of each token (fp32). Padding rows
 (sorted id == T·k) load zeros and store nothing; tiles past num_tokens_post_pad return at once. Accumulation and the
 epilogues are fp32. No host syncs (grid sizes depend on T, k and E only), so CUDA graphs capture it.
+Decode-sized int4 batches skip all of this for per-pair GEMVs (decode.py); see fused_moe_triton's switches.
 """
 import torch
 import triton
@@ -13,6 +14,8 @@ import triton.language as tl
 
 from ..int4_gemm.triton import dequant_awq_tile, dot_precision
 from .align import MoeAlignment, moe_align
+from .align_triton import moe_align_triton
+from .decode import DECODE_MAX_PAIRS, fused_moe_int4_decode
 from .reference import ExpertWeights
 
 
@@ -101,23 +104,46 @@ def _gemm(a, w: ExpertWeights, out, al: MoeAlignment, topk_weights, n: int, a_ro
                            DOT_PRECISION=dot_precision(a.dtype), num_warps=4, num_stages=3)
 
 
-def fused_moe_triton(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, block_m: int | None = None) -> torch.Tensor:
-    """x: [T, H]; gate_up: N = 2I (first I columns gate), K = H; down: N = H, K = I (I % 8 == 0); topk_weights [T, k] fp32;
-    topk_ids [T, k] -> [T, H] in x's dtype: sum over the k experts of w · down(silu(gate) · up)."""
+# One-line switches between the decode paths (benchmarks/kernels/bench_int4.py times both sides): int4 experts with
+# T·k <= decode.DECODE_MAX_PAIRS run as per-pair GEMVs (decode.py); up to TRITON_ALIGN_MAX_PAIRS pairs the sort /
+# align is the one-launch Triton kernel (align_triton.py, identical output) instead of ~15 torch ops.
+DECODE_GEMV = True
+TRITON_ALIGN_MAX_PAIRS = 1024
+
+
+def check_moe_shapes(x, gate_up: ExpertWeights, down: ExpertWeights, topk_weights, topk_ids) -> None:
     t, h = x.shape
     e, k1, n1 = gate_up.dims()
     e2, k2, n2 = down.dims()
     if k1 != h or n2 != h or e2 != e or n1 != 2 * k2 or k2 % 8 or topk_ids.shape != topk_weights.shape:
         raise ValueError(f"expert shapes do not fit x [{t}, {h}]: gate_up K={k1} N={n1}, down K={k2} N={n2}, "
                          f"E={e}/{e2}, topk {tuple(topk_ids.shape)} / {tuple(topk_weights.shape)}")
+
+
+def fused_moe_triton(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, block_m: int | None = None, decode_gemv: bool | None = None,
+                     triton_align: bool | None = None, gemm1_block_n: int = 64) -> torch.Tensor:
+    """x: [T, H]; gate_up: N = 2I (first I columns gate), K = H; down: N = H, K = I (I % 8 == 0); topk_weights [T, k] fp32;
+    topk_ids [T, k] -> [T, H] in x's dtype: sum over the k experts of w · down(silu(gate) · up).
+    block_m / decode_gemv / triton_align / gemm1_block_n: override the path choice (tests, benchmarks); an explicit
+    block_m means the grouped GEMM."""
+    check_moe_shapes(x, gate_up, down, topk_weights, topk_ids)
+    t, h = x.shape
+    e, _, _ = gate_up.dims()
+    k2 = down.dims()[1]
     top_k = topk_ids.shape[1]
     x = x.contiguous()
+    if decode_gemv is None:
+        decode_gemv = DECODE_GEMV and block_m is None and t * top_k <= DECODE_MAX_PAIRS
+    if decode_gemv and gate_up.int4 and down.int4:
+        return fused_moe_int4_decode(x, gate_up, down, topk_weights, topk_ids)
     if block_m is None:  # decode / small batches: few rows per expert, keep tiles short
         block_m = 16 if t * top_k <= 16 * e else 64
-    al = moe_align(topk_ids, e, block_m)
+    if triton_align is None:
+        triton_align = t * top_k <= TRITON_ALIGN_MAX_PAIRS
+    al = (moe_align_triton if triton_align else moe_align)(topk_ids, e, block_m)
     act = torch.empty(t * top_k, k2, dtype=x.dtype, device=x.device)
-    _gemm(x, gate_up, act, al, x, k2, top_k, True, 64)  # x: a placeholder, GEMM1 applies no routing weight
+    _gemm(x, gate_up, act, al, x, k2, top_k, True, gemm1_block_n)  # x: a placeholder, GEMM1 applies no weight
     y = torch.empty(t * top_k, h, dtype=x.dtype, device=x.device)
     _gemm(act, down, y, al, topk_weights.reshape(-1).float().contiguous(), h, 1, False, 128 if block_m > 16 else 64)
     return y.view(t, top_k, h).sum(1, dtype=torch.float32).to(x.dtype)

@@ -1,0 +1,74 @@
+"""int4 MoE for decode-sized batches as per-pair GEMVs: no sort / align at all, four launches per MoE block.
+
+Each (token, expert) pair is its own GEMV over its expert's weight (int4_gemm.triton.int4_gemv_rows: packed-column
+tiles, split-K partials in fp32), so the weight stream is spread over (column tiles x K splits x pairs) programs
+whatever the routing. Launches: GEMM1 gate|up -> _silu_mul_kernel (sums the K splits, silu(gate) · up in fp32,
+rounded to x's dtype as the grouped path rounds its activation) -> GEMM2 down -> _combine_kernel (sums the K splits
+and the k pairs of each token, times the routing weights, one rounding). All sums run in a fixed order:
+deterministic. A pair re-reads its expert even when another pair of the batch uses it too, so past a few tokens
+the sorted grouped GEMM (triton.py) wins: the dispatch uses this up to DECODE_MAX_PAIRS pairs.
+Reference: reference.fused_moe_experts."""
+import torch
+import triton
+import triton.language as tl
+
+from ..int4_gemm.triton import int4_gemv_rows
+from .reference import ExpertWeights
+
+
+@triton.jit
+def _silu_mul_kernel(part, act, S, M, INTER, BLOCK: tl.constexpr):
+    """part [S, M, 2·INTER] fp32 -> act [M, INTER] = silu(gate) · up of the split sums. Program (i_r, i_b)."""
+    i_r, i_b = tl.program_id(0), tl.program_id(1)
+    o_i = i_b * BLOCK + tl.arange(0, BLOCK)
+    m_i = o_i < INTER
+    b_gate = tl.zeros([BLOCK], dtype=tl.float32)
+    b_up = tl.zeros([BLOCK], dtype=tl.float32)
+    for i_s in range(S):
+        p_row = part + (i_s * M + i_r).to(tl.int64) * (2 * INTER)
+        b_gate += tl.load(p_row + o_i, mask=m_i, other=0.0)
+        b_up += tl.load(p_row + INTER + o_i, mask=m_i, other=0.0)
+    b_act = b_gate / (1.0 + tl.exp(-b_gate)) * b_up
+    tl.store(act + i_r.to(tl.int64) * INTER + o_i, b_act.to(act.dtype.element_ty), mask=m_i)
+
+
+@triton.jit
+def _combine_kernel(part, weights, out, S, M, H, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """part [S, M = T·TOP_K, H] fp32, weights [M] fp32 -> out[t] = sum_j weights[t·k + j] · sum_s part[s, t·k + j].
+    Program (i_t, i_b)."""
+    i_t, i_b = tl.program_id(0), tl.program_id(1)
+    o_h = i_b * BLOCK + tl.arange(0, BLOCK)
+    m_h = o_h < H
+    b_out = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        i_r = i_t * TOP_K + j
+        b_row = tl.zeros([BLOCK], dtype=tl.float32)
+        for i_s in range(S):
+            b_row += tl.load(part + (i_s * M + i_r).to(tl.int64) * H + o_h, mask=m_h, other=0.0)
+        b_out += tl.load(weights + i_r) * b_row
+    tl.store(out + i_t.to(tl.int64) * H + o_h, b_out.to(out.dtype.element_ty), mask=m_h)
+
+
+DECODE_MAX_PAIRS = 128  # T · k up to this: per-pair GEMVs (T <= 16 at top-8); beyond: align + grouped GEMM
+
+
+def fused_moe_int4_decode(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,
+                          topk_ids: torch.Tensor) -> torch.Tensor:
+    """x: [T, H]; gate_up / down: int4 ExpertWeights (gate_up N = 2I, first I columns gate; down N = H, K = I);
+    topk_weights [T, k] fp32; topk_ids [T, k] -> [T, H] in x's dtype. Shapes are checked by the caller
+    (triton.check_moe_shapes)."""
+    t, h = x.shape
+    top_k = topk_ids.shape[1]
+    inter = down.dims()[1]
+    ids = topk_ids.reshape(-1)
+    part1 = int4_gemv_rows(x, gate_up.qweight, gate_up.qzeros, gate_up.scales, gate_up.group_size, ids, top_k)
+    act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
+    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return out
+    _silu_mul_kernel[(t * top_k, triton.cdiv(inter, 512))](part1, act, part1.shape[0], t * top_k, inter, BLOCK=512)
+    part2 = int4_gemv_rows(act, down.qweight, down.qzeros, down.scales, down.group_size, ids, 1)
+    weights = topk_weights.reshape(-1).float().contiguous()
+    _combine_kernel[(t, triton.cdiv(h, 1024))](part2, weights, out, part2.shape[0], t * top_k, h, TOP_K=top_k,
+                                                BLOCK=1024)
+    return out
