@@ -203,6 +203,48 @@ def test_decode_matches_reference(case, kind, triton_ready):
     assert_close(f"{case} {kind}", ref, out, ATOL_FP32)
 
 
+# fp16 q: the matmuls take fp16 operands (codes exact, q and p * s rounded to fp16's 11 bits); observed ~1e-4
+ATOL_FP16 = 2e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("f16_dot", [True, False], ids=["f16_dot", "to_q_dtype"])
+@pytest.mark.parametrize("split", [True, False], ids=["split", "one_partition"])
+def test_decode_fp16_configs_match_reference(kind, f16_dot, split, triton_ready):
+    """The quantized decode kernel's two code conversions (bit arithmetic to fp16, or a cast to q's dtype) over fp16
+    queries, split and unsplit, against the fp32 reference over the same codes. One head's values are ~1e-3 (tiny
+    scales: p * s would go subnormal in fp16 without the per-tile normalisation)."""
+    from deltaserve.kernels.paged_attention.triton_quant_decode import QuantDecodeConfig
+
+    h, hkv, d, bs, ctx_lens = 4, 2, 32, 4, [1, 23, 40]
+    k_cache, v_cache, tables = quantized_paged_kv(kind, ctx_lens, bs, hkv, d)
+    v_cache.scale[:, :, 1] *= 1e-3  # head 1: values (and zeros) a thousand times smaller
+    if v_cache.zero is not None:
+        v_cache.zero[:, :, 1] *= 1e-3
+    q = torch.randn(len(ctx_lens), h, d, device=DEVICE).half()
+    gate = torch.randn_like(q)
+    ref = paged_attention_varlen(q.float(), k_cache, v_cache, tables, [1] * 3, ctx_lens, d ** -0.5, gate=gate.float())
+    cfg = QuantDecodeConfig(block_n=tile(8), num_warps=2, num_stages=2, partition_size=8 if split else 64,
+                            f16_dot=f16_dot)
+    out = torch.full_like(q, float("nan"))
+    paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(ctx_lens, device=DEVICE), d ** -0.5, gate,
+                           max(ctx_lens), config=cfg, out=out)
+    assert_close(f"{kind} f16_dot={f16_dot}", ref, out, ATOL_FP16, 1e-2)
+    small = ref[:, 2:]  # the heads of kv head 1: compared on their own scale
+    err = ((out[:, 2:].float() - small).abs() - 1e-2 * small.abs()).max().item()
+    assert err <= ATOL_FP16 * 1e-3, f"{kind}: small-valued head off by {err:.1e}"
+
+
+def test_decode_config_overrides():
+    from deltaserve.kernels.paged_attention.triton_quant_decode import (DEFAULT_QUANT_DECODE, QuantDecodeConfig,
+                                                                        quant_decode_config)
+
+    assert quant_decode_config("int4") == DEFAULT_QUANT_DECODE["int4"]
+    base = QuantDecodeConfig(block_n=32, num_warps=8, f16_dot=False)
+    cfg = quant_decode_config("int8", base, block_n=16, num_warps=None)
+    assert cfg == QuantDecodeConfig(block_n=16, num_warps=8, f16_dot=False)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_store_then_chunked_prefill_then_decode(kind, triton_ready):
     """The engine's order on the Triton path: store a chunk, attend over everything cached; a second chunk reads the

@@ -12,9 +12,10 @@ The optional output gate (Qwen3.5) is applied in the epilogue: o = attn * sigmoi
 GQA: one program serves all G = H / Hkv query heads of one kv head, so each K/V tile is read once per group.
 Prefill packs rows as (query token, head in group): row r of a tile is token r // G, head r % G.
 
-Quantized caches (QuantizedKV: int8 / int4 / fp8 codes + per-token-per-head scales and zeros, kv_quant.py): the
-constexpr KV_KIND picks triton_quant.py's tile step, which multiplies in q's dtype and folds scale and zero into the
-scores and probabilities; KV_KIND = 0 compiles exactly the 16-bit kernels.
+Quantized caches (QuantizedKV: int8 / int4 / fp8 codes + per-token-per-head scales and zeros, kv_quant.py): in
+prefill the constexpr KV_KIND picks triton_quant.py's tile step, which multiplies in q's dtype and folds scale and
+zero into the scores and probabilities (KV_KIND = 0 compiles exactly the 16-bit kernel); decode launches
+triton_quant_decode.py's kernel (its own launch config, see there) and this file's reduce.
 """
 import torch
 import triton
@@ -23,6 +24,7 @@ import triton.language as tl
 from .kv_quant import QuantizedKV
 from .triton_quant import (KV_KIND, attend_tile_quant, check_quant_cache, code_args, quant_pointer_args,
                            store_kv_quant)
+from .triton_quant_decode import QuantDecodeConfig, launch_decode_partial_quant, quant_decode_config
 
 LOG2E = 1.4426950408889634
 Cache = torch.Tensor | QuantizedKV  # one side (K or V) of a layer's paged cache
@@ -130,14 +132,14 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
 
 
 @triton.jit
-def _decode_partial_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate, o, part_m, part_l, part_acc,
+def _decode_partial_kernel(q, k_cache, v_cache, gate, o, part_m, part_l, part_acc,
                            block_tables, context_lens, scale_log2, partition_size, num_partitions, stride_qn, stride_qh,
                            stride_kb, stride_ks, stride_kh,
                            stride_vb, stride_vs, stride_vh, stride_gn, stride_gh, stride_on, stride_oh, stride_bt,
                            H: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr,
                            D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_GATE: tl.constexpr,
-                           KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (N, Hkv, P = num_partitions). Program (i, h, p) attends the G query heads of kv head h of sequence i over
+                           DOT_PRECISION: tl.constexpr):
+    """16-bit caches (quantized ones: triton_quant_decode.py's kernel). Grid (N, Hkv, P = num_partitions). Program (i, h, p) attends the G query heads of kv head h of sequence i over
     keys [p * partition_size, (p + 1) * partition_size) of its context. Not SPLIT (P == 1): writes o directly, gate
     applied. SPLIT: writes the unnormalised part_acc [N, H, P, D] and part_m (log2 units), part_l [N, H, P], fp32."""
     i_seq, i_kvh, i_part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -151,10 +153,7 @@ def _decode_partial_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero
         m_h = o_h < G
         i_seq64 = i_seq.to(tl.int64)
         b_q = tl.load(q + i_seq64 * stride_qn + o_head[:, None] * stride_qh + o_d[None, :], mask=m_h[:, None],
-                      other=0.0)
-        if KV_KIND == 0:
-            b_q = b_q.to(k_cache.dtype.element_ty)
-        b_qsum = tl.sum(b_q.to(tl.float32), 1)
+                      other=0.0).to(k_cache.dtype.element_ty)
         b_m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([BLOCK_H], dtype=tl.float32)
         b_acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
@@ -162,15 +161,9 @@ def _decode_partial_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero
         for n in range(start, end, BLOCK_N):
             o_n = n + tl.arange(0, BLOCK_N)
             m_n = o_n < end
-            if KV_KIND == 0:
-                b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n,
-                                               m_n[None, :], i_kvh, scale_log2, stride_kb, stride_ks, stride_kh,
-                                               stride_vb, stride_vs, stride_vh, BS, D, DOT_PRECISION)
-            else:
-                b_m, b_l, b_acc = attend_tile_quant(b_q, b_qsum, b_m, b_l, b_acc, k_cache, v_cache, k_scale, v_scale,
-                                                    k_zero, v_zero, p_block_table, o_n, m_n, m_n[None, :], i_kvh,
-                                                    scale_log2, stride_kb, stride_ks, stride_kh, stride_vb,
-                                                    stride_vs, stride_vh, BS, H // G, D, KV_KIND, DOT_PRECISION)
+            b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n,
+                                           m_n[None, :], i_kvh, scale_log2, stride_kb, stride_ks, stride_kh,
+                                           stride_vb, stride_vs, stride_vh, BS, D, DOT_PRECISION)
         if not SPLIT:
             b_o = b_acc / b_l[:, None]
             if HAS_GATE:
@@ -411,7 +404,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            gate: torch.Tensor | None, max_context_len: int, *, partition_size: int | None = None,
                            block_n: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           num_stages: int | None = None, out: torch.Tensor | None = None,
+                           config: QuantDecodeConfig | None = None) -> torch.Tensor:
     """Flash-decoding (split-K) attention of one query token per sequence over the paged KV cache.
 
     q: [N, H, D] (row i is the last token of sequence i); k_cache, v_cache: [NB, BS, Hkv, D] (or QuantizedKV);
@@ -419,7 +413,9 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     gate: [N, H, D] or None; max_context_len: host int >= every context_lens[i] (sets the partition grid; for CUDA
     graphs pass the capture bound) -> o: [N, H, D] in q's dtype (into `out` when given).
     One launch when a single partition covers max_context_len, else a partial kernel + a reduce (gate in the last
-    one). No host sync. partition_size (default: _decode_partition_size) / block_n / num_warps / num_stages tune."""
+    one). No host sync. partition_size (default: _decode_partition_size) / block_n / num_warps / num_stages tune;
+    a quantized cache runs triton_quant_decode.py's kernel with `config` (default: its kind's), those four applied
+    on top."""
     _, bs, hkv, d = _check_cache(k_cache, v_cache)
     n, h = _check_q("q", q, hkv, d)
     _check_gate(gate, q)
@@ -434,6 +430,11 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     if n == 0:
         return o
     g = h // hkv
+    quant = None
+    if isinstance(k_cache, QuantizedKV):
+        quant = quant_decode_config(k_cache.kind, config, block_n=block_n, num_warps=num_warps,
+                                    num_stages=num_stages, partition_size=partition_size)
+        block_n, partition_size = quant.block_n, quant.partition_size
     size = partition_size or _decode_partition_size(n, hkv, max_context_len, q.device)
     parts = max(1, triton.cdiv(max_context_len, size))
     block_n = _check_block_n(block_n or (32 if d >= 256 else 64), q.device)
@@ -445,14 +446,19 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
         part_acc = torch.empty((n, h, parts, d), dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = o  # unused
-    kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
-    _decode_partial_kernel[(n, hkv, parts)](
-        q, kc, vc, *quant_args, gate_arg, o, part_m, part_l, part_acc, block_tables, context_lens, scale * LOG2E,
-        size, parts, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2), gate_arg.stride(0), gate_arg.stride(1),
-        o.stride(0), o.stride(1), block_tables.stride(0),
-        H=h, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BS=bs, D=d, BLOCK_N=block_n, SPLIT=split,
-        HAS_GATE=gate is not None, **kinds, num_warps=num_warps or 4, num_stages=num_stages or 3)
+    if quant is not None:
+        launch_decode_partial_quant(q, k_cache, v_cache, gate_arg, gate is not None, o, part_m, part_l, part_acc,
+                                    block_tables, context_lens, scale * LOG2E, size, parts, quant)
+    else:
+        kc, vc = k_cache, v_cache
+        _decode_partial_kernel[(n, hkv, parts)](
+            q, kc, vc, gate_arg, o, part_m, part_l, part_acc, block_tables, context_lens, scale * LOG2E,
+            size, parts, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+            vc.stride(0), vc.stride(1), vc.stride(2), gate_arg.stride(0), gate_arg.stride(1),
+            o.stride(0), o.stride(1), block_tables.stride(0),
+            H=h, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BS=bs, D=d, BLOCK_N=block_n, SPLIT=split,
+            HAS_GATE=gate is not None, DOT_PRECISION=_dot_precision(kc.dtype), num_warps=num_warps or 4,
+            num_stages=num_stages or 3)
     if split:
         _decode_reduce_kernel[(n, h)](
             o, gate_arg, part_m, part_l, part_acc, context_lens, size, parts, o.stride(0), o.stride(1),
