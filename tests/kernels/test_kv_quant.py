@@ -19,6 +19,8 @@ from deltaserve.kernels.paged_attention import (QuantizedKV, allocate_kv, check_
                                                 paged_attention_decode, paged_attention_prefill,
                                                 paged_attention_varlen, store_kv, store_kv_triton)
 from deltaserve.kernels.paged_attention.kv_quant import dequantize_kv, quantize_kv  # noqa: E402
+from deltaserve.kernels.paged_attention.triton_quant_decode import (DEFAULT_QUANT_DECODE,
+                                                                    QuantDecodeConfig, quant_decode_config)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = ["int8", "int4", "fp8"]
@@ -214,8 +216,6 @@ def test_decode_fp16_configs_match_reference(kind, f16_dot, split, triton_ready)
     """The quantized decode kernel's two code conversions (bit arithmetic to fp16, or a cast to q's dtype) over fp16
     queries, split and unsplit, against the fp32 reference over the same codes. One head's values are ~1e-3 (tiny
     scales: p * s would go subnormal in fp16 without the per-tile normalisation)."""
-    from deltaserve.kernels.paged_attention.triton_quant_decode import QuantDecodeConfig
-
     h, hkv, d, bs, ctx_lens = 4, 2, 32, 4, [1, 23, 40]
     k_cache, v_cache, tables = quantized_paged_kv(kind, ctx_lens, bs, hkv, d)
     v_cache.scale[:, :, 1] *= 1e-3  # head 1: values (and zeros) a thousand times smaller
@@ -236,9 +236,6 @@ def test_decode_fp16_configs_match_reference(kind, f16_dot, split, triton_ready)
 
 
 def test_decode_config_overrides():
-    from deltaserve.kernels.paged_attention.triton_quant_decode import (DEFAULT_QUANT_DECODE, QuantDecodeConfig,
-                                                                        quant_decode_config)
-
     assert quant_decode_config("int4") == DEFAULT_QUANT_DECODE["int4"]
     base = QuantDecodeConfig(block_n=32, num_warps=8, f16_dot=False)
     cfg = quant_decode_config("int8", base, block_n=16, num_warps=None)
