@@ -291,13 +291,16 @@ def test_mismatched_caches_are_rejected(triton_ready):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("ctx_lens", [[1, 100, 1024], [32768, 5, 20000, 0]], ids=["short", "32k"])
-def test_decode_full_shape_gpu(kind, ctx_lens):
+@pytest.mark.parametrize("config", [None, dict(f16_dot=False, block_n=32), dict(block_n=256, num_warps=8)],
+                         ids=["default", "cast_bn32", "bn256_w8"])
+def test_decode_full_shape_gpu(kind, ctx_lens, config):
     k_cache, v_cache, tables = quantized_paged_kv(kind, ctx_lens, 16, 4, 256, dtype=torch.bfloat16)
     q = torch.randn(len(ctx_lens), 16, 256, device=DEVICE, dtype=torch.bfloat16)
     gate = torch.randn_like(q)
     out = torch.full_like(q, float("nan"))
+    cfg = quant_decode_config(kind, **config) if config else None
     paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(ctx_lens, device=DEVICE), 256 ** -0.5, gate,
-                           max(ctx_lens), out=out)
+                           max(ctx_lens), out=out, config=cfg)
     live = [i for i, c in enumerate(ctx_lens) if c > 0]
     ref = torch.zeros_like(q, dtype=torch.float32)
     ref[live] = paged_attention_varlen(q[live].float(), k_cache, v_cache, tables[live], [1] * len(live),

@@ -51,16 +51,19 @@ def quant_decode_config(kind: str, base: QuantDecodeConfig | None = None, **over
 
 
 @triton.jit
-def _codes_to(b_c, KV_KIND: tl.constexpr, F16: tl.constexpr, DTYPE: tl.constexpr):
+def _codes_to(b_c, b_like, KV_KIND: tl.constexpr, F16: tl.constexpr):
     """Integer codes (int8 stored minus 128; int4 one nibble a byte, 0..15) or fp8 bytes -> their exact values in
-    DTYPE (fp16 when F16: by bit arithmetic for the integer kinds, see the module docstring)."""
+    b_like's dtype (fp16 when F16: by bit arithmetic for the integer kinds, see the module docstring). The bits are
+    formed in int32 and truncated: no reliance on how a Triton version types int16 + a Python int."""
     if KV_KIND == 3:
-        return b_c.to(tl.float8e4nv, bitcast=True).to(DTYPE)
+        return b_c.to(tl.float8e4nv, bitcast=True).to(b_like.dtype)
     if F16:
         if KV_KIND == 1:
-            return (b_c.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
-        return (b_c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-    return b_c.to(DTYPE)
+            b_h = (b_c.to(tl.int32) + 0x6480).to(tl.int16).to(tl.float16, bitcast=True)
+            return (b_h - 1152.0).to(tl.float16)
+        b_h = (b_c.to(tl.int32) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return (b_h - 1024.0).to(tl.float16)
+    return b_c.to(b_like.dtype)
 
 
 @triton.jit
@@ -82,7 +85,6 @@ def _attend_tile(b_qa, b_qb, b_qsum, b_m, b_l, b_acca, b_accb, k_codes, v_codes,
     """Online-softmax step over keys o_n [BLOCK_N] (m_n: key in the partition). W code columns a row (D, or D/2 for
     int4). b_qa [BLOCK_H, W] in the matmul dtype (int4: the even elements; b_qb the odd, else unused); b_qsum,
     b_m, b_l [BLOCK_H] fp32; b_acca, b_accb [BLOCK_H, W] fp32 (b_accb: int4's odd elements)."""
-    DT = b_qa.dtype
     o_w = tl.arange(0, W)
     i_blk = tl.load(p_block_table + o_n // BS, mask=m_n, other=0).to(tl.int64)
     o_sz = (i_blk * BS + o_n % BS) * HKV + i_kvh  # scales / zeros: [NB * BS, Hkv] contiguous
@@ -93,10 +95,10 @@ def _attend_tile(b_qa, b_qb, b_qsum, b_m, b_l, b_acca, b_accb, k_codes, v_codes,
     b_kc = tl.load(k_codes + o_k[None, :] + o_w[:, None], mask=m_n[None, :], other=0)  # [W, BLOCK_N]
     b_vc = tl.load(v_codes + o_v[:, None] + o_w[None, :], mask=m_n[:, None], other=0)  # [BLOCK_N, W]
     if KV_KIND == 2:
-        b_s = tl.dot(b_qa, _codes_to(b_kc & 15, KV_KIND, F16, DT), input_precision=DOT_PRECISION)
-        b_s += tl.dot(b_qb, _codes_to(b_kc >> 4, KV_KIND, F16, DT), input_precision=DOT_PRECISION)
+        b_s = tl.dot(b_qa, _codes_to(b_kc & 15, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
+        b_s += tl.dot(b_qb, _codes_to(b_kc >> 4, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
     else:
-        b_s = tl.dot(b_qa, _codes_to(b_kc, KV_KIND, F16, DT), input_precision=DOT_PRECISION)
+        b_s = tl.dot(b_qa, _codes_to(b_kc, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
     b_s = b_s * b_ks[None, :] + b_qsum[:, None] * _offset(k_zero, b_ks, o_sz, m_n, KV_KIND)[None, :]
     b_s = tl.where(m_n[None, :], b_s * scale_log2, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # finite: every partition's first tile holds a key
@@ -107,15 +109,15 @@ def _attend_tile(b_qa, b_qb, b_qsum, b_m, b_l, b_acca, b_accb, k_codes, v_codes,
     # p * s in [0, max s] relative to the tile's max scale: fp16 keeps it normal (bf16 would not need it)
     b_vmax = tl.max(b_vs, 0)
     b_vmax = tl.where(b_vmax > 0, b_vmax, 1.0)
-    b_pv = (b_p * (b_vs / b_vmax)[None, :]).to(DT)
+    b_pv = (b_p * (b_vs / b_vmax)[None, :]).to(b_qa.dtype)
     if KV_KIND == 2:
         b_acca = b_acca * b_alpha[:, None] + b_pz + b_vmax * tl.dot(
-            b_pv, _codes_to(b_vc & 15, KV_KIND, F16, DT), input_precision=DOT_PRECISION)
+            b_pv, _codes_to(b_vc & 15, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
         b_accb = b_accb * b_alpha[:, None] + b_pz + b_vmax * tl.dot(
-            b_pv, _codes_to(b_vc >> 4, KV_KIND, F16, DT), input_precision=DOT_PRECISION)
+            b_pv, _codes_to(b_vc >> 4, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
     else:
         b_acca = b_acca * b_alpha[:, None] + b_pz + b_vmax * tl.dot(
-            b_pv, _codes_to(b_vc, KV_KIND, F16, DT), input_precision=DOT_PRECISION)
+            b_pv, _codes_to(b_vc, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
     return b_m_new, b_l, b_acca, b_accb
 
 
