@@ -211,7 +211,7 @@ QUANT_DECODE_SWEEP = [dict(block_n=32, num_warps=4, num_stages=3, f16_dot=False)
                       dict(f16_dot=False), dict(block_n=32), dict(block_n=128), dict(block_n=256),
                       dict(num_warps=8), dict(num_stages=2), dict(num_stages=4)]
 QUANT_PARTITION_SWEEP = [64, 128, 512]  # at B=1, on the default config (a runtime argument: no compile)
-QUANT_PREFILL_SWEEP = [dict(block_m=128, block_n=32, num_warps=8, num_stages=2)]
+QUANT_PREFILL_SWEEP = [dict(f16_dot=False), dict(block_m=128, block_n=32, num_warps=8, num_stages=2)]
 
 
 def sweep_kv_quant_decode(b: int, ctx_len: int, h: int, hkv: int, kinds: list[str], gen: torch.Generator,

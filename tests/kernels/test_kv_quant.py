@@ -235,6 +235,28 @@ def test_decode_fp16_configs_match_reference(kind, f16_dot, split, triton_ready)
     assert err <= ATOL_FP16 * 1e-3, f"{kind}: small-valued head off by {err:.1e}"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("f16_dot", [True, False], ids=["f16_dot", "to_q_dtype"])
+def test_prefill_fp16_matches_reference(kind, f16_dot, triton_ready):
+    """The prefill tile step's two code conversions over fp16 queries (a chunk continuing a cached context, and a
+    fresh prompt), one kv head with ~1e-3 values, against the fp32 reference over the same codes."""
+    h, hkv, d, bs, q_lens, ctx_lens = 4, 2, 32, 4, [5, 9], [21, 9]
+    k_cache, v_cache, tables = quantized_paged_kv(kind, ctx_lens, bs, hkv, d)
+    v_cache.scale[:, :, 1] *= 1e-3
+    if v_cache.zero is not None:
+        v_cache.zero[:, :, 1] *= 1e-3
+    q = torch.randn(sum(q_lens), h, d, device=DEVICE).half()
+    gate = torch.randn_like(q)
+    ref = paged_attention_varlen(q.float(), k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5, gate=gate.float())
+    out = torch.full_like(q, float("nan"))
+    paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
+                            d ** -0.5, gate, q_lens, ctx_lens, block_m=16, block_n=tile(8), out=out, f16_dot=f16_dot)
+    assert_close(f"{kind} f16_dot={f16_dot}", ref, out, ATOL_FP16, 1e-2)
+    small = ref[:, 2:]
+    err = ((out[:, 2:].float() - small).abs() - 1e-2 * small.abs()).max().item()
+    assert err <= ATOL_FP16 * 1e-3, f"{kind}: small-valued head off by {err:.1e}"
+
+
 def test_decode_config_overrides():
     assert quant_decode_config("int4") == DEFAULT_QUANT_DECODE["int4"]
     base = QuantDecodeConfig(block_n=32, num_warps=8, f16_dot=False)
@@ -310,7 +332,8 @@ def test_decode_full_shape_gpu(kind, ctx_lens, config):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", KINDS)
-def test_store_and_prefill_full_shape_gpu(kind):
+@pytest.mark.parametrize("f16_dot", [True, False], ids=["f16_dot", "to_q_dtype"])
+def test_store_and_prefill_full_shape_gpu(kind, f16_dot):
     """A 2048-token chunk at the end of a 32k context plus a fresh 1000-token prompt, stored by the Triton store."""
     q_lens, ctx_lens = [2048, 1000], [32768, 1000]
     k_cache, v_cache, tables = quantized_paged_kv(kind, ctx_lens, 16, 4, 256, dtype=torch.bfloat16)
@@ -323,7 +346,7 @@ def test_store_and_prefill_full_shape_gpu(kind):
     gate = torch.randn_like(q)
     out = torch.full_like(q, float("nan"))
     paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
-                            256 ** -0.5, gate, q_lens, ctx_lens, out=out)
+                            256 ** -0.5, gate, q_lens, ctx_lens, out=out, f16_dot=f16_dot)
     ref = paged_attention_varlen(q.float(), k_cache, v_cache, tables, q_lens, ctx_lens, 256 ** -0.5,
                                  gate=gate.float())
     assert_close(f"prefill {kind}", ref, out, ATOL_BF16, RTOL_BF16)

@@ -81,7 +81,7 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
                     stride_gt, stride_gh, stride_ot, stride_oh, stride_bt,
                     HKV: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr,
-                    KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    KV_KIND: tl.constexpr, F16: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (num q tiles * Hkv,), the kv heads of a tile adjacent (tiles come heaviest first). A program takes
     BLOCK_Q query tokens of one sequence x the G heads of kv head i_kvh: BLOCK_M >= BLOCK_Q * G rows."""
     i_tile, i_kvh = tl.program_id(0) // HKV, tl.program_id(0) % HKV
@@ -101,6 +101,8 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
                   mask=m_row[:, None], other=0.0)
     if KV_KIND == 0:
         b_q = b_q.to(k_cache.dtype.element_ty)
+    elif F16:
+        b_q = b_q.to(tl.float16)
     b_qsum = tl.sum(b_q.to(tl.float32), 1)  # quantized caches: folds the zeros (unused, so dropped, for 16-bit)
     pos = ctx - q_len + o_tok  # absolute position of each row's query token
     kv_end = ctx - q_len + tl.minimum(i_qtile * BLOCK_Q + BLOCK_Q, q_len)  # keys past the tile's last query unseen
@@ -121,7 +123,7 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
             b_m, b_l, b_acc = attend_tile_quant(b_q, b_qsum, b_m, b_l, b_acc, k_cache, v_cache, k_scale, v_scale,
                                                 k_zero, v_zero, p_block_table, o_n, m_n, m_s, i_kvh, scale_log2,
                                                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                                BS, HKV, D, KV_KIND, DOT_PRECISION)
+                                                BS, HKV, D, KV_KIND, F16, DOT_PRECISION)
     b_o = b_acc / b_l[:, None]
     if HAS_GATE:
         b_g = tl.load(gate + o_row_t[:, None] * stride_gt + o_head[:, None] * stride_gh + o_d[None, :],
@@ -267,14 +269,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 caches: exact products (tests), not TF32
 
 
-def _cache_args(k_cache: Cache, v_cache: Cache, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], dict]:
-    """-> (k data, v data, [k_scale, v_scale, k_zero, v_zero], constexprs KV_KIND and DOT_PRECISION) for the
-    attention kernels. The matmuls run in the cache dtype for a 16-bit cache, in q's dtype for a quantized one;
-    a 16-bit cache stands in for the four unused scale / zero pointers."""
+def _cache_args(k_cache: Cache, v_cache: Cache, q: torch.Tensor, f16_dot: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], dict]:
+    """-> (k data, v data, [k_scale, v_scale, k_zero, v_zero], constexprs KV_KIND, F16, DOT_PRECISION) for the
+    prefill kernel. The matmuls run in the cache dtype for a 16-bit cache, for a quantized one in fp16 (F16: f16_dot
+    and a 16-bit q) or else q's dtype; a 16-bit cache stands in for the four unused scale / zero pointers."""
     if isinstance(k_cache, QuantizedKV):
+        f16 = f16_dot and q.dtype in (torch.float16, torch.bfloat16)
         return (*code_args(k_cache, v_cache), quant_pointer_args(k_cache, v_cache),
-                dict(KV_KIND=KV_KIND[k_cache.kind], DOT_PRECISION=_dot_precision(q.dtype)))
-    return k_cache, v_cache, [k_cache] * 4, dict(KV_KIND=0, DOT_PRECISION=_dot_precision(k_cache.dtype))
+                dict(KV_KIND=KV_KIND[k_cache.kind], F16=f16, DOT_PRECISION=_dot_precision(q.dtype)))
+    return k_cache, v_cache, [k_cache] * 4, dict(KV_KIND=0, F16=False, DOT_PRECISION=_dot_precision(k_cache.dtype))
 
 
 def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: Cache, v_cache: Cache,
@@ -330,14 +334,15 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
                             scale: float, gate: torch.Tensor | None, query_lens: list[int],
                             context_lens_cpu: list[int], *, block_m: int | None = None, block_n: int | None = None,
                             num_warps: int | None = None, num_stages: int | None = None,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, f16_dot: bool = True) -> torch.Tensor:
     """Varlen causal attention over the paged KV cache (chunked prefill, mixed with decode rows).
 
     q: [T, H, D] (cast to the cache dtype for the matmuls); k_cache, v_cache: [NB, BS, Hkv, D] (or QuantizedKV);
     block_tables: [N, max_blocks] int32/int64; cu_seqlens: [N+1] int32/int64 (device); context_lens: [N] (device);
     gate: [T, H, D] or None; query_lens, context_lens_cpu: the same N lengths as host ints (tile count, checks)
     -> o: [T, H, D] in q's dtype (written into `out` when given), attn * sigmoid(gate) when gate is given.
-    No host sync; one H2D copy (the tile table). block_m/block_n/num_warps/num_stages override the tile config."""
+    No host sync; one H2D copy (the tile table). block_m/block_n/num_warps/num_stages override the tile config;
+    f16_dot (quantized caches, 16-bit q): codes to fp16 by bit arithmetic and fp16 matmuls, else casts to q's dtype."""
     _, bs, hkv, d = _check_cache(k_cache, v_cache)
     t, h = _check_q("q", q, hkv, d)
     _check_gate(gate, q)
@@ -369,7 +374,7 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
         return o
     tiles = tiles.to(q.device, non_blocking=True)
     gate_arg = gate if gate is not None else q
-    kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
+    kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q, f16_dot)
     _prefill_kernel[(tiles.shape[0] * hkv,)](
         q, kc, vc, *quant_args, gate_arg, o, block_tables, cu_seqlens, context_lens, tiles, scale * LOG2E,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),

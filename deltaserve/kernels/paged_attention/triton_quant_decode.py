@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .kv_quant import QuantizedKV
-from .triton_quant import KV_KIND, code_args, quant_pointer_args
+from .triton_quant import KV_KIND, code_args, codes_to, quant_pointer_args
 
 
 @dataclass(frozen=True)
@@ -48,22 +48,6 @@ DEFAULT_QUANT_DECODE = {
 def quant_decode_config(kind: str, base: QuantDecodeConfig | None = None, **overrides) -> QuantDecodeConfig:
     """-> `base` (default: the default config of `kind`) with the non-None overrides (block_n, ...) applied."""
     return replace(base or DEFAULT_QUANT_DECODE[kind], **{k: v for k, v in overrides.items() if v is not None})
-
-
-@triton.jit
-def _codes_to(b_c, b_like, KV_KIND: tl.constexpr, F16: tl.constexpr):
-    """Integer codes (int8 stored minus 128; int4 one nibble a byte, 0..15) or fp8 bytes -> their exact values in
-    b_like's dtype (fp16 when F16: by bit arithmetic for the integer kinds, see the module docstring). The bits are
-    formed in int32 and truncated: no reliance on how a Triton version types int16 + a Python int."""
-    if KV_KIND == 3:
-        return b_c.to(tl.float8e4nv, bitcast=True).to(b_like.dtype)
-    if F16:
-        if KV_KIND == 1:
-            b_h = (b_c.to(tl.int32) + 0x6480).to(tl.int16).to(tl.float16, bitcast=True)
-            return (b_h - 1152.0).to(tl.float16)
-        b_h = (b_c.to(tl.int32) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        return (b_h - 1024.0).to(tl.float16)
-    return b_c.to(b_like.dtype)
 
 
 @triton.jit
@@ -95,10 +79,10 @@ def _attend_tile(b_qa, b_qb, b_qsum, b_m, b_l, b_acca, b_accb, k_codes, v_codes,
     b_kc = tl.load(k_codes + o_k[None, :] + o_w[:, None], mask=m_n[None, :], other=0)  # [W, BLOCK_N]
     b_vc = tl.load(v_codes + o_v[:, None] + o_w[None, :], mask=m_n[:, None], other=0)  # [BLOCK_N, W]
     if KV_KIND == 2:
-        b_s = tl.dot(b_qa, _codes_to(b_kc & 15, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
-        b_s += tl.dot(b_qb, _codes_to(b_kc >> 4, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
+        b_s = tl.dot(b_qa, codes_to(b_kc & 15, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
+        b_s += tl.dot(b_qb, codes_to(b_kc >> 4, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
     else:
-        b_s = tl.dot(b_qa, _codes_to(b_kc, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
+        b_s = tl.dot(b_qa, codes_to(b_kc, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
     b_s = b_s * b_ks[None, :] + b_qsum[:, None] * _offset(k_zero, b_ks, o_sz, m_n, KV_KIND)[None, :]
     b_s = tl.where(m_n[None, :], b_s * scale_log2, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # finite: every partition's first tile holds a key
@@ -112,12 +96,12 @@ def _attend_tile(b_qa, b_qb, b_qsum, b_m, b_l, b_acca, b_accb, k_codes, v_codes,
     b_pv = (b_p * (b_vs / b_vmax)[None, :]).to(b_qa.dtype)
     if KV_KIND == 2:
         b_acca = b_acca * b_alpha[:, None] + b_pz + b_vmax * tl.dot(
-            b_pv, _codes_to(b_vc & 15, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
+            b_pv, codes_to(b_vc & 15, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
         b_accb = b_accb * b_alpha[:, None] + b_pz + b_vmax * tl.dot(
-            b_pv, _codes_to(b_vc >> 4, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
+            b_pv, codes_to(b_vc >> 4, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
     else:
         b_acca = b_acca * b_alpha[:, None] + b_pz + b_vmax * tl.dot(
-            b_pv, _codes_to(b_vc, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
+            b_pv, codes_to(b_vc, b_qa, KV_KIND, F16), input_precision=DOT_PRECISION)
     return b_m_new, b_l, b_acca, b_accb
 
 
