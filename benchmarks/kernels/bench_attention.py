@@ -211,6 +211,7 @@ QUANT_DECODE_SWEEP = [dict(block_n=32, num_warps=4, num_stages=3, f16_dot=False)
                       dict(f16_dot=False), dict(block_n=32), dict(block_n=128), dict(block_n=256),
                       dict(num_warps=8), dict(num_stages=2), dict(num_stages=4)]
 QUANT_PARTITION_SWEEP = [64, 128, 512]  # at B=1, on the default config (a runtime argument: no compile)
+REDUCE_SWEEP = [1, 4]  # reduce_chunk at B=1 (default 16 for quantized caches; bf16 keeps 1, also timed with 16)
 QUANT_PREFILL_SWEEP = [dict(f16_dot=False), dict(block_m=128, block_n=32, num_warps=8, num_stages=2)]
 
 
@@ -226,7 +227,12 @@ def sweep_kv_quant_decode(b: int, ctx_len: int, h: int, hkv: int, kinds: list[st
                        warmup=10, rep=40)
     base_out = paged_attention_decode(q, k_cache, v_cache, tables, ctx, D ** -0.5, gate, ctx_len).float()
     rows = [f"sweep decode B={b:<3} bf16  default {base_ms * 1e3:9.1f} us"]
-    extra = [dict(partition_size=p) for p in QUANT_PARTITION_SWEEP] if b == 1 else []
+    if b == 1:
+        ms = do_bench(lambda: paged_attention_decode(q, k_cache, v_cache, tables, ctx, D ** -0.5, gate, ctx_len,
+                                                     reduce_chunk=16), warmup=10, rep=40)
+        rows.append(f"sweep decode B={b:<3} bf16  reduce_chunk=16 {ms * 1e3:9.1f} us  x{base_ms / ms:5.2f} vs default")
+    extra = [dict(partition_size=p) for p in QUANT_PARTITION_SWEEP] + [dict(reduce_chunk=r) for r in REDUCE_SWEEP]
+    extra = extra if b == 1 else []
     for kind in kinds:
         kc, vc = quantized_copy(k_cache, v_cache, kind)
         bound_us = 2 * b * ctx_len * hkv * kv_bytes_per_token_head(kind, D, DTYPE) / bandwidth * 1e6
@@ -261,7 +267,8 @@ def sweep_kv_quant_decode(b: int, ctx_len: int, h: int, hkv: int, kinds: list[st
 
 def _qcfg(cfg) -> str:
     return (f"bn={cfg.block_n},w={cfg.num_warps},s={cfg.num_stages},"
-            f"{'f16' if cfg.f16_dot else 'cast'}" + (f",p={cfg.partition_size}" if cfg.partition_size else ""))
+            f"{'f16' if cfg.f16_dot else 'cast'},r={cfg.reduce_chunk}"
+            + (f",p={cfg.partition_size}" if cfg.partition_size else ""))
 
 
 def main_kv_quant(kinds: list[str], h: int, hkv: int, gen: torch.Generator, bandwidth: float, sweep: bool) -> None:

@@ -225,7 +225,7 @@ def test_decode_fp16_configs_match_reference(kind, f16_dot, split, triton_ready)
     gate = torch.randn_like(q)
     ref = paged_attention_varlen(q.float(), k_cache, v_cache, tables, [1] * 3, ctx_lens, d ** -0.5, gate=gate.float())
     cfg = QuantDecodeConfig(block_n=tile(8), num_warps=2, num_stages=2, partition_size=8 if split else 64,
-                            f16_dot=f16_dot)
+                            f16_dot=f16_dot, reduce_chunk=2 if f16_dot else 16)  # 5 partitions: 2 + 2 + 1 / 5
     out = torch.full_like(q, float("nan"))
     paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(ctx_lens, device=DEVICE), d ** -0.5, gate,
                            max(ctx_lens), config=cfg, out=out)

@@ -190,9 +190,11 @@ def _decode_partial_kernel(q, k_cache, v_cache, gate, o, part_m, part_l, part_ac
 @triton.jit
 def _decode_reduce_kernel(o, gate, part_m, part_l, part_acc, context_lens, partition_size, num_partitions,
                           stride_on, stride_oh, stride_gn, stride_gh,
-                          H: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, HAS_GATE: tl.constexpr):
+                          H: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, CHUNK_P: tl.constexpr,
+                          HAS_GATE: tl.constexpr):
     """Grid (N, H): merge the partitions of one (sequence, head):
-    o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, then the gate."""
+    o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, then the gate. CHUNK_P partial rows a step: the loads of
+    a step are independent, so a step waits for one round trip to L2, not CHUNK_P (B=1 at 32k: 64-128 partitions)."""
     i_seq, i_h = tl.program_id(0), tl.program_id(1)
     ctx = tl.load(context_lens + i_seq).to(tl.int32)
     num_parts = tl.cdiv(ctx, partition_size)
@@ -204,9 +206,12 @@ def _decode_reduce_kernel(o, gate, part_m, part_l, part_acc, context_lens, parti
     b_lsum = tl.sum(tl.exp2(b_mp - b_max) * tl.load(part_l + o_ml + o_p, mask=m_p, other=0.0), 0)
     o_d = tl.arange(0, D)
     b_acc = tl.zeros([D], dtype=tl.float32)
-    for i_p in range(0, num_parts):
-        b_wp = tl.exp2(tl.load(part_m + o_ml + i_p) - b_max)
-        b_acc += b_wp * tl.load(part_acc + (o_ml + i_p) * D + o_d)
+    for i_p in range(0, num_parts, CHUNK_P):
+        o_pc = i_p + tl.arange(0, CHUNK_P)
+        m_pc = o_pc < num_parts
+        b_wp = tl.exp2(tl.load(part_m + o_ml + o_pc, mask=m_pc, other=float("-inf")) - b_max)  # past the end: 0
+        b_part = tl.load(part_acc + (o_ml + o_pc)[:, None] * D + o_d[None, :], mask=m_pc[:, None], other=0.0)
+        b_acc += tl.sum(b_wp[:, None] * b_part, 0)
     b_o = b_acc / tl.where(b_lsum > 0, b_lsum, 1.0)  # empty context: zeros
     if HAS_GATE:
         b_g = tl.load(gate + i_seq.to(tl.int64) * stride_gn + i_h * stride_gh + o_d).to(tl.float32)
@@ -410,7 +415,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
                            gate: torch.Tensor | None, max_context_len: int, *, partition_size: int | None = None,
                            block_n: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None, out: torch.Tensor | None = None,
-                           config: QuantDecodeConfig | None = None) -> torch.Tensor:
+                           config: QuantDecodeConfig | None = None, reduce_chunk: int | None = None) -> torch.Tensor:
     """Flash-decoding (split-K) attention of one query token per sequence over the paged KV cache.
 
     q: [N, H, D] (row i is the last token of sequence i); k_cache, v_cache: [NB, BS, Hkv, D] (or QuantizedKV);
@@ -420,7 +425,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     One launch when a single partition covers max_context_len, else a partial kernel + a reduce (gate in the last
     one). No host sync. partition_size (default: _decode_partition_size) / block_n / num_warps / num_stages tune;
     a quantized cache runs triton_quant_decode.py's kernel with `config` (default: its kind's), those four applied
-    on top."""
+    on top. reduce_chunk: partitions a step of the reduce (power of two; default 1 for a 16-bit cache, as measured
+    so far, and the config's for a quantized one)."""
     _, bs, hkv, d = _check_cache(k_cache, v_cache)
     n, h = _check_q("q", q, hkv, d)
     _check_gate(gate, q)
@@ -438,7 +444,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     quant = None
     if isinstance(k_cache, QuantizedKV):
         quant = quant_decode_config(k_cache.kind, config, block_n=block_n, num_warps=num_warps,
-                                    num_stages=num_stages, partition_size=partition_size)
+                                    num_stages=num_stages, partition_size=partition_size, reduce_chunk=reduce_chunk)
+        reduce_chunk = quant.reduce_chunk
         block_n, partition_size = quant.block_n, quant.partition_size
     size = partition_size or _decode_partition_size(n, hkv, max_context_len, q.device)
     parts = max(1, triton.cdiv(max_context_len, size))
@@ -465,10 +472,13 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
             HAS_GATE=gate is not None, DOT_PRECISION=_dot_precision(kc.dtype), num_warps=num_warps or 4,
             num_stages=num_stages or 3)
     if split:
+        chunk = min(reduce_chunk or 1, triton.next_power_of_2(parts))
+        if chunk & (chunk - 1):
+            raise ValueError(f"reduce_chunk {reduce_chunk} must be a power of two")
         _decode_reduce_kernel[(n, h)](
             o, gate_arg, part_m, part_l, part_acc, context_lens, size, parts, o.stride(0), o.stride(1),
             gate_arg.stride(0), gate_arg.stride(1), H=h, D=d, BLOCK_P=triton.next_power_of_2(parts),
-            HAS_GATE=gate is not None, num_warps=4 if d >= 256 else 2)
+            CHUNK_P=chunk, HAS_GATE=gate is not None, num_warps=4 if d >= 256 else 2)
     return o
 
 

@@ -36,6 +36,7 @@ class QuantDecodeConfig:
     num_stages: int = 3
     partition_size: int | None = None  # keys a program; None: triton._decode_partition_size (grid covers the SMs)
     f16_dot: bool = True  # codes -> fp16 by bit arithmetic, fp16 matmuls (16-bit q only; fp32 q stays fp32)
+    reduce_chunk: int = 16  # partitions a step of triton.py's reduce: [16, D] fp32 loads, 32 registers a thread
 
 
 DEFAULT_QUANT_DECODE = {
