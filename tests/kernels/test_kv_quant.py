@@ -313,8 +313,9 @@ def test_mismatched_caches_are_rejected(triton_ready):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("ctx_lens", [[1, 100, 1024], [32768, 5, 20000, 0]], ids=["short", "32k"])
-@pytest.mark.parametrize("config", [None, dict(f16_dot=False, block_n=32), dict(block_n=256, num_warps=8)],
-                         ids=["default", "cast_bn32", "bn256_w8"])
+@pytest.mark.parametrize("config", [None, dict(f16_dot=False, block_n=32),
+                                    dict(block_n=32, num_warps=8, num_stages=2, reduce_chunk=1)],
+                         ids=["default", "cast_bn32", "bn32_w8_s2_r1"])
 def test_decode_full_shape_gpu(kind, ctx_lens, config):
     k_cache, v_cache, tables = quantized_paged_kv(kind, ctx_lens, 16, 4, 256, dtype=torch.bfloat16)
     q = torch.randn(len(ctx_lens), 16, 256, device=DEVICE, dtype=torch.bfloat16)
