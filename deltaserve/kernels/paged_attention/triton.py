@@ -206,12 +206,17 @@ def _decode_reduce_kernel(o, gate, part_m, part_l, part_acc, context_lens, parti
     b_lsum = tl.sum(tl.exp2(b_mp - b_max) * tl.load(part_l + o_ml + o_p, mask=m_p, other=0.0), 0)
     o_d = tl.arange(0, D)
     b_acc = tl.zeros([D], dtype=tl.float32)
-    for i_p in range(0, num_parts, CHUNK_P):
-        o_pc = i_p + tl.arange(0, CHUNK_P)
-        m_pc = o_pc < num_parts
-        b_wp = tl.exp2(tl.load(part_m + o_ml + o_pc, mask=m_pc, other=float("-inf")) - b_max)  # past the end: 0
-        b_part = tl.load(part_acc + (o_ml + o_pc)[:, None] * D + o_d[None, :], mask=m_pc[:, None], other=0.0)
-        b_acc += tl.sum(b_wp[:, None] * b_part, 0)
+    if CHUNK_P == 1:  # the loop the 16-bit decode was measured with
+        for i_p in range(0, num_parts):
+            b_wp = tl.exp2(tl.load(part_m + o_ml + i_p) - b_max)
+            b_acc += b_wp * tl.load(part_acc + (o_ml + i_p) * D + o_d)
+    else:
+        for i_p in range(0, num_parts, CHUNK_P):
+            o_pc = i_p + tl.arange(0, CHUNK_P)
+            m_pc = o_pc < num_parts
+            b_wp = tl.exp2(tl.load(part_m + o_ml + o_pc, mask=m_pc, other=float("-inf")) - b_max)  # past the end: 0
+            b_part = tl.load(part_acc + (o_ml + o_pc)[:, None] * D + o_d[None, :], mask=m_pc[:, None], other=0.0)
+            b_acc += tl.sum(b_wp[:, None] * b_part, 0)
     b_o = b_acc / tl.where(b_lsum > 0, b_lsum, 1.0)  # empty context: zeros
     if HAS_GATE:
         b_g = tl.load(gate + i_seq.to(tl.int64) * stride_gn + i_h * stride_gh + o_d).to(tl.float32)
