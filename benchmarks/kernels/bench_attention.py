@@ -8,7 +8,7 @@ store. Prints one table; `--sweep` also tries tile configs so the defaults can b
 `--kv-cache-dtype int8[,int4,fp8]` prints only the quantized-KV comparison instead: decode at context 32k, batch
 1/16/64, each kind against the bf16 cache it was quantized from (time per call, KV bytes read with scales and zeros,
 bandwidth, speed-up over bf16, max |difference| from the bf16 output), plus a 2048-token prefill chunk at 32k and
-the quantizing store. With `--sweep` also: the prefill with QUANT_PREFILL_SWEEP's tiles, and each kind's decode
+the quantizing store. With `--sweep` also: the prefill with casts instead of f16_dot, and each kind's decode
 with QuantDecodeConfig alternatives (B = 1/16/64 at 32k; "BEST" rows name the fastest per kind and batch).
 
     python benchmarks/kernels/bench_attention.py [--sweep] [--heads 16 --kv-heads 4] [--kv-cache-dtype int8,int4,fp8]
@@ -209,10 +209,10 @@ def bench_kv_quant_store(t: int, hkv: int, kinds: list[str], gen: torch.Generato
 # heuristic's; each distinct block_n / warps / stages / f16_dot compiles once per kind, ~1-2 s)
 QUANT_DECODE_SWEEP = [dict(block_n=32, num_warps=4, num_stages=3, f16_dot=False),  # the generic step's tile, casts
                       dict(f16_dot=False), dict(block_n=32), dict(block_n=128), dict(block_n=256),
-                      dict(num_warps=8), dict(num_stages=2), dict(num_stages=4)]
+                      dict(num_warps=8), dict(num_stages=2)]
 QUANT_PARTITION_SWEEP = [64, 128, 512]  # at B=1, on the default config (a runtime argument: no compile)
 REDUCE_SWEEP = [1, 4]  # reduce_chunk at B=1 (default 16 for quantized caches; bf16 keeps 1, also timed with 16)
-QUANT_PREFILL_SWEEP = [dict(f16_dot=False), dict(block_m=128, block_n=32, num_warps=8, num_stages=2)]
+QUANT_PREFILL_SWEEP = [dict(f16_dot=False)]  # the casts of the generic step, as measured before
 
 
 def sweep_kv_quant_decode(b: int, ctx_len: int, h: int, hkv: int, kinds: list[str], gen: torch.Generator,

@@ -184,6 +184,7 @@ DECODE_CASES = {
     "several_partitions": (4, 2, 32, 4, [1, 15, 16, 17, 70], 16, 8),
     "single_partition": (4, 2, 64, 8, [1, 9, 30], 64, 16),
     "padded_row_split": (4, 2, 32, 4, [0, 40], 16, 8),
+    "group_3": (6, 2, 32, 4, [33, 7], 16, 8),  # G = 3 query heads in a 16-row tile
 }
 
 
