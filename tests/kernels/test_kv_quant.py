@@ -313,10 +313,10 @@ def test_mismatched_caches_are_rejected(triton_ready):
 # ---------------------------------------------------------------------------------------------- GPU, real shapes
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("ctx_lens", [[1, 100, 1024], [32768, 5, 20000, 0]], ids=["short", "32k"])
-@pytest.mark.parametrize("config", [None, dict(f16_dot=False, block_n=32),
-                                    dict(block_n=32, num_warps=8, num_stages=2, reduce_chunk=1)],
-                         ids=["default", "cast_bn32", "bn32_w8_s2_r1"])
+@pytest.mark.parametrize("ctx_lens, config", [  # "short" splits too (8 partitions of 128)
+    ([1, 100, 1024], None), ([32768, 5, 20000, 0], None), ([1, 100, 1024], dict(f16_dot=False, block_n=32)),
+    ([1, 100, 1024], dict(block_n=32, num_warps=8, num_stages=2, reduce_chunk=1))],
+    ids=["short", "32k", "short_cast_bn32", "short_bn32_w8_s2_r1"])
 def test_decode_full_shape_gpu(kind, ctx_lens, config):
     k_cache, v_cache, tables = quantized_paged_kv(kind, ctx_lens, 16, 4, 256, dtype=torch.bfloat16)
     q = torch.randn(len(ctx_lens), 16, 256, device=DEVICE, dtype=torch.bfloat16)
