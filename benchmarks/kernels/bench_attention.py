@@ -14,6 +14,7 @@ with QuantDecodeConfig alternatives (B = 1/16/64 at 32k; "BEST" rows name the fa
     python benchmarks/kernels/bench_attention.py [--sweep] [--heads 16 --kv-heads 4] [--kv-cache-dtype int8,int4,fp8]
 """
 import argparse
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -181,12 +182,12 @@ def bench_kv_quant_prefill(q_len: int, ctx_len: int, h: int, hkv: int, kinds: li
         for cfg in configs if kind != "auto" else [{}]:
             try:
                 paged_attention_prefill(q, kc, vc, tables, cu, ctx, D ** -0.5, gate, [q_len], [ctx_len], **cfg)
-            except Exception as e:  # a sweep tile that does not compile: say so, go on
+            except Exception as e:  # noqa: BLE001 -- a sweep tile that does not compile: say so, go on
                 rows.append(f"prefill {q_len} of ctx={ctx_len:<6} {kind:<5} {_cfg(cfg):<28} failed: "
                             f"{str(e).splitlines()[0][:100]}")
                 continue
-            ms = do_bench(lambda: paged_attention_prefill(q, kc, vc, tables, cu, ctx, D ** -0.5, gate, [q_len],
-                                                          [ctx_len], **cfg))
+            ms = do_bench(functools.partial(paged_attention_prefill, q, kc, vc, tables, cu, ctx, D ** -0.5, gate,
+                                            [q_len], [ctx_len], **cfg))
             base_ms = base_ms or ms
             rows.append(f"prefill {q_len} of ctx={ctx_len:<6} {'bf16' if kind == 'auto' else kind:<5} "
                         f"{_cfg(cfg):<28} {ms * 1e3:9.1f} us {flops / ms * 1e-9:7.1f} TFLOP/s  x{base_ms / ms:5.2f} "
@@ -217,50 +218,48 @@ QUANT_PREFILL_SWEEP = [dict(f16_dot=False)]  # the casts of the generic step, as
 
 def sweep_kv_quant_decode(b: int, ctx_len: int, h: int, hkv: int, kinds: list[str], gen: torch.Generator,
                           bandwidth: float) -> list[str]:
-    """Each kind's default QuantDecodeConfig and QUANT_DECODE_SWEEP's alternatives (plus partition sizes at B=1)
-    over one bf16 cache's quantized copies; the fastest per kind last."""
+    """Each kind's default QuantDecodeConfig and QUANT_DECODE_SWEEP's alternatives (plus partition sizes and reduce
+    steps at B=1) over one bf16 cache's quantized copies; the fastest per kind last."""
     k_cache, v_cache, tables = paged_cache([ctx_len] * b, hkv, gen)
     q = torch.randn(b, h, D, dtype=DTYPE, device=DEVICE, generator=gen)
     gate = torch.randn(q.shape, dtype=DTYPE, device=DEVICE, generator=gen)
     ctx = torch.full((b,), ctx_len, dtype=torch.int32, device=DEVICE)
-    base_ms = do_bench(lambda: paged_attention_decode(q, k_cache, v_cache, tables, ctx, D ** -0.5, gate, ctx_len),
-                       warmup=10, rep=40)
-    base_out = paged_attention_decode(q, k_cache, v_cache, tables, ctx, D ** -0.5, gate, ctx_len).float()
+    call = functools.partial(paged_attention_decode, q, block_tables=tables, context_lens=ctx, scale=D ** -0.5,
+                             gate=gate, max_context_len=ctx_len)
+    base = functools.partial(call, k_cache, v_cache)
+    base_ms = do_bench(base, warmup=10, rep=40)
+    base_out = base().float()
     rows = [f"sweep decode B={b:<3} bf16  default {base_ms * 1e3:9.1f} us"]
     if b == 1:
-        ms = do_bench(lambda: paged_attention_decode(q, k_cache, v_cache, tables, ctx, D ** -0.5, gate, ctx_len,
-                                                     reduce_chunk=16), warmup=10, rep=40)
+        ms = do_bench(functools.partial(base, reduce_chunk=16), warmup=10, rep=40)
         rows.append(f"sweep decode B={b:<3} bf16  reduce_chunk=16 {ms * 1e3:9.1f} us  x{base_ms / ms:5.2f} vs default")
     extra = [dict(partition_size=p) for p in QUANT_PARTITION_SWEEP] + [dict(reduce_chunk=r) for r in REDUCE_SWEEP]
-    extra = extra if b == 1 else []
     for kind in kinds:
-        kc, vc = quantized_copy(k_cache, v_cache, kind)
+        quantized = quantized_copy(k_cache, v_cache, kind)
         bound_us = 2 * b * ctx_len * hkv * kv_bytes_per_token_head(kind, D, DTYPE) / bandwidth * 1e6
         results, seen = [], set()
-        for over in [{}] + QUANT_DECODE_SWEEP + extra:
+        for over in [{}] + QUANT_DECODE_SWEEP + (extra if b == 1 else []):
             cfg = quant_decode_config(kind, **over)
             name = _qcfg(cfg)
             if cfg in seen:
                 continue
             seen.add(cfg)
-
-            def run():
-                return paged_attention_decode(q, kc, vc, tables, ctx, D ** -0.5, gate, ctx_len, config=cfg)
-
+            run = functools.partial(call, *quantized, config=cfg)
             try:
                 err = (run().float() - base_out).abs().max().item()
-            except Exception as e:  # a config that does not compile (registers, shared memory): say so, go on
+            except Exception as e:  # noqa: BLE001 -- a config that does not compile (registers, shared memory)
                 rows.append(f"sweep decode B={b:<3} {kind:<5} {name:<34} failed: {str(e).splitlines()[0][:100]}")
                 continue
             ms = do_bench(run, warmup=10, rep=40)
             results.append((ms, name))
             rows.append(f"sweep decode B={b:<3} {kind:<5} {name:<34} {ms * 1e3:9.1f} us {bound_us / (ms * 1e3):5.2f} "
                         f"of bound  x{base_ms / ms:5.2f} vs bf16  max|d| vs bf16 {err:.1e}")
-        ms, name = min(results)
-        rows.append(f"BEST   decode B={b:<3} {kind:<5} {name:<34} {ms * 1e3:9.1f} us {bound_us / (ms * 1e3):5.2f} "
-                    f"of bound  x{base_ms / ms:5.2f} vs bf16")
-        del kc, vc
-    del k_cache, v_cache
+        if results:
+            ms, name = min(results)
+            rows.append(f"BEST   decode B={b:<3} {kind:<5} {name:<34} {ms * 1e3:9.1f} us "
+                        f"{bound_us / (ms * 1e3):5.2f} of bound  x{base_ms / ms:5.2f} vs bf16")
+        del quantized, run
+    del k_cache, v_cache, base, call
     torch.cuda.empty_cache()
     return rows
 
