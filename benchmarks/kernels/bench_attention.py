@@ -8,13 +8,11 @@ store. Prints one table; `--sweep` also tries tile configs so the defaults can b
 `--kv-cache-dtype int8[,int4,fp8]` prints only the quantized-KV comparison instead: decode at context 32k, batch
 1/16/64, each kind against the bf16 cache it was quantized from (time per call, KV bytes read with scales and zeros,
 bandwidth, speed-up over bf16, max |difference| from the bf16 output), plus a 2048-token prefill chunk at 32k and
-the quantizing store. With `--sweep` also: the prefill with casts instead of f16_dot, and each kind's decode
-with QuantDecodeConfig alternatives (B = 1/16/64 at 32k; "BEST" rows name the fastest per kind and batch).
+the quantizing store.
 
     python benchmarks/kernels/bench_attention.py [--sweep] [--heads 16 --kv-heads 4] [--kv-cache-dtype int8,int4,fp8]
 """
 import argparse
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +22,6 @@ from triton.testing import do_bench
 from deltaserve.kernels.paged_attention import (allocate_kv, paged_attention_decode, paged_attention_prefill,
                                                 store_kv, store_kv_triton)
 from deltaserve.kernels.paged_attention.kv_quant import kv_bytes_per_token_head
-from deltaserve.kernels.paged_attention.triton_quant_decode import quant_decode_config
 
 D, BS, DTYPE = 256, 16, torch.bfloat16
 DEVICE = "cuda"
@@ -168,8 +165,8 @@ def bench_kv_quant_decode(b: int, ctx_len: int, h: int, hkv: int, kinds: list[st
     return rows
 
 
-def bench_kv_quant_prefill(q_len: int, ctx_len: int, h: int, hkv: int, kinds: list[str], gen: torch.Generator,
-                           configs: list[dict]) -> list[str]:
+def bench_kv_quant_prefill(q_len: int, ctx_len: int, h: int, hkv: int, kinds: list[str], gen: torch.Generator
+                           ) -> list[str]:
     k_cache, v_cache, tables = paged_cache([ctx_len], hkv, gen)
     q = torch.randn(q_len, h, D, dtype=DTYPE, device=DEVICE, generator=gen)
     gate = torch.randn(q.shape, dtype=DTYPE, device=DEVICE, generator=gen)
@@ -179,19 +176,11 @@ def bench_kv_quant_prefill(q_len: int, ctx_len: int, h: int, hkv: int, kinds: li
     rows, base_ms = [], None
     for kind in ["auto"] + kinds:
         kc, vc = (k_cache, v_cache) if kind == "auto" else quantized_copy(k_cache, v_cache, kind)
-        for cfg in configs if kind != "auto" else [{}]:
-            try:
-                paged_attention_prefill(q, kc, vc, tables, cu, ctx, D ** -0.5, gate, [q_len], [ctx_len], **cfg)
-            except Exception as e:  # noqa: BLE001 -- a sweep tile that does not compile: say so, go on
-                rows.append(f"prefill {q_len} of ctx={ctx_len:<6} {kind:<5} {_cfg(cfg):<28} failed: "
-                            f"{str(e).splitlines()[0][:100]}")
-                continue
-            ms = do_bench(functools.partial(paged_attention_prefill, q, kc, vc, tables, cu, ctx, D ** -0.5, gate,
-                                            [q_len], [ctx_len], **cfg))
-            base_ms = base_ms or ms
-            rows.append(f"prefill {q_len} of ctx={ctx_len:<6} {'bf16' if kind == 'auto' else kind:<5} "
-                        f"{_cfg(cfg):<28} {ms * 1e3:9.1f} us {flops / ms * 1e-9:7.1f} TFLOP/s  x{base_ms / ms:5.2f} "
-                        "vs bf16")
+        ms = do_bench(lambda: paged_attention_prefill(q, kc, vc, tables, cu, ctx, D ** -0.5, gate, [q_len],
+                                                      [ctx_len]))
+        base_ms = base_ms or ms
+        rows.append(f"prefill {q_len} of ctx={ctx_len:<6} {'bf16' if kind == 'auto' else kind:<5} {ms * 1e3:9.1f} us "
+                    f"{flops / ms * 1e-9:7.1f} TFLOP/s  x{base_ms / ms:5.2f} vs bf16")
     return rows
 
 
@@ -206,80 +195,12 @@ def bench_kv_quant_store(t: int, hkv: int, kinds: list[str], gen: torch.Generato
     return rows
 
 
-# --sweep with --kv-cache-dtype: QuantDecodeConfig alternatives to each kind's default (no partition_size: the
-# heuristic's; each distinct block_n / warps / stages / f16_dot compiles once per kind, ~1-2 s)
-QUANT_DECODE_SWEEP = [dict(block_n=32, num_warps=4, num_stages=3, f16_dot=False),  # the generic step's tile, casts
-                      dict(f16_dot=False), dict(block_n=32), dict(block_n=128), dict(block_n=256),
-                      dict(num_warps=8), dict(num_stages=2)]
-QUANT_PARTITION_SWEEP = [64, 128, 512]  # at B=1, on the default config (a runtime argument: no compile)
-REDUCE_SWEEP = [1, 4]  # reduce_chunk at B=1 (default 16 for quantized caches; bf16 keeps 1, also timed with 16)
-QUANT_PREFILL_SWEEP = [dict(f16_dot=False)]  # the casts of the generic step, as measured before
-
-
-def sweep_kv_quant_decode(b: int, ctx_len: int, h: int, hkv: int, kinds: list[str], gen: torch.Generator,
-                          bandwidth: float) -> list[str]:
-    """Each kind's default QuantDecodeConfig and QUANT_DECODE_SWEEP's alternatives (plus partition sizes and reduce
-    steps at B=1) over one bf16 cache's quantized copies; the fastest per kind last."""
-    k_cache, v_cache, tables = paged_cache([ctx_len] * b, hkv, gen)
-    q = torch.randn(b, h, D, dtype=DTYPE, device=DEVICE, generator=gen)
-    gate = torch.randn(q.shape, dtype=DTYPE, device=DEVICE, generator=gen)
-    ctx = torch.full((b,), ctx_len, dtype=torch.int32, device=DEVICE)
-    call = functools.partial(paged_attention_decode, q, block_tables=tables, context_lens=ctx, scale=D ** -0.5,
-                             gate=gate, max_context_len=ctx_len)
-    base = functools.partial(call, k_cache, v_cache)
-    base_ms = do_bench(base, warmup=10, rep=40)
-    base_out = base().float()
-    rows = [f"sweep decode B={b:<3} bf16  default {base_ms * 1e3:9.1f} us"]
-    if b == 1:
-        ms = do_bench(functools.partial(base, reduce_chunk=16), warmup=10, rep=40)
-        rows.append(f"sweep decode B={b:<3} bf16  reduce_chunk=16 {ms * 1e3:9.1f} us  x{base_ms / ms:5.2f} vs default")
-    extra = [dict(partition_size=p) for p in QUANT_PARTITION_SWEEP] + [dict(reduce_chunk=r) for r in REDUCE_SWEEP]
-    for kind in kinds:
-        quantized = quantized_copy(k_cache, v_cache, kind)
-        bound_us = 2 * b * ctx_len * hkv * kv_bytes_per_token_head(kind, D, DTYPE) / bandwidth * 1e6
-        results, seen = [], set()
-        for over in [{}] + QUANT_DECODE_SWEEP + (extra if b == 1 else []):
-            cfg = quant_decode_config(kind, **over)
-            name = _qcfg(cfg)
-            if cfg in seen:
-                continue
-            seen.add(cfg)
-            run = functools.partial(call, *quantized, config=cfg)
-            try:
-                err = (run().float() - base_out).abs().max().item()
-            except Exception as e:  # noqa: BLE001 -- a config that does not compile (registers, shared memory)
-                rows.append(f"sweep decode B={b:<3} {kind:<5} {name:<34} failed: {str(e).splitlines()[0][:100]}")
-                continue
-            ms = do_bench(run, warmup=10, rep=40)
-            results.append((ms, name))
-            rows.append(f"sweep decode B={b:<3} {kind:<5} {name:<34} {ms * 1e3:9.1f} us {bound_us / (ms * 1e3):5.2f} "
-                        f"of bound  x{base_ms / ms:5.2f} vs bf16  max|d| vs bf16 {err:.1e}")
-        if results:
-            ms, name = min(results)
-            rows.append(f"BEST   decode B={b:<3} {kind:<5} {name:<34} {ms * 1e3:9.1f} us "
-                        f"{bound_us / (ms * 1e3):5.2f} of bound  x{base_ms / ms:5.2f} vs bf16")
-        del quantized, run
-    del k_cache, v_cache, base, call
-    torch.cuda.empty_cache()
-    return rows
-
-
-def _qcfg(cfg) -> str:
-    return (f"bn={cfg.block_n},w={cfg.num_warps},s={cfg.num_stages},"
-            f"{'f16' if cfg.f16_dot else 'cast'},r={cfg.reduce_chunk}"
-            + (f",p={cfg.partition_size}" if cfg.partition_size else ""))
-
-
-def main_kv_quant(kinds: list[str], h: int, hkv: int, gen: torch.Generator, bandwidth: float, sweep: bool) -> None:
+def main_kv_quant(kinds: list[str], h: int, hkv: int, gen: torch.Generator, bandwidth: float) -> None:
     for b in (1, 16, 64):
         for row in bench_kv_quant_decode(b, 32768, h, hkv, kinds, gen, bandwidth):
             print(row)
-    for row in bench_kv_quant_prefill(2048, 32768, h, hkv, kinds, gen, [{}] + (QUANT_PREFILL_SWEEP if sweep else [])):
+    for row in bench_kv_quant_prefill(2048, 32768, h, hkv, kinds, gen):
         print(row)
-    if sweep:
-        for b in (1, 16, 64):
-            for row in sweep_kv_quant_decode(b, 32768, h, hkv, kinds, gen, bandwidth):
-                print(row)
     for row in bench_kv_quant_store(8192, hkv, kinds, gen):
         print(row)
 
@@ -307,7 +228,7 @@ def main():
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"H={h} Hkv={hkv} D={D} block_size={BS} {DTYPE}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (r+w)")
     if args.kv_cache_dtype:
-        main_kv_quant(args.kv_cache_dtype, h, hkv, gen, bandwidth, args.sweep)
+        main_kv_quant(args.kv_cache_dtype, h, hkv, gen, bandwidth)
         return
     prefill_cfgs = [{}]
     decode_cfgs = [{}]

@@ -187,10 +187,9 @@ DECODE_CASES = {
 }
 
 
-@pytest.mark.parametrize("reduce_chunk", [None, 2], ids=["reduce_1", "reduce_2"])  # 2: a ragged last step
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("case", list(DECODE_CASES), ids=list(DECODE_CASES))
-def test_decode_matches_reference(case, gated, reduce_chunk, triton_ready):
+def test_decode_matches_reference(case, gated, triton_ready):
     h, hkv, d, bs, ctx_lens, partition_size, block_n = DECODE_CASES[case]
     k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, bs, hkv, d)
     n = len(ctx_lens)
@@ -203,8 +202,7 @@ def test_decode_matches_reference(case, gated, reduce_chunk, triton_ready):
                                        gate=None if gate is None else gate[live])
     out = nan_like(q)
     paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(ctx_lens, device=DEVICE), d ** -0.5, gate,
-                           max(ctx_lens), partition_size=partition_size, block_n=tile(block_n), out=out,
-                           reduce_chunk=reduce_chunk)
+                           max(ctx_lens), partition_size=partition_size, block_n=tile(block_n), out=out)
     assert_close(case, ref, out, ATOL_FP32)
 
 

@@ -12,10 +12,9 @@ The optional output gate (Qwen3.5) is applied in the epilogue: o = attn * sigmoi
 GQA: one program serves all G = H / Hkv query heads of one kv head, so each K/V tile is read once per group.
 Prefill packs rows as (query token, head in group): row r of a tile is token r // G, head r % G.
 
-Quantized caches (QuantizedKV: int8 / int4 / fp8 codes + per-token-per-head scales and zeros, kv_quant.py): in
-prefill the constexpr KV_KIND picks triton_quant.py's tile step, which multiplies in q's dtype and folds scale and
-zero into the scores and probabilities (KV_KIND = 0 compiles exactly the 16-bit kernel); decode launches
-triton_quant_decode.py's kernel (its own launch config, see there) and this file's reduce.
+Quantized caches (QuantizedKV: int8 / int4 / fp8 codes + per-token-per-head scales and zeros, kv_quant.py): the
+constexpr KV_KIND picks triton_quant.py's tile step, which multiplies in q's dtype and folds scale and zero into the
+scores and probabilities; KV_KIND = 0 compiles exactly the 16-bit kernels.
 """
 import torch
 import triton
@@ -24,7 +23,6 @@ import triton.language as tl
 from .kv_quant import QuantizedKV
 from .triton_quant import (KV_KIND, attend_tile_quant, check_quant_cache, code_args, quant_pointer_args,
                            store_kv_quant)
-from .triton_quant_decode import QuantDecodeConfig, launch_decode_partial_quant, quant_decode_config
 
 LOG2E = 1.4426950408889634
 Cache = torch.Tensor | QuantizedKV  # one side (K or V) of a layer's paged cache
@@ -81,7 +79,7 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
                     stride_gt, stride_gh, stride_ot, stride_oh, stride_bt,
                     HKV: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr,
-                    KV_KIND: tl.constexpr, F16: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (num q tiles * Hkv,), the kv heads of a tile adjacent (tiles come heaviest first). A program takes
     BLOCK_Q query tokens of one sequence x the G heads of kv head i_kvh: BLOCK_M >= BLOCK_Q * G rows."""
     i_tile, i_kvh = tl.program_id(0) // HKV, tl.program_id(0) % HKV
@@ -101,8 +99,6 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
                   mask=m_row[:, None], other=0.0)
     if KV_KIND == 0:
         b_q = b_q.to(k_cache.dtype.element_ty)
-    elif F16:
-        b_q = b_q.to(tl.float16)
     b_qsum = tl.sum(b_q.to(tl.float32), 1)  # quantized caches: folds the zeros (unused, so dropped, for 16-bit)
     pos = ctx - q_len + o_tok  # absolute position of each row's query token
     kv_end = ctx - q_len + tl.minimum(i_qtile * BLOCK_Q + BLOCK_Q, q_len)  # keys past the tile's last query unseen
@@ -123,7 +119,7 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
             b_m, b_l, b_acc = attend_tile_quant(b_q, b_qsum, b_m, b_l, b_acc, k_cache, v_cache, k_scale, v_scale,
                                                 k_zero, v_zero, p_block_table, o_n, m_n, m_s, i_kvh, scale_log2,
                                                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                                BS, HKV, D, KV_KIND, F16, DOT_PRECISION)
+                                                BS, HKV, D, KV_KIND, DOT_PRECISION)
     b_o = b_acc / b_l[:, None]
     if HAS_GATE:
         b_g = tl.load(gate + o_row_t[:, None] * stride_gt + o_head[:, None] * stride_gh + o_d[None, :],
@@ -134,14 +130,14 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
 
 
 @triton.jit
-def _decode_partial_kernel(q, k_cache, v_cache, gate, o, part_m, part_l, part_acc,
+def _decode_partial_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate, o, part_m, part_l, part_acc,
                            block_tables, context_lens, scale_log2, partition_size, num_partitions, stride_qn, stride_qh,
                            stride_kb, stride_ks, stride_kh,
                            stride_vb, stride_vs, stride_vh, stride_gn, stride_gh, stride_on, stride_oh, stride_bt,
                            H: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr,
                            D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_GATE: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr):
-    """16-bit caches (quantized ones: triton_quant_decode.py's kernel). Grid (N, Hkv, P = num_partitions). Program (i, h, p) attends the G query heads of kv head h of sequence i over
+                           KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (N, Hkv, P = num_partitions). Program (i, h, p) attends the G query heads of kv head h of sequence i over
     keys [p * partition_size, (p + 1) * partition_size) of its context. Not SPLIT (P == 1): writes o directly, gate
     applied. SPLIT: writes the unnormalised part_acc [N, H, P, D] and part_m (log2 units), part_l [N, H, P], fp32."""
     i_seq, i_kvh, i_part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -155,7 +151,10 @@ def _decode_partial_kernel(q, k_cache, v_cache, gate, o, part_m, part_l, part_ac
         m_h = o_h < G
         i_seq64 = i_seq.to(tl.int64)
         b_q = tl.load(q + i_seq64 * stride_qn + o_head[:, None] * stride_qh + o_d[None, :], mask=m_h[:, None],
-                      other=0.0).to(k_cache.dtype.element_ty)
+                      other=0.0)
+        if KV_KIND == 0:
+            b_q = b_q.to(k_cache.dtype.element_ty)
+        b_qsum = tl.sum(b_q.to(tl.float32), 1)
         b_m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([BLOCK_H], dtype=tl.float32)
         b_acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
@@ -163,9 +162,15 @@ def _decode_partial_kernel(q, k_cache, v_cache, gate, o, part_m, part_l, part_ac
         for n in range(start, end, BLOCK_N):
             o_n = n + tl.arange(0, BLOCK_N)
             m_n = o_n < end
-            b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n,
-                                           m_n[None, :], i_kvh, scale_log2, stride_kb, stride_ks, stride_kh,
-                                           stride_vb, stride_vs, stride_vh, BS, D, DOT_PRECISION)
+            if KV_KIND == 0:
+                b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n,
+                                               m_n[None, :], i_kvh, scale_log2, stride_kb, stride_ks, stride_kh,
+                                               stride_vb, stride_vs, stride_vh, BS, D, DOT_PRECISION)
+            else:
+                b_m, b_l, b_acc = attend_tile_quant(b_q, b_qsum, b_m, b_l, b_acc, k_cache, v_cache, k_scale, v_scale,
+                                                    k_zero, v_zero, p_block_table, o_n, m_n, m_n[None, :], i_kvh,
+                                                    scale_log2, stride_kb, stride_ks, stride_kh, stride_vb,
+                                                    stride_vs, stride_vh, BS, H // G, D, KV_KIND, DOT_PRECISION)
         if not SPLIT:
             b_o = b_acc / b_l[:, None]
             if HAS_GATE:
@@ -190,11 +195,9 @@ def _decode_partial_kernel(q, k_cache, v_cache, gate, o, part_m, part_l, part_ac
 @triton.jit
 def _decode_reduce_kernel(o, gate, part_m, part_l, part_acc, context_lens, partition_size, num_partitions,
                           stride_on, stride_oh, stride_gn, stride_gh,
-                          H: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, CHUNK_P: tl.constexpr,
-                          HAS_GATE: tl.constexpr):
+                          H: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, HAS_GATE: tl.constexpr):
     """Grid (N, H): merge the partitions of one (sequence, head):
-    o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, then the gate. CHUNK_P partial rows a step: the loads of
-    a step are independent, so a step waits for one round trip to L2, not CHUNK_P (B=1 at 32k: 64-128 partitions)."""
+    o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, then the gate."""
     i_seq, i_h = tl.program_id(0), tl.program_id(1)
     ctx = tl.load(context_lens + i_seq).to(tl.int32)
     num_parts = tl.cdiv(ctx, partition_size)
@@ -206,17 +209,9 @@ def _decode_reduce_kernel(o, gate, part_m, part_l, part_acc, context_lens, parti
     b_lsum = tl.sum(tl.exp2(b_mp - b_max) * tl.load(part_l + o_ml + o_p, mask=m_p, other=0.0), 0)
     o_d = tl.arange(0, D)
     b_acc = tl.zeros([D], dtype=tl.float32)
-    if CHUNK_P == 1:  # the loop the 16-bit decode was measured with
-        for i_p in range(0, num_parts):
-            b_wp = tl.exp2(tl.load(part_m + o_ml + i_p) - b_max)
-            b_acc += b_wp * tl.load(part_acc + (o_ml + i_p) * D + o_d)
-    else:
-        for i_p in range(0, num_parts, CHUNK_P):
-            o_pc = i_p + tl.arange(0, CHUNK_P)
-            m_pc = o_pc < num_parts
-            b_wp = tl.exp2(tl.load(part_m + o_ml + o_pc, mask=m_pc, other=float("-inf")) - b_max)  # past the end: 0
-            b_part = tl.load(part_acc + (o_ml + o_pc)[:, None] * D + o_d[None, :], mask=m_pc[:, None], other=0.0)
-            b_acc += tl.sum(b_wp[:, None] * b_part, 0)
+    for i_p in range(0, num_parts):
+        b_wp = tl.exp2(tl.load(part_m + o_ml + i_p) - b_max)
+        b_acc += b_wp * tl.load(part_acc + (o_ml + i_p) * D + o_d)
     b_o = b_acc / tl.where(b_lsum > 0, b_lsum, 1.0)  # empty context: zeros
     if HAS_GATE:
         b_g = tl.load(gate + i_seq.to(tl.int64) * stride_gn + i_h * stride_gh + o_d).to(tl.float32)
@@ -279,16 +274,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 caches: exact products (tests), not TF32
 
 
-def _cache_args(k_cache: Cache, v_cache: Cache, q: torch.Tensor, f16_dot: bool
-                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], dict]:
-    """-> (k data, v data, [k_scale, v_scale, k_zero, v_zero], constexprs KV_KIND, F16, DOT_PRECISION) for the
-    prefill kernel. The matmuls run in the cache dtype for a 16-bit cache, for a quantized one in fp16 (F16: f16_dot
-    and a 16-bit q) or else q's dtype; a 16-bit cache stands in for the four unused scale / zero pointers."""
+def _cache_args(k_cache: Cache, v_cache: Cache, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], dict]:
+    """-> (k data, v data, [k_scale, v_scale, k_zero, v_zero], constexprs KV_KIND and DOT_PRECISION) for the
+    attention kernels. The matmuls run in the cache dtype for a 16-bit cache, in q's dtype for a quantized one;
+    a 16-bit cache stands in for the four unused scale / zero pointers."""
     if isinstance(k_cache, QuantizedKV):
-        f16 = f16_dot and q.dtype in (torch.float16, torch.bfloat16)
         return (*code_args(k_cache, v_cache), quant_pointer_args(k_cache, v_cache),
-                dict(KV_KIND=KV_KIND[k_cache.kind], F16=f16, DOT_PRECISION=_dot_precision(q.dtype)))
-    return k_cache, v_cache, [k_cache] * 4, dict(KV_KIND=0, F16=False, DOT_PRECISION=_dot_precision(k_cache.dtype))
+                dict(KV_KIND=KV_KIND[k_cache.kind], DOT_PRECISION=_dot_precision(q.dtype)))
+    return k_cache, v_cache, [k_cache] * 4, dict(KV_KIND=0, DOT_PRECISION=_dot_precision(k_cache.dtype))
 
 
 def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: Cache, v_cache: Cache,
@@ -344,15 +337,14 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
                             scale: float, gate: torch.Tensor | None, query_lens: list[int],
                             context_lens_cpu: list[int], *, block_m: int | None = None, block_n: int | None = None,
                             num_warps: int | None = None, num_stages: int | None = None,
-                            out: torch.Tensor | None = None, f16_dot: bool = True) -> torch.Tensor:
+                            out: torch.Tensor | None = None) -> torch.Tensor:
     """Varlen causal attention over the paged KV cache (chunked prefill, mixed with decode rows).
 
     q: [T, H, D] (cast to the cache dtype for the matmuls); k_cache, v_cache: [NB, BS, Hkv, D] (or QuantizedKV);
     block_tables: [N, max_blocks] int32/int64; cu_seqlens: [N+1] int32/int64 (device); context_lens: [N] (device);
     gate: [T, H, D] or None; query_lens, context_lens_cpu: the same N lengths as host ints (tile count, checks)
     -> o: [T, H, D] in q's dtype (written into `out` when given), attn * sigmoid(gate) when gate is given.
-    No host sync; one H2D copy (the tile table). block_m/block_n/num_warps/num_stages override the tile config;
-    f16_dot (quantized caches, 16-bit q): codes to fp16 by bit arithmetic and fp16 matmuls, else casts to q's dtype."""
+    No host sync; one H2D copy (the tile table). block_m/block_n/num_warps/num_stages override the tile config."""
     _, bs, hkv, d = _check_cache(k_cache, v_cache)
     t, h = _check_q("q", q, hkv, d)
     _check_gate(gate, q)
@@ -384,7 +376,7 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
         return o
     tiles = tiles.to(q.device, non_blocking=True)
     gate_arg = gate if gate is not None else q
-    kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q, f16_dot)
+    kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
     _prefill_kernel[(tiles.shape[0] * hkv,)](
         q, kc, vc, *quant_args, gate_arg, o, block_tables, cu_seqlens, context_lens, tiles, scale * LOG2E,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
@@ -419,8 +411,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            gate: torch.Tensor | None, max_context_len: int, *, partition_size: int | None = None,
                            block_n: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None, out: torch.Tensor | None = None,
-                           config: QuantDecodeConfig | None = None, reduce_chunk: int | None = None) -> torch.Tensor:
+                           num_stages: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Flash-decoding (split-K) attention of one query token per sequence over the paged KV cache.
 
     q: [N, H, D] (row i is the last token of sequence i); k_cache, v_cache: [NB, BS, Hkv, D] (or QuantizedKV);
@@ -428,10 +419,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     gate: [N, H, D] or None; max_context_len: host int >= every context_lens[i] (sets the partition grid; for CUDA
     graphs pass the capture bound) -> o: [N, H, D] in q's dtype (into `out` when given).
     One launch when a single partition covers max_context_len, else a partial kernel + a reduce (gate in the last
-    one). No host sync. partition_size (default: _decode_partition_size) / block_n / num_warps / num_stages tune;
-    a quantized cache runs triton_quant_decode.py's kernel with `config` (default: its kind's), those four applied
-    on top. reduce_chunk: partitions a step of the reduce (power of two; default 1 for a 16-bit cache, as measured
-    so far, and the config's for a quantized one)."""
+    one). No host sync. partition_size (default: _decode_partition_size) / block_n / num_warps / num_stages tune."""
     _, bs, hkv, d = _check_cache(k_cache, v_cache)
     n, h = _check_q("q", q, hkv, d)
     _check_gate(gate, q)
@@ -446,12 +434,6 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     if n == 0:
         return o
     g = h // hkv
-    quant = None
-    if isinstance(k_cache, QuantizedKV):
-        quant = quant_decode_config(k_cache.kind, config, block_n=block_n, num_warps=num_warps,
-                                    num_stages=num_stages, partition_size=partition_size, reduce_chunk=reduce_chunk)
-        reduce_chunk = quant.reduce_chunk
-        block_n, partition_size = quant.block_n, quant.partition_size
     size = partition_size or _decode_partition_size(n, hkv, max_context_len, q.device)
     parts = max(1, triton.cdiv(max_context_len, size))
     block_n = _check_block_n(block_n or (32 if d >= 256 else 64), q.device)
@@ -463,27 +445,19 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
         part_acc = torch.empty((n, h, parts, d), dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = o  # unused
-    if quant is not None:
-        launch_decode_partial_quant(q, k_cache, v_cache, gate_arg, gate is not None, o, part_m, part_l, part_acc,
-                                    block_tables, context_lens, scale * LOG2E, size, parts, quant)
-    else:
-        kc, vc = k_cache, v_cache
-        _decode_partial_kernel[(n, hkv, parts)](
-            q, kc, vc, gate_arg, o, part_m, part_l, part_acc, block_tables, context_lens, scale * LOG2E,
-            size, parts, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-            vc.stride(0), vc.stride(1), vc.stride(2), gate_arg.stride(0), gate_arg.stride(1),
-            o.stride(0), o.stride(1), block_tables.stride(0),
-            H=h, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BS=bs, D=d, BLOCK_N=block_n, SPLIT=split,
-            HAS_GATE=gate is not None, DOT_PRECISION=_dot_precision(kc.dtype), num_warps=num_warps or 4,
-            num_stages=num_stages or 3)
+    kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
+    _decode_partial_kernel[(n, hkv, parts)](
+        q, kc, vc, *quant_args, gate_arg, o, part_m, part_l, part_acc, block_tables, context_lens, scale * LOG2E,
+        size, parts, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), gate_arg.stride(0), gate_arg.stride(1),
+        o.stride(0), o.stride(1), block_tables.stride(0),
+        H=h, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BS=bs, D=d, BLOCK_N=block_n, SPLIT=split,
+        HAS_GATE=gate is not None, **kinds, num_warps=num_warps or 4, num_stages=num_stages or 3)
     if split:
-        chunk = min(reduce_chunk or 1, triton.next_power_of_2(parts))
-        if chunk & (chunk - 1):
-            raise ValueError(f"reduce_chunk {reduce_chunk} must be a power of two")
         _decode_reduce_kernel[(n, h)](
             o, gate_arg, part_m, part_l, part_acc, context_lens, size, parts, o.stride(0), o.stride(1),
             gate_arg.stride(0), gate_arg.stride(1), H=h, D=d, BLOCK_P=triton.next_power_of_2(parts),
-            CHUNK_P=chunk, HAS_GATE=gate is not None, num_warps=4 if d >= 256 else 2)
+            HAS_GATE=gate is not None, num_warps=4 if d >= 256 else 2)
     return o
 
 

@@ -2,8 +2,7 @@
 
 - `store_kv_quant_kernel`: quantize each stored token's K and V rows (one scale, and zero, per kv head) on write.
 - `attend_tile_quant`: triton.py's online-softmax step over a tile of quantized keys. The codes enter the two
-  matmuls as q's dtype (int8, int4 and e4m3 values are exact in bf16 / fp16; with F16, fp16 made by bit arithmetic,
-  see `codes_to` and triton_quant_decode.py, which runs the decode), and the per-key scale s_n and
+  matmuls cast to q's dtype (int8, int4 and e4m3 values are exact in bf16 / fp16), and the per-key scale s_n and
   offset z_n are folded into the [ROWS, BLOCK_N] scores and probabilities instead of dequantizing [BLOCK_N, D]:
       q . k_n = s_n (q . c_n) + z_n sum_d(q)          sum_n p_n v_n = sum_n (p_n s_n) c_n + sum_n p_n z_n
   (int8 codes are stored minus 128, so z_n = zero_n + 128 s_n; fp8 has no zero).
@@ -72,26 +71,9 @@ def store_kv_quant_kernel(k, v, k_codes, v_codes, k_scale, v_scale, k_zero, v_ze
 
 
 @triton.jit
-def codes_to(b_c, b_like, KV_KIND: tl.constexpr, F16: tl.constexpr):
-    """Integer codes (int8 stored minus 128; int4 one nibble a byte, 0..15) or fp8 bytes -> their exact values in
-    b_like's dtype (fp16 when F16: by bit arithmetic for the integer kinds, see the module docstring). The bits are
-    formed in int32 and truncated: no reliance on how a Triton version types int16 + a Python int."""
-    if KV_KIND == 3:
-        return b_c.to(tl.float8e4nv, bitcast=True).to(b_like.dtype)
-    if F16:
-        if KV_KIND == 1:
-            b_h = (b_c.to(tl.int32) + 0x6480).to(tl.int16).to(tl.float16, bitcast=True)
-            return (b_h - 1152.0).to(tl.float16)
-        b_h = (b_c.to(tl.int32) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        return (b_h - 1024.0).to(tl.float16)
-    return b_c.to(b_like.dtype)
-
-
-@triton.jit
 def _load_codes(codes, o_row, m_n, D: tl.constexpr, KV_KIND: tl.constexpr, TRANSPOSE: tl.constexpr):
     """Codes of keys at row offsets o_row [BLOCK_N] -> [BLOCK_N, D] ([D, BLOCK_N] when TRANSPOSE), still integer /
-    fp8 bytes (masked keys: 0, which as fp8 is +0.0, never a NaN pattern). int4 bytes are split into nibbles and
-    interleaved back to element order."""
+    fp8 (masked keys: 0). int4 bytes are split into nibbles and interleaved back to element order."""
     if KV_KIND == 2:
         o_j = tl.arange(0, D // 2)
         b_c = tl.load(codes + o_row[:, None] + o_j[None, :], mask=m_n[:, None], other=0)
@@ -104,6 +86,8 @@ def _load_codes(codes, o_row, m_n, D: tl.constexpr, KV_KIND: tl.constexpr, TRANS
             b_c = tl.load(codes + o_row[None, :] + o_d[:, None], mask=m_n[None, :], other=0)
         else:
             b_c = tl.load(codes + o_row[:, None] + o_d[None, :], mask=m_n[:, None], other=0)
+        if KV_KIND == 3:  # fp8 codes arrive as their bytes: a masked key reads 0x00 (+0.0), never a NaN pattern
+            b_c = b_c.to(tl.float8e4nv, bitcast=True)
     return b_c
 
 
@@ -120,19 +104,18 @@ def _load_offset(zero, scale_n, o_sz, m_n, KV_KIND: tl.constexpr):
 def attend_tile_quant(b_q, b_qsum, b_m, b_l, b_acc, k_codes, v_codes, k_scale, v_scale, k_zero, v_zero,
                       p_block_table, o_n, m_n, m_s, i_kvh, scale_log2, stride_kb, stride_ks, stride_kh,
                       stride_vb, stride_vs, stride_vh, BS: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                      KV_KIND: tl.constexpr, F16: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """triton.py's _attend_tile over a quantized cache (scale and zero folded in, see the module docstring).
 
-    b_q [ROWS, D] in the matmul dtype (F16: fp16, codes converted by bit arithmetic, see codes_to); b_qsum [ROWS]
-    fp32 (sum over D of b_q); b_m, b_l [ROWS], b_acc [ROWS, D] fp32."""
+    b_q [ROWS, D] in q's dtype; b_qsum [ROWS] fp32 (sum over D of b_q); b_m, b_l [ROWS], b_acc [ROWS, D] fp32."""
     b_blk = tl.load(p_block_table + o_n // BS, mask=m_n, other=0).to(tl.int64)
     o_sz = (b_blk * BS + o_n % BS) * HKV + i_kvh  # scales / zeros: [NB * BS, Hkv] contiguous
     b_ks = tl.load(k_scale + o_sz, mask=m_n, other=0.0)
     b_vs = tl.load(v_scale + o_sz, mask=m_n, other=0.0)
     o_k = b_blk * stride_kb + (o_n % BS) * stride_ks + i_kvh * stride_kh
     o_v = b_blk * stride_vb + (o_n % BS) * stride_vs + i_kvh * stride_vh
-    b_kt = codes_to(_load_codes(k_codes, o_k, m_n, D, KV_KIND, True), b_q, KV_KIND, F16)  # [D, BLOCK_N]
-    b_v = codes_to(_load_codes(v_codes, o_v, m_n, D, KV_KIND, False), b_q, KV_KIND, F16)  # [BLOCK_N, D]
+    b_kt = _load_codes(k_codes, o_k, m_n, D, KV_KIND, True).to(b_q.dtype)  # [D, BLOCK_N]
+    b_v = _load_codes(v_codes, o_v, m_n, D, KV_KIND, False).to(b_q.dtype)  # [BLOCK_N, D]
     b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * b_ks[None, :]
     if KV_KIND != 3:
         b_s = b_s + b_qsum[:, None] * _load_offset(k_zero, b_ks, o_sz, m_n, KV_KIND)[None, :]
@@ -141,11 +124,8 @@ def attend_tile_quant(b_q, b_qsum, b_m, b_l, b_acc, k_codes, v_codes, k_scale, v
     b_p = tl.exp2(b_s - b_m_new[:, None])
     b_alpha = tl.exp2(b_m - b_m_new)
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
-    # p * s relative to the tile's max scale: normal in fp16 even for a head of tiny scales
-    b_vmax = tl.max(b_vs, 0)
-    b_vmax = tl.where(b_vmax > 0, b_vmax, 1.0)
-    b_acc = b_acc * b_alpha[:, None] + b_vmax * tl.dot((b_p * (b_vs / b_vmax)[None, :]).to(b_q.dtype), b_v,
-                                                       input_precision=DOT_PRECISION)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot((b_p * b_vs[None, :]).to(b_q.dtype), b_v,
+                                              input_precision=DOT_PRECISION)
     if KV_KIND != 3:
         b_acc = b_acc + tl.sum(b_p * _load_offset(v_zero, b_vs, o_sz, m_n, KV_KIND)[None, :], 1)[:, None]
     return b_m_new, b_l, b_acc
