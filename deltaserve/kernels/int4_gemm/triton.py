@@ -134,13 +134,9 @@ def int4_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
     cfg = config or plan(t, n, k, group_size, device_sms(x.device))
     if group_size % cfg.block_k or cfg.block_k < 16 and x.is_cuda:
         raise ValueError(f"block_k {cfg.block_k} must divide group_size {group_size} (and be >= 16 on a GPU)")
-    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    out, dst, k_per_split, split, stride_os = _split_k_outputs(x, t, n, k, cfg.block_k, cfg.split_k)
     if t == 0:
         return out
-    k_per_split = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k
-    split = triton.cdiv(k, k_per_split)
-    dst = out if split == 1 else torch.empty(split, t, n, dtype=torch.float32, device=x.device)
-    stride_os = 0 if split == 1 else dst.stride(0)
     grid = (triton.cdiv(t, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
     _int4_gemm_kernel[grid](x, qweight, qzeros, scales, dst, t, n, k, k_per_split,
                             x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), stride_os,
@@ -317,13 +313,9 @@ def int4_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
                                                                                          cfg.block_np) < 16):
         raise ValueError(f"GEMV plan {cfg} does not fit T={t}, group {group_size}: block_k must divide the group, "
                          f"T > 1 needs use_dot, and use_dot needs block_k and block_np >= 16")
-    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    out, dst, k_per_split, split, stride_os = _split_k_outputs(x, t, n, k, cfg.block_k, cfg.split_k)
     if t == 0:
         return out
-    k_per_split = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k
-    split = triton.cdiv(k, k_per_split)
-    dst = out if split == 1 else torch.empty(split, t, n, dtype=torch.float32, device=x.device)
-    stride_os = 0 if split == 1 else dst.stride(0)
     grid = (triton.cdiv(n // 8, cfg.block_np), split)
     _int4_gemv_kernel[grid](x, qweight, qzeros, scales, dst, x, t, n // 8, k, k_per_split,
                             x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), stride_os,
@@ -366,3 +358,13 @@ def int4_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                             DOT_PRECISION=dot_precision(x.dtype), X_ROW_DIV=x_row_div, INDEXED=True,
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return part
+
+
+def _split_k_outputs(x: torch.Tensor, t: int, n: int, k: int, block_k: int, split_k: int):
+    """-> (out [t, n] in x's dtype, where the kernel writes (out itself, or fp32 partials [split, t, n] that the
+    caller sums), K rows per split (a multiple of block_k), the number of splits, the partials' split stride)."""
+    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    k_per_split = triton.cdiv(k // block_k, split_k) * block_k
+    split = triton.cdiv(k, k_per_split)
+    dst = out if split == 1 else torch.empty(split, t, n, dtype=torch.float32, device=x.device)
+    return out, dst, k_per_split, split, 0 if split == 1 else dst.stride(0)
