@@ -23,8 +23,8 @@ from deltaserve.layers.linear import ProjectionGroup
 from deltaserve.models.weights import WeightsError
 from deltaserve.quantize import quantize_checkpoint, write_dequantized
 from deltaserve.tiny import make_tiny
+from quant_helpers import TEXT, assert_matches_twin
 
-TEXT = "The quick brown fox jumps over the lazy dog. " * 3
 BLOCK = (128, 128)
 PREFIX = "model.language_model."
 
@@ -82,24 +82,6 @@ def test_fp8_linear_cpu_is_dequantize_then_linear():
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")
     return {moe: make_tiny(str(root / f"src_{moe}"), moe=moe) for moe in (False, True)}
-
-
-def _run(path: str):
-    llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=32, max_num_seqs=2)
-    out = llm.generate(TEXT, SamplingParams(max_tokens=8, temperature=0, prompt_logprobs=0, ignore_eos=True),
-                       use_tqdm=False)[0]
-    ids = llm.tokenizer.encode(TEXT)
-    return llm, [out.prompt_logprobs[i][ids[i]] for i in range(1, len(ids))], out.outputs[0].token_ids
-
-
-def assert_matches_twin(path: str, tmp_path) -> LLM:
-    twin = write_dequantized(path, str(tmp_path / "twin"))
-    llm, lp, toks = _run(path)
-    _, lp_ref, toks_ref = _run(twin)
-    diff = max(abs(a - b) for a, b in zip(lp, lp_ref))
-    assert diff < 1e-4, diff
-    assert toks == toks_ref
-    return llm
 
 
 CASES = {"dense": (False, []), "dense_mixed": (False, ["layers.0.", "self_attn.k_proj"]),

@@ -13,15 +13,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from deltaserve import LLM, SamplingParams
+from deltaserve import LLM
 from deltaserve.config import ConfigError
 from deltaserve.layers.linear import ProjectionGroup, QuantExperts, QuantLinear
 from deltaserve.layers.quant import AWQ_ORDER, dequant_awq, dequant_ct, pack_int4, to_awq, to_ct, unpack_int4
 from deltaserve.models.weights import WeightsError
-from deltaserve.quantize import QUANTIZABLE, quantize_checkpoint, write_dequantized
+from deltaserve.quantize import QUANTIZABLE, quantize_checkpoint
 from deltaserve.tiny import make_tiny
+from quant_helpers import assert_matches_twin, run_text
 
-TEXT = "The quick brown fox jumps over the lazy dog. " * 3
 GROUP = 32
 
 
@@ -100,24 +100,6 @@ AWQ_CASES = {  # id -> (moe, extra modules_to_not_convert)
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     return {moe: make_tiny(str(root / f"src_{moe}"), moe=moe) for moe in (False, True)}
-
-
-def _run(path: str):
-    llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=32, max_num_seqs=2)
-    out = llm.generate(TEXT, SamplingParams(max_tokens=8, temperature=0, prompt_logprobs=0, ignore_eos=True),
-                       use_tqdm=False)[0]
-    ids = llm.tokenizer.encode(TEXT)
-    return llm, [out.prompt_logprobs[i][ids[i]] for i in range(1, len(ids))], out.outputs[0].token_ids
-
-
-def assert_matches_twin(path: str, tmp_path) -> LLM:
-    twin = write_dequantized(path, str(tmp_path / "twin"))
-    llm, lp, toks = _run(path)
-    _, lp_ref, toks_ref = _run(twin)
-    diff = max(abs(a - b) for a, b in zip(lp, lp_ref))
-    assert diff < 1e-4, diff
-    assert toks == toks_ref
-    return llm
 
 
 @pytest.mark.parametrize("case", list(AWQ_CASES), ids=list(AWQ_CASES))
@@ -267,8 +249,8 @@ def test_folded_scales_leave_the_16bit_model_unchanged(sources, tmp_path):
     for name in os.listdir(src):
         if not name.endswith(".safetensors"):
             (dst / name).write_bytes(open(os.path.join(src, name), "rb").read())
-    _, lp, toks = _run(str(dst))
-    _, lp_ref, toks_ref = _run(src)
+    _, lp, toks = run_text(str(dst))
+    _, lp_ref, toks_ref = run_text(src)
     assert max(abs(a - b) for a, b in zip(lp, lp_ref)) < 1e-4
     assert toks == toks_ref
 
