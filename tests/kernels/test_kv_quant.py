@@ -13,12 +13,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from deltaserve.kernels.paged_attention import (QuantizedKV, allocate_kv, check_kv_cache_dtype,  # noqa: E402
                                                 paged_attention_decode, paged_attention_prefill,
                                                 paged_attention_varlen, store_kv, store_kv_triton)
 from deltaserve.kernels.paged_attention.kv_quant import dequantize_kv, quantize_kv  # noqa: E402
+from test_paged_attention import assert_close, triton_ready  # noqa: E402,F401  (a helper and a fixture)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = ["int8", "int4", "fp8"]
@@ -26,21 +26,6 @@ KINDS = ["int8", "int4", "fp8"]
 # the keys) only reorders fp32 roundings; observed ~1e-6.
 ATOL_FP32 = 1e-4
 ATOL_BF16, RTOL_BF16 = 1e-2, 1e-2  # bf16 q and P in the matmuls, as the 16-bit gpu tests
-
-
-def assert_close(name, ref, out, atol, rtol=0.0):
-    """max |out - ref| - rtol * |ref| <= atol; NaN anywhere fails."""
-    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
-    ref, out = ref.float(), out.float()
-    assert not out.isnan().any(), f"{name}: {int(out.isnan().sum())} NaN outputs (unwritten or read past context)"
-    err = ((out - ref).abs() - rtol * ref.abs()).max().item() if ref.numel() else 0.0
-    assert err <= atol, f"{name}: error {err:.2e} beyond atol {atol:.0e} + rtol {rtol:.0e} * |ref|"
-
-
-@pytest.fixture
-def triton_ready():
-    if not torch.cuda.is_available() and type(tl.max).__name__ != "InterpretedFunction":
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run this file alone")
 
 
 def quantized_paged_kv(kind, context_lens, block_size, hkv, d, spare_blocks=3, seed=1, dtype=torch.float32):
