@@ -136,11 +136,12 @@ class EngineCore:
         outputs = []
         for rid, group in touched.items():
             m = group.metrics
+            done = all(r.status == RequestStatus.FINISHED for r in group.samples)
             if m.first_token_time is None and group.samples[0].output_token_ids:
                 m.first_token_time = now
-            if m.finished_time is None and all(r.status == RequestStatus.FINISHED for r in group.samples):
+            if done and m.finished_time is None:
                 m.finished_time = now
-            if finished_only and any(r.status != RequestStatus.FINISHED for r in group.samples):
+            if finished_only and not done:
                 continue
             outputs.append(self._output(rid, group))
             if outputs[-1].finished:
