@@ -8,7 +8,7 @@ What belongs here:
 - `check_tp_size`: the up-front divisibility check, run before any process starts.
 - `TPWorkers`: ranks 1..N-1 as spawned processes. Rank 0 is the calling process: it schedules, sends each step's
   `StepPlan` (host lists only) to every worker over a pipe, runs its own shard and samples. gloo on CPU; on CUDA
-  the same code with the nccl backend and device = rank (not yet run on GPUs).
+  the same code with the nccl backend and device = rank.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import dataclasses
 import multiprocessing as mp
 import os
 import socket
+import threading
 from datetime import timedelta
 
 import torch
@@ -218,7 +219,7 @@ def _worker_main(rank: int, world: int, port: int, spec, conn) -> None:
                 break
             runner.run_plan(plan)
     finally:
-        dist.destroy_process_group()
+        leave_group(timeout=10.0)
 
 
 class TPWorkers:
@@ -259,7 +260,9 @@ class TPWorkers:
             conn.send(plan)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop every worker (idempotent): ask, wait, then terminate; and leave the process group."""
+        """Stop every worker (idempotent): ask them to leave, leave the process group alongside them, wait, then
+        terminate stragglers. Leaving together matters: NCCL's communicator teardown waits for every rank, so rank 0
+        destroying its group only after the workers exited (or they only after rank 0 did) hangs for good."""
         if self.closed:
             return
         self.closed = True
@@ -268,6 +271,7 @@ class TPWorkers:
                 conn.send(None)
             except (OSError, ValueError):
                 pass
+        leave_group(timeout)
         for p in self.procs:
             p.join(timeout)
             if p.is_alive():
@@ -275,8 +279,15 @@ class TPWorkers:
                 p.join(timeout)
         for conn in self.conns:
             conn.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+
+def leave_group(timeout: float) -> None:
+    """destroy_process_group, given up on after `timeout` s (a peer that already died never joins the teardown)."""
+    if not dist.is_initialized():
+        return
+    t = threading.Thread(target=dist.destroy_process_group, daemon=True, name="deltaserve-tp-leave")
+    t.start()
+    t.join(timeout)
 
 
 def worker_pids_alive(pids: list[int]) -> list[int]:
