@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers.attention import GatedAttention
+from ..layers.embedding import VocabParallelEmbedding
 from ..layers.gated_deltanet import GatedDeltaNet
 from ..layers.mlp import GatedMLP
 from ..layers.moe import SparseMoE
@@ -44,14 +45,14 @@ class Qwen3_5ForCausalLM(nn.Module):
 
     Under tensor parallelism (tp.world > 1) this is rank tp.rank's shard: layers are built from shard_config (its
     heads, its MLP / expert columns), each mixer and each MLP returns a partial sum that one all-reduce completes,
-    the embedding is replicated and the lm_head is vocab-parallel (logits all-gathered)."""
+    the embedding (one all-reduce) and the lm_head (logits all-gathered) are vocab-parallel over the same rows."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE):
         super().__init__()
         self.config, self.tp = cfg, tp
         local = shard_config(cfg, tp.world)
         self.vocab_rows = vocab_range(cfg.vocab_size, tp.rank, tp.world)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList([DecoderLayer(local, t) for t in cfg.layer_types])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
@@ -83,7 +84,7 @@ class Qwen3_5ForCausalLM(nn.Module):
         On CUDA a bf16/fp16 GEMM writes its fp32 accumulators directly: rounding 248k logits to bf16 first would
         cost up to ~0.1 nats in logprobs (one bf16 ulp of a logit of 8 is 0.03)."""
         if self.config.tie_word_embeddings:
-            weight = self.embed_tokens.weight[self.vocab_rows[0]: self.vocab_rows[1]]
+            weight = self.embed_tokens.weight  # the rank's vocab rows (vocab-parallel embedding)
         else:
             weight = self.lm_head.weight
         if hidden.is_cuda and hidden.dtype != torch.float32:

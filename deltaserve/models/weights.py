@@ -122,7 +122,8 @@ RULES: list[tuple[re.Pattern, Callable[[re.Match, ModelConfig, frozenset], Targe
 # ---------------------------------------------------------------- tensor parallelism: what each rank reads
 # Column-parallel tensors (and per-head vectors) are cut along their output rows, per segment where one tensor
 # stacks several (GDN [q | k | v] channels, packed experts' [gate | up]); row-parallel ones along their input
-# columns. Anything not listed (norms, router, shared_expert_gate, embedding) is replicated.
+# columns. Anything not listed (norms, router, shared_expert_gate) is replicated; the embedding and lm_head are
+# vocab-parallel (the same rows of the vocabulary on a rank).
 
 def _even(dim: int):
     return lambda cfg, shape, r, w: (dim, segments([shape[dim]], r, w))
@@ -148,7 +149,7 @@ SHARD_RULES: list[tuple[re.Pattern, Callable]] = [
      lambda cfg, shape, r, w: (1, segments([shape[1] // 2, shape[1] // 2], r, w))),
     (re.compile(r"mlp\.experts\.down_proj$"), _even(2)),  # packed [E, H, I]
     (re.compile(r"(o_proj|out_proj|down_proj)\.weight$"), _even(1)),
-    (re.compile(r"^lm_head\.weight$"), lambda cfg, shape, r, w: (0, [vocab_range(shape[0], r, w)])),
+    (re.compile(r"^(lm_head|embed_tokens)\.weight$"), lambda cfg, shape, r, w: (0, [vocab_range(shape[0], r, w)])),
 ]
 ROW_PARALLEL_BIAS = re.compile(r"(o_proj|out_proj|down_proj)\.bias$")  # added once: rank 0 holds it, others zeros
 

@@ -115,7 +115,7 @@ def _shape(tensor) -> list[int]:
 
 def shard_config(cfg: ModelConfig, world: int) -> ModelConfig:
     """The shapes one of `world` ranks holds: its attention, GDN and KV heads and its MLP / expert columns
-    (vocab_size stays whole: the embedding is replicated; the lm_head shard is vocab_range)."""
+    (vocab_size stays whole: the embedding and lm_head hold the rows of vocab_range)."""
     if world == 1:
         return cfg
     return dataclasses.replace(

@@ -21,6 +21,7 @@ from test_weights import pack_experts, shard as split_into_two_files, variant
 
 from deltaserve import LLM, SamplingParams
 from deltaserve.config import ModelConfig
+from deltaserve.layers.embedding import VocabParallelEmbedding
 from deltaserve.models.weights import build_model, load_weights
 from deltaserve.tiny import make_tiny
 from deltaserve.worker.distributed import (
@@ -68,6 +69,25 @@ def test_sharding_arithmetic():
     assert [vocab_range(10, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
     t = torch.arange(12).view(3, 4)
     assert torch.equal(shard(t, 1, 1, 2), t[:, 2:])
+
+
+class _SummingGroup(TPGroup):
+    """A rank whose all-reduce is left to the test (it sums the ranks' partial outputs itself)."""
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.parametrize("vocab, world", [(10, 4), (12, 2), (7, 3)], ids=["uneven-4", "even-2", "uneven-3"])
+def test_vocab_parallel_embedding_partials_sum_to_the_lookup(vocab, world):
+    table = torch.randn(vocab, 6)
+    ids = torch.tensor([0, vocab - 1, 3, 3, vocab // 2, 1])
+    total = torch.zeros(len(ids), 6)
+    for rank in range(world):
+        emb = VocabParallelEmbedding(vocab, 6, _SummingGroup(rank, world))
+        emb.weight.data.copy_(table[emb.start: emb.stop])
+        total += emb(ids)
+    assert torch.equal(total, table[ids])  # each id from exactly one rank, zeros from the others
 
 
 def test_shard_config_holds_each_ranks_heads(ckpts):
@@ -129,7 +149,7 @@ def test_each_rank_loads_exactly_its_slices(ckpts, name):
                            full["layers.3.self_attn.o_proj.weight"][:, rank * 128: rank * 128 + 128])
         vocab = cfg.vocab_size // 2
         assert torch.equal(part["lm_head.weight"], full["lm_head.weight"][rank * vocab: (rank + 1) * vocab])
-        assert torch.equal(part["embed_tokens.weight"], full["embed_tokens.weight"])  # replicated
+        assert torch.equal(part["embed_tokens.weight"], full["embed_tokens.weight"][rank * vocab: (rank + 1) * vocab])
         if name == "moe":
             gu = full["layers.0.mlp.experts.gate_up_proj"]
             want = torch.cat([gu[:, rank * 32: rank * 32 + 32], gu[:, 64 + rank * 32: 64 + rank * 32 + 32]], 1)
