@@ -6,7 +6,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..kernels.causal_conv1d import causal_conv1d_varlen
 from ..kernels.gated_delta_rule import gated_delta_rule_varlen, gdn_decode_step
-from ..worker.forward_batch import ForwardBatch
+from ..worker.forward_batch import ForwardBatch, GdnPrefill
 from .norm import GatedRMSNorm
 
 
@@ -42,17 +42,29 @@ class GatedDeltaNet(nn.Module):
         t = x.shape[0]
         mixed_qkv, z, b, a = self.in_proj(x).split(self.splits, dim=-1)
         a, b = a.contiguous(), b.contiguous()
-        if batch.is_decode:  # one fused kernel: conv-state shift + conv + SiLU + gating + norm + recurrence
-            o = gdn_decode_step(mixed_qkv, self.conv1d.weight, conv_state, a, b, self.A_log, self.dt_bias,
-                                recurrent_state, batch.state_slots, self.hk, self.dk, self.dv)
-        else:
-            qkv = causal_conv1d_varlen(mixed_qkv, self.conv1d.weight, conv_state, batch.cu_seqlens,
-                                       batch.state_slots, batch.query_lens_cpu)
-            q, k, v = qkv.split([self.hk * self.dk, self.hk * self.dk, self.hv * self.dv], dim=-1)
-            o = gated_delta_rule_varlen(
-                q.reshape(t, self.hk, self.dk), k.reshape(t, self.hk, self.dk), v.reshape(t, self.hv, self.dv),
-                a, b, self.A_log, self.dt_bias, recurrent_state, batch.cu_seqlens, batch.state_slots,
-                query_lens=batch.query_lens_cpu, tables=batch.gdn_tables,
-            )
+        d = t if batch.is_decode else batch.gdn_decode_rows
+        parts = []
+        if d:  # one fused kernel: conv-state shift + conv + SiLU + gating + norm + recurrence
+            parts.append(gdn_decode_step(mixed_qkv[:d], self.conv1d.weight, conv_state, a[:d], b[:d], self.A_log,
+                                         self.dt_bias, recurrent_state, batch.state_slots[:d], self.hk, self.dk,
+                                         self.dv))
+        if d < t:
+            parts.append(self._chunked(mixed_qkv[d:], a[d:], b[d:], batch.gdn_prefill_part(), conv_state,
+                                       recurrent_state))
+        o = parts[0] if len(parts) == 1 else torch.cat(parts)
         z = z.view(t, self.hv, self.dv)
         return self.out_proj(self.norm(o, z).reshape(t, -1))
+
+    def _chunked(self, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, part: GdnPrefill,
+                 conv_state: torch.Tensor, recurrent_state: torch.Tensor) -> torch.Tensor:
+        """The prefilling sequences: varlen causal conv from each one's conv state, then the chunked delta rule.
+        mixed_qkv: [P_T, C]; a, b: [P_T, HV] -> o [P_T, HV, V]."""
+        t = mixed_qkv.shape[0]
+        qkv = causal_conv1d_varlen(mixed_qkv, self.conv1d.weight, conv_state, part.cu_seqlens, part.state_slots,
+                                   part.query_lens_cpu)
+        q, k, v = qkv.split([self.hk * self.dk, self.hk * self.dk, self.hv * self.dv], dim=-1)
+        return gated_delta_rule_varlen(
+            q.reshape(t, self.hk, self.dk), k.reshape(t, self.hk, self.dk), v.reshape(t, self.hv, self.dv),
+            a, b, self.A_log, self.dt_bias, recurrent_state, part.cu_seqlens, part.state_slots,
+            query_lens=part.query_lens_cpu, tables=part.tables,
+        )

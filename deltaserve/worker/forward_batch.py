@@ -22,7 +22,16 @@ class ForwardBatch:
     context_lens_cpu: list[int]  # N host ints: same as context_lens
     is_decode: bool = False  # every sequence feeds exactly one token (the fused decode kernels apply)
     max_context_len: int = 0  # host int: max of context_lens (sizes the split-K attention grid)
-    gdn_tables: object = None  # Triton GDN prefill's (sequence, chunk) tables, built once per step (CUDA only)
+    # mixed steps (prefill and decode together): the leading sequences that feed one token each, which the GDN layers
+    # run through the decode kernel (the chunked path would spend a 64-token chunk and a state round trip on each)
+    gdn_decode_rows: int = 0
+    gdn_prefill: "GdnPrefill | None" = None  # the sequences after them, for the GDN chunked path (None: all of them)
+
+    def gdn_prefill_part(self) -> "GdnPrefill":
+        """The sequences the GDN chunked path runs: those after the leading decode rows."""
+        if self.gdn_prefill is not None:
+            return self.gdn_prefill
+        return GdnPrefill(self.cu_seqlens, self.state_slots, self.query_lens_cpu)
 
     @property
     def num_seqs(self) -> int:
@@ -31,3 +40,12 @@ class ForwardBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+
+@dataclass
+class GdnPrefill:
+    """Sequences of a step as the GDN chunked prefill sees them: token offsets count from their first token."""
+    cu_seqlens: torch.Tensor  # [P+1] int64 token offsets, starting at 0
+    state_slots: torch.Tensor  # [P] int64 GDN state-pool slots
+    query_lens_cpu: list[int]  # P host ints
+    tables: object = None  # Triton GDN prefill's (sequence, chunk) tables, built once per step (CUDA only)

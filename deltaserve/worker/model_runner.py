@@ -23,7 +23,7 @@ from ..kernels.paged_attention.kv_quant import kv_bytes_per_token_head
 from ..models.qwen3_5 import ModelCaches
 from ..runtime.scheduler_output import SchedulerOutput
 from .cuda_graph import CudaGraphRunner
-from .forward_batch import ForwardBatch
+from .forward_batch import ForwardBatch, GdnPrefill
 from .sampler import Sampler, SamplingBatch, compute_topk_logprobs
 
 Logprobs = dict[int, float]
@@ -118,7 +118,7 @@ class StagingBuffers:
         pin = device.type == "cuda"
         sizes = {"input_ids": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
                  "logits_indices": max_tokens + max_seqs, "cu_seqlens": max_seqs + 1, "context_lens": max_seqs,
-                 "state_slots": max_seqs}
+                 "state_slots": max_seqs, "gdn_cu_seqlens": max_seqs + 1}
         self.host = {k: torch.zeros(n, dtype=torch.int64, pin_memory=pin) for k, n in sizes.items()}
         self.host_tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, pin_memory=pin)
         on_host = device.type == "cpu"
@@ -205,8 +205,17 @@ class ModelRunner:
             is_decode=len(plan.input_ids) == len(plan.query_lens), max_context_len=max(plan.context_lens),
         )
         if not batch.is_decode and self.cfg.linear_attention_layers:
-            batch.gdn_tables = build_step_tables(batch.query_lens_cpu, self.device)
+            self._split_gdn(batch, plan)
         return batch
+
+    def _split_gdn(self, batch: ForwardBatch, plan: StepPlan) -> None:
+        """A mixed step's leading one-token sequences (running decodes come first) go to the GDN decode kernel;
+        the rest to the chunked path, with offsets and chunk tables of their own."""
+        d = next((i for i, n in enumerate(plan.query_lens) if n != 1), len(plan.query_lens))
+        rest = plan.query_lens[d:]
+        cu = batch.cu_seqlens if d == 0 else self.staging.put("gdn_cu_seqlens", [c - d for c in plan.cu_seqlens[d:]])
+        batch.gdn_decode_rows = d
+        batch.gdn_prefill = GdnPrefill(cu, batch.state_slots[d:], rest, build_step_tables(rest, self.device))
 
     @staticmethod
     def _logit_positions(s) -> list[int]:
