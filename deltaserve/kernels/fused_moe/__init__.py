@@ -6,10 +6,10 @@ the bf16 path until benchmarks/kernels/bench_int4.py shows the Triton one faster
 CUDA, int4 experts (`fused_moe_int4`): the Triton fused MoE with the dequant in its main loop; decode-sized batches
 (T·k <= decode.DECODE_MAX_PAIRS) run as per-pair int4 GEMVs instead (decode.py), and up to
 triton.TRITON_ALIGN_MAX_PAIRS pairs the sort / align is one Triton launch (align_triton.py).
-Both CUDA paths are free of host syncs, so MoE layers are captured in CUDA graphs.
+Both CUDA paths are free of host syncs, so MoE layers are captured in CUDA graphs. triton.py is imported lazily
+(importing deltaserve must not import triton, see kernels/paged_attention).
 Expert parallelism: a topk id of -1 marks a pair whose expert another rank holds; every path (reference, grouped
-GEMM, Triton GEMMs and decode GEMVs) skips it: no GEMM row or GEMV work is spent on it and it adds nothing. triton.py is imported lazily
-(importing deltaserve must not import triton, see kernels/paged_attention)."""
+GEMM, Triton GEMMs and decode GEMVs) skips it: no GEMM row or GEMV work is spent on it and it adds nothing."""
 import torch
 import torch.nn.functional as F
 
