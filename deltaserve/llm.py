@@ -166,6 +166,9 @@ class LLM:
         _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         block_size=block_size, max_model_len=max_model_len or 1, num_kv_blocks=num_kv_blocks or 1)
         check_tp_size(config, tensor_parallel_size, self.device)  # before any process starts
+        if config.expert_parallel:
+            logger.info("expert parallel: each of %d ranks holds %d of the %d experts whole", tensor_parallel_size,
+                        config.num_experts // tensor_parallel_size, config.num_experts)
         if self.device.type == "cuda" and not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if weights_dir is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -223,3 +225,28 @@ def test_triton_fused_moe_skips_minus_one(int4, path):
     assert err <= ATOL_FP32, f"error {err:.2e}"
     out = fused_moe_triton(x, gu, dn, weights, torch.full_like(ids, -1), **path)
     assert torch.equal(out, torch.zeros_like(x))
+
+
+# ---------------------------------------------------------------- CLI
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["chat"], ["serve"], ["bench"]],
+                         ids=["generate", "chat", "serve", "bench"])
+def test_cli_flag_reaches_the_engine(command):
+    from deltaserve.cli import build_parser, engine_kwargs
+
+    args = build_parser().parse_args([*command, "--tp", "2", "--enable-expert-parallel"])
+    assert args.enable_expert_parallel and args.tp == 2
+    if command[0] != "bench":  # bench passes it to LLM / LLM.from_config itself
+        assert engine_kwargs(args)["enable_expert_parallel"] is True
+
+
+def test_cli_generate_ep_prints_what_tp1_prints(ckpts):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "deltaserve.cli", "generate", "--model", ckpts["moe"], "--prompt", "hello world",
+            "--max-tokens", "6", "--ignore-eos", "--device", "cpu"]
+    one = subprocess.run(args, capture_output=True, text=True, env=env, timeout=180)
+    ep = subprocess.run([*args, "--tp", "2", "--enable-expert-parallel"], capture_output=True, text=True, env=env,
+                        timeout=180)
+    assert one.returncode == 0 and ep.returncode == 0, ep.stderr
+    assert "expert parallel: each of 2 ranks holds 4 of the 8 experts whole" in ep.stderr, ep.stderr
+    assert ep.stdout == one.stdout
