@@ -190,9 +190,8 @@ def resolve(name: str, cfg: ModelConfig, shape=None, rank: int = 0, world: int =
             split: frozenset = frozenset()) -> Target | None:
     """Checkpoint tensor name -> Target (for rank `rank` of `world`: its parameter slice and the checkpoint rows
     it reads, given the tensor's full `shape`), or None for tensors we deliberately skip (under expert parallelism
-    also other ranks' per-expert tensors, never read). split: modules whose
-    checkpoint pieces load whole into their own Linears: our fused projections built as ProjectionGroups, and
-    Fp8Experts."""
+    also other ranks' per-expert tensors, never read). split: modules whose checkpoint pieces load whole into their
+    own Linears: our fused projections built as ProjectionGroups, and Fp8Experts."""
     name = strip_name(name, cfg)
     if name is None:
         return None
