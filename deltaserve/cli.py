@@ -38,6 +38,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                    help="tensor-parallel ranks on this node: one process per rank (gloo on CPU, nccl on CUDA GPUs "
                         "0..N-1); default 1")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tp N on an MoE model: each rank holds num_experts/N whole experts instead of 1/N of "
+                        "every expert (ignored for dense models and --tp 1)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -212,7 +215,7 @@ def engine_kwargs(args) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                 num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
                 enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp, kv_cache_dtype=args.kv_cache_dtype,
-                state_dtype=args.state_dtype)
+                state_dtype=args.state_dtype, enable_expert_parallel=args.enable_expert_parallel)
 
 
 def _merge_model_arg(args) -> None:
@@ -250,11 +253,14 @@ def _bench(args) -> None:
               max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.prompt_lens) * args.prefill_count),
               max_model_len=args.max_model_len or max_len, block_size=args.block_size,
               num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype, state_dtype=args.state_dtype)
+              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype, state_dtype=args.state_dtype,
+              enable_expert_parallel=args.enable_expert_parallel)
     if args.preset:
         llm = LLM.from_config(preset_config(args.preset, args.layers), tensor_parallel_size=args.tp,
                               quantization=args.quantization, group_size=args.group_size, **kw)
         name = args.preset if args.tp == 1 else f"{args.preset} TP={args.tp}"
+        if llm.config.expert_parallel:
+            name += " EP"
         if args.quantization:
             name += f" | {args.quantization} int4 g{args.group_size} (mixed)"
     elif args.quantization:

@@ -139,6 +139,14 @@ class ModelConfig:
     state_dtype: str  # recurrent-state dtype, from mamba_ssm_dtype (float32 by default)
     torch_dtype: str  # the checkpoint's dtype ("bfloat16", "float32", ...), used by dtype="auto"
     quantization: QuantConfig | None = None  # config.json quantization_config (None: a 16-bit checkpoint)
+    # expert parallelism, a run-time choice (LLM(enable_expert_parallel=True)), not a config.json field
+    expert_parallel: bool = False  # under TP, each rank holds num_experts / world whole experts (not a slice of all)
+    expert_shards: int = 1  # in a rank's shard_config under expert parallelism: the ranks the experts are split over
+
+    @property
+    def num_local_experts(self) -> int:
+        """Experts whose weights this config's model holds: all, or one rank's share under expert parallelism."""
+        return self.num_experts // self.expert_shards
 
     @property
     def full_attention_layers(self) -> list[int]:

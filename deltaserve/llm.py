@@ -104,6 +104,10 @@ class LLM:
     tensor_parallel_size: N > 1 shards the model over N ranks of this node: this process is rank 0 (scheduling,
     sampling) and N - 1 worker processes are spawned (gloo on CPU; nccl on CUDA with device = rank). They stop on
     `shutdown()`, when the LLM is garbage-collected, or at interpreter exit.
+    enable_expert_parallel: under tensor_parallel_size=N > 1 on an MoE model, each rank holds num_experts / N whole
+    experts instead of 1/N of every expert's columns (router replicated, shared expert still TP-sharded); each rank
+    computes only the pairs routed to its experts and the MoE's one all-reduce sums them. Ignored (with a log line)
+    for dense models and for tensor_parallel_size=1; 16-bit checkpoints only.
     kv_cache_dtype: "auto" (the KV cache in the model dtype), "int8", "int4" or "fp8" (e4m3): keys and values
     quantized per token and kv head on write, with fp32 scales (and zeros for int8 / int4) beside the blocks; the
     cache takes ~1/2 (int8, fp8) or ~1/4 (int4) of the bf16 bytes, so auto-sizing fits ~2x / ~4x the tokens.
@@ -116,19 +120,20 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  seed: int = 0, enforce_eager: bool = False, tensor_parallel_size: int = 1,
-                 kv_cache_dtype: str = "auto", state_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", state_dtype: str = "auto", enable_expert_parallel: bool = False):
         tok_dir = tokenizer or model
         self._setup(ModelConfig.from_hf_dir(model), model, Tokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir)
                     else None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
                     num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size, kv_cache_dtype,
-                    state_dtype=state_dtype)
+                    state_dtype=state_dtype, enable_expert_parallel=enable_expert_parallel)
 
     @classmethod
     def from_config(cls, config: ModelConfig, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
                     max_num_batched_tokens: int = 2048, max_model_len: int | None = None, block_size: int = 16,
                     num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9, seed: int = 0,
                     enforce_eager: bool = False, tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto",
-                    quantization: str | None = None, group_size: int = 128, state_dtype: str = "auto") -> "LLM":
+                    quantization: str | None = None, group_size: int = 128, state_dtype: str = "auto",
+                    enable_expert_parallel: bool = False) -> "LLM":
         """An engine over random weights of `config`'s shapes, made directly on the device (benchmarks: no
         checkpoint, no tokenizer; prompts are token ids). Under TP each rank draws its own shard: the same shapes
         and speed as a real checkpoint, not the same numbers as the TP=1 model of this seed.
@@ -141,15 +146,18 @@ class LLM:
         llm = cls.__new__(cls)
         llm._setup(config, None, None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
                    block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size,
-                   kv_cache_dtype, formats, state_dtype=state_dtype)
+                   kv_cache_dtype, formats, state_dtype=state_dtype, enable_expert_parallel=enable_expert_parallel)
         return llm
 
     def _setup(self, config: ModelConfig, weights_dir: str | None, tokenizer: Tokenizer | None, device: str,
                dtype: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int | None,
                block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float, seed: int,
                enforce_eager: bool, tensor_parallel_size: int, kv_cache_dtype: str = "auto",
-               formats: dict[str, str] | None = None, state_dtype: str = "auto") -> None:
-        config = dataclasses.replace(config, state_dtype=_resolve_state_dtype(state_dtype, config))
+               formats: dict[str, str] | None = None, state_dtype: str = "auto",
+               enable_expert_parallel: bool = False) -> None:
+        config = dataclasses.replace(config, state_dtype=_resolve_state_dtype(state_dtype, config),
+                                     expert_parallel=_expert_parallel(config, enable_expert_parallel,
+                                                                      tensor_parallel_size))
         self.config, self.tokenizer, self._workers = config, tokenizer, None
         self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self.device = _resolve_device(device)
@@ -158,10 +166,16 @@ class LLM:
         _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         block_size=block_size, max_model_len=max_model_len or 1, num_kv_blocks=num_kv_blocks or 1)
         check_tp_size(config, tensor_parallel_size, self.device)  # before any process starts
+        if config.expert_parallel:
+            logger.info("expert parallel: each of %d ranks holds %d of the %d experts whole", tensor_parallel_size,
+                        config.num_experts // tensor_parallel_size, config.num_experts)
         if self.device.type == "cuda" and not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if weights_dir is not None:
             formats = read_formats(config, weights_dir)
+        if formats and config.expert_parallel:
+            raise WeightsError("quantized (int4 / FP8) experts do not run expert-parallel yet; drop "
+                               "--enable-expert-parallel or use a 16-bit checkpoint")
         if formats and tensor_parallel_size > 1:
             raise WeightsError("quantized (int4 / FP8) checkpoints run with tensor_parallel_size=1 for now; "
                                "drop --tp or use a 16-bit checkpoint")
@@ -370,6 +384,19 @@ def _resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.
         raise ValueError("dtype='float32' is not supported on CUDA (the Triton kernels run bfloat16 or float16); "
                          "use dtype='bfloat16', or device='cpu' for a float32 reference")
     return DTYPES[dtype]
+
+
+def _expert_parallel(config: ModelConfig, enable: bool, tensor_parallel_size: int) -> bool:
+    """Whether the experts are split whole over the TP ranks: asked for, on an MoE model, over more than one rank."""
+    if not enable:
+        return False
+    if not config.is_moe:
+        logger.info("enable_expert_parallel ignored: %s is a dense model (no experts)", config.architecture)
+        return False
+    if tensor_parallel_size == 1:
+        logger.info("enable_expert_parallel ignored: tensor_parallel_size=1, the one rank holds every expert")
+        return False
+    return True
 
 
 def _resolve_state_dtype(state_dtype: str, cfg: ModelConfig) -> str:

@@ -16,7 +16,7 @@ from ..layers.gated_deltanet import GatedDeltaNet
 from ..layers.mlp import GatedMLP
 from ..layers.moe import SparseMoE
 from ..layers.norm import RMSNorm
-from ..worker.distributed import SINGLE, TPGroup, shard_config, vocab_range
+from ..worker.distributed import SINGLE, TPGroup, expert_range, shard_config, vocab_range
 from ..worker.forward_batch import ForwardBatch
 
 
@@ -28,14 +28,15 @@ class ModelCaches:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_type: str):
+    def __init__(self, cfg: ModelConfig, layer_type: str, experts: tuple[int, int] | None = None):
+        """cfg: this rank's shard_config; experts: the router ids of the experts this rank holds (MoE)."""
         super().__init__()
         self.is_linear = layer_type == "linear_attention"
         if self.is_linear:
             self.linear_attn = GatedDeltaNet(cfg)
         else:
             self.self_attn = GatedAttention(cfg)
-        self.mlp = SparseMoE(cfg) if cfg.is_moe else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = SparseMoE(cfg, experts) if cfg.is_moe else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -44,8 +45,9 @@ class Qwen3_5ForCausalLM(nn.Module):
     """Parameter names follow the HF checkpoint with the `model.` / `model.language_model.` prefix dropped.
 
     Under tensor parallelism (tp.world > 1) this is rank tp.rank's shard: layers are built from shard_config (its
-    heads, its MLP / expert columns), each mixer and each MLP returns a partial sum that one all-reduce completes,
-    the embedding (one all-reduce) and the lm_head (logits all-gathered) are vocab-parallel over the same rows."""
+    heads, its MLP / expert columns or, expert parallel, its whole experts), each mixer and each MLP returns a partial
+    sum that one all-reduce completes (the MoE's routed and shared-expert parts together); the embedding (one
+    all-reduce) and the lm_head (logits all-gathered) are vocab-parallel over the same rows."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE):
         super().__init__()
@@ -53,7 +55,8 @@ class Qwen3_5ForCausalLM(nn.Module):
         local = shard_config(cfg, tp.world)
         self.vocab_rows = vocab_range(cfg.vocab_size, tp.rank, tp.world)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList([DecoderLayer(local, t) for t in cfg.layer_types])
+        experts = expert_range(local, tp.rank) if cfg.is_moe else None
+        self.layers = nn.ModuleList([DecoderLayer(local, t, experts) for t in cfg.layer_types])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, self.vocab_rows[1] - self.vocab_rows[0], bias=False)

@@ -26,7 +26,9 @@ from ..layers.fp8 import Fp8Experts, Fp8Linear
 from ..layers.gated_deltanet import GatedDeltaNet
 from ..layers.linear import ProjectionGroup, QuantLinear
 from ..layers.quant import FORMATS, QUANT_SUFFIXES
-from ..worker.distributed import SINGLE, TPGroup, kv_head_range, read_ranges, segments, shard_config, vocab_range
+from ..worker.distributed import (
+    SINGLE, TPGroup, expert_range, kv_head_range, read_ranges, segments, shard_config, vocab_range,
+)
 from .formats import FormatError, apply_formats, plan_formats
 from .registry import model_class
 
@@ -168,10 +170,10 @@ def expected_parts(param: str, cfg: ModelConfig) -> tuple[str, ...]:
     if m and m["fused"] in fused_layout(cfg):
         return tuple(f"{param}.{piece}" for piece, _ in fused_layout(cfg)[m["fused"]])
     if re.search(rf"experts\.gate_up_proj(\.({QUANT_KINDS}))?$", param):
-        return tuple(f"{param}[{e}].{h}" for e in range(cfg.num_experts) for h in ("gate_proj", "up_proj"))
+        return tuple(f"{param}[{e}].{h}" for e in range(cfg.num_local_experts) for h in ("gate_proj", "up_proj"))
     if re.search(rf"experts\.down_proj(\.({QUANT_KINDS}))?$|experts\.(gate|up|down)_proj\.weight(_scale_inv)?$",
                  param):
-        return tuple(f"{param}[{e}]" for e in range(cfg.num_experts))
+        return tuple(f"{param}[{e}]" for e in range(cfg.num_local_experts))
     return (param,)
 
 
@@ -188,13 +190,17 @@ def strip_name(name: str, cfg: ModelConfig) -> str | None:
 def resolve(name: str, cfg: ModelConfig, shape=None, rank: int = 0, world: int = 1,
             split: frozenset = frozenset()) -> Target | None:
     """Checkpoint tensor name -> Target (for rank `rank` of `world`: its parameter slice and the checkpoint rows
-    it reads, given the tensor's full `shape`), or None for tensors we deliberately skip. split: modules whose
-    checkpoint pieces load whole into their own Linears: our fused projections built as ProjectionGroups, and
-    Fp8Experts."""
+    it reads, given the tensor's full `shape`), or None for tensors we deliberately skip (under expert parallelism
+    also other ranks' per-expert tensors, never read). split: modules whose checkpoint pieces load whole into their
+    own Linears: our fused projections built as ProjectionGroups, and Fp8Experts."""
     name = strip_name(name, cfg)
     if name is None:
         return None
     local = shard_config(cfg, world)
+    if local.expert_shards > 1:
+        name = _local_expert(name, local, rank)
+        if name is None:
+            return None
     for pattern, make in RULES:
         m = pattern.match(name)
         if m:
@@ -204,7 +210,29 @@ def resolve(name: str, cfg: ModelConfig, shape=None, rank: int = 0, world: int =
         return target
     if ROW_PARALLEL_BIAS.search(name) and rank > 0:
         return dataclasses.replace(target, transform=torch.zeros_like)
+    if local.expert_shards > 1 and EXPERT_TENSOR.match(name):  # whole experts: a per-expert tensor is read whole
+        return dataclasses.replace(target, source=(0, [expert_range(local, rank)]) if PACKED_EXPERTS.match(name)
+                                   else None)
     return dataclasses.replace(target, source=_source(name, cfg, shape, rank, world))
+
+
+# ---------------------------------------------------------------- expert parallelism: whole experts per rank
+EXPERT_TENSOR = re.compile(r"^layers\.\d+\.mlp\.experts\.")
+PACKED_EXPERTS = re.compile(r"^layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")  # [E, ...]: rows on dim 0
+PER_EXPERT = re.compile(r"^(?P<base>layers\.\d+\.mlp\.experts\.)(?P<e>\d+)(?P<rest>\..+)$")
+
+
+def _local_expert(name: str, local: ModelConfig, rank: int) -> str | None:
+    """Under expert parallelism: a per-expert tensor of expert E -> the same name with the rank's local index of E,
+    or None (skipped unread) when another rank holds E. An E past num_experts keeps its name (reported as unused)."""
+    m = PER_EXPERT.match(name)
+    if m is None:
+        return name
+    e = int(m["e"])
+    start, stop = expert_range(local, rank)
+    if start <= e < stop:
+        return f"{m['base']}{e - start}{m['rest']}"
+    return None if e < local.num_experts else name
 
 
 def unfuse(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:

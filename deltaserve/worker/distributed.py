@@ -114,17 +114,28 @@ def _shape(tensor) -> list[int]:
 
 
 def shard_config(cfg: ModelConfig, world: int) -> ModelConfig:
-    """The shapes one of `world` ranks holds: its attention, GDN and KV heads and its MLP / expert columns
-    (vocab_size stays whole: the embedding and lm_head hold the rows of vocab_range)."""
+    """The shapes one of `world` ranks holds: its attention, GDN and KV heads and its MLP / expert columns, or under
+    expert parallelism its whole experts (expert_shards = world; num_experts stays the router's E). vocab_size stays
+    whole: the embedding and lm_head hold the rows of vocab_range."""
     if world == 1:
         return cfg
+    ep = cfg.expert_parallel and cfg.is_moe
     return dataclasses.replace(
         cfg, num_attention_heads=cfg.num_attention_heads // world,
         num_key_value_heads=max(1, cfg.num_key_value_heads // world),
         linear_num_key_heads=cfg.linear_num_key_heads // world,
         linear_num_value_heads=cfg.linear_num_value_heads // world,
-        intermediate_size=cfg.intermediate_size // world, moe_intermediate_size=cfg.moe_intermediate_size // world,
-        shared_expert_intermediate_size=cfg.shared_expert_intermediate_size // world)
+        intermediate_size=cfg.intermediate_size // world,
+        moe_intermediate_size=cfg.moe_intermediate_size if ep else cfg.moe_intermediate_size // world,
+        expert_shards=world if ep else 1, shared_expert_intermediate_size=cfg.shared_expert_intermediate_size // world)
+
+
+def expert_range(cfg: ModelConfig, rank: int) -> tuple[int, int]:
+    """The router ids [start, stop) of the experts rank `rank` holds (cfg: its shard_config): all of them, or under
+    expert parallelism its num_local_experts consecutive ones."""
+    if cfg.expert_shards == 1:
+        return 0, cfg.num_experts
+    return split_range(cfg.num_experts, rank, cfg.expert_shards)
 
 
 # ---------------------------------------------------------------- up-front checks
@@ -138,8 +149,10 @@ def _divides(field: str, value: int, world: int) -> str | None:
 def _tp_problems(cfg: ModelConfig, world: int) -> list[str]:
     fields = [("num_attention_heads", cfg.num_attention_heads), ("linear_num_key_heads", cfg.linear_num_key_heads),
               ("linear_num_value_heads", cfg.linear_num_value_heads)]
-    fields += ([("moe_intermediate_size", cfg.moe_intermediate_size),
-                ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size)] if cfg.is_moe
+    # expert parallel: whole experts per rank, each expert's columns stay whole
+    experts = ("num_experts", cfg.num_experts) if cfg.expert_parallel else \
+        ("moe_intermediate_size", cfg.moe_intermediate_size)
+    fields += ([experts, ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size)] if cfg.is_moe
                else [("intermediate_size", cfg.intermediate_size)])
     problems = [p for f, v in fields if (p := _divides(f, v, world))]
     hkv = cfg.num_key_value_heads
@@ -305,4 +318,4 @@ def worker_pids_alive(pids: list[int]) -> list[int]:
 
 __all__ = ["TPGroup", "SINGLE", "TPWorkers", "check_tp_size", "shard_config", "shard", "split_range", "segments",
            "kv_head_range", "vocab_range", "read_ranges", "init_group", "rank_device", "valid_tp_sizes",
-           "worker_pids_alive"]
+           "worker_pids_alive", "expert_range"]

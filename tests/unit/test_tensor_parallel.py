@@ -198,11 +198,11 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=2, logpro
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, n=2, seed=7, max_tokens=6, logprobs=0, ignore_eos=True)
 
 
-def _run(path: str, tp: int) -> list:
+def _run(path: str, tp: int, **kw) -> list:
     """Greedy with prompt logprobs, and seeded n=2 sampling (a fork copies state on every rank); a small token
-    budget mixes prefill chunks with decodes."""
+    budget mixes prefill chunks with decodes. kw: more LLM arguments."""
     llm = LLM(path, device="cpu", dtype="float32", max_model_len=128, max_num_batched_tokens=16,
-              tensor_parallel_size=tp)
+              tensor_parallel_size=tp, **kw)
     try:
         return llm.generate(PROMPTS, [GREEDY, GREEDY, SAMPLED], use_tqdm=False)
     finally:
@@ -213,7 +213,11 @@ def _run(path: str, tp: int) -> list:
                          ids=["dense-tp2", "moe-tp2", "kv1-tp2-kv-replicated", "wide-tp4-kv-replicated",
                               "tied-odd-vocab-tp2"])
 def test_tp_equals_tp1(ckpts, name, tp):
-    ref, out = _run(ckpts[name], 1), _run(ckpts[name], tp)
+    assert_same_outputs(name, _run(ckpts[name], 1), _run(ckpts[name], tp))
+
+
+def assert_same_outputs(name: str, ref: list, out: list) -> None:
+    """_run's outputs: prompt logprobs within LOGPROB_ATOL, identical completions."""
     for i, (r, o) in enumerate(zip(ref, out)):
         assert_close_logprobs(f"{name}[{i}].prompt_logprobs", r.prompt_logprobs, o.prompt_logprobs)
         assert len(o.outputs) == len(r.outputs)

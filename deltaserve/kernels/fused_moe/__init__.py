@@ -7,7 +7,9 @@ CUDA, int4 experts (`fused_moe_int4`): the Triton fused MoE with the dequant in 
 (T·k <= decode.DECODE_MAX_PAIRS) run as per-pair int4 GEMVs instead (decode.py), and up to
 triton.TRITON_ALIGN_MAX_PAIRS pairs the sort / align is one Triton launch (align_triton.py).
 Both CUDA paths are free of host syncs, so MoE layers are captured in CUDA graphs. triton.py is imported lazily
-(importing deltaserve must not import triton, see kernels/paged_attention)."""
+(importing deltaserve must not import triton, see kernels/paged_attention).
+Expert parallelism: a topk id of -1 marks a pair whose expert another rank holds; every path (reference, grouped
+GEMM, Triton GEMMs and decode GEMVs) skips it: no GEMM row or GEMV work is spent on it and it adds nothing."""
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +49,8 @@ def fused_moe_int4(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights,
 
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
-    """x: [T, H]; gate_up: [E, 2I, H]; down: [E, H, I]; topk_weights: [T, k] fp32; topk_ids: [T, k] -> [T, H]."""
+    """x: [T, H]; gate_up: [E, 2I, H]; down: [E, H, I]; topk_weights: [T, k] fp32; topk_ids: [T, k] (-1: expert held
+    by another rank, skipped) -> [T, H]."""
     if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
         return _grouped_moe(x, gate_up, down, topk_weights, topk_ids)
     return fused_moe_reference(x, gate_up, down, topk_weights, topk_ids)
@@ -55,15 +58,19 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_w
 
 def _grouped_moe(x, gate_up, down, topk_weights, topk_ids) -> torch.Tensor:
     t, k = topk_ids.shape
+    e = gate_up.shape[0]
     flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    # -1 (expert on another rank) -> bucket e: sorted after every expert, past offs[-1], so no group's GEMM reaches
+    # those rows; whatever they hold is added into a spare output row t that is dropped
+    key = torch.where(flat < 0, e, flat)
+    order = torch.argsort(key, stable=True)
     # counts by scatter_add, not bincount: CUDA bincount reads its max back to the host, which a graph cannot hold
-    counts = torch.zeros(gate_up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat))
-    offs = torch.cumsum(counts, 0).to(torch.int32)
+    counts = torch.zeros(e + 1, dtype=torch.int64, device=x.device).scatter_add_(0, key, torch.ones_like(key))
+    offs = torch.cumsum(counts[:e], 0).to(torch.int32)
     token = order // k
     h = torch._grouped_mm(x[token], gate_up.transpose(-2, -1), offs=offs)  # [T*k, 2I]
     gate, up = h.chunk(2, dim=-1)
     y = torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)  # [T*k, H]
     y = y * topk_weights.to(x.dtype).reshape(-1)[order, None]
-    return torch.zeros_like(x).index_add_(0, token, y)
+    dest = torch.where(key[order] < e, token, t)
+    return x.new_zeros(t + 1, x.shape[1]).index_add_(0, dest, y)[:t]

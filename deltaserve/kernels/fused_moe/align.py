@@ -22,21 +22,25 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlignment:
-    """topk_ids: [T, k] int (expert of each pair) -> the sorted, padded row order the fused MoE kernels walk.
+    """topk_ids: [T, k] int (expert of each pair; -1: held by another rank, given no row) -> the sorted, padded row
+    order the fused MoE kernels walk.
 
     Expert e's pairs fill rows starts[e] .. starts[e] + count[e] in pair order (stable), its run padded to a multiple
     of block_m; tile i (rows i·block_m ..) belongs to one expert."""
     flat = topk_ids.reshape(-1).to(torch.int64)
     m, dev = flat.numel(), flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
+    key = torch.where(flat < 0, num_experts, flat)  # -1 -> bucket E: sorted last, its pairs written to a spare row
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
-    order = torch.argsort(flat, stable=True)
-    e_sorted = flat[order]
+    order = torch.argsort(key, stable=True)
+    e_sorted = key[order]
     rank = torch.arange(m, device=dev) - (counts.cumsum(0) - counts)[e_sorted]  # position within its expert
     rows = max_padded_rows(m, num_experts, block_m)
-    sorted_ids = torch.full((rows,), m, dtype=torch.int32, device=dev)
-    sorted_ids.scatter_(0, (ends - padded)[e_sorted] + rank, order.to(torch.int32))
+    sorted_ids = torch.full((rows + 1,), m, dtype=torch.int32, device=dev)
+    starts = torch.cat([ends - padded, ends.new_full((1,), rows)])  # bucket E starts at the spare row
+    sorted_ids.scatter_(0, (starts[e_sorted] + rank).clamp_(max=rows), order.to(torch.int32))
+    sorted_ids = sorted_ids[:rows]
     tile_start = torch.arange(0, rows, block_m, device=dev)
     expert_ids = torch.searchsorted(ends, tile_start, right=True).clamp_(max=num_experts - 1).to(torch.int32)
     return MoeAlignment(sorted_ids, expert_ids, ends[-1:].to(torch.int32), m, block_m)

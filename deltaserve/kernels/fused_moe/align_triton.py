@@ -17,7 +17,8 @@ from .align import MoeAlignment, max_padded_rows
 @triton.jit
 def _moe_align_kernel(topk_ids, sorted_ids, expert_ids, num_post_pad, M, E, ROWS,
                       BM: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
-    """topk_ids [M] int -> sorted_ids [ROWS] int32, expert_ids [ROWS / BM] int32, num_post_pad [1] int32."""
+    """topk_ids [M] int (-1: another rank's expert, counted nowhere, given no row) -> sorted_ids [ROWS] int32,
+    expert_ids [ROWS / BM] int32, num_post_pad [1] int32."""
     o_e = tl.arange(0, E_PAD)
     o_j = tl.arange(0, CHUNK)
     b_cnt = tl.zeros([E_PAD], dtype=tl.int32)
@@ -34,7 +35,7 @@ def _moe_align_kernel(topk_ids, sorted_ids, expert_ids, num_post_pad, M, E, ROWS
         b_hot = (b_id[:, None] == o_e[None, :]).to(tl.int32)  # [CHUNK, E_PAD]
         b_before = tl.cumsum(b_hot, axis=0) - b_hot + b_seen[None, :]  # same-expert pairs before each pair
         b_row = tl.sum(b_hot * (b_start[None, :] + b_before), axis=1)
-        tl.store(sorted_ids + b_row, o_i.to(tl.int32), mask=o_i < M)
+        tl.store(sorted_ids + b_row, o_i.to(tl.int32), mask=(o_i < M) & (b_id >= 0))  # -1: another rank's expert
         b_seen += tl.sum(b_hot, axis=0)
     b_used = tl.sum(b_pad, axis=0)
     tl.store(num_post_pad, b_used)

@@ -3,7 +3,7 @@
 Each (token, expert) pair is its own GEMV over its expert's weight (int4_gemm.triton.int4_gemv_rows: packed-column
 tiles, split-K partials in fp32), so the weight stream is spread over (column tiles x K splits x pairs) programs
 whatever the routing. Launches: GEMM1 gate|up -> _silu_mul_kernel (sums the K splits, silu(gate) · up in fp32,
-rounded to x's dtype as the grouped path rounds its activation) -> GEMM2 down -> _combine_kernel (sums the K splits
+rounded to x's dtype as the grouped path rounds its activation) -> GEMM2 down -> combine_kernel (sums the K splits
 and the k pairs of each token, times the routing weights, one rounding). All sums run in a fixed order:
 deterministic. A pair re-reads its expert even when another pair of the batch uses it too, so past a few tokens
 the sorted grouped GEMM (triton.py) wins: the dispatch uses this up to DECODE_MAX_PAIRS pairs.
@@ -17,9 +17,12 @@ from .reference import ExpertWeights
 
 
 @triton.jit
-def _silu_mul_kernel(part, act, S, M, INTER, BLOCK: tl.constexpr):
-    """part [S, M, 2·INTER] fp32 -> act [M, INTER] = silu(gate) · up of the split sums. Program (i_r, i_b)."""
+def _silu_mul_kernel(part, act, ids, S, M, INTER, BLOCK: tl.constexpr):
+    """part [S, M, 2·INTER] fp32, ids [M] -> act [M, INTER] = silu(gate) · up of the split sums (rows of pairs with
+    id -1, another rank's expert, are not written). Program (i_r, i_b)."""
     i_r, i_b = tl.program_id(0), tl.program_id(1)
+    if tl.load(ids + i_r) < 0:
+        return
     o_i = i_b * BLOCK + tl.arange(0, BLOCK)
     m_i = o_i < INTER
     b_gate = tl.zeros([BLOCK], dtype=tl.float32)
@@ -33,19 +36,24 @@ def _silu_mul_kernel(part, act, S, M, INTER, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _combine_kernel(part, weights, out, S, M, H, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
-    """part [S, M = T·TOP_K, H] fp32, weights [M] fp32 -> out[t] = sum_j weights[t·k + j] · sum_s part[s, t·k + j].
-    Program (i_t, i_b)."""
+def combine_kernel(part, weights, ids, out, S, M, H, TOP_K: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """part [S, M = T·TOP_K, H] (fp32 split partials, or S = 1 rows in any dtype), weights [M] fp32, ids [M] ->
+    out[t] = sum_j weights[t·k + j] · sum_s part[s, t·k + j] in fp32 (MUL_WEIGHT=False: no weights), one rounding.
+    Pairs with id -1 (another rank's expert) are skipped: their part rows are never read. Program (i_t, i_b)."""
     i_t, i_b = tl.program_id(0), tl.program_id(1)
     o_h = i_b * BLOCK + tl.arange(0, BLOCK)
     m_h = o_h < H
     b_out = tl.zeros([BLOCK], dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         i_r = i_t * TOP_K + j
+        m_r = m_h & (tl.load(ids + i_r) + tl.zeros([BLOCK], dtype=tl.int32) >= 0)  # a [BLOCK] mask, not a scalar
         b_row = tl.zeros([BLOCK], dtype=tl.float32)
         for i_s in range(S):
-            b_row += tl.load(part + (i_s * M + i_r).to(tl.int64) * H + o_h, mask=m_h, other=0.0)
-        b_out += tl.load(weights + i_r) * b_row
+            b_row += tl.load(part + (i_s * M + i_r).to(tl.int64) * H + o_h, mask=m_r, other=0.0).to(tl.float32)
+        if MUL_WEIGHT:
+            b_row *= tl.load(weights + i_r)
+        b_out += b_row
     tl.store(out + i_t.to(tl.int64) * H + o_h, b_out.to(out.dtype.element_ty), mask=m_h)
 
 
@@ -55,20 +63,22 @@ DECODE_MAX_PAIRS = 128  # T · k up to this: per-pair GEMVs (T <= 16 at top-8); 
 def fused_moe_int4_decode(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,
                           topk_ids: torch.Tensor) -> torch.Tensor:
     """x: [T, H]; gate_up / down: int4 ExpertWeights (gate_up N = 2I, first I columns gate; down N = H, K = I);
-    topk_weights [T, k] fp32; topk_ids [T, k] -> [T, H] in x's dtype. Shapes are checked by the caller
+    topk_weights [T, k] fp32; topk_ids [T, k] (-1: another rank's expert: its GEMV programs exit at once, nothing
+    is added for it) -> [T, H] in x's dtype. Shapes are checked by the caller
     (triton.check_moe_shapes)."""
     t, h = x.shape
     top_k = topk_ids.shape[1]
     inter = down.dims()[1]
-    ids = topk_ids.reshape(-1)
+    ids = topk_ids.reshape(-1).contiguous()
     part1 = int4_gemv_rows(x, gate_up.qweight, gate_up.qzeros, gate_up.scales, gate_up.group_size, ids, top_k)
     act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     if t == 0:
         return out
-    _silu_mul_kernel[(t * top_k, triton.cdiv(inter, 512))](part1, act, part1.shape[0], t * top_k, inter, BLOCK=512)
+    _silu_mul_kernel[(t * top_k, triton.cdiv(inter, 512))](part1, act, ids, part1.shape[0], t * top_k, inter,
+                                                            BLOCK=512)
     part2 = int4_gemv_rows(act, down.qweight, down.qzeros, down.scales, down.group_size, ids, 1)
     weights = topk_weights.reshape(-1).float().contiguous()
-    _combine_kernel[(t, triton.cdiv(h, 1024))](part2, weights, out, part2.shape[0], t * top_k, h, TOP_K=top_k,
-                                                BLOCK=1024)
+    combine_kernel[(t, triton.cdiv(h, 1024))](part2, weights, ids, out, part2.shape[0], t * top_k, h, TOP_K=top_k,
+                                               MUL_WEIGHT=True, BLOCK=1024)
     return out

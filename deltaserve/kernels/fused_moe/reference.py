@@ -20,14 +20,15 @@ def fused_moe(
     x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
     """x: [T, H]; gate_up: [E, 2I, H] (first I rows gate); down: [E, H, I]; topk_weights: [T, k] fp32;
-    topk_ids: [T, k] int64 -> [T, H] in x's dtype: sum over the k experts of w · down(silu(gate) · up)."""
+    topk_ids: [T, k] int64, -1 for a pair whose expert this rank does not hold (expert parallelism: skipped)
+    -> [T, H] in x's dtype: sum over the token's k experts (those held) of w · down(silu(gate) · up)."""
     out = torch.zeros_like(x)
     weights = topk_weights.to(x.dtype)  # HF applies the routing weight in the model dtype
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()
-    start = 0
-    for e, n in enumerate(counts):
+    counts = torch.bincount(flat_ids + 1, minlength=gate_up.shape[0] + 1).tolist()
+    start = counts[0]  # the -1 pairs sort first
+    for e, n in enumerate(counts[1:]):
         if n == 0:
             continue
         rows = order[start : start + n]

@@ -3,8 +3,10 @@ dequantized inside the K loop) or 16-bit (INT4=False: the same kernel reads [E, 
 
 GEMM1: rows gather token sorted_ids // k of x, multiply by expert e's gate and up halves (two accumulators) and
 write silu(gate) · up for the pair ([T·k, I], x's dtype). GEMM2: rows gather those pairs, multiply by e's down
-projection, scale by the routing weight and write [T·k, H]; torch sums the k rows of each token (fp32). Padding rows
-(sorted id == T·k) load zeros and store nothing; tiles past num_tokens_post_pad return at once. Accumulation and the
+projection, scale by the routing weight and write [T·k, H]; decode.combine_kernel sums the k rows of each token
+(fp32). Padding rows (sorted id == T·k) load zeros and store nothing; tiles past num_tokens_post_pad return at once.
+Pairs with expert -1 (another rank's, expert parallelism) get no row from the align, so neither GEMM touches them,
+and the combine skips their (unwritten) rows. Accumulation and the
 epilogues are fp32. No host syncs (grid sizes depend on T, k and E only), so CUDA graphs capture it.
 Decode-sized int4 batches skip all of this for per-pair GEMVs (decode.py); see fused_moe_triton's switches.
 """
@@ -15,7 +17,7 @@ import triton.language as tl
 from ..int4_gemm.triton import dequant_awq_tile, dot_precision
 from .align import MoeAlignment, moe_align
 from .align_triton import moe_align_triton
-from .decode import DECODE_MAX_PAIRS, fused_moe_int4_decode
+from .decode import DECODE_MAX_PAIRS, combine_kernel, fused_moe_int4_decode
 from .reference import ExpertWeights
 
 
@@ -126,7 +128,8 @@ def fused_moe_triton(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeight
                      topk_ids: torch.Tensor, block_m: int | None = None, decode_gemv: bool | None = None,
                      triton_align: bool | None = None, gemm1_block_n: int = 64) -> torch.Tensor:
     """x: [T, H]; gate_up: N = 2I (first I columns gate), K = H; down: N = H, K = I (I % 8 == 0); topk_weights [T, k] fp32;
-    topk_ids [T, k] -> [T, H] in x's dtype: sum over the k experts of w · down(silu(gate) · up).
+    topk_ids [T, k] (-1: another rank's expert, skipped) -> [T, H] in x's dtype: sum over the k experts of
+    w · down(silu(gate) · up).
     block_m / decode_gemv / triton_align / gemm1_block_n: override the path choice (tests, benchmarks); an explicit
     block_m means the grouped GEMM."""
     check_moe_shapes(x, gate_up, down, topk_weights, topk_ids)
@@ -148,4 +151,8 @@ def fused_moe_triton(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeight
     _gemm(x, gate_up, act, al, x, k2, top_k, True, gemm1_block_n)  # x: a placeholder, GEMM1 applies no weight
     y = torch.empty(t * top_k, h, dtype=x.dtype, device=x.device)
     _gemm(act, down, y, al, topk_weights.reshape(-1).float().contiguous(), h, 1, False, 128 if block_m > 16 else 64)
-    return y.view(t, top_k, h).sum(1, dtype=torch.float32).to(x.dtype)
+    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
+    if t:
+        combine_kernel[(t, triton.cdiv(h, 1024))](y, y, topk_ids.reshape(-1).contiguous(), out, 1, t * top_k, h,
+                                                  TOP_K=top_k, MUL_WEIGHT=False, BLOCK=1024)  # y: no weights
+    return out

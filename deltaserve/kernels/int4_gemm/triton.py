@@ -217,11 +217,14 @@ def _int4_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, T, NP, K, 
                       INDEXED: tl.constexpr):
     """Program (i_c, i_s[, i_r]): packed columns i_c·BNP.. (NP = N/8 in all), K range i_s·K_PER_SPLIT.. -> out[i_s].
     INDEXED (the MoE decode, T = 1 per row): program axis 2 is output row i_r, which multiplies x row
-    i_r // X_ROW_DIV by the weight of expert expert_of_row[i_r] ([E] leading, strides stride_qe / _ze / _se)."""
+    i_r // X_ROW_DIV by the weight of expert expert_of_row[i_r] ([E] leading, strides stride_qe / _ze / _se);
+    expert -1 (held by another rank) writes nothing."""
     i_c, i_s = tl.program_id(0), tl.program_id(1)
     if INDEXED:
         i_r = tl.program_id(2)
         i_e = tl.load(expert_of_row + i_r).to(tl.int64)
+        if i_e < 0:
+            return
         qweight += i_e * stride_qe
         qzeros += i_e * stride_ze
         scales += i_e * stride_se
@@ -334,7 +337,8 @@ def int4_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                    config: GemvPlan | None = None) -> torch.Tensor:
     """Independent GEMVs on per-row experts (the MoE decode): row r = x[r // x_row_div] times expert
     expert_of_row[r]'s weight. x: [X, K]; qweight [E, K, N/8] int32; qzeros [E, K/G, N/8]; scales [E, K/G, N];
-    expert_of_row: [R] int -> fp32 split-K partials [S, R, N] (the caller sums S in its epilogue)."""
+    expert_of_row: [R] int (-1: a row left unwritten) -> fp32 split-K partials [S, R, N] (the caller sums S in its
+    epilogue)."""
     if qweight.dim() != 3 or qzeros.dim() != 3 or scales.dim() != 3 or expert_of_row.dim() != 1:
         raise ValueError(f"expert weights must be [E, ...] stacks and expert_of_row [R], got qweight "
                          f"{tuple(qweight.shape)}, expert_of_row {tuple(expert_of_row.shape)}")
