@@ -14,6 +14,7 @@ import torch
 
 from .config import ModelConfig, QuantConfig
 from .kernels.paged_attention import check_kv_cache_dtype
+from .layers.fp8 import use_fp8_kernels
 from .layers.linear import use_int4_kernels
 from .models.formats import AWQ_MIXED_16BIT, awq_formats
 from .models.weights import WeightsError, build_model, checkpoint_files, load_weights, read_formats
@@ -63,6 +64,7 @@ class RankSpec:
             load_weights(model, cfg, self.weights_dir, progress=tp.rank == 0, rank=tp.rank, world=tp.world)
         if device.type == "cuda":
             use_int4_kernels(model)  # compressed-tensors int4 -> the kernels' AWQ layout, once
+            use_fp8_kernels(model)  # FP8 experts: gate and up stacked for the fused MoE, once
         on_loaded()
         state_dtype = DTYPES[cfg.state_dtype]
         max_len = self.max_model_len or cfg.max_position_embeddings

@@ -6,7 +6,8 @@ block. Experts store the same per expert. A module is FP8 when its checkpoint `w
 models/formats.py); routers, gates, norms, embeddings and lm_head stay 16-bit.
 
 `Fp8Linear.forward` runs kernels/fp8_gemm (Triton W8A8 / weight-only GEMM on CUDA, dequantize + F.linear
-elsewhere). `Fp8Experts.dense` dequantizes every expert for the MoE dispatch (an FP8 fused MoE is later work).
+elsewhere). `Fp8Experts` runs the Triton fused MoE on CUDA (kernels/fused_moe, dequantizing inside its K loop) and
+dequantizes every expert for the reference MoE elsewhere.
 """
 from __future__ import annotations
 
@@ -74,25 +75,56 @@ class Fp8Linear(nn.Module):
 class Fp8Experts(nn.Module):
     """All experts of one MoE layer in block FP8, one Fp8Linear [E, ...] per checkpoint projection.
 
-    gate and up stay separate (not one [gate | up] stack as for 16-bit / int4): a 128-row scale block would
-    straddle the two when moe_intermediate_size is not a multiple of 128. `dense(dtype)` has the interface of
-    layers.moe.Experts / layers.linear.QuantExperts."""
+    gate and up load separately, as the checkpoint stores them. On CUDA `to_kernel_layout` then stacks them into one
+    `gate_up` [E, 2I, H] for the fused MoE, which dequantizes inside its K loop; where I is not a whole number of
+    128-row scale blocks a block would straddle gate and up, so they stay apart and every expert is dequantized to
+    16-bit per forward (as on CPU). `dense(dtype)` has the interface of layers.moe.Experts /
+    layers.linear.QuantExperts."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, block: tuple[int, int]):
         super().__init__()
         self.gate_proj = Fp8Linear(hidden_size, intermediate_size, block, num_experts)
         self.up_proj = Fp8Linear(hidden_size, intermediate_size, block, num_experts)
         self.down_proj = Fp8Linear(intermediate_size, hidden_size, block, num_experts)
+        self.gate_up: Fp8Linear | None = None  # the stacked [gate | up] of to_kernel_layout (replaces the two)
+
+    def to_kernel_layout(self) -> None:
+        """Once, after loading: stack gate and up (weights and scales) when I is a multiple of the scale block."""
+        gate, up = self.gate_proj, self.up_proj
+        if self.gate_up is not None or gate.out_features % gate.block[0]:
+            return
+        e = gate.weight.shape[0]
+        with torch.device("meta"):  # parameters replaced below: allocate nothing twice
+            stacked = Fp8Linear(gate.in_features, 2 * gate.out_features, gate.block, e)
+        for name in FP8_SUFFIXES:
+            both = torch.cat([getattr(gate, name).data, getattr(up, name).data], dim=1)
+            setattr(stacked, name, nn.Parameter(both, requires_grad=False))
+        del self.gate_proj, self.up_proj
+        self.gate_up = stacked
 
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (gate_up [E, 2I, H], down [E, H, I]) in dtype."""
+        if self.gate_up is not None:
+            return self.gate_up.dequant(dtype), self.down_proj.dequant(dtype)
         gate_up = torch.cat([self.gate_proj.dequant(dtype), self.up_proj.dequant(dtype)], dim=1)
         return gate_up, self.down_proj.dequant(dtype)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """x: [T, H]; topk_weights [T, k] fp32; topk_ids [T, k] -> [T, H]. Every expert dequantized to x's dtype,
-        then the 16-bit MoE (an FP8 fused MoE that dequantizes in its main loop is later work)."""
-        from ..kernels.fused_moe import fused_moe
+        """x: [T, H]; topk_weights [T, k] fp32; topk_ids [T, k] -> [T, H]."""
+        from ..kernels.fused_moe import ExpertWeights, fused_moe, fused_moe_fp8
 
+        if self.gate_up is not None:
+            gu, dn = self.gate_up, self.down_proj
+            return fused_moe_fp8(x, ExpertWeights(weight=gu.weight, scale_inv=gu.weight_scale_inv, block=gu.block),
+                                 ExpertWeights(weight=dn.weight, scale_inv=dn.weight_scale_inv, block=dn.block),
+                                 topk_weights, topk_ids)
         gate_up, down = self.dense(x.dtype)
         return fused_moe(x, gate_up, down, topk_weights, topk_ids)
+
+
+def use_fp8_kernels(model: nn.Module) -> None:
+    """Put every Fp8Experts of a loaded model in the fused MoE's layout (Fp8Experts.to_kernel_layout); CUDA only:
+    the CPU reference dequantizes the checkpoint's layout as loaded."""
+    for m in model.modules():
+        if isinstance(m, Fp8Experts):
+            m.to_kernel_layout()

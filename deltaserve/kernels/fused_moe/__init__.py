@@ -6,7 +6,8 @@ the bf16 path until benchmarks/kernels/bench_int4.py shows the Triton one faster
 CUDA, int4 experts (`fused_moe_int4`): the Triton fused MoE with the dequant in its main loop; decode-sized batches
 (T·k <= decode.DECODE_MAX_PAIRS) run as per-pair int4 GEMVs instead (decode.py), and up to
 triton.TRITON_ALIGN_MAX_PAIRS pairs the sort / align is one Triton launch (align_triton.py).
-Both CUDA paths are free of host syncs, so MoE layers are captured in CUDA graphs. triton.py is imported lazily
+CUDA, block-FP8 experts (`fused_moe_fp8`): the same Triton fused MoE, each K tile times its block scale in the loop.
+All CUDA paths are free of host syncs, so MoE layers are captured in CUDA graphs. triton.py is imported lazily
 (importing deltaserve must not import triton, see kernels/paged_attention).
 Expert parallelism: a topk id of -1 marks a pair whose expert another rank holds; every path (reference, grouped
 GEMM, Triton GEMMs and decode GEMVs) skips it: no GEMM row or GEMV work is spent on it and it adds nothing."""
@@ -19,6 +20,7 @@ from .reference import fused_moe as fused_moe_reference
 __all__ = [
     "ExpertWeights",
     "fused_moe",
+    "fused_moe_fp8",
     "fused_moe_int4",
     "fused_moe_reference",
     "fused_moe_triton",
@@ -41,6 +43,20 @@ def fused_moe_int4(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights,
     elsewhere every expert dequantized, then the reference loop."""
     groups_ok = all(g >= 16 and g & (g - 1) == 0 for g in (gate_up.group_size, down.group_size))
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and groups_ok and down.dims()[1] % 8 == 0:
+        from .triton import fused_moe_triton
+
+        return fused_moe_triton(x, gate_up, down, topk_weights, topk_ids)
+    return fused_moe_experts(x, gate_up, down, topk_weights, topk_ids)
+
+
+def fused_moe_fp8(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """x: [T, H]; gate_up / down: block-FP8 ExpertWeights (gate_up one [E, 2I, H] stack, I a whole number of scale
+    blocks); topk_weights [T, k] fp32; topk_ids [T, k] -> [T, H] in x's dtype. CUDA fp16/bf16 with K and the scale
+    blocks' K in multiples of 16: the Triton fused MoE, dequantizing inside its K loop; elsewhere every expert
+    dequantized, then the reference loop."""
+    tiles_ok = all(w.dims()[1] % 16 == 0 and w.block[1] % 16 == 0 for w in (gate_up, down))
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and tiles_ok and down.dims()[1] % 8 == 0:
         from .triton import fused_moe_triton
 
         return fused_moe_triton(x, gate_up, down, topk_weights, topk_ids)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ...layers.quant import dequant_awq
+from ..fp8_gemm.reference import dequant_blocks
 
 
 def route_topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,16 +44,23 @@ def fused_moe(
 @dataclass(frozen=True)
 class ExpertWeights:
     """One expert projection of all E experts: int4 AWQ (qweight [E, K, N/8] int32, qzeros [E, K/G, N/8] int32,
-    scales [E, K/G, N]) or 16-bit (weight [E, N, K], the HF / F.linear layout)."""
+    scales [E, K/G, N]), block FP8 (weight [E, N, K] float8_e4m3fn with scale_inv [E, ceil(N/BN), ceil(K/BK)] fp32,
+    block (BN, BK)) or 16-bit (weight [E, N, K], the HF / F.linear layout)."""
     qweight: torch.Tensor | None = None
     qzeros: torch.Tensor | None = None
     scales: torch.Tensor | None = None
     group_size: int = 0
     weight: torch.Tensor | None = None
+    scale_inv: torch.Tensor | None = None  # FP8 only
+    block: tuple[int, int] = (0, 0)  # FP8 only: the scale block (rows of N, columns of K)
 
     @property
     def int4(self) -> bool:
         return self.weight is None
+
+    @property
+    def fp8(self) -> bool:
+        return self.scale_inv is not None
 
     def dims(self) -> tuple[int, int, int]:
         """-> (E, K, N) with N all output columns."""
@@ -61,9 +69,11 @@ class ExpertWeights:
         return self.weight.shape[0], self.weight.shape[2], self.weight.shape[1]
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """-> [E, N, K] in dtype (int4: dequantized, one rounding)."""
+        """-> [E, N, K] in dtype (int4, FP8: dequantized, one rounding)."""
         if self.int4:
             return dequant_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype)
+        if self.fp8:
+            return dequant_blocks(self.weight, self.scale_inv, self.block, dtype)
         return self.weight.to(dtype)
 
 

@@ -1,5 +1,6 @@
 """Triton fused MoE: two grouped GEMMs over the expert-sorted rows of align.moe_align, experts int4 (AWQ layout,
-dequantized inside the K loop) or 16-bit (INT4=False: the same kernel reads [E, N, K] weights).
+dequantized inside the K loop), block FP8 (FP8=True: [E, N, K] e4m3 times its block scale, dequantized inside the
+K loop, one K tile per scale block) or 16-bit (INT4=False: the same kernel reads [E, N, K] weights).
 
 GEMM1: rows gather token sorted_ids // k of x, multiply by expert e's gate and up halves (two accumulators) and
 write silu(gate) · up for the pair ([T·k, I], x's dtype). GEMM2: rows gather those pairs, multiply by e's down
@@ -22,24 +23,30 @@ from .reference import ExpertWeights
 
 
 @triton.jit
-def _weight_tile(p_w, p_z, p_s, o_k, n0, n_end, stride_wk, stride_wn, BK: tl.constexpr, BN: tl.constexpr,
-                 INT4: tl.constexpr, DTYPE: tl.constexpr):
-    """[BK, BN] tile of one expert's weight at rows o_k, columns n0.. (< n_end): int4 AWQ [K, N/8] or 16-bit [N, K]."""
+def _weight_tile(p_w, p_z, p_s, o_k, n0, n_end, stride_wk, stride_wn, stride_sn, BK: tl.constexpr, BN: tl.constexpr,
+                 INT4: tl.constexpr, FP8: tl.constexpr, SCALE_BN: tl.constexpr, DTYPE: tl.constexpr):
+    """[BK, BN] tile of one expert's weight at rows o_k, columns n0.. (< n_end): int4 AWQ [K, N/8], block FP8 [N, K]
+    (p_s: the scale column of this K block, one scale per SCALE_BN rows of N) or 16-bit [N, K]."""
     if INT4:
         return dequant_awq_tile(p_w, p_z, p_s, o_k, n0, n_end, stride_wk, BK, BN, DTYPE)
     else:
         o_n = n0 + tl.arange(0, BN)
-        b_w = tl.load(p_w + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk, mask=(o_n < n_end)[None, :],
-                      other=0.0)
-        return b_w.to(DTYPE)
+        m_n = o_n < n_end
+        b_w = tl.load(p_w + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk, mask=m_n[None, :], other=0.0)
+        if FP8:
+            b_s = tl.load(p_s + (o_n // SCALE_BN) * stride_sn, mask=m_n, other=0.0)
+            return (b_w.to(tl.float32) * b_s[None, :]).to(DTYPE)  # one rounding, as the reference's dequant
+        else:
+            return b_w.to(DTYPE)
 
 
 @triton.jit
 def _moe_gemm_kernel(a, w, w_zeros, w_scales, out, topk_weights, sorted_ids, expert_ids, num_post_pad,
                      N, K, num_pairs,
                      stride_am, stride_we, stride_wk, stride_wn, stride_ze, stride_zk, stride_se, stride_sk,
-                     stride_om,
-                     A_ROW_DIV: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr, GATED: tl.constexpr,
+                     stride_sn, stride_om,
+                     A_ROW_DIV: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr, FP8: tl.constexpr,
+                     SCALE_BN: tl.constexpr, GATED: tl.constexpr,
                      MUL_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     """Program (i_m, i_n): sorted rows i_m·BM.. (one expert), output columns i_n·BN.. (GATED: gate columns and the
@@ -60,11 +67,12 @@ def _moe_gemm_kernel(a, w, w_zeros, w_scales, out, topk_weights, sorted_ids, exp
             b_a = tl.load(a + o_a[:, None] * stride_am + o_k[None, :], mask=m_r[:, None], other=0.0)
             i_g = k0 // GROUP
             p_zg, p_sg = p_z + i_g * stride_zk, p_s + i_g * stride_sk
-            b_w = _weight_tile(p_w, p_zg, p_sg, o_k, n0, N, stride_wk, stride_wn, BK, BN, INT4, b_a.dtype)
+            b_w = _weight_tile(p_w, p_zg, p_sg, o_k, n0, N, stride_wk, stride_wn, stride_sn, BK, BN, INT4, FP8,
+                               SCALE_BN, b_a.dtype)
             b_acc += tl.dot(b_a, b_w, input_precision=DOT_PRECISION)
             if GATED:
-                b_wu = _weight_tile(p_w, p_zg, p_sg, o_k, N + n0, 2 * N, stride_wk, stride_wn, BK, BN, INT4,
-                                    b_a.dtype)
+                b_wu = _weight_tile(p_w, p_zg, p_sg, o_k, N + n0, 2 * N, stride_wk, stride_wn, stride_sn, BK, BN,
+                                    INT4, FP8, SCALE_BN, b_a.dtype)
                 b_up += tl.dot(b_a, b_wu, input_precision=DOT_PRECISION)
         if GATED:
             b_acc = b_acc / (1.0 + tl.exp(-b_acc)) * b_up  # silu(gate) · up
@@ -76,12 +84,14 @@ def _moe_gemm_kernel(a, w, w_zeros, w_scales, out, topk_weights, sorted_ids, exp
 
 
 def block_k_for(w: ExpertWeights, k: int, block_m: int) -> int:
+    """The K tile: within one quantization group (int4) or scale block (FP8), dividing K."""
+    group = w.group_size if w.int4 else (w.block[1] if w.fp8 else 0)
     if w.int4:
-        bk = min(w.group_size, 128 if block_m <= 16 else 64)
+        bk = min(group, 128 if block_m <= 16 else 64)
     else:
-        bk = next((b for b in (64, 32, 16) if k % b == 0), 0)
-    if not bk or k % bk or (w.int4 and (w.group_size < 16 or w.group_size % bk)):
-        raise ValueError(f"expert in-features {k} (group_size {w.group_size}) need a K tile of 16, 32 or 64 that "
+        bk = next((b for b in (64, 32, 16) if k % b == 0 and (not group or group % b == 0)), 0)
+    if not bk or k % bk or (group and (group < 16 or group % bk)):
+        raise ValueError(f"expert in-features {k} (group / scale block {group}) need a K tile of 16, 32 or 64 that "
                          f"divides both; this MoE must run on the grouped-GEMM / reference path")
     return bk
 
@@ -91,18 +101,24 @@ def _gemm(a, w: ExpertWeights, out, al: MoeAlignment, topk_weights, n: int, a_ro
     """out[pair] = a[pair // a_row_div] W_e (gated: silu(gate)·up; else times the pair's routing weight)."""
     _, k, _ = w.dims()
     bk = block_k_for(w, k, al.block_m)
+    stride_sn, group, scale_bn = 0, w.group_size or bk, 1
     if w.int4:
         tensors = (w.qweight, w.qzeros, w.scales)
         strides = (w.qweight.stride(0), w.qweight.stride(1), 0, w.qzeros.stride(0), w.qzeros.stride(1),
                    w.scales.stride(0), w.scales.stride(1))
+    elif w.fp8:  # zeros unused; the scales step one K block per `group` columns and one row per scale_bn rows
+        tensors = (w.weight, w.weight, w.scale_inv)
+        strides = (w.weight.stride(0), w.weight.stride(2), w.weight.stride(1), 0, 0, w.scale_inv.stride(0),
+                   w.scale_inv.stride(2))
+        stride_sn, (scale_bn, group) = w.scale_inv.stride(1), w.block
     else:  # zeros / scales unused: any tensor, zero strides
         tensors = (w.weight, w.weight, w.weight)
         strides = (w.weight.stride(0), w.weight.stride(2), w.weight.stride(1), 0, 0, 0, 0)
     grid = (al.sorted_ids.numel() // al.block_m, triton.cdiv(n, block_n))
     _moe_gemm_kernel[grid](a, *tensors, out, topk_weights, al.sorted_ids, al.expert_ids, al.num_tokens_post_pad,
-                           n, k, al.num_pairs, a.stride(0), *strides, out.stride(0),
-                           A_ROW_DIV=a_row_div, GROUP=w.group_size or bk, INT4=w.int4, GATED=gated,
-                           MUL_WEIGHT=not gated, BM=al.block_m, BN=block_n, BK=bk,
+                           n, k, al.num_pairs, a.stride(0), *strides, stride_sn, out.stride(0),
+                           A_ROW_DIV=a_row_div, GROUP=group, INT4=w.int4, FP8=w.fp8, SCALE_BN=scale_bn,
+                           GATED=gated, MUL_WEIGHT=not gated, BM=al.block_m, BN=block_n, BK=bk,
                            DOT_PRECISION=dot_precision(a.dtype), num_warps=4, num_stages=3)
 
 
