@@ -11,6 +11,7 @@ to the model dtype).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -22,12 +23,12 @@ from safetensors import safe_open
 from torch import nn
 
 from ..config import ModelConfig
-from ..layers.fp8 import Fp8Experts, Fp8Linear
+from ..layers.fp8 import Fp8Experts, Fp8Linear, scale_ranges, shard_block
 from ..layers.gated_deltanet import GatedDeltaNet
 from ..layers.linear import ProjectionGroup, QuantLinear
-from ..layers.quant import FORMATS, QUANT_SUFFIXES
+from ..layers.quant import FORMATS, QUANT_SUFFIXES, SPECS
 from ..worker.distributed import SINGLE, TPGroup, kv_head_range, read_ranges, segments, shard_config, vocab_range
-from .formats import FormatError, apply_formats, plan_formats
+from .formats import FormatError, apply_formats, linear_modules, plan_formats, tp_problems
 from .registry import model_class
 
 PREFIXES = ("model.language_model.", "model.")  # ConditionalGeneration, CausalLM
@@ -122,7 +123,9 @@ RULES: list[tuple[re.Pattern, Callable[[re.Match, ModelConfig, frozenset], Targe
 # ---------------------------------------------------------------- tensor parallelism: what each rank reads
 # Column-parallel tensors (and per-head vectors) are cut along their output rows, per segment where one tensor
 # stacks several (GDN [q | k | v] channels, packed experts' [gate | up]); row-parallel ones along their input
-# columns. Anything not listed (norms, router, shared_expert_gate, embedding) is replicated.
+# columns. Anything not listed (norms, router, shared_expert_gate, embedding) is replicated. A quantized Linear's
+# tensors are cut where its [out, in] weight is (weight_cut), in their own units: int4 tensors by TensorSpec.cut
+# (packed columns, groups), FP8 scales one checkpoint block per fine block of the shard (layers/fp8.scale_ranges).
 
 def _even(dim: int):
     return lambda cfg, shape, r, w: (dim, segments([shape[dim]], r, w))
@@ -154,10 +157,49 @@ ROW_PARALLEL_BIAS = re.compile(r"(o_proj|out_proj|down_proj)\.bias$")  # added o
 
 
 def _source(name: str, cfg: ModelConfig, shape, rank: int, world: int) -> tuple | None:
+    module, _, kind = name.rpartition(".")
+    if kind not in SPECS and kind != "weight_scale_inv":
+        return _rule_source(name, cfg, shape, rank, world)
+    cut = weight_cut(module, cfg, rank, world)
+    if cut is None:
+        return None
+    if kind == "weight_scale_inv":
+        dim, ranges = cut
+        return dim, scale_ranges(ranges, cfg.quantization.weight_block_size[dim])
+    return SPECS[kind].cut(*cut, cfg.quantization.group_size)
+
+
+def _rule_source(name: str, cfg: ModelConfig, shape, rank: int, world: int) -> tuple | None:
     for pattern, rows in SHARD_RULES:
         if pattern.search(name):
             return rows(cfg, shape, rank, world)
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    return {module: (out_f, in_f) for module, (in_f, out_f) in linear_modules(cfg).items()}
+
+
+def weight_cut(module: str, cfg: ModelConfig, rank: int, world: int) -> tuple[int, list[tuple[int, int]]] | None:
+    """Rank `rank`'s cut of decoder-layer Linear `module`'s [out, in] weight (checkpoint name, e.g.
+    `layers.3.self_attn.o_proj`; full shapes from cfg): (0 = output rows or 1 = input columns, the rank's ranges in
+    channels), or None where it is replicated (or not a Linear we know)."""
+    shape = _weight_shapes(cfg).get(module)
+    return None if shape is None else _rule_source(f"{module}.weight", cfg, shape, rank, world)
+
+
+def fp8_shard_blocks(cfg: ModelConfig, formats: dict[str, str], rank: int, world: int) -> dict[str, tuple[int, int]]:
+    """FP8 module -> the (BN, BK) rank `rank` holds it in: quantization_config.weight_block_size, refined along the
+    cut dim where a cut falls inside a scale block (layers/fp8.shard_block)."""
+    out: dict[str, tuple[int, int]] = {}
+    for module in (m for m, fmt in formats.items() if fmt == "fp8" and world > 1):
+        cut = weight_cut(module, cfg, rank, world)
+        if cut is not None:
+            block = list(cfg.quantization.weight_block_size)
+            block[cut[0]] = shard_block(cut[1], block[cut[0]])
+            out[module] = tuple(block)
+    return out
 
 
 def expected_parts(param: str, cfg: ModelConfig) -> tuple[str, ...]:
@@ -252,13 +294,14 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tp: 
                 formats: dict[str, str] | None = None) -> nn.Module:
     """Allocate the model (the shard of rank tp.rank: cfg is the full config) on `device` in `dtype` without
     initialising it (the loader fills every parameter). formats: from read_formats (None: every Linear 16-bit)."""
-    if formats and tp.world > 1:
-        raise WeightsError("quantized (int4 / FP8) checkpoints run with tensor_parallel_size=1 for now; "
-                           "drop --tp or use a 16-bit checkpoint")
+    problems = tp_problems(cfg, formats, tp.world) if formats and tp.world > 1 else []
+    if problems:  # LLM checks this before any process starts; here for callers that build a shard directly
+        raise WeightsError(problems[0])
     with torch.device("meta"):
         model = model_class(cfg)(cfg, tp)
         try:
-            apply_formats(model, cfg, formats or {})
+            apply_formats(model, shard_config(cfg, tp.world), formats or {},
+                          fp8_shard_blocks(cfg, formats or {}, tp.rank, tp.world))
         except FormatError as e:
             raise WeightsError(str(e)) from None
         model = model.to(dtype)
