@@ -241,10 +241,11 @@ def tp_problems(cfg: ModelConfig, formats: dict[str, str], world: int) -> list[s
     """The first reason (a one-item list, or none) `world` ranks cannot cut the int4 Linears of `formats`: every
     rank's range of each cut (GDN [q | k | v] segments, gate / up, kv heads: weights.weight_cut) must start and end
     on whole elements of every tensor of the format (8 packed channels, a quantization group). FP8 takes any cut:
-    the shard refines its scale blocks (layers/fp8.shard_block)."""
+    the shard refines its scale blocks (layers/fp8.shard_block). World 1 cuts nothing (a Linear the format cannot
+    hold at all is apply_formats' error, naming its tensor)."""
     from .weights import weight_cut
 
-    for module, fmt in formats.items():
+    for module, fmt in formats.items() if world > 1 else ():
         m = EXPERT.match(module)
         if fmt == "fp8" or (m and m["e"] != "0"):  # every expert is cut like expert 0
             continue
