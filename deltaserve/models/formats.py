@@ -11,6 +11,7 @@ int4 Linears: a shard must hold whole packed int32s and whole quantization group
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 
@@ -218,6 +219,12 @@ def linear_modules(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """linear_modules as the [out, in] shape of each weight (cached: TP cuts look every Linear up; do not mutate)."""
+    return {module: (out_f, in_f) for module, (in_f, out_f) in linear_modules(cfg).items()}
+
+
 def awq_formats(cfg: ModelConfig, keep_16bit: tuple[str, ...] = AWQ_MIXED_16BIT) -> dict[str, str]:
     """Module -> "awq" for every decoder-layer Linear not named by a suffix in `keep_16bit` (the dict plan_formats
     would read from such a checkpoint). cfg.quantization gives the group size; one that does not divide a quantized
@@ -260,8 +267,6 @@ def _cut_problem(cfg: ModelConfig, module: str, fmt: str, dim: int, ranges: list
                  world: int) -> str | None:
     """Why one rank's `ranges` (channels along dim 0 = out / 1 = in of the [out, in] weight) split an element of
     one of the format's tensors, or None."""
-    from .weights import _weight_shapes
-
     group = cfg.quantization.group_size
     for kind, spec in FORMATS[fmt].items():
         unit = spec.unit_along(dim, group)[1]
@@ -272,6 +277,6 @@ def _cut_problem(cfg: ModelConfig, module: str, fmt: str, dim: int, ranges: list
         where = f"at channel {bad[0]}" if n % unit == 0 else f"into {'pieces of ' if len(ranges) > 1 else ''}{n}"
         why = f"the int4 group size {group}" if dim == 1 and spec.per_in is None else \
             f"{unit} (its {kind} packs {unit} {io} channels per int32)"
-        return (f"tensor_parallel_size={world} splits {module}'s {_weight_shapes(cfg)[module][dim]} {io} channels "
-                f"{where}, not a multiple of {why}")
+        size = weight_shapes(cfg)[module][dim]
+        return f"tensor_parallel_size={world} splits {module}'s {size} {io} channels {where}, not a multiple of {why}"
     return None

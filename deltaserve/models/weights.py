@@ -11,7 +11,6 @@ to the model dtype).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import re
@@ -26,9 +25,9 @@ from ..config import ModelConfig
 from ..layers.fp8 import Fp8Experts, Fp8Linear, scale_ranges, shard_block
 from ..layers.gated_deltanet import GatedDeltaNet
 from ..layers.linear import ProjectionGroup, QuantLinear
-from ..layers.quant import FORMATS, QUANT_SUFFIXES, SPECS
+from ..layers.quant import QUANT_SUFFIXES, SPECS
 from ..worker.distributed import SINGLE, TPGroup, kv_head_range, read_ranges, segments, shard_config, vocab_range
-from .formats import FormatError, apply_formats, linear_modules, plan_formats, tp_problems
+from .formats import FormatError, apply_formats, plan_formats, tp_problems, weight_shapes
 from .registry import model_class
 
 PREFIXES = ("model.language_model.", "model.")  # ConditionalGeneration, CausalLM
@@ -62,7 +61,7 @@ def _experts_slice(m: re.Match, cfg: ModelConfig, split: frozenset) -> Target:
         p = f"layers.{layer}.mlp.experts.down_proj{suffix}"
         return Target(p, (e,), (f"{p}[{e}]",))
     p = f"layers.{layer}.mlp.experts.gate_up_proj{suffix}"
-    spec = next((s[kind] for s in FORMATS.values() if kind in s), None)
+    spec = SPECS.get(kind)
     dim, per = (0, 1) if spec is None else (spec.out_dim, spec.per_out)  # where the output channels run
     start = 0 if proj == "gate_proj" else inter // per
     rows = slice(start, start + inter // per)
@@ -176,16 +175,11 @@ def _rule_source(name: str, cfg: ModelConfig, shape, rank: int, world: int) -> t
     return None
 
 
-@functools.lru_cache(maxsize=8)
-def _weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    return {module: (out_f, in_f) for module, (in_f, out_f) in linear_modules(cfg).items()}
-
-
 def weight_cut(module: str, cfg: ModelConfig, rank: int, world: int) -> tuple[int, list[tuple[int, int]]] | None:
     """Rank `rank`'s cut of decoder-layer Linear `module`'s [out, in] weight (checkpoint name, e.g.
     `layers.3.self_attn.o_proj`; full shapes from cfg): (0 = output rows or 1 = input columns, the rank's ranges in
     channels), or None where it is replicated (or not a Linear we know)."""
-    shape = _weight_shapes(cfg).get(module)
+    shape = weight_shapes(cfg).get(module)
     return None if shape is None else _rule_source(f"{module}.weight", cfg, shape, rank, world)
 
 
@@ -193,7 +187,9 @@ def fp8_shard_blocks(cfg: ModelConfig, formats: dict[str, str], rank: int, world
     """FP8 module -> the (BN, BK) rank `rank` holds it in: quantization_config.weight_block_size, refined along the
     cut dim where a cut falls inside a scale block (layers/fp8.shard_block)."""
     out: dict[str, tuple[int, int]] = {}
-    for module in (m for m, fmt in formats.items() if fmt == "fp8" and world > 1):
+    if world == 1:
+        return out
+    for module in (m for m, fmt in formats.items() if fmt == "fp8"):
         cut = weight_cut(module, cfg, rank, world)
         if cut is not None:
             block = list(cfg.quantization.weight_block_size)

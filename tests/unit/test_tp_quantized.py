@@ -36,24 +36,27 @@ from deltaserve.tiny import make_tiny
 
 CPU = torch.device("cpu")
 MIXED = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "layers.0."]  # 16-bit q/k/v and layer 0
-CASES = {  # id -> (moe, how the checkpoint is written from the tiny source)
-    "awq-dense-mixed": (False, lambda src, dst: quantize_checkpoint(src, dst, group_size=GROUP, not_convert=MIXED,
+CASES = {  # id -> (tiny source, how the quantized checkpoint is written from it)
+    "awq-dense-mixed": ("dense", lambda src, dst: quantize_checkpoint(src, dst, group_size=GROUP, not_convert=MIXED,
                                                                     progress=False)),
-    "awq-moe-mixed": (True, lambda src, dst: quantize_checkpoint(
+    "awq-moe-mixed": ("moe", lambda src, dst: quantize_checkpoint(
         src, dst, group_size=GROUP, not_convert=MIXED + ["shared_expert.up_proj"], progress=False)),
-    "ct-dense": (False, lambda src, dst: write_ct(src, dst, zero_point=False)),
-    "ct-moe-zero-point": (True, lambda src, dst: write_ct(src, dst, zero_point=True)),
-    "fp8-dense-mixed": (False, lambda src, dst: quantize_checkpoint(src, dst, method="fp8",
+    "ct-dense": ("dense", lambda src, dst: write_ct(src, dst, zero_point=False)),
+    "ct-moe-zero-point": ("moe", lambda src, dst: write_ct(src, dst, zero_point=True)),
+    # one KV head: both ranks read all of int4 k_proj / v_proj (replicated), half of q_proj
+    "ct-kv1-replicated": ("kv1", lambda src, dst: write_ct(src, dst, zero_point=True)),
+    "fp8-dense-mixed": ("dense", lambda src, dst: quantize_checkpoint(src, dst, method="fp8",
                                                                     not_convert=["self_attn.k_proj"], progress=False)),
-    "fp8-moe": (True, lambda src, dst: quantize_checkpoint(src, dst, method="fp8", progress=False)),
+    "fp8-moe": ("moe", lambda src, dst: quantize_checkpoint(src, dst, method="fp8", progress=False)),
 }
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("tpq")
-    sources = {moe: make_tiny(str(root / f"src_{moe}"), moe=moe) for moe in (False, True)}
-    return {case: write(sources[moe], str(root / case)) for case, (moe, write) in CASES.items()}
+    sources = {"dense": make_tiny(str(root / "dense")), "moe": make_tiny(str(root / "moe"), moe=True),
+               "kv1": make_tiny(str(root / "kv1"), text_overrides={"num_key_value_heads": 1})}
+    return {case: write(sources[src], str(root / case)) for case, (src, write) in CASES.items()}
 
 
 # ---------------------------------------------------------------- pure arithmetic
