@@ -33,8 +33,8 @@ def scale_shape(out_features: int, in_features: int, block: tuple[int, int]) -> 
 
 def shard_block(ranges: list[tuple[int, int]], block: int) -> int:
     """The block (channels) of a shard made of `ranges` of a dim quantized in `block`-channel scale blocks: the
-    largest power of two dividing `block` and every range's start and length, so no fine block straddles a range
-    or a checkpoint block (== block when every cut falls on a block boundary)."""
+    greatest common divisor of `block` and every range's start and length, so no fine block straddles a range or a
+    checkpoint block (== block when every cut falls on a block boundary)."""
     return math.gcd(block, *(a for a, _ in ranges), *(b - a for a, b in ranges))
 
 

@@ -252,7 +252,9 @@ def tp_problems(cfg: ModelConfig, formats: dict[str, str], world: int) -> list[s
     hold at all is apply_formats' error, naming its tensor)."""
     from .weights import weight_cut
 
-    for module, fmt in formats.items() if world > 1 else ():
+    if world == 1:
+        return []
+    for module, fmt in formats.items():
         m = EXPERT.match(module)
         if fmt == "fp8" or (m and m["e"] != "0"):  # every expert is cut like expert 0
             continue
