@@ -20,13 +20,7 @@ from test_tensor_parallel import assert_same_outputs, load_shard, run_prompts
 from deltaserve import LLM, SamplingParams
 from deltaserve.config import ModelConfig, QuantConfig
 from deltaserve.kernels.fp8_gemm import dequant_blocks
-from deltaserve.layers.fp8 import (
-    Fp8Experts,
-    Fp8Linear,
-    quantize_blocks,
-    scale_ranges,
-    shard_block,
-)
+from deltaserve.layers.fp8 import Fp8Experts, Fp8Linear, quantize_blocks, scale_ranges, shard_block
 from deltaserve.layers.linear import ProjectionGroup, QuantExperts, QuantLinear
 from deltaserve.layers.quant import FORMATS
 from deltaserve.models.formats import AWQ_MIXED_16BIT, awq_formats, tp_problems
