@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ from .config import ModelConfig, QuantConfig
 from .kernels.paged_attention import check_kv_cache_dtype
 from .layers.fp8 import use_fp8_kernels
 from .layers.linear import use_int4_kernels
-from .models.formats import AWQ_MIXED_16BIT, awq_formats
+from .models.formats import AWQ_MIXED_16BIT, awq_formats, tp_problems
 from .models.weights import WeightsError, build_model, checkpoint_files, load_weights, read_formats
 from .outputs import RequestOutput
 from .runtime.block_pool import BlockPool
@@ -167,20 +168,18 @@ class LLM:
         torch.manual_seed(seed)
         _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         block_size=block_size, max_model_len=max_model_len or 1, num_kv_blocks=num_kv_blocks or 1)
-        check_tp_size(config, tensor_parallel_size, self.device)  # before any process starts
+        if weights_dir is not None:
+            formats = read_formats(config, weights_dir)  # headers only: quantized Linears constrain the TP cuts
+        if formats and config.expert_parallel:
+            raise WeightsError("quantized (int4 / FP8) experts do not run expert-parallel yet; drop "
+                               "--enable-expert-parallel or use a 16-bit checkpoint")
+        check_tp_size(config, tensor_parallel_size, self.device,
+                      functools.partial(tp_problems, config, formats or {}))  # before any process starts
         if config.expert_parallel:
             logger.info("expert parallel: each of %d ranks holds %d of the %d experts whole", tensor_parallel_size,
                         config.num_experts // tensor_parallel_size, config.num_experts)
         if self.device.type == "cuda" and not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        if weights_dir is not None:
-            formats = read_formats(config, weights_dir)
-        if formats and config.expert_parallel:
-            raise WeightsError("quantized (int4 / FP8) experts do not run expert-parallel yet; drop "
-                               "--enable-expert-parallel or use a 16-bit checkpoint")
-        if formats and tensor_parallel_size > 1:
-            raise WeightsError("quantized (int4 / FP8) checkpoints run with tensor_parallel_size=1 for now; "
-                               "drop --tp or use a 16-bit checkpoint")
         spec = RankSpec(config, weights_dir, formats, self.device, self.dtype, max_num_seqs, max_num_batched_tokens,
                         max_model_len, block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager,
                         kv_cache_dtype)

@@ -8,8 +8,15 @@ models/formats.py); routers, gates, norms, embeddings and lm_head stay 16-bit.
 `Fp8Linear.forward` runs kernels/fp8_gemm (Triton W8A8 / weight-only GEMM on CUDA, dequantize + F.linear
 elsewhere). `Fp8Experts` runs the Triton fused MoE on CUDA (kernels/fused_moe, dequantizing inside its K loop) and
 dequantizes every expert for the reference MoE elsewhere.
+
+Tensor parallelism may cut a weight inside a scale block (e.g. 64 of a 128-row block per rank): the shard then
+keeps a finer block along the cut dim (`shard_block`, the largest that every cut range is made of whole blocks
+of), and each fine block reads the scale of the checkpoint block holding it (`scale_ranges`), so the shard
+dequantizes to exactly the rows / columns of the full weight it holds.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -23,6 +30,28 @@ FP8_DTYPES = ("F8_E4M3",)  # safetensors header dtypes read as FP8 weights
 def scale_shape(out_features: int, in_features: int, block: tuple[int, int]) -> tuple[int, int]:
     """weight_scale_inv's shape for a [out, in] weight in (BN, BK) blocks."""
     return -(-out_features // block[0]), -(-in_features // block[1])
+
+
+def shard_block(ranges: list[tuple[int, int]], block: int) -> int:
+    """The block (channels) of a shard made of `ranges` of a dim quantized in `block`-channel scale blocks: the
+    greatest common divisor of `block` and every range's start and length, so no fine block straddles a range or a
+    checkpoint block (== block when every cut falls on a block boundary)."""
+    return math.gcd(block, *(a for a, _ in ranges), *(b - a for a, b in ranges))
+
+
+def scale_ranges(ranges: list[tuple[int, int]], block: int) -> list[tuple[int, int]]:
+    """The scale rows (along the cut dim) a shard of `ranges` in fine blocks of shard_block(ranges, block) reads:
+    one checkpoint block per fine block, in order (repeated where several fine blocks share it), consecutive rows
+    merged into one range."""
+    fine = shard_block(ranges, block)
+    rows = [start // block for a, b in ranges for start in range(a, b, fine)]
+    out: list[tuple[int, int]] = []
+    for r in rows:
+        if out and out[-1][1] == r:
+            out[-1] = (out[-1][0], r + 1)
+        else:
+            out.append((r, r + 1))
+    return out
 
 
 def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,11 +110,14 @@ class Fp8Experts(nn.Module):
     16-bit per forward (as on CPU). `dense(dtype)` has the interface of layers.moe.Experts /
     layers.linear.QuantExperts."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, block: tuple[int, int]):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, block: tuple[int, int],
+                 down_block: tuple[int, int] | None = None):
+        """block: gate's and up's (BN, BK); down_block: down's (None: block), which differ where a TP shard
+        refined them (shard_block)."""
         super().__init__()
         self.gate_proj = Fp8Linear(hidden_size, intermediate_size, block, num_experts)
         self.up_proj = Fp8Linear(hidden_size, intermediate_size, block, num_experts)
-        self.down_proj = Fp8Linear(intermediate_size, hidden_size, block, num_experts)
+        self.down_proj = Fp8Linear(intermediate_size, hidden_size, down_block or block, num_experts)
         self.gate_up: Fp8Linear | None = None  # the stacked [gate | up] of to_kernel_layout (replaces the two)
 
     def to_kernel_layout(self) -> None:

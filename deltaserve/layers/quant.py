@@ -5,6 +5,8 @@ logical column 8c + AWQ_ORDER[i] sits at bits 4i; W[k, n] = (q[k, n] - z[k // G,
 compressed-tensors pack-quantized: weight_packed int32 [out, in/8] (element 8j + i at bits 4i, stored +8),
 weight_scale [out, in/G], optional weight_zero_point int32 [out/8, in/G] (packed along out, stored +8);
 W[n, k] = (q - zp) * scale with q and zp signed. Leading dims (experts) pass through every function.
+Tensor parallelism cuts a Linear's [out, in] weight along out (column-parallel) or in (row-parallel);
+`TensorSpec.cut` says which dim of each int4 tensor that is and how many channels one element along it covers.
 """
 from __future__ import annotations
 
@@ -22,26 +24,44 @@ class TensorSpec:
     packed: bool  # int32 holding 8 nibbles (else a scale, held in fp32: exact for fp16 and bf16)
     out_dim: int  # the dim indexing output channels: fused pieces and experts stack along it
     per_out: int  # output channels per element along out_dim (8 where packed along out)
+    in_dim: int  # the dim indexing input channels (or their groups): row-parallel shards cut along it
+    per_in: int | None  # input channels per element along in_dim (8 where packed along in); None: one group
+
+    def cut(self, dim: int, ranges: list[tuple[int, int]], group: int) -> tuple[int, list[tuple[int, int]]]:
+        """A cut of the [out, in] weight (dim 0: output rows, 1: input columns; `ranges` in channels) -> the same
+        cut of this tensor (its dim, ranges in its elements). Every boundary must be a multiple of the channels
+        one element covers (unit_along); ValueError otherwise (check_tp_size reports it up front)."""
+        tdim, unit = self.unit_along(dim, group)
+        if any(a % unit or b % unit for a, b in ranges):
+            raise ValueError(f"ranges {ranges} do not fall on this tensor's {unit}-channel elements")
+        return tdim, [(a // unit, b // unit) for a, b in ranges]
+
+    def unit_along(self, dim: int, group: int) -> tuple[int, int]:
+        """-> (this tensor's dim for the weight's dim `dim`, channels per element along it)."""
+        if dim == 0:
+            return self.out_dim, self.per_out
+        return self.in_dim, self.per_in or group
 
 
 # format -> the tensors one quantized Linear holds, by checkpoint suffix
 FORMATS: dict[str, dict[str, TensorSpec]] = {
     "awq": {
-        "qweight": TensorSpec(lambda i, o, g: (i, o // 8), True, 1, 8),
-        "qzeros": TensorSpec(lambda i, o, g: (i // g, o // 8), True, 1, 8),
-        "scales": TensorSpec(lambda i, o, g: (i // g, o), False, 1, 1),
+        "qweight": TensorSpec(lambda i, o, g: (i, o // 8), True, 1, 8, 0, 1),
+        "qzeros": TensorSpec(lambda i, o, g: (i // g, o // 8), True, 1, 8, 0, None),
+        "scales": TensorSpec(lambda i, o, g: (i // g, o), False, 1, 1, 0, None),
     },
     "ct": {
-        "weight_packed": TensorSpec(lambda i, o, g: (o, i // 8), True, 0, 1),
-        "weight_scale": TensorSpec(lambda i, o, g: (o, i // g), False, 0, 1),
+        "weight_packed": TensorSpec(lambda i, o, g: (o, i // 8), True, 0, 1, 1, 8),
+        "weight_scale": TensorSpec(lambda i, o, g: (o, i // g), False, 0, 1, 1, None),
     },
     "ct_zp": {
-        "weight_packed": TensorSpec(lambda i, o, g: (o, i // 8), True, 0, 1),
-        "weight_scale": TensorSpec(lambda i, o, g: (o, i // g), False, 0, 1),
-        "weight_zero_point": TensorSpec(lambda i, o, g: (o // 8, i // g), True, 0, 8),
+        "weight_packed": TensorSpec(lambda i, o, g: (o, i // 8), True, 0, 1, 1, 8),
+        "weight_scale": TensorSpec(lambda i, o, g: (o, i // g), False, 0, 1, 1, None),
+        "weight_zero_point": TensorSpec(lambda i, o, g: (o // 8, i // g), True, 0, 8, 1, None),
     },
 }
 QUANT_SUFFIXES = {s: ("awq" if fmt == "awq" else "ct") for fmt, specs in FORMATS.items() for s in specs}
+SPECS = {suffix: spec for specs in FORMATS.values() for suffix, spec in specs.items()}  # ct and ct_zp agree
 
 
 def check_shapes(fmt: str, in_features: int, out_features: int, group: int, name: str) -> str | None:

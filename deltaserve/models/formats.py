@@ -6,10 +6,12 @@ quantization_config: a module holding `qweight`/`qzeros`/`scales` is AWQ int4, o
 is block FP8, anything else stays 16-bit. (modules_to_not_convert is how the writer chose; the tensors
 are what the reader trusts.) `apply_formats` then swaps the matching modules of a freshly built (meta) model.
 `awq_formats` plans the same dict without a checkpoint (random-weight benchmarks): the mixed pattern of
-Qwen3.5 AWQ checkpoints.
+Qwen3.5 AWQ checkpoints. `tp_problems` says (before any process starts) why a tensor-parallel size cannot cut the
+int4 Linears: a shard must hold whole packed int32s and whole quantization groups.
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 
@@ -108,13 +110,16 @@ def _check_module(module: str, found: dict[str, str], fmt: str, method: str, nam
     return fmt
 
 
-def apply_formats(model: nn.Module, cfg: ModelConfig, formats: dict[str, str]) -> None:
-    """Swap the modules of `model` (built on the meta device, all 16-bit) for the formats of `formats`."""
+def apply_formats(model: nn.Module, cfg: ModelConfig, formats: dict[str, str],
+                  blocks: dict[str, tuple[int, int]] | None = None) -> None:
+    """Swap the modules of `model` (built on the meta device, all 16-bit) for the formats of `formats`. cfg: the
+    shapes the model holds (under TP its rank's shard_config). blocks: FP8 module -> its (BN, BK) where a TP shard
+    refined the checkpoint's (weights.fp8_shard_blocks); others keep quantization_config.weight_block_size."""
     if not formats:
         return
     from .weights import fused_layout
 
-    q = cfg.quantization
+    q, blocks = cfg.quantization, blocks or {}
     left = dict(formats)
     for i in range(cfg.num_hidden_layers):
         for fused, pieces in fused_layout(cfg).items():
@@ -123,19 +128,20 @@ def apply_formats(model: nn.Module, cfg: ModelConfig, formats: dict[str, str]) -
             fmts = [left.pop(f"layers.{i}.{module}.{piece}", None) for piece, _ in pieces]
             if any(fmts):
                 old = model.get_submodule(path)
-                pieces_ = [(piece, _linear(fmt, old.in_features, rows, q, f"layers.{i}.{module}.{piece}"))
+                pieces_ = [(piece, _linear(fmt, old.in_features, rows, q, f"layers.{i}.{module}.{piece}", blocks))
                            for (piece, rows), fmt in zip(pieces, fmts)]
                 model.set_submodule(path, ProjectionGroup(pieces_))
-        _apply_experts(model, cfg, i, left, q)
+        _apply_experts(model, cfg, i, left, q, blocks)
     for name in sorted(left):
         old = _get(model, name)
         if not isinstance(old, nn.Linear) or name == "lm_head":
             raise FormatError(f"Checkpoint module {name} is quantized ({left[name]}), but deltaserve reads quantized "
                               f"weights only for the decoder layers' Linear projections and experts; keep it 16-bit.")
-        model.set_submodule(name, _linear(left[name], old.in_features, old.out_features, q, name))
+        model.set_submodule(name, _linear(left[name], old.in_features, old.out_features, q, name, blocks))
 
 
-def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[str, str], q: QuantConfig) -> None:
+def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[str, str], q: QuantConfig,
+                   blocks: dict[str, tuple[int, int]]) -> None:
     moe = f"layers.{layer}.mlp.experts"
     found = {k: left.pop(k) for k in [k for k in left if k.startswith(moe + ".") and EXPERT.match(k)]}
     if not found:
@@ -148,8 +154,10 @@ def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[st
                           f"deltaserve reads a layer's experts all quantized or all 16-bit.")
     fmt, group = fmts.pop(), q.group_size
     if fmt == "fp8":  # any shape: partial blocks at the edges have their own scales
+        block = q.weight_block_size
         model.set_submodule(moe, Fp8Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
-                                            q.weight_block_size))
+                                            blocks.get(f"{moe}.0.gate_proj", block),
+                                            blocks.get(f"{moe}.0.down_proj", block)))
         return
     h, inter = cfg.hidden_size, cfg.moe_intermediate_size
     for name, i, o in ((f"{moe}.0.gate_proj", h, 2 * inter), (f"{moe}.0.down_proj", inter, h)):
@@ -159,11 +167,12 @@ def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[st
     model.set_submodule(moe, QuantExperts(fmt, cfg.num_experts, h, inter, group))
 
 
-def _linear(fmt: str | None, in_features: int, out_features: int, q: QuantConfig | None, name: str) -> nn.Module:
+def _linear(fmt: str | None, in_features: int, out_features: int, q: QuantConfig | None, name: str,
+            blocks: dict[str, tuple[int, int]]) -> nn.Module:
     if fmt is None:
         return nn.Linear(in_features, out_features, bias=False)
     if fmt == "fp8":
-        return Fp8Linear(in_features, out_features, q.weight_block_size)
+        return Fp8Linear(in_features, out_features, blocks.get(name, q.weight_block_size))
     group = q.group_size
     reason = check_shapes(fmt, in_features, out_features, group, name)
     if reason:
@@ -210,6 +219,12 @@ def linear_modules(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """linear_modules as the [out, in] shape of each weight (cached: TP cuts look every Linear up; do not mutate)."""
+    return {module: (out_f, in_f) for module, (in_f, out_f) in linear_modules(cfg).items()}
+
+
 def awq_formats(cfg: ModelConfig, keep_16bit: tuple[str, ...] = AWQ_MIXED_16BIT) -> dict[str, str]:
     """Module -> "awq" for every decoder-layer Linear not named by a suffix in `keep_16bit` (the dict plan_formats
     would read from such a checkpoint). cfg.quantization gives the group size; one that does not divide a quantized
@@ -227,3 +242,43 @@ def awq_formats(cfg: ModelConfig, keep_16bit: tuple[str, ...] = AWQ_MIXED_16BIT)
                              f"64) or keep it 16-bit")
         formats[name] = "awq"
     return formats
+
+
+def tp_problems(cfg: ModelConfig, formats: dict[str, str], world: int) -> list[str]:
+    """The first reason (a one-item list, or none) `world` ranks cannot cut the int4 Linears of `formats`: every
+    rank's range of each cut (GDN [q | k | v] segments, gate / up, kv heads: weights.weight_cut) must start and end
+    on whole elements of every tensor of the format (8 packed channels, a quantization group). FP8 takes any cut:
+    the shard refines its scale blocks (layers/fp8.shard_block). World 1 cuts nothing (a Linear the format cannot
+    hold at all is apply_formats' error, naming its tensor)."""
+    from .weights import weight_cut
+
+    if world == 1:
+        return []
+    for module, fmt in formats.items():
+        m = EXPERT.match(module)
+        if fmt == "fp8" or (m and m["e"] != "0"):  # every expert is cut like expert 0
+            continue
+        cuts = [c for rank in range(world) if (c := weight_cut(module, cfg, rank, world)) is not None]
+        problem = next((p for dim, ranges in cuts if (p := _cut_problem(cfg, module, fmt, dim, ranges, world))), None)
+        if problem:
+            return [problem]
+    return []
+
+
+def _cut_problem(cfg: ModelConfig, module: str, fmt: str, dim: int, ranges: list[tuple[int, int]],
+                 world: int) -> str | None:
+    """Why one rank's `ranges` (channels along dim 0 = out / 1 = in of the [out, in] weight) split an element of
+    one of the format's tensors, or None."""
+    group = cfg.quantization.group_size
+    for kind, spec in FORMATS[fmt].items():
+        unit = spec.unit_along(dim, group)[1]
+        bad = next(((a, b) for a, b in ranges if a % unit or b % unit), None)
+        if bad is None:
+            continue
+        io, n = ("output", "input")[dim], bad[1] - bad[0]
+        where = f"at channel {bad[0]}" if n % unit == 0 else f"into {'pieces of ' if len(ranges) > 1 else ''}{n}"
+        why = f"the int4 group size {group}" if dim == 1 and spec.per_in is None else \
+            f"{unit} (its {kind} packs {unit} {io} channels per int32)"
+        size = weight_shapes(cfg)[module][dim]
+        return f"tensor_parallel_size={world} splits {module}'s {size} {io} channels {where}, not a multiple of {why}"
+    return None

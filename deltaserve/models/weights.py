@@ -22,14 +22,14 @@ from safetensors import safe_open
 from torch import nn
 
 from ..config import ModelConfig
-from ..layers.fp8 import Fp8Experts, Fp8Linear
+from ..layers.fp8 import Fp8Experts, Fp8Linear, scale_ranges, shard_block
 from ..layers.gated_deltanet import GatedDeltaNet
 from ..layers.linear import ProjectionGroup, QuantLinear
-from ..layers.quant import FORMATS, QUANT_SUFFIXES
+from ..layers.quant import QUANT_SUFFIXES, SPECS
 from ..worker.distributed import (
     SINGLE, TPGroup, expert_range, kv_head_range, read_ranges, segments, shard_config, vocab_range,
 )
-from .formats import FormatError, apply_formats, plan_formats
+from .formats import FormatError, apply_formats, plan_formats, tp_problems, weight_shapes
 from .registry import model_class
 
 PREFIXES = ("model.language_model.", "model.")  # ConditionalGeneration, CausalLM
@@ -63,7 +63,7 @@ def _experts_slice(m: re.Match, cfg: ModelConfig, split: frozenset) -> Target:
         p = f"layers.{layer}.mlp.experts.down_proj{suffix}"
         return Target(p, (e,), (f"{p}[{e}]",))
     p = f"layers.{layer}.mlp.experts.gate_up_proj{suffix}"
-    spec = next((s[kind] for s in FORMATS.values() if kind in s), None)
+    spec = SPECS.get(kind)
     dim, per = (0, 1) if spec is None else (spec.out_dim, spec.per_out)  # where the output channels run
     start = 0 if proj == "gate_proj" else inter // per
     rows = slice(start, start + inter // per)
@@ -125,7 +125,9 @@ RULES: list[tuple[re.Pattern, Callable[[re.Match, ModelConfig, frozenset], Targe
 # Column-parallel tensors (and per-head vectors) are cut along their output rows, per segment where one tensor
 # stacks several (GDN [q | k | v] channels, packed experts' [gate | up]); row-parallel ones along their input
 # columns. Anything not listed (norms, router, shared_expert_gate) is replicated; the embedding and lm_head are
-# vocab-parallel (the same rows of the vocabulary on a rank).
+# vocab-parallel (the same rows of the vocabulary on a rank). A quantized Linear's tensors are cut where its
+# [out, in] weight is (weight_cut), in their own units: int4 tensors by TensorSpec.cut (packed columns, groups),
+# FP8 scales one checkpoint block per fine block of the shard (layers/fp8.scale_ranges).
 
 def _even(dim: int):
     return lambda cfg, shape, r, w: (dim, segments([shape[dim]], r, w))
@@ -157,10 +159,46 @@ ROW_PARALLEL_BIAS = re.compile(r"(o_proj|out_proj|down_proj)\.bias$")  # added o
 
 
 def _source(name: str, cfg: ModelConfig, shape, rank: int, world: int) -> tuple | None:
+    module, _, kind = name.rpartition(".")
+    if kind not in SPECS and kind != "weight_scale_inv":
+        return _rule_source(name, cfg, shape, rank, world)
+    cut = weight_cut(module, cfg, rank, world)
+    if cut is None:
+        return None
+    if kind == "weight_scale_inv":
+        dim, ranges = cut
+        return dim, scale_ranges(ranges, cfg.quantization.weight_block_size[dim])
+    return SPECS[kind].cut(*cut, cfg.quantization.group_size)
+
+
+def _rule_source(name: str, cfg: ModelConfig, shape, rank: int, world: int) -> tuple | None:
     for pattern, rows in SHARD_RULES:
         if pattern.search(name):
             return rows(cfg, shape, rank, world)
     return None
+
+
+def weight_cut(module: str, cfg: ModelConfig, rank: int, world: int) -> tuple[int, list[tuple[int, int]]] | None:
+    """Rank `rank`'s cut of decoder-layer Linear `module`'s [out, in] weight (checkpoint name, e.g.
+    `layers.3.self_attn.o_proj`; full shapes from cfg): (0 = output rows or 1 = input columns, the rank's ranges in
+    channels), or None where it is replicated (or not a Linear we know)."""
+    shape = weight_shapes(cfg).get(module)
+    return None if shape is None else _rule_source(f"{module}.weight", cfg, shape, rank, world)
+
+
+def fp8_shard_blocks(cfg: ModelConfig, formats: dict[str, str], rank: int, world: int) -> dict[str, tuple[int, int]]:
+    """FP8 module -> the (BN, BK) rank `rank` holds it in: quantization_config.weight_block_size, refined along the
+    cut dim where a cut falls inside a scale block (layers/fp8.shard_block)."""
+    out: dict[str, tuple[int, int]] = {}
+    if world == 1:
+        return out
+    for module in (m for m, fmt in formats.items() if fmt == "fp8"):
+        cut = weight_cut(module, cfg, rank, world)
+        if cut is not None:
+            block = list(cfg.quantization.weight_block_size)
+            block[cut[0]] = shard_block(cut[1], block[cut[0]])
+            out[module] = tuple(block)
+    return out
 
 
 def expected_parts(param: str, cfg: ModelConfig) -> tuple[str, ...]:
@@ -281,13 +319,14 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tp: 
                 formats: dict[str, str] | None = None) -> nn.Module:
     """Allocate the model (the shard of rank tp.rank: cfg is the full config) on `device` in `dtype` without
     initialising it (the loader fills every parameter). formats: from read_formats (None: every Linear 16-bit)."""
-    if formats and tp.world > 1:
-        raise WeightsError("quantized (int4 / FP8) checkpoints run with tensor_parallel_size=1 for now; "
-                           "drop --tp or use a 16-bit checkpoint")
+    problems = tp_problems(cfg, formats, tp.world) if formats and tp.world > 1 else []
+    if problems:  # LLM checks this before any process starts; here for callers that build a shard directly
+        raise WeightsError(problems[0])
     with torch.device("meta"):
         model = model_class(cfg)(cfg, tp)
         try:
-            apply_formats(model, cfg, formats or {})
+            apply_formats(model, shard_config(cfg, tp.world), formats or {},
+                          fp8_shard_blocks(cfg, formats or {}, tp.rank, tp.world))
         except FormatError as e:
             raise WeightsError(str(e)) from None
         model = model.to(dtype)

@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -146,7 +147,11 @@ def _divides(field: str, value: int, world: int) -> str | None:
     return None
 
 
-def _tp_problems(cfg: ModelConfig, world: int) -> list[str]:
+def _no_problems(world: int) -> list[str]:
+    return []
+
+
+def _tp_problems(cfg: ModelConfig, world: int, extra: Callable[[int], list[str]] = _no_problems) -> list[str]:
     fields = [("num_attention_heads", cfg.num_attention_heads), ("linear_num_key_heads", cfg.linear_num_key_heads),
               ("linear_num_value_heads", cfg.linear_num_value_heads)]
     # expert parallel: whole experts per rank, each expert's columns stay whole
@@ -158,20 +163,22 @@ def _tp_problems(cfg: ModelConfig, world: int) -> list[str]:
     hkv = cfg.num_key_value_heads
     if hkv % world and world % hkv:
         problems.append(f"tensor_parallel_size={world} neither divides nor is a multiple of num_key_value_heads={hkv}")
-    return problems
+    return problems or extra(world)  # extra assumes the heads and sizes divide
 
 
-def valid_tp_sizes(cfg: ModelConfig) -> list[int]:
-    return [n for n in range(1, cfg.num_attention_heads + 1) if not _tp_problems(cfg, n)]
+def valid_tp_sizes(cfg: ModelConfig, extra: Callable[[int], list[str]] = _no_problems) -> list[int]:
+    return [n for n in range(1, cfg.num_attention_heads + 1) if not _tp_problems(cfg, n, extra)]
 
 
-def check_tp_size(cfg: ModelConfig, world: int, device: torch.device) -> None:
-    """Raise ValueError (one sentence naming the field and the valid sizes) unless `world` ranks can shard cfg."""
+def check_tp_size(cfg: ModelConfig, world: int, device: torch.device,
+                  extra: Callable[[int], list[str]] = _no_problems) -> None:
+    """Raise ValueError (one sentence naming the field and the valid sizes) unless `world` ranks can shard cfg.
+    extra(world): further reasons, e.g. a quantized checkpoint's packing and groups (models/formats.tp_problems)."""
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {world!r}")
-    problems = _tp_problems(cfg, world)
+    problems = _tp_problems(cfg, world, extra)
     if problems:
-        sizes = ", ".join(map(str, valid_tp_sizes(cfg)))
+        sizes = ", ".join(map(str, valid_tp_sizes(cfg, extra)))
         raise ValueError(f"{problems[0]}; valid sizes: {sizes}")
     if device.type == "cuda" and world > torch.cuda.device_count():
         raise ValueError(f"tensor_parallel_size={world} needs {world} CUDA devices but {torch.cuda.device_count()} "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tensor_parallel import CPU, _load, _run, assert_same_outputs
+from test_tensor_parallel import CPU, assert_same_outputs, load_shard, run_prompts
 from test_weights import pack_experts, shard as split_into_two_files, variant
 
 from deltaserve import LLM
@@ -95,9 +95,9 @@ def test_divisibility_error_names_num_experts(ckpts):
 def test_each_rank_loads_only_its_experts(ckpts, layout):
     """Rank r holds experts [4r, 4r + 4) whole (all 64 columns), the router whole, the shared expert TP-sharded."""
     cfg = _ep(ModelConfig.from_hf_dir(ckpts[layout]))
-    full = dict(_load(ModelConfig.from_hf_dir(ckpts["moe"]), ckpts["moe"], 0, 1).named_parameters())
+    full = dict(load_shard(ModelConfig.from_hf_dir(ckpts["moe"]), ckpts["moe"], 0, 1).named_parameters())
     for rank in range(2):
-        part = dict(_load(cfg, ckpts[layout], rank, 2).named_parameters())
+        part = dict(load_shard(cfg, ckpts[layout], rank, 2).named_parameters())
         for layer in range(cfg.num_hidden_layers):
             p = f"layers.{layer}.mlp."
             assert part[p + "experts.gate_up_proj"].shape == (4, 128, 128)
@@ -116,24 +116,24 @@ def test_missing_expert_is_reported_by_the_rank_that_holds_it(ckpts, tmp_path):
     path = variant(ckpts["moe"], tmp_path / "missing",
                    lambda sd: sd.pop("model.language_model.layers.2.mlp.experts.5.up_proj.weight"))
     cfg = _ep(ModelConfig.from_hf_dir(path))
-    _load(cfg, path, 0, 2)
+    load_shard(cfg, path, 0, 2)
     with pytest.raises(WeightsError, match=r"missing 1 tensor\(s\), e\.g\. layers\.2\.mlp\.experts\.gate_up_proj\[1\]"
                                            r"\.up_proj"):
-        _load(cfg, path, 1, 2)
+        load_shard(cfg, path, 1, 2)
 
 
 # ---------------------------------------------------------------- TP=N with EP == TP=1 (spawned gloo workers)
 
 @pytest.fixture(scope="module")
 def tp1_moe(ckpts):
-    return _run(ckpts["moe"], 1)  # the packed variant holds the same weights
+    return run_prompts(ckpts["moe"], 1)  # the packed variant holds the same weights
 
 
 @pytest.mark.parametrize("name, tp", [("moe", 2), ("packed", 2), ("wide", 4)],
                          ids=["per-expert-tp2", "packed-tp2", "wide-tp4"])
 def test_ep_equals_tp1(ckpts, tp1_moe, name, tp):
-    ref = tp1_moe if name != "wide" else _run(ckpts[name], 1)
-    assert_same_outputs(f"{name}-ep", ref, _run(ckpts[name], tp, enable_expert_parallel=True))
+    ref = tp1_moe if name != "wide" else run_prompts(ckpts[name], 1)
+    assert_same_outputs(f"{name}-ep", ref, run_prompts(ckpts[name], tp, enable_expert_parallel=True))
 
 
 @pytest.mark.parametrize("name", ["dense", "moe-tp1"])

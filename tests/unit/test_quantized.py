@@ -272,9 +272,3 @@ def test_calibrated_scales_beat_rtn_and_load(moe, sources, tmp_path):
     q = quantize_checkpoint(src, str(tmp_path / "q"), group_size=GROUP, calib=str(calib), progress=False)
     assert_matches_twin(q, tmp_path)
 
-
-def test_quantized_checkpoint_with_tensor_parallelism_is_refused_up_front(sources, tmp_path):
-    q = quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=GROUP, progress=False)
-    with pytest.raises(WeightsError, match="tensor_parallel_size=1") as e:
-        LLM(model=q, device="cpu", dtype="float32", num_kv_blocks=8, max_model_len=64, tensor_parallel_size=2)
-    assert "\n" not in str(e.value)

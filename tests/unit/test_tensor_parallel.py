@@ -129,10 +129,10 @@ def test_valid_sizes_include_kv_replication(ckpts):
 def test_each_rank_loads_exactly_its_slices(ckpts, name):
     """Rank r of 2, loaded alone from the checkpoint, equals the full model's parameters cut by hand."""
     cfg = ModelConfig.from_hf_dir(ckpts[name])
-    full = dict(_load(cfg, ckpts[name], 0, 1).named_parameters())
+    full = dict(load_shard(cfg, ckpts[name], 0, 1).named_parameters())
     hk_k, hv_v, hv = 2 * 32, 4 * 32, 4  # tiny: Hk=2, HV=4, K=V=32
     for rank in range(2):
-        part = dict(_load(cfg, ckpts[name], rank, 2).named_parameters())
+        part = dict(load_shard(cfg, ckpts[name], rank, 2).named_parameters())
         q, k, v = (slice(rank * 32, rank * 32 + 32), slice(hk_k + rank * 32, hk_k + rank * 32 + 32),
                    slice(2 * hk_k + rank * 64, 2 * hk_k + rank * 64 + 64))
         conv = torch.cat([full["layers.0.linear_attn.conv1d.weight"][s] for s in (q, k, v)])
@@ -164,8 +164,8 @@ def test_packed_and_split_checkpoints_give_the_same_shards(ckpts, tmp_path):
     split_into_two_files(packed)
     cfg = ModelConfig.from_hf_dir(packed)
     for rank in range(2):
-        a = dict(_load(cfg, ckpts["moe"], rank, 2).named_parameters())
-        b = dict(_load(cfg, packed, rank, 2).named_parameters())
+        a = dict(load_shard(cfg, ckpts["moe"], rank, 2).named_parameters())
+        b = dict(load_shard(cfg, packed, rank, 2).named_parameters())
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), name
@@ -174,18 +174,19 @@ def test_packed_and_split_checkpoints_give_the_same_shards(ckpts, tmp_path):
 def test_replicated_kv_heads_follow_their_query_heads(ckpts):
     """TP=4 over 2 KV heads: rank r's k/v rows are those of KV head r // 2 (its query heads 2r, 2r+1 use it)."""
     cfg = ModelConfig.from_hf_dir(ckpts["wide"])
-    full = dict(_load(cfg, ckpts["wide"], 0, 1).named_parameters())["layers.3.self_attn.qkv_proj.weight"]
+    full = dict(load_shard(cfg, ckpts["wide"], 0, 1).named_parameters())["layers.3.self_attn.qkv_proj.weight"]
     q_rows, d = 2 * 8 * 64, 64
     for rank in range(4):
-        part = dict(_load(cfg, ckpts["wide"], rank, 4).named_parameters())["layers.3.self_attn.qkv_proj.weight"]
+        part = dict(load_shard(cfg, ckpts["wide"], rank, 4).named_parameters())["layers.3.self_attn.qkv_proj.weight"]
         h = rank // 2
         assert torch.equal(part[:2 * 2 * d], full[rank * 2 * 2 * d: (rank + 1) * 2 * 2 * d])  # q heads 2r, 2r+1
         assert torch.equal(part[2 * 2 * d: 2 * 2 * d + d], full[q_rows + h * d: q_rows + (h + 1) * d])  # k
         assert torch.equal(part[2 * 2 * d + d:], full[q_rows + 2 * d + h * d: q_rows + 2 * d + (h + 1) * d])  # v
 
 
-def _load(cfg: ModelConfig, path: str, rank: int, world: int) -> torch.nn.Module:
-    model = build_model(cfg, CPU, torch.float32, TPGroup(rank, world))
+def load_shard(cfg: ModelConfig, path: str, rank: int, world: int, formats: dict | None = None) -> torch.nn.Module:
+    """Rank `rank` of `world`'s model shard loaded alone (no processes); formats: a quantized checkpoint's."""
+    model = build_model(cfg, CPU, torch.float32, TPGroup(rank, world), formats)
     load_weights(model, cfg, path, rank=rank, world=world)
     return model
 
@@ -198,7 +199,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=2, logpro
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, n=2, seed=7, max_tokens=6, logprobs=0, ignore_eos=True)
 
 
-def _run(path: str, tp: int, **kw) -> list:
+def run_prompts(path: str, tp: int, **kw) -> list:
     """Greedy with prompt logprobs, and seeded n=2 sampling (a fork copies state on every rank); a small token
     budget mixes prefill chunks with decodes. kw: more LLM arguments."""
     llm = LLM(path, device="cpu", dtype="float32", max_model_len=128, max_num_batched_tokens=16,
@@ -213,11 +214,11 @@ def _run(path: str, tp: int, **kw) -> list:
                          ids=["dense-tp2", "moe-tp2", "kv1-tp2-kv-replicated", "wide-tp4-kv-replicated",
                               "tied-odd-vocab-tp2"])
 def test_tp_equals_tp1(ckpts, name, tp):
-    assert_same_outputs(name, _run(ckpts[name], 1), _run(ckpts[name], tp))
+    assert_same_outputs(name, run_prompts(ckpts[name], 1), run_prompts(ckpts[name], tp))
 
 
 def assert_same_outputs(name: str, ref: list, out: list) -> None:
-    """_run's outputs: prompt logprobs within LOGPROB_ATOL, identical completions."""
+    """run_prompts outputs: prompt logprobs within LOGPROB_ATOL, the same tokens (and sampled logprobs)."""
     for i, (r, o) in enumerate(zip(ref, out)):
         assert_close_logprobs(f"{name}[{i}].prompt_logprobs", r.prompt_logprobs, o.prompt_logprobs)
         assert len(o.outputs) == len(r.outputs)
