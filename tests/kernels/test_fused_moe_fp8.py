@@ -4,7 +4,7 @@ blocks so a few experts span several of them, partial blocks along N); full size
 H=2048, I=512, 128 x 128 blocks, bf16)."""
 import pytest
 import torch
-from test_fused_moe_triton import ATOL_FP32, moe_inputs  # noqa: E402  (pytest puts this folder on sys.path)
+from test_fused_moe_triton import ATOL_FP32, assert_graph_replays_like_eager, moe_inputs  # noqa: E402  (pytest puts this folder on sys.path)
 
 from deltaserve.kernels.fused_moe import ExpertWeights, fused_moe_experts, fused_moe_fp8, route_topk_softmax
 from deltaserve.kernels.fused_moe.triton import fused_moe_triton
@@ -97,14 +97,4 @@ def test_fp8_fused_moe_captures_in_a_cuda_graph():
     e, k, h, inter, t = 256, 8, 2048, 512, 8
     x, gate_up, down, weights, ids = moe_inputs(t, e, k, h, inter, device="cuda")
     gu, dn = fp8_experts(gate_up, (128, 128)), fp8_experts(down, (128, 128))
-    x = x.bfloat16()
-    fused_moe_fp8(x, gu, dn, weights, ids)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = fused_moe_fp8(x, gu, dn, weights, ids)
-    w2, ids2 = route_topk_softmax(torch.randn(t, e, device="cuda"), k)
-    weights.copy_(w2)
-    ids.copy_(ids2)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.testing.assert_close(y, fused_moe_fp8(x, gu, dn, weights, ids))
+    assert_graph_replays_like_eager(fused_moe_fp8, x.bfloat16(), gu, dn, weights, ids)

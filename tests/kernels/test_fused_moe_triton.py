@@ -183,14 +183,19 @@ def test_int4_fused_moe_captures_in_a_cuda_graph(t):
     e, k, h, inter = 256, 8, 2048, 512
     x, gate_up, down, weights, ids = moe_inputs(t, e, k, h, inter, device="cuda")
     gu, dn = int4_experts(gate_up, 128), int4_experts(down, 128)
-    x = x.bfloat16()
-    fused_moe_int4(x, gu, dn, weights, ids)  # compile outside the capture
+    assert_graph_replays_like_eager(fused_moe_int4, x.bfloat16(), gu, dn, weights, ids)
+
+
+def assert_graph_replays_like_eager(moe, x, gu, dn, weights, ids) -> None:
+    """Capture moe(x, gu, dn, weights, ids) in a CUDA graph, give it new inputs and new routing in place, replay:
+    the output equals an eager call on those inputs."""
+    moe(x, gu, dn, weights, ids)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = fused_moe_int4(x, gu, dn, weights, ids)
-    w2, ids2 = route_topk_softmax(torch.randn(t, e, device="cuda"), k)
+        y = moe(x, gu, dn, weights, ids)
+    w2, ids2 = route_topk_softmax(torch.randn(ids.shape[0], gu.dims()[0], device="cuda"), ids.shape[1])
     weights.copy_(w2)
     ids.copy_(ids2)
     x.copy_(torch.randn_like(x))
     graph.replay()
-    torch.testing.assert_close(y, fused_moe_int4(x, gu, dn, weights, ids))
+    torch.testing.assert_close(y, moe(x, gu, dn, weights, ids))
