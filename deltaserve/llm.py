@@ -64,7 +64,7 @@ class RankSpec:
         else:
             load_weights(model, cfg, self.weights_dir, progress=tp.rank == 0, rank=tp.rank, world=tp.world)
         if device.type == "cuda":
-            use_int4_kernels(model)  # compressed-tensors int4 -> the kernels' AWQ layout, once
+            use_int4_kernels(model)  # int4 -> the kernels' layouts (AWQ; K-packed where the group allows), once
             use_fp8_kernels(model)  # FP8 experts: gate and up stacked for the fused MoE, once
         on_loaded()
         state_dtype = DTYPES[cfg.state_dtype]

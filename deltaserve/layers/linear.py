@@ -5,9 +5,10 @@ Every Linear decides its own format from the checkpoint (models/weights.plan_for
 gate|up) stay one `nn.Linear` GEMM when all their pieces are 16-bit; when any piece is quantized they become a
 `ProjectionGroup`, one Linear per checkpoint piece, outputs concatenated in the same order.
 
-int4 on CUDA: the Triton W4A16 kernels (kernels/int4_gemm, kernels/fused_moe/triton_int4.py) read the AWQ layout;
-`use_int4_kernels(model)` runs once after loading and rewrites compressed-tensors weights into it. Elsewhere (CPU,
-fp32, odd group sizes) the reference: dequantize the whole weight to x's dtype, then one GEMM.
+int4 on CUDA: the Triton W4A16 kernels (kernels/int4_gemm, kernels/fused_moe) read the AWQ layout or, for groups of
+64 or more, the K-packed one (fast decode GEMV); `use_int4_kernels(model)` runs once after loading, rewrites
+compressed-tensors weights into AWQ and then K-packs what it can. Elsewhere (CPU, fp32, odd group sizes) the
+reference: dequantize the whole weight to x's dtype, then one GEMM.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.fused_moe import ExpertWeights, fused_moe_int4, fused_moe_reference
-from ..kernels.int4_gemm import int4_gemm, kernel_supports
-from .quant import FORMATS, ct_to_awq, dequantize, narrowest_exact
+from ..kernels.int4_gemm import int4_gemm, kernel_supports, kpack_ok
+from .quant import FORMATS, awq_to_kpack, ct_to_awq, dequantize, kpack_to_awq, narrowest_exact
 
 
 class QuantLinear(nn.Module):
@@ -32,6 +33,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         lead = () if num_experts is None else (num_experts,)
         self.kinds = tuple(FORMATS[fmt])
+        self.kpack = False  # qweight K-packed ([(E,) in/8, out], to_kernel_layout) instead of AWQ's [(E,) in, out/8]
         for kind, spec in FORMATS[fmt].items():
             dtype = torch.int32 if spec.packed else torch.float32
             shape = lead + spec.shape(in_features, out_features, group_size)
@@ -46,13 +48,19 @@ class QuantLinear(nn.Module):
 
     def dequant(self, dtype: torch.dtype) -> torch.Tensor:
         """-> W [(E,) out, in] in dtype."""
-        return dequantize(self.fmt, {k: getattr(self, k) for k in self.kinds}, self.group_size, dtype)
+        tensors = {k: getattr(self, k) for k in self.kinds}
+        if self.kpack:
+            tensors["qweight"] = kpack_to_awq(tensors["qweight"])
+        return dequantize(self.fmt, tensors, self.group_size, dtype)
 
     def to_kernel_layout(self) -> None:
         """Once, after loading, for the CUDA kernels: compressed-tensors tensors are rewritten in the AWQ layout
         (bit-exact, one expert at a time to bound the temporaries) and the scales narrowed to fp16/bf16 where that
-        holds them exactly (fewer bytes streamed). A compressed-tensors Linear whose outputs are not a multiple of 8
-        cannot be packed along out: it keeps its format and the reference path."""
+        holds them exactly (fewer bytes streamed), then qweight is K-packed where the group allows (kpack_ok; one
+        expert at a time). A compressed-tensors Linear whose outputs are not a multiple of 8 cannot be packed along
+        out: it keeps its format and the reference path."""
+        if self.kpack:
+            return
         if self.fmt != "awq":
             if self.out_features % 8:
                 return
@@ -72,11 +80,19 @@ class QuantLinear(nn.Module):
             for kind, tensor in new.items():
                 self.register_parameter(kind, nn.Parameter(tensor, requires_grad=False))
         self.scales.data = narrowest_exact(self.scales.data)
+        if kpack_ok(self.in_features, self.group_size):
+            old = self.qweight.data
+            packed = torch.empty(old.shape[:-2] + (self.in_features // 8, self.out_features), dtype=torch.int32,
+                                 device=old.device)
+            for idx in ([()] if old.dim() == 2 else [(e,) for e in range(old.shape[0])]):
+                packed[idx].copy_(awq_to_kpack(old[idx]))
+            self.qweight.data, self.kpack = packed, True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, out] in x's dtype."""
         if self.fmt == "awq" and kernel_supports(x, self.group_size):
-            y = int4_gemm(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales, self.group_size)
+            y = int4_gemm(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales, self.group_size,
+                          self.kpack)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequant(x.dtype))
 
@@ -85,11 +101,13 @@ class QuantLinear(nn.Module):
 
 
 def use_int4_kernels(model: nn.Module) -> None:
-    """Put every int4 Linear of a loaded model in the kernels' layout (QuantLinear.to_kernel_layout); CUDA only:
+    """Put every int4 Linear of a loaded model in the kernels' layouts (QuantLinear.to_kernel_layout); CUDA only:
     the CPU reference reads every format as loaded."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.to_kernel_layout()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the repacking's temporaries, before the KV cache is sized from free memory
 
 
 class ProjectionGroup(nn.Module):
@@ -127,5 +145,6 @@ class QuantExperts(nn.Module):
             gate_up, down = self.dense(x.dtype)
             return fused_moe_reference(x, gate_up, down, topk_weights, topk_ids)
         gu, dn = self.gate_up_proj, self.down_proj
-        return fused_moe_int4(x, ExpertWeights(gu.qweight, gu.qzeros, gu.scales, gu.group_size),
-                              ExpertWeights(dn.qweight, dn.qzeros, dn.scales, dn.group_size), topk_weights, topk_ids)
+        return fused_moe_int4(x, ExpertWeights(gu.qweight, gu.qzeros, gu.scales, gu.group_size, kpack=gu.kpack),
+                              ExpertWeights(dn.qweight, dn.qzeros, dn.scales, dn.group_size, kpack=dn.kpack),
+                              topk_weights, topk_ids)

@@ -154,7 +154,7 @@ def test_random_scales_are_fp16_exact_and_run_the_int4_kernel():
     # cover bf16)
     x = torch.randn(3, o.in_features, generator=torch.Generator().manual_seed(0)).half()
     ref = torch.nn.functional.linear(x.float(), o.dequant(torch.float32))
-    out = int4_gemm_triton(x, o.qweight, o.qzeros, o.scales, o.group_size).float()
+    out = int4_gemm_triton(x, o.qweight, o.qzeros, o.scales, o.group_size, kpack=o.kpack).float()
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 

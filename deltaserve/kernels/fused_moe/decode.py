@@ -1,7 +1,7 @@
 """int4 MoE for decode-sized batches as per-pair GEMVs: no sort / align at all, four launches per MoE block.
 
-Each (token, expert) pair is its own GEMV over its expert's weight (int4_gemm.triton.int4_gemv_rows: packed-column
-tiles, split-K partials in fp32), so the weight stream is spread over (column tiles x K splits x pairs) programs
+Each (token, expert) pair is its own GEMV over its expert's weight (int4_gemm.kpack.kpack_gemv_rows for K-packed
+experts, else int4_gemm.triton.int4_gemv_rows; split-K partials in fp32), so the weight stream is spread over (column tiles x K splits x pairs) programs
 whatever the routing. Launches: GEMM1 gate|up -> _silu_mul_kernel (sums the K splits, silu(gate) · up in fp32,
 rounded to x's dtype as the grouped path rounds its activation) -> GEMM2 down -> combine_kernel (sums the K splits
 and the k pairs of each token, times the routing weights, one rounding). All sums run in a fixed order:
@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..int4_gemm.kpack import kpack_gemv_rows
 from ..int4_gemm.triton import int4_gemv_rows
 from .reference import ExpertWeights
 
@@ -57,6 +58,12 @@ def combine_kernel(part, weights, ids, out, S, M, H, TOP_K: tl.constexpr, MUL_WE
     tl.store(out + i_t.to(tl.int64) * H + o_h, b_out.to(out.dtype.element_ty), mask=m_h)
 
 
+def _gemv_rows(x: torch.Tensor, w: ExpertWeights, ids: torch.Tensor, x_row_div: int) -> torch.Tensor:
+    """fp32 split-K partials [S, R, N] of the per-pair GEMVs, in the weight's layout (K-packed or AWQ)."""
+    gemv = kpack_gemv_rows if w.kpack else int4_gemv_rows
+    return gemv(x, w.qweight, w.qzeros, w.scales, w.group_size, ids, x_row_div)
+
+
 DECODE_MAX_PAIRS = 128  # T · k up to this: per-pair GEMVs (T <= 16 at top-8); beyond: align + grouped GEMM
 
 
@@ -70,14 +77,14 @@ def fused_moe_int4_decode(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertW
     top_k = topk_ids.shape[1]
     inter = down.dims()[1]
     ids = topk_ids.reshape(-1).contiguous()
-    part1 = int4_gemv_rows(x, gate_up.qweight, gate_up.qzeros, gate_up.scales, gate_up.group_size, ids, top_k)
+    part1 = _gemv_rows(x, gate_up, ids, top_k)
     act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     if t == 0:
         return out
     _silu_mul_kernel[(t * top_k, triton.cdiv(inter, 512))](part1, act, ids, part1.shape[0], t * top_k, inter,
                                                             BLOCK=512)
-    part2 = int4_gemv_rows(act, down.qweight, down.qzeros, down.scales, down.group_size, ids, 1)
+    part2 = _gemv_rows(act, down, ids, 1)
     weights = topk_weights.reshape(-1).float().contiguous()
     combine_kernel[(t, triton.cdiv(h, 1024))](part2, weights, ids, out, part2.shape[0], t * top_k, h, TOP_K=top_k,
                                                MUL_WEIGHT=True, BLOCK=1024)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...layers.quant import dequant_awq
+from ...layers.quant import dequant_awq, kpack_to_awq
 from ..fp8_gemm.reference import dequant_blocks
 
 
@@ -53,6 +53,7 @@ class ExpertWeights:
     weight: torch.Tensor | None = None
     scale_inv: torch.Tensor | None = None  # FP8 only
     block: tuple[int, int] = (0, 0)  # FP8 only: the scale block (rows of N, columns of K)
+    kpack: bool = False  # int4 only: qweight K-packed [E, K/8, N] (layers/quant.awq_to_kpack) instead of AWQ
 
     @property
     def int4(self) -> bool:
@@ -65,13 +66,14 @@ class ExpertWeights:
     def dims(self) -> tuple[int, int, int]:
         """-> (E, K, N) with N all output columns."""
         if self.int4:
-            return self.scales.shape[0], self.qweight.shape[1], self.scales.shape[2]
+            return self.scales.shape[0], self.qweight.shape[1] * (8 if self.kpack else 1), self.scales.shape[2]
         return self.weight.shape[0], self.weight.shape[2], self.weight.shape[1]
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         """-> [E, N, K] in dtype (int4, FP8: dequantized, one rounding)."""
         if self.int4:
-            return dequant_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype)
+            qweight = kpack_to_awq(self.qweight) if self.kpack else self.qweight
+            return dequant_awq(qweight, self.qzeros, self.scales, self.group_size, dtype)
         if self.fp8:
             return dequant_blocks(self.weight, self.scale_inv, self.block, dtype)
         return self.weight.to(dtype)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..int4_gemm.triton import dequant_awq_tile, dot_precision
+from ..int4_gemm.triton import dequant_awq_tile, dequant_kpack_tile, dot_precision
 from .align import MoeAlignment, moe_align
 from .align_triton import moe_align_triton
 from .decode import DECODE_MAX_PAIRS, combine_kernel, fused_moe_int4_decode
@@ -23,12 +23,17 @@ from .reference import ExpertWeights
 
 
 @triton.jit
-def _weight_tile(p_w, p_z, p_s, o_k, n0, n_end, stride_wk, stride_wn, stride_sn, BK: tl.constexpr, BN: tl.constexpr,
-                 INT4: tl.constexpr, FP8: tl.constexpr, SCALE_BN: tl.constexpr, DTYPE: tl.constexpr):
-    """[BK, BN] tile of one expert's weight at rows o_k, columns n0.. (< n_end): int4 AWQ [K, N/8], block FP8 [N, K]
-    (p_s: the scale column of this K block, one scale per SCALE_BN rows of N) or 16-bit [N, K]."""
+def _weight_tile(p_w, p_z, p_s, k0, o_k, n0, n_end, stride_wk, stride_wn, stride_sn, BK: tl.constexpr,
+                 BN: tl.constexpr, INT4: tl.constexpr, KPACK: tl.constexpr, FP8: tl.constexpr, SCALE_BN: tl.constexpr,
+                 DTYPE: tl.constexpr):
+    """[BK, BN] tile of one expert's weight at rows o_k = k0.., columns n0.. (< n_end): int4 AWQ [K, N/8] or K-packed
+    [K/8, N] (KPACK, BK = 64), block FP8 [N, K] (p_s: the scale column of this K block, one scale per SCALE_BN rows
+    of N) or 16-bit [N, K]."""
     if INT4:
-        return dequant_awq_tile(p_w, p_z, p_s, o_k, n0, n_end, stride_wk, BK, BN, DTYPE)
+        if KPACK:
+            return dequant_kpack_tile(p_w, p_z, p_s, k0, n0, n_end, stride_wk, BN, DTYPE)
+        else:
+            return dequant_awq_tile(p_w, p_z, p_s, o_k, n0, n_end, stride_wk, BK, BN, DTYPE)
     else:
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < n_end
@@ -45,7 +50,8 @@ def _moe_gemm_kernel(a, w, w_zeros, w_scales, out, topk_weights, sorted_ids, exp
                      N, K, num_pairs,
                      stride_am, stride_we, stride_wk, stride_wn, stride_ze, stride_zk, stride_se, stride_sk,
                      stride_sn, stride_om,
-                     A_ROW_DIV: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr, FP8: tl.constexpr,
+                     A_ROW_DIV: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr, KPACK: tl.constexpr,
+                     FP8: tl.constexpr,
                      SCALE_BN: tl.constexpr, GATED: tl.constexpr,
                      MUL_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
@@ -67,12 +73,12 @@ def _moe_gemm_kernel(a, w, w_zeros, w_scales, out, topk_weights, sorted_ids, exp
             b_a = tl.load(a + o_a[:, None] * stride_am + o_k[None, :], mask=m_r[:, None], other=0.0)
             i_g = k0 // GROUP
             p_zg, p_sg = p_z + i_g * stride_zk, p_s + i_g * stride_sk
-            b_w = _weight_tile(p_w, p_zg, p_sg, o_k, n0, N, stride_wk, stride_wn, stride_sn, BK, BN, INT4, FP8,
-                               SCALE_BN, b_a.dtype)
+            b_w = _weight_tile(p_w, p_zg, p_sg, k0, o_k, n0, N, stride_wk, stride_wn, stride_sn, BK, BN, INT4, KPACK,
+                               FP8, SCALE_BN, b_a.dtype)
             b_acc += tl.dot(b_a, b_w, input_precision=DOT_PRECISION)
             if GATED:
-                b_wu = _weight_tile(p_w, p_zg, p_sg, o_k, N + n0, 2 * N, stride_wk, stride_wn, stride_sn, BK, BN,
-                                    INT4, FP8, SCALE_BN, b_a.dtype)
+                b_wu = _weight_tile(p_w, p_zg, p_sg, k0, o_k, N + n0, 2 * N, stride_wk, stride_wn, stride_sn, BK,
+                                    BN, INT4, KPACK, FP8, SCALE_BN, b_a.dtype)
                 b_up += tl.dot(b_a, b_wu, input_precision=DOT_PRECISION)
         if GATED:
             b_acc = b_acc / (1.0 + tl.exp(-b_acc)) * b_up  # silu(gate) · up
@@ -87,7 +93,7 @@ def block_k_for(w: ExpertWeights, k: int, block_m: int) -> int:
     """The K tile: within one quantization group (int4) or scale block (FP8), dividing K."""
     group = w.group_size if w.int4 else (w.block[1] if w.fp8 else 0)
     if w.int4:
-        bk = min(group, 128 if block_m <= 16 else 64)
+        bk = 64 if w.kpack else min(group, 128 if block_m <= 16 else 64)
     else:
         bk = next((b for b in (64, 32, 16) if k % b == 0 and (not group or group % b == 0)), 0)
     if not bk or k % bk or (group and (group < 16 or group % bk)):
@@ -117,7 +123,8 @@ def _gemm(a, w: ExpertWeights, out, al: MoeAlignment, topk_weights, n: int, a_ro
     grid = (al.sorted_ids.numel() // al.block_m, triton.cdiv(n, block_n))
     _moe_gemm_kernel[grid](a, *tensors, out, topk_weights, al.sorted_ids, al.expert_ids, al.num_tokens_post_pad,
                            n, k, al.num_pairs, a.stride(0), *strides, stride_sn, out.stride(0),
-                           A_ROW_DIV=a_row_div, GROUP=group, INT4=w.int4, FP8=w.fp8, SCALE_BN=scale_bn,
+                           A_ROW_DIV=a_row_div, GROUP=group, INT4=w.int4, KPACK=w.kpack, FP8=w.fp8,
+                           SCALE_BN=scale_bn,
                            GATED=gated, MUL_WEIGHT=not gated, BM=al.block_m, BN=block_n, BK=bk,
                            DOT_PRECISION=dot_precision(a.dtype), num_warps=4, num_stages=3)
 

@@ -1,20 +1,26 @@
 """W4A16 GEMM dispatch: int4 weights in the AWQ "gemm" layout (the one kernel layout: compressed-tensors weights
 are converted to it once after loading, layers/quant.ct_to_awq), activations fp16/bf16.
 
-CUDA with a kernel-supported group size: T <= GEMV_MAX_T (decode) the Triton GEMV built for the weight stream
-(triton.py `int4_gemv_triton`), larger T the Triton GEMM (dequant inside the K loop, split-K for small T); neither
-has a host sync, so CUDA graphs capture them. Elsewhere the torch reference (dequantize, then F.linear).
+CUDA with a kernel-supported group size, two weight layouts (QuantLinear.to_kernel_layout picks once):
+- K-packed (`kpack=True`, groups of 64 or more, layers/quant.awq_to_kpack): T = 1 the GEMV of kpack.py (a few ALU
+  ops per weight: ~0.6 of the bytes bound where the AWQ-layout GEMV reaches ~0.35), larger T the Triton GEMM reading
+  64-row spans;
+- AWQ (smaller groups): T <= GEMV_MAX_T the GEMV of triton.py (`int4_gemv_triton`), larger T the Triton GEMM.
+The GEMMs dequantize inside the K loop (split-K for small T). No host syncs, so CUDA graphs capture every path.
+Elsewhere the torch reference (dequantize, then F.linear), AWQ layout only.
 triton.py is imported lazily: importing deltaserve must not import triton (see kernels/paged_attention)."""
 import torch
 
 from .reference import int4_gemm as int4_gemm_reference
 
-__all__ = ["int4_gemm", "int4_gemm_reference", "int4_gemm_triton", "int4_gemv_triton", "kernel_supports"]
+__all__ = ["int4_gemm", "int4_gemm_reference", "int4_gemm_triton", "int4_gemv_triton", "kernel_supports", "kpack_ok"]
 
 # The one switch between the decode paths: True sends T <= GEMV_MAX_T to the GEMV, False to the GEMM's split-K
 # decode plan (benchmarks/kernels/bench_int4.py times both side by side).
 DECODE_GEMV = True
 GEMV_MAX_T = 16  # == triton.GEMV_MAX_T (not imported from there: that would import triton with deltaserve)
+# The switch between the weight layouts (benchmarks A/B it): True K-packs every weight kpack_ok allows.
+USE_KPACK = True
 
 
 def __getattr__(name: str):
@@ -25,6 +31,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def kpack_ok(in_features: int, group_size: int) -> bool:
+    """Whether an int4 weight can take the K-packed layout: whole 64-row spans inside each (power-of-two) group."""
+    return USE_KPACK and group_size % 64 == 0 and group_size & (group_size - 1) == 0 and in_features % group_size == 0
+
+
 def kernel_supports(x: torch.Tensor, group_size: int) -> bool:
     """Whether the Triton kernel takes this input: a CUDA fp16/bf16 activation and a power-of-two group >= 16
     (a K tile never straddles two groups and is wide enough for tl.dot)."""
@@ -33,8 +44,18 @@ def kernel_supports(x: torch.Tensor, group_size: int) -> bool:
 
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-              group_size: int) -> torch.Tensor:
-    """x: [T, K]; qweight: [K, N/8] int32; qzeros: [K/G, N/8] int32; scales: [K/G, N] -> [T, N] in x's dtype."""
+              group_size: int, kpack: bool = False) -> torch.Tensor:
+    """x: [T, K]; qweight: [K, N/8] int32 (AWQ) or [K/8, N] (kpack); qzeros: [K/G, N/8] int32; scales: [K/G, N]
+    -> [T, N] in x's dtype."""
+    if kpack:
+        if not kernel_supports(x, group_size):
+            raise ValueError("a K-packed int4 weight runs only in the CUDA kernels (fp16/bf16 activations)")
+        from .kpack import kpack_gemv
+        from .triton import int4_gemm_triton
+
+        if x.shape[0] == 1:
+            return kpack_gemv(x, qweight, qzeros, scales, group_size)
+        return int4_gemm_triton(x, qweight, qzeros, scales, group_size, kpack=True)
     if kernel_supports(x, group_size):
         from .triton import int4_gemm_triton, int4_gemv_triton
 

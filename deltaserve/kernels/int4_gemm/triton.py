@@ -46,12 +46,29 @@ def dequant_awq_tile(p_q, p_z, p_s, o_k, n0, n_end, stride_qk, BK: tl.constexpr,
 
 
 @triton.jit
+def dequant_kpack_tile(p_q, p_z, p_s, k0, n0, n_end, stride_qk, BN: tl.constexpr, DTYPE: tl.constexpr):
+    """The [64, BN] weight tile W[k0 : k0 + 64, n0 : n0 + BN] from the K-packed layout (kpack.py: int32 row
+    k0/8 + r holds row k0 + 8j + r at nibble j; k0 a multiple of 64). p_z, p_s as in dequant_awq_tile."""
+    o_n = n0 + tl.arange(0, BN)
+    m_n = o_n < n_end
+    o_r = tl.arange(0, 8)
+    b_q = tl.load(p_q + (k0 // 8 + o_r)[:, None].to(tl.int64) * stride_qk + o_n[None, :], mask=m_n[None, :],
+                  other=0)
+    b_q = tl.reshape((b_q[None, :, :] >> (4 * o_r)[:, None, None]) & 0xF, (64, BN))  # [j, r, BN] -> row 8j + r
+    b_zshift = (((o_n % 8) >> 1) + ((o_n % 8) & 1) * 4) * 4  # column n's nibble in AWQ int32 n // 8
+    b_z = (tl.load(p_z + o_n // 8, mask=m_n, other=0) >> b_zshift) & 0xF
+    b_s = tl.load(p_s + o_n, mask=m_n, other=0.0).to(tl.float32)
+    return ((b_q - b_z[None, :]).to(tl.float32) * b_s[None, :]).to(DTYPE)
+
+
+@triton.jit
 def _int4_gemm_kernel(x, qweight, qzeros, scales, out,
                       T, N, K, K_PER_SPLIT,
                       stride_xt, stride_qk, stride_zk, stride_sk, stride_os, stride_ot,
                       GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
-    """Program (i_m, i_n, i_s): rows i_m·BM.., columns i_n·BN.., K range i_s·K_PER_SPLIT.. -> out[i_s] tile."""
+                      DOT_PRECISION: tl.constexpr, KPACK: tl.constexpr):
+    """Program (i_m, i_n, i_s): rows i_m·BM.., columns i_n·BN.., K range i_s·K_PER_SPLIT.. -> out[i_s] tile.
+    KPACK: qweight in the K-packed layout (BK == 64), else AWQ."""
     i_m, i_n, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_m = i_m * BM + tl.arange(0, BM)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -63,8 +80,12 @@ def _int4_gemm_kernel(x, qweight, qzeros, scales, out,
         o_k = k0 + tl.arange(0, BK)
         b_x = tl.load(x + o_m[:, None].to(tl.int64) * stride_xt + o_k[None, :], mask=m_m[:, None], other=0.0)
         i_g = k0 // GROUP
-        b_w = dequant_awq_tile(qweight, qzeros + i_g * stride_zk, scales + i_g * stride_sk, o_k, i_n * BN, N,
-                               stride_qk, BK, BN, b_x.dtype)
+        if KPACK:
+            b_w = dequant_kpack_tile(qweight, qzeros + i_g * stride_zk, scales + i_g * stride_sk, k0, i_n * BN, N,
+                                     stride_qk, BN, b_x.dtype)
+        else:
+            b_w = dequant_awq_tile(qweight, qzeros + i_g * stride_zk, scales + i_g * stride_sk, o_k, i_n * BN, N,
+                                   stride_qk, BK, BN, b_x.dtype)
         b_acc += tl.dot(b_x, b_w, input_precision=DOT_PRECISION)
     p_o = out + i_s * stride_os + o_m[:, None].to(tl.int64) * stride_ot + o_n[None, :]
     tl.store(p_o, b_acc.to(p_o.dtype.element_ty), mask=m_m[:, None] & (o_n < N)[None, :])
@@ -83,13 +104,16 @@ class GemmPlan:
 SMALL_T = 16  # up to this many rows: the decode plan (one 16-row tile, split K)
 
 
-def plan(t: int, n: int, k: int, group: int, num_sms: int = 132) -> GemmPlan:
-    """Tile sizes and split-K for x [t, k] times an int4 [k, n] weight (shapes only: no host sync)."""
+def plan(t: int, n: int, k: int, group: int, num_sms: int = 132, kpack: bool = False) -> GemmPlan:
+    """Tile sizes and split-K for x [t, k] times an int4 [k, n] weight (shapes only: no host sync). kpack: the
+    weight is K-packed, whose tiles are one 64-row span."""
     if t <= SMALL_T:
         bm, bn, bk, warps, stages = 16, 128, min(group, 128), 4, 4
     else:
         bm, bn, bk = (64 if t <= 64 else 128), 128, min(group, 64)
         warps, stages = (4 if bm == 64 else 8), 3
+    if kpack:
+        bk = 64
     bn = min(bn, max(16, triton.next_power_of_2(n)))
     tiles = triton.cdiv(t, bm) * triton.cdiv(n, bn)
     iters = k // bk
@@ -125,15 +149,23 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def int4_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                     group_size: int, config: GemmPlan | None = None) -> torch.Tensor:
-    """x: [T, K] fp16/bf16 (fp32 in the interpreter); qweight [K, N/8] int32; qzeros [K/G, N/8] int32;
-    scales [K/G, N] -> [T, N] in x's dtype. config: override the plan (benchmarks, tests)."""
-    t, n, k = _check(x, qweight, qzeros, scales, group_size)
+                     group_size: int, config: GemmPlan | None = None, kpack: bool = False) -> torch.Tensor:
+    """x: [T, K] fp16/bf16 (fp32 in the interpreter); qweight [K, N/8] int32 (AWQ) or [K/8, N] (kpack: the
+    K-packed layout of kpack.py); qzeros [K/G, N/8] int32; scales [K/G, N] -> [T, N] in x's dtype. config: override
+    the plan (benchmarks, tests)."""
+    if kpack:
+        from .kpack import check_kpack
+
+        n, k = check_kpack(x, qweight, qzeros, scales, group_size)
+        t = x.shape[0]
+    else:
+        t, n, k = _check(x, qweight, qzeros, scales, group_size)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = config or plan(t, n, k, group_size, device_sms(x.device))
-    if group_size % cfg.block_k or cfg.block_k < 16 and x.is_cuda:
-        raise ValueError(f"block_k {cfg.block_k} must divide group_size {group_size} (and be >= 16 on a GPU)")
+    cfg = config or plan(t, n, k, group_size, device_sms(x.device), kpack)
+    if group_size % cfg.block_k or cfg.block_k < 16 and x.is_cuda or kpack and cfg.block_k != 64:
+        raise ValueError(f"block_k {cfg.block_k} must divide group_size {group_size} (and be >= 16 on a GPU; "
+                         f"64 for a K-packed weight)")
     out, dst, k_per_split, split, stride_os = _split_k_outputs(x, t, n, k, cfg.block_k, cfg.split_k)
     if t == 0:
         return out
@@ -141,7 +173,7 @@ def int4_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
     _int4_gemm_kernel[grid](x, qweight, qzeros, scales, dst, t, n, k, k_per_split,
                             x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), stride_os,
                             dst.stride(-2), GROUP=group_size, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
-                            DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps,
+                            DOT_PRECISION=dot_precision(x.dtype), KPACK=kpack, num_warps=cfg.num_warps,
                             num_stages=cfg.num_stages)
     if split > 1:
         torch.sum(dst, dim=0, out=out) if x.dtype == torch.float32 else out.copy_(dst.sum(0))

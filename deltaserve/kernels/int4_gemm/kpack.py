@@ -1,0 +1,185 @@
+"""Triton int4 decode GEMV (T = 1) over the K-packed layout (layers/quant.awq_to_kpack), built for the ALU budget.
+
+Why a second layout: at T = 1 an H100 streams ~6e12 int4 weights/s but issues only ~30e12 lane ops/s, so a GEMV
+reaches the bandwidth bound only at about 3 ops per weight. The AWQ layout packs 8 output columns per int32, so
+each nibble needs its own extract, int->float, multiply and a cross-thread reduction over K (~6-7 ops: 0.35 of the
+bound measured). Here an int32 holds 8 input rows of one column, so a thread owns whole columns and reduces over K
+in registers, and each weight costs ~2.5 ops:
+  - one shift places two nibbles at mantissa bits 15..18 and 19..22 (0.5 op per weight);
+  - one AND|OR (a LOP3) makes the fp32 1 + q·2^-8 or 1 + q·2^-4 (the 1.0 is the exponent, no int->float convert);
+  - one FMA with the activation.
+The 1.0 offsets are taken out once per group with the group's activation sum X (which the zero point needs anyway):
+  sum_k x_k (q_k - z) = 256 (acc_lo - X_lo) + 16 (acc_hi - X_hi) - z X,   times the group's scale.
+The fp32 cancellation costs ~8 of 24 mantissa bits for the 2^-8 half: ~2^-16 relative, far below bf16's 2^-8.
+
+Layout: P [K/8, N] int32; int32 row 8b + r of column n holds input row 64b + 8j + r at bits 4j (span b, j = 0..7),
+so nibble j of a span's 8 rows meets the contiguous activations x[64b + 8j : 64b + 8j + 8]. Zeros stay in the AWQ
+layout [K/G, N/8], scales [K/G, N]. Needs G % 64 == 0 (a span never straddles two groups).
+
+Program (i_n, i_s[, i_r]): columns i_n·BN.., groups of K range i_s (fp32 split-K partials [S, rows, N], summed in
+split order by the caller: deterministic, no atomics). INDEXED (the MoE decode): axis 2 is the output row r, which
+multiplies x row r // X_ROW_DIV by the weight of expert expert_of_row[r] (-1: another rank's, writes nothing).
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+SPAN = 64  # == layers.quant.KPACK_SPAN
+
+
+@triton.jit
+def _pair(acc_lo, acc_hi, b_q, x_lo, x_hi, SHIFT: tl.constexpr):
+    """acc_lo += (1 + q_lo/256) x_lo, acc_hi += (1 + q_hi/16) x_hi for the two nibbles SHIFT brings to bits 15..22
+    (SHIFT > 0: left, < 0: right; the masks drop whatever the arithmetic shift drags in)."""
+    if SHIFT > 0:
+        b_v = b_q << SHIFT
+    else:
+        b_v = b_q >> (-SHIFT)
+    b_lo = ((b_v & 0x00078000) | 0x3F800000).to(tl.float32, bitcast=True)
+    b_hi = ((b_v & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+    return acc_lo + b_lo * x_lo[:, None], acc_hi + b_hi * x_hi[:, None]
+
+
+@triton.jit
+def _kpack_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, N, K, K_PER_SPLIT,
+                       stride_xt, stride_qk, stride_zk, stride_sk, stride_os, stride_ot,
+                       stride_qe, stride_ze, stride_se,
+                       GROUP: tl.constexpr, BN: tl.constexpr, X_ROW_DIV: tl.constexpr, INDEXED: tl.constexpr):
+    i_n, i_s = tl.program_id(0), tl.program_id(1)
+    if INDEXED:
+        i_r = tl.program_id(2)
+        i_e = tl.load(expert_of_row + i_r).to(tl.int64)
+        if i_e < 0:
+            return
+        qweight += i_e * stride_qe
+        qzeros += i_e * stride_ze
+        scales += i_e * stride_se
+        x += (i_r // X_ROW_DIV).to(tl.int64) * stride_xt
+        out += i_r.to(tl.int64) * stride_ot
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    o_r = tl.arange(0, 8)
+    # column n's zero point: nibble (j >> 1) + 4 (j & 1) of AWQ int32 n // 8, j = n % 8 (AWQ_ORDER inverted)
+    b_zshift = (((o_n % 8) >> 1) + ((o_n % 8) & 1) * 4) * 4
+    b_out = tl.zeros([BN], dtype=tl.float32)
+    k_lo = i_s * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for g0 in range(k_lo, k_hi, GROUP):
+        acc_lo = tl.zeros([8, BN], dtype=tl.float32)
+        acc_hi = tl.zeros([8, BN], dtype=tl.float32)
+        x_lo = tl.zeros([8], dtype=tl.float32)
+        x_hi = tl.zeros([8], dtype=tl.float32)
+        for h in tl.static_range(GROUP // 64):
+            k0 = g0 + h * 64
+            b_q = tl.load(qweight + (k0 // 8 + o_r)[:, None].to(tl.int64) * stride_qk + o_n[None, :],
+                          mask=m_n[None, :], other=0)
+            p_x = x + k0 + o_r
+            x0 = tl.load(p_x).to(tl.float32)
+            x1 = tl.load(p_x + 8).to(tl.float32)
+            x2 = tl.load(p_x + 16).to(tl.float32)
+            x3 = tl.load(p_x + 24).to(tl.float32)
+            x4 = tl.load(p_x + 32).to(tl.float32)
+            x5 = tl.load(p_x + 40).to(tl.float32)
+            x6 = tl.load(p_x + 48).to(tl.float32)
+            x7 = tl.load(p_x + 56).to(tl.float32)
+            acc_lo, acc_hi = _pair(acc_lo, acc_hi, b_q, x0, x1, 15)  # nibbles 0, 1 (bits 0..7)
+            acc_lo, acc_hi = _pair(acc_lo, acc_hi, b_q, x2, x3, 7)  # nibbles 2, 3
+            acc_lo, acc_hi = _pair(acc_lo, acc_hi, b_q, x4, x5, -1)  # nibbles 4, 5
+            acc_lo, acc_hi = _pair(acc_lo, acc_hi, b_q, x6, x7, -9)  # nibbles 6, 7
+            x_lo += x0 + x2 + x4 + x6
+            x_hi += x1 + x3 + x5 + x7
+        i_g = g0 // GROUP
+        b_z = (tl.load(qzeros + i_g * stride_zk + o_n // 8, mask=m_n, other=0) >> b_zshift) & 0xF
+        b_s = tl.load(scales + i_g * stride_sk + o_n, mask=m_n, other=0.0).to(tl.float32)
+        s_lo = tl.sum(x_lo, axis=0)
+        s_hi = tl.sum(x_hi, axis=0)
+        b_xq = 256.0 * (tl.sum(acc_lo, axis=0) - s_lo) + 16.0 * (tl.sum(acc_hi, axis=0) - s_hi)
+        b_out += b_s * (b_xq - b_z.to(tl.float32) * (s_lo + s_hi))
+    tl.store(out + i_s * stride_os + o_n, b_out, mask=m_n)
+
+
+@dataclass(frozen=True)
+class KpackPlan:
+    block_n: int  # output columns per program
+    split_k: int  # programs along K, each a whole number of groups
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def kpack_plan(n: int, k: int, group: int, num_sms: int = 132, rows: int = 1) -> KpackPlan:
+    """Shapes only (no host sync). 128 columns per warp (4 per thread, one 16-byte load per span row); split K
+    until about 4 programs per SM, keeping the fp32 partials under 1/16 of the int4 bytes. rows: GEMVs launched
+    together (the MoE decode's pairs)."""
+    bn = max(128, min(512, triton.next_power_of_2(n)))
+    groups = k // group
+    split = triton.cdiv(4 * num_sms, triton.cdiv(n, bn) * rows)
+    split = max(1, min(split, groups, k // 128))
+    return KpackPlan(bn, split, num_warps=bn // 128)
+
+
+def check_kpack(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                group: int) -> tuple[int, int]:
+    """-> (N, K) after checking the K-packed tensors ([..., K/8, N], [..., K/G, N/8], [..., K/G, N]) against x."""
+    if x.dim() != 2:
+        raise ValueError(f"x {tuple(x.shape)} must be [T, K]")
+    k = x.shape[-1]
+    n = qweight.shape[-1]
+    if group % SPAN or k % group:
+        raise ValueError(f"group_size {group} must be a multiple of {SPAN} dividing K={k} for the K-packed kernel")
+    lead = tuple(qweight.shape[:-2])
+    want = {"qweight": (qweight, lead + (k // 8, n)), "qzeros": (qzeros, lead + (k // group, n // 8)),
+            "scales": (scales, lead + (k // group, n))}
+    for name, (tensor, shape) in want.items():
+        if tuple(tensor.shape) != shape or tensor.stride(-1) != 1 or tensor.device != x.device:
+            raise ValueError(f"{name} {tuple(tensor.shape)} on {tensor.device} must be {list(shape)} with a "
+                             f"contiguous last axis on {x.device} (K-packed int4, x is {tuple(x.shape)})")
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or n % 8:
+        raise ValueError(f"qweight / qzeros must be int32 and N={n} a multiple of 8")
+    return n, k
+
+
+def kpack_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                    group_size: int, expert_of_row: torch.Tensor | None = None, x_row_div: int = 1,
+                    config: KpackPlan | None = None) -> torch.Tensor:
+    """fp32 split-K partials [S, R, N] of R independent GEMVs; the caller sums S.
+    Plain (expert_of_row None): x [1, K]; qweight [K/8, N] int32 (K-packed); qzeros [K/G, N/8]; scales [K/G, N];
+    R = 1. Per-row experts (the MoE decode): qweight [E, K/8, N], qzeros [E, ...], scales [E, ...]; row r is
+    x[r // x_row_div] times expert expert_of_row[r] ([R] int; -1 leaves the row unwritten)."""
+    indexed = expert_of_row is not None
+    if indexed != (qweight.dim() == 3) or (not indexed and x.shape[0] != 1):
+        raise ValueError(f"x {tuple(x.shape)} / qweight {tuple(qweight.shape)}: one row times [K/8, N], or "
+                         f"expert_of_row with [E, K/8, N] stacks")
+    n, k = check_kpack(x, qweight, qzeros, scales, group_size)
+    rows = expert_of_row.numel() if indexed else 1
+    x = x.contiguous()
+    from .triton import device_sms
+
+    cfg = config or kpack_plan(n, k, group_size, device_sms(x.device), rows)
+    k_per_split = triton.cdiv(k // group_size, cfg.split_k) * group_size
+    split = triton.cdiv(k, k_per_split)
+    part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return part
+    lead = (qweight.stride(0), qzeros.stride(0), scales.stride(0)) if indexed else (0, 0, 0)
+    grid = (triton.cdiv(n, cfg.block_n), split) + ((rows,) if indexed else ())
+    _kpack_gemv_kernel[grid](x, qweight, qzeros, scales, part, expert_of_row if indexed else x, n, k, k_per_split,
+                             x.stride(0), qweight.stride(-2), qzeros.stride(-2), scales.stride(-2), part.stride(0),
+                             part.stride(1), *lead, GROUP=group_size, BN=cfg.block_n, X_ROW_DIV=x_row_div,
+                             INDEXED=indexed, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return part
+
+
+def kpack_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               group_size: int, config: KpackPlan | None = None) -> torch.Tensor:
+    """x: [1, K] fp16/bf16 (fp32 in the interpreter); K-packed qweight [K/8, N] int32; qzeros [K/G, N/8] int32;
+    scales [K/G, N] -> [1, N] in x's dtype."""
+    part = kpack_gemv_rows(x, qweight, qzeros, scales, group_size, config=config)
+    if part.shape[0] == 1:
+        return part[0].to(x.dtype)
+    from .triton import _sum_splits_kernel
+
+    out = torch.empty(1, part.shape[2], dtype=x.dtype, device=x.device)
+    _sum_splits_kernel[(triton.cdiv(out.numel(), 1024),)](part, out, part.shape[0], out.numel(), BLOCK=1024)
+    return out

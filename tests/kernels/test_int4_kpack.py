@@ -1,0 +1,195 @@
+"""The K-packed int4 layout (layers/quant.awq_to_kpack) and the kernels that read it: the T=1 GEMV (kpack.py, plain
+and per-row experts), the GEMM's K-packed tiles (T > 1) and the fused MoE's, each against the torch reference on the
+same int4 values (interpreter on CPU, small shapes; full sizes under `gpu`). Also QuantLinear.to_kernel_layout: which
+weights it K-packs and that their output does not change."""
+import pytest
+import torch
+import triton.language as tl
+
+from deltaserve.kernels import int4_gemm as int4_dispatch
+from deltaserve.kernels.fused_moe import ExpertWeights, fused_moe_reference, route_topk_softmax
+from deltaserve.kernels.fused_moe.triton import fused_moe_triton
+from deltaserve.kernels.int4_gemm import int4_gemm_reference
+from deltaserve.kernels.int4_gemm.kpack import KpackPlan, kpack_gemv, kpack_gemv_rows, kpack_plan
+from deltaserve.kernels.int4_gemm.triton import int4_gemm_triton
+from deltaserve.layers.linear import QuantLinear
+from deltaserve.layers.quant import AWQ_ORDER, awq_to_kpack, dequant_awq, kpack_to_awq, to_awq, unpack_int4
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL_FP32 = 1e-4  # fp32 in the interpreter; the GEMV's 1.0-offset fold costs ~2^-16 relative: observed ~2e-5
+
+
+@pytest.fixture(autouse=True)
+def _triton_ready():
+    if not torch.cuda.is_available() and type(tl.max).__name__ != "InterpretedFunction":
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)")
+
+
+def assert_close(name, ref, out, atol):
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= atol, f"{name}: error {err:.2e} beyond {atol:.0e}"
+
+
+def kpacked(n: int, k: int, group: int, seed: int = 0, experts: int | None = None, device: str = "cpu"):
+    """-> (AWQ tensors, the same with qweight K-packed) of a random RTN-quantized [n, k] weight (or E of them)."""
+    gen = torch.Generator().manual_seed(seed)
+    ws = [to_awq(torch.randn(n, k, generator=gen) / k**0.5, group) for _ in range(experts or 1)]
+    awq = {name: (torch.stack([w[name] for w in ws]) if experts else ws[0][name]).to(device) for name in ws[0]}
+    return awq, dict(awq, qweight=awq_to_kpack(awq["qweight"]))
+
+
+def test_kpack_layout_places_each_row_where_documented():
+    awq, kp = kpacked(24, 192, 64)
+    q = unpack_int4(awq["qweight"], AWQ_ORDER)  # [K, N]
+    assert kp["qweight"].shape == (192 // 8, 24)
+    for k in (0, 7, 8, 63, 64 + 8 * 3 + 5, 191):
+        span, j, r = k // 64, (k % 64) // 8, k % 8
+        got = (kp["qweight"][span * 8 + r] >> (4 * j)) & 0xF
+        assert torch.equal(got, q[k]), f"row {k}"
+    assert torch.equal(kpack_to_awq(kp["qweight"]), awq["qweight"])
+    stacked, stacked_kp = kpacked(24, 128, 128, experts=3)
+    assert torch.equal(kpack_to_awq(stacked_kp["qweight"]), stacked["qweight"])
+
+
+# (K, N, group): N=200 / 136 leave the last column block partly masked; N=32 is the GDN in_proj_a/b width
+GEMV_CASES = {"k256-n96-g64": (256, 96, 64), "k384-n136-g128": (384, 136, 128), "k512-n200-g256": (512, 200, 256),
+              "k128-n32-g64": (128, 32, 64)}
+
+
+@pytest.mark.parametrize("k, n, group", GEMV_CASES.values(), ids=GEMV_CASES.keys())
+def test_kpack_gemv_matches_reference(k, n, group):
+    awq, kp = kpacked(n, k, group, seed=k + n)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(n))
+    ref = int4_gemm_reference(x, awq["qweight"], awq["qzeros"], awq["scales"], group)
+    assert_close("auto plan", ref, kpack_gemv(x, *kp.values(), group), ATOL_FP32)
+    for split in (1, k // group):  # one program along K, and one group per program (split-K partials summed)
+        cfg = KpackPlan(block_n=128, split_k=split, num_warps=4, num_stages=1)
+        assert_close(f"split {split}", ref, kpack_gemv(x, *kp.values(), group, config=cfg), ATOL_FP32)
+
+
+def test_kpack_gemv_rows_per_expert_and_skipped_rows():
+    """Row r multiplies x[r // 2] by expert ids[r]; id -1 (another rank's expert) leaves its row untouched."""
+    e, k, n, group = 4, 128, 48, 64
+    awq, kp = kpacked(n, k, group, experts=e)
+    x = torch.randn(2, k)
+    ids = torch.tensor([3, -1, 0, 3])
+    part = kpack_gemv_rows(x, *kp.values(), group, ids, 2)
+    for r, i in enumerate(ids.tolist()):
+        if i < 0:
+            continue
+        ref = int4_gemm_reference(x[r // 2 : r // 2 + 1], awq["qweight"][i], awq["qzeros"][i], awq["scales"][i],
+                                  group)
+        assert_close(f"row {r}", ref[0], part[:, r].sum(0), ATOL_FP32)
+
+
+@pytest.mark.parametrize("t", [2, 20], ids=lambda t: f"t{t}")
+def test_int4_gemm_reads_kpack_tiles(t):
+    k, n, group = 256, 72, 128
+    awq, kp = kpacked(n, k, group, seed=t)
+    x = torch.randn(t, k)
+    ref = int4_gemm_reference(x, awq["qweight"], awq["qzeros"], awq["scales"], group)
+    assert_close("kpack gemm", ref, int4_gemm_triton(x, *kp.values(), group, kpack=True), ATOL_FP32)
+
+
+PATHS = {"decode-gemv": {}, "grouped-gemm": {"decode_gemv": False}}
+
+
+@pytest.mark.parametrize("kw", PATHS.values(), ids=PATHS.keys())
+def test_fused_moe_on_kpack_experts(kw):
+    """Both int4 MoE paths (per-pair GEMVs, align + grouped GEMM) on K-packed experts equal the reference."""
+    e, h, inter, top_k, group = 8, 128, 64, 2, 64
+    gu, gu_kp = kpacked(2 * inter, h, group, seed=1, experts=e)
+    dn, dn_kp = kpacked(h, inter, group, seed=2, experts=e)
+    x = torch.randn(3, h)
+    weights, ids = route_topk_softmax(torch.randn(3, e), top_k)
+    ref = fused_moe_reference(x, ExpertWeights(**gu, group_size=group).dense(torch.float32),
+                              ExpertWeights(**dn, group_size=group).dense(torch.float32), weights, ids)
+    out = fused_moe_triton(x, ExpertWeights(**gu_kp, group_size=group, kpack=True),
+                           ExpertWeights(**dn_kp, group_size=group, kpack=True), weights, ids, **kw)
+    assert_close("moe", ref, out, ATOL_FP32)
+
+
+GROUPS = {"g32-stays-awq": (32, False), "g64-kpacked": (64, True), "g128-kpacked": (128, True)}
+
+
+@pytest.mark.parametrize("group, packs", GROUPS.values(), ids=GROUPS.keys())
+def test_quant_linear_kpacks_what_the_kernels_can_read(group, packs):
+    for experts in (None, 2):
+        lin = QuantLinear("awq", 128, 48, group, experts)
+        awq, _ = kpacked(48, 128, group, experts=experts)
+        for name, tensor in awq.items():
+            getattr(lin, name).data = tensor.float() if name == "scales" else tensor
+        before = lin.dequant(torch.float32)
+        lin.to_kernel_layout()
+        assert lin.kpack == packs
+        assert lin.qweight.shape[-2:] == ((128 // 8, 48) if packs else (128, 48 // 8))
+        assert torch.equal(lin.dequant(torch.float32), before)
+        x = torch.randn(2, 128)
+        if experts is None:  # the CPU forward dequantizes the K-packed weight too
+            assert_close("forward", torch.nn.functional.linear(x, before), lin(x), 1e-5)
+        lin.to_kernel_layout()  # a second call changes nothing
+        assert torch.equal(lin.dequant(torch.float32), before)
+
+
+def test_kpack_plan_and_refusals():
+    up = kpack_plan(34816, 5120, 128)
+    assert up.block_n == 512 and up.split_k > 1 and up.num_warps == 4
+    assert kpack_plan(32, 4096, 128).block_n == 128  # GDN in_proj_a/b
+    assert int4_dispatch.kpack_ok(4096, 128) and not int4_dispatch.kpack_ok(4096, 32)
+    assert not int4_dispatch.kpack_ok(4096, 192)  # not a power of two: the kernels' groups are
+    _, kp = kpacked(48, 128, 64)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        kpack_gemv(torch.randn(1, 128), *kp.values(), 32)
+    with pytest.raises(ValueError, match="qweight"):
+        kpack_gemv(torch.randn(1, 256), *kp.values(), 64)
+    with pytest.raises(ValueError, match="K-packed int4 weight runs only"):
+        int4_dispatch.int4_gemm(torch.randn(1, 128), *kp.values(), 64, kpack=True)
+
+
+# ---- full size on the GPU (bf16, group 128 as the published AWQ checkpoints) ----
+GPU_SHAPES = {"9b-o-proj-4096x4096": (4096, 4096), "27b-down-17408x5120": (17408, 5120),
+              "27b-gate-up-5120x34816": (5120, 34816), "gdn-ab-4096x32": (4096, 32)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 4, 16, 300], ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("k, n", GPU_SHAPES.values(), ids=GPU_SHAPES.keys())
+def test_kpack_full_size(k, n, t):
+    awq, kp = kpacked(n, k, 128, device="cuda")
+    x = torch.randn(t, k, device="cuda").bfloat16()
+    ref = int4_gemm_reference(x.float(), awq["qweight"], awq["qzeros"], awq["scales"], 128)
+    out = int4_dispatch.int4_gemm(x, *kp.values(), 128, kpack=True).float()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, f"relative error {rel:.2e}"  # bf16 rounding of y (and of W in the GEMM): ~3e-3
+
+
+@pytest.mark.gpu
+def test_kpack_gemv_captures_in_a_cuda_graph():
+    _, kp = kpacked(4096, 4096, 128, device="cuda")
+    x = torch.randn(1, 4096, device="cuda").bfloat16()
+    kpack_gemv(x, *kp.values(), 128)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = kpack_gemv(x, *kp.values(), 128)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(y, kpack_gemv(x, *kp.values(), 128))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 16, 64], ids=lambda t: f"t{t}")
+def test_fused_moe_kpack_full_size(t):
+    """35B-A3B shapes: 256 experts top-8, H=2048, I=512, group 128."""
+    e, h, inter = 256, 2048, 512
+    gu, gu_kp = kpacked(2 * inter, h, 128, seed=1, experts=e, device="cuda")
+    dn, dn_kp = kpacked(h, inter, 128, seed=2, experts=e, device="cuda")
+    x = torch.randn(t, h, device="cuda").bfloat16()
+    weights, ids = route_topk_softmax(torch.randn(t, e, device="cuda"), 8)
+    gate_up = dequant_awq(gu["qweight"], gu["qzeros"], gu["scales"], 128, torch.float32)
+    down = dequant_awq(dn["qweight"], dn["qzeros"], dn["scales"], 128, torch.float32)
+    ref = fused_moe_reference(x.float(), gate_up, down, weights, ids)
+    out = fused_moe_triton(x, ExpertWeights(**gu_kp, group_size=128, kpack=True),
+                           ExpertWeights(**dn_kp, group_size=128, kpack=True), weights, ids).float()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 2e-2, f"relative error {rel:.2e}"
