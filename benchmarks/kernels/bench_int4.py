@@ -3,9 +3,9 @@ bound measured in the same run (~1 min of GPU time, most of it Triton compiles).
 
 1. Linears of Qwen3.5-9B and 27B (o_proj / out_proj, MLP gate|up, down) at T = 1 and 16, AWQ layout: the GEMM's
    split-K decode plan (`int4_gemm_triton`), the GEMV (`int4_gemv_triton`); K-packed layout (the engine's default
-   for groups >= 64): the dispatch (`int4_gemm(..., kpack=True)`: the kpack GEMV at T=1, the GEMM's K-packed tiles
-   above); bf16 F.linear (cuBLAS). Bound: int4 weight + zeros + scales + activations in/out over a device copy's
-   bandwidth. For three shapes at T=1 also a few kpack GEMV plans (best printed) to tune `kpack_plan`.
+   for groups >= 64): the dispatch (`int4_gemm(..., kpack=True)`: the kpack GEMV at T=1, its tensor-core twin at
+   T=16); bf16 F.linear (cuBLAS). Bound: int4 weight + zeros + scales + activations in/out over a device copy's
+   bandwidth. For three shapes also a few kpack GEMV plans (best printed) to tune `kpack_plan`.
 2. Fused MoE at Qwen3.5-35B-A3B shapes (256 experts, top-8, H=2048, I=512) for T = 1, 16, 64: AWQ experts through
    torch align + grouped Triton GEMM ("grouped") and through the dispatch's default ("awq": per-pair GEMVs up to 128
    pairs, else align + GEMM), K-packed experts through the default ("kpack"), and torch grouped_mm bf16. Bound: int4
@@ -77,7 +77,9 @@ def kpack_sweep(x, kws) -> tuple[float, KpackPlan | None]:
     n = kws[0]["scales"].shape[1]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     best = (float("inf"), None)
-    for bn, warps in ((128, 2), (256, 2), (256, 4), (512, 4), (1024, 8)):
+    plans = ((128, 2), (256, 2), (256, 4), (512, 4), (1024, 8)) if x.shape[0] == 1 else ((64, 4), (128, 4),
+                                                                                          (128, 8), (256, 8))
+    for bn, warps in plans:
         base = max(1, min(k // GROUP, -(-4 * sms // -(-n // bn))))
         for split in sorted({max(1, base // 2), base, min(k // GROUP, 2 * base)}):
             cfg = KpackPlan(bn, split, warps, 3)
@@ -102,10 +104,12 @@ def bench_linears(bw: float) -> None:
             t16 = us(lambda x=x, wbs=wbs: [F.linear(x, wb) for wb in wbs], len(wbs))
             bound = (int4_bytes(k, n) + 2 * t * (k + n)) / bw * 1e6
             p = kpack_plan(n, k, GROUP, sms)
-            how = f"{p.block_n},{p.split_k},{p.num_warps}" if t == 1 else "(the K-packed GEMM)"
+            if t > 1:
+                p = kpack_plan(n, k, GROUP, sms, t=t)
+            how = f"{p.block_n},{p.split_k},{p.num_warps}"
             print(f"{name:<24}{t:>4}{t_gemm:>9.1f}{t_gemv:>9.1f}{t_kp:>10.1f}{t16:>9.1f}{bound:>10.1f}"
                   f"{bound / t_gemv:>9.2f}{bound / t_kp:>10.2f}{t_gemv / t_kp:>9.2f}  {how}")
-            if t == 1 and name in SWEEP:
+            if name in SWEEP:
                 tb, cfg = kpack_sweep(x, kws)
                 if cfg is not None:
                     print(f"{'  best swept kpack':<24}{t:>4}{'':>18}{tb:>10.1f}{'':>28}{bound / tb:>10.2f}{'':>9}  "

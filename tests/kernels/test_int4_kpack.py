@@ -68,6 +68,21 @@ def test_kpack_gemv_matches_reference(k, n, group):
         assert_close(f"split {split}", ref, kpack_gemv(x, *kp.values(), group, config=cfg), ATOL_FP32)
 
 
+DOT_CASES = {"t2-k256-n72-g128": (2, 256, 72, 128), "t5-k512-n136-g256": (5, 512, 136, 256),
+             "t16-k384-n200-g128": (16, 384, 200, 128)}
+
+
+@pytest.mark.parametrize("t, k, n, group", DOT_CASES.values(), ids=DOT_CASES.keys())
+def test_kpack_tensor_core_gemv_matches_reference(t, k, n, group):
+    """2 <= T <= 16: the tensor-core twin (two spans per int32 tile, nibble j times its 16 gathered activations)."""
+    awq, kp = kpacked(n, k, group, seed=t)
+    x = torch.randn(t, k, generator=torch.Generator().manual_seed(t))
+    ref = int4_gemm_reference(x, awq["qweight"], awq["qzeros"], awq["scales"], group)
+    assert_close("auto plan", ref, kpack_gemv(x, *kp.values(), group), ATOL_FP32)
+    cfg = KpackPlan(block_n=64, split_k=k // group, num_warps=4, num_stages=1)
+    assert_close("one group per split", ref, kpack_gemv(x, *kp.values(), group, config=cfg), ATOL_FP32)
+
+
 def test_kpack_gemv_rows_per_expert_and_skipped_rows():
     """Row r multiplies x[r // 2] by expert ids[r]; id -1 (another rank's expert) leaves its row untouched."""
     e, k, n, group = 4, 128, 48, 64
@@ -132,6 +147,14 @@ def test_quant_linear_kpacks_what_the_kernels_can_read(group, packs):
         assert torch.equal(lin.dequant(torch.float32), before)
 
 
+def test_split_sums_read_many_splits_per_tile():
+    """The split-K sum reads up to 64 splits per tile: 70 splits take two tiles, the second partly masked."""
+    from deltaserve.kernels.int4_gemm.triton import sum_splits
+
+    part = torch.randn(70, 3, 50)
+    assert_close("sum", part.sum(0), sum_splits(part, torch.empty(3, 50)), 1e-5)
+
+
 def test_kpack_plan_and_refusals():
     up = kpack_plan(34816, 5120, 128)
     assert up.block_n == 512 and up.split_k > 1 and up.num_warps == 4
@@ -143,6 +166,8 @@ def test_kpack_plan_and_refusals():
         kpack_gemv(torch.randn(1, 128), *kp.values(), 32)
     with pytest.raises(ValueError, match="qweight"):
         kpack_gemv(torch.randn(1, 256), *kp.values(), 64)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        kpack_gemv(torch.randn(2, 128), *kp.values(), 64)  # the tensor-core GEMV: two spans per group
     with pytest.raises(ValueError, match="K-packed int4 weight runs only"):
         int4_dispatch.int4_gemm(torch.randn(1, 128), *kp.values(), 64, kpack=True)
 
@@ -165,9 +190,10 @@ def test_kpack_full_size(k, n, t):
 
 
 @pytest.mark.gpu
-def test_kpack_gemv_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("t", [1, 16], ids=lambda t: f"t{t}")
+def test_kpack_gemv_captures_in_a_cuda_graph(t):
     _, kp = kpacked(4096, 4096, 128, device="cuda")
-    x = torch.randn(1, 4096, device="cuda").bfloat16()
+    x = torch.randn(t, 4096, device="cuda").bfloat16()
     kpack_gemv(x, *kp.values(), 128)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

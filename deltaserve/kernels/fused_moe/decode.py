@@ -13,12 +13,25 @@ import triton
 import triton.language as tl
 
 from ..int4_gemm.kpack import kpack_gemv_rows
-from ..int4_gemm.triton import int4_gemv_rows
+from ..int4_gemm.triton import int4_gemv_rows, split_tile
 from .reference import ExpertWeights
 
 
 @triton.jit
-def _silu_mul_kernel(part, act, ids, S, M, INTER, BLOCK: tl.constexpr):
+def _split_sum(p_part, stride_s, S, o_c, m_c, BLOCK: tl.constexpr, BS: tl.constexpr):
+    """sum over s < S of p_part[s · stride_s + o_c] (fp32), BS splits per [BS, BLOCK] tile load (a serial loop over
+    S waits one load latency per split); a fixed order: deterministic."""
+    b_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s0 in range(0, S, BS):
+        o_s = s0 + tl.arange(0, BS)
+        b_p = tl.load(p_part + o_s[:, None].to(tl.int64) * stride_s + o_c[None, :],
+                      mask=(o_s < S)[:, None] & m_c[None, :], other=0.0)
+        b_acc += tl.sum(b_p.to(tl.float32), axis=0)
+    return b_acc
+
+
+@triton.jit
+def _silu_mul_kernel(part, act, ids, S, M, INTER, BLOCK: tl.constexpr, BS: tl.constexpr):
     """part [S, M, 2·INTER] fp32, ids [M] -> act [M, INTER] = silu(gate) · up of the split sums (rows of pairs with
     id -1, another rank's expert, are not written). Program (i_r, i_b)."""
     i_r, i_b = tl.program_id(0), tl.program_id(1)
@@ -26,19 +39,16 @@ def _silu_mul_kernel(part, act, ids, S, M, INTER, BLOCK: tl.constexpr):
         return
     o_i = i_b * BLOCK + tl.arange(0, BLOCK)
     m_i = o_i < INTER
-    b_gate = tl.zeros([BLOCK], dtype=tl.float32)
-    b_up = tl.zeros([BLOCK], dtype=tl.float32)
-    for i_s in range(S):
-        p_row = part + (i_s * M + i_r).to(tl.int64) * (2 * INTER)
-        b_gate += tl.load(p_row + o_i, mask=m_i, other=0.0)
-        b_up += tl.load(p_row + INTER + o_i, mask=m_i, other=0.0)
+    p_row = part + i_r.to(tl.int64) * (2 * INTER)
+    b_gate = _split_sum(p_row, M * 2 * INTER, S, o_i, m_i, BLOCK, BS)
+    b_up = _split_sum(p_row + INTER, M * 2 * INTER, S, o_i, m_i, BLOCK, BS)
     b_act = b_gate / (1.0 + tl.exp(-b_gate)) * b_up
     tl.store(act + i_r.to(tl.int64) * INTER + o_i, b_act.to(act.dtype.element_ty), mask=m_i)
 
 
 @triton.jit
 def combine_kernel(part, weights, ids, out, S, M, H, TOP_K: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, BS: tl.constexpr = 2):
     """part [S, M = T·TOP_K, H] (fp32 split partials, or S = 1 rows in any dtype), weights [M] fp32, ids [M] ->
     out[t] = sum_j weights[t·k + j] · sum_s part[s, t·k + j] in fp32 (MUL_WEIGHT=False: no weights), one rounding.
     Pairs with id -1 (another rank's expert) are skipped: their part rows are never read. Program (i_t, i_b)."""
@@ -49,9 +59,7 @@ def combine_kernel(part, weights, ids, out, S, M, H, TOP_K: tl.constexpr, MUL_WE
     for j in tl.static_range(TOP_K):
         i_r = i_t * TOP_K + j
         m_r = m_h & (tl.load(ids + i_r) + tl.zeros([BLOCK], dtype=tl.int32) >= 0)  # a [BLOCK] mask, not a scalar
-        b_row = tl.zeros([BLOCK], dtype=tl.float32)
-        for i_s in range(S):
-            b_row += tl.load(part + (i_s * M + i_r).to(tl.int64) * H + o_h, mask=m_r, other=0.0).to(tl.float32)
+        b_row = _split_sum(part + i_r.to(tl.int64) * H, M * H, S, o_h, m_r, BLOCK, BS)
         if MUL_WEIGHT:
             b_row *= tl.load(weights + i_r)
         b_out += b_row
@@ -82,10 +90,10 @@ def fused_moe_int4_decode(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertW
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     if t == 0:
         return out
-    _silu_mul_kernel[(t * top_k, triton.cdiv(inter, 512))](part1, act, ids, part1.shape[0], t * top_k, inter,
-                                                            BLOCK=512)
+    _silu_mul_kernel[(t * top_k, triton.cdiv(inter, 256))](part1, act, ids, part1.shape[0], t * top_k, inter,
+                                                            BLOCK=256, BS=split_tile(part1.shape[0], 16))
     part2 = _gemv_rows(act, down, ids, 1)
     weights = topk_weights.reshape(-1).float().contiguous()
-    combine_kernel[(t, triton.cdiv(h, 1024))](part2, weights, ids, out, part2.shape[0], t * top_k, h, TOP_K=top_k,
-                                               MUL_WEIGHT=True, BLOCK=1024)
+    combine_kernel[(t, triton.cdiv(h, 256))](part2, weights, ids, out, part2.shape[0], t * top_k, h, TOP_K=top_k,
+                                              MUL_WEIGHT=True, BLOCK=256, BS=split_tile(part2.shape[0], 16))
     return out

@@ -3,8 +3,8 @@ are converted to it once after loading, layers/quant.ct_to_awq), activations fp1
 
 CUDA with a kernel-supported group size, two weight layouts (QuantLinear.to_kernel_layout picks once):
 - K-packed (`kpack=True`, groups of 64 or more, layers/quant.awq_to_kpack): T = 1 the GEMV of kpack.py (a few ALU
-  ops per weight: ~0.6 of the bytes bound where the AWQ-layout GEMV reaches ~0.35), larger T the Triton GEMM reading
-  64-row spans;
+  ops per weight: 1.4-1.7x the AWQ-layout GEMV on 9B / 27B MLP shapes), T <= GEMV_MAX_T with groups of 128 or more
+  its tensor-core twin, larger T the Triton GEMM reading 64-row spans;
 - AWQ (smaller groups): T <= GEMV_MAX_T the GEMV of triton.py (`int4_gemv_triton`), larger T the Triton GEMM.
 The GEMMs dequantize inside the K loop (split-K for small T). No host syncs, so CUDA graphs capture every path.
 Elsewhere the torch reference (dequantize, then F.linear), AWQ layout only.
@@ -53,7 +53,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
         from .kpack import kpack_gemv
         from .triton import int4_gemm_triton
 
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 or x.shape[0] <= GEMV_MAX_T and group_size % 128 == 0:
             return kpack_gemv(x, qweight, qzeros, scales, group_size)
         return int4_gemm_triton(x, qweight, qzeros, scales, group_size, kpack=True)
     if kernel_supports(x, group_size):

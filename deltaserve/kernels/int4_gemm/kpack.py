@@ -16,6 +16,8 @@ Layout: P [K/8, N] int32; int32 row 8b + r of column n holds input row 64b + 8j 
 so nibble j of a span's 8 rows meets the contiguous activations x[64b + 8j : 64b + 8j + 8]. Zeros stay in the AWQ
 layout [K/G, N/8], scales [K/G, N]. Needs G % 64 == 0 (a span never straddles two groups).
 
+2 <= T <= 16 (groups of 128 or more): `_kpack_dot_kernel`, the same tiles on the tensor cores (rows padded to 16).
+
 Program (i_n, i_s[, i_r]): columns i_n·BN.., groups of K range i_s (fp32 split-K partials [S, rows, N], summed in
 split order by the caller: deterministic, no atomics). INDEXED (the MoE decode): axis 2 is the output row r, which
 multiplies x row r // X_ROW_DIV by the weight of expert expert_of_row[r] (-1: another rank's, writes nothing).
@@ -100,6 +102,46 @@ def _kpack_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, N, K, K_P
     tl.store(out + i_s * stride_os + o_n, b_out, mask=m_n)
 
 
+@triton.jit
+def _kpack_dot_kernel(x, qweight, qzeros, scales, out, T, N, K, K_PER_SPLIT,
+                      stride_xt, stride_qk, stride_zk, stride_sk, stride_os, stride_ot,
+                      GROUP: tl.constexpr, BN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """2 <= T <= 16 rows (padded to 16) on the tensor cores, program (i_n, i_s) as above. One int32 tile [16, BN]
+    covers two spans (128 rows); its nibble j is a [16, BN] matrix of rows {64a + 8j + r} that multiplies the 16
+    activations of those rows (two runs of 8), so the tile is used as loaded, never reshaped. The nibbles enter
+    tl.dot as exact 0..15; zero point and scale are applied once per column and group: s · (x·q - z · sum x)."""
+    i_n, i_s = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    o_m = tl.arange(0, 16)
+    m_m = o_m < T
+    o_i = tl.arange(0, 16)  # int32 row of the tile; activation row offset (i // 8)·64 + 8j + i % 8
+    b_zshift = (((o_n % 8) >> 1) + ((o_n % 8) & 1) * 4) * 4
+    b_out = tl.zeros([16, BN], dtype=tl.float32)
+    k_lo = i_s * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for g0 in range(k_lo, k_hi, GROUP):
+        b_acc = tl.zeros([16, BN], dtype=tl.float32)
+        b_xs = tl.zeros([16], dtype=tl.float32)
+        for h in tl.static_range(GROUP // 128):
+            k0 = g0 + h * 128
+            b_q = tl.load(qweight + (k0 // 8 + o_i)[:, None].to(tl.int64) * stride_qk + o_n[None, :],
+                          mask=m_n[None, :], other=0)
+            for j in tl.static_range(8):
+                o_k = k0 + (o_i // 8) * 64 + 8 * j + o_i % 8
+                b_x = tl.load(x + o_m[:, None].to(tl.int64) * stride_xt + o_k[None, :], mask=m_m[:, None],
+                              other=0.0)
+                b_w = (((b_q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                b_acc += tl.dot(b_x, b_w.to(b_x.dtype), input_precision=DOT_PRECISION)
+                b_xs += tl.sum(b_x.to(tl.float32), axis=1)
+        i_g = g0 // GROUP
+        b_z = (tl.load(qzeros + i_g * stride_zk + o_n // 8, mask=m_n, other=0) >> b_zshift) & 0xF
+        b_s = tl.load(scales + i_g * stride_sk + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_out += b_s[None, :] * (b_acc - b_xs[:, None] * b_z.to(tl.float32)[None, :])
+    p_o = out + i_s * stride_os + o_m[:, None].to(tl.int64) * stride_ot + o_n[None, :]
+    tl.store(p_o, b_out, mask=m_m[:, None] & m_n[None, :])
+
+
 @dataclass(frozen=True)
 class KpackPlan:
     block_n: int  # output columns per program
@@ -108,15 +150,18 @@ class KpackPlan:
     num_stages: int = 3
 
 
-def kpack_plan(n: int, k: int, group: int, num_sms: int = 132, rows: int = 1) -> KpackPlan:
-    """Shapes only (no host sync). 128 columns per warp (4 per thread, one 16-byte load per span row); split K
-    until about 4 programs per SM, keeping the fp32 partials under 1/16 of the int4 bytes. rows: GEMVs launched
+def kpack_plan(n: int, k: int, group: int, num_sms: int = 132, rows: int = 1, t: int = 1) -> KpackPlan:
+    """Shapes only (no host sync). T = 1: 128 columns per warp (4 per thread, one 16-byte load per span row);
+    2 <= T <= 16 (tensor cores): 128 columns per program. K splits into whole groups. rows: GEMVs launched
     together (the MoE decode's pairs)."""
-    bn = max(128, min(512, triton.next_power_of_2(n)))
     groups = k // group
-    split = triton.cdiv(4 * num_sms, triton.cdiv(n, bn) * rows)
-    split = max(1, min(split, groups, k // 128))
-    return KpackPlan(bn, split, num_warps=bn // 128)
+    if t == 1:  # ~8 programs per SM: 27B MLP down 25.7 us at 106 splits vs 29.8 at 53 (H100, benchmarks/kernels)
+        bn = max(128, min(512, triton.next_power_of_2(n)))
+        split = max(1, min(triton.cdiv(8 * num_sms, triton.cdiv(n, bn) * rows), groups))
+        return KpackPlan(bn, split, num_warps=bn // 128)
+    # T > 1: ~4 programs per SM, fp32 partials [S, T, N] at most 1/4 of the int4 bytes
+    split = max(1, min(triton.cdiv(4 * num_sms, triton.cdiv(n, 128) * rows), groups, k // (32 * t)))
+    return KpackPlan(128, split, num_warps=8)
 
 
 def check_kpack(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -171,15 +216,42 @@ def kpack_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     return part
 
 
+DOT_MAX_T = 16  # rows the tensor-core GEMV takes (padded to 16); more go to the GEMM
+
+
+def kpack_gemv_dot(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                   group_size: int, config: KpackPlan | None = None) -> torch.Tensor:
+    """fp32 split-K partials [S, T, N] of x [2 <= T <= 16, K] times a K-packed weight (group a multiple of 128)."""
+    n, k = check_kpack(x, qweight, qzeros, scales, group_size)
+    t = x.shape[0]
+    if t > DOT_MAX_T or group_size % 128:
+        raise ValueError(f"the tensor-core K-packed GEMV takes T <= {DOT_MAX_T} rows and groups in multiples of "
+                         f"128, got T={t}, group {group_size}")
+    x = x.contiguous()
+    from .triton import device_sms, dot_precision
+
+    cfg = config or kpack_plan(n, k, group_size, device_sms(x.device), t=t)
+    k_per_split = triton.cdiv(k // group_size, cfg.split_k) * group_size
+    split = triton.cdiv(k, k_per_split)
+    part = torch.empty(split, t, n, dtype=torch.float32, device=x.device)
+    _kpack_dot_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        x, qweight, qzeros, scales, part, t, n, k, k_per_split, x.stride(0), qweight.stride(0), qzeros.stride(0),
+        scales.stride(0), part.stride(0), part.stride(1), GROUP=group_size, BN=cfg.block_n,
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return part
+
+
 def kpack_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                group_size: int, config: KpackPlan | None = None) -> torch.Tensor:
-    """x: [1, K] fp16/bf16 (fp32 in the interpreter); K-packed qweight [K/8, N] int32; qzeros [K/G, N/8] int32;
-    scales [K/G, N] -> [1, N] in x's dtype."""
-    part = kpack_gemv_rows(x, qweight, qzeros, scales, group_size, config=config)
+    """x: [T, K] fp16/bf16 (fp32 in the interpreter), T = 1 (FMA kernel) or 2..16 with groups in multiples of 128
+    (tensor-core kernel); K-packed qweight [K/8, N] int32; qzeros [K/G, N/8] int32; scales [K/G, N] -> [T, N] in
+    x's dtype."""
+    if x.shape[0] == 1:
+        part = kpack_gemv_rows(x, qweight, qzeros, scales, group_size, config=config)
+    else:
+        part = kpack_gemv_dot(x, qweight, qzeros, scales, group_size, config)
     if part.shape[0] == 1:
         return part[0].to(x.dtype)
-    from .triton import _sum_splits_kernel
+    from .triton import sum_splits
 
-    out = torch.empty(1, part.shape[2], dtype=x.dtype, device=x.device)
-    _sum_splits_kernel[(triton.cdiv(out.numel(), 1024),)](part, out, part.shape[0], out.numel(), BLOCK=1024)
-    return out
+    return sum_splits(part, torch.empty(part.shape[1:], dtype=x.dtype, device=x.device))

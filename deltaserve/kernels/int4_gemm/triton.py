@@ -302,14 +302,32 @@ def _int4_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, T, NP, K, 
 
 
 @triton.jit
-def _sum_splits_kernel(part, out, S, M, BLOCK: tl.constexpr):
-    """out[m] = sum over s of part[s, m] (fp32, in split order: deterministic), cast to out's dtype."""
+def _sum_splits_kernel(part, out, S, M, BLOCK: tl.constexpr, BS: tl.constexpr):
+    """out[m] = sum over s of part[s, m] (fp32, a fixed tree order: deterministic), cast to out's dtype. The splits
+    are read BS at a time as one [BS, BLOCK] tile (a serial loop over S would wait out one load latency per split,
+    which cost ~7 us on an H100 for S = 32)."""
     o_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m_m = o_m < M
     b_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i_s in range(S):
-        b_acc += tl.load(part + i_s * M + o_m, mask=m_m, other=0.0)
+    for s0 in range(0, S, BS):
+        o_s = s0 + tl.arange(0, BS)
+        b_p = tl.load(part + o_s[:, None].to(tl.int64) * M + o_m[None, :], mask=(o_s < S)[:, None] & m_m[None, :],
+                      other=0.0)
+        b_acc += tl.sum(b_p, axis=0)
     tl.store(out + o_m, b_acc.to(out.dtype.element_ty), mask=m_m)
+
+
+def split_tile(s: int, cap: int = 64) -> int:
+    """The splits one tile reads at a time (a power of two, 2..cap)."""
+    return max(2, min(cap, triton.next_power_of_2(s)))
+
+
+def sum_splits(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [...] (any float dtype) = part [S, ...] fp32 summed over S, deterministic."""
+    m, bs = out.numel(), split_tile(part.shape[0])
+    block = max(32, 4096 // bs)
+    _sum_splits_kernel[(triton.cdiv(m, block),)](part, out, part.shape[0], m, BLOCK=block, BS=bs)
+    return out
 
 
 @dataclass(frozen=True)
@@ -359,8 +377,7 @@ def int4_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
                             DOT_PRECISION=dot_precision(x.dtype), X_ROW_DIV=1, INDEXED=False,
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(t * n, block),)](dst, out, split, t * n, BLOCK=block)
+        sum_splits(dst, out)
     return out
 
 
