@@ -20,6 +20,11 @@ ATOL_FP32 = 1e-4  # fp32 in the interpreter; the GEMV's 1.0-offset fold costs ~2
 
 
 @pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # the activations: every run draws the same inputs
+
+
+@pytest.fixture(autouse=True)
 def _triton_ready():
     if not torch.cuda.is_available() and type(tl.max).__name__ != "InterpretedFunction":
         pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)")
@@ -151,8 +156,9 @@ def test_split_sums_read_many_splits_per_tile():
     """The split-K sum reads up to 64 splits per tile: 70 splits take two tiles, the second partly masked."""
     from deltaserve.kernels.int4_gemm.triton import sum_splits
 
-    part = torch.randn(70, 3, 50)
-    assert_close("sum", part.sum(0), sum_splits(part, torch.empty(3, 50)), 1e-5)
+    part = torch.randn(70, 3, 50, generator=torch.Generator().manual_seed(0))
+    # another summation order than torch's: fp32 rounding of sums up to ~25 differs by a few 1e-6
+    assert_close("sum", part.sum(0), sum_splits(part, torch.empty(3, 50)), 5e-5)
 
 
 def test_kpack_plan_and_refusals():

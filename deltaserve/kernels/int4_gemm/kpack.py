@@ -152,16 +152,17 @@ class KpackPlan:
 
 def kpack_plan(n: int, k: int, group: int, num_sms: int = 132, rows: int = 1, t: int = 1) -> KpackPlan:
     """Shapes only (no host sync). T = 1: 128 columns per warp (4 per thread, one 16-byte load per span row);
-    2 <= T <= 16 (tensor cores): 128 columns per program. K splits into whole groups. rows: GEMVs launched
+    2 <= T <= 16 (tensor cores): 256 columns per program. K splits into whole groups. rows: GEMVs launched
     together (the MoE decode's pairs)."""
     groups = k // group
     if t == 1:  # ~8 programs per SM: 27B MLP down 25.7 us at 106 splits vs 29.8 at 53 (H100, benchmarks/kernels)
         bn = max(128, min(512, triton.next_power_of_2(n)))
         split = max(1, min(triton.cdiv(8 * num_sms, triton.cdiv(n, bn) * rows), groups))
         return KpackPlan(bn, split, num_warps=bn // 128)
-    # T > 1: ~4 programs per SM, fp32 partials [S, T, N] at most 1/4 of the int4 bytes
-    split = max(1, min(triton.cdiv(4 * num_sms, triton.cdiv(n, 128) * rows), groups, k // (32 * t)))
-    return KpackPlan(128, split, num_warps=8)
+    # T > 1: ~6 programs per SM, fp32 partials [S, T, N] at most 1/4 of the int4 bytes (H100 / H200 sweeps at
+    # T=16: 256 columns x 8 warps best on 27B gate|up and down, splits 8 and 13 there)
+    split = max(1, min(triton.cdiv(6 * num_sms, triton.cdiv(n, 256) * rows), groups, k // (32 * t)))
+    return KpackPlan(256, split, num_warps=8)
 
 
 def check_kpack(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
