@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton import awq_zeros_of_columns, device_sms, dot_precision, expert_row, sum_splits
+
 SPAN = 64  # == layers.quant.KPACK_SPAN
 
 
@@ -51,20 +53,13 @@ def _kpack_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, N, K, K_P
                        GROUP: tl.constexpr, BN: tl.constexpr, X_ROW_DIV: tl.constexpr, INDEXED: tl.constexpr):
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     if INDEXED:
-        i_r = tl.program_id(2)
-        i_e = tl.load(expert_of_row + i_r).to(tl.int64)
+        i_e, qweight, qzeros, scales, x, out = expert_row(expert_of_row, qweight, qzeros, scales, x, out, stride_qe,
+                                                          stride_ze, stride_se, stride_xt, stride_ot, X_ROW_DIV)
         if i_e < 0:
             return
-        qweight += i_e * stride_qe
-        qzeros += i_e * stride_ze
-        scales += i_e * stride_se
-        x += (i_r // X_ROW_DIV).to(tl.int64) * stride_xt
-        out += i_r.to(tl.int64) * stride_ot
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     o_r = tl.arange(0, 8)
-    # column n's zero point: nibble (j >> 1) + 4 (j & 1) of AWQ int32 n // 8, j = n % 8 (AWQ_ORDER inverted)
-    b_zshift = (((o_n % 8) >> 1) + ((o_n % 8) & 1) * 4) * 4
     b_out = tl.zeros([BN], dtype=tl.float32)
     k_lo = i_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
@@ -93,7 +88,7 @@ def _kpack_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, N, K, K_P
             x_lo += x0 + x2 + x4 + x6
             x_hi += x1 + x3 + x5 + x7
         i_g = g0 // GROUP
-        b_z = (tl.load(qzeros + i_g * stride_zk + o_n // 8, mask=m_n, other=0) >> b_zshift) & 0xF
+        b_z = awq_zeros_of_columns(qzeros + i_g * stride_zk, o_n, m_n)
         b_s = tl.load(scales + i_g * stride_sk + o_n, mask=m_n, other=0.0).to(tl.float32)
         s_lo = tl.sum(x_lo, axis=0)
         s_hi = tl.sum(x_hi, axis=0)
@@ -116,7 +111,6 @@ def _kpack_dot_kernel(x, qweight, qzeros, scales, out, T, N, K, K_PER_SPLIT,
     o_m = tl.arange(0, 16)
     m_m = o_m < T
     o_i = tl.arange(0, 16)  # int32 row of the tile; activation row offset (i // 8)·64 + 8j + i % 8
-    b_zshift = (((o_n % 8) >> 1) + ((o_n % 8) & 1) * 4) * 4
     b_out = tl.zeros([16, BN], dtype=tl.float32)
     k_lo = i_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
@@ -135,7 +129,7 @@ def _kpack_dot_kernel(x, qweight, qzeros, scales, out, T, N, K, K_PER_SPLIT,
                 b_acc += tl.dot(b_x, b_w.to(b_x.dtype), input_precision=DOT_PRECISION)
                 b_xs += tl.sum(b_x.to(tl.float32), axis=1)
         i_g = g0 // GROUP
-        b_z = (tl.load(qzeros + i_g * stride_zk + o_n // 8, mask=m_n, other=0) >> b_zshift) & 0xF
+        b_z = awq_zeros_of_columns(qzeros + i_g * stride_zk, o_n, m_n)
         b_s = tl.load(scales + i_g * stride_sk + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_out += b_s[None, :] * (b_acc - b_xs[:, None] * b_z.to(tl.float32)[None, :])
     p_o = out + i_s * stride_os + o_m[:, None].to(tl.int64) * stride_ot + o_n[None, :]
@@ -200,8 +194,6 @@ def kpack_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     n, k = check_kpack(x, qweight, qzeros, scales, group_size)
     rows = expert_of_row.numel() if indexed else 1
     x = x.contiguous()
-    from .triton import device_sms
-
     cfg = config or kpack_plan(n, k, group_size, device_sms(x.device), rows)
     k_per_split = triton.cdiv(k // group_size, cfg.split_k) * group_size
     split = triton.cdiv(k, k_per_split)
@@ -229,8 +221,6 @@ def kpack_gemv_dot(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
         raise ValueError(f"the tensor-core K-packed GEMV takes T <= {DOT_MAX_T} rows and groups in multiples of "
                          f"128, got T={t}, group {group_size}")
     x = x.contiguous()
-    from .triton import device_sms, dot_precision
-
     cfg = config or kpack_plan(n, k, group_size, device_sms(x.device), t=t)
     k_per_split = triton.cdiv(k // group_size, cfg.split_k) * group_size
     split = triton.cdiv(k, k_per_split)
@@ -253,6 +243,4 @@ def kpack_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
         part = kpack_gemv_dot(x, qweight, qzeros, scales, group_size, config)
     if part.shape[0] == 1:
         return part[0].to(x.dtype)
-    from .triton import sum_splits
-
     return sum_splits(part, torch.empty(part.shape[1:], dtype=x.dtype, device=x.device))

@@ -30,6 +30,26 @@ def awq_unpack(b_packed, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def awq_zeros_of_columns(p_z, o_n, m_n):
+    """Zero points (int32 0..15) of logical columns o_n from an AWQ-packed qzeros row p_z: column n sits at nibble
+    (j >> 1) + 4 (j & 1) of int32 n // 8, j = n % 8 (AWQ_ORDER inverted)."""
+    b_shift = (((o_n % 8) >> 1) + ((o_n % 8) & 1) * 4) * 4
+    return (tl.load(p_z + o_n // 8, mask=m_n, other=0) >> b_shift) & 0xF
+
+
+@triton.jit
+def expert_row(expert_of_row, qweight, qzeros, scales, x, out, stride_qe, stride_ze, stride_se, stride_xt,
+               stride_ot, X_ROW_DIV: tl.constexpr):
+    """The per-row-expert GEMVs (MoE decode): program axis 2 is output row r; -> (its expert id, -1 for another
+    rank's, and the weight, x row r // X_ROW_DIV and output row pointers moved to it)."""
+    i_r = tl.program_id(2)
+    i_e = tl.load(expert_of_row + i_r).to(tl.int64)
+    i_w = tl.maximum(i_e, 0)
+    return (i_e, qweight + i_w * stride_qe, qzeros + i_w * stride_ze, scales + i_w * stride_se,
+            x + (i_r // X_ROW_DIV).to(tl.int64) * stride_xt, out + i_r.to(tl.int64) * stride_ot)
+
+
+@triton.jit
 def dequant_awq_tile(p_q, p_z, p_s, o_k, n0, n_end, stride_qk, BK: tl.constexpr, BN: tl.constexpr,
                      DTYPE: tl.constexpr):
     """The [BK, BN] weight tile W[o_k, n0 : n0 + BN] in DTYPE (n0 a multiple of 8). p_q: qweight at row 0, column 0;
@@ -55,8 +75,7 @@ def dequant_kpack_tile(p_q, p_z, p_s, k0, n0, n_end, stride_qk, BN: tl.constexpr
     b_q = tl.load(p_q + (k0 // 8 + o_r)[:, None].to(tl.int64) * stride_qk + o_n[None, :], mask=m_n[None, :],
                   other=0)
     b_q = tl.reshape((b_q[None, :, :] >> (4 * o_r)[:, None, None]) & 0xF, (64, BN))  # [j, r, BN] -> row 8j + r
-    b_zshift = (((o_n % 8) >> 1) + ((o_n % 8) & 1) * 4) * 4  # column n's nibble in AWQ int32 n // 8
-    b_z = (tl.load(p_z + o_n // 8, mask=m_n, other=0) >> b_zshift) & 0xF
+    b_z = awq_zeros_of_columns(p_z, o_n, m_n)
     b_s = tl.load(p_s + o_n, mask=m_n, other=0.0).to(tl.float32)
     return ((b_q - b_z[None, :]).to(tl.float32) * b_s[None, :]).to(DTYPE)
 
@@ -253,15 +272,10 @@ def _int4_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, T, NP, K, 
     expert -1 (held by another rank) writes nothing."""
     i_c, i_s = tl.program_id(0), tl.program_id(1)
     if INDEXED:
-        i_r = tl.program_id(2)
-        i_e = tl.load(expert_of_row + i_r).to(tl.int64)
+        i_e, qweight, qzeros, scales, x, out = expert_row(expert_of_row, qweight, qzeros, scales, x, out, stride_qe,
+                                                          stride_ze, stride_se, stride_xt, stride_ot, X_ROW_DIV)
         if i_e < 0:
             return
-        qweight += i_e * stride_qe
-        qzeros += i_e * stride_ze
-        scales += i_e * stride_se
-        x += (i_r // X_ROW_DIV).to(tl.int64) * stride_xt
-        out += i_r.to(tl.int64) * stride_ot
     o_c = i_c * BNP + tl.arange(0, BNP)
     m_c = o_c < NP
     o_m = tl.arange(0, BM)
