@@ -27,7 +27,8 @@ from deltaserve.kernels.fused_moe import ExpertWeights, _grouped_moe, route_topk
 from deltaserve.kernels.fused_moe.triton import fused_moe_triton
 from deltaserve.kernels.int4_gemm import int4_gemm
 from deltaserve.kernels.int4_gemm.kpack import KpackPlan, kpack_gemv, kpack_plan
-from deltaserve.kernels.int4_gemm.triton import int4_gemm_triton, int4_gemv_triton
+from deltaserve.kernels.int4_gemm.gemv import int4_gemv_triton
+from deltaserve.kernels.int4_gemm.triton import int4_gemm_triton
 from deltaserve.layers.quant import awq_to_kpack
 
 DEVICE, GROUP, STREAM_BYTES = "cuda", 128, 100 << 20

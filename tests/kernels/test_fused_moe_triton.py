@@ -122,7 +122,7 @@ def test_int4_decode_gemv_is_deterministic():
 
 
 def test_int4_gemv_rows_refuses_bad_expert_tensors():
-    from deltaserve.kernels.int4_gemm.triton import int4_gemv_rows
+    from deltaserve.kernels.int4_gemm.gemv import int4_gemv_rows
 
     _, gate_up, _, _, ids = moe_inputs(2, 4, 2, 64, 32)
     gu = int4_experts(gate_up, 32)

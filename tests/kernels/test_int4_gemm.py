@@ -11,15 +11,8 @@ import triton.language as tl
 
 from deltaserve.kernels import int4_gemm as int4_dispatch
 from deltaserve.kernels.int4_gemm import int4_gemm_reference
-from deltaserve.kernels.int4_gemm.triton import (
-    GEMV_MAX_T,
-    GemmPlan,
-    GemvPlan,
-    gemv_plan,
-    int4_gemm_triton,
-    int4_gemv_triton,
-    plan,
-)
+from deltaserve.kernels.int4_gemm.gemv import GEMV_MAX_T, GemvPlan, gemv_plan, int4_gemv_triton
+from deltaserve.kernels.int4_gemm.triton import GemmPlan, int4_gemm_triton, plan
 from deltaserve.layers.linear import QuantLinear
 from deltaserve.layers.quant import (
     ct_to_awq,
@@ -320,11 +313,12 @@ def test_int4_gemv_captures_in_a_cuda_graph(t):
 
 @pytest.mark.gpu
 def test_int4_gemm_dispatch_sends_decode_to_the_gemv(monkeypatch):
+    from deltaserve.kernels.int4_gemm import gemv as int4_gemv
     from deltaserve.kernels.int4_gemm import triton as int4_triton
 
     w = awq_weight(256, 512, 128, device="cuda")
     calls = []
-    monkeypatch.setattr(int4_triton, "int4_gemv_triton", lambda *a: calls.append("gemv") or int4_gemv_triton(*a))
+    monkeypatch.setattr(int4_gemv, "int4_gemv_triton", lambda *a: calls.append("gemv") or int4_gemv_triton(*a))
     monkeypatch.setattr(int4_triton, "int4_gemm_triton", lambda *a: calls.append("gemm") or int4_gemm_triton(*a))
     for t in (1, 16, 17):
         int4_dispatch.int4_gemm(torch.randn(t, 512, device="cuda").half(), *w.values(), 128)

@@ -1,7 +1,7 @@
 """int4 MoE for decode-sized batches as per-pair GEMVs: no sort / align at all, four launches per MoE block.
 
 Each (token, expert) pair is its own GEMV over its expert's weight (int4_gemm.kpack.kpack_gemv_rows for K-packed
-experts, else int4_gemm.triton.int4_gemv_rows; split-K partials in fp32), so the weight stream is spread over (column tiles x K splits x pairs) programs
+experts, else int4_gemm.gemv.int4_gemv_rows; split-K partials in fp32), so the weight stream is spread over (column tiles x K splits x pairs) programs
 whatever the routing. Launches: GEMM1 gate|up -> _silu_mul_kernel (sums the K splits, silu(gate) · up in fp32,
 rounded to x's dtype as the grouped path rounds its activation) -> GEMM2 down -> combine_kernel (sums the K splits
 and the k pairs of each token, times the routing weights, one rounding). All sums run in a fixed order:
@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from ..int4_gemm.kpack import kpack_gemv_rows
-from ..int4_gemm.triton import int4_gemv_rows, split_tile
+from ..int4_gemm.gemv import int4_gemv_rows
+from ..int4_gemm.triton import split_tile
 from .reference import ExpertWeights
 
 

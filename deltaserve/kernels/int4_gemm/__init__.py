@@ -5,7 +5,7 @@ CUDA with a kernel-supported group size, two weight layouts (QuantLinear.to_kern
 - K-packed (`kpack=True`, groups of 64 or more, layers/quant.awq_to_kpack): T = 1 the GEMV of kpack.py (a few ALU
   ops per weight: 1.4-1.7x the AWQ-layout GEMV on 9B / 27B MLP shapes), T <= GEMV_MAX_T with groups of 128 or more
   its tensor-core twin, larger T the Triton GEMM reading 64-row spans;
-- AWQ (smaller groups): T <= GEMV_MAX_T the GEMV of triton.py (`int4_gemv_triton`), larger T the Triton GEMM.
+- AWQ (smaller groups): T <= GEMV_MAX_T the GEMV of gemv.py (`int4_gemv_triton`), larger T the Triton GEMM.
 The GEMMs dequantize inside the K loop (split-K for small T). No host syncs, so CUDA graphs capture every path.
 Elsewhere the torch reference (dequantize, then F.linear), AWQ layout only.
 triton.py is imported lazily: importing deltaserve must not import triton (see kernels/paged_attention)."""
@@ -18,16 +18,19 @@ __all__ = ["int4_gemm", "int4_gemm_reference", "int4_gemm_triton", "int4_gemv_tr
 # The one switch between the decode paths: True sends T <= GEMV_MAX_T to the GEMV, False to the GEMM's split-K
 # decode plan (benchmarks/kernels/bench_int4.py times both side by side).
 DECODE_GEMV = True
-GEMV_MAX_T = 16  # == triton.GEMV_MAX_T (not imported from there: that would import triton with deltaserve)
+GEMV_MAX_T = 16  # == gemv.GEMV_MAX_T (not imported from there: that would import triton with deltaserve)
 # The switch between the weight layouts (benchmarks A/B it): True K-packs every weight kpack_ok allows.
 USE_KPACK = True
 
 
 def __getattr__(name: str):
     """PEP 562 lazy export of the Triton wrapper."""
-    if name in ("int4_gemm_triton", "int4_gemv_triton"):
-        from . import triton
-        return getattr(triton, name)
+    if name == "int4_gemm_triton":
+        from .triton import int4_gemm_triton
+        return int4_gemm_triton
+    if name == "int4_gemv_triton":
+        from .gemv import int4_gemv_triton
+        return int4_gemv_triton
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -57,7 +60,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
             return kpack_gemv(x, qweight, qzeros, scales, group_size)
         return int4_gemm_triton(x, qweight, qzeros, scales, group_size, kpack=True)
     if kernel_supports(x, group_size):
-        from .triton import int4_gemm_triton, int4_gemv_triton
+        from .gemv import int4_gemv_triton
+        from .triton import int4_gemm_triton
 
         if DECODE_GEMV and x.shape[0] <= GEMV_MAX_T:
             return int4_gemv_triton(x, qweight, qzeros, scales, group_size)
