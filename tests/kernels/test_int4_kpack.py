@@ -12,7 +12,7 @@ from deltaserve.kernels.fused_moe.triton import fused_moe_triton
 from deltaserve.kernels.int4_gemm import int4_gemm_reference
 from deltaserve.kernels.int4_gemm.kpack import KpackPlan, kpack_gemv, kpack_gemv_rows, kpack_plan
 from deltaserve.kernels.int4_gemm.triton import int4_gemm_triton
-from deltaserve.layers.linear import QuantLinear
+from deltaserve.layers.linear import QuantExperts, QuantLinear, use_int4_kernels
 from deltaserve.layers.quant import AWQ_ORDER, awq_to_kpack, dequant_awq, kpack_to_awq, to_awq, unpack_int4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,6 +150,27 @@ def test_quant_linear_kpacks_what_the_kernels_can_read(group, packs):
             assert_close("forward", torch.nn.functional.linear(x, before), lin(x), 1e-5)
         lin.to_kernel_layout()  # a second call changes nothing
         assert torch.equal(lin.dequant(torch.float32), before)
+
+
+def test_quant_experts_after_use_int4_kernels_compute_the_same():
+    """use_int4_kernels K-packs a whole MoE layer's experts; the layer's output (CPU: the dequantized reference, which
+    must read the K-packed qweight) is unchanged, and the Triton MoE on the ExpertWeights it builds agrees."""
+    e, h, inter, group = 4, 128, 64, 64
+    experts = QuantExperts("awq", e, h, inter, group)
+    for lin, (n, k) in ((experts.gate_up_proj, (2 * inter, h)), (experts.down_proj, (h, inter))):
+        awq, _ = kpacked(n, k, group, seed=n, experts=e)
+        for name, tensor in awq.items():
+            getattr(lin, name).data = tensor.float() if name == "scales" else tensor
+    x = torch.randn(3, h)
+    weights, ids = route_topk_softmax(torch.randn(3, e), 2)
+    before = experts(x, weights, ids)
+    use_int4_kernels(experts)
+    assert experts.gate_up_proj.kpack and experts.down_proj.kpack
+    assert_close("experts", before, experts(x, weights, ids), 1e-5)
+    gu, dn = experts.gate_up_proj, experts.down_proj
+    out = fused_moe_triton(x, ExpertWeights(gu.qweight, gu.qzeros, gu.scales, group, kpack=True),
+                           ExpertWeights(dn.qweight, dn.qzeros, dn.scales, group, kpack=True), weights, ids)
+    assert_close("triton", before, out, ATOL_FP32)
 
 
 def test_split_sums_read_many_splits_per_tile():
