@@ -12,6 +12,7 @@ from deltaserve.kernels.fused_moe.triton import fused_moe_triton
 from deltaserve.kernels.int4_gemm import int4_gemm_reference
 from deltaserve.kernels.int4_gemm.kpack import KpackPlan, kpack_gemv, kpack_gemv_rows, kpack_plan
 from deltaserve.kernels.int4_gemm.triton import int4_gemm_triton
+from deltaserve.layers import linear
 from deltaserve.layers.linear import QuantExperts, QuantLinear, use_int4_kernels
 from deltaserve.layers.quant import AWQ_ORDER, awq_to_kpack, dequant_awq, kpack_to_awq, to_awq, unpack_int4
 
@@ -134,7 +135,8 @@ GROUPS = {"g32-stays-awq": (32, False), "g64-kpacked": (64, True), "g128-kpacked
 
 
 @pytest.mark.parametrize("group, packs", GROUPS.values(), ids=GROUPS.keys())
-def test_quant_linear_kpacks_what_the_kernels_can_read(group, packs):
+def test_quant_linear_kpacks_what_the_kernels_can_read(group, packs, monkeypatch):
+    monkeypatch.setattr(linear, "KPACK_CHUNK_ROWS", 64)  # 128 rows in two chunks, as a big Linear in many
     for experts in (None, 2):
         lin = QuantLinear("awq", 128, 48, group, experts)
         awq, _ = kpacked(48, 128, group, experts=experts)
