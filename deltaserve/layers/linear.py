@@ -21,7 +21,7 @@ from ..kernels.int4_gemm import int4_gemm, kernel_supports, kpack_ok
 from .quant import FORMATS, awq_to_kpack, ct_to_awq, dequantize, kpack_to_awq, narrowest_exact
 
 
-KPACK_CHUNK_ROWS = 1024  # input rows K-packed at a time (27B gate|up: ~140 MB of temporaries instead of ~2 GB)
+KPACK_CHUNK_ROWS = 1024  # input rows K-packed at a time: each temporary is rows x out int32 (27B gate|up: 140 MB)
 
 
 class QuantLinear(nn.Module):
