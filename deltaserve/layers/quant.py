@@ -118,7 +118,8 @@ def dequant_ct(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_z
     return (q.float() * weight_scale.float().repeat_interleave(group, dim=-1)).to(dtype)
 
 
-KPACK_SPAN = 64  # K rows per span of the kernels' int4 layout (kpack): int32 row 8b + r holds k = 64b + 8j + r at nibble j
+KPACK_SPAN = 64  # K rows per span of the kernels' K-packed int4 layout: int32 row 8b + r holds k = 64b + 8j + r
+# at nibble j
 
 
 def awq_to_kpack(qweight: torch.Tensor) -> torch.Tensor:
@@ -130,20 +131,15 @@ def awq_to_kpack(qweight: torch.Tensor) -> torch.Tensor:
     *lead, k, n = q.shape
     if k % KPACK_SPAN:
         raise ValueError(f"the K-packed int4 layout needs in_features in multiples of {KPACK_SPAN}, got {k}")
-    q = q.reshape(*lead, k // KPACK_SPAN, 8, 8, n).transpose(-3, -2)  # [..., span, r, j, n]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)[:, None]
-    packed = torch.zeros(q.shape[:-2] + (n,), dtype=torch.int32, device=q.device)
-    for j in range(8):  # OR, not sum: nibble 7 sets the sign bit
-        packed |= q[..., j, :] << shifts[j]
-    return packed.reshape(*lead, k // 8, n)
+    q = q.reshape(*lead, k // KPACK_SPAN, 8, 8, n).permute(*range(len(lead)), -4, -2, -1, -3)  # [.., span, r, n, j]
+    return pack_int4(q).reshape(*lead, k // 8, n)  # nibble j at bits 4j
 
 
 def kpack_to_awq(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of awq_to_kpack: [..., K/8, N] int32 -> AWQ qweight [..., K, N/8]."""
     *lead, k8, n = packed.shape
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
-    q = (packed.reshape(*lead, k8 // 8, 8, 1, n) >> shifts[:, None]) & 0xF  # [..., span, r, j, n]
-    q = q.transpose(-3, -2).reshape(*lead, k8 * 8, n)
+    q = unpack_int4(packed).reshape(*lead, k8 // 8, 8, n, 8)  # [..., span, r, n, j]
+    q = q.permute(*range(len(lead)), -4, -1, -3, -2).reshape(*lead, k8 * 8, n)  # rows 64b + 8j + r
     return pack_int4(q, AWQ_ORDER)
 
 

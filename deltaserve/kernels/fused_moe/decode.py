@@ -1,34 +1,21 @@
 """int4 MoE for decode-sized batches as per-pair GEMVs: no sort / align at all, four launches per MoE block.
 
 Each (token, expert) pair is its own GEMV over its expert's weight (int4_gemm.kpack.kpack_gemv_rows for K-packed
-experts, else int4_gemm.gemv.int4_gemv_rows; split-K partials in fp32), so the weight stream is spread over (column tiles x K splits x pairs) programs
-whatever the routing. Launches: GEMM1 gate|up -> _silu_mul_kernel (sums the K splits, silu(gate) · up in fp32,
-rounded to x's dtype as the grouped path rounds its activation) -> GEMM2 down -> combine_kernel (sums the K splits
-and the k pairs of each token, times the routing weights, one rounding). All sums run in a fixed order:
-deterministic. A pair re-reads its expert even when another pair of the batch uses it too, so past a few tokens
-the sorted grouped GEMM (triton.py) wins: the dispatch uses this up to DECODE_MAX_PAIRS pairs.
-Reference: reference.fused_moe_experts."""
+experts, else int4_gemm.gemv.int4_gemv_rows; split-K partials in fp32), so the weight stream is spread over (column
+tiles x K splits x pairs) programs whatever the routing. Launches: GEMM1 gate|up -> _silu_mul_kernel (sums the K splits,
+silu(gate) · up in fp32, rounded to x's dtype as the grouped path rounds its activation) -> GEMM2 down -> combine_kernel
+(sums the K splits and the k pairs of each token, times the routing weights, one rounding). All sums run in a fixed
+order: deterministic. A pair re-reads its expert even when another pair of the batch uses it too, so past a few tokens
+the sorted grouped GEMM (triton.py) wins: the dispatch uses this up to DECODE_MAX_PAIRS pairs. Reference:
+reference.fused_moe_experts."""
 import torch
 import triton
 import triton.language as tl
 
 from ..int4_gemm.kpack import kpack_gemv_rows
 from ..int4_gemm.gemv import int4_gemv_rows
-from ..int4_gemm.triton import split_tile
+from ..int4_gemm.triton import split_sum, split_tile
 from .reference import ExpertWeights
-
-
-@triton.jit
-def _split_sum(p_part, stride_s, S, o_c, m_c, BLOCK: tl.constexpr, BS: tl.constexpr):
-    """sum over s < S of p_part[s · stride_s + o_c] (fp32), BS splits per [BS, BLOCK] tile load (a serial loop over
-    S waits one load latency per split); a fixed order: deterministic."""
-    b_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s0 in range(0, S, BS):
-        o_s = s0 + tl.arange(0, BS)
-        b_p = tl.load(p_part + o_s[:, None].to(tl.int64) * stride_s + o_c[None, :],
-                      mask=(o_s < S)[:, None] & m_c[None, :], other=0.0)
-        b_acc += tl.sum(b_p.to(tl.float32), axis=0)
-    return b_acc
 
 
 @triton.jit
@@ -41,8 +28,8 @@ def _silu_mul_kernel(part, act, ids, S, M, INTER, BLOCK: tl.constexpr, BS: tl.co
     o_i = i_b * BLOCK + tl.arange(0, BLOCK)
     m_i = o_i < INTER
     p_row = part + i_r.to(tl.int64) * (2 * INTER)
-    b_gate = _split_sum(p_row, M * 2 * INTER, S, o_i, m_i, BLOCK, BS)
-    b_up = _split_sum(p_row + INTER, M * 2 * INTER, S, o_i, m_i, BLOCK, BS)
+    b_gate = split_sum(p_row, M * 2 * INTER, S, o_i, m_i, BLOCK, BS)
+    b_up = split_sum(p_row + INTER, M * 2 * INTER, S, o_i, m_i, BLOCK, BS)
     b_act = b_gate / (1.0 + tl.exp(-b_gate)) * b_up
     tl.store(act + i_r.to(tl.int64) * INTER + o_i, b_act.to(act.dtype.element_ty), mask=m_i)
 
@@ -60,7 +47,7 @@ def combine_kernel(part, weights, ids, out, S, M, H, TOP_K: tl.constexpr, MUL_WE
     for j in tl.static_range(TOP_K):
         i_r = i_t * TOP_K + j
         m_r = m_h & (tl.load(ids + i_r) + tl.zeros([BLOCK], dtype=tl.int32) >= 0)  # a [BLOCK] mask, not a scalar
-        b_row = _split_sum(part + i_r.to(tl.int64) * H, M * H, S, o_h, m_r, BLOCK, BS)
+        b_row = split_sum(part + i_r.to(tl.int64) * H, M * H, S, o_h, m_r, BLOCK, BS)
         if MUL_WEIGHT:
             b_row *= tl.load(weights + i_r)
         b_out += b_row

@@ -11,6 +11,7 @@ Elsewhere the torch reference (dequantize, then F.linear), AWQ layout only.
 triton.py is imported lazily: importing deltaserve must not import triton (see kernels/paged_attention)."""
 import torch
 
+from ...layers.quant import KPACK_SPAN
 from .reference import int4_gemm as int4_gemm_reference
 
 __all__ = ["int4_gemm", "int4_gemm_reference", "int4_gemm_triton", "int4_gemv_triton", "kernel_supports", "kpack_ok"]
@@ -36,7 +37,8 @@ def __getattr__(name: str):
 
 def kpack_ok(in_features: int, group_size: int) -> bool:
     """Whether an int4 weight can take the K-packed layout: whole 64-row spans inside each (power-of-two) group."""
-    return USE_KPACK and group_size % 64 == 0 and group_size & (group_size - 1) == 0 and in_features % group_size == 0
+    return (USE_KPACK and group_size % KPACK_SPAN == 0 and group_size & (group_size - 1) == 0
+            and in_features % group_size == 0)
 
 
 def kernel_supports(x: torch.Tensor, group_size: int) -> bool:

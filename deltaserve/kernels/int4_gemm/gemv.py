@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton import _check, _split_k_outputs, device_sms, dot_precision, expert_row, sum_splits
+from .triton import _check, _split_k_outputs, device_sms, dot_precision, expert_row, split_k_ranges, sum_splits
 
 # ---- decode GEMV (T <= GEMV_MAX_T): built for the weight stream, no unpack reshape, no fp32 dequant of W ----
 # Program (i_c, i_s) owns BNP packed columns (8·BNP outputs) and one K range. Each int32 tile [BK, BNP] is loaded
@@ -183,8 +183,7 @@ def int4_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
     if group_size % cfg.block_k or cfg.use_dot:
         raise ValueError(f"GEMV plan {cfg} does not fit per-row experts: block_k must divide group {group_size} "
                          f"and use_dot must be off (one x row per output row)")
-    k_per_split = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k
-    split = triton.cdiv(k, k_per_split)
+    k_per_split, split = split_k_ranges(k, cfg.block_k, cfg.split_k)
     part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
     if rows == 0:
         return part

@@ -28,9 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton import awq_zeros_of_columns, device_sms, dot_precision, expert_row, sum_splits
-
-SPAN = 64  # == layers.quant.KPACK_SPAN
+from ...layers.quant import KPACK_SPAN
+from .triton import awq_zeros_of_columns, device_sms, dot_precision, expert_row, split_k_ranges, sum_splits
 
 
 @triton.jit
@@ -166,8 +165,9 @@ def check_kpack(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         raise ValueError(f"x {tuple(x.shape)} must be [T, K]")
     k = x.shape[-1]
     n = qweight.shape[-1]
-    if group % SPAN or k % group:
-        raise ValueError(f"group_size {group} must be a multiple of {SPAN} dividing K={k} for the K-packed kernel")
+    if group % KPACK_SPAN or k % group:
+        raise ValueError(f"group_size {group} must be a multiple of {KPACK_SPAN} dividing K={k} for the K-packed "
+                         f"kernel")
     lead = tuple(qweight.shape[:-2])
     want = {"qweight": (qweight, lead + (k // 8, n)), "qzeros": (qzeros, lead + (k // group, n // 8)),
             "scales": (scales, lead + (k // group, n))}
@@ -195,8 +195,7 @@ def kpack_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     rows = expert_of_row.numel() if indexed else 1
     x = x.contiguous()
     cfg = config or kpack_plan(n, k, group_size, device_sms(x.device), rows)
-    k_per_split = triton.cdiv(k // group_size, cfg.split_k) * group_size
-    split = triton.cdiv(k, k_per_split)
+    k_per_split, split = split_k_ranges(k, group_size, cfg.split_k)
     part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
     if rows == 0:
         return part
@@ -222,8 +221,7 @@ def kpack_gemv_dot(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                          f"128, got T={t}, group {group_size}")
     x = x.contiguous()
     cfg = config or kpack_plan(n, k, group_size, device_sms(x.device), t=t)
-    k_per_split = triton.cdiv(k // group_size, cfg.split_k) * group_size
-    split = triton.cdiv(k, k_per_split)
+    k_per_split, split = split_k_ranges(k, group_size, cfg.split_k)
     part = torch.empty(split, t, n, dtype=torch.float32, device=x.device)
     _kpack_dot_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x, qweight, qzeros, scales, part, t, n, k, k_per_split, x.stride(0), qweight.stride(0), qzeros.stride(0),

@@ -213,18 +213,25 @@ def _cuda_sms(index: int) -> int:
 
 
 @triton.jit
-def _sum_splits_kernel(part, out, S, M, BLOCK: tl.constexpr, BS: tl.constexpr):
-    """out[m] = sum over s of part[s, m] (fp32, a fixed tree order: deterministic), cast to out's dtype. The splits
-    are read BS at a time as one [BS, BLOCK] tile (a serial loop over S would wait out one load latency per split,
-    which cost ~7 us on an H100 for S = 32)."""
-    o_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m_m = o_m < M
+def split_sum(p_part, stride_s, S, o_c, m_c, BLOCK: tl.constexpr, BS: tl.constexpr):
+    """sum over s < S of p_part[s · stride_s + o_c] in fp32, in a fixed tree order (deterministic). The splits are
+    read BS at a time as one [BS, BLOCK] tile: a serial loop over S would wait out one load latency per split, which
+    cost ~7 us on an H100 for S = 32."""
     b_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s0 in range(0, S, BS):
         o_s = s0 + tl.arange(0, BS)
-        b_p = tl.load(part + o_s[:, None].to(tl.int64) * M + o_m[None, :], mask=(o_s < S)[:, None] & m_m[None, :],
-                      other=0.0)
-        b_acc += tl.sum(b_p, axis=0)
+        b_p = tl.load(p_part + o_s[:, None].to(tl.int64) * stride_s + o_c[None, :],
+                      mask=(o_s < S)[:, None] & m_c[None, :], other=0.0)
+        b_acc += tl.sum(b_p.to(tl.float32), axis=0)
+    return b_acc
+
+
+@triton.jit
+def _sum_splits_kernel(part, out, S, M, BLOCK: tl.constexpr, BS: tl.constexpr):
+    """out[m] = sum over s of part[s, m] (split_sum), cast to out's dtype."""
+    o_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m_m = o_m < M
+    b_acc = split_sum(part, M, S, o_m, m_m, BLOCK, BS)
     tl.store(out + o_m, b_acc.to(out.dtype.element_ty), mask=m_m)
 
 
@@ -241,11 +248,17 @@ def sum_splits(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def split_k_ranges(k: int, unit: int, split_k: int) -> tuple[int, int]:
+    """K rows per split (a whole number of `unit`-row steps: K tiles or groups) and the number of splits that
+    covers K when about `split_k` are asked for (the last one may be short)."""
+    k_per_split = triton.cdiv(k // unit, split_k) * unit
+    return k_per_split, triton.cdiv(k, k_per_split)
+
+
 def _split_k_outputs(x: torch.Tensor, t: int, n: int, k: int, block_k: int, split_k: int):
     """-> (out [t, n] in x's dtype, where the kernel writes (out itself, or fp32 partials [split, t, n] that the
     caller sums), K rows per split (a multiple of block_k), the number of splits, the partials' split stride)."""
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    k_per_split = triton.cdiv(k // block_k, split_k) * block_k
-    split = triton.cdiv(k, k_per_split)
+    k_per_split, split = split_k_ranges(k, block_k, split_k)
     dst = out if split == 1 else torch.empty(split, t, n, dtype=torch.float32, device=x.device)
     return out, dst, k_per_split, split, 0 if split == 1 else dst.stride(0)
