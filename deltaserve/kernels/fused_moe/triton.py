@@ -150,9 +150,9 @@ def check_moe_shapes(x, gate_up: ExpertWeights, down: ExpertWeights, topk_weight
 def fused_moe_triton(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, block_m: int | None = None, decode_gemv: bool | None = None,
                      triton_align: bool | None = None, gemm1_block_n: int = 64) -> torch.Tensor:
-    """x: [T, H]; gate_up: N = 2I (first I columns gate), K = H; down: N = H, K = I (I % 8 == 0); topk_weights [T, k] fp32;
-    topk_ids [T, k] (-1: another rank's expert, skipped) -> [T, H] in x's dtype: sum over the k experts of
-    w · down(silu(gate) · up).
+    """x: [T, H]; gate_up: N = 2I (first I columns gate), K = H; down: N = H, K = I (I % 8 == 0);
+    topk_weights [T, k] fp32; topk_ids [T, k] (-1: another rank's expert, skipped) -> [T, H] in x's dtype: sum over
+    the k experts of w · down(silu(gate) · up).
     block_m / decode_gemv / triton_align / gemm1_block_n: override the path choice (tests, benchmarks); an explicit
     block_m means the grouped GEMM."""
     check_moe_shapes(x, gate_up, down, topk_weights, topk_ids)
