@@ -35,6 +35,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "halves the state traffic of a decode step at a small accuracy cost (see the README)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--async-scheduling", default=None, action=argparse.BooleanOptionalAction,
+                   help="read each step's samples while the next step runs, overlapping host and device work "
+                        "(default: on for CUDA with --tp 1)")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                    help="tensor-parallel ranks on this node: one process per rank (gloo on CPU, nccl on CUDA GPUs "
                         "0..N-1); default 1")
@@ -215,7 +218,8 @@ def engine_kwargs(args) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                 num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
                 enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp, kv_cache_dtype=args.kv_cache_dtype,
-                state_dtype=args.state_dtype, enable_expert_parallel=args.enable_expert_parallel)
+                state_dtype=args.state_dtype, enable_expert_parallel=args.enable_expert_parallel,
+                async_scheduling=args.async_scheduling)
 
 
 def _merge_model_arg(args) -> None:
@@ -254,7 +258,7 @@ def _bench(args) -> None:
               max_model_len=args.max_model_len or max_len, block_size=args.block_size,
               num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype, state_dtype=args.state_dtype,
-              enable_expert_parallel=args.enable_expert_parallel)
+              enable_expert_parallel=args.enable_expert_parallel, async_scheduling=args.async_scheduling)
     if args.preset:
         llm = LLM.from_config(preset_config(args.preset, args.layers), tensor_parallel_size=args.tp,
                               quantization=args.quantization, group_size=args.group_size, **kw)
@@ -273,7 +277,8 @@ def _bench(args) -> None:
     dev = torch_device_name(llm.device)
     print(format_table(rows, f"{name} | {dev} | {str(llm.dtype).replace('torch.', '')} | KV "
                              f"{llm.kv_cache_dtype} | GDN state {llm.config.state_dtype} | decode context "
-                             f"{args.context} | CUDA graphs {'on' if llm.runner.graphs else 'off'}"))
+                             f"{args.context} | CUDA graphs {'on' if llm.runner.graphs else 'off'} | async scheduling "
+                             f"{'on' if llm.engine.async_scheduling else 'off'}"))
 
 
 def torch_device_name(device) -> str:

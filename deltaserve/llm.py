@@ -117,18 +117,23 @@ class LLM:
     state_dtype: "auto" (the checkpoint's mamba_ssm_dtype: float32 in the released configs), "float32" or
     "bfloat16": the dtype the GDN recurrent states are held in between steps (every update runs in fp32 and rounds
     once on store). bfloat16 halves the state traffic of a decode step (2 MiB -> 1 MiB per layer per sequence at
-    9B shapes) at a measured accuracy cost (README, "GDN state in bfloat16")."""
+    9B shapes) at a measured accuracy cost (README, "GDN state in bfloat16").
+    async_scheduling: read each step's samples while the next step runs, so host work overlaps the device (README,
+    "Async scheduling"). None (default): on for CUDA with tensor_parallel_size=1, off otherwise. Outputs are the same
+    either way; a request that stops costs one extra step of device work for its row."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  seed: int = 0, enforce_eager: bool = False, tensor_parallel_size: int = 1,
-                 kv_cache_dtype: str = "auto", state_dtype: str = "auto", enable_expert_parallel: bool = False):
+                 kv_cache_dtype: str = "auto", state_dtype: str = "auto", enable_expert_parallel: bool = False,
+                 async_scheduling: bool | None = None):
         tok_dir = tokenizer or model
         self._setup(ModelConfig.from_hf_dir(model), model, Tokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir)
                     else None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
                     num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size, kv_cache_dtype,
-                    state_dtype=state_dtype, enable_expert_parallel=enable_expert_parallel)
+                    state_dtype=state_dtype, enable_expert_parallel=enable_expert_parallel,
+                    async_scheduling=async_scheduling)
 
     @classmethod
     def from_config(cls, config: ModelConfig, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
@@ -136,7 +141,7 @@ class LLM:
                     num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9, seed: int = 0,
                     enforce_eager: bool = False, tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto",
                     quantization: str | None = None, group_size: int = 128, state_dtype: str = "auto",
-                    enable_expert_parallel: bool = False) -> "LLM":
+                    enable_expert_parallel: bool = False, async_scheduling: bool | None = None) -> "LLM":
         """An engine over random weights of `config`'s shapes, made directly on the device (benchmarks: no
         checkpoint, no tokenizer; prompts are token ids). Under TP each rank draws its own shard: the same shapes
         and speed as a real checkpoint, not the same numbers as the TP=1 model of this seed.
@@ -149,7 +154,8 @@ class LLM:
         llm = cls.__new__(cls)
         llm._setup(config, None, None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
                    block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size,
-                   kv_cache_dtype, formats, state_dtype=state_dtype, enable_expert_parallel=enable_expert_parallel)
+                   kv_cache_dtype, formats, state_dtype=state_dtype, enable_expert_parallel=enable_expert_parallel,
+                   async_scheduling=async_scheduling)
         return llm
 
     def _setup(self, config: ModelConfig, weights_dir: str | None, tokenizer: Tokenizer | None, device: str,
@@ -157,7 +163,7 @@ class LLM:
                block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float, seed: int,
                enforce_eager: bool, tensor_parallel_size: int, kv_cache_dtype: str = "auto",
                formats: dict[str, str] | None = None, state_dtype: str = "auto",
-               enable_expert_parallel: bool = False) -> None:
+               enable_expert_parallel: bool = False, async_scheduling: bool | None = None) -> None:
         config = dataclasses.replace(config, state_dtype=_resolve_state_dtype(state_dtype, config),
                                      expert_parallel=_expert_parallel(config, enable_expert_parallel,
                                                                       tensor_parallel_size))
@@ -196,7 +202,8 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.engine = EngineCore(scheduler, self.runner, self.tokenizer, eos, self.max_model_len,
-                                 self.config.vocab_size)
+                                 self.config.vocab_size, _async_scheduling(async_scheduling, self.device,
+                                                                           tensor_parallel_size))
         if self.device.type == "cuda":
             t = time.perf_counter()
             self.engine.warm_up()
@@ -398,6 +405,14 @@ def _expert_parallel(config: ModelConfig, enable: bool, tensor_parallel_size: in
         logger.info("enable_expert_parallel ignored: tensor_parallel_size=1, the one rank holds every expert")
         return False
     return True
+
+
+def _async_scheduling(requested: bool | None, device: torch.device, tensor_parallel_size: int) -> bool:
+    """Only rank 0 samples under tensor parallelism, so the other ranks could not feed a token still in flight."""
+    if requested and tensor_parallel_size > 1:
+        raise ValueError("async_scheduling needs tensor_parallel_size=1 (under tensor parallelism only rank 0 holds "
+                         "the sampled tokens); drop it or --tp")
+    return device.type == "cuda" and tensor_parallel_size == 1 if requested is None else requested
 
 
 def _resolve_state_dtype(state_dtype: str, cfg: ModelConfig) -> str:

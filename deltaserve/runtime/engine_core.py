@@ -1,5 +1,13 @@
 """EngineCore: one `step()` = schedule -> model runner forward + sample -> append tokens, detokenize, check stops.
 
+Async scheduling (`async_scheduling=True`): a step is launched on the device and its samples are read in the next
+`step()`, after the following step has been launched, so the host's work (reading samples, detokenizing, stop checks,
+scheduling, building the next batch) overlaps the device's. The next step feeds each in-flight token by its device
+copy (the model runner substitutes it). A request that stops on a token read late has had one more step computed,
+whose sample is dropped; its blocks and slot are reused only by work queued after that step, so nothing leaks.
+Steps whose requests need the host to know every token (repetition / presence / frequency penalties) are read before
+the next one is scheduled.
+
 Requests with n > 1 become n sibling requests ("<id>" holds sample 0, "<id>#1".. the others) that are reported
 together under the parent id.
 """
@@ -8,6 +16,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +25,10 @@ from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .request import Request, RequestStatus
 from .scheduler import Scheduler
+from .scheduler_output import SchedulerOutput
+
+if TYPE_CHECKING:
+    from ..worker.model_runner import PendingOutput
 
 
 @dataclass
@@ -32,14 +45,24 @@ class _Group:
     metrics: RequestMetrics
 
 
+@dataclass
+class _Launched:
+    """A step queued on the device whose samples have not been read yet."""
+    sched: SchedulerOutput
+    pending: "PendingOutput"  # the runner's handle on its samples
+    needs_host_tokens: bool  # a sampled request uses penalties: read before scheduling the next step
+
+
 class EngineCore:
     def __init__(self, scheduler: Scheduler, runner, tokenizer: Tokenizer | None, eos_token_ids: set[int],
-                 max_model_len: int, vocab_size: int):
+                 max_model_len: int, vocab_size: int, async_scheduling: bool = False):
         self.scheduler, self.runner, self.tokenizer = scheduler, runner, tokenizer
         self.eos_token_ids, self.max_model_len, self.vocab_size = eos_token_ids, max_model_len, vocab_size
+        self.async_scheduling = async_scheduling
         self.groups: dict[str, _Group] = {}
         self._by_id: dict[str, tuple[_Group, int]] = {}
         self._ids = itertools.count()
+        self._inflight: _Launched | None = None
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
                     request_id: str | None = None) -> str:
@@ -98,7 +121,7 @@ class EngineCore:
                 self.step()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now (any state), freeing its KV blocks and state slot."""
@@ -116,16 +139,45 @@ class EngineCore:
         return self._output(request_id, group)
 
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
-        """Run one forward; -> an output for every user request that made progress (finished ones last time).
-        finished_only: report only requests that finished this step (LLM.generate: at 400 running requests,
-        building every in-flight output each step was a millisecond of host time the GPU waited for)."""
+        """Launch one forward and read one step's samples (this one's, or under async scheduling the previous one's);
+        -> an output for every user request that made progress in the step read.
+        finished_only: report only requests that finished in it (LLM.generate: at 400 running requests, building
+        every in-flight output each step was a millisecond of host time the GPU waited for)."""
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and self._inflight.needs_host_tokens:
+            outputs = self._read(self._inflight, finished_only)
+            self._inflight = None
         sched = self.scheduler.schedule()
-        if not sched.seqs:
-            return []
-        result = self.runner.execute(sched)
+        previous, self._inflight = self._inflight, None
+        if sched.seqs:
+            self._inflight = self._launch(sched)
+        if previous is not None:
+            outputs += self._read(previous, finished_only)
+        if self._inflight is not None and not self.async_scheduling:
+            outputs += self._read(self._inflight, finished_only)
+            self._inflight = None
+        return outputs
+
+    def _launch(self, sched: SchedulerOutput) -> _Launched:
+        pending = self.runner.launch(sched)
         self.scheduler.update_after_step(sched)
+        penalties = False
+        for req in pending.requests:
+            req.num_inflight += 1
+            p = req.params
+            penalties |= p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        return _Launched(sched, pending, penalties)
+
+    def _read(self, launched: _Launched, finished_only: bool) -> list[RequestOutput]:
+        """Read a launched step's samples: append tokens, check stops, build the outputs."""
+        result = launched.pending.result()
+        for req in launched.pending.requests:
+            req.num_inflight -= 1
         touched: dict[str, _Group] = {}
+        sched = launched.sched
         for req in [s.request for s in sched.seqs] + [f.child for f in sched.forks]:
+            if req.request_id not in self._by_id or req.status == RequestStatus.FINISHED:
+                continue  # aborted, or stopped on a token read after this step was launched: its sample is dropped
             group, i = self._by_id[req.request_id]
             touched[group.samples[0].request_id] = group
             if req.request_id in result.prompt_logprobs:

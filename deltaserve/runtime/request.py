@@ -25,6 +25,7 @@ class Request:
     fork_children: list["Request"] = field(default_factory=list)  # n > 1 siblings that copy this one's prefill
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV / state are in the caches
+    num_inflight: int = 0  # 0 or 1: a token sampled by the step still running on the device, id not yet read
     block_ids: list[int] = field(default_factory=list)
     state_slot: int = -1
     status: RequestStatus = RequestStatus.WAITING
@@ -39,6 +40,16 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens the scheduler may feed: the known ones plus the one in flight (its id is read on the device)."""
+        return self.num_tokens + self.num_inflight
+
+    @property
+    def last_token_inflight(self) -> bool:
+        """The token in flight is this request's last (max_tokens, which max_model_len clips): nothing to feed."""
+        return self.num_inflight > 0 and len(self.output_token_ids) + self.num_inflight >= self.max_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,6 +2,8 @@
 
 Each step hands out up to `max_num_batched_tokens` tokens: running requests first (a decode token, or the next
 chunk of a long prompt), then waiting requests in arrival order while a state slot, KV blocks and budget remain.
+A token sampled by the step still running on the device (`Request.num_inflight`, async scheduling) counts as known:
+its request is scheduled to feed it, and the model runner reads its id on the device.
 When KV blocks run out, the most recently admitted running request is preempted: its blocks and slot are freed and it
 goes back to the front of the queue, to be re-prefilled from prompt + generated tokens (recompute).
 Siblings of an n > 1 request wait on the first sample (`fork_children`) and are forked from it, state and KV
@@ -34,7 +36,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.last_token_inflight:  # finishes when the step in flight is read
+                i += 1
+                continue
+            n = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
             if not self._reserve_blocks(req, n, out):
                 continue  # req itself was preempted; self.running shrank
             out.seqs.append(self._seq(req, n))
@@ -44,7 +49,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) + len(out.forks) < self.max_num_seqs
                and not out.preempted):
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
             need = self.blocks.blocks_needed(req.num_computed_tokens + n, len(req.block_ids))
             if need > self.blocks.num_free or self.states.num_free == 0:
                 break
@@ -77,7 +82,7 @@ class Scheduler:
             out.forks.append(Fork(req, child))
 
     def _seq(self, req: Request, n: int) -> ScheduledSeq:
-        return ScheduledSeq(req, req.num_computed_tokens, n, req.num_computed_tokens + n == req.num_tokens)
+        return ScheduledSeq(req, req.num_computed_tokens, n, req.num_computed_tokens + n == req.num_scheduled_tokens)
 
     def _reserve_blocks(self, req: Request, n: int, out: SchedulerOutput) -> bool:
         """Give `req` the blocks for n more tokens, preempting later requests (or req itself) until they fit."""

@@ -44,6 +44,10 @@ class StepPlan:
     slots_to_zero: list[int] = field(default_factory=list)  # state slots to zero before the forward
     copies: list[tuple[int, int, list[int], list[int]]] = field(default_factory=list)  # after the forward, in
     # order: (src slot, dst slot, src blocks, dst blocks) of each n > 1 fork
+    # async scheduling: token rows whose id the step still in flight sampled (a placeholder in input_ids), and for
+    # each the row of that step's sampled ids holding it; the ids are copied on the device
+    inflight_rows: list[int] = field(default_factory=list)
+    inflight_src: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +56,38 @@ class RunnerOutput:
     logprobs: dict[str, Logprobs] = field(default_factory=dict)  # request id -> logprobs of the new token
     sampled_logprob: dict[str, float] = field(default_factory=dict)  # request id -> logprob of the new token
     prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)  # request id -> next prompt positions
+
+@dataclass
+class PendingOutput:
+    """A launched step's samples, read on the host by `result()` (async scheduling reads them a step later, while
+    the next step runs). Tensors are host copies that are complete once `ready` has fired."""
+    out: RunnerOutput  # prompt logprobs, already read
+    requests: list  # the Request of each sampled row, in row order
+    want_logprobs: list[int | None]  # per row: its params.logprobs
+    token_ids: torch.Tensor | None  # [R] int64 sampled ids; None: nothing sampled
+    logprobs: torch.Tensor | None  # [R, 1 + k] fp32, or None when no row asked
+    logprob_ids: torch.Tensor | None  # [R, 1 + k] int64
+    ready: torch.cuda.Event | None  # recorded after the device-to-host copies; None on the CPU
+
+    def result(self) -> RunnerOutput:
+        """Wait for the samples and return them per request id."""
+        out = self.out
+        if self.token_ids is None:
+            return out
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens = self.token_ids.tolist()
+        lp_vals = self.logprobs.tolist() if self.logprobs is not None else None
+        lp_ids = self.logprob_ids.tolist() if self.logprob_ids is not None else None
+        for j, req in enumerate(self.requests):
+            out.sampled[req.request_id] = tokens[j]
+            if lp_vals is not None:
+                out.sampled_logprob[req.request_id] = lp_vals[j][0]
+                k = self.want_logprobs[j]
+                if k is not None:
+                    out.logprobs[req.request_id] = {
+                        lp_ids[j][0]: lp_vals[j][0], **dict(zip(lp_ids[j][1: 1 + k], lp_vals[j][1: 1 + k]))}
+        return out
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
@@ -108,22 +144,41 @@ def _allocate_caches(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
     )
 
 
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A host list as an int64 device tensor without a device sync (`torch.tensor(..., device=cuda)` waits for the
+    stream; a pinned staging copy does not, and the caching host allocator keeps it alive until the copy is done)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 class StagingBuffers:
     """Persistent host (pinned on CUDA) and device buffers for the step's index tensors, sized for the largest step,
     so building a batch allocates nothing: values are written into a host slice and copied to the device slice.
-    The returned tensors are views that the next step overwrites."""
+    The returned tensors are views that the next step overwrites. On CUDA, `begin()` waits until the previous step's
+    copies have left the host buffers (under async scheduling the host runs a step ahead of the device)."""
 
     def __init__(self, device: torch.device, max_tokens: int, max_seqs: int, max_blocks: int):
         self.device = device
         pin = device.type == "cuda"
         sizes = {"input_ids": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
                  "logits_indices": max_tokens + max_seqs, "cu_seqlens": max_seqs + 1, "context_lens": max_seqs,
-                 "state_slots": max_seqs, "gdn_cu_seqlens": max_seqs + 1}
+                 "state_slots": max_seqs, "gdn_cu_seqlens": max_seqs + 1, "inflight_rows": max_seqs,
+                 "inflight_src": max_seqs}
         self.host = {k: torch.zeros(n, dtype=torch.int64, pin_memory=pin) for k, n in sizes.items()}
         self.host_tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, pin_memory=pin)
         on_host = device.type == "cpu"
         self.dev = self.host if on_host else {k: torch.zeros_like(v, device=device) for k, v in self.host.items()}
         self.dev_tables = self.host_tables if on_host else torch.zeros_like(self.host_tables, device=device)
+        self.copied: torch.cuda.Event | None = None  # recorded after the last step's copies (CUDA)
+
+    def begin(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+
+    def end(self) -> None:
+        if self.device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record()
 
     def put(self, name: str, values: list[int]) -> torch.Tensor:
         n = len(values)
@@ -157,6 +212,10 @@ class ModelRunner:
         self.graphs: CudaGraphRunner | None = None
         self.sampler = Sampler()
         self.peers = None  # rank 0 under tensor parallelism: TPWorkers, sent every StepPlan
+        # the last launched step's sampled ids [R] int64 on the device, and the row of each request id in it: the
+        # next step reads a token still in flight from here (async scheduling)
+        self.last_sampled: torch.Tensor | None = None
+        self.last_sampled_rows: dict[str, int] = {}
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Capture decode forwards for batch-size buckets up to max_num_seqs (CUDA only)."""
@@ -167,17 +226,22 @@ class ModelRunner:
     def zero_slots(self, slots: list[int]) -> None:
         if not slots:
             return
-        idx = torch.tensor(slots, device=self.device)
+        idx = to_device(slots, self.device)
         for t in self.caches.conv + self.caches.recurrent:
             t.index_fill_(0, idx, 0)
 
     def plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list[int]]:
         """-> the step's StepPlan and, per sequence, the row of its first logits row (-1: needs none)."""
         ids, pos, slot_map, cu, ctx, logit_rows, first_row = [], [], [], [0], [], [], []
+        inflight_rows, inflight_src = [], []
         bs = self.block_size
         for s in sched.seqs:
             req, start, n = s.request, s.start, s.num_new_tokens
-            ids += req.token_ids(start, start + n)
+            ids += req.token_ids(start, min(start + n, req.num_tokens))
+            if start + n > req.num_tokens:  # its last token is the one in flight: a placeholder, filled on device
+                inflight_rows.append(len(ids))
+                inflight_src.append(self.last_sampled_rows[req.request_id])
+                ids.append(0)
             pos += range(start, start + n)
             slot_map += [req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n)]
             rows = self._logit_positions(s)
@@ -191,11 +255,12 @@ class ModelRunner:
             block_tables=[list(s.request.block_ids) for s in sched.seqs], logits_rows=logit_rows,
             query_lens=[s.num_new_tokens for s in sched.seqs], slots_to_zero=list(sched.slots_to_zero),
             copies=[(f.parent.state_slot, f.child.state_slot, list(f.parent.block_ids), list(f.child.block_ids))
-                    for f in sched.forks])
+                    for f in sched.forks], inflight_rows=inflight_rows, inflight_src=inflight_src)
         return plan, first_row
 
     def build_batch(self, plan: StepPlan) -> ForwardBatch:
         put = self.staging.put
+        self.staging.begin()
         batch = ForwardBatch(
             input_ids=put("input_ids", plan.input_ids), positions=put("positions", plan.positions),
             cu_seqlens=put("cu_seqlens", plan.cu_seqlens), context_lens=put("context_lens", plan.context_lens),
@@ -204,8 +269,12 @@ class ModelRunner:
             query_lens_cpu=plan.query_lens, context_lens_cpu=plan.context_lens,
             is_decode=len(plan.input_ids) == len(plan.query_lens), max_context_len=max(plan.context_lens),
         )
+        if plan.inflight_rows:
+            src = self.last_sampled.index_select(0, put("inflight_src", plan.inflight_src))
+            batch.input_ids.index_copy_(0, put("inflight_rows", plan.inflight_rows), src)
         if not batch.is_decode and self.cfg.linear_attention_layers:
             self._split_gdn(batch, plan)
+        self.staging.end()
         return batch
 
     def _split_gdn(self, batch: ForwardBatch, plan: StepPlan) -> None:
@@ -245,8 +314,14 @@ class ModelRunner:
             self.copy_sequence(src_slot, dst_slot, src_blocks, dst_blocks)
         return logits
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one step and read its samples (synchronous)."""
+        return self.launch(sched).result()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> PendingOutput:
+        """Queue one step's forward and sampling on the device; the samples are read by `result()`. Prompt logprobs
+        are read here (a host sync, on prompt-logprob steps only)."""
         plan, first_row = self.plan(sched)
         if self.peers is not None:
             self.peers.send(plan)
@@ -257,17 +332,16 @@ class ModelRunner:
                 for i, s in enumerate(sched.seqs) if s.sample}
         samplers = [(s.request, rows[s.request.request_id]) for s in sched.seqs if s.sample]
         samplers += [(f.child, rows[f.parent.request_id]) for f in sched.forks]
-        if samplers:
-            self._sample(samplers, logits, out)
-        return out
+        if not samplers:
+            return PendingOutput(out, [], [], None, None, None, None)
+        return self._sample(samplers, logits, out)
 
     def copy_sequence(self, src_slot: int, dst_slot: int, src_blocks: list[int], dst_blocks: list[int]) -> None:
         """Copy a GDN state slot and KV blocks (a fork of n > 1 samples; dst has as many blocks as src)."""
         for t in self.caches.conv + self.caches.recurrent:
             t[dst_slot].copy_(t[src_slot])
         if src_blocks:
-            s_idx = torch.tensor(src_blocks, device=self.device)
-            d_idx = torch.tensor(dst_blocks, device=self.device)
+            s_idx, d_idx = to_device(src_blocks, self.device), to_device(dst_blocks, self.device)
             for k, v in self.caches.kv:
                 for t in block_tensors(k) + block_tensors(v):  # a quantized side: codes, scales, zeros
                     t.index_copy_(0, d_idx, t.index_select(0, s_idx))
@@ -287,27 +361,24 @@ class ModelRunner:
             vals, toks = compute_topk_logprobs(lp, req.params.prompt_logprobs, targets)
             out.prompt_logprobs[req.request_id] = _to_dicts(vals, toks)
 
-    def _sample(self, samplers: list, logits: torch.Tensor, out: RunnerOutput) -> None:
-        """samplers: (request, its logits row) pairs."""
+    def _sample(self, samplers: list, logits: torch.Tensor, out: RunnerOutput) -> PendingOutput:
+        """samplers: (request, its logits row) pairs. Queues the sampler and the copies of its results to the host."""
         reqs = [r for r, _ in samplers]
-        rows = logits[torch.tensor([row for _, row in samplers], device=logits.device)]
+        row_ids = [row for _, row in samplers]
+        rows = logits if row_ids == list(range(logits.shape[0])) else logits[to_device(row_ids, self.device)]
         sbatch = SamplingBatch.from_requests(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
             [r.generator for r in reqs], self.cfg.vocab_size, self.device,
         )
         res = self.sampler(rows, sbatch)
-        tokens = res.token_ids.tolist()
-        lp_vals = res.logprobs.tolist() if res.logprobs is not None else None
-        lp_ids = res.logprob_token_ids.tolist() if res.logprob_token_ids is not None else None
-        for j, req in enumerate(reqs):
-            out.sampled[req.request_id] = tokens[j]
-            if lp_vals is not None:
-                out.sampled_logprob[req.request_id] = lp_vals[j][0]
-                if req.params.logprobs is not None:
-                    k = req.params.logprobs
-                    out.logprobs[req.request_id] = {
-                        lp_ids[j][0]: lp_vals[j][0], **dict(zip(lp_ids[j][1: 1 + k], lp_vals[j][1: 1 + k]))}
-
+        self.last_sampled, self.last_sampled_rows = res.token_ids, {r.request_id: j for j, r in enumerate(reqs)}
+        host = [t.to("cpu", non_blocking=True) if t is not None else None
+                for t in (res.token_ids, res.logprobs, res.logprob_token_ids)]
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return PendingOutput(out, reqs, [r.params.logprobs for r in reqs], *host, ready)
 
 def _to_dicts(vals: torch.Tensor, toks: torch.Tensor) -> list[Logprobs]:
     """[P, 1+k] values and ids (actual token first) -> one dict per position, actual token included."""
