@@ -26,27 +26,36 @@ def sample_lengths(rng: np.random.Generator, n: int, mean: int, ratio: float) ->
 
 
 class StepStats:
-    """Wraps the model runner's `execute` (one call per engine step, which ends in a host sync for the sampled
-    tokens) and accumulates wall time, prefill tokens and decode rows per step kind."""
+    """Wraps the engine's `step` and the model runner's `launch` and accumulates wall time, prefill tokens and decode
+    rows per kind of the step each `step()` call launched. Under async scheduling a call reads the previous step's
+    samples, so its wall time is the device time of the step before it: the split is exact in steady runs of one
+    kind and off by a step at each change of kind."""
 
-    def __init__(self, runner):
+    def __init__(self, engine):
         self.rows: dict[str, list[float]] = {}  # kind -> [steps, seconds, prefill tokens, decode rows]
-        inner = runner.execute
+        self._launched: tuple[str, int, int] | None = None
+        runner, step, launch = engine.runner, engine.step, engine.runner.launch
 
-        def execute(sched):
-            t = time.perf_counter()
-            out = inner(sched)
-            dt = time.perf_counter() - t
+        def launch_and_note(sched):
             decode = sum(1 for s in sched.seqs if s.num_new_tokens == 1 and s.start >= s.request.num_prompt_tokens)
             prefill = sched.num_tokens - decode
-            kind = "mixed" if prefill and decode else ("prefill" if prefill else "decode")
-            row = self.rows.setdefault(kind, [0, 0.0, 0, 0])
-            row[0] += 1
-            row[1] += dt
-            row[2] += prefill
-            row[3] += decode
+            self._launched = ("mixed" if prefill and decode else ("prefill" if prefill else "decode"), prefill, decode)
+            return launch(sched)
+
+        def timed_step(*args, **kwargs):
+            self._launched = None
+            t = time.perf_counter()
+            out = step(*args, **kwargs)
+            dt = time.perf_counter() - t
+            if self._launched is not None:
+                kind, prefill, decode = self._launched
+                row = self.rows.setdefault(kind, [0, 0.0, 0, 0])
+                row[0] += 1
+                row[1] += dt
+                row[2] += prefill
+                row[3] += decode
             return out
-        runner.execute = execute
+        runner.launch, engine.step = launch_and_note, timed_step
 
     def table(self) -> str:
         lines = [f"{'step kind':>10} {'steps':>6} {'seconds':>8} {'ms/step':>8} {'prefill tok':>12} "
@@ -61,7 +70,7 @@ def run(args) -> dict:
     from deltaserve import LLM, SamplingParams
     from deltaserve.cli import resolve_model
 
-    kw = dict(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+    kw = dict(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs, async_scheduling=args.async_scheduling,
               max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=int((args.input_len + args.output_len) * (1 + args.range_ratio)) + 8)
     if args.preset:
@@ -80,7 +89,7 @@ def run(args) -> dict:
     # warm-up: one short request so first-call overheads stay out of the numbers
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)
 
-    stats = StepStats(llm.engine.runner) if args.step_stats else None
+    stats = StepStats(llm.engine) if args.step_stats else None
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -115,6 +124,8 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-stats", action="store_true", help="also print wall time per step kind")
+    p.add_argument("--async-scheduling", default=None, action=argparse.BooleanOptionalAction,
+                   help="overlap host and device work (default: the engine's, on for CUDA)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args()
     r = run(args)

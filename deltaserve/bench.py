@@ -56,13 +56,14 @@ def measure_bounds(device: torch.device) -> Bounds:
         return Bounds(float("nan"), float("nan"))
     n = 1 << 28  # 512 MiB of bf16 each way
     src, dst = torch.empty(n, dtype=torch.bfloat16, device=device), torch.empty(n, dtype=torch.bfloat16, device=device)
-    t = _time_cuda(lambda: dst.copy_(src), iters=20)
+    t = time_cuda(lambda: dst.copy_(src), iters=20)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    tg = _time_cuda(lambda: a @ a, iters=20)
+    tg = time_cuda(lambda: a @ a, iters=20)
     return Bounds(2 * n * 2 / t, 2 * 8192**3 / tg)
 
 
-def _time_cuda(fn, iters: int) -> float:
+def time_cuda(fn, iters: int) -> float:
+    """Median device seconds of fn() (CUDA events around each call)."""
     fn()
     torch.cuda.synchronize()
     times = []
