@@ -230,6 +230,17 @@ def test_decode_matches_reference(heads, block_v, state_dtype):
     assert not counters.any(), "the decode kernel left its arrival counters non-zero"
 
 
+def test_decode_default_config_by_rows_and_card(monkeypatch):
+    """Below 32 rows the small-batch tiles; above, the card's own sweep result where one is listed, else the
+    H100 defaults."""
+    cpu = torch.device("cpu")
+    assert triton_decode.default_config(8, cpu) == triton_decode.SMALL_BATCH_CONFIG
+    assert triton_decode.default_config(64, cpu) == triton_decode.DecodeLaunchConfig()
+    monkeypatch.setitem(triton_decode._DEVICE_NAMES, cpu, "NVIDIA H200")
+    assert triton_decode.default_config(64, cpu) == triton_decode.TUNED_CONFIGS["NVIDIA H200"]
+    assert triton_decode.default_config(8, cpu) == triton_decode.SMALL_BATCH_CONFIG
+
+
 def test_decode_rejects_bad_channel_count():
     x, weight, conv_state, a, b, A_log, dt_bias, state = make_decode_inputs(2, 3, 2, 4, 16, 16, 4, [0, 1])
     with pytest.raises(ValueError, match="channels"):
