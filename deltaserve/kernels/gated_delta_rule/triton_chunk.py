@@ -33,7 +33,11 @@ class ChunkLaunchConfig:
     """Launch parameters of the three prefill kernels. Defaults: the best value of each kernel's own parameter in
     `bench_gdn.py --sweep` on an H100 (2026-11-28, one parameter at a time; the three kernels run one after the
     other, so their choices do not interact). 1x16k / 16x1k ms: prep_warps 4->2 2.11/1.90 -> 1.98/1.79;
-    state_block_v 32->64 2.10/1.91 -> 2.06/1.78; out_block_v 64->128 2.10/1.91 -> 2.01/1.82."""
+    state_block_v 32->64 2.10/1.91 -> 2.06/1.78; out_block_v 64->128 2.10/1.91 -> 2.01/1.82.
+    Tried and dropped (H200, 2026-11-28): inverting the diagonal blocks by repeated squaring, (I + X)(I + X^2)
+    (I + X^4)(I + X^8) with X = -A, six dots instead of fifteen dependent ones, took 1.77/1.43 -> 1.40/1.07 ms, but
+    with correlated keys and beta near 1 the powers of X reach ~3e3 and w's error grows to 3e-4..1e-3 (substitution:
+    ~1e-6), and the bf16 prompt-logprob parity test's max went 0.0945 -> 0.0990 (over its 0.0950 bar)."""
     prep_warps: int = 2
     state_block_v: int = 64   # V-tile of the serial state pass: smaller -> more programs on few long sequences
     state_warps: int = 4
