@@ -9,7 +9,9 @@ the first, per request). Runs on CPU with the embedded tiny checkpoint and on GP
         --output-len 128 --max-num-seqs 512 --max-num-batched-tokens 8192 --step-stats
 
 --step-stats also splits the wall time by step kind (decode-only, prefill-only, mixed): steps, time, and the
-prefill tokens and decode rows they carried, to show where a run's time goes.
+prefill tokens and decode rows they carried, to show where a run's time goes. --kernels N profiles steps 20-29 of the
+run (torch.profiler; in the profile above those are mixed prefill+decode steps) and prints the N kernels with the most
+device time.
 """
 from __future__ import annotations
 
@@ -56,6 +58,27 @@ class StepStats:
                 row[3] += decode
             return out
         runner.launch, engine.step = launch_and_note, timed_step
+        self._engine, self._step = engine, timed_step
+
+    def profile_window(self, first: int, count: int, top: int) -> None:
+        """Run torch.profiler over `count` step() calls starting at call `first`; print the top kernels after them."""
+        from torch.profiler import ProfilerActivity, profile
+
+        step, calls = self._step, [0]
+
+        def profiled_step(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == first:
+                self._prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self._prof.__enter__()
+            out = step(*args, **kwargs)
+            if calls[0] == first + count - 1:
+                self._prof.__exit__(None, None, None)
+                print(f"kernels over step() calls {first}-{first + count - 1}:")
+                print(self._prof.key_averages().table(sort_by="self_device_time_total", row_limit=top,
+                                                      max_name_column_width=70))
+            return out
+        self._engine.step = profiled_step
 
     def table(self) -> str:
         lines = [f"{'step kind':>10} {'steps':>6} {'seconds':>8} {'ms/step':>8} {'prefill tok':>12} "
@@ -89,7 +112,9 @@ def run(args) -> dict:
     # warm-up: one short request so first-call overheads stay out of the numbers
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)
 
-    stats = StepStats(llm.engine) if args.step_stats else None
+    stats = StepStats(llm.engine) if args.step_stats or args.kernels else None
+    if args.kernels:
+        stats.profile_window(20, 10, args.kernels)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -98,7 +123,7 @@ def run(args) -> dict:
     ttft = np.array([m.first_token_time - m.arrival_time for m in ms]) * 1e3
     tpot = np.array([(m.finished_time - m.first_token_time) / (n - 1) for m, n in zip(ms, ntok) if n > 1]) * 1e3
     n_in, n_out = sum(in_lens), sum(ntok)
-    if stats is not None:
+    if args.step_stats:
         print(stats.table())
     return {
         "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""), "num_prompts": args.num_prompts,
@@ -124,6 +149,7 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-stats", action="store_true", help="also print wall time per step kind")
+    p.add_argument("--kernels", type=int, default=0, help="profile steps 20-29; print the top N kernels")
     p.add_argument("--async-scheduling", default=None, action=argparse.BooleanOptionalAction,
                    help="overlap host and device work (default: the engine's, on for CUDA)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
