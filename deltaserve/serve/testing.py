@@ -19,7 +19,8 @@ logger = logging.getLogger("deltaserve.serve")
 
 
 class ForcedOutputRunner:
-    """Wraps a ModelRunner: `execute` runs the real forward, then overrides the tokens of matching requests."""
+    """Wraps a ModelRunner: `launch` runs the real forward; the result read from it has the tokens of matching
+    requests overridden."""
 
     def __init__(self, runner, tokenizer, rules: list[dict], eos_token_id: int):
         self._runner, self._tokenizer, self._rules = runner, tokenizer, rules
@@ -29,12 +30,18 @@ class ForcedOutputRunner:
     def __getattr__(self, name):  # device, caches, ...: the wrapped runner's
         return getattr(self._runner, name)
 
-    def execute(self, sched):
+    def launch(self, sched):
         for s in sched.seqs:
             rule = self._rule(s.request)
             if rule is not None and "raise" in self._rules[rule]:
                 raise RuntimeError(self._rules[rule]["raise"])
-        out = self._runner.execute(sched)
+        return _ForcedPending(self._runner.launch(sched), self, sched)
+
+    def execute(self, sched):
+        return self.launch(sched).result()
+
+    def override(self, sched, out):
+        """Replace the sampled tokens of requests that follow a rule (before they are appended)."""
         for req in [s.request for s in sched.seqs] + [f.child for f in sched.forks]:
             rule = self._rule(req)
             if rule is None or req.request_id not in out.sampled or self._forced[rule] is None:
@@ -54,6 +61,19 @@ class ForcedOutputRunner:
         return self._match[req.request_id]
 
 
+class _ForcedPending:
+    """A launched step's PendingOutput whose `result()` comes back with the forced tokens in place."""
+
+    def __init__(self, pending, runner: ForcedOutputRunner, sched):
+        self._pending, self._runner, self._sched = pending, runner, sched
+
+    def __getattr__(self, name):  # requests, ...: the wrapped handle's
+        return getattr(self._pending, name)
+
+    def result(self):
+        return self._runner.override(self._sched, self._pending.result())
+
+
 def install_from_env(llm) -> bool:
     """Wrap llm's runner when DELTASERVE_TEST_FORCED_OUTPUTS is set; -> whether it was installed."""
     spec = os.environ.get(ENV_VAR)
@@ -68,5 +88,7 @@ def install_from_env(llm) -> bool:
     if llm.tokenizer is None or llm.tokenizer.eos_token_id is None:
         raise ValueError(f"{ENV_VAR} needs a model with a tokenizer that has an EOS token")
     llm.engine.runner = ForcedOutputRunner(llm.engine.runner, llm.tokenizer, rules, llm.tokenizer.eos_token_id)
+    # forced tokens exist only on the host: the next step must read its input from there, not from the device sample
+    llm.engine.async_scheduling = False
     logger.warning("TEST-ONLY: %s is set; %d forced-output rules are active", ENV_VAR, len(rules))
     return True

@@ -445,3 +445,24 @@ def test_async_scheduling_resolution():
     assert _async_scheduling(None, torch.device("cuda"), 2) is False, "async is not the default under TP"
     assert _async_scheduling(False, torch.device("cuda"), 1) is False
     assert _async_scheduling(True, torch.device("cpu"), 1) is True
+
+
+# ------------------------------------------------------------------------- 9. the e2e tests' forced-output hook
+
+def test_forced_output_hook_wraps_launch_and_turns_async_off(models, monkeypatch):
+    """The server / chat tests drive the model through `serve.testing`; it must see every step the engine launches
+    (it once wrapped only `execute`, which the engine no longer calls) and run it synchronously."""
+    import json
+
+    from deltaserve.serve.testing import ENV_VAR, install_from_env
+
+    llm = make_llm(models.path("dense"), max_num_seqs=2, async_scheduling=True)
+    text = "hello forced world"
+    monkeypatch.setenv(ENV_VAR, json.dumps([{"contains": ["MARK"], "output": text},
+                                            {"contains": ["BOOM"], "raise": "injected"}]))
+    assert install_from_env(llm) and not llm.engine.async_scheduling
+    outs = llm.generate(["MARK one", "plain two"], SamplingParams(temperature=0.0, max_tokens=30), use_tqdm=False)
+    assert outs[0].outputs[0].text == text and outs[0].outputs[0].finish_reason == "stop"
+    assert outs[1].outputs[0].text != text
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate(["BOOM"], SamplingParams(max_tokens=4), use_tqdm=False)
