@@ -68,7 +68,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="qwen3.5-9b")
     p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--quantization", choices=["awq"], default=None)
+    p.add_argument("--quantization", choices=["awq", "awq-full"], default=None)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50)

@@ -143,7 +143,8 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--quantization", default=None,
                    help="'awq': the preset in int4 AWQ, mixed like Qwen3.5 AWQ checkpoints (o_proj, "
                         "out_proj, MLPs and experts int4; q/k/v, GDN in-projections, router, shared_expert_gate "
-                        "16-bit); default: all 16-bit")
+                        "16-bit); 'awq-full': int4 as `deltaserve quantize` writes (all projections but "
+                        "in_proj_a/b, router and shared_expert_gate); default: all 16-bit")
     b.add_argument("--group-size", type=int, default=128, help="AWQ input channels per scale (default 128)")
     b.add_argument("--prompt-lens", type=lambda v: [int(x) for x in v.split(",")], default=[512, 2048, 8192],
                    help="comma-separated prefill lengths (default 512,2048,8192)")
@@ -266,7 +267,7 @@ def _bench(args) -> None:
         if llm.config.expert_parallel:
             name += " EP"
         if args.quantization:
-            name += f" | {args.quantization} int4 g{args.group_size} (mixed)"
+            name += f" | awq int4 g{args.group_size} ({'full' if args.quantization == 'awq-full' else 'mixed'})"
     elif args.quantization:
         raise ValueError("--quantization applies to --preset (random weights); a checkpoint's own tensors decide "
                          "its format, so drop --quantization with --model")

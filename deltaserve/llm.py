@@ -17,7 +17,7 @@ from .config import ModelConfig, QuantConfig
 from .kernels.paged_attention import check_kv_cache_dtype
 from .layers.fp8 import use_fp8_kernels
 from .layers.linear import use_int4_kernels
-from .models.formats import AWQ_MIXED_16BIT, awq_formats, tp_problems
+from .models.formats import RANDOM_AWQ_PATTERNS, awq_formats, tp_problems
 from .models.weights import WeightsError, build_model, checkpoint_files, load_weights, read_formats
 from .outputs import RequestOutput
 from .runtime.block_pool import BlockPool
@@ -145,12 +145,13 @@ class LLM:
         """An engine over random weights of `config`'s shapes, made directly on the device (benchmarks: no
         checkpoint, no tokenizer; prompts are token ids). Under TP each rank draws its own shard: the same shapes
         and speed as a real checkpoint, not the same numbers as the TP=1 model of this seed.
-        quantization: None (16-bit) or "awq": int4 AWQ (group_size input channels per scale) in the mixed pattern
-        of Qwen3.5 AWQ checkpoints (models/formats.AWQ_MIXED_16BIT), the rest 16-bit."""
+        quantization: None (16-bit), "awq": int4 AWQ (group_size input channels per scale) in the mixed pattern
+        of Qwen3.5 AWQ checkpoints (models/formats.AWQ_MIXED_16BIT), the rest 16-bit, or "awq-full": every
+        projection int4 but in_proj_a/b, the router and shared_expert_gate (what `deltaserve quantize` writes)."""
         formats = None
         if quantization is not None:
             config = _random_quant_config(config, quantization, group_size)
-            formats = awq_formats(config)
+            formats = awq_formats(config, config.quantization.modules_to_not_convert)
         llm = cls.__new__(cls)
         llm._setup(config, None, None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
                    block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size,
@@ -372,12 +373,14 @@ def _resolve_device(device: str) -> torch.device:
 
 def _random_quant_config(config: ModelConfig, quantization: str, group_size: int) -> ModelConfig:
     """config with the quantization_config of a random-weight int4 model (from_config)."""
-    if quantization != "awq":
-        raise ValueError(f"quantization={quantization!r} is not supported for random weights; use 'awq' (int4) "
+    if quantization not in RANDOM_AWQ_PATTERNS:
+        raise ValueError(f"quantization={quantization!r} is not supported for random weights; use 'awq' (int4, "
+                         f"mixed like Qwen3.5 AWQ checkpoints), 'awq-full' (int4 as deltaserve quantize writes) "
                          f"or None (16-bit)")
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive number of input channels (e.g. 128), got {group_size!r}")
-    return dataclasses.replace(config, quantization=QuantConfig("awq", 4, group_size, True, AWQ_MIXED_16BIT))
+    return dataclasses.replace(config, quantization=QuantConfig("awq", 4, group_size, True,
+                                                                  RANDOM_AWQ_PATTERNS[quantization]))
 
 
 def _resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:

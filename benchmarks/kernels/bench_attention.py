@@ -7,8 +7,8 @@ store. Prints one table; `--sweep` also tries tile configs so the defaults can b
 
 `--kv-cache-dtype int8[,int4,fp8]` prints only the quantized-KV comparison instead: decode at context 32k, batch
 1/16/64, each kind against the bf16 cache it was quantized from (time per call, KV bytes read with scales and zeros,
-bandwidth, speed-up over bf16, max |difference| from the bf16 output), plus a 2048-token prefill chunk at 32k and
-the quantizing store.
+bandwidth, speed-up over bf16, max |difference| from the bf16 output; with `--sweep`, each kind under several tile
+configs), plus a 2048-token prefill chunk at 32k and the quantizing store.
 
     python benchmarks/kernels/bench_attention.py [--sweep] [--heads 16 --kv-heads 4] [--kv-cache-dtype int8,int4,fp8]
 """
@@ -111,7 +111,7 @@ def bench_decode(b: int, ctx_len: int, h: int, hkv: int, gen: torch.Generator, b
         ms = do_bench(lambda: paged_attention_decode(q, k_cache, v_cache, tables, ctx, D ** -0.5, gate, ctx_len,
                                                      **cfg))
         rows.append(f"decode  B={b:<3} ctx={ctx_len:<6} {_cfg(cfg):<28} {ms * 1e3:9.1f} "
-                    f"{kv_bytes / ms * 1e-9:8.0f} GB/s  bound {bound_us:8.1f} us  "
+                    f"{kv_bytes / ms * 1e-6:8.0f} GB/s  bound {bound_us:8.1f} us  "
                     f"{bound_us / (ms * 1e3):5.2f} of bound")
     del k_cache, v_cache
     torch.cuda.empty_cache()
@@ -138,8 +138,9 @@ def quantized_copy(k_cache: torch.Tensor, v_cache: torch.Tensor, kind: str):
 
 
 def bench_kv_quant_decode(b: int, ctx_len: int, h: int, hkv: int, kinds: list[str], gen: torch.Generator,
-                          bandwidth: float) -> list[str]:
-    """Decode over a bf16 cache and over each quantized copy of it: same queries, same block tables."""
+                          bandwidth: float, configs: list[dict]) -> list[str]:
+    """Decode over a bf16 cache (default config) and over each quantized copy of it under each config: same queries,
+    same block tables."""
     k_cache, v_cache, tables = paged_cache([ctx_len] * b, hkv, gen)
     q = torch.randn(b, h, D, dtype=DTYPE, device=DEVICE, generator=gen)
     gate = torch.randn(q.shape, dtype=DTYPE, device=DEVICE, generator=gen)
@@ -149,17 +150,19 @@ def bench_kv_quant_decode(b: int, ctx_len: int, h: int, hkv: int, kinds: list[st
         kc, vc = (k_cache, v_cache) if kind == "auto" else quantized_copy(k_cache, v_cache, kind)
         kv_bytes = 2 * b * ctx_len * hkv * kv_bytes_per_token_head(kind, D, DTYPE)
 
-        def run():
-            return paged_attention_decode(q, kc, vc, tables, ctx, D ** -0.5, gate, ctx_len)
+        for cfg in configs[:1] if kind == "auto" else configs:
+            def run():
+                return paged_attention_decode(q, kc, vc, tables, ctx, D ** -0.5, gate, ctx_len, **cfg)
 
-        out = run().float()
-        ms = do_bench(run)
-        if kind == "auto":
-            base_ms, base_out = ms, out
-        bound_us = kv_bytes / bandwidth * 1e6
-        rows.append(f"decode  B={b:<3} ctx={ctx_len:<6} {'bf16' if kind == 'auto' else kind:<5} {ms * 1e3:9.1f} us "
-                    f"{kv_bytes / 2**20:9.1f} MiB {kv_bytes / ms * 1e-9:6.0f} GB/s  {bound_us / (ms * 1e3):5.2f} of "
-                    f"bound  x{base_ms / ms:5.2f} vs bf16  max|d| vs bf16 {(out - base_out).abs().max().item():.1e}")
+            out = run().float()
+            ms = do_bench(run)
+            if kind == "auto":
+                base_ms, base_out = ms, out
+            bound_us = kv_bytes / bandwidth * 1e6
+            rows.append(f"decode  B={b:<3} ctx={ctx_len:<6} {'bf16' if kind == 'auto' else kind:<5} {_cfg(cfg):<24} "
+                        f"{ms * 1e3:9.1f} us {kv_bytes / 2**20:9.1f} MiB {kv_bytes / ms * 1e-6:6.0f} GB/s  "
+                        f"{bound_us / (ms * 1e3):5.2f} of bound  x{base_ms / ms:5.2f} vs bf16  "
+                        f"max|d| vs bf16 {(out - base_out).abs().max().item():.1e}")
     del k_cache, v_cache
     torch.cuda.empty_cache()
     return rows
@@ -195,9 +198,14 @@ def bench_kv_quant_store(t: int, hkv: int, kinds: list[str], gen: torch.Generato
     return rows
 
 
-def main_kv_quant(kinds: list[str], h: int, hkv: int, gen: torch.Generator, bandwidth: float) -> None:
+def main_kv_quant(kinds: list[str], h: int, hkv: int, gen: torch.Generator, bandwidth: float, sweep: bool) -> None:
+    configs = [{}]
+    if sweep:  # the quantized tiles hold 1 (or 1/2) byte an element: wider key tiles keep as many bytes in flight
+        configs += [dict(block_n=bn, num_warps=w, num_stages=s) for bn, w, s in
+                    [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (64, 4, 1)]]
+        configs += [dict(partition_size=ps, block_n=bn) for ps, bn in [(64, 64), (128, 64), (256, 64), (128, 128)]]
     for b in (1, 16, 64):
-        for row in bench_kv_quant_decode(b, 32768, h, hkv, kinds, gen, bandwidth):
+        for row in bench_kv_quant_decode(b, 32768, h, hkv, kinds, gen, bandwidth, configs):
             print(row)
     for row in bench_kv_quant_prefill(2048, 32768, h, hkv, kinds, gen):
         print(row)
@@ -228,7 +236,7 @@ def main():
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"H={h} Hkv={hkv} D={D} block_size={BS} {DTYPE}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (r+w)")
     if args.kv_cache_dtype:
-        main_kv_quant(args.kv_cache_dtype, h, hkv, gen, bandwidth)
+        main_kv_quant(args.kv_cache_dtype, h, hkv, gen, bandwidth, args.sweep)
         return
     prefill_cfgs = [{}]
     decode_cfgs = [{}]
@@ -238,7 +246,7 @@ def main():
                                               (128, 64, 8, 2), (64, 64, 8, 1)]]
         decode_cfgs += [dict(block_n=bn, num_warps=w, num_stages=s)
                         for bn, w, s in [(16, 4, 3), (64, 4, 2), (32, 8, 3), (32, 4, 4)]]
-        decode_cfgs += [dict(partition_size=ps) for ps in (128, 256, 1024)]
+        decode_cfgs += [dict(partition_size=ps) for ps in (32, 64, 128, 256, 1024)]
     print(f"{'case':<20} {'config':<28} {'us':>9} {'TFLOP/s':>8} {'sdpa us':>9} {'TFLOP/s':>8} {'vs sdpa':>6}")
     for b, length in PREFILL_SHAPES:
         for row in bench_prefill(b, length, h, hkv, gen, prefill_cfgs):

@@ -6,7 +6,7 @@ quantization_config: a module holding `qweight`/`qzeros`/`scales` is AWQ int4, o
 is block FP8, anything else stays 16-bit. (modules_to_not_convert is how the writer chose; the tensors
 are what the reader trusts.) `apply_formats` then swaps the matching modules of a freshly built (meta) model.
 `awq_formats` plans the same dict without a checkpoint (random-weight benchmarks): the mixed pattern of
-Qwen3.5 AWQ checkpoints. `tp_problems` says (before any process starts) why a tensor-parallel size cannot cut the
+Qwen3.5 AWQ checkpoints, or the all-int4 one `deltaserve quantize` writes. `tp_problems` says (before any process starts) why a tensor-parallel size cannot cut the
 int4 Linears: a shard must hold whole packed int32s and whole quantization groups.
 """
 from __future__ import annotations
@@ -29,6 +29,11 @@ from ..layers.quant import FORMATS, QUANT_SUFFIXES, check_shapes
 AWQ_MIXED_16BIT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "linear_attn.in_proj_qkv",
                    "linear_attn.in_proj_z", "linear_attn.in_proj_b", "linear_attn.in_proj_a", "mlp.gate",
                    "mlp.shared_expert_gate")
+# The pattern `deltaserve quantize` writes (quantize.not_convert_list): every projection int4 but the GDN in_proj_a/b
+# (HV outputs), the MoE router and the shared expert's gate.
+AWQ_FULL_16BIT = ("linear_attn.in_proj_b", "linear_attn.in_proj_a", "mlp.gate", "mlp.shared_expert_gate")
+# `quantization` of a random-weight model (LLM.from_config, bench --quantization) -> the Linears it keeps 16-bit
+RANDOM_AWQ_PATTERNS = {"awq": AWQ_MIXED_16BIT, "awq-full": AWQ_FULL_16BIT}
 EXPERT = re.compile(r"^(?P<moe>layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 
 

@@ -18,7 +18,7 @@ from deltaserve.layers.linear import (
     QuantLinear,
     use_int4_kernels,
 )
-from deltaserve.models.formats import AWQ_MIXED_16BIT, awq_formats
+from deltaserve.models.formats import AWQ_FULL_16BIT, AWQ_MIXED_16BIT, awq_formats
 from deltaserve.models.weights import build_model
 from deltaserve.tiny import tiny_config
 
@@ -76,6 +76,20 @@ def test_random_awq_model_is_built_in_the_mixed_pattern(moe):
         assert isinstance(mods["layers.1.mlp.experts"], QuantExperts)
         assert type(mods["layers.1.mlp.gate"]) is nn.Linear
         assert type(mods["layers.1.mlp.shared_expert_gate"]) is nn.Linear
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_awq_full_pattern_keeps_only_the_small_projections_16bit(moe):
+    """'awq-full' (what `deltaserve quantize` writes): q/k/v and in_proj_qkv/z join the int4 Linears; in_proj_a/b,
+    the router and shared_expert_gate stay 16-bit."""
+    cfg = dataclasses.replace(tiny(moe), quantization=QuantConfig("awq", 4, GROUP, True, AWQ_FULL_16BIT))
+    more = {f"layers.{i}.linear_attn.{p}" for i in range(3) for p in ("in_proj_qkv", "in_proj_z")}
+    more |= {f"layers.3.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")}
+    assert awq_formats(cfg, AWQ_FULL_16BIT) == {name: "awq" for name in expected_int4(moe) | more}
+    mods = dict(random_llm(moe, "awq-full").model.named_modules())
+    qkv = mods["layers.3.self_attn.qkv_proj"]  # q|k|v all int4 (one QuantLinear or a group of them)
+    assert {type(m) for m in qkv.modules() if not list(m.children())} == {QuantLinear}
+    assert type(mods["lm_head"]) is nn.Linear
 
 
 @pytest.mark.parametrize("preset", ["qwen3.5-27b", "qwen3.5-35b-a3b"])

@@ -407,6 +407,12 @@ def _decode_partition_size(n: int, hkv: int, max_context_len: int, device: torch
     return size
 
 
+# Decode tile (block_n, num_warps, num_stages) at head_dim 256 per KV_KIND, from an H200 sweep at context 32k
+# (benchmarks/kernels/bench_attention.py --kv-cache-dtype int8,int4,fp8 --sweep): int8 with 128-key tiles took batch
+# 16 / 64 from 675 / 2566 us to 547 / 2065 us (the bf16 cache: 547 / 2093); fp8 with 2 stages 695 -> 593 us at 16.
+_DECODE_TILE_D256 = {0: (32, 4, 3), 1: (128, 4, 2), 2: (32, 4, 3), 3: (32, 4, 2)}
+
+
 def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            gate: torch.Tensor | None, max_context_len: int, *, partition_size: int | None = None,
@@ -436,7 +442,9 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     g = h // hkv
     size = partition_size or _decode_partition_size(n, hkv, max_context_len, q.device)
     parts = max(1, triton.cdiv(max_context_len, size))
-    block_n = _check_block_n(block_n or (32 if d >= 256 else 64), q.device)
+    kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
+    tile_n, tile_w, tile_s = _DECODE_TILE_D256[kinds["KV_KIND"]] if d >= 256 else (64, 4, 3)
+    block_n = _check_block_n(block_n or tile_n, q.device)
     split = parts > 1
     gate_arg = gate if gate is not None else q
     if split:
@@ -445,14 +453,13 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
         part_acc = torch.empty((n, h, parts, d), dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = o  # unused
-    kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
     _decode_partial_kernel[(n, hkv, parts)](
         q, kc, vc, *quant_args, gate_arg, o, part_m, part_l, part_acc, block_tables, context_lens, scale * LOG2E,
         size, parts, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), gate_arg.stride(0), gate_arg.stride(1),
         o.stride(0), o.stride(1), block_tables.stride(0),
         H=h, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BS=bs, D=d, BLOCK_N=block_n, SPLIT=split,
-        HAS_GATE=gate is not None, **kinds, num_warps=num_warps or 4, num_stages=num_stages or 3)
+        HAS_GATE=gate is not None, **kinds, num_warps=num_warps or tile_w, num_stages=num_stages or tile_s)
     if split:
         _decode_reduce_kernel[(n, h)](
             o, gate_arg, part_m, part_l, part_acc, context_lens, size, parts, o.stride(0), o.stride(1),
