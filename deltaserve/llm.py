@@ -16,7 +16,7 @@ import torch
 from .config import ModelConfig, QuantConfig
 from .kernels.paged_attention import check_kv_cache_dtype
 from .layers.fp8 import use_fp8_kernels
-from .layers.linear import use_int4_kernels
+from .layers.linear import merge_projection_runs, use_int4_kernels
 from .models.formats import RANDOM_AWQ_PATTERNS, awq_formats, tp_problems
 from .models.weights import WeightsError, build_model, checkpoint_files, load_weights, read_formats
 from .outputs import RequestOutput
@@ -66,6 +66,9 @@ class RankSpec:
         if device.type == "cuda":
             use_int4_kernels(model)  # int4 -> the kernels' layouts (AWQ; K-packed where the group allows), once
             use_fp8_kernels(model)  # FP8 experts: gate and up stacked for the fused MoE, once
+        # every device (CPU tests run the merged groups too), after the kernels' layouts so merged pieces agree on
+        # them: one GEMM per run of same-format pieces of a fused projection instead of one per piece plus a cat
+        merge_projection_runs(model)
         on_loaded()
         state_dtype = DTYPES[cfg.state_dtype]
         max_len = self.max_model_len or cfg.max_position_embeddings

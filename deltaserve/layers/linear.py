@@ -3,7 +3,9 @@
 Every Linear decides its own format from the checkpoint (models/weights.plan_formats): `nn.Linear` for 16-bit,
 `QuantLinear` for int4 (AWQ or compressed-tensors). Our fused projections (q|k|v, the four GDN in-projections,
 gate|up) stay one `nn.Linear` GEMM when all their pieces are 16-bit; when any piece is quantized they become a
-`ProjectionGroup`, one Linear per checkpoint piece, outputs concatenated in the same order.
+`ProjectionGroup`, one Linear per checkpoint piece (so the loader fills each from its own tensors), outputs
+concatenated in the same order. `merge_projection_runs(model)` then fuses each run of consecutive pieces in one
+format back into one Linear: one GEMM per run, and no cat where a single run is left.
 
 int4 on CUDA: the Triton W4A16 kernels (kernels/int4_gemm, kernels/fused_moe) read the AWQ layout or, for groups of
 64 or more, the K-packed one (fast decode GEMV); `use_int4_kernels(model)` runs once after loading, rewrites
@@ -117,7 +119,8 @@ def use_int4_kernels(model: nn.Module) -> None:
 
 class ProjectionGroup(nn.Module):
     """A fused projection whose checkpoint pieces differ in format: one Linear per piece (submodules named like
-    the pieces, e.g. `q_proj`), outputs concatenated in piece order along the last dim."""
+    the pieces, e.g. `q_proj`), outputs concatenated in piece order along the last dim. After merge_runs a child
+    may hold a run of pieces, named like them joined by '+' (e.g. `in_proj_b+in_proj_a`)."""
 
     def __init__(self, pieces: list[tuple[str, nn.Module]]):
         super().__init__()
@@ -126,7 +129,88 @@ class ProjectionGroup(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, sum of piece outputs]."""
-        return torch.cat([linear(x) for linear in self.children()], dim=-1)
+        outs = [linear(x) for linear in self.children()]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def merge_runs(self) -> None:
+        """Replace each run of consecutive children that `mergeable` allows to share one Linear by that Linear
+        (merge_linears), in place and in order: the output columns stay where they were."""
+        runs: list[list[tuple[str, nn.Module]]] = []
+        for name, linear in self.named_children():
+            if runs and mergeable(runs[-1][-1][1], linear):
+                runs[-1].append((name, linear))
+            else:
+                runs.append([(name, linear)])
+        if len(runs) == len(self._modules):
+            return
+        for name in list(self._modules):
+            delattr(self, name)
+        for run in runs:
+            linears = [linear for _, linear in run]
+            self.add_module("+".join(name for name, _ in run),
+                            linears[0] if len(linears) == 1 else merge_linears(linears))
+
+
+def merge_projection_runs(model: nn.Module) -> None:
+    """Once, after loading and after use_int4_kernels (every piece in its final layout, e.g. K-packed): merge the
+    runs of every ProjectionGroup (ProjectionGroup.merge_runs). A decode step then launches one GEMV per format run
+    instead of one per piece plus a cat (e.g. the GDN in-projection of an int4 checkpoint: int4 in_proj_qkv|z and
+    16-bit in_proj_b|a, 2 GEMVs instead of 4). Piece names are gone afterwards: load weights before this."""
+    for group in [m for m in model.modules() if isinstance(m, ProjectionGroup)]:
+        group.merge_runs()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the pieces' old tensors, before the KV cache is sized from free memory
+
+
+def mergeable(a: nn.Module, b: nn.Module) -> bool:
+    """Whether Linears a and b (same input x) can become one whose output is [a(x) | b(x)]: both 16-bit
+    (`nn.Linear`) with the same dtype and device and both or neither with a bias, or both int4 QuantLinears of one
+    format, group size, layout (kpack) and input width on one device, without an experts dim, every tensor whole
+    along out (AWQ packs 8 output channels per int32). Anything else stays apart: FP8 Linears too (merging them
+    would need their scale blocks to end at the seam)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is nn.Linear:
+        return (a.in_features == b.in_features and a.weight.dtype == b.weight.dtype
+                and a.weight.device == b.weight.device and (a.bias is None) == (b.bias is None))
+    if type(a) is QuantLinear:
+        ta, tb = getattr(a, a.kinds[0]), getattr(b, b.kinds[0])  # qweight / weight_packed: [E, ...] for experts
+        return (a.fmt == b.fmt and a.in_features == b.in_features and a.group_size == b.group_size
+                and a.kpack == b.kpack and ta.dim() == tb.dim() == 2 and ta.device == tb.device
+                and all(m.out_features % spec.per_out == 0 for m in (a, b) for spec in FORMATS[a.fmt].values()))
+    return False
+
+
+def merge_linears(linears: list[nn.Module]) -> nn.Module:
+    """Linears that are pairwise `mergeable` -> one Linear whose output is theirs concatenated in order."""
+    if type(linears[0]) is QuantLinear:
+        return _merge_quant(linears)
+    first = linears[0]
+    with torch.device("meta"):  # shapes only: the tensors come from the pieces
+        merged = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None)
+    merged.weight = nn.Parameter(torch.cat([m.weight.data for m in linears]), first.weight.requires_grad)  # [out, in]
+    if first.bias is not None:
+        merged.bias = nn.Parameter(torch.cat([m.bias.data for m in linears]), first.bias.requires_grad)  # [out]
+    return merged
+
+
+def _merge_quant(linears: list[QuantLinear]) -> QuantLinear:
+    """int4 pieces -> one QuantLinear: every tensor concatenated along its output-channel dim (FORMATS' out_dim;
+    AWQ: qweight [in, out/8], qzeros [in/G, out/8], scales [in/G, out] along dim 1, and K-packing keeps out there:
+    [in/8, out]). Scales of different dtypes (use_int4_kernels narrows each piece's on its own) meet in fp32, which
+    holds fp16 and bf16 exactly, then narrow again where that is exact."""
+    first = linears[0]
+    with torch.device("meta"):  # shapes only: the tensors come from the pieces
+        merged = QuantLinear(first.fmt, first.in_features, sum(m.out_features for m in linears), first.group_size)
+    merged.kpack = first.kpack
+    for kind, spec in FORMATS[first.fmt].items():
+        tensors = [getattr(m, kind).data for m in linears]
+        if len({t.dtype for t in tensors}) == 1:
+            cat = torch.cat(tensors, dim=spec.out_dim)
+        else:
+            cat = narrowest_exact(torch.cat([t.float() for t in tensors], dim=spec.out_dim))
+        setattr(merged, kind, nn.Parameter(cat, requires_grad=False))
+    return merged
 
 
 class QuantExperts(nn.Module):

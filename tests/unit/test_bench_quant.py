@@ -70,7 +70,7 @@ def test_random_awq_model_is_built_in_the_mixed_pattern(moe):
     assert type(mods["lm_head"]) is nn.Linear
     mlp = "layers.1.mlp.shared_expert" if moe else "layers.1.mlp"
     assert isinstance(mods[f"{mlp}.gate_up_proj"], ProjectionGroup)
-    assert isinstance(mods[f"{mlp}.gate_up_proj.up_proj"], QuantLinear)
+    assert isinstance(mods[f"{mlp}.gate_up_proj.gate_proj+up_proj"], QuantLinear)  # int4 gate|up: one GEMM
     assert isinstance(mods[f"{mlp}.down_proj"], QuantLinear)
     if moe:
         assert isinstance(mods["layers.1.mlp.experts"], QuantExperts)

@@ -105,7 +105,7 @@ def test_fp8_checkpoint_matches_dequantized_twin(case, sources, tmp_path):
     assert o_proj.weight_scale_inv.dtype == torch.float32
     assert isinstance(mods["layers.1.linear_attn.in_proj"], ProjectionGroup)
     assert isinstance(mods["layers.1.linear_attn.in_proj.in_proj_qkv"], Fp8Linear)
-    assert type(mods["layers.1.linear_attn.in_proj.in_proj_a"]) is nn.Linear
+    assert type(mods["layers.1.linear_attn.in_proj.in_proj_b+in_proj_a"]) is nn.Linear  # 16-bit b|a: one GEMM
     if "layers.0." in not_convert:  # a whole layer left 16-bit keeps its fused GEMMs
         assert type(mods["layers.0.linear_attn.in_proj"]) is nn.Linear
     if "self_attn.k_proj" in not_convert:  # 16-bit k beside FP8 q and v

@@ -111,8 +111,9 @@ def test_awq_checkpoint_matches_dequantized_twin(case, sources, tmp_path):
     mods = dict(llm.model.named_modules())
     # every Linear decided its own format: in_proj_a/b 16-bit beside int4 in_proj_qkv/z
     assert isinstance(mods["layers.1.linear_attn.in_proj"], ProjectionGroup)
-    assert isinstance(mods["layers.1.linear_attn.in_proj.in_proj_qkv"], QuantLinear)
-    assert type(mods["layers.1.linear_attn.in_proj.in_proj_a"]) is nn.Linear
+    # ... and after loading each run of one format is one Linear (merge_projection_runs): int4 qkv|z, 16-bit b|a
+    assert isinstance(mods["layers.1.linear_attn.in_proj.in_proj_qkv+in_proj_z"], QuantLinear)
+    assert type(mods["layers.1.linear_attn.in_proj.in_proj_b+in_proj_a"]) is nn.Linear
     assert isinstance(mods["layers.3.self_attn.o_proj"], QuantLinear)
     if "layers.0." in not_convert:  # a whole layer left 16-bit keeps its one fused GEMM
         assert type(mods["layers.0.linear_attn.in_proj"]) is nn.Linear
