@@ -19,7 +19,11 @@ layout [K/G, N/8], scales [K/G, N]. Needs G % 64 == 0 (a span never straddles tw
 2 <= T <= 16 (groups of 128 or more): `_kpack_dot_kernel`, the same tiles on the tensor cores (rows padded to 16).
 
 Program (i_n, i_s[, i_r]): columns i_n·BN.., groups of K range i_s (fp32 split-K partials [S, rows, N], summed in
-split order by the caller: deterministic, no atomics). INDEXED (the MoE decode): axis 2 is the output row r, which
+split order by the caller: deterministic, no atomics). Summing in the GEMV's own launch instead (the program that
+arrives last at a per-column-block counter reads the partials) was measured on an H200 (2026-11-29): the arrival
+atomic alone added 1-3.6 us, about what the separate sum launch costs (27B gate|up 44.9 vs 44.9 us, down 27.3 vs
+26.8), so the second launch stays. Variants probed then, none kept: activations pre-converted to fp32 with the group
+sums precomputed (-2..4%), the next group's weights prefetched into registers (+5..15%), 1-2 columns a thread. INDEXED (the MoE decode): axis 2 is the output row r, which
 multiplies x row r // X_ROW_DIV by the weight of expert expert_of_row[r] (-1: another rank's, writes nothing).
 """
 from dataclasses import dataclass
