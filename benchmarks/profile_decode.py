@@ -115,7 +115,7 @@ def main() -> None:
                                          llm.config.vocab_size, llm.device)
     tail_ms = time_cuda(lambda: runner.sampler(llm.model.compute_logits(hidden), sbatch), iters=50) * 1e3
 
-    name = args.preset + (f" {args.layers}L" if args.layers else "") + (f" {args.quantization}" if args.quantization else "")
+    name = " ".join(part for part in (args.preset, f"{args.layers}L" if args.layers else "", args.quantization) if part)
     print(f"{name} | {torch.cuda.get_device_name()} | decode batch {args.batch}, context {args.context}")
     floor = graph_ms + tail_ms
     print(f"  device: graph replay {graph_ms:.3f} ms + logits/sampling {tail_ms:.3f} ms = {floor:.3f} ms floor")
