@@ -140,13 +140,18 @@ def test_quantized_tp2_equals_tp1(ckpts, case):
     assert_same_outputs(case, run_prompts(ckpts[case], 1), run_prompts(ckpts[case], 2))
 
 
-def test_from_config_awq_tp2_generates(wide):
-    """Random-weight AWQ (bench --quantization awq --tp 2): each rank draws its own shard, so only that it runs."""
+@pytest.mark.parametrize("quantization", ["awq", "awq-full"])
+def test_from_config_awq_tp2_generates(wide, quantization):
+    """Random-weight AWQ (bench --quantization awq[-full] --tp 2): each rank draws its own shard, so only that it
+    runs; awq-full also cuts int4 q/k/v and in_proj_qkv/z (merged into one int4 run after loading)."""
     cfg = ModelConfig.from_hf_dir(wide)
-    llm = LLM.from_config(cfg, device="cpu", dtype="float32", max_model_len=64, quantization="awq", group_size=32,
-                          tensor_parallel_size=2)
+    llm = LLM.from_config(cfg, device="cpu", dtype="float32", max_model_len=64, quantization=quantization,
+                          group_size=32, tensor_parallel_size=2)
     try:
         assert isinstance(llm.model.get_submodule("layers.3.self_attn.o_proj"), QuantLinear)
+        if quantization == "awq-full":
+            assert isinstance(llm.model.get_submodule("layers.0.linear_attn.in_proj.in_proj_qkv+in_proj_z"),
+                              QuantLinear)
         out = llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=4, ignore_eos=True),
                            use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 4
