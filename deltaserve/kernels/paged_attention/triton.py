@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .kv_quant import QuantizedKV
-from .triton_quant import (KV_KIND, attend_tile_quant, check_quant_cache, code_args, quant_pointer_args,
+from .triton_quant import (KV_KIND, attend_tile_quant, check_quant_cache, code_args, quant_pointer_args, quant_query,
                            store_kv_quant)
 
 LOG2E = 1.4426950408889634
@@ -99,7 +99,9 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
                   mask=m_row[:, None], other=0.0)
     if KV_KIND == 0:
         b_q = b_q.to(k_cache.dtype.element_ty)
-    b_qsum = tl.sum(b_q.to(tl.float32), 1)  # quantized caches: folds the zeros (unused, so dropped, for 16-bit)
+        b_qsum = tl.zeros([BLOCK_M], dtype=tl.float32)  # unused
+    else:
+        b_q, b_qsum = quant_query(b_q, KV_KIND)  # the sum folds the zeros in
     pos = ctx - q_len + o_tok  # absolute position of each row's query token
     kv_end = ctx - q_len + tl.minimum(i_qtile * BLOCK_Q + BLOCK_Q, q_len)  # keys past the tile's last query unseen
 
@@ -154,7 +156,9 @@ def _decode_partial_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero
                       other=0.0)
         if KV_KIND == 0:
             b_q = b_q.to(k_cache.dtype.element_ty)
-        b_qsum = tl.sum(b_q.to(tl.float32), 1)
+            b_qsum = tl.zeros([BLOCK_H], dtype=tl.float32)  # unused
+        else:
+            b_q, b_qsum = quant_query(b_q, KV_KIND)
         b_m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([BLOCK_H], dtype=tl.float32)
         b_acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
@@ -407,10 +411,10 @@ def _decode_partition_size(n: int, hkv: int, max_context_len: int, device: torch
     return size
 
 
-# Decode tile (block_n, num_warps, num_stages) at head_dim 256 per KV_KIND, from an H200 sweep at context 32k
+# Decode tile (block_n, num_warps, num_stages) at head_dim 256 per KV_KIND, from H200 sweeps at context 32k
 # (benchmarks/kernels/bench_attention.py --kv-cache-dtype int8,int4,fp8 --sweep): int8 with 128-key tiles took batch
-# 16 / 64 from 675 / 2566 us to 547 / 2065 us (the bf16 cache: 547 / 2093); fp8 with 2 stages 695 -> 593 us at 16.
-_DECODE_TILE_D256 = {0: (32, 4, 3), 1: (128, 4, 2), 2: (32, 4, 3), 3: (32, 4, 2)}
+# 16 / 64 from 675 / 2566 us to 547 / 2065 us (the bf16 cache: 547 / 2093); fp8 (fp16 matmuls) 512 / 1926 us.
+_DECODE_TILE_D256 = {0: (32, 4, 3), 1: (128, 4, 2), 2: (32, 4, 3), 3: (128, 4, 2)}
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
