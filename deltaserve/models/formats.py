@@ -6,8 +6,9 @@ quantization_config: a module holding `qweight`/`qzeros`/`scales` is AWQ int4, o
 is block FP8, anything else stays 16-bit. (modules_to_not_convert is how the writer chose; the tensors
 are what the reader trusts.) `apply_formats` then swaps the matching modules of a freshly built (meta) model.
 `awq_formats` plans the same dict without a checkpoint (random-weight benchmarks): the mixed pattern of
-Qwen3.5 AWQ checkpoints, or the all-int4 one `deltaserve quantize` writes. `tp_problems` says (before any process starts) why a tensor-parallel size cannot cut the
-int4 Linears: a shard must hold whole packed int32s and whole quantization groups.
+Qwen3.5 AWQ checkpoints, or the all-int4 one `deltaserve quantize` writes. `tp_problems` says (before any process
+starts) why a tensor-parallel size cannot cut the int4 Linears: a shard must hold whole packed int32s and whole
+quantization groups.
 """
 from __future__ import annotations
 

@@ -23,8 +23,9 @@ split order by the caller: deterministic, no atomics). Summing in the GEMV's own
 arrives last at a per-column-block counter reads the partials) was measured on an H200 (2026-11-29): the arrival
 atomic alone added 1-3.6 us, about what the separate sum launch costs (27B gate|up 44.9 vs 44.9 us, down 27.3 vs
 26.8), so the second launch stays. Variants probed then, none kept: activations pre-converted to fp32 with the group
-sums precomputed (-2..4%), the next group's weights prefetched into registers (+5..15%), 1-2 columns a thread. INDEXED (the MoE decode): axis 2 is the output row r, which
-multiplies x row r // X_ROW_DIV by the weight of expert expert_of_row[r] (-1: another rank's, writes nothing).
+sums precomputed (-2..4%), the next group's weights prefetched into registers (+5..15%), 1-2 columns a thread.
+INDEXED (the MoE decode): axis 2 is the output row r, which multiplies x row r // X_ROW_DIV by the weight of expert
+expert_of_row[r] (-1: another rank's, writes nothing).
 """
 from dataclasses import dataclass
 
