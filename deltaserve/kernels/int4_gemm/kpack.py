@@ -7,10 +7,14 @@ bound measured). Here an int32 holds 8 input rows of one column, so a thread own
 in registers, and each weight costs ~2.5 ops:
   - one shift places two nibbles at mantissa bits 15..18 and 19..22 (0.5 op per weight);
   - one AND|OR (a LOP3) makes the fp32 1 + q·2^-8 or 1 + q·2^-4 (the 1.0 is the exponent, no int->float convert);
-  - one FMA with the activation.
-The 1.0 offsets are taken out once per group with the group's activation sum X (which the zero point needs anyway):
-  sum_k x_k (q_k - z) = 256 (acc_lo - X_lo) + 16 (acc_hi - X_hi) - z X,   times the group's scale.
-The fp32 cancellation costs ~8 of 24 mantissa bits for the 2^-8 half: ~2^-16 relative, far below bf16's 2^-8.
+  - one FMA with the activation into ONE accumulator: the high nibble meets x/16, so both halves add q·x/256.
+The 1.0 offsets are taken out once per group with the group's activation sums (which the zero point needs anyway):
+  sum_k x_k (q_k - z) = 256 (acc - X_lo - X_hi/16) - z (X_lo + X_hi),   times the group's scale.
+The fp32 cancellation costs ~8 of 24 mantissa bits: ~2^-16 relative (1-2e-6 measured), far below bf16's 2^-8.
+The two nibble masks are kernel ARGUMENTS, not literals: a LOP3 takes one immediate, and with both constants literal
+ptxas re-materialized a mask before every LOP3 (~0.5 extra op per weight, 160+ registers). As arguments they stay in
+registers: 126 registers, and on an H200 (Triton 3.6) 27B gate|up 43.9 -> 36.2 us, down 23.7 -> 19.6, in_proj_qkv|z
+22.2 -> 18.5, o_proj 10.8 -> 8.4 (CUDA-graph replays over 300 MB of weights, 2026-11-29).
 
 Layout: P [K/8, N] int32; int32 row 8b + r of column n holds input row 64b + 8j + r at bits 4j (span b, j = 0..7),
 so nibble j of a span's 8 rows meets the contiguous activations x[64b + 8j : 64b + 8j + 8]. Zeros stay in the AWQ
@@ -38,22 +42,22 @@ from .triton import awq_zeros_of_columns, device_sms, dot_precision, expert_row,
 
 
 @triton.jit
-def _pair(acc_lo, acc_hi, b_q, x_lo, x_hi, SHIFT: tl.constexpr):
-    """acc_lo += (1 + q_lo/256) x_lo, acc_hi += (1 + q_hi/16) x_hi for the two nibbles SHIFT brings to bits 15..22
-    (SHIFT > 0: left, < 0: right; the masks drop whatever the arithmetic shift drags in)."""
+def _pair(acc, b_q, x_lo, x_hi16, M_LO, M_HI, SHIFT: tl.constexpr):
+    """acc += (1 + q_lo/256) x_lo + (1 + q_hi/16) x_hi/16 for the two nibbles SHIFT brings to bits 15..22 (SHIFT > 0:
+    left, < 0: right; the masks M_LO = 0x78000 and M_HI = 0x780000 drop whatever the arithmetic shift drags in)."""
     if SHIFT > 0:
         b_v = b_q << SHIFT
     else:
         b_v = b_q >> (-SHIFT)
-    b_lo = ((b_v & 0x00078000) | 0x3F800000).to(tl.float32, bitcast=True)
-    b_hi = ((b_v & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
-    return acc_lo + b_lo * x_lo[:, None], acc_hi + b_hi * x_hi[:, None]
+    b_lo = ((b_v & M_LO) | 0x3F800000).to(tl.float32, bitcast=True)
+    b_hi = ((b_v & M_HI) | 0x3F800000).to(tl.float32, bitcast=True)
+    return acc + b_lo * x_lo[:, None] + b_hi * x_hi16[:, None]
 
 
 @triton.jit
 def _kpack_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, N, K, K_PER_SPLIT,
                        stride_xt, stride_qk, stride_zk, stride_sk, stride_os, stride_ot,
-                       stride_qe, stride_ze, stride_se,
+                       stride_qe, stride_ze, stride_se, M_LO, M_HI,
                        GROUP: tl.constexpr, BN: tl.constexpr, X_ROW_DIV: tl.constexpr, INDEXED: tl.constexpr):
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     if INDEXED:
@@ -68,27 +72,26 @@ def _kpack_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, N, K, K_P
     k_lo = i_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     for g0 in range(k_lo, k_hi, GROUP):
-        acc_lo = tl.zeros([8, BN], dtype=tl.float32)
-        acc_hi = tl.zeros([8, BN], dtype=tl.float32)
+        acc = tl.zeros([8, BN], dtype=tl.float32)
         x_lo = tl.zeros([8], dtype=tl.float32)
-        x_hi = tl.zeros([8], dtype=tl.float32)
+        x_hi = tl.zeros([8], dtype=tl.float32)  # sums of x / 16
         for h in tl.static_range(GROUP // 64):
             k0 = g0 + h * 64
             b_q = tl.load(qweight + (k0 // 8 + o_r)[:, None].to(tl.int64) * stride_qk + o_n[None, :],
                           mask=m_n[None, :], other=0)
             p_x = x + k0 + o_r
             x0 = tl.load(p_x).to(tl.float32)
-            x1 = tl.load(p_x + 8).to(tl.float32)
+            x1 = tl.load(p_x + 8).to(tl.float32) * 0.0625
             x2 = tl.load(p_x + 16).to(tl.float32)
-            x3 = tl.load(p_x + 24).to(tl.float32)
+            x3 = tl.load(p_x + 24).to(tl.float32) * 0.0625
             x4 = tl.load(p_x + 32).to(tl.float32)
-            x5 = tl.load(p_x + 40).to(tl.float32)
+            x5 = tl.load(p_x + 40).to(tl.float32) * 0.0625
             x6 = tl.load(p_x + 48).to(tl.float32)
-            x7 = tl.load(p_x + 56).to(tl.float32)
-            acc_lo, acc_hi = _pair(acc_lo, acc_hi, b_q, x0, x1, 15)  # nibbles 0, 1 (bits 0..7)
-            acc_lo, acc_hi = _pair(acc_lo, acc_hi, b_q, x2, x3, 7)  # nibbles 2, 3
-            acc_lo, acc_hi = _pair(acc_lo, acc_hi, b_q, x4, x5, -1)  # nibbles 4, 5
-            acc_lo, acc_hi = _pair(acc_lo, acc_hi, b_q, x6, x7, -9)  # nibbles 6, 7
+            x7 = tl.load(p_x + 56).to(tl.float32) * 0.0625
+            acc = _pair(acc, b_q, x0, x1, M_LO, M_HI, 15)  # nibbles 0, 1 (bits 0..7)
+            acc = _pair(acc, b_q, x2, x3, M_LO, M_HI, 7)  # nibbles 2, 3
+            acc = _pair(acc, b_q, x4, x5, M_LO, M_HI, -1)  # nibbles 4, 5
+            acc = _pair(acc, b_q, x6, x7, M_LO, M_HI, -9)  # nibbles 6, 7
             x_lo += x0 + x2 + x4 + x6
             x_hi += x1 + x3 + x5 + x7
         i_g = g0 // GROUP
@@ -96,8 +99,8 @@ def _kpack_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, N, K, K_P
         b_s = tl.load(scales + i_g * stride_sk + o_n, mask=m_n, other=0.0).to(tl.float32)
         s_lo = tl.sum(x_lo, axis=0)
         s_hi = tl.sum(x_hi, axis=0)
-        b_xq = 256.0 * (tl.sum(acc_lo, axis=0) - s_lo) + 16.0 * (tl.sum(acc_hi, axis=0) - s_hi)
-        b_out += b_s * (b_xq - b_z.to(tl.float32) * (s_lo + s_hi))
+        b_xq = 256.0 * (tl.sum(acc, axis=0) - (s_lo + s_hi))
+        b_out += b_s * (b_xq - b_z.to(tl.float32) * (s_lo + 16.0 * s_hi))
     tl.store(out + i_s * stride_os + o_n, b_out, mask=m_n)
 
 
@@ -140,6 +143,9 @@ def _kpack_dot_kernel(x, qweight, qzeros, scales, out, T, N, K, K_PER_SPLIT,
     tl.store(p_o, b_out, mask=m_m[:, None] & m_n[None, :])
 
 
+_MASK_LO, _MASK_HI = 0x00078000, 0x00780000  # mantissa bits 15..18 and 19..22, passed as arguments (docstring)
+
+
 @dataclass(frozen=True)
 class KpackPlan:
     block_n: int  # output columns per program
@@ -153,9 +159,10 @@ def kpack_plan(n: int, k: int, group: int, num_sms: int = 132, rows: int = 1, t:
     2 <= T <= 16 (tensor cores): 256 columns per program. K splits into whole groups. rows: GEMVs launched
     together (the MoE decode's pairs)."""
     groups = k // group
-    if t == 1:  # ~8 programs per SM: 27B MLP down 25.7 us at 106 splits vs 29.8 at 53 (H100, benchmarks/kernels)
+    if t == 1:  # ~16 programs per SM (4 resident at 126 registers): H200, 27B down 19.6 us at 136 splits vs 21.5 at
+        # 68, in_proj_qkv|z 18.5 at 40 vs 20.7 at 20 (the partials stay under 1/16 of the int4 bytes)
         bn = max(128, min(512, triton.next_power_of_2(n)))
-        split = max(1, min(triton.cdiv(8 * num_sms, triton.cdiv(n, bn) * rows), groups))
+        split = max(1, min(triton.cdiv(16 * num_sms, triton.cdiv(n, bn) * rows), groups))
         return KpackPlan(bn, split, num_warps=bn // 128)
     # T > 1: ~6 programs per SM, fp32 partials [S, T, N] at most 1/4 of the int4 bytes (H100 / H200 sweeps at
     # T=16: 256 columns x 8 warps best on 27B gate|up and down, splits 8 and 13 there)
@@ -208,7 +215,7 @@ def kpack_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     grid = (triton.cdiv(n, cfg.block_n), split) + ((rows,) if indexed else ())
     _kpack_gemv_kernel[grid](x, qweight, qzeros, scales, part, expert_of_row if indexed else x, n, k, k_per_split,
                              x.stride(0), qweight.stride(-2), qzeros.stride(-2), scales.stride(-2), part.stride(0),
-                             part.stride(1), *lead, GROUP=group_size, BN=cfg.block_n, X_ROW_DIV=x_row_div,
+                             part.stride(1), *lead, _MASK_LO, _MASK_HI, GROUP=group_size, BN=cfg.block_n, X_ROW_DIV=x_row_div,
                              INDEXED=indexed, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return part
 
