@@ -199,3 +199,38 @@ def assert_graph_replays_like_eager(moe, x, gu, dn, weights, ids) -> None:
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(y, moe(x, gu, dn, weights, ids))
+
+
+ROUTES = {"t1-e256-k8": (1, 256, 8), "t37-e8-k2": (37, 8, 2), "t5-e100-k6": (5, 100, 6), "t3-e16-k1": (3, 16, 1),
+          "t2-e512-k10": (2, 512, 10), "t4-e6-k6": (4, 6, 6)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("t, e, k", ROUTES.values(), ids=ROUTES.keys())
+def test_triton_router_matches_softmax_topk_renormalise(t, e, k, dtype):
+    from deltaserve.kernels.fused_moe import route_topk_softmax_reference
+    from deltaserve.kernels.fused_moe.route_triton import route_topk_softmax_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(e + k)
+    # distinct logits (ties may come out in either order): multiples of 1/64, exact in bf16 for |logit| <= 4
+    logits = torch.stack([torch.randperm(e, generator=g) - e // 2 for _ in range(t)]).float() / 64
+    logits = logits.to(dtype).to(dev)
+    w, ids = route_topk_softmax_triton(logits, k)
+    w_ref, ids_ref = route_topk_softmax_reference(logits, k)
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32 and ids.shape == (t, k)
+    assert torch.equal(ids.cpu(), ids_ref.cpu())  # distinct random logits: the same experts, the same order
+    torch.testing.assert_close(w.cpu(), w_ref.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_triton_router_takes_the_lowest_id_among_equal_logits_and_refuses_bad_shapes():
+    from deltaserve.kernels.fused_moe.route_triton import route_topk_softmax_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, -1.0]], device=dev)
+    w, ids = route_topk_softmax_triton(logits, 3)
+    assert ids.cpu().tolist() == [[1, 3, 4]]
+    torch.testing.assert_close(w.cpu(), torch.full((1, 3), 1 / 3))
+    with pytest.raises(ValueError, match="top_k in"):
+        route_topk_softmax_triton(logits, 7)
+    assert [x.shape for x in route_topk_softmax_triton(logits[:0], 2)] == [(0, 2), (0, 2)]

@@ -7,6 +7,7 @@ CUDA, int4 experts (`fused_moe_int4`): the Triton fused MoE with the dequant in 
 (T·k <= decode.DECODE_MAX_PAIRS) run as per-pair int4 GEMVs instead (decode.py), and up to
 triton.TRITON_ALIGN_MAX_PAIRS pairs the sort / align is one Triton launch (align_triton.py).
 CUDA, block-FP8 experts (`fused_moe_fp8`): the same Triton fused MoE, each K tile times its block scale in the loop.
+Routing (`route_topk_softmax`): on CUDA one Triton launch (route_triton.py), elsewhere the torch reference.
 All CUDA paths are free of host syncs, so MoE layers are captured in CUDA graphs. triton.py is imported lazily
 (importing deltaserve must not import triton, see kernels/paged_attention).
 Expert parallelism: a topk id of -1 marks a pair whose expert another rank holds; every path (reference, grouped
@@ -14,8 +15,9 @@ GEMM, Triton GEMMs and decode GEMVs) skips it: no GEMM row or GEMV work is spent
 import torch
 import torch.nn.functional as F
 
-from .reference import ExpertWeights, fused_moe_experts, route_topk_softmax
+from .reference import ExpertWeights, fused_moe_experts
 from .reference import fused_moe as fused_moe_reference
+from .reference import route_topk_softmax as route_topk_softmax_reference
 
 __all__ = [
     "ExpertWeights",
@@ -25,6 +27,7 @@ __all__ = [
     "fused_moe_reference",
     "fused_moe_triton",
     "route_topk_softmax",
+    "route_topk_softmax_reference",
 ]
 
 
@@ -34,6 +37,17 @@ def __getattr__(name: str):
         from .triton import fused_moe_triton
         return fused_moe_triton
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def route_topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: [T, E] -> (weights [T, top_k] fp32 renormalised to sum 1, ids [T, top_k] int64), Qwen3.5's
+    router: softmax over all E experts in fp32, top-k, renormalise."""
+    if router_logits.is_cuda:
+        from .route_triton import MAX_EXPERTS, route_topk_softmax_triton
+
+        if router_logits.shape[-1] <= MAX_EXPERTS:
+            return route_topk_softmax_triton(router_logits.contiguous(), top_k)
+    return route_topk_softmax_reference(router_logits, top_k)
 
 
 def fused_moe_int4(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,
