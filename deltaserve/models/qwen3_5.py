@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels.logits import logits as logits_gemm
 from ..layers.attention import GatedAttention
 from ..layers.embedding import VocabParallelEmbedding
 from ..layers.gated_deltanet import GatedDeltaNet
@@ -82,16 +83,11 @@ class Qwen3_5ForCausalLM(nn.Module):
         return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [M, hidden] -> logits [M, vocab] fp32.
-
-        On CUDA a bf16/fp16 GEMM writes its fp32 accumulators directly: rounding 248k logits to bf16 first would
-        cost up to ~0.1 nats in logprobs (one bf16 ulp of a logit of 8 is 0.03)."""
+        """hidden: [M, hidden] -> logits [M, vocab] fp32 (kernels/logits: fp32 accumulators written directly; rounding
+        248k logits to bf16 first would cost up to ~0.1 nats in logprobs)."""
         if self.config.tie_word_embeddings:
             weight = self.embed_tokens.weight  # the rank's vocab rows (vocab-parallel embedding)
         else:
             weight = self.lm_head.weight
-        if hidden.is_cuda and hidden.dtype != torch.float32:
-            logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-        else:
-            logits = nn.functional.linear(hidden, weight).float()
+        logits = logits_gemm(hidden, weight)
         return self.tp.gather_vocab(logits, self.config.vocab_size)
