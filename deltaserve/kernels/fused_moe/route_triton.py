@@ -3,7 +3,8 @@
 Same math as reference.route_topk_softmax, which on CUDA costs five launches per MoE layer (softmax, the two kernels
 of torch.topk, the sum and the division: ~15 us at batch 1 on an H200, this kernel 2.4 us). The k experts are picked
 by k rounds of max over the probabilities, each taking the lowest expert id among equal maxima, so the ids come out
-in descending weight order as torch.topk's do (torch leaves the order of equal values open). Padded lanes (E < BLOCK_E) hold -1 and are never picked."""
+in descending weight order as torch.topk's do (torch leaves the order of equal values open). Padded lanes
+(E < BLOCK_E) hold -1 and are never picked."""
 import torch
 import triton
 import triton.language as tl
