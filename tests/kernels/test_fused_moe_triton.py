@@ -234,3 +234,5 @@ def test_triton_router_takes_the_lowest_id_among_equal_logits_and_refuses_bad_sh
     with pytest.raises(ValueError, match="top_k in"):
         route_topk_softmax_triton(logits, 7)
     assert [x.shape for x in route_topk_softmax_triton(logits[:0], 2)] == [(0, 2), (0, 2)]
+    bad = torch.tensor([[0.0, float("nan"), 1.0, 2.0]], device=dev)  # garbage in: whatever weights, real expert ids
+    assert ((route_topk_softmax_triton(bad, 2)[1] >= 0) & (route_topk_softmax_triton(bad, 2)[1] < 4)).all()

@@ -28,7 +28,8 @@ def _route_kernel(logits, weights, ids, E, stride_lt, TOP_K: tl.constexpr, BLOCK
     b_id = tl.zeros([BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
         b_max = tl.max(b_live, axis=0)
-        b_arg = tl.min(tl.where(b_live == b_max, o_e, BLOCK_E), axis=0)
+        # a NaN row matches nothing: clamp so a garbage row still names a real expert (no out-of-range reads later)
+        b_arg = tl.minimum(tl.min(tl.where(b_live == b_max, o_e, BLOCK_E), axis=0), E - 1)
         b_w = tl.where(o_k == j, b_max, b_w)
         b_id = tl.where(o_k == j, b_arg, b_id)
         b_live = tl.where(o_e == b_arg, -1.0, b_live)
