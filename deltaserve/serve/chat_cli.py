@@ -7,6 +7,7 @@ Ctrl-D; Ctrl-C stops the current answer (the request is aborted) and returns to 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import TextIO
 
@@ -113,6 +114,9 @@ def run(session: ChatSession, banner: str, stdin: TextIO = sys.stdin) -> int:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
             pass
+        # Ctrl-C must stop an answer even when the chat was started from a context that ignores SIGINT (a
+        # background job of a non-interactive shell inherits SIG_IGN, and Python then installs no handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     out.write(f"{banner}\n{HELP}\n")
     while True:
         try:
