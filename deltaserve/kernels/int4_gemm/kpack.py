@@ -14,7 +14,10 @@ The fp32 cancellation costs ~8 of 24 mantissa bits: ~2^-16 relative (1-2e-6 meas
 The two nibble masks are kernel ARGUMENTS, not literals: a LOP3 takes one immediate, and with both constants literal
 ptxas re-materialized a mask before every LOP3 (~0.5 extra op per weight, 160+ registers). As arguments they stay in
 registers: 126 registers, and on an H200 (Triton 3.6) 27B gate|up 43.9 -> 36.2 us, down 23.7 -> 19.6, in_proj_qkv|z
-22.2 -> 18.5, o_proj 10.8 -> 8.4 (CUDA-graph replays over 300 MB of weights, 2026-11-29).
+22.2 -> 18.5, o_proj 10.8 -> 8.4 (CUDA-graph replays over 300 MB of weights, 2026-11-29). In all the loop issues
+~3.9 SASS instructions a weight (benchmarks/kernels/sass_report.py): the ~2.5 above, ~0.6 preparing the activations
+(bf16 -> fp32, the sums, x/16; shared by a thread's 4 columns) and addressing. Still issue-bound, at 2.3-2.6 TB/s.
+8 columns a thread (BN 1024, 4 warps) halves the activation share but needs 168 registers: not faster (37.4 us).
 
 Layout: P [K/8, N] int32; int32 row 8b + r of column n holds input row 64b + 8j + r at bits 4j (span b, j = 0..7),
 so nibble j of a span's 8 rows meets the contiguous activations x[64b + 8j : 64b + 8j + 8]. Zeros stay in the AWQ
