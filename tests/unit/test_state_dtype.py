@@ -56,3 +56,29 @@ def test_bf16_state_close_to_fp32_state(models, kind):
 def test_state_dtype_errors(models):
     with pytest.raises(ValueError, match="state_dtype is 'float16'.*'float32' or 'bfloat16'"):
         LLM(models.path("dense"), state_dtype="float16")
+
+
+def _with_ssm_dtype(src: str, dst, dtype: str) -> str:
+    """A copy of checkpoint src whose config says mamba_ssm_dtype = dtype."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg_path = dst / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.get("text_config", cfg)["mamba_ssm_dtype"] = dtype
+    cfg_path.write_text(json.dumps(cfg))
+    return str(dst)
+
+
+def test_state_dtype_auto_follows_the_checkpoints_mamba_ssm_dtype(models, tmp_path):
+    path = _with_ssm_dtype(models.path("dense"), tmp_path / "bf16", "bfloat16")
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for requested, expected in (("auto", torch.bfloat16), ("float32", torch.float32)):
+        llm = make_llm(path, max_num_seqs=2, state_dtype=requested)
+        assert llm.runner.caches.recurrent[0].dtype == expected
+        assert len(llm.generate(["hello there"], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+    fp16 = _with_ssm_dtype(models.path("dense"), tmp_path / "fp16", "float16")
+    with pytest.raises(ValueError, match="the checkpoint's mamba_ssm_dtype is 'float16'"):
+        LLM(fp16)
+    assert make_llm(fp16, max_num_seqs=2, state_dtype="float32").runner.caches.recurrent[0].dtype == torch.float32
