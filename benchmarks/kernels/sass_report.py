@@ -45,7 +45,9 @@ class Spec:
 
 def _decode_spec(kind: int) -> Spec:
     code = {0: "*bf16", 1: "*i8", 2: "*i8", 3: "*u8"}[kind]
-    tile = {0: (32, 4, 3), 1: (128, 4, 2), 2: (32, 4, 3), 3: (128, 4, 2)}[kind]  # paged_attention _DECODE_TILE_D256
+    from deltaserve.kernels.paged_attention.triton import _DECODE_TILE_D256
+
+    tile = _DECODE_TILE_D256[kind]  # the tile the engine launches at head_dim 256
     types = dict(q="*bf16", k_cache=code, v_cache=code, k_scale="*fp32", v_scale="*fp32", k_zero="*fp32",
                  v_zero="*fp32", gate="*bf16", o="*bf16", part_m="*fp32", part_l="*fp32", part_acc="*fp32",
                  block_tables="*i32", context_lens="*i32", scale_log2="fp32", partition_size="i32",

@@ -218,8 +218,9 @@ def kpack_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     grid = (triton.cdiv(n, cfg.block_n), split) + ((rows,) if indexed else ())
     _kpack_gemv_kernel[grid](x, qweight, qzeros, scales, part, expert_of_row if indexed else x, n, k, k_per_split,
                              x.stride(0), qweight.stride(-2), qzeros.stride(-2), scales.stride(-2), part.stride(0),
-                             part.stride(1), *lead, _MASK_LO, _MASK_HI, GROUP=group_size, BN=cfg.block_n, X_ROW_DIV=x_row_div,
-                             INDEXED=indexed, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                             part.stride(1), *lead, _MASK_LO, _MASK_HI, GROUP=group_size, BN=cfg.block_n,
+                             X_ROW_DIV=x_row_div, INDEXED=indexed, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages)
     return part
 
 

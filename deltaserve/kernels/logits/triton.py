@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..int4_gemm.triton import dot_precision
+
 MAX_ROWS = 16  # decode batches up to this take the GEMV; larger ones go to cuBLAS (reference.py)
 
 
@@ -45,6 +47,6 @@ def logits_triton(hidden: torch.Tensor, weight: torch.Tensor, block_v: int = 64,
     if m and v:
         _logits_kernel[(triton.cdiv(v, block_v),)](
             hidden, weight, out, m, v, h, hidden.stride(0), weight.stride(0), out.stride(0), BV=block_v, BK=block_k,
-            DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32", num_warps=num_warps,
+            DOT_PRECISION=dot_precision(hidden.dtype), num_warps=num_warps,
             num_stages=num_stages)
     return out
