@@ -202,7 +202,8 @@ def main_kv_quant(kinds: list[str], h: int, hkv: int, gen: torch.Generator, band
     configs = [{}]
     if sweep:  # the quantized tiles hold 1 (or 1/2) byte an element: wider key tiles keep as many bytes in flight
         configs += [dict(block_n=bn, num_warps=w, num_stages=s) for bn, w, s in
-                    [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (64, 4, 1)]]
+                    [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3),
+                     (128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 1)]]
         configs += [dict(partition_size=ps, block_n=bn) for ps, bn in [(64, 64), (128, 64), (256, 64), (128, 128)]]
     for b in (1, 16, 64):
         for row in bench_kv_quant_decode(b, 32768, h, hkv, kinds, gen, bandwidth, configs):

@@ -206,6 +206,30 @@ def test_decode_matches_reference(case, gated, triton_ready):
     assert_close(case, ref, out, ATOL_FP32)
 
 
+@pytest.mark.parametrize("sizing", [(8, 128, 2048), (0, 16, 64), (1, 32, 48)], ids=["default", "hi_clamp", "mixed"])
+def test_decode_partitions_follow_each_context(sizing, triton_ready, monkeypatch):
+    """Automatic partitions are sized per sequence from its own length on the device, under a context bound far
+    above the real lengths (a CUDA graph's): long and short sequences, a padded row. The (programs per SM, lo, hi)
+    overrides force the clamps: spread 1 puts every long sequence at the upper bound."""
+    import deltaserve.kernels.paged_attention.triton as pa
+    monkeypatch.setattr(pa, "_PROGRAMS_PER_SM", sizing[0])
+    monkeypatch.setattr(pa, "_PARTITION_LO", sizing[1])
+    monkeypatch.setattr(pa, "_PARTITION_HI", sizing[2])
+    h, hkv, d, bs, ctx_lens, bound = 4, 2, 32, 8, [700, 130, 1, 0], 4096
+    k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, bs, hkv, d)
+    wide = torch.zeros(len(ctx_lens), bound // bs, dtype=tables.dtype, device=DEVICE)
+    wide[:, : tables.shape[1]] = tables
+    q = torch.randn(len(ctx_lens), h, d, device=DEVICE)
+    gate = torch.randn_like(q)
+    ref = torch.zeros_like(q)
+    ref[:3] = paged_attention_varlen(q[:3], k_cache, v_cache, tables[:3], [1] * 3, ctx_lens[:3], d ** -0.5,
+                                     gate=gate[:3])
+    out = nan_like(q)
+    paged_attention_decode(q, k_cache, v_cache, wide, torch.tensor(ctx_lens, device=DEVICE), d ** -0.5, gate, bound,
+                           block_n=tile(16), out=out)
+    assert_close(f"sizing {sizing}", ref, out, ATOL_FP32)
+
+
 def test_varlen_triton_dispatch_matches_reference(triton_ready):
     """The drop-in wrapper: all-decode batches take the decode kernel, anything else the prefill kernel."""
     h, hkv, d, bs = 4, 2, 32, 4

@@ -132,18 +132,30 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
 
 
 @triton.jit
+def _partition_size(ctx, num_partitions, spread, part_lo, part_hi, part_round):
+    """Keys a decode partition of a sequence with ctx keys covers: ctx / spread clamped to [part_lo, part_hi], never
+    fewer than cover ctx in num_partitions, rounded up to a multiple of part_round (see _decode_partitions)."""
+    size = tl.minimum(tl.maximum(tl.cdiv(ctx, spread), part_lo), part_hi)
+    size = tl.maximum(size, tl.cdiv(ctx, num_partitions))
+    return tl.cdiv(size, part_round) * part_round
+
+
+@triton.jit
 def _decode_partial_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate, o, part_m, part_l, part_acc,
-                           block_tables, context_lens, scale_log2, partition_size, num_partitions, stride_qn, stride_qh,
+                           block_tables, context_lens, scale_log2, num_partitions, spread, part_lo, part_hi,
+                           part_round, stride_qn, stride_qh,
                            stride_kb, stride_ks, stride_kh,
                            stride_vb, stride_vs, stride_vh, stride_gn, stride_gh, stride_on, stride_oh, stride_bt,
                            H: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr,
                            D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_GATE: tl.constexpr,
                            KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (N, Hkv, P = num_partitions). Program (i, h, p) attends the G query heads of kv head h of sequence i over
-    keys [p * partition_size, (p + 1) * partition_size) of its context. Not SPLIT (P == 1): writes o directly, gate
+    keys [p * S_i, (p + 1) * S_i) of its context, S_i = _partition_size(context_lens[i], ...): a short sequence splits
+    into fewer partitions (the rest exit at once). Not SPLIT (P == 1): writes o directly, gate
     applied. SPLIT: writes the unnormalised part_acc [N, H, P, D] and part_m (log2 units), part_l [N, H, P], fp32."""
     i_seq, i_kvh, i_part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(context_lens + i_seq).to(tl.int32)
+    partition_size = _partition_size(ctx, num_partitions, spread, part_lo, part_hi, part_round)
     start = i_part * partition_size
     if start < ctx:
         end = tl.minimum(start + partition_size, ctx)
@@ -197,14 +209,15 @@ def _decode_partial_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero
 
 
 @triton.jit
-def _decode_reduce_kernel(o, gate, part_m, part_l, part_acc, context_lens, partition_size, num_partitions,
+def _decode_reduce_kernel(o, gate, part_m, part_l, part_acc, context_lens, num_partitions, spread, part_lo, part_hi,
+                          part_round,
                           stride_on, stride_oh, stride_gn, stride_gh,
                           H: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, HAS_GATE: tl.constexpr):
     """Grid (N, H): merge the partitions of one (sequence, head):
     o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, then the gate."""
     i_seq, i_h = tl.program_id(0), tl.program_id(1)
     ctx = tl.load(context_lens + i_seq).to(tl.int32)
-    num_parts = tl.cdiv(ctx, partition_size)
+    num_parts = tl.cdiv(ctx, _partition_size(ctx, num_partitions, spread, part_lo, part_hi, part_round))
     o_ml = (i_seq.to(tl.int64) * H + i_h) * num_partitions
     o_p = tl.arange(0, BLOCK_P)
     m_p = o_p < num_parts
@@ -402,19 +415,56 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[device]
 
 
-def _decode_partition_size(n: int, hkv: int, max_context_len: int, device: torch.device) -> int:
-    """512 keys a partition; halved (down to 128) while the grid would not cover the SMs twice, so a small batch
-    with a long context still spreads over the whole GPU. The partials cost ~G/partition_size of the KV bytes."""
-    size = 512
-    while size > 128 and n * hkv * triton.cdiv(max_context_len, size) < 2 * _num_sms(device):
-        size //= 2
-    return size
+_PARTITION_LO, _PARTITION_HI = 128, 2048  # keys a decode partition covers under automatic sizing
+_PROGRAMS_PER_SM = 8  # automatic sizing aims the live grid at this many programs per SM
+
+
+def _spread(n: int, hkv: int, device: torch.device) -> int:
+    """Partitions a (sequence, kv head) aims at under automatic sizing: 8 programs per SM over the N * Hkv pairs."""
+    return max(1, triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), n * hkv))
+
+
+def _decode_partitions(n: int, hkv: int, max_context_len: int, block_n: int, device: torch.device,
+                       partition_size: int | None) -> tuple[int, tuple[int, int, int, int]]:
+    """-> (P, (spread, part_lo, part_hi, part_round)): the grid's partition count and what `_partition_size` sizes
+    each sequence's partitions with, on the device, from its own context length (no host sync; a CUDA graph
+    captured at a context bound still sizes by the real lengths).
+
+    Automatic: a sequence of c keys splits into ~spread partitions of c / spread keys, clamped to [128 (two key tiles
+    at least), 2048] and rounded to the key tile, so a batch fills the GPU whatever its lengths, a long context is cut
+    into few long partitions (each program fills its load pipeline once) and a short one into short ones. P covers
+    max_context_len at the sizes this allows; programs past a sequence's partitions exit at once. The partials cost
+    ~G / partition size of the KV bytes. partition_size given: every sequence uses exactly that.
+    Measured on an H200 (bench_attention.py, bf16 cache, against the former fixed 512 keys halved to fill the GPU):
+    context 32k at batch 64 / 256 2134 -> 2011 / 8524 -> 7859 us, 8k at batch 256 2135 -> 2022 us; 4096-key
+    partitions were slower at batch 16 (629 against 534 us)."""
+    if partition_size:
+        return max(1, triton.cdiv(max_context_len, partition_size)), (1, partition_size, partition_size, 1)
+    lo = max(_PARTITION_LO, 2 * block_n)
+    hi = max(_PARTITION_HI, lo)
+    spread = _spread(n, hkv, device)
+    parts = min(triton.cdiv(max_context_len, lo), max(spread, triton.cdiv(max_context_len, hi)))
+    return max(1, parts), (spread, lo, hi, block_n)
 
 
 # Decode tile (block_n, num_warps, num_stages) at head_dim 256 per KV_KIND, from H200 sweeps at context 32k
 # (benchmarks/kernels/bench_attention.py --kv-cache-dtype int8,int4,fp8 --sweep): int8 with 128-key tiles took batch
 # 16 / 64 from 675 / 2566 us to 547 / 2065 us (the bf16 cache: 547 / 2093); fp8 (fp16 matmuls) 512 / 1926 us.
 _DECODE_TILE_D256 = {0: (32, 4, 3), 1: (128, 4, 2), 2: (32, 4, 3), 3: (128, 4, 2)}
+# ... and where the partitions will be long (>= 1024 keys): the bf16 cache in 64-key tiles of 2 stages took batch 16
+# / 64 at 32k from 560 / 2060 to 534 / 2005 us; on 128-key partitions (batch 1, 8k) they were slower (64 against 55).
+_DECODE_TILE_D256_LONG = {0: (64, 4, 2)}
+
+
+def _decode_tile(kind: int, d: int, n: int, hkv: int, max_context_len: int, device: torch.device
+                 ) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) for a decode launch, from the partition length automatic sizing expects."""
+    if d < 256:
+        return 64, 4, 3
+    expected = min(max(triton.cdiv(max_context_len, _spread(n, hkv, device)), _PARTITION_LO), _PARTITION_HI)
+    if expected >= 1024 and kind in _DECODE_TILE_D256_LONG:
+        return _DECODE_TILE_D256_LONG[kind]
+    return _DECODE_TILE_D256[kind]
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
@@ -429,7 +479,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     gate: [N, H, D] or None; max_context_len: host int >= every context_lens[i] (sets the partition grid; for CUDA
     graphs pass the capture bound) -> o: [N, H, D] in q's dtype (into `out` when given).
     One launch when a single partition covers max_context_len, else a partial kernel + a reduce (gate in the last
-    one). No host sync. partition_size (default: _decode_partition_size) / block_n / num_warps / num_stages tune."""
+    one). No host sync. partition_size (default: per sequence, _decode_partitions) / block_n / num_warps /
+    num_stages tune."""
     _, bs, hkv, d = _check_cache(k_cache, v_cache)
     n, h = _check_q("q", q, hkv, d)
     _check_gate(gate, q)
@@ -444,11 +495,10 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     if n == 0:
         return o
     g = h // hkv
-    size = partition_size or _decode_partition_size(n, hkv, max_context_len, q.device)
-    parts = max(1, triton.cdiv(max_context_len, size))
     kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
-    tile_n, tile_w, tile_s = _DECODE_TILE_D256[kinds["KV_KIND"]] if d >= 256 else (64, 4, 3)
+    tile_n, tile_w, tile_s = _decode_tile(kinds["KV_KIND"], d, n, hkv, max_context_len, q.device)
     block_n = _check_block_n(block_n or tile_n, q.device)
+    parts, sizing = _decode_partitions(n, hkv, max_context_len, block_n, q.device, partition_size)
     split = parts > 1
     gate_arg = gate if gate is not None else q
     if split:
@@ -459,14 +509,14 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
         part_m = part_l = part_acc = o  # unused
     _decode_partial_kernel[(n, hkv, parts)](
         q, kc, vc, *quant_args, gate_arg, o, part_m, part_l, part_acc, block_tables, context_lens, scale * LOG2E,
-        size, parts, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        parts, *sizing, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), gate_arg.stride(0), gate_arg.stride(1),
         o.stride(0), o.stride(1), block_tables.stride(0),
         H=h, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BS=bs, D=d, BLOCK_N=block_n, SPLIT=split,
         HAS_GATE=gate is not None, **kinds, num_warps=num_warps or tile_w, num_stages=num_stages or tile_s)
     if split:
         _decode_reduce_kernel[(n, h)](
-            o, gate_arg, part_m, part_l, part_acc, context_lens, size, parts, o.stride(0), o.stride(1),
+            o, gate_arg, part_m, part_l, part_acc, context_lens, parts, *sizing, o.stride(0), o.stride(1),
             gate_arg.stride(0), gate_arg.stride(1), H=h, D=d, BLOCK_P=triton.next_power_of_2(parts),
             HAS_GATE=gate is not None, num_warps=4 if d >= 256 else 2)
     return o
