@@ -133,8 +133,9 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
 
 @triton.jit
 def _partition_size(ctx, num_partitions, spread, part_lo, part_hi, part_round):
-    """Keys a decode partition of a sequence with ctx keys covers: ctx / spread clamped to [part_lo, part_hi], never
-    fewer than cover ctx in num_partitions, rounded up to a multiple of part_round (see _decode_partitions)."""
+    """Keys a decode partition of a sequence with ctx keys covers: ctx / spread clamped to [part_lo, part_hi], and
+    never so few that num_partitions of them miss keys (a guard: the host's sizing already covers max_context_len),
+    rounded up to a multiple of part_round (see _decode_partitions)."""
     size = tl.minimum(tl.maximum(tl.cdiv(ctx, spread), part_lo), part_hi)
     size = tl.maximum(size, tl.cdiv(ctx, num_partitions))
     return tl.cdiv(size, part_round) * part_round
@@ -436,8 +437,8 @@ def _decode_partitions(n: int, hkv: int, max_context_len: int, block_n: int, dev
     max_context_len at the sizes this allows; programs past a sequence's partitions exit at once. The partials cost
     ~G / partition size of the KV bytes. partition_size given: every sequence uses exactly that.
     Measured on an H200 (bench_attention.py, bf16 cache, against the former fixed 512 keys halved to fill the GPU):
-    context 32k at batch 64 / 256 2134 -> 2011 / 8524 -> 7859 us, 8k at batch 256 2135 -> 2022 us; 4096-key
-    partitions were slower at batch 16 (629 against 534 us)."""
+    context 32k at batch 64 / 256 2131 -> 2010 / 8517 -> 7855 us, 8k at batch 256 2131 -> 2022 us, 8k at batch 64
+    555 -> 559; 4096-key partitions were slower at batch 16 (629 against 534 us)."""
     if partition_size:
         return max(1, triton.cdiv(max_context_len, partition_size)), (1, partition_size, partition_size, 1)
     lo = max(_PARTITION_LO, 2 * block_n)
@@ -452,7 +453,8 @@ def _decode_partitions(n: int, hkv: int, max_context_len: int, block_n: int, dev
 # 16 / 64 from 675 / 2566 us to 547 / 2065 us (the bf16 cache: 547 / 2093); fp8 (fp16 matmuls) 512 / 1926 us.
 _DECODE_TILE_D256 = {0: (32, 4, 3), 1: (128, 4, 2), 2: (32, 4, 3), 3: (128, 4, 2)}
 # ... and where the partitions will be long (>= 1024 keys): the bf16 cache in 64-key tiles of 2 stages took batch 16
-# / 64 at 32k from 560 / 2060 to 534 / 2005 us; on 128-key partitions (batch 1, 8k) they were slower (64 against 55).
+# / 64 at 32k from 560 / 2060 to 534 / 2005 us (2048-key partitions). Short partitions keep the 32-key tile: nothing
+# measured there favours the long one (batch-1 kernel timings are dominated by Triton's launch overhead).
 _DECODE_TILE_D256_LONG = {0: (64, 4, 2)}
 
 
