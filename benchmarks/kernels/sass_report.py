@@ -44,20 +44,25 @@ class Spec:
 
 
 def _decode_spec(kind: int) -> Spec:
-    code = {0: "*bf16", 1: "*i8", 2: "*u8", 3: "*u8"}[kind]  # as code_args passes them
+    """The decode kernel the engine launches for KV_KIND `kind` under a bf16 q (int8: triton_int8.py's)."""
+    code = {0: "*bf16", 1: "*i16", 2: "*u8", 3: "*u8"}[kind]  # as paged_attention_decode passes them
     from deltaserve.kernels.paged_attention.triton import _DECODE_TILE_D256
 
     tile = _DECODE_TILE_D256[kind]  # the tile the engine launches at head_dim 256
-    types = dict(q="*bf16", k_cache=code, v_cache=code, k_scale="*fp32", v_scale="*fp32", k_zero="*fp32",
-                 v_zero="*fp32", gate="*bf16", o="*bf16", part_m="*fp32", part_l="*fp32", part_acc="*fp32",
-                 block_tables="*i32", context_lens="*i32", scale_log2="fp32", num_partitions="i32",
-                 spread="i32", part_lo="i32", part_hi="i32", part_round="i32")
+    k, v = ("k_words", "v_words") if kind == 1 else ("k_cache", "v_cache")
+    types = {"q": "*bf16", k: code, v: code, "k_scale": "*fp32", "v_scale": "*fp32", "k_zero": "*fp32",
+             "v_zero": "*fp32", "gate": "*bf16", "o": "*bf16", "part_m": "*fp32", "part_l": "*fp32",
+             "part_acc": "*fp32", "block_tables": "*i32", "context_lens": "*i32", "scale_log2": "fp32",
+             "num_partitions": "i32", "spread": "i32", "part_lo": "i32", "part_hi": "i32", "part_round": "i32"}
     strides = ["stride_qn", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh",
                "stride_gn", "stride_gh", "stride_on", "stride_oh", "stride_bt"]
     types.update({s: "i32" for s in strides})
-    return Spec("deltaserve.kernels.paged_attention.triton:_decode_partial_kernel", types,
-                dict(H=16, G=4, BLOCK_H=16, BS=16, D=256, BLOCK_N=tile[0], SPLIT=True, HAS_GATE=True, KV_KIND=kind,
-                     DOT_PRECISION="tf32"), tile[1], tile[2], set(strides))
+    consts = dict(H=16, G=4, BLOCK_H=16, BS=16, D=256, BLOCK_N=tile[0], SPLIT=True, HAS_GATE=True)
+    if kind == 1:
+        fn, consts["USE_ASM"] = "triton_int8:decode_int8_partial_kernel", True
+    else:
+        fn, consts["KV_KIND"], consts["DOT_PRECISION"] = "triton:_decode_partial_kernel", kind, "tf32"
+    return Spec(f"deltaserve.kernels.paged_attention.{fn}", types, consts, tile[1], tile[2], set(strides))
 
 
 def _ints(*names: str) -> dict[str, str]:

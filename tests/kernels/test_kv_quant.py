@@ -188,25 +188,33 @@ def test_decode_matches_reference(case, kind, triton_ready):
     assert_close(f"{case} {kind}", ref, out, ATOL_FP32)
 
 
-@pytest.mark.parametrize("kind", ["fp8"])
-def test_bf16_query_matches_reference(kind, triton_ready):
-    """A bf16 q, as the engine runs: fp8 multiplies in fp16 (probabilities scaled by the tile's largest V scale).
-    Decode over several partitions and a prefill with continued chunks, D=64. int8 and int4 multiply in bf16, and
-    Triton's interpreter converts integers to bf16 as a bit cast: for them a bf16 q is a `gpu` test only."""
-    ctx_lens, q_lens = [1, 15, 40], [1, 6, 9]
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("ctx_lens", [[1, 15, 40], [0, 70, 33]], ids=["contexts", "padded_row"])
+def test_bf16_query_matches_reference(kind, ctx_lens, triton_ready):
+    """A bf16 q, as the engine runs. fp8 multiplies in fp16 (probabilities scaled by the tile's largest V scale);
+    int8 decode reads its codes as int16 pairs into fp16 1024 + level (triton_int8.py). Decode over several
+    partitions and a prefill with continued chunks, D=64. int8 prefill multiplies in bf16, and Triton's interpreter
+    converts integers to bf16 as a bit cast: that half is a `gpu` test only."""
+    q_lens = [1 if c <= 1 else c // 3 for c in ctx_lens]
     k_cache, v_cache, tables = quantized_paged_kv(kind, ctx_lens, 8, 2, 64, dtype=torch.bfloat16)
     q = torch.randn(sum(q_lens), 4, 64, device=DEVICE, dtype=torch.bfloat16)
     gate = torch.randn_like(q)
-    ref = paged_attention_varlen(q.float(), k_cache, v_cache, tables, q_lens, ctx_lens, 0.125, gate=gate.float())
-    out = torch.full_like(q, float("nan"))
-    paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
-                            0.125, gate, q_lens, ctx_lens, block_m=16, block_n=tile(8), out=out)
-    assert_close(f"prefill {kind}", ref, out, ATOL_BF16, RTOL_BF16)
+    live = [i for i, c in enumerate(ctx_lens) if c > 0]
+    rows = torch.cat([torch.arange(cu_of(q_lens)[i], cu_of(q_lens)[i + 1]) for i in live]).to(DEVICE)
+    ref = torch.zeros_like(q, dtype=torch.float32)
+    ref[rows] = paged_attention_varlen(q[rows].float(), k_cache, v_cache, tables[live], [q_lens[i] for i in live],
+                                       [ctx_lens[i] for i in live], 0.125, gate=gate[rows].float())
+    if all(ctx_lens) and (kind == "fp8" or DEVICE != "cpu"):
+        out = torch.full_like(q, float("nan"))
+        paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
+                                0.125, gate, q_lens, ctx_lens, block_m=16, block_n=tile(8), out=out)
+        assert_close(f"prefill {kind}", ref[rows], out[rows], ATOL_BF16, RTOL_BF16)
     last = cu_of(q_lens)[1:] - 1
-    out = torch.full_like(q[last], float("nan"))
-    paged_attention_decode(q[last], k_cache, v_cache, tables, torch.tensor(ctx_lens, device=DEVICE), 0.125,
-                           gate[last], max(ctx_lens), partition_size=16, block_n=tile(8), out=out)
-    assert_close(f"decode {kind}", ref[last], out, ATOL_BF16, RTOL_BF16)
+    for partition_size in (16, 128):  # several partitions and a reduce; one partition, written directly
+        out = torch.full_like(q[last], float("nan"))
+        paged_attention_decode(q[last], k_cache, v_cache, tables, torch.tensor(ctx_lens, device=DEVICE), 0.125,
+                               gate[last], max(ctx_lens), partition_size=partition_size, block_n=tile(8), out=out)
+        assert_close(f"decode {kind} partitions of {partition_size}", ref[last], out, ATOL_BF16, RTOL_BF16)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -450,8 +450,9 @@ def _decode_partitions(n: int, hkv: int, max_context_len: int, block_n: int, dev
 
 # Decode tile (block_n, num_warps, num_stages) at head_dim 256 per KV_KIND, from H200 sweeps at context 32k
 # (benchmarks/kernels/bench_attention.py --kv-cache-dtype int8,int4,fp8 --sweep): int8 with 128-key tiles took batch
-# 16 / 64 from 675 / 2566 us to 547 / 2065 us (the bf16 cache: 547 / 2093); fp8 (fp16 matmuls) 512 / 1926 us.
-_DECODE_TILE_D256 = {0: (32, 4, 3), 1: (128, 4, 2), 2: (32, 4, 3), 3: (128, 4, 2)}
+# 16 / 64 from 675 / 2566 us to 547 / 2065 us (the bf16 cache: 547 / 2093); fp8 (fp16 matmuls) 512 / 1926 us. int8
+# under a 16-bit q runs triton_int8.py's kernel, whose sweep picked 64-key tiles of 3 stages (472 / 1834 us).
+_DECODE_TILE_D256 = {0: (32, 4, 3), 1: (64, 4, 3), 2: (32, 4, 3), 3: (128, 4, 2)}
 # ... and where the partitions will be long (>= 1024 keys): the bf16 cache in 64-key tiles of 2 stages took batch 16
 # / 64 at 32k from 560 / 2060 to 534 / 2005 us (2048-key partitions). Short partitions keep the 32-key tile: nothing
 # measured there favours the long one (batch-1 kernel timings are dominated by Triton's launch overhead).
@@ -509,13 +510,18 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
         part_acc = torch.empty((n, h, parts, d), dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = o  # unused
-    _decode_partial_kernel[(n, hkv, parts)](
+    kernel, flags = _decode_partial_kernel, kinds
+    if kinds["KV_KIND"] == KV_KIND["int8"] and q.dtype != torch.float32:  # codes as int16 pairs (triton_int8.py)
+        from .triton_int8 import decode_int8_partial_kernel as kernel
+
+        kc, vc, flags = kc.view(torch.int16), vc.view(torch.int16), dict(USE_ASM=q.is_cuda)
+    kernel[(n, hkv, parts)](
         q, kc, vc, *quant_args, gate_arg, o, part_m, part_l, part_acc, block_tables, context_lens, scale * LOG2E,
         parts, *sizing, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), gate_arg.stride(0), gate_arg.stride(1),
         o.stride(0), o.stride(1), block_tables.stride(0),
         H=h, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BS=bs, D=d, BLOCK_N=block_n, SPLIT=split,
-        HAS_GATE=gate is not None, **kinds, num_warps=num_warps or tile_w, num_stages=num_stages or tile_s)
+        HAS_GATE=gate is not None, **flags, num_warps=num_warps or tile_w, num_stages=num_stages or tile_s)
     if split:
         _decode_reduce_kernel[(n, h)](
             o, gate_arg, part_m, part_l, part_acc, context_lens, parts, *sizing, o.stride(0), o.stride(1),
