@@ -98,9 +98,14 @@ def active_weights(model, cfg: ModelConfig, batch: int) -> tuple[float, float]:
             continue  # (tied: the same table is the lm_head, read whole)
         kind = name.rpartition(".")[2]
         count = 8 * p.numel() if kind in _PACKED_WEIGHTS else (0 if kind in QUANT_SUFFIXES else p.numel())
-        into = experts if ".experts." in name else dense
-        into[0] += p.numel() * p.element_size()
-        into[1] += count
+        size = p.numel() * p.element_size()
+        if ".experts." in name:
+            # a shared expert stacked after the E routed ones (layers/moe.fuse_shared_experts) is read every step
+            routed = min(p.shape[0], cfg.num_experts) / p.shape[0]
+            experts[0], experts[1] = experts[0] + routed * size, experts[1] + routed * count
+            dense[0], dense[1] = dense[0] + (1 - routed) * size, dense[1] + (1 - routed) * count
+        else:
+            dense[0], dense[1] = dense[0] + size, dense[1] + count
     if not cfg.is_moe:
         return dense[0], dense[1]
     touched = min(cfg.num_experts, batch * cfg.num_experts_per_tok) / cfg.num_experts  # at most, this step

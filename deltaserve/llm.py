@@ -17,6 +17,7 @@ from .config import ModelConfig, QuantConfig
 from .kernels.paged_attention import check_kv_cache_dtype
 from .layers.fp8 import use_fp8_kernels
 from .layers.linear import merge_projection_runs, use_int4_kernels
+from .layers.moe import fuse_shared_experts
 from .models.formats import RANDOM_AWQ_PATTERNS, awq_formats, tp_problems
 from .models.weights import WeightsError, build_model, checkpoint_files, load_weights, read_formats
 from .outputs import RequestOutput
@@ -69,6 +70,7 @@ class RankSpec:
         # every device (CPU tests run the merged groups too), after the kernels' layouts so merged pieces agree on
         # them: one GEMM per run of same-format pieces of a fused projection instead of one per piece plus a cat
         merge_projection_runs(model)
+        fuse_shared_experts(model)  # after the merge: a shared gate|up of one format is one Linear by then
         on_loaded()
         state_dtype = DTYPES[cfg.state_dtype]
         max_len = self.max_model_len or cfg.max_position_embeddings

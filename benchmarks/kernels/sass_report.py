@@ -95,10 +95,12 @@ KERNELS: dict[str, Spec] = {
         "deltaserve.kernels.logits.triton:_logits_kernel",
         dict(x="*bf16", w="*bf16", out="*fp32", **_ints("M", "V", "H", "stride_xm", "stride_wv", "stride_om")),
         dict(BV=64, BK=256, DOT_PRECISION="tf32"), 4, 3, {"V", "H", "stride_xm", "stride_wv", "stride_om"}),
-    "route": Spec(  # MoE router, 256 experts top-8
+    "route": Spec(  # MoE router, 256 experts top-8, the shared expert appended (35B-A3B shapes, H=2048)
         "deltaserve.kernels.fused_moe.route_triton:_route_kernel",
-        dict(logits="*bf16", weights="*fp32", ids="*i64", E="i32", stride_lt="i32"),
-        dict(TOP_K=8, BLOCK_E=256, BLOCK_K=8), 1, 3, {"E", "stride_lt"}),
+        dict(logits="*bf16", weights="*fp32", ids="*i64", x="*bf16", w_gate="*bf16", E="i32", H="i32",
+             stride_lt="i32", stride_xt="i32"),
+        dict(TOP_K=8, BLOCK_E=256, BLOCK_K=16, HAS_SHARED=True, BLOCK_H=1024), 4, 3,
+        {"E", "H", "stride_lt", "stride_xt"}),
     "decode_bf16": _decode_spec(0),
     "decode_int8": _decode_spec(1),
     "decode_int4": _decode_spec(2),

@@ -213,6 +213,14 @@ def _merge_quant(linears: list[QuantLinear]) -> QuantLinear:
     return merged
 
 
+def _stackable(many: QuantLinear, one: QuantLinear) -> bool:
+    """Whether `one` (no experts dim) can join the experts QuantLinear `many` as one more expert."""
+    lead, extra = getattr(many, many.kinds[0]), getattr(one, one.kinds[0])
+    return (many.fmt == one.fmt and many.group_size == one.group_size and many.kpack == one.kpack
+            and (many.in_features, many.out_features) == (one.in_features, one.out_features)
+            and lead.dim() == extra.dim() + 1 and lead.device == extra.device)
+
+
 class QuantExperts(nn.Module):
     """All experts of one MoE layer in int4: `gate_up_proj` ([E] x [gate | up]) and `down_proj` QuantLinears.
 
@@ -227,6 +235,23 @@ class QuantExperts(nn.Module):
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (gate_up [E, 2I, H], down [E, H, I]) in dtype."""
         return self.gate_up_proj.dequant(dtype), self.down_proj.dequant(dtype)
+
+    def append_expert(self, gate_up: nn.Module, down: nn.Module) -> bool:
+        """Stack one more expert after the E experts, in place (the MoE's shared expert, see layers/moe.py): int4
+        QuantLinears gate|up [2I, H] and down [H, I] in this layer's format, group size, layout and sizes -> whether
+        they were (nothing changes otherwise)."""
+        pairs = ((self.gate_up_proj, gate_up), (self.down_proj, down))
+        if not all(type(one) is QuantLinear and _stackable(many, one) for many, one in pairs):
+            return False
+        for many, one in pairs:
+            for kind in many.kinds:
+                stack, extra = getattr(many, kind).data, getattr(one, kind).data
+                if stack.dtype != extra.dtype:  # scales narrowed apart (use_int4_kernels): meet in fp32, exact
+                    stack = narrowest_exact(torch.cat([stack.float(), extra.float()[None]]))
+                else:
+                    stack = torch.cat([stack, extra[None]])
+                setattr(many, kind, nn.Parameter(stack, requires_grad=False))
+        return True
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; topk_weights [T, k] fp32; topk_ids [T, k] -> [T, H]: the routed experts' weighted sum."""

@@ -223,6 +223,30 @@ def test_triton_router_matches_softmax_topk_renormalise(t, e, k, dtype):
     torch.testing.assert_close(w.cpu(), w_ref.cpu(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("t, e, k, h", [(1, 256, 8, 2048), (37, 8, 2, 64), (3, 16, 1, 1100)],
+                         ids=["t1-e256-k8-h2048", "t37-e8-k2-h64", "t3-e16-k1-h1100"])
+def test_triton_router_appends_the_shared_expert(t, e, k, h, dtype):
+    """route_with_shared_expert: the routed pairs as before, then id E with sigmoid(x . w) rounded in x's dtype as
+    the 16-bit Linear and torch.sigmoid round it (h=1100: a last partial BLOCK_H of the gate's dot)."""
+    from deltaserve.kernels.fused_moe import route_with_shared_expert_reference
+    from deltaserve.kernels.fused_moe.route_triton import route_topk_softmax_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(e + k + h)
+    logits = (torch.stack([torch.randperm(e, generator=g) - e // 2 for _ in range(t)]).float() / 64).to(dtype)
+    x = torch.randn(t, h, generator=g).to(dtype)
+    w_gate = (torch.randn(1, h, generator=g) / h ** 0.5).to(dtype)
+    w, ids = route_topk_softmax_triton(logits.to(dev), k, x.to(dev), w_gate.to(dev))
+    w_ref, ids_ref = route_with_shared_expert_reference(logits, k, x, w_gate)
+    assert w.shape == ids.shape == (t, k + 1) and ids_ref[:, -1].eq(e).all()
+    assert torch.equal(ids.cpu(), ids_ref)
+    torch.testing.assert_close(w.cpu()[:, :k], w_ref[:, :k], rtol=1e-5, atol=1e-6)
+    # the gate's dot runs in another order than torch's: its bf16 rounding may land one ulp (<= 0.03 for |g| < 4)
+    # apart, which the sigmoid (slope <= 1/4) passes on as up to ~8e-3
+    torch.testing.assert_close(w.cpu()[:, k], w_ref[:, k], rtol=1e-5, atol=1e-6 if dtype == torch.float32 else 8e-3)
+
+
 def test_triton_router_takes_the_lowest_id_among_equal_logits_and_refuses_bad_shapes():
     from deltaserve.kernels.fused_moe.route_triton import route_topk_softmax_triton
 

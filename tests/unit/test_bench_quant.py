@@ -68,14 +68,16 @@ def test_random_awq_model_is_built_in_the_mixed_pattern(moe):
     assert isinstance(mods["layers.3.self_attn.o_proj"], QuantLinear)
     assert isinstance(mods["layers.0.linear_attn.out_proj"], QuantLinear)
     assert type(mods["lm_head"]) is nn.Linear
-    mlp = "layers.1.mlp.shared_expert" if moe else "layers.1.mlp"
-    assert isinstance(mods[f"{mlp}.gate_up_proj"], ProjectionGroup)
-    assert isinstance(mods[f"{mlp}.gate_up_proj.gate_proj+up_proj"], QuantLinear)  # int4 gate|up: one GEMM
-    assert isinstance(mods[f"{mlp}.down_proj"], QuantLinear)
-    if moe:
-        assert isinstance(mods["layers.1.mlp.experts"], QuantExperts)
+    if moe:  # the shared expert's int4 gate|up and down joined the 8 experts as expert 8 (fuse_shared_experts)
+        experts = mods["layers.1.mlp.experts"]
+        assert isinstance(experts, QuantExperts) and "layers.1.mlp.shared_expert" not in mods
+        assert experts.gate_up_proj.qweight.shape[0] == experts.down_proj.scales.shape[0] == 9
         assert type(mods["layers.1.mlp.gate"]) is nn.Linear
         assert type(mods["layers.1.mlp.shared_expert_gate"]) is nn.Linear
+    else:
+        assert isinstance(mods["layers.1.mlp.gate_up_proj"], ProjectionGroup)
+        assert isinstance(mods["layers.1.mlp.gate_up_proj.gate_proj+up_proj"], QuantLinear)  # int4 gate|up: 1 GEMM
+        assert isinstance(mods["layers.1.mlp.down_proj"], QuantLinear)
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])

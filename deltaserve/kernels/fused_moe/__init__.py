@@ -8,6 +8,8 @@ CUDA, int4 experts (`fused_moe_int4`): the Triton fused MoE with the dequant in 
 triton.TRITON_ALIGN_MAX_PAIRS pairs the sort / align is one Triton launch (align_triton.py).
 CUDA, block-FP8 experts (`fused_moe_fp8`): the same Triton fused MoE, each K tile times its block scale in the loop.
 Routing (`route_topk_softmax`): on CUDA one Triton launch (route_triton.py), elsewhere the torch reference.
+`route_with_shared_expert` also appends the shared expert as one more pair (its sigmoid gate computed in the same
+launch), for layers whose shared expert is stacked with the routed ones (layers/moe.py).
 All CUDA paths are free of host syncs, so MoE layers are captured in CUDA graphs. triton.py is imported lazily
 (importing deltaserve must not import triton, see kernels/paged_attention).
 Expert parallelism: a topk id of -1 marks a pair whose expert another rank holds; every path (reference, grouped
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from .reference import ExpertWeights, fused_moe_experts
 from .reference import fused_moe as fused_moe_reference
 from .reference import route_topk_softmax as route_topk_softmax_reference
+from .reference import route_with_shared_expert as route_with_shared_expert_reference
 
 __all__ = [
     "ExpertWeights",
@@ -28,6 +31,8 @@ __all__ = [
     "fused_moe_triton",
     "route_topk_softmax",
     "route_topk_softmax_reference",
+    "route_with_shared_expert",
+    "route_with_shared_expert_reference",
 ]
 
 
@@ -48,6 +53,19 @@ def route_topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.T
         if router_logits.shape[-1] <= MAX_EXPERTS:
             return route_topk_softmax_triton(router_logits.contiguous(), top_k)
     return route_topk_softmax_reference(router_logits, top_k)
+
+
+def route_with_shared_expert(router_logits: torch.Tensor, top_k: int, x: torch.Tensor,
+                             gate_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_topk_softmax plus the shared expert as pair top_k (id E, weight sigmoid(x . gate_weight)): x [T, H],
+    gate_weight [1, H] -> (weights, ids) [T, top_k + 1]. On CUDA the same single Triton launch computes the gate."""
+    if router_logits.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        from .route_triton import MAX_EXPERTS, route_topk_softmax_triton
+
+        if router_logits.shape[-1] <= MAX_EXPERTS:
+            return route_topk_softmax_triton(router_logits.contiguous(), top_k, x.contiguous(),
+                                             gate_weight.contiguous())
+    return route_with_shared_expert_reference(router_logits, top_k, x, gate_weight)
 
 
 def fused_moe_int4(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,

@@ -17,6 +17,17 @@ def route_topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.T
     return weights / weights.sum(dim=-1, keepdim=True), ids
 
 
+def route_with_shared_expert(router_logits: torch.Tensor, top_k: int, x: torch.Tensor,
+                             gate_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_topk_softmax plus the shared expert as one more pair: router_logits [T, E], x [T, H], gate_weight [1, H]
+    (shared_expert_gate) -> (weights [T, top_k + 1] fp32, ids [T, top_k + 1] int64), the last pair id E with weight
+    sigmoid(x . gate_weight) computed in x's dtype as HF computes it (a Linear, then torch.sigmoid). Experts stacked
+    with the shared one as expert E (layers/moe.py fuse_shared_expert) then add it in the same fused MoE."""
+    weights, ids = route_topk_softmax(router_logits, top_k)
+    shared = torch.sigmoid(F.linear(x, gate_weight)).float()
+    return torch.cat([weights, shared], 1), torch.cat([ids, torch.full_like(ids[:, :1], router_logits.shape[1])], 1)
+
+
 def fused_moe(
     x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
