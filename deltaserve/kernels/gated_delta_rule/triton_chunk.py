@@ -9,7 +9,8 @@ Three kernels, one launch each, no host sync (the (sequence, chunk) tables come 
      initial state, no write); saves each chunk-start h and v_new = u - w h.
   3. `_chunk_output_kernel` grid (V-tiles, chunks, HV): o = scale (q h) exp(G) + causal(q k^T exp(G_i - G_j)) v_new.
 Intermediates (w, u, v_new, h) are stored in the input dtype and feed bf16 tensor-core dots, as fla does; every
-accumulation, the state and the triangular solve ("ieee" fp32 dots) are fp32. Against the fp32 reference that costs
+accumulation, the state and the triangular solve (fp32 FMAs in the diagonal blocks, "ieee" fp32 dots merging them)
+are fp32. Against the fp32 reference that costs
 ~4e-3 relative RMS on o and ~3e-3 on states at K=V=128 (tf32 operands for the state update and output would give
 ~3e-3 / ~2.4e-3: not worth the slower dots). The chunk is fixed at 64 tokens (four 16-token sub-blocks unrolled in
 kernel 1). Exponentials use natural base throughout. Offsets are int32 except pool slots and chunk states:
@@ -83,14 +84,18 @@ def _kkt_block(b_kb_i, b_k_j, b_G_i, b_G_j, BC: tl.constexpr, DIAG: tl.constexpr
 
 @triton.jit
 def _invert_unit_lower(b_A, BC: tl.constexpr):
-    """b_A: [BC, BC] fp32 strictly lower -> (I + b_A)^-1 by forward substitution, one row per step. With X the
-    strictly lower part of the inverse, X_i = -A_i + sum_{j<i} (-A_ij) X_j: row i of X still holds -A_i when its
-    turn comes, so X += (row i of X) @ X updates it from the finished rows above (a dot, not two reductions: fewer
-    cross-thread steps on the GPU, far fewer interpreter calls on the CPU). fp32 at full ("ieee") precision."""
+    """b_A: [BC, BC] fp32 strictly lower -> (I + b_A)^-1 by forward substitution, one row per step, in fp32 FMAs.
+    With X the strictly lower part of the inverse, X_i = -A_i + sum_{j<i} (-A_ij) X_j: row i of X still holds -A_i
+    when its turn comes, so it is picked out (a reduction), multiplied into the finished rows above (a second one)
+    and written back, as fla's solve does. Against the former one fp32 ("ieee") dot per row (each sent both operands
+    through shared memory, fifteen times a block) the whole chunked prefill at 1x16k / 16x1k went 1.775 / 1.440 ->
+    1.531 / 1.189 ms on an H200 (same process), with the same error against the fp32 reference (4.2e-3 on o)."""
     o_i = tl.arange(0, BC)
     b_X = -b_A
     for i in range(1, BC):
-        b_X += tl.dot(tl.where(o_i[:, None] == i, b_X, 0.0), b_X, input_precision="ieee")
+        m_i = o_i[:, None] == i
+        b_row = tl.sum(tl.where(m_i, b_X, 0.0), 0)
+        b_X = tl.where(m_i, b_X + tl.sum(b_row[:, None] * b_X, 0)[None, :], b_X)
     return b_X + tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
 
 
@@ -169,7 +174,9 @@ def _chunk_prep_kernel(
     b_A30 = _kkt_block(b_kb3, b_kd0, b_G3, b_G0, BC, False)
     b_A31 = _kkt_block(b_kb3, b_kd1, b_G3, b_G1, BC, False)
     b_A32 = _kkt_block(b_kb3, b_kd2, b_G3, b_G2, BC, False)
-    # fp32 products at full precision ("ieee", not tf32): the solve amplifies rounding
+    # fp32 products at full precision ("ieee", not tf32): the solve amplifies rounding. "tf32x3" here measured
+    # 1.53 / 1.19 -> 1.47 / 1.12 ms (1x16k / 16x1k, H200) with o within 2e-5 of this; not kept until the bf16 parity
+    # test (0.0945 against its 0.0950 bar) has run with it
     b_T10 = -tl.dot(b_T11, tl.dot(b_A10, b_T00, input_precision="ieee"), input_precision="ieee")
     b_T21 = -tl.dot(b_T22, tl.dot(b_A21, b_T11, input_precision="ieee"), input_precision="ieee")
     b_T32 = -tl.dot(b_T33, tl.dot(b_A32, b_T22, input_precision="ieee"), input_precision="ieee")
