@@ -9,6 +9,9 @@ store. Prints one table; `--sweep` also tries tile configs so the defaults can b
 1/16/64, each kind against the bf16 cache it was quantized from (time per call, KV bytes read with scales and zeros,
 bandwidth, speed-up over bf16, max |difference| from the bf16 output; with `--sweep`, each kind under several tile
 configs), plus a 2048-token prefill chunk at 32k and the quantizing store.
+Decode is timed as CUDA-graph replays (`decode_us`): under plain do_bench a batch-1 call measured the Python
+launch of two Triton kernels (55-190 us from process to process), not the GPU. Replays do not flush L2, so a cache
+smaller than L2 (batch 1 at context 1k: 4 MiB) reads from it: that row's GB/s is not HBM's.
 
     python benchmarks/kernels/bench_attention.py [--sweep] [--heads 16 --kv-heads 4] [--kv-cache-dtype int8,int4,fp8]
 """
@@ -17,7 +20,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from deltaserve.kernels.paged_attention import (allocate_kv, paged_attention_decode, paged_attention_prefill,
                                                 store_kv, store_kv_triton)
@@ -35,6 +38,13 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200)
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def decode_us(fn) -> float:
+    """Device time of one decode call in µs, from CUDA-graph replays (the decode path has no host sync)."""
+    fn()  # compile and warm the allocator outside the capture
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
 
 
 def paged_cache(context_lens: list[int], hkv: int, gen: torch.Generator):
@@ -108,8 +118,8 @@ def bench_decode(b: int, ctx_len: int, h: int, hkv: int, gen: torch.Generator, b
     bound_us = kv_bytes / bandwidth * 1e6  # HBM moves `bandwidth` bytes/s in all (copy: read + write counted)
     rows = []
     for cfg in configs:
-        ms = do_bench(lambda: paged_attention_decode(q, k_cache, v_cache, tables, ctx, D ** -0.5, gate, ctx_len,
-                                                     **cfg))
+        ms = decode_us(lambda: paged_attention_decode(q, k_cache, v_cache, tables, ctx, D ** -0.5, gate, ctx_len,
+                                                      **cfg)) * 1e-3
         rows.append(f"decode  B={b:<3} ctx={ctx_len:<6} {_cfg(cfg):<28} {ms * 1e3:9.1f} "
                     f"{kv_bytes / ms * 1e-6:8.0f} GB/s  bound {bound_us:8.1f} us  "
                     f"{bound_us / (ms * 1e3):5.2f} of bound")
@@ -155,7 +165,7 @@ def bench_kv_quant_decode(b: int, ctx_len: int, h: int, hkv: int, kinds: list[st
                 return paged_attention_decode(q, kc, vc, tables, ctx, D ** -0.5, gate, ctx_len, **cfg)
 
             out = run().float()
-            ms = do_bench(run)
+            ms = decode_us(run) * 1e-3
             if kind == "auto":
                 base_ms, base_out = ms, out
             bound_us = kv_bytes / bandwidth * 1e6
