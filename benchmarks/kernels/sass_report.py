@@ -99,7 +99,7 @@ KERNELS: dict[str, Spec] = {
         "deltaserve.kernels.fused_moe.route_triton:_route_kernel",
         dict(logits="*bf16", weights="*fp32", ids="*i64", x="*bf16", w_gate="*bf16", E="i32", H="i32",
              stride_lt="i32", stride_xt="i32"),
-        dict(TOP_K=8, BLOCK_E=256, BLOCK_K=16, HAS_SHARED=True, BLOCK_H=1024), 4, 3,
+        dict(TOP_K=8, BLOCK_E=256, BLOCK_K=16, HAS_SHARED=True, BLOCK_H=1024), 1, 3,
         {"E", "H", "stride_lt", "stride_xt"}),
     "decode_bf16": _decode_spec(0),
     "decode_int8": _decode_spec(1),

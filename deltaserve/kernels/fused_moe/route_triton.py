@@ -77,5 +77,5 @@ def route_topk_softmax_triton(router_logits: torch.Tensor, top_k: int, x: torch.
         _route_kernel[(t,)](router_logits, weights, ids, x_arg, w_arg, e, x_arg.shape[-1], router_logits.stride(0),
                             x_arg.stride(0), TOP_K=top_k, BLOCK_E=block_e,
                             BLOCK_K=max(2, triton.next_power_of_2(width)), HAS_SHARED=shared, BLOCK_H=1024,
-                            num_warps=4 if block_e >= 1024 or shared else 1)  # the gate's dot: 4 warps of loads
+                            num_warps=4 if block_e >= 1024 else 1)
     return weights, ids
