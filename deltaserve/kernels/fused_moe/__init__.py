@@ -44,14 +44,22 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _triton_routes(router_logits: torch.Tensor) -> bool:
+    """Whether route_triton's one-launch router takes these logits (CUDA, E <= its MAX_EXPERTS)."""
+    if not router_logits.is_cuda:
+        return False
+    from .route_triton import MAX_EXPERTS
+
+    return router_logits.shape[-1] <= MAX_EXPERTS
+
+
 def route_topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits: [T, E] -> (weights [T, top_k] fp32 renormalised to sum 1, ids [T, top_k] int64), Qwen3.5's
     router: softmax over all E experts in fp32, top-k, renormalise."""
-    if router_logits.is_cuda:
-        from .route_triton import MAX_EXPERTS, route_topk_softmax_triton
+    if _triton_routes(router_logits):
+        from .route_triton import route_topk_softmax_triton
 
-        if router_logits.shape[-1] <= MAX_EXPERTS:
-            return route_topk_softmax_triton(router_logits.contiguous(), top_k)
+        return route_topk_softmax_triton(router_logits.contiguous(), top_k)
     return route_topk_softmax_reference(router_logits, top_k)
 
 
@@ -59,12 +67,10 @@ def route_with_shared_expert(router_logits: torch.Tensor, top_k: int, x: torch.T
                              gate_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """route_topk_softmax plus the shared expert as pair top_k (id E, weight sigmoid(x . gate_weight)): x [T, H],
     gate_weight [1, H] -> (weights, ids) [T, top_k + 1]. On CUDA the same single Triton launch computes the gate."""
-    if router_logits.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        from .route_triton import MAX_EXPERTS, route_topk_softmax_triton
+    if _triton_routes(router_logits) and x.dtype in (torch.float16, torch.bfloat16):
+        from .route_triton import route_topk_softmax_triton
 
-        if router_logits.shape[-1] <= MAX_EXPERTS:
-            return route_topk_softmax_triton(router_logits.contiguous(), top_k, x.contiguous(),
-                                             gate_weight.contiguous())
+        return route_topk_softmax_triton(router_logits.contiguous(), top_k, x.contiguous(), gate_weight.contiguous())
     return route_with_shared_expert_reference(router_logits, top_k, x, gate_weight)
 
 

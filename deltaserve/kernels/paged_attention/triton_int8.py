@@ -63,13 +63,14 @@ def _tile_scales(k_scale, v_scale, k_zero, v_zero, b_blk, o_n, end, i_kvh, BS: t
 
 @triton.jit
 def _attend_tile_int8_pairs(b_qe, b_qo, b_qsum, b_m, b_l, b_acc_e, b_acc_o, k_words, v_words, b_ks, b_kz, b_vs, b_vz,
-                            p_block_table, o_n, m_n, i_kvh, scale_log2,
+                            p_block_table, o_n, end, i_kvh, scale_log2,
                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                             BS: tl.constexpr, D: tl.constexpr, USE_ASM: tl.constexpr):
-    """One online-softmax step over keys o_n [BLOCK_N] (m_n: key exists) with their scales from _tile_scales.
+    """One online-softmax step over keys o_n [BLOCK_N] (those < end exist) with their scales from _tile_scales.
     b_qe / b_qo [ROWS, D/2]: q's even / odd columns in fp16; b_qsum [ROWS] fp32 sum of them; b_acc_e / b_acc_o
     [ROWS, D/2] fp32. Word strides in int16."""
-    b_blk = tl.load(p_block_table + o_n // BS, mask=m_n, other=0).to(tl.int64)
+    m_n = o_n < end
+    b_blk = _tile_blocks(p_block_table, o_n, end, BS)
     o_j = tl.arange(0, D // 2)
     o_k = b_blk * stride_kb + (o_n % BS) * stride_ks + i_kvh * stride_kh
     o_v = b_blk * stride_vb + (o_n % BS) * stride_vs + i_kvh * stride_vh
@@ -138,7 +139,7 @@ def decode_int8_partial_kernel(q, k_words, v_words, k_scale, v_scale, k_zero, v_
             b_blk = _tile_blocks(p_block_table, o_n + 2 * BLOCK_N, end, BS)
             b_m, b_l, b_acc_e, b_acc_o = _attend_tile_int8_pairs(
                 b_qe, b_qo, b_qsum, b_m, b_l, b_acc_e, b_acc_o, k_words, v_words, b_ks, b_kz, b_vs, b_vz,
-                p_block_table, o_n, o_n < end, i_kvh, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb,
+                p_block_table, o_n, end, i_kvh, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb,
                 stride_vs, stride_vh, BS, D, USE_ASM)
             b_ks, b_kz, b_vs, b_vz = b_next
         if not SPLIT:
