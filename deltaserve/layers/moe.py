@@ -11,12 +11,15 @@ sigmoid(shared_expert_gate(x)) (route_with_shared_expert), and one fused MoE com
 the MoE's four launches instead of those plus the shared MLP's GEMVs and their split sums, its activation, the gate's
 GEMV and the gated add (10 launches an MoE layer fewer on 35B-A3B shapes with int4 experts; H200, 8 layers: batch 1
 870.5 -> 1 115.9 tok/s, batch 64 12 563 -> 13 536). Not under expert parallelism (the shared expert is column-cut
-there, the experts whole)."""
+there, the experts whole).
+
+Routing starts from the hidden states (`route_hidden`): up to 16 tokens on CUDA the router's GEMV runs inside the
+routing launch."""
 import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.fused_moe import fused_moe, route_topk_softmax, route_with_shared_expert
+from ..kernels.fused_moe import fused_moe, route_hidden, route_topk_softmax, route_with_shared_expert
 from .linear import ProjectionGroup
 from .mlp import GatedMLP
 
@@ -81,14 +84,23 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]."""
         if self.shared_expert is None:  # stacked as expert E: one more pair per token
-            weights, ids = route_with_shared_expert(self.gate(x), self.top_k, x, self.shared_expert_gate.weight)
-            return self.experts(x, weights, ids)
-        weights, ids = route_topk_softmax(self.gate(x), self.top_k)
+            return self.experts(x, *self._route(x, self.shared_expert_gate.weight))
+        weights, ids = self._route(x)
         if self.num_local_experts < self.gate.out_features:  # expert parallel
             ids = local_expert_ids(ids, self.first_expert, self.num_local_experts)
         routed = self.experts(x, weights, ids)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return routed + shared
+
+
+    def _route(self, x: torch.Tensor, gate_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights, ids) [T, k] (+1 with gate_weight: the stacked shared expert's pair)."""
+        if type(self.gate) is nn.Linear and self.gate.bias is None:  # the router GEMV can join the routing launch
+            return route_hidden(x, self.gate.weight, self.top_k, gate_weight)
+        logits = self.gate(x)
+        if gate_weight is None:
+            return route_topk_softmax(logits, self.top_k)
+        return route_with_shared_expert(logits, self.top_k, x, gate_weight)
 
 
 def _single(linear: nn.Module) -> nn.Module:

@@ -260,3 +260,75 @@ def test_triton_router_takes_the_lowest_id_among_equal_logits_and_refuses_bad_sh
     assert [x.shape for x in route_topk_softmax_triton(logits[:0], 2)] == [(0, 2), (0, 2)]
     bad = torch.tensor([[0.0, float("nan"), 1.0, 2.0]], device=dev)  # garbage in: whatever weights, real expert ids
     assert ((route_topk_softmax_triton(bad, 2)[1] >= 0) & (route_topk_softmax_triton(bad, 2)[1] < 4)).all()
+
+
+def _router_case(t, e, h, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g).to(dtype)
+    w = (2 * torch.randn(e, h, generator=g) / h ** 0.5).to(dtype)  # logits ~ N(0, 4): top-k gaps well over an ulp
+    w_gate = (torch.randn(1, h, generator=g) / h ** 0.5).to(dtype)
+    return x, w, w_gate
+
+
+FUSED_ROUTES = {"t1-e256-k8-h2048": (1, 256, 8, 2048), "t3-e16-k2-h1100": (3, 16, 2, 1100),
+                "t16-e100-k6-h64": (16, 100, 6, 64), "t2-e8-k8-h96": (2, 8, 8, 96)}
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["routed", "shared"])
+@pytest.mark.parametrize("t, e, k, h", FUSED_ROUTES.values(), ids=FUSED_ROUTES.keys())
+def test_fused_router_equals_router_linear_then_routing(t, e, k, h, shared):
+    """route_hidden_triton (the router's GEMV, top-k and the shared gate in one launch) against F.linear then the
+    reference routing, fp32: only the dot's order differs (h=1100, 96: a last partial H tile; e=100: a partial row
+    block), and the arrival counter is back at zero after every launch (a second launch routes the same)."""
+    from deltaserve.kernels.fused_moe import route_topk_softmax_reference, route_with_shared_expert_reference
+    from deltaserve.kernels.fused_moe.route_triton import arrival_counters, route_hidden_triton
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x, w, w_gate = _router_case(t, e, h, torch.float32, t + e + h)
+    logits = torch.nn.functional.linear(x, w)
+    if shared:
+        ref = route_with_shared_expert_reference(logits, k, x, w_gate)
+    else:
+        ref = route_topk_softmax_reference(logits, k)
+    counter = arrival_counters(dev)
+    for _ in range(2):
+        got = route_hidden_triton(x.to(dev), w.to(dev), k, counter, w_gate.to(dev) if shared else None)
+        assert torch.equal(got[1].cpu(), ref[1]) and counter.eq(0).all()
+        torch.testing.assert_close(got[0].cpu(), ref[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_router_refuses_what_it_does_not_take():
+    from deltaserve.kernels.fused_moe.route_triton import FUSED_MAX_T, route_hidden_triton
+
+    counter = torch.zeros(FUSED_MAX_T, dtype=torch.int32)
+    x, w, _ = _router_case(FUSED_MAX_T + 1, 8, 32, torch.float32, 0)
+    with pytest.raises(ValueError, match=f"T <= {FUSED_MAX_T} tokens"):
+        route_hidden_triton(x, w, 2, counter)
+    with pytest.raises(ValueError, match="router of x's dtype"):
+        route_hidden_triton(x[:2], w.half(), 2, counter)
+    assert [y.shape for y in route_hidden_triton(x[:0], w, 2, counter)] == [(0, 2), (0, 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 5, 16], ids=["t1", "t5", "t16"])
+def test_fused_router_bf16_in_a_cuda_graph(t):
+    """bf16 at 35B-A3B sizes (E=256, k=8, H=2048) through route_hidden, captured and replayed in a CUDA graph with new
+    inputs: the experts picked carry the reference's top-k logits (one bf16 ulp of the dot's order apart at most),
+    the weights and the shared gate within bf16 rounding."""
+    from deltaserve.kernels.fused_moe import route_hidden, route_with_shared_expert_reference
+
+    x, w, w_gate = (a.cuda() for a in _router_case(t, 256, 2048, torch.bfloat16, t))
+    route_hidden(x, w, 8, w_gate)  # eager first: the arrival counters exist before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = route_hidden(x, w, 8, w_gate)
+    for seed in (100, 101):
+        x.copy_(_router_case(t, 256, 2048, torch.bfloat16, seed)[0].cuda())
+        graph.replay()
+        logits = torch.nn.functional.linear(x, w)
+        ref_w, ref_ids = route_with_shared_expert_reference(logits, 8, x, w_gate)
+        picked = torch.gather(logits.float(), 1, got[1][:, :8]).sort(1, descending=True).values
+        best = torch.gather(logits.float(), 1, ref_ids[:, :8]).sort(1, descending=True).values
+        torch.testing.assert_close(picked, best, rtol=0, atol=0.07)  # bf16 ulp at |logit| < 8: 1/32
+        assert got[1][:, 8].eq(256).all()
+        torch.testing.assert_close(got[0].sort(1).values, ref_w.sort(1).values, rtol=0, atol=2e-2)

@@ -9,11 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..pdl import pdl_args, pdl_start
 from ..rmsnorm.triton import round_to
 
 
 @triton.jit
-def _silu_mul_kernel(x, out, T, INTER, stride_x, stride_o, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x, out, T, INTER, stride_x, stride_o, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                     USE_PDL: tl.constexpr = False):
+    pdl_start(USE_PDL)
     o_t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     o_i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = (o_t < T)[:, None] & (o_i < INTER)[None, :]
@@ -37,5 +40,5 @@ def silu_mul_triton(x: torch.Tensor) -> torch.Tensor:
     rows, block = (1, 2048) if t <= 64 else (4, 1024)
     block = min(block, triton.next_power_of_2(inter))
     _silu_mul_kernel[(triton.cdiv(t, rows), triton.cdiv(inter, block))](
-        x, out, t, inter, x.stride(0), out.stride(0), ROWS=rows, BLOCK=block, num_warps=4)
+        x, out, t, inter, x.stride(0), out.stride(0), ROWS=rows, BLOCK=block, num_warps=4, **pdl_args(x))
     return out

@@ -8,6 +8,8 @@ CUDA, int4 experts (`fused_moe_int4`): the Triton fused MoE with the dequant in 
 triton.TRITON_ALIGN_MAX_PAIRS pairs the sort / align is one Triton launch (align_triton.py).
 CUDA, block-FP8 experts (`fused_moe_fp8`): the same Triton fused MoE, each K tile times its block scale in the loop.
 Routing (`route_topk_softmax`): on CUDA one Triton launch (route_triton.py), elsewhere the torch reference.
+`route_hidden` starts from the hidden states and the router's weight: up to route_triton.FUSED_MAX_T tokens on CUDA
+the router's GEMV joins the same launch; otherwise F.linear, then the above.
 `route_with_shared_expert` also appends the shared expert as one more pair (its sigmoid gate computed in the same
 launch), for layers whose shared expert is stacked with the routed ones (layers/moe.py).
 All CUDA paths are free of host syncs, so MoE layers are captured in CUDA graphs. triton.py is imported lazily
@@ -29,6 +31,7 @@ __all__ = [
     "fused_moe_int4",
     "fused_moe_reference",
     "fused_moe_triton",
+    "route_hidden",
     "route_topk_softmax",
     "route_topk_softmax_reference",
     "route_with_shared_expert",
@@ -72,6 +75,24 @@ def route_with_shared_expert(router_logits: torch.Tensor, top_k: int, x: torch.T
 
         return route_topk_softmax_triton(router_logits.contiguous(), top_k, x.contiguous(), gate_weight.contiguous())
     return route_with_shared_expert_reference(router_logits, top_k, x, gate_weight)
+
+
+def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
+                 gate_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, H]; router_weight: [E, H] (the router Linear's weight); gate_weight: [1, H] (the shared expert's gate,
+    None when the shared expert is not stacked) -> route_topk_softmax(F.linear(x, router_weight), top_k), or
+    route_with_shared_expert(..., x, gate_weight) with it."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and router_weight.dtype == x.dtype:
+        from .route_triton import FUSED_MAX_T, MAX_EXPERTS, arrival_counters, route_hidden_triton
+
+        counter = arrival_counters(x.device) if x.shape[0] <= FUSED_MAX_T else None
+        if counter is not None and router_weight.shape[0] <= MAX_EXPERTS:
+            return route_hidden_triton(x.contiguous(), router_weight.contiguous(), top_k, counter,
+                                       None if gate_weight is None else gate_weight.contiguous())
+    logits = F.linear(x, router_weight)
+    if gate_weight is None:
+        return route_topk_softmax(logits, top_k)
+    return route_with_shared_expert(logits, top_k, x, gate_weight)
 
 
 def fused_moe_int4(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,

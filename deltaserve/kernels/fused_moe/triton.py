@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..int4_gemm.triton import dequant_awq_tile, dequant_kpack_tile, dot_precision
+from ..pdl import pdl_args
 from .align import MoeAlignment, moe_align
 from .align_triton import moe_align_triton
 from .decode import DECODE_MAX_PAIRS, combine_kernel, fused_moe_int4_decode
@@ -177,5 +178,6 @@ def fused_moe_triton(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeight
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     if t:
         combine_kernel[(t, triton.cdiv(h, 1024))](y, y, topk_ids.reshape(-1).contiguous(), out, 1, t * top_k, h,
-                                                  TOP_K=top_k, MUL_WEIGHT=False, BLOCK=1024)  # y: no weights
+                                                  TOP_K=top_k, MUL_WEIGHT=False, BLOCK=1024,
+                                                  **pdl_args(y))  # y: no weights
     return out

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..pdl import pdl_args, pdl_start
 from .reference import STATE_DTYPES
 
 
@@ -83,11 +84,12 @@ def _fused_recurrent_decode_kernel(
     x, conv_w, conv_state, a, b, A_log, dt_bias, state, slots, o, counters,
     s_x, s_cs, s_a, s_b, s_state, scale,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, NV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, NV: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """x: [B, C] pre-conv q|k|v (row stride s_x); conv_w: [C, W]; conv_state: [S, C, W-1] (slot stride s_cs);
     a, b: [B, HV]; state: [S, HV, K, V] fp32 (slot stride s_state); slots: [B]; o: [B, HV, V];
     counters: [S, HK] int32, all 0 between launches."""
+    pdl_start(USE_PDL)
     i_v, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kh = i_h // (HV // HK)
     slot = tl.load(slots + i_b).to(tl.int64)
@@ -212,5 +214,5 @@ def fused_recurrent_decode(
         slots.contiguous(), o, counters,
         mixed_qkv.stride(0), conv_state.stride(0), a.stride(0), b.stride(0), state.stride(0), K ** -0.5,
         HK=HK, HV=HV, K=K, V=V, W=W, BK=BK, BV=BV, BW=triton.next_power_of_2(W), NV=NV,
-        num_warps=config.num_warps)
+        num_warps=config.num_warps, **pdl_args(mixed_qkv))
     return o

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..pdl import pdl_args, pdl_start
 from .triton import _check, _split_k_outputs, device_sms, dot_precision, expert_row, split_k_ranges, sum_splits
 
 # ---- decode GEMV (T <= GEMV_MAX_T): built for the weight stream, no unpack reshape, no fp32 dequant of W ----
@@ -65,11 +66,12 @@ def _int4_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, T, NP, K, 
                       stride_qe, stride_ze, stride_se,
                       GROUP: tl.constexpr, BM: tl.constexpr, BNP: tl.constexpr, BK: tl.constexpr,
                       USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, X_ROW_DIV: tl.constexpr,
-                      INDEXED: tl.constexpr):
+                      INDEXED: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Program (i_c, i_s[, i_r]): packed columns i_c·BNP.. (NP = N/8 in all), K range i_s·K_PER_SPLIT.. -> out[i_s].
     INDEXED (the MoE decode, T = 1 per row): program axis 2 is output row i_r, which multiplies x row
     i_r // X_ROW_DIV by the weight of expert expert_of_row[i_r] ([E] leading, strides stride_qe / _ze / _se);
     expert -1 (held by another rank) writes nothing."""
+    pdl_start(USE_PDL)
     i_c, i_s = tl.program_id(0), tl.program_id(1)
     if INDEXED:
         i_e, qweight, qzeros, scales, x, out = expert_row(expert_of_row, qweight, qzeros, scales, x, out, stride_qe,
@@ -160,7 +162,7 @@ def int4_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
                             dst.stride(-2), 0, 0, 0, GROUP=group_size, BM=16 if cfg.use_dot else 1,
                             BNP=cfg.block_np, BK=cfg.block_k, USE_DOT=cfg.use_dot,
                             DOT_PRECISION=dot_precision(x.dtype), X_ROW_DIV=1, INDEXED=False,
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x))
     if split > 1:
         sum_splits(dst, out)
     return out
@@ -193,5 +195,5 @@ def int4_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                             part.stride(1), qweight.stride(0), qzeros.stride(0), scales.stride(0),
                             GROUP=group_size, BM=1, BNP=cfg.block_np, BK=cfg.block_k, USE_DOT=False,
                             DOT_PRECISION=dot_precision(x.dtype), X_ROW_DIV=x_row_div, INDEXED=True,
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x))
     return part

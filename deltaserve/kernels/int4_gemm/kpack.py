@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ...layers.quant import KPACK_SPAN
+from ..pdl import pdl_args, pdl_start
 from .triton import awq_zeros_of_columns, device_sms, dot_precision, expert_row, split_k_ranges, sum_splits
 
 
@@ -61,7 +62,9 @@ def _pair(acc, b_q, x_lo, x_hi16, M_LO, M_HI, SHIFT: tl.constexpr):
 def _kpack_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, N, K, K_PER_SPLIT,
                        stride_xt, stride_qk, stride_zk, stride_sk, stride_os, stride_ot,
                        stride_qe, stride_ze, stride_se, M_LO, M_HI,
-                       GROUP: tl.constexpr, BN: tl.constexpr, X_ROW_DIV: tl.constexpr, INDEXED: tl.constexpr):
+                       GROUP: tl.constexpr, BN: tl.constexpr, X_ROW_DIV: tl.constexpr, INDEXED: tl.constexpr,
+                       USE_PDL: tl.constexpr = False):
+    pdl_start(USE_PDL)
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     if INDEXED:
         i_e, qweight, qzeros, scales, x, out = expert_row(expert_of_row, qweight, qzeros, scales, x, out, stride_qe,
@@ -110,11 +113,13 @@ def _kpack_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, N, K, K_P
 @triton.jit
 def _kpack_dot_kernel(x, qweight, qzeros, scales, out, T, N, K, K_PER_SPLIT,
                       stride_xt, stride_qk, stride_zk, stride_sk, stride_os, stride_ot,
-                      GROUP: tl.constexpr, BN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      GROUP: tl.constexpr, BN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      USE_PDL: tl.constexpr = False):
     """2 <= T <= 16 rows (padded to 16) on the tensor cores, program (i_n, i_s) as above. One int32 tile [16, BN]
     covers two spans (128 rows); its nibble j is a [16, BN] matrix of rows {64a + 8j + r} that multiplies the 16
     activations of those rows (two runs of 8), so the tile is used as loaded, never reshaped. The nibbles enter
     tl.dot as exact 0..15; zero point and scale are applied once per column and group: s · (x·q - z · sum x)."""
+    pdl_start(USE_PDL)
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -220,7 +225,7 @@ def kpack_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
                              x.stride(0), qweight.stride(-2), qzeros.stride(-2), scales.stride(-2), part.stride(0),
                              part.stride(1), *lead, _MASK_LO, _MASK_HI, GROUP=group_size, BN=cfg.block_n,
                              X_ROW_DIV=x_row_div, INDEXED=indexed, num_warps=cfg.num_warps,
-                             num_stages=cfg.num_stages)
+                             num_stages=cfg.num_stages, **pdl_args(x))
     return part
 
 
@@ -242,7 +247,7 @@ def kpack_gemv_dot(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
     _kpack_dot_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x, qweight, qzeros, scales, part, t, n, k, k_per_split, x.stride(0), qweight.stride(0), qzeros.stride(0),
         scales.stride(0), part.stride(0), part.stride(1), GROUP=group_size, BN=cfg.block_n,
-        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x))
     return part
 
 

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..pdl import pdl_args, pdl_start
+
 
 @triton.jit
 def awq_unpack(b_packed, ROWS: tl.constexpr, COLS: tl.constexpr):
@@ -230,8 +232,9 @@ def split_sum(p_part, stride_s, S, o_c, m_c, BLOCK: tl.constexpr, BS: tl.constex
 
 
 @triton.jit
-def _sum_splits_kernel(part, out, S, M, BLOCK: tl.constexpr, BS: tl.constexpr):
+def _sum_splits_kernel(part, out, S, M, BLOCK: tl.constexpr, BS: tl.constexpr, USE_PDL: tl.constexpr = False):
     """out[m] = sum over s of part[s, m] (split_sum), cast to out's dtype."""
+    pdl_start(USE_PDL)
     o_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m_m = o_m < M
     b_acc = split_sum(part, M, S, o_m, m_m, BLOCK, BS)
@@ -247,7 +250,7 @@ def sum_splits(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out [...] (any float dtype) = part [S, ...] fp32 summed over S, deterministic."""
     m, bs = out.numel(), split_tile(part.shape[0])
     block = max(32, 4096 // bs)
-    _sum_splits_kernel[(triton.cdiv(m, block),)](part, out, part.shape[0], m, BLOCK=block, BS=bs)
+    _sum_splits_kernel[(triton.cdiv(m, block),)](part, out, part.shape[0], m, BLOCK=block, BS=bs, **pdl_args(part))
     return out
 
 

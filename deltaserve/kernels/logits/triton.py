@@ -10,13 +10,15 @@ import triton
 import triton.language as tl
 
 from ..int4_gemm.triton import dot_precision
+from ..pdl import pdl_args, pdl_start
 
 MAX_ROWS = 16  # decode batches up to this take the GEMV; larger ones go to cuBLAS (reference.py)
 
 
 @triton.jit
 def _logits_kernel(x, w, out, M, V, H, stride_xm, stride_wv, stride_om, BV: tl.constexpr, BK: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_start(USE_PDL)
     i_v = tl.program_id(0)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -48,5 +50,5 @@ def logits_triton(hidden: torch.Tensor, weight: torch.Tensor, block_v: int = 64,
         _logits_kernel[(triton.cdiv(v, block_v),)](
             hidden, weight, out, m, v, h, hidden.stride(0), weight.stride(0), out.stride(0), BV=block_v, BK=block_k,
             DOT_PRECISION=dot_precision(hidden.dtype), num_warps=num_warps,
-            num_stages=num_stages)
+            num_stages=num_stages, **pdl_args(hidden))
     return out

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..pdl import pdl_args, pdl_start
 from .kv_quant import QuantizedKV
 from .triton_quant import (KV_KIND, attend_tile_quant, check_quant_cache, code_args, quant_pointer_args, quant_query,
                            store_kv_quant)
@@ -32,8 +33,9 @@ Cache = torch.Tensor | QuantizedKV  # one side (K or V) of a layer's paged cache
 def _store_kv_kernel(k, v, k_cache, v_cache, slot_mapping,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_kcs, stride_kch, stride_vcs, stride_vch,
-                     HKV: tl.constexpr, D: tl.constexpr, BLOCK_HKV: tl.constexpr):
+                     HKV: tl.constexpr, D: tl.constexpr, BLOCK_HKV: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One program per token: copy its [Hkv, D] key and value rows into the cache slot (slot -1: skip)."""
+    pdl_start(USE_PDL)
     i_t = tl.program_id(0)
     slot = tl.load(slot_mapping + i_t).to(tl.int64)
     if slot >= 0:
@@ -149,11 +151,12 @@ def _decode_partial_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero
                            stride_vb, stride_vs, stride_vh, stride_gn, stride_gh, stride_on, stride_oh, stride_bt,
                            H: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr,
                            D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_GATE: tl.constexpr,
-                           KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Grid (N, Hkv, P = num_partitions). Program (i, h, p) attends the G query heads of kv head h of sequence i over
     keys [p * S_i, (p + 1) * S_i) of its context, S_i = _partition_size(context_lens[i], ...): a short sequence splits
     into fewer partitions (the rest exit at once). Not SPLIT (P == 1): writes o directly, gate
     applied. SPLIT: writes the unnormalised part_acc [N, H, P, D] and part_m (log2 units), part_l [N, H, P], fp32."""
+    pdl_start(USE_PDL)
     i_seq, i_kvh, i_part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(context_lens + i_seq).to(tl.int32)
     partition_size = _partition_size(ctx, num_partitions, spread, part_lo, part_hi, part_round)
@@ -213,9 +216,11 @@ def _decode_partial_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero
 def _decode_reduce_kernel(o, gate, part_m, part_l, part_acc, context_lens, num_partitions, spread, part_lo, part_hi,
                           part_round,
                           stride_on, stride_oh, stride_gn, stride_gh,
-                          H: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, HAS_GATE: tl.constexpr):
+                          H: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, HAS_GATE: tl.constexpr,
+                          USE_PDL: tl.constexpr = False):
     """Grid (N, H): merge the partitions of one (sequence, head):
     o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, then the gate."""
+    pdl_start(USE_PDL)
     i_seq, i_h = tl.program_id(0), tl.program_id(1)
     ctx = tl.load(context_lens + i_seq).to(tl.int32)
     num_parts = tl.cdiv(ctx, _partition_size(ctx, num_partitions, spread, part_lo, part_hi, part_round))
@@ -324,7 +329,7 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: Cache, v_cache: C
             raise ValueError("caches must be contiguous over (block, offset): a slot indexes [NB * BS] rows")
     _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                            k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-                           HKV=hkv, D=d, BLOCK_HKV=triton.next_power_of_2(hkv), num_warps=4)
+                           HKV=hkv, D=d, BLOCK_HKV=triton.next_power_of_2(hkv), num_warps=4, **pdl_args(k))
 
 
 def _prefill_tiles(query_lens: list[int], context_lens_cpu: list[int], block_q: int) -> torch.Tensor:
@@ -521,12 +526,13 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
         vc.stride(0), vc.stride(1), vc.stride(2), gate_arg.stride(0), gate_arg.stride(1),
         o.stride(0), o.stride(1), block_tables.stride(0),
         H=h, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BS=bs, D=d, BLOCK_N=block_n, SPLIT=split,
-        HAS_GATE=gate is not None, **flags, num_warps=num_warps or tile_w, num_stages=num_stages or tile_s)
+        HAS_GATE=gate is not None, **flags, num_warps=num_warps or tile_w, num_stages=num_stages or tile_s,
+        **pdl_args(q))
     if split:
         _decode_reduce_kernel[(n, h)](
             o, gate_arg, part_m, part_l, part_acc, context_lens, parts, *sizing, o.stride(0), o.stride(1),
             gate_arg.stride(0), gate_arg.stride(1), H=h, D=d, BLOCK_P=triton.next_power_of_2(parts),
-            HAS_GATE=gate is not None, num_warps=4 if d >= 256 else 2)
+            HAS_GATE=gate is not None, num_warps=4 if d >= 256 else 2, **pdl_args(o))
     return o
 
 

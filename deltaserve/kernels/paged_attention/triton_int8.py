@@ -23,6 +23,7 @@ waits; int8 still misses 1.3x over bf16.
 import triton
 import triton.language as tl
 
+from ..pdl import pdl_args, pdl_start
 from .triton import _partition_size
 
 
@@ -103,9 +104,10 @@ def decode_int8_partial_kernel(q, k_words, v_words, k_scale, v_scale, k_zero, v_
                                stride_vb, stride_vs, stride_vh, stride_gn, stride_gh, stride_on, stride_oh, stride_bt,
                                H: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr,
                                D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_GATE: tl.constexpr,
-                               USE_ASM: tl.constexpr):
+                               USE_ASM: tl.constexpr, USE_PDL: tl.constexpr = False):
     """triton._decode_partial_kernel over an int8 cache read as int16 words (k_words, v_words [NB, BS, Hkv, D/2],
     strides in words): same grid, partition sizing, outputs and partial layout."""
+    pdl_start(USE_PDL)
     i_seq, i_kvh, i_part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(context_lens + i_seq).to(tl.int32)
     size = _partition_size(ctx, num_partitions, spread, part_lo, part_hi, part_round)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..pdl import pdl_args, pdl_start
 from .kv_quant import FP8_MAX, QuantizedKV
 
 KV_KIND = {"int8": 1, "int4": 2, "fp8": 3}
@@ -60,9 +61,11 @@ def _quantize_rows(x, codes, scale, zero, o_x, o_c, o_s, m_h, D: tl.constexpr, K
 @triton.jit
 def store_kv_quant_kernel(k, v, k_codes, v_codes, k_scale, v_scale, k_zero, v_zero, slot_mapping,
                           stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
-                          HKV: tl.constexpr, D: tl.constexpr, BLOCK_HKV: tl.constexpr, KV_KIND: tl.constexpr):
+                          HKV: tl.constexpr, D: tl.constexpr, BLOCK_HKV: tl.constexpr, KV_KIND: tl.constexpr,
+                          USE_PDL: tl.constexpr = False):
     """One program per token: quantize its [Hkv, D] key and value rows into the cache slot (slot -1: skip).
     Codes [NB * BS slots, Hkv, Dc] at slot * stride_cs + head * stride_ch; scales / zeros [NB * BS, Hkv]."""
+    pdl_start(USE_PDL)
     i_t = tl.program_id(0)
     slot = tl.load(slot_mapping + i_t).to(tl.int64)
     if slot >= 0:
@@ -189,4 +192,4 @@ def store_kv_quant(k: torch.Tensor, v: torch.Tensor, k_cache: QuantizedKV, v_cac
     store_kv_quant_kernel[(k.shape[0],)](
         k, v, k_cache.codes, v_cache.codes, *quant_pointer_args(k_cache, v_cache), slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.codes.stride(1), k_cache.codes.stride(2),
-        HKV=hkv, D=d, BLOCK_HKV=triton.next_power_of_2(hkv), KV_KIND=KV_KIND[k_cache.kind], num_warps=4)
+        HKV=hkv, D=d, BLOCK_HKV=triton.next_power_of_2(hkv), KV_KIND=KV_KIND[k_cache.kind], num_warps=4, **pdl_args(k))

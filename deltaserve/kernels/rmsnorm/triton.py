@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..pdl import pdl_args, pdl_start
+
 MAX_BLOCK = 65536  # one row must fit in the registers of one program
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -48,8 +50,9 @@ def _rmsnorm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     ROWS: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_start(USE_PDL)
     i_r = tl.program_id(0)
     o_t = i_r * ROWS + tl.arange(0, ROWS)
     o_h = tl.arange(0, BLOCK_H)
@@ -79,8 +82,9 @@ def _gated_rmsnorm_kernel(
     eps,
     ROUND_PRODUCT: tl.constexpr,
     ROWS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_start(USE_PDL)
     i_r = tl.program_id(0)
     o_r = i_r * ROWS + tl.arange(0, ROWS)  # flat (token, head) row
     o_v = tl.arange(0, BLOCK_V)
@@ -140,7 +144,7 @@ def rmsnorm_triton(
         T, H,
         x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), r.stride(0),
         eps,
-        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_H=block, num_warps=num_warps,
+        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_H=block, num_warps=num_warps, **pdl_args(x)
     )
     return y, r
 
@@ -161,6 +165,6 @@ def gated_rmsnorm_triton(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
         R, HV, V,
         x.stride(0), x.stride(1), z.stride(0), z.stride(1),
         eps,
-        ROUND_PRODUCT=round_product, ROWS=rows, BLOCK_V=block, num_warps=num_warps,
+        ROUND_PRODUCT=round_product, ROWS=rows, BLOCK_V=block, num_warps=num_warps, **pdl_args(x)
     )
     return y

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..pdl import pdl_args, pdl_start
 from ..rmsnorm.triton import add_combine, round_to
 from .reference import inv_freq
 
@@ -84,8 +85,9 @@ def _qk_norm_rope_kernel(
     D: tl.constexpr,
     ROTARY_DIM: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_start(USE_PDL)
     i_t, i_hb = tl.program_id(0).to(tl.int64), tl.program_id(1)
     NQB = (H + BLOCK_HEADS - 1) // BLOCK_HEADS  # q head blocks come first
     b_pos = tl.load(positions + i_t * stride_pos).to(tl.float32)
@@ -140,6 +142,6 @@ def qk_norm_rope_triton(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), positions.stride(0),
         eps,
         D=D, ROTARY_DIM=rotary_dim, BLOCK_HEADS=block_heads, BLOCK_D=block_d,
-        num_warps=4 if block_heads * block_d >= 1024 else 2,
+        num_warps=4 if block_heads * block_d >= 1024 else 2, **pdl_args(q)
     )
     return q_out, k_out
