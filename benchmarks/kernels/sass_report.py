@@ -57,7 +57,7 @@ def _decode_spec(kind: int) -> Spec:
     strides = ["stride_qn", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh",
                "stride_gn", "stride_gh", "stride_on", "stride_oh", "stride_bt"]
     types.update({s: "i32" for s in strides})
-    consts = dict(H=16, G=4, BLOCK_H=16, BS=16, D=256, BLOCK_N=tile[0], SPLIT=True, HAS_GATE=True)
+    consts = dict(H=16, G=4, BLOCK_H=16, BS=16, D=256, BLOCK_N=tile[0], SPLIT=True, HAS_GATE=True, USE_PDL=True)
     if kind == 1:
         fn, consts["USE_ASM"] = "triton_int8:decode_int8_partial_kernel", True
     else:
@@ -75,14 +75,14 @@ KERNELS: dict[str, Spec] = {
         dict(x="*bf16", qweight="*i32", qzeros="*i32", scales="*bf16", out="*fp32", expert_of_row="*bf16",
              **_ints("N", "K", "K_PER_SPLIT", "stride_xt", "stride_qk", "stride_zk", "stride_sk", "stride_os",
                      "stride_ot", "stride_qe", "stride_ze", "stride_se", "M_LO", "M_HI")),
-        dict(GROUP=128, BN=512, X_ROW_DIV=1, INDEXED=False), 4, 3,
+        dict(GROUP=128, BN=512, X_ROW_DIV=1, INDEXED=False, USE_PDL=True), 4, 3,
         {"N", "K", "K_PER_SPLIT", "stride_qk", "stride_sk", "stride_os"}),
     "kpack_dot": Spec(  # int4 decode GEMV on the tensor cores, 2 <= T <= 16
         "deltaserve.kernels.int4_gemm.kpack:_kpack_dot_kernel",
         dict(x="*bf16", qweight="*i32", qzeros="*i32", scales="*bf16", out="*fp32",
              **_ints("T", "N", "K", "K_PER_SPLIT", "stride_xt", "stride_qk", "stride_zk", "stride_sk", "stride_os",
                      "stride_ot")),
-        dict(GROUP=128, BN=256, DOT_PRECISION="tf32"), 8, 3,
+        dict(GROUP=128, BN=256, DOT_PRECISION="tf32", USE_PDL=True), 8, 3,
         {"N", "K", "K_PER_SPLIT", "stride_xt", "stride_qk", "stride_sk", "stride_os", "stride_ot"}),
     "int4_gemm": Spec(  # int4 prefill GEMM, K-packed, 128-row tiles
         "deltaserve.kernels.int4_gemm.triton:_int4_gemm_kernel",
@@ -101,6 +101,12 @@ KERNELS: dict[str, Spec] = {
              stride_lt="i32", stride_xt="i32"),
         dict(TOP_K=8, BLOCK_E=256, BLOCK_K=16, HAS_SHARED=True, BLOCK_H=1024), 1, 3,
         {"E", "H", "stride_lt", "stride_xt"}),
+    "router": Spec(  # router GEMV + routing in one launch, T <= 16 (35B-A3B shapes: E=256, H=2048, 4 rows a program)
+        "deltaserve.kernels.fused_moe.route_triton:_router_kernel",
+        dict(x="*bf16", w_router="*bf16", w_gate="*bf16", scratch="*fp32", counter="*i32", weights="*fp32",
+             ids="*i64", **_ints("E", "H", "stride_xt", "stride_we")),
+        dict(TOP_K=8, BLOCK_N=4, BLOCK_H=1024, BLOCK_E=256, BLOCK_K=16, HAS_SHARED=True, USE_PDL=True), 4, 3,
+        {"E", "H", "stride_xt", "stride_we"}),
     "decode_bf16": _decode_spec(0),
     "decode_int8": _decode_spec(1),
     "decode_int4": _decode_spec(2),

@@ -134,6 +134,33 @@ class Fp8Experts(nn.Module):
         del self.gate_proj, self.up_proj
         self.gate_up = stacked
 
+    def append_expert(self, gate_up: nn.Module, down: nn.Module) -> bool:
+        """Stack one more expert after the E experts, in place (the MoE's shared expert, see layers/moe.py): gate_up
+        a fused projection of two block-FP8 Linears gate [I, H] and up [I, H] (FP8 pieces stay apart, see
+        linear.mergeable), down an Fp8Linear [H, I], with this layer's blocks and sizes -> whether they were (nothing
+        changes otherwise). Before or after to_kernel_layout: a stacked gate_up takes [gate; up] as one expert."""
+        pieces = list(gate_up.children())
+        if len(pieces) != 2 or not all(type(m) is Fp8Linear for m in (*pieces, down)):
+            return False
+        gate, up = pieces
+        if self.gate_up is not None:  # [gate; up] rows, each a whole number of scale blocks (to_kernel_layout)
+            extra = [(self.gate_up, *(torch.cat([getattr(gate, n).data, getattr(up, n).data]) for n in FP8_SUFFIXES),
+                      gate.block, (gate.in_features, 2 * gate.out_features))]
+        else:
+            extra = [(many, one.weight.data, one.weight_scale_inv.data, one.block, (one.in_features, one.out_features))
+                     for many, one in ((self.gate_proj, gate), (self.up_proj, up))]
+        extra.append((self.down_proj, down.weight.data, down.weight_scale_inv.data, down.block,
+                      (down.in_features, down.out_features)))
+        if not all(many.block == block and (many.in_features, many.out_features) == dims and weight.dim() == 2
+                   and weight.shape == many.weight.shape[1:] and scale.shape == many.weight_scale_inv.shape[1:]
+                   and weight.device == many.weight.device for many, weight, scale, block, dims in extra):
+            return False
+        for many, weight, scale, _, _ in extra:
+            many.weight = nn.Parameter(torch.cat([many.weight.data, weight[None]]), requires_grad=False)
+            many.weight_scale_inv = nn.Parameter(torch.cat([many.weight_scale_inv.data, scale[None]]),
+                                                 requires_grad=False)
+        return True
+
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (gate_up [E, 2I, H], down [E, H, I]) in dtype."""
         if self.gate_up is not None:

@@ -10,8 +10,8 @@ expert E when both have one format and size: the router then appends it as one m
 sigmoid(shared_expert_gate(x)) (route_with_shared_expert), and one fused MoE computes all k + 1. At decode that is
 the MoE's four launches instead of those plus the shared MLP's GEMVs and their split sums, its activation, the gate's
 GEMV and the gated add (10 launches an MoE layer fewer on 35B-A3B shapes with int4 experts; H200, 8 layers: batch 1
-870.5 -> 1 115.9 tok/s, batch 64 12 563 -> 13 536). Not under expert parallelism (the shared expert is column-cut
-there, the experts whole).
+870.5 -> 1 115.9 tok/s, batch 64 12 563 -> 13 536). 16-bit, int4 and block-FP8 experts (Fp8Experts.append_expert);
+not under expert parallelism (the shared expert is column-cut there, the experts whole).
 
 Routing starts from the hidden states (`route_hidden`): up to 16 tokens on CUDA the router's GEMV runs inside the
 routing launch."""
@@ -91,7 +91,6 @@ class SparseMoE(nn.Module):
         routed = self.experts(x, weights, ids)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return routed + shared
-
 
     def _route(self, x: torch.Tensor, gate_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights, ids) [T, k] (+1 with gate_weight: the stacked shared expert's pair)."""

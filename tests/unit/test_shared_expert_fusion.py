@@ -51,6 +51,65 @@ def test_fused_model_generates_as_the_unfused(quantization, monkeypatch):
         assert toks == toks_ref
 
 
+def test_fp8_checkpoint_stacks_its_shared_expert_and_generates_as_unfused(tmp_path, monkeypatch):
+    """A block-FP8 MoE checkpoint (quantize --method fp8): the shared expert's gate and up Fp8Linears join the
+    experts' gate and up stacks (kept apart: I=64 is under one 128-row scale block), its down the down stack."""
+    from deltaserve.layers.fp8 import Fp8Experts
+    from deltaserve.quantize import quantize_checkpoint
+    from deltaserve.tiny import make_tiny
+
+    q = quantize_checkpoint(make_tiny(str(tmp_path / "src"), moe=True), str(tmp_path / "q"), method="fp8",
+                            progress=False)
+
+    def llm() -> LLM:
+        return LLM(model=q, device="cpu", dtype="float32", max_num_seqs=4, num_kv_blocks=32, max_model_len=128)
+
+    fused = llm()
+    for moe in _moes(fused):
+        assert isinstance(moe.experts, Fp8Experts) and moe.shared_expert is None
+        stacks = (moe.experts.gate_proj, moe.experts.up_proj, moe.experts.down_proj)
+        assert [s.weight.shape[0] for s in stacks] == [s.weight_scale_inv.shape[0] for s in stacks] == [9, 9, 9]
+    with monkeypatch.context() as m:
+        m.setattr(deltaserve.llm, "fuse_shared_experts", lambda model: None)
+        plain = llm()
+    assert all(moe.shared_expert is not None for moe in _moes(plain))
+    for (lp, toks), (lp_ref, toks_ref) in zip(_generate(fused), _generate(plain)):
+        assert max(abs(a - b) for a, b in zip(lp, lp_ref)) < 1e-5
+        assert toks == toks_ref
+
+
+def test_fp8_experts_take_a_stacked_gate_up_and_refuse_other_blocks():
+    """After to_kernel_layout (I a whole number of scale blocks: gate and up one stack) the shared expert joins as
+    [gate; up]; a shared expert quantized with other blocks, or 16-bit, stays apart and changes nothing."""
+    from deltaserve.layers.fp8 import Fp8Experts, Fp8Linear
+    from deltaserve.layers.linear import ProjectionGroup
+
+    def fp8(n, k, block=(128, 128), e=None):
+        lin = Fp8Linear(k, n, block, e)
+        lin.weight.data = torch.randn(lin.weight.shape).to(torch.float8_e4m3fn)
+        lin.weight_scale_inv.data = torch.rand(lin.weight_scale_inv.shape)
+        return lin
+
+    experts = Fp8Experts(4, 256, 128, (128, 128))  # H=256, I=128
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        lin = getattr(experts, name)
+        setattr(experts, name, fp8(lin.out_features, lin.in_features, e=4))
+    experts.to_kernel_layout()
+    assert experts.gate_up is not None
+    before = experts.gate_up.weight.clone()
+    other = ProjectionGroup([("gate_proj", fp8(128, 256, (64, 128))), ("up_proj", fp8(128, 256, (64, 128)))])
+    assert not experts.append_expert(other, fp8(256, 128))
+    assert not experts.append_expert(nn.Linear(256, 256, bias=False), fp8(256, 128))
+    assert experts.gate_up.weight.shape[0] == experts.down_proj.weight.shape[0] == 4
+    gate, up, down = fp8(128, 256), fp8(128, 256), fp8(256, 128)
+    assert experts.append_expert(ProjectionGroup([("gate_proj", gate), ("up_proj", up)]), down)
+    g_u, dn = experts.dense(torch.float32)
+    assert g_u.shape == (5, 256, 256) and dn.shape == (5, 256, 128)
+    torch.testing.assert_close(g_u[4], torch.cat([gate.dequant(torch.float32), up.dequant(torch.float32)]))
+    torch.testing.assert_close(dn[4], down.dequant(torch.float32))
+    assert torch.equal(experts.gate_up.weight[:4].view(torch.uint8), before.view(torch.uint8))
+
+
 def test_a_shared_expert_of_another_size_stays_apart():
     llm = _llm("awq", _cfg(shared_expert_intermediate_size=32))  # the experts' intermediate size is 64
     assert all(moe.shared_expert is not None for moe in _moes(llm))
