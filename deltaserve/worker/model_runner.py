@@ -309,7 +309,10 @@ class ModelRunner:
             hidden = self.graphs.run(batch)
         else:
             hidden = self.model(batch, self.caches)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        rows = plan.logits_rows
+        # a decode step samples every row in order: its hidden rows as they are, no gather launch
+        last = hidden[:len(rows)] if rows == list(range(len(rows))) else hidden[batch.logits_indices]
+        logits = self.model.compute_logits(last)
         for src_slot, dst_slot, src_blocks, dst_blocks in plan.copies:
             self.copy_sequence(src_slot, dst_slot, src_blocks, dst_blocks)
         return logits
