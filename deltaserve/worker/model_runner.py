@@ -269,7 +269,10 @@ class ModelRunner:
             query_lens_cpu=plan.query_lens, context_lens_cpu=plan.context_lens,
             is_decode=len(plan.input_ids) == len(plan.query_lens), max_context_len=max(plan.context_lens),
         )
-        if plan.inflight_rows:
+        n = len(plan.inflight_rows)
+        if n and plan.inflight_rows == plan.inflight_src == list(range(n)):  # steady decode: one copy, no indices
+            batch.input_ids[:n].copy_(self.last_sampled[:n])
+        elif n:
             src = self.last_sampled.index_select(0, put("inflight_src", plan.inflight_src))
             batch.input_ids.index_copy_(0, put("inflight_rows", plan.inflight_rows), src)
         if not batch.is_decode and self.cfg.linear_attention_layers:
