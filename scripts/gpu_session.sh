@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # GPU runs in named parts; logs go to $OUT (the device tool brings them back). Source scripts/gpu_env.sh first.
-# Usage on the GPU machine: bash scripts/gpu_session.sh PART...   PART: tests kernels engine state tp quant offline
-#   tests    every `gpu`-marked test that needs one GPU            kernels  int4 GEMM/MoE and attention (KV dtypes) benches
+# Usage on the GPU machine: bash scripts/gpu_session.sh PART...
+#   PART: tests parity kernels engine state tp quant offline
+#   tests    the `gpu`-marked kernel and unit tests (one H200, 2026-11-29: ~470 s, so run it in a call of its own)
+#   parity   bf16 engine against HF transformers (tests/e2e/test_gpu_parity.py, ~230 s alone)
+#   kernels  int4 GEMM/MoE and attention (KV dtypes) benches
 #   engine   deltaserve bench, Qwen3.5-9B shapes                   tp       two-GPU TP test and the all-reduce cost
 #   quant    AWQ int4 presets (27B, 35B-A3B 8 layers) + bf16 twin  offline  the 1000 x (1024 -> 128) throughput profile
 #   state    9B (8 layers) decode with the GDN state in float32, then bfloat16
@@ -12,8 +15,11 @@ bench() { timeout "$1" python3 -m deltaserve.cli bench "${@:2}" 2>&1 | grep -v "
 for part in "$@"; do
   case $part in
     tests)
-      timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/kernels tests/unit \
-        tests/e2e/test_gpu_parity.py} -s 2>&1 | grep -vE "^\s*$" | tail -80 > "$OUT/gpu_tests.log" ;;
+      timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/kernels tests/unit} -rf \
+        --durations=10 2>&1 | grep -vE "^\s*$" | tail -80 > "$OUT/gpu_tests.log" ;;
+    parity)
+      timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu tests/e2e/test_gpu_parity.py -s 2>&1 \
+        | grep -vE "^\s*$" | tail -30 > "$OUT/gpu_parity.log" ;;
     kernels)
       { timeout 130 python3 benchmarks/kernels/bench_int4.py; timeout 110 python3 benchmarks/kernels/bench_attention.py \
         --kv-cache-dtype int8,int4,fp8 ${KV_SWEEP:+--sweep}; } > "$OUT/bench_kernels.log" 2>&1 ;;
