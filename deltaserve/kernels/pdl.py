@@ -42,8 +42,10 @@ _OFF: dict = {}
 
 @functools.cache
 def _enabled(index: int) -> bool:
+    # programmatic (PDL) edges in CUDA graphs came with CUDA 12.3 (graph edge data)
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
     return (_HAS_GDC and os.environ.get("DELTASERVE_PDL", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(index)[0] >= 9)
+            and cuda >= (12, 3) and torch.cuda.get_device_capability(index)[0] >= 9)
 
 
 def pdl_args(t: torch.Tensor) -> dict:
