@@ -107,6 +107,22 @@ KERNELS: dict[str, Spec] = {
              ids="*i64", **_ints("E", "H", "stride_xt", "stride_we")),
         dict(TOP_K=8, BLOCK_N=4, BLOCK_H=1024, BLOCK_E=256, BLOCK_K=16, HAS_SHARED=True, USE_PDL=True), 4, 3,
         {"E", "H", "stride_xt", "stride_we"}),
+    # GDN chunked prefill at Qwen3.5-9B shapes (HK=16, HV=32, K=V=128, bf16), the launch defaults of triton_chunk.py
+    "gdn_prep": Spec(
+        "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_prep_kernel",
+        dict(k="*bf16", v="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32", chunk_table="*i32",
+             g_cum="*fp32", w="*bf16", u="*bf16", **_ints("s_k", "s_v", "s_a", "s_b")),
+        dict(HK=16, HV=32, K=128, V=128, BC=16, BK=128, BV=128), 2, 3, {"s_k", "s_v", "s_a", "s_b"}),
+    "gdn_state": Spec(
+        "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_state_kernel",
+        dict(k="*bf16", w="*bf16", u="*bf16", g_cum="*fp32", state="*fp32", slots="*i64", seq_table="*i32",
+             h="*bf16", v_new="*bf16", **_ints("s_k", "s_state")),
+        dict(HK=16, HV=32, K=128, V=128, BT=64, BK=128, BV=64), 4, 2, {"s_k", "s_state"}),
+    "gdn_output": Spec(
+        "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_output_kernel",
+        dict(q="*bf16", k="*bf16", v_new="*bf16", g_cum="*fp32", h="*bf16", chunk_table="*i32", o="*bf16",
+             s_q="i32", s_k="i32", scale="fp32"),
+        dict(HK=16, HV=32, K=128, V=128, BT=64, BK=128, BV=128), 4, 3, {"s_q", "s_k"}),
     "decode_bf16": _decode_spec(0),
     "decode_int8": _decode_spec(1),
     "decode_int4": _decode_spec(2),
