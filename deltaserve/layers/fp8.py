@@ -145,17 +145,16 @@ class Fp8Experts(nn.Module):
         gate, up = pieces
         if self.gate_up is not None:  # [gate; up] rows, each a whole number of scale blocks (to_kernel_layout)
             extra = [(self.gate_up, *(torch.cat([getattr(gate, n).data, getattr(up, n).data]) for n in FP8_SUFFIXES),
-                      gate.block, (gate.in_features, 2 * gate.out_features))]
+                      gate.block if gate.block == up.block else None)]
         else:
-            extra = [(many, one.weight.data, one.weight_scale_inv.data, one.block, (one.in_features, one.out_features))
+            extra = [(many, one.weight.data, one.weight_scale_inv.data, one.block)
                      for many, one in ((self.gate_proj, gate), (self.up_proj, up))]
-        extra.append((self.down_proj, down.weight.data, down.weight_scale_inv.data, down.block,
-                      (down.in_features, down.out_features)))
-        if not all(many.block == block and (many.in_features, many.out_features) == dims and weight.dim() == 2
-                   and weight.shape == many.weight.shape[1:] and scale.shape == many.weight_scale_inv.shape[1:]
-                   and weight.device == many.weight.device for many, weight, scale, block, dims in extra):
+        extra.append((self.down_proj, down.weight.data, down.weight_scale_inv.data, down.block))
+        if not all(many.block == block and weight.shape == many.weight.shape[1:]
+                   and scale.shape == many.weight_scale_inv.shape[1:] and weight.device == many.weight.device
+                   for many, weight, scale, block in extra):
             return False
-        for many, weight, scale, _, _ in extra:
+        for many, weight, scale, _ in extra:
             many.weight = nn.Parameter(torch.cat([many.weight.data, weight[None]]), requires_grad=False)
             many.weight_scale_inv = nn.Parameter(torch.cat([many.weight_scale_inv.data, scale[None]]),
                                                  requires_grad=False)

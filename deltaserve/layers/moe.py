@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.fused_moe import fused_moe, route_hidden, route_topk_softmax, route_with_shared_expert
+from ..kernels.fused_moe import fused_moe, route_hidden, route_logits
 from .linear import ProjectionGroup
 from .mlp import GatedMLP
 
@@ -96,10 +96,7 @@ class SparseMoE(nn.Module):
         """x [T, H] -> (weights, ids) [T, k] (+1 with gate_weight: the stacked shared expert's pair)."""
         if type(self.gate) is nn.Linear and self.gate.bias is None:  # the router GEMV can join the routing launch
             return route_hidden(x, self.gate.weight, self.top_k, gate_weight)
-        logits = self.gate(x)
-        if gate_weight is None:
-            return route_topk_softmax(logits, self.top_k)
-        return route_with_shared_expert(logits, self.top_k, x, gate_weight)
+        return route_logits(self.gate(x), self.top_k, x, gate_weight)
 
 
 def _single(linear: nn.Module) -> nn.Module:

@@ -144,6 +144,11 @@ def _allocate_caches(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
     )
 
 
+def _in_order(rows: list[int]) -> bool:
+    """Whether rows are 0, 1, ..., len(rows) - 1: a view of the first rows then does what a gather would."""
+    return rows == list(range(len(rows)))
+
+
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """A host list as an int64 device tensor without a device sync (`torch.tensor(..., device=cuda)` waits for the
     stream; a pinned staging copy does not, and the caching host allocator keeps it alive until the copy is done)."""
@@ -270,7 +275,7 @@ class ModelRunner:
             is_decode=len(plan.input_ids) == len(plan.query_lens), max_context_len=max(plan.context_lens),
         )
         n = len(plan.inflight_rows)
-        if n and plan.inflight_rows == plan.inflight_src == list(range(n)):  # steady decode: one copy, no indices
+        if n and _in_order(plan.inflight_rows) and _in_order(plan.inflight_src):  # steady decode: one copy
             batch.input_ids[:n].copy_(self.last_sampled[:n])
         elif n:
             src = self.last_sampled.index_select(0, put("inflight_src", plan.inflight_src))
@@ -314,7 +319,7 @@ class ModelRunner:
             hidden = self.model(batch, self.caches)
         rows = plan.logits_rows
         # a decode step samples every row in order: its hidden rows as they are, no gather launch
-        last = hidden[:len(rows)] if rows == list(range(len(rows))) else hidden[batch.logits_indices]
+        last = hidden[:len(rows)] if _in_order(rows) else hidden[batch.logits_indices]
         logits = self.model.compute_logits(last)
         for src_slot, dst_slot, src_blocks, dst_blocks in plan.copies:
             self.copy_sequence(src_slot, dst_slot, src_blocks, dst_blocks)
@@ -371,7 +376,8 @@ class ModelRunner:
         """samplers: (request, its logits row) pairs. Queues the sampler and the copies of its results to the host."""
         reqs = [r for r, _ in samplers]
         row_ids = [row for _, row in samplers]
-        rows = logits if row_ids == list(range(logits.shape[0])) else logits[to_device(row_ids, self.device)]
+        whole = len(row_ids) == logits.shape[0] and _in_order(row_ids)
+        rows = logits if whole else logits[to_device(row_ids, self.device)]
         sbatch = SamplingBatch.from_requests(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
             [r.generator for r in reqs], self.cfg.vocab_size, self.device,

@@ -32,6 +32,7 @@ __all__ = [
     "fused_moe_reference",
     "fused_moe_triton",
     "route_hidden",
+    "route_logits",
     "route_topk_softmax",
     "route_topk_softmax_reference",
     "route_with_shared_expert",
@@ -89,10 +90,16 @@ def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
         if counter is not None and router_weight.shape[0] <= MAX_EXPERTS:
             return route_hidden_triton(x.contiguous(), router_weight.contiguous(), top_k, counter,
                                        None if gate_weight is None else gate_weight.contiguous())
-    logits = F.linear(x, router_weight)
+    return route_logits(F.linear(x, router_weight), top_k, x, gate_weight)
+
+
+def route_logits(router_logits: torch.Tensor, top_k: int, x: torch.Tensor,
+                 gate_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_hidden from router logits [T, E] already computed: route_topk_softmax, or route_with_shared_expert
+    when gate_weight is given."""
     if gate_weight is None:
-        return route_topk_softmax(logits, top_k)
-    return route_with_shared_expert(logits, top_k, x, gate_weight)
+        return route_topk_softmax(router_logits, top_k)
+    return route_with_shared_expert(router_logits, top_k, x, gate_weight)
 
 
 def fused_moe_int4(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,
