@@ -1,21 +1,23 @@
 """Triton chunked (WY) gated delta rule over a flat varlen batch with a state pool: the prefill / mixed-batch path.
 
 Three kernels, one launch each, no host sync (the (sequence, chunk) tables come from the host list `query_lens`):
-  1. `_chunk_prep_kernel`   grid (chunks, HV): gating g/beta from raw a/b, in-chunk cumsum G, l2norm of k,
-     A = strictly_lower(beta k k^T exp(G_i - G_j)) as 16x16 blocks, T = (I + A)^-1 (forward substitution per
-     diagonal block, merged 16 -> 64), w = T (beta exp(G) k), u = T (beta v).
+  1. `_chunk_prep_kernel`   grid (chunks, HV): gating g/beta from raw a/b, in-chunk cumsum G, l2norm of k (written
+     out once per key head as kn, for kernels 2 and 3), A = strictly_lower(beta k k^T exp(G_i - G_j)) as 16x16
+     blocks, T = (I + A)^-1 (forward substitution per diagonal block, merged 16 -> 64), w = T (beta exp(G) k),
+     u = T (beta v).
   2. `_chunk_state_kernel`  grid (V-tiles, HV, sequences): serial over a sequence's chunks with the state h in fp32
      registers; gathers the initial state from the pool at its slot and scatters the final one back (slot -1: zero
      initial state, no write); saves each chunk-start h and v_new = u - w h.
   3. `_chunk_output_kernel` grid (V-tiles, chunks, HV): o = scale (q h) exp(G) + causal(q k^T exp(G_i - G_j)) v_new.
-Intermediates (w, u, v_new, h) are stored in the input dtype and feed bf16 tensor-core dots, as fla does; every
-accumulation, the state and the triangular solve (fp32 FMAs in the diagonal blocks, "ieee" fp32 dots merging them)
-are fp32. Against the fp32 reference that costs
-~4e-3 relative RMS on o and ~3e-3 on states at K=V=128 (tf32 operands for the state update and output would give
-~3e-3 / ~2.4e-3: not worth the slower dots). The chunk is fixed at 64 tokens (four 16-token sub-blocks unrolled in
-kernel 1). Exponentials use natural base throughout. Offsets are int32 except pool slots and chunk states:
-T * HV * max(K, V) must stay below 2**31 (the wrapper checks).
+Intermediates (kn, w, u, v_new, h) are stored in the input dtype and feed bf16 tensor-core dots, as fla does; every
+accumulation, the state and the triangular solve (fp32 FMAs in the diagonal blocks, "tf32x3" dots merging them)
+are fp32, and beta scales k k^T after the product. Against the fp32 reference that costs ~4e-3 relative RMS on o
+and ~3e-3 on states at K=V=128 (tf32 operands for the state update and output would give ~3e-3 / ~2.4e-3: not worth
+the slower dots). The chunk is fixed at 64 tokens (four 16-token sub-blocks unrolled in kernel 1).
+Exponentials use natural base throughout. Offsets are int32 except pool slots and chunk states: T * HV * max(K, V)
+must stay below 2**31 (the wrapper checks).
 """
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,11 +42,17 @@ class ChunkLaunchConfig:
     with correlated keys and beta near 1 the powers of X reach ~3e3 and w's error grows to 3e-4..1e-3 (substitution:
     ~1e-6), and the bf16 prompt-logprob parity test's max went 0.0945 -> 0.0990 (over its 0.0950 bar)."""
     prep_warps: int = 2
-    state_block_v: int = 64   # V-tile of the serial state pass: smaller -> more programs on few long sequences
+    # V-tile of the serial state pass; None: 64, or 32 where 64 would leave SMs idle (few long sequences: H200, 1x16k
+    # 1.38 -> 1.32 ms; at 16x1k 32 is slower, 1.12 -> 1.20)
+    state_block_v: int | None = None
     state_warps: int = 4
     state_stages: int = 2
     out_block_v: int = 128
     out_warps: int = 4
+    # fp32 products merging the solve's diagonal blocks, "ieee" or "tf32x3" (three tf32 products, ~fp32 accurate):
+    # H200, 1x16k / 16x1k 1.43 / 1.17 -> 1.39 / 1.12 ms, o unchanged at the printed digits (1.46e-3 from the
+    # previous kernels either way)
+    merge_precision: str = "tf32x3"
 
 
 @triton.jit
@@ -68,9 +76,10 @@ def _load_rows_l2norm(p, o_t, m_t, s_t, o_d, m_d):
 
 
 @triton.jit
-def _kkt_block(b_kb_i, b_k_j, b_G_i, b_G_j, BC: tl.constexpr, DIAG: tl.constexpr):
-    """A_ij = (beta k)_i k_j^T exp(G_i - G_j) for one [BC, BC] block; DIAG keeps only the strictly lower part."""
-    b_A = tl.dot(b_kb_i, tl.trans(b_k_j))
+def _kkt_block(b_k_i, b_k_j, b_beta_i, b_G_i, b_G_j, BC: tl.constexpr, DIAG: tl.constexpr):
+    """A_ij = beta_i (k_i k_j^T) exp(G_i - G_j) for one [BC, BC] block of model-dtype rows: beta scales the fp32
+    product, not a rounded beta k operand. DIAG keeps only the strictly lower part."""
+    b_A = tl.dot(b_k_i, tl.trans(b_k_j)) * b_beta_i[:, None]
     b_d = b_G_i[:, None] - b_G_j[None, :]
     if DIAG:
         o_i = tl.arange(0, BC)
@@ -83,20 +92,31 @@ def _kkt_block(b_kb_i, b_k_j, b_G_i, b_G_j, BC: tl.constexpr, DIAG: tl.constexpr
 
 
 @triton.jit
-def _invert_unit_lower(b_A, BC: tl.constexpr):
-    """b_A: [BC, BC] fp32 strictly lower -> (I + b_A)^-1 by forward substitution, one row per step, in fp32 FMAs.
-    With X the strictly lower part of the inverse, X_i = -A_i + sum_{j<i} (-A_ij) X_j: row i of X still holds -A_i
-    when its turn comes, so it is picked out (a reduction), multiplied into the finished rows above (a second one)
-    and written back, as fla's solve does. Against the former one fp32 ("ieee") dot per row (each sent both operands
-    through shared memory, fifteen times a block) the whole chunked prefill at 1x16k / 16x1k went 1.775 / 1.440 ->
-    1.531 / 1.189 ms on an H200 (same process), with the same error against the fp32 reference (4.2e-3 on o)."""
+def _substitute_row(b_X, m_i):
+    """One forward-substitution step on X (see _invert_unit_lowers): row i += sum_j X_ij X_j over the finished rows."""
+    b_row = tl.sum(tl.where(m_i, b_X, 0.0), 0)
+    return tl.where(m_i, b_X + tl.sum(b_row[:, None] * b_X, 0)[None, :], b_X)
+
+
+@triton.jit
+def _invert_unit_lowers(b_A0, b_A1, b_A2, b_A3, BC: tl.constexpr):
+    """Four [BC, BC] fp32 strictly lower blocks -> their (I + A)^-1, by forward substitution, one row per step, in
+    fp32 FMAs. With X the strictly lower part of an inverse, X_i = -A_i + sum_{j<i} (-A_ij) X_j: row i of X still
+    holds -A_i when its turn comes, so it is picked out (a reduction), multiplied into the finished rows above (a
+    second one) and written back, as fla's solve does. Each step is a chain of cross-thread reductions; the four
+    independent blocks share one loop so their chains interleave.
+    (Against the former one fp32 "ieee" dot per row, the whole chunked prefill at 1x16k / 16x1k went 1.775 / 1.440 ->
+    1.531 / 1.189 ms on an H200, same error against the fp32 reference.)"""
     o_i = tl.arange(0, BC)
-    b_X = -b_A
+    b_X0, b_X1, b_X2, b_X3 = -b_A0, -b_A1, -b_A2, -b_A3
     for i in range(1, BC):
         m_i = o_i[:, None] == i
-        b_row = tl.sum(tl.where(m_i, b_X, 0.0), 0)
-        b_X = tl.where(m_i, b_X + tl.sum(b_row[:, None] * b_X, 0)[None, :], b_X)
-    return b_X + tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+        b_X0 = _substitute_row(b_X0, m_i)
+        b_X1 = _substitute_row(b_X1, m_i)
+        b_X2 = _substitute_row(b_X2, m_i)
+        b_X3 = _substitute_row(b_X3, m_i)
+    b_I = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    return b_X0 + b_I, b_X1 + b_I, b_X2 + b_I, b_X3 + b_I
 
 
 @triton.jit
@@ -117,13 +137,14 @@ def _apply_tril_store(b_T00, b_T10, b_T11, b_T20, b_T21, b_T22, b_T30, b_T31, b_
 
 @triton.jit
 def _chunk_prep_kernel(
-    k, v, a, b, A_log, dt_bias, chunk_table, g_cum, w, u,
+    k, v, a, b, A_log, dt_bias, chunk_table, g_cum, w, u, kn,
     s_k, s_v, s_a, s_b,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MERGE: tl.constexpr,
 ):
     """k: [T, HK, K]; v: [T, HV, V] (token strides s_k, s_v); a, b: [T, HV]; chunk_table: [chunks, 2] int32 token
-    range [t0, t1) of each chunk. Writes g_cum: [T, HV] fp32 in-chunk cumsum of g; w: [T, HV, K]; u: [T, HV, V]."""
+    range [t0, t1) of each chunk. Writes g_cum: [T, HV] fp32 in-chunk cumsum of g; w: [T, HV, K]; u: [T, HV, V];
+    kn: [T, HK, K] the l2-normalised k in the model dtype."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // HK)
     t0 = tl.load(chunk_table + 2 * i_c)
@@ -152,50 +173,54 @@ def _chunk_prep_kernel(
     tl.store(g_cum + o_t2 * HV + i_h, b_G2, mask=m_t2)
     tl.store(g_cum + o_t3 * HV + i_h, b_G3, mask=m_t3)
 
-    p_k = k + i_kh * K
-    b_k0 = _load_rows_l2norm(p_k, o_t0, m_t0, s_k, o_k, m_k)
-    b_k1 = _load_rows_l2norm(p_k, o_t1, m_t1, s_k, o_k, m_k)
-    b_k2 = _load_rows_l2norm(p_k, o_t2, m_t2, s_k, o_k, m_k)
-    b_k3 = _load_rows_l2norm(p_k, o_t3, m_t3, s_k, o_k, m_k)
-    b_kd0, b_kd1, b_kd2, b_kd3 = b_k0.to(DT), b_k1.to(DT), b_k2.to(DT), b_k3.to(DT)
-    b_kb0 = (b_k0 * b_beta0[:, None]).to(DT)
-    b_kb1 = (b_k1 * b_beta1[:, None]).to(DT)
-    b_kb2 = (b_k2 * b_beta2[:, None]).to(DT)
-    b_kb3 = (b_k3 * b_beta3[:, None]).to(DT)
+    # normalised k in the model dtype, each fp32 block dead once rounded; the first value head of each key head
+    # also writes it out for the state and output passes
+    p_k, p_kn = k + i_kh * K, kn + i_kh * K + o_k[None, :]
+    m_first = (tl.zeros([BC], dtype=tl.int32) + i_h % (HV // HK)) == 0
+    b_kd0 = _load_rows_l2norm(p_k, o_t0, m_t0, s_k, o_k, m_k).to(DT)
+    tl.store(p_kn + o_t0[:, None] * (HK * K), b_kd0, mask=(m_t0 & m_first)[:, None] & m_k[None, :])
+    b_kd1 = _load_rows_l2norm(p_k, o_t1, m_t1, s_k, o_k, m_k).to(DT)
+    tl.store(p_kn + o_t1[:, None] * (HK * K), b_kd1, mask=(m_t1 & m_first)[:, None] & m_k[None, :])
+    b_kd2 = _load_rows_l2norm(p_k, o_t2, m_t2, s_k, o_k, m_k).to(DT)
+    tl.store(p_kn + o_t2[:, None] * (HK * K), b_kd2, mask=(m_t2 & m_first)[:, None] & m_k[None, :])
+    b_kd3 = _load_rows_l2norm(p_k, o_t3, m_t3, s_k, o_k, m_k).to(DT)
+    tl.store(p_kn + o_t3[:, None] * (HK * K), b_kd3, mask=(m_t3 & m_first)[:, None] & m_k[None, :])
 
     # T's diagonal blocks, then the off-diagonal ones: T_ij = -T_ii sum_{j<=m<i} A_im T_mj
-    b_T00 = _invert_unit_lower(_kkt_block(b_kb0, b_kd0, b_G0, b_G0, BC, True), BC)
-    b_T11 = _invert_unit_lower(_kkt_block(b_kb1, b_kd1, b_G1, b_G1, BC, True), BC)
-    b_T22 = _invert_unit_lower(_kkt_block(b_kb2, b_kd2, b_G2, b_G2, BC, True), BC)
-    b_T33 = _invert_unit_lower(_kkt_block(b_kb3, b_kd3, b_G3, b_G3, BC, True), BC)
-    b_A10 = _kkt_block(b_kb1, b_kd0, b_G1, b_G0, BC, False)
-    b_A20 = _kkt_block(b_kb2, b_kd0, b_G2, b_G0, BC, False)
-    b_A21 = _kkt_block(b_kb2, b_kd1, b_G2, b_G1, BC, False)
-    b_A30 = _kkt_block(b_kb3, b_kd0, b_G3, b_G0, BC, False)
-    b_A31 = _kkt_block(b_kb3, b_kd1, b_G3, b_G1, BC, False)
-    b_A32 = _kkt_block(b_kb3, b_kd2, b_G3, b_G2, BC, False)
-    # fp32 products at full precision ("ieee", not tf32): the solve amplifies rounding. "tf32x3" here measured
-    # 1.53 / 1.19 -> 1.47 / 1.12 ms (1x16k / 16x1k, H200) with o within 2e-5 of this; not kept until the bf16 parity
-    # test (0.0945 against its 0.0950 bar) has run with it
-    b_T10 = -tl.dot(b_T11, tl.dot(b_A10, b_T00, input_precision="ieee"), input_precision="ieee")
-    b_T21 = -tl.dot(b_T22, tl.dot(b_A21, b_T11, input_precision="ieee"), input_precision="ieee")
-    b_T32 = -tl.dot(b_T33, tl.dot(b_A32, b_T22, input_precision="ieee"), input_precision="ieee")
-    b_S = tl.dot(b_A20, b_T00, input_precision="ieee")
-    b_T20 = -tl.dot(b_T22, tl.dot(b_A21, b_T10, b_S, input_precision="ieee"), input_precision="ieee")
-    b_S = tl.dot(b_A31, b_T11, input_precision="ieee")
-    b_T31 = -tl.dot(b_T33, tl.dot(b_A32, b_T21, b_S, input_precision="ieee"), input_precision="ieee")
-    b_S = tl.dot(b_A31, b_T10, tl.dot(b_A30, b_T00, input_precision="ieee"), input_precision="ieee")
-    b_T30 = -tl.dot(b_T33, tl.dot(b_A32, b_T20, b_S, input_precision="ieee"), input_precision="ieee")
+    b_T00, b_T11, b_T22, b_T33 = _invert_unit_lowers(
+        _kkt_block(b_kd0, b_kd0, b_beta0, b_G0, b_G0, BC, True), _kkt_block(b_kd1, b_kd1, b_beta1, b_G1, b_G1, BC, True),
+        _kkt_block(b_kd2, b_kd2, b_beta2, b_G2, b_G2, BC, True), _kkt_block(b_kd3, b_kd3, b_beta3, b_G3, b_G3, BC, True),
+        BC)
+    b_A10 = _kkt_block(b_kd1, b_kd0, b_beta1, b_G1, b_G0, BC, False)
+    b_A20 = _kkt_block(b_kd2, b_kd0, b_beta2, b_G2, b_G0, BC, False)
+    b_A21 = _kkt_block(b_kd2, b_kd1, b_beta2, b_G2, b_G1, BC, False)
+    b_A30 = _kkt_block(b_kd3, b_kd0, b_beta3, b_G3, b_G0, BC, False)
+    b_A31 = _kkt_block(b_kd3, b_kd1, b_beta3, b_G3, b_G1, BC, False)
+    b_A32 = _kkt_block(b_kd3, b_kd2, b_beta3, b_G3, b_G2, BC, False)
+    # fp32 products near full precision (MERGE "ieee" or "tf32x3", never plain tf32): the solve amplifies rounding
+    b_T10 = -tl.dot(b_T11, tl.dot(b_A10, b_T00, input_precision=MERGE), input_precision=MERGE)
+    b_T21 = -tl.dot(b_T22, tl.dot(b_A21, b_T11, input_precision=MERGE), input_precision=MERGE)
+    b_T32 = -tl.dot(b_T33, tl.dot(b_A32, b_T22, input_precision=MERGE), input_precision=MERGE)
+    b_S = tl.dot(b_A20, b_T00, input_precision=MERGE)
+    b_T20 = -tl.dot(b_T22, tl.dot(b_A21, b_T10, b_S, input_precision=MERGE), input_precision=MERGE)
+    b_S = tl.dot(b_A31, b_T11, input_precision=MERGE)
+    b_T31 = -tl.dot(b_T33, tl.dot(b_A32, b_T21, b_S, input_precision=MERGE), input_precision=MERGE)
+    b_S = tl.dot(b_A31, b_T10, tl.dot(b_A30, b_T00, input_precision=MERGE), input_precision=MERGE)
+    b_T30 = -tl.dot(b_T33, tl.dot(b_A32, b_T20, b_S, input_precision=MERGE), input_precision=MERGE)
     b_T00, b_T11, b_T22, b_T33 = b_T00.to(DT), b_T11.to(DT), b_T22.to(DT), b_T33.to(DT)
     b_T10, b_T20, b_T30 = b_T10.to(DT), b_T20.to(DT), b_T30.to(DT)
     b_T21, b_T31, b_T32 = b_T21.to(DT), b_T31.to(DT), b_T32.to(DT)
 
-    # w = T (beta exp(G) k)
-    # from the model-dtype k blocks (as fla does), so the fp32 ones are dead after the A blocks: fewer registers
-    b_kg0 = (b_kd0.to(tl.float32) * (b_beta0 * tl.exp(b_G0))[:, None]).to(DT)
-    b_kg1 = (b_kd1.to(tl.float32) * (b_beta1 * tl.exp(b_G1))[:, None]).to(DT)
-    b_kg2 = (b_kd2.to(tl.float32) * (b_beta2 * tl.exp(b_G2))[:, None]).to(DT)
-    b_kg3 = (b_kd3.to(tl.float32) * (b_beta3 * tl.exp(b_G3))[:, None]).to(DT)
+    # w = T (beta exp(G) k), from the model-dtype k blocks (as fla does), loaded again (L2) rather than kept live
+    # through the solve
+    b_kg0 = (_load_rows_l2norm(p_k, o_t0, m_t0, s_k, o_k, m_k).to(DT).to(tl.float32)
+             * (b_beta0 * tl.exp(b_G0))[:, None]).to(DT)
+    b_kg1 = (_load_rows_l2norm(p_k, o_t1, m_t1, s_k, o_k, m_k).to(DT).to(tl.float32)
+             * (b_beta1 * tl.exp(b_G1))[:, None]).to(DT)
+    b_kg2 = (_load_rows_l2norm(p_k, o_t2, m_t2, s_k, o_k, m_k).to(DT).to(tl.float32)
+             * (b_beta2 * tl.exp(b_G2))[:, None]).to(DT)
+    b_kg3 = (_load_rows_l2norm(p_k, o_t3, m_t3, s_k, o_k, m_k).to(DT).to(tl.float32)
+             * (b_beta3 * tl.exp(b_G3))[:, None]).to(DT)
     _apply_tril_store(b_T00, b_T10, b_T11, b_T20, b_T21, b_T22, b_T30, b_T31, b_T32, b_T33,
                       b_kg0, b_kg1, b_kg2, b_kg3, w + i_h * K + o_k[None, :],
                       o_t0, o_t1, o_t2, o_t3, m_t0, m_t1, m_t2, m_t3, m_k[None, :], HV * K)
@@ -217,12 +242,13 @@ def _chunk_prep_kernel(
 
 @triton.jit
 def _chunk_state_kernel(
-    k, w, u, g_cum, state, slots, seq_table, h, v_new,
-    s_k, s_state,
+    kn, w, u, g_cum, state, slots, seq_table, h, v_new,
+    s_state,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """Serial pass over one sequence's chunks for one value head and V-tile. seq_table: [N, 3] int32
+    """Serial pass over one sequence's chunks for one value head and V-tile. kn: [T, HK, K] normalised k (dense);
+    seq_table: [N, 3] int32
     (first token, end token, first global chunk); state: [S, HV, K, V] fp32 pool (slot stride s_state), read and
     written at slots[i_n] unless -1. Writes h: [chunks, HV, K, V] chunk-start states; v_new: [T, HV, V]."""
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -254,22 +280,24 @@ def _chunk_state_kernel(
         tl.store(v_new + (o_t[:, None] * HV + i_h) * V + o_v[None, :], b_v.to(DT), mask=m_t[:, None] & m_v[None, :])
         b_G = tl.load(g_cum + o_t * HV + i_h, mask=m_t, other=0)
         b_G_last = tl.load(g_cum + (tl.minimum(t0 + BT, eos) - 1) * HV + i_h)
-        b_k = _load_rows_l2norm(k + i_kh * K, o_t, m_t, s_k, o_k, m_k)
+        # k^T as loaded: a load that feeds a dot is one Triton's pipeliner prefetches
+        b_kt = tl.load(kn + (o_t[None, :] * HK + i_kh) * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0)
         # masked tokens: b_v is 0 there (w = u = 0), so exp(G_last - 0) scales nothing
         b_v = b_v * tl.exp(b_G_last - b_G)[:, None]
-        b_h = b_h * tl.exp(b_G_last) + tl.dot(tl.trans(b_k.to(DT)), b_v.to(DT))
+        b_h = b_h * tl.exp(b_G_last) + tl.dot(b_kt, b_v.to(DT))
     tl.store(p_state, b_h.to(p_state.dtype.element_ty), mask=m_live)
 
 
 @triton.jit
 def _chunk_output_kernel(
-    q, k, v_new, g_cum, h, chunk_table, o,
-    s_q, s_k, scale,
+    q, kn, v_new, g_cum, h, chunk_table, o,
+    s_q, scale,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """o[t] = scale (q_t h_c) exp(G_t) + sum_{s<=t in chunk} scale (q_t k_s) exp(G_t - G_s) v_new[s], for the
-    chunk i_c, value head i_h and V-tile i_v. q, k: [T, HK, K] raw (normalised here); o: [T, HV, V]."""
+    chunk i_c, value head i_h and V-tile i_v. q: [T, HK, K] raw (normalised here); kn: [T, HK, K] normalised k
+    (dense); o: [T, HV, V]."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kh = i_h // (HV // HK)
     t0 = tl.load(chunk_table + 2 * i_c)
@@ -282,13 +310,13 @@ def _chunk_output_kernel(
     DT = v_new.dtype.element_ty
 
     b_q = (_load_rows_l2norm(q + i_kh * K, o_t, m_t, s_q, o_k, m_k) * scale).to(DT)
-    b_k = _load_rows_l2norm(k + i_kh * K, o_t, m_t, s_k, o_k, m_k).to(DT)
+    b_kt = tl.load(kn + (o_t[None, :] * HK + i_kh) * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0)
     b_h = tl.load(h + (i_c.to(tl.int64) * HV + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :],
                   mask=m_k[:, None] & m_v[None, :], other=0)
     b_G = tl.load(g_cum + o_t * HV + i_h, mask=m_t, other=0)
     b_o = tl.dot(b_q, b_h) * tl.exp(b_G)[:, None]
     m_causal = o_i[:, None] >= o_i[None, :]
-    b_A = tl.dot(b_q, tl.trans(b_k))
+    b_A = tl.dot(b_q, b_kt)
     b_A = tl.where(m_causal, b_A * tl.exp(tl.where(m_causal, b_G[:, None] - b_G[None, :], 0.0)), 0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     b_vn = tl.load(v_new + (o_t[:, None] * HV + i_h) * V + o_v[None, :], mask=m_tv, other=0)
@@ -336,6 +364,16 @@ def _pow2_block(n: int, cap: int | None = None) -> int:
     """Power-of-two block >= 16 (tl.dot's minimum) covering n, or cap if smaller."""
     block = max(16, triton.next_power_of_2(n))
     return block if cap is None else max(16, min(block, triton.next_power_of_2(cap)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _state_block_v(V: int, HV: int, N: int, device: torch.device) -> int:
+    """The state pass's V-tile: 64, or 32 when (V-tiles x HV x N) programs at 64 would not fill the SMs."""
+    return 64 if triton.cdiv(V, 64) * HV * N >= _sm_count(device) else 32
 
 
 def _check_rows(name: str, t: torch.Tensor, dims: int) -> None:
@@ -400,6 +438,9 @@ def chunk_gated_delta_rule_varlen(
     if T * HV * max(K, V) >= 2**31:
         raise ValueError(f"T={T} tokens x HV={HV} x {max(K, V)} overflows the kernels' int32 offsets; split the batch")
     config = config or ChunkLaunchConfig()
+    if config.merge_precision not in ("ieee", "tf32x3"):
+        raise ValueError(f"merge_precision={config.merge_precision!r}: use 'ieee' or 'tf32x3' (plain tf32 is too "
+                         "coarse for the triangular solve)")
     o = torch.empty(T, HV, V, dtype=v.dtype, device=v.device)
     if T == 0:
         return o
@@ -415,20 +456,21 @@ def chunk_gated_delta_rule_varlen(
     w = torch.empty(T, HV, K, dtype=q.dtype, device=v.device)
     u = torch.empty(T, HV, V, dtype=q.dtype, device=v.device)  # overwritten in place by v_new in the state pass
     h = torch.empty(num_chunks, HV, K, V, dtype=q.dtype, device=v.device)
+    kn = torch.empty(T, HK, K, dtype=q.dtype, device=v.device)
     _chunk_prep_kernel[(num_chunks, HV)](
-        k, v, a, b, A_log, dt_bias, chunk_table, g_cum, w, u,
+        k, v, a, b, A_log, dt_bias, chunk_table, g_cum, w, u, kn,
         k.stride(0), v.stride(0), a.stride(0), b.stride(0),
-        HK=HK, HV=HV, K=K, V=V, BC=BC, BK=BK, BV=BV, num_warps=config.prep_warps)
-    BV_state = _pow2_block(V, config.state_block_v)
+        HK=HK, HV=HV, K=K, V=V, BC=BC, BK=BK, BV=BV, MERGE=config.merge_precision, num_warps=config.prep_warps)
+    BV_state = _pow2_block(V, config.state_block_v or _state_block_v(V, HV, len(query_lens), v.device))
     # each program reads u and writes v_new on exactly the same [tokens, V-tile] elements: in place is safe
     _chunk_state_kernel[(triton.cdiv(V, BV_state), HV, len(query_lens))](
-        k, w, u, g_cum, state, slots, seq_table, h, u,
-        k.stride(0), state.stride(0),
+        kn, w, u, g_cum, state, slots, seq_table, h, u,
+        state.stride(0),
         HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV_state,
         num_warps=config.state_warps, num_stages=config.state_stages)
     BV_out = _pow2_block(V, config.out_block_v)
     _chunk_output_kernel[(triton.cdiv(V, BV_out), num_chunks, HV)](
-        q, k, u, g_cum, h, chunk_table, o,
-        q.stride(0), k.stride(0), K ** -0.5,
+        q, kn, u, g_cum, h, chunk_table, o,
+        q.stride(0), K ** -0.5,
         HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV_out, num_warps=config.out_warps)
     return o
