@@ -42,11 +42,12 @@ class ChunkLaunchConfig:
     with correlated keys and beta near 1 the powers of X reach ~3e3 and w's error grows to 3e-4..1e-3 (substitution:
     ~1e-6), and the bf16 prompt-logprob parity test's max went 0.0945 -> 0.0990 (over its 0.0950 bar)."""
     prep_warps: int = 2
-    # V-tile of the serial state pass; None: 64, or 32 where 64 would leave SMs idle (few long sequences: H200, 1x16k
-    # 1.38 -> 1.32 ms; at 16x1k 32 is slower, 1.12 -> 1.20)
+    # V-tile and pipeline stages of the serial state pass; None: 64 and 2, or 32 and 3 where 64 would leave SMs idle
+    # (few long sequences). H200, 2026-11-29, ms at 1x16k / 4x4k / 16x1k: 64, 2 stages 1.43 / 1.15 / 1.16;
+    # 32, 3 stages 1.26 / 1.25 / 1.27; 64, 3 stages 1.35 / 1.15 / 1.18; 32, 2 stages 1.37 / 1.23 / 1.23
     state_block_v: int | None = None
     state_warps: int = 4
-    state_stages: int = 2
+    state_stages: int | None = None
     out_block_v: int = 128
     out_warps: int = 4
     # fp32 products merging the solve's diagonal blocks, "ieee" or "tf32x3" (three tf32 products, ~fp32 accurate):
@@ -92,31 +93,22 @@ def _kkt_block(b_k_i, b_k_j, b_beta_i, b_G_i, b_G_j, BC: tl.constexpr, DIAG: tl.
 
 
 @triton.jit
-def _substitute_row(b_X, m_i):
-    """One forward-substitution step on X (see _invert_unit_lowers): row i += sum_j X_ij X_j over the finished rows."""
-    b_row = tl.sum(tl.where(m_i, b_X, 0.0), 0)
-    return tl.where(m_i, b_X + tl.sum(b_row[:, None] * b_X, 0)[None, :], b_X)
-
-
-@triton.jit
-def _invert_unit_lowers(b_A0, b_A1, b_A2, b_A3, BC: tl.constexpr):
-    """Four [BC, BC] fp32 strictly lower blocks -> their (I + A)^-1, by forward substitution, one row per step, in
-    fp32 FMAs. With X the strictly lower part of an inverse, X_i = -A_i + sum_{j<i} (-A_ij) X_j: row i of X still
-    holds -A_i when its turn comes, so it is picked out (a reduction), multiplied into the finished rows above (a
-    second one) and written back, as fla's solve does. Each step is a chain of cross-thread reductions; the four
-    independent blocks share one loop so their chains interleave.
-    (Against the former one fp32 "ieee" dot per row, the whole chunked prefill at 1x16k / 16x1k went 1.775 / 1.440 ->
-    1.531 / 1.189 ms on an H200, same error against the fp32 reference.)"""
+def _invert_unit_lower(b_A, BC: tl.constexpr):
+    """b_A: [BC, BC] fp32 strictly lower -> (I + b_A)^-1 by forward substitution, one row per step, in fp32 FMAs.
+    With X the strictly lower part of the inverse, X_i = -A_i + sum_{j<i} (-A_ij) X_j: row i of X still holds -A_i
+    when its turn comes, so it is picked out (a reduction), multiplied into the finished rows above (a second one)
+    and written back, as fla's solve does. Against the former one fp32 ("ieee") dot per row (each sent both operands
+    through shared memory, fifteen times a block) the whole chunked prefill at 1x16k / 16x1k went 1.775 / 1.440 ->
+    1.531 / 1.189 ms on an H200 (same process), with the same error against the fp32 reference (4.2e-3 on o).
+    Tried and dropped (H200, 2026-11-29): the four diagonal blocks in one loop, to interleave their reduction chains
+    (1x16k / 4x4k / 16x1k 1.43 / 1.11 / 1.13 -> 1.43 / 1.15 / 1.16 ms), and the loop unrolled (1.63 / 1.39 / 1.43)."""
     o_i = tl.arange(0, BC)
-    b_X0, b_X1, b_X2, b_X3 = -b_A0, -b_A1, -b_A2, -b_A3
+    b_X = -b_A
     for i in range(1, BC):
         m_i = o_i[:, None] == i
-        b_X0 = _substitute_row(b_X0, m_i)
-        b_X1 = _substitute_row(b_X1, m_i)
-        b_X2 = _substitute_row(b_X2, m_i)
-        b_X3 = _substitute_row(b_X3, m_i)
-    b_I = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
-    return b_X0 + b_I, b_X1 + b_I, b_X2 + b_I, b_X3 + b_I
+        b_row = tl.sum(tl.where(m_i, b_X, 0.0), 0)
+        b_X = tl.where(m_i, b_X + tl.sum(b_row[:, None] * b_X, 0)[None, :], b_X)
+    return b_X + tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
 
 
 @triton.jit
@@ -187,10 +179,10 @@ def _chunk_prep_kernel(
     tl.store(p_kn + o_t3[:, None] * (HK * K), b_kd3, mask=(m_t3 & m_first)[:, None] & m_k[None, :])
 
     # T's diagonal blocks, then the off-diagonal ones: T_ij = -T_ii sum_{j<=m<i} A_im T_mj
-    b_T00, b_T11, b_T22, b_T33 = _invert_unit_lowers(
-        _kkt_block(b_kd0, b_kd0, b_beta0, b_G0, b_G0, BC, True), _kkt_block(b_kd1, b_kd1, b_beta1, b_G1, b_G1, BC, True),
-        _kkt_block(b_kd2, b_kd2, b_beta2, b_G2, b_G2, BC, True), _kkt_block(b_kd3, b_kd3, b_beta3, b_G3, b_G3, BC, True),
-        BC)
+    b_T00 = _invert_unit_lower(_kkt_block(b_kd0, b_kd0, b_beta0, b_G0, b_G0, BC, True), BC)
+    b_T11 = _invert_unit_lower(_kkt_block(b_kd1, b_kd1, b_beta1, b_G1, b_G1, BC, True), BC)
+    b_T22 = _invert_unit_lower(_kkt_block(b_kd2, b_kd2, b_beta2, b_G2, b_G2, BC, True), BC)
+    b_T33 = _invert_unit_lower(_kkt_block(b_kd3, b_kd3, b_beta3, b_G3, b_G3, BC, True), BC)
     b_A10 = _kkt_block(b_kd1, b_kd0, b_beta1, b_G1, b_G0, BC, False)
     b_A20 = _kkt_block(b_kd2, b_kd0, b_beta2, b_G2, b_G0, BC, False)
     b_A21 = _kkt_block(b_kd2, b_kd1, b_beta2, b_G2, b_G1, BC, False)
@@ -371,9 +363,11 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _state_block_v(V: int, HV: int, N: int, device: torch.device) -> int:
-    """The state pass's V-tile: 64, or 32 when (V-tiles x HV x N) programs at 64 would not fill the SMs."""
-    return 64 if triton.cdiv(V, 64) * HV * N >= _sm_count(device) else 32
+def _state_tile(V: int, HV: int, N: int, device: torch.device) -> tuple[int, int]:
+    """The state pass's default (V-tile, stages): (64, 2), or (32, 3) when the (V-tiles x HV x N) programs at 64
+    would not fill the SMs: each program's chain over the chunks is then the whole time, and a narrower tile with a
+    deeper prefetch shortens it."""
+    return (64, 2) if triton.cdiv(V, 64) * HV * N >= _sm_count(device) else (32, 3)
 
 
 def _check_rows(name: str, t: torch.Tensor, dims: int) -> None:
@@ -461,13 +455,14 @@ def chunk_gated_delta_rule_varlen(
         k, v, a, b, A_log, dt_bias, chunk_table, g_cum, w, u, kn,
         k.stride(0), v.stride(0), a.stride(0), b.stride(0),
         HK=HK, HV=HV, K=K, V=V, BC=BC, BK=BK, BV=BV, MERGE=config.merge_precision, num_warps=config.prep_warps)
-    BV_state = _pow2_block(V, config.state_block_v or _state_block_v(V, HV, len(query_lens), v.device))
+    block_v, stages = _state_tile(V, HV, len(query_lens), v.device)
+    BV_state = _pow2_block(V, config.state_block_v or block_v)
     # each program reads u and writes v_new on exactly the same [tokens, V-tile] elements: in place is safe
     _chunk_state_kernel[(triton.cdiv(V, BV_state), HV, len(query_lens))](
         kn, w, u, g_cum, state, slots, seq_table, h, u,
         state.stride(0),
         HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV_state,
-        num_warps=config.state_warps, num_stages=config.state_stages)
+        num_warps=config.state_warps, num_stages=config.state_stages or stages)
     BV_out = _pow2_block(V, config.out_block_v)
     _chunk_output_kernel[(triton.cdiv(V, BV_out), num_chunks, HV)](
         q, kn, u, g_cum, h, chunk_table, o,
