@@ -25,7 +25,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from deltaserve.kernels.gated_delta_rule import reference as ref  # noqa: E402
 from deltaserve.kernels.gated_delta_rule import triton_chunk, triton_decode  # noqa: E402
 
-if INTERPRET and not isinstance(triton_chunk._chunk_prep_kernel, InterpretedFunction):
+if INTERPRET and not isinstance(triton_chunk._chunk_solve_kernel, InterpretedFunction):
     # imported earlier without the interpreter (e.g. by dispatch): re-decorate the kernels for the CPU
     triton_chunk, triton_decode = importlib.reload(triton_chunk), importlib.reload(triton_decode)
 

@@ -41,7 +41,8 @@ class ChunkLaunchConfig:
     (I + X^4)(I + X^8) with X = -A, six dots instead of fifteen dependent ones, took 1.77/1.43 -> 1.40/1.07 ms, but
     with correlated keys and beta near 1 the powers of X reach ~3e3 and w's error grows to 3e-4..1e-3 (substitution:
     ~1e-6), and the bf16 prompt-logprob parity test's max went 0.0945 -> 0.0990 (over its 0.0950 bar)."""
-    prep_warps: int = 2
+    prep_warps: int = 2       # the solve kernel
+    wu_warps: int = 4
     # V-tile and pipeline stages of the serial state pass; None: 64 and 2, or 32 and 3 where 64 would leave SMs idle
     # (few long sequences). H200, 2026-11-29, ms at 1x16k / 4x4k / 16x1k: 64, 2 stages 1.43 / 1.15 / 1.16;
     # 32, 3 stages 1.26 / 1.25 / 1.27; 64, 3 stages 1.35 / 1.15 / 1.18; 32, 2 stages 1.37 / 1.23 / 1.23
@@ -112,39 +113,24 @@ def _invert_unit_lower(b_A, BC: tl.constexpr):
 
 
 @triton.jit
-def _apply_tril_store(b_T00, b_T10, b_T11, b_T20, b_T21, b_T22, b_T30, b_T31, b_T32, b_T33,
-                      b_x0, b_x1, b_x2, b_x3, p_out, o_t0, o_t1, o_t2, o_t3, m_t0, m_t1, m_t2, m_t3, m_d, s_out):
-    """out = T x for the block lower-triangular T [4x4 blocks of BC] and x in four [BC, D] row blocks; stores row
-    block i at tokens o_t<i> (token stride s_out, columns masked by m_d [1, BD])."""
-    DT = p_out.dtype.element_ty
-    b_y = tl.dot(b_T00, b_x0)
-    tl.store(p_out + o_t0[:, None] * s_out, b_y.to(DT), mask=m_t0[:, None] & m_d)
-    b_y = tl.dot(b_T10, b_x0) + tl.dot(b_T11, b_x1)
-    tl.store(p_out + o_t1[:, None] * s_out, b_y.to(DT), mask=m_t1[:, None] & m_d)
-    b_y = tl.dot(b_T20, b_x0) + tl.dot(b_T21, b_x1) + tl.dot(b_T22, b_x2)
-    tl.store(p_out + o_t2[:, None] * s_out, b_y.to(DT), mask=m_t2[:, None] & m_d)
-    b_y = tl.dot(b_T30, b_x0) + tl.dot(b_T31, b_x1) + tl.dot(b_T32, b_x2) + tl.dot(b_T33, b_x3)
-    tl.store(p_out + o_t3[:, None] * s_out, b_y.to(DT), mask=m_t3[:, None] & m_d)
-
-
-@triton.jit
-def _chunk_prep_kernel(
-    k, v, a, b, A_log, dt_bias, chunk_table, g_cum, w, u, kn,
-    s_k, s_v, s_a, s_b,
-    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MERGE: tl.constexpr,
+def _chunk_solve_kernel(
+    k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_inv,
+    s_k, s_a, s_b,
+    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, MERGE: tl.constexpr,
 ):
-    """k: [T, HK, K]; v: [T, HV, V] (token strides s_k, s_v); a, b: [T, HV]; chunk_table: [chunks, 2] int32 token
-    range [t0, t1) of each chunk. Writes g_cum: [T, HV] fp32 in-chunk cumsum of g; w: [T, HV, K]; u: [T, HV, V];
-    kn: [T, HK, K] the l2-normalised k in the model dtype."""
+    """k: [T, HK, K] (token stride s_k); a, b: [T, HV]; chunk_table: [chunks, 2] int32 token range [t0, t1) of each
+    chunk. Writes g_cum: [T, HV] fp32 in-chunk cumsum of g; kn: [T, HK, K] the l2-normalised k in the model dtype;
+    T_inv: [T, HV, BT], token t's row of its chunk's T = (I + A)^-1 in the model dtype (the blocks above the
+    diagonal are not written)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // HK)
     t0 = tl.load(chunk_table + 2 * i_c)
     t1 = tl.load(chunk_table + 2 * i_c + 1)
     o_c = tl.arange(0, BC)
-    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    DT = w.dtype.element_ty
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    DT = kn.dtype.element_ty
 
     o_t0, o_t1, o_t2, o_t3 = t0 + o_c, t0 + BC + o_c, t0 + 2 * BC + o_c, t0 + 3 * BC + o_c
     m_t0, m_t1, m_t2, m_t3 = o_t0 < t1, o_t1 < t1, o_t2 < t1, o_t3 < t1
@@ -165,8 +151,7 @@ def _chunk_prep_kernel(
     tl.store(g_cum + o_t2 * HV + i_h, b_G2, mask=m_t2)
     tl.store(g_cum + o_t3 * HV + i_h, b_G3, mask=m_t3)
 
-    # normalised k in the model dtype, each fp32 block dead once rounded; the first value head of each key head
-    # also writes it out for the state and output passes
+    # normalised k in the model dtype; the first value head of each key head writes it out for the later kernels
     p_k, p_kn = k + i_kh * K, kn + i_kh * K + o_k[None, :]
     m_first = (tl.zeros([BC], dtype=tl.int32) + i_h % (HV // HK)) == 0
     b_kd0 = _load_rows_l2norm(p_k, o_t0, m_t0, s_k, o_k, m_k).to(DT)
@@ -199,37 +184,53 @@ def _chunk_prep_kernel(
     b_T31 = -tl.dot(b_T33, tl.dot(b_A32, b_T21, b_S, input_precision=MERGE), input_precision=MERGE)
     b_S = tl.dot(b_A31, b_T10, tl.dot(b_A30, b_T00, input_precision=MERGE), input_precision=MERGE)
     b_T30 = -tl.dot(b_T33, tl.dot(b_A32, b_T20, b_S, input_precision=MERGE), input_precision=MERGE)
-    b_T00, b_T11, b_T22, b_T33 = b_T00.to(DT), b_T11.to(DT), b_T22.to(DT), b_T33.to(DT)
-    b_T10, b_T20, b_T30 = b_T10.to(DT), b_T20.to(DT), b_T30.to(DT)
-    b_T21, b_T31, b_T32 = b_T21.to(DT), b_T31.to(DT), b_T32.to(DT)
 
-    # w = T (beta exp(G) k), from the model-dtype k blocks (as fla does), loaded again (L2) rather than kept live
-    # through the solve
-    b_kg0 = (_load_rows_l2norm(p_k, o_t0, m_t0, s_k, o_k, m_k).to(DT).to(tl.float32)
-             * (b_beta0 * tl.exp(b_G0))[:, None]).to(DT)
-    b_kg1 = (_load_rows_l2norm(p_k, o_t1, m_t1, s_k, o_k, m_k).to(DT).to(tl.float32)
-             * (b_beta1 * tl.exp(b_G1))[:, None]).to(DT)
-    b_kg2 = (_load_rows_l2norm(p_k, o_t2, m_t2, s_k, o_k, m_k).to(DT).to(tl.float32)
-             * (b_beta2 * tl.exp(b_G2))[:, None]).to(DT)
-    b_kg3 = (_load_rows_l2norm(p_k, o_t3, m_t3, s_k, o_k, m_k).to(DT).to(tl.float32)
-             * (b_beta3 * tl.exp(b_G3))[:, None]).to(DT)
-    _apply_tril_store(b_T00, b_T10, b_T11, b_T20, b_T21, b_T22, b_T30, b_T31, b_T32, b_T33,
-                      b_kg0, b_kg1, b_kg2, b_kg3, w + i_h * K + o_k[None, :],
-                      o_t0, o_t1, o_t2, o_t3, m_t0, m_t1, m_t2, m_t3, m_k[None, :], HV * K)
+    p_T = T_inv + i_h * BT + o_c[None, :]
+    tl.store(p_T + o_t0[:, None] * (HV * BT), b_T00.to(DT), mask=m_t0[:, None])
+    tl.store(p_T + o_t1[:, None] * (HV * BT), b_T10.to(DT), mask=m_t1[:, None])
+    tl.store(p_T + o_t1[:, None] * (HV * BT) + BC, b_T11.to(DT), mask=m_t1[:, None])
+    tl.store(p_T + o_t2[:, None] * (HV * BT), b_T20.to(DT), mask=m_t2[:, None])
+    tl.store(p_T + o_t2[:, None] * (HV * BT) + BC, b_T21.to(DT), mask=m_t2[:, None])
+    tl.store(p_T + o_t2[:, None] * (HV * BT) + 2 * BC, b_T22.to(DT), mask=m_t2[:, None])
+    tl.store(p_T + o_t3[:, None] * (HV * BT), b_T30.to(DT), mask=m_t3[:, None])
+    tl.store(p_T + o_t3[:, None] * (HV * BT) + BC, b_T31.to(DT), mask=m_t3[:, None])
+    tl.store(p_T + o_t3[:, None] * (HV * BT) + 2 * BC, b_T32.to(DT), mask=m_t3[:, None])
+    tl.store(p_T + o_t3[:, None] * (HV * BT) + 3 * BC, b_T33.to(DT), mask=m_t3[:, None])
 
-    # u = T (beta v)
-    p_v = v + i_h * V + o_v[None, :]
-    b_vb0 = (tl.load(p_v + o_t0[:, None] * s_v, mask=m_t0[:, None] & m_v[None, :], other=0).to(tl.float32)
-             * b_beta0[:, None]).to(DT)
-    b_vb1 = (tl.load(p_v + o_t1[:, None] * s_v, mask=m_t1[:, None] & m_v[None, :], other=0).to(tl.float32)
-             * b_beta1[:, None]).to(DT)
-    b_vb2 = (tl.load(p_v + o_t2[:, None] * s_v, mask=m_t2[:, None] & m_v[None, :], other=0).to(tl.float32)
-             * b_beta2[:, None]).to(DT)
-    b_vb3 = (tl.load(p_v + o_t3[:, None] * s_v, mask=m_t3[:, None] & m_v[None, :], other=0).to(tl.float32)
-             * b_beta3[:, None]).to(DT)
-    _apply_tril_store(b_T00, b_T10, b_T11, b_T20, b_T21, b_T22, b_T30, b_T31, b_T32, b_T33,
-                      b_vb0, b_vb1, b_vb2, b_vb3, u + i_h * V + o_v[None, :],
-                      o_t0, o_t1, o_t2, o_t3, m_t0, m_t1, m_t2, m_t3, m_v[None, :], HV * V)
+
+@triton.jit
+def _chunk_wu_kernel(
+    kn, v, a, b, A_log, dt_bias, g_cum, T_inv, chunk_table, w, u,
+    s_v, s_a, s_b,
+    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """w = T (beta exp(G) kn), u = T (beta v) for one chunk and value head, T read as one [BT, BT] tile with its
+    blocks above the diagonal masked to 0. kn: [T, HK, K] dense; v: [T, HV, V] (token stride s_v); T_inv:
+    [T, HV, BT]. Writes w: [T, HV, K]; u: [T, HV, V]."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_kh = i_h // (HV // HK)
+    t0 = tl.load(chunk_table + 2 * i_c)
+    t1 = tl.load(chunk_table + 2 * i_c + 1)
+    o_i = tl.arange(0, BT)
+    o_t = t0 + o_i
+    m_t = o_t < t1
+    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    DT = w.dtype.element_ty
+
+    m_T = m_t[:, None] & (o_i[None, :] // BC <= o_i[:, None] // BC)
+    b_T = tl.load(T_inv + (o_t[:, None] * HV + i_h) * BT + o_i[None, :], mask=m_T, other=0)
+    _, b_beta = _gate(a, b, A_log, dt_bias, o_t, m_t, s_a, s_b, i_h)
+    b_G = tl.load(g_cum + o_t * HV + i_h, mask=m_t, other=0)
+    b_k = tl.load(kn + (o_t[:, None] * HK + i_kh) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+    b_kg = (b_k.to(tl.float32) * (b_beta * tl.exp(b_G))[:, None]).to(DT)
+    tl.store(w + (o_t[:, None] * HV + i_h) * K + o_k[None, :], tl.dot(b_T, b_kg).to(DT),
+             mask=m_t[:, None] & m_k[None, :])
+    b_v = tl.load(v + o_t[:, None] * s_v + i_h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
+    b_vb = (b_v.to(tl.float32) * b_beta[:, None]).to(DT)
+    tl.store(u + (o_t[:, None] * HV + i_h) * V + o_v[None, :], tl.dot(b_T, b_vb).to(DT),
+             mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit
@@ -451,10 +452,15 @@ def chunk_gated_delta_rule_varlen(
     u = torch.empty(T, HV, V, dtype=q.dtype, device=v.device)  # overwritten in place by v_new in the state pass
     h = torch.empty(num_chunks, HV, K, V, dtype=q.dtype, device=v.device)
     kn = torch.empty(T, HK, K, dtype=q.dtype, device=v.device)
-    _chunk_prep_kernel[(num_chunks, HV)](
-        k, v, a, b, A_log, dt_bias, chunk_table, g_cum, w, u, kn,
-        k.stride(0), v.stride(0), a.stride(0), b.stride(0),
-        HK=HK, HV=HV, K=K, V=V, BC=BC, BK=BK, BV=BV, MERGE=config.merge_precision, num_warps=config.prep_warps)
+    T_inv = torch.empty(T, HV, BT, dtype=q.dtype, device=v.device)
+    _chunk_solve_kernel[(num_chunks, HV)](
+        k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_inv,
+        k.stride(0), a.stride(0), b.stride(0),
+        HK=HK, HV=HV, K=K, BT=BT, BC=BC, BK=BK, MERGE=config.merge_precision, num_warps=config.prep_warps)
+    _chunk_wu_kernel[(num_chunks, HV)](
+        kn, v, a, b, A_log, dt_bias, g_cum, T_inv, chunk_table, w, u,
+        v.stride(0), a.stride(0), b.stride(0),
+        HK=HK, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV, num_warps=config.wu_warps)
     block_v, stages = _state_tile(V, HV, len(query_lens), v.device)
     BV_state = _pow2_block(V, config.state_block_v or block_v)
     # each program reads u and writes v_new on exactly the same [tokens, V-tile] elements: in place is safe
