@@ -111,13 +111,13 @@ KERNELS: dict[str, Spec] = {
     "gdn_solve": Spec(
         "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_solve_kernel",
         dict(k="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32", chunk_table="*i32", g_cum="*fp32",
-             kn="*bf16", T_inv="*bf16", **_ints("s_k", "s_a", "s_b")),
+             kn="*bf16", T_inv="*bf16", A_diag="*fp32", **_ints("s_k", "s_a", "s_b")),
         dict(HK=16, HV=32, K=128, BT=64, BC=16, BK=128, MERGE="tf32x3"), 2, 3, {"s_k", "s_a", "s_b"}),
     "gdn_wu": Spec(
         "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_wu_kernel",
         dict(kn="*bf16", v="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32", g_cum="*fp32",
              T_inv="*bf16", chunk_table="*i32", w="*bf16", u="*bf16", **_ints("s_v", "s_a", "s_b")),
-        dict(HK=16, HV=32, K=128, V=128, BT=64, BC=16, BK=128, BV=128), 4, 3, {"s_v", "s_a", "s_b"}),
+        dict(HK=16, HV=32, K=128, V=128, BT=64, BC=16, BK=128, BV=128), 8, 3, {"s_v", "s_a", "s_b"}),
     "gdn_state": Spec(
         "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_state_kernel",
         dict(kn="*bf16", w="*bf16", u="*bf16", g_cum="*fp32", state="*fp32", slots="*i64", seq_table="*i32",

@@ -42,7 +42,7 @@ class ChunkLaunchConfig:
     with correlated keys and beta near 1 the powers of X reach ~3e3 and w's error grows to 3e-4..1e-3 (substitution:
     ~1e-6), and the bf16 prompt-logprob parity test's max went 0.0945 -> 0.0990 (over its 0.0950 bar)."""
     prep_warps: int = 2       # the solve kernel
-    wu_warps: int = 4
+    wu_warps: int = 8         # H200, 1x16k / 4x4k / 16x1k: 4 warps 1.26 / 1.15 / 1.16 ms, 8: 1.22 / 1.11 / 1.13
     # V-tile and pipeline stages of the serial state pass; None: 64 and 2, or 32 and 3 where 64 would leave SMs idle
     # (few long sequences). H200, 2026-11-29, ms at 1x16k / 4x4k / 16x1k: 64, 2 stages 1.43 / 1.15 / 1.16;
     # 32, 3 stages 1.26 / 1.25 / 1.27; 64, 3 stages 1.35 / 1.15 / 1.18; 32, 2 stages 1.37 / 1.23 / 1.23
@@ -94,27 +94,36 @@ def _kkt_block(b_k_i, b_k_j, b_beta_i, b_G_i, b_G_j, BC: tl.constexpr, DIAG: tl.
 
 
 @triton.jit
-def _invert_unit_lower(b_A, BC: tl.constexpr):
-    """b_A: [BC, BC] fp32 strictly lower -> (I + b_A)^-1 by forward substitution, one row per step, in fp32 FMAs.
-    With X the strictly lower part of the inverse, X_i = -A_i + sum_{j<i} (-A_ij) X_j: row i of X still holds -A_i
-    when its turn comes, so it is picked out (a reduction), multiplied into the finished rows above (a second one)
-    and written back, as fla's solve does. Against the former one fp32 ("ieee") dot per row (each sent both operands
-    through shared memory, fifteen times a block) the whole chunked prefill at 1x16k / 16x1k went 1.775 / 1.440 ->
-    1.531 / 1.189 ms on an H200 (same process), with the same error against the fp32 reference (4.2e-3 on o).
-    Tried and dropped (H200, 2026-11-29): the four diagonal blocks in one loop, to interleave their reduction chains
-    (1x16k / 4x4k / 16x1k 1.43 / 1.11 / 1.13 -> 1.43 / 1.15 / 1.16 ms), and the loop unrolled (1.63 / 1.39 / 1.43)."""
+def _invert_unit_lower(b_A, p_rows, n_rows, s_row, BC: tl.constexpr):
+    """b_A: [BC, BC] fp32 strictly lower, its first n_rows rows also stored at p_rows (row stride s_row; the rest
+    read as 0) -> (I + b_A)^-1 by forward substitution, one row per step, in fp32 FMAs. With X the strictly lower
+    part of the inverse, X_i = -A_i + sum_{j<i} (-A_ij) X_j, as fla's solve does: row i is read back from memory
+    (one load, where picking it out of the register tile takes a cross-thread reduction), multiplied into the
+    finished rows above (one reduction) and written into X. Rows 0 and 1 need no step (X_0 = 0, X_1 = -A_1)."""
     o_i = tl.arange(0, BC)
     b_X = -b_A
-    for i in range(1, BC):
-        m_i = o_i[:, None] == i
-        b_row = tl.sum(tl.where(m_i, b_X, 0.0), 0)
-        b_X = tl.where(m_i, b_X + tl.sum(b_row[:, None] * b_X, 0)[None, :], b_X)
+    for i in range(2, BC):
+        m_a = (o_i < i) & ((tl.zeros([BC], dtype=tl.int32) + i) < n_rows)
+        b_a = -tl.load(p_rows + i * s_row + o_i, mask=m_a, other=0.0)
+        b_a += tl.sum(b_a[:, None] * b_X, 0)
+        b_X = tl.where((o_i == i)[:, None], b_a[None, :], b_X)
     return b_X + tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
 
 
 @triton.jit
+def _invert_diag_block(b_A, p_rows, r0, t1, s_row, BC: tl.constexpr):
+    """(I + A)^-1 of the diagonal block b_A [BC, BC] whose rows are tokens r0.. of a chunk ending at t1: A goes through
+    the scratch rows p_rows (token stride s_row) so the substitution can read it back one row at a time; the barrier
+    makes each thread's stores visible to the others (each block has rows of its own, so none is needed after)."""
+    o_i = tl.arange(0, BC)
+    tl.store(p_rows + (r0 + o_i)[:, None] * s_row + o_i[None, :], b_A, mask=(r0 + o_i < t1)[:, None])
+    tl.debug_barrier()
+    return _invert_unit_lower(b_A, p_rows + r0 * s_row, t1 - r0, s_row, BC)
+
+
+@triton.jit
 def _chunk_solve_kernel(
-    k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_inv,
+    k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_inv, A_diag,
     s_k, s_a, s_b,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, MERGE: tl.constexpr,
@@ -122,7 +131,7 @@ def _chunk_solve_kernel(
     """k: [T, HK, K] (token stride s_k); a, b: [T, HV]; chunk_table: [chunks, 2] int32 token range [t0, t1) of each
     chunk. Writes g_cum: [T, HV] fp32 in-chunk cumsum of g; kn: [T, HK, K] the l2-normalised k in the model dtype;
     T_inv: [T, HV, BT], token t's row of its chunk's T = (I + A)^-1 in the model dtype (the blocks above the
-    diagonal are not written)."""
+    diagonal are not written). A_diag: [T, HV, BC] fp32 scratch, token t's row of its diagonal block of A."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // HK)
     t0 = tl.load(chunk_table + 2 * i_c)
@@ -164,10 +173,14 @@ def _chunk_solve_kernel(
     tl.store(p_kn + o_t3[:, None] * (HK * K), b_kd3, mask=(m_t3 & m_first)[:, None] & m_k[None, :])
 
     # T's diagonal blocks, then the off-diagonal ones: T_ij = -T_ii sum_{j<=m<i} A_im T_mj
-    b_T00 = _invert_unit_lower(_kkt_block(b_kd0, b_kd0, b_beta0, b_G0, b_G0, BC, True), BC)
-    b_T11 = _invert_unit_lower(_kkt_block(b_kd1, b_kd1, b_beta1, b_G1, b_G1, BC, True), BC)
-    b_T22 = _invert_unit_lower(_kkt_block(b_kd2, b_kd2, b_beta2, b_G2, b_G2, BC, True), BC)
-    b_T33 = _invert_unit_lower(_kkt_block(b_kd3, b_kd3, b_beta3, b_G3, b_G3, BC, True), BC)
+    p_Ad = A_diag + i_h * BC
+    b_T00 = _invert_diag_block(_kkt_block(b_kd0, b_kd0, b_beta0, b_G0, b_G0, BC, True), p_Ad, t0, t1, HV * BC, BC)
+    b_T11 = _invert_diag_block(_kkt_block(b_kd1, b_kd1, b_beta1, b_G1, b_G1, BC, True), p_Ad, t0 + BC, t1, HV * BC,
+                               BC)
+    b_T22 = _invert_diag_block(_kkt_block(b_kd2, b_kd2, b_beta2, b_G2, b_G2, BC, True), p_Ad, t0 + 2 * BC, t1,
+                               HV * BC, BC)
+    b_T33 = _invert_diag_block(_kkt_block(b_kd3, b_kd3, b_beta3, b_G3, b_G3, BC, True), p_Ad, t0 + 3 * BC, t1,
+                               HV * BC, BC)
     b_A10 = _kkt_block(b_kd1, b_kd0, b_beta1, b_G1, b_G0, BC, False)
     b_A20 = _kkt_block(b_kd2, b_kd0, b_beta2, b_G2, b_G0, BC, False)
     b_A21 = _kkt_block(b_kd2, b_kd1, b_beta2, b_G2, b_G1, BC, False)
@@ -453,8 +466,9 @@ def chunk_gated_delta_rule_varlen(
     h = torch.empty(num_chunks, HV, K, V, dtype=q.dtype, device=v.device)
     kn = torch.empty(T, HK, K, dtype=q.dtype, device=v.device)
     T_inv = torch.empty(T, HV, BT, dtype=q.dtype, device=v.device)
+    A_diag = torch.empty(T, HV, BC, dtype=torch.float32, device=v.device)
     _chunk_solve_kernel[(num_chunks, HV)](
-        k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_inv,
+        k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_inv, A_diag,
         k.stride(0), a.stride(0), b.stride(0),
         HK=HK, HV=HV, K=K, BT=BT, BC=BC, BK=BK, MERGE=config.merge_precision, num_warps=config.prep_warps)
     _chunk_wu_kernel[(num_chunks, HV)](
