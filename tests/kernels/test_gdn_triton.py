@@ -111,9 +111,10 @@ CPU_CHUNK_CASES = [
 
 @pytest.mark.parametrize("heads,config", CPU_CHUNK_CASES)
 def test_chunk_varlen_matches_reference(heads, config):
-    """Partial chunks, a 1-token sequence, a padding row (-1), random initial states at shuffled slots."""
-    lengths = [70, 1, 5, 130, 64]
-    slots = torch.tensor([4, 0, -1, 7, 2], device=DEVICE)
+    """Partial chunks (ending in the first, third and fourth 16-token block), a 1-token sequence, a padding row (-1),
+    random initial states at shuffled slots."""
+    lengths = [70, 1, 5, 130, 64, 40, 57]
+    slots = torch.tensor([4, 0, -1, 7, 2, 8, 1], device=DEVICE)
     o_ref, o, pool_ref, pool, before = run_chunk_case(heads, lengths, slots, S=9, device=DEVICE, config=config)
 
     assert o.dtype == torch.float32
