@@ -1,19 +1,19 @@
 """Triton chunked (WY) gated delta rule over a flat varlen batch with a state pool: the prefill / mixed-batch path.
 
-Three kernels, one launch each, no host sync (the (sequence, chunk) tables come from the host list `query_lens`):
-  1. `_chunk_prep_kernel`   grid (chunks, HV): gating g/beta from raw a/b, in-chunk cumsum G, l2norm of k (written
-     out once per key head as kn, for kernels 2 and 3), A = strictly_lower(beta k k^T exp(G_i - G_j)) as 16x16
-     blocks, T = (I + A)^-1 (forward substitution per diagonal block, merged 16 -> 64), w = T (beta exp(G) k),
-     u = T (beta v).
-  2. `_chunk_state_kernel`  grid (V-tiles, HV, sequences): serial over a sequence's chunks with the state h in fp32
+Four kernels, one launch each, no host sync (the (sequence, chunk) tables come from the host list `query_lens`):
+  1. `_chunk_solve_kernel`  grid (chunks, HV): gating g/beta from raw a/b, in-chunk cumsum G, l2norm of k (written
+     out once per key head as kn, for the later kernels), A = strictly_lower(beta k k^T exp(G_i - G_j)) as 16x16
+     blocks, T = (I + A)^-1 (forward substitution per diagonal block, merged 16 -> 64), written as T_inv.
+  2. `_chunk_wu_kernel`     grid (chunks, HV): w = T (beta exp(G) k), u = T (beta v), one [64, 64] product each.
+  3. `_chunk_state_kernel`  grid (V-tiles, HV, sequences): serial over a sequence's chunks with the state h in fp32
      registers; gathers the initial state from the pool at its slot and scatters the final one back (slot -1: zero
      initial state, no write); saves each chunk-start h and v_new = u - w h.
-  3. `_chunk_output_kernel` grid (V-tiles, chunks, HV): o = scale (q h) exp(G) + causal(q k^T exp(G_i - G_j)) v_new.
-Intermediates (kn, w, u, v_new, h) are stored in the input dtype and feed bf16 tensor-core dots, as fla does; every
-accumulation, the state and the triangular solve (fp32 FMAs in the diagonal blocks, "tf32x3" dots merging them)
-are fp32, and beta scales k k^T after the product. Against the fp32 reference that costs ~4e-3 relative RMS on o
-and ~3e-3 on states at K=V=128 (tf32 operands for the state update and output would give ~3e-3 / ~2.4e-3: not worth
-the slower dots). The chunk is fixed at 64 tokens (four 16-token sub-blocks unrolled in kernel 1).
+  4. `_chunk_output_kernel` grid (V-tiles, chunks, HV): o = scale (q h) exp(G) + causal(q k^T exp(G_i - G_j)) v_new.
+Intermediates (kn, T_inv, w, u, v_new, h) are stored in the input dtype and feed bf16 tensor-core dots, as fla
+does; every accumulation, the state and the triangular solve (fp32 FMAs in the diagonal blocks, "tf32x3" dots
+merging them) are fp32, and beta scales k k^T after the product. Against the fp32 reference that costs ~4e-3
+relative RMS on o and ~3e-3 on states at K=V=128 (tf32 operands for the state update and output would give ~3e-3 /
+~2.4e-3: not worth the slower dots). The chunk is fixed at 64 tokens (four 16-token sub-blocks unrolled in kernel 1).
 Exponentials use natural base throughout. Offsets are int32 except pool slots and chunk states: T * HV * max(K, V)
 must stay below 2**31 (the wrapper checks).
 """
@@ -33,15 +33,18 @@ BC = 16  # sub-block of the triangular solve
 
 @dataclass(frozen=True)
 class ChunkLaunchConfig:
-    """Launch parameters of the three prefill kernels. Defaults: the best value of each kernel's own parameter in
-    `bench_gdn.py --sweep` on an H100 (2026-11-28, one parameter at a time; the three kernels run one after the
-    other, so their choices do not interact). 1x16k / 16x1k ms: prep_warps 4->2 2.11/1.90 -> 1.98/1.79;
-    state_block_v 32->64 2.10/1.91 -> 2.06/1.78; out_block_v 64->128 2.10/1.91 -> 2.01/1.82.
+    """Launch parameters of the prefill kernels. Defaults: the best value of each kernel's own parameter in
+    `bench_gdn.py --sweep` (H100 2026-11-28, then H200 2026-11-29; one parameter at a time: the kernels run one
+    after the other, so their choices do not interact). H100, 1x16k / 16x1k ms: solve (then prep) warps 4->2
+    2.11/1.90 -> 1.98/1.79; out_block_v 64->128 2.10/1.91 -> 2.01/1.82. H200, the solve kernel at 4 warps: 1.16 /
+    1.04 / 1.06 -> 1.50 / 1.37 / 1.39 ms at 1x16k / 4x4k / 16x1k.
     Tried and dropped (H200, 2026-11-28): inverting the diagonal blocks by repeated squaring, (I + X)(I + X^2)
     (I + X^4)(I + X^8) with X = -A, six dots instead of fifteen dependent ones, took 1.77/1.43 -> 1.40/1.07 ms, but
     with correlated keys and beta near 1 the powers of X reach ~3e3 and w's error grows to 3e-4..1e-3 (substitution:
-    ~1e-6), and the bf16 prompt-logprob parity test's max went 0.0945 -> 0.0990 (over its 0.0950 bar)."""
-    prep_warps: int = 2       # the solve kernel
+    ~1e-6), and the bf16 prompt-logprob parity test's max went 0.0945 -> 0.0990 (over its 0.0950 bar). (H200,
+    2026-11-29): the four diagonal substitutions in one loop, to interleave their chains: no faster (1.161 / 1.044 /
+    1.055 ms against 1.160 / 1.044 / 1.055) with more spills."""
+    solve_warps: int = 2
     wu_warps: int = 8         # H200, 1x16k / 4x4k / 16x1k: 4 warps 1.26 / 1.15 / 1.16 ms, 8: 1.22 / 1.11 / 1.13
     # V-tile and pipeline stages of the serial state pass; None: 64 and 2, or 32 and 3 where 64 would leave SMs idle
     # (few long sequences). H200, 2026-11-29, ms at 1x16k / 4x4k / 16x1k: 64, 2 stages 1.43 / 1.15 / 1.16;
@@ -470,7 +473,7 @@ def chunk_gated_delta_rule_varlen(
     _chunk_solve_kernel[(num_chunks, HV)](
         k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_inv, A_diag,
         k.stride(0), a.stride(0), b.stride(0),
-        HK=HK, HV=HV, K=K, BT=BT, BC=BC, BK=BK, MERGE=config.merge_precision, num_warps=config.prep_warps)
+        HK=HK, HV=HV, K=K, BT=BT, BC=BC, BK=BK, MERGE=config.merge_precision, num_warps=config.solve_warps)
     _chunk_wu_kernel[(num_chunks, HV)](
         kn, v, a, b, A_log, dt_bias, g_cum, T_inv, chunk_table, w, u,
         v.stride(0), a.stride(0), b.stride(0),
