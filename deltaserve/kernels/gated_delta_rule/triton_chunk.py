@@ -14,8 +14,8 @@ does; every accumulation, the state and the triangular solve (fp32 FMAs in the d
 merging them) are fp32, and beta scales k k^T after the product. Against the fp32 reference that costs ~4e-3
 relative RMS on o and ~3e-3 on states at K=V=128 (tf32 operands for the state update and output would give ~3e-3 /
 ~2.4e-3: not worth the slower dots). The chunk is fixed at 64 tokens (four 16-token sub-blocks unrolled in kernel 1).
-Exponentials use natural base throughout. Offsets are int32 except pool slots and chunk states: T * HV * max(K, V)
-must stay below 2**31 (the wrapper checks).
+Exponentials use natural base throughout. Offsets are int32 except pool slots and chunk states: T * HV * max(K, V,
+64) must stay below 2**31 (the wrapper checks).
 """
 import functools
 from dataclasses import dataclass
@@ -446,8 +446,9 @@ def chunk_gated_delta_rule_varlen(
     if len(query_lens) != slots.numel() or sum(query_lens) != T:
         raise ValueError(f"query_lens has {len(query_lens)} entries summing to {sum(query_lens)}; need one per slot "
                          f"({slots.numel()}) summing to T={T}")
-    if T * HV * max(K, V) >= 2**31:
-        raise ValueError(f"T={T} tokens x HV={HV} x {max(K, V)} overflows the kernels' int32 offsets; split the batch")
+    if T * HV * max(K, V, BT) >= 2**31:  # BT: T_inv's rows
+        raise ValueError(f"T={T} tokens x HV={HV} x {max(K, V, BT)} overflows the kernels' int32 offsets; split the "
+                         "batch")
     config = config or ChunkLaunchConfig()
     if config.merge_precision not in ("ieee", "tf32x3"):
         raise ValueError(f"merge_precision={config.merge_precision!r}: use 'ieee' or 'tf32x3' (plain tf32 is too "
