@@ -43,7 +43,10 @@ class ChunkLaunchConfig:
     with correlated keys and beta near 1 the powers of X reach ~3e3 and w's error grows to 3e-4..1e-3 (substitution:
     ~1e-6), and the bf16 prompt-logprob parity test's max went 0.0945 -> 0.0990 (over its 0.0950 bar). (H200,
     2026-11-29): the four diagonal substitutions in one loop, to interleave their chains: no faster (1.161 / 1.044 /
-    1.055 ms against 1.160 / 1.044 / 1.055) with more spills."""
+    1.055 ms against 1.160 / 1.044 / 1.055) with more spills. The solve kernel inverting only the diagonal blocks
+    D (102 registers, no spills) and the w/u kernel merging them as T = (I - N + N^2 - N^3) D, N = D L (four 64x64
+    "tf32x3" products, o within 3e-5): 1.235 / 1.119 / 1.141 ms at 4 warps (1.61 / 1.50 / 1.52 at 8) against
+    1.156 / 1.042 / 1.058."""
     solve_warps: int = 2
     wu_warps: int = 8         # H200, 1x16k / 4x4k / 16x1k: 4 warps 1.26 / 1.15 / 1.16 ms, 8: 1.22 / 1.11 / 1.13
     # V-tile and pipeline stages of the serial state pass; None: 64 and 2, or 32 and 3 where 64 would leave SMs idle
