@@ -218,6 +218,17 @@ def _chunk_solve_kernel(
 
 
 @triton.jit
+def _chunk_tokens(chunk_table, i_c, BT: tl.constexpr):
+    """Chunk i_c's positions o_i [BT], token offsets o_t = t0 + o_i and their mask o_t < t1 (chunk_table: [chunks, 2]
+    int32 token ranges [t0, t1))."""
+    t0 = tl.load(chunk_table + 2 * i_c)
+    t1 = tl.load(chunk_table + 2 * i_c + 1)
+    o_i = tl.arange(0, BT)
+    o_t = t0 + o_i
+    return o_i, o_t, o_t < t1
+
+
+@triton.jit
 def _chunk_wu_kernel(
     kn, v, a, b, A_log, dt_bias, g_cum, T_inv, chunk_table, w, u,
     s_v, s_a, s_b,
@@ -229,11 +240,7 @@ def _chunk_wu_kernel(
     [T, HV, BT]. Writes w: [T, HV, K]; u: [T, HV, V]."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // HK)
-    t0 = tl.load(chunk_table + 2 * i_c)
-    t1 = tl.load(chunk_table + 2 * i_c + 1)
-    o_i = tl.arange(0, BT)
-    o_t = t0 + o_i
-    m_t = o_t < t1
+    o_i, o_t, m_t = _chunk_tokens(chunk_table, i_c, BT)
     o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     DT = w.dtype.element_ty
@@ -312,11 +319,7 @@ def _chunk_output_kernel(
     (dense); o: [T, HV, V]."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kh = i_h // (HV // HK)
-    t0 = tl.load(chunk_table + 2 * i_c)
-    t1 = tl.load(chunk_table + 2 * i_c + 1)
-    o_i = tl.arange(0, BT)
-    o_t = t0 + o_i
-    m_t = o_t < t1
+    o_i, o_t, m_t = _chunk_tokens(chunk_table, i_c, BT)
     o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     DT = v_new.dtype.element_ty
