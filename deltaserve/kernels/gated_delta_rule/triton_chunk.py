@@ -267,9 +267,9 @@ def _chunk_state_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """Serial pass over one sequence's chunks for one value head and V-tile. kn: [T, HK, K] normalised k (dense);
-    seq_table: [N, 3] int32
-    (first token, end token, first global chunk); state: [S, HV, K, V] fp32 pool (slot stride s_state), read and
-    written at slots[i_n] unless -1. Writes h: [chunks, HV, K, V] chunk-start states; v_new: [T, HV, V]."""
+    seq_table: [N, 3] int32 (first token, end token, first global chunk); state: [S, HV, K, V] fp32 pool (slot
+    stride s_state), read and written at slots[i_n] unless -1. Writes h: [chunks, HV, K, V] chunk-start states;
+    v_new: [T, HV, V]."""
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kh = i_h // (HV // HK)
     bos = tl.load(seq_table + 3 * i_n)
