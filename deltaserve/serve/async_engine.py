@@ -33,7 +33,7 @@ class EngineStopped(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot the engine thread publishes after every iteration (read by /metrics from any thread)."""
+    """A snapshot the engine thread takes after every iteration; the event loop (/metrics) reads it."""
     running: int = 0  # sequences holding a state slot
     waiting: int = 0  # sequences queued
     kv_blocks_used: int = 0
@@ -81,7 +81,8 @@ class AsyncEngine:
         self.llm, self.core, self.tokenizer = llm, llm.engine, llm.tokenizer
         self.max_model_len: int = llm.max_model_len
         self.metrics = metrics
-        self.stats = EngineStats()
+        self.stats = EngineStats()  # set on the event loop only (see _publish_stats)
+        self._posted_stats: EngineStats | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}
@@ -248,9 +249,9 @@ class AsyncEngine:
                 self._abort_quietly(rid)
             self._post(self._fail, rids, EngineError(f"the engine failed while running this request: {e}"))
             return
-        self._publish_stats()
         if outputs:
             self._post(self._dispatch, outputs)
+        self._publish_stats()
 
     def _abort_quietly(self, rid: str) -> None:
         try:
@@ -270,11 +271,16 @@ class AsyncEngine:
         self._publish_stats()
 
     def _publish_stats(self) -> None:
+        """Post a snapshot of the scheduler's gauges to the event loop. It lands behind the outputs posted before it,
+        so a scrape never sees a request gone from `running` before its final output was counted."""
         sched = self.core.scheduler
-        self.stats = EngineStats(
+        stats = EngineStats(
             running=len(sched.running), waiting=len(sched.waiting),
             kv_blocks_used=sched.blocks.num_used, kv_blocks_total=sched.blocks.num_blocks,
             state_slots_used=sched.states.num_used, state_slots_total=sched.states.num_slots)
+        if stats != self._posted_stats:
+            self._posted_stats = stats
+            self._post(setattr, self, "stats", stats)
 
 
 def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
