@@ -81,7 +81,7 @@ class AsyncEngine:
         self.llm, self.core, self.tokenizer = llm, llm.engine, llm.tokenizer
         self.max_model_len: int = llm.max_model_len
         self.metrics = metrics
-        self.stats = EngineStats()  # set on the event loop only (see _publish_stats)
+        self.stats = EngineStats()  # set on the event loop only (see _publish)
         self._posted_stats: EngineStats | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -204,7 +204,7 @@ class AsyncEngine:
                 if self.core.has_unfinished():
                     self._step()
                 else:
-                    self._publish_stats()
+                    self._publish([])
                     self._wake.wait(timeout=0.25)
                     self._wake.clear()
             self._drain_commands()
@@ -225,7 +225,7 @@ class AsyncEngine:
             else:
                 out = self.core.abort(cmd[1])
                 if out is not None:
-                    self._post(self._dispatch, [out])
+                    self._publish([out])
 
     def _add(self, rid: str, ids: list[int], params: SamplingParams, prompt: str | None,
              accepted: asyncio.Future) -> None:
@@ -249,9 +249,7 @@ class AsyncEngine:
                 self._abort_quietly(rid)
             self._post(self._fail, rids, EngineError(f"the engine failed while running this request: {e}"))
             return
-        if outputs:
-            self._post(self._dispatch, outputs)
-        self._publish_stats()
+        self._publish(outputs)
 
     def _abort_quietly(self, rid: str) -> None:
         try:
@@ -267,20 +265,23 @@ class AsyncEngine:
         outs = [o for o in (self.core.abort(rid) for rid in list(self.core.groups)) if o is not None]
         if outs:
             logger.info("aborted %d requests in flight", len(outs))
-            self._post(self._dispatch, outs)
-        self._publish_stats()
+        self._publish(outs)
 
-    def _publish_stats(self) -> None:
-        """Post a snapshot of the scheduler's gauges to the event loop. It lands behind the outputs posted before it,
-        so a scrape never sees a request gone from `running` before its final output was counted."""
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        """Post outputs and a snapshot of the scheduler's gauges to the event loop in one callback: a /metrics scrape
+        sees a request leave `running` together with its final output counted, never one without the other."""
         sched = self.core.scheduler
         stats = EngineStats(
             running=len(sched.running), waiting=len(sched.waiting),
             kv_blocks_used=sched.blocks.num_used, kv_blocks_total=sched.blocks.num_blocks,
             state_slots_used=sched.states.num_used, state_slots_total=sched.states.num_slots)
-        if stats != self._posted_stats:
+        if outputs or stats != self._posted_stats:
             self._posted_stats = stats
-            self._post(setattr, self, "stats", stats)
+            self._post(self._deliver, outputs, stats)
+
+    def _deliver(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        self._dispatch(outputs)
+        self.stats = stats
 
 
 def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
