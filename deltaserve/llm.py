@@ -115,7 +115,7 @@ class LLM:
     enable_expert_parallel: under tensor_parallel_size=N > 1 on an MoE model, each rank holds num_experts / N whole
     experts instead of 1/N of every expert's columns (router replicated, shared expert still TP-sharded); each rank
     computes only the pairs routed to its experts and the MoE's one all-reduce sums them. Ignored (with a log line)
-    for dense models and for tensor_parallel_size=1; 16-bit checkpoints only.
+    for dense models and for tensor_parallel_size=1. Experts may be 16-bit, int4 or FP8.
     kv_cache_dtype: "auto" (the KV cache in the model dtype), "int8", "int4" or "fp8" (e4m3): keys and values
     quantized per token and kv head on write, with fp32 scales (and zeros for int8 / int4) beside the blocks; the
     cache takes ~1/2 (int8, fp8) or ~1/4 (int4) of the bf16 bytes, so auto-sizing fits ~2x / ~4x the tokens.
@@ -182,9 +182,6 @@ class LLM:
                         block_size=block_size, max_model_len=max_model_len or 1, num_kv_blocks=num_kv_blocks or 1)
         if weights_dir is not None:
             formats = read_formats(config, weights_dir)  # headers only: quantized Linears constrain the TP cuts
-        if formats and config.expert_parallel:
-            raise WeightsError("quantized (int4 / FP8) experts do not run expert-parallel yet; drop "
-                               "--enable-expert-parallel or use a 16-bit checkpoint")
         check_tp_size(config, tensor_parallel_size, self.device,
                       functools.partial(tp_problems, config, formats or {}))  # before any process starts
         if config.expert_parallel:

@@ -161,7 +161,7 @@ def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[st
     fmt, group = fmts.pop(), q.group_size
     if fmt == "fp8":  # any shape: partial blocks at the edges have their own scales
         block = q.weight_block_size
-        model.set_submodule(moe, Fp8Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
+        model.set_submodule(moe, Fp8Experts(cfg.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size,
                                             blocks.get(f"{moe}.0.gate_proj", block),
                                             blocks.get(f"{moe}.0.down_proj", block)))
         return
@@ -170,7 +170,7 @@ def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[st
         reason = check_shapes(fmt, i, o, group, name)
         if reason:
             raise FormatError(f"Quantized tensor {name}.{next(iter(FORMATS[fmt]))} cannot be read: {reason}.")
-    model.set_submodule(moe, QuantExperts(fmt, cfg.num_experts, h, inter, group))
+    model.set_submodule(moe, QuantExperts(fmt, cfg.num_local_experts, h, inter, group))
 
 
 def _linear(fmt: str | None, in_features: int, out_features: int, q: QuantConfig | None, name: str,

@@ -181,9 +181,11 @@ def _rule_source(name: str, cfg: ModelConfig, shape, rank: int, world: int) -> t
 def weight_cut(module: str, cfg: ModelConfig, rank: int, world: int) -> tuple[int, list[tuple[int, int]]] | None:
     """Rank `rank`'s cut of decoder-layer Linear `module`'s [out, in] weight (checkpoint name, e.g.
     `layers.3.self_attn.o_proj`; full shapes from cfg): (0 = output rows or 1 = input columns, the rank's ranges in
-    channels), or None where it is replicated (or not a Linear we know)."""
+    channels), or None where it is replicated, whole (an expert under expert parallelism) or not a Linear we know."""
     shape = weight_shapes(cfg).get(module)
-    return None if shape is None else _rule_source(f"{module}.weight", cfg, shape, rank, world)
+    if shape is None or (cfg.expert_parallel and cfg.is_moe and EXPERT_TENSOR.match(module)):
+        return None
+    return _rule_source(f"{module}.weight", cfg, shape, rank, world)
 
 
 def fp8_shard_blocks(cfg: ModelConfig, formats: dict[str, str], rank: int, world: int) -> dict[str, tuple[int, int]]:

@@ -21,16 +21,20 @@ from pathlib import Path
 import pytest
 import torch
 from test_tensor_parallel import CPU, assert_same_outputs, load_shard, run_prompts
+from test_tp_quantized import CASES as TP_QUANT_CASES
 from test_weights import pack_experts, shard as split_into_two_files, variant
 
 from deltaserve import LLM
-from deltaserve.config import ModelConfig
+from deltaserve.config import ModelConfig, QuantConfig
 from deltaserve.kernels.fused_moe import ExpertWeights, _grouped_moe, fused_moe_reference
 from deltaserve.kernels.fused_moe.align import moe_align
 from deltaserve.kernels.fused_moe.align_triton import moe_align_triton
 from deltaserve.kernels.fused_moe.triton import fused_moe_triton
+from deltaserve.layers.fp8 import Fp8Experts
+from deltaserve.layers.linear import QuantExperts
 from deltaserve.layers.moe import local_expert_ids
-from deltaserve.models.weights import WeightsError
+from deltaserve.models.formats import AWQ_MIXED_16BIT, awq_formats, tp_problems
+from deltaserve.models.weights import WeightsError, read_formats
 from deltaserve.tiny import make_tiny
 from deltaserve.worker.distributed import check_tp_size, expert_range, shard_config, valid_tp_sizes
 
@@ -146,12 +150,54 @@ def test_ep_is_ignored_with_a_log_line_where_it_means_nothing(ckpts, tmp_path, c
     assert any("enable_expert_parallel ignored" in r.message and reason in r.message for r in caplog.records)
 
 
-def test_ep_refuses_quantized_experts(ckpts):
+# ---------------------------------------------------------------- quantized experts (AWQ, compressed-tensors, FP8)
+
+QUANTIZED = ["awq-moe-mixed", "ct-moe-zero-point", "fp8-moe"]  # test_tp_quantized.CASES written from the tiny MoE
+
+
+@pytest.fixture(scope="module")
+def quantized(ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("epq")
+    return {case: TP_QUANT_CASES[case][1](ckpts["moe"], str(root / case)) for case in QUANTIZED}
+
+
+@pytest.mark.parametrize("case", QUANTIZED)
+def test_each_rank_holds_its_quantized_experts_whole(quantized, case):
+    """Rank r's int4 / FP8 experts are the checkpoint's experts [4r, 4r + 4), every column, in the checkpoint's own
+    packing and scale blocks: their dequantized weights equal the full model's, exactly."""
+    path = quantized[case]
+    cfg = ModelConfig.from_hf_dir(path)
+    formats = read_formats(cfg, path)
+    full = load_shard(cfg, path, 0, 1, formats)
+    for rank in range(2):
+        part = load_shard(_ep(cfg), path, rank, 2, formats)
+        kinds = []
+        for layer in range(cfg.num_hidden_layers):  # awq-moe-mixed keeps layer 0 16-bit
+            experts = part.get_submodule(f"layers.{layer}.mlp.experts")
+            whole = full.get_submodule(f"layers.{layer}.mlp.experts")
+            assert type(experts) is type(whole)
+            kinds.append(type(experts))
+            for mine, all_e in zip(experts.dense(torch.float32), whole.dense(torch.float32)):
+                assert mine.shape[0] == 4 and torch.equal(mine, all_e[4 * rank: 4 * rank + 4]), (case, layer, rank)
+        assert {QuantExperts, Fp8Experts} & set(kinds), kinds
+
+
+@pytest.mark.parametrize("case", QUANTIZED)
+def test_quantized_ep_equals_tp1(quantized, case):
+    path = quantized[case]
+    assert_same_outputs(f"{case}-ep", run_prompts(path, 1), run_prompts(path, 2, enable_expert_parallel=True))
+
+
+def test_ep_lifts_the_int4_expert_cut(ckpts):
+    """Cut by TP, each expert's down_proj would hold 32 of its 64 input channels, half an int4 group of 64: refused.
+    Under EP a rank holds whole experts and nothing is refused (the shared expert's down_proj, still cut, is 16-bit)."""
     cfg = ModelConfig.from_hf_dir(ckpts["moe"])
-    with pytest.raises(WeightsError, match=r"^quantized \(int4 / FP8\) experts do not run expert-parallel yet; "):
-        LLM.from_config(cfg, device="cpu", dtype="float32", tensor_parallel_size=2, enable_expert_parallel=True,
-                        quantization="awq", group_size=32)
-    assert multiprocessing.active_children() == []
+    group64 = dataclasses.replace(cfg, quantization=QuantConfig("awq", 4, 64, True, AWQ_MIXED_16BIT))
+    formats = awq_formats(group64, keep_16bit=AWQ_MIXED_16BIT + ("shared_expert.down_proj",))
+    assert tp_problems(group64, formats, 2) == [
+        "tensor_parallel_size=2 splits layers.0.mlp.experts.0.down_proj's 64 input channels into 32, not a multiple "
+        "of the int4 group size 64"]
+    assert tp_problems(_ep(group64), formats, 2) == []
 
 
 # ---------------------------------------------------------------- fused MoE with -1 ids (experts on other ranks)
