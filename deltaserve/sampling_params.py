@@ -1,7 +1,7 @@
 """Per-request sampling parameters, with vLLM's names, defaults and semantics.
 
 Logprobs contract: every logprob deltaserve returns (``logprobs`` for generated tokens and ``prompt_logprobs``
-for prompt tokens) is the log-softmax of the RAW model logits, taken before repetition/presence/frequency
+for prompt tokens) is the log-softmax of the RAW model logits, taken before logit_bias, repetition/presence/frequency
 penalties, temperature, top-k, top-p and min-p are applied. They therefore describe the model, not the sampling
 distribution, and are the same for a token whatever sampling parameters the request used.
 
@@ -42,6 +42,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence of a token in the output
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # token id -> added to that token's logit before sampling (greedy too), in [-100, 100] as in OpenAI's API:
+    # -100 effectively bans a token, +100 all but forces it. Keys must lie in the model's vocabulary (checked when
+    # the request is added).
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -54,6 +58,7 @@ class SamplingParams:
             self.stop_token_ids = []
         self.stop_token_ids = list(self.stop_token_ids)
         self._validate()
+        self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} if self.logit_bias else None
 
     def _validate(self) -> None:
         def fail(msg: str) -> None:
@@ -86,6 +91,14 @@ class SamplingParams:
             fail(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}.")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             fail(f"stop_token_ids must be a list of integers >= 0, got {self.stop_token_ids!r}.")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                fail(f"logit_bias must be None or a dict of token id -> bias, got {self.logit_bias!r}.")
+            bad = next(((t, b) for t, b in self.logit_bias.items()
+                        if not (_is_int(t) and t >= 0 and _is_number(b) and -100 <= b <= 100)), None)
+            if bad is not None:
+                fail(f"logit_bias must be a dict of token ids (integers >= 0) to biases in [-100, 100], "
+                     f"got {bad[0]!r}: {bad[1]!r}.")
 
     @property
     def greedy(self) -> bool:

@@ -145,14 +145,12 @@ def validation_error(e: ValidationError) -> APIError:
 
 def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     """The request's sampling options -> SamplingParams; APIError(400) naming the field for a bad value."""
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server; remove it from the request.", "logit_bias")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}.", "logprobs")
     if not 1 <= req.n <= 128:
         raise APIError(400, f"n must be between 1 and 128, got {req.n}.", "n")
     kw = dict(n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids or [],
-              ignore_eos=req.ignore_eos, seed=req.seed, logprobs=logprobs,
+              ignore_eos=req.ignore_eos, seed=req.seed, logprobs=logprobs, logit_bias=_token_bias(req.logit_bias),
               skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
     optional = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
@@ -164,6 +162,16 @@ def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int
         msg = str(e)
         field = msg.split(" ", 1)[0]
         raise APIError(400, msg, field if field in kw else None) from None
+
+
+def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token ids as JSON object keys) -> {token id: bias}; the values SamplingParams checks."""
+    if not bias:
+        return None
+    bad = next((key for key in bias if not (key.isascii() and key.isdigit())), None)
+    if bad is not None:
+        raise APIError(400, f"logit_bias keys must be token ids (non-negative integers), got {bad!r}.", "logit_bias")
+    return {int(key): value for key, value in bias.items()}
 
 
 def check_max_tokens(max_tokens: int | None, num_prompt: int, max_model_len: int, field: str = "max_tokens") -> None:

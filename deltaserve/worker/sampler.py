@@ -6,6 +6,7 @@ syncs with the device per request and never loops over rows in Python except to 
 
 Order of operations (vLLM's):
   1. logprobs = log_softmax(raw logits) in fp32 (the documented contract: raw, before anything below)
+  1b. logit_bias added to the biased rows' tokens (one scatter-add over every (row, token) pair of the batch)
   2. repetition penalty on tokens seen in prompt OR output (divide positive logits, multiply negative ones)
   3. frequency / presence penalties on output tokens only (counts via scatter_add)
   4. greedy rows take the argmax of the penalised logits
@@ -48,6 +49,8 @@ class SamplingBatch:
     prompt_ids: Tensor | None  # [N, Lp] int64, pad = vocab_size; None when no row has a repetition penalty
     output_ids: Tensor | None  # [N, Lo] int64, pad = vocab_size; None when no_penalties
     generators: dict[int, torch.Generator]  # row -> the request's own generator (seeded, non-greedy rows only)
+    # logit_bias of every row as (rows [M] int64, token ids [M] int64, biases [M] fp32); None when no row has one
+    logit_bias: tuple[Tensor, Tensor, Tensor] | None
     vocab_size: int  # V, the width of the logits
     need_logprobs: bool  # some row asked for logprobs (logprobs=0 still returns the sampled token's logprob)
     max_num_logprobs: int  # max top-k logprobs any row asked for (0 = none beyond the sampled token)
@@ -120,6 +123,7 @@ class SamplingBatch:
             prompt_ids=None if no_rep else _pad_ids(prompt_ids, vocab_size, pin).to(device, non_blocking=True),
             output_ids=None if no_penalties else _pad_ids(output_ids, vocab_size, pin).to(device, non_blocking=True),
             generators={i: g for i, g in enumerate(generators) if g is not None and not greedy[i]},
+            logit_bias=_logit_bias(params, pin, device),
             vocab_size=vocab_size,
             need_logprobs=any(p.logprobs is not None for p in params),
             max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
@@ -139,9 +143,26 @@ def _check_requests(
     for p in params:
         if p.logprobs is not None and p.logprobs > vocab_size:
             raise ValueError(f"logprobs={p.logprobs} exceeds the vocabulary size; ask for at most {vocab_size}.")
+        if p.logit_bias and max(p.logit_bias) >= vocab_size:
+            raise ValueError(f"logit_bias token id {max(p.logit_bias)} is outside the vocabulary "
+                             f"(0..{vocab_size - 1}).")
     for g in generators:
         if g is not None and g.device.type != device.type:
             raise ValueError(f"A per-request generator lives on {g.device} but the batch is on {device}.")
+
+
+def _logit_bias(params: list[SamplingParams], pin: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Every row's logit_bias flattened to (rows, token ids, biases) on the device, or None when no row has one."""
+    pairs = [(row, tok, bias) for row, p in enumerate(params) for tok, bias in (p.logit_bias or {}).items()]
+    if not pairs:
+        return None
+    rows, toks, biases = zip(*pairs)
+    ints = torch.tensor([rows, toks], dtype=torch.int64)
+    floats = torch.tensor(biases, dtype=torch.float32)
+    if pin:
+        ints, floats = ints.pin_memory(), floats.pin_memory()
+    rows_t, toks_t = ints.to(device, non_blocking=True).unbind(0)
+    return rows_t, toks_t, floats.to(device, non_blocking=True)
 
 
 def _pad_ids(seqs: list[list[int]], pad: int, pin: bool) -> Tensor:
@@ -258,6 +279,9 @@ class Sampler:
             )
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if batch.need_logprobs else None
+        if batch.logit_bias is not None:  # out of place: logits may still be the caller's tensor
+            rows, toks, biases = batch.logit_bias
+            logits = logits.index_put((rows, toks), biases, accumulate=True)
         if not batch.no_penalties:
             logits = apply_penalties(
                 logits, batch.prompt_ids, batch.output_ids, batch.repetition_penalty,

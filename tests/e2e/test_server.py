@@ -232,6 +232,22 @@ def test_completions_batch_n_and_logprobs(client, tokenizer):
         assert 1 <= len(top) <= 3 and chosen == pytest.approx(max(top.values()))  # greedy picks the top token
 
 
+def test_logit_bias_forces_and_bans(client, tokenizer):
+    """OpenAI's logit_bias (token id strings -> bias) through the real client: +100 forces a token on a sampled
+    request, -100 on the greedy tokens bans them."""
+    forced = tokenizer.encode("a")
+    assert len(forced) == 1
+    res = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=5, temperature=0.9, seed=3,
+                                    logit_bias={str(forced[0]): 100}, extra_body={"ignore_eos": True})
+    assert res.choices[0].text == tokenizer.decode(forced * 5)
+    plain = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=3, temperature=0,
+                                      logprobs=0, extra_body={"ignore_eos": True})
+    first = tokenizer.encode("The quick brown" + plain.choices[0].text)[len(tokenizer.encode("The quick brown")):]
+    banned = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=3, temperature=0,
+                                       logit_bias={str(t): -100 for t in first}, extra_body={"ignore_eos": True})
+    assert banned.choices[0].text != plain.choices[0].text
+
+
 def test_chat_logprobs_stop_and_seed(client):
     msgs = user("Count with me")
     res = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, logprobs=True,
@@ -321,6 +337,11 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "bad_n": ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, None, 400, "n"),
     "too_many_logprobs": ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=50), None, 400, "logprobs"),
     "token_out_of_vocab": ("/v1/completions", {"model": MODEL, "prompt": [10 ** 6]}, None, 400, "prompt"),
+    "logit_bias_key": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"a": 1}}, None, 400,
+                       "logit_bias"),
+    "logit_bias_range": ("/v1/chat/completions", chat_body(logit_bias={"5": 101}), None, 400, "logit_bias"),
+    "logit_bias_out_of_vocab": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"1000000": 1}},
+                                None, 400, "logit_bias"),
     "image_content": ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]), None, 400, "messages.0.content"),
     "tool_choice_required": ("/v1/chat/completions", chat_body(tools=TOOLS, tool_choice="required"), None, 400,

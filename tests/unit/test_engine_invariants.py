@@ -318,6 +318,31 @@ def test_stop_token_ids(models):
     assert_close_logprobs("logprobs", ref.logprobs[: first + 1], out.logprobs)
 
 
+def test_logit_bias(models):
+    """Batched together: one request forcing a token (+100), one banning the tokens its greedy run produced (-100)
+    and one without bias, which equals its solo run. Bias moves sampling only: the banning request's first logprob
+    is still that of the raw model's first greedy token. A token id outside the vocabulary is refused up front."""
+    llm = models.solo("dense")
+    prompt = random_prompt(random.Random(14), 30, models.vocab())
+    ref = llm.generate([prompt], greedy(12), use_tqdm=False)[0].outputs[0]
+    forced, banned = ref.token_ids[5], set(ref.token_ids)
+    ban_params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=1, ignore_eos=True,
+                                logit_bias={t: -100.0 for t in banned})
+    outs = llm.generate([prompt] * 3, [greedy(12, logit_bias={forced: 100.0}), ban_params, greedy(12)],
+                        use_tqdm=False)
+    force, ban, plain = (o.outputs[0] for o in outs)
+    assert force.token_ids == [forced] * 12
+    assert not banned & set(ban.token_ids) and ban.token_ids[0] != ref.token_ids[0]
+    assert ban.logprobs[0][ref.token_ids[0]] == pytest.approx(ref.logprobs[0][ref.token_ids[0]], abs=LOGPROB_ATOL)
+    assert max(ban.logprobs[0], key=ban.logprobs[0].get) == ref.token_ids[0]  # the raw top-1, banned or not
+    assert plain.token_ids == ref.token_ids
+    assert_close_logprobs("unbiased", ref.logprobs, plain.logprobs)
+    vocab = models.vocab()
+    with pytest.raises(ValueError, match=rf"^logit_bias token id {vocab} is outside the vocabulary \(0\.\.{vocab - 1}"):
+        llm.generate([prompt], greedy(4, logit_bias={vocab: 1.0}), use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+
+
 # ----------------------------------------------------------------------------------------------------- 8. n > 1
 
 @pytest.mark.parametrize("max_num_seqs", [4, 1], ids=["forked", "no-room-to-fork"])

@@ -52,9 +52,14 @@ def rows_of(probs, n):
         ({"logprobs": -1}, "logprobs"),
         ({"prompt_logprobs": -1}, "prompt_logprobs"),
         ({"seed": 1.5}, "seed"),
+        ({"logit_bias": {3: 101}}, "logit_bias"),
+        ({"logit_bias": {-1: 5}}, "logit_bias"),
+        ({"logit_bias": {"3": 5}}, "logit_bias"),
+        ({"logit_bias": [3, 5]}, "logit_bias"),
     ],
     ids=["n", "temperature", "top_p_zero", "top_p_big", "top_k", "min_p", "max_tokens", "repetition",
-         "presence", "frequency", "logprobs", "prompt_logprobs", "seed_float"],
+         "presence", "frequency", "logprobs", "prompt_logprobs", "seed_float", "bias_range", "bias_negative_id",
+         "bias_str_id", "bias_not_dict"],
 )
 def test_params_validation_names_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field} must be"):
@@ -218,6 +223,35 @@ def test_logprobs_are_raw_and_sampled_first():
     assert out.token_ids[1].item() != logits[1].argmax().item()  # the penalty acted on sampling, not on logprobs
 
 
+# ---------------------------------------------------------------- logit_bias
+
+def test_logit_bias_moves_sampling_not_logprobs():
+    """Row 0: +100 on the least likely token forces it (sampled and greedy); row 1: -100 on the argmax bans it, so
+    greedy takes the runner-up; row 2 has no bias and keeps its argmax. Logprobs stay those of the raw logits."""
+    logits = rows_of(PROBS, 4)
+    params = [SamplingParams(temperature=0.8, seed=1, logit_bias={2: 100}, logprobs=1),
+              SamplingParams(temperature=0, logit_bias={3: -100, 0: 0.5}, logprobs=1),
+              SamplingParams(temperature=0, logprobs=1),
+              SamplingParams(temperature=0, logit_bias={2: 100}, logprobs=1)]
+    before = logits.clone()
+    out = sample(logits, params)
+    assert out.token_ids.tolist() == [2, 1, 3, 2]
+    assert torch.equal(logits, before)  # the bias is added out of place
+    raw = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(out.logprobs[:, 0], raw.gather(1, out.token_ids[:, None])[:, 0], rtol=0, atol=1e-6)
+    assert out.logprob_token_ids[:, 1].tolist() == [3, 3, 3, 3]  # the raw top-1, whatever the bias
+
+
+def test_logit_bias_adds_exactly_and_before_penalties():
+    """Logits [0, 1, 0.8]: +0.3 on token 2 lifts it over token 1, +0.1 does not; with token 1 already in the output
+    its presence penalty (0.5) comes on top, and +0.1 is then enough."""
+    logits = torch.tensor([[0.0, 1.0, 0.8]])
+    assert sample(logits, [SamplingParams(temperature=0, logit_bias={2: 0.3})]).token_ids.tolist() == [2]
+    assert sample(logits, [SamplingParams(temperature=0, logit_bias={2: 0.1})]).token_ids.tolist() == [1]
+    penalised = [SamplingParams(temperature=0, logit_bias={2: 0.1}, presence_penalty=0.5)]
+    assert sample(logits, penalised, output=[[1]]).token_ids.tolist() == [2]
+
+
 def test_compute_topk_logprobs_for_prompt_tokens():
     lp = torch.log_softmax(torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]]), dim=-1)
     values, ids = compute_topk_logprobs(lp, 2, torch.tensor([2, 1]))
@@ -251,6 +285,8 @@ def test_temperature_frequencies_match_softmax(temperature):
 def test_batch_errors_are_one_sentence():
     with pytest.raises(ValueError, match="logprobs=20 exceeds the vocabulary size"):
         make_batch([SamplingParams(logprobs=20)], 10)
+    with pytest.raises(ValueError, match=r"^logit_bias token id 10 is outside the vocabulary \(0..9\)\.$"):
+        make_batch([SamplingParams(logit_bias={10: 1.0})], 10)
     batch = make_batch([SamplingParams()], 10)
     with pytest.raises(ValueError, match="do not match the sampling batch"):
         Sampler()(torch.zeros(2, 10), batch)
