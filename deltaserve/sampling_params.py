@@ -31,6 +31,7 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens; 0 or -1 = off
     min_p: float = 0.0  # drop tokens whose probability is below min_p * (max probability)
     max_tokens: int | None = 16  # None = generate until max_model_len
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled, nor stop strings end a request, before this many
     stop: str | list[str] | None = None  # stop strings; normalised to a (possibly empty) list
     stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end generation
     ignore_eos: bool = False  # keep generating past the EOS token
@@ -76,6 +77,11 @@ class SamplingParams:
             fail(f"min_p must be in [0, 1], got {self.min_p!r}.")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             fail(f"max_tokens must be an integer >= 1 or None (until max_model_len), got {self.max_tokens!r}.")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            fail(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}.")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            fail(f"min_tokens must be at most max_tokens, got min_tokens={self.min_tokens} and "
+                 f"max_tokens={self.max_tokens}.")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             fail(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}.")
         for name, value in (("presence_penalty", self.presence_penalty),

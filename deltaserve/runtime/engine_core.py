@@ -223,6 +223,8 @@ class EngineCore:
     def _stop_reason(self, req: Request, group: _Group, i: int, tok: int,
                      prev_len: int) -> tuple[str | None, int | str | None]:
         p = req.params
+        if len(req.output_token_ids) < p.min_tokens:  # too early to stop on EOS, a stop token or a stop string
+            return _length_reason(req, self.max_model_len), None
         if not p.ignore_eos and tok in self.eos_token_ids:
             return "stop", None
         if tok in p.stop_token_ids:
@@ -236,9 +238,7 @@ class EngineCore:
                 at, s = min(hits)
                 group.texts[i] = text[: at + len(s)] if p.include_stop_str_in_output else text[:at]
                 return "stop", s
-        if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
-            return "length", None
-        return None, None
+        return _length_reason(req, self.max_model_len), None
 
     def _output(self, rid: str, group: _Group) -> RequestOutput:
         outs = []
@@ -263,3 +263,10 @@ class EngineCore:
             outputs=outs, finished=all(r.status == RequestStatus.FINISHED for r in group.samples),
             metrics=group.metrics,
         )
+
+
+def _length_reason(req: Request, max_model_len: int) -> str | None:
+    """The finish reason "length" once a request has max_tokens outputs or fills max_model_len, else None."""
+    if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= max_model_len:
+        return "length"
+    return None

@@ -74,6 +74,7 @@ class _SamplingRequest(_Model):
     model: StrictStr
     n: StrictInt = 1
     max_tokens: StrictInt | None = None
+    min_tokens: StrictInt | None = None
     temperature: Number | None = None
     top_p: Number | None = None
     top_k: StrictInt | None = None
@@ -152,7 +153,8 @@ def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int
     kw = dict(n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids or [],
               ignore_eos=req.ignore_eos, seed=req.seed, logprobs=logprobs, logit_bias=_token_bias(req.logit_bias),
               skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
-    optional = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+    optional = dict(min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                    min_p=req.min_p,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                     repetition_penalty=req.repetition_penalty)
     kw.update({k: v for k, v in optional.items() if v is not None})

@@ -21,6 +21,7 @@ from ..kernels.gated_delta_rule import build_step_tables
 from ..kernels.paged_attention import allocate_kv, block_tensors
 from ..kernels.paged_attention.kv_quant import kv_bytes_per_token_head
 from ..models.qwen3_5 import ModelCaches
+from ..runtime.request import Request
 from ..runtime.scheduler_output import SchedulerOutput
 from .cuda_graph import CudaGraphRunner
 from .forward_batch import ForwardBatch, GdnPrefill
@@ -378,9 +379,10 @@ class ModelRunner:
         row_ids = [row for _, row in samplers]
         whole = len(row_ids) == logits.shape[0] and _in_order(row_ids)
         rows = logits if whole else logits[to_device(row_ids, self.device)]
+        banned = [_not_yet(r, self.cfg.eos_token_ids, self.cfg.vocab_size) for r in reqs]
         sbatch = SamplingBatch.from_requests(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
-            [r.generator for r in reqs], self.cfg.vocab_size, self.device,
+            [r.generator for r in reqs], self.cfg.vocab_size, self.device, banned if any(banned) else None,
         )
         res = self.sampler(rows, sbatch)
         self.last_sampled, self.last_sampled_rows = res.token_ids, {r.request_id: j for j, r in enumerate(reqs)}
@@ -391,6 +393,15 @@ class ModelRunner:
             ready = torch.cuda.Event()
             ready.record()
         return PendingOutput(out, reqs, [r.params.logprobs for r in reqs], *host, ready)
+
+def _not_yet(req: Request, eos_token_ids: tuple[int, ...], vocab_size: int) -> list[int]:
+    """The tokens `req` may not sample now: while it has fewer than min_tokens outputs (a token still in flight under
+    async scheduling counts), EOS (unless ignore_eos) and its stop_token_ids."""
+    p = req.params
+    if len(req.output_token_ids) + req.num_inflight >= p.min_tokens:
+        return []
+    return [t for t in (*(() if p.ignore_eos else eos_token_ids), *p.stop_token_ids) if t < vocab_size]
+
 
 def _to_dicts(vals: torch.Tensor, toks: torch.Tensor) -> list[Logprobs]:
     """[P, 1+k] values and ids (actual token first) -> one dict per position, actual token included."""

@@ -6,7 +6,8 @@ syncs with the device per request and never loops over rows in Python except to 
 
 Order of operations (vLLM's):
   1. logprobs = log_softmax(raw logits) in fp32 (the documented contract: raw, before anything below)
-  1b. logit_bias added to the biased rows' tokens (one scatter-add over every (row, token) pair of the batch)
+  1b. logit_bias added to the biased rows' tokens, and -inf to the tokens a row may not sample yet (min_tokens):
+      one scatter-add over every (row, token) pair of the batch
   2. repetition penalty on tokens seen in prompt OR output (divide positive logits, multiply negative ones)
   3. frequency / presence penalties on output tokens only (counts via scatter_add)
   4. greedy rows take the argmax of the penalised logits
@@ -49,7 +50,8 @@ class SamplingBatch:
     prompt_ids: Tensor | None  # [N, Lp] int64, pad = vocab_size; None when no row has a repetition penalty
     output_ids: Tensor | None  # [N, Lo] int64, pad = vocab_size; None when no_penalties
     generators: dict[int, torch.Generator]  # row -> the request's own generator (seeded, non-greedy rows only)
-    # logit_bias of every row as (rows [M] int64, token ids [M] int64, biases [M] fp32); None when no row has one
+    # logit_bias and banned tokens of every row as (rows [M] int64, token ids [M] int64, biases [M] fp32, -inf for a
+    # banned token); None when no row has either
     logit_bias: tuple[Tensor, Tensor, Tensor] | None
     vocab_size: int  # V, the width of the logits
     need_logprobs: bool  # some row asked for logprobs (logprobs=0 still returns the sampled token's logprob)
@@ -75,13 +77,15 @@ class SamplingBatch:
         generators: list[torch.Generator | None],
         vocab_size: int,
         device: torch.device | str,
+        banned: list[list[int]] | None = None,
     ) -> SamplingBatch:
         """Build the batch for N rows. prompt_ids / output_ids: per-row token ids so far (only copied to the
         device when some row uses penalties). generators: per-row generator for seeded requests (owned by the
-        runner so it advances across steps), None for the others. One host-to-device copy per dtype."""
+        runner so it advances across steps), None for the others. banned: per-row token ids the row may not sample
+        this step (EOS and stop tokens before min_tokens), None for none. One host-to-device copy per dtype."""
         device = torch.device(device)
         n = len(params)
-        if not len(prompt_ids) == len(output_ids) == len(generators) == n:
+        if not len(prompt_ids) == len(output_ids) == len(generators) == n or (banned is not None and len(banned) != n):
             raise ValueError(
                 f"from_requests needs one entry per row, got {n} params, {len(prompt_ids)} prompt_ids, "
                 f"{len(output_ids)} output_ids and {len(generators)} generators."
@@ -123,7 +127,7 @@ class SamplingBatch:
             prompt_ids=None if no_rep else _pad_ids(prompt_ids, vocab_size, pin).to(device, non_blocking=True),
             output_ids=None if no_penalties else _pad_ids(output_ids, vocab_size, pin).to(device, non_blocking=True),
             generators={i: g for i, g in enumerate(generators) if g is not None and not greedy[i]},
-            logit_bias=_logit_bias(params, pin, device),
+            logit_bias=_logit_bias(params, banned or [[] for _ in params], pin, device),
             vocab_size=vocab_size,
             need_logprobs=any(p.logprobs is not None for p in params),
             max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
@@ -151,9 +155,12 @@ def _check_requests(
             raise ValueError(f"A per-request generator lives on {g.device} but the batch is on {device}.")
 
 
-def _logit_bias(params: list[SamplingParams], pin: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Every row's logit_bias flattened to (rows, token ids, biases) on the device, or None when no row has one."""
+def _logit_bias(params: list[SamplingParams], banned: list[list[int]], pin: bool,
+                device: torch.device) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Every row's logit_bias and banned tokens flattened to (rows, token ids, biases; -inf for a banned token) on
+    the device, or None when no row has either."""
     pairs = [(row, tok, bias) for row, p in enumerate(params) for tok, bias in (p.logit_bias or {}).items()]
+    pairs += [(row, tok, float("-inf")) for row, toks in enumerate(banned) for tok in toks]
     if not pairs:
         return None
     rows, toks, biases = zip(*pairs)

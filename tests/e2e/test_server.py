@@ -248,6 +248,14 @@ def test_logit_bias_forces_and_bans(client, tokenizer):
     assert banned.choices[0].text != plain.choices[0].text
 
 
+def test_min_tokens_extra(client):
+    """vLLM's min_tokens: a stop token forced by logit_bias ends the answer only once min_tokens tokens are out."""
+    body = dict(model=MODEL, prompt="The quick brown", max_tokens=10, temperature=0, logit_bias={"7": 100})
+    for min_tokens, want in ((0, 1), (3, 4)):
+        res = client.completions.create(**body, extra_body={"stop_token_ids": [7], "min_tokens": min_tokens})
+        assert (res.usage.completion_tokens, res.choices[0].finish_reason) == (want, "stop"), min_tokens
+
+
 def test_chat_logprobs_stop_and_seed(client):
     msgs = user("Count with me")
     res = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, logprobs=True,
@@ -337,6 +345,8 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "bad_n": ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, None, 400, "n"),
     "too_many_logprobs": ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=50), None, 400, "logprobs"),
     "token_out_of_vocab": ("/v1/completions", {"model": MODEL, "prompt": [10 ** 6]}, None, 400, "prompt"),
+    "min_tokens_over_max": ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2, "min_tokens": 3},
+                            None, 400, "min_tokens"),
     "logit_bias_key": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"a": 1}}, None, 400,
                        "logit_bias"),
     "logit_bias_range": ("/v1/chat/completions", chat_body(logit_bias={"5": 101}), None, 400, "logit_bias"),

@@ -191,6 +191,23 @@ def test_last_request_stops_late(models):
     assert_async_idle(llm)
 
 
+def test_min_tokens_counts_the_token_in_flight(models):
+    """min_tokens under async scheduling: the step sampling token k is launched before token k - 1 is read, so the
+    ban on stop tokens must count the one in flight. A +100 bias makes the stop token the greedy pick wherever it is
+    allowed, so the request ends exactly on token 4 (min_tokens 4) when the ban lifts on time, in both modes."""
+    prompt = random_prompt(random.Random(27), 18, models.vocab())
+    stop_tok = 7
+    sp = lp_greedy(12, stop_token_ids=[stop_tok], min_tokens=4, logit_bias={stop_tok: 100.0})
+    ref = models.ref("dense", prompt, sp).outputs[0]
+    assert len(ref.token_ids) == 5 and ref.token_ids[-1] == stop_tok and stop_tok not in ref.token_ids[:4]
+    llm = make_llm(models.path("dense"), max_num_seqs=2, max_num_batched_tokens=32, async_scheduling=True)
+    launches = LaunchLog.attach(llm)
+    out = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+    assert_same_completion("min_tokens", ref, out)
+    assert len(launches.overlapped()) >= len(launches.sampled) // 2
+    assert_async_idle(llm)
+
+
 # --------------------------------------------------------------- 2. penalties: read before the next launch
 
 @pytest.mark.parametrize("penalty", [{"repetition_penalty": 1.3}, {"presence_penalty": 1.5},

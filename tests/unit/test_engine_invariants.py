@@ -318,6 +318,41 @@ def test_stop_token_ids(models):
     assert_close_logprobs("logprobs", ref.logprobs[: first + 1], out.logprobs)
 
 
+@pytest.mark.parametrize("min_tokens", [2, 3, 6], ids=["before-stop", "at-stop", "past-stop"])
+def test_min_tokens_holds_back_stop_tokens(models, min_tokens):
+    """The greedy run would stop on its token 2 (stop_token_ids): with min_tokens <= 2 it still does; with 3 or 6 the
+    stop token cannot be sampled for the first min_tokens tokens (the run diverges there) and ends on it later or at
+    max_tokens. Logprobs stay the raw model's: the diverging position reports the stop token's raw logprob."""
+    llm = models.solo("dense")
+    prompt = random_prompt(random.Random(15), 20, models.vocab())
+    ref = llm.generate([prompt], greedy(16), use_tqdm=False)[0].outputs[0]
+    stop_tok = ref.token_ids[2]
+    first = ref.token_ids.index(stop_tok)
+    assert first == 2, "the greedy run repeats its token 2 earlier: pick another prompt"
+    params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=1, ignore_eos=True, stop_token_ids=[stop_tok],
+                            min_tokens=min_tokens)
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    if min_tokens <= first:
+        assert out.token_ids == ref.token_ids[: first + 1] and out.finish_reason == "stop"
+        return
+    assert stop_tok not in out.token_ids[:min_tokens] and len(out.token_ids) > min_tokens
+    assert out.token_ids[:first] == ref.token_ids[:first] and out.token_ids[first] != stop_tok
+    assert max(out.logprobs[first], key=out.logprobs[first].get) == stop_tok  # raw top-1 at the banned position
+    assert out.finish_reason == "length" or out.token_ids[-1] == stop_tok and stop_tok not in out.token_ids[:-1]
+
+
+def test_min_tokens_holds_back_stop_strings(models):
+    """A stop string the greedy text reaches within its first tokens does not end a request before min_tokens."""
+    llm = models.solo("dense")
+    prompt = random_prompt(random.Random(16), 20, models.vocab())
+    ref = llm.generate([prompt], greedy(12), use_tqdm=False)[0].outputs[0]
+    stop = ref.text[:2]
+    early = llm.generate([prompt], greedy(12, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert early.finish_reason == "stop" and len(early.token_ids) < 8
+    out = llm.generate([prompt], greedy(12, stop=[stop], min_tokens=8), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[:8] == ref.token_ids[:8]
+
+
 def test_logit_bias(models):
     """Batched together: one request forcing a token (+100), one banning the tokens its greedy run produced (-100)
     and one without bias, which equals its solo run. Bias moves sampling only: the banning request's first logprob

@@ -56,10 +56,12 @@ def rows_of(probs, n):
         ({"logit_bias": {-1: 5}}, "logit_bias"),
         ({"logit_bias": {"3": 5}}, "logit_bias"),
         ({"logit_bias": [3, 5]}, "logit_bias"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
     ],
     ids=["n", "temperature", "top_p_zero", "top_p_big", "top_k", "min_p", "max_tokens", "repetition",
          "presence", "frequency", "logprobs", "prompt_logprobs", "seed_float", "bias_range", "bias_negative_id",
-         "bias_str_id", "bias_not_dict"],
+         "bias_str_id", "bias_not_dict", "min_tokens", "min_over_max"],
 )
 def test_params_validation_names_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field} must be"):
@@ -250,6 +252,22 @@ def test_logit_bias_adds_exactly_and_before_penalties():
     assert sample(logits, [SamplingParams(temperature=0, logit_bias={2: 0.1})]).token_ids.tolist() == [1]
     penalised = [SamplingParams(temperature=0, logit_bias={2: 0.1}, presence_penalty=0.5)]
     assert sample(logits, penalised, output=[[1]]).token_ids.tolist() == [2]
+
+
+def test_banned_tokens_are_never_sampled():
+    """banned (min_tokens: EOS and stop tokens not yet allowed): row 0 bans its argmax and the runner-up, greedy;
+    row 1 bans all but token 0 of a sampling row; row 2 bans nothing. Logprobs stay raw."""
+    logits = rows_of(PROBS, 3)
+    params = [SamplingParams(temperature=0, logprobs=0), SamplingParams(temperature=1.0, seed=5, logprobs=0),
+              SamplingParams(temperature=0, logprobs=0)]
+    batch = make_batch(params, 5)
+    banned = SamplingBatch.from_requests(params, [[]] * 3, [[]] * 3, [None] * 3, 5, "cpu", [[3, 1], [1, 2, 3, 4], []])
+    for _ in range(5):
+        assert Sampler()(logits, banned).token_ids.tolist() == [4, 0, 3]
+    out, plain = Sampler()(logits, banned), Sampler()(logits, batch)
+    raw = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(out.logprobs[:, 0], raw.gather(1, out.token_ids[:, None])[:, 0], rtol=0, atol=1e-6)
+    assert plain.token_ids.tolist()[::2] == [3, 3]
 
 
 def test_compute_topk_logprobs_for_prompt_tokens():
