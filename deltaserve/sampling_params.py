@@ -23,6 +23,32 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """Constrain the generated text (vLLM's StructuredOutputsParams); set exactly one of: `json` (a JSON schema, as a
+    dict or a JSON string), `json_object=True` (any JSON object), `regex`, or `choice` (the output is one of these
+    strings). The request ends when the constrained text is complete. Needs the optional xgrammar package."""
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("json", "regex", "choice") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object is True else []
+        if len(kinds) != 1:
+            raise ValueError(f"structured_outputs must set exactly one of json, json_object, regex or choice, "
+                             f"got {kinds or 'none'}.")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (a dict or a string), got {self.json!r}.")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise ValueError(f"structured_outputs.regex must be a non-empty string, got {self.regex!r}.")
+        if self.choice is not None:
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError(f"structured_outputs.choice must be a list of non-empty strings, got {self.choice!r}.")
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+
 @dataclass
 class SamplingParams:
     n: int = 1  # number of output sequences per prompt
@@ -47,6 +73,7 @@ class SamplingParams:
     # -100 effectively bans a token, +100 all but forces it. Keys must lie in the model's vocabulary (checked when
     # the request is added).
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputs | None = None  # constrain the output to a JSON schema, a regex, ...
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -97,6 +124,8 @@ class SamplingParams:
             fail(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}.")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             fail(f"stop_token_ids must be a list of integers >= 0, got {self.stop_token_ids!r}.")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            fail(f"structured_outputs must be None or a StructuredOutputs, got {self.structured_outputs!r}.")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 fail(f"logit_bias must be None or a dict of token id -> bias, got {self.logit_bias!r}.")

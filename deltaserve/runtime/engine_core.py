@@ -5,8 +5,8 @@ Async scheduling (`async_scheduling=True`): a step is launched on the device and
 scheduling, building the next batch) overlaps the device's. The next step feeds each in-flight token by its device
 copy (the model runner substitutes it). A request that stops on a token read late has had one more step computed,
 whose sample is dropped; its blocks and slot are reused only by work queued after that step, so nothing leaks.
-Steps whose requests need the host to know every token (repetition / presence / frequency penalties) are read before
-the next one is scheduled.
+Steps whose requests need the host to know every token (repetition / presence / frequency penalties, structured
+outputs) are read before the next one is scheduled.
 
 Requests with n > 1 become n sibling requests ("<id>" holds sample 0, "<id>#1".. the others) that are reported
 together under the parent id.
@@ -26,6 +26,7 @@ from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .request import Request, RequestStatus
 from .scheduler import Scheduler
 from .scheduler_output import SchedulerOutput
+from .structured_output import GrammarBackend
 
 if TYPE_CHECKING:
     from ..worker.model_runner import PendingOutput
@@ -50,7 +51,7 @@ class _Launched:
     """A step queued on the device whose samples have not been read yet."""
     sched: SchedulerOutput
     pending: "PendingOutput"  # the runner's handle on its samples
-    needs_host_tokens: bool  # a sampled request uses penalties: read before scheduling the next step
+    needs_host_tokens: bool  # a sampled request uses penalties or a grammar: read before scheduling the next step
 
 
 class EngineCore:
@@ -63,6 +64,7 @@ class EngineCore:
         self._by_id: dict[str, tuple[_Group, int]] = {}
         self._ids = itertools.count()
         self._inflight: _Launched | None = None
+        self._grammars = GrammarBackend(tokenizer, vocab_size, eos_token_ids) if tokenizer is not None else None
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
                     request_id: str | None = None) -> str:
@@ -82,6 +84,7 @@ class EngineCore:
         bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
         if bad:
             raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        start_after = self._check_structured(prompt_token_ids, params)
         room = self.max_model_len - n_prompt
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         samples, detoks = [], []
@@ -91,6 +94,8 @@ class EngineCore:
                 req.prompt_logprobs = [None]
             if params.seed is not None:
                 req.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            if params.structured_outputs is not None:
+                req.grammar = self._grammars.grammar(params.structured_outputs, start_after)
             samples.append(req)
             detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
                           if self.tokenizer is not None else None)
@@ -164,12 +169,13 @@ class EngineCore:
     def _launch(self, sched: SchedulerOutput) -> _Launched:
         pending = self.runner.launch(sched)
         self.scheduler.update_after_step(sched)
-        penalties = False
+        needs_host = False
         for req in pending.requests:
             req.num_inflight += 1
             p = req.params
-            penalties |= p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-        return _Launched(sched, pending, penalties)
+            needs_host |= p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            needs_host |= req.grammar is not None
+        return _Launched(sched, pending, needs_host)
 
     def _read(self, launched: _Launched, finished_only: bool) -> list[RequestOutput]:
         """Read a launched step's samples: append tokens, check stops, build the outputs."""
@@ -215,10 +221,28 @@ class EngineCore:
         prev_len = len(group.texts[i])
         if group.detoks[i] is not None:
             group.texts[i] += group.detoks[i].add([tok])
+        complete = req.grammar is not None and req.grammar.accept(tok)
         reason, stop = self._stop_reason(req, group, i, tok, prev_len)
+        if reason is None and complete:  # the grammar took EOS although ignore_eos or min_tokens held it back
+            reason = "stop"
         if reason is not None:
             req.finish_reason, req.stop_reason = reason, stop
             self.scheduler.finish(req)
+
+    def _check_structured(self, prompt_token_ids: list[int], params: SamplingParams) -> int | None:
+        """Compile a structured request's grammar now (ValueError for a bad spec or a model without a tokenizer) ->
+        the `</think>` token id when the prompt leaves a thinking block open (its grammar starts after it), else
+        None."""
+        if params.structured_outputs is None:
+            return None
+        if self._grammars is None:
+            raise ValueError("structured outputs need the model's tokenizer.json")
+        self._grammars.grammar(params.structured_outputs)  # compiles (cached) and reports a bad spec up front
+        start, end = (self.tokenizer.token_to_id(t) for t in ("<think>", "</think>"))
+        if start is None or end is None or start not in prompt_token_ids:
+            return None
+        last_start = len(prompt_token_ids) - 1 - prompt_token_ids[::-1].index(start)
+        return end if end not in prompt_token_ids[last_start:] else None
 
     def _stop_reason(self, req: Request, group: _Group, i: int, tok: int,
                      prev_len: int) -> tuple[str | None, int | str | None]:

@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, StructuredOutputs
 
 logger = logging.getLogger("deltaserve.serve")
 MAX_LOGPROBS = 20  # top logprobs per token a request may ask for (OpenAI's limit)
@@ -144,15 +144,18 @@ def validation_error(e: ValidationError) -> APIError:
     return APIError(400, f"Invalid value for '{param}' ({shown}): {err['msg'][0].lower() + err['msg'][1:]}.", param)
 
 
-def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """The request's sampling options -> SamplingParams; APIError(400) naming the field for a bad value."""
+def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int | None,
+                    structured: StructuredOutputs | None = None) -> SamplingParams:
+    """The request's sampling options (and a chat request's response_format, see structured_outputs) ->
+    SamplingParams; APIError(400) naming the field for a bad value."""
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}.", "logprobs")
     if not 1 <= req.n <= 128:
         raise APIError(400, f"n must be between 1 and 128, got {req.n}.", "n")
     kw = dict(n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids or [],
               ignore_eos=req.ignore_eos, seed=req.seed, logprobs=logprobs, logit_bias=_token_bias(req.logit_bias),
-              skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
+              skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+              structured_outputs=structured)
     optional = dict(min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                     min_p=req.min_p,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
@@ -164,6 +167,24 @@ def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int
         msg = str(e)
         field = msg.split(" ", 1)[0]
         raise APIError(400, msg, field if field in kw else None) from None
+
+
+def structured_outputs(response_format: dict[str, Any] | None) -> StructuredOutputs | None:
+    """OpenAI's response_format -> the constraint on the answer: {"type": "json_object"} any JSON object,
+    {"type": "json_schema", "json_schema": {"schema": {...}}} that schema, "text" (or none) nothing."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputs(json_object=True)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise APIError(400, "response_format of type 'json_schema' needs json_schema.schema, a JSON schema "
+                                "object.", "response_format")
+        return StructuredOutputs(json=spec["schema"])
+    raise APIError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}.",
+                   "response_format")
 
 
 def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:

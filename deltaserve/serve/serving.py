@@ -40,7 +40,8 @@ class ServingContext:
         try:
             return await self.engine.add_request(ids, params, request_id, prompt)
         except ValueError as e:
-            param = next((f for f in ("logit_bias", "prompt") if f in str(e)), None)
+            param = next((p for f, p in (("logit_bias", "logit_bias"), ("structured output", "response_format"),
+                                         ("prompt", "prompt")) if f in str(e)), None)
             raise APIError(400, str(e), param) from None
         except EngineStopped as e:
             raise APIError(503, str(e)) from None

@@ -8,7 +8,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..tokenizer import TokenizerError
-from .protocol import APIError, ChatCompletionRequest, check_max_tokens, new_id, now, sampling_params, usage
+from .protocol import (APIError, ChatCompletionRequest, check_max_tokens, new_id, now, sampling_params,
+                       structured_outputs, usage)
 from .reasoning import ReasoningParser, Split, prompt_opens_thinking
 from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, chat_logprobs, collect, engine_api_error,
                       merge, sse, sse_error)
@@ -65,16 +66,13 @@ def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
 
 
 def _tools(req: ChatCompletionRequest) -> list[dict] | None:
-    """The tools to render and parse, after checking tool_choice and response_format."""
+    """The tools to render and parse, after checking tool_choice."""
     choice = req.tool_choice
     if isinstance(choice, dict) or choice == "required":
-        raise APIError(400, "tool_choice 'required' or a named function needs guided decoding, which this server "
-                            "does not support; use 'auto' or 'none'.", "tool_choice")
+        raise APIError(400, "tool_choice 'required' or a named function is not supported; use 'auto' or 'none'.",
+                       "tool_choice")
     if choice not in (None, "auto", "none"):
         raise APIError(400, f"tool_choice must be 'auto' or 'none', got {choice!r}.", "tool_choice")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise APIError(400, "response_format other than 'text' needs guided decoding, which this server does not "
-                            "support; remove it.", "response_format")
     if not req.tools or choice == "none":
         return None
     return [t.model_dump(exclude_none=True) for t in req.tools]
@@ -103,7 +101,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     check_max_tokens(max_tokens, len(ids), ctx.max_model_len, field)
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens, k)
+    params = sampling_params(req, max_tokens, k, structured_outputs(req.response_format))
     thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
     parsers = [ChoiceParser(prompt_opens_thinking(prompt), thinking, tools) for _ in range(req.n)]
     rid = new_id("chatcmpl")

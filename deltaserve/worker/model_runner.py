@@ -380,9 +380,11 @@ class ModelRunner:
         whole = len(row_ids) == logits.shape[0] and _in_order(row_ids)
         rows = logits if whole else logits[to_device(row_ids, self.device)]
         banned = [_not_yet(r, self.cfg.eos_token_ids, self.cfg.vocab_size) for r in reqs]
+        grammars = [r.grammar for r in reqs]
         sbatch = SamplingBatch.from_requests(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
             [r.generator for r in reqs], self.cfg.vocab_size, self.device, banned if any(banned) else None,
+            grammars if any(g is not None for g in grammars) else None,
         )
         res = self.sampler(rows, sbatch)
         self.last_sampled, self.last_sampled_rows = res.token_ids, {r.request_id: j for j, r in enumerate(reqs)}
@@ -396,9 +398,10 @@ class ModelRunner:
 
 def _not_yet(req: Request, eos_token_ids: tuple[int, ...], vocab_size: int) -> list[int]:
     """The tokens `req` may not sample now: while it has fewer than min_tokens outputs (a token still in flight under
-    async scheduling counts), EOS (unless ignore_eos) and its stop_token_ids."""
+    async scheduling counts), EOS (unless ignore_eos) and its stop_token_ids. A grammar decides alone where its text
+    may end (structured outputs ignore min_tokens)."""
     p = req.params
-    if len(req.output_token_ids) + req.num_inflight >= p.min_tokens:
+    if req.grammar is not None or len(req.output_token_ids) + req.num_inflight >= p.min_tokens:
         return []
     return [t for t in (*(() if p.ignore_eos else eos_token_ids), *p.stop_token_ids) if t < vocab_size]
 

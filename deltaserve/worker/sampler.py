@@ -8,6 +8,7 @@ Order of operations (vLLM's):
   1. logprobs = log_softmax(raw logits) in fp32 (the documented contract: raw, before anything below)
   1b. logit_bias added to the biased rows' tokens, and -inf to the tokens a row may not sample yet (min_tokens):
       one scatter-add over every (row, token) pair of the batch
+  1c. structured outputs: -inf outside each constrained row's grammar (a packed bitmask, see runtime/structured_output)
   2. repetition penalty on tokens seen in prompt OR output (divide positive logits, multiply negative ones)
   3. frequency / presence penalties on output tokens only (counts via scatter_add)
   4. greedy rows take the argmax of the penalised logits
@@ -53,6 +54,9 @@ class SamplingBatch:
     # logit_bias and banned tokens of every row as (rows [M] int64, token ids [M] int64, biases [M] fp32, -inf for a
     # banned token); None when no row has either
     logit_bias: tuple[Tensor, Tensor, Tensor] | None
+    # structured outputs: (rows [M] int64, packed bitmask [M, ceil(V / 32)] int32, bit t % 32 of word t // 32 set when
+    # token t is allowed) of the M constrained rows; None when no row is constrained
+    allowed: tuple[Tensor, Tensor] | None
     vocab_size: int  # V, the width of the logits
     need_logprobs: bool  # some row asked for logprobs (logprobs=0 still returns the sampled token's logprob)
     max_num_logprobs: int  # max top-k logprobs any row asked for (0 = none beyond the sampled token)
@@ -78,11 +82,14 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device | str,
         banned: list[list[int]] | None = None,
+        grammars: list | None = None,
     ) -> SamplingBatch:
         """Build the batch for N rows. prompt_ids / output_ids: per-row token ids so far (only copied to the
         device when some row uses penalties). generators: per-row generator for seeded requests (owned by the
         runner so it advances across steps), None for the others. banned: per-row token ids the row may not sample
-        this step (EOS and stop tokens before min_tokens), None for none. One host-to-device copy per dtype."""
+        this step (EOS and stop tokens before min_tokens), None for none. grammars: per-row structured-output
+        grammar (runtime/structured_output.RequestGrammar) or None, None for none. One host-to-device copy per
+        dtype."""
         device = torch.device(device)
         n = len(params)
         if not len(prompt_ids) == len(output_ids) == len(generators) == n or (banned is not None and len(banned) != n):
@@ -128,6 +135,7 @@ class SamplingBatch:
             output_ids=None if no_penalties else _pad_ids(output_ids, vocab_size, pin).to(device, non_blocking=True),
             generators={i: g for i, g in enumerate(generators) if g is not None and not greedy[i]},
             logit_bias=_logit_bias(params, banned or [[] for _ in params], pin, device),
+            allowed=_allowed(grammars, (vocab_size + 31) // 32, device) if grammars else None,
             vocab_size=vocab_size,
             need_logprobs=any(p.logprobs is not None for p in params),
             max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
@@ -170,6 +178,21 @@ def _logit_bias(params: list[SamplingParams], banned: list[list[int]], pin: bool
         ints, floats = ints.pin_memory(), floats.pin_memory()
     rows_t, toks_t = ints.to(device, non_blocking=True).unbind(0)
     return rows_t, toks_t, floats.to(device, non_blocking=True)
+
+
+def _allowed(grammars: list, words: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """Per row its runtime.structured_output.RequestGrammar (None: unconstrained) -> (rows [M] int64, packed bitmask
+    [M, words] int32) of the M rows constrained this step, on `device`; None when there are none."""
+    rows = [i for i, g in enumerate(grammars) if g is not None and g.constrains]
+    if not rows:
+        return None
+    bitmask = torch.empty((len(rows), words), dtype=torch.int32)
+    for j, i in enumerate(rows):
+        grammars[i].fill(bitmask, j)
+    rows_t = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        bitmask, rows_t = bitmask.pin_memory(), rows_t.pin_memory()
+    return rows_t.to(device, non_blocking=True), bitmask.to(device, non_blocking=True)
 
 
 def _pad_ids(seqs: list[list[int]], pad: int, pin: bool) -> Tensor:
@@ -236,6 +259,17 @@ def apply_penalties(
     return out
 
 
+def apply_allowed(logits: Tensor, rows: Tensor, bitmask: Tensor) -> Tensor:
+    """logits [N, V]; rows [M]; bitmask [M, ceil(V / 32)] int32 -> logits with -inf where a constrained row's bit is
+    clear (out of place). The words are unpacked byte by byte (little-endian: token 32 w + 8 b + k is bit k of byte
+    b of word w), one byte per token for the M rows only."""
+    n_vocab = logits.shape[1]
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    bits = (bitmask.contiguous().view(torch.uint8).unsqueeze(-1) >> shifts) & 1  # [M, 4 W, 8]
+    allowed = bits.reshape(bitmask.shape[0], -1)[:, :n_vocab].bool()
+    return logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
+
+
 def apply_top_k_top_p(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None, max_top_k: int) -> Tensor:
     """logits: [N, V] fp32, masked IN PLACE with -inf and returned; top_k: [N] int64 in [1, V] or None;
     top_p: [N] fp32 in (0, 1] or None; max_top_k: host int >= every row's top_k.
@@ -289,6 +323,8 @@ class Sampler:
         if batch.logit_bias is not None:  # out of place: logits may still be the caller's tensor
             rows, toks, biases = batch.logit_bias
             logits = logits.index_put((rows, toks), biases, accumulate=True)
+        if batch.allowed is not None:
+            logits = apply_allowed(logits, *batch.allowed)
         if not batch.no_penalties:
             logits = apply_penalties(
                 logits, batch.prompt_ids, batch.output_ids, batch.repetition_penalty,

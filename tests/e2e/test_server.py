@@ -256,6 +256,22 @@ def test_min_tokens_extra(client):
         assert (res.usage.completion_tokens, res.choices[0].finish_reason) == (want, "stop"), min_tokens
 
 
+def test_response_format_json_schema_and_object(client):
+    """response_format constrains the answer: a strict schema's instance, or any JSON object (prefix if cut)."""
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["a", "n"], "additionalProperties": False}
+    res = client.chat.completions.create(
+        model=MODEL, messages=user("Give me JSON"), max_tokens=48, temperature=0.9, seed=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "ab", "schema": schema, "strict": True}},
+        extra_body=NO_THINK)
+    assert res.choices[0].finish_reason == "stop"
+    answer = json.loads(res.choices[0].message.content)
+    assert set(answer) == {"a", "n"} and isinstance(answer["a"], bool) and type(answer["n"]) is int
+    obj = client.chat.completions.create(model=MODEL, messages=user("Give me JSON"), max_tokens=8, temperature=0.9,
+                                         seed=2, response_format={"type": "json_object"}, extra_body=NO_THINK)
+    assert obj.choices[0].message.content.lstrip().startswith("{")
+
+
 def test_chat_logprobs_stop_and_seed(client):
     msgs = user("Count with me")
     res = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, logprobs=True,
@@ -347,6 +363,13 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "token_out_of_vocab": ("/v1/completions", {"model": MODEL, "prompt": [10 ** 6]}, None, 400, "prompt"),
     "min_tokens_over_max": ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2, "min_tokens": 3},
                             None, 400, "min_tokens"),
+    "response_format_type": ("/v1/chat/completions", chat_body(response_format={"type": "xml"}), None, 400,
+                             "response_format"),
+    "response_format_no_schema": ("/v1/chat/completions", chat_body(response_format={"type": "json_schema"}), None,
+                                  400, "response_format"),
+    "response_format_bad_schema": ("/v1/chat/completions", chat_body(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}), None, 400,
+        "response_format"),
     "logit_bias_key": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"a": 1}}, None, 400,
                        "logit_bias"),
     "logit_bias_range": ("/v1/chat/completions", chat_body(logit_bias={"5": 101}), None, 400, "logit_bias"),

@@ -1,0 +1,122 @@
+"""Structured outputs: constrain a request's tokens to a JSON schema, any JSON object, a regex or a list of choices.
+
+The grammar engine is xgrammar (an optional dependency: `pip install 'deltaserve[structured]'`), imported only when a
+request asks for structured output. `GrammarBackend` (one per engine) builds xgrammar's view of the vocabulary once,
+compiles each distinct spec once (LRU-cached: the same schema sent again costs nothing) and hands each request sample a
+`RequestGrammar`. Per step, the sampling batch asks every sampled row with a live grammar for its allowed tokens
+(`RequestGrammar.fill`: a packed bitmask, bit t % 32 of word t // 32 set when token t may come next) and the sampler
+masks the others to -inf; when the engine reads a sampled token it advances the grammar (`accept`). A request whose grammar is
+complete (it accepted EOS) stops with finish_reason "stop". Such steps are read before the next one is scheduled, as
+for penalties: the next mask needs the token just sampled.
+
+Reasoning models: with `start_after` (the `</think>` token id when the prompt opens a thinking block), the grammar
+only applies once that token has been generated, so the model reasons freely and the answer is constrained.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..sampling_params import StructuredOutputs
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
+
+INSTALL_HINT = "pip install 'deltaserve[structured]'"
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError:
+        raise ValueError(f"structured outputs need the xgrammar package: {INSTALL_HINT}") from None
+    return xgrammar
+
+
+class GrammarBackend:
+    """Compiles StructuredOutputs specs for one model: its tokenizer (byte-level BPE), vocabulary size (the logits'
+    width, which may exceed the tokenizer's) and EOS ids (what completes a grammar)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: set[int]):
+        self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, sorted(eos_token_ids)
+        self.words = (vocab_size + 31) // 32  # int32 words of one row's bitmask
+
+    @functools.cached_property
+    def _compiler(self):
+        xgr = _xgrammar()
+        vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.tokenizer.vocab_size)]
+        info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.BYTE_LEVEL, vocab_size=self.vocab_size,
+                                 stop_token_ids=self.eos_token_ids)
+        return xgr.GrammarCompiler(info)
+
+    def grammar(self, spec: StructuredOutputs, start_after: int | None = None) -> RequestGrammar:
+        """A fresh grammar state for one request sample; ValueError (one sentence) for a spec that does not compile."""
+        return RequestGrammar(_xgrammar().GrammarMatcher(self._compile(_key(spec))), start_after)
+
+    @functools.lru_cache(maxsize=64)
+    def _compile(self, key: tuple[str, str]):
+        kind, text = key
+        compiler = self._compiler
+        try:
+            if kind == "json_object":
+                return compiler.compile_json_schema('{"type": "object"}')
+            if kind == "json":
+                return compiler.compile_json_schema(text)
+            return compiler.compile_regex(text)  # regex, and choice as an alternation of escaped literals
+        except Exception as e:  # noqa: BLE001 - xgrammar raises several types for a bad schema / regex
+            what = {"json": "JSON schema", "regex": "regex", "choice": "choice list"}[kind]
+            raise ValueError(f"structured output: the {what} does not compile: {_reason(e)}") from None
+
+
+def _reason(e: Exception) -> str:
+    """xgrammar's message without its C++ location and check prefix: '[12:56:07] /x.cc:94: Check failed: ... is
+    false: Failed to parse JSON ...' -> 'Failed to parse JSON ...'."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
+    return re.sub(r"^Check failed: .*? is false: ", "", text).rstrip(".")
+
+
+def _key(spec: StructuredOutputs) -> tuple[str, str]:
+    """A hashable (kind, text) for the compile cache."""
+    if spec.json_object:
+        return "json_object", ""
+    if spec.json is not None:
+        return "json", spec.json if isinstance(spec.json, str) else json.dumps(spec.json, sort_keys=True)
+    if spec.regex is not None:
+        return "regex", spec.regex
+    return "choice", "|".join(_regex_literal(c) for c in spec.choice)
+
+
+def _regex_literal(text: str) -> str:
+    return "".join("\\" + ch if ch in "\\^$.|?*+()[]{}" else ch for ch in text)
+
+
+class RequestGrammar:
+    """One request sample's position in its grammar."""
+
+    def __init__(self, matcher, start_after: int | None):
+        self.matcher = matcher
+        self.active = start_after is None  # false until start_after has been generated
+        self.start_after = start_after
+
+    @property
+    def constrains(self) -> bool:
+        """Whether the next token is constrained (the grammar is live and not yet complete)."""
+        return self.active and not self.matcher.is_terminated()
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by a generated token -> whether the grammar is now complete (the request should stop)."""
+        if not self.active:
+            self.active = token_id == self.start_after
+            return False
+        if not self.matcher.accept_token(token_id):  # the mask allowed it, so only a mismatched backend gets here
+            raise RuntimeError(f"token {token_id} was sampled outside its request's grammar")
+        return self.matcher.is_terminated()
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write this grammar's allowed next tokens into row `row` of an int32 [N, words] CPU bitmask."""
+        self.matcher.fill_next_token_bitmask(bitmask, row)

@@ -1,0 +1,169 @@
+"""Structured outputs on the CPU reference path (fp32, tiny random checkpoint, xgrammar).
+
+A random model left alone almost never writes `{"a":true,"n":12}`; constrained, every sample that stops is a
+complete instance of its JSON schema / regex / choice, and every sample (also one cut by max_tokens) is a prefix the
+grammar accepts token by token. The mask is the sampler's only change: logprobs stay raw, async scheduling reads such
+steps before launching the next and gives the same answers, a thinking block opened by the prompt is left free until
+`</think>`, and a spec that does not compile is refused in one sentence before anything is queued.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from deltaserve import LLM, SamplingParams
+from deltaserve.runtime.structured_output import GrammarBackend
+from deltaserve.sampling_params import StructuredOutputs
+from deltaserve.tiny import make_tiny
+from deltaserve.worker.sampler import apply_allowed
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "boolean"}, "n": {"type": "integer"}},
+          "required": ["a", "n"], "additionalProperties": False}
+SPECS = {  # id -> (spec, check of a finished text)
+    "json-schema": (StructuredOutputs(json=SCHEMA),
+                    lambda t: set(json.loads(t)) == {"a", "n"} and isinstance(json.loads(t)["a"], bool)
+                    and type(json.loads(t)["n"]) is int),
+    "json-object": (StructuredOutputs(json_object=True), lambda t: isinstance(json.loads(t), dict)),
+    "regex": (StructuredOutputs(regex=r"[0-9]{3}-[a-z]{2}"), lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2}", t)),
+    "choice": (StructuredOutputs(choice=["yes", "no", "maybe (x)"]), lambda t: t in ("yes", "no", "maybe (x)")),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return make_tiny(str(tmp_path_factory.mktemp("so") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    return LLM(tiny, device="cpu", dtype="float32", max_model_len=256)
+
+
+def accepted_prefix(llm, spec: StructuredOutputs, token_ids: list[int]) -> bool:
+    """Whether a fresh grammar of `spec` accepts every token of `token_ids` in order."""
+    grammar = GrammarBackend(llm.tokenizer, llm.config.vocab_size, set(llm.config.eos_token_ids)).grammar(spec)
+    try:
+        for t in token_ids:
+            grammar.accept(t)
+    except RuntimeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- the sampler's mask
+
+def test_apply_allowed_unpacks_the_bitmask():
+    """Rows 0 and 2 of 3 are constrained over V = 70 (three words, the last partly past V): exactly the tokens whose
+    bit is set keep their logit, the others are -inf; row 1 is untouched and the caller's logits are not written."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 70, generator=gen)
+    bitmask = torch.randint(-2 ** 31, 2 ** 31 - 1, (2, 3), generator=gen, dtype=torch.int64).to(torch.int32)
+    before = logits.clone()
+    out = apply_allowed(logits, torch.tensor([0, 2]), bitmask)
+    assert torch.equal(logits, before) and torch.equal(out[1], logits[1])
+    for j, row in enumerate((0, 2)):
+        words = [int(w) & 0xFFFFFFFF for w in bitmask[j]]
+        want = torch.tensor([bool(words[t // 32] >> (t % 32) & 1) for t in range(70)])
+        assert torch.equal(torch.isfinite(out[row]), want)
+        assert torch.equal(out[row][want], logits[row][want])
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({}, "exactly one of json, json_object, regex or choice, got none"),
+    ({"json": SCHEMA, "regex": "a"}, "exactly one of json, json_object, regex or choice, got ['json', 'regex']"),
+    ({"json": 3}, "json must be a JSON schema"),
+    ({"choice": []}, "choice must be a list of non-empty strings"),
+    ({"regex": ""}, "regex must be a non-empty string"),
+], ids=["none", "two", "json-type", "empty-choice", "empty-regex"])
+def test_spec_errors_are_one_sentence(kwargs, needle):
+    with pytest.raises(ValueError) as e:
+        StructuredOutputs(**kwargs)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- the engine
+
+@pytest.mark.parametrize("case", list(SPECS), ids=list(SPECS))
+def test_samples_follow_their_grammar(llm, case):
+    spec, check = SPECS[case]
+    params = [SamplingParams(temperature=0.9, seed=s, max_tokens=48, logprobs=0, structured_outputs=spec)
+              for s in range(4)]
+    outs = llm.generate(["Answer:"] * 4, params, use_tqdm=False)
+    finished = 0
+    for o in outs:
+        c = o.outputs[0]
+        assert accepted_prefix(llm, spec, c.token_ids), (case, c.text)
+        assert case != "json-object" or c.text.lstrip().startswith("{"), c.text
+        if c.finish_reason == "stop":
+            finished += 1
+            assert check(c.text), (case, c.text)
+    if case != "json-object":  # an open JSON object has no length limit: a random model rarely closes one in time
+        assert finished == 4, f"{case}: {finished} of 4 samples completed"
+    free = llm.generate(["Answer:"] * 4, [SamplingParams(temperature=0.9, seed=s, max_tokens=48) for s in range(4)],
+                        use_tqdm=False)
+    assert not any(check_quietly(check, o.outputs[0].text) for o in free), "the model writes this unconstrained"
+
+
+def check_quietly(check, text: str) -> bool:
+    try:
+        return bool(check(text))
+    except ValueError:
+        return False
+
+
+def test_logprobs_stay_raw_and_n_samples_each_follow(llm):
+    """n = 2 seeded samples under one schema both complete it; each token's logprob is the raw model's (the same as
+    an unconstrained greedy request reports for that token at the first position)."""
+    spec = StructuredOutputs(json=SCHEMA)
+    out = llm.generate(["Answer:"], SamplingParams(n=2, temperature=0.9, seed=7, max_tokens=48, logprobs=1,
+                                                   structured_outputs=spec), use_tqdm=False)[0]
+    assert [c.finish_reason for c in out.outputs] == ["stop", "stop"]
+    assert all(SPECS["json-schema"][1](c.text) for c in out.outputs)
+    free = llm.generate(["Answer:"], SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)[0]
+    raw = free.outputs[0].logprobs[0]
+    first = out.outputs[0].logprobs[0]
+    top = max(first, key=first.get)
+    assert top == free.outputs[0].token_ids[0] and first[top] == pytest.approx(raw[top], abs=1e-5)
+
+
+def test_async_scheduling_reads_structured_steps_first(tiny):
+    """Under async scheduling a structured request's step is read before the next launch (the next mask needs its
+    token): the answers equal the synchronous ones, and a plain request batched with it is unchanged."""
+    prompts = ["Answer:", "Numbers 1 2 3"]
+    params = [SamplingParams(temperature=0.9, seed=3, max_tokens=40, structured_outputs=StructuredOutputs(json=SCHEMA)),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)]
+    texts = {}
+    for mode in (False, True):
+        llm = LLM(tiny, device="cpu", dtype="float32", max_model_len=256, async_scheduling=mode)
+        texts[mode] = [(o.outputs[0].text, o.outputs[0].finish_reason)
+                       for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert texts[True] == texts[False] and texts[True][0][1] == "stop"
+
+
+def test_grammar_starts_after_an_open_thinking_block(llm):
+    """A prompt ending in `<think>` leaves the reasoning free: the +100 bias makes `</think>` the first token, and
+    only the tokens after it must be one of the choices."""
+    tok = llm.tokenizer
+    end = tok.token_to_id("</think>")
+    prompt = {"prompt_token_ids": tok.encode("<|im_start|>assistant\n<think>\n")}
+    spec = StructuredOutputs(choice=["yes", "no"])
+    out = llm.generate([prompt], SamplingParams(temperature=0.9, seed=1, max_tokens=20, logit_bias={end: 100.0},
+                                                structured_outputs=spec), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[0] == end and out.finish_reason == "stop"
+    assert tok.decode(out.token_ids[1:]) in ("yes", "no")
+
+
+@pytest.mark.parametrize("spec, needle", [
+    (StructuredOutputs(json={"type": "bogus"}), 'the JSON schema does not compile: Unsupported type "bogus"'),
+    (StructuredOutputs(json="{not json"), "the JSON schema does not compile: Failed to parse JSON"),
+    (StructuredOutputs(regex="(ab"), "the regex does not compile: "),
+], ids=["schema-type", "schema-syntax", "regex"])
+def test_bad_spec_is_refused_before_queueing(llm, spec, needle):
+    with pytest.raises(ValueError) as e:
+        llm.generate(["x", "y"], SamplingParams(max_tokens=4, structured_outputs=spec), use_tqdm=False)
+    assert str(e.value).startswith("structured output: ") and needle in str(e.value), str(e.value)
+    assert "\n" not in str(e.value) and not llm.engine.has_unfinished()
+    assert llm.generate(["x"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
