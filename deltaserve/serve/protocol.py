@@ -89,6 +89,7 @@ class _SamplingRequest(_Model):
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
     logit_bias: dict[str, Number] | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's extra: {"json" | "json_object" | "regex" | "choice": ...}
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
@@ -152,6 +153,9 @@ def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}.", "logprobs")
     if not 1 <= req.n <= 128:
         raise APIError(400, f"n must be between 1 and 128, got {req.n}.", "n")
+    if structured is not None and req.structured_outputs:
+        raise APIError(400, "Give response_format or structured_outputs, not both.", "structured_outputs")
+    structured = structured or _structured_extra(req.structured_outputs)
     kw = dict(n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids or [],
               ignore_eos=req.ignore_eos, seed=req.seed, logprobs=logprobs, logit_bias=_token_bias(req.logit_bias),
               skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
@@ -185,6 +189,21 @@ def structured_outputs(response_format: dict[str, Any] | None) -> StructuredOutp
         return StructuredOutputs(json=spec["schema"])
     raise APIError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}.",
                    "response_format")
+
+
+def _structured_extra(spec: dict[str, Any] | None) -> StructuredOutputs | None:
+    """vLLM's structured_outputs extra ({"json": schema} | {"json_object": true} | {"regex": ...} | {"choice": [...]})
+    -> StructuredOutputs; APIError(400) for an unknown key or a bad value."""
+    if not spec:
+        return None
+    unknown = sorted(set(spec) - {"json", "json_object", "regex", "choice"})
+    if unknown:
+        raise APIError(400, f"structured_outputs takes json, json_object, regex or choice, got {unknown[0]!r}.",
+                       "structured_outputs")
+    try:
+        return StructuredOutputs(**spec)
+    except ValueError as e:
+        raise APIError(400, str(e), "structured_outputs") from None
 
 
 def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:

@@ -35,12 +35,14 @@ class ServingContext:
             raise APIError(400, "This model has no tokenizer.json, so it can only take token-id prompts on "
                                 "/v1/completions.")
 
-    async def add(self, ids: list[int], params: SamplingParams, request_id: str,
-                  prompt: str | None) -> RequestStream:
+    async def add(self, ids: list[int], params: SamplingParams, request_id: str, prompt: str | None,
+                  structured_field: str = "response_format") -> RequestStream:
+        """Queue a request; the engine's refusals become 400s naming the field: structured_field is the one that
+        carried a structured-output spec the engine refused."""
         try:
             return await self.engine.add_request(ids, params, request_id, prompt)
         except ValueError as e:
-            param = next((p for f, p in (("logit_bias", "logit_bias"), ("structured output", "response_format"),
+            param = next((p for f, p in (("logit_bias", "logit_bias"), ("structured output", structured_field),
                                          ("prompt", "prompt")) if f in str(e)), None)
             raise APIError(400, str(e), param) from None
         except EngineStopped as e:

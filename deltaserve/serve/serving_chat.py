@@ -105,7 +105,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
     parsers = [ChoiceParser(prompt_opens_thinking(prompt), thinking, tools) for _ in range(req.n)]
     rid = new_id("chatcmpl")
-    stream = await ctx.add(ids, params, rid, prompt)
+    stream = await ctx.add(ids, params, rid, prompt,
+                           "structured_outputs" if req.structured_outputs else "response_format")
     head = {"id": rid, "created": now(), "model": ctx.model_name}
     if req.stream:
         return EngineStreamingResponse(_stream(ctx, req, stream, parsers, head, k), [stream])

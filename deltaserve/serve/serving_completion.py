@@ -48,7 +48,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     streams = []
     try:
         for i, (text, ids) in enumerate(prompts):
-            streams.append(await ctx.add(ids, params, rid if len(prompts) == 1 else f"{rid}-{i}", text))
+            streams.append(await ctx.add(ids, params, rid if len(prompts) == 1 else f"{rid}-{i}", text,
+                                         "structured_outputs"))
     except BaseException:
         for s in streams:
             s.abort()

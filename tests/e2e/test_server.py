@@ -272,6 +272,16 @@ def test_response_format_json_schema_and_object(client):
     assert obj.choices[0].message.content.lstrip().startswith("{")
 
 
+def test_structured_outputs_extra_on_completions(client):
+    """vLLM's structured_outputs extra: a choice and a regex constrain each of several prompts' samples."""
+    res = client.completions.create(model=MODEL, prompt=["Pick:", "Or:"], n=2, max_tokens=12, temperature=1.0,
+                                    seed=5, extra_body={"structured_outputs": {"choice": ["left", "right"]}})
+    assert [c.text for c in res.choices] and all(c.text in ("left", "right") for c in res.choices)
+    code = client.completions.create(model=MODEL, prompt="Code:", max_tokens=12, temperature=1.0, seed=5,
+                                     extra_body={"structured_outputs": {"regex": "[A-Z]{2}[0-9]{3}"}})
+    assert re.fullmatch("[A-Z]{2}[0-9]{3}", code.choices[0].text) and code.choices[0].finish_reason == "stop"
+
+
 def test_chat_logprobs_stop_and_seed(client):
     msgs = user("Count with me")
     res = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, logprobs=True,
@@ -370,6 +380,13 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "response_format_bad_schema": ("/v1/chat/completions", chat_body(response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}), None, 400,
         "response_format"),
+    "structured_outputs_key": ("/v1/completions", {"model": MODEL, "prompt": "hi", "structured_outputs": {"xml": 1}},
+                               None, 400, "structured_outputs"),
+    "structured_outputs_bad_regex": ("/v1/completions", {"model": MODEL, "prompt": "hi",
+                                                         "structured_outputs": {"regex": "(ab"}}, None, 400,
+                                     "structured_outputs"),
+    "structured_outputs_and_response_format": ("/v1/chat/completions", chat_body(
+        response_format={"type": "json_object"}, structured_outputs={"regex": "a"}), None, 400, "structured_outputs"),
     "logit_bias_key": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"a": 1}}, None, 400,
                        "logit_bias"),
     "logit_bias_range": ("/v1/chat/completions", chat_body(logit_bias={"5": 101}), None, 400, "logit_bias"),
