@@ -2,6 +2,7 @@
 serving_completion.py and async_engine.py.
 
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models      (need the API key when one is set)
+    POST /tokenize   POST /detokenize                                       (vLLM's; the API key too)
     GET /health   GET /version   GET /metrics (Prometheus)
 
 Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}` with status 400 (bad request), 401 (API
@@ -24,10 +25,12 @@ from starlette.responses import JSONResponse, Response
 from .. import __version__
 from .async_engine import AsyncEngine
 from .metrics import ServerMetrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, now, parse_request
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, now,
+                       parse_request)
 from .serving import ServingContext
 from .serving_chat import create_chat_completion
 from .serving_completion import create_completion
+from .serving_tokenize import detokenize, tokenize
 
 logger = logging.getLogger("deltaserve.serve")
 
@@ -83,6 +86,17 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                                             "owned_by": "deltaserve", "max_model_len": ctx.max_model_len}]}
 
     app.include_router(v1)
+    tokens = APIRouter(dependencies=[Depends(_api_key_check(api_key))])  # vLLM's paths, outside /v1
+
+    @tokens.post("/tokenize")
+    async def tokenize_route(request: Request) -> dict:
+        return tokenize(ctx, parse_request(TokenizeRequest, await request.body()))
+
+    @tokens.post("/detokenize")
+    async def detokenize_route(request: Request) -> dict:
+        return detokenize(ctx, parse_request(DetokenizeRequest, await request.body()))
+
+    app.include_router(tokens)
 
     @app.get("/health")
     async def health() -> Response:

@@ -112,6 +112,23 @@ class ChatCompletionRequest(_SamplingRequest):
     response_format: dict[str, Any] | None = None
 
 
+class TokenizeRequest(_Model):
+    """POST /tokenize (vLLM's): a prompt, or chat messages rendered with the chat template as for a chat request."""
+    model: StrictStr
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[ToolSpec] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: StrictBool = True
+    add_special_tokens: StrictBool = False
+
+
+class DetokenizeRequest(_Model):
+    """POST /detokenize (vLLM's): token ids -> text, special tokens written out."""
+    model: StrictStr
+    tokens: list[StrictInt]
+
+
 class CompletionRequest(_SamplingRequest):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     logprobs: StrictInt | None = None

@@ -91,6 +91,11 @@ def _render(ctx: ServingContext, req: ChatCompletionRequest, tools: list[dict] |
         raise APIError(400, str(e), "messages") from None
 
 
+def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> str:
+    """The conversation rendered with the chat template (and its tools), as the engine will see it."""
+    return _render(ctx, req, _tools(req))
+
+
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request) -> Response:
     ctx.check_model(req.model)
     ctx.require_tokenizer()

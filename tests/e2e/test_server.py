@@ -282,6 +282,24 @@ def test_structured_outputs_extra_on_completions(client):
     assert re.fullmatch("[A-Z]{2}[0-9]{3}", code.choices[0].text) and code.choices[0].finish_reason == "stop"
 
 
+def test_tokenize_and_detokenize(server, client, tokenizer):
+    """/tokenize gives the ids a completion's prompt has (usage agrees) and a chat's rendered conversation;
+    /detokenize gives the text back."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    got, body = http(server.url + "/tokenize", {"model": MODEL, "prompt": "The quick brown"}, auth)
+    assert got == 200 and body["tokens"] == tokenizer.encode("The quick brown")
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == MAX_MODEL_LEN
+    res = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=1)
+    assert res.usage.prompt_tokens == body["count"]
+    msgs = user("Hi there")
+    got, chat = http(server.url + "/tokenize", {"model": MODEL, "messages": msgs, **NO_THINK}, auth)
+    rendered = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False)
+    assert got == 200 and chat["tokens"] == tokenizer.encode(rendered)
+    got, back = http(server.url + "/detokenize", {"model": MODEL, "tokens": chat["tokens"]}, auth)
+    assert got == 200 and back["prompt"] == rendered
+    assert http(server.url + "/tokenize", {"model": MODEL, "prompt": "x"}, {})[0] == 401
+
+
 def test_chat_logprobs_stop_and_seed(client):
     msgs = user("Count with me")
     res = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, logprobs=True,
@@ -387,6 +405,8 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
                                      "structured_outputs"),
     "structured_outputs_and_response_format": ("/v1/chat/completions", chat_body(
         response_format={"type": "json_object"}, structured_outputs={"regex": "a"}), None, 400, "structured_outputs"),
+    "tokenize_nothing": ("/tokenize", {"model": MODEL}, None, 400, "prompt"),
+    "detokenize_out_of_vocab": ("/detokenize", {"model": MODEL, "tokens": [1, 10 ** 6]}, None, 400, "tokens"),
     "logit_bias_key": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"a": 1}}, None, 400,
                        "logit_bias"),
     "logit_bias_range": ("/v1/chat/completions", chat_body(logit_bias={"5": 101}), None, 400, "logit_bias"),
