@@ -13,6 +13,7 @@ import re
 
 import pytest
 import torch
+from engine_helpers import StepLog
 
 from deltaserve import LLM, SamplingParams
 from deltaserve.runtime.structured_output import GrammarBackend
@@ -141,6 +142,21 @@ def test_async_scheduling_reads_structured_steps_first(tiny):
         texts[mode] = [(o.outputs[0].text, o.outputs[0].finish_reason)
                        for o in llm.generate(prompts, params, use_tqdm=False)]
     assert texts[True] == texts[False] and texts[True][0][1] == "stop"
+
+
+def test_preempted_requests_keep_their_grammar(tiny):
+    """A KV pool too small for four running requests preempts some (recompute): each keeps its grammar's position,
+    so every answer equals the one from a roomy engine, token for token."""
+    prompts = [{"prompt_token_ids": list(range(3 + i, 23 + i))} for i in range(6)]
+    params = [SamplingParams(temperature=0.9, seed=s, max_tokens=30, structured_outputs=StructuredOutputs(json=SCHEMA))
+              for s in range(6)]
+    tight = LLM(tiny, device="cpu", dtype="float32", max_model_len=64, block_size=4, num_kv_blocks=16, max_num_seqs=4)
+    log = StepLog.attach(tight)
+    outs = tight.generate(prompts, params, use_tqdm=False)
+    assert log.preempted_ids(), "no request was preempted: the KV pool is not tight enough"
+    roomy = LLM(tiny, device="cpu", dtype="float32", max_model_len=64)
+    refs = roomy.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [r.outputs[0].token_ids for r in refs]
 
 
 def test_grammar_starts_after_an_open_thinking_block(llm):
