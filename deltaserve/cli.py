@@ -6,6 +6,7 @@ Any error a user can cause (bad path, bad checkpoint, bad flag value) prints one
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -60,6 +61,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     g.add_argument("--n", type=int, default=1, help="completions per prompt")
+    g.add_argument("--min-tokens", type=int, default=0, help="no EOS / stop before this many tokens")
+    g.add_argument("--json-schema", default=None, metavar="FILE_OR_JSON",
+                   help="structured output: the answer is an instance of this JSON schema (a file, or inline JSON)")
+    g.add_argument("--regex", default=None, help="structured output: the answer matches this regex")
+    g.add_argument("--choice", action="append", default=None, help="structured output: the answer is one of these "
+                                                                   "(repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,7 +244,31 @@ def _sampling_params(args):
     return SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           min_p=args.min_p, max_tokens=args.max_tokens, stop=args.stop, seed=args.seed,
                           ignore_eos=args.ignore_eos, repetition_penalty=args.repetition_penalty,
-                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          min_tokens=args.min_tokens, structured_outputs=_structured_outputs(args))
+
+
+def _structured_outputs(args):
+    """--json-schema / --regex / --choice (at most one) -> StructuredOutputs or None."""
+    from .sampling_params import StructuredOutputs
+
+    given = [(kind, value) for kind, value in (("json", args.json_schema), ("regex", args.regex),
+                                                ("choice", args.choice)) if value]
+    if len(given) > 1:
+        raise ValueError("give at most one of --json-schema, --regex and --choice")
+    if not given:
+        return None
+    kind, value = given[0]
+    if kind == "json":
+        text = value
+        if os.path.isfile(value):
+            with open(value, encoding="utf-8") as f:
+                text = f.read()
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-schema is neither a file nor valid JSON ({e.msg} at line {e.lineno})") from None
+    return StructuredOutputs(**{kind: value})
 
 
 def _build_llm(args):
@@ -316,12 +347,9 @@ def _chat(args) -> int:
 
 
 def _generate(args) -> None:
-    from . import LLM, SamplingParams
+    from . import LLM
 
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            min_p=args.min_p, max_tokens=args.max_tokens, stop=args.stop, seed=args.seed,
-                            ignore_eos=args.ignore_eos, repetition_penalty=args.repetition_penalty,
-                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+    params = _sampling_params(args)
     llm = LLM(**engine_kwargs(args))
     if args.chat:
         outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, use_tqdm=False)

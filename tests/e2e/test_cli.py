@@ -136,6 +136,42 @@ def test_error_checkpoint_without_weights(made, env, tmp_path):
     assert_user_error(res, "model.safetensors")
 
 
+def test_generate_structured_output(made, env, tmp_path):
+    """--choice constrains each answer to one of the choices; --json-schema takes a file (or inline JSON)."""
+    _, path = made
+    res = cli("generate", "--model", path, "--prompt", "Pick", "--prompt", "Again", "--temperature", "1.0", "--seed",
+              "3", "--choice", "left", "--choice", "right", "--max-tokens", "10", "--device", "cpu", env=env)
+    assert res.returncode == 0, res.stderr
+    answers = [line for line in res.stdout.splitlines() if not line.startswith("--- prompt")]
+    assert len(answers) == 2 and set(answers) <= {"left", "right"}, res.stdout
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                                  "additionalProperties": False}))
+    res = cli("generate", "--model", path, "--prompt", "JSON", "--temperature", "0.9", "--seed", "1",
+              "--json-schema", str(schema), "--max-tokens", "40", "--device", "cpu", env=env)
+    assert res.returncode == 0 and "finish: stop" in res.stdout, res.stdout + res.stderr
+    assert set(json.loads(res.stdout.split("\n", 1)[1])) == {"ok"}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--json-schema", "{nope"], "--json-schema is neither a file nor valid JSON"),
+    (["--regex", "a", "--choice", "b"], "at most one of --json-schema, --regex and --choice"),
+], ids=["not-json", "two-kinds"])
+def test_error_structured_output(made, env, args, needle):
+    _, path = made
+    assert_user_error(cli("generate", "--model", path, "--prompt", "hi", *args, "--device", "cpu", env=env), needle)
+
+
+def test_error_schema_that_does_not_compile(made, env):
+    """Compiled against the model's vocabulary, so after loading (stderr has the load's INFO line first)."""
+    _, path = made
+    res = cli("generate", "--model", path, "--prompt", "hi", "--json-schema", '{"type": "bogus"}', "--device", "cpu",
+              env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == ('error: structured output: the JSON schema does not compile: '
+                                                   'Unsupported type "bogus"')
+
+
 def test_error_negative_temperature(made, env):
     _, path = made
     res = cli("generate", "--model", path, "--prompt", "hi", "--temperature", "-1", "--device", "cpu", env=env)
