@@ -2,18 +2,21 @@
 into `reasoning_content`, `content` and `tool_calls` (streamed as OpenAI chat.completion.chunk deltas)."""
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ..sampling_params import StructuredOutputs
 from ..tokenizer import TokenizerError
 from .protocol import (APIError, ChatCompletionRequest, check_max_tokens, new_id, now, sampling_params,
                        structured_outputs, usage)
 from .reasoning import ReasoningParser, Split, prompt_opens_thinking
 from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, chat_logprobs, collect, engine_api_error,
                       merge, sse, sse_error)
-from .tool_parser import ParsedDelta, ToolCallParser
+from .tool_parser import ForcedToolCalls, ParsedDelta, ToolCallParser, forced_schema
 
 _RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "documents"}
 
@@ -21,9 +24,12 @@ _RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "docu
 class ChoiceParser:
     """One choice's streamed text -> reasoning, content and tool-call deltas."""
 
-    def __init__(self, in_reasoning: bool, thinking: bool, tools: list[dict] | None):
+    def __init__(self, in_reasoning: bool, thinking: bool, tools: list[dict] | None, forced: Forced | None = None):
         self.reasoning = ReasoningParser(in_reasoning=in_reasoning, enabled=thinking)
-        self.tools = ToolCallParser(tools) if tools else None
+        if forced is not None:  # the answer is JSON naming the calls (tool_choice required / a named function)
+            self.tools = ForcedToolCalls(forced.name)
+        else:
+            self.tools = ToolCallParser(tools) if tools else None
         self.logprobs_sent = 0
         self.done = False
 
@@ -65,17 +71,36 @@ def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
     return out
 
 
+@dataclass(frozen=True)
+class Forced:
+    """A tool choice that forces calls: `name` the named function, or None for "required"."""
+    name: str | None
+
+
 def _tools(req: ChatCompletionRequest) -> list[dict] | None:
     """The tools to render and parse, after checking tool_choice."""
     choice = req.tool_choice
-    if isinstance(choice, dict) or choice == "required":
-        raise APIError(400, "tool_choice 'required' or a named function is not supported; use 'auto' or 'none'.",
+    if not (choice in (None, "auto", "none", "required") or isinstance(choice, dict)):
+        raise APIError(400, f"tool_choice must be 'auto', 'none', 'required' or a named function, got {choice!r}.",
                        "tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise APIError(400, f"tool_choice must be 'auto' or 'none', got {choice!r}.", "tool_choice")
     if not req.tools or choice == "none":
+        if choice == "required" or isinstance(choice, dict):
+            raise APIError(400, "tool_choice 'required' or a named function needs tools.", "tool_choice")
         return None
     return [t.model_dump(exclude_none=True) for t in req.tools]
+
+
+def _forced(req: ChatCompletionRequest, tools: list[dict] | None) -> Forced | None:
+    """tool_choice "required" or {"type": "function", "function": {"name": ...}} -> what it forces, else None."""
+    choice = req.tool_choice
+    if choice == "required":
+        return Forced(None)
+    if not isinstance(choice, dict):
+        return None
+    name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+    if name not in {t["function"]["name"] for t in tools or []}:
+        raise APIError(400, f"tool_choice names no function of tools: {json.dumps(choice)[:80]}.", "tool_choice")
+    return Forced(name)
 
 
 def _render(ctx: ServingContext, req: ChatCompletionRequest, tools: list[dict] | None) -> str:
@@ -106,9 +131,15 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     check_max_tokens(max_tokens, len(ids), ctx.max_model_len, field)
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens, k, structured_outputs(req.response_format))
+    forced = _forced(req, tools)
+    if forced is not None and (req.response_format or req.structured_outputs):
+        raise APIError(400, "tool_choice 'required' or a named function constrains the answer itself; drop "
+                            "response_format / structured_outputs.", "tool_choice")
+    structured = structured_outputs(req.response_format) if forced is None else \
+        StructuredOutputs(json=forced_schema(tools, forced.name, req.parallel_tool_calls is not False))
+    params = sampling_params(req, max_tokens, k, structured)
     thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
-    parsers = [ChoiceParser(prompt_opens_thinking(prompt), thinking, tools) for _ in range(req.n)]
+    parsers = [ChoiceParser(prompt_opens_thinking(prompt), thinking, tools, forced) for _ in range(req.n)]
     rid = new_id("chatcmpl")
     stream = await ctx.add(ids, params, rid, prompt,
                            "structured_outputs" if req.structured_outputs else "response_format")

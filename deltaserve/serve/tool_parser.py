@@ -270,3 +270,44 @@ class ToolCallParser:
     def _emit_args(self, out: ParsedDelta, text: str) -> None:
         self._open.call.arguments += text
         out.add_call(ToolCallDelta(index=len(self.calls) - 1, arguments=text))
+
+
+class ForcedToolCalls:
+    """tool_choice "required" or a named function: the answer is constrained (structured outputs, see forced_schema)
+    to JSON, read whole and turned into tool calls at the end, as vLLM does. With the parser's interface: feed()
+    holds everything back, finish() releases the calls (or, for a text cut short by max_tokens, the raw text)."""
+
+    def __init__(self, name: str | None):
+        self.name = name  # the named function, or None for "required" (a list of {"name", "parameters"})
+        self.buf = ""
+        self.calls: list[ToolCall] = []
+
+    def feed(self, text: str) -> ParsedDelta:
+        self.buf += text
+        return ParsedDelta()
+
+    def finish(self) -> ParsedDelta:
+        try:
+            value = json.loads(self.buf)
+        except ValueError:
+            return ParsedDelta(content=self.buf)
+        pairs = [(self.name, value)] if self.name is not None else [(c["name"], c["parameters"]) for c in value]
+        out = ParsedDelta()
+        for name, arguments in pairs:
+            call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=name,
+                            arguments=json.dumps(arguments, ensure_ascii=False))
+            out.tool_calls.append(ToolCallDelta(len(self.calls), call.id, name, call.arguments))
+            self.calls.append(call)
+        return out
+
+
+def forced_schema(tools: list[dict], name: str | None, parallel: bool = True) -> dict:
+    """The JSON schema a forced tool choice constrains the answer to: the named function's parameters, or for
+    "required" a non-empty list (one item unless `parallel`) of {"name": one of the tools, "parameters": that
+    tool's parameters}."""
+    params = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
+    if name is not None:
+        return params[name]
+    calls = [{"type": "object", "properties": {"name": {"const": fn}, "parameters": schema},
+              "required": ["name", "parameters"], "additionalProperties": False} for fn, schema in params.items()]
+    return {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": calls}}

@@ -363,6 +363,40 @@ def test_tool_call_round_trip(client, marker):
     assert (res2.choices[0].message.content, res2.choices[0].finish_reason) == ("It is sunny in Paris.", "stop")
 
 
+FORCE_TOOLS = [{"type": "function", "function": {"name": "set_unit", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "on": {"type": "boolean"}},
+    "required": ["unit", "on"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "ping", "parameters": {
+        "type": "object", "properties": {}, "additionalProperties": False}}}]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_tool_choice_named_and_required(client, stream):
+    """A named function: one call of it with arguments valid for its schema; "required" (one call, no parallel
+    calls): a call of one of the tools. The random model would call nothing on its own."""
+    def ask(choice):
+        res = client.chat.completions.create(model=MODEL, messages=user("Set the unit"), tools=FORCE_TOOLS,
+                                             tool_choice=choice, max_tokens=400, temperature=0.9, seed=4,
+                                             stream=stream, parallel_tool_calls=False, extra_body=NO_THINK)
+        if not stream:
+            return res.choices[0].message.tool_calls, res.choices[0].finish_reason
+        calls, finish = {}, None
+        for chunk in res:
+            for d in chunk.choices[0].delta.tool_calls or []:
+                calls.setdefault(d.index, [d.function.name, ""])[1] += d.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        return [type("Call", (), {"function": type("F", (), {"name": n, "arguments": a})})()
+                for n, a in calls.values()], finish
+
+    calls, finish = ask({"type": "function", "function": {"name": "set_unit"}})
+    assert finish == "tool_calls" and len(calls) == 1 and calls[0].function.name == "set_unit"
+    args = json.loads(calls[0].function.arguments)
+    assert args["unit"] in ("c", "f") and isinstance(args["on"], bool) and set(args) == {"unit", "on"}
+    calls, finish = ask("required")  # parallel_tool_calls=False: exactly one call (random JSON whitespace: 400 tokens)
+    assert finish == "tool_calls" and len(calls) == 1 and calls[0].function.name in ("set_unit", "ping")
+    assert all(isinstance(json.loads(c.function.arguments), dict) for c in calls)
+
+
 def test_tool_choice_none_leaves_text(client):
     res = client.chat.completions.create(model=MODEL, messages=user("FORCE_XML_TOOL weather?"), tools=TOOLS,
                                          tool_choice="none", max_tokens=80)
@@ -414,8 +448,10 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
                                 None, 400, "logit_bias"),
     "image_content": ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]), None, 400, "messages.0.content"),
-    "tool_choice_required": ("/v1/chat/completions", chat_body(tools=TOOLS, tool_choice="required"), None, 400,
-                             "tool_choice"),
+    "tool_choice_unknown_function": ("/v1/chat/completions", chat_body(tools=TOOLS, tool_choice={
+        "type": "function", "function": {"name": "nope"}}), None, 400, "tool_choice"),
+    "tool_choice_required_without_tools": ("/v1/chat/completions", chat_body(tool_choice="required"), None, 400,
+                                           "tool_choice"),
     "unknown_model": ("/v1/chat/completions", chat_body(model="gpt-4"), None, 404, "model"),
     "missing_api_key": ("/v1/chat/completions", chat_body(), {"Authorization": ""}, 401, None),
     "wrong_api_key": ("/v1/models", None, {"Authorization": "Bearer nope"}, 401, None),
