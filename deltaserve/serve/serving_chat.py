@@ -131,18 +131,18 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     check_max_tokens(max_tokens, len(ids), ctx.max_model_len, field)
     k = (req.top_logprobs or 0) if req.logprobs else None
-    forced = _forced(req, tools)
-    if forced is not None and (req.response_format or req.structured_outputs):
-        raise APIError(400, "tool_choice 'required' or a named function constrains the answer itself; drop "
-                            "response_format / structured_outputs.", "tool_choice")
-    structured = structured_outputs(req.response_format) if forced is None else \
-        StructuredOutputs(json=forced_schema(tools, forced.name, req.parallel_tool_calls is not False))
+    forced, structured = _forced(req, tools), structured_outputs(req.response_format)
+    if forced is not None:
+        if structured is not None or req.structured_outputs:
+            raise APIError(400, "tool_choice 'required' or a named function constrains the answer itself; drop "
+                                "response_format / structured_outputs.", "tool_choice")
+        structured = StructuredOutputs(json=forced_schema(tools, forced.name, req.parallel_tool_calls is not False))
     params = sampling_params(req, max_tokens, k, structured)
     thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
     parsers = [ChoiceParser(prompt_opens_thinking(prompt), thinking, tools, forced) for _ in range(req.n)]
     rid = new_id("chatcmpl")
-    stream = await ctx.add(ids, params, rid, prompt,
-                           "structured_outputs" if req.structured_outputs else "response_format")
+    spec_field = "tool_choice" if forced else "structured_outputs" if req.structured_outputs else "response_format"
+    stream = await ctx.add(ids, params, rid, prompt, spec_field)
     head = {"id": rid, "created": now(), "model": ctx.model_name}
     if req.stream:
         return EngineStreamingResponse(_stream(ctx, req, stream, parsers, head, k), [stream])
