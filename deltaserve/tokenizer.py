@@ -118,6 +118,12 @@ class Tokenizer:
         eos = self.special_tokens.get("eos_token")
         return None if eos is None else self.token_to_id(eos)
 
+    @property
+    def special_token_ids(self) -> set[int]:
+        """Ids of the added tokens marked special (`<|im_start|>`, `<|im_end|>`, ...), which skip_special_tokens
+        drops."""
+        return {i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 

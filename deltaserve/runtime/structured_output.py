@@ -5,9 +5,10 @@ request asks for structured output. `GrammarBackend` (one per engine) builds xgr
 compiles each distinct spec once (LRU-cached: the same schema sent again costs nothing) and hands each request sample a
 `RequestGrammar`. Per step, the sampling batch asks every sampled row with a live grammar for its allowed tokens
 (`RequestGrammar.fill`: a packed bitmask, bit t % 32 of word t // 32 set when token t may come next) and the sampler
-masks the others to -inf; when the engine reads a sampled token it advances the grammar (`accept`). A request whose grammar is
-complete (it accepted EOS) stops with finish_reason "stop". Such steps are read before the next one is scheduled, as
-for penalties: the next mask needs the token just sampled.
+masks the others to -inf; when the engine reads a sampled token it advances the grammar (`accept`). A request whose
+grammar is complete (it accepted EOS) stops with finish_reason "stop". Such steps are read before the next one is
+scheduled, as for penalties: the next mask needs the token just sampled. Special tokens (`<|im_start|>`, ...) never
+occur inside constrained text: the detokenizer would drop them from the answer.
 
 Reasoning models: with `start_after` (the `</think>` token id when the prompt opens a thinking block), the grammar
 only applies once that token has been generated, so the model reasons freely and the answer is constrained.
@@ -48,7 +49,9 @@ class GrammarBackend:
     @functools.cached_property
     def _compiler(self):
         xgr = _xgrammar()
-        vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.tokenizer.vocab_size)]
+        # special tokens as "": never part of constrained text (the detokenizer would drop them); EOS still ends it
+        special = self.tokenizer.special_token_ids
+        vocab = ["" if i in special else self.tokenizer.id_to_token(i) or "" for i in range(self.tokenizer.vocab_size)]
         info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.BYTE_LEVEL, vocab_size=self.vocab_size,
                                  stop_token_ids=self.eos_token_ids)
         return xgr.GrammarCompiler(info)

@@ -183,3 +183,18 @@ def test_bad_spec_is_refused_before_queueing(llm, spec, needle):
     assert str(e.value).startswith("structured output: ") and needle in str(e.value), str(e.value)
     assert "\n" not in str(e.value) and not llm.engine.has_unfinished()
     assert llm.generate(["x"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_special_tokens_never_inside_constrained_text(llm):
+    """Inside a JSON string any text may come, but not a special token (`<|im_start|>`: the detokenizer would drop
+    it from the answer); `</think>`, an ordinary added token, may. EOS ends the text once it is complete."""
+    tok = llm.tokenizer
+    grammar = GrammarBackend(tok, llm.config.vocab_size, set(llm.config.eos_token_ids)).grammar(
+        StructuredOutputs(json={"type": "string"}))
+    grammar.accept(tok.encode('"')[0])
+    bitmask = torch.zeros(1, (llm.config.vocab_size + 31) // 32, dtype=torch.int32)
+    grammar.fill(bitmask, 0)
+    allowed = torch.isfinite(apply_allowed(torch.zeros(1, llm.config.vocab_size), torch.tensor([0]), bitmask))[0]
+    assert tok.special_token_ids and not any(allowed[i] for i in tok.special_token_ids)
+    assert allowed[tok.encode("a")[0]] and allowed[tok.token_to_id("</think>")]
+    assert not grammar.accept(tok.encode('"')[0]) and grammar.accept(sorted(llm.config.eos_token_ids)[0])
