@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -198,3 +199,14 @@ def test_special_tokens_never_inside_constrained_text(llm):
     assert tok.special_token_ids and not any(allowed[i] for i in tok.special_token_ids)
     assert allowed[tok.encode("a")[0]] and allowed[tok.token_to_id("</think>")]
     assert not grammar.accept(tok.encode('"')[0]) and grammar.accept(sorted(llm.config.eos_token_ids)[0])
+
+
+def test_missing_xgrammar_is_one_sentence(tiny, monkeypatch):
+    """Without the optional package, a structured request is refused with the install command; others still run."""
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # `import xgrammar` now raises ImportError
+    llm = LLM(tiny, device="cpu", dtype="float32", max_model_len=64)
+    with pytest.raises(ValueError) as e:
+        llm.generate(["x"], SamplingParams(max_tokens=2, structured_outputs=StructuredOutputs(regex="a")),
+                     use_tqdm=False)
+    assert str(e.value) == "structured outputs need the xgrammar package: pip install 'deltaserve[structured]'"
+    assert llm.generate(["x"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
