@@ -163,9 +163,9 @@ def validation_error(e: ValidationError) -> APIError:
 
 
 def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int | None,
-                    structured: StructuredOutputs | None = None) -> SamplingParams:
-    """The request's sampling options (and a chat request's response_format, see structured_outputs) ->
-    SamplingParams; APIError(400) naming the field for a bad value."""
+                    structured: StructuredOutputs | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+    """The request's sampling options (and a chat request's response_format, see structured_outputs; the prompt's
+    logprobs a completion with echo reports) -> SamplingParams; APIError(400) naming the field for a bad value."""
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}.", "logprobs")
     if not 1 <= req.n <= 128:
@@ -176,7 +176,7 @@ def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int
     kw = dict(n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids or [],
               ignore_eos=req.ignore_eos, seed=req.seed, logprobs=logprobs, logit_bias=_token_bias(req.logit_bias),
               skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
-              structured_outputs=structured)
+              structured_outputs=structured, prompt_logprobs=prompt_logprobs)
     optional = dict(min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                     min_p=req.min_p,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,

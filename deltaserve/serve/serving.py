@@ -200,15 +200,22 @@ def chat_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list[dict[
     return {"content": content}
 
 
-def completion_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list[dict[int, float]], k: int,
+def completion_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list[dict[int, float] | None], k: int,
                         offset: int) -> dict:
-    """OpenAI completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset (from `offset`)."""
+    """OpenAI completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset (from `offset`). A None
+    entry (a prompt's first token, which nothing predicts) gives null logprobs, as OpenAI's echo does."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for tok, lp in zip(token_ids, logprobs):
         text = tokens(tok)[0]
         out["tokens"].append(text)
-        out["token_logprobs"].append(max(lp[tok], _LOGPROB_FLOOR))
-        out["top_logprobs"].append({tokens(t)[0]: max(v, _LOGPROB_FLOOR) for t, v in _top(lp, k)})
+        out["token_logprobs"].append(None if lp is None else max(lp[tok], _LOGPROB_FLOOR))
+        top = None if lp is None else {tokens(t)[0]: max(v, _LOGPROB_FLOOR) for t, v in _top(lp, k)}
+        out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(text)
     return out
+
+
+def join_logprobs(first: dict, second: dict) -> dict:
+    """Two completion_logprobs dicts -> one, first's tokens before second's (echoed prompt, then the completion)."""
+    return {key: first[key] + second[key] for key in first}

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from .protocol import APIError, CompletionRequest, check_max_tokens, new_id, now, sampling_params, usage
 from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, collect, completion_logprobs,
-                      engine_api_error, merge, sse, sse_error)
+                      engine_api_error, join_logprobs, merge, sse, sse_error)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -43,7 +43,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     for _, ids in prompts:
         check_max_tokens(max_tokens, len(ids), ctx.max_model_len)
-    params = sampling_params(req, max_tokens, req.logprobs)
+    # echo with logprobs scores the prompt too (OpenAI's legacy behaviour, what evaluation harnesses rely on)
+    params = sampling_params(req, max_tokens, req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
     rid = new_id("cmpl")
     streams = []
     try:
@@ -74,6 +75,11 @@ def _echo_text(ctx: ServingContext, text: str | None, ids: list[int]) -> str:
     return ctx.tokenizer.decode(ids, skip_special_tokens=False)
 
 
+def _prompt_logprobs(ctx: ServingContext, out, k: int) -> dict:
+    """The echoed prompt's logprobs (first token null) from a RequestOutput's prompt_logprobs."""
+    return completion_logprobs(ctx.tokens, out.prompt_token_ids, out.prompt_logprobs, k, 0)
+
+
 def _full_response(ctx: ServingContext, req: CompletionRequest, finals, echoes: list[str], head: dict) -> dict:
     choices, n_prompt, n_out = [], 0, 0
     for i, final in enumerate(finals):
@@ -83,6 +89,8 @@ def _full_response(ctx: ServingContext, req: CompletionRequest, finals, echoes: 
             lp = None
             if req.logprobs is not None:
                 lp = completion_logprobs(ctx.tokens, c.token_ids, c.logprobs, req.logprobs, len(echoes[i]))
+                if req.echo:
+                    lp = join_logprobs(_prompt_logprobs(ctx, final, req.logprobs), lp)
             choices.append({"index": i * req.n + c.index, "text": echoes[i] + c.text, "logprobs": lp,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
     choices.sort(key=lambda c: c["index"])
@@ -104,15 +112,18 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
                 if index in done:
                     continue
                 text = c.delta_text
+                lp = None
                 if index not in offsets:  # first delta of this choice: echo the prompt in front
                     text, offsets[index], sent_tokens[index] = echoes[i] + text, len(echoes[i]), 0
-                lp = None
+                    if req.echo and req.logprobs is not None:
+                        lp = _prompt_logprobs(ctx, out, req.logprobs)
                 if req.logprobs is not None and len(c.token_ids) > sent_tokens[index]:
                     s = sent_tokens[index]
-                    lp = completion_logprobs(ctx.tokens, c.token_ids[s:], c.logprobs[s:], req.logprobs,
-                                             offsets[index])
+                    new = completion_logprobs(ctx.tokens, c.token_ids[s:], c.logprobs[s:], req.logprobs,
+                                              offsets[index])
+                    lp = new if lp is None else join_logprobs(lp, new)
                     sent_tokens[index] = len(c.token_ids)
-                    offsets[index] += sum(len(t) for t in lp["tokens"])
+                    offsets[index] += sum(len(t) for t in new["tokens"])
                 final = c.finish_reason is not None
                 if final:
                     done.add(index)

@@ -19,6 +19,7 @@ import urllib.request
 import openai
 import pytest
 
+from deltaserve import LLM, SamplingParams
 from deltaserve.tiny import make_tiny
 from deltaserve.tokenizer import Tokenizer
 
@@ -298,6 +299,30 @@ def test_tokenize_and_detokenize(server, client, tokenizer):
     got, back = http(server.url + "/detokenize", {"model": MODEL, "tokens": chat["tokens"]}, auth)
     assert got == 200 and back["prompt"] == rendered
     assert http(server.url + "/tokenize", {"model": MODEL, "prompt": "x"}, {})[0] == 401
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, tokenizer, model_dir):
+    """OpenAI's echo + logprobs (how evaluation harnesses score a text): the prompt's tokens come first, the first
+    with null logprobs and the others with the engine's prompt logprobs, then the completion's; streamed alike."""
+    ids = tokenizer.encode("The quick brown fox jumps over")
+    body = dict(model=MODEL, prompt=ids, max_tokens=2, temperature=0, logprobs=1, echo=True,
+                extra_body={"ignore_eos": True})
+    lp = client.completions.create(**body).choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=64)
+    ref = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1,
+                                                                   logprobs=1, ignore_eos=True), use_tqdm=False)[0]
+    want = [ref.prompt_logprobs[j][ids[j]] for j in range(1, len(ids))]
+    want += [d[t] for d, t in zip(ref.outputs[0].logprobs, ref.outputs[0].token_ids)]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    streamed = {"tokens": [], "token_logprobs": []}
+    for chunk in client.completions.create(**body, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed["tokens"] += chunk.choices[0].logprobs.tokens
+            streamed["token_logprobs"] += chunk.choices[0].logprobs.token_logprobs
+    assert streamed["tokens"] == lp.tokens and streamed["token_logprobs"][0] is None
+    assert streamed["token_logprobs"][1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
 
 
 def test_chat_logprobs_stop_and_seed(client):
