@@ -237,7 +237,7 @@ class EngineCore:
             return None
         if self._grammars is None:
             raise ValueError("structured outputs need the model's tokenizer.json")
-        self._grammars.grammar(params.structured_outputs)  # compiles (cached) and reports a bad spec up front
+        self._grammars.compile(params.structured_outputs)  # cached; reports a bad spec before anything is queued
         start, end = (self.tokenizer.token_to_id(t) for t in ("<think>", "</think>"))
         if start is None or end is None or start not in prompt_token_ids:
             return None

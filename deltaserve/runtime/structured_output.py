@@ -44,7 +44,7 @@ class GrammarBackend:
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: set[int]):
         self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, sorted(eos_token_ids)
-        self.words = (vocab_size + 31) // 32  # int32 words of one row's bitmask
+        self._compile_key = functools.lru_cache(maxsize=64)(self._compile_uncached)  # per engine, not per class
 
     @functools.cached_property
     def _compiler(self):
@@ -56,12 +56,15 @@ class GrammarBackend:
                                  stop_token_ids=self.eos_token_ids)
         return xgr.GrammarCompiler(info)
 
-    def grammar(self, spec: StructuredOutputs, start_after: int | None = None) -> RequestGrammar:
-        """A fresh grammar state for one request sample; ValueError (one sentence) for a spec that does not compile."""
-        return RequestGrammar(_xgrammar().GrammarMatcher(self._compile(_key(spec))), start_after)
+    def compile(self, spec: StructuredOutputs):
+        """The compiled grammar of `spec` (cached); ValueError (one sentence) for a spec that does not compile."""
+        return self._compile_key(_key(spec))
 
-    @functools.lru_cache(maxsize=64)
-    def _compile(self, key: tuple[str, str]):
+    def grammar(self, spec: StructuredOutputs, start_after: int | None = None) -> RequestGrammar:
+        """A fresh grammar state for one request sample."""
+        return RequestGrammar(_xgrammar().GrammarMatcher(self.compile(spec)), start_after)
+
+    def _compile_uncached(self, key: tuple[str, str]):
         kind, text = key
         compiler = self._compiler
         try:

@@ -84,13 +84,14 @@ def _full_response(ctx: ServingContext, req: CompletionRequest, finals, echoes: 
     choices, n_prompt, n_out = [], 0, 0
     for i, final in enumerate(finals):
         n_prompt += len(final.prompt_token_ids)
+        prompt_lp = _prompt_logprobs(ctx, final, req.logprobs) if req.echo and req.logprobs is not None else None
         for c in final.outputs:
             n_out += len(c.token_ids)
             lp = None
             if req.logprobs is not None:
                 lp = completion_logprobs(ctx.tokens, c.token_ids, c.logprobs, req.logprobs, len(echoes[i]))
-                if req.echo:
-                    lp = join_logprobs(_prompt_logprobs(ctx, final, req.logprobs), lp)
+                if prompt_lp is not None:
+                    lp = join_logprobs(prompt_lp, lp)
             choices.append({"index": i * req.n + c.index, "text": echoes[i] + c.text, "logprobs": lp,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
     choices.sort(key=lambda c: c["index"])
