@@ -180,19 +180,21 @@ def _chunk_solve_kernel(
 
     # T's diagonal blocks, then the off-diagonal ones: T_ij = -T_ii sum_{j<=m<i} A_im T_mj
     p_Ad = A_diag + i_h * BC
-    b_T00 = _invert_diag_block(_kkt_block(b_kd0, b_kd0, b_beta0, b_G0, b_G0, BC, True), p_Ad, t0, t1, HV * BC, BC)
-    b_T11 = _invert_diag_block(_kkt_block(b_kd1, b_kd1, b_beta1, b_G1, b_G1, BC, True), p_Ad, t0 + BC, t1, HV * BC,
-                               BC)
-    b_T22 = _invert_diag_block(_kkt_block(b_kd2, b_kd2, b_beta2, b_G2, b_G2, BC, True), p_Ad, t0 + 2 * BC, t1,
-                               HV * BC, BC)
-    b_T33 = _invert_diag_block(_kkt_block(b_kd3, b_kd3, b_beta3, b_G3, b_G3, BC, True), p_Ad, t0 + 3 * BC, t1,
-                               HV * BC, BC)
+    # every block of A first: kn's registers are free before the substitutions start
+    b_A00 = _kkt_block(b_kd0, b_kd0, b_beta0, b_G0, b_G0, BC, True)
+    b_A11 = _kkt_block(b_kd1, b_kd1, b_beta1, b_G1, b_G1, BC, True)
+    b_A22 = _kkt_block(b_kd2, b_kd2, b_beta2, b_G2, b_G2, BC, True)
+    b_A33 = _kkt_block(b_kd3, b_kd3, b_beta3, b_G3, b_G3, BC, True)
     b_A10 = _kkt_block(b_kd1, b_kd0, b_beta1, b_G1, b_G0, BC, False)
     b_A20 = _kkt_block(b_kd2, b_kd0, b_beta2, b_G2, b_G0, BC, False)
     b_A21 = _kkt_block(b_kd2, b_kd1, b_beta2, b_G2, b_G1, BC, False)
     b_A30 = _kkt_block(b_kd3, b_kd0, b_beta3, b_G3, b_G0, BC, False)
     b_A31 = _kkt_block(b_kd3, b_kd1, b_beta3, b_G3, b_G1, BC, False)
     b_A32 = _kkt_block(b_kd3, b_kd2, b_beta3, b_G3, b_G2, BC, False)
+    b_T00 = _invert_diag_block(b_A00, p_Ad, t0, t1, HV * BC, BC)
+    b_T11 = _invert_diag_block(b_A11, p_Ad, t0 + BC, t1, HV * BC, BC)
+    b_T22 = _invert_diag_block(b_A22, p_Ad, t0 + 2 * BC, t1, HV * BC, BC)
+    b_T33 = _invert_diag_block(b_A33, p_Ad, t0 + 3 * BC, t1, HV * BC, BC)
     # fp32 products near full precision (MERGE "ieee" or "tf32x3", never plain tf32): the solve amplifies rounding
     b_T10 = -tl.dot(b_T11, tl.dot(b_A10, b_T00, input_precision=MERGE), input_precision=MERGE)
     b_T21 = -tl.dot(b_T22, tl.dot(b_A21, b_T11, input_precision=MERGE), input_precision=MERGE)
