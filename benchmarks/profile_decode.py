@@ -108,8 +108,10 @@ def main() -> None:
     # device-only replays of the step's two halves, on the buffers the last step left behind
     b = next(s for s in runner.graphs.buckets if s >= args.batch)
     graph_ms = time_cuda(runner.graphs.graphs[b].replay, iters=50) * 1e3
-    hidden = runner.graphs.outputs[b][: args.batch]
     reqs = list(eng.scheduler.running)
+    if len(reqs) != args.batch:
+        print(f"  note: {len(reqs)} of {args.batch} requests are running (the KV cache holds no more)")
+    hidden = runner.graphs.outputs[b][: len(reqs)]
     sbatch = SamplingBatch.from_requests([r.params for r in reqs], [r.prompt_token_ids for r in reqs],
                                          [r.output_token_ids for r in reqs], [None] * len(reqs),
                                          llm.config.vocab_size, llm.device)

@@ -128,6 +128,13 @@ KERNELS: dict[str, Spec] = {
         dict(q="*bf16", kn="*bf16", v_new="*bf16", g_cum="*fp32", h="*bf16", chunk_table="*i32", o="*bf16",
              s_q="i32", scale="fp32"),
         dict(HK=16, HV=32, K=128, V=128, BT=64, BK=128, BV=128), 4, 3, {"s_q"}),
+    "gdn_decode": Spec(  # GDN decode, 32+ rows on an H200 (32-column state tiles, 1 warp)
+        "deltaserve.kernels.gated_delta_rule.triton_decode:_fused_recurrent_decode_kernel",
+        dict(x="*bf16", conv_w="*bf16", conv_state="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32",
+             state="*fp32", slots="*i64", o="*bf16", counters="*i32", **_ints("s_x", "s_cs", "s_a", "s_b", "s_state"),
+             scale="fp32"),
+        dict(HK=16, HV=32, K=128, V=128, W=4, BK=128, BV=32, BW=4, NV=4, USE_PDL=True), 1, 3,
+        {"s_x", "s_cs", "s_state"}),
     "decode_bf16": _decode_spec(0),
     "decode_int8": _decode_spec(1),
     "decode_int4": _decode_spec(2),
