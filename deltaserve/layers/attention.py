@@ -7,6 +7,7 @@ from ..config import ModelConfig
 from ..kernels.paged_attention import attend, write_kv
 from ..kernels.rotary import qk_norm_rope
 from ..worker.forward_batch import ForwardBatch
+from .linear import Linear
 from .norm import RMSNorm
 
 
@@ -16,8 +17,8 @@ class GatedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, d, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
         # q_proj (per head [query(d) | gate(d)]), k_proj and v_proj of the checkpoint, stacked: one GEMM
-        self.qkv_proj = nn.Linear(h, (2 * self.num_heads + 2 * self.num_kv_heads) * d, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias)
+        self.qkv_proj = Linear(h, (2 * self.num_heads + 2 * self.num_kv_heads) * d, bias=bias)
+        self.o_proj = Linear(self.num_heads * d, h, bias=bias)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.scale = d ** -0.5

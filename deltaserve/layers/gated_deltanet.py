@@ -7,6 +7,7 @@ from ..config import ModelConfig
 from ..kernels.causal_conv1d import causal_conv1d_varlen
 from ..kernels.gated_delta_rule import gated_delta_rule_varlen, gdn_decode_step
 from ..worker.forward_batch import ForwardBatch, GdnPrefill
+from .linear import Linear
 from .norm import GatedRMSNorm
 
 
@@ -27,13 +28,13 @@ class GatedDeltaNet(nn.Module):
         # in_proj_qkv ([q (Hk·K) | k (Hk·K) | v (HV·V)]), in_proj_z, in_proj_b, in_proj_a of the checkpoint,
         # stacked: one GEMM instead of four (b and a have only HV rows each: poor GEMVs on their own)
         self.splits = [cfg.conv_dim, self.hv * self.dv, self.hv, self.hv]
-        self.in_proj = nn.Linear(h, sum(self.splits), bias=False)
+        self.in_proj = Linear(h, sum(self.splits), bias=False)
         self.conv1d = DepthwiseConv(cfg.conv_dim, cfg.linear_conv_kernel_dim)
         # Kept in fp32 whatever the model dtype: g = -exp(A_log)·softplus(a + dt_bias) is computed in fp32.
         self.A_log = nn.Parameter(torch.empty(self.hv, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.empty(self.hv, dtype=torch.float32))
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
-        self.out_proj = nn.Linear(self.hv * self.dv, h, bias=False)
+        self.out_proj = Linear(self.hv * self.dv, h, bias=False)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, conv_state: torch.Tensor,
                 recurrent_state: torch.Tensor) -> torch.Tensor:

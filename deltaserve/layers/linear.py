@@ -1,8 +1,8 @@
 """Linear layers in the formats a checkpoint can hold, behind one interface (`forward(x)`), and the fused groups.
 
-Every Linear decides its own format from the checkpoint (models/weights.plan_formats): `nn.Linear` for 16-bit,
-`QuantLinear` for int4 (AWQ or compressed-tensors). Our fused projections (q|k|v, the four GDN in-projections,
-gate|up) stay one `nn.Linear` GEMM when all their pieces are 16-bit; when any piece is quantized they become a
+Every Linear decides its own format from the checkpoint (models/weights.plan_formats): `Linear` (nn.Linear's
+parameters; decode-sized batches on CUDA run the Triton GEMV of kernels/gemv) for 16-bit, `QuantLinear` for int4
+(AWQ or compressed-tensors). Our fused projections (q|k|v, the four GDN in-projections, gate|up) stay one `Linear` GEMM when all their pieces are 16-bit; when any piece is quantized they become a
 `ProjectionGroup`, one Linear per checkpoint piece (so the loader fills each from its own tensors), outputs
 concatenated in the same order. `merge_projection_runs(model)` then fuses each run of consecutive pieces in one
 format back into one Linear: one GEMM per run, and no cat where a single run is left.
@@ -18,9 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import gemv
 from ..kernels.fused_moe import ExpertWeights, fused_moe_int4, fused_moe_reference
 from ..kernels.int4_gemm import int4_gemm, kernel_supports, kpack_ok
 from .quant import FORMATS, awq_to_kpack, ct_to_awq, dequantize, kpack_to_awq, narrowest_exact
+
+
+class Linear(nn.Linear):
+    """A 16-bit Linear: nn.Linear's parameters and state-dict names; its forward is kernels/gemv's dispatch (the
+    Triton GEMV for up to 16 rows on CUDA, F.linear elsewhere)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemv.linear(x, self.weight, self.bias)
 
 
 KPACK_CHUNK_ROWS = 1024  # input rows K-packed at a time: each temporary is rows x out int32 (27B gate|up: 140 MB)
@@ -164,13 +173,13 @@ def merge_projection_runs(model: nn.Module) -> None:
 
 def mergeable(a: nn.Module, b: nn.Module) -> bool:
     """Whether Linears a and b (same input x) can become one whose output is [a(x) | b(x)]: both 16-bit
-    (`nn.Linear`) with the same dtype and device and both or neither with a bias, or both int4 QuantLinears of one
+    (`Linear`) with the same dtype and device and both or neither with a bias, or both int4 QuantLinears of one
     format, group size, layout (kpack) and input width on one device, without an experts dim, every tensor whole
     along out (AWQ packs 8 output channels per int32). Anything else stays apart: FP8 Linears too (merging them
     would need their scale blocks to end at the seam)."""
     if type(a) is not type(b):
         return False
-    if type(a) is nn.Linear:
+    if type(a) is Linear:
         return (a.in_features == b.in_features and a.weight.dtype == b.weight.dtype
                 and a.weight.device == b.weight.device and (a.bias is None) == (b.bias is None))
     if type(a) is QuantLinear:
@@ -187,7 +196,7 @@ def merge_linears(linears: list[nn.Module]) -> nn.Module:
         return _merge_quant(linears)
     first = linears[0]
     with torch.device("meta"):  # shapes only: the tensors come from the pieces
-        merged = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None)
+        merged = Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None)
     merged.weight = nn.Parameter(torch.cat([m.weight.data for m in linears]), first.weight.requires_grad)  # [out, in]
     if first.bias is not None:
         merged.bias = nn.Parameter(torch.cat([m.bias.data for m in linears]), first.bias.requires_grad)  # [out]

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels.fused_moe import fused_moe, route_hidden, route_logits
-from .linear import ProjectionGroup
+from .linear import Linear, ProjectionGroup
 from .mlp import GatedMLP
 
 
@@ -37,10 +37,10 @@ class Experts(nn.Module):
         return self.gate_up_proj, self.down_proj
 
     def append_expert(self, gate_up: nn.Module, down: nn.Module) -> bool:
-        """Stack one more expert after the E experts, in place: 16-bit nn.Linears gate|up [2I, H] and down [H, I] of
+        """Stack one more expert after the E experts, in place: 16-bit Linears gate|up [2I, H] and down [H, I] of
         this dtype and device -> whether they were (as layers.linear.QuantExperts.append_expert)."""
         pairs = ((self.gate_up_proj, gate_up), (self.down_proj, down))
-        if not all(type(one) is nn.Linear and one.bias is None and one.weight.shape == many.shape[1:]
+        if not all(type(one) is Linear and one.bias is None and one.weight.shape == many.shape[1:]
                    and one.weight.dtype == many.dtype and one.weight.device == many.device for many, one in pairs):
             return False
         self.gate_up_proj, self.down_proj = (nn.Parameter(torch.cat([many.data, one.weight.data[None]]),
@@ -63,12 +63,12 @@ class SparseMoE(nn.Module):
         """cfg: this rank's shard_config; experts: the router ids [start, stop) this rank holds (None: all)."""
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router scores all E experts
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router scores all E experts
         self.first_expert, stop = experts or (0, cfg.num_experts)
         self.num_local_experts = stop - self.first_expert
         self.experts = Experts(self.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_expert = GatedMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False)
 
     def fuse_shared_expert(self) -> bool:
         """Stack the shared expert after the routed experts as expert E (module docstring) when the experts take it
@@ -94,7 +94,7 @@ class SparseMoE(nn.Module):
 
     def _route(self, x: torch.Tensor, gate_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights, ids) [T, k] (+1 with gate_weight: the stacked shared expert's pair)."""
-        if type(self.gate) is nn.Linear and self.gate.bias is None:  # the router GEMV can join the routing launch
+        if type(self.gate) is Linear and self.gate.bias is None:  # the router GEMV can join the routing launch
             return route_hidden(x, self.gate.weight, self.top_k, gate_weight)
         return route_logits(self.gate(x), self.top_k, x, gate_weight)
 

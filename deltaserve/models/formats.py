@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig, QuantConfig
 from ..layers.fp8 import FP8_DTYPES, Fp8Experts, Fp8Linear
-from ..layers.linear import ProjectionGroup, QuantExperts, QuantLinear
+from ..layers.linear import Linear, ProjectionGroup, QuantExperts, QuantLinear
 from ..layers.quant import FORMATS, QUANT_SUFFIXES, check_shapes
 
 # Linears Qwen3.5 AWQ checkpoints typically keep 16-bit (issue 5; module-name suffixes, matched at a dot): attention q/k/v,
@@ -176,7 +176,7 @@ def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[st
 def _linear(fmt: str | None, in_features: int, out_features: int, q: QuantConfig | None, name: str,
             blocks: dict[str, tuple[int, int]]) -> nn.Module:
     if fmt is None:
-        return nn.Linear(in_features, out_features, bias=False)
+        return Linear(in_features, out_features, bias=False)
     if fmt == "fp8":
         return Fp8Linear(in_features, out_features, blocks.get(name, q.weight_block_size))
     group = q.group_size

@@ -13,6 +13,7 @@ from deltaserve import LLM, SamplingParams, bench, cli
 from deltaserve.bench import active_weights, preset_config, weight_bytes_per_token_step
 from deltaserve.config import ModelConfig, QuantConfig
 from deltaserve.layers.linear import (
+    Linear,
     ProjectionGroup,
     QuantExperts,
     QuantLinear,
@@ -63,8 +64,8 @@ def test_awq_formats_mark_exactly_the_mixed_pattern(moe):
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_random_awq_model_is_built_in_the_mixed_pattern(moe):
     mods = dict(random_llm(moe, "awq").model.named_modules())
-    assert type(mods["layers.3.self_attn.qkv_proj"]) is nn.Linear  # 16-bit q|k|v: still one fused GEMM
-    assert type(mods["layers.0.linear_attn.in_proj"]) is nn.Linear  # 16-bit qkv|z|b|a: still one fused GEMM
+    assert type(mods["layers.3.self_attn.qkv_proj"]) is Linear  # 16-bit q|k|v: still one fused GEMM
+    assert type(mods["layers.0.linear_attn.in_proj"]) is Linear  # 16-bit qkv|z|b|a: still one fused GEMM
     assert isinstance(mods["layers.3.self_attn.o_proj"], QuantLinear)
     assert isinstance(mods["layers.0.linear_attn.out_proj"], QuantLinear)
     assert type(mods["lm_head"]) is nn.Linear
@@ -72,8 +73,8 @@ def test_random_awq_model_is_built_in_the_mixed_pattern(moe):
         experts = mods["layers.1.mlp.experts"]
         assert isinstance(experts, QuantExperts) and "layers.1.mlp.shared_expert" not in mods
         assert experts.gate_up_proj.qweight.shape[0] == experts.down_proj.scales.shape[0] == 9
-        assert type(mods["layers.1.mlp.gate"]) is nn.Linear
-        assert type(mods["layers.1.mlp.shared_expert_gate"]) is nn.Linear
+        assert type(mods["layers.1.mlp.gate"]) is Linear
+        assert type(mods["layers.1.mlp.shared_expert_gate"]) is Linear
     else:
         assert isinstance(mods["layers.1.mlp.gate_up_proj"], ProjectionGroup)
         assert isinstance(mods["layers.1.mlp.gate_up_proj.gate_proj+up_proj"], QuantLinear)  # int4 gate|up: 1 GEMM

@@ -19,7 +19,7 @@ from deltaserve.cli import main as cli_main
 from deltaserve.config import ConfigError
 from deltaserve.kernels.fp8_gemm import dequant_blocks, fp8_linear, quant_act
 from deltaserve.layers.fp8 import Fp8Experts, Fp8Linear, quantize_blocks
-from deltaserve.layers.linear import ProjectionGroup
+from deltaserve.layers.linear import Linear, ProjectionGroup
 from deltaserve.models.weights import WeightsError
 from deltaserve.quantize import quantize_checkpoint, write_dequantized
 from deltaserve.tiny import make_tiny
@@ -105,16 +105,16 @@ def test_fp8_checkpoint_matches_dequantized_twin(case, sources, tmp_path):
     assert o_proj.weight_scale_inv.dtype == torch.float32
     assert isinstance(mods["layers.1.linear_attn.in_proj"], ProjectionGroup)
     assert isinstance(mods["layers.1.linear_attn.in_proj.in_proj_qkv"], Fp8Linear)
-    assert type(mods["layers.1.linear_attn.in_proj.in_proj_b+in_proj_a"]) is nn.Linear  # 16-bit b|a: one GEMM
+    assert type(mods["layers.1.linear_attn.in_proj.in_proj_b+in_proj_a"]) is Linear  # 16-bit b|a: one GEMM
     if "layers.0." in not_convert:  # a whole layer left 16-bit keeps its fused GEMMs
-        assert type(mods["layers.0.linear_attn.in_proj"]) is nn.Linear
+        assert type(mods["layers.0.linear_attn.in_proj"]) is Linear
     if "self_attn.k_proj" in not_convert:  # 16-bit k beside FP8 q and v
-        assert type(mods["layers.3.self_attn.qkv_proj.k_proj"]) is nn.Linear
+        assert type(mods["layers.3.self_attn.qkv_proj.k_proj"]) is Linear
         assert isinstance(mods["layers.3.self_attn.qkv_proj.q_proj"], Fp8Linear)
     if moe:  # FP8 experts (moe_intermediate_size 64: gate and up blocks kept apart), 16-bit router and gate
         assert isinstance(mods["layers.1.mlp.experts"], Fp8Experts)
-        assert type(mods["layers.1.mlp.gate"]) is nn.Linear
-        assert type(mods["layers.1.mlp.shared_expert_gate"]) is nn.Linear
+        assert type(mods["layers.1.mlp.gate"]) is Linear
+        assert type(mods["layers.1.mlp.shared_expert_gate"]) is Linear
     with open(os.path.join(q, "config.json")) as f:
         qcfg = json.load(f)["quantization_config"]
     assert qcfg == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",

@@ -15,7 +15,7 @@ from torch import nn
 
 from deltaserve import LLM
 from deltaserve.config import ConfigError
-from deltaserve.layers.linear import ProjectionGroup, QuantExperts, QuantLinear
+from deltaserve.layers.linear import Linear, ProjectionGroup, QuantExperts, QuantLinear
 from deltaserve.layers.quant import AWQ_ORDER, dequant_awq, dequant_ct, pack_int4, to_awq, to_ct, unpack_int4
 from deltaserve.models.weights import WeightsError
 from deltaserve.quantize import QUANTIZABLE, quantize_checkpoint
@@ -113,17 +113,17 @@ def test_awq_checkpoint_matches_dequantized_twin(case, sources, tmp_path):
     assert isinstance(mods["layers.1.linear_attn.in_proj"], ProjectionGroup)
     # ... and after loading each run of one format is one Linear (merge_projection_runs): int4 qkv|z, 16-bit b|a
     assert isinstance(mods["layers.1.linear_attn.in_proj.in_proj_qkv+in_proj_z"], QuantLinear)
-    assert type(mods["layers.1.linear_attn.in_proj.in_proj_b+in_proj_a"]) is nn.Linear
+    assert type(mods["layers.1.linear_attn.in_proj.in_proj_b+in_proj_a"]) is Linear
     assert isinstance(mods["layers.3.self_attn.o_proj"], QuantLinear)
     if "layers.0." in not_convert:  # a whole layer left 16-bit keeps its one fused GEMM
-        assert type(mods["layers.0.linear_attn.in_proj"]) is nn.Linear
-        assert type(mods["layers.0.linear_attn.out_proj"]) is nn.Linear
+        assert type(mods["layers.0.linear_attn.in_proj"]) is Linear
+        assert type(mods["layers.0.linear_attn.out_proj"]) is Linear
     if "self_attn.q_proj" in not_convert:  # 16-bit q/k/v, int4 o_proj: q|k|v still one fused GEMM
-        assert type(mods["layers.3.self_attn.qkv_proj"]) is nn.Linear
+        assert type(mods["layers.3.self_attn.qkv_proj"]) is Linear
     if moe:  # int4 experts, 16-bit router and shared_expert_gate
         assert isinstance(mods["layers.1.mlp.experts"], QuantExperts)
-        assert type(mods["layers.1.mlp.gate"]) is nn.Linear
-        assert type(mods["layers.1.mlp.shared_expert_gate"]) is nn.Linear
+        assert type(mods["layers.1.mlp.gate"]) is Linear
+        assert type(mods["layers.1.mlp.shared_expert_gate"]) is Linear
     with open(os.path.join(q, "config.json")) as f:
         qcfg = json.load(f)["quantization_config"]
     assert qcfg["version"] == "gemm" and qcfg["group_size"] == GROUP and "in_proj_a" in qcfg["modules_to_not_convert"]

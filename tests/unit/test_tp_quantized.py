@@ -21,7 +21,7 @@ from deltaserve import LLM, SamplingParams
 from deltaserve.config import ModelConfig, QuantConfig
 from deltaserve.kernels.fp8_gemm import dequant_blocks
 from deltaserve.layers.fp8 import Fp8Experts, Fp8Linear, quantize_blocks, scale_ranges, shard_block
-from deltaserve.layers.linear import ProjectionGroup, QuantExperts, QuantLinear
+from deltaserve.layers.linear import Linear, ProjectionGroup, QuantExperts, QuantLinear
 from deltaserve.layers.quant import FORMATS
 from deltaserve.models.formats import AWQ_MIXED_16BIT, awq_formats, tp_problems
 from deltaserve.models.weights import read_formats
@@ -129,7 +129,7 @@ def test_each_rank_dequantizes_to_its_cut(ckpts, case):
     if case.startswith("fp8"):  # 64 of a 128-column block per rank: the shard refined its blocks
         assert part.get_submodule("layers.1.linear_attn.out_proj").block == (128, 64)
     if case == "awq-moe-mixed":  # mixed groups survive sharding: 16-bit q|k|v fused, int4 gate beside 16-bit up
-        assert type(part.get_submodule("layers.3.self_attn.qkv_proj")) is torch.nn.Linear
+        assert type(part.get_submodule("layers.3.self_attn.qkv_proj")) is Linear
         assert isinstance(part.get_submodule("layers.1.mlp.shared_expert.gate_up_proj"), ProjectionGroup)
 
 
