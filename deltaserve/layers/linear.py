@@ -179,7 +179,7 @@ def mergeable(a: nn.Module, b: nn.Module) -> bool:
     would need their scale blocks to end at the seam)."""
     if type(a) is not type(b):
         return False
-    if type(a) is Linear:
+    if isinstance(a, nn.Linear):
         return (a.in_features == b.in_features and a.weight.dtype == b.weight.dtype
                 and a.weight.device == b.weight.device and (a.bias is None) == (b.bias is None))
     if type(a) is QuantLinear:

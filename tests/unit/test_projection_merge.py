@@ -8,13 +8,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import deltaserve.llm
 from deltaserve import LLM, SamplingParams
 from deltaserve.config import ModelConfig
 from deltaserve.layers.fp8 import Fp8Linear, quantize_blocks
-from deltaserve.layers.linear import ProjectionGroup, QuantLinear, merge_projection_runs
+from deltaserve.layers.linear import Linear, ProjectionGroup, QuantLinear, merge_projection_runs
 from deltaserve.layers.quant import to_awq, to_ct
 from deltaserve.tiny import tiny_config
 
@@ -26,9 +25,9 @@ def _weight(out_f: int, seed: int) -> torch.Tensor:
     return torch.randn(out_f, IN, generator=torch.Generator().manual_seed(seed)) / math.sqrt(IN)
 
 
-def dense(out_f: int, seed: int) -> nn.Linear:
+def dense(out_f: int, seed: int) -> Linear:
     """A 16-bit piece (fp32 here), no bias like the pieces apply_formats builds."""
-    linear = nn.Linear(IN, out_f, bias=False)
+    linear = Linear(IN, out_f, bias=False)
     linear.weight.data.copy_(_weight(out_f, seed))
     return linear
 
@@ -55,11 +54,11 @@ def fp8(out_f: int, seed: int) -> Fp8Linear:
 
 # id -> (pieces as (kind, out_features, extra kwargs), the children's types after merging, in order)
 CASES = {
-    "dense_awq_dense": ([("d", 16, {}), ("q", 24, {}), ("d", 8, {})], [nn.Linear, QuantLinear, nn.Linear]),
-    "all_dense": ([("d", 16, {}), ("d", 40, {}), ("d", 4, {}), ("d", 4, {})], [nn.Linear]),
+    "dense_awq_dense": ([("d", 16, {}), ("q", 24, {}), ("d", 8, {})], [Linear, QuantLinear, Linear]),
+    "all_dense": ([("d", 16, {}), ("d", 40, {}), ("d", 4, {}), ("d", 4, {})], [Linear]),
     "awq_same_group": ([("q", 64, {}), ("q", 24, {})], [QuantLinear]),
     "awq_other_group": ([("q", 64, {}), ("q", 24, {"group": 64})], [QuantLinear, QuantLinear]),
-    "gdn_awq_full": ([("q", 48, {}), ("q", 32, {}), ("d", 4, {}), ("d", 4, {})], [QuantLinear, nn.Linear]),
+    "gdn_awq_full": ([("q", 48, {}), ("q", 32, {}), ("d", 4, {}), ("d", 4, {})], [QuantLinear, Linear]),
     "awq_kpack": ([("q", 64, {"group": 64, "kpack": True}), ("q", 16, {"group": 64, "kpack": True})],
                   [QuantLinear]),
     "awq_kpack_and_not": ([("q", 64, {"group": 64, "kpack": True}), ("q", 16, {"group": 64})],
@@ -67,7 +66,7 @@ CASES = {
     "ct": ([("q", 24, {"fmt": "ct"}), ("q", 12, {"fmt": "ct"})], [QuantLinear]),
     "ct_zp": ([("q", 24, {"fmt": "ct_zp"}), ("q", 16, {"fmt": "ct_zp"})], [QuantLinear]),
     "ct_and_awq": ([("q", 24, {"fmt": "ct"}), ("q", 16, {})], [QuantLinear, QuantLinear]),
-    "fp8_stay_apart": ([("f", 32, {}), ("f", 16, {}), ("d", 8, {}), ("d", 8, {})], [Fp8Linear, Fp8Linear, nn.Linear]),
+    "fp8_stay_apart": ([("f", 32, {}), ("f", 16, {}), ("d", 8, {}), ("d", 8, {})], [Fp8Linear, Fp8Linear, Linear]),
 }
 MAKERS = {"d": dense, "q": quant, "f": fp8}
 
@@ -163,12 +162,12 @@ def _mlp(moe: bool, layer: int) -> str:
 
 # quantization -> the groups (per layer of the tiny model) and their children after merging
 WANT = {
-    # 16-bit q|k|v and in_proj stay one fused nn.Linear (no group); gate|up, both int4, become one QuantLinear
+    # 16-bit q|k|v and in_proj stay one fused Linear (no group); gate|up, both int4, become one QuantLinear
     "awq": lambda moe: {_mlp(moe, i): [("gate_proj+up_proj", QuantLinear)] for i in range(4)},
     # int4 in_proj_qkv|z, 16-bit in_proj_b|a: 2 GEMMs, not 4; int4 q|k|v and gate|up: one QuantLinear each
     "awq-full": lambda moe: {
         **{f"layers.{i}.linear_attn.in_proj": [("in_proj_qkv+in_proj_z", QuantLinear),
-                                               ("in_proj_b+in_proj_a", nn.Linear)] for i in range(3)},
+                                               ("in_proj_b+in_proj_a", Linear)] for i in range(3)},
         "layers.3.self_attn.qkv_proj": [("q_proj+k_proj+v_proj", QuantLinear)],
         **{_mlp(moe, i): [("gate_proj+up_proj", QuantLinear)] for i in range(4)}},
 }
