@@ -94,11 +94,13 @@ KERNELS: dict[str, Spec] = {
     "logits": Spec(  # decode logits GEMV (fp32 out, LOGITS_TILE)
         "deltaserve.kernels.gemv.triton:_gemv_kernel",
         dict(x="*bf16", w="*bf16", out="*fp32", **_ints("M", "N", "K", "stride_xm", "stride_wn", "stride_om")),
-        dict(BN=64, BK=256, DOT_PRECISION="tf32", USE_PDL=True), 4, 3, {"N", "K", "stride_xm", "stride_wn", "stride_om"}),
-    "gemv": Spec(  # a 16-bit Linear's decode GEMV (bf16 out, linear_tile at K <= 2048)
+        dict(BN=64, BK=256, DOT_PRECISION="tf32", USE_PDL=True), 4, 3,
+        {"N", "K", "stride_xm", "stride_wn", "stride_om"}),
+    "gemv": Spec(  # a 16-bit Linear's decode GEMV (bf16 out, linear_tile of the wide projections: N >= 8192)
         "deltaserve.kernels.gemv.triton:_gemv_kernel",
         dict(x="*bf16", w="*bf16", out="*bf16", **_ints("M", "N", "K", "stride_xm", "stride_wn", "stride_om")),
-        dict(BN=32, BK=256, DOT_PRECISION="tf32", USE_PDL=True), 2, 3, {"N", "K", "stride_xm", "stride_wn", "stride_om"}),
+        dict(BN=32, BK=128, DOT_PRECISION="tf32", USE_PDL=True), 4, 4,
+        {"N", "K", "stride_xm", "stride_wn", "stride_om"}),
     "route": Spec(  # MoE router, 256 experts top-8, the shared expert appended (35B-A3B shapes, H=2048)
         "deltaserve.kernels.fused_moe.route_triton:_route_kernel",
         dict(logits="*bf16", weights="*fp32", ids="*i64", x="*bf16", w_gate="*bf16", E="i32", H="i32",

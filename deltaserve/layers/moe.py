@@ -40,7 +40,7 @@ class Experts(nn.Module):
         """Stack one more expert after the E experts, in place: 16-bit Linears gate|up [2I, H] and down [H, I] of
         this dtype and device -> whether they were (as layers.linear.QuantExperts.append_expert)."""
         pairs = ((self.gate_up_proj, gate_up), (self.down_proj, down))
-        if not all(type(one) is Linear and one.bias is None and one.weight.shape == many.shape[1:]
+        if not all(isinstance(one, nn.Linear) and one.bias is None and one.weight.shape == many.shape[1:]
                    and one.weight.dtype == many.dtype and one.weight.device == many.device for many, one in pairs):
             return False
         self.gate_up_proj, self.down_proj = (nn.Parameter(torch.cat([many.data, one.weight.data[None]]),
@@ -94,7 +94,7 @@ class SparseMoE(nn.Module):
 
     def _route(self, x: torch.Tensor, gate_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights, ids) [T, k] (+1 with gate_weight: the stacked shared expert's pair)."""
-        if type(self.gate) is Linear and self.gate.bias is None:  # the router GEMV can join the routing launch
+        if isinstance(self.gate, nn.Linear) and self.gate.bias is None:  # the router GEMV can join the routing launch
             return route_hidden(x, self.gate.weight, self.top_k, gate_weight)
         return route_logits(self.gate(x), self.top_k, x, gate_weight)
 

@@ -32,9 +32,9 @@ _DECODER = json.JSONDecoder()
 
 @dataclass
 class ToolCall:
-    id: str
     name: str
     arguments: str = ""  # JSON text; grows while streaming
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
 
 @dataclass
@@ -258,7 +258,7 @@ class ToolCallParser:
 
     # ---- emitting ----
     def _start_call(self, out: ParsedDelta, name: str) -> None:
-        call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=name)
+        call = ToolCall(name)
         self._open.call = call
         self.calls.append(call)
         out.add_call(ToolCallDelta(index=len(self.calls) - 1, id=call.id, name=name))
@@ -294,8 +294,7 @@ class ForcedToolCalls:
         pairs = [(self.name, value)] if self.name is not None else [(c["name"], c["parameters"]) for c in value]
         out = ParsedDelta()
         for name, arguments in pairs:
-            call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=name,
-                            arguments=json.dumps(arguments, ensure_ascii=False))
+            call = ToolCall(name, json.dumps(arguments, ensure_ascii=False))
             out.tool_calls.append(ToolCallDelta(len(self.calls), call.id, name, call.arguments))
             self.calls.append(call)
         return out

@@ -396,6 +396,7 @@ class ModelRunner:
             ready.record()
         return PendingOutput(out, reqs, [r.params.logprobs for r in reqs], *host, ready)
 
+
 def _not_yet(req: Request, eos_token_ids: tuple[int, ...], vocab_size: int) -> list[int]:
     """The tokens `req` may not sample now: while it has fewer than min_tokens outputs (a token still in flight under
     async scheduling counts), EOS (unless ignore_eos) and its stop_token_ids. A grammar decides alone where its text

@@ -135,7 +135,7 @@ class SamplingBatch:
             output_ids=None if no_penalties else _pad_ids(output_ids, vocab_size, pin).to(device, non_blocking=True),
             generators={i: g for i, g in enumerate(generators) if g is not None and not greedy[i]},
             logit_bias=_logit_bias(params, banned or [[] for _ in params], pin, device),
-            allowed=_allowed(grammars, (vocab_size + 31) // 32, device) if grammars else None,
+            allowed=_allowed(grammars, (vocab_size + 31) // 32, pin, device) if grammars else None,
             vocab_size=vocab_size,
             need_logprobs=any(p.logprobs is not None for p in params),
             max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
@@ -180,7 +180,7 @@ def _logit_bias(params: list[SamplingParams], banned: list[list[int]], pin: bool
     return rows_t, toks_t, floats.to(device, non_blocking=True)
 
 
-def _allowed(grammars: list, words: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+def _allowed(grammars: list, words: int, pin: bool, device: torch.device) -> tuple[Tensor, Tensor] | None:
     """Per row its runtime.structured_output.RequestGrammar (None: unconstrained) -> (rows [M] int64, packed bitmask
     [M, words] int32) of the M rows constrained this step, on `device`; None when there are none."""
     rows = [i for i, g in enumerate(grammars) if g is not None and g.constrains]
@@ -190,7 +190,7 @@ def _allowed(grammars: list, words: int, device: torch.device) -> tuple[Tensor, 
     for j, i in enumerate(rows):
         grammars[i].fill(bitmask, j)
     rows_t = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
+    if pin:
         bitmask, rows_t = bitmask.pin_memory(), rows_t.pin_memory()
     return rows_t.to(device, non_blocking=True), bitmask.to(device, non_blocking=True)
 

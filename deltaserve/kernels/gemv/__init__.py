@@ -16,7 +16,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and weight.dtype == x.dtype and weight.dim() == 2 and weight.stride(1) == 1):
         from .triton import MAX_ROWS, gemv, linear_tile
 
-        tile = linear_tile(*weight.shape)
-        if x.shape[0] <= MAX_ROWS and tile is not None:
+        if x.shape[0] <= MAX_ROWS and (tile := linear_tile(*weight.shape)) is not None:
             return gemv(x, weight, tile=tile)
     return reference.linear(x, weight, bias)

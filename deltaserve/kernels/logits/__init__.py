@@ -3,7 +3,8 @@
 CUDA, 16-bit, M <= gemv.triton.MAX_ROWS (decode): the Triton GEMV of kernels/gemv with fp32 out, which streams the
 vocab rows at 4.4-4.56 TB/s where cuBLAS's GEMM runs at 4.1-4.2 (1.04-1.08x on an H200,
 benchmarks/kernels/bench_gemv.py); the lm_head is the largest single read of a decode step (1.0 GB at 35B-A3B's
-H = 2048, 2.5 GB at 27B's 5120). Elsewhere, and for more rows: the reference (torch.mm with fp32 output on CUDA, linear then upcast on CPU)."""
+H = 2048, 2.5 GB at 27B's 5120). Elsewhere, and for more rows: the reference (torch.mm with fp32 output on CUDA,
+linear then upcast on CPU)."""
 import torch
 
 from . import reference
