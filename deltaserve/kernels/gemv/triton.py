@@ -34,12 +34,12 @@ LOGITS_TILE = GemvTile(64, 256, 4, 3)
 def linear_tile(n: int, k: int) -> GemvTile | None:
     """Tiles of a 16-bit Linear's GEMV, or None where cuBLAS is as fast. H200, bench_gemv.py --sweep (weights never
     from L2), M = 1..16: N <= 4096 (one wave of 32-row programs) at 512-wide K steps, 1.16-1.31x cuBLAS (9B out_proj
-    and down); N >= 8192 up to K = 5120 at 128-wide K steps and 4 warps, 1.03-1.17x (in_proj and q|k|v of 9B and
-    35B-A3B). Between (27B's N = 5120: 1.2 waves of programs) cuBLAS was faster. 9B gate|up and 27B's wider
-    projections take the second tile unmeasured at their own widths."""
+    and down); 8192 <= N <= 16384 with K <= 4096 at 128-wide K steps and 4 warps, 1.03-1.17x (in_proj and q|k|v of
+    9B and 35B-A3B). cuBLAS was as fast or faster at 9B gate|up (N = 24576: 1.00x), at N = 5120 (1.2 waves of
+    programs) and at every 27B width with K = 5120 (0.68-0.94x)."""
     if n <= 4096:
         return GemvTile(32, 512, 2, 4)
-    if n >= 8192 and k <= 5120:
+    if 8192 <= n <= 16384 and k <= 4096:
         return GemvTile(32, 128, 4, 4)
     return None
 
