@@ -94,7 +94,8 @@ def run(args) -> dict:
     from deltaserve.cli import resolve_model
 
     kw = dict(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs, async_scheduling=args.async_scheduling,
-              max_num_batched_tokens=args.max_num_batched_tokens,
+              max_num_batched_tokens=args.max_num_batched_tokens, state_dtype=args.state_dtype,
+              kv_cache_dtype=args.kv_cache_dtype,
               max_model_len=int((args.input_len + args.output_len) * (1 + args.range_ratio)) + 8)
     if args.preset:
         from deltaserve.bench import preset_config
@@ -147,6 +148,9 @@ def main() -> None:
     p.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in mean*(1±ratio)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--state-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="GDN recurrent state between steps (default: the checkpoint's mamba_ssm_dtype)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4", "fp8"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-stats", action="store_true", help="also print wall time per step kind")
     p.add_argument("--kernels", type=int, default=0, help="profile steps 20-29; print the top N kernels")

@@ -198,10 +198,12 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("arrive_late", [True, False], ids=["arrive-late", "arrive-early"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["fp32-state", "bf16-state"])
 @pytest.mark.parametrize("heads,block_v", DECODE_CASES)
-def test_decode_matches_reference(heads, block_v, state_dtype):
-    """Two consecutive steps (the second reads the conv state the first shifted), padding row -1 in the batch.
+def test_decode_matches_reference(heads, block_v, state_dtype, arrive_late):
+    """Two consecutive steps (the second reads the conv state the first shifted), padding row -1 in the batch, with
+    the conv-state arrival counted after the conv and after the state store.
     bf16 state pool: a stored state may differ by one bf16 ulp (2^-7 relative), and step 1 reads it back."""
     slots = torch.tensor([3, 0, -1, 6, 2], device=DEVICE)
     S, W = 8, 4
@@ -213,7 +215,7 @@ def test_decode_matches_reference(heads, block_v, state_dtype):
     conv_before, state_before = conv_state.clone(), state.clone()
     live = slots >= 0
     L = slots[live].tolist()
-    config = triton_decode.DecodeLaunchConfig(block_v=block_v)
+    config = triton_decode.DecodeLaunchConfig(block_v=block_v, arrive_late=arrive_late)
     dims = (heads["Hk"], heads["K"], heads["V"])
     for step in range(2):
         xs = x if step == 0 else torch.randn_like(x)

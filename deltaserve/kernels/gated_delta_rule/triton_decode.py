@@ -8,8 +8,14 @@ along V.
 
 Conv-state ownership: a program's v channels are its own. The q/k channels of a key head are read by all
 (HV/Hk) * V-tiles programs of that head, so none of them may shift the state before the others have read it: each
-reader bumps a per-(slot, key head) arrival counter after its read (acq_rel atomic), and the last to arrive writes
-the shifted q/k state and resets the counter to 0 for the next step (so it stays valid under CUDA-graph replay).
+reader bumps a per-(slot, key head) arrival counter after its read (a release atomic: its reads are performed before
+its count is), and the last to arrive writes the shifted q/k state and resets the counter to 0 for the next step (so
+it stays valid under CUDA-graph replay). The last arriver's writes depend on the count it read, and GPUs do not
+speculate stores, so it needs no acquire (acq_rel also invalidated the SM's L1 on every program). The release is a
+MEMBAR that waits for the program's outstanding memory operations: counted right after the conv (ARRIVE_LATE=False)
+it waits for the state tile's load, which the few-row launches need at once anyway; counted after the state tile
+is stored (ARRIVE_LATE=True) it keeps the load and the compute off its path, which pays when many programs share an
+SM.
 """
 from dataclasses import dataclass
 
@@ -28,10 +34,11 @@ class DecodeLaunchConfig:
     bound) against 32 / 4. Below 32 rows the wrapper uses SMALL_BATCH_CONFIG instead."""
     block_v: int = 64  # V-tile: [K, 64] fp32 = 32 KiB of state per program, 256-byte rows
     num_warps: int = 4
+    arrive_late: bool = True  # count the conv-state arrival after the state store (module docstring)
 
 
 # Few rows: more, smaller programs keep the SMs busy (same sweep: B=1 5.0 us with 16 / 1 warp, 5.6 us with 32 / 4)
-SMALL_BATCH_CONFIG = DecodeLaunchConfig(block_v=16, num_warps=1)
+SMALL_BATCH_CONFIG = DecodeLaunchConfig(block_v=16, num_warps=1, arrive_late=False)
 
 # Cards whose own sweep picked another config for 32+ rows. H200 (2026-11-28, same sweep): 32 / 1 warp took B=64
 # 0.122 -> 0.108 ms and B=256 0.457 -> 0.412 ms (0.57 -> 0.64 of its 4.2 TB/s copy bandwidth) against 64 / 4.
@@ -80,11 +87,30 @@ def _conv_silu(x_row, conv_w, p_cs, o_c, m_c, m_live, W: tl.constexpr, BW: tl.co
 
 
 @triton.jit
+def _arrive_and_shift(counters, slot, slot_c, i_kh, p_cs, b_qs, b_ks, o_k, m_k, HK: tl.constexpr, K: tl.constexpr,
+                      W: tl.constexpr, BW: tl.constexpr, READERS: tl.constexpr):
+    """Count this program as one of the READERS of key head i_kh's q/k conv state at the row's slot; the last of them
+    writes the shifted q/k state (b_qs, b_ks: [BK, BW], columns < W-1) and zeroes the counter. Padding rows skip."""
+    if slot >= 0:
+        tl.debug_barrier()  # every warp's conv-state reads precede the count (the release below is cumulative)
+        # release: this program's conv-state reads are performed before its arrival is counted
+        n_before = tl.atomic_add(counters + slot_c * HK + i_kh, 1, sem="release")
+        if n_before == READERS - 1:
+            o_w = tl.arange(0, BW)
+            m_w = m_k[:, None] & (o_w[None, :] < W - 1)
+            o_cq = i_kh * K + o_k
+            tl.store(p_cs + o_cq[:, None] * (W - 1) + o_w[None, :], b_qs, mask=m_w)
+            tl.store(p_cs + (HK * K + o_cq)[:, None] * (W - 1) + o_w[None, :], b_ks, mask=m_w)
+            tl.store(counters + slot_c * HK + i_kh, 0)
+
+
+@triton.jit
 def _fused_recurrent_decode_kernel(
     x, conv_w, conv_state, a, b, A_log, dt_bias, state, slots, o, counters,
     s_x, s_cs, s_a, s_b, s_state, scale,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, NV: tl.constexpr, USE_PDL: tl.constexpr = False,
+    BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, NV: tl.constexpr, ARRIVE_LATE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """x: [B, C] pre-conv q|k|v (row stride s_x); conv_w: [C, W]; conv_state: [S, C, W-1] (slot stride s_cs);
     a, b: [B, HV]; state: [S, HV, K, V] fp32 (slot stride s_state); slots: [B]; o: [B, HV, V];
@@ -114,14 +140,8 @@ def _fused_recurrent_decode_kernel(
     o_w = tl.arange(0, BW)
     m_w = o_w[None, :] < W - 1
     tl.store(p_cs + o_cv[:, None] * (W - 1) + o_w[None, :], b_vs, mask=(m_v & m_live_v)[:, None] & m_w)
-    if slot >= 0:
-        # acq_rel: this program's conv-state reads happen before its arrival is counted
-        n_before = tl.atomic_add(counters + slot_c * HK + i_kh, 1, sem="acq_rel")
-        if n_before == (HV // HK) * NV - 1:
-            o_cq = i_kh * K + o_k
-            tl.store(p_cs + o_cq[:, None] * (W - 1) + o_w[None, :], b_qs, mask=m_k[:, None] & m_w)
-            tl.store(p_cs + (HK * K + o_cq)[:, None] * (W - 1) + o_w[None, :], b_ks, mask=m_k[:, None] & m_w)
-            tl.store(counters + slot_c * HK + i_kh, 0)
+    if not ARRIVE_LATE:
+        _arrive_and_shift(counters, slot, slot_c, i_kh, p_cs, b_qs, b_ks, o_k, m_k, HK, K, W, BW, (HV // HK) * NV)
 
     b_a = tl.load(a + i_b * s_a + i_h).to(tl.float32) + tl.load(dt_bias + i_h).to(tl.float32)
     b_g = -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * tl.where(
@@ -136,6 +156,8 @@ def _fused_recurrent_decode_kernel(
     b_o = tl.sum(b_h * b_q[:, None], 0)
     tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
     tl.store(o + (i_b * HV + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+    if ARRIVE_LATE:
+        _arrive_and_shift(counters, slot, slot_c, i_kh, p_cs, b_qs, b_ks, o_k, m_k, HK, K, W, BW, (HV // HK) * NV)
 
 
 _COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -213,6 +235,6 @@ def fused_recurrent_decode(
         mixed_qkv, conv_weight, conv_state, a, b, A_log.contiguous(), dt_bias.contiguous(), state,
         slots.contiguous(), o, counters,
         mixed_qkv.stride(0), conv_state.stride(0), a.stride(0), b.stride(0), state.stride(0), K ** -0.5,
-        HK=HK, HV=HV, K=K, V=V, W=W, BK=BK, BV=BV, BW=triton.next_power_of_2(W), NV=NV,
+        HK=HK, HV=HV, K=K, V=V, W=W, BK=BK, BV=BV, BW=triton.next_power_of_2(W), NV=NV, ARRIVE_LATE=config.arrive_late,
         num_warps=config.num_warps, **pdl_args(mixed_qkv))
     return o
