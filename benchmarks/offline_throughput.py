@@ -6,7 +6,7 @@ the first, per request). Runs on CPU with the embedded tiny checkpoint and on GP
 
     python benchmarks/offline_throughput.py --num-prompts 64 --input-len 128 --output-len 32
     python benchmarks/offline_throughput.py --preset qwen3.5-9b --num-prompts 1000 --input-len 1024 \
-        --output-len 128 --max-num-seqs 512 --max-num-batched-tokens 8192 --step-stats
+        --output-len 128 --max-num-seqs 512 --max-num-batched-tokens 16384 --step-stats
 
 --step-stats also splits the wall time by step kind (decode-only, prefill-only, mixed): steps, time, and the
 prefill tokens and decode rows they carried, to show where a run's time goes. --kernels N profiles steps 20-29 of the

@@ -457,7 +457,11 @@ def _decode_partitions(n: int, hkv: int, max_context_len: int, block_n: int, dev
 # (benchmarks/kernels/bench_attention.py --kv-cache-dtype int8,int4,fp8 --sweep): int8 with 128-key tiles took batch
 # 16 / 64 from 675 / 2566 us to 547 / 2065 us (the bf16 cache: 547 / 2093); fp8 (fp16 matmuls) 512 / 1926 us. int8
 # under a 16-bit q runs triton_int8.py's kernel, whose sweep picked 64-key tiles of 3 stages (472 / 1834 us).
-_DECODE_TILE_D256 = {0: (32, 4, 3), 1: (64, 4, 3), 2: (32, 4, 3), 3: (128, 4, 2)}
+# The bf16 cache's short-partition tile runs 2 stages: H200, cold L2, 9B (Hkv 4) and 35B-A3B (Hkv 2) heads, batch
+# 1 / 16 / 64 at contexts 1k / 4k / 16k (.peer/attn_small2.py), 3 -> 2 stages took e.g. batch 16 at 4k 83.1 -> 76.4 us,
+# 35B-A3B batch 16 at 16k 151.4 -> 140.4, batch 64 at 4k 291.3 -> 274.8, batch 1 at 16k 37.4 -> 33.7; 4 of the 16
+# cases were 1-3% slower (35B-A3B batch 1 at 16k 25.3 -> 26.1), batch 1 at 1k unchanged (12.3 us).
+_DECODE_TILE_D256 = {0: (32, 4, 2), 1: (64, 4, 3), 2: (32, 4, 3), 3: (128, 4, 2)}
 # ... and where the partitions will be long (>= 1024 keys): the bf16 cache in 64-key tiles of 2 stages took batch 16
 # / 64 at 32k from 560 / 2060 to 534 / 2005 us (2048-key partitions). Short partitions keep the 32-key tile: nothing
 # measured there favours the long one (batch-1 kernel timings are dominated by Triton's launch overhead).
