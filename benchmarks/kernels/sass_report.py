@@ -46,7 +46,7 @@ class Spec:
 def _decode_spec(kind: int) -> Spec:
     """The decode kernel the engine launches for KV_KIND `kind` under a bf16 q (int8: triton_int8.py's)."""
     code = {0: "*bf16", 1: "*i16", 2: "*u8", 3: "*u8"}[kind]  # as paged_attention_decode passes them
-    from deltaserve.kernels.paged_attention.triton import _DECODE_TILE_D256
+    from deltaserve.kernels.paged_attention.triton_decode import _DECODE_TILE_D256
 
     tile = _DECODE_TILE_D256[kind]  # the tile the engine launches at head_dim 256
     k, v = ("k_words", "v_words") if kind == 1 else ("k_cache", "v_cache")
@@ -61,7 +61,7 @@ def _decode_spec(kind: int) -> Spec:
     if kind == 1:
         fn, consts["USE_ASM"] = "triton_int8:decode_int8_partial_kernel", True
     else:
-        fn, consts["KV_KIND"], consts["DOT_PRECISION"] = "triton:_decode_partial_kernel", kind, "tf32"
+        fn, consts["KV_KIND"], consts["DOT_PRECISION"] = "triton_decode:_decode_partial_kernel", kind, "tf32"
     return Spec(f"deltaserve.kernels.paged_attention.{fn}", types, consts, tile[1], tile[2], set(strides))
 
 
@@ -139,7 +139,7 @@ KERNELS: dict[str, Spec] = {
         dict(x="*bf16", conv_w="*bf16", conv_state="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32",
              state="*fp32", slots="*i64", o="*bf16", counters="*i32", **_ints("s_x", "s_cs", "s_a", "s_b", "s_state"),
              scale="fp32"),
-        dict(HK=16, HV=32, K=128, V=128, W=4, BK=128, BV=32, BW=4, NV=4, USE_PDL=True), 1, 3,
+        dict(HK=16, HV=32, K=128, V=128, W=4, BK=128, BV=32, BW=4, NV=4, ARRIVE_LATE=True, USE_PDL=True), 1, 3,
         {"s_x", "s_cs", "s_state"}),
     "decode_bf16": _decode_spec(0),
     "decode_int8": _decode_spec(1),

@@ -211,7 +211,7 @@ def test_decode_partitions_follow_each_context(sizing, triton_ready, monkeypatch
     """Automatic partitions are sized per sequence from its own length on the device, under a context bound far
     above the real lengths (a CUDA graph's): long and short sequences, a padded row. The (programs per SM, lo, hi)
     overrides force the clamps: spread 1 puts every long sequence at the upper bound."""
-    import deltaserve.kernels.paged_attention.triton as pa
+    import deltaserve.kernels.paged_attention.triton_decode as pa
     monkeypatch.setattr(pa, "_PROGRAMS_PER_SM", sizing[0])
     monkeypatch.setattr(pa, "_PARTITION_LO", sizing[1])
     monkeypatch.setattr(pa, "_PARTITION_HI", sizing[2])

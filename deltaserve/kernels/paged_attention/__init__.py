@@ -1,7 +1,7 @@
 """Paged attention dispatch: `paged_attention_varlen` / `store_kv` are the torch reference (CPU path, CI oracle).
 
 The Triton entry points (`paged_attention_prefill`, `paged_attention_decode`, `paged_attention_varlen_triton`,
-`store_kv_triton`, see triton.py) are exported lazily: importing deltaserve must not import triton, because
+`store_kv_triton`, see triton.py and triton_decode.py) are exported lazily: importing deltaserve must not import triton, because
 @triton.jit (and triton's own standard library) choose interpreter or compiler once, at import, from
 TRITON_INTERPRET — a CPU test that sets it after an eager import would get uncallable GPU kernels.
 
@@ -18,6 +18,9 @@ _TRITON_EXPORTS = frozenset(__all__[9:])
 
 def __getattr__(name: str):
     """PEP 562 lazy export of the Triton entry points (first access imports triton.py)."""
+    if name == "paged_attention_decode":
+        from .triton_decode import paged_attention_decode
+        return paged_attention_decode
     if name in _TRITON_EXPORTS:
         from . import triton as triton_kernels
         return vars(triton_kernels)[name]
@@ -46,9 +49,11 @@ def attend(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale: f
     token, else the varlen prefill kernel; elsewhere the torch reference. -> [T, H, D] in q's dtype."""
     if not q.is_cuda:
         return paged_attention_varlen(q, k_cache, v_cache, block_tables, query_lens, context_lens_cpu, scale, gate)
-    from .triton import paged_attention_decode, paged_attention_prefill
-
     if is_decode:
+        from .triton_decode import paged_attention_decode
+
         return paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, gate, max_context_len)
+    from .triton import paged_attention_prefill
+
     return paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale, gate,
                                    query_lens, context_lens_cpu)

@@ -13,7 +13,7 @@ codes (_split_pairs), so the matmuls run in fp16: q is rounded to fp16 (exact fo
 and the probabilities enter as p_n s_n / max s (<= 1, as triton_quant's fp8 path). The 1024 is taken back in fp32:
 from the scores through the key offset (_tile_scales), from the output with the same rounded probabilities, so it
 cancels exactly. Scales and zeros are prefetched one tile ahead: Triton pipelines only loads that feed a dot.
-Partials (part_m, part_l, part_acc) have triton.py's layout, so its reduce kernel merges them.
+Partials (part_m, part_l, part_acc) have triton_decode.py's layout, so its reduce kernel merges them.
 
 H200, Triton 3.6, context 32k, H=16, Hkv=4 (bench_attention.py --kv-cache-dtype int8; same process as the bf16 cache):
 batch 64: 1834 us against 1949 for triton_quant's int8 step and 1961 for bf16 KV (1.07x); batch 16: 472 against 517
@@ -23,8 +23,8 @@ waits; int8 still misses 1.3x over bf16.
 import triton
 import triton.language as tl
 
-from ..pdl import pdl_args, pdl_start
-from .triton import _partition_size
+from ..pdl import pdl_start
+from .triton_decode import _partition_size
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def decode_int8_partial_kernel(q, k_words, v_words, k_scale, v_scale, k_zero, v_
                                H: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr,
                                D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_GATE: tl.constexpr,
                                USE_ASM: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """triton._decode_partial_kernel over an int8 cache read as int16 words (k_words, v_words [NB, BS, Hkv, D/2],
+    """triton_decode._decode_partial_kernel over an int8 cache read as int16 words (k_words, v_words [NB, BS, Hkv, D/2],
     strides in words): same grid, partition sizing, outputs and partial layout."""
     pdl_start(USE_PDL)
     i_seq, i_kvh, i_part = tl.program_id(0), tl.program_id(1), tl.program_id(2)

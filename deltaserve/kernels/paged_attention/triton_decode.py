@@ -1,0 +1,255 @@
+"""Triton split-K (flash-decoding) attention of one query token per sequence over the paged KV cache.
+
+What belongs here: the decode partial and reduce kernels, how a batch is cut into partitions (per sequence, on the
+device, from its own length), the decode tile per cache kind, and paged_attention_decode. The layout, numerics, GQA
+packing and the quantized caches are those of triton.py (its module docstring); triton_int8.py's kernel writes the
+same partials, merged by the reduce kernel here.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..pdl import pdl_args, pdl_start
+from .triton import LOG2E, Cache, _attend_tile, _cache_args, _check_block_n, _check_cache, _check_gate, _check_out, \
+    _check_q
+from .triton_quant import KV_KIND, attend_tile_quant, quant_query
+
+
+@triton.jit
+def _partition_size(ctx, num_partitions, spread, part_lo, part_hi, part_round):
+    """Keys a decode partition of a sequence with ctx keys covers: ctx / spread clamped to [part_lo, part_hi], and
+    never so few that num_partitions of them miss keys (a guard: the host's sizing already covers max_context_len),
+    rounded up to a multiple of part_round (see _decode_partitions)."""
+    size = tl.minimum(tl.maximum(tl.cdiv(ctx, spread), part_lo), part_hi)
+    size = tl.maximum(size, tl.cdiv(ctx, num_partitions))
+    return tl.cdiv(size, part_round) * part_round
+
+
+@triton.jit
+def _decode_partial_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate, o, part_m, part_l, part_acc,
+                           block_tables, context_lens, scale_log2, num_partitions, spread, part_lo, part_hi,
+                           part_round, stride_qn, stride_qh,
+                           stride_kb, stride_ks, stride_kh,
+                           stride_vb, stride_vs, stride_vh, stride_gn, stride_gh, stride_on, stride_oh, stride_bt,
+                           H: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr,
+                           D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_GATE: tl.constexpr,
+                           KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """Grid (N, Hkv, P = num_partitions). Program (i, h, p) attends the G query heads of kv head h of sequence i over
+    keys [p * S_i, (p + 1) * S_i) of its context, S_i = _partition_size(context_lens[i], ...): a short sequence splits
+    into fewer partitions (the rest exit at once). Not SPLIT (P == 1): writes o directly, gate
+    applied. SPLIT: writes the unnormalised part_acc [N, H, P, D] and part_m (log2 units), part_l [N, H, P], fp32."""
+    pdl_start(USE_PDL)
+    i_seq, i_kvh, i_part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx = tl.load(context_lens + i_seq).to(tl.int32)
+    partition_size = _partition_size(ctx, num_partitions, spread, part_lo, part_hi, part_round)
+    start = i_part * partition_size
+    if start < ctx:
+        end = tl.minimum(start + partition_size, ctx)
+        o_h = tl.arange(0, BLOCK_H)
+        o_d = tl.arange(0, D)
+        o_head = i_kvh * G + o_h
+        m_h = o_h < G
+        i_seq64 = i_seq.to(tl.int64)
+        b_q = tl.load(q + i_seq64 * stride_qn + o_head[:, None] * stride_qh + o_d[None, :], mask=m_h[:, None],
+                      other=0.0)
+        if KV_KIND == 0:
+            b_q = b_q.to(k_cache.dtype.element_ty)
+            b_qsum = tl.zeros([BLOCK_H], dtype=tl.float32)  # unused
+        else:
+            b_q, b_qsum = quant_query(b_q, KV_KIND)
+        b_m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BLOCK_H], dtype=tl.float32)
+        b_acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
+        p_block_table = block_tables + i_seq64 * stride_bt
+        for n in range(start, end, BLOCK_N):
+            o_n = n + tl.arange(0, BLOCK_N)
+            m_n = o_n < end
+            if KV_KIND == 0:
+                b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n,
+                                               m_n[None, :], i_kvh, scale_log2, stride_kb, stride_ks, stride_kh,
+                                               stride_vb, stride_vs, stride_vh, BS, D, DOT_PRECISION)
+            else:
+                b_m, b_l, b_acc = attend_tile_quant(b_q, b_qsum, b_m, b_l, b_acc, k_cache, v_cache, k_scale, v_scale,
+                                                    k_zero, v_zero, p_block_table, o_n, m_n, m_n[None, :], i_kvh,
+                                                    scale_log2, stride_kb, stride_ks, stride_kh, stride_vb,
+                                                    stride_vs, stride_vh, BS, H // G, D, KV_KIND, DOT_PRECISION)
+        if not SPLIT:
+            b_o = b_acc / b_l[:, None]
+            if HAS_GATE:
+                b_g = tl.load(gate + i_seq64 * stride_gn + o_head[:, None] * stride_gh + o_d[None, :],
+                              mask=m_h[:, None], other=0.0).to(tl.float32)
+                b_o = b_o * tl.sigmoid(b_g)
+            p_o = o + i_seq64 * stride_on + o_head[:, None] * stride_oh + o_d[None, :]
+            tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_h[:, None])
+        else:
+            o_ml = (i_seq64 * H + o_head) * num_partitions + i_part
+            tl.store(part_m + o_ml, b_m, mask=m_h)
+            tl.store(part_l + o_ml, b_l, mask=m_h)
+            tl.store(part_acc + o_ml[:, None] * D + o_d[None, :], b_acc, mask=m_h[:, None])
+    elif not SPLIT:
+        # empty context (a padded row): the output is zeros, never left unwritten (SPLIT: the reduce writes them)
+        o_h = tl.arange(0, BLOCK_H)
+        o_d = tl.arange(0, D)
+        p_o = o + i_seq.to(tl.int64) * stride_on + (i_kvh * G + o_h)[:, None] * stride_oh + o_d[None, :]
+        tl.store(p_o, tl.zeros([BLOCK_H, D], dtype=tl.float32).to(p_o.dtype.element_ty), mask=(o_h < G)[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(o, gate, part_m, part_l, part_acc, context_lens, num_partitions, spread, part_lo, part_hi,
+                          part_round,
+                          stride_on, stride_oh, stride_gn, stride_gh,
+                          H: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, HAS_GATE: tl.constexpr,
+                          USE_PDL: tl.constexpr = False):
+    """Grid (N, H): merge the partitions of one (sequence, head):
+    o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, then the gate."""
+    pdl_start(USE_PDL)
+    i_seq, i_h = tl.program_id(0), tl.program_id(1)
+    ctx = tl.load(context_lens + i_seq).to(tl.int32)
+    num_parts = tl.cdiv(ctx, _partition_size(ctx, num_partitions, spread, part_lo, part_hi, part_round))
+    o_ml = (i_seq.to(tl.int64) * H + i_h) * num_partitions
+    o_p = tl.arange(0, BLOCK_P)
+    m_p = o_p < num_parts
+    b_mp = tl.load(part_m + o_ml + o_p, mask=m_p, other=float("-inf"))
+    b_max = tl.maximum(tl.max(b_mp, 0), -1e30)  # finite even for an empty context: no -inf - -inf
+    b_lsum = tl.sum(tl.exp2(b_mp - b_max) * tl.load(part_l + o_ml + o_p, mask=m_p, other=0.0), 0)
+    o_d = tl.arange(0, D)
+    b_acc = tl.zeros([D], dtype=tl.float32)
+    for i_p in range(0, num_parts):
+        b_wp = tl.exp2(tl.load(part_m + o_ml + i_p) - b_max)
+        b_acc += b_wp * tl.load(part_acc + (o_ml + i_p) * D + o_d)
+    b_o = b_acc / tl.where(b_lsum > 0, b_lsum, 1.0)  # empty context: zeros
+    if HAS_GATE:
+        b_g = tl.load(gate + i_seq.to(tl.int64) * stride_gn + i_h * stride_gh + o_d).to(tl.float32)
+        b_o = b_o * tl.sigmoid(b_g)
+    p_o = o + i_seq.to(tl.int64) * stride_on + i_h * stride_oh + o_d
+    tl.store(p_o, b_o.to(p_o.dtype.element_ty))
+
+
+_NUM_SMS: dict[torch.device, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: behave as on an H100
+    if device not in _NUM_SMS:
+        _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _NUM_SMS[device]
+
+
+_PARTITION_LO, _PARTITION_HI = 128, 2048  # keys a decode partition covers under automatic sizing
+_PROGRAMS_PER_SM = 8  # automatic sizing aims the live grid at this many programs per SM
+
+
+def _spread(n: int, hkv: int, device: torch.device) -> int:
+    """Partitions a (sequence, kv head) aims at under automatic sizing: 8 programs per SM over the N * Hkv pairs."""
+    return max(1, triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), n * hkv))
+
+
+def _decode_partitions(n: int, hkv: int, max_context_len: int, block_n: int, device: torch.device,
+                       partition_size: int | None) -> tuple[int, tuple[int, int, int, int]]:
+    """-> (P, (spread, part_lo, part_hi, part_round)): the grid's partition count and what `_partition_size` sizes
+    each sequence's partitions with, on the device, from its own context length (no host sync; a CUDA graph
+    captured at a context bound still sizes by the real lengths).
+
+    Automatic: a sequence of c keys splits into ~spread partitions of c / spread keys, clamped to [128 (two key tiles
+    at least), 2048] and rounded to the key tile, so a batch fills the GPU whatever its lengths, a long context is cut
+    into few long partitions (each program fills its load pipeline once) and a short one into short ones. P covers
+    max_context_len at the sizes this allows; programs past a sequence's partitions exit at once. The partials cost
+    ~G / partition size of the KV bytes. partition_size given: every sequence uses exactly that.
+    Measured on an H200 (bench_attention.py, bf16 cache, against the former fixed 512 keys halved to fill the GPU):
+    context 32k at batch 64 / 256 2131 -> 2010 / 8517 -> 7855 us, 8k at batch 256 2131 -> 2022 us, 8k at batch 64
+    555 -> 559; 4096-key partitions were slower at batch 16 (629 against 534 us)."""
+    if partition_size:
+        return max(1, triton.cdiv(max_context_len, partition_size)), (1, partition_size, partition_size, 1)
+    lo = max(_PARTITION_LO, 2 * block_n)
+    hi = max(_PARTITION_HI, lo)
+    spread = _spread(n, hkv, device)
+    parts = min(triton.cdiv(max_context_len, lo), max(spread, triton.cdiv(max_context_len, hi)))
+    return max(1, parts), (spread, lo, hi, block_n)
+
+
+# Decode tile (block_n, num_warps, num_stages) at head_dim 256 per KV_KIND, from H200 sweeps at context 32k
+# (benchmarks/kernels/bench_attention.py --kv-cache-dtype int8,int4,fp8 --sweep): int8 with 128-key tiles took batch
+# 16 / 64 from 675 / 2566 us to 547 / 2065 us (the bf16 cache: 547 / 2093); fp8 (fp16 matmuls) 512 / 1926 us. int8
+# under a 16-bit q runs triton_int8.py's kernel, whose sweep picked 64-key tiles of 3 stages (472 / 1834 us).
+# The bf16 cache's short-partition tile runs 2 stages: H200, cold L2, 9B (Hkv 4) and 35B-A3B (Hkv 2) heads, batch
+# 1 / 16 / 64 at contexts 1k / 4k / 16k (.peer/attn_small2.py), 3 -> 2 stages took e.g. batch 16 at 4k 83.1 -> 76.4 us,
+# 35B-A3B batch 16 at 16k 151.4 -> 140.4, batch 64 at 4k 291.3 -> 274.8, batch 1 at 16k 37.4 -> 33.7; 4 of the 16
+# cases were 1-3% slower (35B-A3B batch 1 at 16k 25.3 -> 26.1), batch 1 at 1k unchanged (12.3 us).
+_DECODE_TILE_D256 = {0: (32, 4, 2), 1: (64, 4, 3), 2: (32, 4, 3), 3: (128, 4, 2)}
+# ... and where the partitions will be long (>= 1024 keys): the bf16 cache in 64-key tiles of 2 stages took batch 16
+# / 64 at 32k from 560 / 2060 to 534 / 2005 us (2048-key partitions). Short partitions keep the 32-key tile: nothing
+# measured there favours the long one (batch-1 kernel timings are dominated by Triton's launch overhead).
+_DECODE_TILE_D256_LONG = {0: (64, 4, 2)}
+
+
+def _decode_tile(kind: int, d: int, n: int, hkv: int, max_context_len: int, device: torch.device
+                 ) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) for a decode launch, from the partition length automatic sizing expects."""
+    if d < 256:
+        return 64, 4, 3
+    expected = min(max(triton.cdiv(max_context_len, _spread(n, hkv, device)), _PARTITION_LO), _PARTITION_HI)
+    if expected >= 1024 and kind in _DECODE_TILE_D256_LONG:
+        return _DECODE_TILE_D256_LONG[kind]
+    return _DECODE_TILE_D256[kind]
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           gate: torch.Tensor | None, max_context_len: int, *, partition_size: int | None = None,
+                           block_n: int | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Flash-decoding (split-K) attention of one query token per sequence over the paged KV cache.
+
+    q: [N, H, D] (row i is the last token of sequence i); k_cache, v_cache: [NB, BS, Hkv, D] (or QuantizedKV);
+    block_tables: [N, max_blocks] int32/int64; context_lens: [N] int32/int64 (device; 0: padded row, output zeros);
+    gate: [N, H, D] or None; max_context_len: host int >= every context_lens[i] (sets the partition grid; for CUDA
+    graphs pass the capture bound) -> o: [N, H, D] in q's dtype (into `out` when given).
+    One launch when a single partition covers max_context_len, else a partial kernel + a reduce (gate in the last
+    one). No host sync. partition_size (default: per sequence, _decode_partitions) / block_n / num_warps /
+    num_stages tune."""
+    _, bs, hkv, d = _check_cache(k_cache, v_cache)
+    n, h = _check_q("q", q, hkv, d)
+    _check_gate(gate, q)
+    if context_lens.shape != (n,) or block_tables.dim() != 2 or block_tables.shape[0] < n \
+            or block_tables.stride(1) != 1:
+        raise ValueError(f"q has {n} rows: context_lens must be [{n}] and block_tables [>={n}, max_blocks] with a "
+                         f"contiguous last axis; got {tuple(context_lens.shape)}, {tuple(block_tables.shape)}")
+    if max_context_len > block_tables.shape[1] * bs:
+        raise ValueError(f"max_context_len {max_context_len} exceeds block_tables capacity "
+                         f"{block_tables.shape[1] * bs}")
+    o = _check_out(out, q)
+    if n == 0:
+        return o
+    g = h // hkv
+    kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
+    tile_n, tile_w, tile_s = _decode_tile(kinds["KV_KIND"], d, n, hkv, max_context_len, q.device)
+    block_n = _check_block_n(block_n or tile_n, q.device)
+    parts, sizing = _decode_partitions(n, hkv, max_context_len, block_n, q.device, partition_size)
+    split = parts > 1
+    gate_arg = gate if gate is not None else q
+    if split:
+        part_m = torch.empty((n, h, parts), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((n, h, parts, d), dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = o  # unused
+    kernel, flags = _decode_partial_kernel, kinds
+    if kinds["KV_KIND"] == KV_KIND["int8"] and q.dtype != torch.float32:  # codes as int16 pairs (triton_int8.py)
+        from .triton_int8 import decode_int8_partial_kernel as kernel
+
+        kc, vc, flags = kc.view(torch.int16), vc.view(torch.int16), dict(USE_ASM=q.is_cuda)
+    kernel[(n, hkv, parts)](
+        q, kc, vc, *quant_args, gate_arg, o, part_m, part_l, part_acc, block_tables, context_lens, scale * LOG2E,
+        parts, *sizing, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), gate_arg.stride(0), gate_arg.stride(1),
+        o.stride(0), o.stride(1), block_tables.stride(0),
+        H=h, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BS=bs, D=d, BLOCK_N=block_n, SPLIT=split,
+        HAS_GATE=gate is not None, **flags, num_warps=num_warps or tile_w, num_stages=num_stages or tile_s,
+        **pdl_args(q))
+    if split:
+        _decode_reduce_kernel[(n, h)](
+            o, gate_arg, part_m, part_l, part_acc, context_lens, parts, *sizing, o.stride(0), o.stride(1),
+            gate_arg.stride(0), gate_arg.stride(1), H=h, D=d, BLOCK_P=triton.next_power_of_2(parts),
+            HAS_GATE=gate is not None, num_warps=4 if d >= 256 else 2, **pdl_args(o))
+    return o
