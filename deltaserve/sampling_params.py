@@ -10,6 +10,7 @@ allowed range, so an API user never sees a stack trace from inside the sampler.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5  # temperatures below this are treated as 0 (greedy), as in vLLM
@@ -21,6 +22,10 @@ def _is_int(x) -> bool:
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_finite(x) -> bool:
+    return _is_number(x) and math.isfinite(x)
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,8 @@ class StructuredOutputs:
         if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
             raise ValueError(f"structured_outputs.regex must be a non-empty string, got {self.regex!r}.")
         if self.choice is not None:
-            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+            if isinstance(self.choice, str) or not self.choice or \
+                    not all(isinstance(c, str) and c for c in self.choice):
                 raise ValueError(f"structured_outputs.choice must be a list of non-empty strings, got {self.choice!r}.")
             object.__setattr__(self, "choice", tuple(self.choice))
 
@@ -94,8 +100,8 @@ class SamplingParams:
 
         if not _is_int(self.n) or self.n < 1:
             fail(f"n must be an integer >= 1, got {self.n!r}.")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            fail(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}.")
+        if not _is_finite(self.temperature) or self.temperature < 0:
+            fail(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}.")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             fail(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if not _is_int(self.top_k) or self.top_k < -1:
@@ -109,8 +115,8 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail(f"min_tokens must be at most max_tokens, got min_tokens={self.min_tokens} and "
                  f"max_tokens={self.max_tokens}.")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            fail(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}.")
+        if not _is_finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            fail(f"repetition_penalty must be a finite number > 0 (1 disables it), got {self.repetition_penalty!r}.")
         for name, value in (("presence_penalty", self.presence_penalty),
                             ("frequency_penalty", self.frequency_penalty)):
             if not _is_number(value) or not -2 <= value <= 2:
@@ -118,8 +124,9 @@ class SamplingParams:
         for name, value in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
             if value is not None and (not _is_int(value) or value < 0):
                 fail(f"{name} must be None or an integer >= 0, got {value!r}.")
-        if self.seed is not None and not _is_int(self.seed):
-            fail(f"seed must be None or an integer, got {self.seed!r}.")
+        # request i of n draws from seed + i; torch takes seeds in [-2**63, 2**64)
+        if self.seed is not None and (not _is_int(self.seed) or not -2**63 <= self.seed <= 2**64 - self.n):
+            fail(f"seed must be None or an integer from -2**63 to 2**64 - n, got {self.seed!r}.")
         if not all(isinstance(s, str) and s for s in self.stop):
             fail(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}.")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):

@@ -150,6 +150,9 @@ class Tokenizer:
             return template.render(messages=chat, tools=tools, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"The chat template rejected this conversation: {e}") from e
+        except (TypeError, ValueError, KeyError, AttributeError) as e:  # a field of a type the template cannot use
+            raise TokenizerError(f"The chat template could not render this conversation ({type(e).__name__}: {e}); "
+                                 "check the types of the message fields.") from e
 
     def _pick_template(self, has_tools: bool) -> str:
         template = self.chat_template

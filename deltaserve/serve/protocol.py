@@ -137,13 +137,31 @@ class CompletionRequest(_SamplingRequest):
     best_of: StrictInt | None = None
 
 
+# Fields of OpenAI's legacy API or of other servers that deltaserve does not honour: ignoring one would silently drop
+# what the client asked for (a constraint, a function call), so a request setting one is refused with the alternative.
+UNSUPPORTED_FIELDS = {
+    "functions": "use tools", "function_call": "use tool_choice",
+    "guided_json": "use structured_outputs {\"json\": ...} or response_format",
+    "guided_regex": "use structured_outputs {\"regex\": ...}",
+    "guided_choice": "use structured_outputs {\"choice\": ...}",
+    "guided_grammar": "grammars are not supported; structured_outputs takes json, json_object, regex or choice",
+    "guided_decoding_backend": "structured outputs always use xgrammar",
+    "prompt_logprobs": "on /v1/completions, echo with logprobs scores the prompt",
+    "use_beam_search": "beam search is not supported", "logits_processors": "logits processors are not supported",
+}
+
+
 def parse_request(cls: type[_Model], body: bytes) -> Any:
-    """Raw body -> a validated request; APIError(400) naming the field for malformed JSON or bad types."""
+    """Raw body -> a validated request; APIError(400) naming the field for malformed JSON, bad types or a field
+    deltaserve cannot honour (UNSUPPORTED_FIELDS, when set to anything but null / false / empty)."""
     try:
         req = cls.model_validate_json(body)
     except ValidationError as e:
         raise validation_error(e) from None
     if req.model_extra:
+        for name, value in req.model_extra.items():
+            if name in UNSUPPORTED_FIELDS and value not in (None, False, [], {}, ""):
+                raise APIError(400, f"'{name}' is not supported: {UNSUPPORTED_FIELDS[name]}.", name)
         logger.debug("ignoring request fields %s", sorted(req.model_extra))
     return req
 
@@ -233,15 +251,20 @@ def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     return {int(key): value for key, value in bias.items()}
 
 
-def check_max_tokens(max_tokens: int | None, num_prompt: int, max_model_len: int, field: str = "max_tokens") -> None:
-    """A negative, zero or oversized max_tokens is the client's error: say how many tokens fit."""
-    if max_tokens is None:
-        return
-    if max_tokens < 1:
+def check_max_tokens(max_tokens: int | None, num_prompt: int, max_model_len: int, field: str = "max_tokens",
+                     min_tokens: int | None = None) -> None:
+    """A negative, zero or oversized max_tokens (or a min_tokens that cannot fit) is the client's error: say how many
+    tokens fit."""
+    if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"{field} must be at least 1, got {max_tokens}.", field)
     room = max_model_len - num_prompt
     if room <= 0:
         return  # the prompt alone is too long: the engine rejects it with its own sentence
+    if min_tokens is not None and min_tokens > room:
+        raise APIError(400, f"min_tokens is {min_tokens} but the prompt has {num_prompt} tokens and max_model_len is "
+                            f"{max_model_len}: at most {room} tokens can follow it.", "min_tokens")
+    if max_tokens is None:
+        return
     if max_tokens > room:
         raise APIError(400, f"{field} is {max_tokens} but the prompt has {num_prompt} tokens and max_model_len is "
                             f"{max_model_len}: ask for at most {room} tokens or shorten the prompt.", field)

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..sampling_params import StructuredOutputs
 from ..tokenizer import TokenizerError
-from .protocol import (APIError, ChatCompletionRequest, check_max_tokens, new_id, now, sampling_params,
+from .protocol import (MAX_LOGPROBS, APIError, ChatCompletionRequest, check_max_tokens, new_id, now, sampling_params,
                        structured_outputs, usage)
 from .reasoning import ReasoningParser, Split, prompt_opens_thinking
 from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, chat_logprobs, collect, engine_api_error,
@@ -97,8 +97,9 @@ def _forced(req: ChatCompletionRequest, tools: list[dict] | None) -> Forced | No
         return Forced(None)
     if not isinstance(choice, dict):
         return None
-    name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
-    if name not in {t["function"]["name"] for t in tools or []}:
+    function = choice.get("function") if choice.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools or []}:
         raise APIError(400, f"tool_choice names no function of tools: {json.dumps(choice)[:80]}.", "tool_choice")
     return Forced(name)
 
@@ -129,8 +130,12 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ids = ctx.tokenizer.encode(prompt)
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    check_max_tokens(max_tokens, len(ids), ctx.max_model_len, field)
+    check_max_tokens(max_tokens, len(ids), ctx.max_model_len, field, req.min_tokens)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs set to true.", "top_logprobs")
     k = (req.top_logprobs or 0) if req.logprobs else None
+    if k is not None and not 0 <= k <= MAX_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}.", "top_logprobs")
     forced, structured = _forced(req, tools), structured_outputs(req.response_format)
     if forced is not None:
         if structured is not None or req.structured_outputs:

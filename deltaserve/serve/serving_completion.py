@@ -40,9 +40,11 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     ctx.check_model(req.model)
     _check(req)
     prompts = _prompts(ctx, req)
-    max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    max_tokens = req.max_tokens
+    if max_tokens is None:  # OpenAI's default, cut to what fits after the longest prompt (which may not fit at all)
+        max_tokens = max(1, min([DEFAULT_MAX_TOKENS] + [ctx.max_model_len - len(ids) for _, ids in prompts]))
     for _, ids in prompts:
-        check_max_tokens(max_tokens, len(ids), ctx.max_model_len)
+        check_max_tokens(max_tokens, len(ids), ctx.max_model_len, min_tokens=req.min_tokens)
     # echo with logprobs scores the prompt too (OpenAI's legacy behaviour, what evaluation harnesses rely on)
     params = sampling_params(req, max_tokens, req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
     rid = new_id("cmpl")

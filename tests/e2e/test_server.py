@@ -446,7 +446,27 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "bad_temperature": ("/v1/chat/completions", chat_body(temperature=-1), None, 400, "temperature"),
     "bad_top_p": ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, None, 400, "top_p"),
     "bad_n": ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, None, 400, "n"),
-    "too_many_logprobs": ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=50), None, 400, "logprobs"),
+    "too_many_logprobs": ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=50), None, 400,
+                          "top_logprobs"),
+    "top_logprobs_without_logprobs": ("/v1/chat/completions", chat_body(top_logprobs=2), None, 400, "top_logprobs"),
+    "nan_temperature": ("/v1/chat/completions", chat_body(temperature=float("nan")), None, 400, "temperature"),
+    "infinite_repetition_penalty": ("/v1/completions", {"model": MODEL, "prompt": "hi",
+                                                        "repetition_penalty": float("inf")}, None, 400,
+                                    "repetition_penalty"),
+    "seed_overflow": ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 2 ** 64}, None, 400, "seed"),
+    "min_tokens_beyond_max_model_len": ("/v1/chat/completions", {"model": MODEL, "messages": user("hi"),
+                                                                 "min_tokens": 10 ** 6}, None, 400, "min_tokens"),
+    "structured_outputs_choice_string": ("/v1/chat/completions", chat_body(structured_outputs={"choice": "yes"}),
+                                         None, 400, "structured_outputs"),
+    "legacy_functions": ("/v1/chat/completions", chat_body(functions=[{"name": "f", "parameters": {}}]), None, 400,
+                         "functions"),
+    "guided_json": ("/v1/chat/completions", chat_body(guided_json={"type": "object"}), None, 400, "guided_json"),
+    "tool_choice_function_not_object": ("/v1/chat/completions", chat_body(tools=TOOLS, tool_choice={
+        "type": "function", "function": "get_weather"}), None, 400, "tool_choice"),
+    "tool_call_name_not_string": ("/v1/chat/completions", chat_body(messages=user("hi") + [{
+        "role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": 5,
+                                                                                        "arguments": "{}"}}]}]),
+        None, 400, "messages"),
     "token_out_of_vocab": ("/v1/completions", {"model": MODEL, "prompt": [10 ** 6]}, None, 400, "prompt"),
     "min_tokens_over_max": ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2, "min_tokens": 3},
                             None, 400, "min_tokens"),
@@ -482,6 +502,13 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "wrong_api_key": ("/v1/models", None, {"Authorization": "Bearer nope"}, 401, None),
     "unknown_route": ("/v1/nothing", chat_body(), None, 404, None),
 }
+
+
+def test_default_max_tokens_fits_a_long_prompt(client):
+    """No max_tokens: OpenAI's default of 16, cut to what still fits after the prompt (not a 400 about a field the
+    client never sent)."""
+    res = client.completions.create(model=MODEL, prompt=[5] * (MAX_MODEL_LEN - 3), temperature=0)
+    assert res.usage.completion_tokens <= 3 and res.choices[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))

@@ -78,8 +78,9 @@ def test_apply_allowed_unpacks_the_bitmask():
     ({"json": SCHEMA, "regex": "a"}, "exactly one of json, json_object, regex or choice, got ['json', 'regex']"),
     ({"json": 3}, "json must be a JSON schema"),
     ({"choice": []}, "choice must be a list of non-empty strings"),
+    ({"choice": "yes"}, "choice must be a list of non-empty strings"),  # not three one-letter choices
     ({"regex": ""}, "regex must be a non-empty string"),
-], ids=["none", "two", "json-type", "empty-choice", "empty-regex"])
+], ids=["none", "two", "json-type", "empty-choice", "string-choice", "empty-regex"])
 def test_spec_errors_are_one_sentence(kwargs, needle):
     with pytest.raises(ValueError) as e:
         StructuredOutputs(**kwargs)
