@@ -15,6 +15,19 @@ DEFAULT_TINY_DIR = os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOM
                                 "tiny-qwen3.5")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into one `error:` line naming the flag)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: a comma-separated list of integers >= 1."""
+    return [positive_int(part) for part in text.split(",")]
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None,
@@ -23,11 +36,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight/activation dtype (auto: checkpoint dtype on CUDA, float32 on CPU)")
-    g.add_argument("--max-model-len", type=int, default=None, help="max prompt + output tokens per request")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="max requests running at once")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per paged-KV block")
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV pool size (overrides auto sizing)")
+    g.add_argument("--max-model-len", type=positive_int, default=None, help="max prompt + output tokens per request")
+    g.add_argument("--max-num-seqs", type=positive_int, default=64, help="max requests running at once")
+    g.add_argument("--max-num-batched-tokens", type=positive_int, default=2048, help="token budget per engine step")
+    g.add_argument("--block-size", type=positive_int, default=16, help="tokens per paged-KV block")
+    g.add_argument("--num-kv-blocks", type=positive_int, default=None, help="explicit KV pool size (overrides auto sizing)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4", "fp8"],
                    help="KV cache storage: auto = the model dtype; int8 / int4 / fp8 quantize keys and values per "
                         "token and kv head (about 2x / 4x / 2x the tokens in the same memory)")
@@ -153,13 +166,13 @@ def _add_bench_parser(sub) -> None:
                         "16-bit); 'awq-full': int4 as `deltaserve quantize` writes (all projections but "
                         "in_proj_a/b, router and shared_expert_gate); default: all 16-bit")
     b.add_argument("--group-size", type=int, default=128, help="AWQ input channels per scale (default 128)")
-    b.add_argument("--prompt-lens", type=lambda v: [int(x) for x in v.split(",")], default=[512, 2048, 8192],
+    b.add_argument("--prompt-lens", type=positive_ints, default=[512, 2048, 8192],
                    help="comma-separated prefill lengths (default 512,2048,8192)")
-    b.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 16, 64],
+    b.add_argument("--batch-sizes", type=positive_ints, default=[1, 16, 64],
                    help="comma-separated decode batch sizes (default 1,16,64)")
-    b.add_argument("--prefill-count", type=int, default=1, help="prompts per prefill measurement (e.g. 16)")
-    b.add_argument("--context", type=int, default=1024, help="tokens of context per decoding sequence")
-    b.add_argument("--steps", type=int, default=32, help="decode steps timed per batch size")
+    b.add_argument("--prefill-count", type=positive_int, default=1, help="prompts per prefill measurement (e.g. 16)")
+    b.add_argument("--context", type=positive_int, default=1024, help="tokens of context per decoding sequence")
+    b.add_argument("--steps", type=positive_int, default=32, help="decode steps timed per batch size")
     add_engine_args(b)
     b.set_defaults(max_num_batched_tokens=8192)
 
@@ -205,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             print(quantize_checkpoint(args.src, args.dst, method=args.method, group_size=args.group_size,
                                       not_convert=args.not_convert, calib=args.calib))
         return 0
-    except (ConfigError, WeightsError, TokenizerError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, WeightsError, TokenizerError, ValueError, OSError) as e:  # OSError: e.g. a path is a file
         print(f"error: {e}", file=sys.stderr)
         return 2
 

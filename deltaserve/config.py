@@ -7,6 +7,7 @@ names the field and the fix.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -203,6 +204,13 @@ class ModelConfig:
         )
         if not isinstance(tie, bool):
             raise ConfigError(f"{source}: 'tie_word_embeddings' must be true or false, got {tie!r}.")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ConfigError(f"{source}: rope_parameters.rope_type {rope_type!r} is not supported; deltaserve "
+                              f"implements Qwen3.5's default RoPE (no yarn, linear or dynamic scaling).")
+        if text.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: 'hidden_act' is {text['hidden_act']!r}; Qwen3.5's MLPs use 'silu', the "
+                              f"only activation deltaserve implements.")
         if head_dim * partial != int(head_dim * partial):
             raise ConfigError(f"{source}: head_dim ({head_dim}) x partial_rotary_factor ({partial}) must be a "
                               f"whole number of rotary dims.")
@@ -249,8 +257,12 @@ class ModelConfig:
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads",
-                     "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim"):
+                     "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim",
+                     "max_position_embeddings"):
             need(getattr(self, name) > 0, f"'{name}' must be a positive integer, got {getattr(self, name)}.")
+        for name in ("rms_norm_eps", "rope_theta"):
+            need(math.isfinite(getattr(self, name)) and getattr(self, name) > 0,
+                 f"'{name}' must be a positive number, got {getattr(self, name)}.")
         need(self.num_attention_heads % self.num_key_value_heads == 0,
              f"'num_attention_heads' ({self.num_attention_heads}) must be a multiple of "
              f"'num_key_value_heads' ({self.num_key_value_heads}).")
@@ -338,6 +350,9 @@ def _read_generation_config(path: str) -> dict:
         return {}
     try:
         with open(gpath) as f:
-            return json.load(f)
+            gen = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{gpath} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    if not isinstance(gen, dict):
+        raise ConfigError(f"{gpath} must hold a JSON object, got a {type(gen).__name__}.")
+    return gen

@@ -27,7 +27,7 @@ from .runtime.scheduler import Scheduler
 from .runtime.state_pool import StatePool
 from .sampling_params import SamplingParams
 from .tiny import random_init_
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, TokenizerError
 from .worker.distributed import SINGLE, TPGroup, TPWorkers, check_tp_size, init_group, rank_device, shard_config
 from .worker.model_runner import ModelRunner, kv_bytes_per_block, profile_activation_bytes, state_bytes_per_slot
 
@@ -134,6 +134,8 @@ class LLM:
                  kv_cache_dtype: str = "auto", state_dtype: str = "auto", enable_expert_parallel: bool = False,
                  async_scheduling: bool | None = None):
         tok_dir = tokenizer or model
+        if tokenizer is not None and not _has_tokenizer(tokenizer):
+            raise TokenizerError(f"tokenizer {tokenizer!r} is not a directory holding tokenizer.json.")
         self._setup(ModelConfig.from_hf_dir(model), model, Tokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir)
                     else None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
                     num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size, kv_cache_dtype,
@@ -179,7 +181,11 @@ class LLM:
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
         torch.manual_seed(seed)
         _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                        block_size=block_size, max_model_len=max_model_len or 1, num_kv_blocks=num_kv_blocks or 1)
+                        block_size=block_size, max_model_len=1 if max_model_len is None else max_model_len,
+                        num_kv_blocks=1 if num_kv_blocks is None else num_kv_blocks)
+        if max_model_len is not None and max_model_len > config.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_model_len} is beyond the model's max_position_embeddings "
+                             f"{config.max_position_embeddings} (the longest context it was trained for); lower it")
         if weights_dir is not None:
             formats = read_formats(config, weights_dir)  # headers only: quantized Linears constrain the TP cuts
         check_tp_size(config, tensor_parallel_size, self.device,
@@ -345,6 +351,8 @@ def _auto_kv_blocks(model: torch.nn.Module, cfg: ModelConfig, device: torch.devi
 
 
 def _normalise_prompts(prompts) -> list:
+    if prompts is None:
+        raise ValueError("prompts is None: pass a string, a list of strings, or {'prompt_token_ids': [...]} dicts")
     items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
     for p in items:
         if not isinstance(p, str) and not (isinstance(p, dict) and isinstance(p.get("prompt_token_ids"), list)):
@@ -357,6 +365,9 @@ def _normalise_params(sp, n: int) -> list[SamplingParams]:
         return [SamplingParams()] * n
     if isinstance(sp, SamplingParams):
         return [sp] * n
+    if isinstance(sp, dict) or not all(isinstance(p, SamplingParams) for p in sp):
+        raise ValueError("sampling_params must be a SamplingParams or a list of them (not a dict: "
+                         "SamplingParams(**options))")
     sp = list(sp)
     if len(sp) != n:
         raise ValueError(f"got {len(sp)} SamplingParams for {n} prompts; pass one, or one per prompt")
@@ -432,7 +443,7 @@ def _resolve_state_dtype(state_dtype: str, cfg: ModelConfig) -> str:
 
 def _check_positive(**kwargs) -> None:
     for name, v in kwargs.items():
-        if not isinstance(v, int) or v < 1:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 

@@ -60,6 +60,9 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
         raise ValueError("--method fp8 uses fixed 128 x 128 blocks and no calibration; drop --group-size and --calib")
     if group_size < 8 or group_size % 8:
         raise ValueError(f"--group-size must be a positive multiple of 8, got {group_size}")
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):  # also dst == src: never overwrite
+        raise ValueError(f"{dst} already exists and is not an empty directory; write the quantized checkpoint to a "
+                         f"new or empty one")
     cfg = ModelConfig.from_hf_dir(src)
     if cfg.quantization is not None:
         raise ValueError(f"{src} is already quantized ({cfg.quantization.method}); quantize a 16-bit checkpoint")

@@ -86,10 +86,14 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
+        else:
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}.")
         if self.stop_token_ids is None:
             self.stop_token_ids = []
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of integers >= 0, got {self.stop_token_ids!r}.")
         self.stop_token_ids = list(self.stop_token_ids)
         self._validate()
         self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} if self.logit_bias else None

@@ -24,6 +24,7 @@ class TokenizerError(ValueError):
 
 # transformers passes a message's reasoning under all of these names; templates read `reasoning_content`
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_ROLES = ("system", "user", "assistant", "tool")  # what Qwen3.5's template renders (others vanish from the prompt)
 
 
 def _token_content(value) -> str | None:
@@ -58,6 +59,21 @@ def _normalize_message(message) -> dict:
     if not isinstance(message, dict):
         raise TokenizerError(f"Each chat message must be a dict with 'role' and 'content', got {message!r}.")
     message = {k: v for k, v in message.items() if v is not None}
+    role = message.get("role")
+    if role == "developer":  # OpenAI's newer name for the system role
+        message["role"] = role = "system"
+    if role not in _ROLES:
+        raise TokenizerError(f"Each chat message needs a 'role' of {', '.join(_ROLES)}; got {role!r}.")
+    content = message.get("content")
+    if isinstance(content, list):  # OpenAI content parts: the text ones, joined (a text-only model)
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise TokenizerError(f"A {role} message's content list may hold only text parts "
+                                 f"({{'type': 'text', 'text': ...}}); got {content!r:.80}.")
+        message["content"] = content = "".join(p["text"] for p in content)
+    if content is None and role != "assistant" or content is not None and not isinstance(content, str):
+        raise TokenizerError(f"A {role} message's 'content' must be a string (or a list of text parts); "
+                             f"got {content!r:.80}.")
     reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
     if reasoning is not None:
         message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
@@ -83,12 +99,21 @@ class Tokenizer:
         tokenizer_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tokenizer_file):
             raise TokenizerError(f"No tokenizer.json in {path!r}; point at a Hugging Face model or tokenizer folder.")
-        backend = _Backend.from_file(tokenizer_file)
+        try:
+            backend = _Backend.from_file(tokenizer_file)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise TokenizerError(f"{tokenizer_file} is not a valid tokenizer file "
+                                 f"({(str(e).splitlines() or [type(e).__name__])[0]}).") from None
         config = {}
         config_file = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(config_file, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{config_file} is not valid JSON ({e}).") from None
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{config_file} must hold a JSON object, got a {type(config).__name__}.")
         _check_added_tokens(backend, config.get("added_tokens_decoder", {}), path)
         chat_template = config.get("chat_template")
         if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]

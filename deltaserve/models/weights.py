@@ -296,16 +296,29 @@ def checkpoint_files(path: str) -> list[str]:
         try:
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError):
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError, UnicodeDecodeError):
             raise WeightsError(f"{index} is not a valid safetensors index (needs a 'weight_map' object).") from None
         files = [os.path.join(path, s) for s in shards]
         for f in files:
             if not os.path.isfile(f):
                 raise WeightsError(f"Shard {os.path.basename(f)} listed in {index} is missing from {path}.")
-        return files
-    if os.path.isfile(single):
-        return [single]
-    raise WeightsError(f"No model.safetensors or model.safetensors.index.json in {path}.")
+    elif os.path.isfile(single):
+        files = [single]
+    else:
+        raise WeightsError(f"No model.safetensors or model.safetensors.index.json in {path}.")
+    for file in files:
+        _check_header(file)
+    return files
+
+
+def _check_header(file: str) -> None:
+    """A truncated, empty or foreign file fails here in one sentence, not deep inside the loader."""
+    try:
+        with safe_open(file, framework="pt", device="cpu"):
+            pass
+    except Exception as e:  # safetensors' own SafetensorError, or an OSError
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise WeightsError(f"{file} is not a readable safetensors file ({reason}).") from None
 
 
 def read_formats(cfg: ModelConfig, path: str) -> dict[str, str]:

@@ -78,12 +78,17 @@ class EngineCore:
         if n_prompt >= self.max_model_len:
             raise ValueError(f"the prompt has {n_prompt} tokens but max_model_len is {self.max_model_len}: "
                              f"shorten the prompt or raise max_model_len")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        bad = [t for t in prompt_token_ids
+               if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary (integers 0.."
+                             f"{self.vocab_size - 1})")
         bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
         if bad:
             raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        for name, k in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if k is not None and k > self.vocab_size:  # checked here, not mid-step, where it would fail the batch
+                raise ValueError(f"{name}={k} asks for more top tokens than the vocabulary has ({self.vocab_size})")
         start_after = self._check_structured(prompt_token_ids, params)
         room = self.max_model_len - n_prompt
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)

@@ -207,3 +207,32 @@ def test_error_quantize_group_size(made, env, tmp_path):
     _, path = made
     res = cli("quantize", path, str(tmp_path / "awq"), "--group-size", "48", env=env)
     assert_user_error(res, "--group-size", "in_proj_qkv.weight", "does not divide")
+
+
+def test_error_quantize_into_existing_checkpoint(made, env):
+    """Into its own source (or any non-empty directory): refused before anything is written."""
+    _, path = made
+    res = cli("quantize", path, path, env=env)
+    assert_user_error(res, path, "not an empty directory")
+
+
+def test_error_make_tiny_onto_a_file(env, tmp_path):
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    assert_user_error(cli("make-tiny", str(target), env=env), str(target))
+
+
+def test_error_max_model_len_beyond_the_model(made, env):
+    _, path = made
+    res = cli("generate", "--model", path, "--prompt", "hi", "--max-model-len", "100000", "--device", "cpu", env=env)
+    assert_user_error(res, "max_model_len 100000", "max_position_embeddings 4096")
+
+
+@pytest.mark.parametrize("args", [["bench", "--steps", "0"], ["bench", "--batch-sizes", "1,0"],
+                                  ["generate", "--max-model-len", "0"], ["generate", "--num-kv-blocks", "0"]],
+                         ids=["steps", "batch-sizes", "max-model-len", "num-kv-blocks"])
+def test_error_zero_for_a_count_flag(env, args):
+    """0 is not 'auto': argparse refuses it in one line naming the flag."""
+    res = cli(*args, env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"argument {args[1]}: must be a positive integer, got 0" in res.stderr.strip().splitlines()[-1]

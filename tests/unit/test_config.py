@@ -447,3 +447,24 @@ def test_engine_dtype(tiny_dir, device, dtype, expected):
             _resolve_dtype(dtype, cfg, torch.device(device))
     else:
         assert _resolve_dtype(dtype, cfg, torch.device(device)) == getattr(torch, expected)
+
+
+@pytest.mark.parametrize("over, needles", [
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e7}}, ("'yarn'", "not supported")),
+    ({"hidden_act": "gelu"}, ("'hidden_act'", "'gelu'", "'silu'")),
+    ({"max_position_embeddings": 0}, ("'max_position_embeddings'", "positive")),
+    ({"rms_norm_eps": -1.0}, ("'rms_norm_eps'", "positive")),
+    ({"rope_parameters": {"rope_theta": 0, "partial_rotary_factor": 0.25}}, ("'rope_theta'", "positive")),
+], ids=["yarn", "gelu", "max_positions_zero", "negative_eps", "zero_theta"])
+def test_fields_the_model_cannot_honour(over, needles):
+    """A setting deltaserve does not implement (or a value that makes the model garbage) is refused, not ignored."""
+    with pytest.raises(ConfigError) as e:
+        parse(raw_config("Qwen3_5ForCausalLM", text_fields(**over)))
+    assert_one_sentence(str(e.value), *needles)
+
+
+def test_generation_config_not_an_object(tmp_path):
+    write_dir(tmp_path, raw_config("Qwen3_5ForCausalLM"), gen=[1, 2])
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf_dir(str(tmp_path))
+    assert_one_sentence(str(e.value), "generation_config.json", "JSON object")

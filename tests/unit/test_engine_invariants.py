@@ -378,6 +378,28 @@ def test_logit_bias(models):
     assert not llm.engine.has_unfinished()
 
 
+@pytest.mark.parametrize("case", ["logprobs", "prompt_logprobs", "token_type", "token_bool", "params_dict"])
+def test_bad_requests_refused_before_any_is_queued(models, case):
+    """Each refused when added, in one sentence, with nothing of the batch left queued (the valid prompt beside it
+    is not lost mid-step)."""
+    llm = models.solo("dense")
+    vocab = models.vocab()
+    good = {"prompt_token_ids": [1, 2, 3]}
+    bad, params = good, [greedy(3), greedy(3)]
+    if case in ("logprobs", "prompt_logprobs"):
+        params = [greedy(3), SamplingParams(max_tokens=3, **{case: vocab + 1})]
+    elif case == "token_type":
+        bad = {"prompt_token_ids": [1, "2"]}
+    elif case == "token_bool":
+        bad = {"prompt_token_ids": [True, 2]}
+    else:
+        params = {"max_tokens": 3}
+    with pytest.raises(ValueError) as e:
+        llm.generate([good, bad], params, use_tqdm=False)
+    assert "\n" not in str(e.value) and (case.split("_")[0] in str(e.value) or "SamplingParams" in str(e.value))
+    assert not llm.engine.has_unfinished()
+
+
 # ----------------------------------------------------------------------------------------------------- 8. n > 1
 
 @pytest.mark.parametrize("max_num_seqs", [4, 1], ids=["forked", "no-room-to-fork"])

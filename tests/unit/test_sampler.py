@@ -64,11 +64,14 @@ def rows_of(probs, n):
         ({"seed": 2 ** 64}, "seed"),
         ({"seed": 2 ** 64 - 2, "n": 3}, "seed"),  # row i draws from seed + i
         ({"seed": -(2 ** 63) - 1}, "seed"),
+        ({"stop": 123}, "stop"),
+        ({"stop_token_ids": 5}, "stop_token_ids"),
     ],
     ids=["n", "temperature", "top_p_zero", "top_p_big", "top_k", "min_p", "max_tokens", "repetition",
          "presence", "frequency", "logprobs", "prompt_logprobs", "seed_float", "bias_range", "bias_negative_id",
          "bias_str_id", "bias_not_dict", "min_tokens", "min_over_max", "temperature_nan", "temperature_inf",
-         "repetition_nan", "seed_overflow", "seed_plus_n_overflow", "seed_underflow"],
+         "repetition_nan", "seed_overflow", "seed_plus_n_overflow", "seed_underflow", "stop_int",
+         "stop_token_ids_int"],
 )
 def test_params_validation_names_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field} must be"):

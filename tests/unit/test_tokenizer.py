@@ -249,3 +249,37 @@ def test_incremental_detokenizer_skips_special_tokens(tok):
     assert "".join(detok.add([i]) for i in ids) == "Hi 😀"
     detok = IncrementalDetokenizer(tok, [], skip_special_tokens=False)
     assert "".join(detok.add([i]) for i in ids) == "Hi 😀<|im_end|>"
+
+
+@pytest.mark.parametrize("message, needle", [
+    ({"content": "hi"}, "needs a 'role'"),
+    ({"role": "wizard", "content": "hi"}, "'wizard'"),
+    ({"role": "user", "content": None}, "'content' must be a string"),
+    ({"role": "user", "content": 5}, "'content' must be a string"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "only text parts"),
+], ids=["no-role", "unknown-role", "no-content", "int-content", "image-part"])
+def test_messages_the_template_would_drop_are_refused(tok, message, needle):
+    """A message the template would silently leave out (or render empty) is an error, not a shorter prompt."""
+    with pytest.raises(TokenizerError, match=needle):
+        tok.apply_chat_template([message])
+
+
+def test_text_parts_and_developer_role_render_as_plain_messages(tok):
+    parts = [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]
+    as_given = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}]
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    assert tok.apply_chat_template(as_given) == tok.apply_chat_template(plain)
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("tokenizer.json", "{bad json", "tokenizer.json is not a valid tokenizer file"),
+    ("tokenizer_config.json", "{bad", "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", "[1, 2]", "must hold a JSON object"),
+], ids=["tokenizer-json", "config-json", "config-not-object"])
+def test_broken_tokenizer_files_are_one_sentence(tiny_dir, tmp_path, name, text, needle):
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+    (tmp_path / name).write_text(text)
+    with pytest.raises(TokenizerError, match=needle) as e:
+        Tokenizer.from_dir(str(tmp_path))
+    assert "\n" not in str(e.value)

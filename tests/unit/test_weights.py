@@ -224,6 +224,17 @@ def _no_safetensors(path):
     os.remove(os.path.join(path, ST))
 
 
+def _index_not_object(path):
+    shard(path)
+    with open(os.path.join(path, INDEX), "w") as f:
+        json.dump([], f)
+
+
+def _truncated(path):
+    with open(os.path.join(path, ST), "r+b") as f:
+        f.truncate(5000)
+
+
 def _set(name, shape):
     return lambda sd: sd.__setitem__(name, torch.zeros(shape))
 
@@ -237,6 +248,8 @@ BROKEN = {
     "missing_shard": ("dense", _missing_shard, None, [SHARDS[1], "missing"]),
     "bad_index": ("dense", _bad_index, None, [INDEX, "weight_map"]),
     "no_safetensors": ("dense", _no_safetensors, None, [ST, INDEX]),
+    "index_not_object": ("dense", _index_not_object, None, [INDEX, "weight_map"]),
+    "truncated_safetensors": ("dense", _truncated, None, [ST, "not a readable safetensors file"]),
     "wrong_shape": ("dense", None, _set(f"{LM}layers.0.linear_attn.in_proj_qkv.weight", (255, 128)),
                     [f"{LM}layers.0.linear_attn.in_proj_qkv.weight", "[255, 128]", "[256, 128]"]),
     "wrong_shape_transposed": ("dense", None, _set(f"{LM}layers.3.mlp.down_proj.weight", (256, 128)),
@@ -301,3 +314,15 @@ def test_llm_surfaces_config_error(tiny_dense, tmp_path):
     with pytest.raises(ConfigError) as e:
         make_llm(path)
     assert_one_sentence(str(e.value), "'GPT2'", "Qwen3_5ForCausalLM")
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"tokenizer": "/nonexistent/tok"}, "'/nonexistent/tok' is not a directory holding tokenizer.json"),
+    ({"max_model_len": 0}, "max_model_len must be a positive integer, got 0"),
+    ({"num_kv_blocks": 0}, "num_kv_blocks must be a positive integer, got 0"),
+    ({"block_size": True}, "block_size must be a positive integer, got True"),
+], ids=["tokenizer-path", "max-model-len-0", "kv-blocks-0", "block-size-bool"])
+def test_llm_refuses_bad_engine_arguments(tiny_dense, kwargs, needle):
+    """0 is not 'auto', and a tokenizer path that is not there is not 'no tokenizer'."""
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        LLM(model=tiny_dense, device="cpu", **kwargs)
