@@ -40,7 +40,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=positive_int, default=64, help="max requests running at once")
     g.add_argument("--max-num-batched-tokens", type=positive_int, default=2048, help="token budget per engine step")
     g.add_argument("--block-size", type=positive_int, default=16, help="tokens per paged-KV block")
-    g.add_argument("--num-kv-blocks", type=positive_int, default=None, help="explicit KV pool size (overrides auto sizing)")
+    g.add_argument("--num-kv-blocks", type=positive_int, default=None,
+                   help="explicit KV pool size (overrides auto sizing)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4", "fp8"],
                    help="KV cache storage: auto = the model dtype; int8 / int4 / fp8 quantize keys and values per "
                         "token and kv head (about 2x / 4x / 2x the tokens in the same memory)")
