@@ -168,7 +168,8 @@ class ModelConfig:
     def from_hf_dir(cls, path: str) -> "ModelConfig":
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isdir(path):
-            raise ConfigError(f"Model directory {path!r} does not exist.")
+            what = "is a file, not a directory" if os.path.exists(path) else "does not exist"
+            raise ConfigError(f"Model directory {path!r} {what}.")
         if not os.path.isfile(cfg_path):
             raise ConfigError(f"{cfg_path} not found: a Hugging Face model directory must contain config.json.")
         try:

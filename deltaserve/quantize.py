@@ -46,6 +46,8 @@ FP8_BLOCK = (128, 128)  # the official releases' weight_block_size, the one delt
 def not_convert_list(cfg: ModelConfig, extra: list[str]) -> list[str]:
     """modules_to_not_convert: the always-16-bit parts, the MoE router, and the user's own substrings."""
     router = ["mlp.gate"] if cfg.is_moe else []  # "mlp.gate" would also match a dense model's mlp.gate_proj
+    if any(not e for e in extra):  # an empty substring matches every module: nothing would be quantized
+        raise ValueError("--not-convert takes non-empty module-name substrings, got an empty one")
     return ALWAYS_16BIT + router + [e for e in extra if e not in ALWAYS_16BIT]
 
 
@@ -108,7 +110,7 @@ def calibrate(src: str, cfg: ModelConfig, files: list[str], calib: str, skip: li
               ) -> dict[str, NormScale]:
     """Activation-aware scales for every norm with a quantized consumer (see calibrate.py)."""
     if not os.path.isfile(calib):
-        raise ValueError(f"--calib file {calib} does not exist")
+        raise ValueError(f"--calib file {calib} " + ("is a directory" if os.path.isdir(calib) else "does not exist"))
     inputs = collect_inputs(src, calib)
     weights, quantized = {}, set()
     consumer = re.compile(rf"^layers\.\d+\.({'|'.join(CONSUMERS.values())})$")

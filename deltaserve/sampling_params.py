@@ -39,6 +39,8 @@ class StructuredOutputs:
     choice: tuple[str, ...] | list[str] | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_outputs.json_object must be true or false, got {self.json_object!r}.")
         kinds = [k for k in ("json", "regex", "choice") if getattr(self, k) is not None]
         kinds += ["json_object"] if self.json_object is True else []
         if len(kinds) != 1:

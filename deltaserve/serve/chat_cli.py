@@ -52,7 +52,7 @@ class ChatSession:
 
     def __init__(self, llm, params: SamplingParams, system: str | None = None, enable_thinking: bool = True,
                  hide_thinking: bool = False, out: TextIO = sys.stdout):
-        if llm.tokenizer is None:
+        if llm.tokenizer is None or not llm.tokenizer.chat_template:
             raise ValueError("deltaserve chat needs a model with tokenizer.json and a chat template")
         if params.n != 1:
             raise ValueError(f"deltaserve chat shows one answer per turn; use --n 1 (got {params.n})")
