@@ -254,15 +254,16 @@ class EngineCore:
         p = req.params
         if len(req.output_token_ids) < p.min_tokens:  # too early to stop on EOS, a stop token or a stop string
             return _length_reason(req, self.max_model_len), None
-        if not p.ignore_eos and tok in self.eos_token_ids:
-            return "stop", None
-        if tok in p.stop_token_ids:
-            return "stop", tok
+        eos = not p.ignore_eos and tok in self.eos_token_ids
+        if eos or tok in p.stop_token_ids:
+            if not p.include_stop_str_in_output:  # as vLLM: the stopping token's own text is not shown
+                group.texts[i] = group.texts[i][:prev_len]
+            return "stop", (None if eos else tok)
         if p.stop:
             text = group.texts[i]
-            # a stop string may straddle the previous text and this token's text
-            base = max(0, prev_len - max(len(s) for s in p.stop) + 1)
-            hits = [(text.find(s, base), s) for s in p.stop if text.find(s, base) >= 0]
+            # only a stop string that ends in this token's text counts (one that ended earlier, while min_tokens
+            # held stops back, does not); it may straddle the previous text and this token's
+            hits = [(at, s) for s in p.stop if (at := text.find(s, max(0, prev_len - len(s) + 1))) >= 0]
             if hits:
                 at, s = min(hits)
                 group.texts[i] = text[: at + len(s)] if p.include_stop_str_in_output else text[:at]

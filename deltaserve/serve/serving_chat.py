@@ -189,9 +189,11 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parse
     head = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if req.include_usage else {}
 
-    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
-        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": finish_reason}], **extra})
+    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        if finish_reason is not None:  # the last chunk of a choice says what stopped it, as the full response does
+            choice["stop_reason"] = stop_reason
+        return sse({**head, "choices": [choice], **extra})
 
     n_prompt, n_out = stream.num_prompt_tokens, 0
     try:
@@ -219,7 +221,8 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parse
                     p.done = True
                     n_out += len(c.token_ids)
                 if delta or lp or final:
-                    yield chunk(c.index, delta, lp, _finish_reason(c.finish_reason, p) if final else None)
+                    yield chunk(c.index, delta, lp, _finish_reason(c.finish_reason, p) if final else None,
+                                c.stop_reason if final else None)
         if req.include_usage:
             yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out)})
     except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, then end it

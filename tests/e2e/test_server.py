@@ -339,6 +339,11 @@ def test_chat_logprobs_stop_and_seed(client):
                                              extra_body={"ignore_eos": True, **NO_THINK})
         assert cut.choices[0].finish_reason == "stop"
         assert cut.choices[0].message.content == text[:text.index(stop)]
+        assert cut.choices[0].model_extra["stop_reason"] == stop
+        last = [c for c in client.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=6, temperature=0, stop=[stop], stream=True,
+            extra_body={"ignore_eos": True, **NO_THINK}) if c.choices and c.choices[0].finish_reason][-1]
+        assert last.choices[0].finish_reason == "stop" and last.choices[0].model_extra["stop_reason"] == stop
     extras = client.chat.completions.create(
         model=MODEL, messages=msgs, max_completion_tokens=3, temperature=0.7, top_p=0.9, presence_penalty=0.5,
         frequency_penalty=0.5, extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2, "ignore_eos": True})

@@ -309,13 +309,20 @@ def test_stop_token_ids(models):
     llm = models.solo("dense")
     prompt = random_prompt(random.Random(12), 25, models.vocab())
     ref = llm.generate([prompt], greedy(20), use_tqdm=False)[0].outputs[0]
-    j = 6
-    stop_tok = ref.token_ids[j]
+    # a token from position 6 on whose own text is plain (so leaving it out of the text shows)
+    stop_tok = next(t for t in ref.token_ids[6:] if llm.tokenizer.decode([t]).strip().isascii()
+                    and llm.tokenizer.decode([t]).strip())
     first = ref.token_ids.index(stop_tok)
     out = llm.generate([prompt], greedy(20, stop_token_ids=[stop_tok]), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == ref.token_ids[: first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop_tok
     assert_close_logprobs("logprobs", ref.logprobs[: first + 1], out.logprobs)
+    # the stop token's own text is left out of the text unless include_stop_str_in_output (as vLLM)
+    upto, through = (llm.generate([prompt], greedy(n), use_tqdm=False)[0].outputs[0].text for n in (first, first + 1))
+    assert out.text == upto
+    kept = llm.generate([prompt], greedy(20, stop_token_ids=[stop_tok], include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert kept.token_ids == out.token_ids and kept.text == through
 
 
 @pytest.mark.parametrize("min_tokens", [2, 3, 6], ids=["before-stop", "at-stop", "past-stop"])
@@ -351,6 +358,10 @@ def test_min_tokens_holds_back_stop_strings(models):
     assert early.finish_reason == "stop" and len(early.token_ids) < 8
     out = llm.generate([prompt], greedy(12, stop=[stop], min_tokens=8), use_tqdm=False)[0].outputs[0]
     assert out.token_ids[:8] == ref.token_ids[:8]
+    # a longer stop string beside it changes nothing: the early match is not found again once min_tokens is reached
+    both = llm.generate([prompt], greedy(12, stop=[stop, "\x00a much longer stop\x00"], min_tokens=8),
+                        use_tqdm=False)[0].outputs[0]
+    assert (both.text, both.token_ids, both.finish_reason) == (out.text, out.token_ids, out.finish_reason)
 
 
 def test_logit_bias(models):
