@@ -8,6 +8,7 @@ import math
 import os
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -176,6 +177,9 @@ class LLM:
                                      expert_parallel=_expert_parallel(config, enable_expert_parallel,
                                                                       tensor_parallel_size))
         self.config, self.tokenizer, self._workers = config, tokenizer, None
+        # request id -> the queue of the open generate_stream that owns it: whoever steps the engine (another stream,
+        # generate, abort) hands that request's outputs there, so open streams never see or lose each other's
+        self._inbox: dict[str, deque[RequestOutput]] = {}
         self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
@@ -258,20 +262,44 @@ class LLM:
         requests still running, freeing their KV blocks and state slots."""
         items = _normalise_prompts(prompts)
         params = _normalise_params(sampling_params, len(items))
-        pending = set(self._add_all(items, params))
+        ids = self._add_all(items, params)
+        pending, box = set(ids), deque()
+        self._inbox.update((rid, box) for rid in ids)
         try:
             while pending:
-                for out in self.engine.step():
+                while box:
+                    out = box.popleft()
                     if out.finished:
                         pending.discard(out.request_id)
                     yield out
+                if pending and not any(rid in self.engine.groups for rid in pending):
+                    break  # ended where no output reached this stream (engine.abort called directly)
+                if pending:
+                    self._deliver(self.engine.step())
         finally:
+            for rid in ids:
+                self._inbox.pop(rid, None)
             for rid in pending:
                 self.engine.abort(rid)
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """Abort a request (queued or running) now; its KV blocks and state slot are freed immediately."""
-        return self.engine.abort(request_id)
+        """Abort a request (queued or running) now; its KV blocks and state slot are freed immediately. A request of
+        an open generate_stream also ends there, with this output (finish_reason "abort")."""
+        out = self.engine.abort(request_id)
+        if out is not None:
+            self._deliver([out])
+        return out
+
+    def _deliver(self, outs: list[RequestOutput]) -> list[RequestOutput]:
+        """Queue each output whose request an open stream owns; -> the others."""
+        rest = []
+        for out in outs:
+            box = self._inbox.get(out.request_id)
+            if box is not None:
+                box.append(out)
+            else:
+                rest.append(out)
+        return rest
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template_kwargs: dict | None = None, tools: list | None = None,
@@ -305,15 +333,18 @@ class LLM:
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
+        wanted = set(ids)
         bar = None
         if use_tqdm:
             from tqdm import tqdm
 
             bar = tqdm(total=len(ids), desc="Generating", unit="req")
         try:
-            while self.engine.has_unfinished():
-                for out in self.engine.step(finished_only=True):
-                    if out.finished:
+            # until the engine is idle (an in-flight step read too); with a stream open, until these are done (the
+            # stream steps its own requests on), and every output is built, since the stream's requests need theirs
+            while self.engine.has_unfinished() and (len(done) < len(ids) or not self._inbox):
+                for out in self._deliver(self.engine.step(finished_only=not self._inbox)):
+                    if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
                         if bar is not None:
                             bar.update(1)

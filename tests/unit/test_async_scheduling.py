@@ -483,3 +483,48 @@ def test_forced_output_hook_wraps_launch_and_turns_async_off(models, monkeypatch
     assert outs[1].outputs[0].text != text
     with pytest.raises(RuntimeError, match="injected"):
         llm.generate(["BOOM"], SamplingParams(max_tokens=4), use_tqdm=False)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_open_streams_keep_their_own_requests(models, async_scheduling):
+    """Two streams open at once, a generate while one is open, and LLM.abort of a streamed request: each stream
+    yields exactly its own requests' outputs (deltas adding up to the solo answers), the abort ends its stream's
+    request with finish_reason "abort", and nothing spins or is left running."""
+    prompts, params = _stream_workload(models, random.Random(26))
+    llm = make_llm(models.path("dense"), max_num_seqs=4, max_num_batched_tokens=32, block_size=8,
+                   async_scheduling=async_scheduling)
+    solo = [models.ref("dense", p, sp).outputs[0] for p, sp in zip(prompts, params)]
+
+    def drain(stream, texts):
+        for out in stream:
+            texts.setdefault(out.request_id, []).append(out)
+            yield out
+
+    got1, got2 = {}, {}
+    s1 = drain(llm.generate_stream(prompts[:2], params[:2]), got1)
+    s2 = drain(llm.generate_stream(prompts[4:], params[4:]), got2)
+    next(s1), next(s2)
+    middle = llm.generate([prompts[2]], params[2], use_tqdm=False)[0].outputs[0]  # while both are open
+    for _ in zip(s1, s2):
+        pass
+    for _ in s1:
+        pass
+    for _ in s2:
+        pass
+    assert_same_completion("generate mid-stream", solo[2], middle)
+    for got, idx in ((got1, (0, 1)), (got2, (4,))):
+        assert len(got) == len(idx), f"a stream saw {sorted(got)}"
+        for rid, i in zip(sorted(got, key=int), idx):
+            outs = got[rid]
+            assert outs[-1].finished and all(not o.finished for o in outs[:-1])
+            assert "".join(o.outputs[0].delta_text for o in outs) == solo[i].text == outs[-1].outputs[0].text
+    stream, aborted = llm.generate_stream(prompts[3:5], [params[4], params[4]]), None
+    for out in stream:
+        if aborted is None:
+            aborted = out.request_id
+            llm.abort(aborted)
+        elif out.request_id == aborted:
+            assert out.finished and out.outputs[0].finish_reason == "abort"
+            aborted = "seen"
+    assert aborted == "seen", "the aborted request's end never reached its stream"
+    assert_engine_idle(llm)
