@@ -149,7 +149,13 @@ class EngineCore:
             self._by_id.pop(req.request_id, None)
         if group.metrics.finished_time is None:
             group.metrics.finished_time = time.perf_counter()
-        return self._output(request_id, group)
+        out = self._output(request_id, group)
+        if not self.groups and self._inflight is not None:
+            # the last request is gone: read the step still in flight now (its samples are all dropped), so the
+            # engine is idle rather than holding a launch that only the next step() would read
+            self._read(self._inflight, finished_only=True)
+            self._inflight = None
+        return out
 
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Launch one forward and read one step's samples (this one's, or under async scheduling the previous one's);

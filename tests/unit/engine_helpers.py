@@ -66,6 +66,7 @@ def assert_engine_idle(llm: LLM) -> None:
     assert s.blocks.num_free == s.blocks.num_blocks, f"{s.blocks.num_free}/{s.blocks.num_blocks} blocks free"
     assert s.states.num_free == s.states.num_slots, f"{s.states.num_free}/{s.states.num_slots} slots free"
     assert not llm.engine.groups, f"engine still tracks {list(llm.engine.groups)}"
+    assert not llm.engine.has_unfinished(), "a launched step is still unread"
 
 
 @dataclass
