@@ -15,6 +15,7 @@ Text outside the blocks is content; whitespace around blocks is dropped.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +29,13 @@ _XML_PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
 _XML_FUNC_END = "</function>"
 _JSON_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\S)')
 _DECODER = json.JSONDecoder()
+# what decoding model-written JSON may raise: bad JSON, or nesting deeper than Python's recursion limit
+_BAD_JSON = (ValueError, RecursionError)
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # json.loads would take NaN / Infinity, which json.dumps cannot write back
 
 
 @dataclass
@@ -95,17 +103,19 @@ def convert_value(value: str, schema_type: Any) -> Any:
     if text.lower() in ("null", "none"):
         return None
     try:
-        if schema_type == "integer":
-            return int(text)
+        if schema_type in ("integer", "number") and _INTEGER.fullmatch(text):
+            return int(text)  # exact, however long
         if schema_type == "number":
             number = float(text)
-            return int(number) if number.is_integer() and not any(c in text for c in ".eE") else number
+            return number if math.isfinite(number) else value  # 1e999: kept as text, JSON has no Infinity
         if schema_type == "boolean":
             if text.lower() in ("true", "false"):
                 return text.lower() == "true"
             return value
-        return json.loads(text)
-    except ValueError:
+        if schema_type == "integer":
+            return value
+        return json.loads(text, parse_constant=_no_constant)
+    except _BAD_JSON:
         return value
 
 
@@ -214,7 +224,11 @@ class ToolCallParser:
             m = _JSON_HEAD.match(body)
             if m is None:
                 return
-            self._start_call(out, json.loads(m.group(1)))
+            try:
+                name = json.loads(m.group(1))
+            except _BAD_JSON:
+                return  # a name with a bad escape: not followed; the block ends as text (see _fallback_json)
+            self._start_call(out, name)
             op.cursor = m.end()
         raw = body[op.cursor:]
         if op.args_done or not raw.startswith("{"):
@@ -222,7 +236,7 @@ class ToolCallParser:
         try:
             _, end = _DECODER.raw_decode(raw)
             stable, op.args_done = end, True
-        except ValueError:
+        except _BAD_JSON:
             stable = len(raw.rstrip(" \t\r\n}"))  # a trailing "}" may close the outer object instead
         if stable > op.args_sent:
             self._emit_args(out, raw[op.args_sent:stable])
@@ -232,7 +246,7 @@ class ToolCallParser:
         """A complete JSON block the streaming path could not follow (other key order, string arguments)."""
         try:
             obj = json.loads(body)
-        except ValueError:
+        except _BAD_JSON:
             return False
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             return False
@@ -252,7 +266,7 @@ class ToolCallParser:
             return raw[op.args_sent:].removesuffix("}") if op.args_sent else raw.removesuffix("}")
         try:  # "arguments": "<json text>"
             value = _DECODER.raw_decode(raw)[0]
-        except ValueError:
+        except _BAD_JSON:
             return ""
         return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
@@ -289,9 +303,9 @@ class ForcedToolCalls:
     def finish(self) -> ParsedDelta:
         try:
             value = json.loads(self.buf)
-        except ValueError:
+            pairs = [(self.name, value)] if self.name is not None else [(c["name"], c["parameters"]) for c in value]
+        except (*_BAD_JSON, TypeError, KeyError):  # cut short, or (the grammar bypassed) not the forced shape
             return ParsedDelta(content=self.buf)
-        pairs = [(self.name, value)] if self.name is not None else [(c["name"], c["parameters"]) for c in value]
         out = ParsedDelta()
         for name, arguments in pairs:
             call = ToolCall(name, json.dumps(arguments, ensure_ascii=False))

@@ -126,7 +126,28 @@ def test_json_arguments_stream_before_block_ends():
 @pytest.mark.parametrize("value, type_, expected", [
     ("42", "integer", 42), ("4.5", "number", 4.5), ("4", "number", 4), ("False", "boolean", False),
     ('{"a": 1}', "object", {"a": 1}), ("null", ["integer", "null"], None), ("x1", "integer", "x1"),
-    ("42", "string", "42"), ("42", None, "42")],
-    ids=["int", "float", "number_int", "bool", "object", "nullable", "bad_int", "string", "untyped"])
+    ("42", "string", "42"), ("42", None, "42"), ("9007199254740993", "number", 9007199254740993),
+    ("1e999", "number", "1e999"), ("NaN", "object", "NaN"), ("1_000", "integer", "1_000")],
+    ids=["int", "float", "number_int", "bool", "object", "nullable", "bad_int", "string", "untyped", "big_int_exact",
+         "inf_kept_as_text", "nan_kept_as_text", "underscore_int_is_text"])
 def test_convert_value(value, type_, expected):
+    """Whatever comes back must be writable as JSON (no Infinity / NaN) and integers stay exact."""
     assert convert_value(value, type_) == expected
+    json.dumps(convert_value(value, type_), allow_nan=False)
+
+
+@pytest.mark.parametrize("text", [
+    '<tool_call>\n{"name": "a\\x", "arguments": {}}\n</tool_call>',  # a bad escape in the name
+    '<tool_call>\n{"name": "f", "arguments": {"a": ' + "[" * 1000 + "]" * 1000 + '}}\n</tool_call>',  # deep nesting
+    "<tool_call>\n<function=f>\n<parameter=o>\n" + "[" * 1000 + "]" * 1000
+    + "\n</parameter>\n</function>\n</tool_call>",
+], ids=["bad-escape-name", "deep-json", "deep-xml-object"])
+def test_model_text_never_raises(text):
+    """Whatever the model writes, the parser answers (a call or text), streamed whole or character by character."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"o": {"type": "object"}}}}}]
+    for pieces in ([text], list(text)):
+        p = ToolCallParser(tools)
+        for piece in pieces:
+            p.feed(piece)
+        p.finish()
