@@ -206,6 +206,8 @@ class ToolCallParser:
             return
         types = self.types.get(op.call.name, {})
         for m in _XML_PARAM.finditer(body, op.cursor):
+            if _XML_FUNC_END in body[op.cursor: m.start()]:
+                break  # the function ended before this parameter (a "</function>" inside a value does not end it)
             name, value = m.group(1).strip(), m.group(2)
             value = value[1:] if value.startswith("\n") else value
             value = value[:-1] if value.endswith("\n") else value
@@ -214,7 +216,9 @@ class ToolCallParser:
             self._send(out, ("{" if op.num_params == 0 else ", ") + piece)
             op.num_params += 1
             op.cursor = m.end()
-        if _XML_FUNC_END in body[op.cursor:] or complete:
+        rest = body[op.cursor:]
+        end = rest.find(_XML_FUNC_END)
+        if complete or end >= 0 and "<parameter=" not in rest[:end]:  # not one inside a parameter still open
             self._send(out, self._close_args(body))
 
     # ---- JSON ----

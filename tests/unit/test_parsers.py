@@ -151,3 +151,19 @@ def test_model_text_never_raises(text):
         for piece in pieces:
             p.feed(piece)
         p.finish()
+
+
+@pytest.mark.parametrize("text, arguments", [
+    ("<tool_call>\n<function=f>\n<parameter=o>\n<p>x</p></function>\n</parameter>\n</function>\n</tool_call>",
+     '{"o": "<p>x</p></function>"}'),  # code or HTML that mentions the closing tag
+    ("<tool_call>\n<function=f>\n<parameter=o>\n1\n</parameter>\n</function>x<parameter=b>\n2\n</parameter>\n"
+     "</tool_call>", '{"o": "1"}'),  # a parameter after the function ended is not part of it
+], ids=["closing-tag-in-value", "parameter-after-end"])
+def test_xml_function_end_same_streamed_or_whole(text, arguments):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    for pieces in ([text], list(text)):
+        p = ToolCallParser(tools)
+        for piece in pieces:
+            p.feed(piece)
+        p.finish()
+        assert [(c.name, c.arguments) for c in p.calls] == [("f", arguments)], len(pieces)
