@@ -43,6 +43,7 @@ class ReasoningParser:
         self._seen_reasoning = False  # reasoning text released so far (leading whitespace is dropped)
         self._content_started = False  # content released so far (whitespace right after </think> is dropped)
         self._after_end = False
+        self._opened = self.state == "reasoning"  # an opening tag seen (or given by the prompt): one more is dropped
 
     def feed(self, delta: str) -> Split:
         self._buf += delta
@@ -67,16 +68,17 @@ class ReasoningParser:
             stripped = buf.lstrip()
             if stripped.startswith(THINK_START):
                 self.state, self._buf = "reasoning", stripped[len(THINK_START):]
-                return True
+                return True  # the tag opened the block: a repeat of it is reasoning text
             if stripped and not THINK_START.startswith(stripped):
                 self.state = "content"
                 return True
             return False  # only whitespace or a partial "<think>" so far
         if self.state == "reasoning":
-            if not self._seen_reasoning:  # the model may repeat the opening tag the prompt already gave
+            if self._opened and not self._seen_reasoning:  # the model may repeat the tag the prompt gave, once
                 head = buf.lstrip()
                 if head.startswith(THINK_START):
                     buf = self._buf = head[len(THINK_START):]
+                    self._opened = False
                 elif head and THINK_START.startswith(head):
                     return False
             end = buf.find(THINK_END)

@@ -56,6 +56,9 @@ REASONING_CASES = {
                        ("Let me think.", "The answer is 4.")),
     "prompt_opened": ("Let me think.\n</think>\n\nFour.", {"in_reasoning": True}, ("Let me think.", "Four.")),
     "prompt_opened_repeats_tag": ("<think>\nhmm</think>Four.", {"in_reasoning": True}, ("hmm", "Four.")),
+    # one repeat of the opening tag is dropped, a second is reasoning text, however the text is cut into deltas
+    "prompt_opened_repeats_tag_twice": ("<think><think>y</think>z", {"in_reasoning": True}, ("<think>y", "z")),
+    "opened_then_repeated": ("<think><think>y</think>z", {}, ("<think>y", "z")),
     "no_tags": ("An answer with </think> inside? no: <b>", {}, ("", "An answer with </think> inside? no: <b>")),
     "disabled": ("<think>\nx\n</think>\n\ny", {"enabled": False}, ("", "<think>\nx\n</think>\n\ny")),
     "truncated_in_thinking": ("<think>\nstill going \n\n", {}, ("still going", "")),
