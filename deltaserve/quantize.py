@@ -70,8 +70,9 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
         raise ValueError(f"{src} is already quantized ({cfg.quantization.method}); quantize a 16-bit checkpoint")
     skip = not_convert_list(cfg, not_convert or [])
     files = checkpoint_files(src)
+    _check_experts_uniform(files, skip)  # fail before writing anything
     if method == "awq":
-        _check_shapes_first(files, skip, group_size)  # fail before writing anything
+        _check_shapes_first(files, skip, group_size)
     scales = calibrate(src, cfg, files, calib, skip, group_size) if calib else {}
     _copy_side_files(src, dst)
     weight_map = {}
@@ -151,6 +152,28 @@ def _check_shapes_first(files: list[str], skip: list[str], group: int) -> None:
                                          f"(e.g. 32 or 64) or keep it 16-bit with --not-convert")
 
 
+_EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.\d+\.")
+
+
+def _check_experts_uniform(files: list[str], skip: list[str]) -> None:
+    """A layer's experts are all quantized or all 16-bit (what the MoE kernels read): a --not-convert pattern that
+    splits them is refused here, not when the written checkpoint is loaded."""
+    kinds: dict[str, dict[bool, str]] = {}  # layer -> {quantized?: an example module}
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                m = _EXPERT.search(name)
+                if m and name.endswith(".weight"):
+                    module = name[: -len(".weight")]
+                    quantized = _should_quantize(module, f.get_slice(name).get_shape(), skip)
+                    kinds.setdefault(m.group(1), {}).setdefault(quantized, module)
+    for layer, seen in kinds.items():
+        if len(seen) == 2:
+            raise ValueError(f"--not-convert keeps {seen[False]} 16-bit but quantizes {seen[True]}: the experts "
+                             f"of layer {layer} must be all quantized or all 16-bit (match e.g. "
+                             f"'layers.{layer}.mlp.experts.' or none of them)")
+
+
 def _layer_key(name: str) -> tuple[int, str]:
     m = LAYER.search(name)
     return (int(m.group(1) or m.group(2)) if m else -1, name)
@@ -207,7 +230,8 @@ def write_dequantized(src: str, dst: str, dtype: torch.dtype = torch.float32) ->
 
 
 def _write_index(dst: str, files: list[str], weight_map: dict[str, str]) -> None:
-    if len(files) > 1:  # tensor names changed: the copied source index would be stale
+    # tensor names changed: an index copied from the source (one shard or several) would be stale
+    if len(files) > 1 or os.path.exists(os.path.join(dst, "model.safetensors.index.json")):
         _write_json(os.path.join(dst, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
 
 

@@ -273,3 +273,28 @@ def test_calibrated_scales_beat_rtn_and_load(moe, sources, tmp_path):
     q = quantize_checkpoint(src, str(tmp_path / "q"), group_size=GROUP, calib=str(calib), progress=False)
     assert_matches_twin(q, tmp_path)
 
+
+
+def test_not_convert_that_splits_a_layers_experts_is_refused(sources, tmp_path):
+    """The MoE kernels read a layer's experts all int4 or all 16-bit: quantize refuses the split before writing."""
+    with pytest.raises(ValueError, match="the experts of layer 0 must be all quantized or all 16-bit"):
+        quantize_checkpoint(sources[True], str(tmp_path / "q"), group_size=GROUP, not_convert=["experts.0."],
+                            progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_one_shard_index_is_rewritten(sources, tmp_path):
+    """A source with an index over a single shard: the copied index would list the 16-bit names; it is rewritten."""
+    import shutil
+
+    src, shard = tmp_path / "src", "model-00001-of-00001.safetensors"
+    shutil.copytree(sources[False], src)
+    os.rename(src / "model.safetensors", src / shard)
+    with safe_open(str(src / shard), framework="pt") as f:
+        names = list(f.keys())
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+    q = quantize_checkpoint(str(src), str(tmp_path / "q"), group_size=GROUP, progress=False)
+    with open(os.path.join(q, "model.safetensors.index.json")) as fh:
+        listed = json.load(fh)["weight_map"]
+    with safe_open(os.path.join(q, shard), framework="pt") as f:
+        assert set(listed) == set(f.keys()) and set(listed.values()) == {shard}
