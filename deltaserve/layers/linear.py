@@ -3,9 +3,10 @@
 Every Linear decides its own format from the checkpoint (models/weights.plan_formats): `Linear` (nn.Linear's
 parameters; decode-sized batches on CUDA run the Triton GEMV of kernels/gemv) for 16-bit, `QuantLinear` for int4
 (AWQ or compressed-tensors). Our fused projections (q|k|v, the four GDN in-projections, gate|up) stay one `Linear`
-GEMM when all their pieces are 16-bit; when any piece is quantized they become a `ProjectionGroup`, one Linear per checkpoint piece (so the loader fills each from its own tensors), outputs
-concatenated in the same order. `merge_projection_runs(model)` then fuses each run of consecutive pieces in one
-format back into one Linear: one GEMM per run, and no cat where a single run is left.
+GEMM when all their pieces are 16-bit; when any piece is quantized they become a `ProjectionGroup`, one Linear per
+checkpoint piece (so the loader fills each from its own tensors), outputs concatenated in the same order.
+`merge_projection_runs(model)` then fuses each run of consecutive pieces in one format back into one Linear: one GEMM
+per run, and no cat where a single run is left.
 
 int4 on CUDA: the Triton W4A16 kernels (kernels/int4_gemm, kernels/fused_moe) read the AWQ layout or, for groups of
 64 or more, the K-packed one (fast decode GEMV); `use_int4_kernels(model)` runs once after loading, rewrites

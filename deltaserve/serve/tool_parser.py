@@ -105,15 +105,13 @@ def convert_value(value: str, schema_type: Any) -> Any:
     try:
         if schema_type in ("integer", "number") and _INTEGER.fullmatch(text):
             return int(text)  # exact, however long
+        if schema_type == "integer":
+            return value
         if schema_type == "number":
             number = float(text)
             return number if math.isfinite(number) else value  # 1e999: kept as text, JSON has no Infinity
         if schema_type == "boolean":
-            if text.lower() in ("true", "false"):
-                return text.lower() == "true"
-            return value
-        if schema_type == "integer":
-            return value
+            return text.lower() == "true" if text.lower() in ("true", "false") else value
         return json.loads(text, parse_constant=_no_constant)
     except _BAD_JSON:
         return value
