@@ -160,7 +160,8 @@ def parse_request(cls: type[_Model], body: bytes) -> Any:
         raise validation_error(e) from None
     if req.model_extra:
         for name, value in req.model_extra.items():
-            if name in UNSUPPORTED_FIELDS and value not in (None, False, [], {}, ""):
+            # `is`: 0 == False, and prompt_logprobs=0 asks for something
+            if name in UNSUPPORTED_FIELDS and not (value is None or value is False or value in ([], {}, "")):
                 raise APIError(400, f"'{name}' is not supported: {UNSUPPORTED_FIELDS[name]}.", name)
         logger.debug("ignoring request fields %s", sorted(req.model_extra))
     return req

@@ -466,6 +466,8 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "legacy_functions": ("/v1/chat/completions", chat_body(functions=[{"name": "f", "parameters": {}}]), None, 400,
                          "functions"),
     "guided_json": ("/v1/chat/completions", chat_body(guided_json={"type": "object"}), None, 400, "guided_json"),
+    "prompt_logprobs_zero": ("/v1/completions", {"model": MODEL, "prompt": "hi", "prompt_logprobs": 0}, None, 400,
+                             "prompt_logprobs"),
     "tool_choice_function_not_object": ("/v1/chat/completions", chat_body(tools=TOOLS, tool_choice={
         "type": "function", "function": "get_weather"}), None, 400, "tool_choice"),
     "tool_call_name_not_string": ("/v1/chat/completions", chat_body(messages=user("hi") + [{
