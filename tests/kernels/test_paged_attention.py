@@ -184,6 +184,7 @@ DECODE_CASES = {
     "group_3": (6, 2, 32, 4, [33, 7], 16, 8),
     "padded_row_split": (4, 2, 32, 4, [0, 40], 16, 8),
     "padded_row_single": (4, 2, 32, 4, [0, 12], 64, 8),
+    "many_partitions": (4, 2, 128, 4, [150, 37, 0], 8, 8),  # 19 partitions of a 150-key context, head_dim 128
 }
 
 
