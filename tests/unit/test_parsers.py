@@ -170,3 +170,12 @@ def test_xml_function_end_same_streamed_or_whole(text, arguments):
             p.feed(piece)
         p.finish()
         assert [(c.name, c.arguments) for c in p.calls] == [("f", arguments)], len(pieces)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2], ids=["whole", "chars", "rand2"])
+def test_json_arguments_that_do_not_parse_stay_a_call(seed):
+    """As with OpenAI's API, arguments are the model's text (README): a JSON block whose arguments do not parse is
+    still a call, with the same arguments however the text was cut (streamed deltas cannot be taken back)."""
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": tru}}\n</tool_call>'
+    content, streamed, final, _ = run_tools(cuts(text, seed))
+    assert content == "" and streamed == final == [("get_weather", '{"city": tru}')]
