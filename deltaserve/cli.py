@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, WeightsError, TokenizerError, ValueError, OSError) as e:  # OSError: e.g. a path is a file
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (serve: uvicorn re-raises it after its graceful shutdown): no traceback
+        return 130
 
 
 def resolve_model(path: str | None) -> str:

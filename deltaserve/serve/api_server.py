@@ -3,7 +3,7 @@ serving_completion.py and async_engine.py.
 
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models      (need the API key when one is set)
     POST /tokenize   POST /detokenize                                       (vLLM's; the API key too)
-    GET /health   GET /version   GET /metrics (Prometheus)
+    GET|HEAD /health   GET /version   GET /metrics (Prometheus)
 
 Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}` with status 400 (bad request), 401 (API
 key), 404 (unknown model or route), 500 (engine failure), 503 (shutting down).
@@ -35,8 +35,8 @@ from .serving_tokenize import detokenize, tokenize
 logger = logging.getLogger("deltaserve.serve")
 
 
-def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+def _error_response(e: APIError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 def _api_key_check(api_key: str | None):
@@ -63,8 +63,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     app = FastAPI(title="deltaserve", version=__version__, lifespan=lifespan)
     app.add_exception_handler(APIError, lambda request, e: _error_response(e))
-    app.add_exception_handler(StarletteHTTPException, lambda request, e: _error_response(
-        APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}.")))
+    app.add_exception_handler(StarletteHTTPException, lambda request, e: _error_response(  # keeps a 405's Allow
+        APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}."), e.headers))
     app.add_exception_handler(RequestValidationError, lambda request, e: _error_response(
         APIError(400, f"Invalid request: {e.errors()[0].get('msg', 'bad input')}.")))
 
@@ -98,7 +98,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     app.include_router(tokens)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what some load balancers probe with
     async def health() -> Response:
         return Response(status_code=200 if engine.alive and engine.accepting else 503)
 

@@ -127,7 +127,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ctx.require_tokenizer()
     tools = _tools(req)
     prompt = _render(ctx, req, tools)
-    ids = ctx.tokenizer.encode(prompt)
+    ids = ctx.encode(prompt, "messages")
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     check_max_tokens(max_tokens, len(ids), ctx.max_model_len, field, req.min_tokens)

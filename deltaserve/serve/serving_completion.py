@@ -22,7 +22,7 @@ def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[str | No
     if isinstance(p, str) or (p and isinstance(p[0], str)):
         texts = [p] if isinstance(p, str) else p
         ctx.require_tokenizer()
-        return [(t, ctx.tokenizer.encode(t)) for t in texts]
+        return [(t, ctx.encode(t, "prompt")) for t in texts]
     if not p:
         raise APIError(400, "prompt is an empty list; give a string, a list of strings or token ids.", "prompt")
     batches = [p] if isinstance(p[0], int) else p
