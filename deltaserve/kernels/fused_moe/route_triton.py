@@ -24,20 +24,24 @@ MAX_EXPERTS = 4096  # one program holds a token's whole row of router logits
 @triton.jit
 def _softmax_topk(b_x, o_e, m_e, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     """b_x [BLOCK_E] fp32 logits (padded lanes -inf) -> (weights [BLOCK_K] fp32 summing to 1 over the first TOP_K,
-    ids [BLOCK_K] int32): softmax, k rounds of max (lowest id among equal maxima), renormalise."""
+    ids [BLOCK_K] int32): softmax, k rounds of max (lowest id among equal maxima), renormalise.
+    Each round is one reduction: a live lane's key is its probability's bits (a non-negative float orders as its
+    int32 pattern) above BLOCK_E - 1 - id, so the largest key is the largest probability with the lowest id."""
     b_p = tl.exp(b_x - tl.max(b_x, axis=0))
     b_p = b_p / tl.sum(b_p, axis=0)
-    b_live = tl.where(m_e, b_p, -1.0)
+    b_key = (b_p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_E - 1 - o_e).to(tl.int64)
+    b_key = tl.where(m_e, b_key, -1)
     o_k = tl.arange(0, BLOCK_K)
     b_w = tl.zeros([BLOCK_K], dtype=tl.float32)
     b_id = tl.zeros([BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        b_max = tl.max(b_live, axis=0)
-        # a NaN row matches nothing: clamp so a garbage row still names a real expert (no out-of-range reads later)
-        b_arg = tl.minimum(tl.min(tl.where(b_live == b_max, o_e, BLOCK_E), axis=0), E - 1)
-        b_w = tl.where(o_k == j, b_max, b_w)
+        b_max = tl.max(b_key, axis=0)
+        # a NaN row can rank a padded lane first: clamp so a garbage row still names a real expert (no out-of-range
+        # reads later)
+        b_arg = tl.minimum(BLOCK_E - 1 - (b_max & 0xFFFFFFFF).to(tl.int32), E - 1)
+        b_w = tl.where(o_k == j, (b_max >> 32).to(tl.int32).to(tl.float32, bitcast=True), b_w)
         b_id = tl.where(o_k == j, b_arg, b_id)
-        b_live = tl.where(o_e == b_arg, -1.0, b_live)
+        b_key = tl.where(o_e == BLOCK_E - 1 - (b_max & 0xFFFFFFFF).to(tl.int32), -1, b_key)
     return b_w / tl.sum(b_w, axis=0), b_id
 
 
