@@ -275,7 +275,7 @@ class LLM:
                 if pending and not any(rid in self.engine.groups for rid in pending):
                     break  # ended where no output reached this stream (engine.abort called directly)
                 if pending:
-                    self._deliver(self.engine.step())
+                    self._deliver(self._step())
         finally:
             for rid in ids:
                 self._inbox.pop(rid, None)
@@ -289,6 +289,15 @@ class LLM:
         if out is not None:
             self._deliver([out])
         return out
+
+    def _step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """engine.step; if it raises, every request was aborted (EngineCore.step): the open streams get their
+        requests' abort outputs, then the error goes on to this caller."""
+        try:
+            return self.engine.step(finished_only)
+        finally:
+            failed, self.engine.failed_outputs = self.engine.failed_outputs, []
+            self._deliver(failed)
 
     def _deliver(self, outs: list[RequestOutput]) -> list[RequestOutput]:
         """Queue each output whose request an open stream owns; -> the others."""
@@ -343,7 +352,7 @@ class LLM:
             # until the engine is idle (an in-flight step read too); with a stream open, until these are done (the
             # stream steps its own requests on), and every output is built, since the stream's requests need theirs
             while self.engine.has_unfinished() and (len(done) < len(ids) or not self._inbox):
-                for out in self._deliver(self.engine.step(finished_only=not self._inbox)):
+                for out in self._deliver(self._step(finished_only=not self._inbox)):
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
                         if bar is not None:

@@ -84,6 +84,11 @@ class SamplingParams:
     structured_outputs: StructuredOutputs | None = None  # constrain the output to a JSON schema, a regex, ...
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Normalise and validate every field (ValueError, one sentence). Runs at construction and again when a
+        request is added: a field set after construction (`params.n = 0`) used to fail deep inside the engine."""
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):

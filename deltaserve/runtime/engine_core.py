@@ -14,6 +14,7 @@ together under the parent id.
 from __future__ import annotations
 
 import itertools
+import numbers
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -64,11 +65,13 @@ class EngineCore:
         self._by_id: dict[str, tuple[_Group, int]] = {}
         self._ids = itertools.count()
         self._inflight: _Launched | None = None
+        self.failed_outputs: list[RequestOutput] = []  # the aborts of a step that raised, for their owners
         self._grammars = GrammarBackend(tokenizer, vocab_size, eos_token_ids) if tokenizer is not None else None
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
                     request_id: str | None = None) -> str:
         """Validate and queue a request; raises ValueError (one sentence) for a prompt that cannot run."""
+        params.check()
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self.groups:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -78,11 +81,12 @@ class EngineCore:
         if n_prompt >= self.max_model_len:
             raise ValueError(f"the prompt has {n_prompt} tokens but max_model_len is {self.max_model_len}: "
                              f"shorten the prompt or raise max_model_len")
-        bad = [t for t in prompt_token_ids
-               if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        bad = [t for t in prompt_token_ids  # numpy's integers too; True / 1.0 are not token ids
+               if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary (integers 0.."
                              f"{self.vocab_size - 1})")
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
         bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
         if bad:
             raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
@@ -161,7 +165,20 @@ class EngineCore:
         """Launch one forward and read one step's samples (this one's, or under async scheduling the previous one's);
         -> an output for every user request that made progress in the step read.
         finished_only: report only requests that finished in it (LLM.generate: at 400 running requests, building
-        every in-flight output each step was a millisecond of host time the GPU waited for)."""
+        every in-flight output each step was a millisecond of host time the GPU waited for).
+        A step that raises (a device error, Ctrl-C) may have appended some requests' tokens and not others',
+        advanced positions whose samples it never read, or left a launch unread: no request's state can be
+        trusted, so every request is aborted (the engine is idle and usable after) and their outputs wait in
+        `failed_outputs` for whoever delivers them. Left as they were, other callers' requests went on with a
+        token twice, or never finished."""
+        try:
+            return self._step(finished_only)
+        except BaseException:
+            self._inflight = None
+            self.failed_outputs += [out for rid in list(self.groups) if (out := self.abort(rid)) is not None]
+            raise
+
+    def _step(self, finished_only: bool) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         if self._inflight is not None and self._inflight.needs_host_tokens:
             outputs = self._read(self._inflight, finished_only)
@@ -236,6 +253,8 @@ class EngineCore:
         reason, stop = self._stop_reason(req, group, i, tok, prev_len)
         if reason is None and complete:  # the grammar took EOS although ignore_eos or min_tokens held it back
             reason = "stop"
+        if complete and req.grammar.dead_end:  # no token could continue the grammar: not a complete answer
+            reason, stop = "abort", None
         if reason is not None:
             req.finish_reason, req.stop_reason = reason, stop
             self.scheduler.finish(req)

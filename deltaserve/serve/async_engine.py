@@ -243,9 +243,11 @@ class AsyncEngine:
         try:
             outputs = self.core.step()
         except Exception as e:  # noqa: BLE001 - fail the requests, keep the server up
-            logger.exception("engine step failed; aborting the %d requests in flight", len(self.core.groups))
-            rids = list(self.core.groups)
-            for rid in rids:
+            # the core aborted every request (EngineCore.step); any it could not are aborted here
+            failed, self.core.failed_outputs = self.core.failed_outputs, []
+            rids = [out.request_id for out in failed] + list(self.core.groups)
+            logger.exception("engine step failed; aborting the %d requests in flight", len(rids))
+            for rid in list(self.core.groups):
                 self._abort_quietly(rid)
             self._post(self._fail, rids, EngineError(f"the engine failed while running this request: {e}"))
             return

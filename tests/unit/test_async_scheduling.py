@@ -528,3 +528,50 @@ def test_open_streams_keep_their_own_requests(models, async_scheduling):
             aborted = "seen"
     assert aborted == "seen", "the aborted request's end never reached its stream"
     assert_engine_idle(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("where", ["launch", "read"])
+def test_a_step_that_raises_aborts_every_request_and_leaves_the_engine_usable(models, async_scheduling, where):
+    """A step that raises part-way (a device error, Ctrl-C) in one caller's generate, with another caller's stream
+    open: before, the other stream's requests went on with a token appended twice (a read that failed after some
+    appends was read again) or, when the launch failed under async scheduling, never finished. Now every request is
+    aborted, the open stream ends each of its requests with finish_reason "abort", the engine is idle, and the next
+    generate answers as a fresh engine does."""
+    prompts, params = _stream_workload(models, random.Random(26))
+    llm = make_llm(models.path("dense"), max_num_seqs=4, max_num_batched_tokens=32, block_size=8,
+                   async_scheduling=async_scheduling)
+    other = llm.generate_stream(prompts[:2], params[:2])
+    seen = [next(other)]
+    runner, real_launch = llm.runner, llm.runner.launch
+    calls = []
+
+    def launch(sched):
+        calls.append(sched)
+        if len(calls) < 2:
+            return real_launch(sched)
+        runner.launch = real_launch  # fail once
+        if where == "launch":
+            raise RuntimeError("injected launch failure")
+        pending = real_launch(sched)
+
+        def result():
+            raise RuntimeError("injected read failure")
+
+        pending.result = result
+        return pending
+
+    runner.launch = launch
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate([prompts[4]], params[4], use_tqdm=False)
+    seen += list(other)
+    last = {}
+    for out in seen:
+        assert out.request_id not in last or not last[out.request_id].finished, "an output after the request ended"
+        last[out.request_id] = out
+    assert len(last) == 2 and all(o.finished and o.outputs[0].finish_reason == "abort" for o in last.values())
+    assert_engine_idle(llm)
+    again = llm.generate(prompts, params, use_tqdm=False)
+    for i in (0, 1, 2, 4):
+        assert_same_completion(f"request {i} after the failure", models.ref("dense", prompts[i], params[i]).outputs[0],
+                               again[i].outputs[0])

@@ -389,10 +389,12 @@ def test_logit_bias(models):
     assert not llm.engine.has_unfinished()
 
 
-@pytest.mark.parametrize("case", ["logprobs", "prompt_logprobs", "token_type", "token_bool", "params_dict"])
+@pytest.mark.parametrize("case", ["logprobs", "prompt_logprobs", "token_type", "token_bool", "params_dict",
+                                  "n_set_after", "prompt_logprobs_set_after"])
 def test_bad_requests_refused_before_any_is_queued(models, case):
     """Each refused when added, in one sentence, with nothing of the batch left queued (the valid prompt beside it
-    is not lost mid-step)."""
+    is not lost mid-step). A field set after SamplingParams was built is checked too (n = 0 failed inside
+    add_request and left its group behind; prompt_logprobs = -2 failed the whole batch mid-step)."""
     llm = models.solo("dense")
     vocab = models.vocab()
     good = {"prompt_token_ids": [1, 2, 3]}
@@ -403,12 +405,27 @@ def test_bad_requests_refused_before_any_is_queued(models, case):
         bad = {"prompt_token_ids": [1, "2"]}
     elif case == "token_bool":
         bad = {"prompt_token_ids": [True, 2]}
+    elif case == "n_set_after":
+        params[1].n = 0
+    elif case == "prompt_logprobs_set_after":
+        params[1].prompt_logprobs = -2
     else:
         params = {"max_tokens": 3}
     with pytest.raises(ValueError) as e:
         llm.generate([good, bad], params, use_tqdm=False)
     assert "\n" not in str(e.value) and (case.split("_")[0] in str(e.value) or "SamplingParams" in str(e.value))
-    assert not llm.engine.has_unfinished()
+    assert not llm.engine.has_unfinished() and not llm.engine.groups
+
+
+def test_numpy_token_ids_are_token_ids(models):
+    """numpy integers (a tokenizer's or a dataset's arrays) were refused as 'outside the vocabulary'."""
+    np = pytest.importorskip("numpy")
+    llm = models.solo("dense")
+    ids = [5, 17, 42]
+    got = llm.generate([{"prompt_token_ids": list(np.array(ids))}], greedy(3), use_tqdm=False)[0]
+    assert got.prompt_token_ids == ids and all(type(t) is int for t in got.prompt_token_ids)
+    assert got.outputs[0].token_ids == llm.generate([{"prompt_token_ids": ids}], greedy(3),
+                                                    use_tqdm=False)[0].outputs[0].token_ids
 
 
 # ----------------------------------------------------------------------------------------------------- 8. n > 1
