@@ -62,20 +62,26 @@ class GrammarBackend:
 
     def grammar(self, spec: StructuredOutputs, start_after: int | None = None) -> RequestGrammar:
         """A fresh grammar state for one request sample."""
-        return RequestGrammar(_xgrammar().GrammarMatcher(self.compile(spec)), start_after)
+        return RequestGrammar(_xgrammar().GrammarMatcher(self.compile(spec)), start_after, self.eos_token_ids)
 
     def _compile_uncached(self, key: tuple[str, str]):
         kind, text = key
         compiler = self._compiler
+        what = {"json_object": "JSON object", "json": "JSON schema", "regex": "regex", "choice": "choice list"}[kind]
         try:
             if kind == "json_object":
-                return compiler.compile_json_schema('{"type": "object"}')
-            if kind == "json":
-                return compiler.compile_json_schema(text)
-            return compiler.compile_regex(text)  # regex, and choice as an alternation of escaped literals
+                compiled = compiler.compile_json_schema('{"type": "object"}')
+            elif kind == "json":
+                compiled = compiler.compile_json_schema(text)
+            else:
+                compiled = compiler.compile_regex(text)  # regex, and choice as an alternation of escaped literals
         except Exception as e:  # noqa: BLE001 - xgrammar raises several types for a bad schema / regex
-            what = {"json": "JSON schema", "regex": "regex", "choice": "choice list"}[kind]
             raise ValueError(f"structured output: the {what} does not compile: {_reason(e)}") from None
+        first = torch.empty((1, (self.vocab_size + 31) // 32), dtype=torch.int32)
+        _xgrammar().GrammarMatcher(compiled).fill_next_token_bitmask(first, 0)
+        if not first.any():  # e.g. the regex [^\s\S]: it compiles, but no token can start it
+            raise ValueError(f"structured output: the {what} matches no text the model can write")
+        return compiled
 
 
 def _reason(e: Exception) -> str:
@@ -104,10 +110,12 @@ def _regex_literal(text: str) -> str:
 class RequestGrammar:
     """One request sample's position in its grammar."""
 
-    def __init__(self, matcher, start_after: int | None):
+    def __init__(self, matcher, start_after: int | None, eos_token_ids: list[int]):
         self.matcher = matcher
         self.active = start_after is None  # false until start_after has been generated
         self.start_after = start_after
+        self.eos_token_ids = eos_token_ids
+        self.dead_end = False  # the text so far has no continuation the grammar accepts (see fill)
 
     @property
     def constrains(self) -> bool:
@@ -115,14 +123,24 @@ class RequestGrammar:
         return self.active and not self.matcher.is_terminated()
 
     def accept(self, token_id: int) -> bool:
-        """Advance by a generated token -> whether the grammar is now complete (the request should stop)."""
+        """Advance by a generated token -> whether the grammar is now complete (the request should stop; at a dead
+        end it should too, with dead_end set)."""
         if not self.active:
             self.active = token_id == self.start_after
             return False
+        if self.dead_end:
+            return True
         if not self.matcher.accept_token(token_id):  # the mask allowed it, so only a mismatched backend gets here
             raise RuntimeError(f"token {token_id} was sampled outside its request's grammar")
         return self.matcher.is_terminated()
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write this grammar's allowed next tokens into row `row` of an int32 [N, words] CPU bitmask."""
+        """Write this grammar's allowed next tokens into row `row` of an int32 [N, words] CPU bitmask. A grammar
+        can reach a state no token continues (the regex a[^\s\S] after "a"): with nothing allowed the row was
+        sampled anyway, the token failed `accept` and the error ended every request of the step. There the row
+        allows EOS only and the request ends (dead_end; the engine reports finish_reason "abort")."""
         self.matcher.fill_next_token_bitmask(bitmask, row)
+        if not bitmask[row].any():
+            self.dead_end = True
+            for t in self.eos_token_ids:
+                bitmask[row, t // 32] |= (1 << (t % 32)) - (1 << 32 if t % 32 == 31 else 0)  # bit 31: int32's sign

@@ -178,13 +178,29 @@ def test_grammar_starts_after_an_open_thinking_block(llm):
     (StructuredOutputs(json={"type": "bogus"}), 'the JSON schema does not compile: Unsupported type "bogus"'),
     (StructuredOutputs(json="{not json"), "the JSON schema does not compile: Failed to parse JSON"),
     (StructuredOutputs(regex="(ab"), "the regex does not compile: "),
-], ids=["schema-type", "schema-syntax", "regex"])
+    (StructuredOutputs(regex="[^\\s\\S]"), "the regex matches no text the model can write"),
+], ids=["schema-type", "schema-syntax", "regex", "regex-matching-nothing"])
 def test_bad_spec_is_refused_before_queueing(llm, spec, needle):
     with pytest.raises(ValueError) as e:
         llm.generate(["x", "y"], SamplingParams(max_tokens=4, structured_outputs=spec), use_tqdm=False)
     assert str(e.value).startswith("structured output: ") and needle in str(e.value), str(e.value)
     assert "\n" not in str(e.value) and not llm.engine.has_unfinished()
     assert llm.generate(["x"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_a_grammar_dead_end_ends_only_its_request(llm, temperature):
+    """The regex ab[^\\s\\S] allows "ab" and then nothing: the row used to be sampled anyway, its token failed the
+    grammar and the error ended every request of the step. Now that request ends with finish_reason "abort" after
+    "ab" (EOS, the only token allowed there, is not text), and the request batched with it answers as alone."""
+    plain = SamplingParams(max_tokens=8, temperature=0)
+    dead = SamplingParams(max_tokens=8, temperature=temperature, seed=1,
+                          structured_outputs=StructuredOutputs(regex="ab[^\\s\\S]"))
+    outs = llm.generate(["hi", "hello there"], [dead, plain], use_tqdm=False)
+    assert outs[0].outputs[0].text == "ab" and outs[0].outputs[0].finish_reason == "abort"
+    solo = llm.generate(["hello there"], plain, use_tqdm=False)[0].outputs[0]
+    assert outs[1].outputs[0].token_ids == solo.token_ids and outs[1].outputs[0].finish_reason == solo.finish_reason
+    assert not llm.engine.has_unfinished()
 
 
 def test_special_tokens_never_inside_constrained_text(llm):
