@@ -126,8 +126,18 @@ class Tokenizer:
 
     # ---- ids <-> text ----
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """text -> ids; special tokens written in `text` (e.g. `<|im_start|>`) map to their single ids."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """text -> ids; special tokens written in `text` (e.g. `<|im_start|>`) map to their single ids.
+        TokenizerError for a str holding a lone surrogate (what Python makes of bytes that are not UTF-8 on stdin
+        or in argv): the backend raised a bare TypeError."""
+        try:
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            bad = next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None) \
+                if isinstance(text, str) else None
+            if bad is None:
+                raise
+            raise TokenizerError(f"the text is not valid Unicode: it holds the lone surrogate U+{ord(text[bad]):04X} "
+                                 f"(input bytes that were not UTF-8?)") from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """ids -> text; a character whose bytes are cut off at either end decodes to U+FFFD."""

@@ -117,6 +117,10 @@ def run(session: ChatSession, banner: str, stdin: TextIO = sys.stdin) -> int:
         # Ctrl-C must stop an answer even when the chat was started from a context that ignores SIGINT (a
         # background job of a non-interactive shell inherits SIG_IGN, and Python then installs no handler)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # bytes that are not UTF-8 become lone surrogates, which the tokenizer refuses for that line only; a strict stdin
+    # raised out of input() and lost the rest of its buffer with the failing chunk
+    if hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="surrogateescape")
     out.write(f"{banner}\n{HELP}\n")
     while True:
         try:

@@ -128,3 +128,21 @@ def test_chat_hide_thinking(model_dir):
             os.kill(chat.pid, 9)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_chat_survives_a_line_that_is_not_utf8(model_dir, errors):
+    """Bytes that are not UTF-8 on stdin: a strict stdin used to end the chat, a lenient one passed lone surrogates
+    on to the tokenizer, whose TypeError ended it with a traceback. Now that line gets one error and the next is
+    answered (piped stdin, as in a script)."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DELTASERVE_TEST_FORCED_OUTPUTS": json.dumps(RULES),
+           "PYTHONIOENCODING": f"utf-8:{errors}"}
+    res = subprocess.run([sys.executable, "-m", "deltaserve.cli", "chat", str(model_dir), "--device", "cpu",
+                          "--max-model-len", "1024", "--max-tokens", "20"], input=b"caf\xe9 hi\nagain\n/exit\n",
+                         capture_output=True, env=env, timeout=300)
+    out = res.stdout.decode(errors="replace")
+    assert res.returncode == 0 and "Traceback" not in res.stderr.decode(errors="replace"), res.stderr
+    assert "error: the text is not valid Unicode" in out, out
+    assert "Nice to meet you." in out, out  # the next line was answered

@@ -283,3 +283,13 @@ def test_broken_tokenizer_files_are_one_sentence(tiny_dir, tmp_path, name, text,
     with pytest.raises(TokenizerError, match=needle) as e:
         Tokenizer.from_dir(str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+def test_text_with_a_lone_surrogate_is_one_clear_error(tok):
+    """Python decodes bytes that are not UTF-8 (stdin, argv) to lone surrogates; the backend raised a bare
+    TypeError for them, a traceback in `deltaserve generate` / `chat`."""
+    from deltaserve.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match="not valid Unicode: it holds the lone surrogate U\\+DCE9"):
+        tok.encode("caf\udce9")
+    assert tok.encode("café") == tok.encode("caf" + "\u00e9")
