@@ -498,6 +498,9 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "structured_outputs_bad_regex": ("/v1/completions", {"model": MODEL, "prompt": "hi",
                                                          "structured_outputs": {"regex": "(ab"}}, None, 400,
                                      "structured_outputs"),
+    "structured_outputs_regex_matching_nothing": ("/v1/completions", {
+        "model": MODEL, "prompt": "hi", "structured_outputs": {"regex": "[^\\s\\S]"}}, None, 400,
+        "structured_outputs"),
     "structured_outputs_and_response_format": ("/v1/chat/completions", chat_body(
         response_format={"type": "json_object"}, structured_outputs={"regex": "a"}), None, 400, "structured_outputs"),
     "tokenize_nothing": ("/tokenize", {"model": MODEL}, None, 400, "prompt"),
