@@ -83,9 +83,16 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                                                                    "(repeatable)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line (argparse printed the whole usage block first: 25 lines for `--max-tokens abc`)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltaserve", description="Inference engine for Qwen3.5 models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="deltaserve", description="Inference engine for Qwen3.5 models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     tiny = sub.add_parser("make-tiny", help="write a tiny random Qwen3.5 checkpoint (HF layout)",
                           description="Write a tiny random Qwen3.5 checkpoint in the Hugging Face layout "
                                       "(config, safetensors, trained byte-level BPE tokenizer, chat template).")
@@ -141,7 +148,8 @@ def _add_serve_parser(sub) -> None:
     g = srv.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes, /tokenize and "
+                                                   "/detokenize (/health, /version and /metrics stay open)")
     g.add_argument("--served-model-name", default=None,
                    help="model name clients send (default: MODEL as given, or 'tiny-qwen3.5')")
     g.add_argument("--shutdown-timeout", type=float, default=5.0,
@@ -300,6 +308,9 @@ def _bench(args) -> None:
     from . import LLM
     from .bench import format_table, preset_config, run_bench
 
+    if args.preset and args.model:
+        raise ValueError(f"--preset {args.preset} builds random weights of that shape and --model {args.model} loads a "
+                         f"checkpoint: give one of them")
     max_len = max(max(args.prompt_lens), args.context + args.steps + 16) + 8
     kw = dict(device=args.device, dtype=args.dtype, max_num_seqs=max(*args.batch_sizes, args.prefill_count),
               max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.prompt_lens) * args.prefill_count),

@@ -199,6 +199,7 @@ class LLM:
                         config.num_experts // tensor_parallel_size, config.num_experts)
         if self.device.type == "cuda" and not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        async_scheduling = _async_scheduling(async_scheduling, self.device, tensor_parallel_size)  # before any spawn
         spec = RankSpec(config, weights_dir, formats, self.device, self.dtype, max_num_seqs, max_num_batched_tokens,
                         max_model_len, block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager,
                         kv_cache_dtype)
@@ -215,8 +216,7 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.engine = EngineCore(scheduler, self.runner, self.tokenizer, eos, self.max_model_len,
-                                 self.config.vocab_size, _async_scheduling(async_scheduling, self.device,
-                                                                           tensor_parallel_size))
+                                 self.config.vocab_size, async_scheduling)
         if self.device.type == "cuda":
             t = time.perf_counter()
             self.engine.warm_up()
@@ -336,7 +336,8 @@ class LLM:
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model directory has no tokenizer.json: pass {'prompt_token_ids': [...]}")
+                raise ValueError("this model has no tokenizer (no tokenizer.json beside its weights, or built with "
+                                 "LLM.from_config): pass {'prompt_token_ids': [...]}")
             return self.tokenizer.encode(prompt)
         return list(prompt["prompt_token_ids"])
 

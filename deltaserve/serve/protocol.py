@@ -113,8 +113,9 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class TokenizeRequest(_Model):
-    """POST /tokenize (vLLM's): a prompt, or chat messages rendered with the chat template as for a chat request."""
-    model: StrictStr
+    """POST /tokenize (vLLM's): a prompt, or chat messages rendered with the chat template as for a chat request.
+    model: optional, as in vLLM (when given, it must be the served model)."""
+    model: StrictStr | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
     tools: list[ToolSpec] | None = None
@@ -124,8 +125,8 @@ class TokenizeRequest(_Model):
 
 
 class DetokenizeRequest(_Model):
-    """POST /detokenize (vLLM's): token ids -> text, special tokens written out."""
-    model: StrictStr
+    """POST /detokenize (vLLM's): token ids -> text, special tokens written out; model optional as for /tokenize."""
+    model: StrictStr | None = None
     tokens: list[StrictInt]
 
 
@@ -146,9 +147,12 @@ UNSUPPORTED_FIELDS = {
     "guided_choice": "use structured_outputs {\"choice\": ...}",
     "guided_grammar": "grammars are not supported; structured_outputs takes json, json_object, regex or choice",
     "guided_decoding_backend": "structured outputs always use xgrammar",
+    "guided_whitespace_pattern": "structured outputs use xgrammar's default whitespace",
     "prompt_logprobs": "on /v1/completions, echo with logprobs scores the prompt",
     "use_beam_search": "beam search is not supported", "logits_processors": "logits processors are not supported",
+    "length_penalty": "beam search is not supported", "early_stopping": "beam search is not supported",
 }
+_NEUTRAL = {"length_penalty": 1}  # values of those fields that ask for nothing (vLLM's defaults)
 
 
 def parse_request(cls: type[_Model], body: bytes) -> Any:
@@ -161,7 +165,8 @@ def parse_request(cls: type[_Model], body: bytes) -> Any:
     if req.model_extra:
         for name, value in req.model_extra.items():
             # `is`: 0 == False, and prompt_logprobs=0 asks for something
-            if name in UNSUPPORTED_FIELDS and not (value is None or value is False or value in ([], {}, "")):
+            if name in UNSUPPORTED_FIELDS and not (value is None or value is False or value in ([], {}, "")
+                                                   or value == _NEUTRAL.get(name)):
                 raise APIError(400, f"'{name}' is not supported: {UNSUPPORTED_FIELDS[name]}.", name)
         logger.debug("ignoring request fields %s", sorted(req.model_extra))
     return req

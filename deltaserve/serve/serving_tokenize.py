@@ -9,12 +9,13 @@ from .serving_chat import chat_prompt
 
 
 def tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
-    ctx.check_model(req.model)
+    if req.model is not None:
+        ctx.check_model(req.model)
     ctx.require_tokenizer()
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "Give either prompt (text) or messages (a conversation) to tokenize.", "prompt")
     if req.messages is not None:
-        chat = ChatCompletionRequest(model=req.model, messages=req.messages, tools=req.tools,
+        chat = ChatCompletionRequest(model=ctx.model_name, messages=req.messages, tools=req.tools,
                                      chat_template_kwargs=req.chat_template_kwargs,
                                      add_generation_prompt=req.add_generation_prompt)
         text = chat_prompt(ctx, chat)
@@ -25,7 +26,8 @@ def tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
 
 
 def detokenize(ctx: ServingContext, req: DetokenizeRequest) -> dict:
-    ctx.check_model(req.model)
+    if req.model is not None:
+        ctx.check_model(req.model)
     ctx.require_tokenizer()
     bad = next((t for t in req.tokens if not 0 <= t < ctx.tokenizer.vocab_size), None)
     if bad is not None:

@@ -86,7 +86,20 @@ def test_generate_with_int8_kv_cache(made, env):
     assert "KV cache (int8)" in res.stderr  # the engine's KV-cache log line names the storage
     assert "--- prompt: 'hello' | 5 tokens, finish: length" in res.stdout, res.stdout
     bad = cli("generate", "--model", path, "--prompt", "hello", "--kv-cache-dtype", "int3", env=env)
-    assert bad.returncode == 2 and "invalid choice: 'int3'" in bad.stderr, bad.stderr
+    assert_user_error(bad, "invalid choice: 'int3'", "deltaserve generate --help")  # one line, not the usage block
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "--prompt", "hi", "--max-tokens", "abc"], "invalid int value: 'abc'"),
+    (["generate", "--prompt", "hi", "--bogus"], "unrecognized arguments: --bogus"),
+    (["serve", "--state-dtype", "float16"], "invalid choice: 'float16'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["bench", "--preset", "qwen3.5-9b", "--model", "x", "--device", "cpu"], "give one of them"),
+], ids=["bad_int", "unknown_flag", "bad_choice", "unknown_command", "bench_preset_and_model"])
+def test_bad_flags_are_one_line(env, args, needle):
+    """argparse printed its whole usage block before the error (25 lines for --max-tokens abc); bench took --preset
+    over --model silently."""
+    assert_user_error(cli(*args, env=env), needle)
 
 
 def test_generate_tp2_prints_what_tp1_prints(made, env):

@@ -305,6 +305,10 @@ def test_tokenize_and_detokenize(server, client, tokenizer):
     got, back = http(server.url + "/detokenize", {"model": MODEL, "tokens": chat["tokens"]}, auth)
     assert got == 200 and back["prompt"] == rendered
     assert http(server.url + "/tokenize", {"model": MODEL, "prompt": "x"}, {})[0] == 401
+    # model is optional there, as in vLLM
+    assert http(server.url + "/tokenize", {"messages": msgs, **NO_THINK}, auth)[1]["tokens"] == chat["tokens"]
+    assert http(server.url + "/detokenize", {"tokens": chat["tokens"]}, auth)[1]["prompt"] == rendered
+    assert http(server.url + "/tokenize", {"model": "other", "prompt": "x"}, auth)[0] == 404
 
 
 def test_echo_with_logprobs_scores_the_prompt(client, tokenizer, model_dir):
@@ -475,6 +479,10 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "legacy_functions": ("/v1/chat/completions", chat_body(functions=[{"name": "f", "parameters": {}}]), None, 400,
                          "functions"),
     "guided_json": ("/v1/chat/completions", chat_body(guided_json={"type": "object"}), None, 400, "guided_json"),
+    "guided_whitespace_pattern": ("/v1/completions", {"model": MODEL, "prompt": "hi", "guided_whitespace_pattern": " "},
+                                  None, 400, "guided_whitespace_pattern"),
+    "length_penalty": ("/v1/completions", {"model": MODEL, "prompt": "hi", "length_penalty": 2.0}, None, 400,
+                       "length_penalty"),
     "prompt_logprobs_zero": ("/v1/completions", {"model": MODEL, "prompt": "hi", "prompt_logprobs": 0}, None, 400,
                              "prompt_logprobs"),
     "tool_choice_function_not_object": ("/v1/chat/completions", chat_body(tools=TOOLS, tool_choice={

@@ -460,6 +460,18 @@ def test_async_scheduling_resolution():
     assert _async_scheduling(None, torch.device("cpu"), 2) is False
     assert _async_scheduling(None, torch.device("cuda"), 1) is True
     assert _async_scheduling(None, torch.device("cuda"), 2) is False, "async is not the default under TP"
+
+
+def test_async_scheduling_with_tp_is_refused_before_any_worker_starts(models, monkeypatch):
+    """It used to be refused only after the TP worker processes had been spawned (and torn down again)."""
+    from deltaserve.llm import LLM
+
+    def no_spawn(*a, **k):
+        raise AssertionError("a TP worker was started")
+
+    monkeypatch.setattr(LLM, "_start_tp", no_spawn)
+    with pytest.raises(ValueError, match="async_scheduling needs tensor_parallel_size=1"):
+        make_llm(models.path("dense"), tensor_parallel_size=2, async_scheduling=True)
     assert _async_scheduling(False, torch.device("cuda"), 1) is False
     assert _async_scheduling(True, torch.device("cpu"), 1) is True
 
