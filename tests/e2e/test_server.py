@@ -689,3 +689,43 @@ def test_signal_aborts_streams_and_exits(model_dir, tmp_path, sig):
         assert results == ["abort"] * 8  # every stream ended cleanly (finish_reason + [DONE]), none hung
     finally:
         srv.stop()
+
+
+def test_a_failed_engine_step_fails_the_requests_in_flight_and_the_engine_goes_on(model_dir):
+    """A step that raises (here an injected launch error) ends every request in flight with EngineError (a 500 /
+    an error chunk for their clients), not a hang; the engine thread lives on and the next request runs."""
+    from deltaserve.serve.async_engine import AsyncEngine, EngineError
+
+    llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=256)
+    real, launches = llm.runner.launch, []
+
+    def launch(sched):
+        launches.append(sched)
+        if len(launches) == 3:
+            raise RuntimeError("injected launch failure")
+        return real(sched)
+
+    llm.runner.launch = launch
+    params = SamplingParams(max_tokens=20, ignore_eos=True, temperature=0)
+
+    async def drain(stream):
+        out = None
+        async for out in stream:
+            pass
+        return out
+
+    async def main():
+        eng = AsyncEngine(llm)
+        eng.start()
+        try:
+            streams = [await eng.add_request([5, 6, 7 + i], params, f"r{i}") for i in range(2)]
+            for s in streams:
+                with pytest.raises(EngineError, match="injected launch failure"):
+                    await asyncio.wait_for(drain(s), 60)
+            return await asyncio.wait_for(drain(await eng.add_request([5, 6, 7], params, "after")), 60), eng.alive
+        finally:
+            eng.stop()
+
+    out, alive = asyncio.run(main())
+    assert alive and out.finished and len(out.outputs[0].token_ids) == 20
+    assert not llm.engine.groups and not llm.engine.has_unfinished()
