@@ -67,6 +67,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}."), e.headers))
     app.add_exception_handler(RequestValidationError, lambda request, e: _error_response(
         APIError(400, f"Invalid request: {e.errors()[0].get('msg', 'bad input')}.")))
+    # a bug of ours while building a response: still an OpenAI-shaped 500 (Starlette logs the traceback), as a stream
+    # ends with an error chunk, not a plain-text "Internal Server Error"
+    app.add_exception_handler(Exception, lambda request, e: _error_response(
+        APIError(500, f"internal error: {type(e).__name__}: {e}")))
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))])
 

@@ -24,12 +24,13 @@ _RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "docu
 class ChoiceParser:
     """One choice's streamed text -> reasoning, content and tool-call deltas."""
 
-    def __init__(self, in_reasoning: bool, thinking: bool, tools: list[dict] | None, forced: Forced | None = None):
+    def __init__(self, in_reasoning: bool, thinking: bool, tools: list[dict] | None, forced: Forced | None = None,
+                 parallel: bool = True):
         self.reasoning = ReasoningParser(in_reasoning=in_reasoning, enabled=thinking)
         if forced is not None:  # the answer is JSON naming the calls (tool_choice required / a named function)
             self.tools = ForcedToolCalls(forced.name)
         else:
-            self.tools = ToolCallParser(tools) if tools else None
+            self.tools = ToolCallParser(tools, parallel) if tools else None
         self.logprobs_sent = 0
         self.done = False
 
@@ -137,14 +138,15 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if k is not None and not 0 <= k <= MAX_LOGPROBS:
         raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}.", "top_logprobs")
     forced, structured = _forced(req, tools), structured_outputs(req.response_format)
+    parallel = req.parallel_tool_calls is not False  # false: one call, under every tool_choice
     if forced is not None:
         if structured is not None or req.structured_outputs:
             raise APIError(400, "tool_choice 'required' or a named function constrains the answer itself; drop "
                                 "response_format / structured_outputs.", "tool_choice")
-        structured = StructuredOutputs(json=forced_schema(tools, forced.name, req.parallel_tool_calls is not False))
+        structured = StructuredOutputs(json=forced_schema(tools, forced.name, parallel))
     params = sampling_params(req, max_tokens, k, structured)
     thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
-    parsers = [ChoiceParser(prompt_opens_thinking(prompt), thinking, tools, forced) for _ in range(req.n)]
+    parsers = [ChoiceParser(prompt_opens_thinking(prompt), thinking, tools, forced, parallel) for _ in range(req.n)]
     rid = new_id("chatcmpl")
     spec_field = "tool_choice" if forced else "structured_outputs" if req.structured_outputs else "response_format"
     stream = await ctx.add(ids, params, rid, prompt, spec_field)

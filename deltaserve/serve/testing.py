@@ -48,7 +48,12 @@ class ForcedOutputRunner:
                 continue
             forced, k = self._forced[rule], len(req.output_token_ids)
             if k < len(forced):
-                out.sampled[req.request_id] = forced[k]
+                rid, sampled = req.request_id, out.sampled[req.request_id]
+                out.sampled[rid] = forced[k]
+                lp = out.logprobs.get(rid)
+                if lp is not None and forced[k] not in lp:  # the sampled token's entry leads; the hook cannot know
+                    lp = {forced[k]: lp[sampled], **lp}  # the forced token's own logprob, so it takes that value
+                    out.logprobs[rid] = lp
         return out
 
     def _rule(self, req) -> int | None:

@@ -25,8 +25,8 @@ from .reasoning import partial_suffix
 
 TOOL_START, TOOL_END = "<tool_call>", "</tool_call>"
 _XML_FUNC = re.compile(r"\s*<function=([^>\n]+)>")
-_XML_PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
-_XML_FUNC_END = "</function>"
+_XML_PARAM_OPEN = re.compile(r"<parameter=([^>\n]+)>")
+_XML_PARAM_END, _XML_FUNC_END = "</parameter>", "</function>"
 _JSON_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\S)')
 _DECODER = json.JSONDecoder()
 # what decoding model-written JSON may raise: bad JSON, or nesting deeper than Python's recursion limit
@@ -81,6 +81,29 @@ class _OpenCall:
     num_params: int = 0
     args_sent: int = 0  # JSON: characters of the raw arguments released
     lead: str = ""  # whitespace dropped before the block (given back if it turns out not to be a call)
+    dropped: bool = False  # a call beyond the first under parallel_tool_calls=false: parsed, never reported
+
+
+def _xml_param(body: str, cursor: int, complete: bool) -> tuple[str, str, int] | None:
+    """The next whole `<parameter=NAME>VALUE` of a function's body from `cursor` -> (NAME, VALUE, where the next
+    search starts), None when there is none yet. VALUE ends at `</parameter>`; a model that leaves it out ends it at
+    the next `<parameter=`, or (once the block is complete) at `</function>` or the block's end, as vLLM's Qwen3-Coder
+    parser does: its value used to be dropped. A parameter after the function's end is not part of it, and a
+    `</function>` inside a closed value does not end the function."""
+    m = _XML_PARAM_OPEN.search(body, cursor)
+    if m is None or _XML_FUNC_END in body[cursor: m.start()]:
+        return None
+    start = m.end()
+    close, following = body.find(_XML_PARAM_END, start), _XML_PARAM_OPEN.search(body, start)
+    if close >= 0 and (following is None or close < following.start()):
+        return m.group(1).strip(), body[start:close], close + len(_XML_PARAM_END)
+    if following is not None:
+        return m.group(1).strip(), body[start:following.start()], following.start()
+    if not complete:
+        return None  # its </parameter> may still come
+    end = body.find(_XML_FUNC_END, start)
+    end = len(body) if end < 0 else end
+    return m.group(1).strip(), body[start:end], end
 
 
 def param_types(tools: list[dict] | None) -> dict[str, dict[str, Any]]:
@@ -118,13 +141,18 @@ def convert_value(value: str, schema_type: Any) -> Any:
 
 
 class ToolCallParser:
-    def __init__(self, tools: list[dict] | None):
-        self.types = param_types(tools)
+    """parallel=False (the request's parallel_tool_calls): only the first call is reported, later blocks are
+    dropped, as vLLM and OpenAI do."""
+
+    def __init__(self, tools: list[dict] | None, parallel: bool = True):
+        self.types, self.parallel = param_types(tools), parallel
         self.calls: list[ToolCall] = []
         self._in_call = False
         self._buf = ""  # content: held-back tail; in a call: the block's text so far
         self._open = _OpenCall()
         self._after_call = False  # no content released since the last block ended
+        self._content_sent = False
+        self._gap = ""  # the whitespace before the last block: what joins content written before and after it
 
     def feed(self, delta: str) -> ParsedDelta:
         self._buf += delta
@@ -167,10 +195,11 @@ class ToolCallParser:
         return True
 
     def _emit_content(self, out: ParsedDelta, text: str) -> None:
-        if self._after_call:  # whitespace between or after blocks is not content
+        if self._after_call:  # whitespace between or after blocks is not content, but it separates content
             text = text.lstrip()
+            text = self._gap + text if text and self._content_sent else text
         if text:
-            self._after_call = False
+            self._after_call, self._content_sent = False, True
             out.content += text
 
     def _end_call(self, out: ParsedDelta, body: str, closed: bool) -> None:
@@ -182,7 +211,7 @@ class ToolCallParser:
                 return
         elif not self._open.args_done:
             self._send(out, self._close_args(body))
-        self._in_call, self._after_call = False, True
+        self._in_call, self._after_call, self._gap = False, True, self._open.lead
 
     def _progress(self, out: ParsedDelta, body: str, complete: bool) -> None:
         head = body.lstrip()
@@ -203,17 +232,14 @@ class ToolCallParser:
         if op.args_done:
             return
         types = self.types.get(op.call.name, {})
-        for m in _XML_PARAM.finditer(body, op.cursor):
-            if _XML_FUNC_END in body[op.cursor: m.start()]:
-                break  # the function ended before this parameter (a "</function>" inside a value does not end it)
-            name, value = m.group(1).strip(), m.group(2)
+        while (param := _xml_param(body, op.cursor, complete)) is not None:
+            name, value, op.cursor = param
             value = value[1:] if value.startswith("\n") else value
             value = value[:-1] if value.endswith("\n") else value
             piece = json.dumps(name, ensure_ascii=False) + ": " + json.dumps(convert_value(value, types.get(name)),
                                                                               ensure_ascii=False)
             self._send(out, ("{" if op.num_params == 0 else ", ") + piece)
             op.num_params += 1
-            op.cursor = m.end()
         rest = body[op.cursor:]
         end = rest.find(_XML_FUNC_END)
         if complete or end >= 0 and "<parameter=" not in rest[:end]:  # not one inside a parameter still open
@@ -276,6 +302,9 @@ class ToolCallParser:
     def _start_call(self, out: ParsedDelta, name: str) -> None:
         call = ToolCall(name)
         self._open.call = call
+        if not self.parallel and self.calls:
+            self._open.dropped = True
+            return
         self.calls.append(call)
         out.add_call(ToolCallDelta(index=len(self.calls) - 1, id=call.id, name=name))
 
@@ -285,7 +314,8 @@ class ToolCallParser:
 
     def _emit_args(self, out: ParsedDelta, text: str) -> None:
         self._open.call.arguments += text
-        out.add_call(ToolCallDelta(index=len(self.calls) - 1, arguments=text))
+        if not self._open.dropped:
+            out.add_call(ToolCallDelta(index=len(self.calls) - 1, arguments=text))
 
 
 class ForcedToolCalls:

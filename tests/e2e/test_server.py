@@ -36,6 +36,7 @@ RULES = [  # first match wins: the tool-response rule must precede the tool-call
     {"contains": ["FORCE_JSON_TOOL"], "output": JSON_CALL},
     {"contains": ["FORCE_THINK"], "output": THINK[0]},
     {"contains": ["FORCE_BOOM"], "raise": "injected test failure"},
+    {"contains": ["FORCE_TWO_TOOLS"], "output": "Checking.\n\n" + XML_CALL + "\n" + JSON_CALL},
 ]
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather forecast for a city.",
@@ -401,6 +402,22 @@ def test_tool_call_round_trip(client, marker):
                      {"role": "tool", "tool_call_id": call.id, "content": "sunny, 22 C"}]
     res2 = client.chat.completions.create(model=MODEL, messages=follow, tools=TOOLS, max_tokens=40)
     assert (res2.choices[0].message.content, res2.choices[0].finish_reason) == ("It is sunny in Paris.", "stop")
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "one_call"])
+def test_parallel_tool_calls_and_logprobs_beside_calls(client, parallel):
+    """parallel_tool_calls=false under tool_choice auto reports the first call only (both were returned); logprobs
+    come with tool calls, streamed as whole."""
+    kw = dict(model=MODEL, messages=user("FORCE_TWO_TOOLS weather?"), tools=TOOLS, max_tokens=600, logprobs=True,
+              parallel_tool_calls=parallel)
+    res = client.chat.completions.create(**kw)
+    choice = res.choices[0]
+    names = [c.function.name for c in choice.message.tool_calls]
+    assert names == (["get_weather", "get_weather"] if parallel else ["get_weather"])
+    assert choice.message.content == "Checking." and choice.finish_reason == "tool_calls"
+    assert len(choice.logprobs.content) == res.usage.completion_tokens
+    content, _, calls, finish, _, _ = stream_chat(client, **{k: v for k, v in kw.items() if k != "model"})
+    assert (content, finish, len(calls)) == ("Checking.", "tool_calls", len(names))
 
 
 FORCE_TOOLS = [{"type": "function", "function": {"name": "set_unit", "parameters": {

@@ -101,6 +101,12 @@ TOOL_CASES = {
     "plain_text": ("Hello <tool world \n", "Hello <tool world \n", []),
     "truncated_xml": ("<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n<parameter=da",
                       "", [("get_weather", {"city": "Rome"})]),
+    # a model that leaves out </parameter>: the value ends at the next parameter or </function> (it was dropped)
+    "xml_unclosed_parameters": ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n<parameter=days>\n3\n"
+                                "</function>\n</tool_call>", "", [("get_weather", {"city": "Paris", "days": 3})]),
+    # content on both sides of a call keeps the whitespace that separated them (it was glued into one word)
+    "content_around_call": ("Let me check that.\n\n" + XML_CALL + "\nAnd more text.",
+                            "Let me check that.\n\nAnd more text.", [("get_weather", XML_ARGS)]),
 }
 
 
@@ -179,3 +185,18 @@ def test_json_arguments_that_do_not_parse_stay_a_call(seed):
     text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": tru}}\n</tool_call>'
     content, streamed, final, _ = run_tools(cuts(text, seed))
     assert content == "" and streamed == final == [("get_weather", '{"city": tru}')]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2], ids=["whole", "chars", "rand2"])
+def test_parallel_tool_calls_false_reports_the_first_call_only(seed):
+    """The request's parallel_tool_calls=false under tool_choice auto: later blocks are dropped (as vLLM and OpenAI
+    do), not returned as calls or as content."""
+    text = "Sure.\n" + XML_CALL + "\n" + JSON_CALL
+    p, content, calls = ToolCallParser(TOOLS, parallel=False), "", {}
+    for piece in cuts(text, seed) + [None]:
+        d = p.finish() if piece is None else p.feed(piece)
+        content += d.content
+        for tc in d.tool_calls:
+            calls.setdefault(tc.index, [tc.name, ""])[1] += tc.arguments
+    assert content == "Sure." and list(calls) == [0] and [(c.name, c.arguments) for c in p.calls] == [tuple(calls[0])]
+    assert json.loads(calls[0][1]) == XML_ARGS
