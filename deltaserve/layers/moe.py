@@ -58,6 +58,9 @@ def local_expert_ids(ids: torch.Tensor, first: int, count: int) -> torch.Tensor:
     return torch.where((local >= 0) & (local < count), local, -1)
 
 
+_GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class SparseMoE(nn.Module):
     def __init__(self, cfg: ModelConfig, experts: tuple[int, int] | None = None):
         """cfg: this rank's shard_config; experts: the router ids [start, stop) this rank holds (None: all)."""
@@ -75,6 +78,9 @@ class SparseMoE(nn.Module):
         (same format, group size, layout and sizes; not expert parallel) -> whether it was."""
         if self.shared_expert is None or self.num_local_experts < self.gate.out_features:
             return False
+        gate = self.shared_expert_gate  # the routing computes sigmoid(x . weight) from its 16-bit weight itself
+        if not (isinstance(gate, nn.Linear) and gate.bias is None and gate.weight.dtype in _GATE_DTYPES):
+            return False  # an int4 / FP8 gate (a checkpoint that quantized it): the unstacked path runs it
         gate_up, down = (_single(m) for m in (self.shared_expert.gate_up_proj, self.shared_expert.down_proj))
         if not hasattr(self.experts, "append_expert") or not self.experts.append_expert(gate_up, down):
             return False

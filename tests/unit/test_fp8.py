@@ -122,6 +122,21 @@ def test_fp8_checkpoint_matches_dequantized_twin(case, sources, tmp_path):
     assert "in_proj_a" in qcfg["modules_to_not_convert"]
 
 
+@pytest.mark.parametrize("module", ["mlp.shared_expert_gate", "mlp.gate"], ids=["shared_expert_gate", "router"])
+def test_moe_with_an_fp8_gate_matches_its_twin(module, sources, tmp_path):
+    """A checkpoint that quantized the shared expert's gate (or the router) too: the gate's FP8 weight used to reach
+    the stacked shared expert's routing raw (a dtype error on the first step); the unstacked path runs it now."""
+    q = quantize_checkpoint(sources[True], str(tmp_path / "q"), method="fp8", progress=False)
+    path = os.path.join(q, "model.safetensors")
+    with safe_open(path, framework="pt") as f:
+        t = {n: f.get_tensor(n) for n in f.keys()}
+    for name in [n for n in t if n.endswith(f"{module}.weight")]:
+        t[name], t[name[:-len("weight")] + "weight_scale_inv"] = quantize_blocks(t[name], BLOCK)
+    save_file(t, path, metadata={"format": "pt"})
+    llm = assert_matches_twin(q, tmp_path)
+    assert isinstance(dict(llm.model.named_modules())[f"layers.1.{module}"], Fp8Linear)
+
+
 def test_fp8_weights_within_e4m3_bound_of_source(sources, tmp_path):
     q = quantize_checkpoint(sources[True], str(tmp_path / "q"), method="fp8", progress=False)
     twin = write_dequantized(q, str(tmp_path / "twin"))
