@@ -396,6 +396,12 @@ def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: 
     if tuple(src.shape) != tuple(dst.shape):
         raise WeightsError(f"Tensor {name} has shape {list(tensor.shape)}, but the model expects "
                            f"{list(dst.shape)} for it (from config.json).")
+    # copy_ casts anything: an F32 qweight / qzeros or I32 scales loaded "fine" and gave wrong outputs
+    if dst.is_floating_point() != src.is_floating_point() or src.dtype == torch.bool or (
+            not dst.is_floating_point() and src.element_size() < dst.element_size()):
+        kind = "floating-point" if dst.is_floating_point() else f"{dst.element_size() * 8}-bit or wider integer"
+        raise WeightsError(f"Tensor {name} is {str(tensor.dtype).replace('torch.', '')}, but the model expects a "
+                           f"{kind} tensor there.")
     dst.copy_(src)
 
 

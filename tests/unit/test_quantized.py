@@ -185,6 +185,16 @@ def _drop_tensor(path: str, suffix: str) -> str:
     return dropped
 
 
+def _retype_tensor(path: str, suffix: str, dtype: torch.dtype) -> None:
+    """Store one tensor in another dtype (values cast): what a broken export writes."""
+    file = os.path.join(path, "model.safetensors")
+    with safe_open(file, framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    name = next(n for n in sorted(tensors) if n.endswith(suffix))
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, file)
+
+
 def _error(path: str) -> str:
     with pytest.raises((ConfigError, WeightsError)) as e:
         LLM(model=path, device="cpu", dtype="float32", num_kv_blocks=8, max_model_len=64)
@@ -199,7 +209,12 @@ def _error(path: str) -> str:
     (lambda p: _edit_config(p, group_size=48), "layers.0.linear_attn.in_proj_qkv.qweight"),
     (lambda p: _drop_tensor(p, "self_attn.o_proj.scales"), "model.language_model.layers.3.self_attn.o_proj.scales"),
     (lambda p: _drop_tensor(p, "mlp.down_proj.qzeros"), "model.language_model.layers.0.mlp.down_proj.qzeros"),
-], ids=["bits8", "version_gemv", "group_not_dividing", "missing_scales", "missing_qzeros"])
+    # each used to load (copy_ casts) and give other tokens than the right checkpoint
+    (lambda p: _retype_tensor(p, "self_attn.o_proj.qweight", torch.float32), "o_proj.qweight is float32"),
+    (lambda p: _retype_tensor(p, "self_attn.o_proj.qweight", torch.int16), "o_proj.qweight is int16"),
+    (lambda p: _retype_tensor(p, "self_attn.o_proj.scales", torch.int32), "o_proj.scales is int32"),
+], ids=["bits8", "version_gemv", "group_not_dividing", "missing_scales", "missing_qzeros", "qweight_float",
+        "qweight_int16", "scales_int"])
 def test_user_errors_name_the_tensor(break_it, needle, sources, tmp_path):
     q = quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=GROUP, progress=False)
     break_it(q)
