@@ -289,6 +289,24 @@ def test_calibrated_scales_beat_rtn_and_load(moe, sources, tmp_path):
     assert_matches_twin(q, tmp_path)
 
 
+def test_calib_reads_a_prefix_and_refuses_binary(monkeypatch, sources, tmp_path):
+    """Only 512 tokens are kept, so only a prefix is read (a 60 MB one-line corpus took 92 s and 10 GB to
+    tokenize whole); a file that is not UTF-8 is one sentence naming --calib."""
+    import deltaserve.calibrate as cal
+    from deltaserve.tokenizer import Tokenizer
+
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 2_000_000)  # 10 MB
+    seen, encode = [], Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, **kw: seen.append(len(text)) or encode(self, text, **kw))
+    rows = cal.collect_inputs(sources[False], str(big), max_tokens=64)
+    assert rows and max(seen) <= 64 * cal._CHARS_PER_TOKEN
+    binary = tmp_path / "calib.bin"
+    binary.write_bytes(b"\x80\xb7" * 100)
+    with pytest.raises(ValueError, match=r"^--calib .*calib.bin is not UTF-8 text"):
+        cal.collect_inputs(sources[False], str(binary))
+
+
 
 def test_not_convert_that_splits_a_layers_experts_is_refused(sources, tmp_path):
     """The MoE kernels read a layer's experts all int4 or all 16-bit: quantize refuses the split before writing."""
