@@ -70,6 +70,8 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
         raise ValueError(f"{src} is already quantized ({cfg.quantization.method}); quantize a 16-bit checkpoint")
     skip = not_convert_list(cfg, not_convert or [])
     files = checkpoint_files(src)
+    read_formats(cfg, src)  # quantized tensors under a config.json without quantization_config: WeightsError, as
+    # the loader says it (they were quantized as if 16-bit, and the checkpoint written failed to load)
     _check_experts_uniform(files, skip)  # fail before writing anything
     if method == "awq":
         _check_shapes_first(files, skip, group_size)

@@ -232,6 +232,10 @@ def test_quantized_tensors_without_quantization_config(sources, tmp_path):
     with open(os.path.join(q, "config.json"), "w") as f:
         json.dump(raw, f)
     assert "no quantization_config" in _error(q)
+    # nor is it quantized again as if 16-bit (that wrote a checkpoint which failed to load)
+    with pytest.raises(WeightsError, match="no quantization_config"):
+        quantize_checkpoint(q, str(tmp_path / "again"), group_size=GROUP, progress=False)
+    assert not (tmp_path / "again").exists()
 
 
 def test_quantize_rejects_group_size_that_does_not_divide(sources, tmp_path):
