@@ -96,7 +96,9 @@ class QuantConfig:
                               f"one config group only (got format {fmt!r}, {len(groups)} group(s)).")
         w = next(iter(groups.values())).get("weights") or {}
         f = _Fields(w, f"{source} quantization_config weights")
-        bits, group = f.int("num_bits"), f.int("group_size", 128)
+        bits = f.int("num_bits")
+        # the strategy first: channel / tensor checkpoints (e.g. W8A8) write group_size null
+        group = f.int("group_size", 128) if w.get("strategy", "group") == "group" else 0
         if bits != 4 or w.get("type", "int") != "int" or w.get("strategy", "group") != "group" or group < 1:
             raise ConfigError(f"{source}: compressed-tensors weights must be int 4-bit with the 'group' strategy "
                               f"(got {bits} bits, type {w.get('type')!r}, strategy {w.get('strategy')!r}).")

@@ -165,6 +165,18 @@ def test_compressed_tensors_checkpoint_matches_dequantized_twin(moe, zero_point,
     assert llm.model.layers[1].linear_attn.out_proj.fmt == ("ct_zp" if zero_point else "ct")
 
 
+def test_compressed_tensors_channel_strategy_names_the_strategy(sources, tmp_path):
+    """A channel-strategy checkpoint (llm-compressor writes group_size null) was refused for a missing group_size."""
+    q = write_ct(sources[False], str(tmp_path / "ct"), False)
+    with open(os.path.join(q, "config.json")) as f:
+        raw = json.load(f)
+    raw["quantization_config"]["config_groups"]["group_0"]["weights"].update(strategy="channel", group_size=None)
+    with open(os.path.join(q, "config.json"), "w") as f:
+        json.dump(raw, f)
+    msg = _error(q)
+    assert "'group' strategy" in msg and "strategy 'channel'" in msg, msg
+
+
 # ---- user errors: one sentence naming the tensor or field ----
 
 def _edit_config(path: str, **changes) -> None:
