@@ -314,7 +314,8 @@ def test_calib_reads_a_prefix_and_refuses_binary(monkeypatch, sources, tmp_path)
     big = tmp_path / "big.txt"
     big.write_text("word " * 2_000_000)  # 10 MB
     seen, encode = [], Tokenizer.encode
-    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, **kw: seen.append(len(text)) or encode(self, text, **kw))
+    monkeypatch.setattr(Tokenizer, "encode",
+                        lambda self, text, **kw: seen.append(len(text)) or encode(self, text, **kw))
     rows = cal.collect_inputs(sources[False], str(big), max_tokens=64)
     assert rows and max(seen) <= 64 * cal._CHARS_PER_TOKEN
     binary = tmp_path / "calib.bin"
