@@ -7,6 +7,7 @@ names the field and the fix.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -102,6 +103,10 @@ class QuantConfig:
         if bits != 4 or w.get("type", "int") != "int" or w.get("strategy", "group") != "group" or group < 1:
             raise ConfigError(f"{source}: compressed-tensors weights must be int 4-bit with the 'group' strategy "
                               f"(got {bits} bits, type {w.get('type')!r}, strategy {w.get('strategy')!r}).")
+        if next(iter(groups.values())).get("input_activations"):  # e.g. W4A8: said, not silently dropped
+            logging.getLogger("deltaserve").warning(
+                "%s: the checkpoint also quantizes activations (input_activations); deltaserve runs its int4 weights "
+                "with 16-bit activations", source)
         return cls("compressed-tensors", bits, group, not w.get("symmetric", True),
                    tuple(str(m) for m in q.get("ignore") or []))
 

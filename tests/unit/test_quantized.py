@@ -177,6 +177,20 @@ def test_compressed_tensors_channel_strategy_names_the_strategy(sources, tmp_pat
     assert "'group' strategy" in msg and "strategy 'channel'" in msg, msg
 
 
+def test_compressed_tensors_activation_quantization_is_reported(sources, tmp_path, caplog):
+    """A checkpoint that also quantizes activations runs W4A16 (it matches its dequantized twin): said in the log."""
+    q = write_ct(sources[False], str(tmp_path / "ct"), False)
+    with open(os.path.join(q, "config.json")) as f:
+        raw = json.load(f)
+    raw["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    with open(os.path.join(q, "config.json"), "w") as f:
+        json.dump(raw, f)
+    with caplog.at_level("WARNING", logger="deltaserve"):
+        assert_matches_twin(q, tmp_path)
+    assert "input_activations" in caplog.text and "16-bit activations" in caplog.text
+
+
 # ---- user errors: one sentence naming the tensor or field ----
 
 def _edit_config(path: str, **changes) -> None:
