@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_parser(sub)
     _add_bench_parser(sub)
     _add_quantize_parser(sub)
+    parser.commands = sub.choices  # name -> its parser (main: errors from the top parser that belong to one)
     return parser
 
 
@@ -202,7 +203,10 @@ def _add_chat_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse reports these from the top parser, whose --help does not list the subcommand's flags
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .config import ConfigError
     from .models.weights import WeightsError

@@ -296,7 +296,8 @@ class LLM:
         try:
             return self.engine.step(finished_only)
         finally:
-            failed, self.engine.failed_outputs = self.engine.failed_outputs, []
+            eng = self.engine
+            failed, eng.read_before_failure, eng.failed_outputs = eng.read_before_failure + eng.failed_outputs, [], []
             self._deliver(failed)
 
     def _deliver(self, outs: list[RequestOutput]) -> list[RequestOutput]:

@@ -65,7 +65,9 @@ class EngineCore:
         self._by_id: dict[str, tuple[_Group, int]] = {}
         self._ids = itertools.count()
         self._inflight: _Launched | None = None
-        self.failed_outputs: list[RequestOutput] = []  # the aborts of a step that raised, for their owners
+        # a step that raised: the outputs it had read before (some final), then every request's abort
+        self.read_before_failure: list[RequestOutput] = []
+        self.failed_outputs: list[RequestOutput] = []
         self._grammars = GrammarBackend(tokenizer, vocab_size, eos_token_ids) if tokenizer is not None else None
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
@@ -81,12 +83,14 @@ class EngineCore:
         if n_prompt >= self.max_model_len:
             raise ValueError(f"the prompt has {n_prompt} tokens but max_model_len is {self.max_model_len}: "
                              f"shorten the prompt or raise max_model_len")
-        bad = [t for t in prompt_token_ids  # numpy's integers too; True / 1.0 are not token ids
-               if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < self.vocab_size]
+        bad = [t for t in prompt_token_ids  # plain ints first (an ABC check per id was 4x slower); numpy's integers
+               if not (type(t) is int or (not isinstance(t, bool) and isinstance(t, numbers.Integral)))  # too
+               or not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary (integers 0.."
                              f"{self.vocab_size - 1})")
-        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        if any(type(t) is not int for t in prompt_token_ids):
+            prompt_token_ids = [int(t) for t in prompt_token_ids]
         bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
         if bad:
             raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
@@ -168,20 +172,23 @@ class EngineCore:
         every in-flight output each step was a millisecond of host time the GPU waited for).
         A step that raises (a device error, Ctrl-C) may have appended some requests' tokens and not others',
         advanced positions whose samples it never read, or left a launch unread: no request's state can be
-        trusted, so every request is aborted (the engine is idle and usable after) and their outputs wait in
-        `failed_outputs` for whoever delivers them. Left as they were, other callers' requests went on with a
+        trusted, so every request is aborted (the engine is idle and usable after). What the step had read before
+        it raised (a request may have finished there) waits in `read_before_failure`, the aborts in
+        `failed_outputs`, for whoever delivers them. Left as they were, other callers' requests went on with a
         token twice, or never finished."""
+        outputs: list[RequestOutput] = []
         try:
-            return self._step(finished_only)
+            self._step(finished_only, outputs)
+            return outputs
         except BaseException:
             self._inflight = None
+            self.read_before_failure += outputs
             self.failed_outputs += [out for rid in list(self.groups) if (out := self.abort(rid)) is not None]
             raise
 
-    def _step(self, finished_only: bool) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
+    def _step(self, finished_only: bool, outputs: list[RequestOutput]) -> None:
         if self._inflight is not None and self._inflight.needs_host_tokens:
-            outputs = self._read(self._inflight, finished_only)
+            outputs += self._read(self._inflight, finished_only)
             self._inflight = None
         sched = self.scheduler.schedule()
         previous, self._inflight = self._inflight, None
@@ -192,7 +199,6 @@ class EngineCore:
         if self._inflight is not None and not self.async_scheduling:
             outputs += self._read(self._inflight, finished_only)
             self._inflight = None
-        return outputs
 
     def _launch(self, sched: SchedulerOutput) -> _Launched:
         pending = self.runner.launch(sched)

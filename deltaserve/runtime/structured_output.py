@@ -143,4 +143,5 @@ class RequestGrammar:
         if not bitmask[row].any():
             self.dead_end = True
             for t in self.eos_token_ids:
-                bitmask[row, t // 32] |= (1 << (t % 32)) - (1 << 32 if t % 32 == 31 else 0)  # bit 31: int32's sign
+                if t // 32 < bitmask.shape[1]:  # a configured EOS id past the logits' width cannot be sampled
+                    bitmask[row, t // 32] |= (1 << (t % 32)) - (1 << 32 if t % 32 == 31 else 0)  # bit 31: the sign

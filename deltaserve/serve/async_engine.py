@@ -243,12 +243,16 @@ class AsyncEngine:
         try:
             outputs = self.core.step()
         except Exception as e:  # noqa: BLE001 - fail the requests, keep the server up
-            # the core aborted every request (EngineCore.step); any it could not are aborted here
-            failed, self.core.failed_outputs = self.core.failed_outputs, []
-            rids = [out.request_id for out in failed] + list(self.core.groups)
+            # the core aborted every request (EngineCore.step); any it could not are aborted here. What the step
+            # read before it failed (a request may have finished there) is delivered as usual.
+            core = self.core
+            read, failed = core.read_before_failure, core.failed_outputs
+            core.read_before_failure, core.failed_outputs = [], []
+            rids = [out.request_id for out in failed] + list(core.groups)
             logger.exception("engine step failed; aborting the %d requests in flight", len(rids))
-            for rid in list(self.core.groups):
+            for rid in list(core.groups):
                 self._abort_quietly(rid)
+            self._publish([out for out in read if out.request_id not in rids])
             self._post(self._fail, rids, EngineError(f"the engine failed while running this request: {e}"))
             return
         self._publish(outputs)

@@ -82,28 +82,32 @@ class _OpenCall:
     args_sent: int = 0  # JSON: characters of the raw arguments released
     lead: str = ""  # whitespace dropped before the block (given back if it turns out not to be a call)
     dropped: bool = False  # a call beyond the first under parallel_tool_calls=false: parsed, never reported
+    names: set[str] = field(default_factory=set)  # XML: the parameters read so far
 
 
-def _xml_param(body: str, cursor: int, complete: bool) -> tuple[str, str, int] | None:
+def _xml_param(body: str, cursor: int, complete: bool, given: set[str]) -> tuple[str, str, int] | None:
     """The next whole `<parameter=NAME>VALUE` of a function's body from `cursor` -> (NAME, VALUE, where the next
     search starts), None when there is none yet. VALUE ends at `</parameter>`; a model that leaves it out ends it at
-    the next `<parameter=`, or (once the block is complete) at `</function>` or the block's end, as vLLM's Qwen3-Coder
-    parser does: its value used to be dropped. A parameter after the function's end is not part of it, and a
-    `</function>` inside a closed value does not end the function."""
+    the next `<parameter=` of another parameter (not NAME, not one of `given`, those already read: a value may
+    quote a tag), or (once the block is complete) at `</function>` or the block's end, as vLLM's Qwen3-Coder parser
+    does: its value used to be dropped. A parameter after the function's end is not part of it, and a `</function>`
+    inside a closed value does not end the function."""
     m = _XML_PARAM_OPEN.search(body, cursor)
     if m is None or _XML_FUNC_END in body[cursor: m.start()]:
         return None
-    start = m.end()
-    close, following = body.find(_XML_PARAM_END, start), _XML_PARAM_OPEN.search(body, start)
+    start, name = m.end(), m.group(1).strip()
+    close = body.find(_XML_PARAM_END, start)
+    following = next((f for f in _XML_PARAM_OPEN.finditer(body, start)
+                      if f.group(1).strip() != name and f.group(1).strip() not in given), None)
     if close >= 0 and (following is None or close < following.start()):
-        return m.group(1).strip(), body[start:close], close + len(_XML_PARAM_END)
+        return name, body[start:close], close + len(_XML_PARAM_END)
     if following is not None:
-        return m.group(1).strip(), body[start:following.start()], following.start()
+        return name, body[start:following.start()], following.start()
     if not complete:
         return None  # its </parameter> may still come
     end = body.find(_XML_FUNC_END, start)
     end = len(body) if end < 0 else end
-    return m.group(1).strip(), body[start:end], end
+    return name, body[start:end], end
 
 
 def param_types(tools: list[dict] | None) -> dict[str, dict[str, Any]]:
@@ -152,7 +156,7 @@ class ToolCallParser:
         self._open = _OpenCall()
         self._after_call = False  # no content released since the last block ended
         self._content_sent = False
-        self._gap = ""  # the whitespace before the last block: what joins content written before and after it
+        self._gap = ""  # the first whitespace around the blocks since content: what joins the content either side
 
     def feed(self, delta: str) -> ParsedDelta:
         self._buf += delta
@@ -196,10 +200,11 @@ class ToolCallParser:
 
     def _emit_content(self, out: ParsedDelta, text: str) -> None:
         if self._after_call:  # whitespace between or after blocks is not content, but it separates content
-            text = text.lstrip()
-            text = self._gap + text if text and self._content_sent else text
+            stripped = text.lstrip()
+            self._gap = self._gap or text[:len(text) - len(stripped)]
+            text = self._gap + stripped if stripped and self._content_sent else stripped
         if text:
-            self._after_call, self._content_sent = False, True
+            self._after_call, self._content_sent, self._gap = False, True, ""
             out.content += text
 
     def _end_call(self, out: ParsedDelta, body: str, closed: bool) -> None:
@@ -211,7 +216,7 @@ class ToolCallParser:
                 return
         elif not self._open.args_done:
             self._send(out, self._close_args(body))
-        self._in_call, self._after_call, self._gap = False, True, self._open.lead
+        self._in_call, self._after_call, self._gap = False, True, self._gap or self._open.lead
 
     def _progress(self, out: ParsedDelta, body: str, complete: bool) -> None:
         head = body.lstrip()
@@ -232,8 +237,9 @@ class ToolCallParser:
         if op.args_done:
             return
         types = self.types.get(op.call.name, {})
-        while (param := _xml_param(body, op.cursor, complete)) is not None:
+        while (param := _xml_param(body, op.cursor, complete, op.names)) is not None:
             name, value, op.cursor = param
+            op.names.add(name)
             value = value[1:] if value.startswith("\n") else value
             value = value[:-1] if value.endswith("\n") else value
             piece = json.dumps(name, ensure_ascii=False) + ": " + json.dumps(convert_value(value, types.get(name)),

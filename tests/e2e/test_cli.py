@@ -91,7 +91,7 @@ def test_generate_with_int8_kv_cache(made, env):
 
 @pytest.mark.parametrize("args, needle", [
     (["generate", "--prompt", "hi", "--max-tokens", "abc"], "invalid int value: 'abc'"),
-    (["generate", "--prompt", "hi", "--bogus"], "unrecognized arguments: --bogus"),
+    (["generate", "--prompt", "hi", "--bogus"], "unrecognized arguments: --bogus (see deltaserve generate --help)"),
     (["serve", "--state-dtype", "float16"], "invalid choice: 'float16'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["bench", "--preset", "qwen3.5-9b", "--model", "x", "--device", "cpu"], "give one of them"),

@@ -746,3 +746,46 @@ def test_a_failed_engine_step_fails_the_requests_in_flight_and_the_engine_goes_o
     out, alive = asyncio.run(main())
     assert alive and out.finished and len(out.outputs[0].token_ids) == 20
     assert not llm.engine.groups and not llm.engine.has_unfinished()
+
+
+def test_a_request_finished_in_a_step_that_then_fails_gets_its_answer(model_dir):
+    """Async scheduling: a step first reads the previous launch (a penalty request's, which finishes there), then its
+    own launch raises. The finished request's output was built and then dropped with the exception: its client hung
+    (no answer, no error). Now it gets its answer and the other request its EngineError."""
+    from deltaserve.serve.async_engine import AsyncEngine, EngineError
+
+    llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=256, async_scheduling=True)
+    real, seen = llm.runner.launch, {}
+
+    def launch(sched):
+        seen["a"] = seen.get("a") or "A" in llm.engine.groups
+        if seen["a"] and "A" not in llm.engine.groups and not seen.get("failed"):
+            seen["failed"] = True
+            raise RuntimeError("injected launch failure")
+        return real(sched)
+
+    llm.runner.launch = launch
+
+    async def drain(stream):
+        out = None
+        async for out in stream:
+            pass
+        return out
+
+    async def main():
+        eng = AsyncEngine(llm)
+        eng.start()
+        try:
+            a = await eng.add_request([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True, temperature=0,
+                                                                repetition_penalty=1.1), "A")
+            b = await eng.add_request([5, 6, 8], SamplingParams(max_tokens=40, ignore_eos=True, temperature=0), "B")
+            out = await asyncio.wait_for(drain(a), 30)
+            with pytest.raises(EngineError, match="injected launch failure"):
+                await asyncio.wait_for(drain(b), 30)
+            return out
+        finally:
+            eng.stop()
+
+    out = asyncio.run(main())
+    assert seen["failed"] and out.finished and out.outputs[0].finish_reason == "length"
+    assert len(out.outputs[0].token_ids) == 3

@@ -107,6 +107,15 @@ TOOL_CASES = {
     # content on both sides of a call keeps the whitespace that separated them (it was glued into one word)
     "content_around_call": ("Let me check that.\n\n" + XML_CALL + "\nAnd more text.",
                             "Let me check that.\n\nAnd more text.", [("get_weather", XML_ARGS)]),
+    "content_gap_after_call": ("Done." + XML_CALL + "\n\nNext", "Done.\n\nNext", [("get_weather", XML_ARGS)]),
+    "content_gap_two_calls": ("A\n\n" + XML_CALL + JSON_CALL + "B", "A\n\nB",
+                              [("get_weather", XML_ARGS), ("get_weather", JSON_ARGS)]),
+    # a closed value may quote a tag of itself or of a parameter already read: it does not end the value
+    "xml_value_quotes_a_tag": ("<tool_call>\n<function=get_weather>\n<parameter=zip>\n007\n</parameter>\n"
+                               "<parameter=city>\nsay <parameter=zip> or <parameter=city> here\n</parameter>\n"
+                               "</function>\n</tool_call>", "",
+                               [("get_weather", {"zip": "007",
+                                                 "city": "say <parameter=zip> or <parameter=city> here"})]),
 }
 
 

@@ -203,6 +203,19 @@ def test_a_grammar_dead_end_ends_only_its_request(llm, temperature):
     assert not llm.engine.has_unfinished()
 
 
+def test_dead_end_with_an_eos_id_past_the_logits(llm):
+    """A configured EOS id at or past the logits' width has no bit in the mask: the dead-end fill
+    indexed past the row (an IndexError failing the step) instead of setting only the EOS bits that exist."""
+    vocab = llm.config.vocab_size
+    backend = GrammarBackend(llm.tokenizer, vocab, {514, vocab, vocab + 40})
+    grammar = backend.grammar(StructuredOutputs(regex="a[^\\s\\S]"))
+    for t in llm.tokenizer.encode("a"):
+        grammar.accept(t)
+    bitmask = torch.zeros((1, (vocab + 31) // 32), dtype=torch.int32)
+    grammar.fill(bitmask, 0)
+    assert grammar.dead_end and bitmask[0, 514 // 32] == 1 << (514 % 32) and int(bitmask.ne(0).sum()) == 1
+
+
 def test_special_tokens_never_inside_constrained_text(llm):
     """Inside a JSON string any text may come, but not a special token (`<|im_start|>`: the detokenizer would drop
     it from the answer); `</think>`, an ordinary added token, may. EOS ends the text once it is complete."""
