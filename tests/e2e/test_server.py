@@ -708,10 +708,36 @@ def test_signal_aborts_streams_and_exits(model_dir, tmp_path, sig):
         srv.stop()
 
 
+async def _last_output(stream, timeout: float = 60):
+    """A RequestStream's final output (its error raised), or TimeoutError when it never ends."""
+    async def drain():
+        out = None
+        async for out in stream:
+            pass
+        return out
+
+    return await asyncio.wait_for(drain(), timeout)
+
+
+def _with_async_engine(llm, body):
+    """Run `await body(engine)` on an AsyncEngine over llm, in a fresh event loop; the engine is stopped after."""
+    from deltaserve.serve.async_engine import AsyncEngine
+
+    async def main():
+        eng = AsyncEngine(llm)
+        eng.start()
+        try:
+            return await body(eng)
+        finally:
+            eng.stop()
+
+    return asyncio.run(main())
+
+
 def test_a_failed_engine_step_fails_the_requests_in_flight_and_the_engine_goes_on(model_dir):
     """A step that raises (here an injected launch error) ends every request in flight with EngineError (a 500 /
     an error chunk for their clients), not a hang; the engine thread lives on and the next request runs."""
-    from deltaserve.serve.async_engine import AsyncEngine, EngineError
+    from deltaserve.serve.async_engine import EngineError
 
     llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=256)
     real, launches = llm.runner.launch, []
@@ -725,25 +751,14 @@ def test_a_failed_engine_step_fails_the_requests_in_flight_and_the_engine_goes_o
     llm.runner.launch = launch
     params = SamplingParams(max_tokens=20, ignore_eos=True, temperature=0)
 
-    async def drain(stream):
-        out = None
-        async for out in stream:
-            pass
-        return out
+    async def main(eng):
+        streams = [await eng.add_request([5, 6, 7 + i], params, f"r{i}") for i in range(2)]
+        for s in streams:
+            with pytest.raises(EngineError, match="injected launch failure"):
+                await _last_output(s)
+        return await _last_output(await eng.add_request([5, 6, 7], params, "after")), eng.alive
 
-    async def main():
-        eng = AsyncEngine(llm)
-        eng.start()
-        try:
-            streams = [await eng.add_request([5, 6, 7 + i], params, f"r{i}") for i in range(2)]
-            for s in streams:
-                with pytest.raises(EngineError, match="injected launch failure"):
-                    await asyncio.wait_for(drain(s), 60)
-            return await asyncio.wait_for(drain(await eng.add_request([5, 6, 7], params, "after")), 60), eng.alive
-        finally:
-            eng.stop()
-
-    out, alive = asyncio.run(main())
+    out, alive = _with_async_engine(llm, main)
     assert alive and out.finished and len(out.outputs[0].token_ids) == 20
     assert not llm.engine.groups and not llm.engine.has_unfinished()
 
@@ -752,7 +767,7 @@ def test_a_request_finished_in_a_step_that_then_fails_gets_its_answer(model_dir)
     """Async scheduling: a step first reads the previous launch (a penalty request's, which finishes there), then its
     own launch raises. The finished request's output was built and then dropped with the exception: its client hung
     (no answer, no error). Now it gets its answer and the other request its EngineError."""
-    from deltaserve.serve.async_engine import AsyncEngine, EngineError
+    from deltaserve.serve.async_engine import EngineError
 
     llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=256, async_scheduling=True)
     real, seen = llm.runner.launch, {}
@@ -766,26 +781,15 @@ def test_a_request_finished_in_a_step_that_then_fails_gets_its_answer(model_dir)
 
     llm.runner.launch = launch
 
-    async def drain(stream):
-        out = None
-        async for out in stream:
-            pass
+    async def main(eng):
+        a = await eng.add_request([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True, temperature=0,
+                                                            repetition_penalty=1.1), "A")
+        b = await eng.add_request([5, 6, 8], SamplingParams(max_tokens=40, ignore_eos=True, temperature=0), "B")
+        out = await _last_output(a)
+        with pytest.raises(EngineError, match="injected launch failure"):
+            await _last_output(b)
         return out
 
-    async def main():
-        eng = AsyncEngine(llm)
-        eng.start()
-        try:
-            a = await eng.add_request([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True, temperature=0,
-                                                                repetition_penalty=1.1), "A")
-            b = await eng.add_request([5, 6, 8], SamplingParams(max_tokens=40, ignore_eos=True, temperature=0), "B")
-            out = await asyncio.wait_for(drain(a), 30)
-            with pytest.raises(EngineError, match="injected launch failure"):
-                await asyncio.wait_for(drain(b), 30)
-            return out
-        finally:
-            eng.stop()
-
-    out = asyncio.run(main())
+    out = _with_async_engine(llm, main)
     assert seen["failed"] and out.finished and out.outputs[0].finish_reason == "length"
     assert len(out.outputs[0].token_ids) == 3
