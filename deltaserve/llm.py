@@ -248,9 +248,18 @@ class LLM:
         """Process ids of the tensor-parallel workers (ranks 1..N-1); empty without TP."""
         return self._workers.pids if self._workers is not None else []
 
+    def tp_failure(self, wait: float = 0.0) -> str | None:
+        """Why this LLM's tensor-parallel group can no longer run (a worker exited, or shutdown), else None."""
+        return self._workers.failure(wait) if self._workers is not None else None
+
+    def _check_usable(self) -> None:
+        if (why := self.tp_failure()) is not None:
+            raise RuntimeError(f"this LLM cannot run any more: {why}; create a new one")
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: a string, a list of strings, or a list of {"prompt_token_ids": [...]} -> outputs in input order."""
+        self._check_usable()
         items = _normalise_prompts(prompts)
         params = _normalise_params(sampling_params, len(items))
         return self._run(self._add_all(items, params), use_tqdm)
@@ -260,6 +269,7 @@ class LLM:
         """Like generate, but yields a RequestOutput every step a request makes progress; each completion carries
         `delta_text` / `delta_token_ids` (new since its previous yield). Closing the iterator early aborts the
         requests still running, freeing their KV blocks and state slots."""
+        self._check_usable()
         items = _normalise_prompts(prompts)
         params = _normalise_params(sampling_params, len(items))
         ids = self._add_all(items, params)
@@ -295,6 +305,10 @@ class LLM:
         requests' abort outputs, then the error goes on to this caller."""
         try:
             return self.engine.step(finished_only)
+        except Exception as e:  # a worker that died surfaces as gloo's / a pipe's error: say what happened instead
+            if (why := self.tp_failure(wait=1.0)) is not None:
+                raise RuntimeError(f"this LLM cannot run any more: {why}; create a new one") from e
+            raise
         finally:
             eng = self.engine
             failed, eng.read_before_failure, eng.failed_outputs = eng.read_before_failure + eng.failed_outputs, [], []

@@ -250,10 +250,14 @@ class AsyncEngine:
             core.read_before_failure, core.failed_outputs = [], []
             rids = [out.request_id for out in failed] + list(core.groups)
             logger.exception("engine step failed; aborting the %d requests in flight", len(rids))
+            reason = str(e)
+            if (why := self.llm.tp_failure(wait=1.0)) is not None:  # it cannot run again: /health turns 503 and
+                self.dead = True  # new requests are refused, instead of each failing on a broken pipe
+                reason = f"{why}; the server cannot run requests any more"
             for rid in list(core.groups):
                 self._abort_quietly(rid)
             self._publish([out for out in read if out.request_id not in rids])
-            self._post(self._fail, rids, EngineError(f"the engine failed while running this request: {e}"))
+            self._post(self._fail, rids, EngineError(f"the engine failed while running this request: {reason}"))
             return
         self._publish(outputs)
 

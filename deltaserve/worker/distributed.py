@@ -279,6 +279,17 @@ class TPWorkers:
         for conn in self.conns:
             conn.send(plan)
 
+    def failure(self, wait: float = 0.0) -> str | None:
+        """Why this group can no longer run a step (a worker exited, or close() was called), else None. wait: give
+        a worker that is going down (after a failed collective) this long to exit first."""
+        if self.closed:
+            return "its tensor-parallel workers were shut down"
+        for rank, p in enumerate(self.procs, start=1):
+            p.join(wait)
+            if not p.is_alive():
+                return f"tensor-parallel worker {rank} (pid {p.pid}) exited with code {p.exitcode}"
+        return None
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop every worker (idempotent): ask them to leave, leave the process group alongside them, wait, then
         terminate stragglers. Leaving together matters: NCCL's communicator teardown waits for every rank, so rank 0

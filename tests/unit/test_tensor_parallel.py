@@ -261,3 +261,53 @@ def test_workers_stop_when_the_parent_ends(ckpts, ending):
     while worker_pids_alive(pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert worker_pids_alive(pids) == []
+
+
+def test_a_dead_worker_is_one_clear_error_and_the_llm_says_it_cannot_run(ckpts):
+    """A TP worker that dies (OOM killer, a crash): the next step failed on gloo's 'Connection reset by peer' or a
+    bare BrokenPipeError, and every later call the same. Now each call names the worker and says to start over."""
+    import os
+    import signal
+
+    llm = LLM(ckpts["dense"], device="cpu", dtype="float32", max_model_len=64, tensor_parallel_size=2)
+    llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)
+    (pid,) = llm.worker_pids
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=rf"cannot run any more: tensor-parallel worker 1 \(pid {pid}\) exited"):
+            llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)
+    llm.shutdown()
+    with pytest.raises(RuntimeError, match="workers were shut down"):
+        llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)
+
+
+def test_a_dead_worker_marks_the_server_engine_dead(ckpts):
+    """Behind `deltaserve serve --tp 2`: /health stayed 200 after a worker died and every later request failed on a
+    broken pipe. The request in flight now fails naming the worker, and the engine reports itself dead (/health 503,
+    new requests refused)."""
+    import asyncio
+    import os
+    import signal
+
+    from deltaserve.serve.async_engine import AsyncEngine, EngineError, EngineStopped
+
+    llm = LLM(ckpts["dense"], device="cpu", dtype="float32", max_model_len=64, tensor_parallel_size=2)
+    (pid,) = llm.worker_pids
+
+    async def main():
+        eng = AsyncEngine(llm)
+        eng.start()
+        try:
+            os.kill(pid, signal.SIGKILL)
+            stream = await eng.add_request([5, 6, 7], GREEDY, "r")
+            with pytest.raises(EngineError, match=rf"worker 1 \(pid {pid}\) exited"):
+                async for _ in stream:
+                    pass
+            assert not eng.alive
+            with pytest.raises(EngineStopped):
+                await eng.add_request([5, 6, 7], GREEDY, "again")
+        finally:
+            eng.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+    llm.shutdown()
