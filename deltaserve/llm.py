@@ -252,8 +252,8 @@ class LLM:
         """Why this LLM's tensor-parallel group can no longer run (a worker exited, or shutdown), else None."""
         return self._workers.failure(wait) if self._workers is not None else None
 
-    def _check_usable(self) -> None:
-        if (why := self.tp_failure()) is not None:
+    def _check_usable(self, wait: float = 0.0) -> None:
+        if (why := self.tp_failure(wait)) is not None:
             raise RuntimeError(f"this LLM cannot run any more: {why}; create a new one")
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -305,9 +305,8 @@ class LLM:
         requests' abort outputs, then the error goes on to this caller."""
         try:
             return self.engine.step(finished_only)
-        except Exception as e:  # a worker that died surfaces as gloo's / a pipe's error: say what happened instead
-            if (why := self.tp_failure(wait=1.0)) is not None:
-                raise RuntimeError(f"this LLM cannot run any more: {why}; create a new one") from e
+        except Exception:  # a worker that died surfaces as gloo's / a pipe's error: say what happened instead
+            self._check_usable(wait=1.0)
             raise
         finally:
             eng = self.engine

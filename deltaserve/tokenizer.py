@@ -132,11 +132,10 @@ class Tokenizer:
         try:
             return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         except TypeError:
-            bad = next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None) \
-                if isinstance(text, str) else None
+            bad = next((ch for ch in text if "\ud800" <= ch <= "\udfff"), None) if isinstance(text, str) else None
             if bad is None:
                 raise
-            raise TokenizerError(f"the text is not valid Unicode: it holds the lone surrogate U+{ord(text[bad]):04X} "
+            raise TokenizerError(f"the text is not valid Unicode: it holds the lone surrogate U+{ord(bad):04X} "
                                  f"(input bytes that were not UTF-8?)") from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -36,12 +36,12 @@ def _softmax_topk(b_x, o_e, m_e, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, 
     b_id = tl.zeros([BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
         b_max = tl.max(b_key, axis=0)
+        b_lane = BLOCK_E - 1 - (b_max & 0xFFFFFFFF).to(tl.int32)
         # a NaN row can rank a padded lane first: clamp so a garbage row still names a real expert (no out-of-range
         # reads later)
-        b_arg = tl.minimum(BLOCK_E - 1 - (b_max & 0xFFFFFFFF).to(tl.int32), E - 1)
         b_w = tl.where(o_k == j, (b_max >> 32).to(tl.int32).to(tl.float32, bitcast=True), b_w)
-        b_id = tl.where(o_k == j, b_arg, b_id)
-        b_key = tl.where(o_e == BLOCK_E - 1 - (b_max & 0xFFFFFFFF).to(tl.int32), -1, b_key)
+        b_id = tl.where(o_k == j, tl.minimum(b_lane, E - 1), b_id)
+        b_key = tl.where(o_e == b_lane, -1, b_key)
     return b_w / tl.sum(b_w, axis=0), b_id
 
 
