@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .config import ConfigError
+    from .llm import EngineDeadError
     from .models.weights import WeightsError
     from .tokenizer import TokenizerError
 
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, WeightsError, TokenizerError, ValueError, OSError) as e:  # OSError: e.g. a path is a file
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except EngineDeadError as e:  # e.g. a tensor-parallel worker died
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C (serve: uvicorn re-raises it after its graceful shutdown): no traceback
         return 130
 

@@ -105,6 +105,10 @@ class RankSpec:
         return runner
 
 
+
+class EngineDeadError(RuntimeError):
+    """The LLM cannot run any step again (its tensor-parallel group failed or was shut down)."""
+
 class LLM:
     """Load a Qwen3.5 checkpoint directory and generate from it.
 
@@ -254,7 +258,7 @@ class LLM:
 
     def _check_usable(self, wait: float = 0.0) -> None:
         if (why := self.tp_failure(wait)) is not None:
-            raise RuntimeError(f"this LLM cannot run any more: {why}; create a new one")
+            raise EngineDeadError(f"this LLM cannot run any more: {why}; create a new one")
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:

@@ -15,10 +15,14 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+import signal
 import socket
 import threading
+import time
+import traceback
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -219,6 +223,9 @@ def _free_port() -> int:
 
 def _worker_main(rank: int, world: int, port: int, spec, conn) -> None:
     """A rank > 0: build the same engine shard as rank 0, then run every StepPlan rank 0 sends until None/EOF."""
+    # Ctrl-C reaches the terminal's whole process group; rank 0 alone decides when the workers stop (TPWorkers.close),
+    # so a worker never leaves a step part-way on its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         device = rank_device(torch.device(spec.device), rank)
         if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # N ranks share the cores
@@ -227,7 +234,7 @@ def _worker_main(rank: int, world: int, port: int, spec, conn) -> None:
         runner = spec.build_runner(tp, device, on_loaded=lambda: conn.send(("loaded", None)))
         conn.send(("ready", None))
     except BaseException as e:  # reported to rank 0, which raises it there
-        conn.send(("error", f"{e}" if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
+        conn.send(("error", _describe(e)))
         return
     try:
         while True:
@@ -237,9 +244,40 @@ def _worker_main(rank: int, world: int, port: int, spec, conn) -> None:
                 break
             if plan is None:
                 break
-            runner.run_plan(plan)
+            try:
+                runner.run_plan(plan)
+            except BaseException as e:
+                # rank 0 is inside this step's collectives and never joins a teardown: report and go now (its
+                # collective then fails on the closed connection instead of waiting for the timeout)
+                traceback.print_exc()
+                conn.send(("error", _describe(e)))
+                os._exit(1)
     finally:
         leave_group(timeout=10.0)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{e}" if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+
+
+@contextmanager
+def sigint_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then deliver it. Rank 0 runs each step's share of the collectives
+    in such a block: a KeyboardInterrupt part-way would leave the workers inside that step, out of step with rank 0
+    for good. Off the main thread (signals only reach it) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held and callable(previous):
+        previous(signal.SIGINT, held[0])
+    elif held and previous == signal.SIG_DFL:
+        signal.raise_signal(signal.SIGINT)
 
 
 class TPWorkers:
@@ -258,6 +296,7 @@ class TPWorkers:
             self.conns.append(parent)
             self.procs.append(p)
         self.closed = False
+        self.broken: str | None = None  # why the group cannot run again (failure())
 
     @property
     def pids(self) -> list[int]:
@@ -279,22 +318,68 @@ class TPWorkers:
         for conn in self.conns:
             conn.send(plan)
 
+    def run_step(self, plan, run: Callable):
+        """Send `plan` to every worker and run rank 0's share, `run(plan)`, alongside them -> what `run` returns.
+        Ctrl-C is held until rank 0's share is done, so it lands between steps, where the ranks agree. Any other
+        error part-way leaves the workers inside the step's collectives, which the next step's would pair with (a
+        gloo size mismatch; under NCCL, sums of the wrong tensors): the group is abandoned and the error raised."""
+        with sigint_held():
+            try:
+                self.send(plan)
+                return run(plan)
+            except BaseException as e:
+                self.abandon(f"a step failed part-way on rank 0 ({_describe(e)}), leaving the ranks out of step")
+                raise
+
     def failure(self, wait: float = 0.0) -> str | None:
-        """Why this group can no longer run a step (a worker exited, or close() was called), else None. wait: give
-        a worker that is going down (after a failed collective) this long to exit first."""
-        if self.closed:
-            return "its tensor-parallel workers were shut down"
-        for rank, p in enumerate(self.procs, start=1):
-            p.join(wait)
-            if not p.is_alive():
-                return f"tensor-parallel worker {rank} (pid {p.pid}) exited with code {p.exitcode}"
+        """Why this group can no longer run a step (a worker failed or exited, a step was abandoned, or close() was
+        called), else None; a cause, once found, is kept. wait: give a worker that is going down (after a failed
+        collective) this long, in all, to exit first."""
+        if self.broken is None and not self.closed:
+            self.broken = self._worker_error() or self._exited(wait)
+        if self.broken is not None:
+            return self.broken
+        return "its tensor-parallel workers were shut down" if self.closed else None
+
+    def _worker_error(self) -> str | None:
+        """The first error a worker reported from a step (it exits right after), else None."""
+        for rank, (conn, p) in enumerate(zip(self.conns, self.procs), start=1):
+            try:
+                if not conn.poll():
+                    continue
+                kind, msg = conn.recv()
+            except (EOFError, OSError):
+                continue
+            if kind == "error":
+                return f"tensor-parallel worker {rank} (pid {p.pid}) failed: {msg}"
         return None
+
+    def _exited(self, wait: float) -> str | None:
+        deadline = time.monotonic() + wait
+        for rank, p in enumerate(self.procs, start=1):
+            p.join(max(0.0, deadline - time.monotonic()))
+            if not p.is_alive():
+                return self._worker_error() or f"tensor-parallel worker {rank} (pid {p.pid}) exited with code " \
+                                                f"{p.exitcode}"
+        return None
+
+    def abandon(self, reason: str) -> None:
+        """Give up on the group after a step went wrong part-way. failure() says why from then on: a worker's own
+        error or exit when there was one (what made rank 0's step fail), else `reason`."""
+        if self.closed:
+            return
+        if self.failure(wait=0.5) is None:
+            self.broken = reason
+        self._kill()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop every worker (idempotent): ask them to leave, leave the process group alongside them, wait, then
         terminate stragglers. Leaving together matters: NCCL's communicator teardown waits for every rank, so rank 0
         destroying its group only after the workers exited (or they only after rank 0 did) hangs for good."""
         if self.closed:
+            return
+        if self.failure() is not None:  # a broken group cannot leave together
+            self._kill()
             return
         self.closed = True
         for conn in self.conns:
@@ -310,6 +395,19 @@ class TPWorkers:
                 p.join(timeout)
         for conn in self.conns:
             conn.close()
+
+    def _kill(self) -> None:
+        """Stop a broken group now: its workers may be stuck in a step's collectives, where they can neither run the
+        next step nor join a graceful teardown."""
+        self.closed = True
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs:
+            p.join(5.0)
+        for conn in self.conns:
+            conn.close()
+        leave_group(timeout=2.0)  # rank 0's side of the group; its dead peers never join the teardown
 
 
 def leave_group(timeout: float) -> None:
@@ -336,4 +434,4 @@ def worker_pids_alive(pids: list[int]) -> list[int]:
 
 __all__ = ["TPGroup", "SINGLE", "TPWorkers", "check_tp_size", "shard_config", "shard", "split_range", "segments",
            "kv_head_range", "vocab_range", "read_ranges", "init_group", "rank_device", "valid_tp_sizes",
-           "worker_pids_alive", "expert_range"]
+           "worker_pids_alive", "expert_range", "sigint_held"]

@@ -8,7 +8,7 @@ conv state [num_slots, conv_dim, W-1] (model dtype) and a recurrent state [num_s
 tensor parallelism `cfg` is the rank's shard_config, so each rank's caches hold only its own heads.
 
 Tensor parallelism: rank 0's runner plans each step and hands the plan to `peers` (the other ranks' processes, which
-call `run_plan` with it) before running it itself; only rank 0 samples.
+call `run_plan` with it) as it runs it itself (`TPWorkers.run_step`); only rank 0 samples.
 """
 from __future__ import annotations
 
@@ -335,9 +335,9 @@ class ModelRunner:
         """Queue one step's forward and sampling on the device; the samples are read by `result()`. Prompt logprobs
         are read here (a host sync, on prompt-logprob steps only)."""
         plan, first_row = self.plan(sched)
-        if self.peers is not None:
-            self.peers.send(plan)
-        logits = self.run_plan(plan)  # [M, V] fp32
+        # [M, V] fp32; under TP the workers run the same plan (TPWorkers.run_step: a step left part-way on rank 0
+        # gives the group up, since the ranks' collectives would no longer pair)
+        logits = self.run_plan(plan) if self.peers is None else self.peers.run_step(plan, self.run_plan)
         out = RunnerOutput()
         self._prompt_logprobs(sched, logits, first_row, out)
         rows = {s.request.request_id: first_row[i] + len(self._logit_positions(s)) - 1

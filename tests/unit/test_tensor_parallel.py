@@ -277,7 +277,7 @@ def test_a_dead_worker_is_one_clear_error_and_the_llm_says_it_cannot_run(ckpts):
         with pytest.raises(RuntimeError, match=rf"cannot run any more: tensor-parallel worker 1 \(pid {pid}\) exited"):
             llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)
     llm.shutdown()
-    with pytest.raises(RuntimeError, match="workers were shut down"):
+    with pytest.raises(RuntimeError, match=rf"worker 1 \(pid {pid}\) exited"):  # the cause outlives the shutdown
         llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)
 
 
@@ -310,4 +310,103 @@ def test_a_dead_worker_marks_the_server_engine_dead(ckpts):
             eng.stop()
 
     asyncio.run(asyncio.wait_for(main(), 120))
+    llm.shutdown()
+
+
+# ---------------------------------------------------------------- a step that goes wrong part-way
+
+def _tp2(ckpts) -> LLM:
+    return LLM(ckpts["dense"], device="cpu", dtype="float32", max_model_len=64, tensor_parallel_size=2)
+
+
+def _wait_gone(pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while worker_pids_alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return worker_pids_alive(pids) == []
+
+
+def test_an_error_part_way_through_a_step_on_rank_0_gives_the_group_up(ckpts, monkeypatch):
+    """Rank 0 raising between sending a step and its last collective left the worker inside that step: the next
+    step's collectives paired with the stale ones (a gloo size mismatch, or a wait for the 10-minute timeout; under
+    NCCL, sums of the wrong tensors). Now the worker is stopped at once and every later call says why."""
+    llm = _tp2(ckpts)
+    ref = llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)
+    pids = llm.worker_pids
+    model = llm.runner.model
+
+    def broken(hidden):  # before the vocab gather, which the worker is then waiting in
+        raise RuntimeError("injected logits failure")
+
+    monkeypatch.setattr(model, "compute_logits", broken)
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match="injected logits failure"):
+        llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)
+    assert _wait_gone(pids, 1.0), "the worker stuck in the abandoned step was not stopped"
+    assert time.monotonic() - t < 15
+    monkeypatch.undo()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"cannot run any more: a step failed part-way on rank 0 \(RuntimeError: "
+                                               r"injected logits failure\), leaving the ranks out of step"):
+            llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)
+    llm.shutdown()
+    assert ref[0].outputs[0].token_ids  # the group worked before the failure
+
+
+def test_ctrl_c_during_a_step_lands_after_it_and_the_llm_goes_on(ckpts, monkeypatch):
+    """Ctrl-C inside rank 0's share of a step is held until that share is done, so the ranks stay in step: the call
+    ends in KeyboardInterrupt, the worker lives, and the next call gives the same tokens as before. A SIGINT sent to
+    the worker (the terminal signals the whole process group) is ignored there: rank 0 decides when workers stop."""
+    import signal
+
+    llm = _tp2(ckpts)
+    ref = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    (pid,) = llm.worker_pids
+    os.kill(pid, signal.SIGINT)
+    model = llm.runner.model
+    original = model.compute_logits
+    calls = []
+
+    def interrupted(hidden):
+        if not calls:
+            signal.raise_signal(signal.SIGINT)
+        calls.append(1)
+        return original(hidden)
+
+    monkeypatch.setattr(model, "compute_logits", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert len(calls) == 1, "the interrupt was not held until the step's end"
+    monkeypatch.undo()
+    assert worker_pids_alive([pid]) == [pid]
+    assert_same_outputs("after-ctrl-c", ref, llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    t = time.monotonic()
+    llm.shutdown()
+    assert _wait_gone([pid], 5.0) and time.monotonic() - t < 5
+    with pytest.raises(RuntimeError, match="workers were shut down"):
+        llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)
+
+
+def test_a_worker_error_in_a_step_is_named_on_rank_0(ckpts, monkeypatch):
+    """A step that raises on a worker (its own device's OOM, say): the worker kept its traceback to itself and, after
+    leave_group's 10 s, rank 0's collective failed on 'Connection reset by peer'. Now the worker reports the error and
+    exits at once, and rank 0's calls name the worker and its error."""
+    import dataclasses
+
+    from deltaserve.worker.distributed import TPWorkers
+
+    llm = _tp2(ckpts)
+    (pid,) = llm.worker_pids
+    workers = llm.runner.peers
+
+    def send_corrupt(plan):  # only the worker gets a slot far past its state pool
+        TPWorkers.send(workers, dataclasses.replace(plan, state_slots=[10 ** 6] * len(plan.state_slots)))
+
+    monkeypatch.setattr(workers, "send", send_corrupt)
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"cannot run any more: tensor-parallel worker 1 \(pid {pid}\) failed: "
+                                           r"1 slot\(s\) outside \[-1, 64\)"):
+        llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)
+    assert time.monotonic() - t < 8
+    assert _wait_gone([pid], 5.0)
     llm.shutdown()
