@@ -240,6 +240,7 @@ class LLM:
             workers.close(timeout=2.0)
             raise
         runner.peers = workers
+        workers.before_leave = runner.release_graphs
         return runner
 
     def shutdown(self) -> None:

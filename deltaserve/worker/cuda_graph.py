@@ -69,6 +69,17 @@ class CudaGraphRunner:
         torch.cuda.synchronize(self.device)
         logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
 
+    def release(self) -> None:
+        """Destroy the captured graphs (decode runs eagerly after). Under NCCL this must come before the process
+        group is destroyed: a communicator whose collectives sit in a live graph never finishes its teardown
+        (pytorch/pytorch#115388; on two H200s rank 0 waited out its 10 s limit and the process ended in SIGABRT)."""
+        if self.graphs:
+            torch.cuda.synchronize(self.device)
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+
     def can_run(self, batch: ForwardBatch) -> bool:
         return batch.is_decode and batch.num_seqs <= self.buckets[-1] and bool(self.graphs)
 

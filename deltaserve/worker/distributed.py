@@ -253,6 +253,7 @@ def _worker_main(rank: int, world: int, port: int, spec, conn) -> None:
                 conn.send(("error", _describe(e)))
                 os._exit(1)
     finally:
+        runner.release_graphs()  # before the teardown, which a graph holding collectives blocks
         leave_group(timeout=10.0)
 
 
@@ -297,6 +298,7 @@ class TPWorkers:
             self.procs.append(p)
         self.closed = False
         self.broken: str | None = None  # why the group cannot run again (failure())
+        self.before_leave: Callable[[], None] | None = None  # rank 0's ModelRunner.release_graphs
 
     @property
     def pids(self) -> list[int]:
@@ -387,6 +389,7 @@ class TPWorkers:
                 conn.send(None)
             except (OSError, ValueError):
                 pass
+        self._release_rank0()
         leave_group(timeout)
         for p in self.procs:
             p.join(timeout)
@@ -407,7 +410,15 @@ class TPWorkers:
             p.join(5.0)
         for conn in self.conns:
             conn.close()
+        self._release_rank0()
         leave_group(timeout=2.0)  # rank 0's side of the group; its dead peers never join the teardown
+
+    def _release_rank0(self) -> None:
+        if self.before_leave is not None:
+            try:
+                self.before_leave()
+            except Exception:  # noqa: BLE001 - a broken device must not stop the workers from being stopped
+                pass
 
 
 def leave_group(timeout: float) -> None:

@@ -309,6 +309,11 @@ class ModelRunner:
             rows.append(last)
         return rows
 
+    def release_graphs(self) -> None:
+        """Destroy the decode CUDA graphs (before leaving a tensor-parallel group: CudaGraphRunner.release)."""
+        if self.graphs is not None:
+            self.graphs.release()
+
     @torch.inference_mode()
     def run_plan(self, plan: StepPlan) -> torch.Tensor:
         """Zero new slots, run the forward, make the fork copies -> logits [M, V] fp32 (every rank)."""

@@ -1,5 +1,7 @@
-"""GPU tensor parallelism (NCCL, two devices): bf16 TP=2 against bf16 TP=1 on one random checkpoint of
-Qwen3.5-9B shapes cut to 4 layers (HF's own initialisation), with HF transformers in float32 as the yardstick.
+"""GPU tensor parallelism (NCCL, two devices): TP=2 against TP=1 on one random checkpoint of Qwen3.5-9B shapes cut to
+4 layers (HF's own initialisation), in bf16 and as written by `deltaserve quantize` (AWQ int4, block FP8), with HF
+transformers in float32 as the yardstick (for a quantized checkpoint: on its dequantized twin, so the yardstick
+holds exactly the weights the engine runs).
 
 In bf16 the two runs differ by the order of their partial sums (all-reduce), so they are not bit-equal; what TP
 must not do is move the answers further from the fp32 ones than TP=1 does. Asserted: TP=2's prompt-logprob error
@@ -29,6 +31,16 @@ def checkpoint(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("nine_b_4l_tp"))
     transformers.Qwen3_5ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     return path
+
+
+def _engine_and_reference(checkpoint: str, fmt: str, root) -> tuple[str, str]:
+    """(the checkpoint the engine runs, the one HF fp32 scores) for `fmt`."""
+    if fmt == "bf16":
+        return checkpoint, checkpoint
+    from deltaserve.quantize import quantize_checkpoint, write_dequantized
+
+    quantized = quantize_checkpoint(checkpoint, str(root / fmt), method=fmt)
+    return quantized, write_dequantized(quantized, str(root / f"{fmt}-dequantized"), torch.float32)
 
 
 PROMPTS = [torch.randint(0, 248000, (300,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(8)]
@@ -74,10 +86,11 @@ def _hf_reference(path: str, greedy: list[list[int]]):
     return lps, argmax, gaps
 
 
-@pytest.fixture(scope="module")
-def runs(checkpoint):
-    out = {"tp1": _run(checkpoint, 1), "tp2": _run(checkpoint, 2)}
-    out["hf"] = _hf_reference(checkpoint, out["tp1"][1])
+@pytest.fixture(scope="module", params=["bf16", "awq", "fp8"])
+def runs(request, checkpoint, tmp_path_factory):
+    engine_path, reference_path = _engine_and_reference(checkpoint, request.param, tmp_path_factory.mktemp("tp"))
+    out = {"fmt": request.param, "tp1": _run(engine_path, 1), "tp2": _run(engine_path, 2)}
+    out["hf"] = _hf_reference(reference_path, out["tp1"][1])
     return out
 
 
@@ -90,7 +103,7 @@ def test_tp2_prompt_logprobs_no_worse_than_tp1(runs):
     e1, e2 = _errors(runs["tp1"][0], ref), _errors(runs["tp2"][0], ref)
     d12 = _errors(runs["tp2"][0], runs["tp1"][0])
     q = torch.tensor([0.5, 0.99])
-    print(f"\nprompt logprob |err| vs fp32 (mean / median / p99 / max): "
+    print(f"\n{runs['fmt']}: prompt logprob |err| vs fp32 (mean / median / p99 / max): "
           f"TP=1 {e1.mean():.4f} / {e1.quantile(q[0]):.4f} / {e1.quantile(q[1]):.4f} / {e1.max():.4f}; "
           f"TP=2 {e2.mean():.4f} / {e2.quantile(q[0]):.4f} / {e2.quantile(q[1]):.4f} / {e2.max():.4f}; "
           f"|TP=2 - TP=1| mean {d12.mean():.4f} max {d12.max():.4f}; graphs TP=1 {runs['tp1'][2]}, "
@@ -109,5 +122,28 @@ def test_tp2_greedy_matches_tp1(runs):
         n = next((i for i, (gap, x, y) in enumerate(zip(g, r, a)) if gap < 0.05 or x != y), len(a))
         total += n
         same += next((i for i in range(n) if a[i] != b[i]), n)
-    print(f"\ngreedy: TP=2 equals TP=1 on {same}/{total} tokens before the first fp32 near-tie")
+    print(f"\n{runs['fmt']}: greedy: TP=2 equals TP=1 on {same}/{total} tokens before the first fp32 near-tie")
     assert total > 0 and same >= 0.9 * total
+
+
+def test_a_tp_script_exits_cleanly(tmp_path):
+    """A script that generates with TP=2 and just ends: NCCL's teardown waited for the collectives captured in the
+    decode CUDA graphs (pytorch/pytorch#115388), so rank 0 gave up after 10 s and the process ended in SIGABRT
+    ('terminate called without an active exception', exit code -6). The graphs are now destroyed first."""
+    import subprocess
+    import sys
+
+    from deltaserve.tiny import make_tiny
+
+    script = (
+        "import sys\n"
+        "from deltaserve import LLM, SamplingParams\n"
+        "llm = LLM(sys.argv[1], device='cuda', tensor_parallel_size=2, max_model_len=1024)\n"
+        "out = llm.generate([{'prompt_token_ids': [1, 2, 3]}] * 4, SamplingParams(max_tokens=16, ignore_eos=True), "
+        "use_tqdm=False)\n"
+        "assert llm.runner.graphs is not None and all(len(o.outputs[0].token_ids) == 16 for o in out)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script, make_tiny(str(tmp_path / "tiny"))], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "terminate called" not in res.stderr

@@ -410,3 +410,23 @@ def test_a_worker_error_in_a_step_is_named_on_rank_0(ckpts, monkeypatch):
     assert time.monotonic() - t < 8
     assert _wait_gone([pid], 5.0)
     llm.shutdown()
+
+
+@pytest.mark.parametrize("how", ["shutdown", "abandon"])
+def test_rank_0_releases_its_graphs_before_leaving_the_group(ckpts, monkeypatch, how):
+    """NCCL's teardown blocks while collectives sit in a live CUDA graph (pytorch/pytorch#115388): rank 0 destroys its
+    decode graphs before it leaves the group, on a shutdown and when a broken group is given up (workers do the same;
+    tests/e2e/test_gpu_tp.py checks the whole exit on two GPUs)."""
+    from deltaserve.worker import distributed
+
+    llm = _tp2(ckpts)
+    events = []
+    release = llm.runner.release_graphs
+    monkeypatch.setattr(llm._workers, "before_leave", lambda: (events.append("release"), release()))
+    leave = distributed.leave_group
+    monkeypatch.setattr(distributed, "leave_group", lambda timeout: (events.append("leave"), leave(timeout)))
+    if how == "shutdown":
+        llm.shutdown()
+    else:
+        llm._workers.abandon("test")
+    assert events == ["release", "leave"]
