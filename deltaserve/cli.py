@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--moe", action="store_true", help="Qwen3_5MoeForConditionalGeneration instead of dense")
     tiny.add_argument("--layers", type=int, default=4, help="decoder layers (every 4th is full attention)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed")
+    tiny.add_argument("--force", action="store_true", help="write into a directory that is not empty (its config, "
+                                                          "weights and tokenizer files are replaced)")
     gen = sub.add_parser("generate", help="complete a prompt and print the text",
                          description="Complete one or more prompts and print each completion.")
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
@@ -217,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "make-tiny":
             from .tiny import make_tiny
 
+            if not args.force and os.path.isdir(args.dir) and os.listdir(args.dir):
+                raise ValueError(f"{args.dir} is not an empty directory: make-tiny would replace its config.json, "
+                                 f"weights and tokenizer; pick a new directory or pass --force")
             print(make_tiny(args.dir, moe=args.moe, num_layers=args.layers, seed=args.seed))
         elif args.command == "generate":
             _generate(args)

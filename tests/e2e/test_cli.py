@@ -229,6 +229,18 @@ def test_error_quantize_into_existing_checkpoint(made, env):
     assert_user_error(res, path, "not an empty directory")
 
 
+def test_make_tiny_refuses_a_directory_that_is_not_empty(env, tmp_path):
+    """It overwrote config.json, the weights and the tokenizer of whatever the directory held (a real checkpoint
+    given by mistake); now that takes --force."""
+    (tmp_path / "config.json").write_text('{"model_type": "someone else\'s"}')
+    assert_user_error(cli("make-tiny", str(tmp_path), env=env), str(tmp_path), "not an empty directory", "--force")
+    assert (tmp_path / "config.json").read_text() == '{"model_type": "someone else\'s"}'
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
+    res = cli("make-tiny", str(tmp_path), "--force", env=env)
+    assert res.returncode == 0 and res.stdout.strip() == str(tmp_path), res.stderr
+    assert "model.safetensors" in os.listdir(tmp_path)
+
+
 def test_error_make_tiny_onto_a_file(env, tmp_path):
     target = tmp_path / "a_file"
     target.write_text("x")
