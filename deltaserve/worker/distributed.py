@@ -265,9 +265,9 @@ def _describe(e: BaseException) -> str:
 def sigint_held() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) until the block ends, then deliver it. Rank 0 runs each step's share of the collectives
     in such a block: a KeyboardInterrupt part-way would leave the workers inside that step, out of step with rank 0
-    for good. Off the main thread (signals only reach it) this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    for good. Off the main thread (Python runs signal handlers only there) this does nothing."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # None: a handler installed outside Python, which could not be put back
         return
     held = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
