@@ -359,7 +359,19 @@ def test_ctrl_c_during_a_step_lands_after_it_and_the_llm_goes_on(ckpts, monkeypa
     the worker (the terminal signals the whole process group) is ignored there: rank 0 decides when workers stop."""
     import signal
 
+    # a run started in the background (CI) inherits SIGINT ignored, and Python then installs no handler for it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     llm = _tp2(ckpts)
+    try:
+        _interrupt_a_step(llm, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        llm.shutdown()
+
+
+def _interrupt_a_step(llm, monkeypatch) -> None:
+    import signal
+
     ref = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     (pid,) = llm.worker_pids
     os.kill(pid, signal.SIGINT)
