@@ -274,11 +274,14 @@ class EngineCore:
         if self._grammars is None:
             raise ValueError("structured outputs need the model's tokenizer.json")
         self._grammars.compile(params.structured_outputs)  # cached; reports a bad spec before anything is queued
-        start, end = (self.tokenizer.token_to_id(t) for t in ("<think>", "</think>"))
-        if start is None or end is None or start not in prompt_token_ids:
+        start, end, turn = (self.tokenizer.token_to_id(t) for t in ("<think>", "</think>", "<|im_start|>"))
+        # only the last turn counts (all of the prompt without turns): a <think> quoted in a message earlier would
+        # leave the whole answer unconstrained
+        last = _last_index(prompt_token_ids, turn)
+        tail = prompt_token_ids if last is None else prompt_token_ids[last:]
+        if start is None or end is None or (opened := _last_index(tail, start)) is None:
             return None
-        last_start = len(prompt_token_ids) - 1 - prompt_token_ids[::-1].index(start)
-        return end if end not in prompt_token_ids[last_start:] else None
+        return end if end not in tail[opened:] else None
 
     def _stop_reason(self, req: Request, group: _Group, i: int, tok: int,
                      prev_len: int) -> tuple[str | None, int | str | None]:
@@ -324,6 +327,12 @@ class EngineCore:
             outputs=outs, finished=all(r.status == RequestStatus.FINISHED for r in group.samples),
             metrics=group.metrics,
         )
+
+
+def _last_index(ids: list[int], token: int | None) -> int | None:
+    if token is None or token not in ids:
+        return None
+    return len(ids) - 1 - ids[::-1].index(token)
 
 
 def _length_reason(req: Request, max_model_len: int) -> str | None:

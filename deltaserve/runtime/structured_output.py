@@ -68,6 +68,9 @@ class GrammarBackend:
         kind, text = key
         compiler = self._compiler
         what = {"json_object": "JSON object", "json": "JSON schema", "regex": "regex", "choice": "choice list"}[kind]
+        if kind == "json" and (problem := _unenforced_feature(text)) is not None:
+            raise ValueError(f"structured output: the JSON schema uses {problem}, which the grammar engine does not "
+                             f"enforce; drop it or check the answer yourself")
         try:
             if kind == "json_object":
                 compiled = compiler.compile_json_schema('{"type": "object"}')
@@ -92,12 +95,57 @@ def _reason(e: Exception) -> str:
     return re.sub(r"^Check failed: .*? is false: ", "", text).rstrip(".")
 
 
+# JSON Schema keywords xgrammar (0.2.9) compiles without enforcing them: the output could break the schema while the
+# request reports "stop". Checked by feeding the compiled grammar an instance that violates each one.
+_UNENFORCED = ("not", "if", "then", "else", "dependentRequired", "dependencies", "minContains", "maxContains")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties", "contains", "propertyNames", "unevaluatedProperties",
+               "unevaluatedItems")
+
+
+def _unenforced_feature(text: str) -> str | None:
+    """The first keyword of the schema `text` that would compile but not be enforced (named for the error), else
+    None. Text that is not JSON is left to the compiler's own error."""
+    try:
+        schema = json.loads(text)
+    except ValueError:
+        return None
+    return _unenforced_in(schema, "the schema")
+
+
+def _unenforced_in(schema, where: str) -> str | None:
+    if not isinstance(schema, dict):
+        return None
+    for key in _UNENFORCED:
+        if key in schema:
+            return f"'{key}' (in {where})"
+    if schema.get("uniqueItems") is True:
+        return f"'uniqueItems' (in {where})"
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        return f"'allOf' with {len(schema['allOf'])} schemas (in {where})"
+    props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    missing = [name for name in schema.get("required") or () if isinstance(name, str) and name not in props]
+    if missing and "patternProperties" not in schema:
+        return f"'required' naming {missing[0]!r}, which 'properties' does not define (in {where})"
+    children = [(f"{key}.{name}", sub) for key in _SUBSCHEMA_MAPS if isinstance(schema.get(key), dict)
+                for name, sub in schema[key].items()]
+    children += [(f"{key}[{i}]", sub) for key in _SUBSCHEMA_LISTS if isinstance(schema.get(key), list)
+                 for i, sub in enumerate(schema[key])]
+    children += [(key, schema[key]) for key in _SUBSCHEMAS if key in schema]
+    for name, sub in children:
+        if (problem := _unenforced_in(sub, name)) is not None:
+            return problem
+    return None
+
+
 def _key(spec: StructuredOutputs) -> tuple[str, str]:
-    """A hashable (kind, text) for the compile cache."""
+    """A hashable (kind, text) for the compile cache. A schema dict keeps its key order: xgrammar writes an object's
+    properties in the order the schema lists them."""
     if spec.json_object:
         return "json_object", ""
     if spec.json is not None:
-        return "json", spec.json if isinstance(spec.json, str) else json.dumps(spec.json, sort_keys=True)
+        return "json", spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
     if spec.regex is not None:
         return "regex", spec.regex
     return "choice", "|".join(_regex_literal(c) for c in spec.choice)

@@ -9,11 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 THINK_START, THINK_END = "<think>", "</think>"
+TURN_START = "<|im_start|>"
 
 
 def prompt_opens_thinking(prompt: str) -> bool:
-    """True when the rendered prompt ends inside a `<think>` block (Qwen3.5 templates open it for the model)."""
-    return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
+    """True when the rendered prompt ends inside a `<think>` block (Qwen3.5 templates open it for the model). Only its
+    last turn counts (from its last `<|im_start|>`; all of it when it has none): a `<think>` quoted in a message
+    earlier opens nothing."""
+    turn = prompt[max(prompt.rfind(TURN_START), 0):]
+    return turn.rfind(THINK_START) > turn.rfind(THINK_END)
 
 
 def partial_suffix(text: str, tag: str) -> int:
@@ -35,10 +39,13 @@ class ReasoningParser:
 
     in_reasoning: the prompt already opened `<think>` (output starts inside thinking).
     enabled: False (e.g. `enable_thinking=False`, whose template closes an empty block) -> everything is content.
+    exact_content: keep the whitespace right after `</think>` (a structured-output answer: the grammar constrains the
+    text from there on, leading whitespace included, so dropping it could leave the schema or regex unmatched).
     """
 
-    def __init__(self, in_reasoning: bool = False, enabled: bool = True):
+    def __init__(self, in_reasoning: bool = False, enabled: bool = True, exact_content: bool = False):
         self.state = "content" if not enabled else "reasoning" if in_reasoning else "start"
+        self.exact_content = exact_content
         self._buf = ""  # text not released yet
         self._seen_reasoning = False  # reasoning text released so far (leading whitespace is dropped)
         self._content_started = False  # content released so far (whitespace right after </think> is dropped)
@@ -105,7 +112,7 @@ class ReasoningParser:
             out.reasoning += text
 
     def _emit_content(self, out: Split, text: str) -> None:
-        if self._after_end and not self._content_started:
+        if self._after_end and not self._content_started and not self.exact_content:
             text = text.lstrip()
         if text:
             self._content_started = True

@@ -25,8 +25,8 @@ class ChoiceParser:
     """One choice's streamed text -> reasoning, content and tool-call deltas."""
 
     def __init__(self, in_reasoning: bool, thinking: bool, tools: list[dict] | None, forced: Forced | None = None,
-                 parallel: bool = True):
-        self.reasoning = ReasoningParser(in_reasoning=in_reasoning, enabled=thinking)
+                 parallel: bool = True, constrained: bool = False):
+        self.reasoning = ReasoningParser(in_reasoning=in_reasoning, enabled=thinking, exact_content=constrained)
         if forced is not None:  # the answer is JSON naming the calls (tool_choice required / a named function)
             self.tools = ForcedToolCalls(forced.name)
         else:
@@ -146,7 +146,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         structured = StructuredOutputs(json=forced_schema(tools, forced.name, parallel))
     params = sampling_params(req, max_tokens, k, structured)
     thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
-    parsers = [ChoiceParser(prompt_opens_thinking(prompt), thinking, tools, forced, parallel) for _ in range(req.n)]
+    constrained = params.structured_outputs is not None
+    parsers = [ChoiceParser(prompt_opens_thinking(prompt), thinking, tools, forced, parallel, constrained)
+               for _ in range(req.n)]
     rid = new_id("chatcmpl")
     spec_field = "tool_choice" if forced else "structured_outputs" if req.structured_outputs else "response_format"
     stream = await ctx.add(ids, params, rid, prompt, spec_field)

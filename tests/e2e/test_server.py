@@ -500,6 +500,14 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
                                   None, 400, "guided_whitespace_pattern"),
     "length_penalty": ("/v1/completions", {"model": MODEL, "prompt": "hi", "length_penalty": 2.0}, None, 400,
                        "length_penalty"),
+    "continue_final_message": ("/v1/chat/completions", chat_body(continue_final_message=True,
+                                                                 add_generation_prompt=False), None, 400,
+                               "continue_final_message"),
+    "chat_template": ("/v1/chat/completions", chat_body(chat_template="{{ messages }}"), None, 400, "chat_template"),
+    "chat_echo": ("/v1/chat/completions", chat_body(echo=True), None, 400, "echo"),
+    "schema_not_enforced": ("/v1/chat/completions", chat_body(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}),
+        None, 400, "response_format"),
     "prompt_logprobs_zero": ("/v1/completions", {"model": MODEL, "prompt": "hi", "prompt_logprobs": 0}, None, 400,
                              "prompt_logprobs"),
     "tool_choice_function_not_object": ("/v1/chat/completions", chat_body(tools=TOOLS, tool_choice={

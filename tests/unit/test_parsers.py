@@ -65,6 +65,9 @@ REASONING_CASES = {
     "leading_whitespace_answer": ("\n\nHi <", {}, ("", "\n\nHi <")),
     "partial_tag_is_content": ("<thin", {}, ("", "<thin")),
     "end_tag_lookalike": ("<think>a </thin b</think>c", {}, ("a </thin b", "c")),
+    # a structured-output answer is exactly the grammar's text: regex "  [0-9]{3}" came back as "360"
+    "constrained_answer_keeps_its_whitespace": ("hmm\n</think>  360", {"in_reasoning": True, "exact_content": True},
+                                                ("hmm", "  360")),
 }
 
 
@@ -79,6 +82,9 @@ def test_prompt_opens_thinking():
     assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert not prompt_opens_thinking("<|im_start|>assistant\n")
+    # a <think> quoted in an earlier message opens nothing; a raw prompt without turns counts whole
+    assert not prompt_opens_thinking("<|im_start|>user\nWhat does <think> do?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt_opens_thinking("Reason first. <think>")
 
 
 XML_CALL = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"

@@ -174,6 +174,19 @@ def test_grammar_starts_after_an_open_thinking_block(llm):
     assert tok.decode(out.token_ids[1:]) in ("yes", "no")
 
 
+def test_a_think_tag_quoted_in_an_earlier_turn_leaves_the_answer_constrained(llm):
+    """The last `<think>` anywhere in the prompt counted: a user asking about the tag made the grammar wait for a
+    `</think>` that never came, and the whole answer ran unconstrained. Only the last turn counts now."""
+    tok = llm.tokenizer
+    prompt = {"prompt_token_ids": tok.encode("<|im_start|>user\nWhat does <think> do?<|im_end|>\n"
+                                             "<|im_start|>assistant\n")}
+    assert tok.token_to_id("<think>") in prompt["prompt_token_ids"]
+    spec = StructuredOutputs(choice=["yes", "no"])
+    outs = llm.generate([prompt], SamplingParams(temperature=1.0, seed=3, n=4, max_tokens=20,
+                                                 structured_outputs=spec), use_tqdm=False)[0].outputs
+    assert all(o.finish_reason == "stop" and o.text in ("yes", "no") for o in outs), [o.text for o in outs]
+
+
 @pytest.mark.parametrize("spec, needle", [
     (StructuredOutputs(json={"type": "bogus"}), 'the JSON schema does not compile: Unsupported type "bogus"'),
     (StructuredOutputs(json="{not json"), "the JSON schema does not compile: Failed to parse JSON"),
@@ -186,6 +199,46 @@ def test_bad_spec_is_refused_before_queueing(llm, spec, needle):
     assert str(e.value).startswith("structured output: ") and needle in str(e.value), str(e.value)
     assert "\n" not in str(e.value) and not llm.engine.has_unfinished()
     assert llm.generate(["x"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("schema, needle", [
+    ({"allOf": [{"type": "string"}, {"maxLength": 3}]}, "'allOf' with 2 schemas (in the schema)"),
+    ({"type": "object", "properties": {"a": {"not": {"type": "null"}}}}, "'not' (in properties.a)"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "'uniqueItems'"),
+    ({"type": "integer", "if": {"minimum": 5}, "then": {"maximum": 3}}, "'if'"),
+    ({"anyOf": [{"type": "object", "dependentRequired": {"a": ["b"]}}]}, "'dependentRequired' (in anyOf[0])"),
+    ({"type": "object", "properties": {}, "required": ["x"]}, "'required' naming 'x'"),
+], ids=["allOf", "not", "uniqueItems", "if-then", "dependentRequired", "required-undefined"])
+def test_schema_keywords_the_grammar_would_not_enforce_are_refused(llm, schema, needle):
+    """xgrammar compiles these and ignores them: the answer broke the schema and still reported "stop"."""
+    with pytest.raises(ValueError) as e:
+        llm.generate(["x"], SamplingParams(max_tokens=4, structured_outputs=StructuredOutputs(json=schema)),
+                     use_tqdm=False)
+    assert needle in str(e.value) and "does not enforce" in str(e.value), str(e.value)
+
+
+def test_enforced_keywords_and_look_alike_names_compile(llm):
+    """What xgrammar does enforce stays accepted, as do properties merely named like keywords and data under
+    enum / const / default."""
+    schema = {"type": "object", "properties": {
+        "not": {"type": "integer", "minimum": 1, "maximum": 9}, "if": {"type": "string", "maxLength": 3},
+        "tags": {"type": "array", "items": {"enum": [{"not": 1}]}, "minItems": 1, "maxItems": 2},
+        "one": {"allOf": [{"type": "boolean"}]}, "pick": {"oneOf": [{"type": "integer"}, {"type": "null"}]}},
+        "required": ["not", "if", "tags", "one", "pick"], "additionalProperties": False,
+        "default": {"uniqueItems": True}}
+    out = llm.generate(["x"], SamplingParams(max_tokens=1, structured_outputs=StructuredOutputs(json=schema)),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length"
+
+
+def test_a_schema_dict_keeps_its_property_order(llm):
+    """The dict was serialised with sorted keys, so properties came out alphabetically, not in schema order (OpenAI's
+    and vLLM's order): greedy answers to the same schema as a dict and as a string now have the same key order."""
+    schema = {"type": "object", "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}
+    texts = [llm.generate(["x"], SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputs(
+        json=spec)), use_tqdm=False)[0].outputs[0].text for spec in (schema, json.dumps(schema))]
+    assert [list(json.loads(t)) for t in texts] == [["zeta", "alpha"]] * 2, texts
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
