@@ -65,4 +65,7 @@ class Request:
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+        """Prompt logprobs still owed. Only sample 0 reports them: a forked sample re-prefilled after a preemption
+        would compute (and drop) the whole prompt's."""
+        return (self.params.prompt_logprobs is not None and self.sample_index == 0
+                and len(self.prompt_logprobs) < self.num_prompt_tokens)

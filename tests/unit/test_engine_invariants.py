@@ -115,6 +115,35 @@ def test_preempted_equals_uninterrupted(models, budget, prompt_logprobs):
     assert_engine_idle(llm)
 
 
+def test_a_forked_sample_never_recomputes_prompt_logprobs(models, monkeypatch):
+    """Only sample 0 reports a group's prompt logprobs; a forked sample that was preempted and prefilled again computed
+    logits rows (and a log-softmax) for the whole prompt, then dropped them. Outputs stay those of the reference."""
+    rng = random.Random(5)
+    prompts = [random_prompt(rng, n, models.vocab()) for n in (20, 30, 25, 18)]
+    params = SamplingParams(n=2, temperature=0.8, seed=11, max_tokens=16, prompt_logprobs=0, ignore_eos=True)
+    llm = make_llm(models.path("dense"), max_model_len=64, block_size=4, num_kv_blocks=16, max_num_seqs=4,
+                   max_num_batched_tokens=64)
+    log = StepLog.attach(llm)
+    rows = []
+    inner = llm.runner._logit_positions
+
+    def positions(s):
+        out = inner(s)
+        rows.append((s.request.request_id, s.request.num_prompt_tokens, out))
+        return out
+
+    monkeypatch.setattr(llm.runner, "_logit_positions", positions)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert any("#" in rid for rid in log.preempted_ids()), "no forked sample was preempted: the pool is too roomy"
+    assert not [(rid, pos) for rid, n, pos in rows if "#" in rid and any(p < n - 1 for p in pos)]
+    for i, (p, out) in enumerate(zip(prompts, outs)):
+        ref = models.ref("dense", p, params)
+        assert_close_logprobs(f"req{i}.prompt_logprobs", ref.prompt_logprobs, out.prompt_logprobs)
+        for j, (rc, oc) in enumerate(zip(ref.outputs, out.outputs)):
+            assert_same_completion(f"req{i}.{j}", rc, oc)
+    assert_engine_idle(llm)
+
+
 # -------------------------------------------------------------------------- 4. slot reuse / isolation
 
 def test_freed_slots_and_blocks_are_never_read(models):
