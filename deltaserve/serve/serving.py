@@ -207,6 +207,15 @@ def _top(d: dict[int, float], k: int) -> list[tuple[int, float]]:
     return sorted(d.items(), key=lambda kv: -kv[1])[:k]
 
 
+def _top_with(d: dict[int, float], k: int, tok: int) -> list[tuple[int, float]]:
+    """The k most likely tokens and `tok` (the sampled or prompt token), most likely first: the legacy completions
+    API always reports the chosen token's logprob among top_logprobs, so up to k + 1 entries (OpenAI's and vLLM's)."""
+    top = _top(d, k)
+    if all(t != tok for t, _ in top):
+        top = sorted(top + [(tok, d[tok])], key=lambda kv: -kv[1])
+    return top
+
+
 def chat_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list[dict[int, float]], k: int) -> dict:
     """OpenAI chat `logprobs`: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}."""
     content = []
@@ -227,7 +236,7 @@ def completion_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list
         text = tokens(tok)[0]
         out["tokens"].append(text)
         out["token_logprobs"].append(None if lp is None else max(lp[tok], _LOGPROB_FLOOR))
-        top = None if lp is None else {tokens(t)[0]: max(v, _LOGPROB_FLOOR) for t, v in _top(lp, k)}
+        top = None if lp is None else {tokens(t)[0]: max(v, _LOGPROB_FLOOR) for t, v in _top_with(lp, k, tok)}
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(text)

@@ -4,7 +4,8 @@ What belongs here: turning final-position logits ``[N, V]`` into sampled token i
 builds one ``SamplingBatch`` per step (host-side, once) and calls ``Sampler()(logits, batch)``; the sampler never
 syncs with the device per request and never loops over rows in Python except to draw noise for seeded rows.
 
-Order of operations (vLLM's):
+Order of operations (HF transformers' warpers, the reference, and vLLM V0's; vLLM V1 applies min-p before top-k /
+top-p, which differs only when min_p and top_p are both set):
   1. logprobs = log_softmax(raw logits) in fp32 (the documented contract: raw, before anything below)
   1b. logit_bias added to the biased rows' tokens, and -inf to the tokens a row may not sample yet (min_tokens):
       one scatter-add over every (row, token) pair of the batch

@@ -240,6 +240,20 @@ def test_completions_batch_n_and_logprobs(client, tokenizer):
         assert 1 <= len(top) <= 3 and chosen == pytest.approx(max(top.values()))  # greedy picks the top token
 
 
+@pytest.mark.parametrize("k", [0, 1], ids=["logprobs-0", "logprobs-1"])
+def test_completions_top_logprobs_hold_the_sampled_token(client, k):
+    """OpenAI's legacy completions always report the chosen token's logprob among top_logprobs (up to logprobs + 1
+    entries): a sampled token outside the top k was missing, and logprobs=0 gave empty dicts."""
+    res = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, temperature=1.5,
+                                    seed=3, logprobs=k, extra_body={"ignore_eos": True})
+    lp = res.choices[0].logprobs
+    off_top = 0
+    for text, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top.get(text) == pytest.approx(chosen) and 1 <= len(top) <= k + 1, (text, chosen, top)
+        off_top += chosen < max(top.values())
+    assert off_top or k == 0, "every sampled token was the most likely one: raise the temperature"
+
+
 def test_logit_bias_forces_and_bans(client, tokenizer):
     """OpenAI's logit_bias (token id strings -> bias) through the real client: +100 forces a token on a sampled
     request, -100 on the greedy tokens bans them."""
