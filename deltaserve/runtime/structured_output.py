@@ -62,7 +62,26 @@ class GrammarBackend:
 
     def grammar(self, spec: StructuredOutputs, start_after: int | None = None) -> RequestGrammar:
         """A fresh grammar state for one request sample."""
-        return RequestGrammar(_xgrammar().GrammarMatcher(self.compile(spec)), start_after, self.eos_token_ids)
+        json_kind = spec.json_object or spec.json is not None
+        return RequestGrammar(_xgrammar().GrammarMatcher(self.compile(spec)), start_after, self.eos_token_ids,
+                              self._json_safe if json_kind else None)
+
+    @functools.cached_property
+    def _json_safe(self) -> torch.Tensor:
+        """int32 [words] packed mask of the tokens free of control bytes JSON never holds raw (0x00-0x1f but tab,
+        newline, carriage return). xgrammar 0.2.9's rule for a string with minLength / maxLength lets them through
+        (`"\x1f"` passed `{"type": "string", "maxLength": 5}`), and such text fails every JSON parser; a JSON
+        grammar's mask is ANDed with this one."""
+        # byte-level BPE spells byte b < 33 as chr(256 + b) (GPT-2's bytes_to_unicode)
+        banned = {chr(256 + b) for b in range(32) if b not in (9, 10, 13)}
+        words = (self.vocab_size + 31) // 32
+        bits = torch.ones(words * 32, dtype=torch.bool)
+        for i in range(self.tokenizer.vocab_size):
+            token = self.tokenizer.id_to_token(i) or ""
+            if not banned.isdisjoint(token):
+                bits[i] = False
+        weights = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int64)
+        return (bits.view(words, 32).long() * weights).sum(1).to(torch.int32)
 
     def _compile_uncached(self, key: tuple[str, str]):
         kind, text = key
@@ -158,8 +177,10 @@ def _regex_literal(text: str) -> str:
 class RequestGrammar:
     """One request sample's position in its grammar."""
 
-    def __init__(self, matcher, start_after: int | None, eos_token_ids: list[int]):
+    def __init__(self, matcher, start_after: int | None, eos_token_ids: list[int],
+                 allowed: torch.Tensor | None = None):
         self.matcher = matcher
+        self.allowed = allowed  # int32 [words]: tokens the grammar may allow at all (GrammarBackend._json_safe)
         self.active = start_after is None  # false until start_after has been generated
         self.start_after = start_after
         self.eos_token_ids = eos_token_ids
@@ -188,6 +209,8 @@ class RequestGrammar:
         sampled anyway, the token failed `accept` and the error ended every request of the step. There the row
         allows EOS only and the request ends (dead_end; the engine reports finish_reason "abort")."""
         self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.allowed is not None:
+            bitmask[row] &= self.allowed
         if not bitmask[row].any():
             self.dead_end = True
             for t in self.eos_token_ids:

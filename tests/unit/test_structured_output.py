@@ -231,6 +231,22 @@ def test_enforced_keywords_and_look_alike_names_compile(llm):
     assert out.finish_reason == "length"
 
 
+def test_length_limited_strings_never_hold_raw_control_bytes(llm):
+    """xgrammar 0.2.9 lets raw control bytes into a string with minLength / maxLength; JSON never holds them raw, so
+    the answer failed json.loads. A JSON grammar's mask now excludes them: with the byte 0x1f pushed hard by
+    logit_bias, every answer still parses (before, each put it inside the string)."""
+    tok = llm.tokenizer
+    unit_separator = tok.token_to_id(chr(256 + 0x1F))  # byte-level BPE spelling of byte 0x1f
+    assert unit_separator is not None
+    schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 1, "maxLength": 5}},
+              "required": ["s"], "additionalProperties": False}
+    outs = llm.generate(["x"], SamplingParams(n=4, temperature=1.0, seed=2, max_tokens=40, logit_bias={
+        unit_separator: 30.0}, structured_outputs=StructuredOutputs(json=schema)), use_tqdm=False)[0].outputs
+    for o in outs:
+        assert o.finish_reason == "stop" and unit_separator not in o.token_ids, o.token_ids
+        assert 1 <= len(json.loads(o.text)["s"]) <= 5
+
+
 def test_a_schema_dict_keeps_its_property_order(llm):
     """The dict was serialised with sorted keys, so properties came out alphabetically, not in schema order (OpenAI's
     and vLLM's order): greedy answers to the same schema as a dict and as a string now have the same key order."""
