@@ -274,6 +274,8 @@ def check_max_tokens(max_tokens: int | None, num_prompt: int, max_model_len: int
                             f"{max_model_len}: at most {room} tokens can follow it.", "min_tokens")
     if max_tokens is None:
         return
+    if min_tokens is not None and min_tokens > max_tokens:  # named here: SamplingParams would say "max_tokens"
+        raise APIError(400, f"min_tokens ({min_tokens}) must be at most {field} ({max_tokens}).", "min_tokens")
     if max_tokens > room:
         raise APIError(400, f"{field} is {max_tokens} but the prompt has {num_prompt} tokens and max_model_len is "
                             f"{max_model_len}: ask for at most {room} tokens or shorten the prompt.", field)

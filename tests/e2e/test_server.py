@@ -533,6 +533,8 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "token_out_of_vocab": ("/v1/completions", {"model": MODEL, "prompt": [10 ** 6]}, None, 400, "prompt"),
     "min_tokens_over_max": ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2, "min_tokens": 3},
                             None, 400, "min_tokens"),
+    "min_tokens_over_max_completion_tokens": ("/v1/chat/completions", chat_body(max_completion_tokens=2, min_tokens=3),
+                                              None, 400, "min_tokens"),
     "response_format_type": ("/v1/chat/completions", chat_body(response_format={"type": "xml"}), None, 400,
                              "response_format"),
     "response_format_no_schema": ("/v1/chat/completions", chat_body(response_format={"type": "json_schema"}), None,
@@ -575,6 +577,13 @@ def test_default_max_tokens_fits_a_long_prompt(client):
     client never sent)."""
     res = client.completions.create(model=MODEL, prompt=[5] * (MAX_MODEL_LEN - 3), temperature=0)
     assert res.usage.completion_tokens <= 3 and res.choices[0].finish_reason == "length"
+
+
+def test_min_tokens_error_names_the_field_the_client_sent(server):
+    """min_tokens above max_completion_tokens was reported against "max_tokens", a field the client never sent."""
+    got, err = http(server.url + "/v1/chat/completions", chat_body(max_completion_tokens=2, min_tokens=3),
+                    {"Authorization": f"Bearer {API_KEY}"})
+    assert got == 400 and "max_completion_tokens (2)" in err["error"]["message"], err
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))
