@@ -164,7 +164,12 @@ def _key(spec: StructuredOutputs) -> tuple[str, str]:
     if spec.json_object:
         return "json_object", ""
     if spec.json is not None:
-        return "json", spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
+        if isinstance(spec.json, str):
+            return "json", spec.json
+        try:
+            return "json", json.dumps(spec.json)
+        except (TypeError, ValueError) as e:  # e.g. a set, or another object JSON cannot hold
+            raise ValueError(f"structured output: the JSON schema is not JSON ({e})") from None
     if spec.regex is not None:
         return "regex", spec.regex
     return "choice", "|".join(_regex_literal(c) for c in spec.choice)

@@ -190,9 +190,10 @@ def test_a_think_tag_quoted_in_an_earlier_turn_leaves_the_answer_constrained(llm
 @pytest.mark.parametrize("spec, needle", [
     (StructuredOutputs(json={"type": "bogus"}), 'the JSON schema does not compile: Unsupported type "bogus"'),
     (StructuredOutputs(json="{not json"), "the JSON schema does not compile: Failed to parse JSON"),
+    (StructuredOutputs(json={"enum": {1, 2}}), "the JSON schema is not JSON (Object of type set"),
     (StructuredOutputs(regex="(ab"), "the regex does not compile: "),
     (StructuredOutputs(regex="[^\\s\\S]"), "the regex matches no text the model can write"),
-], ids=["schema-type", "schema-syntax", "regex", "regex-matching-nothing"])
+], ids=["schema-type", "schema-syntax", "schema-not-json", "regex", "regex-matching-nothing"])
 def test_bad_spec_is_refused_before_queueing(llm, spec, needle):
     with pytest.raises(ValueError) as e:
         llm.generate(["x", "y"], SamplingParams(max_tokens=4, structured_outputs=spec), use_tqdm=False)
