@@ -143,19 +143,54 @@ def _unenforced_in(schema, where: str) -> str | None:
         return f"'uniqueItems' (in {where})"
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
         return f"'allOf' with {len(schema['allOf'])} schemas (in {where})"
-    props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-    missing = [name for name in schema.get("required") or () if isinstance(name, str) and name not in props]
-    if missing and "patternProperties" not in schema:
+    if missing := _undefined_required(schema):
         return f"'required' naming {missing[0]!r}, which 'properties' does not define (in {where})"
+    for name, sub in _subschemas(schema):
+        if (problem := _unenforced_in(sub, name)) is not None:
+            return problem
+    return None
+
+
+def enforceable_schema(schema):
+    """`schema` without what _unenforced_in refuses (a copy): what the grammar enforces of it, for a schema the
+    client did not ask to be held to (a tool's parameters under a forced tool choice; OpenAI's non-strict tool
+    calls promise no more)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v for k, v in schema.items() if k not in _UNENFORCED}
+    if out.get("uniqueItems") is True:
+        del out["uniqueItems"]
+    if isinstance(out.get("allOf"), list) and len(out["allOf"]) > 1:
+        del out["allOf"]
+    if missing := _undefined_required(out):
+        out["required"] = [name for name in out["required"] if name not in missing]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: enforceable_schema(sub) for name, sub in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [enforceable_schema(sub) for sub in out[key]]
+    for key in _SUBSCHEMAS:
+        if key in out:
+            out[key] = enforceable_schema(out[key])
+    return out
+
+
+def _undefined_required(schema: dict) -> list:
+    """Names in `required` that `properties` lacks (xgrammar does not make the object hold them)."""
+    if "patternProperties" in schema:
+        return []
+    props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    return [name for name in schema.get("required") or () if isinstance(name, str) and name not in props]
+
+
+def _subschemas(schema: dict) -> list[tuple[str, object]]:
+    """(where, subschema) of every schema nested one level in `schema`."""
     children = [(f"{key}.{name}", sub) for key in _SUBSCHEMA_MAPS if isinstance(schema.get(key), dict)
                 for name, sub in schema[key].items()]
     children += [(f"{key}[{i}]", sub) for key in _SUBSCHEMA_LISTS if isinstance(schema.get(key), list)
                  for i, sub in enumerate(schema[key])]
-    children += [(key, schema[key]) for key in _SUBSCHEMAS if key in schema]
-    for name, sub in children:
-        if (problem := _unenforced_in(sub, name)) is not None:
-            return problem
-    return None
+    return children + [(key, schema[key]) for key in _SUBSCHEMAS if key in schema]
 
 
 def _key(spec: StructuredOutputs) -> tuple[str, str]:

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..runtime.structured_output import enforceable_schema
 from .reasoning import partial_suffix
 
 TOOL_START, TOOL_END = "<tool_call>", "</tool_call>"
@@ -356,7 +357,10 @@ def forced_schema(tools: list[dict], name: str | None, parallel: bool = True) ->
     """The JSON schema a forced tool choice constrains the answer to: the named function's parameters, or for
     "required" a non-empty list (one item unless `parallel`) of {"name": one of the tools, "parameters": that
     tool's parameters}."""
-    params = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
+    # keywords the grammar would not enforce are dropped, not refused: a tool's schema describes its arguments, and
+    # tool calls (OpenAI's non-strict ones) promise no more than the grammar holds them to
+    params = {t["function"]["name"]: enforceable_schema(t["function"].get("parameters") or {"type": "object"})
+              for t in tools}
     if name is not None:
         return params[name]
     calls = [{"type": "object", "properties": {"name": {"const": fn}, "parameters": schema},

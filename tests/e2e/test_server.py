@@ -468,6 +468,21 @@ def test_tool_choice_named_and_required(client, stream):
     assert all(isinstance(json.loads(c.function.arguments), dict) for c in calls)
 
 
+def test_forced_tool_with_keywords_the_grammar_ignores(client):
+    """A tool whose parameters use uniqueItems / not (which the grammar cannot enforce) is still callable with a
+    forced tool choice, as before those keywords were refused in response_format: they are dropped for tools."""
+    tool = {"type": "function", "function": {"name": "tag", "parameters": {
+        "type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "uniqueItems": True,
+                                                  "maxItems": 2, "not": {"const": []}}},
+        "required": ["tags"], "additionalProperties": False}}}
+    res = client.chat.completions.create(model=MODEL, messages=user("Tag it"), tools=[tool], max_tokens=200,
+                                         tool_choice={"type": "function", "function": {"name": "tag"}},
+                                         temperature=0.9, seed=1, extra_body=NO_THINK)
+    (call,) = res.choices[0].message.tool_calls
+    tags = json.loads(call.function.arguments)["tags"]
+    assert res.choices[0].finish_reason == "tool_calls" and len(tags) <= 2 and set(tags) <= {"a", "b"}
+
+
 def test_tool_choice_none_leaves_text(client):
     res = client.chat.completions.create(model=MODEL, messages=user("FORCE_XML_TOOL weather?"), tools=TOOLS,
                                          tool_choice="none", max_tokens=80)

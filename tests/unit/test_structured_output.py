@@ -218,6 +218,25 @@ def test_schema_keywords_the_grammar_would_not_enforce_are_refused(llm, schema, 
     assert needle in str(e.value) and "does not enforce" in str(e.value), str(e.value)
 
 
+def test_enforceable_schema_drops_only_what_would_be_refused():
+    """A forced tool choice constrains to the tool's parameters: keywords the grammar ignores are dropped there (the
+    same call as before), everything it enforces is kept, and the result passes the refusal check."""
+    from deltaserve.runtime.structured_output import _unenforced_feature, enforceable_schema
+
+    schema = {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"type": "string", "not": {"const": ""}}, "uniqueItems": True,
+                 "maxItems": 3},
+        "n": {"type": "integer", "minimum": 0, "if": {"minimum": 5}, "then": {"maximum": 9}},
+        "x": {"allOf": [{"type": "string"}, {"maxLength": 3}]}},
+        "required": ["tags", "ghost"], "additionalProperties": False}
+    out = enforceable_schema(schema)
+    assert out == {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        "n": {"type": "integer", "minimum": 0}, "x": {}}, "required": ["tags"], "additionalProperties": False}
+    assert _unenforced_feature(json.dumps(out)) is None and _unenforced_feature(json.dumps(schema)) is not None
+    assert schema["properties"]["tags"]["uniqueItems"] is True  # the caller's schema is left alone
+
+
 def test_enforced_keywords_and_look_alike_names_compile(llm):
     """What xgrammar does enforce stays accepted, as do properties merely named like keywords and data under
     enum / const / default."""
