@@ -272,30 +272,17 @@ class LLM:
     def generate_stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                         ) -> Iterator[RequestOutput]:
         """Like generate, but yields a RequestOutput every step a request makes progress; each completion carries
-        `delta_text` / `delta_token_ids` (new since its previous yield). Closing the iterator early aborts the
-        requests still running, freeing their KV blocks and state slots."""
+        `delta_text` / `delta_token_ids` (new since its previous yield). The requests are checked and queued here (a
+        bad prompt or parameter raises at this call, with nothing queued) and run as the stream is iterated, or as
+        any other call steps the engine. Closing the stream early, or dropping it, aborts the requests still
+        running, freeing their KV blocks and state slots."""
         self._check_usable()
         items = _normalise_prompts(prompts)
         params = _normalise_params(sampling_params, len(items))
         ids = self._add_all(items, params)
-        pending, box = set(ids), deque()
+        box: deque[RequestOutput] = deque()
         self._inbox.update((rid, box) for rid in ids)
-        try:
-            while pending:
-                while box:
-                    out = box.popleft()
-                    if out.finished:
-                        pending.discard(out.request_id)
-                    yield out
-                if pending and not any(rid in self.engine.groups for rid in pending):
-                    break  # ended where no output reached this stream (engine.abort called directly)
-                if pending:
-                    self._deliver(self._step())
-        finally:
-            for rid in ids:
-                self._inbox.pop(rid, None)
-            for rid in pending:
-                self.engine.abort(rid)
+        return _RequestStream(self, ids, box)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Abort a request (queued or running) now; its KV blocks and state slot are freed immediately. A request of
@@ -509,3 +496,49 @@ def _check_positive(**kwargs) -> None:
 
 def _has_tokenizer(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "tokenizer.json"))
+
+
+class _RequestStream:
+    """generate_stream's iterator: yields its requests' outputs from its inbox (whoever stepped the engine put them
+    there), stepping the engine itself while one is unfinished; close() (or garbage collection) aborts the rest."""
+
+    def __init__(self, llm: LLM, ids: list[str], box: deque[RequestOutput]):
+        self._llm, self._ids, self._box = llm, ids, box
+        self._pending = set(ids)
+        self._closed = False
+
+    def __iter__(self) -> _RequestStream:
+        return self
+
+    def __next__(self) -> RequestOutput:
+        llm = self._llm
+        while not self._box:
+            # done; or ended where no output reached this stream (engine.abort called directly)
+            if self._closed or not self._pending or not any(rid in llm.engine.groups for rid in self._pending):
+                self.close()
+                raise StopIteration
+            try:
+                llm._deliver(llm._step())
+            except BaseException:
+                self.close()
+                raise
+        out = self._box.popleft()
+        if out.finished:
+            self._pending.discard(out.request_id)
+        return out
+
+    def close(self) -> None:
+        """Stop: the requests still running are aborted (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for rid in self._ids:
+            self._llm._inbox.pop(rid, None)
+        for rid in self._pending:
+            self._llm.engine.abort(rid)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit the engine may already be gone
+            pass

@@ -542,6 +542,25 @@ def test_open_streams_keep_their_own_requests(models, async_scheduling):
     assert_engine_idle(llm)
 
 
+def test_a_stream_checks_its_requests_at_the_call_and_a_dropped_one_aborts_them(models):
+    """generate_stream raised a bad request's error only at the first next(); it raises at the call now, with
+    nothing queued. Its requests are queued at the call (a generate meanwhile batches them), and a stream dropped
+    without being iterated aborts them: no request is left in the engine."""
+    import gc
+
+    prompts, params = _stream_workload(models, random.Random(26))
+    llm = make_llm(models.path("dense"), max_num_seqs=4, max_num_batched_tokens=32, block_size=8)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate_stream([prompts[0], {"prompt_token_ids": [1] * 10_000}], params[0])
+    assert not llm.engine.has_unfinished()
+    stream = llm.generate_stream(prompts[:2], params[:2])
+    assert llm.engine.has_unfinished()
+    del stream
+    gc.collect()
+    assert not llm.engine.has_unfinished() and not llm._inbox
+    assert_engine_idle(llm)
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("where", ["launch", "read"])
 def test_a_step_that_raises_aborts_every_request_and_leaves_the_engine_usable(models, async_scheduling, where):
