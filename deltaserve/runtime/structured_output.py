@@ -68,12 +68,13 @@ class GrammarBackend:
 
     @functools.cached_property
     def _json_safe(self) -> torch.Tensor:
-        """int32 [words] packed mask of the tokens free of control bytes JSON never holds raw (0x00-0x1f but tab,
-        newline, carriage return). xgrammar 0.2.9's rule for a string with minLength / maxLength lets them through
-        (`"\x1f"` passed `{"type": "string", "maxLength": 5}`), and such text fails every JSON parser; a JSON
-        grammar's mask is ANDed with this one."""
-        # byte-level BPE spells byte b < 33 as chr(256 + b) (GPT-2's bytes_to_unicode)
-        banned = {chr(256 + b) for b in range(32) if b not in (9, 10, 13)}
+        """int32 [words] packed mask of the tokens free of the control bytes 0x00-0x1f but newline and carriage
+        return, which a JSON string never holds raw. xgrammar 0.2.9's rule for a string with minLength / maxLength
+        lets them through (byte 0x1f passed `{"type": "string", "maxLength": 5}`), and such text fails every JSON
+        parser; a JSON grammar's mask is ANDed with this one."""
+        # byte-level BPE spells byte b < 33 as chr(256 + b) (GPT-2's bytes_to_unicode). Tab goes too: allowed between
+        # JSON tokens, but such a string takes it raw as well (newline and carriage return it refuses)
+        banned = {chr(256 + b) for b in range(32) if b not in (10, 13)}
         words = (self.vocab_size + 31) // 32
         bits = torch.ones(words * 32, dtype=torch.bool)
         for i in range(self.tokenizer.vocab_size):
@@ -116,8 +117,9 @@ def _reason(e: Exception) -> str:
 
 # JSON Schema keywords xgrammar (0.2.9) compiles without enforcing them: the output could break the schema while the
 # request reports "stop". Checked by feeding the compiled grammar an instance that violates each one.
-_UNENFORCED = ("not", "if", "then", "else", "dependentRequired", "dependencies", "minContains", "maxContains")
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_UNENFORCED = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "minContains",
+               "maxContains")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMAS = ("items", "additionalProperties", "contains", "propertyNames", "unevaluatedProperties",
                "unevaluatedItems")
@@ -177,11 +179,14 @@ def enforceable_schema(schema):
 
 
 def _undefined_required(schema: dict) -> list:
-    """Names in `required` that `properties` lacks (xgrammar does not make the object hold them)."""
-    if "patternProperties" in schema:
+    """Names in `required` that `properties` lacks (xgrammar does not make the object hold them, not even one that
+    `patternProperties` matches). A `required` that is not a list (draft 3's `"required": true` on a property)
+    names nothing."""
+    required = schema.get("required")
+    if not isinstance(required, list):
         return []
     props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-    return [name for name in schema.get("required") or () if isinstance(name, str) and name not in props]
+    return [name for name in required if isinstance(name, str) and name not in props]
 
 
 def _subschemas(schema: dict) -> list[tuple[str, object]]:

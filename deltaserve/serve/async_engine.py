@@ -237,6 +237,13 @@ class AsyncEngine:
         except ValueError as e:
             self._post(_resolve, accepted, e)
             return
+        except Exception as e:  # noqa: BLE001 - a bug hit by one request must not end the engine thread for all
+            logger.exception("could not queue request %s", rid)
+            if rid in self.core.groups:
+                self._abort_quietly(rid)
+            self._post(_resolve, accepted, EngineError(f"the engine could not queue this request: "
+                                                       f"{type(e).__name__}: {e}"))
+            return
         self._post(_resolve, accepted, None)
 
     def _step(self) -> None:

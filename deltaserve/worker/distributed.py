@@ -273,12 +273,12 @@ def sigint_held() -> Iterator[None]:
     previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
     try:
         yield
-    finally:
+    finally:  # delivered even when the block raised: the Ctrl-C then wins, with that error as its context
         signal.signal(signal.SIGINT, previous)
-    if held and callable(previous):
-        previous(signal.SIGINT, held[0])
-    elif held and previous == signal.SIG_DFL:
-        signal.raise_signal(signal.SIGINT)
+        if held and callable(previous):
+            previous(signal.SIGINT, held[0])
+        elif held and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 class TPWorkers:

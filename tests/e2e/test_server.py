@@ -809,6 +809,32 @@ def test_a_failed_engine_step_fails_the_requests_in_flight_and_the_engine_goes_o
     assert not llm.engine.groups and not llm.engine.has_unfinished()
 
 
+def test_an_unexpected_error_while_queueing_fails_only_that_request(model_dir):
+    """An exception other than ValueError from add_request (a schema the checks did not expect raised a TypeError)
+    ended the engine thread: that client hung, then /health said 503 and every later request failed. Now that
+    request gets EngineError (a 500) and the engine goes on."""
+    from deltaserve.serve.async_engine import EngineError
+
+    llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=256)
+    real = llm.engine.add_request
+
+    def add_request(ids, params, prompt=None, request_id=None):
+        if request_id == "bad":
+            raise TypeError("injected add failure")
+        return real(ids, params, prompt=prompt, request_id=request_id)
+
+    llm.engine.add_request = add_request
+    params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)
+
+    async def main(eng):
+        with pytest.raises(EngineError, match="TypeError: injected add failure"):  # before: no answer at all
+            await asyncio.wait_for(eng.add_request([5, 6, 7], params, "bad"), 60)
+        return await _last_output(await eng.add_request([5, 6, 7], params, "after")), eng.alive
+
+    out, alive = _with_async_engine(llm, main)
+    assert alive and out.finished and len(out.outputs[0].token_ids) == 4
+
+
 def test_a_request_finished_in_a_step_that_then_fails_gets_its_answer(model_dir):
     """Async scheduling: a step first reads the previous launch (a penalty request's, which finishes there), then its
     own launch raises. The finished request's output was built and then dropped with the exception: its client hung

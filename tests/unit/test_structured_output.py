@@ -209,7 +209,11 @@ def test_bad_spec_is_refused_before_queueing(llm, spec, needle):
     ({"type": "integer", "if": {"minimum": 5}, "then": {"maximum": 3}}, "'if'"),
     ({"anyOf": [{"type": "object", "dependentRequired": {"a": ["b"]}}]}, "'dependentRequired' (in anyOf[0])"),
     ({"type": "object", "properties": {}, "required": ["x"]}, "'required' naming 'x'"),
-], ids=["allOf", "not", "uniqueItems", "if-then", "dependentRequired", "required-undefined"])
+    ({"type": "object", "patternProperties": {"^a": {"type": "integer"}}, "required": ["ab"]}, "'required' naming"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "dependentSchemas": {"a": {"required": ["a"]}}},
+     "'dependentSchemas'"),
+], ids=["allOf", "not", "uniqueItems", "if-then", "dependentRequired", "required-undefined", "required-by-pattern",
+        "dependentSchemas"])
 def test_schema_keywords_the_grammar_would_not_enforce_are_refused(llm, schema, needle):
     """xgrammar compiles these and ignores them: the answer broke the schema and still reported "stop"."""
     with pytest.raises(ValueError) as e:
@@ -227,12 +231,14 @@ def test_enforceable_schema_drops_only_what_would_be_refused():
         "tags": {"type": "array", "items": {"type": "string", "not": {"const": ""}}, "uniqueItems": True,
                  "maxItems": 3},
         "n": {"type": "integer", "minimum": 0, "if": {"minimum": 5}, "then": {"maximum": 9}},
-        "x": {"allOf": [{"type": "string"}, {"maxLength": 3}]}},
-        "required": ["tags", "ghost"], "additionalProperties": False}
+        "x": {"allOf": [{"type": "string"}, {"maxLength": 3}]},
+        "old": {"type": "string", "required": True}},
+        "required": ["tags", "ghost"], "additionalProperties": False, "dependentSchemas": {"n": {"required": ["x"]}}}
     out = enforceable_schema(schema)
     assert out == {"type": "object", "properties": {
         "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
-        "n": {"type": "integer", "minimum": 0}, "x": {}}, "required": ["tags"], "additionalProperties": False}
+        "n": {"type": "integer", "minimum": 0}, "x": {}, "old": {"type": "string", "required": True}},
+        "required": ["tags"], "additionalProperties": False}
     assert _unenforced_feature(json.dumps(out)) is None and _unenforced_feature(json.dumps(schema)) is not None
     assert schema["properties"]["tags"]["uniqueItems"] is True  # the caller's schema is left alone
 
@@ -243,7 +249,8 @@ def test_enforced_keywords_and_look_alike_names_compile(llm):
     schema = {"type": "object", "properties": {
         "not": {"type": "integer", "minimum": 1, "maximum": 9}, "if": {"type": "string", "maxLength": 3},
         "tags": {"type": "array", "items": {"enum": [{"not": 1}]}, "minItems": 1, "maxItems": 2},
-        "one": {"allOf": [{"type": "boolean"}]}, "pick": {"oneOf": [{"type": "integer"}, {"type": "null"}]}},
+        "one": {"allOf": [{"type": "boolean"}]}, "pick": {"oneOf": [{"type": "integer"}, {"type": "null"}]},
+        "old": {"type": "integer", "required": True}},  # draft 3's per-property flag: compiles, names nothing
         "required": ["not", "if", "tags", "one", "pick"], "additionalProperties": False,
         "default": {"uniqueItems": True}}
     out = llm.generate(["x"], SamplingParams(max_tokens=1, structured_outputs=StructuredOutputs(json=schema)),
@@ -257,13 +264,14 @@ def test_length_limited_strings_never_hold_raw_control_bytes(llm):
     logit_bias, every answer still parses (before, each put it inside the string)."""
     tok = llm.tokenizer
     unit_separator = tok.token_to_id(chr(256 + 0x1F))  # byte-level BPE spelling of byte 0x1f
-    assert unit_separator is not None
+    tab = tok.token_to_id(chr(256 + 0x09))  # a string with maxLength took a raw tab too
+    assert unit_separator is not None and tab is not None
     schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 1, "maxLength": 5}},
               "required": ["s"], "additionalProperties": False}
     outs = llm.generate(["x"], SamplingParams(n=4, temperature=1.0, seed=2, max_tokens=40, logit_bias={
-        unit_separator: 30.0}, structured_outputs=StructuredOutputs(json=schema)), use_tqdm=False)[0].outputs
+        unit_separator: 30.0, tab: 30.0}, structured_outputs=StructuredOutputs(json=schema)), use_tqdm=False)[0].outputs
     for o in outs:
-        assert o.finish_reason == "stop" and unit_separator not in o.token_ids, o.token_ids
+        assert o.finish_reason == "stop" and not {unit_separator, tab} & set(o.token_ids), o.token_ids
         assert 1 <= len(json.loads(o.text)["s"]) <= 5
 
 
