@@ -105,9 +105,9 @@ class RankSpec:
         return runner
 
 
-
 class EngineDeadError(RuntimeError):
     """The LLM cannot run any step again (its tensor-parallel group failed or was shut down)."""
+
 
 class LLM:
     """Load a Qwen3.5 checkpoint directory and generate from it.

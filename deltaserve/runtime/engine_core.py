@@ -103,7 +103,7 @@ class EngineCore:
         samples, detoks = [], []
         for i in range(params.n):
             req = Request(rid if i == 0 else f"{rid}#{i}", list(prompt_token_ids), params, max_tokens, sample_index=i)
-            if params.prompt_logprobs is not None and i == 0:  # sample 0 reports the group's prompt logprobs
+            if params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None]
             if params.seed is not None:
                 req.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)

@@ -75,14 +75,11 @@ class GrammarBackend:
         # byte-level BPE spells byte b < 33 as chr(256 + b) (GPT-2's bytes_to_unicode). Tab goes too: allowed between
         # JSON tokens, but such a string takes it raw as well (newline and carriage return it refuses)
         banned = {chr(256 + b) for b in range(32) if b not in (10, 13)}
-        words = (self.vocab_size + 31) // 32
-        bits = torch.ones(words * 32, dtype=torch.bool)
+        mask = torch.full(((self.vocab_size + 31) // 32,), -1, dtype=torch.int32)
         for i in range(self.tokenizer.vocab_size):
-            token = self.tokenizer.id_to_token(i) or ""
-            if not banned.isdisjoint(token):
-                bits[i] = False
-        weights = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int64)
-        return (bits.view(words, 32).long() * weights).sum(1).to(torch.int32)
+            if not banned.isdisjoint(self.tokenizer.id_to_token(i) or ""):
+                mask[i // 32] &= ~_word_bit(i)
+        return mask
 
     def _compile_uncached(self, key: tuple[str, str]):
         kind, text = key
@@ -215,6 +212,11 @@ def _key(spec: StructuredOutputs) -> tuple[str, str]:
     return "choice", "|".join(_regex_literal(c) for c in spec.choice)
 
 
+def _word_bit(t: int) -> int:
+    """Token t's bit as the value of its int32 word in a packed mask (bit 31 is the sign)."""
+    return (1 << (t % 32)) - (1 << 32 if t % 32 == 31 else 0)
+
+
 def _regex_literal(text: str) -> str:
     return "".join("\\" + ch if ch in "\\^$.|?*+()[]{}" else ch for ch in text)
 
@@ -260,4 +262,4 @@ class RequestGrammar:
             self.dead_end = True
             for t in self.eos_token_ids:
                 if t // 32 < bitmask.shape[1]:  # a configured EOS id past the logits' width cannot be sampled
-                    bitmask[row, t // 32] |= (1 << (t % 32)) - (1 << 32 if t % 32 == 31 else 0)  # bit 31: the sign
+                    bitmask[row, t // 32] |= _word_bit(t)
