@@ -241,6 +241,7 @@ class LLM:
             raise
         runner.peers = workers
         workers.before_leave = runner.release_graphs
+        workers.watch()
         return runner
 
     def shutdown(self) -> None:

@@ -22,6 +22,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from datetime import timedelta
+from multiprocessing.connection import wait as wait_any
 from typing import Callable, Iterator
 
 import torch
@@ -299,6 +300,9 @@ class TPWorkers:
         self.closed = False
         self.broken: str | None = None  # why the group cannot run again (failure())
         self.before_leave: Callable[[], None] | None = None  # rank 0's ModelRunner.release_graphs
+        self.lost = threading.Event()  # set by the watchdog (watch()): a worker exited outside close()
+        self._watcher: threading.Thread | None = None
+        self._leaving = threading.Lock()  # a worker lost (the watchdog) or asked to exit (closed): decided once
 
     @property
     def pids(self) -> list[int]:
@@ -315,6 +319,38 @@ class TPWorkers:
                 raise ValueError(f"tensor-parallel rank {rank}: {msg}")
             if kind != status:
                 raise RuntimeError(f"tensor-parallel worker {rank} sent {kind!r} while starting, expected {status!r}")
+
+    def watch(self) -> None:
+        """Start the watchdog, once every worker is ready. An NCCL all-reduce whose peer has died spins on rank 0's
+        GPU until COLLECTIVE_TIMEOUT (10 minutes) while rank 0 waits for the step's samples: a worker that exits outside
+        close() (an error in its step, a crash, the OOM killer) makes the watchdog abort the communicator, which ends
+        those kernels at once, and check_step() then refuses what the step computed. (gloo's collectives fail by
+        themselves on the closed connection.)"""
+        self._watcher = threading.Thread(target=self._watch, daemon=True, name="deltaserve-tp-watch")
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        wait_any([p.sentinel for p in self.procs])  # returns once any worker has exited
+        with self._leaving:
+            if self.closed:  # close() or _kill(): the exit was asked for
+                return
+            self.lost.set()
+        # not under the lock: the abort ends the kernels at once but itself returns only after rank 0's decode graphs
+        # are destroyed (they hold its collectives, as in leave_group), which _kill does
+        self._abort_group()
+
+    @staticmethod
+    def _abort_group() -> None:
+        """End rank 0's side of every collective, kernels waiting on a dead peer included (NCCL's abort; the group is
+        gone afterwards, so there is nothing left to leave)."""
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            dist.distributed_c10d._abort_process_group()
+
+    def check_step(self) -> None:
+        """Raise if a worker exited while the step ran: its all-reduces were aborted, so its results are garbage.
+        (The caller then asks failure() for the worker's own error.)"""
+        if self.lost.is_set():
+            raise RuntimeError("a tensor-parallel worker exited during the step")
 
     def send(self, plan) -> None:
         for conn in self.conns:
@@ -383,7 +419,8 @@ class TPWorkers:
         if self.failure() is not None:  # a broken group cannot leave together
             self._kill()
             return
-        self.closed = True
+        with self._leaving:
+            self.closed = True
         for conn in self.conns:
             try:
                 conn.send(None)
@@ -402,7 +439,8 @@ class TPWorkers:
     def _kill(self) -> None:
         """Stop a broken group now: its workers may be stuck in a step's collectives, where they can neither run the
         next step nor join a graceful teardown."""
-        self.closed = True
+        with self._leaving:
+            self.closed = True
         for p in self.procs:
             if p.is_alive():
                 p.kill()
@@ -411,7 +449,10 @@ class TPWorkers:
         for conn in self.conns:
             conn.close()
         self._release_rank0()
-        leave_group(timeout=2.0)  # rank 0's side of the group; its dead peers never join the teardown
+        if self.lost.is_set():  # the watchdog's NCCL abort tears the group down; it can finish now the graphs are gone
+            self._watcher.join(10.0)
+        leave_group(timeout=2.0)  # rank 0's side of the group (gloo's, or nothing after an abort); its dead peers
+        # never join the teardown
 
     def _release_rank0(self) -> None:
         if self.before_leave is not None:

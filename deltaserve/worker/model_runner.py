@@ -13,6 +13,7 @@ call `run_plan` with it) as it runs it itself (`TPWorkers.run_step`); only rank 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -69,14 +70,18 @@ class PendingOutput:
     logprobs: torch.Tensor | None  # [R, 1 + k] fp32, or None when no row asked
     logprob_ids: torch.Tensor | None  # [R, 1 + k] int64
     ready: torch.cuda.Event | None  # recorded after the device-to-host copies; None on the CPU
+    check: Callable[[], None] | None = None  # rank 0 under TP: raises if a worker died during the step
+    # (TPWorkers.check_step: its aborted all-reduces left garbage)
 
     def result(self) -> RunnerOutput:
         """Wait for the samples and return them per request id."""
         out = self.out
-        if self.token_ids is None:
-            return out
         if self.ready is not None:
             self.ready.synchronize()
+        if self.check is not None:
+            self.check()
+        if self.token_ids is None:
+            return out
         tokens = self.token_ids.tolist()
         lp_vals = self.logprobs.tolist() if self.logprobs is not None else None
         lp_ids = self.logprob_ids.tolist() if self.logprob_ids is not None else None
@@ -350,7 +355,7 @@ class ModelRunner:
         samplers = [(s.request, rows[s.request.request_id]) for s in sched.seqs if s.sample]
         samplers += [(f.child, rows[f.parent.request_id]) for f in sched.forks]
         if not samplers:
-            return PendingOutput(out, [], [], None, None, None, None)
+            return PendingOutput(out, [], [], None, None, None, None, self._check)
         return self._sample(samplers, logits, out)
 
     def copy_sequence(self, src_slot: int, dst_slot: int, src_blocks: list[int], dst_blocks: list[int]) -> None:
@@ -399,7 +404,11 @@ class ModelRunner:
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        return PendingOutput(out, reqs, [r.params.logprobs for r in reqs], *host, ready)
+        return PendingOutput(out, reqs, [r.params.logprobs for r in reqs], *host, ready, self._check)
+
+    @property
+    def _check(self) -> Callable[[], None] | None:
+        return self.peers.check_step if self.peers is not None else None
 
 
 def _not_yet(req: Request, eos_token_ids: tuple[int, ...], vocab_size: int) -> list[int]:

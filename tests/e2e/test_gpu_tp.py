@@ -147,3 +147,41 @@ def test_a_tp_script_exits_cleanly(tmp_path):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "terminate called" not in res.stderr
+
+
+def test_a_worker_failing_mid_step_is_an_error_not_a_hang(tmp_path):
+    """A worker whose step fails on its device (here an out-of-range state slot sent to it alone: an illegal memory
+    access, then NCCL's watchdog ends the worker) left rank 0 spinning in that step's all-reduce until the 10-minute
+    collective timeout. Rank 0's watchdog now aborts the communicator: the call raises EngineDeadError naming the
+    worker, and the script still exits."""
+    import subprocess
+    import sys
+
+    from deltaserve.tiny import make_tiny
+
+    script = (
+        "import dataclasses, sys, time\n"
+        "from deltaserve import LLM, SamplingParams\n"
+        "from deltaserve.llm import EngineDeadError\n"
+        "from deltaserve.worker.distributed import TPWorkers\n"
+        "llm = LLM(sys.argv[1], device='cuda', tensor_parallel_size=2, max_model_len=1024)\n"
+        "p = SamplingParams(max_tokens=8, ignore_eos=True)\n"
+        "llm.generate([{'prompt_token_ids': [1, 2, 3]}], p, use_tqdm=False)\n"
+        "w = llm.runner.peers\n"
+        "bad = lambda plan: dataclasses.replace(plan, state_slots=[10**6] * len(plan.state_slots))\n"
+        "w.send = lambda plan: TPWorkers.send(w, bad(plan))\n"
+        "t = time.monotonic()\n"
+        "try:\n"
+        "    llm.generate([{'prompt_token_ids': [1, 2, 3]}], p, use_tqdm=False)\n"
+        "    print('returned')\n"
+        "except EngineDeadError as e:\n"
+        "    print(f'dead after {time.monotonic() - t:.1f} s: {e}', flush=True)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script, make_tiny(str(tmp_path / "tiny"))], capture_output=True,
+                         text=True, timeout=300)
+    print(res.stdout, res.stderr[-3000:])
+    line = next((x for x in res.stdout.splitlines() if x.startswith("dead after")), None)
+    assert line is not None, res.stdout + res.stderr[-2000:]
+    assert "tensor-parallel worker 1" in line
+    assert float(line.split()[2]) < 60
+    assert res.returncode == 0, res.stderr[-2000:]

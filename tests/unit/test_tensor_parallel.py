@@ -442,3 +442,61 @@ def test_rank_0_releases_its_graphs_before_leaving_the_group(ckpts, monkeypatch,
     else:
         llm._workers.abandon("test")
     assert events == ["release", "leave"]
+
+
+@pytest.mark.parametrize("ending", ["killed", "shutdown"])
+def test_a_worker_exiting_outside_shutdown_aborts_the_group(ckpts, monkeypatch, ending):
+    """Under NCCL a worker that died mid-step left rank 0 waiting on that step's all-reduce, which spins on the GPU
+    until the 10-minute collective timeout (measured on two H200s). A watchdog now aborts the communicator as soon as
+    a worker exits outside shutdown(), and the step's results are refused. (gloo here: the abort is recorded; the GPU
+    run is tests/e2e/test_gpu_tp.py.) A shutdown's own exits abort nothing."""
+    import os
+    import signal
+
+    from deltaserve.llm import EngineDeadError
+
+    llm = _tp2(ckpts)
+    workers = llm._workers
+    aborted = []
+    monkeypatch.setattr(workers, "_abort_group", lambda: aborted.append(True))
+    (pid,) = llm.worker_pids
+    if ending == "shutdown":
+        llm.shutdown()
+        assert _wait_gone([pid], 5.0)
+        time.sleep(0.3)
+        assert not workers.lost.is_set() and aborted == []
+        return
+    os.kill(pid, signal.SIGKILL)
+    assert workers.lost.wait(5.0) and aborted == [True]
+    with pytest.raises(RuntimeError, match="exited during the step"):
+        workers.check_step()
+    with pytest.raises(EngineDeadError, match=rf"tensor-parallel worker 1 \(pid {pid}\) exited"):
+        llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)
+    llm.shutdown()
+
+
+def test_a_step_that_lost_a_worker_delivers_no_token(ckpts, monkeypatch):
+    """After the abort, rank 0's step finishes with whatever the aborted all-reduces left: its samples must not reach
+    the user. Rank 0's share here loses the worker and returns garbage logits, as an aborted NCCL step would."""
+    import os
+    import signal
+
+    from deltaserve.llm import EngineDeadError
+
+    llm = _tp2(ckpts)
+    workers = llm._workers
+    monkeypatch.setattr(workers, "_abort_group", lambda: None)
+    (pid,) = llm.worker_pids
+
+    def lose_the_worker(plan):
+        os.kill(pid, signal.SIGKILL)
+        assert workers.lost.wait(5.0)
+        return torch.zeros(len(plan.logits_rows), llm.runner.cfg.vocab_size)
+
+    monkeypatch.setattr(llm.runner, "run_plan", lose_the_worker)
+    got = []
+    with pytest.raises(EngineDeadError, match=rf"tensor-parallel worker 1 \(pid {pid}\) exited"):
+        for out in llm.generate_stream([PROMPTS[1]], GREEDY):
+            got.append(out)
+    assert all(out.outputs[0].token_ids == [] for out in got), got
+    llm.shutdown()
