@@ -132,7 +132,92 @@ def _unenforced_feature(text: str) -> str | None:
     return _unenforced_in(schema, "the schema")
 
 
-def _unenforced_in(schema, where: str) -> str | None:
+# xgrammar compiles 'oneOf' as 'anyOf': an answer matching two of its schemas passes. That is the same thing when no
+# value can match two of them, as in a tagged union (each schema an object whose required tag has its own const) or
+# schemas of different JSON types; such a oneOf is accepted, any other is refused.
+_NUMBER_TYPES = {"integer", "number"}
+
+
+def _overlapping_one_of(schema: dict, root) -> bool:
+    """Whether `schema` has a 'oneOf' of two or more schemas not provably disjoint (_disjoint)."""
+    branches = schema.get("oneOf")
+    if not isinstance(branches, list) or len(branches) < 2:
+        return False
+    branches = [_resolve(b, root) for b in branches]
+    return not all(_disjoint(a, b, root) for i, a in enumerate(branches) for b in branches[i + 1:])
+
+
+def _resolve(schema, root, depth: int = 8):
+    """A local '$ref' ('#/$defs/Name', '#/definitions/Name') -> the schema it names; anything else as it is."""
+    while depth and isinstance(schema, dict) and isinstance(schema.get("$ref"), str) and \
+            schema["$ref"].startswith("#/"):
+        node = root
+        for part in schema["$ref"][2:].split("/"):
+            node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return schema
+        schema, depth = node, depth - 1
+    return schema
+
+
+def _disjoint(a, b, root, depth: int = 8) -> bool:
+    """True only when no JSON value can match both schemas: their types, or their const / enum values, do not
+    meet, or both are objects requiring one property whose schemas are disjoint (a tagged union's tag; looked for
+    `depth` objects deep, which also ends a recursive schema's search)."""
+    if not (isinstance(a, dict) and isinstance(b, dict)) or depth == 0:
+        return False
+    types_a, types_b = _types(a), _types(b)
+    if types_a is not None and types_b is not None:
+        if not types_a & types_b and not (_NUMBER_TYPES & types_a and _NUMBER_TYPES & types_b):
+            return True
+    values_a, values_b = _values(a), _values(b)
+    if values_a is not None and values_b is not None and not values_a & values_b:
+        return True
+    if types_a == {"object"} == types_b:
+        props_a, props_b = a.get("properties") or {}, b.get("properties") or {}
+        shared = _required(a) & _required(b)
+        return any(name in props_a and name in props_b and
+                   _disjoint(_resolve(props_a[name], root), _resolve(props_b[name], root), root, depth - 1)
+                   for name in shared)
+    return False
+
+
+def _required(schema: dict) -> set[str]:
+    required = schema.get("required")
+    return {name for name in required if isinstance(name, str)} if isinstance(required, list) else set()
+
+
+def _types(schema: dict) -> set[str] | None:
+    """The JSON types `schema` allows when it says (type, const or enum), else None (any)."""
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return {kind}
+    if isinstance(kind, list) and all(isinstance(k, str) for k in kind):
+        return set(kind)
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    return {_json_type(v) for v in values} if isinstance(values, list) else None
+
+
+def _values(schema: dict) -> set | None:
+    """The values `schema` allows when it lists them (const / enum), keyed as JSON compares them, else None."""
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    if not isinstance(values, list):
+        return None
+    return {("number", float(v)) if _json_type(v) in _NUMBER_TYPES else json.dumps(v, sort_keys=True)
+            for v in values}
+
+
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    return {float: "number", str: "string", list: "array", dict: "object"}.get(type(value), "null")
+
+
+def _unenforced_in(schema, where: str, root=None) -> str | None:
+    """root: the whole schema, which local '$ref's point into (None: `schema` is the root)."""
+    root = schema if root is None else root
     if not isinstance(schema, dict):
         return None
     for key in _UNENFORCED:
@@ -144,19 +229,25 @@ def _unenforced_in(schema, where: str) -> str | None:
         return f"'allOf' with {len(schema['allOf'])} schemas (in {where})"
     if missing := _undefined_required(schema):
         return f"'required' naming {missing[0]!r}, which 'properties' does not define (in {where})"
+    if _overlapping_one_of(schema, root):
+        return f"'oneOf' whose schemas one answer could match together (in {where}; only 'anyOf' is enforced)"
     for name, sub in _subschemas(schema):
-        if (problem := _unenforced_in(sub, name)) is not None:
+        if (problem := _unenforced_in(sub, name, root)) is not None:
             return problem
     return None
 
 
-def enforceable_schema(schema):
+def enforceable_schema(schema, root=None):
     """`schema` without what _unenforced_in refuses (a copy): what the grammar enforces of it, for a schema the
     client did not ask to be held to (a tool's parameters under a forced tool choice; OpenAI's non-strict tool
-    calls promise no more)."""
+    calls promise no more). An overlapping 'oneOf' becomes the 'anyOf' it is compiled as."""
+    root = schema if root is None else root
     if not isinstance(schema, dict):
         return schema
     out = {k: v for k, v in schema.items() if k not in _UNENFORCED}
+    if _overlapping_one_of(out, root):
+        one_of = out.pop("oneOf")
+        out.setdefault("anyOf", one_of)  # beside an anyOf of its own: dropped
     if out.get("uniqueItems") is True:
         del out["uniqueItems"]
     if isinstance(out.get("allOf"), list) and len(out["allOf"]) > 1:
@@ -165,13 +256,13 @@ def enforceable_schema(schema):
         out["required"] = [name for name in out["required"] if name not in missing]
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: enforceable_schema(sub) for name, sub in out[key].items()}
+            out[key] = {name: enforceable_schema(sub, root) for name, sub in out[key].items()}
     for key in _SUBSCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [enforceable_schema(sub) for sub in out[key]]
+            out[key] = [enforceable_schema(sub, root) for sub in out[key]]
     for key in _SUBSCHEMAS:
         if key in out:
-            out[key] = enforceable_schema(out[key])
+            out[key] = enforceable_schema(out[key], root)
     return out
 
 

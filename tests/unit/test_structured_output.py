@@ -212,8 +212,19 @@ def test_bad_spec_is_refused_before_queueing(llm, spec, needle):
     ({"type": "object", "patternProperties": {"^a": {"type": "integer"}}, "required": ["ab"]}, "'required' naming"),
     ({"type": "object", "properties": {"a": {"type": "integer"}}, "dependentSchemas": {"a": {"required": ["a"]}}},
      "'dependentSchemas'"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "'oneOf' whose schemas one answer could match together"),
+    ({"type": "object", "properties": {"s": {"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}}},
+     "'oneOf' whose schemas one answer could match together (in properties.s"),
+    ({"oneOf": [{"enum": [1, 2]}, {"enum": [2.0, 3]}]}, "'oneOf'"),
+    ({"$defs": {"A": {"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]},
+                "B": {"type": "object", "properties": {"k": {"const": "a"}, "n": {"type": "integer"}},
+                      "required": ["k"]}},
+      "oneOf": [{"$ref": "#/$defs/A"}, {"$ref": "#/$defs/B"}]}, "'oneOf'"),
+    ({"$defs": {"N": {"type": "object", "properties": {"next": {"$ref": "#/$defs/N"}}, "required": ["next"]}},
+      "oneOf": [{"$ref": "#/$defs/N"}, {"$ref": "#/$defs/N"}]}, "'oneOf'"),
 ], ids=["allOf", "not", "uniqueItems", "if-then", "dependentRequired", "required-undefined", "required-by-pattern",
-        "dependentSchemas"])
+        "dependentSchemas", "oneOf-number-types", "oneOf-same-type", "oneOf-shared-enum-value", "oneOf-same-tag",
+        "oneOf-recursive"])
 def test_schema_keywords_the_grammar_would_not_enforce_are_refused(llm, schema, needle):
     """xgrammar compiles these and ignores them: the answer broke the schema and still reported "stop"."""
     with pytest.raises(ValueError) as e:
@@ -232,15 +243,40 @@ def test_enforceable_schema_drops_only_what_would_be_refused():
                  "maxItems": 3},
         "n": {"type": "integer", "minimum": 0, "if": {"minimum": 5}, "then": {"maximum": 9}},
         "x": {"allOf": [{"type": "string"}, {"maxLength": 3}]},
-        "old": {"type": "string", "required": True}},
+        "old": {"type": "string", "required": True},
+        "one": {"oneOf": [{"type": "number"}, {"type": "integer"}]}, "tag": {"oneOf": [{"const": 1}, {"const": 2}]}},
         "required": ["tags", "ghost"], "additionalProperties": False, "dependentSchemas": {"n": {"required": ["x"]}}}
     out = enforceable_schema(schema)
     assert out == {"type": "object", "properties": {
         "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
-        "n": {"type": "integer", "minimum": 0}, "x": {}, "old": {"type": "string", "required": True}},
+        "n": {"type": "integer", "minimum": 0}, "x": {}, "old": {"type": "string", "required": True},
+        "one": {"anyOf": [{"type": "number"}, {"type": "integer"}]}, "tag": {"oneOf": [{"const": 1}, {"const": 2}]}},
         "required": ["tags"], "additionalProperties": False}
     assert _unenforced_feature(json.dumps(out)) is None and _unenforced_feature(json.dumps(schema)) is not None
     assert schema["properties"]["tags"]["uniqueItems"] is True  # the caller's schema is left alone
+
+
+def test_one_of_over_schemas_no_answer_can_match_together_is_accepted(llm):
+    """xgrammar compiles 'oneOf' as 'anyOf' (an answer matching two of its schemas passed): a oneOf whose schemas no
+    value can match together means the same and is accepted: a tagged union through $defs (pydantic's discriminated
+    unions), schemas of different types, distinct consts. The answer matches exactly one."""
+    schema = {"$defs": {
+        "Cat": {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}},
+                "required": ["kind", "lives"], "additionalProperties": False},
+        "Dog": {"type": "object", "properties": {"kind": {"enum": ["dog"]}, "lives": {"type": "integer"}},
+                "required": ["kind"], "additionalProperties": False}},
+        "type": "object", "properties": {
+            "pet": {"oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}]},
+            "n": {"oneOf": [{"type": "integer"}, {"type": "string"}, {"type": "null"}]},
+            "c": {"oneOf": [{"const": 1}, {"const": True}, {"const": "1"}]}},
+        "required": ["pet", "n", "c"], "additionalProperties": False}
+    out = llm.generate(["x"], SamplingParams(max_tokens=80, structured_outputs=StructuredOutputs(json=schema)),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason in ("stop", "length")  # compiled, not refused
+    if out.finish_reason == "stop":
+        answer = json.loads(out.text)
+        assert answer["pet"]["kind"] in ("cat", "dog") and any(answer["c"] == c and type(answer["c"]) is type(c)
+                                                               for c in (1, True, "1"))
 
 
 def test_enforced_keywords_and_look_alike_names_compile(llm):
