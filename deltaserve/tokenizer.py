@@ -77,7 +77,23 @@ def _normalize_message(message) -> dict:
     reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
     if reasoning is not None:
         message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    if isinstance(message.get("tool_calls"), list):
+        message["tool_calls"] = [_parsed_arguments(call) for call in message["tool_calls"]]
     return message
+
+
+def _parsed_arguments(call):
+    """A tool call as OpenAI sends it back ('arguments' a JSON string) -> 'arguments' as the object, which chat
+    templates expect (Qwen3.5's iterates it with `|items`, which fails on a string), as vLLM does. Arguments that are
+    not a JSON object stay as they are."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not (isinstance(fn, dict) and isinstance(fn.get("arguments"), str)):
+        return call
+    try:
+        args = json.loads(fn["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**fn, "arguments": args}} if isinstance(args, dict) else call
 
 
 class Tokenizer:

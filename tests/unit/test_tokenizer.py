@@ -173,6 +173,31 @@ def test_chat_template_jinja_file_wins(tiny_dir, tmp_path):
     assert text == '[user]"<b>é</b>"<|im_end|>4'  # tojson neither HTML-escapes nor ASCII-escapes
 
 
+def test_tool_call_arguments_sent_back_as_json_text_render_as_the_object(tiny_dir, tmp_path, tok, hf_tok):
+    """OpenAI clients replay a tool call with 'arguments' as a JSON string (what our server returns too). Qwen3.5's
+    template iterates them with `|items`, which failed on a string ("Can only get item pairs from a mapping"), so
+    every multi-turn tool conversation from an OpenAI client was a 400. They are parsed to the object first, as vLLM
+    does; text that is not a JSON object stays as it is."""
+    def conversation(arguments):
+        return [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "21"}]
+
+    sent = conversation('{"city":"Zürich", "days": 2}')
+    assert tok.apply_chat_template(sent) == hf_tok.apply_chat_template(
+        conversation({"city": "Zürich", "days": 2}), tokenize=False, add_generation_prompt=True)
+    assert sent[1]["tool_calls"][0]["function"]["arguments"] == '{"city":"Zürich", "days": 2}'  # caller's left alone
+    assert '"arguments": not json' in tok.apply_chat_template(conversation("not json"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes(open(os.path.join(tiny_dir, name), "rb").read())
+    (tmp_path / "chat_template.jinja").write_text(  # Qwen3.5's way of writing a call's parameters
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}{% for k, v in c.function.arguments|items %}"
+        "<parameter={{ k }}>{{ v }}</parameter>{% endfor %}{% endfor %}{% endfor %}")
+    text = Tokenizer.from_dir(str(tmp_path)).apply_chat_template(sent)
+    assert text == "<parameter=city>Zürich</parameter><parameter=days>2</parameter>"
+
+
 def test_raise_exception_becomes_tokenizer_error(tiny_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes(open(os.path.join(tiny_dir, name), "rb").read())
