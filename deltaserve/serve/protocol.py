@@ -133,7 +133,8 @@ class DetokenizeRequest(_Model):
 class CompletionRequest(_SamplingRequest):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     logprobs: StrictInt | None = None
-    echo: StrictBool = False
+    echo: StrictBool = False  # with max_tokens 0: the prompt alone, scored (logprobs), nothing generated
+    response_format: dict[str, Any] | None = None  # as for chat (vLLM takes it here too)
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
 
@@ -179,20 +180,39 @@ def validation_error(e: ValidationError) -> APIError:
     err = e.errors(include_url=False)[0]
     if err["type"] == "json_invalid":
         return APIError(400, f"The request body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])}).")
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "list[", "union[", "str", "int"))]
+    loc = _field_path(err)
     if not loc:
         return APIError(400, "The request body must be a JSON object with the request's fields.")
     param = ".".join(loc)
     if err["type"] == "missing":
         return APIError(400, f"The request is missing the required field '{param}'.", param)
-    shown = json.dumps(err.get("input"))[:80] if err["type"] != "missing" else ""
-    return APIError(400, f"Invalid value for '{param}' ({shown}): {err['msg'][0].lower() + err['msg'][1:]}.", param)
+    shown = json.dumps(err.get("input"))[:80]
+    # a union field (Number, str | list[str]) fails once per member: say what any member would take
+    kinds = {x["type"] for x in e.errors(include_url=False) if _field_path(x) == loc}
+    if kinds <= {"int_type", "float_type"}:
+        msg = "input should be a number"
+    else:
+        msgs = [x["msg"] for x in e.errors(include_url=False) if _field_path(x) == loc]
+        msg = " or ".join(m[0].lower() + m[1:] for m in dict.fromkeys(msgs))
+    return APIError(400, f"Invalid value for '{param}' ({shown}): {msg}.", param)
+
+
+# pydantic's names for the schema steps in an error's location (not fields): union members and validators
+_SCHEMA_STEPS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def _field_path(err: dict) -> list[str]:
+    """An error's location as the request's field path: 'stream_options.include_usage', 'messages.0.content'."""
+    return [str(p) for p in err["loc"]
+            if not (str(p) in _SCHEMA_STEPS or "[" in str(p) or str(p).startswith(("function-", "constrained-")))]
 
 
 def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int | None,
                     structured: StructuredOutputs | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     """The request's sampling options (and a chat request's response_format, see structured_outputs; the prompt's
     logprobs a completion with echo reports) -> SamplingParams; APIError(400) naming the field for a bad value."""
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options can only be set when stream is true.", "stream_options")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}.", "logprobs")
     if not 1 <= req.n <= 128:

@@ -52,14 +52,15 @@ class ServingContext:
         return self.tokenizer.encode(text)
 
     async def add(self, ids: list[int], params: SamplingParams, request_id: str, prompt: str | None,
-                  structured_field: str = "response_format") -> RequestStream:
+                  structured_field: str = "response_format", prompt_field: str = "prompt") -> RequestStream:
         """Queue a request; the engine's refusals become 400s naming the field: structured_field is the one that
-        carried a structured-output spec the engine refused."""
+        carried a structured-output spec the engine refused, prompt_field the one the prompt came from (a chat's
+        messages)."""
         try:
             return await self.engine.add_request(ids, params, request_id, prompt)
         except ValueError as e:
             param = next((p for f, p in (("logit_bias", "logit_bias"), ("structured output", structured_field),
-                                         ("prompt", "prompt")) if f in str(e)), None)
+                                         ("prompt", prompt_field)) if f in str(e)), None)
             raise APIError(400, str(e), param) from None
         except EngineStopped as e:
             raise APIError(503, str(e)) from None

@@ -151,7 +151,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                for _ in range(req.n)]
     rid = new_id("chatcmpl")
     spec_field = "tool_choice" if forced else "structured_outputs" if req.structured_outputs else "response_format"
-    stream = await ctx.add(ids, params, rid, prompt, spec_field)
+    stream = await ctx.add(ids, params, rid, prompt, spec_field, "messages")
     head = {"id": rid, "created": now(), "model": ctx.model_name}
     if req.stream:
         return EngineStreamingResponse(_stream(ctx, req, stream, parsers, head, k), [stream])

@@ -4,12 +4,14 @@ Choice `index` is prompt_index * n + sample_index, as in OpenAI's API.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .protocol import APIError, CompletionRequest, check_max_tokens, new_id, now, sampling_params, usage
+from .protocol import (APIError, CompletionRequest, check_max_tokens, new_id, now, sampling_params,
+                       structured_outputs, usage)
 from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, collect, completion_logprobs,
                       engine_api_error, join_logprobs, merge, sse, sse_error)
 
@@ -40,19 +42,20 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     ctx.check_model(req.model)
     _check(req)
     prompts = _prompts(ctx, req)
-    max_tokens = req.max_tokens
-    if max_tokens is None:  # OpenAI's default, cut to what fits after the longest prompt (which may not fit at all)
-        max_tokens = max(1, min([DEFAULT_MAX_TOKENS] + [ctx.max_model_len - len(ids) for _, ids in prompts]))
-    for _, ids in prompts:
-        check_max_tokens(max_tokens, len(ids), ctx.max_model_len, min_tokens=req.min_tokens)
+    limits = [_max_tokens(ctx, req, ids) for _, ids in prompts]
+    for (_, ids), limit in zip(prompts, limits):
+        check_max_tokens(limit, len(ids), ctx.max_model_len, min_tokens=req.min_tokens)
     # echo with logprobs scores the prompt too (OpenAI's legacy behaviour, what evaluation harnesses rely on)
-    params = sampling_params(req, max_tokens, req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
+    structured = structured_outputs(req.response_format)
+    params = {limit: sampling_params(req, limit, req.logprobs, structured,
+                                     prompt_logprobs=req.logprobs if req.echo else None) for limit in set(limits)}
     rid = new_id("cmpl")
     streams = []
+    spec_field = "response_format" if structured is not None else "structured_outputs"
     try:
-        for i, (text, ids) in enumerate(prompts):
-            streams.append(await ctx.add(ids, params, rid if len(prompts) == 1 else f"{rid}-{i}", text,
-                                         "structured_outputs"))
+        for i, ((text, ids), limit) in enumerate(zip(prompts, limits)):
+            streams.append(await ctx.add(ids, params[limit], rid if len(prompts) == 1 else f"{rid}-{i}", text,
+                                         spec_field))
     except BaseException:
         for s in streams:
             s.abort()
@@ -68,6 +71,21 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     except Exception as e:  # noqa: BLE001 - engine failures become 500/503 with one sentence
         raise engine_api_error(e) from None
     return JSONResponse(_full_response(ctx, req, finals, echoes, head))
+
+
+def _max_tokens(ctx: ServingContext, req: CompletionRequest, ids: list[int]) -> int:
+    """A prompt's token limit: the request's; OpenAI's default 16 cut to what fits after this prompt (which may not
+    fit at all); for echo with max_tokens 0 (score the prompt only) one token, which the response leaves out."""
+    if req.max_tokens is None:
+        return max(1, min(DEFAULT_MAX_TOKENS, ctx.max_model_len - len(ids)))
+    if req.max_tokens == 0 and req.echo:
+        return 1
+    return req.max_tokens
+
+
+def _echo_only(req: CompletionRequest) -> bool:
+    """echo with max_tokens 0: the response holds the prompt (and its logprobs) and no generated token."""
+    return req.echo and req.max_tokens == 0
 
 
 def _echo_text(ctx: ServingContext, text: str | None, ids: list[int]) -> str:
@@ -88,6 +106,10 @@ def _full_response(ctx: ServingContext, req: CompletionRequest, finals, echoes: 
         n_prompt += len(final.prompt_token_ids)
         prompt_lp = _prompt_logprobs(ctx, final, req.logprobs) if req.echo and req.logprobs is not None else None
         for c in final.outputs:
+            if _echo_only(req):
+                choices.append({"index": i * req.n + c.index, "text": echoes[i], "logprobs": prompt_lp,
+                                "finish_reason": "length", "stop_reason": None})
+                continue
             n_out += len(c.token_ids)
             lp = None
             if req.logprobs is not None:
@@ -108,18 +130,21 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
     offsets: dict[int, int] = {}  # choice index -> text_offset of its next token (echo included)
     done: set[int] = set()
     n_prompt, n_out = sum(s.num_prompt_tokens for s in streams), 0
+    echo_only = _echo_only(req)
     try:
         async for i, out in merge(streams):
             for c in out.outputs:
                 index = i * req.n + c.index
                 if index in done:
                     continue
-                text = c.delta_text
+                text = "" if echo_only else c.delta_text
                 lp = None
                 if index not in offsets:  # first delta of this choice: echo the prompt in front
                     text, offsets[index], sent_tokens[index] = echoes[i] + text, len(echoes[i]), 0
                     if req.echo and req.logprobs is not None:
                         lp = _prompt_logprobs(ctx, out, req.logprobs)
+                if echo_only:  # the one token generated is not part of the answer
+                    c = dataclasses.replace(c, token_ids=[], finish_reason="length", stop_reason=None)
                 if req.logprobs is not None and len(c.token_ids) > sent_tokens[index]:
                     s = sent_tokens[index]
                     new = completion_logprobs(ctx.tokens, c.token_ids[s:], c.logprobs[s:], req.logprobs,

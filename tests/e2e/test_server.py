@@ -584,7 +584,76 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "missing_api_key": ("/v1/chat/completions", chat_body(), {"Authorization": ""}, 401, None),
     "wrong_api_key": ("/v1/models", None, {"Authorization": "Bearer nope"}, 401, None),
     "unknown_route": ("/v1/nothing", chat_body(), None, 404, None),
+    # field names starting with "str" / "int" were taken for pydantic's type labels: a generic message, no param
+    "stream_not_bool": ("/v1/chat/completions", chat_body(stream="true"), None, 400, "stream"),
+    "structured_outputs_not_object": ("/v1/completions", {"model": MODEL, "prompt": "hi", "structured_outputs": "j"},
+                                      None, 400, "structured_outputs"),
+    "include_usage_not_bool": ("/v1/chat/completions", chat_body(stream=True, stream_options={"include_usage": "y"}),
+                               None, 400, "stream_options.include_usage"),
+    "stream_options_without_stream": ("/v1/chat/completions", chat_body(stream_options={"include_usage": True}),
+                                      None, 400, "stream_options"),
+    "completions_response_format_type": ("/v1/completions", {"model": MODEL, "prompt": "hi",
+                                                             "response_format": {"type": "xml"}}, None, 400,
+                                         "response_format"),
+    "messages_just_too_long": ("/v1/chat/completions", chat_body(messages=user("a " * (MAX_MODEL_LEN + 8))), None,
+                               400, "messages"),  # refused by the engine, which spoke of the "prompt"
+    "max_tokens_zero_without_echo": ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, None,
+                                     400, "max_tokens"),
 }
+
+
+def test_a_number_field_given_text_says_it_takes_a_number(server):
+    """temperature is int | float: the error named only the union's first member ("a valid integer")."""
+    got, err = http(server.url + "/v1/chat/completions", chat_body(temperature="hot"),
+                    {"Authorization": f"Bearer {API_KEY}"})
+    assert got == 400 and err["error"]["param"] == "temperature", err
+    assert err["error"]["message"].endswith("input should be a number."), err
+
+
+def test_response_format_constrains_completions_too(client):
+    """/v1/completions took response_format silently and answered unconstrained text (vLLM honours it there)."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}
+    res = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=40, temperature=1.0, seed=3, n=2,
+                                    extra_body={"response_format": {"type": "json_schema", "json_schema": {
+                                        "name": "x", "schema": schema}}})
+    for c in res.choices:
+        assert c.finish_reason == "stop" and isinstance(json.loads(c.text)["a"], int), c
+
+
+def test_each_prompt_gets_its_own_default_max_tokens(client):
+    """No max_tokens and several prompts: every prompt was cut to what fitted after the longest one, so a short
+    prompt's answer depended on the prompts it was sent with."""
+    short = [5, 6, 7]
+    alone = client.completions.create(model=MODEL, prompt=short, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0]
+    both = client.completions.create(model=MODEL, prompt=[short, [5] * (MAX_MODEL_LEN - 3)], temperature=0,
+                                     extra_body={"ignore_eos": True}).choices
+    assert len(alone.text) > 0 and both[0].text == alone.text and both[0].finish_reason == "length"
+    assert client.completions.create(model=MODEL, prompt=short, temperature=0, extra_body={
+        "ignore_eos": True}).usage.completion_tokens == 16
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_echo_with_max_tokens_zero_scores_the_prompt_alone(client, tokenizer, stream):
+    """OpenAI's legacy way to score a text (lm-eval's loglikelihood requests): echo, logprobs and max_tokens 0 give
+    the prompt and its logprobs, nothing generated. It was refused ("max_tokens must be at least 1")."""
+    ids = tokenizer.encode("The quick brown fox")
+    body = dict(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    scored = client.completions.create(**dict(body, max_tokens=1))  # the same prompt logprobs, then one token
+    if stream:
+        chunks = list(client.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        usage = chunks[-1].usage
+    else:
+        res = client.completions.create(**body)
+        text, tokens, finish, usage = (res.choices[0].text, res.choices[0].logprobs.tokens,
+                                       [res.choices[0].finish_reason], res.usage)
+        assert res.choices[0].logprobs.token_logprobs == scored.choices[0].logprobs.token_logprobs[:len(ids)]
+    assert text == tokenizer.decode(ids) and len(tokens) == len(ids) and finish == ["length"]
+    assert usage.completion_tokens == 0 and usage.prompt_tokens == len(ids)
 
 
 def test_default_max_tokens_fits_a_long_prompt(client):
