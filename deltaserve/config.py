@@ -179,11 +179,7 @@ class ModelConfig:
             raise ConfigError(f"Model directory {path!r} {what}.")
         if not os.path.isfile(cfg_path):
             raise ConfigError(f"{cfg_path} not found: a Hugging Face model directory must contain config.json.")
-        try:
-            with open(cfg_path) as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+        raw = _read_json(cfg_path)
         gen = _read_generation_config(path)
         return cls.from_dict(raw, gen, source=cfg_path)
 
@@ -193,29 +189,26 @@ class ModelConfig:
             raise ConfigError(f"{source} must hold a JSON object.")
         arch = _architecture(raw, source)
         is_moe, nested = SUPPORTED_ARCHITECTURES[arch]
-        text = raw.get("text_config") if nested else raw
+        # the language-model fields sit under text_config whenever there is one (HF also reads a *ForCausalLM
+        # checkpoint's composite config that way); `nested` only decides the weights' names
+        composite = isinstance(raw.get("text_config"), dict)
+        text = raw.get("text_config") if composite or nested else raw
         if not isinstance(text, dict):
             raise ConfigError(f"{source}: {arch} needs a 'text_config' object holding the language-model fields.")
         f = _Fields(text, source)
         n_layers = f.int("num_hidden_layers")
         head_dim = f.int("head_dim") if "head_dim" in text else f.int("hidden_size") // max(
             1, f.int("num_attention_heads"))
-        rope = text.get("rope_parameters") or {}
-        if not isinstance(rope, dict):
-            raise ConfigError(f"{source}: 'rope_parameters' must be an object, got {rope!r}.")
+        rope = _rope_parameters(text, source)
         rope_f = _Fields({**text, **rope}, source)
         partial = rope_f.float("partial_rotary_factor", 0.25)
         theta = rope_f.float("rope_theta", None)
         # The top-level flag decides for ConditionalGeneration checkpoints (that is what HF ties on).
-        tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False)) if nested else text.get(
+        tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False)) if composite else text.get(
             "tie_word_embeddings", False
         )
         if not isinstance(tie, bool):
             raise ConfigError(f"{source}: 'tie_word_embeddings' must be true or false, got {tie!r}.")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise ConfigError(f"{source}: rope_parameters.rope_type {rope_type!r} is not supported; deltaserve "
-                              f"implements Qwen3.5's default RoPE (no yarn, linear or dynamic scaling).")
         if text.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: 'hidden_act' is {text['hidden_act']!r}; Qwen3.5's MLPs use 'silu', the "
                               f"only activation deltaserve implements.")
@@ -342,6 +335,25 @@ def _layer_types(text: dict, n_layers: int, source: str) -> tuple[str, ...]:
     return tuple(types)
 
 
+def _rope_parameters(text: dict, source: str) -> dict:
+    """The RoPE settings: `rope_parameters`, or the older `rope_scaling` (HF reads it the same way), refused unless
+    they describe Qwen3.5's plain RoPE (its mrope sections collapse to 1-D positions for text)."""
+    found = {}
+    for key in ("rope_scaling", "rope_parameters"):  # rope_parameters wins where both set a field
+        value = text.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be an object, got {value!r}.")
+        kind = value.get("rope_type", value.get("type", "default"))
+        if kind not in ("default", "mrope", None):
+            raise ConfigError(f"{source}: {key} type {kind!r} is not supported; deltaserve implements Qwen3.5's "
+                              f"default RoPE (no yarn, linear or dynamic scaling): remove it, or serve with a context "
+                              f"no longer than max_position_embeddings.")
+        found.update(value)
+    return found
+
+
 def _eos_ids(text: dict, raw: dict, gen: dict) -> tuple[int, ...]:
     """EOS ids from generation_config.json first (what HF generate stops on), then config.json."""
     ids: list[int] = []
@@ -356,11 +368,18 @@ def _read_generation_config(path: str) -> dict:
     gpath = os.path.join(path, "generation_config.json")
     if not os.path.isfile(gpath):
         return {}
-    try:
-        with open(gpath) as f:
-            gen = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{gpath} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    gen = _read_json(gpath)
     if not isinstance(gen, dict):
         raise ConfigError(f"{gpath} must hold a JSON object, got a {type(gen).__name__}.")
     return gen
+
+
+def _read_json(path: str):
+    """The JSON in `path`; ConfigError naming the file when it is not UTF-8 JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8 JSON.") from None

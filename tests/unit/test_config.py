@@ -455,12 +455,45 @@ def test_engine_dtype(tiny_dir, device, dtype, expected):
     ({"max_position_embeddings": 0}, ("'max_position_embeddings'", "positive")),
     ({"rms_norm_eps": -1.0}, ("'rms_norm_eps'", "positive")),
     ({"rope_parameters": {"rope_theta": 0, "partial_rotary_factor": 0.25}}, ("'rope_theta'", "positive")),
-], ids=["yarn", "gelu", "max_positions_zero", "negative_eps", "zero_theta"])
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}},
+     ("rope_scaling", "'yarn'", "not supported")),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, ("rope_scaling", "'linear'")),
+], ids=["yarn", "gelu", "max_positions_zero", "negative_eps", "zero_theta", "legacy-rope-scaling-yarn",
+        "legacy-rope-scaling-linear"])
 def test_fields_the_model_cannot_honour(over, needles):
     """A setting deltaserve does not implement (or a value that makes the model garbage) is refused, not ignored."""
     with pytest.raises(ConfigError) as e:
         parse(raw_config("Qwen3_5ForCausalLM", text_fields(**over)))
     assert_one_sentence(str(e.value), *needles)
+
+
+def test_legacy_rope_scaling_of_plain_rope_is_read():
+    """The older spelling (rope_scaling next to rope_theta) was skipped without a word, so a YaRN setting ran as plain
+    RoPE (max |logprob| difference 1.7 against HF); it is read like rope_parameters now."""
+    text = text_fields(rope_theta=5e6, partial_rotary_factor=0.5, rope_scaling={"type": "mrope",
+                                                                               "mrope_section": [8, 8, 8]})
+    del text["rope_parameters"]
+    cfg = parse(raw_config("Qwen3_5ForCausalLM", text))
+    assert cfg.rope_theta == 5e6 and cfg.rotary_dim == 32
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+def test_a_json_file_that_is_not_utf8_is_named(tmp_path, name):
+    """A UTF-16 file gave "'utf-8' codec can't decode byte 0xff" (no file named) and a UnicodeDecodeError."""
+    write_dir(tmp_path, raw_config("Qwen3_5ForCausalLM"), gen={})
+    text = (tmp_path / name).read_text()
+    (tmp_path / name).write_bytes(text.encode("utf-16"))
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf_dir(str(tmp_path))
+    assert_one_sentence(str(e.value), name, "not UTF-8")
+
+
+def test_causal_lm_with_its_fields_under_text_config():
+    """HF reads a *ForCausalLM checkpoint whose config keeps the fields under text_config (a composite config);
+    it was refused as "required field 'num_hidden_layers' is missing"."""
+    raw = {"architectures": ["Qwen3_5ForCausalLM"], "text_config": text_fields(), "tie_word_embeddings": True}
+    cfg = parse(raw)
+    assert (cfg.num_hidden_layers, cfg.nested, cfg.tie_word_embeddings) == (8, False, True)
 
 
 def test_generation_config_not_an_object(tmp_path):
