@@ -61,14 +61,25 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "every expert (ignored for dense models and --tp 1)")
 
 
+def add_generation_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generation-config", choices=["auto", "none"], default="auto",
+                   help="auto (default): sampling settings a request leaves out come from the checkpoint's "
+                        "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty); none: ignore "
+                        "them")
+
+
+# what the CLI samples with when neither a flag nor generation_config.json says (greedy, unlike SamplingParams)
+_CLI_SAMPLING = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group("sampling (unset: generation_config.json's value, else greedy)")
     g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None, help="0 = off")
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--frequency-penalty", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
@@ -107,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     add_engine_args(gen)
+    add_generation_config_arg(gen)
     add_sampling_args(gen)
     _add_serve_parser(sub)
     _add_chat_parser(sub)
@@ -159,6 +171,7 @@ def _add_serve_parser(sub) -> None:
                    help="seconds running requests get to finish after SIGTERM before they are aborted")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(srv)
+    add_generation_config_arg(srv)
 
 
 def _add_bench_parser(sub) -> None:
@@ -200,6 +213,7 @@ def _add_chat_parser(sub) -> None:
     g.add_argument("--no-thinking", action="store_true",
                    help="ask the model not to reason (chat template enable_thinking=False)")
     add_engine_args(chat)
+    add_generation_config_arg(chat)
     add_sampling_args(chat)
     chat.set_defaults(max_tokens=1024)
 
@@ -264,7 +278,7 @@ def engine_kwargs(args) -> dict:
                 num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
                 enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp, kv_cache_dtype=args.kv_cache_dtype,
                 state_dtype=args.state_dtype, enable_expert_parallel=args.enable_expert_parallel,
-                async_scheduling=args.async_scheduling)
+                async_scheduling=args.async_scheduling, generation_config=args.generation_config)
 
 
 def _merge_model_arg(args) -> None:
@@ -275,14 +289,16 @@ def _merge_model_arg(args) -> None:
         args.model = args.model_pos
 
 
-def _sampling_params(args):
+def _sampling_params(args, defaults: dict | None = None):
+    """The flags -> SamplingParams; a setting no flag gives comes from defaults (the model's generation_config.json,
+    LLM.sampling_defaults), else _CLI_SAMPLING."""
     from . import SamplingParams
 
-    return SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          min_p=args.min_p, max_tokens=args.max_tokens, stop=args.stop, seed=args.seed,
-                          ignore_eos=args.ignore_eos, repetition_penalty=args.repetition_penalty,
-                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          min_tokens=args.min_tokens, structured_outputs=_structured_outputs(args))
+    given = {k: getattr(args, k) for k in _CLI_SAMPLING if getattr(args, k) is not None}
+    return SamplingParams(n=args.n, **{**_CLI_SAMPLING, **(defaults or {}), **given},
+                          max_tokens=args.max_tokens, stop=args.stop, seed=args.seed,
+                          ignore_eos=args.ignore_eos, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens, structured_outputs=_structured_outputs(args))
 
 
 def _structured_outputs(args):
@@ -379,8 +395,9 @@ def _chat(args) -> int:
     from .serve.chat_cli import ChatSession, run
 
     _merge_model_arg(args)
-    params = _sampling_params(args)  # bad values fail before the model loads
+    _sampling_params(args)  # bad values fail before the model loads
     llm = _build_llm(args)
+    params = _sampling_params(args, llm.sampling_defaults)
     session = ChatSession(llm, params, system=args.system, enable_thinking=not args.no_thinking,
                           hide_thinking=args.hide_thinking)
     return run(session, f"deltaserve chat: {args.model or 'the embedded tiny checkpoint'}")
@@ -389,8 +406,9 @@ def _chat(args) -> int:
 def _generate(args) -> None:
     from . import LLM
 
-    params = _sampling_params(args)
+    _sampling_params(args)  # bad values fail before the model loads
     llm = LLM(**engine_kwargs(args))
+    params = _sampling_params(args, llm.sampling_defaults)
     if args.chat:
         outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, use_tqdm=False)
     else:

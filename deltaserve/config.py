@@ -147,6 +147,9 @@ class ModelConfig:
     state_dtype: str  # recurrent-state dtype, from mamba_ssm_dtype (float32 by default)
     torch_dtype: str  # the checkpoint's dtype ("bfloat16", "float32", ...), used by dtype="auto"
     quantization: QuantConfig | None = None  # config.json quantization_config (None: a 16-bit checkpoint)
+    # generation_config.json's sampling settings, (SamplingParams field, value) pairs: the defaults of a request that
+    # does not set them (LLM(generation_config="auto"))
+    sampling_defaults: tuple[tuple[str, float | int], ...] = ()
     # expert parallelism, a run-time choice (LLM(enable_expert_parallel=True)), not a config.json field
     expert_parallel: bool = False  # under TP, each rank holds num_experts / world whole experts (not a slice of all)
     expert_shards: int = 1  # in a rank's shard_config under expert parallelism: the ranks the experts are split over
@@ -243,6 +246,7 @@ class ModelConfig:
             moe_intermediate_size=f.int("moe_intermediate_size") if is_moe else 0,
             shared_expert_intermediate_size=f.int("shared_expert_intermediate_size") if is_moe else 0,
             eos_token_ids=_eos_ids(text, raw, generation_config or {}),
+            sampling_defaults=_sampling_defaults(generation_config or {}, source),
             state_dtype=str(text.get("mamba_ssm_dtype", raw.get("mamba_ssm_dtype", "float32"))),
             torch_dtype=str(text.get("dtype") or raw.get("dtype") or raw.get("torch_dtype") or "float32"),
             quantization=(QuantConfig.from_dict(raw["quantization_config"], source)
@@ -362,6 +366,26 @@ def _eos_ids(text: dict, raw: dict, gen: dict) -> tuple[int, ...]:
             if isinstance(i, int) and i not in ids:
                 ids.append(i)
     return tuple(ids)
+
+
+# generation_config.json fields a request's sampling takes as defaults (vLLM reads the same), with their types
+_SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float}
+
+
+def _sampling_defaults(gen: dict, source: str) -> tuple[tuple[str, float | int], ...]:
+    """generation_config.json -> (field, value) pairs. `do_sample: false` means greedy, as in HF's generate (its
+    temperature / top-p / top-k are then unused)."""
+    out = []
+    for name, kind in _SAMPLING_FIELDS.items():
+        value = gen.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and value != int(value):
+            raise ConfigError(f"generation_config.json (beside {source}): '{name}' must be a number, got {value!r}.")
+        out.append((name, kind(value)))
+    if gen.get("do_sample") is False:
+        out = [(name, value) for name, value in out if name == "repetition_penalty"] + [("temperature", 0.0)]
+    return tuple(out)
 
 
 def _read_generation_config(path: str) -> dict:

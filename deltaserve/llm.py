@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from .config import ModelConfig, QuantConfig
+from .config import ConfigError, ModelConfig, QuantConfig
 from .kernels.paged_attention import check_kv_cache_dtype
 from .layers.fp8 import use_fp8_kernels
 from .layers.linear import merge_projection_runs, use_int4_kernels
@@ -130,14 +130,17 @@ class LLM:
     9B shapes) at a measured accuracy cost (README, "GDN state in bfloat16").
     async_scheduling: read each step's samples while the next step runs, so host work overlaps the device (README,
     "Async scheduling"). None (default): on for CUDA with tensor_parallel_size=1, off otherwise. Outputs are the same
-    either way; a request that stops costs one extra step of device work for its row."""
+    either way; a request that stops costs one extra step of device work for its row.
+    generation_config: "auto" (default): a call without sampling_params, and a server request that leaves a field
+    out, sample with the checkpoint's generation_config.json settings (temperature, top_p, top_k, min_p,
+    repetition_penalty; do_sample false: greedy), as vLLM does; "none": with SamplingParams' own defaults."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  seed: int = 0, enforce_eager: bool = False, tensor_parallel_size: int = 1,
                  kv_cache_dtype: str = "auto", state_dtype: str = "auto", enable_expert_parallel: bool = False,
-                 async_scheduling: bool | None = None):
+                 async_scheduling: bool | None = None, generation_config: str = "auto"):
         tok_dir = tokenizer or model
         if tokenizer is not None and not _has_tokenizer(tokenizer):
             raise TokenizerError(f"tokenizer {tokenizer!r} is not a directory holding tokenizer.json.")
@@ -145,7 +148,7 @@ class LLM:
                     else None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
                     num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size, kv_cache_dtype,
                     state_dtype=state_dtype, enable_expert_parallel=enable_expert_parallel,
-                    async_scheduling=async_scheduling)
+                    async_scheduling=async_scheduling, generation_config=generation_config)
 
     @classmethod
     def from_config(cls, config: ModelConfig, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
@@ -176,7 +179,9 @@ class LLM:
                block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float, seed: int,
                enforce_eager: bool, tensor_parallel_size: int, kv_cache_dtype: str = "auto",
                formats: dict[str, str] | None = None, state_dtype: str = "auto",
-               enable_expert_parallel: bool = False, async_scheduling: bool | None = None) -> None:
+               enable_expert_parallel: bool = False, async_scheduling: bool | None = None,
+               generation_config: str = "auto") -> None:
+        self.sampling_defaults = _sampling_defaults(config, generation_config)
         config = dataclasses.replace(config, state_dtype=_resolve_state_dtype(state_dtype, config),
                                      expert_parallel=_expert_parallel(config, enable_expert_parallel,
                                                                       tensor_parallel_size))
@@ -221,6 +226,9 @@ class LLM:
             eos.add(self.tokenizer.eos_token_id)
         self.engine = EngineCore(scheduler, self.runner, self.tokenizer, eos, self.max_model_len,
                                  self.config.vocab_size, async_scheduling)
+        if self.sampling_defaults:
+            logger.info("sampling defaults from generation_config.json: %s (generation_config='none' ignores them)",
+                        ", ".join(f"{k}={v}" for k, v in self.sampling_defaults.items()))
         if self.device.type == "cuda":
             t = time.perf_counter()
             self.engine.warm_up()
@@ -267,7 +275,7 @@ class LLM:
         """prompts: a string, a list of strings, or a list of {"prompt_token_ids": [...]} -> outputs in input order."""
         self._check_usable()
         items = _normalise_prompts(prompts)
-        params = _normalise_params(sampling_params, len(items))
+        params = _normalise_params(sampling_params, len(items), self.get_default_sampling_params())
         return self._run(self._add_all(items, params), use_tqdm)
 
     def generate_stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
@@ -279,7 +287,7 @@ class LLM:
         running, freeing their KV blocks and state slots."""
         self._check_usable()
         items = _normalise_prompts(prompts)
-        params = _normalise_params(sampling_params, len(items))
+        params = _normalise_params(sampling_params, len(items), self.get_default_sampling_params())
         ids = self._add_all(items, params)
         box: deque[RequestOutput] = deque()
         self._inbox.update((rid, box) for rid in ids)
@@ -316,6 +324,12 @@ class LLM:
             else:
                 rest.append(out)
         return rest
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call without sampling_params samples with: SamplingParams' defaults, with the checkpoint's
+        generation_config.json settings on top (temperature, top_p, top_k, min_p, repetition_penalty; do_sample
+        false: greedy) unless the LLM was made with generation_config="none"."""
+        return SamplingParams(**self.sampling_defaults)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template_kwargs: dict | None = None, tools: list | None = None,
@@ -408,9 +422,9 @@ def _normalise_prompts(prompts) -> list:
     return items
 
 
-def _normalise_params(sp, n: int) -> list[SamplingParams]:
+def _normalise_params(sp, n: int, default: SamplingParams) -> list[SamplingParams]:
     if sp is None:
-        return [SamplingParams()] * n
+        return [default] * n
     if isinstance(sp, SamplingParams):
         return [sp] * n
     if isinstance(sp, dict) or not all(isinstance(p, SamplingParams) for p in sp):
@@ -420,6 +434,20 @@ def _normalise_params(sp, n: int) -> list[SamplingParams]:
     if len(sp) != n:
         raise ValueError(f"got {len(sp)} SamplingParams for {n} prompts; pass one, or one per prompt")
     return sp
+
+
+def _sampling_defaults(config: ModelConfig, generation_config: str) -> dict:
+    """The sampling settings a request that does not set them gets: "auto" the checkpoint's generation_config.json
+    ones (config.sampling_defaults), "none" SamplingParams' own."""
+    if generation_config not in ("auto", "none"):
+        raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
+    defaults = dict(config.sampling_defaults) if generation_config == "auto" else {}
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise ConfigError(f"generation_config.json's sampling settings cannot be used ({e}); fix the file or pass "
+                          f"generation_config='none'.") from None
+    return defaults
 
 
 def _resolve_device(device: str) -> torch.device:

@@ -208,9 +208,11 @@ def _field_path(err: dict) -> list[str]:
 
 
 def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int | None,
-                    structured: StructuredOutputs | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
-    """The request's sampling options (and a chat request's response_format, see structured_outputs; the prompt's
-    logprobs a completion with echo reports) -> SamplingParams; APIError(400) naming the field for a bad value."""
+                    structured: StructuredOutputs | None = None, prompt_logprobs: int | None = None,
+                    defaults: dict | None = None) -> SamplingParams:
+    """The request's sampling options (and its response_format, see structured_outputs; the prompt's logprobs a
+    completion with echo reports) -> SamplingParams; APIError(400) naming the field for a bad value. defaults: the
+    model's generation_config.json settings, for the fields the request leaves out."""
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options can only be set when stream is true.", "stream_options")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
@@ -228,6 +230,7 @@ def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int
                     min_p=req.min_p,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                     repetition_penalty=req.repetition_penalty)
+    kw.update({k: v for k, v in (defaults or {}).items() if optional.get(k) is None})
     kw.update({k: v for k, v in optional.items() if v is not None})
     try:
         return SamplingParams(**kw)

@@ -22,6 +22,7 @@ class ServingContext:
 
     def __init__(self, engine: AsyncEngine, model_name: str):
         self.engine, self.model_name = engine, model_name
+        self.sampling_defaults = engine.llm.sampling_defaults  # generation_config.json's, for fields a request omits
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.tokens = TokenTexts(engine.tokenizer) if engine.tokenizer is not None else None

@@ -144,7 +144,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
             raise APIError(400, "tool_choice 'required' or a named function constrains the answer itself; drop "
                                 "response_format / structured_outputs.", "tool_choice")
         structured = StructuredOutputs(json=forced_schema(tools, forced.name, parallel))
-    params = sampling_params(req, max_tokens, k, structured)
+    params = sampling_params(req, max_tokens, k, structured, defaults=ctx.sampling_defaults)
     thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
     constrained = params.structured_outputs is not None
     parsers = [ChoiceParser(prompt_opens_thinking(prompt), thinking, tools, forced, parallel, constrained)

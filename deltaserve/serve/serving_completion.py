@@ -47,8 +47,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         check_max_tokens(limit, len(ids), ctx.max_model_len, min_tokens=req.min_tokens)
     # echo with logprobs scores the prompt too (OpenAI's legacy behaviour, what evaluation harnesses rely on)
     structured = structured_outputs(req.response_format)
-    params = {limit: sampling_params(req, limit, req.logprobs, structured,
-                                     prompt_logprobs=req.logprobs if req.echo else None) for limit in set(limits)}
+    params = {limit: sampling_params(req, limit, req.logprobs, structured, req.logprobs if req.echo else None,
+                                     ctx.sampling_defaults) for limit in set(limits)}
     rid = new_id("cmpl")
     streams = []
     spec_field = "response_format" if structured is not None else "structured_outputs"

@@ -754,7 +754,8 @@ def test_a_prompt_that_cannot_fit_is_refused_after_encoding_a_bounded_prefix(mod
             seen.append(len(text))
             return tok.encode(text, **kw)
 
-    ctx = ServingContext(SimpleNamespace(tokenizer=Counting(), max_model_len=256), MODEL)
+    ctx = ServingContext(SimpleNamespace(tokenizer=Counting(), max_model_len=256,
+                                         llm=SimpleNamespace(sampling_defaults={})), MODEL)
     with pytest.raises(APIError, match="more than max_model_len"):
         ctx.encode("hello " * 1_000_000, "prompt")
     assert 0 < sum(seen) <= 4 * 8 * 256, seen

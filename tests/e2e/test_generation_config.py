@@ -1,0 +1,95 @@
+"""generation_config.json's sampling settings as defaults (vLLM's `--generation-config auto`): Qwen3.5's checkpoints
+ship temperature 0.6 / top_p 0.95 / top_k 20, which a request that leaves them out used to ignore (it sampled at
+temperature 1.0 over the whole vocabulary). The Python API, the server and the CLI; `generation_config="none"`
+restores the built-in defaults."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from deltaserve import LLM, SamplingParams
+from deltaserve.config import ConfigError, ModelConfig
+from deltaserve.serve.protocol import CompletionRequest, sampling_params
+from deltaserve.tiny import make_tiny
+
+QWEN_LIKE = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95, "repetition_penalty": 1.0,
+             "eos_token_id": [3, 4]}
+PROMPTS = ["The quick brown fox", "Once upon a time"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(str(tmp_path_factory.mktemp("gencfg") / "tiny"))
+
+
+def with_generation_config(tiny: str, path, gen: dict) -> str:
+    """A copy of the tiny checkpoint with `gen` as its generation_config.json."""
+    shutil.copytree(tiny, path)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(gen, f)
+    return str(path)
+
+
+@pytest.mark.parametrize("gen, expected", [
+    (QWEN_LIKE, (("temperature", 0.6), ("top_p", 0.95), ("top_k", 20), ("repetition_penalty", 1.0))),
+    ({"do_sample": False, "temperature": 0.7, "repetition_penalty": 1.1},
+     (("repetition_penalty", 1.1), ("temperature", 0.0))),
+    ({"eos_token_id": 3}, ()),
+], ids=["qwen3.5-release", "do-sample-false-is-greedy", "none-set"])
+def test_generation_config_sampling_fields_are_read(tiny, tmp_path, gen, expected):
+    cfg = ModelConfig.from_hf_dir(with_generation_config(tiny, tmp_path / "m", gen))
+    assert cfg.sampling_defaults == expected
+
+
+def test_a_bad_sampling_value_names_the_file(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"generation_config.json .*'top_k' must be a number"):
+        ModelConfig.from_hf_dir(with_generation_config(tiny, tmp_path / "m", {"top_k": "twenty"}))
+    path = with_generation_config(tiny, tmp_path / "n", {"top_p": 1.5})
+    with pytest.raises(ConfigError, match="generation_config.json's sampling settings cannot be used.*top_p"):
+        LLM(path, device="cpu", max_model_len=64)
+    assert LLM(path, device="cpu", max_model_len=64, generation_config="none").get_default_sampling_params() == \
+        SamplingParams()
+
+
+def test_generate_without_params_samples_with_the_checkpoints_settings(tiny, tmp_path):
+    """top_k 1 in generation_config.json: a call without sampling_params is greedy whatever the temperature; the
+    same call with generation_config="none" samples at temperature 1 over everything."""
+    path = with_generation_config(tiny, tmp_path / "m", {"do_sample": True, "temperature": 1.0, "top_k": 1})
+    greedy = [o.outputs[0].token_ids for o in LLM(path, device="cpu", max_model_len=64).generate(
+        PROMPTS, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)]
+    llm = LLM(path, device="cpu", max_model_len=64)
+    assert llm.get_default_sampling_params().top_k == 1
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, use_tqdm=False)]
+    assert [g[:len(o)] for g, o in zip(greedy, got)] == got and any(got)
+    plain = LLM(path, device="cpu", max_model_len=64, generation_config="none")
+    assert plain.get_default_sampling_params() == SamplingParams()
+    sampled = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, use_tqdm=False)]
+    assert sampled != got
+
+
+def test_server_fields_a_request_leaves_out_come_from_the_defaults():
+    defaults = {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
+    req = CompletionRequest(model="m", prompt="x", temperature=1.2)
+    params = sampling_params(req, 8, None, defaults=defaults)
+    assert (params.temperature, params.top_k, params.top_p, params.min_p) == (1.2, 20, 0.95, 0.0)
+    assert sampling_params(req, 8, None).top_k == 0
+
+
+def test_cli_generate_follows_the_checkpoint_unless_told_not_to(tiny, tmp_path):
+    """deltaserve generate without sampling flags: generation_config.json's temperature 1.0 (sampled, seeded), or
+    with --generation-config none the CLI's own default (greedy); a flag still wins."""
+    path = with_generation_config(tiny, tmp_path / "m", {"do_sample": True, "temperature": 1.0})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def text(*flags):
+        res = subprocess.run([sys.executable, "-m", "deltaserve.cli", "generate", "--model", path, "--prompt",
+                              "The quick brown fox", "--max-tokens", "12", "--ignore-eos", "--device", "cpu",
+                              "--seed", "7", *flags], capture_output=True, text=True, env=env, timeout=180)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    sampled, greedy = text(), text("--generation-config", "none")
+    assert sampled != greedy and text("--temperature", "0") == greedy
