@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Complete one or more prompts and print each completion.")
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    gen.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     add_engine_args(gen)
     add_generation_config_arg(gen)
     add_sampling_args(gen)
@@ -404,10 +405,8 @@ def _chat(args) -> int:
 
 
 def _generate(args) -> None:
-    from . import LLM
-
     _sampling_params(args)  # bad values fail before the model loads
-    llm = LLM(**engine_kwargs(args))
+    llm = _build_llm(args)
     params = _sampling_params(args, llm.sampling_defaults)
     if args.chat:
         outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, use_tqdm=False)

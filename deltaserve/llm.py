@@ -358,7 +358,8 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer (no tokenizer.json beside its weights, or built with "
-                                 "LLM.from_config): pass {'prompt_token_ids': [...]}")
+                                 "LLM.from_config): pass {'prompt_token_ids': [...]}, or a tokenizer directory "
+                                 "(LLM(tokenizer=DIR), --tokenizer DIR)")
             return self.tokenizer.encode(prompt)
         return list(prompt["prompt_token_ids"])
 

@@ -261,3 +261,21 @@ def test_error_zero_for_a_count_flag(env, args):
     res = cli(*args, env=env)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert f"argument {args[1]}: must be a positive integer, got 0" in res.stderr.strip().splitlines()[-1]
+
+
+def test_generate_takes_a_tokenizer_from_elsewhere(made, env, tmp_path):
+    """A checkpoint folder without tokenizer.json: the error told CLI users to pass token ids, which generate cannot,
+    and generate had no --tokenizer (chat and serve do)."""
+    import shutil
+
+    _, path = made
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in os.listdir(path):
+        if not name.startswith(("tokenizer", "chat_template", "vocab", "merges", "special_tokens")):
+            shutil.copy(os.path.join(path, name), bare / name)
+    res = cli("generate", "--model", str(bare), "--prompt", "hello", "--max-tokens", "3", "--device", "cpu", env=env)
+    assert res.returncode != 0 and "--tokenizer DIR" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    res = cli("generate", "--model", str(bare), "--tokenizer", path, "--prompt", "hello", "--max-tokens", "3",
+              "--ignore-eos", "--device", "cpu", env=env)
+    assert res.returncode == 0 and "3 tokens, finish: length" in res.stdout, res.stderr
