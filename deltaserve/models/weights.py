@@ -382,7 +382,44 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
                            f"use, e.g. {', '.join(unexpected[:3])}; is config.json from the same checkpoint?")
     missing = sorted(needed - loaded)
     if missing:
-        raise WeightsError(f"Checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}.")
+        names = ", ".join(dict.fromkeys(checkpoint_name(part, cfg) for part in missing[:3]))
+        raise WeightsError(f"Checkpoint is missing {len(missing)} tensor(s), e.g. {names}: an incomplete download, "
+                           f"or a config.json that does not belong to these weights.")
+
+
+# coverage key (Target.parts) -> the checkpoint tensor it stands for (our name, prefix still off)
+_FUSED, _PIECE = r"(?:qkv_proj|in_proj|gate_up_proj)", r"(?:[qkv]_proj|in_proj_[a-z]+|gate_proj|up_proj)"
+_PART_NAMES = [
+    # a piece of a fused projection: a row slice of the fused tensor, or its own Linear (a ProjectionGroup)
+    (re.compile(rf"^(?P<l>layers\.\d+\.[\w.]+?)\.{_FUSED}\.(?P<kind>\w+)\.(?P<piece>{_PIECE})$"),
+     r"\g<l>.\g<piece>.\g<kind>"),
+    (re.compile(rf"^(?P<l>layers\.\d+\.[\w.]+?)\.{_FUSED}\.(?P<piece>{_PIECE})\.(?P<kind>\w+)$"),
+     r"\g<l>.\g<piece>.\g<kind>"),
+    # half of one packed expert's gate|up
+    (re.compile(r"^(?P<l>layers\.\d+\.mlp\.experts)\.gate_up_proj(?:\.(?P<kind>\w+))?\[(?P<e>\d+)\]\.(?P<h>\w+)$"),
+     None),
+    # one expert's down (or an FP8 expert's gate / up / down)
+    (re.compile(r"^(?P<l>layers\.\d+\.mlp\.experts)\.(?P<h>\w+_proj)(?:\.(?P<kind>\w+))?\[(?P<e>\d+)\]$"),
+     None),
+]
+
+
+def checkpoint_name(part: str, cfg: ModelConfig) -> str:
+    """A coverage key of load_weights ('layers.3.self_attn.qkv_proj.weight.k_proj', 'layers.1.mlp.experts.
+    gate_up_proj[3].up_proj') -> the checkpoint tensor name that provides it
+    ('model.language_model.layers.3.self_attn.k_proj.weight', '...layers.1.mlp.experts.3.up_proj.weight')."""
+    name = part
+    for pattern, repl in _PART_NAMES:
+        m = pattern.match(part)
+        if m and repl is not None:
+            name = m.expand(repl)
+            break
+        if m:
+            name = f"{m['l']}.{m['e']}.{m['h']}.{m['kind'] or 'weight'}"
+            break
+    if name.startswith("lm_head."):
+        return name
+    return (PREFIXES[0] if cfg.nested else PREFIXES[1]) + name
 
 
 def _index_fits(param: torch.Tensor, index: tuple) -> bool:
