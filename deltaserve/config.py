@@ -380,7 +380,8 @@ def _sampling_defaults(gen: dict, source: str) -> tuple[tuple[str, float | int],
         value = gen.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and value != int(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                kind is int and value != int(value):
             raise ConfigError(f"generation_config.json (beside {source}): '{name}' must be a number, got {value!r}.")
         out.append((name, kind(value)))
     if gen.get("do_sample") is False:

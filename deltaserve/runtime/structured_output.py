@@ -203,8 +203,20 @@ def _values(schema: dict) -> set | None:
     values = [schema["const"]] if "const" in schema else schema.get("enum")
     if not isinstance(values, list):
         return None
-    return {("number", float(v)) if _json_type(v) in _NUMBER_TYPES else json.dumps(v, sort_keys=True)
-            for v in values}
+    return {_json_key(v) for v in values}
+
+
+def _json_key(value):
+    """A hashable key equal for values JSON Schema calls equal: 1 and 1.0 alike, also inside arrays and objects
+    (true and 1 differ)."""
+    kind = _json_type(value)
+    if kind in _NUMBER_TYPES:
+        return "number", float(value)
+    if kind == "array":
+        return "array", tuple(_json_key(v) for v in value)
+    if kind == "object":
+        return "object", tuple(sorted((str(k), _json_key(v)) for k, v in value.items()))
+    return kind, value
 
 
 def _json_type(value) -> str:

@@ -189,7 +189,7 @@ def validation_error(e: ValidationError) -> APIError:
     shown = json.dumps(err.get("input"))[:80]
     # a union field (Number, str | list[str]) fails once per member: say what any member would take
     kinds = {x["type"] for x in e.errors(include_url=False) if _field_path(x) == loc}
-    if kinds <= {"int_type", "float_type"}:
+    if kinds == {"int_type", "float_type"}:
         msg = "input should be a number"
     else:
         msgs = [x["msg"] for x in e.errors(include_url=False) if _field_path(x) == loc]

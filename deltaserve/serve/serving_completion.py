@@ -79,6 +79,9 @@ def _max_tokens(ctx: ServingContext, req: CompletionRequest, ids: list[int]) -> 
     if req.max_tokens is None:
         return max(1, min(DEFAULT_MAX_TOKENS, ctx.max_model_len - len(ids)))
     if req.max_tokens == 0 and req.echo:
+        if req.min_tokens:
+            raise APIError(400, f"min_tokens is {req.min_tokens} but max_tokens 0 with echo generates nothing; drop "
+                                f"min_tokens.", "min_tokens")
         return 1
     return req.max_tokens
 
@@ -131,12 +134,15 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
     done: set[int] = set()
     n_prompt, n_out = sum(s.num_prompt_tokens for s in streams), 0
     echo_only = _echo_only(req)
+    scored = req.echo and req.logprobs is not None
     try:
         async for i, out in merge(streams):
             for c in out.outputs:
                 index = i * req.n + c.index
                 if index in done:
                     continue
+                if scored and len(out.prompt_logprobs or ()) < len(out.prompt_token_ids) and c.finish_reason is None:
+                    continue  # a long prompt is prefilled in chunks: send its echo once all its logprobs are in
                 text = "" if echo_only else c.delta_text
                 lp = None
                 if index not in offsets:  # first delta of this choice: echo the prompt in front

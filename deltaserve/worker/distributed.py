@@ -421,6 +421,9 @@ class TPWorkers:
             return
         with self._leaving:
             self.closed = True
+        if self.lost.is_set():  # a worker died just before: the watchdog is aborting, nobody can leave together
+            self._kill()
+            return
         for conn in self.conns:
             try:
                 conn.send(None)

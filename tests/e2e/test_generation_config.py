@@ -47,6 +47,8 @@ def test_generation_config_sampling_fields_are_read(tiny, tmp_path, gen, expecte
 def test_a_bad_sampling_value_names_the_file(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"generation_config.json .*'top_k' must be a number"):
         ModelConfig.from_hf_dir(with_generation_config(tiny, tmp_path / "m", {"top_k": "twenty"}))
+    with pytest.raises(ConfigError, match=r"generation_config.json .*'top_k' must be a number"):  # json writes Infinity
+        ModelConfig.from_hf_dir(with_generation_config(tiny, tmp_path / "inf", {"top_k": float("inf")}))
     path = with_generation_config(tiny, tmp_path / "n", {"top_p": 1.5})
     with pytest.raises(ConfigError, match="generation_config.json's sampling settings cannot be used.*top_p"):
         LLM(path, device="cpu", max_model_len=64)

@@ -597,6 +597,8 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
                                          "response_format"),
     "messages_just_too_long": ("/v1/chat/completions", chat_body(messages=user("a " * (MAX_MODEL_LEN + 8))), None,
                                400, "messages"),  # refused by the engine, which spoke of the "prompt"
+    "echo_scoring_with_min_tokens": ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0,
+                                                         "echo": True, "min_tokens": 2}, None, 400, "min_tokens"),
     "max_tokens_zero_without_echo": ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, None,
                                      400, "max_tokens"),
 }
@@ -608,6 +610,8 @@ def test_a_number_field_given_text_says_it_takes_a_number(server):
                     {"Authorization": f"Bearer {API_KEY}"})
     assert got == 400 and err["error"]["param"] == "temperature", err
     assert err["error"]["message"].endswith("input should be a number."), err
+    got, err = http(server.url + "/v1/chat/completions", chat_body(n=1.5), {"Authorization": f"Bearer {API_KEY}"})
+    assert got == 400 and err["error"]["message"].endswith("input should be a valid integer."), err
 
 
 def test_response_format_constrains_completions_too(client):
@@ -632,6 +636,28 @@ def test_each_prompt_gets_its_own_default_max_tokens(client):
     assert len(alone.text) > 0 and both[0].text == alone.text and both[0].finish_reason == "length"
     assert client.completions.create(model=MODEL, prompt=short, temperature=0, extra_body={
         "ignore_eos": True}).usage.completion_tokens == 16
+
+
+def test_streamed_echo_of_a_prompt_prefilled_in_chunks_scores_all_of_it(model_dir, tmp_path, tokenizer):
+    """A prompt longer than a step's token budget is prefilled over several steps, and the stream sent the echo
+    with the logprobs of the first chunk only (34 of 101), then no more: lm-eval scoring long contexts lost most of
+    them. The echo now waits for the whole prompt."""
+    s = Server(model_dir, tmp_path, "--max-num-batched-tokens", "16")
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        ids = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)
+        assert len(ids) > 40
+        for max_tokens in (0, 2):
+            body = dict(model=MODEL, prompt=ids, max_tokens=max_tokens, echo=True, logprobs=1, temperature=0)
+            whole = c.completions.create(**body).choices[0].logprobs
+            chunks = list(c.completions.create(**body, stream=True))
+            parts = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+            tokens = [t for p in parts for t in p.tokens]
+            lps = [x for p in parts for x in p.token_logprobs]
+            assert len(whole.tokens) == len(ids) + max_tokens and tokens == whole.tokens
+            assert lps[0] is None and lps[1:] == pytest.approx(whole.token_logprobs[1:], abs=1e-6)
+    finally:
+        s.stop()
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

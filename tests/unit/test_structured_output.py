@@ -222,9 +222,10 @@ def test_bad_spec_is_refused_before_queueing(llm, spec, needle):
       "oneOf": [{"$ref": "#/$defs/A"}, {"$ref": "#/$defs/B"}]}, "'oneOf'"),
     ({"$defs": {"N": {"type": "object", "properties": {"next": {"$ref": "#/$defs/N"}}, "required": ["next"]}},
       "oneOf": [{"$ref": "#/$defs/N"}, {"$ref": "#/$defs/N"}]}, "'oneOf'"),
+    ({"oneOf": [{"const": {"a": [1]}}, {"const": {"a": [1.0]}}]}, "'oneOf'"),  # 1 and 1.0 are one JSON value
 ], ids=["allOf", "not", "uniqueItems", "if-then", "dependentRequired", "required-undefined", "required-by-pattern",
         "dependentSchemas", "oneOf-number-types", "oneOf-same-type", "oneOf-shared-enum-value", "oneOf-same-tag",
-        "oneOf-recursive"])
+        "oneOf-recursive", "oneOf-equal-consts-spelled-apart"])
 def test_schema_keywords_the_grammar_would_not_enforce_are_refused(llm, schema, needle):
     """xgrammar compiles these and ignores them: the answer broke the schema and still reported "stop"."""
     with pytest.raises(ValueError) as e:
