@@ -373,8 +373,8 @@ _SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "min_p":
 
 
 def _sampling_defaults(gen: dict, source: str) -> tuple[tuple[str, float | int], ...]:
-    """generation_config.json -> (field, value) pairs. `do_sample: false` means greedy, as in HF's generate (its
-    temperature / top-p / top-k are then unused)."""
+    """generation_config.json -> (field, value) pairs. `do_sample: false` means greedy (temperature 0), as in HF's
+    generate."""
     out = []
     for name, kind in _SAMPLING_FIELDS.items():
         value = gen.get(name)
@@ -384,8 +384,8 @@ def _sampling_defaults(gen: dict, source: str) -> tuple[tuple[str, float | int],
                 kind is int and value != int(value):
             raise ConfigError(f"generation_config.json (beside {source}): '{name}' must be a number, got {value!r}.")
         out.append((name, kind(value)))
-    if gen.get("do_sample") is False:
-        out = [(name, value) for name, value in out if name == "repetition_penalty"] + [("temperature", 0.0)]
+    if gen.get("do_sample") is False:  # the rest stays: a request that asks for a temperature samples with it
+        out = [(name, value) for name, value in out if name != "temperature"] + [("temperature", 0.0)]
     return tuple(out)
 
 

@@ -35,8 +35,8 @@ def with_generation_config(tiny: str, path, gen: dict) -> str:
 
 @pytest.mark.parametrize("gen, expected", [
     (QWEN_LIKE, (("temperature", 0.6), ("top_p", 0.95), ("top_k", 20), ("repetition_penalty", 1.0))),
-    ({"do_sample": False, "temperature": 0.7, "repetition_penalty": 1.1},
-     (("repetition_penalty", 1.1), ("temperature", 0.0))),
+    ({"do_sample": False, "temperature": 0.7, "top_k": 5, "repetition_penalty": 1.1},
+     (("top_k", 5), ("repetition_penalty", 1.1), ("temperature", 0.0))),
     ({"eos_token_id": 3}, ()),
 ], ids=["qwen3.5-release", "do-sample-false-is-greedy", "none-set"])
 def test_generation_config_sampling_fields_are_read(tiny, tmp_path, gen, expected):
