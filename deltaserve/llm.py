@@ -224,6 +224,7 @@ class LLM:
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
+        self.runner.eos_token_ids = tuple(sorted(eos))  # min_tokens holds back every id that would end a request
         self.engine = EngineCore(scheduler, self.runner, self.tokenizer, eos, self.max_model_len,
                                  self.config.vocab_size, async_scheduling)
         if self.sampling_defaults:

@@ -223,6 +223,7 @@ class ModelRunner:
         self.graphs: CudaGraphRunner | None = None
         self.sampler = Sampler()
         self.peers = None  # rank 0 under tensor parallelism: TPWorkers, sent every StepPlan
+        self.eos_token_ids = cfg.eos_token_ids  # what min_tokens bans: the engine's EOS set (LLM adds the tokenizer's)
         # the last launched step's sampled ids [R] int64 on the device, and the row of each request id in it: the
         # next step reads a token still in flight from here (async scheduling)
         self.last_sampled: torch.Tensor | None = None
@@ -389,7 +390,7 @@ class ModelRunner:
         row_ids = [row for _, row in samplers]
         whole = len(row_ids) == logits.shape[0] and _in_order(row_ids)
         rows = logits if whole else logits[to_device(row_ids, self.device)]
-        banned = [_not_yet(r, self.cfg.eos_token_ids, self.cfg.vocab_size) for r in reqs]
+        banned = [_not_yet(r, self.eos_token_ids, self.cfg.vocab_size) for r in reqs]
         grammars = [r.grammar for r in reqs]
         sbatch = SamplingBatch.from_requests(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],

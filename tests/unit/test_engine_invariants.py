@@ -27,7 +27,7 @@ from engine_helpers import (
     run_until_done,
 )
 
-from deltaserve import SamplingParams
+from deltaserve import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -391,6 +391,31 @@ def test_min_tokens_holds_back_stop_strings(models):
     both = llm.generate([prompt], greedy(12, stop=[stop, "\x00a much longer stop\x00"], min_tokens=8),
                         use_tqdm=False)[0].outputs[0]
     assert (both.text, both.token_ids, both.finish_reason) == (out.text, out.token_ids, out.finish_reason)
+
+
+def test_min_tokens_holds_back_the_tokenizers_eos_too(tmp_path):
+    """A checkpoint whose config.json names another EOS than its tokenizer (no generation_config.json): the engine
+    stopped on the tokenizer's EOS, but min_tokens banned only config.json's, so the tokenizer's EOS was sampled
+    mid-output and the request then ended on it at min_tokens."""
+    import json
+    import os
+
+    from deltaserve.tiny import make_tiny
+
+    path = make_tiny(str(tmp_path / "tiny"))
+    os.remove(os.path.join(path, "generation_config.json"))
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    llm0 = LLM(path, device="cpu", max_model_len=64)
+    eos = llm0.tokenizer.eos_token_id
+    raw["text_config"]["eos_token_id"] = next(i for i in range(eos - 8, eos) if i not in llm0.config.eos_token_ids)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(raw, f)
+    llm = LLM(path, device="cpu", max_model_len=64)
+    assert eos not in llm.config.eos_token_ids
+    out = llm.generate(["hi"], SamplingParams(temperature=0, max_tokens=6, min_tokens=4, logit_bias={eos: 100}),
+                       use_tqdm=False)[0].outputs[0]
+    assert eos not in out.token_ids[:4] and out.token_ids[4] == eos and out.finish_reason == "stop", out.token_ids
 
 
 def test_logit_bias(models):
