@@ -16,11 +16,13 @@ decodes to (the reference the quantized engine is tested against).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import shutil
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -81,10 +83,10 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
     for file in files:
         out = {}
         with safe_open(file, framework="pt", device="cpu") as f:
-            names = sorted(f.keys(), key=_layer_key)
-            for name in _layer_progress(names, cfg, progress):
+            tensors = {name: read for name, _, read in _tensors(f)}
+            for name in _layer_progress(sorted(tensors, key=_layer_key), cfg, progress):
                 module = name[: -len(".weight")] if name.endswith(".weight") else None
-                t = fold(strip_name(name, cfg) or name, f.get_tensor(name), scales)
+                t = fold(strip_name(name, cfg) or name, tensors[name](), scales)
                 if module and _should_quantize(module, t.shape, skip):
                     out.update(_quantize_tensor(method, module, t, group_size))
                 else:
@@ -119,11 +121,11 @@ def calibrate(src: str, cfg: ModelConfig, files: list[str], calib: str, skip: li
     consumer = re.compile(rf"^layers\.\d+\.({'|'.join(CONSUMERS.values())})$")
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name, _, read in _tensors(f):
                 stripped = strip_name(name, cfg)
                 if not stripped or not stripped.endswith(".weight") or not consumer.match(stripped[:-7]):
                     continue
-                t = f.get_tensor(name)
+                t = read()
                 weights[stripped[:-7]] = t
                 if _should_quantize(name[:-7], t.shape, skip):
                     quantized.add(stripped[:-7])
@@ -144,8 +146,7 @@ def _check_shapes_first(files: list[str], skip: list[str], group: int) -> None:
     """Every Linear to quantize fits AWQ at this group size (headers only, no tensor data)."""
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                shape = f.get_slice(name).get_shape()
+            for name, shape, _ in _tensors(f):
                 module = name[: -len(".weight")]
                 if name.endswith(".weight") and _should_quantize(module, shape, skip):
                     reason = check_shapes("awq", shape[1], shape[0], group, module)
@@ -163,17 +164,45 @@ def _check_experts_uniform(files: list[str], skip: list[str]) -> None:
     kinds: dict[str, dict[bool, str]] = {}  # layer -> {quantized?: an example module}
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name, shape, _ in _tensors(f):
                 m = _EXPERT.search(name)
                 if m and name.endswith(".weight"):
                     module = name[: -len(".weight")]
-                    quantized = _should_quantize(module, f.get_slice(name).get_shape(), skip)
+                    quantized = _should_quantize(module, shape, skip)
                     kinds.setdefault(m.group(1), {}).setdefault(quantized, module)
     for layer, seen in kinds.items():
         if len(seen) == 2:
             raise ValueError(f"--not-convert keeps {seen[False]} 16-bit but quantizes {seen[True]}: the experts "
                              f"of layer {layer} must be all quantized or all 16-bit (match e.g. "
                              f"'layers.{layer}.mlp.experts.' or none of them)")
+
+
+_PACKED = re.compile(r"^(?P<experts>.+\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+
+
+def _tensors(f) -> list[tuple[str, list[int], Callable[[], torch.Tensor]]]:
+    """An open safetensors file's tensors as (name, shape, read). Packed experts (transformers' layout: gate_up_proj
+    [E, 2I, H] with gate first, down_proj [E, H, I]) come out one expert's gate / up / down Linear at a time, named
+    as a per-expert checkpoint names them (`mlp.experts.E.gate_proj.weight`): they are quantized, calibrated and
+    written like those (AWQ and FP8 checkpoints hold experts one by one)."""
+    out = []
+    for name in f.keys():
+        sl = f.get_slice(name)
+        shape, m = sl.get_shape(), _PACKED.match(name)
+        if m is None or len(shape) != 3:
+            out.append((name, shape, functools.partial(f.get_tensor, name)))
+            continue
+        rows = shape[1] // 2 if m["proj"] == "gate_up_proj" else shape[1]
+        pieces = [("gate_proj", 0), ("up_proj", rows)] if m["proj"] == "gate_up_proj" else [("down_proj", 0)]
+        for e in range(shape[0]):
+            for proj, start in pieces:
+                read = functools.partial(_expert_rows, sl, e, start, start + rows)
+                out.append((f"{m['experts']}.{e}.{proj}.weight", [rows, shape[2]], read))
+    return out
+
+
+def _expert_rows(sl, e: int, start: int, stop: int) -> torch.Tensor:
+    return sl[e: e + 1, start:stop][0].contiguous()
 
 
 def _layer_key(name: str) -> tuple[int, str]:

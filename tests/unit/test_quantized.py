@@ -6,6 +6,7 @@ the per-Linear format decisions and the mixed fused groups are read right; the q
 bounded separately (|W - Ŵ| <= s/2 per group)."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -317,6 +318,35 @@ def test_calibrated_scales_beat_rtn_and_load(moe, sources, tmp_path):
     assert sum(s.loss for s in scales.values()) < sum(s.loss_rtn for s in scales.values())
     q = quantize_checkpoint(src, str(tmp_path / "q"), group_size=GROUP, calib=str(calib), progress=False)
     assert_matches_twin(q, tmp_path)
+
+
+@pytest.mark.parametrize("method, calib", [("awq", False), ("awq", True), ("fp8", False)],
+                         ids=["awq", "awq-calib", "fp8"])
+def test_packed_experts_are_quantized_like_per_expert_ones(method, calib, sources, tmp_path):
+    """Experts stored packed (transformers' gate_up_proj [E, 2I, H] / down_proj [E, H, I], which the loader reads)
+    were written back 16-bit without a word, and --calib rescaled their norm but not them (the model changed). They
+    are now split into per-expert Linears: the output equals the per-expert source's, tensor for tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from test_weights import pack_experts
+
+    src = sources[True]
+    packed = tmp_path / "packed"
+    shutil.copytree(src, packed)
+    sd = load_file(str(packed / "model.safetensors"))
+    pack_experts(sd)
+    assert any(n.endswith("experts.gate_up_proj") for n in sd)
+    save_file(sd, str(packed / "model.safetensors"), metadata={"format": "pt"})
+    kw = dict(method=method, group_size=GROUP if method == "awq" else 128, progress=False)
+    if calib:
+        text = tmp_path / "calib.txt"
+        text.write_text("Calibration text: the quick brown fox jumps over the lazy dog, twice or thrice. " * 12)
+        kw["calib"] = str(text)
+    want = load_file(os.path.join(quantize_checkpoint(src, str(tmp_path / "q_ref"), **kw), "model.safetensors"))
+    got = load_file(os.path.join(quantize_checkpoint(str(packed), str(tmp_path / "q"), **kw), "model.safetensors"))
+    assert sorted(got) == sorted(want) and any(".experts.3.up_proj." in n for n in got)
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
 
 
 def test_calib_reads_a_prefix_and_refuses_binary(monkeypatch, sources, tmp_path):
