@@ -75,6 +75,7 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
     read_formats(cfg, src)  # quantized tensors under a config.json without quantization_config: WeightsError, as
     # the loader says it (they were quantized as if 16-bit, and the checkpoint written failed to load)
     _check_experts_uniform(files, skip)  # fail before writing anything
+    _check_not_convert(files, skip, not_convert or [])
     if method == "awq":
         _check_shapes_first(files, skip, group_size)
     scales = calibrate(src, cfg, files, calib, skip, group_size) if calib else {}
@@ -153,6 +154,24 @@ def _check_shapes_first(files: list[str], skip: list[str], group: int) -> None:
                     if reason:
                         raise ValueError(f"cannot quantize {name}: {reason}; pick a --group-size that divides it "
                                          f"(e.g. 32 or 64) or keep it 16-bit with --not-convert")
+
+
+def _check_not_convert(files: list[str], skip: list[str], extra: list[str]) -> None:
+    """Each --not-convert substring names some tensor of the checkpoint (a typo would quantize what it meant to
+    keep), and something is still left to quantize."""
+    names, quantized = [], 0
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name, shape, _ in _tensors(f):
+                names.append(name)
+                quantized += name.endswith(".weight") and _should_quantize(name[: -len(".weight")], shape, skip)
+    unmatched = [e for e in extra if not any(e in n for n in names)]
+    if unmatched:
+        raise ValueError(f"--not-convert {unmatched[0]!r} matches no tensor of the checkpoint; module names look "
+                         f"like {next((n for n in names if LAYER.search(n)), names[0])!r}")
+    if not quantized and extra:
+        raise ValueError("--not-convert keeps every quantizable Linear 16-bit, so nothing would be quantized; "
+                         "narrow the patterns")
 
 
 _EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.\d+\.")

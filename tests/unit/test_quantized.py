@@ -271,6 +271,19 @@ def test_quantize_rejects_group_size_that_does_not_divide(sources, tmp_path):
     assert not os.path.exists(tmp_path / "q")  # checked before anything is written
 
 
+@pytest.mark.parametrize("pattern, needle", [
+    ("layer.0.", "'layer.0.' matches no tensor of the checkpoint"),
+    ("layers", "nothing would be quantized"),
+], ids=["typo-matches-nothing", "matches-everything"])
+def test_quantize_refuses_not_convert_patterns_that_match_nothing_or_everything(sources, tmp_path, pattern, needle):
+    """A typo quantized what it meant to keep, and 'layers' wrote an "AWQ" checkpoint without one int4 tensor,
+    both with exit 0."""
+    with pytest.raises(ValueError, match=needle):
+        quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=GROUP, not_convert=[pattern],
+                            progress=False)
+    assert not os.path.exists(tmp_path / "q")
+
+
 # ---- activation-aware scales (quantize --calib) ----
 
 def test_folded_scales_leave_the_16bit_model_unchanged(sources, tmp_path):
