@@ -382,7 +382,8 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
                            f"use, e.g. {', '.join(unexpected[:3])}; is config.json from the same checkpoint?")
     missing = sorted(needed - loaded)
     if missing:
-        names = ", ".join(dict.fromkeys(checkpoint_name(part, cfg) for part in missing[:3]))
+        first = expert_range(local, rank)[0]  # under expert parallelism a rank's expert 0 is the router's `first`
+        names = ", ".join(dict.fromkeys(checkpoint_name(part, cfg, first) for part in missing[:3]))
         raise WeightsError(f"Checkpoint is missing {len(missing)} tensor(s), e.g. {names}: an incomplete download, "
                            f"or a config.json that does not belong to these weights.")
 
@@ -404,10 +405,11 @@ _PART_NAMES = [
 ]
 
 
-def checkpoint_name(part: str, cfg: ModelConfig) -> str:
+def checkpoint_name(part: str, cfg: ModelConfig, first_expert: int = 0) -> str:
     """A coverage key of load_weights ('layers.3.self_attn.qkv_proj.weight.k_proj', 'layers.1.mlp.experts.
     gate_up_proj[3].up_proj') -> the checkpoint tensor name that provides it
-    ('model.language_model.layers.3.self_attn.k_proj.weight', '...layers.1.mlp.experts.3.up_proj.weight')."""
+    ('model.language_model.layers.3.self_attn.k_proj.weight', '...layers.1.mlp.experts.3.up_proj.weight');
+    first_expert: the router id of expert index 0 in the keys (a rank's first expert under expert parallelism)."""
     name = part
     for pattern, repl in _PART_NAMES:
         m = pattern.match(part)
@@ -415,7 +417,7 @@ def checkpoint_name(part: str, cfg: ModelConfig) -> str:
             name = m.expand(repl)
             break
         if m:
-            name = f"{m['l']}.{m['e']}.{m['h']}.{m['kind'] or 'weight'}"
+            name = f"{m['l']}.{first_expert + int(m['e'])}.{m['h']}.{m['kind'] or 'weight'}"
             break
     if name.startswith("lm_head."):
         return name
