@@ -46,9 +46,15 @@ def collect_inputs(src: str, calib_file: str, max_tokens: int = 512) -> dict[str
             text = f.read(_CHARS_PER_TOKEN * max_tokens)
     except UnicodeDecodeError as e:
         raise ValueError(f"--calib {calib_file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    from .config import ModelConfig
+
+    max_tokens = min(max_tokens, ModelConfig.from_hf_dir(src).max_position_embeddings - 8)  # a short-context model
     llm = LLM(model=src, device="cpu", dtype="float32", max_model_len=max_tokens + 8, num_kv_blocks=64,
               max_num_seqs=1)
-    ids = llm.tokenizer.encode(text)[:max_tokens] if llm.tokenizer else []
+    if llm.tokenizer is None:
+        raise ValueError(f"--calib needs the source's tokenizer to read {calib_file}, and {src} has no "
+                         f"tokenizer.json; copy it there, or quantize without --calib (RTN)")
+    ids = llm.tokenizer.encode(text)[:max_tokens]
     if len(ids) < 2:
         raise ValueError(f"--calib {calib_file} holds fewer than 2 tokens of text; give it a few paragraphs")
     rows: dict[str, list[torch.Tensor]] = {}

@@ -100,9 +100,15 @@ class QuantConfig:
         bits = f.int("num_bits")
         # the strategy first: channel / tensor checkpoints (e.g. W8A8) write group_size null
         group = f.int("group_size", 128) if w.get("strategy", "group") == "group" else 0
-        if bits != 4 or w.get("type", "int") != "int" or w.get("strategy", "group") != "group" or group < 1:
+        if bits != 4 or w.get("type", "int") != "int" or w.get("strategy", "group") != "group":
             raise ConfigError(f"{source}: compressed-tensors weights must be int 4-bit with the 'group' strategy "
                               f"(got {bits} bits, type {w.get('type')!r}, strategy {w.get('strategy')!r}).")
+        if group < 1:
+            raise ConfigError(f"{source}: compressed-tensors group_size must be a positive number of input channels "
+                              f"per scale, got {group} (one scale per row is the 'channel' strategy, not supported).")
+        if w.get("actorder") not in (None, False, "static"):  # "static" reorders at quantization time only
+            raise ConfigError(f"{source}: compressed-tensors activation ordering (actorder {w['actorder']!r}, "
+                              f"weight_g_idx) is not supported; use a checkpoint quantized without it.")
         if next(iter(groups.values())).get("input_activations"):  # e.g. W4A8: said, not silently dropped
             logging.getLogger("deltaserve").warning(
                 "%s: the checkpoint also quantizes activations (input_activations); deltaserve runs its int4 weights "

@@ -178,6 +178,37 @@ def test_compressed_tensors_channel_strategy_names_the_strategy(sources, tmp_pat
     assert "'group' strategy" in msg and "strategy 'channel'" in msg, msg
 
 
+@pytest.mark.parametrize("weights, needle", [
+    ({"group_size": -1}, "group_size must be a positive number of input channels per scale, got -1"),
+    ({"actorder": "group"}, "activation ordering (actorder 'group'"),
+], ids=["group-size-minus-1", "actorder-group"])
+def test_compressed_tensors_settings_deltaserve_cannot_run_are_named(sources, tmp_path, weights, needle):
+    """group_size -1 was refused as "must be int 4-bit with the 'group' strategy (got 4 bits, type 'int', strategy
+    'group')", every value quoted valid; actorder "group" loaded without a word (or, with its weight_g_idx tensors,
+    was blamed on config.json)."""
+    q = write_ct(sources[False], str(tmp_path / "ct"), False)
+    with open(os.path.join(q, "config.json")) as f:
+        raw = json.load(f)
+    raw["quantization_config"]["config_groups"]["group_0"]["weights"].update(weights)
+    with open(os.path.join(q, "config.json"), "w") as f:
+        json.dump(raw, f)
+    msg = _error(q)
+    assert needle in msg, msg
+
+
+def test_calib_without_a_tokenizer_says_so(sources, tmp_path):
+    """A source without tokenizer files: "--calib ... holds fewer than 2 tokens of text" for a 2 KB text file."""
+    src = tmp_path / "src"
+    shutil.copytree(sources[False], src)
+    for name in os.listdir(src):
+        if name.startswith("tokenizer"):
+            os.remove(src / name)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Calibration text. " * 100)
+    with pytest.raises(ValueError, match="has no tokenizer.json"):
+        quantize_checkpoint(str(src), str(tmp_path / "q"), group_size=GROUP, calib=str(calib), progress=False)
+
+
 def test_compressed_tensors_activation_quantization_is_reported(sources, tmp_path, caplog):
     """A checkpoint that also quantizes activations runs W4A16 (it matches its dequantized twin): said in the log."""
     q = write_ct(sources[False], str(tmp_path / "ct"), False)
