@@ -130,21 +130,10 @@ def test_a_tp_script_exits_cleanly(tmp_path):
     """A script that generates with TP=2 and just ends: NCCL's teardown waited for the collectives captured in the
     decode CUDA graphs (pytorch/pytorch#115388), so rank 0 gave up after 10 s and the process ended in SIGABRT
     ('terminate called without an active exception', exit code -6). The graphs are now destroyed first."""
-    import subprocess
-    import sys
-
-    from deltaserve.tiny import make_tiny
-
-    script = (
-        "import sys\n"
-        "from deltaserve import LLM, SamplingParams\n"
-        "llm = LLM(sys.argv[1], device='cuda', tensor_parallel_size=2, max_model_len=1024)\n"
+    res = _run_tp_script(tmp_path, (
         "out = llm.generate([{'prompt_token_ids': [1, 2, 3]}] * 4, SamplingParams(max_tokens=16, ignore_eos=True), "
         "use_tqdm=False)\n"
-        "assert llm.runner.graphs is not None and all(len(o.outputs[0].token_ids) == 16 for o in out)\n"
-    )
-    res = subprocess.run([sys.executable, "-c", script, make_tiny(str(tmp_path / "tiny"))], capture_output=True,
-                         text=True, timeout=300)
+        "assert llm.runner.graphs is not None and all(len(o.outputs[0].token_ids) == 16 for o in out)\n"))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "terminate called" not in res.stderr
 
@@ -154,17 +143,10 @@ def test_a_worker_failing_mid_step_is_an_error_not_a_hang(tmp_path):
     access, then NCCL's watchdog ends the worker) left rank 0 spinning in that step's all-reduce until the 10-minute
     collective timeout. Rank 0's watchdog now aborts the communicator: the call raises EngineDeadError naming the
     worker, and the script still exits."""
-    import subprocess
-    import sys
-
-    from deltaserve.tiny import make_tiny
-
-    script = (
-        "import dataclasses, sys, time\n"
-        "from deltaserve import LLM, SamplingParams\n"
+    res = _run_tp_script(tmp_path, (
+        "import dataclasses, time\n"
         "from deltaserve.llm import EngineDeadError\n"
         "from deltaserve.worker.distributed import TPWorkers\n"
-        "llm = LLM(sys.argv[1], device='cuda', tensor_parallel_size=2, max_model_len=1024)\n"
         "p = SamplingParams(max_tokens=8, ignore_eos=True)\n"
         "llm.generate([{'prompt_token_ids': [1, 2, 3]}], p, use_tqdm=False)\n"
         "w = llm.runner.peers\n"
@@ -175,13 +157,25 @@ def test_a_worker_failing_mid_step_is_an_error_not_a_hang(tmp_path):
         "    llm.generate([{'prompt_token_ids': [1, 2, 3]}], p, use_tqdm=False)\n"
         "    print('returned')\n"
         "except EngineDeadError as e:\n"
-        "    print(f'dead after {time.monotonic() - t:.1f} s: {e}', flush=True)\n"
-    )
-    res = subprocess.run([sys.executable, "-c", script, make_tiny(str(tmp_path / "tiny"))], capture_output=True,
-                         text=True, timeout=300)
+        "    print(f'dead after {time.monotonic() - t:.1f} s: {e}', flush=True)\n"))
     print(res.stdout, res.stderr[-3000:])
     line = next((x for x in res.stdout.splitlines() if x.startswith("dead after")), None)
     assert line is not None, res.stdout + res.stderr[-2000:]
     assert "tensor-parallel worker 1" in line
     assert float(line.split()[2]) < 60
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def _run_tp_script(tmp_path, body: str):
+    """Run `body` in a fresh Python process after `llm = LLM(<tiny checkpoint>, device='cuda',
+    tensor_parallel_size=2)` (SamplingParams imported) -> the CompletedProcess: how the process ends is under test."""
+    import subprocess
+    import sys
+
+    from deltaserve.tiny import make_tiny
+
+    script = ("import sys\n"
+              "from deltaserve import LLM, SamplingParams\n"
+              "llm = LLM(sys.argv[1], device='cuda', tensor_parallel_size=2, max_model_len=1024)\n") + body
+    return subprocess.run([sys.executable, "-c", script, make_tiny(str(tmp_path / "tiny"))], capture_output=True,
+                          text=True, timeout=300)
