@@ -21,6 +21,9 @@ import time
 
 import numpy as np
 
+from deltaserve.bench import PRESETS
+from deltaserve.cli import positive_int
+
 
 def sample_lengths(rng: np.random.Generator, n: int, mean: int, ratio: float) -> list[int]:
     lo, hi = max(1, int(mean * (1 - ratio))), max(1, int(mean * (1 + ratio)))
@@ -139,15 +142,16 @@ def run(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded tiny checkpoint)")
-    p.add_argument("--preset", default=None, help="random weights of a published shape (see deltaserve bench)")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="random weights of a published shape (see deltaserve bench)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--num-prompts", type=positive_int, default=64)
+    p.add_argument("--input-len", type=positive_int, default=128)
+    p.add_argument("--output-len", type=positive_int, default=32)
     p.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in mean*(1±ratio)")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=positive_int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
     p.add_argument("--state-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="GDN recurrent state between steps (default: the checkpoint's mamba_ssm_dtype)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4", "fp8"])
@@ -158,7 +162,10 @@ def main() -> None:
                    help="overlap host and device work (default: the engine's, on for CUDA)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args()
-    r = run(args)
+    try:
+        r = run(args)
+    except ValueError as e:  # a bad checkpoint, device or size: one line, as the deltaserve CLI says it
+        p.exit(2, f"error: {e}\n")
     if args.json:
         print(json.dumps(r))
         return

@@ -135,15 +135,27 @@ def bench_decode(llm, batch: int, context: int, steps: int) -> float:
         eng.step()
     for _ in range(3):  # warm-up decode steps
         eng.step()
+    _check_whole_batch(llm, batch, context, steps)
     _sync(llm.device)
     t = time.perf_counter()
     for _ in range(steps):
         eng.step()
     _sync(llm.device)
     dt = (time.perf_counter() - t) / steps
+    _check_whole_batch(llm, batch, context, steps)
     for rid in ids:
         eng.abort(rid)
     return dt
+
+
+def _check_whole_batch(llm, batch: int, context: int, steps: int) -> None:
+    """Every sequence of the batch is still decoding: a KV cache too small for the batch preempts some, and the
+    timed steps would be of a smaller batch than the row says."""
+    running = len(llm.engine.scheduler.running)
+    if running != batch or llm.engine.scheduler.waiting:
+        raise ValueError(f"decode at batch {batch}: only {running} sequences fit in the KV cache "
+                         f"({llm.runner.num_kv_blocks} blocks) with {context} + {steps} tokens each; lower the batch "
+                         f"sizes or --context, or raise --num-kv-blocks / --gpu-memory-utilization")
 
 
 def bench_prefill(llm, length: int, count: int = 1, repeats: int = 3) -> float:
@@ -196,8 +208,9 @@ def run_bench(llm, prompt_lens: list[int], batch_sizes: list[int], context: int,
 def format_table(rows: list[dict], header: str) -> str:
     lines = [header, f"{'phase':<8}{'size':>7}{'ms':>11}{'tok/s':>12}{'bound ms':>11}{'of bound':>10}"]
     for r in rows:
-        lines.append(f"{r['kind']:<8}{r['size']:>7}{r['ms']:>11.3f}{r['tok_per_s']:>12.1f}{r['bound_ms']:>11.3f}"
-                     f"{r['fraction_of_bound']:>10.2f}")
+        bound = f"{r['bound_ms']:>11.3f}{r['fraction_of_bound']:>10.2f}" if r["bound_ms"] == r["bound_ms"] else \
+            f"{'n/a':>11}{'n/a':>10}"  # NaN: no bound measured (CPU)
+        lines.append(f"{r['kind']:<8}{r['size']:>7}{r['ms']:>11.3f}{r['tok_per_s']:>12.1f}{bound}")
     lines.append("size: prompt tokens [x prompts] (prefill) or batch size (decode); bound: FLOPs / measured GEMM rate for "
-                 "prefill, bytes touched / measured copy bandwidth for decode")
+                 "prefill, bytes touched / measured copy bandwidth for decode (measured on CUDA only)")
     return "\n".join(lines)

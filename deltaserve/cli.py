@@ -185,13 +185,14 @@ def _add_bench_parser(sub) -> None:
                                    "measured copy bandwidth for decode.")
     b.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="random weights of a published shape, made on the device (no checkpoint needed)")
-    b.add_argument("--layers", type=int, default=None, help="cut the preset to N layers")
+    b.add_argument("--layers", type=positive_int, default=None, help="cut the preset to N layers")
     b.add_argument("--quantization", default=None,
                    help="'awq': the preset in int4 AWQ, mixed like Qwen3.5 AWQ checkpoints (o_proj, "
                         "out_proj, MLPs and experts int4; q/k/v, GDN in-projections, router, shared_expert_gate "
                         "16-bit); 'awq-full': int4 as `deltaserve quantize` writes (all projections but "
                         "in_proj_a/b, router and shared_expert_gate); default: all 16-bit")
-    b.add_argument("--group-size", type=int, default=128, help="AWQ input channels per scale (default 128)")
+    b.add_argument("--group-size", type=positive_int, default=None,
+                   help="with --quantization: AWQ input channels per scale (default 128)")
     b.add_argument("--prompt-lens", type=positive_ints, default=[512, 2048, 8192],
                    help="comma-separated prefill lengths (default 512,2048,8192)")
     b.add_argument("--batch-sizes", type=positive_ints, default=[1, 16, 64],
@@ -200,7 +201,7 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--context", type=positive_int, default=1024, help="tokens of context per decoding sequence")
     b.add_argument("--steps", type=positive_int, default=32, help="decode steps timed per batch size")
     add_engine_args(b)
-    b.set_defaults(max_num_batched_tokens=8192)
+    b.set_defaults(max_num_batched_tokens=8192, max_num_seqs=None)  # max_num_seqs: the largest batch unless given
 
 
 def _add_chat_parser(sub) -> None:
@@ -299,7 +300,8 @@ def _sampling_params(args, defaults: dict | None = None):
     return SamplingParams(n=args.n, **{**_CLI_SAMPLING, **(defaults or {}), **given},
                           max_tokens=args.max_tokens, stop=args.stop, seed=args.seed,
                           ignore_eos=args.ignore_eos, presence_penalty=args.presence_penalty,
-                          frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens, structured_outputs=_structured_outputs(args))
+                          frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
+                          structured_outputs=_structured_outputs(args))
 
 
 def _structured_outputs(args):
@@ -334,31 +336,49 @@ def _build_llm(args):
     return llm
 
 
+def _check_bench(args) -> None:
+    """Flags bench would otherwise ignore, and sizes whose timed steps could not hold the whole batch."""
+    if args.preset and args.model:
+        raise ValueError(f"--preset {args.preset} builds random weights of that shape and --model {args.model} loads a "
+                         f"checkpoint: give one of them")
+    if not args.preset and (args.quantization or args.layers):
+        flag = "--quantization" if args.quantization else "--layers"
+        raise ValueError(f"{flag} applies to --preset (random weights); a checkpoint runs as it is stored, so drop "
+                         f"{flag} with --model")
+    if args.group_size and not args.quantization:
+        raise ValueError("--group-size applies with --quantization awq / awq-full")
+    need = max(*args.batch_sizes, args.prefill_count)
+    if args.max_num_seqs is not None and args.max_num_seqs < need:
+        raise ValueError(f"--max-num-seqs {args.max_num_seqs} is below the largest batch ({need}); bench runs each "
+                         f"batch whole: raise it or drop it")
+    longest = max(max(args.prompt_lens), args.context + args.steps + 16) + 8
+    if args.max_model_len is not None and args.max_model_len < longest:
+        raise ValueError(f"--max-model-len {args.max_model_len} is below the {longest} tokens a run needs (the longest "
+                         f"prompt, or --context + --steps + 24); raise it or lower those")
+
+
 def _bench(args) -> None:
     from . import LLM
     from .bench import format_table, preset_config, run_bench
 
-    if args.preset and args.model:
-        raise ValueError(f"--preset {args.preset} builds random weights of that shape and --model {args.model} loads a "
-                         f"checkpoint: give one of them")
+    _check_bench(args)
     max_len = max(max(args.prompt_lens), args.context + args.steps + 16) + 8
-    kw = dict(device=args.device, dtype=args.dtype, max_num_seqs=max(*args.batch_sizes, args.prefill_count),
+    kw = dict(device=args.device, dtype=args.dtype,
+              max_num_seqs=args.max_num_seqs or max(*args.batch_sizes, args.prefill_count),
               max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.prompt_lens) * args.prefill_count),
               max_model_len=args.max_model_len or max_len, block_size=args.block_size,
               num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype, state_dtype=args.state_dtype,
               enable_expert_parallel=args.enable_expert_parallel, async_scheduling=args.async_scheduling)
     if args.preset:
+        group_size = args.group_size or 128
         llm = LLM.from_config(preset_config(args.preset, args.layers), tensor_parallel_size=args.tp,
-                              quantization=args.quantization, group_size=args.group_size, **kw)
+                              quantization=args.quantization, group_size=group_size, **kw)
         name = args.preset if args.tp == 1 else f"{args.preset} TP={args.tp}"
         if llm.config.expert_parallel:
             name += " EP"
         if args.quantization:
-            name += f" | awq int4 g{args.group_size} ({'full' if args.quantization == 'awq-full' else 'mixed'})"
-    elif args.quantization:
-        raise ValueError("--quantization applies to --preset (random weights); a checkpoint's own tensors decide "
-                         "its format, so drop --quantization with --model")
+            name += f" | awq int4 g{group_size} ({'full' if args.quantization == 'awq-full' else 'mixed'})"
     else:
         llm, name = LLM(model=resolve_model(args.model), tensor_parallel_size=args.tp, **kw), args.model or "tiny"
     rows = run_bench(llm, args.prompt_lens, args.batch_sizes, args.context, args.steps,

@@ -10,6 +10,8 @@ from L2. Prints one table; say which card gave it when you quote it.
 
     python benchmarks/kernels/bench_fp8.py
 """
+import argparse
+import sys
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
@@ -56,6 +58,9 @@ def row(name: str, k: int, n: int, t: int, weights) -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help: what it measures
+    if not torch.cuda.is_available():
+        sys.exit("bench_fp8 needs a CUDA device")
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}; dispatch: weight-only for T <= {WEIGHT_ONLY_MAX_T}, W8A8 above")
     print(f"{'shape':15s} {'in->out':>13} {'T':>5} | {'bf16 µs':>9} {'TFLOP/s':>7} | {'w8a8 µs':>9} {'TFLOP/s':>7} | "

@@ -9,6 +9,7 @@ say which card gave it when you quote it.
     python benchmarks/kernels/bench_gemv.py [--sweep] [--only logits|linear]
 """
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,8 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also time the tilings in TILES, print the best")
     p.add_argument("--only", choices=["logits", "linear"])
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_gemv needs a CUDA device")
     print(f"{torch.cuda.get_device_name()} | bf16 | CUDA-graph replays over weight copies")
     print(f"{'shape':>18} {'M':>3} {'cuBLAS us':>10} {'TB/s':>5} {'GEMV us':>8} {'TB/s':>5} {'ratio':>6}"
           + ("  best tiling" if args.sweep else ""))

@@ -17,7 +17,9 @@ touches > 100 MB, more than twice the 50 MB L2, so weights stream from HBM.
     python benchmarks/kernels/bench_int4.py
 Say which card gave the figures when you quote them.
 """
+import argparse
 import dataclasses
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +153,9 @@ def bench_moe(bw: float, e: int = 256, top_k: int = 8, h: int = 2048, inter: int
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help: what it measures
+    if not torch.cuda.is_available():
+        sys.exit("bench_int4 needs a CUDA device")
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write); int4 group {GROUP}")

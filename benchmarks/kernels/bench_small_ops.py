@@ -7,6 +7,8 @@ bandwidth (bytes it must move / time) against a device-to-device copy measured i
 
     python benchmarks/kernels/bench_small_ops.py
 """
+import argparse
+import sys
 import torch
 from triton.testing import do_bench
 
@@ -81,6 +83,9 @@ def cases():
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help: what it measures
+    if not torch.cuda.is_available():
+        sys.exit("bench_small_ops needs a CUDA device")
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}; device copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
