@@ -241,6 +241,7 @@ class LLM:
         self._workers = workers
         self._finalizer = weakref.finalize(self, workers.close)
         try:
+            workers.wait_for("started")
             tp = init_group(0, world, workers.port, spec.device)
             self.device = rank_device(spec.device, 0)
             runner = spec.build_runner(tp, self.device, on_loaded=lambda: workers.wait_for("loaded"))

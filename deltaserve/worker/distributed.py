@@ -189,6 +189,9 @@ def check_tp_size(cfg: ModelConfig, world: int, device: torch.device,
         raise ValueError(f"tensor_parallel_size={world} needs {world} CUDA devices but {torch.cuda.device_count()} "
                          f"are visible; lower --tp")
     if world > 1 and dist.is_initialized():
+        if _owned_group:
+            raise ValueError("another tensor-parallel LLM of this process still holds its process group (one per "
+                             "process); shut it down first (llm.shutdown())")
         raise ValueError("tensor_parallel_size > 1 starts its own process group, but torch.distributed is already "
                          "initialised in this process; run deltaserve outside torchrun")
 
@@ -208,9 +211,14 @@ def _collective_device(group) -> torch.device:
         torch.device("cpu")
 
 
+_owned_group = False  # this process's process group, if any, was started by init_group (not by torchrun)
+
+
 def init_group(rank: int, world: int, port: int, device: torch.device) -> TPGroup:
+    global _owned_group
     if device.type == "cuda":
         torch.cuda.set_device(rank)
+    _owned_group = True
     dist.init_process_group(backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=COLLECTIVE_TIMEOUT)
     return TPGroup(rank, world, dist.group.WORLD)
@@ -227,6 +235,7 @@ def _worker_main(rank: int, world: int, port: int, spec, conn) -> None:
     # Ctrl-C reaches the terminal's whole process group; rank 0 alone decides when the workers stop (TPWorkers.close),
     # so a worker never leaves a step part-way on its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn.send(("started", None))  # before the rendezvous, which rank 0 would otherwise wait on for a dead worker
     try:
         device = rank_device(torch.device(spec.device), rank)
         if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # N ranks share the cores
@@ -310,11 +319,16 @@ class TPWorkers:
 
     def wait_for(self, status: str) -> None:
         """Block until every worker reports `status`; a worker's error is raised here as ValueError."""
-        for rank, conn in enumerate(self.conns, start=1):
+        for rank, (conn, p) in enumerate(zip(self.conns, self.procs), start=1):
             try:
                 kind, msg = conn.recv()
             except EOFError:
-                raise RuntimeError(f"tensor-parallel worker {rank} exited during start-up") from None
+                p.join(2.0)
+                hint = "" if status != "started" else (
+                    " before running any deltaserve code: if the script makes the LLM at import time, put that under "
+                    "`if __name__ == '__main__':` (each worker is a new Python process that imports the script)")
+                raise RuntimeError(f"tensor-parallel worker {rank} exited during start-up (exit code {p.exitcode})"
+                                   f"{hint}") from None
             if kind == "error":
                 raise ValueError(f"tensor-parallel rank {rank}: {msg}")
             if kind != status:

@@ -500,3 +500,33 @@ def test_a_step_that_lost_a_worker_delivers_no_token(ckpts, monkeypatch):
             got.append(out)
     assert all(out.outputs[0].token_ids == [] for out in got), got
     llm.shutdown()
+
+
+def test_a_script_without_the_main_guard_fails_at_once(ckpts, tmp_path):
+    """The README's example plus tensor_parallel_size=2, with no `if __name__ == "__main__":`: the spawned worker
+    re-imports the script and dies in Python's bootstrap check, and rank 0 waited in the rendezvous for a worker that
+    would never come (10 minutes). Each worker now reports before the rendezvous, so rank 0 says what happened."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text("import sys\nfrom deltaserve import LLM\n"
+                      "LLM(sys.argv[1], device='cpu', tensor_parallel_size=2, max_model_len=64)\nprint('built')\n")
+    t = time.monotonic()
+    res = subprocess.run([sys.executable, str(script), ckpts["dense"]], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "built" not in res.stdout
+    assert "tensor-parallel worker 1 exited during start-up" in res.stderr and "__main__" in res.stderr, res.stderr
+    assert time.monotonic() - t < 60
+
+
+def test_a_second_tp_llm_in_one_process_says_why_it_cannot_start(ckpts):
+    """It was refused as "torch.distributed is already initialised; run deltaserve outside torchrun", though no
+    torchrun was involved: the first LLM's own group was."""
+    first = _tp2(ckpts)
+    try:
+        with pytest.raises(ValueError, match=r"another tensor-parallel LLM of this process .* shut it down first"):
+            _tp2(ckpts)
+        assert first.generate([PROMPTS[1]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    finally:
+        first.shutdown()
+    _tp2(ckpts).shutdown()  # after the shutdown, a new one starts
