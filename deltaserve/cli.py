@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "make-tiny":
             from .tiny import make_tiny
 
+            if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+                raise ValueError(f"{args.dir} is a file; make-tiny writes a checkpoint directory, give it a directory")
             if not args.force and os.path.isdir(args.dir) and os.listdir(args.dir):
                 raise ValueError(f"{args.dir} is not an empty directory: make-tiny would replace its config.json, "
                                  f"weights and tokenizer; pick a new directory or pass --force")

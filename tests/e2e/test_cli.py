@@ -238,6 +238,8 @@ def test_make_tiny_refuses_a_directory_that_is_not_empty(env, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["config.json"]
     res = cli("make-tiny", str(tmp_path), "--force", env=env)
     assert res.returncode == 0 and res.stdout.strip() == str(tmp_path), res.stderr
+    # a file, --force or not: it printed "[Errno 17] File exists"
+    assert_user_error(cli("make-tiny", str(tmp_path / "config.json"), "--force", env=env), "is a file")
     assert "model.safetensors" in os.listdir(tmp_path)
 
 
