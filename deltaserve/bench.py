@@ -127,7 +127,8 @@ def bench_decode(llm, batch: int, context: int, steps: int) -> float:
     from .sampling_params import SamplingParams
 
     eng = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    # no finish before max_model_len: while the batch's prompts are prefilled in chunks, the first ones already decode
+    params = SamplingParams(temperature=0, max_tokens=llm.max_model_len - context, ignore_eos=True)
     g = torch.Generator().manual_seed(batch)
     ids = [eng.add_request(torch.randint(0, llm.config.vocab_size, (context,), generator=g).tolist(), params)
            for _ in range(batch)]
@@ -152,10 +153,13 @@ def _check_whole_batch(llm, batch: int, context: int, steps: int) -> None:
     """Every sequence of the batch is still decoding: a KV cache too small for the batch preempts some, and the
     timed steps would be of a smaller batch than the row says."""
     running = len(llm.engine.scheduler.running)
-    if running != batch or llm.engine.scheduler.waiting:
+    if llm.engine.scheduler.waiting:
         raise ValueError(f"decode at batch {batch}: only {running} sequences fit in the KV cache "
                          f"({llm.runner.num_kv_blocks} blocks) with {context} + {steps} tokens each; lower the batch "
                          f"sizes or --context, or raise --num-kv-blocks / --gpu-memory-utilization")
+    if running != batch:
+        raise ValueError(f"decode at batch {batch}: {batch - running} sequences reached max_model_len "
+                         f"{llm.max_model_len} before the timed steps ended; raise --max-model-len")
 
 
 def bench_prefill(llm, length: int, count: int = 1, repeats: int = 3) -> float:

@@ -338,7 +338,14 @@ def _build_llm(args):
     return llm
 
 
-def _check_bench(args) -> None:
+def _bench_len(args, budget: int) -> int:
+    """Tokens a bench sequence can reach: the longest prompt, or a decode context plus the steps timed, the warm-up
+    ones and those its row decodes while the rest of the batch is prefilled in chunks of `budget` tokens."""
+    catch_up = -(-max(args.batch_sizes) * args.context // budget)
+    return max(max(args.prompt_lens), args.context + args.steps + 16 + catch_up) + 8
+
+
+def _check_bench(args, budget: int) -> None:
     """Flags bench would otherwise ignore, and sizes whose timed steps could not hold the whole batch."""
     if args.preset and args.model:
         raise ValueError(f"--preset {args.preset} builds random weights of that shape and --model {args.model} loads a "
@@ -353,22 +360,23 @@ def _check_bench(args) -> None:
     if args.max_num_seqs is not None and args.max_num_seqs < need:
         raise ValueError(f"--max-num-seqs {args.max_num_seqs} is below the largest batch ({need}); bench runs each "
                          f"batch whole: raise it or drop it")
-    longest = max(max(args.prompt_lens), args.context + args.steps + 16) + 8
+    longest = _bench_len(args, budget)
     if args.max_model_len is not None and args.max_model_len < longest:
         raise ValueError(f"--max-model-len {args.max_model_len} is below the {longest} tokens a run needs (the longest "
-                         f"prompt, or --context + --steps + 24); raise it or lower those")
+                         f"prompt, or --context + --steps + the decode steps of a chunked prefill); raise it or lower "
+                         f"those")
 
 
 def _bench(args) -> None:
     from . import LLM
     from .bench import format_table, preset_config, run_bench
 
-    _check_bench(args)
-    max_len = max(max(args.prompt_lens), args.context + args.steps + 16) + 8
+    budget = max(args.max_num_batched_tokens, max(args.prompt_lens) * args.prefill_count)
+    _check_bench(args, budget)
     kw = dict(device=args.device, dtype=args.dtype,
               max_num_seqs=args.max_num_seqs or max(*args.batch_sizes, args.prefill_count),
-              max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.prompt_lens) * args.prefill_count),
-              max_model_len=args.max_model_len or max_len, block_size=args.block_size,
+              max_num_batched_tokens=budget, max_model_len=args.max_model_len or _bench_len(args, budget),
+              block_size=args.block_size,
               num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype, state_dtype=args.state_dtype,
               enable_expert_parallel=args.enable_expert_parallel, async_scheduling=args.async_scheduling)

@@ -106,7 +106,7 @@ class QuantConfig:
         if group < 1:
             raise ConfigError(f"{source}: compressed-tensors group_size must be a positive number of input channels "
                               f"per scale, got {group} (one scale per row is the 'channel' strategy, not supported).")
-        if w.get("actorder") not in (None, False, "static"):  # "static" reorders at quantization time only
+        if w.get("actorder") not in (None, False, "static", "weight"):  # these reorder while quantizing only
             raise ConfigError(f"{source}: compressed-tensors activation ordering (actorder {w['actorder']!r}, "
                               f"weight_g_idx) is not supported; use a checkpoint quantized without it.")
         if next(iter(groups.values())).get("input_activations"):  # e.g. W4A8: said, not silently dropped

@@ -165,7 +165,7 @@ def _check_not_convert(files: list[str], skip: list[str], extra: list[str]) -> N
             for name, shape, _ in _tensors(f):
                 names.append(name)
                 quantized += name.endswith(".weight") and _should_quantize(name[: -len(".weight")], shape, skip)
-    unmatched = [e for e in extra if not any(e in n for n in names)]
+    unmatched = [e for e in extra if e not in ALWAYS_16BIT and not any(e in n for n in names)]
     if unmatched:
         raise ValueError(f"--not-convert {unmatched[0]!r} matches no tensor of the checkpoint; module names look "
                          f"like {next((n for n in names if LAYER.search(n)), names[0])!r}")

@@ -483,9 +483,11 @@ def leave_group(timeout: float) -> None:
     """destroy_process_group, given up on after `timeout` s (a peer that already died never joins the teardown)."""
     if not dist.is_initialized():
         return
+    global _owned_group
     t = threading.Thread(target=dist.destroy_process_group, daemon=True, name="deltaserve-tp-leave")
     t.start()
     t.join(timeout)
+    _owned_group = dist.is_initialized()
 
 
 def worker_pids_alive(pids: list[int]) -> list[int]:

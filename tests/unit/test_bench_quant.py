@@ -257,6 +257,17 @@ def test_bench_cli_runs_a_quantized_preset(preset, tiny_presets, capsys):
     assert all(r[4:] == ["n/a", "n/a"] for r in rows)  # no bound measured on the CPU (it printed nan)
 
 
+def test_bench_decode_rows_hold_the_whole_batch_under_a_chunked_prefill(tiny_presets, capsys):
+    """With a token budget below batch x context, the first rows decode while the rest are prefilled: they reached
+    max_tokens during the timed steps, so a valid run was refused as "only 6 sequences fit in the KV cache" (and,
+    before that check, timed a smaller batch than its row said)."""
+    argv = ["bench", *BENCH_ARGS, "--preset", "tiny-dense", "--batch-sizes", "8", "--context", "64",
+            "--num-kv-blocks", "256", "--max-num-batched-tokens", "64"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("decode")]
+    assert [r[:2] for r in rows] == [["decode", "8"]]
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--preset", "tiny-dense", "--quantization", "gptq"], "quantization='gptq' is not supported for random weights"),
     (["--preset", "tiny-moe", "--quantization", "awq"], "group_size 128 does not divide its in_features 64"),
@@ -265,7 +276,7 @@ def test_bench_cli_runs_a_quantized_preset(preset, tiny_presets, capsys):
     (["--layers", "2"], "--layers applies to --preset"),
     (["--preset", "tiny-dense", "--group-size", "32"], "--group-size applies with --quantization"),
     (["--preset", "tiny-dense", "--max-num-seqs", "1"], "--max-num-seqs 1 is below the largest batch (2)"),
-    (["--preset", "tiny-dense", "--max-model-len", "20"], "--max-model-len 20 is below the 42 tokens a run needs"),
+    (["--preset", "tiny-dense", "--max-model-len", "20"], "--max-model-len 20 is below the 43 tokens a run needs"),
     (["--preset", "tiny-dense", "--num-kv-blocks", "3"], "decode at batch 2: only 1 sequences fit in the KV cache"),
 ], ids=["bad_method", "bad_group", "no_preset", "layers_without_preset", "group_without_quantization",
         "max_num_seqs_below_batch", "max_model_len_too_short", "kv_cache_too_small"])

@@ -196,6 +196,23 @@ def test_compressed_tensors_settings_deltaserve_cannot_run_are_named(sources, tm
     assert needle in msg, msg
 
 
+def test_compressed_tensors_static_activation_order_loads(sources, tmp_path):
+    """actorder "weight" (also spelled "static") reorders columns while quantizing only, with no g_idx stored: such
+    checkpoints run as any other."""
+    q = write_ct(sources[False], str(tmp_path / "ct"), False)
+    with open(os.path.join(q, "config.json")) as f:
+        raw = json.load(f)
+    raw["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "weight"
+    with open(os.path.join(q, "config.json"), "w") as f:
+        json.dump(raw, f)
+    assert_matches_twin(q, tmp_path)
+
+
+def test_not_convert_may_name_a_part_that_is_always_16bit(sources, tmp_path):
+    """--not-convert mtp on a checkpoint without an MTP head: already kept 16-bit, so not a typo to refuse."""
+    quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=GROUP, not_convert=["mtp"], progress=False)
+
+
 def test_calib_without_a_tokenizer_says_so(sources, tmp_path):
     """A source without tokenizer files: "--calib ... holds fewer than 2 tokens of text" for a 2 KB text file."""
     src = tmp_path / "src"
