@@ -181,7 +181,7 @@ class LLM:
                formats: dict[str, str] | None = None, state_dtype: str = "auto",
                enable_expert_parallel: bool = False, async_scheduling: bool | None = None,
                generation_config: str = "auto") -> None:
-        self.sampling_defaults = _sampling_defaults(config, generation_config)
+        self.sampling_defaults = _checked_sampling_defaults(config, generation_config)
         config = dataclasses.replace(config, state_dtype=_resolve_state_dtype(state_dtype, config),
                                      expert_parallel=_expert_parallel(config, enable_expert_parallel,
                                                                       tensor_parallel_size))
@@ -439,7 +439,7 @@ def _normalise_params(sp, n: int, default: SamplingParams) -> list[SamplingParam
     return sp
 
 
-def _sampling_defaults(config: ModelConfig, generation_config: str) -> dict:
+def _checked_sampling_defaults(config: ModelConfig, generation_config: str) -> dict:
     """The sampling settings a request that does not set them gets: "auto" the checkpoint's generation_config.json
     ones (config.sampling_defaults), "none" SamplingParams' own."""
     if generation_config not in ("auto", "none"):

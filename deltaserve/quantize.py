@@ -74,10 +74,11 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
     files = checkpoint_files(src)
     read_formats(cfg, src)  # quantized tensors under a config.json without quantization_config: WeightsError, as
     # the loader says it (they were quantized as if 16-bit, and the checkpoint written failed to load)
-    _check_experts_uniform(files, skip)  # fail before writing anything
-    _check_not_convert(files, skip, not_convert or [])
+    headers = _headers(files)  # checked before anything is written
+    _check_experts_uniform(headers, skip)
+    _check_not_convert(headers, skip, not_convert or [])
     if method == "awq":
-        _check_shapes_first(files, skip, group_size)
+        _check_shapes_first(headers, skip, group_size)
     scales = calibrate(src, cfg, files, calib, skip, group_size) if calib else {}
     _copy_side_files(src, dst)
     weight_map = {}
@@ -143,28 +144,32 @@ def _should_quantize(module: str, shape, skip: list[str]) -> bool:
             and not any(s in module for s in skip))
 
 
-def _check_shapes_first(files: list[str], skip: list[str], group: int) -> None:
-    """Every Linear to quantize fits AWQ at this group size (headers only, no tensor data)."""
+def _headers(files: list[str]) -> list[tuple[str, list[int]]]:
+    """(name, shape) of every tensor quantize will read (packed experts split, as _tensors does); no tensor data."""
+    out = []
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
-            for name, shape, _ in _tensors(f):
-                module = name[: -len(".weight")]
-                if name.endswith(".weight") and _should_quantize(module, shape, skip):
-                    reason = check_shapes("awq", shape[1], shape[0], group, module)
-                    if reason:
-                        raise ValueError(f"cannot quantize {name}: {reason}; pick a --group-size that divides it "
-                                         f"(e.g. 32 or 64) or keep it 16-bit with --not-convert")
+            out += [(name, shape) for name, shape, _ in _tensors(f)]
+    return out
 
 
-def _check_not_convert(files: list[str], skip: list[str], extra: list[str]) -> None:
+def _check_shapes_first(headers: list[tuple[str, list[int]]], skip: list[str], group: int) -> None:
+    """Every Linear to quantize fits AWQ at this group size."""
+    for name, shape in headers:
+        module = name[: -len(".weight")]
+        if name.endswith(".weight") and _should_quantize(module, shape, skip):
+            reason = check_shapes("awq", shape[1], shape[0], group, module)
+            if reason:
+                raise ValueError(f"cannot quantize {name}: {reason}; pick a --group-size that divides it "
+                                 f"(e.g. 32 or 64) or keep it 16-bit with --not-convert")
+
+
+def _check_not_convert(headers: list[tuple[str, list[int]]], skip: list[str], extra: list[str]) -> None:
     """Each --not-convert substring names some tensor of the checkpoint (a typo would quantize what it meant to
     keep), and something is still left to quantize."""
-    names, quantized = [], 0
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name, shape, _ in _tensors(f):
-                names.append(name)
-                quantized += name.endswith(".weight") and _should_quantize(name[: -len(".weight")], shape, skip)
+    names = [name for name, _ in headers]
+    quantized = any(name.endswith(".weight") and _should_quantize(name[: -len(".weight")], shape, skip)
+                    for name, shape in headers)
     unmatched = [e for e in extra if e not in ALWAYS_16BIT and not any(e in n for n in names)]
     if unmatched:
         raise ValueError(f"--not-convert {unmatched[0]!r} matches no tensor of the checkpoint; module names look "
@@ -177,18 +182,15 @@ def _check_not_convert(files: list[str], skip: list[str], extra: list[str]) -> N
 _EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.\d+\.")
 
 
-def _check_experts_uniform(files: list[str], skip: list[str]) -> None:
+def _check_experts_uniform(headers: list[tuple[str, list[int]]], skip: list[str]) -> None:
     """A layer's experts are all quantized or all 16-bit (what the MoE kernels read): a --not-convert pattern that
     splits them is refused here, not when the written checkpoint is loaded."""
     kinds: dict[str, dict[bool, str]] = {}  # layer -> {quantized?: an example module}
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name, shape, _ in _tensors(f):
-                m = _EXPERT.search(name)
-                if m and name.endswith(".weight"):
-                    module = name[: -len(".weight")]
-                    quantized = _should_quantize(module, shape, skip)
-                    kinds.setdefault(m.group(1), {}).setdefault(quantized, module)
+    for name, shape in headers:
+        m = _EXPERT.search(name)
+        if m and name.endswith(".weight"):
+            module = name[: -len(".weight")]
+            kinds.setdefault(m.group(1), {}).setdefault(_should_quantize(module, shape, skip), module)
     for layer, seen in kinds.items():
         if len(seen) == 2:
             raise ValueError(f"--not-convert keeps {seen[False]} 16-bit but quantizes {seen[True]}: the experts "

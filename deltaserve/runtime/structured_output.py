@@ -194,16 +194,20 @@ def _types(schema: dict) -> set[str] | None:
         return {kind}
     if isinstance(kind, list) and all(isinstance(k, str) for k in kind):
         return set(kind)
-    values = [schema["const"]] if "const" in schema else schema.get("enum")
-    return {_json_type(v) for v in values} if isinstance(values, list) else None
+    values = _listed(schema)
+    return None if values is None else {_json_type(v) for v in values}
 
 
 def _values(schema: dict) -> set | None:
     """The values `schema` allows when it lists them (const / enum), keyed as JSON compares them, else None."""
+    values = _listed(schema)
+    return None if values is None else {_json_key(v) for v in values}
+
+
+def _listed(schema: dict) -> list | None:
+    """The values a const or an enum lists, else None."""
     values = [schema["const"]] if "const" in schema else schema.get("enum")
-    if not isinstance(values, list):
-        return None
-    return {_json_key(v) for v in values}
+    return values if isinstance(values, list) else None
 
 
 def _json_key(value):

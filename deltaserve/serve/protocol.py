@@ -177,7 +177,8 @@ def parse_request(cls: type[_Model], body: bytes) -> Any:
 
 
 def validation_error(e: ValidationError) -> APIError:
-    err = e.errors(include_url=False)[0]
+    errors = e.errors(include_url=False)
+    err = errors[0]
     if err["type"] == "json_invalid":
         return APIError(400, f"The request body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])}).")
     loc = _field_path(err)
@@ -188,12 +189,11 @@ def validation_error(e: ValidationError) -> APIError:
         return APIError(400, f"The request is missing the required field '{param}'.", param)
     shown = json.dumps(err.get("input"))[:80]
     # a union field (Number, str | list[str]) fails once per member: say what any member would take
-    kinds = {x["type"] for x in e.errors(include_url=False) if _field_path(x) == loc}
-    if kinds == {"int_type", "float_type"}:
+    same = [x for x in errors if _field_path(x) == loc]
+    if {x["type"] for x in same} == {"int_type", "float_type"}:
         msg = "input should be a number"
     else:
-        msgs = [x["msg"] for x in e.errors(include_url=False) if _field_path(x) == loc]
-        msg = " or ".join(m[0].lower() + m[1:] for m in dict.fromkeys(msgs))
+        msg = " or ".join(m[0].lower() + m[1:] for m in dict.fromkeys(x["msg"] for x in same))
     return APIError(400, f"Invalid value for '{param}' ({shown}): {msg}.", param)
 
 
