@@ -82,7 +82,7 @@ KERNELS: dict[str, Spec] = {
         dict(x="*bf16", qweight="*i32", qzeros="*i32", scales="*bf16", out="*fp32",
              **_ints("T", "N", "K", "K_PER_SPLIT", "stride_xt", "stride_qk", "stride_zk", "stride_sk", "stride_os",
                      "stride_ot")),
-        dict(GROUP=128, BN=256, DOT_PRECISION="tf32", USE_PDL=True), 8, 3,
+        dict(GROUP=128, BN=256, MAGIC=128.0, USE_ASM=True, DOT_PRECISION="tf32", USE_PDL=True), 4, 3,
         {"N", "K", "K_PER_SPLIT", "stride_xt", "stride_qk", "stride_sk", "stride_os", "stride_ot"}),
     "int4_gemm": Spec(  # int4 prefill GEMM, K-packed, 128-row tiles
         "deltaserve.kernels.int4_gemm.triton:_int4_gemm_kernel",

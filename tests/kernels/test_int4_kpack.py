@@ -219,6 +219,18 @@ def test_kpack_full_size(k, n, t):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("t", [2, 16], ids=lambda t: f"t{t}")
+def test_kpack_tensor_core_gemv_fp16(t):
+    """fp16 activations: the nibbles become fp16 1024 + q (bf16 ones use 128 + q), and the offset comes back out."""
+    awq, kp = kpacked(5120, 6144, 128, device="cuda")
+    x = torch.randn(t, 6144, device="cuda").half()
+    ref = int4_gemm_reference(x.float(), awq["qweight"], awq["qzeros"], awq["scales"], 128)
+    out = int4_dispatch.int4_gemm(x, *kp.values(), 128, kpack=True).float()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 2e-3, f"relative error {rel:.2e}"  # fp16 rounding of y: ~3e-4
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 16], ids=lambda t: f"t{t}")
 def test_kpack_gemv_captures_in_a_cuda_graph(t):
     _, kp = kpacked(4096, 4096, 128, device="cuda")
