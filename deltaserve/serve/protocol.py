@@ -12,7 +12,8 @@ import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
+                      field_validator)
 
 from ..sampling_params import SamplingParams, StructuredOutputs
 
@@ -42,6 +43,14 @@ class _Model(BaseModel):
 
 class StreamOptions(_Model):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM's usage in every chunk: refused when asked for
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _no_continuous_usage(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("usage in every chunk is not supported; include_usage sends it in a final chunk")
+        return v
 
 
 class ContentPart(_Model):
@@ -62,6 +71,14 @@ class FunctionSpec(_Model):
     name: StrictStr = Field(min_length=1)
     description: StrictStr | None = None
     parameters: dict[str, Any] | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _properties_object(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # the tool-call parser reads each argument's type from here (and the template lists them)
+        if v is not None and not isinstance(v.get("properties", {}), dict):
+            raise ValueError("'properties' must be a JSON object mapping each parameter to its schema")
+        return v
 
 
 class ToolSpec(_Model):
@@ -117,7 +134,7 @@ class TokenizeRequest(_Model):
     model: optional, as in vLLM (when given, it must be the served model)."""
     model: StrictStr | None = None
     prompt: StrictStr | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[ToolSpec] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: StrictBool = True
@@ -155,6 +172,10 @@ UNSUPPORTED_FIELDS = {
     "continue_final_message": "a chat answer is always a new assistant turn; to continue text, use /v1/completions",
     "chat_template": "the server renders every chat with the model's own template",
     "echo": "on /v1/chat/completions the answer does not repeat the prompt",  # a declared field on /v1/completions
+    "allowed_token_ids": "use logit_bias to raise or ban tokens",
+    "bad_words": "use logit_bias to ban tokens",
+    "truncate_prompt_tokens": "send the part of the prompt to keep (a prompt longer than the context is refused)",
+    "return_tokens_as_token_ids": "logprobs name each token by its text and bytes",
 }
 _NEUTRAL = {"length_penalty": 1}  # values of those fields that ask for nothing (vLLM's defaults)
 
@@ -192,6 +213,8 @@ def validation_error(e: ValidationError) -> APIError:
     same = [x for x in errors if _field_path(x) == loc]
     if {x["type"] for x in same} == {"int_type", "float_type"}:
         msg = "input should be a number"
+    elif err["type"] == "value_error":  # our validators' own sentence, without pydantic's "Value error, "
+        msg = str(err["ctx"]["error"])
     else:
         msg = " or ".join(m[0].lower() + m[1:] for m in dict.fromkeys(x["msg"] for x in same))
     return APIError(400, f"Invalid value for '{param}' ({shown}): {msg}.", param)

@@ -601,6 +601,21 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
                                                          "echo": True, "min_tokens": 2}, None, 400, "min_tokens"),
     "max_tokens_zero_without_echo": ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, None,
                                      400, "max_tokens"),
+    # a 500 from the tool-call parser (tool_choice auto), and from /tokenize's own chat request
+    "tool_properties_not_object": ("/v1/chat/completions", chat_body(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": 5}}}]), None, 400, "tools.0.function.parameters"),
+    "tokenize_no_messages": ("/tokenize", {"messages": []}, None, 400, "messages"),
+    # vLLM options that change the output were accepted and ignored
+    "allowed_token_ids": ("/v1/completions", {"model": MODEL, "prompt": "hi", "allowed_token_ids": [57]}, None, 400,
+                          "allowed_token_ids"),
+    "bad_words": ("/v1/chat/completions", chat_body(bad_words=[" #"]), None, 400, "bad_words"),
+    "truncate_prompt_tokens": ("/v1/completions", {"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 1}, None,
+                               400, "truncate_prompt_tokens"),
+    "return_tokens_as_token_ids": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 1,
+                                                       "return_tokens_as_token_ids": True}, None, 400,
+                                   "return_tokens_as_token_ids"),
+    "continuous_usage_stats": ("/v1/chat/completions", chat_body(stream=True, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}), None, 400, "stream_options.continuous_usage_stats"),
 }
 
 
