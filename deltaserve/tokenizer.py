@@ -230,7 +230,8 @@ def _check_added_tokens(backend: _Backend, added_tokens_decoder: dict, path: str
 
 
 class IncrementalDetokenizer:
-    """Streams text for generated ids, holding back a character whose UTF-8 bytes are split across tokens.
+    """Streams text for generated ids, holding back a character whose UTF-8 bytes are split across tokens (until
+    more bytes arrive, or `flush` at the request's end).
 
     Keeps a short window of ids: `_ids[:_read]` was already turned into text (left context), `_ids[_read:]` is
     pending. Each `add` decodes the window with and without the pending ids and emits the difference, unless it
@@ -267,9 +268,21 @@ class IncrementalDetokenizer:
         self._text += delta
         return delta
 
+    def flush(self, drop_last: int = 0) -> str:
+        """At the request's end: the text still held back, as `decode` shows it (a character cut off by the length
+        limit, or bytes that never form one, become U+FFFD, as in HF's decode of the output), without the last
+        `drop_last` ids (a stop token whose text is not shown)."""
+        ids = self._ids[: len(self._ids) - drop_last]
+        if len(ids) <= self._read:
+            return ""
+        delta = self._decode(ids)[len(self._decode(self._ids[: self._read])) :]
+        self._ids, self._read = ids, len(ids)
+        self._text += delta
+        return delta
+
     @property
     def text(self) -> str:
-        """All output text emitted so far (held-back bytes excluded)."""
+        """All output text emitted so far (held-back bytes excluded until flush)."""
         return self._text
 
 

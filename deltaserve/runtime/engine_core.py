@@ -262,6 +262,11 @@ class EngineCore:
         if complete and req.grammar.dead_end:  # no token could continue the grammar: not a complete answer
             reason, stop = "abort", None
         if reason is not None:
+            if group.detoks[i] is not None and reason != "abort" and not isinstance(stop, str):
+                # bytes held back as an incomplete character are final now (a stop string cut the text instead);
+                # a stop token's own text stays out unless asked for, as above
+                eos_or_token = reason == "stop" and not req.params.include_stop_str_in_output
+                group.texts[i] += group.detoks[i].flush(drop_last=1 if eos_or_token else 0)
             req.finish_reason, req.stop_reason = reason, stop
             self.scheduler.finish(req)
 

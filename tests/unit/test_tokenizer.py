@@ -259,6 +259,42 @@ def test_incremental_detokenizer_holds_back_split_char(tok):
     assert [detok.add([i]) for i in ids] == [""] * (len(ids) - 1) + ["🎉"]
 
 
+@pytest.mark.parametrize("ending", ["cut_char", "real_fffd", "lone_continuation"])
+def test_flush_gives_held_back_bytes_as_decode_shows_them(tok, ending):
+    """A trailing U+FFFD was held back for good: a character cut off at the end, a real U+FFFD, invalid bytes."""
+    ids = {"cut_char": tok.encode("ok 🎉")[:-1], "real_fffd": tok.encode("ok \ufffd"),
+           "lone_continuation": tok.encode("ok") + [tok.token_to_id(_byte_token(0x80))]}[ending]
+    detok = IncrementalDetokenizer(tok, [])
+    streamed = "".join(detok.add([i]) for i in ids)
+    assert not streamed.endswith("\ufffd")  # held back while more bytes could come
+    assert streamed + detok.flush() == detok.text == tok.decode(ids) and detok.text.endswith("\ufffd")
+    assert detok.flush() == ""
+    held = IncrementalDetokenizer(tok, [])
+    "".join(held.add([i]) for i in ids + [tok.token_to_id("<|im_end|>")])
+    assert held.text + held.flush(drop_last=1) == tok.decode(ids)  # a stop token's text stays out
+
+
+def test_a_length_stop_keeps_a_cut_character_as_decode_shows_it(tmp_path):
+    from deltaserve import LLM, SamplingParams
+    from deltaserve.tiny import make_tiny
+
+    llm = LLM(model=make_tiny(str(tmp_path / "tiny")), device="cpu", dtype="float32")
+    byte = llm.tokenizer.token_to_id(_byte_token(0xE4))  # a lead byte: never a whole character on its own
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logit_bias={byte: 100})
+    out = llm.generate(["hi"], params)[0].outputs[0]
+    assert out.token_ids == [byte] * 3 and out.finish_reason == "length"
+    assert out.text == llm.tokenizer.decode(out.token_ids) == "\ufffd" * 3  # was "" (as vLLM shows it)
+    assert "".join(o.outputs[0].delta_text for o in llm.generate_stream(["hi"], params)) == out.text
+
+
+def _byte_token(b: int) -> str:
+    """The byte-level BPE token of one byte (GPT-2's byte-to-unicode map)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    if b in keep:
+        return chr(b)
+    return chr(256 + [x for x in range(256) if x not in keep].index(b))
+
+
 def test_incremental_detokenizer_prompt_cut_mid_character(tok):
     ids = tok.encode("x🚀y")
     cut = 2  # "x" + first byte(s) of the rocket end the prompt
