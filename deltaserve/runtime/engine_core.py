@@ -97,6 +97,8 @@ class EngineCore:
         for name, k in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
             if k is not None and k > self.vocab_size:  # checked here, not mid-step, where it would fail the batch
                 raise ValueError(f"{name}={k} asks for more top tokens than the vocabulary has ({self.vocab_size})")
+        if params.stop and self.tokenizer is None:  # they match text, and without a tokenizer there is none
+            raise ValueError("stop strings need the model's tokenizer.json; use stop_token_ids")
         start_after = self._check_structured(prompt_token_ids, params)
         room = self.max_model_len - n_prompt
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -302,9 +304,11 @@ class EngineCore:
             text = group.texts[i]
             # only a stop string that ends in this token's text counts (one that ended earlier, while min_tokens
             # held stops back, does not); it may straddle the previous text and this token's
-            hits = [(at, s) for s in p.stop if (at := text.find(s, max(0, prev_len - len(s) + 1))) >= 0]
+            # the earliest match; at one position the first in the list, as vLLM (["ab", "a"] on "xab": "ab")
+            hits = [(at, k, s) for k, s in enumerate(p.stop)
+                    if (at := text.find(s, max(0, prev_len - len(s) + 1))) >= 0]
             if hits:
-                at, s = min(hits)
+                at, _, s = min(hits)
                 group.texts[i] = text[: at + len(s)] if p.include_stop_str_in_output else text[:at]
                 return "stop", s
         return _length_reason(req, self.max_model_len), None

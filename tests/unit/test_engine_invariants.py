@@ -8,6 +8,7 @@ behave as in vLLM.
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
@@ -332,6 +333,43 @@ def test_stop_string_across_tokens(models, before, after, include):
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == (ref.text[: start + len(stop)] if include else ref.text[:start])
     assert out.token_ids == ref.token_ids[:need], "generation must end with the token completing the stop string"
+
+
+def test_stop_strings_ending_at_one_position_go_by_list_order(models):
+    """Two stop strings completed by one token at the same position: the first listed wins, as in vLLM (the
+    alphabetically smallest won)."""
+    llm = models.solo("dense")
+    tok = llm.tokenizer
+    ref = llm.generate(["The quick brown fox"], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert tok.decode(ref.token_ids) == ref.text
+    for i in range(len(ref.token_ids)):
+        start = len(tok.decode(ref.token_ids[:i]))
+        piece = tok.decode(ref.token_ids[: i + 1])[start:]
+        if len(piece) >= 2 and ref.text.find(piece[0]) == start:  # no earlier match of either string
+            break
+    else:
+        pytest.fail("no greedy token of two or more characters starts a fresh character")
+    for stops in ([piece[:2], piece[:1]], [piece[:1], piece[:2]]):
+        sp = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=stops,
+                            include_stop_str_in_output=True)
+        out = llm.generate(["The quick brown fox"], sp, use_tqdm=False)[0].outputs[0]
+        assert out.stop_reason == stops[0] and out.text == ref.text[: start + len(stops[0])], (stops, out.text)
+
+
+def test_stop_strings_without_a_tokenizer_are_refused(models, tmp_path):
+    """They were ignored without a word: the request ran to its length limit."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in os.listdir(models.path("dense")):
+        if not name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(os.path.join(models.path("dense"), name), bare / name)
+    llm = make_llm(str(bare))
+    assert llm.tokenizer is None
+    with pytest.raises(ValueError, match="stop strings need the model's tokenizer"):
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4, stop=["x"]), use_tqdm=False)
 
 
 def test_stop_token_ids(models):
