@@ -117,6 +117,20 @@ def _kpack_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, N, K, K_P
     tl.store(out + i_s * stride_os + o_n, b_out, mask=m_n)
 
 
+def _nibbles_asm(magic: str) -> str:
+    """PTX for one int32 -> its 8 nibbles as 16-bit floats `magic` + q: nibbles j and j + 4 (bits 4j, 16 + 4j) land in
+    the low mantissa bits of the two halves of one register (one LOP3 (a & b) | c), then split into outputs j, j + 4."""
+    return ("{ .reg .b32 t0, t1, t2, t3;"
+            f" lop3.b32 t0, $8, 0x000f000f, 0x{magic}{magic}, 0xea;"
+            + "".join(f" shr.b32 t{j}, $8, {4 * j}; lop3.b32 t{j}, t{j}, 0x000f000f, 0x{magic}{magic}, 0xea;"
+                      for j in (1, 2, 3))
+            + "".join(f" mov.b32 {{${j}, ${j + 4}}}, t{j};" for j in range(4)) + " }")
+
+
+_NIBBLES_BF16 = tl.constexpr(_nibbles_asm("4300"))  # bf16 128.0: 7 mantissa bits, room for 0..15
+_NIBBLES_FP16 = tl.constexpr(_nibbles_asm("6400"))  # fp16 1024.0
+
+
 @triton.jit
 def _nibble_tiles(b_q, MAGIC: tl.constexpr, USE_ASM: tl.constexpr):
     """int32 [16, BN] (nibble j at bits 4j) -> its 8 nibbles as [16, BN] tiles of the exact values MAGIC + q.
@@ -125,23 +139,11 @@ def _nibble_tiles(b_q, MAGIC: tl.constexpr, USE_ASM: tl.constexpr):
     convert); the tiles leave it in the 16-bit dtype the dot takes. Else fp32 (the interpreter, fp32 activations)."""
     if USE_ASM:
         if MAGIC == 128.0:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 t0, t1, t2, t3;"
-                " lop3.b32 t0, $8, 0x000f000f, 0x43004300, 0xea;"
-                " shr.b32 t1, $8, 4; lop3.b32 t1, t1, 0x000f000f, 0x43004300, 0xea;"
-                " shr.b32 t2, $8, 8; lop3.b32 t2, t2, 0x000f000f, 0x43004300, 0xea;"
-                " shr.b32 t3, $8, 12; lop3.b32 t3, t3, 0x000f000f, 0x43004300, 0xea;"
-                " mov.b32 {$0, $4}, t0; mov.b32 {$1, $5}, t1; mov.b32 {$2, $6}, t2; mov.b32 {$3, $7}, t3; }",
-                "=h,=h,=h,=h,=h,=h,=h,=h,r", [b_q], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(_NIBBLES_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [b_q],
+                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
         else:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 t0, t1, t2, t3;"
-                " lop3.b32 t0, $8, 0x000f000f, 0x64006400, 0xea;"
-                " shr.b32 t1, $8, 4; lop3.b32 t1, t1, 0x000f000f, 0x64006400, 0xea;"
-                " shr.b32 t2, $8, 8; lop3.b32 t2, t2, 0x000f000f, 0x64006400, 0xea;"
-                " shr.b32 t3, $8, 12; lop3.b32 t3, t3, 0x000f000f, 0x64006400, 0xea;"
-                " mov.b32 {$0, $4}, t0; mov.b32 {$1, $5}, t1; mov.b32 {$2, $6}, t2; mov.b32 {$3, $7}, t3; }",
-                "=h,=h,=h,=h,=h,=h,=h,=h,r", [b_q], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(_NIBBLES_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [b_q],
+                                             dtype=(tl.float16,) * 8, is_pure=True, pack=1)
     else:
         return (((b_q >> 0) & 0xF).to(tl.float32) + MAGIC, ((b_q >> 4) & 0xF).to(tl.float32) + MAGIC,
                 ((b_q >> 8) & 0xF).to(tl.float32) + MAGIC, ((b_q >> 12) & 0xF).to(tl.float32) + MAGIC,
