@@ -81,6 +81,8 @@ class SamplingParams:
     # -100 effectively bans a token, +100 all but forces it. Keys must lie in the model's vocabulary (checked when
     # the request is added).
     logit_bias: dict[int, float] | None = None
+    # only these token ids can be sampled (vLLM's; applied as a structured output's mask, so not with one)
+    allowed_token_ids: list[int] | None = None
     structured_outputs: StructuredOutputs | None = None  # constrain the output to a JSON schema, a regex, ...
 
     def __post_init__(self) -> None:
@@ -102,6 +104,8 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)):
             raise ValueError(f"stop_token_ids must be a list of integers >= 0, got {self.stop_token_ids!r}.")
         self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.allowed_token_ids, tuple):
+            self.allowed_token_ids = list(self.allowed_token_ids)
         self._validate()
         self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} if self.logit_bias else None
 
@@ -142,6 +146,14 @@ class SamplingParams:
             fail(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}.")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             fail(f"stop_token_ids must be a list of integers >= 0, got {self.stop_token_ids!r}.")
+        if self.allowed_token_ids is not None and not (
+                isinstance(self.allowed_token_ids, list) and self.allowed_token_ids
+                and all(_is_int(t) and t >= 0 for t in self.allowed_token_ids)):
+            fail(f"allowed_token_ids must be None or a non-empty list of integers >= 0, "
+                 f"got {self.allowed_token_ids!r}.")
+        if self.allowed_token_ids and self.structured_outputs is not None:
+            fail("allowed_token_ids and structured_outputs cannot be combined: write the allowed outputs as a choice "
+                 "or a regex.")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
             fail(f"structured_outputs must be None or a StructuredOutputs, got {self.structured_outputs!r}.")
         if self.logit_bias is not None:

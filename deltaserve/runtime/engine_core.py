@@ -91,9 +91,9 @@ class EngineCore:
                              f"{self.vocab_size - 1})")
         if any(type(t) is not int for t in prompt_token_ids):
             prompt_token_ids = [int(t) for t in prompt_token_ids]
-        bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        for name, ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
+            if bad := [t for t in ids or () if t >= self.vocab_size]:
+                raise ValueError(f"{name} token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         for name, k in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
             if k is not None and k > self.vocab_size:  # checked here, not mid-step, where it would fail the batch
                 raise ValueError(f"{name}={k} asks for more top tokens than the vocabulary has ({self.vocab_size})")

@@ -9,7 +9,8 @@ top-p, which differs only when min_p and top_p are both set):
   1. logprobs = log_softmax(raw logits) in fp32 (the documented contract: raw, before anything below)
   1b. logit_bias added to the biased rows' tokens, and -inf to the tokens a row may not sample yet (min_tokens):
       one scatter-add over every (row, token) pair of the batch
-  1c. structured outputs: -inf outside each constrained row's grammar (a packed bitmask, see runtime/structured_output)
+  1c. structured outputs and allowed_token_ids: -inf outside each constrained row's mask (a packed bitmask, see
+      runtime/structured_output)
   2. repetition penalty on tokens seen in prompt OR output (divide positive logits, multiply negative ones)
   3. frequency / presence penalties on output tokens only (counts via scatter_add)
   4. greedy rows take the argmax of the penalised logits
@@ -55,8 +56,8 @@ class SamplingBatch:
     # logit_bias and banned tokens of every row as (rows [M] int64, token ids [M] int64, biases [M] fp32, -inf for a
     # banned token); None when no row has either
     logit_bias: tuple[Tensor, Tensor, Tensor] | None
-    # structured outputs: (rows [M] int64, packed bitmask [M, ceil(V / 32)] int32, bit t % 32 of word t // 32 set when
-    # token t is allowed) of the M constrained rows; None when no row is constrained
+    # structured outputs and allowed_token_ids: (rows [M] int64, packed bitmask [M, ceil(V / 32)] int32, bit t % 32 of
+    # word t // 32 set when token t is allowed) of the M constrained rows; None when no row is constrained
     allowed: tuple[Tensor, Tensor] | None
     vocab_size: int  # V, the width of the logits
     need_logprobs: bool  # some row asked for logprobs (logprobs=0 still returns the sampled token's logprob)
@@ -136,7 +137,7 @@ class SamplingBatch:
             output_ids=None if no_penalties else _pad_ids(output_ids, vocab_size, pin).to(device, non_blocking=True),
             generators={i: g for i, g in enumerate(generators) if g is not None and not greedy[i]},
             logit_bias=_logit_bias(params, banned or [[] for _ in params], pin, device),
-            allowed=_allowed(grammars, (vocab_size + 31) // 32, pin, device) if grammars else None,
+            allowed=_allowed(params, grammars or [None] * n, (vocab_size + 31) // 32, pin, device),
             vocab_size=vocab_size,
             need_logprobs=any(p.logprobs is not None for p in params),
             max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
@@ -156,9 +157,9 @@ def _check_requests(
     for p in params:
         if p.logprobs is not None and p.logprobs > vocab_size:
             raise ValueError(f"logprobs={p.logprobs} exceeds the vocabulary size; ask for at most {vocab_size}.")
-        if p.logit_bias and max(p.logit_bias) >= vocab_size:
-            raise ValueError(f"logit_bias token id {max(p.logit_bias)} is outside the vocabulary "
-                             f"(0..{vocab_size - 1}).")
+        for name, ids in (("logit_bias", p.logit_bias), ("allowed_token_ids", p.allowed_token_ids)):
+            if ids and max(ids) >= vocab_size:
+                raise ValueError(f"{name} token id {max(ids)} is outside the vocabulary (0..{vocab_size - 1}).")
     for g in generators:
         if g is not None and g.device.type != device.type:
             raise ValueError(f"A per-request generator lives on {g.device} but the batch is on {device}.")
@@ -181,19 +182,32 @@ def _logit_bias(params: list[SamplingParams], banned: list[list[int]], pin: bool
     return rows_t, toks_t, floats.to(device, non_blocking=True)
 
 
-def _allowed(grammars: list, words: int, pin: bool, device: torch.device) -> tuple[Tensor, Tensor] | None:
-    """Per row its runtime.structured_output.RequestGrammar (None: unconstrained) -> (rows [M] int64, packed bitmask
-    [M, words] int32) of the M rows constrained this step, on `device`; None when there are none."""
-    rows = [i for i, g in enumerate(grammars) if g is not None and g.constrains]
+def _allowed(params: list[SamplingParams], grammars: list, words: int, pin: bool,
+             device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """Per row its runtime.structured_output.RequestGrammar (None: unconstrained) and allowed_token_ids -> (rows [M]
+    int64, packed bitmask [M, words] int32) of the M rows constrained this step, on `device`; None when there are
+    none (a request has one or the other: SamplingParams refuses both)."""
+    rows = [i for i, (p, g) in enumerate(zip(params, grammars))
+            if p.allowed_token_ids or g is not None and g.constrains]
     if not rows:
         return None
     bitmask = torch.empty((len(rows), words), dtype=torch.int32)
     for j, i in enumerate(rows):
-        grammars[i].fill(bitmask, j)
+        if params[i].allowed_token_ids:
+            bitmask[j] = _token_mask(params[i].allowed_token_ids, words)
+        else:
+            grammars[i].fill(bitmask, j)
     rows_t = torch.tensor(rows, dtype=torch.int64)
     if pin:
         bitmask, rows_t = bitmask.pin_memory(), rows_t.pin_memory()
     return rows_t.to(device, non_blocking=True), bitmask.to(device, non_blocking=True)
+
+
+def _token_mask(ids: list[int], words: int) -> Tensor:
+    """Token ids -> [words] int32 with bit t % 32 of word t // 32 set for each id (the grammar bitmask's packing)."""
+    bits = np.zeros(words * 32, dtype=np.uint8)
+    bits[ids] = 1
+    return torch.from_numpy(np.packbits(bits, bitorder="little").view("<i4").copy())
 
 
 def _pad_ids(seqs: list[list[int]], pad: int, pin: bool) -> Tensor:

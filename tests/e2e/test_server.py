@@ -270,6 +270,16 @@ def test_logit_bias_forces_and_bans(client, tokenizer):
     assert banned.choices[0].text != plain.choices[0].text
 
 
+def test_allowed_token_ids_limit_what_is_sampled(client, tokenizer):
+    """vLLM's allowed_token_ids: was accepted and ignored; now only those ids come out, greedy or sampled."""
+    allowed = tokenizer.encode("a") + tokenizer.encode(" b")
+    for temperature in (0, 1.0):
+        res = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=6, temperature=temperature,
+                                        seed=1, extra_body={"ignore_eos": True, "allowed_token_ids": allowed})
+        ids = tokenizer.encode(res.choices[0].text)
+        assert res.usage.completion_tokens == 6 and set(ids) <= set(allowed), (res.choices[0].text, ids)
+
+
 def test_min_tokens_extra(client):
     """vLLM's min_tokens: a stop token forced by logit_bias ends the answer only once min_tokens tokens are out."""
     body = dict(model=MODEL, prompt="The quick brown", max_tokens=10, temperature=0, logit_bias={"7": 100})
@@ -606,8 +616,13 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
         "name": "f", "parameters": {"type": "object", "properties": 5}}}]), None, 400, "tools.0.function.parameters"),
     "tokenize_no_messages": ("/tokenize", {"messages": []}, None, 400, "messages"),
     # vLLM options that change the output were accepted and ignored
-    "allowed_token_ids": ("/v1/completions", {"model": MODEL, "prompt": "hi", "allowed_token_ids": [57]}, None, 400,
-                          "allowed_token_ids"),
+    "allowed_token_ids_out_of_vocab": ("/v1/completions", {"model": MODEL, "prompt": "hi",
+                                                           "allowed_token_ids": [5, 1000000]}, None, 400,
+                                       "allowed_token_ids"),
+    "allowed_token_ids_empty": ("/v1/chat/completions", chat_body(allowed_token_ids=[]), None, 400,
+                                "allowed_token_ids"),
+    "allowed_token_ids_with_a_schema": ("/v1/chat/completions", chat_body(allowed_token_ids=[5], response_format={
+        "type": "json_object"}), None, 400, "allowed_token_ids"),
     "bad_words": ("/v1/chat/completions", chat_body(bad_words=[" #"]), None, 400, "bad_words"),
     "truncate_prompt_tokens": ("/v1/completions", {"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 1}, None,
                                400, "truncate_prompt_tokens"),

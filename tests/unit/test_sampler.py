@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from deltaserve.sampling_params import SamplingParams
+from deltaserve.sampling_params import SamplingParams, StructuredOutputs
 from deltaserve.worker.sampler import (
     Sampler,
     SamplingBatch,
@@ -66,12 +66,14 @@ def rows_of(probs, n):
         ({"seed": -(2 ** 63) - 1}, "seed"),
         ({"stop": 123}, "stop"),
         ({"stop_token_ids": 5}, "stop_token_ids"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [1, -2]}, "allowed_token_ids"),
     ],
     ids=["n", "temperature", "top_p_zero", "top_p_big", "top_k", "min_p", "max_tokens", "repetition",
          "presence", "frequency", "logprobs", "prompt_logprobs", "seed_float", "bias_range", "bias_negative_id",
          "bias_str_id", "bias_not_dict", "min_tokens", "min_over_max", "temperature_nan", "temperature_inf",
          "repetition_nan", "seed_overflow", "seed_plus_n_overflow", "seed_underflow", "stop_int",
-         "stop_token_ids_int"],
+         "stop_token_ids_int", "allowed_empty", "allowed_negative"],
 )
 def test_params_validation_names_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field} must be"):
@@ -280,6 +282,29 @@ def test_banned_tokens_are_never_sampled():
     assert plain.token_ids.tolist()[::2] == [3, 3]
 
 
+def test_allowed_token_ids_are_the_only_candidates():
+    """Row 0 (greedy) may take 0 or 2 only: the likelier of them, 0; row 1 samples among {1, 4} (its seeded draws hit
+    both over 40 steps, nothing else); row 2 is free; a row 3 beyond 32 ids checks the packing's second word.
+    Logprobs stay raw."""
+    logits = rows_of(PROBS, 3)
+    params = [SamplingParams(temperature=0, allowed_token_ids=[2, 0], logprobs=0),
+              SamplingParams(temperature=1.0, allowed_token_ids=[1, 4], logprobs=0), SamplingParams(temperature=0)]
+    seen = set()
+    for step in range(40):
+        params[1].seed = step
+        out = sample(logits, params)
+        assert out.token_ids[0] == 0 and out.token_ids[2] == 3
+        seen.add(out.token_ids[1].item())
+    assert seen == {1, 4}
+    raw = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(out.logprobs[:2, 0], raw[[0, 1], out.token_ids[:2]], rtol=0, atol=1e-6)
+    wide = torch.zeros(1, 70)
+    wide[0, 5] = 9.0
+    assert sample(wide, [SamplingParams(temperature=0, allowed_token_ids=[33, 69])]).token_ids.item() in (33, 69)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        SamplingParams(allowed_token_ids=[1], structured_outputs=StructuredOutputs(choice=["a"]))
+
+
 def test_compute_topk_logprobs_for_prompt_tokens():
     lp = torch.log_softmax(torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]]), dim=-1)
     values, ids = compute_topk_logprobs(lp, 2, torch.tensor([2, 1]))
@@ -315,6 +340,8 @@ def test_batch_errors_are_one_sentence():
         make_batch([SamplingParams(logprobs=20)], 10)
     with pytest.raises(ValueError, match=r"^logit_bias token id 10 is outside the vocabulary \(0..9\)\.$"):
         make_batch([SamplingParams(logit_bias={10: 1.0})], 10)
+    with pytest.raises(ValueError, match=r"^allowed_token_ids token id 12 is outside the vocabulary \(0..9\)\.$"):
+        make_batch([SamplingParams(allowed_token_ids=[3, 12])], 10)
     batch = make_batch([SamplingParams()], 10)
     with pytest.raises(ValueError, match="do not match the sampling batch"):
         Sampler()(torch.zeros(2, 10), batch)
