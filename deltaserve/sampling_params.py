@@ -83,6 +83,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # only these token ids can be sampled (vLLM's; applied as a structured output's mask, so not with one)
     allowed_token_ids: list[int] | None = None
+    # words that cannot be generated (vLLM's): the last token of each word's tokenization (at the start of the text
+    # and after a space) is banned whenever the output ends with the tokens before it
+    bad_words: list[str] | None = None
     structured_outputs: StructuredOutputs | None = None  # constrain the output to a JSON schema, a regex, ...
 
     def __post_init__(self) -> None:
@@ -106,6 +109,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids)
         if isinstance(self.allowed_token_ids, tuple):
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, (str, tuple)):
+            self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
         self._validate()
         self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} if self.logit_bias else None
 
@@ -151,6 +156,9 @@ class SamplingParams:
                 and all(_is_int(t) and t >= 0 for t in self.allowed_token_ids)):
             fail(f"allowed_token_ids must be None or a non-empty list of integers >= 0, "
                  f"got {self.allowed_token_ids!r}.")
+        if self.bad_words is not None and not (isinstance(self.bad_words, list)
+                                               and all(isinstance(w, str) and w.strip() for w in self.bad_words)):
+            fail(f"bad_words must be None or a list of words (non-blank strings), got {self.bad_words!r}.")
         if self.allowed_token_ids and self.structured_outputs is not None:
             fail("allowed_token_ids and structured_outputs cannot be combined: write the allowed outputs as a choice "
                  "or a regex.")

@@ -229,6 +229,20 @@ def _check_added_tokens(backend: _Backend, added_tokens_decoder: dict, path: str
             )
 
 
+def bad_word_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
+    """SamplingParams.bad_words -> the token sequences to keep out of the output, as vLLM builds them: each word as it
+    tokenizes at the start of a text, and also after a space when the space merges into its first token (a word in
+    mid-text; where the space is a token of its own, the first form already covers it)."""
+    out = []
+    for word in words:
+        plain = tokenizer.encode(word.lstrip())
+        spaced = tokenizer.encode(" " + word.lstrip())
+        out.append(plain)
+        if spaced[0] != plain[0] and len(spaced) == len(plain):
+            out.append(spaced)
+    return out
+
+
 class IncrementalDetokenizer:
     """Streams text for generated ids, holding back a character whose UTF-8 bytes are split across tokens (until
     more bytes arrive, or `flush` at the request's end).

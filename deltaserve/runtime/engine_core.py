@@ -6,7 +6,7 @@ scheduling, building the next batch) overlaps the device's. The next step feeds 
 copy (the model runner substitutes it). A request that stops on a token read late has had one more step computed,
 whose sample is dropped; its blocks and slot are reused only by work queued after that step, so nothing leaks.
 Steps whose requests need the host to know every token (repetition / presence / frequency penalties, structured
-outputs) are read before the next one is scheduled.
+outputs, bad words of several tokens) are read before the next one is scheduled.
 
 Requests with n > 1 become n sibling requests ("<id>" holds sample 0, "<id>#1".. the others) that are reported
 together under the parent id.
@@ -23,7 +23,7 @@ import torch
 
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
-from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from ..tokenizer import IncrementalDetokenizer, Tokenizer, bad_word_ids
 from .request import Request, RequestStatus
 from .scheduler import Scheduler
 from .scheduler_output import SchedulerOutput
@@ -99,12 +99,16 @@ class EngineCore:
                 raise ValueError(f"{name}={k} asks for more top tokens than the vocabulary has ({self.vocab_size})")
         if params.stop and self.tokenizer is None:  # they match text, and without a tokenizer there is none
             raise ValueError("stop strings need the model's tokenizer.json; use stop_token_ids")
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError("bad_words need the model's tokenizer.json; ban token ids with logit_bias")
+        bad_ids = bad_word_ids(self.tokenizer, params.bad_words) if params.bad_words else []
         start_after = self._check_structured(prompt_token_ids, params)
         room = self.max_model_len - n_prompt
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         samples, detoks = [], []
         for i in range(params.n):
-            req = Request(rid if i == 0 else f"{rid}#{i}", list(prompt_token_ids), params, max_tokens, sample_index=i)
+            req = Request(rid if i == 0 else f"{rid}#{i}", list(prompt_token_ids), params, max_tokens, sample_index=i,
+                          bad_word_ids=bad_ids)
             if params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None]
             if params.seed is not None:
@@ -210,7 +214,7 @@ class EngineCore:
             req.num_inflight += 1
             p = req.params
             needs_host |= p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-            needs_host |= req.grammar is not None
+            needs_host |= req.grammar is not None or any(len(ids) > 1 for ids in req.bad_word_ids)
         return _Launched(sched, pending, needs_host)
 
     def _read(self, launched: _Launched, finished_only: bool) -> list[RequestOutput]:

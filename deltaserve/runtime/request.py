@@ -23,6 +23,7 @@ class Request:
     sample_index: int = 0  # which of the parent's n samples this is
     generator: Any = None  # torch.Generator of a seeded request, so its samples ignore the rest of the batch
     grammar: Any = None  # structured_output.RequestGrammar of a request with structured_outputs
+    bad_word_ids: list[list[int]] = field(default_factory=list)  # params.bad_words tokenized (engine_core.bad_word_ids)
     fork_children: list["Request"] = field(default_factory=list)  # n > 1 siblings that copy this one's prefill
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV / state are in the caches

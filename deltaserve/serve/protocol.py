@@ -107,6 +107,7 @@ class _SamplingRequest(_Model):
     include_stop_str_in_output: StrictBool = False
     logit_bias: dict[str, Number] | None = None
     allowed_token_ids: list[StrictInt] | None = None
+    bad_words: list[StrictStr] | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's extra: {"json" | "json_object" | "regex" | "choice": ...}
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -173,7 +174,6 @@ UNSUPPORTED_FIELDS = {
     "continue_final_message": "a chat answer is always a new assistant turn; to continue text, use /v1/completions",
     "chat_template": "the server renders every chat with the model's own template",
     "echo": "on /v1/chat/completions the answer does not repeat the prompt",  # a declared field on /v1/completions
-    "bad_words": "use logit_bias to ban tokens",
     "truncate_prompt_tokens": "send the part of the prompt to keep (a prompt longer than the context is refused)",
     "return_tokens_as_token_ids": "logprobs name each token by its text and bytes",
 }
@@ -248,7 +248,8 @@ def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int
     kw = dict(n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids or [],
               ignore_eos=req.ignore_eos, seed=req.seed, logprobs=logprobs, logit_bias=_token_bias(req.logit_bias),
               skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
-              structured_outputs=structured, prompt_logprobs=prompt_logprobs, allowed_token_ids=req.allowed_token_ids)
+              structured_outputs=structured, prompt_logprobs=prompt_logprobs, allowed_token_ids=req.allowed_token_ids,
+              bad_words=req.bad_words)
     optional = dict(min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                     min_p=req.min_p,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,

@@ -61,8 +61,8 @@ class ServingContext:
             return await self.engine.add_request(ids, params, request_id, prompt)
         except ValueError as e:
             param = next((p for f, p in (("logit_bias", "logit_bias"), ("allowed_token_ids", "allowed_token_ids"),
-                                         ("structured output", structured_field), ("prompt", prompt_field))
-                          if f in str(e)), None)
+                                         ("bad_words", "bad_words"), ("structured output", structured_field),
+                                         ("prompt", prompt_field)) if f in str(e)), None)
             raise APIError(400, str(e), param) from None
         except EngineStopped as e:
             raise APIError(503, str(e)) from None

@@ -390,7 +390,8 @@ class ModelRunner:
         row_ids = [row for _, row in samplers]
         whole = len(row_ids) == logits.shape[0] and _in_order(row_ids)
         rows = logits if whole else logits[to_device(row_ids, self.device)]
-        banned = [_not_yet(r, self.eos_token_ids, self.cfg.vocab_size) for r in reqs]
+        banned = [_not_yet(r, self.eos_token_ids, self.cfg.vocab_size) + _bad_word_ends(r, self.cfg.vocab_size)
+                  for r in reqs]
         grammars = [r.grammar for r in reqs]
         sbatch = SamplingBatch.from_requests(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
@@ -420,6 +421,15 @@ def _not_yet(req: Request, eos_token_ids: tuple[int, ...], vocab_size: int) -> l
     if req.grammar is not None or len(req.output_token_ids) + req.num_inflight >= p.min_tokens:
         return []
     return [t for t in (*(() if p.ignore_eos else eos_token_ids), *p.stop_token_ids) if t < vocab_size]
+
+
+def _bad_word_ends(req: Request, vocab_size: int) -> list[int]:
+    """The last token of each of req's bad words (runtime Request.bad_word_ids) whose other tokens end its output now;
+    a one-token word always. The engine reads every sample of such a request before staging its next step (async
+    scheduling), so the output here is complete."""
+    out = req.output_token_ids
+    return [ids[-1] for ids in req.bad_word_ids
+            if ids[-1] < vocab_size and len(out) >= len(ids) - 1 and out[len(out) - len(ids) + 1:] == ids[:-1]]
 
 
 def _to_dicts(vals: torch.Tensor, toks: torch.Tensor) -> list[Logprobs]:

@@ -270,7 +270,7 @@ def test_logit_bias_forces_and_bans(client, tokenizer):
     assert banned.choices[0].text != plain.choices[0].text
 
 
-def test_allowed_token_ids_limit_what_is_sampled(client, tokenizer):
+def test_allowed_token_ids_and_bad_words_limit_what_is_sampled(client, tokenizer):
     """vLLM's allowed_token_ids: was accepted and ignored; now only those ids come out, greedy or sampled."""
     allowed = tokenizer.encode("a") + tokenizer.encode(" b")
     for temperature in (0, 1.0):
@@ -278,6 +278,12 @@ def test_allowed_token_ids_limit_what_is_sampled(client, tokenizer):
                                         seed=1, extra_body={"ignore_eos": True, "allowed_token_ids": allowed})
         ids = tokenizer.encode(res.choices[0].text)
         assert res.usage.completion_tokens == 6 and set(ids) <= set(allowed), (res.choices[0].text, ids)
+    # vLLM's bad_words (was refused since this morning, ignored before): the greedy answer's first word is banned
+    body = dict(model=MODEL, prompt="The quick brown", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**body, logprobs=0)
+    first = plain.choices[0].logprobs.tokens[0]
+    banned = client.completions.create(**dict(body, extra_body={"ignore_eos": True, "bad_words": [first]}), logprobs=0)
+    assert banned.choices[0].logprobs.tokens[0] != first, (first, banned.choices[0].logprobs.tokens)
 
 
 def test_min_tokens_extra(client):
@@ -619,11 +625,12 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "allowed_token_ids_out_of_vocab": ("/v1/completions", {"model": MODEL, "prompt": "hi",
                                                            "allowed_token_ids": [5, 1000000]}, None, 400,
                                        "allowed_token_ids"),
+    "bad_words_blank": ("/v1/completions", {"model": MODEL, "prompt": "hi", "bad_words": [" "]}, None, 400,
+                        "bad_words"),
     "allowed_token_ids_empty": ("/v1/chat/completions", chat_body(allowed_token_ids=[]), None, 400,
                                 "allowed_token_ids"),
     "allowed_token_ids_with_a_schema": ("/v1/chat/completions", chat_body(allowed_token_ids=[5], response_format={
         "type": "json_object"}), None, 400, "allowed_token_ids"),
-    "bad_words": ("/v1/chat/completions", chat_body(bad_words=[" #"]), None, 400, "bad_words"),
     "truncate_prompt_tokens": ("/v1/completions", {"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 1}, None,
                                400, "truncate_prompt_tokens"),
     "return_tokens_as_token_ids": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 1,

@@ -372,6 +372,35 @@ def test_stop_strings_without_a_tokenizer_are_refused(models, tmp_path):
         llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4, stop=["x"]), use_tqdm=False)
 
 
+def _first_completion(ids: list[int], seqs: list[list[int]]) -> int | None:
+    """The first position of ids at which one of seqs ends, else None."""
+    return next((j for j in range(len(ids)) for q in seqs if j + 1 >= len(q) and ids[j + 1 - len(q):j + 1] == q),
+                None)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_bad_words_never_complete(models, async_scheduling):
+    """vLLM's bad_words: a two-token word taken from the greedy output and a one-token one. The output follows the
+    unconstrained one until a word would complete there, differs at that token, and never holds a word. Under async
+    scheduling a multi-token word needs the previous sample before the next step's ban: the step is read first."""
+    from deltaserve.tokenizer import bad_word_ids
+
+    llm = make_llm(models.path("dense"), async_scheduling=async_scheduling)
+    tok = llm.tokenizer
+    base = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    ref = llm.generate(["The quick brown fox"], base, use_tqdm=False)[0].outputs[0].token_ids
+    two = next(w for i in range(3, len(ref) - 1) if ref[i:i + 2] in bad_word_ids(tok, [w := tok.decode(ref[i:i + 2])])
+               and _first_completion(ref, bad_word_ids(tok, [w])) == i + 1)
+    one = next(w for i in range(len(ref)) if [ref[i]] in bad_word_ids(tok, [w := tok.decode(ref[i:i + 1])]))
+    for words in ([two], [one], [two, one]):
+        seqs = bad_word_ids(tok, words)
+        sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, bad_words=words)
+        out = llm.generate(["The quick brown fox"], sp, use_tqdm=False)[0].outputs[0].token_ids
+        j = _first_completion(ref, seqs)
+        assert out[:j] == ref[:j] and out[j] != ref[j], (words, seqs, ref, out)
+        assert _first_completion(out, seqs) is None, (words, seqs, out)
+
+
 def test_stop_token_ids(models):
     llm = models.solo("dense")
     prompt = random_prompt(random.Random(12), 25, models.vocab())
