@@ -108,6 +108,7 @@ class _SamplingRequest(_Model):
     logit_bias: dict[str, Number] | None = None
     allowed_token_ids: list[StrictInt] | None = None
     bad_words: list[StrictStr] | None = None
+    return_tokens_as_token_ids: StrictBool = False  # logprobs name tokens "token_id:<id>" (vLLM's)
     structured_outputs: dict[str, Any] | None = None  # vLLM's extra: {"json" | "json_object" | "regex" | "choice": ...}
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -175,7 +176,6 @@ UNSUPPORTED_FIELDS = {
     "chat_template": "the server renders every chat with the model's own template",
     "echo": "on /v1/chat/completions the answer does not repeat the prompt",  # a declared field on /v1/completions
     "truncate_prompt_tokens": "send the part of the prompt to keep (a prompt longer than the context is refused)",
-    "return_tokens_as_token_ids": "logprobs name each token by its text and bytes",
 }
 _NEUTRAL = {"length_penalty": 1}  # values of those fields that ask for nothing (vLLM's defaults)
 

@@ -219,30 +219,39 @@ def _top_with(d: dict[int, float], k: int, tok: int) -> list[tuple[int, float]]:
     return top
 
 
-def chat_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list[dict[int, float]], k: int) -> dict:
-    """OpenAI chat `logprobs`: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}."""
+def _shown(tokens: TokenTexts, tok: int, as_ids: bool) -> str:
+    """A logprob entry's token: its text, or "token_id:<id>" (vLLM's return_tokens_as_token_ids: tokens that are not
+    whole characters stay distinguishable)."""
+    return f"token_id:{tok}" if as_ids else tokens(tok)[0]
+
+
+def chat_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list[dict[int, float]], k: int,
+                  as_ids: bool = False) -> dict:
+    """OpenAI chat `logprobs`: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}; `bytes` are the
+    token's own either way."""
     content = []
     for tok, lp in zip(token_ids, logprobs):
-        text, raw = tokens(tok)
-        top = [{"token": tokens(t)[0], "logprob": max(v, _LOGPROB_FLOOR), "bytes": tokens(t)[1]}
+        top = [{"token": _shown(tokens, t, as_ids), "logprob": max(v, _LOGPROB_FLOOR), "bytes": tokens(t)[1]}
                for t, v in _top(lp, k)]
-        content.append({"token": text, "logprob": max(lp[tok], _LOGPROB_FLOOR), "bytes": raw, "top_logprobs": top})
+        content.append({"token": _shown(tokens, tok, as_ids), "logprob": max(lp[tok], _LOGPROB_FLOOR),
+                        "bytes": tokens(tok)[1], "top_logprobs": top})
     return {"content": content}
 
 
 def completion_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list[dict[int, float] | None], k: int,
-                        offset: int) -> dict:
-    """OpenAI completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset (from `offset`). A None
-    entry (a prompt's first token, which nothing predicts) gives null logprobs, as OpenAI's echo does."""
+                        offset: int, as_ids: bool = False) -> dict:
+    """OpenAI completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset (from `offset`, into the
+    text, also when tokens are named by id). A None entry (a prompt's first token, which nothing predicts) gives null
+    logprobs, as OpenAI's echo does."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for tok, lp in zip(token_ids, logprobs):
-        text = tokens(tok)[0]
-        out["tokens"].append(text)
+        out["tokens"].append(_shown(tokens, tok, as_ids))
         out["token_logprobs"].append(None if lp is None else max(lp[tok], _LOGPROB_FLOOR))
-        top = None if lp is None else {tokens(t)[0]: max(v, _LOGPROB_FLOOR) for t, v in _top_with(lp, k, tok)}
+        top = None if lp is None else {_shown(tokens, t, as_ids): max(v, _LOGPROB_FLOOR)
+                                       for t, v in _top_with(lp, k, tok)}
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
-        offset += len(text)
+        offset += len(tokens(tok)[0])
     return out
 
 

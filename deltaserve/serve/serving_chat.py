@@ -161,10 +161,11 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         raise
     except Exception as e:  # noqa: BLE001 - engine failures become 500/503 with one sentence
         raise engine_api_error(e) from None
-    return JSONResponse(_full_response(ctx, final, parsers, head, k))
+    return JSONResponse(_full_response(ctx, req, final, parsers, head, k))
 
 
-def _full_response(ctx: ServingContext, final, parsers: list[ChoiceParser], head: dict, k: int | None) -> dict:
+def _full_response(ctx: ServingContext, req: ChatCompletionRequest, final, parsers: list[ChoiceParser], head: dict,
+                   k: int | None) -> dict:
     choices = []
     for c in final.outputs:
         p = parsers[c.index]
@@ -177,7 +178,8 @@ def _full_response(ctx: ServingContext, final, parsers: list[ChoiceParser], head
                                       "function": {"name": t.name, "arguments": t.arguments}} for t in calls]
         choices.append({
             "index": c.index, "message": message,
-            "logprobs": chat_logprobs(ctx.tokens, c.token_ids, c.logprobs, k) if k is not None else None,
+            "logprobs": (chat_logprobs(ctx.tokens, c.token_ids, c.logprobs, k, req.return_tokens_as_token_ids)
+                         if k is not None else None),
             "finish_reason": _finish_reason(c.finish_reason, p), "stop_reason": c.stop_reason})
     n_out = sum(len(c.token_ids) for c in final.outputs)
     return {**head, "object": "chat.completion", "choices": choices,
@@ -219,7 +221,8 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parse
                     delta["tool_calls"] = [t.to_openai() for t in parsed.tool_calls]
                 lp = None
                 if k is not None and len(c.token_ids) > p.logprobs_sent:
-                    lp = chat_logprobs(ctx.tokens, c.token_ids[p.logprobs_sent:], c.logprobs[p.logprobs_sent:], k)
+                    lp = chat_logprobs(ctx.tokens, c.token_ids[p.logprobs_sent:], c.logprobs[p.logprobs_sent:], k,
+                                       req.return_tokens_as_token_ids)
                     p.logprobs_sent = len(c.token_ids)
                 if final:
                     p.done = True

@@ -98,16 +98,17 @@ def _echo_text(ctx: ServingContext, text: str | None, ids: list[int]) -> str:
     return ctx.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def _prompt_logprobs(ctx: ServingContext, out, k: int) -> dict:
+def _prompt_logprobs(ctx: ServingContext, req: CompletionRequest, out, k: int) -> dict:
     """The echoed prompt's logprobs (first token null) from a RequestOutput's prompt_logprobs."""
-    return completion_logprobs(ctx.tokens, out.prompt_token_ids, out.prompt_logprobs, k, 0)
+    return completion_logprobs(ctx.tokens, out.prompt_token_ids, out.prompt_logprobs, k, 0,
+                               req.return_tokens_as_token_ids)
 
 
 def _full_response(ctx: ServingContext, req: CompletionRequest, finals, echoes: list[str], head: dict) -> dict:
     choices, n_prompt, n_out = [], 0, 0
     for i, final in enumerate(finals):
         n_prompt += len(final.prompt_token_ids)
-        prompt_lp = _prompt_logprobs(ctx, final, req.logprobs) if req.echo and req.logprobs is not None else None
+        prompt_lp = _prompt_logprobs(ctx, req, final, req.logprobs) if req.echo and req.logprobs is not None else None
         for c in final.outputs:
             if _echo_only(req):
                 choices.append({"index": i * req.n + c.index, "text": echoes[i], "logprobs": prompt_lp,
@@ -116,7 +117,8 @@ def _full_response(ctx: ServingContext, req: CompletionRequest, finals, echoes: 
             n_out += len(c.token_ids)
             lp = None
             if req.logprobs is not None:
-                lp = completion_logprobs(ctx.tokens, c.token_ids, c.logprobs, req.logprobs, len(echoes[i]))
+                lp = completion_logprobs(ctx.tokens, c.token_ids, c.logprobs, req.logprobs, len(echoes[i]),
+                                         req.return_tokens_as_token_ids)
                 if prompt_lp is not None:
                     lp = join_logprobs(prompt_lp, lp)
             choices.append({"index": i * req.n + c.index, "text": echoes[i] + c.text, "logprobs": lp,
@@ -148,16 +150,16 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
                 if index not in offsets:  # first delta of this choice: echo the prompt in front
                     text, offsets[index], sent_tokens[index] = echoes[i] + text, len(echoes[i]), 0
                     if req.echo and req.logprobs is not None:
-                        lp = _prompt_logprobs(ctx, out, req.logprobs)
+                        lp = _prompt_logprobs(ctx, req, out, req.logprobs)
                 if echo_only:  # the one token generated is not part of the answer
                     c = dataclasses.replace(c, token_ids=[], finish_reason="length", stop_reason=None)
                 if req.logprobs is not None and len(c.token_ids) > sent_tokens[index]:
                     s = sent_tokens[index]
                     new = completion_logprobs(ctx.tokens, c.token_ids[s:], c.logprobs[s:], req.logprobs,
-                                              offsets[index])
+                                              offsets[index], req.return_tokens_as_token_ids)
                     lp = new if lp is None else join_logprobs(lp, new)
                     sent_tokens[index] = len(c.token_ids)
-                    offsets[index] += sum(len(t) for t in new["tokens"])
+                    offsets[index] += sum(len(ctx.tokens(t)[0]) for t in c.token_ids[s:])
                 final = c.finish_reason is not None
                 if final:
                     done.add(index)

@@ -278,6 +278,29 @@ def test_allowed_token_ids_and_bad_words_limit_what_is_sampled(client, tokenizer
                                         seed=1, extra_body={"ignore_eos": True, "allowed_token_ids": allowed})
         ids = tokenizer.encode(res.choices[0].text)
         assert res.usage.completion_tokens == 6 and set(ids) <= set(allowed), (res.choices[0].text, ids)
+    # vLLM's return_tokens_as_token_ids (was ignored): logprobs name tokens by id, streamed or not, chat too
+    body = dict(model=MODEL, prompt="The quick brown", max_tokens=4, temperature=0, logprobs=2, echo=True,
+                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    res = client.completions.create(**body)
+    lp, text = res.choices[0].logprobs, res.choices[0].text
+    ids = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    assert ids[:len(tokenizer.encode("The quick brown"))] == tokenizer.encode("The quick brown")
+    assert len(ids) == len(tokenizer.encode("The quick brown")) + 4 and tokenizer.decode(ids) == text
+    assert all(all(k.startswith("token_id:") for k in top) for top in lp.top_logprobs[1:])
+    # offsets still index the text: each token's text starts there
+    assert all(text.startswith(tokenizer.decode([t]), at) for t, at in zip(ids, lp.text_offset)
+               if "\ufffd" not in tokenizer.decode([t]))
+    streamed = [(t, at) for c in client.completions.create(**body, stream=True)
+                for t, at in zip(c.choices[0].logprobs.tokens, c.choices[0].logprobs.text_offset)]
+    assert streamed == list(zip(lp.tokens, lp.text_offset))
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=1,
+                                          extra_body={"return_tokens_as_token_ids": True})
+    content = chat.choices[0].logprobs.content
+    assert all(e.token.startswith("token_id:") and e.top_logprobs[0].token.startswith("token_id:") for e in content)
+    # bytes stay the token's own: together they are the answer's text (then <|im_end|> if it ended)
+    joined = b"".join(bytes(e.bytes) for e in content).decode(errors="replace")
+    assert joined.startswith(chat.choices[0].message.content or ""), joined
     # vLLM's bad_words (was refused since this morning, ignored before): the greedy answer's first word is banned
     body = dict(model=MODEL, prompt="The quick brown", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
     plain = client.completions.create(**body, logprobs=0)
@@ -633,9 +656,6 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
         "type": "json_object"}), None, 400, "allowed_token_ids"),
     "truncate_prompt_tokens": ("/v1/completions", {"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 1}, None,
                                400, "truncate_prompt_tokens"),
-    "return_tokens_as_token_ids": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 1,
-                                                       "return_tokens_as_token_ids": True}, None, 400,
-                                   "return_tokens_as_token_ids"),
     "continuous_usage_stats": ("/v1/chat/completions", chat_body(stream=True, stream_options={
         "include_usage": True, "continuous_usage_stats": True}), None, 400, "stream_options.continuous_usage_stats"),
 }
