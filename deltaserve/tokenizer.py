@@ -282,15 +282,13 @@ class IncrementalDetokenizer:
         self._text += delta
         return delta
 
-    def flush(self, drop_last: int = 0) -> str:
+    def flush(self) -> str:
         """At the request's end: the text still held back, as `decode` shows it (a character cut off by the length
-        limit, or bytes that never form one, become U+FFFD, as in HF's decode of the output), without the last
-        `drop_last` ids (a stop token whose text is not shown)."""
-        ids = self._ids[: len(self._ids) - drop_last]
-        if len(ids) <= self._read:
+        limit, or bytes that never form one, become U+FFFD, as in HF's decode of the output)."""
+        if len(self._ids) <= self._read:
             return ""
-        delta = self._decode(ids)[len(self._decode(self._ids[: self._read])) :]
-        self._ids, self._read = ids, len(ids)
+        delta = self._decode(self._ids)[len(self._decode(self._ids[: self._read])) :]
+        self._read = len(self._ids)
         self._text += delta
         return delta
 

@@ -259,9 +259,14 @@ class EngineCore:
         if req.request_id in result.sampled_logprob:
             req.cumulative_logprob += result.sampled_logprob[req.request_id]
         prev_len = len(group.texts[i])
-        if group.detoks[i] is not None:
-            group.texts[i] += group.detoks[i].add([tok])
         complete = req.grammar is not None and req.grammar.accept(tok)
+        p = req.params
+        # a token that ends the request and whose text is not shown (EOS, a stop token, the EOS a grammar ended on)
+        # never reaches the detokenizer: with it, bytes held back before it would come out with its text and be cut
+        hidden = not p.include_stop_str_in_output and (complete or len(req.output_token_ids) >= p.min_tokens and (
+            tok in p.stop_token_ids or not p.ignore_eos and tok in self.eos_token_ids))
+        if group.detoks[i] is not None and not hidden:
+            group.texts[i] += group.detoks[i].add([tok])
         reason, stop = self._stop_reason(req, group, i, tok, prev_len)
         if reason is None and complete:  # the grammar took EOS although ignore_eos or min_tokens held it back
             reason = "stop"
@@ -269,10 +274,8 @@ class EngineCore:
             reason, stop = "abort", None
         if reason is not None:
             if group.detoks[i] is not None and reason != "abort" and not isinstance(stop, str):
-                # bytes held back as an incomplete character are final now (a stop string cut the text instead);
-                # a stop token's own text stays out unless asked for, as above
-                eos_or_token = reason == "stop" and not req.params.include_stop_str_in_output
-                group.texts[i] += group.detoks[i].flush(drop_last=1 if eos_or_token else 0)
+                # bytes held back as an incomplete character are final now (a stop string cut the text instead)
+                group.texts[i] += group.detoks[i].flush()
             req.finish_reason, req.stop_reason = reason, stop
             self.scheduler.finish(req)
 
