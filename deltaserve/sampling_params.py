@@ -83,8 +83,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # only these token ids can be sampled (vLLM's; applied as a structured output's mask, so not with one)
     allowed_token_ids: list[int] | None = None
-    # words that cannot be generated (vLLM's): the last token of each word's tokenization (at the start of the text
-    # and after a space) is banned whenever the output ends with the tokens before it
+    # words kept out of the output as vLLM does: the last token of each word's usual tokenizations (at the start of a
+    # text and after a space) is banned whenever the output ends with the tokens before it (other tokens can still
+    # spell the word)
     bad_words: list[str] | None = None
     structured_outputs: StructuredOutputs | None = None  # constrain the output to a JSON schema, a regex, ...
 

@@ -102,6 +102,7 @@ class EngineCore:
         if params.bad_words and self.tokenizer is None:
             raise ValueError("bad_words need the model's tokenizer.json; ban token ids with logit_bias")
         bad_ids = bad_word_ids(self.tokenizer, params.bad_words) if params.bad_words else []
+        self._check_allowed(params, bad_ids)
         start_after = self._check_structured(prompt_token_ids, params)
         room = self.max_model_len - n_prompt
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -278,6 +279,18 @@ class EngineCore:
                 group.texts[i] += group.detoks[i].flush()
             req.finish_reason, req.stop_reason = reason, stop
             self.scheduler.finish(req)
+
+    def _check_allowed(self, params: SamplingParams, bad_ids: list[list[int]]) -> None:
+        """allowed_token_ids that the request's other rules leave nothing to sample from: refused now (the sampler
+        would take a token outside them)."""
+        allowed = set(params.allowed_token_ids or ())
+        if not allowed:
+            return
+        enders = {*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)}
+        if params.min_tokens and allowed <= enders:
+            raise ValueError("allowed_token_ids holds only EOS and stop tokens, which min_tokens bans at first")
+        if allowed <= {ids[0] for ids in bad_ids if len(ids) == 1}:
+            raise ValueError("allowed_token_ids holds only tokens that bad_words ban")
 
     def _check_structured(self, prompt_token_ids: list[int], params: SamplingParams) -> int | None:
         """Compile a structured request's grammar now (ValueError for a bad spec or a model without a tokenizer) ->

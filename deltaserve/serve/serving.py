@@ -60,12 +60,18 @@ class ServingContext:
         try:
             return await self.engine.add_request(ids, params, request_id, prompt)
         except ValueError as e:
-            param = next((p for f, p in (("logit_bias", "logit_bias"), ("allowed_token_ids", "allowed_token_ids"),
-                                         ("bad_words", "bad_words"), ("structured output", structured_field),
-                                         ("prompt", prompt_field)) if f in str(e)), None)
-            raise APIError(400, str(e), param) from None
+            raise APIError(400, str(e), refused_field(str(e), structured_field, prompt_field)) from None
         except EngineStopped as e:
             raise APIError(503, str(e)) from None
+
+
+def refused_field(message: str, structured_field: str = "response_format", prompt_field: str = "prompt") -> str | None:
+    """The request field an engine refusal is about: the one its message names first (a field named later is the
+    alternative it offers: "bad_words need the model's tokenizer.json; ban token ids with logit_bias")."""
+    fields = (("allowed_token_ids", "allowed_token_ids"), ("bad_words", "bad_words"), ("stop strings", "stop"),
+              ("logit_bias", "logit_bias"), ("structured output", structured_field), ("prompt", prompt_field))
+    named = sorted((message.find(f), p) for f, p in fields if f in message)
+    return named[0][1] if named else None
 
 
 class EngineStreamingResponse(StreamingResponse):

@@ -390,8 +390,7 @@ class ModelRunner:
         row_ids = [row for _, row in samplers]
         whole = len(row_ids) == logits.shape[0] and _in_order(row_ids)
         rows = logits if whole else logits[to_device(row_ids, self.device)]
-        banned = [_not_yet(r, self.eos_token_ids, self.cfg.vocab_size) + _bad_word_ends(r, self.cfg.vocab_size)
-                  for r in reqs]
+        banned = [_banned(r, self.eos_token_ids, self.cfg.vocab_size) for r in reqs]
         grammars = [r.grammar for r in reqs]
         sbatch = SamplingBatch.from_requests(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
@@ -421,6 +420,16 @@ def _not_yet(req: Request, eos_token_ids: tuple[int, ...], vocab_size: int) -> l
     if req.grammar is not None or len(req.output_token_ids) + req.num_inflight >= p.min_tokens:
         return []
     return [t for t in (*(() if p.ignore_eos else eos_token_ids), *p.stop_token_ids) if t < vocab_size]
+
+
+def _banned(req: Request, eos_token_ids: tuple[int, ...], vocab_size: int) -> list[int]:
+    """What `req` may not sample this step: _not_yet's tokens and its bad words' endings. Where those would leave none
+    of its allowed_token_ids, the bad words give way for the step (add_request refuses the cases known up front)."""
+    not_yet, bad = _not_yet(req, eos_token_ids, vocab_size), _bad_word_ends(req, vocab_size)
+    allowed = req.params.allowed_token_ids
+    if bad and allowed and set(allowed) <= set(not_yet).union(bad):
+        return not_yet
+    return not_yet + bad
 
 
 def _bad_word_ends(req: Request, vocab_size: int) -> list[int]:

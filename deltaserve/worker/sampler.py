@@ -23,6 +23,7 @@ Which work runs is decided on the host from the request parameters (``all_greedy
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -204,9 +205,15 @@ def _allowed(params: list[SamplingParams], grammars: list, words: int, pin: bool
 
 
 def _token_mask(ids: list[int], words: int) -> Tensor:
-    """Token ids -> [words] int32 with bit t % 32 of word t // 32 set for each id (the grammar bitmask's packing)."""
+    """Token ids -> [words] int32 with bit t % 32 of word t // 32 set for each id (the grammar bitmask's packing);
+    cached, since a request's allowed_token_ids never change (a full-vocabulary mask a row a step added up)."""
+    return _packed_mask(tuple(ids), words)
+
+
+@functools.lru_cache(maxsize=256)
+def _packed_mask(ids: tuple[int, ...], words: int) -> Tensor:
     bits = np.zeros(words * 32, dtype=np.uint8)
-    bits[ids] = 1
+    bits[list(ids)] = 1
     return torch.from_numpy(np.packbits(bits, bitorder="little").view("<i4").copy())
 
 

@@ -89,6 +89,16 @@ def test_kpack_tensor_core_gemv_matches_reference(t, k, n, group):
     assert_close("one group per split", ref, kpack_gemv(x, *kp.values(), group, config=cfg), ATOL_FP32)
 
 
+def test_kpack_tensor_core_gemv_takes_the_fp16_offset_back_out():
+    """fp16 activations: the nibbles enter the dot as 1024 + q (fp32 ones: q), and the 1024 comes back out with the
+    zero point (in the interpreter too; bf16 dots are not exact there)."""
+    awq, kp = kpacked(72, 256, 128, seed=4)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4)).half()
+    ref = int4_gemm_reference(x.float(), awq["qweight"], awq["qzeros"], awq["scales"], 128)
+    out = kpack_gemv(x, *kp.values(), 128).float()
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-3  # fp16 rounding of y (~3e-4)
+
+
 def test_kpack_gemv_rows_per_expert_and_skipped_rows():
     """Row r multiplies x[r // 2] by expert ids[r]; id -1 (another rank's expert) leaves its row untouched."""
     e, k, n, group = 4, 128, 48, 64

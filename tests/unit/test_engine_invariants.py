@@ -401,6 +401,28 @@ def test_bad_words_never_complete(models, async_scheduling):
         assert _first_completion(out, seqs) is None, (words, seqs, out)
 
 
+def test_allowed_token_ids_hold_against_bans(models):
+    """Bans (min_tokens' EOS, bad words) covering every allowed id left the row all -inf, and token 0 came out:
+    refused up front where known, and a multi-token bad word gives way for the step where it would empty the set."""
+    from deltaserve.tokenizer import bad_word_ids
+
+    llm = models.solo("dense")
+    tok = llm.tokenizer
+    eos = tok.token_to_id("<|im_end|>")
+    a = tok.encode("a")
+    with pytest.raises(ValueError, match="only EOS and stop tokens, which min_tokens bans"):
+        llm.generate(["hi"], SamplingParams(max_tokens=4, min_tokens=2, allowed_token_ids=[eos]), use_tqdm=False)
+    with pytest.raises(ValueError, match="only tokens that bad_words ban"):
+        llm.generate(["hi"], SamplingParams(max_tokens=4, allowed_token_ids=a, bad_words=["a"]), use_tqdm=False)
+    # after "a", the bad words "aa" and "ab" ban both allowed tokens: they give way, and "a" (biased) goes on
+    b = tok.encode("b")
+    assert [a + a, a + b] == [ids for ids in bad_word_ids(tok, ["aa", "ab"]) if ids[0] == a[0]]
+    out = llm.generate(["hi"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={a[0]: 50},
+                                              allowed_token_ids=a + b, bad_words=["aa", "ab"]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == a * 6, out.token_ids
+
+
 def test_stop_token_ids(models):
     llm = models.solo("dense")
     prompt = random_prompt(random.Random(12), 25, models.vocab())

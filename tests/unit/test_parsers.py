@@ -215,3 +215,23 @@ def test_parallel_tool_calls_false_reports_the_first_call_only(seed):
             calls.setdefault(tc.index, [tc.name, ""])[1] += tc.arguments
     assert content == "Sure." and list(calls) == [0] and [(c.name, c.arguments) for c in p.calls] == [tuple(calls[0])]
     assert json.loads(calls[0][1]) == XML_ARGS
+
+
+REFUSALS = {  # an engine refusal -> the request field a 400 names
+    "bad_words_without_tokenizer": ("bad_words need the model's tokenizer.json; ban token ids with logit_bias",
+                                    "bad_words"),  # named logit_bias, the alternative it offers
+    "stop_without_tokenizer": ("stop strings need the model's tokenizer.json; use stop_token_ids", "stop"),
+    "allowed_vs_bad_words": ("allowed_token_ids holds only tokens that bad_words ban", "allowed_token_ids"),
+    "logit_bias": ("logit_bias token id 9 is outside the vocabulary (0..5)", "logit_bias"),
+    "structured": ("structured output: the regex does not compile: x", "messages.structured"),
+    "prompt": ("the prompt is empty: give at least one token", "messages"),
+    "other": ("something else", None),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS), ids=list(REFUSALS))
+def test_an_engine_refusal_names_the_field_at_fault(case):
+    from deltaserve.serve.serving import refused_field
+
+    message, field = REFUSALS[case]
+    assert refused_field(message, "messages.structured", "messages") == field
