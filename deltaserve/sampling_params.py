@@ -16,6 +16,15 @@ from dataclasses import dataclass, field
 _GREEDY_EPS = 1e-5  # temperatures below this are treated as 0 (greedy), as in vLLM
 
 
+def truncated_prompt(ids: list[int], keep: int | None, max_model_len: int, max_tokens: int | None) -> list[int]:
+    """A prompt's token ids as SamplingParams.truncate_prompt_tokens leaves them: the last `keep`; -1: as many as
+    leave room for max_tokens (None: for one token); None keeps all."""
+    if keep is None:
+        return ids
+    keep = max(1, max_model_len - (max_tokens or 1)) if keep == -1 else keep
+    return ids[-keep:] if len(ids) > keep else ids
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -88,6 +97,8 @@ class SamplingParams:
     # spell the word)
     bad_words: list[str] | None = None
     structured_outputs: StructuredOutputs | None = None  # constrain the output to a JSON schema, a regex, ...
+    # keep only the prompt's last k tokens (vLLM's left truncation); -1: as many as leave room for max_tokens
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -160,6 +171,11 @@ class SamplingParams:
         if self.bad_words is not None and not (isinstance(self.bad_words, list)
                                                and all(isinstance(w, str) and w.strip() for w in self.bad_words)):
             fail(f"bad_words must be None or a list of words (non-blank strings), got {self.bad_words!r}.")
+        if self.truncate_prompt_tokens is not None and not (
+                _is_int(self.truncate_prompt_tokens) and (self.truncate_prompt_tokens >= 1
+                                                          or self.truncate_prompt_tokens == -1)):
+            fail(f"truncate_prompt_tokens must be None, -1 (as many as leave room for max_tokens) or an integer "
+                 f">= 1, got {self.truncate_prompt_tokens!r}.")
         if self.allowed_token_ids and self.structured_outputs is not None:
             fail("allowed_token_ids and structured_outputs cannot be combined: write the allowed outputs as a choice "
                  "or a regex.")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, truncated_prompt
 from ..tokenizer import IncrementalDetokenizer, Tokenizer, bad_word_ids
 from .request import Request, RequestStatus
 from .scheduler import Scheduler
@@ -77,6 +77,8 @@ class EngineCore:
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self.groups:
             raise ValueError(f"request id {rid!r} is already in use")
+        prompt_token_ids = truncated_prompt(prompt_token_ids, params.truncate_prompt_tokens, self.max_model_len,
+                                            params.max_tokens)
         n_prompt = len(prompt_token_ids)
         if n_prompt == 0:
             raise ValueError("the prompt is empty: give at least one token")

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
                       field_validator)
 
-from ..sampling_params import SamplingParams, StructuredOutputs
+from ..sampling_params import SamplingParams, StructuredOutputs, truncated_prompt
 
 logger = logging.getLogger("deltaserve.serve")
 MAX_LOGPROBS = 20  # top logprobs per token a request may ask for (OpenAI's limit)
@@ -109,6 +109,7 @@ class _SamplingRequest(_Model):
     allowed_token_ids: list[StrictInt] | None = None
     bad_words: list[StrictStr] | None = None
     return_tokens_as_token_ids: StrictBool = False  # logprobs name tokens "token_id:<id>" (vLLM's)
+    truncate_prompt_tokens: StrictInt | None = None  # keep the prompt's last k tokens (-1: as many as fit)
     structured_outputs: dict[str, Any] | None = None  # vLLM's extra: {"json" | "json_object" | "regex" | "choice": ...}
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -175,7 +176,6 @@ UNSUPPORTED_FIELDS = {
     "continue_final_message": "a chat answer is always a new assistant turn; to continue text, use /v1/completions",
     "chat_template": "the server renders every chat with the model's own template",
     "echo": "on /v1/chat/completions the answer does not repeat the prompt",  # a declared field on /v1/completions
-    "truncate_prompt_tokens": "send the part of the prompt to keep (a prompt longer than the context is refused)",
 }
 _NEUTRAL = {"length_penalty": 1}  # values of those fields that ask for nothing (vLLM's defaults)
 
@@ -305,6 +305,16 @@ def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     if bad is not None:
         raise APIError(400, f"logit_bias keys must be token ids (non-negative integers), got {bad!r}.", "logit_bias")
     return {int(key): value for key, value in bias.items()}
+
+
+def truncate(req: _SamplingRequest, ids: list[int], max_model_len: int, max_tokens: int | None) -> list[int]:
+    """The prompt's ids as the request's truncate_prompt_tokens leaves them (vLLM's left truncation; -1: as many as
+    leave room for max_tokens, the request's own)."""
+    k = req.truncate_prompt_tokens
+    if k is not None and k < 1 and k != -1:
+        raise APIError(400, f"truncate_prompt_tokens must be -1 (as many as leave room for max_tokens) or an integer "
+                            f">= 1, got {k}.", "truncate_prompt_tokens")
+    return truncated_prompt(ids, k, max_model_len, max_tokens)
 
 
 def check_max_tokens(max_tokens: int | None, num_prompt: int, max_model_len: int, field: str = "max_tokens",

@@ -15,6 +15,7 @@ from .protocol import APIError
 
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 _PROBE_CHARS_PER_TOKEN = 8  # a long text's first probe: this many characters per token of max_model_len
+_TRUNCATE_CHARS_PER_TOKEN = 64  # the longest text a request that truncates its prompt may send, per token
 
 
 class ServingContext:
@@ -37,13 +38,20 @@ class ServingContext:
             raise APIError(400, "This model has no tokenizer.json, so it can only take token-id prompts on "
                                 "/v1/completions.")
 
-    def encode(self, text: str, field: str) -> list[int]:
+    def encode(self, text: str, field: str, truncating: bool = False) -> list[int]:
         """A prompt's token ids. The tokenizer holds the GIL and runs on the event loop, so a text that cannot fit
         is refused after encoding prefixes of at most about twice the longest prompt that can (an 18 MB prompt
         took 19 s to encode, stalling every other client): prefixes double from 8 characters per token of
         max_model_len until one has more tokens than fit, with a margin for the word the cut splits, or the
-        whole text is read."""
+        whole text is read. truncating (the request keeps only the prompt's last tokens): the whole text is
+        encoded, up to 64 characters per token of max_model_len."""
         limit = self.max_model_len
+        if truncating:
+            if len(text) > _TRUNCATE_CHARS_PER_TOKEN * limit:
+                raise APIError(400, f"the prompt has {len(text)} characters, more than truncate_prompt_tokens reads "
+                                    f"({_TRUNCATE_CHARS_PER_TOKEN} per token of max_model_len {limit}): shorten it.",
+                               field)
+            return self.tokenizer.encode(text)
         cut = _PROBE_CHARS_PER_TOKEN * limit
         while cut < len(text):
             if len(self.tokenizer.encode(text[:cut])) > limit + 64:

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 from ..sampling_params import StructuredOutputs
 from ..tokenizer import TokenizerError
 from .protocol import (MAX_LOGPROBS, APIError, ChatCompletionRequest, check_max_tokens, new_id, now, sampling_params,
-                       structured_outputs, usage)
+                       structured_outputs, truncate, usage)
 from .reasoning import ReasoningParser, Split, prompt_opens_thinking
 from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, chat_logprobs, collect, engine_api_error,
                       merge, sse, sse_error)
@@ -128,9 +128,11 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ctx.require_tokenizer()
     tools = _tools(req)
     prompt = _render(ctx, req, tools)
-    ids = ctx.encode(prompt, "messages")
+    ids = ctx.encode(prompt, "messages", req.truncate_prompt_tokens is not None)
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if len(cut := truncate(req, ids, ctx.max_model_len, max_tokens)) < len(ids):
+        ids, prompt = cut, ctx.tokenizer.decode(cut, skip_special_tokens=False)
     check_max_tokens(max_tokens, len(ids), ctx.max_model_len, field, req.min_tokens)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true.", "top_logprobs")

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .protocol import (APIError, CompletionRequest, check_max_tokens, new_id, now, sampling_params,
-                       structured_outputs, usage)
+                       structured_outputs, truncate, usage)
 from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, collect, completion_logprobs,
                       engine_api_error, join_logprobs, merge, sse, sse_error)
 
@@ -24,7 +24,7 @@ def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[str | No
     if isinstance(p, str) or (p and isinstance(p[0], str)):
         texts = [p] if isinstance(p, str) else p
         ctx.require_tokenizer()
-        return [(t, ctx.encode(t, "prompt")) for t in texts]
+        return [(t, ctx.encode(t, "prompt", req.truncate_prompt_tokens is not None)) for t in texts]
     if not p:
         raise APIError(400, "prompt is an empty list; give a string, a list of strings or token ids.", "prompt")
     batches = [p] if isinstance(p[0], int) else p
@@ -41,7 +41,8 @@ def _check(req: CompletionRequest) -> None:
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request) -> Response:
     ctx.check_model(req.model)
     _check(req)
-    prompts = _prompts(ctx, req)
+    prompts = [(text, ids) if len(cut := truncate(req, ids, ctx.max_model_len, req.max_tokens)) == len(ids)
+               else (None, cut) for text, ids in _prompts(ctx, req)]  # a cut prompt is echoed from its ids
     limits = [_max_tokens(ctx, req, ids) for _, ids in prompts]
     for (_, ids), limit in zip(prompts, limits):
         check_max_tokens(limit, len(ids), ctx.max_model_len, min_tokens=req.min_tokens)

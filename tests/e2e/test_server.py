@@ -654,8 +654,8 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
                                 "allowed_token_ids"),
     "allowed_token_ids_with_a_schema": ("/v1/chat/completions", chat_body(allowed_token_ids=[5], response_format={
         "type": "json_object"}), None, 400, "allowed_token_ids"),
-    "truncate_prompt_tokens": ("/v1/completions", {"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 1}, None,
-                               400, "truncate_prompt_tokens"),
+    "truncate_prompt_tokens_zero": ("/v1/completions", {"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 0},
+                                    None, 400, "truncate_prompt_tokens"),
     "continuous_usage_stats": ("/v1/chat/completions", chat_body(stream=True, stream_options={
         "include_usage": True, "continuous_usage_stats": True}), None, 400, "stream_options.continuous_usage_stats"),
 }
@@ -1018,3 +1018,21 @@ def test_a_request_finished_in_a_step_that_then_fails_gets_its_answer(model_dir)
     out = _with_async_engine(llm, main)
     assert seen["failed"] and out.finished and out.outputs[0].finish_reason == "length"
     assert len(out.outputs[0].token_ids) == 3
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(client, tokenizer):
+    """vLLM's truncate_prompt_tokens (was refused this morning, ignored before): only the prompt's last k tokens are
+    read, text or ids, chat too; a text too long for the context is truncated instead of refused."""
+    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    body = dict(model=MODEL, max_tokens=3, temperature=0, echo=True, extra_body={"truncate_prompt_tokens": 4})
+    cut = client.completions.create(prompt="The quick brown fox jumps over the lazy dog", **body)
+    assert cut.usage.prompt_tokens == 4 and cut.choices[0].text.startswith(tokenizer.decode(ids[-4:]))
+    alone = client.completions.create(model=MODEL, prompt=ids[-4:], max_tokens=3, temperature=0, echo=True)
+    assert cut.choices[0].text == alone.choices[0].text
+    assert client.completions.create(prompt=ids, **body).choices[0].text == alone.choices[0].text
+    long = client.completions.create(model=MODEL, prompt="hello " * 5000, max_tokens=2, temperature=0,
+                                     extra_body={"truncate_prompt_tokens": -1})
+    assert long.usage.prompt_tokens == MAX_MODEL_LEN - 2  # -1: room for max_tokens
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi " * 50}],
+                                          max_tokens=2, extra_body={"truncate_prompt_tokens": 10})
+    assert chat.usage.prompt_tokens == 10

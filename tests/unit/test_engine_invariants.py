@@ -423,6 +423,21 @@ def test_allowed_token_ids_hold_against_bans(models):
     assert out.token_ids == a * 6, out.token_ids
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(models):
+    """vLLM's truncate_prompt_tokens: the request reads its prompt's last k tokens (-1: as many as leave room for
+    max_tokens), prompt logprobs included."""
+    llm = models.solo("dense")
+    ids = random_prompt(random.Random(5), 40, models.vocab())["prompt_token_ids"]
+    cut = llm.generate([{"prompt_token_ids": ids}], greedy(5, truncate_prompt_tokens=12, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    alone = llm.generate([{"prompt_token_ids": ids[-12:]}], greedy(5, prompt_logprobs=0), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-12:] and cut.outputs[0].token_ids == alone.outputs[0].token_ids
+    assert cut.prompt_logprobs == alone.prompt_logprobs
+    room = make_llm(models.path("dense"), max_model_len=32)
+    out = room.generate([{"prompt_token_ids": ids}], greedy(5, truncate_prompt_tokens=-1), use_tqdm=False)[0]
+    assert out.prompt_token_ids == ids[-27:] and len(out.outputs[0].token_ids) == 5
+
+
 def test_stop_token_ids(models):
     llm = models.solo("dense")
     prompt = random_prompt(random.Random(12), 25, models.vocab())

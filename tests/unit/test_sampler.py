@@ -68,12 +68,13 @@ def rows_of(probs, n):
         ({"stop_token_ids": 5}, "stop_token_ids"),
         ({"allowed_token_ids": []}, "allowed_token_ids"),
         ({"allowed_token_ids": [1, -2]}, "allowed_token_ids"),
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ],
     ids=["n", "temperature", "top_p_zero", "top_p_big", "top_k", "min_p", "max_tokens", "repetition",
          "presence", "frequency", "logprobs", "prompt_logprobs", "seed_float", "bias_range", "bias_negative_id",
          "bias_str_id", "bias_not_dict", "min_tokens", "min_over_max", "temperature_nan", "temperature_inf",
          "repetition_nan", "seed_overflow", "seed_plus_n_overflow", "seed_underflow", "stop_int",
-         "stop_token_ids_int", "allowed_empty", "allowed_negative"],
+         "stop_token_ids_int", "allowed_empty", "allowed_negative", "truncate_zero"],
 )
 def test_params_validation_names_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field} must be"):
