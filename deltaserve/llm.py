@@ -133,14 +133,20 @@ class LLM:
     either way; a request that stops costs one extra step of device work for its row.
     generation_config: "auto" (default): a call without sampling_params, and a server request that leaves a field
     out, sample with the checkpoint's generation_config.json settings (temperature, top_p, top_k, min_p,
-    repetition_penalty; do_sample false: greedy), as vLLM does; "none": with SamplingParams' own defaults."""
+    repetition_penalty), as vLLM does (do_sample false: greedy, as HF does; vLLM ignores it); "none": with
+    SamplingParams' own defaults. trust_remote_code, enable_prefix_caching: vLLM's, accepted (README)."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
-                 seed: int = 0, enforce_eager: bool = False, tensor_parallel_size: int = 1,
+                 seed: int | None = 0, enforce_eager: bool = False, tensor_parallel_size: int = 1,
                  kv_cache_dtype: str = "auto", state_dtype: str = "auto", enable_expert_parallel: bool = False,
-                 async_scheduling: bool | None = None, generation_config: str = "auto"):
+                 async_scheduling: bool | None = None, generation_config: str = "auto",
+                 trust_remote_code: bool = False, enable_prefix_caching: bool | None = None):
+        # vLLM's trust_remote_code: nothing here runs a checkpoint's own code, so it changes nothing
+        if enable_prefix_caching:
+            logger.warning("enable_prefix_caching: deltaserve has no prefix cache yet; every prompt is prefilled in "
+                           "full (outputs are the same)")
         tok_dir = tokenizer or model
         if tokenizer is not None and not _has_tokenizer(tokenizer):
             raise TokenizerError(f"tokenizer {tokenizer!r} is not a directory holding tokenizer.json.")
@@ -153,7 +159,7 @@ class LLM:
     @classmethod
     def from_config(cls, config: ModelConfig, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
                     max_num_batched_tokens: int = 2048, max_model_len: int | None = None, block_size: int = 16,
-                    num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9, seed: int = 0,
+                    num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9, seed: int | None = 0,
                     enforce_eager: bool = False, tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto",
                     quantization: str | None = None, group_size: int = 128, state_dtype: str = "auto",
                     enable_expert_parallel: bool = False, async_scheduling: bool | None = None) -> "LLM":
@@ -176,7 +182,7 @@ class LLM:
 
     def _setup(self, config: ModelConfig, weights_dir: str | None, tokenizer: Tokenizer | None, device: str,
                dtype: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int | None,
-               block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float, seed: int,
+               block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float, seed: int | None,
                enforce_eager: bool, tensor_parallel_size: int, kv_cache_dtype: str = "auto",
                formats: dict[str, str] | None = None, state_dtype: str = "auto",
                enable_expert_parallel: bool = False, async_scheduling: bool | None = None,
@@ -189,9 +195,12 @@ class LLM:
         # request id -> the queue of the open generate_stream that owns it: whoever steps the engine (another stream,
         # generate, abort) hands that request's outputs there, so open streams never see or lose each other's
         self._inbox: dict[str, deque[RequestOutput]] = {}
-        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
+        self.kv_cache_dtype = kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed must be an integer or None (a different random state each run), got {seed!r}")
+        seed = torch.seed() if seed is None else seed  # drawn once: tensor-parallel ranks share it
         torch.manual_seed(seed)
         _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         block_size=block_size, max_model_len=1 if max_model_len is None else max_model_len,
@@ -253,6 +262,11 @@ class LLM:
         workers.before_leave = runner.release_graphs
         workers.watch()
         return runner
+
+    def get_tokenizer(self) -> Tokenizer | None:
+        """The tokenizer (vLLM's accessor): deltaserve's own, with encode / decode / apply_chat_template (None for a
+        model without tokenizer.json)."""
+        return self.tokenizer
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes now (idempotent; a no-op without TP). The LLM is unusable after."""
@@ -340,8 +354,8 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("LLM.chat needs a tokenizer with a chat template; none was found in the model directory")
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tools=tools,
-                                                      **(chat_template_kwargs or {})) for c in convs]
+        kwargs = {"add_generation_prompt": add_generation_prompt, **(chat_template_kwargs or {})}  # theirs win
+        prompts = [self.tokenizer.apply_chat_template(c, tools=tools, **kwargs) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _add_all(self, items: list, params: list[SamplingParams]) -> list[str]:
@@ -475,7 +489,12 @@ def _random_quant_config(config: ModelConfig, quantization: str, group_size: int
                                                                   RANDOM_AWQ_PATTERNS[quantization]))
 
 
-def _resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+_DTYPE_ALIASES = {"half": "float16", "float": "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                  torch.float32: "float32"}  # vLLM's other spellings
+
+
+def _resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    dtype = _DTYPE_ALIASES.get(dtype, dtype)
     if dtype == "auto":
         if device.type == "cpu":
             return torch.float32

@@ -86,6 +86,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence of a token in the output
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # vLLM's; Qwen's byte-level (fast) tokenizer writes special tokens without added spaces either way, as HF's fast
+    # tokenizers do, so False and True give the same text
+    spaces_between_special_tokens: bool = True
+    detokenize: bool = True  # False: no text (token ids only; stop strings need text)
     # token id -> added to that token's logit before sampling (greedy too), in [-100, 100] as in OpenAI's API:
     # -100 effectively bans a token, +100 all but forces it. Keys must lie in the model's vocabulary (checked when
     # the request is added).
@@ -176,6 +180,12 @@ class SamplingParams:
                                                           or self.truncate_prompt_tokens == -1)):
             fail(f"truncate_prompt_tokens must be None, -1 (as many as leave room for max_tokens) or an integer "
                  f">= 1, got {self.truncate_prompt_tokens!r}.")
+        for name in ("skip_special_tokens", "spaces_between_special_tokens", "detokenize", "ignore_eos",
+                     "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                fail(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.stop and not self.detokenize:
+            fail("stop strings match text, which detokenize=False leaves out: use stop_token_ids.")
         if self.allowed_token_ids and self.structured_outputs is not None:
             fail("allowed_token_ids and structured_outputs cannot be combined: write the allowed outputs as a choice "
                  "or a regex.")

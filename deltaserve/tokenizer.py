@@ -182,13 +182,17 @@ class Tokenizer:
 
     # ---- chat ----
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None, **template_kwargs
-    ) -> str:
-        """Render a conversation to prompt text, as `hf_tokenizer.apply_chat_template(..., tokenize=False)` does.
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
+        tokenize: bool = False, **template_kwargs
+    ) -> str | list[int]:
+        """Render a conversation to prompt text, as `hf_tokenizer.apply_chat_template(..., tokenize=False)` does
+        (tokenize=True: its token ids; HF's default is True, ours False).
 
         messages: [{"role": ..., "content": ..., optional "tool_calls"/"reasoning_content"}]; tools: JSON schemas.
         template_kwargs become template variables, e.g. `enable_thinking=False`.
         """
+        if tokenize:
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs))
         if not messages:
             raise TokenizerError("Cannot apply the chat template to an empty conversation; pass at least one message.")
         if tools is not None and not all(isinstance(t, dict) for t in tools):

@@ -120,7 +120,7 @@ class EngineCore:
                 req.grammar = self._grammars.grammar(params.structured_outputs, start_after)
             samples.append(req)
             detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
-                          if self.tokenizer is not None else None)
+                          if self.tokenizer is not None and params.detokenize else None)
         n = params.n
         group = _Group(prompt, list(prompt_token_ids), params, samples, detoks, [""] * n, [0] * n, [0] * n,
                        RequestMetrics(time.perf_counter()))
@@ -322,7 +322,8 @@ class EngineCore:
             if not p.include_stop_str_in_output:  # as vLLM: the stopping token's own text is not shown
                 group.texts[i] = group.texts[i][:prev_len]
             return "stop", (None if eos else tok)
-        if p.stop:
+        if p.stop and len(req.output_token_ids) > p.min_tokens:  # as vLLM: a stop string completed by a token
+            # after the first min_tokens (as EOS and stop tokens, banned for those, can come at the earliest)
             text = group.texts[i]
             # only a stop string that ends in this token's text counts (one that ended earlier, while min_tokens
             # held stops back, does not); it may straddle the previous text and this token's

@@ -104,6 +104,7 @@ class _SamplingRequest(_Model):
     repetition_penalty: Number | None = None
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True  # vLLM's; no effect with a byte-level tokenizer (sampling_params)
     include_stop_str_in_output: StrictBool = False
     logit_bias: dict[str, Number] | None = None
     allowed_token_ids: list[StrictInt] | None = None
@@ -248,6 +249,7 @@ def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int
     kw = dict(n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids or [],
               ignore_eos=req.ignore_eos, seed=req.seed, logprobs=logprobs, logit_bias=_token_bias(req.logit_bias),
               skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+              spaces_between_special_tokens=req.spaces_between_special_tokens,
               structured_outputs=structured, prompt_logprobs=prompt_logprobs, allowed_token_ids=req.allowed_token_ids,
               bad_words=req.bad_words)
     optional = dict(min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,

@@ -497,6 +497,22 @@ def test_min_tokens_holds_back_stop_strings(models):
     assert (both.text, both.token_ids, both.finish_reason) == (out.text, out.token_ids, out.finish_reason)
 
 
+def test_min_tokens_lets_a_stop_string_end_the_request_one_token_later(models):
+    """As vLLM: the first min_tokens tokens cannot end a request by a stop string (nor EOS / stop tokens, which are
+    banned for them); the token after them can. A stop string completed by token min_tokens itself ended it."""
+    llm = models.solo("dense")
+    tok = llm.tokenizer
+    prompt = random_prompt(random.Random(16), 20, models.vocab())
+    ref = llm.generate([prompt], greedy(12), use_tqdm=False)[0].outputs[0]
+    assert tok.decode(ref.token_ids) == ref.text
+    k = next(k for k in range(2, 10) if (word := tok.decode(ref.token_ids[k - 1:k]).strip())
+             and tok.decode(ref.token_ids[:k - 1]).find(word) < 0)  # token k's text, not seen before it
+    out = llm.generate([prompt], greedy(12, stop=[word], min_tokens=k), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) > k  # token k completes the stop string but may not end the request
+    out = llm.generate([prompt], greedy(12, stop=[word], min_tokens=k - 1), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and len(out.token_ids) == k
+
+
 def test_min_tokens_holds_back_the_tokenizers_eos_too(tmp_path):
     """A checkpoint whose config.json names another EOS than its tokenizer (no generation_config.json): the engine
     stopped on the tokenizer's EOS, but min_tokens banned only config.json's, so the tokenizer's EOS was sampled

@@ -27,7 +27,10 @@ _LEVELS = {"int8": 255.0, "int4": 15.0}
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str) -> str:
-    """-> kv_cache_dtype, or a ValueError naming the accepted values."""
+    """-> kv_cache_dtype ("fp8_e4m3", vLLM's name for our fp8, is "fp8"), or a ValueError naming the accepted
+    values."""
+    if kv_cache_dtype == "fp8_e4m3":
+        return "fp8"
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(repr(k) for k in KV_CACHE_DTYPES)}, "
                          f"got {kv_cache_dtype!r}")

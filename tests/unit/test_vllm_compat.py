@@ -1,0 +1,75 @@
+"""What code written for vLLM's offline API finds here: its other spellings of the LLM and SamplingParams arguments are
+accepted with the same meaning, or refused in one sentence; nothing is taken and silently given another meaning."""
+import logging
+
+import pytest
+import torch
+
+from deltaserve import LLM, SamplingParams
+from deltaserve.tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return make_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def llm(path):
+    return LLM(model=path, device="cpu", dtype="float32")
+
+
+def greedy(**kw):
+    return SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float", torch.float32], ids=["float", "torch.float32"])
+def test_dtype_spellings(path, llm, dtype):
+    other = LLM(model=path, device="cpu", dtype=dtype)
+    assert other.dtype == torch.float32
+    assert other.generate(["hi"], greedy(), use_tqdm=False)[0].outputs[0].token_ids == \
+        llm.generate(["hi"], greedy(), use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="dtype must be"):
+        LLM(model=path, device="cpu", dtype="half-ish")
+
+
+def test_seed_none_trust_remote_code_and_prefix_caching(path, caplog):
+    """seed=None failed inside torch; trust_remote_code and enable_prefix_caching were TypeErrors."""
+    with caplog.at_level(logging.WARNING, logger="deltaserve"):
+        other = LLM(model=path, device="cpu", dtype="float32", seed=None, trust_remote_code=True,
+                    enable_prefix_caching=True, kv_cache_dtype="fp8_e4m3")
+    assert "no prefix cache" in caplog.text and other.kv_cache_dtype == "fp8"
+    assert len(other.generate(["hi"], greedy(), use_tqdm=False)[0].outputs[0].token_ids) == 6
+    with pytest.raises(ValueError, match="seed must be an integer or None"):
+        LLM(model=path, device="cpu", dtype="float32", seed="7")
+
+
+def test_get_tokenizer_and_a_tokenized_chat_template(llm):
+    tok = llm.get_tokenizer()
+    msgs = [{"role": "user", "content": "hi"}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True)
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    assert isinstance(text, str) and ids == tok.encode(text)  # tokenize=True gave the text, silently
+    by_ids = llm.generate({"prompt_token_ids": ids}, greedy(), use_tqdm=False)[0].outputs[0]
+    assert by_ids.token_ids == llm.chat(msgs, greedy(), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_chat_template_kwargs_may_set_add_generation_prompt(llm):
+    """It was passed twice (a TypeError); the chat_template_kwargs value wins, as any other template variable."""
+    msgs = [{"role": "user", "content": "hi"}]
+    out = llm.chat(msgs, greedy(), use_tqdm=False, chat_template_kwargs={"add_generation_prompt": False})[0]
+    tok = llm.get_tokenizer()
+    assert out.prompt_token_ids == tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=False))
+
+
+def test_detokenize_false_and_spaces_between_special_tokens(llm):
+    ref = llm.generate(["hi"], greedy(), use_tqdm=False)[0].outputs[0]
+    ids_only = llm.generate(["hi"], greedy(detokenize=False), use_tqdm=False)[0].outputs[0]
+    assert ids_only.token_ids == ref.token_ids and ids_only.text == "" and ref.text
+    spaced = llm.generate(["hi"], greedy(spaces_between_special_tokens=False, skip_special_tokens=False),
+                          use_tqdm=False)[0].outputs[0]
+    assert spaced.text == llm.generate(["hi"], greedy(skip_special_tokens=False), use_tqdm=False)[0].outputs[0].text
+    with pytest.raises(ValueError, match="detokenize=False leaves out"):
+        SamplingParams(detokenize=False, stop=["x"])
+    with pytest.raises(ValueError, match="^detokenize must be True or False"):
+        SamplingParams(detokenize="no")
