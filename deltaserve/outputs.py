@@ -1,11 +1,32 @@
 """What `LLM.generate` and the streaming API return (vLLM's field names).
 
 Logprobs are log-softmax of the raw model logits (before penalties, temperature, top-k/p/min-p): each position
-is a dict token id -> logprob holding the chosen token and the top k.
+is a dict token id -> Logprob holding the chosen token and the top k.
 """
 from dataclasses import dataclass, field
 
-Logprobs = dict[int, float]
+
+class Logprob(float):
+    """A token's logprob: the float itself, with vLLM's Logprob fields beside it: `.logprob` (the same float),
+    `.rank` (1 = the most likely token; the chosen token's rank over the whole vocabulary, a top-k entry's by its
+    place) and `.decoded_token` (the token's text, None without a tokenizer)."""
+
+    __slots__ = ("rank", "decoded_token")
+
+    def __new__(cls, logprob: float, rank: int | None = None, decoded_token: str | None = None):
+        obj = super().__new__(cls, logprob)
+        obj.rank, obj.decoded_token = rank, decoded_token
+        return obj
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __reduce__(self):
+        return Logprob, (float(self), self.rank, self.decoded_token)
+
+
+Logprobs = dict[int, Logprob]
 
 
 @dataclass

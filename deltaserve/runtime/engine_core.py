@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ..outputs import CompletionOutput, Logprobs, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams, truncated_prompt
 from ..tokenizer import IncrementalDetokenizer, Tokenizer, bad_word_ids
 from .request import Request, RequestStatus
@@ -233,7 +233,7 @@ class EngineCore:
             group, i = self._by_id[req.request_id]
             touched[group.samples[0].request_id] = group
             if req.request_id in result.prompt_logprobs:
-                req.prompt_logprobs += result.prompt_logprobs[req.request_id]
+                req.prompt_logprobs += [self._decoded(lps) for lps in result.prompt_logprobs[req.request_id]]
             if req.request_id in result.sampled:
                 self._append_token(req, group, i, result)
         now = time.perf_counter()
@@ -258,7 +258,7 @@ class EngineCore:
         tok = result.sampled[req.request_id]
         req.output_token_ids.append(tok)
         if req.request_id in result.logprobs:
-            req.logprobs.append(result.logprobs[req.request_id])
+            req.logprobs.append(self._decoded(result.logprobs[req.request_id]))
         if req.request_id in result.sampled_logprob:
             req.cumulative_logprob += result.sampled_logprob[req.request_id]
         prev_len = len(group.texts[i])
@@ -281,6 +281,13 @@ class EngineCore:
                 group.texts[i] += group.detoks[i].flush()
             req.finish_reason, req.stop_reason = reason, stop
             self.scheduler.finish(req)
+
+    def _decoded(self, logprobs: Logprobs) -> Logprobs:
+        """Each Logprob's decoded_token (vLLM's field): the token's own text, special tokens written out."""
+        if self.tokenizer is not None:
+            for tok, lp in logprobs.items():
+                lp.decoded_token = self.tokenizer.decode([tok], skip_special_tokens=False)
+        return logprobs
 
     def _check_allowed(self, params: SamplingParams, bad_ids: list[list[int]]) -> None:
         """allowed_token_ids that the request's other rules leave nothing to sample from: refused now (the sampler

@@ -22,13 +22,13 @@ from ..kernels.gated_delta_rule import build_step_tables
 from ..kernels.paged_attention import allocate_kv, block_tensors
 from ..kernels.paged_attention.kv_quant import kv_bytes_per_token_head
 from ..models.qwen3_5 import ModelCaches
+from ..outputs import Logprob, Logprobs
 from ..runtime.request import Request
 from ..runtime.scheduler_output import SchedulerOutput
 from .cuda_graph import CudaGraphRunner
 from .forward_batch import ForwardBatch, GdnPrefill
 from .sampler import Sampler, SamplingBatch, compute_topk_logprobs
 
-Logprobs = dict[int, float]
 
 
 @dataclass
@@ -69,6 +69,7 @@ class PendingOutput:
     token_ids: torch.Tensor | None  # [R] int64 sampled ids; None: nothing sampled
     logprobs: torch.Tensor | None  # [R, 1 + k] fp32, or None when no row asked
     logprob_ids: torch.Tensor | None  # [R, 1 + k] int64
+    logprob_ranks: torch.Tensor | None  # [R] int64 the sampled token's rank
     ready: torch.cuda.Event | None  # recorded after the device-to-host copies; None on the CPU
     check: Callable[[], None] | None = None  # rank 0 under TP: raises if a worker died during the step
     # (TPWorkers.check_step: its aborted all-reduces left garbage)
@@ -85,14 +86,14 @@ class PendingOutput:
         tokens = self.token_ids.tolist()
         lp_vals = self.logprobs.tolist() if self.logprobs is not None else None
         lp_ids = self.logprob_ids.tolist() if self.logprob_ids is not None else None
+        ranks = self.logprob_ranks.tolist() if self.logprob_ranks is not None else None
         for j, req in enumerate(self.requests):
             out.sampled[req.request_id] = tokens[j]
             if lp_vals is not None:
                 out.sampled_logprob[req.request_id] = lp_vals[j][0]
                 k = self.want_logprobs[j]
                 if k is not None:
-                    out.logprobs[req.request_id] = {
-                        lp_ids[j][0]: lp_vals[j][0], **dict(zip(lp_ids[j][1: 1 + k], lp_vals[j][1: 1 + k]))}
+                    out.logprobs[req.request_id] = _logprob_dict(lp_vals[j][: 1 + k], lp_ids[j][: 1 + k], ranks[j])
         return out
 
 
@@ -356,7 +357,8 @@ class ModelRunner:
         samplers = [(s.request, rows[s.request.request_id]) for s in sched.seqs if s.sample]
         samplers += [(f.child, rows[f.parent.request_id]) for f in sched.forks]
         if not samplers:
-            return PendingOutput(out, [], [], None, None, None, None, self._check)
+            return PendingOutput(out, [], [], token_ids=None, logprobs=None, logprob_ids=None, logprob_ranks=None,
+                                 ready=None, check=self._check)
         return self._sample(samplers, logits, out)
 
     def copy_sequence(self, src_slot: int, dst_slot: int, src_blocks: list[int], dst_blocks: list[int]) -> None:
@@ -381,8 +383,9 @@ class ModelRunner:
             rows = logits[first_row[i]: first_row[i] + len(positions)]
             targets = torch.tensor([req.prompt_token_ids[p + 1] for p in positions], device=logits.device)
             lp = torch.log_softmax(rows, dim=-1)
-            vals, toks = compute_topk_logprobs(lp, req.params.prompt_logprobs, targets)
-            out.prompt_logprobs[req.request_id] = _to_dicts(vals, toks)
+            vals, toks, ranks = compute_topk_logprobs(lp, req.params.prompt_logprobs, targets)
+            out.prompt_logprobs[req.request_id] = [_logprob_dict(v, t, r) for v, t, r in
+                                                   zip(vals.tolist(), toks.tolist(), ranks.tolist())]
 
     def _sample(self, samplers: list, logits: torch.Tensor, out: RunnerOutput) -> PendingOutput:
         """samplers: (request, its logits row) pairs. Queues the sampler and the copies of its results to the host."""
@@ -400,7 +403,7 @@ class ModelRunner:
         res = self.sampler(rows, sbatch)
         self.last_sampled, self.last_sampled_rows = res.token_ids, {r.request_id: j for j, r in enumerate(reqs)}
         host = [t.to("cpu", non_blocking=True) if t is not None else None
-                for t in (res.token_ids, res.logprobs, res.logprob_token_ids)]
+                for t in (res.token_ids, res.logprobs, res.logprob_token_ids, res.logprob_ranks)]
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -441,12 +444,10 @@ def _bad_word_ends(req: Request, vocab_size: int) -> list[int]:
             if ids[-1] < vocab_size and len(out) >= len(ids) - 1 and out[len(out) - len(ids) + 1:] == ids[:-1]]
 
 
-def _to_dicts(vals: torch.Tensor, toks: torch.Tensor) -> list[Logprobs]:
-    """[P, 1+k] values and ids (actual token first) -> one dict per position, actual token included."""
-    result = []
-    for v_row, t_row in zip(vals.tolist(), toks.tolist()):
-        d = {t_row[0]: v_row[0]}
-        for t, v in zip(t_row[1:], v_row[1:]):
-            d.setdefault(t, v)
-        result.append(d)
-    return result
+def _logprob_dict(vals: list[float], toks: list[int], rank: int) -> Logprobs:
+    """One position's 1 + k values and ids (the actual token first, with its rank over the vocabulary, then the top
+    k in order) -> {token id: Logprob}, the actual token once; the decoded texts come later (engine_core)."""
+    d = {toks[0]: Logprob(vals[0], rank)}
+    for i, (t, v) in enumerate(zip(toks[1:], vals[1:]), start=1):
+        d.setdefault(t, Logprob(v, i))
+    return d

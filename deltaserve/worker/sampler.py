@@ -235,22 +235,25 @@ class SamplerOutput:
     token_ids: Tensor  # [N] int64 sampled ids
     logprobs: Tensor | None  # [N, 1 + max_num_logprobs] fp32: raw logprob of the sampled token, then the top-k
     logprob_token_ids: Tensor | None  # [N, 1 + max_num_logprobs] int64 ids matching `logprobs`
+    logprob_ranks: Tensor | None  # [N] int64 the sampled token's rank over the vocabulary (1 = the most likely)
     # Rows that asked for fewer than max_num_logprobs keep only their first 1 + k columns; None when no row
     # asked for logprobs.
 
 
-def compute_topk_logprobs(logprobs: Tensor, k: int, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+def compute_topk_logprobs(logprobs: Tensor, k: int, token_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """logprobs: [N, V] fp32 log-softmax; k: host int in [0, V]; token_ids: [N] int64.
-    Returns (values [N, 1 + k] fp32, ids [N, 1 + k] int64): the given token's logprob first, then the k largest
-    in descending order. Used for generated tokens and, with the next prompt tokens, for prompt logprobs."""
+    Returns (values [N, 1 + k] fp32, ids [N, 1 + k] int64, ranks [N] int64): the given token's logprob first, then
+    the k largest in descending order, and the given token's rank (1 + the tokens more likely than it). Used for
+    generated tokens and, with the next prompt tokens, for prompt logprobs."""
     if not 0 <= k <= logprobs.shape[-1]:
         raise ValueError(f"k={k} top logprobs requested, but k must be in [0, {logprobs.shape[-1]}].")
     ids = token_ids.to(torch.int64).unsqueeze(1)
     chosen = logprobs.gather(1, ids)
+    ranks = (logprobs > chosen).sum(dim=1) + 1
     if k == 0:
-        return chosen, ids
+        return chosen, ids, ranks
     top_values, top_ids = logprobs.topk(k, dim=-1)
-    return torch.cat([chosen, top_values], dim=1), torch.cat([ids, top_ids], dim=1)
+    return torch.cat([chosen, top_values], dim=1), torch.cat([ids, top_ids], dim=1), ranks
 
 
 def apply_penalties(
@@ -354,9 +357,9 @@ class Sampler:
             )
         token_ids = self._sample(logits, batch)
         if raw_logprobs is None:
-            return SamplerOutput(token_ids=token_ids, logprobs=None, logprob_token_ids=None)
-        values, ids = compute_topk_logprobs(raw_logprobs, batch.max_num_logprobs, token_ids)
-        return SamplerOutput(token_ids=token_ids, logprobs=values, logprob_token_ids=ids)
+            return SamplerOutput(token_ids=token_ids, logprobs=None, logprob_token_ids=None, logprob_ranks=None)
+        values, ids, ranks = compute_topk_logprobs(raw_logprobs, batch.max_num_logprobs, token_ids)
+        return SamplerOutput(token_ids=token_ids, logprobs=values, logprob_token_ids=ids, logprob_ranks=ranks)
 
     @staticmethod
     def _sample(logits: Tensor, batch: SamplingBatch) -> Tensor:

@@ -308,8 +308,8 @@ def test_allowed_token_ids_are_the_only_candidates():
 
 def test_compute_topk_logprobs_for_prompt_tokens():
     lp = torch.log_softmax(torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]]), dim=-1)
-    values, ids = compute_topk_logprobs(lp, 2, torch.tensor([2, 1]))
-    assert ids.tolist() == [[2, 1, 2], [1, 0, 2]]
+    values, ids, ranks = compute_topk_logprobs(lp, 2, torch.tensor([2, 1]))
+    assert ids.tolist() == [[2, 1, 2], [1, 0, 2]] and ranks.tolist() == [2, 3]  # 1 = the most likely
     torch.testing.assert_close(values, lp.gather(1, ids), rtol=0, atol=0)
     with pytest.raises(ValueError, match="k=4"):
         compute_topk_logprobs(lp, 4, torch.tensor([0, 0]))

@@ -73,3 +73,23 @@ def test_detokenize_false_and_spaces_between_special_tokens(llm):
         SamplingParams(detokenize=False, stop=["x"])
     with pytest.raises(ValueError, match="^detokenize must be True or False"):
         SamplingParams(detokenize="no")
+
+
+def test_logprobs_read_as_vllms_logprob_objects(llm):
+    """vLLM scripts read .logprob / .rank / .decoded_token (they were plain floats: AttributeError); the values stay
+    the floats they were, so float arithmetic and JSON keep working."""
+    import json
+
+    out = llm.generate(["hi"], greedy(logprobs=3, prompt_logprobs=2), use_tqdm=False)[0]
+    tok = llm.get_tokenizer()
+    for t, d in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
+        chosen = d[t]
+        assert chosen.rank == 1 and chosen.logprob == float(chosen) == max(d.values())  # greedy: the argmax
+        assert sorted(lp.rank for lp in d.values()) == [1, 2, 3]
+        assert all(lp.decoded_token == tok.decode([i], skip_special_tokens=False) for i, lp in d.items())
+    for t, d in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
+        assert (d[t].rank == 1) == (d[t] == max(d.values())) and d[t].rank >= 1
+        assert json.loads(json.dumps(d[t])) == float(d[t])
+    sampled = llm.generate(["hi"], SamplingParams(temperature=1.5, seed=3, max_tokens=8, logprobs=0),
+                           use_tqdm=False)[0].outputs[0]
+    assert any(d[t].rank > 1 for t, d in zip(sampled.token_ids, sampled.logprobs))  # ranks over the vocabulary
