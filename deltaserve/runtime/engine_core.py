@@ -69,6 +69,7 @@ class EngineCore:
         self.read_before_failure: list[RequestOutput] = []
         self.failed_outputs: list[RequestOutput] = []
         self._grammars = GrammarBackend(tokenizer, vocab_size, eos_token_ids) if tokenizer is not None else None
+        self._token_texts: dict[int, str] = {}  # token id -> its text, for Logprob.decoded_token
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
                     request_id: str | None = None) -> str:
@@ -283,10 +284,13 @@ class EngineCore:
             self.scheduler.finish(req)
 
     def _decoded(self, logprobs: Logprobs) -> Logprobs:
-        """Each Logprob's decoded_token (vLLM's field): the token's own text, special tokens written out."""
+        """Each Logprob's decoded_token (vLLM's field): the token's own text, special tokens written out (cached per
+        id: prompt logprobs ask for one or more a prompt token)."""
         if self.tokenizer is not None:
             for tok, lp in logprobs.items():
-                lp.decoded_token = self.tokenizer.decode([tok], skip_special_tokens=False)
+                if (text := self._token_texts.get(tok)) is None:
+                    text = self._token_texts[tok] = self.tokenizer.decode([tok], skip_special_tokens=False)
+                lp.decoded_token = text
         return logprobs
 
     def _check_allowed(self, params: SamplingParams, bad_ids: list[list[int]]) -> None:
