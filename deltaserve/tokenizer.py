@@ -183,16 +183,22 @@ class Tokenizer:
     # ---- chat ----
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
-        tokenize: bool = False, **template_kwargs
+        tokenize: bool = False, continue_final_message: bool = False, **template_kwargs
     ) -> str | list[int]:
         """Render a conversation to prompt text, as `hf_tokenizer.apply_chat_template(..., tokenize=False)` does
         (tokenize=True: its token ids; HF's default is True, ours False).
 
         messages: [{"role": ..., "content": ..., optional "tool_calls"/"reasoning_content"}]; tools: JSON schemas.
+        continue_final_message: the text ends right after the last message's content (as HF cuts it), so the model
+        goes on with that message (a prefilled answer) instead of starting a new turn.
         template_kwargs become template variables, e.g. `enable_thinking=False`.
         """
         if tokenize:
-            return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs))
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools,
+                                                        continue_final_message=continue_final_message,
+                                                        **template_kwargs))
+        if continue_final_message:
+            return self._continued(messages, add_generation_prompt, tools, template_kwargs)
         if not messages:
             raise TokenizerError("Cannot apply the chat template to an empty conversation; pass at least one message.")
         if tools is not None and not all(isinstance(t, dict) for t in tools):
@@ -207,6 +213,23 @@ class Tokenizer:
         except (TypeError, ValueError, KeyError, AttributeError) as e:  # a field of a type the template cannot use
             raise TokenizerError(f"The chat template could not render this conversation ({type(e).__name__}: {e}); "
                                  "check the types of the message fields.") from e
+
+    def _continued(self, messages: list[dict], add_generation_prompt: bool, tools: list | None,
+                   template_kwargs: dict) -> str:
+        """The conversation rendered without a generation prompt and cut after its last message's content."""
+        if add_generation_prompt:
+            raise TokenizerError("continue_final_message continues the last message; it cannot be combined with "
+                                 "add_generation_prompt=True (set it to False).")
+        final = (_normalize_message(messages[-1]).get("content") or "") if messages else ""
+        if not final.strip():
+            raise TokenizerError("continue_final_message needs a last message with text to continue.")
+        text = self.apply_chat_template(messages, False, tools, **template_kwargs)
+        if final not in text:  # HF's order: the content as given, else stripped (templates that trim messages)
+            final = final.strip()
+            if final not in text:
+                raise TokenizerError("The chat template does not write the last message's text, so it cannot be "
+                                     "continued.")
+        return text[: text.rindex(final) + len(final)]
 
     def _pick_template(self, has_tools: bool) -> str:
         template = self.chat_template

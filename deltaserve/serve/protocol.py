@@ -131,6 +131,7 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: StrictBool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False  # vLLM's: the answer continues the last (assistant) message
     response_format: dict[str, Any] | None = None
 
 
@@ -174,7 +175,6 @@ UNSUPPORTED_FIELDS = {
     "prompt_logprobs": "on /v1/completions, echo with logprobs scores the prompt",
     "use_beam_search": "beam search is not supported", "logits_processors": "logits processors are not supported",
     "length_penalty": "beam search is not supported", "early_stopping": "beam search is not supported",
-    "continue_final_message": "a chat answer is always a new assistant turn; to continue text, use /v1/completions",
     "chat_template": "the server renders every chat with the model's own template",
     "echo": "on /v1/chat/completions the answer does not repeat the prompt",  # a declared field on /v1/completions
 }

@@ -18,7 +18,7 @@ from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, chat_lo
                       merge, sse, sse_error)
 from .tool_parser import ForcedToolCalls, ParsedDelta, ToolCallParser, forced_schema
 
-_RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "documents"}
+_RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "documents", "continue_final_message"}
 
 
 class ChoiceParser:
@@ -113,7 +113,8 @@ def _render(ctx: ServingContext, req: ChatCompletionRequest, tools: list[dict] |
                        "chat_template_kwargs")
     try:
         return ctx.tokenizer.apply_chat_template(_message_dicts(req), add_generation_prompt=req.add_generation_prompt,
-                                                 tools=tools, **kwargs)
+                                                 tools=tools, continue_final_message=req.continue_final_message,
+                                                 **kwargs)
     except TokenizerError as e:
         raise APIError(400, str(e), "messages") from None
 

@@ -568,9 +568,9 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
                                   None, 400, "guided_whitespace_pattern"),
     "length_penalty": ("/v1/completions", {"model": MODEL, "prompt": "hi", "length_penalty": 2.0}, None, 400,
                        "length_penalty"),
-    "continue_final_message": ("/v1/chat/completions", chat_body(continue_final_message=True,
-                                                                 add_generation_prompt=False), None, 400,
-                               "continue_final_message"),
+    "continue_final_message_with_generation_prompt": ("/v1/chat/completions", chat_body(
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}],
+        continue_final_message=True), None, 400, "messages"),
     "chat_template": ("/v1/chat/completions", chat_body(chat_template="{{ messages }}"), None, 400, "chat_template"),
     "chat_echo": ("/v1/chat/completions", chat_body(echo=True), None, 400, "echo"),
     "schema_not_enforced": ("/v1/chat/completions", chat_body(response_format={
@@ -1036,3 +1036,17 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(client, tokenizer):
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi " * 50}],
                                           max_tokens=2, extra_body={"truncate_prompt_tokens": 10})
     assert chat.usage.prompt_tokens == 10
+
+
+def test_continue_final_message_goes_on_with_the_last_message(client, tokenizer):
+    """vLLM's continue_final_message (was refused): the answer continues a prefilled assistant message, as a
+    completion of the prompt cut right after it."""
+    msgs = [{"role": "user", "content": "Give JSON"}, {"role": "assistant", "content": '{"name": '}]
+    res = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0,
+                                         extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                                                     "ignore_eos": True})
+    prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=False, continue_final_message=True)
+    assert prompt.endswith('{"name": ') and res.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    same = client.completions.create(model=MODEL, prompt=tokenizer.encode(prompt), max_tokens=4, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert res.choices[0].message.content == same.choices[0].text

@@ -149,6 +149,20 @@ def test_chat_template_matches_hf(tok, hf_tok, messages, kwargs):
     assert tok.encode(ours) == hf_tok.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
 
 
+@pytest.mark.parametrize("final", ['{"name": ', "Sure, the answer", "  padded  "], ids=["trailing-space", "plain",
+                                                                                     "padded"])
+def test_continue_final_message_matches_hf(tok, hf_tok, final):
+    """vLLM's / HF's continue_final_message: the text ends right after the last message, for the model to go on."""
+    msgs = [{"role": "user", "content": "Give JSON"}, {"role": "assistant", "content": final}]
+    ours = tok.apply_chat_template(msgs, add_generation_prompt=False, continue_final_message=True)
+    assert ours == hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False,
+                                              continue_final_message=True)
+    assert ours.endswith(final) and tok.apply_chat_template(
+        msgs, add_generation_prompt=False, continue_final_message=True, tokenize=True) == tok.encode(ours)
+    with pytest.raises(TokenizerError, match="cannot be combined with add_generation_prompt"):
+        tok.apply_chat_template(msgs, continue_final_message=True)
+
+
 def test_chat_template_features(tok):
     text = tok.apply_chat_template(*CONVERSATIONS["tools"][:1], tools=TOOLS)
     assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text

@@ -93,3 +93,10 @@ def test_logprobs_read_as_vllms_logprob_objects(llm):
     sampled = llm.generate(["hi"], SamplingParams(temperature=1.5, seed=3, max_tokens=8, logprobs=0),
                            use_tqdm=False)[0].outputs[0]
     assert any(d[t].rank > 1 for t, d in zip(sampled.token_ids, sampled.logprobs))  # ranks over the vocabulary
+
+
+def test_chat_continues_the_final_message(llm):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, here"}]
+    out = llm.chat(msgs, greedy(), use_tqdm=False, add_generation_prompt=False, continue_final_message=True)[0]
+    tok = llm.get_tokenizer()
+    assert tok.decode(out.prompt_token_ids).endswith("Sure, here")
