@@ -349,13 +349,14 @@ class LLM:
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template_kwargs: dict | None = None, tools: list | None = None,
-             add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template: str | None = None) -> list[RequestOutput]:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of conversations."""
         if self.tokenizer is None:
             raise ValueError("LLM.chat needs a tokenizer with a chat template; none was found in the model directory")
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
-                  **(chat_template_kwargs or {})}  # theirs win
+                  "chat_template": chat_template, **(chat_template_kwargs or {})}  # theirs win
         prompts = [self.tokenizer.apply_chat_template(c, tools=tools, **kwargs) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm)
 

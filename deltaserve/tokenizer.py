@@ -183,27 +183,32 @@ class Tokenizer:
     # ---- chat ----
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
-        tokenize: bool = False, continue_final_message: bool = False, **template_kwargs
+        tokenize: bool = False, continue_final_message: bool = False, chat_template: str | None = None,
+        **template_kwargs
     ) -> str | list[int]:
         """Render a conversation to prompt text, as `hf_tokenizer.apply_chat_template(..., tokenize=False)` does
         (tokenize=True: its token ids; HF's default is True, ours False).
 
         messages: [{"role": ..., "content": ..., optional "tool_calls"/"reasoning_content"}]; tools: JSON schemas.
         continue_final_message: the text ends right after the last message's content (as HF cuts it), so the model
-        goes on with that message (a prefilled answer) instead of starting a new turn.
+        goes on with that message (a prefilled answer) instead of starting a new turn. chat_template: a Jinja
+        template to use instead of the tokenizer's own (sandboxed as that one).
         template_kwargs become template variables, e.g. `enable_thinking=False`.
         """
         if tokenize:
             return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools,
                                                         continue_final_message=continue_final_message,
-                                                        **template_kwargs))
+                                                        chat_template=chat_template, **template_kwargs))
         if continue_final_message:
-            return self._continued(messages, add_generation_prompt, tools, template_kwargs)
+            return self._continued(messages, add_generation_prompt, tools, dict(template_kwargs,
+                                                                                  chat_template=chat_template))
         if not messages:
             raise TokenizerError("Cannot apply the chat template to an empty conversation; pass at least one message.")
         if tools is not None and not all(isinstance(t, dict) for t in tools):
             raise TokenizerError("Each tool must be a JSON-schema dict like {'type': 'function', 'function': {...}}.")
-        template = _compile_chat_template(self._pick_template(bool(tools)))
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TokenizerError(f"chat_template must be a Jinja template string, got {type(chat_template).__name__}.")
+        template = _compile_chat_template(chat_template or self._pick_template(bool(tools)))
         chat = [_normalize_message(m) for m in messages]
         variables = {"documents": None, **self.special_tokens, **template_kwargs}  # as transformers passes them
         try:

@@ -100,3 +100,12 @@ def test_chat_continues_the_final_message(llm):
     out = llm.chat(msgs, greedy(), use_tqdm=False, add_generation_prompt=False, continue_final_message=True)[0]
     tok = llm.get_tokenizer()
     assert tok.decode(out.prompt_token_ids).endswith("Sure, here")
+
+
+def test_chat_with_a_template_of_ones_own(llm):
+    """vLLM's LLM.chat(chat_template=...) (a TypeError): the given Jinja template renders the conversation."""
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    out = llm.chat([{"role": "user", "content": "hi"}], greedy(), use_tqdm=False, chat_template=template)[0]
+    assert out.prompt_token_ids == llm.get_tokenizer().encode("[user] hi\n")
+    with pytest.raises(Exception, match="not valid Jinja"):
+        llm.chat([{"role": "user", "content": "hi"}], greedy(), use_tqdm=False, chat_template="{% for %}")
