@@ -200,8 +200,7 @@ class Tokenizer:
                                                         continue_final_message=continue_final_message,
                                                         chat_template=chat_template, **template_kwargs))
         if continue_final_message:
-            return self._continued(messages, add_generation_prompt, tools, dict(template_kwargs,
-                                                                                  chat_template=chat_template))
+            return self._continued(messages, add_generation_prompt, tools, chat_template, template_kwargs)
         if not messages:
             raise TokenizerError("Cannot apply the chat template to an empty conversation; pass at least one message.")
         if tools is not None and not all(isinstance(t, dict) for t in tools):
@@ -220,7 +219,7 @@ class Tokenizer:
                                  "check the types of the message fields.") from e
 
     def _continued(self, messages: list[dict], add_generation_prompt: bool, tools: list | None,
-                   template_kwargs: dict) -> str:
+                   chat_template: str | None, template_kwargs: dict) -> str:
         """The conversation rendered without a generation prompt and cut after its last message's content."""
         if add_generation_prompt:
             raise TokenizerError("continue_final_message continues the last message; it cannot be combined with "
@@ -228,7 +227,7 @@ class Tokenizer:
         final = (_normalize_message(messages[-1]).get("content") or "") if messages else ""
         if not final.strip():
             raise TokenizerError("continue_final_message needs a last message with text to continue.")
-        text = self.apply_chat_template(messages, False, tools, **template_kwargs)
+        text = self.apply_chat_template(messages, False, tools, chat_template=chat_template, **template_kwargs)
         if final not in text:  # HF's order: the content as given, else stripped (templates that trim messages)
             final = final.strip()
             if final not in text:
@@ -300,12 +299,13 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
-    def add(self, token_ids: list[int]) -> str:
-        """Append generated ids; return only the text that became final with them (possibly "")."""
+    def add(self, token_ids: list[int], final: bool = False) -> str:
+        """Append generated ids; return only the text that became final with them (possibly ""). final: nothing
+        follows, so held-back bytes are final too (`flush`)."""
         self._ids.extend(token_ids)
         prefix = self._decode(self._ids[: self._read])
         full = self._decode(self._ids)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if len(full) <= len(prefix) or full.endswith("\ufffd") and not final:
             return ""
         delta = full[len(prefix) :]
         # the ids just emitted become the next step's context; their start and end are character boundaries
@@ -317,12 +317,7 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """At the request's end: the text still held back, as `decode` shows it (a character cut off by the length
         limit, or bytes that never form one, become U+FFFD, as in HF's decode of the output)."""
-        if len(self._ids) <= self._read:
-            return ""
-        delta = self._decode(self._ids)[len(self._decode(self._ids[: self._read])) :]
-        self._read = len(self._ids)
-        self._text += delta
-        return delta
+        return self.add([], final=True)
 
     @property
     def text(self) -> str:

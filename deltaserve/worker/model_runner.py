@@ -30,7 +30,6 @@ from .forward_batch import ForwardBatch, GdnPrefill
 from .sampler import Sampler, SamplingBatch, compute_topk_logprobs
 
 
-
 @dataclass
 class StepPlan:
     """One step's forward as plain host lists: all a rank needs to run it (what rank 0 sends the other ranks)."""

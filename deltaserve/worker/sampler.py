@@ -195,7 +195,7 @@ def _allowed(params: list[SamplingParams], grammars: list, words: int, pin: bool
     bitmask = torch.empty((len(rows), words), dtype=torch.int32)
     for j, i in enumerate(rows):
         if params[i].allowed_token_ids:
-            bitmask[j] = _token_mask(params[i].allowed_token_ids, words)
+            bitmask[j] = _token_mask(tuple(params[i].allowed_token_ids), words)
         else:
             grammars[i].fill(bitmask, j)
     rows_t = torch.tensor(rows, dtype=torch.int64)
@@ -204,14 +204,10 @@ def _allowed(params: list[SamplingParams], grammars: list, words: int, pin: bool
     return rows_t.to(device, non_blocking=True), bitmask.to(device, non_blocking=True)
 
 
-def _token_mask(ids: list[int], words: int) -> Tensor:
+@functools.lru_cache(maxsize=256)
+def _token_mask(ids: tuple[int, ...], words: int) -> Tensor:
     """Token ids -> [words] int32 with bit t % 32 of word t // 32 set for each id (the grammar bitmask's packing);
     cached, since a request's allowed_token_ids never change (a full-vocabulary mask a row a step added up)."""
-    return _packed_mask(tuple(ids), words)
-
-
-@functools.lru_cache(maxsize=256)
-def _packed_mask(ids: tuple[int, ...], words: int) -> Tensor:
     bits = np.zeros(words * 32, dtype=np.uint8)
     bits[list(ids)] = 1
     return torch.from_numpy(np.packbits(bits, bitorder="little").view("<i4").copy())
