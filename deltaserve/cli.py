@@ -59,6 +59,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-expert-parallel", action="store_true",
                    help="with --tp N on an MoE model: each rank holds num_experts/N whole experts instead of 1/N of "
                         "every expert (ignored for dense models and --tp 1)")
+    g.add_argument("--enable-prefix-caching", action="store_true",
+                   help="reuse the KV blocks and GDN states of earlier prompts' prefixes (snapshots every 256 tokens; "
+                        "see the README)")
+    g.add_argument("--prefix-cache-slots", type=positive_int, default=None,
+                   help="GDN state snapshots the prefix cache holds (default 16; each one request's states)")
 
 
 def add_generation_config_arg(p: argparse.ArgumentParser) -> None:
@@ -282,7 +287,8 @@ def engine_kwargs(args) -> dict:
                 num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
                 enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp, kv_cache_dtype=args.kv_cache_dtype,
                 state_dtype=args.state_dtype, enable_expert_parallel=args.enable_expert_parallel,
-                async_scheduling=args.async_scheduling, generation_config=args.generation_config)
+                async_scheduling=args.async_scheduling, generation_config=args.generation_config,
+                enable_prefix_caching=args.enable_prefix_caching, prefix_cache_slots=args.prefix_cache_slots)
 
 
 def _merge_model_arg(args) -> None:
@@ -347,6 +353,9 @@ def _bench_len(args, budget: int) -> int:
 
 def _check_bench(args, budget: int) -> None:
     """Flags bench would otherwise ignore, and sizes whose timed steps could not hold the whole batch."""
+    if args.enable_prefix_caching or args.prefix_cache_slots is not None:
+        raise ValueError("bench times prefill and decode without the prefix cache (its prompts repeat, so a cache would "
+                         "time copies instead of prefill): drop --enable-prefix-caching / --prefix-cache-slots")
     if args.preset and args.model:
         raise ValueError(f"--preset {args.preset} builds random weights of that shape and --model {args.model} loads a "
                          f"checkpoint: give one of them")

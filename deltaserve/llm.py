@@ -23,6 +23,7 @@ from .models.formats import RANDOM_AWQ_PATTERNS, awq_formats, tp_problems
 from .models.weights import WeightsError, build_model, checkpoint_files, load_weights, read_formats
 from .outputs import RequestOutput
 from .runtime.block_pool import BlockPool
+from .runtime import prefix_cache
 from .runtime.engine_core import EngineCore
 from .runtime.scheduler import Scheduler
 from .runtime.state_pool import StatePool
@@ -35,6 +36,7 @@ from .worker.model_runner import ModelRunner, kv_bytes_per_block, profile_activa
 logger = logging.getLogger("deltaserve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_BUDGET_BYTES = 2 << 30  # KV pool cap on CPU when num_kv_blocks is not given
+DEFAULT_PREFIX_CACHE_SLOTS = 16  # snapshots the prefix cache holds (each one request's GDN states: ~50 MB at 9B)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class RankSpec:
     seed: int
     enforce_eager: bool
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "int8" | "int4" | "fp8"
+    prefix_cache_slots: int = 0  # GDN state slots for the prefix cache's snapshots, after the requests' own
 
     def build_runner(self, tp: TPGroup, device: torch.device, on_loaded=lambda: None) -> ModelRunner:
         """Build rank tp.rank's model shard (loading only its rows of the checkpoint) and its runner. Every rank
@@ -77,7 +80,7 @@ class RankSpec:
         max_len = self.max_model_len or cfg.max_position_embeddings
         num_blocks = self.num_kv_blocks or tp.min_int(_auto_kv_blocks(
             model, local, device, self.dtype, self.block_size, self.max_num_seqs, self.max_num_batched_tokens,
-            self.gpu_memory_utilization, state_dtype, max_len, self.kv_cache_dtype))
+            self.gpu_memory_utilization, state_dtype, max_len, self.kv_cache_dtype, self.prefix_cache_slots))
         capacity = num_blocks * self.block_size
         if capacity < max_len:
             if self.max_model_len is not None:  # an explicit length the pool cannot hold: say so rather than stall
@@ -87,7 +90,8 @@ class RankSpec:
                 logger.info("max_model_len lowered from %d to %d to fit the KV cache", max_len, capacity)
             max_len = capacity
         runner = ModelRunner(local, model, device, self.dtype, num_blocks, self.block_size, self.max_num_seqs,
-                             state_dtype, self.max_num_batched_tokens, max_len, self.kv_cache_dtype)
+                             state_dtype, self.max_num_batched_tokens, max_len, self.kv_cache_dtype,
+                             self.prefix_cache_slots)
         if device.type == "cuda" and not self.enforce_eager:
             if local.is_moe and self.dtype != torch.bfloat16:
                 # the sync-free grouped-GEMM MoE is bf16-only; the reference MoE syncs, which a graph cannot hold
@@ -95,12 +99,14 @@ class RankSpec:
             else:
                 runner.capture_cuda_graphs(self.max_num_seqs, max_len)
         if tp.rank == 0:
-            logger.info("KV cache (%s): %d blocks x %d tokens = %d tokens (%.2f GiB%s); %d GDN state slots (%.2f GiB); "
+            logger.info("KV cache (%s): %d blocks x %d tokens = %d tokens (%.2f GiB%s); %d GDN state slots (%.2f GiB"
+                        "%s); "
                         "max concurrency %d requests of %d tokens", self.kv_cache_dtype, num_blocks, self.block_size,
                         capacity, num_blocks * kv_bytes_per_block(local, self.block_size, self.dtype,
                                                                   self.kv_cache_dtype) / 2**30,
                         f" per rank of {tp.world}" if tp.world > 1 else "", self.max_num_seqs,
                         self.max_num_seqs * state_bytes_per_slot(local, self.dtype, state_dtype) / 2**30,
+                        f"; {self.prefix_cache_slots} more for the prefix cache" if self.prefix_cache_slots else "",
                         min(self.max_num_seqs, capacity // max_len or 1), max_len)
         return runner
 
@@ -134,7 +140,11 @@ class LLM:
     generation_config: "auto" (default): a call without sampling_params, and a server request that leaves a field
     out, sample with the checkpoint's generation_config.json settings (temperature, top_p, top_k, min_p,
     repetition_penalty), as vLLM does (do_sample false: greedy, as HF does; vLLM ignores it); "none": with
-    SamplingParams' own defaults. trust_remote_code, enable_prefix_caching: vLLM's, accepted (README)."""
+    SamplingParams' own defaults. trust_remote_code: vLLM's, accepted (README).
+    enable_prefix_caching: reuse the KV blocks and GDN states of earlier prompts' prefixes (runtime/prefix_cache.py):
+    a prompt that starts with a cached prefix is prefilled from there. The GDN states are snapshots at multiples of
+    256 tokens, each in one of `prefix_cache_slots` extra state slots (default 16; each the size of one request's
+    states, taken from the KV cache's memory). Off by default."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
@@ -142,11 +152,9 @@ class LLM:
                  seed: int | None = 0, enforce_eager: bool = False, tensor_parallel_size: int = 1,
                  kv_cache_dtype: str = "auto", state_dtype: str = "auto", enable_expert_parallel: bool = False,
                  async_scheduling: bool | None = None, generation_config: str = "auto",
-                 trust_remote_code: bool = False, enable_prefix_caching: bool | None = None):
+                 trust_remote_code: bool = False, enable_prefix_caching: bool | None = None,
+                 prefix_cache_slots: int | None = None):
         # vLLM's trust_remote_code: nothing here runs a checkpoint's own code, so it changes nothing
-        if enable_prefix_caching:
-            logger.warning("enable_prefix_caching: deltaserve has no prefix cache yet; every prompt is prefilled in "
-                           "full (outputs are the same)")
         tok_dir = tokenizer or model
         if tokenizer is not None and not _has_tokenizer(tokenizer):
             raise TokenizerError(f"tokenizer {tokenizer!r} is not a directory holding tokenizer.json.")
@@ -154,7 +162,8 @@ class LLM:
                     else None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
                     num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size, kv_cache_dtype,
                     state_dtype=state_dtype, enable_expert_parallel=enable_expert_parallel,
-                    async_scheduling=async_scheduling, generation_config=generation_config)
+                    async_scheduling=async_scheduling, generation_config=generation_config,
+                    prefix_cache_slots=_prefix_cache_slots(enable_prefix_caching, prefix_cache_slots))
 
     @classmethod
     def from_config(cls, config: ModelConfig, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
@@ -162,7 +171,8 @@ class LLM:
                     num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9, seed: int | None = 0,
                     enforce_eager: bool = False, tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto",
                     quantization: str | None = None, group_size: int = 128, state_dtype: str = "auto",
-                    enable_expert_parallel: bool = False, async_scheduling: bool | None = None) -> "LLM":
+                    enable_expert_parallel: bool = False, async_scheduling: bool | None = None,
+                    enable_prefix_caching: bool | None = None, prefix_cache_slots: int | None = None) -> "LLM":
         """An engine over random weights of `config`'s shapes, made directly on the device (benchmarks: no
         checkpoint, no tokenizer; prompts are token ids). Under TP each rank draws its own shard: the same shapes
         and speed as a real checkpoint, not the same numbers as the TP=1 model of this seed.
@@ -177,7 +187,8 @@ class LLM:
         llm._setup(config, None, None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
                    block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size,
                    kv_cache_dtype, formats, state_dtype=state_dtype, enable_expert_parallel=enable_expert_parallel,
-                   async_scheduling=async_scheduling)
+                   async_scheduling=async_scheduling,
+                   prefix_cache_slots=_prefix_cache_slots(enable_prefix_caching, prefix_cache_slots))
         return llm
 
     def _setup(self, config: ModelConfig, weights_dir: str | None, tokenizer: Tokenizer | None, device: str,
@@ -186,7 +197,7 @@ class LLM:
                enforce_eager: bool, tensor_parallel_size: int, kv_cache_dtype: str = "auto",
                formats: dict[str, str] | None = None, state_dtype: str = "auto",
                enable_expert_parallel: bool = False, async_scheduling: bool | None = None,
-               generation_config: str = "auto") -> None:
+               generation_config: str = "auto", prefix_cache_slots: int = 0) -> None:
         self.sampling_defaults = _checked_sampling_defaults(config, generation_config)
         config = dataclasses.replace(config, state_dtype=_resolve_state_dtype(state_dtype, config),
                                      expert_parallel=_expert_parallel(config, enable_expert_parallel,
@@ -220,7 +231,7 @@ class LLM:
         async_scheduling = _async_scheduling(async_scheduling, self.device, tensor_parallel_size)  # before any spawn
         spec = RankSpec(config, weights_dir, formats, self.device, self.dtype, max_num_seqs, max_num_batched_tokens,
                         max_model_len, block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager,
-                        kv_cache_dtype)
+                        kv_cache_dtype, prefix_cache_slots)
         if tensor_parallel_size == 1:
             self.runner = spec.build_runner(SINGLE, self.device)
         else:
@@ -228,8 +239,10 @@ class LLM:
                 checkpoint_files(weights_dir)  # a missing checkpoint fails here, not in N processes
             self.runner = self._start_tp(spec, tensor_parallel_size)
         self.model, self.max_model_len = self.runner.model, self.runner.max_model_len
-        scheduler = Scheduler(BlockPool(self.runner.num_kv_blocks, block_size), StatePool(max_num_seqs),
-                              max_num_seqs, max_num_batched_tokens)
+        blocks = BlockPool(self.runner.num_kv_blocks, block_size)
+        cache = prefix_cache.PrefixCache(blocks, list(range(max_num_seqs, max_num_seqs + prefix_cache_slots)),
+                                         prefix_cache.CHUNK_TOKENS) if prefix_cache_slots else None
+        scheduler = Scheduler(blocks, StatePool(max_num_seqs), max_num_seqs, max_num_batched_tokens, cache)
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -242,6 +255,7 @@ class LLM:
         if self.device.type == "cuda":
             t = time.perf_counter()
             self.engine.warm_up()
+            self.reset_prefix_cache()  # the warm-up's throwaway prompts
             logger.info("warm-up steps (kernel compilation for mixed batches) took %.1f s", time.perf_counter() - t)
 
     def _start_tp(self, spec: RankSpec, world: int) -> ModelRunner:
@@ -262,6 +276,11 @@ class LLM:
         workers.before_leave = runner.release_graphs
         workers.watch()
         return runner
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached prefix (vLLM's name); later prompts are prefilled in full until they are cached again."""
+        if self.engine.scheduler.cache is not None:
+            self.engine.scheduler.cache.clear()
 
     def get_tokenizer(self) -> Tokenizer | None:
         """The tokenizer (vLLM's accessor): deltaserve's own, with encode / decode / apply_chat_template (None for a
@@ -410,10 +429,11 @@ class LLM:
 
 def _auto_kv_blocks(model: torch.nn.Module, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                     block_size: int, max_num_seqs: int, max_num_batched_tokens: int, util: float,
-                    state_dtype: torch.dtype, max_model_len: int, kv_cache_dtype: str = "auto") -> int:
+                    state_dtype: torch.dtype, max_model_len: int, kv_cache_dtype: str = "auto",
+                    prefix_cache_slots: int = 0) -> int:
     """KV blocks that fit this rank (cfg: its shard_config): on CUDA, util x card memory minus weights, the profiled
-    peak of a full step and one state slot per sequence; on CPU, a fixed budget. Never more than max_num_seqs
-    full-length sequences need."""
+    peak of a full step and the state slots (one per sequence, and the prefix cache's); on CPU, a fixed budget. Never
+    more than max_num_seqs full-length sequences need."""
     per_block = max(1, kv_bytes_per_block(cfg, block_size, dtype, kv_cache_dtype))
     full = max_num_seqs * math.ceil(max_model_len / block_size)
     if device.type != "cuda":
@@ -421,7 +441,7 @@ def _auto_kv_blocks(model: torch.nn.Module, cfg: ModelConfig, device: torch.devi
     activations = profile_activation_bytes(model, cfg, device, dtype, state_dtype, max_num_batched_tokens, block_size,
                                            kv_cache_dtype)
     _, total = torch.cuda.mem_get_info(device)
-    states = max_num_seqs * state_bytes_per_slot(cfg, dtype, state_dtype)
+    states = (max_num_seqs + prefix_cache_slots) * state_bytes_per_slot(cfg, dtype, state_dtype)
     budget = util * total - torch.cuda.memory_allocated(device) - activations - states
     blocks = min(full, int(budget // per_block))
     if blocks < 1:
@@ -429,6 +449,19 @@ def _auto_kv_blocks(model: torch.nn.Module, cfg: ModelConfig, device: torch.devi
                          f"{torch.cuda.memory_allocated(device) / 2**30:.1f} GiB, step peak "
                          f"{activations / 2**30:.1f} GiB); raise it or lower max_num_batched_tokens/max_num_seqs")
     return blocks
+
+
+def _prefix_cache_slots(enabled: bool | None, slots: int | None) -> int:
+    """State slots for the prefix cache: 0 when it is off."""
+    if not enabled:
+        if slots is not None:
+            raise ValueError("prefix_cache_slots sizes the prefix cache: pass enable_prefix_caching=True with it")
+        return 0
+    if slots is None:
+        return DEFAULT_PREFIX_CACHE_SLOTS
+    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+        raise ValueError(f"prefix_cache_slots must be a positive integer, got {slots!r}")
+    return slots
 
 
 def _normalise_prompts(prompts) -> list:

@@ -62,3 +62,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed (vLLM's field)

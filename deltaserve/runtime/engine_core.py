@@ -368,7 +368,7 @@ class EngineCore:
             request_id=rid, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
             prompt_logprobs=list(first.prompt_logprobs) if group.params.prompt_logprobs is not None else None,
             outputs=outs, finished=all(r.status == RequestStatus.FINISHED for r in group.samples),
-            metrics=group.metrics,
+            metrics=group.metrics, num_cached_tokens=first.num_cached_tokens,
         )
 
 

@@ -32,6 +32,7 @@ class Request:
     state_slot: int = -1
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens its first admission took from the prefix cache
     # Per-request outputs accumulated by the model runner and the output processor.
     prompt_logprobs: list = field(default_factory=list)  # dict per prompt position; [0] is None
     logprobs: list = field(default_factory=list)  # dict per output token

@@ -8,21 +8,27 @@ When KV blocks run out, the most recently admitted running request is preempted:
 goes back to the front of the queue, to be re-prefilled from prompt + generated tokens (recompute).
 Siblings of an n > 1 request wait on the first sample (`fork_children`) and are forked from it, state and KV
 copied, in the step that finishes its prompt; without room to fork they queue and prefill on their own.
+With a prefix cache (prefix_cache.py), a request admitted with nothing computed starts after the longest cached
+prefix of its tokens, and a prefill pauses at its prompt's snapshot points so the cache can copy the state there.
+Cached prefixes give way first: their KV blocks are released before any request is refused or preempted.
 """
 from collections import deque
 
 from .block_pool import BlockPool
+from .prefix_cache import PrefixCache, PrefixEntry
 from .request import Request, RequestStatus
-from .scheduler_output import Fork, ScheduledSeq, SchedulerOutput
+from .scheduler_output import Fork, ScheduledSeq, SchedulerOutput, SlotCopy
 from .state_pool import StatePool
 
 
 class Scheduler:
-    def __init__(self, block_pool: BlockPool, state_pool: StatePool, max_num_seqs: int, max_num_batched_tokens: int):
-        self.blocks, self.states = block_pool, state_pool
+    def __init__(self, block_pool: BlockPool, state_pool: StatePool, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefix_cache: PrefixCache | None = None):
+        self.blocks, self.states, self.cache = block_pool, state_pool, prefix_cache
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._filling: list[PrefixEntry] = []  # cache entries whose slot the step being scheduled fills
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -39,27 +45,39 @@ class Scheduler:
             if req.last_token_inflight:  # finishes when the step in flight is read
                 i += 1
                 continue
-            n = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
+            n = self._chunk(req, req.num_computed_tokens, budget)
             if not self._reserve_blocks(req, n, out):
                 continue  # req itself was preempted; self.running shrank
             out.seqs.append(self._seq(req, n))
+            self._snapshot(req, out)
             budget -= n
             i += 1
             self._fork(req, out)
         while (self.waiting and budget > 0 and len(self.running) + len(out.forks) < self.max_num_seqs
                and not out.preempted):
             req = self.waiting[0]
-            n = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
-            need = self.blocks.blocks_needed(req.num_computed_tokens + n, len(req.block_ids))
-            if need > self.blocks.num_free or self.states.num_free == 0:
+            hit = self._lookup(req)
+            start = len(hit.tokens) if hit else req.num_computed_tokens
+            n = self._chunk(req, start, budget)
+            have = len(req.block_ids) + (len(hit.block_ids) if hit else 0)
+            need = self.blocks.blocks_needed(start + n, have)
+            if self.states.num_free == 0 or not self._make_room(need, keep=hit):
                 break
             self.waiting.popleft()
-            req.block_ids += self.blocks.allocate(need)
             req.state_slot = self.states.allocate()
-            out.slots_to_zero.append(req.state_slot)
+            if hit:
+                self.blocks.share(hit.block_ids)
+                req.block_ids, req.num_computed_tokens = list(hit.block_ids), start
+                if req.num_preemptions == 0:
+                    req.num_cached_tokens = start
+                out.restores.append(SlotCopy(hit.slot, req.state_slot))
+            else:
+                out.slots_to_zero.append(req.state_slot)
+            req.block_ids += self.blocks.allocate(need)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.seqs.append(self._seq(req, n))
+            self._snapshot(req, out)
             budget -= n
             self._fork(req, out)
         self.running += [f.child for f in out.forks]  # they join after this step's forward
@@ -81,12 +99,47 @@ class Scheduler:
             child.status = RequestStatus.RUNNING
             out.forks.append(Fork(req, child))
 
+    def _lookup(self, req: Request) -> PrefixEntry | None:
+        """The cached prefix a request about to be admitted starts from (none when it owes prompt logprobs: those
+        need every prompt position computed)."""
+        if self.cache is None or req.num_computed_tokens or req.block_ids or req.wants_prompt_logprobs:
+            return None
+        return self.cache.lookup(req.token_ids(0, req.num_tokens))
+
+    def _chunk(self, req: Request, start: int, budget: int) -> int:
+        """Tokens to feed req from `start` this step: what the budget allows, ending at its prompt's snapshot
+        point when the prefill crosses it."""
+        n = min(req.num_scheduled_tokens - start, budget)
+        if self.cache is not None and start < req.num_prompt_tokens:
+            n = min([n] + [stop - start for stop in self.cache.stops(req.prompt_token_ids) if stop > start])
+        return n
+
+    def _snapshot(self, req: Request, out: SchedulerOutput) -> None:
+        """If this step's chunk of req ends at one of its prompt's snapshot points, cache the prefix: its blocks now,
+        its state copied into the entry's slot after the forward."""
+        s = out.seqs[-1]
+        if self.cache is None or s.start >= req.num_prompt_tokens:
+            return
+        stop = s.start + s.num_new_tokens
+        if stop in self.cache.stops(req.prompt_token_ids):
+            entry = self.cache.insert(req.prompt_token_ids, stop, req.block_ids[: stop // self.blocks.block_size])
+            out.snapshots.append(SlotCopy(req.state_slot, entry.slot))
+            self._filling.append(entry)
+
+    def _make_room(self, need: int, keep: PrefixEntry | None = None) -> bool:
+        """Release cached prefixes (least recently used first, never `keep`) until `need` KV blocks are free."""
+        while need > self.blocks.num_free:
+            if self.cache is None or not self.cache.evict_one(keep):
+                return False
+        return True
+
     def _seq(self, req: Request, n: int) -> ScheduledSeq:
         return ScheduledSeq(req, req.num_computed_tokens, n, req.num_computed_tokens + n == req.num_scheduled_tokens)
 
     def _reserve_blocks(self, req: Request, n: int, out: SchedulerOutput) -> bool:
         """Give `req` the blocks for n more tokens, preempting later requests (or req itself) until they fit."""
         need = self.blocks.blocks_needed(req.num_computed_tokens + n, len(req.block_ids))
+        self._make_room(need)
         while need > self.blocks.num_free:
             victim = self.running[-1]
             self._preempt(victim)
@@ -112,6 +165,10 @@ class Scheduler:
             req.state_slot = -1
 
     def update_after_step(self, sched: SchedulerOutput) -> None:
+        """After the step is launched (its copies queued on the device): its snapshots may be read from now on."""
+        for entry in self._filling:
+            entry.ready = True
+        self._filling = []
         for s in sched.seqs:
             s.request.num_computed_tokens += s.num_new_tokens
         for f in sched.forks:

@@ -21,11 +21,22 @@ class Fork:
 
 
 @dataclass
+class SlotCopy:
+    """A GDN state copy between state slots (prefix cache): every GDN layer's conv and recurrent state."""
+    src: int
+    dst: int
+
+
+@dataclass
 class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)  # batch order
     slots_to_zero: list[int] = field(default_factory=list)  # state slots newly handed out: zero before the forward
     preempted: list[str] = field(default_factory=list)  # request ids sent back to the queue this step
     forks: list[Fork] = field(default_factory=list)  # copies to make after the forward, in order
+    restores: list[SlotCopy] = field(default_factory=list)  # cached prefix state -> a new request's slot, before the
+    # forward (in place of zeroing it)
+    snapshots: list[SlotCopy] = field(default_factory=list)  # a request's slot -> a prefix-cache slot, after the
+    # forward
 
     @property
     def num_tokens(self) -> int:

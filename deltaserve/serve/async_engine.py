@@ -36,8 +36,9 @@ class EngineStats:
     """A snapshot the engine thread takes after every iteration; the event loop (/metrics) reads it."""
     running: int = 0  # sequences holding a state slot
     waiting: int = 0  # sequences queued
-    kv_blocks_used: int = 0
+    kv_blocks_used: int = 0  # blocks some request uses
     kv_blocks_total: int = 0
+    prefix_cache_kv_blocks: int = 0  # blocks only cached prompt prefixes hold (given up when requests need them)
     state_slots_used: int = 0
     state_slots_total: int = 0
 
@@ -290,7 +291,8 @@ class AsyncEngine:
         sched = self.core.scheduler
         stats = EngineStats(
             running=len(sched.running), waiting=len(sched.waiting),
-            kv_blocks_used=sched.blocks.num_used, kv_blocks_total=sched.blocks.num_blocks,
+            kv_blocks_used=sched.blocks.num_in_requests, kv_blocks_total=sched.blocks.num_blocks,
+            prefix_cache_kv_blocks=sched.blocks.num_used - sched.blocks.num_in_requests,
             state_slots_used=sched.states.num_used, state_slots_total=sched.states.num_slots)
         if outputs or stats != self._posted_stats:
             self._posted_stats = stats

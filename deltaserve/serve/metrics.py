@@ -14,8 +14,10 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _GAUGES = (  # (name, help, EngineStats field)
     ("deltaserve_num_requests_running", "Sequences running (holding a GDN state slot).", "running"),
     ("deltaserve_num_requests_waiting", "Sequences waiting to be scheduled.", "waiting"),
-    ("deltaserve_kv_blocks_used", "Paged-KV blocks in use.", "kv_blocks_used"),
+    ("deltaserve_kv_blocks_used", "Paged-KV blocks in use by requests.", "kv_blocks_used"),
     ("deltaserve_kv_blocks_total", "Paged-KV blocks in the pool.", "kv_blocks_total"),
+    ("deltaserve_prefix_cache_kv_blocks", "Paged-KV blocks held only by cached prompt prefixes (released when "
+     "requests need them).", "prefix_cache_kv_blocks"),
     ("deltaserve_state_slots_used", "GDN state slots in use.", "state_slots_used"),
     ("deltaserve_state_slots_total", "GDN state slots in the pool.", "state_slots_total"),
 )

@@ -186,7 +186,7 @@ def _full_response(ctx: ServingContext, req: ChatCompletionRequest, final, parse
             "finish_reason": _finish_reason(c.finish_reason, p), "stop_reason": c.stop_reason})
     n_out = sum(len(c.token_ids) for c in final.outputs)
     return {**head, "object": "chat.completion", "choices": choices,
-            "usage": usage(len(final.prompt_token_ids), n_out)}
+            "usage": usage(len(final.prompt_token_ids), n_out, final.num_cached_tokens)}
 
 
 def _finish_reason(reason: str | None, parser: ChoiceParser) -> str | None:
@@ -204,11 +204,12 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parse
             choice["stop_reason"] = stop_reason
         return sse({**head, "choices": [choice], **extra})
 
-    n_prompt, n_out = stream.num_prompt_tokens, 0
+    n_prompt, n_out, n_cached = stream.num_prompt_tokens, 0, 0
     try:
         for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         async for _, out in merge([stream]):
+            n_cached = out.num_cached_tokens
             for c in out.outputs:
                 p = parsers[c.index]
                 if p.done:
@@ -234,7 +235,7 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parse
                     yield chunk(c.index, delta, lp, _finish_reason(c.finish_reason, p) if final else None,
                                 c.stop_reason if final else None)
         if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out)})
+            yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out, n_cached)})
     except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, then end it
         yield sse_error(engine_api_error(e))
     yield SSE_DONE

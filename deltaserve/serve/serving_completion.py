@@ -107,6 +107,7 @@ def _prompt_logprobs(ctx: ServingContext, req: CompletionRequest, out, k: int) -
 
 def _full_response(ctx: ServingContext, req: CompletionRequest, finals, echoes: list[str], head: dict) -> dict:
     choices, n_prompt, n_out = [], 0, 0
+    n_cached = sum(final.num_cached_tokens for final in finals)
     for i, final in enumerate(finals):
         n_prompt += len(final.prompt_token_ids)
         prompt_lp = _prompt_logprobs(ctx, req, final, req.logprobs) if req.echo and req.logprobs is not None else None
@@ -125,7 +126,7 @@ def _full_response(ctx: ServingContext, req: CompletionRequest, finals, echoes: 
             choices.append({"index": i * req.n + c.index, "text": echoes[i] + c.text, "logprobs": lp,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
     choices.sort(key=lambda c: c["index"])
-    return {**head, "object": "text_completion", "choices": choices, "usage": usage(n_prompt, n_out)}
+    return {**head, "object": "text_completion", "choices": choices, "usage": usage(n_prompt, n_out, n_cached)}
 
 
 async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: list[str],
@@ -136,10 +137,12 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
     offsets: dict[int, int] = {}  # choice index -> text_offset of its next token (echo included)
     done: set[int] = set()
     n_prompt, n_out = sum(s.num_prompt_tokens for s in streams), 0
+    cached: dict[int, int] = {}  # prompt index -> its tokens from the prefix cache
     echo_only = _echo_only(req)
     scored = req.echo and req.logprobs is not None
     try:
         async for i, out in merge(streams):
+            cached[i] = out.num_cached_tokens
             for c in out.outputs:
                 index = i * req.n + c.index
                 if index in done:
@@ -170,7 +173,7 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
                                                     "finish_reason": c.finish_reason if final else None,
                                                     "stop_reason": c.stop_reason if final else None}], **extra})
         if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out)})
+            yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out, sum(cached.values()))})
     except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, then end it
         yield sse_error(engine_api_error(e))
     yield SSE_DONE

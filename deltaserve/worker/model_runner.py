@@ -45,6 +45,8 @@ class StepPlan:
     slots_to_zero: list[int] = field(default_factory=list)  # state slots to zero before the forward
     copies: list[tuple[int, int, list[int], list[int]]] = field(default_factory=list)  # after the forward, in
     # order: (src slot, dst slot, src blocks, dst blocks) of each n > 1 fork
+    restores: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) state slots copied before the forward
+    snapshots: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) state slots copied after the forward
     # async scheduling: token rows whose id the step still in flight sampled (a placeholder in input_ids), and for
     # each the row of that step's sampled ids holding it; the ids are copied on the device
     inflight_rows: list[int] = field(default_factory=list)
@@ -213,13 +215,14 @@ class StagingBuffers:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
                  num_kv_blocks: int, block_size: int, num_slots: int, state_dtype: torch.dtype,
-                 max_num_batched_tokens: int, max_model_len: int, kv_cache_dtype: str = "auto"):
+                 max_num_batched_tokens: int, max_model_len: int, kv_cache_dtype: str = "auto", cache_slots: int = 0):
+        """num_slots: state slots of running requests; cache_slots: more after them, for the prefix cache."""
         self.cfg, self.model, self.device, self.dtype = cfg, model, device, dtype
         self.kv_cache_dtype = kv_cache_dtype
         self.block_size, self.num_kv_blocks, self.max_model_len = block_size, num_kv_blocks, max_model_len
         self.staging = StagingBuffers(device, max_num_batched_tokens, num_slots, -(-max_model_len // block_size))
-        self.caches = _allocate_caches(cfg, device, dtype, state_dtype, num_kv_blocks, block_size, num_slots,
-                                       kv_cache_dtype)
+        self.caches = _allocate_caches(cfg, device, dtype, state_dtype, num_kv_blocks, block_size,
+                                       num_slots + cache_slots, kv_cache_dtype)
         self.graphs: CudaGraphRunner | None = None
         self.sampler = Sampler()
         self.peers = None  # rank 0 under tensor parallelism: TPWorkers, sent every StepPlan
@@ -267,7 +270,8 @@ class ModelRunner:
             block_tables=[list(s.request.block_ids) for s in sched.seqs], logits_rows=logit_rows,
             query_lens=[s.num_new_tokens for s in sched.seqs], slots_to_zero=list(sched.slots_to_zero),
             copies=[(f.parent.state_slot, f.child.state_slot, list(f.parent.block_ids), list(f.child.block_ids))
-                    for f in sched.forks], inflight_rows=inflight_rows, inflight_src=inflight_src)
+                    for f in sched.forks], inflight_rows=inflight_rows, inflight_src=inflight_src,
+            restores=[(c.src, c.dst) for c in sched.restores], snapshots=[(c.src, c.dst) for c in sched.snapshots])
         return plan, first_row
 
     def build_batch(self, plan: StepPlan) -> ForwardBatch:
@@ -322,8 +326,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_plan(self, plan: StepPlan) -> torch.Tensor:
-        """Zero new slots, run the forward, make the fork copies -> logits [M, V] fp32 (every rank)."""
+        """Zero new slots (or restore cached prefix states into them), run the forward, make the prefix snapshots
+        and the fork copies -> logits [M, V] fp32 (every rank)."""
         self.zero_slots(plan.slots_to_zero)
+        self.copy_states(plan.restores)
         batch = self.build_batch(plan)
         if self.graphs is not None and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch)
@@ -333,6 +339,7 @@ class ModelRunner:
         # a decode step samples every row in order: its hidden rows as they are, no gather launch
         last = hidden[:len(rows)] if _in_order(rows) else hidden[batch.logits_indices]
         logits = self.model.compute_logits(last)
+        self.copy_states(plan.snapshots)
         for src_slot, dst_slot, src_blocks, dst_blocks in plan.copies:
             self.copy_sequence(src_slot, dst_slot, src_blocks, dst_blocks)
         return logits
@@ -360,10 +367,19 @@ class ModelRunner:
                                  ready=None, check=self._check)
         return self._sample(samplers, logits, out)
 
+    def copy_states(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy every GDN layer's conv and recurrent state from slot src to slot dst, for each (src, dst) in order (a
+        later copy into the same dst wins: a cache slot evicted and refilled in one step)."""
+        last = dict((d, s) for s, d in pairs)
+        if not last:
+            return
+        src, dst = to_device(list(last.values()), self.device), to_device(list(last), self.device)
+        for t in self.caches.conv + self.caches.recurrent:
+            t.index_copy_(0, dst, t.index_select(0, src))
+
     def copy_sequence(self, src_slot: int, dst_slot: int, src_blocks: list[int], dst_blocks: list[int]) -> None:
         """Copy a GDN state slot and KV blocks (a fork of n > 1 samples; dst has as many blocks as src)."""
-        for t in self.caches.conv + self.caches.recurrent:
-            t[dst_slot].copy_(t[src_slot])
+        self.copy_states([(src_slot, dst_slot)])
         if src_blocks:
             s_idx, d_idx = to_device(src_blocks, self.device), to_device(dst_blocks, self.device)
             for k, v in self.caches.kv:

@@ -115,7 +115,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    s = Server(model_dir, tmp_path_factory.mktemp("log"), "--api-key", API_KEY, "--max-num-seqs", "256")
+    s = Server(model_dir, tmp_path_factory.mktemp("log"), "--api-key", API_KEY, "--max-num-seqs", "256",
+               "--enable-prefix-caching")
     yield s
     s.stop()
 
@@ -165,7 +166,7 @@ def cli(*args):
 
 @pytest.mark.parametrize("cmd, flags", [
     ("serve", ["MODEL", "--host", "--port", "--api-key", "--served-model-name", "--shutdown-timeout", "--device",
-               "--dtype", "--max-model-len", "--max-num-seqs", "--tp", "--num-kv-blocks"]),
+               "--dtype", "--max-model-len", "--max-num-seqs", "--tp", "--num-kv-blocks", "--enable-prefix-caching"]),
     ("chat", ["MODEL", "--hide-thinking", "--no-thinking", "--system", "--max-tokens", "--temperature", "--device"]),
 ], ids=["serve", "chat"])
 def test_cli_help(cmd, flags):
@@ -223,6 +224,28 @@ def test_chat_and_completions_same_greedy_text(client, tokenizer):
         usage = chunk.usage or usage
     assert streamed == text
     assert (usage.prompt_tokens, usage.completion_tokens) == (n_prompt, 12)
+
+
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_gave(client, tokenizer):
+    """The server runs with --enable-prefix-caching: a 600-token prompt seen before starts from its snapshot at 512
+    (the cache snapshots every 256 tokens), says so in usage, and answers as the first time."""
+    ids = tokenizer.encode("the quick brown fox jumps over the lazy dog " * 80)[:600]
+    kw = dict(model=MODEL, prompt=ids, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    first = client.completions.create(**kw)
+    again = client.completions.create(**kw)
+    assert again.choices[0].text == first.choices[0].text
+    assert again.usage.prompt_tokens == 600 and again.usage.prompt_tokens_details.cached_tokens == 512
+    usage = None
+    for chunk in client.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+    assert usage.prompt_tokens_details.cached_tokens == 512
+
+
+def test_metrics_count_the_prefix_caches_blocks_apart(server, client, tokenizer):
+    """Blocks only cached prefixes hold are not 'in use': requests get them back when they need them."""
+    test_usage_counts_the_prompt_tokens_the_prefix_cache_gave(client, tokenizer)
+    m = metrics(server)
+    assert m["deltaserve_prefix_cache_kv_blocks"] >= 512 // 16 and m["deltaserve_kv_blocks_used"] == 0, m
 
 
 def test_completions_batch_n_and_logprobs(client, tokenizer):

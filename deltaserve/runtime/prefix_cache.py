@@ -1,0 +1,107 @@
+"""Prefix cache for the hybrid model: a prompt prefix's KV blocks plus the GDN states after exactly that prefix.
+
+A full-attention layer can resume from any cached KV block, but a GDN layer resumes only from a recurrent state
+taken at exactly the position it resumes from. So an entry is a snapshot at a multiple of `chunk` tokens:
+- Making one: when a request's prefill passes one of its prompt's last two multiples of `chunk` short of its final
+  token (`stops`), the scheduler ends that step's chunk there and, after the forward, the runner copies the request's
+  state slot into a cache slot (SchedulerOutput.snapshots). The entry takes a reference on the KV blocks of those
+  tokens (BlockPool counts them): they are whole blocks, which no request writes again.
+- Using one: a request admitted with nothing computed whose tokens start with an entry's tokens, and go on for at
+  least one more (the logits of its last token give its sample), shares the entry's blocks, gets a copy of its state
+  slot before its first forward instead of a zeroed slot (SchedulerOutput.restores) and starts at the entry's length.
+Entries are keyed by a hash chain over chunk-sized runs of token ids and keep their tokens, so a hash collision is
+a miss, never a wrong state. The least recently used entry goes when a snapshot needs a slot or the scheduler needs
+KV blocks. An entry is found only once the step that fills its slot has been launched (`ready`): every copy from
+it is then queued on the device after the copy into it.
+"""
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .block_pool import BlockPool
+
+CHUNK_TOKENS = 256  # snapshot granularity (rounded up to whole KV blocks): at most this many prompt tokens recomputed
+SNAPSHOTS = 2  # snapshot points per prompt (stops)
+
+
+@dataclass
+class PrefixEntry:
+    tokens: tuple[int, ...]  # the cached prefix: a multiple of the cache's chunk in length
+    block_ids: list[int]  # its KV blocks (the entry holds one reference on each)
+    slot: int  # the runner's state slot holding every GDN layer's states after exactly these tokens
+    ready: bool = False  # the step whose forward fills `slot` has been launched
+
+
+class PrefixCache:
+    def __init__(self, blocks: BlockPool, slots: list[int], chunk: int = CHUNK_TOKENS):
+        """slots: runner state slots reserved for snapshots (none of the request StatePool's)."""
+        if not slots:
+            raise ValueError("the prefix cache needs at least one state slot")
+        self.blocks = blocks
+        self.chunk = -(-chunk // blocks.block_size) * blocks.block_size
+        self.num_slots = len(slots)
+        self._free_slots = list(reversed(slots))
+        self._entries: OrderedDict[int, PrefixEntry] = OrderedDict()  # key -> entry, least recently used first
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _keys(self, tokens: list[int], n: int) -> list[int]:
+        """Chain keys of the first n chunks: key i hashes key i-1 and chunk i's token ids."""
+        keys, key = [], 0
+        for i in range(n):
+            key = hash((key, tuple(tokens[i * self.chunk: (i + 1) * self.chunk])))
+            keys.append(key)
+        return keys
+
+    def lookup(self, tokens: list[int]) -> PrefixEntry | None:
+        """The longest ready entry whose tokens start `tokens` with at least one token of it left over."""
+        n = (len(tokens) - 1) // self.chunk
+        keys = self._keys(tokens, n)
+        for i in range(n, 0, -1):
+            entry = self._entries.get(keys[i - 1])
+            if entry is not None and entry.ready and entry.tokens == tuple(tokens[: i * self.chunk]):
+                self._entries.move_to_end(keys[i - 1])
+                return entry
+        return None
+
+    def stops(self, prompt: list[int]) -> list[int]:
+        """Where a prefill of `prompt` pauses for snapshots, ascending: its last SNAPSHOTS multiples of chunk short of
+        its final token that no entry holds yet. Two, not one: a prompt = shared part + its own part takes its last
+        snapshot inside its own part whenever that part crosses a multiple of chunk; the one before is then still
+        inside the shared part if its own part is at most chunk tokens long."""
+        last = (len(prompt) - 1) // self.chunk
+        keys = self._keys(prompt, last)
+        first = max(1, last - SNAPSHOTS + 1)
+        return [i * self.chunk for i in range(first, last + 1) if keys[i - 1] not in self._entries]
+
+    def _key(self, tokens: list[int], length: int) -> int:
+        return self._keys(tokens, length // self.chunk)[-1]
+
+    def insert(self, tokens: list[int], length: int, block_ids: list[int]) -> PrefixEntry:
+        """A new (not yet ready) entry for tokens[:length], whose KV is in block_ids (held by the caller: the entry
+        takes its own reference), with a slot for its states, evicting the least recently used entry if none is
+        free."""
+        if length % self.chunk or len(block_ids) != length // self.blocks.block_size:
+            raise ValueError(f"a prefix entry covers whole chunks and their blocks: {length} tokens, "
+                             f"{len(block_ids)} blocks")
+        if not self._free_slots:
+            self.evict_one()
+        self.blocks.share(block_ids, cache=True)
+        entry = PrefixEntry(tuple(tokens[:length]), list(block_ids), self._free_slots.pop())
+        self._entries[self._key(tokens, length)] = entry
+        return entry
+
+    def clear(self) -> None:
+        while self.evict_one():
+            pass
+
+    def evict_one(self, keep: PrefixEntry | None = None) -> bool:
+        """Drop the least recently used entry other than `keep` (its slot freed, its block references dropped);
+        False when there is none."""
+        for key, entry in self._entries.items():
+            if entry is not keep:
+                del self._entries[key]
+                self._free_slots.append(entry.slot)
+                self.blocks.free(entry.block_ids, cache=True)
+                return True
+        return False
