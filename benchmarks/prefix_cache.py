@@ -36,11 +36,24 @@ def run(llm: LLM, prompts: list[dict], sp: SamplingParams) -> dict:
         llm.generate([p], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), use_tqdm=False)
         ttft.append(time.perf_counter() - s)
     one_by_one = time.perf_counter() - t
+    floor = []
+    for p in prompts[1:4]:  # a prompt of the own part alone: what a request costs with nothing before it
+        s = time.perf_counter()
+        llm.generate([{"prompt_token_ids": p["prompt_token_ids"][-len_own(prompts):]}],
+                     SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), use_tqdm=False)
+        floor.append(time.perf_counter() - s)
     t = time.perf_counter()
     outs = llm.generate(prompts[1:], sp, use_tqdm=False)
     batch = time.perf_counter() - t
-    return dict(ttft_ms=1e3 * sum(ttft) / len(ttft), one_by_one_s=one_by_one, batch_s=batch,
+    return dict(ttft_ms=1e3 * sum(ttft) / len(ttft), floor_ms=1e3 * min(floor), one_by_one_s=one_by_one,
+                batch_s=batch,
                 cached=sum(o.num_cached_tokens for o in outs), tokens=[o.outputs[0].token_ids for o in outs])
+
+
+def len_own(prompts: list[dict]) -> int:
+    """Tokens after the part all prompts share."""
+    a, b = prompts[0]["prompt_token_ids"], prompts[1]["prompt_token_ids"]
+    return len(a) - next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
 
 
 def main() -> None:
@@ -73,8 +86,9 @@ def main() -> None:
           f"{args.own} own tokens, {args.output} generated")
     for cached in (False, True):
         r = res[cached]
-        print(f"  {'cache on ' if cached else 'cache off'}: TTFT {r['ttft_ms']:8.1f} ms (one at a time), batch of {n} "
-              f"{r['batch_s']:.3f} s, prompt tokens from the cache {r['cached']} of {total}")
+        print(f"  {'cache on ' if cached else 'cache off'}: TTFT {r['ttft_ms']:8.1f} ms (one at a time; a prompt of "
+              f"the own part alone: {r['floor_ms']:.1f} ms), batch of {n} {r['batch_s']:.3f} s, prompt tokens from "
+              f"the cache {r['cached']} of {total}")
     agree = sum(a == b for a, b in zip(res[False]["tokens"], res[True]["tokens"]))
     off, on = res[False], res[True]
     print(f"  TTFT {off['ttft_ms'] / on['ttft_ms']:.2f}x, batch {off['batch_s'] / on['batch_s']:.2f}x; greedy outputs "

@@ -3,8 +3,9 @@
 A full-attention layer can resume from any cached KV block, but a GDN layer resumes only from a recurrent state
 taken at exactly the position it resumes from. So an entry is a snapshot at a multiple of `chunk` tokens:
 - Making one: when a request's prefill passes one of its prompt's last two multiples of `chunk` short of its final
-  token (`stops`), the scheduler ends that step's chunk there and, after the forward, the runner copies the request's
-  state slot into a cache slot (SchedulerOutput.snapshots). The entry takes a reference on the KV blocks of those
+  token (`stops`; at least MIN_PAUSE_TOKENS long), the scheduler ends that step's chunk there and, after the forward,
+  the runner copies the request's state slot into a cache slot (SchedulerOutput.snapshots); a chunk that ends at one
+  anyway takes its snapshot whatever its length. The entry takes a reference on the KV blocks of those
   tokens (BlockPool counts them): they are whole blocks, which no request writes again.
 - Using one: a request admitted with nothing computed whose tokens start with an entry's tokens, and go on for at
   least one more (the logits of its last token give its sample), shares the entry's blocks, gets a copy of its state
@@ -21,6 +22,10 @@ from .block_pool import BlockPool
 
 CHUNK_TOKENS = 256  # snapshot granularity (rounded up to whole KV blocks): at most this many prompt tokens recomputed
 SNAPSHOTS = 2  # snapshot points per prompt (stops)
+# A prefill pauses only for a snapshot of at least this many tokens: the pause costs one more step (on an H200 a
+# 9B prefill step of a few hundred tokens takes ~30 ms end to end, about what 1 000 tokens of prefill cost), so
+# shorter prefixes are cached only where a chunk ends at a snapshot point anyway.
+MIN_PAUSE_TOKENS = 1024
 
 
 @dataclass

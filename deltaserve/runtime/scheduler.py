@@ -15,6 +15,7 @@ Cached prefixes give way first: their KV blocks are released before any request 
 from collections import deque
 
 from .block_pool import BlockPool
+from . import prefix_cache
 from .prefix_cache import PrefixCache, PrefixEntry
 from .request import Request, RequestStatus
 from .scheduler_output import Fork, ScheduledSeq, SchedulerOutput, SlotCopy
@@ -108,10 +109,11 @@ class Scheduler:
 
     def _chunk(self, req: Request, start: int, budget: int) -> int:
         """Tokens to feed req from `start` this step: what the budget allows, ending at its prompt's snapshot
-        point when the prefill crosses it."""
+        point when the prefill crosses one (of at least MIN_PAUSE_TOKENS)."""
         n = min(req.num_scheduled_tokens - start, budget)
         if self.cache is not None and start < req.num_prompt_tokens:
-            n = min([n] + [stop - start for stop in self.cache.stops(req.prompt_token_ids) if stop > start])
+            n = min([n] + [stop - start for stop in self.cache.stops(req.prompt_token_ids)
+                           if stop > start and stop >= prefix_cache.MIN_PAUSE_TOKENS])
         return n
 
     def _snapshot(self, req: Request, out: SchedulerOutput) -> None:

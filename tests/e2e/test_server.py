@@ -25,7 +25,7 @@ from deltaserve.tokenizer import Tokenizer
 
 API_KEY = "test-key"
 MODEL = "tiny"
-MAX_MODEL_LEN = 1024
+MAX_MODEL_LEN = 2048  # room for a prompt the prefix cache pauses for (snapshots of 1024 tokens or more)
 THINK = ("<think>\nLet me think about it.\n</think>\n\nThe answer is 4.", "Let me think about it.", "The answer is 4.")
 XML_CALL = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
             "</parameter>\n</function>\n</tool_call>")
@@ -227,25 +227,26 @@ def test_chat_and_completions_same_greedy_text(client, tokenizer):
 
 
 def test_usage_counts_the_prompt_tokens_the_prefix_cache_gave(client, tokenizer):
-    """The server runs with --enable-prefix-caching: a 600-token prompt seen before starts from its snapshot at 512
-    (the cache snapshots every 256 tokens), says so in usage, and answers as the first time."""
-    ids = tokenizer.encode("the quick brown fox jumps over the lazy dog " * 80)[:600]
+    """The server runs with --enable-prefix-caching: a 1100-token prompt seen before starts from its snapshot at 1024
+    (the cache snapshots at multiples of 256, pausing a prefill for 1024 tokens or more), says so in usage, and
+    answers as the first time."""
+    ids = tokenizer.encode("the quick brown fox jumps over the lazy dog " * 150)[:1100]
     kw = dict(model=MODEL, prompt=ids, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
     first = client.completions.create(**kw)
     again = client.completions.create(**kw)
     assert again.choices[0].text == first.choices[0].text
-    assert again.usage.prompt_tokens == 600 and again.usage.prompt_tokens_details.cached_tokens == 512
+    assert again.usage.prompt_tokens == 1100 and again.usage.prompt_tokens_details.cached_tokens == 1024
     usage = None
     for chunk in client.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
         usage = chunk.usage or usage
-    assert usage.prompt_tokens_details.cached_tokens == 512
+    assert usage.prompt_tokens_details.cached_tokens == 1024
 
 
 def test_metrics_count_the_prefix_caches_blocks_apart(server, client, tokenizer):
     """Blocks only cached prefixes hold are not 'in use': requests get them back when they need them."""
     test_usage_counts_the_prompt_tokens_the_prefix_cache_gave(client, tokenizer)
     m = metrics(server)
-    assert m["deltaserve_prefix_cache_kv_blocks"] >= 512 // 16 and m["deltaserve_kv_blocks_used"] == 0, m
+    assert m["deltaserve_prefix_cache_kv_blocks"] >= 1024 // 16 and m["deltaserve_kv_blocks_used"] == 0, m
 
 
 def test_completions_batch_n_and_logprobs(client, tokenizer):

@@ -36,6 +36,7 @@ def models(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(prefix_cache, "CHUNK_TOKENS", CHUNK)
+    monkeypatch.setattr(prefix_cache, "MIN_PAUSE_TOKENS", 0)
 
 
 def cached_llm(models, kind="dense", **kw):
@@ -137,6 +138,18 @@ def test_prefill_pauses_at_the_snapshot_points(models):
     chunks = [(s.start, s.num_new_tokens) for st in log.steps for s in st.seqs if not s.is_decode]
     assert chunks == [(0, 48), (48, 16), (64, 6)], "the last two multiples of 16 below token 69 are 48 and 64"
     assert llm.generate([prompt], greedy(2), use_tqdm=False)[0].num_cached_tokens == 64
+
+
+def test_short_prefixes_are_cached_only_where_a_chunk_ends_anyway(models, monkeypatch):
+    monkeypatch.setattr(prefix_cache, "MIN_PAUSE_TOKENS", 64)
+    prompt = random_prompt(random.Random(2), 70, models.vocab())
+    llm = cached_llm(models, max_num_batched_tokens=32)
+    log = StepLog.attach(llm)
+    llm.generate([prompt], greedy(2), use_tqdm=False)
+    chunks = [(s.start, s.num_new_tokens) for st in log.steps for s in st.seqs if not s.is_decode]
+    assert chunks == [(0, 32), (32, 32), (64, 6)], "no pause at 48; 64 is a chunk end of the budget's"
+    assert llm.generate([prompt], greedy(2), use_tqdm=False)[0].num_cached_tokens == 64
+    assert [e.tokens.__len__() for e in llm.engine.scheduler.cache._entries.values()] == [64]
 
 
 def test_a_request_continuing_from_a_snapshot_leaves_it_intact(models):
