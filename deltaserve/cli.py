@@ -79,7 +79,9 @@ _CLI_SAMPLING = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "re
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (unset: generation_config.json's value, else greedy)")
-    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.set_defaults(fallback_max_tokens=64)  # chat raises it
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens to generate (default: generation_config.json's max_new_tokens, else 64; chat: 1024)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None, help="0 = off")
@@ -222,7 +224,7 @@ def _add_chat_parser(sub) -> None:
     add_engine_args(chat)
     add_generation_config_arg(chat)
     add_sampling_args(chat)
-    chat.set_defaults(max_tokens=1024)
+    chat.set_defaults(fallback_max_tokens=1024)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,8 +307,11 @@ def _sampling_params(args, defaults: dict | None = None):
     from . import SamplingParams
 
     given = {k: getattr(args, k) for k in _CLI_SAMPLING if getattr(args, k) is not None}
-    return SamplingParams(n=args.n, **{**_CLI_SAMPLING, **(defaults or {}), **given},
-                          max_tokens=args.max_tokens, stop=args.stop, seed=args.seed,
+    defaults = dict(defaults or {})
+    max_tokens = defaults.pop("max_tokens", args.fallback_max_tokens)  # generation_config's max_new_tokens, else ours
+    return SamplingParams(n=args.n, **{**_CLI_SAMPLING, **defaults, **given},
+                          max_tokens=max_tokens if args.max_tokens is None else args.max_tokens, stop=args.stop,
+                          seed=args.seed,
                           ignore_eos=args.ignore_eos, presence_penalty=args.presence_penalty,
                           frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
                           structured_outputs=_structured_outputs(args))
@@ -354,8 +359,8 @@ def _bench_len(args, budget: int) -> int:
 def _check_bench(args, budget: int) -> None:
     """Flags bench would otherwise ignore, and sizes whose timed steps could not hold the whole batch."""
     if args.enable_prefix_caching or args.prefix_cache_slots is not None:
-        raise ValueError("bench times prefill and decode without the prefix cache (its prompts repeat, so a cache would "
-                         "time copies instead of prefill): drop --enable-prefix-caching / --prefix-cache-slots")
+        raise ValueError("bench times prefill and decode without the prefix cache (its prompts repeat, so a cache "
+                         "would time copies instead of prefill): drop --enable-prefix-caching / --prefix-cache-slots")
     if args.preset and args.model:
         raise ValueError(f"--preset {args.preset} builds random weights of that shape and --model {args.model} loads a "
                          f"checkpoint: give one of them")

@@ -375,7 +375,9 @@ def _eos_ids(text: dict, raw: dict, gen: dict) -> tuple[int, ...]:
 
 
 # generation_config.json fields a request's sampling takes as defaults (vLLM reads the same), with their types
-_SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float}
+_SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float,
+                    "max_new_tokens": int}
+_AS_SAMPLING_PARAM = {"max_new_tokens": "max_tokens"}  # HF's name -> SamplingParams' (vLLM maps it the same way)
 
 
 def _sampling_defaults(gen: dict, source: str) -> tuple[tuple[str, float | int], ...]:
@@ -389,7 +391,10 @@ def _sampling_defaults(gen: dict, source: str) -> tuple[tuple[str, float | int],
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
                 kind is int and value != int(value):
             raise ConfigError(f"generation_config.json (beside {source}): '{name}' must be a number, got {value!r}.")
-        out.append((name, kind(value)))
+        if name == "max_new_tokens" and value < 1:
+            raise ConfigError(f"generation_config.json (beside {source}): 'max_new_tokens' must be at least 1, got "
+                              f"{value!r}.")
+        out.append((_AS_SAMPLING_PARAM.get(name, name), kind(value)))
     if gen.get("do_sample") is False:  # the rest stays: a request that asks for a temperature samples with it
         out = [(name, value) for name, value in out if name != "temperature"] + [("temperature", 0.0)]
     return tuple(out)

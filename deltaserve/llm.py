@@ -139,8 +139,8 @@ class LLM:
     either way; a request that stops costs one extra step of device work for its row.
     generation_config: "auto" (default): a call without sampling_params, and a server request that leaves a field
     out, sample with the checkpoint's generation_config.json settings (temperature, top_p, top_k, min_p,
-    repetition_penalty), as vLLM does (do_sample false: greedy, as HF does; vLLM ignores it); "none": with
-    SamplingParams' own defaults. trust_remote_code: vLLM's, accepted (README).
+    repetition_penalty; max_new_tokens as max_tokens), as vLLM does (do_sample false: greedy, as HF does; vLLM
+    ignores it); "none": with SamplingParams' own defaults. trust_remote_code: vLLM's, accepted (README).
     enable_prefix_caching: reuse the KV blocks and GDN states of earlier prompts' prefixes (runtime/prefix_cache.py):
     a prompt that starts with a cached prefix is prefilled from there. The GDN states are snapshots at multiples of
     256 tokens, each in one of `prefix_cache_slots` extra state slots (default 16; each the size of one request's
@@ -153,8 +153,10 @@ class LLM:
                  kv_cache_dtype: str = "auto", state_dtype: str = "auto", enable_expert_parallel: bool = False,
                  async_scheduling: bool | None = None, generation_config: str = "auto",
                  trust_remote_code: bool = False, enable_prefix_caching: bool | None = None,
-                 prefix_cache_slots: int | None = None):
+                 prefix_cache_slots: int | None = None, tokenizer_mode: str = "auto", swap_space: float = 0,
+                 disable_log_stats: bool = True):
         # vLLM's trust_remote_code: nothing here runs a checkpoint's own code, so it changes nothing
+        _check_vllm_only_args(tokenizer_mode, swap_space, disable_log_stats)
         tok_dir = tokenizer or model
         if tokenizer is not None and not _has_tokenizer(tokenizer):
             raise TokenizerError(f"tokenizer {tokenizer!r} is not a directory holding tokenizer.json.")
@@ -362,8 +364,8 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What a call without sampling_params samples with: SamplingParams' defaults, with the checkpoint's
-        generation_config.json settings on top (temperature, top_p, top_k, min_p, repetition_penalty; do_sample
-        false: greedy) unless the LLM was made with generation_config="none"."""
+        generation_config.json settings on top (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens
+        as max_tokens; do_sample false: greedy) unless the LLM was made with generation_config="none"."""
         return SamplingParams(**self.sampling_defaults)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -449,6 +451,19 @@ def _auto_kv_blocks(model: torch.nn.Module, cfg: ModelConfig, device: torch.devi
                          f"{torch.cuda.memory_allocated(device) / 2**30:.1f} GiB, step peak "
                          f"{activations / 2**30:.1f} GiB); raise it or lower max_num_batched_tokens/max_num_seqs")
     return blocks
+
+
+def _check_vllm_only_args(tokenizer_mode: str, swap_space: float, disable_log_stats: bool) -> None:
+    """vLLM arguments that mean nothing different here: one tokenizer (tokenizers' byte-level BPE, whose ids HF's
+    fast and slow Qwen tokenizers share), preemption recomputes instead of swapping, no periodic stats log."""
+    if tokenizer_mode not in ("auto", "hf", "slow"):
+        raise ValueError(f"tokenizer_mode={tokenizer_mode!r}: deltaserve runs the checkpoint's tokenizer.json only "
+                         f"('auto', 'hf' and 'slow' all mean it)")
+    if isinstance(swap_space, bool) or not isinstance(swap_space, (int, float)) or swap_space < 0:
+        raise ValueError(f"swap_space must be a number of GiB >= 0 (unused here: a preempted request is recomputed, "
+                         f"not swapped), got {swap_space!r}")
+    if not isinstance(disable_log_stats, bool):
+        raise ValueError(f"disable_log_stats must be True or False, got {disable_log_stats!r}")
 
 
 def _prefix_cache_slots(enabled: bool | None, slots: int | None) -> int:

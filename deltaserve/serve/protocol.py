@@ -256,7 +256,10 @@ def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int
                     min_p=req.min_p,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                     repetition_penalty=req.repetition_penalty)
-    kw.update({k: v for k, v in (defaults or {}).items() if optional.get(k) is None})
+    defaults = dict(defaults or {})
+    if max_tokens is None and "max_tokens" in defaults:  # generation_config.json's max_new_tokens; the engine clips
+        kw["max_tokens"] = defaults["max_tokens"]  # it to what max_model_len leaves, as it does an absent one
+    kw.update({k: v for k, v in defaults.items() if k in optional and optional[k] is None})
     kw.update({k: v for k, v in optional.items() if v is not None})
     try:
         return SamplingParams(**kw)

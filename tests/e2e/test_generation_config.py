@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from deltaserve import LLM, SamplingParams
+from deltaserve import LLM, SamplingParams, cli
 from deltaserve.config import ConfigError, ModelConfig
 from deltaserve.serve.protocol import CompletionRequest, sampling_params
 from deltaserve.tiny import make_tiny
@@ -38,7 +38,8 @@ def with_generation_config(tiny: str, path, gen: dict) -> str:
     ({"do_sample": False, "temperature": 0.7, "top_k": 5, "repetition_penalty": 1.1},
      (("top_k", 5), ("repetition_penalty", 1.1), ("temperature", 0.0))),
     ({"eos_token_id": 3}, ()),
-], ids=["qwen3.5-release", "do-sample-false-is-greedy", "none-set"])
+    ({"max_new_tokens": 7, "top_k": 3}, (("top_k", 3), ("max_tokens", 7))),
+], ids=["qwen3.5-release", "do-sample-false-is-greedy", "none-set", "max-new-tokens"])
 def test_generation_config_sampling_fields_are_read(tiny, tmp_path, gen, expected):
     cfg = ModelConfig.from_hf_dir(with_generation_config(tiny, tmp_path / "m", gen))
     assert cfg.sampling_defaults == expected
@@ -54,6 +55,28 @@ def test_a_bad_sampling_value_names_the_file(tiny, tmp_path):
         LLM(path, device="cpu", max_model_len=64)
     assert LLM(path, device="cpu", max_model_len=64, generation_config="none").get_default_sampling_params() == \
         SamplingParams()
+
+
+def test_max_new_tokens_is_the_default_length(tiny, tmp_path):
+    """vLLM's reading of generation_config.json's max_new_tokens: the max_tokens of a request that gives none (the
+    offline default params, a server request without max_tokens, the CLI without --max-tokens); one that gives it
+    wins."""
+    path = with_generation_config(tiny, tmp_path / "m", {"max_new_tokens": 5})
+    llm = LLM(path, device="cpu", max_model_len=64)
+    assert llm.get_default_sampling_params().max_tokens == 5
+    out = llm.generate(PROMPTS[:1], SamplingParams(**{**llm.sampling_defaults, "ignore_eos": True}), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5
+    req = CompletionRequest(model="m", prompt="x")
+    assert sampling_params(req, None, None, defaults=llm.sampling_defaults).max_tokens == 5
+    assert sampling_params(req, 9, None, defaults=llm.sampling_defaults).max_tokens == 9
+    with pytest.raises(ConfigError, match="'max_new_tokens' must be at least 1"):
+        ModelConfig.from_hf_dir(with_generation_config(tiny, tmp_path / "z", {"max_new_tokens": 0}))
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x"])
+    assert cli._sampling_params(args, llm.sampling_defaults).max_tokens == 5
+    assert cli._sampling_params(args, {}).max_tokens == 64
+    assert cli._sampling_params(cli.build_parser().parse_args(["chat"]), {}).max_tokens == 1024
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--max-tokens", "3"])
+    assert cli._sampling_params(args, llm.sampling_defaults).max_tokens == 3
 
 
 def test_generate_without_params_samples_with_the_checkpoints_settings(tiny, tmp_path):

@@ -278,8 +278,9 @@ def test_bench_decode_rows_hold_the_whole_batch_under_a_chunked_prefill(tiny_pre
     (["--preset", "tiny-dense", "--max-num-seqs", "1"], "--max-num-seqs 1 is below the largest batch (2)"),
     (["--preset", "tiny-dense", "--max-model-len", "20"], "--max-model-len 20 is below the 43 tokens a run needs"),
     (["--preset", "tiny-dense", "--num-kv-blocks", "3"], "decode at batch 2: only 1 sequences fit in the KV cache"),
+    (["--preset", "tiny-dense", "--enable-prefix-caching"], "bench times prefill and decode without the prefix cache"),
 ], ids=["bad_method", "bad_group", "no_preset", "layers_without_preset", "group_without_quantization",
-        "max_num_seqs_below_batch", "max_model_len_too_short", "kv_cache_too_small"])
+        "max_num_seqs_below_batch", "max_model_len_too_short", "kv_cache_too_small", "prefix_caching"])
 def test_bench_cli_user_errors_are_one_line(argv, needle, tiny_presets, capsys):
     assert cli.main(["bench", *BENCH_ARGS, *argv]) == 2  # argv last: its flags win
     *bars, err = capsys.readouterr().err.strip().splitlines()  # a run that fails part-way leaves its progress bar

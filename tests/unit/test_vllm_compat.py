@@ -43,6 +43,18 @@ def test_seed_none_trust_remote_code_and_prefix_caching(path):
         LLM(model=path, device="cpu", dtype="float32", seed="7")
 
 
+def test_tokenizer_mode_swap_space_and_disable_log_stats(path, llm):
+    """Arguments of vLLM's LLM that scripts pass: TypeErrors before; the same engine now, or one sentence."""
+    other = LLM(model=path, device="cpu", dtype="float32", tokenizer_mode="slow", swap_space=4,
+                disable_log_stats=False)
+    assert other.generate(["hi"], greedy(), use_tqdm=False)[0].outputs[0].token_ids == \
+        llm.generate(["hi"], greedy(), use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="tokenizer_mode='mistral'"):
+        LLM(model=path, device="cpu", tokenizer_mode="mistral")
+    with pytest.raises(ValueError, match="swap_space must be a number of GiB"):
+        LLM(model=path, device="cpu", swap_space=-1)
+
+
 def test_get_tokenizer_and_a_tokenized_chat_template(llm):
     tok = llm.get_tokenizer()
     msgs = [{"role": "user", "content": "hi"}]
