@@ -66,6 +66,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="GDN state snapshots the prefix cache holds (default 16; each one request's states)")
 
 
+def add_chat_template_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
+                   help="a Jinja chat template (a file, or the template itself) to render chats with instead of the "
+                        "model's")
+
+
 def add_generation_config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generation-config", choices=["auto", "none"], default="auto",
                    help="auto (default): sampling settings a request leaves out come from the checkpoint's "
@@ -127,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     add_engine_args(gen)
     add_generation_config_arg(gen)
+    add_chat_template_arg(gen)
     add_sampling_args(gen)
     _add_serve_parser(sub)
     _add_chat_parser(sub)
@@ -178,8 +185,12 @@ def _add_serve_parser(sub) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds running requests get to finish after SIGTERM before they are aborted")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let a request's chat_template field replace the chat template (Jinja from clients, run in "
+                        "a sandbox; refused by default, as in vLLM)")
     add_engine_args(srv)
     add_generation_config_arg(srv)
+    add_chat_template_arg(srv)
 
 
 def _add_bench_parser(sub) -> None:
@@ -223,6 +234,7 @@ def _add_chat_parser(sub) -> None:
                    help="ask the model not to reason (chat template enable_thinking=False)")
     add_engine_args(chat)
     add_generation_config_arg(chat)
+    add_chat_template_arg(chat)
     add_sampling_args(chat)
     chat.set_defaults(fallback_max_tokens=1024)
 
@@ -344,9 +356,24 @@ def _build_llm(args):
     from . import LLM
     from .serve.testing import install_from_env
 
+    template = _chat_template_text(args.chat_template) if args.chat_template is not None else None
     llm = LLM(**engine_kwargs(args), tokenizer=args.tokenizer)
+    if template is not None:
+        if llm.tokenizer is None:
+            raise ValueError("--chat-template needs a model with a tokenizer (tokenizer.json)")
+        llm.tokenizer.set_chat_template(template)
     install_from_env(llm)  # TEST-ONLY hook, inert unless DELTASERVE_TEST_FORCED_OUTPUTS is set
     return llm
+
+
+def _chat_template_text(value: str) -> str:
+    """--chat-template: a file's contents, or the value itself when no such file exists (vLLM reads it the same)."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if os.sep in value and ("{" not in value):
+        raise ValueError(f"--chat-template {value}: no such file")
+    return value
 
 
 def _bench_len(args, budget: int) -> int:
@@ -433,7 +460,8 @@ def _serve(args) -> None:
                          f"pip install deltaserve with its server dependencies") from None
     name = args.served_model_name or args.model or "tiny-qwen3.5"
     run_server(_build_llm(args), name, host=args.host, port=args.port, api_key=args.api_key,
-               shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+               shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+               trust_request_chat_template=args.trust_request_chat_template)
 
 
 def _chat(args) -> int:

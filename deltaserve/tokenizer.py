@@ -181,6 +181,14 @@ class Tokenizer:
         return self._backend.id_to_token(token_id)
 
     # ---- chat ----
+    def set_chat_template(self, source: str) -> None:
+        """Render every chat with `source` (Jinja, sandboxed like the model's own) instead of the checkpoint's
+        template; TokenizerError if it is not valid Jinja."""
+        if not isinstance(source, str) or not source.strip():
+            raise TokenizerError("The chat template must be a non-empty Jinja template string.")
+        _compile_chat_template(source)
+        self.chat_template = source
+
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
         tokenize: bool = False, continue_final_message: bool = False, chat_template: str | None = None,

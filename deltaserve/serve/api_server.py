@@ -51,9 +51,9 @@ def _api_key_check(api_key: str | None):
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-              metrics: ServerMetrics | None = None) -> FastAPI:
+              metrics: ServerMetrics | None = None, trust_request_chat_template: bool = False) -> FastAPI:
     """The ASGI app; its lifespan starts and stops the engine thread."""
-    ctx = ServingContext(engine, model_name)
+    ctx = ServingContext(engine, model_name, trust_request_chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -136,12 +136,13 @@ class _Server(uvicorn.Server):
 
 
 def run_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               shutdown_timeout: float = 5.0, log_level: str = "info") -> None:
+               shutdown_timeout: float = 5.0, log_level: str = "info",
+               trust_request_chat_template: bool = False) -> None:
     """Serve a built `LLM` until SIGTERM/SIGINT."""
     metrics = ServerMetrics(model_name)
     engine = AsyncEngine(llm, metrics)
     metrics.attach(engine)
-    app = build_app(engine, model_name, api_key, metrics)
+    app = build_app(engine, model_name, api_key, metrics, trust_request_chat_template)
     # the backstop: uvicorn cancels whatever still runs a little after the engine has aborted it
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=shutdown_timeout + 2)

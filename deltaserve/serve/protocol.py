@@ -130,6 +130,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: StrictStr | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: StrictStr | None = None  # vLLM's: Jinja in place of the model's (--trust-request-chat-template)
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False  # vLLM's: the answer continues the last (assistant) message
     response_format: dict[str, Any] | None = None
@@ -143,6 +144,7 @@ class TokenizeRequest(_Model):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[ToolSpec] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: StrictStr | None = None
     add_generation_prompt: StrictBool = True
     add_special_tokens: StrictBool = False
 
@@ -175,7 +177,6 @@ UNSUPPORTED_FIELDS = {
     "prompt_logprobs": "on /v1/completions, echo with logprobs scores the prompt",
     "use_beam_search": "beam search is not supported", "logits_processors": "logits processors are not supported",
     "length_penalty": "beam search is not supported", "early_stopping": "beam search is not supported",
-    "chat_template": "the server renders every chat with the model's own template",
     "echo": "on /v1/chat/completions the answer does not repeat the prompt",  # a declared field on /v1/completions
 }
 _NEUTRAL = {"length_penalty": 1}  # values of those fields that ask for nothing (vLLM's defaults)

@@ -18,7 +18,8 @@ from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, chat_lo
                       merge, sse, sse_error)
 from .tool_parser import ForcedToolCalls, ParsedDelta, ToolCallParser, forced_schema
 
-_RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "documents", "continue_final_message"}
+_RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "documents", "continue_final_message",
+                             "chat_template"}
 
 
 class ChoiceParser:
@@ -111,10 +112,13 @@ def _render(ctx: ServingContext, req: ChatCompletionRequest, tools: list[dict] |
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set '{reserved[0]}'; use the request field instead.",
                        "chat_template_kwargs")
+    if req.chat_template is not None and not ctx.trust_request_chat_template:
+        raise APIError(400, "This server renders chats with its own template; a request's chat_template is taken "
+                            "only when the server is started with --trust-request-chat-template.", "chat_template")
     try:
         return ctx.tokenizer.apply_chat_template(_message_dicts(req), add_generation_prompt=req.add_generation_prompt,
                                                  tools=tools, continue_final_message=req.continue_final_message,
-                                                 **kwargs)
+                                                 chat_template=req.chat_template, **kwargs)
     except TokenizerError as e:
         raise APIError(400, str(e), "messages") from None
 

@@ -17,7 +17,7 @@ def tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
     if req.messages is not None:
         chat = ChatCompletionRequest(model=ctx.model_name, messages=req.messages, tools=req.tools,
                                      chat_template_kwargs=req.chat_template_kwargs,
-                                     add_generation_prompt=req.add_generation_prompt)
+                                     chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt)
         text = chat_prompt(ctx, chat)
     else:
         text = req.prompt

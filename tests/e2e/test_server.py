@@ -166,8 +166,10 @@ def cli(*args):
 
 @pytest.mark.parametrize("cmd, flags", [
     ("serve", ["MODEL", "--host", "--port", "--api-key", "--served-model-name", "--shutdown-timeout", "--device",
-               "--dtype", "--max-model-len", "--max-num-seqs", "--tp", "--num-kv-blocks", "--enable-prefix-caching"]),
-    ("chat", ["MODEL", "--hide-thinking", "--no-thinking", "--system", "--max-tokens", "--temperature", "--device"]),
+               "--dtype", "--max-model-len", "--max-num-seqs", "--tp", "--num-kv-blocks", "--enable-prefix-caching",
+               "--chat-template", "--trust-request-chat-template"]),
+    ("chat", ["MODEL", "--hide-thinking", "--no-thinking", "--system", "--max-tokens", "--temperature", "--device",
+              "--chat-template"]),
 ], ids=["serve", "chat"])
 def test_cli_help(cmd, flags):
     res = cli(cmd, "--help")

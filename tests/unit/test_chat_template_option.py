@@ -1,0 +1,69 @@
+"""A chat template of the user's instead of the model's: `--chat-template` (serve, chat, generate --chat; a file or
+the Jinja itself, as vLLM reads it) and, on a server started with `--trust-request-chat-template`, a request's
+`chat_template` field (refused otherwise, as in vLLM: it is Jinja from clients, run in the sandbox either way)."""
+from types import SimpleNamespace
+
+import pytest
+
+from deltaserve import cli
+from deltaserve.serve.protocol import APIError, ChatCompletionRequest, TokenizeRequest
+from deltaserve.serve.serving import ServingContext
+from deltaserve.serve.serving_chat import chat_prompt
+from deltaserve.serve.serving_tokenize import tokenize
+from deltaserve.tiny import make_tiny
+
+TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def build(tiny, *flags):
+    return cli._build_llm(cli.build_parser().parse_args(["generate", "--prompt", "x", "--chat", "--model", tiny,
+                                                         "--device", "cpu", "--max-model-len", "64", *flags]))
+
+
+@pytest.mark.parametrize("as_file", [False, True], ids=["inline", "file"])
+def test_cli_chat_template_renders_every_chat(tiny, tmp_path, as_file):
+    value = TEMPLATE
+    if as_file:
+        (tmp_path / "t.jinja").write_text(TEMPLATE)
+        value = str(tmp_path / "t.jinja")
+    llm = build(tiny, "--chat-template", value)
+    out = llm.chat(HELLO, use_tqdm=False)[0]
+    assert llm.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False) == "<user>hello>>"
+
+
+@pytest.mark.parametrize("value, needle", [("{% for m in messages %}", "not valid Jinja"),
+                                           ("/no/such/template.jinja", "no such file")], ids=["bad-jinja", "no-file"])
+def test_cli_chat_template_errors_are_one_line(tiny, capsys, value, needle):
+    argv = ["generate", "--prompt", "x", "--chat", "--model", tiny, "--device", "cpu", "--chat-template", value]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def context(tiny, trusted: bool) -> ServingContext:
+    llm = build(tiny)
+    engine = SimpleNamespace(llm=llm, tokenizer=llm.tokenizer, max_model_len=llm.max_model_len)
+    return ServingContext(engine, "m", trust_request_chat_template=trusted)
+
+
+def test_request_chat_template_needs_the_servers_trust(tiny):
+    req = ChatCompletionRequest(model="m", messages=HELLO, chat_template=TEMPLATE)
+    with pytest.raises(APIError, match="--trust-request-chat-template") as e:
+        chat_prompt(context(tiny, trusted=False), req)
+    assert e.value.status == 400 and e.value.param == "chat_template"
+    ctx = context(tiny, trusted=True)
+    assert chat_prompt(ctx, req) == "<user>hello>>"
+    assert chat_prompt(ctx, ChatCompletionRequest(model="m", messages=HELLO)) != "<user>hello>>"
+    ids = tokenize(ctx, TokenizeRequest(messages=HELLO, chat_template=TEMPLATE))["tokens"]
+    assert ctx.tokenizer.decode(ids, skip_special_tokens=False) == "<user>hello>>"
+    with pytest.raises(APIError, match="not valid Jinja"):
+        chat_prompt(ctx, ChatCompletionRequest(model="m", messages=HELLO, chat_template="{% if %}"))
+    with pytest.raises(APIError, match="may not set 'chat_template'"):
+        chat_prompt(ctx, ChatCompletionRequest(model="m", messages=HELLO,
+                                               chat_template_kwargs={"chat_template": TEMPLATE}))
