@@ -267,7 +267,7 @@ class LLM:
         self._finalizer = weakref.finalize(self, workers.close)
         try:
             workers.wait_for("started")
-            tp = init_group(0, world, workers.port, spec.device)
+            tp = workers.rendezvous(lambda: init_group(0, world, workers.port, spec.device))
             self.device = rank_device(spec.device, 0)
             runner = spec.build_runner(tp, self.device, on_loaded=lambda: workers.wait_for("loaded"))
             workers.wait_for("ready")

@@ -236,6 +236,8 @@ def _worker_main(rank: int, world: int, port: int, spec, conn) -> None:
     # so a worker never leaves a step part-way on its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn.send(("started", None))  # before the rendezvous, which rank 0 would otherwise wait on for a dead worker
+    if os.environ.get(_TEST_EXIT_ENV) == f"rank{rank}-before-rendezvous":  # TEST-ONLY: a worker lost right here
+        os._exit(3)
     try:
         device = rank_device(torch.device(spec.device), rank)
         if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # N ranks share the cores
@@ -265,6 +267,9 @@ def _worker_main(rank: int, world: int, port: int, spec, conn) -> None:
     finally:
         runner.release_graphs()  # before the teardown, which a graph holding collectives blocks
         leave_group(timeout=10.0)
+
+
+_TEST_EXIT_ENV = "DELTASERVE_TEST_TP_EXIT"  # tests: "rank<N>-before-rendezvous" makes that worker exit there
 
 
 def _describe(e: BaseException) -> str:
@@ -307,6 +312,7 @@ class TPWorkers:
             self.conns.append(parent)
             self.procs.append(p)
         self.closed = False
+        self._early: list[list] = [[] for _ in self.conns]  # start-up messages read while watching the rendezvous
         self.broken: str | None = None  # why the group cannot run again (failure())
         self.before_leave: Callable[[], None] | None = None  # rank 0's ModelRunner.release_graphs
         self.lost = threading.Event()  # set by the watchdog (watch()): a worker exited outside close()
@@ -317,11 +323,49 @@ class TPWorkers:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
+    def rendezvous(self, join: Callable[[], TPGroup]) -> TPGroup:
+        """Run rank 0's side of the group's rendezvous (`join`) while watching the workers: one that exits or reports
+        an error before joining ends the wait at once (the rendezvous itself would wait COLLECTIVE_TIMEOUT for it).
+        The abandoned join stays blocked in its daemon thread until that timeout."""
+        done: list = []
+
+        def run() -> None:
+            try:
+                done.append((join(), None))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                done.append((None, e))
+
+        t = threading.Thread(target=run, daemon=True, name="deltaserve-tp-rendezvous")
+        t.start()
+        while t.is_alive():
+            t.join(0.1)
+            for rank, (conn, p) in enumerate(zip(self.conns, self.procs), start=1):
+                if conn.poll():  # before the rendezvous ends only an error (or EOF) can come; keep anything else
+                    self._early[rank - 1].append(self._recv_or_exit(rank, "joining the process group"))
+                    if self._early[rank - 1][-1][0] == "error":
+                        raise ValueError(f"tensor-parallel rank {rank}: {self._early[rank - 1][-1][1]}")
+                elif p.exitcode is not None:
+                    raise RuntimeError(f"tensor-parallel worker {rank} exited while joining the process group (exit "
+                                       f"code {p.exitcode}); see its output above")
+        group, error = done[0]
+        if error is not None:
+            raise error
+        return group
+
+    def _recv_or_exit(self, rank: int, during: str) -> tuple:
+        conn, p = self.conns[rank - 1], self.procs[rank - 1]
+        try:
+            return conn.recv()
+        except EOFError:
+            p.join(2.0)
+            raise RuntimeError(f"tensor-parallel worker {rank} exited while {during} (exit code {p.exitcode}); see "
+                               f"its output above") from None
+
     def wait_for(self, status: str) -> None:
         """Block until every worker reports `status`; a worker's error is raised here as ValueError."""
         for rank, (conn, p) in enumerate(zip(self.conns, self.procs), start=1):
             try:
-                kind, msg = conn.recv()
+                kind, msg = self._early[rank - 1].pop(0) if self._early[rank - 1] else conn.recv()
             except EOFError:
                 p.join(2.0)
                 hint = "" if status != "started" else (

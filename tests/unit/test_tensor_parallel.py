@@ -530,3 +530,17 @@ def test_a_second_tp_llm_in_one_process_says_why_it_cannot_start(ckpts):
     finally:
         first.shutdown()
     _tp2(ckpts).shutdown()  # after the shutdown, a new one starts
+
+
+def test_a_worker_lost_before_the_rendezvous_is_one_clear_error(ckpts):
+    """A worker that dies after reporting 'started' and before joining the process group left rank 0 waiting in the
+    rendezvous for COLLECTIVE_TIMEOUT (10 minutes). In a process of its own: the abandoned join stays blocked."""
+    code = ("from deltaserve import LLM\n"
+            "if __name__ == '__main__':\n"
+            f"    LLM({ckpts['dense']!r}, device='cpu', dtype='float32', max_model_len=64, tensor_parallel_size=2)\n")
+    env = {**os.environ, "DELTASERVE_TEST_TP_EXIT": "rank1-before-rendezvous", "OMP_NUM_THREADS": "1"}
+    t = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode != 0 and time.monotonic() - t < 120
+    last = res.stderr.strip().splitlines()[-1]
+    assert "tensor-parallel worker 1 exited while joining the process group (exit code 3)" in last, res.stderr[-2000:]
