@@ -61,11 +61,19 @@ class GatedDeltaNet(nn.Module):
         """The prefilling sequences: varlen causal conv from each one's conv state, then the chunked delta rule.
         mixed_qkv: [P_T, C]; a, b: [P_T, HV] -> o [P_T, HV, V]."""
         t = mixed_qkv.shape[0]
+        if part.snapshots:  # the conv state at a snapshot: the W-1 inputs before it (offsets are >= 64 > W-1)
+            width = conv_state.shape[2]
+            starts = [0]
+            for n in part.query_lens_cpu:
+                starts.append(starts[-1] + n)
+            for i, offset, slot in part.snapshots:
+                row = starts[i] + offset
+                conv_state[slot] = mixed_qkv[row - width: row].t()
         qkv = causal_conv1d_varlen(mixed_qkv, self.conv1d.weight, conv_state, part.cu_seqlens, part.state_slots,
                                    part.query_lens_cpu)
         q, k, v = qkv.split([self.hk * self.dk, self.hk * self.dk, self.hv * self.dv], dim=-1)
         return gated_delta_rule_varlen(
             q.reshape(t, self.hk, self.dk), k.reshape(t, self.hk, self.dk), v.reshape(t, self.hv, self.dv),
             a, b, self.A_log, self.dt_bias, recurrent_state, part.cu_seqlens, part.state_slots,
-            query_lens=part.query_lens_cpu, tables=part.tables,
+            query_lens=part.query_lens_cpu, tables=part.tables, snapshots=part.snapshots,
         )

@@ -3,10 +3,12 @@
 A full-attention layer can resume from any cached KV block, but a GDN layer resumes only from a recurrent state
 taken at exactly the position it resumes from. So an entry is a snapshot at a multiple of `chunk` tokens:
 - Making one: when a request's prefill passes one of its prompt's last two multiples of `chunk` short of its final
-  token (`stops`; at least MIN_PAUSE_TOKENS long), the scheduler ends that step's chunk there and, after the forward,
-  the runner copies the request's state slot into a cache slot (SchedulerOutput.snapshots); a chunk that ends at one
-  anyway takes its snapshot whatever its length. The entry takes a reference on the KV blocks of those
-  tokens (BlockPool counts them): they are whole blocks, which no request writes again.
+  token (`stops`): if the point lies a multiple of GDN_CHUNK tokens into the step's chunk, the GDN prefill writes
+  the states there into a cache slot during the forward (SchedulerOutput.inline_snapshots); else, for points of at
+  least MIN_PAUSE_TOKENS, the scheduler ends that step's chunk there and the runner copies the request's state slot
+  into a cache slot after the forward (SchedulerOutput.snapshots), as it does for a chunk that ends at one anyway.
+  The entry takes a reference on the KV blocks of those tokens (BlockPool counts them): they are whole blocks, which
+  no request writes again.
 - Using one: a request admitted with nothing computed whose tokens start with an entry's tokens, and go on for at
   least one more (the logits of its last token give its sample), shares the entry's blocks, gets a copy of its state
   slot before its first forward instead of a zeroed slot (SchedulerOutput.restores) and starts at the entry's length.
@@ -22,10 +24,13 @@ from .block_pool import BlockPool
 
 CHUNK_TOKENS = 256  # snapshot granularity (rounded up to whole KV blocks): at most this many prompt tokens recomputed
 SNAPSHOTS = 2  # snapshot points per prompt (stops)
-# A prefill pauses only for a snapshot of at least this many tokens: the pause costs one more step (on an H200 a
-# 9B prefill step of a few hundred tokens takes ~30 ms end to end, about what 1 000 tokens of prefill cost), so
-# shorter prefixes are cached only where a chunk ends at a snapshot point anyway.
+# A prefill pauses only for a snapshot of at least this many tokens that it cannot take inline: the pause costs one
+# more step (on an H200 a 9B prefill step of a few hundred tokens takes ~30 ms end to end, about what 1 000 tokens of
+# prefill cost), so shorter prefixes are cached only where a chunk ends at a snapshot point anyway.
 MIN_PAUSE_TOKENS = 1024
+# The GDN prefill's chunk (kernels/gated_delta_rule): inside a step's chunk of a request, its kernels hold the state at
+# every multiple of this many tokens from the chunk's first token, and write it to a cache slot there (no pause).
+GDN_CHUNK = 64
 
 
 @dataclass

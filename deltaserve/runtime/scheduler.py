@@ -18,7 +18,7 @@ from .block_pool import BlockPool
 from . import prefix_cache
 from .prefix_cache import PrefixCache, PrefixEntry
 from .request import Request, RequestStatus
-from .scheduler_output import Fork, ScheduledSeq, SchedulerOutput, SlotCopy
+from .scheduler_output import Fork, InlineSnapshot, ScheduledSeq, SchedulerOutput, SlotCopy
 from .state_pool import StatePool
 
 
@@ -112,20 +112,27 @@ class Scheduler:
         point when the prefill crosses one (of at least MIN_PAUSE_TOKENS)."""
         n = min(req.num_scheduled_tokens - start, budget)
         if self.cache is not None and start < req.num_prompt_tokens:
-            n = min([n] + [stop - start for stop in self.cache.stops(req.prompt_token_ids)
-                           if stop > start and stop >= prefix_cache.MIN_PAUSE_TOKENS])
+            n = min([n] + [stop - start for stop in self.cache.stops(req.prompt_token_ids) if stop > start and
+                           stop >= prefix_cache.MIN_PAUSE_TOKENS and (stop - start) % prefix_cache.GDN_CHUNK])
         return n
 
     def _snapshot(self, req: Request, out: SchedulerOutput) -> None:
-        """If this step's chunk of req ends at one of its prompt's snapshot points, cache the prefix: its blocks now,
-        its state copied into the entry's slot after the forward."""
+        """Cache the prefixes of req's prompt that this step's chunk reaches at its snapshot points: their blocks now,
+        their states written by the forward (a point at a multiple of GDN_CHUNK inside the chunk) or copied from
+        req's slot after it (the chunk's end)."""
         s = out.seqs[-1]
         if self.cache is None or s.start >= req.num_prompt_tokens:
             return
-        stop = s.start + s.num_new_tokens
-        if stop in self.cache.stops(req.prompt_token_ids):
+        end = s.start + s.num_new_tokens
+        for stop in self.cache.stops(req.prompt_token_ids):
+            inline = s.start < stop < end and (stop - s.start) % prefix_cache.GDN_CHUNK == 0
+            if not inline and stop != end:
+                continue
             entry = self.cache.insert(req.prompt_token_ids, stop, req.block_ids[: stop // self.blocks.block_size])
-            out.snapshots.append(SlotCopy(req.state_slot, entry.slot))
+            if inline:
+                out.inline_snapshots.append(InlineSnapshot(req, stop - s.start, entry.slot))
+            else:
+                out.snapshots.append(SlotCopy(req.state_slot, entry.slot))
             self._filling.append(entry)
 
     def _make_room(self, need: int, keep: PrefixEntry | None = None) -> bool:

@@ -28,6 +28,14 @@ class SlotCopy:
 
 
 @dataclass
+class InlineSnapshot:
+    """A prefix-cache snapshot the GDN prefill takes inside this step's chunk of a request (no pause needed)."""
+    request: Request
+    offset: int  # tokens of the request's chunk before the snapshot point: a multiple of prefix_cache.GDN_CHUNK
+    dst: int  # the cache's state slot
+
+
+@dataclass
 class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)  # batch order
     slots_to_zero: list[int] = field(default_factory=list)  # state slots newly handed out: zero before the forward
@@ -37,6 +45,7 @@ class SchedulerOutput:
     # forward (in place of zeroing it)
     snapshots: list[SlotCopy] = field(default_factory=list)  # a request's slot -> a prefix-cache slot, after the
     # forward
+    inline_snapshots: list[InlineSnapshot] = field(default_factory=list)  # taken by the forward itself
 
     @property
     def num_tokens(self) -> int:

@@ -49,3 +49,5 @@ class GdnPrefill:
     state_slots: torch.Tensor  # [P] int64 GDN state-pool slots
     query_lens_cpu: list[int]  # P host ints
     tables: object = None  # Triton GDN prefill's (sequence, chunk) tables, built once per step (CUDA only)
+    # prefix-cache snapshots taken inside the chunk: (sequence, token offset (a multiple of 64 inside it), state slot)
+    snapshots: tuple = ()

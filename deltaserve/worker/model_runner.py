@@ -47,6 +47,9 @@ class StepPlan:
     # order: (src slot, dst slot, src blocks, dst blocks) of each n > 1 fork
     restores: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) state slots copied before the forward
     snapshots: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) state slots copied after the forward
+    # prefix-cache snapshots the GDN prefill takes inside a chunk: (sequence, token offset in this step's tokens of
+    # it, a multiple of 64, dst state slot)
+    gdn_snapshots: list[tuple[int, int, int]] = field(default_factory=list)
     # async scheduling: token rows whose id the step still in flight sampled (a placeholder in input_ids), and for
     # each the row of that step's sampled ids holding it; the ids are copied on the device
     inflight_rows: list[int] = field(default_factory=list)
@@ -250,6 +253,7 @@ class ModelRunner:
         ids, pos, slot_map, cu, ctx, logit_rows, first_row = [], [], [], [0], [], [], []
         inflight_rows, inflight_src = [], []
         bs = self.block_size
+        seq_index = {id(s.request): i for i, s in enumerate(sched.seqs)}
         for s in sched.seqs:
             req, start, n = s.request, s.start, s.num_new_tokens
             ids += req.token_ids(start, min(start + n, req.num_tokens))
@@ -271,7 +275,8 @@ class ModelRunner:
             query_lens=[s.num_new_tokens for s in sched.seqs], slots_to_zero=list(sched.slots_to_zero),
             copies=[(f.parent.state_slot, f.child.state_slot, list(f.parent.block_ids), list(f.child.block_ids))
                     for f in sched.forks], inflight_rows=inflight_rows, inflight_src=inflight_src,
-            restores=[(c.src, c.dst) for c in sched.restores], snapshots=[(c.src, c.dst) for c in sched.snapshots])
+            restores=[(c.src, c.dst) for c in sched.restores], snapshots=[(c.src, c.dst) for c in sched.snapshots],
+            gdn_snapshots=[(seq_index[id(s.request)], s.offset, s.dst) for s in sched.inline_snapshots])
         return plan, first_row
 
     def build_batch(self, plan: StepPlan) -> ForwardBatch:
@@ -303,7 +308,9 @@ class ModelRunner:
         rest = plan.query_lens[d:]
         cu = batch.cu_seqlens if d == 0 else self.staging.put("gdn_cu_seqlens", [c - d for c in plan.cu_seqlens[d:]])
         batch.gdn_decode_rows = d
-        batch.gdn_prefill = GdnPrefill(cu, batch.state_slots[d:], rest, build_step_tables(rest, self.device))
+        snaps = tuple((i - d, offset, slot) for i, offset, slot in plan.gdn_snapshots)
+        batch.gdn_prefill = GdnPrefill(cu, batch.state_slots[d:], rest, build_step_tables(rest, self.device, snaps),
+                                       snaps)
 
     @staticmethod
     def _logit_positions(s) -> list[int]:

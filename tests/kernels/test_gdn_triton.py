@@ -139,6 +139,33 @@ def test_chunk_bf16_state_pool():
     assert_untouched(before, pool, live)
 
 
+def test_chunk_snapshots_write_the_state_at_their_offsets():
+    """The prefix cache's snapshots: the state after 64 and 128 of a 150-token sequence's tokens (and after 64 of
+    another's) lands in its own slot, as the reference computes it and as a call ending there would leave it, while
+    outputs and final states stay those of a call without snapshots."""
+    heads = dict(Hk=2, HV=4, K=16, V=16)
+    lengths, slots = [150, 5, 70], torch.tensor([0, 1, 2], device=DEVICE)
+    snaps = ((0, 64, 3), (0, 128, 4), (2, 64, 5))
+    inputs = make_inputs(sum(lengths), **heads, dtype=torch.float32, device=DEVICE, seed=9)
+    pool = make_pool((6, 4, 16, 16), [0, 1, 2], device=DEVICE)
+    plain, pool_ref, cu = pool.clone(), pool.clone(), cu_of(lengths, DEVICE)  # slots 3-5: NaN until written
+    o_plain = triton_chunk.chunk_gated_delta_rule_varlen(*inputs, plain, cu, slots, lengths)
+    o_ref = ref.gated_delta_rule_varlen(*inputs, pool_ref, cu, slots, snapshots=snaps)
+    tables = triton_chunk.build_chunk_tables(lengths, DEVICE, snaps)
+    o = triton_chunk.chunk_gated_delta_rule_varlen(*inputs, pool, cu, slots, lengths, tables=tables, snapshots=snaps)
+    assert_close("o", o_plain, o, ATOL)
+    assert_close("o (reference)", o_ref, o, ATOL)
+    assert_close("final states", plain[:3], pool[:3], ATOL)
+    assert_close("snapshots (reference)", pool_ref[3:], pool[3:], ATOL)
+    for slot, seq_slot, (s, e) in ((3, 0, (0, 64)), (4, 0, (0, 128)), (5, 2, (155, 219))):
+        alone = make_pool((6, 4, 16, 16), [0, 1, 2], device=DEVICE)  # the initial states again
+        part = [x[s:e] for x in inputs[:5]] + list(inputs[5:])
+        ref.gated_delta_rule_varlen(*part, alone, cu_of([e - s], DEVICE), torch.tensor([seq_slot], device=DEVICE))
+        assert_close(f"snapshot {slot} vs a call ending there", alone[seq_slot], pool[slot], ATOL)
+    with pytest.raises(ValueError, match="at multiples of 64 inside it"):
+        triton_chunk.build_chunk_tables(lengths, DEVICE, ((0, 32, 3),))
+
+
 def test_chunk_continuation_equals_one_shot():
     """A sequence split over two calls (37 | 63 tokens) must end where one call of 100 ends; a 0-token sequence in
     the batch keeps its state."""

@@ -140,6 +140,23 @@ def test_prefill_pauses_at_the_snapshot_points(models):
     assert llm.generate([prompt], greedy(2), use_tqdm=False)[0].num_cached_tokens == 64
 
 
+def test_snapshots_at_multiples_of_64_inside_a_chunk_need_no_pause(models, monkeypatch):
+    """Snapshots 64-aligned from a chunk's first token are written by the GDN prefill itself (the chunked kernels
+    hold the state there): one step for the whole prompt, and the prefixes it cached give the uncached answers."""
+    monkeypatch.setattr(prefix_cache, "CHUNK_TOKENS", 64)
+    rng = random.Random(9)
+    a, b = shared_prompts(rng, models.vocab(), 150, [50, 7])
+    llm = cached_llm(models, max_num_batched_tokens=256)
+    log = StepLog.attach(llm)
+    sp = greedy(6)
+    outs = [llm.generate([p], sp, use_tqdm=False)[0] for p in (a, b, a)]
+    chunks = [(s.start, s.num_new_tokens) for st in log.steps for s in st.seqs if not s.is_decode]
+    assert chunks == [(0, 200), (128, 29), (192, 8)], "a: one step, snapshots at 128 and 192 inside it"
+    assert [o.num_cached_tokens for o in outs] == [0, 128, 192]
+    for name, p, out in zip("aba", (a, b, a), outs):
+        assert_same_completion(name, models.ref("dense", p, sp).outputs[0], out.outputs[0])
+
+
 def test_short_prefixes_are_cached_only_where_a_chunk_ends_anyway(models, monkeypatch):
     monkeypatch.setattr(prefix_cache, "MIN_PAUSE_TOKENS", 64)
     prompt = random_prompt(random.Random(2), 70, models.vocab())
@@ -282,3 +299,21 @@ def test_on_cuda_a_restored_prefix_repeats_the_first_answer_exactly(models):
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     assert again.outputs[0].logprobs == first.outputs[0].logprobs
     assert llm.generate([b], sp, use_tqdm=False)[0].num_cached_tokens == 32
+
+
+@pytest.mark.gpu
+def test_on_cuda_snapshots_inside_a_chunk(models, monkeypatch):
+    """The Triton state pass writing the state at 64-aligned points inside a chunk (its own test: tests/kernels):
+    one prefill step for the whole prompt, and a rerun from the snapshot at 192 answers as the first run did, up to
+    bf16 roundings (its last 8 tokens run in a GEMM of 8 rows, not 200)."""
+    monkeypatch.setattr(prefix_cache, "CHUNK_TOKENS", 64)
+    a = shared_prompts(random.Random(10), models.vocab(), 150, [50])[0]
+    llm = LLM(models.path("dense"), device="cuda", dtype="bfloat16", max_model_len=256, max_num_seqs=4,
+              block_size=16, enable_prefix_caching=True, prefix_cache_slots=4)
+    log = StepLog.attach(llm)
+    first, again = (llm.generate([a], greedy(8), use_tqdm=False)[0] for _ in range(2))
+    chunks = [(s.start, s.num_new_tokens) for st in log.steps for s in st.seqs if not s.is_decode]
+    assert chunks == [(0, 200), (192, 8)] and again.num_cached_tokens == 192
+    lp = [(f[t], g[t]) for f, g, t in zip(first.outputs[0].logprobs, again.outputs[0].logprobs,
+                                           first.outputs[0].token_ids) if t in g]
+    assert lp and max(abs(x - y) for x, y in lp) < 0.1, lp

@@ -32,13 +32,16 @@ def gated_delta_rule_varlen(
     chunk_size: int = 64,
     query_lens: list[int] | None = None,
     tables=None,
+    snapshots: tuple = (),
 ) -> torch.Tensor:
     """Gated delta rule over a flat varlen batch, continuing from and updating each sequence's pooled state.
 
     q, k: [T, Hk, K] model dtype (not yet l2-normalised); v: [T, HV, V]; a, b: [T, HV]; A_log, dt_bias: [HV];
     state: [S, HV, K, V] fp32 pool, updated IN PLACE at slots; cu_seqlens: [N+1] int32/int64;
     slots: [N] int64, distinct except -1 (padding row: reads a zero state, writes nothing); query_lens: N host
-    ints (required on CUDA); tables: `build_step_tables(query_lens, device)` built once per step (CUDA, optional).
+    ints (required on CUDA); tables: `build_step_tables(query_lens, device, snapshots)` built once per step (CUDA,
+    optional); snapshots: (sequence, token offset, slot) triples (at most two a sequence, offsets multiples of
+    chunk_size inside it): the state after that many of the sequence's tokens is also written to that slot.
     Returns o: [T, HV, V] in v.dtype."""
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3:
         raise ValueError(f"q and k must both be [T, Hk, K] and v [T, HV, V]; got q {tuple(q.shape)}, "
@@ -69,18 +72,19 @@ def gated_delta_rule_varlen(
 
         return chunk_gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens, slots,
                                              require_query_lens(query_lens, slots.numel()), chunk_size,
-                                             tables=tables)
-    return reference.gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens, slots, chunk_size)
+                                             tables=tables, snapshots=snapshots)
+    return reference.gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens, slots, chunk_size,
+                                             snapshots)
 
 
-def build_step_tables(query_lens: list[int], device: torch.device):
+def build_step_tables(query_lens: list[int], device: torch.device, snapshots: tuple = ()):
     """The (sequence, chunk) index tables of the Triton prefill for one step, shared by every GDN layer
     (None off CUDA, where the reference needs none)."""
     if device.type != "cuda":
         return None
     from .triton import build_chunk_tables
 
-    return build_chunk_tables(query_lens, device)
+    return build_chunk_tables(query_lens, device, snapshots)
 
 
 def gdn_decode_step(mixed_qkv: torch.Tensor, conv_weight: torch.Tensor, conv_state: torch.Tensor, a: torch.Tensor,

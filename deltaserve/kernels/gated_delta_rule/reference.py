@@ -141,6 +141,7 @@ def gated_delta_rule_varlen(
     cu_seqlens: torch.Tensor,
     slots: torch.Tensor,
     chunk_size: int = 64,
+    snapshots: tuple = (),
 ) -> torch.Tensor:
     """Gated delta rule over a flat varlen batch, continuing from and updating each sequence's pooled state.
 
@@ -149,7 +150,9 @@ def gated_delta_rule_varlen(
     cu_seqlens: [N+1] int32/int64, cu_seqlens[0] = 0, cu_seqlens[N] = T; slots: [N] int64, distinct except -1;
     slot -1 is a padding row: it reads a zero state and writes nothing. A sequence with 0 tokens keeps its state.
     Length-1 sequences run as batched recurrent steps (all of them in one step unless their states exceed
-    _DECODE_STEP_BYTES); longer ones run the chunked algorithm one sequence at a time.
+    _DECODE_STEP_BYTES); longer ones run the chunked algorithm one sequence at a time. snapshots: (sequence, token
+    offset, slot) triples, the offset a multiple of chunk_size inside the sequence: the state after that many of its
+    tokens is also written to that slot (the prefix cache; the computation goes on unchanged).
     Returns o: [T, HV, V] in v.dtype."""
     T, HV, V = v.shape
     g, beta = gdn_gating(a, b, A_log, dt_bias)
@@ -167,14 +170,27 @@ def gated_delta_rule_varlen(
         part = single[j : j + per_step]
         _run_single_tokens(q, k, v32, g, beta, state, [starts[i] for i in part], [slot_list[i] for i in part], o)
 
+    stops: dict[int, list[tuple[int, int]]] = {}
+    for i, offset, slot in snapshots:
+        if offset % chunk_size or not 0 < offset < lengths[i]:
+            raise ValueError(f"snapshot at token {offset} of a {lengths[i]}-token sequence: at a multiple of "
+                             f"{chunk_size} inside it")
+        stops.setdefault(i, []).append((offset, slot))
     for i, n in enumerate(lengths):
         if n < 2:
             continue
-        s, e, slot = starts[i], starts[i] + n, slot_list[i]
-        init = state[slot] if slot >= 0 else None
-        o[s:e], final = chunk_gated_delta_rule(q[s:e], k[s:e], v32[s:e], g[s:e], beta[s:e], init, chunk_size)
+        s, slot = starts[i], slot_list[i]
+        state_now = state[slot] if slot >= 0 else None
+        # chunk boundaries stay where they are (multiples of chunk_size from s): the pieces compute what one call would
+        for piece_end, snap_slot in sorted(stops.get(i, [])) + [(n, -1)]:
+            e = starts[i] + piece_end
+            o[s:e], state_now = chunk_gated_delta_rule(q[s:e], k[s:e], v32[s:e], g[s:e], beta[s:e], state_now,
+                                                       chunk_size)
+            if snap_slot >= 0:
+                state[snap_slot] = state_now
+            s = e
         if slot >= 0:
-            state[slot] = final
+            state[slot] = state_now
     return o.to(v.dtype)
 
 

@@ -29,6 +29,9 @@ from .reference import STATE_DTYPES
 
 BT = 64  # tokens per chunk
 BC = 16  # sub-block of the triangular solve
+MAX_SNAPSHOTS = 2  # states a sequence's state pass may also write to other slots (the prefix cache's stops)
+SEQ_COLUMNS = 3 + 2 * MAX_SNAPSHOTS  # of the seq table: first token, end token, first chunk, (chunk, slot) pairs
+_SEQ_COLUMNS_K = tl.constexpr(SEQ_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -266,17 +269,24 @@ def _chunk_state_kernel(
     kn, w, u, g_cum, state, slots, seq_table, h, v_new,
     s_state,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SNAPSHOTS: tl.constexpr = False,
 ):
     """Serial pass over one sequence's chunks for one value head and V-tile. kn: [T, HK, K] normalised k (dense);
-    seq_table: [N, 3] int32 (first token, end token, first global chunk); state: [S, HV, K, V] fp32 pool (slot
-    stride s_state), read and written at slots[i_n] unless -1. Writes h: [chunks, HV, K, V] chunk-start states;
-    v_new: [T, HV, V]."""
+    seq_table: [N, 7] int32 (first token, end token, first global chunk, then two (snapshot chunk, slot) pairs);
+    state: [S, HV, K, V] fp32 pool (slot stride s_state), read and written at slots[i_n] unless -1, and at each
+    snapshot slot given the (fp32, unrounded) state at the start of its chunk (prefix cache; chunk -1: none), when
+    SNAPSHOTS (a step without snapshots compiles without the two stores: they cost the serial pass ~5% at 1x16k).
+    Writes h: [chunks, HV, K, V] chunk-start states; v_new: [T, HV, V]."""
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kh = i_h // (HV // HK)
-    bos = tl.load(seq_table + 3 * i_n)
-    eos = tl.load(seq_table + 3 * i_n + 1)
-    c0 = tl.load(seq_table + 3 * i_n + 2)
+    bos = tl.load(seq_table + _SEQ_COLUMNS_K * i_n)
+    eos = tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 1)
+    c0 = tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 2)
+    if SNAPSHOTS:
+        snap_c0 = tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 3)
+        snap_slot0 = tl.maximum(tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 4), 0).to(tl.int64)
+        snap_c1 = tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 5)
+        snap_slot1 = tl.maximum(tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 6), 0).to(tl.int64)
     slot = tl.load(slots + i_n).to(tl.int64)
     o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -290,11 +300,18 @@ def _chunk_state_kernel(
     p_state = state + tl.maximum(slot, 0) * s_state + i_h * (K * V) + o_kv
     b_h = tl.load(p_state, mask=m_live, other=0.0).to(tl.float32)  # fp32 or bf16 pool; fp32 in registers
     o_i = tl.arange(0, BT)
+    if SNAPSHOTS:
+        p_snap0 = state + snap_slot0 * s_state + i_h * (K * V) + o_kv
+        p_snap1 = state + snap_slot1 * s_state + i_h * (K * V) + o_kv
     for i_t in range(0, tl.cdiv(eos - bos, BT)):
         t0 = bos + i_t * BT
         o_t = t0 + o_i
         m_t = o_t < eos
         tl.store(h + ((c0 + i_t).to(tl.int64) * HV + i_h) * (K * V) + o_kv, b_h.to(DT), mask=m_kv)
+        if SNAPSHOTS:  # vector masks (a scalar bool in a mask trips the interpreter), each true once at most
+            b_i = tl.zeros([BV], dtype=tl.int32) + i_t
+            tl.store(p_snap0, b_h.to(p_snap0.dtype.element_ty), mask=m_kv & (b_i == snap_c0)[None, :])
+            tl.store(p_snap1, b_h.to(p_snap1.dtype.element_ty), mask=m_kv & (b_i == snap_c1)[None, :])
         b_w = tl.load(w + (o_t[:, None] * HV + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
         b_u = tl.load(u + (o_t[:, None] * HV + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
         b_v = b_u.to(tl.float32) - tl.dot(b_w, b_h.to(DT))
@@ -345,15 +362,18 @@ def _chunk_output_kernel(
 class ChunkTables:
     """Where each sequence and each 64-token chunk of a flat varlen batch lies; the same for every GDN layer of a
     forward step, so build it once per step (`build_chunk_tables`) and pass it to every layer."""
-    seq_table: torch.Tensor    # [N, 3] int32 on the device: first token, end token, first global chunk
+    seq_table: torch.Tensor    # [N, SEQ_COLUMNS] int32 on the device: first token, end token, first global chunk,
+    # then MAX_SNAPSHOTS (chunk, slot) pairs (chunk -1: none)
     chunk_table: torch.Tensor  # [chunks, 2] int32 on the device: token range [t0, t1) of each chunk
     num_chunks: int            # host int: the grid size of the per-chunk kernels
     query_lens: tuple          # host copy of the lengths it was built from (checked against each call)
+    snapshots: tuple = ()      # host copy of the snapshots it was built with
 
 
-def build_chunk_tables(query_lens: list[int], device) -> ChunkTables:
+def build_chunk_tables(query_lens: list[int], device, snapshots: tuple = ()) -> ChunkTables:
     """Host-side (sequence, chunk) index tables from the host list of lengths: numpy, then one pinned async H2D copy;
-    no device sync. ~30-50 us of CPU for tens to hundreds of sequences."""
+    no device sync. ~30-50 us of CPU for tens to hundreds of sequences. snapshots: (sequence, token offset, slot)
+    triples, the offset a multiple of the chunk inside the sequence's tokens: the state there goes to that slot."""
     lens = np.asarray(query_lens, dtype=np.int64).reshape(-1)
     ends = np.cumsum(lens)
     starts = ends - lens
@@ -365,16 +385,25 @@ def build_chunk_tables(query_lens: list[int], device) -> ChunkTables:
     t1 = np.minimum(t0 + BT, ends[seq_of_chunk])
     # the chunk table starts on a 16-byte boundary whatever N is: Triton specialises kernels on pointer alignment,
     # and an N-dependent one recompiled the prefill kernels (seconds) on a server's first multi-request step
-    seq_part = 4 * -(-3 * lens.size // 4)
+    snaps = np.full((lens.size, MAX_SNAPSHOTS, 2), -1, dtype=np.int64)  # (chunk, slot) pairs
+    taken = np.zeros(lens.size, dtype=np.int64)
+    for i, offset, slot in snapshots:
+        if offset % BT or not 0 < offset < lens[i] or taken[i] == MAX_SNAPSHOTS:
+            raise ValueError(f"snapshot at token {offset} of a {lens[i]}-token sequence: at most {MAX_SNAPSHOTS} a "
+                             f"sequence, at multiples of {BT} inside it")
+        snaps[i, taken[i]] = offset // BT, slot
+        taken[i] += 1
+    seq_part = 4 * -(-SEQ_COLUMNS * lens.size // 4)
     packed = np.zeros(seq_part + 2 * num_chunks, dtype=np.int32)
-    packed[: 3 * lens.size] = np.stack([starts, ends, first_chunk], 1).ravel()
+    packed[: SEQ_COLUMNS * lens.size] = np.concatenate([np.stack([starts, ends, first_chunk], 1),
+                                                        snaps.reshape(lens.size, -1)], 1).ravel()
     packed[seq_part:] = np.stack([t0, t1], 1).ravel()
     host = torch.from_numpy(packed)
     if torch.device(device).type == "cuda":
         host = host.pin_memory()  # pageable memory would make the "async" copy wait for the host staging
     packed = host.to(device, non_blocking=True)
-    return ChunkTables(packed[: 3 * lens.size].view(-1, 3), packed[seq_part:].view(-1, 2), num_chunks,
-                       tuple(int(n) for n in lens))
+    return ChunkTables(packed[: SEQ_COLUMNS * lens.size].view(-1, SEQ_COLUMNS), packed[seq_part:].view(-1, 2),
+                       num_chunks, tuple(int(n) for n in lens), tuple(snapshots))
 
 
 def _pow2_block(n: int, cap: int | None = None) -> int:
@@ -420,6 +449,7 @@ def chunk_gated_delta_rule_varlen(
     chunk_size: int = 64,
     config: ChunkLaunchConfig | None = None,
     tables: ChunkTables | None = None,
+    snapshots: tuple = (),
 ) -> torch.Tensor:
     """Chunked gated delta rule over a flat varlen batch, continuing from and updating each sequence's pooled state.
 
@@ -429,7 +459,9 @@ def chunk_gated_delta_rule_varlen(
     state: [S, HV, K, V] fp32 pool, read at slots and written back IN PLACE; cu_seqlens: [N+1] (accepted for
     signature parity: query_lens is what the kernels use, and must agree with it); slots: [N] int32/int64,
     distinct except -1 (padding row: zero initial state, writes nothing); query_lens: host list of the N lengths;
-    tables: `build_chunk_tables(query_lens, device)` made once per forward step (built here when None).
+    tables: `build_chunk_tables(query_lens, device, snapshots)` made once per forward step (built here when None);
+    snapshots: (sequence, token offset, slot) triples: the state after that many of the sequence's tokens is also
+    written to that slot of the pool (prefix cache), the offset a multiple of 64 inside the sequence.
     Returns o: [T, HV, V] in v.dtype."""
     if chunk_size != BT:
         raise ValueError(f"chunk_size={chunk_size}: the Triton kernels are written for chunks of {BT} tokens")
@@ -465,9 +497,10 @@ def chunk_gated_delta_rule_varlen(
     if T == 0:
         return o
     if tables is None:
-        tables = build_chunk_tables(query_lens, v.device)
-    elif tables.query_lens != tuple(query_lens) or tables.seq_table.device != v.device:
-        raise ValueError("tables were built for other query_lens or another device than this call's")
+        tables = build_chunk_tables(query_lens, v.device, snapshots)
+    elif tables.query_lens != tuple(query_lens) or tables.seq_table.device != v.device or \
+            tables.snapshots != tuple(snapshots):
+        raise ValueError("tables were built for other query_lens, snapshots or device than this call's")
     seq_table, chunk_table, num_chunks = tables.seq_table, tables.chunk_table, tables.num_chunks
     BK, BV = _pow2_block(K), _pow2_block(V)
     A_log, dt_bias, slots = A_log.contiguous(), dt_bias.contiguous(), slots.contiguous()
@@ -493,7 +526,7 @@ def chunk_gated_delta_rule_varlen(
     _chunk_state_kernel[(triton.cdiv(V, BV_state), HV, len(query_lens))](
         kn, w, u, g_cum, state, slots, seq_table, h, u,
         state.stride(0),
-        HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV_state,
+        HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV_state, SNAPSHOTS=bool(tables.snapshots),
         num_warps=config.state_warps, num_stages=config.state_stages or stages)
     BV_out = _pow2_block(V, config.out_block_v)
     _chunk_output_kernel[(triton.cdiv(V, BV_out), num_chunks, HV)](
