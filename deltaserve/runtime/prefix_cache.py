@@ -87,29 +87,31 @@ class PrefixCache:
     def _key(self, tokens: list[int], length: int) -> int:
         return self._keys(tokens, length // self.chunk)[-1]
 
-    def insert(self, tokens: list[int], length: int, block_ids: list[int]) -> PrefixEntry:
+    def insert(self, tokens: list[int], length: int, block_ids: list[int]) -> PrefixEntry | None:
         """A new (not yet ready) entry for tokens[:length], whose KV is in block_ids (held by the caller: the entry
         takes its own reference), with a slot for its states, evicting the least recently used entry if none is
-        free."""
+        free; None (no entry) when every slot belongs to this step's own snapshots."""
         if length % self.chunk or len(block_ids) != length // self.blocks.block_size:
             raise ValueError(f"a prefix entry covers whole chunks and their blocks: {length} tokens, "
                              f"{len(block_ids)} blocks")
-        if not self._free_slots:
-            self.evict_one()
+        if not self._free_slots and not self.evict_one():
+            return None
         self.blocks.share(block_ids, cache=True)
         entry = PrefixEntry(tuple(tokens[:length]), list(block_ids), self._free_slots.pop())
         self._entries[self._key(tokens, length)] = entry
         return entry
 
     def clear(self) -> None:
-        while self.evict_one():
+        while self.evict_one(pending=True):
             pass
 
-    def evict_one(self, keep: PrefixEntry | None = None) -> bool:
-        """Drop the least recently used entry other than `keep` (its slot freed, its block references dropped);
-        False when there is none."""
+    def evict_one(self, keep: PrefixEntry | None = None, pending: bool = False) -> bool:
+        """Drop the least recently used ready entry other than `keep` (its slot freed, its block references
+        dropped); False when there is none. An entry not ready yet belongs to the step being scheduled, whose forward
+        writes its slot: handing that slot to another snapshot of the same step would have one kernel write two
+        states into it (only `clear`, between steps, passes pending=True)."""
         for key, entry in self._entries.items():
-            if entry is not keep:
+            if entry is not keep and (entry.ready or pending):
                 del self._entries[key]
                 self._free_slots.append(entry.slot)
                 self.blocks.free(entry.block_ids, cache=True)

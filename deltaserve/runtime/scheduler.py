@@ -129,6 +129,8 @@ class Scheduler:
             if not inline and stop != end:
                 continue
             entry = self.cache.insert(req.prompt_token_ids, stop, req.block_ids[: stop // self.blocks.block_size])
+            if entry is None:  # every cache slot is taken by this step's own snapshots
+                continue
             if inline:
                 out.inline_snapshots.append(InlineSnapshot(req, stop - s.start, entry.slot))
             else:

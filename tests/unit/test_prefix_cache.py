@@ -102,7 +102,10 @@ def test_lookup_takes_the_longest_ready_proper_prefix_and_evicts_the_least_recen
     assert pool.num_free == 16 - 4, "the entries hold their blocks"
     third = cache.insert(toks, 48, pool.allocate(6))  # no free slot: evicts `long`, used before `short` above
     assert third.slot == long.slot and cache.lookup(toks) is short
-    assert cache.evict_one(keep=short) and len(cache) == 1
+    # `third` is this step's (not ready): its slot is not handed to another snapshot of the step
+    assert cache.insert(list(range(1, 100)), 16, pool.allocate(2)) is not None  # evicts `short`
+    assert cache.insert(list(range(2, 100)), 16, pool.allocate(2)) is None, "a slot this step writes, given twice"
+    assert not cache.evict_one() and len(cache) == 2
     cache.clear()
     assert len(cache) == 0
 
@@ -243,6 +246,22 @@ def test_cached_prefixes_give_way_to_requests(models):
     for i, p in enumerate(prompts[::-1]):
         assert_same_completion(f"req{i}", models.ref("dense", p, sp).outputs[0], outs[i].outputs[0])
     assert not log.preempted_ids(), "a request was preempted while cached prefixes held blocks"
+    assert_idle_with_cache(llm)
+
+
+def test_more_snapshots_in_a_step_than_cache_slots(models):
+    """One cache slot, three prompts whose prefills reach snapshot points in the same steps: a step's snapshots never
+    share a slot (extra ones are skipped), and the answers stay the uncached ones."""
+    rng = random.Random(11)
+    prompts = [random_prompt(rng, 40, models.vocab()) for _ in range(3)]
+    llm = cached_llm(models, max_num_batched_tokens=128, prefix_cache_slots=1)
+    log = StepLog.attach(llm)
+    sp = greedy(5)
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    assert len(log.steps[0].seqs) == 3
+    for i, p in enumerate(prompts):
+        assert_same_completion(f"req{i}", models.ref("dense", p, sp).outputs[0], outs[i].outputs[0])
+    assert len(llm.engine.scheduler.cache) == 1
     assert_idle_with_cache(llm)
 
 
