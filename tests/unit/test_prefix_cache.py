@@ -133,12 +133,21 @@ def test_cached_prefix_gives_the_uncached_answer(models, kind, async_scheduling)
     assert_idle_with_cache(llm)
 
 
-def test_prefill_pauses_at_the_snapshot_points(models):
+def prefill_chunks(log: StepLog) -> list[tuple[int, int]]:
+    return [(s.start, s.num_new_tokens) for st in log.steps for s in st.seqs if not s.is_decode]
+
+
+def run_70_tokens(models, budget: int):
+    """-> (llm, prompt, its prefill chunks): one 70-token prompt run once."""
     prompt = random_prompt(random.Random(2), 70, models.vocab())
-    llm = cached_llm(models, max_num_batched_tokens=64)
+    llm = cached_llm(models, max_num_batched_tokens=budget)
     log = StepLog.attach(llm)
     llm.generate([prompt], greedy(2), use_tqdm=False)
-    chunks = [(s.start, s.num_new_tokens) for st in log.steps for s in st.seqs if not s.is_decode]
+    return llm, prompt, prefill_chunks(log)
+
+
+def test_prefill_pauses_at_the_snapshot_points(models):
+    llm, prompt, chunks = run_70_tokens(models, 64)
     assert chunks == [(0, 48), (48, 16), (64, 6)], "the last two multiples of 16 below token 69 are 48 and 64"
     assert llm.generate([prompt], greedy(2), use_tqdm=False)[0].num_cached_tokens == 64
 
@@ -153,8 +162,7 @@ def test_snapshots_at_multiples_of_64_inside_a_chunk_need_no_pause(models, monke
     log = StepLog.attach(llm)
     sp = greedy(6)
     outs = [llm.generate([p], sp, use_tqdm=False)[0] for p in (a, b, a)]
-    chunks = [(s.start, s.num_new_tokens) for st in log.steps for s in st.seqs if not s.is_decode]
-    assert chunks == [(0, 200), (128, 29), (192, 8)], "a: one step, snapshots at 128 and 192 inside it"
+    assert prefill_chunks(log) == [(0, 200), (128, 29), (192, 8)], "a: one step, snapshots at 128 and 192 inside it"
     assert [o.num_cached_tokens for o in outs] == [0, 128, 192]
     for name, p, out in zip("aba", (a, b, a), outs):
         assert_same_completion(name, models.ref("dense", p, sp).outputs[0], out.outputs[0])
@@ -162,14 +170,10 @@ def test_snapshots_at_multiples_of_64_inside_a_chunk_need_no_pause(models, monke
 
 def test_short_prefixes_are_cached_only_where_a_chunk_ends_anyway(models, monkeypatch):
     monkeypatch.setattr(prefix_cache, "MIN_PAUSE_TOKENS", 64)
-    prompt = random_prompt(random.Random(2), 70, models.vocab())
-    llm = cached_llm(models, max_num_batched_tokens=32)
-    log = StepLog.attach(llm)
-    llm.generate([prompt], greedy(2), use_tqdm=False)
-    chunks = [(s.start, s.num_new_tokens) for st in log.steps for s in st.seqs if not s.is_decode]
+    llm, prompt, chunks = run_70_tokens(models, 32)
     assert chunks == [(0, 32), (32, 32), (64, 6)], "no pause at 48; 64 is a chunk end of the budget's"
     assert llm.generate([prompt], greedy(2), use_tqdm=False)[0].num_cached_tokens == 64
-    assert [e.tokens.__len__() for e in llm.engine.scheduler.cache._entries.values()] == [64]
+    assert [len(e.tokens) for e in llm.engine.scheduler.cache._entries.values()] == [64]
 
 
 def test_a_request_continuing_from_a_snapshot_leaves_it_intact(models):
@@ -331,8 +335,7 @@ def test_on_cuda_snapshots_inside_a_chunk(models, monkeypatch):
               block_size=16, enable_prefix_caching=True, prefix_cache_slots=4)
     log = StepLog.attach(llm)
     first, again = (llm.generate([a], greedy(8), use_tqdm=False)[0] for _ in range(2))
-    chunks = [(s.start, s.num_new_tokens) for st in log.steps for s in st.seqs if not s.is_decode]
-    assert chunks == [(0, 200), (192, 8)] and again.num_cached_tokens == 192
+    assert prefill_chunks(log) == [(0, 200), (192, 8)] and again.num_cached_tokens == 192
     lp = [(f[t], g[t]) for f, g, t in zip(first.outputs[0].logprobs, again.outputs[0].logprobs,
                                            first.outputs[0].token_ids) if t in g]
     assert lp and max(abs(x - y) for x, y in lp) < 0.1, lp
