@@ -367,13 +367,15 @@ def _build_llm(args):
 
 
 def _chat_template_text(value: str) -> str:
-    """--chat-template: a file's contents, or the value itself when no such file exists (vLLM reads it the same)."""
-    if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            return f.read()
-    if os.sep in value and ("{" not in value):
-        raise ValueError(f"--chat-template {value}: no such file")
-    return value
+    """--chat-template: the template itself when it holds Jinja's braces or a newline, else a file to read (as vLLM
+    decides)."""
+    if any(c in value for c in "{}\n"):
+        return value
+    if not os.path.isfile(value):
+        raise ValueError(f"--chat-template {value!r} looks like a file path, but there is no such file (a template "
+                         f"given inline must contain Jinja's {{ }})")
+    with open(value, encoding="utf-8") as f:
+        return f.read()
 
 
 def _bench_len(args, budget: int) -> int:

@@ -51,6 +51,10 @@ class BlockPool:
             if self._refs[b] == 0:
                 self._free.append(b)
 
+    def held_only_by_cache(self, b: int, refs: int) -> bool:
+        """Whether these `refs` prefix-cache references are all that hold block b."""
+        return self._refs[b] == refs
+
     def _count(self, b: int, delta: int, cache: bool) -> None:
         was = self._refs[b] > self._cache_refs[b]
         self._refs[b] += delta

@@ -101,6 +101,25 @@ class PrefixCache:
         self._entries[self._key(tokens, length)] = entry
         return entry
 
+    def reclaimable(self, keep: PrefixEntry | None = None) -> int:
+        """KV blocks that evicting every evictable entry (ready, not `keep`) would free: those no request and no
+        other entry holds."""
+        held: dict[int, int] = {}
+        for entry in self._entries.values():
+            if entry.ready and entry is not keep:
+                for b in entry.block_ids:
+                    held[b] = held.get(b, 0) + 1
+        return sum(self.blocks.held_only_by_cache(b, n) for b, n in held.items())
+
+    def discard(self, entry: PrefixEntry) -> None:
+        """Drop `entry` if it is still cached (an entry whose step never ran)."""
+        for key, e in self._entries.items():
+            if e is entry:
+                del self._entries[key]
+                self._free_slots.append(entry.slot)
+                self.blocks.free(entry.block_ids, cache=True)
+                return
+
     def clear(self) -> None:
         while self.evict_one(pending=True):
             pass

@@ -38,6 +38,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        if self._filling:  # the step that was to fill these raised before it launched: they hold nothing
+            for entry in self._filling:
+                self.cache.discard(entry)
+            self._filling = []
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         i = 0
@@ -91,7 +95,8 @@ class Scheduler:
         children, req.fork_children = req.fork_children, []
         for k, child in enumerate(children):
             blocks = None
-            if len(self.running) + len(out.forks) < self.max_num_seqs and self.states.num_free:
+            if len(self.running) + len(out.forks) < self.max_num_seqs and self.states.num_free and \
+                    self._make_room(len(req.block_ids)):
                 blocks = self.blocks.allocate(len(req.block_ids))
             if blocks is None:
                 self.waiting.extendleft(reversed(children[k:]))
@@ -138,9 +143,14 @@ class Scheduler:
             self._filling.append(entry)
 
     def _make_room(self, need: int, keep: PrefixEntry | None = None) -> bool:
-        """Release cached prefixes (least recently used first, never `keep`) until `need` KV blocks are free."""
+        """Release cached prefixes (least recently used first, never `keep`) until `need` KV blocks are free; none
+        when releasing them all would not free enough (blocks running requests share stay in use)."""
+        if need <= self.blocks.num_free:
+            return True
+        if self.cache is None or need > self.blocks.num_free + self.cache.reclaimable(keep):
+            return False
         while need > self.blocks.num_free:
-            if self.cache is None or not self.cache.evict_one(keep):
+            if not self.cache.evict_one(keep):
                 return False
         return True
 
@@ -150,8 +160,7 @@ class Scheduler:
     def _reserve_blocks(self, req: Request, n: int, out: SchedulerOutput) -> bool:
         """Give `req` the blocks for n more tokens, preempting later requests (or req itself) until they fit."""
         need = self.blocks.blocks_needed(req.num_computed_tokens + n, len(req.block_ids))
-        self._make_room(need)
-        while need > self.blocks.num_free:
+        while not self._make_room(need):
             victim = self.running[-1]
             self._preempt(victim)
             out.preempted.append(victim.request_id)

@@ -38,7 +38,9 @@ def test_cli_chat_template_renders_every_chat(tiny, tmp_path, as_file):
 
 
 @pytest.mark.parametrize("value, needle", [("{% for m in messages %}", "not valid Jinja"),
-                                           ("/no/such/template.jinja", "no such file")], ids=["bad-jinja", "no-file"])
+                                           ("/no/such/template.jinja", "no such file"),
+                                           ("my_template.jinja", "looks like a file path")],
+                         ids=["bad-jinja", "no-file", "bare-name-no-file"])
 def test_cli_chat_template_errors_are_one_line(tiny, capsys, value, needle):
     argv = ["generate", "--prompt", "x", "--chat", "--model", tiny, "--device", "cpu", "--chat-template", value]
     assert cli.main(argv) == 2

@@ -269,6 +269,51 @@ def test_more_snapshots_in_a_step_than_cache_slots(models):
     assert_idle_with_cache(llm)
 
 
+def test_a_step_that_raised_leaves_no_unfilled_snapshot(models, monkeypatch):
+    """A step that fails before its forward (out of memory, a lost TP worker) leaves the entries it scheduled
+    unwritten: they are dropped, never marked ready by a later step (a prompt sharing their prefix read a zero
+    state and unwritten KV blocks)."""
+    rng = random.Random(12)
+    p = random_prompt(rng, 40, models.vocab())
+    q = {"prompt_token_ids": p["prompt_token_ids"][:16] + [rng.randrange(models.vocab()) for _ in range(10)]}
+    llm = cached_llm(models)
+    real, calls = llm.runner.launch, []
+
+    def launch(sched):
+        calls.append(sched)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(sched)
+
+    monkeypatch.setattr(llm.runner, "launch", launch)
+    sp = greedy(6)
+    with pytest.raises(RuntimeError, match="simulated"):
+        llm.generate([p], sp, use_tqdm=False)
+    for prompt in (p, q):
+        out = llm.generate([prompt], sp, use_tqdm=False)[0]
+        assert_same_completion("after the failure", models.ref("dense", prompt, sp).outputs[0], out.outputs[0])
+    assert all(e.ready for e in llm.engine.scheduler.cache._entries.values())
+
+
+def test_cached_prefixes_that_would_free_nothing_stay(models):
+    """Entries whose blocks running requests share free nothing when evicted: a request that does not fit waits
+    without wiping them."""
+    rng = random.Random(13)
+    vocab = models.vocab()
+    head = [rng.randrange(vocab) for _ in range(40)]
+    llm = cached_llm(models, num_kv_blocks=12, max_model_len=96)
+    llm.generate([{"prompt_token_ids": head + [1, 2, 3]}], greedy(2), use_tqdm=False)  # entries at 16 and 32
+    eng, s = llm.engine, llm.engine.scheduler
+    ids = [eng.add_request(head + [4 + i, 5, 6], greedy(10)) for i in range(2)]  # share the entries' blocks
+    eng.step()
+    eng.step()
+    before = sorted(len(e.tokens) for e in s.cache._entries.values())
+    eng.add_request([rng.randrange(vocab) for _ in range(80)], greedy(2))  # does not fit beside them
+    eng.step()
+    assert len(s.waiting) == 1 and sorted(len(e.tokens) for e in s.cache._entries.values()) == before == [16, 32]
+    run_until_done(llm, ids)
+
+
 def test_prompt_logprobs_requests_compute_every_position(models):
     rng = random.Random(6)
     a, b = shared_prompts(rng, models.vocab(), 40, [5, 5])
