@@ -140,7 +140,10 @@ class LLM:
     generation_config: "auto" (default): a call without sampling_params, and a server request that leaves a field
     out, sample with the checkpoint's generation_config.json settings (temperature, top_p, top_k, min_p,
     repetition_penalty; max_new_tokens as max_tokens), as vLLM does (do_sample false: greedy, as HF does; vLLM
-    ignores it); "none": with SamplingParams' own defaults. trust_remote_code: vLLM's, accepted (README).
+    ignores it); "none": with SamplingParams' own defaults.
+    vLLM's trust_remote_code, tokenizer_mode ("auto", "hf", "slow": the one tokenizer), swap_space (preemption
+    recomputes), disable_log_stats (no periodic stats log), quantization (when it names the checkpoint's own
+    format), enable_chunked_prefill (True: always) and pipeline_parallel_size (1) are accepted (README).
     enable_prefix_caching: reuse the KV blocks and GDN states of earlier prompts' prefixes (runtime/prefix_cache.py):
     a prompt that starts with a cached prefix is prefilled from there. The GDN states are snapshots at multiples of
     256 tokens, each in one of `prefix_cache_slots` extra state slots (default 16; each the size of one request's
@@ -154,13 +157,17 @@ class LLM:
                  async_scheduling: bool | None = None, generation_config: str = "auto",
                  trust_remote_code: bool = False, enable_prefix_caching: bool | None = None,
                  prefix_cache_slots: int | None = None, tokenizer_mode: str = "auto", swap_space: float = 0,
-                 disable_log_stats: bool = True):
+                 disable_log_stats: bool = True, quantization: str | None = None,
+                 enable_chunked_prefill: bool | None = None, pipeline_parallel_size: int = 1):
         # vLLM's trust_remote_code: nothing here runs a checkpoint's own code, so it changes nothing
-        _check_vllm_only_args(tokenizer_mode, swap_space, disable_log_stats)
+        _check_vllm_only_args(tokenizer_mode, swap_space, disable_log_stats, enable_chunked_prefill,
+                              pipeline_parallel_size)
         tok_dir = tokenizer or model
         if tokenizer is not None and not _has_tokenizer(tokenizer):
             raise TokenizerError(f"tokenizer {tokenizer!r} is not a directory holding tokenizer.json.")
-        self._setup(ModelConfig.from_hf_dir(model), model, Tokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir)
+        config = ModelConfig.from_hf_dir(model)
+        _check_quantization_arg(quantization, config)
+        self._setup(config, model, Tokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir)
                     else None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
                     num_kv_blocks, gpu_memory_utilization, seed, enforce_eager, tensor_parallel_size, kv_cache_dtype,
                     state_dtype=state_dtype, enable_expert_parallel=enable_expert_parallel,
@@ -453,9 +460,17 @@ def _auto_kv_blocks(model: torch.nn.Module, cfg: ModelConfig, device: torch.devi
     return blocks
 
 
-def _check_vllm_only_args(tokenizer_mode: str, swap_space: float, disable_log_stats: bool) -> None:
+def _check_vllm_only_args(tokenizer_mode: str, swap_space: float, disable_log_stats: bool,
+                          enable_chunked_prefill: bool | None, pipeline_parallel_size: int) -> None:
     """vLLM arguments that mean nothing different here: one tokenizer (tokenizers' byte-level BPE, whose ids HF's
-    fast and slow Qwen tokenizers share), preemption recomputes instead of swapping, no periodic stats log."""
+    fast and slow Qwen tokenizers share), preemption recomputes instead of swapping, no periodic stats log, prefills
+    always chunked (the budget is max_num_batched_tokens), one pipeline stage."""
+    if enable_chunked_prefill is False:
+        raise ValueError("enable_chunked_prefill=False: deltaserve always splits prompts into chunks of at most "
+                         "max_num_batched_tokens (raise that to prefill long prompts in one step)")
+    if pipeline_parallel_size != 1:
+        raise ValueError(f"pipeline_parallel_size={pipeline_parallel_size!r}: deltaserve shards models with "
+                         f"tensor_parallel_size only")
     if tokenizer_mode not in ("auto", "hf", "slow"):
         raise ValueError(f"tokenizer_mode={tokenizer_mode!r}: deltaserve runs the checkpoint's tokenizer.json only "
                          f"('auto', 'hf' and 'slow' all mean it)")
@@ -464,6 +479,26 @@ def _check_vllm_only_args(tokenizer_mode: str, swap_space: float, disable_log_st
                          f"not swapped), got {swap_space!r}")
     if not isinstance(disable_log_stats, bool):
         raise ValueError(f"disable_log_stats must be True or False, got {disable_log_stats!r}")
+
+
+# vLLM's `quantization` names -> the quantization_config method of the checkpoints that hold them
+_QUANTIZATION_NAMES = {"awq": "awq", "awq_marlin": "awq", "compressed-tensors": "compressed-tensors", "fp8": "fp8"}
+
+
+def _check_quantization_arg(quantization: str | None, config: ModelConfig) -> None:
+    """vLLM's `quantization`: here the format is the checkpoint's own, so a name is accepted when it says what the
+    checkpoint holds, and refused when it asks for a conversion at load time."""
+    if quantization is None:
+        return
+    held = config.quantization.method if config.quantization is not None else None
+    if quantization not in _QUANTIZATION_NAMES:
+        raise ValueError(f"quantization={quantization!r}: deltaserve reads {', '.join(sorted(_QUANTIZATION_NAMES))} "
+                         f"checkpoints (and takes the format from the checkpoint: leave quantization out)")
+    if _QUANTIZATION_NAMES[quantization] != held:
+        what = f"holds {held!r} weights" if held else "holds 16-bit weights"
+        raise ValueError(f"quantization={quantization!r}, but the checkpoint {what}: deltaserve runs a checkpoint in "
+                         f"the format it was saved in (leave quantization out, or write an int4 copy with "
+                         f"`deltaserve quantize`)")
 
 
 def _prefix_cache_slots(enabled: bool | None, slots: int | None) -> int:

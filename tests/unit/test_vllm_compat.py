@@ -55,6 +55,27 @@ def test_tokenizer_mode_swap_space_and_disable_log_stats(path, llm):
         LLM(model=path, device="cpu", swap_space=-1)
 
 
+def test_quantization_chunked_prefill_and_pipeline_arguments(path, tmp_path):
+    """vLLM's quantization names the checkpoint's format (accepted when it matches, one sentence when it asks for a
+    conversion); enable_chunked_prefill=True and pipeline_parallel_size=1 are what deltaserve does anyway."""
+    from deltaserve.quantize import quantize_checkpoint
+
+    awq = str(tmp_path / "awq")
+    quantize_checkpoint(path, awq, group_size=32)
+    for name in ("awq", "awq_marlin"):
+        assert LLM(awq, device="cpu", quantization=name, enable_chunked_prefill=True, pipeline_parallel_size=1)
+    with pytest.raises(ValueError, match="holds 16-bit weights: deltaserve runs a checkpoint in the format"):
+        LLM(path, device="cpu", quantization="fp8")
+    with pytest.raises(ValueError, match="holds 'awq' weights"):
+        LLM(awq, device="cpu", quantization="fp8")
+    with pytest.raises(ValueError, match="quantization='gptq'"):
+        LLM(path, device="cpu", quantization="gptq")
+    with pytest.raises(ValueError, match="enable_chunked_prefill=False"):
+        LLM(path, device="cpu", enable_chunked_prefill=False)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2"):
+        LLM(path, device="cpu", pipeline_parallel_size=2)
+
+
 def test_get_tokenizer_and_a_tokenized_chat_template(llm):
     tok = llm.get_tokenizer()
     msgs = [{"role": "user", "content": "hi"}]
