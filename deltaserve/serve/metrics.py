@@ -53,6 +53,9 @@ class ServerMetrics:
                                      registry=r).labels(model_name)
         self.generation_tokens = Counter("deltaserve_generation_tokens", "Generated tokens.", labels,
                                          registry=r).labels(model_name)
+        self.cached_tokens = Counter("deltaserve_prefix_cache_hit_tokens", "Prompt tokens of finished requests that "
+                                     "the prefix cache supplied (against deltaserve_prompt_tokens: the hit rate).",
+                                     labels, registry=r).labels(model_name)
         self.finished = Counter("deltaserve_request_success", "Finished requests by finish reason.",
                                 ["model_name", "finished_reason"], registry=r)
         self.ttft = Histogram("deltaserve_time_to_first_token_seconds", "Arrival to first generated token.",
@@ -80,6 +83,7 @@ class ServerMetrics:
         self.e2e.observe(now - stream.arrival)
         if stream.first_token is not None and stream.num_generated > 1:
             self.tpot.observe((now - stream.first_token) / (stream.num_generated - 1))
+        self.cached_tokens.inc(output.num_cached_tokens)
         reasons = {c.finish_reason or "abort" for c in output.outputs}
         reason = "abort" if "abort" in reasons else "length" if "length" in reasons else "stop"
         self.finished.labels(self.model_name, reason).inc()

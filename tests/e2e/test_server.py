@@ -249,6 +249,9 @@ def test_metrics_count_the_prefix_caches_blocks_apart(server, client, tokenizer)
     test_usage_counts_the_prompt_tokens_the_prefix_cache_gave(client, tokenizer)
     m = metrics(server)
     assert m["deltaserve_prefix_cache_kv_blocks"] >= 1024 // 16 and m["deltaserve_kv_blocks_used"] == 0, m
+    before = m["deltaserve_prefix_cache_hit_tokens_total"]
+    test_usage_counts_the_prompt_tokens_the_prefix_cache_gave(client, tokenizer)
+    assert metrics(server)["deltaserve_prefix_cache_hit_tokens_total"] - before == 3 * 1024, "again + streamed + first"
 
 
 def test_completions_batch_n_and_logprobs(client, tokenizer):
