@@ -9,8 +9,9 @@ goes back to the front of the queue, to be re-prefilled from prompt + generated 
 Siblings of an n > 1 request wait on the first sample (`fork_children`) and are forked from it, state and KV
 copied, in the step that finishes its prompt; without room to fork they queue and prefill on their own.
 With a prefix cache (prefix_cache.py), a request admitted with nothing computed starts after the longest cached
-prefix of its tokens, and a prefill pauses at its prompt's snapshot points so the cache can copy the state there.
-Cached prefixes give way first: their KV blocks are released before any request is refused or preempted.
+prefix of its tokens, and the steps that reach its prompt's snapshot points cache the prefix there (inside a chunk
+when the forward can take the states there, else by ending the chunk at the point). Cached prefixes give way first:
+their KV blocks are released before any request is refused or preempted.
 """
 from collections import deque
 
@@ -69,18 +70,7 @@ class Scheduler:
             if self.states.num_free == 0 or not self._make_room(need, keep=hit):
                 break
             self.waiting.popleft()
-            req.state_slot = self.states.allocate()
-            if hit:
-                self.blocks.share(hit.block_ids)
-                req.block_ids, req.num_computed_tokens = list(hit.block_ids), start
-                if req.num_preemptions == 0:
-                    req.num_cached_tokens = start
-                out.restores.append(SlotCopy(hit.slot, req.state_slot))
-            else:
-                out.slots_to_zero.append(req.state_slot)
-            req.block_ids += self.blocks.allocate(need)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            self._admit(req, hit, need, out)
             out.seqs.append(self._seq(req, n))
             self._snapshot(req, out)
             budget -= n
@@ -104,6 +94,22 @@ class Scheduler:
             child.block_ids, child.state_slot = blocks, self.states.allocate()
             child.status = RequestStatus.RUNNING
             out.forks.append(Fork(req, child))
+
+    def _admit(self, req: Request, hit: PrefixEntry | None, need: int, out: SchedulerOutput) -> None:
+        """Start req: a state slot (zeroed, or given the states of the cached prefix it starts from, whose blocks it
+        then shares) and `need` new KV blocks."""
+        req.state_slot = self.states.allocate()
+        if hit:
+            self.blocks.share(hit.block_ids)
+            req.block_ids, req.num_computed_tokens = list(hit.block_ids), len(hit.tokens)
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = len(hit.tokens)
+            out.restores.append(SlotCopy(hit.slot, req.state_slot))
+        else:
+            out.slots_to_zero.append(req.state_slot)
+        req.block_ids += self.blocks.allocate(need)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
 
     def _lookup(self, req: Request) -> PrefixEntry | None:
         """The cached prefix a request about to be admitted starts from (none when it owes prompt logprobs: those
