@@ -10,6 +10,8 @@ Two launches, because the state is read and written in place:
 Numerics follow `reference.py`: inputs cast to the weight dtype, fp32 sum rounded once to the weight dtype, SiLU in
 the weight dtype, result cast to x's dtype. Shapes are validated by the package's `__init__.py`.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -103,8 +105,10 @@ def _conv1d_state_kernel(
         tl.store(p_base + o_p[None, :] * stride_sw, b_new, mask=m_c[:, None] & m_p[None, :])
 
 
-def _tile_table(query_lens: list[int], block_t: int, device: torch.device) -> torch.Tensor:
-    """-> [num_tiles, 2] int32 (sequence, first token of the tile inside it) on device; one H2D copy, no sync."""
+@functools.lru_cache(maxsize=16)
+def _tile_table(query_lens: tuple, block_t: int, device: torch.device) -> torch.Tensor:
+    """-> [num_tiles, 2] int32 (sequence, first token of the tile inside it) on device; one H2D copy, no sync. Made
+    once for the shapes of a step (every GDN layer asks for the same; read only, so later steps reuse it)."""
     flat = []
     for i, n in enumerate(query_lens):
         for t0 in range(0, n, block_t):
@@ -144,7 +148,7 @@ def causal_conv1d_varlen_triton(
     one_tile = max_len <= TILE_T  # decode and short chunks: tile i is sequence i, no table, no copy
     block_t = triton.next_power_of_2(max_len) if one_tile else TILE_T
     block_c = min(triton.next_power_of_2(C), max(128, ELEMS_PER_TILE // block_t), 1024)
-    tiles = cu_seqlens if one_tile else _tile_table(query_lens, block_t, x.device)  # unused when one_tile
+    tiles = cu_seqlens if one_tile else _tile_table(tuple(query_lens), block_t, x.device)  # unused when one_tile
     num_tiles = N if one_tile else tiles.shape[0]
     _conv1d_fwd_kernel[(num_tiles, triton.cdiv(C, block_c))](
         x, weight, conv_state, cu_seqlens, slots, tiles, y,

@@ -17,6 +17,8 @@ Quantized caches (QuantizedKV: int8 / int4 / fp8 codes + per-token-per-head scal
 constexpr KV_KIND picks triton_quant.py's tile step, which multiplies in q's dtype and folds scale and zero into the
 scores and probabilities; KV_KIND = 0 compiles exactly the 16-bit kernels.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -237,6 +239,16 @@ def _prefill_tiles(query_lens: list[int], context_lens_cpu: list[int], block_q: 
     return torch.stack([seq[order], tile[order]], dim=1).to(torch.int32)
 
 
+@functools.lru_cache(maxsize=16)
+def _prefill_tiles_on(query_lens: tuple, context_lens_cpu: tuple, block_q: int, device: torch.device) -> torch.Tensor:
+    """_prefill_tiles on the device (a pinned async copy), made once for the shapes of a step: every attention layer
+    of the step asks for the same table (read only, so a later step of the same shapes reuses it)."""
+    tiles = _prefill_tiles(list(query_lens), list(context_lens_cpu), block_q)
+    if device.type == "cuda":
+        tiles = tiles.pin_memory()
+    return tiles.to(device, non_blocking=True)
+
+
 def _prefill_config(d: int, g: int) -> tuple[int, int, int, int]:
     """-> (BLOCK_M, BLOCK_N, num_warps, num_stages). D=256: a [64, 256] fp32 accumulator over 8 warps (64 regs a
     thread), Q 32 KiB + 2 stages of K and V 64-key tiles 128 KiB of shared memory: fits an H100 SM (228 KiB)."""
@@ -285,10 +297,9 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     if block_m < g or block_m & (block_m - 1):
         raise ValueError(f"block_m {block_m} must be a power of two >= the GQA group {g}")
     block_q = block_m // g
-    tiles = _prefill_tiles(query_lens, context_lens_cpu, block_q)
+    tiles = _prefill_tiles_on(tuple(query_lens), tuple(context_lens_cpu), block_q, q.device)
     if tiles.shape[0] == 0:
         return o
-    tiles = tiles.to(q.device, non_blocking=True)
     gate_arg = gate if gate is not None else q
     kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
     _prefill_kernel[(tiles.shape[0] * hkv,)](
