@@ -152,16 +152,20 @@ def test_prefill_pauses_at_the_snapshot_points(models):
     assert llm.generate([prompt], greedy(2), use_tqdm=False)[0].num_cached_tokens == 64
 
 
-def test_snapshots_at_multiples_of_64_inside_a_chunk_need_no_pause(models, monkeypatch):
+@pytest.mark.parametrize("kw", [{}, {"async_scheduling": True}, {"tensor_parallel_size": 2}],
+                         ids=["sync", "async", "tp2"])
+def test_snapshots_at_multiples_of_64_inside_a_chunk_need_no_pause(models, monkeypatch, kw):
     """Snapshots 64-aligned from a chunk's first token are written by the GDN prefill itself (the chunked kernels
-    hold the state there): one step for the whole prompt, and the prefixes it cached give the uncached answers."""
+    hold the state there; under TP every rank its own shard): one step for the whole prompt, and the prefixes it
+    cached give the uncached answers."""
     monkeypatch.setattr(prefix_cache, "CHUNK_TOKENS", 64)
     rng = random.Random(9)
     a, b = shared_prompts(rng, models.vocab(), 150, [50, 7])
-    llm = cached_llm(models, max_num_batched_tokens=256)
+    llm = cached_llm(models, max_num_batched_tokens=256, **kw)
     log = StepLog.attach(llm)
     sp = greedy(6)
     outs = [llm.generate([p], sp, use_tqdm=False)[0] for p in (a, b, a)]
+    llm.shutdown()
     assert prefill_chunks(log) == [(0, 200), (128, 29), (192, 8)], "a: one step, snapshots at 128 and 192 inside it"
     assert [o.num_cached_tokens for o in outs] == [0, 128, 192]
     for name, p, out in zip("aba", (a, b, a), outs):
