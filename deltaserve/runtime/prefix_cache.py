@@ -113,12 +113,9 @@ class PrefixCache:
 
     def discard(self, entry: PrefixEntry) -> None:
         """Drop `entry` if it is still cached (an entry whose step never ran)."""
-        for key, e in self._entries.items():
-            if e is entry:
-                del self._entries[key]
-                self._free_slots.append(entry.slot)
-                self.blocks.free(entry.block_ids, cache=True)
-                return
+        key = next((k for k, e in self._entries.items() if e is entry), None)
+        if key is not None:
+            self._drop(key)
 
     def clear(self) -> None:
         while self.evict_one(pending=True):
@@ -129,10 +126,14 @@ class PrefixCache:
         dropped); False when there is none. An entry not ready yet belongs to the step being scheduled, whose forward
         writes its slot: handing that slot to another snapshot of the same step would have one kernel write two
         states into it (only `clear`, between steps, passes pending=True)."""
-        for key, entry in self._entries.items():
-            if entry is not keep and (entry.ready or pending):
-                del self._entries[key]
-                self._free_slots.append(entry.slot)
-                self.blocks.free(entry.block_ids, cache=True)
-                return True
-        return False
+        key = next((k for k, e in self._entries.items() if e is not keep and (e.ready or pending)), None)
+        if key is None:
+            return False
+        self._drop(key)
+        return True
+
+    def _drop(self, key: int) -> None:
+        """Remove an entry: its slot back to the free ones, its block references dropped."""
+        entry = self._entries.pop(key)
+        self._free_slots.append(entry.slot)
+        self.blocks.free(entry.block_ids, cache=True)

@@ -51,11 +51,12 @@ class Scheduler:
             if req.last_token_inflight:  # finishes when the step in flight is read
                 i += 1
                 continue
-            n = self._chunk(req, req.num_computed_tokens, budget)
+            stops = self._stops(req, req.num_computed_tokens)
+            n = self._chunk(req, req.num_computed_tokens, budget, stops)
             if not self._reserve_blocks(req, n, out):
                 continue  # req itself was preempted; self.running shrank
             out.seqs.append(self._seq(req, n))
-            self._snapshot(req, out)
+            self._snapshot(req, out, stops)
             budget -= n
             i += 1
             self._fork(req, out)
@@ -64,7 +65,8 @@ class Scheduler:
             req = self.waiting[0]
             hit = self._lookup(req)
             start = len(hit.tokens) if hit else req.num_computed_tokens
-            n = self._chunk(req, start, budget)
+            stops = self._stops(req, start)
+            n = self._chunk(req, start, budget, stops)
             have = len(req.block_ids) + (len(hit.block_ids) if hit else 0)
             need = self.blocks.blocks_needed(start + n, have)
             if self.states.num_free == 0 or not self._make_room(need, keep=hit):
@@ -72,7 +74,7 @@ class Scheduler:
             self.waiting.popleft()
             self._admit(req, hit, need, out)
             out.seqs.append(self._seq(req, n))
-            self._snapshot(req, out)
+            self._snapshot(req, out, stops)
             budget -= n
             self._fork(req, out)
         self.running += [f.child for f in out.forks]  # they join after this step's forward
@@ -118,24 +120,26 @@ class Scheduler:
             return None
         return self.cache.lookup(req.token_ids(0, req.num_tokens))
 
-    def _chunk(self, req: Request, start: int, budget: int) -> int:
-        """Tokens to feed req from `start` this step: what the budget allows, ending at its prompt's snapshot
-        point when the prefill crosses one (of at least MIN_PAUSE_TOKENS)."""
-        n = min(req.num_scheduled_tokens - start, budget)
-        if self.cache is not None and start < req.num_prompt_tokens:
-            n = min([n] + [stop - start for stop in self.cache.stops(req.prompt_token_ids) if stop > start and
-                           stop >= prefix_cache.MIN_PAUSE_TOKENS and (stop - start) % prefix_cache.GDN_CHUNK])
-        return n
+    def _stops(self, req: Request, start: int) -> list[int]:
+        """The snapshot points of req's prompt not yet cached that a prefill from `start` can still reach."""
+        if self.cache is None or start >= req.num_prompt_tokens:
+            return []
+        return [stop for stop in self.cache.stops(req.prompt_token_ids) if stop > start]
 
-    def _snapshot(self, req: Request, out: SchedulerOutput) -> None:
-        """Cache the prefixes of req's prompt that this step's chunk reaches at its snapshot points: their blocks now,
-        their states written by the forward (a point at a multiple of GDN_CHUNK inside the chunk) or copied from
-        req's slot after it (the chunk's end)."""
+    def _chunk(self, req: Request, start: int, budget: int, stops: list[int]) -> int:
+        """Tokens to feed req from `start` this step: what the budget allows, ending at a snapshot point (`stops`)
+        that the forward cannot take inside the chunk (one of at least MIN_PAUSE_TOKENS)."""
+        n = min(req.num_scheduled_tokens - start, budget)
+        return min([n] + [stop - start for stop in stops
+                          if stop >= prefix_cache.MIN_PAUSE_TOKENS and (stop - start) % prefix_cache.GDN_CHUNK])
+
+    def _snapshot(self, req: Request, out: SchedulerOutput, stops: list[int]) -> None:
+        """Cache the prefixes of req's prompt that this step's chunk reaches at its snapshot points (`stops`): their
+        blocks now, their states written by the forward (a point at a multiple of GDN_CHUNK inside the chunk) or
+        copied from req's slot after it (the chunk's end)."""
         s = out.seqs[-1]
-        if self.cache is None or s.start >= req.num_prompt_tokens:
-            return
         end = s.start + s.num_new_tokens
-        for stop in self.cache.stops(req.prompt_token_ids):
+        for stop in stops:
             inline = s.start < stop < end and (stop - s.start) % prefix_cache.GDN_CHUNK == 0
             if not inline and stop != end:
                 continue

@@ -253,7 +253,7 @@ class ModelRunner:
         ids, pos, slot_map, cu, ctx, logit_rows, first_row = [], [], [], [0], [], [], []
         inflight_rows, inflight_src = [], []
         bs = self.block_size
-        seq_index = {id(s.request): i for i, s in enumerate(sched.seqs)}
+        seq_index = {id(s.request): i for i, s in enumerate(sched.seqs)} if sched.inline_snapshots else {}
         for s in sched.seqs:
             req, start, n = s.request, s.start, s.num_new_tokens
             ids += req.token_ids(start, min(start + n, req.num_tokens))
@@ -375,12 +375,11 @@ class ModelRunner:
         return self._sample(samplers, logits, out)
 
     def copy_states(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy every GDN layer's conv and recurrent state from slot src to slot dst, for each (src, dst) in order (a
-        later copy into the same dst wins: a cache slot evicted and refilled in one step)."""
-        last = dict((d, s) for s, d in pairs)
-        if not last:
+        """Copy every GDN layer's conv and recurrent state from slot src to slot dst, for each (src, dst); the dst
+        slots are distinct (a prefix-cache slot is never handed out twice in one step)."""
+        if not pairs:
             return
-        src, dst = to_device(list(last.values()), self.device), to_device(list(last), self.device)
+        src, dst = (to_device([p[i] for p in pairs], self.device) for i in (0, 1))
         for t in self.caches.conv + self.caches.recurrent:
             t.index_copy_(0, dst, t.index_select(0, src))
 
