@@ -114,11 +114,16 @@ KERNELS: dict[str, Spec] = {
         dict(TOP_K=8, BLOCK_N=4, BLOCK_H=1024, BLOCK_E=256, BLOCK_K=16, HAS_SHARED=True, USE_PDL=True), 4, 3,
         {"E", "H", "stride_xt", "stride_we"}),
     # GDN chunked prefill at Qwen3.5-9B shapes (HK=16, HV=32, K=V=128, bf16), the launch defaults of triton_chunk.py
+    "gdn_diag": Spec(
+        "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_diag_kernel",
+        dict(k="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32", chunk_table="*i32", g_cum="*fp32",
+             kn="*bf16", T_diag="*fp32", **_ints("s_k", "s_a", "s_b")),
+        dict(HK=16, HV=32, K=128, BC=16, BK=128), 1, 3, {"s_k", "s_a", "s_b"}),
     "gdn_solve": Spec(
         "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_solve_kernel",
-        dict(k="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32", chunk_table="*i32", g_cum="*fp32",
-             kn="*bf16", T_inv="*bf16", A_diag="*fp32", **_ints("s_k", "s_a", "s_b")),
-        dict(HK=16, HV=32, K=128, BT=64, BC=16, BK=128, MERGE="tf32x3"), 2, 3, {"s_k", "s_a", "s_b"}),
+        dict(kn="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32", chunk_table="*i32", g_cum="*fp32",
+             T_diag="*fp32", T_inv="*bf16", **_ints("s_a", "s_b")),
+        dict(HK=16, HV=32, K=128, BT=64, BC=16, BK=128, MERGE="tf32x3"), 1, 3, {"s_a", "s_b"}),
     "gdn_wu": Spec(
         "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_wu_kernel",
         dict(kn="*bf16", v="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32", g_cum="*fp32",

@@ -9,6 +9,7 @@ GPU (`gpu` marker, run on an H100): Qwen3.5-9B shapes, bf16 inputs, fp32 states.
 700 tokens gave relative RMS errors of 4.3e-3 (o) and 3.2e-3 (states) against the fp32 reference. Decode computes
 in fp32 and matched to ~4e-7 there."""
 import importlib
+import math
 import os
 
 import pytest
@@ -124,6 +125,24 @@ def test_chunk_varlen_matches_reference(heads, config):
     assert_untouched(before, pool, live)
     # guard on the test: initial states must visibly matter, or the slot gather is untested
     assert (pool[4] - before[4]).abs().max() > 1e-2 and (o_ref[:8] - o[:8]).abs().max() < ATOL
+
+
+def test_chunk_strong_decay_in_partial_chunks():
+    """Decays of ~-10 a token (in-chunk cumsums down to ~-600, where exp(-G) overflows fp32) in chunks that end
+    inside their first, second and fourth 16-token blocks: the rows past a sequence's end must stay finite, since
+    the triangular solve's merges multiply them by exact zeros."""
+    heads = dict(Hk=2, HV=4, K=16, V=16)
+    lengths, slots = [61, 20, 100], torch.tensor([0, 1, 2], device=DEVICE)
+    q, k, v, a, b, A_log, dt_bias = make_inputs(sum(lengths), **heads, device=DEVICE, seed=3)
+    A_log = torch.full_like(A_log, math.log(8.0))
+    a = a.abs() + 1.0  # softplus(a + dt_bias) >~ 1: g <~ -8 per token
+    pool = make_pool((3, 4, 16, 16), [0, 1, 2], device=DEVICE)
+    pool_ref, cu = pool.clone(), cu_of(lengths, DEVICE)
+    o_ref = ref.gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, pool_ref, cu, slots)
+    o = triton_chunk.chunk_gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, pool, cu, slots, lengths)
+    assert torch.isfinite(o).all() and torch.isfinite(pool).all()
+    assert_close("o", o_ref, o, ATOL)
+    assert_close("states", pool_ref, pool, ATOL)
 
 
 def test_chunk_bf16_state_pool():

@@ -1,9 +1,11 @@
 """Triton chunked (WY) gated delta rule over a flat varlen batch with a state pool: the prefill / mixed-batch path.
 
-Four kernels, one launch each, no host sync (the (sequence, chunk) tables come from the host list `query_lens`):
-  1. `_chunk_solve_kernel`  grid (chunks, HV): gating g/beta from raw a/b, in-chunk cumsum G, l2norm of k (written
-     out once per key head as kn, for the later kernels), A = strictly_lower(beta k k^T exp(G_i - G_j)) as 16x16
-     blocks, T = (I + A)^-1 (forward substitution per diagonal block, merged 16 -> 64), written as T_inv.
+Five kernels, one launch each, no host sync (the (sequence, chunk) tables come from the host list `query_lens`):
+  0. `_chunk_diag_kernel`   grid (chunks, HV, 4): one 16-token sub-block each: gating g/beta from raw a/b, the in-chunk
+     cumsum G, l2norm of k (written out once per key head as kn, for the later kernels), the diagonal block
+     A_jj = strictly_lower(beta k k^T exp(G_i - G_j)) and its inverse (I + A_jj)^-1 by forward substitution, to T_diag.
+  1. `_chunk_solve_kernel`  grid (chunks, HV): the off-diagonal 16x16 blocks of A, merged with the diagonal inverses
+     into T = (I + A)^-1 (16 -> 64), written as T_inv.
   2. `_chunk_wu_kernel`     grid (chunks, HV): w = T (beta exp(G) k), u = T (beta v), one [64, 64] product each.
   3. `_chunk_state_kernel`  grid (V-tiles, HV, sequences): serial over a sequence's chunks with the state h in fp32
      registers; gathers the initial state from the pool at its slot and scatters the final one back (slot -1: zero
@@ -49,8 +51,13 @@ class ChunkLaunchConfig:
     1.055 ms against 1.160 / 1.044 / 1.055) with more spills. The solve kernel inverting only the diagonal blocks
     D (102 registers, no spills) and the w/u kernel merging them as T = (I - N + N^2 - N^3) D, N = D L (four 64x64
     "tf32x3" products, o within 3e-5): 1.235 / 1.119 / 1.141 ms at 4 warps (1.61 / 1.50 / 1.52 at 8) against
-    1.156 / 1.042 / 1.058."""
-    solve_warps: int = 2
+    1.156 / 1.042 / 1.058. (H200, 2026-11-30) The substitutions moved to a kernel of their own, one 16-token block a
+    program (78 registers at 1 warp, so ~32 programs an SM hide each block's 14-step chain of dependent loads and
+    reductions; the single solve kernel held 255 registers, 4 programs an SM), the merges staying in the solve kernel
+    (222 registers at 1 warp): T_inv, o and states bit for bit the same, device time 1.100 / 0.988 / 1.010 ->
+    0.928 / 0.818 / 0.838 ms (diag 120 us + solve 85 us, against 414 us for the single kernel)."""
+    diag_warps: int = 1       # the run below: 2 warps 0.946 / 0.836 / 0.854 ms, 4: 1.051 / 0.943 / 0.960
+    solve_warps: int = 1      # H200, 1x16k / 4x4k / 16x1k: 2 warps 0.990 / 0.878 / 0.897 ms, 1: 0.928 / 0.818 / 0.838
     wu_warps: int = 8         # H200, 1x16k / 4x4k / 16x1k: 4 warps 1.26 / 1.15 / 1.16 ms, 8: 1.22 / 1.11 / 1.13
     # V-tile and pipeline stages of the serial state pass; None: 64 and 2, or 32 and 3 where 64 would leave SMs idle
     # (few long sequences). H200, 2026-11-29, ms at 1x16k / 4x4k / 16x1k: 64, 2 stages 1.43 / 1.15 / 1.16;
@@ -131,16 +138,65 @@ def _invert_diag_block(b_A, p_rows, r0, t1, s_row, BC: tl.constexpr):
 
 
 @triton.jit
-def _chunk_solve_kernel(
-    k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_inv, A_diag,
+def _chunk_diag_kernel(
+    k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_diag,
     s_k, s_a, s_b,
+    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+):
+    """One 16-token sub-block i_j of chunk i_c, value head i_h. k: [T, HK, K] (token stride s_k); a, b: [T, HV];
+    chunk_table: [chunks, 2] int32 token range [t0, t1) of each chunk. Writes the sub-block's rows of g_cum: [T, HV]
+    fp32 (the in-chunk cumsum of g), of kn: [T, HK, K] (the l2-normalised k in the model dtype; the first value head
+    of each key head writes it) and of T_diag: [T, HV, BC] fp32, the inverse (I + A_jj)^-1 of its diagonal block
+    (first written with A_jj, which the substitution reads back a row at a time)."""
+    i_c, i_h, i_j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_kh = i_h // (HV // HK)
+    t0 = tl.load(chunk_table + 2 * i_c)
+    t1 = tl.load(chunk_table + 2 * i_c + 1)
+    o_c = tl.arange(0, BC)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    DT = kn.dtype.element_ty
+
+    # the chunk's cumsum carried into this sub-block: one sum per earlier sub-block, added in order
+    b_s = tl.zeros([BC], dtype=tl.float32)
+    for jj in range(0, i_j):
+        o_tp = t0 + jj * BC + o_c
+        b_gp, _ = _gate(a, b, A_log, dt_bias, o_tp, o_tp < t1, s_a, s_b, i_h)
+        b_s += tl.sum(b_gp, 0)
+    r0 = t0 + i_j * BC
+    o_t = r0 + o_c
+    m_t = o_t < t1
+    b_g, b_beta = _gate(a, b, A_log, dt_bias, o_t, m_t, s_a, s_b, i_h)
+    b_G = tl.cumsum(b_g, 0) + b_s
+    tl.store(g_cum + o_t * HV + i_h, b_G, mask=m_t)
+
+    m_first = (tl.zeros([BC], dtype=tl.int32) + i_h % (HV // HK)) == 0
+    b_kd = _load_rows_l2norm(k + i_kh * K, o_t, m_t, s_k, o_k, m_k).to(DT)
+    tl.store(kn + i_kh * K + o_t[:, None] * (HK * K) + o_k[None, :], b_kd, mask=(m_t & m_first)[:, None] & m_k[None, :])
+
+    p_T = T_diag + i_h * BC
+    b_T = _invert_diag_block(_kkt_block(b_kd, b_kd, b_beta, b_G, b_G, BC, True), p_T, r0, t1, HV * BC, BC)
+    tl.debug_barrier()  # every row of A is read before the inverse overwrites it
+    tl.store(p_T + o_t[:, None] * (HV * BC) + o_c[None, :], b_T, mask=m_t[:, None])
+
+
+@triton.jit
+def _load_diag_inverse(T_diag, o_t, m_t, i_h, HV: tl.constexpr, BC: tl.constexpr):
+    """A sub-block's [BC, BC] fp32 diagonal inverse from T_diag: [T, HV, BC] (rows past the chunk read as 0)."""
+    return tl.load(T_diag + (o_t[:, None] * HV + i_h) * BC + tl.arange(0, BC)[None, :], mask=m_t[:, None], other=0.0)
+
+
+@triton.jit
+def _chunk_solve_kernel(
+    kn, a, b, A_log, dt_bias, chunk_table, g_cum, T_diag, T_inv,
+    s_a, s_b,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, MERGE: tl.constexpr,
 ):
-    """k: [T, HK, K] (token stride s_k); a, b: [T, HV]; chunk_table: [chunks, 2] int32 token range [t0, t1) of each
-    chunk. Writes g_cum: [T, HV] fp32 in-chunk cumsum of g; kn: [T, HK, K] the l2-normalised k in the model dtype;
-    T_inv: [T, HV, BT], token t's row of its chunk's T = (I + A)^-1 in the model dtype (the blocks above the
-    diagonal are not written). A_diag: [T, HV, BC] fp32 scratch, token t's row of its diagonal block of A."""
+    """T = (I + A)^-1 of chunk i_c, value head i_h, from its diagonal inverses (T_diag, _chunk_diag_kernel's) and the
+    off-diagonal blocks of A = strictly_lower(beta kn kn^T exp(G_i - G_j)). kn: [T, HK, K] normalised k (dense);
+    g_cum: [T, HV] fp32. Writes T_inv: [T, HV, BT], token t's row of its chunk's T in the model dtype (the blocks
+    above the diagonal are not written)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // HK)
     t0 = tl.load(chunk_table + 2 * i_c)
@@ -152,53 +208,32 @@ def _chunk_solve_kernel(
 
     o_t0, o_t1, o_t2, o_t3 = t0 + o_c, t0 + BC + o_c, t0 + 2 * BC + o_c, t0 + 3 * BC + o_c
     m_t0, m_t1, m_t2, m_t3 = o_t0 < t1, o_t1 < t1, o_t2 < t1, o_t3 < t1
-    b_g0, b_beta0 = _gate(a, b, A_log, dt_bias, o_t0, m_t0, s_a, s_b, i_h)
-    b_g1, b_beta1 = _gate(a, b, A_log, dt_bias, o_t1, m_t1, s_a, s_b, i_h)
-    b_g2, b_beta2 = _gate(a, b, A_log, dt_bias, o_t2, m_t2, s_a, s_b, i_h)
-    b_g3, b_beta3 = _gate(a, b, A_log, dt_bias, o_t3, m_t3, s_a, s_b, i_h)
-    # cumsum over the whole chunk: each sub-block carries the sum of those before it
-    b_s0 = tl.sum(b_g0, 0)
-    b_s1 = b_s0 + tl.sum(b_g1, 0)
-    b_s2 = b_s1 + tl.sum(b_g2, 0)
-    b_G0 = tl.cumsum(b_g0, 0)
-    b_G1 = tl.cumsum(b_g1, 0) + b_s0
-    b_G2 = tl.cumsum(b_g2, 0) + b_s1
-    b_G3 = tl.cumsum(b_g3, 0) + b_s2
-    tl.store(g_cum + o_t0 * HV + i_h, b_G0, mask=m_t0)
-    tl.store(g_cum + o_t1 * HV + i_h, b_G1, mask=m_t1)
-    tl.store(g_cum + o_t2 * HV + i_h, b_G2, mask=m_t2)
-    tl.store(g_cum + o_t3 * HV + i_h, b_G3, mask=m_t3)
-
-    # normalised k in the model dtype; the first value head of each key head writes it out for the later kernels
-    p_k, p_kn = k + i_kh * K, kn + i_kh * K + o_k[None, :]
-    m_first = (tl.zeros([BC], dtype=tl.int32) + i_h % (HV // HK)) == 0
-    b_kd0 = _load_rows_l2norm(p_k, o_t0, m_t0, s_k, o_k, m_k).to(DT)
-    tl.store(p_kn + o_t0[:, None] * (HK * K), b_kd0, mask=(m_t0 & m_first)[:, None] & m_k[None, :])
-    b_kd1 = _load_rows_l2norm(p_k, o_t1, m_t1, s_k, o_k, m_k).to(DT)
-    tl.store(p_kn + o_t1[:, None] * (HK * K), b_kd1, mask=(m_t1 & m_first)[:, None] & m_k[None, :])
-    b_kd2 = _load_rows_l2norm(p_k, o_t2, m_t2, s_k, o_k, m_k).to(DT)
-    tl.store(p_kn + o_t2[:, None] * (HK * K), b_kd2, mask=(m_t2 & m_first)[:, None] & m_k[None, :])
-    b_kd3 = _load_rows_l2norm(p_k, o_t3, m_t3, s_k, o_k, m_k).to(DT)
-    tl.store(p_kn + o_t3[:, None] * (HK * K), b_kd3, mask=(m_t3 & m_first)[:, None] & m_k[None, :])
-
-    # T's diagonal blocks, then the off-diagonal ones: T_ij = -T_ii sum_{j<=m<i} A_im T_mj
-    p_Ad = A_diag + i_h * BC
-    # every block of A first: kn's registers are free before the substitutions start
-    b_A00 = _kkt_block(b_kd0, b_kd0, b_beta0, b_G0, b_G0, BC, True)
-    b_A11 = _kkt_block(b_kd1, b_kd1, b_beta1, b_G1, b_G1, BC, True)
-    b_A22 = _kkt_block(b_kd2, b_kd2, b_beta2, b_G2, b_G2, BC, True)
-    b_A33 = _kkt_block(b_kd3, b_kd3, b_beta3, b_G3, b_G3, BC, True)
+    _, b_beta1 = _gate(a, b, A_log, dt_bias, o_t1, m_t1, s_a, s_b, i_h)
+    _, b_beta2 = _gate(a, b, A_log, dt_bias, o_t2, m_t2, s_a, s_b, i_h)
+    _, b_beta3 = _gate(a, b, A_log, dt_bias, o_t3, m_t3, s_a, s_b, i_h)
+    # rows past the chunk's end take its last token's G (as its cumsum carries it): exp(G_i - G_j) <= 1 there, where
+    # a 0 would overflow and turn the merges' exact zeros into NaN
+    b_G0 = tl.load(g_cum + tl.minimum(o_t0, t1 - 1) * HV + i_h)
+    b_G1 = tl.load(g_cum + tl.minimum(o_t1, t1 - 1) * HV + i_h)
+    b_G2 = tl.load(g_cum + tl.minimum(o_t2, t1 - 1) * HV + i_h)
+    b_G3 = tl.load(g_cum + tl.minimum(o_t3, t1 - 1) * HV + i_h)
+    p_kn = kn + i_kh * K + o_k[None, :]
+    b_kd0 = tl.load(p_kn + o_t0[:, None] * (HK * K), mask=m_t0[:, None] & m_k[None, :], other=0)
+    b_kd1 = tl.load(p_kn + o_t1[:, None] * (HK * K), mask=m_t1[:, None] & m_k[None, :], other=0)
+    b_kd2 = tl.load(p_kn + o_t2[:, None] * (HK * K), mask=m_t2[:, None] & m_k[None, :], other=0)
+    b_kd3 = tl.load(p_kn + o_t3[:, None] * (HK * K), mask=m_t3[:, None] & m_k[None, :], other=0)
     b_A10 = _kkt_block(b_kd1, b_kd0, b_beta1, b_G1, b_G0, BC, False)
     b_A20 = _kkt_block(b_kd2, b_kd0, b_beta2, b_G2, b_G0, BC, False)
     b_A21 = _kkt_block(b_kd2, b_kd1, b_beta2, b_G2, b_G1, BC, False)
     b_A30 = _kkt_block(b_kd3, b_kd0, b_beta3, b_G3, b_G0, BC, False)
     b_A31 = _kkt_block(b_kd3, b_kd1, b_beta3, b_G3, b_G1, BC, False)
     b_A32 = _kkt_block(b_kd3, b_kd2, b_beta3, b_G3, b_G2, BC, False)
-    b_T00 = _invert_diag_block(b_A00, p_Ad, t0, t1, HV * BC, BC)
-    b_T11 = _invert_diag_block(b_A11, p_Ad, t0 + BC, t1, HV * BC, BC)
-    b_T22 = _invert_diag_block(b_A22, p_Ad, t0 + 2 * BC, t1, HV * BC, BC)
-    b_T33 = _invert_diag_block(b_A33, p_Ad, t0 + 3 * BC, t1, HV * BC, BC)
-    # fp32 products near full precision (MERGE "ieee" or "tf32x3", never plain tf32): the solve amplifies rounding
+    b_T00 = _load_diag_inverse(T_diag, o_t0, m_t0, i_h, HV, BC)
+    b_T11 = _load_diag_inverse(T_diag, o_t1, m_t1, i_h, HV, BC)
+    b_T22 = _load_diag_inverse(T_diag, o_t2, m_t2, i_h, HV, BC)
+    b_T33 = _load_diag_inverse(T_diag, o_t3, m_t3, i_h, HV, BC)
+    # T_ij = -T_ii sum_{j<=m<i} A_im T_mj, in fp32 products near full precision (MERGE "ieee" or "tf32x3", never
+    # plain tf32): the solve amplifies rounding
     b_T10 = -tl.dot(b_T11, tl.dot(b_A10, b_T00, input_precision=MERGE), input_precision=MERGE)
     b_T21 = -tl.dot(b_T22, tl.dot(b_A21, b_T11, input_precision=MERGE), input_precision=MERGE)
     b_T32 = -tl.dot(b_T33, tl.dot(b_A32, b_T22, input_precision=MERGE), input_precision=MERGE)
@@ -511,10 +546,14 @@ def chunk_gated_delta_rule_varlen(
     h = torch.empty(num_chunks, HV, K, V, dtype=q.dtype, device=v.device)
     kn = torch.empty(T, HK, K, dtype=q.dtype, device=v.device)
     T_inv = torch.empty(T, HV, BT, dtype=q.dtype, device=v.device)
-    A_diag = torch.empty(T, HV, BC, dtype=torch.float32, device=v.device)
-    _chunk_solve_kernel[(num_chunks, HV)](
-        k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_inv, A_diag,
+    T_diag = torch.empty(T, HV, BC, dtype=torch.float32, device=v.device)
+    _chunk_diag_kernel[(num_chunks, HV, BT // BC)](
+        k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_diag,
         k.stride(0), a.stride(0), b.stride(0),
+        HK=HK, HV=HV, K=K, BC=BC, BK=BK, num_warps=config.diag_warps)
+    _chunk_solve_kernel[(num_chunks, HV)](
+        kn, a, b, A_log, dt_bias, chunk_table, g_cum, T_diag, T_inv,
+        a.stride(0), b.stride(0),
         HK=HK, HV=HV, K=K, BT=BT, BC=BC, BK=BK, MERGE=config.merge_precision, num_warps=config.solve_warps)
     _chunk_wu_kernel[(num_chunks, HV)](
         kn, v, a, b, A_log, dt_bias, g_cum, T_inv, chunk_table, w, u,
