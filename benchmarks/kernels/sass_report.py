@@ -138,7 +138,7 @@ KERNELS: dict[str, Spec] = {
         "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_output_kernel",
         dict(q="*bf16", kn="*bf16", v_new="*bf16", g_cum="*fp32", h="*bf16", chunk_table="*i32", o="*bf16",
              s_q="i32", scale="fp32"),
-        dict(HK=16, HV=32, K=128, V=128, BT=64, BK=128, BV=128), 4, 3, {"s_q"}),
+        dict(HK=16, HV=32, K=128, V=128, BT=64, BK=128, BV=64, STAGES=2), 4, 2, {"s_q"}),
     "gdn_decode": Spec(  # GDN decode, 32+ rows on an H200 (32-column state tiles, 1 warp)
         "deltaserve.kernels.gated_delta_rule.triton_decode:_fused_recurrent_decode_kernel",
         dict(x="*bf16", conv_w="*bf16", conv_state="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32",

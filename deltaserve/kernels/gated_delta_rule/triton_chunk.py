@@ -10,7 +10,8 @@ Five kernels, one launch each, no host sync (the (sequence, chunk) tables come f
   3. `_chunk_state_kernel`  grid (V-tiles, HV, sequences): serial over a sequence's chunks with the state h in fp32
      registers; gathers the initial state from the pool at its slot and scatters the final one back (slot -1: zero
      initial state, no write); saves each chunk-start h and v_new = u - w h.
-  4. `_chunk_output_kernel` grid (V-tiles, chunks, HV): o = scale (q h) exp(G) + causal(q k^T exp(G_i - G_j)) v_new.
+  4. `_chunk_output_kernel` grid (chunks, HV): o = scale (q h) exp(G) + causal(q k^T exp(G_i - G_j)) v_new, the
+     scores once, then a prefetching loop over V-tiles of h and v_new.
 Intermediates (kn, T_inv, w, u, v_new, h) are stored in the input dtype and feed bf16 tensor-core dots, as fla
 does; every accumulation, the state and the triangular solve (fp32 FMAs in the diagonal blocks, "tf32x3" dots
 merging them) are fp32, and beta scales k k^T after the product. Against the fp32 reference that costs ~4e-3
@@ -65,7 +66,11 @@ class ChunkLaunchConfig:
     state_block_v: int | None = None
     state_warps: int = 4
     state_stages: int | None = None
-    out_block_v: int = 128
+    # the output kernel's V-tile, prefetch depth and warps. H200 (2026-11-30), output kernel at 1x16k / 4x4k / 16x1k,
+    # us: one program for all of V (the kernel before the V loop) 250 / 250 / 250; (64, 2, 4) 219 / 221 / 219;
+    # (64, 1, 4) 222; (64, 3, 4) 232; (32, 3, 4) 239; (128, 1, 4) 314; (64, 2, 8) 440
+    out_block_v: int = 64
+    out_stages: int = 2
     out_warps: int = 4
     # fp32 products merging the solve's diagonal blocks, "ieee" or "tf32x3" (three tf32 products, ~fp32 accurate):
     # H200, 1x16k / 16x1k 1.43 / 1.17 -> 1.39 / 1.12 ms, o unchanged at the printed digits (1.46e-3 from the
@@ -366,31 +371,38 @@ def _chunk_output_kernel(
     q, kn, v_new, g_cum, h, chunk_table, o,
     s_q, scale,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STAGES: tl.constexpr,
 ):
     """o[t] = scale (q_t h_c) exp(G_t) + sum_{s<=t in chunk} scale (q_t k_s) exp(G_t - G_s) v_new[s], for the
-    chunk i_c, value head i_h and V-tile i_v. q: [T, HK, K] raw (normalised here); kn: [T, HK, K] normalised k
-    (dense); o: [T, HV, V]."""
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    chunk i_c and value head i_h. q: [T, HK, K] raw (normalised here); kn: [T, HK, K] normalised k (dense);
+    o: [T, HV, V]. The [BT, BT] intra-chunk scores are computed once; a loop over V-tiles of BV then streams the
+    chunk-start state h and v_new with STAGES-deep prefetch (one program held all of V before: 236 registers, two
+    programs an SM, nothing in flight while it computed)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // HK)
     o_i, o_t, m_t = _chunk_tokens(chunk_table, i_c, BT)
-    o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
     DT = v_new.dtype.element_ty
 
     b_q = (_load_rows_l2norm(q + i_kh * K, o_t, m_t, s_q, o_k, m_k) * scale).to(DT)
     b_kt = tl.load(kn + (o_t[None, :] * HK + i_kh) * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0)
-    b_h = tl.load(h + (i_c.to(tl.int64) * HV + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :],
-                  mask=m_k[:, None] & m_v[None, :], other=0)
     b_G = tl.load(g_cum + o_t * HV + i_h, mask=m_t, other=0)
-    b_o = tl.dot(b_q, b_h) * tl.exp(b_G)[:, None]
     m_causal = o_i[:, None] >= o_i[None, :]
     b_A = tl.dot(b_q, b_kt)
-    b_A = tl.where(m_causal, b_A * tl.exp(tl.where(m_causal, b_G[:, None] - b_G[None, :], 0.0)), 0.0)
-    m_tv = m_t[:, None] & m_v[None, :]
-    b_vn = tl.load(v_new + (o_t[:, None] * HV + i_h) * V + o_v[None, :], mask=m_tv, other=0)
-    b_o += tl.dot(b_A.to(DT), b_vn)
-    tl.store(o + (o_t[:, None] * HV + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+    b_A = tl.where(m_causal, b_A * tl.exp(tl.where(m_causal, b_G[:, None] - b_G[None, :], 0.0)), 0.0).to(DT)
+    b_eG = tl.exp(b_G)[:, None]
+    p_h = h + (i_c.to(tl.int64) * HV + i_h) * (K * V) + o_k[:, None] * V
+    p_vn = v_new + (o_t[:, None] * HV + i_h) * V
+    p_o = o + (o_t[:, None] * HV + i_h) * V
+    for v0 in tl.range(0, V, BV, num_stages=STAGES):
+        o_v = v0 + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_h = tl.load(p_h + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
+        b_vn = tl.load(p_vn + o_v[None, :], mask=m_tv, other=0)
+        b_o = tl.dot(b_q, b_h) * b_eG + tl.dot(b_A, b_vn)
+        tl.store(p_o + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 @dataclass(frozen=True)
@@ -567,9 +579,9 @@ def chunk_gated_delta_rule_varlen(
         state.stride(0),
         HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV_state, SNAPSHOTS=bool(tables.snapshots),
         num_warps=config.state_warps, num_stages=config.state_stages or stages)
-    BV_out = _pow2_block(V, config.out_block_v)
-    _chunk_output_kernel[(triton.cdiv(V, BV_out), num_chunks, HV)](
+    _chunk_output_kernel[(num_chunks, HV)](
         q, kn, u, g_cum, h, chunk_table, o,
         q.stride(0), K ** -0.5,
-        HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV_out, num_warps=config.out_warps)
+        HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=_pow2_block(V, config.out_block_v), STAGES=config.out_stages,
+        num_warps=config.out_warps)
     return o
