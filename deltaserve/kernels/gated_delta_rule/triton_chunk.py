@@ -56,7 +56,10 @@ class ChunkLaunchConfig:
     program (78 registers at 1 warp, so ~32 programs an SM hide each block's 14-step chain of dependent loads and
     reductions; the single solve kernel held 255 registers, 4 programs an SM), the merges staying in the solve kernel
     (222 registers at 1 warp): T_inv, o and states bit for bit the same, device time 1.100 / 0.988 / 1.010 ->
-    0.928 / 0.818 / 0.838 ms (diag 120 us + solve 85 us, against 414 us for the single kernel)."""
+    0.928 / 0.818 / 0.838 ms (diag 120 us + solve 85 us, against 414 us for the single kernel). Probed then in the
+    diag kernel and not kept: the carried cumsum from one [64] gating of the chunk instead of one per earlier block
+    (120.9 -> 117.7 us, no longer bit for bit), the substitution's rows picked out of registers instead of re-read
+    from T_diag (120.0), 2 warps (138)."""
     diag_warps: int = 1       # the run below: 2 warps 0.946 / 0.836 / 0.854 ms, 4: 1.051 / 0.943 / 0.960
     solve_warps: int = 1      # H200, 1x16k / 4x4k / 16x1k: 2 warps 0.990 / 0.878 / 0.897 ms, 1: 0.928 / 0.818 / 0.838
     wu_warps: int = 8         # H200, 1x16k / 4x4k / 16x1k: 4 warps 1.26 / 1.15 / 1.16 ms, 8: 1.22 / 1.11 / 1.13
