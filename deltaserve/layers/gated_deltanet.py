@@ -41,8 +41,8 @@ class GatedDeltaNet(nn.Module):
         """x: [T, hidden]; conv_state: [S, conv_dim, W-1]; recurrent_state: [S, HV, K, V] fp32 (both updated in
         place at batch.state_slots) -> [T, hidden]."""
         t = x.shape[0]
+        # views into the projection: every kernel takes a/b by row stride (two copy launches a layer fewer)
         mixed_qkv, z, b, a = self.in_proj(x).split(self.splits, dim=-1)
-        a, b = a.contiguous(), b.contiguous()
         d = t if batch.is_decode else batch.gdn_decode_rows
         parts = []
         if d:  # one fused kernel: conv-state shift + conv + SiLU + gating + norm + recurrence

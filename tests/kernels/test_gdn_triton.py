@@ -63,6 +63,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+def projection_view(t: torch.Tensor, pad: int = 7) -> torch.Tensor:
+    """t [T, HV] as the engine hands a/b over: a view into a wider projection output (row stride HV + pad, NaN in
+    the other columns, so a kernel that ignores the row stride reads NaN)."""
+    wide = torch.full((t.shape[0], t.shape[1] + pad), float("nan"), dtype=t.dtype, device=t.device)
+    wide[:, 3: 3 + t.shape[1]] = t
+    return wide[:, 3: 3 + t.shape[1]]
+
+
 def make_inputs(T, Hk, HV, K, V, dtype=torch.float32, device="cpu", seed=0):
     """Raw layer inputs as the conv hands them over: q, k not normalised; decays mild enough (g ~ -0.05..-1.5 per
     token) that initial states still shape the outputs."""
@@ -73,7 +81,8 @@ def make_inputs(T, Hk, HV, K, V, dtype=torch.float32, device="cpu", seed=0):
     A_log = torch.empty(HV).uniform_(0.05, 1.0, generator=gen).log()
     dt_bias = torch.randn(HV, generator=gen) * 0.5
     cast = lambda x: x.to(device=device, dtype=dtype)  # noqa: E731
-    return (cast(q), cast(k), cast(v), cast(a), cast(b), A_log.to(device), dt_bias.to(device))
+    return (cast(q), cast(k), cast(v), projection_view(cast(a)), projection_view(cast(b)), A_log.to(device),
+            dt_bias.to(device))
 
 
 def make_pool(shape, slots, scale=0.5, dtype=torch.float32, device="cpu", seed=1):
@@ -223,13 +232,14 @@ def test_chunk_rejects_bad_arguments():
 
 
 def make_decode_inputs(B, S, Hk, HV, K, V, W, slots, dtype=torch.float32, device="cpu", seed=2):
-    """Pre-conv mixed_qkv [B, C], conv weight [C, W] and both pools (NaN outside `slots`)."""
+    """Pre-conv mixed_qkv [B, C], conv weight [C, W], a/b as projection views, and both pools (NaN outside
+    `slots`)."""
     gen = torch.Generator().manual_seed(seed)
     C = 2 * Hk * K + HV * V
     x = torch.randn(B, C, generator=gen).to(device=device, dtype=dtype)
     weight = (torch.randn(C, W, generator=gen) * 0.5).to(device=device, dtype=dtype)
-    a = torch.randn(B, HV, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(B, HV, generator=gen).to(device=device, dtype=dtype)
+    a = projection_view(torch.randn(B, HV, generator=gen).to(device=device, dtype=dtype))
+    b = projection_view(torch.randn(B, HV, generator=gen).to(device=device, dtype=dtype))
     A_log = torch.empty(HV).uniform_(0.05, 1.0, generator=gen).log().to(device)
     dt_bias = (torch.randn(HV, generator=gen) * 0.5).to(device)
     conv_state = make_pool((S, C, W - 1), slots, scale=1.0, dtype=dtype, device=device, seed=3)
