@@ -146,6 +146,12 @@ def _invert_diag_block(b_A, p_rows, r0, t1, s_row, BC: tl.constexpr):
 
 
 @triton.jit
+def _chunk_bounds(chunk_table, i_c):
+    """Token range [t0, t1) of chunk i_c (chunk_table: [chunks, 2] int32)."""
+    return tl.load(chunk_table + 2 * i_c), tl.load(chunk_table + 2 * i_c + 1)
+
+
+@triton.jit
 def _chunk_diag_kernel(
     k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_diag,
     s_k, s_a, s_b,
@@ -158,10 +164,8 @@ def _chunk_diag_kernel(
     (first written with A_jj, which the substitution reads back a row at a time)."""
     i_c, i_h, i_j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kh = i_h // (HV // HK)
-    t0 = tl.load(chunk_table + 2 * i_c)
-    t1 = tl.load(chunk_table + 2 * i_c + 1)
-    o_c = tl.arange(0, BC)
-    o_k = tl.arange(0, BK)
+    t0, t1 = _chunk_bounds(chunk_table, i_c)
+    o_c, o_k = tl.arange(0, BC), tl.arange(0, BK)
     m_k = o_k < K
     DT = kn.dtype.element_ty
 
@@ -207,10 +211,8 @@ def _chunk_solve_kernel(
     above the diagonal are not written)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // HK)
-    t0 = tl.load(chunk_table + 2 * i_c)
-    t1 = tl.load(chunk_table + 2 * i_c + 1)
-    o_c = tl.arange(0, BC)
-    o_k = tl.arange(0, BK)
+    t0, t1 = _chunk_bounds(chunk_table, i_c)
+    o_c, o_k = tl.arange(0, BC), tl.arange(0, BK)
     m_k = o_k < K
     DT = kn.dtype.element_ty
 
@@ -269,8 +271,7 @@ def _chunk_solve_kernel(
 def _chunk_tokens(chunk_table, i_c, BT: tl.constexpr):
     """Chunk i_c's positions o_i [BT], token offsets o_t = t0 + o_i and their mask o_t < t1 (chunk_table: [chunks, 2]
     int32 token ranges [t0, t1))."""
-    t0 = tl.load(chunk_table + 2 * i_c)
-    t1 = tl.load(chunk_table + 2 * i_c + 1)
+    t0, t1 = _chunk_bounds(chunk_table, i_c)
     o_i = tl.arange(0, BT)
     o_t = t0 + o_i
     return o_i, o_t, o_t < t1
