@@ -13,7 +13,7 @@ import uuid
 from typing import Any, Literal, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
-                      field_validator)
+                      field_validator, model_validator)
 
 from ..sampling_params import SamplingParams, StructuredOutputs, truncated_prompt
 
@@ -39,6 +39,17 @@ class APIError(Exception):
 
 class _Model(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """An explicit null on a field with a default means that default (OpenAI's spec marks n, stream, logprobs,
+        echo... nullable; vLLM declares them Optional); on a required field it stays an error."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if v is not None or k not in fields or fields[k].is_required() or fields[k].default is None}
 
 
 class StreamOptions(_Model):
@@ -143,9 +154,11 @@ class TokenizeRequest(_Model):
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[ToolSpec] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None  # "none" leaves the tools out of the prompt, as in chat
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: StrictStr | None = None
     add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
     add_special_tokens: StrictBool = False
 
 

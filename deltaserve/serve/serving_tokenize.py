@@ -7,6 +7,11 @@ from .protocol import APIError, ChatCompletionRequest, DetokenizeRequest, Tokeni
 from .serving import ServingContext
 from .serving_chat import chat_prompt
 
+# the tokenizer holds the GIL on the event loop: an 18 MB text took 27 s, every client waiting. These bound what one
+# request may send, per token of max_model_len (a prompt that truncates may send as many characters: serving.py)
+MAX_CHARS_PER_TOKEN = 64
+MAX_IDS_PER_TOKEN = 64
+
 
 def tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
     if req.model is not None:
@@ -16,11 +21,17 @@ def tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
         raise APIError(400, "Give either prompt (text) or messages (a conversation) to tokenize.", "prompt")
     if req.messages is not None:
         chat = ChatCompletionRequest(model=ctx.model_name, messages=req.messages, tools=req.tools,
-                                     chat_template_kwargs=req.chat_template_kwargs,
-                                     chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt)
+                                     tool_choice=req.tool_choice, chat_template_kwargs=req.chat_template_kwargs,
+                                     chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt,
+                                     continue_final_message=req.continue_final_message)
         text = chat_prompt(ctx, chat)
     else:
         text = req.prompt
+    limit = MAX_CHARS_PER_TOKEN * ctx.max_model_len
+    if len(text) > limit:
+        raise APIError(400, f"the text has {len(text)} characters, more than /tokenize reads ({MAX_CHARS_PER_TOKEN} "
+                            f"per token of max_model_len {ctx.max_model_len}): send it in parts.",
+                       "messages" if req.messages is not None else "prompt")
     ids = ctx.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
     return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
 
@@ -29,6 +40,9 @@ def detokenize(ctx: ServingContext, req: DetokenizeRequest) -> dict:
     if req.model is not None:
         ctx.check_model(req.model)
     ctx.require_tokenizer()
+    if len(req.tokens) > MAX_IDS_PER_TOKEN * ctx.max_model_len:
+        raise APIError(400, f"{len(req.tokens)} token ids are more than /detokenize reads ({MAX_IDS_PER_TOKEN} per "
+                            f"token of max_model_len {ctx.max_model_len}): send them in parts.", "tokens")
     bad = next((t for t in req.tokens if not 0 <= t < ctx.tokenizer.vocab_size), None)
     if bad is not None:
         last = ctx.tokenizer.vocab_size - 1

@@ -363,6 +363,40 @@ def forced_schema(tools: list[dict], name: str | None, parallel: bool = True) ->
               for t in tools}
     if name is not None:
         return params[name]
-    calls = [{"type": "object", "properties": {"name": {"const": fn}, "parameters": schema},
+    defs: dict = {}
+    calls = [{"type": "object", "properties": {"name": {"const": fn}, "parameters": _hoist_defs(fn, schema, defs)},
               "required": ["name", "parameters"], "additionalProperties": False} for fn, schema in params.items()]
-    return {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": calls}}
+    return {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": calls},
+            **({"$defs": defs} if defs else {})}
+
+
+_DEFS_KEYS = ("$defs", "definitions")
+
+
+def _hoist_defs(fn: str, schema: dict, defs: dict) -> dict:
+    """A tool's parameters schema nested inside the "required" array schema: its `$defs` / `definitions` move into
+    the root's `defs` as `<fn>.<name>` (tools may share a name), and its `#/$defs/...` refs follow them (a ref
+    resolves from the root of the whole schema, where the tool's own definitions no longer are)."""
+    escape = lambda name: name.replace("~", "~0").replace("/", "~1")  # noqa: E731  (a JSON pointer segment)
+    moved = {f"#/{key}/{escape(name)}": f"#/$defs/{escape(fn)}.{escape(name)}"
+             for key in _DEFS_KEYS for name in (schema.get(key) or {})}
+    if not moved:
+        return schema
+
+    def fix(node):
+        if isinstance(node, list):
+            return [fix(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for k, v in node.items():
+            if k == "$ref" and isinstance(v, str):
+                old = next((o for o in moved if v == o or v.startswith(o + "/")), None)
+                v = v if old is None else moved[old] + v[len(old):]
+            out[k] = fix(v)
+        return out
+
+    for key in _DEFS_KEYS:
+        for name, sub in (schema.get(key) or {}).items():
+            defs[f"{fn}.{name}"] = fix(sub)
+    return fix({k: v for k, v in schema.items() if k not in _DEFS_KEYS})

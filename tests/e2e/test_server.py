@@ -551,6 +551,52 @@ def test_forced_tool_with_keywords_the_grammar_ignores(client):
     assert res.choices[0].finish_reason == "tool_calls" and len(tags) <= 2 and set(tags) <= {"a", "b"}
 
 
+def test_required_tool_choice_with_defs_refs(client):
+    """tool_choice "required" nests each tool's schema in one array schema: a tool whose parameters use $defs / $ref
+    (pydantic's and agent SDKs' schemas) must still compile there (its refs pointed at a root without the $defs)."""
+    place = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+             "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "book", "parameters": {
+        "type": "object", "properties": {"where": {"$ref": "#/$defs/Place"}}, "required": ["where"],
+        "additionalProperties": False, "$defs": {"Place": place}}}},
+        {"type": "function", "function": {"name": "move", "parameters": {
+            "type": "object", "properties": {"to": {"$ref": "#/definitions/Place"}}, "required": ["to"],
+            "additionalProperties": False, "definitions": {"Place": {"enum": ["up", "down"]}}}}}]
+    res = client.chat.completions.create(model=MODEL, messages=user("Book it"), tools=tools, tool_choice="required",
+                                         parallel_tool_calls=False, max_tokens=300, temperature=0.9, seed=2,
+                                         extra_body=NO_THINK)
+    (call,) = res.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert (call.function.name, args) in [("book", {"where": {"city": c}}) for c in ("Paris", "Oslo")] + \
+        [("move", {"to": d}) for d in ("up", "down")], (call.function.name, args)
+
+
+def test_null_means_the_default(server, client):
+    """OpenAI's spec marks n, stream, logprobs, echo... nullable: an explicit null is the default, not a 400."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    got, body = http(server.url + "/v1/chat/completions", chat_body(n=None, stream=None, logprobs=None,
+                                                                    ignore_eos=None, skip_special_tokens=None), auth)
+    assert got == 200 and len(body["choices"]) == 1 and body["choices"][0]["logprobs"] is None, body
+    got, body = http(server.url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2, "echo": None,
+                                                      "n": None, "stream": None}, auth)
+    assert got == 200 and len(body["choices"]) == 1, body
+    got, err = http(server.url + "/v1/chat/completions", chat_body(model=None), auth)  # required: still an error
+    assert got == 400 and err["error"]["param"] == "model", err
+
+
+def test_tokenize_renders_messages_as_chat_does(server, client):
+    """/tokenize with tool_choice "none" (the tools leave the prompt) or continue_final_message counts the prompt
+    chat completions would run: its usage agrees."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    cont = user("Say hi") + [{"role": "assistant", "content": "Hello"}]
+    for extra in ({"tools": TOOLS, "tool_choice": "none"},
+                  {"messages": cont, "continue_final_message": True, "add_generation_prompt": False}):
+        body = {"messages": user("What is the weather?"), **NO_THINK, **extra}
+        got, tok = http(server.url + "/tokenize", body, auth)
+        got_chat, res = http(server.url + "/v1/chat/completions", {"model": MODEL, "max_tokens": 1, **body}, auth)
+        assert got == got_chat == 200 and tok["count"] == res["usage"]["prompt_tokens"], (extra, tok, res)
+
+
 def test_tool_choice_none_leaves_text(client):
     res = client.chat.completions.create(model=MODEL, messages=user("FORCE_XML_TOOL weather?"), tools=TOOLS,
                                          tool_choice="none", max_tokens=80)
@@ -673,6 +719,9 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "tool_properties_not_object": ("/v1/chat/completions", chat_body(tools=[{"type": "function", "function": {
         "name": "f", "parameters": {"type": "object", "properties": 5}}}]), None, 400, "tools.0.function.parameters"),
     "tokenize_no_messages": ("/tokenize", {"messages": []}, None, 400, "messages"),
+    # the tokenizer runs on the event loop: an 18 MB text stalled every client for 27 s
+    "tokenize_text_too_long": ("/tokenize", {"prompt": "hello " * (11 * MAX_MODEL_LEN)}, None, 400, "prompt"),
+    "detokenize_too_many_ids": ("/detokenize", {"tokens": [5] * (65 * MAX_MODEL_LEN)}, None, 400, "tokens"),
     # vLLM options that change the output were accepted and ignored
     "allowed_token_ids_out_of_vocab": ("/v1/completions", {"model": MODEL, "prompt": "hi",
                                                            "allowed_token_ids": [5, 1000000]}, None, 400,
