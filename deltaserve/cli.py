@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, default=4, help="decoder layers (every 4th is full attention)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed")
     tiny.add_argument("--force", action="store_true", help="write into a directory that is not empty (its config, "
-                                                          "weights and tokenizer files are replaced)")
+                                                          "weights, tokenizer and chat-template files are replaced, "
+                                                          "an earlier checkpoint's shards removed)")
     gen = sub.add_parser("generate", help="complete a prompt and print the text",
                          description="Complete one or more prompts and print each completion.")
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")

@@ -131,6 +131,7 @@ def make_tiny(out_dir: str, moe: bool = False, num_layers: int = 4, seed: int = 
     if num_layers < 1:
         raise ValueError(f"--layers must be at least 1, got {num_layers}")
     os.makedirs(out_dir, exist_ok=True)
+    _remove_stale(out_dir)
     n_tokens = train_tiny_tokenizer(out_dir)
     vocab = -(-n_tokens // 64) * 64  # padded like real checkpoints; spare rows are never produced by the tokenizer
     raw = tiny_config(vocab, moe, num_layers)
@@ -146,6 +147,18 @@ def make_tiny(out_dir: str, moe: bool = False, num_layers: int = 4, seed: int = 
     _write_json(os.path.join(out_dir, "generation_config.json"),
                 {"eos_token_id": [eos, pad], "pad_token_id": pad, "do_sample": False})
     return out_dir
+
+
+# files of an earlier checkpoint in the directory that would be read instead of (or beside) what make_tiny writes
+_STALE = ("model.safetensors.index.json", "chat_template.jinja", "chat_template.json")
+
+
+def _remove_stale(out_dir: str) -> None:
+    """Remove an earlier checkpoint's shard index, shards and chat-template files: a sharded checkpoint's other
+    weights, or a chat_template.jinja (which wins over tokenizer_config.json), would outlive the rewrite."""
+    for name in os.listdir(out_dir):
+        if name in _STALE or (name.endswith(".safetensors") and name != "model.safetensors"):
+            os.remove(os.path.join(out_dir, name))
 
 
 def _token_id(out_dir: str, token: str) -> int:

@@ -289,10 +289,13 @@ def unfuse(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str,
 
 
 def checkpoint_files(path: str) -> list[str]:
-    """The safetensors files of a checkpoint directory, checked to exist."""
+    """The safetensors files of a checkpoint directory, checked to exist: model.safetensors when there is one (as
+    transformers picks it over an index beside it), else the shards of model.safetensors.index.json."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(index):
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
         try:
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -302,8 +305,6 @@ def checkpoint_files(path: str) -> list[str]:
         for f in files:
             if not os.path.isfile(f):
                 raise WeightsError(f"Shard {os.path.basename(f)} listed in {index} is missing from {path}.")
-    elif os.path.isfile(single):
-        files = [single]
     else:
         raise WeightsError(f"No model.safetensors or model.safetensors.index.json in {path}.")
     for file in files:

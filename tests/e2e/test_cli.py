@@ -236,8 +236,14 @@ def test_make_tiny_refuses_a_directory_that_is_not_empty(env, tmp_path):
     assert_user_error(cli("make-tiny", str(tmp_path), env=env), str(tmp_path), "not an empty directory", "--force")
     assert (tmp_path / "config.json").read_text() == '{"model_type": "someone else\'s"}'
     assert sorted(os.listdir(tmp_path)) == ["config.json"]
+    # an earlier sharded checkpoint and its chat template would outlive the rewrite (the template wins over
+    # tokenizer_config.json's): --force removes them
+    stale = ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "chat_template.jinja"]
+    for name in stale:
+        (tmp_path / name).write_text("{}")
     res = cli("make-tiny", str(tmp_path), "--force", env=env)
     assert res.returncode == 0 and res.stdout.strip() == str(tmp_path), res.stderr
+    assert not set(stale) & set(os.listdir(tmp_path))
     # a file, --force or not: it printed "[Errno 17] File exists"
     assert_user_error(cli("make-tiny", str(tmp_path / "config.json"), "--force", env=env), "is a file")
     assert "model.safetensors" in os.listdir(tmp_path)

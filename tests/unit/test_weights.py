@@ -156,6 +156,23 @@ def test_sharded_checkpoint_loads_same_weights(tiny, tmp_path):
     assert_same_params(load(tiny)[1], load(path)[1])
 
 
+def test_model_safetensors_beside_an_index_wins(tiny_dense, tmp_path):
+    """Both model.safetensors and a shard index in one directory (a checkpoint rewritten in place): transformers
+    loads model.safetensors, and so must we, or the engine runs other weights than the reference."""
+    path = variant(tiny_dense, tmp_path / "both")
+    shard(path)  # the index and its shards hold the original weights
+    sd = {}
+    for f in SHARDS:
+        sd.update(load_file(os.path.join(path, f)))
+    name = next(n for n in sorted(sd) if n.endswith("mlp.down_proj.weight"))
+    sd[name] = sd[name] * 2
+    save_file(sd, os.path.join(path, ST), metadata={"format": "pt"})
+    assert checkpoint_files(path) == [os.path.join(path, ST)]
+    loaded = dict(load(path)[1].named_parameters())
+    key = next(k for k in loaded if k.endswith(name.split("layers.", 1)[1]))
+    torch.testing.assert_close(loaded[key], sd[name])
+
+
 @pytest.mark.parametrize("tiny", ["dense", "moe"], indirect=True)
 def test_visual_and_mtp_tensors_skipped(tiny, tmp_path):
     def add_towers(sd):
