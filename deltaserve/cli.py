@@ -335,7 +335,7 @@ def _structured_outputs(args):
     from .sampling_params import StructuredOutputs
 
     given = [(kind, value) for kind, value in (("json", args.json_schema), ("regex", args.regex),
-                                                ("choice", args.choice)) if value]
+                                                ("choice", args.choice)) if value is not None]
     if len(given) > 1:
         raise ValueError("give at most one of --json-schema, --regex and --choice")
     if not given:
@@ -471,7 +471,7 @@ def _chat(args) -> int:
     from .serve.chat_cli import ChatSession, run
 
     _merge_model_arg(args)
-    _sampling_params(args)  # bad values fail before the model loads
+    _check_sampling_flags(args)
     llm = _build_llm(args)
     params = _sampling_params(args, llm.sampling_defaults)
     session = ChatSession(llm, params, system=args.system, enable_thinking=not args.no_thinking,
@@ -479,8 +479,14 @@ def _chat(args) -> int:
     return run(session, f"deltaserve chat: {args.model or 'the embedded tiny checkpoint'}")
 
 
+def _check_sampling_flags(args) -> None:
+    """Bad sampling flags fail before the model loads. Without --max-tokens the bound comes from the checkpoint's
+    generation_config.json, not read yet: none here (--min-tokens is checked against it once the model is loaded)."""
+    _sampling_params(args, {"max_tokens": None})
+
+
 def _generate(args) -> None:
-    _sampling_params(args)  # bad values fail before the model loads
+    _check_sampling_flags(args)
     llm = _build_llm(args)
     params = _sampling_params(args, llm.sampling_defaults)
     if args.chat:

@@ -383,8 +383,22 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("LLM.chat needs a tokenizer with a chat template; none was found in the model directory")
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not convs:
+            raise ValueError("LLM.chat needs at least one conversation (a list of {'role', 'content'} messages)")
+        extra = dict(chat_template_kwargs or {}) if isinstance(chat_template_kwargs, (dict, type(None))) else None
+        if extra is None:
+            raise ValueError(f"chat_template_kwargs must be a dict of template variables, got "
+                             f"{type(chat_template_kwargs).__name__}")
+        reserved = sorted(set(extra) & {"conversation", "messages", "tokenize"})
+        if reserved:
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}: pass the conversation as "
+                             f"messages; LLM.chat renders text")
+        if "tools" in extra:  # vLLM lets the kwargs give the tools
+            if tools is not None:
+                raise ValueError("give tools either as LLM.chat's tools or in chat_template_kwargs, not both")
+            tools = extra.pop("tools")
         kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
-                  "chat_template": chat_template, **(chat_template_kwargs or {})}  # theirs win
+                  "chat_template": chat_template, **extra}  # theirs win
         prompts = [self.tokenizer.apply_chat_template(c, tools=tools, **kwargs) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm)
 

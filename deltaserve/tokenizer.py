@@ -232,9 +232,16 @@ class Tokenizer:
         if add_generation_prompt:
             raise TokenizerError("continue_final_message continues the last message; it cannot be combined with "
                                  "add_generation_prompt=True (set it to False).")
-        final = (_normalize_message(messages[-1]).get("content") or "") if messages else ""
+        last = _normalize_message(messages[-1]) if messages else {}
+        final = last.get("content") or ""
         if not final.strip():
             raise TokenizerError("continue_final_message needs a last message with text to continue.")
+        # where the content ends, marked: HF cuts at the content's last occurrence in the text, which for "end" is
+        # inside the template's own "<|im_end|>" after it (the prompt then ended "end<|im_end")
+        marked = [*messages[:-1], {**last, "content": final + _CONTENT_END}]
+        text = self.apply_chat_template(marked, False, tools, chat_template=chat_template, **template_kwargs)
+        if text.count(_CONTENT_END) == 1:
+            return text[: text.index(_CONTENT_END)]
         text = self.apply_chat_template(messages, False, tools, chat_template=chat_template, **template_kwargs)
         if final not in text:  # HF's order: the content as given, else stripped (templates that trim messages)
             final = final.strip()
@@ -253,6 +260,9 @@ class Tokenizer:
                 "tokenizer_config.json); add one or send a plain-text prompt instead."
             )
         return template
+
+
+_CONTENT_END = "\ue000\ue001"  # private-use characters marking the end of a continued message's content
 
 
 def _check_added_tokens(backend: _Backend, added_tokens_decoder: dict, path: str) -> None:

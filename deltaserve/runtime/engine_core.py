@@ -300,10 +300,14 @@ class EngineCore:
         if not allowed:
             return
         enders = {*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)}
+        banned = {ids[0] for ids in bad_ids if len(ids) == 1}  # one-token bad words: banned at every step
         if params.min_tokens and allowed <= enders:
             raise ValueError("allowed_token_ids holds only EOS and stop tokens, which min_tokens bans at first")
-        if allowed <= {ids[0] for ids in bad_ids if len(ids) == 1}:
+        if allowed <= banned:
             raise ValueError("allowed_token_ids holds only tokens that bad_words ban")
+        if params.min_tokens and allowed <= enders | banned:
+            raise ValueError("allowed_token_ids holds only tokens that bad_words ban and EOS and stop tokens, which "
+                             "min_tokens bans at first")
 
     def _check_structured(self, prompt_token_ids: list[int], params: SamplingParams) -> int | None:
         """Compile a structured request's grammar now (ValueError for a bad spec or a model without a tokenizer) ->

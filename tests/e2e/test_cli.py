@@ -169,7 +169,8 @@ def test_generate_structured_output(made, env, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--json-schema", "{nope"], "--json-schema is neither a file nor valid JSON"),
     (["--regex", "a", "--choice", "b"], "at most one of --json-schema, --regex and --choice"),
-], ids=["not-json", "two-kinds"])
+    (["--regex", ""], "regex"),  # an empty flag was dropped: the answer ran unconstrained
+], ids=["not-json", "two-kinds", "empty-regex"])
 def test_error_structured_output(made, env, args, needle):
     _, path = made
     assert_user_error(cli("generate", "--model", path, "--prompt", "hi", *args, "--device", "cpu", env=env), needle)

@@ -77,6 +77,11 @@ def test_max_new_tokens_is_the_default_length(tiny, tmp_path):
     assert cli._sampling_params(cli.build_parser().parse_args(["chat"]), {}).max_tokens == 1024
     args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--max-tokens", "3"])
     assert cli._sampling_params(args, llm.sampling_defaults).max_tokens == 3
+    # --min-tokens beyond the CLI's own fallback length passes the check made before loading: the checkpoint's
+    # max_new_tokens (unknown then) bounds it (it was refused against the fallback, 64)
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--min-tokens", "100"])
+    cli._check_sampling_flags(args)
+    assert cli._sampling_params(args, {"max_tokens": 200}).min_tokens == 100
 
 
 def test_generate_without_params_samples_with_the_checkpoints_settings(tiny, tmp_path):

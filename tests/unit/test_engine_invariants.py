@@ -414,6 +414,10 @@ def test_allowed_token_ids_hold_against_bans(models):
         llm.generate(["hi"], SamplingParams(max_tokens=4, min_tokens=2, allowed_token_ids=[eos]), use_tqdm=False)
     with pytest.raises(ValueError, match="only tokens that bad_words ban"):
         llm.generate(["hi"], SamplingParams(max_tokens=4, allowed_token_ids=a, bad_words=["a"]), use_tqdm=False)
+    # the two together: EOS (banned by min_tokens at first) and a one-token bad word (the bad word came out)
+    with pytest.raises(ValueError, match="only tokens that bad_words ban and EOS and stop tokens"):
+        llm.generate(["hi"], SamplingParams(max_tokens=4, min_tokens=2, allowed_token_ids=a + [eos], bad_words=["a"]),
+                     use_tqdm=False)
     # after "a", the bad words "aa" and "ab" ban both allowed tokens: they give way, and "a" (biased) goes on
     b = tok.encode("b")
     assert [a + a, a + b] == [ids for ids in bad_word_ids(tok, ["aa", "ab"]) if ids[0] == a[0]]

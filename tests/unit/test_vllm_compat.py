@@ -132,6 +132,30 @@ def test_chat_continues_the_final_message(llm):
     out = llm.chat(msgs, greedy(), use_tqdm=False, add_generation_prompt=False, continue_final_message=True)[0]
     tok = llm.get_tokenizer()
     assert tok.decode(out.prompt_token_ids).endswith("Sure, here")
+    # text that also occurs in the template's end of turn: the cut was at its last occurrence, inside "<|im_end|>"
+    for text in ("end", "im", "The end"):
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]
+        prompt = tok.apply_chat_template(msgs, add_generation_prompt=False, continue_final_message=True)
+        whole = tok.apply_chat_template(msgs, add_generation_prompt=False)
+        assert prompt.endswith("\n" + text) and whole[len(prompt):].startswith("<|im_end|>"), (text, prompt)
+
+
+def test_chat_template_kwargs_that_chat_cannot_take(llm):
+    """vLLM's chat_template_kwargs may carry the tools; keys that would replace the conversation or ask for ids,
+    and a kwargs value that is not a dict, are refused in one sentence (they were TypeErrors)."""
+    msgs = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    by_kwargs = llm.chat(msgs, greedy(), use_tqdm=False, chat_template_kwargs={"tools": tools})[0]
+    by_arg = llm.chat(msgs, greedy(), use_tqdm=False, tools=tools)[0]
+    assert by_kwargs.prompt_token_ids == by_arg.prompt_token_ids
+    for bad, needle in (({"messages": msgs}, "cannot set messages"), ({"tokenize": True}, "cannot set tokenize"),
+                        ([("enable_thinking", False)], "must be a dict")):
+        with pytest.raises(ValueError, match=needle):
+            llm.chat(msgs, greedy(), use_tqdm=False, chat_template_kwargs=bad)
+    with pytest.raises(ValueError, match="not both"):
+        llm.chat(msgs, greedy(), use_tqdm=False, tools=tools, chat_template_kwargs={"tools": tools})
+    with pytest.raises(ValueError, match="at least one conversation"):
+        llm.chat([], greedy(), use_tqdm=False)
 
 
 def test_chat_with_a_template_of_ones_own(llm):
