@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 import os
+import re
 import time
 import weakref
 from collections import deque
@@ -162,6 +163,9 @@ class LLM:
         # vLLM's trust_remote_code: nothing here runs a checkpoint's own code, so it changes nothing
         _check_vllm_only_args(tokenizer_mode, swap_space, disable_log_stats, enable_chunked_prefill,
                               pipeline_parallel_size)
+        if not isinstance(model, (str, os.PathLike)):
+            raise ValueError(f"model must be the path of a checkpoint directory, got {model!r}")
+        model = os.fspath(model)
         tok_dir = tokenizer or model
         if tokenizer is not None and not _has_tokenizer(tokenizer):
             raise TokenizerError(f"tokenizer {tokenizer!r} is not a directory holding tokenizer.json.")
@@ -218,13 +222,21 @@ class LLM:
         self.kv_cache_dtype = kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError(f"seed must be an integer or None (a different random state each run), got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed must be an integer or None (a different random state each run), an integer in "
+                             f"[0, 2**63); got {seed!r}")
+        for name, flag in (("enforce_eager", enforce_eager), ("enable_expert_parallel", enable_expert_parallel),
+                           ("async_scheduling", async_scheduling)):
+            if not isinstance(flag, bool) and flag is not None:  # "no" would have counted as True
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         seed = torch.seed() if seed is None else seed  # drawn once: tensor-parallel ranks share it
         torch.manual_seed(seed)
         _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         block_size=block_size, max_model_len=1 if max_model_len is None else max_model_len,
                         num_kv_blocks=1 if num_kv_blocks is None else num_kv_blocks)
+        if block_size > (max_model_len or config.max_position_embeddings):
+            raise ValueError(f"block_size {block_size} is more tokens than a sequence may hold "
+                             f"({max_model_len or config.max_position_embeddings}); use 16 (the default) to 256")
         if max_model_len is not None and max_model_len > config.max_position_embeddings:
             raise ValueError(f"max_model_len {max_model_len} is beyond the model's max_position_embeddings "
                              f"{config.max_position_embeddings} (the longest context it was trained for); lower it")
@@ -242,7 +254,7 @@ class LLM:
                         max_model_len, block_size, num_kv_blocks, gpu_memory_utilization, seed, enforce_eager,
                         kv_cache_dtype, prefix_cache_slots)
         if tensor_parallel_size == 1:
-            self.runner = spec.build_runner(SINGLE, self.device)
+            self.runner = _out_of_memory_as_value_error(lambda: spec.build_runner(SINGLE, self.device))
         else:
             if weights_dir is not None:
                 checkpoint_files(weights_dir)  # a missing checkpoint fails here, not in N processes
@@ -531,7 +543,10 @@ def _prefix_cache_slots(enabled: bool | None, slots: int | None) -> int:
 def _normalise_prompts(prompts) -> list:
     if prompts is None:
         raise ValueError("prompts is None: pass a string, a list of strings, or {'prompt_token_ids': [...]} dicts")
-    items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+    try:
+        items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+    except TypeError:
+        items = [prompts]  # not iterable: refused below as a prompt of the wrong type
     for p in items:
         if not isinstance(p, str) and not (isinstance(p, dict) and isinstance(p.get("prompt_token_ids"), list)):
             raise ValueError("each prompt must be a string or a dict with a 'prompt_token_ids' list")
@@ -566,7 +581,11 @@ def _checked_sampling_defaults(config: ModelConfig, generation_config: str) -> d
     return defaults
 
 
-def _resolve_device(device: str) -> torch.device:
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -636,6 +655,22 @@ def _resolve_state_dtype(state_dtype: str, cfg: ModelConfig) -> str:
         raise ValueError(f"{source} is {name!r}, but the GDN recurrent state runs in 'float32' or 'bfloat16'; "
                          f"pass state_dtype='float32' (--state-dtype float32)")
     return name
+
+
+def _out_of_memory_as_value_error(build):
+    """build(), with running out of memory (the weights, or caches sized by num_kv_blocks / max_num_seqs /
+    max_num_batched_tokens / block_size) as one sentence instead of an allocator's stack trace."""
+    try:
+        return build()
+    except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; on CPU "DefaultCPUAllocator: can't allocate"
+        first = (str(e).splitlines() or [""])[0]
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in first:
+            raise
+        asked = re.search(r"allocate (\d+) bytes", first)
+        detail = f"an allocation of {int(asked[1]) / 2**30:.1f} GiB failed" if asked else first[:160]
+        raise ValueError(f"the model and its caches do not fit in memory ({detail}): lower num_kv_blocks, "
+                         f"max_num_seqs, max_num_batched_tokens or gpu_memory_utilization, or use a smaller or "
+                         f"quantized model") from None
 
 
 def _check_positive(**kwargs) -> None:

@@ -343,8 +343,28 @@ def test_llm_surfaces_config_error(tiny_dense, tmp_path):
     ({"max_model_len": 0}, "max_model_len must be a positive integer, got 0"),
     ({"num_kv_blocks": 0}, "num_kv_blocks must be a positive integer, got 0"),
     ({"block_size": True}, "block_size must be a positive integer, got True"),
-], ids=["tokenizer-path", "max-model-len-0", "kv-blocks-0", "block-size-bool"])
+    # sizes the caches cannot be allocated at: one sentence, not the allocator's stack trace
+    ({"num_kv_blocks": 10**9}, "the model and its caches do not fit in memory (an allocation of"),
+    ({"max_num_batched_tokens": 10**12}, "the model and its caches do not fit in memory (an allocation of"),
+    ({"block_size": 10**9}, "block_size 1000000000 is more tokens than a sequence may hold"),
+    ({"seed": 2**64}, "an integer in [0, 2**63); got 18446744073709551616"),
+    ({"async_scheduling": "no"}, "async_scheduling must be True or False, got 'no'"),
+], ids=["tokenizer-path", "max-model-len-0", "kv-blocks-0", "block-size-bool", "kv-blocks-huge", "batched-huge",
+        "block-size-huge", "seed-overflow", "flag-string"])
 def test_llm_refuses_bad_engine_arguments(tiny_dense, kwargs, needle):
-    """0 is not 'auto', and a tokenizer path that is not there is not 'no tokenizer'."""
+    """0 is not 'auto', a tokenizer path that is not there is not 'no tokenizer', and a size nothing can hold is
+    refused in a sentence."""
     with pytest.raises(ValueError, match=re.escape(needle)):
         LLM(model=tiny_dense, device="cpu", **kwargs)
+
+
+
+def test_llm_takes_a_torch_device_and_refuses_odd_inputs(tiny_dense):
+    """vLLM users pass torch.device; a model that is not a path and a prompt that is not a prompt get one
+    sentence (they were AttributeError / TypeError from deep inside)."""
+    llm = LLM(model=tiny_dense, device=torch.device("cpu"))
+    assert llm.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="model must be the path of a checkpoint directory"):
+        LLM(model=None, device="cpu")
+    with pytest.raises(ValueError, match="each prompt must be a string"):
+        llm.generate(5)
