@@ -121,12 +121,18 @@ class PrefixCache:
         while self.evict_one(pending=True):
             pass
 
-    def evict_one(self, keep: PrefixEntry | None = None, pending: bool = False) -> bool:
+    def evict_one(self, keep: PrefixEntry | None = None, pending: bool = False, for_blocks: bool = False) -> bool:
         """Drop the least recently used ready entry other than `keep` (its slot freed, its block references
         dropped); False when there is none. An entry not ready yet belongs to the step being scheduled, whose forward
         writes its slot: handing that slot to another snapshot of the same step would have one kernel write two
-        states into it (only `clear`, between steps, passes pending=True)."""
-        key = next((k for k, e in self._entries.items() if e is not keep and (e.ready or pending)), None)
+        states into it (only `clear`, between steps, passes pending=True). for_blocks (room for KV blocks): the least
+        recently used entry whose drop frees a block, if any does; one whose blocks a running request or a longer
+        entry still holds frees nothing, and was dropped for nothing."""
+        keys = [k for k, e in self._entries.items() if e is not keep and (e.ready or pending)]
+        if for_blocks:
+            keys = [k for k in keys if any(self.blocks.held_only_by_cache(b, 1) for b in self._entries[k].block_ids)] \
+                or keys  # none frees a block alone (entries sharing blocks a request also holds): plain LRU
+        key = keys[0] if keys else None
         if key is None:
             return False
         self._drop(key)

@@ -153,14 +153,15 @@ class Scheduler:
             self._filling.append(entry)
 
     def _make_room(self, need: int, keep: PrefixEntry | None = None) -> bool:
-        """Release cached prefixes (least recently used first, never `keep`) until `need` KV blocks are free; none
-        when releasing them all would not free enough (blocks running requests share stay in use)."""
+        """Release cached prefixes (least recently used first among those whose release frees a block, never `keep`)
+        until `need` KV blocks are free; none when releasing them all would not free enough (blocks running requests
+        share stay in use)."""
         if need <= self.blocks.num_free:
             return True
         if self.cache is None or need > self.blocks.num_free + self.cache.reclaimable(keep):
             return False
         while need > self.blocks.num_free:
-            if not self.cache.evict_one(keep):
+            if not self.cache.evict_one(keep, for_blocks=True):
                 return False
         return True
 

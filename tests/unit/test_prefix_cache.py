@@ -110,6 +110,32 @@ def test_lookup_takes_the_longest_ready_proper_prefix_and_evicts_the_least_recen
     assert len(cache) == 0
 
 
+def test_room_for_blocks_evicts_only_entries_that_free_some():
+    """_make_room dropped cached prefixes least recently used first whether or not their blocks were free to take:
+    a running request's shared system prompt (its blocks the request holds) went for nothing, and the next request
+    with that prompt missed. Now only entries whose drop frees a block go, least recently used first."""
+    from deltaserve.runtime.scheduler import Scheduler
+    from deltaserve.runtime.state_pool import StatePool
+
+    pool = BlockPool(16, 8)
+    cache = PrefixCache(pool, slots=[10, 11, 12, 13], chunk=CHUNK)
+    p1, p2 = list(range(100)), list(range(200, 300))
+    running = pool.allocate(4)  # a running request's blocks, which p1's entries share
+    done = pool.allocate(4)  # a finished request's: only p2's entries hold them once it lets go
+    for toks, blocks in ((p1, running), (p2, done)):
+        for n in (16, 32):
+            cache.insert(toks, n, blocks[: n // 8]).ready = True
+    pool.free(done)
+    sched = Scheduler(pool, StatePool(4), 4, 128, cache)
+    free = pool.num_free
+    assert sched._make_room(free + 1)
+    assert pool.num_free == free + 2 and sorted((e.tokens[0], len(e.tokens)) for e in cache._entries.values()) == \
+        [(0, 16), (0, 32), (200, 16)], "more was evicted than the blocks needed, or entries that freed nothing"
+    assert sched._make_room(pool.num_free + 2) and len(cache) == 2  # p2@16 now frees its two blocks
+    assert cache.lookup(p1 + [1]) is not None, "the running request's prefix was dropped for nothing"
+    assert not sched._make_room(pool.num_free + 1) and len(cache) == 2, "entries that free nothing were dropped"
+
+
 # ------------------------------------------------------------------------------------------ the engine
 
 
