@@ -397,10 +397,10 @@ class LLM:
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if not convs:
             raise ValueError("LLM.chat needs at least one conversation (a list of {'role', 'content'} messages)")
-        extra = dict(chat_template_kwargs or {}) if isinstance(chat_template_kwargs, (dict, type(None))) else None
-        if extra is None:
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
             raise ValueError(f"chat_template_kwargs must be a dict of template variables, got "
                              f"{type(chat_template_kwargs).__name__}")
+        extra = dict(chat_template_kwargs or {})
         reserved = sorted(set(extra) & {"conversation", "messages", "tokenize"})
         if reserved:
             raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}: pass the conversation as "

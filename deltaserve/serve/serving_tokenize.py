@@ -4,13 +4,12 @@ A client counts tokens against max_model_len, or checks what the chat template r
 from __future__ import annotations
 
 from .protocol import APIError, ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
+from .serving import _TRUNCATE_CHARS_PER_TOKEN as PER_TOKEN
 from .serving import ServingContext
 from .serving_chat import chat_prompt
 
-# the tokenizer holds the GIL on the event loop: an 18 MB text took 27 s, every client waiting. These bound what one
-# request may send, per token of max_model_len (a prompt that truncates may send as many characters: serving.py)
-MAX_CHARS_PER_TOKEN = 64
-MAX_IDS_PER_TOKEN = 64
+# the tokenizer holds the GIL on the event loop (an 18 MB text took 27 s, every client waiting): one request sends at
+# most PER_TOKEN characters, or ids, per token of max_model_len, as much as a prompt that truncates may (serving.py)
 
 
 def tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
@@ -27,10 +26,9 @@ def tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
         text = chat_prompt(ctx, chat)
     else:
         text = req.prompt
-    limit = MAX_CHARS_PER_TOKEN * ctx.max_model_len
-    if len(text) > limit:
-        raise APIError(400, f"the text has {len(text)} characters, more than /tokenize reads ({MAX_CHARS_PER_TOKEN} "
-                            f"per token of max_model_len {ctx.max_model_len}): send it in parts.",
+    if len(text) > PER_TOKEN * ctx.max_model_len:
+        raise APIError(400, f"the text has {len(text)} characters, more than /tokenize reads ({PER_TOKEN} per token "
+                            f"of max_model_len {ctx.max_model_len}): send it in parts.",
                        "messages" if req.messages is not None else "prompt")
     ids = ctx.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
     return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
@@ -40,9 +38,9 @@ def detokenize(ctx: ServingContext, req: DetokenizeRequest) -> dict:
     if req.model is not None:
         ctx.check_model(req.model)
     ctx.require_tokenizer()
-    if len(req.tokens) > MAX_IDS_PER_TOKEN * ctx.max_model_len:
-        raise APIError(400, f"{len(req.tokens)} token ids are more than /detokenize reads ({MAX_IDS_PER_TOKEN} per "
-                            f"token of max_model_len {ctx.max_model_len}): send them in parts.", "tokens")
+    if len(req.tokens) > PER_TOKEN * ctx.max_model_len:
+        raise APIError(400, f"{len(req.tokens)} token ids are more than /detokenize reads ({PER_TOKEN} per token of "
+                            f"max_model_len {ctx.max_model_len}): send them in parts.", "tokens")
     bad = next((t for t in req.tokens if not 0 <= t < ctx.tokenizer.vocab_size), None)
     if bad is not None:
         last = ctx.tokenizer.vocab_size - 1
