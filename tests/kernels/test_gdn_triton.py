@@ -4,10 +4,10 @@ CPU (CI): the kernels run under TRITON_INTERPRET=1 at small shapes, fp32 only. T
 through numpy (input_precision is ignored), so Triton and reference agree to fp32 rounding: observed max abs errors
 3e-7..6e-7 on outputs (|o| <= 0.5) and ~1e-6 on states (|S| <= 2). (bf16 cannot run there: the interpreter's tl.dot
 multiplies bf16 as raw uint16 bits and its fp32->bf16 cast truncates.)
-GPU (`gpu` marker, run on an H100): Qwen3.5-9B shapes, bf16 inputs, fp32 states. The prefill keeps its intermediates
-(w, u, v_new, chunk-start states) in bf16 as fla does; emulating bf16 round-to-nearest on the CPU at K=V=128 over
-700 tokens gave relative RMS errors of 4.3e-3 (o) and 3.2e-3 (states) against the fp32 reference. Decode computes
-in fp32 and matched to ~4e-7 there."""
+GPU (`gpu` marker, run on an H100): Qwen3.5-9B shapes, bf16 inputs, fp32 states. The prefill rounds its
+intermediates (w, u; v_new and the chunk-start states as dot operands) to bf16 as fla does; emulating bf16
+round-to-nearest on the CPU at K=V=128 over 700 tokens gave relative RMS errors of 4.3e-3 (o) and 3.2e-3 (states)
+against the fp32 reference. Decode computes in fp32 and matched to ~4e-7 there."""
 import importlib
 import math
 import os
@@ -113,8 +113,8 @@ def run_chunk_case(heads, lengths, slots, S, dtype=torch.float32, device="cpu", 
 
 CPU_CHUNK_CASES = [
     pytest.param(dict(Hk=2, HV=4, K=32, V=16), None, id="gqa2-k32-v16"),
-    # V-tiles of 16 over V=24: two tiles per head in the state and output kernels, the second one masked
-    pytest.param(dict(Hk=2, HV=6, K=16, V=24), triton_chunk.ChunkLaunchConfig(state_block_v=16, out_block_v=16),
+    # V-tiles of 16 over V=24: two tiles per head in the state pass, the second one masked
+    pytest.param(dict(Hk=2, HV=6, K=16, V=24), triton_chunk.ChunkLaunchConfig(state_block_v=16),
                  id="gqa3-k16-v24-2tiles"),
 ]
 

@@ -7,18 +7,21 @@ Five kernels, one launch each, no host sync (the (sequence, chunk) tables come f
   1. `_chunk_solve_kernel`  grid (chunks, HV): the off-diagonal 16x16 blocks of A, merged with the diagonal inverses
      into T = (I + A)^-1 (16 -> 64), written as T_inv.
   2. `_chunk_wu_kernel`     grid (chunks, HV): w = T (beta exp(G) k), u = T (beta v), one [64, 64] product each.
-  3. `_chunk_state_kernel`  grid (V-tiles, HV, sequences): serial over a sequence's chunks with the state h in fp32
-     registers; gathers the initial state from the pool at its slot and scatters the final one back (slot -1: zero
-     initial state, no write); saves each chunk-start h and v_new = u - w h.
-  4. `_chunk_output_kernel` grid (chunks, HV): o = scale (q h) exp(G) + causal(q k^T exp(G_i - G_j)) v_new, the
-     scores once, then a prefetching loop over V-tiles of h and v_new.
-Intermediates (kn, T_inv, w, u, v_new, h) are stored in the input dtype and feed bf16 tensor-core dots, as fla
-does; every accumulation, the state and the triangular solve (fp32 FMAs in the diagonal blocks, "tf32x3" dots
-merging them) are fp32, and beta scales k k^T after the product. Against the fp32 reference that costs ~4e-3
-relative RMS on o and ~3e-3 on states at K=V=128 (tf32 operands for the state update and output would give ~3e-3 /
-~2.4e-3: not worth the slower dots). The chunk is fixed at 64 tokens (four 16-token sub-blocks unrolled in kernel 1).
-Exponentials use natural base throughout. Offsets are int32 except pool slots and chunk states: T * HV * max(K, V,
-64) must stay below 2**31 (the wrapper checks).
+  3. `_chunk_scores_kernel` grid (chunks, HK): qn = scale q / |q| and the causal intra-chunk scores
+     A_qk = causal(qn kn^T exp(G_i - G_j)) of each value head (one qn kn^T product per key head).
+  4. `_chunk_state_output_kernel` grid (V-tiles, HV, sequences): serial over a sequence's chunks with the state h in
+     fp32 registers: v_new = u - w h, o = (qn h) exp(G) + A_qk v_new, h <- h exp(G_last) + (kn exp(G_last - G))^T
+     v_new; gathers the initial state from the pool at its slot and scatters the final one back (slot -1: zero
+     initial state, no write). The chunk-start states never go to memory: fla saves them ([chunks, HV, K, V], twice
+     the bytes of v) and reads them back in an output kernel, as this file did until 2026-11-30 (ChunkLaunchConfig
+     has the A/B).
+Intermediates (kn, qn, T_inv, w, u, A_qk; h and v_new as dot operands) are rounded to the input dtype and feed bf16
+tensor-core dots, as fla does; every accumulation, the state and the triangular solve (fp32 FMAs in the diagonal
+blocks, "tf32x3" dots merging them) are fp32, and beta scales k k^T after the product. Against the fp32 reference
+that costs ~4e-3 relative RMS on o and ~3e-3 on states at K=V=128 (tf32 operands for the state update and output
+would give ~3e-3 / ~2.4e-3: not worth the slower dots). The chunk is fixed at 64 tokens (four 16-token sub-blocks
+unrolled in kernel 1). Exponentials use natural base throughout. Offsets are int32 except pool slots: T * HV *
+max(K, V, 64) must stay below 2**31 (the wrapper checks).
 """
 import functools
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from .reference import STATE_DTYPES
 BT = 64  # tokens per chunk
 BC = 16  # sub-block of the triangular solve
 MAX_SNAPSHOTS = 2  # states a sequence's state pass may also write to other slots (the prefix cache's stops)
-SEQ_COLUMNS = 3 + 2 * MAX_SNAPSHOTS  # of the seq table: first token, end token, first chunk, (chunk, slot) pairs
+SEQ_COLUMNS = 2 + 2 * MAX_SNAPSHOTS  # of the seq table: first token, end token, (snapshot chunk, slot) pairs
 _SEQ_COLUMNS_K = tl.constexpr(SEQ_COLUMNS)
 
 
@@ -42,8 +45,8 @@ class ChunkLaunchConfig:
     """Launch parameters of the prefill kernels. Defaults: the best value of each kernel's own parameter in
     `bench_gdn.py --sweep` (H100 2026-11-28, then H200 2026-11-29; one parameter at a time: the kernels run one
     after the other, so their choices do not interact). H100, 1x16k / 16x1k ms: solve (then prep) warps 4->2
-    2.11/1.90 -> 1.98/1.79; out_block_v 64->128 2.10/1.91 -> 2.01/1.82. H200, the solve kernel at 4 warps: 1.16 /
-    1.04 / 1.06 -> 1.50 / 1.37 / 1.39 ms at 1x16k / 4x4k / 16x1k.
+    2.11/1.90 -> 1.98/1.79; the old output kernel's V-tile 64->128 2.10/1.91 -> 2.01/1.82. H200, the solve kernel at
+    4 warps: 1.16 / 1.04 / 1.06 -> 1.50 / 1.37 / 1.39 ms at 1x16k / 4x4k / 16x1k.
     Tried and dropped (H200, 2026-11-28): inverting the diagonal blocks by repeated squaring, (I + X)(I + X^2)
     (I + X^4)(I + X^8) with X = -A, six dots instead of fifteen dependent ones, took 1.77/1.43 -> 1.40/1.07 ms, but
     with correlated keys and beta near 1 the powers of X reach ~3e3 and w's error grows to 3e-4..1e-3 (substitution:
@@ -59,22 +62,25 @@ class ChunkLaunchConfig:
     0.928 / 0.818 / 0.838 ms (diag 120 us + solve 85 us, against 414 us for the single kernel). Probed then in the
     diag kernel and not kept: the carried cumsum from one [64] gating of the chunk instead of one per earlier block
     (120.9 -> 117.7 us, no longer bit for bit), the substitution's rows picked out of registers instead of re-read
-    from T_diag (120.0), 2 warps (138)."""
+    from T_diag (120.0), 2 warps (138). (H200, 2026-11-30, later) The state pass computing the output as well, from
+    the chunk-start state in its registers, where the state kernel saved it ([chunks, HV, K, V] bf16: 268 MB at 16k
+    tokens, written then read) and v_new for a separate output kernel: o, states bit for bit the same, device time
+    0.904 / 0.792 / 0.808 -> 0.833 / 0.725 / 0.749 ms (state 328 + output 219 us -> scores 121 + state-and-output
+    355 at 1x16k; 213 + 221 -> 122 + 245 at 4x4k); fla 1.119 / 1.133 / 1.176 in the same run. Computing qn and the
+    scores inside the serial loop instead of in a kernel of their own: 1.32 / 1.08 / 1.10 ms; in the w/u kernel:
+    that kernel 151 -> 282 us."""
     diag_warps: int = 1       # the run below: 2 warps 0.946 / 0.836 / 0.854 ms, 4: 1.051 / 0.943 / 0.960
     solve_warps: int = 1      # H200, 1x16k / 4x4k / 16x1k: 2 warps 0.990 / 0.878 / 0.897 ms, 1: 0.928 / 0.818 / 0.838
     wu_warps: int = 8         # H200, 1x16k / 4x4k / 16x1k: 4 warps 1.26 / 1.15 / 1.16 ms, 8: 1.22 / 1.11 / 1.13
-    # V-tile and pipeline stages of the serial state pass; None: 64 and 2, or 32 and 3 where 64 would leave SMs idle
-    # (few long sequences). H200, 2026-11-29, ms at 1x16k / 4x4k / 16x1k: 64, 2 stages 1.43 / 1.15 / 1.16;
-    # 32, 3 stages 1.26 / 1.25 / 1.27; 64, 3 stages 1.35 / 1.15 / 1.18; 32, 2 stages 1.37 / 1.23 / 1.23
+    scores_warps: int = 8     # H200, 1x16k / 4x4k / 16x1k: 2 warps 0.834 / 0.712 / 0.738 ms, 4: 0.833 / 0.725 / 0.749,
+    # 8: 0.821 / 0.712 / 0.738
+    # V-tile and pipeline stages of the serial state-and-output pass; None: 64 and 3, or 32 and 3 where 64 would leave
+    # SMs idle (few long sequences). H200, 2026-11-30, ms at 1x16k / 4x4k / 16x1k (whole prefill, 4 warps): 64, 3
+    # stages 0.949 / 0.724 / 0.749; 64, 2 1.136 / 0.851 / 0.847; 32, 3 0.832 / 0.844 / 0.874; 8 warps at 64, 3:
+    # 1.167 / 0.834 / 0.859. (Before the output moved in: 64, 2 stages was best where SMs were full.)
     state_block_v: int | None = None
     state_warps: int = 4
     state_stages: int | None = None
-    # the output kernel's V-tile, prefetch depth and warps. H200 (2026-11-30), output kernel at 1x16k / 4x4k / 16x1k,
-    # us: one program for all of V (the kernel before the V loop) 250 / 250 / 250; (64, 2, 4) 219 / 221 / 219;
-    # (64, 1, 4) 222; (64, 3, 4) 232; (32, 3, 4) 239; (128, 1, 4) 314; (64, 2, 8) 440
-    out_block_v: int = 64
-    out_stages: int = 2
-    out_warps: int = 4
     # fp32 products merging the solve's diagonal blocks, "ieee" or "tf32x3" (three tf32 products, ~fp32 accurate):
     # H200, 1x16k / 16x1k 1.43 / 1.17 -> 1.39 / 1.12 ms, o unchanged at the printed digits (1.46e-3 from the
     # previous kernels either way)
@@ -309,28 +315,58 @@ def _chunk_wu_kernel(
 
 
 @triton.jit
-def _chunk_state_kernel(
-    kn, w, u, g_cum, state, slots, seq_table, h, v_new,
+def _chunk_scores_kernel(
+    q, kn, g_cum, chunk_table, qn, A_qk,
+    s_q, scale,
+    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+):
+    """The output's inputs that do not depend on the state, for chunk i_c and key head i_kh: qn = scale q / |q| and,
+    for each of the key head's value heads, the causal intra-chunk scores A_qk = causal(qn kn^T exp(G_i - G_j)) (one
+    qn kn^T product for all of them). q: [T, HK, K] raw (token stride s_q); kn: [T, HK, K] normalised k (dense).
+    Writes qn: [T, HK, K]; A_qk: [T, HV, BT]."""
+    i_c, i_kh = tl.program_id(0), tl.program_id(1)
+    o_i, o_t, m_t = _chunk_tokens(chunk_table, i_c, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    DT = qn.dtype.element_ty
+
+    b_q = (_load_rows_l2norm(q + i_kh * K, o_t, m_t, s_q, o_k, m_k) * scale).to(DT)
+    tl.store(qn + (o_t[:, None] * HK + i_kh) * K + o_k[None, :], b_q, mask=m_t[:, None] & m_k[None, :])
+    b_kt = tl.load(kn + (o_t[None, :] * HK + i_kh) * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0)
+    b_S = tl.dot(b_q, b_kt)
+    m_causal = o_i[:, None] >= o_i[None, :]
+    for i_r in range(0, HV // HK):
+        i_h = i_kh * (HV // HK) + i_r
+        b_G = tl.load(g_cum + o_t * HV + i_h, mask=m_t, other=0)
+        b_A = tl.where(m_causal, b_S * tl.exp(tl.where(m_causal, b_G[:, None] - b_G[None, :], 0.0)), 0.0)
+        tl.store(A_qk + (o_t[:, None] * HV + i_h) * BT + o_i[None, :], b_A.to(DT), mask=m_t[:, None])
+
+
+@triton.jit
+def _chunk_state_output_kernel(
+    qn, kn, w, u, A_qk, g_cum, state, slots, seq_table, o,
     s_state,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SNAPSHOTS: tl.constexpr = False,
 ):
-    """Serial pass over one sequence's chunks for one value head and V-tile. kn: [T, HK, K] normalised k (dense);
-    seq_table: [N, 7] int32 (first token, end token, first global chunk, then two (snapshot chunk, slot) pairs);
-    state: [S, HV, K, V] fp32 pool (slot stride s_state), read and written at slots[i_n] unless -1, and at each
-    snapshot slot given the (fp32, unrounded) state at the start of its chunk (prefix cache; chunk -1: none), when
-    SNAPSHOTS (a step without snapshots compiles without the two stores: they cost the serial pass ~5% at 1x16k).
-    Writes h: [chunks, HV, K, V] chunk-start states; v_new: [T, HV, V]."""
+    """Serial pass over one sequence's chunks for one value head and V-tile, with the state h in fp32 registers:
+    per chunk v_new = u - w h, the output o = (qn h) exp(G) + A_qk v_new, then h <- h exp(G_last) +
+    (kn exp(G_last - G))^T v_new. qn, kn: [T, HK, K] normalised q (scaled) and k (dense); w: [T, HV, K]; u: [T, HV, V];
+    A_qk: [T, HV, BT] the causal intra-chunk scores; seq_table: [N, 6] int32 (first token, end token, then two
+    (snapshot chunk, slot) pairs); state: [S, HV, K, V] fp32 pool (slot stride s_state), read and written at
+    slots[i_n] unless -1, and at each snapshot slot given the (fp32, unrounded) state at the start of its chunk
+    (prefix cache; chunk -1: none), when SNAPSHOTS (a step without snapshots compiles without the two stores: they
+    cost the serial pass ~5% at 1x16k). Writes o: [T, HV, V]. Of each step's four dots (w h and qn h, then A_qk v_new
+    and kn^T v_new) only the first and the last are on the chain from one chunk's h to the next."""
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kh = i_h // (HV // HK)
     bos = tl.load(seq_table + _SEQ_COLUMNS_K * i_n)
     eos = tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 1)
-    c0 = tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 2)
     if SNAPSHOTS:
-        snap_c0 = tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 3)
-        snap_slot0 = tl.maximum(tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 4), 0).to(tl.int64)
-        snap_c1 = tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 5)
-        snap_slot1 = tl.maximum(tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 6), 0).to(tl.int64)
+        snap_c0 = tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 2)
+        snap_slot0 = tl.maximum(tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 3), 0).to(tl.int64)
+        snap_c1 = tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 4)
+        snap_slot1 = tl.maximum(tl.load(seq_table + _SEQ_COLUMNS_K * i_n + 5), 0).to(tl.int64)
     slot = tl.load(slots + i_n).to(tl.int64)
     o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -351,70 +387,37 @@ def _chunk_state_kernel(
         t0 = bos + i_t * BT
         o_t = t0 + o_i
         m_t = o_t < eos
-        tl.store(h + ((c0 + i_t).to(tl.int64) * HV + i_h) * (K * V) + o_kv, b_h.to(DT), mask=m_kv)
+        m_tv = m_t[:, None] & m_v[None, :]
         if SNAPSHOTS:  # vector masks (a scalar bool in a mask trips the interpreter), each true once at most
             b_i = tl.zeros([BV], dtype=tl.int32) + i_t
             tl.store(p_snap0, b_h.to(p_snap0.dtype.element_ty), mask=m_kv & (b_i == snap_c0)[None, :])
             tl.store(p_snap1, b_h.to(p_snap1.dtype.element_ty), mask=m_kv & (b_i == snap_c1)[None, :])
-        b_w = tl.load(w + (o_t[:, None] * HV + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
-        b_u = tl.load(u + (o_t[:, None] * HV + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
-        b_v = b_u.to(tl.float32) - tl.dot(b_w, b_h.to(DT))
-        tl.store(v_new + (o_t[:, None] * HV + i_h) * V + o_v[None, :], b_v.to(DT), mask=m_t[:, None] & m_v[None, :])
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_w = tl.load(w + (o_t[:, None] * HV + i_h) * K + o_k[None, :], mask=m_tk, other=0)
+        b_u = tl.load(u + (o_t[:, None] * HV + i_h) * V + o_v[None, :], mask=m_tv, other=0)
+        b_q = tl.load(qn + (o_t[:, None] * HK + i_kh) * K + o_k[None, :], mask=m_tk, other=0)
+        b_A = tl.load(A_qk + (o_t[:, None] * HV + i_h) * BT + o_i[None, :], mask=m_t[:, None], other=0)
         b_G = tl.load(g_cum + o_t * HV + i_h, mask=m_t, other=0)
         b_G_last = tl.load(g_cum + (tl.minimum(t0 + BT, eos) - 1) * HV + i_h)
         # k^T as loaded: a load that feeds a dot is one Triton's pipeliner prefetches
         b_kt = tl.load(kn + (o_t[None, :] * HK + i_kh) * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0)
+        b_hd = b_h.to(DT)
+        b_v = b_u.to(tl.float32) - tl.dot(b_w, b_hd)
+        b_vd = b_v.to(DT)
+        b_o = tl.dot(b_q, b_hd) * tl.exp(b_G)[:, None] + tl.dot(b_A, b_vd)
+        tl.store(o + (o_t[:, None] * HV + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
         # masked tokens: b_v is 0 there (w = u = 0), so exp(G_last - 0) scales nothing
         b_v = b_v * tl.exp(b_G_last - b_G)[:, None]
         b_h = b_h * tl.exp(b_G_last) + tl.dot(b_kt, b_v.to(DT))
     tl.store(p_state, b_h.to(p_state.dtype.element_ty), mask=m_live)
 
 
-@triton.jit
-def _chunk_output_kernel(
-    q, kn, v_new, g_cum, h, chunk_table, o,
-    s_q, scale,
-    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STAGES: tl.constexpr,
-):
-    """o[t] = scale (q_t h_c) exp(G_t) + sum_{s<=t in chunk} scale (q_t k_s) exp(G_t - G_s) v_new[s], for the
-    chunk i_c and value head i_h. q: [T, HK, K] raw (normalised here); kn: [T, HK, K] normalised k (dense);
-    o: [T, HV, V]. The [BT, BT] intra-chunk scores are computed once; a loop over V-tiles of BV then streams the
-    chunk-start state h and v_new with STAGES-deep prefetch (one program held all of V before: 236 registers, two
-    programs an SM, nothing in flight while it computed)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_kh = i_h // (HV // HK)
-    o_i, o_t, m_t = _chunk_tokens(chunk_table, i_c, BT)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    DT = v_new.dtype.element_ty
-
-    b_q = (_load_rows_l2norm(q + i_kh * K, o_t, m_t, s_q, o_k, m_k) * scale).to(DT)
-    b_kt = tl.load(kn + (o_t[None, :] * HK + i_kh) * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0)
-    b_G = tl.load(g_cum + o_t * HV + i_h, mask=m_t, other=0)
-    m_causal = o_i[:, None] >= o_i[None, :]
-    b_A = tl.dot(b_q, b_kt)
-    b_A = tl.where(m_causal, b_A * tl.exp(tl.where(m_causal, b_G[:, None] - b_G[None, :], 0.0)), 0.0).to(DT)
-    b_eG = tl.exp(b_G)[:, None]
-    p_h = h + (i_c.to(tl.int64) * HV + i_h) * (K * V) + o_k[:, None] * V
-    p_vn = v_new + (o_t[:, None] * HV + i_h) * V
-    p_o = o + (o_t[:, None] * HV + i_h) * V
-    for v0 in tl.range(0, V, BV, num_stages=STAGES):
-        o_v = v0 + tl.arange(0, BV)
-        m_v = o_v < V
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_h = tl.load(p_h + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
-        b_vn = tl.load(p_vn + o_v[None, :], mask=m_tv, other=0)
-        b_o = tl.dot(b_q, b_h) * b_eG + tl.dot(b_A, b_vn)
-        tl.store(p_o + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
-
-
 @dataclass(frozen=True)
 class ChunkTables:
     """Where each sequence and each 64-token chunk of a flat varlen batch lies; the same for every GDN layer of a
     forward step, so build it once per step (`build_chunk_tables`) and pass it to every layer."""
-    seq_table: torch.Tensor    # [N, SEQ_COLUMNS] int32 on the device: first token, end token, first global chunk,
-    # then MAX_SNAPSHOTS (chunk, slot) pairs (chunk -1: none)
+    seq_table: torch.Tensor    # [N, SEQ_COLUMNS] int32 on the device: first token, end token, then MAX_SNAPSHOTS
+    # (chunk, slot) pairs (chunk -1: none)
     chunk_table: torch.Tensor  # [chunks, 2] int32 on the device: token range [t0, t1) of each chunk
     num_chunks: int            # host int: the grid size of the per-chunk kernels
     query_lens: tuple          # host copy of the lengths it was built from (checked against each call)
@@ -446,7 +449,7 @@ def build_chunk_tables(query_lens: list[int], device, snapshots: tuple = ()) -> 
         taken[i] += 1
     seq_part = 4 * -(-SEQ_COLUMNS * lens.size // 4)
     packed = np.zeros(seq_part + 2 * num_chunks, dtype=np.int32)
-    packed[: SEQ_COLUMNS * lens.size] = np.concatenate([np.stack([starts, ends, first_chunk], 1),
+    packed[: SEQ_COLUMNS * lens.size] = np.concatenate([np.stack([starts, ends], 1),
                                                         snaps.reshape(lens.size, -1)], 1).ravel()
     packed[seq_part:] = np.stack([t0, t1], 1).ravel()
     host = torch.from_numpy(packed)
@@ -469,10 +472,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _state_tile(V: int, HV: int, N: int, device: torch.device) -> tuple[int, int]:
-    """The state pass's default (V-tile, stages): (64, 2), or (32, 3) when the (V-tiles x HV x N) programs at 64
+    """The state pass's default (V-tile, stages): (64, 3), or (32, 3) when the (V-tiles x HV x N) programs at 64
     would not fill the SMs: each program's chain over the chunks is then the whole time, and a narrower tile with a
     deeper prefetch shortens it."""
-    return (64, 2) if triton.cdiv(V, 64) * HV * N >= _sm_count(device) else (32, 3)
+    return (64, 3) if triton.cdiv(V, 64) * HV * N >= _sm_count(device) else (32, 3)
 
 
 def _check_rows(name: str, t: torch.Tensor, dims: int) -> None:
@@ -558,10 +561,11 @@ def chunk_gated_delta_rule_varlen(
 
     g_cum = torch.empty(T, HV, dtype=torch.float32, device=v.device)
     w = torch.empty(T, HV, K, dtype=q.dtype, device=v.device)
-    u = torch.empty(T, HV, V, dtype=q.dtype, device=v.device)  # overwritten in place by v_new in the state pass
-    h = torch.empty(num_chunks, HV, K, V, dtype=q.dtype, device=v.device)
+    u = torch.empty(T, HV, V, dtype=q.dtype, device=v.device)
     kn = torch.empty(T, HK, K, dtype=q.dtype, device=v.device)
+    qn = torch.empty(T, HK, K, dtype=q.dtype, device=v.device)
     T_inv = torch.empty(T, HV, BT, dtype=q.dtype, device=v.device)
+    A_qk = torch.empty(T, HV, BT, dtype=q.dtype, device=v.device)
     T_diag = torch.empty(T, HV, BC, dtype=torch.float32, device=v.device)
     _chunk_diag_kernel[(num_chunks, HV, BT // BC)](
         k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_diag,
@@ -575,17 +579,15 @@ def chunk_gated_delta_rule_varlen(
         kn, v, a, b, A_log, dt_bias, g_cum, T_inv, chunk_table, w, u,
         v.stride(0), a.stride(0), b.stride(0),
         HK=HK, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV, num_warps=config.wu_warps)
+    _chunk_scores_kernel[(num_chunks, HK)](
+        q, kn, g_cum, chunk_table, qn, A_qk,
+        q.stride(0), K ** -0.5,
+        HK=HK, HV=HV, K=K, BT=BT, BK=BK, num_warps=config.scores_warps)
     block_v, stages = _state_tile(V, HV, len(query_lens), v.device)
     BV_state = _pow2_block(V, config.state_block_v or block_v)
-    # each program reads u and writes v_new on exactly the same [tokens, V-tile] elements: in place is safe
-    _chunk_state_kernel[(triton.cdiv(V, BV_state), HV, len(query_lens))](
-        kn, w, u, g_cum, state, slots, seq_table, h, u,
+    _chunk_state_output_kernel[(triton.cdiv(V, BV_state), HV, len(query_lens))](
+        qn, kn, w, u, A_qk, g_cum, state, slots, seq_table, o,
         state.stride(0),
         HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV_state, SNAPSHOTS=bool(tables.snapshots),
         num_warps=config.state_warps, num_stages=config.state_stages or stages)
-    _chunk_output_kernel[(num_chunks, HV)](
-        q, kn, u, g_cum, h, chunk_table, o,
-        q.stride(0), K ** -0.5,
-        HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=_pow2_block(V, config.out_block_v), STAGES=config.out_stages,
-        num_warps=config.out_warps)
     return o
