@@ -28,6 +28,8 @@ class ChoiceParser:
     def __init__(self, in_reasoning: bool, thinking: bool, tools: list[dict] | None, forced: Forced | None = None,
                  parallel: bool = True, constrained: bool = False):
         self.reasoning = ReasoningParser(in_reasoning=in_reasoning, enabled=thinking, exact_content=constrained)
+        # OpenAI's finish_reason after calls: "tool_calls" for tool_choice auto or required, "stop" for a named one
+        self.named_call = forced is not None and forced.name is not None
         if forced is not None:  # the answer is JSON naming the calls (tool_choice required / a named function)
             self.tools = ForcedToolCalls(forced.name)
         else:
@@ -194,7 +196,7 @@ def _full_response(ctx: ServingContext, req: ChatCompletionRequest, final, parse
 
 
 def _finish_reason(reason: str | None, parser: ChoiceParser) -> str | None:
-    return "tool_calls" if reason == "stop" and parser.called_tools else reason
+    return "tool_calls" if reason == "stop" and parser.called_tools and not parser.named_call else reason
 
 
 async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parsers: list[ChoiceParser],
