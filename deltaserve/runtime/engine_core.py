@@ -278,8 +278,13 @@ class EngineCore:
             reason, stop = "abort", None
         if reason is not None:
             if group.detoks[i] is not None and reason != "abort" and not isinstance(stop, str):
-                # bytes held back as an incomplete character are final now (a stop string cut the text instead)
+                # bytes held back as an incomplete character are final now (a stop string cut the text instead);
+                # a token that held them may also have held the end of a stop string ("P" + a character's first
+                # byte): the released text is checked too
+                flushed_from = len(group.texts[i])
                 group.texts[i] += group.detoks[i].flush()
+                if (hit := self._stop_string(req, group, i, flushed_from)) is not None:
+                    reason, stop = "stop", hit
             req.finish_reason, req.stop_reason = reason, stop
             self.scheduler.finish(req)
 
@@ -337,6 +342,13 @@ class EngineCore:
             if not p.include_stop_str_in_output:  # as vLLM: the stopping token's own text is not shown
                 group.texts[i] = group.texts[i][:prev_len]
             return "stop", (None if eos else tok)
+        if (s := self._stop_string(req, group, i, prev_len)) is not None:
+            return "stop", s
+        return _length_reason(req, self.max_model_len), None
+
+    def _stop_string(self, req: Request, group: _Group, i: int, prev_len: int) -> str | None:
+        """The stop string that text after prev_len completes, the text cut there; None when none does."""
+        p = req.params
         if p.stop and len(req.output_token_ids) > p.min_tokens:  # as vLLM: a stop string completed by a token
             # after the first min_tokens (as EOS and stop tokens, banned for those, can come at the earliest)
             text = group.texts[i]
@@ -348,8 +360,8 @@ class EngineCore:
             if hits:
                 at, _, s = min(hits)
                 group.texts[i] = text[: at + len(s)] if p.include_stop_str_in_output else text[:at]
-                return "stop", s
-        return _length_reason(req, self.max_model_len), None
+                return s
+        return None
 
     def _output(self, rid: str, group: _Group) -> RequestOutput:
         outs = []

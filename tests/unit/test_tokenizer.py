@@ -306,6 +306,49 @@ def test_a_length_stop_keeps_a_cut_character_as_decode_shows_it(tmp_path):
         assert "".join(o.outputs[0].delta_text for o in llm.generate_stream(["hi"], params)) == out.text
 
 
+def _with_letter_and_lead_byte_token(model_dir: str) -> int:
+    """Rewrite model_dir's tokenizer so that "P" + the first byte of a CJK character is one token (as real Qwen
+    vocabularies merge a letter or a space with a character's first bytes): a leaf merge gives way to it. -> its id."""
+    path = os.path.join(model_dir, "tokenizer.json")
+    spec = json.load(open(path, encoding="utf-8"))
+    model = spec["model"]
+    used = {part for merge in model["merges"] for part in merge}
+    merged = {a + b: k for k, (a, b) in enumerate(model["merges"])}
+    leaf = next(t for t, i in sorted(model["vocab"].items(), key=lambda kv: -kv[1]) if t in merged and t not in used)
+    token_id = model["vocab"].pop(leaf)
+    piece = "P" + _byte_token(0xE4)
+    model["vocab"][piece] = token_id
+    model["merges"][merged[leaf]] = ["P", _byte_token(0xE4)]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    return token_id
+
+
+@pytest.mark.parametrize("ending", ["length", "eos"])
+def test_a_stop_string_in_bytes_held_back_to_the_end_still_stops(tmp_path, ending):
+    """A token holding a stop string's last character and a character's first byte is held back whole; when the
+    request then ends (max_tokens, EOS) the released text is checked for stop strings too (it kept "STOP")."""
+    from deltaserve import LLM, SamplingParams
+    from deltaserve.serve.testing import ForcedOutputRunner
+    from deltaserve.tiny import make_tiny
+
+    model_dir = make_tiny(str(tmp_path / "tiny"))
+    held = _with_letter_and_lead_byte_token(model_dir)
+    llm = LLM(model=model_dir, device="cpu", dtype="float32", max_model_len=128)
+    tok = llm.tokenizer
+    ids = tok.encode("go STOP你 ok")
+    assert held in ids
+    forced = ids[: ids.index(held) + 1] + ([tok.eos_token_id] if ending == "eos" else [])
+    runner = ForcedOutputRunner(llm.engine.runner, tok, [{"contains": ["MARK"], "output": ""}], tok.eos_token_id)
+    runner._forced = [forced]
+    llm.engine.runner = runner
+    params = SamplingParams(temperature=0, max_tokens=ids.index(held) + 1 + (ending == "eos"), stop=["STOP"])
+    out = llm.generate(["MARK"], params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == forced
+    assert (out.text, out.finish_reason, out.stop_reason) == ("go ", "stop", "STOP")
+    assert "".join(o.outputs[0].delta_text for o in llm.generate_stream(["MARK"], params)) == out.text
+
+
 def _byte_token(b: int) -> str:
     """The byte-level BPE token of one byte (GPT-2's byte-to-unicode map)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
