@@ -52,9 +52,13 @@ class ChoiceParser:
                 parsed.add_call(d)
         return split.reasoning, parsed
 
-    @property
-    def called_tools(self) -> bool:
-        return self.tools is not None and bool(self.tools.calls)
+    def finish_reason(self, reason: str | None) -> str | None:
+        """The choice's OpenAI finish_reason: "tool_calls" for an answer that ended ("stop") after whole calls, under
+        tool_choice auto or required; "stop" under a named function (as OpenAI and vLLM) or when a stop string cut
+        the last call short (its arguments are not whole)."""
+        if reason != "stop" or self.tools is None or not self.tools.calls or self.named_call:
+            return reason
+        return "stop" if self.tools.cut else "tool_calls"
 
 
 def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
@@ -189,14 +193,10 @@ def _full_response(ctx: ServingContext, req: ChatCompletionRequest, final, parse
             "index": c.index, "message": message,
             "logprobs": (chat_logprobs(ctx.tokens, c.token_ids, c.logprobs, k, req.return_tokens_as_token_ids)
                          if k is not None else None),
-            "finish_reason": _finish_reason(c.finish_reason, p), "stop_reason": c.stop_reason})
+            "finish_reason": p.finish_reason(c.finish_reason), "stop_reason": c.stop_reason})
     n_out = sum(len(c.token_ids) for c in final.outputs)
     return {**head, "object": "chat.completion", "choices": choices,
             "usage": usage(len(final.prompt_token_ids), n_out, final.num_cached_tokens)}
-
-
-def _finish_reason(reason: str | None, parser: ChoiceParser) -> str | None:
-    return "tool_calls" if reason == "stop" and parser.called_tools and not parser.named_call else reason
 
 
 async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parsers: list[ChoiceParser],
@@ -238,7 +238,7 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parse
                     p.done = True
                     n_out += len(c.token_ids)
                 if delta or lp or final:
-                    yield chunk(c.index, delta, lp, _finish_reason(c.finish_reason, p) if final else None,
+                    yield chunk(c.index, delta, lp, p.finish_reason(c.finish_reason) if final else None,
                                 c.stop_reason if final else None)
         if req.include_usage:
             yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out, n_cached)})

@@ -158,6 +158,7 @@ class ToolCallParser:
         self._after_call = False  # no content released since the last block ended
         self._content_sent = False
         self._gap = ""  # the first whitespace around the blocks since content: what joins the content either side
+        self.cut = False  # the text ended inside a block (max_tokens, a stop string): its call was closed as it stood
 
     def feed(self, delta: str) -> ParsedDelta:
         self._buf += delta
@@ -169,6 +170,7 @@ class ToolCallParser:
     def finish(self) -> ParsedDelta:
         out = self.feed("")
         if self._in_call:  # cut off inside a block (e.g. by max_tokens): close what can be closed
+            self.cut = True
             self._end_call(out, self._buf, closed=False)
             self._buf = ""
         rest, self._buf = self._buf, ""
@@ -334,6 +336,7 @@ class ForcedToolCalls:
         self.name = name  # the named function, or None for "required" (a list of {"name", "parameters"})
         self.buf = ""
         self.calls: list[ToolCall] = []
+        self.cut = False  # (ToolCallParser's flag: a JSON answer cut short comes back as content, with no calls)
 
     def feed(self, text: str) -> ParsedDelta:
         self.buf += text

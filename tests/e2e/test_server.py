@@ -486,6 +486,16 @@ def test_tool_call_round_trip(client, marker):
     assert (res2.choices[0].message.content, res2.choices[0].finish_reason) == ("It is sunny in Paris.", "stop")
 
 
+def test_a_stop_string_inside_a_call_is_not_finish_reason_tool_calls(client):
+    """A stop string that cuts a call short returns what was written of it, but with finish_reason "stop", not
+    "tool_calls" (its arguments are not whole: a client trusting "tool_calls" would run a broken call)."""
+    msgs = user("FORCE_JSON_TOOL What is the weather in Paris?")
+    res = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=80, stop=["Paris"])
+    assert (res.choices[0].finish_reason, res.choices[0].model_extra["stop_reason"]) == ("stop", "Paris")
+    _, _, calls, finish, _, _ = stream_chat(client, messages=msgs, tools=TOOLS, max_tokens=80, stop=["Paris"])
+    assert finish == "stop" and len(calls) == 1
+
+
 @pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "one_call"])
 def test_parallel_tool_calls_and_logprobs_beside_calls(client, parallel):
     """parallel_tool_calls=false under tool_choice auto reports the first call only (both were returned); logprobs
