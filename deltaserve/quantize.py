@@ -179,19 +179,20 @@ def _check_not_convert(headers: list[tuple[str, list[int]]], skip: list[str], ex
                          "narrow the patterns")
 
 
-_EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.\d+\.")
+# keyed by the whole experts module: an MTP head's `mtp.layers.0.mlp.experts` (always 16-bit) is not layer 0's
+_EXPERT = re.compile(r"^(?P<moe>(?:.*\.)?layers\.(?P<layer>\d+)\.mlp\.experts)\.\d+\.")
 
 
 def _check_experts_uniform(headers: list[tuple[str, list[int]]], skip: list[str]) -> None:
     """A layer's experts are all quantized or all 16-bit (what the MoE kernels read): a --not-convert pattern that
     splits them is refused here, not when the written checkpoint is loaded."""
-    kinds: dict[str, dict[bool, str]] = {}  # layer -> {quantized?: an example module}
+    kinds: dict[tuple[str, str], dict[bool, str]] = {}  # (experts module, layer) -> {quantized?: an example module}
     for name, shape in headers:
-        m = _EXPERT.search(name)
+        m = _EXPERT.match(name)
         if m and name.endswith(".weight"):
             module = name[: -len(".weight")]
-            kinds.setdefault(m.group(1), {}).setdefault(_should_quantize(module, shape, skip), module)
-    for layer, seen in kinds.items():
+            kinds.setdefault((m["moe"], m["layer"]), {}).setdefault(_should_quantize(module, shape, skip), module)
+    for (_, layer), seen in kinds.items():
         if len(seen) == 2:
             raise ValueError(f"--not-convert keeps {seen[False]} 16-bit but quantizes {seen[True]}: the experts "
                              f"of layer {layer} must be all quantized or all 16-bit (match e.g. "

@@ -154,10 +154,16 @@ def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[st
         return
     want = {f"{moe}.{e}.{p}" for e in range(cfg.num_experts) for p in ("gate_proj", "up_proj", "down_proj")}
     fmts = set(found.values())
+    extra = sorted(set(found) - want)
+    if extra:  # an expert id past num_experts (16-bit ones are reported as unused tensors by the loader)
+        raise FormatError(f"Checkpoint holds quantized expert {extra[0]}, but config.json has num_experts="
+                          f"{cfg.num_experts}; is config.json from the same checkpoint?")
     if set(found) != want or len(fmts) != 1:
         missing = sorted(want - set(found))
-        raise FormatError(f"Experts of layer {layer} mix formats ({'16-bit ' + missing[0] if missing else fmts}); "
-                          f"deltaserve reads a layer's experts all quantized or all 16-bit.")
+        what = f"{missing[0]} has no quantized tensors (it is 16-bit or missing)" if missing else \
+            f"they hold {' and '.join(sorted(fmts))}"
+        raise FormatError(f"Experts of layer {layer} are not all quantized alike: {what}; deltaserve reads a layer's "
+                          f"experts all in one quantized format or all 16-bit.")
     fmt, group = fmts.pop(), q.group_size
     if fmt == "fp8":  # any shape: partial blocks at the edges have their own scales
         block = q.weight_block_size

@@ -299,6 +299,36 @@ def test_user_errors_name_the_tensor(break_it, needle, sources, tmp_path):
         assert "does not divide" in msg
 
 
+def _drop_module(path: str, module: str) -> None:
+    file = os.path.join(path, "model.safetensors")
+    with safe_open(file, framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys() if f".{module}." not in n}
+    save_file(tensors, file)
+
+
+def _set_num_experts(path: str, n: int) -> None:
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    raw["text_config"]["num_experts"] = n
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(raw, f)
+
+
+@pytest.mark.parametrize("break_it, needle", [
+    (lambda p: _set_num_experts(p, 7), "holds quantized expert layers.0.mlp.experts.7.down_proj, but config.json "
+                                       "has num_experts=7"),
+    (lambda p: _drop_module(p, "layers.1.mlp.experts.5.up_proj"),
+     "layers.1.mlp.experts.5.up_proj has no quantized tensors (it is 16-bit or missing)"),
+], ids=["expert_past_num_experts", "expert_without_tensors"])
+def test_int4_experts_that_do_not_match_the_config_are_named(break_it, needle, sources, tmp_path):
+    """Both were "Experts of layer N mix formats ({'awq'})" / "(16-bit ...)": a mix of formats the checkpoint does
+    not have."""
+    q = quantize_checkpoint(sources[True], str(tmp_path / "q"), group_size=GROUP, progress=False)
+    break_it(q)
+    msg = _error(q)
+    assert needle in msg, msg
+
+
 def test_quantized_tensors_without_quantization_config(sources, tmp_path):
     q = quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=GROUP, progress=False)
     with open(os.path.join(q, "config.json")) as f:
@@ -436,6 +466,25 @@ def test_not_convert_that_splits_a_layers_experts_is_refused(sources, tmp_path):
         quantize_checkpoint(sources[True], str(tmp_path / "q"), group_size=GROUP, not_convert=["experts.0."],
                             progress=False)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("method", ["awq", "fp8"])
+def test_mtp_head_experts_do_not_count_as_layer_0s(method, sources, tmp_path):
+    """Qwen3.5 MoE releases ship an MTP head with its own experts (`mtp.layers.0.mlp.experts.E.*`, kept 16-bit):
+    quantize refused them as a --not-convert split of layer 0's experts, so no released MoE could be quantized."""
+    from safetensors.torch import load_file
+
+    src = tmp_path / "src"
+    shutil.copytree(sources[True], src)
+    sd = load_file(str(src / "model.safetensors"))
+    for n in [n for n in sd if n.startswith("model.language_model.layers.3.")]:
+        sd["mtp.layers.0." + n[len("model.language_model.layers.3."):]] = sd[n].clone()
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    q = quantize_checkpoint(str(src), str(tmp_path / "q"), method=method, group_size=GROUP if method == "awq" else 128,
+                            progress=False)
+    with safe_open(os.path.join(q, "model.safetensors"), framework="pt") as f:
+        assert "mtp.layers.0.mlp.experts.0.gate_proj.weight" in f.keys()  # the head stays 16-bit
+    assert_matches_twin(q, tmp_path)
 
 
 def test_one_shard_index_is_rewritten(sources, tmp_path):
