@@ -74,6 +74,33 @@ class ServingContext:
             raise APIError(503, str(e)) from None
 
 
+async def add_all(ctx: ServingContext, requests: list[tuple]) -> list[RequestStream]:
+    """Queue several requests (ctx.add's arguments each) at once, in order, and wait for the engine to take them all:
+    awaited one by one, each waited for the engine's next step before the next was sent, so a batch of 40 prompts
+    took 40 steps to queue (seconds behind running decodes) and its prompts were prefilled one a step instead of
+    together. If one is refused, or the caller is cancelled, those queued are aborted; the first refusal is raised."""
+    tasks = [asyncio.ensure_future(ctx.add(*r)) for r in requests]
+    try:
+        await asyncio.wait(tasks)
+    except BaseException:  # cancelled: abort whatever was queued or is about to be
+        for t in tasks:
+            t.add_done_callback(_abort_added)
+            t.cancel()
+        raise
+    errors = [t.exception() for t in tasks]  # every one read: asyncio logs an exception nobody retrieved
+    if any(e is not None for e in errors):
+        for t, e in zip(tasks, errors):
+            if e is None:
+                t.result().abort()
+        raise next(e for e in errors if e is not None)
+    return [t.result() for t in tasks]
+
+
+def _abort_added(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().abort()
+
+
 def refused_field(message: str, structured_field: str = "response_format", prompt_field: str = "prompt") -> str | None:
     """The request field an engine refusal is about: the one its message names first (a field named later is the
     alternative it offers: "bad_words need the model's tokenizer.json; ban token ids with logit_bias")."""

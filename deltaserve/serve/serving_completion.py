@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from .protocol import (APIError, CompletionRequest, check_max_tokens, new_id, now, sampling_params,
                        structured_outputs, truncate, usage)
-from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, collect, completion_logprobs,
+from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, add_all, collect, completion_logprobs,
                       engine_api_error, join_logprobs, merge, sse, sse_error)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -51,16 +51,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     params = {limit: sampling_params(req, limit, req.logprobs, structured, req.logprobs if req.echo else None,
                                      ctx.sampling_defaults) for limit in set(limits)}
     rid = new_id("cmpl")
-    streams = []
     spec_field = "response_format" if structured is not None else "structured_outputs"
-    try:
-        for i, ((text, ids), limit) in enumerate(zip(prompts, limits)):
-            streams.append(await ctx.add(ids, params[limit], rid if len(prompts) == 1 else f"{rid}-{i}", text,
-                                         spec_field))
-    except BaseException:
-        for s in streams:
-            s.abort()
-        raise
+    streams = await add_all(ctx, [(ids, params[limit], rid if len(prompts) == 1 else f"{rid}-{i}", text, spec_field)
+                                  for i, ((text, ids), limit) in enumerate(zip(prompts, limits))])
     echoes = [_echo_text(ctx, text, ids) if req.echo else "" for text, ids in prompts]
     head = {"id": rid, "created": now(), "model": ctx.model_name}
     if req.stream:
