@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 THINK_START, THINK_END = "<think>", "</think>"
 TURN_START = "<|im_start|>"
+CALL_START, FUNCTION_OPEN = "<tool_call>", "<function="  # an XML tool call: what ends reasoning left open
 
 
 def prompt_opens_thinking(prompt: str) -> bool:
@@ -41,11 +42,16 @@ class ReasoningParser:
     enabled: False (e.g. `enable_thinking=False`, whose template closes an empty block) -> everything is content.
     exact_content: keep the whitespace right after `</think>` (a structured-output answer: the grammar constrains the
     text from there on, leading whitespace included, so dropping it could leave the schema or regex unmatched).
+    tool_calls: a `<tool_call>` followed by `<function=` ends the reasoning and starts the content (Qwen3.5 may call
+    a tool without closing `</think>` first; vLLM's Qwen3 parser reads it so), for a request whose tool calls are
+    parsed.
     """
 
-    def __init__(self, in_reasoning: bool = False, enabled: bool = True, exact_content: bool = False):
+    def __init__(self, in_reasoning: bool = False, enabled: bool = True, exact_content: bool = False,
+                 tool_calls: bool = False):
         self.state = "content" if not enabled else "reasoning" if in_reasoning else "start"
         self.exact_content = exact_content
+        self.tool_calls = tool_calls
         self._buf = ""  # text not released yet
         self._seen_reasoning = False  # reasoning text released so far (leading whitespace is dropped)
         self._content_started = False  # content released so far (whitespace right after </think> is dropped)
@@ -89,12 +95,18 @@ class ReasoningParser:
                 elif head and THINK_START.startswith(head):
                     return False
             end = buf.find(THINK_END)
+            call, pending = self._call_start(buf[: len(buf) if end < 0 else end])
+            if call >= 0:  # a tool call before any </think>: the reasoning ends there, the call is content
+                self._emit_reasoning(out, buf[:call].rstrip())
+                self.state, self._buf, self._after_end = "content", buf[call:], True
+                return True
             if end >= 0:
                 self._emit_reasoning(out, buf[:end].rstrip())
                 self.state, self._buf, self._after_end = "content", buf[end + len(THINK_END):], True
                 return True
-            # hold a partial closing tag and trailing whitespace (it may be the whitespace before </think>)
-            keep = partial_suffix(buf, THINK_END)
+            # hold a partial closing tag and trailing whitespace (it may be the whitespace before </think>), and a
+            # <tool_call> that may still turn out to open a call
+            keep = max(partial_suffix(buf, THINK_END), len(buf) - pending if pending >= 0 else 0)
             body = buf[: len(buf) - keep]
             release = body.rstrip()
             self._emit_reasoning(out, release)
@@ -103,6 +115,22 @@ class ReasoningParser:
         self._emit_content(out, buf)
         self._buf = ""
         return False
+
+    def _call_start(self, text: str) -> tuple[int, int]:
+        """(where a `<tool_call>` + whitespace + `<function=` starts in `text`, -1 if none; where one that the text
+        after it may still complete starts, -1 if none). Only when tool_calls is set."""
+        if not self.tool_calls:
+            return -1, -1
+        at = text.find(CALL_START)
+        while at >= 0:
+            after = text[at + len(CALL_START):].lstrip()
+            if after.startswith(FUNCTION_OPEN):
+                return at, -1
+            if FUNCTION_OPEN.startswith(after):  # only whitespace or part of "<function=" so far
+                return -1, at
+            at = text.find(CALL_START, at + 1)
+        k = partial_suffix(text, CALL_START)
+        return -1, (len(text) - k if k else -1)
 
     def _emit_reasoning(self, out: Split, text: str) -> None:
         if not self._seen_reasoning:

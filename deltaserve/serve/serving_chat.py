@@ -27,7 +27,8 @@ class ChoiceParser:
 
     def __init__(self, in_reasoning: bool, thinking: bool, tools: list[dict] | None, forced: Forced | None = None,
                  parallel: bool = True, constrained: bool = False):
-        self.reasoning = ReasoningParser(in_reasoning=in_reasoning, enabled=thinking, exact_content=constrained)
+        self.reasoning = ReasoningParser(in_reasoning=in_reasoning, enabled=thinking, exact_content=constrained,
+                                         tool_calls=forced is None and bool(tools))
         # OpenAI's finish_reason after calls: "tool_calls" for tool_choice auto or required, "stop" for a named one
         self.named_call = forced is not None and forced.name is not None
         if forced is not None:  # the answer is JSON naming the calls (tool_choice required / a named function)

@@ -117,17 +117,39 @@ def param_types(tools: list[dict] | None) -> dict[str, dict[str, Any]]:
     for tool in tools or []:
         fn = tool.get("function") or {}
         props = (fn.get("parameters") or {}).get("properties") or {}
-        out[fn.get("name", "")] = {p: (s or {}).get("type") for p, s in props.items() if isinstance(s, dict)}
+        out[fn.get("name", "")] = {p: _schema_type(s) for p, s in props.items() if isinstance(s, dict)}
     return out
+
+
+def _schema_type(schema: Any) -> Any:
+    """A parameter schema's JSON type: its `type`, or for a union without one (`anyOf` / `oneOf`, e.g. pydantic's
+    Optional[int] or Optional[Model]) the list of its branches' types, a `$ref` or `properties` branch counted as an
+    object, as vLLM's Qwen3-Coder parser reads a union by its first non-null type; None when it says none."""
+    if not isinstance(schema, dict):
+        return None
+    if "type" in schema:
+        return schema["type"]
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            types: list = []
+            for branch in schema[key]:
+                kind = _schema_type(branch)
+                if kind is None and isinstance(branch, dict) and ("$ref" in branch or "properties" in branch):
+                    kind = "object"
+                types += kind if isinstance(kind, list) else [] if kind is None else [kind]
+            return types or None
+    return None
 
 
 def convert_value(value: str, schema_type: Any) -> Any:
     """An XML parameter's text -> its JSON value, by the declared type (unknown or string: the text itself)."""
+    text = value.strip()
     if isinstance(schema_type, list):
+        if "null" in schema_type and text.lower() in ("null", "none"):
+            return None  # a nullable string too (Qwen3.5's template writes a None argument as "None")
         schema_type = next((t for t in schema_type if t != "null"), None)
     if schema_type in (None, "string"):
         return value
-    text = value.strip()
     if text.lower() in ("null", "none"):
         return None
     try:
@@ -158,7 +180,8 @@ class ToolCallParser:
         self._after_call = False  # no content released since the last block ended
         self._content_sent = False
         self._gap = ""  # the first whitespace around the blocks since content: what joins the content either side
-        self.cut = False  # the text ended inside a block (max_tokens, a stop string): its call was closed as it stood
+        self.cut = False  # the text ended inside a reported call's arguments (max_tokens, a stop string)
+        self._final = False  # finish() is reading the last of the text: nothing more will come
 
     def feed(self, delta: str) -> ParsedDelta:
         self._buf += delta
@@ -168,9 +191,13 @@ class ToolCallParser:
         return out
 
     def finish(self) -> ParsedDelta:
+        self._final = True
         out = self.feed("")
         if self._in_call:  # cut off inside a block (e.g. by max_tokens): close what can be closed
-            self.cut = True
+            # cut short only if the call's arguments are not whole: a text that ends after </function> or after
+            # complete JSON arguments (a stop string "</tool_call>", EOS in its place) holds a whole call
+            op = self._open
+            self.cut = self.cut or op.call is not None and not op.dropped and not op.args_done
             self._end_call(out, self._buf, closed=False)
             self._buf = ""
         rest, self._buf = self._buf, ""
@@ -193,13 +220,34 @@ class ToolCallParser:
             self._emit_content(out, release)
             self._buf = buf[len(release):]
             return False
-        end = buf.find(TOOL_END)
+        op = self._open  # an XML call: a </tool_call> in a parameter value already read is text
+        end = buf.find(TOOL_END, op.cursor if op.call is not None and buf.lstrip().startswith("<") else 0)
+        while end >= 0 and self._in_open_value(out, buf[:end]):
+            # a </tool_call> inside an XML parameter value (code that quotes the tag) is text when the value's
+            # </parameter> comes after it, before any other <tool_call> (which tells a value whose </parameter> and
+            # </function> the model left out, followed by another call)
+            after = buf[end + len(TOOL_END):]
+            close, block = after.find(_XML_PARAM_END), after.find(TOOL_START)
+            if block >= 0 and (close < 0 or block < close) or close < 0 and self._final:
+                break
+            if close >= 0:
+                end = buf.find(TOOL_END, end + 1)
+                continue
+            return False  # undecided until more text comes (or the text ends: then it ends the block)
         if end < 0:
             self._progress(out, buf[: len(buf) - partial_suffix(buf, TOOL_END)], complete=False)
             return False
         self._buf = buf[end + len(TOOL_END):]
         self._end_call(out, buf[:end], closed=True)
         return True
+
+    def _in_open_value(self, out: ParsedDelta, body: str) -> bool:
+        """Whether `body` (the block so far) ends inside the value of an XML parameter: one opened, not closed, in a
+        function not ended. Reads what `body` settles first."""
+        self._progress(out, body, complete=False)
+        op = self._open
+        return (op.call is not None and not op.args_done and body.lstrip().startswith("<")
+                and _XML_PARAM_OPEN.search(body, op.cursor) is not None)
 
     def _emit_content(self, out: ParsedDelta, text: str) -> None:
         if self._after_call:  # whitespace between or after blocks is not content, but it separates content

@@ -235,3 +235,83 @@ def test_an_engine_refusal_names_the_field_at_fault(case):
 
     message, field = REFUSALS[case]
     assert refused_field(message, "messages.structured", "messages") == field
+
+
+def test_xml_union_parameters_convert_by_their_first_non_null_type():
+    """A parameter typed by anyOf / oneOf (pydantic's Optional[int], Optional[Model], a union of objects) converts by
+    its first non-null branch, as vLLM's Qwen3-Coder parser does: its value was kept as a JSON string ("5", a
+    double-encoded object); a nullable union's null / None is null."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "limit": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+        "where": {"oneOf": [{"type": "object", "properties": {"city": {"type": "string"}}},
+                            {"type": "object", "properties": {"lat": {"type": "number"}}}]},
+        "model": {"anyOf": [{"$ref": "#/$defs/M"}, {"type": "null"}]},
+        "after": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "name": {"anyOf": [{"type": "string"}, {"type": "integer"}]}}}}}]
+    text = ("<tool_call>\n<function=f>\n<parameter=limit>\n5\n</parameter>\n<parameter=where>\n{\"city\": \"P\"}\n"
+            "</parameter>\n<parameter=model>\n{\"a\": 1}\n</parameter>\n<parameter=after>\nNone\n</parameter>\n"
+            "<parameter=name>\n007\n</parameter>\n</function>\n</tool_call>")
+    for seed in (0, 1):
+        _, streamed, final, _ = run_tools(cuts(text, seed), tools)
+        assert streamed == final
+        assert json.loads(final[0][1]) == {"limit": 5, "where": {"city": "P"}, "model": {"a": 1}, "after": None,
+                                           "name": "007"}
+
+
+@pytest.mark.parametrize("text, cut", [
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n", False),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', False),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nPar", True),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par', True),
+], ids=["xml-whole", "json-whole", "xml-cut", "json-cut"])
+def test_a_whole_call_without_its_closing_tag_is_not_cut(text, cut):
+    """A text that ends after a call's arguments are whole but before </tool_call> (the client's
+    stop=["</tool_call>"], or EOS in its place) holds a whole call: finish_reason "tool_calls" (it was "stop", as for
+    a call a stop string cut inside its arguments)."""
+    from deltaserve.serve.serving_chat import ChoiceParser
+    for pieces in ([text], list(text)):
+        p = ChoiceParser(in_reasoning=False, thinking=False, tools=TOOLS)
+        for i, piece in enumerate(pieces):
+            p.feed(piece, final=i == len(pieces) - 1)
+        assert [c.name for c in p.tools.calls] == ["get_weather"]
+        assert (p.tools.cut, p.finish_reason("stop")) == (cut, "stop" if cut else "tool_calls")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3], ids=["whole", "chars", "rand2", "rand3"])
+def test_a_tool_call_ends_reasoning_left_open(seed):
+    """Qwen3.5 may write its <tool_call> without closing </think> (its template opened the block): a <tool_call>
+    followed by <function= ends the reasoning, as in vLLM's Qwen3 parser (the call was lost in reasoning_content). A
+    <tool_call> mentioned in the reasoning without a function after it stays reasoning; without tools, all of it."""
+    from deltaserve.serve.serving_chat import ChoiceParser
+
+    def run(text, tools):
+        p, reasoning, content = ChoiceParser(in_reasoning=True, thinking=True, tools=tools), "", ""
+        pieces = cuts(text, seed)
+        for i, piece in enumerate(pieces):
+            r, d = p.feed(piece, final=i == len(pieces) - 1)
+            reasoning, content = reasoning + r, content + d.content
+        calls = [(c.name, json.loads(c.arguments)) for c in p.tools.calls] if p.tools else []
+        return reasoning, content, calls, p.finish_reason("stop")
+
+    text = "Use <tool_call> tags, <tool_call> then a function.\n\n" + XML_CALL
+    assert run(text, TOOLS) == ("Use <tool_call> tags, <tool_call> then a function.", "",
+                                [("get_weather", XML_ARGS)], "tool_calls")
+    assert run(text, None) == (text, "", [], "stop")
+    assert run("hmm <tool_call>\n<func", TOOLS) == ("hmm <tool_call>\n<func", "", [], "stop")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3], ids=["whole", "chars", "rand2", "rand3"])
+def test_a_closing_call_tag_quoted_in_an_xml_value_does_not_end_the_call(seed):
+    """Code written as a parameter value may quote "</tool_call>": the value ends at its </parameter>, as vLLM's
+    Qwen3-Coder parser reads it (the value was cut there, and the rest of the call came back as content). A value the
+    model left without </parameter> and </function> still ends at </tool_call> when another call or the text's end
+    follows."""
+    value = 'END = "</tool_call>"\nprint(END)'
+    text = ("Writing it.\n<tool_call>\n<function=get_weather>\n<parameter=city>\n" + value + "\n</parameter>\n"
+            "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>\n"
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</tool_call>\nThen: "
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</tool_call>\nDone")
+    content, streamed, final, _ = run_tools(cuts(text, seed))
+    assert streamed == final
+    assert [json.loads(args) for _, args in final] == [{"city": value, "days": 2}, {"city": "Rome"}, {"city": "Oslo"}]
+    assert content == "Writing it.\nThen: Done"
