@@ -114,6 +114,12 @@ def state_bytes_per_slot(cfg: ModelConfig, dtype: torch.dtype, state_dtype: torc
     return len(cfg.linear_attention_layers) * (conv + rec)
 
 
+# prompt positions whose log-softmax, ranks and top-k are computed at once: their [rows, V] temporaries (~250 MB at
+# Qwen3.5's 248k vocabulary) are what a prompt-logprob step needs beyond the logits, which the memory profile counts;
+# all of an 8k-token chunk's rows at once would need 8 GB of fp32 log-softmax and a 2 GB bool on top of them
+PROMPT_LOGPROB_ROWS = 256
+
+
 @torch.inference_mode()
 def profile_activation_bytes(model: torch.nn.Module, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                              state_dtype: torch.dtype, num_tokens: int, block_size: int,
@@ -401,12 +407,13 @@ class ModelRunner:
             positions = [p for p in self._logit_positions(s) if p < req.num_prompt_tokens - 1]
             if not positions:
                 continue
-            rows = logits[first_row[i]: first_row[i] + len(positions)]
             targets = torch.tensor([req.prompt_token_ids[p + 1] for p in positions], device=logits.device)
-            lp = torch.log_softmax(rows, dim=-1)
-            vals, toks, ranks = compute_topk_logprobs(lp, req.params.prompt_logprobs, targets)
-            out.prompt_logprobs[req.request_id] = [_logprob_dict(v, t, r) for v, t, r in
-                                                   zip(vals.tolist(), toks.tolist(), ranks.tolist())]
+            got = out.prompt_logprobs[req.request_id] = []
+            for c in range(0, len(positions), PROMPT_LOGPROB_ROWS):
+                rows = logits[first_row[i] + c: first_row[i] + min(c + PROMPT_LOGPROB_ROWS, len(positions))]
+                vals, toks, ranks = compute_topk_logprobs(torch.log_softmax(rows, dim=-1), req.params.prompt_logprobs,
+                                                          targets[c: c + PROMPT_LOGPROB_ROWS])
+                got += [_logprob_dict(v, t, r) for v, t, r in zip(vals.tolist(), toks.tolist(), ranks.tolist())]
 
     def _sample(self, samplers: list, logits: torch.Tensor, out: RunnerOutput) -> PendingOutput:
         """samplers: (request, its logits row) pairs. Queues the sampler and the copies of its results to the host."""

@@ -29,6 +29,7 @@ from engine_helpers import (
 )
 
 from deltaserve import LLM, SamplingParams
+from deltaserve.worker.model_runner import PROMPT_LOGPROB_ROWS
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,8 @@ def test_chunked_prefill_equals_one_shot(models, kind, budget, top):
     prompt = random_prompt(random.Random(2), 300, models.vocab(kind))
     sp = greedy(8, prompt_logprobs=top)
     ref = models.ref(kind, prompt, sp)  # budget 512: the whole prompt in one step
+    # ... whose 299 prompt logprobs the runner computes PROMPT_LOGPROB_ROWS rows at a time (bounded temporaries)
+    assert PROMPT_LOGPROB_ROWS < 299
     llm = make_llm(models.path(kind), max_num_seqs=2, max_num_batched_tokens=budget)
     log = StepLog.attach(llm)
     out = llm.generate([prompt], sp, use_tqdm=False)[0]
