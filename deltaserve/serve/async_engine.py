@@ -139,7 +139,9 @@ class AsyncEngine:
             await accepted
         except BaseException:
             self._streams.pop(request_id, None)
-            if not accepted.done() or accepted.cancelled():  # caller gone while queued: drop the request
+            # caller gone while queued, or cancelled after the engine took it but before this resumed: drop the
+            # request (only one the engine refused is not there to drop)
+            if not accepted.done() or accepted.cancelled() or accepted.exception() is None:
                 self._send(("abort", request_id))
             raise
         if self.metrics is not None:

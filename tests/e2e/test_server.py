@@ -1077,6 +1077,40 @@ def test_an_unexpected_error_while_queueing_fails_only_that_request(model_dir):
     assert alive and out.finished and len(out.outputs[0].token_ids) == 4
 
 
+def test_a_caller_cancelled_as_its_request_is_accepted_drops_it(model_dir):
+    """A handler cancelled after the engine accepted its request but before add_request resumed left the request
+    running to max_tokens with nobody reading it (the abort was sent only while it was still queued)."""
+    from deltaserve.serve.async_engine import _resolve
+
+    llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=256)
+    params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)
+    real_abort, aborted = llm.engine.abort, []
+
+    def abort(rid):
+        aborted.append(rid)
+        return real_abort(rid)
+
+    llm.engine.abort = abort
+
+    async def main(eng):
+        task = asyncio.ensure_future(eng.add_request([5, 6, 7], params, "gone"))
+        real_post = eng._post
+
+        def post(fn, *args):  # the acceptance, then at once the caller's cancellation, both before the task resumes
+            real_post(fn, *args)
+            if fn is _resolve:
+                real_post(task.cancel)
+
+        eng._post = post
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        while llm.engine.groups:
+            await asyncio.sleep(0.01)
+
+    _with_async_engine(llm, main)
+    assert aborted == ["gone"]  # before: none, the request ran its 200 tokens for nobody
+
+
 def test_a_request_finished_in_a_step_that_then_fails_gets_its_answer(model_dir):
     """Async scheduling: a step first reads the previous launch (a penalty request's, which finishes there), then its
     own launch raises. The finished request's output was built and then dropped with the exception: its client hung
