@@ -456,6 +456,7 @@ def _serve(args) -> None:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
+    _check_listen(args.host, args.port)
     try:
         from .serve.api_server import run_server
     except ImportError as e:
@@ -465,6 +466,27 @@ def _serve(args) -> None:
     run_server(_build_llm(args), name, host=args.host, port=args.port, api_key=args.api_key,
                shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
                trust_request_chat_template=args.trust_request_chat_template)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail before the model loads, in one line, where the server could not listen: uvicorn found out only after
+    the model had loaded, logged the OSError and exited with status 3, after a 'serving ... on' line."""
+    import socket
+
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} is not an address this machine can listen on ({e.strerror})") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port or --host") \
+                    from None
 
 
 def _chat(args) -> int:

@@ -234,9 +234,9 @@ class LLM:
         _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         block_size=block_size, max_model_len=1 if max_model_len is None else max_model_len,
                         num_kv_blocks=1 if num_kv_blocks is None else num_kv_blocks)
-        if block_size > (max_model_len or config.max_position_embeddings):
-            raise ValueError(f"block_size {block_size} is more tokens than a sequence may hold "
-                             f"({max_model_len or config.max_position_embeddings}); use 16 (the default) to 256")
+        if block_size > (limit := max_model_len or config.max_position_embeddings):
+            raise ValueError(f"block_size {block_size} is more tokens than a sequence may hold ({limit}); use a "
+                             f"block_size of at most {limit}" + (" or raise max_model_len" if max_model_len else ""))
         if max_model_len is not None and max_model_len > config.max_position_embeddings:
             raise ValueError(f"max_model_len {max_model_len} is beyond the model's max_position_embeddings "
                              f"{config.max_position_embeddings} (the longest context it was trained for); lower it")
@@ -522,9 +522,12 @@ def _check_quantization_arg(quantization: str | None, config: ModelConfig) -> No
                          f"checkpoints (and takes the format from the checkpoint: leave quantization out)")
     if _QUANTIZATION_NAMES[quantization] != held:
         what = f"holds {held!r} weights" if held else "holds 16-bit weights"
+        # `deltaserve quantize` writes awq and fp8 copies of a 16-bit checkpoint, nothing else
+        method = _QUANTIZATION_NAMES[quantization] if _QUANTIZATION_NAMES[quantization] in ("awq", "fp8") else None
+        how = (f", or write a copy in that format with `deltaserve quantize SRC DST --method {method}`"
+               if held is None and method else "")
         raise ValueError(f"quantization={quantization!r}, but the checkpoint {what}: deltaserve runs a checkpoint in "
-                         f"the format it was saved in (leave quantization out, or write an int4 copy with "
-                         f"`deltaserve quantize`)")
+                         f"the format it was saved in (leave quantization out{how})")
 
 
 def _prefix_cache_slots(enabled: bool | None, slots: int | None) -> int:

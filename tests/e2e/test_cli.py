@@ -288,3 +288,17 @@ def test_generate_takes_a_tokenizer_from_elsewhere(made, env, tmp_path):
     res = cli("generate", "--model", str(bare), "--tokenizer", path, "--prompt", "hello", "--max-tokens", "3",
               "--ignore-eos", "--device", "cpu", env=env)
     assert res.returncode == 0 and "3 tokens, finish: length" in res.stdout, res.stderr
+
+
+def test_error_serve_where_it_cannot_listen(made, env):
+    """A port another server holds, or a host that is no address: uvicorn found out after the model had loaded, logged
+    the OSError under a 'serving ... on' line and exited with status 3. Now one line, before the model loads."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = cli("serve", made[1], "--port", str(port), env=env)
+    assert_user_error(res, f"cannot listen on 127.0.0.1:{port}", "pick another --port")
+    assert_user_error(cli("serve", made[1], "--host", "256.1.1.1", env=env), "--host '256.1.1.1' is not an address")

@@ -346,11 +346,15 @@ def test_llm_surfaces_config_error(tiny_dense, tmp_path):
     # sizes the caches cannot be allocated at: one sentence, not the allocator's stack trace
     ({"num_kv_blocks": 10**9}, "the model and its caches do not fit in memory (an allocation of"),
     ({"max_num_batched_tokens": 10**12}, "the model and its caches do not fit in memory (an allocation of"),
-    ({"block_size": 10**9}, "block_size 1000000000 is more tokens than a sequence may hold"),
+    ({"block_size": 10**9}, "block_size 1000000000 is more tokens than a sequence may hold (4096); use a block_size "
+                            "of at most 4096"),
+    # a short max_model_len with the default block_size: the advice was "use 16 (the default) to 256", what was used
+    ({"max_model_len": 10}, "block_size 16 is more tokens than a sequence may hold (10); use a block_size of at most "
+                            "10 or raise max_model_len"),
     ({"seed": 2**64}, "an integer in [0, 2**63); got 18446744073709551616"),
     ({"async_scheduling": "no"}, "async_scheduling must be True or False, got 'no'"),
 ], ids=["tokenizer-path", "max-model-len-0", "kv-blocks-0", "block-size-bool", "kv-blocks-huge", "batched-huge",
-        "block-size-huge", "seed-overflow", "flag-string"])
+        "block-size-huge", "block-size-over-max-model-len", "seed-overflow", "flag-string"])
 def test_llm_refuses_bad_engine_arguments(tiny_dense, kwargs, needle):
     """0 is not 'auto', a tokenizer path that is not there is not 'no tokenizer', and a size nothing can hold is
     refused in a sentence."""
