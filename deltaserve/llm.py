@@ -318,6 +318,12 @@ class LLM:
         """Process ids of the tensor-parallel workers (ranks 1..N-1); empty without TP."""
         return self._workers.pids if self._workers is not None else []
 
+    @property
+    def tp_lost(self) -> bool:
+        """Whether a tensor-parallel worker exited outside shutdown (the watchdog saw it; safe from any thread, unlike
+        tp_failure, which reads the workers' pipes)."""
+        return self._workers is not None and self._workers.lost.is_set()
+
     def tp_failure(self, wait: float = 0.0) -> str | None:
         """Why this LLM's tensor-parallel group can no longer run (a worker exited, or shutdown), else None."""
         return self._workers.failure(wait) if self._workers is not None else None

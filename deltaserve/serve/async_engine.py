@@ -122,13 +122,18 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self.dead
+        """False once the engine cannot run requests: its thread ended, a step found the tensor-parallel group broken,
+        or a worker exited while the server was idle (/health turns 503 at once, not at the next request)."""
+        return self._thread is not None and self._thread.is_alive() and not self.dead and not self.llm.tp_lost
 
     # ---- requests (event-loop thread) ----
     async def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                           prompt: str | None = None) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Raises ValueError (one sentence) for a request
         the engine rejects, e.g. a prompt longer than max_model_len; EngineStopped when shutting down."""
+        if self.llm.tp_lost:
+            raise EngineStopped("a tensor-parallel worker exited, so the server cannot run requests any more; retry on "
+                                "another replica")
         if not self.accepting or not self.alive:
             raise EngineStopped("the server is shutting down or its engine stopped; retry on another replica")
         stream = RequestStream(self, request_id, len(prompt_token_ids))
