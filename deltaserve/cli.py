@@ -87,7 +87,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (unset: generation_config.json's value, else greedy)")
     p.set_defaults(fallback_max_tokens=64)  # chat raises it
     g.add_argument("--max-tokens", type=int, default=None,
-                   help="tokens to generate (default: generation_config.json's max_new_tokens, else 64; chat: 1024)")
+                   help="tokens to generate (default: generation_config.json's max_new_tokens, else 64; else 1024 in "
+                        "the chat command)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None, help="0 = off")
@@ -174,7 +175,8 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
 def _add_serve_parser(sub) -> None:
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                          description="Serve a model over an OpenAI-compatible HTTP API: /v1/chat/completions, "
-                                     "/v1/completions, /v1/models, /health, /version, /metrics.")
+                                     "/v1/completions, /v1/models, /tokenize, /detokenize, /health, /version, "
+                                     "/metrics.")
     _add_model_arg(srv)
     g = srv.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
