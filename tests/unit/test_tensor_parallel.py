@@ -281,10 +281,12 @@ def test_a_dead_worker_is_one_clear_error_and_the_llm_says_it_cannot_run(ckpts):
         llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)
 
 
-def test_a_dead_worker_marks_the_server_engine_dead(ckpts):
+@pytest.mark.parametrize("busy", [True, False], ids=["request-in-flight", "idle"])
+def test_a_dead_worker_marks_the_server_engine_dead(ckpts, busy):
     """Behind `deltaserve serve --tp 2`: /health stayed 200 after a worker died and every later request failed on a
-    broken pipe. The request in flight now fails naming the worker, and the engine reports itself dead (/health 503,
-    new requests refused)."""
+    broken pipe; on an idle server it stayed 200 until the next request's step failed, so a load balancer kept
+    sending requests to a replica that could run none. The request in flight now fails naming the worker, and the
+    engine reports itself dead as soon as the watchdog sees the exit (/health 503, new requests refused)."""
     import asyncio
     import os
     import signal
@@ -298,47 +300,20 @@ def test_a_dead_worker_marks_the_server_engine_dead(ckpts):
         eng = AsyncEngine(llm)
         eng.start()
         try:
-            stream = await eng.add_request([5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True), "r")
-            await stream.__anext__()  # running
+            if busy:
+                stream = await eng.add_request([5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True), "r")
+                await stream.__anext__()  # running
             os.kill(pid, signal.SIGKILL)
-            with pytest.raises(EngineError, match=rf"worker 1 \(pid {pid}\) exited"):
-                async for _ in stream:
-                    pass
-            assert not eng.alive
-            with pytest.raises(EngineStopped, match="a tensor-parallel worker exited"):
-                await eng.add_request([5, 6, 7], GREEDY, "again")
-        finally:
-            eng.stop()
-
-    asyncio.run(asyncio.wait_for(main(), 120))
-    llm.shutdown()
-
-
-def test_a_worker_dead_while_the_server_is_idle_turns_health_503_at_once(ckpts):
-    """An idle server's worker killed: /health stayed 200 (the engine found out only when the next request's step
-    failed), so a load balancer kept sending requests to a replica that could run none. Now the engine reports itself
-    dead as soon as the watchdog sees the exit, and refuses requests naming the cause."""
-    import asyncio
-    import os
-    import signal
-
-    from deltaserve.serve.async_engine import AsyncEngine, EngineStopped
-
-    llm = LLM(ckpts["dense"], device="cpu", dtype="float32", max_model_len=64, tensor_parallel_size=2)
-    (pid,) = llm.worker_pids
-
-    async def main():
-        eng = AsyncEngine(llm)
-        eng.start()
-        try:
-            assert eng.alive
-            os.kill(pid, signal.SIGKILL)
+            if busy:
+                with pytest.raises(EngineError, match=rf"worker 1 \(pid {pid}\) exited"):
+                    async for _ in stream:
+                        pass
             deadline = time.monotonic() + 30
             while eng.alive and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            assert not eng.alive  # before: alive until a request's step failed
+            assert not eng.alive
             with pytest.raises(EngineStopped, match="a tensor-parallel worker exited"):
-                await eng.add_request([5, 6, 7], GREEDY, "after")
+                await eng.add_request([5, 6, 7], GREEDY, "again")
         finally:
             eng.stop()
 
