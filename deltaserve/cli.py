@@ -472,7 +472,10 @@ def _serve(args) -> None:
 
 def _check_listen(host: str, port: int) -> None:
     """Fail before the model loads, in one line, where the server could not listen: uvicorn found out only after
-    the model had loaded, logged the OSError and exited with status 3, after a 'serving ... on' line."""
+    the model had loaded, logged the OSError and exited with status 3, after a 'serving ... on' line. An address of a
+    family this machine lacks ("::1 localhost" with IPv6 off) or cannot use is skipped, as asyncio under uvicorn
+    skips it."""
+    import errno
     import socket
 
     try:
@@ -480,15 +483,20 @@ def _check_listen(host: str, port: int) -> None:
     except socket.gaierror as e:
         raise ValueError(f"--host {host!r} is not an address this machine can listen on ({e.strerror})") from None
     for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as sock:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:
+            continue
+        with sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind(address)
             except OSError as e:
-                raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port or --host") \
-                    from None
+                if e.errno != errno.EADDRNOTAVAIL:
+                    raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port or "
+                                     "--host") from None
 
 
 def _chat(args) -> int:

@@ -235,8 +235,9 @@ class LLM:
                         block_size=block_size, max_model_len=1 if max_model_len is None else max_model_len,
                         num_kv_blocks=1 if num_kv_blocks is None else num_kv_blocks)
         if block_size > (limit := max_model_len or config.max_position_embeddings):
+            can_raise = max_model_len is not None and max_model_len < config.max_position_embeddings
             raise ValueError(f"block_size {block_size} is more tokens than a sequence may hold ({limit}); use a "
-                             f"block_size of at most {limit}" + (" or raise max_model_len" if max_model_len else ""))
+                             f"block_size of at most {limit}" + (" or raise max_model_len" if can_raise else ""))
         if max_model_len is not None and max_model_len > config.max_position_embeddings:
             raise ValueError(f"max_model_len {max_model_len} is beyond the model's max_position_embeddings "
                              f"{config.max_position_embeddings} (the longest context it was trained for); lower it")

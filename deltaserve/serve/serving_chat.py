@@ -55,8 +55,8 @@ class ChoiceParser:
 
     def finish_reason(self, reason: str | None) -> str | None:
         """The choice's OpenAI finish_reason: "tool_calls" for an answer that ended ("stop") after whole calls, under
-        tool_choice auto or required; "stop" under a named function (as OpenAI and vLLM) or when a stop string cut
-        the last call short (its arguments are not whole)."""
+        tool_choice auto or required; "stop" under a named function (as OpenAI and vLLM) or when the text ended
+        inside the last call's arguments (a stop string, or EOS there: they are not whole)."""
         if reason != "stop" or self.tools is None or not self.tools.calls or self.named_call:
             return reason
         return "stop" if self.tools.cut else "tool_calls"

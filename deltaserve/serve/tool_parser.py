@@ -197,7 +197,7 @@ class ToolCallParser:
             # cut short only if the call's arguments are not whole: a text that ends after </function> or after
             # complete JSON arguments (a stop string "</tool_call>", EOS in its place) holds a whole call
             op = self._open
-            self.cut = self.cut or op.call is not None and not op.dropped and not op.args_done
+            self.cut = op.call is not None and not op.dropped and not self._args_whole(self._buf)
             self._end_call(out, self._buf, closed=False)
             self._buf = ""
         rest, self._buf = self._buf, ""
@@ -338,6 +338,18 @@ class ToolCallParser:
         args = obj.get("arguments", obj.get("parameters", {}))
         self._start_call(out, obj["name"])
         self._send(out, args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+        return True
+
+    def _args_whole(self, body: str) -> bool:
+        """Whether the open call's arguments are complete: XML after </function>, JSON once their value (an object,
+        or a string holding one) has ended."""
+        op = self._open
+        if op.args_done or not body.lstrip().startswith("{"):
+            return op.args_done
+        try:  # "arguments": "<json text>", which _progress_json leaves to the block's end
+            _DECODER.raw_decode(body[op.cursor:])
+        except _BAD_JSON:
+            return False
         return True
 
     def _close_args(self, body: str) -> str:

@@ -302,3 +302,31 @@ def test_error_serve_where_it_cannot_listen(made, env):
         res = cli("serve", made[1], "--port", str(port), env=env)
     assert_user_error(res, f"cannot listen on 127.0.0.1:{port}", "pick another --port")
     assert_user_error(cli("serve", made[1], "--host", "256.1.1.1", env=env), "--host '256.1.1.1' is not an address")
+
+
+def test_serve_listen_check_skips_an_address_family_the_machine_lacks(monkeypatch):
+    """'localhost' also resolves to ::1 on a machine without IPv6 (Docker's /etc/hosts): uvicorn (asyncio) skips the
+    family it cannot make a socket for and listens on 127.0.0.1, so the check before loading must not refuse it."""
+    import errno
+    import socket
+
+    from deltaserve.cli import _check_listen
+
+    real_socket, real_gai = socket.socket, socket.getaddrinfo
+
+    class NoV6(real_socket):
+        def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+            if family == socket.AF_INET6:
+                raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+            super().__init__(family, type, proto, fileno)
+
+    def gai(host, port, family=0, type=0, proto=0, flags=0):
+        v4 = real_gai("127.0.0.1", port, socket.AF_INET, type, proto, flags)
+        return v4 + [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))]
+
+    monkeypatch.setattr(socket, "socket", NoV6)
+    monkeypatch.setattr(socket, "getaddrinfo", gai)
+    with real_socket() as probe:  # a port free now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _check_listen("localhost", port)

@@ -263,7 +263,9 @@ def test_xml_union_parameters_convert_by_their_first_non_null_type():
     ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', False),
     ("<tool_call>\n<function=get_weather>\n<parameter=city>\nPar", True),
     ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par', True),
-], ids=["xml-whole", "json-whole", "xml-cut", "json-cut"])
+    ('<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}\n', False),
+    ('<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Par', True),
+], ids=["xml-whole", "json-whole", "xml-cut", "json-cut", "json-string-args-whole", "json-string-args-cut"])
 def test_a_whole_call_without_its_closing_tag_is_not_cut(text, cut):
     """A text that ends after a call's arguments are whole but before </tool_call> (the client's
     stop=["</tool_call>"], or EOS in its place) holds a whole call: finish_reason "tool_calls" (it was "stop", as for

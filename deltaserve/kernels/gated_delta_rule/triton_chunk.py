@@ -13,8 +13,8 @@ Five kernels, one launch each, no host sync (the (sequence, chunk) tables come f
      fp32 registers: v_new = u - w h, o = (qn h) exp(G) + A_qk v_new, h <- h exp(G_last) + (kn exp(G_last - G))^T
      v_new; gathers the initial state from the pool at its slot and scatters the final one back (slot -1: zero
      initial state, no write). The chunk-start states never go to memory: fla saves them ([chunks, HV, K, V], twice
-     the bytes of v) and reads them back in an output kernel, as this file did until 2026-11-30 (ChunkLaunchConfig
-     has the A/B).
+     the bytes of v) and reads them back in an output kernel, as this file did until 2026-11-30 (ChunkLaunchConfig's
+     docstring has the A/B timings).
 Intermediates (kn, qn, T_inv, w, u, A_qk; h and v_new as dot operands) are rounded to the input dtype and feed bf16
 tensor-core dots, as fla does; every accumulation, the state and the triangular solve (fp32 FMAs in the diagonal
 blocks, "tf32x3" dots merging them) are fp32, and beta scales k k^T after the product. Against the fp32 reference
