@@ -17,6 +17,7 @@ import torch
 
 from .config import ConfigError, ModelConfig, QuantConfig
 from .kernels.paged_attention import check_kv_cache_dtype
+from .kernels.paged_attention.kv_quant import check_kv_cache_device
 from .layers.fp8 import use_fp8_kernels
 from .layers.linear import merge_projection_runs, use_int4_kernels
 from .layers.moe import fuse_shared_experts
@@ -222,6 +223,7 @@ class LLM:
         self.kv_cache_dtype = kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
+        check_kv_cache_device(kv_cache_dtype, self.device)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be an integer or None (a different random state each run), an integer in "
                              f"[0, 2**63); got {seed!r}")
@@ -539,6 +541,8 @@ def _check_quantization_arg(quantization: str | None, config: ModelConfig) -> No
 
 def _prefix_cache_slots(enabled: bool | None, slots: int | None) -> int:
     """State slots for the prefix cache: 0 when it is off."""
+    if not isinstance(enabled, bool) and enabled is not None:  # "false" would have turned the cache on
+        raise ValueError(f"enable_prefix_caching must be True or False, got {enabled!r}")
     if not enabled:
         if slots is not None:
             raise ValueError("prefix_cache_slots sizes the prefix cache: pass enable_prefix_caching=True with it")

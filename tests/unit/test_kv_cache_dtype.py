@@ -127,3 +127,16 @@ def test_pool_sized_by_real_bytes(models, kind, monkeypatch):
 def test_unknown_kv_cache_dtype_is_one_clear_error(models):
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of 'auto', 'int8', 'int4', 'fp8', got 'int3'"):
         make_llm(models.path("dense"), kv_cache_dtype="int3")
+
+
+def test_fp8_on_a_gpu_without_e4m3_is_one_clear_error(monkeypatch):
+    """Triton compiles fp8e4nv only for compute capability >= 8.9: an A100 must be refused up front, not fail in a
+    kernel compile at warm-up."""
+    from deltaserve.kernels.paged_attention.kv_quant import check_kv_cache_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' needs a GPU of compute capability 8.9 or later.*8.0"):
+        check_kv_cache_device("fp8", torch.device("cuda", 0))
+    check_kv_cache_device("int8", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_kv_cache_device("fp8", torch.device("cuda", 0))

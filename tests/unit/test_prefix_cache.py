@@ -360,6 +360,8 @@ def test_prompt_logprobs_requests_compute_every_position(models):
 def test_flags_are_checked(models):
     with pytest.raises(ValueError, match="enable_prefix_caching=True"):
         make_llm(models.path("dense"), prefix_cache_slots=4)
+    with pytest.raises(ValueError, match="enable_prefix_caching must be True or False, got 'false'"):
+        make_llm(models.path("dense"), enable_prefix_caching="false")
     with pytest.raises(ValueError, match="positive integer"):
         make_llm(models.path("dense"), enable_prefix_caching=True, prefix_cache_slots=0)
     assert make_llm(models.path("dense"), enable_prefix_caching=True).engine.scheduler.cache.num_slots == 16

@@ -37,6 +37,15 @@ def check_kv_cache_dtype(kv_cache_dtype: str) -> str:
     return kv_cache_dtype
 
 
+def check_kv_cache_device(kv_cache_dtype: str, device: torch.device) -> None:
+    """ValueError (one sentence) for a kv_cache_dtype the device's kernels cannot run: Triton has e4m3 (fp8e4nv)
+    only from compute capability 8.9 (Ada, Hopper) on."""
+    if kv_cache_dtype == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"kv_cache_dtype='fp8' needs a GPU of compute capability 8.9 or later (Ada, Hopper), this "
+                         f"one is {major}.{minor}; use kv_cache_dtype='int8'")
+
+
 @dataclass
 class QuantizedKV:
     """One side (K or V) of one layer's quantized paged cache; every tensor's first axis is the block."""
