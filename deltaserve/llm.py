@@ -555,16 +555,27 @@ def _prefix_cache_slots(enabled: bool | None, slots: int | None) -> int:
 
 
 def _normalise_prompts(prompts) -> list:
+    """-> a list of strings and {'prompt_token_ids': [...]} dicts; vLLM's text prompt {'prompt': str} becomes its
+    string."""
     if prompts is None:
         raise ValueError("prompts is None: pass a string, a list of strings, or {'prompt_token_ids': [...]} dicts")
     try:
         items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
     except TypeError:
         items = [prompts]  # not iterable: refused below as a prompt of the wrong type
+    out = []
     for p in items:
+        if isinstance(p, dict):
+            if extra := sorted(map(str, set(p) - {"prompt", "prompt_token_ids"})):
+                raise ValueError(f"a prompt dict takes 'prompt' (a string) or 'prompt_token_ids' (a list of ids); "
+                                 f"{', '.join(map(repr, extra))} is not supported")
+            if ("prompt" in p) == ("prompt_token_ids" in p):
+                raise ValueError("a prompt dict takes one of 'prompt' (a string) or 'prompt_token_ids' (a list of ids)")
+            p = p["prompt"] if "prompt" in p and isinstance(p["prompt"], str) else p
         if not isinstance(p, str) and not (isinstance(p, dict) and isinstance(p.get("prompt_token_ids"), list)):
-            raise ValueError("each prompt must be a string or a dict with a 'prompt_token_ids' list")
-    return items
+            raise ValueError("each prompt must be a string, {'prompt': str} or {'prompt_token_ids': [...]}")
+        out.append(p)
+    return out
 
 
 def _normalise_params(sp, n: int, default: SamplingParams) -> list[SamplingParams]:
