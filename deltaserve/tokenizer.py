@@ -41,10 +41,25 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` (it marks the assistant's text for training masks):
+    renders its body as it is, as transformers does (without it such a template did not compile)."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
 @lru_cache(maxsize=8)
 def _compile_chat_template(source: str) -> jinja2.Template:
     # chat templates come from the Hub and are untrusted code, hence the sandbox
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -70,7 +85,9 @@ def _normalize_message(message) -> dict:
                    for p in content):
             raise TokenizerError(f"A {role} message's content list may hold only text parts "
                                  f"({{'type': 'text', 'text': ...}}); got {content!r:.80}.")
-        message["content"] = content = "".join(p["text"] for p in content)
+        # a tool result's parts are lines of one output: vLLM joins them with "\n" (other roles' parts: as the
+        # template's own loop over them, back to back)
+        message["content"] = content = ("\n" if role == "tool" else "").join(p["text"] for p in content)
     if content is None and role != "assistant" or content is not None and not isinstance(content, str):
         raise TokenizerError(f"A {role} message's 'content' must be a string (or a list of text parts); "
                              f"got {content!r:.80}.")
@@ -84,16 +101,21 @@ def _normalize_message(message) -> dict:
 
 def _parsed_arguments(call):
     """A tool call as OpenAI sends it back ('arguments' a JSON string) -> 'arguments' as the object, which chat
-    templates expect (Qwen3.5's iterates it with `|items`, which fails on a string), as vLLM does. Arguments that are
-    not a JSON object stay as they are."""
+    templates expect (Qwen3.5's iterates it with `|items`, which fails on a string), as vLLM does
+    (`_postprocess_messages`): text that is not JSON (a call the model wrote badly, which our server returns as it
+    is), "" and a missing or null value become {}, so the conversation still renders."""
     fn = call.get("function") if isinstance(call, dict) else None
-    if not (isinstance(fn, dict) and isinstance(fn.get("arguments"), str)):
+    if not isinstance(fn, dict):
         return call
-    try:
-        args = json.loads(fn["arguments"])
-    except ValueError:
-        return call
-    return {**call, "function": {**fn, "arguments": args}} if isinstance(args, dict) else call
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            args = {}
+    elif not isinstance(args, (dict, list)):
+        args = {}
+    return {**call, "function": {**fn, "arguments": args}}
 
 
 class Tokenizer:
@@ -238,10 +260,13 @@ class Tokenizer:
             raise TokenizerError("continue_final_message needs a last message with text to continue.")
         # where the content ends, marked: HF cuts at the content's last occurrence in the text, which for "end" is
         # inside the template's own "<|im_end|>" after it (the prompt then ended "end<|im_end")
-        marked = [*messages[:-1], {**last, "content": final + _CONTENT_END}]
+        # HF's tag ends in a space: a template that trims the content (Qwen3.5's `|trim`) drops it, and HF then also
+        # drops the content's own trailing whitespace, which the template would have trimmed ('{"name": ' ends ':')
+        marked = [*messages[:-1], {**last, "content": final + _CONTENT_END + " "}]
         text = self.apply_chat_template(marked, False, tools, chat_template=chat_template, **template_kwargs)
         if text.count(_CONTENT_END) == 1:
-            return text[: text.index(_CONTENT_END)]
+            at = text.index(_CONTENT_END)
+            return text[:at] if text.startswith(" ", at + len(_CONTENT_END)) else text[:at].rstrip()
         text = self.apply_chat_template(messages, False, tools, chat_template=chat_template, **template_kwargs)
         if final not in text:  # HF's order: the content as given, else stripped (templates that trim messages)
             final = final.strip()

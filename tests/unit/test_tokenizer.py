@@ -202,7 +202,8 @@ def test_tool_call_arguments_sent_back_as_json_text_render_as_the_object(tiny_di
     assert tok.apply_chat_template(sent) == hf_tok.apply_chat_template(
         conversation({"city": "Zürich", "days": 2}), tokenize=False, add_generation_prompt=True)
     assert sent[1]["tool_calls"][0]["function"]["arguments"] == '{"city":"Zürich", "days": 2}'  # caller's left alone
-    assert '"arguments": not json' in tok.apply_chat_template(conversation("not json"))
+    for bad in ("not json", '{"city": "Paris"', "", None):  # as vLLM: {} (the turn still renders)
+        assert '"arguments": {}}' in tok.apply_chat_template(conversation(bad))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes(open(os.path.join(tiny_dir, name), "rb").read())
     (tmp_path / "chat_template.jinja").write_text(  # Qwen3.5's way of writing a call's parameters
@@ -210,6 +211,8 @@ def test_tool_call_arguments_sent_back_as_json_text_render_as_the_object(tiny_di
         "<parameter={{ k }}>{{ v }}</parameter>{% endfor %}{% endfor %}{% endfor %}")
     text = Tokenizer.from_dir(str(tmp_path)).apply_chat_template(sent)
     assert text == "<parameter=city>Zürich</parameter><parameter=days>2</parameter>"
+    for bad in ("not json", "", None):  # was "Can only get item pairs from a mapping": a 400 on the next turn
+        assert Tokenizer.from_dir(str(tmp_path)).apply_chat_template(conversation(bad)) == ""
 
 
 def test_raise_exception_becomes_tokenizer_error(tiny_dir, tmp_path):
@@ -416,3 +419,47 @@ def test_text_with_a_lone_surrogate_is_one_clear_error(tok):
     with pytest.raises(TokenizerError, match="not valid Unicode: it holds the lone surrogate U\\+DCE9"):
         tok.encode("caf\udce9")
     assert tok.encode("café") == tok.encode("caf" + "\u00e9")
+
+
+@pytest.mark.parametrize("final", ['{"name": ', "Sure, the answer", "  padded  ", "two\n\n"])
+def test_continue_final_message_under_a_trimming_template_matches_hf(tok, hf_tok, final):
+    """Qwen3.5's template writes each message's content `|trim`med: HF (and so vLLM) then ends the continued prompt
+    after the trimmed text, without the prefill's trailing whitespace, which the template drops too."""
+    trimming = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content|trim + '<|im_end|>\\n' }}"
+                "{% endfor %}")
+    msgs = [{"role": "user", "content": "Give JSON"}, {"role": "assistant", "content": final}]
+    kwargs = dict(add_generation_prompt=False, continue_final_message=True, chat_template=trimming)
+    assert tok.apply_chat_template(msgs, **kwargs) == hf_tok.apply_chat_template(msgs, tokenize=False, **kwargs)
+
+
+def test_tool_result_text_parts_join_as_lines_like_vllm(tok):
+    """Claude Code / Cursor send a tool result as text parts; vLLM joins a tool message's parts with "\\n" (they ran
+    together: "total 8-rw-r--r-- a.txt")."""
+    def conversation(content):
+        return [{"role": "user", "content": "ls"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "sh", "arguments": {"cmd": "ls"}}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": content}]
+    parts = [{"type": "text", "text": "total 8"}, {"type": "text", "text": "-rw-r--r-- a.txt"}]
+    assert tok.apply_chat_template(conversation(parts)) == tok.apply_chat_template(
+        conversation("total 8\n-rw-r--r-- a.txt"))
+
+
+def test_server_joins_tool_result_parts_as_lines_too():
+    from deltaserve.serve.protocol import ChatCompletionRequest
+    from deltaserve.serve.serving_chat import _message_dicts
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": parts},
+                                                     {"role": "tool", "tool_call_id": "c1", "content": parts}])
+    assert [m["content"] for m in _message_dicts(req)] == ["ab", "a\nb"]
+
+
+def test_generation_blocks_render_their_body_like_hf(tok, hf_tok):
+    """Templates written for assistant-token masks wrap the assistant's text in transformers' `{% generation %}` tag;
+    transformers renders the body as it is, ours refused to compile the template."""
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}"
+                "{{ m.content }}<|im_end|>{% endgeneration %}{% else %}{{ m.content }}<|im_end|>{% endif %}\n"
+                "{% endfor %}")
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    kwargs = dict(add_generation_prompt=False, chat_template=template)
+    assert tok.apply_chat_template(msgs, **kwargs) == hf_tok.apply_chat_template(msgs, tokenize=False, **kwargs)
