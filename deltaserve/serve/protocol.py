@@ -126,6 +126,7 @@ class _SamplingRequest(_Model):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    best_of: StrictInt | None = None  # vLLM takes it on both endpoints; only best_of == n (sampling_params)
 
     @property
     def include_usage(self) -> bool:
@@ -144,6 +145,8 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template: StrictStr | None = None  # vLLM's: Jinja in place of the model's (--trust-request-chat-template)
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False  # vLLM's: the answer continues the last (assistant) message
+    documents: list[dict[str, Any]] | None = None  # vLLM's (RAG): the chat template's `documents` variable
+    include_reasoning: StrictBool = True  # vLLM's: false leaves reasoning_content out (the reasoning still runs)
     response_format: dict[str, Any] | None = None
 
 
@@ -159,6 +162,7 @@ class TokenizeRequest(_Model):
     chat_template: StrictStr | None = None
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
+    documents: list[dict[str, Any]] | None = None
     add_special_tokens: StrictBool = False
 
 
@@ -174,7 +178,6 @@ class CompletionRequest(_SamplingRequest):
     echo: StrictBool = False  # with max_tokens 0: the prompt alone, scored (logprobs), nothing generated
     response_format: dict[str, Any] | None = None  # as for chat (vLLM takes it here too)
     suffix: StrictStr | None = None
-    best_of: StrictInt | None = None
 
 
 # Fields of OpenAI's legacy API or of other servers that deltaserve does not honour: ignoring one would silently drop
@@ -191,8 +194,15 @@ UNSUPPORTED_FIELDS = {
     "use_beam_search": "beam search is not supported", "logits_processors": "logits processors are not supported",
     "length_penalty": "beam search is not supported", "early_stopping": "beam search is not supported",
     "echo": "on /v1/chat/completions the answer does not repeat the prompt",  # a declared field on /v1/completions
+    "priority": "requests are scheduled first come, first served",
+    "structural_tag": "structured_outputs takes json, json_object, regex or choice",
+    "prompt_embeds": "give the prompt as text or token ids",
+    # chat's fields (declared there), sent to /v1/completions
+    "max_completion_tokens": "on /v1/completions the limit is max_tokens",
+    "top_logprobs": "on /v1/completions logprobs is the number of top logprobs per token",
 }
-_NEUTRAL = {"length_penalty": 1}  # values of those fields that ask for nothing (vLLM's defaults)
+# values of those fields that ask for nothing (vLLM's defaults)
+_NEUTRAL = {"length_penalty": 1, "priority": 0, "top_logprobs": 0}
 
 
 def parse_request(cls: type[_Model], body: bytes) -> Any:
@@ -257,6 +267,8 @@ def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}.", "logprobs")
     if not 1 <= req.n <= 128:
         raise APIError(400, f"n must be between 1 and 128, got {req.n}.", "n")
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, f"best_of={req.best_of} is not supported; only best_of == n ({req.n}).", "best_of")
     if structured is not None and req.structured_outputs:
         raise APIError(400, "Give response_format or structured_outputs, not both.", "structured_outputs")
     structured = structured or _structured_extra(req.structured_outputs)

@@ -125,7 +125,8 @@ def _render(ctx: ServingContext, req: ChatCompletionRequest, tools: list[dict] |
     try:
         return ctx.tokenizer.apply_chat_template(_message_dicts(req), add_generation_prompt=req.add_generation_prompt,
                                                  tools=tools, continue_final_message=req.continue_final_message,
-                                                 chat_template=req.chat_template, **kwargs)
+                                                 chat_template=req.chat_template, documents=req.documents,
+                                                 **kwargs)
     except TokenizerError as e:
         raise APIError(400, str(e), "messages") from None
 
@@ -186,7 +187,7 @@ def _full_response(ctx: ServingContext, req: ChatCompletionRequest, final, parse
         reasoning, parsed = p.feed(c.text, final=True)
         calls = p.tools.calls if p.tools is not None else []
         message = {"role": "assistant", "content": parsed.content if parsed.content or not calls else None,
-                   "reasoning_content": reasoning or None}
+                   "reasoning_content": (reasoning or None) if req.include_reasoning else None}
         if calls:
             message["tool_calls"] = [{"id": t.id, "type": "function",
                                       "function": {"name": t.name, "arguments": t.arguments}} for t in calls]
@@ -224,7 +225,7 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parse
                 final = c.finish_reason is not None
                 reasoning, parsed = p.feed(c.delta_text, final)
                 delta = {}
-                if reasoning:
+                if reasoning and req.include_reasoning:
                     delta["reasoning_content"] = reasoning
                 if parsed.content:
                     delta["content"] = parsed.content

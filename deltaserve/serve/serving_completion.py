@@ -34,8 +34,6 @@ def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[str | No
 def _check(req: CompletionRequest) -> None:
     if req.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported; remove it from the request.", "suffix")
-    if req.best_of is not None and req.best_of != req.n:
-        raise APIError(400, f"best_of={req.best_of} is not supported; only best_of == n ({req.n}).", "best_of")
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request) -> Response:

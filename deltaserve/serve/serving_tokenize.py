@@ -22,7 +22,7 @@ def tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
         chat = ChatCompletionRequest(model=ctx.model_name, messages=req.messages, tools=req.tools,
                                      tool_choice=req.tool_choice, chat_template_kwargs=req.chat_template_kwargs,
                                      chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt,
-                                     continue_final_message=req.continue_final_message)
+                                     continue_final_message=req.continue_final_message, documents=req.documents)
         text = chat_prompt(ctx, chat)
     else:
         text = req.prompt

@@ -465,6 +465,17 @@ def test_reasoning_split(client):
     assert off.reasoning_content is None and off.content == THINK[0]  # enable_thinking=False: no reasoning split
 
 
+def test_include_reasoning_false_leaves_the_reasoning_out(client):
+    """vLLM's include_reasoning: false drops reasoning_content, streamed or not (it was accepted and ignored)."""
+    kw = dict(model=MODEL, messages=user("FORCE_THINK what is 2+2?"), max_tokens=40,
+              extra_body={"include_reasoning": False})
+    msg = client.chat.completions.create(**kw).choices[0].message
+    assert msg.content == THINK[2] and getattr(msg, "reasoning_content", None) is None, msg
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert not any(getattr(c.choices[0].delta, "reasoning_content", None) for c in chunks if c.choices)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == THINK[2]
+
+
 @pytest.mark.parametrize("marker", ["FORCE_XML_TOOL", "FORCE_JSON_TOOL"], ids=["xml", "json"])
 def test_tool_call_round_trip(client, marker):
     msgs = user(f"{marker} What is the weather in Paris?")
@@ -745,6 +756,18 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
         "type": "json_object"}), None, 400, "allowed_token_ids"),
     "truncate_prompt_tokens_zero": ("/v1/completions", {"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 0},
                                     None, 400, "truncate_prompt_tokens"),
+    "chat_best_of": ("/v1/chat/completions", chat_body(best_of=3), None, 400, "best_of"),  # was ignored
+    "completions_best_of": ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, None, 400, "best_of"),
+    "priority": ("/v1/chat/completions", chat_body(priority=10), None, 400, "priority"),  # these three were ignored
+    "structural_tag": ("/v1/chat/completions", chat_body(structural_tag='{"structures": [], "triggers": ["<x>"]}'),
+                       None, 400, "structural_tag"),
+    "prompt_embeds": ("/v1/completions", {"model": MODEL, "prompt": "hi", "prompt_embeds": "AAAA"}, None, 400,
+                      "prompt_embeds"),
+    "completions_max_completion_tokens": ("/v1/completions", {"model": MODEL, "prompt": "hi",
+                                                              "max_completion_tokens": 1}, None, 400,
+                                          "max_completion_tokens"),  # was ignored: 16 tokens came back
+    "completions_top_logprobs": ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_logprobs": 5}, None, 400,
+                                 "top_logprobs"),  # was ignored: no logprobs came back
     "continuous_usage_stats": ("/v1/chat/completions", chat_body(stream=True, stream_options={
         "include_usage": True, "continuous_usage_stats": True}), None, 400, "stream_options.continuous_usage_stats"),
 }

@@ -69,3 +69,17 @@ def test_request_chat_template_needs_the_servers_trust(tiny):
     with pytest.raises(APIError, match="may not set 'chat_template'"):
         chat_prompt(ctx, ChatCompletionRequest(model="m", messages=HELLO,
                                                chat_template_kwargs={"chat_template": TEMPLATE}))
+
+
+def test_documents_reach_the_chat_template(tiny):
+    """vLLM's `documents` field is the template's `documents` variable (chat_template_kwargs may not set it and says
+    to use the field; the field was accepted and dropped)."""
+    ctx = context(tiny, trusted=True)
+    template = "{% for d in documents or [] %}[{{ d.title }}: {{ d.text }}]{% endfor %}" + TEMPLATE
+    docs = [{"title": "Paris", "text": "capital of France"}]
+    req = ChatCompletionRequest(model="m", messages=HELLO, chat_template=template, documents=docs)
+    assert chat_prompt(ctx, req) == "[Paris: capital of France]<user>hello>>"
+    ids = tokenize(ctx, TokenizeRequest(messages=HELLO, chat_template=template, documents=docs))["tokens"]
+    assert ctx.tokenizer.decode(ids, skip_special_tokens=False) == "[Paris: capital of France]<user>hello>>"
+    assert chat_prompt(ctx, ChatCompletionRequest(model="m", messages=HELLO, chat_template=template)) == \
+        "<user>hello>>"
