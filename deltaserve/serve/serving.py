@@ -34,6 +34,15 @@ class ServingContext:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
                            "model", "model_not_found")
 
+    def check_generation_request(self, req) -> None:
+        """What every /v1 generation request is checked for first: the model it names, and vLLM's cache_salt (it
+        keeps tenants' prefix-cache entries apart; ours are shared by all requests, so a salted request is refused
+        while the prefix cache is on, and asks for nothing while it is off)."""
+        self.check_model(req.model)
+        if (req.model_extra or {}).get("cache_salt") and self.engine.core.scheduler.cache is not None:
+            raise APIError(400, "'cache_salt' is not supported: this server's prefix cache is shared by all requests; "
+                                "to keep tenants apart, serve without --enable-prefix-caching.", "cache_salt")
+
     def require_tokenizer(self) -> None:
         if self.tokenizer is None:
             raise APIError(400, "This model has no tokenizer.json, so it can only take token-id prompts on "

@@ -137,7 +137,7 @@ def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> str:
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request) -> Response:
-    ctx.check_model(req.model)
+    ctx.check_generation_request(req)
     ctx.require_tokenizer()
     tools = _tools(req)
     prompt = _render(ctx, req, tools)

@@ -37,7 +37,7 @@ def _check(req: CompletionRequest) -> None:
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request) -> Response:
-    ctx.check_model(req.model)
+    ctx.check_generation_request(req)
     _check(req)
     prompts = [(text, ids) if len(cut := truncate(req, ids, ctx.max_model_len, req.max_tokens)) == len(ids)
                else (None, cut) for text, ids in _prompts(ctx, req)]  # a cut prompt is echoed from its ids

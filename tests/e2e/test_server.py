@@ -768,6 +768,9 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
                                           "max_completion_tokens"),  # was ignored: 16 tokens came back
     "completions_top_logprobs": ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_logprobs": 5}, None, 400,
                                  "top_logprobs"),  # was ignored: no logprobs came back
+    # was ignored: a salted prompt still hit (and reported) another tenant's cached prefix
+    "cache_salt": ("/v1/completions", {"model": MODEL, "prompt": "hi", "cache_salt": "tenant-a"}, None, 400,
+                   "cache_salt"),
     "continuous_usage_stats": ("/v1/chat/completions", chat_body(stream=True, stream_options={
         "include_usage": True, "continuous_usage_stats": True}), None, 400, "stream_options.continuous_usage_stats"),
 }
@@ -1239,3 +1242,15 @@ def test_a_batch_of_prompts_is_queued_at_once(model_dir, refused):
         assert isinstance(resp, APIError) and resp.status == 400 and "max_model_len" in resp.message
     core, s = llm.engine, llm.engine.scheduler
     assert not core.groups and s.blocks.num_free == s.blocks.num_blocks and s.states.num_free == s.states.num_slots
+
+
+def test_cache_salt_asks_for_nothing_without_a_prefix_cache(model_dir):
+    """vLLM's cache_salt keeps tenants' prefix-cache entries apart: refused while the (shared) prefix cache is on
+    (BAD_REQUESTS), accepted without one, where nothing is shared."""
+    from deltaserve.serve.async_engine import AsyncEngine
+    from deltaserve.serve.protocol import CompletionRequest, parse_request
+    from deltaserve.serve.serving import ServingContext
+
+    body = json.dumps({"model": "tiny", "prompt": "hi", "cache_salt": "tenant-a"}).encode()
+    llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=256)
+    ServingContext(AsyncEngine(llm), "tiny").check_generation_request(parse_request(CompletionRequest, body))
