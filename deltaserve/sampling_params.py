@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5  # temperatures below this are treated as 0 (greedy), as in vLLM
+_MIN_TEMP = 1e-2  # as vLLM's _MAX_TEMP: a temperature in (0, 0.01) samples at 0.01 (only 0 is greedy)
 
 
 def truncated_prompt(ids: list[int], keep: int | None, max_model_len: int, max_tokens: int | None) -> list[int]:
@@ -128,6 +129,8 @@ class SamplingParams:
         if isinstance(self.bad_words, (str, tuple)):
             self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
         self._validate()
+        if 0 < self.temperature < _MIN_TEMP:  # vLLM raises it so (logits / T would overflow); it stays a sampler
+            self.temperature = _MIN_TEMP
         self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} if self.logit_bias else None
 
     def _validate(self) -> None:

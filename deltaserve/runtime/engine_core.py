@@ -304,7 +304,7 @@ class EngineCore:
         allowed = set(params.allowed_token_ids or ())
         if not allowed:
             return
-        enders = {*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)}
+        enders = {*params.stop_token_ids, *self.eos_token_ids}  # what min_tokens bans (ignore_eos or not)
         banned = {ids[0] for ids in bad_ids if len(ids) == 1}  # one-token bad words: banned at every step
         if params.min_tokens and allowed <= enders:
             raise ValueError("allowed_token_ids holds only EOS and stop tokens, which min_tokens bans at first")

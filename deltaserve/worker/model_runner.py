@@ -445,12 +445,13 @@ class ModelRunner:
 
 def _not_yet(req: Request, eos_token_ids: tuple[int, ...], vocab_size: int) -> list[int]:
     """The tokens `req` may not sample now: while it has fewer than min_tokens outputs (a token still in flight under
-    async scheduling counts), EOS (unless ignore_eos) and its stop_token_ids. A grammar decides alone where its text
-    may end (structured outputs ignore min_tokens)."""
+    async scheduling counts), EOS (ignore_eos too, as vLLM: its min_tokens bans every id in _all_stop_token_ids, EOS
+    included whatever ignore_eos says) and its stop_token_ids. A grammar decides alone where its text may end
+    (structured outputs ignore min_tokens)."""
     p = req.params
     if req.grammar is not None or len(req.output_token_ids) + req.num_inflight >= p.min_tokens:
         return []
-    return [t for t in (*(() if p.ignore_eos else eos_token_ids), *p.stop_token_ids) if t < vocab_size]
+    return [t for t in (*eos_token_ids, *p.stop_token_ids) if t < vocab_size]
 
 
 def _banned(req: Request, eos_token_ids: tuple[int, ...], vocab_size: int) -> list[int]:
@@ -474,8 +475,9 @@ def _bad_word_ends(req: Request, vocab_size: int) -> list[int]:
 
 def _logprob_dict(vals: list[float], toks: list[int], rank: int) -> Logprobs:
     """One position's 1 + k values and ids (the actual token first, with its rank over the vocabulary, then the top
-    k in order) -> {token id: Logprob}, the actual token once; the decoded texts come later (engine_core)."""
+    k in order) -> {token id: Logprob}, the actual token once: where it is also in the top k, that entry (rank = its
+    place) wins, as in vLLM's append_logprobs_for_next_position; the decoded texts come later (engine_core)."""
     d = {toks[0]: Logprob(vals[0], rank)}
     for i, (t, v) in enumerate(zip(toks[1:], vals[1:]), start=1):
-        d.setdefault(t, Logprob(v, i))
+        d[t] = Logprob(v, i)
     return d

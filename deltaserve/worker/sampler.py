@@ -4,8 +4,8 @@ What belongs here: turning final-position logits ``[N, V]`` into sampled token i
 builds one ``SamplingBatch`` per step (host-side, once) and calls ``Sampler()(logits, batch)``; the sampler never
 syncs with the device per request and never loops over rows in Python except to draw noise for seeded rows.
 
-Order of operations (HF transformers' warpers, the reference, and vLLM V0's; vLLM V1 applies min-p before top-k /
-top-p, which differs only when min_p and top_p are both set):
+Order of operations (vLLM V1's: min-p is an argmax-invariant logits processor applied after temperature and before
+top-k / top-p, so top-p measures its nucleus on the distribution min-p left):
   1. logprobs = log_softmax(raw logits) in fp32 (the documented contract: raw, before anything below)
   1b. logit_bias added to the biased rows' tokens, and -inf to the tokens a row may not sample yet (min_tokens):
       one scatter-add over every (row, token) pair of the batch
@@ -14,7 +14,7 @@ top-p, which differs only when min_p and top_p are both set):
   2. repetition penalty on tokens seen in prompt OR output (divide positive logits, multiply negative ones)
   3. frequency / presence penalties on output tokens only (counts via scatter_add)
   4. greedy rows take the argmax of the penalised logits
-  5. temperature -> top-k -> top-p (keep at least one token) -> min-p (relative to the max probability)
+  5. temperature -> min-p (relative to the max probability) -> top-k -> top-p (keep at least one token)
   6. exponential race: argmax(probs / q), q ~ Exponential(1); seeded rows draw q from their own generator, so a
      seeded request samples the same tokens whatever else is in the batch and whichever row it sits in.
 
@@ -239,13 +239,14 @@ class SamplerOutput:
 def compute_topk_logprobs(logprobs: Tensor, k: int, token_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """logprobs: [N, V] fp32 log-softmax; k: host int in [0, V]; token_ids: [N] int64.
     Returns (values [N, 1 + k] fp32, ids [N, 1 + k] int64, ranks [N] int64): the given token's logprob first, then
-    the k largest in descending order, and the given token's rank (1 + the tokens more likely than it). Used for
-    generated tokens and, with the next prompt tokens, for prompt logprobs."""
+    the k largest in descending order, and the given token's rank: as vLLM's, the number of tokens at least as likely
+    as it (itself and its ties included). Used for generated tokens and, with the next prompt tokens, for prompt
+    logprobs."""
     if not 0 <= k <= logprobs.shape[-1]:
         raise ValueError(f"k={k} top logprobs requested, but k must be in [0, {logprobs.shape[-1]}].")
     ids = token_ids.to(torch.int64).unsqueeze(1)
     chosen = logprobs.gather(1, ids)
-    ranks = (logprobs > chosen).sum(dim=1) + 1
+    ranks = (logprobs >= chosen).sum(dim=1)
     if k == 0:
         return chosen, ids, ranks
     top_values, top_ids = logprobs.topk(k, dim=-1)
@@ -312,11 +313,12 @@ def apply_top_k_top_p(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None
     return logits.scatter_(1, order, sorted_logits)
 
 
-def apply_min_p(probs: Tensor, min_p: Tensor) -> Tensor:
-    """probs: [N, V] fp32 (zeroed IN PLACE and returned); min_p: [N] fp32. Drops p < min_p * max(p).
-    No renormalisation: the exponential race is invariant to scaling a row."""
+def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
+    """logits: [N, V] fp32 (temperature applied; masked IN PLACE with -inf and returned); min_p: [N] fp32. Drops the
+    tokens whose probability p < min_p * max(p), as vLLM's MinPLogitsProcessor (before top-k / top-p)."""
+    probs = logits.softmax(dim=-1)
     threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
-    return probs.masked_fill_(probs < threshold, 0.0)
+    return logits.masked_fill_(probs < threshold, float("-inf"))
 
 
 def exponential_race(probs: Tensor, generators: dict[int, torch.Generator]) -> Tensor:
@@ -364,12 +366,12 @@ class Sampler:
             return logits.argmax(dim=-1)
         greedy_ids = logits.argmax(dim=-1) if batch.any_greedy else None
         x = logits / batch.temperature.unsqueeze(1)  # out of place: the caller's logits stay untouched
+        if not batch.no_min_p:
+            x = apply_min_p(x, batch.min_p)
         if not (batch.no_top_k and batch.no_top_p):
             x = apply_top_k_top_p(
                 x, None if batch.no_top_k else batch.top_k, None if batch.no_top_p else batch.top_p, batch.max_top_k
             )
         probs = x.softmax(dim=-1)
-        if not batch.no_min_p:
-            probs = apply_min_p(probs, batch.min_p)
         sampled = exponential_race(probs, batch.generators)
         return sampled if greedy_ids is None else torch.where(batch.greedy, greedy_ids, sampled)

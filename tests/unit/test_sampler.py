@@ -92,6 +92,19 @@ def test_params_defaults_and_normalisation():
 
 # ---------------------------------------------------------------- greedy / top-k
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-3, 5e-3])
+def test_tiny_temperature_samples_at_vllm_floor(temperature):
+    """vLLM's SamplingParams raises a temperature in (0, 0.01) to 0.01: such a request samples (not greedy), from
+    softmax(logits / 0.01)."""
+    p = SamplingParams(temperature=temperature)
+    assert (p.temperature, p.greedy) == (0.01, False)
+    assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=0.01).temperature == 0.01
+    torch.manual_seed(0)
+    out = sample(torch.tensor([[1.0, 0.99, 0.5]]).expand(4000, -1).contiguous(), [p] * 4000)
+    share = (out.token_ids == 1).float().mean().item()  # softmax([100, 99, 50])[1] = 0.269
+    assert abs(share - 0.269) < 0.03
+
+
 def test_greedy_is_argmax_in_mixed_batch():
     torch.manual_seed(0)
     logits = torch.randn(8, 50)
@@ -145,6 +158,31 @@ def test_min_p_drops_relatively_unlikely(min_p, kept):
     torch.manual_seed(0)
     out = sample(rows_of(PROBS, 4000), [SamplingParams(min_p=min_p)] * 4000)
     assert set(out.token_ids.tolist()) == kept
+
+
+def test_min_p_comes_before_top_p_as_in_vllm(monkeypatch):
+    """vLLM V1 applies min-p right after temperature, before top-k / top-p: with probs [.4, .3, .2, .1], min_p 0.3
+    drops .1, and top-p 0.75 over the renormalised [.44, .33, .22] then drops .22 -> [4/7, 3/7, 0, 0] exactly
+    (min-p after top-p kept three tokens)."""
+    import deltaserve.worker.sampler as sampler_mod
+
+    seen = {}
+    race = sampler_mod.exponential_race
+    monkeypatch.setattr(sampler_mod, "exponential_race", lambda p, g: (seen.setdefault("p", p.clone()), race(p, g))[1])
+    sample(torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log(), [SamplingParams(top_p=0.75, min_p=0.3)])
+    got = seen["p"][0] / seen["p"][0].sum()
+    assert torch.allclose(got, torch.tensor([4 / 7, 3 / 7, 0.0, 0.0]), atol=1e-6)
+
+
+def test_min_tokens_bans_eos_under_ignore_eos_too():
+    """vLLM's min_tokens bans _all_stop_token_ids, which holds EOS whatever ignore_eos says (the README: the first
+    min_tokens tokens can be neither EOS nor stop_token_ids)."""
+    from deltaserve.runtime.request import Request
+    from deltaserve.worker.model_runner import _banned
+
+    for ignore_eos in (False, True):
+        p = SamplingParams(min_tokens=4, max_tokens=8, ignore_eos=ignore_eos, stop_token_ids=[5])
+        assert sorted(_banned(Request("r", [1, 2], p, max_tokens=8), (7,), 100)) == [5, 7]
 
 
 # ---------------------------------------------------------------- penalties
@@ -304,6 +342,19 @@ def test_allowed_token_ids_are_the_only_candidates():
     assert sample(wide, [SamplingParams(temperature=0, allowed_token_ids=[33, 69])]).token_ids.item() in (33, 69)
     with pytest.raises(ValueError, match="cannot be combined"):
         SamplingParams(allowed_token_ids=[1], structured_outputs=StructuredOutputs(choice=["a"]))
+
+
+def test_ranks_of_tied_tokens_as_vllm():
+    """vLLM's rank counts the tokens whose logprob is >= the chosen one's, and a chosen token also in the top k keeps
+    the top-k entry's rank (its place there): with tokens 1 and 2 tied for the top, token 2 is rank 2."""
+    from deltaserve.worker.model_runner import _logprob_dict
+
+    lp = torch.tensor([[2.0, 3.0, 3.0, 1.0]]).log_softmax(-1)
+    for k, want in ((0, {2: 2}), (2, {2: 2, 1: 1})):
+        v, i, r = compute_topk_logprobs(lp, k, torch.tensor([2]))
+        assert {t: x.rank for t, x in _logprob_dict(v[0].tolist(), i[0].tolist(), int(r[0])).items()} == want
+    assert compute_topk_logprobs(lp, 0, torch.tensor([1]))[2].tolist() == [2]
+    assert compute_topk_logprobs(lp, 0, torch.tensor([0]))[2].tolist() == [3]
 
 
 def test_compute_topk_logprobs_for_prompt_tokens():
