@@ -73,7 +73,7 @@ class Fp8Linear(nn.Module):
     num_experts: when given, both tensors get a leading [E] dim and only `dequant` is used (by Fp8Experts)."""
 
     def __init__(self, in_features: int, out_features: int, block: tuple[int, int],
-                 num_experts: int | None = None):
+                 num_experts: int | None = None, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.block = in_features, out_features, tuple(block)
         lead = () if num_experts is None else (num_experts,)
@@ -82,6 +82,8 @@ class Fp8Linear(nn.Module):
         self.weight_scale_inv = nn.Parameter(
             torch.empty(lead + scale_shape(out_features, in_features, self.block), dtype=torch.float32),
             requires_grad=False)
+        # a 16-bit bias beside the FP8 weight (attention_bias checkpoints), added after the GEMM
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def keep_scales_fp32(self) -> None:
         """Undo a model-wide .to(dtype) (fp8 counts as floating point): the weight stays e4m3 and the scales fp32
@@ -95,7 +97,8 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, out] in x's dtype."""
-        return fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
+        y = fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"fp8 e4m3, in={self.in_features}, out={self.out_features}, block={list(self.block)}"

@@ -42,7 +42,7 @@ class QuantLinear(nn.Module):
     num_experts: when given, every tensor gets a leading [E] dim and `dequant` returns [E, out, in]."""
 
     def __init__(self, fmt: str, in_features: int, out_features: int, group_size: int,
-                 num_experts: int | None = None):
+                 num_experts: int | None = None, bias: bool = False):
         super().__init__()
         self.fmt, self.group_size = fmt, group_size
         self.in_features, self.out_features = in_features, out_features
@@ -53,6 +53,8 @@ class QuantLinear(nn.Module):
             dtype = torch.int32 if spec.packed else torch.float32
             shape = lead + spec.shape(in_features, out_features, group_size)
             self.register_parameter(kind, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
+        # a 16-bit bias beside the int4 weight (attention_bias checkpoints), added after the GEMM
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def keep_scales_fp32(self) -> None:
         """Undo a model-wide .to(dtype) on the scales: fp32 holds the fp16 (AWQ) or bf16 (compressed-tensors) scales
@@ -110,8 +112,9 @@ class QuantLinear(nn.Module):
         if self.fmt == "awq" and kernel_supports(x, self.group_size):
             y = int4_gemm(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales, self.group_size,
                           self.kpack)
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.dequant(x.dtype))
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.dequant(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.fmt}, in={self.in_features}, out={self.out_features}, group={self.group_size}"
@@ -187,6 +190,7 @@ def mergeable(a: nn.Module, b: nn.Module) -> bool:
         ta, tb = getattr(a, a.kinds[0]), getattr(b, b.kinds[0])  # qweight / weight_packed: [E, ...] for experts
         return (a.fmt == b.fmt and a.in_features == b.in_features and a.group_size == b.group_size
                 and a.kpack == b.kpack and ta.dim() == tb.dim() == 2 and ta.device == tb.device
+                and (a.bias is None) == (b.bias is None)
                 and all(m.out_features % spec.per_out == 0 for m in (a, b) for spec in FORMATS[a.fmt].values()))
     return False
 
@@ -211,8 +215,11 @@ def _merge_quant(linears: list[QuantLinear]) -> QuantLinear:
     holds fp16 and bf16 exactly, then narrow again where that is exact."""
     first = linears[0]
     with torch.device("meta"):  # shapes only: the tensors come from the pieces
-        merged = QuantLinear(first.fmt, first.in_features, sum(m.out_features for m in linears), first.group_size)
+        merged = QuantLinear(first.fmt, first.in_features, sum(m.out_features for m in linears), first.group_size,
+                             bias=first.bias is not None)
     merged.kpack = first.kpack
+    if first.bias is not None:
+        merged.bias = nn.Parameter(torch.cat([m.bias.data for m in linears]), requires_grad=False)
     for kind, spec in FORMATS[first.fmt].items():
         tensors = [getattr(m, kind).data for m in linears]
         if len({t.dtype for t in tensors}) == 1:

@@ -77,7 +77,7 @@ def check_shapes(fmt: str, in_features: int, out_features: int, group: int, name
 
 def pack_int4(q: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
     """q: [..., 8m] integers 0..15 -> [..., m] int32 with element 8c + order[i] at bits 4i."""
-    q = q.to(torch.int32).reshape(*q.shape[:-1], -1, 8)[..., list(order)]
+    q = q.to(torch.int32).reshape(*q.shape[:-1], q.shape[-1] // 8, 8)[..., list(order)]  # -1: 0 rows fail
     out = torch.zeros(q.shape[:-1], dtype=torch.int32, device=q.device)
     for i in range(8):
         out |= q[..., i] << (4 * i)
@@ -94,7 +94,7 @@ def unpack_int4(packed: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) 
         nibbles = nibbles.view(*nibbles.shape[:-1], 2, 4).transpose(-1, -2)
     elif order != tuple(range(8)):
         nibbles = nibbles[..., [order.index(j) for j in range(8)]]
-    return nibbles.reshape(*packed.shape[:-1], -1)
+    return nibbles.reshape(*packed.shape[:-1], 8 * packed.shape[-1])  # not -1: 0 rows fail
 
 
 def dequant_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int,

@@ -134,7 +134,8 @@ def apply_formats(model: nn.Module, cfg: ModelConfig, formats: dict[str, str],
             fmts = [left.pop(f"layers.{i}.{module}.{piece}", None) for piece, _ in pieces]
             if any(fmts):
                 old = model.get_submodule(path)
-                pieces_ = [(piece, _linear(fmt, old.in_features, rows, q, f"layers.{i}.{module}.{piece}", blocks))
+                pieces_ = [(piece, _linear(fmt, old.in_features, rows, q, f"layers.{i}.{module}.{piece}", blocks,
+                                           old.bias is not None))
                            for (piece, rows), fmt in zip(pieces, fmts)]
                 model.set_submodule(path, ProjectionGroup(pieces_))
         _apply_experts(model, cfg, i, left, q, blocks)
@@ -143,7 +144,8 @@ def apply_formats(model: nn.Module, cfg: ModelConfig, formats: dict[str, str],
         if not isinstance(old, nn.Linear) or name == "lm_head":
             raise FormatError(f"Checkpoint module {name} is quantized ({left[name]}), but deltaserve reads quantized "
                               f"weights only for the decoder layers' Linear projections and experts; keep it 16-bit.")
-        model.set_submodule(name, _linear(left[name], old.in_features, old.out_features, q, name, blocks))
+        model.set_submodule(name, _linear(left[name], old.in_features, old.out_features, q, name, blocks,
+                                          old.bias is not None))
 
 
 def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[str, str], q: QuantConfig,
@@ -180,17 +182,18 @@ def _apply_experts(model: nn.Module, cfg: ModelConfig, layer: int, left: dict[st
 
 
 def _linear(fmt: str | None, in_features: int, out_features: int, q: QuantConfig | None, name: str,
-            blocks: dict[str, tuple[int, int]]) -> nn.Module:
+            blocks: dict[str, tuple[int, int]], bias: bool = False) -> nn.Module:
+    """bias: the replaced 16-bit module had one (attention_bias), so the checkpoint holds it beside the weight."""
     if fmt is None:
-        return Linear(in_features, out_features, bias=False)
+        return Linear(in_features, out_features, bias=bias)
     if fmt == "fp8":
-        return Fp8Linear(in_features, out_features, blocks.get(name, q.weight_block_size))
+        return Fp8Linear(in_features, out_features, blocks.get(name, q.weight_block_size), bias=bias)
     group = q.group_size
     reason = check_shapes(fmt, in_features, out_features, group, name)
     if reason:
         raise FormatError(f"Quantized tensor {name}.{next(iter(FORMATS[fmt]))} cannot be read: {reason} "
                           f"(quantization_config.group_size; keep such a Linear 16-bit).")
-    return QuantLinear(fmt, in_features, out_features, group)
+    return QuantLinear(fmt, in_features, out_features, group, bias=bias)
 
 
 def _get(model: nn.Module, name: str) -> nn.Module | None:

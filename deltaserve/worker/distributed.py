@@ -111,7 +111,8 @@ def shard(tensor, dim: int, rank: int, world: int):
 
 def read_ranges(tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
     """Rows `ranges` of `tensor` along `dim`, concatenated (reads only those bytes from a safetensors slice)."""
-    parts = [tensor[(slice(None),) * dim + (slice(a, b),)] for a, b in ranges]
+    # no ranges: a zero-width cut (e.g. the scales of a 0-channel shared expert) reads nothing, an empty slice
+    parts = [tensor[(slice(None),) * dim + (slice(a, b),)] for a, b in ranges or [(0, 0)]]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 

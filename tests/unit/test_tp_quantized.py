@@ -208,3 +208,31 @@ def test_checkpoint_error_before_any_process_starts(wide, tmp_path):
     assert str(e.value) == ("tensor_parallel_size=4 splits layers.0.linear_attn.out_proj's 256 input channels into "
                             "64, not a multiple of the int4 group size 128; valid sizes: 1, 2")
     assert multiprocessing.active_children() == [] and time.monotonic() - t0 < 5
+
+
+# ---------------------------------------------------------------- attention_bias beside quantized weights
+
+@pytest.mark.parametrize("method, group", [("awq", GROUP), ("fp8", 128)], ids=["awq", "fp8"])
+def test_quantized_attention_bias_loads_and_tp2_equals_tp1(tmp_path, method, group):
+    """attention_bias=true: a quantized checkpoint holds q/k/v/o_proj's 16-bit biases beside their int4 / FP8
+    weights. They were 'tensors this model does not use' (QuantLinear, Fp8Linear and a ProjectionGroup's pieces had
+    no bias), at every TP size. Now they load: the model equals its dequantized twin, and at TP=2 (o_proj's bias
+    added by rank 0 only) equals TP=1."""
+    from quant_helpers import assert_matches_twin
+
+    src = make_tiny(str(tmp_path / "src"), moe=True, text_overrides={"attention_bias": True})
+    q = quantize_checkpoint(src, str(tmp_path / "q"), method=method, group_size=group, progress=False)
+    llm = assert_matches_twin(q, tmp_path)
+    o_proj = llm.model.get_submodule("layers.3.self_attn.o_proj")
+    assert isinstance(o_proj, (QuantLinear, Fp8Linear)) and o_proj.bias is not None
+    assert_same_outputs(f"{method}-attention-bias", run_prompts(q, 1), run_prompts(q, 2))
+
+
+@pytest.mark.parametrize("method, group", [("awq", GROUP), ("fp8", 128)], ids=["awq", "fp8"])
+def test_zero_width_shared_expert_quantizes_and_tp2_equals_tp1(tmp_path, method, group):
+    """shared_expert_intermediate_size=0 (HF's config allows it; the 16-bit model runs): `quantize --method awq`
+    crashed packing its 0-row weights, and the FP8 checkpoint's TP=2 load died in read_ranges (torch.cat of no
+    scale rows). Both now work, and TP=2 equals TP=1."""
+    src = make_tiny(str(tmp_path / "src"), moe=True, text_overrides={"shared_expert_intermediate_size": 0})
+    q = quantize_checkpoint(src, str(tmp_path / "q"), method=method, group_size=group, progress=False)
+    assert_same_outputs(f"{method}-no-shared-expert", run_prompts(q, 1), run_prompts(q, 2))
