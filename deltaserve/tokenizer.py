@@ -153,6 +153,8 @@ class Tokenizer:
             if not isinstance(config, dict):
                 raise TokenizerError(f"{config_file} must hold a JSON object, got a {type(config).__name__}.")
         _check_added_tokens(backend, config.get("added_tokens_decoder", {}), path)
+        # transformers' `split_special_tokens`: special-token strings in the text encode as plain text
+        backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
         chat_template = config.get("chat_template")
         if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             chat_template = {t["name"]: t["template"] for t in chat_template}
@@ -295,7 +297,11 @@ def _check_added_tokens(backend: _Backend, added_tokens_decoder: dict, path: str
     for token_id, spec in sorted(added_tokens_decoder.items(), key=lambda kv: int(kv[0])):
         content = spec["content"]
         if backend.token_to_id(content) is None:
-            backend.add_tokens([AddedToken(content, special=spec.get("special", False), normalized=False)])
+            # with the entry's own flags, as transformers builds it (`AddedToken(**entry)`): lstrip / rstrip eat the
+            # spaces beside it, normalized matches it after NFC, single_word only as a whole word
+            names = ("special", "lstrip", "rstrip", "normalized", "single_word")
+            flags = {k: bool(spec[k]) for k in names if k in spec}
+            backend.add_tokens([AddedToken(content, **flags)])
         if backend.token_to_id(content) != int(token_id):
             raise TokenizerError(
                 f"tokenizer_config.json in {path!r} gives {content!r} id {token_id} but tokenizer.json gives "

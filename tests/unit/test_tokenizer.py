@@ -463,3 +463,41 @@ def test_generation_blocks_render_their_body_like_hf(tok, hf_tok):
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
     kwargs = dict(add_generation_prompt=False, chat_template=template)
     assert tok.apply_chat_template(msgs, **kwargs) == hf_tok.apply_chat_template(msgs, tokenize=False, **kwargs)
+
+
+def _ours_and_hf_with_config(tiny_dir, tmp_path, edit):
+    """The tiny tokenizer copied with its tokenizer_config.json changed by edit(config) -> (ours, transformers')."""
+    transformers = pytest.importorskip("transformers")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    edit(config)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    return Tokenizer.from_dir(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+
+
+def test_added_token_only_in_the_config_keeps_its_flags(tiny_dir, tmp_path, hf_tok):
+    """A token tokenizer_config.json lists but tokenizer.json lacks was added with every flag off: lstrip / rstrip
+    left the space beside it a token of its own, and a normalized token did not match its NFD spelling, where
+    transformers (which builds it from the config entry) gives one id."""
+    n = len(hf_tok)
+    off = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False, "special": False}
+    ours, ref = _ours_and_hf_with_config(tiny_dir, tmp_path, lambda config: config["added_tokens_decoder"].update({
+        str(n): {**off, "content": "<|mask|>", "lstrip": True, "special": True},
+        str(n + 1): {**off, "content": "<|sep|>", "rstrip": True},
+        str(n + 2): {**off, "content": "Café", "normalized": True},
+    }))
+    for text in ("a <|mask|> b", "x<|sep|>  y", "Cafe\u0301 and Café"):
+        assert ours.encode(text) == ref.encode(text, add_special_tokens=False), text
+    assert ours.encode("a <|mask|>")[-1] == n and len(ours.encode("Cafe\u0301")) == 1
+    ids = ref.encode("a <|mask|> Café", add_special_tokens=False)
+    assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+
+
+def test_split_special_tokens_from_the_config(tiny_dir, tmp_path):
+    """tokenizer_config.json's split_special_tokens=true: transformers encodes `<|im_start|>` written in the text as
+    text; it was ignored, so the text still became the special ids."""
+    ours, ref = _ours_and_hf_with_config(tiny_dir, tmp_path, lambda config: config.update(split_special_tokens=True))
+    text = "<|im_start|>user\nhi <think>x</think><|im_end|>"
+    assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
+    assert ours.token_to_id("<|im_start|>") not in ours.encode(text)
