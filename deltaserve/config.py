@@ -206,8 +206,8 @@ class ModelConfig:
             raise ConfigError(f"{source}: {arch} needs a 'text_config' object holding the language-model fields.")
         f = _Fields(text, source)
         n_layers = f.int("num_hidden_layers")
-        head_dim = f.int("head_dim") if "head_dim" in text else f.int("hidden_size") // max(
-            1, f.int("num_attention_heads"))
+        # transformers' Qwen3_5(Moe)TextConfig default (the released models' value), not hidden_size // heads
+        head_dim = f.int("head_dim", 256)
         rope = _rope_parameters(text, source)
         rope_f = _Fields({**text, **rope}, source)
         partial = rope_f.float("partial_rotary_factor", 0.25)
@@ -347,11 +347,13 @@ def _layer_types(text: dict, n_layers: int, source: str) -> tuple[str, ...]:
 
 def _rope_parameters(text: dict, source: str) -> dict:
     """The RoPE settings: `rope_parameters`, or the older `rope_scaling` (HF reads it the same way), refused unless
-    they describe Qwen3.5's plain RoPE (its mrope sections collapse to 1-D positions for text)."""
+    they describe Qwen3.5's plain RoPE (its mrope sections collapse to 1-D positions for text). Where both are set,
+    `rope_scaling` replaces `rope_parameters` whole, as in transformers' convert_rope_params_to_dict (rope_theta and
+    partial_rotary_factor then come from the top-level keys; HF's 10000 for a missing rope_theta is refused)."""
     found = {}
-    for key in ("rope_scaling", "rope_parameters"):  # rope_parameters wins where both set a field
+    for key in ("rope_scaling", "rope_parameters"):
         value = text.get(key)
-        if value is None:
+        if value is None or key == "rope_parameters" and text.get("rope_scaling"):
             continue
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be an object, got {value!r}.")

@@ -22,7 +22,8 @@ from .layers.fp8 import use_fp8_kernels
 from .layers.linear import merge_projection_runs, use_int4_kernels
 from .layers.moe import fuse_shared_experts
 from .models.formats import RANDOM_AWQ_PATTERNS, awq_formats, tp_problems
-from .models.weights import WeightsError, build_model, checkpoint_files, load_weights, read_formats
+from .models.weights import (WeightsError, build_model, checkpoint_files, has_own_lm_head, load_weights,
+                             read_formats)
 from .outputs import RequestOutput
 from .runtime.block_pool import BlockPool
 from .runtime import prefix_cache
@@ -171,6 +172,10 @@ class LLM:
         if tokenizer is not None and not _has_tokenizer(tokenizer):
             raise TokenizerError(f"tokenizer {tokenizer!r} is not a directory holding tokenizer.json.")
         config = ModelConfig.from_hf_dir(model)
+        if has_own_lm_head(config, model):  # transformers' rule: such a checkpoint is not tied
+            logger.warning("%s: config.json ties the word embeddings, but the checkpoint holds its own lm_head.weight "
+                           "(different from the embedding); using it, as transformers does", model)
+            config = dataclasses.replace(config, tie_word_embeddings=False)
         _check_quantization_arg(quantization, config)
         self._setup(config, model, Tokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir)
                     else None, device, dtype, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,

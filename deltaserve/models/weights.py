@@ -322,6 +322,35 @@ def _check_header(file: str) -> None:
         raise WeightsError(f"{file} is not a readable safetensors file ({reason}).") from None
 
 
+def has_own_lm_head(cfg: ModelConfig, path: str) -> bool:
+    """Whether a checkpoint whose config ties the embeddings still holds an lm_head.weight different from the
+    embedding. transformers does not tie such a checkpoint (it warns and keeps both), so the head it holds is the one
+    that runs; a head equal to the embedding (the usual tied save) changes nothing."""
+    if not cfg.tie_word_embeddings:
+        return False
+    try:
+        files = checkpoint_files(path)
+    except WeightsError:
+        return False  # reported, in one sentence, when the weights load
+    head = embed = None  # (file, name): the names first, the two tensors read only when both are there
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name == "lm_head.weight":
+                    head = (file, name)
+                elif not SKIP.search(name) and strip_name(name, cfg) == "embed_tokens.weight":
+                    embed = (file, name)
+    if head is None or embed is None:
+        return False
+    a, b = (_read_tensor(*where) for where in (head, embed))
+    return not (a.shape == b.shape and torch.equal(a, b))
+
+
+def _read_tensor(file: str, name: str) -> torch.Tensor:
+    with safe_open(file, framework="pt", device="cpu") as f:
+        return f.get_tensor(name)
+
+
 def read_formats(cfg: ModelConfig, path: str) -> dict[str, str]:
     """Checkpoint module -> int4 / FP8 format for every quantized Linear of the checkpoint at `path` (names only, no
     tensor data is read); see models/formats.py."""

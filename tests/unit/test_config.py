@@ -174,10 +174,14 @@ def test_rope_theta_and_partial_rotary_factor(rope_fields, theta, rotary_dim):
     assert cfg.rotary_dim == rotary_dim
 
 
-def test_head_dim_defaults_to_hidden_over_heads():
+def test_head_dim_defaults_to_hf_default_256():
+    """transformers' Qwen3_5TextConfig / Qwen3_5MoeTextConfig default head_dim to 256, never hidden // heads."""
     text = text_fields(hidden_size=256, num_attention_heads=8)
     del text["head_dim"]
-    assert parse(raw_config("Qwen3_5ForCausalLM", text)).head_dim == 32
+    assert parse(raw_config("Qwen3_5ForCausalLM", text)).head_dim == 256
+    moe = text_fields(moe=True, hidden_size=256, num_attention_heads=8)
+    del moe["head_dim"]
+    assert parse(raw_config("Qwen3_5MoeForConditionalGeneration", moe)).head_dim == 256
 
 
 @pytest.mark.parametrize(
@@ -501,3 +505,32 @@ def test_generation_config_not_an_object(tmp_path):
     with pytest.raises(ConfigError) as e:
         ModelConfig.from_hf_dir(str(tmp_path))
     assert_one_sentence(str(e.value), "generation_config.json", "JSON object")
+
+
+@pytest.mark.parametrize(
+    "rope_fields, theta, rotary_dim",
+    [
+        # transformers' convert_rope_params_to_dict: `rope_scaling` replaces `rope_parameters` whole
+        ({"rope_parameters": {"rope_theta": 42.0, "partial_rotary_factor": 0.5},
+          "rope_scaling": {"rope_type": "default", "mrope_section": [11, 11, 10]}, "rope_theta": 7.0}, 7.0, 16),
+        ({"rope_parameters": {"rope_theta": 42.0, "partial_rotary_factor": 0.5},
+          "rope_scaling": {"rope_type": "default", "rope_theta": 9.0, "partial_rotary_factor": 1.0}}, 9.0, 64),
+        ({"rope_parameters": {"rope_theta": 42.0, "partial_rotary_factor": 0.5}, "rope_scaling": None}, 42.0, 32),
+    ],
+    ids=["scaling_replaces_parameters", "scaling_own_fields", "null_scaling"],
+)
+def test_rope_scaling_replaces_rope_parameters_as_in_hf(rope_fields, theta, rotary_dim):
+    text = text_fields(head_dim=64)
+    del text["rope_parameters"]
+    text.update(rope_fields)
+    cfg = parse(raw_config("Qwen3_5ForConditionalGeneration", text))
+    assert (cfg.rope_theta, cfg.rotary_dim) == (theta, rotary_dim)
+
+
+def test_rope_scaling_without_theta_beside_rope_parameters_is_refused():
+    """HF would run it with its default theta 10000, not the rope_parameters' value: said, not silently changed."""
+    text = text_fields()
+    text["rope_scaling"] = {"rope_type": "default", "mrope_section": [11, 11, 10]}
+    with pytest.raises(ConfigError) as e:
+        parse(raw_config("Qwen3_5ForConditionalGeneration", text))
+    assert_one_sentence(str(e.value), "rope_theta", "missing")
