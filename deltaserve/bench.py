@@ -85,7 +85,7 @@ def _sync(device: torch.device) -> None:
 def weight_bytes_per_token_step(llm, batch: int) -> float:
     """Weight bytes a decode step of `batch` tokens reads: every parameter as held (int4 Linears: packed int32 +
     scales + zeros) except the embedding table (a gather) and, of each MoE layer's experts, only the ones routed to
-    (at most batch x top-k of E)."""
+    (in expectation E x (1 - (1 - k/E)^batch) of E: at most batch x top-k)."""
     return active_weights(llm.model, llm.config, batch)[0]
 
 
@@ -108,16 +108,22 @@ def active_weights(model, cfg: ModelConfig, batch: int) -> tuple[float, float]:
             dense[0], dense[1] = dense[0] + size, dense[1] + count
     if not cfg.is_moe:
         return dense[0], dense[1]
-    touched = min(cfg.num_experts, batch * cfg.num_experts_per_tok) / cfg.num_experts  # at most, this step
+    # expected share of the E experts that at least one of the batch's tokens routes to (each token picks top-k of E,
+    # independently): 1 - (1 - k/E)^batch. batch x k is only its upper bound (at 64 x 8 of 256: all 256 against
+    # 222.4 expected), which counted unread experts as bytes the step must move
+    touched = 1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** batch
     per_token = cfg.num_experts_per_tok / cfg.num_experts
     return dense[0] + touched * experts[0], dense[1] + per_token * experts[1]
 
 
 def decode_step_bytes(llm, batch: int, context: int) -> float:
+    """Bytes one rank's decode step touches: llm.model is rank 0's shard under TP, so its KV and GDN states are
+    counted from the runner's shard config (its KV / value heads), not the full model's."""
     from .worker.model_runner import kv_bytes_per_block, state_bytes_per_slot
 
-    kv_per_token = kv_bytes_per_block(llm.config, 1, llm.dtype, llm.kv_cache_dtype)  # quantized: codes + scales
-    state = state_bytes_per_slot(llm.config, llm.dtype, llm.runner.caches.recurrent[0].dtype
+    local = llm.runner.cfg
+    kv_per_token = kv_bytes_per_block(local, 1, llm.dtype, llm.kv_cache_dtype)  # quantized: codes + scales
+    state = state_bytes_per_slot(local, llm.dtype, llm.runner.caches.recurrent[0].dtype
                                  if llm.runner.caches.recurrent else torch.float32)
     return weight_bytes_per_token_step(llm, batch) + batch * (context * kv_per_token + 2 * state)
 
@@ -181,10 +187,17 @@ def bench_prefill(llm, length: int, count: int = 1, repeats: int = 3) -> float:
 
 
 def prefill_flops(cfg: ModelConfig, llm, length: int) -> float:
-    """2 x (weights a token multiplies) x tokens, plus causal attention QK^T and PV in full-attention layers."""
+    """2 x (weights a token multiplies) x tokens, plus causal attention QK^T and PV in full-attention layers and the
+    GDN state products. The lm_head (the embedding, when tied) multiplies only the prompt's last row: a prefill
+    samples one token, so the runner computes logits for that row alone (ModelRunner.plan's logits_rows)."""
     active = active_weights(llm.model, cfg, 1)[1]
+    head = (llm.model.embed_tokens if cfg.tie_word_embeddings else llm.model.lm_head).weight.numel()
     attn = len(cfg.full_attention_layers) * 2 * 2 * cfg.num_attention_heads * cfg.head_dim * length * length / 2
-    return 2 * active * length + attn
+    # the gated delta rule's own products per token and value head: S^T k, k v'^T and S^T q over the K x V state
+    # (the chunked form adds its in-chunk C x C products on top of these)
+    gdn = (len(cfg.linear_attention_layers) * cfg.linear_num_value_heads * 3 * 2 * cfg.linear_key_head_dim
+           * cfg.linear_value_head_dim * length)
+    return 2 * (active - head) * length + 2 * head + attn + gdn
 
 
 def run_bench(llm, prompt_lens: list[int], batch_sizes: list[int], context: int, steps: int,

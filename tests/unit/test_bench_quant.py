@@ -104,7 +104,7 @@ def test_full_size_presets_fit_awq_at_group_128(preset):
     int4 = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     # o_proj or out_proj, + gate, up, down (dense) or + the shared expert's 3 and the experts' gate_up and down
     assert len(int4) == cfg.num_hidden_layers * (6 if cfg.is_moe else 4)
-    assert weight_bytes_per_token_step(_Bare(model, cfg), 1) == hand_count(cfg, 128, 2, 4, 1)
+    assert weight_bytes_per_token_step(_Bare(model, cfg), 1) == pytest.approx(hand_count(cfg, 128, 2, 4, 1), rel=1e-12)
 
 
 def test_group_size_that_does_not_divide_is_one_clear_error():
@@ -180,7 +180,8 @@ def test_random_scales_are_fp16_exact_and_run_the_int4_kernel():
 def hand_count(cfg: ModelConfig, group: int, w: int, s: int, batch: int) -> int:
     """Bytes a decode step reads, counted from the config: 16-bit tensors at w bytes, A_log/dt_bias fp32, int4
     Linears as packed weights (in x out / 2) + int32 zeros (in/G x out/8) + scales (in/G x out, s bytes each);
-    experts: batch x top-k of them at most; the embedding table (a gather) not at all."""
+    experts: the expected number a batch of independent tokens routes to, E (1 - (1 - k/E)^batch); the embedding
+    table (a gather) not at all."""
     h, q = cfg.hidden_size, cfg.quantization is not None
 
     def linear(i, o, int4=q):
@@ -193,7 +194,8 @@ def hand_count(cfg: ModelConfig, group: int, w: int, s: int, batch: int) -> int:
     attn = linear(h, (2 * nh + 2 * cfg.num_key_value_heads) * d, int4=False) + 2 * d * w + linear(nh * d, h)
     if cfg.is_moe:
         si, mi = cfg.shared_expert_intermediate_size, cfg.moe_intermediate_size
-        experts = min(cfg.num_experts, batch * cfg.num_experts_per_tok) * (2 * linear(h, mi) + linear(mi, h))
+        touched = cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** batch)
+        experts = touched * (2 * linear(h, mi) + linear(mi, h))
         mlp = (linear(h, cfg.num_experts, int4=False) + linear(h, 1, int4=False) + 2 * linear(h, si)
                + linear(si, h) + experts)
     else:
@@ -214,7 +216,8 @@ class _Bare:  # what weight_bytes_per_token_step reads of an LLM
 def test_decode_bytes_equal_a_hand_count(moe, quantization, batch):
     """fp32 on CPU: 16-bit tensors and scales 4 bytes. MoE: 8 experts top-2, so batch 8 touches all of them."""
     llm = random_llm(moe, quantization)
-    assert weight_bytes_per_token_step(llm, batch) == hand_count(llm.config, GROUP, 4, 4, batch)
+    assert weight_bytes_per_token_step(llm, batch) == pytest.approx(hand_count(llm.config, GROUP, 4, 4, batch),
+                                                                      rel=1e-12)
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
@@ -301,3 +304,52 @@ def test_random_awq_model_on_cuda(moe):
     for out in outs:
         assert len(out.outputs[0].token_ids) == 16
         assert all(math.isfinite(lp) for step in out.prompt_logprobs[1:] for lp in step.values())
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_prefill_flops_count_the_lm_head_once_per_prompt_and_the_gdn_recurrence(tied):
+    """9B shapes (meta device). A prefill computes logits for its last row only: the lm_head's V x H multiplies once
+    per prompt, every other weight once per token (counting it per token overstated the FLOPs by 14%). And the GDN
+    layers' own state products, 24 layers x 32 value heads x 3 products of 2 x 128 x 128 a token (75.5 MFLOP), were
+    left out."""
+    cfg = dataclasses.replace(preset_config("qwen3.5-9b"), tie_word_embeddings=tied)
+    model = build_model(cfg, torch.device("meta"), torch.bfloat16)
+    head = cfg.vocab_size * cfg.hidden_size
+    per_token = active_weights(model, cfg, 1)[1] - head
+    n, attn = 8192, len(cfg.full_attention_layers) * 2 * cfg.num_attention_heads * cfg.head_dim * 8192 ** 2
+    gdn = 24 * 32 * 6 * 128 * 128 * n
+    assert bench.prefill_flops(cfg, _Bare(model, cfg), n) == 2 * per_token * n + 2 * head + attn + gdn
+
+
+@pytest.mark.parametrize("batch, distinct", [(1, 8), (16, 101.96), (64, 222.44)])
+def test_moe_decode_bytes_count_the_experts_a_batch_is_expected_to_touch(batch, distinct):
+    """35B-A3B shapes (meta device): B tokens each routed to 8 of 256 experts touch 256 (1 - (1 - 8/256)^B) distinct
+    experts in expectation: ~102 at batch 16 and ~222.4 at 64, not min(256, 8B) (128 and all 256)."""
+    cfg = preset_config("qwen3.5-35b-a3b", 4)
+    model = build_model(cfg, torch.device("meta"), torch.bfloat16)
+    per_expert = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                     if n.startswith("layers.0.mlp.experts.")) / cfg.num_experts
+
+    def routed(b):
+        return weight_bytes_per_token_step(_Bare(model, cfg), b) - weight_bytes_per_token_step(_Bare(model, cfg), 0)
+
+    assert routed(batch) / (cfg.num_hidden_layers * per_expert) == pytest.approx(distinct, abs=0.01)
+
+
+def test_decode_bytes_under_tp_count_one_rank_of_kv_and_state():
+    """TP=2 at 27B shapes (meta device): rank 0 holds half the weights, half the KV heads (2 of 4) and half the
+    GDN value heads (24 of 48), so its step moves half the KV and state bytes; the full model's were counted."""
+    from types import SimpleNamespace
+
+    from deltaserve.worker.distributed import TPGroup, shard_config
+    from deltaserve.worker.model_runner import kv_bytes_per_block, state_bytes_per_slot
+
+    cfg = preset_config("qwen3.5-27b", 8)
+    local = shard_config(cfg, 2)
+    model = build_model(cfg, torch.device("meta"), torch.bfloat16, TPGroup(0, 2))
+    rec = [torch.empty(0, dtype=torch.float32)]
+    llm = SimpleNamespace(model=model, config=cfg, dtype=torch.bfloat16, kv_cache_dtype="auto",
+                          runner=SimpleNamespace(cfg=local, caches=SimpleNamespace(recurrent=rec)))
+    seq = 1024 * kv_bytes_per_block(local, 1, torch.bfloat16) + 2 * state_bytes_per_slot(local, torch.bfloat16,
+                                                                                          torch.float32)
+    assert bench.decode_step_bytes(llm, 16, 1024) == weight_bytes_per_token_step(llm, 16) + 16 * seq
