@@ -251,7 +251,7 @@ class ModelConfig:
             num_experts_per_tok=f.int("num_experts_per_tok") if is_moe else 0,
             moe_intermediate_size=f.int("moe_intermediate_size") if is_moe else 0,
             shared_expert_intermediate_size=f.int("shared_expert_intermediate_size") if is_moe else 0,
-            eos_token_ids=_eos_ids(text, raw, generation_config or {}),
+            eos_token_ids=_eos_ids(text, raw, generation_config or {}, source),
             sampling_defaults=_sampling_defaults(generation_config or {}, source),
             state_dtype=str(text.get("mamba_ssm_dtype", raw.get("mamba_ssm_dtype", "float32"))),
             torch_dtype=str(text.get("dtype") or raw.get("dtype") or raw.get("torch_dtype") or "float32"),
@@ -366,12 +366,17 @@ def _rope_parameters(text: dict, source: str) -> dict:
     return found
 
 
-def _eos_ids(text: dict, raw: dict, gen: dict) -> tuple[int, ...]:
-    """EOS ids from generation_config.json first (what HF generate stops on), then config.json."""
+def _eos_ids(text: dict, raw: dict, gen: dict, source: str = "config") -> tuple[int, ...]:
+    """EOS ids from generation_config.json first (what HF generate stops on), then config.json. An id that is not a
+    non-negative integer ("151645", true) is refused: dropped, generation silently ran past the end of its answer."""
     ids: list[int] = []
-    for v in (gen.get("eos_token_id"), text.get("eos_token_id"), raw.get("eos_token_id")):
-        for i in v if isinstance(v, list) else [v]:
-            if isinstance(i, int) and i not in ids:
+    for v, where in ((gen.get("eos_token_id"), f"generation_config.json (beside {source})"),
+                     (text.get("eos_token_id"), source), (raw.get("eos_token_id"), source)):
+        for i in v if isinstance(v, list) else [] if v is None else [v]:
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise ConfigError(f"{where}: 'eos_token_id' must be a token id (a non-negative integer) or a list of "
+                                  f"them, got {v!r}.")
+            if i not in ids:
                 ids.append(i)
     return tuple(ids)
 

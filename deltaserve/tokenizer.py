@@ -152,6 +152,7 @@ class Tokenizer:
                 raise TokenizerError(f"{config_file} is not valid JSON ({e}).") from None
             if not isinstance(config, dict):
                 raise TokenizerError(f"{config_file} must hold a JSON object, got a {type(config).__name__}.")
+            _check_config_fields(config, config_file)
         _check_added_tokens(backend, config.get("added_tokens_decoder", {}), path)
         # transformers' `split_special_tokens`: special-token strings in the text encode as plain text
         backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
@@ -160,8 +161,11 @@ class Tokenizer:
             chat_template = {t["name"]: t["template"] for t in chat_template}
         jinja_file = os.path.join(path, "chat_template.jinja")
         if os.path.isfile(jinja_file):  # transformers >= 4.50 saves the template here; it wins over the config
-            with open(jinja_file, encoding="utf-8") as f:
-                chat_template = f.read()
+            try:
+                with open(jinja_file, encoding="utf-8") as f:
+                    chat_template = f.read()
+            except UnicodeDecodeError:
+                raise TokenizerError(f"{jinja_file} is not UTF-8 text; save the chat template as UTF-8.") from None
         return cls(backend, config, chat_template)
 
     # ---- ids <-> text ----
@@ -290,6 +294,29 @@ class Tokenizer:
 
 
 _CONTENT_END = "\ue000\ue001"  # private-use characters marking the end of a continued message's content
+
+
+def _check_config_fields(config: dict, config_file: str) -> None:
+    """The tokenizer_config.json fields we read, of the shapes transformers writes; a hand-edited one of another
+    shape was a KeyError / TypeError from deep inside."""
+    def bad(field: str, want: str, got) -> TokenizerError:
+        return TokenizerError(f"{config_file}: '{field}' must be {want}, got {got!r:.80}.")
+
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = config.get(name)
+        if value is not None and not isinstance(_token_content(value), str):
+            raise bad(name, "a token string (or an object with a 'content' string)", value)
+    added = config.get("added_tokens_decoder", {})
+    if not isinstance(added, dict):
+        raise bad("added_tokens_decoder", "an object of id -> token", added)
+    for token_id, spec in added.items():
+        if not str(token_id).isdigit() or not isinstance(spec, dict) or not isinstance(spec.get("content"), str):
+            raise bad(f"added_tokens_decoder[{token_id!r}]", "keyed by a token id and hold a 'content' string", spec)
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, str) and not (
+            isinstance(template, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                               and isinstance(t.get("template"), str) for t in template)):
+        raise bad("chat_template", "a Jinja template string or a list of {'name', 'template'} objects", template)
 
 
 def _check_added_tokens(backend: _Backend, added_tokens_decoder: dict, path: str) -> None:

@@ -313,7 +313,12 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def _check_header(file: str) -> None:
-    """A truncated, empty or foreign file fails here in one sentence, not deep inside the loader."""
+    """A truncated, empty, foreign or unreadable file fails here in one sentence, not deep inside the loader."""
+    try:  # safetensors reports a file it may not read as "No such file or directory"
+        with open(file, "rb"):
+            pass
+    except OSError as e:
+        raise WeightsError(f"{file} cannot be read ({e.strerror or type(e).__name__}).") from None
     try:
         with safe_open(file, framework="pt", device="cpu"):
             pass
@@ -391,7 +396,7 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
     local = shard_config(cfg, world)
     split = frozenset(n for n, m in model.named_modules() if isinstance(m, (ProjectionGroup, Fp8Experts)))
     needed = {part for name in params for part in expected_parts(name, local)}
-    loaded: set[str] = set()
+    loaded: dict[str, str] = {}  # coverage key -> the checkpoint tensor that filled it
     unexpected: list[str] = []
     files = checkpoint_files(path)
     for file in _progress(files, progress):
@@ -405,12 +410,15 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
                     unexpected.append(name)
                     continue
                 tensor = f.get_tensor(name) if target.source is None else read_ranges(sl, *target.source)
+                if any(part in loaded for part in target.parts):  # a second copy: the same values, or refused
+                    _check_duplicate(params[target.param], target, tensor, name, loaded, file)
+                    continue
                 _copy_into(params[target.param], target, tensor, name)
-                loaded.update(target.parts)
+                loaded.update(dict.fromkeys(target.parts, name))
     if unexpected:
         raise WeightsError(f"Checkpoint has {len(unexpected)} tensor(s) this {cfg.architecture} model does not "
                            f"use, e.g. {', '.join(unexpected[:3])}; is config.json from the same checkpoint?")
-    missing = sorted(needed - loaded)
+    missing = sorted(needed - loaded.keys())
     if missing:
         first = expert_range(local, rank)[0]  # under expert parallelism a rank's expert 0 is the router's `first`
         names = ", ".join(dict.fromkeys(checkpoint_name(part, cfg, first) for part in missing[:3]))
@@ -472,6 +480,30 @@ def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: 
         raise WeightsError(f"Tensor {name} is {str(tensor.dtype).replace('torch.', '')}, but the model expects a "
                            f"{kind} tensor there.")
     dst.copy_(src)
+    if dst.dtype in _CHECKED_FINITE and not torch.isfinite(dst).all():  # else the model writes token 0, nan logprobs
+        if src.dtype in _CHECKED_FINITE and torch.isfinite(src).all():
+            raise WeightsError(f"Tensor {name} holds values beyond the range of {str(dst.dtype)[6:]} "
+                               f"(up to {src.abs().max().item():.4g}), which become inf in it; load the model in "
+                               f"bfloat16 (dtype='bfloat16').")
+        raise WeightsError(f"Tensor {name} holds NaN or infinite values: the checkpoint is corrupt or was badly "
+                           f"converted.")
+
+
+_CHECKED_FINITE = (torch.float32, torch.bfloat16, torch.float16)  # 16-bit weights and fp32 scales / decay params
+
+
+def _check_duplicate(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: str,
+                     loaded: dict[str, str], file: str) -> None:
+    """A tensor filling what another one already filled (the same name in two shards, both the model.language_model.*
+    and model.* names, per-expert and packed experts): as transformers, a copy with the same values loads; one with
+    other values is refused, not silently the one read last."""
+    first = next(loaded[part] for part in target.parts if part in loaded)
+    dst = param.data[target.index] if target.index else param.data
+    src = target.transform(tensor)
+    if not all(part in loaded for part in target.parts) or tuple(src.shape) != tuple(dst.shape) or \
+            not torch.equal(dst, src.to(dst.dtype)):
+        raise WeightsError(f"Checkpoint holds {first} twice (again as {name} in {os.path.basename(file)}) with "
+                           f"different values; remove the stray copy, a leftover of another export?")
 
 
 def _progress(files: list[str], enabled: bool):

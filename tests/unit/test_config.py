@@ -534,3 +534,18 @@ def test_rope_scaling_without_theta_beside_rope_parameters_is_refused():
     with pytest.raises(ConfigError) as e:
         parse(raw_config("Qwen3_5ForConditionalGeneration", text))
     assert_one_sentence(str(e.value), "rope_theta", "missing")
+
+
+@pytest.mark.parametrize("gen, text_eos, needle", [
+    ({"eos_token_id": "10"}, 7, "generation_config.json"),
+    ({"eos_token_id": [10, "11"]}, 7, "generation_config.json"),
+    ({"eos_token_id": True}, 7, "generation_config.json"),
+    ({}, "7", "config.json"),
+    ({}, -1, "config.json"),
+], ids=["gen_str", "gen_list_str", "gen_bool", "config_str", "config_negative"])
+def test_eos_id_of_the_wrong_type_is_refused(tmp_path, gen, text_eos, needle):
+    """An eos_token_id written as a string was dropped: generation ran past the end of the answer, silently."""
+    raw = raw_config("Qwen3_5ForConditionalGeneration", text_fields(eos_token_id=text_eos))
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf_dir(write_dir(tmp_path, raw, gen))
+    assert_one_sentence(str(e.value), needle, "'eos_token_id'")

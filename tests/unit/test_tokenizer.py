@@ -501,3 +501,37 @@ def test_split_special_tokens_from_the_config(tiny_dir, tmp_path):
     text = "<|im_start|>user\nhi <think>x</think><|im_end|>"
     assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
     assert ours.token_to_id("<|im_start|>") not in ours.encode(text)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("eos_token", 514),
+    ("pad_token", {"id": 512}),
+    ("added_tokens_decoder", [1, 2]),
+    ("added_tokens_decoder", {"600": {"special": True}}),
+    ("added_tokens_decoder", {"600": "<x>"}),
+    ("added_tokens_decoder", {"abc": {"content": "<x>"}}),
+    ("chat_template", [{"template": "x"}]),
+    ("chat_template", 5),
+], ids=["eos-int", "pad-no-content", "added-list", "added-no-content", "added-str", "added-key", "template-no-name",
+        "template-int"])
+def test_tokenizer_config_field_of_the_wrong_shape_is_one_sentence(tiny_dir, tmp_path, field, value):
+    """A hand-edited tokenizer_config.json field of another shape was a KeyError / TypeError / AttributeError trace
+    (at load, or at the first chat for chat_template)."""
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config[field] = value
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer.from_dir(str(tmp_path))
+    assert "\n" not in str(e.value) and "tokenizer_config.json" in str(e.value) and field in str(e.value)
+
+
+def test_chat_template_file_not_utf8_is_named(tiny_dir, tmp_path):
+    """A chat_template.jinja saved as Latin-1 was a bare UnicodeDecodeError naming no file."""
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+    (tmp_path / "chat_template.jinja").write_bytes("caf\xe9 {{ messages[0].content }}".encode("latin-1"))
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer.from_dir(str(tmp_path))
+    assert "\n" not in str(e.value) and "chat_template.jinja is not UTF-8" in str(e.value)

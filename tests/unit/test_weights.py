@@ -390,3 +390,106 @@ def test_prompt_dicts_as_vllm_takes_them(tiny_dense):
                         ({"prompt": 5}, "each prompt must be a string, {'prompt': str}")):
         with pytest.raises(ValueError, match=re.escape(needle)):
             llm.generate([bad], sp, use_tqdm=False)
+
+
+def _poke(name, value, index=(0, 0)):
+    def edit(sd):
+        sd[name] = sd[name].clone()
+        sd[name][index] = value
+    return edit
+
+
+@pytest.mark.parametrize("name, value, index", [
+    (f"{LM}layers.3.self_attn.o_proj.weight", float("nan"), (0, 0)),
+    (f"{LM}embed_tokens.weight", float("inf"), (100, 3)),
+    ("lm_head.weight", float("-inf"), (5, 0)),
+    (f"{LM}layers.0.linear_attn.A_log", float("nan"), (1,)),
+], ids=["nan_proj", "inf_embed", "ninf_lm_head", "nan_a_log"])
+def test_non_finite_weights_are_refused(tiny_dense, tmp_path, name, value, index):
+    """A NaN / inf weight loaded silently and the model wrote token 0 ('!!!') with nan logprobs."""
+    path = variant(tiny_dense, tmp_path / "nonfinite", _poke(name, value, index))
+    with pytest.raises(WeightsError) as e:
+        make_llm(path)
+    assert_one_sentence(str(e.value), name, "NaN or infinite")
+
+
+def test_values_past_float16_range_are_refused_in_float16(tiny_dense, tmp_path):
+    name = f"{LM}layers.3.mlp.down_proj.weight"
+    path = variant(tiny_dense, tmp_path / "big", _poke(name, 1e5))
+    make_llm(path)  # float32: fine
+    cfg = ModelConfig.from_hf_dir(path)
+    model = build_model(cfg, torch.device("cpu"), torch.float16)
+    with pytest.raises(WeightsError) as e:
+        load_weights(model, cfg, path)
+    assert_one_sentence(str(e.value), name, "float16", "bfloat16")
+
+
+def _both_prefixes(value):
+    def edit(sd):
+        sd["model.norm.weight"] = sd[f"{LM}norm.weight"].clone() if value is None else torch.full_like(
+            sd[f"{LM}norm.weight"], value)
+    return edit
+
+
+def _packed_and_per_expert(sd):
+    packed = dict(sd)
+    pack_experts(packed)
+    sd[f"{LM}layers.0.mlp.experts.down_proj"] = torch.zeros_like(packed[f"{LM}layers.0.mlp.experts.down_proj"])
+
+
+def _duplicate_in_shards(value):
+    def edit(path):
+        shard(path)
+        second = os.path.join(path, SHARDS[1])
+        sd = load_file(second)
+        head = load_file(os.path.join(path, SHARDS[0]))["lm_head.weight"]
+        sd["lm_head.weight"] = head.clone() if value is None else torch.full_like(head, value)
+        save_file(sd, second, metadata={"format": "pt"})
+    return edit
+
+
+@pytest.mark.parametrize("which, edit, file_edit, needles", [
+    ("dense", None, _duplicate_in_shards(0.0), ["lm_head.weight", "twice"]),
+    ("dense", _both_prefixes(-1.0), None, [f"{LM}norm.weight", "model.norm.weight", "twice"]),
+    ("moe", _packed_and_per_expert, None, [f"{LM}layers.0.mlp.experts.down_proj", "twice"]),
+], ids=["across_shards", "both_prefixes", "packed_and_per_expert"])
+def test_conflicting_copies_of_a_tensor_are_refused(tiny_dense, tiny_moe, tmp_path, which, edit, file_edit, needles):
+    """Two tensors filling the same parameter with different values: the one read last won, silently."""
+    path = variant(tiny_dense if which == "dense" else tiny_moe, tmp_path / "dup", edit)
+    if file_edit is not None:
+        file_edit(path)
+    with pytest.raises(WeightsError) as e:
+        make_llm(path)
+    assert_one_sentence(str(e.value), *needles)
+
+
+@pytest.mark.parametrize("edit, file_edit", [(None, _duplicate_in_shards(None)), (_both_prefixes(None), None)],
+                         ids=["across_shards", "both_prefixes"])
+def test_identical_copies_of_a_tensor_load(tiny_dense, tmp_path, edit, file_edit):
+    """transformers loads these; so do we, the same model."""
+    path = variant(tiny_dense, tmp_path / "dup", edit)
+    if file_edit is not None:
+        file_edit(path)
+    assert_same_params(load(path)[1], load(tiny_dense)[1])
+
+
+def test_unreadable_safetensors_is_named_as_unreadable(tiny_dense, tmp_path, monkeypatch):
+    """safetensors said "No such file or directory" for a file that is there but may not be read (mode 000)."""
+    path = variant(tiny_dense, tmp_path / "unreadable")
+    st = os.path.join(path, ST)
+    os.chmod(st, 0)
+    if os.access(st, os.R_OK):  # root: the mode is not enforced, so refuse the read as the OS would
+        import builtins
+
+        real_open = builtins.open
+
+        def denying_open(file, *args, **kwargs):
+            if os.fspath(file) == st:
+                raise PermissionError(13, "Permission denied", st)
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", denying_open)
+    with pytest.raises(WeightsError) as e:
+        checkpoint_files(path)
+    assert_one_sentence(str(e.value), st, "cannot be read", "Permission denied")
+    assert "No such file" not in str(e.value)
