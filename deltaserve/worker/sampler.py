@@ -315,10 +315,10 @@ def apply_top_k_top_p(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None
 
 def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
     """logits: [N, V] fp32 (temperature applied; masked IN PLACE with -inf and returned); min_p: [N] fp32. Drops the
-    tokens whose probability p < min_p * max(p), as vLLM's MinPLogitsProcessor (before top-k / top-p)."""
-    probs = logits.softmax(dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
-    return logits.masked_fill_(probs < threshold, float("-inf"))
+    tokens whose probability p < min_p * max(p), as vLLM's MinPLogitsProcessor (before top-k / top-p), compared as
+    logit < max logit + log(min_p): the same test without a softmax over the vocabulary (min_p 0: nothing dropped)."""
+    threshold = logits.amax(dim=-1, keepdim=True) + min_p.log().unsqueeze(1)
+    return logits.masked_fill_(logits < threshold, float("-inf"))
 
 
 def exponential_race(probs: Tensor, generators: dict[int, torch.Generator]) -> Tensor:
