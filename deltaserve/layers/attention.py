@@ -27,6 +27,13 @@ class GatedAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]
                 ) -> torch.Tensor:
         """x: [T, hidden]; kv_cache: (k, v) each [NB, BS, Hkv, D] -> [T, hidden]."""
+        proj = self.project(x, batch, kv_cache)
+        return self.finish(self.mix(proj, batch, kv_cache), proj)
+
+    def project(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token-wise part before the mixing (reads batch.positions and batch.slot_mapping only): qkv_proj, q/k
+        norm and RoPE, the keys and values stored at their cache slots -> (q [T, H, D], gate [T, H, D])."""
         t = x.shape[0]
         hd, kvd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qg, k, v = self.qkv_proj(x).split([2 * hd, kvd, kvd], dim=-1)
@@ -35,6 +42,16 @@ class GatedAttention(nn.Module):
         q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, batch.positions, self.rope_theta,
                             self.rotary_dim, self.eps)
         write_kv(k, v, kv_cache[0], kv_cache[1], batch.slot_mapping)
-        o = attend(q, kv_cache[0], kv_cache[1], batch.block_tables, batch.cu_seqlens, batch.context_lens, self.scale,
-                   gate, batch.query_lens_cpu, batch.context_lens_cpu, batch.max_context_len, batch.is_decode)
-        return self.o_proj(o.reshape(t, -1))
+        return q, gate
+
+    def mix(self, proj: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch,
+            kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Attention over each sequence's cached keys, gated -> o [T, H, D]."""
+        q, gate = proj
+        return attend(q, kv_cache[0], kv_cache[1], batch.block_tables, batch.cu_seqlens, batch.context_lens,
+                      self.scale, gate, batch.query_lens_cpu, batch.context_lens_cpu, batch.max_context_len,
+                      batch.is_decode)
+
+    def finish(self, o: torch.Tensor, proj: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """o [T, H, D] -> o_proj [T, hidden]."""
+        return self.o_proj(o.reshape(o.shape[0], -1))

@@ -40,9 +40,19 @@ class GatedDeltaNet(nn.Module):
                 recurrent_state: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden]; conv_state: [S, conv_dim, W-1]; recurrent_state: [S, HV, K, V] fp32 (both updated in
         place at batch.state_slots) -> [T, hidden]."""
-        t = x.shape[0]
+        proj = self.project(x)
+        return self.finish(self.mix(proj, batch, conv_state, recurrent_state), proj)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        """The token-wise part before the mixing: x [T, hidden] -> (in_proj(x) [T, conv_dim + HV·V + 2·HV],)."""
+        return (self.in_proj(x),)
+
+    def mix(self, proj: tuple[torch.Tensor], batch: ForwardBatch, conv_state: torch.Tensor,
+            recurrent_state: torch.Tensor) -> torch.Tensor:
+        """The part that reads and writes the sequences' states: conv + delta rule -> o [T, HV, V]."""
+        t = proj[0].shape[0]
         # views into the projection: every kernel takes a/b by row stride (two copy launches a layer fewer)
-        mixed_qkv, z, b, a = self.in_proj(x).split(self.splits, dim=-1)
+        mixed_qkv, _, b, a = proj[0].split(self.splits, dim=-1)
         d = t if batch.is_decode else batch.gdn_decode_rows
         parts = []
         if d:  # one fused kernel: conv-state shift + conv + SiLU + gating + norm + recurrence
@@ -52,8 +62,12 @@ class GatedDeltaNet(nn.Module):
         if d < t:
             parts.append(self._chunked(mixed_qkv[d:], a[d:], b[d:], batch.gdn_prefill_part(), conv_state,
                                        recurrent_state))
-        o = parts[0] if len(parts) == 1 else torch.cat(parts)
-        z = z.view(t, self.hv, self.dv)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def finish(self, o: torch.Tensor, proj: tuple[torch.Tensor]) -> torch.Tensor:
+        """The token-wise part after the mixing: o [T, HV, V] -> out_proj(norm(o) · silu(z)) [T, hidden]."""
+        t = o.shape[0]
+        z = proj[0].split(self.splits, dim=-1)[1].view(t, self.hv, self.dv)
         return self.out_proj(self.norm(o, z).reshape(t, -1))
 
     def _chunked(self, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, part: GdnPrefill,

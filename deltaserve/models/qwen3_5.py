@@ -41,6 +41,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    @property
+    def mixer(self) -> GatedDeltaNet | GatedAttention:
+        return self.linear_attn if self.is_linear else self.self_attn
+
 
 class Qwen3_5ForCausalLM(nn.Module):
     """Parameter names follow the HF checkpoint with the `model.` / `model.language_model.` prefix dropped.
@@ -68,19 +72,43 @@ class Qwen3_5ForCausalLM(nn.Module):
         ]
 
     def forward(self, batch: ForwardBatch, caches: ModelCaches) -> torch.Tensor:
-        """-> final-norm hidden states [T, hidden] in the model dtype."""
-        residual = self.embed_tokens(batch.input_ids)
-        h, residual = self.layers[0].input_layernorm(residual)
-        for i, (layer, ci) in enumerate(zip(self.layers, self.cache_index)):
-            if i > 0:  # the add of the previous layer's MLP output, fused into this norm
-                h, residual = layer.input_layernorm(h, residual)
-            if layer.is_linear:
-                h = layer.linear_attn(h, batch, caches.conv[ci], caches.recurrent[ci])
-            else:
-                h = layer.self_attn(h, batch, caches.kv[ci])
-            h, residual = layer.post_attention_layernorm(self.tp.all_reduce(h), residual)
-            h = self.tp.all_reduce(layer.mlp(h))
-        return self.norm(h, residual)[0]
+        """-> final-norm hidden states [T, hidden] in the model dtype: the token-wise pieces and the layers' mixers in
+        turn (worker/cuda_graph.py replays the pieces from CUDA graphs in small prefill and mixed steps)."""
+        carry = self.piece(0, None, (), batch, caches)
+        for i in range(len(self.layers)):
+            carry = self.piece(i + 1, self.mix(i, carry, batch, caches), carry, batch, caches)
+        return carry[0]
+
+    def piece(self, i: int, mixed: torch.Tensor | None, carry: tuple, batch: ForwardBatch, caches: ModelCaches
+              ) -> tuple[torch.Tensor, ...]:
+        """The token-wise work from layer i-1's mixer to layer i's (i in 0..L): layer i-1's output projection, residual
+        add and norm, its MLP, then layer i's input norm and projections. Every row depends on its own token only, and
+        of the batch it reads input_ids (i = 0), positions and slot_mapping (an attention layer i: RoPE, KV store).
+        mixed: layer i-1's mixer output; carry: piece i-1's result, (residual, *layer i-1's projections).
+        -> (residual [T, hidden], *layer i's projections), or (final-norm hidden [T, hidden],) for i = L."""
+        if i == 0:
+            h, residual = self.layers[0].input_layernorm(self.embed_tokens(batch.input_ids))
+        else:
+            prev = self.layers[i - 1]
+            h = prev.mixer.finish(mixed, carry[1:])
+            # the add of the previous layer's output into the residual, fused into each norm
+            h, residual = prev.post_attention_layernorm(self.tp.all_reduce(h), carry[0])
+            h = self.tp.all_reduce(prev.mlp(h))
+            if i == len(self.layers):
+                return (self.norm(h, residual)[0],)
+            h, residual = self.layers[i].input_layernorm(h, residual)
+        layer = self.layers[i]
+        if layer.is_linear:
+            return (residual, *layer.linear_attn.project(h))
+        return (residual, *layer.self_attn.project(h, batch, caches.kv[self.cache_index[i]]))
+
+    def mix(self, i: int, carry: tuple, batch: ForwardBatch, caches: ModelCaches) -> torch.Tensor:
+        """Layer i's token mixer over the sequences (their states and KV cache): carry from piece i -> o [T, heads,
+        head dim]."""
+        layer, ci = self.layers[i], self.cache_index[i]
+        if layer.is_linear:
+            return layer.linear_attn.mix(carry[1:], batch, caches.conv[ci], caches.recurrent[ci])
+        return layer.self_attn.mix(carry[1:], batch, caches.kv[ci])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [M, hidden] -> logits [M, vocab] fp32 (kernels/logits: fp32 accumulators written directly; rounding

@@ -25,7 +25,7 @@ from ..models.qwen3_5 import ModelCaches
 from ..outputs import Logprob, Logprobs
 from ..runtime.request import Request
 from ..runtime.scheduler_output import SchedulerOutput
-from .cuda_graph import CudaGraphRunner
+from .cuda_graph import PIECEWISE_MAX_TOKENS, CudaGraphRunner, PiecewiseGraphRunner
 from .forward_batch import ForwardBatch, GdnPrefill
 from .sampler import Sampler, SamplingBatch, compute_topk_logprobs
 
@@ -232,7 +232,9 @@ class ModelRunner:
         self.staging = StagingBuffers(device, max_num_batched_tokens, num_slots, -(-max_model_len // block_size))
         self.caches = _allocate_caches(cfg, device, dtype, state_dtype, num_kv_blocks, block_size,
                                        num_slots + cache_slots, kv_cache_dtype)
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.graphs: CudaGraphRunner | None = None
+        self.piecewise: PiecewiseGraphRunner | None = None
         self.sampler = Sampler()
         self.peers = None  # rank 0 under tensor parallelism: TPWorkers, sent every StepPlan
         self.eos_token_ids = cfg.eos_token_ids  # what min_tokens bans: the engine's EOS set (LLM adds the tokenizer's)
@@ -242,10 +244,14 @@ class ModelRunner:
         self.last_sampled_rows: dict[str, int] = {}
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
-        """Capture decode forwards for batch-size buckets up to max_num_seqs (CUDA only)."""
+        """Capture decode forwards for batch-size buckets up to max_num_seqs, and the pieces of prefill and mixed steps
+        of up to PIECEWISE_MAX_TOKENS tokens (CUDA only)."""
         self.graphs = CudaGraphRunner(self.model, self.caches, self.device, max_num_seqs,
                                       -(-max_model_len // self.block_size), max_model_len)
         self.graphs.capture()
+        self.piecewise = PiecewiseGraphRunner(self.model, self.caches, self.device,
+                                              min(PIECEWISE_MAX_TOKENS, self.max_num_batched_tokens), self.block_size)
+        self.piecewise.capture()
 
     def zero_slots(self, slots: list[int]) -> None:
         if not slots:
@@ -333,9 +339,10 @@ class ModelRunner:
         return rows
 
     def release_graphs(self) -> None:
-        """Destroy the decode CUDA graphs (before leaving a tensor-parallel group: CudaGraphRunner.release)."""
-        if self.graphs is not None:
-            self.graphs.release()
+        """Destroy the CUDA graphs (before leaving a tensor-parallel group: CudaGraphRunner.release)."""
+        for graphs in (self.graphs, self.piecewise):
+            if graphs is not None:
+                graphs.release()
 
     @torch.inference_mode()
     def run_plan(self, plan: StepPlan) -> torch.Tensor:
@@ -346,6 +353,8 @@ class ModelRunner:
         batch = self.build_batch(plan)
         if self.graphs is not None and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch)
+        elif self.piecewise is not None and self.piecewise.can_run(batch):
+            hidden = self.piecewise.run(batch)
         else:
             hidden = self.model(batch, self.caches)
         rows = plan.logits_rows
