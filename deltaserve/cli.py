@@ -513,8 +513,9 @@ def _chat(args) -> int:
 
 def _check_sampling_flags(args) -> None:
     """Bad sampling flags fail before the model loads. Without --max-tokens the bound comes from the checkpoint's
-    generation_config.json, not read yet: none here (--min-tokens is checked against it once the model is loaded)."""
-    _sampling_params(args, {"max_tokens": None})
+    generation_config.json, not read yet: none here (--min-tokens is checked against it once the model is loaded);
+    without --temperature so does the temperature: a sampling one here (--n > 1 is checked once it is known)."""
+    _sampling_params(args, {"max_tokens": None, "temperature": 1.0})
 
 
 def _generate(args) -> None:

@@ -141,6 +141,9 @@ class SamplingParams:
             fail(f"n must be an integer >= 1, got {self.n!r}.")
         if not _is_finite(self.temperature) or self.temperature < 0:
             fail(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}.")
+        if self.n > 1 and self.temperature == 0:  # as vLLM: n greedy samples would be n copies of one answer
+            fail(f"n must be 1 when using greedy sampling (temperature 0), got n={self.n}: set a temperature > 0 to "
+                 f"draw {self.n} different samples.")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             fail(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if not _is_int(self.top_k) or self.top_k < -1:

@@ -1,6 +1,7 @@
 """`deltaserve` CLI end to end, in subprocesses: --help, make-tiny + generate, the default tiny model, user errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -190,6 +191,25 @@ def test_error_negative_temperature(made, env):
     _, path = made
     res = cli("generate", "--model", path, "--prompt", "hi", "--temperature", "-1", "--device", "cpu", env=env)
     assert_user_error(res, "temperature")
+
+
+def test_n_greedy_is_refused_and_n_sampled_from_generation_config_runs(made, env, tmp_path):
+    """n > 1 needs a temperature > 0 (as vLLM): greedy is refused in one line; a temperature that only the
+    checkpoint's generation_config.json gives is a sampling one, not refused before the model loads."""
+    _, path = made
+    res = cli("generate", "--model", path, "--prompt", "hi", "--n", "2", "--temperature", "0", env=env)
+    assert_user_error(res, "n must be 1 when using greedy sampling", "temperature > 0")
+    sampled = str(tmp_path / "sampled")
+    shutil.copytree(path, sampled)
+    gen_file = os.path.join(sampled, "generation_config.json")
+    with open(gen_file) as f:
+        gen = {**json.load(f), "do_sample": True, "temperature": 0.7}
+    with open(gen_file, "w") as f:
+        json.dump(gen, f)
+    res = cli("generate", "--model", sampled, "--prompt", "hi", "--n", "2", "--max-tokens", "2", "--ignore-eos",
+              "--device", "cpu", env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("--- prompt: 'hi' | 2 tokens") == 2, res.stdout
 
 
 def test_error_make_tiny_zero_layers(env, tmp_path):

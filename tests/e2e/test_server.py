@@ -256,10 +256,11 @@ def test_metrics_count_the_prefix_caches_blocks_apart(server, client, tokenizer)
 
 def test_completions_batch_n_and_logprobs(client, tokenizer):
     prompts = ["The quick brown", "Numbers: 0 1 2"]
-    res = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5, temperature=0, logprobs=3,
-                                    extra_body={"ignore_eos": True})
+    # top_k 1: n > 1 needs a temperature (greedy n > 1 is refused, as in vLLM), and top-k 1 still takes the argmax
+    res = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5, temperature=1.0, logprobs=3,
+                                    extra_body={"ignore_eos": True, "top_k": 1})
     assert [c.index for c in res.choices] == [0, 1, 2, 3]
-    assert res.choices[0].text == res.choices[1].text  # greedy samples agree
+    assert res.choices[0].text == res.choices[1].text  # argmax samples agree
     assert res.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
     assert res.usage.completion_tokens == 4 * 5
     lp = res.choices[2].logprobs
@@ -646,6 +647,7 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "bad_temperature": ("/v1/chat/completions", chat_body(temperature=-1), None, 400, "temperature"),
     "bad_top_p": ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, None, 400, "top_p"),
     "bad_n": ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, None, 400, "n"),
+    "greedy_n": ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2, "temperature": 0}, None, 400, "n"),
     "too_many_logprobs": ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=50), None, 400,
                           "top_logprobs"),
     "top_logprobs_without_logprobs": ("/v1/chat/completions", chat_body(top_logprobs=2), None, 400, "top_logprobs"),

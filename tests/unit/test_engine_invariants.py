@@ -633,7 +633,9 @@ def test_n_greedy_equals_single(models, n, length, budget):
     prompt = random_prompt(random.Random(14), length, models.vocab())
     ref = models.ref("dense", prompt, greedy(10)).outputs[0]
     llm = make_llm(models.path("dense"), max_num_seqs=4, max_num_batched_tokens=budget)
-    out = llm.generate([prompt], greedy(10, n=n), use_tqdm=False)[0]
+    # top_k 1 samples the argmax: n > 1 needs a temperature (greedy n > 1 is refused, as in vLLM)
+    argmax = SamplingParams(n=n, temperature=1.0, top_k=1, max_tokens=10, logprobs=0, ignore_eos=True)
+    out = llm.generate([prompt], argmax, use_tqdm=False)[0]
     assert [c.index for c in out.outputs] == list(range(n))
     for i, c in enumerate(out.outputs):
         assert_same_completion(f"sample{i}", ref, c)

@@ -40,6 +40,7 @@ def rows_of(probs, n):
     "kwargs, field",
     [
         ({"n": 0}, "n"),
+        ({"n": 2, "temperature": 0}, "n"),  # vLLM's "n must be 1 when using greedy sampling"
         ({"temperature": -0.1}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
@@ -70,7 +71,7 @@ def rows_of(probs, n):
         ({"allowed_token_ids": [1, -2]}, "allowed_token_ids"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ],
-    ids=["n", "temperature", "top_p_zero", "top_p_big", "top_k", "min_p", "max_tokens", "repetition",
+    ids=["n", "n_greedy", "temperature", "top_p_zero", "top_p_big", "top_k", "min_p", "max_tokens", "repetition",
          "presence", "frequency", "logprobs", "prompt_logprobs", "seed_float", "bias_range", "bias_negative_id",
          "bias_str_id", "bias_not_dict", "min_tokens", "min_over_max", "temperature_nan", "temperature_inf",
          "repetition_nan", "seed_overflow", "seed_plus_n_overflow", "seed_underflow", "stop_int",
