@@ -70,7 +70,7 @@ class StructuredOutputs:
 @dataclass
 class SamplingParams:
     n: int = 1  # number of output sequences per prompt
-    temperature: float = 1.0  # 0 = greedy (argmax of the penalised logits)
+    temperature: float = 1.0  # in [0, 2]; 0 = greedy (argmax of the penalised logits)
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability mass reaches top_p
     top_k: int = 0  # keep the k most likely tokens; 0 or -1 = off
     min_p: float = 0.0  # drop tokens whose probability is below min_p * (max probability)
@@ -139,8 +139,8 @@ class SamplingParams:
 
         if not _is_int(self.n) or self.n < 1:
             fail(f"n must be an integer >= 1, got {self.n!r}.")
-        if not _is_finite(self.temperature) or self.temperature < 0:
-            fail(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}.")
+        if not _is_finite(self.temperature) or not 0 <= self.temperature <= 2:  # [0, 2]: vLLM's and OpenAI's range
+            fail(f"temperature must be in [0, 2] (0 means greedy), got {self.temperature!r}.")
         if self.n > 1 and self.temperature == 0:  # as vLLM: n greedy samples would be n copies of one answer
             fail(f"n must be 1 when using greedy sampling (temperature 0), got n={self.n}: set a temperature > 0 to "
                  f"draw {self.n} different samples.")

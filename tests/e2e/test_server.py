@@ -645,6 +645,7 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "messages_too_long": ("/v1/chat/completions", chat_body(messages=user("hello " * 20000)), None, 400,
                           "messages"),
     "bad_temperature": ("/v1/chat/completions", chat_body(temperature=-1), None, 400, "temperature"),
+    "temperature_above_2": ("/v1/chat/completions", chat_body(temperature=2.5), None, 400, "temperature"),
     "bad_top_p": ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, None, 400, "top_p"),
     "bad_n": ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, None, 400, "n"),
     "greedy_n": ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2, "temperature": 0}, None, 400, "n"),

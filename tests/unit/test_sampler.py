@@ -42,6 +42,7 @@ def rows_of(probs, n):
         ({"n": 0}, "n"),
         ({"n": 2, "temperature": 0}, "n"),  # vLLM's "n must be 1 when using greedy sampling"
         ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),  # vLLM refuses it too (OpenAI's range is [0, 2])
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -2}, "top_k"),
@@ -71,10 +72,10 @@ def rows_of(probs, n):
         ({"allowed_token_ids": [1, -2]}, "allowed_token_ids"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ],
-    ids=["n", "n_greedy", "temperature", "top_p_zero", "top_p_big", "top_k", "min_p", "max_tokens", "repetition",
-         "presence", "frequency", "logprobs", "prompt_logprobs", "seed_float", "bias_range", "bias_negative_id",
-         "bias_str_id", "bias_not_dict", "min_tokens", "min_over_max", "temperature_nan", "temperature_inf",
-         "repetition_nan", "seed_overflow", "seed_plus_n_overflow", "seed_underflow", "stop_int",
+    ids=["n", "n_greedy", "temperature", "temperature_above_2", "top_p_zero", "top_p_big", "top_k", "min_p",
+         "max_tokens", "repetition", "presence", "frequency", "logprobs", "prompt_logprobs", "seed_float", "bias_range",
+         "bias_negative_id", "bias_str_id", "bias_not_dict", "min_tokens", "min_over_max", "temperature_nan",
+         "temperature_inf", "repetition_nan", "seed_overflow", "seed_plus_n_overflow", "seed_underflow", "stop_int",
          "stop_token_ids_int", "allowed_empty", "allowed_negative", "truncate_zero"],
 )
 def test_params_validation_names_field(kwargs, field):
