@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "make-tiny":
             from .tiny import make_tiny
 
+            args.dir = os.path.expanduser(args.dir)
             if os.path.exists(args.dir) and not os.path.isdir(args.dir):
                 raise ValueError(f"{args.dir} is a file; make-tiny writes a checkpoint directory, give it a directory")
             if not args.force and os.path.isdir(args.dir) and os.listdir(args.dir):
@@ -344,9 +345,9 @@ def _structured_outputs(args):
         return None
     kind, value = given[0]
     if kind == "json":
-        text = value
-        if os.path.isfile(value):
-            with open(value, encoding="utf-8") as f:
+        text, path = value, os.path.expanduser(value)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
                 text = f.read()
         try:
             value = json.loads(text)
@@ -374,6 +375,7 @@ def _chat_template_text(value: str) -> str:
     decides)."""
     if any(c in value for c in "{}\n"):
         return value
+    value = os.path.expanduser(value)
     if not os.path.isfile(value):
         raise ValueError(f"--chat-template {value!r} looks like a file path, but there is no such file (a template "
                          f"given inline must contain Jinja's {{ }})")

@@ -167,7 +167,9 @@ class LLM:
                               pipeline_parallel_size)
         if not isinstance(model, (str, os.PathLike)):
             raise ValueError(f"model must be the path of a checkpoint directory, got {model!r}")
-        model = os.fspath(model)
+        model = os.path.expanduser(os.fspath(model))  # "~/models/x": the shell leaves a quoted ~ to us
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = os.path.expanduser(os.fspath(tokenizer))
         tok_dir = tokenizer or model
         if tokenizer is not None and not _has_tokenizer(tokenizer):
             raise TokenizerError(f"tokenizer {tokenizer!r} is not a directory holding tokenizer.json.")

@@ -58,6 +58,7 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
     """Write the int4 (method "awq") or block-FP8 ("fp8") checkpoint of `src` into `dst` (created); returns dst.
     calib: a text file for activation-aware scales (calibrate.py; AWQ only; None: plain RTN). Raises ValueError
     on a bad request."""
+    src, dst, calib = (os.path.expanduser(p) if p else p for p in (src, dst, calib))
     if method not in ("awq", "fp8"):
         raise ValueError(f"--method {method!r} is not supported; deltaserve quantize writes 'awq' or 'fp8'")
     if method == "fp8" and (calib or group_size != FP8_BLOCK[1]):

@@ -212,6 +212,29 @@ def test_n_greedy_is_refused_and_n_sampled_from_generation_config_runs(made, env
     assert res.stdout.count("--- prompt: 'hi' | 2 tokens") == 2, res.stdout
 
 
+def test_path_flags_expand_a_leading_tilde(env, tmp_path, monkeypatch):
+    """A quoted ~ (or --flag=~/x) reaches us unexpanded: it named a directory '~' in the working directory."""
+    monkeypatch.chdir(tmp_path)  # where a literal '~' directory would land
+    home = env["HOME"]
+    res = cli("make-tiny", "~/tilde", env=env)
+    assert res.returncode == 0 and os.path.isfile(os.path.join(home, "tilde", "config.json")), res.stderr
+    with open(os.path.join(home, "t.jinja"), "w") as f:
+        f.write("{{ messages[0]['content'] }} ->")
+    with open(os.path.join(home, "schema.json"), "w") as f:
+        json.dump({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                   "additionalProperties": False}, f)
+    with open(os.path.join(home, "calib.txt"), "w") as f:
+        f.write("Calibration text for the activation-aware scales. " * 8)
+    res = cli("generate", "--model", "~/tilde", "--tokenizer", "~/tilde", "--prompt", "JSON", "--chat",
+              "--chat-template", "~/t.jinja", "--json-schema", "~/schema.json", "--temperature", "0.9", "--seed", "1",
+              "--max-tokens", "40", "--device", "cpu", env=env)
+    assert res.returncode == 0 and "finish: stop" in res.stdout, res.stdout + res.stderr
+    res = cli("quantize", "~/tilde", "~/tilde-awq", "--group-size", "64", "--calib", "~/calib.txt", env=env)
+    assert res.returncode == 0, res.stderr
+    assert os.path.isfile(os.path.join(home, "tilde-awq", "config.json"))
+    assert not os.path.exists(tmp_path / "~")
+
+
 def test_error_make_tiny_zero_layers(env, tmp_path):
     res = cli("make-tiny", str(tmp_path / "t"), "--layers", "0", env=env)
     assert_user_error(res, "--layers")

@@ -1,6 +1,8 @@
 """What code written for vLLM's offline API finds here: its other spellings of the LLM and SamplingParams arguments are
 accepted with the same meaning, or refused in one sentence; nothing is taken and silently given another meaning."""
 
+import os
+
 import pytest
 import torch
 
@@ -41,6 +43,14 @@ def test_seed_none_trust_remote_code_and_prefix_caching(path):
     assert len(other.generate(["hi"], greedy(), use_tqdm=False)[0].outputs[0].token_ids) == 6
     with pytest.raises(ValueError, match="seed must be an integer or None"):
         LLM(model=path, device="cpu", dtype="float32", seed="7")
+
+
+def test_model_and_tokenizer_paths_expand_a_leading_tilde(path, monkeypatch):
+    """LLM(model="~/...") said the directory does not exist (vLLM's users write such paths)."""
+    monkeypatch.setenv("HOME", os.path.dirname(path))
+    llm = LLM(model="~/model", tokenizer="~/model", device="cpu", dtype="float32", max_model_len=64)
+    assert llm.tokenizer is not None
+    assert len(llm.generate(["hi"], greedy(), use_tqdm=False)[0].outputs[0].token_ids) == 6
 
 
 def test_tokenizer_mode_swap_space_and_disable_log_stats(path, llm):
