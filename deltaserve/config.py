@@ -418,10 +418,12 @@ def _read_generation_config(path: str) -> dict:
 
 
 def _read_json(path: str):
-    """The JSON in `path`; ConfigError naming the file when it is not UTF-8 JSON."""
+    """The JSON in `path`; ConfigError naming the file when it cannot be read or is not UTF-8 JSON."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except OSError as e:  # e.g. permission denied: a PermissionError's trace came out of LLM(...)
+        raise ConfigError(f"{path} cannot be read ({e.strerror or type(e).__name__}).") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
     except UnicodeDecodeError:

@@ -137,6 +137,11 @@ class Tokenizer:
         tokenizer_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tokenizer_file):
             raise TokenizerError(f"No tokenizer.json in {path!r}; point at a Hugging Face model or tokenizer folder.")
+        try:  # the tokenizers library reports a file it may not read as a bare Exception, "not a valid" one here
+            with open(tokenizer_file, "rb"):
+                pass
+        except OSError as e:
+            raise _unreadable(tokenizer_file, e) from None
         try:
             backend = _Backend.from_file(tokenizer_file)
         except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
@@ -148,6 +153,8 @@ class Tokenizer:
             try:
                 with open(config_file, encoding="utf-8") as f:
                     config = json.load(f)
+            except OSError as e:
+                raise _unreadable(config_file, e) from None
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise TokenizerError(f"{config_file} is not valid JSON ({e}).") from None
             if not isinstance(config, dict):
@@ -164,6 +171,8 @@ class Tokenizer:
             try:
                 with open(jinja_file, encoding="utf-8") as f:
                     chat_template = f.read()
+            except OSError as e:
+                raise _unreadable(jinja_file, e) from None
             except UnicodeDecodeError:
                 raise TokenizerError(f"{jinja_file} is not UTF-8 text; save the chat template as UTF-8.") from None
         return cls(backend, config, chat_template)
@@ -294,6 +303,11 @@ class Tokenizer:
 
 
 _CONTENT_END = "\ue000\ue001"  # private-use characters marking the end of a continued message's content
+
+
+def _unreadable(path: str, e: OSError) -> TokenizerError:
+    """A tokenizer file that exists but cannot be read (e.g. permission denied), in one sentence naming it."""
+    return TokenizerError(f"{path} cannot be read ({e.strerror or type(e).__name__}).")
 
 
 def _check_config_fields(config: dict, config_file: str) -> None:

@@ -299,6 +299,8 @@ def checkpoint_files(path: str) -> list[str]:
         try:
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
+        except OSError as e:
+            raise WeightsError(f"{index} cannot be read ({e.strerror or type(e).__name__}).") from None
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError, UnicodeDecodeError):
             raise WeightsError(f"{index} is not a valid safetensors index (needs a 'weight_map' object).") from None
         files = [os.path.join(path, s) for s in shards]

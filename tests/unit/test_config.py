@@ -5,6 +5,7 @@ import os
 import re
 
 import pytest
+from test_weights import make_unreadable
 
 from deltaserve.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig
 from deltaserve.tiny import make_tiny
@@ -300,6 +301,16 @@ def test_invalid_json(tmp_path, fname):
     with pytest.raises(ConfigError) as e:
         ModelConfig.from_hf_dir(str(tmp_path))
     assert_one_sentence(str(e.value), fname, "not valid JSON", "line")
+
+
+@pytest.mark.parametrize("fname", ["config.json", "generation_config.json"], ids=["config", "generation_config"])
+def test_unreadable_config_is_one_sentence(tmp_path, monkeypatch, fname):
+    """config.json with mode 000: LLM(...) raised a PermissionError's trace."""
+    write_dir(tmp_path, raw_config("Qwen3_5ForCausalLM"), gen={})
+    make_unreadable(str(tmp_path / fname), monkeypatch)
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf_dir(str(tmp_path))
+    assert_one_sentence(str(e.value), str(tmp_path / fname), "cannot be read", "Permission denied")
 
 
 def test_config_not_an_object(tmp_path):

@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+from test_weights import make_unreadable
 
 from deltaserve.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError, train_tiny_tokenizer
 
@@ -409,6 +410,18 @@ def test_broken_tokenizer_files_are_one_sentence(tiny_dir, tmp_path, name, text,
     with pytest.raises(TokenizerError, match=needle) as e:
         Tokenizer.from_dir(str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
+def test_unreadable_tokenizer_files_are_one_sentence(tiny_dir, tmp_path, monkeypatch, name):
+    """Mode 000: tokenizer.json was "not a valid tokenizer file", the other two a PermissionError's trace."""
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    make_unreadable(str(tmp_path / name), monkeypatch)
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer.from_dir(str(tmp_path))
+    assert str(e.value) == f"{tmp_path / name} cannot be read (Permission denied)."
 
 
 def test_text_with_a_lone_surrogate_is_one_clear_error(tok):

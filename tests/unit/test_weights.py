@@ -473,23 +473,40 @@ def test_identical_copies_of_a_tensor_load(tiny_dense, tmp_path, edit, file_edit
     assert_same_params(load(path)[1], load(tiny_dense)[1])
 
 
-def test_unreadable_safetensors_is_named_as_unreadable(tiny_dense, tmp_path, monkeypatch):
-    """safetensors said "No such file or directory" for a file that is there but may not be read (mode 000)."""
-    path = variant(tiny_dense, tmp_path / "unreadable")
-    st = os.path.join(path, ST)
-    os.chmod(st, 0)
-    if os.access(st, os.R_OK):  # root: the mode is not enforced, so refuse the read as the OS would
+def make_unreadable(file: str, monkeypatch) -> None:
+    """chmod 000 `file`; as root, where the mode is not enforced, Python's open() of it is refused as the OS would
+    (so the test runs either way; code that reads it without Python's open() is not covered as root)."""
+    os.chmod(file, 0)
+    if os.access(file, os.R_OK):
         import builtins
 
         real_open = builtins.open
 
-        def denying_open(file, *args, **kwargs):
-            if os.fspath(file) == st:
-                raise PermissionError(13, "Permission denied", st)
-            return real_open(file, *args, **kwargs)
+        def denying_open(path, *args, **kwargs):
+            if isinstance(path, (str, os.PathLike)) and os.fspath(path) == file:
+                raise PermissionError(13, "Permission denied", file)
+            return real_open(path, *args, **kwargs)
 
         monkeypatch.setattr(builtins, "open", denying_open)
+
+
+def test_unreadable_safetensors_is_named_as_unreadable(tiny_dense, tmp_path, monkeypatch):
+    """safetensors said "No such file or directory" for a file that is there but may not be read (mode 000)."""
+    path = variant(tiny_dense, tmp_path / "unreadable")
+    st = os.path.join(path, ST)
+    make_unreadable(st, monkeypatch)
     with pytest.raises(WeightsError) as e:
         checkpoint_files(path)
     assert_one_sentence(str(e.value), st, "cannot be read", "Permission denied")
     assert "No such file" not in str(e.value)
+
+
+def test_unreadable_safetensors_index_is_named_as_unreadable(tiny_dense, tmp_path, monkeypatch):
+    """A sharded checkpoint whose index may not be read: a PermissionError's trace."""
+    path = variant(tiny_dense, tmp_path / "unreadable")
+    shard(path)
+    index = os.path.join(path, INDEX)
+    make_unreadable(index, monkeypatch)
+    with pytest.raises(WeightsError) as e:
+        checkpoint_files(path)
+    assert_one_sentence(str(e.value), index, "cannot be read", "Permission denied")
