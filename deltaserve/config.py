@@ -82,7 +82,7 @@ class QuantConfig:
         if group < 1:
             raise ConfigError(f"{source}: quantization_config.group_size must be positive, got {group} "
                               f"(-1, one group per row, is not supported).")
-        if q.get("zero_point", True) is not True:
+        if not f.bool("zero_point", True):
             raise ConfigError(f"{source}: quantization_config.zero_point is false; deltaserve reads AWQ with zero "
                               f"points (qzeros) only.")
         skip = q.get("modules_to_not_convert") or []
@@ -113,7 +113,7 @@ class QuantConfig:
             logging.getLogger("deltaserve").warning(
                 "%s: the checkpoint also quantizes activations (input_activations); deltaserve runs its int4 weights "
                 "with 16-bit activations", source)
-        return cls("compressed-tensors", bits, group, not w.get("symmetric", True),
+        return cls("compressed-tensors", bits, group, not f.bool("symmetric", True),
                    tuple(str(m) for m in q.get("ignore") or []))
 
 
@@ -240,7 +240,7 @@ class ModelConfig:
             head_dim=head_dim,
             rotary_dim=int(head_dim * partial),
             rope_theta=theta,
-            attention_bias=bool(text.get("attention_bias", False)),
+            attention_bias=f.bool("attention_bias", False),
             linear_num_key_heads=f.int("linear_num_key_heads"),
             linear_num_value_heads=f.int("linear_num_value_heads"),
             linear_key_head_dim=f.int("linear_key_head_dim"),
@@ -313,6 +313,14 @@ class _Fields:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{self.source}: '{name}' must be a number, got {v!r}.")
         return float(v)
+
+    def bool(self, name: str, default: bool) -> bool:
+        """A JSON true / false: a string "false", a 0 / 1 or a null is refused (as transformers' config classes do),
+        not taken as truthy or falsy."""
+        v = self.d.get(name, default)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{self.source}: '{name}' must be true or false, got {v!r}.")
+        return v
 
 
 def _architecture(raw: dict, source: str) -> str:
@@ -402,7 +410,11 @@ def _sampling_defaults(gen: dict, source: str) -> tuple[tuple[str, float | int],
             raise ConfigError(f"generation_config.json (beside {source}): 'max_new_tokens' must be at least 1, got "
                               f"{value!r}.")
         out.append((_AS_SAMPLING_PARAM.get(name, name), kind(value)))
-    if gen.get("do_sample") is False:  # the rest stays: a request that asks for a temperature samples with it
+    do_sample = gen.get("do_sample")  # null: unset, as in transformers' GenerationConfig
+    if do_sample is not None and not isinstance(do_sample, bool):  # GenerationConfig keeps "false", which samples
+        raise ConfigError(f"generation_config.json (beside {source}): 'do_sample' must be true or false, got "
+                          f"{do_sample!r}.")
+    if do_sample is False:  # the rest stays: a request that asks for a temperature samples with it
         out = [(name, value) for name, value in out if name != "temperature"] + [("temperature", 0.0)]
     return tuple(out)
 

@@ -249,6 +249,41 @@ def test_tie_word_embeddings(arch, top, text, expected):
     assert parse(raw).tie_word_embeddings is expected
 
 
+_AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}
+
+
+def _ct(**weights) -> dict:
+    """A compressed-tensors int4 quantization_config, its weights' fields updated with `weights`."""
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+        "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, **weights}}}}
+
+
+@pytest.mark.parametrize("text, top, gen, fname, field", [
+    ({"attention_bias": "false"}, {}, {}, "config.json", "attention_bias"),
+    ({"attention_bias": 1}, {}, {}, "config.json", "attention_bias"),
+    ({"attention_bias": None}, {}, {}, "config.json", "attention_bias"),
+    ({}, {"tie_word_embeddings": "false"}, {}, "config.json", "tie_word_embeddings"),
+    ({}, {"quantization_config": {**_AWQ, "zero_point": "true"}}, {}, "config.json", "zero_point"),
+    ({}, {"quantization_config": _ct(symmetric="false")}, {}, "config.json", "symmetric"),
+    ({}, {}, {"do_sample": "false"}, "generation_config.json", "do_sample"),
+], ids=["attention_bias_string", "attention_bias_int", "attention_bias_null", "tie_string", "awq_zero_point_string",
+        "ct_symmetric_string", "do_sample_string"])
+def test_boolean_fields_must_be_json_booleans(tmp_path, text, top, gen, fname, field):
+    """A string "false" (or a 1) in a boolean field was taken as true (attention_bias "false" built q/k/v/o biases;
+    do_sample "false" sampled: GenerationConfig keeps the string); transformers' config classes refuse these."""
+    write_dir(tmp_path, raw_config("Qwen3_5ForCausalLM", text_fields(**text), **top), gen=gen)
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf_dir(str(tmp_path))
+    assert_one_sentence(str(e.value), fname, f"'{field}' must be true or false")
+
+
+def test_boolean_fields_read_as_given():
+    cfg = parse(raw_config("Qwen3_5ForCausalLM", text_fields(attention_bias=True)), {"do_sample": False})
+    assert cfg.attention_bias is True and ("temperature", 0.0) in cfg.sampling_defaults
+    cfg = parse(raw_config("Qwen3_5ForCausalLM", text_fields()), {"do_sample": None, "temperature": 0.7})
+    assert cfg.attention_bias is False and cfg.sampling_defaults == (("temperature", 0.7),)  # null: unset, as in HF
+
+
 @pytest.mark.parametrize("dtype", [None, "float32", "bfloat16", "float16"], ids=["default", "fp32", "bf16", "fp16"])
 def test_mamba_ssm_dtype(dtype):
     text = text_fields()
