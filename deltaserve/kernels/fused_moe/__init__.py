@@ -1,7 +1,7 @@
 """MoE dispatch. CPU: the torch reference (a loop over the experts that received tokens).
 
 CUDA, 16-bit experts (`fused_moe`): sort the (token, expert) pairs by expert and run both expert GEMMs as torch
-grouped GEMMs over the sorted rows. The Triton fused MoE (triton.py, INT4=False) runs the same math; grouped_mm stays
+grouped GEMMs over the sorted rows, then decode.combine_kernel sums each token's pairs in fp32 (deterministic). The Triton fused MoE (triton.py, INT4=False) runs the same math; grouped_mm stays
 the bf16 path until benchmarks/kernels/bench_int4.py shows the Triton one faster on the card (not measured yet).
 CUDA, int4 experts (`fused_moe_int4`): the Triton fused MoE with the dequant in its main loop; decode-sized batches
 (T·k <= decode.DECODE_MAX_PAIRS) run as per-pair int4 GEMVs instead (decode.py), and up to
@@ -143,16 +143,26 @@ def _grouped_moe(x, gate_up, down, topk_weights, topk_ids) -> torch.Tensor:
     e = gate_up.shape[0]
     flat = topk_ids.reshape(-1)
     # -1 (expert on another rank) -> bucket e: sorted after every expert, past offs[-1], so no group's GEMM reaches
-    # those rows; whatever they hold is added into a spare output row t that is dropped
+    # those rows; the combine skips them
     key = torch.where(flat < 0, e, flat)
     order = torch.argsort(key, stable=True)
     # counts by scatter_add, not bincount: CUDA bincount reads its max back to the host, which a graph cannot hold
     counts = torch.zeros(e + 1, dtype=torch.int64, device=x.device).scatter_add_(0, key, torch.ones_like(key))
     offs = torch.cumsum(counts[:e], 0).to(torch.int32)
-    token = order // k
-    h = torch._grouped_mm(x[token], gate_up.transpose(-2, -1), offs=offs)  # [T*k, 2I]
+    h = torch._grouped_mm(x[order // k], gate_up.transpose(-2, -1), offs=offs)  # [T*k, 2I]
     gate, up = h.chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)  # [T*k, H]
-    y = y * topk_weights.to(x.dtype).reshape(-1)[order, None]
-    dest = torch.where(key[order] < e, token, t)
-    return x.new_zeros(t + 1, x.shape[1]).index_add_(0, dest, y)[:t]
+    y = torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)  # [T*k, H], by expert
+    # back to pair order (pair t·k + j at row t·k + j), then each token's k rows times their routing weights summed in
+    # fp32 in a fixed order, one rounding (combine_kernel). An index_add_ of the weighted rows did this with atomic
+    # adds, in whatever order they landed and rounding to bf16 at each: two runs of one batch differed.
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+    pairs = y.index_select(0, pos)
+    out = torch.empty(t, x.shape[1], dtype=x.dtype, device=x.device)
+    if t:
+        from ..pdl import pdl_args
+        from .decode import combine_kernel
+
+        combine_kernel[(t, -(-x.shape[1] // 1024))](
+            pairs, topk_weights.reshape(-1).float().contiguous(), flat.contiguous(), out, 1, t * k, x.shape[1],
+            TOP_K=k, MUL_WEIGHT=True, BLOCK=1024, **pdl_args(pairs))
+    return out
