@@ -3,6 +3,7 @@ watching for a client that goes away, merging several request streams, and OpenA
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 from typing import AsyncIterator
 
@@ -289,11 +290,30 @@ def chat_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list[dict[
     return {"content": content}
 
 
+class TextOffsets:
+    """OpenAI's text_offset of each token in turn: where its text starts in the text its bytes decode to (an echoed
+    prompt's, or a completion's from after the echo). A token that ends inside a multi-byte character adds no
+    character until the token that completes it (its text shows up then, in the stream too), and a special token the
+    text leaves out (skip: skip_special_tokens) adds none: counting each token's own text ("\ufffd" for a part of a
+    character, "<|im_end|>") ran the offsets past the end of the text."""
+
+    def __init__(self, tokens: TokenTexts, start: int = 0, skip: frozenset[int] | set[int] = frozenset()):
+        self.tokens, self.next, self.skip = tokens, start, skip
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a character's first bytes
+
+    def take(self, token_id: int) -> int:
+        """token_id's offset; the next token's starts after the characters it completes."""
+        at = self.next
+        if token_id not in self.skip:
+            self.next += len(self._utf8.decode(bytes(self.tokens(token_id)[1])))
+        return at
+
+
 def completion_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list[dict[int, float] | None], k: int,
-                        offset: int, as_ids: bool = False) -> dict:
-    """OpenAI completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset (from `offset`, into the
-    text, also when tokens are named by id). A None entry (a prompt's first token, which nothing predicts) gives null
-    logprobs, as OpenAI's echo does."""
+                        offsets: TextOffsets, as_ids: bool = False) -> dict:
+    """OpenAI completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset (taken from `offsets`, which
+    carries on across calls: into the text, also when tokens are named by id). A None entry (a prompt's first token,
+    which nothing predicts) gives null logprobs, as OpenAI's echo does."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for tok, lp in zip(token_ids, logprobs):
         out["tokens"].append(_shown(tokens, tok, as_ids))
@@ -301,8 +321,7 @@ def completion_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list
         top = None if lp is None else {_shown(tokens, t, as_ids): max(v, _LOGPROB_FLOOR)
                                        for t, v in _top_with(lp, k, tok)}
         out["top_logprobs"].append(top)
-        out["text_offset"].append(offset)
-        offset += len(tokens(tok)[0])
+        out["text_offset"].append(offsets.take(tok))
     return out
 
 

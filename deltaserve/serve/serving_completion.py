@@ -12,8 +12,8 @@ from starlette.responses import JSONResponse, Response
 
 from .protocol import (APIError, CompletionRequest, check_max_tokens, new_id, now, sampling_params,
                        structured_outputs, truncate, usage)
-from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, add_all, collect, completion_logprobs,
-                      engine_api_error, join_logprobs, merge, sse, sse_error)
+from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, TextOffsets, add_all, collect,
+                      completion_logprobs, engine_api_error, join_logprobs, merge, sse, sse_error)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -92,8 +92,15 @@ def _echo_text(ctx: ServingContext, text: str | None, ids: list[int]) -> str:
 
 def _prompt_logprobs(ctx: ServingContext, req: CompletionRequest, out, k: int) -> dict:
     """The echoed prompt's logprobs (first token null) from a RequestOutput's prompt_logprobs."""
-    return completion_logprobs(ctx.tokens, out.prompt_token_ids, out.prompt_logprobs, k, 0,
+    return completion_logprobs(ctx.tokens, out.prompt_token_ids, out.prompt_logprobs, k, TextOffsets(ctx.tokens),
                                req.return_tokens_as_token_ids)
+
+
+def _offsets(ctx: ServingContext, req: CompletionRequest, echo: str) -> TextOffsets:
+    """The text offsets of a choice's generated tokens: after the echoed prompt, special tokens counted only when the
+    text shows them."""
+    skip = ctx.tokenizer.special_token_ids if req.skip_special_tokens else frozenset()
+    return TextOffsets(ctx.tokens, len(echo), skip)
 
 
 def _full_response(ctx: ServingContext, req: CompletionRequest, finals, echoes: list[str], head: dict) -> dict:
@@ -110,8 +117,8 @@ def _full_response(ctx: ServingContext, req: CompletionRequest, finals, echoes: 
             n_out += len(c.token_ids)
             lp = None
             if req.logprobs is not None:
-                lp = completion_logprobs(ctx.tokens, c.token_ids, c.logprobs, req.logprobs, len(echoes[i]),
-                                         req.return_tokens_as_token_ids)
+                lp = completion_logprobs(ctx.tokens, c.token_ids, c.logprobs, req.logprobs,
+                                         _offsets(ctx, req, echoes[i]), req.return_tokens_as_token_ids)
                 if prompt_lp is not None:
                     lp = join_logprobs(prompt_lp, lp)
             choices.append({"index": i * req.n + c.index, "text": echoes[i] + c.text, "logprobs": lp,
@@ -125,7 +132,7 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
     head = {**head, "object": "text_completion"}
     extra = {"usage": None} if req.include_usage else {}
     sent_tokens: dict[int, int] = {}  # choice index -> tokens whose logprobs were sent
-    offsets: dict[int, int] = {}  # choice index -> text_offset of its next token (echo included)
+    offsets: dict[int, TextOffsets] = {}  # choice index -> text offsets of its next tokens (echo included)
     done: set[int] = set()
     n_prompt, n_out = sum(s.num_prompt_tokens for s in streams), 0
     cached: dict[int, int] = {}  # prompt index -> its tokens from the prefix cache
@@ -143,7 +150,8 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
                 text = "" if echo_only else c.delta_text
                 lp = None
                 if index not in offsets:  # first delta of this choice: echo the prompt in front
-                    text, offsets[index], sent_tokens[index] = echoes[i] + text, len(echoes[i]), 0
+                    text, sent_tokens[index] = echoes[i] + text, 0
+                    offsets[index] = _offsets(ctx, req, echoes[i]) if req.logprobs is not None else None
                     if req.echo and req.logprobs is not None:
                         lp = _prompt_logprobs(ctx, req, out, req.logprobs)
                 if echo_only:  # the one token generated is not part of the answer
@@ -154,7 +162,6 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
                                               offsets[index], req.return_tokens_as_token_ids)
                     lp = new if lp is None else join_logprobs(lp, new)
                     sent_tokens[index] = len(c.token_ids)
-                    offsets[index] += sum(len(ctx.tokens(t)[0]) for t in c.token_ids[s:])
                 final = c.finish_reason is not None
                 if final:
                     done.add(index)

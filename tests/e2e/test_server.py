@@ -37,6 +37,7 @@ RULES = [  # first match wins: the tool-response rule must precede the tool-call
     {"contains": ["FORCE_THINK"], "output": THINK[0]},
     {"contains": ["FORCE_BOOM"], "raise": "injected test failure"},
     {"contains": ["FORCE_TWO_TOOLS"], "output": "Checking.\n\n" + XML_CALL + "\n" + JSON_CALL},
+    {"contains": ["FORCE_ACCENTS"], "output": "Café, 你好 🎉 done."},  # characters of 2, 3 and 4 UTF-8 bytes
 ]
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather forecast for a city.",
@@ -417,6 +418,31 @@ def test_echo_with_logprobs_scores_the_prompt(client, tokenizer, model_dir):
             streamed["token_logprobs"] += chunk.choices[0].logprobs.token_logprobs
     assert streamed["tokens"] == lp.tokens and streamed["token_logprobs"][0] is None
     assert streamed["token_logprobs"][1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_text_offsets_index_the_text_of_multibyte_characters(client, stream):
+    """text_offset is where a token's text starts in the text: a token holding part of a character (each byte of
+    "你" is one token here) adds no character until the character is whole. Each token's own text ("\ufffd" for a
+    part) was counted: the echoed prompt's offsets ran past its end, the completion's started over at len(prompt),
+    and a streamed chunk's offsets did not point at the text it carried."""
+    prompt = "FORCE_ACCENTS 你好 wörld"
+    body = dict(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, logprobs=0, echo=True)
+    if stream:
+        text, tokens, offsets = "", [], []
+        for chunk in client.completions.create(**body, stream=True):
+            lp = chunk.choices[0].logprobs if chunk.choices else None
+            if lp is not None and lp.tokens:
+                assert lp.text_offset[0] == len(text), "a chunk's first token starts where the text sent so far ends"
+                tokens, offsets = tokens + lp.tokens, offsets + lp.text_offset
+            text += chunk.choices[0].text if chunk.choices else ""
+    else:
+        choice = client.completions.create(**body).choices[0]
+        text, tokens, offsets = choice.text, choice.logprobs.tokens, choice.logprobs.text_offset
+    assert text == prompt + "Café, 你好 🎉 done."
+    assert offsets == sorted(offsets) and offsets[-1] <= len(text), offsets
+    whole = [(t, o) for t, o in zip(tokens, offsets) if t and "\ufffd" not in t and t != "<|im_end|>"]
+    assert len(whole) > 10 and all(text.startswith(t, o) for t, o in whole), whole
 
 
 def test_chat_logprobs_stop_and_seed(client):
