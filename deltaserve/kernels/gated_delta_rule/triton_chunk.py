@@ -77,7 +77,10 @@ class ChunkLaunchConfig:
     # V-tile and pipeline stages of the serial state-and-output pass; None: 64 and 3, or 32 and 3 where 64 would leave
     # SMs idle (few long sequences). H200, 2026-11-30, ms at 1x16k / 4x4k / 16x1k (whole prefill, 4 warps): 64, 3
     # stages 0.949 / 0.724 / 0.749; 64, 2 1.136 / 0.851 / 0.847; 32, 3 0.832 / 0.844 / 0.874; 8 warps at 64, 3:
-    # 1.167 / 0.834 / 0.859. (Before the output moved in: 64, 2 stages was best where SMs were full.)
+    # 1.167 / 0.834 / 0.859. (Before the output moved in: 64, 2 stages was best where SMs were full.) A later sweep at
+    # 1x16k over V-tile 16 / 32 / 64 x warps 1 / 2 / 4 / 8 x stages 2 / 3 / 4 (same card and day): 32, 4 warps, 3 stages
+    # stays best (0.820 ms); the best 16-wide tile 1.110 (4 warps, 3 stages); 4 stages at 4 or 8 warps exceed shared
+    # memory; 1 or 2 warps 1.46 ms and slower.
     state_block_v: int | None = None
     state_warps: int = 4
     state_stages: int | None = None
@@ -473,9 +476,10 @@ def _sm_count(device: torch.device) -> int:
 
 def _state_tile(V: int, HV: int, N: int, device: torch.device) -> tuple[int, int]:
     """The state pass's default (V-tile, stages): (64, 3), or (32, 3) when the (V-tiles x HV x N) programs at 64
-    would not fill the SMs: each program's chain over the chunks is then the whole time, and a narrower tile with a
-    deeper prefetch shortens it."""
-    return (64, 3) if triton.cdiv(V, 64) * HV * N >= _sm_count(device) else (32, 3)
+    would leave many SMs idle: each program's chain over the chunks is then the whole time, and a narrower tile with a
+    deeper prefetch shortens it. H200 (132 SMs), 9B shapes, whole prefill, 2026-11-30: 1x16k (64 programs at 64) 0.936
+    ms at 64 against 0.820 at 32; 2x8k (128 programs) 0.709 against 0.825, where the rule was >= the SM count."""
+    return (64, 3) if triton.cdiv(V, 64) * HV * N >= 0.9 * _sm_count(device) else (32, 3)
 
 
 def _check_rows(name: str, t: torch.Tensor, dims: int) -> None:
