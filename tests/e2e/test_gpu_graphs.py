@@ -16,7 +16,8 @@ from deltaserve.tiny import make_tiny
 pytestmark = pytest.mark.gpu
 
 NEAR_TIE = 0.05  # nats between the top two
-LENGTHS = (5, 16, 17, 40, 130, 300, 511, 700, 1, 64)  # buckets 16 .. 512, one step past them (eager), 1-token prompts
+# buckets 16 .. 512; the 700-token prompt's first step is past them (eager: the step budget is 1 024); 1-token prompts
+LENGTHS = (5, 16, 17, 40, 130, 300, 511, 700, 1, 64)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["dense", "moe"])
@@ -27,7 +28,7 @@ def tiny(tmp_path_factory, request) -> str:
 
 def run(path: str, enforce_eager: bool, prompts, params):
     llm = LLM(path, device="cuda", dtype="bfloat16", max_model_len=1024, max_num_seqs=4,
-              max_num_batched_tokens=512, enforce_eager=enforce_eager, enable_prefix_caching=False)
+              max_num_batched_tokens=1024, enforce_eager=enforce_eager, enable_prefix_caching=False)
     sizes = []
     if not enforce_eager:
         pieces = llm.runner.piecewise
@@ -46,7 +47,8 @@ def test_piecewise_graphs_match_eager(tiny):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, prompt_logprobs=0)
     ref, _ = run(tiny, True, prompts, params)
     out, sizes = run(tiny, False, prompts, params)
-    assert len(sizes) >= 5 and max(sizes) <= 512, sizes  # prefill and mixed steps ran from the graphs
+    # steps of up to 512 tokens ran from the graphs (the first step, 78 tokens, is one); the larger ones eagerly
+    assert len(sizes) >= 2 and max(sizes) <= 512, sizes
     diffs = []
     for i, (r, o) in enumerate(zip(ref, out)):
         for pr, po in zip(r.prompt_logprobs[1:], o.prompt_logprobs[1:]):

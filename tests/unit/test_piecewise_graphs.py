@@ -2,7 +2,7 @@
 graphs swapped for a recorder that replays the captured piece itself: the static buffers, the bucket padding (rows
 past the step's tokens run the pieces and must write no KV), the mixers between the replays and the model's split
 into pieces and mixers must give what the eager forward gives. The captured graphs themselves run on the GPU
-(tests/e2e/test_gpu_parity.py::test_piecewise_graphs_match_eager)."""
+(tests/e2e/test_gpu_graphs.py)."""
 import random
 
 import pytest
