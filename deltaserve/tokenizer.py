@@ -162,7 +162,7 @@ class Tokenizer:
             _check_config_fields(config, config_file)
         _check_added_tokens(backend, config.get("added_tokens_decoder", {}), path)
         # transformers' `split_special_tokens`: special-token strings in the text encode as plain text
-        backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        backend.encode_special_tokens = config.get("split_special_tokens", False)
         chat_template = config.get("chat_template")
         if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             chat_template = {t["name"]: t["template"] for t in chat_template}
@@ -310,6 +310,9 @@ def _unreadable(path: str, e: OSError) -> TokenizerError:
     return TokenizerError(f"{path} cannot be read ({e.strerror or type(e).__name__}).")
 
 
+_ADDED_TOKEN_FLAGS = ("special", "lstrip", "rstrip", "normalized", "single_word")  # an AddedToken's flags
+
+
 def _check_config_fields(config: dict, config_file: str) -> None:
     """The tokenizer_config.json fields we read, of the shapes transformers writes; a hand-edited one of another
     shape was a KeyError / TypeError from deep inside."""
@@ -326,6 +329,11 @@ def _check_config_fields(config: dict, config_file: str) -> None:
     for token_id, spec in added.items():
         if not str(token_id).isdigit() or not isinstance(spec, dict) or not isinstance(spec.get("content"), str):
             raise bad(f"added_tokens_decoder[{token_id!r}]", "keyed by a token id and hold a 'content' string", spec)
+        for flag in _ADDED_TOKEN_FLAGS:  # "false", 0 / 1 or null went through bool(); transformers refuses them
+            if flag in spec and not isinstance(spec[flag], bool):
+                raise bad(f"added_tokens_decoder[{token_id!r}].{flag}", "true or false", spec[flag])
+    if "split_special_tokens" in config and not isinstance(config["split_special_tokens"], bool):
+        raise bad("split_special_tokens", "true or false", config["split_special_tokens"])
     template = config.get("chat_template")
     if template is not None and not isinstance(template, str) and not (
             isinstance(template, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
@@ -340,8 +348,7 @@ def _check_added_tokens(backend: _Backend, added_tokens_decoder: dict, path: str
         if backend.token_to_id(content) is None:
             # with the entry's own flags, as transformers builds it (`AddedToken(**entry)`): lstrip / rstrip eat the
             # spaces beside it, normalized matches it after NFC, single_word only as a whole word
-            names = ("special", "lstrip", "rstrip", "normalized", "single_word")
-            flags = {k: bool(spec[k]) for k in names if k in spec}
+            flags = {k: spec[k] for k in _ADDED_TOKEN_FLAGS if k in spec}
             backend.add_tokens([AddedToken(content, **flags)])
         if backend.token_to_id(content) != int(token_id):
             raise TokenizerError(

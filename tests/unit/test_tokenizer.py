@@ -540,6 +540,30 @@ def test_tokenizer_config_field_of_the_wrong_shape_is_one_sentence(tiny_dir, tmp
     assert "\n" not in str(e.value) and "tokenizer_config.json" in str(e.value) and field in str(e.value)
 
 
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c.update(split_special_tokens="false"), "split_special_tokens"),
+    (lambda c: c.update(split_special_tokens=1), "split_special_tokens"),
+    (lambda c: c.update(split_special_tokens=None), "split_special_tokens"),
+    (lambda c: c["added_tokens_decoder"]["513"].update(special="false"), "added_tokens_decoder['513'].special"),
+    (lambda c: c["added_tokens_decoder"].update({"521": {"content": "<|mask|>", "lstrip": "false"}}),
+     "added_tokens_decoder['521'].lstrip"),
+    (lambda c: c["added_tokens_decoder"].update({"521": {"content": "<|mask|>", "normalized": 0}}),
+     "added_tokens_decoder['521'].normalized"),
+], ids=["split-str", "split-int", "split-null", "special-str", "lstrip-str", "normalized-int"])
+def test_tokenizer_config_flag_that_is_not_a_json_bool_is_one_sentence(tiny_dir, tmp_path, edit, field):
+    """A flag written "false" (or 0 / 1 / null) went through bool(): split_special_tokens "false" split the special
+    tokens, a "false" lstrip stripped; transformers refuses to load such a file (TypeError: not an instance of bool)."""
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    edit(config)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer.from_dir(str(tmp_path))
+    assert str(e.value).startswith(f"{tmp_path / 'tokenizer_config.json'}: '{field}' must be true or false, got ")
+    assert "\n" not in str(e.value)
+
+
 def test_chat_template_file_not_utf8_is_named(tiny_dir, tmp_path):
     """A chat_template.jinja saved as Latin-1 was a bare UnicodeDecodeError naming no file."""
     for f in ("tokenizer.json", "tokenizer_config.json"):
