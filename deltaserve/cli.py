@@ -347,8 +347,7 @@ def _structured_outputs(args):
     if kind == "json":
         text, path = value, os.path.expanduser(value)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            text = _flag_file_text("--json-schema", path)
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
@@ -379,8 +378,19 @@ def _chat_template_text(value: str) -> str:
     if not os.path.isfile(value):
         raise ValueError(f"--chat-template {value!r} looks like a file path, but there is no such file (a template "
                          f"given inline must contain Jinja's {{ }})")
-    with open(value, encoding="utf-8") as f:
-        return f.read()
+    return _flag_file_text("--chat-template", value)
+
+
+def _flag_file_text(flag: str, path: str) -> str:
+    """The text of the file a flag names; ValueError naming the flag and file where it cannot be read or is not UTF-8
+    (the bare OSError / UnicodeDecodeError named neither the flag nor, for the latter, the file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{flag} file {path} cannot be read ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag} file {path} is not UTF-8 text; save it as UTF-8") from None
 
 
 def _bench_len(args, budget: int) -> int:

@@ -5,6 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from test_weights import make_unreadable
+
 from deltaserve import cli
 from deltaserve.serve.protocol import APIError, ChatCompletionRequest, TokenizeRequest
 from deltaserve.serve.serving import ServingContext
@@ -46,6 +48,25 @@ def test_cli_chat_template_errors_are_one_line(tiny, capsys, value, needle):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize("flag", ["--chat-template", "--json-schema"])
+@pytest.mark.parametrize("problem, needle", [("unreadable", "cannot be read (Permission denied)"),
+                                             ("latin-1", "is not UTF-8 text; save it as UTF-8")],
+                         ids=["unreadable", "not-utf8"])
+def test_cli_flag_file_that_cannot_be_read_is_one_sentence(tiny, tmp_path, capsys, monkeypatch, flag, problem,
+                                                           needle):
+    """A template or schema file that may not be read, or is saved as Latin-1, gave "error: [Errno 13] Permission
+    denied: 't.jinja'" / "error: 'utf-8' codec can't decode byte 0xe9 ...", naming neither the flag nor (utf-8) the
+    file."""
+    path = tmp_path / "f.txt"
+    path.write_bytes('{"description": "caf\xe9"}'.encode("latin-1"))
+    if problem == "unreadable":
+        make_unreadable(str(path), monkeypatch)
+    argv = ["generate", "--prompt", "x", "--chat", "--model", tiny, "--device", "cpu", flag, str(path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {flag} file {path} {needle}"], err
 
 
 def context(tiny, trusted: bool) -> ServingContext:
