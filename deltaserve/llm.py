@@ -257,7 +257,7 @@ class LLM:
         if config.expert_parallel:
             logger.info("expert parallel: each of %d ranks holds %d of the %d experts whole", tensor_parallel_size,
                         config.num_experts // tensor_parallel_size, config.num_experts)
-        if self.device.type == "cuda" and not 0 < gpu_memory_utilization <= 1:
+        if not 0 < gpu_memory_utilization <= 1:  # on the CPU too: a value no GPU could take is a typo
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         async_scheduling = _async_scheduling(async_scheduling, self.device, tensor_parallel_size)  # before any spawn
         spec = RankSpec(config, weights_dir, formats, self.device, self.dtype, max_num_seqs, max_num_batched_tokens,

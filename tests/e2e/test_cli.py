@@ -315,6 +315,14 @@ def test_error_zero_for_a_count_flag(env, args):
     assert f"argument {args[1]}: must be a positive integer, got 0" in res.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("value", ["5", "0", "nan"], ids=["above-one", "zero", "nan"])
+def test_error_gpu_memory_utilization_out_of_range_on_cpu_too(made, env, value):
+    """Checked on CUDA only: on the CPU a value no GPU could take ran, the flag silently dropped."""
+    res = cli("generate", "--model", made[1], "--prompt", "hi", "--gpu-memory-utilization", value, "--device", "cpu",
+              env=env)
+    assert_user_error(res, "gpu_memory_utilization must be in (0, 1]", f"got {float(value)}")
+
+
 def test_generate_takes_a_tokenizer_from_elsewhere(made, env, tmp_path):
     """A checkpoint folder without tokenizer.json: the error told CLI users to pass token ids, which generate cannot,
     and generate had no --tokenizer (chat and serve do)."""
