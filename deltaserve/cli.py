@@ -468,7 +468,7 @@ def _serve(args) -> None:
     _merge_model_arg(args)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.shutdown_timeout < 0:
+    if not args.shutdown_timeout >= 0:  # nan too
         raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
     _check_listen(args.host, args.port)
     try:

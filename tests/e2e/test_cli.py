@@ -355,6 +355,13 @@ def test_error_serve_where_it_cannot_listen(made, env):
     assert_user_error(cli("serve", made[1], "--host", "256.1.1.1", env=env), "--host '256.1.1.1' is not an address")
 
 
+def test_error_serve_shutdown_timeout_nan(made, env):
+    """nan passed the `< 0` check (a comparison with nan is false): the server started, and a SIGTERM aborted running
+    requests at once (max(0.0, nan) is 0). The bad --host, checked after it, makes a run that gets past it end."""
+    res = cli("serve", made[1], "--shutdown-timeout", "nan", "--host", "256.1.1.1", env=env)
+    assert_user_error(res, "--shutdown-timeout must be >= 0 seconds, got nan")
+
+
 def test_serve_listen_check_skips_an_address_family_the_machine_lacks(monkeypatch):
     """'localhost' also resolves to ::1 on a machine without IPv6 (Docker's /etc/hosts): uvicorn (asyncio) skips the
     family it cannot make a socket for and listens on 127.0.0.1, so the check before loading must not refuse it."""
