@@ -19,8 +19,8 @@ for part in "$@"; do
       timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/kernels tests/unit} -rf \
         --durations=10 2>&1 | grep -vE "^\s*$" | tail -80 > "$OUT/gpu_tests.log" ;;
     parity)
-      timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu tests/e2e/test_gpu_parity.py tests/e2e/test_gpu_graphs.py \
-        -s 2>&1 \
+      timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu tests/e2e/test_gpu_parity.py \
+        tests/e2e/test_gpu_graphs.py -s 2>&1 \
         | grep -vE "^\s*$" | tail -30 > "$OUT/gpu_parity.log" ;;
     kernels)
       { timeout 130 python3 benchmarks/kernels/bench_int4.py; timeout 110 python3 benchmarks/kernels/bench_attention.py \

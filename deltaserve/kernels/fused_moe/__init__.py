@@ -1,8 +1,9 @@
 """MoE dispatch. CPU: the torch reference (a loop over the experts that received tokens).
 
 CUDA, 16-bit experts (`fused_moe`): sort the (token, expert) pairs by expert and run both expert GEMMs as torch
-grouped GEMMs over the sorted rows, then decode.combine_kernel sums each token's pairs in fp32 (deterministic). The Triton fused MoE (triton.py, INT4=False) runs the same math; grouped_mm stays
-the bf16 path until benchmarks/kernels/bench_int4.py shows the Triton one faster on the card (not measured yet).
+grouped GEMMs over the sorted rows, then decode.combine_kernel sums each token's pairs in fp32 (deterministic). The
+Triton fused MoE (triton.py, INT4=False) runs the same math; grouped_mm stays the bf16 path until
+benchmarks/kernels/bench_int4.py shows the Triton one faster on the card (not measured yet).
 CUDA, int4 experts (`fused_moe_int4`): the Triton fused MoE with the dequant in its main loop; decode-sized batches
 (T·k <= decode.DECODE_MAX_PAIRS) run as per-pair int4 GEMVs instead (decode.py), and up to
 triton.TRITON_ALIGN_MAX_PAIRS pairs the sort / align is one Triton launch (align_triton.py).
