@@ -166,30 +166,31 @@ class PiecewiseGraphRunner:
         return tuple(self.static[k][:n] for k in keys)
 
     def _piece(self, i: int, b: int, batch: ForwardBatch) -> None:
-        """Piece i over the first b rows of the static buffers, its results copied into theirs."""
+        """Piece i over the first b rows of the static buffers, its results copied into theirs (made on its first run,
+        the warm-up's)."""
         mixed = self.static[("mix", self._kind(i - 1))][:b] if i else None
         carry = self._views(self.keys[i - 1], b) if i else ()
-        for key, t in zip(self.keys[i], self.model.piece(i, mixed, carry, batch, self.caches)):
-            self.static[key][:b].copy_(t)
+        out = self.model.piece(i, mixed, carry, batch, self.caches)
+        if len(self.keys) == i:
+            self.keys.append([("hidden", 0)] if i == self.num_layers else
+                             [("residual", 0)] + [(self._kind(i), j) for j in range(1, len(out))])
+        for key, t in zip(self.keys[i], out):
+            self._store(key, t, b)
+
+    def _store(self, key: tuple, t: torch.Tensor, n: int) -> None:
+        if key not in self.static:
+            self.static[key] = t.new_zeros(self.buckets[-1], *t.shape[1:])
+        self.static[key][:n].copy_(t)
 
     def _warm_up(self, b: int) -> None:
         """One eager forward through the static buffers (making them on the first call), so every kernel of the
         bucket is compiled before its capture."""
         batch = self._batch(b)
         for i in range(self.num_layers + 1):
-            if len(self.keys) == i:
-                mixed = self.static[("mix", self._kind(i - 1))][:b] if i else None
-                carry = self._views(self.keys[i - 1], b) if i else ()
-                out = self.model.piece(i, mixed, carry, batch, self.caches)
-                self.keys.append([("hidden", 0)] if i == self.num_layers else
-                                 [("residual", 0)] + [(self._kind(i), j) for j in range(1, len(out))])
-                for key, t in zip(self.keys[i], out):
-                    self.static.setdefault(key, t.new_zeros(self.buckets[-1], *t.shape[1:]))
             self._piece(i, b, batch)
             if i < self.num_layers:
                 mixed = self.model.mix(i, self._views(self.keys[i], b), batch, self.caches)
-                self.static.setdefault(("mix", self._kind(i)), mixed.new_zeros(self.buckets[-1], *mixed.shape[1:]))
-                self.static[("mix", self._kind(i))][:b].copy_(mixed)
+                self._store(("mix", self._kind(i)), mixed, b)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -241,6 +242,6 @@ class PiecewiseGraphRunner:
         graphs[0].replay()
         for i in range(self.num_layers):
             mixed = self.model.mix(i, self._views(self.keys[i], t), batch, self.caches)
-            self.static[("mix", self._kind(i))][:t].copy_(mixed)
+            self._store(("mix", self._kind(i)), mixed, t)
             graphs[i + 1].replay()
         return self.static[("hidden", 0)][:t]
