@@ -68,7 +68,14 @@ class ChunkLaunchConfig:
     0.904 / 0.792 / 0.808 -> 0.833 / 0.725 / 0.749 ms (state 328 + output 219 us -> scores 121 + state-and-output
     355 at 1x16k; 213 + 221 -> 122 + 245 at 4x4k); fla 1.119 / 1.133 / 1.176 in the same run. Computing qn and the
     scores inside the serial loop instead of in a kernel of their own: 1.32 / 1.08 / 1.10 ms; in the w/u kernel:
-    that kernel 151 -> 282 us."""
+    that kernel 151 -> 282 us. (H200, 2026-11-30, two probes, not kept; o and states were bit for bit the same in
+    both.) The solve and w/u kernels as one, T kept in registers as its ten 16x16 blocks and w, u summed a 16-row block
+    at a time (T_inv never written): 940 / 294 / 368 / 613 us at 1 / 2 / 4 / 8 warps against 85 + 152 for the two.
+    The state pass of each segment of the batch on a side stream while the main one prepares the next segment (a
+    sequence cut between segments carrying its fp32 state): under CUDA graphs, 1x16k 0.833 ms in one pass against 0.988 / 0.867 / 0.819 with segments of 1024 / 2048 / 4096 tokens, 1x32k 1.694 against 2.063 /
+    1.773 / 1.643, 4x4k 0.719 against 0.914 / 0.851 / 0.816 (eager launches: 3.19 / 1.69 / 0.90 ms at 1x16k,
+    host-bound); the preparation kernels' thousands of programs leave the serial pass no room to run beside them,
+    and the scalar branch choosing carry or pool slowed the serial pass by 5% (354 -> 371 us) where unused."""
     diag_warps: int = 1       # the run below: 2 warps 0.946 / 0.836 / 0.854 ms, 4: 1.051 / 0.943 / 0.960
     solve_warps: int = 1      # H200, 1x16k / 4x4k / 16x1k: 2 warps 0.990 / 0.878 / 0.897 ms, 1: 0.928 / 0.818 / 0.838
     wu_warps: int = 8         # H200, 1x16k / 4x4k / 16x1k: 4 warps 1.26 / 1.15 / 1.16 ms, 8: 1.22 / 1.11 / 1.13
