@@ -116,6 +116,10 @@ CPU_CHUNK_CASES = [
     # V-tiles of 16 over V=24: two tiles per head in the state pass, the second one masked
     pytest.param(dict(Hk=2, HV=6, K=16, V=24), triton_chunk.ChunkLaunchConfig(state_block_v=16),
                  id="gqa3-k16-v24-2tiles"),
+    # the diagonal blocks' substitution in 4 x 4 blocks, merged 4 -> 8 -> 16, and in one 16 x 16 block (the default:
+    # 8 x 8, merged once)
+    pytest.param(dict(Hk=2, HV=4, K=32, V=16), triton_chunk.ChunkLaunchConfig(diag_sub=4), id="diag-sub4"),
+    pytest.param(dict(Hk=2, HV=4, K=32, V=16), triton_chunk.ChunkLaunchConfig(diag_sub=16), id="diag-sub16"),
 ]
 
 

@@ -3,7 +3,8 @@
 Five kernels, one launch each, no host sync (the (sequence, chunk) tables come from the host list `query_lens`):
   0. `_chunk_diag_kernel`   grid (chunks, HV, 4): one 16-token sub-block each: gating g/beta from raw a/b, the in-chunk
      cumsum G, l2norm of k (written out once per key head as kn, for the later kernels), the diagonal block
-     A_jj = strictly_lower(beta k k^T exp(G_i - G_j)) and its inverse (I + A_jj)^-1 by forward substitution, to T_diag.
+     A_jj = strictly_lower(beta k k^T exp(G_i - G_j)) and its inverse (I + A_jj)^-1, to T_diag: forward substitution
+     in its two 8x8 diagonal blocks side by side, then one merge.
   1. `_chunk_solve_kernel`  grid (chunks, HV): the off-diagonal 16x16 blocks of A, merged with the diagonal inverses
      into T = (I + A)^-1 (16 -> 64), written as T_inv.
   2. `_chunk_wu_kernel`     grid (chunks, HV): w = T (beta exp(G) k), u = T (beta v), one [64, 64] product each.
@@ -72,10 +73,18 @@ class ChunkLaunchConfig:
     both.) The solve and w/u kernels as one, T kept in registers as its ten 16x16 blocks and w, u summed a 16-row block
     at a time (T_inv never written): 940 / 294 / 368 / 613 us at 1 / 2 / 4 / 8 warps against 85 + 152 for the two.
     The state pass of each segment of the batch on a side stream while the main one prepares the next segment (a
-    sequence cut between segments carrying its fp32 state): under CUDA graphs, 1x16k 0.833 ms in one pass against 0.988 / 0.867 / 0.819 with segments of 1024 / 2048 / 4096 tokens, 1x32k 1.694 against 2.063 /
-    1.773 / 1.643, 4x4k 0.719 against 0.914 / 0.851 / 0.816 (eager launches: 3.19 / 1.69 / 0.90 ms at 1x16k,
-    host-bound); the preparation kernels' thousands of programs leave the serial pass no room to run beside them,
-    and the scalar branch choosing carry or pool slowed the serial pass by 5% (354 -> 371 us) where unused."""
+    sequence cut between segments carrying its fp32 state): under CUDA graphs, 1x16k 0.833 ms in one pass against
+    0.988 / 0.867 / 0.819 with segments of 1024 / 2048 / 4096 tokens, 1x32k 1.694 against 2.063 / 1.773 / 1.643, 4x4k
+    0.719 against 0.914 / 0.851 / 0.816 (eager launches: 3.19 / 1.69 / 0.90 ms at 1x16k, host-bound); the
+    preparation kernels' thousands of programs leave the serial pass no room to run beside them, and the scalar
+    branch choosing carry or pool slowed the serial pass by 5% (354 -> 371 us) where unused."""
+    # the diag kernel's substitution runs in diagonal blocks of diag_sub rows side by side (16, 8 or 4), merged up to
+    # 16 (_invert_unit_lower). H200, 2026-11-30, the diag kernel at 1 warp / the whole prefill at 1x16k / 4x4k /
+    # 16x1k: 16 (14 dependent steps) 120 us / 0.820 / 0.708 / 0.734 ms; 8 (6 steps, one merge) 93 us / 0.794 / 0.682
+    # / 0.707; 4 (2 steps, two merges) 94 us / 0.794 / 0.682 / 0.707; at 2 warps 137-154 us. Against the fp32
+    # reference (bf16 inputs, 2 781 tokens) o and states kept their relative errors (4.23e-3 / 3.24e-3; 1.41e-2 /
+    # 1.37e-2 with correlated keys, beta ~ 1 and weak decay, where o moved by at most 9.8e-4 from the 16-row solve)
+    diag_sub: int = 8
     diag_warps: int = 1       # the run below: 2 warps 0.946 / 0.836 / 0.854 ms, 4: 1.051 / 0.943 / 0.960
     solve_warps: int = 1      # H200, 1x16k / 4x4k / 16x1k: 2 warps 0.990 / 0.878 / 0.897 ms, 1: 0.928 / 0.818 / 0.838
     wu_warps: int = 8         # H200, 1x16k / 4x4k / 16x1k: 4 warps 1.26 / 1.15 / 1.16 ms, 8: 1.22 / 1.11 / 1.13
@@ -134,31 +143,51 @@ def _kkt_block(b_k_i, b_k_j, b_beta_i, b_G_i, b_G_j, BC: tl.constexpr, DIAG: tl.
 
 
 @triton.jit
-def _invert_unit_lower(b_A, p_rows, n_rows, s_row, BC: tl.constexpr):
+def _invert_unit_lower(b_A, p_rows, n_rows, s_row, BC: tl.constexpr, SUB: tl.constexpr, MERGE: tl.constexpr):
     """b_A: [BC, BC] fp32 strictly lower, its first n_rows rows also stored at p_rows (row stride s_row; the rest
-    read as 0) -> (I + b_A)^-1 by forward substitution, one row per step, in fp32 FMAs. With X the strictly lower
-    part of the inverse, X_i = -A_i + sum_{j<i} (-A_ij) X_j, as fla's solve does: row i is read back from memory
-    (one load, where picking it out of the register tile takes a cross-thread reduction), multiplied into the
-    finished rows above (one reduction) and written into X. Rows 0 and 1 need no step (X_0 = 0, X_1 = -A_1)."""
+    read as 0) -> (I + b_A)^-1. The SUB x SUB diagonal blocks are inverted side by side by forward substitution in
+    fp32 FMAs, one row of each block per step, then merged pairwise up to BC (_merge_inverses). With X the strictly
+    lower part of a block's inverse, X_i = -A_i + sum_{j<i} (-A_ij) X_j, as fla's solve does: row i is read back from
+    memory (one load, where picking it out of the register tile takes a cross-thread reduction), multiplied into the
+    finished rows above (one reduction) and written into X. Rows 0 and 1 of a block need no step (X_0 = 0,
+    X_1 = -A_1). As X is block-diagonal, one load and one reduction serve every block: column c belongs to block
+    c // SUB and carries that block's row (SUB - 2 steps instead of BC - 2)."""
     o_i = tl.arange(0, BC)
-    b_X = -b_A
-    for i in range(2, BC):
-        m_a = (o_i < i) & ((tl.zeros([BC], dtype=tl.int32) + i) < n_rows)
-        b_a = -tl.load(p_rows + i * s_row + o_i, mask=m_a, other=0.0)
+    b_X = tl.where((o_i[:, None] // SUB) == (o_i[None, :] // SUB), -b_A, 0.0)
+    for i in range(2, SUB):
+        o_row = i + (o_i // SUB) * SUB  # the row each column's block computes at this step
+        b_a = -tl.load(p_rows + o_row * s_row + o_i, mask=(o_i % SUB < i) & (o_row < n_rows), other=0.0)
         b_a += tl.sum(b_a[:, None] * b_X, 0)
-        b_X = tl.where((o_i == i)[:, None], b_a[None, :], b_X)
-    return b_X + tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+        b_X = tl.where(o_i[:, None] == o_row[None, :], b_a[None, :], b_X)
+    b_T = b_X + tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    if SUB < BC // 2:
+        b_T = _merge_inverses(b_T, b_A, SUB, BC, MERGE)
+    if SUB < BC:
+        b_T = _merge_inverses(b_T, b_A, BC // 2, BC, MERGE)
+    return b_T
 
 
 @triton.jit
-def _invert_diag_block(b_A, p_rows, r0, t1, s_row, BC: tl.constexpr):
+def _merge_inverses(b_D, b_A, SIZE: tl.constexpr, BC: tl.constexpr, MERGE: tl.constexpr):
+    """b_D: [BC, BC] block-diagonal, the inverses of (I + A)'s SIZE x SIZE diagonal blocks -> the inverses of its
+    2 SIZE x 2 SIZE ones, D - D L D with L A's lower SIZE-block inside each of them ([[T0, 0], [-T1 A10 T0, T1]]), in
+    fp32 products near full precision (MERGE "ieee" or "tf32x3")."""
+    o_i = tl.arange(0, BC)
+    m_L = ((o_i[:, None] // (2 * SIZE)) == (o_i[None, :] // (2 * SIZE))) & \
+        ((o_i[:, None] // SIZE) != (o_i[None, :] // SIZE))
+    b_LD = tl.dot(tl.where(m_L, b_A, 0.0), b_D, input_precision=MERGE)
+    return b_D - tl.dot(b_D, b_LD, input_precision=MERGE)
+
+
+@triton.jit
+def _invert_diag_block(b_A, p_rows, r0, t1, s_row, BC: tl.constexpr, SUB: tl.constexpr, MERGE: tl.constexpr):
     """(I + A)^-1 of the diagonal block b_A [BC, BC] whose rows are tokens r0.. of a chunk ending at t1: A goes through
     the scratch rows p_rows (token stride s_row) so the substitution can read it back one row at a time; the barrier
     makes each thread's stores visible to the others (each block has rows of its own, so none is needed after)."""
     o_i = tl.arange(0, BC)
     tl.store(p_rows + (r0 + o_i)[:, None] * s_row + o_i[None, :], b_A, mask=(r0 + o_i < t1)[:, None])
     tl.debug_barrier()
-    return _invert_unit_lower(b_A, p_rows + r0 * s_row, t1 - r0, s_row, BC)
+    return _invert_unit_lower(b_A, p_rows + r0 * s_row, t1 - r0, s_row, BC, SUB, MERGE)
 
 
 @triton.jit
@@ -171,7 +200,8 @@ def _chunk_bounds(chunk_table, i_c):
 def _chunk_diag_kernel(
     k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_diag,
     s_k, s_a, s_b,
-    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr,
+    MERGE: tl.constexpr,
 ):
     """One 16-token sub-block i_j of chunk i_c, value head i_h. k: [T, HK, K] (token stride s_k); a, b: [T, HV];
     chunk_table: [chunks, 2] int32 token range [t0, t1) of each chunk. Writes the sub-block's rows of g_cum: [T, HV]
@@ -203,7 +233,8 @@ def _chunk_diag_kernel(
     tl.store(kn + i_kh * K + o_t[:, None] * (HK * K) + o_k[None, :], b_kd, mask=(m_t & m_first)[:, None] & m_k[None, :])
 
     p_T = T_diag + i_h * BC
-    b_T = _invert_diag_block(_kkt_block(b_kd, b_kd, b_beta, b_G, b_G, BC, True), p_T, r0, t1, HV * BC, BC)
+    b_T = _invert_diag_block(_kkt_block(b_kd, b_kd, b_beta, b_G, b_G, BC, True), p_T, r0, t1, HV * BC, BC, SUB,
+                             MERGE)
     tl.debug_barrier()  # every row of A is read before the inverse overwrites it
     tl.store(p_T + o_t[:, None] * (HV * BC) + o_c[None, :], b_T, mask=m_t[:, None])
 
@@ -558,6 +589,8 @@ def chunk_gated_delta_rule_varlen(
     if config.merge_precision not in ("ieee", "tf32x3"):
         raise ValueError(f"merge_precision={config.merge_precision!r}: use 'ieee' or 'tf32x3' (plain tf32 is too "
                          "coarse for the triangular solve)")
+    if config.diag_sub not in (4, 8, 16):
+        raise ValueError(f"diag_sub={config.diag_sub}: use 4, 8 or 16")
     o = torch.empty(T, HV, V, dtype=v.dtype, device=v.device)
     if T == 0:
         return o
@@ -581,7 +614,8 @@ def chunk_gated_delta_rule_varlen(
     _chunk_diag_kernel[(num_chunks, HV, BT // BC)](
         k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_diag,
         k.stride(0), a.stride(0), b.stride(0),
-        HK=HK, HV=HV, K=K, BC=BC, BK=BK, num_warps=config.diag_warps)
+        HK=HK, HV=HV, K=K, BC=BC, BK=BK, SUB=config.diag_sub, MERGE=config.merge_precision,
+        num_warps=config.diag_warps)
     _chunk_solve_kernel[(num_chunks, HV)](
         kn, a, b, A_log, dt_bias, chunk_table, g_cum, T_diag, T_inv,
         a.stride(0), b.stride(0),
