@@ -177,8 +177,7 @@ def sweep(bound_gbs: float, which: str) -> None:
 def sweep_prefill() -> None:
     print("\nprefill sweep (1x16k, 16x1k ms)")
     base = ChunkLaunchConfig()
-    choices = dict(diag_sub=[4, 8, 16], diag_warps=[1, 2, 4], solve_warps=[1, 2, 4, 8], wu_warps=[4, 8],
-                   scores_warps=[2, 4, 8],
+    choices = dict(diag_sub=[4, 8, 16], diag_warps=[1, 2, 4], solve_warps=[1, 2, 4, 8], scores_warps=[2, 4, 8],
                    state_block_v=[16, 32, 64], state_warps=[2, 4, 8], state_stages=[1, 2, 3, 4],
                    merge_precision=["ieee", "tf32x3"])
     for field, values in choices.items():

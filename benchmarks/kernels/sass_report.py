@@ -117,18 +117,13 @@ KERNELS: dict[str, Spec] = {
     "gdn_diag": Spec(
         "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_diag_kernel",
         dict(k="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32", chunk_table="*i32", g_cum="*fp32",
-             kn="*bf16", T_diag="*fp32", **_ints("s_k", "s_a", "s_b")),
-        dict(HK=16, HV=32, K=128, BC=16, BK=128), 1, 3, {"s_k", "s_a", "s_b"}),
+             beta="*fp32", kn="*bf16", T_diag="*fp32", **_ints("s_k", "s_a", "s_b")),
+        dict(HK=16, HV=32, K=128, BC=16, BK=128, SUB=8, MERGE="tf32x3"), 1, 3, {"s_k", "s_a", "s_b"}),
     "gdn_solve": Spec(
         "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_solve_kernel",
         dict(kn="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32", chunk_table="*i32", g_cum="*fp32",
              T_diag="*fp32", T_inv="*bf16", **_ints("s_a", "s_b")),
         dict(HK=16, HV=32, K=128, BT=64, BC=16, BK=128, MERGE="tf32x3"), 1, 3, {"s_a", "s_b"}),
-    "gdn_wu": Spec(
-        "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_wu_kernel",
-        dict(kn="*bf16", v="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32", g_cum="*fp32",
-             T_inv="*bf16", chunk_table="*i32", w="*bf16", u="*bf16", **_ints("s_v", "s_a", "s_b")),
-        dict(HK=16, HV=32, K=128, V=128, BT=64, BC=16, BK=128, BV=128), 8, 3, {"s_v", "s_a", "s_b"}),
     "gdn_scores": Spec(
         "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_scores_kernel",
         dict(q="*bf16", kn="*bf16", g_cum="*fp32", chunk_table="*i32", qn="*bf16", A_qk="*bf16", s_q="i32",
@@ -136,9 +131,9 @@ KERNELS: dict[str, Spec] = {
         dict(HK=16, HV=32, K=128, BT=64, BK=128), 8, 3, {"s_q"}),
     "gdn_state": Spec(  # the state-and-output pass at 64-column V-tiles (many sequences)
         "deltaserve.kernels.gated_delta_rule.triton_chunk:_chunk_state_output_kernel",
-        dict(qn="*bf16", kn="*bf16", w="*bf16", u="*bf16", A_qk="*bf16", g_cum="*fp32", state="*fp32", slots="*i64",
-             seq_table="*i32", o="*bf16", s_state="i32"),
-        dict(HK=16, HV=32, K=128, V=128, BT=64, BK=128, BV=64), 4, 3, {"s_state"}),
+        dict(qn="*bf16", kn="*bf16", v="*bf16", beta="*fp32", T_inv="*bf16", A_qk="*bf16", g_cum="*fp32",
+             state="*fp32", slots="*i64", seq_table="*i32", o="*bf16", s_v="i32", s_state="i32"),
+        dict(HK=16, HV=32, K=128, V=128, BT=64, BC=16, BK=128, BV=64), 4, 3, {"s_v", "s_state"}),
     "gdn_decode": Spec(  # GDN decode, 32+ rows on an H200 (32-column state tiles, 1 warp)
         "deltaserve.kernels.gated_delta_rule.triton_decode:_fused_recurrent_decode_kernel",
         dict(x="*bf16", conv_w="*bf16", conv_state="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32",

@@ -5,7 +5,7 @@ through numpy (input_precision is ignored), so Triton and reference agree to fp3
 3e-7..6e-7 on outputs (|o| <= 0.5) and ~1e-6 on states (|S| <= 2). (bf16 cannot run there: the interpreter's tl.dot
 multiplies bf16 as raw uint16 bits and its fp32->bf16 cast truncates.)
 GPU (`gpu` marker, run on an H100): Qwen3.5-9B shapes, bf16 inputs, fp32 states. The prefill rounds its
-intermediates (w, u; v_new and the chunk-start states as dot operands) to bf16 as fla does; emulating bf16
+intermediates (T, A_qk; the states, beta (v - exp(G) k h) and v_new as dot operands) to bf16 as fla does; emulating bf16
 round-to-nearest on the CPU at K=V=128 over 700 tokens gave relative RMS errors of 4.3e-3 (o) and 3.2e-3 (states)
 against the fp32 reference. Decode computes in fp32 and matched to ~4e-7 there."""
 import importlib

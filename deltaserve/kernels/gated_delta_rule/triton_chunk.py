@@ -1,28 +1,28 @@
 """Triton chunked (WY) gated delta rule over a flat varlen batch with a state pool: the prefill / mixed-batch path.
 
-Five kernels, one launch each, no host sync (the (sequence, chunk) tables come from the host list `query_lens`):
-  0. `_chunk_diag_kernel`   grid (chunks, HV, 4): one 16-token sub-block each: gating g/beta from raw a/b, the in-chunk
-     cumsum G, l2norm of k (written out once per key head as kn, for the later kernels), the diagonal block
-     A_jj = strictly_lower(beta k k^T exp(G_i - G_j)) and its inverse (I + A_jj)^-1, to T_diag: forward substitution
-     in its two 8x8 diagonal blocks side by side, then one merge.
+Four kernels, one launch each, no host sync (the (sequence, chunk) tables come from the host list `query_lens`):
+  0. `_chunk_diag_kernel`   grid (chunks, HV, 4): one 16-token sub-block each: gating g/beta from raw a/b (beta and
+     the in-chunk cumsum G written out), l2norm of k (written out once per key head as kn, for the later kernels), the
+     diagonal block A_jj = strictly_lower(beta k k^T exp(G_i - G_j)) and its inverse (I + A_jj)^-1, to T_diag: forward
+     substitution in its two 8x8 diagonal blocks side by side, then one merge.
   1. `_chunk_solve_kernel`  grid (chunks, HV): the off-diagonal 16x16 blocks of A, merged with the diagonal inverses
      into T = (I + A)^-1 (16 -> 64), written as T_inv.
-  2. `_chunk_wu_kernel`     grid (chunks, HV): w = T (beta exp(G) k), u = T (beta v), one [64, 64] product each.
-  3. `_chunk_scores_kernel` grid (chunks, HK): qn = scale q / |q| and the causal intra-chunk scores
+  2. `_chunk_scores_kernel` grid (chunks, HK): qn = scale q / |q| and the causal intra-chunk scores
      A_qk = causal(qn kn^T exp(G_i - G_j)) of each value head (one qn kn^T product per key head).
-  4. `_chunk_state_output_kernel` grid (V-tiles, HV, sequences): serial over a sequence's chunks with the state h in
-     fp32 registers: v_new = u - w h, o = (qn h) exp(G) + A_qk v_new, h <- h exp(G_last) + (kn exp(G_last - G))^T
+  3. `_chunk_state_output_kernel` grid (V-tiles, HV, sequences): serial over a sequence's chunks with the state h in
+     fp32 registers: v_new = T (beta (v - exp(G) kn h)) (the WY form's u - w h, with w = T (beta exp(G) kn) and
+     u = T (beta v) never formed), o = (qn h) exp(G) + A_qk v_new, h <- h exp(G_last) + (kn exp(G_last - G))^T
      v_new; gathers the initial state from the pool at its slot and scatters the final one back (slot -1: zero
      initial state, no write). The chunk-start states never go to memory: fla saves them ([chunks, HV, K, V], twice
      the bytes of v) and reads them back in an output kernel, as this file did until 2026-11-30 (ChunkLaunchConfig's
      docstring has the A/B timings).
-Intermediates (kn, qn, T_inv, w, u, A_qk; h and v_new as dot operands) are rounded to the input dtype and feed bf16
-tensor-core dots, as fla does; every accumulation, the state and the triangular solve (fp32 FMAs in the diagonal
-blocks, "tf32x3" dots merging them) are fp32, and beta scales k k^T after the product. Against the fp32 reference
-that costs ~4e-3 relative RMS on o and ~3e-3 on states at K=V=128 (tf32 operands for the state update and output
-would give ~3e-3 / ~2.4e-3: not worth the slower dots). The chunk is fixed at 64 tokens (four 16-token sub-blocks
-unrolled in kernel 1). Exponentials use natural base throughout. Offsets are int32 except pool slots: T * HV *
-max(K, V, 64) must stay below 2**31 (the wrapper checks).
+Intermediates (kn, qn, T_inv, A_qk; h, beta (v - exp(G) kn h) and v_new as dot operands) are rounded to the input
+dtype and feed bf16 tensor-core dots, as fla does; every accumulation, the state and the triangular solve (fp32 FMAs
+in the diagonal blocks, "tf32x3" dots merging them) are fp32, and beta scales k k^T after the product. Against the
+fp32 reference that costs ~4e-3 relative RMS on o and ~3e-3 on states at K=V=128 (tf32 operands for the state
+update and output would give ~3e-3 / ~2.4e-3: not worth the slower dots). The chunk is fixed at 64 tokens (four
+16-token sub-blocks unrolled in kernel 1). Exponentials use natural base throughout. Offsets are int32 except pool
+slots: T * HV * max(K, V, 64) must stay below 2**31 (the wrapper checks).
 """
 import functools
 from dataclasses import dataclass
@@ -77,7 +77,17 @@ class ChunkLaunchConfig:
     0.988 / 0.867 / 0.819 with segments of 1024 / 2048 / 4096 tokens, 1x32k 1.694 against 2.063 / 1.773 / 1.643, 4x4k
     0.719 against 0.914 / 0.851 / 0.816 (eager launches: 3.19 / 1.69 / 0.90 ms at 1x16k, host-bound); the
     preparation kernels' thousands of programs leave the serial pass no room to run beside them, and the scalar
-    branch choosing carry or pool slowed the serial pass by 5% (354 -> 371 us) where unused."""
+    branch choosing carry or pool slowed the serial pass by 5% (354 -> 371 us) where unused. (H200, 2026-11-30,
+    later) The w/u kernel dropped: the serial pass takes v_new = T (beta (v - exp(G) kn h)), one more (64 x 64) dot on
+    its chain (kn h, T r, kn^T v_new instead of w h, kn^T v_new), reading T_inv, v and beta (8 + 4 KB a step at 32
+    columns) where it read w and u (16 + 4 KB), and w, u (2 x 134 MB bf16 at 16k tokens) are no longer written or
+    read. Device time, the w/u kernel's tree against this one in one call: 1x16k 0.791 -> 0.700 ms, 2x8k 0.675 ->
+    0.552, 4x4k 0.680 -> 0.556, 16x1k 0.709 -> 0.585, 64x256 0.802 -> 0.677 (serial pass 352 -> 412 us at 1x16k,
+    269 -> 296 at 16x1k; w/u 151 us gone); fla 1.123 / 1.131 / 1.176 ms at 1x16k / 4x4k / 16x1k in that call. Against
+    the fp32 reference (bf16 inputs, 2 781 tokens) o / states 4.18e-3 / 3.17e-3 -> 4.07e-3 / 2.87e-3 relative RMS
+    (1.45e-2 / 1.41e-2 -> 1.33e-2 / 1.21e-2 with correlated keys, beta ~ 1 and weak decay). The state tile's defaults
+    stayed best (1x16k: 32 columns at 3 or 4 stages 0.700 / 0.699 ms, 64 at 3 0.810; 4x4k and 16x1k: 64 at 3 stages
+    0.556 / 0.585, 32 at 2 0.643 / 0.649)."""
     # the diag kernel's substitution runs in diagonal blocks of diag_sub rows side by side (16, 8 or 4), merged up to
     # 16 (_invert_unit_lower). H200, 2026-11-30, the diag kernel at 1 warp / the whole prefill at 1x16k / 4x4k /
     # 16x1k: 16 (14 dependent steps) 120 us / 0.820 / 0.708 / 0.734 ms; 8 (6 steps, one merge) 93 us / 0.794 / 0.682
@@ -87,7 +97,6 @@ class ChunkLaunchConfig:
     diag_sub: int = 8
     diag_warps: int = 1       # the run below: 2 warps 0.946 / 0.836 / 0.854 ms, 4: 1.051 / 0.943 / 0.960
     solve_warps: int = 1      # H200, 1x16k / 4x4k / 16x1k: 2 warps 0.990 / 0.878 / 0.897 ms, 1: 0.928 / 0.818 / 0.838
-    wu_warps: int = 8         # H200, 1x16k / 4x4k / 16x1k: 4 warps 1.26 / 1.15 / 1.16 ms, 8: 1.22 / 1.11 / 1.13
     scores_warps: int = 8     # H200, 1x16k / 4x4k / 16x1k: 2 warps 0.834 / 0.712 / 0.738 ms, 4: 0.833 / 0.725 / 0.749,
     # 8: 0.821 / 0.712 / 0.738
     # V-tile and pipeline stages of the serial state-and-output pass; None: 64 and 3, or 32 and 3 where 64 would leave
@@ -198,16 +207,16 @@ def _chunk_bounds(chunk_table, i_c):
 
 @triton.jit
 def _chunk_diag_kernel(
-    k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_diag,
+    k, a, b, A_log, dt_bias, chunk_table, g_cum, beta, kn, T_diag,
     s_k, s_a, s_b,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr,
     MERGE: tl.constexpr,
 ):
     """One 16-token sub-block i_j of chunk i_c, value head i_h. k: [T, HK, K] (token stride s_k); a, b: [T, HV];
     chunk_table: [chunks, 2] int32 token range [t0, t1) of each chunk. Writes the sub-block's rows of g_cum: [T, HV]
-    fp32 (the in-chunk cumsum of g), of kn: [T, HK, K] (the l2-normalised k in the model dtype; the first value head
-    of each key head writes it) and of T_diag: [T, HV, BC] fp32, the inverse (I + A_jj)^-1 of its diagonal block
-    (first written with A_jj, which the substitution reads back a row at a time)."""
+    fp32 (the in-chunk cumsum of g), of beta: [T, HV] fp32, of kn: [T, HK, K] (the l2-normalised k in the model
+    dtype; the first value head of each key head writes it) and of T_diag: [T, HV, BC] fp32, the inverse (I + A_jj)^-1
+    of its diagonal block (first written with A_jj, which the substitution reads back a row at a time)."""
     i_c, i_h, i_j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kh = i_h // (HV // HK)
     t0, t1 = _chunk_bounds(chunk_table, i_c)
@@ -227,6 +236,7 @@ def _chunk_diag_kernel(
     b_g, b_beta = _gate(a, b, A_log, dt_bias, o_t, m_t, s_a, s_b, i_h)
     b_G = tl.cumsum(b_g, 0) + b_s
     tl.store(g_cum + o_t * HV + i_h, b_G, mask=m_t)
+    tl.store(beta + o_t * HV + i_h, b_beta, mask=m_t)
 
     m_first = (tl.zeros([BC], dtype=tl.int32) + i_h % (HV // HK)) == 0
     b_kd = _load_rows_l2norm(k + i_kh * K, o_t, m_t, s_k, o_k, m_k).to(DT)
@@ -325,37 +335,6 @@ def _chunk_tokens(chunk_table, i_c, BT: tl.constexpr):
 
 
 @triton.jit
-def _chunk_wu_kernel(
-    kn, v, a, b, A_log, dt_bias, g_cum, T_inv, chunk_table, w, u,
-    s_v, s_a, s_b,
-    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-):
-    """w = T (beta exp(G) kn), u = T (beta v) for one chunk and value head, T read as one [BT, BT] tile with its
-    blocks above the diagonal masked to 0. kn: [T, HK, K] dense; v: [T, HV, V] (token stride s_v); T_inv:
-    [T, HV, BT]. Writes w: [T, HV, K]; u: [T, HV, V]."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_kh = i_h // (HV // HK)
-    o_i, o_t, m_t = _chunk_tokens(chunk_table, i_c, BT)
-    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    DT = w.dtype.element_ty
-
-    m_T = m_t[:, None] & (o_i[None, :] // BC <= o_i[:, None] // BC)
-    b_T = tl.load(T_inv + (o_t[:, None] * HV + i_h) * BT + o_i[None, :], mask=m_T, other=0)
-    _, b_beta = _gate(a, b, A_log, dt_bias, o_t, m_t, s_a, s_b, i_h)
-    b_G = tl.load(g_cum + o_t * HV + i_h, mask=m_t, other=0)
-    b_k = tl.load(kn + (o_t[:, None] * HK + i_kh) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
-    b_kg = (b_k.to(tl.float32) * (b_beta * tl.exp(b_G))[:, None]).to(DT)
-    tl.store(w + (o_t[:, None] * HV + i_h) * K + o_k[None, :], tl.dot(b_T, b_kg).to(DT),
-             mask=m_t[:, None] & m_k[None, :])
-    b_v = tl.load(v + o_t[:, None] * s_v + i_h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
-    b_vb = (b_v.to(tl.float32) * b_beta[:, None]).to(DT)
-    tl.store(u + (o_t[:, None] * HV + i_h) * V + o_v[None, :], tl.dot(b_T, b_vb).to(DT),
-             mask=m_t[:, None] & m_v[None, :])
-
-
-@triton.jit
 def _chunk_scores_kernel(
     q, kn, g_cum, chunk_table, qn, A_qk,
     s_q, scale,
@@ -385,20 +364,22 @@ def _chunk_scores_kernel(
 
 @triton.jit
 def _chunk_state_output_kernel(
-    qn, kn, w, u, A_qk, g_cum, state, slots, seq_table, o,
-    s_state,
+    qn, kn, v, beta, T_inv, A_qk, g_cum, state, slots, seq_table, o,
+    s_v, s_state,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SNAPSHOTS: tl.constexpr = False,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SNAPSHOTS: tl.constexpr = False,
 ):
     """Serial pass over one sequence's chunks for one value head and V-tile, with the state h in fp32 registers:
-    per chunk v_new = u - w h, the output o = (qn h) exp(G) + A_qk v_new, then h <- h exp(G_last) +
-    (kn exp(G_last - G))^T v_new. qn, kn: [T, HK, K] normalised q (scaled) and k (dense); w: [T, HV, K]; u: [T, HV, V];
-    A_qk: [T, HV, BT] the causal intra-chunk scores; seq_table: [N, 6] int32 (first token, end token, then two
-    (snapshot chunk, slot) pairs); state: [S, HV, K, V] fp32 pool (slot stride s_state), read and written at
-    slots[i_n] unless -1, and at each snapshot slot given the (fp32, unrounded) state at the start of its chunk
-    (prefix cache; chunk -1: none), when SNAPSHOTS (a step without snapshots compiles without the two stores: they
-    cost the serial pass ~5% at 1x16k). Writes o: [T, HV, V]. Of each step's four dots (w h and qn h, then A_qk v_new
-    and kn^T v_new) only the first and the last are on the chain from one chunk's h to the next."""
+    per chunk v_new = T (beta (v - exp(G) kn h)), the output o = (qn h) exp(G) + A_qk v_new, then h <- h exp(G_last)
+    + (kn exp(G_last - G))^T v_new. qn, kn: [T, HK, K] normalised q (scaled) and k (dense); v: [T, HV, V] (token
+    stride s_v); beta: [T, HV] fp32; T_inv: [T, HV, BT] each token's row of its chunk's T = (I + A)^-1 (the blocks
+    above the diagonal unwritten, masked here); A_qk: [T, HV, BT] the causal intra-chunk scores; seq_table: [N, 6]
+    int32 (first token, end token, then two (snapshot chunk, slot) pairs); state: [S, HV, K, V] fp32 pool (slot stride
+    s_state), read and written at slots[i_n] unless -1, and at each snapshot slot given the (fp32, unrounded) state at
+    the start of its chunk (prefix cache; chunk -1: none), when SNAPSHOTS (a step without snapshots compiles without the
+    two stores: they cost the serial pass ~5% at 1x16k). Writes o: [T, HV, V]. Of each step's five dots (kn h and qn h,
+    T r, then A_qk v_new and kn^T v_new) kn h, T r and kn^T v_new are on the chain from one chunk's h to the next. v_new
+    is the WY form's u - w h with T applied last: w = T (beta exp(G) kn) and u = T (beta v) are never formed."""
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kh = i_h // (HV // HK)
     bos = tl.load(seq_table + _SEQ_COLUMNS_K * i_n)
@@ -415,7 +396,7 @@ def _chunk_state_output_kernel(
     # slot -1 as a vector mask (a scalar bool in a mask trips the interpreter)
     m_live = m_kv & ((tl.zeros([BV], dtype=tl.int64) + slot) >= 0)[None, :]
     o_kv = o_k[:, None] * V + o_v[None, :]
-    DT = w.dtype.element_ty
+    DT = kn.dtype.element_ty
 
     # masked load, never a multiply by 0: a padding row's slot -1 (clamped to 0) may hold NaN
     p_state = state + tl.maximum(slot, 0) * s_state + i_h * (K * V) + o_kv
@@ -434,8 +415,10 @@ def _chunk_state_output_kernel(
             tl.store(p_snap0, b_h.to(p_snap0.dtype.element_ty), mask=m_kv & (b_i == snap_c0)[None, :])
             tl.store(p_snap1, b_h.to(p_snap1.dtype.element_ty), mask=m_kv & (b_i == snap_c1)[None, :])
         m_tk = m_t[:, None] & m_k[None, :]
-        b_w = tl.load(w + (o_t[:, None] * HV + i_h) * K + o_k[None, :], mask=m_tk, other=0)
-        b_u = tl.load(u + (o_t[:, None] * HV + i_h) * V + o_v[None, :], mask=m_tv, other=0)
+        b_T = tl.load(T_inv + (o_t[:, None] * HV + i_h) * BT + o_i[None, :],
+                      mask=m_t[:, None] & (o_i[None, :] // BC <= o_i[:, None] // BC), other=0)
+        b_vin = tl.load(v + o_t[:, None] * s_v + i_h * V + o_v[None, :], mask=m_tv, other=0).to(tl.float32)
+        b_beta = tl.load(beta + o_t * HV + i_h, mask=m_t, other=0)
         b_q = tl.load(qn + (o_t[:, None] * HK + i_kh) * K + o_k[None, :], mask=m_tk, other=0)
         b_A = tl.load(A_qk + (o_t[:, None] * HV + i_h) * BT + o_i[None, :], mask=m_t[:, None], other=0)
         b_G = tl.load(g_cum + o_t * HV + i_h, mask=m_t, other=0)
@@ -443,11 +426,12 @@ def _chunk_state_output_kernel(
         # k^T as loaded: a load that feeds a dot is one Triton's pipeliner prefetches
         b_kt = tl.load(kn + (o_t[None, :] * HK + i_kh) * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0)
         b_hd = b_h.to(DT)
-        b_v = b_u.to(tl.float32) - tl.dot(b_w, b_hd)
+        b_r = b_beta[:, None] * (b_vin - tl.exp(b_G)[:, None] * tl.dot(tl.trans(b_kt), b_hd))
+        b_v = tl.dot(b_T, b_r.to(DT))
         b_vd = b_v.to(DT)
         b_o = tl.dot(b_q, b_hd) * tl.exp(b_G)[:, None] + tl.dot(b_A, b_vd)
         tl.store(o + (o_t[:, None] * HV + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
-        # masked tokens: b_v is 0 there (w = u = 0), so exp(G_last - 0) scales nothing
+        # masked tokens: b_v is 0 there (beta = 0, T's rows 0), so exp(G_last - 0) scales nothing
         b_v = b_v * tl.exp(b_G_last - b_G)[:, None]
         b_h = b_h * tl.exp(b_G_last) + tl.dot(b_kt, b_v.to(DT))
     tl.store(p_state, b_h.to(p_state.dtype.element_ty), mask=m_live)
@@ -600,19 +584,18 @@ def chunk_gated_delta_rule_varlen(
             tables.snapshots != tuple(snapshots):
         raise ValueError("tables were built for other query_lens, snapshots or device than this call's")
     seq_table, chunk_table, num_chunks = tables.seq_table, tables.chunk_table, tables.num_chunks
-    BK, BV = _pow2_block(K), _pow2_block(V)
+    BK = _pow2_block(K)
     A_log, dt_bias, slots = A_log.contiguous(), dt_bias.contiguous(), slots.contiguous()
 
     g_cum = torch.empty(T, HV, dtype=torch.float32, device=v.device)
-    w = torch.empty(T, HV, K, dtype=q.dtype, device=v.device)
-    u = torch.empty(T, HV, V, dtype=q.dtype, device=v.device)
+    beta = torch.empty(T, HV, dtype=torch.float32, device=v.device)
     kn = torch.empty(T, HK, K, dtype=q.dtype, device=v.device)
     qn = torch.empty(T, HK, K, dtype=q.dtype, device=v.device)
     T_inv = torch.empty(T, HV, BT, dtype=q.dtype, device=v.device)
     A_qk = torch.empty(T, HV, BT, dtype=q.dtype, device=v.device)
     T_diag = torch.empty(T, HV, BC, dtype=torch.float32, device=v.device)
     _chunk_diag_kernel[(num_chunks, HV, BT // BC)](
-        k, a, b, A_log, dt_bias, chunk_table, g_cum, kn, T_diag,
+        k, a, b, A_log, dt_bias, chunk_table, g_cum, beta, kn, T_diag,
         k.stride(0), a.stride(0), b.stride(0),
         HK=HK, HV=HV, K=K, BC=BC, BK=BK, SUB=config.diag_sub, MERGE=config.merge_precision,
         num_warps=config.diag_warps)
@@ -620,10 +603,6 @@ def chunk_gated_delta_rule_varlen(
         kn, a, b, A_log, dt_bias, chunk_table, g_cum, T_diag, T_inv,
         a.stride(0), b.stride(0),
         HK=HK, HV=HV, K=K, BT=BT, BC=BC, BK=BK, MERGE=config.merge_precision, num_warps=config.solve_warps)
-    _chunk_wu_kernel[(num_chunks, HV)](
-        kn, v, a, b, A_log, dt_bias, g_cum, T_inv, chunk_table, w, u,
-        v.stride(0), a.stride(0), b.stride(0),
-        HK=HK, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV, num_warps=config.wu_warps)
     _chunk_scores_kernel[(num_chunks, HK)](
         q, kn, g_cum, chunk_table, qn, A_qk,
         q.stride(0), K ** -0.5,
@@ -631,8 +610,8 @@ def chunk_gated_delta_rule_varlen(
     block_v, stages = _state_tile(V, HV, len(query_lens), v.device)
     BV_state = _pow2_block(V, config.state_block_v or block_v)
     _chunk_state_output_kernel[(triton.cdiv(V, BV_state), HV, len(query_lens))](
-        qn, kn, w, u, A_qk, g_cum, state, slots, seq_table, o,
-        state.stride(0),
-        HK=HK, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV_state, SNAPSHOTS=bool(tables.snapshots),
+        qn, kn, v, beta, T_inv, A_qk, g_cum, state, slots, seq_table, o,
+        v.stride(0), state.stride(0),
+        HK=HK, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV_state, SNAPSHOTS=bool(tables.snapshots),
         num_warps=config.state_warps, num_stages=config.state_stages or stages)
     return o
