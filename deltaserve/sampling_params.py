@@ -79,7 +79,7 @@ class SamplingParams:
     stop: str | list[str] | None = None  # stop strings; normalised to a (possibly empty) list
     stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end generation
     ignore_eos: bool = False  # keep generating past the EOS token
-    seed: int | None = None  # per-request RNG seed: same seed, same tokens, whatever else is batched
+    seed: int | None = None  # per-request RNG seed: same seed, same tokens, whatever else is batched; -1 = None
     logprobs: int | None = None  # number of top logprobs per generated token (sampled token always included)
     prompt_logprobs: int | None = None  # number of top logprobs per prompt token
     repetition_penalty: float = 1.0  # >1 discourages tokens seen in prompt or output
@@ -119,6 +119,8 @@ class SamplingParams:
             self.stop = list(self.stop)
         else:
             raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}.")
+        if _is_int(self.seed) and self.seed == -1:  # as vLLM: -1 asks for no seed (clients send it for "random")
+            self.seed = None
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         if not isinstance(self.stop_token_ids, (list, tuple)):

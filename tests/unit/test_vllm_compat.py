@@ -178,3 +178,14 @@ def test_chat_with_a_template_of_ones_own(llm):
     assert out.prompt_token_ids == llm.get_tokenizer().encode("[user] hi\n")
     with pytest.raises(Exception, match="not valid Jinja"):
         llm.chat([{"role": "user", "content": "hi"}], greedy(), use_tqdm=False, chat_template="{% for %}")
+
+
+def test_seed_minus_one_samples_at_random(llm):
+    """vLLM reads seed=-1 as "no seed" (clients send it for "random", as llama.cpp's server takes it): it was taken as
+    the seed -1, so every request sent with it drew the same tokens."""
+    assert SamplingParams(seed=-1).seed is None
+    params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=-1)
+    outs = [llm.generate(["hi"], params, use_tqdm=False)[0].outputs[0].token_ids for _ in range(4)]
+    assert len(set(map(tuple, outs))) > 1, outs
+    seeded = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=-2)  # any other seed stays one
+    assert len({tuple(llm.generate(["hi"], seeded, use_tqdm=False)[0].outputs[0].token_ids) for _ in range(2)}) == 1
