@@ -372,8 +372,8 @@ class EngineCore:
             upto = len(text) if done else max(group.sent_chars[i], len(text) - hold)
             delta_text, delta_ids = text[group.sent_chars[i]: upto], r.output_token_ids[group.sent_tokens[i]:]
             group.sent_chars[i], group.sent_tokens[i] = upto, len(r.output_token_ids)
-            outs.append(CompletionOutput(
-                index=i, text=text, token_ids=list(r.output_token_ids),
+            outs.append(CompletionOutput(  # text too holds back what could still start a stop string, as vLLM's
+                index=i, text=text[:upto], token_ids=list(r.output_token_ids),
                 logprobs=list(r.logprobs) if group.params.logprobs is not None else None,
                 finish_reason=r.finish_reason, stop_reason=r.stop_reason,
                 cumulative_logprob=r.cumulative_logprob if group.params.logprobs is not None else None,

@@ -312,30 +312,48 @@ def test_unseeded_samples_differ(models):
 
 # ----------------------------------------------------------------------------------------- 7. stop strings
 
-@pytest.mark.parametrize("before, after, include", [(2, 2, False), (2, 2, True), (1, 6, False)],
-                         ids=["2+2", "2+2-include", "1+6"])
-def test_stop_string_across_tokens(models, before, after, include):
-    llm = models.solo("dense")
+def _stop_across_tokens(llm: LLM, before: int, after: int):
+    """A text prompt, its greedy output (30 tokens) and a stop string around one of its token boundaries: `before`
+    characters of it end one token's text, `after` follow (engine_helpers.boundary_stop's (string, start, need))."""
     tok = llm.tokenizer
     base = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-    found = None
     candidates = ("The numbers are", "Hello world, this is", "def f(x):", "1 2 3 4", "Once upon a time",
                   "The quick brown fox", "import os\n", "In the beginning", "Dear friend,", "x = [")
     for text_prompt in candidates:
         ref = llm.generate([text_prompt], base, use_tqdm=False)[0].outputs[0]
         if tok.decode(ref.token_ids) != ref.text:
             continue
-        found = boundary_stop(tok, ref.token_ids, ref.text, before, after)
-        if found:
-            break
-    assert found, "no greedy output had a usable token boundary"
-    stop, start, need = found
+        if found := boundary_stop(tok, ref.token_ids, ref.text, before, after):
+            return text_prompt, ref, found
+    pytest.fail("no greedy output had a usable token boundary")
+
+
+@pytest.mark.parametrize("before, after, include", [(2, 2, False), (2, 2, True), (1, 6, False)],
+                         ids=["2+2", "2+2-include", "1+6"])
+def test_stop_string_across_tokens(models, before, after, include):
+    llm = models.solo("dense")
+    text_prompt, ref, (stop, start, need) = _stop_across_tokens(llm, before, after)
     sp = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=["\x00never\x00", stop],
                         include_stop_str_in_output=include)
     out = llm.generate([text_prompt], sp, use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == (ref.text[: start + len(stop)] if include else ref.text[:start])
     assert out.token_ids == ref.token_ids[:need], "generation must end with the token completing the stop string"
+
+
+def test_streamed_text_holds_back_a_partial_stop_string(models):
+    """A stop string's first characters end one token's text: a streamed output's cumulative `text` held them (the
+    delta_text did not) and then shrank when the next token completed the string; as vLLM's cumulative outputs, it is
+    now the deltas so far, each a prefix of the final text."""
+    llm = models.solo("dense")
+    text_prompt, ref, (stop, start, need) = _stop_across_tokens(llm, 2, 2)
+    sp = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=[stop])
+    outs = [o.outputs[0] for o in llm.generate_stream([text_prompt], sp)]
+    final, sent = outs[-1], ""
+    assert final.finish_reason == "stop" and final.text == ref.text[:start]
+    for c in outs:
+        sent += c.delta_text
+        assert c.text == sent and final.text.startswith(c.text), (c.text, final.text)
 
 
 def test_stop_strings_ending_at_one_position_go_by_list_order(models):
