@@ -94,7 +94,8 @@ class EngineCore:
                              f"{self.vocab_size - 1})")
         if any(type(t) is not int for t in prompt_token_ids):
             prompt_token_ids = [int(t) for t in prompt_token_ids]
-        for name, ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
+        for name, ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids),
+                          ("stop_token_ids", params.stop_token_ids)):  # one outside could never stop the request
             if bad := [t for t in ids or () if t >= self.vocab_size]:
                 raise ValueError(f"{name} token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         for name, k in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):

@@ -115,6 +115,7 @@ def refused_field(message: str, structured_field: str = "response_format", promp
     """The request field an engine refusal is about: the one its message names first (a field named later is the
     alternative it offers: "bad_words need the model's tokenizer.json; ban token ids with logit_bias")."""
     fields = (("allowed_token_ids", "allowed_token_ids"), ("bad_words", "bad_words"), ("stop strings", "stop"),
+              ("stop_token_ids", "stop_token_ids"),
               ("logit_bias", "logit_bias"), ("structured output", structured_field), ("prompt", prompt_field))
     named = sorted((message.find(f), p) for f, p in fields if f in message)
     return named[0][1] if named else None

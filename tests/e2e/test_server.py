@@ -739,6 +739,8 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "logit_bias_range": ("/v1/chat/completions", chat_body(logit_bias={"5": 101}), None, 400, "logit_bias"),
     "logit_bias_out_of_vocab": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"1000000": 1}},
                                 None, 400, "logit_bias"),
+    "stop_token_ids_out_of_vocab": ("/v1/chat/completions", chat_body(stop_token_ids=[10 ** 6]), None, 400,
+                                    "stop_token_ids"),
     "image_content": ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]), None, 400, "messages.0.content"),
     "tool_choice_unknown_function": ("/v1/chat/completions", chat_body(tools=TOOLS, tool_choice={

@@ -589,11 +589,12 @@ def test_logit_bias(models):
 
 
 @pytest.mark.parametrize("case", ["logprobs", "prompt_logprobs", "token_type", "token_bool", "params_dict",
-                                  "n_set_after", "prompt_logprobs_set_after"])
+                                  "n_set_after", "prompt_logprobs_set_after", "stop_token_ids"])
 def test_bad_requests_refused_before_any_is_queued(models, case):
     """Each refused when added, in one sentence, with nothing of the batch left queued (the valid prompt beside it
     is not lost mid-step). A field set after SamplingParams was built is checked too (n = 0 failed inside
-    add_request and left its group behind; prompt_logprobs = -2 failed the whole batch mid-step)."""
+    add_request and left its group behind; prompt_logprobs = -2 failed the whole batch mid-step). A stop token id
+    outside the vocabulary, which can never be sampled, was taken and silently never matched (as vLLM, refused)."""
     llm = models.solo("dense")
     vocab = models.vocab()
     good = {"prompt_token_ids": [1, 2, 3]}
@@ -608,6 +609,8 @@ def test_bad_requests_refused_before_any_is_queued(models, case):
         params[1].n = 0
     elif case == "prompt_logprobs_set_after":
         params[1].prompt_logprobs = -2
+    elif case == "stop_token_ids":
+        params = [greedy(3), greedy(3, stop_token_ids=[5, vocab])]
     else:
         params = {"max_tokens": 3}
     with pytest.raises(ValueError) as e:

@@ -223,6 +223,7 @@ REFUSALS = {  # an engine refusal -> the request field a 400 names
     "stop_without_tokenizer": ("stop strings need the model's tokenizer.json; use stop_token_ids", "stop"),
     "allowed_vs_bad_words": ("allowed_token_ids holds only tokens that bad_words ban", "allowed_token_ids"),
     "logit_bias": ("logit_bias token id 9 is outside the vocabulary (0..5)", "logit_bias"),
+    "stop_token_ids": ("stop_token_ids token id 9 is outside the vocabulary (0..5)", "stop_token_ids"),
     "structured": ("structured output: the regex does not compile: x", "messages.structured"),
     "prompt": ("the prompt is empty: give at least one token", "messages"),
     "other": ("something else", None),
