@@ -298,12 +298,16 @@ def checkpoint_files(path: str) -> list[str]:
     elif os.path.isfile(index):
         try:
             with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+                shards = set(json.load(f)["weight_map"].values())
         except OSError as e:
             raise WeightsError(f"{index} cannot be read ({e.strerror or type(e).__name__}).") from None
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError, UnicodeDecodeError):
             raise WeightsError(f"{index} is not a valid safetensors index (needs a 'weight_map' object).") from None
-        files = [os.path.join(path, s) for s in shards]
+        bad = [s for s in shards if not isinstance(s, str)]
+        if bad:  # os.path.join raised TypeError on it
+            raise WeightsError(f"{index} is not a valid safetensors index: its 'weight_map' names shard {bad[0]!r}, "
+                               f"not a file name.")
+        files = [os.path.join(path, s) for s in sorted(shards)]
         for f in files:
             if not os.path.isfile(f):
                 raise WeightsError(f"Shard {os.path.basename(f)} listed in {index} is missing from {path}.")

@@ -247,6 +247,16 @@ def _index_not_object(path):
         json.dump([], f)
 
 
+def _index_value_not_a_name(path):
+    """A weight_map value that is not a file name (e.g. an int): it was a TypeError from os.path.join."""
+    shard(path)
+    with open(os.path.join(path, INDEX)) as f:
+        index = json.load(f)
+    index["weight_map"] = {name: 1 for name in index["weight_map"]}
+    with open(os.path.join(path, INDEX), "w") as f:
+        json.dump(index, f)
+
+
 def _truncated(path):
     with open(os.path.join(path, ST), "r+b") as f:
         f.truncate(5000)
@@ -266,6 +276,7 @@ BROKEN = {
     "bad_index": ("dense", _bad_index, None, [INDEX, "weight_map"]),
     "no_safetensors": ("dense", _no_safetensors, None, [ST, INDEX]),
     "index_not_object": ("dense", _index_not_object, None, [INDEX, "weight_map"]),
+    "index_value_not_a_name": ("dense", _index_value_not_a_name, None, [INDEX, "weight_map", "1"]),
     "truncated_safetensors": ("dense", _truncated, None, [ST, "not a readable safetensors file"]),
     "wrong_shape": ("dense", None, _set(f"{LM}layers.0.linear_attn.in_proj_qkv.weight", (255, 128)),
                     [f"{LM}layers.0.linear_attn.in_proj_qkv.weight", "[255, 128]", "[256, 128]"]),
