@@ -63,11 +63,10 @@ class QuantConfig:
         if scheme != "dynamic":
             raise ConfigError(f"{source}: quantization_config.activation_scheme is {scheme!r}; deltaserve reads FP8 "
                               f"checkpoints with 'dynamic' activation scales only (no stored input scales).")
-        if block != [128, 128]:
+        if block != [128, 128] or any(isinstance(b, float) for b in block):  # 128.0: torch.empty refused it
             raise ConfigError(f"{source}: quantization_config.weight_block_size is {block!r}; deltaserve reads "
                               f"block-wise FP8 with [128, 128] blocks only (per-tensor FP8 is not supported).")
-        skip = q.get("modules_to_not_convert") or []
-        return cls("fp8", 8, block[1], False, tuple(str(m) for m in skip), (block[0], block[1]))
+        return cls("fp8", 8, block[1], False, _module_names(q, "modules_to_not_convert", source), (block[0], block[1]))
 
     @classmethod
     def _awq(cls, q: dict, source: str) -> "QuantConfig":
@@ -85,8 +84,7 @@ class QuantConfig:
         if not f.bool("zero_point", True):
             raise ConfigError(f"{source}: quantization_config.zero_point is false; deltaserve reads AWQ with zero "
                               f"points (qzeros) only.")
-        skip = q.get("modules_to_not_convert") or []
-        return cls("awq", bits, group, True, tuple(str(m) for m in skip))
+        return cls("awq", bits, group, True, _module_names(q, "modules_to_not_convert", source))
 
     @classmethod
     def _compressed_tensors(cls, q: dict, source: str) -> "QuantConfig":
@@ -95,7 +93,12 @@ class QuantConfig:
         if fmt != "pack-quantized" or not isinstance(groups, dict) or len(groups) != 1:
             raise ConfigError(f"{source}: compressed-tensors checkpoints are read in the 'pack-quantized' format with "
                               f"one config group only (got format {fmt!r}, {len(groups)} group(s)).")
-        w = next(iter(groups.values())).get("weights") or {}
+        (name, scheme), = groups.items()
+        w = scheme.get("weights") if isinstance(scheme, dict) else None
+        if not isinstance(scheme, dict) or not isinstance(w, (dict, type(None))):
+            raise ConfigError(f"{source}: quantization_config.config_groups[{name!r}] must be an object with a "
+                              f"'weights' object, got {scheme!r}.")
+        w = w or {}
         f = _Fields(w, f"{source} quantization_config weights")
         bits = f.int("num_bits")
         # the strategy first: channel / tensor checkpoints (e.g. W8A8) write group_size null
@@ -109,12 +112,11 @@ class QuantConfig:
         if w.get("actorder") not in (None, False, "static", "weight"):  # these reorder while quantizing only
             raise ConfigError(f"{source}: compressed-tensors activation ordering (actorder {w['actorder']!r}, "
                               f"weight_g_idx) is not supported; use a checkpoint quantized without it.")
-        if next(iter(groups.values())).get("input_activations"):  # e.g. W4A8: said, not silently dropped
+        if scheme.get("input_activations"):  # e.g. W4A8: said, not silently dropped
             logging.getLogger("deltaserve").warning(
                 "%s: the checkpoint also quantizes activations (input_activations); deltaserve runs its int4 weights "
                 "with 16-bit activations", source)
-        return cls("compressed-tensors", bits, group, not f.bool("symmetric", True),
-                   tuple(str(m) for m in q.get("ignore") or []))
+        return cls("compressed-tensors", bits, group, not f.bool("symmetric", True), _module_names(q, "ignore", source))
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,16 @@ class ModelConfig:
             need(self.intermediate_size > 0, "'intermediate_size' must be a positive integer.")
         need(self.state_dtype in ("float32", "bfloat16", "float16"),
              f"'mamba_ssm_dtype' must be float32, bfloat16 or float16, got {self.state_dtype!r}.")
+
+
+def _module_names(q: dict, key: str, source: str) -> tuple[str, ...]:
+    """quantization_config's list of module names `key` (modules_to_not_convert, ignore); null or absent: none."""
+    names = q.get(key)
+    if names is None:
+        return ()
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{source}: quantization_config.{key} must be a list of module names, got {names!r}.")
+    return tuple(names)
 
 
 class _Fields:

@@ -277,6 +277,30 @@ def test_boolean_fields_must_be_json_booleans(tmp_path, text, top, gen, fname, f
     assert_one_sentence(str(e.value), fname, f"'{field}' must be true or false")
 
 
+_FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def _ct_group(group) -> dict:
+    """A compressed-tensors quantization_config whose one config group is `group`."""
+    return {**_ct(), "config_groups": {"group_0": group}}
+
+
+@pytest.mark.parametrize("qcfg, needles", [
+    (_ct_group([]), ["config_groups", "group_0", "object"]),
+    (_ct_group({"weights": "int4"}), ["config_groups", "group_0", "'weights'", "object"]),
+    ({**_AWQ, "modules_to_not_convert": 5}, ["modules_to_not_convert", "list of module names"]),
+    ({**_ct(), "ignore": {"lm_head": True}}, ["ignore", "list of module names"]),
+    ({**_FP8, "weight_block_size": [128.0, 128.0]}, ["weight_block_size", "[128.0, 128.0]"]),
+], ids=["ct_group_list", "ct_weights_string", "awq_not_convert_int", "ct_ignore_object", "fp8_block_floats"])
+def test_quantization_config_fields_of_the_wrong_json_type(qcfg, needles):
+    """Each was a trace: AttributeError ('list' object has no attribute 'get'), TypeError ('int' object is not
+    iterable), or, for float block sizes (equal to [128, 128] in Python), torch.empty's TypeError deep in building the
+    FP8 model."""
+    with pytest.raises(ConfigError) as e:
+        parse(raw_config("Qwen3_5ForCausalLM", quantization_config=qcfg))
+    assert_one_sentence(str(e.value), "quantization_config", *needles)
+
+
 def test_boolean_fields_read_as_given():
     cfg = parse(raw_config("Qwen3_5ForCausalLM", text_fields(attention_bias=True)), {"do_sample": False})
     assert cfg.attention_bias is True and ("temperature", 0.0) in cfg.sampling_defaults
