@@ -486,8 +486,8 @@ def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: 
         raise WeightsError(f"Tensor {name} is {str(tensor.dtype).replace('torch.', '')}, but the model expects a "
                            f"{kind} tensor there.")
     dst.copy_(src)
-    if dst.dtype in _CHECKED_FINITE and not torch.isfinite(dst).all():  # else the model writes token 0, nan logprobs
-        if src.dtype in _CHECKED_FINITE and torch.isfinite(src).all():
+    if dst.dtype in _CHECKED_FINITE and not _all_finite(dst):  # else the model writes token 0, nan logprobs
+        if src.dtype in _CHECKED_FINITE and _all_finite(src):
             raise WeightsError(f"Tensor {name} holds values beyond the range of {str(dst.dtype)[6:]} "
                                f"(up to {src.abs().max().item():.4g}), which become inf in it; load the model in "
                                f"bfloat16 (dtype='bfloat16').")
@@ -495,7 +495,14 @@ def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: 
                            f"converted.")
 
 
-_CHECKED_FINITE = (torch.float32, torch.bfloat16, torch.float16)  # 16-bit weights and fp32 scales / decay params
+# 16-bit weights, fp32 scales / decay params and FP8 weights
+_CHECKED_FINITE = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.dtype == torch.float8_e4m3fn:  # no isfinite for it; no inf either, NaN is the bit pattern S.1111.111
+        return not (t.view(torch.uint8) & 0x7F).eq(0x7F).any()
+    return bool(torch.isfinite(t).all())
 
 
 def _check_duplicate(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: str,

@@ -195,6 +195,16 @@ def _cast_weight(suffix, dtype):
     return edit
 
 
+def _nan_byte(suffix):
+    """One e4m3 NaN (bit pattern S.1111.111; e4m3fn has no inf) in an FP8 weight: it loaded, and the model wrote token
+    0 with nan logprobs, where a NaN in a 16-bit weight or a scale is refused."""
+    def edit(t):
+        name = next(n for n in sorted(t) if n.endswith(suffix))
+        t[name] = t[name].clone()
+        t[name].view(torch.uint8)[1, 2] = 0xFF
+    return edit
+
+
 @pytest.mark.parametrize("break_it, needle", [
     (lambda p: _edit_tensors(p, _drop("layers.3.self_attn.o_proj.weight_scale_inv")),
      f"missing tensor {PREFIX}layers.3.self_attn.o_proj.weight_scale_inv"),
@@ -209,8 +219,10 @@ def _cast_weight(suffix, dtype):
     (lambda p: _edit_config(p, fmt="e5m2"), "quantization_config.fmt is 'e5m2'"),
     (lambda p: _edit_config(p, activation_scheme="static"), "activation_scheme is 'static'"),
     (lambda p: _edit_config(p, quant_method="awq", bits=4, group_size=32), "quant_method is 'awq'"),
+    (lambda p: _edit_tensors(p, _nan_byte("layers.3.self_attn.o_proj.weight")),
+     f"Tensor {PREFIX}layers.3.self_attn.o_proj.weight holds NaN"),
 ], ids=["missing_scale_inv", "wrong_scale_shape", "scale_without_fp8_weight", "e5m2_weight", "block_64", "per_tensor", "fmt_e5m2",
-        "static_activations", "config_says_awq"])
+        "static_activations", "config_says_awq", "nan_in_fp8_weight"])
 def test_user_errors_name_the_tensor(break_it, needle, sources, tmp_path):
     q = quantize_checkpoint(sources[False], str(tmp_path / "q"), method="fp8", progress=False)
     break_it(q)
