@@ -68,6 +68,7 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):  # also dst == src: never overwrite
         raise ValueError(f"{dst} already exists and is not an empty directory; write the quantized checkpoint to a "
                          f"new or empty one")
+    _check_writable(dst)  # before --calib's calibration run, not at the first write after it
     cfg = ModelConfig.from_hf_dir(src)
     if cfg.quantization is not None:
         raise ValueError(f"{src} is already quantized ({cfg.quantization.method}); quantize a 16-bit checkpoint")
@@ -104,6 +105,15 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
                 "weight_block_size": list(FP8_BLOCK), "modules_to_not_convert": skip}
     _update_config(dst, qcfg)
     return dst
+
+
+def _check_writable(dst: str) -> None:
+    """dst, or the directory it would be created in, is a directory we may write to."""
+    parent = os.path.abspath(dst)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write the quantized checkpoint to {dst}: {parent} is not a writable directory")
 
 
 def _quantize_tensor(method: str, module: str, w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:

@@ -349,6 +349,21 @@ def test_quantize_rejects_group_size_that_does_not_divide(sources, tmp_path):
     assert not os.path.exists(tmp_path / "q")  # checked before anything is written
 
 
+def test_quantize_refuses_a_dst_it_cannot_create_before_calibrating(monkeypatch, sources, tmp_path):
+    """A DST under a file (or a read-only directory) was found out by the first write, which --calib makes come
+    after the calibration run (the whole model in float32 on the CPU); then as a bare OSError from os.makedirs."""
+    import deltaserve.quantize as quantize
+
+    monkeypatch.setattr(quantize, "calibrate", lambda *a, **kw: pytest.fail("calibrated before checking DST"))
+    (tmp_path / "file").write_text("not a directory")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Calibration text. " * 100)
+    with pytest.raises(ValueError, match=r"cannot write the quantized checkpoint to .*file/q: .*file is not a "
+                                         r"writable directory"):
+        quantize_checkpoint(sources[False], str(tmp_path / "file" / "q"), group_size=GROUP, calib=str(calib),
+                            progress=False)
+
+
 @pytest.mark.parametrize("pattern, needle", [
     ("layer.0.", "'layer.0.' matches no tensor of the checkpoint"),
     ("layers", "nothing would be quantized"),
