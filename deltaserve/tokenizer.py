@@ -270,9 +270,9 @@ class Tokenizer:
             raise TokenizerError("continue_final_message continues the last message; it cannot be combined with "
                                  "add_generation_prompt=True (set it to False).")
         last = _normalize_message(messages[-1]) if messages else {}
-        final = last.get("content") or ""
-        if not final.strip():
-            raise TokenizerError("continue_final_message needs a last message with text to continue.")
+        final = last.get("content")
+        if final is None:  # as HF; empty content is continued (e.g. a prefilled reasoning_content: the answer follows)
+            raise TokenizerError("continue_final_message continues the last message, which has no content to continue.")
         # where the content ends, marked: HF cuts at the content's last occurrence in the text, which for "end" is
         # inside the template's own "<|im_end|>" after it (the prompt then ended "end<|im_end")
         # HF's tag ends in a space: a template that trims the content (Qwen3.5's `|trim`) drops it, and HF then also
@@ -285,9 +285,9 @@ class Tokenizer:
         text = self.apply_chat_template(messages, False, tools, chat_template=chat_template, **template_kwargs)
         if final not in text:  # HF's order: the content as given, else stripped (templates that trim messages)
             final = final.strip()
-            if final not in text:
-                raise TokenizerError("The chat template does not write the last message's text, so it cannot be "
-                                     "continued.")
+        if not final or final not in text:  # (empty content is found only by its marker)
+            raise TokenizerError("The chat template does not write the last message's text, so it cannot be "
+                                 "continued.")
         return text[: text.rindex(final) + len(final)]
 
     def _pick_template(self, has_tools: bool) -> str:

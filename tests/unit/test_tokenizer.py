@@ -434,6 +434,20 @@ def test_text_with_a_lone_surrogate_is_one_clear_error(tok):
     assert tok.encode("café") == tok.encode("caf" + "\u00e9")
 
 
+@pytest.mark.parametrize("reasoning", [None, "Let me think"], ids=["no-reasoning", "prefilled-reasoning"])
+@pytest.mark.parametrize("final", ["", " "], ids=["empty", "space"])
+def test_continue_final_message_with_empty_content_matches_hf(tok, hf_tok, final, reasoning):
+    """An assistant message with empty content (e.g. only its reasoning prefilled, for the model to write the answer)
+    is continued as HF (and so vLLM) continues it: right after the think block. It was refused ("needs a last message
+    with text to continue"); only a message without content has nothing to continue, as in HF."""
+    last = {"role": "assistant", "content": final, **({"reasoning_content": reasoning} if reasoning else {})}
+    msgs = [{"role": "user", "content": "Q"}, last]
+    kwargs = dict(add_generation_prompt=False, continue_final_message=True)
+    assert tok.apply_chat_template(msgs, **kwargs) == hf_tok.apply_chat_template(msgs, tokenize=False, **kwargs)
+    with pytest.raises(TokenizerError, match="no content to continue"):
+        tok.apply_chat_template([msgs[0], {"role": "assistant", "reasoning_content": "r"}], **kwargs)
+
+
 @pytest.mark.parametrize("final", ['{"name": ', "Sure, the answer", "  padded  ", "two\n\n"])
 def test_continue_final_message_under_a_trimming_template_matches_hf(tok, hf_tok, final):
     """Qwen3.5's template writes each message's content `|trim`med: HF (and so vLLM) then ends the continued prompt
