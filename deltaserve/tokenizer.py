@@ -163,6 +163,12 @@ class Tokenizer:
         _check_added_tokens(backend, config.get("added_tokens_decoder", {}), path)
         # transformers' `split_special_tokens`: special-token strings in the text encode as plain text
         backend.encode_special_tokens = config.get("split_special_tokens", False)
+        if _loads_as_qwen35(path, config):
+            # as transformers' Qwen3_5Tokenizer, which rebuilds these over tokenizer.json's: one re-saved by
+            # transformers 5 often holds Qwen2's split, which cuts Hindi, Thai, ... words at every combining mark
+            backend.normalizer = normalizers.NFC()
+            backend.pre_tokenizer = _byte_level_pre_tokenizer(_QWEN35_SPLIT, config.get("add_prefix_space") is True)
+            backend.decoder = decoders.ByteLevel()
         chat_template = config.get("chat_template")
         if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             chat_template = {t["name"]: t["template"] for t in chat_template}
@@ -305,6 +311,23 @@ class Tokenizer:
 _CONTENT_END = "\ue000\ue001"  # private-use characters marking the end of a continued message's content
 
 
+# the model types transformers' AutoTokenizer loads as Qwen3_5Tokenizer whatever tokenizer_class the files name
+_QWEN35_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text")
+
+
+def _loads_as_qwen35(path: str, config: dict) -> bool:
+    """Whether transformers loads the tokenizer in `path` as Qwen3_5Tokenizer: tokenizer_config.json names it, or
+    config.json beside it is a Qwen3.5 checkpoint's."""
+    if str(config.get("tokenizer_class")).removesuffix("Fast") == "Qwen3_5Tokenizer":
+        return True
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):  # none, or not an object: the model's loader reports a bad one
+        return False
+    return model_type in _QWEN35_MODEL_TYPES
+
+
 def _unreadable(path: str, e: OSError) -> TokenizerError:
     """A tokenizer file that exists but cannot be read (e.g. permission denied), in one sentence naming it."""
     return TokenizerError(f"{path} cannot be read ({e.strerror or type(e).__name__}).")
@@ -432,6 +455,19 @@ _QWEN_SPLIT = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+# Qwen3.5's: combining marks (\p{M}: Devanagari vowel signs, Thai tone marks, Arabic harakat, VS16) belong to words
+_QWEN35_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def _byte_level_pre_tokenizer(split: str, add_prefix_space: bool = False) -> pre_tokenizers.PreTokenizer:
+    """Qwen's pre-tokenizer: the regex split, then bytes as printable characters."""
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False)])
+
+
 _SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _CHAT_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 
@@ -544,12 +580,7 @@ def train_tiny_tokenizer(out_dir: str, vocab_size: int = 512) -> int:
         raise TokenizerError(f"vocab_size={vocab_size} is too small; byte-level BPE needs at least the 256 bytes.")
     backend = _Backend(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    backend.pre_tokenizer = _byte_level_pre_tokenizer(_QWEN_SPLIT)
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

@@ -586,3 +586,38 @@ def test_chat_template_file_not_utf8_is_named(tiny_dir, tmp_path):
     with pytest.raises(TokenizerError) as e:
         Tokenizer.from_dir(str(tmp_path))
     assert "\n" not in str(e.value) and "chat_template.jinja is not UTF-8" in str(e.value)
+
+
+# words whose combining mark (a tilde, an Arabic fatha) Qwen2's split cuts off, so the 't / tt merges come out apart
+MARKED = {"tilde": "\".\u0303'te,:k", "fatha": "'k\u064e'tt(", "hindi": "नमस्ते दुनिया", "thai": "สวัสดีครับ"}
+
+
+@pytest.mark.parametrize("config, tokenizer_class", [({"model_type": "qwen3_5"}, None),
+                                                     ({"model_type": "qwen3_5_moe"}, "TokenizersBackend"),
+                                                     (None, "Qwen3_5Tokenizer")],
+                         ids=["qwen3_5-checkpoint", "moe-checkpoint", "qwen3_5-tokenizer-class"])
+def test_qwen35_checkpoint_splits_words_with_marks_as_transformers(tiny_dir, tmp_path, config, tokenizer_class):
+    """transformers loads a Qwen3.5 checkpoint's tokenizer as Qwen3_5Tokenizer, which rebuilds the pre-tokenizer with
+    Qwen3.5's split (combining marks belong to words) whatever tokenizer.json holds; a tokenizer.json re-saved by
+    transformers 5 (and make-tiny's) holds Qwen2's, which cut words at each mark: other ids than HF's and vLLM's."""
+    transformers = pytest.importorskip("transformers")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes(open(os.path.join(tiny_dir, name), "rb").read())
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    if tokenizer_class is not None:
+        cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": tokenizer_class}))
+    ours, hf = Tokenizer.from_dir(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert type(hf).__name__ == "Qwen3_5Tokenizer"
+    for text in MARKED.values():
+        ids = ours.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == hf.decode(ids) == text
+
+
+def test_a_tokenizer_without_qwen35_config_keeps_its_own_split(tok, hf_tok):
+    """Without a Qwen3.5 config.json (a bare tokenizer folder naming Qwen2Tokenizer), tokenizer.json's split stays."""
+    assert type(hf_tok).__name__ == "Qwen2Tokenizer"
+    for text in MARKED.values():
+        assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
