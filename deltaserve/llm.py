@@ -87,8 +87,7 @@ class RankSpec:
         capacity = num_blocks * self.block_size
         if capacity < max_len:
             if self.max_model_len is not None:  # an explicit length the pool cannot hold: say so rather than stall
-                raise ValueError(f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {self.block_size}) "
-                                 f"but max_model_len is {self.max_model_len}; lower max_model_len or raise num_kv_blocks")
+                raise ValueError(self.kv_too_small(num_blocks, device))
             if tp.rank == 0:
                 logger.info("max_model_len lowered from %d to %d to fit the KV cache", max_len, capacity)
             max_len = capacity
@@ -112,6 +111,17 @@ class RankSpec:
                         f"; {self.prefix_cache_slots} more for the prefix cache" if self.prefix_cache_slots else "",
                         min(self.max_num_seqs, capacity // max_len or 1), max_len)
         return runner
+
+    def kv_too_small(self, num_blocks: int, device: torch.device) -> str:
+        """Why the explicit max_model_len does not fit a KV cache of num_blocks, naming the setting that sized it:
+        num_kv_blocks when given, or on the CPU (a fixed budget); on a GPU gpu_memory_utilization (num_kv_blocks skips
+        the memory profile: a pool past what the card holds can run out of memory mid-request)."""
+        capacity = num_blocks * self.block_size
+        fix = "raise num_kv_blocks"
+        if self.num_kv_blocks is None and device.type == "cuda":
+            fix = f"raise gpu_memory_utilization (now {self.gpu_memory_utilization})"
+        return (f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {self.block_size}) but max_model_len "
+                f"is {self.max_model_len}; lower max_model_len to at most {capacity} or {fix}")
 
 
 class EngineDeadError(RuntimeError):

@@ -704,6 +704,32 @@ def test_output_clipped_to_max_model_len(models, short_llm, length, max_tokens):
     assert_engine_idle(short_llm)
 
 
+def test_max_model_len_the_kv_cache_cannot_hold_names_the_knob_that_sized_it(models, monkeypatch):
+    """An explicit max_model_len longer than the KV cache is refused at start-up in one sentence naming the setting
+    that sized the cache: num_kv_blocks when given (or on the CPU, whose automatic cache has a fixed budget), else on
+    a GPU gpu_memory_utilization. On a GPU it said "raise num_kv_blocks", a flag the user had not set, whose value
+    skips the memory profile: a pool past what the card holds fails at run time instead."""
+    import torch
+
+    import deltaserve.llm as llm_module
+    from deltaserve.config import ModelConfig
+
+    with pytest.raises(ValueError) as err:
+        make_llm(models.path("dense"), max_model_len=64, block_size=16, num_kv_blocks=3)
+    msg = str(err.value)
+    assert "holds 48 tokens" in msg and "max_model_len is 64" in msg and "num_kv_blocks" in msg and "\n" not in msg
+    monkeypatch.setattr(llm_module, "_auto_kv_blocks", lambda *a, **kw: 3)  # the CPU's budget holds 48 tokens
+    with pytest.raises(ValueError, match="holds 48 tokens .* raise num_kv_blocks"):
+        make_llm(models.path("dense"), max_model_len=64, block_size=16)
+    spec = llm_module.RankSpec(config=ModelConfig.from_hf_dir(models.path("dense")), weights_dir=None, formats=None,
+                               device=torch.device("cuda"), dtype=torch.bfloat16, max_num_seqs=4,
+                               max_num_batched_tokens=64, max_model_len=64, block_size=16, num_kv_blocks=None,
+                               gpu_memory_utilization=0.5, seed=0, enforce_eager=False)
+    msg = spec.kv_too_small(3, torch.device("cuda"))
+    assert "holds 48 tokens" in msg and "gpu_memory_utilization (now 0.5)" in msg and "num_kv_blocks" not in msg
+    assert "at most 48" in msg
+
+
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_warm_up_leaves_no_trace(models, kind):
     """The start-up warm-up (run on CUDA before the first request) takes its mixed/chunked/decode steps, then leaves
