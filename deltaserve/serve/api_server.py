@@ -5,8 +5,9 @@ serving_completion.py and async_engine.py.
     POST /tokenize   POST /detokenize                                       (vLLM's; the API key too)
     GET|HEAD /health   GET /version   GET /metrics (Prometheus)
 
-Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}` with status 400 (bad request), 401 (API
-key), 404 (unknown model or route), 500 (engine failure), 503 (shutting down).
+Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}` with status 400 (bad request; a POST body
+not sent as application/json, as in vLLM), 401 (API key), 404 (unknown model or route), 500 (engine failure), 503
+(shutting down).
 SIGTERM / SIGINT: new requests are refused, running ones get `shutdown_timeout` seconds to finish, then are
 aborted (their streams end with finish_reason "abort"), and the process exits.
 """
@@ -50,6 +51,16 @@ def _api_key_check(api_key: str | None):
     return check
 
 
+async def _json_body(request: Request) -> bytes:
+    """The body of a POST that must be JSON. Other media types are refused, as vLLM does: a text/plain or form POST
+    is one a browser sends cross-origin without asking first, so any web page could make its visitor generate here."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(400, f"The request body must be JSON sent with 'Content-Type: application/json', got "
+                            f"{media_type or 'no Content-Type'!r}.")
+    return await request.body()
+
+
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
               metrics: ServerMetrics | None = None, trust_request_chat_template: bool = False) -> FastAPI:
     """The ASGI app; its lifespan starts and stops the engine thread."""
@@ -76,12 +87,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = parse_request(ChatCompletionRequest, await request.body())
+        req = parse_request(ChatCompletionRequest, await _json_body(request))
         return await create_chat_completion(ctx, req, request)
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        req = parse_request(CompletionRequest, await request.body())
+        req = parse_request(CompletionRequest, await _json_body(request))
         return await create_completion(ctx, req, request)
 
     @v1.get("/models")
@@ -94,11 +105,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @tokens.post("/tokenize")
     async def tokenize_route(request: Request) -> dict:
-        return tokenize(ctx, parse_request(TokenizeRequest, await request.body()))
+        return tokenize(ctx, parse_request(TokenizeRequest, await _json_body(request)))
 
     @tokens.post("/detokenize")
     async def detokenize_route(request: Request) -> dict:
-        return detokenize(ctx, parse_request(DetokenizeRequest, await request.body()))
+        return detokenize(ctx, parse_request(DetokenizeRequest, await _json_body(request)))
 
     app.include_router(tokens)
 

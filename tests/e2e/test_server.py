@@ -751,6 +751,10 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "missing_api_key": ("/v1/chat/completions", chat_body(), {"Authorization": ""}, 401, None),
     "wrong_api_key": ("/v1/models", None, {"Authorization": "Bearer nope"}, 401, None),
     "unknown_route": ("/v1/nothing", chat_body(), None, 404, None),
+    # was run: a text/plain POST needs no CORS preflight, so any web page could make a browser generate here (vLLM: 400)
+    "text_plain_body": ("/v1/completions", {"model": MODEL, "prompt": "hi"}, {"Content-Type": "text/plain"}, 400,
+                        None),
+    "form_body": ("/tokenize", {"prompt": "hi"}, {"Content-Type": "application/x-www-form-urlencoded"}, 400, None),
     # field names starting with "str" / "int" were taken for pydantic's type labels: a generic message, no param
     "stream_not_bool": ("/v1/chat/completions", chat_body(stream="true"), None, 400, "stream"),
     "structured_outputs_not_object": ("/v1/completions", {"model": MODEL, "prompt": "hi", "structured_outputs": "j"},
