@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
@@ -58,7 +59,10 @@ async def _json_body(request: Request) -> bytes:
     if media_type != "application/json":
         raise APIError(400, f"The request body must be JSON sent with 'Content-Type: application/json', got "
                             f"{media_type or 'no Content-Type'!r}.")
-    return await request.body()
+    try:
+        return await request.body()
+    except ClientDisconnect:  # gone mid-upload: nobody reads the answer, and uvicorn logged a traceback for each
+        raise APIError(499, "the client disconnected before sending the whole request") from None
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,

@@ -1021,6 +1021,23 @@ def test_non_streaming_disconnect_aborts(server):
     assert "never retrieved" not in server.log_path.read_text()
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"],
+                         ids=["completions", "chat", "tokenize"])
+def test_a_client_gone_before_its_body_is_sent_leaves_no_traceback(server, client, path):
+    """A client (or a proxy timing out a slow upload) that goes away mid-body: starlette's ClientDisconnect reached
+    uvicorn, which logged a full "Exception in ASGI application" traceback per disconnect."""
+    before = len(server.log_path.read_text())
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: "
+                 f"application/json\r\nContent-Length: 1000\r\n\r\n{{\"model\": \"{MODEL}\", ".encode())
+    time.sleep(0.3)
+    sock.close()  # 1000 bytes announced, a few sent
+    time.sleep(1.0)  # the server reads the disconnect and ends the request
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=1).choices[0].finish_reason
+    log = server.log_path.read_text()[before:]
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 def test_signal_aborts_streams_and_exits(model_dir, tmp_path, sig):
     """SIGTERM or Ctrl-C: running streams end with finish_reason abort, the process exits promptly, no traceback
