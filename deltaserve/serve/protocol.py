@@ -99,7 +99,7 @@ class ToolSpec(_Model):
 
 class _SamplingRequest(_Model):
     """Fields shared by /v1/chat/completions and /v1/completions (OpenAI's plus vLLM's common extras)."""
-    model: StrictStr
+    model: StrictStr | None = None  # required by OpenAI; vLLM serves its model when it is left out (or empty)
     n: StrictInt = 1
     max_tokens: StrictInt | None = None
     min_tokens: StrictInt | None = None

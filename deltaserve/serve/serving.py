@@ -30,8 +30,9 @@ class ServingContext:
         self.max_model_len = engine.max_model_len
         self.tokens = TokenTexts(engine.tokenizer) if engine.tokenizer is not None else None
 
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
+    def check_model(self, model: str | None) -> None:
+        """A request's model: the served one, or left out (None or empty: the served one, as in vLLM)."""
+        if model and model != self.model_name:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
                            "model", "model_not_found")
 

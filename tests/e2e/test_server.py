@@ -620,6 +620,16 @@ def test_required_tool_choice_with_defs_refs(client):
         [("move", {"to": d}) for d in ("up", "down")], (call.function.name, args)
 
 
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": "hi"}),
+                                       ("/v1/chat/completions", {"messages": user("hi")})], ids=["completions", "chat"])
+def test_a_request_without_model_is_served_by_the_served_model(server, path, body):
+    """vLLM takes `model` as optional (absent or empty: the served model), as /tokenize here does; a request leaving it
+    out was refused with a 400."""
+    for model in ({}, {"model": None}, {"model": ""}):
+        got, res = http(server.url + path, {**body, **model, "max_tokens": 1}, {"Authorization": f"Bearer {API_KEY}"})
+        assert got == 200 and res["model"] == MODEL and res["usage"]["completion_tokens"] == 1, (model, res)
+
+
 def test_null_means_the_default(server, client):
     """OpenAI's spec marks n, stream, logprobs, echo... nullable: an explicit null is the default, not a 400."""
     auth = {"Authorization": f"Bearer {API_KEY}"}
@@ -629,8 +639,8 @@ def test_null_means_the_default(server, client):
     got, body = http(server.url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2, "echo": None,
                                                       "n": None, "stream": None}, auth)
     assert got == 200 and len(body["choices"]) == 1, body
-    got, err = http(server.url + "/v1/chat/completions", chat_body(model=None), auth)  # required: still an error
-    assert got == 400 and err["error"]["param"] == "model", err
+    got, err = http(server.url + "/v1/chat/completions", chat_body(messages=None), auth)  # required: still an error
+    assert got == 400 and err["error"]["param"] == "messages", err
 
 
 def test_tokenize_renders_messages_as_chat_does(server, client):
