@@ -353,9 +353,11 @@ class LLM:
             raise EngineDeadError(f"this LLM cannot run any more: {why}; create a new one")
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """prompts: a string, a list of strings, or a list of {"prompt_token_ids": [...]} -> outputs in input order."""
+                 use_tqdm: bool = True, lora_request=None, priority: list[int] | None = None) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, or a list of {"prompt_token_ids": [...]} -> outputs in input order.
+        vLLM's lora_request and priority are taken at their defaults only (None; priority zeros)."""
         self._check_usable()
+        _check_vllm_request_args(lora_request, priority)
         items = _normalise_prompts(prompts)
         params = _normalise_params(sampling_params, len(items), self.get_default_sampling_params())
         return self._run(self._add_all(items, params), use_tqdm)
@@ -416,8 +418,9 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template_kwargs: dict | None = None, tools: list | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template: str | None = None) -> list[RequestOutput]:
+             chat_template: str | None = None, lora_request=None) -> list[RequestOutput]:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of conversations."""
+        _check_vllm_request_args(lora_request, None)
         if self.tokenizer is None:
             raise ValueError("LLM.chat needs a tokenizer with a chat template; none was found in the model directory")
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -531,6 +534,16 @@ def _check_vllm_only_args(tokenizer_mode: str, swap_space: float, disable_log_st
                          f"not swapped), got {swap_space!r}")
     if not isinstance(disable_log_stats, bool):
         raise ValueError(f"disable_log_stats must be True or False, got {disable_log_stats!r}")
+
+
+def _check_vllm_request_args(lora_request, priority: list[int] | None) -> None:
+    """vLLM's per-call lora_request and priority: their defaults mean what deltaserve does; anything else is refused."""
+    if lora_request is not None:
+        raise ValueError(f"lora_request={lora_request!r}: deltaserve runs no LoRA adapters (merge the adapter into the "
+                         f"checkpoint's weights, or leave lora_request out)")
+    if priority is not None and (not isinstance(priority, (list, tuple)) or any(p != 0 for p in priority)):
+        raise ValueError(f"priority={priority!r}: deltaserve schedules requests first come, first served (leave "
+                         f"priority out, or pass zeros)")
 
 
 # vLLM's `quantization` names -> the quantization_config method of the checkpoints that hold them

@@ -189,3 +189,20 @@ def test_seed_minus_one_samples_at_random(llm):
     assert len(set(map(tuple, outs))) > 1, outs
     seeded = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=-2)  # any other seed stays one
     assert len({tuple(llm.generate(["hi"], seeded, use_tqdm=False)[0].outputs[0].token_ids) for _ in range(2)}) == 1
+
+
+def test_vllms_lora_request_and_priority_defaults_are_accepted(llm):
+    """Scripts written for vLLM pass lora_request=None (a LoRA they may not have) and priority to generate / chat: they
+    were TypeErrors; vLLM's defaults now run as without them, and a LoRA or a priority is refused in one sentence."""
+    msgs = [{"role": "user", "content": "hi"}]
+    ref = llm.generate(["hi", "yo"], greedy(), use_tqdm=False)
+    outs = llm.generate(["hi", "yo"], greedy(), use_tqdm=False, lora_request=None, priority=[0, 0])
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert llm.chat(msgs, greedy(), use_tqdm=False, lora_request=None)[0].outputs[0].token_ids == \
+        llm.chat(msgs, greedy(), use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="^lora_request=.*no LoRA adapters"):
+        llm.generate(["hi"], greedy(), use_tqdm=False, lora_request=object())
+    with pytest.raises(ValueError, match="^lora_request=.*no LoRA adapters"):
+        llm.chat(msgs, greedy(), use_tqdm=False, lora_request=object())
+    with pytest.raises(ValueError, match=r"^priority=\[1\].*first come, first served"):
+        llm.generate(["hi"], greedy(), use_tqdm=False, priority=[1])
