@@ -471,7 +471,8 @@ class LLM:
         if use_tqdm:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(ids), desc="Generating", unit="req")
+            # vLLM's use_tqdm may be the bar's factory (e.g. partial(tqdm, disable=rank != 0))
+            bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(ids), desc="Generating", unit="req")
         try:
             # until the engine is idle (an in-flight step read too); with a stream open, until these are done (the
             # stream steps its own requests on), and every output is built, since the stream's requests need theirs

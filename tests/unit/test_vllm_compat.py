@@ -206,3 +206,24 @@ def test_vllms_lora_request_and_priority_defaults_are_accepted(llm):
         llm.chat(msgs, greedy(), use_tqdm=False, lora_request=object())
     with pytest.raises(ValueError, match=r"^priority=\[1\].*first come, first served"):
         llm.generate(["hi"], greedy(), use_tqdm=False, priority=[1])
+
+
+def test_use_tqdm_may_be_a_tqdm_factory(llm):
+    """vLLM calls a callable use_tqdm to make the bar (e.g. partial(tqdm, disable=rank != 0)); it was read as True
+    and a default bar was drawn instead."""
+    made = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n, self.closed = total, 0, False
+            made.append(self)
+
+        def update(self, k=1):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    assert len(llm.generate(["hi", "yo"], greedy(), use_tqdm=Bar)) == 2
+    assert [(b.total, b.n, b.closed) for b in made] == [(2, 2, True)]
+
