@@ -11,7 +11,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -614,10 +614,10 @@ def _normalise_params(sp, n: int, default: SamplingParams) -> list[SamplingParam
         return [default] * n
     if isinstance(sp, SamplingParams):
         return [sp] * n
-    if isinstance(sp, dict) or not all(isinstance(p, SamplingParams) for p in sp):
+    sp = list(sp) if isinstance(sp, Iterable) and not isinstance(sp, (dict, str)) else None  # a generator: once
+    if sp is None or not all(isinstance(p, SamplingParams) for p in sp):
         raise ValueError("sampling_params must be a SamplingParams or a list of them (not a dict: "
                          "SamplingParams(**options))")
-    sp = list(sp)
     if len(sp) != n:
         raise ValueError(f"got {len(sp)} SamplingParams for {n} prompts; pass one, or one per prompt")
     return sp

@@ -227,3 +227,12 @@ def test_use_tqdm_may_be_a_tqdm_factory(llm):
     assert len(llm.generate(["hi", "yo"], greedy(), use_tqdm=Bar)) == 2
     assert [(b.total, b.n, b.closed) for b in made] == [(2, 2, True)]
 
+
+def test_sampling_params_of_the_wrong_kind_are_refused_in_one_sentence(llm):
+    """A generator of SamplingParams was counted after its check had used it up ("got 0 SamplingParams for 2
+    prompts"), and a number was a TypeError from inside the check; a tuple stays one per prompt, as vLLM's Sequence."""
+    assert len(llm.generate(["hi", "yo"], (greedy(), greedy()), use_tqdm=False)) == 2
+    assert len(llm.generate(["hi", "yo"], (greedy() for _ in range(2)), use_tqdm=False)) == 2
+    for bad in (5, [greedy(), 5], {"temperature": 0}):
+        with pytest.raises(ValueError, match="^sampling_params must be a SamplingParams or a list of them"):
+            llm.generate(["hi", "yo"], bad, use_tqdm=False)
