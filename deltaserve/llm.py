@@ -448,7 +448,8 @@ class LLM:
         ids: list[str] = []
         try:
             for p, sp in zip(items, params):
-                ids.append(self.engine.add_request(self._encode(p), sp, prompt=p if isinstance(p, str) else None))
+                text = p if isinstance(p, str) else p.get("prompt")
+                ids.append(self.engine.add_request(self._encode(p), sp, prompt=text))
         except BaseException:
             for rid in ids:
                 self.engine.abort(rid)
@@ -586,8 +587,8 @@ def _prefix_cache_slots(enabled: bool | None, slots: int | None) -> int:
 
 
 def _normalise_prompts(prompts) -> list:
-    """-> a list of strings and {'prompt_token_ids': [...]} dicts; vLLM's text prompt {'prompt': str} becomes its
-    string."""
+    """-> a list of strings and {'prompt_token_ids': [...]} dicts (with the ids' text as 'prompt' if given); vLLM's
+    text prompt {'prompt': str} becomes its string."""
     if prompts is None:
         raise ValueError("prompts is None: pass a string, a list of strings, or {'prompt_token_ids': [...]} dicts")
     try:
@@ -600,10 +601,12 @@ def _normalise_prompts(prompts) -> list:
             if extra := sorted(map(str, set(p) - {"prompt", "prompt_token_ids"})):
                 raise ValueError(f"a prompt dict takes 'prompt' (a string) or 'prompt_token_ids' (a list of ids); "
                                  f"{', '.join(map(repr, extra))} is not supported")
-            if ("prompt" in p) == ("prompt_token_ids" in p):
+            if "prompt" not in p and "prompt_token_ids" not in p:
                 raise ValueError("a prompt dict takes one of 'prompt' (a string) or 'prompt_token_ids' (a list of ids)")
-            p = p["prompt"] if "prompt" in p and isinstance(p["prompt"], str) else p
-        if not isinstance(p, str) and not (isinstance(p, dict) and isinstance(p.get("prompt_token_ids"), list)):
+            # with both, vLLM's TokensPrompt: the ids run, the text is reported as the prompt
+            p = p["prompt"] if "prompt_token_ids" not in p and isinstance(p["prompt"], str) else p
+        if not isinstance(p, str) and not (isinstance(p, dict) and isinstance(p.get("prompt_token_ids"), list)
+                                           and isinstance(p.get("prompt", ""), str)):
             raise ValueError("each prompt must be a string, {'prompt': str} or {'prompt_token_ids': [...]}")
         out.append(p)
     return out

@@ -236,3 +236,17 @@ def test_sampling_params_of_the_wrong_kind_are_refused_in_one_sentence(llm):
     for bad in (5, [greedy(), 5], {"temperature": 0}):
         with pytest.raises(ValueError, match="^sampling_params must be a SamplingParams or a list of them"):
             llm.generate(["hi", "yo"], bad, use_tqdm=False)
+
+
+def test_a_tokens_prompt_may_carry_its_text(llm):
+    """vLLM's TokensPrompt may hold the ids' text as 'prompt' (vLLM runs the ids and reports the text): such a dict was
+    refused as holding both keys."""
+    ids = llm.get_tokenizer().encode("hi there")
+    ref = llm.generate({"prompt_token_ids": ids}, greedy(), use_tqdm=False)[0]
+    out = llm.generate([{"prompt_token_ids": ids, "prompt": "hi there"}], greedy(), use_tqdm=False)[0]
+    assert out.prompt == "hi there" and out.prompt_token_ids == ids
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids and ref.prompt is None
+    with pytest.raises(ValueError, match="^each prompt must be a string"):
+        llm.generate([{"prompt_token_ids": ids, "prompt": 5}], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="^a prompt dict takes one of"):
+        llm.generate([{}], greedy(), use_tqdm=False)
