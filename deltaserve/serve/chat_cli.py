@@ -11,6 +11,7 @@ import signal
 import sys
 from typing import TextIO
 
+from ..llm import EngineDeadError
 from ..sampling_params import SamplingParams
 from .reasoning import ReasoningParser, Split, prompt_opens_thinking
 
@@ -82,6 +83,14 @@ class ChatSession:
             printer.close()
             self.history.pop()
             self.out.write(f"error: {e} (/reset starts over)\n")
+            return None
+        except EngineDeadError:  # nothing can run any more: the command ends with this error
+            printer.close()
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed step (e.g. a device error): its request was aborted and the
+            printer.close()  # LLM stays usable, so the conversation goes on without this turn
+            self.history.pop()
+            self.out.write(f"error: this answer failed ({type(e).__name__}: {e}); the conversation goes on\n")
             return None
         printer.close()
         answer = "".join(content)

@@ -146,3 +146,20 @@ def test_chat_survives_a_line_that_is_not_utf8(model_dir, errors):
     assert res.returncode == 0 and "Traceback" not in res.stderr.decode(errors="replace"), res.stderr
     assert "error: the text is not valid Unicode" in out, out
     assert "Nice to meet you." in out, out  # the next line was answered
+
+
+def test_chat_survives_a_failed_engine_step(model_dir):
+    """A step that raises (a device error, e.g. out of memory on a long prompt) aborts the request and leaves the
+    LLM usable (README); the chat used to end with a traceback and lose the conversation. Now that turn gets one
+    error line and the next is answered, with the earlier turns still in the history."""
+    import subprocess
+
+    rules = [{"contains": ["BOOM"], "raise": "injected failure"}, *RULES]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DELTASERVE_TEST_FORCED_OUTPUTS": json.dumps(rules)}
+    res = subprocess.run([sys.executable, "-m", "deltaserve.cli", "chat", str(model_dir), "--device", "cpu",
+                          "--max-model-len", "1024", "--max-tokens", "600"], input=b"hi FIRST\nBOOM\nagain\n/exit\n",
+                         capture_output=True, env=env, timeout=300)
+    out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
+    assert res.returncode == 0 and "Traceback" not in err, err
+    assert "error: " in out + err and "injected failure" in out + err, (out, err)
+    assert "I remember you." in out, out  # the next line was answered, the first answer still in the history
