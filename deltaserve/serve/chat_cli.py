@@ -52,13 +52,13 @@ class ChatSession:
     """llm: a built LLM with a chat template; params: sampling for every answer (n must be 1)."""
 
     def __init__(self, llm, params: SamplingParams, system: str | None = None, enable_thinking: bool = True,
-                 hide_thinking: bool = False, out: TextIO = sys.stdout):
+                 hide_thinking: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr):
         if llm.tokenizer is None or not llm.tokenizer.chat_template:
             raise ValueError("deltaserve chat needs a model with tokenizer.json and a chat template")
         if params.n != 1:
             raise ValueError(f"deltaserve chat shows one answer per turn; use --n 1 (got {params.n})")
         self.llm, self.params, self.system, self.enable_thinking = llm, params, system, enable_thinking
-        self.out = out
+        self.out, self.err = out, err  # answers on out; a turn's error on err, as the CLI's other errors
         color = out.isatty() and not os.environ.get("NO_COLOR")
         self.printer_args = (hide_thinking, color)
         self.history: list[dict] = []
@@ -82,7 +82,7 @@ class ChatSession:
         except ValueError as e:  # e.g. the conversation outgrew max_model_len
             printer.close()
             self.history.pop()
-            self.out.write(f"error: {e} (/reset starts over)\n")
+            self._error(f"{e} (/reset starts over)")
             return None
         except EngineDeadError:  # nothing can run any more: the command ends with this error
             printer.close()
@@ -90,12 +90,16 @@ class ChatSession:
         except Exception as e:  # noqa: BLE001 - a failed step (e.g. a device error): its request was aborted and the
             printer.close()  # LLM stays usable, so the conversation goes on without this turn
             self.history.pop()
-            self.out.write(f"error: this answer failed ({type(e).__name__}: {e}); the conversation goes on\n")
+            self._error(f"this answer failed ({type(e).__name__}: {e}); the conversation goes on")
             return None
         printer.close()
         answer = "".join(content)
         self.history.append({"role": "assistant", "content": answer})
         return answer
+
+    def _error(self, message: str) -> None:
+        self.err.write(f"error: {message}\n")
+        self.err.flush()
 
     def _stream(self, printer: _Printer, content: list[str]) -> None:
         kwargs = {} if self.enable_thinking else {"enable_thinking": False}
