@@ -387,7 +387,8 @@ def test_llm_takes_a_torch_device_and_refuses_odd_inputs(tiny_dense):
 def test_prompt_dicts_as_vllm_takes_them(tiny_dense):
     """vLLM's text prompt {'prompt': str} was refused ("a dict with a 'prompt_token_ids' list"); a dict with keys
     deltaserve does not read (multi_modal_data, a typo) was run with them ignored. Now the first is the string, the
-    second one sentence, as is a dict with both keys or neither."""
+    second one sentence, as is a dict with neither key (one with both is vLLM's TokensPrompt carrying its text:
+    test_vllm_compat.py::test_a_tokens_prompt_may_carry_its_text)."""
     llm = LLM(model=tiny_dense, device="cpu")
     sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     prompts = ["Hello", {"prompt": "Hello"}, {"prompt_token_ids": llm.tokenizer.encode("Hello")}]
@@ -396,7 +397,6 @@ def test_prompt_dicts_as_vllm_takes_them(tiny_dense):
     assert ids.outputs[0].token_ids == text.outputs[0].token_ids
     for bad, needle in (({"prompt": "Hi", "multi_modal_data": {}}, "'multi_modal_data' is not supported"),
                         ({"prompt_token_ids": [1], "prompt_tokens": [2]}, "'prompt_tokens' is not supported"),
-                        ({"prompt": "Hi", "prompt_token_ids": [1]}, "takes one of 'prompt'"),
                         ({}, "takes one of 'prompt'"),
                         ({"prompt": 5}, "each prompt must be a string, {'prompt': str}")):
         with pytest.raises(ValueError, match=re.escape(needle)):
