@@ -50,7 +50,7 @@ class GatedAttention(nn.Module):
         q, gate = proj
         return attend(q, kv_cache[0], kv_cache[1], batch.block_tables, batch.cu_seqlens, batch.context_lens,
                       self.scale, gate, batch.query_lens_cpu, batch.context_lens_cpu, batch.max_context_len,
-                      batch.is_decode)
+                      batch.is_decode, batch.decode_rows)
 
     def finish(self, o: torch.Tensor, proj: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """o [T, H, D] -> o_proj [T, hidden]."""

@@ -53,7 +53,7 @@ class GatedDeltaNet(nn.Module):
         t = proj[0].shape[0]
         # views into the projection: every kernel takes a/b by row stride (two copy launches a layer fewer)
         mixed_qkv, _, b, a = proj[0].split(self.splits, dim=-1)
-        d = t if batch.is_decode else batch.gdn_decode_rows
+        d = t if batch.is_decode else batch.decode_rows
         parts = []
         if d:  # one fused kernel: conv-state shift + conv + SiLU + gating + norm + recurrence
             parts.append(gdn_decode_step(mixed_qkv[:d], self.conv1d.weight, conv_state, a[:d], b[:d], self.A_log,

@@ -136,18 +136,20 @@ class EngineCore:
     def warm_up(self) -> None:
         """Run a few throwaway requests whose steps take the shapes a busy engine meets: one prefilling sequence
         over the whole token budget, a chunked prefill continuing from its cache next to several short prompts,
-        decode, and decode mixed with a new prefill. On CUDA this compiles the Triton kernels' specialisations
-        (which depend on sequence counts, token counts and table offsets) before the first user request instead
-        of inside it: seconds of compilation that would otherwise land on one unlucky request's latency."""
+        decode, and decode mixed with a new prefill, once beside long decode contexts and once beside short ones
+        (the attention decode kernel's split and unsplit variants). On CUDA this compiles the Triton kernels'
+        specialisations (which depend on sequence counts, token counts and table offsets) before the first user
+        request instead of inside it: seconds of compilation that would otherwise land on one unlucky request's
+        latency."""
         budget, room = self.scheduler.max_num_batched_tokens, self.max_model_len - 8
         params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-        waves = [[budget + 37, 129, 17, 1], [300, 2]]
-        for i, wave in enumerate(waves):
+        waves = [([budget + 37, 129, 17, 1], 2), ([300, 2], None), ([3], 1), ([40], None)]  # (prompts, steps)
+        for i, (wave, steps) in enumerate(waves):
             for j, n in enumerate(wave):
                 n = max(1, min(n, room))
                 self.add_request([(7 * k + j) % self.vocab_size for k in range(n)], params,
                                  request_id=f"__warmup_{i}_{j}")
-            for _ in range(2 if i == 0 else 10**6):
+            for _ in range(steps or 10**6):
                 if not self.has_unfinished():
                     break
                 self.step()

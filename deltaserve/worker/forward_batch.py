@@ -22,9 +22,10 @@ class ForwardBatch:
     context_lens_cpu: list[int]  # N host ints: same as context_lens
     is_decode: bool = False  # every sequence feeds exactly one token (the fused decode kernels apply)
     max_context_len: int = 0  # host int: max of context_lens (sizes the split-K attention grid)
-    # mixed steps (prefill and decode together): the leading sequences that feed one token each, which the GDN layers
-    # run through the decode kernel (the chunked path would spend a 64-token chunk and a state round trip on each)
-    gdn_decode_rows: int = 0
+    # mixed steps (prefill and decode together): the leading sequences that feed one token each (running decodes come
+    # first), which the GDN layers and attention run through their decode kernels (the GDN chunked path would spend a
+    # 64-token chunk and a state round trip on each, the attention prefill kernel a whole query tile)
+    decode_rows: int = 0
     gdn_prefill: "GdnPrefill | None" = None  # the sequences after them, for the GDN chunked path (None: all of them)
 
     def gdn_prefill_part(self) -> "GdnPrefill":

@@ -308,21 +308,24 @@ class ModelRunner:
         elif n:
             src = self.last_sampled.index_select(0, put("inflight_src", plan.inflight_src))
             batch.input_ids.index_copy_(0, put("inflight_rows", plan.inflight_rows), src)
-        if not batch.is_decode and self.cfg.linear_attention_layers:
-            self._split_gdn(batch, plan)
+        if not batch.is_decode:
+            self._split_mixed(batch, plan)
         self.staging.end()
         return batch
 
-    def _split_gdn(self, batch: ForwardBatch, plan: StepPlan) -> None:
-        """A mixed step's leading one-token sequences (running decodes come first) go to the GDN decode kernel;
-        the rest to the chunked path, with offsets and chunk tables of their own."""
+    def _split_mixed(self, batch: ForwardBatch, plan: StepPlan) -> None:
+        """A mixed step's leading one-token sequences (running decodes come first) go to the decode kernels of the
+        GDN layers and of attention; the rest to the chunked / varlen paths, with offsets (and GDN chunk tables) of
+        their own."""
         d = next((i for i, n in enumerate(plan.query_lens) if n != 1), len(plan.query_lens))
         rest = plan.query_lens[d:]
-        cu = batch.cu_seqlens if d == 0 else self.staging.put("gdn_cu_seqlens", [c - d for c in plan.cu_seqlens[d:]])
-        batch.gdn_decode_rows = d
-        snaps = tuple((i - d, offset, slot) for i, offset, slot in plan.gdn_snapshots)
-        batch.gdn_prefill = GdnPrefill(cu, batch.state_slots[d:], rest, build_step_tables(rest, self.device, snaps),
-                                       snaps)
+        batch.decode_rows = d
+        if self.cfg.linear_attention_layers:
+            cu = batch.cu_seqlens if d == 0 else self.staging.put("gdn_cu_seqlens",
+                                                                   [c - d for c in plan.cu_seqlens[d:]])
+            snaps = tuple((i - d, offset, slot) for i, offset, slot in plan.gdn_snapshots)
+            batch.gdn_prefill = GdnPrefill(cu, batch.state_slots[d:], rest,
+                                           build_step_tables(rest, self.device, snaps), snaps)
 
     @staticmethod
     def _logit_positions(s) -> list[int]:

@@ -126,6 +126,8 @@ PREFILL_CASES = {
     "group_3": (6, 2, 32, 4, [7, 2], [15, 2], 16, 8),
     "mha_group_1": (2, 2, 32, 8, [9], [17], 16, 8),
     "default_tiles": (4, 2, 32, 4, [40, 3], [70, 3], None, None),
+    # key tiles before a q tile's first query run unmasked: 18 of them for the first sequence
+    "long_context_chunk": (4, 2, 32, 4, [6, 20], [150, 20], 16, 8),
 }
 
 
@@ -231,16 +233,75 @@ def test_decode_partitions_follow_each_context(sizing, triton_ready, monkeypatch
     assert_close(f"sizing {sizing}", ref, out, ATOL_FP32)
 
 
-def test_varlen_triton_dispatch_matches_reference(triton_ready):
-    """The drop-in wrapper: all-decode batches take the decode kernel, anything else the prefill kernel."""
+# query_lens, context_lens -> (rows the decode kernel takes, query_lens the prefill kernel takes)
+DISPATCH_CASES = {
+    "decode": (([1, 1, 1], [5, 19, 2]), (3, None)),
+    "prefill_then_decode": (([4, 1], [9, 3]), (0, [4, 1])),
+    "mixed": (([1, 1, 5, 1, 3], [40, 7, 9, 3, 3]), (2, [5, 1, 3])),
+    "mixed_gated_off": (([1, 6], [70, 6]), (1, [6])),
+}
+
+
+@pytest.mark.parametrize("case", list(DISPATCH_CASES), ids=list(DISPATCH_CASES))
+def test_varlen_triton_dispatch_matches_reference(case, triton_ready, monkeypatch):
+    """The drop-in wrapper dispatches as the engine's `attend`: all-decode batches take the decode kernel, a mixed
+    step's leading one-token sequences the decode kernel too (paged_attention_mixed), everything else the prefill
+    kernel; the output matches the reference either way."""
+    import deltaserve.kernels.paged_attention.triton as pa_prefill
+    import deltaserve.kernels.paged_attention.triton_decode as pa_decode
+
+    (q_lens, ctx_lens), (want_decode, want_prefill) = DISPATCH_CASES[case]
+    seen = {"decode": 0, "prefill": None}
+
+    def spy_decode(q, *args, **kwargs):
+        seen["decode"] += q.shape[0]
+        return real_decode(q, *args, **kwargs)
+
+    def spy_prefill(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale, gate, query_lens, *args,
+                    **kwargs):
+        seen["prefill"] = list(query_lens[kwargs.get("first_seq", 0):])
+        return real_prefill(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale, gate, query_lens,
+                            *args, **kwargs)
+
+    real_decode, real_prefill = pa_decode.paged_attention_decode, pa_prefill.paged_attention_prefill
+    monkeypatch.setattr(pa_decode, "paged_attention_decode", spy_decode)
+    monkeypatch.setattr(pa_prefill, "paged_attention_prefill", spy_prefill)
     h, hkv, d, bs = 4, 2, 32, 4
-    for q_lens, ctx_lens in (([1, 1, 1], [5, 19, 2]), ([4, 1], [9, 3])):
-        k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, bs, hkv, d)
-        q = torch.randn(sum(q_lens), h, d, device=DEVICE)
-        gate = torch.randn_like(q)
-        ref = paged_attention_varlen(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5, gate=gate)
-        out = paged_attention_varlen_triton(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5, gate=gate)
-        assert_close(f"query_lens={q_lens}", ref, out, ATOL_FP32)
+    k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, bs, hkv, d)
+    q = torch.randn(sum(q_lens), h, d, device=DEVICE)
+    gate = None if case.endswith("gated_off") else torch.randn_like(q)
+    ref = paged_attention_varlen(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5, gate=gate)
+    out = paged_attention_varlen_triton(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5, gate=gate)
+    assert_close(f"query_lens={q_lens}", ref, out, ATOL_FP32)
+    assert (seen["decode"], seen["prefill"]) == (want_decode, want_prefill), \
+        f"decode kernel took {seen['decode']} rows, prefill kernel {seen['prefill']}"
+
+
+def test_mixed_rejects_bad_split(triton_ready):
+    """paged_attention_mixed's decode rows must be leading one-token sequences."""
+    from deltaserve.kernels.paged_attention import paged_attention_mixed
+
+    k_cache, v_cache, tables, _, _ = make_paged_kv([9, 3], 4, 2, 32)
+    q = torch.randn(5, 4, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="leading one-token"):
+        paged_attention_mixed(q, k_cache, v_cache, tables, cu_of([4, 1]), torch.tensor([9, 3], device=DEVICE),
+                              32 ** -0.5, None, [4, 1], [9, 3], 1)
+
+
+def test_prefill_first_seq_leaves_earlier_rows(triton_ready):
+    """first_seq: the sequences before it are not attended and their rows of `out` stay as they were."""
+    h, hkv, d, bs, q_lens, ctx_lens = 4, 2, 32, 4, [1, 2, 5, 3], [6, 9, 5, 20]
+    k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, bs, hkv, d)
+    q = torch.randn(sum(q_lens), h, d, device=DEVICE)
+    ref = paged_attention_varlen(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5)
+    out = nan_like(q)
+    paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
+                            d ** -0.5, None, q_lens, ctx_lens, first_seq=2, block_m=16, block_n=tile(8), out=out)
+    assert out[:3].isnan().all(), "rows of the sequences before first_seq were written"
+    assert_close("sequences from first_seq", ref[3:], out[3:], ATOL_FP32)
+    with pytest.raises(ValueError, match="first_seq"):
+        paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
+                                d ** -0.5, None, q_lens, ctx_lens, first_seq=5)
 
 
 # ------------------------------------------------------------------------------------------------------ KV store

@@ -56,18 +56,27 @@ def _store_kv_kernel(k, v, k_cache, v_cache, slot_mapping,
 @triton.jit
 def _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n, m_s, i_kvh, scale_log2,
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                 BS: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 BS: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr = True):
     """One online-softmax step over keys o_n [BLOCK_N] (m_n: key exists; m_s [ROWS, BLOCK_N]: row may see key).
+    MASKED False: every key exists and every row sees it (m_n, m_s unused; unpredicated loads, no select).
 
     b_q [ROWS, D] cache dtype; b_m, b_l [ROWS] fp32 (running max in log2 units, running sum); b_acc [ROWS, D] fp32."""
     o_d = tl.arange(0, D)
-    b_blk = tl.load(p_block_table + o_n // BS, mask=m_n, other=0).to(tl.int64)
+    if MASKED:
+        b_blk = tl.load(p_block_table + o_n // BS, mask=m_n, other=0).to(tl.int64)
+    else:
+        b_blk = tl.load(p_block_table + o_n // BS).to(tl.int64)
     o_k = b_blk * stride_kb + (o_n % BS) * stride_ks + i_kvh * stride_kh
     o_v = b_blk * stride_vb + (o_n % BS) * stride_vs + i_kvh * stride_vh
-    b_kt = tl.load(k_cache + o_k[None, :] + o_d[:, None], mask=m_n[None, :], other=0.0)  # [D, BLOCK_N]
-    b_v = tl.load(v_cache + o_v[:, None] + o_d[None, :], mask=m_n[:, None], other=0.0)  # [BLOCK_N, D]
+    if MASKED:
+        b_kt = tl.load(k_cache + o_k[None, :] + o_d[:, None], mask=m_n[None, :], other=0.0)  # [D, BLOCK_N]
+        b_v = tl.load(v_cache + o_v[:, None] + o_d[None, :], mask=m_n[:, None], other=0.0)  # [BLOCK_N, D]
+    else:
+        b_kt = tl.load(k_cache + o_k[None, :] + o_d[:, None])
+        b_v = tl.load(v_cache + o_v[:, None] + o_d[None, :])
     b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * scale_log2
-    b_s = tl.where(m_s, b_s, float("-inf"))
+    if MASKED:
+        b_s = tl.where(m_s, b_s, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
     # every row sees a key of its first tile (prefill: key 0, decode: the partition start): b_m_new is finite
     b_p = tl.exp2(b_s - b_m_new[:, None])
@@ -114,7 +123,18 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     p_block_table = block_tables + i_seq.to(tl.int64) * stride_bt
-    for start in range(0, kv_end, BLOCK_N):
+    # whole key tiles at or before the tile's first query, which every row sees: no masks (the 16-bit cache)
+    full_end = 0
+    if KV_KIND == 0:
+        full_end = tl.minimum(ctx - q_len + i_qtile * BLOCK_Q + 1, kv_end) // BLOCK_N * BLOCK_N
+        for start in range(0, full_end, BLOCK_N):
+            o_n = start + tl.arange(0, BLOCK_N)
+            b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, o_n, o_n,
+                                           i_kvh, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                           stride_vh, BS, D, DOT_PRECISION, MASKED=False)
+    # the rest (the causal diagonal, the context's end; all of a quantized cache's keys). Not pipelined for the 16-bit
+    # cache: a second set of stage buffers would not fit in shared memory beside the first loop's
+    for start in tl.range(full_end, kv_end, BLOCK_N, num_stages=1 if KV_KIND == 0 else None):
         o_n = start + tl.arange(0, BLOCK_N)
         m_n = o_n < kv_end
         m_s = (o_n[None, :] <= pos[:, None]) & m_n[None, :]
@@ -225,11 +245,13 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: Cache, v_cache: C
                            HKV=hkv, D=d, BLOCK_HKV=triton.next_power_of_2(hkv), num_warps=4, **pdl_args(k))
 
 
-def _prefill_tiles(query_lens: list[int], context_lens_cpu: list[int], block_q: int) -> torch.Tensor:
-    """-> [num_tiles, 2] int32 (sequence, q-tile index) on the host, the tiles with the most keys first (causal:
-    a sequence's last tiles are its longest), so stragglers do not trail the grid."""
+def _prefill_tiles(query_lens: list[int], context_lens_cpu: list[int], block_q: int, first_seq: int = 0
+                   ) -> torch.Tensor:
+    """-> [num_tiles, 2] int32 (sequence, q-tile index) on the host for sequences first_seq.., the tiles with the most
+    keys first (causal: a sequence's last tiles are its longest), so stragglers do not trail the grid."""
     q_lens = torch.tensor(query_lens, dtype=torch.int64)
     n_tiles = (q_lens + block_q - 1) // block_q
+    n_tiles[:first_seq] = 0
     seq = torch.repeat_interleave(torch.arange(len(query_lens)), n_tiles)
     first = torch.repeat_interleave(n_tiles.cumsum(0) - n_tiles, n_tiles)
     tile = torch.arange(seq.numel()) - first
@@ -240,29 +262,35 @@ def _prefill_tiles(query_lens: list[int], context_lens_cpu: list[int], block_q: 
 
 
 @functools.lru_cache(maxsize=16)
-def _prefill_tiles_on(query_lens: tuple, context_lens_cpu: tuple, block_q: int, device: torch.device) -> torch.Tensor:
+def _prefill_tiles_on(query_lens: tuple, context_lens_cpu: tuple, block_q: int, first_seq: int, device: torch.device
+                      ) -> torch.Tensor:
     """_prefill_tiles on the device (a pinned async copy), made once for the shapes of a step: every attention layer
     of the step asks for the same table (read only, so a later step of the same shapes reuses it)."""
-    tiles = _prefill_tiles(list(query_lens), list(context_lens_cpu), block_q)
+    tiles = _prefill_tiles(list(query_lens), list(context_lens_cpu), block_q, first_seq)
     if device.type == "cuda":
         tiles = tiles.pin_memory()
     return tiles.to(device, non_blocking=True)
 
 
-def _prefill_config(d: int, g: int) -> tuple[int, int, int, int]:
-    """-> (BLOCK_M, BLOCK_N, num_warps, num_stages). D=256: a [64, 256] fp32 accumulator over 8 warps (64 regs a
-    thread), Q 32 KiB + 2 stages of K and V 64-key tiles 128 KiB of shared memory: fits an H100 SM (228 KiB)."""
+def _prefill_config(d: int, g: int, kv_kind: int) -> tuple[int, int, int, int]:
+    """-> (BLOCK_M, BLOCK_N, num_warps, num_stages). D=256, 16-bit cache: 128 rows over 8 warps, so each warpgroup's
+    wgmma owns 64 whole rows (at 64 rows the two split every row's keys and head_dim, and the softmax statistics
+    and P cross between them); Q 64 KiB + 2 stages of 64-key K and V tiles 128 KiB of shared memory. H200, Triton
+    3.6 (benchmarks/kernels/bench_attention.py shapes, 9B heads, with the unmasked key tiles): 16x1024 / 1x8192 /
+    1x16384 tokens 1098 / 3060 / 12325 us at (64, 64, 8, 2) -> 643 / 1485 / 5789 at (128, 64, 8, 2), 214 / 370 /
+    380 TFLOP/s against torch SDPA flash's 268 / 292 / 308 in the same run; (64, 32, 4, 3) came next (667 / 1837 /
+    6999), 4 warps at 128 rows spilled (2526 / 4420 / 16446). Quantized caches keep the 64-row tile (not swept)."""
     block_m = max(64, triton.next_power_of_2(g))
     if d >= 256:
-        return block_m, 64, 8, 2
+        return (max(128, block_m), 64, 8, 2) if kv_kind == 0 else (block_m, 64, 8, 2)
     return block_m, 64, 4, 2
 
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
                             block_tables: torch.Tensor, cu_seqlens: torch.Tensor, context_lens: torch.Tensor,
                             scale: float, gate: torch.Tensor | None, query_lens: list[int],
-                            context_lens_cpu: list[int], *, block_m: int | None = None, block_n: int | None = None,
-                            num_warps: int | None = None, num_stages: int | None = None,
+                            context_lens_cpu: list[int], *, first_seq: int = 0, block_m: int | None = None,
+                            block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                             out: torch.Tensor | None = None) -> torch.Tensor:
     """Varlen causal attention over the paged KV cache (chunked prefill, mixed with decode rows).
 
@@ -270,6 +298,7 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     block_tables: [N, max_blocks] int32/int64; cu_seqlens: [N+1] int32/int64 (device); context_lens: [N] (device);
     gate: [T, H, D] or None; query_lens, context_lens_cpu: the same N lengths as host ints (tile count, checks)
     -> o: [T, H, D] in q's dtype (written into `out` when given), attn * sigmoid(gate) when gate is given.
+    first_seq: only sequences first_seq.. are attended (the rows of the others are left as they are in `out`).
     No host sync; one H2D copy (the tile table). block_m/block_n/num_warps/num_stages override the tile config."""
     _, bs, hkv, d = _check_cache(k_cache, v_cache)
     t, h = _check_q("q", q, hkv, d)
@@ -292,16 +321,18 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
         raise ValueError("block_tables needs a contiguous last axis")
     o = _check_out(out, q)
     g = h // hkv
-    cfg_m, cfg_n, cfg_w, cfg_s = _prefill_config(d, g)
+    kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
+    cfg_m, cfg_n, cfg_w, cfg_s = _prefill_config(d, g, kinds["KV_KIND"])
     block_m, block_n = block_m or cfg_m, _check_block_n(block_n or cfg_n, q.device)
     if block_m < g or block_m & (block_m - 1):
         raise ValueError(f"block_m {block_m} must be a power of two >= the GQA group {g}")
     block_q = block_m // g
-    tiles = _prefill_tiles_on(tuple(query_lens), tuple(context_lens_cpu), block_q, q.device)
+    if not 0 <= first_seq <= n:
+        raise ValueError(f"first_seq {first_seq} must be in [0, {n}]")
+    tiles = _prefill_tiles_on(tuple(query_lens), tuple(context_lens_cpu), block_q, first_seq, q.device)
     if tiles.shape[0] == 0:
         return o
     gate_arg = gate if gate is not None else q
-    kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
     _prefill_kernel[(tiles.shape[0] * hkv,)](
         q, kc, vc, *quant_args, gate_arg, o, block_tables, cu_seqlens, context_lens, tiles, scale * LOG2E,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
@@ -317,13 +348,15 @@ def paged_attention_varlen_triton(q: torch.Tensor, k_cache: Cache, v_cache: Cach
                                   scale: float, gate: torch.Tensor | None = None, *,
                                   cu_seqlens: torch.Tensor | None = None,
                                   context_lens_t: torch.Tensor | None = None) -> torch.Tensor:
-    """Drop-in for reference.paged_attention_varlen: decode kernel when every query_len is 1, else prefill.
+    """Drop-in for reference.paged_attention_varlen, dispatching as the engine does: the decode kernel when every
+    query_len is 1, paged_attention_mixed when some leading ones are, else the prefill kernel.
 
     cu_seqlens [N+1], context_lens_t [N]: device copies of the lengths (e.g. ForwardBatch's); built with one
     non-blocking H2D copy each when omitted. Shapes and result as paged_attention_prefill."""
     if context_lens_t is None:
         context_lens_t = torch.tensor(context_lens, dtype=torch.int32).to(q.device, non_blocking=True)
-    if query_lens and all(ql == 1 for ql in query_lens):
+    decode_rows = next((i for i, ql in enumerate(query_lens) if ql != 1), len(query_lens))
+    if query_lens and decode_rows == len(query_lens):
         from .triton_decode import paged_attention_decode  # imports this module: loaded late
 
         return paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens_t, scale, gate,
@@ -333,5 +366,10 @@ def paged_attention_varlen_triton(q: torch.Tensor, k_cache: Cache, v_cache: Cach
         for ql in query_lens:
             cu.append(cu[-1] + ql)
         cu_seqlens = torch.tensor(cu, dtype=torch.int32).to(q.device, non_blocking=True)
+    if decode_rows:
+        from .triton_decode import paged_attention_mixed
+
+        return paged_attention_mixed(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens_t, scale, gate,
+                                     query_lens, context_lens, decode_rows)
     return paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens_t, scale, gate,
                                    query_lens, context_lens)

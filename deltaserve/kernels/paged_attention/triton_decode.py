@@ -1,7 +1,8 @@
 """Triton split-K (flash-decoding) attention of one query token per sequence over the paged KV cache.
 
 What belongs here: the decode partial and reduce kernels, how a batch is cut into partitions (per sequence, on the
-device, from its own length), the decode tile per cache kind, and paged_attention_decode. The layout, numerics, GQA
+device, from its own length), the decode tile per cache kind, paged_attention_decode, and paged_attention_mixed (a
+mixed step's decode rows here, its prefilling sequences in triton.py's kernel). The layout, numerics, GQA
 packing and the quantized caches are those of triton.py (its module docstring); triton_int8.py's kernel writes the
 same partials, merged by the reduce kernel here.
 """
@@ -15,6 +16,12 @@ from .triton import LOG2E, Cache, _attend_tile, _cache_args, _check_block_n, _ch
 from .triton_quant import KV_KIND, attend_tile_quant, quant_query
 
 
+# Decode-launch integers that follow the batch (its sequence count sets `spread`, its contexts the partition count):
+# not specialised on (== 1, % 16), so a mixed step's decode rows (any count, any length) reuse the kernels compiled
+# for the CUDA-graph buckets and the warm-up instead of compiling a variant mid-run.
+_RUNTIME_INTS = ("num_partitions", "spread")
+
+
 @triton.jit
 def _partition_size(ctx, num_partitions, spread, part_lo, part_hi, part_round):
     """Keys a decode partition of a sequence with ctx keys covers: ctx / spread clamped to [part_lo, part_hi], and
@@ -25,7 +32,7 @@ def _partition_size(ctx, num_partitions, spread, part_lo, part_hi, part_round):
     return tl.cdiv(size, part_round) * part_round
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _decode_partial_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate, o, part_m, part_l, part_acc,
                            block_tables, context_lens, scale_log2, num_partitions, spread, part_lo, part_hi,
                            part_round, stride_qn, stride_qh,
@@ -94,7 +101,7 @@ def _decode_partial_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero
         tl.store(p_o, tl.zeros([BLOCK_H, D], dtype=tl.float32).to(p_o.dtype.element_ty), mask=(o_h < G)[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _decode_reduce_kernel(o, gate, part_m, part_l, part_acc, context_lens, num_partitions, spread, part_lo, part_hi,
                           part_round,
                           stride_on, stride_oh, stride_gn, stride_gh,
@@ -198,7 +205,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            gate: torch.Tensor | None, max_context_len: int, *, partition_size: int | None = None,
                            block_n: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           num_stages: int | None = None, out: torch.Tensor | None = None,
+                           short_tiles: bool = False) -> torch.Tensor:
     """Flash-decoding (split-K) attention of one query token per sequence over the paged KV cache.
 
     q: [N, H, D] (row i is the last token of sequence i); k_cache, v_cache: [NB, BS, Hkv, D] (or QuantizedKV);
@@ -207,7 +215,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     graphs pass the capture bound) -> o: [N, H, D] in q's dtype (into `out` when given).
     One launch when a single partition covers max_context_len, else a partial kernel + a reduce (gate in the last
     one). No host sync. partition_size (default: per sequence, _decode_partitions) / block_n / num_warps /
-    num_stages tune."""
+    num_stages tune; short_tiles: the short-partition tile whatever the partitions (paged_attention_mixed)."""
     _, bs, hkv, d = _check_cache(k_cache, v_cache)
     n, h = _check_q("q", q, hkv, d)
     _check_gate(gate, q)
@@ -223,7 +231,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
         return o
     g = h // hkv
     kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
-    tile_n, tile_w, tile_s = _decode_tile(kinds["KV_KIND"], d, n, hkv, max_context_len, q.device)
+    tile_n, tile_w, tile_s = _decode_tile(kinds["KV_KIND"], d, n, hkv, 0 if short_tiles else max_context_len,
+                                          q.device)
     block_n = _check_block_n(block_n or tile_n, q.device)
     parts, sizing = _decode_partitions(n, hkv, max_context_len, block_n, q.device, partition_size)
     split = parts > 1
@@ -252,4 +261,39 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
             o, gate_arg, part_m, part_l, part_acc, context_lens, parts, *sizing, o.stride(0), o.stride(1),
             gate_arg.stride(0), gate_arg.stride(1), H=h, D=d, BLOCK_P=triton.next_power_of_2(parts),
             HAS_GATE=gate is not None, num_warps=4 if d >= 256 else 2, **pdl_args(o))
+    return o
+
+
+def paged_attention_mixed(q: torch.Tensor, k_cache: Cache, v_cache: Cache, block_tables: torch.Tensor,
+                          cu_seqlens: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                          gate: torch.Tensor | None, query_lens: list[int], context_lens_cpu: list[int],
+                          decode_rows: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A mixed step: its leading `decode_rows` sequences feed one query each and take the split-K decode kernels, the
+    others the varlen prefill kernel, each writing its rows of one output.
+
+    Why: the prefill kernel gives a one-token sequence a whole BLOCK_M-row tile (32 tokens x G heads) with G live rows
+    and scans its whole context with it. H200, 9B heads, bf16 cache (.peer/mixed_ab.py, 64-row prefill tiles then):
+    368 decode rows at 1.1k keys beside 16 x 1024 prefilling tokens 1805 -> 1469 us, 64 rows at 8k beside a
+    2048-token chunk 1139 -> 775, 16 rows at 32k beside 512 tokens 1758 -> 731.
+    Both launches see the whole batch's tensors from row 0 (the decode rows are a prefix, the prefill kernel skips
+    them by its tile table), so no argument is a slice at an odd offset, which Triton would specialise (16-byte
+    alignment) and compile anew in the middle of a run; the decode rows take the short-partition tile whatever their
+    count, one variant the engine's warm-up compiles.
+    q, gate: [T, H, D]; block_tables [N, max_blocks], cu_seqlens [N+1], context_lens [N] (device); query_lens,
+    context_lens_cpu: N host ints, the first decode_rows of query_lens 1 -> o [T, H, D] in q's dtype (into `out`)."""
+    from .triton import paged_attention_prefill
+
+    d = decode_rows
+    n = len(query_lens)
+    if not 0 <= d <= n or any(ql != 1 for ql in query_lens[:d]):
+        raise ValueError(f"decode_rows {d} must count leading one-token sequences of the {n} (query_lens "
+                         f"{query_lens[:d + 1]}...)")
+    o = _check_out(out, q)
+    if d:
+        paged_attention_decode(q[:d], k_cache, v_cache, block_tables[:d], context_lens[:d], scale,
+                               None if gate is None else gate[:d], max(context_lens_cpu[:d]), out=o[:d],
+                               short_tiles=True)
+    if d < n:
+        paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale, gate, query_lens,
+                                context_lens_cpu, first_seq=d, out=o)
     return o

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..pdl import pdl_start
-from .triton_decode import _partition_size
+from .triton_decode import _RUNTIME_INTS, _partition_size
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def _attend_tile_int8_pairs(b_qe, b_qo, b_qsum, b_m, b_l, b_acc_e, b_acc_o, k_wo
     return b_m_new, b_l, b_acc_e, b_acc_o
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def decode_int8_partial_kernel(q, k_words, v_words, k_scale, v_scale, k_zero, v_zero, gate, o, part_m, part_l,
                                part_acc, block_tables, context_lens, scale_log2, num_partitions, spread, part_lo,
                                part_hi, part_round, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh,
