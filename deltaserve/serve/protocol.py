@@ -127,6 +127,7 @@ class _SamplingRequest(_Model):
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     best_of: StrictInt | None = None  # vLLM takes it on both endpoints; only best_of == n (sampling_params)
+    request_id: StrictStr | None = None  # vLLM's: the response's id after its prefix, unless X-Request-Id is sent
 
     @property
     def include_usage(self) -> bool:

@@ -7,12 +7,13 @@ import codecs
 import json
 from typing import AsyncIterator
 
+from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .async_engine import AsyncEngine, EngineError, EngineStopped, RequestStream
-from .protocol import APIError
+from .protocol import APIError, new_id
 
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 _PROBE_CHARS_PER_TOKEN = 8  # a long text's first probe: this many characters per token of max_model_len
@@ -83,6 +84,15 @@ class ServingContext:
             raise APIError(400, str(e), refused_field(str(e), structured_field, prompt_field)) from None
         except EngineStopped as e:
             raise APIError(503, str(e)) from None
+
+
+def response_id(prefix: str, req, raw: Request | None) -> str:
+    """The id a response reports, as vLLM builds it: prefix-<the X-Request-Id header>, else prefix-<the body's
+    request_id>, else a random one (an empty one counts as none). Only the response carries it: the engine keeps
+    its own random ids (new_id), since two clients may send the same id, and one shaped like "<id>#1" would name
+    another request's second sample there."""
+    given = (raw.headers.get("x-request-id") if raw is not None else None) or req.request_id
+    return f"{prefix}-{given}" if given else new_id(prefix)
 
 
 async def add_all(ctx: ServingContext, requests: list[tuple]) -> list[RequestStream]:

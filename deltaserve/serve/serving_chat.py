@@ -15,7 +15,7 @@ from .protocol import (MAX_LOGPROBS, APIError, ChatCompletionRequest, check_max_
                        structured_outputs, truncate, usage)
 from .reasoning import ReasoningParser, Split, prompt_opens_thinking
 from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, chat_logprobs, collect, engine_api_error,
-                      merge, sse, sse_error)
+                      merge, response_id, sse, sse_error)
 from .tool_parser import ForcedToolCalls, ParsedDelta, ToolCallParser, forced_schema
 
 _RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "documents", "continue_final_message",
@@ -164,10 +164,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     constrained = params.structured_outputs is not None
     parsers = [ChoiceParser(prompt_opens_thinking(prompt), thinking, tools, forced, parallel, constrained)
                for _ in range(req.n)]
-    rid = new_id("chatcmpl")
+    rid = new_id("chatcmpl")  # the engine's id, never the client's (response_id)
     spec_field = "tool_choice" if forced else "structured_outputs" if req.structured_outputs else "response_format"
     stream = await ctx.add(ids, params, rid, prompt, spec_field, "messages")
-    head = {"id": rid, "created": now(), "model": ctx.model_name}
+    head = {"id": response_id("chatcmpl", req, raw), "created": now(), "model": ctx.model_name}
     if req.stream:
         return EngineStreamingResponse(_stream(ctx, req, stream, parsers, head, k), [stream])
     try:

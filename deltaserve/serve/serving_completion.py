@@ -13,7 +13,8 @@ from starlette.responses import JSONResponse, Response
 from .protocol import (APIError, CompletionRequest, check_max_tokens, new_id, now, sampling_params,
                        structured_outputs, truncate, usage)
 from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, TextOffsets, add_all, collect,
-                      completion_logprobs, engine_api_error, join_logprobs, merge, sse, sse_error)
+                      completion_logprobs, engine_api_error, join_logprobs, merge, response_id, sse,
+                      sse_error)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -48,12 +49,12 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     structured = structured_outputs(req.response_format)
     params = {limit: sampling_params(req, limit, req.logprobs, structured, req.logprobs if req.echo else None,
                                      ctx.sampling_defaults) for limit in set(limits)}
-    rid = new_id("cmpl")
+    rid = new_id("cmpl")  # the engine's id, never the client's (response_id)
     spec_field = "response_format" if structured is not None else "structured_outputs"
     streams = await add_all(ctx, [(ids, params[limit], rid if len(prompts) == 1 else f"{rid}-{i}", text, spec_field)
                                   for i, ((text, ids), limit) in enumerate(zip(prompts, limits))])
     echoes = [_echo_text(ctx, text, ids) if req.echo else "" for text, ids in prompts]
-    head = {"id": rid, "created": now(), "model": ctx.model_name}
+    head = {"id": response_id("cmpl", req, raw), "created": now(), "model": ctx.model_name}
     if req.stream:
         return EngineStreamingResponse(_stream(ctx, req, streams, echoes, head), streams)
     try:

@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from functools import partial
 
 import openai
 import pytest
@@ -38,6 +39,9 @@ RULES = [  # first match wins: the tool-response rule must precede the tool-call
     {"contains": ["FORCE_BOOM"], "raise": "injected test failure"},
     {"contains": ["FORCE_TWO_TOOLS"], "output": "Checking.\n\n" + XML_CALL + "\n" + JSON_CALL},
     {"contains": ["FORCE_ACCENTS"], "output": "Café, 你好 🎉 done."},  # characters of 2, 3 and 4 UTF-8 bytes
+    # 150 and 120 tokens: long enough to be still running when another request arrives
+    {"contains": ["FORCE_LONG_ALPHA"], "output": " ".join(["alpha"] * 30)},
+    {"contains": ["FORCE_LONG_BRAVO"], "output": " ".join(["bravo"] * 30)},
 ]
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather forecast for a city.",
@@ -299,6 +303,60 @@ def test_logit_bias_forces_and_bans(client, tokenizer):
     banned = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=3, temperature=0,
                                        logit_bias={str(t): -100 for t in first}, extra_body={"ignore_eos": True})
     assert banned.choices[0].text != plain.choices[0].text
+
+
+REQUEST_ID_CASES = {  # name: (endpoint, stream, X-Request-Id header or None, body's request_id or None, id expected)
+    "chat_header": ("chat", False, "trace-1", None, "chatcmpl-trace-1"),
+    "chat_streamed_body": ("chat", True, None, "body-2", "chatcmpl-body-2"),
+    "completions_body": ("completions", False, None, "body-3", "cmpl-body-3"),
+    "completions_streamed_header_beats_body": ("completions", True, "header-4", "body-4", "cmpl-header-4"),
+    "chat_none_is_random": ("chat", False, None, None, re.compile(r"chatcmpl-[0-9a-f]{32}")),
+    "completions_empty_header_is_none": ("completions", False, "", None, re.compile(r"cmpl-[0-9a-f]{32}")),
+}
+
+
+@pytest.mark.parametrize("case", list(REQUEST_ID_CASES), ids=list(REQUEST_ID_CASES))
+def test_the_response_id_is_the_clients_request_id(client, case):
+    """vLLM's response id: its prefix and the X-Request-Id header, else the body's request_id, else a random id; both
+    were ignored (every response had a random id). A streamed answer carries it in every chunk."""
+    endpoint, stream, header, body_id, expected = REQUEST_ID_CASES[case]
+    kw = dict(model=MODEL, max_tokens=2, extra_headers={"X-Request-Id": header} if header is not None else None,
+              extra_body={"request_id": body_id} if body_id is not None else None)
+    create = (partial(client.chat.completions.create, messages=user("hi")) if endpoint == "chat"
+              else partial(client.completions.create, prompt="hi"))
+    ids = {chunk.id for chunk in create(stream=True, **kw)} if stream else {create(**kw).id}
+    assert len(ids) == 1, ids
+    (got,) = ids
+    assert re.fullmatch(expected, got) if isinstance(expected, re.Pattern) else got == expected, got
+
+
+def test_requests_in_flight_with_the_same_request_id_run_apart(server):
+    """Two clients sending the same X-Request-Id at once both get it back as their id and each gets its own answer:
+    the engine keys requests by ids of its own (vLLM, too, makes its internal ids unique), so the second is neither
+    refused as a duplicate nor handed the first one's tokens."""
+    prompts = {"FORCE_LONG_ALPHA": " ".join(["alpha"] * 30), "FORCE_LONG_BRAVO": " ".join(["bravo"] * 30)}
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        try:
+            # both opened (so both queued in the engine) before either is read; each runs for 120 steps or more
+            streams = [await aclient.completions.create(model=MODEL, prompt=p, max_tokens=400, stream=True,
+                                                        extra_headers={"X-Request-Id": "shared"}) for p in prompts]
+
+            async def read(stream):
+                ids, text = set(), ""
+                async for chunk in stream:
+                    ids.add(chunk.id)
+                    text += chunk.choices[0].text if chunk.choices else ""
+                return ids, text
+
+            return await asyncio.gather(*(read(s) for s in streams))
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(main())
+    assert [ids for ids, _ in results] == [{"cmpl-shared"}] * 2, results
+    assert [text for _, text in results] == list(prompts.values()), results
 
 
 def test_allowed_token_ids_and_bad_words_limit_what_is_sampled(client, tokenizer):
@@ -744,6 +802,7 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
         response_format={"type": "json_object"}, structured_outputs={"regex": "a"}), None, 400, "structured_outputs"),
     "tokenize_nothing": ("/tokenize", {"model": MODEL}, None, 400, "prompt"),
     "detokenize_out_of_vocab": ("/detokenize", {"model": MODEL, "tokens": [1, 10 ** 6]}, None, 400, "tokens"),
+    "request_id_not_string": ("/v1/chat/completions", chat_body(request_id=5), None, 400, "request_id"),
     "logit_bias_key": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"a": 1}}, None, 400,
                        "logit_bias"),
     "logit_bias_range": ("/v1/chat/completions", chat_body(logit_bias={"5": 101}), None, 400, "logit_bias"),
