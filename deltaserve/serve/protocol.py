@@ -330,13 +330,18 @@ def _structured_extra(spec: dict[str, Any] | None) -> StructuredOutputs | None:
 
 
 def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
-    """OpenAI's logit_bias (token ids as JSON object keys) -> {token id: bias}; the values SamplingParams checks."""
+    """OpenAI's logit_bias (token ids as JSON object keys) -> {token id: bias}, each bias clamped to [-100, 100] as
+    vLLM's server does (SamplingParams.from_optional; its SamplingParams and ours take no other range)."""
     if not bias:
         return None
     bad = next((key for key in bias if not (key.isascii() and key.isdigit())), None)
     if bad is not None:
         raise APIError(400, f"logit_bias keys must be token ids (non-negative integers), got {bad!r}.", "logit_bias")
-    return {int(key): value for key, value in bias.items()}
+    nan = next((key for key, value in bias.items() if value != value), None)
+    if nan is not None:  # clamping would make it -100 (max(-100, nan) is -100), a ban nobody asked for
+        raise APIError(400, f"logit_bias for token {nan} is NaN: give a number (clamped to [-100, 100]).", "logit_bias")
+    # clamped before float(): a JSON integer beyond a float's range overflows it
+    return {int(key): float(min(100, max(-100, value))) for key, value in bias.items()}
 
 
 def truncate(req: _SamplingRequest, ids: list[int], max_model_len: int, max_tokens: int | None) -> list[int]:

@@ -305,6 +305,29 @@ def test_logit_bias_forces_and_bans(client, tokenizer):
     assert banned.choices[0].text != plain.choices[0].text
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_logit_bias_beyond_100_acts_as_100(client, tokenizer, endpoint):
+    """vLLM clamps logit_bias values to [-100, 100] (OpenAI's range) where we refused them with a 400: a client's
+    +1000 forces a token as +100 does."""
+    forced = tokenizer.encode("a")
+    kw = dict(model=MODEL, max_tokens=3, temperature=0.9, seed=3, logit_bias={str(forced[0]): 1000},
+              extra_body={"ignore_eos": True, **NO_THINK} if endpoint == "chat" else {"ignore_eos": True})
+    if endpoint == "chat":
+        text = client.chat.completions.create(messages=user("hi"), **kw).choices[0].message.content
+    else:
+        text = client.completions.create(prompt="The quick brown", **kw).choices[0].text
+    assert text == tokenizer.decode(forced * 3)
+
+
+@pytest.mark.parametrize("bias, clamped", [(101, 100.0), (-1e9, -100.0), (float("inf"), 100.0), (10 ** 400, 100.0),
+                                         (-7.5, -7.5)], ids=["101", "minus_1e9", "infinity", "huge_integer", "inside"])
+def test_logit_bias_beyond_100_is_clamped(bias, clamped):
+    from deltaserve.serve.protocol import CompletionRequest, parse_request, sampling_params
+
+    body = json.dumps({"prompt": "hi", "logit_bias": {"5": bias}}).encode()  # inf is sent as JSON's Infinity
+    assert sampling_params(parse_request(CompletionRequest, body), 4, None).logit_bias == {5: clamped}
+
+
 REQUEST_ID_CASES = {  # name: (endpoint, stream, X-Request-Id header or None, body's request_id or None, id expected)
     "chat_header": ("chat", False, "trace-1", None, "chatcmpl-trace-1"),
     "chat_streamed_body": ("chat", True, None, "body-2", "chatcmpl-body-2"),
@@ -805,7 +828,15 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     "request_id_not_string": ("/v1/chat/completions", chat_body(request_id=5), None, 400, "request_id"),
     "logit_bias_key": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"a": 1}}, None, 400,
                        "logit_bias"),
-    "logit_bias_range": ("/v1/chat/completions", chat_body(logit_bias={"5": 101}), None, 400, "logit_bias"),
+    "logit_bias_key_not_integer": ("/v1/chat/completions", chat_body(logit_bias={"5.0": 1}), None, 400,
+                                   "logit_bias"),
+    "logit_bias_key_negative": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"-5": 1}}, None,
+                                400, "logit_bias"),
+    "logit_bias_value_not_number": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": "x"}},
+                                    None, 400, "logit_bias.5"),
+    # a bias beyond [-100, 100] is clamped, as vLLM does (test_logit_bias_beyond_100_is_clamped); NaN is neither side
+    "logit_bias_nan": ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "logit_bias": {"5": NaN}}', None, 400,
+                       "logit_bias"),
     "logit_bias_out_of_vocab": ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"1000000": 1}},
                                 None, 400, "logit_bias"),
     "stop_token_ids_out_of_vocab": ("/v1/chat/completions", chat_body(stop_token_ids=[10 ** 6]), None, 400,
