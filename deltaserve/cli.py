@@ -243,7 +243,18 @@ def _add_chat_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        return _main(argv)
+    # Ctrl-C anywhere (while torch imports, while the model loads; serve: uvicorn re-raises it after its graceful
+    # shutdown): no traceback
+    except KeyboardInterrupt:
+        if sys.stderr.isatty():  # the prompt after "^C" starts on a line of its own
+            sys.stderr.write("\n")
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()  # imports torch (bench's presets), so it runs under main's Ctrl-C handler
     args, extra = parser.parse_known_args(argv)
     if extra:  # argparse reports these from the top parser, whose --help does not list the subcommand's flags
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
@@ -284,8 +295,6 @@ def main(argv: list[str] | None = None) -> int:
     except EngineDeadError as e:  # e.g. a tensor-parallel worker died
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C (serve: uvicorn re-raises it after its graceful shutdown): no traceback
-        return 130
 
 
 def resolve_model(path: str | None) -> str:

@@ -297,6 +297,22 @@ def sigint_held() -> Iterator[None]:
             signal.raise_signal(signal.SIGINT)
 
 
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore Ctrl-C (SIGINT) while a worker process is started: it starts with SIGINT ignored (kept across exec, and
+    Python then installs no KeyboardInterrupt handler), so a Ctrl-C during its imports (a second or more of torch,
+    before _worker_main ignores SIGINT itself) is no traceback from it; rank 0 alone answers the Ctrl-C. A Ctrl-C
+    during p.start() itself (the fork and exec) is lost. Off the main thread (where signal.signal fails) nothing."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class TPWorkers:
     """Ranks 1..world-1 as spawned processes, each with a pipe from rank 0 (steps in, start-up status out)."""
 
@@ -308,7 +324,8 @@ class TPWorkers:
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker_main, args=(rank, world, self.port, spec, child), daemon=True,
                             name=f"deltaserve-tp{rank}")
-            p.start()
+            with _sigint_ignored():
+                p.start()
             child.close()
             self.conns.append(parent)
             self.procs.append(p)

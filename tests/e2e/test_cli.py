@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -388,3 +389,91 @@ def test_serve_listen_check_skips_an_address_family_the_machine_lacks(monkeypatc
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     _check_listen("localhost", port)
+
+
+# main() returns 130; CPython 3.11 instead ends the process by SIGINT, silently, when the KeyboardInterrupt went
+# through an exec() of source text (dataclasses' generated methods): a shell's $? is 130 either way
+EXIT_CTRL_C = (130, -signal.SIGINT)
+
+
+def _ctrl_c_while_torch_imports(args, env):
+    """Run `python -m deltaserve.cli ARGS` and send it SIGINT (Ctrl-C) while `import torch` is still running:
+    -X importtime reports each module as its import ends, so a torch submodule's line means torch itself is not
+    done yet. -> (exit status, stderr without the import-time lines)."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "deltaserve.cli", *args], text=True, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.rsplit("|", 1)[-1].strip().startswith("torch."):
+            proc.send_signal(signal.SIGINT)
+            break
+    else:
+        pytest.fail(f"torch was never imported:\n{''.join(lines)}")
+    _, rest = proc.communicate(timeout=180)
+    err = "".join(line for line in (*lines, *rest.splitlines(keepends=True)) if not line.startswith("import time:"))
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("command", ["chat", "generate", "quantize"])
+def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback(made, env, tmp_path, command):
+    """Ctrl-C in the first second of any command (torch is imported when the package is) printed a traceback from
+    inside torch's __init__ and died of the signal: the package imported torch before main() could catch it."""
+    _, path = made
+    args = {"chat": ["chat", path, "--device", "cpu"],
+            "generate": ["generate", "--model", path, "--prompt", "hi", "--device", "cpu"],
+            "quantize": ["quantize", path, str(tmp_path / "q")]}[command]
+    code, err = _ctrl_c_while_torch_imports(args, env)
+    assert code in EXIT_CTRL_C, (code, err)
+    assert "Traceback" not in err and err.strip() == "", err
+    assert not (tmp_path / "q").exists()
+
+
+def test_the_cli_module_imports_without_torch(env):
+    """The console script runs `from deltaserve.cli import main` before main() (and its Ctrl-C handler) runs: that
+    import must not be the second-long torch import."""
+    res = subprocess.run([sys.executable, "-c", "import sys, deltaserve.cli, deltaserve; "
+                                                "print(sorted({'torch', 'deltaserve.llm'} & set(sys.modules)))"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", (res.stdout, res.stderr)
+
+
+@pytest.mark.parametrize("command", ["chat", "generate"])
+def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(made, monkeypatch, capsys, command):
+    from deltaserve import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("deltaserve.llm.load_weights", interrupted)
+    _, path = made
+    args = {"chat": ["chat", path, "--device", "cpu"],
+            "generate": ["generate", "--model", path, "--prompt", "hi", "--device", "cpu"]}[command]
+    assert cli.main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error" not in err, err
+
+
+def test_ctrl_c_while_tp_workers_start_exits_130_without_a_traceback(made, env):
+    """Ctrl-C reaches the terminal's whole process group: a --tp worker still importing torch (before it ignores
+    SIGINT) printed a traceback of its own. The worker's import is told apart by -X importtime, which the spawned
+    workers inherit: a torch.version line after the top-level torch one is a worker's torch import under way."""
+    args = ["generate", "--model", made[1], "--prompt", "hi", "--device", "cpu", "--tp", "2"]
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "deltaserve.cli", *args], text=True, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    lines, rank0_has_torch = [], False
+    for line in proc.stderr:
+        lines.append(line)
+        module = line.rsplit("|", 1)[-1].strip()
+        if module == "torch":
+            rank0_has_torch = True
+        elif rank0_has_torch and module == "torch.version":
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    else:
+        pytest.fail(f"no worker imported torch:\n{''.join(lines)}")
+    _, rest = proc.communicate(timeout=180)
+    err = "".join(line for line in (*lines, *rest.splitlines(keepends=True)) if not line.startswith("import time:"))
+    assert proc.returncode in EXIT_CTRL_C, (proc.returncode, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
