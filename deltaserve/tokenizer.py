@@ -67,6 +67,14 @@ def _compile_chat_template(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise TokenizerError(f"The chat template is not valid Jinja (line {e.lineno}: {e.message}).") from e
+    except Exception as e:  # noqa: BLE001 - e.g. a RecursionError in jinja's parser on deeply nested expressions
+        raise TokenizerError(f"The chat template cannot be compiled ({_error_text(e)}).") from e
+
+
+def _error_text(e: Exception) -> str:
+    """'ZeroDivisionError: division by zero': an error raised inside a template, on one line."""
+    first = (str(e).splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _normalize_message(message) -> dict:
@@ -266,8 +274,12 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise TokenizerError(f"The chat template rejected this conversation: {e}") from e
         except (TypeError, ValueError, KeyError, AttributeError) as e:  # a field of a type the template cannot use
-            raise TokenizerError(f"The chat template could not render this conversation ({type(e).__name__}: {e}); "
+            raise TokenizerError(f"The chat template could not render this conversation ({_error_text(e)}); "
                                  "check the types of the message fields.") from e
+        except Exception as e:  # noqa: BLE001 - the template's own bug (1 / 0, a sandbox limit, endless recursion):
+            # one sentence for the CLI and LLM.chat, a 400 from the server, not a traceback or a 500
+            raise TokenizerError(f"The chat template failed while rendering this conversation ({_error_text(e)}).") \
+                from e
 
     def _continued(self, messages: list[dict], add_generation_prompt: bool, tools: list | None,
                    chat_template: str | None, template_kwargs: dict) -> str:

@@ -1017,6 +1017,23 @@ def test_bad_request_then_server_still_answers(server, client, case):
     assert ok.choices[0].finish_reason in ("length", "stop")
 
 
+def test_chat_template_that_fails_while_rendering_is_a_400(model_dir, tmp_path):
+    """A chat template raising a plain Python error (a ZeroDivisionError; here a request's own template, on a server
+    that takes them) was a 500 with a traceback in the server's log; now a 400 naming the chat template and the
+    error, and the server goes on."""
+    srv = Server(model_dir, tmp_path, "--trust-request-chat-template")
+    try:
+        got, err = http(srv.url + "/v1/chat/completions", chat_body(chat_template="{{ 1 / 0 }}"))
+        assert got == 400, err
+        assert err["error"]["message"].startswith("The chat template") and \
+            "ZeroDivisionError: division by zero" in err["error"]["message"], err
+        got, ok = http(srv.url + "/v1/chat/completions", chat_body(chat_template="{{ messages[0].content }}"))
+        assert got == 200 and ok["choices"][0]["finish_reason"] in ("length", "stop"), ok
+        assert "Traceback" not in srv.log_path.read_text()
+    finally:
+        srv.stop()
+
+
 def test_engine_failure_is_500_and_server_recovers(server, client):
     with pytest.raises(openai.InternalServerError, match="injected test failure"):
         client.chat.completions.create(model=MODEL, messages=user("FORCE_BOOM"), max_tokens=4)

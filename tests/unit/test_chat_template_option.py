@@ -104,3 +104,44 @@ def test_documents_reach_the_chat_template(tiny):
     assert ctx.tokenizer.decode(ids, skip_special_tokens=False) == "[Paris: capital of France]<user>hello>>"
     assert chat_prompt(ctx, ChatCompletionRequest(model="m", messages=HELLO, chat_template=template)) == \
         "<user>hello>>"
+
+
+# templates that raise a plain Python error while compiling or rendering (jinja's own TemplateError, raise_exception's,
+# and the TypeError / ValueError / KeyError / AttributeError of a message field the template cannot use were handled)
+FAILING_TEMPLATES = {
+    "zero-division": ("{{ 1 / 0 }}", "ZeroDivisionError: division by zero"),
+    "sandbox-range": ("{% for i in range(10 ** 6) %}{% endfor %}", "OverflowError: Range too big"),
+    "format-index": ("{{ '{0}'.format() }}", "IndexError"),
+    "recursion": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+    "nested-too-deep": ("{{ " + "(" * 500 + "1" + ")" * 500 + " }}", "RecursionError"),  # in jinja's parser
+}
+
+
+@pytest.fixture(scope="module")
+def trusted(tiny):
+    """A server context that takes a request's chat_template (its LLM serves LLM.chat too)."""
+    return context(tiny, trusted=True)
+
+
+@pytest.mark.parametrize("template, needle", FAILING_TEMPLATES.values(), ids=FAILING_TEMPLATES.keys())
+def test_template_that_fails_while_rendering_is_one_sentence(trusted, template, needle):
+    """Such an error came out of LLM.chat (and generate --chat) as a bare exception from inside jinja with a
+    traceback, and out of the server as a 500; now a ValueError naming the chat template and the error: a 400."""
+    with pytest.raises(ValueError) as e:
+        trusted.engine.llm.chat(HELLO, chat_template=template, use_tqdm=False)
+    msg = str(e.value)
+    assert "chat template" in msg and needle in msg and "\n" not in msg, msg
+    with pytest.raises(APIError) as e:
+        chat_prompt(trusted, ChatCompletionRequest(model="m", messages=HELLO, chat_template=template))
+    assert e.value.status == 400 and needle in str(e.value), str(e.value)
+    with pytest.raises(APIError) as e:
+        tokenize(trusted, TokenizeRequest(messages=HELLO, chat_template=template))
+    assert e.value.status == 400 and needle in str(e.value), str(e.value)
+
+
+def test_cli_template_that_fails_while_rendering_is_one_line(tiny, capsys):
+    template, needle = FAILING_TEMPLATES["zero-division"]
+    argv = ["generate", "--prompt", "x", "--chat", "--model", tiny, "--device", "cpu", "--chat-template", template]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: The chat template") and needle in err[0], err
