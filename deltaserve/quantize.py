@@ -33,7 +33,7 @@ from .config import ModelConfig
 from .kernels.fp8_gemm import dequant_blocks
 from .layers.fp8 import quantize_blocks
 from .layers.quant import QUANT_SUFFIXES, check_shapes, dequantize, to_awq
-from .models.weights import checkpoint_files, read_formats, strip_name
+from .models.weights import WeightsError, check_weights, checkpoint_files, read_formats, strip_name
 
 logger = logging.getLogger("deltaserve")
 
@@ -74,8 +74,13 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
         raise ValueError(f"{src} is already quantized ({cfg.quantization.method}); quantize a 16-bit checkpoint")
     skip = not_convert_list(cfg, not_convert or [])
     files = checkpoint_files(src)
-    read_formats(cfg, src)  # quantized tensors under a config.json without quantization_config: WeightsError, as
-    # the loader says it (they were quantized as if 16-bit, and the checkpoint written failed to load)
+    try:  # as the loader checks it, from the headers: a SRC that would not load was quantized into a DST that did not
+        # either (tensors config.json has no place for, or of other shapes; quantized tensors without a
+        # quantization_config, which were quantized as if 16-bit)
+        check_weights(cfg, src)
+    except WeightsError as e:
+        raise WeightsError(f"{src} does not load as it is, so it is not quantized: {str(e)[:1].lower()}{str(e)[1:]}") \
+            from None
     headers = _headers(files)  # checked before anything is written
     _check_experts_uniform(headers, skip)
     _check_not_convert(headers, skip, not_convert or [])

@@ -415,7 +415,10 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
                 if target.param not in params or not _index_fits(params[target.param], target.index):
                     unexpected.append(name)
                     continue
-                tensor = f.get_tensor(name) if target.source is None else read_ranges(sl, *target.source)
+                if params[target.param].is_meta:  # check_weights: the header's shape and dtype, no data read
+                    tensor = _header_tensor(sl, name)
+                else:
+                    tensor = f.get_tensor(name) if target.source is None else read_ranges(sl, *target.source)
                 if any(part in loaded for part in target.parts):  # a second copy: the same values, or refused
                     _check_duplicate(params[target.param], target, tensor, name, loaded, file)
                     continue
@@ -430,6 +433,28 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
         names = ", ".join(dict.fromkeys(checkpoint_name(part, cfg, first) for part in missing[:3]))
         raise WeightsError(f"Checkpoint is missing {len(missing)} tensor(s), e.g. {names}: an incomplete download, "
                            f"or a config.json that does not belong to these weights.")
+
+
+def check_weights(cfg: ModelConfig, path: str) -> None:
+    """What load_weights checks, from the safetensors headers alone (no tensor data is read): every tensor has a
+    place in the model config.json describes, of its shape and kind, and none is missing; WeightsError naming the
+    tensor. Values (finite, equal duplicates) are checked only when the weights load."""
+    model = build_model(cfg, torch.device("meta"), torch.float32, formats=read_formats(cfg, path))
+    load_weights(model, cfg, path)
+
+
+_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                  "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32,
+                  "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _header_tensor(sl, name: str) -> torch.Tensor:
+    """A safetensors slice's shape and dtype as a meta tensor (what load_weights checks, without the data)."""
+    dtype = _HEADER_DTYPES.get(sl.get_dtype())
+    if dtype is None:
+        raise WeightsError(f"Tensor {name} is stored as {sl.get_dtype()}, a dtype deltaserve does not read.")
+    return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
 
 
 # coverage key (Target.parts) -> the checkpoint tensor it stands for (our name, prefix still off)
@@ -485,6 +510,8 @@ def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: 
         kind = "floating-point" if dst.is_floating_point() else f"{dst.element_size() * 8}-bit or wider integer"
         raise WeightsError(f"Tensor {name} is {str(tensor.dtype).replace('torch.', '')}, but the model expects a "
                            f"{kind} tensor there.")
+    if dst.is_meta:  # check_weights: no values to copy or check
+        return
     dst.copy_(src)
     if dst.dtype in _CHECKED_FINITE and not _all_finite(dst):  # else the model writes token 0, nan logprobs
         if src.dtype in _CHECKED_FINITE and _all_finite(src):
@@ -514,7 +541,7 @@ def _check_duplicate(param: torch.Tensor, target: Target, tensor: torch.Tensor, 
     dst = param.data[target.index] if target.index else param.data
     src = target.transform(tensor)
     if not all(part in loaded for part in target.parts) or tuple(src.shape) != tuple(dst.shape) or \
-            not torch.equal(dst, src.to(dst.dtype)):
+            not dst.is_meta and not torch.equal(dst, src.to(dst.dtype)):  # meta (check_weights): no values yet
         raise WeightsError(f"Checkpoint holds {first} twice (again as {name} in {os.path.basename(file)}) with "
                            f"different values; remove the stray copy, a leftover of another export?")
 

@@ -274,6 +274,17 @@ def test_error_quantize_into_existing_checkpoint(made, env):
     assert_user_error(res, path, "not an empty directory")
 
 
+def test_error_quantize_a_source_that_does_not_load(made, env, tmp_path):
+    """Weights that do not fit config.json were quantized (exit 0) into a checkpoint that then failed to load."""
+    src, dst = tmp_path / "src", tmp_path / "q"
+    shutil.copytree(made[1], src)
+    config = json.loads((src / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (src / "config.json").write_text(json.dumps(config))
+    assert_user_error(cli("quantize", str(src), str(dst), env=env), str(src), "does not load", "down_proj.weight")
+    assert not dst.exists()
+
+
 def test_make_tiny_refuses_a_directory_that_is_not_empty(env, tmp_path):
     """It overwrote config.json, the weights and the tokenizer of whatever the directory held (a real checkpoint
     given by mistake); now that takes --force."""

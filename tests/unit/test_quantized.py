@@ -377,6 +377,55 @@ def test_quantize_refuses_not_convert_patterns_that_match_nothing_or_everything(
     assert not os.path.exists(tmp_path / "q")
 
 
+def _set_text_config(path: str, **changes) -> None:
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    raw["text_config"].update(changes)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(raw, f)
+
+
+def _write_config(path: str, text: str) -> None:
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(text)
+
+
+SOURCES_THAT_DO_NOT_LOAD = {  # name: (break the copy of the dense source, given the MoE one; what the sentence says)
+    "no-config": (lambda p, moe: os.remove(os.path.join(p, "config.json")), "config.json not found"),
+    "config-not-json": (lambda p, moe: _write_config(p, '{"architectures": ['), "not valid JSON"),
+    "not-qwen3.5": (lambda p, moe: _write_config(p, '{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}'),
+                    "architecture 'LlamaForCausalLM' is not supported"),
+    "no-weights": (lambda p, moe: os.remove(os.path.join(p, "model.safetensors")), "No model.safetensors"),
+    # config.json and the weights disagree: each was quantized (exit 0) into a checkpoint that then failed to load
+    "moe-config-on-dense-weights": (lambda p, moe: shutil.copy(os.path.join(moe, "config.json"), p),
+                                    "tensor(s) this Qwen3_5MoeForConditionalGeneration model does not use"),
+    "tensor-missing": (lambda p, moe: _drop_tensor(p, "layers.1.input_layernorm.weight"),
+                       "missing 1 tensor(s), e.g. model.language_model.layers.1.input_layernorm.weight"),
+    "tensor-of-another-shape": (lambda p, moe: _set_text_config(p, intermediate_size=512),
+                                "down_proj.weight has shape [128, 256], but the model expects [128, 512]"),
+}
+
+
+@pytest.mark.parametrize("break_it, needle", SOURCES_THAT_DO_NOT_LOAD.values(), ids=SOURCES_THAT_DO_NOT_LOAD.keys())
+def test_quantize_refuses_a_source_that_does_not_load_before_any_work(monkeypatch, sources, tmp_path, break_it,
+                                                                       needle):
+    """SRC is checked as the loader checks it (config.json, then every tensor's name and shape against it, from the
+    safetensors headers) before calibrating or writing anything; the sentence names SRC."""
+    import deltaserve.quantize as quantize
+
+    monkeypatch.setattr(quantize, "calibrate", lambda *a, **kw: pytest.fail("calibrated before checking SRC"))
+    src, dst = tmp_path / "src", tmp_path / "q"
+    shutil.copytree(sources[False], src)
+    break_it(str(src), sources[True])
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Calibration text. " * 100)
+    with pytest.raises(ValueError) as e:
+        quantize_checkpoint(str(src), str(dst), group_size=GROUP, calib=str(calib), progress=False)
+    msg = str(e.value)
+    assert needle in msg and str(src) in msg and "\n" not in msg, msg
+    assert not dst.exists()
+
+
 # ---- activation-aware scales (quantize --calib) ----
 
 def test_folded_scales_leave_the_16bit_model_unchanged(sources, tmp_path):
