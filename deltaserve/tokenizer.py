@@ -214,6 +214,11 @@ class Tokenizer:
         """Number of ids, added tokens included (`len(hf_tokenizer)`; may be below the model's embedding rows)."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    def __len__(self) -> int:
+        """vocab_size, as transformers' and vLLM's `len(tokenizer)` gives it (their `vocab_size` leaves out the added
+        tokens)."""
+        return self.vocab_size
+
     @property
     def eos_token_id(self) -> int | None:
         eos = self.special_tokens.get("eos_token")

@@ -621,3 +621,18 @@ def test_a_tokenizer_without_qwen35_config_keeps_its_own_split(tok, hf_tok):
     assert type(hf_tok).__name__ == "Qwen2Tokenizer"
     for text in MARKED.values():
         assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
+
+
+@pytest.mark.parametrize("added", [{}, {"<|mask|>": True, "<|sep|>": False}], ids=["as-trained", "config-only-tokens"])
+def test_len_is_the_whole_vocabulary_as_in_transformers(tiny_dir, tmp_path, added):
+    """len(tokenizer) is transformers' (and vLLM's) size of the whole vocabulary, added tokens included; it was a
+    TypeError. config-only-tokens: tokens tokenizer_config.json adds that tokenizer.json lacks count too."""
+    def add(config):
+        n = max(int(i) for i in config["added_tokens_decoder"]) + 1
+        off = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+        for i, (content, special) in enumerate(added.items()):
+            config["added_tokens_decoder"][str(n + i)] = {**off, "content": content, "special": special}
+
+    ours, hf = _ours_and_hf_with_config(tiny_dir, tmp_path, add)
+    assert len(ours) == len(hf) == ours.vocab_size
+    assert len(ours) == 512 + 9 + len(added)  # base + 3 special + 6 chat tokens + the config's own

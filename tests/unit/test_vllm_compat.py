@@ -250,3 +250,10 @@ def test_a_tokens_prompt_may_carry_its_text(llm):
         llm.generate([{"prompt_token_ids": ids, "prompt": 5}], greedy(), use_tqdm=False)
     with pytest.raises(ValueError, match="^a prompt dict takes one of"):
         llm.generate([{}], greedy(), use_tqdm=False)
+
+
+def test_len_of_get_tokenizer_is_transformers_len(llm, path):
+    """len(llm.get_tokenizer()) was a TypeError; code written for vLLM or transformers takes the vocabulary size
+    from it."""
+    transformers = pytest.importorskip("transformers")
+    assert len(llm.get_tokenizer()) == len(transformers.AutoTokenizer.from_pretrained(path))
