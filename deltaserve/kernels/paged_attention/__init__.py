@@ -50,9 +50,8 @@ def attend(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale: f
     q, gate: [T, H, D]; caches: [NB, BS, Hkv, D]; block_tables: [N, max_blocks]; cu_seqlens [N+1] and
     context_lens [N] on the device, with host copies query_lens / context_lens_cpu; max_context_len: a bound on
     every context (under CUDA graphs, the capture bound); decode_rows: leading one-token sequences of a mixed step.
-    On CUDA: split-K decode
-    for one-token sequences (all of a decode step, the leading decode_rows of a mixed one), the varlen prefill kernel
-    for the others; elsewhere the torch reference. -> [T, H, D] in q's dtype."""
+    On CUDA: split-K decode for one-token sequences (all of a decode step, the leading decode_rows of a mixed one),
+    the varlen prefill kernel for the others; elsewhere the torch reference. -> [T, H, D] in q's dtype."""
     if not q.is_cuda:
         return paged_attention_varlen(q, k_cache, v_cache, block_tables, query_lens, context_lens_cpu, scale, gate)
     if is_decode:

@@ -210,7 +210,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 caches: exact products (tests), not TF32
 
 
-def _cache_args(k_cache: Cache, v_cache: Cache, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], dict]:
+def _cache_args(k_cache: Cache, v_cache: Cache, q: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], dict]:
     """-> (k data, v data, [k_scale, v_scale, k_zero, v_zero], constexprs KV_KIND and DOT_PRECISION) for the
     attention kernels. The matmuls run in the cache dtype for a 16-bit cache, in q's dtype for a quantized one;
     a 16-bit cache stands in for the four unused scale / zero pointers."""
