@@ -3,8 +3,9 @@
 # Usage on the GPU machine: bash scripts/gpu_session.sh PART...
 #   PART: tests parity kernels engine state tp quant offline
 #   tests    the `gpu`-marked kernel and unit tests (one H200, 2026-11-29: ~470 s, so run it in a call of its own)
-#   parity   bf16 engine against HF transformers (tests/e2e/test_gpu_parity.py, ~230 s alone), and the piecewise
-#            CUDA graphs against eager (tests/e2e/test_gpu_graphs.py, ~10 s)
+#   parity   bf16 engine against HF transformers (tests/e2e/test_gpu_parity.py, ~230 s alone), the piecewise
+#            CUDA graphs against eager (tests/e2e/test_gpu_graphs.py, ~10 s) and mixed steps' decode rows on the
+#            split-K kernel against the prefill kernel (tests/e2e/test_gpu_mixed.py, ~10 s)
 #   kernels  int4 GEMM/MoE and attention (KV dtypes) benches
 #   engine   deltaserve bench, Qwen3.5-9B shapes                   tp       two-GPU TP test and the all-reduce cost
 #   quant    AWQ int4 presets (27B, 35B-A3B 8 layers) + bf16 twin  offline  the 1000 x (1024 -> 128) throughput profile
@@ -20,7 +21,7 @@ for part in "$@"; do
         --durations=10 2>&1 | grep -vE "^\s*$" | tail -80 > "$OUT/gpu_tests.log" ;;
     parity)
       timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu tests/e2e/test_gpu_parity.py \
-        tests/e2e/test_gpu_graphs.py -s 2>&1 \
+        tests/e2e/test_gpu_graphs.py tests/e2e/test_gpu_mixed.py -s 2>&1 \
         | grep -vE "^\s*$" | tail -30 > "$OUT/gpu_parity.log" ;;
     kernels)
       { timeout 130 python3 benchmarks/kernels/bench_int4.py; timeout 110 python3 benchmarks/kernels/bench_attention.py \
