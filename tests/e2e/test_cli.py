@@ -407,12 +407,20 @@ def test_serve_listen_check_skips_an_address_family_the_machine_lacks(monkeypatc
 EXIT_CTRL_C = (130, -signal.SIGINT)
 
 
+def _sigint_default() -> None:
+    """preexec_fn: SIGINT at its default in the child, as a terminal's foreground job has it. A test runner started in
+    the background (`cmd &` in a non-interactive shell, as CI may be) hands its children SIGINT ignored, and Python
+    then installs no KeyboardInterrupt handler: the Ctrl-C these tests send would be dropped."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _ctrl_c_while_torch_imports(args, env):
     """Run `python -m deltaserve.cli ARGS` and send it SIGINT (Ctrl-C) while `import torch` is still running:
     -X importtime reports each module as its import ends, so a torch submodule's line means torch itself is not
     done yet. -> (exit status, stderr without the import-time lines)."""
     proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "deltaserve.cli", *args], text=True, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_sigint_default)
     lines = []
     for line in proc.stderr:
         lines.append(line)
@@ -472,7 +480,8 @@ def test_ctrl_c_while_tp_workers_start_exits_130_without_a_traceback(made, env):
     args = ["generate", "--model", made[1], "--prompt", "hi", "--device", "cpu", "--tp", "2"]
     proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "deltaserve.cli", *args], text=True, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)  # its own process group, as a terminal's foreground job
+                            start_new_session=True,  # its own process group, as a terminal's foreground job
+                            preexec_fn=_sigint_default)
     lines, rank0_has_torch = [], False
     for line in proc.stderr:
         lines.append(line)
