@@ -5,6 +5,8 @@ quantization_config: a module holding `qweight`/`qzeros`/`scales` is AWQ int4, o
 `weight_packed`/`weight_scale` is compressed-tensors int4, one whose `weight` is F8_E4M3 (with `weight_scale_inv`)
 is block FP8, anything else stays 16-bit. (modules_to_not_convert is how the writer chose; the tensors
 are what the reader trusts.) `apply_formats` then swaps the matching modules of a freshly built (meta) model.
+Both hold the quantized Linears against config.json before anything is built (each one's weight shape, every expert
+present, a module of the model for each), so a config.json of other weights is one sentence, as in the 16-bit loader.
 `awq_formats` plans the same dict without a checkpoint (random-weight benchmarks): the mixed pattern of
 Qwen3.5 AWQ checkpoints, or the all-int4 one `deltaserve quantize` writes. `tp_problems` says (before any process
 starts) why a tensor-parallel size cannot cut the int4 Linears: a shard must hold whole packed int32s and whole
@@ -48,6 +50,7 @@ def plan_formats(cfg: ModelConfig, files: list[str], strip) -> dict[str, str]:
     kinds: dict[str, dict[str, str]] = defaultdict(dict)  # module -> suffix -> full tensor name
     fp8: dict[str, str] = {}  # module -> full name of its float8 `weight`
     names: set[str] = set()
+    shapes: dict[str, list[int]] = {}  # full name -> shape, of the quantized Linears' tensors
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for full in f.keys():
@@ -58,9 +61,11 @@ def plan_formats(cfg: ModelConfig, files: list[str], strip) -> dict[str, str]:
                 module, _, suffix = name.rpartition(".")
                 if suffix in QUANT_SUFFIXES or suffix == "weight_scale_inv":
                     kinds[module][suffix] = full
+                    shapes[full] = f.get_slice(full).get_shape()
                 elif suffix == "weight" and f.get_slice(full).get_dtype().startswith("F8"):
                     _check_fp8_dtype(full, f.get_slice(full).get_dtype())
                     fp8[module] = full
+                    shapes[full] = f.get_slice(full).get_shape()
     if not kinds and not fp8:
         return {}
     q = cfg.quantization
@@ -69,9 +74,15 @@ def plan_formats(cfg: ModelConfig, files: list[str], strip) -> dict[str, str]:
         raise FormatError(f"Checkpoint holds quantized tensor {first} but config.json has no quantization_config; "
                           f"use the config.json that came with the checkpoint.")
     if fp8 or q.method == "fp8":
-        return _plan_fp8(kinds, fp8, q.method, first)
-    fmt = "awq" if q.method == "awq" else ("ct_zp" if q.zero_point else "ct")
-    return {module: _check_module(module, found, fmt, q.method, names) for module, found in kinds.items()}
+        formats = _plan_fp8(kinds, fp8, q.method, first)
+    else:
+        fmt = "awq" if q.method == "awq" else ("ct_zp" if q.zero_point else "ct")
+        formats = {module: _check_module(module, found, fmt, q.method, names) for module, found in kinds.items()}
+    weights = {module: fp8[module] if fmt == "fp8" else kinds[module][next(iter(FORMATS[fmt]))]
+               for module, fmt in formats.items()}
+    _check_sizes(cfg, formats, {module: (full, shapes[full]) for module, full in weights.items()})
+    _check_experts_present(cfg, formats, {name.rpartition(".")[0] for name in names})
+    return formats
 
 
 def _check_fp8_dtype(full: str, dtype: str) -> None:
@@ -116,6 +127,47 @@ def _check_module(module: str, found: dict[str, str], fmt: str, method: str, nam
     return fmt
 
 
+def _check_sizes(cfg: ModelConfig, formats: dict[str, str], weights: dict[str, tuple[str, list[int]]]) -> None:
+    """Each quantized Linear's weight tensor (qweight, weight_packed, the FP8 weight: shapes free of the group size;
+    weights: module -> (full name, header shape)) has the shape config.json gives that Linear. Checked before the
+    model is built, as a size the format cannot hold (250 outputs, not a whole number of int32s) would otherwise be
+    blamed on quantization_config.group_size; the loader checks every other tensor against the built model."""
+    linears = linear_modules(cfg)
+    for module in (m for m in linears if m in formats):  # in layer order: the first misfit is the one named
+        fmt, (in_f, out_f) = formats[module], linears[module]
+        want = [out_f, in_f] if fmt == "fp8" else list(next(iter(FORMATS[fmt].values())).shape(in_f, out_f, 1))
+        full, shape = weights[module]
+        if list(shape) != want:
+            raise FormatError(f"Tensor {full} has shape {list(shape)}, but the model expects {want} for it (from "
+                              f"config.json).")
+
+
+def _check_experts_present(cfg: ModelConfig, formats: dict[str, str], modules: set[str]) -> None:
+    """A layer with quantized experts holds every expert config.json's num_experts gives it. One without any tensor
+    is a config.json of other weights (or a partial download), not the mix of formats apply_formats reports for
+    an expert stored 16-bit."""
+    for moe in sorted({m["moe"] for name in formats if (m := EXPERT.match(name))}):
+        absent = next((f"{moe}.{e}.{p}" for e in range(cfg.num_experts) for p in ("gate_proj", "up_proj", "down_proj")
+                       if f"{moe}.{e}.{p}" not in modules), None)
+        if absent is not None:
+            raise FormatError(f"Checkpoint holds no tensor of expert {absent}, though config.json has num_experts="
+                              f"{cfg.num_experts}: an incomplete download, or a config.json that does not belong to "
+                              f"these weights.")
+
+
+def _unplaced(model: nn.Module, cfg: ModelConfig, formats: dict[str, str]) -> list[str]:
+    """Quantized modules of the checkpoint that the model config.json describes has no place for: MoE weights under a
+    dense config or the reverse, a layer of the other token mixer, a layer past num_hidden_layers. An expert past
+    num_experts of a layer that has experts is left to _apply_experts, which says so."""
+    linears, out = linear_modules(cfg), []
+    for name in formats:
+        m = EXPERT.match(name)
+        owner = m["moe"] if m and cfg.is_moe else name
+        if name not in linears and _get(model, owner) is None:
+            out.append(name)
+    return sorted(out)
+
+
 def apply_formats(model: nn.Module, cfg: ModelConfig, formats: dict[str, str],
                   blocks: dict[str, tuple[int, int]] | None = None) -> None:
     """Swap the modules of `model` (built on the meta device, all 16-bit) for the formats of `formats`. cfg: the
@@ -125,6 +177,11 @@ def apply_formats(model: nn.Module, cfg: ModelConfig, formats: dict[str, str],
         return
     from .weights import fused_layout
 
+    unplaced = _unplaced(model, cfg, formats)
+    if unplaced:  # else an AttributeError from get_submodule below (SparseMoE has no attribute `gate_up_proj`)
+        raise FormatError(f"Checkpoint has {len(unplaced)} quantized module(s) this {cfg.architecture} model does "
+                          f"not have, e.g. {', '.join(unplaced[:3])}: config.json and the weights disagree; is "
+                          f"config.json from the same checkpoint?")
     q, blocks = cfg.quantization, blocks or {}
     left = dict(formats)
     for i in range(cfg.num_hidden_layers):

@@ -285,6 +285,19 @@ def test_error_quantize_a_source_that_does_not_load(made, env, tmp_path):
     assert not dst.exists()
 
 
+def test_error_generate_quantized_checkpoint_under_a_moe_config(made, env, tmp_path):
+    """An AWQ checkpoint of a dense model under an MoE model's config.json was an AttributeError traceback
+    ('SparseMoE' has no attribute 'gate_up_proj') from deep in the loader."""
+    q, moe = tmp_path / "awq", tmp_path / "moe"
+    assert cli("quantize", made[1], str(q), "--group-size", "64", env=env).returncode == 0
+    assert cli("make-tiny", str(moe), "--moe", env=env).returncode == 0
+    config = json.loads((moe / "config.json").read_text())
+    config["quantization_config"] = json.loads((q / "config.json").read_text())["quantization_config"]
+    (q / "config.json").write_text(json.dumps(config))
+    res = cli("generate", "--model", str(q), "--prompt", "hello", "--max-tokens", "2", "--device", "cpu", env=env)
+    assert_user_error(res, "layers.0.mlp.down_proj", "config.json and the weights disagree")
+
+
 def test_make_tiny_refuses_a_directory_that_is_not_empty(env, tmp_path):
     """It overwrote config.json, the weights and the tokenizer of whatever the directory held (a real checkpoint
     given by mistake); now that takes --force."""

@@ -6,6 +6,7 @@ the per-Linear format decisions and the mixed fused groups are read right; the q
 bounded separately (|W - Ŵ| <= s/2 per group)."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -314,19 +315,102 @@ def _set_num_experts(path: str, n: int) -> None:
         json.dump(raw, f)
 
 
+def _expert_16bit(path: str, src: str, module: str) -> None:
+    """One expert Linear stored 16-bit (its source weight) among int4 ones."""
+    _drop_module(path, module)
+    file, name = os.path.join(path, "model.safetensors"), f"model.language_model.{module}.weight"
+    with safe_open(file, framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    with safe_open(os.path.join(src, "model.safetensors"), framework="pt") as f:
+        tensors[name] = f.get_tensor(name)
+    save_file(tensors, file)
+
+
 @pytest.mark.parametrize("break_it, needle", [
-    (lambda p: _set_num_experts(p, 7), "holds quantized expert layers.0.mlp.experts.7.down_proj, but config.json "
-                                       "has num_experts=7"),
-    (lambda p: _drop_module(p, "layers.1.mlp.experts.5.up_proj"),
+    (lambda p, src: _set_num_experts(p, 7), "holds quantized expert layers.0.mlp.experts.7.down_proj, but config.json "
+                                            "has num_experts=7"),
+    # a missing expert was also "has no quantized tensors (it is 16-bit or missing); ... all in one quantized format"
+    (lambda p, src: _drop_module(p, "layers.1.mlp.experts.5.up_proj"),
+     "holds no tensor of expert layers.1.mlp.experts.5.up_proj, though config.json has num_experts=8"),
+    (lambda p, src: _expert_16bit(p, src, "layers.1.mlp.experts.5.up_proj"),
      "layers.1.mlp.experts.5.up_proj has no quantized tensors (it is 16-bit or missing)"),
-], ids=["expert_past_num_experts", "expert_without_tensors"])
+], ids=["expert_past_num_experts", "expert_without_tensors", "expert_stored_16bit"])
 def test_int4_experts_that_do_not_match_the_config_are_named(break_it, needle, sources, tmp_path):
-    """Both were "Experts of layer N mix formats ({'awq'})" / "(16-bit ...)": a mix of formats the checkpoint does
-    not have."""
+    """Each was "Experts of layer N mix formats ({'awq'})" / "(16-bit ...)": a mix of formats the checkpoint does
+    not have (but for the expert stored 16-bit)."""
     q = quantize_checkpoint(sources[True], str(tmp_path / "q"), group_size=GROUP, progress=False)
-    break_it(q)
+    break_it(q, sources[True])
     msg = _error(q)
     assert needle in msg, msg
+
+
+@pytest.fixture(scope="module")
+def every_format(sources, tmp_path_factory):
+    """(format, moe) -> a tiny checkpoint in that format: "16bit" (the source itself), "awq", "ct" or "fp8"."""
+    root = tmp_path_factory.mktemp("formats")
+    out = {}
+    for moe, src in sources.items():
+        kind = "moe" if moe else "dense"
+        out["16bit", moe] = src
+        out["awq", moe] = quantize_checkpoint(src, str(root / f"awq_{kind}"), group_size=GROUP, progress=False)
+        out["ct", moe] = write_ct(src, str(root / f"ct_{kind}"), zero_point=False)
+        out["fp8", moe] = quantize_checkpoint(src, str(root / f"fp8_{kind}"), method="fp8", progress=False)
+    return out
+
+
+def _other_model(other: dict):
+    """config.json of the other kind of model (dense <-> MoE), the checkpoint's own quantization_config kept."""
+    def edit(raw: dict) -> None:
+        raw.update({k: v for k, v in other.items() if k != "quantization_config"})
+    return edit
+
+
+def _layer_types_rotated(raw: dict) -> None:  # full attention first: layers 0 and 3 swap token mixers
+    raw["text_config"]["layer_types"] = ["full_attention"] + ["linear_attention"] * 3
+
+
+def _three_layers(raw: dict) -> None:
+    raw["text_config"].update(num_hidden_layers=3, layer_types=raw["text_config"]["layer_types"][:3])
+
+
+CONFIG_NOT_OF_THE_WEIGHTS = {  # id: (the weights are MoE, edit of their config.json, regex the sentence matches)
+    "moe-config-on-dense-weights": (False, "moe", r"layers\.0\.mlp\.down_proj"),
+    "dense-config-on-moe-weights": (True, "dense", r"layers\.0\.mlp\.experts\.0\.down_proj"),
+    "layer-types-of-another-model": (False, _layer_types_rotated, r"layers\.0\.linear_attn\."),
+    "fewer-layers": (True, _three_layers, r"layers\.3\."),
+    # sizes no int4 packing holds (not a multiple of 8) were blamed on quantization_config.group_size
+    "intermediate-size": (False, lambda raw: raw["text_config"].update(intermediate_size=250),
+                          r"layers\.0\.mlp\.(gate|down)_proj\.\w+ has shape \[[\d, ]+\], but the model expects"),
+    "moe-intermediate-size": (True, lambda raw: raw["text_config"].update(moe_intermediate_size=44),
+                              r"layers\.0\.mlp\.experts\.0\.(gate|down)_proj\.\w+ has shape \[[\d, ]+\], but "
+                              r"the model expects"),
+    # experts 8-15 absent were "not all quantized alike: ... has no quantized tensors (it is 16-bit or missing)"
+    "more-experts": (True, lambda raw: raw["text_config"].update(num_experts=16),
+                     r"layers\.0\.mlp\.(gate\.weight has shape \[8, 128\], but the model expects \[16, 128\]|"
+                     r"experts\.8\.gate_proj.*num_experts=16)"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["16bit", "awq", "ct", "fp8"])
+@pytest.mark.parametrize("moe, edit, pattern", CONFIG_NOT_OF_THE_WEIGHTS.values(), ids=CONFIG_NOT_OF_THE_WEIGHTS.keys())
+def test_config_json_of_other_weights_is_one_sentence_naming_the_tensor(every_format, tmp_path, fmt, moe, edit,
+                                                                         pattern):
+    """config.json and the weights disagree (an MoE config over dense weights, layer types, sizes, num_experts): one
+    sentence naming the first tensor or module that does not fit and blaming config.json, in every format. The
+    quantized ones were an AttributeError from deep in apply_formats (SparseMoE has no attribute `gate_up_proj`,
+    DecoderLayer has no attribute `linear_attn`) or a sentence with the wrong advice (keep it 16-bit, fix
+    group_size, experts not quantized alike); 16-bit checkpoints already said so."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(every_format[fmt, moe], path)
+    with open(path / "config.json") as f:
+        raw = json.load(f)
+    if isinstance(edit, str):
+        with open(os.path.join(every_format["16bit", not moe], "config.json")) as f:
+            edit = _other_model(json.load(f))
+    edit(raw)
+    (path / "config.json").write_text(json.dumps(raw))
+    msg = _error(str(path))
+    assert re.search(pattern, msg) and "config.json" in msg, msg
 
 
 def test_quantized_tensors_without_quantization_config(sources, tmp_path):
