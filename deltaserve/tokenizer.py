@@ -55,11 +55,15 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
+def _environment() -> ImmutableSandboxedEnvironment:
+    # chat templates come from the Hub and are untrusted code, hence the sandbox
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+
+
 @lru_cache(maxsize=8)
 def _compile_chat_template(source: str) -> jinja2.Template:
-    # chat templates come from the Hub and are untrusted code, hence the sandbox
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = _environment()
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -77,7 +81,45 @@ def _error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def _normalize_message(message) -> dict:
+@lru_cache(maxsize=8)
+def _renders_parts(source: str) -> bool:
+    """Whether a chat template renders a message's content parts itself: vLLM's "openai" content format, as its
+    `_detect_content_format` decides it (vllm/renderers/hf.py), from the template's syntax tree: a loop over
+    `m.content` (or `m['content']`, filtered or sliced) where `m` is the variable of a loop over `messages` (or over a
+    variable set from it), or a loop over a variable named `content` (Qwen3.5's render_content macro). Otherwise
+    ("string") vLLM joins the text parts with "\n" before rendering. The source compiles (checked before)."""
+    tree = _environment().parse(source)
+    loops = [loop for loop in tree.find_all(jinja2.nodes.For) if isinstance(loop.target, jinja2.nodes.Name)]
+    lists, grew = {"messages"}, True
+    while grew:  # {% set msgs = messages[1:] %}, and names set from those
+        new = {a.target.name for a in tree.find_all(jinja2.nodes.Assign) if isinstance(a.target, jinja2.nodes.Name)
+               and _name_of(_elements(a.node)) in lists}
+        lists, grew = lists | new, not new <= lists
+    message_vars = {loop.target.name for loop in loops if _name_of(_elements(loop.iter)) in lists}
+    for loop in loops:
+        it = _elements(loop.iter)
+        key = it.attr if isinstance(it, jinja2.nodes.Getattr) else \
+            it.arg.value if isinstance(it, jinja2.nodes.Getitem) and isinstance(it.arg, jinja2.nodes.Const) else None
+        if key == "content" and _name_of(it.node) in message_vars or _name_of(loop.iter) == "content":
+            return True
+    return False
+
+
+def _elements(node: jinja2.nodes.Node) -> jinja2.nodes.Node:
+    """What a loop or `set` reads the elements of, under filters, tests and slices (`messages[1:]|reverse`)."""
+    while isinstance(node, (jinja2.nodes.Filter, jinja2.nodes.Test)) and node.node is not None or \
+            isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Slice):
+        node = node.node
+    return node
+
+
+def _name_of(node: jinja2.nodes.Node) -> str | None:
+    return node.name if isinstance(node, jinja2.nodes.Name) and node.ctx == "load" else None
+
+
+def _normalize_message(message, parts_separator: str = "\n") -> dict:
+    """parts_separator: what a non-tool message's text parts are joined with ("" where the template renders the
+    parts itself, see _renders_parts)."""
     # Like transformers: drop None values (OpenAI sends content=None with tool_calls) and alias reasoning fields
     if not isinstance(message, dict):
         raise TokenizerError(f"Each chat message must be a dict with 'role' and 'content', got {message!r}.")
@@ -93,9 +135,10 @@ def _normalize_message(message) -> dict:
                    for p in content):
             raise TokenizerError(f"A {role} message's content list may hold only text parts "
                                  f"({{'type': 'text', 'text': ...}}); got {content!r:.80}.")
-        # a tool result's parts are lines of one output: vLLM joins them with "\n" (other roles' parts: as the
-        # template's own loop over them, back to back)
-        message["content"] = content = ("\n" if role == "tool" else "").join(p["text"] for p in content)
+        # vLLM joins them with "\n" (a tool result's parts always: most templates read a tool result as a string);
+        # a template that loops over them gets them as parts from vLLM, which the "" join renders alike for Qwen3.5's
+        # (`{{- item.text }}` back to back) and keeps the content a string for continue_final_message
+        message["content"] = content = ("\n" if role == "tool" else parts_separator).join(p["text"] for p in content)
     if content is None and role != "assistant" or content is not None and not isinstance(content, str):
         raise TokenizerError(f"A {role} message's 'content' must be a string (or a list of text parts); "
                              f"got {content!r:.80}.")
@@ -269,10 +312,8 @@ class Tokenizer:
             raise TokenizerError("Cannot apply the chat template to an empty conversation; pass at least one message.")
         if tools is not None and not all(isinstance(t, dict) for t in tools):
             raise TokenizerError("Each tool must be a JSON-schema dict like {'type': 'function', 'function': {...}}.")
-        if chat_template is not None and not isinstance(chat_template, str):
-            raise TokenizerError(f"chat_template must be a Jinja template string, got {type(chat_template).__name__}.")
-        template = _compile_chat_template(chat_template or self._pick_template(bool(tools)))
-        chat = [_normalize_message(m) for m in messages]
+        template, separator = self._template(chat_template, tools)
+        chat = [_normalize_message(m, separator) for m in messages]
         variables = {"documents": None, **self.special_tokens, **template_kwargs}  # as transformers passes them
         try:
             return template.render(messages=chat, tools=tools, add_generation_prompt=add_generation_prompt, **variables)
@@ -292,7 +333,8 @@ class Tokenizer:
         if add_generation_prompt:
             raise TokenizerError("continue_final_message continues the last message; it cannot be combined with "
                                  "add_generation_prompt=True (set it to False).")
-        last = _normalize_message(messages[-1]) if messages else {}
+        # the content as apply_chat_template joins its parts
+        last = _normalize_message(messages[-1], self._template(chat_template, tools)[1]) if messages else {}
         final = last.get("content")
         if final is None:  # as HF; empty content is continued (e.g. a prefilled reasoning_content: the answer follows)
             raise TokenizerError("continue_final_message continues the last message, which has no content to continue.")
@@ -312,6 +354,15 @@ class Tokenizer:
             raise TokenizerError("The chat template does not write the last message's text, so it cannot be "
                                  "continued.")
         return text[: text.rindex(final) + len(final)]
+
+    def _template(self, chat_template: str | None, tools: list | None) -> tuple[jinja2.Template, str]:
+        """The template a chat renders with (chat_template, else the tokenizer's own) and what a message's text
+        parts are joined with for it."""
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TokenizerError(f"chat_template must be a Jinja template string, got {type(chat_template).__name__}.")
+        source = chat_template or self._pick_template(bool(tools))
+        template = _compile_chat_template(source)  # first: a template that does not compile is one sentence
+        return template, "" if _renders_parts(source) else "\n"
 
     def _pick_template(self, has_tools: bool) -> str:
         template = self.chat_template

@@ -71,7 +71,8 @@ def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
             if bad:
                 raise APIError(400, f"messages[{i}] has a '{bad[0]}' content part; this server serves a text-only "
                                     f"model, so send text parts only.", f"messages.{i}.content")
-            content = ("\n" if m.role == "tool" else "").join(p.text or "" for p in content)  # as the tokenizer
+            # joined by the tokenizer, as its chat template takes them; a part without text is skipped, as by vLLM
+            content = [{"type": "text", "text": p.text} for p in content if p.text is not None]
         d = {**(m.model_extra or {}), "role": m.role, "content": content}  # developer: the tokenizer's system
         for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
             if getattr(m, key) is not None:

@@ -392,10 +392,51 @@ def test_messages_the_template_would_drop_are_refused(tok, message, needle):
 
 
 def test_text_parts_and_developer_role_render_as_plain_messages(tok):
-    parts = [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]
+    """The tiny template reads a message's content as one string: its parts are joined with "\n", as vLLM joins
+    them for such a template."""
+    parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]
     as_given = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}]
-    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello\nthere"}]
     assert tok.apply_chat_template(as_given) == tok.apply_chat_template(plain)
+
+
+# chat templates that render a message's content parts themselves (vLLM's "openai" content format)
+LOOPS_OVER_MESSAGE_CONTENT = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for p in m.content %}{{ p.text }}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}")
+LOOPS_IN_A_MACRO = (  # as Qwen3.5's template, whose render_content macro loops over its `content` argument
+    "{% macro render_content(content) %}{% if content is string %}{{ content }}{% else %}{% for item in content %}"
+    "{{ item.text }}{% endfor %}{% endif %}{% endmacro %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ render_content(m.content) }}<|im_end|>\n{% endfor %}")
+
+CONTENT_FORMATS = {  # id: (chat_template (None: the tiny tokenizer's own), a message's parts "a", "b" render as)
+    # reads message.content as a string (vLLM's "string" format): vLLM joins the parts with "\n" first
+    "template-reads-a-string": (None, "a\nb"),
+    # loops over the parts (vLLM's "openai" format: the parts are the template's to render)
+    "template-loops-over-message-content": (LOOPS_OVER_MESSAGE_CONTENT, "ab"),
+    "template-loops-in-a-macro-as-qwen3.5": (LOOPS_IN_A_MACRO, "ab"),
+}
+
+
+@pytest.mark.parametrize("role", ["system", "user", "assistant", "tool"])
+@pytest.mark.parametrize("template, joined", CONTENT_FORMATS.values(), ids=CONTENT_FORMATS.keys())
+def test_text_parts_render_as_vllm_renders_them_for_the_templates_content_format(tok, hf_tok, template, joined,
+                                                                                    role):
+    """vLLM renders a message's text parts by the chat template's content format: for a template that reads the
+    content as a string, joined with "\n"; a template that loops over the parts (Qwen3.5's does) renders them
+    itself, back to back here, as transformers renders the parts given to it. A tool result's parts are lines in
+    both. deltaserve joined every non-tool message's parts with "" ("ab" where vLLM has "a\nb")."""
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    if role == "tool":
+        joined = "a\nb"
+
+    def chat(content):
+        return [{"role": "user", "content": "Q"}, {"role": role, "content": content}]
+    kwargs = dict(add_generation_prompt=False, chat_template=template)
+    assert tok.apply_chat_template(chat(parts), **kwargs) == tok.apply_chat_template(chat(joined), **kwargs)
+    if template is not None and role != "tool":  # transformers hands the parts themselves to the template
+        ours = tok.apply_chat_template(chat(parts), **kwargs)
+        assert ours == hf_tok.apply_chat_template(chat(parts), tokenize=False, **kwargs)
 
 
 @pytest.mark.parametrize("name, text, needle", [
@@ -472,13 +513,21 @@ def test_tool_result_text_parts_join_as_lines_like_vllm(tok):
         conversation("total 8\n-rw-r--r-- a.txt"))
 
 
-def test_server_joins_tool_result_parts_as_lines_too():
+@pytest.mark.parametrize("template, joined", CONTENT_FORMATS.values(), ids=CONTENT_FORMATS.keys())
+def test_server_renders_text_parts_as_the_tokenizer_does(tok, template, joined):
+    """The server joined the parts itself, with "" (tool results "\n") whatever the template: now the tokenizer
+    does, by the template's content format. A text part without text is left out, as vLLM skips it."""
+    from types import SimpleNamespace
+
     from deltaserve.serve.protocol import ChatCompletionRequest
-    from deltaserve.serve.serving_chat import _message_dicts
-    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
-    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": parts},
-                                                     {"role": "tool", "tool_call_id": "c1", "content": parts}])
-    assert [m["content"] for m in _message_dicts(req)] == ["ab", "a\nb"]
+    from deltaserve.serve.serving_chat import chat_prompt
+    parts = [{"type": "text", "text": "a"}, {"type": "text"}, {"type": "text", "text": "b"}]
+    ctx = SimpleNamespace(tokenizer=tok, trust_request_chat_template=True)
+
+    def prompt(content, tool):
+        return chat_prompt(ctx, ChatCompletionRequest(model="m", chat_template=template, messages=[
+            {"role": "user", "content": content}, {"role": "tool", "tool_call_id": "c1", "content": tool}]))
+    assert prompt(parts, parts) == prompt(joined, "a\nb")
 
 
 def test_generation_blocks_render_their_body_like_hf(tok, hf_tok):
