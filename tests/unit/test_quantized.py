@@ -243,10 +243,11 @@ def test_compressed_tensors_activation_quantization_is_reported(sources, tmp_pat
 
 # ---- user errors: one sentence naming the tensor or field ----
 
-def _edit_config(path: str, **changes) -> None:
+def _edit_config(path: str, section: str = "quantization_config", **changes) -> None:
+    """Update config.json's `section` object with `changes`."""
     with open(os.path.join(path, "config.json")) as f:
         raw = json.load(f)
-    raw["quantization_config"].update(changes)
+    raw[section].update(changes)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(raw, f)
 
@@ -461,14 +462,6 @@ def test_quantize_refuses_not_convert_patterns_that_match_nothing_or_everything(
     assert not os.path.exists(tmp_path / "q")
 
 
-def _set_text_config(path: str, **changes) -> None:
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
-    raw["text_config"].update(changes)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(raw, f)
-
-
 def _write_config(path: str, text: str) -> None:
     with open(os.path.join(path, "config.json"), "w") as f:
         f.write(text)
@@ -485,7 +478,7 @@ SOURCES_THAT_DO_NOT_LOAD = {  # name: (break the copy of the dense source, given
                                     "tensor(s) this Qwen3_5MoeForConditionalGeneration model does not use"),
     "tensor-missing": (lambda p, moe: _drop_tensor(p, "layers.1.input_layernorm.weight"),
                        "missing 1 tensor(s), e.g. model.language_model.layers.1.input_layernorm.weight"),
-    "tensor-of-another-shape": (lambda p, moe: _set_text_config(p, intermediate_size=512),
+    "tensor-of-another-shape": (lambda p, moe: _edit_config(p, "text_config", intermediate_size=512),
                                 "down_proj.weight has shape [128, 256], but the model expects [128, 512]"),
 }
 
