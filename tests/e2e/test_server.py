@@ -194,8 +194,13 @@ def test_cli_rejects_unsupported_flags(args, needle):
     assert res.stderr.strip().startswith("error: ") and needle in res.stderr, res.stderr
 
 
-def test_models_health_version(server, client):
+def test_models_health_version(server, client, model_dir):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    # vLLM's ModelCard: `vllm bench serve` without --model reads data[0]["root"] (the checkpoint, its tokenizer path)
+    status, body = http(server.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    card = body["data"][0]
+    assert status == 200 and (card["root"], card["parent"], card["max_model_len"]) == (str(model_dir), None,
+                                                                                       MAX_MODEL_LEN), card
     assert http(server.url + "/health")[0] == 200
     assert http(server.url + "/health", method="HEAD")[0] == 200
     status, body = http(server.url + "/version")
