@@ -148,7 +148,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if len(cut := truncate(req, ids, ctx.max_model_len, max_tokens)) < len(ids):
         ids, prompt = cut, ctx.tokenizer.decode(cut, skip_special_tokens=False)
     check_max_tokens(max_tokens, len(ids), ctx.max_model_len, field, req.min_tokens)
-    if req.top_logprobs is not None and not req.logprobs:
+    if req.top_logprobs and not req.logprobs:  # 0 asks for nothing: vLLM takes it without logprobs (their default)
         raise APIError(400, "top_logprobs needs logprobs set to true.", "top_logprobs")
     k = (req.top_logprobs or 0) if req.logprobs else None
     if k is not None and not 0 <= k <= MAX_LOGPROBS:

@@ -729,6 +729,15 @@ def test_null_means_the_default(server, client):
     assert got == 400 and err["error"]["param"] == "messages", err
 
 
+@pytest.mark.parametrize("logprobs", [False, None], ids=["logprobs-false", "logprobs-left-out"])
+def test_top_logprobs_zero_without_logprobs_asks_for_nothing(server, logprobs):
+    """top_logprobs 0 (OpenAI's default, which some clients always send) with logprobs off was a 400; vLLM refuses
+    only a top_logprobs above 0 (or -1) without logprobs, and answers this without logprobs."""
+    body = chat_body(top_logprobs=0, **({} if logprobs is None else {"logprobs": logprobs}))
+    got, res = http(server.url + "/v1/chat/completions", body, {"Authorization": f"Bearer {API_KEY}"})
+    assert got == 200 and res["choices"][0]["logprobs"] is None, res
+
+
 def test_tokenize_renders_messages_as_chat_does(server, client):
     """/tokenize with tool_choice "none" (the tools leave the prompt) or continue_final_message counts the prompt
     chat completions would run: its usage agrees."""
