@@ -165,6 +165,7 @@ class TokenizeRequest(_Model):
     continue_final_message: StrictBool = False
     documents: list[dict[str, Any]] | None = None
     add_special_tokens: StrictBool = False
+    return_token_strs: StrictBool = False  # vLLM's: also each token's vocabulary piece (HF's convert_ids_to_tokens)
 
 
 class DetokenizeRequest(_Model):

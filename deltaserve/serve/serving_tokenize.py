@@ -31,7 +31,10 @@ def tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
                             f"of max_model_len {ctx.max_model_len}): send it in parts.",
                        "messages" if req.messages is not None else "prompt")
     ids = ctx.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
-    return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
+    out = {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
+    if req.return_token_strs:  # byte-level pieces ("Ġthe"), as vLLM's convert_ids_to_tokens: not the decoded text
+        out["token_strs"] = [ctx.tokenizer.id_to_token(t) for t in ids]
+    return out
 
 
 def detokenize(ctx: ServingContext, req: DetokenizeRequest) -> dict:

@@ -482,6 +482,17 @@ def test_tokenize_and_detokenize(server, client, tokenizer):
     assert http(server.url + "/tokenize", {"model": "other", "prompt": "x"}, auth)[0] == 404
 
 
+def test_tokenize_returns_token_strs_when_asked(server, tokenizer):
+    """vLLM's return_token_strs (what tools split a rendered chat by) was ignored: no token_strs came back. They are
+    the vocabulary's pieces (HF's convert_ids_to_tokens: byte-level, a space is "Ġ"), and left out unless asked."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    msgs = user("Hi there")
+    got, body = http(server.url + "/tokenize", {"messages": msgs, "return_token_strs": True, **NO_THINK}, auth)
+    assert got == 200 and body["token_strs"] == [tokenizer.id_to_token(t) for t in body["tokens"]], body
+    assert "<|im_start|>" in body["token_strs"] and "Ġthe" in body["token_strs"], body["token_strs"]
+    assert "token_strs" not in http(server.url + "/tokenize", {"prompt": "Hi there"}, auth)[1]
+
+
 def test_echo_with_logprobs_scores_the_prompt(client, tokenizer, model_dir):
     """OpenAI's echo + logprobs (how evaluation harnesses score a text): the prompt's tokens come first, the first
     with null logprobs and the others with the engine's prompt logprobs, then the completion's; streamed alike."""
