@@ -54,14 +54,7 @@ class _Model(BaseModel):
 
 class StreamOptions(_Model):
     include_usage: StrictBool = False
-    continuous_usage_stats: StrictBool = False  # vLLM's usage in every chunk: refused when asked for
-
-    @field_validator("continuous_usage_stats")
-    @classmethod
-    def _no_continuous_usage(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("usage in every chunk is not supported; include_usage sends it in a final chunk")
-        return v
+    continuous_usage_stats: StrictBool = False  # vLLM's: with include_usage, every chunk has its choice's usage so far
 
 
 class ContentPart(_Model):
@@ -132,6 +125,12 @@ class _SamplingRequest(_Model):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's continuous_usage_stats: each chunk's usage counts its prompt and its choice's tokens so far (only
+        with include_usage, as in vLLM)."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class ChatCompletionRequest(_SamplingRequest):

@@ -207,10 +207,13 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parse
     head = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if req.include_usage else {}
 
-    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> str:
+    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None, n_tokens=0) -> str:
+        """n_tokens: the choice's tokens so far, its usage under continuous_usage_stats."""
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         if finish_reason is not None:  # the last chunk of a choice says what stopped it, as the full response does
             choice["stop_reason"] = stop_reason
+        if req.continuous_usage:
+            return sse({**head, "choices": [choice], "usage": usage(n_prompt, n_tokens)})
         return sse({**head, "choices": [choice], **extra})
 
     n_prompt, n_out, n_cached = stream.num_prompt_tokens, 0, 0
@@ -242,7 +245,7 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parse
                     n_out += len(c.token_ids)
                 if delta or lp or final:
                     yield chunk(c.index, delta, lp, p.finish_reason(c.finish_reason) if final else None,
-                                c.stop_reason if final else None)
+                                c.stop_reason if final else None, len(c.token_ids))
         if req.include_usage:
             yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out, n_cached)})
     except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, then end it

@@ -168,9 +168,12 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
                     done.add(index)
                     n_out += len(c.token_ids)
                 if text or lp or final:
+                    # continuous usage: this prompt's tokens and this choice's so far, as vLLM counts them
+                    tail = ({"usage": usage(streams[i].num_prompt_tokens, len(c.token_ids))} if req.continuous_usage
+                            else extra)
                     yield sse({**head, "choices": [{"index": index, "text": text, "logprobs": lp,
                                                     "finish_reason": c.finish_reason if final else None,
-                                                    "stop_reason": c.stop_reason if final else None}], **extra})
+                                                    "stop_reason": c.stop_reason if final else None}], **tail})
         if req.include_usage:
             yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out, sum(cached.values()))})
     except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, then end it

@@ -238,6 +238,34 @@ def test_chat_and_completions_same_greedy_text(client, tokenizer):
     assert (usage.prompt_tokens, usage.completion_tokens) == (n_prompt, 12)
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_continuous_usage_stats_puts_the_usage_so_far_in_every_chunk(client, tokenizer, endpoint):
+    """vLLM's stream_options.continuous_usage_stats was refused with a 400. With include_usage, every chunk now has
+    its prompt's tokens and its choice's tokens so far (vLLM's counts), and the last chunk the whole usage; without
+    include_usage it asks for nothing, as in vLLM."""
+    kw = dict(model=MODEL, max_tokens=4, n=2, temperature=1.0, seed=1, stream=True,
+              stream_options={"include_usage": True, "continuous_usage_stats": True})
+    ids = tokenizer.encode("The quick brown fox")
+    if endpoint == "chat":
+        n_prompt = len(tokenizer.encode(tokenizer.apply_chat_template(user("hi"), add_generation_prompt=True,
+                                                                      enable_thinking=False)))
+        create = partial(client.chat.completions.create, messages=user("hi"),
+                         extra_body={"ignore_eos": True, **NO_THINK})
+    else:
+        n_prompt, create = len(ids), partial(client.completions.create, prompt=ids, extra_body={"ignore_eos": True})
+    *chunks, last = create(**kw)
+    assert last.choices == [] and (last.usage.prompt_tokens, last.usage.completion_tokens) == (n_prompt, 8), last
+    so_far = {0: [], 1: []}
+    for chunk in chunks:
+        (choice,) = chunk.choices
+        assert chunk.usage.prompt_tokens == n_prompt, chunk
+        assert chunk.usage.total_tokens == n_prompt + chunk.usage.completion_tokens, chunk
+        so_far[choice.index].append(chunk.usage.completion_tokens)
+    assert all(counts == sorted(counts) and counts[-1] == 4 for counts in so_far.values()), so_far
+    plain = list(create(**{**kw, "stream_options": {"continuous_usage_stats": True}}))
+    assert all(chunk.usage is None for chunk in plain) and all(chunk.choices for chunk in plain)
+
+
 def test_usage_counts_the_prompt_tokens_the_prefix_cache_gave(client, tokenizer):
     """The server runs with --enable-prefix-caching: a 1100-token prompt seen before starts from its snapshot at 1024
     (the cache snapshots at multiples of 256, pausing a prefill for 1024 tokens or more), says so in usage, and
@@ -931,8 +959,6 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
     # was ignored: a salted prompt still hit (and reported) another tenant's cached prefix
     "cache_salt": ("/v1/completions", {"model": MODEL, "prompt": "hi", "cache_salt": "tenant-a"}, None, 400,
                    "cache_salt"),
-    "continuous_usage_stats": ("/v1/chat/completions", chat_body(stream=True, stream_options={
-        "include_usage": True, "continuous_usage_stats": True}), None, 400, "stream_options.continuous_usage_stats"),
 }
 
 
