@@ -39,6 +39,13 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")  # json.loads would take NaN / Infinity, which json.dumps cannot write back
 
 
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e999 inside an object or array: json.dumps would write it back as Infinity
+        raise ValueError(f"{text} is beyond a float")
+    return number
+
+
 @dataclass
 class ToolCall:
     name: str
@@ -162,7 +169,7 @@ def convert_value(value: str, schema_type: Any) -> Any:
             return number if math.isfinite(number) else value  # 1e999: kept as text, JSON has no Infinity
         if schema_type == "boolean":
             return text.lower() == "true" if text.lower() in ("true", "false") else value
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except _BAD_JSON:
         return value
 

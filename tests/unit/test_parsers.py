@@ -151,9 +151,11 @@ def test_json_arguments_stream_before_block_ends():
     ("42", "integer", 42), ("4.5", "number", 4.5), ("4", "number", 4), ("False", "boolean", False),
     ('{"a": 1}', "object", {"a": 1}), ("null", ["integer", "null"], None), ("x1", "integer", "x1"),
     ("42", "string", "42"), ("42", None, "42"), ("9007199254740993", "number", 9007199254740993),
-    ("1e999", "number", "1e999"), ("NaN", "object", "NaN"), ("1_000", "integer", "1_000")],
+    ("1e999", "number", "1e999"), ("NaN", "object", "NaN"), ("1_000", "integer", "1_000"),
+    ('{"x": 1e999}', "object", '{"x": 1e999}'), ("[1, -1e999]", "array", "[1, -1e999]")],
     ids=["int", "float", "number_int", "bool", "object", "nullable", "bad_int", "string", "untyped", "big_int_exact",
-         "inf_kept_as_text", "nan_kept_as_text", "underscore_int_is_text"])
+         "inf_kept_as_text", "nan_kept_as_text", "underscore_int_is_text", "inf_in_object_kept_as_text",
+         "inf_in_array_kept_as_text"])
 def test_convert_value(value, type_, expected):
     """Whatever comes back must be writable as JSON (no Infinity / NaN) and integers stay exact."""
     assert convert_value(value, type_) == expected
