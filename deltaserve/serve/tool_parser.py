@@ -14,6 +14,7 @@ Text outside the blocks is content; whitespace around blocks is dropped.
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
@@ -171,7 +172,21 @@ def convert_value(value: str, schema_type: Any) -> Any:
             return text.lower() == "true" if text.lower() in ("true", "false") else value
         return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except _BAD_JSON:
-        return value
+        return _python_container(text, value) if schema_type in ("object", "array") else value
+
+
+def _python_container(text: str, value: str) -> Any:
+    """An object or array the model wrote as a Python literal ({'a': True}, ['x', None]) -> its JSON value, as vLLM's
+    Qwen3-Coder parser reads it (ast.literal_eval, which evaluates literals only); anything else: the text."""
+    try:
+        parsed = ast.literal_eval(text)
+        if isinstance(parsed, (dict, list, tuple)):
+            # through JSON: a set, bytes or 1e999 inside has no JSON form; tuples become lists, keys strings
+            return json.loads(json.dumps(parsed, allow_nan=False))
+    # MemoryError: CPython's parser answers a very deep expression ("-" * 10000 + "1") with it, not SyntaxError
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        pass
+    return value
 
 
 class ToolCallParser:

@@ -152,12 +152,18 @@ def test_json_arguments_stream_before_block_ends():
     ('{"a": 1}', "object", {"a": 1}), ("null", ["integer", "null"], None), ("x1", "integer", "x1"),
     ("42", "string", "42"), ("42", None, "42"), ("9007199254740993", "number", 9007199254740993),
     ("1e999", "number", "1e999"), ("NaN", "object", "NaN"), ("1_000", "integer", "1_000"),
-    ('{"x": 1e999}', "object", '{"x": 1e999}'), ("[1, -1e999]", "array", "[1, -1e999]")],
+    ('{"x": 1e999}', "object", '{"x": 1e999}'), ("[1, -1e999]", "array", "[1, -1e999]"),
+    ("{'a': True, 'b': None, 'c': (1, 2)}", "object", {"a": True, "b": None, "c": [1, 2]}),
+    ("['x', 'y']", "array", ["x", "y"]), ("{1, 2}", "array", "{1, 2}"), ("[1e999]", "array", "[1e999]"),
+    ("'abc'", "object", "'abc'"), ("[" + "-" * 10000 + "1]", "array", "[" + "-" * 10000 + "1]")],
     ids=["int", "float", "number_int", "bool", "object", "nullable", "bad_int", "string", "untyped", "big_int_exact",
          "inf_kept_as_text", "nan_kept_as_text", "underscore_int_is_text", "inf_in_object_kept_as_text",
-         "inf_in_array_kept_as_text"])
+         "inf_in_array_kept_as_text", "python_dict", "python_list", "python_set_is_text", "python_inf_is_text",
+         "python_str_is_no_object", "python_too_deep_is_text"])
 def test_convert_value(value, type_, expected):
-    """Whatever comes back must be writable as JSON (no Infinity / NaN) and integers stay exact."""
+    """Whatever comes back must be writable as JSON (no Infinity / NaN) and integers stay exact. An object or array
+    the model wrote as a Python literal (single quotes, True, None) is read as vLLM's Qwen3-Coder parser reads it
+    (ast.literal_eval; it came back as a string)."""
     assert convert_value(value, type_) == expected
     json.dumps(convert_value(value, type_), allow_nan=False)
 
