@@ -97,17 +97,19 @@ class _OpenCall:
 def _xml_param(body: str, cursor: int, complete: bool, given: set[str]) -> tuple[str, str, int] | None:
     """The next whole `<parameter=NAME>VALUE` of a function's body from `cursor` -> (NAME, VALUE, where the next
     search starts), None when there is none yet. VALUE ends at `</parameter>`; a model that leaves it out ends it at
-    the next `<parameter=` of another parameter (not NAME, not one of `given`, those already read: a value may
-    quote a tag), or (once the block is complete) at `</function>` or the block's end, as vLLM's Qwen3-Coder parser
-    does: its value used to be dropped. A parameter after the function's end is not part of it, and a `</function>`
-    inside a closed value does not end the function."""
+    the next `<parameter=` of another parameter that starts a line (not NAME, not one of `given`, those already read:
+    a value may quote a tag), or (once the block is complete) at `</function>` or the block's end, as vLLM's
+    Qwen3-Coder parser does: its value used to be dropped. A parameter after the function's end is not part of it,
+    and a `</function>` inside a closed value does not end the function."""
     m = _XML_PARAM_OPEN.search(body, cursor)
     if m is None or _XML_FUNC_END in body[cursor: m.start()]:
         return None
     start, name = m.end(), m.group(1).strip()
     close = body.find(_XML_PARAM_END, start)
+    # only a tag that starts a line (or the value) can end it: one inside a line is the value quoting it
     following = next((f for f in _XML_PARAM_OPEN.finditer(body, start)
-                      if f.group(1).strip() != name and f.group(1).strip() not in given), None)
+                      if f.group(1).strip() != name and f.group(1).strip() not in given
+                      and (f.start() == start or body[f.start() - 1] == "\n")), None)
     if close >= 0 and (following is None or close < following.start()):
         return name, body[start:close], close + len(_XML_PARAM_END)
     if following is not None:

@@ -122,6 +122,12 @@ TOOL_CASES = {
                                "</function>\n</tool_call>", "",
                                [("get_weather", {"zip": "007",
                                                  "city": "say <parameter=zip> or <parameter=city> here"})]),
+    # nor does a tag of a parameter still to come, mentioned inside a line (only one starting a line can end a value
+    # whose </parameter> the model left out, as in vLLM): the value was cut there and "days" came twice
+    "xml_value_mentions_a_later_parameter": ("<tool_call>\n<function=get_weather>\n<parameter=city>\nsay "
+                                             "<parameter=days> here\n</parameter>\n<parameter=days>\n2\n</parameter>\n"
+                                             "</function>\n</tool_call>", "",
+                                             [("get_weather", {"city": "say <parameter=days> here", "days": 2})]),
 }
 
 
