@@ -29,6 +29,7 @@ TOOL_START, TOOL_END = "<tool_call>", "</tool_call>"
 _XML_FUNC = re.compile(r"\s*<function=([^>\n]+)>")
 _XML_PARAM_OPEN = re.compile(r"<parameter=([^>\n]+)>")
 _XML_PARAM_END, _XML_FUNC_END = "</parameter>", "</function>"
+_XML_AFTER_VALUE = ("<parameter=", _XML_FUNC_END, TOOL_END)  # the tags that may follow a value's </parameter>
 _JSON_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\S)')
 _DECODER = json.JSONDecoder()
 # what decoding model-written JSON may raise: bad JSON, or nesting deeper than Python's recursion limit
@@ -105,7 +106,9 @@ def _xml_param(body: str, cursor: int, complete: bool, given: set[str]) -> tuple
     if m is None or _XML_FUNC_END in body[cursor: m.start()]:
         return None
     start, name = m.end(), m.group(1).strip()
-    close = body.find(_XML_PARAM_END, start)
+    close = _value_close(body, start, complete)
+    if close is None:
+        return None  # what follows a </parameter> may still turn out to be a tag
     # only a tag that starts a line (or the value) can end it: one inside a line is the value quoting it
     following = next((f for f in _XML_PARAM_OPEN.finditer(body, start)
                       if f.group(1).strip() != name and f.group(1).strip() not in given
@@ -119,6 +122,22 @@ def _xml_param(body: str, cursor: int, complete: bool, given: set[str]) -> tuple
     end = body.find(_XML_FUNC_END, start)
     end = len(body) if end < 0 else end
     return name, body[start:end], end
+
+
+def _value_close(body: str, start: int, complete: bool) -> int | None:
+    """Where the first `</parameter>` after `start` that ends a value is: one followed (past whitespace) by a tag
+    that may follow a value, or by nothing once the block is complete; -1 when there is none, None while the text
+    after one may still become such a tag. A `</parameter>` followed by other text is the value quoting it (code), as
+    vLLM's Qwen3-Coder parser reads it (_find_true_param_end)."""
+    close = body.find(_XML_PARAM_END, start)
+    while close >= 0:
+        after = body[close + len(_XML_PARAM_END):].lstrip()
+        if after.startswith(_XML_AFTER_VALUE):
+            return close
+        if any(tag.startswith(after) for tag in _XML_AFTER_VALUE):  # nothing yet, or part of a tag
+            return close if complete else None
+        close = body.find(_XML_PARAM_END, close + 1)
+    return -1
 
 
 def param_types(tools: list[dict] | None) -> dict[str, dict[str, Any]]:
@@ -246,7 +265,7 @@ class ToolCallParser:
             return False
         op = self._open  # an XML call: a </tool_call> in a parameter value already read is text
         end = buf.find(TOOL_END, op.cursor if op.call is not None and buf.lstrip().startswith("<") else 0)
-        while end >= 0 and self._in_open_value(out, buf[:end]):
+        while end >= 0 and self._in_open_value(out, buf, end):
             # a </tool_call> inside an XML parameter value (code that quotes the tag) is text when the value's
             # </parameter> comes after it, before any other <tool_call> (which tells a value whose </parameter> and
             # </function> the model left out, followed by another call)
@@ -265,10 +284,14 @@ class ToolCallParser:
         self._end_call(out, buf[:end], closed=True)
         return True
 
-    def _in_open_value(self, out: ParsedDelta, body: str) -> bool:
-        """Whether `body` (the block so far) ends inside the value of an XML parameter: one opened, not closed, in a
-        function not ended. Reads what `body` settles first."""
-        self._progress(out, body, complete=False)
+    def _in_open_value(self, out: ParsedDelta, buf: str, end: int) -> bool:
+        """Whether the block up to the `</tool_call>` at `end` ends inside the value of an XML parameter: one opened,
+        not closed, in a function not ended. Reads what that settles first."""
+        body = buf[:end]
+        if body.lstrip().startswith("<"):  # XML: a </parameter> right before the </tool_call> ends its value
+            self._progress_xml(out, buf[:end + len(TOOL_END)], complete=False)
+        else:
+            self._progress(out, body, complete=False)
         op = self._open
         return (op.call is not None and not op.args_done and body.lstrip().startswith("<")
                 and _XML_PARAM_OPEN.search(body, op.cursor) is not None)

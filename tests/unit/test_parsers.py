@@ -128,6 +128,13 @@ TOOL_CASES = {
                                              "<parameter=days> here\n</parameter>\n<parameter=days>\n2\n</parameter>\n"
                                              "</function>\n</tool_call>", "",
                                              [("get_weather", {"city": "say <parameter=days> here", "days": 2})]),
+    # code in a value may quote "</parameter>": only one followed by a tag (or the block's end) ends the value, as in
+    # vLLM's Qwen3-Coder parser (the value was cut there and the rest of it dropped)
+    "xml_value_quotes_its_closing_tag": ("<tool_call>\n<function=get_weather>\n<parameter=city>\nEND = "
+                                         "'</parameter>'\nprint(END)</parameter>\nx\n</parameter>\n<parameter=days>"
+                                         "\n2\n</parameter>\n</function>\n</tool_call>", "",
+                                         [("get_weather", {"city": "END = '</parameter>'\nprint(END)</parameter>\nx",
+                                                           "days": 2})]),
 }
 
 
