@@ -292,6 +292,42 @@ def test_metrics_count_the_prefix_caches_blocks_apart(server, client, tokenizer)
     assert metrics(server)["deltaserve_prefix_cache_hit_tokens_total"] - before == 3 * 1024, "again + streamed + first"
 
 
+_VLLM_TWINS = (  # (vLLM's series, deltaserve's series): gateways and autoscalers built for vLLM read the first
+    ("vllm:num_requests_running", "deltaserve_num_requests_running"),
+    ("vllm:num_requests_waiting", "deltaserve_num_requests_waiting"),
+    ("vllm:kv_cache_usage_perc", "deltaserve_kv_cache_usage_perc"),
+    ("vllm:gpu_cache_usage_perc", "deltaserve_kv_cache_usage_perc"),  # the name vLLM used before 0.9
+    ("vllm:prompt_tokens_total", "deltaserve_prompt_tokens_total"),
+    ("vllm:generation_tokens_total", "deltaserve_generation_tokens_total"),
+    ("vllm:request_success_total", "deltaserve_request_success_total"),
+    ("vllm:time_to_first_token_seconds_count", "deltaserve_time_to_first_token_seconds_count"),
+    ("vllm:time_to_first_token_seconds_sum", "deltaserve_time_to_first_token_seconds_sum"),
+    ("vllm:time_per_output_token_seconds_count", "deltaserve_time_per_output_token_seconds_count"),
+    ("vllm:e2e_request_latency_seconds_count", "deltaserve_e2e_request_latency_seconds_count"),
+    ("vllm:e2e_request_latency_seconds_sum", "deltaserve_e2e_request_latency_seconds_sum"),
+)
+
+
+def _series(text: str, name: str) -> dict[str, tuple[dict, float]]:
+    """Every sample of `name` in a /metrics body, keyed by its finished_reason label ('' without one)."""
+    out = {}
+    for labels, value in re.findall(rf'^{re.escape(name)}(?:\{{(.*)\}})? ([-+0-9.eE]+|NaN)$', text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        out[labels.get("finished_reason", "")] = (labels, float(value))
+    return out
+
+
+@pytest.mark.parametrize("vllm_name, ours", _VLLM_TWINS, ids=[v for v, _ in _VLLM_TWINS])
+def test_metrics_expose_vllms_names_with_the_same_values(server, client, vllm_name, ours):
+    client.completions.create(model=MODEL, prompt="count me", max_tokens=3, extra_body={"ignore_eos": True})
+    _, text = http(server.url + "/metrics")
+    theirs, mine = _series(text, vllm_name), _series(text, ours)
+    assert theirs, f"{vllm_name} missing from /metrics"
+    assert {k: v for k, (_, v) in theirs.items()} == {k: v for k, (_, v) in mine.items()}
+    for labels, _ in theirs.values():
+        assert labels["model_name"] == MODEL and labels["engine"] == "0", labels
+
+
 def test_completions_batch_n_and_logprobs(client, tokenizer):
     prompts = ["The quick brown", "Numbers: 0 1 2"]
     # top_k 1: n > 1 needs a temperature (greedy n > 1 is refused, as in vLLM), and top-k 1 still takes the argmax
