@@ -305,9 +305,10 @@ def chat_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list[dict[
 class TextOffsets:
     """OpenAI's text_offset of each token in turn: where its text starts in the text its bytes decode to (an echoed
     prompt's, or a completion's from after the echo). A token that ends inside a multi-byte character adds no
-    character until the token that completes it (its text shows up then, in the stream too), and a special token the
-    text leaves out (skip: skip_special_tokens) adds none: counting each token's own text ("\ufffd" for a part of a
-    character, "<|im_end|>") ran the offsets past the end of the text."""
+    character until the token that completes it (its text shows up then, in the stream too) or cuts it short (its
+    "\ufffd" then comes before that token's text), and a special token the text leaves out (skip:
+    skip_special_tokens) adds none: counting each token's own text ("\ufffd" for a part of a character,
+    "<|im_end|>") ran the offsets past the end of the text."""
 
     def __init__(self, tokens: TokenTexts, start: int = 0, skip: frozenset[int] | set[int] = frozenset()):
         self.tokens, self.next, self.skip = tokens, start, skip
@@ -315,10 +316,26 @@ class TextOffsets:
 
     def take(self, token_id: int) -> int:
         """token_id's offset; the next token's starts after the characters it completes."""
-        at = self.next
-        if token_id not in self.skip:
-            self.next += len(self._utf8.decode(bytes(self.tokens(token_id)[1])))
+        if token_id in self.skip:
+            return self.next
+        data = bytes(self.tokens(token_id)[1])
+        # the "\ufffd" of a character an earlier token began and this one cuts short comes before this token's
+        # text: without it the offset pointed at the "\ufffd" ("\ufffdges" gave [0, 0], not [0, 1])
+        at = self.next + self._cut_chars(data)
+        self.next += len(self._utf8.decode(data))
         return at
+
+    def _cut_chars(self, data: bytes) -> int:
+        """How many characters (each "\ufffd") the bytes still held decode to when data's first byte cannot go on
+        with them; 0 when nothing is held or data continues the character."""
+        held = self._utf8.getstate()[0]
+        if not held or not data:
+            return 0
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(held + data[:1])
+        except UnicodeDecodeError:
+            return len(held.decode("utf-8", errors="replace"))
+        return 0
 
 
 def completion_logprobs(tokens: TokenTexts, token_ids: list[int], logprobs: list[dict[int, float] | None], k: int,
