@@ -21,6 +21,7 @@ from .kernels.paged_attention.kv_quant import check_kv_cache_device
 from .layers.fp8 import use_fp8_kernels
 from .layers.linear import merge_projection_runs, use_int4_kernels
 from .layers.moe import fuse_shared_experts
+from .llm_engine import LLMEngine
 from .models.formats import RANDOM_AWQ_PATTERNS, awq_formats, tp_problems
 from .models.weights import (WeightsError, build_model, checkpoint_files, has_own_lm_head, load_weights,
                              read_formats)
@@ -160,7 +161,9 @@ class LLM:
     enable_prefix_caching: reuse the KV blocks and GDN states of earlier prompts' prefixes (runtime/prefix_cache.py):
     a prompt that starts with a cached prefix is prefilled from there. The GDN states are snapshots at multiples of
     256 tokens, each in one of `prefix_cache_slots` extra state slots (default 16; each the size of one request's
-    states, taken from the KV cache's memory). Off by default."""
+    states, taken from the KV cache's memory). Off by default.
+    llm_engine: the engine, with the methods of vLLM's LLMEngine that scripts call (get_tokenizer, model_config /
+    get_model_config, add_request / step / has_unfinished_requests, abort_request; deltaserve/llm_engine.py)."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
@@ -195,6 +198,7 @@ class LLM:
                     state_dtype=state_dtype, enable_expert_parallel=enable_expert_parallel,
                     async_scheduling=async_scheduling, generation_config=generation_config,
                     prefix_cache_slots=_prefix_cache_slots(enable_prefix_caching, prefix_cache_slots))
+        self._dirs = (model, tok_dir if self.tokenizer is not None else None)
 
     @classmethod
     def from_config(cls, config: ModelConfig, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
@@ -220,6 +224,7 @@ class LLM:
                    kv_cache_dtype, formats, state_dtype=state_dtype, enable_expert_parallel=enable_expert_parallel,
                    async_scheduling=async_scheduling,
                    prefix_cache_slots=_prefix_cache_slots(enable_prefix_caching, prefix_cache_slots))
+        llm._dirs = (None, None)
         return llm
 
     def _setup(self, config: ModelConfig, weights_dir: str | None, tokenizer: Tokenizer | None, device: str,
@@ -322,6 +327,12 @@ class LLM:
         """Drop every cached prefix (vLLM's name); later prompts are prefilled in full until they are cached again."""
         if self.engine.scheduler.cache is not None:
             self.engine.scheduler.cache.clear()
+
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """The engine with vLLM's LLMEngine methods (a view made on each access: holding this LLM from an attribute
+        would be a reference cycle, and the LLM's tensor-parallel workers stop when it is garbage-collected)."""
+        return LLMEngine(self, *self._dirs)
 
     def get_tokenizer(self) -> Tokenizer | None:
         """The tokenizer (vLLM's accessor): deltaserve's own, with encode / decode / apply_chat_template (None for a

@@ -1,7 +1,9 @@
 """What code written for vLLM's offline API finds here: its other spellings of the LLM and SamplingParams arguments are
 accepted with the same meaning, or refused in one sentence; nothing is taken and silently given another meaning."""
 
+import gc
 import os
+import weakref
 
 import pytest
 import torch
@@ -257,3 +259,40 @@ def test_len_of_get_tokenizer_is_transformers_len(llm, path):
     from it."""
     transformers = pytest.importorskip("transformers")
     assert len(llm.get_tokenizer()) == len(transformers.AutoTokenizer.from_pretrained(path))
+
+
+def test_llm_engine_has_vllms_methods(llm, path):
+    """llm.llm_engine was an AttributeError; vLLM scripts reach the tokenizer and max_model_len through it, and drive
+    requests by hand with add_request / step."""
+    eng = llm.llm_engine
+    assert eng.get_tokenizer() is llm.get_tokenizer() is eng.tokenizer
+    cfg = eng.get_model_config()
+    assert cfg is eng.model_config and cfg.model == path and cfg.tokenizer == path
+    assert (cfg.max_model_len, cfg.dtype, cfg.get_vocab_size()) == (llm.max_model_len, torch.float32,
+                                                                     llm.config.vocab_size)
+    want = llm.generate(["hi"], greedy(), use_tqdm=False)[0].outputs[0].token_ids
+    eng.add_request("a", "hi", greedy())
+    eng.add_request("b", {"prompt_token_ids": llm.get_tokenizer().encode("hi")}, greedy())
+    assert eng.has_unfinished_requests() and eng.get_num_unfinished_requests() == 2
+    eng.abort_request(["b"])
+    done = {}
+    while eng.has_unfinished_requests():
+        done.update((out.request_id, out) for out in eng.step() if out.finished)
+    assert list(done) == ["a"] and done["a"].outputs[0].token_ids == want
+    with pytest.raises(ValueError, match="takes one prompt"):
+        eng.add_request("c", ["hi", "ho"], greedy())
+    assert not eng.has_unfinished_requests()
+
+
+def test_llm_engine_keeps_no_cycle_with_its_llm(path):
+    """An LLM whose llm_engine was used is still freed when its last reference goes (its tensor-parallel workers stop
+    then), not only at the next cyclic garbage collection."""
+    other = LLM(model=path, device="cpu", dtype="float32")
+    assert other.llm_engine.get_tokenizer() is other.tokenizer
+    ref = weakref.ref(other)
+    gc.disable()
+    try:
+        del other
+        assert ref() is None
+    finally:
+        gc.enable()
