@@ -262,7 +262,8 @@ def sampling_params(req: _SamplingRequest, max_tokens: int | None, logprobs: int
     """The request's sampling options (and its response_format, see structured_outputs; the prompt's logprobs a
     completion with echo reports) -> SamplingParams; APIError(400) naming the field for a bad value. defaults: the
     model's generation_config.json settings, for the fields the request leaves out."""
-    if req.stream_options is not None and not req.stream:
+    # as vLLM: only stream_options that set something are refused (clients send an empty {} with every request)
+    if req.stream_options is not None and req.stream_options.model_fields_set and not req.stream:
         raise APIError(400, "stream_options can only be set when stream is true.", "stream_options")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}.", "logprobs")

@@ -804,6 +804,19 @@ def test_null_means_the_default(server, client):
     assert got == 400 and err["error"]["param"] == "messages", err
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"], ids=["chat", "completions"])
+def test_empty_stream_options_without_stream_is_accepted(server, path):
+    """stream_options {} with stream false (or left out) was a 400; vLLM refuses stream_options without stream only
+    when they set something, and so does this server now."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = chat_body() if path.endswith("chat/completions") else {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    for stream in ({}, {"stream": False}, {"stream": None}):
+        got, res = http(server.url + path, {**body, **stream, "stream_options": {}}, auth)
+        assert got == 200 and "usage" in res and len(res["choices"]) == 1, (stream, res)
+    got, err = http(server.url + path, {**body, "stream_options": {"include_usage": False}}, auth)
+    assert got == 400 and err["error"]["param"] == "stream_options", err
+
+
 @pytest.mark.parametrize("logprobs", [False, None], ids=["logprobs-false", "logprobs-left-out"])
 def test_top_logprobs_zero_without_logprobs_asks_for_nothing(server, logprobs):
     """top_logprobs 0 (OpenAI's default, which some clients always send) with logprobs off was a 400; vLLM refuses
