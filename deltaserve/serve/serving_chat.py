@@ -191,7 +191,7 @@ def _full_response(ctx: ServingContext, req: ChatCompletionRequest, final, parse
                    "reasoning_content": (reasoning or None) if req.include_reasoning else None}
         if calls:
             message["tool_calls"] = [{"id": t.id, "type": "function",
-                                      "function": {"name": t.name, "arguments": t.arguments}} for t in calls]
+                                      "function": {"name": t.name, "arguments": t.whole_arguments}} for t in calls]
         choices.append({
             "index": c.index, "message": message,
             "logprobs": (chat_logprobs(ctx.tokens, c.token_ids, c.logprobs, k, req.return_tokens_as_token_ids)

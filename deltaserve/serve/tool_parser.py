@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import math
 import re
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,7 @@ _DECODER = json.JSONDecoder()
 # what decoding model-written JSON may raise: bad JSON, or nesting deeper than Python's recursion limit
 _BAD_JSON = (ValueError, RecursionError)
 _INTEGER = re.compile(r"[+-]?\d+")
+logger = logging.getLogger("deltaserve")
 
 
 def _no_constant(name: str):
@@ -53,6 +56,14 @@ class ToolCall:
     name: str
     arguments: str = ""  # JSON text; grows while streaming
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    # XML arguments that repeat a parameter: one key each, at its first place, with its last value (vLLM's
+    # Qwen3-Coder parser's non-streamed arguments); the streamed `arguments` could not take the earlier value back
+    merged: str | None = None
+
+    @property
+    def whole_arguments(self) -> str:
+        """The arguments a non-streamed response carries."""
+        return self.arguments if self.merged is None else self.merged
 
 
 @dataclass
@@ -92,10 +103,11 @@ class _OpenCall:
     args_sent: int = 0  # JSON: characters of the raw arguments released
     lead: str = ""  # whitespace dropped before the block (given back if it turns out not to be a call)
     dropped: bool = False  # a call beyond the first under parallel_tool_calls=false: parsed, never reported
-    names: set[str] = field(default_factory=set)  # XML: the parameters read so far
+    values: dict[str, Any] = field(default_factory=dict)  # XML: the parameters read so far, their last values
+    repeated: bool = False  # XML: a parameter came twice
 
 
-def _xml_param(body: str, cursor: int, complete: bool, given: set[str]) -> tuple[str, str, int] | None:
+def _xml_param(body: str, cursor: int, complete: bool, given: Collection[str]) -> tuple[str, str, int] | None:
     """The next whole `<parameter=NAME>VALUE` of a function's body from `cursor` -> (NAME, VALUE, where the next
     search starts), None when there is none yet. VALUE ends at `</parameter>`; a model that leaves it out ends it at
     the next `<parameter=` of another parameter that starts a line (not NAME, not one of `given`, those already read:
@@ -335,13 +347,17 @@ class ToolCallParser:
         if op.args_done:
             return
         types = self.types.get(op.call.name, {})
-        while (param := _xml_param(body, op.cursor, complete, op.names)) is not None:
+        while (param := _xml_param(body, op.cursor, complete, op.values.keys())) is not None:
             name, value, op.cursor = param
-            op.names.add(name)
             value = value[1:] if value.startswith("\n") else value
             value = value[:-1] if value.endswith("\n") else value
-            piece = json.dumps(name, ensure_ascii=False) + ": " + json.dumps(convert_value(value, types.get(name)),
-                                                                              ensure_ascii=False)
+            converted = convert_value(value, types.get(name))
+            if name in op.values:  # a JSON object holds one value per key: the last one, as in vLLM
+                logger.warning("tool call %s gives parameter %r twice: its arguments keep the last value",
+                               op.call.name, name)
+                op.repeated = True
+            op.values[name] = converted
+            piece = json.dumps(name, ensure_ascii=False) + ": " + json.dumps(converted, ensure_ascii=False)
             self._send(out, ("{" if op.num_params == 0 else ", ") + piece)
             op.num_params += 1
         rest = body[op.cursor:]
@@ -404,6 +420,8 @@ class ToolCallParser:
         op = self._open
         op.args_done = True
         if not body.lstrip().startswith("{"):
+            if op.repeated:
+                op.call.merged = json.dumps(op.values, ensure_ascii=False)
             return "}" if op.num_params else "{}"
         raw = body[op.cursor:].rstrip()
         if raw.startswith("{"):

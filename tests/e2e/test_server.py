@@ -31,6 +31,7 @@ THINK = ("<think>\nLet me think about it.\n</think>\n\nThe answer is 4.", "Let m
 XML_CALL = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
             "</parameter>\n</function>\n</tool_call>")
 JSON_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+REPEATED_CALL = XML_CALL.replace("</function>", "<parameter=city>\nLyon\n</parameter>\n</function>")  # city twice
 RULES = [  # first match wins: the tool-response rule must precede the tool-call ones its prompt also matches
     {"contains": ["<tool_response>", "sunny"], "output": "It is sunny in Paris."},
     {"contains": ["FORCE_XML_TOOL"], "output": XML_CALL},
@@ -38,6 +39,7 @@ RULES = [  # first match wins: the tool-response rule must precede the tool-call
     {"contains": ["FORCE_THINK"], "output": THINK[0]},
     {"contains": ["FORCE_BOOM"], "raise": "injected test failure"},
     {"contains": ["FORCE_TWO_TOOLS"], "output": "Checking.\n\n" + XML_CALL + "\n" + JSON_CALL},
+    {"contains": ["FORCE_REPEATED_PARAM"], "output": REPEATED_CALL},
     {"contains": ["FORCE_ACCENTS"], "output": "Café, 你好 🎉 done."},  # characters of 2, 3 and 4 UTF-8 bytes
     # 150 and 120 tokens: long enough to be still running when another request arrives
     {"contains": ["FORCE_LONG_ALPHA"], "output": " ".join(["alpha"] * 30)},
@@ -683,6 +685,18 @@ def test_tool_call_round_trip(client, marker):
                      {"role": "tool", "tool_call_id": call.id, "content": "sunny, 22 C"}]
     res2 = client.chat.completions.create(model=MODEL, messages=follow, tools=TOOLS, max_tokens=40)
     assert (res2.choices[0].message.content, res2.choices[0].finish_reason) == ("It is sunny in Paris.", "stop")
+
+
+def test_a_repeated_xml_parameter_keeps_its_last_value(client):
+    """A call that gives a parameter twice came back with the key twice in its arguments ('{"city": "Paris", "days":
+    3, "city": "Lyon"}'), which strict JSON readers refuse. As vLLM's Qwen3-Coder parser: one key, the last value;
+    streamed, the earlier value was already sent, and the deltas read as JSON give the same object."""
+    msgs = user("FORCE_REPEATED_PARAM What is the weather in Paris?")
+    res = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=120)
+    (call,) = res.choices[0].message.tool_calls
+    assert call.function.arguments == '{"city": "Lyon", "days": 3}'
+    _, _, calls, finish, _, _ = stream_chat(client, messages=msgs, tools=TOOLS, max_tokens=120)
+    assert finish == "tool_calls" and json.loads(calls[0][1]) == {"city": "Lyon", "days": 3}
 
 
 def test_a_stop_string_inside_a_call_is_not_finish_reason_tool_calls(client):

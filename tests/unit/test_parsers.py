@@ -215,6 +215,26 @@ def test_xml_function_end_same_streamed_or_whole(text, arguments):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2], ids=["whole", "chars", "rand2"])
+def test_a_repeated_xml_parameter_keeps_its_last_value(seed):
+    """A parameter given twice: vLLM's Qwen3-Coder parser keeps one key, at its first place, with the last value (a
+    JSON object holds one). Streamed, the first value has gone out already: the deltas carry both, which JSON readers
+    take as the last, the same object; the whole arguments (non-streamed responses) had the key twice."""
+    text = XML_CALL.replace("<parameter=zip>", "<parameter=city>\nLyon\n</parameter>\n<parameter=zip>")
+    _, streamed, final, _ = run_tools(cuts(text, seed))
+    assert streamed == final and final[0][1].count('"city"') == 2
+    p = ToolCallParser(TOOLS)
+    for piece in cuts(text, seed):
+        p.feed(piece)
+    p.finish()
+    assert p.calls[0].whole_arguments == json.dumps({**XML_ARGS, "city": "Lyon"})
+    assert json.loads(p.calls[0].whole_arguments) == json.loads(final[0][1])
+    plain = ToolCallParser(TOOLS)
+    plain.feed(XML_CALL)
+    plain.finish()
+    assert plain.calls[0].whole_arguments == plain.calls[0].arguments  # no repeat: the streamed text itself
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2], ids=["whole", "chars", "rand2"])
 def test_json_arguments_that_do_not_parse_stay_a_call(seed):
     """As with OpenAI's API, arguments are the model's text (README): a JSON block whose arguments do not parse is
     still a call, with the same arguments however the text was cut (streamed deltas cannot be taken back)."""
