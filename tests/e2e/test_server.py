@@ -699,6 +699,22 @@ def test_a_repeated_xml_parameter_keeps_its_last_value(client):
     assert finish == "tool_calls" and json.loads(calls[0][1]) == {"city": "Lyon", "days": 3}
 
 
+def test_a_call_to_a_function_not_in_the_tools_comes_back_as_a_call(client):
+    """The model calls get_weather, which this request's tools do not hold: as vLLM, it is returned as a call under
+    the model's name (finish_reason "tool_calls"), streamed or not, its values as text (no schema types them)."""
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {
+        "zone": {"type": "string"}}}}}]
+    msgs = user("FORCE_XML_TOOL What is the weather in Paris?")
+    res = client.chat.completions.create(model=MODEL, messages=msgs, tools=tools, max_tokens=80)
+    (call,) = res.choices[0].message.tool_calls
+    assert res.choices[0].finish_reason == "tool_calls" and res.choices[0].message.content is None
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris", "days": "3"})
+    content, _, calls, finish, _, _ = stream_chat(client, messages=msgs, tools=tools, max_tokens=80)
+    assert (content, finish) == ("", "tool_calls")
+    assert [(name, json.loads(args)) for name, args, _ in calls.values()] == [("get_weather",
+                                                                                {"city": "Paris", "days": "3"})]
+
+
 def test_a_stop_string_inside_a_call_is_not_finish_reason_tool_calls(client):
     """A stop string that cuts a call short returns what was written of it, but with finish_reason "stop", not
     "tool_calls" (its arguments are not whole: a client trusting "tool_calls" would run a broken call)."""

@@ -235,6 +235,17 @@ def test_a_repeated_xml_parameter_keeps_its_last_value(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2], ids=["whole", "chars", "rand2"])
+def test_a_call_to_a_function_not_in_the_tools_is_still_a_call(seed):
+    """A "phantom" function (not in the request's tools): vLLM's Qwen3-Coder parser still returns the call under the
+    model's name, streamed or not, its XML values left as text (no schema types them); the client decides."""
+    text = "Checking.\n" + XML_CALL.replace("get_weather", "search_web")
+    content, streamed, final, _ = run_tools(cuts(text, seed))
+    assert content == "Checking." and streamed == final
+    assert [(name, json.loads(args)) for name, args in final] == [("search_web", {
+        "city": "Paris", "days": "3", "metric": "true", "hours": "[1, 2]", "zip": "007"})]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2], ids=["whole", "chars", "rand2"])
 def test_json_arguments_that_do_not_parse_stay_a_call(seed):
     """As with OpenAI's API, arguments are the model's text (README): a JSON block whose arguments do not parse is
     still a call, with the same arguments however the text was cut (streamed deltas cannot be taken back)."""
