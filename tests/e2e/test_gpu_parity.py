@@ -69,6 +69,8 @@ def test_prompt_logprobs_bf16_vs_hf_fp32(pair):
     # the engine to HF bf16's error, with a 10% margin, and an absolute ceiling. That yardstick is HF bf16 as users
     # run it, on fla's kernels: without fla HF falls back to a torch GDN whose bf16 error is smaller (H200,
     # 2026-11-29: HF bf16 max 0.086 without fla, 0.099 with it; ours 0.101 both times), so that bound needs fla.
+    # Since the GDN prefill applies T to one bf16 residual (no w/u kernel) ours reads max 0.1195 and fails this bar
+    # (H200, 2026-11-30; mean and p99 still match HF bf16's): docs/performance.md has the probes.
     if importlib.util.find_spec("fla") is not None:
         assert max(diffs) <= 1.1 * max(hf_diffs) and sum(diffs) <= 1.1 * sum(hf_diffs)
     assert max(diffs) < 0.2
