@@ -20,9 +20,11 @@ for part in "$@"; do
       timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/kernels tests/unit} -rf \
         --durations=10 2>&1 | grep -vE "^\s*$" | tail -80 > "$OUT/gpu_tests.log" ;;
     parity)
+      # the figures the tests print come first: a failure's traceback would push them out of the tail
       timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu tests/e2e/test_gpu_parity.py \
-        tests/e2e/test_gpu_graphs.py tests/e2e/test_gpu_mixed.py -s 2>&1 \
-        | grep -vE "^\s*$" | tail -30 > "$OUT/gpu_parity.log" ;;
+        tests/e2e/test_gpu_graphs.py tests/e2e/test_gpu_mixed.py -s 2>&1 | grep -vE "^\s*$" > "$OUT/gpu_parity.full"
+      { grep -E "prompt logprob|greedy agreement|difference|passed|failed" "$OUT/gpu_parity.full"
+        tail -30 "$OUT/gpu_parity.full"; } > "$OUT/gpu_parity.log" ;;
     kernels)
       { timeout 130 python3 benchmarks/kernels/bench_int4.py; timeout 110 python3 benchmarks/kernels/bench_attention.py \
         --kv-cache-dtype int8,int4,fp8 ${KV_SWEEP:+--sweep}; } > "$OUT/bench_kernels.log" 2>&1 ;;
