@@ -42,6 +42,11 @@ class CompletionOutput:
     # turn out to be the start of a stop string is held back (from `text` too: it is the deltas so far).
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    lora_request: None = None  # vLLM's; always None (no LoRA adapters run here)
+
+    def finished(self) -> bool:
+        """Whether this sample has ended (vLLM's method: a finish_reason is set)."""
+        return self.finish_reason is not None
 
 
 @dataclass
@@ -63,3 +68,7 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed (vLLM's field)
+    # vLLM's fields for encoder-decoder models and LoRA; Qwen3.5 is decoder-only and runs no adapters, so always None
+    encoder_prompt: str | None = None
+    encoder_prompt_token_ids: list[int] | None = None
+    lora_request: None = None

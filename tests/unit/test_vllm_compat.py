@@ -296,3 +296,14 @@ def test_llm_engine_keeps_no_cycle_with_its_llm(path):
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_outputs_have_vllms_other_fields(llm):
+    """vLLM scripts call CompletionOutput.finished() and read RequestOutput.encoder_prompt(_token_ids) and
+    .lora_request (None for a decoder-only model without adapters); they raised AttributeError."""
+    out = llm.generate(["hi"], greedy(), use_tqdm=False)[0]
+    assert out.encoder_prompt is None and out.encoder_prompt_token_ids is None and out.lora_request is None
+    done = out.outputs[0]
+    assert done.finished() is True and done.lora_request is None
+    running = next(iter(llm.generate_stream(["hi"], greedy())))
+    assert running.outputs[0].finished() is False
