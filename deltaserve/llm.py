@@ -460,7 +460,8 @@ class LLM:
         try:
             for p, sp in zip(items, params):
                 text = p if isinstance(p, str) else p.get("prompt")
-                ids.append(self.engine.add_request(self._encode(p), sp, prompt=text))
+                ids.append(self.engine.add_request(self._encode(p), sp.with_vocab_size(self.config.vocab_size),
+                                                   prompt=text))
         except BaseException:
             for rid in ids:
                 self.engine.abort(rid)

@@ -10,6 +10,7 @@ allowed range, so an API user never sees a stack trace from inside the sampler.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -80,8 +81,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end generation
     ignore_eos: bool = False  # keep generating past the EOS token
     seed: int | None = None  # per-request RNG seed: same seed, same tokens, whatever else is batched; -1 = None
-    logprobs: int | None = None  # number of top logprobs per generated token (sampled token always included)
-    prompt_logprobs: int | None = None  # number of top logprobs per prompt token
+    # number of top logprobs per generated token (sampled token always included); -1: the whole vocabulary, as vLLM
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # number of top logprobs per prompt token; -1: the whole vocabulary
     repetition_penalty: float = 1.0  # >1 discourages tokens seen in prompt or output
     presence_penalty: float = 0.0  # subtracted once from every token present in the output
     frequency_penalty: float = 0.0  # subtracted per occurrence of a token in the output
@@ -166,8 +168,8 @@ class SamplingParams:
             if not _is_number(value) or not -2 <= value <= 2:
                 fail(f"{name} must be in [-2, 2], got {value!r}.")
         for name, value in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
-            if value is not None and (not _is_int(value) or value < 0):
-                fail(f"{name} must be None or an integer >= 0, got {value!r}.")
+            if value is not None and (not _is_int(value) or value < -1):
+                fail(f"{name} must be None, -1 (the whole vocabulary) or an integer >= 0, got {value!r}.")
         # request i of n draws from seed + i; torch takes seeds in [-2**63, 2**64)
         if self.seed is not None and (not _is_int(self.seed) or not -2**63 <= self.seed <= 2**64 - self.n):
             fail(f"seed must be None or an integer from -2**63 to 2**64 - n, got {self.seed!r}.")
@@ -207,6 +209,12 @@ class SamplingParams:
             if bad is not None:
                 fail(f"logit_bias must be a dict of token ids (integers >= 0) to biases in [-100, 100], "
                      f"got {bad[0]!r}: {bad[1]!r}.")
+
+    def with_vocab_size(self, vocab_size: int) -> SamplingParams:
+        """These params with logprobs / prompt_logprobs -1 (vLLM's "the whole vocabulary") spelled out as vocab_size:
+        what the engine takes (self when neither is -1)."""
+        whole = {name: vocab_size for name in ("logprobs", "prompt_logprobs") if getattr(self, name) == -1}
+        return dataclasses.replace(self, **whole) if whole else self
 
     @property
     def greedy(self) -> bool:

@@ -51,8 +51,8 @@ def rows_of(probs, n):
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3.0}, "frequency_penalty"),
-        ({"logprobs": -1}, "logprobs"),
-        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"logprobs": -2}, "logprobs"),  # -1 is vLLM's "the whole vocabulary"
+        ({"prompt_logprobs": -2}, "prompt_logprobs"),
         ({"seed": 1.5}, "seed"),
         ({"logit_bias": {3: 101}}, "logit_bias"),
         ({"logit_bias": {-1: 5}}, "logit_bias"),

@@ -307,3 +307,18 @@ def test_outputs_have_vllms_other_fields(llm):
     assert done.finished() is True and done.lora_request is None
     running = next(iter(llm.generate_stream(["hi"], greedy())))
     assert running.outputs[0].finished() is False
+
+
+def test_logprobs_minus_one_is_the_whole_vocabulary(llm):
+    """vLLM's logprobs=-1 / prompt_logprobs=-1 return every token's logprob; they were refused."""
+    vocab = llm.config.vocab_size
+    params = greedy(logprobs=-1, prompt_logprobs=-1)
+    out = llm.generate(["hi there"], params, use_tqdm=False)[0]
+    assert params.logprobs == params.prompt_logprobs == -1  # the caller's params are left as they were
+    assert [len(d) for d in out.outputs[0].logprobs] == [vocab] * len(out.outputs[0].token_ids)
+    assert [len(d) for d in out.prompt_logprobs[1:]] == [vocab] * (len(out.prompt_token_ids) - 1)
+    assert sorted(lp.rank for lp in out.outputs[0].logprobs[0].values()) == list(range(1, vocab + 1))
+    engine = llm.llm_engine
+    engine.add_request("whole", "hi", SamplingParams(max_tokens=1, logprobs=-1))
+    done = [o for _ in range(10) for o in engine.step() if o.finished]
+    assert len(done[0].outputs[0].logprobs[0]) == vocab
