@@ -434,7 +434,11 @@ class LLM:
         _check_vllm_request_args(lora_request, None)
         if self.tokenizer is None:
             raise ValueError("LLM.chat needs a tokenizer with a chat template; none was found in the model directory")
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        msgs = list(messages) if isinstance(messages, Iterable) and not isinstance(messages, (str, dict)) else None
+        convs = [msgs] if msgs and isinstance(msgs[0], dict) else msgs
+        if convs is None or not all(isinstance(c, (list, tuple)) for c in convs):
+            raise ValueError(f"messages must be a conversation (a list of {{'role', 'content'}} dicts) or a list of "
+                             f"conversations, got {messages!r:.80}")
         if not convs:
             raise ValueError("LLM.chat needs at least one conversation (a list of {'role', 'content'} messages)")
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):

@@ -322,3 +322,19 @@ def test_logprobs_minus_one_is_the_whole_vocabulary(llm):
     engine.add_request("whole", "hi", SamplingParams(max_tokens=1, logprobs=-1))
     done = [o for _ in range(10) for o in engine.step() if o.finished]
     assert len(done[0].outputs[0].logprobs[0]) == vocab
+
+
+@pytest.mark.parametrize("messages", [None, "hi", {"role": "user", "content": "hi"}, ["hi", "there"], 5],
+                         ids=["none", "string", "one_message", "strings", "int"])
+def test_chat_refuses_messages_that_are_not_conversations_in_one_sentence(llm, messages):
+    """chat(None) raised TypeError ('NoneType' object is not iterable), chat('hi') complained about a message 'h'."""
+    with pytest.raises(ValueError, match="^messages must be a conversation"):
+        llm.chat(messages, greedy(), use_tqdm=False)
+
+
+def test_chat_takes_conversations_from_any_iterable(llm):
+    """A tuple of messages or a generator of conversations is a conversation / conversations, as a list is."""
+    msgs = [{"role": "user", "content": "hi"}]
+    ref = llm.chat(msgs, greedy(), use_tqdm=False)[0].prompt_token_ids
+    assert llm.chat(tuple(msgs), greedy(), use_tqdm=False)[0].prompt_token_ids == ref
+    assert [o.prompt_token_ids for o in llm.chat((c for c in [msgs, msgs]), greedy(), use_tqdm=False)] == [ref, ref]
