@@ -10,6 +10,7 @@ allowed range, so an API user never sees a stack trace from inside the sampler.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -215,6 +216,10 @@ class SamplingParams:
         what the engine takes (self when neither is -1)."""
         whole = {name: vocab_size for name in ("logprobs", "prompt_logprobs") if getattr(self, name) == -1}
         return dataclasses.replace(self, **whole) if whole else self
+
+    def clone(self) -> SamplingParams:
+        """An independent copy (vLLM's method): changing the copy's lists or dicts leaves these params as they are."""
+        return copy.deepcopy(self)
 
     @property
     def greedy(self) -> bool:

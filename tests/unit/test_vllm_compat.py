@@ -338,3 +338,14 @@ def test_chat_takes_conversations_from_any_iterable(llm):
     ref = llm.chat(msgs, greedy(), use_tqdm=False)[0].prompt_token_ids
     assert llm.chat(tuple(msgs), greedy(), use_tqdm=False)[0].prompt_token_ids == ref
     assert [o.prompt_token_ids for o in llm.chat((c for c in [msgs, msgs]), greedy(), use_tqdm=False)] == [ref, ref]
+
+
+def test_sampling_params_clone_is_an_independent_copy():
+    """vLLM scripts derive params with .clone() (AttributeError here before); the copy's lists are its own."""
+    base = SamplingParams(temperature=0.5, stop=["x"], stop_token_ids=[3], logit_bias={4: 1.0})
+    copy = base.clone()
+    assert copy == base and copy is not base
+    copy.stop.append("y")
+    copy.stop_token_ids.append(5)
+    copy.logit_bias[6] = 2.0
+    assert base.stop == ["x"] and base.stop_token_ids == [3] and base.logit_bias == {4: 1.0}
