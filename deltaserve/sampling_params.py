@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 _GREEDY_EPS = 1e-5  # temperatures below this are treated as 0 (greedy), as in vLLM
 _MIN_TEMP = 1e-2  # as vLLM's _MAX_TEMP: a temperature in (0, 0.01) samples at 0.01 (only 0 is greedy)
@@ -107,8 +107,19 @@ class SamplingParams:
     structured_outputs: StructuredOutputs | None = None  # constrain the output to a JSON schema, a regex, ...
     # keep only the prompt's last k tokens (vLLM's left truncation); -1: as many as leave room for max_tokens
     truncate_prompt_tokens: int | None = None
+    # vLLM's, taken only to refuse them with what to use instead (they were TypeErrors): per-request Python logits
+    # processors (vLLM V1 refuses them too), and guided_decoding, vLLM's older name for structured_outputs
+    logits_processors: InitVar[list | None] = None
+    guided_decoding: InitVar[object | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, logits_processors: list | None, guided_decoding: object | None) -> None:
+        if logits_processors:
+            raise ValueError("logits_processors (per-request Python callbacks) are not supported, as in vLLM V1: use "
+                             "logit_bias, allowed_token_ids, bad_words or structured_outputs.")
+        if guided_decoding is not None:
+            raise ValueError("guided_decoding is vLLM's older name for structured_outputs: pass structured_outputs="
+                             "StructuredOutputs(json=..., regex=..., choice=... or json_object=True), from "
+                             "deltaserve.sampling_params.")
         self.check()
 
     def check(self) -> None:

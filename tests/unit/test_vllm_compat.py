@@ -349,3 +349,22 @@ def test_sampling_params_clone_is_an_independent_copy():
     copy.stop_token_ids.append(5)
     copy.logit_bias[6] = 2.0
     assert base.stop == ["x"] and base.stop_token_ids == [3] and base.logit_bias == {4: 1.0}
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"logits_processors": [lambda ids, logits: logits]}, "^logits_processors .* use logit_bias"),
+    ({"guided_decoding": {"choice": ["a", "b"]}}, "^guided_decoding .* structured_outputs=StructuredOutputs"),
+], ids=["logits_processors", "guided_decoding"])
+def test_vllms_logits_processors_and_guided_decoding_say_what_to_use(kwargs, needle):
+    """They were TypeErrors (unexpected keyword argument) that named no replacement."""
+    with pytest.raises(ValueError, match=needle):
+        SamplingParams(**kwargs)
+
+
+def test_vllms_empty_logits_processors_and_guided_decoding_change_nothing():
+    import copy
+    import dataclasses
+
+    params = SamplingParams(logits_processors=[], guided_decoding=None, stop="x")
+    assert params == SamplingParams(stop="x")
+    assert dataclasses.replace(params, n=2, temperature=0.5).n == 2 and copy.deepcopy(params) == params
