@@ -464,8 +464,7 @@ class LLM:
         try:
             for p, sp in zip(items, params):
                 text = p if isinstance(p, str) else p.get("prompt")
-                ids.append(self.engine.add_request(self._encode(p), sp.with_vocab_size(self.config.vocab_size),
-                                                   prompt=text))
+                ids.append(self.engine.add_request(self._encode(p), sp, prompt=text))
         except BaseException:
             for rid in ids:
                 self.engine.abort(rid)

@@ -63,7 +63,6 @@ class LLMEngine:
         if len(items) != 1:
             raise ValueError(f"add_request takes one prompt, got {len(items)}; call it once per prompt")
         (params,) = _normalise_params(params, 1, llm.get_default_sampling_params())
-        params = params.with_vocab_size(llm.config.vocab_size)
         item = items[0]
         llm.engine.add_request(llm._encode(item), params, prompt=item if isinstance(item, str) else item.get("prompt"),
                                request_id=request_id)

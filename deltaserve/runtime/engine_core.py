@@ -75,6 +75,7 @@ class EngineCore:
                     request_id: str | None = None) -> str:
         """Validate and queue a request; raises ValueError (one sentence) for a prompt that cannot run."""
         params.check()
+        params = params.with_vocab_size(self.vocab_size)  # vLLM's -1 logprobs, for every caller (LLM, server, own)
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self.groups:
             raise ValueError(f"request id {rid!r} is already in use")

@@ -322,6 +322,12 @@ def test_logprobs_minus_one_is_the_whole_vocabulary(llm):
     engine.add_request("whole", "hi", SamplingParams(max_tokens=1, logprobs=-1))
     done = [o for _ in range(10) for o in engine.step() if o.finished]
     assert len(done[0].outputs[0].logprobs[0]) == vocab
+    # the engine itself (the server's AsyncEngine, scripts driving EngineCore): -1 failed mid-step, aborting the batch
+    rid = llm.engine.add_request(llm.tokenizer.encode("hi"), SamplingParams(max_tokens=1, prompt_logprobs=-1))
+    done = []
+    while llm.engine.has_unfinished():
+        done += [o for o in llm.engine.step() if o.request_id == rid and o.finished]
+    assert [len(d) for d in done[0].prompt_logprobs[1:]] == [vocab] * (len(done[0].prompt_token_ids) - 1)
 
 
 @pytest.mark.parametrize("messages", [None, "hi", {"role": "user", "content": "hi"}, ["hi", "there"], 5],
