@@ -1,5 +1,6 @@
 """/v1/chat/completions: render the conversation with the checkpoint's chat template, generate, and split the output
-into `reasoning_content`, `content` and `tool_calls` (streamed as OpenAI chat.completion.chunk deltas)."""
+into `reasoning` (also as `reasoning_content`), `content` and `tool_calls` (streamed as OpenAI chat.completion.chunk
+deltas)."""
 from __future__ import annotations
 
 import json
@@ -187,8 +188,10 @@ def _full_response(ctx: ServingContext, req: ChatCompletionRequest, final, parse
         p = parsers[c.index]
         reasoning, parsed = p.feed(c.text, final=True)
         calls = p.tools.calls if p.tools is not None else []
+        shown = (reasoning or None) if req.include_reasoning else None
+        # vLLM's field is `reasoning`; `reasoning_content` (its old name, DeepSeek's) for clients that still read it
         message = {"role": "assistant", "content": parsed.content if parsed.content or not calls else None,
-                   "reasoning_content": (reasoning or None) if req.include_reasoning else None}
+                   "reasoning": shown, "reasoning_content": shown}
         if calls:
             message["tool_calls"] = [{"id": t.id, "type": "function",
                                       "function": {"name": t.name, "arguments": t.whole_arguments}} for t in calls]
@@ -230,7 +233,7 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parse
                 reasoning, parsed = p.feed(c.delta_text, final)
                 delta = {}
                 if reasoning and req.include_reasoning:
-                    delta["reasoning_content"] = reasoning
+                    delta["reasoning"] = delta["reasoning_content"] = reasoning  # both names, as in the message
                 if parsed.content:
                     delta["content"] = parsed.content
                 if parsed.tool_calls:

@@ -655,14 +655,30 @@ def test_reasoning_split(client):
     assert off.reasoning_content is None and off.content == THINK[0]  # enable_thinking=False: no reasoning split
 
 
+def test_reasoning_is_also_under_vllms_name(client):
+    """vLLM answers the reasoning as `reasoning` (reasoning_content is its deprecated name): a client written for it
+    reads message.reasoning and delta.reasoning, and found nothing here."""
+    _, reasoning, content = THINK
+    kw = dict(model=MODEL, messages=user("FORCE_THINK what is 2+2?"), max_tokens=40)
+    msg = client.chat.completions.create(**kw).choices[0].message
+    assert (msg.model_extra.get("reasoning"), msg.reasoning_content, msg.content) == (reasoning, reasoning, content)
+    deltas = [c.choices[0].delta for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(d.model_extra.get("reasoning") or "" for d in deltas) == reasoning
+    assert all(d.model_extra.get("reasoning") == d.model_extra.get("reasoning_content") for d in deltas)
+    plain = client.chat.completions.create(**{**kw, "extra_body": NO_THINK}).choices[0].message
+    assert "reasoning" in plain.model_extra and plain.model_extra["reasoning"] is None  # null, as vLLM's
+
+
 def test_include_reasoning_false_leaves_the_reasoning_out(client):
     """vLLM's include_reasoning: false drops reasoning_content, streamed or not (it was accepted and ignored)."""
     kw = dict(model=MODEL, messages=user("FORCE_THINK what is 2+2?"), max_tokens=40,
               extra_body={"include_reasoning": False})
     msg = client.chat.completions.create(**kw).choices[0].message
     assert msg.content == THINK[2] and getattr(msg, "reasoning_content", None) is None, msg
+    assert getattr(msg, "reasoning", None) is None, msg
     chunks = list(client.chat.completions.create(stream=True, **kw))
-    assert not any(getattr(c.choices[0].delta, "reasoning_content", None) for c in chunks if c.choices)
+    assert not any(getattr(c.choices[0].delta, name, None) for c in chunks if c.choices
+                   for name in ("reasoning_content", "reasoning"))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == THINK[2]
 
 
