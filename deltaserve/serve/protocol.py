@@ -355,15 +355,24 @@ def truncate(req: _SamplingRequest, ids: list[int], max_model_len: int, max_toke
     return truncated_prompt(ids, k, max_model_len, max_tokens)
 
 
+def context_length_error(max_model_len: int, detail: str, param: str) -> APIError:
+    """A request that does not fit the context, as OpenAI and vLLM word it: agent frameworks (LiteLLM, crewAI,
+    OpenHands) recognize it by "maximum context length" or the code context_length_exceeded, and trim the history."""
+    return APIError(400, f"This model's maximum context length is {max_model_len} tokens, {detail}", param,
+                    "context_length_exceeded")
+
+
 def check_max_tokens(max_tokens: int | None, num_prompt: int, max_model_len: int, field: str = "max_tokens",
-                     min_tokens: int | None = None) -> None:
+                     min_tokens: int | None = None, prompt_field: str = "prompt") -> None:
     """A negative, zero or oversized max_tokens (or a min_tokens that cannot fit) is the client's error: say how many
-    tokens fit."""
+    tokens fit. prompt_field: the field the prompt came from (a chat's messages), named when the prompt alone is too
+    long."""
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"{field} must be at least 1, got {max_tokens}.", field)
     room = max_model_len - num_prompt
-    if room <= 0:
-        return  # the prompt alone is too long: the engine rejects it with its own sentence
+    if room <= 0:  # at least one token must follow the prompt
+        raise context_length_error(max_model_len, f"and the prompt has {num_prompt}, which leaves no room for an "
+                                                  f"answer: shorten the prompt or raise max_model_len.", prompt_field)
     if min_tokens is not None and min_tokens > room:
         raise APIError(400, f"min_tokens is {min_tokens} but the prompt has {num_prompt} tokens and max_model_len is "
                             f"{max_model_len}: at most {room} tokens can follow it.", "min_tokens")
@@ -372,8 +381,8 @@ def check_max_tokens(max_tokens: int | None, num_prompt: int, max_model_len: int
     if min_tokens is not None and min_tokens > max_tokens:  # named here: SamplingParams would say "max_tokens"
         raise APIError(400, f"min_tokens ({min_tokens}) must be at most {field} ({max_tokens}).", "min_tokens")
     if max_tokens > room:
-        raise APIError(400, f"{field} is {max_tokens} but the prompt has {num_prompt} tokens and max_model_len is "
-                            f"{max_model_len}: ask for at most {room} tokens or shorten the prompt.", field)
+        raise context_length_error(max_model_len, f"but the prompt has {num_prompt} and {field} is {max_tokens}: ask "
+                                                  f"for at most {room} tokens or shorten the prompt.", field)
 
 
 def new_id(prefix: str) -> str:

@@ -13,7 +13,7 @@ from starlette.responses import StreamingResponse
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .async_engine import AsyncEngine, EngineError, EngineStopped, RequestStream
-from .protocol import APIError, new_id
+from .protocol import APIError, context_length_error, new_id
 
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 _PROBE_CHARS_PER_TOKEN = 8  # a long text's first probe: this many characters per token of max_model_len
@@ -68,8 +68,8 @@ class ServingContext:
         cut = _PROBE_CHARS_PER_TOKEN * limit
         while cut < len(text):
             if len(self.tokenizer.encode(text[:cut])) > limit + 64:
-                raise APIError(400, f"the prompt has more than max_model_len ({limit}) tokens: shorten the prompt or "
-                                    f"raise max_model_len.", field)
+                raise context_length_error(limit, "and the prompt has more: shorten the prompt or raise "
+                                                  "max_model_len.", field)
             cut *= 2
         return self.tokenizer.encode(text)
 

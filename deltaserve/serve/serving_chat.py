@@ -148,7 +148,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if len(cut := truncate(req, ids, ctx.max_model_len, max_tokens)) < len(ids):
         ids, prompt = cut, ctx.tokenizer.decode(cut, skip_special_tokens=False)
-    check_max_tokens(max_tokens, len(ids), ctx.max_model_len, field, req.min_tokens)
+    check_max_tokens(max_tokens, len(ids), ctx.max_model_len, field, req.min_tokens, "messages")
     if req.top_logprobs and not req.logprobs:  # 0 asks for nothing: vLLM takes it without logprobs (their default)
         raise APIError(400, "top_logprobs needs logprobs set to true.", "top_logprobs")
     k = (req.top_logprobs or 0) if req.logprobs else None

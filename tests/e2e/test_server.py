@@ -1015,7 +1015,7 @@ BAD_REQUESTS = {  # name: (path, body, headers, status, param)
                                                              "response_format": {"type": "xml"}}, None, 400,
                                          "response_format"),
     "messages_just_too_long": ("/v1/chat/completions", chat_body(messages=user("a " * (MAX_MODEL_LEN + 8))), None,
-                               400, "messages"),  # refused by the engine, which spoke of the "prompt"
+                               400, "messages"),  # was refused by the engine, which spoke of the "prompt"
     "echo_scoring_with_min_tokens": ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0,
                                                          "echo": True, "min_tokens": 2}, None, 400, "min_tokens"),
     "max_tokens_zero_without_echo": ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, None,
@@ -1163,6 +1163,21 @@ def test_bad_request_then_server_still_answers(server, client, case):
     assert ok.choices[0].finish_reason in ("length", "stop")
 
 
+@pytest.mark.parametrize("case", ["prompt_too_long", "prompt_text_too_long", "messages_too_long",
+                                  "messages_just_too_long", "oversized_max_tokens"])
+def test_a_request_beyond_the_context_is_worded_as_openai_and_vllm_word_it(server, client, case):
+    """Agent frameworks (LiteLLM, crewAI, OpenHands) tell a context overflow, after which they trim the history, by
+    "maximum context length" in the message (OpenAI's and vLLM's wording) or OpenAI's code context_length_exceeded;
+    ours said "max_model_len is 2048" with no code, so they took it for any bad request."""
+    path, body, _, _, param = BAD_REQUESTS[case]
+    got, err = http(server.url + path, body, {"Authorization": f"Bearer {API_KEY}"})
+    assert got == 400 and (err["error"]["code"], err["error"]["param"]) == ("context_length_exceeded", param), err
+    assert err["error"]["message"].startswith(f"This model's maximum context length is {MAX_MODEL_LEN} tokens, "), err
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[5] * MAX_MODEL_LEN, max_tokens=1)
+    assert e.value.code == "context_length_exceeded" and "maximum context length" in e.value.message
+
+
 def test_chat_template_that_fails_while_rendering_is_a_400(model_dir, tmp_path):
     """A chat template raising a plain Python error (a ZeroDivisionError; here a request's own template, on a server
     that takes them) was a 500 with a traceback in the server's log; now a 400 naming the chat template and the
@@ -1252,7 +1267,7 @@ def test_a_prompt_that_cannot_fit_is_refused_after_encoding_a_bounded_prefix(mod
 
     ctx = ServingContext(SimpleNamespace(tokenizer=Counting(), max_model_len=256,
                                          llm=SimpleNamespace(sampling_defaults={})), MODEL)
-    with pytest.raises(APIError, match="more than max_model_len"):
+    with pytest.raises(APIError, match="maximum context length is 256 tokens"):
         ctx.encode("hello " * 1_000_000, "prompt")
     assert 0 < sum(seen) <= 4 * 8 * 256, seen
     seen.clear()
@@ -1527,7 +1542,7 @@ def test_a_batch_of_prompts_is_queued_at_once(model_dir, refused):
     from deltaserve.serve.serving_completion import create_completion
 
     llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=256)
-    prompts = [[5, 6, 7 + i] for i in range(8)] + ([[5] * 300] if refused else [])
+    prompts = [[5, 6, 7 + i] for i in range(8)] + ([[5, 10 ** 6]] if refused else [])  # the engine refuses the id
     body = json.dumps({"model": "tiny", "prompt": prompts, "max_tokens": 2, "stream": True}).encode()
     in_flight, most = [0], [0]
 
@@ -1554,7 +1569,7 @@ def test_a_batch_of_prompts_is_queued_at_once(model_dir, refused):
     resp = _with_async_engine(llm, main)
     assert most[0] == len(prompts)  # before: 1, each prompt sent after the previous one's acceptance
     if refused:
-        assert isinstance(resp, APIError) and resp.status == 400 and "max_model_len" in resp.message
+        assert isinstance(resp, APIError) and resp.status == 400 and "outside the vocabulary" in resp.message
     core, s = llm.engine, llm.engine.scheduler
     assert not core.groups and s.blocks.num_free == s.blocks.num_blocks and s.states.num_free == s.states.num_slots
 
