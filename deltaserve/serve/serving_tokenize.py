@@ -44,8 +44,9 @@ def detokenize(ctx: ServingContext, req: DetokenizeRequest) -> dict:
     if len(req.tokens) > PER_TOKEN * ctx.max_model_len:
         raise APIError(400, f"{len(req.tokens)} token ids are more than /detokenize reads ({PER_TOKEN} per token of "
                             f"max_model_len {ctx.max_model_len}): send them in parts.", "tokens")
-    bad = next((t for t in req.tokens if not 0 <= t < ctx.tokenizer.vocab_size), None)
+    # the model's vocabulary is padded past the tokenizer's: its padding ids (which it may sample) decode to nothing
+    size = max(ctx.tokenizer.vocab_size, ctx.engine.core.vocab_size)
+    bad = next((t for t in req.tokens if not 0 <= t < size), None)
     if bad is not None:
-        last = ctx.tokenizer.vocab_size - 1
-        raise APIError(400, f"token id {bad} is outside the tokenizer's vocabulary (0..{last}).", "tokens")
+        raise APIError(400, f"token id {bad} is outside the model's vocabulary (0..{size - 1}).", "tokens")
     return {"prompt": ctx.tokenizer.decode(req.tokens, skip_special_tokens=False)}

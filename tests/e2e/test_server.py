@@ -548,6 +548,19 @@ def test_tokenize_and_detokenize(server, client, tokenizer):
     assert http(server.url + "/tokenize", {"model": "other", "prompt": "x"}, auth)[0] == 404
 
 
+def test_detokenize_takes_every_id_the_model_has(server, client, tokenizer, model_dir):
+    """The model's vocabulary is padded past the tokenizer's (576 ids against 521 here; a real Qwen3.5's too): the
+    model can sample a padding id and a prompt may hold one, but /detokenize refused it as outside the vocabulary.
+    It writes no text, as transformers' decode and vLLM's /detokenize."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    pad = tokenizer.vocab_size  # the first id the tokenizer lacks
+    with open(os.path.join(model_dir, "config.json")) as f:
+        assert pad < json.load(f)["text_config"]["vocab_size"]
+    assert client.completions.create(model=MODEL, prompt=[5, pad], max_tokens=1).usage.prompt_tokens == 2
+    got, back = http(server.url + "/detokenize", {"tokens": [5, pad, 6]}, auth)
+    assert got == 200 and back["prompt"] == tokenizer.decode([5, 6], skip_special_tokens=False), back
+
+
 def test_tokenize_returns_token_strs_when_asked(server, tokenizer):
     """vLLM's return_token_strs (what tools split a rendered chat by) was ignored: no token_strs came back. They are
     the vocabulary's pieces (HF's convert_ids_to_tokens: byte-level, a space is "Ġ"), and left out unless asked."""
