@@ -114,6 +114,7 @@ class _SamplingRequest(_Model):
     allowed_token_ids: list[StrictInt] | None = None
     bad_words: list[StrictStr] | None = None
     return_tokens_as_token_ids: StrictBool = False  # logprobs name tokens "token_id:<id>" (vLLM's)
+    return_token_ids: StrictBool = False  # vLLM's: the prompt's token ids and each choice's (RL rollout clients)
     truncate_prompt_tokens: StrictInt | None = None  # keep the prompt's last k tokens (-1: as many as fit)
     structured_outputs: dict[str, Any] | None = None  # vLLM's extra: {"json" | "json_object" | "regex" | "choice": ...}
     stream: StrictBool = False

@@ -37,6 +37,7 @@ class ChoiceParser:
         else:
             self.tools = ToolCallParser(tools, parallel) if tools else None
         self.logprobs_sent = 0
+        self.ids_sent = 0  # return_token_ids: the tokens whose ids a chunk carried
         self.done = False
 
     def feed(self, text: str, final: bool) -> tuple[str, ParsedDelta]:
@@ -171,7 +172,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     stream = await ctx.add(ids, params, rid, prompt, spec_field, "messages")
     head = {"id": response_id("chatcmpl", req, raw), "created": now(), "model": ctx.model_name}
     if req.stream:
-        return EngineStreamingResponse(_stream(ctx, req, stream, parsers, head, k), [stream])
+        return EngineStreamingResponse(_stream(ctx, req, stream, parsers, head, k, ids), [stream])
     try:
         (final,) = await collect([stream], raw.receive)
     except APIError:
@@ -200,29 +201,39 @@ def _full_response(ctx: ServingContext, req: ChatCompletionRequest, final, parse
             "logprobs": (chat_logprobs(ctx.tokens, c.token_ids, c.logprobs, k, req.return_tokens_as_token_ids)
                          if k is not None else None),
             "finish_reason": p.finish_reason(c.finish_reason), "stop_reason": c.stop_reason})
+        if req.return_token_ids:  # vLLM's: the choice's ids here, the prompt's on the response
+            choices[-1]["token_ids"] = list(c.token_ids)
     n_out = sum(len(c.token_ids) for c in final.outputs)
+    ids = {"prompt_token_ids": list(final.prompt_token_ids)} if req.return_token_ids else {}
     return {**head, "object": "chat.completion", "choices": choices,
-            "usage": usage(len(final.prompt_token_ids), n_out, final.num_cached_tokens)}
+            "usage": usage(len(final.prompt_token_ids), n_out, final.num_cached_tokens), **ids}
 
 
 async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parsers: list[ChoiceParser],
-                  head: dict, k: int | None) -> AsyncIterator[str]:
+                  head: dict, k: int | None, prompt_ids: list[int]) -> AsyncIterator[str]:
     head = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if req.include_usage else {}
 
-    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None, n_tokens=0) -> str:
-        """n_tokens: the choice's tokens so far, its usage under continuous_usage_stats."""
+    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None, n_tokens=0,
+              ids: dict | None = None) -> str:
+        """n_tokens: the choice's tokens so far, its usage under continuous_usage_stats. ids: return_token_ids'
+        fields, the prompt's on the response (first chunk), the new tokens' on the choice."""
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         if finish_reason is not None:  # the last chunk of a choice says what stopped it, as the full response does
             choice["stop_reason"] = stop_reason
+        ids = ids or {}
+        if "token_ids" in ids:
+            choice["token_ids"] = ids["token_ids"]
+        top = {"prompt_token_ids": ids["prompt_token_ids"]} if "prompt_token_ids" in ids else {}
         if req.continuous_usage:
-            return sse({**head, "choices": [choice], "usage": usage(n_prompt, n_tokens)})
-        return sse({**head, "choices": [choice], **extra})
+            return sse({**head, "choices": [choice], "usage": usage(n_prompt, n_tokens), **top})
+        return sse({**head, "choices": [choice], **extra, **top})
 
     n_prompt, n_out, n_cached = stream.num_prompt_tokens, 0, 0
     try:
         for i in range(req.n):
-            yield chunk(i, {"role": "assistant", "content": ""})
+            yield chunk(i, {"role": "assistant", "content": ""},
+                        ids={"prompt_token_ids": prompt_ids} if req.return_token_ids else None)
         async for _, out in merge([stream]):
             n_cached = out.num_cached_tokens
             for c in out.outputs:
@@ -247,8 +258,11 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parse
                     p.done = True
                     n_out += len(c.token_ids)
                 if delta or lp or final:
+                    ids = None
+                    if req.return_token_ids:  # those of tokens whose text was held back come with a later chunk
+                        ids, p.ids_sent = {"token_ids": list(c.token_ids[p.ids_sent:])}, len(c.token_ids)
                     yield chunk(c.index, delta, lp, p.finish_reason(c.finish_reason) if final else None,
-                                c.stop_reason if final else None, len(c.token_ids))
+                                c.stop_reason if final else None, len(c.token_ids), ids)
         if req.include_usage:
             yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out, n_cached)})
     except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, then end it

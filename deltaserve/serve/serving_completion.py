@@ -124,6 +124,10 @@ def _full_response(ctx: ServingContext, req: CompletionRequest, finals, echoes: 
                     lp = join_logprobs(prompt_lp, lp)
             choices.append({"index": i * req.n + c.index, "text": echoes[i] + c.text, "logprobs": lp,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        if req.return_token_ids:  # vLLM's: each choice has its prompt's ids and its own
+            for choice, c in zip(choices[-len(final.outputs):], final.outputs):
+                choice["prompt_token_ids"] = list(final.prompt_token_ids)
+                choice["token_ids"] = [] if _echo_only(req) else list(c.token_ids)
     choices.sort(key=lambda c: c["index"])
     return {**head, "object": "text_completion", "choices": choices, "usage": usage(n_prompt, n_out, n_cached)}
 
@@ -133,6 +137,7 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
     head = {**head, "object": "text_completion"}
     extra = {"usage": None} if req.include_usage else {}
     sent_tokens: dict[int, int] = {}  # choice index -> tokens whose logprobs were sent
+    sent_ids: dict[int, int] = {}  # choice index -> tokens whose ids were sent (return_token_ids)
     offsets: dict[int, TextOffsets] = {}  # choice index -> text offsets of its next tokens (echo included)
     done: set[int] = set()
     n_prompt, n_out = sum(s.num_prompt_tokens for s in streams), 0
@@ -171,9 +176,15 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
                     # continuous usage: this prompt's tokens and this choice's so far, as vLLM counts them
                     tail = ({"usage": usage(streams[i].num_prompt_tokens, len(c.token_ids))} if req.continuous_usage
                             else extra)
-                    yield sse({**head, "choices": [{"index": index, "text": text, "logprobs": lp,
-                                                    "finish_reason": c.finish_reason if final else None,
-                                                    "stop_reason": c.stop_reason if final else None}], **tail})
+                    choice = {"index": index, "text": text, "logprobs": lp,
+                              "finish_reason": c.finish_reason if final else None,
+                              "stop_reason": c.stop_reason if final else None}
+                    if req.return_token_ids:  # vLLM's: the prompt's ids with a choice's first chunk, then the new ids
+                        if index not in sent_ids:
+                            choice["prompt_token_ids"] = list(out.prompt_token_ids)
+                        choice["token_ids"] = list(c.token_ids[sent_ids.get(index, 0):])
+                        sent_ids[index] = len(c.token_ids)
+                    yield sse({**head, "choices": [choice], **tail})
         if req.include_usage:
             yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out, sum(cached.values()))})
     except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, then end it

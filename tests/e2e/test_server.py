@@ -548,6 +548,30 @@ def test_tokenize_and_detokenize(server, client, tokenizer):
     assert http(server.url + "/tokenize", {"model": "other", "prompt": "x"}, auth)[0] == 404
 
 
+def test_return_token_ids(server, client, tokenizer):
+    """vLLM's return_token_ids (what RL rollout clients train on) was accepted and ignored: no ids came back. Now the
+    prompt's ids and each choice's, streamed (the prompt's with the first chunk, then each chunk's new tokens) or not,
+    on both endpoints."""
+    kw = dict(model=MODEL, max_tokens=6, extra_body={"return_token_ids": True, "ignore_eos": True})
+    res = client.completions.create(prompt="hello", **kw)
+    choice = res.choices[0].model_extra
+    assert choice["prompt_token_ids"] == tokenizer.encode("hello") and len(choice["token_ids"]) == 6
+    assert tokenizer.decode(choice["token_ids"]) == res.choices[0].text
+    chunks = [c.choices[0].model_extra for c in client.completions.create(prompt="hello", stream=True, **kw)]
+    assert chunks[0]["prompt_token_ids"] == choice["prompt_token_ids"]
+    assert [t for c in chunks for t in c["token_ids"]] == choice["token_ids"]
+    msgs = user("FORCE_THINK what is 2+2?")
+    _, rendered = http(server.url + "/tokenize", {"messages": msgs}, {"Authorization": f"Bearer {API_KEY}"})
+    kw = dict(model=MODEL, messages=msgs, max_tokens=40, extra_body={"return_token_ids": True})
+    res = client.chat.completions.create(**kw)
+    ids = res.choices[0].model_extra["token_ids"]
+    assert res.model_extra["prompt_token_ids"] == rendered["tokens"] and len(ids) == res.usage.completion_tokens
+    assert tokenizer.decode(ids) == THINK[0]
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert chunks[0].model_extra["prompt_token_ids"] == rendered["tokens"]
+    assert [t for c in chunks for t in c.choices[0].model_extra.get("token_ids") or []] == ids
+
+
 def test_detokenize_takes_every_id_the_model_has(server, client, tokenizer, model_dir):
     """The model's vocabulary is padded past the tokenizer's (576 ids against 521 here; a real Qwen3.5's too): the
     model can sample a padding id and a prompt may hold one, but /detokenize refused it as outside the vocabulary.
