@@ -35,3 +35,14 @@ def require_query_lens(query_lens, n: int) -> list[int]:
     if query_lens is None or len(query_lens) != n:
         raise ValueError(f"the CUDA kernels need query_lens: {n} host ints, one per sequence")
     return query_lens
+
+
+def output_buffer(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """`out` after checking it is a contiguous [shape] tensor of dtype on device (a caller's slice of a larger buffer,
+    so kernels write their rows in place), or a new one when None."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous() or out.device != device:
+        raise ValueError(f"out must be a contiguous {tuple(shape)} {dtype} tensor on {device}; got {tuple(out.shape)} "
+                         f"{out.dtype} on {out.device}")
+    return out

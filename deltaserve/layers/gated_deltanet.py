@@ -54,15 +54,14 @@ class GatedDeltaNet(nn.Module):
         # views into the projection: every kernel takes a/b by row stride (two copy launches a layer fewer)
         mixed_qkv, _, b, a = proj[0].split(self.splits, dim=-1)
         d = t if batch.is_decode else batch.decode_rows
-        parts = []
+        # the decode rows and the prefilling ones write their rows of one output (a mixed step copies nothing)
+        o = torch.empty(t, self.hv, self.dv, dtype=mixed_qkv.dtype, device=mixed_qkv.device)
         if d:  # one fused kernel: conv-state shift + conv + SiLU + gating + norm + recurrence
-            parts.append(gdn_decode_step(mixed_qkv[:d], self.conv1d.weight, conv_state, a[:d], b[:d], self.A_log,
-                                         self.dt_bias, recurrent_state, batch.state_slots[:d], self.hk, self.dk,
-                                         self.dv))
+            gdn_decode_step(mixed_qkv[:d], self.conv1d.weight, conv_state, a[:d], b[:d], self.A_log, self.dt_bias,
+                            recurrent_state, batch.state_slots[:d], self.hk, self.dk, self.dv, out=o[:d])
         if d < t:
-            parts.append(self._chunked(mixed_qkv[d:], a[d:], b[d:], batch.gdn_prefill_part(), conv_state,
-                                       recurrent_state))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            self._chunked(mixed_qkv[d:], a[d:], b[d:], batch.gdn_prefill_part(), conv_state, recurrent_state, o[d:])
+        return o
 
     def finish(self, o: torch.Tensor, proj: tuple[torch.Tensor]) -> torch.Tensor:
         """The token-wise part after the mixing: o [T, HV, V] -> out_proj(norm(o) · silu(z)) [T, hidden]."""
@@ -71,9 +70,9 @@ class GatedDeltaNet(nn.Module):
         return self.out_proj(self.norm(o, z).reshape(t, -1))
 
     def _chunked(self, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, part: GdnPrefill,
-                 conv_state: torch.Tensor, recurrent_state: torch.Tensor) -> torch.Tensor:
+                 conv_state: torch.Tensor, recurrent_state: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The prefilling sequences: varlen causal conv from each one's conv state, then the chunked delta rule.
-        mixed_qkv: [P_T, C]; a, b: [P_T, HV] -> o [P_T, HV, V]."""
+        mixed_qkv: [P_T, C]; a, b: [P_T, HV] -> o [P_T, HV, V], written into out."""
         t = mixed_qkv.shape[0]
         if part.snapshots:  # the conv state at a snapshot: the W-1 inputs before it (offsets are >= 64 > W-1)
             width = conv_state.shape[2]
@@ -89,5 +88,5 @@ class GatedDeltaNet(nn.Module):
         return gated_delta_rule_varlen(
             q.reshape(t, self.hk, self.dk), k.reshape(t, self.hk, self.dk), v.reshape(t, self.hv, self.dv),
             a, b, self.A_log, self.dt_bias, recurrent_state, part.cu_seqlens, part.state_slots,
-            query_lens=part.query_lens_cpu, tables=part.tables, snapshots=part.snapshots,
+            query_lens=part.query_lens_cpu, tables=part.tables, snapshots=part.snapshots, out=out,
         )

@@ -235,6 +235,30 @@ def test_chunk_rejects_bad_arguments():
         triton_chunk.chunk_gated_delta_rule_varlen(*inputs, pool.double(), cu_of([10]), torch.tensor([0]), [10])
 
 
+def test_mixed_step_rows_go_into_one_output():
+    """A mixed step's decode rows (fused decode kernel) and prefill rows (chunk kernels) write their rows of one
+    [T, HV, V] buffer through out=, exactly what each kernel returns on its own, and nothing else of it."""
+    heads = dict(Hk=2, HV=4, K=16, V=16)
+    d, lengths, S, W = 3, [5, 66], 8, 4
+    dec = make_decode_inputs(d, S, **heads, W=W, slots=[0, 1, 2], device=DEVICE)
+    dims = (heads["Hk"], heads["K"], heads["V"])
+    inputs = make_inputs(sum(lengths), **heads, device=DEVICE)
+    slots = torch.tensor([3, 4], device=DEVICE)
+    pool = make_pool((S, heads["HV"], heads["K"], heads["V"]), [3, 4], device=DEVICE)
+    buf = torch.full((d + sum(lengths), heads["HV"], heads["V"]), float("nan"), device=DEVICE)
+    dec_state, dec_conv, chunk_pool = dec[7].clone(), dec[2].clone(), pool.clone()
+    dec_slots = torch.tensor([0, 1, 2], device=DEVICE)
+    o_dec = triton_decode.fused_recurrent_decode(*dec[:2], dec_conv, *dec[3:7], dec_state, dec_slots, *dims)
+    o_chunk = triton_chunk.chunk_gated_delta_rule_varlen(*inputs, chunk_pool, cu_of(lengths, DEVICE), slots, lengths)
+    got = triton_decode.fused_recurrent_decode(*dec[:2], dec[2], *dec[3:7], dec[7], dec_slots, *dims, out=buf[:d])
+    assert got.data_ptr() == buf.data_ptr()
+    triton_chunk.chunk_gated_delta_rule_varlen(*inputs, pool, cu_of(lengths, DEVICE), slots, lengths, out=buf[d:])
+    assert torch.equal(buf[:d], o_dec) and torch.equal(buf[d:], o_chunk)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        triton_chunk.chunk_gated_delta_rule_varlen(*inputs, pool, cu_of(lengths, DEVICE), slots, lengths,
+                                                   out=buf[d + 1:])
+
+
 def make_decode_inputs(B, S, Hk, HV, K, V, W, slots, dtype=torch.float32, device="cpu", seed=2):
     """Pre-conv mixed_qkv [B, C], conv weight [C, W], a/b as projection views, and both pools (NaN outside
     `slots`)."""

@@ -3,7 +3,7 @@ prefill; one fused kernel per decode step) and the torch reference elsewhere (al
 Triton modules are imported only on the CUDA branch, so a CPU process never imports triton from here."""
 import torch
 
-from ..varlen import check_varlen, require_query_lens
+from ..varlen import check_varlen, output_buffer, require_query_lens
 from . import reference
 from .reference import STATE_DTYPES, chunk_gated_delta_rule, gdn_gating, l2norm, recurrent_gated_delta_rule_step
 
@@ -33,6 +33,7 @@ def gated_delta_rule_varlen(
     query_lens: list[int] | None = None,
     tables=None,
     snapshots: tuple = (),
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gated delta rule over a flat varlen batch, continuing from and updating each sequence's pooled state.
 
@@ -41,8 +42,9 @@ def gated_delta_rule_varlen(
     slots: [N] int64, distinct except -1 (padding row: reads a zero state, writes nothing); query_lens: N host
     ints (required on CUDA); tables: `build_step_tables(query_lens, device, snapshots)` built once per step (CUDA,
     optional); snapshots: (sequence, token offset, slot) triples (at most two a sequence, offsets multiples of
-    chunk_size inside it): the state after that many of the sequence's tokens is also written to that slot.
-    Returns o: [T, HV, V] in v.dtype."""
+    chunk_size inside it): the state after that many of the sequence's tokens is also written to that slot;
+    out: a contiguous [T, HV, V] tensor in v.dtype to write o into (e.g. rows of a mixed step's whole output).
+    Returns o: [T, HV, V] in v.dtype (out when given)."""
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3:
         raise ValueError(f"q and k must both be [T, Hk, K] and v [T, HV, V]; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -72,9 +74,10 @@ def gated_delta_rule_varlen(
 
         return chunk_gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens, slots,
                                              require_query_lens(query_lens, slots.numel()), chunk_size,
-                                             tables=tables, snapshots=snapshots)
-    return reference.gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens, slots, chunk_size,
-                                             snapshots)
+                                             tables=tables, snapshots=snapshots, out=out)
+    o = reference.gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens, slots, chunk_size,
+                                          snapshots)
+    return o if out is None else output_buffer(out, o.shape, o.dtype, o.device).copy_(o)
 
 
 def build_step_tables(query_lens: list[int], device: torch.device, snapshots: tuple = ()):
@@ -89,17 +92,20 @@ def build_step_tables(query_lens: list[int], device: torch.device, snapshots: tu
 
 def gdn_decode_step(mixed_qkv: torch.Tensor, conv_weight: torch.Tensor, conv_state: torch.Tensor, a: torch.Tensor,
                     b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor,
-                    slots: torch.Tensor, num_k_heads: int, head_k_dim: int, head_v_dim: int) -> torch.Tensor:
+                    slots: torch.Tensor, num_k_heads: int, head_k_dim: int, head_v_dim: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of the GDN mixer after in_proj, one token per row: conv-state shift + conv + SiLU, gating,
     q/k L2 norm, recurrence, output. One Triton kernel on CUDA (graph-capturable, no host sync); on CPU the
     reference built from the conv and delta-rule references. mixed_qkv: [B, C] pre-conv [q | k | v];
     conv_weight: [C, W]; conv_state: [S, C, W-1]; a, b: [B, HV]; state: [S, HV, K, V] fp32; slots: [B] (-1 writes
-    nothing) -> o: [B, HV, V]."""
+    nothing); out: a contiguous [B, HV, V] tensor in mixed_qkv's dtype to write o into -> o: [B, HV, V] (out when
+    given)."""
     if mixed_qkv.is_cuda:
         from .triton import fused_recurrent_decode
 
         return fused_recurrent_decode(mixed_qkv, conv_weight, conv_state, a, b, A_log, dt_bias, state, slots,
-                                      num_k_heads, head_k_dim, head_v_dim)
-    return reference.fused_recurrent_decode_reference(mixed_qkv, conv_weight, conv_state, a, b, A_log, dt_bias,
-                                                      state, slots, num_k_heads, head_k_dim, head_v_dim)
+                                      num_k_heads, head_k_dim, head_v_dim, out=out)
+    o = reference.fused_recurrent_decode_reference(mixed_qkv, conv_weight, conv_state, a, b, A_log, dt_bias,
+                                                   state, slots, num_k_heads, head_k_dim, head_v_dim)
+    return o if out is None else output_buffer(out, o.shape, o.dtype, o.device).copy_(o)
 

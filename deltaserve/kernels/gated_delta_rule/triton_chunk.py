@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..varlen import output_buffer
 from .reference import STATE_DTYPES
 
 BT = 64  # tokens per chunk
@@ -530,6 +531,7 @@ def chunk_gated_delta_rule_varlen(
     config: ChunkLaunchConfig | None = None,
     tables: ChunkTables | None = None,
     snapshots: tuple = (),
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Chunked gated delta rule over a flat varlen batch, continuing from and updating each sequence's pooled state.
 
@@ -541,8 +543,8 @@ def chunk_gated_delta_rule_varlen(
     distinct except -1 (padding row: zero initial state, writes nothing); query_lens: host list of the N lengths;
     tables: `build_chunk_tables(query_lens, device, snapshots)` made once per forward step (built here when None);
     snapshots: (sequence, token offset, slot) triples: the state after that many of the sequence's tokens is also
-    written to that slot of the pool (prefix cache), the offset a multiple of 64 inside the sequence.
-    Returns o: [T, HV, V] in v.dtype."""
+    written to that slot of the pool (prefix cache), the offset a multiple of 64 inside the sequence; out: a
+    contiguous [T, HV, V] tensor to write o into. Returns o: [T, HV, V] in v.dtype."""
     if chunk_size != BT:
         raise ValueError(f"chunk_size={chunk_size}: the Triton kernels are written for chunks of {BT} tokens")
     for name, t, dims in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("a", a, 2), ("b", b, 2)):
@@ -575,7 +577,7 @@ def chunk_gated_delta_rule_varlen(
                          "coarse for the triangular solve)")
     if config.diag_sub not in (4, 8, 16):
         raise ValueError(f"diag_sub={config.diag_sub}: use 4, 8 or 16")
-    o = torch.empty(T, HV, V, dtype=v.dtype, device=v.device)
+    o = output_buffer(out, (T, HV, V), v.dtype, v.device)
     if T == 0:
         return o
     if tables is None:

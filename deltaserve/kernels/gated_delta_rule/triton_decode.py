@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..pdl import pdl_args, pdl_start
+from ..varlen import output_buffer
 from .reference import STATE_DTYPES
 
 
@@ -188,6 +189,7 @@ def fused_recurrent_decode(
     head_k_dim: int,
     head_v_dim: int,
     config: DecodeLaunchConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step (one token per row) of the GDN token mixer after in_proj, fused into a single kernel.
 
@@ -195,7 +197,7 @@ def fused_recurrent_decode(
     channels dense); conv_weight: [C, W] (HF's [C, 1, W] squeezed); conv_state: [S, C, W-1] pool in the weight dtype,
     shifted IN PLACE at slots; a, b: [B, HV] raw projections; A_log, dt_bias: [HV]; state: [S, HV, K, V] fp32 pool,
     updated IN PLACE at slots; slots: [B] int32/int64, distinct except -1 (padding row: writes nothing, its output is
-    finite garbage). Returns o: [B, HV, V] in mixed_qkv.dtype."""
+    finite garbage); out: a contiguous [B, HV, V] tensor to write o into. Returns o: [B, HV, V] in mixed_qkv.dtype."""
     HK, K, V = num_k_heads, head_k_dim, head_v_dim
     if mixed_qkv.dim() != 2 or mixed_qkv.stride(-1) != 1:
         raise ValueError(f"mixed_qkv must be [B, C] with dense channels; got {tuple(mixed_qkv.shape)} "
@@ -226,7 +228,7 @@ def fused_recurrent_decode(
     if max(K, V) > 256:
         raise ValueError(f"head dims K={K}, V={V}: a program holds a [K, V-tile] state tile, K at most 256")
     config = config or default_config(B, mixed_qkv.device)
-    o = torch.empty(B, HV, V, dtype=mixed_qkv.dtype, device=mixed_qkv.device)
+    o = output_buffer(out, (B, HV, V), mixed_qkv.dtype, mixed_qkv.device)
     if B == 0:
         return o
     BK = max(16, triton.next_power_of_2(K))
