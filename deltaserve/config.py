@@ -257,8 +257,7 @@ class ModelConfig:
             sampling_defaults=_sampling_defaults(generation_config or {}, source),
             state_dtype=str(text.get("mamba_ssm_dtype", raw.get("mamba_ssm_dtype", "float32"))),
             torch_dtype=str(text.get("dtype") or raw.get("dtype") or raw.get("torch_dtype") or "float32"),
-            quantization=(QuantConfig.from_dict(raw["quantization_config"], source)
-                          if raw.get("quantization_config") is not None else None),
+            quantization=_quantization(raw, text, source),
         )
         cfg._validate(source)
         return cfg
@@ -292,6 +291,15 @@ class ModelConfig:
             need(self.intermediate_size > 0, "'intermediate_size' must be a positive integer.")
         need(self.state_dtype in ("float32", "bfloat16", "float16"),
              f"'mamba_ssm_dtype' must be float32, bfloat16 or float16, got {self.state_dtype!r}.")
+
+
+def _quantization(raw: dict, text: dict, source: str) -> QuantConfig | None:
+    """config.json's quantization_config: top-level, else under text_config, where some multimodal exports keep it
+    (vLLM reads it from there too); None for a 16-bit checkpoint."""
+    q = raw.get("quantization_config")
+    if q is None and text is not raw:
+        q = text.get("quantization_config")
+    return None if q is None else QuantConfig.from_dict(q, source)
 
 
 def _module_names(q: dict, key: str, source: str) -> tuple[str, ...]:

@@ -301,6 +301,19 @@ def test_quantization_config_fields_of_the_wrong_json_type(qcfg, needles):
     assert_one_sentence(str(e.value), "quantization_config", *needles)
 
 
+@pytest.mark.parametrize("arch", ["Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"],
+                         ids=["dense", "moe"])
+def test_quantization_config_under_text_config_is_read(arch):
+    """Some multimodal exports keep quantization_config inside text_config (vLLM reads it there too): it used to be
+    ignored, and the quantized weights then failed as 'config.json has no quantization_config'."""
+    text = text_fields(SUPPORTED_ARCHITECTURES[arch][0], quantization_config=_FP8)
+    cfg = parse(raw_config(arch, text))
+    assert cfg.quantization is not None and cfg.quantization.method == "fp8"
+    assert cfg.quantization.weight_block_size == (128, 128)
+    top = parse(raw_config(arch, text, quantization_config=_AWQ))  # a top-level one still decides
+    assert top.quantization.method == "awq"
+
+
 def test_boolean_fields_read_as_given():
     cfg = parse(raw_config("Qwen3_5ForCausalLM", text_fields(attention_bias=True)), {"do_sample": False})
     assert cfg.attention_bias is True and ("temperature", 0.0) in cfg.sampling_defaults

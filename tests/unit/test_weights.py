@@ -186,6 +186,33 @@ def test_visual_and_mtp_tensors_skipped(tiny, tmp_path):
     assert_same_params(load(tiny)[1], load(path)[1])
 
 
+@pytest.mark.parametrize("tiny", ["dense", "moe"], indirect=True)
+def test_quantization_config_under_text_config_loads(tiny, tmp_path):
+    """An FP8 checkpoint whose quantization_config sits in text_config (as some multimodal exports write it) loads
+    and runs as the same checkpoint with it at the top level; it used to be refused as having no
+    quantization_config."""
+    from deltaserve.quantize import quantize_checkpoint
+
+    top = quantize_checkpoint(tiny, str(tmp_path / "top"), method="fp8", progress=False)
+
+    def nest(raw):
+        raw["text_config"]["quantization_config"] = raw.pop("quantization_config")
+
+    nested = variant(top, tmp_path / "nested", config_edit=nest)
+    assert ModelConfig.from_hf_dir(nested).quantization.method == "fp8"
+    assert_same_params(load_quantized(top), load_quantized(nested))
+    assert_same_outputs(top, nested)
+
+
+def load_quantized(path: str) -> torch.nn.Module:
+    from deltaserve.models.weights import read_formats
+
+    cfg = ModelConfig.from_hf_dir(path)
+    model = build_model(cfg, torch.device("cpu"), torch.float32, formats=read_formats(cfg, path))
+    load_weights(model, cfg, path)
+    return model
+
+
 def test_packed_experts_give_identical_model(tiny_moe, tmp_path):
     path = variant(tiny_moe, tmp_path / "packed", pack_experts)
     names = load_file(os.path.join(path, ST)).keys()
