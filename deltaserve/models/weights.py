@@ -504,6 +504,11 @@ def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: 
     if tuple(src.shape) != tuple(dst.shape):
         raise WeightsError(f"Tensor {name} has shape {list(tensor.shape)}, but the model expects "
                            f"{list(dst.shape)} for it (from config.json).")
+    if src.dtype in _FP8_TORCH and dst.dtype not in _FP8_TORCH:  # copy_ dropped the scale: a wrong model, no error
+        raise WeightsError(f"Tensor {name} is stored in FP8 ({str(tensor.dtype)[6:]}), but deltaserve reads FP8 only "
+                           f"as a Linear's weight beside its weight_scale_inv, experts one per expert "
+                           f"(experts.E.gate_proj.weight), not packed; use a checkpoint in that layout or a 16-bit "
+                           f"one.")
     # copy_ casts anything: an F32 qweight / qzeros or I32 scales loaded "fine" and gave wrong outputs
     if dst.is_floating_point() != src.is_floating_point() or src.dtype == torch.bool or (
             not dst.is_floating_point() and src.element_size() < dst.element_size()):
@@ -522,6 +527,7 @@ def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: 
                            f"converted.")
 
 
+_FP8_TORCH = (torch.float8_e4m3fn, torch.float8_e5m2)
 # 16-bit weights, fp32 scales / decay params and FP8 weights
 _CHECKED_FINITE = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 

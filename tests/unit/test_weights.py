@@ -204,6 +204,33 @@ def test_quantization_config_under_text_config_loads(tiny, tmp_path):
     assert_same_outputs(top, nested)
 
 
+@pytest.mark.parametrize("scales", [True, False], ids=["with_scales", "without_scales"])
+def test_packed_fp8_experts_are_refused_in_one_sentence(tiny_moe, tmp_path, scales):
+    """FP8 experts packed as transformers holds them (gate_up_proj [E, 2I, H] e4m3, gate_up_proj_scale_inv): the
+    e4m3 tensors were cast into the 16-bit experts without their scales (a wrong model, silently, when no scale was
+    beside them), or the scales were reported as tensors of another checkpoint's config.json."""
+    from deltaserve.quantize import quantize_checkpoint
+
+    fp8 = quantize_checkpoint(tiny_moe, str(tmp_path / "fp8"), method="fp8", progress=False)
+
+    def pack(sd):
+        bases = sorted({m[1] for n in sd if (m := re.match(r"^(.*\.mlp\.experts\.)\d+\.gate_proj\.weight$", n))})
+        for base in bases:
+            n_exp = len([n for n in sd if n.startswith(base) and n.endswith(".gate_proj.weight")])
+            for kind, suffix in (("weight", ""), ("weight_scale_inv", "_scale_inv")):
+                gate_up = [torch.cat([sd.pop(f"{base}{e}.gate_proj.{kind}"), sd.pop(f"{base}{e}.up_proj.{kind}")])
+                           for e in range(n_exp)]
+                down = [sd.pop(f"{base}{e}.down_proj.{kind}") for e in range(n_exp)]
+                if kind == "weight" or scales:
+                    sd[f"{base}gate_up_proj{suffix}"] = torch.stack(gate_up).contiguous()
+                    sd[f"{base}down_proj{suffix}"] = torch.stack(down).contiguous()
+
+    path = variant(fp8, tmp_path / "packed", pack)
+    with pytest.raises(WeightsError) as e:
+        make_llm(path)
+    assert_one_sentence(str(e.value), "FP8", ".mlp.experts.", "one per expert")
+
+
 def load_quantized(path: str) -> torch.nn.Module:
     from deltaserve.models.weights import read_formats
 
