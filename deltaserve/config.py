@@ -256,7 +256,9 @@ class ModelConfig:
             eos_token_ids=_eos_ids(text, raw, generation_config or {}, source),
             sampling_defaults=_sampling_defaults(generation_config or {}, source),
             state_dtype=str(text.get("mamba_ssm_dtype", raw.get("mamba_ssm_dtype", "float32"))),
-            torch_dtype=str(text.get("dtype") or raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+            # `torch_dtype`: the older name, read (as transformers does) wherever `dtype` is absent
+            torch_dtype=str(text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype")
+                            or "float32"),
             quantization=_quantization(raw, text, source),
         )
         cfg._validate(source)

@@ -321,6 +321,21 @@ def test_boolean_fields_read_as_given():
     assert cfg.attention_bias is False and cfg.sampling_defaults == (("temperature", 0.7),)  # null: unset, as in HF
 
 
+@pytest.mark.parametrize("text_keys, top_keys", [
+    ({"torch_dtype": "float16"}, {}),
+    ({}, {"torch_dtype": "float16"}),
+    ({"dtype": "float16"}, {"torch_dtype": "bfloat16"}),
+    ({"torch_dtype": "float16"}, {"dtype": "float16"}),
+], ids=["text_torch_dtype_only", "top_torch_dtype_only", "text_dtype", "both_named_alike"])
+def test_checkpoint_dtype_read_under_either_name(text_keys, top_keys):
+    """`torch_dtype` (the older name) in text_config was ignored: the checkpoint read as float32, and dtype='auto' on
+    CUDA then ran a float16 checkpoint in bfloat16."""
+    text = text_fields()
+    text.pop("dtype")
+    text.update(text_keys)
+    assert parse(raw_config("Qwen3_5ForConditionalGeneration", text, **top_keys)).torch_dtype == "float16"
+
+
 @pytest.mark.parametrize("dtype", [None, "float32", "bfloat16", "float16"], ids=["default", "fp32", "bf16", "fp16"])
 def test_mamba_ssm_dtype(dtype):
     text = text_fields()
