@@ -30,6 +30,7 @@ class ChoiceParser:
                  parallel: bool = True, constrained: bool = False):
         self.reasoning = ReasoningParser(in_reasoning=in_reasoning, enabled=thinking, exact_content=constrained,
                                          tool_calls=forced is None and bool(tools))
+        self.thinking = thinking
         # OpenAI's finish_reason after calls: "tool_calls" for tool_choice auto or required, "stop" for a named one
         self.named_call = forced is not None and forced.name is not None
         if forced is not None:  # the answer is JSON naming the calls (tool_choice required / a named function)
@@ -190,9 +191,12 @@ def _full_response(ctx: ServingContext, req: ChatCompletionRequest, final, parse
         reasoning, parsed = p.feed(c.text, final=True)
         calls = p.tools.calls if p.tools is not None else []
         shown = (reasoning or None) if req.include_reasoning else None
+        # an empty answer is null beside calls, and under thinking (vLLM's Qwen3 reasoning parser: an answer cut off
+        # inside <think> is all reasoning, no content); with thinking off the text is the answer, even an empty one
+        empty = None if calls or p.thinking else ""
         # vLLM's field is `reasoning`; `reasoning_content` (its old name, DeepSeek's) for clients that still read it
-        message = {"role": "assistant", "content": parsed.content if parsed.content or not calls else None,
-                   "reasoning": shown, "reasoning_content": shown}
+        message = {"role": "assistant", "content": parsed.content or empty, "reasoning": shown,
+                   "reasoning_content": shown}
         if calls:
             message["tool_calls"] = [{"id": t.id, "type": "function",
                                       "function": {"name": t.name, "arguments": t.whole_arguments}} for t in calls]

@@ -719,6 +719,19 @@ def test_include_reasoning_false_leaves_the_reasoning_out(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == THINK[2]
 
 
+def test_an_answer_cut_off_inside_its_reasoning_has_null_content(server, client, tokenizer):
+    """max_tokens ending the answer inside its <think> block: all of it is reasoning, and content is null, as vLLM's
+    Qwen3 reasoning parser gives it (it was "", which clients took for an empty answer)."""
+    res = client.chat.completions.create(model=MODEL, messages=user("FORCE_THINK what is 2+2?"), max_tokens=6)
+    msg = res.choices[0].message
+    assert res.choices[0].finish_reason == "length" and msg.content is None, msg
+    assert msg.reasoning_content and THINK[1].startswith(msg.reasoning_content), msg
+    # enable_thinking false: the text is the answer, and an empty one stays "" (vLLM's parser gives it as content)
+    got, body = http(server.url + "/v1/chat/completions", chat_body(**NO_THINK, max_tokens=1, logit_bias={
+        str(tokenizer.eos_token_id): 100}), {"Authorization": f"Bearer {API_KEY}"})
+    assert got == 200 and body["choices"][0]["message"]["content"] == "", body
+
+
 @pytest.mark.parametrize("marker", ["FORCE_XML_TOOL", "FORCE_JSON_TOOL"], ids=["xml", "json"])
 def test_tool_call_round_trip(client, marker):
     msgs = user(f"{marker} What is the weather in Paris?")
