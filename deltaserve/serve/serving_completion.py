@@ -66,10 +66,14 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     return JSONResponse(_full_response(ctx, req, finals, echoes, head))
 
 
-def _max_tokens(ctx: ServingContext, req: CompletionRequest, ids: list[int]) -> int:
-    """A prompt's token limit: the request's; OpenAI's default 16 cut to what fits after this prompt (which may not
-    fit at all); for echo with max_tokens 0 (score the prompt only) one token, which the response leaves out."""
+def _max_tokens(ctx: ServingContext, req: CompletionRequest, ids: list[int]) -> int | None:
+    """A prompt's token limit: the request's; left out, OpenAI's default 16 cut to what fits after this prompt (which
+    may not fit at all); an explicit null, None: what the context leaves (vLLM's field defaults to 16, and only its
+    null means no limit of the request's own); for echo with max_tokens 0 (score the prompt only) one token, which
+    the response leaves out."""
     if req.max_tokens is None:
+        if "max_tokens" in req.model_fields_set:
+            return None
         return max(1, min(DEFAULT_MAX_TOKENS, ctx.max_model_len - len(ids)))
     if req.max_tokens == 0 and req.echo:
         if req.min_tokens:

@@ -1192,6 +1192,17 @@ def test_default_max_tokens_fits_a_long_prompt(client):
     assert res.usage.completion_tokens <= 3 and res.choices[0].finish_reason == "length"
 
 
+def test_completions_max_tokens_null_is_the_room_left(server):
+    """An explicit "max_tokens": null on /v1/completions asks for what the context leaves after the prompt, as vLLM
+    reads it (its field defaults to 16, so only a max_tokens left out is OpenAI's 16); null answered 16 tokens."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "prompt": [5] * (MAX_MODEL_LEN - 40), "temperature": 0, "ignore_eos": True}
+    got, res = http(server.url + "/v1/completions", {**body, "max_tokens": None}, auth)
+    assert got == 200 and res["usage"]["completion_tokens"] == 40, res
+    got, res = http(server.url + "/v1/completions", body, auth)  # left out: OpenAI's default
+    assert got == 200 and res["usage"]["completion_tokens"] == 16, res
+
+
 def test_min_tokens_error_names_the_field_the_client_sent(server):
     """min_tokens above max_completion_tokens was reported against "max_tokens", a field the client never sent."""
     got, err = http(server.url + "/v1/chat/completions", chat_body(max_completion_tokens=2, min_tokens=3),
