@@ -454,8 +454,10 @@ class ToolCallParser:
 
 class ForcedToolCalls:
     """tool_choice "required" or a named function: the answer is constrained (structured outputs, see forced_schema)
-    to JSON, read whole and turned into tool calls at the end, as vLLM does. With the parser's interface: feed()
-    holds everything back, finish() releases the calls (or, for a text cut short by max_tokens, the raw text)."""
+    to JSON, turned into tool calls as vLLM does. A named function's answer is its one call's arguments, passed on
+    as written and streamed as they come, also when max_tokens cuts them short (then they are not whole JSON, as
+    vLLM's are not either). "required"'s list is read whole at the end: feed() holds it back, finish() releases the
+    calls (or, for a text cut short by max_tokens, the raw text as content)."""
 
     def __init__(self, name: str | None):
         self.name = name  # the named function, or None for "required" (a list of {"name", "parameters"})
@@ -464,13 +466,26 @@ class ForcedToolCalls:
         self.cut = False  # (ToolCallParser's flag: a JSON answer cut short comes back as content, with no calls)
 
     def feed(self, text: str) -> ParsedDelta:
-        self.buf += text
-        return ParsedDelta()
+        if self.name is None:
+            self.buf += text
+            return ParsedDelta()
+        out = ParsedDelta()
+        if not text:
+            return out
+        if not self.calls:  # the first text opens the call: its delta carries the id and name
+            self.calls.append(ToolCall(self.name))
+            out.tool_calls.append(ToolCallDelta(0, self.calls[0].id, self.name, text))
+        else:
+            out.tool_calls.append(ToolCallDelta(0, arguments=text))
+        self.calls[0].arguments += text
+        return out
 
     def finish(self) -> ParsedDelta:
+        if self.name is not None:
+            return ParsedDelta()
         try:
             value = json.loads(self.buf)
-            pairs = [(self.name, value)] if self.name is not None else [(c["name"], c["parameters"]) for c in value]
+            pairs = [(c["name"], c["parameters"]) for c in value]
         except (*_BAD_JSON, TypeError, KeyError):  # cut short, or (the grammar bypassed) not the forced shape
             return ParsedDelta(content=self.buf)
         out = ParsedDelta()

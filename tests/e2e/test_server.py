@@ -842,6 +842,25 @@ def test_tool_choice_named_and_required(client, stream):
     assert all(isinstance(json.loads(c.function.arguments), dict) for c in calls)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_named_tool_call_cut_off_by_max_tokens_keeps_its_arguments(client, stream):
+    """A named function's answer is its arguments (vLLM passes them on unparsed, streamed as they come): cut off by
+    max_tokens, the partial JSON is the call's arguments, not content as it was."""
+    kw = dict(messages=user("Set the unit"), tools=FORCE_TOOLS, max_tokens=6, temperature=0,
+              tool_choice={"type": "function", "function": {"name": "set_unit"}}, extra_body=NO_THINK)
+    whole = client.chat.completions.create(model=MODEL, **kw).choices[0]
+    (call,) = whole.message.tool_calls
+    assert (whole.finish_reason, whole.message.content, call.function.name) == ("length", None, "set_unit"), whole
+    assert call.function.arguments.lstrip().startswith("{"), call
+    with pytest.raises(ValueError):
+        json.loads(call.function.arguments)
+    if stream:
+        content, _, calls, finish, _, _ = stream_chat(client, **kw)
+        assert (content, finish, list(calls)) == ("", "length", [0]), (content, finish, calls)
+        name, arguments, n_deltas = calls[0]
+        assert (name, arguments) == ("set_unit", call.function.arguments) and n_deltas > 1, calls
+
+
 def test_forced_tool_with_keywords_the_grammar_ignores(client):
     """A tool whose parameters use uniqueItems / not (which the grammar cannot enforce) is still callable with a
     forced tool choice, as before those keywords were refused in response_format: they are dropped for tools."""

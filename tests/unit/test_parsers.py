@@ -370,3 +370,19 @@ def test_a_closing_call_tag_quoted_in_an_xml_value_does_not_end_the_call(seed):
     assert streamed == final
     assert [json.loads(args) for _, args in final] == [{"city": value, "days": 2}, {"city": "Rome"}, {"city": "Oslo"}]
     assert content == "Writing it.\nThen: Done"
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut_by_max_tokens"])
+def test_a_named_functions_answer_streams_as_its_arguments(cut):
+    """tool_choice naming a function: the answer is that call's arguments, passed on as written and streamed as they
+    come (vLLM's), whole or cut short (a cut answer came back as content, all at the end)."""
+    from deltaserve.serve.tool_parser import ForcedToolCalls
+    text = '{"unit": "c", "on": true}'[: 12 if cut else None]
+    p, deltas = ForcedToolCalls("set_unit"), []
+    for piece in cuts(text, 2):
+        deltas += p.feed(piece).tool_calls
+    tail = p.finish()
+    deltas += tail.tool_calls
+    assert tail.content == "" and len(deltas) > 1 and deltas[0].name == "set_unit" and deltas[0].id == p.calls[0].id
+    assert all(d.id is None and d.index == 0 for d in deltas[1:])
+    assert "".join(d.arguments for d in deltas) == text == p.calls[0].whole_arguments
