@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any, Literal, Union
@@ -207,13 +208,30 @@ UNSUPPORTED_FIELDS = {
 _NEUTRAL = {"length_penalty": 1, "priority": 0, "top_logprobs": 0}
 
 
+# a JSON string escape, a lone surrogate one (group 1) among them: a high one not followed by a low one, or a low one
+# not after a high one. Every escape is matched from its backslash on, so JSON's "\\ud800" is a backslash and text.
+_ESCAPE = re.compile(rb"\\(?:u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+                     rb"|(u[dD][89a-fA-F][0-9a-fA-F]{2})|[\s\S])")
+
+
+def _replace_lone_surrogates(body: bytes) -> bytes:
+    """The body with each lone UTF-16 surrogate escape ("\\ud83d": JavaScript's JSON.stringify writes half of a cut
+    emoji so, and Python's json takes it) written as U+FFFD, as a UTF-8 encoder writes one: a surrogate is not a
+    character, and pydantic refuses it ("unexpected end of hex escape") where vLLM's json takes it."""
+    return _ESCAPE.sub(lambda m: b"\\ufffd" if m.group(1) else m.group(0), body)
+
+
 def parse_request(cls: type[_Model], body: bytes) -> Any:
     """Raw body -> a validated request; APIError(400) naming the field for malformed JSON, bad types or a field
-    deltaserve cannot honour (UNSUPPORTED_FIELDS, when set to anything but null / false / empty)."""
+    deltaserve cannot honour (UNSUPPORTED_FIELDS, when set to anything but null / false / empty). A lone surrogate
+    escape reads as U+FFFD (_replace_lone_surrogates; looked for only in a body that did not parse)."""
     try:
         req = cls.model_validate_json(body)
     except ValidationError as e:
-        raise validation_error(e) from None
+        fixed = _replace_lone_surrogates(body) if e.errors()[0]["type"] == "json_invalid" else body
+        if fixed == body:
+            raise validation_error(e) from None
+        return parse_request(cls, fixed)
     if req.model_extra:
         for name, value in req.model_extra.items():
             # `is`: 0 == False, and prompt_logprobs=0 asks for something

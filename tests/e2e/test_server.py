@@ -1204,6 +1204,20 @@ def test_echo_with_max_tokens_zero_scores_the_prompt_alone(client, tokenizer, st
     assert usage.completion_tokens == 0 and usage.prompt_tokens == len(ids)
 
 
+def test_a_lone_surrogate_escape_reads_as_a_replacement_character(server, tokenizer):
+    """JavaScript's JSON.stringify writes half of a cut emoji as a lone surrogate escape ("\\ud83d"), which Python's
+    json (vLLM) takes; it was a 400 saying "unexpected end of hex escape". It now reads as U+FFFD, as a UTF-8
+    encoder writes it, and a request never carries it to the tokenizer."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = b'{"model": "tiny", "prompt": "cut \\ud83d emoji", "max_tokens": 1, "echo": true}'
+    got, res = http(server.url + "/v1/completions", body, auth)
+    assert got == 200 and res["choices"][0]["text"].startswith("cut \ufffd emoji"), res
+    assert res["usage"]["prompt_tokens"] == len(tokenizer.encode("cut \ufffd emoji")), res
+    body = b'{"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "a\\udc00b"}]}'
+    got, res = http(server.url + "/v1/chat/completions", body, auth)
+    assert got == 200 and res["usage"]["completion_tokens"] == 1, res
+
+
 def test_default_max_tokens_fits_a_long_prompt(client):
     """No max_tokens: OpenAI's default of 16, cut to what still fits after the prompt (not a 400 about a field the
     client never sent)."""

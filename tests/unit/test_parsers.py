@@ -386,3 +386,16 @@ def test_a_named_functions_answer_streams_as_its_arguments(cut):
     assert tail.content == "" and len(deltas) > 1 and deltas[0].name == "set_unit" and deltas[0].id == p.calls[0].id
     assert all(d.id is None and d.index == 0 for d in deltas[1:])
     assert "".join(d.arguments for d in deltas) == text == p.calls[0].whole_arguments
+
+
+@pytest.mark.parametrize("escape, text", [
+    (r"\ud800", "\ufffd"), (r"\udc00", "\ufffd"), (r"\ud800\u0041", "\ufffdA"), (r"\ud800\ud800", "\ufffd\ufffd"),
+    (r"\ud83d\ude00", "\U0001f600"), (r"\\ud800", r"\ud800"), (r"\\\ud800", "\\\ufffd"), (r"\"\udfff", '"\ufffd'),
+], ids=["high", "low", "high_then_letter", "two_highs", "pair", "escaped_backslash", "backslash_then_lone",
+        "quote_then_lone"])
+def test_a_lone_surrogate_escape_reads_as_a_replacement_character(escape, text):
+    """JSON.stringify writes a lone surrogate (half of a cut emoji) as an escape, which Python's json takes and
+    pydantic refused ("unexpected end of hex escape"): it reads as U+FFFD, as a UTF-8 encoder writes it."""
+    from deltaserve.serve.protocol import CompletionRequest, parse_request
+    req = parse_request(CompletionRequest, b'{"prompt": "a' + escape.encode() + b'b"}')
+    assert req.prompt == "a" + text + "b"
