@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn): routes only; the work is in serving_chat.py,
 serving_completion.py and async_engine.py.
 
-    POST /v1/chat/completions   POST /v1/completions   GET /v1/models      (need the API key when one is set)
+    POST /v1/chat/completions   POST /v1/completions   GET /v1/models[/{id}]      (need the API key when one is set)
     POST /tokenize   POST /detokenize                                       (vLLM's; the API key too)
     GET|HEAD /health   GET /version   GET /metrics (Prometheus)
 
@@ -101,12 +101,21 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         req = parse_request(CompletionRequest, await _json_body(request))
         return await create_completion(ctx, req, request)
 
+    def model_card() -> dict:
+        # vLLM's ModelCard fields: `vllm bench serve` without --model reads data[0]["root"] as its tokenizer path
+        return {"id": model_name, "object": "model", "created": now(), "owned_by": "deltaserve",
+                "root": model_root or model_name, "parent": None, "max_model_len": ctx.max_model_len}
+
     @v1.get("/models")
     async def models() -> dict:
-        # vLLM's ModelCard fields: `vllm bench serve` without --model reads data[0]["root"] as its tokenizer path
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": now(),
-                                            "owned_by": "deltaserve", "root": model_root or model_name,
-                                            "parent": None, "max_model_len": ctx.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_id:path}")  # OpenAI's retrieve (the openai client's models.retrieve); :path: "org/name"
+    async def model(model_id: str) -> dict:
+        if model_id != model_name:
+            raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{model_name}'.", "model",
+                           "model_not_found")
+        return model_card()
 
     app.include_router(v1)
     tokens = APIRouter(dependencies=[Depends(_api_key_check(api_key))])  # vLLM's paths, outside /v1

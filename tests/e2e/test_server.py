@@ -214,6 +214,17 @@ def test_models_health_version(server, client, model_dir):
     assert e.value.code == 405 and e.value.headers["Allow"] == "POST"  # HTTP requires Allow on a 405
 
 
+def test_a_model_is_retrieved_by_its_id(server, client):
+    """GET /v1/models/{id} (OpenAI's retrieve, the openai client's models.retrieve) answers the model's card; it was
+    a 404 for the served model too."""
+    card = client.models.retrieve(MODEL)
+    assert (card.id, card.object, card.owned_by) == (MODEL, "model", "deltaserve"), card
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("not-" + MODEL)
+    assert e.value.body["code"] == "model_not_found" and "not-" + MODEL in e.value.body["message"], e.value.body
+    assert http(server.url + "/v1/models/" + MODEL)[0] == 401  # behind the API key, as the list is
+
+
 def test_chat_and_completions_same_greedy_text(client, tokenizer):
     msgs = user("Tell me about the quick brown fox.")
     prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False)
