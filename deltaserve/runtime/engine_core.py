@@ -238,7 +238,8 @@ class EngineCore:
             group, i = self._by_id[req.request_id]
             touched[group.samples[0].request_id] = group
             if req.request_id in result.prompt_logprobs:
-                req.prompt_logprobs += [self._decoded(lps) for lps in result.prompt_logprobs[req.request_id]]
+                req.prompt_logprobs += [self._decoded(lps, req.params)
+                                        for lps in result.prompt_logprobs[req.request_id]]
             if req.request_id in result.sampled:
                 self._append_token(req, group, i, result)
         now = time.perf_counter()
@@ -263,7 +264,7 @@ class EngineCore:
         tok = result.sampled[req.request_id]
         req.output_token_ids.append(tok)
         if req.request_id in result.logprobs:
-            req.logprobs.append(self._decoded(result.logprobs[req.request_id]))
+            req.logprobs.append(self._decoded(result.logprobs[req.request_id], req.params))
         if req.request_id in result.sampled_logprob:
             req.cumulative_logprob += result.sampled_logprob[req.request_id]
         prev_len = len(group.texts[i])
@@ -292,10 +293,11 @@ class EngineCore:
             req.finish_reason, req.stop_reason = reason, stop
             self.scheduler.finish(req)
 
-    def _decoded(self, logprobs: Logprobs) -> Logprobs:
+    def _decoded(self, logprobs: Logprobs, params: SamplingParams) -> Logprobs:
         """Each Logprob's decoded_token (vLLM's field): the token's own text, special tokens written out (cached per
-        id: prompt logprobs ask for one or more a prompt token)."""
-        if self.tokenizer is not None:
+        id: prompt logprobs ask for one or more a prompt token); None under detokenize=False, as vLLM, which decodes
+        nothing for such a request."""
+        if self.tokenizer is not None and params.detokenize:
             for tok, lp in logprobs.items():
                 if (text := self._token_texts.get(tok)) is None:
                     text = self._token_texts[tok] = self.tokenizer.decode([tok], skip_special_tokens=False)

@@ -142,6 +142,18 @@ def test_logprobs_read_as_vllms_logprob_objects(llm):
     assert any(d[t].rank > 1 for t, d in zip(sampled.token_ids, sampled.logprobs))  # ranks over the vocabulary
 
 
+def test_detokenize_false_leaves_decoded_token_none(llm):
+    """vLLM decodes nothing for a request with detokenize=False: its Logprobs' decoded_token is None (it was the
+    token's text here), the logprobs and ranks themselves unchanged."""
+    ref = llm.generate(["hi"], greedy(logprobs=2, prompt_logprobs=1), use_tqdm=False)[0]
+    out = llm.generate(["hi"], greedy(logprobs=2, prompt_logprobs=1, detokenize=False), use_tqdm=False)[0]
+    positions = out.outputs[0].logprobs + out.prompt_logprobs[1:]
+    assert positions and all(lp.decoded_token is None for d in positions for lp in d.values())
+    assert all(lp.decoded_token is not None for d in ref.outputs[0].logprobs for lp in d.values())
+    for r, o in zip(ref.outputs[0].logprobs + ref.prompt_logprobs[1:], positions):
+        assert r.keys() == o.keys() and all(r[t].rank == o[t].rank and abs(r[t] - o[t]) < 1e-5 for t in r)
+
+
 def test_chat_continues_the_final_message(llm):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, here"}]
     out = llm.chat(msgs, greedy(), use_tqdm=False, add_generation_prompt=False, continue_final_message=True)[0]
