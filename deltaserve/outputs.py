@@ -39,7 +39,8 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it, if any
     cumulative_logprob: float | None = None
     # What is new since the previous output of this request (streaming). While running, the text that could still
-    # turn out to be the start of a stop string is held back (from `text` too: it is the deltas so far).
+    # turn out to be the start of a stop string is held back (from `text` too: it is the deltas so far), unless
+    # include_stop_str_in_output is set (a stop string is then never cut from the text).
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     lora_request: None = None  # vLLM's; always None (no LoRA adapters run here)

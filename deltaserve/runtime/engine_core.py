@@ -371,7 +371,9 @@ class EngineCore:
 
     def _output(self, rid: str, group: _Group) -> RequestOutput:
         outs = []
-        hold = max((len(s) for s in group.params.stop), default=1) - 1
+        p = group.params
+        # as vLLM: with the stop string shown in the output nothing is ever cut from the text, so nothing is held back
+        hold = max(len(s) for s in p.stop) - 1 if p.stop and not p.include_stop_str_in_output else 0
         for i, r in enumerate(group.samples):
             text = group.texts[i]
             done = r.status == RequestStatus.FINISHED
@@ -380,9 +382,9 @@ class EngineCore:
             group.sent_chars[i], group.sent_tokens[i] = upto, len(r.output_token_ids)
             outs.append(CompletionOutput(  # text too holds back what could still start a stop string, as vLLM's
                 index=i, text=text[:upto], token_ids=list(r.output_token_ids),
-                logprobs=list(r.logprobs) if group.params.logprobs is not None else None,
+                logprobs=list(r.logprobs) if p.logprobs is not None else None,
                 finish_reason=r.finish_reason, stop_reason=r.stop_reason,
-                cumulative_logprob=r.cumulative_logprob if group.params.logprobs is not None else None,
+                cumulative_logprob=r.cumulative_logprob if p.logprobs is not None else None,
                 delta_text=delta_text, delta_token_ids=list(delta_ids),
             ))
         first = group.samples[0]

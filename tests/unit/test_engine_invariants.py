@@ -356,6 +356,28 @@ def test_streamed_text_holds_back_a_partial_stop_string(models):
         assert c.text == sent and final.text.startswith(c.text), (c.text, final.text)
 
 
+def test_streamed_text_holds_nothing_back_when_the_stop_string_is_shown(models):
+    """include_stop_str_in_output=True: a stop string is never cut from the text, so vLLM holds no characters back
+    from streamed outputs; here each step's text lagged by the longest stop string's length - 1 characters."""
+    llm = models.solo("dense")
+    tok = llm.tokenizer
+    text_prompt, ref, (stop, start, need) = _stop_across_tokens(llm, 2, 2)
+    sp = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=[stop, "\x00" * 20],
+                        include_stop_str_in_output=True)
+    outs = [o.outputs[0] for o in llm.generate_stream([text_prompt], sp)]
+    final, sent = outs[-1], ""
+    assert final.finish_reason == "stop" and final.text == ref.text[: start + len(stop)]
+    checked = 0
+    for c in outs:
+        sent += c.delta_text
+        assert c.text == sent
+        whole = tok.decode(c.token_ids)
+        if not c.finished() and whole and "\ufffd" not in whole:  # no character cut in two; the end is cut
+            assert c.text == whole, (c.text, whole)
+            checked += 1
+    assert checked > 1
+
+
 def test_stop_strings_ending_at_one_position_go_by_list_order(models):
     """Two stop strings completed by one token at the same position: the first listed wins, as in vLLM (the
     alphabetically smallest won)."""
