@@ -70,6 +70,9 @@ class EngineCore:
         self.failed_outputs: list[RequestOutput] = []
         self._grammars = GrammarBackend(tokenizer, vocab_size, eos_token_ids) if tokenizer is not None else None
         self._token_texts: dict[int, str] = {}  # token id -> its text, for Logprob.decoded_token
+        # the tokenizer's EOS: a request that ends on it has stop_reason None; the other EOS ids (generation_config's,
+        # config.json's) are reported by id, as vLLM, which adds them to each request's stop_token_ids
+        self._own_eos = tokenizer.eos_token_id if tokenizer is not None else None
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
                     request_id: str | None = None) -> str:
@@ -347,7 +350,7 @@ class EngineCore:
         if eos or tok in p.stop_token_ids:
             if not p.include_stop_str_in_output:  # as vLLM: the stopping token's own text is not shown
                 group.texts[i] = group.texts[i][:prev_len]
-            return "stop", (None if eos else tok)
+            return "stop", (None if eos and tok == self._own_eos else tok)
         if (s := self._stop_string(req, group, i, prev_len)) is not None:
             return "stop", s
         return _length_reason(req, self.max_model_len), None

@@ -154,6 +154,28 @@ def test_detokenize_false_leaves_decoded_token_none(llm):
         assert r.keys() == o.keys() and all(r[t].rank == o[t].rank and abs(r[t] - o[t]) < 1e-5 for t in r)
 
 
+def test_generation_configs_other_eos_ids_are_the_stop_reason(llm):
+    """vLLM adds generation_config.json's EOS ids other than the tokenizer's to a request's stop_token_ids, so ending
+    on one reports its id as stop_reason (here <|endoftext|>; it was None); the tokenizer's EOS stays None, and
+    ignore_eos runs past both."""
+    tok = llm.get_tokenizer()
+    im_end, endoftext = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
+    assert tok.eos_token_id == im_end and endoftext in llm.config.eos_token_ids
+
+    def forced(token: int, **kw):
+        return llm.generate(["hi"], SamplingParams(temperature=0, max_tokens=4, logit_bias={token: 100}, **kw),
+                            use_tqdm=False)[0].outputs[0]
+
+    out = forced(endoftext)
+    assert (out.token_ids, out.finish_reason, out.stop_reason, out.text) == ([endoftext], "stop", endoftext, "")
+    out = forced(im_end)
+    assert (out.token_ids, out.finish_reason, out.stop_reason) == ([im_end], "stop", None)
+    out = forced(endoftext, stop_token_ids=[im_end])
+    assert (out.finish_reason, out.stop_reason) == ("stop", endoftext)
+    out = forced(endoftext, ignore_eos=True)
+    assert (out.token_ids, out.finish_reason, out.stop_reason) == ([endoftext] * 4, "length", None)
+
+
 def test_chat_continues_the_final_message(llm):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, here"}]
     out = llm.chat(msgs, greedy(), use_tqdm=False, add_generation_prompt=False, continue_final_message=True)[0]
