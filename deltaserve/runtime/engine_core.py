@@ -82,6 +82,9 @@ class EngineCore:
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self.groups:
             raise ValueError(f"request id {rid!r} is already in use")
+        if (k := params.truncate_prompt_tokens) is not None and k > self.max_model_len:  # as vLLM: a cut that long
+            raise ValueError(f"truncate_prompt_tokens={k} is more than max_model_len ({self.max_model_len}): keep at "
+                             f"most {self.max_model_len} tokens, or pass -1 for as many as leave room for max_tokens")
         prompt_token_ids = truncated_prompt(prompt_token_ids, params.truncate_prompt_tokens, self.max_model_len,
                                             params.max_tokens)
         n_prompt = len(prompt_token_ids)

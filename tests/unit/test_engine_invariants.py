@@ -483,6 +483,12 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(models):
     room = make_llm(models.path("dense"), max_model_len=32)
     out = room.generate([{"prompt_token_ids": ids}], greedy(5, truncate_prompt_tokens=-1), use_tqdm=False)[0]
     assert out.prompt_token_ids == ids[-27:] and len(out.outputs[0].token_ids) == 5
+    # beyond max_model_len it can only be a mistake (vLLM raises too); it was taken as "keep everything"
+    assert room.generate([{"prompt_token_ids": ids[:8]}], greedy(2, truncate_prompt_tokens=32),
+                         use_tqdm=False)[0].prompt_token_ids == ids[:8]
+    with pytest.raises(ValueError, match=r"^truncate_prompt_tokens=33 is more than max_model_len \(32\)"):
+        room.generate([{"prompt_token_ids": ids[:8]}], greedy(2, truncate_prompt_tokens=33), use_tqdm=False)
+    assert_engine_idle(room)
 
 
 def test_stop_token_ids(models):
