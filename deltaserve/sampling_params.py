@@ -83,8 +83,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past the EOS token
     seed: int | None = None  # per-request RNG seed: same seed, same tokens, whatever else is batched; -1 = None
     # number of top logprobs per generated token (sampled token always included); -1: the whole vocabulary, as vLLM
+    # (True: 1, as vLLM)
     logprobs: int | None = None
-    prompt_logprobs: int | None = None  # number of top logprobs per prompt token; -1: the whole vocabulary
+    prompt_logprobs: int | None = None  # number of top logprobs per prompt token; -1: the whole vocabulary; True: 1
     repetition_penalty: float = 1.0  # >1 discourages tokens seen in prompt or output
     presence_penalty: float = 0.0  # subtracted once from every token present in the output
     frequency_penalty: float = 0.0  # subtracted per occurrence of a token in the output
@@ -135,6 +136,9 @@ class SamplingParams:
             raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}.")
         if _is_int(self.seed) and self.seed == -1:  # as vLLM: -1 asks for no seed (clients send it for "random")
             self.seed = None
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is True:  # as vLLM: True is 1 (the chosen token and the most likely one)
+                setattr(self, name, 1)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         if not isinstance(self.stop_token_ids, (list, tuple)):

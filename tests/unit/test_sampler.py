@@ -90,6 +90,11 @@ def test_params_defaults_and_normalisation():
     assert SamplingParams(stop="\n\n").stop == ["\n\n"]
     assert SamplingParams(temperature=0).greedy
     assert SamplingParams(top_k=-1, max_tokens=None).max_tokens is None
+    # vLLM reads logprobs=True / prompt_logprobs=True as 1 (they were refused). False stays refused: vLLM takes it as
+    # 0 (the chosen token's logprob), which is not what a script passing False means
+    assert (SamplingParams(logprobs=True).logprobs, SamplingParams(prompt_logprobs=True).prompt_logprobs) == (1, 1)
+    with pytest.raises(ValueError, match="^logprobs must be"):
+        SamplingParams(logprobs=False)
 
 
 # ---------------------------------------------------------------- greedy / top-k
