@@ -141,7 +141,7 @@ class SamplingParams:
                 setattr(self, name, 1)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
-        if not isinstance(self.stop_token_ids, (list, tuple)):
+        if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):  # vLLM takes any collection
             raise ValueError(f"stop_token_ids must be a list of integers >= 0, got {self.stop_token_ids!r}.")
         self.stop_token_ids = list(self.stop_token_ids)
         if isinstance(self.allowed_token_ids, tuple):
@@ -149,6 +149,7 @@ class SamplingParams:
         if isinstance(self.bad_words, (str, tuple)):
             self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
         self._validate()
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))  # each id once, as vLLM
         if 0 < self.temperature < _MIN_TEMP:  # vLLM raises it so (logits / T would overflow); it stays a sampler
             self.temperature = _MIN_TEMP
         self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} if self.logit_bias else None

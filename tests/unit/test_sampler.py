@@ -95,6 +95,12 @@ def test_params_defaults_and_normalisation():
     assert (SamplingParams(logprobs=True).logprobs, SamplingParams(prompt_logprobs=True).prompt_logprobs) == (1, 1)
     with pytest.raises(ValueError, match="^logprobs must be"):
         SamplingParams(logprobs=False)
+    # vLLM takes stop_token_ids as any collection, each id once (a set was refused)
+    assert SamplingParams(stop_token_ids={7}).stop_token_ids == [7]
+    assert SamplingParams(stop_token_ids=frozenset([7])).stop_token_ids == [7]
+    assert SamplingParams(stop_token_ids=(5, 3, 5)).stop_token_ids == [5, 3]
+    with pytest.raises(ValueError, match="^stop_token_ids must be"):
+        SamplingParams(stop_token_ids={-1})
 
 
 # ---------------------------------------------------------------- greedy / top-k
