@@ -51,6 +51,8 @@ class StructuredOutputs:
     choice: tuple[str, ...] | list[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.json_object is None:  # vLLM's default for it
+            object.__setattr__(self, "json_object", False)
         if not isinstance(self.json_object, bool):
             raise ValueError(f"structured_outputs.json_object must be true or false, got {self.json_object!r}.")
         kinds = [k for k in ("json", "regex", "choice") if getattr(self, k) is not None]
@@ -67,6 +69,9 @@ class StructuredOutputs:
                     not all(isinstance(c, str) and c for c in self.choice):
                 raise ValueError(f"structured_outputs.choice must be a list of non-empty strings, got {self.choice!r}.")
             object.__setattr__(self, "choice", tuple(self.choice))
+
+
+StructuredOutputsParams = StructuredOutputs  # vLLM's name (vllm.sampling_params.StructuredOutputsParams)
 
 
 @dataclass

@@ -380,6 +380,18 @@ def test_chat_takes_conversations_from_any_iterable(llm):
     assert [o.prompt_token_ids for o in llm.chat((c for c in [msgs, msgs]), greedy(), use_tqdm=False)] == [ref, ref]
 
 
+def test_structured_outputs_params_is_vllms_name_for_structured_outputs(llm):
+    """vLLM scripts import StructuredOutputsParams from the sampling_params module (an ImportError here); it is
+    deltaserve's StructuredOutputs, json_object=None (vLLM's default) included."""
+    from deltaserve.sampling_params import StructuredOutputs, StructuredOutputsParams
+
+    assert StructuredOutputsParams is StructuredOutputs
+    spec = StructuredOutputsParams(choice=["yes", "no"], json_object=None)
+    assert spec == StructuredOutputs(choice=["yes", "no"])
+    params = SamplingParams(temperature=0, max_tokens=8, structured_outputs=spec)
+    assert llm.generate(["Answer:"], params, use_tqdm=False)[0].outputs[0].text in ("yes", "no")
+
+
 def test_sampling_params_clone_is_an_independent_copy():
     """vLLM scripts derive params with .clone() (AttributeError here before); the copy's lists are its own."""
     base = SamplingParams(temperature=0.5, stop=["x"], stop_token_ids=[3], logit_bias={4: 1.0})
