@@ -4,6 +4,8 @@ it holds no state of its own, every call goes to the LLM's engine, so it and LLM
 the same requests."""
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,13 +52,24 @@ class LLMEngine:
     def get_model_config(self) -> EngineModelConfig:
         return self.model_config
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt, params: SamplingParams, arrival_time: float | None = None,
+                    lora_request=None, priority: int = 0) -> None:
         """Queue one prompt (a string, {'prompt': str} or {'prompt_token_ids': [...]}) under `request_id`; its outputs
-        come from step(). Raises ValueError for a prompt or parameters that cannot run, or an id already in use."""
-        from .llm import _normalise_params, _normalise_prompts  # llm.py imports this module
+        come from step(). Raises ValueError for a prompt or parameters that cannot run, or an id already in use.
+        arrival_time: when the request arrived, time.time() seconds as in vLLM (None: now); its outputs' metrics
+        count from it (on their time.perf_counter clock). lora_request and priority: vLLM's, at their defaults only
+        (None, 0)."""
+        from .llm import _check_vllm_request_args, _normalise_params, _normalise_prompts  # llm.py imports this
 
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a string, got {request_id!r}")
+        _check_vllm_request_args(lora_request, None)
+        if not (isinstance(priority, int) and not isinstance(priority, bool)) or priority != 0:
+            raise ValueError(f"priority={priority!r}: deltaserve schedules requests first come, first served (leave "
+                             f"priority out, or pass 0)")
+        if arrival_time is not None and (isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float))
+                                         or not math.isfinite(arrival_time)):
+            raise ValueError(f"arrival_time must be None or a time.time() timestamp (seconds), got {arrival_time!r}")
         llm = self._llm
         llm._check_usable()
         items = _normalise_prompts(prompt)
@@ -64,8 +77,9 @@ class LLMEngine:
             raise ValueError(f"add_request takes one prompt, got {len(items)}; call it once per prompt")
         (params,) = _normalise_params(params, 1, llm.get_default_sampling_params())
         item = items[0]
+        arrival = None if arrival_time is None else time.perf_counter() - (time.time() - arrival_time)
         llm.engine.add_request(llm._encode(item), params, prompt=item if isinstance(item, str) else item.get("prompt"),
-                               request_id=request_id)
+                               request_id=request_id, arrival_time=arrival)
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step -> an output for every request added here that made progress in it (those of an

@@ -75,8 +75,9 @@ class EngineCore:
         self._own_eos = tokenizer.eos_token_id if tokenizer is not None else None
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
-                    request_id: str | None = None) -> str:
-        """Validate and queue a request; raises ValueError (one sentence) for a prompt that cannot run."""
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        """Validate and queue a request; raises ValueError (one sentence) for a prompt that cannot run.
+        arrival_time: when it arrived, on the time.perf_counter clock of RequestMetrics (None: now)."""
         params.check()
         params = params.with_vocab_size(self.vocab_size)  # vLLM's -1 logprobs, for every caller (LLM, server, own)
         rid = request_id if request_id is not None else str(next(self._ids))
@@ -132,7 +133,7 @@ class EngineCore:
                           if self.tokenizer is not None and params.detokenize else None)
         n = params.n
         group = _Group(prompt, list(prompt_token_ids), params, samples, detoks, [""] * n, [0] * n, [0] * n,
-                       RequestMetrics(time.perf_counter()))
+                       RequestMetrics(time.perf_counter() if arrival_time is None else arrival_time))
         self.groups[rid] = group
         for i, req in enumerate(samples):
             self._by_id[req.request_id] = (group, i)

@@ -318,6 +318,29 @@ def test_llm_engine_has_vllms_methods(llm, path):
     assert not eng.has_unfinished_requests()
 
 
+def test_llm_engine_add_request_takes_vllms_keyword_arguments(llm):
+    """vLLM's LLMEngine.add_request also takes arrival_time (time.time() seconds), lora_request and priority: they
+    were TypeErrors. arrival_time is where the outputs' metrics count from; a LoRA or a priority is refused."""
+    import time
+
+    eng = llm.llm_engine
+    want = llm.generate(["hi"], greedy(), use_tqdm=False)[0].outputs[0].token_ids
+    eng.add_request("late", "hi", greedy(), arrival_time=time.time() - 30, lora_request=None, priority=0)
+    eng.add_request("now", "hi", greedy(), arrival_time=None)
+    done = {}
+    while eng.has_unfinished_requests():
+        done.update((out.request_id, out) for out in eng.step() if out.finished)
+    assert done["late"].outputs[0].token_ids == done["now"].outputs[0].token_ids == want
+    late, now = done["late"].metrics, done["now"].metrics
+    assert late.first_token_time - late.arrival_time >= 30 > now.first_token_time - now.arrival_time
+    for kw, needle in (({"priority": 1}, "^priority=1: .*first come, first served"),
+                       ({"lora_request": object()}, "^lora_request=.*no LoRA adapters"),
+                       ({"arrival_time": "soon"}, "^arrival_time must be")):
+        with pytest.raises(ValueError, match=needle):
+            eng.add_request("x", "hi", greedy(), **kw)
+    assert not eng.has_unfinished_requests()
+
+
 def test_llm_engine_keeps_no_cycle_with_its_llm(path):
     """An LLM whose llm_engine was used is still freed when its last reference goes (its tensor-parallel workers stop
     then), not only at the next cyclic garbage collection."""
