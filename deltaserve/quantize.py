@@ -9,7 +9,9 @@ everything else stays 16-bit in the source dtype and is listed in `modules_to_no
 match): in_proj_a/b (HV outputs, too few for int4 kernels), the MoE router `mlp.gate`, `shared_expert_gate`,
 norms, embeddings, lm_head, conv1d, A_log, dt_bias. Streams one source shard at a time.
 
-FP8 quantizes the same projections (amax / 448 per block, round-to-nearest) and keeps the same modules 16-bit.
+FP8 quantizes the same projections (amax / 448 per block, round-to-nearest) and keeps the same modules 16-bit; its
+modules_to_not_convert also names each kept module in full, as the official FP8 configs do (vLLM matches FP8's list
+against whole module names, not substrings).
 
 `write_dequantized` is the inverse view: a 16-bit checkpoint holding exactly the weights a quantized checkpoint
 decodes to (the reference the quantized engine is tested against).
@@ -107,9 +109,18 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
             "modules_to_not_convert": skip}
     if method == "fp8":
         qcfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                "weight_block_size": list(FP8_BLOCK), "modules_to_not_convert": skip}
+                "weight_block_size": list(FP8_BLOCK), "modules_to_not_convert": skip + _kept_modules(headers, skip)}
     _update_config(dst, qcfg)
     return dst
+
+
+def _kept_modules(headers: list[tuple[str, list[int]]], skip: list[str]) -> list[str]:
+    """The full checkpoint name of every module with a 2-D weight that stays 16-bit. vLLM matches an FP8
+    checkpoint's modules_to_not_convert against its module prefixes exactly (after renaming `model.language_model.`
+    as it renames the weights), as the official Qwen FP8 configs list them; the short substrings alone matched no
+    module there, so vLLM built FP8 Linears for the 16-bit in_proj_a/b, router and shared_expert_gate."""
+    return [name[: -len(".weight")] for name, shape in headers if name.endswith(".weight") and len(shape) == 2
+            and not _should_quantize(name[: -len(".weight")], shape, skip) and name[: -len(".weight")] not in skip]
 
 
 def _check_writable(dst: str) -> None:
