@@ -42,10 +42,18 @@ def collect_inputs(src: str, calib_file: str, max_tokens: int = 512) -> dict[str
     from .sampling_params import SamplingParams
 
     try:  # a prefix: only max_tokens are kept, and tokenizing a whole 60 MB corpus took 92 s and 10 GB
-        with open(calib_file, encoding="utf-8") as f:
+        with open(calib_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no calibration text
             text = f.read(_CHARS_PER_TOKEN * max_tokens)
     except UnicodeDecodeError as e:
         raise ValueError(f"--calib {calib_file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    # checked before the model is loaded: NUL bytes (zero-filled or UTF-16 files decode as UTF-8) and blank files
+    # were calibrated on as if text
+    if "\x00" in text:
+        raise ValueError(f"--calib {calib_file} is not a text file (it holds NUL bytes, the first at character "
+                         f"{text.index(chr(0))}); give it plain UTF-8 text")
+    if not text.strip():
+        raise ValueError(f"--calib {calib_file} holds no text (it is empty or only whitespace); give it a few "
+                         f"paragraphs")
     from .config import ModelConfig
 
     max_tokens = min(max_tokens, ModelConfig.from_hf_dir(src).max_position_embeddings - 8)  # a short-context model
