@@ -5,13 +5,13 @@ block-wise FP8 one in the layout of the official Qwen FP8 releases (e4m3 `weight
 Round-to-nearest, asymmetric, one scale and zero point per `group_size` input channels; with a calibration text,
 activation-aware per-input-channel scales are searched first and folded into the norms (calibrate.py). The decoder
 layers' projections (q/k/v/o, in_proj_qkv/z, out_proj, gate/up/down of MLPs, experts and the shared expert) become int4;
-everything else stays 16-bit in the source dtype and is listed in `modules_to_not_convert` (AutoAWQ's substring
-match): in_proj_a/b (HV outputs, too few for int4 kernels), the MoE router `mlp.gate`, `shared_expert_gate`,
-norms, embeddings, lm_head, conv1d, A_log, dt_bias. Streams one source shard at a time.
+everything else stays 16-bit in the source dtype and is listed in `modules_to_not_convert` (substrings, then every
+kept module's full name: see _kept_modules): in_proj_a/b (HV outputs, too few for int4 kernels), the MoE router
+`mlp.gate`, `shared_expert_gate`, norms, embeddings, lm_head, conv1d, A_log, dt_bias. Streams one source shard at a
+time.
 
-FP8 quantizes the same projections (amax / 448 per block, round-to-nearest) and keeps the same modules 16-bit; its
-modules_to_not_convert also names each kept module in full, as the official FP8 configs do (vLLM matches FP8's list
-against whole module names, not substrings).
+FP8 quantizes the same projections (amax / 448 per block, round-to-nearest) and keeps the same modules 16-bit,
+listed the same way.
 
 `write_dequantized` is the inverse view: a 16-bit checkpoint holding exactly the weights a quantized checkpoint
 decodes to (the reference the quantized engine is tested against).
@@ -105,20 +105,22 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
         save_file(out, os.path.join(dst, os.path.basename(file)), metadata={"format": "pt"})
         weight_map.update({n: os.path.basename(file) for n in out})
     _write_index(dst, files, weight_map)
+    listed = skip + _kept_modules(headers, skip)
     qcfg = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
-            "modules_to_not_convert": skip}
+            "modules_to_not_convert": listed}
     if method == "fp8":
         qcfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                "weight_block_size": list(FP8_BLOCK), "modules_to_not_convert": skip + _kept_modules(headers, skip)}
+                "weight_block_size": list(FP8_BLOCK), "modules_to_not_convert": listed}
     _update_config(dst, qcfg)
     return dst
 
 
 def _kept_modules(headers: list[tuple[str, list[int]]], skip: list[str]) -> list[str]:
-    """The full checkpoint name of every module with a 2-D weight that stays 16-bit. vLLM matches an FP8
-    checkpoint's modules_to_not_convert against its module prefixes exactly (after renaming `model.language_model.`
-    as it renames the weights), as the official Qwen FP8 configs list them; the short substrings alone matched no
-    module there, so vLLM built FP8 Linears for the 16-bit in_proj_a/b, router and shared_expert_gate."""
+    """The full checkpoint name of every module with a 2-D weight that stays 16-bit, listed after the substrings.
+    Readers match modules_to_not_convert differently: vLLM's AWQ by substring; vLLM's FP8 against whole module
+    prefixes (after renaming `model.language_model.` as it renames the weights), as the official Qwen FP8 configs
+    list them; transformers from the start of a module name or as its suffix, so neither "visual" nor a
+    --not-convert "layers.1." matched there. Full names match in all of them."""
     return [name[: -len(".weight")] for name, shape in headers if name.endswith(".weight") and len(shape) == 2
             and not _should_quantize(name[: -len(".weight")], shape, skip) and name[: -len(".weight")] not in skip]
 

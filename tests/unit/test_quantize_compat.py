@@ -20,11 +20,17 @@ AUTOAWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """Tiny dense and MoE checkpoints in bfloat16 (the released dtype), so "kept in the source dtype" is visible."""
+    """Tiny dense and MoE checkpoints in bfloat16 (the released dtype), so "kept in the source dtype" is visible,
+    with a few Linears of the vision tower and the MTP head, as the releases have (both always stay 16-bit)."""
     out = {}
     for moe in (False, True):
         d = make_tiny(str(tmp_path_factory.mktemp("src") / ("moe" if moe else "dense")), moe=moe)
         sd = load_file(os.path.join(d, "model.safetensors"))
+        g = torch.Generator().manual_seed(1)
+        sd.update({"model.visual.blocks.0.attn.qkv.weight": torch.randn(96, 32, generator=g),
+                   "model.visual.blocks.0.attn.qkv.bias": torch.randn(96, generator=g),
+                   "model.visual.merger.linear_fc2.weight": torch.randn(128, 128, generator=g),
+                   "mtp.fc.weight": torch.randn(128, 256, generator=g)})
         save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, os.path.join(d, "model.safetensors"),
                   metadata={"format": "pt"})
         out[moe] = d
@@ -59,7 +65,9 @@ def _vllm_prefixes(names):
             "in_proj_b": "in_proj_ba", "in_proj_a": "in_proj_ba"}
     out = {}
     for n in names:
-        v = n.replace("model.language_model.", "language_model.model.", 1)
+        if n.startswith("mtp."):
+            continue  # not a module of vLLM's main model (its MTP drafter is another model)
+        v = n.replace("model.language_model.", "language_model.model.", 1).replace("model.visual.", "visual.", 1)
         m = re.match(r"^(.*\.mlp\.experts)\.\d+\.", v)
         if m:
             v = m[1]
@@ -91,8 +99,8 @@ def _vllm_is_skipped(prefix, ignored, substr):
 
 def _hf_to_vllm(entries):
     """vLLM applies the model's hf_to_vllm_mapper to FP8's ignored layers (prefix renames only)."""
-    return [e.replace("model.language_model.", "language_model.model.", 1) if e.startswith("model.language_model.")
-            else e for e in entries]
+    renames = {"model.language_model.": "language_model.model.", "model.visual.": "visual."}
+    return [next((new + e[len(old):] for old, new in renames.items() if e.startswith(old)), e) for e in entries]
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
@@ -194,3 +202,22 @@ def test_config_and_side_files_as_transformers_reads_them(method, sources, tmp_p
         assert tuple(parsed.weight_block_size) == (128, 128)
     cfg = transformers.AutoConfig.from_pretrained(dst)
     assert cfg.quantization_config["quant_method"] == method
+
+
+@pytest.mark.parametrize("method", ["awq", "fp8"])
+def test_transformers_skips_exactly_the_modules_kept_16bit(method, sources, tmp_path):
+    """transformers (AWQ and FP8 alike) matches modules_to_not_convert from the start of a module's name, at a
+    module boundary, or as a suffix of it; its Qwen3.5 module names are the checkpoint's. The AWQ list held only
+    substrings: "visual" and a --not-convert "layers.1." are neither, so transformers built int4 Linears for the
+    16-bit vision tower and layer 1 and found no qweight for them."""
+    utils = pytest.importorskip("transformers.quantizers.quantizers_utils")
+    dst = quantize_checkpoint(sources[True], str(tmp_path / "q"), method=method,
+                              group_size=64 if method == "awq" else 128, not_convert=["layers.1."], progress=False)
+    ignored = json.load(open(os.path.join(dst, "config.json")))["quantization_config"]["modules_to_not_convert"]
+    tensors = _tensors(dst)
+    quantized = {n.rsplit(".", 1)[0] for n in tensors if n.endswith((".qweight", ".weight_scale_inv"))}
+    linears = {n[:-len(".weight")] for n, t in tensors.items() if n.endswith(".weight") and t.dim() == 2} | quantized
+    linears = {m for m in linears if ".mlp.experts." not in m}  # transformers packs a layer's experts: no Linears
+    assert any(m.startswith("model.visual.") for m in linears) and any(".layers.1." in m for m in linears)
+    wrong = sorted(m for m in linears if utils.should_convert_module(m, ignored) != (m in quantized))
+    assert not wrong, wrong
