@@ -160,7 +160,8 @@ def _add_quantize_parser(sub) -> None:
     q.add_argument("--group-size", type=int, default=128, help="AWQ: input channels per scale (default 128)")
     q.add_argument("--not-convert", action="append", default=None, metavar="SUBSTR",
                    help="also keep modules whose name contains SUBSTR in 16-bit (repeatable), e.g. "
-                        "'layers.0.' or 'self_attn.q_proj'")
+                        "'layers.0.' or 'self_attn.' (keeping only some of q/k/v, gate/up or in_proj_qkv/z "
+                        "16-bit is warned about: vLLM fuses each group into one Linear)")
     q.add_argument("--calib", default=None, metavar="FILE",
                    help="calibration text: search activation-aware per-channel scales on its activations (AWQ) "
                         "instead of plain round-to-nearest; loads the model on the CPU in float32")

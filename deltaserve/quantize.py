@@ -86,6 +86,7 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
     headers = _headers(files)  # checked before anything is written
     _check_experts_uniform(headers, skip)
     _check_not_convert(headers, skip, not_convert or [])
+    _warn_split_fused(headers, skip)
     if method == "awq":
         _check_shapes_first(headers, skip, group_size)
     scales = calibrate(src, cfg, files, calib, skip, group_size) if calib else {}
@@ -206,6 +207,29 @@ def _check_not_convert(headers: list[tuple[str, list[int]]], skip: list[str], ex
     if not quantized and extra:
         raise ValueError("--not-convert keeps every quantizable Linear 16-bit, so nothing would be quantized; "
                          "narrow the patterns")
+
+
+# checkpoint Linears that vLLM and SGLang load as one fused Linear (qkv_proj, gate_up_proj, in_proj_qkvz, in_proj_ba)
+FUSED_ELSEWHERE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("in_proj_qkv", "in_proj_z"),
+                   ("in_proj_b", "in_proj_a"))
+
+
+def _warn_split_fused(headers: list[tuple[str, list[int]]], skip: list[str]) -> None:
+    """A --not-convert pattern that keeps some pieces of a fused Linear 16-bit and quantizes the others: deltaserve
+    loads that, vLLM refuses it ("some but not all shards ... are quantized"), so say so before writing."""
+    kinds: dict[tuple[str, int], dict[bool, str]] = {}  # (parent module, fused group) -> {quantized?: a module}
+    for name, shape in headers:
+        parent, _, leaf = name[: -len(".weight")].rpartition(".")
+        group = next((i for i, g in enumerate(FUSED_ELSEWHERE) if leaf in g), None)
+        if name.endswith(".weight") and group is not None and ".experts." not in name:
+            module = name[: -len(".weight")]
+            kinds.setdefault((parent, group), {}).setdefault(_should_quantize(module, shape, skip), module)
+    split = next((seen for seen in kinds.values() if len(seen) == 2), None)
+    if split:
+        logger.warning("--not-convert keeps %s 16-bit but quantizes %s, which vLLM and SGLang load as one fused "
+                       "Linear and refuse when only some of its pieces are quantized (deltaserve loads it); to "
+                       "write a checkpoint they read, keep all of %s or none of them", split[False], split[True],
+                       "/".join(next(g for g in FUSED_ELSEWHERE if split[True].rsplit(".", 1)[1] in g)))
 
 
 # keyed by the whole experts module: an MTP head's `mtp.layers.0.mlp.experts` (always 16-bit) is not layer 0's

@@ -221,3 +221,17 @@ def test_transformers_skips_exactly_the_modules_kept_16bit(method, sources, tmp_
     assert any(m.startswith("model.visual.") for m in linears) and any(".layers.1." in m for m in linears)
     wrong = sorted(m for m in linears if utils.should_convert_module(m, ignored) != (m in quantized))
     assert not wrong, wrong
+
+
+@pytest.mark.parametrize("pattern, warned", [("self_attn.q_proj", True), ("layers.0.mlp.gate_proj", True),
+                                             ("linear_attn.in_proj_z", True), ("self_attn.", False),
+                                             ("layers.0.", False)])
+def test_not_convert_that_splits_a_vllm_fused_linear_is_warned(pattern, warned, sources, tmp_path, caplog):
+    """vLLM fuses q/k/v, gate/up and in_proj_qkv/z into one Linear each and refuses a checkpoint that quantizes
+    only some pieces of one (deltaserve loads it): a --not-convert that does that was silent."""
+    with caplog.at_level("WARNING", logger="deltaserve"):
+        quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=64, not_convert=[pattern], progress=False)
+    msgs = [r.getMessage() for r in caplog.records if "fused" in r.getMessage()]
+    assert bool(msgs) == warned, msgs
+    if warned:
+        assert len(msgs) == 1 and "\n" not in msgs[0] and "vLLM" in msgs[0]
