@@ -9,11 +9,19 @@ import torch
 
 from deltaserve import LLM, SamplingParams
 from deltaserve.kernels.paged_attention import block_tensors
+from deltaserve.runtime import prefix_cache
 from deltaserve.tiny import make_tiny
 
 # fp32 on CPU: batching, chunking and preemption may only change rounding. Different batch shapes change the matmul
 # reduction order, which moves logprobs by up to ~2e-5 (logits are O(10)); a leaked or stale state moves them by >1e-2.
 LOGPROB_ATOL = 1e-4
+
+
+def small_prefix_chunks(monkeypatch, tokens: int) -> None:
+    """Prefix-cache snapshots every `tokens` tokens (256 in the engine) and no minimum pause, so tiny prompts cross
+    them."""
+    monkeypatch.setattr(prefix_cache, "CHUNK_TOKENS", tokens)
+    monkeypatch.setattr(prefix_cache, "MIN_PAUSE_TOKENS", 0)
 
 
 def make_llm(path: str, **kw) -> LLM:

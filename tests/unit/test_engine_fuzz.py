@@ -24,10 +24,10 @@ from engine_helpers import (
     assert_same_completion,
     make_llm,
     poison_free_memory,
+    small_prefix_chunks,
 )
 
 from deltaserve import SamplingParams
-from deltaserve.runtime import prefix_cache
 
 MAX_LEN = 128
 BLOCK = 8
@@ -57,8 +57,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(prefix_cache, "CHUNK_TOKENS", PREFIX_CHUNK)
-    monkeypatch.setattr(prefix_cache, "MIN_PAUSE_TOKENS", 0)
+    small_prefix_chunks(monkeypatch, PREFIX_CHUNK)
 
 
 def random_params(rng: random.Random, tok) -> SamplingParams:

@@ -18,6 +18,7 @@ from engine_helpers import (
     poison_free_memory,
     random_prompt,
     run_until_done,
+    small_prefix_chunks,
 )
 
 from deltaserve import LLM
@@ -35,8 +36,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(prefix_cache, "CHUNK_TOKENS", CHUNK)
-    monkeypatch.setattr(prefix_cache, "MIN_PAUSE_TOKENS", 0)
+    small_prefix_chunks(monkeypatch, CHUNK)
 
 
 def cached_llm(models, kind="dense", **kw):
