@@ -122,8 +122,9 @@ def _kept_modules(headers: list[tuple[str, list[int]]], skip: list[str]) -> list
     prefixes (after renaming `model.language_model.` as it renames the weights), as the official Qwen FP8 configs
     list them; transformers from the start of a module name or as its suffix, so neither "visual" nor a
     --not-convert "layers.1." matched there. Full names match in all of them."""
-    return [name[: -len(".weight")] for name, shape in headers if name.endswith(".weight") and len(shape) == 2
-            and not _should_quantize(name[: -len(".weight")], shape, skip) and name[: -len(".weight")] not in skip]
+    modules = [(name[: -len(".weight")], shape) for name, shape in headers if name.endswith(".weight")
+               and len(shape) == 2]
+    return [m for m, shape in modules if m not in skip and not _should_quantize(m, shape, skip)]
 
 
 def _check_writable(dst: str) -> None:
