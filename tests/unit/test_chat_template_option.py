@@ -5,14 +5,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from test_weights import make_unreadable
+pytest.importorskip("pydantic")  # the server's request models: a project requirement, absent from the GPU image
 
-from deltaserve import cli
-from deltaserve.serve.protocol import APIError, ChatCompletionRequest, TokenizeRequest
-from deltaserve.serve.serving import ServingContext
-from deltaserve.serve.serving_chat import chat_prompt
-from deltaserve.serve.serving_tokenize import tokenize
-from deltaserve.tiny import make_tiny
+from test_weights import make_unreadable  # noqa: E402
+
+from deltaserve import cli  # noqa: E402
+from deltaserve.serve.protocol import APIError, ChatCompletionRequest, TokenizeRequest  # noqa: E402
+from deltaserve.serve.serving import ServingContext  # noqa: E402
+from deltaserve.serve.serving_chat import chat_prompt  # noqa: E402
+from deltaserve.serve.serving_tokenize import tokenize  # noqa: E402
+from deltaserve.tiny import make_tiny  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
 HELLO = [{"role": "user", "content": "hello"}]
