@@ -73,10 +73,10 @@ def add_chat_template_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_generation_config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--generation-config", choices=["auto", "none"], default="auto",
+    p.add_argument("--generation-config", choices=["auto", "none", "vllm"], default="auto",
                    help="auto (default): sampling settings a request leaves out come from the checkpoint's "
-                        "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty); none: ignore "
-                        "them")
+                        "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty); none (or "
+                        "vLLM's vllm): ignore them. Its eos_token_id ids end a request either way, as in vLLM")
 
 
 # what the CLI samples with when neither a flag nor generation_config.json says (greedy, unlike SamplingParams)

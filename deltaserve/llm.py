@@ -154,7 +154,8 @@ class LLM:
     generation_config: "auto" (default): a call without sampling_params, and a server request that leaves a field
     out, sample with the checkpoint's generation_config.json settings (temperature, top_p, top_k, min_p,
     repetition_penalty; max_new_tokens as max_tokens), as vLLM does (do_sample false: greedy, as HF does; vLLM
-    ignores it); "none": with SamplingParams' own defaults.
+    ignores it); "none" (or vLLM's spelling "vllm"): with SamplingParams' own defaults. Either way the file's
+    eos_token_id ids end a request, as in vLLM, whose "vllm" drops only the sampling defaults.
     vLLM's trust_remote_code, tokenizer_mode ("auto", "hf", "slow": the one tokenizer), swap_space (preemption
     recomputes), disable_log_stats (no periodic stats log), quantization (when it names the checkpoint's own
     format), enable_chunked_prefill (True: always) and pipeline_parallel_size (1) are accepted (README).
@@ -643,9 +644,11 @@ def _normalise_params(sp, n: int, default: SamplingParams) -> list[SamplingParam
 
 def _checked_sampling_defaults(config: ModelConfig, generation_config: str) -> dict:
     """The sampling settings a request that does not set them gets: "auto" the checkpoint's generation_config.json
-    ones (config.sampling_defaults), "none" SamplingParams' own."""
-    if generation_config not in ("auto", "none"):
-        raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
+    ones (config.sampling_defaults), "none" / "vllm" SamplingParams' own. The file's EOS ids stop requests under
+    all three (config.eos_token_ids): vLLM's "vllm" reads it for them too (ModelConfig.try_get_generation_config)."""
+    if generation_config not in ("auto", "none", "vllm"):
+        raise ValueError(f"generation_config must be 'auto', 'none' or 'vllm' (the same as 'none'), got "
+                         f"{generation_config!r}; another folder's generation_config.json is not supported")
     defaults = dict(config.sampling_defaults) if generation_config == "auto" else {}
     try:
         SamplingParams(**defaults)

@@ -2,6 +2,7 @@
 ship temperature 0.6 / top_p 0.95 / top_k 20, which a request that leaves them out used to ignore (it sampled at
 temperature 1.0 over the whole vocabulary). The Python API, the server and the CLI; `generation_config="none"`
 restores the built-in defaults."""
+import asyncio
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import pytest
 
 from deltaserve import LLM, SamplingParams, cli
 from deltaserve.config import ConfigError, ModelConfig
+from deltaserve.serve.async_engine import AsyncEngine
 from deltaserve.serve.protocol import CompletionRequest, sampling_params
 from deltaserve.tiny import make_tiny
 
@@ -123,3 +125,63 @@ def test_cli_generate_follows_the_checkpoint_unless_told_not_to(tiny, tmp_path):
 
     sampled, greedy = text(), text("--generation-config", "none")
     assert sampled != greedy and text("--temperature", "0") == greedy
+
+
+EXTRA_EOS = 5  # an ordinary token that only generation_config.json names as an EOS
+
+
+def _three_ways(llm: LLM, params: SamplingParams) -> dict:
+    """One forced request through each entry point: LLM.generate, the llm_engine API and the server's AsyncEngine
+    -> entry point: (token_ids, finish_reason, stop_reason) of its final output."""
+    out = llm.generate(["hi"], params, use_tqdm=False)[0].outputs[0]
+    got = {"generate": (out.token_ids, out.finish_reason, out.stop_reason)}
+    eng, final = llm.llm_engine, []
+    eng.add_request("e", "hi", params)
+    while eng.has_unfinished_requests():
+        final += [o.outputs[0] for o in eng.step() if o.finished]
+    got["llm_engine"] = (final[0].token_ids, final[0].finish_reason, final[0].stop_reason)
+
+    async def serve():
+        engine = AsyncEngine(llm)
+        engine.start()
+        try:
+            async for o in await engine.add_request(llm.tokenizer.encode("hi"), params, "s"):
+                last = o.outputs[0]
+            return last.token_ids, last.finish_reason, last.stop_reason
+        finally:
+            engine.stop()
+
+    got["server"] = asyncio.run(serve())
+    return got
+
+
+@pytest.mark.parametrize("mode", ["auto", "none", "vllm"])
+def test_generation_configs_eos_ids_stop_under_every_setting(tiny, tmp_path, mode):
+    """vLLM's --generation-config vllm drops only generation_config.json's sampling defaults: the file's
+    eos_token_id ids still end a request (vllm/config/model.py: ModelConfig.try_get_generation_config reads the file
+    for "auto" and "vllm" alike, get_diff_sampling_param returns {} for "vllm"; the input processor hands those
+    fields to SamplingParams.update_from_generation_config, which adds the EOS ids to stop_token_ids). Here too, in
+    all three entry points, with the id as stop_reason; "vllm" is accepted as "none" (it was refused)."""
+    own_eos = ModelConfig.from_hf_dir(tiny).eos_token_ids[0]
+    path = with_generation_config(tiny, tmp_path / "m", {"do_sample": True, "temperature": 1.0, "top_k": 1,
+                                                          "eos_token_id": [own_eos, EXTRA_EOS]})
+    llm = LLM(path, device="cpu", max_model_len=64, generation_config=mode)
+    assert llm.tokenizer.eos_token_id == own_eos != EXTRA_EOS
+    assert (llm.get_default_sampling_params().top_k == 1) == (mode == "auto")
+    params = SamplingParams(temperature=0, max_tokens=4, logit_bias={EXTRA_EOS: 100})
+    got = _three_ways(llm, params)
+    assert got == dict.fromkeys(got, ([EXTRA_EOS], "stop", EXTRA_EOS)), got
+    # without the id in generation_config.json the same forced request runs to max_tokens
+    plain = LLM(tiny, device="cpu", max_model_len=64, generation_config=mode)
+    out = plain.generate(["hi"], params, use_tqdm=False)[0].outputs[0]
+    assert (out.token_ids, out.finish_reason) == ([EXTRA_EOS] * 4, "length")
+
+
+def test_generation_config_values(tiny):
+    """The CLI takes vLLM's `--generation-config vllm` on generate, chat and serve (argparse refused it); a value
+    LLM cannot take is one sentence naming the three it can."""
+    for cmd in (["generate", "--prompt", "x"], ["chat"], ["serve"]):
+        assert cli.build_parser().parse_args([*cmd, "--generation-config", "vllm"]).generation_config == "vllm"
+    for bad in ("bogus", None, "/some/folder"):
+        with pytest.raises(ValueError, match=r"^generation_config must be 'auto', 'none' or 'vllm' .*not supported$"):
+            LLM(tiny, device="cpu", max_model_len=64, generation_config=bad)
