@@ -23,8 +23,7 @@ from .layers.linear import merge_projection_runs, use_int4_kernels
 from .layers.moe import fuse_shared_experts
 from .llm_engine import LLMEngine
 from .models.formats import RANDOM_AWQ_PATTERNS, awq_formats, tp_problems
-from .models.weights import (WeightsError, build_model, checkpoint_files, has_own_lm_head, load_weights,
-                             read_formats)
+from .models.weights import build_model, checkpoint_files, has_own_lm_head, load_weights, read_formats
 from .outputs import RequestOutput
 from .runtime.block_pool import BlockPool
 from .runtime import prefix_cache
