@@ -40,17 +40,20 @@ class QuantConfig:
     weight_block_size: tuple[int, int] = ()  # fp8: (BN, BK) output x input channels per weight_scale_inv entry
 
     @classmethod
-    def from_dict(cls, q: dict, source: str) -> "QuantConfig":
+    def from_dict(cls, q: dict, source: str, key: str = "quantization_config") -> "QuantConfig":
+        """key: the config.json field `q` came from (quantization_config, or an older export's compression_config)."""
         if not isinstance(q, dict):
-            raise ConfigError(f"{source}: 'quantization_config' must be an object, got {q!r}.")
+            raise ConfigError(f"{source}: '{key}' must be an object, got {q!r}.")
         method = q.get("quant_method")
+        if isinstance(method, str):  # as vLLM: any case, and the library's import name compressed_tensors
+            method = method.lower().replace("compressed_tensors", "compressed-tensors")
         if method == "awq":
             return cls._awq(q, source)
         if method == "compressed-tensors":
             return cls._compressed_tensors(q, source)
         if method == "fp8":
             return cls._fp8(q, source)
-        raise ConfigError(f"{source}: quantization_config.quant_method {method!r} is not supported; deltaserve reads "
+        raise ConfigError(f"{source}: {key}.quant_method {method!r} is not supported; deltaserve reads "
                           f"'awq' and 'compressed-tensors' int4 and block-wise 'fp8' checkpoints.")
 
     @classmethod
@@ -296,12 +299,14 @@ class ModelConfig:
 
 
 def _quantization(raw: dict, text: dict, source: str) -> QuantConfig | None:
-    """config.json's quantization_config: top-level, else under text_config, where some multimodal exports keep it
-    (vLLM reads it from there too); None for a 16-bit checkpoint."""
-    q = raw.get("quantization_config")
-    if q is None and text is not raw:
-        q = text.get("quantization_config")
-    return None if q is None else QuantConfig.from_dict(q, source)
+    """config.json's quantization_config: top-level, else under text_config, where some multimodal exports keep it;
+    else `compression_config`, where older llm-compressor / sparseml exports put their compressed-tensors settings.
+    vLLM reads the same places in this order (get_quant_config); None for a 16-bit checkpoint."""
+    for key in ("quantization_config", "compression_config"):
+        for where in (raw, text) if text is not raw else (raw,):
+            if where.get(key) is not None:
+                return QuantConfig.from_dict(where[key], source, key)
+    return None
 
 
 def _module_names(q: dict, key: str, source: str) -> tuple[str, ...]:

@@ -71,8 +71,8 @@ def plan_formats(cfg: ModelConfig, files: list[str], strip) -> dict[str, str]:
     q = cfg.quantization
     first = next(iter(fp8.values())) if fp8 else next(iter(next(iter(kinds.values())).values()))
     if q is None:
-        raise FormatError(f"Checkpoint holds quantized tensor {first} but config.json has no quantization_config; "
-                          f"use the config.json that came with the checkpoint.")
+        raise FormatError(f"Checkpoint holds quantized tensor {first} but config.json has no quantization_config "
+                          f"(nor compression_config); use the config.json that came with the checkpoint.")
     if fp8 or q.method == "fp8":
         formats = _plan_fp8(kinds, fp8, q.method, first)
     else:
