@@ -6,6 +6,7 @@ names the field and the fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -195,7 +196,10 @@ class ModelConfig:
             raise ConfigError(f"{cfg_path} not found: a Hugging Face model directory must contain config.json.")
         raw = _read_json(cfg_path)
         gen = _read_generation_config(path)
-        return cls.from_dict(raw, gen, source=cfg_path)
+        cfg = cls.from_dict(raw, gen, source=cfg_path)
+        if _config_dtype(raw) is None:
+            cfg = dataclasses.replace(cfg, torch_dtype=_missing_dtype(path, cfg_path))
+        return cfg
 
     @classmethod
     def from_dict(cls, raw: dict, generation_config: dict | None = None, source: str = "config") -> "ModelConfig":
@@ -259,9 +263,7 @@ class ModelConfig:
             eos_token_ids=_eos_ids(text, raw, generation_config or {}, source),
             sampling_defaults=_sampling_defaults(generation_config or {}, source),
             state_dtype=str(text.get("mamba_ssm_dtype", raw.get("mamba_ssm_dtype", "float32"))),
-            # `torch_dtype`: the older name, read (as transformers does) wherever `dtype` is absent
-            torch_dtype=str(text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype")
-                            or "float32"),
+            torch_dtype=_config_dtype(raw) or "float32",  # from_hf_dir: the weights' dtype where config.json has none
             quantization=_quantization(raw, text, source),
         )
         cfg._validate(source)
@@ -296,6 +298,48 @@ class ModelConfig:
             need(self.intermediate_size > 0, "'intermediate_size' must be a positive integer.")
         need(self.state_dtype in ("float32", "bfloat16", "float16"),
              f"'mamba_ssm_dtype' must be float32, bfloat16 or float16, got {self.state_dtype!r}.")
+
+
+def _config_dtype(raw: dict) -> str | None:
+    """The checkpoint dtype config.json names, text_config's first; `torch_dtype`, the older name, read (as
+    transformers does) wherever `dtype` is absent. None: it names none."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    dtype = text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype")
+    return str(dtype) if dtype else None
+
+
+# safetensors header dtype -> ours; integer and FP8 tensors (packed int4 weights, zero points, FP8 weights) say
+# nothing of the model dtype
+_STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _missing_dtype(path: str, source: str) -> str:
+    """torch_dtype for a config.json that names no dtype: as vLLM (_find_dtype), the dtype the weights are stored in,
+    float32 where they mix several (the one all cast to losslessly) or none can be read; dtype='auto' then runs a
+    float32 one in bfloat16 on CUDA. Said in one logged line."""
+    from safetensors import safe_open
+
+    from .models.weights import checkpoint_files
+
+    stored = set()
+    try:
+        for file in checkpoint_files(path):
+            with safe_open(file, framework="pt", device="cpu") as f:
+                stored.update(_STORED_DTYPES.get(f.get_slice(name).get_dtype()) for name in f.keys())
+    except ValueError:  # no or broken weight files: the loader names the file
+        stored = set()
+    stored.discard(None)
+    log = logging.getLogger("deltaserve")
+    if len(stored) == 1:
+        dtype = stored.pop()
+        log.info("%s names no dtype (neither 'dtype' nor 'torch_dtype'); it is taken as %s, the dtype its weights "
+                 "are stored in (dtype='auto': %s on CUDA, float32 on CPU)", source, dtype,
+                 "bfloat16" if dtype == "float32" else dtype)
+        return dtype
+    found = f"its weights mix {' and '.join(sorted(stored))}" if stored else "no 16/32-bit weights were read"
+    log.warning("%s names no dtype (neither 'dtype' nor 'torch_dtype') and %s; it is taken as float32 "
+                "(dtype='auto': bfloat16 on CUDA, float32 on CPU)", source, found)
+    return "float32"
 
 
 def _quantization(raw: dict, text: dict, source: str) -> QuantConfig | None:

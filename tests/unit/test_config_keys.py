@@ -1,15 +1,22 @@
 """config.json keys that vLLM / transformers checkpoints carry beyond the usual ones: a compressed-tensors
 `compression_config` (older llm-compressor / sparseml exports) and a missing dtype."""
 import json
+import logging
 import os
+import shutil
 
 import pytest
+import torch
 from quant_helpers import assert_matches_twin
+from safetensors import safe_open
+from safetensors.torch import save_file
 from test_config import assert_one_sentence, parse, raw_config, text_fields
 from test_quantized import GROUP, write_ct
 
-from deltaserve import LLM
-from deltaserve.config import ConfigError
+from deltaserve import LLM, SamplingParams
+from deltaserve.config import ConfigError, ModelConfig
+from deltaserve.llm import _resolve_dtype
+from deltaserve.models.weights import WeightsError
 from deltaserve.tiny import make_tiny
 
 CT = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
@@ -73,3 +80,60 @@ def test_bad_compression_config_is_named(value, needle):
     with pytest.raises(ConfigError) as e:
         parse(raw_config("Qwen3_5ForConditionalGeneration", compression_config=value))
     assert_one_sentence(str(e.value), needle)
+
+
+# ---- a config.json that names no dtype ----
+
+def _drop_dtype(path: str, stored: dict | None = None) -> str:
+    """Remove every dtype key (`dtype`, `torch_dtype`, top-level and in text_config) from config.json; stored: tensor
+    name suffix -> dtype to store those tensors in (the rest keep make_tiny's float32)."""
+    file = os.path.join(path, "config.json")
+    with open(file) as f:
+        raw = json.load(f)
+    for d in (raw, raw["text_config"]):
+        d.pop("dtype", None)
+        d.pop("torch_dtype", None)
+    with open(file, "w") as f:
+        json.dump(raw, f)
+    weights = os.path.join(path, "model.safetensors")
+    with safe_open(weights, framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    for suffix, dtype in (stored or {}).items():
+        tensors.update({n: t.to(dtype) for n, t in tensors.items() if n.endswith(suffix)})
+    save_file(tensors, weights)
+    return path
+
+
+@pytest.mark.parametrize("stored, want, cuda", [
+    ({"": torch.float16}, "float16", torch.float16),
+    ({"": torch.bfloat16}, "bfloat16", torch.bfloat16),
+    ({}, "float32", torch.bfloat16),
+    ({".weight": torch.bfloat16}, "float32", torch.bfloat16),  # bf16 beside fp32 A_log, dt_bias: the common dtype
+], ids=["fp16_weights", "bf16_weights", "fp32_weights", "mixed"])
+def test_missing_dtype_is_the_weights_dtype(source, tmp_path, caplog, stored, want, cuda):
+    """As vLLM: the stored dtype, float32 run in bfloat16 on CUDA; on CPU dtype='auto' stays float32. An fp16
+    checkpoint without a dtype key ran in bfloat16 on CUDA (config.json's missing dtype was taken as float32)."""
+    path = _drop_dtype(shutil.copytree(source, tmp_path / "m"), stored)
+    caplog.set_level(logging.INFO, logger="deltaserve")
+    cfg = ModelConfig.from_hf_dir(path)
+    assert cfg.torch_dtype == want
+    assert _resolve_dtype("auto", cfg, torch.device("cuda")) == cuda
+    assert _resolve_dtype("auto", cfg, torch.device("cpu")) == torch.float32
+    assert "names no dtype" in caplog.text and f"taken as {want}" in caplog.text
+
+
+def test_missing_dtype_runs_on_cpu_in_float32(source, tmp_path):
+    """LLM(model=...) and the CLI's default dtype='auto': the tiny checkpoint loads and generates in float32."""
+    path = _drop_dtype(shutil.copytree(source, tmp_path / "m"), {"": torch.bfloat16})
+    llm = LLM(model=str(path), device="cpu", num_kv_blocks=8, max_model_len=64)
+    assert llm.dtype == torch.float32 and next(llm.model.parameters()).dtype == torch.float32
+    assert len(llm.generate("hello", SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)[0].outputs[0]
+               .token_ids) == 2
+
+
+def test_missing_dtype_without_weights_is_the_loaders_one_sentence(source, tmp_path):
+    path = _drop_dtype(shutil.copytree(source, tmp_path / "m"))
+    os.remove(os.path.join(path, "model.safetensors"))
+    with pytest.raises(WeightsError) as e:
+        LLM(model=str(path), device="cpu", num_kv_blocks=8, max_model_len=64)
+    assert_one_sentence(str(e.value), "No model.safetensors")
