@@ -354,7 +354,11 @@ def _update_config(dst: str, qcfg: dict | None) -> None:
     path = os.path.join(dst, "config.json")
     with open(path) as f:
         raw = json.load(f)
-    raw.pop("quantization_config", None)
+    # every place a reader looks for quantization settings (config._quantization): one left behind would describe
+    # tensors this checkpoint no longer holds
+    for where in (raw, raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}):
+        where.pop("quantization_config", None)
+        where.pop("compression_config", None)
     if qcfg is not None:
         raw["quantization_config"] = qcfg
     _write_json(path, raw)

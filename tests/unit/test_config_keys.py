@@ -137,3 +137,19 @@ def test_missing_dtype_without_weights_is_the_loaders_one_sentence(source, tmp_p
     with pytest.raises(WeightsError) as e:
         LLM(model=str(path), device="cpu", num_kv_blocks=8, max_model_len=64)
     assert_one_sentence(str(e.value), "No model.safetensors")
+
+
+@pytest.mark.parametrize("to_text", [False, True], ids=["top_level", "text_config"])
+def test_dequantized_twin_drops_every_quantization_key(source, tmp_path, to_text):
+    """write_dequantized removed only a top-level quantization_config: a compression_config (or a text_config one)
+    stayed in the 16-bit twin's config.json, claiming compressed-tensors to vLLM for tensors it no longer holds."""
+    from deltaserve.quantize import write_dequantized
+
+    q = write_ct(source, str(tmp_path / "ct"), zero_point=False)
+    _move_quant_config(q, to_text)
+    twin = write_dequantized(q, str(tmp_path / "twin"))
+    with open(os.path.join(twin, "config.json")) as f:
+        raw = json.load(f)
+    for where in (raw, raw.get("text_config", {})):
+        assert "compression_config" not in where and "quantization_config" not in where
+    assert ModelConfig.from_hf_dir(twin).quantization is None
