@@ -364,14 +364,24 @@ def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     return {int(key): float(min(100, max(-100, value))) for key, value in bias.items()}
 
 
-def truncate(req: _SamplingRequest, ids: list[int], max_model_len: int, max_tokens: int | None) -> list[int]:
-    """The prompt's ids as the request's truncate_prompt_tokens leaves them (vLLM's left truncation; -1: as many as
-    leave room for max_tokens, the request's own)."""
+def check_truncation(req: _SamplingRequest, max_model_len: int) -> None:
+    """A truncate_prompt_tokens vLLM refuses, refused before the prompt is encoded: 0, below -1 (its
+    SamplingParams), or more than max_model_len (its _validate_truncation_size; it cannot cut a prompt that fits)."""
     k = req.truncate_prompt_tokens
     if k is not None and k < 1 and k != -1:
         raise APIError(400, f"truncate_prompt_tokens must be -1 (as many as leave room for max_tokens) or an integer "
                             f">= 1, got {k}.", "truncate_prompt_tokens")
-    return truncated_prompt(ids, k, max_model_len, max_tokens)
+    if k is not None and k > max_model_len:
+        raise APIError(400, f"truncate_prompt_tokens ({k}) is greater than max_model_len ({max_model_len}): select "
+                            f"a smaller truncation size, or -1 for as many as leave room for max_tokens.",
+                       "truncate_prompt_tokens")
+
+
+def truncate(req: _SamplingRequest, ids: list[int], max_model_len: int, max_tokens: int | None) -> list[int]:
+    """The prompt's ids as the request's truncate_prompt_tokens leaves them (vLLM's left truncation; -1: as many as
+    leave room for max_tokens, the request's own)."""
+    check_truncation(req, max_model_len)
+    return truncated_prompt(ids, req.truncate_prompt_tokens, max_model_len, max_tokens)
 
 
 def context_length_error(max_model_len: int, detail: str, param: str) -> APIError:

@@ -13,7 +13,7 @@ from starlette.responses import StreamingResponse
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .async_engine import AsyncEngine, EngineError, EngineStopped, RequestStream
-from .protocol import APIError, context_length_error, new_id
+from .protocol import APIError, check_truncation, context_length_error, new_id
 
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 _PROBE_CHARS_PER_TOKEN = 8  # a long text's first probe: this many characters per token of max_model_len
@@ -38,10 +38,11 @@ class ServingContext:
                            "model", "model_not_found")
 
     def check_generation_request(self, req) -> None:
-        """What every /v1 generation request is checked for first: the model it names, and vLLM's cache_salt (it
-        keeps tenants' prefix-cache entries apart; ours are shared by all requests, so a salted request is refused
-        while the prefix cache is on, and asks for nothing while it is off)."""
+        """What every /v1 generation request is checked for first: the model it names, its truncate_prompt_tokens,
+        and vLLM's cache_salt (it keeps tenants' prefix-cache entries apart; ours are shared by all requests, so a
+        salted request is refused while the prefix cache is on, and asks for nothing while it is off)."""
         self.check_model(req.model)
+        check_truncation(req, self.max_model_len)  # before encoding a long text only to refuse it
         if (req.model_extra or {}).get("cache_salt") and self.engine.core.scheduler.cache is not None:
             raise APIError(400, "'cache_salt' is not supported: this server's prefix cache is shared by all requests; "
                                 "to keep tenants apart, serve without --enable-prefix-caching.", "cache_salt")

@@ -1622,6 +1622,45 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(client, tokenizer):
     assert chat.usage.prompt_tokens == 10
 
 
+TRUNCATE_PATHS = {"completions": ("/v1/completions", {"prompt": "hello " * 40}),
+                  "chat": ("/v1/chat/completions", {"messages": user("hello " * 40)})}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("endpoint", TRUNCATE_PATHS)
+@pytest.mark.parametrize("k, message", [
+    (MAX_MODEL_LEN + 1, rf"^truncate_prompt_tokens \({MAX_MODEL_LEN + 1}\) is greater than max_model_len "
+                        rf"\({MAX_MODEL_LEN}\): select a smaller truncation size"),
+    (0, r"^truncate_prompt_tokens must be -1 .* or an integer >= 1, got 0\.$"),
+    (-2, r"^truncate_prompt_tokens must be -1 .* or an integer >= 1, got -2\.$"),
+], ids=["over_max_model_len", "zero", "below_minus_one"])
+def test_truncate_prompt_tokens_vllm_refuses_is_a_400(server, endpoint, stream, k, message):
+    """As vLLM (_validate_truncation_size; SamplingParams: 0 and < -1): one sentence naming the field. One longer
+    than max_model_len was taken and ignored (the prompt ran uncut)."""
+    path, prompt = TRUNCATE_PATHS[endpoint]
+    got, err = http(server.url + path, {"model": MODEL, **prompt, "max_tokens": 2, "stream": stream,
+                                        "truncate_prompt_tokens": k}, {"Authorization": f"Bearer {API_KEY}"})
+    assert got == 400 and err["error"]["param"] == "truncate_prompt_tokens", err
+    assert re.match(message, err["error"]["message"]), err
+
+
+@pytest.mark.parametrize("endpoint", TRUNCATE_PATHS)
+def test_truncate_prompt_tokens_cuts_the_left_when_streaming(client, tokenizer, endpoint):
+    """Streamed as whole: the prompt's last k tokens are read (usage says k; the same answer as the uncut tail)."""
+    path, prompt = TRUNCATE_PATHS[endpoint]
+    create = client.completions.create if endpoint == "completions" else client.chat.completions.create
+    body = dict(model=MODEL, max_tokens=3, temperature=0, extra_body={"truncate_prompt_tokens": 5}, **prompt)
+    chunks = list(create(stream=True, stream_options={"include_usage": True}, **body))
+    whole = create(**body)
+    text = "".join((c.choices[0].text if endpoint == "completions" else c.choices[0].delta.content or "")
+                   for c in chunks if c.choices)
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens == 5
+    assert text == (whole.choices[0].text if endpoint == "completions" else whole.choices[0].message.content)
+    if endpoint == "completions":
+        tail = tokenizer.encode(prompt["prompt"])[-5:]
+        assert text == client.completions.create(model=MODEL, prompt=tail, max_tokens=3, temperature=0).choices[0].text
+
+
 def test_continue_final_message_goes_on_with_the_last_message(client, tokenizer):
     """vLLM's continue_final_message (was refused): the answer continues a prefilled assistant message, as a
     completion of the prompt cut right after it."""
