@@ -872,6 +872,26 @@ def test_a_named_tool_call_cut_off_by_max_tokens_keeps_its_arguments(client, str
         assert (name, arguments) == ("set_unit", call.function.arguments) and n_deltas > 1, calls
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_required_tool_call_cut_off_by_max_tokens_keeps_its_arguments(client, stream):
+    """tool_choice "required" cut off by max_tokens inside a call's parameters: the call is kept with its arguments
+    as written (as a named function's), streamed as they come; the list came back as content, all at the end, no
+    call. (vLLM streams the call; its non-streamed answer has no call and no content.)"""
+    kw = dict(messages=user("Set the unit"), tools=FORCE_TOOLS, max_tokens=60, temperature=0, tool_choice="required",
+              parallel_tool_calls=False, extra_body=NO_THINK)
+    whole = client.chat.completions.create(model=MODEL, **kw).choices[0]
+    assert (whole.finish_reason, whole.message.content) == ("length", None), whole
+    (call,) = whole.message.tool_calls
+    assert call.function.name in ("set_unit", "ping") and call.function.arguments.lstrip().startswith("{"), call
+    with pytest.raises(ValueError):
+        json.loads(call.function.arguments)
+    if stream:
+        content, _, calls, finish, _, _ = stream_chat(client, **kw)
+        assert (content, finish, list(calls)) == ("", "length", [0]), (content, finish, calls)
+        name, arguments, n_deltas = calls[0]
+        assert (name, arguments) == (call.function.name, call.function.arguments) and n_deltas > 1, calls
+
+
 def test_forced_tool_with_keywords_the_grammar_ignores(client):
     """A tool whose parameters use uniqueItems / not (which the grammar cannot enforce) is still callable with a
     forced tool choice, as before those keywords were refused in response_format: they are dropped for tools."""

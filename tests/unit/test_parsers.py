@@ -388,6 +388,68 @@ def test_a_named_functions_answer_streams_as_its_arguments(cut):
     assert "".join(d.arguments for d in deltas) == text == p.calls[0].whole_arguments
 
 
+REQUIRED = ('[{"name": "get_weather", "parameters": {"city": "Pa}ris\\"", "days": 3}},\n'
+            ' {"name": "ping", "parameters": {}}]')
+
+
+def run_required(text: str, seed: int):
+    """tool_choice "required"'s answer fed in random pieces -> (content, {index: [name, arguments]} streamed,
+    [(name, non-streamed arguments)], cut, n argument deltas)."""
+    from deltaserve.serve.tool_parser import ForcedToolCalls
+    p, deltas, content = ForcedToolCalls(None), [], ""
+    for piece in cuts(text, seed):
+        d = p.feed(piece)
+        deltas, content = deltas + d.tool_calls, content + d.content
+    tail = p.finish()
+    deltas, content = deltas + tail.tool_calls, content + tail.content
+    streamed = {}
+    for d in deltas:
+        if d.id is not None:
+            assert d.index not in streamed and d.index == len(streamed)
+            streamed[d.index] = [d.name, ""]
+        streamed[d.index][1] += d.arguments
+    n_args = sum(1 for d in deltas if d.arguments)
+    return content, streamed, [(c.name, c.whole_arguments) for c in p.calls], p.cut, n_args
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("end, content, calls", [
+    (len(REQUIRED), "", [("get_weather", '{"city": "Pa}ris\\"", "days": 3}'), ("ping", "{}")]),
+    (REQUIRED.index('"days"'), "", [("get_weather", '{"city": "Pa}ris\\"", ')]),  # inside its parameters
+    (REQUIRED.index(', "param'), "", [("get_weather", "")]),  # after its name: the call, no arguments yet
+    (REQUIRED.index("ping") + 2, "", [("get_weather", '{"city": "Pa}ris\\"", "days": 3}')]),  # next name cut
+    (12, '[{"name": "g', []),  # nothing named: the text is content
+], ids=["whole", "in_parameters", "after_name", "before_next_name", "before_any_name"])
+def test_required_tool_calls_stream_and_survive_a_cut(seed, end, content, calls):
+    """tool_choice "required": each call opens when its name is whole and streams its parameters as written; cut
+    off by max_tokens, the calls named so far are kept, the last with its partial arguments (the whole list came
+    back as content, no call, and nothing streamed before the end)."""
+    got_content, streamed, final, cut, n_args = run_required(REQUIRED[:end], seed)
+    assert (got_content, cut) == (content, end < len(REQUIRED))
+    assert [tuple(v) for v in streamed.values()] == calls
+    assert final == calls  # (REQUIRED's parameters are written as json.dumps writes them)
+    if end == REQUIRED.index('"days"') and seed:  # seed 0 feeds the text whole
+        assert n_args > 1  # streamed as it came, not at the end
+
+
+def test_required_whole_calls_keep_vllms_arguments():
+    """A whole call's non-streamed arguments are json.dumps of its parameters (vLLM's); streamed, the text written."""
+    content, streamed, final, cut, _ = run_required('[{"name": "ping",\n"parameters": {\n"a" :1}}]', 0)
+    assert (content, cut, final) == ("", False, [("ping", '{"a": 1}')])
+    assert streamed == {0: ["ping", '{\n"a" :1}']}
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ('[{"name": "x", "parameters": {"a": 1}, "extra": 2}]', ', "extra": 2}]', [("x", '{"a": 1}')]),
+    ('[{"name": "x", "parameters": {"a": 1}}] and more', "and more", [("x", '{"a": 1}')]),
+    ('{"name": "x"}', '{"name": "x"}', []),
+], ids=["extra_key", "text_after_the_list", "not_a_list"])
+def test_required_answer_off_the_shape_keeps_the_rest_as_content(text, content, calls):
+    """Only without the grammar: text that leaves the forced shape comes back as content from where it did."""
+    got, streamed, _, _, _ = run_required(text, 0)
+    assert (got, [tuple(v) for v in streamed.values()]) == (content, calls)
+
+
 @pytest.mark.parametrize("escape, text", [
     (r"\ud800", "\ufffd"), (r"\udc00", "\ufffd"), (r"\ud800\u0041", "\ufffdA"), (r"\ud800\ud800", "\ufffd\ufffd"),
     (r"\ud83d\ude00", "\U0001f600"), (r"\\ud800", r"\ud800"), (r"\\\ud800", "\\\ufffd"), (r"\"\udfff", '"\ufffd'),
