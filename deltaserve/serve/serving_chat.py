@@ -12,12 +12,13 @@ from starlette.responses import JSONResponse, Response
 
 from ..sampling_params import StructuredOutputs
 from ..tokenizer import TokenizerError
+from .forced_tools import ForcedToolCalls, forced_schema
 from .protocol import (MAX_LOGPROBS, APIError, ChatCompletionRequest, check_max_tokens, new_id, now, sampling_params,
                        structured_outputs, truncate, usage)
 from .reasoning import ReasoningParser, Split, prompt_opens_thinking
 from .serving import (SSE_DONE, EngineStreamingResponse, ServingContext, chat_logprobs, collect, engine_api_error,
                       merge, response_id, sse, sse_error)
-from .tool_parser import ForcedToolCalls, ParsedDelta, ToolCallParser, forced_schema
+from .tool_parser import ParsedDelta, ToolCallParser
 
 _RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "documents", "continue_final_message",
                              "chat_template"}

@@ -376,7 +376,7 @@ def test_a_closing_call_tag_quoted_in_an_xml_value_does_not_end_the_call(seed):
 def test_a_named_functions_answer_streams_as_its_arguments(cut):
     """tool_choice naming a function: the answer is that call's arguments, passed on as written and streamed as they
     come (vLLM's), whole or cut short (a cut answer came back as content, all at the end)."""
-    from deltaserve.serve.tool_parser import ForcedToolCalls
+    from deltaserve.serve.forced_tools import ForcedToolCalls
     text = '{"unit": "c", "on": true}'[: 12 if cut else None]
     p, deltas = ForcedToolCalls("set_unit"), []
     for piece in cuts(text, 2):
@@ -395,7 +395,7 @@ REQUIRED = ('[{"name": "get_weather", "parameters": {"city": "Pa}ris\\"", "days"
 def run_required(text: str, seed: int):
     """tool_choice "required"'s answer fed in random pieces -> (content, {index: [name, arguments]} streamed,
     [(name, non-streamed arguments)], cut, n argument deltas)."""
-    from deltaserve.serve.tool_parser import ForcedToolCalls
+    from deltaserve.serve.forced_tools import ForcedToolCalls
     p, deltas, content = ForcedToolCalls(None), [], ""
     for piece in cuts(text, seed):
         d = p.feed(piece)
