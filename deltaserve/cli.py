@@ -435,6 +435,18 @@ def _check_bench(args, budget: int) -> None:
                          f"those")
 
 
+def _check_bench_fits(path: str, longest: int) -> None:
+    """A checkpoint too short for bench's sizes: named by the flags that set them (else the engine blamed a
+    max_model_len the user never gave, e.g. the tiny model's 4096 against the default --prompt-lens' 8192)."""
+    from .config import ModelConfig
+
+    limit = ModelConfig.from_hf_dir(path).max_position_embeddings
+    if longest > limit:
+        raise ValueError(f"the model holds {limit} tokens (max_position_embeddings) and bench's sizes need {longest} "
+                         f"(the longest of --prompt-lens, or --context + --steps + the decode steps of a chunked "
+                         f"prefill); lower those, e.g. --prompt-lens 512,2048 --context 1024")
+
+
 def _bench(args) -> None:
     from . import LLM
     from .bench import format_table, preset_config, run_bench
@@ -458,7 +470,10 @@ def _bench(args) -> None:
         if args.quantization:
             name += f" | awq int4 g{group_size} ({'full' if args.quantization == 'awq-full' else 'mixed'})"
     else:
-        llm, name = LLM(model=resolve_model(args.model), tensor_parallel_size=args.tp, **kw), args.model or "tiny"
+        path = resolve_model(args.model)
+        if args.max_model_len is None:
+            _check_bench_fits(path, kw["max_model_len"])
+        llm, name = LLM(model=path, tensor_parallel_size=args.tp, **kw), args.model or "tiny"
     rows = run_bench(llm, args.prompt_lens, args.batch_sizes, args.context, args.steps,
                      prefill_count=args.prefill_count)
     dev = torch_device_name(llm.device)
