@@ -495,6 +495,9 @@ def _serve(args) -> None:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     if not args.shutdown_timeout >= 0:  # nan too
         raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
+    if args.api_key is not None and not args.api_key.strip():  # --api-key "$UNSET": would admit 'Bearer ' alone
+        raise ValueError("--api-key is empty; give the key clients must send, or leave the flag out to serve "
+                         "without one")
     _check_listen(args.host, args.port)
     try:
         from .serve.api_server import run_server

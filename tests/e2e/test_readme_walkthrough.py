@@ -25,3 +25,9 @@ def test_bench_sizes_beyond_the_model_name_the_flags(made, env):
     _, path = made
     res = cli("bench", "--model", path, "--device", "cpu", "--batch-sizes", "1", env=env)
     assert_user_error(res, "max_position_embeddings", "4096", "--prompt-lens")
+
+
+def test_serve_refuses_an_empty_api_key(made, env):
+    """`--api-key ''` (an unset shell variable) started a server whose only accepted header was 'Bearer '."""
+    res = cli("serve", made[1], "--device", "cpu", "--api-key", "", env=env)
+    assert_user_error(res, "--api-key is empty")
