@@ -507,7 +507,8 @@ def _serve(args) -> None:
     name = args.served_model_name or args.model or "tiny-qwen3.5"
     run_server(_build_llm(args), name, host=args.host, port=args.port, api_key=args.api_key,
                shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
-               trust_request_chat_template=args.trust_request_chat_template, model_root=args.model)
+               trust_request_chat_template=args.trust_request_chat_template,
+               model_root=args.model or DEFAULT_TINY_DIR)  # /v1/models' root: the checkpoint, as vLLM's
 
 
 def _check_listen(host: str, port: int) -> None:

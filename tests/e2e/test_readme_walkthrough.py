@@ -31,3 +31,15 @@ def test_serve_refuses_an_empty_api_key(made, env):
     """`--api-key ''` (an unset shell variable) started a server whose only accepted header was 'Bearer '."""
     res = cli("serve", made[1], "--device", "cpu", "--api-key", "", env=env)
     assert_user_error(res, "--api-key is empty")
+
+
+def test_serve_the_embedded_model_reports_its_checkpoint_as_root(monkeypatch):
+    """/v1/models' `root` is "the checkpoint served" (README): with no MODEL it was the served name, not a path."""
+    from deltaserve import cli as cli_mod
+
+    seen = {}
+    monkeypatch.setattr(cli_mod, "_build_llm", lambda args: None)
+    monkeypatch.setattr(cli_mod, "_check_listen", lambda host, port: None)
+    monkeypatch.setattr("deltaserve.serve.api_server.run_server", lambda llm, name, **kw: seen.update(kw, name=name))
+    assert cli_mod.main(["serve", "--served-model-name", "tiny"]) == 0
+    assert seen["name"] == "tiny" and seen["model_root"] == cli_mod.DEFAULT_TINY_DIR, seen
