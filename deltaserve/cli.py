@@ -49,7 +49,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="GDN recurrent-state storage: auto = the checkpoint's mamba_ssm_dtype (float32); bfloat16 "
                         "halves the state traffic of a decode step at a small accuracy cost (see the README)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: neither for decode steps nor for the pieces of short prefills")
     g.add_argument("--async-scheduling", default=None, action=argparse.BooleanOptionalAction,
                    help="read each step's samples while the next step runs, overlapping host and device work "
                         "(default: on for CUDA with --tp 1)")

@@ -43,3 +43,11 @@ def test_serve_the_embedded_model_reports_its_checkpoint_as_root(monkeypatch):
     monkeypatch.setattr("deltaserve.serve.api_server.run_server", lambda llm, name, **kw: seen.update(kw, name=name))
     assert cli_mod.main(["serve", "--served-model-name", "tiny"]) == 0
     assert seen["name"] == "tiny" and seen["model_root"] == cli_mod.DEFAULT_TINY_DIR, seen
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_enforce_eager_help_says_what_the_readme_says(env, command):
+    """README: --enforce-eager turns off the decode graphs and the short prefills' piecewise ones; help said decode."""
+    res = cli(command, "--help", env=env)
+    text = " ".join(res.stdout.split())
+    assert "--enforce-eager no CUDA graphs: neither for decode steps nor for the pieces of short prefills" in text
