@@ -188,8 +188,9 @@ def _add_serve_parser(sub) -> None:
     g.add_argument("--served-model-name", default=None,
                    help="model name clients send (default: MODEL as given, or 'tiny-qwen3.5')")
     g.add_argument("--shutdown-timeout", type=float, default=5.0,
-                   help="seconds running requests get to finish after SIGTERM before they are aborted")
-    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+                   help="seconds running requests get to finish after SIGTERM before they are aborted (default 5)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info)")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="let a request's chat_template field replace the chat template (Jinja from clients, run in "
                         "a sandbox; refused by default, as in vLLM)")

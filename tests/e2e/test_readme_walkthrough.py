@@ -51,3 +51,9 @@ def test_enforce_eager_help_says_what_the_readme_says(env, command):
     res = cli(command, "--help", env=env)
     text = " ".join(res.stdout.split())
     assert "--enforce-eager no CUDA graphs: neither for decode steps nor for the pieces of short prefills" in text
+
+
+def test_serve_help_gives_the_defaults_the_readme_gives(env):
+    """README: `[--shutdown-timeout 5] [--log-level info]`, the defaults; --help gave neither."""
+    text = " ".join(cli("serve", "--help", env=env).stdout.split())
+    assert "before they are aborted (default 5)" in text and "(default info)" in text, text
