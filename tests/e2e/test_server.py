@@ -186,7 +186,8 @@ def test_cli_help(cmd, flags):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["serve", "--tp", "4"], "tensor_parallel_size=4 does not divide linear_num_key_heads=2; valid sizes: 1, 2"),
+    # a free port: the listen check comes first, and 8000 may be taken on the machine running the tests
+    (["serve", "--tp", "4", "--port", str(free_port())], "tensor_parallel_size=4 does not divide linear_num_key_heads=2; valid sizes: 1, 2"),
     (["serve", "--port", "0"], "--port"),
     (["chat", "--temperature", "-1"], "temperature"),
 ], ids=["tp", "port", "chat_temperature"])
