@@ -293,6 +293,8 @@ def _main(argv: list[str] | None) -> int:
                                       not_convert=args.not_convert, calib=args.calib))
         return 0
     except (ConfigError, WeightsError, TokenizerError, ValueError, OSError) as e:  # OSError: e.g. a path is a file
+        if isinstance(e, OSError) and e.filename and e.strerror:  # not "[Errno 2] No such file or directory: 'x'"
+            e = f"cannot use {e.filename}: {e.strerror}"
         print(f"error: {e}", file=sys.stderr)
         return 2
     except EngineDeadError as e:  # e.g. a tensor-parallel worker died

@@ -57,3 +57,11 @@ def test_serve_help_gives_the_defaults_the_readme_gives(env):
     """README: `[--shutdown-timeout 5] [--log-level info]`, the defaults; --help gave neither."""
     text = " ".join(cli("serve", "--help", env=env).stdout.split())
     assert "before they are aborted (default 5)" in text and "(default info)" in text, text
+
+
+def test_an_unwritable_destination_is_a_plain_sentence(env, tmp_path):
+    """`make-tiny` into a folder under a file read "error: [Errno 20] Not a directory: '...'" (Python's repr)."""
+    (tmp_path / "file").write_text("x")
+    res = cli("make-tiny", str(tmp_path / "file" / "tiny"), env=env)
+    assert_user_error(res, f"cannot use {tmp_path / 'file'}")
+    assert "Errno" not in res.stderr, res.stderr
