@@ -14,22 +14,6 @@ def cli(*args, env):
                           env=env, timeout=180)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """XDG_CACHE_HOME (and HOME, so nothing can fall back to ~/.cache) point into a temp dir.
-
-    One OpenMP thread: the tiny model gains nothing from more, and spin-waiting threads on a busy CPU slow it ~20x."""
-    home = tmp_path_factory.mktemp("home")
-    return {**os.environ, "XDG_CACHE_HOME": str(home / "cache"), "HOME": str(home), "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory, env):
-    """(result of `deltaserve make-tiny DIR`, DIR)."""
-    path = str(tmp_path_factory.mktemp("cli") / "tiny")
-    return cli("make-tiny", path, env=env), path
-
-
 def assert_user_error(res, *needles):
     """Exit 2, stderr one line `error: ...` naming `needles`, no traceback."""
     assert res.returncode == 2, (res.returncode, res.stderr)

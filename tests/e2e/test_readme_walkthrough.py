@@ -1,22 +1,6 @@
 """The README's commands as a new user runs them on CPU, on a tiny checkpoint: what they got wrong."""
-import os
-
 import pytest
-from test_cli import assert_user_error, cli  # (pytest puts this folder on sys.path)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """As test_cli's: caches under a temp HOME, one OpenMP thread."""
-    home = tmp_path_factory.mktemp("home")
-    return {**os.environ, "XDG_CACHE_HOME": str(home / "cache"), "HOME": str(home), "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory, env):
-    """(result of `deltaserve make-tiny DIR`, DIR)."""
-    path = str(tmp_path_factory.mktemp("walk") / "tiny")
-    return cli("make-tiny", path, env=env), path
+from test_cli import assert_user_error, cli  # (pytest puts this folder on sys.path; fixtures: conftest.py)
 
 
 def test_bench_sizes_beyond_the_model_name_the_flags(made, env):

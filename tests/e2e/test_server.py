@@ -187,7 +187,8 @@ def test_cli_help(cmd, flags):
 
 @pytest.mark.parametrize("args, needle", [
     # a free port: the listen check comes first, and 8000 may be taken on the machine running the tests
-    (["serve", "--tp", "4", "--port", str(free_port())], "tensor_parallel_size=4 does not divide linear_num_key_heads=2; valid sizes: 1, 2"),
+    (["serve", "--tp", "4", "--port", str(free_port())],
+     "tensor_parallel_size=4 does not divide linear_num_key_heads=2; valid sizes: 1, 2"),
     (["serve", "--port", "0"], "--port"),
     (["chat", "--temperature", "-1"], "temperature"),
 ], ids=["tp", "port", "chat_temperature"])
@@ -855,35 +856,20 @@ def test_tool_choice_named_and_required(client, stream):
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_a_named_tool_call_cut_off_by_max_tokens_keeps_its_arguments(client, stream):
-    """A named function's answer is its arguments (vLLM passes them on unparsed, streamed as they come): cut off by
-    max_tokens, the partial JSON is the call's arguments, not content as it was."""
-    kw = dict(messages=user("Set the unit"), tools=FORCE_TOOLS, max_tokens=6, temperature=0,
-              tool_choice={"type": "function", "function": {"name": "set_unit"}}, extra_body=NO_THINK)
-    whole = client.chat.completions.create(model=MODEL, **kw).choices[0]
-    (call,) = whole.message.tool_calls
-    assert (whole.finish_reason, whole.message.content, call.function.name) == ("length", None, "set_unit"), whole
-    assert call.function.arguments.lstrip().startswith("{"), call
-    with pytest.raises(ValueError):
-        json.loads(call.function.arguments)
-    if stream:
-        content, _, calls, finish, _, _ = stream_chat(client, **kw)
-        assert (content, finish, list(calls)) == ("", "length", [0]), (content, finish, calls)
-        name, arguments, n_deltas = calls[0]
-        assert (name, arguments) == ("set_unit", call.function.arguments) and n_deltas > 1, calls
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_a_required_tool_call_cut_off_by_max_tokens_keeps_its_arguments(client, stream):
-    """tool_choice "required" cut off by max_tokens inside a call's parameters: the call is kept with its arguments
-    as written (as a named function's), streamed as they come; the list came back as content, all at the end, no
-    call. (vLLM streams the call; its non-streamed answer has no call and no content.)"""
-    kw = dict(messages=user("Set the unit"), tools=FORCE_TOOLS, max_tokens=60, temperature=0, tool_choice="required",
-              parallel_tool_calls=False, extra_body=NO_THINK)
+@pytest.mark.parametrize("choice, max_tokens", [({"type": "function", "function": {"name": "set_unit"}}, 6),
+                                                ("required", 60)], ids=["named", "required"])
+def test_a_forced_tool_call_cut_off_by_max_tokens_keeps_its_arguments(client, stream, choice, max_tokens):
+    """Cut off by max_tokens inside a call's arguments, a forced call keeps them as written (not whole JSON) and
+    streams them as they come. A named function's answer is its arguments (vLLM passes them on unparsed): they came
+    back as content. "required"'s list came back as content, all at the end, with no call (vLLM streams the call;
+    its non-streamed answer has no call and no content)."""
+    kw = dict(messages=user("Set the unit"), tools=FORCE_TOOLS, max_tokens=max_tokens, temperature=0,
+              tool_choice=choice, parallel_tool_calls=False, extra_body=NO_THINK)
     whole = client.chat.completions.create(model=MODEL, **kw).choices[0]
     assert (whole.finish_reason, whole.message.content) == ("length", None), whole
     (call,) = whole.message.tool_calls
-    assert call.function.name in ("set_unit", "ping") and call.function.arguments.lstrip().startswith("{"), call
+    names = ("set_unit",) if isinstance(choice, dict) else ("set_unit", "ping")
+    assert call.function.name in names and call.function.arguments.lstrip().startswith("{"), call
     with pytest.raises(ValueError):
         json.loads(call.function.arguments)
     if stream:
