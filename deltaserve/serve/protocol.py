@@ -221,6 +221,9 @@ def _replace_lone_surrogates(body: bytes) -> bytes:
     return _ESCAPE.sub(lambda m: b"\\ufffd" if m.group(1) else m.group(0), body)
 
 
+_READ_EXTRAS = {"cache_salt"}  # extra fields the server reads (serving.check_generation_request)
+
+
 def parse_request(cls: type[_Model], body: bytes) -> Any:
     """Raw body -> a validated request; APIError(400) naming the field for malformed JSON, bad types or a field
     deltaserve cannot honour (UNSUPPORTED_FIELDS, when set to anything but null / false / empty). A lone surrogate
@@ -238,7 +241,9 @@ def parse_request(cls: type[_Model], body: bytes) -> Any:
             if name in UNSUPPORTED_FIELDS and not (value is None or value is False or value in ([], {}, "")
                                                    or value == _NEUTRAL.get(name)):
                 raise APIError(400, f"'{name}' is not supported: {UNSUPPORTED_FIELDS[name]}.", name)
-        logger.debug("ignoring request fields %s", sorted(req.model_extra))
+        ignored = sorted(set(req.model_extra) - _READ_EXTRAS)
+        if ignored:  # as vLLM warns: a misspelt field would otherwise change nothing without a word
+            logger.warning("The following fields were present in the request but ignored: %s", ignored)
     return req
 
 

@@ -461,3 +461,14 @@ def test_a_lone_surrogate_escape_reads_as_a_replacement_character(escape, text):
     from deltaserve.serve.protocol import CompletionRequest, parse_request
     req = parse_request(CompletionRequest, b'{"prompt": "a' + escape.encode() + b'b"}')
     assert req.prompt == "a" + text + "b"
+
+
+def test_ignored_request_fields_are_logged(caplog):
+    """A field the server does not know (a typo such as "max_token") changed nothing and was logged at debug level
+    only; vLLM warns. Fields it reads (cache_salt) are not named."""
+    from deltaserve.serve.protocol import CompletionRequest, parse_request
+    with caplog.at_level("WARNING", logger="deltaserve"):
+        parse_request(CompletionRequest, b'{"prompt": "a", "max_token": 5, "cache_salt": "x"}')
+        parse_request(CompletionRequest, b'{"prompt": "a", "cache_salt": "x"}')
+    assert [r.getMessage() for r in caplog.records] == [
+        "The following fields were present in the request but ignored: ['max_token']"]
