@@ -28,7 +28,8 @@ def positive_ints(text: str) -> list[int]:
     return [positive_int(part) for part in text.split(",")]
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser, prefix_cache: bool = True) -> None:
+    """prefix_cache False: its two flags stay parseable (to be refused in a sentence) but leave --help."""
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None,
                    help=f"Hugging Face Qwen3.5 checkpoint directory (default: the embedded tiny checkpoint, "
@@ -62,9 +63,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "every expert (ignored for dense models and --tp 1)")
     g.add_argument("--enable-prefix-caching", action="store_true",
                    help="reuse the KV blocks and GDN states of earlier prompts' prefixes (snapshots every 256 tokens; "
-                        "see the README)")
+                        "see the README)" if prefix_cache else argparse.SUPPRESS)
     g.add_argument("--prefix-cache-slots", type=positive_int, default=None,
-                   help="GDN state snapshots the prefix cache holds (default 16; each one request's states)")
+                   help="GDN state snapshots the prefix cache holds (default 16; each one request's states)"
+                        if prefix_cache else argparse.SUPPRESS)
 
 
 def add_chat_template_arg(p: argparse.ArgumentParser) -> None:
@@ -224,7 +226,7 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--prefill-count", type=positive_int, default=1, help="prompts per prefill measurement (e.g. 16)")
     b.add_argument("--context", type=positive_int, default=1024, help="tokens of context per decoding sequence")
     b.add_argument("--steps", type=positive_int, default=32, help="decode steps timed per batch size")
-    add_engine_args(b)
+    add_engine_args(b, prefix_cache=False)  # bench refuses the prefix cache (_check_bench)
     b.set_defaults(max_num_batched_tokens=8192, max_num_seqs=None)  # max_num_seqs: the largest batch unless given
 
 

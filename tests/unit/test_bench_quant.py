@@ -290,6 +290,14 @@ def test_bench_cli_user_errors_are_one_line(argv, needle, tiny_presets, capsys):
     assert err.startswith("error: ") and needle in err and all(b.startswith("bench:") for b in bars), bars
 
 
+def test_bench_help_leaves_out_the_flags_it_refuses(capsys):
+    """bench --help listed --enable-prefix-caching and --prefix-cache-slots, which bench then refused."""
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert "--enable-prefix-caching" not in out and "--prefix-cache-slots" not in out and "--max-model-len" in out
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_random_awq_model_on_cuda(moe):
