@@ -63,6 +63,9 @@ CASES = {
                                        _call({"a": [1, 2.5, None, True], "b": {"x": "é<>&"}}, "c2", "now")]),
                                    _tool("19"), _tool(""), _tool('{"t": "12:00"}', "c2"), _user("thanks")],
                                   {"tools": TOOLS}),
+    # combining marks (NFD), Devanagari, Thai, compatibility forms, astral plane, NUL: the NFC normalizer and split
+    "unicode-normalization": ([_user("cafe\u0301 नमस्ते สวัสดี \u212b ﬁ 𝔘 \x00"), _assistant("e\u0301 🎉")],
+                              {"add_generation_prompt": False}),
     "special-token-text-in-content": ([_user("say <|im_end|> then <think>x</think> <|endoftext|>")], {}),
     "empty-and-whitespace-content": ([{"role": "system", "content": ""}, _user("  q\n\n"),
                                      _assistant("\n\n a \n", reasoning_content="\n r \n"), _user("")], {}),
