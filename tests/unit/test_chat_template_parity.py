@@ -9,8 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from deltaserve.tokenizer import Tokenizer, train_tiny_tokenizer
-
 transformers = pytest.importorskip("transformers")
 
 TOOLS = [
@@ -71,23 +69,6 @@ CASES = {
                                      _assistant("\n\n a \n", reasoning_content="\n r \n"), _user("")], {}),
     "template-variable-overrides": ([_user("q")], {"eos_token": "X", "custom_flag": "on"}),
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_tokenizer")
-    train_tiny_tokenizer(str(path))  # the tokenizer and chat template make_tiny ships
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_dir):
-    return Tokenizer.from_dir(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_tok(tiny_dir):
-    return transformers.AutoTokenizer.from_pretrained(tiny_dir)
 
 
 def _hf(hf_tok, messages, kwargs, tokenize=False):

@@ -66,24 +66,6 @@ CONVERSATIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_tokenizer")
-    train_tiny_tokenizer(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_dir):
-    return Tokenizer.from_dir(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_tok(tiny_dir):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(tiny_dir)
-
-
 def test_train_is_deterministic_and_sized(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     n = train_tiny_tokenizer(str(a), vocab_size=400)
@@ -177,9 +159,9 @@ def test_chat_template_features(tok):
     assert last.endswith("<|im_start|>assistant\n<think>\nGreet them.\n</think>\n\nHi!<|im_end|>\n")
 
 
-def test_chat_template_jinja_file_wins(tiny_dir, tmp_path):
+def test_chat_template_jinja_file_wins(tokenizer_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes(open(os.path.join(tiny_dir, name), "rb").read())
+        (tmp_path / name).write_bytes(open(os.path.join(tokenizer_dir, name), "rb").read())
     (tmp_path / "chat_template.jinja").write_text(
         "{% for m in messages %}[{{ m.role }}]{{ m.content | tojson }}{% endfor %}{{ eos_token }}"
         "{{ strftime_now('%Y') | length }}"
@@ -188,7 +170,7 @@ def test_chat_template_jinja_file_wins(tiny_dir, tmp_path):
     assert text == '[user]"<b>é</b>"<|im_end|>4'  # tojson neither HTML-escapes nor ASCII-escapes
 
 
-def test_tool_call_arguments_sent_back_as_json_text_render_as_the_object(tiny_dir, tmp_path, tok, hf_tok):
+def test_tool_call_arguments_sent_back_as_json_text_render_as_the_object(tokenizer_dir, tmp_path, tok, hf_tok):
     """OpenAI clients replay a tool call with 'arguments' as a JSON string (what our server returns too). Qwen3.5's
     template iterates them with `|items`, which failed on a string ("Can only get item pairs from a mapping"), so
     every multi-turn tool conversation from an OpenAI client was a 400. They are parsed to the object first, as vLLM
@@ -206,7 +188,7 @@ def test_tool_call_arguments_sent_back_as_json_text_render_as_the_object(tiny_di
     for bad in ("not json", '{"city": "Paris"', "", None):  # as vLLM: {} (the turn still renders)
         assert '"arguments": {}}' in tok.apply_chat_template(conversation(bad))
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes(open(os.path.join(tiny_dir, name), "rb").read())
+        (tmp_path / name).write_bytes(open(os.path.join(tokenizer_dir, name), "rb").read())
     (tmp_path / "chat_template.jinja").write_text(  # Qwen3.5's way of writing a call's parameters
         "{% for m in messages %}{% for c in m.tool_calls or [] %}{% for k, v in c.function.arguments|items %}"
         "<parameter={{ k }}>{{ v }}</parameter>{% endfor %}{% endfor %}{% endfor %}")
@@ -216,9 +198,9 @@ def test_tool_call_arguments_sent_back_as_json_text_render_as_the_object(tiny_di
         assert Tokenizer.from_dir(str(tmp_path)).apply_chat_template(conversation(bad)) == ""
 
 
-def test_raise_exception_becomes_tokenizer_error(tiny_dir, tmp_path):
+def test_raise_exception_becomes_tokenizer_error(tokenizer_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes(open(os.path.join(tiny_dir, name), "rb").read())
+        (tmp_path / name).write_bytes(open(os.path.join(tokenizer_dir, name), "rb").read())
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('Roles must alternate.') }}")
     with pytest.raises(TokenizerError, match="Roles must alternate"):
         Tokenizer.from_dir(str(tmp_path)).apply_chat_template([{"role": "user", "content": "x"}])
@@ -230,8 +212,8 @@ def test_missing_dir_error(tmp_path):
         Tokenizer.from_dir(missing)
 
 
-def test_missing_chat_template_error(tiny_dir, tmp_path):
-    (tmp_path / "tokenizer.json").write_bytes(open(os.path.join(tiny_dir, "tokenizer.json"), "rb").read())
+def test_missing_chat_template_error(tokenizer_dir, tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes(open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb").read())
     tok = Tokenizer.from_dir(str(tmp_path))  # no tokenizer_config.json at all
     assert tok.encode("hi") and tok.eos_token_id is None
     with pytest.raises(TokenizerError, match="no chat template"):
@@ -444,9 +426,9 @@ def test_text_parts_render_as_vllm_renders_them_for_the_templates_content_format
     ("tokenizer_config.json", "{bad", "tokenizer_config.json is not valid JSON"),
     ("tokenizer_config.json", "[1, 2]", "must hold a JSON object"),
 ], ids=["tokenizer-json", "config-json", "config-not-object"])
-def test_broken_tokenizer_files_are_one_sentence(tiny_dir, tmp_path, name, text, needle):
+def test_broken_tokenizer_files_are_one_sentence(tokenizer_dir, tmp_path, name, text, needle):
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+        (tmp_path / f).write_bytes(open(os.path.join(tokenizer_dir, f), "rb").read())
     (tmp_path / name).write_text(text)
     with pytest.raises(TokenizerError, match=needle) as e:
         Tokenizer.from_dir(str(tmp_path))
@@ -454,10 +436,10 @@ def test_broken_tokenizer_files_are_one_sentence(tiny_dir, tmp_path, name, text,
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
-def test_unreadable_tokenizer_files_are_one_sentence(tiny_dir, tmp_path, monkeypatch, name):
+def test_unreadable_tokenizer_files_are_one_sentence(tokenizer_dir, tmp_path, monkeypatch, name):
     """Mode 000: tokenizer.json was "not a valid tokenizer file", the other two a PermissionError's trace."""
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+        (tmp_path / f).write_bytes(open(os.path.join(tokenizer_dir, f), "rb").read())
     (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
     make_unreadable(str(tmp_path / name), monkeypatch)
     with pytest.raises(TokenizerError) as e:
@@ -541,24 +523,24 @@ def test_generation_blocks_render_their_body_like_hf(tok, hf_tok):
     assert tok.apply_chat_template(msgs, **kwargs) == hf_tok.apply_chat_template(msgs, tokenize=False, **kwargs)
 
 
-def _ours_and_hf_with_config(tiny_dir, tmp_path, edit):
+def _ours_and_hf_with_config(tokenizer_dir, tmp_path, edit):
     """The tiny tokenizer copied with its tokenizer_config.json changed by edit(config) -> (ours, transformers')."""
     transformers = pytest.importorskip("transformers")
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+        (tmp_path / f).write_bytes(open(os.path.join(tokenizer_dir, f), "rb").read())
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     edit(config)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     return Tokenizer.from_dir(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
 
 
-def test_added_token_only_in_the_config_keeps_its_flags(tiny_dir, tmp_path, hf_tok):
+def test_added_token_only_in_the_config_keeps_its_flags(tokenizer_dir, tmp_path, hf_tok):
     """A token tokenizer_config.json lists but tokenizer.json lacks was added with every flag off: lstrip / rstrip
     left the space beside it a token of its own, and a normalized token did not match its NFD spelling, where
     transformers (which builds it from the config entry) gives one id."""
     n = len(hf_tok)
     off = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False, "special": False}
-    ours, ref = _ours_and_hf_with_config(tiny_dir, tmp_path, lambda config: config["added_tokens_decoder"].update({
+    ours, ref = _ours_and_hf_with_config(tokenizer_dir, tmp_path, lambda config: config["added_tokens_decoder"].update({
         str(n): {**off, "content": "<|mask|>", "lstrip": True, "special": True},
         str(n + 1): {**off, "content": "<|sep|>", "rstrip": True},
         str(n + 2): {**off, "content": "Café", "normalized": True},
@@ -570,10 +552,10 @@ def test_added_token_only_in_the_config_keeps_its_flags(tiny_dir, tmp_path, hf_t
     assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
 
 
-def test_split_special_tokens_from_the_config(tiny_dir, tmp_path):
+def test_split_special_tokens_from_the_config(tokenizer_dir, tmp_path):
     """tokenizer_config.json's split_special_tokens=true: transformers encodes `<|im_start|>` written in the text as
     text; it was ignored, so the text still became the special ids."""
-    ours, ref = _ours_and_hf_with_config(tiny_dir, tmp_path, lambda config: config.update(split_special_tokens=True))
+    ours, ref = _ours_and_hf_with_config(tokenizer_dir, tmp_path, lambda config: config.update(split_special_tokens=True))
     text = "<|im_start|>user\nhi <think>x</think><|im_end|>"
     assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
     assert ours.token_to_id("<|im_start|>") not in ours.encode(text)
@@ -590,11 +572,11 @@ def test_split_special_tokens_from_the_config(tiny_dir, tmp_path):
     ("chat_template", 5),
 ], ids=["eos-int", "pad-no-content", "added-list", "added-no-content", "added-str", "added-key", "template-no-name",
         "template-int"])
-def test_tokenizer_config_field_of_the_wrong_shape_is_one_sentence(tiny_dir, tmp_path, field, value):
+def test_tokenizer_config_field_of_the_wrong_shape_is_one_sentence(tokenizer_dir, tmp_path, field, value):
     """A hand-edited tokenizer_config.json field of another shape was a KeyError / TypeError / AttributeError trace
     (at load, or at the first chat for chat_template)."""
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+        (tmp_path / f).write_bytes(open(os.path.join(tokenizer_dir, f), "rb").read())
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     config[field] = value
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
@@ -613,11 +595,11 @@ def test_tokenizer_config_field_of_the_wrong_shape_is_one_sentence(tiny_dir, tmp
     (lambda c: c["added_tokens_decoder"].update({"521": {"content": "<|mask|>", "normalized": 0}}),
      "added_tokens_decoder['521'].normalized"),
 ], ids=["split-str", "split-int", "split-null", "special-str", "lstrip-str", "normalized-int"])
-def test_tokenizer_config_flag_that_is_not_a_json_bool_is_one_sentence(tiny_dir, tmp_path, edit, field):
+def test_tokenizer_config_flag_that_is_not_a_json_bool_is_one_sentence(tokenizer_dir, tmp_path, edit, field):
     """A flag written "false" (or 0 / 1 / null) went through bool(): split_special_tokens "false" split the special
     tokens, a "false" lstrip stripped; transformers refuses to load such a file (TypeError: not an instance of bool)."""
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+        (tmp_path / f).write_bytes(open(os.path.join(tokenizer_dir, f), "rb").read())
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     edit(config)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
@@ -627,10 +609,10 @@ def test_tokenizer_config_flag_that_is_not_a_json_bool_is_one_sentence(tiny_dir,
     assert "\n" not in str(e.value)
 
 
-def test_chat_template_file_not_utf8_is_named(tiny_dir, tmp_path):
+def test_chat_template_file_not_utf8_is_named(tokenizer_dir, tmp_path):
     """A chat_template.jinja saved as Latin-1 was a bare UnicodeDecodeError naming no file."""
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+        (tmp_path / f).write_bytes(open(os.path.join(tokenizer_dir, f), "rb").read())
     (tmp_path / "chat_template.jinja").write_bytes("caf\xe9 {{ messages[0].content }}".encode("latin-1"))
     with pytest.raises(TokenizerError) as e:
         Tokenizer.from_dir(str(tmp_path))
@@ -645,13 +627,13 @@ MARKED = {"tilde": "\".\u0303'te,:k", "fatha": "'k\u064e'tt(", "hindi": "नम�
                                                      ({"model_type": "qwen3_5_moe"}, "TokenizersBackend"),
                                                      (None, "Qwen3_5Tokenizer")],
                          ids=["qwen3_5-checkpoint", "moe-checkpoint", "qwen3_5-tokenizer-class"])
-def test_qwen35_checkpoint_splits_words_with_marks_as_transformers(tiny_dir, tmp_path, config, tokenizer_class):
+def test_qwen35_checkpoint_splits_words_with_marks_as_transformers(tokenizer_dir, tmp_path, config, tokenizer_class):
     """transformers loads a Qwen3.5 checkpoint's tokenizer as Qwen3_5Tokenizer, which rebuilds the pre-tokenizer with
     Qwen3.5's split (combining marks belong to words) whatever tokenizer.json holds; a tokenizer.json re-saved by
     transformers 5 (and make-tiny's) holds Qwen2's, which cut words at each mark: other ids than HF's and vLLM's."""
     transformers = pytest.importorskip("transformers")
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes(open(os.path.join(tiny_dir, name), "rb").read())
+        (tmp_path / name).write_bytes(open(os.path.join(tokenizer_dir, name), "rb").read())
     if config is not None:
         (tmp_path / "config.json").write_text(json.dumps(config))
     if tokenizer_class is not None:
@@ -673,7 +655,7 @@ def test_a_tokenizer_without_qwen35_config_keeps_its_own_split(tok, hf_tok):
 
 
 @pytest.mark.parametrize("added", [{}, {"<|mask|>": True, "<|sep|>": False}], ids=["as-trained", "config-only-tokens"])
-def test_len_is_the_whole_vocabulary_as_in_transformers(tiny_dir, tmp_path, added):
+def test_len_is_the_whole_vocabulary_as_in_transformers(tokenizer_dir, tmp_path, added):
     """len(tokenizer) is transformers' (and vLLM's) size of the whole vocabulary, added tokens included; it was a
     TypeError. config-only-tokens: tokens tokenizer_config.json adds that tokenizer.json lacks count too."""
     def add(config):
@@ -682,6 +664,6 @@ def test_len_is_the_whole_vocabulary_as_in_transformers(tiny_dir, tmp_path, adde
         for i, (content, special) in enumerate(added.items()):
             config["added_tokens_decoder"][str(n + i)] = {**off, "content": content, "special": special}
 
-    ours, hf = _ours_and_hf_with_config(tiny_dir, tmp_path, add)
+    ours, hf = _ours_and_hf_with_config(tokenizer_dir, tmp_path, add)
     assert len(ours) == len(hf) == ours.vocab_size
     assert len(ours) == 512 + 9 + len(added)  # base + 3 special + 6 chat tokens + the config's own
