@@ -384,8 +384,7 @@ def check_truncation(req: _SamplingRequest, max_model_len: int) -> None:
 
 def truncate(req: _SamplingRequest, ids: list[int], max_model_len: int, max_tokens: int | None) -> list[int]:
     """The prompt's ids as the request's truncate_prompt_tokens leaves them (vLLM's left truncation; -1: as many as
-    leave room for max_tokens, the request's own)."""
-    check_truncation(req, max_model_len)
+    leave room for max_tokens, the request's own). The value was checked first (check_generation_request)."""
     return truncated_prompt(ids, req.truncate_prompt_tokens, max_model_len, max_tokens)
 
 
