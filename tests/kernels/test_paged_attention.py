@@ -233,6 +233,20 @@ def test_decode_partitions_follow_each_context(sizing, triton_ready, monkeypatch
     assert_close(f"sizing {sizing}", ref, out, ATOL_FP32)
 
 
+def test_decode_partition_sizing_rules():
+    """Automatic sizing (132 SMs off CUDA): a grid of at most 16 (sequence, kv head) pairs may cut one-tile
+    partitions, a larger one 128 keys (two tiles at least); at most 64 partitions a pair, 2048 keys each."""
+    from deltaserve.kernels.paged_attention.triton_decode import _decode_partitions
+
+    cpu = torch.device("cpu")
+    assert _decode_partitions(1, 2, 1024, 32, cpu, None) == (32, (64, 32, 2048, 32))  # 2 pairs: 32-key partitions
+    assert _decode_partitions(4, 4, 1024, 64, cpu, None) == (16, (64, 64, 2048, 64))  # 16 pairs, int8's 64-key tile
+    assert _decode_partitions(16, 4, 1024, 32, cpu, None) == (8, (17, 128, 2048, 32))  # 64 pairs: 128 keys
+    assert _decode_partitions(16, 4, 1024, 128, cpu, None)[1][1] == 256  # two tiles of fp8's 128 keys
+    assert _decode_partitions(1, 2, 32768, 32, cpu, None) == (64, (64, 32, 2048, 32))  # the cap: 64 x 512 keys
+    assert _decode_partitions(1, 2, 1024, 32, cpu, 100) == (11, (1, 100, 100, 1))  # a given size
+
+
 # query_lens, context_lens -> (rows the decode kernel takes, query_lens the prefill kernel takes)
 DISPATCH_CASES = {
     "decode": (([1, 1, 1], [5, 19, 2]), (3, None)),

@@ -144,12 +144,21 @@ def _num_sms(device: torch.device) -> int:
 
 
 _PARTITION_LO, _PARTITION_HI = 128, 2048  # keys a decode partition covers under automatic sizing
+_FEW_PAIRS = 16  # up to this many (sequence, kv head) pairs a partition may be as short as one key tile
 _PROGRAMS_PER_SM = 8  # automatic sizing aims the live grid at this many programs per SM
+_MAX_SPREAD = 64  # ... with at most this many partitions a (sequence, kv head): the reduce reads them all
 
 
 def _spread(n: int, hkv: int, device: torch.device) -> int:
-    """Partitions a (sequence, kv head) aims at under automatic sizing: 8 programs per SM over the N * Hkv pairs."""
-    return max(1, triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), n * hkv))
+    """Partitions a (sequence, kv head) aims at under automatic sizing: 8 programs per SM over the N * Hkv pairs, at
+    most _MAX_SPREAD."""
+    return max(1, min(_MAX_SPREAD, triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), n * hkv)))
+
+
+def _partition_lo(n: int, hkv: int, block_n: int) -> int:
+    """The shortest automatic partition: one key tile for a grid of few (sequence, kv head) pairs, else
+    _PARTITION_LO and two key tiles at least (see _decode_partitions)."""
+    return block_n if n * hkv <= _FEW_PAIRS else max(_PARTITION_LO, 2 * block_n)
 
 
 def _decode_partitions(n: int, hkv: int, max_context_len: int, block_n: int, device: torch.device,
@@ -158,17 +167,23 @@ def _decode_partitions(n: int, hkv: int, max_context_len: int, block_n: int, dev
     each sequence's partitions with, on the device, from its own context length (no host sync; a CUDA graph
     captured at a context bound still sizes by the real lengths).
 
-    Automatic: a sequence of c keys splits into ~spread partitions of c / spread keys, clamped to [128 (two key tiles
-    at least), 2048] and rounded to the key tile, so a batch fills the GPU whatever its lengths, a long context is cut
-    into few long partitions (each program fills its load pipeline once) and a short one into short ones. P covers
+    Automatic: a sequence of c keys splits into ~spread partitions of c / spread keys (spread <= 64), clamped to
+    [lo, 2048] and rounded to the key tile, so a batch fills the GPU whatever its lengths, a long context is cut
+    into few long partitions (each program fills its load pipeline once) and a short one into short ones. lo is 128
+    keys (two key tiles at least), or one key tile when the grid has at most 16 (sequence, kv head) pairs. P covers
     max_context_len at the sizes this allows; programs past a sequence's partitions exit at once. The partials cost
     ~G / partition size of the KV bytes. partition_size given: every sequence uses exactly that.
     Measured on an H200 (bench_attention.py, bf16 cache, against the former fixed 512 keys halved to fill the GPU):
     context 32k at batch 64 / 256 2131 -> 2010 / 8517 -> 7855 us, 8k at batch 256 2131 -> 2022 us, 8k at batch 64
-    555 -> 559; 4096-key partitions were slower at batch 16 (629 against 534 us)."""
+    555 -> 559; 4096-key partitions were slower at batch 16 (629 against 534 us).
+    One-tile partitions for few pairs and the 64 cap (H200, 2026-12-01, .peer/probe4.py: CUDA-graph replays over
+    cache copies, 16 q heads, µs before -> after): Hkv 2 batch 1 at 1k 11.2 -> 7.6, at 4k 14.1 -> 13.6, batch 4 at 1k
+    12.7 -> 10.7; Hkv 4 batch 1 at 1k 12.1 -> 8.9, at 32k 69 -> 55; batch 16 and 64 at 1k unchanged; Hkv 2 batch 1
+    at 32k 42 -> 45 (the cap's 512-key partitions), the one case that lost. One-tile partitions for every batch had
+    cost batch 16 at 1k 20.0 -> 22.8 (Hkv 2) and 28.6 -> 31.0 (Hkv 4), hence the pairs bound."""
     if partition_size:
         return max(1, triton.cdiv(max_context_len, partition_size)), (1, partition_size, partition_size, 1)
-    lo = max(_PARTITION_LO, 2 * block_n)
+    lo = _partition_lo(n, hkv, block_n)
     hi = max(_PARTITION_HI, lo)
     spread = _spread(n, hkv, device)
     parts = min(triton.cdiv(max_context_len, lo), max(spread, triton.cdiv(max_context_len, hi)))
@@ -195,7 +210,8 @@ def _decode_tile(kind: int, d: int, n: int, hkv: int, max_context_len: int, devi
     """(block_n, num_warps, num_stages) for a decode launch, from the partition length automatic sizing expects."""
     if d < 256:
         return 64, 4, 3
-    expected = min(max(triton.cdiv(max_context_len, _spread(n, hkv, device)), _PARTITION_LO), _PARTITION_HI)
+    expected = min(max(triton.cdiv(max_context_len, _spread(n, hkv, device)), _partition_lo(n, hkv, 32)),
+                   _PARTITION_HI)
     if expected >= 1024 and kind in _DECODE_TILE_D256_LONG:
         return _DECODE_TILE_D256_LONG[kind]
     return _DECODE_TILE_D256[kind]
