@@ -196,6 +196,9 @@ def _add_serve_parser(sub) -> None:
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="let a request's chat_template field replace the chat template (Jinja from clients, run in "
                         "a sandbox; refused by default, as in vLLM)")
+    g.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                   help="leave a request's tools out of the prompt under tool_choice 'none' (by default the model "
+                        "sees them and any call it writes stays content, as in vLLM)")
     add_engine_args(srv)
     add_generation_config_arg(srv)
     add_chat_template_arg(srv)
@@ -514,6 +517,7 @@ def _serve(args) -> None:
     run_server(_build_llm(args), name, host=args.host, port=args.port, api_key=args.api_key,
                shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
                trust_request_chat_template=args.trust_request_chat_template,
+               exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
                model_root=args.model or DEFAULT_TINY_DIR)  # /v1/models' root: the checkpoint, as vLLM's
 
 

@@ -67,10 +67,10 @@ async def _json_body(request: Request) -> bytes:
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
               metrics: ServerMetrics | None = None, trust_request_chat_template: bool = False,
-              model_root: str | None = None) -> FastAPI:
+              model_root: str | None = None, exclude_tools_when_tool_choice_none: bool = False) -> FastAPI:
     """The ASGI app; its lifespan starts and stops the engine thread. model_root: the checkpoint the model was
     loaded from (/v1/models' `root`; the served name when not given)."""
-    ctx = ServingContext(engine, model_name, trust_request_chat_template)
+    ctx = ServingContext(engine, model_name, trust_request_chat_template, exclude_tools_when_tool_choice_none)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -165,12 +165,14 @@ class _Server(uvicorn.Server):
 
 def run_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                shutdown_timeout: float = 5.0, log_level: str = "info",
-               trust_request_chat_template: bool = False, model_root: str | None = None) -> None:
+               trust_request_chat_template: bool = False, model_root: str | None = None,
+               exclude_tools_when_tool_choice_none: bool = False) -> None:
     """Serve a built `LLM` until SIGTERM/SIGINT; model_root: the checkpoint it was loaded from (see build_app)."""
     metrics = ServerMetrics(model_name)
     engine = AsyncEngine(llm, metrics)
     metrics.attach(engine)
-    app = build_app(engine, model_name, api_key, metrics, trust_request_chat_template, model_root)
+    app = build_app(engine, model_name, api_key, metrics, trust_request_chat_template, model_root,
+                    exclude_tools_when_tool_choice_none)
     # the backstop: uvicorn cancels whatever still runs a little after the engine has aborted it
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=shutdown_timeout + 2)

@@ -23,9 +23,12 @@ _TRUNCATE_CHARS_PER_TOKEN = 64  # the longest text a request that truncates its 
 class ServingContext:
     """The engine and what every handler needs to know about the model it serves."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, trust_request_chat_template: bool = False):
+    def __init__(self, engine: AsyncEngine, model_name: str, trust_request_chat_template: bool = False,
+                 exclude_tools_when_tool_choice_none: bool = False):
         self.engine, self.model_name = engine, model_name
         self.trust_request_chat_template = trust_request_chat_template  # a request's chat_template may replace ours
+        # tool_choice "none" leaves the tools out of the prompt (by default the model sees them, as in vLLM)
+        self.exclude_tools_when_tool_choice_none = exclude_tools_when_tool_choice_none
         self.sampling_defaults = engine.llm.sampling_defaults  # generation_config.json's, for fields a request omits
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len

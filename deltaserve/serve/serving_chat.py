@@ -92,16 +92,28 @@ class Forced:
 
 
 def _tools(req: ChatCompletionRequest) -> list[dict] | None:
-    """The tools to render and parse, after checking tool_choice."""
+    """The request's tools (None without any), after checking tool_choice."""
     choice = req.tool_choice
     if not (choice in (None, "auto", "none", "required") or isinstance(choice, dict)):
         raise APIError(400, f"tool_choice must be 'auto', 'none', 'required' or a named function, got {choice!r}.",
                        "tool_choice")
-    if not req.tools or choice == "none":
+    if not req.tools:
         if choice == "required" or isinstance(choice, dict):
             raise APIError(400, "tool_choice 'required' or a named function needs tools.", "tool_choice")
         return None
     return [t.model_dump(exclude_none=True) for t in req.tools]
+
+
+def _rendered_tools(ctx: ServingContext, req: ChatCompletionRequest, tools: list[dict] | None) -> list[dict] | None:
+    """The tools the chat template shows the model: under tool_choice "none" too (vLLM's default), unless the server
+    was started with --exclude-tools-when-tool-choice-none."""
+    return None if req.tool_choice == "none" and ctx.exclude_tools_when_tool_choice_none else tools
+
+
+def _parsed_tools(req: ChatCompletionRequest, tools: list[dict] | None) -> list[dict] | None:
+    """The tools whose calls are parsed out of the answer: none under tool_choice "none" (a <tool_call> the model
+    writes anyway stays content, as in vLLM)."""
+    return None if req.tool_choice == "none" else tools
 
 
 def _forced(req: ChatCompletionRequest, tools: list[dict] | None) -> Forced | None:
@@ -138,14 +150,14 @@ def _render(ctx: ServingContext, req: ChatCompletionRequest, tools: list[dict] |
 
 def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> str:
     """The conversation rendered with the chat template (and its tools), as the engine will see it."""
-    return _render(ctx, req, _tools(req))
+    return _render(ctx, req, _rendered_tools(ctx, req, _tools(req)))
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request) -> Response:
     ctx.check_generation_request(req)
     ctx.require_tokenizer()
-    tools = _tools(req)
-    prompt = _render(ctx, req, tools)
+    prompt = chat_prompt(ctx, req)
+    tools = _parsed_tools(req, _tools(req))
     ids = ctx.encode(prompt, "messages", req.truncate_prompt_tokens is not None)
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

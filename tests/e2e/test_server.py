@@ -174,7 +174,7 @@ def cli(*args):
 @pytest.mark.parametrize("cmd, flags", [
     ("serve", ["MODEL", "--host", "--port", "--api-key", "--served-model-name", "--shutdown-timeout", "--device",
                "--dtype", "--max-model-len", "--max-num-seqs", "--tp", "--num-kv-blocks", "--enable-prefix-caching",
-               "--chat-template", "--trust-request-chat-template"]),
+               "--chat-template", "--trust-request-chat-template", "--exclude-tools-when-tool-choice-none"]),
     ("chat", ["MODEL", "--hide-thinking", "--no-thinking", "--system", "--max-tokens", "--temperature", "--device",
               "--chat-template"]),
 ], ids=["serve", "chat"])
@@ -960,7 +960,7 @@ def test_top_logprobs_zero_without_logprobs_asks_for_nothing(server, logprobs):
 
 
 def test_tokenize_renders_messages_as_chat_does(server, client):
-    """/tokenize with tool_choice "none" (the tools leave the prompt) or continue_final_message counts the prompt
+    """/tokenize with tool_choice "none" (the tools stay in the prompt) or continue_final_message counts the prompt
     chat completions would run: its usage agrees."""
     auth = {"Authorization": f"Bearer {API_KEY}"}
     cont = user("Say hi") + [{"role": "assistant", "content": "Hello"}]
@@ -973,9 +973,35 @@ def test_tokenize_renders_messages_as_chat_does(server, client):
 
 
 def test_tool_choice_none_leaves_text(client):
-    res = client.chat.completions.create(model=MODEL, messages=user("FORCE_XML_TOOL weather?"), tools=TOOLS,
-                                         tool_choice="none", max_tokens=80)
+    """tool_choice "none" renders the tools (vLLM's default: the prompt is tool_choice auto's) but parses no call:
+    a <tool_call> the model writes stays content, and the answer ends with "stop", streamed or not."""
+    ask = {"model": MODEL, "messages": user("FORCE_XML_TOOL weather?"), "tools": TOOLS}
+    res = client.chat.completions.create(**ask, tool_choice="none", max_tokens=80)
+    auto = client.chat.completions.create(**ask, tool_choice="auto", max_tokens=1)
+    bare = client.chat.completions.create(model=MODEL, messages=ask["messages"], max_tokens=1)
+    assert res.usage.prompt_tokens == auto.usage.prompt_tokens > bare.usage.prompt_tokens, (res.usage, bare.usage)
     assert res.choices[0].message.tool_calls is None and "<function=get_weather>" in res.choices[0].message.content
+    assert res.choices[0].finish_reason == "stop"
+    content, _, calls, finish, _, _ = stream_chat(client, **{k: v for k, v in ask.items() if k != "model"},
+                                                  tool_choice="none", max_tokens=80)
+    assert content == res.choices[0].message.content and calls == {} and finish == "stop"
+
+
+def test_exclude_tools_when_tool_choice_none_flag(model_dir, tmp_path):
+    """`--exclude-tools-when-tool-choice-none` (vLLM's flag): tool_choice "none" leaves the tools out of the prompt,
+    in chat and /tokenize; "auto" still renders them."""
+    srv = Server(model_dir, tmp_path, "--exclude-tools-when-tool-choice-none")
+    try:
+        counts = {}
+        for name, extra in {"none": {"tools": TOOLS, "tool_choice": "none"}, "bare": {},
+                            "auto": {"tools": TOOLS, "tool_choice": "auto"}}.items():
+            got, res = http(srv.url + "/v1/chat/completions", chat_body(max_tokens=1, **extra))
+            got_tok, tok = http(srv.url + "/tokenize", {"messages": user("hi"), **extra})
+            assert got == got_tok == 200 and res["usage"]["prompt_tokens"] == tok["count"], (name, res, tok)
+            counts[name] = tok["count"]
+        assert counts["none"] == counts["bare"] < counts["auto"], counts
+    finally:
+        srv.stop()
 
 
 def chat_body(**kw):

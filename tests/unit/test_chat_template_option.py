@@ -71,10 +71,11 @@ def test_cli_flag_file_that_cannot_be_read_is_one_sentence(tiny, tmp_path, capsy
     assert err == [f"error: {flag} file {path} {needle}"], err
 
 
-def context(tiny, trusted: bool) -> ServingContext:
+def context(tiny, trusted: bool, exclude_tools: bool = False) -> ServingContext:
     llm = build(tiny)
     engine = SimpleNamespace(llm=llm, tokenizer=llm.tokenizer, max_model_len=llm.max_model_len)
-    return ServingContext(engine, "m", trust_request_chat_template=trusted)
+    return ServingContext(engine, "m", trust_request_chat_template=trusted,
+                          exclude_tools_when_tool_choice_none=exclude_tools)
 
 
 def test_request_chat_template_needs_the_servers_trust(tiny):
@@ -147,3 +148,24 @@ def test_cli_template_that_fails_while_rendering_is_one_line(tiny, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: The chat template") and needle in err[0], err
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather forecast for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("exclude", [False, True], ids=["default", "exclude-tools-flag"])
+def test_tool_choice_none_renders_the_tools_unless_the_server_excludes_them(tiny, exclude):
+    """tool_choice "none" left the tools out of the prompt; vLLM renders them (the model sees them, no call is
+    parsed) and leaves them out only under --exclude-tools-when-tool-choice-none. /tokenize renders as chat does."""
+    ctx = context(tiny, trusted=False, exclude_tools=exclude)
+
+    def prompt(**fields):
+        return chat_prompt(ctx, ChatCompletionRequest(model="m", messages=HELLO, **fields))
+
+    none = prompt(tools=TOOLS, tool_choice="none")
+    assert none == (prompt() if exclude else prompt(tools=TOOLS, tool_choice="auto"))
+    assert ("get_weather" in none) is not exclude, none
+    ids = tokenize(ctx, TokenizeRequest(messages=HELLO, tools=TOOLS, tool_choice="none"))["tokens"]
+    assert ctx.tokenizer.decode(ids, skip_special_tokens=False) == none
