@@ -197,7 +197,7 @@ class ModelConfig:
         raw = _read_json(cfg_path)
         gen = _read_generation_config(path)
         cfg = cls.from_dict(raw, gen, source=cfg_path)
-        if _config_dtype(raw) is None:
+        if _config_dtype(raw, cfg_path) is None:
             cfg = dataclasses.replace(cfg, torch_dtype=_missing_dtype(path, cfg_path))
         return cfg
 
@@ -263,7 +263,8 @@ class ModelConfig:
             eos_token_ids=_eos_ids(text, raw, generation_config or {}, source),
             sampling_defaults=_sampling_defaults(generation_config or {}, source),
             state_dtype=str(text.get("mamba_ssm_dtype", raw.get("mamba_ssm_dtype", "float32"))),
-            torch_dtype=_config_dtype(raw) or "float32",  # from_hf_dir: the weights' dtype where config.json has none
+            # from_hf_dir: the weights' dtype where config.json names none
+            torch_dtype=_config_dtype(raw, source) or "float32",
             quantization=_quantization(raw, text, source),
         )
         cfg._validate(source)
@@ -300,12 +301,27 @@ class ModelConfig:
              f"'mamba_ssm_dtype' must be float32, bfloat16 or float16, got {self.state_dtype!r}.")
 
 
-def _config_dtype(raw: dict) -> str | None:
+# config.json's dtype -> ours: torch's names for the dtypes deltaserve runs (transformers reads the value as
+# getattr(torch, value), so "half" and "float" are spellings too; "fp16" is not a torch name)
+_CONFIG_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
+                  "half": "float16"}
+
+
+def _config_dtype(raw: dict, source: str) -> str | None:
     """The checkpoint dtype config.json names, text_config's first; `torch_dtype`, the older name, read (as
-    transformers does) wherever `dtype` is absent. None: it names none."""
+    transformers does) wherever `dtype` is absent. None: it names none. A value that names no dtype deltaserve runs
+    is refused (it was taken as bfloat16 without a word)."""
     text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
-    dtype = text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype")
-    return str(dtype) if dtype else None
+    for fields in (text, raw):
+        for key in ("dtype", "torch_dtype"):
+            value = fields.get(key)
+            if value and not (isinstance(value, str) and value in _CONFIG_DTYPES):
+                name = key if fields is raw else f"text_config.{key}"
+                raise ConfigError(f"{source}: '{name}' is {value!r}, not a dtype deltaserve runs; set it to "
+                                  f"'bfloat16', 'float16' or 'float32' (torch's names, 'half' and 'float' too).")
+            if value:
+                return _CONFIG_DTYPES[value]
+    return None
 
 
 # safetensors header dtype -> ours; integer and FP8 tensors (packed int4 weights, zero points, FP8 weights) say

@@ -695,7 +695,7 @@ def _resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.dev
     if dtype == "auto":
         if device.type == "cpu":
             return torch.float32
-        return torch.bfloat16 if cfg.torch_dtype == "float32" else DTYPES.get(cfg.torch_dtype, torch.bfloat16)
+        return torch.bfloat16 if cfg.torch_dtype == "float32" else DTYPES[cfg.torch_dtype]
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
     if device.type == "cuda" and dtype == "float32":

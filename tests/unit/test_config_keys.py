@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from test_config import assert_one_sentence, parse, raw_config, text_fields
 from test_quantized import GROUP, write_ct
 
-from deltaserve import LLM, SamplingParams
+from deltaserve import LLM, SamplingParams, cli
 from deltaserve.config import ConfigError, ModelConfig
 from deltaserve.llm import _resolve_dtype
 from deltaserve.models.weights import WeightsError
@@ -153,3 +153,48 @@ def test_dequantized_twin_drops_every_quantization_key(source, tmp_path, to_text
     for where in (raw, raw.get("text_config", {})):
         assert "compression_config" not in where and "quantization_config" not in where
     assert ModelConfig.from_hf_dir(twin).quantization is None
+
+
+# ---- config.json's dtype, as torch names it ----
+
+SPELLINGS = {"float16": "float16", "half": "float16", "bfloat16": "bfloat16", "float32": "float32", "float": "float32"}
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+@pytest.mark.parametrize("value, want", SPELLINGS.items(), ids=SPELLINGS.keys())
+def test_config_dtype_takes_torchs_names(key, value, want):
+    """transformers reads the value as getattr(torch, value), so "half" and "float" are float16 and float32; an
+    unknown string was taken as bfloat16 (a "half" checkpoint ran in bfloat16 on CUDA under dtype='auto')."""
+    text = {k: v for k, v in text_fields().items() if k != "dtype"}
+    cfg = parse(raw_config("Qwen3_5ForConditionalGeneration", {**text, key: value}))
+    assert cfg.torch_dtype == want
+    auto_cuda = torch.bfloat16 if want == "float32" else getattr(torch, want)
+    assert _resolve_dtype("auto", cfg, torch.device("cuda")) == auto_cuda
+
+
+BAD_DTYPES = {"fp16": "fp16", "float64": "float64", "case": "Float16", "auto": "auto", "not_a_string": 16}
+
+
+@pytest.mark.parametrize("arch, name", [("Qwen3_5ForConditionalGeneration", "text_config.dtype"),
+                                        ("Qwen3_5ForCausalLM", "dtype")], ids=["text_config", "flat"])
+@pytest.mark.parametrize("value", BAD_DTYPES.values(), ids=BAD_DTYPES.keys())
+def test_unknown_config_dtype_is_named(arch, name, value):
+    with pytest.raises(ConfigError) as e:
+        parse(raw_config(arch, text_fields(dtype=value)))
+    assert_one_sentence(str(e.value), f"'{name}' is {value!r}", "'bfloat16', 'float16' or 'float32'")
+
+
+def test_unknown_config_dtype_is_one_cli_line(source, tmp_path, capsys):
+    """At load, before any weight is read: config.json's path and value in one `error:` line."""
+    path = shutil.copytree(source, tmp_path / "m")
+    file = os.path.join(path, "config.json")
+    with open(file) as f:
+        raw = json.load(f)
+    raw["text_config"]["dtype"] = "fp16"
+    with open(file, "w") as f:
+        json.dump(raw, f)
+    argv = ["generate", "--prompt", "x", "--model", str(path), "--device", "cpu", "--max-model-len", "64"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {file}: 'text_config.dtype' is 'fp16', not a dtype deltaserve runs; set it to "
+                   f"'bfloat16', 'float16' or 'float32' (torch's names, 'half' and 'float' too)."], err
