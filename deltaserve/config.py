@@ -290,7 +290,8 @@ class ModelConfig:
              f"'linear_num_value_heads' ({self.linear_num_value_heads}) must be a multiple of "
              f"'linear_num_key_heads' ({self.linear_num_key_heads}).")
         need(self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim,
-             f"head_dim * partial_rotary_factor must be an even number of dims in (0, head_dim], got {self.rotary_dim}.")
+             f"head_dim * partial_rotary_factor must be an even number of dims in (0, head_dim], "
+             f"got {self.rotary_dim}.")
         if self.is_moe:
             need(0 < self.num_experts_per_tok <= self.num_experts,
                  f"'num_experts_per_tok' ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts}).")
@@ -301,10 +302,11 @@ class ModelConfig:
              f"'mamba_ssm_dtype' must be float32, bfloat16 or float16, got {self.state_dtype!r}.")
 
 
-# config.json's dtype -> ours: torch's names for the dtypes deltaserve runs (transformers reads the value as
-# getattr(torch, value), so "half" and "float" are spellings too; "fp16" is not a torch name)
-_CONFIG_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
-                  "half": "float16"}
+# config.json's dtype -> ours: torch's names for the float dtypes (transformers reads the value as
+# getattr(torch, value), so "half" and "float" are spellings too; "fp16" is not a torch name). A float64 checkpoint
+# counts as a full-precision one, as float32 does: dtype="auto" runs it in float32 on CPU, bfloat16 on CUDA.
+_CONFIG_DTYPES = {"float32": "float32", "float": "float32", "float64": "float32", "double": "float32",
+                  "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
 
 
 def _config_dtype(raw: dict, source: str) -> str | None:
@@ -318,7 +320,8 @@ def _config_dtype(raw: dict, source: str) -> str | None:
             if value and not (isinstance(value, str) and value in _CONFIG_DTYPES):
                 name = key if fields is raw else f"text_config.{key}"
                 raise ConfigError(f"{source}: '{name}' is {value!r}, not a dtype deltaserve runs; set it to "
-                                  f"'bfloat16', 'float16' or 'float32' (torch's names, 'half' and 'float' too).")
+                                  f"'bfloat16', 'float16' or 'float32' (torch's names, 'half', 'float' and "
+                                  f"'float64' too).")
             if value:
                 return _CONFIG_DTYPES[value]
     return None

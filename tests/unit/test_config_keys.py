@@ -157,7 +157,8 @@ def test_dequantized_twin_drops_every_quantization_key(source, tmp_path, to_text
 
 # ---- config.json's dtype, as torch names it ----
 
-SPELLINGS = {"float16": "float16", "half": "float16", "bfloat16": "bfloat16", "float32": "float32", "float": "float32"}
+SPELLINGS = {"float16": "float16", "half": "float16", "bfloat16": "bfloat16", "float32": "float32", "float": "float32",
+             "float64": "float32", "double": "float32"}
 
 
 @pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
@@ -172,7 +173,7 @@ def test_config_dtype_takes_torchs_names(key, value, want):
     assert _resolve_dtype("auto", cfg, torch.device("cuda")) == auto_cuda
 
 
-BAD_DTYPES = {"fp16": "fp16", "float64": "float64", "case": "Float16", "auto": "auto", "not_a_string": 16}
+BAD_DTYPES = {"fp16": "fp16", "int8": "int8", "case": "Float16", "auto": "auto", "not_a_string": 16}
 
 
 @pytest.mark.parametrize("arch, name", [("Qwen3_5ForConditionalGeneration", "text_config.dtype"),
@@ -197,4 +198,4 @@ def test_unknown_config_dtype_is_one_cli_line(source, tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {file}: 'text_config.dtype' is 'fp16', not a dtype deltaserve runs; set it to "
-                   f"'bfloat16', 'float16' or 'float32' (torch's names, 'half' and 'float' too)."], err
+                   f"'bfloat16', 'float16' or 'float32' (torch's names, 'half', 'float' and 'float64' too)."], err
