@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 from dataclasses import InitVar, dataclass, field
 
 _GREEDY_EPS = 1e-5  # temperatures below this are treated as 0 (greedy), as in vLLM
@@ -38,6 +39,19 @@ def _is_number(x) -> bool:
 
 def _is_finite(x) -> bool:
     return _is_number(x) and math.isfinite(x)
+
+
+def _plain(x):
+    """A numpy (or other numbers ABC) integer as an int and real as a float; anything else unchanged. Such scalars
+    (`seed=rng.integers(...)`, a sweep's np.float32 temperature) were refused as "must be an integer, got 3"."""
+    if type(x) in (int, float) or isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return x
+    return int(x) if isinstance(x, numbers.Integral) else float(x)
+
+
+_NUMBER_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed", "logprobs",
+                  "prompt_logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                  "truncate_prompt_tokens")
 
 
 @dataclass(frozen=True)
@@ -131,6 +145,8 @@ class SamplingParams:
     def check(self) -> None:
         """Normalise and validate every field (ValueError, one sentence). Runs at construction and again when a
         request is added: a field set after construction (`params.n = 0`) used to fail deep inside the engine."""
+        for name in _NUMBER_FIELDS:
+            setattr(self, name, _plain(getattr(self, name)))
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
@@ -148,9 +164,11 @@ class SamplingParams:
             self.stop_token_ids = []
         if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):  # vLLM takes any collection
             raise ValueError(f"stop_token_ids must be a list of integers >= 0, got {self.stop_token_ids!r}.")
-        self.stop_token_ids = list(self.stop_token_ids)
-        if isinstance(self.allowed_token_ids, tuple):
-            self.allowed_token_ids = list(self.allowed_token_ids)
+        self.stop_token_ids = [_plain(t) for t in self.stop_token_ids]
+        if isinstance(self.allowed_token_ids, (list, tuple)):
+            self.allowed_token_ids = [_plain(t) for t in self.allowed_token_ids]
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = {_plain(t): _plain(b) for t, b in self.logit_bias.items()}
         if isinstance(self.bad_words, (str, tuple)):
             self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
         self._validate()

@@ -1,4 +1,5 @@
 """Sampler and SamplingParams: validation, greedy, top-k/p, min-p, penalties, seeding, logprobs, temperature."""
+import numpy as np
 import pytest
 import torch
 
@@ -101,6 +102,23 @@ def test_params_defaults_and_normalisation():
     assert SamplingParams(stop_token_ids=(5, 3, 5)).stop_token_ids == [5, 3]
     with pytest.raises(ValueError, match="^stop_token_ids must be"):
         SamplingParams(stop_token_ids={-1})
+
+
+def test_numpy_scalars_are_taken_as_plain_numbers():
+    """vLLM takes numpy scalars (`seed=rng.integers(1000)`, a sweep's np.float32 temperature): they were refused in a
+    sentence contradicting them ("seed must be ... an integer, got np.int64(3)"); now read as Python ints / floats."""
+    p = SamplingParams(n=np.int64(2), temperature=np.float32(0.5), top_p=np.float32(0.9), top_k=np.int32(5),
+                       max_tokens=np.int64(7), min_tokens=np.int64(1), seed=np.random.default_rng(0).integers(1000),
+                       logprobs=np.int64(2), repetition_penalty=np.float32(1.1), stop_token_ids=[np.int64(3)],
+                       allowed_token_ids=[np.int64(4)], logit_bias={np.int64(5): np.float32(1.5)})
+    values = (p.n, p.top_k, p.max_tokens, p.min_tokens, p.seed, p.logprobs, *p.stop_token_ids, *p.allowed_token_ids)
+    assert all(type(v) is int for v in values) and (p.n, p.top_k, p.max_tokens, p.stop_token_ids) == (2, 5, 7, [3])
+    assert all(type(v) is float for v in (p.temperature, p.top_p, p.repetition_penalty)) and p.temperature == 0.5
+    assert p.logit_bias == {5: 1.5} and p.allowed_token_ids == [4]
+    with pytest.raises(ValueError, match="^top_k must be"):  # still checked after the conversion
+        SamplingParams(top_k=np.int64(-2))
+    with pytest.raises(ValueError, match="^ignore_eos must be"):  # a numpy bool is not a number here
+        SamplingParams(ignore_eos=np.int64(1))
 
 
 # ---------------------------------------------------------------- greedy / top-k
