@@ -621,6 +621,9 @@ def _normalise_prompts(prompts) -> list:
                                  f"{', '.join(map(repr, extra))} is not supported")
             if "prompt" not in p and "prompt_token_ids" not in p:
                 raise ValueError("a prompt dict takes one of 'prompt' (a string) or 'prompt_token_ids' (a list of ids)")
+            ids = p.get("prompt_token_ids")
+            if isinstance(ids, tuple) or getattr(ids, "ndim", None) == 1:  # a tuple, a 1-D numpy / torch array
+                p = {**p, "prompt_token_ids": ids.tolist() if hasattr(ids, "tolist") else list(ids)}
             # with both, vLLM's TokensPrompt: the ids run, the text is reported as the prompt
             p = p["prompt"] if "prompt_token_ids" not in p and isinstance(p["prompt"], str) else p
         if not isinstance(p, str) and not (isinstance(p, dict) and isinstance(p.get("prompt_token_ids"), list)

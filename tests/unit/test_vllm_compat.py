@@ -5,6 +5,7 @@ import gc
 import os
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -286,6 +287,17 @@ def test_a_tokens_prompt_may_carry_its_text(llm):
         llm.generate([{"prompt_token_ids": ids, "prompt": 5}], greedy(), use_tqdm=False)
     with pytest.raises(ValueError, match="^a prompt dict takes one of"):
         llm.generate([{}], greedy(), use_tqdm=False)
+
+
+@pytest.mark.parametrize("kind", [tuple, np.array, torch.tensor], ids=["tuple", "numpy", "torch"])
+def test_token_ids_may_come_as_a_tuple_or_an_array(llm, kind):
+    """prompt_token_ids given as a tuple or a 1-D numpy / torch array (straight from a tokenizer's tensors) was refused
+    as "each prompt must be a string, ... or {'prompt_token_ids': [...]}", which it was; now read as its list."""
+    ids = llm.get_tokenizer().encode("hi there")
+    ref = llm.generate({"prompt_token_ids": ids}, greedy(), use_tqdm=False)[0]
+    out = llm.generate([{"prompt_token_ids": kind(ids)}], greedy(), use_tqdm=False)[0]
+    assert out.prompt_token_ids == ids and type(out.prompt_token_ids[0]) is int
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids
 
 
 def test_len_of_get_tokenizer_is_transformers_len(llm, path):
