@@ -48,6 +48,10 @@ class _Printer:
         self.out.flush()
 
 
+class TooLong(ValueError):
+    """The conversation with the new message does not fit max_model_len; the message is not sent."""
+
+
 class ChatSession:
     """llm: a built LLM with a chat template; params: sampling for every answer (n must be 1)."""
 
@@ -79,10 +83,14 @@ class ChatSession:
             self.out.write("(stopped)\n")
             self.history.pop()
             return None
-        except ValueError as e:  # e.g. the conversation outgrew max_model_len
+        except TooLong as e:  # refused before anything ran: nothing was printed for this turn
+            self.history.pop()
+            self._error(str(e))
+            return None
+        except ValueError as e:  # e.g. text that is not valid Unicode
             printer.close()
             self.history.pop()
-            self._error(f"{e} (/reset starts over)")
+            self._error(str(e))
             return None
         except EngineDeadError:  # nothing can run any more: the command ends with this error
             printer.close()
@@ -97,6 +105,14 @@ class ChatSession:
         self.history.append({"role": "assistant", "content": answer})
         return answer
 
+    def _too_long(self, n: int) -> str:
+        limit = f"the context limit (--max-model-len) is {self.llm.max_model_len} tokens"
+        if len(self.history) > 1 + bool(self.system):  # earlier turns: starting over makes room
+            return (f"this message was not sent: with it the conversation is {n} tokens and {limit}; /reset starts "
+                    "over, or restart the chat with a larger --max-model-len")
+        return (f"this message was not sent: it is {n} tokens with the chat template and {limit}; shorten it, or "
+                "restart the chat with a larger --max-model-len")
+
     def _error(self, message: str) -> None:
         self.err.write(f"error: {message}\n")
         self.err.flush()
@@ -104,8 +120,11 @@ class ChatSession:
     def _stream(self, printer: _Printer, content: list[str]) -> None:
         kwargs = {} if self.enable_thinking else {"enable_thinking": False}
         prompt = self.llm.tokenizer.apply_chat_template(self.history, add_generation_prompt=True, **kwargs)
+        ids = self.llm.tokenizer.encode(prompt)
+        if len(ids) >= self.llm.max_model_len:  # the engine's refusal speaks of a prompt, not of this conversation
+            raise TooLong(self._too_long(len(ids)))
         parser = ReasoningParser(prompt_opens_thinking(prompt), enabled=self.enable_thinking)
-        stream = self.llm.generate_stream(prompt, self.params)
+        stream = self.llm.generate_stream({"prompt_token_ids": ids, "prompt": prompt}, self.params)
         try:
             for out in stream:
                 c = out.outputs[0]

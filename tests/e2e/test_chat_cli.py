@@ -163,3 +163,26 @@ def test_chat_survives_a_failed_engine_step(model_dir):
     assert res.returncode == 0 and "Traceback" not in err, err
     assert "error: this answer failed (RuntimeError: injected failure)" in err and "error:" not in out, (out, err)
     assert "I remember you." in out, out  # the next line was answered, the first answer still in the history
+
+
+def test_chat_refuses_a_message_beyond_max_model_len_in_one_sentence(model_dir):
+    """A message, or a conversation grown over turns, longer than --max-model-len: that message is refused in one
+    sentence naming the flag (and /reset only when there are earlier turns to drop), the chat goes on. The engine's
+    "the prompt has N tokens ... raise max_model_len (/reset starts over)" offered /reset for a first message."""
+    import subprocess
+
+    rules = [{"contains": ["grow"], "output": "word " * 15}, *RULES]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DELTASERVE_TEST_FORCED_OUTPUTS": json.dumps(rules)}
+    lines = ["story " * 200, *(f"grow {i}" for i in range(8)), "/reset", "again", "/exit"]
+    res = subprocess.run([sys.executable, "-m", "deltaserve.cli", "chat", str(model_dir), "--device", "cpu",
+                          "--max-model-len", "128", "--max-tokens", "40"], input="\n".join(lines).encode() + b"\n",
+                         capture_output=True, env=env, timeout=300)
+    out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
+    assert res.returncode == 0 and "Traceback" not in err, err
+    errors = [e for e in err.splitlines() if e.startswith("error:")]
+    assert len(errors) >= 2, err
+    first, grown = errors[0], errors[-1]
+    assert first.startswith("error: this message was not sent: it is ") and "--max-model-len" in first, first
+    assert "/reset" not in first, first  # nothing to drop yet: only a shorter message or a larger limit helps
+    assert "the conversation is" in grown and "/reset starts over" in grown and "--max-model-len" in grown, grown
+    assert out.count("word word") >= 2 and "Nice to meet you." in out, out  # turns that fit, and after /reset
