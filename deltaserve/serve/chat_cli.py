@@ -153,6 +153,11 @@ def run(session: ChatSession, banner: str, stdin: TextIO = sys.stdin) -> int:
     # raised out of input() and lost the rest of its buffer with the failing chunk
     if hasattr(stdin, "reconfigure"):
         stdin.reconfigure(errors="surrogateescape")
+    # a character the terminal's encoding lacks (an emoji on a latin-1 terminal) is shown as "?"; strict, it raised
+    # mid-answer and the whole turn was dropped
+    for stream in (out, session.err):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     out.write(f"{banner}\n{HELP}\n")
     while True:
         try:

@@ -186,3 +186,20 @@ def test_chat_refuses_a_message_beyond_max_model_len_in_one_sentence(model_dir):
     assert "/reset" not in first, first  # nothing to drop yet: only a shorter message or a larger limit helps
     assert "the conversation is" in grown and "/reset starts over" in grown and "--max-model-len" in grown, grown
     assert out.count("word word") >= 2 and "Nice to meet you." in out, out  # turns that fit, and after /reset
+
+
+def test_chat_shows_an_answer_the_terminal_cannot_encode(model_dir):
+    """An answer with characters the output's encoding lacks (é and an emoji on an ASCII terminal): shown with "?"
+    for them. A strict stdout raised UnicodeEncodeError mid-answer, the turn was dropped from the conversation and
+    an error line told the user to /reset."""
+    import subprocess
+
+    rules = [{"contains": ["FIRST"], "output": "caf\u00e9 \U0001f600 ok"}]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DELTASERVE_TEST_FORCED_OUTPUTS": json.dumps(rules),
+           "PYTHONIOENCODING": "ascii"}
+    res = subprocess.run([sys.executable, "-m", "deltaserve.cli", "chat", str(model_dir), "--device", "cpu",
+                          "--max-model-len", "1024", "--max-tokens", "20"], input=b"hi FIRST\n/exit\n",
+                         capture_output=True, env=env, timeout=300)
+    out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
+    assert res.returncode == 0 and "Traceback" not in err and "error:" not in err, err
+    assert "caf? ? ok" in out, out
