@@ -77,7 +77,7 @@ class ChatSession:
         printer = _Printer(self.out, *self.printer_args)
         content: list[str] = []
         try:
-            self._stream(printer, content)
+            cut = self._stream(printer, content)
         except KeyboardInterrupt:
             printer.close()
             self.out.write("(stopped)\n")
@@ -101,6 +101,8 @@ class ChatSession:
             self._error(f"this answer failed ({type(e).__name__}: {e}); the conversation goes on")
             return None
         printer.close()
+        if cut:  # else an answer cut short (or, hidden thinking cut, no answer at all) looks like a finished one
+            self.out.write(f"{cut}\n")
         answer = "".join(content)
         self.history.append({"role": "assistant", "content": answer})
         return answer
@@ -117,7 +119,8 @@ class ChatSession:
         self.err.write(f"error: {message}\n")
         self.err.flush()
 
-    def _stream(self, printer: _Printer, content: list[str]) -> None:
+    def _stream(self, printer: _Printer, content: list[str]) -> str | None:
+        """-> a note to show when the answer was cut by a length limit, else None."""
         kwargs = {} if self.enable_thinking else {"enable_thinking": False}
         prompt = self.llm.tokenizer.apply_chat_template(self.history, add_generation_prompt=True, **kwargs)
         ids = self.llm.tokenizer.encode(prompt)
@@ -125,6 +128,7 @@ class ChatSession:
             raise TooLong(self._too_long(len(ids)))
         parser = ReasoningParser(prompt_opens_thinking(prompt), enabled=self.enable_thinking)
         stream = self.llm.generate_stream({"prompt_token_ids": ids, "prompt": prompt}, self.params)
+        c = None
         try:
             for out in stream:
                 c = out.outputs[0]
@@ -136,6 +140,12 @@ class ChatSession:
                 content.append(split.content)
         finally:
             stream.close()  # on Ctrl-C: aborts the request, freeing its KV blocks and state slot
+        if c is None or c.finish_reason != "length":
+            return None
+        if len(ids) + len(c.token_ids) >= self.llm.max_model_len:
+            return (f"(answer cut: the conversation reached the context limit, --max-model-len "
+                    f"{self.llm.max_model_len}; /reset starts over)")
+        return f"(answer cut at --max-tokens {len(c.token_ids)})"
 
 
 def run(session: ChatSession, banner: str, stdin: TextIO = sys.stdin) -> int:

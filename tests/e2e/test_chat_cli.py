@@ -203,3 +203,22 @@ def test_chat_shows_an_answer_the_terminal_cannot_encode(model_dir):
     out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
     assert res.returncode == 0 and "Traceback" not in err and "error:" not in err, err
     assert "caf? ? ok" in out, out
+
+
+@pytest.mark.parametrize("flags,note", [
+    (["--max-model-len", "1024", "--max-tokens", "8"], "(answer cut at --max-tokens 8)"),
+    (["--max-model-len", "40", "--max-tokens", "100"],
+     "(answer cut: the conversation reached the context limit, --max-model-len 40; /reset starts over)"),
+], ids=["max-tokens", "max-model-len"])
+def test_chat_says_when_an_answer_was_cut(model_dir, flags, note):
+    """An answer stopped by --max-tokens or by the context limit gets a note; it used to end as if finished (with
+    --hide-thinking and the cut inside the reasoning: an empty answer and no word why)."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "DELTASERVE_TEST_FORCED_OUTPUTS": json.dumps([{"contains": ["CUT"], "output": "word " * 100}])}
+    res = subprocess.run([sys.executable, "-m", "deltaserve.cli", "chat", str(model_dir), "--device", "cpu", *flags],
+                         input=b"CUT\n/exit\n", capture_output=True, env=env, timeout=300)
+    out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
+    assert res.returncode == 0 and "Traceback" not in err, err
+    assert "word word" in out and note in out, out
