@@ -80,7 +80,7 @@ class ChatSession:
             cut = self._stream(printer, content)
         except KeyboardInterrupt:
             printer.close()
-            self.out.write("(stopped)\n")
+            self.out.write("(stopped: this message and its answer are left out of the conversation)\n")
             self.history.pop()
             return None
         except TooLong as e:  # refused before anything ran: nothing was printed for this turn

@@ -103,7 +103,9 @@ def test_chat_multiturn_reset_interrupt_exit(model_dir):
         chat.read_until("word word word")
         chat.send("\x03")  # Ctrl-C stops the answer, not the program
         out, _ = chat.read_until(">>> ")
-        assert "(stopped)" in out and out.count("word") < 500
+        # the stop says what became of the exchange: "(stopped)" alone left the user to guess it was dropped
+        assert "(stopped: this message and its answer are left out of the conversation)" in out
+        assert out.count("word") < 500
         chat.send("/exit\r")
         assert chat.wait() == 0
     finally:
