@@ -42,8 +42,11 @@ def _is_finite(x) -> bool:
 
 
 def _plain(x):
-    """A numpy (or other numbers ABC) integer as an int and real as a float; anything else unchanged. Such scalars
-    (`seed=rng.integers(...)`, a sweep's np.float32 temperature) were refused as "must be an integer, got 3"."""
+    """A numpy (or other numbers ABC) integer as an int and real as a float, and a 0-d numpy array or torch tensor as
+    its Python number; anything else unchanged. Such scalars (`seed=rng.integers(...)`, a sweep's np.float32
+    temperature, `temperature=torch.tensor(0.7)`) were refused as "must be an integer, got 3"."""
+    if getattr(x, "ndim", None) == 0 and callable(getattr(x, "item", None)) and not isinstance(x, numbers.Number):
+        x = x.item()  # a 0-d array / tensor: its int, float or bool (a bool stays one, and is refused as a number)
     if type(x) in (int, float) or isinstance(x, bool) or not isinstance(x, numbers.Real):
         return x
     return int(x) if isinstance(x, numbers.Integral) else float(x)

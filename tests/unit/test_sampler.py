@@ -121,6 +121,23 @@ def test_numpy_scalars_are_taken_as_plain_numbers():
         SamplingParams(ignore_eos=np.int64(1))
 
 
+def test_zero_dim_arrays_and_tensors_are_taken_as_plain_numbers():
+    """A 0-d torch tensor or numpy array (`temperature=torch.tensor(0.7)`, a value out of a tensor sweep) was refused as
+    "temperature must be in [0, 2] ..., got tensor(0.7000)", which it is; now read as its Python number."""
+    p = SamplingParams(temperature=torch.tensor(0.5), top_p=np.array(0.9), max_tokens=torch.tensor(7),
+                       seed=np.array(3), stop_token_ids=list(torch.tensor([5, 6])),
+                       logit_bias={torch.tensor(4): np.array(2.0)})
+    assert type(p.temperature) is float and p.temperature == 0.5 and type(p.top_p) is float
+    assert (p.max_tokens, p.seed, p.stop_token_ids, p.logit_bias) == (7, 3, [5, 6], {4: 2.0})
+    assert all(type(v) is int for v in (p.max_tokens, p.seed, *p.stop_token_ids))
+    with pytest.raises(ValueError, match="^temperature must be in"):  # still checked after the conversion
+        SamplingParams(temperature=torch.tensor(3.0))
+    with pytest.raises(ValueError, match="^max_tokens must be"):  # a bool tensor is not a number here
+        SamplingParams(max_tokens=torch.tensor(True))
+    with pytest.raises(ValueError, match="^max_tokens must be"):  # nor a 1-element vector
+        SamplingParams(max_tokens=torch.tensor([7]))
+
+
 # ---------------------------------------------------------------- greedy / top-k
 
 @pytest.mark.parametrize("temperature", [1e-6, 1e-3, 5e-3])
