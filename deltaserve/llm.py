@@ -30,7 +30,7 @@ from .runtime import prefix_cache
 from .runtime.engine_core import EngineCore
 from .runtime.scheduler import Scheduler
 from .runtime.state_pool import StatePool
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, _is_int, _plain
 from .tiny import random_init_
 from .tokenizer import Tokenizer, TokenizerError
 from .worker.distributed import SINGLE, TPGroup, TPWorkers, check_tp_size, init_group, rank_device, shard_config
@@ -629,8 +629,20 @@ def _normalise_prompts(prompts) -> list:
         if not isinstance(p, str) and not (isinstance(p, dict) and isinstance(p.get("prompt_token_ids"), list)
                                            and isinstance(p.get("prompt", ""), str)):
             raise ValueError("each prompt must be a string, {'prompt': str} or {'prompt_token_ids': [...]}")
-        out.append(p)
+        out.append(p if isinstance(p, str) else {**p, "prompt_token_ids": _integer_ids(p["prompt_token_ids"])})
     return out
+
+
+def _integer_ids(ids: list) -> list:
+    """A token prompt's ids, each an int (numpy integers and 0-d integer tensors read as theirs); a float or other
+    non-integer is refused as such, as vLLM does (1.0 was reported "outside the vocabulary")."""
+    if all(type(t) is int for t in ids):  # the usual case, without a call per id
+        return ids
+    plain = [_plain(t) for t in ids]
+    for t, v in zip(ids, plain):
+        if not _is_int(v):
+            raise ValueError(f"prompt token ids must be integers, got {t!r} ({type(t).__name__})")
+    return plain
 
 
 def _normalise_params(sp, n: int, default: SamplingParams) -> list[SamplingParams]:

@@ -300,6 +300,22 @@ def test_token_ids_may_come_as_a_tuple_or_an_array(llm, kind):
     assert out.outputs[0].token_ids == ref.outputs[0].token_ids
 
 
+@pytest.mark.parametrize("bad", [1.0, 0.0, 2.5, "3", None, True, np.float32(1), torch.tensor(1.0)],
+                         ids=["1.0", "0.0", "2.5", "str", "None", "True", "np.float32", "float-tensor"])
+def test_token_ids_must_be_integers(llm, bad):
+    """A float id ({'prompt_token_ids': [1.0, 2]}) was refused as "outside the vocabulary"; vLLM refuses non-integer
+    ids too, and now the sentence says that is what is wrong. Integer numpy / torch scalars still run."""
+    with pytest.raises(ValueError, match="^prompt token ids must be integers, got"):
+        llm.generate({"prompt_token_ids": [bad, 2]}, greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="^prompt token ids must be integers"):  # LLMEngine.add_request too
+        llm.llm_engine.add_request("float-ids", {"prompt_token_ids": [bad, 2]}, greedy())
+    ref = llm.generate({"prompt_token_ids": [1, 2]}, greedy(), use_tqdm=False)[0]
+    for ids in ([np.int64(1), 2], [torch.tensor(1), np.int32(2)], list(torch.tensor([1, 2]))):
+        out = llm.generate({"prompt_token_ids": ids}, greedy(), use_tqdm=False)[0]
+        assert out.prompt_token_ids == [1, 2] and all(type(t) is int for t in out.prompt_token_ids)
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
 def test_len_of_get_tokenizer_is_transformers_len(llm, path):
     """len(llm.get_tokenizer()) was a TypeError; code written for vLLM or transformers takes the vocabulary size
     from it."""
