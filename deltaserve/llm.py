@@ -604,6 +604,12 @@ def _prefix_cache_slots(enabled: bool | None, slots: int | None) -> int:
     return slots
 
 
+# the optional keys of vLLM's TextPrompt / TokensPrompt, which vLLM reads as absent when None (what deltaserve can do
+# with them: nothing, so a value there is refused)
+_VLLM_PROMPT_OPTIONS = frozenset({"multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids", "cache_salt",
+                                  "token_type_ids"})
+
+
 def _normalise_prompts(prompts) -> list:
     """-> a list of strings and {'prompt_token_ids': [...]} dicts (with the ids' text as 'prompt' if given); vLLM's
     text prompt {'prompt': str} becomes its string."""
@@ -616,6 +622,7 @@ def _normalise_prompts(prompts) -> list:
     out = []
     for p in items:
         if isinstance(p, dict):
+            p = {k: v for k, v in p.items() if v is not None or k not in _VLLM_PROMPT_OPTIONS}  # None: absent
             if extra := sorted(map(str, set(p) - {"prompt", "prompt_token_ids"})):
                 raise ValueError(f"a prompt dict takes 'prompt' (a string) or 'prompt_token_ids' (a list of ids); "
                                  f"{', '.join(map(repr, extra))} is not supported")

@@ -300,6 +300,26 @@ def test_token_ids_may_come_as_a_tuple_or_an_array(llm, kind):
     assert out.outputs[0].token_ids == ref.outputs[0].token_ids
 
 
+@pytest.mark.parametrize("key", ["multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids", "cache_salt",
+                                 "token_type_ids"])
+def test_vllms_optional_prompt_keys_are_absent_when_none(llm, key):
+    """vLLM's TextPrompt / TokensPrompt optional keys set to None (as code building the dict for any model writes
+    them) were refused as unsupported; vLLM reads None as absent, and so does deltaserve now. A value is still
+    refused, as is an unknown key, even None."""
+    ids = llm.get_tokenizer().encode("hi there")
+    ref = llm.generate({"prompt_token_ids": ids}, greedy(), use_tqdm=False)[0]
+    for prompt in ({"prompt": "hi there", key: None}, {"prompt_token_ids": ids, key: None}):
+        out = llm.generate(prompt, greedy(), use_tqdm=False)[0]
+        assert out.prompt_token_ids == ids and out.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert out.prompt == prompt.get("prompt")
+    llm.llm_engine.add_request("none-key", {"prompt": "hi there", key: None}, greedy())
+    llm.llm_engine.abort_request("none-key")
+    with pytest.raises(ValueError, match=f"'{key}' is not supported"):
+        llm.generate({"prompt": "hi there", key: {"x": 1}}, greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="'promt' is not supported"):
+        llm.generate({"prompt": "hi there", "promt": None}, greedy(), use_tqdm=False)
+
+
 @pytest.mark.parametrize("bad", [1.0, 0.0, 2.5, "3", None, True, np.float32(1), torch.tensor(1.0)],
                          ids=["1.0", "0.0", "2.5", "str", "None", "True", "np.float32", "float-tensor"])
 def test_token_ids_must_be_integers(llm, bad):
