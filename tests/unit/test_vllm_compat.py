@@ -336,6 +336,25 @@ def test_token_ids_must_be_integers(llm, bad):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
 
 
+def test_truncate_prompt_tokens_of_max_model_len_follows_the_prompt_length_rule(path):
+    """truncate_prompt_tokens=max_model_len is taken (vLLM's bound), but a prompt it cuts to max_model_len tokens is
+    refused as any prompt of max_model_len tokens is (no room for a generated token; vLLM accepts one: README says
+    so); max_model_len - 1 and -1 run it."""
+    small = LLM(model=path, device="cpu", dtype="float32", max_model_len=32)
+    ids = list(range(1, 41))
+    assert len(small.generate({"prompt_token_ids": ids[:20]}, greedy(truncate_prompt_tokens=32),
+                              use_tqdm=False)[0].outputs[0].token_ids) == 6
+    with pytest.raises(ValueError, match="^the prompt has 32 tokens but max_model_len is 32"):
+        small.generate({"prompt_token_ids": ids}, greedy(truncate_prompt_tokens=32), use_tqdm=False)
+    with pytest.raises(ValueError, match="^the prompt has 32 tokens but max_model_len is 32"):
+        small.generate({"prompt_token_ids": ids[:32]}, greedy(), use_tqdm=False)
+    out = small.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True,
+                                                                   truncate_prompt_tokens=31), use_tqdm=False)[0]
+    assert out.prompt_token_ids == ids[-31:] and len(out.outputs[0].token_ids) == 1
+    out = small.generate({"prompt_token_ids": ids}, greedy(truncate_prompt_tokens=-1), use_tqdm=False)[0]
+    assert len(out.prompt_token_ids) == 26 and len(out.outputs[0].token_ids) == 6
+
+
 def test_len_of_get_tokenizer_is_transformers_len(llm, path):
     """len(llm.get_tokenizer()) was a TypeError; code written for vLLM or transformers takes the vocabulary size
     from it."""
