@@ -182,6 +182,18 @@ class CompletionRequest(_SamplingRequest):
     response_format: dict[str, Any] | None = None  # as for chat (vLLM takes it here too)
     suffix: StrictStr | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v: Any) -> Any:
+        """One sentence naming every shape taken: the union's own error named its first member only ("input should be
+        a valid string" for [["a"]])."""
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and all(type(t) is int for t in x)  # type(): true is not a token id
+        if isinstance(v, str) or ids(v) or (isinstance(v, list) and (all(isinstance(x, str) for x in v)
+                                                                   or all(ids(x) for x in v))):
+            return v
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of token-id lists")
+
 
 # Fields of OpenAI's legacy API or of other servers that deltaserve does not honour: ignoring one would silently drop
 # what the client asked for (a constraint, a function call), so a request setting one is refused with the alternative.

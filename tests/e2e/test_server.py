@@ -1180,6 +1180,18 @@ def test_a_number_field_given_text_says_it_takes_a_number(server):
     assert got == 400 and err["error"]["message"].endswith("input should be a valid integer."), err
 
 
+@pytest.mark.parametrize("prompt", [[["a"]], [1.5, 2], [[1], "a"], [True], 5, None],
+                         ids=["nested_text", "float_ids", "mixed", "bools", "number", "null"])
+def test_a_malformed_completions_prompt_says_which_shapes_it_takes(server, prompt):
+    """A list prompt of the wrong shape was told "input should be a valid string" (the union's first member), as if
+    lists were not taken at all."""
+    got, err = http(server.url + "/v1/completions", {"model": MODEL, "prompt": prompt},
+                    {"Authorization": f"Bearer {API_KEY}"})
+    assert got == 400 and err["error"]["param"] == "prompt", err
+    assert err["error"]["message"].endswith(
+        "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists."), err
+
+
 def test_response_format_constrains_completions_too(client):
     """/v1/completions took response_format silently and answered unconstrained text (vLLM honours it there)."""
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
