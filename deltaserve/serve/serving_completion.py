@@ -40,7 +40,9 @@ def _check(req: CompletionRequest) -> None:
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request) -> Response:
     ctx.check_generation_request(req)
     _check(req)
-    prompts = [(text, ids) if len(cut := truncate(req, ids, ctx.max_model_len, req.max_tokens)) == len(ids)
+    # truncate_prompt_tokens -1 leaves room for what is asked: left out, OpenAI's default 16 (null: one token)
+    wanted = req.max_tokens if "max_tokens" in req.model_fields_set else DEFAULT_MAX_TOKENS
+    prompts = [(text, ids) if len(cut := truncate(req, ids, ctx.max_model_len, wanted)) == len(ids)
                else (None, cut) for text, ids in _prompts(ctx, req)]  # a cut prompt is echoed from its ids
     limits = [_max_tokens(ctx, req, ids) for _, ids in prompts]
     for (_, ids), limit in zip(prompts, limits):

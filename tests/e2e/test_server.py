@@ -1667,6 +1667,14 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(client, tokenizer):
     assert chat.usage.prompt_tokens == 10
 
 
+def test_truncate_prompt_tokens_minus_one_leaves_room_for_the_default_max_tokens(client):
+    """-1 keeps as many tokens as leave room for max_tokens; left out, /v1/completions asks for OpenAI's 16, but the
+    cut left room for one token only, so the answer was one token long."""
+    res = client.completions.create(model=MODEL, prompt=[5] * (MAX_MODEL_LEN + 10), temperature=0,
+                                    extra_body={"truncate_prompt_tokens": -1, "ignore_eos": True})
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens) == (MAX_MODEL_LEN - 16, 16), res.usage
+
+
 TRUNCATE_PATHS = {"completions": ("/v1/completions", {"prompt": "hello " * 40}),
                   "chat": ("/v1/chat/completions", {"messages": user("hello " * 40)})}
 
