@@ -258,9 +258,9 @@ class LLM:
         _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         block_size=block_size, max_model_len=1 if max_model_len is None else max_model_len,
                         num_kv_blocks=1 if num_kv_blocks is None else num_kv_blocks)
-        if max_model_len == 1:  # every prompt has a token and every request generates one
-            raise ValueError("max_model_len 1 leaves no room for a generated token after a one-token prompt; use at "
-                             "least 2")
+        if max_model_len == 1:  # every prompt would fill it: a one-token prompt, answered by one token, and no more
+            raise ValueError("max_model_len 1 holds only a one-token prompt, answered by one token whatever max_tokens "
+                             "asks; use at least 2")
         if block_size > (limit := max_model_len or config.max_position_embeddings):
             can_raise = max_model_len is not None and max_model_len < config.max_position_embeddings
             raise ValueError(f"block_size {block_size} is more tokens than a sequence may hold ({limit}); use a "

@@ -22,10 +22,11 @@ _MIN_TEMP = 1e-2  # as vLLM's _MAX_TEMP: a temperature in (0, 0.01) samples at 0
 
 def truncated_prompt(ids: list[int], keep: int | None, max_model_len: int, max_tokens: int | None) -> list[int]:
     """A prompt's token ids as SamplingParams.truncate_prompt_tokens leaves them: the last `keep`; -1: as many as
-    leave room for max_tokens (None: for one token); None keeps all."""
+    leave room for max_tokens (None: for one token; 0, the server's echo that only scores the prompt: all
+    max_model_len, as vLLM's -1); None keeps all."""
     if keep is None:
         return ids
-    keep = max(1, max_model_len - (max_tokens or 1)) if keep == -1 else keep
+    keep = max(1, max_model_len - (1 if max_tokens is None else max_tokens)) if keep == -1 else keep
     return ids[-keep:] if len(ids) > keep else ids
 
 

@@ -91,9 +91,9 @@ class EngineCore:
         n_prompt = len(prompt_token_ids)
         if n_prompt == 0:
             raise ValueError("the prompt is empty: give at least one token")
-        if n_prompt >= self.max_model_len:
+        if n_prompt > self.max_model_len:  # as vLLM: one of exactly max_model_len runs, and samples one token
             raise ValueError(f"the prompt has {n_prompt} tokens but max_model_len is {self.max_model_len}: "
-                             f"shorten the prompt or raise max_model_len")
+                             f"shorten the prompt to at most {self.max_model_len} tokens or raise max_model_len")
         bad = [t for t in prompt_token_ids  # plain ints first (an ABC check per id was 4x slower); numpy's integers
                if not (type(t) is int or (not isinstance(t, bool) and isinstance(t, numbers.Integral)))  # too
                or not 0 <= t < self.vocab_size]
@@ -116,7 +116,9 @@ class EngineCore:
         bad_ids = bad_word_ids(self.tokenizer, params.bad_words) if params.bad_words else []
         self._check_allowed(params, bad_ids)
         start_after = self._check_structured(prompt_token_ids, params)
-        room = self.max_model_len - n_prompt
+        # the last token is only sampled, never fed: a prompt filling max_model_len still gets one (vLLM's scoring
+        # of a whole-context prompt, its prompt logprobs, rests on that), and needs no KV block or position beyond it
+        room = max(1, self.max_model_len - n_prompt)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         samples, detoks = [], []
         for i in range(params.n):

@@ -19,7 +19,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    max_tokens: int  # params.max_tokens, clipped so prompt + output fits max_model_len
+    max_tokens: int  # params.max_tokens, clipped so prompt + output fits max_model_len (1 for a prompt filling it)
     sample_index: int = 0  # which of the parent's n samples this is
     generator: Any = None  # torch.Generator of a seeded request, so its samples ignore the rest of the batch
     grammar: Any = None  # structured_output.RequestGrammar of a request with structured_outputs

@@ -124,7 +124,10 @@ class ChatSession:
         kwargs = {} if self.enable_thinking else {"enable_thinking": False}
         prompt = self.llm.tokenizer.apply_chat_template(self.history, add_generation_prompt=True, **kwargs)
         ids = self.llm.tokenizer.encode(prompt)
-        if len(ids) >= self.llm.max_model_len:  # the engine's refusal speaks of a prompt, not of this conversation
+        # >=, not the engine's >: a conversation filling max_model_len would get a one-token answer, useless in a
+        # chat (the engine takes such a prompt for scoring it, as vLLM); and its refusal speaks of a prompt, not of
+        # this conversation
+        if len(ids) >= self.llm.max_model_len:
             raise TooLong(self._too_long(len(ids)))
         parser = ReasoningParser(prompt_opens_thinking(prompt), enabled=self.enable_thinking)
         stream = self.llm.generate_stream({"prompt_token_ids": ids, "prompt": prompt}, self.params)

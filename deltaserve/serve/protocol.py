@@ -408,16 +408,20 @@ def context_length_error(max_model_len: int, detail: str, param: str) -> APIErro
 
 
 def check_max_tokens(max_tokens: int | None, num_prompt: int, max_model_len: int, field: str = "max_tokens",
-                     min_tokens: int | None = None, prompt_field: str = "prompt") -> None:
+                     min_tokens: int | None = None, prompt_field: str = "prompt", scores_only: bool = False) -> None:
     """A negative, zero or oversized max_tokens (or a min_tokens that cannot fit) is the client's error: say how many
     tokens fit. prompt_field: the field the prompt came from (a chat's messages), named when the prompt alone is too
-    long."""
+    long. scores_only: echo with max_tokens 0, which answers nothing: as vLLM, its prompt may fill max_model_len (the
+    engine samples one token after it, never fed, that the response leaves out)."""
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"{field} must be at least 1, got {max_tokens}.", field)
     room = max_model_len - num_prompt
-    if room <= 0:  # at least one token must follow the prompt
+    if room < 0 or (room == 0 and not scores_only):  # else at least one token must follow the prompt, as vLLM's
+        # token_num + max_tokens > max_model_len (and token_num >= max_model_len without max_tokens)
         raise context_length_error(max_model_len, f"and the prompt has {num_prompt}, which leaves no room for an "
                                                   f"answer: shorten the prompt or raise max_model_len.", prompt_field)
+    if scores_only:
+        return
     if min_tokens is not None and min_tokens > room:
         raise APIError(400, f"min_tokens is {min_tokens} but the prompt has {num_prompt} tokens and max_model_len is "
                             f"{max_model_len}: at most {room} tokens can follow it.", "min_tokens")

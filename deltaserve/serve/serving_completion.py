@@ -46,7 +46,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                else (None, cut) for text, ids in _prompts(ctx, req)]  # a cut prompt is echoed from its ids
     limits = [_max_tokens(ctx, req, ids) for _, ids in prompts]
     for (_, ids), limit in zip(prompts, limits):
-        check_max_tokens(limit, len(ids), ctx.max_model_len, min_tokens=req.min_tokens)
+        check_max_tokens(limit, len(ids), ctx.max_model_len, min_tokens=req.min_tokens, scores_only=_echo_only(req))
     # echo with logprobs scores the prompt too (OpenAI's legacy behaviour, what evaluation harnesses rely on)
     structured = structured_outputs(req.response_format)
     params = {limit: sampling_params(req, limit, req.logprobs, structured, req.logprobs if req.echo else None,

@@ -1260,6 +1260,35 @@ def test_echo_with_max_tokens_zero_scores_the_prompt_alone(client, tokenizer, st
     assert usage.completion_tokens == 0 and usage.prompt_tokens == len(ids)
 
 
+def test_echo_scores_a_prompt_of_exactly_max_model_len(client, tokenizer, model_dir):
+    """As vLLM: echo, logprobs and max_tokens 0 score a prompt that fills max_model_len (lm-eval's longest contexts;
+    it was a 400 "leaves no room for an answer"), every position's logprob as under a larger max_model_len, streamed
+    alike; truncate_prompt_tokens -1 keeps all max_model_len tokens for it. Asking for a token after such a prompt,
+    or scoring one token more, is still the context-length 400."""
+    ids = (tokenizer.encode("The quick brown fox jumps over the lazy dog. ") * MAX_MODEL_LEN)[:MAX_MODEL_LEN]
+    body = dict(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    res = client.completions.create(**body)
+    lp, choice = res.choices[0].logprobs, res.choices[0]
+    assert len(lp.tokens) == MAX_MODEL_LEN and choice.finish_reason == "length" and choice.text == tokenizer.decode(ids)
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens) == (MAX_MODEL_LEN, 0)
+    llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN + 64)
+    ref = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1),
+                       use_tqdm=False)[0]
+    assert lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([ref.prompt_logprobs[j][ids[j]] for j in range(1, len(ids))],
+                                                  abs=1e-4)
+    chunks = list(client.completions.create(**body, stream=True))
+    streamed = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+    cut = client.completions.create(**dict(body, prompt=[7] * 5 + ids, extra_body={"truncate_prompt_tokens": -1}))
+    assert cut.usage.prompt_tokens == MAX_MODEL_LEN and cut.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        lp.token_logprobs[1:], abs=1e-6)
+    for over in (dict(body, max_tokens=1), dict(body, prompt=ids + ids[:1])):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**over)
+        assert e.value.code == "context_length_exceeded"
+
+
 def test_a_lone_surrogate_escape_reads_as_a_replacement_character(server, tokenizer):
     """JavaScript's JSON.stringify writes half of a cut emoji as a lone surrogate escape ("\\ud83d"), which Python's
     json (vLLM) takes; it was a 400 saying "unexpected end of hex escape". It now reads as U+FFFD, as a UTF-8

@@ -195,6 +195,9 @@ def test_random_workload_equals_solo(models, seed, kind, cached, async_schedulin
     rng = random.Random(seed)
     solo = models.solo(kind)
     work = random_workload(rng, models.vocab(kind), solo.tokenizer, num=14)
+    side = random.Random(seed + 1)  # not rng: the workload's other draws stay as they were
+    # a prompt filling max_model_len, as vLLM takes: prefilled (in chunks, beside the others) and one token sampled
+    work[1]["prompt"] = {"prompt_token_ids": [side.randrange(models.vocab(kind)) for _ in range(MAX_LEN)]}
     kw = {"block_size": BLOCK, **limits}
     if cached:
         kw = {"enable_prefix_caching": True, "prefix_cache_slots": 3, **kw}

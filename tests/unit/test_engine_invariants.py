@@ -26,6 +26,7 @@ from engine_helpers import (
     poison_free_memory,
     random_prompt,
     run_until_done,
+    small_prefix_chunks,
 )
 
 from deltaserve import LLM, SamplingParams
@@ -702,18 +703,48 @@ def short_llm(models):
                     max_num_batched_tokens=32)
 
 
-@pytest.mark.parametrize("length", [MAX_LEN, MAX_LEN + 36], ids=["equal", "longer"])
+@pytest.mark.parametrize("length", [MAX_LEN + 1, MAX_LEN + 36], ids=["one-over", "longer"])
 def test_prompt_too_long_is_rejected(models, short_llm, length):
     prompt = random_prompt(random.Random(15), length, models.vocab())
-    with pytest.raises(ValueError, match="max_model_len") as err:
+    with pytest.raises(ValueError, match=f"^the prompt has {length} tokens but max_model_len is {MAX_LEN}: shorten "
+                                         f"the prompt to at most {MAX_LEN} tokens") as err:
         short_llm.generate([prompt], greedy(4), use_tqdm=False)
-    assert str(MAX_LEN) in str(err.value) and "\n" not in str(err.value)
+    assert "\n" not in str(err.value)
     assert_engine_idle(short_llm)
+
+
+@pytest.mark.parametrize("kw, max_tokens", [
+    ({"max_num_batched_tokens": MAX_LEN}, 4), ({}, 1), ({}, None), ({"async_scheduling": True}, 20),
+    ({"enable_prefix_caching": True, "prefix_cache_slots": 2}, 4)],
+    ids=["one-step", "chunked", "unbounded", "async", "prefix-cache"])
+def test_prompt_of_max_model_len_samples_one_token(models, monkeypatch, kw, max_tokens):
+    """As vLLM: a prompt of exactly max_model_len runs (it was refused), its prompt logprobs cover every position and
+    match the same prompt's under a larger max_model_len, and it samples one token, finish_reason "length", whatever
+    max_tokens asked: that token is never fed, so no KV block or position beyond max_model_len is used."""
+    small_prefix_chunks(monkeypatch, 16)  # the prefix cache snapshots inside (and at the end of) this prompt
+    llm = make_llm(models.path("dense"), **{"max_model_len": MAX_LEN, "block_size": 8, "num_kv_blocks": MAX_LEN // 8,
+                                            "max_num_seqs": 2, "max_num_batched_tokens": 24, **kw})
+    prompt = random_prompt(random.Random(18), MAX_LEN, models.vocab())
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=2, prompt_logprobs=2)
+    ref = models.ref("dense", prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=2,
+                                                     prompt_logprobs=2))
+    for run in ("first", "again"):  # again: from the prefix cache, where it is on (prompt logprobs skip it)
+        out = llm.generate([prompt], sp if run == "first" else greedy(max_tokens), use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        if run == "first":
+            assert len(out.prompt_logprobs) == MAX_LEN
+            assert_close_logprobs("prompt", ref.prompt_logprobs, out.prompt_logprobs)
+            assert_same_completion("full", ref.outputs[0], out.outputs[0])
+        elif "enable_prefix_caching" in kw:
+            assert out.num_cached_tokens == 48, "the prompt's cached prefix was not used"
+    llm.reset_prefix_cache()  # its snapshots hold blocks; every other one is back
+    assert_engine_idle(llm)
 
 
 def test_rejected_batch_leaves_no_request_behind(models, short_llm):
     rng = random.Random(16)
-    good, bad = random_prompt(rng, 10, models.vocab()), random_prompt(rng, MAX_LEN, models.vocab())
+    good, bad = random_prompt(rng, 10, models.vocab()), random_prompt(rng, MAX_LEN + 1, models.vocab())
     with pytest.raises(ValueError, match="max_model_len"):
         short_llm.generate([good, bad], greedy(4), use_tqdm=False)
     assert_engine_idle(short_llm)

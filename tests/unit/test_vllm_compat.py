@@ -337,17 +337,23 @@ def test_token_ids_must_be_integers(llm, bad):
 
 
 def test_truncate_prompt_tokens_of_max_model_len_follows_the_prompt_length_rule(path):
-    """truncate_prompt_tokens=max_model_len is taken (vLLM's bound), but a prompt it cuts to max_model_len tokens is
-    refused as any prompt of max_model_len tokens is (no room for a generated token; vLLM accepts one: README says
-    so); max_model_len - 1 and -1 run it."""
+    """truncate_prompt_tokens=max_model_len is taken (vLLM's bound), and a prompt it cuts to max_model_len tokens runs
+    as any prompt of max_model_len tokens does (vLLM's rule): one token is sampled, finish_reason "length", whatever
+    max_tokens asked (it was refused, for want of room for that token, which is never fed); one token more is
+    refused; max_model_len - 1 and -1 run it."""
     small = LLM(model=path, device="cpu", dtype="float32", max_model_len=32)
     ids = list(range(1, 41))
     assert len(small.generate({"prompt_token_ids": ids[:20]}, greedy(truncate_prompt_tokens=32),
                               use_tqdm=False)[0].outputs[0].token_ids) == 6
-    with pytest.raises(ValueError, match="^the prompt has 32 tokens but max_model_len is 32"):
-        small.generate({"prompt_token_ids": ids}, greedy(truncate_prompt_tokens=32), use_tqdm=False)
-    with pytest.raises(ValueError, match="^the prompt has 32 tokens but max_model_len is 32"):
-        small.generate({"prompt_token_ids": ids[:32]}, greedy(), use_tqdm=False)
+    cut = small.generate({"prompt_token_ids": ids}, greedy(truncate_prompt_tokens=32), use_tqdm=False)[0]
+    whole = small.generate({"prompt_token_ids": ids[-32:]}, greedy(), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == whole.prompt_token_ids == ids[-32:]
+    for out in (cut, whole):
+        assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"
+    assert cut.outputs[0].token_ids == whole.outputs[0].token_ids
+    with pytest.raises(ValueError, match="^the prompt has 33 tokens but max_model_len is 32: shorten the prompt to "
+                                         "at most 32 tokens or raise max_model_len$"):
+        small.generate({"prompt_token_ids": ids[:33]}, greedy(), use_tqdm=False)
     out = small.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True,
                                                                    truncate_prompt_tokens=31), use_tqdm=False)[0]
     assert out.prompt_token_ids == ids[-31:] and len(out.outputs[0].token_ids) == 1

@@ -416,9 +416,10 @@ def test_llm_surfaces_config_error(tiny_dense, tmp_path):
     # a short max_model_len with the default block_size: the advice was "use 16 (the default) to 256", what was used
     ({"max_model_len": 10}, "block_size 16 is more tokens than a sequence may hold (10); use a block_size of at most "
                             "10 or raise max_model_len"),
-    # every request was refused (and on CUDA the warm-up's one-token prompts failed building the engine)
-    ({"max_model_len": 1, "block_size": 1}, "max_model_len 1 leaves no room for a generated token after a one-token "
-                                            "prompt; use at least 2"),
+    # every request was refused (and on CUDA the warm-up's one-token prompts failed building the engine); a prompt
+    # may fill max_model_len now, but one token of prompt and one of answer is no use
+    ({"max_model_len": 1, "block_size": 1}, "max_model_len 1 holds only a one-token prompt, answered by one token "
+                                            "whatever max_tokens asks; use at least 2"),
     ({"seed": 2**64}, "an integer in [0, 2**63); got 18446744073709551616"),
     ({"async_scheduling": "no"}, "async_scheduling must be True or False, got 'no'"),
 ], ids=["tokenizer-path", "max-model-len-0", "kv-blocks-0", "block-size-bool", "kv-blocks-huge", "batched-huge",
