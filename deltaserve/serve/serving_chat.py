@@ -156,8 +156,9 @@ def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> str:
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request) -> Response:
     ctx.check_generation_request(req)
     ctx.require_tokenizer()
-    prompt = chat_prompt(ctx, req)
-    tools = _parsed_tools(req, _tools(req))
+    tools = _tools(req)
+    prompt = _render(ctx, req, _rendered_tools(ctx, req, tools))  # chat_prompt's, with the tools dumped once
+    tools = _parsed_tools(req, tools)
     ids = ctx.encode(prompt, "messages", req.truncate_prompt_tokens is not None)
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
