@@ -117,9 +117,54 @@ def _name_of(node: jinja2.nodes.Node) -> str | None:
     return node.name if isinstance(node, jinja2.nodes.Name) and node.ctx == "load" else None
 
 
-def _normalize_message(message, parts_separator: str = "\n") -> dict:
-    """parts_separator: what a non-tool message's text parts are joined with ("" where the template renders the
-    parts itself, see _renders_parts)."""
+CONTENT_FORMATS = ("auto", "string", "openai")  # vLLM's chat_template_content_format
+# vLLM's text part types, and the key that holds each one's text
+_TEXT_PART_KEYS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
+                   "thinking": "thinking"}
+# the keys vLLM reads a part's type from when it has no "type" (e.g. {"image_url": "https://..."})
+_UNTYPED_MEDIA_KEYS = ("image_url", "image_pil", "image_embeds", "audio_embeds", "prompt_embeds", "audio_url",
+                       "input_audio", "video_url")
+
+
+def non_text_part_message(index: int, part_type: str) -> str:
+    """The sentence refusing messages[index]'s content part of a non-text type (the server and LLM.chat say it)."""
+    return (f"messages[{index}] has a {part_type!r} content part, but this model is text-only: send text parts "
+            f"({{'type': 'text', 'text': ...}}) only.")
+
+
+def _part_texts(parts: list, index: int) -> list[str]:
+    """messages[index]'s content parts -> their texts, as vLLM reads them: a plain string is a text part, and an
+    empty text is left out (vLLM drops it); a non-text part and a malformed one are refused in one sentence."""
+    texts = []
+    for j, part in enumerate(parts):
+        if isinstance(part, str):
+            text = part
+        elif not isinstance(part, dict):
+            raise TokenizerError(f"messages[{index}].content[{j}] must be a string or a part like "
+                                 f"{{'type': 'text', 'text': ...}}, got {part!r:.80}.")
+        elif "type" not in part:
+            media = next((k for k in _UNTYPED_MEDIA_KEYS if k in part), None)
+            if media is not None:
+                raise TokenizerError(non_text_part_message(index, media))
+            raise TokenizerError(f"messages[{index}].content[{j}] has no 'type'; a text part is "
+                                 f"{{'type': 'text', 'text': ...}}.")
+        elif part["type"] not in _TEXT_PART_KEYS:
+            raise TokenizerError(non_text_part_message(index, part["type"]))
+        else:
+            key = _TEXT_PART_KEYS[part["type"]]
+            text = part.get(key)
+            if not isinstance(text, str):
+                raise TokenizerError(f"messages[{index}].content[{j}] is a {part['type']!r} part without a {key!r} "
+                                     f"string; got {part!r:.80}.")
+        if text:
+            texts.append(text)
+    return texts
+
+
+def _normalize_message(message, index: int = 0, parts_separator: str | None = "\n") -> dict:
+    """message: messages[index]. parts_separator: what a non-tool message's text parts are joined with ("" where
+    the template renders the parts itself, see _renders_parts); None: vLLM's "openai" content format, where the
+    content reaches the template as a list of {'type': 'text', 'text': ...} parts (a string content too)."""
     # Like transformers: drop None values (OpenAI sends content=None with tool_calls) and alias reasoning fields
     if not isinstance(message, dict):
         raise TokenizerError(f"Each chat message must be a dict with 'role' and 'content', got {message!r}.")
@@ -130,17 +175,20 @@ def _normalize_message(message, parts_separator: str = "\n") -> dict:
     if role not in _ROLES:
         raise TokenizerError(f"Each chat message needs a 'role' of {', '.join(_ROLES)}; got {role!r}.")
     content = message.get("content")
-    if isinstance(content, list):  # OpenAI content parts: the text ones, joined (a text-only model)
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
-            raise TokenizerError(f"A {role} message's content list may hold only text parts "
-                                 f"({{'type': 'text', 'text': ...}}); got {content!r:.80}.")
-        # vLLM joins them with "\n" (a tool result's parts always: most templates read a tool result as a string);
-        # a template that loops over them gets them as parts from vLLM, which the "" join renders alike for Qwen3.5's
-        # (`{{- item.text }}` back to back) and keeps the content a string for continue_final_message
-        message["content"] = content = ("\n" if role == "tool" else parts_separator).join(p["text"] for p in content)
-    if content is None and role != "assistant" or content is not None and not isinstance(content, str):
-        raise TokenizerError(f"A {role} message's 'content' must be a string (or a list of text parts); "
+    if isinstance(content, list) or isinstance(content, str) and parts_separator is None and role != "tool":
+        # OpenAI content parts: the text ones (a text-only model)
+        texts = _part_texts(content if isinstance(content, list) else [content], index)
+        if role == "tool" or parts_separator is not None:
+            # vLLM joins them with "\n" (a tool result's parts always: most templates read a tool result as a
+            # string); a template that loops over them gets them as parts from vLLM, which the "" join renders alike
+            # for Qwen3.5's (`{{- item.text }}` back to back) and keeps the content a string for
+            # continue_final_message
+            content = ("\n" if role == "tool" else parts_separator).join(texts)
+        else:
+            content = [{"type": "text", "text": t} for t in texts]
+        message["content"] = content
+    if content is None and role != "assistant" or content is not None and not isinstance(content, (str, list)):
+        raise TokenizerError(f"messages[{index}] ({role}): 'content' must be a string (or a list of text parts); "
                              f"got {content!r:.80}.")
     reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
     if reasoning is not None:
@@ -291,7 +339,7 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
         tokenize: bool = False, continue_final_message: bool = False, chat_template: str | None = None,
-        **template_kwargs
+        chat_template_content_format: str = "auto", **template_kwargs
     ) -> str | list[int]:
         """Render a conversation to prompt text, as `hf_tokenizer.apply_chat_template(..., tokenize=False)` does
         (tokenize=True: its token ids; HF's default is True, ours False).
@@ -299,21 +347,27 @@ class Tokenizer:
         messages: [{"role": ..., "content": ..., optional "tool_calls"/"reasoning_content"}]; tools: JSON schemas.
         continue_final_message: the text ends right after the last message's content (as HF cuts it), so the model
         goes on with that message (a prefilled answer) instead of starting a new turn. chat_template: a Jinja
-        template to use instead of the tokenizer's own (sandboxed as that one).
+        template to use instead of the tokenizer's own (sandboxed as that one). chat_template_content_format: how a
+        message's text parts reach the template, as vLLM's option: "string" joined with "\n" into one string,
+        "openai" as a list of {'type': 'text', 'text': ...} parts, "auto" by what the template reads (see
+        _renders_parts); a tool result's parts are always joined with "\n", as vLLM joins them.
         template_kwargs become template variables, e.g. `enable_thinking=False`.
         """
         if tokenize:
             return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools,
                                                         continue_final_message=continue_final_message,
-                                                        chat_template=chat_template, **template_kwargs))
+                                                        chat_template=chat_template,
+                                                        chat_template_content_format=chat_template_content_format,
+                                                        **template_kwargs))
         if continue_final_message:
-            return self._continued(messages, add_generation_prompt, tools, chat_template, template_kwargs)
+            return self._continued(messages, add_generation_prompt, tools, chat_template,
+                                   {"chat_template_content_format": chat_template_content_format, **template_kwargs})
         if not messages:
             raise TokenizerError("Cannot apply the chat template to an empty conversation; pass at least one message.")
         if tools is not None and not all(isinstance(t, dict) for t in tools):
             raise TokenizerError("Each tool must be a JSON-schema dict like {'type': 'function', 'function': {...}}.")
-        template, separator = self._template(chat_template, tools)
-        chat = [_normalize_message(m, separator) for m in messages]
+        template, separator = self._template(chat_template, tools, chat_template_content_format)
+        chat = [_normalize_message(m, i, separator) for i, m in enumerate(messages)]
         variables = {"documents": None, **self.special_tokens, **template_kwargs}  # as transformers passes them
         try:
             return template.render(messages=chat, tools=tools, add_generation_prompt=add_generation_prompt, **variables)
@@ -329,20 +383,28 @@ class Tokenizer:
 
     def _continued(self, messages: list[dict], add_generation_prompt: bool, tools: list | None,
                    chat_template: str | None, template_kwargs: dict) -> str:
-        """The conversation rendered without a generation prompt and cut after its last message's content."""
+        """The conversation rendered without a generation prompt and cut after its last message's content (its last
+        text part under the "openai" content format, as HF continues a list content)."""
         if add_generation_prompt:
             raise TokenizerError("continue_final_message continues the last message; it cannot be combined with "
                                  "add_generation_prompt=True (set it to False).")
         # the content as apply_chat_template joins its parts
-        last = _normalize_message(messages[-1], self._template(chat_template, tools)[1]) if messages else {}
+        fmt = template_kwargs.get("chat_template_content_format", "auto")
+        separator = self._template(chat_template, tools, fmt)[1]
+        last = _normalize_message(messages[-1], len(messages) - 1, separator) if messages else {}
         final = last.get("content")
+        parts = final if isinstance(final, list) else None
+        if parts is not None:
+            final = parts[-1]["text"] if parts else ""
         if final is None:  # as HF; empty content is continued (e.g. a prefilled reasoning_content: the answer follows)
             raise TokenizerError("continue_final_message continues the last message, which has no content to continue.")
         # where the content ends, marked: HF cuts at the content's last occurrence in the text, which for "end" is
         # inside the template's own "<|im_end|>" after it (the prompt then ended "end<|im_end")
         # HF's tag ends in a space: a template that trims the content (Qwen3.5's `|trim`) drops it, and HF then also
         # drops the content's own trailing whitespace, which the template would have trimmed ('{"name": ' ends ':')
-        marked = [*messages[:-1], {**last, "content": final + _CONTENT_END + " "}]
+        end = final + _CONTENT_END + " "
+        marked = [*messages[:-1], {**last, "content": end if parts is None else
+                                   [*parts[:-1], {"type": "text", "text": end}]}]
         text = self.apply_chat_template(marked, False, tools, chat_template=chat_template, **template_kwargs)
         if text.count(_CONTENT_END) == 1:
             at = text.index(_CONTENT_END)
@@ -355,13 +417,19 @@ class Tokenizer:
                                  "continued.")
         return text[: text.rindex(final) + len(final)]
 
-    def _template(self, chat_template: str | None, tools: list | None) -> tuple[jinja2.Template, str]:
+    def _template(self, chat_template: str | None, tools: list | None,
+                  content_format: str = "auto") -> tuple[jinja2.Template, str | None]:
         """The template a chat renders with (chat_template, else the tokenizer's own) and what a message's text
-        parts are joined with for it."""
+        parts are joined with for it (None: they reach it as a list, the "openai" content format)."""
+        if content_format not in CONTENT_FORMATS:
+            raise TokenizerError(f"chat_template_content_format must be 'auto', 'string' or 'openai', got "
+                                 f"{content_format!r:.80}.")
         if chat_template is not None and not isinstance(chat_template, str):
             raise TokenizerError(f"chat_template must be a Jinja template string, got {type(chat_template).__name__}.")
         source = chat_template or self._pick_template(bool(tools))
         template = _compile_chat_template(source)  # first: a template that does not compile is one sentence
+        if content_format != "auto":
+            return template, None if content_format == "openai" else "\n"
         return template, "" if _renders_parts(source) else "\n"
 
     def _pick_template(self, has_tools: bool) -> str:

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..sampling_params import StructuredOutputs
-from ..tokenizer import TokenizerError
+from ..tokenizer import TokenizerError, non_text_part_message
 from .forced_tools import ForcedToolCalls, forced_schema
 from .protocol import (MAX_LOGPROBS, APIError, ChatCompletionRequest, check_max_tokens, new_id, now, sampling_params,
                        structured_outputs, truncate, usage)
@@ -73,8 +73,7 @@ def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
         if isinstance(content, list):
             bad = [p.type for p in content if p.type != "text"]
             if bad:
-                raise APIError(400, f"messages[{i}] has a '{bad[0]}' content part; this server serves a text-only "
-                                    f"model, so send text parts only.", f"messages.{i}.content")
+                raise APIError(400, non_text_part_message(i, bad[0]), f"messages.{i}.content")
             # joined by the tokenizer, as its chat template takes them; a part without text is skipped, as by vLLM
             content = [{"type": "text", "text": p.text} for p in content if p.text is not None]
         d = {**(m.model_extra or {}), "role": m.role, "content": content}  # developer: the tokenizer's system

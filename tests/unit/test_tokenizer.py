@@ -365,7 +365,8 @@ def test_incremental_detokenizer_skips_special_tokens(tok):
     ({"role": "wizard", "content": "hi"}, "'wizard'"),
     ({"role": "user", "content": None}, "'content' must be a string"),
     ({"role": "user", "content": 5}, "'content' must be a string"),
-    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "only text parts"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+     r"messages\[0\] has a 'image_url' content part, but this model is text-only"),
 ], ids=["no-role", "unknown-role", "no-content", "int-content", "image-part"])
 def test_messages_the_template_would_drop_are_refused(tok, message, needle):
     """A message the template would silently leave out (or render empty) is an error, not a shorter prompt."""
@@ -493,6 +494,36 @@ def test_tool_result_text_parts_join_as_lines_like_vllm(tok):
     parts = [{"type": "text", "text": "total 8"}, {"type": "text", "text": "-rw-r--r-- a.txt"}]
     assert tok.apply_chat_template(conversation(parts)) == tok.apply_chat_template(
         conversation("total 8\n-rw-r--r-- a.txt"))
+
+
+@pytest.mark.parametrize("template", [None, LOOPS_IN_A_MACRO], ids=["template-reads-a-string", "qwen3.5-macro"])
+def test_content_format_string_and_openai_are_vllms(tok, template):
+    """vLLM's chat_template_content_format, whatever the template reads: "string" joins the text parts (a plain
+    string is one, an empty one is dropped) with "\n"; "openai" hands them to the template as a list of text parts,
+    a string content too (a template that reads only strings then renders the content empty, as under vLLM)."""
+    parts = [{"type": "text", "text": "a"}, "b", {"type": "text", "text": ""}, {"type": "input_text", "text": "c"}]
+
+    def render(content, fmt="auto"):
+        return tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=False,
+                                       chat_template=template, chat_template_content_format=fmt)
+    assert render(parts, "string") == render("a\nb\nc")
+    assert render(parts, "openai") == render("abc" if template else "")
+    assert render("abc", "openai") == render("abc" if template else "")
+    with pytest.raises(TokenizerError, match="^chat_template_content_format must be 'auto', 'string' or 'openai'"):
+        render("abc", "list")
+
+
+def test_continue_final_message_under_the_openai_content_format_matches_hf(tok, hf_tok):
+    """Under "openai" the last message's content is a list: it is continued after its last text part, as HF (which
+    vLLM calls with the parts) continues it. The template marks where each part ends, so a joined content (what
+    "auto" and "string" give it) would show."""
+    marks_parts = LOOPS_IN_A_MACRO.replace("{{ item.text }}", "{{ item.text }}|")
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Q"}]},  # parts: "openai" makes a string one
+            {"role": "assistant", "content": [{"type": "text", "text": "The answer"}, {"type": "text", "text": "is"}]}]
+    kwargs = dict(add_generation_prompt=False, continue_final_message=True, chat_template=marks_parts)
+    ours = tok.apply_chat_template(msgs, chat_template_content_format="openai", **kwargs)
+    assert ours == hf_tok.apply_chat_template(msgs, tokenize=False, **kwargs)
+    assert ours.endswith("The answer|is")
 
 
 @pytest.mark.parametrize("template, joined", CONTENT_FORMATS.values(), ids=CONTENT_FORMATS.keys())
