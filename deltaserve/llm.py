@@ -432,9 +432,14 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template_kwargs: dict | None = None, tools: list | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template: str | None = None, lora_request=None) -> list[RequestOutput]:
-        """messages: one conversation (a list of {"role", "content"} dicts) or a list of conversations."""
-        _check_vllm_request_args(lora_request, None)
+             chat_template: str | None = None, lora_request=None, chat_template_content_format: str = "auto",
+             mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
+        """messages: one conversation (a list of {"role", "content"} dicts) or a list of conversations. A content may
+        be a list of OpenAI text parts ({"type": "text", "text": ...}, or plain strings); chat_template_content_format
+        says how they reach the template, as vLLM's: "string" joined with "\n", "openai" as a list of text parts,
+        "auto" by what the template reads. A non-text part (an image, audio, video) is refused: the model is
+        text-only, and so vLLM's mm_processor_kwargs is taken as None only."""
+        _check_vllm_request_args(lora_request, None, mm_processor_kwargs)
         if self.tokenizer is None:
             raise ValueError("LLM.chat needs a tokenizer with a chat template; none was found in the model directory")
         msgs = list(messages) if isinstance(messages, Iterable) and not isinstance(messages, (str, dict)) else None
@@ -457,7 +462,8 @@ class LLM:
                 raise ValueError("give tools either as LLM.chat's tools or in chat_template_kwargs, not both")
             tools = extra.pop("tools")
         kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
-                  "chat_template": chat_template, **extra}  # theirs win
+                  "chat_template": chat_template, "chat_template_content_format": chat_template_content_format,
+                  **extra}  # theirs win
         prompts = [self.tokenizer.apply_chat_template(c, tools=tools, **kwargs) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm)
 
@@ -556,14 +562,18 @@ def _check_vllm_only_args(tokenizer_mode: str, swap_space: float, disable_log_st
         raise ValueError(f"disable_log_stats must be True or False, got {disable_log_stats!r}")
 
 
-def _check_vllm_request_args(lora_request, priority: list[int] | None) -> None:
-    """vLLM's per-call lora_request and priority: their defaults mean what deltaserve does; anything else is refused."""
+def _check_vllm_request_args(lora_request, priority: list[int] | None, mm_processor_kwargs: dict | None = None) -> None:
+    """vLLM's per-call lora_request, priority and mm_processor_kwargs: their defaults mean what deltaserve does;
+    anything else is refused."""
     if lora_request is not None:
         raise ValueError(f"lora_request={lora_request!r}: deltaserve runs no LoRA adapters (merge the adapter into the "
                          f"checkpoint's weights, or leave lora_request out)")
     if priority is not None and (not isinstance(priority, (list, tuple)) or any(p != 0 for p in priority)):
         raise ValueError(f"priority={priority!r}: deltaserve schedules requests first come, first served (leave "
                          f"priority out, or pass zeros)")
+    if mm_processor_kwargs is not None:
+        raise ValueError(f"mm_processor_kwargs={mm_processor_kwargs!r:.80}: the model is text-only, with no "
+                         f"multimodal processor to pass them to (leave mm_processor_kwargs out)")
 
 
 # vLLM's `quantization` names -> the quantization_config method of the checkpoints that hold them

@@ -476,6 +476,71 @@ def test_chat_takes_conversations_from_any_iterable(llm):
     assert [o.prompt_token_ids for o in llm.chat((c for c in [msgs, msgs]), greedy(), use_tqdm=False)] == [ref, ref]
 
 
+# Qwen3.5's template renders a message's content parts in its render_content macro (vLLM's "openai" format)
+RENDERS_PARTS = (
+    "{% macro render_content(content) %}{% if content is string %}{{ content }}{% else %}{% for item in content %}"
+    "{{ item.text }}{% endfor %}{% endif %}{% endmacro %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ render_content(m.content) }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+CONTENT_FORMAT_CASES = {  # id: (chat_template (None: the tiny model's own), format, the text parts render as)
+    "string-template-auto": (None, "auto", "a\nb"),
+    "string-template-string": (None, "string", "a\nb"),
+    "string-template-openai": (None, "openai", ""),  # the template reads only strings: vLLM renders it empty too
+    "parts-template-auto": (RENDERS_PARTS, "auto", "ab"),
+    "parts-template-string": (RENDERS_PARTS, "string", "a\nb"),
+    "parts-template-openai": (RENDERS_PARTS, "openai", "ab"),
+}
+
+
+@pytest.mark.parametrize("template, fmt, rendered", CONTENT_FORMAT_CASES.values(), ids=CONTENT_FORMAT_CASES.keys())
+def test_chat_renders_text_parts_by_vllms_chat_template_content_format(llm, template, fmt, rendered):
+    """vLLM's LLM.chat(chat_template_content_format=...) was a TypeError, and a plain string among the parts (vLLM
+    takes it as a text part) was refused."""
+    parts = [{"type": "text", "text": "a"}, "b"]
+
+    def prompt(content, **kw):
+        return llm.chat([{"role": "user", "content": content}], greedy(), use_tqdm=False, chat_template=template,
+                        **kw)[0].prompt
+    assert prompt(parts, chat_template_content_format=fmt) == prompt(rendered)
+    with pytest.raises(ValueError, match="^chat_template_content_format must be 'auto', 'string' or 'openai', got "
+                                         "'list'"):
+        llm.chat([{"role": "user", "content": "hi"}], greedy(), use_tqdm=False, chat_template_content_format="list")
+
+
+@pytest.mark.parametrize("part, needle", [
+    ({"type": "image_url", "image_url": {"url": "http://x/a.png"}}, r" has a 'image_url' content part.*text-only"),
+    ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, r" has a 'input_audio' content part"),
+    ({"type": "video_url", "video_url": {"url": "http://x/a.mp4"}}, r" has a 'video_url' content part"),
+    ({"image_url": "http://x/a.png"}, r" has a 'image_url' content part"),  # vLLM reads the type from the key
+    ({"text": "hi"}, r"\.content\[1\] has no 'type'"),
+    ({"type": "text"}, r"\.content\[1\] is a 'text' part without a 'text' string"),
+    ({"type": "text", "text": None}, r"\.content\[1\] is a 'text' part without a 'text' string"),
+], ids=["image_url", "input_audio", "video_url", "untyped-image", "no-type", "text-without-text", "text-none"])
+def test_chat_refuses_non_text_and_malformed_parts_naming_the_message(llm, part, needle):
+    """A part the text-only model cannot take, or one that is not a part, is one sentence naming the message (and
+    the part); the image's said "A user message's content list may hold only text parts", without saying which."""
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, part]}]
+    with pytest.raises(ValueError, match=r"^messages\[1\]" + needle):
+        llm.chat(msgs, greedy(), use_tqdm=False)
+
+
+def test_chat_takes_an_assistant_message_without_content_and_vllms_mm_processor_kwargs_none(llm):
+    """An assistant turn of tool calls has no content (or None), as OpenAI sends it; vLLM's mm_processor_kwargs=None
+    (a TypeError) runs as without it, and a value, which a text-only model has no processor for, is refused."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for assistant in ({"role": "assistant", "tool_calls": [call]}, {"role": "assistant", "content": None,
+                                                                     "tool_calls": [call]}):
+        msgs = [{"role": "user", "content": "hi"}, assistant, {"role": "tool", "tool_call_id": "c1", "content": "1"}]
+        assert "<tool_call>" in llm.chat(msgs, greedy(), use_tqdm=False)[0].prompt
+    msgs = [{"role": "user", "content": "hi"}]
+    assert llm.chat(msgs, greedy(), use_tqdm=False, mm_processor_kwargs=None)[0].outputs[0].token_ids == \
+        llm.chat(msgs, greedy(), use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="^mm_processor_kwargs=.*text-only"):
+        llm.chat(msgs, greedy(), use_tqdm=False, mm_processor_kwargs={"num_crops": 4})
+
+
 def test_structured_outputs_params_is_vllms_name_for_structured_outputs(llm):
     """vLLM scripts import StructuredOutputsParams from the sampling_params module (an ImportError here); it is
     deltaserve's StructuredOutputs, json_object=None (vLLM's default) included."""
