@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -296,13 +297,7 @@ def checkpoint_files(path: str) -> list[str]:
     if os.path.isfile(single):
         files = [single]
     elif os.path.isfile(index):
-        try:
-            with open(index) as f:
-                shards = set(json.load(f)["weight_map"].values())
-        except OSError as e:
-            raise WeightsError(f"{index} cannot be read ({e.strerror or type(e).__name__}).") from None
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError, UnicodeDecodeError):
-            raise WeightsError(f"{index} is not a valid safetensors index (needs a 'weight_map' object).") from None
+        shards = set(_weight_map(index).values())
         bad = [s for s in shards if not isinstance(s, str)]
         if bad:  # os.path.join raised TypeError on it
             raise WeightsError(f"{index} is not a valid safetensors index: its 'weight_map' names shard {bad[0]!r}, "
@@ -318,6 +313,20 @@ def checkpoint_files(path: str) -> list[str]:
     return files
 
 
+def _weight_map(index: str) -> dict:
+    """model.safetensors.index.json's weight_map: checkpoint tensor -> shard file name (values not yet checked)."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except OSError as e:
+        raise WeightsError(f"{index} cannot be read ({e.strerror or type(e).__name__}).") from None
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        weight_map = None
+    if not isinstance(weight_map, dict):
+        raise WeightsError(f"{index} is not a valid safetensors index (needs a 'weight_map' object).")
+    return weight_map
+
+
 def _check_header(file: str) -> None:
     """A truncated, empty, foreign or unreadable file fails here in one sentence, not deep inside the loader."""
     try:  # safetensors reports a file it may not read as "No such file or directory"
@@ -329,8 +338,35 @@ def _check_header(file: str) -> None:
         with safe_open(file, framework="pt", device="cpu"):
             pass
     except Exception as e:  # safetensors' own SafetensorError, or an OSError
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise WeightsError(f"{file} is not a readable safetensors file ({reason}).") from None
+        reason = _damage(file) or f" ({(str(e).splitlines() or [type(e).__name__])[0]})"
+        raise WeightsError(f"{file} is not a readable safetensors file{reason}.") from None
+
+
+def _damage(file: str) -> str | None:
+    """What is wrong with a file safe_open refused, where its bytes tell (safetensors says "header too large" of
+    both a Git LFS pointer and an HTML error page, "invalid header length" of a cut download), else None. A
+    safetensors file is an 8-byte little-endian header length, that many bytes of JSON, then the tensors' data."""
+    size = os.path.getsize(file)
+    if size < 9:  # not even a header length and its opening brace
+        return f": it is {'empty' if size == 0 else 'cut short'} ({size} bytes); download it again"
+    with open(file, "rb") as f:
+        head = f.read(64)
+        if head.startswith(b"version https://git-lfs"):
+            return ": it is a Git LFS pointer, not the weights; fetch them with `git lfs install && git lfs pull`"
+        n = int.from_bytes(head[:8], "little")
+        if head[8:9] != b"{" or n > 100_000_000:  # not a safetensors JSON header (100 MB: safetensors' limit)
+            return None
+        f.seek(8)
+        text = f.read(n)
+    try:
+        header = json.loads(text)
+        need = 8 + n + max([0] + [v["data_offsets"][1] for v in header.values()
+                                  if isinstance(v, dict) and "data_offsets" in v])
+    except (ValueError, TypeError, KeyError, IndexError):  # the header is cut short (or malformed)
+        need = 8 + n
+    if size >= need:
+        return None
+    return f": it is truncated ({size} of at least {need} bytes), an interrupted download or copy; download it again"
 
 
 def has_own_lm_head(cfg: ModelConfig, path: str) -> bool:
@@ -405,9 +441,11 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
     loaded: dict[str, str] = {}  # coverage key -> the checkpoint tensor that filled it
     unexpected: list[str] = []
     files = checkpoint_files(path)
+    held: dict[str, set[str]] = {}  # checkpoint tensor -> the files holding it
     for file in _progress(files, progress):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
+                held.setdefault(name, set()).add(file)
                 sl = f.get_slice(name)
                 target = resolve(name, cfg, sl.get_shape(), rank, world, split)
                 if target is None:
@@ -424,6 +462,8 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
                     continue
                 _copy_into(params[target.param], target, tensor, name)
                 loaded.update(dict.fromkeys(target.parts, name))
+    if rank == 0:
+        _check_index(path, files, held)
     if unexpected:
         raise WeightsError(f"Checkpoint has {len(unexpected)} tensor(s) this {cfg.architecture} model does not "
                            f"use, e.g. {', '.join(unexpected[:3])}; is config.json from the same checkpoint?")
@@ -433,6 +473,24 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str, progress: bool =
         names = ", ".join(dict.fromkeys(checkpoint_name(part, cfg, first) for part in missing[:3]))
         raise WeightsError(f"Checkpoint is missing {len(missing)} tensor(s), e.g. {names}: an incomplete download, "
                            f"or a config.json that does not belong to these weights.")
+
+
+def _check_index(path: str, files: list[str], held: dict[str, set[str]]) -> None:
+    """Warn where model.safetensors.index.json's weight_map places a tensor in a shard that does not hold it (a shard
+    of another export, a stale index). Every tensor is read from the shards' own headers and the missing ones are
+    WeightsErrors, so the model is right; but the files disagree, and that is said rather than passed over."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if files == [os.path.join(path, "model.safetensors")] or not os.path.isfile(index):
+        return
+    wrong = [(name, shard) for name, shard in _weight_map(index).items()
+             if os.path.join(path, shard) not in held.get(name, ())]
+    if wrong:
+        name, shard = wrong[0]
+        where = f"found in {', '.join(sorted(map(os.path.basename, held[name])))}" if name in held else \
+            "held by no shard"
+        logging.getLogger("deltaserve").warning(
+            "%s does not match its shards: %d tensor(s) of its weight_map are not where it says, e.g. %s, listed in "
+            "%s but %s; the tensors the shards hold are what loads", index, len(wrong), name, shard, where)
 
 
 def check_weights(cfg: ModelConfig, path: str) -> None:

@@ -316,6 +316,28 @@ def _truncated(path):
         f.truncate(5000)
 
 
+def _truncated_data(path):
+    """Cut in the tensors' data, the header whole: safetensors said "incomplete metadata, file not fully covered"."""
+    file = os.path.join(path, ST)
+    with open(file, "r+b") as f:
+        f.truncate(os.path.getsize(file) - 1000)
+
+
+def _empty(path):
+    open(os.path.join(path, ST), "w").close()
+
+
+def _lfs_pointer(path):
+    """What `git clone` without git-lfs leaves; safetensors said "header too large"."""
+    with open(os.path.join(path, ST), "w") as f:
+        f.write("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 3510336\n")
+
+
+def _not_safetensors(path):
+    with open(os.path.join(path, ST), "w") as f:
+        f.write("<html><body>404 Not Found</body></html>\n")
+
+
 def _set(name, shape):
     return lambda sd: sd.__setitem__(name, torch.zeros(shape))
 
@@ -331,7 +353,11 @@ BROKEN = {
     "no_safetensors": ("dense", _no_safetensors, None, [ST, INDEX]),
     "index_not_object": ("dense", _index_not_object, None, [INDEX, "weight_map"]),
     "index_value_not_a_name": ("dense", _index_value_not_a_name, None, [INDEX, "weight_map", "1"]),
-    "truncated_safetensors": ("dense", _truncated, None, [ST, "not a readable safetensors file"]),
+    "truncated_safetensors": ("dense", _truncated, None, [ST, "not a readable safetensors file", "truncated (5000 of"]),
+    "truncated_data": ("dense", _truncated_data, None, [ST, "not a readable safetensors file", "truncated", "again"]),
+    "empty_safetensors": ("dense", _empty, None, [ST, "not a readable safetensors file", "empty (0 bytes)"]),
+    "lfs_pointer": ("dense", _lfs_pointer, None, [ST, "Git LFS pointer", "git lfs pull"]),
+    "not_safetensors": ("dense", _not_safetensors, None, [ST, "not a readable safetensors file"]),
     "wrong_shape": ("dense", None, _set(f"{LM}layers.0.linear_attn.in_proj_qkv.weight", (255, 128)),
                     [f"{LM}layers.0.linear_attn.in_proj_qkv.weight", "[255, 128]", "[256, 128]"]),
     "wrong_shape_transposed": ("dense", None, _set(f"{LM}layers.3.mlp.down_proj.weight", (256, 128)),
@@ -579,3 +605,27 @@ def test_unreadable_safetensors_index_is_named_as_unreadable(tiny_dense, tmp_pat
     with pytest.raises(WeightsError) as e:
         checkpoint_files(path)
     assert_one_sentence(str(e.value), index, "cannot be read", "Permission denied")
+
+
+@pytest.mark.parametrize("stray", ["ghost", "moved"])
+def test_an_index_that_does_not_match_its_shards_is_said(tiny_dense, tmp_path, caplog, stray):
+    """weight_map naming a tensor no shard holds (ghost), or a shard that does not hold it (moved): the model loads
+    from the shards' own headers (a tensor it needs and no shard holds is a missing tensor), with a warning naming
+    the first mismatch; before, nothing was said."""
+    path = variant(tiny_dense, tmp_path / stray)
+    shard(path)
+    with open(os.path.join(path, INDEX)) as f:
+        index = json.load(f)
+    name = f"{LM}layers.0.mlp.ghost.weight" if stray == "ghost" else \
+        next(n for n, s in index["weight_map"].items() if s == SHARDS[1])
+    index["weight_map"][name] = SHARDS[0]
+    with open(os.path.join(path, INDEX), "w") as f:
+        json.dump(index, f)
+    with caplog.at_level("WARNING", logger="deltaserve"):
+        _, model = load(path)
+    _, clean = load(tiny_dense)
+    assert_same_params(model, clean)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    where = "held by no shard" if stray == "ghost" else f"found in {SHARDS[1]}"
+    assert_one_sentence(warned[0], INDEX, "1 tensor(s)", f"{name}, listed in {SHARDS[0]} but {where}")
