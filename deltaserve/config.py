@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 
 SUPPORTED_ARCHITECTURES = {
@@ -54,8 +55,10 @@ class QuantConfig:
             return cls._compressed_tensors(q, source)
         if method == "fp8":
             return cls._fp8(q, source)
-        raise ConfigError(f"{source}: {key}.quant_method {method!r} is not supported; deltaserve reads "
-                          f"'awq' and 'compressed-tensors' int4 and block-wise 'fp8' checkpoints.")
+        what = f"{key} has no 'quant_method'" if method is None else \
+            f"{key}.quant_method {method!r} is not supported"
+        raise ConfigError(f"{source}: {what}; deltaserve reads 'awq' and 'compressed-tensors' int4 and block-wise "
+                          f"'fp8' checkpoints.")
 
     @classmethod
     def _fp8(cls, q: dict, source: str) -> "QuantConfig":
@@ -191,7 +194,7 @@ class ModelConfig:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isdir(path):
             what = "is a file, not a directory" if os.path.exists(path) else "does not exist"
-            raise ConfigError(f"Model directory {path!r} {what}.")
+            raise ConfigError(f"Model directory {path!r} {what}{hub_id_hint(path)}.")
         if not os.path.isfile(cfg_path):
             raise ConfigError(f"{cfg_path} not found: a Hugging Face model directory must contain config.json.")
         raw = _read_json(cfg_path)
@@ -307,6 +310,19 @@ class ModelConfig:
 # counts as a full-precision one, as float32 does: dtype="auto" runs it in float32 on CPU, bfloat16 on CUDA.
 _CONFIG_DTYPES = {"float32": "float32", "float": "float32", "float64": "float32", "double": "float32",
                   "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
+
+
+# owner/name, as on the Hugging Face Hub ("Qwen/Qwen3.5-9B"); a path that exists is never taken for one
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def hub_id_hint(path: str) -> str:
+    """For a model path that does not exist but reads as a Hub id: the rest of the sentence saying deltaserve loads
+    local directories only (it downloads nothing), else ''."""
+    if os.path.exists(path) or not _HUB_ID.match(path):
+        return ""
+    return (f"; it looks like a Hugging Face model id, but deltaserve loads local directories only and downloads "
+            f"nothing: fetch it first (huggingface-cli download {path} --local-dir DIR) and pass DIR")
 
 
 def _config_dtype(raw: dict, source: str) -> str | None:

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .config import ConfigError, ModelConfig, QuantConfig
+from .config import ConfigError, ModelConfig, QuantConfig, hub_id_hint
 from .kernels.paged_attention import check_kv_cache_dtype
 from .kernels.paged_attention.kv_quant import check_kv_cache_device
 from .layers.fp8 import use_fp8_kernels
@@ -185,7 +185,8 @@ class LLM:
             tokenizer = os.path.expanduser(os.fspath(tokenizer))
         tok_dir = tokenizer or model
         if tokenizer is not None and not _has_tokenizer(tokenizer):
-            raise TokenizerError(f"tokenizer {tokenizer!r} is not a directory holding tokenizer.json.")
+            raise TokenizerError(f"tokenizer {tokenizer!r} is not a directory holding tokenizer.json"
+                                 f"{hub_id_hint(tokenizer)}.")
         config = ModelConfig.from_hf_dir(model)
         if has_own_lm_head(config, model):  # transformers' rule: such a checkpoint is not tied
             logger.warning("%s: config.json ties the word embeddings, but the checkpoint holds its own lm_head.weight "

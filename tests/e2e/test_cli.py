@@ -120,6 +120,12 @@ def test_error_nonexistent_model_dir(env, tmp_path):
     assert_user_error(res, missing, "does not exist")
 
 
+def test_error_hugging_face_id_says_nothing_is_downloaded(env, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "deltaserve.cli", "generate", "--model", "Qwen/Qwen3.5-9B", "--prompt",
+                          "hi", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
+    assert_user_error(res, "'Qwen/Qwen3.5-9B' does not exist", "Hugging Face model id", "downloads nothing")
+
+
 def test_error_broken_config(env, tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["Qwen3_5ForCausalLM"],')
     res = cli("generate", "--model", str(tmp_path), "--prompt", "hi", "--device", "cpu", env=env)

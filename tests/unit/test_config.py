@@ -375,6 +375,27 @@ def test_missing_directory(tmp_path):
     assert_one_sentence(str(e.value), path, "does not exist")
 
 
+@pytest.mark.parametrize("path, hub", [("Qwen/Qwen3.5-9B", True), ("org/no-such-model", True), ("./Qwen/x", False),
+                                       ("a/b/c", False)], ids=["qwen_id", "other_id", "relative_dir", "deeper_path"])
+def test_a_hub_id_is_said_to_need_a_download(path, hub, tmp_path, monkeypatch):
+    """There are no downloads: a Hugging Face id was "does not exist" with no word of why; now the sentence says it."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf_dir(path)
+    assert_one_sentence(str(e.value), repr(path), "does not exist")
+    assert ("Hugging Face model id" in str(e.value)) == hub, e.value
+    if hub:
+        assert_one_sentence(str(e.value), "downloads nothing", f"huggingface-cli download {path} --local-dir DIR")
+
+
+def test_quantization_config_without_quant_method():
+    """Was "quant_method None is not supported" (Python's None for JSON's absent field)."""
+    with pytest.raises(ConfigError) as e:
+        parse(raw_config("Qwen3_5ForCausalLM", quantization_config={"bits": 4, "group_size": 128}))
+    assert_one_sentence(str(e.value), "quantization_config has no 'quant_method'", "'awq'")
+    assert "None" not in str(e.value)
+
+
 def test_missing_config_json(tmp_path):
     with pytest.raises(ConfigError) as e:
         ModelConfig.from_hf_dir(str(tmp_path))
