@@ -556,6 +556,8 @@ def _chat(args) -> int:
     _merge_model_arg(args)
     _check_sampling_flags(args)
     llm = _build_llm(args)
+    if llm.tokenizer is not None:  # a template that does not compile: one line now, not an error at every message
+        llm.tokenizer.check_chat_template()
     params = _sampling_params(args, llm.sampling_defaults)
     session = ChatSession(llm, params, system=args.system, enable_thinking=not args.no_thinking,
                           hide_thinking=args.hide_thinking)

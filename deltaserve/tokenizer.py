@@ -62,7 +62,9 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 
 @lru_cache(maxsize=8)
-def _compile_chat_template(source: str) -> jinja2.Template:
+def _compile_chat_template(source: str, origin: str | None = None) -> jinja2.Template:
+    """origin: the file the template came from, named in the error (None: one given by the caller)."""
+    what = f"The chat template in {origin}" if origin else "The chat template"
     env = _environment()
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -70,9 +72,9 @@ def _compile_chat_template(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise TokenizerError(f"The chat template is not valid Jinja (line {e.lineno}: {e.message}).") from e
+        raise TokenizerError(f"{what} is not valid Jinja (line {e.lineno}: {e.message}).") from e
     except Exception as e:  # noqa: BLE001 - e.g. a RecursionError in jinja's parser on deeply nested expressions
-        raise TokenizerError(f"The chat template cannot be compiled ({_error_text(e)}).") from e
+        raise TokenizerError(f"{what} cannot be compiled ({_error_text(e)}).") from e
 
 
 def _error_text(e: Exception) -> str:
@@ -220,9 +222,11 @@ def _parsed_arguments(call):
 class Tokenizer:
     """A byte-level BPE tokenizer (`tokenizers` backend) plus the special tokens and chat template of its model."""
 
-    def __init__(self, backend: _Backend, config: dict, chat_template: str | dict[str, str] | None):
+    def __init__(self, backend: _Backend, config: dict, chat_template: str | dict[str, str] | None,
+                 template_file: str | None = None):
         self._backend = backend
         self.chat_template = chat_template  # one template, or {name: template} (old multi-template configs)
+        self.template_file = template_file  # where chat_template came from (errors name it); None: given in code
         # the template variables transformers passes from `special_tokens_map` (only tokens that are set)
         self.special_tokens = {
             name: _token_content(config[name])
@@ -269,6 +273,7 @@ class Tokenizer:
             backend.pre_tokenizer = _byte_level_pre_tokenizer(_QWEN35_SPLIT, config.get("add_prefix_space") is True)
             backend.decoder = decoders.ByteLevel()
         chat_template = config.get("chat_template")
+        template_file = config_file if chat_template else None
         if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             chat_template = {t["name"]: t["template"] for t in chat_template}
         jinja_file = os.path.join(path, "chat_template.jinja")
@@ -276,11 +281,12 @@ class Tokenizer:
             try:
                 with open(jinja_file, encoding="utf-8") as f:
                     chat_template = f.read()
+                template_file = jinja_file
             except OSError as e:
                 raise _unreadable(jinja_file, e) from None
             except UnicodeDecodeError:
                 raise TokenizerError(f"{jinja_file} is not UTF-8 text; save the chat template as UTF-8.") from None
-        return cls(backend, config, chat_template)
+        return cls(backend, config, chat_template, template_file)
 
     # ---- ids <-> text ----
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -334,7 +340,15 @@ class Tokenizer:
         if not isinstance(source, str) or not source.strip():
             raise TokenizerError("The chat template must be a non-empty Jinja template string.")
         _compile_chat_template(source)
-        self.chat_template = source
+        self.chat_template, self.template_file = source, None
+
+    def check_chat_template(self) -> None:
+        """TokenizerError naming the file where the model's own chat template (each of an old multi-template config's)
+        is not valid Jinja: what a chat would otherwise report at its first message (deltaserve chat checks first)."""
+        templates = self.chat_template if isinstance(self.chat_template, dict) else {None: self.chat_template}
+        for source in templates.values():
+            if isinstance(source, str) and source:
+                _compile_chat_template(source, self.template_file)
 
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
@@ -427,7 +441,8 @@ class Tokenizer:
         if chat_template is not None and not isinstance(chat_template, str):
             raise TokenizerError(f"chat_template must be a Jinja template string, got {type(chat_template).__name__}.")
         source = chat_template or self._pick_template(bool(tools))
-        template = _compile_chat_template(source)  # first: a template that does not compile is one sentence
+        # first: a template that does not compile is one sentence, naming the file where it is the model's own
+        template = _compile_chat_template(source, None if chat_template else self.template_file)
         if content_format != "auto":
             return template, None if content_format == "openai" else "\n"
         return template, "" if _renders_parts(source) else "\n"

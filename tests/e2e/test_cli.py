@@ -126,6 +126,23 @@ def test_error_hugging_face_id_says_nothing_is_downloaded(env, tmp_path):
     assert_user_error(res, "'Qwen/Qwen3.5-9B' does not exist", "Hugging Face model id", "downloads nothing")
 
 
+def test_error_chat_with_a_template_that_does_not_compile(made, env, tmp_path):
+    """deltaserve chat started, then answered every message with the error (and exited 0); now it stops at start,
+    naming the file."""
+    _, path = made
+    shutil.copytree(path, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.content }"
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(config))
+    res = subprocess.run([sys.executable, "-m", "deltaserve.cli", "chat", "--model", str(tmp_path / "m"), "--device",
+                          "cpu"], input="hello\n/exit\n", capture_output=True, text=True, env=env, timeout=180)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr  # after loading: INFO lines first
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: The chat template in ") and "not valid Jinja" in last, res.stderr
+    assert str(tmp_path / "m" / "tokenizer_config.json") in last, last
+    assert ">>>" not in res.stdout, res.stdout
+
+
 def test_error_broken_config(env, tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["Qwen3_5ForCausalLM"],')
     res = cli("generate", "--model", str(tmp_path), "--prompt", "hi", "--device", "cpu", env=env)

@@ -206,6 +206,27 @@ def test_raise_exception_becomes_tokenizer_error(tokenizer_dir, tmp_path):
         Tokenizer.from_dir(str(tmp_path)).apply_chat_template([{"role": "user", "content": "x"}])
 
 
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+def test_a_template_that_does_not_compile_names_its_file(tokenizer_dir, tmp_path, where):
+    """check_chat_template (deltaserve chat runs it at start) and a chat both name the file holding the bad template;
+    the error said only "The chat template", and deltaserve chat found it at the first message, not at start."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes(open(os.path.join(tokenizer_dir, name), "rb").read())
+    bad = "{% for m in messages %}{{ m.content }"
+    if where == "chat_template.jinja":
+        (tmp_path / where).write_text(bad)
+    else:
+        config = json.loads((tmp_path / where).read_text())
+        (tmp_path / where).write_text(json.dumps({**config, "chat_template": bad}))
+    tok = Tokenizer.from_dir(str(tmp_path))
+    for call in (tok.check_chat_template, lambda: tok.apply_chat_template([{"role": "user", "content": "x"}])):
+        with pytest.raises(TokenizerError) as e:
+            call()
+        assert str(e.value).startswith(f"The chat template in {tmp_path / where} is not valid Jinja (line 1"), e.value
+    tok.set_chat_template("{{ messages[0].content }}")  # a template given in code: no file to name, and it compiles
+    tok.check_chat_template()
+
+
 def test_missing_dir_error(tmp_path):
     missing = str(tmp_path / "nope")
     with pytest.raises(TokenizerError, match="No tokenizer.json in .*nope"):
