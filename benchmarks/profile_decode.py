@@ -86,7 +86,7 @@ def main() -> None:
     timers.wrap(eng, "step", "step (wall)")
     timers.wrap(eng.scheduler, "schedule", "schedule")
     timers.wrap(runner, "plan", "plan")
-    timers.wrap(runner, "build_batch", "staging copies")
+    timers.wrap(runner.graphs, "stage", "staging copies")
     timers.wrap(runner.graphs, "run", "graph launch")
     timers.wrap(runner.model, "compute_logits", "logits launch")
     timers.wrap(runner, "_sample", "sample launch")
