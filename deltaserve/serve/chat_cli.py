@@ -2,7 +2,8 @@
 
 Streams the answer as it is generated, keeps the conversation (multi-turn) until `/reset`, quits on `/exit` or
 Ctrl-D; Ctrl-C stops the current answer (the request is aborted) and returns to the prompt. Reasoning
-(`<think>…</think>`) is shown dimmed, or not at all with `hide_thinking`.
+(`<think>…</think>`) is shown dimmed, or not at all with `hide_thinking`. A message spans several lines between
+triple double quotes (as in `ollama run`) or while each line ends in a backslash (as in llama.cpp's CLI).
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from ..llm import EngineDeadError
 from ..sampling_params import SamplingParams
 from .reasoning import ReasoningParser, Split, prompt_opens_thinking
 
-HELP = "Commands: /reset clears the conversation, /exit quits (or Ctrl-D); Ctrl-C stops an answer."
+HELP = ("Commands: /reset clears the conversation, /exit quits (or Ctrl-D); Ctrl-C stops an answer.\n"
+        'Several lines: start a message with """ and end it with """, or end a line with \\ to go on.')
+BLOCK = '"""'
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
@@ -151,6 +154,41 @@ class ChatSession:
         return f"(answer cut at --max-tokens {len(c.token_ids)})"
 
 
+def read_message(first: str, prompt: str) -> str:
+    """The message whose first line is `first`: that line; or a block opened by \"\"\" and read with input(prompt) up
+    to the line that ends with \"\"\" (the quotes dropped); or, while a line ends in one backslash, it and the next
+    (the backslash dropped). Newlines are kept; inside a block a backslash is text. EOFError / KeyboardInterrupt
+    from input() inside an unfinished message propagate: the caller drops it."""
+    head = first.lstrip()
+    if head.startswith(BLOCK):
+        return _read_block(head[len(BLOCK):], prompt)
+    lines = []
+    while _continues(first):
+        lines.append(first.rstrip()[:-1])
+        first = input(prompt)
+    return "\n".join([*lines, first])
+
+
+def _continues(line: str) -> bool:
+    """Ends in one backslash, trailing spaces aside (a line ending in two is sent as typed)."""
+    end = line.rstrip()
+    return end.endswith("\\") and not end.endswith("\\\\")
+
+
+def _read_block(rest: str, prompt: str) -> str:
+    """`rest`: the opening line after its quotes; a block opened and closed on one line is a plain message."""
+    lines = [rest]
+    while not lines[-1].rstrip().endswith(BLOCK):
+        lines.append(input(prompt))
+    lines[-1] = lines[-1].rstrip()[:-len(BLOCK)]
+    # a bare closing or opening line holds no text of the message (blank lines between them are kept)
+    if not lines[-1].strip():
+        lines.pop()
+    if lines and not lines[0].strip():
+        lines.pop(0)
+    return "\n".join(lines)
+
+
 def run(session: ChatSession, banner: str, stdin: TextIO = sys.stdin) -> int:
     """The read-eval loop; returns the exit status."""
     out = session.out
@@ -194,4 +232,13 @@ def run(session: ChatSession, banner: str, stdin: TextIO = sys.stdin) -> int:
         elif cmd.startswith("/"):
             out.write(f"unknown command {cmd}. {HELP}\n")
         else:
-            session.ask(line)
+            try:  # a continuation prompt on a terminal only: piped, each line of a block would print one
+                text = read_message(line, "... " if stdin.isatty() else "")
+            except EOFError:
+                out.write("\n(end of input: the unfinished message was not sent)\n")
+                return 0
+            except KeyboardInterrupt:
+                out.write("\n(dropped: the unfinished message was not sent)\n")
+                continue
+            if text.strip():  # an empty block, as an empty line, sends nothing
+                session.ask(text)

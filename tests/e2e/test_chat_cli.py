@@ -224,3 +224,93 @@ def test_chat_says_when_an_answer_was_cut(model_dir, flags, note):
     out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
     assert res.returncode == 0 and "Traceback" not in err, err
     assert "word word" in out and note in out, out
+
+
+def test_chat_reads_multiline_messages_from_piped_input(model_dir):
+    """A message of several lines: a \"\"\" block (slash lines inside it are text, not commands) or lines ending in a
+    backslash, each sent as one message with its newlines; \"\"\"text\"\"\" on one line is a plain message, an empty
+    block sends nothing, and end of input inside a block says the message was not sent. Each line used to be a
+    message of its own, and a "/reset" line inside pasted text cleared the conversation."""
+    import subprocess
+
+    turn = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    # the whole prompt (history included) is matched and the first rule wins: the latest message's rule comes first
+    rules = [{"contains": [turn.format("ONE line")], "output": "Got one line."},
+             {"contains": [turn.format("first \nsecond")], "output": "Got the continuation."},
+             {"contains": [turn.format('def f():\n    return "x"\n/reset\n\nBLOCK end')], "output": "Got the block."}]
+    lines = ['"""', "def f():", '    return "x"', "/reset", "", 'BLOCK end"""',  # the block
+             "first \\", "second",  # the backslash continues the line
+             '"""ONE line"""',
+             '"""', "", '"""', '""""""',  # empty blocks: nothing sent
+             "/help",  # a command on a message's first line still works
+             '"""', "UNSENT text"]  # end of input inside a block
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DELTASERVE_TEST_FORCED_OUTPUTS": json.dumps(rules)}
+    res = subprocess.run([sys.executable, "-m", "deltaserve.cli", "chat", str(model_dir), "--device", "cpu",
+                          "--max-model-len", "1024", "--max-tokens", "20"], input="\n".join(lines).encode() + b"\n",
+                         capture_output=True, env=env, timeout=300)
+    out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
+    assert res.returncode == 0 and "Traceback" not in err and "error:" not in err, err
+    # each message answered once: a message sent again (an empty block, the unsent one) would repeat one of them
+    for answer in ("Got the block.", "Got the continuation.", "Got one line."):
+        assert out.count(answer) == 1, (answer, out)
+    assert "(conversation cleared)" not in out and "unknown command" not in out, out
+    assert out.count('start a message with """') == 2, out  # the banner's help and /help's
+    assert out.endswith("(end of input: the unfinished message was not sent)\n"), out
+    assert "... " not in out, out  # no continuation prompt for piped input
+
+
+def test_chat_multiline_prompt_interrupt_and_eof_on_a_terminal(model_dir):
+    """On a terminal a block or a continued line shows the "... " prompt; Ctrl-C inside a block drops it (and the
+    chat goes on), Ctrl-D inside one says the message was not sent and quits."""
+    chat = start_chat(model_dir)
+    try:
+        chat.read_until(">>> ", timeout=120)
+        chat.send('"""\r')
+        chat.read_until("... ")
+        chat.send("not sent\r")
+        chat.read_until("... ")
+        # CPython's readline sees a SIGINT only when it interrupts its wait for a key: one landing between the
+        # prompt's write and that wait shows only at the next key (a person is never that quick)
+        time.sleep(0.5)
+        chat.send("\x03")  # Ctrl-C drops the block, not the program
+        out, _ = chat.read_until(">>> ")
+        assert "(dropped: the unfinished message was not sent)" in out, out
+        chat.send("hi \\\r")
+        chat.read_until("... ")
+        chat.send("FIRST\r")
+        out, _ = chat.read_until(">>> ")
+        assert ANSWER in out, out
+        chat.send("again\r")  # the continued message and its answer are in the history
+        out, _ = chat.read_until(">>> ")
+        assert "I remember you." in out, out
+        chat.send('"""\r')
+        chat.read_until("... ")
+        chat.send("\x04")  # Ctrl-D inside a block: the message is not sent, the chat ends as on Ctrl-D
+        chat.read_until("(end of input: the unfinished message was not sent)")
+        assert chat.wait() == 0
+    finally:
+        try:
+            os.kill(chat.pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("lines,message", [
+    (["plain"], "plain"),
+    (['"""', "  indented", "", "/exit", 'last"""'], "  indented\n\n/exit\nlast"),
+    (['""" opened here', "ends \\", '  """  '], " opened here\nends \\"),  # a backslash in a block is text
+    (['"""one line"""'], "one line"),
+    (['""""""'], ""),
+    (['"""', "", '"""'], ""),
+    (["a \\", "b\\", "c"], "a \nb\nc"),
+    (["ends in two \\\\"], "ends in two \\\\"),
+], ids=["plain", "block", "block-opened-with-text", "one-line-block", "empty", "blank-block", "backslash",
+        "double-backslash"])
+def test_read_message(monkeypatch, lines, message):
+    """How the lines after a message's first are read into it (what the e2e tests above drive through the CLI)."""
+    from deltaserve.serve.chat_cli import read_message
+
+    rest = iter(lines[1:])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(rest))
+    assert read_message(lines[0], "") == message
+    assert next(rest, None) is None  # read to the message's end, and not beyond
