@@ -236,7 +236,9 @@ def _add_bench_parser(sub) -> None:
 def _add_chat_parser(sub) -> None:
     chat = sub.add_parser("chat", help="interactive chat in the terminal",
                           description="Chat with a model in the terminal: streamed answers, multi-turn history, "
-                                      "/reset, /exit. Reasoning is shown dimmed unless --hide-thinking.")
+                                      "/reset, /exit; a message of several lines between two \"\"\" lines, or "
+                                      "with a \\ ending each line but the last. Reasoning is shown dimmed unless "
+                                      "--hide-thinking.")
     _add_model_arg(chat)
     g = chat.add_argument_group("chat")
     g.add_argument("--system", default=None, help="system prompt")
