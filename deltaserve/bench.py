@@ -130,6 +130,13 @@ def decode_step_bytes(llm, batch: int, context: int) -> float:
 
 def bench_decode(llm, batch: int, context: int, steps: int) -> float:
     """Seconds per decode step with `batch` sequences at about `context` tokens each."""
+    return decode_step_times(llm, batch, context, steps)[0]
+
+
+def decode_step_times(llm, batch: int, context: int, steps: int) -> tuple[float, list[float]]:
+    """(seconds per decode step over `steps` steps with `batch` sequences at about `context` tokens each, from the
+    first step's start to the device's end; each step's own wall time, seconds). Under async scheduling a step's
+    wall time is the host's launch of it plus its wait for the step before: the gaps a streaming client sees."""
     from .sampling_params import SamplingParams
 
     eng = llm.engine
@@ -143,15 +150,18 @@ def bench_decode(llm, batch: int, context: int, steps: int) -> float:
     for _ in range(3):  # warm-up decode steps
         eng.step()
     _sync(llm.device)
+    each = []
     t = time.perf_counter()
     for _ in range(steps):
+        t_step = time.perf_counter()
         eng.step()
+        each.append(time.perf_counter() - t_step)
     _sync(llm.device)
     dt = (time.perf_counter() - t) / steps
     _check_whole_batch(llm, batch, context, steps)
     for rid in ids:
         eng.abort(rid)
-    return dt
+    return dt, each
 
 
 def _check_whole_batch(llm, batch: int, context: int, steps: int) -> None:
@@ -214,19 +224,27 @@ def run_bench(llm, prompt_lens: list[int], batch_sizes: list[int], context: int,
             rows.append(dict(kind=kind, size=f"{prefill_count}x{n}" if prefill_count > 1 else n, ms=t * 1e3,
                              tok_per_s=prefill_count * n / t, bound_ms=bound * 1e3, fraction_of_bound=bound / t))
         else:
-            t = bench_decode(llm, n, context, steps)
+            t, each = decode_step_times(llm, n, context, steps)
             bound = decode_step_bytes(llm, n, context) / bounds.copy_bytes_per_s
             rows.append(dict(kind=kind, size=n, ms=t * 1e3, tok_per_s=n / t, bound_ms=bound * 1e3,
-                             fraction_of_bound=bound / t))
+                             fraction_of_bound=bound / t, p99_ms=percentile(each, 99) * 1e3))
     return rows
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank q-th percentile of values (the largest of fewer than 100 at q = 99)."""
+    ordered = sorted(values)
+    return ordered[max(0, -(-len(ordered) * q // 100) - 1)]
+
+
 def format_table(rows: list[dict], header: str) -> str:
-    lines = [header, f"{'phase':<8}{'size':>7}{'ms':>11}{'tok/s':>12}{'bound ms':>11}{'of bound':>10}"]
+    lines = [header, f"{'phase':<8}{'size':>7}{'ms':>11}{'tok/s':>12}{'bound ms':>11}{'of bound':>10}{'p99 ms':>9}"]
     for r in rows:
         bound = f"{r['bound_ms']:>11.3f}{r['fraction_of_bound']:>10.2f}" if r["bound_ms"] == r["bound_ms"] else \
             f"{'n/a':>11}{'n/a':>10}"  # NaN: no bound measured (CPU)
-        lines.append(f"{r['kind']:<8}{r['size']:>7}{r['ms']:>11.3f}{r['tok_per_s']:>12.1f}{bound}")
+        p99 = f"{r['p99_ms']:>9.3f}" if "p99_ms" in r else f"{'':>9}"
+        lines.append(f"{r['kind']:<8}{r['size']:>7}{r['ms']:>11.3f}{r['tok_per_s']:>12.1f}{bound}{p99}".rstrip())
     lines.append("size: prompt tokens [x prompts] (prefill) or batch size (decode); bound: FLOPs / measured GEMM rate for "
-                 "prefill, bytes touched / measured copy bandwidth for decode (measured on CUDA only)")
+                 "prefill, bytes touched / measured copy bandwidth for decode (measured on CUDA only); p99 ms: the "
+                 "99th percentile of the timed decode steps' own wall times")
     return "\n".join(lines)

@@ -257,7 +257,8 @@ def test_bench_cli_runs_a_quantized_preset(preset, tiny_presets, capsys):
     rows = [line.split() for line in out.splitlines() if line.startswith(("prefill", "decode"))]
     assert [r[:2] for r in rows] == [["prefill", "16"], ["decode", "1"], ["decode", "2"]]
     assert all(float(r[3]) > 0 for r in rows)  # tok/s
-    assert all(r[4:] == ["n/a", "n/a"] for r in rows)  # no bound measured on the CPU (it printed nan)
+    assert all(r[4:6] == ["n/a", "n/a"] for r in rows)  # no bound measured on the CPU (it printed nan)
+    assert [len(r) for r in rows] == [6, 7, 7] and all(float(r[6]) > 0 for r in rows[1:])  # decode rows: p99 ms
 
 
 def test_bench_decode_rows_hold_the_whole_batch_under_a_chunked_prefill(tiny_presets, capsys):
@@ -267,8 +268,18 @@ def test_bench_decode_rows_hold_the_whole_batch_under_a_chunked_prefill(tiny_pre
     argv = ["bench", *BENCH_ARGS, "--preset", "tiny-dense", "--batch-sizes", "8", "--context", "64",
             "--num-kv-blocks", "256", "--max-num-batched-tokens", "64"]
     assert cli.main(argv) == 0, capsys.readouterr().err
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("decode")]
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("decode")]
     assert [r[:2] for r in rows] == [["decode", "8"]]
+    # ms, tok/s, bound (n/a on CPU), p99 ms: no step is faster than the mean of all of them
+    assert len(rows[0]) == 7 and float(rows[0][6]) >= float(rows[0][2]) * 0.5, out
+
+
+def test_percentile_is_nearest_rank():
+    from deltaserve.bench import percentile
+
+    assert percentile([3.0, 1.0, 2.0], 99) == 3.0 and percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(list(range(1, 401)), 99) == 396 and percentile([5.0], 99) == 5.0
 
 
 @pytest.mark.parametrize("argv, needle", [
