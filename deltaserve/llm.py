@@ -32,6 +32,7 @@ from .runtime.scheduler import Scheduler
 from .runtime.state_pool import StatePool
 from .sampling_params import SamplingParams, _is_int, _plain
 from .tiny import random_init_
+from .hf_tokenizer import HFTokenizer
 from .tokenizer import Tokenizer, TokenizerError
 from .worker.distributed import SINGLE, TPGroup, TPWorkers, check_tp_size, init_group, rank_device, shard_config
 from .worker.model_runner import ModelRunner, kv_bytes_per_block, profile_activation_bytes, state_bytes_per_slot
@@ -240,6 +241,8 @@ class LLM:
                                      expert_parallel=_expert_parallel(config, enable_expert_parallel,
                                                                       tensor_parallel_size))
         self.config, self.tokenizer, self._workers = config, tokenizer, None
+        # get_tokenizer()'s: transformers' names and defaults over the same tokenizer (the engine keeps its own)
+        self._hf_tokenizer = None if tokenizer is None else HFTokenizer(tokenizer)
         # request id -> the queue of the open generate_stream that owns it: whoever steps the engine (another stream,
         # generate, abort) hands that request's outputs there, so open streams never see or lose each other's
         self._inbox: dict[str, deque[RequestOutput]] = {}
@@ -338,10 +341,11 @@ class LLM:
         would be a reference cycle, and the LLM's tensor-parallel workers stop when it is garbage-collected)."""
         return LLMEngine(self, *self._dirs)
 
-    def get_tokenizer(self) -> Tokenizer | None:
-        """The tokenizer (vLLM's accessor): deltaserve's own, with encode / decode / apply_chat_template (None for a
-        model without tokenizer.json)."""
-        return self.tokenizer
+    def get_tokenizer(self) -> HFTokenizer | None:
+        """The tokenizer (vLLM's accessor), answering as transformers' tokenizer does (its defaults: decode keeps
+        special tokens, apply_chat_template returns ids; see HFTokenizer); None for a model without tokenizer.json.
+        `llm.tokenizer` is deltaserve's own, with deltaserve's defaults."""
+        return self._hf_tokenizer
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes now (idempotent; a no-op without TP). The LLM is unusable after."""
@@ -465,7 +469,7 @@ class LLM:
         kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
                   "chat_template": chat_template, "chat_template_content_format": chat_template_content_format,
                   **extra}  # theirs win
-        prompts = [self.tokenizer.apply_chat_template(c, tools=tools, **kwargs) for c in convs]
+        prompts = [self.tokenizer.apply_chat_template(c, tools=tools, tokenize=False, **kwargs) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _add_all(self, items: list, params: list[SamplingParams]) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 from .config import ModelConfig
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
-from .tokenizer import Tokenizer
+from .hf_tokenizer import HFTokenizer
 
 if TYPE_CHECKING:
     from .llm import LLM
@@ -42,12 +42,12 @@ class LLMEngine:
         self.model_config = EngineModelConfig(model, tokenizer, llm.dtype, llm.max_model_len, llm.config)
 
     @property
-    def tokenizer(self) -> Tokenizer | None:
-        return self._llm.tokenizer
+    def tokenizer(self) -> HFTokenizer | None:
+        return self._llm.get_tokenizer()
 
-    def get_tokenizer(self) -> Tokenizer | None:
-        """The LLM's tokenizer (None for a model without tokenizer.json)."""
-        return self._llm.tokenizer
+    def get_tokenizer(self) -> HFTokenizer | None:
+        """The LLM's get_tokenizer(): transformers' surface (None for a model without tokenizer.json)."""
+        return self._llm.get_tokenizer()
 
     def get_model_config(self) -> EngineModelConfig:
         return self.model_config

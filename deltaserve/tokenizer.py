@@ -223,16 +223,21 @@ class Tokenizer:
     """A byte-level BPE tokenizer (`tokenizers` backend) plus the special tokens and chat template of its model."""
 
     def __init__(self, backend: _Backend, config: dict, chat_template: str | dict[str, str] | None,
-                 template_file: str | None = None):
+                 template_file: str | None = None, name_or_path: str = ""):
         self._backend = backend
         self.chat_template = chat_template  # one template, or {name: template} (old multi-template configs)
         self.template_file = template_file  # where chat_template came from (errors name it); None: given in code
+        self.name_or_path = name_or_path  # the folder it was loaded from, as given (transformers' name_or_path)
         # the template variables transformers passes from `special_tokens_map` (only tokens that are set)
         self.special_tokens = {
             name: _token_content(config[name])
             for name in ("bos_token", "eos_token", "unk_token", "pad_token")
             if _token_content(config.get(name)) is not None
         }
+        self.all_special_tokens = _all_special_tokens(config)  # transformers' list, in its order
+        max_length = config.get("model_max_length")
+        # transformers' VERY_LARGE_INTEGER stands for "no limit" when the config gives none
+        self.model_max_length = max_length if isinstance(max_length, int) else int(1e30)
 
     @classmethod
     def from_dir(cls, path: str) -> Tokenizer:
@@ -286,7 +291,7 @@ class Tokenizer:
                 raise _unreadable(jinja_file, e) from None
             except UnicodeDecodeError:
                 raise TokenizerError(f"{jinja_file} is not UTF-8 text; save the chat template as UTF-8.") from None
-        return cls(backend, config, chat_template, template_file)
+        return cls(backend, config, chat_template, template_file, path)
 
     # ---- ids <-> text ----
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -310,6 +315,15 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids, added tokens included (`len(hf_tokenizer)`; may be below the model's embedding rows)."""
         return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def base_vocab_size(self) -> int:
+        """Number of ids without the added tokens (transformers' `vocab_size`)."""
+        return self._backend.get_vocab_size(with_added_tokens=False)
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every token (byte-level spelling) -> its id, added tokens included."""
+        return self._backend.get_vocab(with_added_tokens=True)
 
     def __len__(self) -> int:
         """vocab_size, as transformers' and vLLM's `len(tokenizer)` gives it (their `vocab_size` leaves out the added
@@ -477,6 +491,23 @@ def _loads_as_qwen35(path: str, config: dict) -> bool:
     except (OSError, ValueError, AttributeError):  # none, or not an object: the model's loader reports a bad one
         return False
     return model_type in _QWEN35_MODEL_TYPES
+
+
+# transformers' named special tokens, in the order its all_special_tokens lists them
+_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _all_special_tokens(config: dict) -> list[str]:
+    """transformers' `all_special_tokens` from tokenizer_config.json: the named special tokens, then model-specific
+    ones (other `*_token` keys holding a token, e.g. image_token, and those of an `extra_special_tokens` object),
+    then `extra_special_tokens` (`additional_special_tokens` in older files) given as a list; each once."""
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    model_specific = [v for k, v in config.items() if k.endswith("_token") and k not in _NAMED_SPECIAL_TOKENS]
+    if isinstance(extra, dict):
+        model_specific, extra = model_specific + list(extra.values()), []
+    tokens = [config.get(k) for k in _NAMED_SPECIAL_TOKENS] + model_specific + list(extra)
+    contents = [_token_content(t) for t in tokens if isinstance(t, (str, dict))]
+    return list(dict.fromkeys(c for c in contents if isinstance(c, str)))
 
 
 def _unreadable(path: str, e: OSError) -> TokenizerError:

@@ -95,9 +95,14 @@ def test_quantization_chunked_prefill_and_pipeline_arguments(path, tmp_path):
 def test_get_tokenizer_and_a_tokenized_chat_template(llm):
     tok = llm.get_tokenizer()
     msgs = [{"role": "user", "content": "hi"}]
-    text = tok.apply_chat_template(msgs, add_generation_prompt=True)
-    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-    assert isinstance(text, str) and ids == tok.encode(text)  # tokenize=True gave the text, silently
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)  # transformers' tokenize=True
+    assert isinstance(text, str) and ids == tok.encode(text)
+    # transformers' defaults, as vLLM's get_tokenizer() (the HF tokenizer) gives them: a dict of ids, no generation
+    # prompt; decode keeps the special tokens
+    no_prompt = tok.encode(text.removesuffix("<|im_start|>assistant\n"))
+    assert dict(tok.apply_chat_template(msgs)) == {"input_ids": no_prompt, "attention_mask": [1] * len(no_prompt)}
+    assert tok.decode(ids) == text and tok(text).input_ids == ids
     by_ids = llm.generate({"prompt_token_ids": ids}, greedy(), use_tqdm=False)[0].outputs[0]
     assert by_ids.token_ids == llm.chat(msgs, greedy(), use_tqdm=False)[0].outputs[0].token_ids
 
@@ -107,7 +112,7 @@ def test_chat_template_kwargs_may_set_add_generation_prompt(llm):
     msgs = [{"role": "user", "content": "hi"}]
     out = llm.chat(msgs, greedy(), use_tqdm=False, chat_template_kwargs={"add_generation_prompt": False})[0]
     tok = llm.get_tokenizer()
-    assert out.prompt_token_ids == tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=False))
+    assert out.prompt_token_ids == tok.apply_chat_template(msgs, add_generation_prompt=False, return_dict=False)
 
 
 def test_detokenize_false_and_spaces_between_special_tokens(llm):
@@ -185,8 +190,8 @@ def test_chat_continues_the_final_message(llm):
     # text that also occurs in the template's end of turn: the cut was at its last occurrence, inside "<|im_end|>"
     for text in ("end", "im", "The end"):
         msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]
-        prompt = tok.apply_chat_template(msgs, add_generation_prompt=False, continue_final_message=True)
-        whole = tok.apply_chat_template(msgs, add_generation_prompt=False)
+        prompt = tok.apply_chat_template(msgs, add_generation_prompt=False, continue_final_message=True, tokenize=False)
+        whole = tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
         assert prompt.endswith("\n" + text) and whole[len(prompt):].startswith("<|im_end|>"), (text, prompt)
 
 
@@ -418,7 +423,7 @@ def test_llm_engine_keeps_no_cycle_with_its_llm(path):
     """An LLM whose llm_engine was used is still freed when its last reference goes (its tensor-parallel workers stop
     then), not only at the next cyclic garbage collection."""
     other = LLM(model=path, device="cpu", dtype="float32")
-    assert other.llm_engine.get_tokenizer() is other.tokenizer
+    assert other.llm_engine.get_tokenizer() is other.get_tokenizer()
     ref = weakref.ref(other)
     gc.disable()
     try:
