@@ -638,6 +638,9 @@ def _normalise_prompts(prompts) -> list:
     for p in items:
         if isinstance(p, dict):
             p = {k: v for k, v in p.items() if v is not None or k not in _VLLM_PROMPT_OPTIONS}  # None: absent
+            if "input_ids" in p and not {"prompt", "prompt_token_ids"} & set(p):
+                raise ValueError("this prompt is a tokenizer's output ({'input_ids', ...}, e.g. get_tokenizer()."
+                                 "apply_chat_template's default): pass {'prompt_token_ids': enc['input_ids']}")
             if extra := sorted(map(str, set(p) - {"prompt", "prompt_token_ids"})):
                 raise ValueError(f"a prompt dict takes 'prompt' (a string) or 'prompt_token_ids' (a list of ids); "
                                  f"{', '.join(map(repr, extra))} is not supported")

@@ -325,6 +325,16 @@ def test_vllms_optional_prompt_keys_are_absent_when_none(llm, key):
         llm.generate({"prompt": "hi there", "promt": None}, greedy(), use_tqdm=False)
 
 
+def test_a_tokenizers_output_as_a_prompt_says_what_to_pass(llm):
+    """get_tokenizer().apply_chat_template returns {'input_ids', 'attention_mask'} by default, as transformers 5 does;
+    passed to generate as it is, it was refused as two unsupported keys."""
+    enc = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    with pytest.raises(ValueError, match=r"pass \{'prompt_token_ids': enc\['input_ids'\]\}"):
+        llm.generate(enc, greedy(), use_tqdm=False)
+    out = llm.generate({"prompt_token_ids": enc["input_ids"]}, greedy(), use_tqdm=False)[0]
+    assert out.prompt_token_ids == enc["input_ids"]
+
+
 @pytest.mark.parametrize("bad", [1.0, 0.0, 2.5, "3", None, True, np.float32(1), torch.tensor(1.0)],
                          ids=["1.0", "0.0", "2.5", "str", "None", "True", "np.float32", "float-tensor"])
 def test_token_ids_must_be_integers(llm, bad):
