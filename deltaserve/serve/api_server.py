@@ -9,12 +9,16 @@ Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}` with
 not sent as application/json, as in vLLM), 401 (API key), 404 (unknown model or route), 500 (engine failure), 503
 (shutting down).
 SIGTERM / SIGINT: new requests are refused, running ones get `shutdown_timeout` seconds to finish, then are
-aborted (their streams end with finish_reason "abort"), and the process exits.
+aborted (their streams end with finish_reason "abort"), and the process exits: status 0 after SIGTERM, 130 after
+Ctrl-C (the CLI's KeyboardInterrupt). An engine that cannot run requests any more (its thread died, a tensor-parallel
+worker exited, the CUDA device broke) shuts the server down the same way, with one error line and status 1, as vLLM's
+does; a step that merely failed answers its requests 500 and the server goes on.
 """
 from __future__ import annotations
 
 import hmac
 import logging
+import signal
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -153,6 +157,15 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: AsyncEngine, grace_s: float):
         super().__init__(config)
         self.engine, self.grace_s = engine, grace_s
+        self.engine_failure: str | None = None  # why the engine died, when that ended the server
+        engine.on_dead = self.engine_died
+
+    def engine_died(self, reason: str) -> None:
+        """On the event loop: the engine cannot run requests any more, so stop serving (a supervisor restarts us)."""
+        logger.error("the engine cannot run requests any more (%s); shutting the server down", reason)
+        self.engine_failure = reason
+        self.engine.begin_shutdown(self.grace_s)
+        self.should_exit = True
 
     def handle_exit(self, sig, frame) -> None:
         if not self.should_exit:
@@ -161,6 +174,12 @@ class _Server(uvicorn.Server):
         if loop is not None:  # not directly: the handler may interrupt the loop thread inside an Event lock
             loop.call_soon_threadsafe(self.engine.begin_shutdown, self.grace_s)
         super().handle_exit(sig, frame)
+        # uvicorn re-raises the signals it caught once it has shut down: SIGTERM then killed the process (status
+        # -15, skipping atexit and the TP workers' orderly stop) after a clean shutdown; exit 0 instead. SIGINT
+        # stays: it becomes the CLI's KeyboardInterrupt, status 130
+        captured = getattr(self, "_captured_signals", None)  # uvicorn >= 0.29; older ones do not re-raise
+        if sig == signal.SIGTERM and captured and captured[-1] == sig:
+            captured.pop()
 
 
 def run_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -177,4 +196,7 @@ def run_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=shutdown_timeout + 2)
     logger.info("serving %r on http://%s:%d (OpenAI API under /v1)", model_name, host, port)
-    _Server(config, engine, shutdown_timeout).run()
+    server = _Server(config, engine, shutdown_timeout)
+    server.run()
+    if server.engine_failure is not None:
+        raise SystemExit(1)  # logged by engine_died

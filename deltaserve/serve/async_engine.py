@@ -6,7 +6,11 @@ thread-safe queue that the thread drains between steps. Outputs go back to the e
 (`_streams`, metrics) is touched by the event-loop thread only.
 
 A step that raises fails every request in flight with `EngineError` (the server answers 500) and aborts them so
-their KV blocks and state slots are freed; the thread keeps serving new requests.
+their KV blocks and state slots are freed; the thread keeps serving new requests, since EngineCore is consistent again
+after such a step (a bug one batch hit, an out-of-memory). Unless the engine cannot run again: its thread died, a
+tensor-parallel worker exited, or the CUDA device is broken (a sticky error such as an illegal memory access fails
+every later kernel). Then it is `dead`: new requests are refused and `on_dead(reason)` is called once on the event
+loop (the server shuts down there, as vLLM's does when its engine dies).
 """
 from __future__ import annotations
 
@@ -93,6 +97,7 @@ class AsyncEngine:
         self._abort_all_at: float | None = None  # set by begin_shutdown: abort what still runs at this time
         self.accepting = True
         self.dead = False
+        self.on_dead = None  # called once, on the event loop, with why, when the engine cannot run requests any more
 
     # ---- lifecycle (event-loop thread) ----
     def start(self) -> None:
@@ -209,6 +214,8 @@ class AsyncEngine:
             while not self._stop:
                 self._drain_commands()
                 self._abort_all_if_due()
+                if self.llm.tp_lost and not self.dead:  # the watchdog saw a worker exit, maybe while idle
+                    self._declare_dead(self.llm.tp_failure() or "a tensor-parallel worker exited")
                 if self.core.has_unfinished():
                     self._step()
                 else:
@@ -219,8 +226,8 @@ class AsyncEngine:
             self._abort_all()
         except BaseException as e:  # noqa: BLE001 - the thread must report, not vanish
             logger.exception("engine thread died")
-            self.dead = True
-            self._post(self._fail_all, EngineStopped(f"the engine thread died: {e}"))
+            self._post(self._fail_all, EngineError(f"the engine thread died: {type(e).__name__}: {e}"))
+            self._declare_dead(f"the engine thread died: {type(e).__name__}: {e}")
 
     def _drain_commands(self) -> None:
         while True:
@@ -266,15 +273,30 @@ class AsyncEngine:
             rids = [out.request_id for out in failed] + list(core.groups)
             logger.exception("engine step failed; aborting the %d requests in flight", len(rids))
             reason = str(e)
-            if (why := self.llm.tp_failure(wait=1.0)) is not None:  # it cannot run again: /health turns 503 and
-                self.dead = True  # new requests are refused, instead of each failing on a broken pipe
+            # it cannot run again: /health turns 503, new requests are refused (instead of each failing on a broken
+            # pipe or a broken device) and the server shuts down
+            if (why := self.llm.tp_failure(wait=1.0)) is not None:  # a broken pipe: the worker's exit tells more
                 reason = f"{why}; the server cannot run requests any more"
+            elif (why := _device_failure(self.llm.device)) is not None:
+                reason = f"{reason} ({why}); the server cannot run requests any more"
             for rid in list(core.groups):
                 self._abort_quietly(rid)
             self._publish([out for out in read if out.request_id not in rids])
             self._post(self._fail, rids, EngineError(f"the engine failed while running this request: {reason}"))
+            if why is not None:
+                self._declare_dead(why)
             return
         self._publish(outputs)
+
+    def _declare_dead(self, reason: str) -> None:
+        """Mark the engine unable to run requests and tell the event loop, once (after the failures posted so far)."""
+        if not self.dead:
+            self.dead = True
+            self._post(self._report_dead, reason)
+
+    def _report_dead(self, reason: str) -> None:
+        if self.on_dead is not None:
+            self.on_dead(reason)
 
     def _abort_quietly(self, rid: str) -> None:
         try:
@@ -308,6 +330,19 @@ class AsyncEngine:
     def _deliver(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         self._dispatch(outputs)
         self.stats = stats
+
+
+def _device_failure(device) -> str | None:
+    """Why a CUDA device can run nothing more after a failed step (its error is sticky: every later call raises it
+    again), else None; a failure that left the device usable (out of memory, a Python error) gives None."""
+    if device.type != "cuda":
+        return None
+    import torch
+    try:
+        torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001 - any error here means the context is unusable
+        return f"the CUDA device failed ({type(e).__name__}: {e})"
+    return None
 
 
 def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:

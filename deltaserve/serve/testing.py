@@ -3,7 +3,8 @@ reasoning blocks and tool calls (and make a step fail on purpose).
 
 Active only when the environment variable DELTASERVE_TEST_FORCED_OUTPUTS holds a JSON list of rules:
     [{"contains": ["get_weather", "Paris"], "output": "<tool_call>..."},    # forced text, then EOS
-     {"contains": ["BOOM"], "raise": "injected failure"}]                   # the engine step raises
+     {"contains": ["BOOM"], "raise": "injected failure"},                   # the engine step raises
+     {"contains": ["DIE"], "die": "injected death"}]                        # the engine thread dies
 A request whose prompt (decoded with special tokens) contains every string of a rule's "contains" follows the first
 such rule: its sampled tokens are replaced by the rule's output tokens, then EOS; the model still runs, so
 batching, KV blocks and state slots behave as in real use. Never set it in production.
@@ -16,6 +17,10 @@ import os
 
 ENV_VAR = "DELTASERVE_TEST_FORCED_OUTPUTS"
 logger = logging.getLogger("deltaserve.serve")
+
+
+class InjectedEngineDeath(BaseException):
+    """Not an Exception, so no handler of a failed step catches it: the engine thread ends, as on a fatal error."""
 
 
 class ForcedOutputRunner:
@@ -35,6 +40,8 @@ class ForcedOutputRunner:
             rule = self._rule(s.request)
             if rule is not None and "raise" in self._rules[rule]:
                 raise RuntimeError(self._rules[rule]["raise"])
+            if rule is not None and "die" in self._rules[rule]:
+                raise InjectedEngineDeath(self._rules[rule]["die"])
         return _ForcedPending(self._runner.launch(sched), self, sched)
 
     def execute(self, sched):
@@ -88,7 +95,7 @@ def install_from_env(llm) -> bool:
         rules = json.loads(spec)
         assert isinstance(rules, list) and all(isinstance(r.get("contains"), list) for r in rules)
     except (ValueError, AssertionError, AttributeError):
-        raise ValueError(f"{ENV_VAR} must be a JSON list of {{'contains': [...], 'output' or 'raise': ...}} "
+        raise ValueError(f"{ENV_VAR} must be a JSON list of {{'contains': [...], 'output', 'raise' or 'die': ...}} "
                          f"rules") from None
     if llm.tokenizer is None or llm.tokenizer.eos_token_id is None:
         raise ValueError(f"{ENV_VAR} needs a model with a tokenizer that has an EOS token")

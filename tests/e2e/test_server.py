@@ -38,6 +38,7 @@ RULES = [  # first match wins: the tool-response rule must precede the tool-call
     {"contains": ["FORCE_JSON_TOOL"], "output": JSON_CALL},
     {"contains": ["FORCE_THINK"], "output": THINK[0]},
     {"contains": ["FORCE_BOOM"], "raise": "injected test failure"},
+    {"contains": ["FORCE_DIE"], "die": "injected engine death"},
     {"contains": ["FORCE_TWO_TOOLS"], "output": "Checking.\n\n" + XML_CALL + "\n" + JSON_CALL},
     {"contains": ["FORCE_REPEATED_PARAM"], "output": REPEATED_CALL},
     {"contains": ["FORCE_ACCENTS"], "output": "Café, 你好 🎉 done."},  # characters of 2, 3 and 4 UTF-8 bytes
@@ -1499,7 +1500,7 @@ def test_a_client_gone_before_its_body_is_sent_leaves_no_traceback(server, clien
 def test_signal_aborts_streams_and_exits(model_dir, tmp_path, sig):
     """SIGTERM or Ctrl-C: running streams end with finish_reason abort, the process exits promptly, no traceback
     (SIGINT's KeyboardInterrupt, re-raised by uvicorn after its shutdown, used to print one)."""
-    srv = Server(model_dir, tmp_path, "--shutdown-timeout", "0.5")
+    srv = Server(model_dir, tmp_path, "--shutdown-timeout", "0.5", "--max-num-seqs", "6")
     results, started = [], [threading.Event() for _ in range(8)]
 
     def stream(i):
@@ -1511,11 +1512,20 @@ def test_signal_aborts_streams_and_exits(model_dir, tmp_path, sig):
             finish = chunk.choices[0].finish_reason or finish if chunk.choices else finish
         results.append(finish)
 
+    def whole(i):  # a non-streamed request, running or still waiting for a slot (max_num_seqs 6 < 8)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        r = client.completions.create(model=MODEL, prompt=f"essay {i}", max_tokens=900, extra_body={"ignore_eos": True})
+        results.append(r.choices[0].finish_reason)
+
     try:
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(6)]
+        threads += [threading.Thread(target=whole, args=(i,)) for i in range(2)]
         for t in threads:
             t.start()
-        assert all(e.wait(timeout=60) for e in started)  # every stream is generating
+        deadline = time.time() + 60
+        while not any(e.is_set() for e in started) or metrics(srv)["deltaserve_num_requests_waiting"] < 2:
+            assert time.time() < deadline, "the requests never all arrived"  # 6 generating, 2 waiting for a slot
+            time.sleep(0.1)
         t0 = time.time()
         srv.proc.send_signal(sig)
         code = srv.proc.wait(timeout=15)
@@ -1524,7 +1534,8 @@ def test_signal_aborts_streams_and_exits(model_dir, tmp_path, sig):
             t.join(timeout=10)
         log = srv.log_path.read_text()
         assert elapsed < 5, f"took {elapsed:.1f}s to exit"
-        assert code in ((0, -signal.SIGTERM) if sig == signal.SIGTERM else (0, 130)), log  # uvicorn may re-raise
+        # README: SIGTERM exits 0 (uvicorn's re-raised SIGTERM killed the process: -15), Ctrl-C 130
+        assert code == (0 if sig == signal.SIGTERM else 130), log
         assert "Traceback" not in log, log
         assert results == ["abort"] * 8  # every stream ended cleanly (finish_reason + [DONE]), none hung
     finally:
@@ -1810,3 +1821,60 @@ def test_cache_salt_asks_for_nothing_without_a_prefix_cache(model_dir):
     body = json.dumps({"model": "tiny", "prompt": "hi", "cache_salt": "tenant-a"}).encode()
     llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=256)
     ServingContext(AsyncEngine(llm), "tiny").check_generation_request(parse_request(CompletionRequest, body))
+
+
+def test_a_dead_engine_fails_its_requests_and_shuts_the_server_down(model_dir, tmp_path):
+    """An engine that cannot run requests any more (here its thread dies; a lost TP worker or a broken CUDA device
+    alike) left the server up, /health 503 and every request refused, until someone killed it. As vLLM's, the server
+    now answers the requests in flight with errors and exits with status 1 and one error line, so a supervisor
+    restarts it."""
+    srv = Server(model_dir, tmp_path)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        stream = client.completions.create(model=MODEL, prompt="story", max_tokens=900, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))  # generating
+        with pytest.raises(openai.InternalServerError, match="injected engine death"):
+            client.chat.completions.create(model=MODEL, messages=user("FORCE_DIE"), max_tokens=4)
+        with pytest.raises(openai.APIError, match="injected engine death"):  # an error chunk ends the stream
+            for _ in stream:
+                pass
+        code = srv.proc.wait(timeout=15)
+        log = srv.log_path.read_text()
+        assert code == 1, log
+        assert log.count("the engine cannot run requests any more (the engine thread died: InjectedEngineDeath: "
+                         "injected engine death); shutting the server down") == 1, log
+    finally:
+        srv.stop()
+
+
+def test_a_step_that_breaks_the_cuda_device_marks_the_engine_dead(model_dir, monkeypatch):
+    """A failed step after which the device runs nothing (a sticky CUDA error) was treated as one that left it usable:
+    /health stayed 200 and every later request failed with a 500. Now the engine is dead and says so once."""
+    from deltaserve.serve import async_engine
+    from deltaserve.serve.async_engine import EngineError, EngineStopped
+
+    llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=256)
+
+    def launch(sched):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    llm.runner.launch = launch
+    monkeypatch.setattr(async_engine, "_device_failure", lambda device: "the CUDA device failed (injected)")
+    deaths = []
+
+    async def main(eng):
+        eng.on_dead = deaths.append
+        stream = await eng.add_request([5, 6, 7], SamplingParams(max_tokens=4, temperature=0), "r")
+        with pytest.raises(EngineError, match="illegal memory access"):
+            await _last_output(stream)
+        while not deaths:
+            await asyncio.sleep(0.01)
+        with pytest.raises(EngineStopped):
+            await eng.add_request([5, 6, 7], SamplingParams(max_tokens=4, temperature=0), "after")
+        return eng.alive
+
+    assert _with_async_engine(llm, main) is False
+    assert deaths == ["the CUDA device failed (injected)"]
+    assert not llm.engine.groups  # its blocks and slot were freed all the same
+
