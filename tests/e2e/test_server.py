@@ -1878,3 +1878,50 @@ def test_a_step_that_breaks_the_cuda_device_marks_the_engine_dead(model_dir, mon
     assert deaths == ["the CUDA device failed (injected)"]
     assert not llm.engine.groups  # its blocks and slot were freed all the same
 
+
+def test_concurrent_requests_beyond_max_num_seqs_match_solo_and_leave_the_engine_idle(model_dir, tmp_path):
+    """32 greedy requests at once through 4 state slots, with requests refused (a bad field, a prompt too long) among
+    them: each answer equals the same request run alone (token ids, logprobs), nothing is lost or run twice, and the
+    engine ends idle with /metrics agreeing."""
+    srv = Server(model_dir, tmp_path, "--max-num-seqs", "4")
+    try:
+        async def run(concurrently: bool):
+            client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+            async def one(i):
+                r = await client.completions.create(
+                    model=MODEL, prompt=f"request {i} " * (1 + i % 5), max_tokens=3 + i % 7, temperature=0,
+                    logprobs=1, extra_body={"ignore_eos": True, "return_token_ids": True})
+                ch = r.choices[0]
+                return ch.model_extra["token_ids"], ch.logprobs.token_logprobs, r.usage.completion_tokens
+
+            async def refused(body):
+                try:
+                    await client.completions.create(model=MODEL, max_tokens=4, **body)
+                except openai.BadRequestError as e:
+                    return 400, e.message
+                return 200, None
+
+            bad = [{"prompt": "x", "temperature": -1}, {"prompt": "hello " * (2 * MAX_MODEL_LEN)},
+                   {"prompt": [5] * (MAX_MODEL_LEN + 1)}]
+            try:
+                if concurrently:
+                    return await asyncio.gather(*(one(i) for i in range(32)), *(refused(b) for b in bad))
+                return [await one(i) for i in range(32)]
+            finally:
+                await client.close()
+
+        together, alone = asyncio.run(run(True)), asyncio.run(run(False))
+        assert [r[0] for r in together[32:]] == [400] * 3, together[32:]
+        assert "maximum context length" in together[33][1] and "maximum context length" in together[34][1]
+        for i, ((ids, lps, n), (ids1, lps1, n1)) in enumerate(zip(together, alone)):
+            assert ids == ids1 and n == n1 == len(ids) == 3 + i % 7, i
+            assert max(abs(a - b) for a, b in zip(lps, lps1)) < 1e-4, (i, lps, lps1)
+        m = metrics(srv)
+        assert m["deltaserve_request_success_total[length]"] == 64, m  # each request run once, none lost
+        assert m["deltaserve_generation_tokens_total"] == 2 * sum(3 + i % 7 for i in range(32)), m
+        assert [m[k] for k in ("deltaserve_num_requests_running", "deltaserve_num_requests_waiting",
+                               "deltaserve_kv_blocks_used", "deltaserve_state_slots_used")] == [0, 0, 0, 0], m
+        assert "Traceback" not in srv.log_path.read_text()
+    finally:
+        srv.stop()
