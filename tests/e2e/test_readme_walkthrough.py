@@ -1,4 +1,8 @@
 """The README's commands as a new user runs them on CPU, on a tiny checkpoint: what they got wrong."""
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 from test_cli import assert_user_error, cli  # (pytest puts this folder on sys.path; fixtures: conftest.py)
 
@@ -49,3 +53,19 @@ def test_an_unwritable_destination_is_a_plain_sentence(env, tmp_path):
     res = cli("make-tiny", str(tmp_path / "file" / "tiny"), env=env)
     assert_user_error(res, f"cannot use {tmp_path / 'file'}")
     assert "Errno" not in res.stderr, res.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_torch_spec_torch_keeps_the_machines_torch(tmp_path):
+    """README: "On a GPU machine whose torch is already installed, pass `TORCH_SPEC=torch` to keep it": the venv was
+    isolated, so pip installed another torch into it; it must see the interpreter's packages then, and only then."""
+    root = Path(__file__).resolve().parents[2]
+    venv = tmp_path / "venv"
+
+    def venv_line(*extra):
+        out = subprocess.run(["make", "-n", "-B", "demo", f"VENV={venv}", *extra], cwd=root, capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+        return next(line for line in out.splitlines() if " -m venv " in line)
+
+    assert "--system-site-packages" in venv_line("TORCH_SPEC=torch")
+    assert "--system-site-packages" not in venv_line()
