@@ -574,6 +574,8 @@ def _check_sampling_flags(args) -> None:
 
 
 def _generate(args) -> None:
+    if args.chat_template is not None and not args.chat:  # without --chat no template runs: say so, not ignore it
+        raise ValueError("--chat-template renders chats: add --chat to wrap each prompt as a user message")
     _check_sampling_flags(args)
     llm = _build_llm(args)
     params = _sampling_params(args, llm.sampling_defaults)

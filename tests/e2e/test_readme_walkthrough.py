@@ -55,6 +55,12 @@ def test_an_unwritable_destination_is_a_plain_sentence(env, tmp_path):
     assert "Errno" not in res.stderr, res.stderr
 
 
+def test_generate_chat_template_without_chat_is_refused(made, env):
+    """README: `--chat-template` applies to `chat` and `generate --chat`; without --chat generate ignored it."""
+    res = cli("generate", "--model", made[1], "--prompt", "hi", "--chat-template", "{{ 1 }}", env=env)
+    assert_user_error(res, "--chat-template", "--chat")
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 def test_make_torch_spec_torch_keeps_the_machines_torch(tmp_path):
     """README: "On a GPU machine whose torch is already installed, pass `TORCH_SPEC=torch` to keep it": the venv was
