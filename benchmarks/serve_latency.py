@@ -17,9 +17,9 @@ many prompt and output tokens, and a request that falls short is reported. Figur
 TTFT: request sent (once --max-concurrency lets it go) to the first chunk carrying output; E2E: sent to the end
 of the stream; TPOT: (E2E - TTFT) / (output tokens - 1) per request; ITL: the gaps between successive chunks
 carrying output (a chunk with no token ids, no text and a finish_reason is not output), all requests
-pooled. A chunk may carry several tokens (deltaserve holds back a token whose text is an incomplete UTF-8
-character and sends it with the next one; other servers may merge steps), so ITL counts chunks, not tokens: the
-table shows tokens per chunk, counted from `return_token_ids` (`--no-token-ids` leaves that vLLM extra out for a
+pooled. A chunk may carry several tokens (deltaserve and vLLM send one a step, with empty text where a token ends
+inside a character; other servers may merge steps), so ITL counts chunks, not tokens: the table shows tokens per
+chunk, counted from `return_token_ids` (`--no-token-ids` leaves that vLLM extra out for a
 server that refuses it). Exit status 1 when a request failed or fell short (the figures are printed anyway).
 """
 from __future__ import annotations

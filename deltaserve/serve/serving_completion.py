@@ -144,6 +144,7 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
     extra = {"usage": None} if req.include_usage else {}
     sent_tokens: dict[int, int] = {}  # choice index -> tokens whose logprobs were sent
     sent_ids: dict[int, int] = {}  # choice index -> tokens whose ids were sent (return_token_ids)
+    seen: dict[int, int] = {}  # choice index -> its tokens so far
     offsets: dict[int, TextOffsets] = {}  # choice index -> text offsets of its next tokens (echo included)
     done: set[int] = set()
     n_prompt, n_out = sum(s.num_prompt_tokens for s in streams), 0
@@ -178,7 +179,12 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, streams, echoes: 
                 if final:
                     done.add(index)
                     n_out += len(c.token_ids)
-                if text or lp or final:
+                # a chunk for every step that made tokens, as vLLM sends them: one whose text is held back (a
+                # character cut between tokens, a possible stop string) has empty text, so a client's token timing
+                # (inter-token latency) and its token ids do not wait for the text
+                fresh = len(c.token_ids) > seen.get(index, 0)
+                seen[index] = len(c.token_ids)
+                if text or lp or final or fresh:
                     # continuous usage: this prompt's tokens and this choice's so far, as vLLM counts them
                     tail = ({"usage": usage(streams[i].num_prompt_tokens, len(c.token_ids))} if req.continuous_usage
                             else extra)
