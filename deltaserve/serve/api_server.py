@@ -158,6 +158,7 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.engine, self.grace_s = engine, grace_s
         self.engine_failure: str | None = None  # why the engine died, when that ended the server
+        self.signals: list[int] = []  # the SIGTERM / SIGINT received, in order
         engine.on_dead = self.engine_died
 
     def engine_died(self, reason: str) -> None:
@@ -174,11 +175,14 @@ class _Server(uvicorn.Server):
         if loop is not None:  # not directly: the handler may interrupt the loop thread inside an Event lock
             loop.call_soon_threadsafe(self.engine.begin_shutdown, self.grace_s)
         super().handle_exit(sig, frame)
-        # uvicorn re-raises the signals it caught once it has shut down: SIGTERM then killed the process (status
-        # -15, skipping atexit and the TP workers' orderly stop) after a clean shutdown; exit 0 instead. SIGINT
-        # stays: it becomes the CLI's KeyboardInterrupt, status 130
+        # uvicorn re-raises the signals it caught once it has shut down. SIGTERM then killed the process (status
+        # -15, skipping atexit and the TP workers' orderly stop) after a clean shutdown, and SIGINT reached
+        # asyncio.run's own handler as the server's task was ending: it became a KeyboardInterrupt (status 130)
+        # or, when the task had no await left, was lost (status 0; seen under load in CI). So neither is re-raised:
+        # run_server exits 0 after SIGTERM and raises KeyboardInterrupt after SIGINT itself.
+        self.signals.append(sig)
         captured = getattr(self, "_captured_signals", None)  # uvicorn >= 0.29; older ones do not re-raise
-        if sig == signal.SIGTERM and captured and captured[-1] == sig:
+        if captured and captured[-1] == sig:
             captured.pop()
 
 
@@ -200,3 +204,5 @@ def run_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, 
     server.run()
     if server.engine_failure is not None:
         raise SystemExit(1)  # logged by engine_died
+    if signal.SIGINT in server.signals:
+        raise KeyboardInterrupt  # Ctrl-C: the CLI's status 130
