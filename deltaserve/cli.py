@@ -193,6 +193,10 @@ def _add_serve_parser(sub) -> None:
                    help="seconds running requests get to finish after SIGTERM before they are aborted (default 5)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info)")
+    g.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between the stats lines logged while requests run (throughputs, running / waiting "
+                        "requests, KV cache usage, prefix cache hit rate; default 10, 0: none)")
+    g.add_argument("--disable-log-stats", action="store_true", help="no stats lines (vLLM's flag; as interval 0)")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="let a request's chat_template field replace the chat template (Jinja from clients, run in "
                         "a sandbox; refused by default, as in vLLM)")
@@ -506,6 +510,9 @@ def _serve(args) -> None:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     if not args.shutdown_timeout >= 0:  # nan too
         raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
+    if not args.log_stats_interval >= 0:  # nan too
+        raise ValueError(f"--log-stats-interval must be >= 0 seconds (0: no stats lines), got "
+                         f"{args.log_stats_interval}")
     if args.api_key is not None and not args.api_key.strip():  # --api-key "$UNSET": would admit 'Bearer ' alone
         raise ValueError("--api-key is empty; give the key clients must send, or leave the flag out to serve "
                          "without one")
@@ -520,7 +527,8 @@ def _serve(args) -> None:
                shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
                trust_request_chat_template=args.trust_request_chat_template,
                exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
-               model_root=args.model or DEFAULT_TINY_DIR)  # /v1/models' root: the checkpoint, as vLLM's
+               model_root=args.model or DEFAULT_TINY_DIR,  # /v1/models' root: the checkpoint, as vLLM's
+               log_stats_interval=0.0 if args.disable_log_stats else args.log_stats_interval)
 
 
 def _check_listen(host: str, port: int) -> None:

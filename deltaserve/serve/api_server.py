@@ -16,6 +16,7 @@ does; a step that merely failed answers its requests 500 and the server goes on.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import signal
@@ -30,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 
 from .. import __version__
 from .async_engine import AsyncEngine
-from .metrics import ServerMetrics
+from .metrics import ServerMetrics, StatsLog
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, now,
                        parse_request)
 from .serving import ServingContext
@@ -71,7 +72,8 @@ async def _json_body(request: Request) -> bytes:
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
               metrics: ServerMetrics | None = None, trust_request_chat_template: bool = False,
-              model_root: str | None = None, exclude_tools_when_tool_choice_none: bool = False) -> FastAPI:
+              model_root: str | None = None, exclude_tools_when_tool_choice_none: bool = False,
+              log_stats_interval: float = 0.0) -> FastAPI:
     """The ASGI app; its lifespan starts and stops the engine thread. model_root: the checkpoint the model was
     loaded from (/v1/models' `root`; the served name when not given)."""
     ctx = ServingContext(engine, model_name, trust_request_chat_template, exclude_tools_when_tool_choice_none)
@@ -79,7 +81,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        ticker = None
+        if metrics is not None and log_stats_interval > 0:
+            ticker = asyncio.create_task(_log_stats(StatsLog(metrics, engine, log_stats_interval, logger.info)))
         yield
+        if ticker is not None:
+            ticker.cancel()
         engine.stop()
 
     app = FastAPI(title="deltaserve", version=__version__, lifespan=lifespan)
@@ -151,6 +158,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     return app
 
 
+async def _log_stats(stats: StatsLog) -> None:
+    while True:
+        await asyncio.sleep(stats.interval)
+        stats.tick()
+
+
 class _Server(uvicorn.Server):
     """uvicorn.Server that, on SIGTERM/SIGINT, tells the engine to finish within `grace_s` and then abort."""
 
@@ -189,13 +202,14 @@ class _Server(uvicorn.Server):
 def run_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                shutdown_timeout: float = 5.0, log_level: str = "info",
                trust_request_chat_template: bool = False, model_root: str | None = None,
-               exclude_tools_when_tool_choice_none: bool = False) -> None:
-    """Serve a built `LLM` until SIGTERM/SIGINT; model_root: the checkpoint it was loaded from (see build_app)."""
+               exclude_tools_when_tool_choice_none: bool = False, log_stats_interval: float = 10.0) -> None:
+    """Serve a built `LLM` until SIGTERM/SIGINT; model_root: the checkpoint it was loaded from (see build_app);
+    log_stats_interval: seconds between the stats lines logged while requests run (metrics.StatsLog; 0: none)."""
     metrics = ServerMetrics(model_name)
     engine = AsyncEngine(llm, metrics)
     metrics.attach(engine)
     app = build_app(engine, model_name, api_key, metrics, trust_request_chat_template, model_root,
-                    exclude_tools_when_tool_choice_none)
+                    exclude_tools_when_tool_choice_none, log_stats_interval)
     # the backstop: uvicorn cancels whatever still runs a little after the engine has aborted it
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=shutdown_timeout + 2)

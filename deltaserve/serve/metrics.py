@@ -73,6 +73,9 @@ class ServerMetrics:
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry()
         self.model_name = model_name
+        # running totals for the periodic stats log (StatsLog): prompt tokens accepted, tokens generated, and of
+        # finished requests their prompt tokens and those the prefix cache supplied
+        self.totals = {"prompt": 0, "generation": 0, "finished_prompt": 0, "cached": 0}
         r, labels = self.registry, ["model_name"]
         self.prompt_tokens = Counter("deltaserve_prompt_tokens", "Prompt tokens of accepted requests.", labels,
                                      registry=r).labels(model_name)
@@ -112,11 +115,13 @@ class ServerMetrics:
         self.registry.register(_EngineCollector(engine, self.model_name))
 
     def on_added(self, stream) -> None:
+        self.totals["prompt"] += stream.num_prompt_tokens
         self.prompt_tokens.inc(stream.num_prompt_tokens)
         self.vllm_prompt_tokens.inc(stream.num_prompt_tokens)
 
     def on_output(self, stream, output, new_tokens: int) -> None:
         if new_tokens:
+            self.totals["generation"] += new_tokens
             self.generation_tokens.inc(new_tokens)
             self.vllm_generation_tokens.inc(new_tokens)
             if stream.num_generated == new_tokens:  # this output carries the first tokens
@@ -131,6 +136,8 @@ class ServerMetrics:
             self.tpot.observe((now - stream.first_token) / (stream.num_generated - 1))
             self.vllm_tpot.observe((now - stream.first_token) / (stream.num_generated - 1))
         self.cached_tokens.inc(output.num_cached_tokens)
+        self.totals["finished_prompt"] += stream.num_prompt_tokens
+        self.totals["cached"] += output.num_cached_tokens
         reasons = {c.finish_reason or "abort" for c in output.outputs}
         reason = "abort" if "abort" in reasons else "length" if "length" in reasons else "stop"
         self.finished.labels(self.model_name, reason).inc()
@@ -138,3 +145,32 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StatsLog:
+    """The periodic stats line vLLM's server logs (every `interval` seconds while requests run, and once more when
+    they have stopped; none while idle), from ServerMetrics' totals and the engine's snapshot:
+        Avg prompt throughput: 512.0 tokens/s, Avg generation throughput: 96.3 tokens/s, Running: 3 reqs,
+        Waiting: 0 reqs, KV cache usage: 4.2%, Prefix cache hit rate: 0.0%
+    Throughputs are over the interval; the hit rate is over every finished request so far."""
+
+    def __init__(self, metrics: ServerMetrics, engine, interval: float, log):
+        self.metrics, self.engine, self.interval, self.log = metrics, engine, interval, log
+        self.last = (time.monotonic(), dict(metrics.totals))
+        self.was_active = False
+
+    def tick(self) -> None:
+        now, totals, stats = time.monotonic(), self.metrics.totals, self.engine.stats
+        then, before = self.last
+        moved = totals["prompt"] != before["prompt"] or totals["generation"] != before["generation"]
+        active = moved or stats.running > 0 or stats.waiting > 0
+        if active or self.was_active:
+            dt = max(now - then, 1e-9)
+            usage = stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0
+            hits = totals["cached"] / totals["finished_prompt"] if totals["finished_prompt"] else 0.0
+            self.log("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d "
+                     "reqs, Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+                     (totals["prompt"] - before["prompt"]) / dt, (totals["generation"] - before["generation"]) / dt,
+                     stats.running, stats.waiting, 100 * usage, 100 * hits)
+        self.was_active = active
+        self.last = (now, dict(totals))

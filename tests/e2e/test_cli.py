@@ -394,6 +394,11 @@ def test_error_serve_shutdown_timeout_nan(made, env):
     assert_user_error(res, "--shutdown-timeout must be >= 0 seconds, got nan")
 
 
+def test_error_serve_log_stats_interval(made, env):
+    res = cli("serve", made[1], "--log-stats-interval", "-1", "--host", "256.1.1.1", env=env)
+    assert_user_error(res, "--log-stats-interval must be >= 0 seconds (0: no stats lines), got -1.0")
+
+
 def test_serve_listen_check_skips_an_address_family_the_machine_lacks(monkeypatch):
     """'localhost' also resolves to ::1 on a machine without IPv6 (Docker's /etc/hosts): uvicorn (asyncio) skips the
     family it cannot make a socket for and listens on 127.0.0.1, so the check before loading must not refuse it."""

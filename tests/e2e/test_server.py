@@ -176,7 +176,8 @@ def cli(*args):
 @pytest.mark.parametrize("cmd, flags", [
     ("serve", ["MODEL", "--host", "--port", "--api-key", "--served-model-name", "--shutdown-timeout", "--device",
                "--dtype", "--max-model-len", "--max-num-seqs", "--tp", "--num-kv-blocks", "--enable-prefix-caching",
-               "--chat-template", "--trust-request-chat-template", "--exclude-tools-when-tool-choice-none"]),
+               "--chat-template", "--trust-request-chat-template", "--exclude-tools-when-tool-choice-none",
+               "--log-stats-interval", "--disable-log-stats"]),
     ("chat", ["MODEL", "--hide-thinking", "--no-thinking", "--system", "--max-tokens", "--temperature", "--device",
               "--chat-template"]),
 ], ids=["serve", "chat"])
@@ -601,6 +602,36 @@ def test_completion_stream_sends_a_chunk_per_token(client):
         assert [len(i) for i in ids] == [1] * 24, f"token ids per chunk: {[len(i) for i in ids]}"
         whole = client.completions.create(**kw).choices[0]
         assert "".join(c.text for c in chunks) == whole.text and sum(ids, []) == whole.model_extra["token_ids"]
+
+
+STATS_LINE = re.compile(r"Avg prompt throughput: ([\d.]+) tokens/s, Avg generation throughput: ([\d.]+) tokens/s, "
+                        r"Running: (\d+) reqs, Waiting: (\d+) reqs, KV cache usage: [\d.]+%, Prefix cache hit rate: "
+                        r"[\d.]+%")
+
+
+@pytest.mark.parametrize("flags", [("--log-stats-interval", "0.2"), ("--log-stats-interval", "0.2",
+                                                                      "--disable-log-stats")], ids=["on", "off"])
+def test_stats_lines_while_requests_run(model_dir, tmp_path, flags):
+    """vLLM's server logs throughputs, running / waiting requests and KV cache usage every few seconds while it
+    works; operators read them. Ours logged nothing between requests. Now: a line every --log-stats-interval while
+    requests run, one more once they stop, none while idle; --disable-log-stats (vLLM's flag) turns them off."""
+    srv = Server(model_dir, tmp_path, *flags)
+    try:
+        time.sleep(0.6)  # idle: no line
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        res = client.completions.create(model=MODEL, prompt="story", max_tokens=120, extra_body={"ignore_eos": True})
+        assert res.usage.completion_tokens == 120
+        time.sleep(1.0)
+        lines = [m.groups() for m in map(STATS_LINE.search, srv.log_path.read_text().splitlines()) if m]
+        if "--disable-log-stats" in flags:
+            assert not lines
+            return
+        assert lines and any(float(g) > 0 for _, g, _, _ in lines), lines
+        assert lines[-1][1:] == ("0.0", "0", "0"), lines  # the line after the work: nothing generated or running
+        time.sleep(0.6)  # idle again: no more lines
+        assert len([m for m in map(STATS_LINE.search, srv.log_path.read_text().splitlines()) if m]) == len(lines)
+    finally:
+        srv.stop()
 
 
 def test_detokenize_takes_every_id_the_model_has(server, client, tokenizer, model_dir):
