@@ -503,6 +503,7 @@ class LLM:
 
             # vLLM's use_tqdm may be the bar's factory (e.g. partial(tqdm, disable=rank != 0))
             bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(ids), desc="Generating", unit="req")
+            tokens_in = tokens_out = 0
         try:
             # until the engine is idle (an in-flight step read too); with a stream open, until these are done (the
             # stream steps its own requests on), and every output is built, since the stream's requests need theirs
@@ -511,6 +512,9 @@ class LLM:
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
                         if bar is not None:
+                            tokens_in += len(out.prompt_token_ids or ())
+                            tokens_out += sum(len(c.token_ids) for c in out.outputs)
+                            _speed_postfix(bar, tokens_in, tokens_out)
                             bar.update(1)
         except BaseException:
             for rid in ids:
@@ -520,6 +524,15 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [done[rid] for rid in ids]
+
+
+def _speed_postfix(bar, tokens_in: int, tokens_out: int) -> None:
+    """vLLM's progress-bar postfix: prompt and output tokens a second so far (a tqdm bar; a factory's bar without
+    tqdm's postfix is left as it is)."""
+    if hasattr(bar, "set_postfix_str") and hasattr(bar, "format_dict"):
+        elapsed = max(bar.format_dict.get("elapsed", 0.0), 1e-9)
+        bar.set_postfix_str(f"est. speed input: {tokens_in / elapsed:.2f} toks/s, output: {tokens_out / elapsed:.2f} "
+                            f"toks/s", refresh=False)
 
 
 def _auto_kv_blocks(model: torch.nn.Module, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,

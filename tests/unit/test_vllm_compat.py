@@ -3,6 +3,7 @@ accepted with the same meaning, or refused in one sentence; nothing is taken and
 
 import gc
 import os
+import re
 import weakref
 
 import numpy as np
@@ -268,6 +269,17 @@ def test_use_tqdm_may_be_a_tqdm_factory(llm):
 
     assert len(llm.generate(["hi", "yo"], greedy(), use_tqdm=Bar)) == 2
     assert [(b.total, b.n, b.closed) for b in made] == [(2, 2, True)]
+
+
+def test_progress_bar_shows_token_speeds(llm, capsys):
+    """vLLM's bar ends with "est. speed input: X toks/s, output: Y toks/s"; ours counted requests only."""
+    from functools import partial
+
+    from tqdm import tqdm
+
+    llm.generate(["hi", "yo"], greedy(), use_tqdm=partial(tqdm, mininterval=0))
+    err = capsys.readouterr().err
+    assert re.search(r"2/2 .*est\. speed input: [1-9][\d.]* toks/s, output: [1-9][\d.]* toks/s", err), err
 
 
 def test_sampling_params_of_the_wrong_kind_are_refused_in_one_sentence(llm):
