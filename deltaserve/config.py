@@ -28,6 +28,10 @@ class ConfigError(ValueError):
     """A checkpoint's config.json (or generation_config.json) cannot be used; the message says why."""
 
 
+# AutoAWQ versions whose checkpoints hold the "gemm" tensors (exllama repacks them at load time, as we do)
+AWQ_GEMM_VERSIONS = ("gemm", "exllama")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """config.json `quantization_config`, for the int4 weight-only formats and block-wise FP8 we read.
@@ -78,13 +82,17 @@ class QuantConfig:
     @classmethod
     def _awq(cls, q: dict, source: str) -> "QuantConfig":
         f = _Fields(q, f"{source} quantization_config")
-        bits, group = f.int("bits", 4), f.int("group_size", 128)
+        # AutoAWQ's own quant_config.json spells bits and group_size w_bit and q_group_size (vLLM reads both)
+        bits = f.int("bits" if "bits" in q else "w_bit", 4)
+        group = f.int("group_size" if "group_size" in q else "q_group_size", 128)
         version = str(q.get("version", "gemm")).lower()
         if bits != 4:
             raise ConfigError(f"{source}: quantization_config.bits is {bits}; deltaserve reads 4-bit AWQ only.")
-        if version != "gemm":
+        if version not in AWQ_GEMM_VERSIONS:
             raise ConfigError(f"{source}: quantization_config.version is {version!r}; deltaserve reads the AutoAWQ "
-                              f"'gemm' layout only (re-export the checkpoint with version='gemm').")
+                              f"'gemm' tensor layout only ('exllama' checkpoints hold the same tensors; 'gemv', "
+                              f"'gemv_fast' and 'marlin' pack theirs differently), so re-export it with "
+                              f"version='gemm'.")
         if group < 1:
             raise ConfigError(f"{source}: quantization_config.group_size must be positive, got {group} "
                               f"(-1, one group per row, is not supported).")
@@ -119,6 +127,14 @@ class QuantConfig:
         if w.get("actorder") not in (None, False, "static", "weight"):  # these reorder while quantizing only
             raise ConfigError(f"{source}: compressed-tensors activation ordering (actorder {w['actorder']!r}, "
                               f"weight_g_idx) is not supported; use a checkpoint quantized without it.")
+        sparsity = q.get("sparsity_config")
+        if isinstance(sparsity, dict) and sparsity.get("format", "dense") not in ("dense", None):
+            raise ConfigError(f"{source}: quantization_config.sparsity_config.format is {sparsity['format']!r}; "
+                              f"deltaserve reads dense compressed-tensors weights only (not sparse-compressed ones).")
+        if q.get("kv_cache_scheme"):  # its k_scale / v_scale tensors are skipped by the loader (weights.SKIP)
+            logging.getLogger("deltaserve").warning(
+                "%s: the checkpoint also quantizes the KV cache (kv_cache_scheme); deltaserve ignores its stored "
+                "k_scale / v_scale and keeps the KV cache as --kv-cache-dtype says", source)
         if scheme.get("input_activations"):  # e.g. W4A8: said, not silently dropped
             logging.getLogger("deltaserve").warning(
                 "%s: the checkpoint also quantizes activations (input_activations); deltaserve runs its int4 weights "
@@ -200,6 +216,8 @@ class ModelConfig:
         raw = _read_json(cfg_path)
         gen = _read_generation_config(path)
         cfg = cls.from_dict(raw, gen, source=cfg_path)
+        if cfg.quantization is None:
+            cfg = _quant_config_json(path, cfg)
         if _config_dtype(raw, cfg_path) is None:
             cfg = dataclasses.replace(cfg, torch_dtype=_missing_dtype(path, cfg_path))
         return cfg
@@ -386,6 +404,20 @@ def _quantization(raw: dict, text: dict, source: str) -> QuantConfig | None:
             if where.get(key) is not None:
                 return QuantConfig.from_dict(where[key], source, key)
     return None
+
+
+def _quant_config_json(path: str, cfg: "ModelConfig") -> "ModelConfig":
+    """cfg with the AWQ settings of AutoAWQ's quant_config.json (older AutoAWQ exports write them only there:
+    w_bit, q_group_size, zero_point, version "GEMM"), read as vLLM reads it when config.json has no
+    quantization_config; cfg unchanged without such a file."""
+    qpath = os.path.join(path, "quant_config.json")
+    if not os.path.isfile(qpath):
+        return cfg
+    q = _read_json(qpath)
+    if not isinstance(q, dict):
+        raise ConfigError(f"{qpath} must hold a JSON object.")
+    return dataclasses.replace(cfg, quantization=QuantConfig.from_dict({"quant_method": "awq", **q}, qpath,
+                                                                       "quant_config.json"))
 
 
 def _module_names(q: dict, key: str, source: str) -> tuple[str, ...]:

@@ -90,6 +90,28 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
     if method == "awq":
         _check_shapes_first(headers, skip, group_size)
     scales = calibrate(src, cfg, files, calib, skip, group_size) if calib else {}
+    created = not os.path.exists(dst)
+    try:
+        _write_quantized(src, dst, cfg, files, method, group_size, skip, scales, headers, progress)
+    except BaseException:  # e.g. a full disk or Ctrl-C: no half-written checkpoint (a 16-bit config.json beside
+        # quantized shards) is left in dst to be mistaken for a checkpoint or refused as not empty by the next run
+        if os.path.isdir(dst):
+            if created:
+                shutil.rmtree(dst, ignore_errors=True)
+            else:  # it was empty: remove what we wrote, keep the directory
+                for name in os.listdir(dst):
+                    path = os.path.join(dst, name)
+                    if os.path.isdir(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        os.remove(path)
+        raise
+    return dst
+
+
+def _write_quantized(src: str, dst: str, cfg: ModelConfig, files: list[str], method: str, group_size: int,
+                     skip: list[str], scales: dict[str, NormScale], headers: list[tuple[str, list[int]]],
+                     progress: bool) -> None:
     _copy_side_files(src, dst)
     weight_map = {}
     for file in files:
@@ -113,7 +135,6 @@ def quantize_checkpoint(src: str, dst: str, method: str = "awq", group_size: int
         qcfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                 "weight_block_size": list(FP8_BLOCK), "modules_to_not_convert": listed}
     _update_config(dst, qcfg)
-    return dst
 
 
 def _kept_modules(headers: list[tuple[str, list[int]]], skip: list[str]) -> list[str]:
@@ -346,7 +367,8 @@ def _copy_side_files(src: str, dst: str) -> None:
     os.makedirs(dst, exist_ok=True)
     for name in os.listdir(src):
         path = os.path.join(src, name)
-        if os.path.isfile(path) and not name.endswith(".safetensors"):
+        # quant_config.json: AutoAWQ's settings of the source's tensors (config._quant_config_json), not of dst's
+        if os.path.isfile(path) and not name.endswith(".safetensors") and name != "quant_config.json":
             shutil.copy(path, os.path.join(dst, name))
 
 

@@ -115,9 +115,15 @@ def _check_module(module: str, found: dict[str, str], fmt: str, method: str, nam
     prefix = full[: len(full) - len(module) - len(full.rpartition(".")[2]) - 1]
     for suffix in found:
         if suffix not in FORMATS[fmt]:
+            if suffix == "weight_zero_point" and fmt == "ct":  # else blamed on quant_method, which is right
+                raise FormatError(f"Checkpoint holds zero point {found[suffix]}, but config.json's quantization_config "
+                                  f"weights are symmetric (symmetric true or absent); set \"symmetric\": false.")
             raise FormatError(f"Tensor {found[suffix]} is not part of the {method} format config.json names "
                               f"(quantization_config.quant_method).")
     for suffix in FORMATS[fmt]:
+        if suffix == "weight_zero_point" and suffix not in found:
+            raise FormatError(f"Checkpoint is missing tensor {prefix}{module}.weight_zero_point, which config.json's "
+                              f"quantization_config weights call for (\"symmetric\": false).")
         if suffix not in found:
             raise FormatError(f"Checkpoint is missing tensor {prefix}{module}.{suffix}: every {method} int4 Linear "
                               f"needs {', '.join(FORMATS[fmt])}.")

@@ -34,7 +34,9 @@ from .formats import FormatError, apply_formats, plan_formats, tp_problems, weig
 from .registry import model_class
 
 PREFIXES = ("model.language_model.", "model.")  # ConditionalGeneration, CausalLM
-SKIP = re.compile(r"^(model\.visual\.|visual\.|mtp\.|model\.mtp\.)|rotary_emb\.inv_freq$|\.weight_shape$")
+# k_scale / v_scale (and q / prob / kv_scale): a compressed-tensors kv_cache_scheme's stored KV-cache scales, not read
+SKIP = re.compile(r"^(model\.visual\.|visual\.|mtp\.|model\.mtp\.)|rotary_emb\.inv_freq$|\.weight_shape$|"
+                  r"\.self_attn\.(k|v|q|kv|prob)_scale$")
 QUANT_KINDS = "|".join([*QUANT_SUFFIXES, "weight_scale_inv"])  # int4 (layers/quant.py FORMATS) and FP8 scales
 
 

@@ -13,10 +13,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from deltaserve import LLM
-from deltaserve.config import ConfigError
+from deltaserve.config import ConfigError, ModelConfig
 from deltaserve.layers.linear import Linear, ProjectionGroup, QuantExperts, QuantLinear
 from deltaserve.layers.quant import AWQ_ORDER, dequant_awq, dequant_ct, pack_int4, to_awq, to_ct, unpack_int4
 from deltaserve.models.weights import WeightsError
@@ -241,6 +240,64 @@ def test_compressed_tensors_activation_quantization_is_reported(sources, tmp_pat
     assert "input_activations" in caplog.text and "16-bit activations" in caplog.text
 
 
+
+def test_awq_exllama_version_and_quant_config_json_load(sources, tmp_path):
+    """version "exllama" (the same gemm tensors, repacked at load time) was refused as a layout we cannot read; an
+    older AutoAWQ export keeps its settings only in quant_config.json (w_bit, q_group_size, version "GEMM"), which was
+    refused as quantized tensors without a quantization_config. The dequantized twin must not copy quant_config.json
+    (it would describe 16-bit tensors as AWQ)."""
+    q = quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=GROUP, progress=False)
+    _edit_config(q, version="exllama")
+    assert_matches_twin(q, tmp_path / "exllama")
+    with open(os.path.join(q, "config.json")) as f:
+        raw = json.load(f)
+    del raw["quantization_config"]
+    with open(os.path.join(q, "config.json"), "w") as f:
+        json.dump(raw, f)
+    with open(os.path.join(q, "quant_config.json"), "w") as f:
+        json.dump({"zero_point": True, "q_group_size": GROUP, "w_bit": 4, "version": "GEMM"}, f)
+    assert ModelConfig.from_hf_dir(q).quantization.group_size == GROUP
+    assert_matches_twin(q, tmp_path)
+    assert not os.path.exists(tmp_path / "twin" / "quant_config.json")
+    with open(os.path.join(q, "quant_config.json"), "w") as f:
+        json.dump({"zero_point": True, "q_group_size": GROUP, "w_bit": 4, "version": "GEMV"}, f)
+    msg = _error(q)
+    assert "quant_config.json" in msg and "version is 'gemv'" in msg, msg
+
+
+def test_compressed_tensors_kv_cache_scales_are_ignored_and_sparsity_refused(sources, tmp_path, caplog):
+    """A kv_cache_scheme's k_scale / v_scale tensors were refused as tensors of another checkpoint's config.json; a
+    sparsity_config's sparse-compressed weights loaded as if dense."""
+    q = write_ct(sources[False], str(tmp_path / "ct"), False)
+    _edit_config(q, kv_cache_scheme={"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True})
+    file = os.path.join(q, "model.safetensors")
+    with safe_open(file, framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    for name in [n for n in tensors if n.endswith("self_attn.o_proj.weight_packed")]:
+        tensors[name.replace("o_proj.weight_packed", "k_scale")] = torch.tensor(0.5)
+        tensors[name.replace("o_proj.weight_packed", "v_scale")] = torch.tensor(0.5)
+    save_file(tensors, file)
+    with caplog.at_level("WARNING", logger="deltaserve"):
+        assert_matches_twin(q, tmp_path)
+    assert "kv_cache_scheme" in caplog.text
+    _edit_config(q, sparsity_config={"format": "sparse-bitmask", "sparsity_structure": "unstructured"})
+    msg = _error(q)
+    assert "quantization_config.sparsity_config.format is 'sparse-bitmask'" in msg, msg
+
+
+@pytest.mark.parametrize("zero_point", [True, False], ids=["zero_points_config_symmetric", "asymmetric_no_zp"])
+def test_compressed_tensors_symmetric_that_disagrees_with_the_tensors_is_named(zero_point, sources, tmp_path):
+    """Zero points under symmetric: true were blamed on quantization_config.quant_method."""
+    q = write_ct(sources[False], str(tmp_path / "ct"), zero_point)
+    with open(os.path.join(q, "config.json")) as f:
+        raw = json.load(f)
+    raw["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = zero_point
+    with open(os.path.join(q, "config.json"), "w") as f:
+        json.dump(raw, f)
+    msg = _error(q)
+    assert "symmetric" in msg and "weight_zero_point" in msg and "quant_method" not in msg, msg
+
+
 # ---- user errors: one sentence naming the tensor or field ----
 
 def _edit_config(path: str, section: str = "quantization_config", **changes) -> None:
@@ -447,6 +504,43 @@ def test_quantize_refuses_a_dst_it_cannot_create_before_calibrating(monkeypatch,
                                          r"writable directory"):
         quantize_checkpoint(sources[False], str(tmp_path / "file" / "q"), group_size=GROUP, calib=str(calib),
                             progress=False)
+
+
+@pytest.mark.parametrize("existed", [False, True], ids=["new-dst", "empty-dst"])
+def test_quantize_that_fails_while_writing_leaves_no_half_checkpoint(monkeypatch, existed, sources, tmp_path):
+    """A write that failed (a full disk, Ctrl-C) left the copied 16-bit config.json and side files in DST: the next
+    run refused DST as not empty, and a DST with some quantized shards read as a 16-bit config.json."""
+    import deltaserve.quantize as quantize
+
+    def full_disk(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(quantize, "save_file", full_disk)
+    dst = tmp_path / "q"
+    if existed:
+        dst.mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        quantize_checkpoint(sources[False], str(dst), group_size=GROUP, progress=False)
+    assert (os.listdir(dst) == []) if existed else not dst.exists()
+
+
+def test_quantize_refuses_an_already_quantized_source_and_a_dst_in_use(sources, tmp_path):
+    """DST not empty (or DST = SRC) is never written into; an AWQ source whose settings are only in AutoAWQ's
+    quant_config.json was refused as \"does not load as it is\" (quantized tensors, no quantization_config)."""
+    q = quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=GROUP, progress=False)
+    for dst in (q, sources[False]):
+        with pytest.raises(ValueError, match="already exists and is not an empty directory"):
+            quantize_checkpoint(sources[False], dst, group_size=GROUP, progress=False)
+    with open(os.path.join(q, "config.json")) as f:
+        raw = json.load(f)
+    del raw["quantization_config"]
+    with open(os.path.join(q, "config.json"), "w") as f:
+        json.dump(raw, f)
+    with open(os.path.join(q, "quant_config.json"), "w") as f:
+        json.dump({"zero_point": True, "q_group_size": GROUP, "w_bit": 4, "version": "GEMM"}, f)
+    with pytest.raises(ValueError, match=r"is already quantized \(awq\); quantize a 16-bit checkpoint"):
+        quantize_checkpoint(q, str(tmp_path / "again"), group_size=GROUP, progress=False)
+    assert not (tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize("pattern, needle", [
