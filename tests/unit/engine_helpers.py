@@ -182,8 +182,10 @@ def run_until_done(llm: LLM, ids: list[str], before_step=None, max_steps: int = 
 class Models:
     """Tiny checkpoints (written once per module) and one idle 'solo' LLM per checkpoint for references."""
 
-    def __init__(self, tmp_path_factory):
+    def __init__(self, tmp_path_factory, max_model_len: int | None = None):
+        """max_model_len: the solo references' (the tested engines' own, where it clips or truncates)."""
         self._factory = tmp_path_factory
+        self._solo_len = {} if max_model_len is None else {"max_model_len": max_model_len}
         self._paths: dict[str, str] = {}
         self._solo: dict = {}
         self._refs: dict = {}
@@ -195,7 +197,8 @@ class Models:
 
     def solo(self, kind: str):
         if kind not in self._solo:
-            self._solo[kind] = make_llm(self.path(kind), max_num_seqs=4, max_num_batched_tokens=512)
+            self._solo[kind] = make_llm(self.path(kind), max_num_seqs=4, max_num_batched_tokens=512,
+                                        **self._solo_len)
         return self._solo[kind]
 
     def vocab(self, kind: str = "dense") -> int:

@@ -40,19 +40,9 @@ ATOL = 5e-4
 LENGTHS = [1, 2, 3, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 47, 48, 63, 64, 65, 80, 100]
 
 
-class FuzzModels(Models):
-    """Models whose solo references run on an engine with the fuzzed engines' max_model_len (it clips outputs)."""
-
-    def solo(self, kind: str):
-        if kind not in self._solo:
-            self._solo[kind] = make_llm(self.path(kind), max_model_len=MAX_LEN, max_num_seqs=4,
-                                        max_num_batched_tokens=512)
-        return self._solo[kind]
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return FuzzModels(tmp_path_factory)
+    return Models(tmp_path_factory, max_model_len=MAX_LEN)
 
 
 @pytest.fixture(autouse=True)

@@ -28,19 +28,9 @@ PREFIX_CHUNK = 16  # snapshot granularity cut from 256 so these prompts cross it
 ATOL = 5e-4
 
 
-class MatrixModels(Models):
-    """Models whose solo references run with the matrix engines' max_model_len (it clips and truncates)."""
-
-    def solo(self, kind: str):
-        if kind not in self._solo:
-            self._solo[kind] = make_llm(self.path(kind), max_model_len=MAX_LEN, max_num_seqs=4,
-                                        max_num_batched_tokens=512)
-        return self._solo[kind]
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return MatrixModels(tmp_path_factory)
+    return Models(tmp_path_factory, max_model_len=MAX_LEN)
 
 
 @pytest.fixture(autouse=True)

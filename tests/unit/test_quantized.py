@@ -249,13 +249,7 @@ def test_awq_exllama_version_and_quant_config_json_load(sources, tmp_path):
     q = quantize_checkpoint(sources[False], str(tmp_path / "q"), group_size=GROUP, progress=False)
     _edit_config(q, version="exllama")
     assert_matches_twin(q, tmp_path / "exllama")
-    with open(os.path.join(q, "config.json")) as f:
-        raw = json.load(f)
-    del raw["quantization_config"]
-    with open(os.path.join(q, "config.json"), "w") as f:
-        json.dump(raw, f)
-    with open(os.path.join(q, "quant_config.json"), "w") as f:
-        json.dump({"zero_point": True, "q_group_size": GROUP, "w_bit": 4, "version": "GEMM"}, f)
+    _settings_in_quant_config_json(q)
     assert ModelConfig.from_hf_dir(q).quantization.group_size == GROUP
     assert_matches_twin(q, tmp_path)
     assert not os.path.exists(tmp_path / "twin" / "quant_config.json")
@@ -299,6 +293,17 @@ def test_compressed_tensors_symmetric_that_disagrees_with_the_tensors_is_named(z
 
 
 # ---- user errors: one sentence naming the tensor or field ----
+
+def _settings_in_quant_config_json(q: str) -> None:
+    """Move checkpoint q's AWQ settings from config.json to quant_config.json, as an older AutoAWQ export has them."""
+    with open(os.path.join(q, "config.json")) as f:
+        raw = json.load(f)
+    del raw["quantization_config"]
+    with open(os.path.join(q, "config.json"), "w") as f:
+        json.dump(raw, f)
+    with open(os.path.join(q, "quant_config.json"), "w") as f:
+        json.dump({"zero_point": True, "q_group_size": GROUP, "w_bit": 4, "version": "GEMM"}, f)
+
 
 def _edit_config(path: str, section: str = "quantization_config", **changes) -> None:
     """Update config.json's `section` object with `changes`."""
@@ -531,13 +536,7 @@ def test_quantize_refuses_an_already_quantized_source_and_a_dst_in_use(sources, 
     for dst in (q, sources[False]):
         with pytest.raises(ValueError, match="already exists and is not an empty directory"):
             quantize_checkpoint(sources[False], dst, group_size=GROUP, progress=False)
-    with open(os.path.join(q, "config.json")) as f:
-        raw = json.load(f)
-    del raw["quantization_config"]
-    with open(os.path.join(q, "config.json"), "w") as f:
-        json.dump(raw, f)
-    with open(os.path.join(q, "quant_config.json"), "w") as f:
-        json.dump({"zero_point": True, "q_group_size": GROUP, "w_bit": 4, "version": "GEMM"}, f)
+    _settings_in_quant_config_json(q)
     with pytest.raises(ValueError, match=r"is already quantized \(awq\); quantize a 16-bit checkpoint"):
         quantize_checkpoint(q, str(tmp_path / "again"), group_size=GROUP, progress=False)
     assert not (tmp_path / "again").exists()
