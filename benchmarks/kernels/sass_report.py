@@ -49,8 +49,8 @@ def _decode_spec(kind: int) -> Spec:
     from deltaserve.kernels.paged_attention.triton_decode import _DECODE_TILE_D256
 
     tile = _DECODE_TILE_D256[kind]  # the tile the engine launches at head_dim 256
-    k, v = ("k_words", "v_words") if kind == 1 else ("k_cache", "v_cache")
-    types = {"q": "*bf16", k: code, v: code, "k_scale": "*fp32", "v_scale": "*fp32", "k_zero": "*fp32",
+    k, v = ("k_codes", "v_words") if kind == 1 else ("k_cache", "v_cache")
+    types = {"q": "*bf16", k: "*i8" if kind == 1 else code, v: code, "k_scale": "*fp32", "v_scale": "*fp32", "k_zero": "*fp32",
              "v_zero": "*fp32", "gate": "*bf16", "o": "*bf16", "part_m": "*fp32", "part_l": "*fp32",
              "part_acc": "*fp32", "block_tables": "*i32", "context_lens": "*i32", "scale_log2": "fp32",
              "num_partitions": "i32", "spread": "i32", "part_lo": "i32", "part_hi": "i32", "part_round": "i32"}

@@ -240,11 +240,15 @@ def test_decode_partition_sizing_rules():
 
     cpu = torch.device("cpu")
     assert _decode_partitions(1, 2, 1024, 32, cpu, None) == (32, (64, 32, 2048, 32))  # 2 pairs: 32-key partitions
-    assert _decode_partitions(4, 4, 1024, 64, cpu, None) == (16, (64, 64, 2048, 64))  # 16 pairs, int8's 64-key tile
+    assert _decode_partitions(4, 4, 1024, 64, cpu, None) == (16, (64, 64, 2048, 64))  # 16 pairs, a 64-key tile
     assert _decode_partitions(16, 4, 1024, 32, cpu, None) == (8, (17, 128, 2048, 32))  # 64 pairs: 128 keys
     assert _decode_partitions(16, 4, 1024, 128, cpu, None)[1][1] == 256  # two tiles of fp8's 128 keys
     assert _decode_partitions(1, 2, 32768, 32, cpu, None) == (64, (64, 32, 2048, 32))  # the cap: 64 x 512 keys
     assert _decode_partitions(1, 2, 1024, 32, cpu, 100) == (11, (1, 100, 100, 1))  # a given size
+    # 64 pairs at 32k: 17 partitions of 1952 keys aim at 8 programs an SM from above (2.06 waves of the int8
+    # kernel's 4 resident an SM), whole_waves (the int8 kernel) at 16 of 2048 from below
+    assert _decode_partitions(16, 4, 32768, 32, cpu, None) == (17, (17, 128, 2048, 32))
+    assert _decode_partitions(16, 4, 32768, 32, cpu, None, whole_waves=True) == (16, (16, 128, 2048, 32))
 
 
 # query_lens, context_lens -> (rows the decode kernel takes, query_lens the prefill kernel takes)

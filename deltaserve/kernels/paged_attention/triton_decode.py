@@ -149,10 +149,14 @@ _PROGRAMS_PER_SM = 8  # automatic sizing aims the live grid at this many program
 _MAX_SPREAD = 64  # ... with at most this many partitions a (sequence, kv head): the reduce reads them all
 
 
-def _spread(n: int, hkv: int, device: torch.device) -> int:
+def _spread(n: int, hkv: int, device: torch.device, whole_waves: bool = False) -> int:
     """Partitions a (sequence, kv head) aims at under automatic sizing: 8 programs per SM over the N * Hkv pairs, at
-    most _MAX_SPREAD."""
-    return max(1, min(_MAX_SPREAD, triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), n * hkv)))
+    most _MAX_SPREAD. whole_waves rounds down, so the grid stays within 8 programs per SM: the int8 kernel
+    (triton_int8.py, 4 programs resident an SM) at 64 pairs ran 17 x 1952-key partitions in three waves, 2.06 waves
+    of work; 16 x 2048 keys took H200 batch 16 at 32k from 414 to 381 us (Hkv 4) and 32 x Hkv 2 from 417 to 392.
+    The bf16 kernel lost with it (513 -> 520 us)."""
+    programs = _PROGRAMS_PER_SM * _num_sms(device)
+    return max(1, min(_MAX_SPREAD, programs // (n * hkv) if whole_waves else triton.cdiv(programs, n * hkv)))
 
 
 def _partition_lo(n: int, hkv: int, block_n: int) -> int:
@@ -162,7 +166,7 @@ def _partition_lo(n: int, hkv: int, block_n: int) -> int:
 
 
 def _decode_partitions(n: int, hkv: int, max_context_len: int, block_n: int, device: torch.device,
-                       partition_size: int | None) -> tuple[int, tuple[int, int, int, int]]:
+                       partition_size: int | None, whole_waves: bool = False) -> tuple[int, tuple[int, int, int, int]]:
     """-> (P, (spread, part_lo, part_hi, part_round)): the grid's partition count and what `_partition_size` sizes
     each sequence's partitions with, on the device, from its own context length (no host sync; a CUDA graph
     captured at a context bound still sizes by the real lengths).
@@ -185,35 +189,45 @@ def _decode_partitions(n: int, hkv: int, max_context_len: int, block_n: int, dev
         return max(1, triton.cdiv(max_context_len, partition_size)), (1, partition_size, partition_size, 1)
     lo = _partition_lo(n, hkv, block_n)
     hi = max(_PARTITION_HI, lo)
-    spread = _spread(n, hkv, device)
+    spread = _spread(n, hkv, device, whole_waves)
     parts = min(triton.cdiv(max_context_len, lo), max(spread, triton.cdiv(max_context_len, hi)))
     return max(1, parts), (spread, lo, hi, block_n)
 
 
 # Decode tile (block_n, num_warps, num_stages) at head_dim 256 per KV_KIND, from H200 sweeps at context 32k
-# (benchmarks/kernels/bench_attention.py --kv-cache-dtype int8,int4,fp8 --sweep): int8 with 128-key tiles took batch
-# 16 / 64 from 675 / 2566 us to 547 / 2065 us (the bf16 cache: 547 / 2093); fp8 (fp16 matmuls) 512 / 1926 us. int8
-# under a 16-bit q runs triton_int8.py's kernel, whose sweep picked 64-key tiles of 3 stages (472 / 1834 us).
+# (benchmarks/kernels/bench_attention.py --kv-cache-dtype int8,int4,fp8 --sweep): fp8 (fp16 matmuls) in 128-key tiles
+# 512 / 1926 us at batch 16 / 64 (the bf16 cache: 547 / 2093).
 # The bf16 cache's short-partition tile runs 2 stages: H200, cold L2, 9B (Hkv 4) and 35B-A3B (Hkv 2) heads, batch
 # 1 / 16 / 64 at contexts 1k / 4k / 16k (.peer/attn_small2.py), 3 -> 2 stages took e.g. batch 16 at 4k 83.1 -> 76.4 us,
 # 35B-A3B batch 16 at 16k 151.4 -> 140.4, batch 64 at 4k 291.3 -> 274.8, batch 1 at 16k 37.4 -> 33.7; 4 of the 16
 # cases were 1-3% slower (35B-A3B batch 1 at 16k 25.3 -> 26.1), batch 1 at 1k unchanged (12.3 us).
-_DECODE_TILE_D256 = {0: (32, 4, 2), 1: (64, 4, 3), 2: (32, 4, 3), 3: (128, 4, 2)}
+# int8 under a 16-bit q runs triton_int8.py's kernel: 32-key tiles of 4 warps and 2 stages fit 128 registers (4
+# programs an SM; 64-key tiles need 222-233). H200, 16 q heads, us against 64-key tiles of 3 stages: Hkv 4 at 32k
+# batch 4 / 8 / 64: 106 / 193 / 1521 against 127 / 219 / 1646; at 4k batch 4 / 16 / 64: 26 / 60 / 205 against
+# 37 / 74 / 222; at 1k batch 16 / 64: 20 / 62 against 26 / 74; Hkv 2 likewise. The 64-key tile was ahead at batch
+# 16 at 32k with Hkv 4 (406 against 416) and where few pairs have long partitions (below).
+_DECODE_TILE_D256 = {0: (32, 4, 2), 1: (32, 4, 2), 2: (32, 4, 3), 3: (128, 4, 2)}
 # ... and where the partitions will be long (>= 1024 keys): the bf16 cache in 64-key tiles of 2 stages took batch 16
 # / 64 at 32k from 560 / 2060 to 534 / 2005 us (2048-key partitions). Short partitions keep the 32-key tile: nothing
 # measured there favours the long one (batch-1 kernel timings are dominated by Triton's launch overhead).
 _DECODE_TILE_D256_LONG = {0: (64, 4, 2)}
+# ... and for at most 4 (sequence, kv head) pairs in partitions of >= 512 keys (one sequence at 32k: 512-key
+# partitions), where the grid is small and each program's latency is the time: int8 batch 1 at 32k 38.4 us (Hkv 4)
+# and 30.5 (Hkv 2) against 44.9 and 32.5 in 32-key tiles; at 4k (64-key partitions) the 32-key tile stays ahead.
+_DECODE_TILE_D256_FEW_LONG = {1: (64, 4, 3)}
 
 
-def _decode_tile(kind: int, d: int, n: int, hkv: int, max_context_len: int, device: torch.device
-                 ) -> tuple[int, int, int]:
+def _decode_tile(kind: int, d: int, n: int, hkv: int, max_context_len: int, device: torch.device,
+                 whole_waves: bool = False) -> tuple[int, int, int]:
     """(block_n, num_warps, num_stages) for a decode launch, from the partition length automatic sizing expects."""
     if d < 256:
         return 64, 4, 3
-    expected = min(max(triton.cdiv(max_context_len, _spread(n, hkv, device)), _partition_lo(n, hkv, 32)),
+    expected = min(max(triton.cdiv(max_context_len, _spread(n, hkv, device, whole_waves)), _partition_lo(n, hkv, 32)),
                    _PARTITION_HI)
     if expected >= 1024 and kind in _DECODE_TILE_D256_LONG:
         return _DECODE_TILE_D256_LONG[kind]
+    if n * hkv <= 4 and expected >= 512 and kind in _DECODE_TILE_D256_FEW_LONG:
+        return _DECODE_TILE_D256_FEW_LONG[kind]
     return _DECODE_TILE_D256[kind]
 
 
@@ -247,10 +261,11 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
         return o
     g = h // hkv
     kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)
+    int8_kernel = kinds["KV_KIND"] == KV_KIND["int8"] and q.dtype != torch.float32  # triton_int8.py
     tile_n, tile_w, tile_s = _decode_tile(kinds["KV_KIND"], d, n, hkv, 0 if short_tiles else max_context_len,
-                                          q.device)
+                                          q.device, int8_kernel)
     block_n = _check_block_n(block_n or tile_n, q.device)
-    parts, sizing = _decode_partitions(n, hkv, max_context_len, block_n, q.device, partition_size)
+    parts, sizing = _decode_partitions(n, hkv, max_context_len, block_n, q.device, partition_size, int8_kernel)
     split = parts > 1
     gate_arg = gate if gate is not None else q
     if split:
@@ -260,10 +275,10 @@ def paged_attention_decode(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     else:
         part_m = part_l = part_acc = o  # unused
     kernel, flags = _decode_partial_kernel, kinds
-    if kinds["KV_KIND"] == KV_KIND["int8"] and q.dtype != torch.float32:  # codes as int16 pairs (triton_int8.py)
+    if int8_kernel:
         from .triton_int8 import decode_int8_partial_kernel as kernel
 
-        kc, vc, flags = kc.view(torch.int16), vc.view(torch.int16), dict(USE_ASM=q.is_cuda)
+        vc, flags = vc.view(torch.int16), dict(USE_ASM=q.is_cuda)
     kernel[(n, hkv, parts)](
         q, kc, vc, *quant_args, gate_arg, o, part_m, part_l, part_acc, block_tables, context_lens, scale * LOG2E,
         parts, *sizing, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
