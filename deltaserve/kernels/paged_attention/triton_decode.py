@@ -210,7 +210,9 @@ _DECODE_TILE_D256 = {0: (32, 4, 2), 1: (32, 4, 2), 2: (32, 4, 3), 3: (128, 4, 2)
 # ... and where the partitions will be long (>= 1024 keys): the bf16 cache in 64-key tiles of 2 stages took batch 16
 # / 64 at 32k from 560 / 2060 to 534 / 2005 us (2048-key partitions). Short partitions keep the 32-key tile: nothing
 # measured there favours the long one (batch-1 kernel timings are dominated by Triton's launch overhead).
-_DECODE_TILE_D256_LONG = {0: (64, 4, 2)}
+# int4 (triton_quant's step) in 128-key tiles of 2 stages: batch 16 / 64 at 32k 615.7 / 2407.6 against 711.7 / 2498.2
+# in 32-key tiles of 3 stages (bf16 KV 502.4 / 1953.3: int4 decodes slower than bf16 KV; H200, 2026-12-01).
+_DECODE_TILE_D256_LONG = {0: (64, 4, 2), 2: (128, 4, 2)}
 # ... and for at most 4 (sequence, kv head) pairs in partitions of >= 512 keys (one sequence at 32k: 512-key
 # partitions), where the grid is small and each program's latency is the time: int8 batch 1 at 32k 38.4 us (Hkv 4)
 # and 30.5 (Hkv 2) against 44.9 and 32.5 in 32-key tiles; at 4k (64-key partitions) the 32-key tile stays ahead.
