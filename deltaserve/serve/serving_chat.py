@@ -274,9 +274,13 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, stream, parse
                 if final:
                     p.done = True
                     n_out += len(c.token_ids)
-                if delta or lp or final:
+                # return_token_ids: a chunk for every step that made tokens, as vLLM sends them, its delta empty
+                # where their text is held back (a character cut between tokens, a possible stop string, a tag
+                # the parsers have not read whole), so the ids never wait for the text
+                fresh = req.return_token_ids and len(c.token_ids) > p.ids_sent
+                if delta or lp or final or fresh:
                     ids = None
-                    if req.return_token_ids:  # those of tokens whose text was held back come with a later chunk
+                    if req.return_token_ids:
                         ids, p.ids_sent = {"token_ids": list(c.token_ids[p.ids_sent:])}, len(c.token_ids)
                     yield chunk(c.index, delta, lp, p.finish_reason(c.finish_reason) if final else None,
                                 c.stop_reason if final else None, len(c.token_ids), ids)
