@@ -1,6 +1,7 @@
 """Helpers for the engine-invariant tests: build LLMs, make prompts, record steps, compare outputs, poison caches."""
 from __future__ import annotations
 
+import collections
 import math
 import random
 from dataclasses import dataclass, field
@@ -76,6 +77,35 @@ def assert_engine_idle(llm: LLM) -> None:
     assert not llm.engine.groups, f"engine still tracks {list(llm.engine.groups)}"
     assert not llm.engine.has_unfinished(), "a launched step is still unread"
 
+
+
+def assert_idle_or_cached(llm: LLM) -> None:
+    """Nothing running or queued; every slot free, every KV block free or held by a cached prefix only (and free
+    once the prefix cache is reset)."""
+    s = llm.engine.scheduler
+    assert not llm.engine.has_unfinished() and not llm.engine.groups
+    assert s.states.num_free == s.states.num_slots, f"{s.states.num_free}/{s.states.num_slots} slots free"
+    held = {b for e in s.cache._entries.values() for b in e.block_ids} if s.cache is not None else set()
+    assert s.blocks.num_free == s.blocks.num_blocks - len(held), f"{s.blocks.num_free} blocks free, {len(held)} cached"
+    if s.cache is not None:
+        llm.reset_prefix_cache()
+        assert s.blocks.num_free == s.blocks.num_blocks
+
+
+def count_scheduler_events(llm: LLM) -> collections.Counter:
+    """Wraps the scheduler to count what its steps hand out: preemptions, forks, prefix restores, partial prefills."""
+    tally = collections.Counter()
+    sched = llm.engine.scheduler
+    inner = sched.schedule
+
+    def schedule():
+        out = inner()
+        tally.update(preempted=len(out.preempted), forks=len(out.forks), restores=len(out.restores),
+                     chunked=sum(s.start + s.num_new_tokens < s.request.num_prompt_tokens for s in out.seqs))
+        return out
+
+    sched.schedule = schedule
+    return tally
 
 @dataclass
 class SeqRecord:

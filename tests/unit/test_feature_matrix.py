@@ -12,11 +12,11 @@ slot free, every KV block free or held only by a cached prefix.
 """
 from __future__ import annotations
 
-import collections
 import random
 
 import pytest
-from engine_helpers import Models, assert_close_logprobs, assert_same_completion, make_llm, small_prefix_chunks
+from engine_helpers import (Models, assert_close_logprobs, assert_idle_or_cached, assert_same_completion,
+                            count_scheduler_events, make_llm, small_prefix_chunks)
 
 from deltaserve import SamplingParams
 from deltaserve.sampling_params import StructuredOutputs
@@ -89,22 +89,6 @@ def workload(models, kind: str) -> list[tuple[str, dict, SamplingParams]]:
     ]
 
 
-def count_events(llm) -> collections.Counter:
-    """Wraps the scheduler to count preemptions, forks, prefix restores and partial prefills of its steps."""
-    tally = collections.Counter()
-    sched = llm.engine.scheduler
-    inner = sched.schedule
-
-    def schedule():
-        out = inner()
-        tally.update(preempted=len(out.preempted), forks=len(out.forks), restores=len(out.restores),
-                     chunked=sum(s.start + s.num_new_tokens < s.request.num_prompt_tokens for s in out.seqs))
-        return out
-
-    sched.schedule = schedule
-    return tally
-
-
 def run(llm, work, arrive: list[int], aborts: dict[str, int]) -> dict:
     """Add work[i] before step arrive[i] (under its name), abort aborts[name] before that step -> {name: final
     RequestOutput} of those that finished."""
@@ -124,17 +108,6 @@ def run(llm, work, arrive: list[int], aborts: dict[str, int]) -> dict:
     raise AssertionError("the engine did not finish the workload")
 
 
-def assert_idle(llm) -> None:
-    s = llm.engine.scheduler
-    assert not llm.engine.has_unfinished() and not llm.engine.groups and llm.engine._inflight is None
-    assert s.states.num_free == s.states.num_slots, f"{s.states.num_free}/{s.states.num_slots} slots free"
-    held = {b for e in s.cache._entries.values() for b in e.block_ids} if s.cache is not None else set()
-    assert s.blocks.num_free == s.blocks.num_blocks - len(held), f"{s.blocks.num_free} blocks free, {len(held)} cached"
-    if s.cache is not None:
-        llm.reset_prefix_cache()
-        assert s.blocks.num_free == s.blocks.num_blocks
-
-
 CASES = [  # (kind, prefix caching, async scheduling)
     ("dense", False, False), ("dense", True, False), ("dense", False, True), ("dense", True, True),
     ("moe", True, True),
@@ -148,7 +121,7 @@ def test_feature_matrix_equals_solo(models, kind, cached, async_scheduling):
     kw = {"enable_prefix_caching": True, "prefix_cache_slots": 4} if cached else {}
     llm = make_llm(models.path(kind), max_model_len=MAX_LEN, block_size=BLOCK, max_num_seqs=4,
                    max_num_batched_tokens=24, num_kv_blocks=22, async_scheduling=async_scheduling, **kw)
-    tally = count_events(llm)
+    tally = count_scheduler_events(llm)
     rng = random.Random(1)
     arrive = sorted(rng.randrange(0, 16) for _ in work)
     arrive[0] = 0
@@ -169,7 +142,8 @@ def test_feature_matrix_equals_solo(models, kind, cached, async_scheduling):
             assert_same_completion(f"{name}.{j}", rc, oc, ATOL)
             assert (oc.text, oc.stop_reason) == (rc.text, rc.stop_reason), f"{name}.{j}"
         assert_close_logprobs(f"{name}.prompt_logprobs", ref.prompt_logprobs, out.prompt_logprobs, ATOL)
-    assert_idle(llm)
+    assert llm.engine._inflight is None
+    assert_idle_or_cached(llm)
 
 
 def test_the_workload_exercises_its_features(models):
