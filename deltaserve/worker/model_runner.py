@@ -20,7 +20,7 @@ import torch
 from ..config import ModelConfig
 from ..kernels.gated_delta_rule import build_step_tables
 from ..kernels.paged_attention import allocate_kv, block_tensors
-from ..kernels.paged_attention.kv_quant import kv_bytes_per_token_head
+from ..kernels.paged_attention.kv_quant import PREFILL_DEQUANT_BYTES, kv_bytes_per_token_head
 from ..models.qwen3_5 import ModelCaches
 from ..outputs import Logprob, Logprobs
 from ..runtime.request import Request
@@ -131,6 +131,8 @@ def profile_activation_bytes(model: torch.nn.Module, cfg: ModelConfig, device: t
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
+    # a quantized cache's prefill may also hold a dequantized copy of long contexts (kernels/paged_attention/triton.py)
+    copy = torch.empty(PREFILL_DEQUANT_BYTES if kv_cache_dtype != "auto" else 0, dtype=torch.uint8, device=device)
     ar = torch.arange(num_tokens, device=device)
     batch = ForwardBatch(
         input_ids=ar % cfg.vocab_size, positions=ar, cu_seqlens=torch.tensor([0, num_tokens], device=device),
@@ -141,7 +143,7 @@ def profile_activation_bytes(model: torch.nn.Module, cfg: ModelConfig, device: t
     model.compute_logits(model(batch, caches)[batch.logits_indices])
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
-    del caches, batch
+    del caches, batch, copy
     torch.cuda.empty_cache()
     return peak
 

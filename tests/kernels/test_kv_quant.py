@@ -50,6 +50,13 @@ def quantized_paged_kv(kind, context_lens, block_size, hkv, d, spare_blocks=3, s
     return caches[0], caches[1], tables.to(DEVICE)
 
 
+def rounded(cache: QuantizedKV, dtype: torch.dtype) -> torch.Tensor:
+    """The cache's values dequantized and rounded to dtype: what the prefill's dequantized copy holds (the reference
+    for that path: the rounding is the 16-bit cache's own, 2^-9 |v|, which under cancellation in sum_n p_n v_n can
+    exceed the bf16 tolerance against the exact values)."""
+    return dequantize_kv(cache.codes, cache.scale, cache.zero, cache.kind).to(dtype)
+
+
 def cu_of(lengths):
     return torch.tensor([0] + list(lengths), dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
 
@@ -148,9 +155,12 @@ PREFILL_CASES = {
 }
 
 
+@pytest.mark.parametrize("dequantize", [False, True], ids=["quantized_step", "dequantized_copy"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("case", list(PREFILL_CASES), ids=list(PREFILL_CASES))
-def test_prefill_matches_reference(case, kind, triton_ready):
+def test_prefill_matches_reference(case, kind, dequantize, triton_ready):
+    """Both prefill paths over a quantized cache: the quantized tile step, and the 16-bit kernel over a dequantized
+    copy of the contexts (fp32 here: the copy holds the reference's values exactly)."""
     h, hkv, d, bs, q_lens, ctx_lens, block_m, block_n = PREFILL_CASES[case]
     k_cache, v_cache, tables = quantized_paged_kv(kind, ctx_lens, bs, hkv, d)
     q = torch.randn(sum(q_lens), h, d, device=DEVICE)
@@ -158,8 +168,46 @@ def test_prefill_matches_reference(case, kind, triton_ready):
     ref = paged_attention_varlen(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5, gate=gate)
     out = torch.full_like(q, float("nan"))
     paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
-                            d ** -0.5, gate, q_lens, ctx_lens, block_m=block_m, block_n=tile(block_n), out=out)
+                            d ** -0.5, gate, q_lens, ctx_lens, block_m=block_m, block_n=tile(block_n),
+                            dequantize=dequantize, out=out)
     assert_close(f"{case} {kind}", ref, out, ATOL_FP32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dequantized_copy_of_later_sequences(kind, triton_ready):
+    """first_seq > 0 (a mixed step's prefilling sequences after its decode rows): the copy holds only the contexts
+    of sequences first_seq.., their rows match the reference and the rows before are left as they were."""
+    q_lens, ctx_lens, bs = [1, 1, 9, 4], [20, 3, 14, 30], 4
+    k_cache, v_cache, tables = quantized_paged_kv(kind, ctx_lens, bs, 2, 32)
+    q = torch.randn(sum(q_lens), 4, 32, device=DEVICE)
+    ref = paged_attention_varlen(q, k_cache, v_cache, tables, q_lens, ctx_lens, 0.2, gate=None)
+    out = torch.full_like(q, float("nan"))
+    paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE), 0.2,
+                            None, q_lens, ctx_lens, first_seq=2, block_m=16, block_n=tile(8), dequantize=True,
+                            out=out)
+    assert_close(f"{kind} sequences 2..", ref[2:], out[2:], ATOL_FP32)
+    assert bool(out[:2].isnan().all()), "the decode rows' outputs were written"
+
+
+def test_dequantized_copy_rule(monkeypatch):
+    """dequantize=None copies when the chunks average DEQUANT_MIN_QUERIES tokens and the copy fits
+    PREFILL_DEQUANT_BYTES; True / False force either way."""
+    from deltaserve.kernels.paged_attention import triton_quant as kernels
+
+    k_cache, v_cache, tables = quantized_paged_kv("int8", [40, 9], 4, 2, 32)
+    copy_bytes = 2 * (10 + 3) * 4 * 2 * 32 * 4  # two sides, 13 blocks of 4 tokens x 2 heads x 32 values, fp32
+
+    def copies(q_lens, dequantize=None):
+        return kernels.dequantized_context(k_cache, v_cache, tables, q_lens, [40, 9], 0, torch.float32,
+                                            dequantize) is not None
+
+    monkeypatch.setattr(kernels, "DEQUANT_MIN_QUERIES", 8)
+    monkeypatch.setattr(kernels, "PREFILL_DEQUANT_BYTES", copy_bytes)
+    assert copies([9, 7]) and not copies([9, 6]) and copies([9, 6], True) and not copies([9, 7], False)
+    monkeypatch.setattr(kernels, "PREFILL_DEQUANT_BYTES", copy_bytes - 1)
+    assert not copies([9, 7]) and copies([9, 7], True)
+    k, v, table = kernels.dequantized_context(k_cache, v_cache, tables, [9, 7], [40, 9], 0, torch.float32, True)
+    assert k.shape == v.shape == (13, 4, 2, 32) and table.tolist()[1][:3] == [10, 11, 12]
 
 
 DECODE_CASES = {
@@ -193,8 +241,9 @@ def test_decode_matches_reference(case, kind, triton_ready):
 def test_bf16_query_matches_reference(kind, ctx_lens, triton_ready):
     """A bf16 q, as the engine runs. fp8 multiplies in fp16 (probabilities scaled by the tile's largest V scale);
     int8 decode splits q into int8 parts and reads the V codes as int16 pairs (triton_int8.py). Decode over several
-    partitions and a prefill with continued chunks, D=64. int8 prefill multiplies in bf16, and Triton's interpreter
-    converts integers to bf16 as a bit cast: that half is a `gpu` test only."""
+    partitions and a prefill with continued chunks (the quantized step and a dequantized copy), D=64. Prefill but
+    fp8's quantized step (fp16 matmuls) multiplies bf16 operands, which Triton's interpreter mis-reads (integers
+    converted to bf16 as a bit cast, bf16 tl.dot operands): those cases are `gpu` tests only."""
     q_lens = [1 if c <= 1 else c // 3 for c in ctx_lens]
     k_cache, v_cache, tables = quantized_paged_kv(kind, ctx_lens, 8, 2, 64, dtype=torch.bfloat16)
     q = torch.randn(sum(q_lens), 4, 64, device=DEVICE, dtype=torch.bfloat16)
@@ -204,11 +253,17 @@ def test_bf16_query_matches_reference(kind, ctx_lens, triton_ready):
     ref = torch.zeros_like(q, dtype=torch.float32)
     ref[rows] = paged_attention_varlen(q[rows].float(), k_cache, v_cache, tables[live], [q_lens[i] for i in live],
                                        [ctx_lens[i] for i in live], 0.125, gate=gate[rows].float())
-    if all(ctx_lens) and (kind == "fp8" or DEVICE != "cpu"):
+    for dequantize in (False, True):
+        if not all(ctx_lens) or (DEVICE == "cpu" and (kind != "fp8" or dequantize)):
+            continue
         out = torch.full_like(q, float("nan"))
         paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
-                                0.125, gate, q_lens, ctx_lens, block_m=16, block_n=tile(8), out=out)
-        assert_close(f"prefill {kind}", ref[rows], out[rows], ATOL_BF16, RTOL_BF16)
+                                0.125, gate, q_lens, ctx_lens, block_m=16, block_n=tile(8), dequantize=dequantize,
+                                out=out)
+        want = ref if not dequantize else paged_attention_varlen(
+            q.float(), rounded(k_cache, q.dtype).float(), rounded(v_cache, q.dtype).float(), tables, q_lens,
+            ctx_lens, 0.125, gate=gate.float())
+        assert_close(f"prefill {kind} dequantize={dequantize}", want[rows], out[rows], ATOL_BF16, RTOL_BF16)
     last = cu_of(q_lens)[1:] - 1
     for partition_size in (16, 128):  # several partitions and a reduce; one partition, written directly
         out = torch.full_like(q[last], float("nan"))
@@ -323,12 +378,14 @@ def test_store_and_prefill_full_shape_gpu(kind):
     store_kv_triton(k, v, k_cache, v_cache, slots)
     q = torch.randn(sum(q_lens), 16, 256, device=DEVICE, dtype=torch.bfloat16)
     gate = torch.randn_like(q)
-    out = torch.full_like(q, float("nan"))
-    paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
-                            256 ** -0.5, gate, q_lens, ctx_lens, out=out)
-    ref = paged_attention_varlen(q.float(), k_cache, v_cache, tables, q_lens, ctx_lens, 256 ** -0.5,
-                                 gate=gate.float())
-    assert_close(f"prefill {kind}", ref, out, ATOL_BF16, RTOL_BF16)
+    for dequantize in (False, None):  # the quantized step; the engine's choice here, a dequantized copy
+        out = torch.full_like(q, float("nan"))
+        paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
+                                256 ** -0.5, gate, q_lens, ctx_lens, dequantize=dequantize, out=out)
+        caches = (k_cache, v_cache) if dequantize is False else (rounded(k_cache, q.dtype).float(),
+                                                                 rounded(v_cache, q.dtype).float())
+        ref = paged_attention_varlen(q.float(), *caches, tables, q_lens, ctx_lens, 256 ** -0.5, gate=gate.float())
+        assert_close(f"prefill {kind} dequantize={dequantize}", ref, out, ATOL_BF16, RTOL_BF16)
     back = dequantize_kv(k_cache.codes, k_cache.scale, k_cache.zero, kind)
     stored = back.flatten(0, 1)[slots]
     err = (stored - k.float()).abs()

@@ -95,6 +95,12 @@ def allocate_kv(kv_cache_dtype: str, num_blocks: int, block_size: int, num_kv_he
     return QuantizedKV(codes, scale, zero)
 
 
+# The largest dequantized copy of the contexts a quantized cache's prefill may make (triton.DEQUANT_MIN_QUERIES): at
+# Hkv 4, head_dim 256 in bf16 that is 64k keys; longer contexts run the quantized step. The memory profile
+# (worker/model_runner.profile_activation_bytes) reserves it.
+PREFILL_DEQUANT_BYTES = 256 << 20
+
+
 def kv_bytes_per_token_head(kv_cache_dtype: str, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes one token of one kv head takes in ONE side (K or V) of the cache, scales and zeros included."""
     check_kv_cache_dtype(kv_cache_dtype)

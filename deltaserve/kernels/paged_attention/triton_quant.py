@@ -1,6 +1,9 @@
 """Triton pieces of the quantized KV cache (layout and formulas: kv_quant.py), used by triton.py's kernels.
 
 - `store_kv_quant_kernel`: quantize each stored token's K and V rows (one scale, and zero, per kv head) on write.
+- `dequantized_context`: for prefill chunks of many queries, the contexts' blocks dequantized into a workspace
+  (`dequant_blocks_kernel`) with their own block table, so triton.py's 16-bit kernel attends over them
+  (DEQUANT_MIN_QUERIES says why and when).
 - `attend_tile_quant`: triton.py's online-softmax step over a tile of quantized keys. The codes enter the two
   matmuls cast to q's dtype (int8, int4 and e4m3 values are exact in bf16 / fp16), and the per-key scale s_n and
   offset z_n are folded into the [ROWS, BLOCK_N] scores and probabilities instead of dequantizing [BLOCK_N, D]:
@@ -13,12 +16,14 @@
   dtype: the same fp16 treatment measured slower for them (int8 606 against 547 us at batch 16).
 KV_KIND (constexpr): 0 = 16-bit cache (triton.py's own path), 1 = int8, 2 = int4, 3 = fp8.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ..pdl import pdl_args, pdl_start
-from .kv_quant import FP8_MAX, QuantizedKV
+from .kv_quant import FP8_MAX, PREFILL_DEQUANT_BYTES, QuantizedKV
 
 KV_KIND = {"int8": 1, "int4": 2, "fp8": 3}
 _FP8_MAX = tl.constexpr(FP8_MAX)  # a jit function reads only constexpr globals
@@ -153,6 +158,35 @@ def attend_tile_quant(b_q, b_qsum, b_m, b_l, b_acc, k_codes, v_codes, k_scale, v
     return b_m_new, b_l, b_acc
 
 
+@triton.jit
+def _dequant_rows(codes, scale, zero, out, o_c, o_sz, o_o, m_t, D: tl.constexpr, KV_KIND: tl.constexpr):
+    """The rows at code offsets o_c (scales / zeros at o_sz; rows m_t) dequantized in fp32 and stored at o_o."""
+    b_s = tl.load(scale + o_sz, mask=m_t, other=0.0)
+    b_x = _load_codes(codes, o_c, m_t, D, KV_KIND, False).to(tl.float32) * b_s[:, None]
+    if KV_KIND != 3:
+        b_x = b_x + _load_offset(zero, b_s, o_sz, m_t, KV_KIND)[:, None]
+    tl.store(out + o_o, b_x.to(out.dtype.element_ty), mask=m_t[:, None])
+
+
+@triton.jit
+def dequant_blocks_kernel(k_codes, v_codes, k_scale, v_scale, k_zero, v_zero, src_blocks, k_out, v_out,
+                          stride_kb, stride_ks, stride_kh, stride_ob, stride_os, stride_oh,
+                          BS: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                          KV_KIND: tl.constexpr):
+    """Program (i_b, i_kvh): block src_blocks[i_b]'s [BS, D] keys and values of kv head i_kvh, dequantized as
+    kv_quant.dequantize_kv (codes times scale plus offset, in fp32) and rounded once into block i_b of k_out / v_out
+    [n, BS, Hkv, D]. Code strides in elements of the code tensor (as _load_codes reads them); BLOCK_T >= BS."""
+    i_b, i_kvh = tl.program_id(0), tl.program_id(1)
+    b_blk = tl.load(src_blocks + i_b).to(tl.int64)
+    o_t = tl.arange(0, BLOCK_T)
+    m_t = o_t < BS
+    o_sz = (b_blk * BS + o_t) * HKV + i_kvh  # scales / zeros: [NB * BS, Hkv] contiguous
+    o_c = b_blk * stride_kb + o_t * stride_ks + i_kvh * stride_kh
+    o_o = i_b.to(tl.int64) * stride_ob + o_t[:, None] * stride_os + i_kvh * stride_oh + tl.arange(0, D)[None, :]
+    _dequant_rows(k_codes, k_scale, k_zero, k_out, o_c, o_sz, o_o, m_t, D, KV_KIND)
+    _dequant_rows(v_codes, v_scale, v_zero, v_out, o_c, o_sz, o_o, m_t, D, KV_KIND)
+
+
 # ----------------------------------------------------------------------------------------------------------- wrappers
 def check_quant_cache(k_cache: QuantizedKV, v_cache: QuantizedKV) -> tuple[int, int, int, int]:
     """-> (NB, BS, Hkv, D) after checking the two sides agree in kind and shape and every tensor is contiguous."""
@@ -193,3 +227,69 @@ def store_kv_quant(k: torch.Tensor, v: torch.Tensor, k_cache: QuantizedKV, v_cac
         k, v, k_cache.codes, v_cache.codes, *quant_pointer_args(k_cache, v_cache), slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.codes.stride(1), k_cache.codes.stride(2),
         HKV=hkv, D=d, BLOCK_HKV=triton.next_power_of_2(hkv), KV_KIND=KV_KIND[k_cache.kind], num_warps=4, **pdl_args(k))
+
+
+def dequantize_blocks(k_cache: QuantizedKV, v_cache: QuantizedKV, src_blocks: torch.Tensor, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks src_blocks [n] (int32, on the device) of both sides, dequantized into new [n, BS, Hkv, D] tensors
+    of `dtype` (inputs already checked): one launch, no host sync."""
+    _, bs, hkv, d = k_cache.shape
+    k_codes, v_codes = code_args(k_cache, v_cache)
+    n = src_blocks.shape[0]
+    k_out = torch.empty(n, bs, hkv, d, dtype=dtype, device=k_codes.device)
+    v_out = torch.empty_like(k_out)
+    if n:
+        dequant_blocks_kernel[(n, hkv)](
+            k_codes, v_codes, *quant_pointer_args(k_cache, v_cache), src_blocks, k_out, v_out, k_codes.stride(0),
+            k_codes.stride(1), k_codes.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2), BS=bs, HKV=hkv,
+            D=d, BLOCK_T=triton.next_power_of_2(bs), KV_KIND=KV_KIND[k_cache.kind], num_warps=4)
+    return k_out, v_out
+
+
+# A quantized cache's prefill attends over a dequantized copy of its sequences' contexts (in q's dtype, into a
+# workspace of at most kv_quant.PREFILL_DEQUANT_BYTES) when the chunks average at least this many query tokens a
+# sequence. Prefill is bound by the matrix units, not by the bytes of K and V, and the quantized step (codes
+# converted in the tile loop, scales folded into scores and probabilities) ran 0.26-0.54x the 16-bit kernel; the copy
+# costs one pass over the context. H200, Triton 3.6, head_dim 256 (.peer/pf_copy.py, 2026-12-01), us, bf16 cache /
+# int8 step / int8 copy: 2048 queries at 32k, Hkv 4: 2954 / 7153 / 2996 (the copy alone 59); 24 q heads: 4179 /
+# 13066 / 4188; a fresh 2048-token prompt: 130 / 259 / 156; 512 at 8k: 397 / 771 / 391; int4 and fp8 alike (0.98-1.02x
+# bf16 through the copy). One sequence of 16 to 256 queries at 4k and 32k: the copy 0.96-1.04x bf16, the step
+# 0.51-0.54x. Many short chunks of short contexts would pay the copy without the single long sequence's
+# latency-bound tiles to hide it, hence a floor.
+DEQUANT_MIN_QUERIES = 64
+
+
+@functools.lru_cache(maxsize=16)
+def _context_blocks_on(context_lens_cpu: tuple, first_seq: int, bs: int, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (rows, cols) int64 [n_blocks]: the block-table entries of sequences first_seq.. that hold their contexts,
+    and the block table [N, max_blocks] int32 of the copy that puts them one after another; on the device (pinned
+    async copies), made once for the shapes of a step."""
+    counts = [0] * first_seq + [-(-c // bs) for c in context_lens_cpu[first_seq:]]
+    rows = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.int64))
+    first = torch.tensor(counts, dtype=torch.int64).cumsum(0) - torch.tensor(counts, dtype=torch.int64)
+    cols = torch.arange(rows.numel()) - first[rows]
+    table = torch.zeros(len(counts), max(counts, default=0), dtype=torch.int32)
+    table[rows, cols] = torch.arange(rows.numel(), dtype=torch.int32)
+    out = (rows, cols, table)
+    if device.type == "cuda":
+        out = tuple(t.pin_memory() for t in out)
+    return tuple(t.to(device, non_blocking=True) for t in out)
+
+
+def dequantized_context(k_cache: QuantizedKV, v_cache: QuantizedKV, block_tables: torch.Tensor,
+                         query_lens: list[int], context_lens_cpu: list[int], first_seq: int, dtype: torch.dtype,
+                         dequantize: bool | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """-> (k, v, block_tables) of a dequantized copy of the contexts of sequences first_seq.., or None where the
+    quantized step should run instead: dequantize False, or None (automatic) with chunks averaging fewer than
+    DEQUANT_MIN_QUERIES tokens or a copy larger than PREFILL_DEQUANT_BYTES."""
+    _, bs, hkv, d = k_cache.shape
+    seqs = len(query_lens) - first_seq
+    blocks = sum(-(-c // bs) for c in context_lens_cpu[first_seq:])
+    copy_bytes = 2 * blocks * bs * hkv * d * torch.empty((), dtype=dtype).element_size()
+    if dequantize is False or (dequantize is None and (sum(query_lens[first_seq:]) < DEQUANT_MIN_QUERIES * seqs
+                                                       or copy_bytes > PREFILL_DEQUANT_BYTES)):
+        return None
+    rows, cols, table = _context_blocks_on(tuple(context_lens_cpu), first_seq, bs, block_tables.device)
+    k, v = dequantize_blocks(k_cache, v_cache, block_tables[rows, cols].to(torch.int32), dtype)
+    return k, v, table
