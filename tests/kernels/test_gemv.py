@@ -67,7 +67,8 @@ def test_gemv_reads_strided_rows_and_refuses_what_it_cannot_take():
 def test_linear_tiles_and_where_cublas_stays():
     assert linear_tile(4096, 12288).block_k == 512 and linear_tile(12352, 2048).num_warps == 4
     assert linear_tile(5120, 6144) is None and linear_tile(24576, 17408) is None
-    assert linear_tile(10240, 5120) is None and linear_tile(24576, 4096) is None  # 27B q|k|v, 9B gate|up
+    assert linear_tile(34816, 5120) is None and linear_tile(24576, 4096) is None  # 27B and 9B gate|up
+    assert linear_tile(16480, 5120) == linear_tile(14336, 5120) == GemvTile(32, 128, 2, 3)  # 27B in_proj, q|k|v
 
 
 def test_dispatches_use_the_reference_on_cpu_and_for_what_the_gemv_does_not_take():

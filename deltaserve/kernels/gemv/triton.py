@@ -36,11 +36,16 @@ def linear_tile(n: int, k: int) -> GemvTile | None:
     from L2), M = 1..16: N <= 4096 (one wave of 32-row programs) at 512-wide K steps, 1.16-1.31x cuBLAS (9B out_proj
     and down); 8192 <= N <= 16384 with K <= 4096 at 128-wide K steps and 4 warps, 1.03-1.17x (in_proj and q|k|v of
     9B and 35B-A3B). cuBLAS was as fast or faster at 9B gate|up (N = 24576: 1.00x), at N = 5120 (1.2 waves of
-    programs) and at every 27B width with K = 5120 (0.68-0.94x)."""
+    programs) and at every 27B width with K = 5120 (0.68-0.94x) for that tile. At K = 5120 two warps and 3 stages
+    take 27B's in_proj (N = 16480) 43.0 -> 39.8 us and q|k|v (N = 14336) 36.6 -> 35.6 at M = 1 (M = 4 alike; H200,
+    .peer/gemv27.py, 2026-12-01); out_proj (N = 5120) stays on cuBLAS (17.9 against 18.5 at best), gate|up
+    (N = 34816) too (84.1 against 82.0 at best: within the spread)."""
     if n <= 4096:
         return GemvTile(32, 512, 2, 4)
     if 8192 <= n <= 16384 and k <= 4096:
         return GemvTile(32, 128, 4, 4)
+    if 8192 <= n <= 16896 and 4096 < k <= 5120:
+        return GemvTile(32, 128, 2, 3)
     return None
 
 
