@@ -155,12 +155,14 @@ PREFILL_CASES = {
 }
 
 
+@pytest.mark.parametrize("partitions", [None, 3], ids=["auto", "split_keys"])
 @pytest.mark.parametrize("dequantize", [False, True], ids=["quantized_step", "dequantized_copy"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("case", list(PREFILL_CASES), ids=list(PREFILL_CASES))
-def test_prefill_matches_reference(case, kind, dequantize, triton_ready):
+def test_prefill_matches_reference(case, kind, dequantize, partitions, triton_ready):
     """Both prefill paths over a quantized cache: the quantized tile step, and the 16-bit kernel over a dequantized
-    copy of the contexts (fp32 here: the copy holds the reference's values exactly)."""
+    copy of the contexts (fp32 here: the copy holds the reference's values exactly); each also with the keys split
+    into partitions."""
     h, hkv, d, bs, q_lens, ctx_lens, block_m, block_n = PREFILL_CASES[case]
     k_cache, v_cache, tables = quantized_paged_kv(kind, ctx_lens, bs, hkv, d)
     q = torch.randn(sum(q_lens), h, d, device=DEVICE)
@@ -169,7 +171,7 @@ def test_prefill_matches_reference(case, kind, dequantize, triton_ready):
     out = torch.full_like(q, float("nan"))
     paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
                             d ** -0.5, gate, q_lens, ctx_lens, block_m=block_m, block_n=tile(block_n),
-                            dequantize=dequantize, out=out)
+                            dequantize=dequantize, partitions=partitions, out=out)
     assert_close(f"{case} {kind}", ref, out, ATOL_FP32)
 
 

@@ -131,9 +131,12 @@ PREFILL_CASES = {
 }
 
 
+@pytest.mark.parametrize("partitions", [None, 3], ids=["auto", "split_keys"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("case", list(PREFILL_CASES), ids=list(PREFILL_CASES))
-def test_prefill_matches_reference(case, gated, triton_ready):
+def test_prefill_matches_reference(case, gated, partitions, triton_ready):
+    """split_keys: the keys cut into 3 partitions of whole key tiles (where there are enough), merged by the decode
+    reduce kernel per q row; partitions past a row's position are never read."""
     h, hkv, d, bs, q_lens, ctx_lens, block_m, block_n = PREFILL_CASES[case]
     k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, bs, hkv, d)
     q = torch.randn(sum(q_lens), h, d, device=DEVICE)
@@ -141,7 +144,8 @@ def test_prefill_matches_reference(case, gated, triton_ready):
     ref = paged_attention_varlen(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5, gate=gate)
     out = nan_like(q)
     paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
-                            d ** -0.5, gate, q_lens, ctx_lens, block_m=block_m, block_n=tile(block_n), out=out)
+                            d ** -0.5, gate, q_lens, ctx_lens, block_m=block_m, block_n=tile(block_n),
+                            partitions=partitions, out=out)
     assert_close(case, ref, out, ATOL_FP32)
 
 
@@ -251,6 +255,22 @@ def test_decode_partition_sizing_rules():
     assert _decode_partitions(16, 4, 32768, 32, cpu, None, whole_waves=True) == (16, (16, 128, 2048, 32))
 
 
+def test_prefill_partition_rules():
+    """Split-K prefill (132 SMs off CUDA): a grid of at most 66 programs splits the keys into partitions of 1024 keys
+    at least, whole key tiles, aiming at 2 programs an SM, partials under 64 MB; larger grids or short contexts do
+    not split."""
+    from deltaserve.kernels.paged_attention.triton_decode import prefill_partitions
+
+    cpu = torch.device("cpu")
+    assert prefill_partitions(16, 32768, 64, 100, 16, 256, cpu, None) == (17, 1984)  # 100 queries at 32k
+    assert prefill_partitions(16, 4096, 64, 100, 16, 256, cpu, None) == (4, 1024)  # 1024 keys at least
+    assert prefill_partitions(66, 32768, 64, 512, 16, 256, cpu, None) == (4, 8192)  # 512 queries, 16 / 2 heads
+    assert prefill_partitions(67, 32768, 64, 2048, 16, 256, cpu, None) == (1, 32768)  # more than half an SM's worth
+    assert prefill_partitions(16, 1500, 64, 100, 16, 256, cpu, None) == (1, 1500)  # one partition's worth
+    assert prefill_partitions(16, 32768, 64, 1000, 24, 256, cpu, None)[0] == 1  # 17 x 1000 x 24 x 1 KiB partials
+    assert prefill_partitions(4, 100, 8, 5, 4, 32, cpu, 3) == (3, 40)  # given: 3 partitions of whole 8-key tiles
+
+
 # query_lens, context_lens -> (rows the decode kernel takes, query_lens the prefill kernel takes)
 DISPATCH_CASES = {
     "decode": (([1, 1, 1], [5, 19, 2]), (3, None)),
@@ -306,15 +326,19 @@ def test_mixed_rejects_bad_split(triton_ready):
                               32 ** -0.5, None, [4, 1], [9, 3], 1)
 
 
-def test_prefill_first_seq_leaves_earlier_rows(triton_ready):
-    """first_seq: the sequences before it are not attended and their rows of `out` stay as they were."""
+@pytest.mark.parametrize("partitions", [None, 2], ids=["auto", "split_keys"])
+def test_prefill_first_seq_leaves_earlier_rows(partitions, triton_ready):
+    """first_seq: the sequences before it are not attended and their rows of `out` stay as they were (split_keys:
+    the reduce too)."""
     h, hkv, d, bs, q_lens, ctx_lens = 4, 2, 32, 4, [1, 2, 5, 3], [6, 9, 5, 20]
     k_cache, v_cache, tables, _, _ = make_paged_kv(ctx_lens, bs, hkv, d)
     q = torch.randn(sum(q_lens), h, d, device=DEVICE)
-    ref = paged_attention_varlen(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5)
+    gate = torch.randn_like(q)
+    ref = paged_attention_varlen(q, k_cache, v_cache, tables, q_lens, ctx_lens, d ** -0.5, gate=gate)
     out = nan_like(q)
     paged_attention_prefill(q, k_cache, v_cache, tables, cu_of(q_lens), torch.tensor(ctx_lens, device=DEVICE),
-                            d ** -0.5, None, q_lens, ctx_lens, first_seq=2, block_m=16, block_n=tile(8), out=out)
+                            d ** -0.5, gate, q_lens, ctx_lens, first_seq=2, block_m=16, block_n=tile(8),
+                            partitions=partitions, out=out)
     assert out[:3].isnan().all(), "rows of the sequences before first_seq were written"
     assert_close("sequences from first_seq", ref[3:], out[3:], ATOL_FP32)
     with pytest.raises(ValueError, match="first_seq"):
@@ -364,6 +388,7 @@ GPU_PREFILL = {
     "fresh_8k": ([8192], [8192]),
     "chunk_of_32k": ([2048], [32768]),
     "mixed": ([1, 1000, 1, 513, 64], [32768, 3000, 17, 513, 8000]),
+    "short_chunks_after_long_prefixes": ([100, 7], [32768, 20000]),  # few q tiles: the keys split into partitions
 }
 
 

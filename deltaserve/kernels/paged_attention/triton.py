@@ -89,15 +89,18 @@ def _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, m_n
 
 
 @triton.jit
-def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate, o, block_tables, cu_seqlens,
-                    context_lens, tile_table, scale_log2,
+def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate, o, part_m, part_l, part_acc,
+                    block_tables, cu_seqlens, context_lens, tile_table, scale_log2, part_size, num_partitions,
                     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_gt, stride_gh, stride_ot, stride_oh, stride_bt,
-                    HKV: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr,
-                    KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (num q tiles * Hkv,), the kv heads of a tile adjacent (tiles come heaviest first). A program takes
-    BLOCK_Q query tokens of one sequence x the G heads of kv head i_kvh: BLOCK_M >= BLOCK_Q * G rows."""
+                    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr,
+                    SPLIT: tl.constexpr, KV_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (num q tiles * Hkv, partitions), the kv heads of a tile adjacent (tiles come heaviest first). A program
+    takes BLOCK_Q query tokens of one sequence x the G heads of kv head i_kvh: BLOCK_M >= BLOCK_Q * G rows.
+    SPLIT: partition i_part attends over keys [i_part * part_size, + part_size) only and writes triton_decode's
+    partials by q row (part_m, part_l [T, H, P], part_acc [T, H, P, D]), which its reduce kernel merges and gates;
+    a row whose position is before the partition sees none of its keys, and the reduce never reads that partial."""
     i_tile, i_kvh = tl.program_id(0) // HKV, tl.program_id(0) % HKV
     i_seq = tl.load(tile_table + 2 * i_tile)
     i_qtile = tl.load(tile_table + 2 * i_tile + 1)
@@ -120,16 +123,20 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
         b_q, b_qsum = quant_query(b_q, KV_KIND)  # the sum folds the zeros in
     pos = ctx - q_len + o_tok  # absolute position of each row's query token
     kv_end = ctx - q_len + tl.minimum(i_qtile * BLOCK_Q + BLOCK_Q, q_len)  # keys past the tile's last query unseen
+    k_lo = 0
+    if SPLIT:
+        k_lo = tl.program_id(1) * part_size
+        kv_end = tl.minimum(kv_end, k_lo + part_size)
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     p_block_table = block_tables + i_seq.to(tl.int64) * stride_bt
     # whole key tiles at or before the tile's first query, which every row sees: no masks (the 16-bit cache)
-    full_end = 0
+    full_end = k_lo
     if KV_KIND == 0:
-        full_end = tl.minimum(ctx - q_len + i_qtile * BLOCK_Q + 1, kv_end) // BLOCK_N * BLOCK_N
-        for start in range(0, full_end, BLOCK_N):
+        full_end = tl.maximum(tl.minimum(ctx - q_len + i_qtile * BLOCK_Q + 1, kv_end) // BLOCK_N * BLOCK_N, k_lo)
+        for start in range(k_lo, full_end, BLOCK_N):
             o_n = start + tl.arange(0, BLOCK_N)
             b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, k_cache, v_cache, p_block_table, o_n, o_n, o_n,
                                            i_kvh, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
@@ -149,13 +156,19 @@ def _prefill_kernel(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, gate,
                                                 k_zero, v_zero, p_block_table, o_n, m_n, m_s, i_kvh, scale_log2,
                                                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                                                 BS, HKV, D, KV_KIND, DOT_PRECISION)
-    b_o = b_acc / b_l[:, None]
-    if HAS_GATE:
-        b_g = tl.load(gate + o_row_t[:, None] * stride_gt + o_head[:, None] * stride_gh + o_d[None, :],
-                      mask=m_row[:, None], other=0.0).to(tl.float32)
-        b_o = b_o * tl.sigmoid(b_g)
-    p_o = o + o_row_t[:, None] * stride_ot + o_head[:, None] * stride_oh + o_d[None, :]
-    tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_row[:, None])
+    if SPLIT:  # k_lo >= kv_end (no key of the tile's in this partition) stores partials nobody reads
+        o_ml = (o_row_t * H + o_head) * num_partitions + tl.program_id(1)
+        tl.store(part_m + o_ml, b_m, mask=m_row)
+        tl.store(part_l + o_ml, b_l, mask=m_row)
+        tl.store(part_acc + o_ml[:, None] * D + o_d[None, :], b_acc, mask=m_row[:, None])
+    else:
+        b_o = b_acc / b_l[:, None]
+        if HAS_GATE:
+            b_g = tl.load(gate + o_row_t[:, None] * stride_gt + o_head[:, None] * stride_gh + o_d[None, :],
+                          mask=m_row[:, None], other=0.0).to(tl.float32)
+            b_o = b_o * tl.sigmoid(b_g)
+        p_o = o + o_row_t[:, None] * stride_ot + o_head[:, None] * stride_oh + o_d[None, :]
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_row[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------- wrappers
@@ -294,25 +307,9 @@ def _prefill_config(d: int, g: int, kv_kind: int) -> tuple[int, int, int, int]:
     return max(128, block_m), 64, 8, 2
 
 
-def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
-                            block_tables: torch.Tensor, cu_seqlens: torch.Tensor, context_lens: torch.Tensor,
-                            scale: float, gate: torch.Tensor | None, query_lens: list[int],
-                            context_lens_cpu: list[int], *, first_seq: int = 0, block_m: int | None = None,
-                            block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                            dequantize: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Varlen causal attention over the paged KV cache (chunked prefill, mixed with decode rows).
-
-    q: [T, H, D] (cast to the cache dtype for the matmuls); k_cache, v_cache: [NB, BS, Hkv, D] (or QuantizedKV);
-    block_tables: [N, max_blocks] int32/int64; cu_seqlens: [N+1] int32/int64 (device); context_lens: [N] (device);
-    gate: [T, H, D] or None; query_lens, context_lens_cpu: the same N lengths as host ints (tile count, checks)
-    -> o: [T, H, D] in q's dtype (written into `out` when given), attn * sigmoid(gate) when gate is given.
-    first_seq: only sequences first_seq.. are attended (the rows of the others are left as they are in `out`).
-    No host sync; H2D copies of the tile table (and of the copy's block indices). block_m/block_n/num_warps/num_stages
-    override the tile config. dequantize (a quantized cache): True attends over a dequantized copy of the contexts,
-    False runs the quantized tile step, None picks (triton_quant.DEQUANT_MIN_QUERIES)."""
-    _, bs, hkv, d = _check_cache(k_cache, v_cache)
-    t, h = _check_q("q", q, hkv, d)
-    _check_gate(gate, q)
+def _check_prefill_batch(t: int, bs: int, block_tables: torch.Tensor, cu_seqlens: torch.Tensor,
+                         context_lens: torch.Tensor, query_lens: list[int], context_lens_cpu: list[int]) -> int:
+    """-> N after checking the batch's lengths and tables against each other and q's T rows."""
     n = len(query_lens)
     if len(context_lens_cpu) != n or cu_seqlens.shape != (n + 1,) or context_lens.shape != (n,) \
             or block_tables.dim() != 2 or block_tables.shape[0] < n:
@@ -329,6 +326,31 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
         raise ValueError(f"context {max(context_lens_cpu)} exceeds block_tables capacity {block_tables.shape[1] * bs}")
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables needs a contiguous last axis")
+    return n
+
+
+def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
+                            block_tables: torch.Tensor, cu_seqlens: torch.Tensor, context_lens: torch.Tensor,
+                            scale: float, gate: torch.Tensor | None, query_lens: list[int],
+                            context_lens_cpu: list[int], *, first_seq: int = 0, block_m: int | None = None,
+                            block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                            dequantize: bool | None = None, partitions: int | None = None,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Varlen causal attention over the paged KV cache (chunked prefill, mixed with decode rows).
+
+    q: [T, H, D] (cast to the cache dtype for the matmuls); k_cache, v_cache: [NB, BS, Hkv, D] (or QuantizedKV);
+    block_tables: [N, max_blocks] int32/int64; cu_seqlens: [N+1] int32/int64 (device); context_lens: [N] (device);
+    gate: [T, H, D] or None; query_lens, context_lens_cpu: the same N lengths as host ints (tile count, checks)
+    -> o: [T, H, D] in q's dtype (written into `out` when given), attn * sigmoid(gate) when gate is given.
+    first_seq: only sequences first_seq.. are attended (the rows of the others are left as they are in `out`).
+    No host sync; H2D copies of the tile table (and of the copy's block indices). block_m/block_n/num_warps/num_stages
+    override the tile config. dequantize (a quantized cache): True attends over a dequantized copy of the contexts,
+    False runs the quantized tile step, None picks (triton_quant.DEQUANT_MIN_QUERIES). partitions: split-K over the
+    keys in that many partitions (None: triton_decode.prefill_partitions picks)."""
+    _, bs, hkv, d = _check_cache(k_cache, v_cache)
+    t, h = _check_q("q", q, hkv, d)
+    _check_gate(gate, q)
+    n = _check_prefill_batch(t, bs, block_tables, cu_seqlens, context_lens, query_lens, context_lens_cpu)
     o = _check_out(out, q)
     g = h // hkv
     if isinstance(k_cache, QuantizedKV) and first_seq < n:
@@ -348,13 +370,23 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     if tiles.shape[0] == 0:
         return o
     gate_arg = gate if gate is not None else q
-    _prefill_kernel[(tiles.shape[0] * hkv,)](
-        q, kc, vc, *quant_args, gate_arg, o, block_tables, cu_seqlens, context_lens, tiles, scale * LOG2E,
-        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+    from .triton_decode import prefill_partitions, reduce_prefill_partitions, row_contexts_on  # imports this module
+
+    p, size = prefill_partitions(tiles.shape[0] * hkv, max(context_lens_cpu[first_seq:]), block_n, t, h, d,
+                                 q.device, partitions)
+    parts = (o, o, o)  # unused without a split
+    if p > 1:  # m, l [T, H, P] and acc [T, H, P, D] of every q row (those before first_seq stay unwritten)
+        parts = tuple(torch.empty(t, h, p, *extra, dtype=torch.float32, device=q.device) for extra in ((), (), (d,)))
+    _prefill_kernel[(tiles.shape[0] * hkv, p)](
+        q, kc, vc, *quant_args, gate_arg, o, *parts, block_tables, cu_seqlens, context_lens, tiles, scale * LOG2E,
+        size, p, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), gate_arg.stride(0), gate_arg.stride(1),
-        o.stride(0), o.stride(1), block_tables.stride(0),
-        HKV=hkv, G=g, BS=bs, D=d, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, HAS_GATE=gate is not None,
-        **kinds, num_warps=num_warps or cfg_w, num_stages=num_stages or cfg_s)
+        o.stride(0), o.stride(1), block_tables.stride(0), H=h, HKV=hkv, G=g, BS=bs, D=d, BLOCK_M=block_m,
+        BLOCK_Q=block_q, BLOCK_N=block_n, HAS_GATE=gate is not None, SPLIT=p > 1, **kinds,
+        num_warps=num_warps or cfg_w, num_stages=num_stages or cfg_s)
+    if p > 1:
+        reduce_prefill_partitions(o, gate, parts, row_contexts_on(tuple(query_lens), tuple(context_lens_cpu),
+                                                                  first_seq, q.device), size)
     return o
 
 

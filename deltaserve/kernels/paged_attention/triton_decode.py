@@ -2,10 +2,13 @@
 
 What belongs here: the decode partial and reduce kernels, how a batch is cut into partitions (per sequence, on the
 device, from its own length), the decode tile per cache kind, paged_attention_decode, and paged_attention_mixed (a
-mixed step's decode rows here, its prefilling sequences in triton.py's kernel). The layout, numerics, GQA
+mixed step's decode rows here, its prefilling sequences in triton.py's kernel), and the split-K prefill's partitions
+and reduce (prefill_partitions: few q tiles over long contexts). The layout, numerics, GQA
 packing and the quantized caches are those of triton.py (its module docstring); triton_int8.py's kernel writes the
 same partials, merged by the reduce kernel here.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -192,6 +195,55 @@ def _decode_partitions(n: int, hkv: int, max_context_len: int, block_n: int, dev
     spread = _spread(n, hkv, device, whole_waves)
     parts = min(triton.cdiv(max_context_len, lo), max(spread, triton.cdiv(max_context_len, hi)))
     return max(1, parts), (spread, lo, hi, block_n)
+
+
+# Split-K prefill: a grid of at most half an SM's worth of (q tile, kv head) programs (a short chunk after a long
+# cached prefix: 100 queries at 32k keys are 16 programs of 128 rows, each walking all 32k keys) also cuts the keys
+# into partitions, aiming at _SPLIT_PROGRAMS_PER_SM programs an SM, each partition _SPLIT_MIN_KEYS keys at least,
+# while the fp32 partials stay under _SPLIT_MAX_BYTES; _decode_reduce_kernel merges them per (q row, head).
+# H200, bf16 cache, head_dim 256, one sequence (.peer/pf_split.py, 2026-12-01), us one pass -> split: 16 q / 4 kv
+# heads at 32k, 16 / 100 / 256 / 512 queries 1556 -> 111 / 1524 -> 229 / 1505 -> 506 / 1513 -> 872; at 4k 213 -> 113
+# / 210 -> 93 / 207 -> 159 / 208 -> 139; 24 / 4 heads, 100 queries at 32k 1382 -> 333; 16 / 2, 100 at 32k 1320 ->
+# 278. Grids of 100-128 programs lost (24 / 4 heads, 512 queries at 4k 193 -> 247; 1024 queries 211 -> 226).
+_SPLIT_PROGRAMS_PER_SM, _SPLIT_MIN_KEYS, _SPLIT_MAX_BYTES = 2, 1024, 64 << 20
+
+
+def prefill_partitions(programs: int, max_keys: int, block_n: int, t: int, h: int, d: int, device: torch.device,
+                       partitions: int | None) -> tuple[int, int]:
+    """-> (P, keys a partition covers, a multiple of block_n) for `programs` (q tile, kv head) pairs over at most
+    max_keys keys each; P = 1: no split. partitions given: that many (at most one per key tile)."""
+    if partitions is None:
+        sms = _num_sms(device)
+        partitions = 1 if 2 * programs > sms else min(triton.cdiv(_SPLIT_PROGRAMS_PER_SM * sms, programs),
+                                                       max_keys // _SPLIT_MIN_KEYS)
+        if t * h * partitions * (d + 2) * 4 > _SPLIT_MAX_BYTES:
+            partitions = 1
+    if partitions <= 1:
+        return 1, max_keys
+    size = triton.cdiv(triton.cdiv(max_keys, partitions), block_n) * block_n
+    return triton.cdiv(max_keys, size), size
+
+
+@functools.lru_cache(maxsize=16)
+def row_contexts_on(query_lens: tuple, context_lens_cpu: tuple, first_seq: int, device: torch.device
+                    ) -> torch.Tensor:
+    """-> [rows of sequences first_seq..] int32: the keys each q row sees (its position + 1), on the device."""
+    rows = [c - n + j + 1 for n, c in zip(query_lens[first_seq:], context_lens_cpu[first_seq:]) for j in range(n)]
+    rows = torch.tensor(rows, dtype=torch.int32)
+    return (rows.pin_memory() if device.type == "cuda" else rows).to(device, non_blocking=True)
+
+
+def reduce_prefill_partitions(o: torch.Tensor, gate: torch.Tensor | None, parts: tuple, row_contexts: torch.Tensor,
+                              size: int) -> None:
+    """Merge the split prefill's partials (part_m, part_l, part_acc) of the last len(row_contexts) q rows into o."""
+    part_m, part_l, part_acc = parts
+    t, h, p = part_m.shape
+    first = t - row_contexts.shape[0]
+    gate_arg = (gate if gate is not None else o)[first:]
+    _decode_reduce_kernel[(t - first, h)](
+        o[first:], gate_arg, part_m[first:], part_l[first:], part_acc[first:], row_contexts, p, 1, size, size, 1,
+        o.stride(0), o.stride(1), gate_arg.stride(0), gate_arg.stride(1), H=h, D=o.shape[2],
+        BLOCK_P=triton.next_power_of_2(p), HAS_GATE=gate is not None, num_warps=4 if o.shape[2] >= 256 else 2)
 
 
 # Decode tile (block_n, num_warps, num_stages) at head_dim 256 per KV_KIND, from H200 sweeps at context 32k
