@@ -355,7 +355,7 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: Cache, v_cache: Cache,
     g = h // hkv
     if isinstance(k_cache, QuantizedKV) and first_seq < n:
         copy = dequantized_context(k_cache, v_cache, block_tables, query_lens, context_lens_cpu, first_seq,
-                                    q.dtype, dequantize)
+                                   q.dtype, dequantize)
         if copy is not None:
             k_cache, v_cache, block_tables = copy
     kc, vc, quant_args, kinds = _cache_args(k_cache, v_cache, q)

@@ -278,8 +278,8 @@ def _context_blocks_on(context_lens_cpu: tuple, first_seq: int, bs: int, device:
 
 
 def dequantized_context(k_cache: QuantizedKV, v_cache: QuantizedKV, block_tables: torch.Tensor,
-                         query_lens: list[int], context_lens_cpu: list[int], first_seq: int, dtype: torch.dtype,
-                         dequantize: bool | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                        query_lens: list[int], context_lens_cpu: list[int], first_seq: int, dtype: torch.dtype,
+                        dequantize: bool | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """-> (k, v, block_tables) of a dequantized copy of the contexts of sequences first_seq.., or None where the
     quantized step should run instead: dequantize False, or None (automatic) with chunks averaging fewer than
     DEQUANT_MIN_QUERIES tokens or a copy larger than PREFILL_DEQUANT_BYTES."""
