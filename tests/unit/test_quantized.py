@@ -130,24 +130,55 @@ def test_awq_checkpoint_matches_dequantized_twin(case, sources, tmp_path):
     assert qcfg["version"] == "gemm" and qcfg["group_size"] == GROUP and "in_proj_a" in qcfg["modules_to_not_convert"]
 
 
-def write_ct(src: str, dst: str, zero_point: bool) -> str:
-    """A compressed-tensors pack-quantized checkpoint of `src` (what llm-compressor writes, W4A16)."""
+def library_ct(w: torch.Tensor, zero_point: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """w [out, in] -> (its pack-quantized tensors as the compressed-tensors package writes them, scales and zero
+    points from the package's calculate_qparams over each group's min / max, as llm-compressor's default observer
+    does; the weight the package's decompress returns from them)."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=not zero_point, strategy="group", group_size=GROUP)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    groups = w.reshape(w.shape[0], -1, GROUP)
+    scale, zp = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    packed = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
+                                                   scheme)
+    return packed, PackedQuantizationCompressor.decompress(dict(packed), scheme)["weight"]
+
+
+def _save_beside(src: str, dst: str, tensors: dict[str, torch.Tensor]) -> None:
+    """tensors as dst's model.safetensors, with every other file of src (config, tokenizer) copied."""
     os.makedirs(dst, exist_ok=True)
-    out = {}
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors"):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
+def write_ct(src: str, dst: str, zero_point: bool, library: bool = False) -> str:
+    """A compressed-tensors pack-quantized checkpoint of `src` (what llm-compressor writes, W4A16). library: each
+    Linear packed by the compressed-tensors package itself (library_ct), and at dst + "_twin" the source with those
+    Linears replaced by what the package's decompress returns: a reference that shares no code with deltaserve."""
+    out, twin = {}, {}
     with safe_open(os.path.join(src, "model.safetensors"), framework="pt") as f:
         for name in f.keys():
             t, module = f.get_tensor(name), name.rpartition(".")[0]
+            twin[name] = t
             if name.endswith(".weight") and t.dim() == 2 and ".layers." in name and \
                     module.rsplit(".", 1)[1] in QUANTIZABLE:
-                out.update({f"{module}.{k}": v for k, v in to_ct(t, GROUP, zero_point).items()})
-                out[f"{module}.weight_shape"] = torch.tensor(list(t.shape))
+                if library:
+                    packed, back = library_ct(t, zero_point)
+                    twin[name] = back.to(t.dtype)
+                else:
+                    packed = to_ct(t, GROUP, zero_point)
+                    packed["weight_shape"] = torch.tensor(list(t.shape))
+                out.update({f"{module}.{k}": v for k, v in packed.items()})
             else:
                 out[name] = t
-    save_file(out, os.path.join(dst, "model.safetensors"))
-    for name in os.listdir(src):
-        if not name.endswith(".safetensors"):
-            with open(os.path.join(src, name), "rb") as a, open(os.path.join(dst, name), "wb") as b:
-                b.write(a.read())
+    _save_beside(src, dst, out)
+    if library:
+        _save_beside(src, dst + "_twin", twin)
     with open(os.path.join(dst, "config.json")) as f:
         raw = json.load(f)
     raw["quantization_config"] = {
@@ -157,6 +188,30 @@ def write_ct(src: str, dst: str, zero_point: bool) -> str:
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(raw, f)
     return dst
+
+
+@pytest.mark.parametrize("zero_point", [False, True], ids=["symmetric", "zero_point"])
+def test_dequant_ct_matches_the_compressed_tensors_package(zero_point):
+    """The package's own pack and decompress against dequant_ct, bit for bit (bf16 scales, as llm-compressor
+    writes them)."""
+    w = torch.randn(64, 4 * GROUP, generator=torch.Generator().manual_seed(7)).bfloat16()
+    packed, back = library_ct(w, zero_point)
+    assert ("weight_zero_point" in packed) == zero_point and packed["weight_scale"].dtype == torch.bfloat16
+    ours = dequant_ct(packed["weight_packed"], packed["weight_scale"], packed.get("weight_zero_point"), GROUP,
+                      torch.bfloat16)
+    assert torch.equal(ours, back)
+    assert (back.float() - w.float()).abs().max() > 0, "sanity: the package quantized something"
+
+
+@pytest.mark.parametrize("moe, zero_point", [(False, True), (True, False)], ids=["dense_zero_point", "moe_symmetric"])
+def test_compressed_tensors_package_checkpoint_matches_its_decompressed_twin(moe, zero_point, sources, tmp_path):
+    """A checkpoint packed by the compressed-tensors package: prompt logprobs within 1e-4 of the twin holding the
+    package's own decompressed weights, and the same greedy tokens."""
+    q = write_ct(sources[moe], str(tmp_path / "ct"), zero_point, library=True)
+    _, lp, toks = run_text(q)
+    _, lp_ref, toks_ref = run_text(q + "_twin")
+    assert max(abs(a - b) for a, b in zip(lp, lp_ref)) < 1e-4
+    assert toks == toks_ref
 
 
 @pytest.mark.parametrize("moe, zero_point", [(False, False), (True, True)], ids=["dense_symmetric", "moe_zero_point"])
