@@ -1,9 +1,19 @@
 """Shared by the quantized-checkpoint tests (int4 and FP8): run a tiny checkpoint and compare it with its dequantized
 16-bit twin (`deltaserve.quantize.write_dequantized`), the reference model a quantized one must reproduce."""
+import json
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from deltaserve import LLM, SamplingParams
-from deltaserve.quantize import write_dequantized
+from deltaserve.layers.quant import to_ct
+from deltaserve.quantize import QUANTIZABLE, write_dequantized
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 3
+GROUP = 32  # int4 group size of the tests' checkpoints
 
 
 def run_text(path: str):
@@ -24,3 +34,63 @@ def assert_matches_twin(path: str, tmp_path) -> LLM:
     assert diff < 1e-4, diff
     assert toks == toks_ref
     return llm
+
+
+def library_ct(w: torch.Tensor, zero_point: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """w [out, in] -> (its pack-quantized tensors as the compressed-tensors package writes them, scales and zero
+    points from the package's calculate_qparams over each group's min / max, as llm-compressor's default observer
+    does; the weight the package's decompress returns from them)."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=not zero_point, strategy="group", group_size=GROUP)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    groups = w.reshape(w.shape[0], -1, GROUP)
+    scale, zp = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    packed = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
+                                                   scheme)
+    return packed, PackedQuantizationCompressor.decompress(dict(packed), scheme)["weight"]
+
+
+def _save_beside(src: str, dst: str, tensors: dict[str, torch.Tensor]) -> None:
+    """tensors as dst's model.safetensors, with every other file of src (config, tokenizer) copied."""
+    os.makedirs(dst, exist_ok=True)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors"):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
+def write_ct(src: str, dst: str, zero_point: bool, library: bool = False) -> str:
+    """A compressed-tensors pack-quantized checkpoint of `src` (what llm-compressor writes, W4A16). library: each
+    Linear packed by the compressed-tensors package itself (library_ct), and at dst + "_twin" the source with those
+    Linears replaced by what the package's decompress returns: a reference that shares no code with deltaserve."""
+    out, twin = {}, {}
+    with safe_open(os.path.join(src, "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            t, module = f.get_tensor(name), name.rpartition(".")[0]
+            twin[name] = t
+            if name.endswith(".weight") and t.dim() == 2 and ".layers." in name and \
+                    module.rsplit(".", 1)[1] in QUANTIZABLE:
+                if library:
+                    packed, back = library_ct(t, zero_point)
+                    twin[name] = back.to(t.dtype)
+                else:
+                    packed = to_ct(t, GROUP, zero_point)
+                    packed["weight_shape"] = torch.tensor(list(t.shape))
+                out.update({f"{module}.{k}": v for k, v in packed.items()})
+            else:
+                out[name] = t
+    _save_beside(src, dst, out)
+    if library:
+        _save_beside(src, dst + "_twin", twin)
+    with open(os.path.join(dst, "config.json")) as f:
+        raw = json.load(f)
+    raw["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 4, "type": "int", "symmetric": not zero_point, "strategy": "group", "group_size": GROUP}}}}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(raw, f)
+    return dst

@@ -7,11 +7,10 @@ import shutil
 
 import pytest
 import torch
-from quant_helpers import assert_matches_twin
+from quant_helpers import GROUP, assert_matches_twin, write_ct
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_config import assert_one_sentence, parse, raw_config, text_fields
-from test_quantized import GROUP, write_ct
 
 from deltaserve import LLM, SamplingParams, cli
 from deltaserve.config import ConfigError, ModelConfig

@@ -19,11 +19,9 @@ from deltaserve.config import ConfigError, ModelConfig
 from deltaserve.layers.linear import Linear, ProjectionGroup, QuantExperts, QuantLinear
 from deltaserve.layers.quant import AWQ_ORDER, dequant_awq, dequant_ct, pack_int4, to_awq, to_ct, unpack_int4
 from deltaserve.models.weights import WeightsError
-from deltaserve.quantize import QUANTIZABLE, quantize_checkpoint
+from deltaserve.quantize import quantize_checkpoint
 from deltaserve.tiny import make_tiny
-from quant_helpers import assert_matches_twin, run_text
-
-GROUP = 32
+from quant_helpers import GROUP, assert_matches_twin, library_ct, run_text, write_ct
 
 
 @pytest.mark.parametrize("order", [AWQ_ORDER, tuple(range(8))], ids=["awq_order", "ct_order"])
@@ -128,66 +126,6 @@ def test_awq_checkpoint_matches_dequantized_twin(case, sources, tmp_path):
     with open(os.path.join(q, "config.json")) as f:
         qcfg = json.load(f)["quantization_config"]
     assert qcfg["version"] == "gemm" and qcfg["group_size"] == GROUP and "in_proj_a" in qcfg["modules_to_not_convert"]
-
-
-def library_ct(w: torch.Tensor, zero_point: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """w [out, in] -> (its pack-quantized tensors as the compressed-tensors package writes them, scales and zero
-    points from the package's calculate_qparams over each group's min / max, as llm-compressor's default observer
-    does; the weight the package's decompress returns from them)."""
-    from compressed_tensors.compressors import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from compressed_tensors.quantization.utils import calculate_qparams
-
-    args = QuantizationArgs(num_bits=4, type="int", symmetric=not zero_point, strategy="group", group_size=GROUP)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
-    groups = w.reshape(w.shape[0], -1, GROUP)
-    scale, zp = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
-    packed = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
-                                                   scheme)
-    return packed, PackedQuantizationCompressor.decompress(dict(packed), scheme)["weight"]
-
-
-def _save_beside(src: str, dst: str, tensors: dict[str, torch.Tensor]) -> None:
-    """tensors as dst's model.safetensors, with every other file of src (config, tokenizer) copied."""
-    os.makedirs(dst, exist_ok=True)
-    save_file(tensors, os.path.join(dst, "model.safetensors"))
-    for name in os.listdir(src):
-        if not name.endswith(".safetensors"):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-
-
-def write_ct(src: str, dst: str, zero_point: bool, library: bool = False) -> str:
-    """A compressed-tensors pack-quantized checkpoint of `src` (what llm-compressor writes, W4A16). library: each
-    Linear packed by the compressed-tensors package itself (library_ct), and at dst + "_twin" the source with those
-    Linears replaced by what the package's decompress returns: a reference that shares no code with deltaserve."""
-    out, twin = {}, {}
-    with safe_open(os.path.join(src, "model.safetensors"), framework="pt") as f:
-        for name in f.keys():
-            t, module = f.get_tensor(name), name.rpartition(".")[0]
-            twin[name] = t
-            if name.endswith(".weight") and t.dim() == 2 and ".layers." in name and \
-                    module.rsplit(".", 1)[1] in QUANTIZABLE:
-                if library:
-                    packed, back = library_ct(t, zero_point)
-                    twin[name] = back.to(t.dtype)
-                else:
-                    packed = to_ct(t, GROUP, zero_point)
-                    packed["weight_shape"] = torch.tensor(list(t.shape))
-                out.update({f"{module}.{k}": v for k, v in packed.items()})
-            else:
-                out[name] = t
-    _save_beside(src, dst, out)
-    if library:
-        _save_beside(src, dst + "_twin", twin)
-    with open(os.path.join(dst, "config.json")) as f:
-        raw = json.load(f)
-    raw["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-            "num_bits": 4, "type": "int", "symmetric": not zero_point, "strategy": "group", "group_size": GROUP}}}}
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(raw, f)
-    return dst
 
 
 @pytest.mark.parametrize("zero_point", [False, True], ids=["symmetric", "zero_point"])

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from test_quantized import GROUP, write_ct
+from quant_helpers import GROUP, write_ct
 from test_tensor_parallel import assert_same_outputs, load_shard, run_prompts
 
 from deltaserve import LLM, SamplingParams
