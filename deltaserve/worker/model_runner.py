@@ -131,7 +131,7 @@ def profile_activation_bytes(model: torch.nn.Module, cfg: ModelConfig, device: t
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    # a quantized cache's prefill may also hold a dequantized copy of long contexts (kernels/paged_attention/triton.py)
+    # a quantized cache's prefill may also hold a dequantized copy of its contexts (paged_attention.triton_quant)
     copy = torch.empty(PREFILL_DEQUANT_BYTES if kv_cache_dtype != "auto" else 0, dtype=torch.uint8, device=device)
     ar = torch.arange(num_tokens, device=device)
     batch = ForwardBatch(

@@ -95,8 +95,8 @@ def allocate_kv(kv_cache_dtype: str, num_blocks: int, block_size: int, num_kv_he
     return QuantizedKV(codes, scale, zero)
 
 
-# The largest dequantized copy of the contexts a quantized cache's prefill may make (triton.DEQUANT_MIN_QUERIES): at
-# Hkv 4, head_dim 256 in bf16 that is 64k keys; longer contexts run the quantized step. The memory profile
+# The largest dequantized copy of the contexts a quantized cache's prefill may make (triton_quant.dequantized_context):
+# at Hkv 4, head_dim 256 in bf16 that is 64k keys; longer contexts run the quantized step. The memory profile
 # (worker/model_runner.profile_activation_bytes) reserves it.
 PREFILL_DEQUANT_BYTES = 256 << 20
 
