@@ -2,7 +2,6 @@
 16-bit twin (`deltaserve.quantize.write_dequantized`), the reference model a quantized one must reproduce."""
 import json
 import os
-import shutil
 
 import torch
 from safetensors import safe_open
@@ -10,7 +9,7 @@ from safetensors.torch import save_file
 
 from deltaserve import LLM, SamplingParams
 from deltaserve.layers.quant import to_ct
-from deltaserve.quantize import QUANTIZABLE, write_dequantized
+from deltaserve.quantize import QUANTIZABLE, _copy_side_files, write_dequantized
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 3
 GROUP = 32  # int4 group size of the tests' checkpoints
@@ -25,9 +24,10 @@ def run_text(path: str):
     return llm, [out.prompt_logprobs[i][ids[i]] for i in range(1, len(ids))], out.outputs[0].token_ids
 
 
-def assert_matches_twin(path: str, tmp_path) -> LLM:
-    """Prompt logprobs within 1e-4 of the dequantized twin's and the same greedy tokens; -> the quantized LLM."""
-    twin = write_dequantized(path, str(tmp_path / "twin"))
+def assert_matches_twin(path: str, tmp_path, twin: str | None = None) -> LLM:
+    """Prompt logprobs within 1e-4 of the dequantized twin's and the same greedy tokens; -> the quantized LLM.
+    twin: a twin written elsewhere (default: write_dequantized's, under tmp_path)."""
+    twin = twin or write_dequantized(path, str(tmp_path / "twin"))
     llm, lp, toks = run_text(path)
     _, lp_ref, toks_ref = run_text(twin)
     diff = max(abs(a - b) for a, b in zip(lp, lp_ref))
@@ -54,12 +54,9 @@ def library_ct(w: torch.Tensor, zero_point: bool) -> tuple[dict[str, torch.Tenso
 
 
 def _save_beside(src: str, dst: str, tensors: dict[str, torch.Tensor]) -> None:
-    """tensors as dst's model.safetensors, with every other file of src (config, tokenizer) copied."""
-    os.makedirs(dst, exist_ok=True)
+    """tensors as dst's model.safetensors, with src's other files (config, tokenizer) copied as quantize copies them."""
+    _copy_side_files(src, dst)
     save_file(tensors, os.path.join(dst, "model.safetensors"))
-    for name in os.listdir(src):
-        if not name.endswith(".safetensors"):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
 def write_ct(src: str, dst: str, zero_point: bool, library: bool = False) -> str:

@@ -146,10 +146,7 @@ def test_compressed_tensors_package_checkpoint_matches_its_decompressed_twin(moe
     """A checkpoint packed by the compressed-tensors package: prompt logprobs within 1e-4 of the twin holding the
     package's own decompressed weights, and the same greedy tokens."""
     q = write_ct(sources[moe], str(tmp_path / "ct"), zero_point, library=True)
-    _, lp, toks = run_text(q)
-    _, lp_ref, toks_ref = run_text(q + "_twin")
-    assert max(abs(a - b) for a, b in zip(lp, lp_ref)) < 1e-4
-    assert toks == toks_ref
+    assert_matches_twin(q, tmp_path, twin=q + "_twin")
 
 
 @pytest.mark.parametrize("moe, zero_point", [(False, False), (True, True)], ids=["dense_symmetric", "moe_zero_point"])
