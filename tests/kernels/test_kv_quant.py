@@ -176,6 +176,22 @@ def test_prefill_matches_reference(case, kind, dequantize, partitions, triton_re
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_dequantize_blocks_matches_reference(kind, triton_ready):
+    """triton_quant.dequantize_blocks (the prefill's copy) against kv_quant.dequantize_kv, block by block, fp32: the
+    same values to an fp32 rounding (int8 adds its offset as c s + (zero + 128 s), the reference as (c + 128) s +
+    zero), NaN where the reference's unwritten slots are NaN."""
+    from deltaserve.kernels.paged_attention.triton_quant import dequantize_blocks
+
+    k_cache, v_cache, tables = quantized_paged_kv(kind, [13, 30], 4, 2, 32)
+    src = tables[:, :4].flatten().to(torch.int32)
+    outs = dequantize_blocks(k_cache, v_cache, src, torch.float32)
+    for side, out in zip((k_cache, v_cache), outs):
+        zero = side.zero[src.long()] if side.zero is not None else None
+        ref = dequantize_kv(side.codes[src.long()], side.scale[src.long()], zero, kind)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_dequantized_copy_of_later_sequences(kind, triton_ready):
     """first_seq > 0 (a mixed step's prefilling sequences after its decode rows): the copy holds only the contexts
     of sequences first_seq.., their rows match the reference and the rows before are left as they were."""
