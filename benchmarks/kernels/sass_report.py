@@ -75,7 +75,7 @@ KERNELS: dict[str, Spec] = {
         dict(x="*bf16", qweight="*i32", qzeros="*i32", scales="*bf16", out="*fp32", expert_of_row="*bf16",
              **_ints("N", "K", "K_PER_SPLIT", "stride_xt", "stride_qk", "stride_zk", "stride_sk", "stride_os",
                      "stride_ot", "stride_qe", "stride_ze", "stride_se", "M_LO", "M_HI")),
-        dict(GROUP=128, BN=512, X_ROW_DIV=1, INDEXED=False, USE_PDL=True), 4, 3,
+        dict(GROUP=128, BN=512, X_ROW_DIV=1, INDEXED=False, PF_ROWS=16, USE_PDL=True), 4, 3,
         {"N", "K", "K_PER_SPLIT", "stride_qk", "stride_sk", "stride_os"}),
     "kpack_dot": Spec(  # int4 decode GEMV on the tensor cores, 2 <= T <= 16
         "deltaserve.kernels.int4_gemm.kpack:_kpack_dot_kernel",
@@ -140,6 +140,13 @@ KERNELS: dict[str, Spec] = {
              state="*fp32", slots="*i64", o="*bf16", counters="*i32", **_ints("s_x", "s_cs", "s_a", "s_b", "s_state"),
              scale="fp32"),
         dict(HK=16, HV=32, K=128, V=128, W=4, BK=128, BV=32, BW=4, NV=4, ARRIVE_LATE=True, USE_PDL=True), 1, 3,
+        {"s_x", "s_cs", "s_state"}),
+    "gdn_decode_small": Spec(  # GDN decode below 32 rows (16-column state tiles, 1 warp)
+        "deltaserve.kernels.gated_delta_rule.triton_decode:_fused_recurrent_decode_kernel",
+        dict(x="*bf16", conv_w="*bf16", conv_state="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32",
+             state="*fp32", slots="*i64", o="*bf16", counters="*i32", **_ints("s_x", "s_cs", "s_a", "s_b", "s_state"),
+             scale="fp32"),
+        dict(HK=16, HV=32, K=128, V=128, W=4, BK=128, BV=16, BW=4, NV=8, ARRIVE_LATE=False, USE_PDL=True), 1, 3,
         {"s_x", "s_cs", "s_state"}),
     "decode_bf16": _decode_spec(0),
     "decode_int8": _decode_spec(1),

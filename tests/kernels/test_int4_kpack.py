@@ -270,3 +270,16 @@ def test_fused_moe_kpack_full_size(t):
                            ExpertWeights(**dn_kp, group_size=128, kpack=True), weights, ids).float()
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < 2e-2, f"relative error {rel:.2e}"
+
+
+def test_prefetch_rows_only_for_small_launches_and_early_expert_ids():
+    """The L2 prefetch before the PDL wait (kpack.prefetch_rows): small launches only, a power of two of the tile's
+    rows capped at PREFETCH_MAX_BYTES, and per-row experts only when their ids were written two launches back."""
+    from deltaserve.kernels.int4_gemm.kpack import PREFETCH_MAX_BYTES, prefetch_rows
+
+    assert prefetch_rows(128, 128, 512, 132, False, False) == 16  # 35B-A3B out_proj: one group a program
+    assert prefetch_rows(480, 128, 512, 132, False, False) == 0  # 27B o_proj: 3.6 programs an SM
+    assert prefetch_rows(144, 128, 512, 132, False, True) == 0  # MoE gate|up: the router just wrote the ids
+    assert prefetch_rows(144, 128, 512, 132, True, True) == 16  # MoE down: ids from two launches back
+    assert prefetch_rows(64, 1024, 512, 132, False, False) == PREFETCH_MAX_BYTES // (4 * 512)
+    assert prefetch_rows(64, 3 * 128, 128, 132, False, False) == 32  # 48 rows -> 32

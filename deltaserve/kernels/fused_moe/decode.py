@@ -57,10 +57,13 @@ def combine_kernel(part, weights, ids, out, S, M, H, TOP_K: tl.constexpr, MUL_WE
     tl.store(out + i_t.to(tl.int64) * H + o_h, b_out.to(out.dtype.element_ty), mask=m_h)
 
 
-def _gemv_rows(x: torch.Tensor, w: ExpertWeights, ids: torch.Tensor, x_row_div: int) -> torch.Tensor:
-    """fp32 split-K partials [S, R, N] of the per-pair GEMVs, in the weight's layout (K-packed or AWQ)."""
-    gemv = kpack_gemv_rows if w.kpack else int4_gemv_rows
-    return gemv(x, w.qweight, w.qzeros, w.scales, w.group_size, ids, x_row_div)
+def _gemv_rows(x: torch.Tensor, w: ExpertWeights, ids: torch.Tensor, x_row_div: int,
+               ids_early: bool = False) -> torch.Tensor:
+    """fp32 split-K partials [S, R, N] of the per-pair GEMVs, in the weight's layout (K-packed or AWQ). ids_early:
+    the launch right before this one did not write ids (the K-packed GEMV may then prefetch the experts' weights)."""
+    if w.kpack:
+        return kpack_gemv_rows(x, w.qweight, w.qzeros, w.scales, w.group_size, ids, x_row_div, ids_early=ids_early)
+    return int4_gemv_rows(x, w.qweight, w.qzeros, w.scales, w.group_size, ids, x_row_div)
 
 
 DECODE_MAX_PAIRS = 128  # T · k up to this: per-pair GEMVs (T <= 16 at top-8); beyond: align + grouped GEMM
@@ -86,7 +89,7 @@ def fused_moe_int4_decode(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertW
     _silu_mul_kernel[(t * top_k, triton.cdiv(inter, 64))](part1, act, ids, part1.shape[0], t * top_k, inter,
                                                            BLOCK=64, BS=split_tile(part1.shape[0], 16), num_warps=1,
                                                            **pdl_args(part1))
-    part2 = _gemv_rows(act, down, ids, 1)
+    part2 = _gemv_rows(act, down, ids, 1, ids_early=True)  # the activation launch sits between router and down
     weights = topk_weights.reshape(-1).float().contiguous()
     combine_kernel[(t, triton.cdiv(h, 128))](part2, weights, ids, out, part2.shape[0], t * top_k, h, TOP_K=top_k,
                                               MUL_WEIGHT=True, BLOCK=128, BS=split_tile(part2.shape[0], 16),

@@ -98,17 +98,21 @@ def _router_kernel(x, w_router, w_gate, scratch, counter, weights, ids, E, H, st
     _route_kernel. scratch [T, E + 1] fp32: the logits rounded to x's dtype (slot E: the shared gate's dot);
     counter [>= T] int32, zero on entry and on exit. Program (i_t, i_n): i_n < cdiv(E, BLOCK_N) a block of router
     rows, i_n == cdiv(E, BLOCK_N) the shared gate (HAS_SHARED)."""
-    pdl_start(USE_PDL)
     i_t, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
     n_blocks = tl.cdiv(E, BLOCK_N)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < E  # none for the shared gate's program (i_n == n_blocks)
+    o_h = tl.arange(0, BLOCK_H)
+    # the first BLOCK_H columns of this program's router rows before the PDL wait (weights: no kernel writes them); at
+    # decode sizes that is all of them (H <= BLOCK_H), loaded while the kernel before (the norm) still runs
+    b_w0 = tl.load(w_router + o_n[:, None].to(tl.int64) * stride_we + o_h[None, :],
+                   mask=m_n[:, None] & (o_h < H)[None, :], other=0.0)
+    pdl_start(USE_PDL)
     p_x = x + i_t * stride_xt
     p_row = scratch + i_t * (E + 1)
     if i_n < n_blocks:
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_n = o_n < E
-        o_h = tl.arange(0, BLOCK_H)
-        b_acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-        for h in range(0, H, BLOCK_H):
+        b_acc = b_w0.to(tl.float32) * tl.load(p_x + o_h, mask=o_h < H, other=0.0).to(tl.float32)[None, :]
+        for h in range(BLOCK_H, H, BLOCK_H):
             m_h = h + o_h < H
             b_x = tl.load(p_x + h + o_h, mask=m_h, other=0.0).to(tl.float32)
             b_w = tl.load(w_router + o_n[:, None].to(tl.int64) * stride_we + h + o_h[None, :],

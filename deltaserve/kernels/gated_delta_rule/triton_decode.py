@@ -66,26 +66,33 @@ def _device_name(device: torch.device) -> str:
 
 
 @triton.jit
-def _conv_silu(x_row, conv_w, p_cs, o_c, m_c, m_live, W: tl.constexpr, BW: tl.constexpr):
-    """Depthwise causal conv over [conv state | x] + SiLU for channels o_c of one row.
-
-    x_row: the row's [C] pre-conv input; conv_w: [C, W]; p_cs: the row's [C, W-1] conv state (weight dtype);
-    m_live: [BC] mask, False for a padding row (reads a zero state). Returns (y [BC] fp32, rounded as HF rounds:
-    conv and SiLU in the weight dtype, then the input dtype; new state [BC, BW] in weight dtype, columns < W-1)."""
-    WT = conv_w.dtype.element_ty
+def _conv_window(conv_w, p_cs, o_c, m_c, m_live, W: tl.constexpr, BW: tl.constexpr):
+    """The conv inputs of channels o_c that do not depend on this step's x: the row's state window (columns < W-1 of
+    [C, W-1] at p_cs, weight dtype), the same shifted left by one (a second, cached load: registers cannot shift) and
+    the conv weights [BC, BW]. m_live: [BC] mask, False for a padding row (reads a zero state)."""
     o_w = tl.arange(0, BW)
-    b_x = tl.load(x_row + o_c, mask=m_c, other=0)
-    b_xw = b_x.to(WT)
     m_s = (m_c & m_live)[:, None]
     p_s = p_cs + o_c[:, None] * (W - 1) + o_w[None, :]
     b_win = tl.load(p_s, mask=m_s & (o_w[None, :] < W - 1), other=0)
-    b_win = tl.where(o_w[None, :] == W - 1, b_xw[:, None], b_win)
+    b_next = tl.load(p_s + 1, mask=m_s & (o_w[None, :] < W - 2), other=0)
     b_wt = tl.load(conv_w + o_c[:, None] * W + o_w[None, :], mask=m_c[:, None] & (o_w[None, :] < W), other=0)
+    return b_win, b_next, b_wt
+
+
+@triton.jit
+def _conv_silu(x_row, b_win, b_next, b_wt, o_c, m_c, W: tl.constexpr, BW: tl.constexpr):
+    """Depthwise causal conv over [conv state | x] + SiLU for channels o_c of one row, from _conv_window's tiles.
+
+    x_row: the row's [C] pre-conv input. Returns (y [BC] fp32, rounded as HF rounds: conv and SiLU in the weight
+    dtype, then the input dtype; new state [BC, BW] in weight dtype, columns < W-1)."""
+    WT = b_wt.dtype
+    o_w = tl.arange(0, BW)
+    b_x = tl.load(x_row + o_c, mask=m_c, other=0)
+    b_xw = b_x.to(WT)
+    b_win = tl.where(o_w[None, :] == W - 1, b_xw[:, None], b_win)
     b_y = tl.sum(b_win.to(tl.float32) * b_wt.to(tl.float32), 1).to(WT).to(tl.float32)
     b_y = (b_y / (1.0 + tl.exp(-b_y))).to(WT).to(b_x.dtype).to(tl.float32)
-    # the shifted state: column j takes window column j + 1 (a second, cached load: registers cannot shift)
-    b_new = tl.load(p_s + 1, mask=m_s & (o_w[None, :] < W - 2), other=0)
-    b_new = tl.where(o_w[None, :] == W - 2, b_xw[:, None], b_new)
+    b_new = tl.where(o_w[None, :] == W - 2, b_xw[:, None], b_next)
     return b_y, b_new
 
 
@@ -118,7 +125,9 @@ def _fused_recurrent_decode_kernel(
     """x: [B, C] pre-conv q|k|v (row stride s_x); conv_w: [C, W]; conv_state: [S, C, W-1] (slot stride s_cs);
     a, b: [B, HV]; state: [S, HV, K, V] fp32 (slot stride s_state); slots: [B]; o: [B, HV, V];
     counters: [S, HK] int32, all 0 between launches."""
-    pdl_start(USE_PDL)
+    # Before the PDL wait, everything the kernel before (the in-projection) does not write: the slot, the state tile
+    # (the one large load) and the conv windows, written only by this kernel in earlier steps, and the parameters.
+    # Under PDL this program is placed while the in-projection streams its weights, so these loads hide behind it.
     i_v, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kh = i_h // (HV // HK)
     slot = tl.load(slots + i_b).to(tl.int64)
@@ -128,26 +137,30 @@ def _fused_recurrent_decode_kernel(
     # slot -1 as vector masks (a scalar bool in a mask trips the interpreter)
     m_live_k = (tl.zeros([BK], dtype=tl.int64) + slot) >= 0
     m_live_v = (tl.zeros([BV], dtype=tl.int64) + slot) >= 0
-
-    # the state tile first: the one large load, its latency overlaps the conv below
     m_h = m_k[:, None] & (m_v & m_live_v)[None, :]
     p_h = state + slot_c * s_state + i_h * (K * V) + o_k[:, None] * V + o_v[None, :]
     b_h = tl.load(p_h, mask=m_h, other=0.0).to(tl.float32)  # fp32 or bf16 pool; the update runs in fp32
+    p_cs = conv_state + slot_c * s_cs
+    o_cq, o_ck, o_cv = i_kh * K + o_k, HK * K + i_kh * K + o_k, 2 * HK * K + i_h * V + o_v
+    w_q = _conv_window(conv_w, p_cs, o_cq, m_k, m_live_k, W, BW)
+    w_k = _conv_window(conv_w, p_cs, o_ck, m_k, m_live_k, W, BW)
+    w_v = _conv_window(conv_w, p_cs, o_cv, m_v, m_live_v, W, BW)
+    b_gA = -tl.exp(tl.load(A_log + i_h).to(tl.float32))
+    b_dt = tl.load(dt_bias + i_h).to(tl.float32)
+    pdl_start(USE_PDL)
 
     x_row = x + i_b * s_x
-    p_cs = conv_state + slot_c * s_cs
-    b_q, b_qs = _conv_silu(x_row, conv_w, p_cs, i_kh * K + o_k, m_k, m_live_k, W, BW)
-    b_k, b_ks = _conv_silu(x_row, conv_w, p_cs, HK * K + i_kh * K + o_k, m_k, m_live_k, W, BW)
-    o_cv = 2 * HK * K + i_h * V + o_v
-    b_v, b_vs = _conv_silu(x_row, conv_w, p_cs, o_cv, m_v, m_live_v, W, BW)
+    b_q, b_qs = _conv_silu(x_row, w_q[0], w_q[1], w_q[2], o_cq, m_k, W, BW)
+    b_k, b_ks = _conv_silu(x_row, w_k[0], w_k[1], w_k[2], o_ck, m_k, W, BW)
+    b_v, b_vs = _conv_silu(x_row, w_v[0], w_v[1], w_v[2], o_cv, m_v, W, BW)
     o_w = tl.arange(0, BW)
     m_w = o_w[None, :] < W - 1
     tl.store(p_cs + o_cv[:, None] * (W - 1) + o_w[None, :], b_vs, mask=(m_v & m_live_v)[:, None] & m_w)
     if not ARRIVE_LATE:
         _arrive_and_shift(counters, slot, slot_c, i_kh, p_cs, b_qs, b_ks, o_k, m_k, HK, K, W, BW, (HV // HK) * NV)
 
-    b_a = tl.load(a + i_b * s_a + i_h).to(tl.float32) + tl.load(dt_bias + i_h).to(tl.float32)
-    b_g = -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * tl.where(
+    b_a = tl.load(a + i_b * s_a + i_h).to(tl.float32) + b_dt
+    b_g = b_gA * tl.where(
         b_a > 20.0, b_a, tl.log(1.0 + tl.exp(tl.minimum(b_a, 20.0))))
     b_beta = 1.0 / (1.0 + tl.exp(-tl.load(b + i_b * s_b + i_h).to(tl.float32)))
     b_q = b_q * (scale / tl.sqrt(tl.sum(b_q * b_q, 0) + 1e-6))

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ...layers.quant import KPACK_SPAN
-from ..pdl import pdl_args, pdl_start
+from ..pdl import pdl_args, pdl_start, prefetch_l2
 from .triton import awq_zeros_of_columns, device_sms, dot_precision, expert_row, split_k_ranges, sum_splits
 
 
@@ -70,12 +70,23 @@ def _kpack_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, N, K, K_P
                        stride_xt, stride_qk, stride_zk, stride_sk, stride_os, stride_ot,
                        stride_qe, stride_ze, stride_se, M_LO, M_HI,
                        GROUP: tl.constexpr, BN: tl.constexpr, X_ROW_DIV: tl.constexpr, INDEXED: tl.constexpr,
-                       USE_PDL: tl.constexpr = False):
-    pdl_start(USE_PDL)
+                       PF_ROWS: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
     i_n, i_s = tl.program_id(0), tl.program_id(1)
+    if PF_ROWS > 0:  # ask L2 for this program's first PF_ROWS int32 rows before the wait (prefetch_rows)
+        if INDEXED:
+            i_e, qweight, qzeros, scales, x, out = expert_row(expert_of_row, qweight, qzeros, scales, x, out,
+                                                              stride_qe, stride_ze, stride_se, stride_xt, stride_ot,
+                                                              X_ROW_DIV)
+        o_pf = tl.arange(0, PF_ROWS * (BN // 32))
+        r_pf = tl.minimum(i_s * (K_PER_SPLIT // 8) + o_pf // (BN // 32), K // 8 - 1)
+        c_pf = tl.minimum(i_n * BN + (o_pf % (BN // 32)) * 32, N - 1)
+        prefetch_l2(qweight + r_pf.to(tl.int64) * stride_qk + c_pf, USE_PDL)
+    pdl_start(USE_PDL)
     if INDEXED:
-        i_e, qweight, qzeros, scales, x, out = expert_row(expert_of_row, qweight, qzeros, scales, x, out, stride_qe,
-                                                          stride_ze, stride_se, stride_xt, stride_ot, X_ROW_DIV)
+        if PF_ROWS == 0:
+            i_e, qweight, qzeros, scales, x, out = expert_row(expert_of_row, qweight, qzeros, scales, x, out,
+                                                              stride_qe, stride_ze, stride_se, stride_xt, stride_ot,
+                                                              X_ROW_DIV)
         if i_e < 0:
             return
     o_n = i_n * BN + tl.arange(0, BN)
@@ -244,13 +255,31 @@ def check_kpack(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     return n, k
 
 
+PREFETCH_MAX_BYTES = 65536  # weight bytes a program of a small launch asks L2 for before its PDL wait
+
+
+def prefetch_rows(programs: int, k_per_split: int, block_n: int, num_sms: int, ids_early: bool,
+                  indexed: bool) -> int:
+    """int32 rows of its tile (a power of two, 0: none) a program asks L2 for before its PDL wait, while the kernel
+    before it runs (pdl.prefetch_l2). Only launches of at most 2 programs an SM, whose time is mostly the first loads'
+    latency, and per-row experts only when their ids were written two launches back or more (ids_early). H200,
+    `.peer/pf_l2.py chain` (RMSNorm then the GEMV, CUDA-graph replays, 2026-12-01), µs without -> with 32 KB:
+    35B-A3B out_proj (128 programs) 8.79 -> 8.10; but 27B o_proj (480 programs) 10.93 -> 12.46, 27B down
+    25.5 -> 27.1 and gate|up 42.1 -> 44.4 (many programs: the prefetches only compete with the stream)."""
+    if programs > 2 * num_sms or (indexed and not ids_early):
+        return 0
+    rows = min(k_per_split // 8, PREFETCH_MAX_BYTES // (4 * block_n))
+    return 1 << (rows.bit_length() - 1) if rows > 0 else 0
+
+
 def kpack_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                     group_size: int, expert_of_row: torch.Tensor | None = None, x_row_div: int = 1,
-                    config: KpackPlan | None = None) -> torch.Tensor:
+                    config: KpackPlan | None = None, ids_early: bool = False) -> torch.Tensor:
     """fp32 split-K partials [S, R, N] of R independent GEMVs; the caller sums S.
     Plain (expert_of_row None): x [1, K]; qweight [K/8, N] int32 (K-packed); qzeros [K/G, N/8]; scales [K/G, N];
     R = 1. Per-row experts (the MoE decode): qweight [E, K/8, N], qzeros [E, ...], scales [E, ...]; row r is
-    x[r // x_row_div] times expert expert_of_row[r] ([R] int; -1 leaves the row unwritten)."""
+    x[r // x_row_div] times expert expert_of_row[r] ([R] int; -1 leaves the row unwritten). ids_early: no kernel
+    launched right before this one writes expert_of_row (prefetch_rows)."""
     indexed = expert_of_row is not None
     if indexed != (qweight.dim() == 3) or (not indexed and x.shape[0] != 1):
         raise ValueError(f"x {tuple(x.shape)} / qweight {tuple(qweight.shape)}: one row times [K/8, N], or "
@@ -258,17 +287,19 @@ def kpack_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     n, k = check_kpack(x, qweight, qzeros, scales, group_size)
     rows = expert_of_row.numel() if indexed else 1
     x = x.contiguous()
-    cfg = config or kpack_plan(n, k, group_size, device_sms(x.device), rows)
+    sms = device_sms(x.device)
+    cfg = config or kpack_plan(n, k, group_size, sms, rows)
     k_per_split, split = split_k_ranges(k, group_size, cfg.split_k)
     part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
     if rows == 0:
         return part
     lead = (qweight.stride(0), qzeros.stride(0), scales.stride(0)) if indexed else (0, 0, 0)
     grid = (triton.cdiv(n, cfg.block_n), split) + ((rows,) if indexed else ())
+    pf_rows = prefetch_rows(grid[0] * split * rows, k_per_split, cfg.block_n, sms, ids_early, indexed)
     _kpack_gemv_kernel[grid](x, qweight, qzeros, scales, part, expert_of_row if indexed else x, n, k, k_per_split,
                              x.stride(0), qweight.stride(-2), qzeros.stride(-2), scales.stride(-2), part.stride(0),
                              part.stride(1), *lead, _MASK_LO, _MASK_HI, GROUP=group_size, BN=cfg.block_n,
-                             X_ROW_DIV=x_row_div, INDEXED=indexed, num_warps=cfg.num_warps,
+                             X_ROW_DIV=x_row_div, INDEXED=indexed, PF_ROWS=pf_rows, num_warps=cfg.num_warps,
                              num_stages=cfg.num_stages, **pdl_args(x))
     return part
 
