@@ -101,6 +101,10 @@ KERNELS: dict[str, Spec] = {
         dict(x="*bf16", w="*bf16", out="*bf16", **_ints("M", "N", "K", "stride_xm", "stride_wn", "stride_om")),
         dict(BN=32, BK=128, DOT_PRECISION="tf32", USE_PDL=True), 4, 4,
         {"N", "K", "stride_xm", "stride_wn", "stride_om"}),
+    "moe_combine": Spec(  # MoE decode combine, T = 1 at 35B-A3B shapes (9 pairs, 4 splits, 64-column tiles, 2 warps)
+        "deltaserve.kernels.fused_moe.decode:combine_kernel",
+        dict(part="*fp32", weights="*fp32", ids="*i64", out="*bf16", S="i32", M="i32", H="i32"),
+        dict(TOP_K=9, BLOCK_K=16, MUL_WEIGHT=True, BLOCK=64, BS=4, IDS_EARLY=True, USE_PDL=True), 2, 3, {"H"}),
     "route": Spec(  # MoE router, 256 experts top-8, the shared expert appended (35B-A3B shapes, H=2048)
         "deltaserve.kernels.fused_moe.route_triton:_route_kernel",
         dict(logits="*bf16", weights="*fp32", ids="*i64", x="*bf16", w_gate="*bf16", E="i32", H="i32",

@@ -132,6 +132,29 @@ def test_int4_gemv_rows_refuses_bad_expert_tensors():
         int4_gemv_rows(torch.randn(2, 32), gu.qweight, gu.qzeros, gu.scales, 32, ids.reshape(-1))
 
 
+@pytest.mark.parametrize("splits, weighted", [(1, True), (7, True), (6, False)],
+                         ids=["one_split", "seven_splits", "six_splits_unweighted"])
+def test_combine_kernel_sums_each_tokens_splits_and_pairs(splits, weighted):
+    """decode.combine_kernel reads a token's k pair rows BS splits at a time: more splits than BS (several chunks),
+    pairs of another rank's experts (id -1) skipped, weights applied or not."""
+    import triton
+
+    from deltaserve.kernels.fused_moe.decode import combine_kernel
+
+    t, k, h = 3, 9, 200
+    g = torch.Generator().manual_seed(splits)
+    part = torch.randn(splits, t * k, h, generator=g)
+    weights = torch.rand(t * k, generator=g)
+    ids = torch.randint(0, 5, (t * k,), generator=g)
+    ids[[2, 13, 26]] = -1
+    out = torch.empty(t, h)
+    combine_kernel[(t, triton.cdiv(h, 64))](part, weights, ids, out, splits, t * k, h, TOP_K=k, BLOCK_K=16,
+                                            MUL_WEIGHT=weighted, BLOCK=64, BS=4, IDS_EARLY=splits > 1)
+    scale = (weights if weighted else torch.ones(t * k)) * (ids >= 0)
+    ref = (part.sum(0) * scale[:, None]).view(t, k, h).sum(1)
+    torch.testing.assert_close(out, ref, atol=ATOL_FP32, rtol=0)
+
+
 def test_16bit_fused_moe_matches_reference():
     x, gate_up, down, weights, ids = moe_inputs(23, 8, 3, 64, 48, seed=3)
     ref = fused_moe_experts(x, ExpertWeights(weight=gate_up), ExpertWeights(weight=down), weights, ids)

@@ -165,5 +165,5 @@ def _grouped_moe(x, gate_up, down, topk_weights, topk_ids) -> torch.Tensor:
 
         combine_kernel[(t, -(-x.shape[1] // 1024))](
             pairs, topk_weights.reshape(-1).float().contiguous(), flat.contiguous(), out, 1, t * k, x.shape[1],
-            TOP_K=k, MUL_WEIGHT=True, BLOCK=1024, **pdl_args(pairs))
+            TOP_K=k, BLOCK_K=1 << (k - 1).bit_length(), MUL_WEIGHT=True, BLOCK=1024, BS=1, **pdl_args(pairs))
     return out

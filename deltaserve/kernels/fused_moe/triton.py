@@ -178,6 +178,7 @@ def fused_moe_triton(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeight
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     if t:
         combine_kernel[(t, triton.cdiv(h, 1024))](y, y, topk_ids.reshape(-1).contiguous(), out, 1, t * top_k, h,
-                                                  TOP_K=top_k, MUL_WEIGHT=False, BLOCK=1024,
+                                                  TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
+                                                  MUL_WEIGHT=False, BLOCK=1024, BS=1,
                                                   **pdl_args(y))  # y: no weights
     return out
