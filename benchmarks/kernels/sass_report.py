@@ -65,6 +65,16 @@ def _decode_spec(kind: int) -> Spec:
     return Spec(f"deltaserve.kernels.paged_attention.{fn}", types, consts, tile[1], tile[2], set(strides))
 
 
+def _gdn_decode_spec(block_v: int, arrive_late: bool) -> Spec:
+    """The GDN decode kernel at 9B / 35B-A3B head shapes (Hk 16, HV 32, K = V = 128) with V-tiles of block_v."""
+    return Spec("deltaserve.kernels.gated_delta_rule.triton_decode:_fused_recurrent_decode_kernel",
+                dict(x="*bf16", conv_w="*bf16", conv_state="*bf16", a="*bf16", b="*bf16", A_log="*fp32",
+                     dt_bias="*fp32", state="*fp32", slots="*i64", o="*bf16", counters="*i32", scale="fp32",
+                     **{n: "i32" for n in ("s_x", "s_cs", "s_a", "s_b", "s_state")}),
+                dict(HK=16, HV=32, K=128, V=128, W=4, BK=128, BV=block_v, BW=4, NV=128 // block_v,
+                     ARRIVE_LATE=arrive_late, USE_PDL=True), 1, 3, {"s_x", "s_cs", "s_state"})
+
+
 def _ints(*names: str) -> dict[str, str]:
     return {n: "i32" for n in names}
 
@@ -75,7 +85,7 @@ KERNELS: dict[str, Spec] = {
         dict(x="*bf16", qweight="*i32", qzeros="*i32", scales="*bf16", out="*fp32", expert_of_row="*bf16",
              **_ints("N", "K", "K_PER_SPLIT", "stride_xt", "stride_qk", "stride_zk", "stride_sk", "stride_os",
                      "stride_ot", "stride_qe", "stride_ze", "stride_se", "M_LO", "M_HI")),
-        dict(GROUP=128, BN=512, X_ROW_DIV=1, INDEXED=False, PF_ROWS=16, USE_PDL=True), 4, 3,
+        dict(GROUP=128, BN=512, X_ROW_DIV=1, INDEXED=False, USE_PDL=True), 4, 3,
         {"N", "K", "K_PER_SPLIT", "stride_qk", "stride_sk", "stride_os"}),
     "kpack_dot": Spec(  # int4 decode GEMV on the tensor cores, 2 <= T <= 16
         "deltaserve.kernels.int4_gemm.kpack:_kpack_dot_kernel",
@@ -138,20 +148,8 @@ KERNELS: dict[str, Spec] = {
         dict(qn="*bf16", kn="*bf16", v="*bf16", beta="*fp32", T_inv="*bf16", A_qk="*bf16", g_cum="*fp32",
              state="*fp32", slots="*i64", seq_table="*i32", o="*bf16", s_v="i32", s_state="i32"),
         dict(HK=16, HV=32, K=128, V=128, BT=64, BC=16, BK=128, BV=64), 4, 3, {"s_v", "s_state"}),
-    "gdn_decode": Spec(  # GDN decode, 32+ rows on an H200 (32-column state tiles, 1 warp)
-        "deltaserve.kernels.gated_delta_rule.triton_decode:_fused_recurrent_decode_kernel",
-        dict(x="*bf16", conv_w="*bf16", conv_state="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32",
-             state="*fp32", slots="*i64", o="*bf16", counters="*i32", **_ints("s_x", "s_cs", "s_a", "s_b", "s_state"),
-             scale="fp32"),
-        dict(HK=16, HV=32, K=128, V=128, W=4, BK=128, BV=32, BW=4, NV=4, ARRIVE_LATE=True, USE_PDL=True), 1, 3,
-        {"s_x", "s_cs", "s_state"}),
-    "gdn_decode_small": Spec(  # GDN decode below 32 rows (16-column state tiles, 1 warp)
-        "deltaserve.kernels.gated_delta_rule.triton_decode:_fused_recurrent_decode_kernel",
-        dict(x="*bf16", conv_w="*bf16", conv_state="*bf16", a="*bf16", b="*bf16", A_log="*fp32", dt_bias="*fp32",
-             state="*fp32", slots="*i64", o="*bf16", counters="*i32", **_ints("s_x", "s_cs", "s_a", "s_b", "s_state"),
-             scale="fp32"),
-        dict(HK=16, HV=32, K=128, V=128, W=4, BK=128, BV=16, BW=4, NV=8, ARRIVE_LATE=False, USE_PDL=True), 1, 3,
-        {"s_x", "s_cs", "s_state"}),
+    "gdn_decode": _gdn_decode_spec(32, True),  # GDN decode, 32+ rows on an H200 (32-column state tiles, 1 warp)
+    "gdn_decode_small": _gdn_decode_spec(16, False),  # below 32 rows (16-column tiles, 1 warp)
     "decode_bf16": _decode_spec(0),
     "decode_int8": _decode_spec(1),
     "decode_int4": _decode_spec(2),
