@@ -9,7 +9,10 @@ Prints, per decode step (median over --steps), with async scheduling off and the
     their sum is the step's device floor as the engine launches it);
   - the host time of each engine phase (schedule, plan, staging, launches, reading the samples (which waits for the
     device), bookkeeping), measured around the engine's own methods;
-  - with --kernels N, the N kernels with the most device time over the profiled steps (torch.profiler).
+  - with --kernels N, the N kernels with the most device time over the profiled steps (torch.profiler);
+  - with --timeline N, one graph replay's kernels in launch order (offset, duration, gap since the kernel before
+    ended; a negative gap is overlap under PDL) for the first N, and per kernel name its launches, device time and
+    gaps. Run it with DELTASERVE_PDL=0 for each kernel's own time (with PDL a kernel's span includes its wait).
 The difference between the step's wall time and its device floor is host time the device waited for.
 """
 from __future__ import annotations
@@ -59,6 +62,54 @@ def start_decoding(llm, batch: int, context: int) -> None:
     torch.cuda.synchronize()
 
 
+def replay_timeline(kernels: list[tuple[str, float, float]], split_us: float = 50.0
+                    ) -> list[tuple[str, float, float, float]]:
+    """kernels: (name, start, end) in µs of back-to-back graph replays, in any order -> the last replay's (a run of
+    kernels with no idle gap over split_us) as (name, offset from its first start, duration, gap since the latest
+    end before it), in launch order."""
+    replays: list[list[tuple[str, float, float]]] = []
+    for k in sorted(kernels, key=lambda k: k[1]):
+        if not replays or k[1] - max(e for _, _, e in replays[-1]) > split_us:
+            replays.append([])
+        replays[-1].append(k)
+    rows, t0, prev_end = [], None, None
+    for name, start, end in replays[-1] if replays else []:
+        t0 = start if t0 is None else t0
+        rows.append((name, start - t0, end - start, 0.0 if prev_end is None else start - prev_end))
+        prev_end = end if prev_end is None else max(prev_end, end)
+    return rows
+
+
+def timeline_totals(rows: list[tuple[str, float, float, float]]) -> list[tuple[str, int, float, float]]:
+    """-> per kernel name (launches, summed duration, summed positive gaps before it), most device time first."""
+    totals: dict[str, list] = {}
+    for name, _, dur, gap in rows:
+        t = totals.setdefault(name, [0, 0.0, 0.0])
+        t[0], t[1], t[2] = t[0] + 1, t[1] + dur, t[2] + max(gap, 0.0)
+    return sorted(((n, c, d, g) for n, (c, d, g) in totals.items()), key=lambda r: -r[2])
+
+
+def print_timeline(graph: torch.cuda.CUDAGraph, first: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    rows = replay_timeline(kernels)
+    if not rows:
+        print("  timeline: the profiler recorded no kernels")
+        return
+    span = rows[-1][1] + rows[-1][2]
+    print(f"  timeline of one graph replay: {len(rows)} kernels over {span:.1f} µs (offset, duration, gap, µs)")
+    for name, offset, dur, gap in rows[:first]:
+        print(f"    {offset:8.1f} {dur:7.2f} {gap:+7.2f}  {name[:90]}")
+    for name, count, dur, gap in timeline_totals(rows):
+        print(f"    {count:4d} x {dur / count:7.2f} = {dur:8.1f} µs (gaps before: {gap:6.1f})  {name[:70]}")
+
+
 def main() -> None:
     from deltaserve import LLM
     from deltaserve.bench import preset_config, time_cuda
@@ -73,6 +124,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--kernels", type=int, default=0, help="print the top N kernels by device time")
+    p.add_argument("--timeline", type=int, default=0, help="print the first N kernels of one graph replay in order")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode.py needs a CUDA device")
@@ -127,6 +179,8 @@ def main() -> None:
               f"tok/s, {wall - floor:+.3f} ms over the device floor); host per step (median ms): "
               + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
 
+    if args.timeline:
+        print_timeline(runner.graphs.graphs[b], args.timeline)
     if args.kernels:
         from torch.profiler import ProfilerActivity, profile
 
