@@ -51,9 +51,10 @@ def combine_kernel(part, weights, ids, out, S, M, H, TOP_K: tl.constexpr, BLOCK_
     """part [S, M = T·TOP_K, H] (fp32 split partials, or S = 1 rows in any dtype), weights [M] fp32, ids [M] ->
     out[t] = sum_j weights[t·k + j] · sum_s part[s, t·k + j] in fp32 (MUL_WEIGHT=False: no weights), one rounding.
     Pairs with id -1 (another rank's expert) are skipped: their part rows are never read. Program (i_t, i_b);
-    BLOCK_K = next_power_of_2(TOP_K). A token's k rows are read together, BS splits at a time, as one [BS, k, BLOCK] tile: row by row, each row's id
-    and then its partials were dependent loads, ~9 latencies in a row at top-8 + shared (4.7 us at T = 1 on an H200).
-    IDS_EARLY: no kernel launched right before this one writes ids or weights (read before the PDL wait)."""
+    BLOCK_K = next_power_of_2(TOP_K). A token's k rows are read together, BS splits at a time, as one [BS, k, BLOCK]
+    tile: row by row, each row's id and then its partials were dependent loads, ~9 latencies in a row at top-8 +
+    shared (4.7 us at T = 1 on an H200). IDS_EARLY: no kernel launched right before this one writes ids or weights
+    (they are read before the PDL wait)."""
     i_t, i_b = tl.program_id(0), tl.program_id(1)
     o_h = i_b * BLOCK + tl.arange(0, BLOCK)
     m_h = o_h < H
