@@ -85,7 +85,7 @@ KERNELS: dict[str, Spec] = {
         dict(x="*bf16", qweight="*i32", qzeros="*i32", scales="*bf16", out="*fp32", expert_of_row="*bf16",
              **_ints("N", "K", "K_PER_SPLIT", "stride_xt", "stride_qk", "stride_zk", "stride_sk", "stride_os",
                      "stride_ot", "stride_qe", "stride_ze", "stride_se", "M_LO", "M_HI")),
-        dict(GROUP=128, BN=512, X_ROW_DIV=1, INDEXED=False, USE_PDL=True), 4, 3,
+        dict(GROUP=128, BN=512, X_ROW_DIV=1, INDEXED=False, PF_ROWS=0, USE_PDL=True), 4, 3,
         {"N", "K", "K_PER_SPLIT", "stride_qk", "stride_sk", "stride_os"}),
     "kpack_dot": Spec(  # int4 decode GEMV on the tensor cores, 2 <= T <= 16
         "deltaserve.kernels.int4_gemm.kpack:_kpack_dot_kernel",
