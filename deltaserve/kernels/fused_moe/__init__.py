@@ -158,12 +158,7 @@ def _grouped_moe(x, gate_up, down, topk_weights, topk_ids) -> torch.Tensor:
     # adds, in whatever order they landed and rounding to bf16 at each: two runs of one batch differed.
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
     pairs = y.index_select(0, pos)
-    out = torch.empty(t, x.shape[1], dtype=x.dtype, device=x.device)
-    if t:
-        from ..pdl import pdl_args
-        from .decode import combine_kernel
+    from .decode import combine_pairs
 
-        combine_kernel[(t, -(-x.shape[1] // 1024))](
-            pairs, topk_weights.reshape(-1).float().contiguous(), flat.contiguous(), out, 1, t * k, x.shape[1],
-            TOP_K=k, BLOCK_K=1 << (k - 1).bit_length(), MUL_WEIGHT=True, BLOCK=1024, BS=1, **pdl_args(pairs))
-    return out
+    out = torch.empty(t, x.shape[1], dtype=x.dtype, device=x.device)
+    return combine_pairs(pairs, topk_weights.reshape(-1).float().contiguous(), flat.contiguous(), out, k)

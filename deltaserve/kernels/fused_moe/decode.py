@@ -88,6 +88,21 @@ def _pair_rows(weights, ids, o_r, o_j, TOP_K: tl.constexpr, BLOCK_K: tl.constexp
     return m_r, b_w
 
 
+def combine_pairs(part: torch.Tensor, weights: torch.Tensor | None, ids: torch.Tensor, out: torch.Tensor, top_k: int,
+                  block: int = 1024, num_warps: int = 4, ids_early: bool = False) -> torch.Tensor:
+    """out [T, H] = per token, the sum over its top_k pair rows of part ([S, T·k, H] fp32 split partials, or [T·k, H]
+    rows in any dtype) summed over S, times weights ([T·k] fp32; None: unweighted), in fp32 with one rounding; ids
+    [T·k]: rows of id -1 are skipped. ids_early: combine_kernel's IDS_EARLY."""
+    part = part.unsqueeze(0) if part.dim() == 2 else part
+    s, (t, h) = part.shape[0], out.shape
+    if t:
+        combine_kernel[(t, triton.cdiv(h, block))](
+            part, part if weights is None else weights, ids, out, s, t * top_k, h, TOP_K=top_k,
+            BLOCK_K=triton.next_power_of_2(top_k), MUL_WEIGHT=weights is not None, BLOCK=block,
+            BS=1 if s == 1 else min(4, split_tile(s)), IDS_EARLY=ids_early, num_warps=num_warps, **pdl_args(part))
+    return out
+
+
 def _gemv_rows(x: torch.Tensor, w: ExpertWeights, ids: torch.Tensor, x_row_div: int,
                ids_early: bool = False) -> torch.Tensor:
     """fp32 split-K partials [S, R, N] of the per-pair GEMVs, in the weight's layout (K-packed or AWQ). ids_early:
@@ -117,14 +132,10 @@ def fused_moe_int4_decode(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertW
     if t == 0:
         return out
     # small tiles, one warp each: at T=1 (9 pairs) the launch is latency-bound (H200, 35B-A3B shapes: 256 columns x 4
-    # warps 3.0 us, 64 x 1 2.2 us; the combine 5.7 -> 4.6 us at 128 x 1)
+    # warps 3.0 us, 64 x 1 2.2 us)
     _silu_mul_kernel[(t * top_k, triton.cdiv(inter, 64))](part1, act, ids, part1.shape[0], t * top_k, inter,
                                                            BLOCK=64, BS=split_tile(part1.shape[0], 16), num_warps=1,
                                                            **pdl_args(part1))
     part2 = _gemv_rows(act, down, ids, 1, ids_early=True)  # the activation launch sits between router and down
     # 64 columns, 2 warps: the [splits, pairs, columns] tile is 4 x 16 x 64 at T = 1 (35B-A3B shapes: 4 splits)
-    combine_kernel[(t, triton.cdiv(h, 64))](part2, weights, ids, out, part2.shape[0], t * top_k, h, TOP_K=top_k,
-                                             BLOCK_K=triton.next_power_of_2(top_k), MUL_WEIGHT=True, BLOCK=64,
-                                             BS=min(4, split_tile(part2.shape[0])), IDS_EARLY=True, num_warps=2,
-                                             **pdl_args(part2))
-    return out
+    return combine_pairs(part2, weights, ids, out, top_k, block=64, num_warps=2, ids_early=True)

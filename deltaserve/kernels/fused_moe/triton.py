@@ -16,10 +16,9 @@ import triton
 import triton.language as tl
 
 from ..int4_gemm.triton import dequant_awq_tile, dequant_kpack_tile, dot_precision
-from ..pdl import pdl_args
 from .align import MoeAlignment, moe_align
 from .align_triton import moe_align_triton
-from .decode import DECODE_MAX_PAIRS, combine_kernel, fused_moe_int4_decode
+from .decode import DECODE_MAX_PAIRS, combine_pairs, fused_moe_int4_decode
 from .reference import ExpertWeights
 
 
@@ -176,9 +175,4 @@ def fused_moe_triton(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeight
     y = torch.empty(t * top_k, h, dtype=x.dtype, device=x.device)
     _gemm(act, down, y, al, topk_weights.reshape(-1).float().contiguous(), h, 1, False, 128 if block_m > 16 else 64)
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
-    if t:
-        combine_kernel[(t, triton.cdiv(h, 1024))](y, y, topk_ids.reshape(-1).contiguous(), out, 1, t * top_k, h,
-                                                  TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
-                                                  MUL_WEIGHT=False, BLOCK=1024, BS=1,
-                                                  **pdl_args(y))  # y: no weights
-    return out
+    return combine_pairs(y, None, topk_ids.reshape(-1).contiguous(), out, top_k)  # y holds the weighted rows
