@@ -14,10 +14,16 @@ everything between them is row-wise, so it can be captured per token count. With
 its ~300 Triton launches and ~130 GEMM calls of host time (~30 ms on the H200 host, for ~7 ms of GPU work at 128
 tokens of 9B shapes); with it the mixers' launches remain (a GDN layer's conv and five delta-rule kernels, an
 attention layer's one) and a copy a layer.
+
+No garbage collection while graphs are captured (`collected_first`): an LLM dropped while a reference cycle held it
+is destroyed whenever the collector next runs, and its graphs' reset during another capture invalidated that capture
+(H200: tests/e2e/test_gpu_graphs.py, whose hook on the runner made such a cycle, failed on the MoE checkpoint).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import logging
 from typing import Callable
 
@@ -26,6 +32,20 @@ import torch
 from .forward_batch import ForwardBatch
 
 logger = logging.getLogger("deltaserve")
+
+
+@contextlib.contextmanager
+def collected_first():
+    """Collect garbage now, then none until the block ends: objects a cycle kept (an old LLM's graphs, whose reset is
+    illegal mid-capture) go before the capture, not during it."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -72,15 +92,16 @@ class CudaGraphRunner:
     @torch.inference_mode()
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
-        for b in reversed(self.buckets):  # largest first: smaller graphs reuse its memory pool
-            batch = self._batch(b)
-            for _ in range(2):  # warm-up: Triton compiles and autotunes outside the capture
-                self.model(batch, self.caches)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[b] = self.model(batch, self.caches)
-            self.graphs[b] = graph
+        with collected_first():
+            for b in reversed(self.buckets):  # largest first: smaller graphs reuse its memory pool
+                batch = self._batch(b)
+                for _ in range(2):  # warm-up: Triton compiles and autotunes outside the capture
+                    self.model(batch, self.caches)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[b] = self.model(batch, self.caches)
+                self.graphs[b] = graph
         torch.cuda.synchronize(self.device)
         logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
 
@@ -221,10 +242,11 @@ class PiecewiseGraphRunner:
             buf.zero_()
         cuda = self.device.type == "cuda"
         pool = torch.cuda.graph_pool_handle() if cuda else None  # one pool: the pieces replay one at a time
-        for b in reversed(self.buckets):
-            batch = self._batch(b)
-            self.graphs[b] = [self._record(functools.partial(self._piece, i, b, batch), pool)
-                              for i in range(self.num_layers + 1)]
+        with collected_first():
+            for b in reversed(self.buckets):
+                batch = self._batch(b)
+                self.graphs[b] = [self._record(functools.partial(self._piece, i, b, batch), pool)
+                                  for i in range(self.num_layers + 1)]
         if cuda:
             torch.cuda.synchronize(self.device)
         logger.info("captured CUDA graphs of the token-wise pieces for prefill steps of up to %s tokens",

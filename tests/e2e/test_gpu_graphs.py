@@ -5,6 +5,7 @@ nats. Measured on an H200: no difference at all, dense and MoE (the MoE moved by
 expert sums were atomic adds in no fixed order, which this chaotic random model amplified; they are a fixed-order
 fp32 sum now). The CPU tests (tests/unit/test_piecewise_graphs.py) check the wiring exactly, with the graphs replaced
 by the calls they record."""
+import gc
 import random
 
 import pytest
@@ -63,3 +64,27 @@ def test_piecewise_graphs_match_eager(tiny):
     mean, worst = sum(diffs) / len(diffs), max(diffs)
     print(f"logprob difference, graphs against eager: mean {mean:.4f} max {worst:.4f}")
     assert worst < 0.05, f"largest logprob difference {worst}"
+
+
+def test_capture_after_an_llm_a_cycle_kept(tiny, monkeypatch):
+    """An LLM dropped while a reference cycle holds it is destroyed when the garbage collector next runs. Run during
+    another LLM's graph capture, its graphs' reset invalidated that capture ("operation failed due to a previous
+    error during capture": the test above failed so on the MoE checkpoint, its hook on the runner being such a
+    cycle). Here a collection runs right after every capture begins: the old LLM must be gone before."""
+    def llm():
+        return LLM(tiny, device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=4,
+                   max_num_batched_tokens=512, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = [{"prompt_token_ids": [3, 1, 4, 1, 5]}]
+    old = llm()
+    ref = old.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    old.cycle = old
+    del old
+    begin = torch.cuda.CUDAGraph.capture_begin
+
+    def begin_then_collect(self, *args, **kwargs):
+        begin(self, *args, **kwargs)
+        gc.collect()
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", begin_then_collect)
+    new = llm()
+    assert new.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == ref

@@ -3,6 +3,7 @@ graphs swapped for a recorder that replays the captured piece itself: the static
 past the step's tokens run the pieces and must write no KV), the mixers between the replays and the model's split
 into pieces and mixers must give what the eager forward gives. The captured graphs themselves run on the GPU
 (tests/e2e/test_gpu_graphs.py)."""
+import gc
 import random
 
 import pytest
@@ -82,3 +83,28 @@ def test_padded_rows_write_no_kv(tiny):
     for layer, ((k0, v0), (k1, v1)) in enumerate(zip(before, runner.caches.kv)):
         rows = int(((k0 != k1).flatten(2).any(-1) | (v0 != v1).flatten(2).any(-1)).sum())  # [blocks, block size]
         assert 1 <= rows <= 5, f"attention layer {layer}: {rows} KV rows written by a 5-token step"
+
+
+def test_capture_collects_garbage_first_and_none_during(tiny):
+    """Objects a reference cycle kept (an old LLM's graphs, whose reset is illegal mid-capture) are collected before
+    the capture, and the collector stays off while the pieces are recorded, on again after."""
+    llm = make_llm(tiny, max_num_seqs=2, max_num_batched_tokens=32, enable_prefix_caching=False)
+    runner = llm.runner
+    collected, seen = [], []
+
+    class Cycle:
+        def __del__(self):
+            collected.append(True)
+
+    class Watched(EagerPieces):
+        def _record(self, fn, pool):
+            seen.append((gc.isenabled(), bool(collected)))
+            return super()._record(fn, pool)
+
+    assert gc.isenabled()
+    cycle = Cycle()
+    cycle.me = cycle
+    del cycle
+    Watched(runner.model, runner.caches, runner.device, 32, runner.block_size).capture()
+    assert seen and all(state == (False, True) for state in seen), seen[:3]
+    assert gc.isenabled()
