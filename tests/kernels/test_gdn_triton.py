@@ -318,14 +318,17 @@ def test_decode_matches_reference(heads, block_v, state_dtype, arrive_late):
 
 
 def test_decode_default_config_by_rows_and_card(monkeypatch):
-    """Below 32 rows the small-batch tiles; above, the card's own sweep result where one is listed, else the
-    H100 defaults."""
+    """Below 8 rows the small-batch tiles, below 32 the 32-wide ones; above, the card's own sweep result where one is
+    listed, else the H100 defaults."""
     cpu = torch.device("cpu")
-    assert triton_decode.default_config(8, cpu) == triton_decode.SMALL_BATCH_CONFIG
+    assert triton_decode.default_config(1, cpu) == triton_decode.SMALL_BATCH_CONFIG
+    assert triton_decode.default_config(7, cpu) == triton_decode.SMALL_BATCH_CONFIG
+    assert triton_decode.default_config(8, cpu) == triton_decode.MID_BATCH_CONFIG
+    assert triton_decode.default_config(31, cpu).block_v == 32
     assert triton_decode.default_config(64, cpu) == triton_decode.DecodeLaunchConfig()
     monkeypatch.setitem(triton_decode._DEVICE_NAMES, cpu, "NVIDIA H200")
     assert triton_decode.default_config(64, cpu) == triton_decode.TUNED_CONFIGS["NVIDIA H200"]
-    assert triton_decode.default_config(8, cpu) == triton_decode.SMALL_BATCH_CONFIG
+    assert triton_decode.default_config(16, cpu) == triton_decode.MID_BATCH_CONFIG
 
 
 def test_decode_rejects_bad_channel_count():

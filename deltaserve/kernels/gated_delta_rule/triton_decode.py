@@ -42,6 +42,14 @@ class DecodeLaunchConfig:
 
 # Few rows: more, smaller programs keep the SMs busy (same sweep: B=1 5.0 us with 16 / 1 warp, 5.6 us with 32 / 4)
 SMALL_BATCH_CONFIG = DecodeLaunchConfig(block_v=16, num_warps=1, arrive_late=False)
+# 8-31 rows: 32-wide tiles. H200, `deltaserve bench`-style decode steps (.peer/gdn_e2e.py: AWQ, context 1024, two
+# alternations, ms a step, 16 -> 32 columns; 2026-12-01): 35B-A3B shapes cut to 8 layers batch 8 1.198 / 1.138 ->
+# 1.106 / 1.110, batch 16 2.692 / 2.683 -> 2.634 / 2.648; 27B shapes cut to 16 layers batch 8 3.411 / 3.416 ->
+# 3.388 / 3.382, batch 16 3.877 / 3.887 -> 3.782 / 3.771. Below 8 rows 16 columns stayed ahead or level (35B-A3B batch
+# 1 0.690 / 0.692 against 0.767 / 0.701, batch 4 0.912 / 0.890 against 0.953 / 0.908; 27B batch 1 2.613 against
+# 2.629; only 27B batch 4 went the other way, 3.172 against 3.127).
+MID_BATCH_CONFIG = DecodeLaunchConfig(block_v=32, num_warps=1, arrive_late=False)
+MID_BATCH_ROWS = 8
 
 # Cards whose own sweep picked another config for 32+ rows. H200 (2026-11-28, same sweep): 32 / 1 warp took B=64
 # 0.122 -> 0.108 ms and B=256 0.457 -> 0.412 ms (0.57 -> 0.64 of its 4.2 TB/s copy bandwidth) against 64 / 4.
@@ -49,10 +57,12 @@ TUNED_CONFIGS = {"NVIDIA H200": DecodeLaunchConfig(block_v=32, num_warps=1)}
 
 
 def default_config(rows: int, device: torch.device) -> DecodeLaunchConfig:
-    """The launch config for `rows` decoding rows on `device`: small-batch tiles below 32 rows, else the card's own
-    sweep result where one exists, else the H100 defaults."""
-    if rows < 32:
+    """The launch config for `rows` decoding rows on `device`: small-batch tiles below MID_BATCH_ROWS rows, 32-wide
+    ones below 32 rows, else the card's own sweep result where one exists, else the H100 defaults."""
+    if rows < MID_BATCH_ROWS:
         return SMALL_BATCH_CONFIG
+    if rows < 32:
+        return MID_BATCH_CONFIG
     return TUNED_CONFIGS.get(_device_name(device), DecodeLaunchConfig())
 
 
