@@ -89,3 +89,51 @@ def test_captured_gdn_decode_steps_equal_eager_bit_for_bit(batch):
     for i, (e, r) in enumerate(zip(eager, replayed)):
         assert torch.equal(e, r), f"step {i}: output differs"
     assert torch.equal(state_e, state_g) and torch.equal(conv_e, conv_g)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4], ids=["b1", "b4"])
+def test_captured_attention_decode_steps_equal_eager_bit_for_bit(batch):
+    """The q|gate|k|v GEMV, the KV store, then attention decode (partial kernel and reduce; the reduce reads its gate
+    and context length ahead of griddepcontrol.wait) for three steps at growing contexts: eager against CUDA-graph
+    replays of one captured step. Outputs and both caches must come out exactly equal."""
+    from deltaserve.kernels.gemv.triton import gemv
+    from deltaserve.kernels.paged_attention import write_kv
+    from deltaserve.kernels.paged_attention.triton_decode import paged_attention_decode
+
+    h, hkv, d, hidden, bs, max_ctx = 16, 2, 256, 2048, 16, 1024
+    blocks = max_ctx // bs
+    g = torch.Generator("cuda").manual_seed(batch)
+    rand = lambda *shape: torch.randn(*shape, device="cuda", generator=g)  # noqa: E731
+    w = (rand(2 * (h + hkv) * d, hidden) / hidden ** 0.5).bfloat16()
+    caches0 = [rand(batch * blocks, bs, hkv, d).bfloat16() for _ in range(2)]
+    tables = torch.randperm(batch * blocks, device="cuda", generator=g).to(torch.int32).view(batch, blocks)
+    xs = [rand(batch, hidden).bfloat16() for _ in range(3)]
+    ctxs = [torch.tensor([600 + 97 * r + i for r in range(batch)], device="cuda", dtype=torch.int32) for i in range(3)]
+    slots = [(tables.gather(1, ((c - 1) // bs).long()[:, None])[:, 0] * bs + (c - 1) % bs).long() for c in ctxs]
+
+    def step(x, ctx, slot, caches):
+        y = gemv(x, w)
+        q, gate = y[:, :h * d].view(batch, h, d), y[:, h * d:2 * h * d].view(batch, h, d)
+        k, v = y[:, 2 * h * d:(2 * h + hkv) * d].view(batch, hkv, d), y[:, (2 * h + hkv) * d:].view(batch, hkv, d)
+        write_kv(k, v, *caches, slot)
+        return paged_attention_decode(q, *caches, tables, ctx, d ** -0.5, gate, max_ctx)
+
+    with torch.no_grad():
+        caches_e = [c.clone() for c in caches0]
+        eager = [step(x, c, s, caches_e) for x, c, s in zip(xs, ctxs, slots)]
+        caches_g = [c.clone() for c in caches0]
+        x_in, ctx_in, slot_in = xs[0].clone(), ctxs[0].clone(), slots[0].clone()
+        step(x_in, ctx_in, slot_in, [c.clone() for c in caches0])  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(x_in, ctx_in, slot_in, caches_g)
+        replayed = []
+        for x, c, s in zip(xs, ctxs, slots):
+            x_in.copy_(x), ctx_in.copy_(c), slot_in.copy_(s)
+            graph.replay()
+            replayed.append(out.clone())
+        torch.cuda.synchronize()
+    for i, (e, r) in enumerate(zip(eager, replayed)):
+        assert torch.equal(e, r), f"step {i}: output differs"
+    assert all(torch.equal(a, b) for a, b in zip(caches_e, caches_g))
