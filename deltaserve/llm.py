@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import logging
 import math
 import os
@@ -66,6 +67,11 @@ class RankSpec:
         """Build rank tp.rank's model shard (loading only its rows of the checkpoint) and its runner. Every rank
         runs this at once: KV sizing, profiling and CUDA-graph capture are collective under TP."""
         torch.manual_seed(self.seed)
+        if device.type == "cuda":
+            # an LLM dropped while a reference cycle holds it (a traceback's frame, a hook on its objects) keeps its
+            # weights and caches until the collector runs: give them back before this one loads and sizes its cache
+            gc.collect()
+            torch.cuda.empty_cache()
         cfg, local = self.config, shard_config(self.config, tp.world)
         model = build_model(cfg, device, self.dtype, tp, self.formats)
         if self.weights_dir is None:

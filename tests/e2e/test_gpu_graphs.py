@@ -88,3 +88,21 @@ def test_capture_after_an_llm_a_cycle_kept(tiny, monkeypatch):
     monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", begin_then_collect)
     new = llm()
     assert new.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == ref
+
+
+def test_memory_given_back_by_an_llm_a_cycle_kept(tiny):
+    """An LLM holding 60% of the card in its KV cache, dropped while a reference cycle holds it, then another of the
+    same size: the first one's memory must be given back before the second allocates (else it runs out)."""
+    from deltaserve.worker.model_runner import kv_bytes_per_block
+
+    def llm(**kw):
+        return LLM(tiny, device="cuda", dtype="bfloat16", max_model_len=1024, max_num_seqs=4, enforce_eager=True,
+                   enable_prefix_caching=False, **kw)
+    probe = llm()
+    per_block = kv_bytes_per_block(probe.runner.cfg, probe.runner.block_size, torch.bfloat16, "auto")
+    del probe
+    blocks = int(0.6 * torch.cuda.mem_get_info()[1] / per_block)
+    old = llm(num_kv_blocks=blocks)
+    old.cycle = old
+    del old
+    assert llm(num_kv_blocks=blocks).runner.num_kv_blocks == blocks
