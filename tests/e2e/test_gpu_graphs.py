@@ -4,7 +4,7 @@ engine run eagerly (enforce_eager), on the embedded tiny checkpoints in bf16. Th
 nats. Measured on an H200: no difference at all, dense and MoE (the MoE moved by up to 0.80 nats while its bf16
 expert sums were atomic adds in no fixed order, which this chaotic random model amplified; they are a fixed-order
 fp32 sum now). The CPU tests (tests/unit/test_piecewise_graphs.py) check the wiring exactly, with the graphs replaced
-by the calls they record."""
+by the calls they record. Last, an LLM dropped while a reference cycle holds it: the next LLM's capture and memory."""
 import gc
 import random
 
