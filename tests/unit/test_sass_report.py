@@ -10,8 +10,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels" / "sass_
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -24,7 +23,10 @@ def test_sass_report_compiles_kernels_for_hopper_without_a_gpu(tmp_path):
         regs, stack, instrs = int(row[1]), int(row[2]), int(row[4])
         assert 0 < regs <= 255 and stack >= 0 and instrs > 0
         assert (tmp_path / f"{name}.sass").read_text().count("EXIT") >= 1
-    assert "FFMA" in (tmp_path / "kpack_gemv.sass").read_text()  # the GEMV's multiply-adds are there
+    # the GEMV's multiply-adds are fused (one FFMA a weight, 512 a group in a thread's loop) whatever Triton's own
+    # default (deltaserve/kernels pins contraction on; Triton 3.9 warns its default changes in 3.10)
+    assert (tmp_path / "kpack_gemv.sass").read_text().count("FFMA") >= 512
+    assert "FP fusion" not in res.stderr
 
 
 def test_sass_report_refuses_the_interpreter():
