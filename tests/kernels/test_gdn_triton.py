@@ -361,7 +361,7 @@ def test_chunk_gpu_qwen35_9b(lengths, slot_list):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B", [1, 64, 256], ids=lambda B: f"B{B}")
+@pytest.mark.parametrize("B", [1, 16, 64, 256], ids=lambda B: f"B{B}")  # the three launch configs
 def test_decode_gpu_qwen35_9b(B):
     S = B + 8
     perm = torch.randperm(S, generator=torch.Generator().manual_seed(0))[:B]
