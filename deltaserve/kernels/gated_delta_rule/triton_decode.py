@@ -170,8 +170,7 @@ def _fused_recurrent_decode_kernel(
         _arrive_and_shift(counters, slot, slot_c, i_kh, p_cs, b_qs, b_ks, o_k, m_k, HK, K, W, BW, (HV // HK) * NV)
 
     b_a = tl.load(a + i_b * s_a + i_h).to(tl.float32) + b_dt
-    b_g = b_gA * tl.where(
-        b_a > 20.0, b_a, tl.log(1.0 + tl.exp(tl.minimum(b_a, 20.0))))
+    b_g = b_gA * tl.where(b_a > 20.0, b_a, tl.log(1.0 + tl.exp(tl.minimum(b_a, 20.0))))
     b_beta = 1.0 / (1.0 + tl.exp(-tl.load(b + i_b * s_b + i_h).to(tl.float32)))
     b_q = b_q * (scale / tl.sqrt(tl.sum(b_q * b_q, 0) + 1e-6))
     b_k = b_k / tl.sqrt(tl.sum(b_k * b_k, 0) + 1e-6)
