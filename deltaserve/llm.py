@@ -20,7 +20,7 @@ from .config import ConfigError, ModelConfig, QuantConfig, hub_id_hint
 from .kernels.paged_attention import check_kv_cache_dtype
 from .kernels.paged_attention.kv_quant import check_kv_cache_device
 from .layers.fp8 import use_fp8_kernels
-from .layers.linear import merge_projection_runs, use_int4_kernels
+from .layers.linear import merge_projection_runs, use_int4_kernels, use_int4_mma_layout
 from .layers.moe import fuse_shared_experts
 from .llm_engine import LLMEngine
 from .models.formats import RANDOM_AWQ_PATTERNS, awq_formats, tp_problems
@@ -85,6 +85,8 @@ class RankSpec:
         # them: one GEMM per run of same-format pieces of a fused projection instead of one per piece plus a cat
         merge_projection_runs(model)
         fuse_shared_experts(model)  # after the merge: a shared gate|up of one format is one Linear by then
+        if device.type == "cuda":
+            use_int4_mma_layout(model)  # plain int4 Linears: the tensor-core decode GEMV's layout, once merged
         on_loaded()
         state_dtype = DTYPES[cfg.state_dtype]
         max_len = self.max_model_len or cfg.max_position_embeddings

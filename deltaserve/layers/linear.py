@@ -21,8 +21,8 @@ from torch import nn
 
 from ..kernels import gemv
 from ..kernels.fused_moe import ExpertWeights, fused_moe_int4, fused_moe_reference
-from ..kernels.int4_gemm import int4_gemm, kernel_supports, kpack_ok
-from .quant import FORMATS, awq_to_kpack, ct_to_awq, dequantize, kpack_to_awq, narrowest_exact
+from ..kernels.int4_gemm import int4_gemm, kernel_supports, kpack_ok, mma_ok
+from .quant import FORMATS, awq_to_kpack, awq_to_mma, ct_to_awq, dequantize, kpack_to_awq, mma_to_awq, narrowest_exact
 
 
 class Linear(nn.Linear):
@@ -33,6 +33,7 @@ class Linear(nn.Linear):
         return gemv.linear(x, self.weight, self.bias)
 
 
+MMA_CHUNK_COLS = 2048  # output columns moved to the fragment layout at a time (27B gate|up: ~80 MB temporaries)
 KPACK_CHUNK_ROWS = 1024  # input rows K-packed at a time: each temporary is rows x out int32 (27B gate|up: 140 MB)
 
 
@@ -49,6 +50,7 @@ class QuantLinear(nn.Module):
         lead = () if num_experts is None else (num_experts,)
         self.kinds = tuple(FORMATS[fmt])
         self.kpack = False  # qweight K-packed ([(E,) in/8, out], to_kernel_layout) instead of AWQ's [(E,) in, out/8]
+        self.mma = False  # qweight in the fragment layout ([out/16, in/64, 32, 4], to_mma_layout; no experts dim)
         for kind, spec in FORMATS[fmt].items():
             dtype = torch.int32 if spec.packed else torch.float32
             shape = lead + spec.shape(in_features, out_features, group_size)
@@ -68,6 +70,8 @@ class QuantLinear(nn.Module):
         tensors = {k: getattr(self, k) for k in self.kinds}
         if self.kpack:
             tensors["qweight"] = kpack_to_awq(tensors["qweight"])
+        elif self.mma:
+            tensors["qweight"] = mma_to_awq(tensors["qweight"])
         return dequantize(self.fmt, tensors, self.group_size, dtype)
 
     def to_kernel_layout(self) -> None:
@@ -107,11 +111,27 @@ class QuantLinear(nn.Module):
                     packed[idx][k0 // 8 : (k0 + rows) // 8].copy_(awq_to_kpack(old[idx][k0 : k0 + rows]))
             self.qweight.data, self.kpack = packed, True
 
+    def to_mma_layout(self) -> bool:
+        """Once, after to_kernel_layout and the merges: a plain (no experts dim) K-packed Linear whose shape mma_ok
+        allows moves to the fragment layout of the tensor-core decode GEMV (kernels/int4_gemm/mma.py), MMA_CHUNK_COLS
+        output columns at a time -> whether it did. Experts stay K-packed (the MoE kernels read that layout)."""
+        if not (self.kpack and self.qweight.dim() == 2 and mma_ok(self.in_features, self.out_features,
+                                                                  self.group_size)):
+            return False
+        old = self.qweight.data
+        packed = torch.empty(self.out_features // 16, self.in_features // 64, 32, 4, dtype=torch.int32,
+                             device=old.device)
+        for n0 in range(0, self.out_features, MMA_CHUNK_COLS):
+            n1 = min(n0 + MMA_CHUNK_COLS, self.out_features)
+            packed[n0 // 16 : n1 // 16].copy_(awq_to_mma(kpack_to_awq(old[:, n0:n1])))
+        self.qweight.data, self.kpack, self.mma = packed, False, True
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, out] in x's dtype."""
         if self.fmt == "awq" and kernel_supports(x, self.group_size):
             y = int4_gemm(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales, self.group_size,
-                          self.kpack)
+                          self.kpack, self.mma)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequant(x.dtype), self.bias)
@@ -128,6 +148,16 @@ def use_int4_kernels(model: nn.Module) -> None:
             m.to_kernel_layout()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the repacking's temporaries, before the KV cache is sized from free memory
+
+
+def use_int4_mma_layout(model: nn.Module) -> None:
+    """After the merges and shared-expert stacking (which join K-packed pieces): move every plain K-packed int4
+    Linear that can to the fragment layout (QuantLinear.to_mma_layout); CUDA only, like use_int4_kernels."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.to_mma_layout()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class ProjectionGroup(nn.Module):
@@ -189,7 +219,8 @@ def mergeable(a: nn.Module, b: nn.Module) -> bool:
     if type(a) is QuantLinear:
         ta, tb = getattr(a, a.kinds[0]), getattr(b, b.kinds[0])  # qweight / weight_packed: [E, ...] for experts
         return (a.fmt == b.fmt and a.in_features == b.in_features and a.group_size == b.group_size
-                and a.kpack == b.kpack and ta.dim() == tb.dim() == 2 and ta.device == tb.device
+                and a.kpack == b.kpack and not (a.mma or b.mma) and ta.dim() == tb.dim() == 2
+                and ta.device == tb.device
                 and (a.bias is None) == (b.bias is None)
                 and all(m.out_features % spec.per_out == 0 for m in (a, b) for spec in FORMATS[a.fmt].values()))
     return False
@@ -234,6 +265,7 @@ def _stackable(many: QuantLinear, one: QuantLinear) -> bool:
     """Whether `one` (no experts dim) can join the experts QuantLinear `many` as one more expert."""
     lead, extra = getattr(many, many.kinds[0]), getattr(one, one.kinds[0])
     return (many.fmt == one.fmt and many.group_size == one.group_size and many.kpack == one.kpack
+            and not (many.mma or one.mma)
             and (many.in_features, many.out_features) == (one.in_features, one.out_features)
             and lead.dim() == extra.dim() + 1 and lead.device == extra.device)
 

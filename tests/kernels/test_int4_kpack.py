@@ -15,6 +15,7 @@ from deltaserve.kernels.int4_gemm.triton import int4_gemm_triton
 from deltaserve.layers import linear
 from deltaserve.layers.linear import QuantExperts, QuantLinear, use_int4_kernels
 from deltaserve.layers.quant import AWQ_ORDER, awq_to_kpack, dequant_awq, kpack_to_awq, to_awq, unpack_int4
+from graph_helpers import replay_after_new_input
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL_FP32 = 1e-4  # fp32 in the interpreter; the GEMV's 1.0-offset fold costs ~2^-16 relative: observed ~2e-5
@@ -245,13 +246,7 @@ def test_kpack_tensor_core_gemv_fp16(t):
 def test_kpack_gemv_captures_in_a_cuda_graph(t):
     _, kp = kpacked(4096, 4096, 128, device="cuda")
     x = torch.randn(t, 4096, device="cuda").bfloat16()
-    kpack_gemv(x, *kp.values(), 128)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = kpack_gemv(x, *kp.values(), 128)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.testing.assert_close(y, kpack_gemv(x, *kp.values(), 128))
+    torch.testing.assert_close(*replay_after_new_input(lambda v: kpack_gemv(v, *kp.values(), 128), x))
 
 
 @pytest.mark.gpu

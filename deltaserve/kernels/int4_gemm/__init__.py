@@ -1,7 +1,12 @@
 """W4A16 GEMM dispatch: int4 weights in the AWQ "gemm" layout (the one kernel layout: compressed-tensors weights
 are converted to it once after loading, layers/quant.ct_to_awq), activations fp16/bf16.
 
-CUDA with a kernel-supported group size, two weight layouts (QuantLinear.to_kernel_layout picks once):
+CUDA with a kernel-supported group size, three weight layouts (QuantLinear.to_kernel_layout and to_mma_layout pick
+once):
+- fragment (`mma=True`, opt-in DELTASERVE_INT4_MMA=1: plain Linears with groups of 128·m and out_features % 16 == 0,
+  layers/quant.awq_to_mma):
+  T <= 16 the tensor-core GEMV of mma.py (one HMMA per 8 weights a lane, 8 tokens at the cost of one), larger T
+  the Triton GEMM reading 64-row spans;
 - K-packed (`kpack=True`, groups of 64 or more, layers/quant.awq_to_kpack): T = 1 the GEMV of kpack.py (a few ALU
   ops per weight: 1.4-1.7x the AWQ-layout GEMV on 9B / 27B MLP shapes), T <= GEMV_MAX_T with groups of 128 or more
   its tensor-core twin, larger T the Triton GEMM reading 64-row spans;
@@ -9,12 +14,15 @@ CUDA with a kernel-supported group size, two weight layouts (QuantLinear.to_kern
 The GEMMs dequantize inside the K loop (split-K for small T). No host syncs, so CUDA graphs capture every path.
 Elsewhere the torch reference (dequantize, then F.linear), AWQ layout only.
 triton.py is imported lazily: importing deltaserve must not import triton (see kernels/paged_attention)."""
+import os
+
 import torch
 
-from ...layers.quant import KPACK_SPAN
+from ...layers.quant import KPACK_SPAN, MMA_SPAN, MMA_TILE_N
 from .reference import int4_gemm as int4_gemm_reference
 
-__all__ = ["int4_gemm", "int4_gemm_reference", "int4_gemm_triton", "int4_gemv_triton", "kernel_supports", "kpack_ok"]
+__all__ = ["int4_gemm", "int4_gemm_reference", "int4_gemm_triton", "int4_gemv_triton", "kernel_supports", "kpack_ok",
+           "mma_ok"]
 
 # The one switch between the decode paths: True sends T <= GEMV_MAX_T to the GEMV, False to the GEMM's split-K
 # decode plan (benchmarks/kernels/bench_int4.py times both side by side).
@@ -22,6 +30,10 @@ DECODE_GEMV = True
 GEMV_MAX_T = 16  # == gemv.GEMV_MAX_T (not imported from there: that would import triton with deltaserve)
 # The switch between the weight layouts (benchmarks A/B it): True K-packs every weight kpack_ok allows.
 USE_KPACK = True
+# DELTASERVE_INT4_MMA=1: plain (non-expert) K-packed Linears that mma_ok allows take the fragment layout. Off by
+# default: decode gains (H200, Qwen3.5-27B shapes mixed AWQ, batch 1 8.66 -> 7.90 ms a step, batch 4 -15%) but the
+# GEMM over that layout made a 2 048-token prefill 2.4x slower (docs/performance.md)
+USE_MMA = os.environ.get("DELTASERVE_INT4_MMA", "0") == "1"
 
 
 def __getattr__(name: str):
@@ -41,6 +53,13 @@ def kpack_ok(in_features: int, group_size: int) -> bool:
             and in_features % group_size == 0)
 
 
+def mma_ok(in_features: int, out_features: int, group_size: int) -> bool:
+    """Whether an int4 weight can take the fragment layout: groups of whole 128-row units (mma.MMA_UNIT), whole
+    64-row spans and 16-column warp tiles."""
+    return (USE_MMA and group_size % 128 == 0 and group_size & (group_size - 1) == 0
+            and in_features % group_size == 0 and in_features % MMA_SPAN == 0 and out_features % MMA_TILE_N == 0)
+
+
 def kernel_supports(x: torch.Tensor, group_size: int) -> bool:
     """Whether the Triton kernel takes this input: a CUDA fp16/bf16 activation and a power-of-two group >= 16
     (a K tile never straddles two groups and is wide enough for tl.dot)."""
@@ -49,9 +68,18 @@ def kernel_supports(x: torch.Tensor, group_size: int) -> bool:
 
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-              group_size: int, kpack: bool = False) -> torch.Tensor:
-    """x: [T, K]; qweight: [K, N/8] int32 (AWQ) or [K/8, N] (kpack); qzeros: [K/G, N/8] int32; scales: [K/G, N]
-    -> [T, N] in x's dtype."""
+              group_size: int, kpack: bool = False, mma: bool = False) -> torch.Tensor:
+    """x: [T, K]; qweight: [K, N/8] int32 (AWQ), [K/8, N] (kpack) or [N/16, K/64, 32, 4] (mma); qzeros: [K/G, N/8]
+    int32; scales: [K/G, N] -> [T, N] in x's dtype."""
+    if mma:
+        if not kernel_supports(x, group_size):
+            raise ValueError("a fragment-layout int4 weight runs only in the CUDA kernels (fp16/bf16 activations)")
+        from .mma import MMA_MAX_T, mma_gemv
+        from .triton import int4_gemm_triton
+
+        if x.shape[0] <= MMA_MAX_T:
+            return mma_gemv(x, qweight, qzeros, scales, group_size)
+        return int4_gemm_triton(x, qweight, qzeros, scales, group_size, mma=True)
     if kpack:
         if not kernel_supports(x, group_size):
             raise ValueError("a K-packed int4 weight runs only in the CUDA kernels (fp16/bf16 activations)")

@@ -1,0 +1,222 @@
+"""Triton int4 decode GEMV on the tensor cores for T <= 16, over the fragment layout (layers/quant.awq_to_mma).
+
+Why: the K-packed GEMV (kpack.py) spends ~3.9 SASS instructions a weight at T = 1 and its tensor-core form
+(`_kpack_dot_kernel`, T = 2..16) ~5, because Triton moves the dequantized tile into tl.dot's operand layout through
+shared memory. Here the weight is packed offline in the register order of mma.m16n8k16's A operand: in each 64-row
+span a lane loads one 16-byte vector whose 4 int32 are the A fragments of 4 MMAs, so nothing is shuffled. Per int32
+(8 weights): 3 shifts + 4 LOP3 make the nibbles 16-bit floats MAGIC + q (the magic-number trick: the nibble fills the
+low mantissa bits of 128.0 in bf16 / 1024.0 in fp16, no int->float convert), 4 HADD2 take MAGIC + z off (q - z is
+exact in 16 bits), one HMMA multiplies 8 activation rows at once: ~1.6 instructions a weight for T = 1 to 8 alike.
+Activations are the MMA's B operand: token g of a block of 8 sits in lanes 4g..4g+3, as bf16 pairs loaded straight
+from x (the layout's row order makes each pair contiguous); fp32 accumulation per group, times the group's scale.
+
+The asm runs elementwise over [32 · warps, 4] tensors, 4 elements a thread (pack=4): rows are threads (row i = lane
+i % 32 of warp i // 32), as the layout Triton picks for the 16-byte weight loads (one vector a row) gives them, so
+the MMA's lanes are the rows. Every operand is built with that row-per-thread shape.
+
+H200, Triton 3.6, CUDA-graph replays over 400 MB of weights, split sum included, against the K-packed kernels (µs,
+2026-12-01): 27B gate|up T = 1 38.3 -> 34.4, T = 4 52.6 -> 36.3; 27B down 21.9 -> 20.6 / 28.4 -> 20.6; 27B o_proj
+10.5 -> 10.5 / 14.9 -> 10.7; 35B-A3B out_proj 6.2 -> 6.7 / 8.8 -> 6.9. The same kernel over the K-packed layout
+(lanes gathering int32 rows 2t, 2t+1 with 4-byte loads and a PRMT per register) was slower than kpack.py at T = 1
+(27B gate|up 39.7, down 24.0): the 16-byte loads are what the layout buys.
+
+End to end (benchmarks/int4_layout_ab.py: `bench_decode`, mixed AWQ, context 1024, the K-packed tree against this layout in one
+call): Qwen3.5-27B shapes batch 1 8.664 -> 7.896 ms a step (115.4 -> 126.6 tok/s); cut to 16 layers batch 1 2.628 /
+2.624 -> 2.431 / 2.429 ms, batch 4 3.183 / 3.191 -> 2.705 / 2.702, batch 8 3.397 / 3.395 -> 2.906 / 2.907;
+35B-A3B shapes cut to 8 layers batch 1 0.705 -> 0.680, batch 16 2.643 -> 2.627. Opt-in (DELTASERVE_INT4_MMA=1,
+int4_gemm.USE_MMA) because the prefill GEMM over this layout (triton._int4_gemm_mma_kernel) is still slower.
+
+Program (i_n, i_s, i_b): warp w covers output columns 16(i_n · NW + w)..+15, K range i_s (whole 128-row units, the
+next unit's loads issued before this one's MMAs), tokens 8 i_b..8 i_b + 7. Groups must be multiples of 128."""
+import re
+
+import torch
+import triton
+import triton.language as tl
+
+from ...layers.quant import MMA_SPAN, MMA_TILE_N
+from ..pdl import pdl_args, pdl_start
+from .triton import device_sms, split_k_ranges, sum_splits
+
+MMA_UNIT = 128  # K rows between two scale / zero loads (groups are multiples of it): two 64-row spans
+_SPAN = tl.constexpr(MMA_SPAN)
+_UNIT = tl.constexpr(MMA_UNIT)
+MMA_MAX_T = 16  # tokens a launch takes: blocks of 8 (the MMA's N) along program axis 2
+
+
+def _mma_asm(kind: str, magic: int) -> str:
+    """PTX for the 4 MMAs of one 16-byte weight vector (pack=4: each operand is 4 consecutive registers of a row):
+    $0-$3 the D fragment out (fp32: column g tokens 2t, 2t+1, column g + 8 tokens 2t, 2t+1); $4-$7 the int32 A
+    fragments of k16 steps c = 0..3; $8-$11 / $12-$15 the B registers b0 / b1 of step c (16-bit pairs of x);
+    $16 = -(MAGIC + zero of column g) in both halves ($17 the same), $18 for column g + 8; $20-$23 accumulators in."""
+    one = "0x3f803f80" if kind == "bf16" else "0x3c003c00"
+    mg = f"0x{magic:04x}{magic:04x}"
+    s = ["{ .reg .b32 a0, a1, a2, a3, w, one;", f" mov.b32 one, {one};",
+         " mov.b32 $0, $20; mov.b32 $1, $21; mov.b32 $2, $22; mov.b32 $3, $23;"]
+    for c in range(4):
+        # nibbles j, j + 4 (bits 4j, 16 + 4j) -> register a_j; a0, a2 column g, a1, a3 column g + 8
+        s.append(f" lop3.b32 a0, ${4 + c}, 0x000f000f, {mg}, 0xea;")
+        s += [f" shr.b32 w, ${4 + c}, {4 * j}; lop3.b32 a{j}, w, 0x000f000f, {mg}, 0xea;" for j in (1, 2, 3)]
+        s.append(f" fma.rn.{kind}x2 a0, a0, one, $16; fma.rn.{kind}x2 a1, a1, one, $18;"
+                 f" fma.rn.{kind}x2 a2, a2, one, $16; fma.rn.{kind}x2 a3, a3, one, $18;")
+        s.append(f" mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 {{$0, $1, $2, $3}}, {{a0, a1, a2, a3}},"
+                 f" {{${8 + c}, ${12 + c}}}, {{$0, $1, $2, $3}};")
+    return "".join(s) + " }"
+
+
+_ASM_BF16 = tl.constexpr(_mma_asm("bf16", 0x4300))  # 128.0 in bf16: 7 mantissa bits, room for 0..15
+_ASM_FP16 = tl.constexpr(_mma_asm("f16", 0x6400))  # 1024.0 in fp16
+_CONSTRAINTS = tl.constexpr("=f,=f,=f,=f," + ",".join(["r"] * 16) + ",f,f,f,f")
+
+
+@triton.jit
+def _unit_loads(p_q, p_x, p_z, p_s, k0, k_hi, stride_zk, stride_sk, m_q, m_x, GROUP: tl.constexpr):
+    """The loads of the 128-row unit at k0 (none at or past k_hi): the row's two weight vectors (spans 0, 1), the B
+    registers b0 / b1 of each span (x rows 32h + 8t + 2c + {0, 1} of a span are its int32 pair 16h + 4t + c), and
+    the zero words and scales of the row's columns."""
+    live = k0 < k_hi
+    m_w = m_q & live
+    m_b = m_x & live
+    i_g = k0 // GROUP
+    p = p_x + k0 // 2
+    return (tl.load(p_q + (k0 // _SPAN) * 128, mask=m_w, other=0),
+            tl.load(p_q + (k0 // _SPAN) * 128 + 128, mask=m_w, other=0),
+            tl.load(p, mask=m_b, other=0), tl.load(p + 16, mask=m_b, other=0),
+            tl.load(p + 32, mask=m_b, other=0), tl.load(p + 48, mask=m_b, other=0),
+            tl.load(p_z + i_g * stride_zk, mask=m_w, other=0), tl.load(p_s + i_g * stride_sk, mask=m_w, other=0.0))
+
+
+@triton.jit
+def _unit_mma(q0, q1, b00, b01, b10, b11, zw, sc, sh, FP16: tl.constexpr):
+    """-> the unit's 8 MMAs [NW·32, 4] (fp32 D registers, accumulated from 0) times the scales of their columns."""
+    z = (zw >> sh) & 0xF
+    d = tl.zeros(q0.shape, dtype=tl.float32)
+    if FP16:
+        nz = (0xE400 | z) | ((0xE400 | z) << 16)  # -(1024 + z) in both fp16 halves: q - z, exact
+        d = tl.inline_asm_elementwise(_ASM_FP16, _CONSTRAINTS, [q0, b00, b01, nz, d], dtype=tl.float32,
+                                      is_pure=True, pack=4)
+        d = tl.inline_asm_elementwise(_ASM_FP16, _CONSTRAINTS, [q1, b10, b11, nz, d], dtype=tl.float32,
+                                      is_pure=True, pack=4)
+    else:
+        nz = (0xC300 | z) | ((0xC300 | z) << 16)  # -(128 + z) in both bf16 halves
+        d = tl.inline_asm_elementwise(_ASM_BF16, _CONSTRAINTS, [q0, b00, b01, nz, d], dtype=tl.float32,
+                                      is_pure=True, pack=4)
+        d = tl.inline_asm_elementwise(_ASM_BF16, _CONSTRAINTS, [q1, b10, b11, nz, d], dtype=tl.float32,
+                                      is_pure=True, pack=4)
+    return sc.to(tl.float32) * d
+
+
+@triton.jit
+def _mma_gemv_kernel(x32, qweight, qzeros, scales, out, T, N, K, K_PER_SPLIT, stride_xt32, stride_zk, stride_sk,
+                     stride_os, stride_ot, GROUP: tl.constexpr, NW: tl.constexpr, FP16: tl.constexpr,
+                     USE_PDL: tl.constexpr = False):
+    """x32: x [T, K] as int32 pairs; qweight [N/16, K/64, 32, 4]; qzeros [K/G, N/8] (AWQ); scales [K/G, N];
+    out: [S, T, N] fp32 partials, or [T, N] in x's dtype when S = 1. End to end (benchmarks/int4_layout_ab.py: `bench_decode`, mixed AWQ, context 1024, the K-packed tree against this layout in one
+call): Qwen3.5-27B shapes batch 1 8.664 -> 7.896 ms a step (115.4 -> 126.6 tok/s); cut to 16 layers batch 1 2.628 /
+2.624 -> 2.431 / 2.429 ms, batch 4 3.183 / 3.191 -> 2.705 / 2.702, batch 8 3.397 / 3.395 -> 2.906 / 2.907;
+35B-A3B shapes cut to 8 layers batch 1 0.705 -> 0.680, batch 16 2.643 -> 2.627. Opt-in (DELTASERVE_INT4_MMA=1,
+int4_gemm.USE_MMA) because the prefill GEMM over this layout (triton._int4_gemm_mma_kernel) is still slower.
+
+Program (i_n, i_s, i_b): module docstring."""
+    i_n, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_i = tl.arange(0, NW * 32)
+    o_c = tl.arange(0, 4)
+    lane = o_i % 32
+    g = lane // 4
+    t = lane % 4
+    tile = i_n * NW + o_i // 32
+    m_q = (tile < N // 16)[:, None] & (o_c < 4)[None, :]
+    col = tile[:, None] * 16 + g[:, None] + 8 * (o_c // 2)[None, :]  # D register c: column g + 8 (c // 2)
+    tok = 8 * i_b + 2 * t[:, None] + (o_c % 2)[None, :]  # D register c: token 2t + c % 2 of the block
+    sh = (((col % 8) >> 1) + ((col % 8) & 1) * 4) * 4  # the column's nibble in its AWQ zero word
+    k_lo = i_s * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    p_q = qweight + (tile.to(tl.int64) * (K // _SPAN) * 128 + lane * 4)[:, None] + o_c[None, :]
+    p_z = qzeros + col // 8
+    p_s = scales + col
+    row = 8 * i_b + g  # the token whose activations this lane holds in the B operand
+    m_x = (row < T)[:, None] & (o_c < 4)[None, :]
+    p_x = x32 + (row.to(tl.int64) * stride_xt32 + 4 * t)[:, None] + o_c[None, :]
+    pdl_start(USE_PDL)
+    b_out = tl.zeros([NW * 32, 4], dtype=tl.float32)
+    q0, q1, b00, b01, b10, b11, zw, sc = _unit_loads(p_q, p_x, p_z, p_s, k_lo, k_hi, stride_zk, stride_sk, m_q, m_x,
+                                                     GROUP)
+    for k0 in range(k_lo, k_hi, _UNIT):  # the next unit's loads go out before this unit's MMAs
+        n0, n1, c00, c01, c10, c11, nzw, nsc = _unit_loads(p_q, p_x, p_z, p_s, k0 + _UNIT, k_hi, stride_zk,
+                                                           stride_sk, m_q, m_x, GROUP)
+        b_out += _unit_mma(q0, q1, b00, b01, b10, b11, zw, sc, sh, FP16)
+        q0, q1, b00, b01, b10, b11, zw, sc = n0, n1, c00, c01, c10, c11, nzw, nsc
+    p_o = out + i_s * stride_os + tok.to(tl.int64) * stride_ot + col
+    tl.store(p_o, b_out.to(out.dtype.element_ty), mask=m_q & (tok < T))
+
+
+def mma_split(n: int, k: int, num_sms: int = 132) -> int:
+    """Programs along K: ~20 warps of 16 columns an SM, at least 4 K ranges, whole 128-row units. H200 sweep (27B
+    gate|up 2 176 column tiles: 4 splits best; down and o_proj 320 tiles: 8; 35B-A3B out_proj 128 tiles: 16-32)."""
+    return max(1, min(k // MMA_UNIT, max(4, triton.cdiv(20 * num_sms, n // MMA_TILE_N))))
+
+
+def check_mma_tensors(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                      group: int) -> tuple[int, int]:
+    """-> (N, K) after checking the fragment-layout tensors against x [T, K]."""
+    if x.dim() != 2:
+        raise ValueError(f"x {tuple(x.shape)} must be [T, K]")
+    k = x.shape[1]
+    n = qweight.shape[0] * MMA_TILE_N
+    if group % MMA_UNIT or k % group:
+        raise ValueError(f"group_size {group} must be a multiple of {MMA_UNIT} dividing K={k}")
+    want = {"qweight": (qweight, (n // MMA_TILE_N, k // MMA_SPAN, 32, 4)), "qzeros": (qzeros, (k // group, n // 8)),
+            "scales": (scales, (k // group, n))}
+    for name, (tensor, shape) in want.items():
+        if tuple(tensor.shape) != shape or not tensor.is_contiguous() or tensor.device != x.device:
+            raise ValueError(f"{name} {tuple(tensor.shape)} on {tensor.device} must be a contiguous {list(shape)} on "
+                             f"{x.device} (fragment-layout int4, x is {tuple(x.shape)})")
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise ValueError("qweight / qzeros must be int32")
+    return n, k
+
+
+def mma_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+             group_size: int) -> torch.Tensor:
+    """x: [T <= 16, K] fp16/bf16 on CUDA; qweight [N/16, K/64, 32, 4] int32 (layers/quant.awq_to_mma); qzeros
+    [K/G, N/8] int32 (AWQ); scales [K/G, N] -> [T, N] in x's dtype."""
+    if x.dim() != 2 or x.shape[0] > MMA_MAX_T or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the tensor-core int4 GEMV takes x [T <= {MMA_MAX_T}, K] fp16/bf16 on CUDA, got "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    n, k = check_mma_tensors(x, qweight, qzeros, scales, group_size)
+    t = x.shape[0]
+    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return out
+    k_per_split, split = split_k_ranges(k, MMA_UNIT, mma_split(n, k, device_sms(x.device)))
+    dst = out if split == 1 else torch.empty(split, t, n, dtype=torch.float32, device=x.device)
+    x = x.contiguous()
+    x32 = (x if x.storage_offset() % 2 == 0 else x.clone()).view(torch.int32)  # bf16 pairs as int32
+    nw = 4
+    kernel = _mma_gemv_kernel[(triton.cdiv(n // MMA_TILE_N, nw), split, triton.cdiv(t, 8))](
+        x32, qweight, qzeros, scales, dst, t, n, k, k_per_split, x32.stride(0), qzeros.stride(0), scales.stride(0),
+        dst.stride(0) if split > 1 else 0, dst.stride(-2), GROUP=group_size, NW=nw, FP16=x.dtype == torch.float16,
+        num_warps=nw, num_stages=1, **pdl_args(x))
+    check_rows_are_threads(kernel)
+    return out if split == 1 else sum_splits(dst, out)
+
+
+_CHECKED: set[int] = set()
+
+
+def check_rows_are_threads(kernel) -> None:
+    """The MMA's lanes are the asm's tensor rows only under a layout with one row a thread (threadsPerWarp [32, 1],
+    sizePerThread [1, 4] or [1, 1]): read it from the compiled kernel's TTGIR, once per compiled variant, so a
+    Triton that lays the tensors out otherwise fails loudly instead of mixing lanes."""
+    ttgir = getattr(kernel, "asm", {}).get("ttgir") if kernel is not None else None
+    if ttgir is None or id(kernel) in _CHECKED:
+        return
+    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<.*>)$", ttgir, re.M))
+    used = set(re.findall(r"tt\.elementwise_inline_asm.*tensor<\d+x4xf32, (#\w+)>", ttgir))
+    for name in used:
+        spec = layouts.get(name, "")
+        if "threadsPerWarp = [32, 1]" not in spec or not re.search(r"sizePerThread = \[1, [14]\]", spec):
+            raise RuntimeError(f"the tensor-core int4 GEMV needs one tensor row a thread, but this Triton "
+                               f"({triton.__version__}) laid its MMA operands out as {spec or name}; set "
+                               f"DELTASERVE_INT4_MMA=0 (the default) to use the K-packed kernels")
+    _CHECKED.add(id(kernel))
