@@ -146,40 +146,25 @@ def kpack_to_awq(packed: torch.Tensor) -> torch.Tensor:
 MMA_TILE_N, MMA_SPAN = 16, 64  # the fragment layout's output columns per warp tile and input rows per 16-byte load
 
 
-def _mma_shifts(device: torch.device) -> torch.Tensor:
-    """[mh, h, e] -> the bit of an int32 where the fragment layout keeps nibble (column 8mh + g, row 32h + 8t + 2c + e)
-    of lane 4g + t, element c: A-fragment register mh + 2h (a0..a3 of mma.m16n8k16), half e."""
-    return torch.tensor([[[4 * (mh + 2 * h) + 16 * e for e in range(2)] for h in range(2)] for mh in range(2)],
-                        dtype=torch.int64, device=device)
-
-
 def awq_to_mma(qweight: torch.Tensor) -> torch.Tensor:
     """AWQ qweight [K, N/8] -> the same int4 values in the tensor-core GEMV's fragment layout [N/16, K/64, 32, 4] int32
     (kernels/int4_gemm/mma.py). Warp tile nt holds columns 16nt..16nt+15; in each 64-row span kk, lane 4g + t reads one
     16-byte vector: element c is the A fragment of one mma.m16n8k16 (k16 step c), its nibbles at bits 4(mh + 2h) + 16e
-    holding W[64kk + 32h + 8t + 2c + e, 16nt + 8mh + g]. K % 64 == 0, N % 16 == 0."""
+    (A register mh + 2h, half e) holding W[64kk + 32h + 8t + 2c + e, 16nt + 8mh + g]. K % 64 == 0, N % 16 == 0."""
     q = unpack_int4(qweight, AWQ_ORDER)  # [K, N]
     k, n = q.shape
     if k % MMA_SPAN or n % MMA_TILE_N:
         raise ValueError(f"the fragment int4 layout needs in_features in multiples of {MMA_SPAN} and out_features in "
                          f"multiples of {MMA_TILE_N}, got {k} x {n}")
-    q = q.reshape(k // 64, 2, 4, 4, 2, n // 16, 2, 8).permute(5, 0, 7, 2, 3, 6, 1, 4)  # nt kk g t c | mh h e
-    words = (q.to(torch.int64) << _mma_shifts(q.device)).sum(dim=(-1, -2, -3))
-    return _to_int32(words).reshape(n // 16, k // 64, 32, 4).contiguous()
-
-
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    """int64 values 0 .. 2^32 - 1 -> the int32 with the same bits."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    q = q.reshape(k // 64, 2, 4, 4, 2, n // 16, 2, 8).permute(5, 0, 7, 2, 3, 4, 1, 6)  # nt kk g t c | e h mh
+    return pack_int4(q.reshape(n // 16, k // 64, 32, 4 * 8)).reshape(n // 16, k // 64, 32, 4)  # nibble mh + 2h + 4e
 
 
 def mma_to_awq(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of awq_to_mma: [N/16, K/64, 32, 4] int32 -> AWQ qweight [K, N/8]."""
     nt, kk = packed.shape[:2]
-    words = packed.reshape(nt, kk, 8, 4, 4).to(torch.int64) & 0xFFFFFFFF  # nt kk g t c
-    q = (words[..., None, None, None] >> _mma_shifts(packed.device)) & 0xF  # nt kk g t c mh h e
-    q = q.permute(1, 6, 3, 4, 7, 0, 5, 2).reshape(kk * 64, nt * 16)  # kk h t c e | nt mh g
-    return pack_int4(q, AWQ_ORDER)
+    q = unpack_int4(packed).reshape(nt, kk, 8, 4, 4, 2, 2, 2)  # nt kk g t c | e h mh
+    return pack_int4(q.permute(1, 6, 3, 4, 5, 0, 7, 2).reshape(kk * 64, nt * 16), AWQ_ORDER)  # kk h t c e | nt mh g
 
 
 def dequantize(fmt: str, tensors: dict[str, torch.Tensor], group: int, dtype: torch.dtype) -> torch.Tensor:

@@ -20,10 +20,10 @@ H200, Triton 3.6, CUDA-graph replays over 400 MB of weights, split sum included,
 (lanes gathering int32 rows 2t, 2t+1 with 4-byte loads and a PRMT per register) was slower than kpack.py at T = 1
 (27B gate|up 39.7, down 24.0): the 16-byte loads are what the layout buys.
 
-End to end (benchmarks/int4_layout_ab.py: `bench_decode`, mixed AWQ, context 1024, the K-packed tree against this layout in one
-call): Qwen3.5-27B shapes batch 1 8.664 -> 7.896 ms a step (115.4 -> 126.6 tok/s); cut to 16 layers batch 1 2.628 /
-2.624 -> 2.431 / 2.429 ms, batch 4 3.183 / 3.191 -> 2.705 / 2.702, batch 8 3.397 / 3.395 -> 2.906 / 2.907;
-35B-A3B shapes cut to 8 layers batch 1 0.705 -> 0.680, batch 16 2.643 -> 2.627. Opt-in (DELTASERVE_INT4_MMA=1,
+End to end (benchmarks/int4_layout_ab.py: `bench_decode`, mixed AWQ, context 1024, the K-packed tree against this
+layout in one call): Qwen3.5-27B shapes batch 1 8.664 -> 7.896 ms a step (115.4 -> 126.6 tok/s); cut to 16 layers
+batch 1 2.628 / 2.624 -> 2.431 / 2.429 ms, batch 4 3.183 / 3.191 -> 2.705 / 2.702, batch 8 3.397 / 3.395 -> 2.906 /
+2.907; 35B-A3B shapes cut to 8 layers batch 1 0.705 -> 0.680, batch 16 2.643 -> 2.627. Opt-in (DELTASERVE_INT4_MMA=1,
 int4_gemm.USE_MMA) because the prefill GEMM over this layout (triton._int4_gemm_mma_kernel) is still slower.
 
 Program (i_n, i_s, i_b): warp w covers output columns 16(i_n · NW + w)..+15, K range i_s (whole 128-row units, the
@@ -90,19 +90,12 @@ def _unit_loads(p_q, p_x, p_z, p_s, k0, k_hi, stride_zk, stride_sk, m_q, m_x, GR
 def _unit_mma(q0, q1, b00, b01, b10, b11, zw, sc, sh, FP16: tl.constexpr):
     """-> the unit's 8 MMAs [NW·32, 4] (fp32 D registers, accumulated from 0) times the scales of their columns."""
     z = (zw >> sh) & 0xF
+    neg_magic: tl.constexpr = 0xE400 if FP16 else 0xC300  # -1024 in fp16, -128 in bf16
+    asm: tl.constexpr = _ASM_FP16 if FP16 else _ASM_BF16
+    nz = (neg_magic | z) | ((neg_magic | z) << 16)  # -(MAGIC + z) in both 16-bit halves: q - z, exact
     d = tl.zeros(q0.shape, dtype=tl.float32)
-    if FP16:
-        nz = (0xE400 | z) | ((0xE400 | z) << 16)  # -(1024 + z) in both fp16 halves: q - z, exact
-        d = tl.inline_asm_elementwise(_ASM_FP16, _CONSTRAINTS, [q0, b00, b01, nz, d], dtype=tl.float32,
-                                      is_pure=True, pack=4)
-        d = tl.inline_asm_elementwise(_ASM_FP16, _CONSTRAINTS, [q1, b10, b11, nz, d], dtype=tl.float32,
-                                      is_pure=True, pack=4)
-    else:
-        nz = (0xC300 | z) | ((0xC300 | z) << 16)  # -(128 + z) in both bf16 halves
-        d = tl.inline_asm_elementwise(_ASM_BF16, _CONSTRAINTS, [q0, b00, b01, nz, d], dtype=tl.float32,
-                                      is_pure=True, pack=4)
-        d = tl.inline_asm_elementwise(_ASM_BF16, _CONSTRAINTS, [q1, b10, b11, nz, d], dtype=tl.float32,
-                                      is_pure=True, pack=4)
+    d = tl.inline_asm_elementwise(asm, _CONSTRAINTS, [q0, b00, b01, nz, d], dtype=tl.float32, is_pure=True, pack=4)
+    d = tl.inline_asm_elementwise(asm, _CONSTRAINTS, [q1, b10, b11, nz, d], dtype=tl.float32, is_pure=True, pack=4)
     return sc.to(tl.float32) * d
 
 
@@ -111,13 +104,7 @@ def _mma_gemv_kernel(x32, qweight, qzeros, scales, out, T, N, K, K_PER_SPLIT, st
                      stride_os, stride_ot, GROUP: tl.constexpr, NW: tl.constexpr, FP16: tl.constexpr,
                      USE_PDL: tl.constexpr = False):
     """x32: x [T, K] as int32 pairs; qweight [N/16, K/64, 32, 4]; qzeros [K/G, N/8] (AWQ); scales [K/G, N];
-    out: [S, T, N] fp32 partials, or [T, N] in x's dtype when S = 1. End to end (benchmarks/int4_layout_ab.py: `bench_decode`, mixed AWQ, context 1024, the K-packed tree against this layout in one
-call): Qwen3.5-27B shapes batch 1 8.664 -> 7.896 ms a step (115.4 -> 126.6 tok/s); cut to 16 layers batch 1 2.628 /
-2.624 -> 2.431 / 2.429 ms, batch 4 3.183 / 3.191 -> 2.705 / 2.702, batch 8 3.397 / 3.395 -> 2.906 / 2.907;
-35B-A3B shapes cut to 8 layers batch 1 0.705 -> 0.680, batch 16 2.643 -> 2.627. Opt-in (DELTASERVE_INT4_MMA=1,
-int4_gemm.USE_MMA) because the prefill GEMM over this layout (triton._int4_gemm_mma_kernel) is still slower.
-
-Program (i_n, i_s, i_b): module docstring."""
+    out: [S, T, N] fp32 partials, or [T, N] in x's dtype when S = 1. Program (i_n, i_s, i_b): module docstring."""
     i_n, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_i = tl.arange(0, NW * 32)
     o_c = tl.arange(0, 4)
@@ -208,8 +195,10 @@ def check_rows_are_threads(kernel) -> None:
     """The MMA's lanes are the asm's tensor rows only under a layout with one row a thread (threadsPerWarp [32, 1],
     sizePerThread [1, 4] or [1, 1]): read it from the compiled kernel's TTGIR, once per compiled variant, so a
     Triton that lays the tensors out otherwise fails loudly instead of mixing lanes."""
+    if id(kernel) in _CHECKED:
+        return
     ttgir = getattr(kernel, "asm", {}).get("ttgir") if kernel is not None else None
-    if ttgir is None or id(kernel) in _CHECKED:
+    if ttgir is None:
         return
     layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<.*>)$", ttgir, re.M))
     used = set(re.findall(r"tt\.elementwise_inline_asm.*tensor<\d+x4xf32, (#\w+)>", ttgir))
