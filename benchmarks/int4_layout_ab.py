@@ -1,11 +1,13 @@
-"""The two int4 weight layouts end to end, one process: K-packed (the default) against the fragment layout of the
-tensor-core decode GEMV (`DELTASERVE_INT4_MMA=1`, kernels/int4_gemm/mma.py), alternating.
+"""The two int4 weight layouts end to end, one process: K-packed (`DELTASERVE_INT4_MMA=0`) against the fragment layout
+of the tensor-core GEMV (the default, kernels/int4_gemm/mma.py), alternating; each with the prefill threshold(s) of
+--dequant-min-t (int4_gemm.DEQUANT_MIN_T: from that many tokens a K-packed Linear dequantizes, then cuBLAS; the
+fragment layout does so beyond mma.MMA_MAX_T whatever the threshold).
 
 For each layout and round: a random AWQ model of a bench preset (mixed like real checkpoints, or `--full`), decode
 ms a step per batch size (`bench_decode`: every sequence at --context tokens) and, with --prefill N, the time to
 prefill one N-token prompt. Prints how many Linears took the fragment layout, so a run that moved none says so.
 
-    python benchmarks/int4_layout_ab.py --preset qwen3.5-27b --layers 16 --batch-sizes 1,4,8 --prefill 2048
+    python benchmarks/int4_layout_ab.py --preset qwen3.5-27b --layers 16 --batch-sizes 1,8,32,64 --prefill 2048
 """
 from __future__ import annotations
 
@@ -30,13 +32,18 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=0, help="also time one prompt of this many tokens")
     p.add_argument("--full", action="store_true", help="awq-full: every projection int4")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--dequant-min-t", default=str(int4_gemm.DEQUANT_MIN_T),
+                   help="comma list of int4_gemm.DEQUANT_MIN_T values to run each layout with ('none': the int4 "
+                        "GEMMs at every T)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("int4_layout_ab.py needs a CUDA device")
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    min_ts = [None if v == "none" else int(v) for v in args.dequant_min_t.split(",")]
     for rnd in range(args.rounds):
-        for fragment in (False, True):
+        for fragment, min_t in ((f, m) for f in (False, True) for m in min_ts):
             int4_gemm.USE_MMA = fragment  # read once, when the model's Linears take their layouts
+            int4_gemm.DEQUANT_MIN_T = min_t
             t0 = time.perf_counter()
             llm = LLM.from_config(preset_config(args.preset, args.layers), max_num_seqs=max(batches),
                                   max_model_len=max(args.context, args.prefill) + 3 * args.steps + 64,
@@ -46,7 +53,7 @@ def main() -> None:
             if args.prefill:
                 row.append(f"prefill {args.prefill} {bench_prefill(llm, args.prefill) * 1e3:.2f}")
             name = "fragment" if fragment else "K-packed"
-            print(f"{args.preset} {args.layers}L {name:<8} ({moved} fragment Linears, built in "
+            print(f"{args.preset} {args.layers}L {name:<8} dequant from T={min_t} ({moved} fragment Linears, built in "
                   f"{time.perf_counter() - t0:.0f} s) round {rnd}: " + ", ".join(row) + " ms", flush=True)
             del llm
             torch.cuda.empty_cache()

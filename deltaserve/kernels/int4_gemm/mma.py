@@ -1,4 +1,4 @@
-"""Triton int4 decode GEMV on the tensor cores for T <= 16, over the fragment layout (layers/quant.awq_to_mma).
+"""Triton int4 GEMV on the tensor cores for T <= 128, over the fragment layout (layers/quant.awq_to_mma).
 
 Why: the K-packed GEMV (kpack.py) spends ~3.9 SASS instructions a weight at T = 1 and its tensor-core form
 (`_kpack_dot_kernel`, T = 2..16) ~5, because Triton moves the dequantized tile into tl.dot's operand layout through
@@ -10,9 +10,10 @@ exact in 16 bits), one HMMA multiplies 8 activation rows at once: ~1.6 instructi
 Activations are the MMA's B operand: token g of a block of 8 sits in lanes 4g..4g+3, as bf16 pairs loaded straight
 from x (the layout's row order makes each pair contiguous); fp32 accumulation per group, times the group's scale.
 
-The asm runs elementwise over [32 · warps, 4] tensors, 4 elements a thread (pack=4): rows are threads (row i = lane
-i % 32 of warp i // 32), as the layout Triton picks for the 16-byte weight loads (one vector a row) gives them, so
-the MMA's lanes are the rows. Every operand is built with that row-per-thread shape.
+The asm runs elementwise over [NB · 32 · warps, 4] tensors, 4 elements a row (pack=4): row i is lane i % 32 of warp
+i // 32 % warps (for token block i // (32 · warps)), as the layout Triton picks for 16-byte loads (one vector a row)
+gives them, so the MMA's lanes are the rows. Every operand is built with that shape, and x is copied when its rows
+are not 16-byte aligned (another load layout).
 
 H200, Triton 3.6, CUDA-graph replays over 400 MB of weights, split sum included, against the K-packed kernels (µs,
 2026-12-01): 27B gate|up T = 1 38.3 -> 34.4, T = 4 52.6 -> 36.3; 27B down 21.9 -> 20.6 / 28.4 -> 20.6; 27B o_proj
@@ -20,14 +21,21 @@ H200, Triton 3.6, CUDA-graph replays over 400 MB of weights, split sum included,
 (lanes gathering int32 rows 2t, 2t+1 with 4-byte loads and a PRMT per register) was slower than kpack.py at T = 1
 (27B gate|up 39.7, down 24.0): the 16-byte loads are what the layout buys.
 
-End to end (benchmarks/int4_layout_ab.py: `bench_decode`, mixed AWQ, context 1024, the K-packed tree against this
-layout in one call): Qwen3.5-27B shapes batch 1 8.664 -> 7.896 ms a step (115.4 -> 126.6 tok/s); cut to 16 layers
-batch 1 2.628 / 2.624 -> 2.431 / 2.429 ms, batch 4 3.183 / 3.191 -> 2.705 / 2.702, batch 8 3.397 / 3.395 -> 2.906 /
-2.907; 35B-A3B shapes cut to 8 layers batch 1 0.705 -> 0.680, batch 16 2.643 -> 2.627. Opt-in (DELTASERVE_INT4_MMA=1,
-int4_gemm.USE_MMA) because the prefill GEMM over this layout (triton._int4_gemm_mma_kernel) is still slower.
+More tokens: a program takes NB blocks of 8 tokens (token_blocks: 1 up to 8 tokens, 2 up to 16, then 4), NB rows a
+thread. The weight words are loaded once a thread and broadcast to its rows (_per_block); the asm of the NB blocks
+shares its inputs, so ptxas keeps one copy of the dequantization (LOP3 count 43 at NB = 1, 46 at NB = 4; 166
+registers at NB = 4). Token blocks vary fastest over the grid, so programs sharing a weight tile run together. H200
+(do_bench, µs): 27B gate|up T = 32 89.6 / T = 64 151 / T = 128 257 against the K-packed GEMM's 138 / 139 / 235 and
+dequantize + cuBLAS 325-331; one program a block (NB = 1, the weights re-read from L2 per block) 117 / 206 / 392.
+Beyond MMA_MAX_T the fragment layout dequantizes for cuBLAS (dequant.py).
 
-Program (i_n, i_s, i_b): warp w covers output columns 16(i_n · NW + w)..+15, K range i_s (whole 128-row units, the
-next unit's loads issued before this one's MMAs), tokens 8 i_b..8 i_b + 7. Groups must be multiples of 128."""
+End to end (benchmarks/int4_layout_ab.py: mixed AWQ, context 1024, K-packed against this layout in one call, ms a
+step): Qwen3.5-27B shapes batch 1 8.664 -> 7.896 (115.4 -> 126.6 tok/s); cut to 16 layers batch 1 2.655 -> 2.500,
+8 3.444 -> 2.927, 32 6.725 -> 5.024, 64 8.917 -> 7.754.
+
+Program (i_b, i_n, i_s): token blocks NB·i_b.. (8 tokens each), warp w covers output columns 16(i_n · NW + w)..+15,
+K range i_s (whole 128-row units, the next unit's loads issued before this one's MMAs). Groups must be multiples of
+128."""
 import re
 
 import torch
@@ -41,7 +49,7 @@ from .triton import device_sms, split_k_ranges, sum_splits
 MMA_UNIT = 128  # K rows between two scale / zero loads (groups are multiples of it): two 64-row spans
 _SPAN = tl.constexpr(MMA_SPAN)
 _UNIT = tl.constexpr(MMA_UNIT)
-MMA_MAX_T = 16  # tokens a launch takes: blocks of 8 (the MMA's N) along program axis 2
+MMA_MAX_T = 128  # tokens a launch takes (blocks of 8, the MMA's N); beyond, dequantize + cuBLAS is faster (H200)
 
 
 def _mma_asm(kind: str, magic: int) -> str:
@@ -87,60 +95,79 @@ def _unit_loads(p_q, p_x, p_z, p_s, k0, k_hi, stride_zk, stride_sk, m_q, m_x, GR
 
 
 @triton.jit
-def _unit_mma(q0, q1, b00, b01, b10, b11, zw, sc, sh, FP16: tl.constexpr):
-    """-> the unit's 8 MMAs [NW·32, 4] (fp32 D registers, accumulated from 0) times the scales of their columns."""
+def _per_block(v, NB: tl.constexpr):
+    """A thread's [32·NW, 4] value -> [NB·32·NW, 4], the same in each of its NB token-block rows (in registers: the
+    rows of a block are the threads, as in v)."""
+    return tl.reshape(tl.broadcast_to(v[None, :, :], (NB, v.shape[0], 4)), (NB * v.shape[0], 4))
+
+
+@triton.jit
+def _unit_mma(q0, q1, b00, b01, b10, b11, zw, sc, sh, NB: tl.constexpr, FP16: tl.constexpr):
+    """-> the unit's 8 MMAs a token block [NB·NW·32, 4] (fp32 D registers, accumulated from 0) times the scales of
+    their columns. The weight words (q0, q1, zw, sc: [NW·32, 4]) meet each block's B registers (b*: [NB·NW·32, 4])."""
     z = (zw >> sh) & 0xF
     neg_magic: tl.constexpr = 0xE400 if FP16 else 0xC300  # -1024 in fp16, -128 in bf16
     asm: tl.constexpr = _ASM_FP16 if FP16 else _ASM_BF16
-    nz = (neg_magic | z) | ((neg_magic | z) << 16)  # -(MAGIC + z) in both 16-bit halves: q - z, exact
-    d = tl.zeros(q0.shape, dtype=tl.float32)
-    d = tl.inline_asm_elementwise(asm, _CONSTRAINTS, [q0, b00, b01, nz, d], dtype=tl.float32, is_pure=True, pack=4)
-    d = tl.inline_asm_elementwise(asm, _CONSTRAINTS, [q1, b10, b11, nz, d], dtype=tl.float32, is_pure=True, pack=4)
-    return sc.to(tl.float32) * d
+    nz = _per_block((neg_magic | z) | ((neg_magic | z) << 16), NB)  # -(MAGIC + z) in both 16-bit halves: q - z, exact
+    d = tl.zeros(b00.shape, dtype=tl.float32)
+    d = tl.inline_asm_elementwise(asm, _CONSTRAINTS, [_per_block(q0, NB), b00, b01, nz, d], dtype=tl.float32,
+                                  is_pure=True, pack=4)
+    d = tl.inline_asm_elementwise(asm, _CONSTRAINTS, [_per_block(q1, NB), b10, b11, nz, d], dtype=tl.float32,
+                                  is_pure=True, pack=4)
+    return _per_block(sc.to(tl.float32), NB) * d
 
 
 @triton.jit
 def _mma_gemv_kernel(x32, qweight, qzeros, scales, out, T, N, K, K_PER_SPLIT, stride_xt32, stride_zk, stride_sk,
-                     stride_os, stride_ot, GROUP: tl.constexpr, NW: tl.constexpr, FP16: tl.constexpr,
-                     USE_PDL: tl.constexpr = False):
+                     stride_os, stride_ot, GROUP: tl.constexpr, NW: tl.constexpr, NB: tl.constexpr,
+                     FP16: tl.constexpr, USE_PDL: tl.constexpr = False):
     """x32: x [T, K] as int32 pairs; qweight [N/16, K/64, 32, 4]; qzeros [K/G, N/8] (AWQ); scales [K/G, N];
-    out: [S, T, N] fp32 partials, or [T, N] in x's dtype when S = 1. Program (i_n, i_s, i_b): module docstring."""
-    i_n, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_i = tl.arange(0, NW * 32)
+    out: [S, T, N] fp32 partials, or [T, N] in x's dtype when S = 1. Program (i_b, i_n, i_s): module docstring."""
+    i_b, i_n, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_c = tl.arange(0, 4)
-    lane = o_i % 32
-    g = lane // 4
-    t = lane % 4
+    # the weights: one row a thread ([32·NW, 4])
+    o_i = tl.arange(0, NW * 32)
     tile = i_n * NW + o_i // 32
     m_q = (tile < N // 16)[:, None] & (o_c < 4)[None, :]
-    col = tile[:, None] * 16 + g[:, None] + 8 * (o_c // 2)[None, :]  # D register c: column g + 8 (c // 2)
-    tok = 8 * i_b + 2 * t[:, None] + (o_c % 2)[None, :]  # D register c: token 2t + c % 2 of the block
+    col = tile[:, None] * 16 + (o_i % 32 // 4)[:, None] + 8 * (o_c // 2)[None, :]  # D register c: column g + 8(c // 2)
     sh = (((col % 8) >> 1) + ((col % 8) & 1) * 4) * 4  # the column's nibble in its AWQ zero word
-    k_lo = i_s * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    p_q = qweight + (tile.to(tl.int64) * (K // _SPAN) * 128 + lane * 4)[:, None] + o_c[None, :]
+    p_q = qweight + (tile.to(tl.int64) * (K // _SPAN) * 128 + o_i % 32 * 4)[:, None] + o_c[None, :]
     p_z = qzeros + col // 8
     p_s = scales + col
-    row = 8 * i_b + g  # the token whose activations this lane holds in the B operand
+    # activations and outputs: NB rows a thread, row r the thread r % (32·NW)'s row for token block r // (32·NW)
+    o_r = tl.arange(0, NB * NW * 32)
+    blk = i_b * NB + o_r // (NW * 32)
+    lane = o_r % 32
+    t = lane % 4
+    row = 8 * blk + lane // 4  # the token whose activations this lane holds in the B operand
     m_x = (row < T)[:, None] & (o_c < 4)[None, :]
     p_x = x32 + (row.to(tl.int64) * stride_xt32 + 4 * t)[:, None] + o_c[None, :]
+    k_lo = i_s * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     pdl_start(USE_PDL)
-    b_out = tl.zeros([NW * 32, 4], dtype=tl.float32)
+    b_out = tl.zeros([NB * NW * 32, 4], dtype=tl.float32)
     q0, q1, b00, b01, b10, b11, zw, sc = _unit_loads(p_q, p_x, p_z, p_s, k_lo, k_hi, stride_zk, stride_sk, m_q, m_x,
                                                      GROUP)
     for k0 in range(k_lo, k_hi, _UNIT):  # the next unit's loads go out before this unit's MMAs
         n0, n1, c00, c01, c10, c11, nzw, nsc = _unit_loads(p_q, p_x, p_z, p_s, k0 + _UNIT, k_hi, stride_zk,
                                                            stride_sk, m_q, m_x, GROUP)
-        b_out += _unit_mma(q0, q1, b00, b01, b10, b11, zw, sc, sh, FP16)
+        b_out += _unit_mma(q0, q1, b00, b01, b10, b11, zw, sc, sh, NB, FP16)
         q0, q1, b00, b01, b10, b11, zw, sc = n0, n1, c00, c01, c10, c11, nzw, nsc
-    p_o = out + i_s * stride_os + tok.to(tl.int64) * stride_ot + col
-    tl.store(p_o, b_out.to(out.dtype.element_ty), mask=m_q & (tok < T))
+    tok = 8 * blk[:, None] + 2 * t[:, None] + (o_c % 2)[None, :]  # D register c: token 2t + c % 2 of the block
+    p_o = out + i_s * stride_os + tok.to(tl.int64) * stride_ot + _per_block(col, NB)
+    tl.store(p_o, b_out.to(out.dtype.element_ty), mask=_per_block(m_q, NB) & (tok < T))
 
 
-def mma_split(n: int, k: int, num_sms: int = 132) -> int:
-    """Programs along K: ~20 warps of 16 columns an SM, at least 4 K ranges, whole 128-row units. H200 sweep (27B
-    gate|up 2 176 column tiles: 4 splits best; down and o_proj 320 tiles: 8; 35B-A3B out_proj 128 tiles: 16-32)."""
-    return max(1, min(k // MMA_UNIT, max(4, triton.cdiv(20 * num_sms, n // MMA_TILE_N))))
+def mma_split(n: int, k: int, num_sms: int = 132, blocks: int = 1) -> int:
+    """Programs along K: ~20 warps of 16 columns an SM over all `blocks` token-block programs, at least 4 warps a
+    column tile, whole 128-row units. H200 sweep at T <= 8 (27B gate|up 2 176 column tiles: 4 splits best; down and
+    o_proj 320 tiles: 8; 35B-A3B out_proj 128 tiles: 16-32)."""
+    return max(1, min(k // MMA_UNIT, max(triton.cdiv(4, blocks), triton.cdiv(20 * num_sms, n // MMA_TILE_N * blocks))))
+
+
+def token_blocks(t: int) -> int:
+    """Blocks of 8 tokens a program takes (NB): one below 16 tokens, then 2, then 4."""
+    return 1 if t <= 8 else 2 if t <= 16 else 4
 
 
 def check_mma_tensors(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -164,8 +191,8 @@ def check_mma_tensors(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tens
 
 
 def mma_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-             group_size: int) -> torch.Tensor:
-    """x: [T <= 16, K] fp16/bf16 on CUDA; qweight [N/16, K/64, 32, 4] int32 (layers/quant.awq_to_mma); qzeros
+             group_size: int, nb: int | None = None) -> torch.Tensor:
+    """x: [T <= MMA_MAX_T, K] fp16/bf16 on CUDA; qweight [N/16, K/64, 32, 4] int32 (layers/quant.awq_to_mma); qzeros
     [K/G, N/8] int32 (AWQ); scales [K/G, N] -> [T, N] in x's dtype."""
     if x.dim() != 2 or x.shape[0] > MMA_MAX_T or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the tensor-core int4 GEMV takes x [T <= {MMA_MAX_T}, K] fp16/bf16 on CUDA, got "
@@ -175,14 +202,17 @@ def mma_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t == 0:
         return out
-    k_per_split, split = split_k_ranges(k, MMA_UNIT, mma_split(n, k, device_sms(x.device)))
+    nb = nb or token_blocks(t)
+    blocks = triton.cdiv(t, 8 * nb)
+    k_per_split, split = split_k_ranges(k, MMA_UNIT, mma_split(n, k, device_sms(x.device), blocks))
     dst = out if split == 1 else torch.empty(split, t, n, dtype=torch.float32, device=x.device)
-    x = x.contiguous()
-    x32 = (x if x.storage_offset() % 2 == 0 else x.clone()).view(torch.int32)  # bf16 pairs as int32
+    if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:
+        x = x.clone(memory_format=torch.contiguous_format)  # 16-byte rows: the layout check_rows_are_threads wants
+    x32 = x.view(torch.int32)  # bf16 pairs as int32
     nw = 4
-    kernel = _mma_gemv_kernel[(triton.cdiv(n // MMA_TILE_N, nw), split, triton.cdiv(t, 8))](
+    kernel = _mma_gemv_kernel[(blocks, triton.cdiv(n // MMA_TILE_N, nw), split)](
         x32, qweight, qzeros, scales, dst, t, n, k, k_per_split, x32.stride(0), qzeros.stride(0), scales.stride(0),
-        dst.stride(0) if split > 1 else 0, dst.stride(-2), GROUP=group_size, NW=nw, FP16=x.dtype == torch.float16,
+        dst.stride(0) if split > 1 else 0, dst.stride(-2), GROUP=group_size, NW=nw, NB=nb, FP16=x.dtype == torch.float16,
         num_warps=nw, num_stages=1, **pdl_args(x))
     check_rows_are_threads(kernel)
     return out if split == 1 else sum_splits(dst, out)
@@ -207,5 +237,5 @@ def check_rows_are_threads(kernel) -> None:
         if "threadsPerWarp = [32, 1]" not in spec or not re.search(r"sizePerThread = \[1, [14]\]", spec):
             raise RuntimeError(f"the tensor-core int4 GEMV needs one tensor row a thread, but this Triton "
                                f"({triton.__version__}) laid its MMA operands out as {spec or name}; set "
-                               f"DELTASERVE_INT4_MMA=0 (the default) to use the K-packed kernels")
+                               f"DELTASERVE_INT4_MMA=0 to use the K-packed kernels")
     _CHECKED.add(id(kernel))

@@ -14,9 +14,9 @@ fed to tl.dot; accumulation is fp32. A K tile never straddles two groups (BK div
 [BN] row per tile. No host syncs: the plan depends on shapes only, so CUDA graphs capture it.
 Measured and not kept (H200, 2026-11-29): codes entering fp32 as the bit pattern 2^23 + q (an OR and an exact
 subtraction instead of the int->bf16 convert ptxas emits): +1-4% on the AWQ layout, -0-3% on the K-packed one at
-T = 512..4096 on 27B / 9B MLP shapes; the int4 GEMM stays at ~300-350 TFLOP/s against cuBLAS bf16's ~650-800.
+T = 512..4096 on 27B / 9B MLP shapes; the int4 GEMM stays at ~300-350 TFLOP/s against cuBLAS bf16's ~650-800,
+which is why prompts of int4_gemm.DEQUANT_MIN_T tokens and more dequantize and use cuBLAS instead (dequant.py).
 """
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -89,55 +89,6 @@ def dequant_kpack_tile(p_q, p_z, p_s, k0, n0, n_end, stride_qk, BN: tl.constexpr
 
 
 @triton.jit
-def _int4_gemm_mma_kernel(x, qweight, qzeros, scales, out, T, N, K, K_PER_SPLIT,
-                          stride_xt, stride_zk, stride_sk, stride_os, stride_ot,
-                          GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The GEMM over the fragment layout (mma.py, quant.awq_to_mma: row 32h + 8t + 2c + e of column 8mh + g at bits
-    4(mh + 2h) + 16e of int32 (4g + t, c) of a warp tile's span). Program (i_m, i_n, i_s) as _int4_gemm_kernel's,
-    columns i_n·BN..: per 64-row span the block's BN/2 (tile, g) pairs read their 16 int32 as one contiguous run,
-    whose nibbles make two W^T tiles [BN/2, 64] (mh = 0, 1: columns 16nt + g and 16nt + 8 + g) with rows in the order
-    16(2h + e) + 4t + c. x comes with each span's columns in that order (mma_row_order), so no tile is permuted in
-    registers and the activation loads stay contiguous. Slow so far (H200, a 2 048-token prefill of Qwen3.5-27B shapes
-    cut to 16 layers: 178 ms against 74 with the K-packed GEMM; a first form gathering each int32 for each of its 8
-    weights: 825 ms): the reason the fragment layout is opt-in (int4_gemm.USE_MMA)."""
-    i_m, i_n, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < T
-    o_j = tl.arange(0, BN // 2)
-    col = (i_n * (BN // 16) + o_j // 8) * 16 + o_j % 8  # mh = 0; mh = 1 is col + 8
-    m_j = col < N
-    o_w = tl.arange(0, 16)
-    p_w = qweight + ((col // 16).to(tl.int64) * (K // 64) * 128 + (col % 16) * 16)[:, None] + o_w[None, :]
-    o_i = tl.arange(0, 64)
-    shift = 8 * (o_i // 32) + 16 * (o_i // 16 % 2)  # of slot (h, e) for mh = 0, per row of the W^T tile
-    p_x = x + o_m[:, None].to(tl.int64) * stride_xt + o_i[None, :]
-    b_acc0 = tl.zeros([BM, BN // 2], dtype=tl.float32)
-    b_acc1 = tl.zeros([BM, BN // 2], dtype=tl.float32)
-    k_lo = i_s * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    for k0 in range(k_lo, k_hi, 64):
-        b_x = tl.load(p_x + k0, mask=m_m[:, None], other=0.0)
-        b_q = tl.load(p_w + (k0 // 64) * 128, mask=m_j[:, None], other=0)  # [BN/2, 16]: int32 4t + c
-        b_q = tl.reshape(tl.broadcast_to(b_q[:, None, :], (BN // 2, 4, 16)), (BN // 2, 64))  # row 16(2h+e) + 4t + c
-        i_g = k0 // GROUP
-        p_z = qzeros + i_g * stride_zk
-        p_s = scales + i_g * stride_sk
-        for mh in tl.static_range(2):
-            b_z = awq_zeros_of_columns(p_z, col + 8 * mh, m_j)
-            b_s = tl.load(p_s + col + 8 * mh, mask=m_j, other=0.0).to(tl.float32)
-            b_w = (((b_q >> (shift + 4 * mh)[None, :]) & 0xF) - b_z[:, None]).to(tl.float32) * b_s[:, None]
-            b_d = tl.dot(b_x, tl.trans(b_w.to(b_x.dtype)), input_precision=DOT_PRECISION)
-            if mh == 0:
-                b_acc0 += b_d
-            else:
-                b_acc1 += b_d
-    p_o = out + i_s * stride_os + o_m[:, None].to(tl.int64) * stride_ot + col[None, :]
-    m_o = m_m[:, None] & m_j[None, :]
-    tl.store(p_o, b_acc0.to(p_o.dtype.element_ty), mask=m_o)
-    tl.store(p_o + 8, b_acc1.to(p_o.dtype.element_ty), mask=m_o)
-
-
-@triton.jit
 def _int4_gemm_kernel(x, qweight, qzeros, scales, out,
                       T, N, K, K_PER_SPLIT,
                       stride_xt, stride_qk, stride_zk, stride_sk, stride_os, stride_ot,
@@ -199,16 +150,6 @@ def plan(t: int, n: int, k: int, group: int, num_sms: int = 132, kpack: bool = F
     return GemmPlan(bm, bn, bk, split, warps, stages)
 
 
-def mma_row_order(x: torch.Tensor) -> torch.Tensor:
-    """x [T, K] -> its columns in the fragment layout's row order of each 64-row span (_int4_gemm_mma_kernel):
-    column 64kk + 16(2h + e) + 4t + c holds x[:, 64kk + 32h + 8t + 2c + e]. Index arithmetic on the device (no host
-    copy: capturable)."""
-    i = torch.arange(x.shape[1], device=x.device)
-    r = i % 64
-    src = i - r + 32 * (r // 32) + 8 * (r // 4 % 4) + 2 * (r % 4) + r // 16 % 2
-    return x.index_select(1, src)
-
-
 def _check(x, qweight, qzeros, scales, group: int) -> tuple[int, int, int]:
     """-> (T, N, K) after checking the AWQ tensors against x."""
     if x.dim() != 2:
@@ -235,17 +176,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def int4_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                     group_size: int, config: GemmPlan | None = None, kpack: bool = False,
-                     mma: bool = False) -> torch.Tensor:
-    """x: [T, K] fp16/bf16 (fp32 in the interpreter); qweight [K, N/8] int32 (AWQ), [K/8, N] (kpack: the
-    K-packed layout of kpack.py) or [N/16, K/64, 32, 4] (mma: the fragment layout of mma.py); qzeros [K/G, N/8]
-    int32; scales [K/G, N] -> [T, N] in x's dtype. config: override the plan (benchmarks, tests)."""
-    if mma:
-        from .mma import check_mma_tensors
-
-        n, k = check_mma_tensors(x, qweight, qzeros, scales, group_size)
-        t = x.shape[0]
-    elif kpack:
+                     group_size: int, config: GemmPlan | None = None, kpack: bool = False) -> torch.Tensor:
+    """x: [T, K] fp16/bf16 (fp32 in the interpreter); qweight [K, N/8] int32 (AWQ) or [K/8, N] (kpack: the
+    K-packed layout of kpack.py); qzeros [K/G, N/8] int32; scales [K/G, N] -> [T, N] in x's dtype. config: override
+    the plan (benchmarks, tests)."""
+    if kpack:
         from .kpack import check_kpack
 
         n, k = check_kpack(x, qweight, qzeros, scales, group_size)
@@ -254,29 +189,19 @@ def int4_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
         t, n, k = _check(x, qweight, qzeros, scales, group_size)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = config or plan(t, n, k, group_size, device_sms(x.device), kpack or mma)
-    if mma and config is None and cfg.block_n < 32:
-        cfg = dataclasses.replace(cfg, block_n=32)  # two [BN/2, 64] tiles a span: tl.dot takes N >= 16
-    if group_size % cfg.block_k or cfg.block_k < 16 and x.is_cuda or (kpack or mma) and cfg.block_k != 64 \
-            or mma and cfg.block_n < 32:
+    cfg = config or plan(t, n, k, group_size, device_sms(x.device), kpack)
+    if group_size % cfg.block_k or cfg.block_k < 16 and x.is_cuda or kpack and cfg.block_k != 64:
         raise ValueError(f"block_k {cfg.block_k} must divide group_size {group_size} (and be >= 16 on a GPU; "
-                         f"64 for a K-packed or fragment-layout weight, whose block_n must be >= 32)")
+                         f"64 for a K-packed weight)")
     out, dst, k_per_split, split, stride_os = _split_k_outputs(x, t, n, k, cfg.block_k, cfg.split_k)
     if t == 0:
         return out
     grid = (triton.cdiv(t, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-    if mma:
-        x = mma_row_order(x)
-        _int4_gemm_mma_kernel[grid](x, qweight, qzeros, scales, dst, t, n, k, k_per_split, x.stride(0),
-                                    qzeros.stride(0), scales.stride(0), stride_os, dst.stride(-2), GROUP=group_size,
-                                    BM=cfg.block_m, BN=cfg.block_n, DOT_PRECISION=dot_precision(x.dtype),
-                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    else:
-        _int4_gemm_kernel[grid](x, qweight, qzeros, scales, dst, t, n, k, k_per_split,
-                                x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), stride_os,
-                                dst.stride(-2), GROUP=group_size, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
-                                DOT_PRECISION=dot_precision(x.dtype), KPACK=kpack, num_warps=cfg.num_warps,
-                                num_stages=cfg.num_stages)
+    _int4_gemm_kernel[grid](x, qweight, qzeros, scales, dst, t, n, k, k_per_split,
+                            x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), stride_os,
+                            dst.stride(-2), GROUP=group_size, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
+                            DOT_PRECISION=dot_precision(x.dtype), KPACK=kpack, num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages)
     if split > 1:
         torch.sum(dst, dim=0, out=out) if x.dtype == torch.float32 else out.copy_(dst.sum(0))
     return out
