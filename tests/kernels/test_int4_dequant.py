@@ -71,6 +71,27 @@ def test_dispatch_sends_long_inputs_to_cublas(monkeypatch):
     assert calls == ["gemm", "dequant", "gemm"]
 
 
+def test_dispatch_sends_the_fragment_layout_past_its_gemv_to_cublas(monkeypatch):
+    """Beyond mma.MMA_MAX_T tokens a fragment-layout weight dequantizes, whatever DEQUANT_MIN_T says (it has no
+    int4 GEMM). Up to it the GEMV runs (CUDA only: recorded here, not run)."""
+    from deltaserve.kernels.int4_gemm import dequant, mma
+
+    t = awq_tensors(32, 128, 128)
+    fq = awq_to_mma(t["qweight"])
+    calls = []
+    real_dq = dequant.int4_gemm_dequant
+    monkeypatch.setattr(int4_dispatch, "kernel_supports", lambda x, g: True)
+    monkeypatch.setattr(int4_dispatch, "DEQUANT_MIN_T", None)
+    monkeypatch.setattr(mma, "MMA_MAX_T", 16)
+    monkeypatch.setattr(dequant, "int4_gemm_dequant", lambda *a, **kw: calls.append("dequant") or real_dq(*a, **kw))
+    monkeypatch.setattr(mma, "mma_gemv", lambda *a: calls.append("gemv"))
+    int4_dispatch.int4_gemm(torch.randn(16, 128), fq, t["qzeros"], t["scales"], 128, mma=True)
+    x = torch.randn(17, 128)
+    out = int4_dispatch.int4_gemm(x, fq, t["qzeros"], t["scales"], 128, mma=True)
+    ref = int4_gemm_reference(x, t["qweight"], t["qzeros"], t["scales"], 128)
+    assert calls == ["gemv", "dequant"] and (out - ref).abs().max().item() <= ATOL_FP32
+
+
 def test_int4_gemm_dequant_refuses_bad_tensors():
     t = awq_tensors(64, 256, 128)
     x = torch.randn(3, 256)

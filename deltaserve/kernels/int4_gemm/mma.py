@@ -30,8 +30,8 @@ dequantize + cuBLAS 325-331; one program a block (NB = 1, the weights re-read fr
 Beyond MMA_MAX_T the fragment layout dequantizes for cuBLAS (dequant.py).
 
 End to end (benchmarks/int4_layout_ab.py: mixed AWQ, context 1024, K-packed against this layout in one call, ms a
-step): Qwen3.5-27B shapes batch 1 8.664 -> 7.896 (115.4 -> 126.6 tok/s); cut to 16 layers batch 1 2.655 -> 2.500,
-8 3.444 -> 2.927, 32 6.725 -> 5.024, 64 8.917 -> 7.754.
+step): Qwen3.5-27B shapes batch 1 8.674 -> 8.106 (115.3 -> 123.4 tok/s; 8.664 -> 7.896 on another day); cut to 16
+layers (another call) batch 1 2.655 -> 2.500, 8 3.444 -> 2.927, 32 6.725 -> 5.024, 64 8.917 -> 7.754.
 
 Program (i_b, i_n, i_s): token blocks NB·i_b.. (8 tokens each), warp w covers output columns 16(i_n · NW + w)..+15,
 K range i_s (whole 128-row units, the next unit's loads issued before this one's MMAs). Groups must be multiples of
