@@ -1,8 +1,9 @@
 """Long prompts through cuBLAS: dequantize an int4 weight to x's dtype once per call, then one 16-bit GEMM.
 
 Why: at prefill sizes the int4 GEMMs (triton.py) are compute-bound and reach ~300-350 TFLOP/s on an H200 against
-cuBLAS bf16's ~650-800, while writing and reading a 16-bit copy of the weight costs ~6 bytes a weight (2 int4 bytes
-are not the cost): for T of a few hundred tokens and more the copy is the cheaper way (int4_gemm.DEQUANT_MIN_T).
+cuBLAS bf16's ~650-750, while the 16-bit copy costs 4 bytes a weight more than the int4 read (written once, read
+once by cuBLAS): from ~128 tokens the copy is the cheaper way (int4_gemm.DEQUANT_MIN_T; H200, 27B gate|up at T =
+128: 210 µs against the K-packed GEMM's 235, at T = 2048 1 138 against 2 117, benchmarks/kernels/bench_int4_prefill).
 The copy lives only during the call; the engine's memory profile (a full step of max_num_batched_tokens) counts
 it. W is rounded to x's dtype as the GEMMs' tiles round it ((q - z) · s in fp32, rounded once), so the result
 differs from theirs only by cuBLAS's summation order.

@@ -212,8 +212,8 @@ def mma_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     nw = 4
     kernel = _mma_gemv_kernel[(blocks, triton.cdiv(n // MMA_TILE_N, nw), split)](
         x32, qweight, qzeros, scales, dst, t, n, k, k_per_split, x32.stride(0), qzeros.stride(0), scales.stride(0),
-        dst.stride(0) if split > 1 else 0, dst.stride(-2), GROUP=group_size, NW=nw, NB=nb, FP16=x.dtype == torch.float16,
-        num_warps=nw, num_stages=1, **pdl_args(x))
+        dst.stride(0) if split > 1 else 0, dst.stride(-2), GROUP=group_size, NW=nw, NB=nb,
+        FP16=x.dtype == torch.float16, num_warps=nw, num_stages=1, **pdl_args(x))
     check_rows_are_threads(kernel)
     return out if split == 1 else sum_splits(dst, out)
 
