@@ -22,22 +22,16 @@ from deltaserve.kernels.int4_gemm.mma import MMA_MAX_T, mma_gemv
 from deltaserve.kernels.int4_gemm.triton import int4_gemm_triton
 from deltaserve.layers.quant import awq_to_kpack, awq_to_mma
 
-GROUP = 128
+from bench_int4 import GROUP, random_awq  # (python puts the script's folder on sys.path)
+
 LINEARS = {  # name: (in, out)
     "27b mlp gate|up": (5120, 34816), "27b mlp down": (17408, 5120), "27b o_proj": (6144, 5120),
     "9b mlp gate|up": (4096, 24576), "35b-a3b out_proj": (4096, 2048),
 }
 
 
-def random_awq(k: int, n: int) -> dict[str, torch.Tensor]:
-    """Random AWQ tensors (codes and zeros uniform 0..15, scales ~1/(8 sqrt k)) of a [k, n] weight on the GPU."""
-    return {"qweight": torch.randint(-2**31, 2**31 - 1, (k, n // 8), dtype=torch.int32, device="cuda"),
-            "qzeros": torch.randint(-2**31, 2**31 - 1, (k // GROUP, n // 8), dtype=torch.int32, device="cuda"),
-            "scales": (torch.rand(k // GROUP, n, device="cuda") / (8 * k**0.5)).to(torch.bfloat16)}
-
-
 def bench_shape(name: str, k: int, n: int, tokens: list[int]) -> None:
-    awq = random_awq(k, n)
+    awq = random_awq(None, k, n)
     z, s = awq["qzeros"], awq["scales"]
     kq, fq = awq_to_kpack(awq["qweight"]), awq_to_mma(awq["qweight"])
     w = dequant_int4(kq, z, s, GROUP, torch.bfloat16, LAYOUT_KPACK)

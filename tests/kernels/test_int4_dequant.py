@@ -7,16 +7,13 @@ import torch
 from deltaserve.kernels import int4_gemm as int4_dispatch
 from deltaserve.kernels.int4_gemm import int4_gemm_reference
 from deltaserve.kernels.int4_gemm.dequant import LAYOUT_AWQ, LAYOUT_KPACK, LAYOUT_MMA, dequant_int4, int4_gemm_dequant
-from deltaserve.layers.quant import awq_to_kpack, awq_to_mma, dequant_awq, to_awq
+from deltaserve.layers.quant import awq_to_kpack, awq_to_mma, dequant_awq
+from graph_helpers import replay_after_new_input
+from test_int4_gemm import awq_weight
 
 ATOL_FP32 = 1e-4
 PACKERS = {LAYOUT_AWQ: lambda q: q, LAYOUT_KPACK: awq_to_kpack, LAYOUT_MMA: awq_to_mma}
 LAYOUT_FLAGS = {LAYOUT_AWQ: {}, LAYOUT_KPACK: {"kpack": True}, LAYOUT_MMA: {"mma": True}}
-
-
-def awq_tensors(n: int, k: int, group: int, seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k**0.5
-    return {name: t.to(device) for name, t in to_awq(w, group).items()}
 
 
 # (layout, N, K, group): N = 40 / 200 leave a partial 128-column tile; the fragment layout takes N % 16 == 0 and
@@ -33,7 +30,7 @@ CASES = {
 
 @pytest.mark.parametrize("layout, n, k, group", CASES.values(), ids=CASES.keys())
 def test_dequant_int4_is_the_torch_dequantizer(layout, n, k, group):
-    t = awq_tensors(n, k, group)
+    t = awq_weight(n, k, group)
     w = dequant_int4(PACKERS[layout](t["qweight"]), t["qzeros"], t["scales"], group, torch.float32, layout)
     assert w.shape == (k, n)
     assert torch.equal(w, dequant_awq(t["qweight"], t["qzeros"], t["scales"], group, torch.float32).T)
@@ -41,7 +38,7 @@ def test_dequant_int4_is_the_torch_dequantizer(layout, n, k, group):
 
 @pytest.mark.parametrize("layout, n, k, group", CASES.values(), ids=CASES.keys())
 def test_int4_gemm_dequant_matches_reference(layout, n, k, group):
-    t = awq_tensors(n, k, group, seed=1)
+    t = awq_weight(n, k, group, seed=1)
     x = torch.randn(7, k)
     ref = int4_gemm_reference(x, t["qweight"], t["qzeros"], t["scales"], group)
     out = int4_gemm_dequant(x, PACKERS[layout](t["qweight"]), t["qzeros"], t["scales"], group,
@@ -55,7 +52,7 @@ def test_dispatch_sends_long_inputs_to_cublas(monkeypatch):
     GEMM below it. kernel_supports is forced so the CPU interpreter runs the CUDA dispatch."""
     from deltaserve.kernels.int4_gemm import dequant, triton as int4_triton
 
-    t = awq_tensors(64, 256, 128)
+    t = awq_weight(64, 256, 128)
     kq = awq_to_kpack(t["qweight"])
     calls = []
     real_dq, real_gemm = dequant.int4_gemm_dequant, int4_triton.int4_gemm_triton
@@ -76,7 +73,7 @@ def test_dispatch_sends_the_fragment_layout_past_its_gemv_to_cublas(monkeypatch)
     int4 GEMM). Up to it the GEMV runs (CUDA only: recorded here, not run)."""
     from deltaserve.kernels.int4_gemm import dequant, mma
 
-    t = awq_tensors(32, 128, 128)
+    t = awq_weight(32, 128, 128)
     fq = awq_to_mma(t["qweight"])
     calls = []
     real_dq = dequant.int4_gemm_dequant
@@ -93,7 +90,7 @@ def test_dispatch_sends_the_fragment_layout_past_its_gemv_to_cublas(monkeypatch)
 
 
 def test_int4_gemm_dequant_refuses_bad_tensors():
-    t = awq_tensors(64, 256, 128)
+    t = awq_weight(64, 256, 128)
     x = torch.randn(3, 256)
     with pytest.raises(ValueError, match="qweight"):
         int4_gemm_dequant(x, awq_to_mma(t["qweight"])[:, :2], t["qzeros"], t["scales"], 128, mma=True)
@@ -115,7 +112,7 @@ GPU_SHAPES = {"27b-gate-up-5120x34816": (34816, 5120), "27b-down-17408x5120": (5
 def test_dequant_full_size(n, k, layout):
     """bf16: the kernel's one rounding of (q - z)·s equals the torch dequantizer's, bit for bit; the product at
     T = 512 within bf16 rounding of the reference."""
-    t = awq_tensors(n, k, 128, device="cuda")
+    t = awq_weight(n, k, 128, device="cuda")
     q = PACKERS[layout](t["qweight"])
     w = dequant_int4(q, t["qzeros"], t["scales"], 128, torch.bfloat16, layout)
     assert torch.equal(w, dequant_awq(t["qweight"], t["qzeros"], t["scales"], 128, torch.bfloat16).T)
@@ -129,13 +126,8 @@ def test_dequant_full_size(n, k, layout):
 @pytest.mark.gpu
 def test_dequant_path_captures_in_a_cuda_graph():
     """Piecewise prefill graphs may capture the dequant path: no host sync, new inputs replay correctly."""
-    t = awq_tensors(4096, 2048, 128, device="cuda")
+    t = awq_weight(4096, 2048, 128, device="cuda")
     q = awq_to_mma(t["qweight"])
     x = torch.randn(256, 2048, device="cuda").bfloat16()
-    int4_gemm_dequant(x, q, t["qzeros"], t["scales"], 128, mma=True)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = int4_gemm_dequant(x, q, t["qzeros"], t["scales"], 128, mma=True)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.testing.assert_close(y, int4_gemm_dequant(x, q, t["qzeros"], t["scales"], 128, mma=True))
+    torch.testing.assert_close(*replay_after_new_input(
+        lambda v: int4_gemm_dequant(v, q, t["qzeros"], t["scales"], 128, mma=True), x))
