@@ -6,10 +6,11 @@ bound measured in the same run (~1 min of GPU time, most of it Triton compiles).
    for groups >= 64): the dispatch (`int4_gemm(..., kpack=True)`: the kpack GEMV at T=1, its tensor-core twin at
    T=16); bf16 F.linear (cuBLAS). Bound: int4 weight + zeros + scales + activations in/out over a device copy's
    bandwidth. For three shapes also a few kpack GEMV plans (best printed) to tune `kpack_plan`.
-2. Fused MoE at Qwen3.5-35B-A3B shapes (256 experts, top-8, H=2048, I=512) for T = 1, 16, 64: AWQ experts through
-   torch align + grouped Triton GEMM ("grouped") and through the dispatch's default ("awq": per-pair GEMVs up to 128
-   pairs, else align + GEMM), K-packed experts through the default ("kpack"), and torch grouped_mm bf16. Bound: int4
-   bytes of the experts actually routed to.
+2. Fused MoE at Qwen3.5-35B-A3B shapes (256 experts, top-8, H=2048, I=512) for T = 1, 2, 4, 16, 64: AWQ experts
+   through torch align + grouped Triton GEMM ("grouped") and through the dispatch's default ("awq": per-pair GEMVs up
+   to 128 pairs, else align + GEMM), K-packed experts through the default ("kpack") and, up to 128 pairs, forced
+   through the per-pair GEMVs ("kp pairs") or the two-launch decode ("kp 2-lnch", fused_moe/decode_kpack.py), and
+   torch grouped_mm bf16. Bound: int4 bytes of the experts actually routed to.
 
 Everything is replayed from CUDA graphs (as the engine decodes) over enough weight copies / routings that one pass
 touches > 100 MB, more than twice the 50 MB L2, so weights stream from HBM.
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
 from deltaserve.kernels.fused_moe import ExpertWeights, _grouped_moe, route_topk_softmax
+from deltaserve.kernels.fused_moe.decode import DECODE_MAX_PAIRS
 from deltaserve.kernels.fused_moe.triton import fused_moe_triton
 from deltaserve.kernels.int4_gemm import int4_gemm
 from deltaserve.kernels.int4_gemm.kpack import KpackPlan, kpack_gemv, kpack_plan
@@ -130,9 +132,9 @@ def bench_moe(bw: float, e: int = 256, top_k: int = 8, h: int = 2048, inter: int
     dn_kp = ExpertWeights(dn4.qweight.new_empty(0), dn4.qzeros, dn4.scales, GROUP, kpack=True)
     gu_kp = dataclasses.replace(gu_kp, qweight=torch.stack([awq_to_kpack(q) for q in gu4.qweight]))
     dn_kp = dataclasses.replace(dn_kp, qweight=torch.stack([awq_to_kpack(q) for q in dn4.qweight]))
-    print(f"{'T':>4}{'active':>8}{'grouped':>9}{'awq':>8}{'kpack':>8}{'bf16 gmm':>10}{'bound':>8}"
-          f"{'awq/bd':>8}{'kpack/bd':>10}{'kp/awq':>8}")
-    for t in (1, 16, 64):
+    print(f"{'T':>4}{'active':>8}{'grouped':>9}{'awq':>8}{'kpack':>8}{'kp pairs':>10}{'kp 2-lnch':>11}{'bf16 gmm':>10}"
+          f"{'bound':>8}{'awq/bd':>8}{'kpack/bd':>10}{'kp/awq':>8}")
+    for t in (1, 2, 4, 16, 64):
         # distinct routings per replay so the touched experts exceed L2 (one T=1 routing touches only ~16 MB)
         routes = []
         while not routes or sum(int(r[2].unique().numel()) for r in routes) * per_expert < STREAM_BYTES:
@@ -146,9 +148,12 @@ def bench_moe(bw: float, e: int = 256, top_k: int = 8, h: int = 2048, inter: int
         t_grouped = run(gu4, dn4, decode_gemv=False)
         t_awq = run(gu4, dn4)
         t_kp = run(gu_kp, dn_kp)
+        t_pairs, t_two = (run(gu_kp, dn_kp, two_launch=v) if t * top_k <= DECODE_MAX_PAIRS else float("nan")
+                          for v in (False, True))
         t_gmm = us(lambda routes=routes: [_grouped_moe(x, gub, dnb, w, ids) for x, w, ids in routes], len(routes))
         bound = (active * per_expert + 2 * t * h * 2) / bw * 1e6
-        print(f"{t:>4}{active:>8.0f}{t_grouped:>9.1f}{t_awq:>8.1f}{t_kp:>8.1f}{t_gmm:>10.1f}{bound:>8.1f}"
+        print(f"{t:>4}{active:>8.0f}{t_grouped:>9.1f}{t_awq:>8.1f}{t_kp:>8.1f}{t_pairs:>10.1f}{t_two:>11.1f}"
+              f"{t_gmm:>10.1f}{bound:>8.1f}"
               f"{bound / t_awq:>8.2f}{bound / t_kp:>10.2f}{t_awq / t_kp:>8.2f}")
 
 

@@ -5,7 +5,8 @@ grouped GEMMs over the sorted rows, then decode.combine_kernel sums each token's
 Triton fused MoE (triton.py, INT4=False) runs the same math; grouped_mm stays the bf16 path until
 benchmarks/kernels/bench_int4.py shows the Triton one faster on the card (not measured yet).
 CUDA, int4 experts (`fused_moe_int4`): the Triton fused MoE with the dequant in its main loop; decode-sized batches
-(T·k <= decode.DECODE_MAX_PAIRS) run as per-pair int4 GEMVs instead (decode.py), and up to
+(T·k <= decode.DECODE_MAX_PAIRS) run as per-pair int4 GEMVs instead (decode.py; K-packed experts at a few tokens
+as two launches that finish their own K sums, decode_kpack.py), and up to
 triton.TRITON_ALIGN_MAX_PAIRS pairs the sort / align is one Triton launch (align_triton.py).
 CUDA, block-FP8 experts (`fused_moe_fp8`): the same Triton fused MoE, each K tile times its block scale in the loop.
 Routing (`route_topk_softmax`): on CUDA one Triton launch (route_triton.py), elsewhere the torch reference.

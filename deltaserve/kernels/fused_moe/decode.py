@@ -1,4 +1,5 @@
 """int4 MoE for decode-sized batches as per-pair GEMVs: no sort / align at all, four launches per MoE block.
+K-packed experts at up to decode_kpack.MAX_TOKENS tokens take decode_kpack.py's two launches instead.
 
 Each (token, expert) pair is its own GEMV over its expert's weight (int4_gemm.kpack.kpack_gemv_rows for K-packed
 experts, else int4_gemm.gemv.int4_gemv_rows; split-K partials in fp32), so the weight stream is spread over (column
@@ -16,6 +17,8 @@ from ..int4_gemm.kpack import kpack_gemv_rows
 from ..int4_gemm.gemv import int4_gemv_rows
 from ..int4_gemm.triton import split_tile
 from ..pdl import pdl_args, pdl_start
+from .decode_kpack import MAX_TOKENS, fused_moe_kpack_decode
+from .decode_kpack import takes as takes_kpack
 from .reference import ExpertWeights
 
 
@@ -116,11 +119,18 @@ DECODE_MAX_PAIRS = 128  # T · k up to this: per-pair GEMVs (T <= 16 at top-8); 
 
 
 def fused_moe_int4_decode(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,
-                          topk_ids: torch.Tensor) -> torch.Tensor:
+                          topk_ids: torch.Tensor, two_launch: bool | None = None) -> torch.Tensor:
     """x: [T, H]; gate_up / down: int4 ExpertWeights (gate_up N = 2I, first I columns gate; down N = H, K = I);
     topk_weights [T, k] fp32; topk_ids [T, k] (-1: another rank's expert: its GEMV programs exit at once, nothing
     is added for it) -> [T, H] in x's dtype. Shapes are checked by the caller
-    (triton.check_moe_shapes)."""
+    (triton.check_moe_shapes). two_launch: decode_kpack's kernels (K-packed experts) or not; None: up to its
+    MAX_TOKENS tokens."""
+    if two_launch is None:
+        two_launch = x.shape[0] <= MAX_TOKENS and takes_kpack(gate_up, down)
+    elif two_launch and not takes_kpack(gate_up, down):
+        raise ValueError("the two-launch MoE decode reads K-packed experts (groups in multiples of 64) only")
+    if two_launch:
+        return fused_moe_kpack_decode(x, gate_up, down, topk_weights, topk_ids)
     t, h = x.shape
     top_k = topk_ids.shape[1]
     inter = down.dims()[1]

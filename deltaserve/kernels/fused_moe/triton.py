@@ -149,12 +149,13 @@ def check_moe_shapes(x, gate_up: ExpertWeights, down: ExpertWeights, topk_weight
 
 def fused_moe_triton(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, block_m: int | None = None, decode_gemv: bool | None = None,
-                     triton_align: bool | None = None, gemm1_block_n: int = 64) -> torch.Tensor:
+                     triton_align: bool | None = None, gemm1_block_n: int = 64,
+                     two_launch: bool | None = None) -> torch.Tensor:
     """x: [T, H]; gate_up: N = 2I (first I columns gate), K = H; down: N = H, K = I (I % 8 == 0);
     topk_weights [T, k] fp32; topk_ids [T, k] (-1: another rank's expert, skipped) -> [T, H] in x's dtype: sum over
     the k experts of w · down(silu(gate) · up).
-    block_m / decode_gemv / triton_align / gemm1_block_n: override the path choice (tests, benchmarks); an explicit
-    block_m means the grouped GEMM."""
+    block_m / decode_gemv / triton_align / gemm1_block_n / two_launch (decode.fused_moe_int4_decode's): override the
+    path choice (tests, benchmarks); an explicit block_m means the grouped GEMM."""
     check_moe_shapes(x, gate_up, down, topk_weights, topk_ids)
     t, h = x.shape
     e, _, _ = gate_up.dims()
@@ -164,7 +165,7 @@ def fused_moe_triton(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeight
     if decode_gemv is None:
         decode_gemv = DECODE_GEMV and block_m is None and t * top_k <= DECODE_MAX_PAIRS
     if decode_gemv and gate_up.int4 and down.int4:
-        return fused_moe_int4_decode(x, gate_up, down, topk_weights, topk_ids)
+        return fused_moe_int4_decode(x, gate_up, down, topk_weights, topk_ids, two_launch)
     if block_m is None:  # decode / small batches: few rows per expert, keep tiles short
         block_m = 16 if t * top_k <= 16 * e else 64
     if triton_align is None:

@@ -53,16 +53,17 @@ from .triton import awq_zeros_of_columns, device_sms, dot_precision, expert_row,
 
 
 @triton.jit
-def _pair(acc, b_q, x_lo, x_hi16, M_LO, M_HI, SHIFT: tl.constexpr):
+def nibble_pair(acc, b_q, x_lo, x_hi16, M_LO, M_HI, SHIFT: tl.constexpr):
     """acc += (1 + q_lo/256) x_lo + (1 + q_hi/16) x_hi/16 for the two nibbles SHIFT brings to bits 15..22 (SHIFT > 0:
-    left, < 0: right; the masks M_LO = 0x78000 and M_HI = 0x780000 drop whatever the arithmetic shift drags in)."""
+    left, < 0: right; the masks M_LO = 0x78000 and M_HI = 0x780000 drop whatever the arithmetic shift drags in);
+    x_lo, x_hi16 broadcast against b_q."""
     if SHIFT > 0:
         b_v = b_q << SHIFT
     else:
         b_v = b_q >> (-SHIFT)
     b_lo = ((b_v & M_LO) | 0x3F800000).to(tl.float32, bitcast=True)
     b_hi = ((b_v & M_HI) | 0x3F800000).to(tl.float32, bitcast=True)
-    return acc + b_lo * x_lo[:, None] + b_hi * x_hi16[:, None]
+    return acc + b_lo * x_lo + b_hi * x_hi16
 
 
 @triton.jit
@@ -112,10 +113,10 @@ def _kpack_gemv_kernel(x, qweight, qzeros, scales, out, expert_of_row, N, K, K_P
             x5 = tl.load(p_x + 40).to(tl.float32) * 0.0625
             x6 = tl.load(p_x + 48).to(tl.float32)
             x7 = tl.load(p_x + 56).to(tl.float32) * 0.0625
-            acc = _pair(acc, b_q, x0, x1, M_LO, M_HI, 15)  # nibbles 0, 1 (bits 0..7)
-            acc = _pair(acc, b_q, x2, x3, M_LO, M_HI, 7)  # nibbles 2, 3
-            acc = _pair(acc, b_q, x4, x5, M_LO, M_HI, -1)  # nibbles 4, 5
-            acc = _pair(acc, b_q, x6, x7, M_LO, M_HI, -9)  # nibbles 6, 7
+            acc = nibble_pair(acc, b_q, x0[:, None], x1[:, None], M_LO, M_HI, 15)  # nibbles 0, 1 (bits 0..7)
+            acc = nibble_pair(acc, b_q, x2[:, None], x3[:, None], M_LO, M_HI, 7)  # nibbles 2, 3
+            acc = nibble_pair(acc, b_q, x4[:, None], x5[:, None], M_LO, M_HI, -1)  # nibbles 4, 5
+            acc = nibble_pair(acc, b_q, x6[:, None], x7[:, None], M_LO, M_HI, -9)  # nibbles 6, 7
             x_lo += x0 + x2 + x4 + x6
             x_hi += x1 + x3 + x5 + x7
         i_g = g0 // GROUP
@@ -205,7 +206,7 @@ def _kpack_dot_kernel(x, qweight, qzeros, scales, out, T, N, K, K_PER_SPLIT,
     tl.store(p_o, b_out, mask=m_m[:, None] & m_n[None, :])
 
 
-_MASK_LO, _MASK_HI = 0x00078000, 0x00780000  # mantissa bits 15..18 and 19..22, passed as arguments (docstring)
+MASK_LO, MASK_HI = 0x00078000, 0x00780000  # mantissa bits 15..18 and 19..22, passed as arguments (docstring)
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,7 @@ def kpack_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     pf_rows = prefetch_rows(grid[0] * split * rows, k_per_split, cfg.block_n, sms, ids_early, indexed)
     _kpack_gemv_kernel[grid](x, qweight, qzeros, scales, part, expert_of_row if indexed else x, n, k, k_per_split,
                              x.stride(0), qweight.stride(-2), qzeros.stride(-2), scales.stride(-2), part.stride(0),
-                             part.stride(1), *lead, _MASK_LO, _MASK_HI, GROUP=group_size, BN=cfg.block_n,
+                             part.stride(1), *lead, MASK_LO, MASK_HI, GROUP=group_size, BN=cfg.block_n,
                              X_ROW_DIV=x_row_div, INDEXED=indexed, PF_ROWS=pf_rows, num_warps=cfg.num_warps,
                              num_stages=cfg.num_stages, **pdl_args(x))
     return part
