@@ -90,3 +90,26 @@ def test_kpack_decode_full_size(t):
     out = fused_moe_kpack_decode(x, gu, dn, weights, ids).float()
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < 2e-2, f"relative error {rel:.2e}"  # bf16 x, activation and output: ~5e-3
+
+
+_ASM_ON = ('%1 = tt.elementwise_inline_asm "mov.f32 $0, $4;" {{pure = true}} %0 : tensor<256x4xf32, #blocked> '
+           '-> tensor<256x4xf32, #blocked>\n')
+LAYOUTS = {"row-a-thread": ("[1, 4]", "[32, 1]", True), "rows-split": ("[2, 2]", "[16, 2]", False),
+           "columns-across-lanes": ("[1, 1]", "[8, 4]", False)}
+
+
+@pytest.mark.parametrize("size, lanes, ok", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_asm_row_layout_guard(size, lanes, ok):
+    """_bcast (and mma.py's MMAs) read a row's 4 elements as one thread's registers: a compiled kernel whose TTGIR
+    lays the asm's [R, 4] operands out otherwise is refused with the switch that avoids the kernel, not run."""
+    from deltaserve.kernels.int4_gemm.mma import check_rows_are_threads
+
+    class Compiled:
+        asm = {"ttgir": f"#blocked = #ttg.blocked<{{sizePerThread = {size}, threadsPerWarp = {lanes}, "
+                        f"warpsPerCTA = [8, 1], order = [1, 0]}}>\n" + _ASM_ON}
+    if ok:
+        check_rows_are_threads(Compiled(), "the two-launch int4 MoE decode", "DELTASERVE_MOE_TWO_LAUNCH=0")
+    else:
+        with pytest.raises(RuntimeError, match="two-launch int4 MoE decode needs one tensor row a thread.*"
+                                               "DELTASERVE_MOE_TWO_LAUNCH=0"):
+            check_rows_are_threads(Compiled(), "the two-launch int4 MoE decode", "DELTASERVE_MOE_TWO_LAUNCH=0")

@@ -5,17 +5,19 @@ token's pairs are two more launches: at Qwen3.5-35B-A3B shapes and T = 1 (8 expe
 launches ran 6.5 + 2.0 + 5.1 + 4.7 us on an H200 for ~14 MB of weights. Here K is split across the threads of ONE
 program and reduced at its end, so each launch finishes its own sums (up to MAX_TOKENS tokens: past that the
 per-pair GEMVs keep more loads in flight and win):
-  1. `_gate_up_act_kernel`, program (pair, 4·CG columns): the pair's gate and up columns over the whole K,
-     act = silu(gate) · up in fp32, rounded once to x's dtype (as the other paths round their activation);
+  1. `_gate_up_act_kernel`, program (pair, 2·CG columns of act): the pair's gate and up columns over the whole K
+     (half the threads on gate, half on up), act = silu(gate) · up in fp32, rounded once to x's dtype (as the other
+     paths round their activation);
   2. `_down_combine_kernel`, program (token, 4·CG columns): the down GEMV of all k pairs of the token (its
      (pair, span) slots), each slot's sum times the pair's routing weight, summed in fp32, one rounding.
 
 Threads are rows. Every tensor is [32·NW, 4]: thread i holds 4 adjacent columns (one 16-byte load of a K-packed
 int32 row) of span slot i // CG, so the layout Triton picks for those loads (one row a thread, as in
-int4_gemm/mma.py) is the only one in the loop and nothing moves through shared memory until the final sum over the
-slots. The dequantization is kpack.py's magic-number form (a shift, two LOP3 and two FMA per two weights); the
-activation of row r of a nibble is the same for the thread's 4 columns, loaded 4 rows at a time ([32·NW, 4] bf16)
-and broadcast within the thread (`_bcast`: register moves ptxas folds away; the interpreter selects and sums).
+int4_gemm/mma.py, whose check_rows_are_threads refuses a Triton that lays them out otherwise) is the only one in the
+loop and nothing moves through shared memory until the final sum over the slots. The dequantization is kpack.py's
+magic-number form (a shift, two LOP3 and two FMA per two weights); the activation of row r of a nibble is the same
+for the thread's 4 columns, loaded 4 rows at a time ([32·NW, 4] bf16) and broadcast within the thread (`_bcast`:
+register moves ptxas folds away; the interpreter selects and sums).
 Per span: sum_k x_k (q_k - z) = 256 (acc - X_lo - X_hi/16) - z (X_lo + X_hi), times the group's scale. All sums
 run in a fixed order: deterministic. Reference: reference.fused_moe_experts.
 
@@ -23,12 +25,15 @@ Not kept on the way (H200, Triton 3.6): [groups, rows, columns] and [rows, slots
 with the rows across threads and moved the activations and reductions through shared memory (40-147 barriers a
 program, 20-30 us at T = 1 against the per-pair 14.8); the weight rows loaded where used, which ptxas spread over the
 span's FMAs (their latencies added up; hence `_rows` and the next step's rows issued before this step's math)."""
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ...layers.quant import KPACK_SPAN
 from ..int4_gemm.kpack import MASK_HI, MASK_LO, nibble_pair
+from ..int4_gemm.mma import check_rows_are_threads
 from ..int4_gemm.triton import awq_zeros_of_columns
 from ..pdl import pdl_args, pdl_start
 from .reference import ExpertWeights
@@ -209,8 +214,9 @@ GATE_UP_TILE = (8, 4)
 DOWN_TILE = (2, 8)
 # Tokens up to this take these kernels; beyond, decode.py's per-pair GEMVs. H200, 35B-A3B shapes cut to 8 layers, AWQ,
 # ms a decode step per-pair -> here, one process: batch 1 0.679 -> 0.663, batch 2 0.753 -> 0.738, batch 4 0.861 ->
-# 0.876 (the kernels alone: T = 4 0.93x, T = 16 0.74x: a pair's whole K in one program leaves fewer loads in flight)
-MAX_TOKENS = 2
+# 0.876 (the kernels alone: T = 4 0.93x, T = 16 0.74x: a pair's whole K in one program leaves fewer loads in flight).
+# DELTASERVE_MOE_TWO_LAUNCH=0: never.
+MAX_TOKENS = 2 if os.environ.get("DELTASERVE_MOE_TWO_LAUNCH", "1") != "0" else 0
 
 
 def fused_moe_kpack_decode(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_weights: torch.Tensor,
@@ -233,14 +239,17 @@ def fused_moe_kpack_decode(x: torch.Tensor, gate_up: ExpertWeights, down: Expert
     x = x.contiguous()
     gu, dn = gate_up, down
     use_asm = x.is_cuda
-    _gate_up_act_kernel[(t * top_k, triton.cdiv(inter, 2 * cg1))](
+    k1 = _gate_up_act_kernel[(t * top_k, triton.cdiv(inter, 2 * cg1))](
         x, gu.qweight, gu.qzeros, gu.scales, act, ids, h, inter, x.stride(0), gu.qweight.stride(0),
         gu.qweight.stride(1), gu.qzeros.stride(0), gu.qzeros.stride(1), gu.scales.stride(0), gu.scales.stride(1),
         MASK_LO, MASK_HI, X_ROW_DIV=top_k, GROUP=gu.group_size, CG=cg1, NW=warps1, USE_ASM=use_asm,
         num_warps=warps1, **pdl_args(x))
-    _down_combine_kernel[(t, triton.cdiv(h, 4 * cg2))](
+    k2 = _down_combine_kernel[(t, triton.cdiv(h, 4 * cg2))](
         act, dn.qweight, dn.qzeros, dn.scales, out, ids, weights, h, inter, out.stride(0), dn.qweight.stride(0),
         dn.qweight.stride(1), dn.qzeros.stride(0), dn.qzeros.stride(1), dn.scales.stride(0), dn.scales.stride(1),
         MASK_LO, MASK_HI, TOP_K=top_k, GROUP=dn.group_size, CG=cg2, NW=warps2, USE_ASM=use_asm, num_warps=warps2,
         **pdl_args(x))
+    for kernel in (k1, k2):  # _bcast moves a row's 4 elements as one thread's registers
+        check_rows_are_threads(kernel, "the two-launch int4 MoE decode",
+                               "DELTASERVE_MOE_TWO_LAUNCH=0 to use the per-pair GEMVs")
     return out

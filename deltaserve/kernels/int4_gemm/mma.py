@@ -221,10 +221,12 @@ def mma_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
 _CHECKED: set[int] = set()
 
 
-def check_rows_are_threads(kernel) -> None:
-    """The MMA's lanes are the asm's tensor rows only under a layout with one row a thread (threadsPerWarp [32, 1],
-    sizePerThread [1, 4] or [1, 1]): read it from the compiled kernel's TTGIR, once per compiled variant, so a
-    Triton that lays the tensors out otherwise fails loudly instead of mixing lanes."""
+def check_rows_are_threads(kernel, what: str = "the tensor-core int4 GEMV",
+                           off: str = "DELTASERVE_INT4_MMA=0 to use the K-packed kernels") -> None:
+    """The MMA's lanes (and any asm that treats a row's 4 elements as one thread's registers) are the asm's tensor
+    rows only under a layout with one row a thread (threadsPerWarp [32, 1], sizePerThread [1, 4] or [1, 1]): read it
+    from the compiled kernel's TTGIR, once per compiled variant, so a Triton that lays the tensors out otherwise fails
+    loudly instead of mixing lanes. what / off: the kernel's name and the switch that avoids it, for the error."""
     if id(kernel) in _CHECKED:
         return
     ttgir = getattr(kernel, "asm", {}).get("ttgir") if kernel is not None else None
@@ -235,7 +237,6 @@ def check_rows_are_threads(kernel) -> None:
     for name in used:
         spec = layouts.get(name, "")
         if "threadsPerWarp = [32, 1]" not in spec or not re.search(r"sizePerThread = \[1, [14]\]", spec):
-            raise RuntimeError(f"the tensor-core int4 GEMV needs one tensor row a thread, but this Triton "
-                               f"({triton.__version__}) laid its MMA operands out as {spec or name}; set "
-                               f"DELTASERVE_INT4_MMA=0 to use the K-packed kernels")
+            raise RuntimeError(f"{what} needs one tensor row a thread, but this Triton ({triton.__version__}) laid "
+                               f"its asm operands out as {spec or name}; set {off}")
     _CHECKED.add(id(kernel))
