@@ -57,7 +57,7 @@ def _bcast(v, C: tl.constexpr, USE_ASM: tl.constexpr):
             return tl.inline_asm_elementwise(_BCAST3, _BCAST_IO, [v], dtype=tl.float32, is_pure=True, pack=4)
     else:
         o_c = tl.arange(0, 4)
-        return v * 0.0 + tl.sum(tl.where(o_c[None, :] == C, v, 0.0), axis=1)[:, None]
+        return tl.broadcast_to(tl.sum(tl.where(o_c[None, :] == C, v, 0.0), axis=1)[:, None], v.shape)
 
 
 @triton.jit
