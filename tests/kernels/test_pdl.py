@@ -15,8 +15,9 @@ def test_no_pdl_off_the_gpu_or_outside_a_capture():
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 4], ids=["t1", "t4"])
 def test_captured_moe_block_equals_eager_bit_for_bit(t):
-    """35B-A3B shapes, mixed AWQ: residual RMSNorm, then the MoE block (fused router, per-pair int4 GEMVs, split
-    sums, combine), eager against a CUDA-graph replay. Every kernel runs the same arithmetic in the same order, so
+    """35B-A3B shapes, mixed AWQ: residual RMSNorm, then the MoE block (fused router; at t = 1 the two-launch int4
+    experts, whose down kernel loads ids and weight rows before the wait; at t = 4 the per-pair GEMVs, split sums and
+    combine), eager against a CUDA-graph replay. Every kernel runs the same arithmetic in the same order, so
     the outputs are equal exactly: a kernel reading its predecessor's output before griddepcontrol.wait would not
     be."""
     from deltaserve import LLM

@@ -9,7 +9,11 @@ per-pair GEMVs keep more loads in flight and win):
      (half the threads on gate, half on up), act = silu(gate) · up in fp32, rounded once to x's dtype (as the other
      paths round their activation);
   2. `_down_combine_kernel`, program (token, 4·CG columns): the down GEMV of all k pairs of the token (its
-     (pair, span) slots), each slot's sum times the pair's routing weight, summed in fp32, one rounding.
+     (pair, span) slots), each slot's sum times the pair's routing weight, summed in fp32, one rounding. Its ids,
+     routing weights and first weight rows are loaded before the PDL wait (the router wrote them two launches back;
+     only act is the launch right before's): H200, 35B-A3B cut to 8 layers, AWQ, batch 1, this and the fragment
+     GEMV's early weights (int4_gemm/mma.py) against the kernels before, one process, two rounds: 0.666 / 0.663 ->
+     0.649 / 0.647 ms a step (batch 2 0.766 / 0.733 -> 0.727 / 0.725).
 
 Threads are rows. Every tensor is [32·NW, 4]: thread i holds 4 adjacent columns (one 16-byte load of a K-packed
 int32 row) of span slot i // CG, so the layout Triton picks for those loads (one row a thread, as in
@@ -166,13 +170,32 @@ def _gate_up_act_kernel(x, qweight, qzeros, scales, act, ids, H, INTER, stride_x
 
 
 @triton.jit
+def _down_step(c0, i_t, o_t, o_c, qweight, ids, weights, col, m_n, spans, stride_qe, stride_qk, TOP_K: tl.constexpr,
+               CG: tl.constexpr):
+    """The loads of the down step at slot c0 (none past the token's TOP_K · spans slots): each thread's slot ->
+    (its pair's routing weight, the slot's masks (live pair; and column), its act row, its first K row, its expert,
+    its 8 K-packed weight rows)."""
+    o_sl = (c0 + o_t // CG)[:, None] + o_c[None, :] * 0  # slot -> (pair o_sl // spans, span o_sl % spans)
+    o_r = i_t.to(tl.int64) * TOP_K + o_sl // spans
+    b_e = tl.load(ids + o_r, mask=o_sl < TOP_K * spans, other=-1).to(tl.int64)
+    m_x = b_e >= 0
+    m_q = m_x & m_n
+    b_w = tl.load(weights + o_r, mask=m_x, other=0.0)
+    b_e = tl.maximum(b_e, 0)
+    o_k = (o_sl % spans) * 64
+    q0, q1, q2, q3, q4, q5, q6, q7 = _rows(qweight + b_e * stride_qe + (o_k // 8) * stride_qk + col, m_q, stride_qk)
+    return b_w, m_x, m_q, o_r, o_k, b_e, q0, q1, q2, q3, q4, q5, q6, q7
+
+
+@triton.jit
 def _down_combine_kernel(act, qweight, qzeros, scales, out, ids, weights, H, INTER, stride_ot, stride_qe, stride_qk,
                          stride_ze, stride_zk, stride_se, stride_sk, M_LO, M_HI, TOP_K: tl.constexpr,
                          GROUP: tl.constexpr, CG: tl.constexpr, NW: tl.constexpr, USE_ASM: tl.constexpr,
                          USE_PDL: tl.constexpr = False):
     """act [T·TOP_K, INTER]; qweight [E, INTER/8, H] K-packed; ids [T·TOP_K] (-1: skipped), weights [T·TOP_K] fp32
     -> out[t] = sum_j weights[t·k + j] · (act[t·k + j] W_down[ids[t·k + j]]) in fp32, one rounding. Program (t, 4·CG
-    columns); the token's (pair, span) slots, 32·NW / CG a step."""
+    columns); the token's (pair, span) slots, 32·NW / CG a step, the first step's weight rows loaded before the PDL
+    wait."""
     NS: tl.constexpr = 32 * NW // CG
     i_t, i_n = tl.program_id(0), tl.program_id(1)
     o_t = tl.arange(0, 32 * NW)
@@ -180,23 +203,21 @@ def _down_combine_kernel(act, qweight, qzeros, scales, out, ids, weights, H, INT
     col = i_n * (4 * CG) + (o_t % CG)[:, None] * 4 + o_c[None, :]
     m_n = col < H
     spans = INTER // 64
-    pdl_start(USE_PDL)  # act: written by the launch right before
+    # before the PDL wait: ids and routing weights (the router's, two launches back, so complete: kernels/pdl.py) and
+    # the first step's weight rows, which depend on them alone; only act is the launch right before's
+    b_w, m_x, m_q, o_r, o_k, b_e, q0, q1, q2, q3, q4, q5, q6, q7 = _down_step(
+        0, i_t, o_t, o_c, qweight, ids, weights, col, m_n, spans, stride_qe, stride_qk, TOP_K, CG)
+    pdl_start(USE_PDL)
     b_acc = tl.zeros(col.shape, dtype=tl.float32)
-    for c0 in range(0, TOP_K * spans, NS):
-        o_sl = (c0 + o_t // CG)[:, None] + o_c[None, :] * 0  # slot -> (pair o_sl // spans, span o_sl % spans)
-        o_r = i_t.to(tl.int64) * TOP_K + o_sl // spans
-        b_e = tl.load(ids + o_r, mask=o_sl < TOP_K * spans, other=-1).to(tl.int64)
-        m_x = b_e >= 0
-        m_q = m_x & m_n
-        b_w = tl.load(weights + o_r, mask=m_x, other=0.0)
-        b_e = tl.maximum(b_e, 0)
-        o_k = (o_sl % spans) * 64
+    for c0 in range(0, TOP_K * spans, NS):  # the next step's loads go out before this step's math
+        nw, nm_x, nm_q, no_r, no_k, ne, n0, n1, n2, n3, n4, n5, n6, n7 = _down_step(
+            c0 + NS, i_t, o_t, o_c, qweight, ids, weights, col, m_n, spans, stride_qe, stride_qk, TOP_K, CG)
         i_g = o_k // GROUP
-        q0, q1, q2, q3, q4, q5, q6, q7 = _rows(qweight + b_e * stride_qe + (o_k // 8) * stride_qk + col, m_q,
-                                               stride_qk)
         b_acc += b_w * _span(q0, q1, q2, q3, q4, q5, q6, q7, act + o_r * INTER + o_k + o_c[None, :],
                              qzeros + b_e * stride_ze + i_g * stride_zk, scales + b_e * stride_se + i_g * stride_sk
                              + col, col, m_q, m_x, M_LO, M_HI, USE_ASM)
+        b_w, m_x, m_q, o_r, o_k, b_e, q0, q1, q2, q3, q4, q5, q6, q7 = \
+            nw, nm_x, nm_q, no_r, no_k, ne, n0, n1, n2, n3, n4, n5, n6, n7
     o_n = i_n * (4 * CG) + tl.arange(0, CG)[:, None] * 4 + o_c[None, :]
     tl.store(out + i_t.to(tl.int64) * stride_ot + o_n, _slot_sum(b_acc, NS, CG).to(out.dtype.element_ty),
              mask=o_n < H)
@@ -209,7 +230,10 @@ def takes(gate_up: ExpertWeights, down: ExpertWeights) -> bool:
 
 # (CG column groups of 4 (gate|up: half gate, half up), warps); 32·warps / CG span slots. H200, 35B-A3B shapes, T = 1,
 # CUDA-graph replays over 64 routings (2026-12-02): gate|up (8, 4) 15.1 us with down at (4, 4), down (2, 8) 15.1 with
-# gate|up at (4, 4), both at (4, 4) 20.3
+# gate|up at (4, 4), both at (4, 4) 20.3. With down's first rows before the PDL wait, end to end (35B-A3B cut to 8
+# layers, AWQ, context 1024, ms a step at batch 1 / 2, one process): (8, 4) / (2, 8) 0.647 / 0.725 (0.648 / 0.725
+# again); down (4, 8) 0.672 / 0.716, (1, 8) 0.684 / 0.788, (2, 4) 0.671 / 0.720; gate|up (4, 4) 0.651 / 0.737, (8, 8)
+# 0.739 / 0.743, (16, 4) 0.666 / 0.746
 GATE_UP_TILE = (8, 4)
 DOWN_TILE = (2, 8)
 # Tokens up to this take these kernels; beyond, decode.py's per-pair GEMVs. H200, 35B-A3B shapes cut to 8 layers, AWQ,

@@ -34,8 +34,10 @@ step): Qwen3.5-27B shapes batch 1 8.674 -> 8.106 (115.3 -> 123.4 tok/s; 8.664 ->
 layers (another call) batch 1 2.655 -> 2.500, 8 3.444 -> 2.927, 32 6.725 -> 5.024, 64 8.917 -> 7.754.
 
 Program (i_b, i_n, i_s): token blocks NB·i_b.. (8 tokens each), warp w covers output columns 16(i_n · NW + w)..+15,
-K range i_s (whole 128-row units, the next unit's loads issued before this one's MMAs). Groups must be multiples of
-128."""
+K range i_s (whole 128-row units, the next unit's loads issued before this one's MMAs; the first unit's weights,
+zeros and scales before the PDL wait, as no kernel writes them: together with the MoE down's early rows, 35B-A3B (8
+layers, batch 1) went 0.666 / 0.663 -> 0.649 / 0.647 ms a step, 27B (16 layers, whose int4 Linears all take this
+kernel) 2.482 -> 2.485, H200, 2026-12-02). Groups must be multiples of 128."""
 import re
 
 import torch
@@ -78,20 +80,24 @@ _CONSTRAINTS = tl.constexpr("=f,=f,=f,=f," + ",".join(["r"] * 16) + ",f,f,f,f")
 
 
 @triton.jit
-def _unit_loads(p_q, p_x, p_z, p_s, k0, k_hi, stride_zk, stride_sk, m_q, m_x, GROUP: tl.constexpr):
-    """The loads of the 128-row unit at k0 (none at or past k_hi): the row's two weight vectors (spans 0, 1), the B
-    registers b0 / b1 of each span (x rows 32h + 8t + 2c + {0, 1} of a span are its int32 pair 16h + 4t + c), and
-    the zero words and scales of the row's columns."""
-    live = k0 < k_hi
-    m_w = m_q & live
-    m_b = m_x & live
+def _unit_weights(p_q, p_z, p_s, k0, k_hi, stride_zk, stride_sk, m_q, GROUP: tl.constexpr):
+    """The weight loads of the 128-row unit at k0 (none at or past k_hi): the row's two weight vectors (spans 0, 1)
+    and the zero words and scales of the row's columns."""
+    m_w = m_q & (k0 < k_hi)
     i_g = k0 // GROUP
-    p = p_x + k0 // 2
     return (tl.load(p_q + (k0 // _SPAN) * 128, mask=m_w, other=0),
             tl.load(p_q + (k0 // _SPAN) * 128 + 128, mask=m_w, other=0),
-            tl.load(p, mask=m_b, other=0), tl.load(p + 16, mask=m_b, other=0),
-            tl.load(p + 32, mask=m_b, other=0), tl.load(p + 48, mask=m_b, other=0),
             tl.load(p_z + i_g * stride_zk, mask=m_w, other=0), tl.load(p_s + i_g * stride_sk, mask=m_w, other=0.0))
+
+
+@triton.jit
+def _unit_x(p_x, k0, k_hi, m_x):
+    """The activation loads of the unit at k0: the B registers b0 / b1 of each span (x rows 32h + 8t + 2c + {0, 1}
+    of a span are its int32 pair 16h + 4t + c)."""
+    m_b = m_x & (k0 < k_hi)
+    p = p_x + k0 // 2
+    return (tl.load(p, mask=m_b, other=0), tl.load(p + 16, mask=m_b, other=0),
+            tl.load(p + 32, mask=m_b, other=0), tl.load(p + 48, mask=m_b, other=0))
 
 
 @triton.jit
@@ -144,13 +150,14 @@ def _mma_gemv_kernel(x32, qweight, qzeros, scales, out, T, N, K, K_PER_SPLIT, st
     p_x = x32 + (row.to(tl.int64) * stride_xt32 + 4 * t)[:, None] + o_c[None, :]
     k_lo = i_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    # the first unit's weights before the PDL wait (no kernel writes them); x is the launch right before's
+    q0, q1, zw, sc = _unit_weights(p_q, p_z, p_s, k_lo, k_hi, stride_zk, stride_sk, m_q, GROUP)
     pdl_start(USE_PDL)
     b_out = tl.zeros([NB * NW * 32, 4], dtype=tl.float32)
-    q0, q1, b00, b01, b10, b11, zw, sc = _unit_loads(p_q, p_x, p_z, p_s, k_lo, k_hi, stride_zk, stride_sk, m_q, m_x,
-                                                     GROUP)
+    b00, b01, b10, b11 = _unit_x(p_x, k_lo, k_hi, m_x)
     for k0 in range(k_lo, k_hi, _UNIT):  # the next unit's loads go out before this unit's MMAs
-        n0, n1, c00, c01, c10, c11, nzw, nsc = _unit_loads(p_q, p_x, p_z, p_s, k0 + _UNIT, k_hi, stride_zk,
-                                                           stride_sk, m_q, m_x, GROUP)
+        n0, n1, nzw, nsc = _unit_weights(p_q, p_z, p_s, k0 + _UNIT, k_hi, stride_zk, stride_sk, m_q, GROUP)
+        c00, c01, c10, c11 = _unit_x(p_x, k0 + _UNIT, k_hi, m_x)
         b_out += _unit_mma(q0, q1, b00, b01, b10, b11, zw, sc, sh, NB, FP16)
         q0, q1, b00, b01, b10, b11, zw, sc = n0, n1, c00, c01, c10, c11, nzw, nsc
     tok = 8 * blk[:, None] + 2 * t[:, None] + (o_c % 2)[None, :]  # D register c: token 2t + c % 2 of the block
