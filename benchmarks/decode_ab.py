@@ -1,0 +1,124 @@
+"""Two variants of the engine in one process, decode ms a step: A as the tree is, B with module globals set.
+
+    python benchmarks/decode_ab.py --preset qwen3.5-35b-a3b --layers 8 --quantization awq --batch-sizes 1,2 \\
+        --set deltaserve.kernels.int4_gemm:USE_MMA=False
+
+Each variant is built --builds times (random weights of a bench preset); every round times each build in turn
+(A, B, A, B, ...; `bench_decode`: every sequence at --context tokens). B's settings are in place while its LLMs are
+built (weight layouts, CUDA graphs captured) and while they are timed, and put back after, so a switch read at either
+point takes effect. Prints every build's figures per round, then the median per batch size of each variant and B / A.
+
+Why builds in one process: one tree (35B-A3B shapes cut to 8 layers, AWQ, batch 1, context 1024, H200, 2026-12-02)
+gave 0.648-0.697 ms a step in four separate processes; two variants that turned out equal at batch 1, two builds each
+over three rounds in one process (this scheme), gave all twelve figures within 0.639-0.644 ms. For a change that is
+code, not a setting, add a module global that selects it (as `int4_gemm.USE_MMA` does), or patch the function in a
+copy of this script."""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import importlib
+import statistics
+from typing import Callable, Iterator
+
+import torch
+
+
+def parse_setting(text: str) -> tuple[object, str, object]:
+    """'package.module:NAME=literal' -> (module, NAME, value); the module must already have NAME."""
+    target, sep, literal = text.partition("=")
+    path, colon, name = target.partition(":")
+    if not sep or not colon or not name:
+        raise ValueError(f"--set {text!r}: expected MODULE:NAME=VALUE, e.g. deltaserve.kernels.int4_gemm:USE_MMA=False")
+    try:
+        module = importlib.import_module(path)
+    except ImportError:
+        raise ValueError(f"--set {text!r}: no module {path}") from None
+    if not hasattr(module, name):
+        raise ValueError(f"--set {text!r}: {path} has no {name}")
+    try:
+        value = ast.literal_eval(literal)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--set {text!r}: {literal!r} is not a Python literal (quote strings)") from None
+    return module, name, value
+
+
+@contextlib.contextmanager
+def applied(settings: list[tuple[object, str, object]]) -> Iterator[None]:
+    """The settings in place for the block, the values before them put back after."""
+    before = [(module, name, getattr(module, name)) for module, name, _ in settings]
+    try:
+        for module, name, value in settings:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in reversed(before):
+            setattr(module, name, value)
+
+
+def run_ab(build: Callable[[], object], settings: list[tuple[object, str, object]], batches: list[int], context: int,
+           steps: int, builds: int = 2, rounds: int = 3, out: Callable[[str], None] = print
+           ) -> dict[str, list[float]]:
+    """build() -> an LLM. -> {"A": [...], "B": [...]}: the median over builds and rounds of the seconds a decode step
+    takes, per batch size."""
+    from deltaserve.bench import bench_decode
+
+    engines = []
+    for i in range(2 * builds):
+        variant = "AB"[i % 2]
+        with applied(settings if variant == "B" else []):
+            engines.append((variant, i // 2, build()))
+    times: dict[str, list[list[float]]] = {"A": [[] for _ in batches], "B": [[] for _ in batches]}
+    for rnd in range(rounds):
+        for variant, copy, llm in engines:
+            with applied(settings if variant == "B" else []):
+                row = [bench_decode(llm, b, context, steps) for b in batches]
+            for col, t in zip(times[variant], row):
+                col.append(t)
+            out(f"{variant} build {copy} round {rnd}: " + ", ".join(f"batch {b} {t * 1e3:.3f}" for b, t in
+                                                                      zip(batches, row)) + " ms")
+    medians = {v: [statistics.median(col) for col in cols] for v, cols in times.items()}
+    for i, b in enumerate(batches):
+        a, bb = medians["A"][i], medians["B"][i]
+        out(f"batch {b}: A {a * 1e3:.3f} ms, B {bb * 1e3:.3f} ms, B / A {bb / a:.3f}")
+    return medians
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="qwen3.5-35b-a3b")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--quantization", default=None, help="awq, awq-full, fp8 (as `deltaserve bench`); default 16-bit")
+    p.add_argument("--batch-sizes", default="1")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--builds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV blocks a build holds (default: enough for the largest batch; every build stays resident)")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE:NAME=VALUE", help="B's settings")
+    args = p.parse_args()
+    from deltaserve import LLM
+    from deltaserve.bench import preset_config
+
+    try:
+        settings = [parse_setting(s) for s in args.set]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    max_len = args.context + 3 * args.steps + 64
+    blocks = args.num_kv_blocks or max(batches) * -(-max_len // 16) + 16
+
+    def build():
+        return LLM.from_config(preset_config(args.preset, args.layers), max_num_seqs=max(batches),
+                               max_model_len=max_len, num_kv_blocks=blocks, quantization=args.quantization)
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{args.preset} {args.layers} layers {args.quantization or '16-bit'}, context {args.context}, B: "
+          f"{', '.join(args.set) or '(the same as A)'}; {card}")
+    run_ab(build, settings, batches, args.context, args.steps, args.builds, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
