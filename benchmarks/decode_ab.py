@@ -1,12 +1,15 @@
 """Two variants of the engine in one process, decode ms a step: A as the tree is, B with module globals set.
 
     python benchmarks/decode_ab.py --preset qwen3.5-35b-a3b --layers 8 --quantization awq --batch-sizes 1,2 \\
-        --set deltaserve.kernels.int4_gemm:USE_MMA=False
+        --set deltaserve.kernels.fused_moe.decode:MAX_TOKENS=0
 
 Each variant is built --builds times (random weights of a bench preset); every round times each build in turn
 (A, B, A, B, ...; `bench_decode`: every sequence at --context tokens). B's settings are in place while its LLMs are
 built (weight layouts, CUDA graphs captured) and while they are timed, and put back after, so a switch read at either
-point takes effect. Prints every build's figures per round, then the median per batch size of each variant and B / A.
+point takes effect. Set a global in the module that reads it: a name taken with `from module import NAME` is that
+module's own copy (decode_kpack.MAX_TOKENS is read as fused_moe.decode's MAX_TOKENS, as above). Prints every build's
+figures per round, then the median per batch size of each variant and B / A. (The int4 layouts with prefill times
+and several dequantization thresholds: int4_layout_ab.py.)
 
 Why builds in one process: one tree (35B-A3B shapes cut to 8 layers, AWQ, batch 1, context 1024, H200, 2026-12-02)
 gave 0.648-0.697 ms a step in four separate processes; two variants that turned out equal at batch 1, two builds each
@@ -108,11 +111,13 @@ def main() -> None:
         raise SystemExit(f"error: {e}") from None
     batches = [int(b) for b in args.batch_sizes.split(",")]
     max_len = args.context + 3 * args.steps + 64
-    blocks = args.num_kv_blocks or max(batches) * -(-max_len // 16) + 16
+    block = 16  # tokens a KV block
+    blocks = args.num_kv_blocks or max(batches) * -(-max_len // block) + 16
 
     def build():
         return LLM.from_config(preset_config(args.preset, args.layers), max_num_seqs=max(batches),
-                               max_model_len=max_len, num_kv_blocks=blocks, quantization=args.quantization)
+                               max_model_len=max_len, block_size=block, num_kv_blocks=blocks,
+                               quantization=args.quantization)
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{args.preset} {args.layers} layers {args.quantization or '16-bit'}, context {args.context}, B: "
