@@ -2,6 +2,12 @@
 
     python benchmarks/decode_ab.py --preset qwen3.5-35b-a3b --layers 8 --quantization awq --batch-sizes 1,2 \\
         --set deltaserve.kernels.fused_moe.decode:MAX_TOKENS=0
+    python benchmarks/decode_ab.py --preset qwen3.5-35b-a3b --layers 8 --quantization awq --drop router
+
+--drop BLOCK takes one block out of every layer for B (DROPS: its output is its input, fixed routes or an
+uninitialised tensor, so no kernel runs for it): A - B is what that block costs inside the step, with the launches
+and PDL overlaps around it, which a kernel's own time on a timeline does not show. B's model computes nonsense;
+only its time means anything.
 
 Each variant is built --builds times (random weights of a bench preset); every round times each build in turn
 (A, B, A, B, ...; `bench_decode`: every sequence at --context tokens). B's settings are in place while its LLMs are
@@ -60,6 +66,67 @@ def applied(settings: list[tuple[object, str, object]]) -> Iterator[None]:
             setattr(module, name, value)
 
 
+def _identity(self, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _no_norm(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return x, x if residual is None else residual
+
+
+def _no_gated_norm(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _no_mix(self, proj, batch, conv_state, recurrent_state) -> torch.Tensor:
+    """An uninitialised o of GatedDeltaNet.mix's shape (allocating launches no kernel)."""
+    return proj[0].new_empty(proj[0].shape[0], self.hv, self.dv)
+
+
+class _FixedRoutes:
+    """SparseMoE._route's stand-in: every token's k (+1 shared) experts fixed, from tensors made before any build,
+    so a captured graph reads them without a launch. Tokens past ROWS (long prefills) are routed for real."""
+    ROWS = 8192
+
+    def __init__(self, experts: int, top_k: int, device: str, real):
+        self.real = real  # SparseMoE._route itself
+        t = torch.arange(self.ROWS)[:, None]
+        routed = (t * top_k + torch.arange(top_k)[None, :]) % experts  # k distinct experts a token, spread out
+        self.ids = torch.cat([routed, torch.full((self.ROWS, 1), experts)], 1).to(device)
+        self.weights = torch.full((self.ROWS, top_k + 1), 1.0 / (top_k + 1), device=device)
+
+    def __call__(self, moe, x: torch.Tensor, gate_weight: torch.Tensor | None = None):
+        t, width = x.shape[0], moe.top_k + (gate_weight is not None)
+        if t > self.ROWS:
+            return self.real(moe, x, gate_weight)
+        return self.weights[:t, :width], self.ids[:t, :width]
+
+
+def drop_settings(name: str, experts: int = 0, top_k: int = 0, device: str = "cpu") -> list[tuple[object, str,
+                                                                                                   object]]:
+    """--drop NAME -> settings for `applied` (the class attributes that take the block out). experts / top_k: the
+    model's router (for "router")."""
+    from deltaserve.layers.gated_deltanet import GatedDeltaNet
+    from deltaserve.layers.mlp import GatedMLP
+    from deltaserve.layers.moe import SparseMoE
+    from deltaserve.layers.norm import GatedRMSNorm, RMSNorm
+
+    if name == "router":
+        fixed = _FixedRoutes(experts, top_k, device, SparseMoE._route)
+        return [(SparseMoE, "_route", lambda moe, x, gate_weight=None: fixed(moe, x, gate_weight))]
+    drops = {"mlp": [(SparseMoE, "forward", _identity), (GatedMLP, "forward", _identity)],
+             "gdn": [(GatedDeltaNet, "mix", _no_mix)],
+             "norms": [(RMSNorm, "forward", _no_norm)],
+             "gated-norm": [(GatedRMSNorm, "forward", _no_gated_norm)]}
+    if name not in drops:
+        raise ValueError(f"--drop {name!r}: choose one of {', '.join(DROPS)}")
+    return drops[name]
+
+
+DROPS = ("mlp", "router", "gdn", "norms", "gated-norm")  # the MLP or MoE block; the MoE's routing launch; the GDN
+# layers' conv + delta-rule decode; every RMSNorm with its residual add (decoder, final, q/k norms); the GDN output norm
+
+
 def run_ab(build: Callable[[], object], settings: list[tuple[object, str, object]], batches: list[int], context: int,
            steps: int, builds: int = 2, rounds: int = 3, out: Callable[[str], None] = print
            ) -> dict[str, list[float]]:
@@ -101,12 +168,17 @@ def main() -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV blocks a build holds (default: enough for the largest batch; every build stays resident)")
     p.add_argument("--set", action="append", default=[], metavar="MODULE:NAME=VALUE", help="B's settings")
+    p.add_argument("--drop", choices=DROPS, help="B: this block taken out of every layer (module docstring)")
     args = p.parse_args()
     from deltaserve import LLM
     from deltaserve.bench import preset_config
 
+    cfg = preset_config(args.preset, args.layers)
     try:
         settings = [parse_setting(s) for s in args.set]
+        if args.drop:
+            settings += drop_settings(args.drop, cfg.num_experts if cfg.is_moe else 0, cfg.num_experts_per_tok
+                                      if cfg.is_moe else 0, "cuda" if torch.cuda.is_available() else "cpu")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -115,13 +187,14 @@ def main() -> None:
     blocks = args.num_kv_blocks or max(batches) * -(-max_len // block) + 16
 
     def build():
-        return LLM.from_config(preset_config(args.preset, args.layers), max_num_seqs=max(batches),
+        return LLM.from_config(cfg, max_num_seqs=max(batches),
                                max_model_len=max_len, block_size=block, num_kv_blocks=blocks,
                                quantization=args.quantization)
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    changes = args.set + ([f"without {args.drop}"] if args.drop else [])
     print(f"{args.preset} {args.layers} layers {args.quantization or '16-bit'}, context {args.context}, B: "
-          f"{', '.join(args.set) or '(the same as A)'}; {card}")
+          f"{', '.join(changes) or '(the same as A)'}; {card}")
     run_ab(build, settings, batches, args.context, args.steps, args.builds, args.rounds)
 
 

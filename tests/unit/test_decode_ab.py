@@ -70,3 +70,37 @@ def test_bench_decode_runs_through_run_ab_on_the_cpu():
                                                        max_model_len=64),
                                [], [2], 8, 2, builds=1, rounds=1, out=lambda line: None)
     assert set(medians) == {"A", "B"} and all(v[0] > 0 for v in medians.values())
+
+
+def test_drops_take_their_block_out_and_come_back():
+    """--drop: the MoE block returns its input, the router's fixed routes are k distinct experts a token (+ the
+    stacked shared expert E), and every drop is put back after; an unknown name is one clear error."""
+    import torch
+
+    from deltaserve.layers.moe import SparseMoE
+
+    cfg = ModelConfig.from_dict(tiny_config(256, True, 4))
+    moe = SparseMoE(cfg)
+    x = torch.randn(3, cfg.hidden_size)
+    before = SparseMoE.forward, SparseMoE._route
+    with decode_ab.applied(decode_ab.drop_settings("mlp")):
+        assert moe(x) is x
+    with decode_ab.applied(decode_ab.drop_settings("router", cfg.num_experts, cfg.num_experts_per_tok)):
+        weights, ids = moe._route(x, moe.shared_expert_gate.weight)
+    k = cfg.num_experts_per_tok
+    assert ids.shape == (3, k + 1) and all(len(set(row[:k].tolist())) == k for row in ids)
+    assert ids[:, k].eq(cfg.num_experts).all() and torch.allclose(weights.sum(1), torch.ones(3))
+    assert (SparseMoE.forward, SparseMoE._route) == before
+    with pytest.raises(ValueError, match="choose one of mlp, router"):
+        decode_ab.drop_settings("attention")
+
+
+@pytest.mark.parametrize("drop", decode_ab.DROPS)
+def test_a_dropped_block_still_decodes_on_the_cpu(drop):
+    """Each drop applied while a tiny MoE model is built and decodes (the A/B timing path): it runs to the end."""
+    cfg = ModelConfig.from_dict(tiny_config(256, True, 4))
+    settings = decode_ab.drop_settings(drop, cfg.num_experts, cfg.num_experts_per_tok)
+    medians = decode_ab.run_ab(lambda: LLM.from_config(cfg, device="cpu", max_num_seqs=2, num_kv_blocks=16,
+                                                       max_model_len=64),
+                               settings, [1], 8, 2, builds=1, rounds=1, out=lambda line: None)
+    assert medians["B"][0] > 0
