@@ -97,6 +97,7 @@ class AsyncEngine:
         self._abort_all_at: float | None = None  # set by begin_shutdown: abort what still runs at this time
         self.accepting = True
         self.dead = False
+        self._tp_broken = False  # a step failed on the tensor-parallel group (set before dead)
         self.on_dead = None  # called once, on the event loop, with why, when the engine cannot run requests any more
 
     # ---- lifecycle (event-loop thread) ----
@@ -136,7 +137,7 @@ class AsyncEngine:
                           prompt: str | None = None) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Raises ValueError (one sentence) for a request
         the engine rejects, e.g. a prompt longer than max_model_len; EngineStopped when shutting down."""
-        if self.llm.tp_lost:
+        if self.llm.tp_lost or self._tp_broken:
             raise EngineStopped("a tensor-parallel worker exited, so the server cannot run requests any more; retry on "
                                 "another replica")
         if not self.accepting or not self.alive:
@@ -277,6 +278,8 @@ class AsyncEngine:
             # pipe or a broken device) and the server shuts down
             if (why := self.llm.tp_failure(wait=1.0)) is not None:  # a broken pipe: the worker's exit tells more
                 reason = f"{why}; the server cannot run requests any more"
+                # before dead is set: add_request names the lost worker even before the watchdog sets tp_lost
+                self._tp_broken = True
             elif (why := _device_failure(self.llm.device)) is not None:
                 reason = f"{reason} ({why}); the server cannot run requests any more"
             for rid in list(core.groups):

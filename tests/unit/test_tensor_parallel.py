@@ -321,6 +321,42 @@ def test_a_dead_worker_marks_the_server_engine_dead(ckpts, busy):
     llm.shutdown()
 
 
+def test_a_step_that_finds_the_group_broken_refuses_new_requests_naming_it(ckpts, monkeypatch):
+    """The race behind a flaky run of the test above: the step fails on the broken pipe and reads the worker's exit
+    (tp_failure) before the watchdog sets tp_lost. The engine is dead at once, and a new request must already be
+    refused as a lost worker, not as a shutdown. Here the watchdog never fires (one process, a failure faked)."""
+    import asyncio
+
+    from deltaserve.serve.async_engine import AsyncEngine, EngineError, EngineStopped
+
+    llm = LLM(ckpts["dense"], device="cpu", dtype="float32", max_model_len=64)
+    monkeypatch.setattr(llm, "tp_failure", lambda wait=0.0: "tensor-parallel worker 1 (pid 42) exited")
+
+    def broken_step():
+        raise BrokenPipeError("[Errno 32] Broken pipe")
+
+    monkeypatch.setattr(llm.engine, "step", broken_step)
+
+    async def main():
+        eng = AsyncEngine(llm)
+        eng.start()
+        try:
+            stream = await eng.add_request([5, 6, 7], GREEDY, "r")
+            with pytest.raises(EngineError, match=r"worker 1 \(pid 42\) exited"):
+                async for _ in stream:
+                    pass
+            deadline = time.monotonic() + 30
+            while eng.alive and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert not eng.alive and not llm.tp_lost
+            with pytest.raises(EngineStopped, match="a tensor-parallel worker exited"):
+                await eng.add_request([5, 6, 7], GREEDY, "again")
+        finally:
+            eng.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 # ---------------------------------------------------------------- a step that goes wrong part-way
 
 def _tp2(ckpts) -> LLM:
