@@ -74,9 +74,11 @@ def test_bench_decode_runs_through_run_ab_on_the_cpu():
 
 def test_drops_take_their_block_out_and_come_back():
     """--drop: the MoE block returns its input, the router's fixed routes are k distinct experts a token (+ the
-    stacked shared expert E), and every drop is put back after; an unknown name is one clear error."""
+    stacked shared expert E), the GDN mixer gives zeros, and every drop is put back after; an unknown name is one
+    clear error."""
     import torch
 
+    from deltaserve.layers.gated_deltanet import GatedDeltaNet
     from deltaserve.layers.moe import SparseMoE
 
     cfg = ModelConfig.from_dict(tiny_config(256, True, 4))
@@ -91,6 +93,11 @@ def test_drops_take_their_block_out_and_come_back():
     assert ids.shape == (3, k + 1) and all(len(set(row[:k].tolist())) == k for row in ids)
     assert ids[:, k].eq(cfg.num_experts).all() and torch.allclose(weights.sum(1), torch.ones(3))
     assert (SparseMoE.forward, SparseMoE._route) == before
+    gdn = GatedDeltaNet(cfg)
+    with decode_ab.applied(decode_ab.drop_settings("gdn")):
+        outs = [gdn.mix((torch.randn(t, 8),), None, None, None) for t in (3, 2)]
+    assert outs[0].shape == (3, gdn.hv, gdn.dv) and not outs[0].any()  # zeros: nothing garbled reaches the router
+    assert outs[1].data_ptr() == outs[0].data_ptr()  # slices of one tensor: no allocation, no launch, in a graph
     with pytest.raises(ValueError, match="choose one of mlp, router"):
         decode_ab.drop_settings("attention")
 
