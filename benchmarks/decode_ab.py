@@ -4,10 +4,9 @@
         --set deltaserve.kernels.fused_moe.decode:MAX_TOKENS=0
     python benchmarks/decode_ab.py --preset qwen3.5-35b-a3b --layers 8 --quantization awq --drop router
 
---drop BLOCK takes one block out of every layer for B (DROPS: its output is its input, fixed routes or zeros,
-so no kernel runs for it): A - B is what that block costs inside the step, with the launches
-and PDL overlaps around it, which a kernel's own time on a timeline does not show. B's model computes nonsense;
-only its time means anything.
+--drop BLOCK takes one block out of every layer for B (DROPS: its output is its input, fixed routes or zeros, so no
+kernel runs for it): A - B is what that block costs inside the step, with the launches and PDL overlaps around it,
+which a kernel's own time on a timeline does not show. B's model computes nonsense; only its time means anything.
 
 Each variant is built --builds times (random weights of a bench preset); every round times each build in turn
 (A, B, A, B, ...; `bench_decode`: every sequence at --context tokens). B's settings are in place while its LLMs are
@@ -121,6 +120,8 @@ def drop_settings(name: str, experts: int = 0, top_k: int = 0, device: str = "cp
     from deltaserve.layers.norm import GatedRMSNorm
 
     if name == "router":
+        if not experts:
+            raise ValueError("--drop router: this model has no MoE router")
         fixed = _FixedRoutes(experts, top_k, device, SparseMoE._route)
         return [(SparseMoE, "_route", lambda moe, x, gate_weight=None: fixed(moe, x, gate_weight))]
     zero_mix = _ZeroMix()

@@ -86,8 +86,8 @@ def prefetch(w: torch.Tensor, nbytes: int, method: str, evict_last: bool, pdl: b
 
 
 def chain_us(ws, xs, rs, norm_w, mb: int, where: str, method: str, evict_last: bool, stretch: int) -> float:
-    """µs a chain (replay_us of one graph holding every chain). where: early (before the stretch, in
-    line), late (right before the GEMV), side (a graph branch of its own, forked where early would be)."""
+    """µs a chain (replay_us of one graph holding every chain). where: early (before the stretch, in line), late
+    (right before the GEMV), side (a graph branch of its own, forked where early would be)."""
     tile = linear_tile(*ws[0].shape)
     side = torch.cuda.Stream()
 

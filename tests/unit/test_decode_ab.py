@@ -100,6 +100,8 @@ def test_drops_take_their_block_out_and_come_back():
     assert outs[1].data_ptr() == outs[0].data_ptr()  # slices of one tensor: no allocation, no launch, in a graph
     with pytest.raises(ValueError, match="choose one of mlp, router"):
         decode_ab.drop_settings("attention")
+    with pytest.raises(ValueError, match="no MoE router"):
+        decode_ab.drop_settings("router", 0, 0)  # a dense model
 
 
 @pytest.mark.parametrize("drop", decode_ab.DROPS)
